@@ -1,0 +1,27 @@
+# KVMEM_WITH_CUDA: ON requires nvcc, OFF skips it, AUTO uses it when found.
+# CUDA code always compiles when nvcc is present (CI has nvcc but no GPU); whether a GPU is
+# present is a run-time question answered by the backend.
+set(KVMEM_HAVE_CUDA OFF)
+if(NOT KVMEM_WITH_CUDA STREQUAL "OFF")
+  if(NOT CMAKE_CUDA_COMPILER)
+    find_program(_kvmem_nvcc nvcc PATHS /usr/local/cuda/bin NO_CACHE)
+    if(_kvmem_nvcc)
+      set(CMAKE_CUDA_COMPILER ${_kvmem_nvcc})
+    endif()
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      # sm_90 machine code plus compute_90 PTX.
+      set(CMAKE_CUDA_ARCHITECTURES 90)
+    endif()
+    enable_language(CUDA)
+    set(CMAKE_CUDA_STANDARD 20)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    find_package(CUDAToolkit REQUIRED)
+    set(KVMEM_HAVE_CUDA ON)
+  elseif(KVMEM_WITH_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "KVMEM_WITH_CUDA=ON but nvcc was not found")
+  endif()
+endif()

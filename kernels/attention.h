@@ -1,0 +1,63 @@
+// Decode attention over token spans of a paged KV pool: the one attention op both backends
+// implement (dense = every span, sparse = sinks ∪ selected chunks ∪ tail).
+//
+// Memory layout of a KV block (a sealed chunk or a session's tail buffer) for one layer:
+//   K[kv_heads][stride_tokens][head_dim]  then  V[kv_heads][stride_tokens][head_dim]
+// starting at element `offset` of the pool. Keys of head h, token t are at
+//   pool + offset + (h * stride_tokens + t) * head_dim
+// and values at the same place plus kv_heads * stride_tokens * head_dim. A chunk's keys for one
+// head are therefore one contiguous [tokens][head_dim] run, which keeps gathers coalesced.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace kvmem::kernels {
+
+struct KVSpan {
+  uint64_t offset;         // element offset of the block in the pool
+  uint32_t stride_tokens;  // token capacity of the block
+  uint32_t begin;          // first token of the run within the block
+  uint32_t end;            // one past the last token
+};
+
+// One (session, layer) decode step. Query head j belongs to KV head j / (q_heads / kv_heads).
+struct AttendProblem {
+  const void* pool;              // KV pool base (device memory on the CUDA backend)
+  DType kv_dtype;
+  uint32_t q_heads;
+  uint32_t kv_heads;
+  uint32_t head_dim;
+  float scale;                   // softmax scale, usually 1/sqrt(head_dim)
+  const void* q;                 // [q_heads][head_dim]
+  DType q_dtype;
+  const KVSpan* spans;           // runs attended, grouped by KV head
+  const uint32_t* head_span_begin;  // [kv_heads + 1]; nullptr: every head attends all num_spans
+  uint32_t num_spans;
+  void* out;                     // [q_heads][head_dim] in out_dtype
+  DType out_dtype;
+  float* lse;                    // [q_heads] log-sum-exp of scaled logits, or nullptr
+};
+
+// Range of spans for KV head h.
+inline void HeadSpans(const AttendProblem& p, uint32_t h, uint32_t* first, uint32_t* last) {
+  if (p.head_span_begin == nullptr) {
+    *first = 0;
+    *last = p.num_spans;
+  } else {
+    *first = p.head_span_begin[h];
+    *last = p.head_span_begin[h + 1];
+  }
+}
+
+// Checks shapes and span bounds that do not need the pool size. Called one layer up from the
+// kernels (they trust their input).
+Status ValidateAttendProblem(const AttendProblem& p);
+
+// CPU reference: plain loops, fp32 accumulation, numerically stable softmax. Heads with no
+// tokens produce zeros and lse = -inf.
+void AttendCpu(const AttendProblem* problems, uint32_t count);
+
+}  // namespace kvmem::kernels
