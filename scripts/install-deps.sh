@@ -11,7 +11,7 @@ PKGS=(
   libspdlog-dev libfmt-dev
   libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libsystemd-dev
+  libsystemd-dev nlohmann-json3-dev
 
 )
 
