@@ -129,7 +129,7 @@ const Status& AsStatus(const Result<T>& r) {
 // Returns the Status of `expr` (a Status or a Result<T>) from the enclosing function if not OK.
 #define KVMEM_RETURN_IF_ERROR(expr)                                          \
   do {                                                                       \
-    const auto& _kvmem_st = ::kvmem::detail::AsStatus(expr);                 \
+    ::kvmem::Status _kvmem_st = ::kvmem::detail::AsStatus(expr);             \
     if (!_kvmem_st.ok()) return _kvmem_st;                                   \
   } while (0)
 

@@ -1,0 +1,216 @@
+// kvmem client library: talk to kvmemd over UCX.
+//
+//   auto c = kvmem::Client::Connect("127.0.0.1:7420");
+//   if (!c.ok()) { ... c.status() says why ... }
+//   auto id = (*c)->CreateSession(profile);
+//   (*c)->AppendKV(*id, keys, values, boundaries);
+//   auto out = (*c)->Attend(*id, req);
+//
+// Every call returns Status / Result<T>; on failure the Status code is the daemon's (or
+// UNAVAILABLE / DEADLINE_EXCEEDED for transport problems) and the message says what was wrong.
+// A Client is safe to use from several threads; calls from different threads proceed
+// concurrently over one endpoint. Asynchronous forms return a Future; tensors passed to them
+// must stay valid until the Future is complete.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace kvmem::client {
+
+struct ClientOptions {
+  // Tenant token sent in Hello. Default: "" (daemons without tenants accept it).
+  std::string token;
+  // Shown in the daemon's logs. Default: "kvmem-client".
+  std::string client_name = "kvmem-client";
+  // UCX transports: "auto" (UCX picks; shared memory to a same-host daemon), "shm"
+  // (shared memory + CMA, TCP only for the connection handshake), "tcp". Default: "auto".
+  std::string transport = "auto";
+  // UCX peer error handling: detects a dead daemon but limits Debian's UCX 1.13 to TCP.
+  // Default: false.
+  bool peer_error_handling = false;
+  // Connect + Hello deadline. Default: 5000.
+  int connect_timeout_ms = 5000;
+  // Per-request deadline; DEADLINE_EXCEEDED after it. Default: 120000.
+  int request_timeout_ms = 120000;
+  // A waiting caller spins on the worker this long before sleeping on its event fd.
+  // Default: 100 (microseconds).
+  int spin_us = 100;
+};
+
+// A host tensor passed to a call (not owned).
+struct TensorView {
+  const void* data = nullptr;
+  DType dtype = DType::kBF16;
+  std::vector<uint64_t> shape;
+};
+
+enum class Mode : uint8_t { kDefault = 0, kDense = 1, kIndex = 2, kRetrievalHeads = 3, kHybrid = 4 };
+
+struct Profile {
+  uint32_t layers = 0;
+  uint32_t q_heads = 0;
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kBF16;
+  std::vector<uint32_t> dense_layers;
+  std::vector<uint8_t> retrieval_head_mask;  // [layers * kv_heads] or empty
+  std::string name;
+};
+
+struct SessionOptions {
+  uint32_t chunk_min_tokens = 0;       // 0: daemon default
+  uint32_t chunk_max_tokens = 0;       // 0: daemon default
+  uint32_t sink_tokens = 16;
+  uint32_t recent_window = 0;
+  uint32_t default_budget_tokens = 0;  // 0: daemon default
+  Mode mode = Mode::kDense;
+  bool durable = false;
+  uint64_t ttl_seconds = 0;
+  std::string label;
+};
+
+struct LayerInfo {
+  uint32_t layer = 0;
+  uint64_t tokens = 0;
+  uint32_t tree_depth = 0;
+  std::vector<uint32_t> tree_nodes;
+};
+
+struct SessionSummary {
+  uint64_t id = 0;
+  std::string tenant;
+  Profile profile;
+  SessionOptions options;
+  uint64_t tokens = 0;
+  uint64_t chunks = 0;
+  uint32_t tail_tokens = 0;
+  uint64_t bytes = 0;
+  uint64_t created_unix_ms = 0;
+  uint64_t last_used_unix_ms = 0;
+  float mean_chunk_tokens = 0;
+  std::vector<LayerInfo> layers;  // SessionInfo only
+};
+
+struct AppendResult {
+  uint64_t tokens = 0;
+  uint64_t chunks = 0;
+  uint32_t sealed = 0;
+};
+
+struct AttendRequest {
+  uint32_t layer = 0;
+  TensorView q;                      // [q_heads, head_dim]
+  std::optional<TensorView> new_k;   // [kv_heads, head_dim], appended first
+  std::optional<TensorView> new_v;
+  uint8_t boundary = 0;              // boundary class of the new token
+  uint32_t budget_tokens = 0;        // 0: session default
+  Mode mode = Mode::kDefault;
+  bool return_lse = false;
+  DType out_dtype = DType::kBF16;
+};
+
+struct AttendResult {
+  std::vector<uint8_t> out;          // [q_heads, head_dim] in out_dtype
+  DType out_dtype = DType::kBF16;
+  std::vector<float> lse;            // [q_heads] if requested
+  std::vector<uint32_t> tokens_attended;
+};
+
+struct ServerInfo {
+  std::string tenant;
+  std::string server_version;
+  std::string backend;
+  uint64_t max_message_bytes = 0;
+};
+
+namespace detail {
+struct CallState;
+}
+
+// The result of an asynchronous call. Get() waits (progressing the connection) and returns
+// the result once; Ready() checks without blocking.
+template <typename T>
+class Future {
+ public:
+  Future() = default;
+  Future(std::shared_ptr<detail::CallState> call, std::function<Result<T>(detail::CallState&)> parse,
+         std::function<Status(detail::CallState&)> wait)
+      : call_(std::move(call)), parse_(std::move(parse)), wait_(std::move(wait)) {}
+  explicit Future(Status error) : error_(std::move(error)) {}
+
+  Result<T> Get() {
+    if (!call_) return error_.ok() ? Status(StatusCode::kFailedPrecondition, "empty future") : error_;
+    KVMEM_RETURN_IF_ERROR(wait_(*call_));
+    return parse_(*call_);
+  }
+  bool valid() const { return call_ != nullptr || !error_.ok(); }
+
+ private:
+  std::shared_ptr<detail::CallState> call_;
+  std::function<Result<T>(detail::CallState&)> parse_;
+  std::function<Status(detail::CallState&)> wait_;
+  Status error_;
+};
+
+class Client {
+ public:
+  // Connects and authenticates (Hello). UNAVAILABLE when no daemon answers at `address`,
+  // UNAUTHENTICATED for a bad token.
+  static Result<std::unique_ptr<Client>> Connect(const std::string& address,
+                                                 const ClientOptions& options = {});
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  const ServerInfo& server() const;
+  const std::string& address() const;
+  // UCX's description of the endpoint's lanes (which transports carry the traffic).
+  std::string TransportInfo() const;
+
+  Status Ping(uint64_t payload = 0);
+
+  // Creates a session; id 0 picks a random one. Returns the id.
+  Result<uint64_t> CreateSession(const Profile& profile, const SessionOptions& options = {},
+                                 uint64_t id = 0);
+  Status DropSession(uint64_t id);
+  Result<std::vector<SessionSummary>> ListSessions();
+  Result<SessionSummary> SessionInfo(uint64_t id);
+
+  // keys / values: [layers, kv_heads, tokens, head_dim] in the profile dtype;
+  // boundaries: [tokens] classes 0..5, or empty.
+  Result<AppendResult> AppendKV(uint64_t id, const TensorView& keys, const TensorView& values,
+                                std::span<const uint8_t> boundaries = {});
+  Future<AppendResult> AppendKVAsync(uint64_t id, const TensorView& keys,
+                                     const TensorView& values,
+                                     std::span<const uint8_t> boundaries = {});
+
+  Result<AttendResult> Attend(uint64_t id, const AttendRequest& request);
+  Future<AttendResult> AttendAsync(uint64_t id, const AttendRequest& request);
+
+  Future<uint64_t> PingAsync(uint64_t payload = 0);
+
+ private:
+  struct Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Boundary classes from token strings (DESIGN §2): 5 section (blank line or heading marker),
+// 4 line / structural ("\n", "{", "}"), 3 sentence end (. ! ?), 2 clause (, ; :),
+// 1 word (token ends before a space or starts a word), 0 none.
+std::vector<uint8_t> BoundaryClassesFromTokens(const std::vector<std::string>& tokens);
+
+}  // namespace kvmem::client
+
+namespace kvmem {
+using client::Client;
+}

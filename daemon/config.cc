@@ -1,0 +1,129 @@
+#include "daemon/config.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <sstream>
+
+#include "common/units.h"
+#include "wire/ucx.h"
+
+namespace kvmem {
+
+bool IsLoopbackHost(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+Status DaemonConfig::Validate() const {
+  std::string host;
+  uint16_t port = 0;
+  KVMEM_RETURN_IF_ERROR(ucx::ParseHostPort(listen, &host, &port).WithContext("listen"));
+  if (tenants.empty() && !IsLoopbackHost(host)) {
+    return InvalidArgument("listen " + listen +
+                           " is not a loopback address and no tenant tokens are configured; "
+                           "add \"tenants\" to the config file or listen on 127.0.0.1");
+  }
+  if (backend != "auto" && backend != "cpu" && backend != "cuda") {
+    return InvalidArgument("backend must be auto, cpu or cuda, got '" + backend + "'");
+  }
+  if (progress != "event" && progress != "poll") {
+    return InvalidArgument("progress must be event or poll, got '" + progress + "'");
+  }
+  if (ucx_error_mode != "none" && ucx_error_mode != "peer") {
+    return InvalidArgument("ucx_error_mode must be none or peer, got '" + ucx_error_mode + "'");
+  }
+  if (executors > 256) return InvalidArgument("executors must be <= 256");
+  if (max_message_bytes < 4096) return InvalidArgument("max_message_bytes must be >= 4096");
+  KVMEM_RETURN_IF_ERROR(ValidateOptions(session_defaults).WithContext("session defaults"));
+  return Status::OK();
+}
+
+namespace {
+
+Status ReadBytes(const nlohmann::json& v, const char* key, uint64_t* out) {
+  if (v.is_number_unsigned()) {
+    *out = v.get<uint64_t>();
+    return Status::OK();
+  }
+  if (v.is_string()) {
+    KVMEM_ASSIGN_OR_RETURN(*out, ParseBytes(v.get<std::string>()));
+    return Status::OK();
+  }
+  return InvalidArgument(std::string("config: ") + key + " must be a size like \"4GiB\"");
+}
+
+}  // namespace
+
+Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
+  std::ifstream in(path);
+  if (!in) return NotFound("config file '" + path + "' cannot be opened");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false,
+                                           /*ignore_comments=*/true);
+  if (j.is_discarded() || !j.is_object()) {
+    return InvalidArgument("config file '" + path + "' is not a JSON object");
+  }
+  auto str = [&](const nlohmann::json& v, const std::string& k, std::string* out) -> Status {
+    if (!v.is_string()) return InvalidArgument("config: " + k + " must be a string");
+    *out = v.get<std::string>();
+    return Status::OK();
+  };
+  auto u32 = [&](const nlohmann::json& v, const std::string& k, uint32_t* out) -> Status {
+    if (!v.is_number_unsigned() || v.get<uint64_t>() > 0xffffffffull) {
+      return InvalidArgument("config: " + k + " must be a non-negative integer");
+    }
+    *out = v.get<uint32_t>();
+    return Status::OK();
+  };
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    const nlohmann::json& v = it.value();
+    Status s;
+    if (k == "listen") s = str(v, k, &c->listen);
+    else if (k == "data_dir") s = str(v, k, &c->data_dir);
+    else if (k == "backend") s = str(v, k, &c->backend);
+    else if (k == "log_level") s = str(v, k, &c->log_level);
+    else if (k == "progress") s = str(v, k, &c->progress);
+    else if (k == "ucx_error_mode") s = str(v, k, &c->ucx_error_mode);
+    else if (k == "executors") s = u32(v, k, &c->executors);
+    else if (k == "max_inflight_per_endpoint") s = u32(v, k, &c->max_inflight_per_endpoint);
+    else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
+    else if (k == "device_memory") s = ReadBytes(v, "device_memory", &c->device_memory_bytes);
+    else if (k == "max_message_bytes") s = ReadBytes(v, "max_message_bytes", &c->max_message_bytes);
+    else if (k == "max_tokens_per_session") {
+      if (!v.is_number_unsigned()) s = InvalidArgument("config: max_tokens_per_session must be an integer");
+      else c->max_tokens_per_session = v.get<uint64_t>();
+    } else if (k == "tenants") {
+      // {"tenants": {"<token>": "<tenant>", ...}}
+      if (!v.is_object()) {
+        s = InvalidArgument("config: tenants must map tokens to tenant names");
+      } else {
+        c->tenants.clear();
+        for (auto t = v.begin(); t != v.end() && s.ok(); ++t) {
+          if (!t.value().is_string() || t.key().size() < 8) {
+            s = InvalidArgument("config: each tenant token must be >= 8 characters and map to a name");
+          } else {
+            c->tenants[t.key()] = t.value().get<std::string>();
+          }
+        }
+      }
+    } else if (k == "session_defaults") {
+      if (!v.is_object()) s = InvalidArgument("config: session_defaults must be an object");
+      for (auto d = v.begin(); s.ok() && d != v.end(); ++d) {
+        SessionOptions& o = c->session_defaults;
+        if (d.key() == "chunk_min_tokens") s = u32(d.value(), d.key(), &o.chunker.min_tokens);
+        else if (d.key() == "chunk_max_tokens") s = u32(d.value(), d.key(), &o.chunker.max_tokens);
+        else if (d.key() == "sink_tokens") s = u32(d.value(), d.key(), &o.sink_tokens);
+        else if (d.key() == "budget_tokens") s = u32(d.value(), d.key(), &o.default_budget_tokens);
+        else s = InvalidArgument("config: unknown key session_defaults." + d.key());
+      }
+    } else {
+      s = InvalidArgument("config: unknown key '" + k + "'");
+    }
+    KVMEM_RETURN_IF_ERROR(s.WithContext(path));
+  }
+  return Status::OK();
+}
+
+}  // namespace kvmem

@@ -1,0 +1,61 @@
+// kvmemd configuration: embedded defaults, then the config file (JSON), then flags.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "common/status.h"
+#include "daemon/session.h"
+
+namespace kvmem {
+
+struct DaemonConfig {
+  // Address the UCX listener binds, HOST:PORT. Default: "127.0.0.1:7420".
+  std::string listen = "127.0.0.1:7420";
+  // Directory for persistent state; created if missing. Default: "./var/kvmem".
+  std::string data_dir = "./var/kvmem";
+  // "auto" (CUDA when a GPU is present and the build has CUDA), "cpu" or "cuda".
+  // Default: "auto".
+  std::string backend = "auto";
+  // trace, debug, info, warn, error, critical, off. Default: "info".
+  std::string log_level = "info";
+  // "event": the io_context sleeps on the UCX worker's event fd (low CPU use).
+  // "poll": a thread spins on the worker (lowest latency, one core busy). Default: "event".
+  std::string progress = "event";
+  // Executor threads that run session operations, sessions sharded by id. 0 runs them on the
+  // transport thread (lowest latency for small requests; no parallelism). Default: 2.
+  uint32_t executors = 2;
+  // KV pool (arena) size: device memory on CUDA, host memory on the CPU backend.
+  // Default: 4 GiB.
+  uint64_t device_memory_bytes = 4ull << 30;
+  // Largest message (header + data) accepted; larger ones get INVALID_ARGUMENT unread.
+  // Default: 1 GiB.
+  uint64_t max_message_bytes = 1ull << 30;
+  // Requests one endpoint may have in flight; more get RESOURCE_EXHAUSTED. Default: 256.
+  uint32_t max_inflight_per_endpoint = 256;
+  // Sessions one tenant may hold. Default: 4096.
+  uint32_t max_sessions_per_tenant = 4096;
+  // Tokens one session may hold. Default: 4194304 (4 Mi).
+  uint64_t max_tokens_per_session = 4ull << 20;
+  // UCX endpoint error handling for accepted connections: "none" lets same-host clients use
+  // shared memory (Debian's UCX 1.13 limits "peer" to TCP); "peer" detects dead peers.
+  // Default: "none".
+  std::string ucx_error_mode = "none";
+  // Authentication: token -> tenant name. Empty: one tenant "default" that needs no token,
+  // and only loopback listen addresses are allowed.
+  std::map<std::string, std::string> tenants;
+  // Defaults for sessions that leave options at 0.
+  SessionOptions session_defaults;
+  ProfileLimits profile_limits;
+
+  // Lists the problems with this configuration (empty when OK).
+  Status Validate() const;
+};
+
+// Merges a JSON config file into *config. Unknown keys are an error (typos fail loudly).
+Status LoadConfigFile(const std::string& path, DaemonConfig* config);
+
+bool IsLoopbackHost(const std::string& host);
+
+}  // namespace kvmem

@@ -1,0 +1,210 @@
+#include "daemon/kv_pool.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <bit>
+#include <cassert>
+#include <cstring>
+#include <string>
+
+#include "common/units.h"
+
+namespace kvmem {
+
+SlabAllocator::SlabAllocator(const Options& o, ReleaseFn on_release)
+    : slab_bytes_(o.slab_bytes),
+      num_slabs_(o.capacity_bytes / o.slab_bytes),
+      on_release_(std::move(on_release)),
+      slabs_(num_slabs_) {}
+
+Result<std::unique_ptr<SlabAllocator>> SlabAllocator::Create(const Options& o, ReleaseFn fn) {
+  if (o.slab_bytes < (64u << 10) || !std::has_single_bit(o.slab_bytes)) {
+    return InvalidArgument("slab_bytes must be a power of two >= 64 KiB");
+  }
+  if (o.capacity_bytes < o.slab_bytes) {
+    return InvalidArgument("pool capacity " + FormatBytes(o.capacity_bytes) +
+                           " is smaller than one slab (" + FormatBytes(o.slab_bytes) + ")");
+  }
+  if (o.capacity_bytes / o.slab_bytes > (1u << 30)) return InvalidArgument("too many slabs");
+  return std::unique_ptr<SlabAllocator>(new SlabAllocator(o, std::move(fn)));
+}
+
+uint64_t SlabAllocator::ClassBytes(uint64_t bytes) const {
+  if (bytes == 0) bytes = 1;
+  if (bytes <= 512) return (bytes + 63) / 64 * 64;
+  // Eight classes per doubling: step = 2^(floor(log2(bytes-1)) - 3).
+  const int e = 63 - std::countl_zero(bytes - 1);
+  const uint64_t step = uint64_t{1} << (e - 3);
+  return (bytes + step - 1) / step * step;
+}
+
+uint64_t SlabAllocator::ReservedBytes(uint64_t bytes) const {
+  const uint64_t c = ClassBytes(bytes);
+  if (c <= slab_bytes_ / 4) return c;
+  return (bytes + slab_bytes_ - 1) / slab_bytes_ * slab_bytes_;
+}
+
+Result<uint32_t> SlabAllocator::TakeSlabRun(uint32_t count) {
+  // First fit from a rotating hint; the slab table is small (capacity / slab size).
+  const uint32_t n = static_cast<uint32_t>(num_slabs_);
+  for (uint32_t pass = 0; pass < 2; ++pass) {
+    uint32_t start = pass == 0 ? search_hint_ : 0;
+    uint32_t end = pass == 0 ? n : std::min(search_hint_ + count, n);
+    uint32_t run = 0;
+    for (uint32_t i = start; i < end; ++i) {
+      const Slab& s = slabs_[i];
+      const bool free = s.class_bytes == 0 && s.run_slabs == 0 && !s.run_tail;
+      run = free ? run + 1 : 0;
+      if (run == count) {
+        const uint32_t first = i + 1 - count;
+        search_hint_ = (i + 1) % n;
+        slabs_used_ += count;
+        return first;
+      }
+    }
+  }
+  return ResourceExhausted("KV pool full: no run of " + std::to_string(count) +
+                           " free slab(s) of " + FormatBytes(slab_bytes_) + " in " +
+                           FormatBytes(capacity_bytes()));
+}
+
+void SlabAllocator::ReleaseSlabRun(uint32_t first, uint32_t count) {
+  for (uint32_t i = first; i < first + count; ++i) slabs_[i] = Slab{};
+  slabs_used_ -= count;
+  if (on_release_) on_release_(uint64_t{first} * slab_bytes_, uint64_t{count} * slab_bytes_);
+}
+
+Result<uint64_t> SlabAllocator::Allocate(uint64_t bytes) {
+  if (bytes > capacity_bytes()) {
+    return ResourceExhausted("block of " + FormatBytes(bytes) + " exceeds the KV pool (" +
+                             FormatBytes(capacity_bytes()) + ")");
+  }
+  const uint64_t cls = ClassBytes(bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cls > slab_bytes_ / 4) {
+    const uint32_t count = static_cast<uint32_t>((bytes + slab_bytes_ - 1) / slab_bytes_);
+    KVMEM_ASSIGN_OR_RETURN(uint32_t first, TakeSlabRun(count));
+    slabs_[first].run_slabs = count;
+    slabs_[first].class_bytes = uint64_t{count} * slab_bytes_;
+    for (uint32_t i = first + 1; i < first + count; ++i) slabs_[i].run_tail = true;
+    allocated_ += uint64_t{count} * slab_bytes_;
+    ++live_;
+    return uint64_t{first} * slab_bytes_;
+  }
+  SizeClass& sc = classes_[cls];
+  uint32_t slab_index;
+  if (sc.partial.empty()) {
+    KVMEM_ASSIGN_OR_RETURN(slab_index, TakeSlabRun(1));
+    Slab& s = slabs_[slab_index];
+    s.class_bytes = cls;
+    const uint32_t slots = static_cast<uint32_t>(slab_bytes_ / cls);
+    s.free_slots.resize(slots);
+    for (uint32_t i = 0; i < slots; ++i) s.free_slots[i] = slots - 1 - i;  // pop low first
+    sc.partial.push_back(slab_index);
+  }
+  slab_index = sc.partial.back();
+  Slab& s = slabs_[slab_index];
+  const uint32_t slot = s.free_slots.back();
+  s.free_slots.pop_back();
+  ++s.used;
+  if (s.free_slots.empty()) sc.partial.pop_back();
+  allocated_ += cls;
+  ++live_;
+  return uint64_t{slab_index} * slab_bytes_ + uint64_t{slot} * cls;
+}
+
+void SlabAllocator::Free(uint64_t offset) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t index = offset / slab_bytes_;
+  if (index >= num_slabs_) {
+    assert(false && "SlabAllocator::Free: offset outside the arena");
+    return;
+  }
+  Slab& s = slabs_[index];
+  if (s.run_slabs > 0) {
+    assert(offset % slab_bytes_ == 0);
+    allocated_ -= s.class_bytes;
+    --live_;
+    ReleaseSlabRun(static_cast<uint32_t>(index), s.run_slabs);
+    return;
+  }
+  if (s.class_bytes == 0 || s.run_tail || s.used == 0) {
+    assert(false && "SlabAllocator::Free: not a live block");
+    return;
+  }
+  const uint64_t cls = s.class_bytes;
+  const uint32_t slot = static_cast<uint32_t>((offset % slab_bytes_) / cls);
+  SizeClass& sc = classes_[cls];
+  if (s.free_slots.empty()) sc.partial.push_back(static_cast<uint32_t>(index));
+  s.free_slots.push_back(slot);
+  --s.used;
+  allocated_ -= cls;
+  --live_;
+  if (s.used == 0) {
+    sc.partial.erase(std::find(sc.partial.begin(), sc.partial.end(), static_cast<uint32_t>(index)));
+    ReleaseSlabRun(static_cast<uint32_t>(index), 1);
+  }
+}
+
+uint64_t SlabAllocator::allocated_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return allocated_;
+}
+uint64_t SlabAllocator::slabs_in_use() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return slabs_used_;
+}
+uint64_t SlabAllocator::live_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_;
+}
+
+namespace {
+
+class HostPool final : public KVPool {
+ public:
+  HostPool(void* base, uint64_t mapped) : mapped_(mapped) { base_ = base; }
+  ~HostPool() override { munmap(base_, mapped_); }
+
+  Status Init(const SlabAllocator::Options& o) {
+    auto* base = static_cast<uint8_t*>(base_);
+    KVMEM_ASSIGN_OR_RETURN(allocator_, SlabAllocator::Create(o, [base](uint64_t off, uint64_t n) {
+                             madvise(base + off, n, MADV_DONTNEED);
+                           }));
+    return Status::OK();
+  }
+
+  bool is_host() const override { return true; }
+  Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override {
+    std::memcpy(static_cast<uint8_t*>(base_) + dst, src, bytes);
+    return Status::OK();
+  }
+  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
+    std::memcpy(dst, static_cast<const uint8_t*>(base_) + src, bytes);
+    return Status::OK();
+  }
+  Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
+    std::memmove(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes);
+    return Status::OK();
+  }
+
+ private:
+  uint64_t mapped_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<KVPool>> CreateHostPool(const SlabAllocator::Options& o) {
+  void* p = mmap(nullptr, o.capacity_bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    return ResourceExhausted("cannot reserve " + FormatBytes(o.capacity_bytes) +
+                             " of address space for the host KV pool: " + std::strerror(errno));
+  }
+  auto pool = std::make_unique<HostPool>(p, o.capacity_bytes);
+  KVMEM_RETURN_IF_ERROR(pool->Init(o));
+  return std::unique_ptr<KVPool>(std::move(pool));
+}
+
+}  // namespace kvmem

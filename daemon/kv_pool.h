@@ -1,0 +1,108 @@
+// The KV pool: one arena per device taken at start, carved by a slab allocator into
+// chunk-granular blocks (docs/architecture.md, "Device store").
+//
+// SlabAllocator is metadata only (byte offsets into an arena of known size), so the same code
+// serves host memory (CPU backend) and device memory (CUDA backend). Small blocks come from
+// size classes (8 per doubling, <= 12.5% internal waste) packed into fixed-size slabs; blocks
+// larger than a quarter slab take a run of whole slabs. A slab whose blocks are all freed goes
+// back to the arena (and, for host memory, its pages back to the OS).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common/status.h"
+
+namespace kvmem {
+
+class SlabAllocator {
+ public:
+  struct Options {
+    // Arena size in bytes (rounded down to whole slabs). Default: 0 (must be set).
+    uint64_t capacity_bytes = 0;
+    // Slab size; a power of two >= 64 KiB. Default: 4 MiB.
+    uint64_t slab_bytes = 4ull << 20;
+  };
+
+  // Called with (offset, bytes) of a slab range that became entirely free.
+  using ReleaseFn = std::function<void(uint64_t offset, uint64_t bytes)>;
+
+  static Result<std::unique_ptr<SlabAllocator>> Create(const Options& options,
+                                                       ReleaseFn on_release = nullptr);
+
+  // A 64-byte aligned block of at least `bytes`. RESOURCE_EXHAUSTED when the arena is full.
+  Result<uint64_t> Allocate(uint64_t bytes);
+  // Frees a block returned by Allocate. Freeing anything else is a programming error (checked).
+  void Free(uint64_t offset);
+
+  // Size actually reserved for a request of `bytes` (its class size or slab run).
+  uint64_t ReservedBytes(uint64_t bytes) const;
+
+  uint64_t capacity_bytes() const { return num_slabs_ * slab_bytes_; }
+  uint64_t allocated_bytes() const;  // sum of reserved sizes of live blocks
+  uint64_t slabs_in_use() const;
+  uint64_t live_blocks() const;
+
+ private:
+  SlabAllocator(const Options& options, ReleaseFn on_release);
+
+  struct Slab {
+    uint64_t class_bytes = 0;  // 0: free; for a run, the run's total bytes (head slab only)
+    uint32_t run_slabs = 0;    // >0 on the head slab of a large run
+    bool run_tail = false;     // a non-head slab of a run
+    uint32_t used = 0;         // live blocks in a class slab
+    std::vector<uint32_t> free_slots;
+  };
+  struct SizeClass {
+    std::vector<uint32_t> partial;  // slab indices with free slots
+  };
+
+  uint64_t ClassBytes(uint64_t bytes) const;
+  Result<uint32_t> TakeSlabRun(uint32_t count);
+  void ReleaseSlabRun(uint32_t first, uint32_t count);
+
+  const uint64_t slab_bytes_;
+  const uint64_t num_slabs_;
+  ReleaseFn on_release_;
+  mutable std::mutex mu_;
+  std::vector<Slab> slabs_;            // guarded by mu_
+  std::unordered_map<uint64_t, SizeClass> classes_;  // guarded by mu_
+  uint64_t allocated_ = 0;             // guarded by mu_
+  uint64_t live_ = 0;                  // guarded by mu_
+  uint64_t slabs_used_ = 0;            // guarded by mu_
+  uint32_t search_hint_ = 0;           // guarded by mu_
+};
+
+// Memory behind a SlabAllocator, with the copies the store needs. The host implementation is
+// the CPU backend's "device"; a CUDA implementation issues async copies on a stream.
+class KVPool {
+ public:
+  virtual ~KVPool() = default;
+
+  Result<uint64_t> Allocate(uint64_t bytes) { return allocator_->Allocate(bytes); }
+  void Free(uint64_t offset) { allocator_->Free(offset); }
+  SlabAllocator& allocator() { return *allocator_; }
+
+  // Base address of the arena (device pointer on the CUDA backend).
+  void* base() const { return base_; }
+  virtual bool is_host() const = 0;
+
+  // Copies between host memory and the pool, and within the pool.
+  virtual Status CopyIn(uint64_t dst_offset, const void* src, uint64_t bytes) = 0;
+  virtual Status CopyOut(void* dst, uint64_t src_offset, uint64_t bytes) = 0;
+  virtual Status CopyWithin(uint64_t dst_offset, uint64_t src_offset, uint64_t bytes) = 0;
+
+ protected:
+  void* base_ = nullptr;
+  std::unique_ptr<SlabAllocator> allocator_;
+};
+
+// Host memory pool: an anonymous mapping reserved up front (MAP_NORESERVE), pages committed on
+// first touch and returned to the OS when their slab empties.
+Result<std::unique_ptr<KVPool>> CreateHostPool(const SlabAllocator::Options& options);
+
+}  // namespace kvmem

@@ -1,0 +1,412 @@
+#include "daemon/service.h"
+
+#include <string>
+
+namespace kvmem {
+
+namespace w = ::kvmem::wire;
+
+void Reply::SetError(uint64_t request_id, const Status& status) {
+  fbb.Clear();
+  packer = wire::TensorPacker();
+  buffers.clear();
+  wire::BuildErrorEnvelope(fbb, request_id, status);
+}
+
+Service::Service(DaemonConfig config, KVPool* pool, std::string backend_name)
+    : config_(std::move(config)), pool_(pool), backend_name_(std::move(backend_name)) {}
+
+Service::~Service() { DropAll(); }
+
+void Service::DropAll() {
+  std::unique_lock lock(mu_);
+  sessions_.clear();
+}
+
+size_t Service::session_count() const {
+  std::shared_lock lock(mu_);
+  return sessions_.size();
+}
+
+Result<std::string> Service::Authenticate(const w::Hello* hello) const {
+  if (hello->protocol_version() != w::kProtocolVersion) {
+    return FailedPrecondition("protocol version " + std::to_string(hello->protocol_version()) +
+                              " not supported (daemon speaks " +
+                              std::to_string(w::kProtocolVersion) + ")");
+  }
+  if (config_.tenants.empty()) return std::string("default");
+  const std::string token = hello->token() ? hello->token()->str() : "";
+  auto it = config_.tenants.find(token);
+  if (token.empty() || it == config_.tenants.end()) {
+    return Unauthenticated(token.empty() ? "a token is required" : "unknown token");
+  }
+  return it->second;
+}
+
+void Service::HelloReply(uint64_t request_id, const std::string& tenant, Reply* r) const {
+  auto& fbb = r->fbb;
+  auto body = w::CreateHelloReplyDirect(fbb, w::kProtocolVersion, tenant.c_str(), "kvmem 0.1.0",
+                                        backend_name_.c_str(), config_.max_message_bytes);
+  fbb.Finish(w::MakeEnvelope(fbb, request_id, body, 0));
+}
+
+uint64_t Service::ShardKey(const w::Envelope* env) {
+  switch (env->body_type()) {
+    case w::Body::CreateSession: return env->body_as_CreateSession()->session_id();
+    case w::Body::DropSession: return env->body_as_DropSession()->session_id();
+    case w::Body::SessionInfo: return env->body_as_SessionInfo()->session_id();
+    case w::Body::AppendKV: return env->body_as_AppendKV()->session_id();
+    case w::Body::Attend: return env->body_as_Attend()->session_id();
+    case w::Body::Retrieve: return env->body_as_Retrieve()->session_id();
+    case w::Body::AttendBatch: {
+      auto items = env->body_as_AttendBatch()->items();
+      return items && items->size() > 0 ? items->Get(0)->session_id() : 0;
+    }
+    default: return 0;
+  }
+}
+
+void Service::Handle(const RequestContext& ctx, const w::Parsed& msg, Reply* reply) {
+  counters_.requests.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t rid = msg.envelope->request_id();
+  Status s;
+  if (ctx.tenant.empty()) {
+    s = Unauthenticated("send Hello with a valid token first");
+  } else {
+    s = HandleBody(ctx, msg, reply);
+  }
+  if (!s.ok()) {
+    counters_.errors.fetch_add(1, std::memory_order_relaxed);
+    reply->SetError(rid, s);
+  }
+}
+
+Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Reply* r) {
+  const w::Envelope* env = msg.envelope;
+  switch (env->body_type()) {
+    case w::Body::Ping: {
+      auto body = w::CreatePingReply(r->fbb, env->body_as_Ping()->payload());
+      r->fbb.Finish(w::MakeEnvelope(r->fbb, env->request_id(), body, 0));
+      return Status::OK();
+    }
+    case w::Body::Hello: {
+      KVMEM_ASSIGN_OR_RETURN(std::string tenant, Authenticate(env->body_as_Hello()));
+      HelloReply(env->request_id(), tenant, r);
+      return Status::OK();
+    }
+    case w::Body::CreateSession: return CreateSession(ctx, env->request_id(), env->body_as_CreateSession(), r);
+    case w::Body::DropSession: return DropSession(ctx, env->request_id(), env->body_as_DropSession(), r);
+    case w::Body::ListSessions: return ListSessions(ctx, env->request_id(), r);
+    case w::Body::SessionInfo: return SessionInfo(ctx, env->request_id(), env->body_as_SessionInfo(), r);
+    case w::Body::AppendKV: return AppendKV(ctx, msg, env->body_as_AppendKV(), r);
+    case w::Body::Attend: return Attend(ctx, msg, env->body_as_Attend(), r);
+    case w::Body::AttendBatch: return AttendBatch(ctx, msg, env->body_as_AttendBatch(), r);
+    case w::Body::Retrieve: return Unimplemented("Retrieve needs the cluster index (not in this build)");
+    case w::Body::NONE: return InvalidArgument("message has no body");
+    default:
+      return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
+                             " is a reply type or unknown");
+  }
+}
+
+namespace {
+
+Result<ModelProfile> ProfileFromWire(const w::ModelProfile* p) {
+  if (p == nullptr) return InvalidArgument("CreateSession: profile missing");
+  ModelProfile m;
+  m.layers = p->layers();
+  m.q_heads = p->q_heads();
+  m.kv_heads = p->kv_heads();
+  m.head_dim = p->head_dim();
+  KVMEM_ASSIGN_OR_RETURN(m.dtype, w::FloatDTypeFromWire(p->dtype()));
+  if (p->dense_layers()) m.dense_layers.assign(p->dense_layers()->begin(), p->dense_layers()->end());
+  if (p->retrieval_head_mask()) {
+    m.retrieval_head_mask.assign(p->retrieval_head_mask()->begin(), p->retrieval_head_mask()->end());
+  }
+  if (p->name()) m.name = p->name()->str();
+  return m;
+}
+
+SessionOptions OptionsFromWire(const w::SessionOptions* o, const SessionOptions& defaults) {
+  SessionOptions s = defaults;
+  if (o == nullptr) return s;
+  if (o->chunk_min_tokens()) s.chunker.min_tokens = o->chunk_min_tokens();
+  if (o->chunk_max_tokens()) s.chunker.max_tokens = o->chunk_max_tokens();
+  s.sink_tokens = o->sink_tokens();
+  s.recent_window = o->recent_window();
+  if (o->default_budget_tokens()) s.default_budget_tokens = o->default_budget_tokens();
+  if (o->mode() != w::SelectionMode::DEFAULT) s.mode = static_cast<SelectionMode>(o->mode());
+  s.durability = static_cast<Durability>(o->durability());
+  s.ttl_seconds = o->ttl_seconds();
+  if (o->label()) s.label = o->label()->str();
+  s.values_optional = o->values_optional();
+  return s;
+}
+
+flatbuffers::Offset<w::ModelProfile> ProfileToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                   const ModelProfile& p) {
+  return w::CreateModelProfileDirect(fbb, p.layers, p.q_heads, p.kv_heads, p.head_dim,
+                                     w::ToWire(p.dtype), &p.dense_layers,
+                                     p.retrieval_head_mask.empty() ? nullptr : &p.retrieval_head_mask,
+                                     p.name.c_str());
+}
+
+flatbuffers::Offset<w::SessionOptions> OptionsToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                     const SessionOptions& o) {
+  return w::CreateSessionOptionsDirect(
+      fbb, o.chunker.min_tokens, o.chunker.max_tokens, o.sink_tokens, o.recent_window,
+      o.default_budget_tokens, static_cast<w::SelectionMode>(o.mode),
+      static_cast<w::Durability>(o.durability), o.ttl_seconds, o.label.c_str(),
+      o.values_optional);
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Session>> Service::Find(const std::string& tenant, uint64_t id) const {
+  std::shared_lock lock(mu_);
+  auto it = sessions_.find({tenant, id});
+  // Another tenant's session is indistinguishable from a missing one.
+  if (it == sessions_.end()) return NotFound("session " + std::to_string(id) + " not found");
+  return it->second;
+}
+
+Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::CreateSession* req, Reply* r) {
+  if (req->session_id() == 0) return InvalidArgument("CreateSession: session_id must be nonzero");
+  KVMEM_ASSIGN_OR_RETURN(ModelProfile profile, ProfileFromWire(req->profile()));
+  KVMEM_RETURN_IF_ERROR(ValidateProfile(profile, config_.profile_limits));
+  SessionOptions options = OptionsFromWire(req->options(), config_.session_defaults);
+  KVMEM_RETURN_IF_ERROR(ValidateOptions(options));
+  {
+    std::shared_lock lock(mu_);
+    if (sessions_.count({ctx.tenant, req->session_id()})) {
+      return AlreadyExists("session " + std::to_string(req->session_id()) + " already exists");
+    }
+    size_t mine = 0;
+    for (auto it = sessions_.lower_bound({ctx.tenant, 0});
+         it != sessions_.end() && it->first.first == ctx.tenant; ++it) {
+      ++mine;
+    }
+    if (mine >= config_.max_sessions_per_tenant) {
+      return ResourceExhausted("tenant " + ctx.tenant + " already holds " + std::to_string(mine) +
+                               " sessions (max_sessions_per_tenant)");
+    }
+  }
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
+                         Session::Create(req->session_id(), ctx.tenant, std::move(profile),
+                                         std::move(options), pool_));
+  {
+    std::unique_lock lock(mu_);
+    auto [it, inserted] = sessions_.emplace(Key{ctx.tenant, req->session_id()}, std::move(s));
+    if (!inserted) return AlreadyExists("session " + std::to_string(req->session_id()) + " already exists");
+  }
+  auto body = w::CreateCreateSessionReply(r->fbb, req->session_id());
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::DropSession(const RequestContext& ctx, uint64_t rid, const w::DropSession* req, Reply* r) {
+  std::shared_ptr<Session> victim;
+  {
+    std::unique_lock lock(mu_);
+    auto it = sessions_.find({ctx.tenant, req->session_id()});
+    if (it == sessions_.end()) {
+      return NotFound("session " + std::to_string(req->session_id()) + " not found");
+    }
+    victim = std::move(it->second);
+    sessions_.erase(it);
+  }
+  victim.reset();  // frees its blocks outside the registry lock
+  auto body = w::CreateDropSessionReply(r->fbb);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+flatbuffers::Offset<w::SessionSummary> Service::Summarize(flatbuffers::FlatBufferBuilder& fbb,
+                                                          const Session& s, bool detail) const {
+  const SessionStats st = s.Stats();
+  auto tenant = fbb.CreateString(s.tenant());
+  auto profile = ProfileToWire(fbb, s.profile());
+  auto options = OptionsToWire(fbb, s.options());
+  flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<w::LayerInfo>>> layers;
+  if (detail) {
+    std::vector<flatbuffers::Offset<w::LayerInfo>> infos;
+    for (uint32_t l = 0; l < s.profile().layers; ++l) {
+      infos.push_back(w::CreateLayerInfo(fbb, l, s.layer_tokens(l), 0, 0));
+    }
+    layers = fbb.CreateVector(infos);
+  }
+  w::SessionSummaryBuilder b(fbb);
+  b.add_session_id(s.id());
+  b.add_tenant(tenant);
+  b.add_profile(profile);
+  b.add_options(options);
+  b.add_tokens(st.tokens);
+  b.add_chunks(st.chunks);
+  b.add_tail_tokens(st.tail_tokens);
+  b.add_bytes(st.bytes);
+  b.add_created_unix_ms(st.created_unix_ms);
+  b.add_last_used_unix_ms(st.last_used_unix_ms);
+  b.add_mean_chunk_tokens(static_cast<float>(s.mean_chunk_tokens()));
+  if (detail) b.add_layers(layers);
+  return b.Finish();
+}
+
+Status Service::ListSessions(const RequestContext& ctx, uint64_t rid, Reply* r) {
+  std::vector<std::shared_ptr<Session>> mine;
+  {
+    std::shared_lock lock(mu_);
+    for (auto it = sessions_.lower_bound({ctx.tenant, 0});
+         it != sessions_.end() && it->first.first == ctx.tenant; ++it) {
+      mine.push_back(it->second);
+    }
+  }
+  std::vector<flatbuffers::Offset<w::SessionSummary>> items;
+  for (const auto& s : mine) items.push_back(Summarize(r->fbb, *s, /*detail=*/false));
+  auto body = w::CreateListSessionsReplyDirect(r->fbb, &items);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::SessionInfo(const RequestContext& ctx, uint64_t rid, const w::SessionInfo* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  auto summary = Summarize(r->fbb, *s, /*detail=*/true);
+  auto body = w::CreateSessionInfoReply(r->fbb, summary);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const w::AppendKV* req,
+                         Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  const ModelProfile& p = s->profile();
+  const uint64_t n = req->tokens();
+  if (n == 0) return InvalidArgument("AppendKV: tokens must be > 0");
+  if (s->Stats().tokens + n > config_.max_tokens_per_session) {
+    return ResourceExhausted("AppendKV: session would exceed max_tokens_per_session (" +
+                             std::to_string(config_.max_tokens_per_session) + ")");
+  }
+  const uint64_t shape[4] = {p.layers, p.kv_heads, n, p.head_dim};
+  const w::DType dt[1] = {w::ToWire(p.dtype)};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* k, w::ResolveTensor(msg, req->keys(), "keys", shape, dt));
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* v, w::ResolveTensor(msg, req->values(), "values", shape, dt));
+  const uint8_t* bounds = nullptr;
+  if (req->boundaries() != nullptr) {
+    const uint64_t bshape[1] = {n};
+    const w::DType u8[1] = {w::DType::U8};
+    KVMEM_ASSIGN_OR_RETURN(bounds, w::ResolveTensor(msg, req->boundaries(), "boundaries", bshape, u8));
+    for (uint64_t i = 0; i < n; ++i) {
+      if (bounds[i] > index::kMaxBoundaryClass) {
+        return InvalidArgument("AppendKV: boundary class " + std::to_string(bounds[i]) +
+                               " at token " + std::to_string(i) + " (valid: 0..5)");
+      }
+    }
+  }
+  const size_t elems = static_cast<size_t>(p.layers) * p.kv_heads * n * p.head_dim;
+  if (HasNonFinite(k, p.dtype, elems) || HasNonFinite(v, p.dtype, elems)) {
+    return InvalidArgument("AppendKV: keys or values contain NaN or Inf");
+  }
+  KVMEM_ASSIGN_OR_RETURN(AppendResult res, s->AppendKV(static_cast<uint32_t>(n), k, v, bounds));
+  auto body = w::CreateAppendKVReply(r->fbb, res.tokens, res.chunks, res.sealed);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));
+  return Status::OK();
+}
+
+Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestContext& ctx,
+                                                               const w::Parsed& msg,
+                                                               const w::Attend* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  const ModelProfile& p = s->profile();
+  if (req->layer() >= p.layers) {
+    return InvalidArgument("Attend: layer " + std::to_string(req->layer()) +
+                           " out of range (session has " + std::to_string(p.layers) + ")");
+  }
+  const uint64_t qshape[2] = {p.q_heads, p.head_dim};
+  const w::DType floats[3] = {w::DType::BF16, w::DType::F16, w::DType::F32};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* q, w::ResolveTensor(msg, req->q(), "q", qshape, floats));
+  AttendArgs a;
+  a.layer = req->layer();
+  a.q = q;
+  KVMEM_ASSIGN_OR_RETURN(a.q_dtype, w::FloatDTypeFromWire(req->q()->dtype()));
+  if (HasNonFinite(q, a.q_dtype, static_cast<size_t>(p.q_heads) * p.head_dim)) {
+    return InvalidArgument("Attend: q contains NaN or Inf");
+  }
+  if ((req->new_k() == nullptr) != (req->new_v() == nullptr)) {
+    return InvalidArgument("Attend: new_k and new_v must be given together");
+  }
+  if (req->new_k() != nullptr) {
+    const uint64_t kshape[2] = {p.kv_heads, p.head_dim};
+    const w::DType dt[1] = {w::ToWire(p.dtype)};
+    KVMEM_ASSIGN_OR_RETURN(a.new_k, w::ResolveTensor(msg, req->new_k(), "new_k", kshape, dt));
+    KVMEM_ASSIGN_OR_RETURN(a.new_v, w::ResolveTensor(msg, req->new_v(), "new_v", kshape, dt));
+    const size_t elems = static_cast<size_t>(p.kv_heads) * p.head_dim;
+    if (HasNonFinite(a.new_k, p.dtype, elems) || HasNonFinite(a.new_v, p.dtype, elems)) {
+      return InvalidArgument("Attend: new_k or new_v contains NaN or Inf");
+    }
+    if (s->Stats().tokens + 1 > config_.max_tokens_per_session) {
+      return ResourceExhausted("Attend: session is at max_tokens_per_session");
+    }
+  }
+  if (req->boundary() > index::kMaxBoundaryClass) {
+    return InvalidArgument("Attend: boundary class " + std::to_string(req->boundary()) + " (valid: 0..5)");
+  }
+  a.boundary = req->boundary();
+  a.budget_tokens = req->budget_tokens();
+  a.mode = static_cast<SelectionMode>(req->mode());
+  KVMEM_ASSIGN_OR_RETURN(a.out_dtype, w::FloatDTypeFromWire(req->out_dtype()));
+  const size_t out_elems = static_cast<size_t>(p.q_heads) * p.head_dim;
+  a.out = r->NewBuffer(out_elems * DTypeSize(a.out_dtype));
+  if (req->return_lse()) a.lse = reinterpret_cast<float*>(r->NewBuffer(p.q_heads * sizeof(float)));
+  AttendInfo info;
+  KVMEM_RETURN_IF_ERROR(s->Attend(a, &info));
+
+  const uint64_t oshape[2] = {p.q_heads, p.head_dim};
+  auto out = r->packer.Add(r->fbb, w::ToWire(a.out_dtype), oshape, a.out);
+  flatbuffers::Offset<w::Tensor> lse;
+  if (a.lse) {
+    const uint64_t lshape[1] = {p.q_heads};
+    lse = r->packer.Add(r->fbb, w::DType::F32, lshape, a.lse);
+  }
+  auto attended = r->fbb.CreateVector(info.tokens_attended);
+  w::AttendReplyBuilder b(r->fbb);
+  b.add_out(out);
+  if (a.lse) b.add_lse(lse);
+  b.add_tokens_attended(attended);
+  return b.Finish();
+}
+
+Status Service::Attend(const RequestContext& ctx, const w::Parsed& msg, const w::Attend* req,
+                       Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(auto body, AttendOne(ctx, msg, req, r));
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, r->packer.bytes()));
+  return Status::OK();
+}
+
+Status Service::AttendBatch(const RequestContext& ctx, const w::Parsed& msg,
+                            const w::AttendBatch* req, Reply* r) {
+  if (req->items() == nullptr || req->items()->size() == 0) {
+    return InvalidArgument("AttendBatch: no items");
+  }
+  // Items may name sessions of other shards: each session's op mutex serialises them with
+  // that shard's executor. Each item's status is reported separately.
+  std::vector<flatbuffers::Offset<w::AttendReply>> replies;
+  std::vector<flatbuffers::Offset<w::Status>> statuses;
+  for (const w::Attend* item : *req->items()) {
+    auto res = AttendOne(ctx, msg, item, r);
+    if (res.ok()) {
+      replies.push_back(*res);
+      statuses.push_back(w::CreateStatus(r->fbb, w::Code::OK));
+    } else {
+      replies.push_back(w::AttendReplyBuilder(r->fbb).Finish());
+      statuses.push_back(w::CreateStatusDirect(r->fbb, w::ToWire(res.status().code()),
+                                               res.status().message().c_str()));
+    }
+  }
+  auto body = w::CreateAttendBatchReplyDirect(r->fbb, &replies, &statuses);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, r->packer.bytes()));
+  return Status::OK();
+}
+
+}  // namespace kvmem

@@ -1,0 +1,109 @@
+// The request layer: tenants, the session registry and one handler per op. Transport-agnostic
+// (it sees verified messages and fills replies), so tests and the fuzzer drive it without UCX.
+#pragma once
+
+#include <flatbuffers/flatbuffers.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "daemon/config.h"
+#include "daemon/kv_pool.h"
+#include "daemon/session.h"
+#include "wire/framing.h"
+
+namespace kvmem {
+
+// A reply under construction: a FlatBuffer plus tensors whose bytes the reply owns.
+struct Reply {
+  flatbuffers::FlatBufferBuilder fbb{512};
+  wire::TensorPacker packer;
+  std::vector<std::unique_ptr<uint8_t[]>> buffers;
+
+  uint8_t* NewBuffer(size_t bytes) {
+    buffers.emplace_back(new uint8_t[bytes == 0 ? 1 : bytes]);
+    return buffers.back().get();
+  }
+  // Replaces the contents with an error envelope.
+  void SetError(uint64_t request_id, const Status& status);
+};
+
+struct RequestContext {
+  uint64_t connection_id = 0;
+  std::string tenant;   // empty until Hello succeeded
+};
+
+struct ServiceCounters {
+  std::atomic<uint64_t> requests{0};
+  std::atomic<uint64_t> errors{0};
+};
+
+class Service {
+ public:
+  Service(DaemonConfig config, KVPool* pool, std::string backend_name);
+  ~Service();
+
+  // Hello: checks protocol version and token; on success returns the tenant.
+  Result<std::string> Authenticate(const wire::Hello* hello) const;
+
+  // Sessions are sharded over executors by this key (0 for ops without a session).
+  static uint64_t ShardKey(const wire::Envelope* env);
+
+  // Handles one verified message for an authenticated tenant and fills *reply (an error
+  // envelope on failure). Thread-safe across different sessions; operations on one session
+  // must be serialised by the caller (the executor sharding does that).
+  void Handle(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply);
+
+  // Builds the Hello reply.
+  void HelloReply(uint64_t request_id, const std::string& tenant, Reply* reply) const;
+
+  size_t session_count() const;
+  const DaemonConfig& config() const { return config_; }
+  KVPool* pool() const { return pool_; }
+  ServiceCounters& counters() { return counters_; }
+
+  // Drops every session (shutdown).
+  void DropAll();
+
+ private:
+  using Key = std::pair<std::string, uint64_t>;  // (tenant, session id)
+
+  Status HandleBody(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply);
+  Status CreateSession(const RequestContext& ctx, uint64_t rid, const wire::CreateSession* req,
+                       Reply* reply);
+  Status DropSession(const RequestContext& ctx, uint64_t rid, const wire::DropSession* req,
+                     Reply* reply);
+  Status ListSessions(const RequestContext& ctx, uint64_t rid, Reply* reply);
+  Status SessionInfo(const RequestContext& ctx, uint64_t rid, const wire::SessionInfo* req,
+                     Reply* reply);
+  Status AppendKV(const RequestContext& ctx, const wire::Parsed& msg, const wire::AppendKV* req,
+                  Reply* reply);
+  Status Attend(const RequestContext& ctx, const wire::Parsed& msg, const wire::Attend* req,
+                Reply* reply);
+  Status AttendBatch(const RequestContext& ctx, const wire::Parsed& msg,
+                     const wire::AttendBatch* req, Reply* reply);
+  // Runs one Attend and returns its reply body (used by Attend and AttendBatch).
+  Result<flatbuffers::Offset<wire::AttendReply>> AttendOne(const RequestContext& ctx,
+                                                           const wire::Parsed& msg,
+                                                           const wire::Attend* req, Reply* reply);
+
+  Result<std::shared_ptr<Session>> Find(const std::string& tenant, uint64_t id) const;
+  flatbuffers::Offset<wire::SessionSummary> Summarize(flatbuffers::FlatBufferBuilder& fbb,
+                                                      const Session& s, bool detail) const;
+
+  const DaemonConfig config_;
+  KVPool* const pool_;
+  const std::string backend_name_;
+  mutable std::shared_mutex mu_;
+  std::map<Key, std::shared_ptr<Session>> sessions_;  // guarded by mu_
+  ServiceCounters counters_;
+};
+
+}  // namespace kvmem

@@ -1,0 +1,188 @@
+// A session: one sequence's KV cache for every layer, cut into boundary-aware chunks.
+//
+// Storage per layer (docs/architecture.md, "Device store"): every sealed chunk owns one pool
+// block per layer holding K[kv_heads][tokens][head_dim] then V[...] (stride = its length); the
+// open tail owns one block per layer with stride = tail capacity. Tokens enter the tail and
+// move into a chunk block when the chunker seals them.
+//
+// Thread-safety: callers hold op_mu() around every operation (the daemon also runs a session's
+// operations on the one executor its id maps to). Stats() reads only atomics and may be called
+// from anywhere.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+#include "daemon/kv_pool.h"
+#include "index/chunker.h"
+#include "kernels/attention.h"
+
+namespace kvmem {
+
+enum class SelectionMode : uint8_t { kDefault = 0, kDense = 1, kIndex = 2, kRetrievalHeads = 3, kHybrid = 4 };
+enum class Durability : uint8_t { kEphemeral = 0, kDurable = 1 };
+
+struct ModelProfile {
+  uint32_t layers = 0;
+  uint32_t q_heads = 0;
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kBF16;
+  std::vector<uint32_t> dense_layers;
+  std::vector<uint8_t> retrieval_head_mask;  // [layers * kv_heads] or empty
+  std::string name;
+
+  uint32_t group() const { return q_heads / kv_heads; }
+  bool operator==(const ModelProfile&) const = default;
+};
+
+struct SessionOptions {
+  index::ChunkerOptions chunker;
+  uint32_t sink_tokens = 16;
+  uint32_t recent_window = 0;
+  uint32_t default_budget_tokens = 2048;
+  SelectionMode mode = SelectionMode::kDense;
+  Durability durability = Durability::kEphemeral;
+  uint64_t ttl_seconds = 0;
+  std::string label;
+  bool values_optional = false;
+};
+
+// Bounds on what a profile may ask for (config-driven).
+struct ProfileLimits {
+  uint32_t max_layers = 512;
+  uint32_t max_heads = 1024;
+  uint32_t max_head_dim = 1024;
+};
+
+Status ValidateProfile(const ModelProfile& p, const ProfileLimits& limits);
+Status ValidateOptions(const SessionOptions& o);
+
+struct SessionStats {
+  uint64_t tokens = 0;
+  uint64_t chunks = 0;
+  uint32_t tail_tokens = 0;
+  uint64_t bytes = 0;
+  uint64_t created_unix_ms = 0;
+  uint64_t last_used_unix_ms = 0;
+};
+
+// One layer's attention request for a decode step.
+struct AttendArgs {
+  uint32_t layer = 0;
+  const void* q = nullptr;  // [q_heads][head_dim]
+  DType q_dtype = DType::kBF16;
+  const void* new_k = nullptr;  // [kv_heads][head_dim] in the profile dtype, or null
+  const void* new_v = nullptr;
+  uint8_t boundary = 0;
+  uint32_t budget_tokens = 0;
+  SelectionMode mode = SelectionMode::kDefault;
+  void* out = nullptr;  // [q_heads][head_dim] in out_dtype
+  DType out_dtype = DType::kBF16;
+  float* lse = nullptr;  // [q_heads] or null
+};
+
+struct AttendInfo {
+  std::vector<uint32_t> tokens_attended;  // per KV head
+};
+
+struct AppendResult {
+  uint64_t tokens = 0;
+  uint64_t chunks = 0;
+  uint32_t sealed = 0;
+};
+
+class Session {
+ public:
+  static Result<std::unique_ptr<Session>> Create(uint64_t id, std::string tenant,
+                                                 ModelProfile profile, SessionOptions options,
+                                                 KVPool* pool);
+  ~Session();  // returns every block to the pool
+
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  uint64_t id() const { return id_; }
+  const std::string& tenant() const { return tenant_; }
+  const ModelProfile& profile() const { return profile_; }
+  const SessionOptions& options() const { return options_; }
+
+  // Appends n tokens for every layer. keys/values: [layers][kv_heads][n][head_dim] in the
+  // profile dtype; boundaries: [n] classes or null (all 0). All-or-nothing: on error nothing
+  // is stored. FAILED_PRECONDITION while a decode step has appended to only some layers.
+  Result<AppendResult> AppendKV(uint32_t n, const void* keys, const void* values,
+                                const uint8_t* boundaries);
+
+  // One layer's decode step: appends new_k/new_v to this layer if given (the token is sealed
+  // into chunks once every layer has it), then attends. Dense for now over every token.
+  Status Attend(const AttendArgs& args, AttendInfo* info);
+
+  SessionStats Stats() const;
+  // Held by the request layer around every operation on this session. Uncontended in the
+  // common case (one executor per session); it makes cross-shard batches safe.
+  std::mutex& op_mu() { return op_mu_; }
+  // Tokens stored in `layer` (differs from Stats().tokens mid decode step).
+  uint64_t layer_tokens(uint32_t layer) const { return tokens_ + layers_[layer].pending; }
+  double mean_chunk_tokens() const;
+
+ private:
+  struct Chunk {
+    uint64_t start = 0;
+    uint32_t tokens = 0;
+    std::vector<uint64_t> block;  // byte offset per layer
+  };
+  struct Layer {
+    uint64_t tail_block = 0;  // byte offset
+    uint32_t tail_tokens = 0;
+    uint32_t pending = 0;     // tokens appended to this layer beyond tokens_
+    std::vector<kernels::KVSpan> chunk_spans;  // one per sealed chunk, in order
+  };
+
+  Session(uint64_t id, std::string tenant, ModelProfile profile, SessionOptions options,
+          KVPool* pool);
+  Status Init();
+
+  uint64_t BlockBytes(uint32_t stride_tokens) const;
+  uint64_t ElemOffset(uint64_t byte_offset) const;
+  // Moves the first sum(sealed) tokens of the stream "tail of each layer, then `n` new rows
+  // from keys/values" into new chunk blocks and leaves the rest in the tail.
+  Status SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const uint8_t* keys,
+                      const uint8_t* values);
+  void TouchNow();
+
+  const uint64_t id_;
+  const std::string tenant_;
+  const ModelProfile profile_;
+  const SessionOptions options_;
+  KVPool* const pool_;
+  const uint32_t tail_capacity_;
+
+  index::Chunker chunker_;
+  std::vector<Chunk> chunks_;
+  std::vector<Layer> layers_;
+  uint64_t tokens_ = 0;         // tokens present in every layer
+  uint32_t layers_ahead_ = 0;   // layers with pending > 0
+  std::deque<uint8_t> pending_boundaries_;   // boundary of token tokens_ + k, first layer's
+  std::vector<uint8_t> unsealed_boundaries_; // complete tokens not yet fed (seal failed)
+
+  std::mutex op_mu_;
+  std::atomic<uint64_t> stat_tokens_{0};
+  std::atomic<uint64_t> stat_chunks_{0};
+  std::atomic<uint32_t> stat_tail_{0};
+  std::atomic<uint64_t> stat_bytes_{0};
+  std::atomic<uint64_t> created_ms_{0};
+  std::atomic<uint64_t> last_used_ms_{0};
+};
+
+// Largest number of decode tokens one layer may run ahead of the slowest layer.
+inline constexpr uint32_t kMaxLayerSkew = 4;
+
+}  // namespace kvmem

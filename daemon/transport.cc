@@ -1,0 +1,493 @@
+#include "daemon/transport.h"
+
+#include <boost/asio/post.hpp>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "common/log.h"
+#include "wire/framing.h"
+
+namespace kvmem {
+
+namespace w = ::kvmem::wire;
+
+struct UcxServer::Connection {
+  uint64_t id = 0;
+  ucp_ep_h ep = nullptr;
+  std::string tenant;          // set by Hello on the transport thread
+  std::string peer;
+  uint32_t inflight = 0;       // transport thread only
+  bool dead = false;
+};
+
+struct AlignedFree {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+using AlignedBuffer = std::unique_ptr<uint8_t[], AlignedFree>;
+
+static AlignedBuffer AllocAligned(size_t bytes) {
+  const size_t n = w::AlignUp(bytes == 0 ? 1 : bytes, 64);
+  return AlignedBuffer(static_cast<uint8_t*>(std::aligned_alloc(64, n)));
+}
+
+struct UcxServer::Inbound {
+  UcxServer* server = nullptr;
+  std::shared_ptr<Connection> conn;
+  std::vector<uint8_t> header;
+  AlignedBuffer data;
+  size_t data_bytes = 0;
+  w::Parsed parsed;
+};
+
+namespace {
+
+struct PendingSend {
+  w::Frame frame;
+  std::unique_ptr<Reply> reply;
+  std::vector<ucp_dt_iov_t> iov;
+};
+
+}  // namespace
+
+UcxServer::UcxServer(TransportOptions options, Service* service, ExecutorPool* executors,
+                     boost::asio::io_context* io)
+    : options_(std::move(options)), service_(service), executors_(executors), io_(io) {}
+
+UcxServer::~UcxServer() {
+  if (poll_thread_.joinable()) {
+    poll_exit_ = true;
+    poll_thread_.join();
+  }
+  if (worker_) CloseAll();
+  efd_.reset();
+  listener_.reset();
+  worker_.reset();
+  context_.reset();
+}
+
+Status UcxServer::Start() {
+  KVMEM_ASSIGN_OR_RETURN(context_, ucx::CreateContext({options_.transports, /*wakeup=*/true}));
+  KVMEM_ASSIGN_OR_RETURN(worker_, ucx::CreateWorker(context_.get(), UCS_THREAD_MODE_SINGLE));
+  KVMEM_ASSIGN_OR_RETURN(max_am_header_, ucx::MaxAmHeader(worker_.get()));
+
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  am.id = w::kRequestAmId;
+  am.cb = &UcxServer::OnRequestAm;
+  am.arg = this;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  KVMEM_RETURN_IF_ERROR(ucx::FromUcs(ucp_worker_set_am_recv_handler(worker_.get(), &am),
+                                     "ucp_worker_set_am_recv_handler"));
+
+  std::string host;
+  KVMEM_RETURN_IF_ERROR(ucx::ParseHostPort(options_.listen, &host, &port_));
+  sockaddr_storage addr{};
+  socklen_t addrlen = 0;
+  KVMEM_RETURN_IF_ERROR(ucx::ResolveSockaddr(host, port_, &addr, &addrlen));
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  lp.sockaddr.addrlen = addrlen;
+  lp.conn_handler.cb = &UcxServer::OnConnRequest;
+  lp.conn_handler.arg = this;
+  ucp_listener_h listener = nullptr;
+  KVMEM_RETURN_IF_ERROR(ucx::FromUcs(ucp_listener_create(worker_.get(), &lp, &listener),
+                                     "listen on " + options_.listen));
+  listener_.reset(listener);
+  ucp_listener_attr_t la{};
+  la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  if (ucp_listener_query(listener, &la) == UCS_OK) {
+    if (la.sockaddr.ss_family == AF_INET) {
+      port_ = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+    } else if (la.sockaddr.ss_family == AF_INET6) {
+      port_ = ntohs(reinterpret_cast<const sockaddr_in6*>(&la.sockaddr)->sin6_port);
+    }
+  }
+
+  if (options_.poll) {
+    poll_thread_ = std::thread([this] { PollLoop(); });
+  } else {
+    int fd = -1;
+    KVMEM_RETURN_IF_ERROR(ucx::FromUcs(ucp_worker_get_efd(worker_.get(), &fd), "ucp_worker_get_efd"));
+    efd_ = std::make_unique<boost::asio::posix::stream_descriptor>(*io_, ::dup(fd));
+    ArmAndWait();
+  }
+  KVMEM_LOG_INFO("listening on {} (port {}), progress={}, max_am_header={}B, error_mode={}",
+                 options_.listen, port_, options_.poll ? "poll" : "event", max_am_header_,
+                 options_.peer_error_handling ? "peer" : "none");
+  return Status::OK();
+}
+
+void UcxServer::OnConnRequest(ucp_conn_request_h request, void* arg) {
+  static_cast<UcxServer*>(arg)->Accept(request);
+}
+
+void UcxServer::Accept(ucp_conn_request_h request) {
+  ucp_conn_request_attr_t attr{};
+  attr.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+  std::string peer = "?";
+  if (ucp_conn_request_query(request, &attr) == UCS_OK) {
+    char buf[INET6_ADDRSTRLEN] = {};
+    if (attr.client_address.ss_family == AF_INET) {
+      auto* a = reinterpret_cast<sockaddr_in*>(&attr.client_address);
+      inet_ntop(AF_INET, &a->sin_addr, buf, sizeof buf);
+      peer = std::string(buf) + ":" + std::to_string(ntohs(a->sin_port));
+    }
+  }
+  if (stopping_) {
+    ucp_listener_reject(listener_.get(), request);
+    return;
+  }
+  auto conn = std::make_shared<Connection>();
+  conn->id = next_connection_id_++;
+  conn->peer = peer;
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  ep.conn_request = request;
+  ep.err_mode = options_.peer_error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+  ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.err_handler.cb = &UcxServer::OnEndpointError;
+  ep.err_handler.arg = conn.get();
+  ucp_ep_h handle = nullptr;
+  ucs_status_t st = ucp_ep_create(worker_.get(), &ep, &handle);
+  if (st != UCS_OK) {
+    KVMEM_LOG_WARN("accept from {} failed: {}", peer, ucs_status_string(st));
+    return;
+  }
+  conn->ep = handle;
+  connections_[handle] = conn;
+  counters_.connections_accepted++;
+  counters_.connections_open = connections_.size();
+  KVMEM_LOG_DEBUG("connection {} from {}", conn->id, peer);
+}
+
+void UcxServer::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+  auto* conn = static_cast<Connection*>(arg);
+  conn->dead = true;
+  KVMEM_LOG_DEBUG("connection {} ({}) closed: {}", conn->id, conn->peer, ucs_status_string(status));
+}
+
+void UcxServer::SendError(Connection* conn, uint64_t request_id, const Status& status) {
+  auto reply = std::make_unique<Reply>();
+  reply->SetError(request_id, status);
+  counters_.messages_rejected++;
+  SendReply(conn, std::move(reply));
+}
+
+ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header_length,
+                                    void* data, size_t length, const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxServer*>(arg);
+  const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+  auto it = self->connections_.find(param->reply_ep);
+  if (param->reply_ep == nullptr || it == self->connections_.end()) {
+    // Nobody to answer: the client must send with UCP_AM_SEND_FLAG_REPLY.
+    if (rndv) ucp_am_data_release(self->worker_.get(), data);
+    return UCS_OK;
+  }
+  std::shared_ptr<Connection> conn = it->second;
+  self->counters_.bytes_in += header_length + length;
+
+  // The request id, when the header verifies, so even refusals can be matched by the client.
+  auto in = std::make_unique<Inbound>();
+  in->server = self;
+  in->conn = conn;
+  in->header.assign(static_cast<const uint8_t*>(header),
+                    static_cast<const uint8_t*>(header) + header_length);
+  uint64_t rid = 0;
+  {
+    flatbuffers::Verifier v(in->header.data(), in->header.size(), w::kMaxVerifierDepth,
+                            w::kMaxVerifierTables);
+    if (header_length >= 8 && w::VerifyEnvelopeBuffer(v)) {
+      rid = w::GetEnvelope(in->header.data())->request_id();
+    }
+  }
+  Status refuse;
+  if (header_length + length > self->options_.max_message_bytes) {
+    refuse = InvalidArgument("message of " + std::to_string(header_length + length) +
+                             " bytes exceeds max_message_bytes (" +
+                             std::to_string(self->options_.max_message_bytes) + ")");
+  } else if (self->stopping_) {
+    refuse = Unavailable("daemon is shutting down");
+  } else if (conn->inflight >= self->options_.max_inflight_per_endpoint) {
+    refuse = ResourceExhausted("too many requests in flight on this connection (max " +
+                               std::to_string(self->options_.max_inflight_per_endpoint) + ")");
+  }
+  if (!refuse.ok()) {
+    if (rndv) ucp_am_data_release(self->worker_.get(), data);
+    self->SendError(conn.get(), rid, refuse);
+    return UCS_OK;
+  }
+
+  ++conn->inflight;
+  self->inflight_++;
+  in->data_bytes = length;
+  in->data = AllocAligned(length);
+  if (in->data == nullptr) {
+    if (rndv) ucp_am_data_release(self->worker_.get(), data);
+    self->Finish(std::move(in), nullptr);
+    return UCS_OK;
+  }
+  if (!rndv) {
+    if (length) std::memcpy(in->data.get(), data, length);
+    self->Dispatch(std::move(in));
+    return UCS_OK;
+  }
+  // Rendezvous: fetch the data straight into our buffer.
+  Inbound* raw = in.release();
+  ucp_request_param_t rp{};
+  rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                    UCP_OP_ATTR_FIELD_DATATYPE;
+  rp.cb.recv_am = &UcxServer::OnRndvDone;
+  rp.user_data = raw;
+  rp.datatype = ucp_dt_make_contig(1);
+  ucs_status_ptr_t req = ucp_am_recv_data_nbx(self->worker_.get(), data, raw->data.get(), length, &rp);
+  if (req == nullptr) {
+    self->Dispatch(std::unique_ptr<Inbound>(raw));
+  } else if (UCS_PTR_IS_ERR(req)) {
+    std::unique_ptr<Inbound> owned(raw);
+    auto reply = std::make_unique<Reply>();
+    reply->SetError(rid, ucx::FromUcs(UCS_PTR_STATUS(req), "receive data"));
+    self->Finish(std::move(owned), std::move(reply));
+  }
+  return UCS_OK;
+}
+
+void UcxServer::OnRndvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
+  std::unique_ptr<Inbound> in(static_cast<Inbound*>(user_data));
+  ucp_request_free(request);
+  UcxServer* self = in->server;
+  if (status != UCS_OK) {
+    auto reply = std::make_unique<Reply>();
+    reply->SetError(0, ucx::FromUcs(status, "receive data"));
+    self->Finish(std::move(in), std::move(reply));
+    return;
+  }
+  self->Dispatch(std::move(in));
+}
+
+void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
+  auto parsed = w::ParseMessage(in->header, in->data.get(), in->data_bytes);
+  if (!parsed.ok()) {
+    auto reply = std::make_unique<Reply>();
+    uint64_t rid = 0;
+    flatbuffers::Verifier v(in->header.data(), in->header.size(), w::kMaxVerifierDepth,
+                            w::kMaxVerifierTables);
+    if (in->header.size() >= 8 && w::VerifyEnvelopeBuffer(v)) {
+      rid = w::GetEnvelope(in->header.data())->request_id();
+    }
+    reply->SetError(rid, parsed.status());
+    counters_.messages_rejected++;
+    Finish(std::move(in), std::move(reply));
+    return;
+  }
+  in->parsed = *parsed;
+  const w::Envelope* env = in->parsed.envelope;
+  Connection* conn = in->conn.get();
+
+  // Connection-level ops run inline on the transport thread.
+  if (env->body_type() == w::Body::Hello) {
+    auto reply = std::make_unique<Reply>();
+    auto tenant = service_->Authenticate(env->body_as_Hello());
+    if (tenant.ok()) {
+      conn->tenant = *tenant;
+      service_->HelloReply(env->request_id(), conn->tenant, reply.get());
+      KVMEM_LOG_DEBUG("connection {} authenticated as tenant '{}'", conn->id, conn->tenant);
+    } else {
+      conn->tenant.clear();
+      reply->SetError(env->request_id(), tenant.status());
+    }
+    Finish(std::move(in), std::move(reply));
+    return;
+  }
+  if (env->body_type() == w::Body::Ping || conn->tenant.empty()) {
+    auto reply = std::make_unique<Reply>();
+    service_->Handle(RequestContext{conn->id, conn->tenant}, in->parsed, reply.get());
+    Finish(std::move(in), std::move(reply));
+    return;
+  }
+  const uint64_t key = Service::ShardKey(env);
+  RequestContext ctx{conn->id, conn->tenant};
+  Inbound* raw = in.release();
+  executors_->Submit(key, [this, raw, ctx] {
+    std::unique_ptr<Inbound> owned(raw);
+    auto reply = std::make_unique<Reply>();
+    service_->Handle(ctx, owned->parsed, reply.get());
+    PostReply(std::move(owned), std::move(reply));
+  });
+}
+
+void UcxServer::PostReply(std::unique_ptr<Inbound> in, std::unique_ptr<Reply> reply) {
+  if (executors_->threads() == 0) {  // inline executor: already on the transport thread
+    Finish(std::move(in), std::move(reply));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(out_mu_);
+    outbound_.emplace_back(std::move(in), std::move(reply));
+  }
+  outbound_pending_.store(true, std::memory_order_release);
+  if (!options_.poll) boost::asio::post(*io_, [this] { ProgressAll(); });
+}
+
+void UcxServer::Finish(std::unique_ptr<Inbound> in, std::unique_ptr<Reply> reply) {
+  Connection* conn = in->conn.get();
+  if (conn->inflight > 0) --conn->inflight;
+  inflight_--;
+  if (reply == nullptr) {
+    reply = std::make_unique<Reply>();
+    reply->SetError(0, ResourceExhausted("out of host memory for the request"));
+  }
+  SendReply(conn, std::move(reply));
+}
+
+void UcxServer::OnSendDone(void* request, ucs_status_t status, void* user_data) {
+  delete static_cast<PendingSend*>(user_data);
+  ucp_request_free(request);
+}
+
+void UcxServer::SendReply(Connection* conn, std::unique_ptr<Reply> reply) {
+  if (conn->dead || conn->ep == nullptr) return;
+  auto ps = std::make_unique<PendingSend>();
+  ps->frame = w::MakeFrame(reply->fbb, reply->packer, max_am_header_);
+  ps->reply = std::move(reply);
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.send = &UcxServer::OnSendDone;
+  p.user_data = ps.get();
+  const void* buffer = nullptr;
+  size_t count = 0;
+  const auto& segs = ps->frame.data;
+  if (segs.size() == 1) {
+    buffer = segs[0].ptr;
+    count = segs[0].bytes;
+  } else if (segs.size() > 1) {
+    for (const auto& s : segs) ps->iov.push_back({const_cast<void*>(s.ptr), s.bytes});
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    p.datatype = UCP_DATATYPE_IOV;
+    buffer = ps->iov.data();
+    count = ps->iov.size();
+  }
+  counters_.bytes_out += ps->frame.header.size() + ps->frame.data_bytes;
+  ucs_status_ptr_t req = ucp_am_send_nbx(conn->ep, w::kReplyAmId, ps->frame.header.data(),
+                                         ps->frame.header.size(), buffer, count, &p);
+  if (req == nullptr) return;  // completed in place; ps freed here
+  if (UCS_PTR_IS_ERR(req)) {
+    KVMEM_LOG_WARN("reply to connection {} failed: {}", conn->id,
+                   ucs_status_string(UCS_PTR_STATUS(req)));
+    return;
+  }
+  ps.release();  // OnSendDone frees it
+}
+
+void UcxServer::DrainOutbound() {
+  if (!outbound_pending_.exchange(false, std::memory_order_acq_rel)) return;
+  std::vector<std::pair<std::unique_ptr<Inbound>, std::unique_ptr<Reply>>> batch;
+  {
+    std::lock_guard<std::mutex> lock(out_mu_);
+    batch.swap(outbound_);
+  }
+  for (auto& [in, reply] : batch) Finish(std::move(in), std::move(reply));
+}
+
+void UcxServer::ProgressAll() {
+  if (!worker_) return;
+  for (int i = 0; i < 64; ++i) {
+    DrainOutbound();
+    if (ucp_worker_progress(worker_.get()) == 0 && !outbound_pending_.load()) break;
+  }
+  // Endpoints whose peer went away (peer error mode): close off the callback path.
+  for (auto it = connections_.begin(); it != connections_.end();) {
+    if (it->second->dead) {
+      dead_.push_back(it->second);
+      it = connections_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto& c : dead_) {
+    if (c->ep) ucx::CloseEndpoint(worker_.get(), c->ep, /*force=*/true, 100);
+    c->ep = nullptr;
+  }
+  dead_.clear();
+  counters_.connections_open = connections_.size();
+  if (stopping_) ShutdownStep();
+}
+
+void UcxServer::ArmAndWait() {
+  for (;;) {
+    ProgressAll();
+    if (stopped_ || !worker_) return;
+    const ucs_status_t st = ucp_worker_arm(worker_.get());
+    if (st == UCS_OK) break;
+    if (st != UCS_ERR_BUSY) {
+      KVMEM_LOG_ERROR("ucp_worker_arm: {}", ucs_status_string(st));
+      break;
+    }
+  }
+  efd_->async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                   [this](const boost::system::error_code& ec) {
+                     if (!ec && !stopped_) ArmAndWait();
+                   });
+}
+
+void UcxServer::PollLoop() {
+  while (!poll_exit_.load(std::memory_order_relaxed)) {
+    ucp_worker_progress(worker_.get());
+    if (outbound_pending_.load(std::memory_order_acquire)) DrainOutbound();
+    if (stopping_.load(std::memory_order_relaxed) && !stopped_) {
+      ProgressAll();
+    }
+  }
+}
+
+void UcxServer::Stop(std::chrono::milliseconds grace, std::function<void()> done) {
+  auto begin = [this, grace, done = std::move(done)]() mutable {
+    if (stopping_) return;
+    on_stopped_ = std::move(done);
+    stop_deadline_ = std::chrono::steady_clock::now() + grace;
+    stopping_ = true;
+    KVMEM_LOG_INFO("stopping: refusing new connections, {} request(s) in flight", inflight_.load());
+  };
+  if (options_.poll) {
+    // The poll thread owns the worker; it runs ShutdownStep once stopping_ is set.
+    begin();
+  } else {
+    begin();
+    ProgressAll();
+  }
+}
+
+void UcxServer::ShutdownStep() {
+  if (stopped_) return;
+  if (listener_) listener_.reset();  // stop accepting
+  const bool drained = inflight_.load() == 0;
+  if (!drained && std::chrono::steady_clock::now() < stop_deadline_) {
+    if (!options_.poll) {
+      // Re-check shortly; replies arriving meanwhile wake the loop anyway.
+      auto timer = std::make_shared<boost::asio::steady_timer>(*io_, std::chrono::milliseconds(5));
+      timer->async_wait([this, timer](const boost::system::error_code&) { ProgressAll(); });
+    }
+    return;
+  }
+  if (!drained) KVMEM_LOG_WARN("stop: {} request(s) still in flight at the deadline", inflight_.load());
+  CloseAll();
+  stopped_ = true;
+  if (options_.poll) poll_exit_ = true;
+  if (on_stopped_) boost::asio::post(*io_, on_stopped_);
+}
+
+void UcxServer::CloseAll() {
+  for (auto& [ep, conn] : connections_) {
+    if (conn->ep) ucx::CloseEndpoint(worker_.get(), conn->ep, /*force=*/conn->dead, 200);
+    conn->ep = nullptr;
+  }
+  connections_.clear();
+  counters_.connections_open = 0;
+}
+
+}  // namespace kvmem

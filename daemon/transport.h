@@ -1,0 +1,123 @@
+// The daemon's UCX transport: a listener, one endpoint per client, active-message receive
+// (eager and rendezvous), replies, and progress driven either by the Asio io_context through
+// the worker's event fd ("event") or by a spinning thread ("poll").
+//
+// Threading: the UCX worker is owned by one thread (the io_context thread in event mode, the
+// poll thread in poll mode). Executors hand replies back through PostReply(), which queues
+// them for that thread.
+#pragma once
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "common/status.h"
+#include "daemon/executor.h"
+#include "daemon/service.h"
+#include "wire/ucx.h"
+
+namespace kvmem {
+
+struct TransportOptions {
+  std::string listen = "127.0.0.1:7420";
+  bool poll = false;               // progress mode
+  bool peer_error_handling = false;
+  uint64_t max_message_bytes = 1ull << 30;
+  uint32_t max_inflight_per_endpoint = 256;
+  std::string transports;          // UCX_TLS override; empty = all
+};
+
+struct TransportCounters {
+  std::atomic<uint64_t> connections_accepted{0};
+  std::atomic<uint64_t> connections_open{0};
+  std::atomic<uint64_t> messages_rejected{0};
+  std::atomic<uint64_t> bytes_in{0};
+  std::atomic<uint64_t> bytes_out{0};
+};
+
+class UcxServer {
+ public:
+  UcxServer(TransportOptions options, Service* service, ExecutorPool* executors,
+            boost::asio::io_context* io);
+  ~UcxServer();
+
+  // Creates context, worker, listener; starts progress. After OK the server accepts clients.
+  Status Start();
+
+  // Graceful stop: refuse new connections and requests, let in-flight requests finish (up to
+  // `grace`), close endpoints, then call `done` on the io_context thread.
+  void Stop(std::chrono::milliseconds grace, std::function<void()> done);
+
+  uint16_t port() const { return port_; }
+  TransportCounters& counters() { return counters_; }
+
+  // Thread-safe: queues a reply for the transport thread.
+  struct Inbound;
+  void PostReply(std::unique_ptr<Inbound> in, std::unique_ptr<Reply> reply);
+
+  struct Connection;
+
+ private:
+  static void OnConnRequest(ucp_conn_request_h request, void* arg);
+  static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status);
+  static ucs_status_t OnRequestAm(void* arg, const void* header, size_t header_length, void* data,
+                                  size_t length, const ucp_am_recv_param_t* param);
+  static void OnRndvDone(void* request, ucs_status_t status, size_t length, void* user_data);
+  static void OnSendDone(void* request, ucs_status_t status, void* user_data);
+
+  void Accept(ucp_conn_request_h request);
+  void Dispatch(std::unique_ptr<Inbound> in);
+  void SendReply(Connection* conn, std::unique_ptr<Reply> reply);
+  void Finish(std::unique_ptr<Inbound> in, std::unique_ptr<Reply> reply);
+  void SendError(Connection* conn, uint64_t request_id, const Status& status);
+  void DrainOutbound();
+  void ProgressAll();          // progress until idle, send queued replies, close dead eps
+  void ArmAndWait();           // event mode
+  void PollLoop();             // poll mode
+  void ShutdownStep();         // runs on the transport thread while stopping
+  void CloseAll();
+
+  const TransportOptions options_;
+  Service* const service_;
+  ExecutorPool* const executors_;
+  boost::asio::io_context* const io_;
+
+  ucx::Context context_;
+  ucx::Worker worker_;
+  ucx::Listener listener_;
+  size_t max_am_header_ = 0;
+  uint16_t port_ = 0;
+  std::unique_ptr<boost::asio::posix::stream_descriptor> efd_;
+  std::thread poll_thread_;
+
+  // Transport-thread state.
+  std::unordered_map<ucp_ep_h, std::shared_ptr<Connection>> connections_;
+  std::vector<std::shared_ptr<Connection>> dead_;
+  uint64_t next_connection_id_ = 1;
+
+  // Replies from executors.
+  std::mutex out_mu_;
+  std::vector<std::pair<std::unique_ptr<Inbound>, std::unique_ptr<Reply>>> outbound_;  // out_mu_
+  std::atomic<bool> outbound_pending_{false};
+
+  std::atomic<uint64_t> inflight_{0};
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> poll_exit_{false};
+  std::chrono::steady_clock::time_point stop_deadline_;
+  std::function<void()> on_stopped_;
+  std::atomic<bool> stopped_{false};
+  TransportCounters counters_;
+};
+
+}  // namespace kvmem

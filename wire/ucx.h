@@ -1,0 +1,60 @@
+// RAII owners for UCX handles and the one translation point for ucs_status_t.
+#pragma once
+
+#include <ucp/api/ucp.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "common/status.h"
+
+namespace kvmem::ucx {
+
+// ucs_status_t -> Status, naming what failed. UCS_INPROGRESS maps to kInProgress.
+Status FromUcs(ucs_status_t s, std::string_view what);
+
+struct ContextDeleter {
+  void operator()(ucp_context_h c) const { ucp_cleanup(c); }
+};
+struct WorkerDeleter {
+  void operator()(ucp_worker_h w) const { ucp_worker_destroy(w); }
+};
+struct ListenerDeleter {
+  void operator()(ucp_listener_h l) const { ucp_listener_destroy(l); }
+};
+struct ConfigDeleter {
+  void operator()(ucp_config_t* c) const { ucp_config_release(c); }
+};
+using Context = std::unique_ptr<std::remove_pointer_t<ucp_context_h>, ContextDeleter>;
+using Worker = std::unique_ptr<std::remove_pointer_t<ucp_worker_h>, WorkerDeleter>;
+using Listener = std::unique_ptr<std::remove_pointer_t<ucp_listener_h>, ListenerDeleter>;
+
+struct ContextOptions {
+  // UCX transports ("TLS"), e.g. "tcp" or "sm,self,tcp". Empty: UCX's default (all).
+  // Default: "".
+  std::string transports;
+  // Enables the wakeup feature (event fd). Default: true.
+  bool wakeup = true;
+};
+
+Result<Context> CreateContext(const ContextOptions& options);
+
+// thread_mode: UCS_THREAD_MODE_SINGLE when one thread owns the worker.
+Result<Worker> CreateWorker(ucp_context_h context, ucs_thread_mode_t thread_mode);
+
+// The largest AM header this worker can send (ucp_worker_query).
+Result<size_t> MaxAmHeader(ucp_worker_h worker);
+
+// Waits for a request returned by a *_nbx call, progressing the worker. Releases it.
+Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_view what);
+
+// Closes an endpoint: flush (or force) and progress until done, bounded by timeout_ms.
+void CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms = 1000);
+
+// "host:port" -> sockaddr_storage. Resolves names (first IPv4/IPv6 result).
+Status ParseHostPort(std::string_view text, std::string* host, uint16_t* port);
+Status ResolveSockaddr(const std::string& host, uint16_t port, struct sockaddr_storage* out,
+                       socklen_t* len);
+
+}  // namespace kvmem::ucx
