@@ -89,8 +89,8 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   const auto* h = static_cast<const uint8_t*>(header);
   const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
   flatbuffers::Verifier v(h, header_length, w::kMaxVerifierDepth, w::kMaxVerifierTables);
+  // Unmatched rendezvous data is dropped by returning UCS_OK without receiving it.
   if (header_length < 8 || !w::VerifyEnvelopeBuffer(v)) {
-    if (rndv) ucp_am_data_release(impl->worker.get(), data);
     return UCS_OK;  // not ours to match; a waiting call will time out
   }
   const uint64_t rid = w::GetEnvelope(h)->request_id();
@@ -100,7 +100,6 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
     // (malformed request); fail every call that was waiting (the oldest first would be a guess).
     if (rid == 0 && !impl->calls.empty()) it = impl->calls.begin();
     else {
-      if (rndv) ucp_am_data_release(impl->worker.get(), data);
       return UCS_OK;
     }
   }

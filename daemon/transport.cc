@@ -46,6 +46,10 @@ struct UcxServer::Inbound {
 namespace {
 
 struct PendingSend {
+  std::atomic<uint64_t>* outstanding = nullptr;
+  ~PendingSend() {
+    if (outstanding) outstanding->fetch_sub(1);
+  }
   w::Frame frame;
   std::unique_ptr<Reply> reply;
   std::vector<ucp_dt_iov_t> iov;
@@ -184,9 +188,10 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
   auto* self = static_cast<UcxServer*>(arg);
   const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
   auto it = self->connections_.find(param->reply_ep);
+  // Refusing a rendezvous message: returning UCS_OK without receiving makes UCX drop it and
+  // complete the sender (calling ucp_am_data_release here as well would free it twice).
   if (param->reply_ep == nullptr || it == self->connections_.end()) {
     // Nobody to answer: the client must send with UCP_AM_SEND_FLAG_REPLY.
-    if (rndv) ucp_am_data_release(self->worker_.get(), data);
     return UCS_OK;
   }
   std::shared_ptr<Connection> conn = it->second;
@@ -218,7 +223,6 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
                                std::to_string(self->options_.max_inflight_per_endpoint) + ")");
   }
   if (!refuse.ok()) {
-    if (rndv) ucp_am_data_release(self->worker_.get(), data);
     self->SendError(conn.get(), rid, refuse);
     return UCS_OK;
   }
@@ -228,7 +232,6 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
   in->data_bytes = length;
   in->data = AllocAligned(length);
   if (in->data == nullptr) {
-    if (rndv) ucp_am_data_release(self->worker_.get(), data);
     self->Finish(std::move(in), nullptr);
     return UCS_OK;
   }
@@ -355,6 +358,8 @@ void UcxServer::SendReply(Connection* conn, std::unique_ptr<Reply> reply) {
   auto ps = std::make_unique<PendingSend>();
   ps->frame = w::MakeFrame(reply->fbb, reply->packer, max_am_header_);
   ps->reply = std::move(reply);
+  ps->outstanding = &sends_outstanding_;
+  sends_outstanding_++;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.send = &UcxServer::OnSendDone;
@@ -465,7 +470,7 @@ void UcxServer::Stop(std::chrono::milliseconds grace, std::function<void()> done
 void UcxServer::ShutdownStep() {
   if (stopped_) return;
   if (listener_) listener_.reset();  // stop accepting
-  const bool drained = inflight_.load() == 0;
+  const bool drained = inflight_.load() == 0 && sends_outstanding_.load() == 0;
   if (!drained && std::chrono::steady_clock::now() < stop_deadline_) {
     if (!options_.poll) {
       // Re-check shortly; replies arriving meanwhile wake the loop anyway.
@@ -475,6 +480,8 @@ void UcxServer::ShutdownStep() {
     return;
   }
   if (!drained) KVMEM_LOG_WARN("stop: {} request(s) still in flight at the deadline", inflight_.load());
+  // Every reply is delivered (or the deadline passed): no flush is owed to anyone.
+  for (auto& [ep, conn] : connections_) conn->dead = true;
   CloseAll();
   stopped_ = true;
   if (options_.poll) poll_exit_ = true;

@@ -112,6 +112,7 @@ class UcxServer {
   std::atomic<bool> outbound_pending_{false};
 
   std::atomic<uint64_t> inflight_{0};
+  std::atomic<uint64_t> sends_outstanding_{0};
   std::atomic<bool> stopping_{false};
   std::atomic<bool> poll_exit_{false};
   std::chrono::steady_clock::time_point stop_deadline_;

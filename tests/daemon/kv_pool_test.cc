@@ -1,0 +1,97 @@
+#include "daemon/kv_pool.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+
+namespace kvmem {
+namespace {
+
+TEST(SlabAllocator, RandomAllocFreeKeepsBlocksDisjointAndReturnsToZero) {
+  std::mt19937_64 rng(std::random_device{}());
+  auto a = SlabAllocator::Create({64ull << 20, 1ull << 20});
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  SlabAllocator& alloc = **a;
+  std::map<uint64_t, uint64_t> live;  // offset -> reserved bytes
+  std::uniform_int_distribution<uint64_t> size(1, 600 << 10);
+  for (int step = 0; step < 20000; ++step) {
+    if (live.empty() || rng() % 3 != 0) {
+      const uint64_t n = rng() % 10 == 0 ? size(rng) * 4 : size(rng) / 16 + 1;
+      auto off = alloc.Allocate(n);
+      if (!off.ok()) {
+        EXPECT_EQ(off.status().code(), StatusCode::kResourceExhausted);
+        continue;
+      }
+      EXPECT_EQ(*off % 64, 0u);
+      const uint64_t r = alloc.ReservedBytes(n);
+      EXPECT_GE(r, n);
+      EXPECT_LE(*off + r, alloc.capacity_bytes());
+      // Disjoint from neighbours.
+      auto next = live.lower_bound(*off);
+      if (next != live.end()) EXPECT_LE(*off + r, next->first);
+      if (next != live.begin()) {
+        auto prev = std::prev(next);
+        EXPECT_LE(prev->first + prev->second, *off);
+      }
+      live[*off] = r;
+    } else {
+      auto it = live.begin();
+      std::advance(it, rng() % live.size());
+      alloc.Free(it->first);
+      live.erase(it);
+    }
+  }
+  uint64_t sum = 0;
+  for (auto& [o, r] : live) sum += r;
+  EXPECT_EQ(alloc.allocated_bytes(), sum);
+  for (auto& [o, r] : live) alloc.Free(o);
+  EXPECT_EQ(alloc.allocated_bytes(), 0u);
+  EXPECT_EQ(alloc.slabs_in_use(), 0u);
+  EXPECT_EQ(alloc.live_blocks(), 0u);
+}
+
+TEST(SlabAllocator, ClassWasteIsBounded) {
+  auto a = SlabAllocator::Create({64ull << 20, 4ull << 20});
+  ASSERT_TRUE(a.ok());
+  for (uint64_t n = 513; n < (1u << 20); n = n * 9 / 8 + 7) {
+    EXPECT_LE((*a)->ReservedBytes(n), n + n / 8 + 64) << n;
+  }
+}
+
+TEST(SlabAllocator, ExhaustionIsAClearError) {
+  auto a = SlabAllocator::Create({2ull << 20, 1ull << 20});
+  ASSERT_TRUE(a.ok());
+  auto big = (*a)->Allocate(3ull << 20);
+  EXPECT_EQ(big.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(big.status().message().find("exceeds"), std::string::npos);
+  auto x = (*a)->Allocate(1ull << 20);
+  auto y = (*a)->Allocate(1ull << 20);
+  ASSERT_TRUE(x.ok() && y.ok());
+  EXPECT_EQ((*a)->Allocate(100).status().code(), StatusCode::kResourceExhausted);
+  (*a)->Free(*x);
+  EXPECT_TRUE((*a)->Allocate(100).ok());
+}
+
+TEST(SlabAllocator, RejectsBadOptions) {
+  EXPECT_FALSE(SlabAllocator::Create({1ull << 20, 3ull << 20}).ok());
+  EXPECT_FALSE(SlabAllocator::Create({1ull << 10, 1ull << 20}).ok());
+}
+
+TEST(HostPool, CopiesRoundTrip) {
+  auto p = CreateHostPool({8ull << 20, 1ull << 20});
+  ASSERT_TRUE(p.ok());
+  auto off = (*p)->Allocate(4096);
+  ASSERT_TRUE(off.ok());
+  std::vector<uint8_t> in(4096), out(4096);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<uint8_t>(i * 7);
+  ASSERT_TRUE((*p)->CopyIn(*off, in.data(), in.size()).ok());
+  ASSERT_TRUE((*p)->CopyWithin(*off + 1024, *off, 1024).ok());
+  ASSERT_TRUE((*p)->CopyOut(out.data(), *off, out.size()).ok());
+  for (size_t i = 0; i < 1024; ++i) EXPECT_EQ(out[1024 + i], in[i]);
+  (*p)->Free(*off);
+}
+
+}  // namespace
+}  // namespace kvmem

@@ -1,0 +1,157 @@
+// kvmemd end to end over UCX: a real daemon process, the client library, TCP and shared
+// memory. create -> append 4K tokens x 4 layers -> attend -> compare with the reference -> drop.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <thread>
+
+#include "client/client.h"
+#include "testing/daemon_process.h"
+#include "testing/reference.h"
+
+namespace kvmem {
+namespace {
+
+using client::AttendRequest;
+using client::Client;
+using client::ClientOptions;
+using client::Profile;
+using client::TensorView;
+using testing::DaemonProcess;
+
+struct E2ECase {
+  std::string transport;
+  std::string progress;
+  DType dtype;
+};
+
+class E2ETest : public ::testing::TestWithParam<E2ECase> {};
+
+TEST_P(E2ETest, CreateAppendAttendDrop) {
+  const E2ECase c = GetParam();
+  DaemonProcess d({"--progress", c.progress});
+  ASSERT_TRUE(d.ready()) << "kvmemd did not start";
+  ClientOptions o;
+  o.transport = c.transport;
+  auto cl = Client::Connect(d.address(), o);
+  ASSERT_TRUE(cl.ok()) << cl.status().ToString();
+  Client& client = **cl;
+  const std::string lanes = client.TransportInfo();
+  if (c.transport == "tcp") {
+    EXPECT_NE(lanes.find("tcp"), std::string::npos) << lanes;
+    EXPECT_EQ(lanes.find("sysv"), std::string::npos) << lanes;
+  } else {
+    EXPECT_TRUE(lanes.find("sysv") != std::string::npos || lanes.find("posix") != std::string::npos) << lanes;
+  }
+
+  const uint32_t L = 4, HQ = 8, HKV = 2, D = 64;
+  const uint64_t T = 4096;
+  std::mt19937_64 rng(std::random_device{}());
+  Profile p{L, HQ, HKV, D, c.dtype, {}, {}, "e2e"};
+  auto id = client.CreateSession(p);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+
+  const size_t elems = static_cast<size_t>(L) * HKV * T * D;
+  auto keys = testing::RandomTensor(rng, c.dtype, elems);
+  auto values = testing::RandomTensor(rng, c.dtype, elems);
+  std::vector<uint8_t> bounds(T);
+  for (size_t i = 0; i < T; ++i) bounds[i] = static_cast<uint8_t>(i % 11 == 10 ? 3 : (i % 3 == 0 ? 2 : 1));
+  auto appended = client.AppendKV(*id, TensorView{keys.data(), c.dtype, {L, HKV, T, D}},
+                                  TensorView{values.data(), c.dtype, {L, HKV, T, D}}, bounds);
+  ASSERT_TRUE(appended.ok()) << appended.status().ToString();
+  EXPECT_EQ(appended->tokens, T);
+  EXPECT_GT(appended->chunks, T / 24);
+
+  for (uint32_t layer = 0; layer < L; ++layer) {
+    std::vector<float> q(HQ * D);
+    std::normal_distribution<float> n01;
+    for (auto& x : q) x = n01(rng) * 2;
+    AttendRequest req;
+    req.layer = layer;
+    req.q = TensorView{q.data(), DType::kF32, {HQ, D}};
+    req.out_dtype = c.dtype;
+    req.return_lse = true;
+    auto r = client.Attend(*id, req);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    std::vector<float> out(HQ * D);
+    ConvertToFloat(r->out.data(), r->out_dtype, out.size(), out.data());
+    auto ref = testing::ReferenceAttention(keys, values, c.dtype, L, HKV, T, D, layer, q, HQ);
+    EXPECT_LT(testing::RelativeError(out, ref), testing::OutputTolerance(c.dtype)) << "layer " << layer;
+    ASSERT_EQ(r->lse.size(), HQ);
+    ASSERT_EQ(r->tokens_attended.size(), HKV);
+    EXPECT_EQ(r->tokens_attended[0], T);
+  }
+
+  auto info = client.SessionInfo(*id);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->tokens, T);
+  EXPECT_EQ(info->layers.size(), L);
+  EXPECT_GT(info->mean_chunk_tokens, 7.9f);
+
+  ASSERT_TRUE(client.DropSession(*id).ok());
+  EXPECT_EQ(client.SessionInfo(*id).status().code(), StatusCode::kNotFound);
+  auto list = client.ListSessions();
+  ASSERT_TRUE(list.ok());
+  EXPECT_TRUE(list->empty());
+  EXPECT_EQ(d.Stop(), 0) << "kvmemd did not exit 0 within 5 s of SIGTERM";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Transports, E2ETest,
+    ::testing::Values(E2ECase{"tcp", "event", DType::kBF16}, E2ECase{"shm", "event", DType::kBF16},
+                      E2ECase{"shm", "poll", DType::kF16}, E2ECase{"auto", "event", DType::kF32}),
+    [](const auto& info) {
+      return info.param.transport + "_" + info.param.progress + "_" + std::string(DTypeName(info.param.dtype));
+    });
+
+// Many threads share one client; each drives its own session through decode steps.
+TEST(E2E, ConcurrentClientsAndAsyncCalls) {
+  DaemonProcess d({"--executors", "2"});
+  ASSERT_TRUE(d.ready());
+  auto cl = Client::Connect(d.address());
+  ASSERT_TRUE(cl.ok());
+  const uint32_t L = 2, HQ = 4, HKV = 2, D = 32;
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      auto id = (*cl)->CreateSession(Profile{L, HQ, HKV, D, DType::kF32});
+      if (!id.ok()) { failures++; return; }
+      std::vector<float> k(L * HKV * D), q(HQ * D);
+      for (int step = 0; step < 50; ++step) {
+        for (auto& x : k) x = std::normal_distribution<float>()(rng);
+        for (auto& x : q) x = std::normal_distribution<float>()(rng);
+        std::vector<client::Future<client::AttendResult>> fs;
+        for (uint32_t l = 0; l < L; ++l) {
+          AttendRequest r;
+          r.layer = l;
+          r.q = TensorView{q.data(), DType::kF32, {HQ, D}};
+          r.new_k = TensorView{k.data() + l * HKV * D, DType::kF32, {HKV, D}};
+          r.new_v = r.new_k;
+          r.out_dtype = DType::kF32;
+          fs.push_back((*cl)->AttendAsync(*id, r));
+        }
+        for (auto& f : fs) {
+          auto res = f.Get();
+          if (!res.ok() || res->tokens_attended[0] != static_cast<uint32_t>(step + 1)) failures++;
+        }
+      }
+      if (!(*cl)->DropSession(*id).ok()) failures++;
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+TEST(E2E, NoDaemonIsUnavailable) {
+  ClientOptions o;
+  o.connect_timeout_ms = 500;
+  auto cl = Client::Connect("127.0.0.1:" + std::to_string(testing::FreePort()), o);
+  ASSERT_FALSE(cl.ok());
+  EXPECT_EQ(cl.status().code(), StatusCode::kUnavailable) << cl.status().ToString();
+}
+
+}  // namespace
+}  // namespace kvmem

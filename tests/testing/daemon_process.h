@@ -1,0 +1,116 @@
+// Starts a real kvmemd binary on a free loopback port for integration tests, and stops it
+// with SIGTERM (checking that it exits 0, i.e. shuts down gracefully).
+#pragma once
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "client/client.h"
+
+namespace kvmem::testing {
+
+inline uint16_t FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+inline std::string BinDir() { return KVMEM_TEST_BIN_DIR; }
+
+class DaemonProcess {
+ public:
+  // Extra flags are appended to kvmemd's command line.
+  explicit DaemonProcess(std::vector<std::string> extra = {}, std::string token = "") : token_(std::move(token)) {
+    port_ = FreePort();
+    address_ = "127.0.0.1:" + std::to_string(port_);
+    data_dir_ = std::filesystem::temp_directory_path() / ("kvmem-test-" + std::to_string(::getpid()) + "-" + std::to_string(port_));
+    std::filesystem::create_directories(data_dir_);
+    std::vector<std::string> args = {BinDir() + "/kvmemd", "--listen", address_, "--data-dir", data_dir_.string(),
+                                     "--log-level", "warn"};
+    for (auto& e : extra) args.push_back(e);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      std::perror("execv kvmemd");
+      ::_exit(127);
+    }
+    // Ready when a client can connect.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      client::ClientOptions o;
+      o.connect_timeout_ms = 300;
+      o.token = token_;
+      if (client::Client::Connect(address_, o).ok()) {
+        ready_ = true;
+        break;
+      }
+      int st = 0;
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  ~DaemonProcess() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(data_dir_, ec);
+  }
+
+  // SIGTERM; returns the exit status if it exits within `timeout`, -1 otherwise.
+  int Stop(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000)) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, SIGTERM);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      int st = 0;
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return -1;
+  }
+
+  bool ready() const { return ready_; }
+  const std::string& address() const { return address_; }
+  uint16_t port() const { return port_; }
+  pid_t pid() const { return pid_; }
+  const std::filesystem::path& data_dir() const { return data_dir_; }
+
+ private:
+  std::string token_;
+  uint16_t port_ = 0;
+  std::string address_;
+  std::filesystem::path data_dir_;
+  pid_t pid_ = -1;
+  bool ready_ = false;
+};
+
+}  // namespace kvmem::testing

@@ -1,0 +1,75 @@
+// Independent references for tests: attention written from its definition in double precision
+// over plain [layers][kv_heads][tokens][head_dim] arrays (no pool, no spans, no kernels).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "common/dtype.h"
+
+namespace kvmem::testing {
+
+// Random tensor of `n` elements stored as `t`, values ~ N(0, scale).
+inline std::vector<uint8_t> RandomTensor(std::mt19937_64& rng, DType t, size_t n, float scale = 1.f) {
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<uint8_t> out(n * DTypeSize(t));
+  for (size_t i = 0; i < n; ++i) StoreFromFloat(out.data(), t, i, d(rng));
+  return out;
+}
+
+// softmax(q·K^T / sqrt(D)) V for every query head of one layer.
+// kv: [layers][kv_heads][tokens][head_dim] (dtype t); q: [q_heads][head_dim] floats.
+inline std::vector<double> ReferenceAttention(const std::vector<uint8_t>& keys,
+                                              const std::vector<uint8_t>& values, DType t,
+                                              uint32_t layers, uint32_t kv_heads, uint64_t tokens,
+                                              uint32_t head_dim, uint32_t layer,
+                                              const std::vector<float>& q, uint32_t q_heads) {
+  const uint32_t G = q_heads / kv_heads;
+  std::vector<double> out(static_cast<size_t>(q_heads) * head_dim, 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (uint32_t qh = 0; qh < q_heads; ++qh) {
+    const uint32_t h = qh / G;
+    const size_t base = ((static_cast<size_t>(layer) * kv_heads + h) * tokens) * head_dim;
+    std::vector<double> logit(tokens);
+    double mx = -1e300;
+    for (uint64_t s = 0; s < tokens; ++s) {
+      double dot = 0;
+      for (uint32_t d = 0; d < head_dim; ++d)
+        dot += static_cast<double>(q[qh * head_dim + d]) * LoadAsFloat(keys.data(), t, base + s * head_dim + d);
+      logit[s] = dot * scale;
+      mx = std::max(mx, logit[s]);
+    }
+    double sum = 0;
+    for (uint64_t s = 0; s < tokens; ++s) sum += std::exp(logit[s] - mx);
+    for (uint64_t s = 0; s < tokens; ++s) {
+      const double p = std::exp(logit[s] - mx) / sum;
+      for (uint32_t d = 0; d < head_dim; ++d)
+        out[qh * head_dim + d] += p * LoadAsFloat(values.data(), t, base + s * head_dim + d);
+    }
+  }
+  return out;
+}
+
+// ||a - b|| / ||b||.
+inline double RelativeError(const std::vector<float>& a, const std::vector<double>& b) {
+  double e = 0, n = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    e += (a[i] - b[i]) * (a[i] - b[i]);
+    n += b[i] * b[i];
+  }
+  return std::sqrt(e / (n > 0 ? n : 1));
+}
+
+// Tolerance for an output stored as `t` (bf16 output rounding dominates).
+inline double OutputTolerance(DType t) {
+  switch (t) {
+    case DType::kF32: return 1e-4;
+    case DType::kF16: return 2e-3;
+    case DType::kBF16: return 1e-2;
+  }
+  return 1e-2;
+}
+
+}  // namespace kvmem::testing
