@@ -1,6 +1,7 @@
 #include "client/client.h"
 
 #include <poll.h>
+#include <sched.h>
 
 #include <atomic>
 #include <chrono>
@@ -40,6 +41,9 @@ struct CallState {
 }  // namespace detail
 
 using detail::CallState;
+
+// Payloads at least this large are sent from one contiguous buffer (see Send).
+constexpr size_t kGatherThreshold = 64 << 10;
 
 struct Client::Impl {
   ClientOptions options;
@@ -171,6 +175,18 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
   if (segs.size() == 1) {
     buffer = segs[0].ptr;
     count = segs[0].bytes;
+  } else if (segs.size() > 1 && call->frame.data_bytes >= kGatherThreshold) {
+    // UCX 1.13 moves a multi-segment (IOV) rendezvous send through fragments, an order of
+    // magnitude slower than a contiguous one (measured: ~9 ms vs ~0.3 ms for 2 MiB over
+    // shm/CMA): gather large payloads into one buffer first.
+    call->keep.emplace_back(call->frame.data_bytes);
+    uint8_t* dst = call->keep.back().data();
+    for (const auto& s : segs) {
+      std::memcpy(dst, s.ptr, s.bytes);
+      dst += s.bytes;
+    }
+    buffer = call->keep.back().data();
+    count = call->frame.data_bytes;
   } else if (segs.size() > 1) {
     for (const auto& s : segs) call->iov.push_back({const_cast<void*>(s.ptr), s.bytes});
     p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
@@ -197,6 +213,7 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
 
 Status Client::Impl::Wait(CallState& call) {
   const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(options.spin_us);
+  unsigned idle_spins = 0;
   for (;;) {
     // The request's buffers must outlive the send even when the reply came first.
     if (call.done.load(std::memory_order_acquire) && call.send_done.load(std::memory_order_acquire)) break;
@@ -222,6 +239,8 @@ Status Client::Impl::Wait(CallState& call) {
     if (sleep) {
       pollfd pfd{efd, POLLIN, 0};
       ::poll(&pfd, 1, 1);
+    } else if (++idle_spins % 64 == 0) {
+      sched_yield();  // let the daemon's threads run when cores are few
     }
   }
   KVMEM_RETURN_IF_ERROR(call.status);

@@ -16,7 +16,9 @@ SlabAllocator::SlabAllocator(const Options& o, ReleaseFn on_release)
     : slab_bytes_(o.slab_bytes),
       num_slabs_(o.capacity_bytes / o.slab_bytes),
       on_release_(std::move(on_release)),
-      slabs_(num_slabs_) {}
+      slabs_(num_slabs_),
+      is_warm_(num_slabs_, false),
+      retain_slabs_(o.retain_bytes / o.slab_bytes) {}
 
 Result<std::unique_ptr<SlabAllocator>> SlabAllocator::Create(const Options& o, ReleaseFn fn) {
   if (o.slab_bytes < (64u << 10) || !std::has_single_bit(o.slab_bytes)) {
@@ -46,6 +48,13 @@ uint64_t SlabAllocator::ReservedBytes(uint64_t bytes) const {
 }
 
 Result<uint32_t> SlabAllocator::TakeSlabRun(uint32_t count) {
+  if (count == 1 && !warm_.empty()) {  // resident memory first: no page faults
+    const uint32_t i = warm_.back();
+    warm_.pop_back();
+    is_warm_[i] = false;
+    ++slabs_used_;
+    return i;
+  }
   // First fit from a rotating hint; the slab table is small (capacity / slab size).
   const uint32_t n = static_cast<uint32_t>(num_slabs_);
   for (uint32_t pass = 0; pass < 2; ++pass) {
@@ -54,7 +63,7 @@ Result<uint32_t> SlabAllocator::TakeSlabRun(uint32_t count) {
     uint32_t run = 0;
     for (uint32_t i = start; i < end; ++i) {
       const Slab& s = slabs_[i];
-      const bool free = s.class_bytes == 0 && s.run_slabs == 0 && !s.run_tail;
+      const bool free = s.class_bytes == 0 && s.run_slabs == 0 && !s.run_tail && !is_warm_[i];
       run = free ? run + 1 : 0;
       if (run == count) {
         const uint32_t first = i + 1 - count;
@@ -64,6 +73,14 @@ Result<uint32_t> SlabAllocator::TakeSlabRun(uint32_t count) {
       }
     }
   }
+  if (!warm_.empty()) {  // resident free slabs block a long run: give them back and retry
+    for (uint32_t i : warm_) {
+      is_warm_[i] = false;
+      if (on_release_) on_release_(uint64_t{i} * slab_bytes_, slab_bytes_);
+    }
+    warm_.clear();
+    return TakeSlabRun(count);
+  }
   return ResourceExhausted("KV pool full: no run of " + std::to_string(count) +
                            " free slab(s) of " + FormatBytes(slab_bytes_) + " in " +
                            FormatBytes(capacity_bytes()));
@@ -72,6 +89,11 @@ Result<uint32_t> SlabAllocator::TakeSlabRun(uint32_t count) {
 void SlabAllocator::ReleaseSlabRun(uint32_t first, uint32_t count) {
   for (uint32_t i = first; i < first + count; ++i) slabs_[i] = Slab{};
   slabs_used_ -= count;
+  if (count == 1 && warm_.size() < retain_slabs_) {
+    warm_.push_back(first);
+    is_warm_[first] = true;
+    return;
+  }
   if (on_release_) on_release_(uint64_t{first} * slab_bytes_, uint64_t{count} * slab_bytes_);
 }
 

@@ -2,6 +2,8 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include <malloc.h>
+
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -53,6 +55,10 @@ int Fail(const std::string& msg) {
 
 int main(int argc, char** argv) {
   using namespace kvmem;
+  // Message staging buffers are large (MiBs) and short-lived: keep them in the heap instead of
+  // fresh mmaps, so receiving does not page-fault on every message.
+  mallopt(M_MMAP_THRESHOLD, 512 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory",

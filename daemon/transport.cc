@@ -3,6 +3,7 @@
 #include <boost/asio/post.hpp>
 #include <arpa/inet.h>
 #include <sys/socket.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -441,8 +442,15 @@ void UcxServer::ArmAndWait() {
 }
 
 void UcxServer::PollLoop() {
+  unsigned idle = 0;
   while (!poll_exit_.load(std::memory_order_relaxed)) {
-    ucp_worker_progress(worker_.get());
+    // Yield when idle so executor threads get a core even when cores are few (a spinning
+    // thread that never yields starves them for a whole scheduler time slice).
+    if (ucp_worker_progress(worker_.get()) != 0) idle = 0;
+    else if (++idle >= 64) {
+      sched_yield();
+      idle = 0;
+    }
     if (outbound_pending_.load(std::memory_order_acquire)) DrainOutbound();
     if (stopping_.load(std::memory_order_relaxed) && !stopped_) {
       ProgressAll();

@@ -32,7 +32,12 @@ inline uint16_t FreePort() {
   return ntohs(a.sin_port);
 }
 
-inline std::string BinDir() { return KVMEM_TEST_BIN_DIR; }
+// Tests and benchmarks live next to kvmemd in build/bin.
+inline std::string BinDir() {
+  std::error_code ec;
+  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string("build/bin") : self.parent_path().string();
+}
 
 class DaemonProcess {
  public:

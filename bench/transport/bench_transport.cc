@@ -1,0 +1,210 @@
+// kvmem-bench-transport: Ping round trips and AppendKV throughput through a real kvmemd over
+// shared memory and TCP, against ucx_perftest (ucp_am_lat, ucp_am_bw 1 MiB) run in the same
+// process tree and the same transports, so the comparison is like for like.
+//
+//   kvmem-bench-transport --json bench/results/transport.json [--quick]
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "client/client.h"
+#include "testing/daemon_process.h"
+
+namespace {
+
+using kvmem::DType;
+using kvmem::client::Client;
+using kvmem::client::ClientOptions;
+using kvmem::client::TensorView;
+using nlohmann::json;
+
+struct Args {
+  std::string json_path;
+  bool quick = false;
+  int pings = 20000;
+  int appends = 600;
+};
+
+double Percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())));
+  return v[i];
+}
+
+std::string Run(const std::string& cmd) {
+  std::string out;
+  FILE* f = popen(cmd.c_str(), "r");
+  if (!f) return out;
+  std::array<char, 4096> buf;
+  while (fgets(buf.data(), buf.size(), f)) out += buf.data();
+  pclose(f);
+  return out;
+}
+
+// Runs a ucx_perftest server + client pair; returns the fields of the "Final:" line.
+std::vector<double> Perftest(const std::string& tls, const std::string& test, size_t size, int iters) {
+  const uint16_t port = kvmem::testing::FreePort();
+  const std::string env = "UCX_TLS=" + tls + " ";
+  const std::string server = env + "ucx_perftest -p " + std::to_string(port) + " >/dev/null 2>&1 &";
+  std::system(server.c_str());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const std::string client = env + "timeout 120 ucx_perftest 127.0.0.1 -p " + std::to_string(port) + " -t " + test +
+                             " -s " + std::to_string(size) + " -n " + std::to_string(iters) + " 2>&1";
+  const std::string out = Run(client);
+  std::smatch m;
+  std::vector<double> fields;
+  const std::regex final_re(R"(Final:\s+([0-9.\s]+))");
+  if (std::regex_search(out, m, final_re)) {
+    std::istringstream ss(m[1].str());
+    double x;
+    while (ss >> x) fields.push_back(x);
+  }
+  if (fields.size() < 6) std::fprintf(stderr, "ucx_perftest %s failed:\n%s\n", test.c_str(), out.c_str());
+  return fields;
+}
+
+json Measure(const Args& a, const std::string& transport) {
+  json r;
+  // Poll mode: the daemon's transport thread spins (the configuration for lowest latency);
+  // one executor so the copy into the KV pool overlaps the next message's receive.
+  kvmem::testing::DaemonProcess d({"--progress", "poll", "--executors", "1", "--device-memory", "2GiB"});
+  if (!d.ready()) {
+    std::fprintf(stderr, "kvmemd did not start\n");
+    std::exit(1);
+  }
+  ClientOptions o;
+  o.transport = transport;
+  o.spin_us = 1000000;  // spin while waiting: latency mode
+  auto c = Client::Connect(d.address(), o);
+  if (!c.ok()) {
+    std::fprintf(stderr, "connect: %s\n", c.status().ToString().c_str());
+    std::exit(1);
+  }
+  Client& cl = **c;
+
+  // Ping round trips.
+  for (int i = 0; i < 2000; ++i) (void)cl.Ping(i);
+  std::vector<double> rtt;
+  rtt.reserve(a.pings);
+  for (int i = 0; i < a.pings; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!cl.Ping(i).ok()) std::exit(1);
+    rtt.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
+  r["ping_rtt_p50_us"] = Percentile(rtt, 0.50);
+  r["ping_rtt_p99_us"] = Percentile(rtt, 0.99);
+
+  // AppendKV of 1 MiB K + 1 MiB V tensors ([1 layer, 8 heads, 512 tokens, 128] bf16), four in
+  // flight; a fresh session every 64 appends (128 MiB) keeps the pool bounded and warm.
+  const uint32_t H = 8, D = 128, T = 512;
+  std::mt19937_64 rng(1);
+  std::vector<uint16_t> k(static_cast<size_t>(H) * T * D), v(k.size());
+  for (auto& x : k) x = kvmem::FloatToBF16(std::normal_distribution<float>()(rng));
+  for (auto& x : v) x = kvmem::FloatToBF16(std::normal_distribution<float>()(rng));
+  std::vector<uint8_t> bounds(T, 1);
+  for (size_t i = 10; i < T; i += 13) bounds[i] = 3;
+  const TensorView kt{k.data(), DType::kBF16, {1, H, T, D}}, vt{v.data(), DType::kBF16, {1, H, T, D}};
+  kvmem::client::Profile prof{1, H, H, D, DType::kBF16};
+  uint64_t session = *cl.CreateSession(prof);
+  auto run = [&](int n, double* seconds) {
+    std::vector<kvmem::client::Future<kvmem::client::AppendResult>> window;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) {
+      if (i > 0 && i % 64 == 0) {
+        for (auto& f : window) (void)f.Get();
+        window.clear();
+        (void)cl.DropSession(session);
+        session = *cl.CreateSession(prof);
+      }
+      window.push_back(cl.AppendKVAsync(session, kt, vt, bounds));
+      if (window.size() == 4) {
+        auto res = window.front().Get();
+        if (!res.ok()) {
+          std::fprintf(stderr, "append: %s\n", res.status().ToString().c_str());
+          std::exit(1);
+        }
+        window.erase(window.begin());
+      }
+    }
+    for (auto& f : window) (void)f.Get();
+    *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  double warm = 0, secs = 0;
+  run(128, &warm);
+  run(a.appends, &secs);
+  const double bytes = 2.0 * static_cast<double>(k.size()) * 2 * a.appends;
+  r["append_gbps"] = bytes / secs / 1e9;
+  r["append_message_bytes"] = 2 * k.size() * 2;
+  r["transport_lanes"] = cl.TransportInfo().find("sysv") != std::string::npos ? "shm(sysv)+cma" : cl.TransportInfo().find("tcp") != std::string::npos ? "tcp" : "other";
+  (void)cl.DropSession(session);
+  c->reset();
+  if (d.Stop() != 0) std::fprintf(stderr, "warning: kvmemd did not exit cleanly\n");
+
+  // Baseline: UCX's own perftest, same transports. shm: sysv/posix + cma for rendezvous.
+  const std::string tls = transport == "tcp" ? "tcp" : "sm,self";
+  auto lat = Perftest(tls, "ucp_am_lat", 8, a.quick ? 20000 : 100000);
+  auto bw = Perftest(tls, "ucp_am_bw", 1 << 20, a.quick ? 1000 : 4000);
+  // Final: iterations, p50 latency (one way, us), avg, overall, bw avg (MiB/s), bw overall, ...
+  r["ucx_am_rtt_us"] = lat.size() > 1 ? 2 * lat[1] : -1.0;
+  r["ucx_am_bw_gbps"] = bw.size() > 5 ? bw[5] * 1048576.0 / 1e9 : -1.0;
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string s = argv[i];
+    if (s == "--json" && i + 1 < argc) a.json_path = argv[++i];
+    else if (s == "--quick") a.quick = true;
+    else if (s == "--help") {
+      std::puts("kvmem-bench-transport --json FILE [--quick]");
+      return 0;
+    } else {
+      std::fprintf(stderr, "unknown argument %s\n", s.c_str());
+      return 2;
+    }
+  }
+  if (a.quick) {
+    a.pings = 5000;
+    a.appends = 256;
+  }
+  json out;
+  char host[256] = {};
+  gethostname(host, sizeof host);
+  out["machine"] = std::string(host) + ", " + std::to_string(std::thread::hardware_concurrency()) + " cpus";
+  out["commit"] = Run("git rev-parse --short HEAD 2>/dev/null").substr(0, 12);
+  if (!out["commit"].get<std::string>().empty() && out["commit"].get<std::string>().back() == '\n') {
+    std::string c = out["commit"];
+    c.pop_back();
+    out["commit"] = c;
+  }
+  out["shm"] = Measure(a, "shm");
+  out["tcp"] = Measure(a, "tcp");
+  std::printf("%-5s %12s %12s %12s %12s %12s %10s %10s\n", "", "ping p50 us", "ping p99 us", "ucx rtt us",
+              "append GB/s", "ucx bw GB/s", "rtt ratio", "bw ratio");
+  for (const char* t : {"shm", "tcp"}) {
+    const json& r = out[t];
+    std::printf("%-5s %12.2f %12.2f %12.2f %12.2f %12.2f %10.2f %10.2f\n", t, r["ping_rtt_p50_us"].get<double>(),
+                r["ping_rtt_p99_us"].get<double>(), r["ucx_am_rtt_us"].get<double>(), r["append_gbps"].get<double>(),
+                r["ucx_am_bw_gbps"].get<double>(),
+                r["ping_rtt_p50_us"].get<double>() / r["ucx_am_rtt_us"].get<double>(),
+                r["append_gbps"].get<double>() / r["ucx_am_bw_gbps"].get<double>());
+  }
+  std::printf("targets (shm): ping p50 <= 3x ucx rtt, append >= 0.6x ucx bw\n");
+  if (!a.json_path.empty()) {
+    std::ofstream f(a.json_path);
+    f << out.dump(2) << "\n";
+  }
+  return 0;
+}
