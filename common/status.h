@@ -129,7 +129,8 @@ const Status& AsStatus(const Result<T>& r) {
 // Returns the Status of `expr` (a Status or a Result<T>) from the enclosing function if not OK.
 #define KVMEM_RETURN_IF_ERROR(expr)                                          \
   do {                                                                       \
-    const auto& _kvmem_st = ::kvmem::detail::AsStatus(expr);                 \
+    auto&& _kvmem_val = (expr); /* keeps a temporary alive for the check */ \
+    const auto& _kvmem_st = ::kvmem::detail::AsStatus(_kvmem_val);           \
     if (!_kvmem_st.ok()) return _kvmem_st;                                   \
   } while (0)
 
