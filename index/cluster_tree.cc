@@ -505,55 +505,102 @@ Result<Selection> ClusterTree::SearchExact(std::span<const float> group_queries,
   return sel;
 }
 
+uint64_t ClusterTree::CountedTokens(uint32_t c, uint64_t skip) const {
+  const uint64_t start = chunk_start_[c];
+  const uint64_t end = start + chunk_tokens_[c];
+  return end <= skip ? 0 : end - std::max(start, skip);
+}
+
 Result<Selection> ClusterTree::SearchBudget(std::span<const float> group_queries,
                                             uint32_t budget_tokens,
                                             const BudgetSearchOptions& options) const {
   uint32_t group = 0;
   KVMEM_RETURN_IF_ERROR(ValidateQueries(group_queries, &group));
+  if (!(options.overfetch >= 1.f)) return InvalidArgument("search: overfetch must be >= 1");
   const QueryGroup qg(group_queries, head_dim_);
   const GroupAggregation agg = options.aggregation;
   Selection sel;
   if (budget_tokens == 0 || num_chunks() == 0) return sel;
 
-  std::priority_queue<Item, std::vector<Item>, ItemLess> heap;
-  heap.push({INFINITY, kNodeBound, 0});
+  auto chunk_key = [&](uint32_t c) {
+    return options.ranking == ChunkRanking::kCentroid
+               ? qg.CentroidScore(chunk_centroid(c), agg)
+               : qg.Bound(chunk_centroid(c), chunk_radius_[c], chunk_max_norm_[c], agg, 0.f);
+  };
+  auto node_key = [&](uint32_t n) {
+    return qg.Bound(node_centroid(n), nodes_[n].radius, nodes_[n].max_key_norm, agg, 0.f);
+  };
+  const uint64_t skip = options.skip_tokens_below;
   uint64_t remaining = budget_tokens;
   uint32_t misfits = 0;
-  while (!heap.empty() && remaining > 0) {
-    const Item top = heap.top();
-    heap.pop();
-    if (top.kind == kNodeBound) {
-      const Node& node = nodes_[top.id];
-      for (uint32_t c : node.children) {
-        ++sel.cost.nodes_visited;
-        if (node.leaf) {
-          const float key =
-              options.ranking == ChunkRanking::kCentroid
-                  ? qg.CentroidScore(chunk_centroid(c), agg)
-                  : qg.Bound(chunk_centroid(c), chunk_radius_[c], chunk_max_norm_[c], agg, 0.f);
-          heap.push({key, kChunkBound, c});
-        } else {
-          heap.push({qg.Bound(node_centroid(c), nodes_[c].radius, nodes_[c].max_key_norm, agg,
-                              0.f),
-                     kNodeBound, c});
-        }
-      }
-      continue;
-    }
-    const uint64_t start = chunk_start_[top.id];
-    const uint64_t end = start + chunk_tokens_[top.id];
-    const uint64_t skip = options.skip_tokens_below;
-    const uint64_t counted = end <= skip ? 0 : end - std::max(start, skip);
-    if (counted == 0) continue;
-    if (counted > remaining) {
-      if (++misfits >= options.max_consecutive_misfits) break;
-      continue;
-    }
+  // Returns false when the search should stop.
+  auto offer = [&](const Item& item) {
+    const uint64_t counted = CountedTokens(item.id, skip);
+    if (counted == 0) return true;
+    if (counted > remaining) return ++misfits < options.max_consecutive_misfits;
     misfits = 0;
     remaining -= counted;
-    sel.chunks.push_back(top.id);
-    sel.scores.push_back(top.key);
+    sel.chunks.push_back(item.id);
+    sel.scores.push_back(item.key);
     sel.tokens += counted;
+    return remaining > 0;
+  };
+
+  if (options.traversal == BudgetTraversal::kBestFirst) {
+    std::priority_queue<Item, std::vector<Item>, ItemLess> heap;
+    heap.push({INFINITY, kNodeBound, 0});
+    while (!heap.empty()) {
+      const Item top = heap.top();
+      heap.pop();
+      if (top.kind == kNodeBound) {
+        const Node& node = nodes_[top.id];
+        for (uint32_t c : node.children) {
+          ++sel.cost.nodes_visited;
+          heap.push(node.leaf ? Item{chunk_key(c), kChunkBound, c}
+                              : Item{node_key(c), kNodeBound, c});
+        }
+        continue;
+      }
+      if (!offer(top)) break;
+    }
+  } else {
+    // Level by level: keep the best children until they hold overfetch × budget tokens.
+    const double keep_tokens = static_cast<double>(options.overfetch) * budget_tokens;
+    std::vector<uint32_t> frontier = {0};  // internal nodes to expand
+    std::vector<uint32_t> leaves;          // kept leaf clusters
+    std::vector<Item> candidates;
+    if (nodes_[0].leaf) leaves.push_back(0), frontier.clear();
+    while (!frontier.empty()) {
+      candidates.clear();
+      for (uint32_t n : frontier) {
+        for (uint32_t c : nodes_[n].children) {
+          ++sel.cost.nodes_visited;
+          candidates.push_back({node_key(c), kNodeBound, c});
+        }
+      }
+      std::sort(candidates.begin(), candidates.end(),
+                [](const Item& a, const Item& b) { return ItemLess()(b, a); });
+      frontier.clear();
+      double kept = 0.0;
+      for (const Item& it : candidates) {
+        if (kept >= keep_tokens) break;
+        const Node& node = nodes_[it.id];
+        kept += static_cast<double>(node.tokens);
+        (node.leaf ? leaves : frontier).push_back(it.id);
+      }
+    }
+    candidates.clear();
+    for (uint32_t n : leaves) {
+      for (uint32_t c : nodes_[n].children) {
+        ++sel.cost.nodes_visited;
+        candidates.push_back({chunk_key(c), kChunkBound, c});
+      }
+    }
+    std::sort(candidates.begin(), candidates.end(),
+              [](const Item& a, const Item& b) { return ItemLess()(b, a); });
+    for (const Item& it : candidates) {
+      if (!offer(it)) break;
+    }
   }
   sel.cost.bytes_read = sel.cost.nodes_visited * SummaryBytes(head_dim_);
   return sel;

@@ -97,7 +97,23 @@ struct Selection {
   SearchCost cost;
 };
 
+// How budgeted search walks the tree.
+enum class BudgetTraversal : uint8_t {
+  // LycheeCluster: rank the root's children by bound, keep the best until they hold
+  // overfetch × budget tokens, expand only those, repeat per level; then rank the chunks of the
+  // kept fine clusters and fill the budget. Cost ~ fan-out × kept nodes, independent of how
+  // loose the bounds are.
+  kLevelwise = 0,
+  // Global best-first by bound: pops chunks in exactly the order a flat scan of all chunk bounds
+  // gives, but may expand most of the tree when radii are loose (high-dimensional keys).
+  kBestFirst = 1,
+};
+
 struct BudgetSearchOptions {
+  // Default: kLevelwise.
+  BudgetTraversal traversal = BudgetTraversal::kLevelwise;
+  // kLevelwise only: tokens kept per level as a multiple of the budget (>= 1). Default: 2.0.
+  float overfetch = 2.0f;
   // Default: kMaxBound (measured against kMeanQuery in bench/, see docs/architecture.md).
   GroupAggregation aggregation = GroupAggregation::kMaxBound;
   // Default: kUpperBound.
@@ -152,8 +168,8 @@ class ClusterTree {
   Result<Selection> SearchExact(std::span<const float> group_queries, uint32_t k,
                                 const ChunkKeySource& keys) const;
 
-  // Chunks in descending ranking order (best-first over the tree by bound) while they fit in
-  // budget_tokens. Reads summaries only. InvalidArgument on shape or non-finite queries.
+  // Chunks in descending ranking order while they fit in budget_tokens, found by the traversal
+  // in the options. Reads summaries only. InvalidArgument on shape or non-finite queries.
   Result<Selection> SearchBudget(std::span<const float> group_queries, uint32_t budget_tokens,
                                  const BudgetSearchOptions& options = {}) const;
 
@@ -201,6 +217,8 @@ class ClusterTree {
   void RebuildSubtree(uint32_t n);
   void CollectChunks(uint32_t n, std::vector<uint32_t>* out) const;
   Status ValidateQueries(std::span<const float> q, uint32_t* group) const;
+  // Tokens of chunk c not below `skip` (the sinks).
+  uint64_t CountedTokens(uint32_t c, uint64_t skip) const;
 
   uint32_t head_dim_;
   ClusterTreeOptions options_;
