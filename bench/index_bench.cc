@@ -54,6 +54,8 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 struct Args {
   bool quick = false;
   bool sweep_chunker = false;
+  uint64_t explore = 0;
+  bool cost_only = false;  // context for the parameter exploration (0: off)
   std::string input;
   std::string json_path;
   uint32_t chunk_min = 8;
@@ -238,6 +240,7 @@ Context Prepare(const Dataset& ds, index::ChunkerOptions co, bool baselines,
   }
   auto t2 = Clock::now();
   cx.build_seconds_quest = Seconds(t1, t2);
+  if (flat_clusters == 0) return cx;
 
   // ClusterKV-style: cosine k-means over the selectable keys, ranked by q · mean key.
   const uint64_t region = cx.sealed - kSinkTokens;
@@ -668,9 +671,35 @@ index::BudgetSearchOptions BudgetOptions() {
   return o;
 }
 
+struct Method {
+  std::string name;
+  index::BudgetSearchOptions options;  // for kvmem_budget*
+};
+
+std::vector<Method> StandardMethods(bool variants, bool flat) {
+  std::vector<Method> m;
+  for (const char* n : {"oracle", "linear", "quest", "flat_clusters", "kvmem_exact",
+                        "kvmem_budget"}) {
+    if (!flat && std::string(n) == "flat_clusters") continue;
+    m.push_back({n, BudgetOptions()});
+  }
+  if (variants) {
+    Method v{"kvmem_budget_meanq", BudgetOptions()};
+    v.options.aggregation = index::GroupAggregation::kMeanQuery;
+    m.push_back(v);
+    v = {"kvmem_budget_bound", BudgetOptions()};  // rank chunks by the true upper bound
+    v.options.chunk_radius_weight = 1.f;
+    m.push_back(v);
+    v = {"kvmem_budget_bestfirst", BudgetOptions()};
+    v.options.traversal = index::BudgetTraversal::kBestFirst;
+    m.push_back(v);
+  }
+  return m;
+}
+
 // Runs every method at every budget over the dataset's queries; appends result rows.
 void Evaluate(const Dataset& ds, const std::vector<uint32_t>& budgets, index::ChunkerOptions co,
-              uint32_t flat_clusters, json* rows, bool variants) {
+              uint32_t flat_clusters, json* rows, const std::vector<Method>& methods) {
   auto t0 = Clock::now();
   Context cx = Prepare(ds, co, /*baselines=*/true, flat_clusters);
   std::printf("# %s T=%llu: %zu chunks (mean %.1f tokens), tree %.2fs, quest %.2fs, "
@@ -678,14 +707,6 @@ void Evaluate(const Dataset& ds, const std::vector<uint32_t>& budgets, index::Ch
               ds.name.c_str(), static_cast<unsigned long long>(ds.tokens), cx.lens.size(),
               double(cx.sealed) / std::max<size_t>(1, cx.lens.size()), cx.build_seconds_tree,
               cx.build_seconds_quest, cx.fc_clusters, cx.build_seconds_flat);
-  std::vector<std::string> methods = {"oracle", "linear", "quest", "flat_clusters",
-                                      "kvmem_exact", "kvmem_budget"};
-  if (variants) {
-    for (const char* v : {"kvmem_budget_meanq", "kvmem_budget_centroid", "kvmem_budget_bestfirst",
-                          "kvmem_budget_overfetch4"}) {
-      methods.push_back(v);
-    }
-  }
   std::map<std::pair<uint32_t, std::string>, Accum> acc;
   const uint32_t QD = ds.q_heads * ds.dim;
   for (uint32_t qi = 0; qi < ds.num_queries; ++qi) {
@@ -695,31 +716,24 @@ void Evaluate(const Dataset& ds, const std::vector<uint32_t>& budgets, index::Ch
       Pick lin = SelectLinear(cx, q, b);
       for (const auto& m : methods) {
         Pick p;
-        if (m == "oracle") p = SelectOracle(cx, truth, b);
-        else if (m == "linear") p = lin;
-        else if (m == "quest") p = SelectQuest(cx, q, b);
-        else if (m == "flat_clusters") p = SelectFlatClusters(cx, q, b);
-        else if (m == "kvmem_exact") p = SelectTreeExact(cx, q, lin);
-        else {
-          index::BudgetSearchOptions o = BudgetOptions();
-          if (m == "kvmem_budget_meanq") o.aggregation = index::GroupAggregation::kMeanQuery;
-          if (m == "kvmem_budget_centroid") o.ranking = index::ChunkRanking::kCentroid;
-          if (m == "kvmem_budget_bestfirst") o.traversal = index::BudgetTraversal::kBestFirst;
-          if (m == "kvmem_budget_overfetch4") o.overfetch = 4.f;
-          p = SelectTreeBudget(cx, q, b, o);
-        }
-        Score(cx, q, truth, b, std::move(p), &acc[{b, m}]);
+        if (m.name == "oracle") p = SelectOracle(cx, truth, b);
+        else if (m.name == "linear") p = lin;
+        else if (m.name == "quest") p = SelectQuest(cx, q, b);
+        else if (m.name == "flat_clusters") p = SelectFlatClusters(cx, q, b);
+        else if (m.name == "kvmem_exact") p = SelectTreeExact(cx, q, lin);
+        else p = SelectTreeBudget(cx, q, b, m.options);
+        Score(cx, q, truth, b, std::move(p), &acc[{b, m.name}]);
       }
     }
   }
   for (uint32_t b : budgets) {
     for (const auto& m : methods) {
-      const Accum& a = acc[{b, m}];
+      const Accum& a = acc[{b, m.name}];
       const double n = std::max(1u, a.n);
       rows->push_back({{"data", ds.name},
                        {"context", ds.tokens},
                        {"budget", b},
-                       {"method", m},
+                       {"method", m.name},
                        {"mass_recall", a.mass / n},
                        {"sel_mass_recall", a.sel_mass / n},
                        {"topk_recall", a.topk / n},
@@ -732,6 +746,46 @@ void Evaluate(const Dataset& ds, const std::vector<uint32_t>& budgets, index::Ch
     }
   }
   std::printf("#   evaluated %u queries in %.1fs\n", ds.num_queries, Seconds(t0, Clock::now()));
+}
+
+void PrintRows(const json& rows) {
+  std::printf("\n%-9s %7s %6s %-26s %7s %7s %7s %7s %11s %9s %8s\n", "data", "context", "budget",
+              "method", "mass", "selmass", "topk", "relerr", "bytes", "us", "nodes");
+  for (const auto& r : rows) {
+    std::printf("%-9s %7llu %6u %-26s %7.4f %7.4f %7.4f %7.4f %11.0f %9.1f %8.0f\n",
+                r["data"].get<std::string>().c_str(),
+                static_cast<unsigned long long>(r["context"].get<uint64_t>()),
+                r["budget"].get<uint32_t>(), r["method"].get<std::string>().c_str(),
+                r["mass_recall"].get<double>(), r["sel_mass_recall"].get<double>(),
+                r["topk_recall"].get<double>(), r["out_rel_err"].get<double>(),
+                r["bytes_read"].get<double>(), r["us_per_query"].get<double>(),
+                r["nodes_visited"].get<double>());
+  }
+}
+
+// Parameter exploration for the budgeted search (not part of the committed results).
+void Explore(uint64_t tokens, uint32_t queries) {
+  Dataset ds = MakeSynthetic(tokens, queries, 44);
+  std::vector<Method> ms = {{"linear", BudgetOptions()}, {"quest", BudgetOptions()}};
+  for (float wn : {0.15f, 0.25f, 0.35f}) {
+    for (float wc : {0.f, 0.1f, 0.2f, 0.3f, 0.4f}) {
+      for (auto agg : {index::GroupAggregation::kMaxBound, index::GroupAggregation::kMeanQuery}) {
+        Method m{"", BudgetOptions()};
+        m.options.traversal = index::BudgetTraversal::kBestFirst;
+        m.options.node_radius_weight = wn;
+        m.options.chunk_radius_weight = wc;
+        m.options.aggregation = agg;
+        char name[96];
+        std::snprintf(name, sizeof name, "bf_n%.2f_c%.2f_%s", wn, wc,
+                      agg == index::GroupAggregation::kMaxBound ? "max" : "mean");
+        m.name = name;
+        ms.push_back(m);
+      }
+    }
+  }
+  json rows = json::array();
+  Evaluate(ds, {1024, 2048}, {}, 0, &rows, ms);
+  PrintRows(rows);
 }
 
 // ---- exact agreement, search cost, chunker sweep ---------------------------------------------
@@ -857,6 +911,8 @@ int Main(int argc, char** argv) {
       return argv[++i];
     };
     if (s == "--quick") a.quick = true;
+    else if (s == "--explore") a.explore = std::stoull(next());
+    else if (s == "--cost-only") a.cost_only = true;
     else if (s == "--sweep-chunker") a.sweep_chunker = true;
     else if (s == "--input") a.input = next();
     else if (s == "--json") a.json_path = next();
@@ -873,6 +929,14 @@ int Main(int argc, char** argv) {
   if (!index::Chunker::Validate(co).ok()) {
     std::fprintf(stderr, "bad chunker options\n");
     return 2;
+  }
+  if (a.explore > 0) {
+    Explore(a.explore, a.quick ? 4 : 8);
+    return 0;
+  }
+  if (a.cost_only) {
+    for (uint64_t T : {131072ull, 1048576ull}) SearchCost(T, 2048, 16, 42);
+    return 0;
   }
   const auto start = Clock::now();
   const std::vector<uint64_t> contexts =
@@ -894,12 +958,12 @@ int Main(int argc, char** argv) {
                                  {"fine_cluster_chunks", 16}}},
                        {"kvmem_budget", {{"traversal", "levelwise"}, {"overfetch", 2.0},
                                          {"aggregation", "max_bound"},
-                                         {"ranking", "upper_bound"}}}};
+                                         {"node_radius_weight", 1.0}, {"chunk_radius_weight", 0.5}}}};
   json rows = json::array();
   for (uint64_t T : contexts) {
     Dataset ds = MakeSynthetic(T, queries, 42);
     const uint32_t fc = static_cast<uint32_t>(std::clamp<uint64_t>(T / 80, 400, 1024));
-    Evaluate(ds, budgets, co, fc, &rows, /*variants=*/true);
+    Evaluate(ds, budgets, co, fc, &rows, StandardMethods(true, true));
   }
   if (!a.input.empty()) {
     auto ds = LoadSafetensors(a.input, a.quick ? 32768 : 131072);
@@ -908,7 +972,7 @@ int Main(int argc, char** argv) {
       return 1;
     }
     const uint32_t fc = static_cast<uint32_t>(std::clamp<uint64_t>(ds->tokens / 80, 400, 1024));
-    Evaluate(*ds, budgets, co, fc, &rows, /*variants=*/true);
+    Evaluate(*ds, budgets, co, fc, &rows, StandardMethods(true, true));
   }
   out["results"] = rows;
 
@@ -930,7 +994,7 @@ int Main(int argc, char** argv) {
     Dataset ds = MakeSynthetic(a.quick ? 32768 : 131072, queries, 43);
     for (auto [mn, mx] : configs) {
       json r = json::array();
-      Evaluate(ds, {1024, 2048}, {mn, mx}, 400, &r, /*variants=*/false);
+      Evaluate(ds, {1024, 2048}, {mn, mx}, 0, &r, StandardMethods(false, false));
       for (auto& row : r) {
         row["chunk_min"] = mn;
         row["chunk_max"] = mx;
@@ -941,18 +1005,7 @@ int Main(int argc, char** argv) {
   }
   out["wall_seconds"] = Seconds(start, Clock::now());
 
-  std::printf("\n%-9s %7s %6s %-24s %7s %7s %7s %7s %11s %9s %8s\n", "data", "context", "budget",
-              "method", "mass", "selmass", "topk", "relerr", "bytes", "us", "nodes");
-  for (const auto& r : rows) {
-    std::printf("%-9s %7llu %6u %-24s %7.4f %7.4f %7.4f %7.4f %11.0f %9.1f %8.0f\n",
-                r["data"].get<std::string>().c_str(),
-                static_cast<unsigned long long>(r["context"].get<uint64_t>()),
-                r["budget"].get<uint32_t>(), r["method"].get<std::string>().c_str(),
-                r["mass_recall"].get<double>(), r["sel_mass_recall"].get<double>(),
-                r["topk_recall"].get<double>(), r["out_rel_err"].get<double>(),
-                r["bytes_read"].get<double>(), r["us_per_query"].get<double>(),
-                r["nodes_visited"].get<double>());
-  }
+  PrintRows(rows);
   std::printf("\nexact_agreement %.4f\n", out["exact_agreement"].get<double>());
   for (const auto& c : cost) {
     std::printf("search_cost context %8llu nodes %8.1f us %8.1f\n",

@@ -79,10 +79,13 @@ struct QueryGroup {
     return best;
   }
 
-  float CentroidScore(const float* c, GroupAggregation agg) const {
-    if (agg == GroupAggregation::kMeanQuery) return Dot(mean.data(), c, dim);
+  // q·c + w·‖q‖·r, aggregated like Bound(); w = 1 gives Bound() without the norm cap.
+  float SoftScore(const float* c, float r, float w, GroupAggregation agg) const {
+    if (agg == GroupAggregation::kMeanQuery) return Dot(mean.data(), c, dim) + w * mean_norm * r;
     float best = -INFINITY;
-    for (uint32_t g = 0; g < group; ++g) best = std::max(best, Dot(q + size_t{g} * dim, c, dim));
+    for (uint32_t g = 0; g < group; ++g) {
+      best = std::max(best, Dot(q + size_t{g} * dim, c, dim) + w * norms[g] * r);
+    }
     return best;
   }
 };
@@ -220,9 +223,21 @@ void ClusterTree::BuildSubtree(uint32_t n, std::vector<uint32_t> chunks,
     k = std::clamp(k, 2u, std::max(2u, cap));
     k = std::min(k, m);
 
+    // Cluster directions around the subtree's mean, not around the origin: keys share a large
+    // common component (outlier channels, a bias), and raw cosine similarity would group chunks
+    // by it (by position, under rotary encoding) instead of by content.
+    std::vector<double> mean(head_dim_, 0.0);
+    for (uint32_t c : chunks) {
+      const float* x = chunk_centroid(c);
+      for (uint32_t d = 0; d < head_dim_; ++d) mean[d] += x[d];
+    }
+    for (auto& v : mean) v /= m;
     std::vector<float> points(size_t{m} * head_dim_);
     for (uint32_t i = 0; i < m; ++i) {
-      std::copy_n(chunk_centroid(chunks[i]), head_dim_, &points[size_t{i} * head_dim_]);
+      const float* x = chunk_centroid(chunks[i]);
+      for (uint32_t d = 0; d < head_dim_; ++d) {
+        points[size_t{i} * head_dim_ + d] = static_cast<float>(x[d] - mean[d]);
+      }
     }
     detail::KMeansParams params;
     params.k = k;
@@ -523,12 +538,10 @@ Result<Selection> ClusterTree::SearchBudget(std::span<const float> group_queries
   if (budget_tokens == 0 || num_chunks() == 0) return sel;
 
   auto chunk_key = [&](uint32_t c) {
-    return options.ranking == ChunkRanking::kCentroid
-               ? qg.CentroidScore(chunk_centroid(c), agg)
-               : qg.Bound(chunk_centroid(c), chunk_radius_[c], chunk_max_norm_[c], agg, 0.f);
+    return qg.SoftScore(chunk_centroid(c), chunk_radius_[c], options.chunk_radius_weight, agg);
   };
   auto node_key = [&](uint32_t n) {
-    return qg.Bound(node_centroid(n), nodes_[n].radius, nodes_[n].max_key_norm, agg, 0.f);
+    return qg.SoftScore(node_centroid(n), nodes_[n].radius, options.node_radius_weight, agg);
   };
   const uint64_t skip = options.skip_tokens_below;
   uint64_t remaining = budget_tokens;

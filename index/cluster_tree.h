@@ -78,12 +78,6 @@ enum class GroupAggregation : uint8_t {
   kMeanQuery = 1,
 };
 
-// How budgeted search orders chunks (nodes are always expanded by UB).
-enum class ChunkRanking : uint8_t {
-  kUpperBound = 0,  // UB(q, chunk): optimistic, favours spread-out chunks
-  kCentroid = 1,    // q·c (aggregated like the bound): the chunk's mean score
-};
-
 struct SearchCost {
   uint64_t nodes_visited = 0;  // summaries (clusters and chunks) whose bound was evaluated
   uint64_t keys_read = 0;      // key vectors read through the ChunkKeySource (exact search)
@@ -110,14 +104,21 @@ enum class BudgetTraversal : uint8_t {
 };
 
 struct BudgetSearchOptions {
-  // Default: kLevelwise.
-  BudgetTraversal traversal = BudgetTraversal::kLevelwise;
+  // Default: kBestFirst (with the soft scores below; measured against kLevelwise in bench/).
+  BudgetTraversal traversal = BudgetTraversal::kBestFirst;
   // kLevelwise only: tokens kept per level as a multiple of the budget (>= 1). Default: 2.0.
   float overfetch = 2.0f;
-  // Default: kMaxBound (measured against kMeanQuery in bench/, see docs/architecture.md).
-  GroupAggregation aggregation = GroupAggregation::kMaxBound;
-  // Default: kUpperBound.
-  ChunkRanking ranking = ChunkRanking::kUpperBound;
+  // Default: kMeanQuery: same recall as kMaxBound within noise on our data, one dot product
+  // per node instead of G (see docs/architecture.md, "Index").
+  GroupAggregation aggregation = GroupAggregation::kMeanQuery;
+  // Budgeted search ranks by the soft score q·c + w·‖q‖·r (aggregated over the group like the
+  // bound): w = 1 is the upper bound UB, w = 0 the centroid (mean-key) score. Keys deviate from
+  // a centroid in every direction, so their spread along q is ≈ r/√D_eff, far below r: the full
+  // bound over-rates spread-out nodes. Node weight (clusters) and chunk weight are separate.
+  // With best-first, node weight > chunk weight keeps nodes optimistic enough to be opened.
+  // Chosen by measurement (bench/, docs/architecture.md). Default: 0.15 / 0.1.
+  float node_radius_weight = 0.15f;
+  float chunk_radius_weight = 0.1f;
   // Tokens below this (the sinks) are attended anyway: chunks entirely below are skipped and a
   // chunk straddling it counts only its tokens at or above it. Default: 0.
   uint32_t skip_tokens_below = 0;

@@ -158,7 +158,8 @@ TEST(ClusterTreeTest, BudgetSearchRespectsBudgetAndReturnsValidChunks) {
     const uint32_t budget = 1 + static_cast<uint32_t>(rng() % 3000);
     BudgetSearchOptions o;
     o.aggregation = (i % 3 == 0) ? GroupAggregation::kMeanQuery : GroupAggregation::kMaxBound;
-    o.ranking = (i % 4 == 0) ? ChunkRanking::kCentroid : ChunkRanking::kUpperBound;
+    o.chunk_radius_weight = (i % 4 == 0) ? 0.f : 1.f;
+    o.node_radius_weight = (i % 6 == 0) ? 0.5f : 1.f;
     o.skip_tokens_below = (i % 5 == 0) ? 16 : 0;
     o.traversal = (i % 7 == 0) ? BudgetTraversal::kBestFirst : BudgetTraversal::kLevelwise;
     o.overfetch = 1.f + static_cast<float>(i % 3);
@@ -198,11 +199,13 @@ TEST(ClusterTreeTest, BudgetSearchEqualsFlatRankingByBound) {
   EXPECT_EQ(list.Stats().depth, 1u);
   BudgetSearchOptions best_first;
   best_first.traversal = BudgetTraversal::kBestFirst;
+  best_first.chunk_radius_weight = 1.f;  // true bounds: monotone, so global order
+  best_first.node_radius_weight = 1.f;
   for (int i = 0; i < 50; ++i) {
     const std::vector<float> q = MixedQuery(rng, src, 4);
     auto a = tree.SearchBudget(q, 512, best_first);
     auto b = list.SearchBudget(q, 512, best_first);
-    auto c = list.SearchBudget(q, 512);  // a flat list: levelwise is the same scan
+    auto c = list.SearchBudget(q, 512, best_first);
     ASSERT_TRUE(a.ok() && b.ok() && c.ok());
     EXPECT_EQ(a->chunks, b->chunks);
     EXPECT_EQ(c->chunks, b->chunks);
