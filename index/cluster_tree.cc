@@ -615,8 +615,23 @@ Result<Selection> ClusterTree::SearchBudget(std::span<const float> group_queries
       if (!offer(it)) break;
     }
   }
-  sel.cost.bytes_read = sel.cost.nodes_visited * SummaryBytes(head_dim_);
-  return sel;
+  // Soft scores are not monotone down the tree, so best-first may accept a chunk before a
+  // better one: report the selection in descending score order (ties: lower id first).
+  std::vector<uint32_t> order(sel.chunks.size());
+  for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return sel.scores[a] != sel.scores[b] ? sel.scores[a] > sel.scores[b]
+                                          : sel.chunks[a] < sel.chunks[b];
+  });
+  Selection sorted;
+  sorted.tokens = sel.tokens;
+  sorted.cost = sel.cost;
+  sorted.cost.bytes_read = sel.cost.nodes_visited * SummaryBytes(head_dim_);
+  for (uint32_t i : order) {
+    sorted.chunks.push_back(sel.chunks[i]);
+    sorted.scores.push_back(sel.scores[i]);
+  }
+  return sorted;
 }
 
 Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
