@@ -175,4 +175,50 @@ Result<std::vector<float>> SafetensorsFile::ReadFloat(std::string_view name, uin
   return out;
 }
 
+Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  std::vector<uint8_t> data;
+  for (const auto& t : tensors) {
+    uint64_t n = 1;
+    for (uint64_t d : t.shape) n *= d;
+    const uint64_t begin = data.size();
+    const size_t es = ElementSize(t.dtype);
+    data.resize(begin + n * es);
+    uint8_t* out = data.data() + begin;
+    for (uint64_t i = 0; i < n; ++i) {
+      const float x = t.data[i];
+      switch (t.dtype) {
+        case TensorDType::kF32: std::memcpy(out + 4 * i, &x, 4); break;
+        case TensorDType::kF16: {
+          const uint16_t h = FloatToF16(x);
+          std::memcpy(out + 2 * i, &h, 2);
+          break;
+        }
+        case TensorDType::kBF16: {
+          const uint16_t h = FloatToBF16(x);
+          std::memcpy(out + 2 * i, &h, 2);
+          break;
+        }
+        case TensorDType::kU8:
+          out[i] = static_cast<uint8_t>(std::clamp(x, 0.f, 255.f));
+          break;
+      }
+    }
+    static const char* kNames[] = {"F32", "F16", "BF16", "U8"};
+    header[t.name] = {{"dtype", kNames[static_cast<int>(t.dtype)]},
+                      {"shape", t.shape},
+                      {"data_offsets", {begin, data.size()}}};
+  }
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');  // align the data section
+  std::ofstream f(path, std::ios::binary);
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(uint64_t{h.size()} >> (8 * i));
+  f.write(reinterpret_cast<const char*>(len), 8);
+  f.write(h.data(), static_cast<std::streamsize>(h.size()));
+  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+  if (!f) return Unavailable("safetensors: cannot write " + path);
+  return Status::OK();
+}
+
 }  // namespace kvmem::bench

@@ -51,4 +51,16 @@ class SafetensorsFile {
   std::vector<TensorView> tensors_;
 };
 
+// One tensor to write: float data stored as `dtype` (values rounded to nearest even).
+struct TensorToWrite {
+  std::string name;
+  TensorDType dtype = TensorDType::kF32;
+  std::vector<uint64_t> shape;
+  const float* data = nullptr;  // shape product elements
+};
+
+// Writes a safetensors file (used to export synthetic data for other benchmarks and as fuzz
+// seeds). Unavailable when the file cannot be written.
+Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors);
+
 }  // namespace kvmem::bench
