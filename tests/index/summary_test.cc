@@ -1,0 +1,86 @@
+#include "index/summary.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "common/dtype.h"
+#include "index_test_util.h"
+
+namespace kvmem::index {
+namespace {
+
+TEST(SummaryTest, CentroidRadiusAndNormMatchDefinition) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01;
+  const uint32_t T = 17, D = 40;
+  std::vector<float> keys(T * D);
+  for (auto& x : keys) x = 5.f * n01(rng) + 1.f;
+  auto s = SummarizeKeys(keys.data(), T, D);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  ASSERT_EQ(s->centroid.size(), D);
+  for (uint32_t d = 0; d < D; ++d) {
+    double m = 0;
+    for (uint32_t t = 0; t < T; ++t) m += keys[t * D + d];
+    EXPECT_NEAR(s->centroid[d], m / T, 1e-4);
+  }
+  double r = 0, norm = 0;
+  for (uint32_t t = 0; t < T; ++t) {
+    r = std::max(r, detail::DistanceD(&keys[t * D], s->centroid.data(), D));
+    double n2 = 0;
+    for (uint32_t d = 0; d < D; ++d) n2 += double{keys[t * D + d]} * keys[t * D + d];
+    norm = std::max(norm, std::sqrt(n2));
+  }
+  EXPECT_GE(double{s->radius}, r);  // rounded up, never down
+  EXPECT_NEAR(s->radius, r, 1e-4 * r);
+  EXPECT_GE(double{s->max_key_norm}, norm);
+  EXPECT_NEAR(s->max_key_norm, norm, 1e-4 * norm);
+}
+
+TEST(SummaryTest, SingleTokenHasZeroRadius) {
+  std::vector<float> k = {1.f, -2.f, 3.f};
+  auto s = SummarizeKeys(k.data(), 1, 3);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->radius, 0.f);
+  EXPECT_NEAR(s->max_key_norm, std::sqrt(14.f), 1e-5);
+}
+
+TEST(SummaryTest, BlockInEveryDTypeMatchesConvertedFloats) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01;
+  const uint32_t T = 9, D = 16, stride = 24;  // padded rows
+  std::vector<float> src(T * stride);
+  for (auto& x : src) x = n01(rng);
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    std::vector<uint8_t> block(src.size() * DTypeSize(t));
+    ConvertFromFloat(src.data(), src.size(), t, block.data());
+    std::vector<float> back(src.size());
+    ConvertToFloat(block.data(), t, src.size(), back.data());
+    std::vector<float> dense(T * D);
+    for (uint32_t i = 0; i < T; ++i) {
+      for (uint32_t d = 0; d < D; ++d) dense[i * D + d] = back[i * stride + d];
+    }
+    auto a = SummarizeBlock(block.data(), t, T, D, stride);
+    auto b = SummarizeKeys(dense.data(), T, D);
+    ASSERT_TRUE(a.ok() && b.ok()) << DTypeName(t);
+    EXPECT_EQ(a->centroid, b->centroid) << DTypeName(t);
+    EXPECT_EQ(a->radius, b->radius) << DTypeName(t);
+    EXPECT_EQ(a->max_key_norm, b->max_key_norm) << DTypeName(t);
+  }
+}
+
+TEST(SummaryTest, RejectsBadInput) {
+  std::vector<float> k = {1.f, NAN};
+  EXPECT_EQ(SummarizeKeys(k.data(), 1, 2).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SummarizeKeys(nullptr, 1, 2).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SummarizeKeys(k.data(), 0, 2).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SummarizeKeys(k.data(), 1, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SummarizeBlock(k.data(), DType::kF32, 1, 2, 1).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvmem::index
