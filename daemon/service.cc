@@ -102,7 +102,7 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::AppendKV: return AppendKV(ctx, msg, env->body_as_AppendKV(), r);
     case w::Body::Attend: return Attend(ctx, msg, env->body_as_Attend(), r);
     case w::Body::AttendBatch: return AttendBatch(ctx, msg, env->body_as_AttendBatch(), r);
-    case w::Body::Retrieve: return Unimplemented("Retrieve needs the cluster index (not in this build)");
+    case w::Body::Retrieve: return Retrieve(ctx, msg, env->body_as_Retrieve(), r);
     case w::Body::NONE: return InvalidArgument("message has no body");
     default:
       return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
@@ -126,6 +126,11 @@ Result<ModelProfile> ProfileFromWire(const w::ModelProfile* p) {
   }
   if (p->name()) m.name = p->name()->str();
   return m;
+}
+
+flatbuffers::Offset<w::HeadSelection> SelectionToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                     const HeadSelection& h) {
+  return w::CreateHeadSelectionDirect(fbb, h.kv_head, &h.chunks, &h.starts, &h.ends, &h.scores);
 }
 
 SessionOptions OptionsFromWire(const w::SessionOptions* o, const SessionOptions& defaults) {
@@ -232,7 +237,8 @@ flatbuffers::Offset<w::SessionSummary> Service::Summarize(flatbuffers::FlatBuffe
   if (detail) {
     std::vector<flatbuffers::Offset<w::LayerInfo>> infos;
     for (uint32_t l = 0; l < s.profile().layers; ++l) {
-      infos.push_back(w::CreateLayerInfo(fbb, l, s.layer_tokens(l), 0, 0));
+      const LayerIndexInfo li = s.IndexInfo(l);
+      infos.push_back(w::CreateLayerInfoDirect(fbb, l, s.layer_tokens(l), li.depth, &li.nodes_per_level));
     }
     layers = fbb.CreateVector(infos);
   }
@@ -371,10 +377,17 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
     lse = r->packer.Add(r->fbb, w::DType::F32, lshape, a.lse);
   }
   auto attended = r->fbb.CreateVector(info.tokens_attended);
+  flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<w::HeadSelection>>> sel;
+  if (req->return_selection() && !info.selection.empty()) {
+    std::vector<flatbuffers::Offset<w::HeadSelection>> heads;
+    for (const HeadSelection& h : info.selection) heads.push_back(SelectionToWire(r->fbb, h));
+    sel = r->fbb.CreateVector(heads);
+  }
   w::AttendReplyBuilder b(r->fbb);
   b.add_out(out);
   if (a.lse) b.add_lse(lse);
   b.add_tokens_attended(attended);
+  if (!sel.IsNull()) b.add_selection(sel);
   return b.Finish();
 }
 
@@ -383,6 +396,43 @@ Status Service::Attend(const RequestContext& ctx, const w::Parsed& msg, const w:
   KVMEM_ASSIGN_OR_RETURN(auto body, AttendOne(ctx, msg, req, r));
   r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, r->packer.bytes()));
   return Status::OK();
+}
+
+Status Service::Retrieve(const RequestContext& ctx, const w::Parsed& msg, const w::Retrieve* req,
+                         Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  const ModelProfile& p = s->profile();
+  if (req->layer() >= p.layers) {
+    return InvalidArgument("Retrieve: layer " + std::to_string(req->layer()) +
+                           " out of range (session has " + std::to_string(p.layers) + ")");
+  }
+  if (req->mode() == w::SelectionMode::RETRIEVAL_HEADS || req->mode() == w::SelectionMode::HYBRID) {
+    return Unimplemented("Retrieve: modes retrieval_heads and hybrid are not available in this build");
+  }
+  const uint64_t qshape[2] = {p.q_heads, p.head_dim};
+  const w::DType floats[3] = {w::DType::BF16, w::DType::F16, w::DType::F32};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* q, w::ResolveTensor(msg, req->q(), "q", qshape, floats));
+  KVMEM_ASSIGN_OR_RETURN(DType qdt, w::FloatDTypeFromWire(req->q()->dtype()));
+  if (HasNonFinite(q, qdt, static_cast<size_t>(p.q_heads) * p.head_dim)) {
+    return InvalidArgument("Retrieve: q contains NaN or Inf");
+  }
+  if (req->top_chunks() > 1u << 20) return InvalidArgument("Retrieve: top_chunks too large");
+  KVMEM_ASSIGN_OR_RETURN(RetrieveResult res,
+                         s->Retrieve(req->layer(), q, qdt, req->budget_tokens(), req->top_chunks()));
+  std::vector<flatbuffers::Offset<w::HeadSelection>> heads;
+  for (const HeadSelection& h : res.heads) heads.push_back(SelectionToWire(r->fbb, h));
+  auto body = w::CreateRetrieveReplyDirect(r->fbb, &heads, res.nodes_visited, res.bytes_read);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));
+  return Status::OK();
+}
+
+void Service::AfterReply(const RequestContext& ctx, uint64_t session_id) {
+  if (session_id == 0 || ctx.tenant.empty()) return;
+  auto s = Find(ctx.tenant, session_id);
+  if (!s.ok()) return;
+  std::lock_guard<std::mutex> lock((*s)->op_mu());
+  (*s)->Maintain();
 }
 
 Status Service::AttendBatch(const RequestContext& ctx, const w::Parsed& msg,

@@ -61,6 +61,10 @@ class Service {
   // must be serialised by the caller (the executor sharding does that).
   void Handle(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply);
 
+  // Background upkeep after a request on `session_id` was answered: index maintenance (subtree
+  // rebuilds) runs here, off the request path. Cheap when nothing is stale.
+  void AfterReply(const RequestContext& ctx, uint64_t session_id);
+
   // Builds the Hello reply.
   void HelloReply(uint64_t request_id, const std::string& tenant, Reply* reply) const;
 
@@ -87,6 +91,8 @@ class Service {
                   Reply* reply);
   Status Attend(const RequestContext& ctx, const wire::Parsed& msg, const wire::Attend* req,
                 Reply* reply);
+  Status Retrieve(const RequestContext& ctx, const wire::Parsed& msg, const wire::Retrieve* req,
+                  Reply* reply);
   Status AttendBatch(const RequestContext& ctx, const wire::Parsed& msg,
                      const wire::AttendBatch* req, Reply* reply);
   // Runs one Attend and returns its reply body (used by Attend and AttendBatch).

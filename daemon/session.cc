@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <functional>
 
 namespace kvmem {
 namespace {
@@ -52,9 +53,10 @@ Status ValidateProfile(const ModelProfile& p, const ProfileLimits& lim) {
 
 Status ValidateOptions(const SessionOptions& o) {
   KVMEM_RETURN_IF_ERROR(index::Chunker::Validate(o.chunker).WithContext("options"));
-  if (o.mode != SelectionMode::kDense && o.mode != SelectionMode::kDefault) {
-    return Unimplemented("options: selection mode " + std::to_string(static_cast<int>(o.mode)) +
-                         " is not available in this build (only dense)");
+  KVMEM_RETURN_IF_ERROR(index::ClusterTree::Validate(o.tree).WithContext("options"));
+  if (o.mode == SelectionMode::kRetrievalHeads || o.mode == SelectionMode::kHybrid) {
+    return Unimplemented("options: selection modes retrieval_heads and hybrid are not available "
+                         "in this build (dense and index are)");
   }
   if (o.durability == Durability::kDurable) {
     return Unimplemented("options: durable sessions are not available in this build");
@@ -71,7 +73,12 @@ Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionO
       pool_(pool),
       tail_capacity_(options_.chunker.max_tokens + kMaxLayerSkew),
       chunker_(options_.chunker),
-      layers_(profile_.layers) {}
+      layers_(profile_.layers) {
+  trees_.reserve(static_cast<size_t>(profile_.layers) * profile_.kv_heads);
+  for (size_t i = 0; i < static_cast<size_t>(profile_.layers) * profile_.kv_heads; ++i) {
+    trees_.emplace_back(profile_.head_dim, options_.tree);
+  }
+}
 
 Result<std::unique_ptr<Session>> Session::Create(uint64_t id, std::string tenant,
                                                  ModelProfile profile, SessionOptions options,
@@ -203,10 +210,187 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     }
     layer.tail_tokens = static_cast<uint32_t>(rest);
   }
+  const size_t first_new = chunks_.size();
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
   stat_bytes_ += reserved;
   stat_chunks_ = chunks_.size();
+  return IndexChunks(first_new);
+}
+
+bool Session::IsDenseLayer(uint32_t layer) const {
+  return std::find(profile_.dense_layers.begin(), profile_.dense_layers.end(), layer) !=
+         profile_.dense_layers.end();
+}
+
+Status Session::KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float* out) const {
+  const Chunk& c = chunks_[chunk];
+  const uint64_t esize = DTypeSize(profile_.dtype);
+  const uint64_t elems = uint64_t{c.tokens} * profile_.head_dim;
+  const uint64_t off = c.block[layer] + uint64_t{head} * elems * esize;
+  if (pool_->is_host()) {
+    ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, out);
+    return Status::OK();
+  }
+  std::vector<uint8_t> staging(elems * esize);
+  KVMEM_RETURN_IF_ERROR(pool_->CopyOut(staging.data(), off, staging.size()));
+  ConvertToFloat(staging.data(), profile_.dtype, elems, out);
   return Status::OK();
+}
+
+Status Session::IndexChunks(size_t first) {
+  const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
+  std::vector<float> keys;
+  for (uint32_t l = 0; l < L; ++l) {
+    for (uint32_t h = 0; h < H; ++h) {
+      index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
+      for (size_t c = first; c < chunks_.size(); ++c) {
+        keys.resize(static_cast<size_t>(chunks_[c].tokens) * D);
+        KVMEM_RETURN_IF_ERROR(KeysAsFloat(l, h, static_cast<uint32_t>(c), keys.data()));
+        KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
+                               index::SummarizeKeys(keys.data(), chunks_[c].tokens, D));
+        KVMEM_RETURN_IF_ERROR(tree.Insert(static_cast<uint32_t>(c), summary, chunks_[c].tokens));
+      }
+    }
+  }
+  return Status::OK();
+}
+
+void Session::Maintain() {
+  for (index::ClusterTree& t : trees_) {
+    if (t.NeedsMaintenance()) t.Maintain();
+  }
+}
+
+LayerIndexInfo Session::IndexInfo(uint32_t layer) const {
+  LayerIndexInfo info;
+  for (uint32_t h = 0; h < profile_.kv_heads; ++h) {
+    const index::TreeStats st = trees_[static_cast<size_t>(layer) * profile_.kv_heads + h].Stats();
+    info.depth = std::max(info.depth, st.depth);
+    if (info.nodes_per_level.size() < st.nodes_per_level.size()) {
+      info.nodes_per_level.resize(st.nodes_per_level.size(), 0);
+    }
+    for (size_t i = 0; i < st.nodes_per_level.size(); ++i) info.nodes_per_level[i] += st.nodes_per_level[i];
+  }
+  return info;
+}
+
+namespace {
+
+// Reads one layer's chunk keys for exact search.
+class SessionKeySource final : public index::ChunkKeySource {
+ public:
+  SessionKeySource(std::function<Status(uint32_t, float*)> read) : read_(std::move(read)) {}
+  Status ReadKeys(uint32_t chunk, float* out) const override { return read_(chunk, out); }
+
+ private:
+  std::function<Status(uint32_t, float*)> read_;
+};
+
+}  // namespace
+
+Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
+                             std::vector<HeadSelection>* out, uint64_t* nodes,
+                             uint64_t* bytes) const {
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
+  index::BudgetSearchOptions so = options_.search;
+  so.skip_tokens_below = options_.sink_tokens;
+  out->assign(H, HeadSelection{});
+  for (uint32_t h = 0; h < H; ++h) {
+    const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
+    std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
+    KVMEM_ASSIGN_OR_RETURN(index::Selection sel, tree.SearchBudget(group, budget, so));
+    HeadSelection& hs = (*out)[h];
+    hs.kv_head = h;
+    hs.chunks = std::move(sel.chunks);
+    hs.scores = std::move(sel.scores);
+    for (uint32_t c : hs.chunks) {
+      hs.starts.push_back(chunks_[c].start);
+      hs.ends.push_back(chunks_[c].start + chunks_[c].tokens);
+    }
+    *nodes += sel.cost.nodes_visited;
+    *bytes += sel.cost.bytes_read;
+  }
+  return Status::OK();
+}
+
+void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,
+                               std::vector<kernels::KVSpan>* spans,
+                               std::vector<uint32_t>* head_begin) const {
+  const uint32_t H = profile_.kv_heads;
+  const uint64_t S = options_.sink_tokens;
+  const uint64_t sealed = chunks_.empty() ? 0 : chunks_.back().start + chunks_.back().tokens;
+  const uint64_t recent_from =
+      sealed > options_.recent_window ? sealed - options_.recent_window : 0;
+  struct Piece {
+    uint32_t chunk, begin, end;
+  };
+  std::vector<Piece> pieces;
+  spans->clear();
+  head_begin->assign(1, 0);
+  for (uint32_t h = 0; h < H; ++h) {
+    pieces.clear();
+    // Sinks and the recent window: partial chunks at both ends of the sealed range.
+    for (uint32_t c = 0; c < chunks_.size() && chunks_[c].start < S; ++c) {
+      pieces.push_back({c, 0, static_cast<uint32_t>(std::min<uint64_t>(chunks_[c].tokens, S - chunks_[c].start))});
+    }
+    for (size_t c = chunks_.size(); c-- > 0 && chunks_[c].start + chunks_[c].tokens > recent_from;) {
+      const uint64_t b = std::max(recent_from, chunks_[c].start) - chunks_[c].start;
+      pieces.push_back({static_cast<uint32_t>(c), static_cast<uint32_t>(b), chunks_[c].tokens});
+    }
+    for (uint32_t c : sel[h].chunks) pieces.push_back({c, 0, chunks_[c].tokens});
+    std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) {
+      return a.chunk != b.chunk ? a.chunk < b.chunk : a.begin < b.begin;
+    });
+    // Merge overlapping pieces of the same chunk so no token is attended twice.
+    for (size_t i = 0; i < pieces.size();) {
+      Piece cur = pieces[i++];
+      while (i < pieces.size() && pieces[i].chunk == cur.chunk && pieces[i].begin <= cur.end) {
+        cur.end = std::max(cur.end, pieces[i].end);
+        ++i;
+      }
+      const Chunk& c = chunks_[cur.chunk];
+      spans->push_back({ElemOffset(c.block[layer]), c.tokens, cur.begin, cur.end});
+    }
+    const Layer& lay = layers_[layer];
+    spans->push_back({ElemOffset(lay.tail_block), tail_capacity_, 0, lay.tail_tokens});
+    head_begin->push_back(static_cast<uint32_t>(spans->size()));
+  }
+}
+
+Result<RetrieveResult> Session::Retrieve(uint32_t layer, const void* q, DType q_dtype,
+                                         uint32_t budget_tokens, uint32_t top_chunks) {
+  if (layer >= profile_.layers) {
+    return InvalidArgument("layer " + std::to_string(layer) + " out of range (session has " +
+                           std::to_string(profile_.layers) + " layers)");
+  }
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
+  std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
+  ConvertToFloat(q, q_dtype, qf.size(), qf.data());
+  RetrieveResult r;
+  if (top_chunks == 0) {
+    const uint32_t budget = budget_tokens ? budget_tokens : options_.default_budget_tokens;
+    KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, &r.heads, &r.nodes_visited, &r.bytes_read));
+  } else {
+    r.heads.assign(H, HeadSelection{});
+    for (uint32_t h = 0; h < H; ++h) {
+      const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
+      SessionKeySource keys([this, layer, h](uint32_t c, float* out) { return KeysAsFloat(layer, h, c, out); });
+      std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
+      KVMEM_ASSIGN_OR_RETURN(index::Selection sel, tree.SearchExact(group, top_chunks, keys));
+      HeadSelection& hs = r.heads[h];
+      hs.kv_head = h;
+      hs.chunks = std::move(sel.chunks);
+      hs.scores = std::move(sel.scores);
+      for (uint32_t c : hs.chunks) {
+        hs.starts.push_back(chunks_[c].start);
+        hs.ends.push_back(chunks_[c].start + chunks_[c].tokens);
+      }
+      r.nodes_visited += sel.cost.nodes_visited;
+      r.bytes_read += sel.cost.bytes_read;
+    }
+  }
+  TouchNow();
+  return r;
 }
 
 Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void* values,
@@ -242,9 +426,10 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     return InvalidArgument("layer " + std::to_string(a.layer) + " out of range (session has " +
                            std::to_string(profile_.layers) + " layers)");
   }
-  if (a.mode != SelectionMode::kDefault && a.mode != SelectionMode::kDense) {
-    return Unimplemented("selection mode " + std::to_string(static_cast<int>(a.mode)) +
-                         " is not available in this build (only dense)");
+  const SelectionMode mode = a.mode == SelectionMode::kDefault ? options_.mode : a.mode;
+  if (mode == SelectionMode::kRetrievalHeads || mode == SelectionMode::kHybrid) {
+    return Unimplemented("selection modes retrieval_heads and hybrid are not available in this "
+                         "build (dense and index are)");
   }
   Layer& layer = layers_[a.layer];
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
@@ -273,9 +458,23 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     if (pending_boundaries_.size() < layer.pending) pending_boundaries_.push_back(a.boundary);
   }
 
-  // Attention over this layer's chunks and tail, before sealing moves rows around.
-  std::vector<kernels::KVSpan> spans = layer.chunk_spans;
-  spans.push_back({ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens});
+  // Attention over this layer's chunks and tail, before sealing moves rows around: every chunk
+  // (dense), or per KV head sinks ∪ selected chunks ∪ recent window ∪ tail (index).
+  std::vector<kernels::KVSpan> spans;
+  std::vector<uint32_t> head_begin;
+  std::vector<HeadSelection> selection;
+  uint64_t nodes = 0, bytes_read = 0;
+  const bool sparse = mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty();
+  if (sparse) {
+    std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
+    ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
+    const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
+    KVMEM_RETURN_IF_ERROR(SelectChunks(a.layer, qf, budget, &selection, &nodes, &bytes_read));
+    BuildSparseSpans(a.layer, selection, &spans, &head_begin);
+  } else {
+    spans = layer.chunk_spans;
+    spans.push_back({ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens});
+  }
   kernels::AttendProblem p{};
   p.pool = pool_->base();
   p.kv_dtype = profile_.dtype;
@@ -286,7 +485,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   p.q = a.q;
   p.q_dtype = a.q_dtype;
   p.spans = spans.data();
-  p.head_span_begin = nullptr;
+  p.head_span_begin = sparse ? head_begin.data() : nullptr;
   p.num_spans = static_cast<uint32_t>(spans.size());
   p.out = a.out;
   p.out_dtype = a.out_dtype;
@@ -295,7 +494,19 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   if (!pool_->is_host()) return Unimplemented("attention on a device pool needs the CUDA backend");
   kernels::AttendCpu(&p, 1);
   if (info != nullptr) {
-    info->tokens_attended.assign(H, static_cast<uint32_t>(layer_tokens(a.layer)));
+    if (sparse) {
+      info->tokens_attended.assign(H, 0);
+      for (uint32_t h = 0; h < H; ++h) {
+        for (uint32_t i = head_begin[h]; i < head_begin[h + 1]; ++i) {
+          info->tokens_attended[h] += spans[i].end - spans[i].begin;
+        }
+      }
+      info->selection = std::move(selection);
+      info->nodes_visited = nodes;
+      info->bytes_read = bytes_read;
+    } else {
+      info->tokens_attended.assign(H, static_cast<uint32_t>(layer_tokens(a.layer)));
+    }
   }
 
   // A token every layer now holds is complete: chunk it.

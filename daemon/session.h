@@ -23,6 +23,7 @@
 #include "common/status.h"
 #include "daemon/kv_pool.h"
 #include "index/chunker.h"
+#include "index/cluster_tree.h"
 #include "kernels/attention.h"
 
 namespace kvmem {
@@ -46,6 +47,8 @@ struct ModelProfile {
 
 struct SessionOptions {
   index::ChunkerOptions chunker;
+  index::ClusterTreeOptions tree;
+  index::BudgetSearchOptions search;
   uint32_t sink_tokens = 16;
   uint32_t recent_window = 0;
   uint32_t default_budget_tokens = 2048;
@@ -90,8 +93,32 @@ struct AttendArgs {
   float* lse = nullptr;  // [q_heads] or null
 };
 
+// The chunks chosen for one KV head, with their token ranges [start, end) and scores.
+struct HeadSelection {
+  uint32_t kv_head = 0;
+  std::vector<uint32_t> chunks;
+  std::vector<uint64_t> starts;
+  std::vector<uint64_t> ends;
+  std::vector<float> scores;
+};
+
 struct AttendInfo {
   std::vector<uint32_t> tokens_attended;  // per KV head
+  std::vector<HeadSelection> selection;   // per KV head (index mode); empty when dense
+  uint64_t nodes_visited = 0;
+  uint64_t bytes_read = 0;
+};
+
+struct RetrieveResult {
+  std::vector<HeadSelection> heads;
+  uint64_t nodes_visited = 0;
+  uint64_t bytes_read = 0;
+};
+
+// Per-layer index shape for SessionInfo: depth and nodes per level summed over KV heads.
+struct LayerIndexInfo {
+  uint32_t depth = 0;
+  std::vector<uint32_t> nodes_per_level;
 };
 
 struct AppendResult {
@@ -122,8 +149,20 @@ class Session {
                                 const uint8_t* boundaries);
 
   // One layer's decode step: appends new_k/new_v to this layer if given (the token is sealed
-  // into chunks once every layer has it), then attends. Dense for now over every token.
+  // into chunks once every layer has it), then attends: densely (mode dense, dense layers) or,
+  // in mode index, over sinks ∪ the chunks a budgeted cluster-index search selects per KV
+  // head ∪ the recent window ∪ the tail.
   Status Attend(const AttendArgs& args, AttendInfo* info);
+
+  // Selection only, per KV head: with top_chunks > 0 the exact top chunks by max_k q·k (max over
+  // the GQA group), else a budgeted search filling budget_tokens (0: session default).
+  // q: [q_heads][head_dim] of q_dtype.
+  Result<RetrieveResult> Retrieve(uint32_t layer, const void* q, DType q_dtype,
+                                  uint32_t budget_tokens, uint32_t top_chunks);
+
+  // Rebuilds loosened index subtrees (bounded work); run after replying, off the request path.
+  void Maintain();
+  LayerIndexInfo IndexInfo(uint32_t layer) const;
 
   SessionStats Stats() const;
   // Held by the request layer around every operation on this session. Uncontended in the
@@ -150,6 +189,17 @@ class Session {
           KVPool* pool);
   Status Init();
 
+  // Adds freshly sealed chunks (already in chunks_) to every (layer, head) tree.
+  Status IndexChunks(size_t first_chunk);
+  // Per-head chunk selections for one layer by budgeted search (and their cost).
+  Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
+                      std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes) const;
+  // Spans for sinks ∪ selected ∪ recent window ∪ tail, grouped per KV head.
+  void BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,
+                        std::vector<kernels::KVSpan>* spans, std::vector<uint32_t>* head_begin) const;
+  Status KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float* out) const;
+  bool IsDenseLayer(uint32_t layer) const;
+
   uint64_t BlockBytes(uint32_t stride_tokens) const;
   uint64_t ElemOffset(uint64_t byte_offset) const;
   // Moves the first sum(sealed) tokens of the stream "tail of each layer, then `n` new rows
@@ -167,6 +217,7 @@ class Session {
 
   index::Chunker chunker_;
   std::vector<Chunk> chunks_;
+  std::vector<index::ClusterTree> trees_;  // [layer * kv_heads + head]
   std::vector<Layer> layers_;
   uint64_t tokens_ = 0;         // tokens present in every layer
   uint32_t layers_ahead_ = 0;   // layers with pending > 0

@@ -322,6 +322,7 @@ void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
     auto reply = std::make_unique<Reply>();
     service_->Handle(ctx, owned->parsed, reply.get());
     PostReply(std::move(owned), std::move(reply));
+    service_->AfterReply(ctx, key);  // index upkeep once the client has its answer
   });
 }
 
