@@ -23,6 +23,17 @@ Status DaemonConfig::Validate() const {
                            " is not a loopback address and no tenant tokens are configured; "
                            "add \"tenants\" to the config file or listen on 127.0.0.1");
   }
+  if (admin != "off") {
+    std::string admin_host;
+    uint16_t admin_port = 0;
+    KVMEM_RETURN_IF_ERROR(ucx::ParseHostPort(admin, &admin_host, &admin_port).WithContext("admin"));
+    if (admin_token.empty() && !IsLoopbackHost(admin_host)) {
+      return InvalidArgument("admin " + admin +
+                             " is not a loopback address and no admin_token is configured; "
+                             "set \"admin_token\" in the config file or bind the admin port to "
+                             "127.0.0.1");
+    }
+  }
   if (backend != "auto" && backend != "cpu" && backend != "cuda") {
     return InvalidArgument("backend must be auto, cpu or cuda, got '" + backend + "'");
   }
@@ -86,6 +97,8 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
     else if (k == "log_level") s = str(v, k, &c->log_level);
     else if (k == "progress") s = str(v, k, &c->progress);
     else if (k == "ucx_error_mode") s = str(v, k, &c->ucx_error_mode);
+    else if (k == "admin") s = str(v, k, &c->admin);
+    else if (k == "admin_token") s = str(v, k, &c->admin_token);
     else if (k == "executors") s = u32(v, k, &c->executors);
     else if (k == "max_inflight_per_endpoint") s = u32(v, k, &c->max_inflight_per_endpoint);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);

@@ -45,6 +45,13 @@ struct DaemonConfig {
   // Authentication: token -> tenant name. Empty: one tenant "default" that needs no token,
   // and only loopback listen addresses are allowed.
   std::map<std::string, std::string> tenants;
+  // Admin HTTP endpoint (/healthz /readyz /metrics /v1/sessions /v1/status), HOST:PORT, or
+  // "off". Default: "127.0.0.1:7421".
+  std::string admin = "127.0.0.1:7421";
+  // Bearer token the admin endpoint requires for /metrics and /v1/* (health probes stay open).
+  // Required when `admin` is not a loopback address: kvmemd refuses to start without it.
+  // Not reloaded by SIGHUP (restart to change it). Default: "" (none).
+  std::string admin_token;
   // Defaults for sessions that leave options at 0.
   SessionOptions session_defaults;
   ProfileLimits profile_limits;

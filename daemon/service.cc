@@ -14,7 +14,32 @@ void Reply::SetError(uint64_t request_id, const Status& status) {
 }
 
 Service::Service(DaemonConfig config, KVPool* pool, std::string backend_name)
-    : config_(std::move(config)), pool_(pool), backend_name_(std::move(backend_name)) {}
+    : config_(std::move(config)), pool_(pool), backend_name_(std::move(backend_name)) {
+  settings_.store(std::make_shared<const Reloadable>(
+      Reloadable{config_.tenants, config_.max_sessions_per_tenant, config_.max_tokens_per_session}));
+}
+
+std::vector<std::shared_ptr<Session>> Service::SnapshotSessions() const {
+  std::vector<std::shared_ptr<Session>> out;
+  std::shared_lock lock(mu_);
+  out.reserve(sessions_.size());
+  for (const auto& [key, s] : sessions_) out.push_back(s);
+  return out;
+}
+
+size_t Service::configured_tenant_count() const { return settings()->tenants.size(); }
+
+Status Service::Reload(const DaemonConfig& fresh) {
+  if (fresh.tenants.empty() != config_.tenants.empty()) {
+    return InvalidArgument(
+        "reload cannot switch between open mode (no tenants) and tenant tokens; restart kvmemd");
+  }
+  settings_.store(std::make_shared<const Reloadable>(
+                      Reloadable{fresh.tenants, fresh.max_sessions_per_tenant,
+                                 fresh.max_tokens_per_session}),
+                  std::memory_order_release);
+  return Status::OK();
+}
 
 Service::~Service() { DropAll(); }
 
@@ -34,10 +59,11 @@ Result<std::string> Service::Authenticate(const w::Hello* hello) const {
                               " not supported (daemon speaks " +
                               std::to_string(w::kProtocolVersion) + ")");
   }
-  if (config_.tenants.empty()) return std::string("default");
+  const auto settings = this->settings();
+  if (settings->tenants.empty()) return std::string("default");
   const std::string token = hello->token() ? hello->token()->str() : "";
-  auto it = config_.tenants.find(token);
-  if (token.empty() || it == config_.tenants.end()) {
+  auto it = settings->tenants.find(token);
+  if (token.empty() || it == settings->tenants.end()) {
     return Unauthenticated(token.empty() ? "a token is required" : "unknown token");
   }
   return it->second;
@@ -192,7 +218,7 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
          it != sessions_.end() && it->first.first == ctx.tenant; ++it) {
       ++mine;
     }
-    if (mine >= config_.max_sessions_per_tenant) {
+    if (mine >= settings()->max_sessions_per_tenant) {
       return ResourceExhausted("tenant " + ctx.tenant + " already holds " + std::to_string(mine) +
                                " sessions (max_sessions_per_tenant)");
     }
@@ -290,9 +316,10 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
   const ModelProfile& p = s->profile();
   const uint64_t n = req->tokens();
   if (n == 0) return InvalidArgument("AppendKV: tokens must be > 0");
-  if (s->Stats().tokens + n > config_.max_tokens_per_session) {
+  const uint64_t max_tokens = settings()->max_tokens_per_session;
+  if (s->Stats().tokens + n > max_tokens) {
     return ResourceExhausted("AppendKV: session would exceed max_tokens_per_session (" +
-                             std::to_string(config_.max_tokens_per_session) + ")");
+                             std::to_string(max_tokens) + ")");
   }
   const uint64_t shape[4] = {p.layers, p.kv_heads, n, p.head_dim};
   const w::DType dt[1] = {w::ToWire(p.dtype)};
@@ -352,7 +379,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
     if (HasNonFinite(a.new_k, p.dtype, elems) || HasNonFinite(a.new_v, p.dtype, elems)) {
       return InvalidArgument("Attend: new_k or new_v contains NaN or Inf");
     }
-    if (s->Stats().tokens + 1 > config_.max_tokens_per_session) {
+    if (s->Stats().tokens + 1 > settings()->max_tokens_per_session) {
       return ResourceExhausted("Attend: session is at max_tokens_per_session");
     }
   }
