@@ -2,7 +2,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <fstream>
+#include <vector>
 #include <sstream>
 
 #include "common/units.h"
@@ -65,7 +67,17 @@ Status ReadBytes(const nlohmann::json& v, const char* key, uint64_t* out) {
 
 }  // namespace
 
+namespace {
+Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth);
+}  // namespace
+
 Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
+  return LoadConfigFileAt(path, c, 0);
+}
+
+namespace {
+
+Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
   std::ifstream in(path);
   if (!in) return NotFound("config file '" + path + "' cannot be opened");
   std::stringstream ss;
@@ -121,6 +133,26 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
           }
         }
       }
+    } else if (k == "include") {
+      // {"include": "secrets.json"} or a list: merged after this file, in order; relative
+      // paths are relative to this file (e.g. tokens mounted from a Kubernetes Secret).
+      std::vector<std::string> files;
+      if (v.is_string()) files.push_back(v.get<std::string>());
+      else if (v.is_array()) {
+        for (const auto& f : v) {
+          if (f.is_string()) files.push_back(f.get<std::string>());
+          else s = InvalidArgument("config: include must be a path or a list of paths");
+        }
+      } else {
+        s = InvalidArgument("config: include must be a path or a list of paths");
+      }
+      if (s.ok() && depth >= 4) s = InvalidArgument("config: include nested too deeply");
+      for (const auto& f : files) {
+        if (!s.ok()) break;
+        std::filesystem::path fp(f);
+        if (fp.is_relative()) fp = std::filesystem::path(path).parent_path() / fp;
+        s = LoadConfigFileAt(fp.string(), c, depth + 1);
+      }
     } else if (k == "session_defaults") {
       if (!v.is_object()) s = InvalidArgument("config: session_defaults must be an object");
       for (auto d = v.begin(); s.ok() && d != v.end(); ++d) {
@@ -138,5 +170,7 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
   }
   return Status::OK();
 }
+
+}  // namespace
 
 }  // namespace kvmem

@@ -61,6 +61,8 @@ struct DaemonConfig {
 };
 
 // Merges a JSON config file into *config. Unknown keys are an error (typos fail loudly).
+// "include": a path or list of paths (relative to this file) merged after it, e.g. tenant
+// tokens kept in a separate, more restricted file or a Kubernetes Secret.
 Status LoadConfigFile(const std::string& path, DaemonConfig* config);
 
 bool IsLoopbackHost(const std::string& host);

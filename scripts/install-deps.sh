@@ -12,6 +12,7 @@ PKGS=(
   libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev nlohmann-json3-dev
+  systemd python3 python3-venv
 
 )
 
@@ -23,6 +24,7 @@ for p in "${PKGS[@]}"; do
 done
 
 if ((${#missing[@]} == 0)); then
+  "$(dirname "$0")/install-tools.sh"
   exit 0
 fi
 
@@ -32,3 +34,4 @@ if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+"$(dirname "$0")/install-tools.sh"
