@@ -1,5 +1,6 @@
 #include "daemon/service.h"
 
+#include <chrono>
 #include <string>
 
 namespace kvmem {
@@ -71,8 +72,24 @@ Result<std::string> Service::Authenticate(const w::Hello* hello) const {
 
 void Service::HelloReply(uint64_t request_id, const std::string& tenant, Reply* r) const {
   auto& fbb = r->fbb;
+  // Operations fields (kvmemctl status): session stats are atomics, read after the snapshot.
+  uint64_t used = 0, chunks = 0;
+  const auto sessions = SnapshotSessions();
+  for (const auto& s : sessions) {
+    const SessionStats st = s->Stats();
+    used += st.bytes;
+    chunks += st.chunks;
+  }
+  std::vector<flatbuffers::Offset<w::TierUsage>> tiers = {
+      w::CreateTierUsageDirect(fbb, "device", pool_ ? pool_->allocator().capacity_bytes() : 0, used, chunks),
+      w::CreateTierUsageDirect(fbb, "host", 0, 0, 0), w::CreateTierUsageDirect(fbb, "disk", 0, 0, 0)};
+  const auto uptime = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - started_);
   auto body = w::CreateHelloReplyDirect(fbb, w::kProtocolVersion, tenant.c_str(), "kvmem 0.1.0",
-                                        backend_name_.c_str(), config_.max_message_bytes);
+                                        backend_name_.c_str(), config_.max_message_bytes,
+                                        static_cast<uint64_t>(uptime.count()),
+                                        backend_name_ == "cpu" ? "none" : backend_name_.c_str(),
+                                        &tiers, sessions.size());
   fbb.Finish(w::MakeEnvelope(fbb, request_id, body, 0));
 }
 

@@ -5,6 +5,7 @@
 #include <flatbuffers/flatbuffers.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -126,6 +127,7 @@ class Service {
 
   const DaemonConfig config_;  // startup values; tenants and quotas: see settings()
   std::atomic<std::shared_ptr<const Reloadable>> settings_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   KVPool* const pool_;
   const std::string backend_name_;
   mutable std::shared_mutex mu_;
