@@ -1,0 +1,238 @@
+// Operations end to end against real kvmemd processes: the admin endpoint, the admin token,
+// SIGHUP reload of tenant tokens, and three daemons behind kvmem::client::Cluster.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <csignal>
+#include <fstream>
+#include <set>
+#include <thread>
+
+#include "client/cluster.h"
+#include "testing/daemon_process.h"
+#include "testing/http_get.h"
+
+namespace kvmem {
+namespace {
+
+using testing::DaemonProcess;
+using testing::FreePort;
+using testing::HttpGet;
+
+client::Profile SmallProfile() {
+  client::Profile p;
+  p.layers = 2;
+  p.q_heads = 4;
+  p.kv_heads = 2;
+  p.head_dim = 16;
+  p.dtype = DType::kF32;
+  return p;
+}
+
+std::filesystem::path WriteConfig(const std::string& name, const std::string& body) {
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("kvmem-ops-" + std::to_string(::getpid()) + "-" + name + ".json");
+  std::ofstream(path) << body;
+  return path;
+}
+
+TEST(Admin, HealthReadyMetricsSessions) {
+  const uint16_t admin = FreePort();
+  DaemonProcess d({"--admin", "127.0.0.1:" + std::to_string(admin)});
+  ASSERT_TRUE(d.ready());
+  EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);
+  EXPECT_EQ(HttpGet(admin, "/readyz").status, 200);
+  EXPECT_EQ(HttpGet(admin, "/nope").status, 404);
+
+  auto c = client::Client::Connect(d.address());
+  ASSERT_TRUE(c.ok());
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE((*c)->Ping(i).ok());
+  auto id = (*c)->CreateSession(SmallProfile(), {}, 77);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ((*c)->SessionInfo(999).status().code(), StatusCode::kNotFound);
+
+  auto m = HttpGet(admin, "/metrics");
+  ASSERT_EQ(m.status, 200);
+  EXPECT_NE(m.body.find("kvmem_requests_total{op=\"Ping\"} 5"), std::string::npos) << m.body;
+  EXPECT_NE(m.body.find("kvmem_request_duration_seconds_count{op=\"Ping\"} 5"), std::string::npos);
+  EXPECT_NE(m.body.find("kvmem_requests_total{op=\"CreateSession\"} 1"), std::string::npos);
+  EXPECT_NE(m.body.find("kvmem_errors_total{code=\"NOT_FOUND\"} 1"), std::string::npos);
+  EXPECT_NE(m.body.find("kvmem_sessions{tenant=\"default\"} 1"), std::string::npos);
+  EXPECT_NE(m.body.find("kvmem_ucx_endpoints_open 1"), std::string::npos);
+  EXPECT_NE(m.body.find("kvmem_ready 1"), std::string::npos);
+
+  auto s = HttpGet(admin, "/v1/sessions");
+  ASSERT_EQ(s.status, 200);
+  auto j = nlohmann::json::parse(s.body);
+  ASSERT_EQ(j.size(), 1u);
+  EXPECT_EQ(j[0]["id"], 77);
+  EXPECT_EQ(j[0]["tenant"], "default");
+  EXPECT_EQ(j[0]["layers"], 2);
+  EXPECT_EQ(j[0]["dtype"], "fp32");
+  for (const char* k : {"q_heads", "kv_heads", "head_dim", "tokens", "chunks", "tail_tokens",
+                        "mean_chunk_tokens", "bytes", "mode", "durable", "label", "created_unix_ms",
+                        "last_used_unix_ms"}) {
+    EXPECT_TRUE(j[0].contains(k)) << k;
+  }
+  auto st = nlohmann::json::parse(HttpGet(admin, "/v1/status").body);
+  EXPECT_EQ(st["backend"], "cpu");
+  EXPECT_EQ(st["gpu"], "none");
+  EXPECT_EQ(st["sessions"], 1);
+  EXPECT_EQ(st["tiers"].size(), 3u);
+
+  // kvmemctl status fields travel in HelloReply.
+  const auto& info = (*c)->server();
+  EXPECT_EQ(info.gpu, "none");
+  ASSERT_EQ(info.tiers.size(), 3u);
+  EXPECT_EQ(info.tiers[0].tier, "device");
+  EXPECT_GT(info.tiers[0].capacity_bytes, 0u);
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+TEST(Admin, NonLoopbackAdminWithoutTokenRefusesToStart) {
+  const uint16_t admin = FreePort();
+  DaemonProcess d({"--admin", "0.0.0.0:" + std::to_string(admin)});
+  EXPECT_FALSE(d.ready());
+}
+
+TEST(Admin, TokenGuardsMetricsButNotProbes) {
+  const uint16_t admin = FreePort();
+  const auto cfg = WriteConfig("admintoken", R"({"admin_token": "s3cret-admin"})");
+  DaemonProcess d({"--config", cfg.string(), "--admin", "127.0.0.1:" + std::to_string(admin)});
+  ASSERT_TRUE(d.ready());
+  EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);
+  EXPECT_EQ(HttpGet(admin, "/readyz").status, 200);
+  EXPECT_EQ(HttpGet(admin, "/metrics").status, 401);
+  EXPECT_EQ(HttpGet(admin, "/metrics", "wrong").status, 401);
+  EXPECT_EQ(HttpGet(admin, "/v1/sessions").status, 401);
+  EXPECT_EQ(HttpGet(admin, "/metrics", "s3cret-admin").status, 200);
+  EXPECT_EQ(HttpGet(admin, "/v1/sessions", "s3cret-admin").status, 200);
+  std::filesystem::remove(cfg);
+}
+
+TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
+  const auto cfg = WriteConfig("reload", R"({"tenants": {"old-token-1234": "team"}})");
+  const uint16_t admin = FreePort();
+  DaemonProcess d({"--config", cfg.string(), "--admin", "127.0.0.1:" + std::to_string(admin)},
+                  "old-token-1234");
+  ASSERT_TRUE(d.ready());
+  client::ClientOptions old_opts;
+  old_opts.token = "old-token-1234";
+  auto before = client::Client::Connect(d.address(), old_opts);
+  ASSERT_TRUE(before.ok());
+  ASSERT_TRUE((*before)->CreateSession(SmallProfile(), {}, 5).ok());
+
+  std::ofstream(cfg) << R"({"tenants": {"new-token-5678": "team"}, "log_level": "debug",
+                           "max_sessions_per_tenant": 1})";
+  ASSERT_EQ(::kill(d.pid(), SIGHUP), 0);
+  // Wait for the reload to land (visible in /metrics).
+  bool reloaded = false;
+  for (int i = 0; i < 100 && !reloaded; ++i) {
+    reloaded = HttpGet(admin, "/metrics").body.find("kvmem_config_reloads_total{result=\"ok\"} 1") !=
+               std::string::npos;
+    if (!reloaded) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(reloaded);
+
+  client::ClientOptions o = old_opts;
+  o.connect_timeout_ms = 2000;
+  auto refused = client::Client::Connect(d.address(), o);
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnauthenticated) << refused.status().ToString();
+  o.token = "new-token-5678";
+  auto fresh = client::Client::Connect(d.address(), o);
+  ASSERT_TRUE(fresh.ok()) << fresh.status().ToString();
+  auto list = (*fresh)->ListSessions();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].id, 5u);
+  // The reloaded quota applies: the tenant already holds 1 session.
+  EXPECT_EQ((*fresh)->CreateSession(SmallProfile(), {}, 6).status().code(), StatusCode::kResourceExhausted);
+  // The connection authenticated before the reload keeps working.
+  EXPECT_TRUE((*before)->SessionInfo(5).ok());
+
+  // A broken file changes nothing.
+  std::ofstream(cfg) << "{ not json";
+  ASSERT_EQ(::kill(d.pid(), SIGHUP), 0);
+  bool failed = false;
+  for (int i = 0; i < 100 && !failed; ++i) {
+    failed = HttpGet(admin, "/metrics").body.find("kvmem_config_reloads_total{result=\"failed\"} 1") !=
+             std::string::npos;
+    if (!failed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(failed);
+  EXPECT_TRUE(client::Client::Connect(d.address(), o).ok());
+  EXPECT_EQ(d.Stop(), 0);
+  std::filesystem::remove(cfg);
+}
+
+TEST(Cluster, ThreeDaemonsPlacementListingRouting) {
+  DaemonProcess a, b, c;
+  ASSERT_TRUE(a.ready() && b.ready() && c.ready());
+  const std::string spec = a.address() + "," + b.address() + "," + c.address();
+  const std::string reversed = c.address() + "," + a.address() + ", " + b.address();
+  auto one = client::Cluster::Connect(spec);
+  auto two = client::Cluster::Connect(reversed);
+  ASSERT_TRUE(one.ok() && two.ok());
+  ASSERT_EQ((*one)->addresses().size(), 3u);
+  EXPECT_EQ((*one)->addresses(), (*two)->addresses());
+
+  std::set<std::string> used;
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 12; ++i) {
+    auto id = (*one)->CreateSession(SmallProfile());
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    ids.push_back(*id);
+    EXPECT_EQ((*one)->AddressFor(*id), (*two)->AddressFor(*id));
+    used.insert((*one)->AddressFor(*id));
+  }
+  EXPECT_GE(used.size(), 2u);  // 12 sessions over 3 daemons: P(all on one) ~ 1e-5
+
+  // Merged listing from the other client: every session once, on its owner.
+  auto listing = (*two)->ListSessions();
+  ASSERT_TRUE(listing.ok());
+  EXPECT_TRUE(listing->failures.empty());
+  ASSERT_EQ(listing->sessions.size(), ids.size());
+  for (const auto& cs : listing->sessions) EXPECT_EQ(cs.address, (*two)->AddressFor(cs.session.id));
+
+  // Each daemon holds exactly the sessions placed on it.
+  for (const DaemonProcess* d : {&a, &b, &c}) {
+    auto direct = client::Client::Connect(d->address());
+    ASSERT_TRUE(direct.ok());
+    auto mine = (*direct)->ListSessions();
+    ASSERT_TRUE(mine.ok());
+    size_t expected = 0;
+    for (uint64_t id : ids) expected += (*one)->AddressFor(id) == d->address();
+    EXPECT_EQ(mine->size(), expected) << d->address();
+  }
+
+  // Ops through the second client reach the owner: append, then read it back directly.
+  const uint64_t target = ids[0];
+  const client::Profile p = SmallProfile();
+  std::vector<float> kv(p.layers * p.kv_heads * 3 * p.head_dim, 0.5f);
+  client::TensorView k{kv.data(), DType::kF32, {p.layers, p.kv_heads, 3, p.head_dim}};
+  auto app = (*two)->AppendKV(target, k, k);
+  ASSERT_TRUE(app.ok()) << app.status().ToString();
+  EXPECT_EQ(app->tokens, 3u);
+  auto owner = client::Client::Connect((*one)->AddressFor(target));
+  ASSERT_TRUE(owner.ok());
+  auto info = (*owner)->SessionInfo(target);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->tokens, 3u);
+  EXPECT_TRUE((*two)->DropSession(target).ok());
+  EXPECT_EQ((*one)->SessionInfo(target).status().code(), StatusCode::kNotFound);
+
+  // A daemon going away fails only its share of the listing.
+  const std::string gone = c.address();
+  ASSERT_EQ(c.Stop(), 0);
+  client::ClientOptions quick;
+  quick.connect_timeout_ms = 500;
+  auto three = client::Cluster::Connect(spec, quick);
+  ASSERT_TRUE(three.ok());
+  auto partial = (*three)->ListSessions();
+  ASSERT_TRUE(partial.ok());
+  ASSERT_EQ(partial->failures.size(), 1u);
+  EXPECT_EQ(partial->failures[0].first, gone);
+}
+
+}  // namespace
+}  // namespace kvmem
