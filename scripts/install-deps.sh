@@ -24,7 +24,7 @@ for p in "${PKGS[@]}"; do
 done
 
 if ((${#missing[@]} == 0)); then
-  "$(dirname "$0")/install-tools.sh"
+  [[ -n "${KVMEM_SKIP_TOOLS:-}" ]] || "$(dirname "$0")/install-tools.sh"
   exit 0
 fi
 
@@ -34,4 +34,4 @@ if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-"$(dirname "$0")/install-tools.sh"
+[[ -n "${KVMEM_SKIP_TOOLS:-}" ]] || "$(dirname "$0")/install-tools.sh"
