@@ -8,7 +8,11 @@
 #include <set>
 #include <thread>
 
+#include <sys/socket.h>
+#include <sys/un.h>
+
 #include "client/cluster.h"
+#include "daemon/sd_notify.h"
 #include "testing/daemon_process.h"
 #include "testing/http_get.h"
 
@@ -163,6 +167,48 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   EXPECT_TRUE(client::Client::Connect(d.address(), o).ok());
   EXPECT_EQ(d.Stop(), 0);
   std::filesystem::remove(cfg);
+}
+
+// systemd's side of Type=notify: a datagram socket in NOTIFY_SOCKET, a watchdog interval.
+TEST(Systemd, NotifiesReadyWatchdogAndStopping) {
+  if (!sd::Compiled()) GTEST_SKIP() << "built without libsystemd: sd_notify is a no-op";
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("kvmem-notify-" + std::to_string(::getpid()))).string();
+  ::unlink(path.c_str());
+  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  timeval tv{0, 100000};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  ::setenv("WATCHDOG_USEC", "200000", 1);  // pings expected every 100 ms
+  DaemonProcess d;
+  ::unsetenv("NOTIFY_SOCKET");
+  ::unsetenv("WATCHDOG_USEC");
+  ASSERT_TRUE(d.ready());
+  std::string got;
+  auto drain = [&](std::chrono::milliseconds for_ms) {
+    const auto end = std::chrono::steady_clock::now() + for_ms;
+    char buf[512];
+    while (std::chrono::steady_clock::now() < end) {
+      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n > 0) got += std::string(buf, static_cast<size_t>(n)) + "\n";
+    }
+  };
+  drain(std::chrono::milliseconds(400));
+  EXPECT_NE(got.find("READY=1"), std::string::npos) << got;
+  EXPECT_NE(got.find("WATCHDOG=1"), std::string::npos) << got;
+  ::kill(d.pid(), SIGHUP);
+  drain(std::chrono::milliseconds(200));
+  EXPECT_NE(got.find("RELOADING=1"), std::string::npos) << got;
+  EXPECT_EQ(d.Stop(), 0);
+  drain(std::chrono::milliseconds(100));
+  EXPECT_NE(got.find("STOPPING=1"), std::string::npos) << got;
+  ::close(fd);
+  ::unlink(path.c_str());
 }
 
 TEST(Cluster, ThreeDaemonsPlacementListingRouting) {
