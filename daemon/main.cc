@@ -100,36 +100,36 @@ int main(int argc, char** argv) {
 
   // Embedded defaults, then the config file, then flags; run again on SIGHUP.
   auto build_config = [&flags](DaemonConfig* out) -> Status {
-  DaemonConfig& config = *out;
-  config = DaemonConfig{};
-  if (!flags.config.empty()) {
-    KVMEM_RETURN_IF_ERROR(LoadConfigFile(flags.config, &config));
-  }
-  for (const auto& [k, v] : flags.values) {
-    auto Fail = [](const std::string& msg) { return InvalidArgument(msg); };
-    if (k == "--listen") config.listen = v;
-    else if (k == "--admin") config.admin = v;
-    else if (k == "--data-dir") config.data_dir = v;
-    else if (k == "--backend") config.backend = v;
-    else if (k == "--log-level") config.log_level = v;
-    else if (k == "--progress") config.progress = v;
-    else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
-    else if (k == "--executors") {
-      char* end = nullptr;
-      const long n = std::strtol(v.c_str(), &end, 10);
-      if (*end || n < 0) return Fail("--executors needs a non-negative integer");
-      config.executors = static_cast<uint32_t>(n);
-    } else if (k == "--device-memory") {
-      auto b = ParseBytes(v);
-      if (!b.ok()) return Fail("--device-memory: " + b.status().message());
-      config.device_memory_bytes = *b;
-    } else if (k == "--max-message") {
-      auto b = ParseBytes(v);
-      if (!b.ok()) return Fail("--max-message: " + b.status().message());
-      config.max_message_bytes = *b;
+    DaemonConfig& config = *out;
+    config = DaemonConfig{};
+    if (!flags.config.empty()) {
+      KVMEM_RETURN_IF_ERROR(LoadConfigFile(flags.config, &config));
     }
-  }
-  return Status::OK();
+    for (const auto& [k, v] : flags.values) {
+      auto Fail = [](const std::string& msg) { return InvalidArgument(msg); };
+      if (k == "--listen") config.listen = v;
+      else if (k == "--admin") config.admin = v;
+      else if (k == "--data-dir") config.data_dir = v;
+      else if (k == "--backend") config.backend = v;
+      else if (k == "--log-level") config.log_level = v;
+      else if (k == "--progress") config.progress = v;
+      else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
+      else if (k == "--executors") {
+        char* end = nullptr;
+        const long n = std::strtol(v.c_str(), &end, 10);
+        if (*end || n < 0) return Fail("--executors needs a non-negative integer");
+        config.executors = static_cast<uint32_t>(n);
+      } else if (k == "--device-memory") {
+        auto b = ParseBytes(v);
+        if (!b.ok()) return Fail("--device-memory: " + b.status().message());
+        config.device_memory_bytes = *b;
+      } else if (k == "--max-message") {
+        auto b = ParseBytes(v);
+        if (!b.ok()) return Fail("--max-message: " + b.status().message());
+        config.max_message_bytes = *b;
+      }
+    }
+    return Status::OK();
   };
   DaemonConfig config;
   if (Status s = build_config(&config); !s.ok()) return Fail(s.ToString());
