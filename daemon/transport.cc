@@ -317,7 +317,7 @@ void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
   const uint64_t key = Service::ShardKey(env);
   RequestContext ctx{conn->id, conn->tenant};
   Inbound* raw = in.release();
-  executors_->Submit(key, [this, raw, ctx] {
+  executors_->Submit(key, [this, raw, ctx, key] {
     std::unique_ptr<Inbound> owned(raw);
     auto reply = std::make_unique<Reply>();
     service_->Handle(ctx, owned->parsed, reply.get());
