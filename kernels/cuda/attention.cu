@@ -1,0 +1,467 @@
+// Split-K flash-decoding with GQA over KV runs (sparse spans or a dense cache).
+//
+// Thread layout (128 threads). A "token group" of D/8 lanes owns one key/value row at a time,
+// each lane 8 elements = one 16-byte load; D = 128 gives 2 groups per warp, 8 per block. Each
+// group walks the item's tokens with stride 8 (kGroups), U rows in flight per step, and keeps
+// for all G query heads of the KV head an online softmax (m, l in log2 units, acc[8] per lane).
+// So a K/V row is read from memory once and used by G query heads. At the end the groups are
+// combined through shared memory; a split either writes the result or a partial, and the last
+// split of a task to finish merges the partials (counter per task in the workspace).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda_ops.h"
+#include "kernels/detail/attention_plan_layout.h"
+
+namespace kvmem::kernels::cuda {
+namespace {
+
+using ::kvmem::kernels::detail::AttendItemDesc;
+using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::AttendTaskDesc;
+using ::kvmem::kernels::detail::kMaxRunsPerItem;
+using ::kvmem::kernels::detail::PartialFloats;
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D, int G>
+struct Shape {
+  static constexpr int kLanes = D / 8;               // lanes per token row
+  static constexpr int kGroupsPerWarp = 32 / kLanes;
+  static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
+  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows in flight per group per step
+};
+
+template <int D, int G>
+struct AttnSmem {
+  uint64_t k_off[kMaxRunsPerItem];
+  uint64_t v_off[kMaxRunsPerItem];
+  uint32_t len[kMaxRunsPerItem];
+  float m[Shape<D, G>::kGroups][G];
+  float l[Shape<D, G>::kGroups][G];
+  float acc[Shape<D, G>::kGroups][G][D];
+  float mg[G];
+  float lg[G];
+  int is_last;
+};
+
+struct ItemOutput {
+  void* out;             // [G][D] of out_dtype
+  DType out_dtype;
+  float* lse;            // [G] or nullptr
+  uint32_t num_splits;
+  uint32_t split;
+  float* partials;       // this task's first partial slot
+  uint32_t* counter;     // this task's counter
+};
+
+// Runs one item: `nruns` runs described in shared memory, `ntok` tokens in total.
+template <int D, int G, typename KV>
+__device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict__ kbase,
+                                        const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                        const void* q, DType q_dtype, float scale,
+                                        const ItemOutput& o) {
+  using S = Shape<D, G>;
+  constexpr int L = S::kLanes;
+  constexpr int NG = S::kGroups;
+  constexpr int U = S::kUnroll;
+  constexpr float kNegInf = -INFINITY;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int grp = (tid >> 5) * S::kGroupsPerWarp + lane / L;
+  const int sub = lane % L;
+
+  float qf[G][8];
+  const float qs = scale * kLog2e;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qf[g][i] = LoadElem(q, q_dtype, g * D + sub * 8 + i) * qs;
+  }
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+  }
+
+  // Cursor of this group's next row: run e, row t inside it.
+  int e = 0;
+  uint32_t t = grp;
+  while (e < nruns && t >= sm.len[e]) t -= sm.len[e++];
+
+  for (uint32_t base = 0; base < ntok; base += NG * U) {
+    uint4 kr[U], vr[U];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      valid[u] = e < nruns;
+      if (valid[u]) {
+        kr[u] = LoadStreaming(kbase + sm.k_off[e] + static_cast<uint64_t>(t) * D + sub * 8);
+        vr[u] = LoadStreaming(vbase + sm.v_off[e] + static_cast<uint64_t>(t) * D + sub * 8);
+      } else {
+        kr[u] = make_uint4(0, 0, 0, 0);
+        vr[u] = make_uint4(0, 0, 0, 0);
+      }
+      t += NG;
+      while (e < nruns && t >= sm.len[e]) t -= sm.len[e++];
+    }
+    float s[U][G];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[8];
+      Unpack8<KV>(kr[u], kf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float a = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a = fmaf(qf[g][i], kf[i], a);
+        s[u][g] = a;
+      }
+    }
+#pragma unroll
+    for (int off = L / 2; off >= 1; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
+      }
+    }
+    float vf[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      Unpack8<KV>(vr[u], vf[u]);
+      if (!valid[u]) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[u][g] = kNegInf;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float mx = s[0][g];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][g]);
+      const float mn = fmaxf(m[g], mx);
+      if (mn == kNegInf) continue;  // no row yet for this group
+      const float alpha = exp2f(m[g] - mn);
+      l[g] *= alpha;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p = exp2f(s[u][g] - mn);
+        l[g] += p;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[u][i], acc[g][i]);
+      }
+      m[g] = mn;
+    }
+  }
+
+  // Combine the token groups of the block.
+  if (sub == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      sm.m[grp][g] = m[g];
+      sm.l[grp][g] = l[g];
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float4* dst = reinterpret_cast<float4*>(&sm.acc[grp][g][sub * 8]);
+    dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+    dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+  }
+  __syncthreads();
+  const uint32_t PF = PartialFloats(G, D);
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int g = idx / D, d = idx % D;
+    float M = kNegInf;
+#pragma unroll
+    for (int r = 0; r < NG; ++r) M = fmaxf(M, sm.m[r][g]);
+    float Ls = 0.f, A = 0.f;
+    if (M != kNegInf) {
+#pragma unroll
+      for (int r = 0; r < NG; ++r) {
+        const float mr = sm.m[r][g];
+        const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
+        Ls = fmaf(sm.l[r][g], w, Ls);
+        A = fmaf(sm.acc[r][g][d], w, A);
+      }
+    }
+    if (o.num_splits == 1) {
+      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
+      if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+    } else {
+      float* part = o.partials + static_cast<size_t>(o.split) * PF;
+      if (d == 0) {
+        part[g] = M;
+        part[G + g] = Ls;
+      }
+      part[2 * G + idx] = A;
+    }
+  }
+  if (o.num_splits == 1) return;
+
+  // Last split of the task merges (threadFenceReduction pattern).
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) sm.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
+  __syncthreads();
+  if (!sm.is_last) return;
+  __threadfence();
+  const int warp = tid >> 5;
+  for (int g = warp; g < G; g += kThreads / 32) {
+    float M = kNegInf;
+    for (uint32_t sp = lane; sp < o.num_splits; sp += 32) {
+      M = fmaxf(M, __ldcg(o.partials + static_cast<size_t>(sp) * PF + g));
+    }
+    M = WarpMax(M);
+    float Ls = 0.f;
+    if (M != kNegInf) {
+      for (uint32_t sp = lane; sp < o.num_splits; sp += 32) {
+        const float* part = o.partials + static_cast<size_t>(sp) * PF;
+        const float ms = __ldcg(part + g);
+        if (ms != kNegInf) Ls += __ldcg(part + G + g) * exp2f(ms - M);
+      }
+    }
+    Ls = WarpSum(Ls);
+    if (lane == 0) {
+      sm.mg[g] = M;
+      sm.lg[g] = Ls;
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int g = idx / D, d = idx % D;
+    const float M = sm.mg[g], Ls = sm.lg[g];
+    float A = 0.f;
+    if (M != kNegInf) {
+      for (uint32_t sp = 0; sp < o.num_splits; ++sp) {
+        const float* part = o.partials + static_cast<size_t>(sp) * PF;
+        const float ms = __ldcg(part + g);
+        if (ms != kNegInf) A = fmaf(__ldcg(part + 2 * G + idx), exp2f(ms - M), A);
+      }
+    }
+    StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
+    if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+  }
+  if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
+}
+
+template <int D, int G, typename KV>
+__global__ void __launch_bounds__(kThreads)
+    SpanAttendKernel(const AttendTaskDesc* __restrict__ tasks,
+                     const AttendItemDesc* __restrict__ items,
+                     const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
+                     DType q_dtype, DType out_dtype) {
+  __shared__ AttnSmem<D, G> sm;
+  const AttendItemDesc item = items[blockIdx.x];
+  const AttendTaskDesc task = tasks[item.task];
+  const int nruns = static_cast<int>(item.run_end - item.run_begin);
+  for (int i = threadIdx.x; i < nruns; i += kThreads) {
+    const AttendRunDesc r = runs[item.run_begin + i];
+    sm.k_off[i] = r.k_off;
+    sm.v_off[i] = r.v_off;
+    sm.len[i] = r.len;
+  }
+  __syncthreads();
+  ItemOutput o{task.out,
+               out_dtype,
+               task.lse,
+               task.num_splits,
+               item.split,
+               partials + static_cast<size_t>(task.partial_base) * PartialFloats(G, D),
+               counters + item.task};
+  const KV* pool = static_cast<const KV*>(task.pool);
+  RunItem<D, G, KV>(sm, pool, pool, nruns, item.tokens, task.q, q_dtype, task.scale, o);
+}
+
+template <int D, int G, typename KV>
+__global__ void __launch_bounds__(kThreads)
+    DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
+                      uint32_t capacity, const uint32_t* __restrict__ seq_lens,
+                      uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
+                      DType out_dtype, float* lse, uint32_t* counters, float* partials) {
+  __shared__ AttnSmem<D, G> sm;
+  const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const uint32_t task = b * kv_heads + h;
+  const uint32_t len = seq_lens[b];
+  const uint32_t a = min(len, split * split_tokens);
+  const uint32_t ntok = min(len - a, split_tokens);
+  if (threadIdx.x == 0) {
+    const uint64_t row = (static_cast<uint64_t>(task) * capacity + a) * D;
+    sm.k_off[0] = row;
+    sm.v_off[0] = row;
+    sm.len[0] = ntok;
+  }
+  __syncthreads();
+  const size_t osz = DTypeSizeDevice(out_dtype);
+  ItemOutput o{static_cast<uint8_t*>(out) + static_cast<size_t>(task) * G * D * osz,
+               out_dtype,
+               lse ? lse + static_cast<size_t>(task) * G : nullptr,
+               gridDim.x,
+               split,
+               partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
+               counters + task};
+  const void* qt = static_cast<const uint8_t*>(q) +
+                   static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
+  RunItem<D, G, KV>(sm, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
+}
+
+// Calls f.template operator()<D, G, KV>() for the runtime shape; false when unsupported.
+template <typename F>
+bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
+  auto by_kv = [&]<int d, int g>() {
+    if (kv == DType::kBF16) {
+      f.template operator()<d, g, __nv_bfloat16>();
+      return true;
+    }
+    if (kv == DType::kF16) {
+      f.template operator()<d, g, __half>();
+      return true;
+    }
+    return false;
+  };
+  auto by_g = [&]<int d>() {
+    switch (G) {
+      case 1: return by_kv.template operator()<d, 1>();
+      case 2: return by_kv.template operator()<d, 2>();
+      case 4: return by_kv.template operator()<d, 4>();
+      case 8: return by_kv.template operator()<d, 8>();
+      default: return false;
+    }
+  };
+  if (D == 64) return by_g.template operator()<64>();
+  if (D == 128) return by_g.template operator()<128>();
+  return false;
+}
+
+size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+uint32_t ChooseSplit(uint64_t total_tokens, uint32_t target_blocks, uint32_t min_split,
+                     uint32_t max_split) {
+  if (target_blocks == 0) {
+    const int sms = MultiprocessorCount();
+    target_blocks = sms > 0 ? 4u * static_cast<uint32_t>(sms) : 528u;
+  }
+  uint64_t split = (total_tokens + target_blocks - 1) / target_blocks;
+  split = std::clamp<uint64_t>(split, min_split, std::max(min_split, max_split));
+  return static_cast<uint32_t>(AlignUp(split, 32));
+}
+
+struct DenseGeometry {
+  uint32_t split_tokens;
+  uint32_t num_splits;
+  size_t counters_bytes;
+  size_t partials_bytes;
+};
+
+DenseGeometry Geometry(const DenseAttendView& v, const DenseAttendOptions& opt) {
+  DenseGeometry g{};
+  const uint64_t total = static_cast<uint64_t>(v.batch) * v.kv_heads * v.max_seq_len;
+  g.split_tokens =
+      ChooseSplit(total, opt.target_blocks, opt.min_split_tokens, opt.max_split_tokens);
+  g.num_splits = std::max<uint32_t>(1, (v.max_seq_len + g.split_tokens - 1) / g.split_tokens);
+  const uint64_t tasks = static_cast<uint64_t>(v.batch) * v.kv_heads;
+  g.counters_bytes = AlignUp(tasks * sizeof(uint32_t), 256);
+  const uint32_t G = v.q_heads / v.kv_heads;
+  g.partials_bytes =
+      g.num_splits > 1 ? tasks * g.num_splits * PartialFloats(G, v.head_dim) * sizeof(float) : 0;
+  return g;
+}
+
+}  // namespace
+
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+int MultiprocessorCount() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (DeviceCount() == 0 || cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  }();
+  return sms;
+}
+
+Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream) {
+  if (workspace == nullptr) return InvalidArgument("upload attend plan: null workspace");
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace, plan.image.data(), plan.image.size(),
+                                             cudaMemcpyHostToDevice,
+                                             static_cast<cudaStream_t>(stream)));
+  return Status::OK();
+}
+
+Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
+  if (plan.num_items == 0) return InvalidArgument("launch attend: empty plan");
+  if (workspace == nullptr) return InvalidArgument("launch attend: null workspace");
+  auto* ws = static_cast<uint8_t*>(workspace);
+  const auto* tasks = reinterpret_cast<const AttendTaskDesc*>(ws + plan.tasks_off);
+  const auto* items = reinterpret_cast<const AttendItemDesc*>(ws + plan.items_off);
+  const auto* runs = reinterpret_cast<const AttendRunDesc*>(ws + plan.runs_off);
+  auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
+  auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV>() {
+    SpanAttendKernel<D, G, KV><<<plan.num_items, kThreads, 0, s>>>(
+        tasks, items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+  });
+  if (!ok) return Unimplemented("launch attend: unsupported shape");
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SpanAttendKernel");
+  return Status::OK();
+}
+
+size_t DenseAttendWorkspaceBytes(const DenseAttendView& v, const DenseAttendOptions& options) {
+  const DenseGeometry g = Geometry(v, options);
+  return g.counters_bytes + g.partials_bytes;
+}
+
+Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, void* workspace,
+                   size_t workspace_bytes, void* stream) {
+  if (Status st = ValidateDenseAttendView(v); !st.ok()) return st;
+  const uint32_t G = v.q_heads / v.kv_heads;
+  const DenseGeometry geo = Geometry(v, options);
+  if (workspace == nullptr || workspace_bytes < geo.counters_bytes + geo.partials_bytes) {
+    return InvalidArgument("dense attend: workspace too small");
+  }
+  if (reinterpret_cast<uintptr_t>(v.k) % 16 != 0 || reinterpret_cast<uintptr_t>(v.v) % 16 != 0) {
+    return InvalidArgument("dense attend: k/v not 16-byte aligned");
+  }
+  if (v.batch > 65535 || v.kv_heads > 65535) return InvalidArgument("dense attend: grid too large");
+  auto* counters = static_cast<uint32_t*>(workspace);
+  auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + geo.counters_bytes);
+  auto s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
+  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV>() {
+    DenseAttendKernel<D, GG, KV><<<grid, kThreads, 0, s>>>(
+        static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
+        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse,
+        counters, partials);
+  });
+  if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DenseAttendKernel");
+  return Status::OK();
+}
+
+}  // namespace kvmem::kernels::cuda
