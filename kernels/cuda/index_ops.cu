@@ -155,7 +155,7 @@ __global__ void ChunkMaxScoresKernel(ChunkMaxScoresView v) {
 constexpr int kTopKThreads = 256;
 
 __device__ __forceinline__ uint64_t RankKey(float s, uint32_t i) {
-  uint32_t u = __float_as_uint(s);
+  uint32_t u = s == 0.f ? 0u : __float_as_uint(s);  // -0 ties with +0, as on the CPU
   uint32_t ord;
   if (isnan(s)) {
     ord = 0u;
