@@ -455,6 +455,11 @@ int Main(int argc, char** argv) {
   out["timing"] = "CUDA graph of >=16 launches, inputs rotated to >=256 MiB when smaller, "
                   "median of replays / launches";
   out["results"] = nlohmann::json::array();
+  auto flush_json = [&] {
+    if (args.json.empty()) return;
+    std::ofstream f(args.json);
+    f << out.dump(2) << "\n";
+  };
   std::mt19937_64 rng(12345);
   for (uint32_t ctx : args.contexts) {
     for (uint32_t batch : args.batches) {
@@ -464,6 +469,7 @@ int Main(int argc, char** argv) {
                   d["gbps"].get<double>(), d["max_rel_err"].get<double>());
       std::fflush(stdout);
       out["results"].push_back(d);
+      flush_json();
       for (auto& r : BenchSparse(s, ctx, batch, args.budgets, args.replays, copy_gbps, rng)) {
         std::printf("%-18s ctx %6u batch %2u budget %4u  %9.2f us  %6.0f GB/s  err %.2e\n",
                     "kvmem_sparse_attn", ctx, batch, r["budget"].get<uint32_t>(),
@@ -471,13 +477,11 @@ int Main(int argc, char** argv) {
                     r["max_rel_err"].get<double>());
         std::fflush(stdout);
         out["results"].push_back(r);
+        flush_json();
       }
     }
   }
-  if (!args.json.empty()) {
-    std::ofstream f(args.json);
-    f << out.dump(2) << "\n";
-  }
+  flush_json();
   CK(cudaStreamDestroy(s));
   return 0;
 }

@@ -10,18 +10,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv; uname -a; } > "$OUT/env.txt" 2>&1
 echo "== parity"
-timeout 240 $G/b/run kernels_cuda_parity_test --gtest_output=json:$OUT/parity.json 2>&1 | tail -n 60 > "$OUT/parity.log"
+timeout 150 $G/b/run kernels_cuda_parity_test --gtest_output=json:$OUT/parity.json 2>&1 | tail -n 60 > "$OUT/parity.log"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" "$OUT/parity.log" | head -40
 EXTRA=()
 if [[ "${1:-}" == quick ]]; then EXTRA=(--contexts 8192,131072 --batches 1,8 --budgets 2048); fi
 echo "== bench"
-timeout 300 $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
+timeout 270 $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
   --machine "nvidia-h200 device machine ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
   "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log" | tail -n 5
 echo "== torch"
 TARGS=()
 if [[ "${1:-}" == quick ]]; then TARGS=(--contexts 8192,131072 --batches 1,8); fi
-timeout 200 python3 $G/torch_sdpa.py --json "$OUT/torch.json" --merge-into "$OUT/bench.json" "${TARGS[@]}" 2>&1 | tail -n 12 > "$OUT/torch.log"
+timeout 150 python3 $G/torch_sdpa.py --json "$OUT/torch.json" --merge-into "$OUT/bench.json" "${TARGS[@]}" 2>&1 | tail -n 12 > "$OUT/torch.log"
 tail -n 3 "$OUT/torch.log"
 echo "== table"
 python3 $G/report.py "$OUT/bench.json" | tee "$OUT/table.txt"
