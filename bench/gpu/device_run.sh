@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv; uname -a; } > "$OUT/env.txt" 2>&1
 echo "== parity"
-timeout 150 $G/b/run kernels_cuda_parity_test --gtest_output=json:$OUT/parity.json 2>&1 | tail -n 60 > "$OUT/parity.log"
+timeout 150 $G/b/run kernels_cuda_parity_test --gtest_output=json:$OUT/parity.json > "$OUT/parity.log" 2>&1
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" "$OUT/parity.log" | head -40
 EXTRA=()
 if [[ "${1:-}" == quick ]]; then EXTRA=(--contexts 8192,131072 --batches 1,8 --budgets 2048); fi
@@ -21,7 +21,7 @@ timeout 270 $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G
 echo "== torch"
 TARGS=()
 if [[ "${1:-}" == quick ]]; then TARGS=(--contexts 8192,131072 --batches 1,8); fi
-timeout 150 python3 $G/torch_sdpa.py --json "$OUT/torch.json" --merge-into "$OUT/bench.json" "${TARGS[@]}" 2>&1 | tail -n 12 > "$OUT/torch.log"
+timeout 150 python3 $G/torch_sdpa.py --json "$OUT/torch.json" --merge-into "$OUT/bench.json" "${TARGS[@]}" > "$OUT/torch.log" 2>&1
 tail -n 3 "$OUT/torch.log"
 echo "== table"
 python3 $G/report.py "$OUT/bench.json" | tee "$OUT/table.txt"
