@@ -37,20 +37,42 @@ struct Shape {
   static constexpr int kLanes = D / 8;               // lanes per token row
   static constexpr int kGroupsPerWarp = 32 / kLanes;
   static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
-  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows in flight per group per step
+  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows per group per pipeline stage
+  static constexpr int kStages = 3;                  // cp.async pipeline depth
+  static constexpr int kMergeChunk = 256;            // splits per pass of the final merge
+  static constexpr int kOutPerThread = (G * D + kThreads - 1) / kThreads;
+  // Dynamic shared memory: the K/V pipeline, later reused by the combine / merge area.
+  static constexpr size_t kPipeBytes = size_t{kStages} * kUnroll * 2 * kThreads * 16;
+  static constexpr size_t kCombineBytes =
+      sizeof(float) * (size_t{kGroups} * G * (D + 2) + size_t{kMergeChunk} * G + 2 * G);
+  static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
 };
 
-template <int D, int G>
-struct AttnSmem {
+// Static shared memory: the item's run table.
+struct RunTable {
   uint64_t k_off[kMaxRunsPerItem];
   uint64_t v_off[kMaxRunsPerItem];
   uint32_t len[kMaxRunsPerItem];
-  float m[Shape<D, G>::kGroups][G];
-  float l[Shape<D, G>::kGroups][G];
-  float acc[Shape<D, G>::kGroups][G][D];
-  float mg[G];
-  float lg[G];
   int is_last;
+};
+
+// Views of the dynamic area after the token loop.
+template <int D, int G>
+struct CombineArea {
+  using S = Shape<D, G>;
+  float* m;    // [kGroups][G]
+  float* l;    // [kGroups][G]
+  float* acc;  // [kGroups][G][D]
+  float* w;    // [kMergeChunk][G]
+  float* mg;   // [G]
+  float* lg;   // [G]
+  __device__ explicit CombineArea(float* base)
+      : m(base),
+        l(base + S::kGroups * G),
+        acc(base + 2 * S::kGroups * G),
+        w(acc + S::kGroups * G * D),
+        mg(w + S::kMergeChunk * G),
+        lg(mg + G) {}
 };
 
 struct ItemOutput {
@@ -63,9 +85,22 @@ struct ItemOutput {
   uint32_t* counter;     // this task's counter
 };
 
-// Runs one item: `nruns` runs described in shared memory, `ntok` tokens in total.
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, uint32_t src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Runs one item: `nruns` runs in the table, `ntok` tokens in total. Each thread streams its own
+// 16-byte slices of K/V rows through a kStages-deep cp.async pipeline in shared memory and reads
+// back only what it copied itself, so the loop needs no block barrier.
 template <int D, int G, typename KV>
-__device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict__ kbase,
+__device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                         const void* q, DType q_dtype, float scale,
                                         const ItemOutput& o) {
@@ -73,11 +108,35 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
   constexpr int L = S::kLanes;
   constexpr int NG = S::kGroups;
   constexpr int U = S::kUnroll;
+  constexpr int ST = S::kStages;
   constexpr float kNegInf = -INFINITY;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int grp = (tid >> 5) * S::kGroupsPerWarp + lane / L;
   const int sub = lane % L;
+  const uint32_t step = NG * U;
+  const uint32_t iters = (ntok + step - 1) / step;
+
+  // Issue cursor: run e, row t, for position grp + k * NG.
+  int e = 0;
+  uint32_t t = grp;
+  while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+  auto slot = [&](int st, int u, int kv) { return dyn + ((st * U + u) * 2 + kv) * kThreads + tid; };
+  auto issue = [&](int st, uint32_t it) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool v = it * step + u * NG + grp < ntok;
+      const KV* kp = v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D + sub * 8 : kbase;
+      const KV* vp = v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D + sub * 8 : vbase;
+      CpAsync16(slot(st, u, 0), kp, v ? 16u : 0u);  // 0: zero-fill, nothing read
+      CpAsync16(slot(st, u, 1), vp, v ? 16u : 0u);
+      if (v) {
+        t += NG;
+        while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+      }
+    }
+    CpAsyncCommit();
+  };
 
   float qf[G][8];
   const float qs = scale * kLog2e;
@@ -95,32 +154,20 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
   }
 
-  // Cursor of this group's next row: run e, row t inside it.
-  int e = 0;
-  uint32_t t = grp;
-  while (e < nruns && t >= sm.len[e]) t -= sm.len[e++];
-
-  for (uint32_t base = 0; base < ntok; base += NG * U) {
-    uint4 kr[U], vr[U];
-    bool valid[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      valid[u] = e < nruns;
-      if (valid[u]) {
-        kr[u] = LoadStreaming(kbase + sm.k_off[e] + static_cast<uint64_t>(t) * D + sub * 8);
-        vr[u] = LoadStreaming(vbase + sm.v_off[e] + static_cast<uint64_t>(t) * D + sub * 8);
-      } else {
-        kr[u] = make_uint4(0, 0, 0, 0);
-        vr[u] = make_uint4(0, 0, 0, 0);
-      }
-      t += NG;
-      while (e < nruns && t >= sm.len[e]) t -= sm.len[e++];
-    }
+  for (int st = 0; st < ST - 1; ++st) {
+    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+  }
+  for (uint32_t it = 0; it < iters; ++it) {
+    const uint32_t nx = it + ST - 1;
+    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
+    CpAsyncWait<ST - 1>();  // group `it` has landed
+    const int st = it % ST;
     float s[U][G];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[8];
-      Unpack8<KV>(kr[u], kf);
+      Unpack8<KV>(*slot(st, u, 0), kf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float a = 0.f;
@@ -137,11 +184,9 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
         for (int g = 0; g < G; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
       }
     }
-    float vf[U][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      Unpack8<KV>(vr[u], vf[u]);
-      if (!valid[u]) {
+      if (it * step + u * NG + grp >= ntok) {
 #pragma unroll
         for (int g = 0; g < G; ++g) s[u][g] = kNegInf;
       }
@@ -157,28 +202,36 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
       l[g] *= alpha;
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float p = exp2f(s[u][g] - mn);
-        l[g] += p;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[u][i], acc[g][i]);
-      }
       m[g] = mn;
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[8];
+      Unpack8<KV>(*slot(st, u, 1), vf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        // Masked rows have s = -inf: p = 0. m = -inf means no row yet (avoid -inf - -inf).
+        const float p = m[g] == kNegInf ? 0.f : exp2f(s[u][g] - m[g]);
+        l[g] += p;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+      }
+    }
   }
+  CpAsyncWait<0>();
+  __syncthreads();  // the pipeline area becomes the combine area
 
-  // Combine the token groups of the block.
+  CombineArea<D, G> ca(reinterpret_cast<float*>(dyn));
   if (sub == 0) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      sm.m[grp][g] = m[g];
-      sm.l[grp][g] = l[g];
+      ca.m[grp * G + g] = m[g];
+      ca.l[grp * G + g] = l[g];
     }
   }
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    float4* dst = reinterpret_cast<float4*>(&sm.acc[grp][g][sub * 8]);
+    float4* dst = reinterpret_cast<float4*>(&ca.acc[(grp * G + g) * D + sub * 8]);
     dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
     dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
   }
@@ -188,15 +241,15 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
     const int g = idx / D, d = idx % D;
     float M = kNegInf;
 #pragma unroll
-    for (int r = 0; r < NG; ++r) M = fmaxf(M, sm.m[r][g]);
+    for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
     float Ls = 0.f, A = 0.f;
     if (M != kNegInf) {
 #pragma unroll
       for (int r = 0; r < NG; ++r) {
-        const float mr = sm.m[r][g];
+        const float mr = ca.m[r * G + g];
         const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
-        Ls = fmaf(sm.l[r][g], w, Ls);
-        A = fmaf(sm.acc[r][g][d], w, A);
+        Ls = fmaf(ca.l[r * G + g], w, Ls);
+        A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
       }
     }
     if (o.num_splits == 1) {
@@ -216,20 +269,21 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
   // Last split of the task merges (threadFenceReduction pattern).
   __threadfence();
   __syncthreads();
-  if (tid == 0) sm.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
+  if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
   __syncthreads();
-  if (!sm.is_last) return;
+  if (!rt.is_last) return;
   __threadfence();
+  const uint32_t ns = o.num_splits;
   const int warp = tid >> 5;
   for (int g = warp; g < G; g += kThreads / 32) {
     float M = kNegInf;
-    for (uint32_t sp = lane; sp < o.num_splits; sp += 32) {
+    for (uint32_t sp = lane; sp < ns; sp += 32) {
       M = fmaxf(M, __ldcg(o.partials + static_cast<size_t>(sp) * PF + g));
     }
     M = WarpMax(M);
     float Ls = 0.f;
     if (M != kNegInf) {
-      for (uint32_t sp = lane; sp < o.num_splits; sp += 32) {
+      for (uint32_t sp = lane; sp < ns; sp += 32) {
         const float* part = o.partials + static_cast<size_t>(sp) * PF;
         const float ms = __ldcg(part + g);
         if (ms != kNegInf) Ls += __ldcg(part + G + g) * exp2f(ms - M);
@@ -237,43 +291,68 @@ __device__ __forceinline__ void RunItem(AttnSmem<D, G>& sm, const KV* __restrict
     }
     Ls = WarpSum(Ls);
     if (lane == 0) {
-      sm.mg[g] = M;
-      sm.lg[g] = Ls;
+      ca.mg[g] = M;
+      ca.lg[g] = Ls;
     }
   }
   __syncthreads();
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int g = idx / D, d = idx % D;
-    const float M = sm.mg[g], Ls = sm.lg[g];
-    float A = 0.f;
-    if (M != kNegInf) {
-      for (uint32_t sp = 0; sp < o.num_splits; ++sp) {
-        const float* part = o.partials + static_cast<size_t>(sp) * PF;
-        const float ms = __ldcg(part + g);
-        if (ms != kNegInf) A = fmaf(__ldcg(part + 2 * G + idx), exp2f(ms - M), A);
+  constexpr int KO = S::kOutPerThread;
+  float A[KO];
+#pragma unroll
+  for (int j = 0; j < KO; ++j) A[j] = 0.f;
+  for (uint32_t c0 = 0; c0 < ns; c0 += S::kMergeChunk) {
+    const uint32_t cn = min(static_cast<uint32_t>(S::kMergeChunk), ns - c0);
+    for (uint32_t i = tid; i < cn * G; i += kThreads) {
+      const uint32_t g = i % G;
+      const float ms = __ldcg(o.partials + static_cast<size_t>(c0 + i / G) * PF + g);
+      const float M = ca.mg[g];
+      ca.w[i] = (ms == kNegInf || M == kNegInf) ? 0.f : exp2f(ms - M);
+    }
+    __syncthreads();
+    const float* base = o.partials + static_cast<size_t>(c0) * PF + 2 * G;
+#pragma unroll 4
+    for (uint32_t sp = 0; sp < cn; ++sp) {
+#pragma unroll
+      for (int j = 0; j < KO; ++j) {
+        const int idx = tid + j * kThreads;
+        if (idx < G * D) {
+          A[j] = fmaf(__ldcg(base + static_cast<size_t>(sp) * PF + idx), ca.w[sp * G + idx / D], A[j]);
+        }
       }
     }
-    StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
-    if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < KO; ++j) {
+    const int idx = tid + j * kThreads;
+    if (idx < G * D) {
+      const int g = idx / D;
+      const float Ls = ca.lg[g];
+      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A[j] / Ls : 0.f);
+      if (idx % D == 0 && o.lse != nullptr) {
+        o.lse[g] = Ls > 0.f ? (ca.mg[g] + log2f(Ls)) * kLn2 : kNegInf;
+      }
+    }
   }
   if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
 }
 
 template <int D, int G, typename KV>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, G <= 4 ? 4 : 2)
     SpanAttendKernel(const AttendTaskDesc* __restrict__ tasks,
                      const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
                      DType q_dtype, DType out_dtype) {
-  __shared__ AttnSmem<D, G> sm;
+  __shared__ RunTable rt;
+  extern __shared__ uint4 dyn[];
   const AttendItemDesc item = items[blockIdx.x];
   const AttendTaskDesc task = tasks[item.task];
   const int nruns = static_cast<int>(item.run_end - item.run_begin);
   for (int i = threadIdx.x; i < nruns; i += kThreads) {
     const AttendRunDesc r = runs[item.run_begin + i];
-    sm.k_off[i] = r.k_off;
-    sm.v_off[i] = r.v_off;
-    sm.len[i] = r.len;
+    rt.k_off[i] = r.k_off;
+    rt.v_off[i] = r.v_off;
+    rt.len[i] = r.len;
   }
   __syncthreads();
   ItemOutput o{task.out,
@@ -284,16 +363,17 @@ __global__ void __launch_bounds__(kThreads)
                partials + static_cast<size_t>(task.partial_base) * PartialFloats(G, D),
                counters + item.task};
   const KV* pool = static_cast<const KV*>(task.pool);
-  RunItem<D, G, KV>(sm, pool, pool, nruns, item.tokens, task.q, q_dtype, task.scale, o);
+  RunItem<D, G, KV>(rt, dyn, pool, pool, nruns, item.tokens, task.q, q_dtype, task.scale, o);
 }
 
 template <int D, int G, typename KV>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, G <= 4 ? 4 : 2)
     DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
                       uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
                       DType out_dtype, float* lse, uint32_t* counters, float* partials) {
-  __shared__ AttnSmem<D, G> sm;
+  __shared__ RunTable rt;
+  extern __shared__ uint4 dyn[];
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const uint32_t task = b * kv_heads + h;
   const uint32_t len = seq_lens[b];
@@ -301,9 +381,9 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t ntok = min(len - a, split_tokens);
   if (threadIdx.x == 0) {
     const uint64_t row = (static_cast<uint64_t>(task) * capacity + a) * D;
-    sm.k_off[0] = row;
-    sm.v_off[0] = row;
-    sm.len[0] = ntok;
+    rt.k_off[0] = row;
+    rt.v_off[0] = row;
+    rt.len[0] = ntok;
   }
   __syncthreads();
   const size_t osz = DTypeSizeDevice(out_dtype);
@@ -316,7 +396,7 @@ __global__ void __launch_bounds__(kThreads)
                counters + task};
   const void* qt = static_cast<const uint8_t*>(q) +
                    static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
-  RunItem<D, G, KV>(sm, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
+  RunItem<D, G, KV>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
 }
 
 // Calls f.template operator()<D, G, KV>() for the runtime shape; false when unsupported.
@@ -424,7 +504,11 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
   const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV>() {
-    SpanAttendKernel<D, G, KV><<<plan.num_items, kThreads, 0, s>>>(
+    constexpr size_t kDyn = Shape<D, G>::kDynBytes;
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        SpanAttendKernel<D, G, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn);
+    (void)attr;
+    SpanAttendKernel<D, G, KV><<<plan.num_items, kThreads, kDyn, s>>>(
         tasks, items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
   });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
@@ -454,7 +538,11 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
   const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV>() {
-    DenseAttendKernel<D, GG, KV><<<grid, kThreads, 0, s>>>(
+    constexpr size_t kDyn = Shape<D, GG>::kDynBytes;
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        DenseAttendKernel<D, GG, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn);
+    (void)attr;
+    DenseAttendKernel<D, GG, KV><<<grid, kThreads, kDyn, s>>>(
         static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
         v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse,
         counters, partials);

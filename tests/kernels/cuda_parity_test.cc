@@ -396,7 +396,10 @@ INSTANTIATE_TEST_SUITE_P(
                       DenseCase{DType::kF16, DType::kF16, DType::kF32, 2, 8, 1, 128, 700, 32,
                                 4096},
                       DenseCase{DType::kBF16, DType::kF32, DType::kF32, 3, 16, 8, 64, 900, 64,
-                                128}),
+                                128},
+                      // > 256 splits: the merge runs in several chunks.
+                      DenseCase{DType::kBF16, DType::kF32, DType::kF32, 1, 8, 2, 128, 10000, 32,
+                                32}),
     DenseName);
 
 // ---- Index ops -------------------------------------------------------------------------------
