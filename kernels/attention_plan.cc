@@ -94,7 +94,9 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       td.lse = p.lse ? p.lse + static_cast<size_t>(h) * G : nullptr;
       td.scale = p.scale;
       const uint32_t first_item = static_cast<uint32_t>(items.size());
-      AttendItemDesc cur{task, 0, static_cast<uint32_t>(runs.size()), 0, 0, 0};
+      AttendItemDesc cur{};
+      cur.task = task;
+      cur.run_begin = static_cast<uint32_t>(runs.size());
       uint64_t cur_tokens = 0;
       auto close_item = [&] {
         cur.run_end = static_cast<uint32_t>(runs.size());
@@ -125,6 +127,16 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       td.num_splits = static_cast<uint32_t>(items.size()) - first_item;
       td.partial_base = partial_slots;
       if (td.num_splits > 1) partial_slots += td.num_splits;
+      for (size_t it = first_item; it < items.size(); ++it) {
+        AttendItemDesc& d = items[it];
+        d.pool = td.pool;
+        d.q = td.q;
+        d.out = td.out;
+        d.lse = td.lse;
+        d.scale = td.scale;
+        d.num_splits = td.num_splits;
+        d.partial_base = td.partial_base;
+      }
       tasks.push_back(td);
     }
   }

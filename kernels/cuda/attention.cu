@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_util.cuh"
@@ -24,29 +25,13 @@ namespace {
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
-using ::kvmem::kernels::detail::AttendTaskDesc;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
+using ::kvmem::kernels::detail::PartialAccOffset;
 using ::kvmem::kernels::detail::PartialFloats;
 
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-template <int D, int G>
-struct Shape {
-  static constexpr int kLanes = D / 8;               // lanes per token row
-  static constexpr int kGroupsPerWarp = 32 / kLanes;
-  static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
-  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows per group per pipeline stage
-  static constexpr int kStages = 3;                  // cp.async pipeline depth
-  static constexpr int kMergeChunk = 256;            // splits per pass of the final merge
-  static constexpr int kOutPerThread = (G * D + kThreads - 1) / kThreads;
-  // Dynamic shared memory: the K/V pipeline, later reused by the combine / merge area.
-  static constexpr size_t kPipeBytes = size_t{kStages} * kUnroll * 2 * kThreads * 16;
-  static constexpr size_t kCombineBytes =
-      sizeof(float) * (size_t{kGroups} * G * (D + 2) + size_t{kMergeChunk} * G + 2 * G);
-  static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
-};
 
 // Static shared memory: the item's run table.
 struct RunTable {
@@ -56,23 +41,39 @@ struct RunTable {
   int is_last;
 };
 
-// Views of the dynamic area after the token loop.
-template <int D, int G>
+constexpr int kMergeChunk = 256;  // splits per pass of the final merge
+
+// Views of the dynamic area after the token loop: NG partial states (token groups or warps).
+template <int D, int G, int NG>
 struct CombineArea {
-  using S = Shape<D, G>;
-  float* m;    // [kGroups][G]
-  float* l;    // [kGroups][G]
-  float* acc;  // [kGroups][G][D]
+  static constexpr size_t kBytes =
+      sizeof(float) * (size_t{NG} * G * (D + 2) + size_t{kMergeChunk} * G + 2 * G);
+  float* m;    // [NG][G]
+  float* l;    // [NG][G]
+  float* acc;  // [NG][G][D]
   float* w;    // [kMergeChunk][G]
   float* mg;   // [G]
   float* lg;   // [G]
   __device__ explicit CombineArea(float* base)
       : m(base),
-        l(base + S::kGroups * G),
-        acc(base + 2 * S::kGroups * G),
-        w(acc + S::kGroups * G * D),
-        mg(w + S::kMergeChunk * G),
+        l(base + NG * G),
+        acc(base + 2 * NG * G),
+        w(acc + NG * G * D),
+        mg(w + kMergeChunk * G),
         lg(mg + G) {}
+};
+
+template <int D, int G>
+struct Shape {
+  static constexpr int kLanes = D / 8;               // lanes per token row
+  static constexpr int kGroupsPerWarp = 32 / kLanes;
+  static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
+  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows per group per pipeline stage
+  static constexpr int kStages = 3;                  // cp.async pipeline depth
+  // Dynamic shared memory: the K/V pipeline, later reused by the combine / merge area.
+  static constexpr size_t kPipeBytes = size_t{kStages} * kUnroll * 2 * kThreads * 16;
+  static constexpr size_t kCombineBytes = CombineArea<D, G, kGroups>::kBytes;
+  static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
 };
 
 struct ItemOutput {
@@ -96,11 +97,140 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// After the NG partial states of the block are in `ca` (and a barrier): combine them, then
+// write the output (one split) or a partial, and let the task's last split merge all partials.
+template <int D, int G, int NG>
+__device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, NG>& ca,
+                                                const ItemOutput& o) {
+  constexpr float kNegInf = -INFINITY;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const uint32_t PF = PartialFloats(G, D);
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int g = idx / D, d = idx % D;
+    float M = kNegInf;
+#pragma unroll
+    for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
+    float Ls = 0.f, A = 0.f;
+    if (M != kNegInf) {
+#pragma unroll
+      for (int r = 0; r < NG; ++r) {
+        const float mr = ca.m[r * G + g];
+        const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
+        Ls = fmaf(ca.l[r * G + g], w, Ls);
+        A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
+      }
+    }
+    if (o.num_splits == 1) {
+      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
+      if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+    } else {
+      float* part = o.partials + static_cast<size_t>(o.split) * PF;
+      if (d == 0) {
+        part[g] = M;
+        part[G + g] = Ls;
+      }
+      part[PartialAccOffset(G) + idx] = A;
+    }
+  }
+  if (o.num_splits == 1) return;
+
+  // Last split of the task merges (threadFenceReduction pattern).
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
+  __syncthreads();
+  if (!rt.is_last) return;
+  __threadfence();
+  const uint32_t ns = o.num_splits;
+  const int warp = tid >> 5;
+  // Pass 1 (a warp per query head, lanes over splits): running (max, sum) per lane, then the
+  // log-sum-exp combine across lanes. Loads are independent: one L2 round trip per 32 splits.
+  for (int g = warp; g < G; g += kThreads / 32) {
+    float M = kNegInf, Ls = 0.f;
+    for (uint32_t sp = lane; sp < ns; sp += 32) {
+      const float* part = o.partials + static_cast<size_t>(sp) * PF;
+      const float ms = __ldcg(part + g), ls = __ldcg(part + G + g);
+      if (ms != kNegInf) {
+        const float mn = fmaxf(M, ms);
+        Ls = Ls * exp2f(M - mn) + ls * exp2f(ms - mn);
+        M = mn;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, M, off);
+      const float lo = __shfl_xor_sync(0xffffffffu, Ls, off);
+      const float mn = fmaxf(M, mo);
+      if (mn != kNegInf) {
+        Ls = (M == kNegInf ? 0.f : Ls * exp2f(M - mn)) + (mo == kNegInf ? 0.f : lo * exp2f(mo - mn));
+        M = mn;
+      }
+    }
+    if (lane == 0) {
+      ca.mg[g] = M;
+      ca.lg[g] = Ls;
+    }
+  }
+  __syncthreads();
+  // Pass 2, per chunk of splits: weights w[s][g] in shared memory, then each thread adds its
+  // 4 consecutive outputs of every split with one 16-byte load (G*D/4 <= 4 per thread).
+  constexpr int kVec = G * D / 4;
+  constexpr int KO = (kVec + kThreads - 1) / kThreads;
+  float4 A[KO];
+#pragma unroll
+  for (int j = 0; j < KO; ++j) A[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (uint32_t c0 = 0; c0 < ns; c0 += kMergeChunk) {
+    const uint32_t cn = min(static_cast<uint32_t>(kMergeChunk), ns - c0);
+    for (uint32_t i = tid; i < cn * G; i += kThreads) {
+      const uint32_t g = i % G;
+      const float ms = __ldcg(o.partials + static_cast<size_t>(c0 + i / G) * PF + g);
+      const float M = ca.mg[g];
+      ca.w[i] = (ms == kNegInf || M == kNegInf) ? 0.f : exp2f(ms - M);
+    }
+    __syncthreads();
+    const float* base = o.partials + static_cast<size_t>(c0) * PF + PartialAccOffset(G);
+#pragma unroll 8
+    for (uint32_t sp = 0; sp < cn; ++sp) {
+#pragma unroll
+      for (int j = 0; j < KO; ++j) {
+        const int v4 = tid + j * kThreads;
+        if (v4 < kVec) {
+          const float4 a = __ldcg(reinterpret_cast<const float4*>(base + static_cast<size_t>(sp) * PF) + v4);
+          const float w = ca.w[sp * G + (v4 * 4) / D];
+          A[j].x = fmaf(a.x, w, A[j].x);
+          A[j].y = fmaf(a.y, w, A[j].y);
+          A[j].z = fmaf(a.z, w, A[j].z);
+          A[j].w = fmaf(a.w, w, A[j].w);
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < KO; ++j) {
+    const int v4 = tid + j * kThreads;
+    if (v4 < kVec) {
+      const int g = (v4 * 4) / D;
+      const float Ls = ca.lg[g];
+      const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 0, A[j].x * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 1, A[j].y * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 2, A[j].z * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 3, A[j].w * inv);
+      if ((v4 * 4) % D == 0 && o.lse != nullptr) {
+        o.lse[g] = Ls > 0.f ? (ca.mg[g] + log2f(Ls)) * kLn2 : kNegInf;
+      }
+    }
+  }
+  if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
+}
+
 // Runs one item: `nruns` runs in the table, `ntok` tokens in total. Each thread streams its own
 // 16-byte slices of K/V rows through a kStages-deep cp.async pipeline in shared memory and reads
 // back only what it copied itself, so the loop needs no block barrier.
 template <int D, int G, typename KV>
-__device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
+__device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                         const void* q, DType q_dtype, float scale,
                                         const ItemOutput& o) {
@@ -116,6 +246,15 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
   const int sub = lane % L;
   const uint32_t step = NG * U;
   const uint32_t iters = (ntok + step - 1) / step;
+
+  float qf[G][8];
+  const float qs = scale * kLog2e;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qf[g][i] = LoadElem(q, q_dtype, g * D + sub * 8 + i) * qs;
+  }
+  __syncthreads();  // run table filled by the caller
 
   // Issue cursor: run e, row t, for position grp + k * NG.
   int e = 0;
@@ -138,13 +277,6 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
     CpAsyncCommit();
   };
 
-  float qf[G][8];
-  const float qs = scale * kLog2e;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) qf[g][i] = LoadElem(q, q_dtype, g * D + sub * 8 + i) * qs;
-  }
   float m[G], l[G], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -221,7 +353,7 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
   CpAsyncWait<0>();
   __syncthreads();  // the pipeline area becomes the combine area
 
-  CombineArea<D, G> ca(reinterpret_cast<float*>(dyn));
+  CombineArea<D, G, NG> ca(reinterpret_cast<float*>(dyn));
   if (sub == 0) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -236,117 +368,275 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
     dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
   }
   __syncthreads();
-  const uint32_t PF = PartialFloats(G, D);
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int g = idx / D, d = idx % D;
-    float M = kNegInf;
-#pragma unroll
-    for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
-    float Ls = 0.f, A = 0.f;
-    if (M != kNegInf) {
-#pragma unroll
-      for (int r = 0; r < NG; ++r) {
-        const float mr = ca.m[r * G + g];
-        const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
-        Ls = fmaf(ca.l[r * G + g], w, Ls);
-        A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
-      }
-    }
-    if (o.num_splits == 1) {
-      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
-      if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
-    } else {
-      float* part = o.partials + static_cast<size_t>(o.split) * PF;
-      if (d == 0) {
-        part[g] = M;
-        part[G + g] = Ls;
-      }
-      part[2 * G + idx] = A;
-    }
-  }
-  if (o.num_splits == 1) return;
+  CombineAndMerge<D, G, NG>(rt, ca, o);
+}
 
-  // Last split of the task merges (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
-  __syncthreads();
-  if (!rt.is_last) return;
-  __threadfence();
-  const uint32_t ns = o.num_splits;
+
+// ---- Tensor-core path (head_dim 128) --------------------------------------------------------
+// Each warp streams its own tiles of 16 rows (K and V, 8 KB a stage, swizzled 16-byte chunks so
+// ldmatrix is conflict-free) through a 3-stage cp.async pipeline and runs
+//   S[16 x 16] = Q[16 (G heads, rest zero) x 128] · K_tile^T      (mma.m16n8k16, fp32 accumulate)
+//   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
+// Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
+// it is not already of the K/V type.
+template <int G>
+struct TCShape {
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kTile = 16;
+  static constexpr int kStages = 3;
+  static constexpr size_t kStageBytes = kTile * 128 * 2 * 2;
+  static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
+  static constexpr size_t kCombineBytes = CombineArea<128, G, kWarps>::kBytes;
+  static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
+};
+
+template <typename KV>
+__device__ __forceinline__ void Mma16816(float* c, uint32_t a0, uint32_t a2, uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void Ldsm4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void Ldsm4T(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Rounds (x, y) to the 16-bit type; hi + lo reproduces them to ~16 significant bits.
+template <typename KV>
+__device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t* lo) {
+  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    const float2 hf = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+    memcpy(hi, &h, 4);
+    memcpy(lo, &l, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(x, y);
+    const float2 hf = __half22float2(h);
+    const __half2 l = __floats2half2_rn(x - hf.x, y - hf.y);
+    memcpy(hi, &h, 4);
+    memcpy(lo, &l, 4);
+  }
+}
+
+template <int G, typename KV>
+__device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
+                                          const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                          const void* q, DType q_dtype, float scale,
+                                          const ItemOutput& o) {
+  constexpr int D = 128;
+  using T = TCShape<G>;
+  constexpr int W = T::kWarps;
+  constexpr int ST = T::kStages;
+  constexpr float kNegInf = -INFINITY;
+  static_assert(G <= 8, "query rows 8..15 are the zero padding");
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
   const int warp = tid >> 5;
-  for (int g = warp; g < G; g += kThreads / 32) {
-    float M = kNegInf;
-    for (uint32_t sp = lane; sp < ns; sp += 32) {
-      M = fmaxf(M, __ldcg(o.partials + static_cast<size_t>(sp) * PF + g));
-    }
-    M = WarpMax(M);
-    float Ls = 0.f;
-    if (M != kNegInf) {
-      for (uint32_t sp = lane; sp < ns; sp += 32) {
-        const float* part = o.partials + static_cast<size_t>(sp) * PF;
-        const float ms = __ldcg(part + g);
-        if (ms != kNegInf) Ls += __ldcg(part + G + g) * exp2f(ms - M);
+  const int h = lane >> 2;      // query head row of this thread's accumulators
+  const int quad = lane & 3;
+  const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
+
+  // Q fragments (rows = heads; a1/a3 rows 8..15 are zero).
+  uint32_t qhi[8][2], qlo[8][2];
+  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int d = kk * 16 + half * 8 + quad * 2;
+      float x = 0.f, y = 0.f;
+      if (h < G) {
+        x = LoadElem(q, q_dtype, h * D + d);
+        y = LoadElem(q, q_dtype, h * D + d + 1);
       }
-    }
-    Ls = WarpSum(Ls);
-    if (lane == 0) {
-      ca.mg[g] = M;
-      ca.lg[g] = Ls;
+      Split2<KV>(x, y, &qhi[kk][half], &qlo[kk][half]);
     }
   }
-  __syncthreads();
-  constexpr int KO = S::kOutPerThread;
-  float A[KO];
+  const float qs = scale * kLog2e;
+  __syncthreads();  // run table filled by the caller
+
+  // Per-lane copy cursor: lane copies row lane/2 of its warp's tile, chunks (lane&1)*8 .. +8.
+  const int crow = lane >> 1;
+  int e = 0;
+  uint32_t t = warp * 16 + crow;
+  while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
+  auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
+  auto issue = [&](int st, uint32_t it) {
+    const bool v = (it * W + warp) * 16 + crow < ntok;
+    const KV* kp = v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D : kbase;
+    const KV* vp = v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D : vbase;
+    const uint32_t ks = stage_k(st) + crow * 256, vs = ks + 4096;
 #pragma unroll
-  for (int j = 0; j < KO; ++j) A[j] = 0.f;
-  for (uint32_t c0 = 0; c0 < ns; c0 += S::kMergeChunk) {
-    const uint32_t cn = min(static_cast<uint32_t>(S::kMergeChunk), ns - c0);
-    for (uint32_t i = tid; i < cn * G; i += kThreads) {
-      const uint32_t g = i % G;
-      const float ms = __ldcg(o.partials + static_cast<size_t>(c0 + i / G) * PF + g);
-      const float M = ca.mg[g];
-      ca.w[i] = (ms == kNegInf || M == kNegInf) ? 0.f : exp2f(ms - M);
+    for (int j = 0; j < 8; ++j) {
+      const int c = (lane & 1) * 8 + j;
+      const uint32_t off = static_cast<uint32_t>((c ^ (crow & 7)) * 16);
+      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
+                   "l"(kp + (v ? c * 8 : 0)), "r"(v ? 16u : 0u));
+      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
+                   "l"(vp + (v ? c * 8 : 0)), "r"(v ? 16u : 0u));
     }
-    __syncthreads();
-    const float* base = o.partials + static_cast<size_t>(c0) * PF + 2 * G;
-#pragma unroll 4
-    for (uint32_t sp = 0; sp < cn; ++sp) {
+    if (v) {
+      t += W * 16;
+      while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+    }
+    CpAsyncCommit();
+  };
+
+  float oacc[16][4];
 #pragma unroll
-      for (int j = 0; j < KO; ++j) {
-        const int idx = tid + j * kThreads;
-        if (idx < G * D) {
-          A[j] = fmaf(__ldcg(base + static_cast<size_t>(sp) * PF + idx), ca.w[sp * G + idx / D], A[j]);
+  for (int n = 0; n < 16; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+  float m = kNegInf, l = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
+    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+  }
+  // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
+  const int mi = lane >> 3, mr = lane & 7;
+  for (uint32_t it = 0; it < iters; ++it) {
+    const uint32_t nx = it + ST - 1;
+    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
+    CpAsyncWait<ST - 1>();
+    __syncwarp();
+    const uint32_t ks = stage_k(it % ST), vs = ks + 4096;
+    // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int tok = (mi >> 1) * 8 + mr;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const int c = 2 * kk + (mi & 1);
+        uint32_t b[4];
+        Ldsm4(b, ks + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
+        Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
+        if (need_lo) {
+          Mma16816<KV>(sc[0], qlo[kk][0], qlo[kk][1], b[0], b[1]);
+          Mma16816<KV>(sc[1], qlo[kk][0], qlo[kk][1], b[2], b[3]);
         }
       }
     }
-    __syncthreads();
-  }
+    const uint32_t base_pos = (it * W + warp) * 16;
+    float x[4];
 #pragma unroll
-  for (int j = 0; j < KO; ++j) {
-    const int idx = tid + j * kThreads;
-    if (idx < G * D) {
-      const int g = idx / D;
-      const float Ls = ca.lg[g];
-      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A[j] / Ls : 0.f);
-      if (idx % D == 0 && o.lse != nullptr) {
-        o.lse[g] = Ls > 0.f ? (ca.mg[g] + log2f(Ls)) * kLn2 : kNegInf;
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const uint32_t pos = base_pos + j * 8 + quad * 2 + e2;
+        x[j * 2 + e2] = pos < ntok ? sc[j][e2] * qs : kNegInf;
       }
     }
+    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m, mx);
+    float p[4] = {0.f, 0.f, 0.f, 0.f};
+    if (mn != kNegInf) {
+      const float alpha = exp2f(m - mn);  // m = -inf: 0
+      l *= alpha;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        oacc[n][0] *= alpha;
+        oacc[n][1] *= alpha;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        p[i] = exp2f(x[i] - mn);
+        l += p[i];
+      }
+      m = mn;
+    }
+    uint32_t phi0, plo0, phi2, plo2;
+    Split2<KV>(p[0], p[1], &phi0, &plo0);
+    Split2<KV>(p[2], p[3], &phi2, &plo2);
+    {
+      const int tok = (mi & 1) * 8 + mr;
+#pragma unroll
+      for (int n = 0; n < 16; n += 2) {
+        const int c = n + (mi >> 1);
+        uint32_t b[4];
+        Ldsm4T(b, vs + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
+        Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
+        Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
+        Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
   }
-  if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
+  CpAsyncWait<0>();
+  __syncthreads();  // the pipeline area becomes the combine area
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  CombineArea<D, G, W> ca(reinterpret_cast<float*>(dyn));
+  if (h < G) {
+    if (quad == 0) {
+      ca.m[warp * G + h] = m;
+      ca.l[warp * G + h] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      *reinterpret_cast<float2*>(&ca.acc[(warp * G + h) * D + n * 8 + quad * 2]) =
+          make_float2(oacc[n][0], oacc[n][1]);
+    }
+  }
+  __syncthreads();
+  CombineAndMerge<D, G, W>(rt, ca, o);
 }
 
 template <int D, int G, typename KV>
-__global__ void __launch_bounds__(kThreads, G <= 4 ? 4 : 2)
-    SpanAttendKernel(const AttendTaskDesc* __restrict__ tasks,
-                     const AttendItemDesc* __restrict__ items,
+__device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
+                                        const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                        const void* q, DType q_dtype, float scale,
+                                        const ItemOutput& o) {
+  if constexpr (D == 128) {
+    RunItemTC<G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+  } else {
+    RunItemSimt<D, G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+  }
+}
+
+template <int D, int G>
+constexpr size_t DynBytes() {
+  if constexpr (D == 128) return TCShape<G>::kDynBytes;
+  return Shape<D, G>::kDynBytes;
+}
+
+template <int D, int G>
+constexpr int MinBlocks() {
+  if constexpr (D == 128) return 2;
+  return G <= 4 ? 4 : 2;
+}
+
+template <int D, int G, typename KV>
+__global__ void __launch_bounds__(kThreads, MinBlocks<D, G>())
+    SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
                      DType q_dtype, DType out_dtype) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   const AttendItemDesc item = items[blockIdx.x];
-  const AttendTaskDesc task = tasks[item.task];
   const int nruns = static_cast<int>(item.run_end - item.run_begin);
   for (int i = threadIdx.x; i < nruns; i += kThreads) {
     const AttendRunDesc r = runs[item.run_begin + i];
@@ -354,20 +644,19 @@ __global__ void __launch_bounds__(kThreads, G <= 4 ? 4 : 2)
     rt.v_off[i] = r.v_off;
     rt.len[i] = r.len;
   }
-  __syncthreads();
-  ItemOutput o{task.out,
+  ItemOutput o{item.out,
                out_dtype,
-               task.lse,
-               task.num_splits,
+               item.lse,
+               item.num_splits,
                item.split,
-               partials + static_cast<size_t>(task.partial_base) * PartialFloats(G, D),
+               partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
                counters + item.task};
-  const KV* pool = static_cast<const KV*>(task.pool);
-  RunItem<D, G, KV>(rt, dyn, pool, pool, nruns, item.tokens, task.q, q_dtype, task.scale, o);
+  const KV* pool = static_cast<const KV*>(item.pool);
+  RunItem<D, G, KV>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
 }
 
 template <int D, int G, typename KV>
-__global__ void __launch_bounds__(kThreads, G <= 4 ? 4 : 2)
+__global__ void __launch_bounds__(kThreads, MinBlocks<D, G>())
     DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
                       uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
@@ -385,7 +674,6 @@ __global__ void __launch_bounds__(kThreads, G <= 4 ? 4 : 2)
     rt.v_off[0] = row;
     rt.len[0] = ntok;
   }
-  __syncthreads();
   const size_t osz = DTypeSizeDevice(out_dtype);
   ItemOutput o{static_cast<uint8_t*>(out) + static_cast<size_t>(task) * G * D * osz,
                out_dtype,
@@ -497,19 +785,18 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   if (plan.num_items == 0) return InvalidArgument("launch attend: empty plan");
   if (workspace == nullptr) return InvalidArgument("launch attend: null workspace");
   auto* ws = static_cast<uint8_t*>(workspace);
-  const auto* tasks = reinterpret_cast<const AttendTaskDesc*>(ws + plan.tasks_off);
   const auto* items = reinterpret_cast<const AttendItemDesc*>(ws + plan.items_off);
   const auto* runs = reinterpret_cast<const AttendRunDesc*>(ws + plan.runs_off);
   auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
   const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV>() {
-    constexpr size_t kDyn = Shape<D, G>::kDynBytes;
+    constexpr size_t kDyn = DynBytes<D, G>();
     static const cudaError_t attr = cudaFuncSetAttribute(
         SpanAttendKernel<D, G, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn);
     (void)attr;
     SpanAttendKernel<D, G, KV><<<plan.num_items, kThreads, kDyn, s>>>(
-        tasks, items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+        items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
   });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SpanAttendKernel");
@@ -538,7 +825,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
   const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV>() {
-    constexpr size_t kDyn = Shape<D, GG>::kDynBytes;
+    constexpr size_t kDyn = DynBytes<D, GG>();
     static const cudaError_t attr = cudaFuncSetAttribute(
         DenseAttendKernel<D, GG, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn);
     (void)attr;

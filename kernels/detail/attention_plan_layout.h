@@ -20,13 +20,19 @@ struct AttendTaskDesc {      // one (problem, KV head)
   uint32_t pad;
 };
 
-struct AttendItemDesc {      // one split = one thread block
+struct AttendItemDesc {      // one split = one thread block; carries its task's fields so
+  const void* pool;          // a block starts with a single dependent load
+  const void* q;
+  void* out;
+  float* lse;
+  float scale;
+  uint32_t num_splits;
+  uint32_t partial_base;
   uint32_t task;
   uint32_t split;
   uint32_t run_begin;
   uint32_t run_end;
   uint32_t tokens;           // summed over its runs
-  uint32_t pad;
 };
 
 struct AttendRunDesc {       // a piece of one span, for one KV head
@@ -36,9 +42,11 @@ struct AttendRunDesc {       // a piece of one span, for one KV head
   uint32_t pad;
 };
 
-// Partial of one split: m[G], l[G] (log2 domain), acc[G][D] (unnormalised), fp32.
+// Partial of one split: m[G], l[G] (log2 domain), then from PartialAccOffset acc[G][D]
+// (unnormalised), fp32. Slots are multiples of 4 floats so acc rows take 16-byte loads.
+inline constexpr uint32_t PartialAccOffset(uint32_t group) { return (2 * group + 3) / 4 * 4; }
 inline constexpr uint32_t PartialFloats(uint32_t group, uint32_t head_dim) {
-  return group * (head_dim + 2);
+  return PartialAccOffset(group) + group * head_dim;
 }
 
 }  // namespace kvmem::kernels::detail
