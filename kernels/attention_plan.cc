@@ -67,15 +67,16 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       for (uint32_t s = first; s < last; ++s) total += p.spans[s].end - p.spans[s].begin;
     }
   }
-  uint32_t target = options.target_blocks;
+  uint64_t target = options.target_blocks;
   if (target == 0) {
-    const int sms = MultiprocessorCount();
-    target = sms > 0 ? 4u * static_cast<uint32_t>(sms) : 528u;
+    // One wave: the last split of each task may be short, so leave a block per task spare.
+    const uint64_t resident = AttendResidentBlocks(D, G, p0.kv_dtype);
+    target = resident == 0 ? 528 : std::max<uint64_t>(resident / 2, resident - std::min<uint64_t>(resident, num_tasks));
   }
   uint64_t split = (total + target - 1) / target;
   split = std::clamp<uint64_t>(split, options.min_split_tokens,
                                std::max(options.min_split_tokens, options.max_split_tokens));
-  split = AlignUp(split, 32);
+  split = AlignUp(split, 64);
 
   std::vector<AttendTaskDesc> tasks;
   std::vector<AttendItemDesc> items;

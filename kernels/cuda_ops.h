@@ -7,6 +7,8 @@
 // shows up at the next synchronising call. Without a CUDA build or a GPU every entry point
 // returns UNAVAILABLE (DeviceCount() == 0), so callers and tests can skip cleanly.
 //
+// head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level); set
+// KVMEM_ATTN_PATH=simt to force the CUDA-core kernel (debugging / A-B timing).
 // Supported on CUDA: head_dim 64 or 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8;
 // K/V bf16 or fp16 (fp32 K/V: CPU only); q and out fp32, fp16 or bf16; fp32 accumulation.
 #pragma once
@@ -53,12 +55,16 @@ int MultiprocessorCount();
 // has its own pool, scale, q, out, lse and spans. Pool offsets must keep rows 16-byte aligned
 // (offset % 8 == 0 elements) and the pool pointer 16-byte aligned.
 
+// Thread blocks of the span-attention kernel for this shape that the device runs at once
+// (0 without a device). The planner's default target.
+uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype);
+
 struct AttendPlanOptions {
-  // Splits aim at about this many thread blocks in total (0: 4 × multiprocessors, or 528 when no
-  // device is visible).
+  // Splits aim at about this many thread blocks in total, so small problems run in one wave
+  // (0: AttendResidentBlocks minus one per task, at least half of it; 528 without a device).
   // Default: 0
   uint32_t target_blocks = 0;
-  // Bounds on tokens per split; the chosen size is a multiple of 32 inside these bounds.
+  // Bounds on tokens per split; the chosen size is a multiple of 64 inside these bounds.
   // Default: 64 and 4096
   uint32_t min_split_tokens = 64;
   uint32_t max_split_tokens = 4096;
@@ -97,7 +103,8 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
 // Same kernel body as above over DenseAttendView (seq_lens is a DEVICE pointer here). The
 // workspace must be zero-filled once before its first use; each launch leaves it reusable.
 struct DenseAttendOptions {
-  // As AttendPlanOptions, except min_split_tokens defaults to 128.
+  // As AttendPlanOptions (0: resident blocks of the dense kernel), except min_split_tokens
+  // defaults to 128.
   uint32_t target_blocks = 0;
   uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;

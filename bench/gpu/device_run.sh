@@ -8,20 +8,26 @@ G=.gpu
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv; uname -a; } > "$OUT/env.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv,noheader
 echo "== parity"
-timeout 150 $G/b/run kernels_cuda_parity_test --gtest_output=json:$OUT/parity.json > "$OUT/parity.log" 2>&1
-grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" "$OUT/parity.log" | head -40
+timeout 120 $G/b/run kernels_cuda_parity_test > "$OUT/parity.log" 2>&1
+echo "-- KVMEM_ATTN_PATH=simt" >> "$OUT/parity.log"
+KVMEM_ATTN_PATH=simt timeout 120 $G/b/run kernels_cuda_parity_test --gtest_filter='*Attend*' >> "$OUT/parity.log" 2>&1
+grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error|^-- " "$OUT/parity.log" | head -40
 EXTRA=()
 if [[ "${1:-}" == quick ]]; then EXTRA=(--contexts 8192,131072 --batches 1,8 --budgets 2048); fi
 echo "== bench"
 timeout 270 $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
   --machine "nvidia-h200 device machine ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
   "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log" | tail -n 5
+echo "== simt A/B (KVMEM_ATTN_PATH=simt)"
+KVMEM_ATTN_PATH=simt timeout 60 $G/b/run kvmem-bench-gpu --json /tmp/simt.json --contexts 8192,131072 --batches 1,8,32 --budgets 2048 \
+  --commit "$(cat $G/COMMIT)-simt" 2>&1 | grep -E "^kvmem" > "$OUT/simt.log"
+cat "$OUT/simt.log"
 echo "== torch"
 TARGS=()
 if [[ "${1:-}" == quick ]]; then TARGS=(--contexts 8192,131072 --batches 1,8); fi
-timeout 150 python3 $G/torch_sdpa.py --json "$OUT/torch.json" --merge-into "$OUT/bench.json" "${TARGS[@]}" > "$OUT/torch.log" 2>&1
+timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" "${TARGS[@]}" > "$OUT/torch.log" 2>&1
 tail -n 3 "$OUT/torch.log"
 echo "== table"
 python3 $G/report.py "$OUT/bench.json" | tee "$OUT/table.txt"

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_status.h"
@@ -481,19 +483,28 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
   auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
+  // Copies are coalesced: for each j, the warp reads rows 2j and 2j+1 whole (2 x 256 B); row
+  // addresses come from the lanes that walked the cursor for them (lanes 2r and 2r+1: row r).
   auto issue = [&](int st, uint32_t it) {
-    const bool v = (it * W + warp) * 16 + crow < ntok;
-    const KV* kp = v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D : kbase;
-    const KV* vp = v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D : vbase;
-    const uint32_t ks = stage_k(st) + crow * 256, vs = ks + 4096;
+    const uint32_t tile0 = (it * W + warp) * 16;
+    const bool v = tile0 + crow < ntok;
+    const unsigned long long kp =
+        reinterpret_cast<unsigned long long>(v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D : kbase);
+    const unsigned long long vp =
+        reinterpret_cast<unsigned long long>(v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D : vbase);
+    const uint32_t ks = stage_k(st), vs = ks + 4096;
+    const int c = lane & 15;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int c = (lane & 1) * 8 + j;
-      const uint32_t off = static_cast<uint32_t>((c ^ (crow & 7)) * 16);
+      const int r = 2 * j + (lane >> 4);
+      const unsigned long long kr = __shfl_sync(0xffffffffu, kp, 2 * r);
+      const unsigned long long vr = __shfl_sync(0xffffffffu, vp, 2 * r);
+      const bool rv = tile0 + r < ntok;
+      const uint32_t off = static_cast<uint32_t>(r * 256 + ((c ^ (r & 7)) * 16));
       asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
-                   "l"(kp + (v ? c * 8 : 0)), "r"(v ? 16u : 0u));
+                   "l"(reinterpret_cast<const KV*>(kr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
       asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
-                   "l"(vp + (v ? c * 8 : 0)), "r"(v ? 16u : 0u));
+                   "l"(reinterpret_cast<const KV*>(vr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
     }
     if (v) {
       t += W * 16;
@@ -605,32 +616,33 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   CombineAndMerge<D, G, W>(rt, ca, o);
 }
 
-template <int D, int G, typename KV>
+template <int D, int G, typename KV, bool kTC>
 __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                         const void* q, DType q_dtype, float scale,
                                         const ItemOutput& o) {
-  if constexpr (D == 128) {
+  if constexpr (kTC) {
+    static_assert(D == 128, "tensor-core path is for head_dim 128");
     RunItemTC<G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   } else {
     RunItemSimt<D, G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   }
 }
 
-template <int D, int G>
+template <int D, int G, bool kTC>
 constexpr size_t DynBytes() {
-  if constexpr (D == 128) return TCShape<G>::kDynBytes;
+  if constexpr (kTC) return TCShape<G>::kDynBytes;
   return Shape<D, G>::kDynBytes;
 }
 
-template <int D, int G>
+template <int D, int G, bool kTC>
 constexpr int MinBlocks() {
-  if constexpr (D == 128) return 2;
+  if constexpr (kTC) return 2;
   return G <= 4 ? 4 : 2;
 }
 
-template <int D, int G, typename KV>
-__global__ void __launch_bounds__(kThreads, MinBlocks<D, G>())
+template <int D, int G, typename KV, bool kTC>
+__global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
                      DType q_dtype, DType out_dtype) {
@@ -652,11 +664,11 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G>())
                partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
                counters + item.task};
   const KV* pool = static_cast<const KV*>(item.pool);
-  RunItem<D, G, KV>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
+  RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
 }
 
-template <int D, int G, typename KV>
-__global__ void __launch_bounds__(kThreads, MinBlocks<D, G>())
+template <int D, int G, typename KV, bool kTC>
+__global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
                       uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
@@ -684,19 +696,38 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G>())
                counters + task};
   const void* qt = static_cast<const uint8_t*>(q) +
                    static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
-  RunItem<D, G, KV>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
+  RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
 }
 
-// Calls f.template operator()<D, G, KV>() for the runtime shape; false when unsupported.
+// Tensor cores for head_dim 128 unless KVMEM_ATTN_PATH=simt (a debugging / A-B knob).
+bool UseTensorCores(uint32_t D) {
+  static const bool simt = [] {
+    const char* e = std::getenv("KVMEM_ATTN_PATH");
+    return e != nullptr && std::string(e) == "simt";
+  }();
+  return D == 128 && !simt;
+}
+
+// Calls f.template operator()<D, G, KV, kTC>() for the runtime shape; false when unsupported.
 template <typename F>
 bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
+  const bool tc = UseTensorCores(D);
   auto by_kv = [&]<int d, int g>() {
+    auto go = [&]<typename KV>() {
+      if constexpr (d == 128) {
+        if (tc) {
+          f.template operator()<d, g, KV, true>();
+          return;
+        }
+      }
+      f.template operator()<d, g, KV, false>();
+    };
     if (kv == DType::kBF16) {
-      f.template operator()<d, g, __nv_bfloat16>();
+      go.template operator()<__nv_bfloat16>();
       return true;
     }
     if (kv == DType::kF16) {
-      f.template operator()<d, g, __half>();
+      go.template operator()<__half>();
       return true;
     }
     return false;
@@ -715,17 +746,36 @@ bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
   return false;
 }
 
+// Sets the dynamic shared-memory limit once per kernel; returns blocks resident per SM.
+template <auto Kernel>
+int PrepareKernel(size_t dyn) {
+  static const int per_sm = [dyn] {
+    int n = 0;
+    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(dyn)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, dyn) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  }();
+  return per_sm;
+}
+
 size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-uint32_t ChooseSplit(uint64_t total_tokens, uint32_t target_blocks, uint32_t min_split,
-                     uint32_t max_split) {
-  if (target_blocks == 0) {
-    const int sms = MultiprocessorCount();
-    target_blocks = sms > 0 ? 4u * static_cast<uint32_t>(sms) : 528u;
-  }
-  uint64_t split = (total_tokens + target_blocks - 1) / target_blocks;
-  split = std::clamp<uint64_t>(split, min_split, std::max(min_split, max_split));
-  return static_cast<uint32_t>(AlignUp(split, 32));
+// Blocks of the attention kernel resident on the whole device at once (0: no device).
+template <bool kDense>
+uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
+  const int sms = MultiprocessorCount();
+  if (sms <= 0) return 0;
+  int per_sm = 0;
+  Dispatch(D, G, kv, [&]<int d, int g, typename KV, bool kTC>() {
+    constexpr size_t kDyn = DynBytes<d, g, kTC>();
+    per_sm = kDense ? PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn)
+                    : PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
+  });
+  return static_cast<uint32_t>(per_sm * sms);
 }
 
 struct DenseGeometry {
@@ -735,15 +785,24 @@ struct DenseGeometry {
   size_t partials_bytes;
 };
 
+// One wave when the work is small (splits = resident blocks / tasks), else splits of up to
+// max_split_tokens.
 DenseGeometry Geometry(const DenseAttendView& v, const DenseAttendOptions& opt) {
   DenseGeometry g{};
-  const uint64_t total = static_cast<uint64_t>(v.batch) * v.kv_heads * v.max_seq_len;
-  g.split_tokens =
-      ChooseSplit(total, opt.target_blocks, opt.min_split_tokens, opt.max_split_tokens);
-  g.num_splits = std::max<uint32_t>(1, (v.max_seq_len + g.split_tokens - 1) / g.split_tokens);
-  const uint64_t tasks = static_cast<uint64_t>(v.batch) * v.kv_heads;
-  g.counters_bytes = AlignUp(tasks * sizeof(uint32_t), 256);
   const uint32_t G = v.q_heads / v.kv_heads;
+  const uint64_t tasks = static_cast<uint64_t>(v.batch) * v.kv_heads;
+  uint64_t target = opt.target_blocks;
+  if (target == 0) {
+    target = ResidentBlocks<true>(v.head_dim, G, v.kv_dtype);
+    if (target == 0) target = 528;
+  }
+  const uint64_t per_task = std::max<uint64_t>(1, target / tasks);
+  uint64_t split = (v.max_seq_len + per_task - 1) / per_task;
+  split = std::clamp<uint64_t>(split, opt.min_split_tokens,
+                               std::max(opt.min_split_tokens, opt.max_split_tokens));
+  g.split_tokens = static_cast<uint32_t>(AlignUp(split, 64));
+  g.num_splits = std::max<uint32_t>(1, (v.max_seq_len + g.split_tokens - 1) / g.split_tokens);
+  g.counters_bytes = AlignUp(tasks * sizeof(uint32_t), 256);
   g.partials_bytes =
       g.num_splits > 1 ? tasks * g.num_splits * PartialFloats(G, v.head_dim) * sizeof(float) : 0;
   return g;
@@ -773,6 +832,10 @@ int MultiprocessorCount() {
   return sms;
 }
 
+uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype) {
+  return ResidentBlocks<false>(head_dim, group, kv_dtype);
+}
+
 Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream) {
   if (workspace == nullptr) return InvalidArgument("upload attend plan: null workspace");
   KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace, plan.image.data(), plan.image.size(),
@@ -790,12 +853,11 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
-  const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV>() {
-    constexpr size_t kDyn = DynBytes<D, G>();
-    static const cudaError_t attr = cudaFuncSetAttribute(
-        SpanAttendKernel<D, G, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn);
-    (void)attr;
-    SpanAttendKernel<D, G, KV><<<plan.num_items, kThreads, kDyn, s>>>(
+  const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
+                           [&]<int D, int G, typename KV, bool kTC>() {
+    constexpr size_t kDyn = DynBytes<D, G, kTC>();
+    PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
+    SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
         items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
   });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
@@ -824,12 +886,10 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + geo.counters_bytes);
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
-  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV>() {
-    constexpr size_t kDyn = DynBytes<D, GG>();
-    static const cudaError_t attr = cudaFuncSetAttribute(
-        DenseAttendKernel<D, GG, KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn);
-    (void)attr;
-    DenseAttendKernel<D, GG, KV><<<grid, kThreads, kDyn, s>>>(
+  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, bool kTC>() {
+    constexpr size_t kDyn = DynBytes<D, GG, kTC>();
+    PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
+    DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
         static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
         v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse,
         counters, partials);
