@@ -31,3 +31,15 @@ timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/b
 tail -n 3 "$OUT/torch.log"
 echo "== table"
 python3 $G/report.py "$OUT/bench.json" | tee "$OUT/table.txt"
+echo "== ncu (one dense and one sparse launch, 128K batch 8)"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [[ -n "$NCU" ]]; then
+  for k in DenseAttendKernel SpanAttendKernel; do
+    timeout 100 "$NCU" --clock-control none -k "regex:$k" --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      --section MemoryWorkloadAnalysis \
+      env LD_LIBRARY_PATH=$PWD/$G/b/lib $G/b/bin/kvmem-bench-gpu --contexts 131072 --batches 8 \
+      --budgets 2048 --replays 1 --json /tmp/ncu.json >> "$OUT/ncu.txt" 2>&1
+  done
+  grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy|Compute \(SM\)|Stall|L2 Hit|Block Limit|Waves" "$OUT/ncu.txt" | head -60
+fi
