@@ -239,16 +239,26 @@ Status Session::KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float
 
 Status Session::IndexChunks(size_t first) {
   const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
+  const uint64_t esize = DTypeSize(profile_.dtype);
+  std::vector<uint8_t> staging;
   std::vector<float> keys;
-  for (uint32_t l = 0; l < L; ++l) {
-    for (uint32_t h = 0; h < H; ++h) {
-      index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
-      for (size_t c = first; c < chunks_.size(); ++c) {
-        keys.resize(static_cast<size_t>(chunks_[c].tokens) * D);
-        KVMEM_RETURN_IF_ERROR(KeysAsFloat(l, h, static_cast<uint32_t>(c), keys.data()));
+  for (size_t c = first; c < chunks_.size(); ++c) {
+    const uint32_t n = chunks_[c].tokens;
+    const uint64_t elems = uint64_t{H} * n * D;  // every head's keys: one contiguous read
+    keys.resize(elems);
+    for (uint32_t l = 0; l < L; ++l) {
+      const uint64_t off = chunks_[c].block[l];
+      if (pool_->is_host()) {
+        ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
+      } else {
+        staging.resize(elems * esize);
+        KVMEM_RETURN_IF_ERROR(pool_->CopyOut(staging.data(), off, staging.size()));
+        ConvertToFloat(staging.data(), profile_.dtype, elems, keys.data());
+      }
+      for (uint32_t h = 0; h < H; ++h) {
         KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
-                               index::SummarizeKeys(keys.data(), chunks_[c].tokens, D));
-        KVMEM_RETURN_IF_ERROR(tree.Insert(static_cast<uint32_t>(c), summary, chunks_[c].tokens));
+                               index::SummarizeKeys(keys.data() + uint64_t{h} * n * D, n, D));
+        KVMEM_RETURN_IF_ERROR(trees_[static_cast<size_t>(l) * H + h].Insert(static_cast<uint32_t>(c), summary, n));
       }
     }
   }
@@ -491,8 +501,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   p.out_dtype = a.out_dtype;
   p.lse = a.lse;
   KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(p));
-  if (!pool_->is_host()) return Unimplemented("attention on a device pool needs the CUDA backend");
-  kernels::AttendCpu(&p, 1);
+  KVMEM_RETURN_IF_ERROR(pool_->Attend(&p, 1));
   if (info != nullptr) {
     if (sparse) {
       info->tokens_attended.assign(H, 0);
