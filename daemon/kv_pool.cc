@@ -215,7 +215,7 @@ class HostPool final : public KVPool {
       problems[i].pool = base_;
       KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(problems[i]));
     }
-    kernels::AttendCpu(problems, count);
+    kernels::AttendCpuBlocked(problems, count);
     return Status::OK();
   }
   std::string Describe() const override { return "cpu"; }
