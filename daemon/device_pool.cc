@@ -99,7 +99,9 @@ class DevicePool final : public KVPool {
       dev[i].lse = reinterpret_cast<float*>(d_out + lse_off[i]);
     }
     kernels::cuda::AttendPlan plan;
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanAttend(dev.data(), count, {}, &plan));
+    Status planned = kernels::cuda::PlanAttend(dev.data(), count, {}, &plan);
+    if (planned.code() == StatusCode::kUnimplemented) return AttendOnHost(problems, count);
+    KVMEM_RETURN_IF_ERROR(planned);
     KVMEM_RETURN_IF_ERROR(Grow(&d_ws_, &ws_bytes_, plan.workspace_bytes));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, host_in_.data(), in_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
     KVMEM_RETURN_IF_ERROR(kernels::cuda::UploadAttendPlan(plan, d_ws_, stream_));
@@ -115,6 +117,58 @@ class DevicePool final : public KVPool {
   }
 
  private:
+  // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
+  // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.
+  Status AttendOnHost(kernels::AttendProblem* problems, uint32_t count) {
+    for (uint32_t pi = 0; pi < count; ++pi) {
+      kernels::AttendProblem& p = problems[pi];
+      const uint64_t esize = DTypeSize(p.kv_dtype), D = p.head_dim, H = p.kv_heads;
+      std::vector<kernels::KVSpan> spans;
+      std::vector<uint32_t> head_begin(1, 0);
+      std::vector<uint64_t> offsets;
+      uint64_t total = 0;  // elements
+      for (uint32_t h = 0; h < H; ++h) {
+        uint32_t first, last;
+        kernels::HeadSpans(p, h, &first, &last);
+        for (uint32_t i = first; i < last; ++i) {
+          const uint64_t n = p.spans[i].end - p.spans[i].begin;
+          offsets.push_back(total);
+          spans.push_back({total, static_cast<uint32_t>(n), 0, static_cast<uint32_t>(n)});
+          total += 2 * H * n * D;
+        }
+        head_begin.push_back(static_cast<uint32_t>(spans.size()));
+      }
+      std::vector<uint8_t> host(total * esize);
+      size_t k = 0;
+      for (uint32_t h = 0; h < H; ++h) {
+        uint32_t first, last;
+        kernels::HeadSpans(p, h, &first, &last);
+        for (uint32_t i = first; i < last; ++i, ++k) {
+          const kernels::KVSpan& s = p.spans[i];
+          const uint64_t n = s.end - s.begin;
+          const uint64_t src_k = s.offset + (uint64_t{h} * s.stride_tokens + s.begin) * D;
+          const uint64_t src_v = src_k + H * s.stride_tokens * D;
+          const uint64_t dst_k = offsets[k] + uint64_t{h} * n * D;
+          const uint64_t dst_v = offsets[k] + H * n * D + uint64_t{h} * n * D;
+          // mu_ is held by Attend: copy directly.
+          const auto* base = static_cast<const uint8_t*>(base_);
+          KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpy(host.data() + dst_k * esize, base + src_k * esize, n * D * esize,
+                                                cudaMemcpyDeviceToHost), "copy out"));
+          KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpy(host.data() + dst_v * esize, base + src_v * esize, n * D * esize,
+                                                cudaMemcpyDeviceToHost), "copy out"));
+        }
+      }
+      kernels::AttendProblem hp = p;
+      hp.pool = host.data();
+      hp.spans = spans.data();
+      hp.head_span_begin = head_begin.data();
+      hp.num_spans = static_cast<uint32_t>(spans.size());
+      KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(hp));
+      kernels::AttendCpuBlocked(&hp, 1);
+    }
+    return Status::OK();
+  }
+
   // Grow-only device scratch; a new workspace is zero-filled (the attention counters need it).
   Status Grow(void** p, size_t* have, size_t need) {
     if (need <= *have) return Status::OK();
