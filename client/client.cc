@@ -460,6 +460,16 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
   return out;
 }
 
+HeadSelection SelectionFromWire(const w::HeadSelection* h) {
+  HeadSelection out;
+  out.kv_head = h->kv_head();
+  if (h->chunk_ids()) out.chunks.assign(h->chunk_ids()->begin(), h->chunk_ids()->end());
+  if (h->starts()) out.starts.assign(h->starts()->begin(), h->starts()->end());
+  if (h->ends()) out.ends.assign(h->ends()->begin(), h->ends()->end());
+  if (h->scores()) out.scores.assign(h->scores()->begin(), h->scores()->end());
+  return out;
+}
+
 uint64_t RandomSessionId() {
   static thread_local std::mt19937_64 rng(std::random_device{}() ^
                                           static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()));
@@ -599,6 +609,7 @@ Future<AttendResult> Client::AttendAsync(uint64_t id, const AttendRequest& req) 
         b.add_budget_tokens(req.budget_tokens);
         b.add_mode(static_cast<w::SelectionMode>(req.mode));
         b.add_return_lse(req.return_lse);
+        b.add_return_selection(req.return_selection);
         b.add_out_dtype(w::ToWire(req.out_dtype));
         return b.Finish();
       }),
@@ -621,11 +632,34 @@ Future<AttendResult> Client::AttendAsync(uint64_t id, const AttendRequest& req) 
           std::memcpy(out.lse.data(), lp, shape[0] * 4);
         }
         if (r->tokens_attended()) out.tokens_attended.assign(r->tokens_attended()->begin(), r->tokens_attended()->end());
+        if (r->selection())
+          for (const auto* h : *r->selection()) out.selection.push_back(SelectionFromWire(h));
         return out;
       }));
 }
 
 Result<AttendResult> Client::Attend(uint64_t id, const AttendRequest& req) { return AttendAsync(id, req).Get(); }
+
+Result<RetrieveResult> Client::Retrieve(uint64_t id, uint32_t layer, const TensorView& q, uint32_t budget_tokens,
+                                        uint32_t top_chunks) {
+  auto f = KVMEM_CLIENT_CALL(
+      RetrieveResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer) -> Result<flatbuffers::Offset<w::Retrieve>> {
+        KVMEM_ASSIGN_OR_RETURN(auto qt, AddTensor(fbb, packer, q, "q"));
+        return w::CreateRetrieve(fbb, id, layer, qt, budget_tokens, top_chunks);
+      }),
+      ([](CallState& c) -> Result<RetrieveResult> {
+        const w::RetrieveReply* r = c.parsed.envelope->body_as_RetrieveReply();
+        if (r == nullptr) return Internal("Retrieve: unexpected reply type");
+        RetrieveResult out;
+        if (r->heads())
+          for (const auto* h : *r->heads()) out.heads.push_back(SelectionFromWire(h));
+        out.nodes_visited = r->nodes_visited();
+        out.bytes_read = r->bytes_read();
+        return out;
+      }));
+  return f.Get();
+}
 
 std::vector<uint8_t> BoundaryClassesFromTokens(const std::vector<std::string>& tokens) {
   std::vector<uint8_t> out(tokens.size(), 0);

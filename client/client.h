@@ -106,6 +106,21 @@ struct AppendResult {
   uint32_t sealed = 0;
 };
 
+// Chunks chosen for one KV head: ids, token ranges [start, end) and scores.
+struct HeadSelection {
+  uint32_t kv_head = 0;
+  std::vector<uint32_t> chunks;
+  std::vector<uint64_t> starts;
+  std::vector<uint64_t> ends;
+  std::vector<float> scores;
+};
+
+struct RetrieveResult {
+  std::vector<HeadSelection> heads;  // one per KV head
+  uint64_t nodes_visited = 0;
+  uint64_t bytes_read = 0;
+};
+
 struct AttendRequest {
   uint32_t layer = 0;
   TensorView q;                      // [q_heads, head_dim]
@@ -115,6 +130,7 @@ struct AttendRequest {
   uint32_t budget_tokens = 0;        // 0: session default
   Mode mode = Mode::kDefault;
   bool return_lse = false;
+  bool return_selection = false;     // index mode: the chunks each KV head attended
   DType out_dtype = DType::kBF16;
 };
 
@@ -123,6 +139,7 @@ struct AttendResult {
   DType out_dtype = DType::kBF16;
   std::vector<float> lse;            // [q_heads] if requested
   std::vector<uint32_t> tokens_attended;
+  std::vector<HeadSelection> selection;  // if requested and the layer was sparse
 };
 
 struct TierUsage {
@@ -207,6 +224,12 @@ class Client {
 
   Result<AttendResult> Attend(uint64_t id, const AttendRequest& request);
   Future<AttendResult> AttendAsync(uint64_t id, const AttendRequest& request);
+
+  // Selection only. top_chunks > 0: the exact top chunks per KV head by max over the chunk of
+  // q·k (max over the GQA group); 0: budgeted index search filling budget_tokens (0: session
+  // default). q: [q_heads, head_dim].
+  Result<RetrieveResult> Retrieve(uint64_t id, uint32_t layer, const TensorView& q,
+                                  uint32_t budget_tokens = 0, uint32_t top_chunks = 0);
 
   Future<uint64_t> PingAsync(uint64_t payload = 0);
 

@@ -35,7 +35,7 @@ Commands:
   ping [--count N]                       round trips, with latency
   session create --layers L --q-heads HQ --kv-heads HKV --head-dim D
                  [--dtype bf16|fp16|fp32] [--id ID] [--chunk-min N] [--chunk-max N]
-                 [--sink N] [--budget N] [--label TEXT]
+                 [--sink N] [--budget N] [--mode dense|index] [--label TEXT]
                                          prints the new session id
   session list                           sessions of this tenant
   session show ID                        one session with per-layer detail
@@ -198,6 +198,13 @@ int main(int argc, char** argv) {
       sopts.sink_tokens = static_cast<uint32_t>(s);
     }
     if (const std::string* v = args.Get("--label")) sopts.label = *v;
+    if (const std::string* v = args.Get("--mode")) {
+      if (*v == "dense") sopts.mode = kvmem::client::Mode::kDense;
+      else if (*v == "index") sopts.mode = kvmem::client::Mode::kIndex;
+      else if (*v == "retrieval_heads") sopts.mode = kvmem::client::Mode::kRetrievalHeads;
+      else if (*v == "hybrid") sopts.mode = kvmem::client::Mode::kHybrid;
+      else return Usage("--mode must be dense, index, retrieval_heads or hybrid");
+    }
   }
   if (cmd == "session" && (sub == "show" || sub == "drop")) {
     if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("session " + sub + " needs a session ID");

@@ -2,6 +2,7 @@
 // memory. create -> append 4K tokens x 4 layers -> attend -> compare with the reference -> drop.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <thread>
 
@@ -142,6 +143,84 @@ TEST(E2E, ConcurrentClientsAndAsyncCalls) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// Index mode and Retrieve through the daemon: the exact top chunks match a brute-force ranking
+// computed here from the tensors we sent; index-mode Attend stays within budget.
+TEST(E2E, IndexModeRetrieveAndAttend) {
+  DaemonProcess d;
+  ASSERT_TRUE(d.ready());
+  auto cl = Client::Connect(d.address());
+  ASSERT_TRUE(cl.ok());
+  const uint32_t L = 2, HQ = 8, HKV = 2, D = 64;
+  const uint64_t T = 4096;
+  client::SessionOptions so;
+  so.mode = client::Mode::kIndex;
+  so.default_budget_tokens = 512;
+  auto id = (*cl)->CreateSession(Profile{L, HQ, HKV, D, DType::kF32}, so);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> n01;
+  std::vector<float> k(static_cast<size_t>(L) * HKV * T * D), v(k.size());
+  std::vector<float> topic(D);
+  for (size_t row = 0; row < static_cast<size_t>(L) * HKV * T; ++row) {
+    if (row % 256 == 0)
+      for (auto& x : topic) x = n01(rng) * 2;
+    for (uint32_t dd = 0; dd < D; ++dd) {
+      k[row * D + dd] = topic[dd] + n01(rng) * 0.5f;
+      v[row * D + dd] = n01(rng);
+    }
+  }
+  std::vector<uint8_t> bounds(T);
+  for (uint64_t t = 0; t < T; ++t) bounds[t] = t % 13 == 12 ? 3 : 1;
+  ASSERT_TRUE((*cl)->AppendKV(*id, TensorView{k.data(), DType::kF32, {L, HKV, T, D}},
+                              TensorView{v.data(), DType::kF32, {L, HKV, T, D}}, bounds).ok());
+  auto info = (*cl)->SessionInfo(*id);
+  ASSERT_TRUE(info.ok());
+  ASSERT_EQ(info->layers.size(), L);
+  EXPECT_GE(info->layers[0].tree_depth, 1u);
+
+  for (int trial = 0; trial < 4; ++trial) {
+    const uint32_t layer = trial % L;
+    std::vector<float> q(HQ * D);
+    const uint64_t target = rng() % T;
+    for (uint32_t qh = 0; qh < HQ; ++qh)
+      for (uint32_t dd = 0; dd < D; ++dd)
+        q[qh * D + dd] = k[((static_cast<size_t>(layer) * HKV + qh / (HQ / HKV)) * T + target) * D + dd];
+    auto exact = (*cl)->Retrieve(*id, layer, TensorView{q.data(), DType::kF32, {HQ, D}}, 0, 5);
+    ASSERT_TRUE(exact.ok()) << exact.status().ToString();
+    ASSERT_EQ(exact->heads.size(), HKV);
+    for (uint32_t h = 0; h < HKV; ++h) {
+      const auto& sel = exact->heads[h];
+      ASSERT_EQ(sel.chunks.size(), 5u);
+      // The best chunk's score is the best key score over the whole context for this head.
+      double best = -1e300;
+      for (uint64_t t = 0; t < T - info->tail_tokens; ++t)
+        for (uint32_t g = 0; g < HQ / HKV; ++g) {
+          double dot = 0;
+          for (uint32_t dd = 0; dd < D; ++dd)
+            dot += static_cast<double>(q[(h * (HQ / HKV) + g) * D + dd]) * k[((static_cast<size_t>(layer) * HKV + h) * T + t) * D + dd];
+          best = std::max(best, dot);
+        }
+      EXPECT_NEAR(sel.scores[0], best, 1e-3 * std::fabs(best));
+      for (size_t i = 1; i < sel.scores.size(); ++i) EXPECT_LE(sel.scores[i], sel.scores[i - 1]);
+    }
+    AttendRequest req;
+    req.layer = layer;
+    req.q = TensorView{q.data(), DType::kF32, {HQ, D}};
+    req.out_dtype = DType::kF32;
+    req.return_selection = true;
+    auto r = (*cl)->Attend(*id, req);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_EQ(r->selection.size(), HKV);
+    for (uint32_t h = 0; h < HKV; ++h) {
+      EXPECT_LT(r->tokens_attended[h], T / 2) << "index mode attended most of the context";
+      uint64_t sel_tokens = 0;
+      for (size_t i = 0; i < r->selection[h].chunks.size(); ++i) sel_tokens += r->selection[h].ends[i] - r->selection[h].starts[i];
+      EXPECT_LE(sel_tokens, 512u + 32u);
+    }
+  }
   EXPECT_EQ(d.Stop(), 0);
 }
 

@@ -1,0 +1,209 @@
+// Index mode in a session: Attend attends exactly sinks ∪ selected chunks ∪ recent window ∪
+// tail (checked against a double-precision reference over that token set), the selection stays
+// within budget, and Retrieve's exact mode equals a brute-force ranking of chunks.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "daemon/session.h"
+#include "testing/reference.h"
+
+namespace kvmem {
+namespace {
+
+constexpr uint32_t L = 2, HQ = 8, HKV = 2, D = 32;
+
+struct Fixture {
+  std::unique_ptr<KVPool> pool;
+  std::unique_ptr<Session> session;
+  std::vector<float> keys, values;  // [L][HKV][T][D]
+  uint64_t T = 0;
+};
+
+Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng) {
+  Fixture f;
+  f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
+  SessionOptions o;
+  o.mode = SelectionMode::kIndex;
+  o.sink_tokens = sinks;
+  o.recent_window = recent;
+  o.default_budget_tokens = 256;
+  f.session = std::move(*Session::Create(7, "t", {L, HQ, HKV, D, DType::kF32}, o, f.pool.get()));
+  // Topic-structured keys: each 200-token segment shares a direction, so selection matters.
+  f.T = T;
+  f.keys.resize(static_cast<size_t>(L) * HKV * T * D);
+  f.values.resize(f.keys.size());
+  std::normal_distribution<float> n01;
+  for (uint32_t l = 0; l < L; ++l)
+    for (uint32_t h = 0; h < HKV; ++h) {
+      std::vector<float> topic(D);
+      for (uint64_t t = 0; t < T; ++t) {
+        if (t % 200 == 0)
+          for (auto& x : topic) x = n01(rng) * 2;
+        for (uint32_t d = 0; d < D; ++d) {
+          const size_t i = ((static_cast<size_t>(l) * HKV + h) * T + t) * D + d;
+          f.keys[i] = topic[d] + n01(rng) * 0.5f;
+          f.values[i] = n01(rng);
+        }
+      }
+    }
+  std::vector<uint8_t> bounds(T);
+  for (uint64_t t = 0; t < T; ++t) bounds[t] = t % 9 == 8 ? 3 : 1;
+  EXPECT_TRUE(f.session->AppendKV(static_cast<uint32_t>(T), f.keys.data(), f.values.data(), bounds.data()).ok());
+  f.session->Maintain();
+  return f;
+}
+
+std::vector<float> Query(const Fixture& f, uint32_t layer, uint64_t target, std::mt19937_64& rng) {
+  // Queries aim at the keys around `target`, as a real attention head would.
+  std::vector<float> q(HQ * D);
+  std::normal_distribution<float> n01;
+  for (uint32_t qh = 0; qh < HQ; ++qh) {
+    const uint32_t h = qh / (HQ / HKV);
+    for (uint32_t d = 0; d < D; ++d)
+      q[qh * D + d] = f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + target) * D + d] + n01(rng) * 0.3f;
+  }
+  return q;
+}
+
+TEST(SessionIndex, AttendCoversExactlySinksSelectionRecentAndTail) {
+  std::mt19937_64 rng(std::random_device{}());
+  for (uint32_t recent : {0u, 40u}) {
+    Fixture f = Make(3000, 16, recent, rng);
+    const SessionStats st = f.session->Stats();
+    const uint64_t sealed = st.tokens - st.tail_tokens;
+    for (int trial = 0; trial < 6; ++trial) {
+      const uint32_t layer = trial % L;
+      auto q = Query(f, layer, rng() % f.T, rng);
+      std::vector<float> out(HQ * D);
+      AttendArgs a;
+      a.layer = layer;
+      a.q = q.data();
+      a.q_dtype = DType::kF32;
+      a.out = out.data();
+      a.out_dtype = DType::kF32;
+      a.budget_tokens = 256;
+      AttendInfo info;
+      ASSERT_TRUE(f.session->Attend(a, &info).ok());
+      ASSERT_EQ(info.selection.size(), HKV);
+      for (uint32_t h = 0; h < HKV; ++h) {
+        std::set<uint64_t> tokens;
+        for (uint64_t t = 0; t < 16; ++t) tokens.insert(t);
+        for (uint64_t t = sealed > recent ? sealed - recent : 0; t < f.T; ++t) tokens.insert(t);
+        uint64_t selected_beyond_sinks = 0;
+        for (size_t i = 0; i < info.selection[h].chunks.size(); ++i) {
+          for (uint64_t t = info.selection[h].starts[i]; t < info.selection[h].ends[i]; ++t) {
+            tokens.insert(t);
+            if (t >= 16) ++selected_beyond_sinks;
+          }
+        }
+        EXPECT_LE(selected_beyond_sinks, 256u) << "budget exceeded";
+        EXPECT_GT(selected_beyond_sinks, 128u) << "budget badly underfilled";
+        EXPECT_EQ(info.tokens_attended[h], tokens.size());
+        // Reference over exactly that token set.
+        const uint32_t G = HQ / HKV;
+        for (uint32_t g = 0; g < G; ++g) {
+          const uint32_t qh = h * G + g;
+          std::vector<double> logits;
+          std::vector<uint64_t> ts(tokens.begin(), tokens.end());
+          double mx = -1e300;
+          for (uint64_t t : ts) {
+            double dot = 0;
+            for (uint32_t d = 0; d < D; ++d)
+              dot += q[qh * D + d] * f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
+            logits.push_back(dot / std::sqrt(static_cast<double>(D)));
+            mx = std::max(mx, logits.back());
+          }
+          double sum = 0;
+          for (double x : logits) sum += std::exp(x - mx);
+          double err = 0, ref_norm = 0;
+          for (uint32_t d = 0; d < D; ++d) {
+            double r = 0;
+            for (size_t i = 0; i < ts.size(); ++i)
+              r += std::exp(logits[i] - mx) / sum * f.values[((static_cast<size_t>(layer) * HKV + h) * f.T + ts[i]) * D + d];
+            err += (out[qh * D + d] - r) * (out[qh * D + d] - r);
+            ref_norm += r * r;
+          }
+          EXPECT_LT(std::sqrt(err / ref_norm), 1e-4);
+        }
+      }
+    }
+  }
+}
+
+TEST(SessionIndex, RetrieveExactMatchesBruteForce) {
+  std::mt19937_64 rng(std::random_device{}());
+  // No sinks here: the budgeted retrieve below enumerates every chunk (with sinks it skips the
+  // chunks they cover, while exact search ranks all chunks).
+  Fixture f = Make(2500, 0, 0, rng);
+  for (int trial = 0; trial < 20; ++trial) {
+    const uint32_t layer = trial % L;
+    const uint32_t k = 1 + static_cast<uint32_t>(rng() % 12);
+    auto q = Query(f, layer, rng() % f.T, rng);
+    auto r = f.session->Retrieve(layer, q.data(), DType::kF32, 0, k);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    // All chunks' token ranges, from a budgeted retrieve large enough to return every chunk.
+    auto all = f.session->Retrieve(layer, q.data(), DType::kF32, 1u << 20, 0);
+    ASSERT_TRUE(all.ok());
+    for (uint32_t h = 0; h < HKV; ++h) {
+      std::vector<std::pair<double, uint32_t>> scored;  // (-score, chunk)
+      const auto& every = all->heads[h];
+      for (size_t i = 0; i < every.chunks.size(); ++i) {
+        double best = -1e300;
+        for (uint64_t t = every.starts[i]; t < every.ends[i]; ++t)
+          for (uint32_t g = 0; g < HQ / HKV; ++g) {
+            double dot = 0;
+            for (uint32_t d = 0; d < D; ++d)
+              dot += static_cast<double>(q[(h * (HQ / HKV) + g) * D + d]) *
+                     f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
+            best = std::max(best, dot);
+          }
+        scored.push_back({-best, every.chunks[i]});
+      }
+      std::sort(scored.begin(), scored.end());
+      ASSERT_EQ(r->heads[h].chunks.size(), std::min<size_t>(k, scored.size()));
+      for (size_t i = 0; i < r->heads[h].chunks.size(); ++i) {
+        EXPECT_EQ(r->heads[h].chunks[i], scored[i].second) << "rank " << i;
+        EXPECT_NEAR(r->heads[h].scores[i], -scored[i].first, 1e-3 * (1 + std::fabs(scored[i].first)));
+      }
+    }
+  }
+}
+
+TEST(SessionIndex, DecodeInIndexModeSealsIntoTheTree) {
+  std::mt19937_64 rng(std::random_device{}());
+  Fixture f = Make(600, 16, 0, rng);
+  const uint64_t chunks_before = f.session->Stats().chunks;
+  std::normal_distribution<float> n01;
+  for (int step = 0; step < 100; ++step) {
+    std::vector<float> kv(HKV * D);
+    for (auto& x : kv) x = n01(rng);
+    for (uint32_t l = 0; l < L; ++l) {
+      auto q = Query(f, l, rng() % f.T, rng);
+      std::vector<float> out(HQ * D);
+      AttendArgs a;
+      a.layer = l;
+      a.q = q.data();
+      a.q_dtype = DType::kF32;
+      a.new_k = kv.data();
+      a.new_v = kv.data();
+      a.boundary = step % 10 == 9 ? 3 : 1;
+      a.out = out.data();
+      a.out_dtype = DType::kF32;
+      AttendInfo info;
+      ASSERT_TRUE(f.session->Attend(a, &info).ok());
+      for (float x : out) ASSERT_TRUE(std::isfinite(x));
+    }
+    f.session->Maintain();
+  }
+  EXPECT_GT(f.session->Stats().chunks, chunks_before + 3);
+  const LayerIndexInfo li = f.session->IndexInfo(0);
+  ASSERT_FALSE(li.nodes_per_level.empty());
+  EXPECT_EQ(li.nodes_per_level.back(), f.session->Stats().chunks * HKV);
+}
+
+}  // namespace
+}  // namespace kvmem
