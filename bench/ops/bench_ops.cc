@@ -41,6 +41,17 @@ json Summary(const std::vector<double>& us) {
           {"max_us", us.empty() ? 0 : *std::max_element(us.begin(), us.end())}};
 }
 
+std::string Command(const char* cmd) {
+  std::string out;
+  if (FILE* f = ::popen(cmd, "r")) {
+    char buf[256];
+    while (std::fgets(buf, sizeof buf, f)) out += buf;
+    ::pclose(f);
+  }
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -153,6 +164,10 @@ int main(int argc, char** argv) {
               {"rounds", rounds},
               {"round_s", round_s},
               {"hardware_threads", std::thread::hardware_concurrency()},
+              {"machine", Command("uname -n")},
+              {"cpu", Command("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")},
+              {"loadavg_at_end", Command("cut -d' ' -f1-3 /proc/loadavg")},
+              {"commit", Command("git rev-parse --short HEAD 2>/dev/null")},
               {"note", "GET /metrics timed end to end over loopback HTTP (connect + render + transfer), "
                        "an upper bound on render time; Ping over UCX auto (shared memory), event "
                        "progress, rounds alternate without/with scraping"}};
