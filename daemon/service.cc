@@ -3,6 +3,8 @@
 #include <chrono>
 #include <string>
 
+#include "daemon/metrics.h"
+
 namespace kvmem {
 
 namespace w = ::kvmem::wire;
@@ -412,6 +414,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   if (req->return_lse()) a.lse = reinterpret_cast<float*>(r->NewBuffer(p.q_heads * sizeof(float)));
   AttendInfo info;
   KVMEM_RETURN_IF_ERROR(s->Attend(a, &info));
+  GlobalMetrics().search_nodes_visited.fetch_add(info.nodes_visited, std::memory_order_relaxed);
 
   const uint64_t oshape[2] = {p.q_heads, p.head_dim};
   auto out = r->packer.Add(r->fbb, w::ToWire(a.out_dtype), oshape, a.out);
@@ -464,6 +467,7 @@ Status Service::Retrieve(const RequestContext& ctx, const w::Parsed& msg, const 
   if (req->top_chunks() > 1u << 20) return InvalidArgument("Retrieve: top_chunks too large");
   KVMEM_ASSIGN_OR_RETURN(RetrieveResult res,
                          s->Retrieve(req->layer(), q, qdt, req->budget_tokens(), req->top_chunks()));
+  GlobalMetrics().search_nodes_visited.fetch_add(res.nodes_visited, std::memory_order_relaxed);
   std::vector<flatbuffers::Offset<w::HeadSelection>> heads;
   for (const HeadSelection& h : res.heads) heads.push_back(SelectionToWire(r->fbb, h));
   auto body = w::CreateRetrieveReplyDirect(r->fbb, &heads, res.nodes_visited, res.bytes_read);

@@ -363,10 +363,6 @@ void UcxServer::RecordMetrics(const Inbound& in, const Reply& reply) {
   if (reply.fbb.GetSize() > 0) {
     const w::Envelope* env = w::GetEnvelope(buf);
     if (env->status()) code = static_cast<int>(env->status()->code());
-    if (env->body_type() == w::Body::RetrieveReply) {
-      GlobalMetrics().search_nodes_visited.fetch_add(env->body_as_RetrieveReply()->nodes_visited(),
-                                                     std::memory_order_relaxed);
-    }
   }
   GlobalMetrics().RecordRequest(in.op, std::chrono::steady_clock::now() - in.arrival, code);
 }

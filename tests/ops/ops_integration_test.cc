@@ -93,6 +93,34 @@ TEST(Admin, HealthReadyMetricsSessions) {
   EXPECT_EQ(d.Stop(), 0);
 }
 
+// Index searches bump kvmem_search_nodes_visited_total (Retrieve and index-mode Attend).
+TEST(Admin, SearchNodesVisitedCounts) {
+  const uint16_t admin = FreePort();
+  DaemonProcess d({"--admin", "127.0.0.1:" + std::to_string(admin)});
+  ASSERT_TRUE(d.ready());
+  auto c = client::Client::Connect(d.address());
+  ASSERT_TRUE(c.ok());
+  client::Profile p = SmallProfile();
+  client::SessionOptions so;
+  so.mode = client::Mode::kIndex;
+  so.default_budget_tokens = 64;
+  auto id = (*c)->CreateSession(p, so);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  const uint64_t T = 512;
+  std::vector<float> kv(static_cast<size_t>(p.layers) * p.kv_heads * T * p.head_dim);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = static_cast<float>((i * 2654435761u) % 1000) / 500.0f - 1.0f;
+  client::TensorView k{kv.data(), DType::kF32, {p.layers, p.kv_heads, T, p.head_dim}};
+  ASSERT_TRUE((*c)->AppendKV(*id, k, k).ok());
+  std::vector<float> q(p.q_heads * p.head_dim, 0.25f);
+  auto r = (*c)->Retrieve(*id, 0, client::TensorView{q.data(), DType::kF32, {p.q_heads, p.head_dim}});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  const std::string m = HttpGet(admin, "/metrics").body;
+  const size_t at = m.find("\nkvmem_search_nodes_visited_total ");
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_EQ(std::stoull(m.substr(at + 34)), r->nodes_visited);
+  EXPECT_GT(r->nodes_visited, 0u);
+}
+
 TEST(Admin, NonLoopbackAdminWithoutTokenRefusesToStart) {
   const uint16_t admin = FreePort();
   DaemonProcess d({"--admin", "0.0.0.0:" + std::to_string(admin)});
