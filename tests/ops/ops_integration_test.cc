@@ -6,6 +6,7 @@
 #include <csignal>
 #include <fstream>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include <sys/socket.h>
@@ -195,6 +196,66 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   EXPECT_TRUE(client::Client::Connect(d.address(), o).ok());
   EXPECT_EQ(d.Stop(), 0);
   std::filesystem::remove(cfg);
+}
+
+// Runs kvmemctl (next to the test binary) and returns its stdout; *rc gets the exit status.
+std::string Kvmemctl(const std::string& args, int* rc) {
+  const std::string cmd = testing::BinDir() + "/kvmemctl " + args + " 2>/dev/null";
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (f == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const int st = ::pclose(f);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
+  DaemonProcess a, b;
+  ASSERT_TRUE(a.ready() && b.ready());
+  const std::string addrs = a.address() + "," + b.address();
+  int rc = -1;
+  for (int i = 0; i < 6; ++i) {
+    Kvmemctl("--addr " + addrs + " session create --layers 2 --q-heads 4 --kv-heads 2 --head-dim 16", &rc);
+    ASSERT_EQ(rc, 0);
+  }
+  auto one = nlohmann::json::parse(Kvmemctl("--addr " + a.address() + " --json status", &rc));
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(one["backend"], "cpu");
+  EXPECT_EQ(one["gpu"], "none");
+  EXPECT_GE(one["uptime_seconds"].get<double>(), 0.0);
+  ASSERT_EQ(one["tiers"].size(), 3u);
+  EXPECT_EQ(one["tiers"][0]["tier"], "device");
+  EXPECT_GT(one["tiers"][0]["capacity_bytes"].get<uint64_t>(), 0u);
+
+  auto both = nlohmann::json::parse(Kvmemctl("--addr " + addrs + " --json status", &rc));
+  ASSERT_EQ(rc, 0);
+  ASSERT_EQ(both["daemons"].size(), 2u);
+  EXPECT_EQ(both["daemons"][0]["sessions"].get<int>() + both["daemons"][1]["sessions"].get<int>(), 6);
+
+  auto list = nlohmann::json::parse(Kvmemctl("--addr " + addrs + " --json session list", &rc));
+  ASSERT_EQ(rc, 0);
+  ASSERT_EQ(list["sessions"].size(), 6u);
+  for (const auto& s : list["sessions"]) EXPECT_TRUE(s.contains("address"));
+
+  const std::string top = Kvmemctl("--addr " + addrs + " --json top --iterations 2 --interval 0.05", &rc);
+  ASSERT_EQ(rc, 0);
+  std::istringstream lines(top);
+  std::string line;
+  int n = 0;
+  while (std::getline(lines, line)) {
+    auto j = nlohmann::json::parse(line);
+    EXPECT_EQ(j["iteration"], n);
+    EXPECT_EQ(j["sessions_total"], 6);
+    EXPECT_EQ(j["top"].size(), 6u);
+    ++n;
+  }
+  EXPECT_EQ(n, 2);
+  const std::string text = Kvmemctl("--addr " + addrs + " top --iterations 1", &rc);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(text.find("TOK/S"), std::string::npos) << text;
 }
 
 // systemd's side of Type=notify: a datagram socket in NOTIFY_SOCKET, a watchdog interval.
