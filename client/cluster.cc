@@ -86,7 +86,8 @@ Result<std::vector<std::string>> ResolveAddresses(const std::string& spec) {
         inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, buf, sizeof buf);
         out.insert(std::string(buf) + ":" + std::to_string(port));
       } else if (a->ai_family == AF_INET6) {
-        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, buf, sizeof buf);
+        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, buf,
+                  sizeof buf);
         out.insert("[" + std::string(buf) + "]:" + std::to_string(port));
       }
     }
@@ -152,7 +153,8 @@ Result<SessionSummary> Cluster::SessionInfo(uint64_t id) {
   return c->SessionInfo(id);
 }
 
-Result<AppendResult> Cluster::AppendKV(uint64_t id, const TensorView& keys, const TensorView& values,
+Result<AppendResult> Cluster::AppendKV(uint64_t id, const TensorView& keys,
+                                       const TensorView& values,
                                        std::span<const uint8_t> boundaries) {
   KVMEM_ASSIGN_OR_RETURN(Client * c, For(id));
   return c->AppendKV(id, keys, values, boundaries);

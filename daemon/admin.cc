@@ -23,11 +23,16 @@ namespace {
 
 const char* ModeName(SelectionMode m) {
   switch (m) {
-    case SelectionMode::kDense: return "dense";
-    case SelectionMode::kIndex: return "index";
-    case SelectionMode::kRetrievalHeads: return "retrieval_heads";
-    case SelectionMode::kHybrid: return "hybrid";
-    default: return "default";
+    case SelectionMode::kDense:
+      return "dense";
+    case SelectionMode::kIndex:
+      return "index";
+    case SelectionMode::kRetrievalHeads:
+      return "retrieval_heads";
+    case SelectionMode::kHybrid:
+      return "hybrid";
+    default:
+      return "default";
   }
 }
 
@@ -45,8 +50,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     parser_.emplace();
     parser_->body_limit(8192);
     stream_.expires_after(std::chrono::seconds(30));
-    http::async_read(stream_, buffer_, *parser_,
-                     [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+    http::async_read(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
   }
 
   void OnRead(beast::error_code ec) {
@@ -61,15 +67,14 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     res->keep_alive(req_.keep_alive());
     res->set(http::field::server, "kvmemd");
     res->prepare_payload();
-    http::async_write(stream_, *res,
-                      [self = shared_from_this(), res](beast::error_code e, size_t) {
-                        if (e || !res->keep_alive()) {
-                          beast::error_code ignored;
-                          self->stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
-                          return;
-                        }
-                        self->Read();
-                      });
+    http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code e, size_t) {
+      if (e || !res->keep_alive()) {
+        beast::error_code ignored;
+        self->stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+        return;
+      }
+      self->Read();
+    });
   }
 
   http::response<http::string_body> Reply(http::status status, std::string body,
@@ -102,11 +107,15 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       }
     }
     if (target == "/metrics") {
-      return Reply(http::status::ok, server_->MetricsText(), "text/plain; version=0.0.4; charset=utf-8");
+      return Reply(http::status::ok, server_->MetricsText(),
+                   "text/plain; version=0.0.4; charset=utf-8");
     }
-    if (target == "/v1/sessions") return Reply(http::status::ok, server_->SessionsJson(), "application/json");
-    if (target == "/v1/status") return Reply(http::status::ok, server_->StatusJson(), "application/json");
-    return Reply(http::status::not_found, "not found; try /healthz /readyz /metrics /v1/sessions /v1/status\n");
+    if (target == "/v1/sessions")
+      return Reply(http::status::ok, server_->SessionsJson(), "application/json");
+    if (target == "/v1/status")
+      return Reply(http::status::ok, server_->StatusJson(), "application/json");
+    return Reply(http::status::not_found,
+                 "not found; try /healthz /readyz /metrics /v1/sessions /v1/status\n");
   }
 
   beast::tcp_stream stream_;
@@ -124,11 +133,13 @@ struct AdminServer::Impl {
   tcp::acceptor acceptor{io};
 
   void Accept(const AdminServer* server, const std::string* token) {
-    acceptor.async_accept(asio::make_strand(io), [this, server, token](beast::error_code ec, tcp::socket s) {
-      if (ec == asio::error::operation_aborted) return;
-      if (!ec) std::make_shared<HttpSession>(std::move(s), server, token)->Run();
-      Accept(server, token);
-    });
+    acceptor.async_accept(asio::make_strand(io),
+                          [this, server, token](beast::error_code ec, tcp::socket s) {
+                            if (ec == asio::error::operation_aborted) return;
+                            if (!ec)
+                              std::make_shared<HttpSession>(std::move(s), server, token)->Run();
+                            Accept(server, token);
+                          });
   }
 };
 
@@ -137,7 +148,9 @@ AdminServer::AdminServer(AdminOptions options, AdminSources sources)
 
 AdminServer::~AdminServer() { Stop(); }
 
-bool AdminServer::ready() const { return sources_.ready && sources_.ready->load(std::memory_order_acquire); }
+bool AdminServer::ready() const {
+  return sources_.ready && sources_.ready->load(std::memory_order_acquire);
+}
 
 Status AdminServer::Start() {
   std::string host;
@@ -145,7 +158,8 @@ Status AdminServer::Start() {
   beast::error_code ec;
   tcp::resolver resolver(impl_->io);
   auto results = resolver.resolve(host, std::to_string(port_), ec);
-  if (ec || results.empty()) return InvalidArgument("admin: cannot resolve '" + host + "': " + ec.message());
+  if (ec || results.empty())
+    return InvalidArgument("admin: cannot resolve '" + host + "': " + ec.message());
   const tcp::endpoint ep = results.begin()->endpoint();
   impl_->acceptor.open(ep.protocol(), ec);
   if (!ec) impl_->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
@@ -223,8 +237,10 @@ std::string AdminServer::StatusJson() const {
   const double uptime =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - sources_.started).count();
   nlohmann::json tiers = nlohmann::json::array();
-  tiers.push_back({{"tier", "device"}, {"capacity_bytes", sources_.device_capacity_bytes},
-                   {"used_bytes", bytes}, {"chunks", chunks}});
+  tiers.push_back({{"tier", "device"},
+                   {"capacity_bytes", sources_.device_capacity_bytes},
+                   {"used_bytes", bytes},
+                   {"chunks", chunks}});
   tiers.push_back({{"tier", "host"}, {"capacity_bytes", 0}, {"used_bytes", 0}, {"chunks", 0}});
   tiers.push_back({{"tier", "disk"}, {"capacity_bytes", 0}, {"used_bytes", 0}, {"chunks", 0}});
   nlohmann::json j = {{"version", sources_.version},

@@ -16,9 +16,12 @@ namespace w = ::kvmem::wire;
 
 const char* TierName(Tier t) {
   switch (t) {
-    case Tier::kDevice: return "device";
-    case Tier::kHost: return "host";
-    case Tier::kDisk: return "disk";
+    case Tier::kDevice:
+      return "device";
+    case Tier::kHost:
+      return "host";
+    case Tier::kDisk:
+      return "disk";
   }
   return "unknown";
 }
@@ -29,12 +32,14 @@ void LatencyHistogram::Observe(std::chrono::nanoseconds d) {
   while (i < kLatencyBucketsSeconds.size() && s > kLatencyBucketsSeconds[i]) ++i;
   buckets_[i].fetch_add(1, std::memory_order_relaxed);
   count_.fetch_add(1, std::memory_order_relaxed);
-  sum_ns_.fetch_add(static_cast<uint64_t>(d.count() < 0 ? 0 : d.count()), std::memory_order_relaxed);
+  sum_ns_.fetch_add(static_cast<uint64_t>(d.count() < 0 ? 0 : d.count()),
+                    std::memory_order_relaxed);
 }
 
 LatencyHistogram::Snapshot LatencyHistogram::Read() const {
   Snapshot s;
-  for (size_t i = 0; i < buckets_.size(); ++i) s.buckets[i] = buckets_[i].load(std::memory_order_relaxed);
+  for (size_t i = 0; i < buckets_.size(); ++i)
+    s.buckets[i] = buckets_[i].load(std::memory_order_relaxed);
   s.count = count_.load(std::memory_order_relaxed);
   s.sum_ns = sum_ns_.load(std::memory_order_relaxed);
   return s;
@@ -59,7 +64,8 @@ std::vector<int> RequestOps() {
   std::vector<int> ops;
   for (int v = 1; v <= static_cast<int>(w::Body::MAX) && v < kMaxOps; ++v) {
     const std::string name = w::EnumNameBody(static_cast<w::Body>(v));
-    if (name.empty() || (name.size() > 5 && name.compare(name.size() - 5, 5, "Reply") == 0)) continue;
+    if (name.empty() || (name.size() > 5 && name.compare(name.size() - 5, 5, "Reply") == 0))
+      continue;
     ops.push_back(v);
   }
   return ops;
@@ -76,12 +82,16 @@ class Writer {
     out_ += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
   }
   void Sample(const std::string& name, const std::string& labels, uint64_t v) {
-    if (labels.empty()) out_ += fmt::format("{} {}\n", name, v);
-    else out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
+    if (labels.empty())
+      out_ += fmt::format("{} {}\n", name, v);
+    else
+      out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
   }
   void SampleD(const std::string& name, const std::string& labels, double v) {
-    if (labels.empty()) out_ += fmt::format("{} {}\n", name, v);
-    else out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
+    if (labels.empty())
+      out_ += fmt::format("{} {}\n", name, v);
+    else
+      out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
   }
   std::string Take() { return std::move(out_); }
 
@@ -93,7 +103,10 @@ std::string EscapeLabel(const std::string& v) {
   std::string o;
   for (char c : v) {
     if (c == '\\' || c == '"') o += '\\';
-    if (c == '\n') { o += "\\n"; continue; }
+    if (c == '\n') {
+      o += "\\n";
+      continue;
+    }
     o += c;
   }
   return o;
@@ -151,7 +164,9 @@ std::string RenderPrometheus(const MetricsSources& src) {
   Writer wr;
   wr.Family("kvmem_build_info", "gauge", "Build and runtime identity; always 1.");
   wr.Sample("kvmem_build_info",
-            fmt::format("version=\"{}\",backend=\"{}\"", EscapeLabel(src.version), EscapeLabel(src.backend)), 1);
+            fmt::format("version=\"{}\",backend=\"{}\"", EscapeLabel(src.version),
+                        EscapeLabel(src.backend)),
+            1);
   wr.Family("kvmem_up", "gauge", "1 while the daemon serves.");
   wr.Sample("kvmem_up", "", 1);
   wr.Family("kvmem_ready", "gauge", "1 once startup (restore) finished and the listener is up.");
@@ -178,7 +193,8 @@ std::string RenderPrometheus(const MetricsSources& src) {
                 fmt::format("op=\"{}\",le=\"{}\"", name, kLatencyBucketsSeconds[i]), cum);
     }
     cum += snap.buckets.back();
-    wr.Sample("kvmem_request_duration_seconds_bucket", fmt::format("op=\"{}\",le=\"+Inf\"", name), cum);
+    wr.Sample("kvmem_request_duration_seconds_bucket", fmt::format("op=\"{}\",le=\"+Inf\"", name),
+              cum);
     wr.SampleD("kvmem_request_duration_seconds_sum", fmt::format("op=\"{}\"", name),
                static_cast<double>(snap.sum_ns) * 1e-9);
     wr.Sample("kvmem_request_duration_seconds_count", fmt::format("op=\"{}\"", name), snap.count);
@@ -187,7 +203,8 @@ std::string RenderPrometheus(const MetricsSources& src) {
   for (int c = 1; c <= static_cast<int>(w::Code::MAX) && c < kMaxCodes; ++c) {
     const char* n = w::EnumNameCode(static_cast<w::Code>(c));
     if (n == nullptr || *n == '\0') continue;
-    wr.Sample("kvmem_errors_total", fmt::format("code=\"{}\"", n), m.errors[c].load(std::memory_order_relaxed));
+    wr.Sample("kvmem_errors_total", fmt::format("code=\"{}\"", n),
+              m.errors[c].load(std::memory_order_relaxed));
   }
 
   auto per_tier = [&](const char* name, const char* type, const char* help, auto value) {
@@ -213,32 +230,41 @@ std::string RenderPrometheus(const MetricsSources& src) {
 
   wr.Family("kvmem_sessions", "gauge", "Live sessions, by tenant.");
   if (per_tenant.empty()) wr.Sample("kvmem_sessions", "tenant=\"\"", 0);
-  for (const auto& [t, n] : per_tenant) wr.Sample("kvmem_sessions", fmt::format("tenant=\"{}\"", EscapeLabel(t)), n);
+  for (const auto& [t, n] : per_tenant)
+    wr.Sample("kvmem_sessions", fmt::format("tenant=\"{}\"", EscapeLabel(t)), n);
   wr.Family("kvmem_session_tokens", "gauge", "Tokens held by all sessions.");
   wr.Sample("kvmem_session_tokens", "", tokens);
   wr.Family("kvmem_tenants", "gauge", "Tenants with at least one session.");
   wr.Sample("kvmem_tenants", "", per_tenant.size());
-  wr.Family("kvmem_tenants_configured", "gauge", "Tenant tokens in the configuration (0: open mode).");
+  wr.Family("kvmem_tenants_configured", "gauge",
+            "Tenant tokens in the configuration (0: open mode).");
   wr.Sample("kvmem_tenants_configured", "", tenants_configured);
-  wr.Family("kvmem_search_nodes_visited_total", "counter", "Cluster-index nodes visited by searches.");
-  wr.Sample("kvmem_search_nodes_visited_total", "", m.search_nodes_visited.load(std::memory_order_relaxed));
+  wr.Family("kvmem_search_nodes_visited_total", "counter",
+            "Cluster-index nodes visited by searches.");
+  wr.Sample("kvmem_search_nodes_visited_total", "",
+            m.search_nodes_visited.load(std::memory_order_relaxed));
 
   const TransportCounters* tc = src.transport;
-  auto ld = [](const std::atomic<uint64_t>* a) { return a ? a->load(std::memory_order_relaxed) : 0; };
+  auto ld = [](const std::atomic<uint64_t>* a) {
+    return a ? a->load(std::memory_order_relaxed) : 0;
+  };
   wr.Family("kvmem_ucx_endpoints_open", "gauge", "UCX endpoints (client connections) open.");
   wr.Sample("kvmem_ucx_endpoints_open", "", ld(tc ? &tc->connections_open : nullptr));
   wr.Family("kvmem_ucx_endpoints_accepted_total", "counter", "UCX endpoints accepted.");
   wr.Sample("kvmem_ucx_endpoints_accepted_total", "", ld(tc ? &tc->connections_accepted : nullptr));
-  wr.Family("kvmem_messages_rejected_total", "counter",
-            "Messages refused before reaching a handler (malformed, too large, overload, shutdown).");
+  wr.Family(
+      "kvmem_messages_rejected_total", "counter",
+      "Messages refused before reaching a handler (malformed, too large, overload, shutdown).");
   wr.Sample("kvmem_messages_rejected_total", "", ld(tc ? &tc->messages_rejected : nullptr));
   wr.Family("kvmem_bytes_in_total", "counter", "Bytes received from clients (headers + data).");
   wr.Sample("kvmem_bytes_in_total", "", ld(tc ? &tc->bytes_in : nullptr));
   wr.Family("kvmem_bytes_out_total", "counter", "Bytes sent to clients (headers + data).");
   wr.Sample("kvmem_bytes_out_total", "", ld(tc ? &tc->bytes_out : nullptr));
   wr.Family("kvmem_config_reloads_total", "counter", "Configuration reloads (SIGHUP), by result.");
-  wr.Sample("kvmem_config_reloads_total", "result=\"ok\"", m.reloads_ok.load(std::memory_order_relaxed));
-  wr.Sample("kvmem_config_reloads_total", "result=\"failed\"", m.reloads_failed.load(std::memory_order_relaxed));
+  wr.Sample("kvmem_config_reloads_total", "result=\"ok\"",
+            m.reloads_ok.load(std::memory_order_relaxed));
+  wr.Sample("kvmem_config_reloads_total", "result=\"failed\"",
+            m.reloads_failed.load(std::memory_order_relaxed));
   return wr.Take();
 }
 

@@ -28,15 +28,16 @@ const char* TierName(Tier t);
 
 // Latency histogram bucket upper bounds, in seconds (Prometheus `le`). 5 us .. 10 s.
 inline constexpr std::array<double, 20> kLatencyBucketsSeconds = {
-    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
-    10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0};
+    5e-6,  10e-6, 25e-6, 50e-6,  100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
+    10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,    2.5,  5.0,    10.0};
 
 // Cumulative-friendly histogram: one relaxed atomic per bucket plus +Inf, count and sum.
 class LatencyHistogram {
  public:
   void Observe(std::chrono::nanoseconds d);
   struct Snapshot {
-    std::array<uint64_t, kLatencyBucketsSeconds.size() + 1> buckets{};  // non-cumulative; last = +Inf
+    std::array<uint64_t, kLatencyBucketsSeconds.size() + 1>
+        buckets{};  // non-cumulative; last = +Inf
     uint64_t count = 0;
     uint64_t sum_ns = 0;
   };

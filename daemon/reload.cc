@@ -26,8 +26,9 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.ucx_error_mode != current->ucx_error_mode, "ucx_error_mode");
   const SessionOptions& a = fresh.session_defaults;
   const SessionOptions& b = current->session_defaults;
-  check(a.chunker.min_tokens != b.chunker.min_tokens || a.chunker.max_tokens != b.chunker.max_tokens ||
-            a.sink_tokens != b.sink_tokens || a.default_budget_tokens != b.default_budget_tokens,
+  check(a.chunker.min_tokens != b.chunker.min_tokens ||
+            a.chunker.max_tokens != b.chunker.max_tokens || a.sink_tokens != b.sink_tokens ||
+            a.default_budget_tokens != b.default_budget_tokens,
         "session_defaults");
   // Validate everything before changing anything.
   KVMEM_RETURN_IF_ERROR(SetLogLevel(fresh.log_level).WithContext("log_level"));

@@ -5,13 +5,12 @@
 //      same run (A B A B ...), so machine noise hits both arms alike. Target: p99 within noise.
 //
 //   kvmem-bench-ops --json bench/results/ops.json [--sessions 1000] [--rounds 4] [--round-s 2]
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -61,18 +60,26 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
-    if (a == "--json") json_path = next();
-    else if (a == "--sessions") sessions = std::stoi(next());
-    else if (a == "--rounds") rounds = std::stoi(next());
-    else if (a == "--round-s") round_s = std::stod(next());
-    else if (a == "--scrapes") scrapes = std::stoi(next());
+    if (a == "--json")
+      json_path = next();
+    else if (a == "--sessions")
+      sessions = std::stoi(next());
+    else if (a == "--rounds")
+      rounds = std::stoi(next());
+    else if (a == "--round-s")
+      round_s = std::stod(next());
+    else if (a == "--scrapes")
+      scrapes = std::stoi(next());
     else {
-      std::fprintf(stderr, "usage: kvmem-bench-ops [--json FILE] [--sessions N] [--rounds N] [--round-s S]\n");
+      std::fprintf(
+          stderr,
+          "usage: kvmem-bench-ops [--json FILE] [--sessions N] [--rounds N] [--round-s S]\n");
       return 2;
     }
   }
   const uint16_t admin = kvmem::testing::FreePort();
-  kvmem::testing::DaemonProcess d({"--admin", "127.0.0.1:" + std::to_string(admin), "--device-memory", "2GiB"});
+  kvmem::testing::DaemonProcess d(
+      {"--admin", "127.0.0.1:" + std::to_string(admin), "--device-memory", "2GiB"});
   if (!d.ready()) {
     std::fprintf(stderr, "kvmemd did not start\n");
     return 1;
@@ -168,18 +175,22 @@ int main(int argc, char** argv) {
               {"cpu", Command("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")},
               {"loadavg_at_end", Command("cut -d' ' -f1-3 /proc/loadavg")},
               {"commit", Command("git rev-parse --short HEAD 2>/dev/null")},
-              {"note", "GET /metrics timed end to end over loopback HTTP (connect + render + transfer), "
-                       "an upper bound on render time; Ping over UCX auto (shared memory), event "
-                       "progress, rounds alternate without/with scraping"}};
-  std::printf("GET /metrics (%d sessions, %zu bytes): p50 %.0f us, p99 %.0f us, max %.0f us (target p99 <= 5000 us)\n",
-              sessions, metrics_bytes, metrics["p50_us"].get<double>(), metrics["p99_us"].get<double>(),
-              metrics["max_us"].get<double>());
+              {"note",
+               "GET /metrics timed end to end over loopback HTTP (connect + render + transfer), "
+               "an upper bound on render time; Ping over UCX auto (shared memory), event "
+               "progress, rounds alternate without/with scraping"}};
+  std::printf(
+      "GET /metrics (%d sessions, %zu bytes): p50 %.0f us, p99 %.0f us, max %.0f us (target p99 <= "
+      "5000 us)\n",
+      sessions, metrics_bytes, metrics["p50_us"].get<double>(), metrics["p99_us"].get<double>(),
+      metrics["max_us"].get<double>());
   std::printf("Ping without scraping: p50 %.1f us, p99 %.1f us, p999 %.1f us (%zu pings)\n",
-              quiet["p50_us"].get<double>(), quiet["p99_us"].get<double>(), quiet["p999_us"].get<double>(),
-              quiet_us.size());
-  std::printf("Ping with 10 Hz /metrics: p50 %.1f us, p99 %.1f us, p999 %.1f us (%zu pings, %d scrapes)\n",
-              scraped["p50_us"].get<double>(), scraped["p99_us"].get<double>(),
-              scraped["p999_us"].get<double>(), scraped_us.size(), scrapes_during);
+              quiet["p50_us"].get<double>(), quiet["p99_us"].get<double>(),
+              quiet["p999_us"].get<double>(), quiet_us.size());
+  std::printf(
+      "Ping with 10 Hz /metrics: p50 %.1f us, p99 %.1f us, p999 %.1f us (%zu pings, %d scrapes)\n",
+      scraped["p50_us"].get<double>(), scraped["p99_us"].get<double>(),
+      scraped["p999_us"].get<double>(), scraped_us.size(), scrapes_during);
   if (!json_path.empty()) std::ofstream(json_path) << out.dump(2) << "\n";
   return d.Stop() == 0 ? 0 : 1;
 }

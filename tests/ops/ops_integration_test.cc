@@ -1,16 +1,15 @@
 // Operations end to end against real kvmemd processes: the admin endpoint, the admin token,
 // SIGHUP reload of tenant tokens, and three daemons behind kvmem::client::Cluster.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include <csignal>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <thread>
-
-#include <sys/socket.h>
-#include <sys/un.h>
 
 #include "client/cluster.h"
 #include "daemon/sd_notify.h"
@@ -74,9 +73,9 @@ TEST(Admin, HealthReadyMetricsSessions) {
   EXPECT_EQ(j[0]["tenant"], "default");
   EXPECT_EQ(j[0]["layers"], 2);
   EXPECT_EQ(j[0]["dtype"], "fp32");
-  for (const char* k : {"q_heads", "kv_heads", "head_dim", "tokens", "chunks", "tail_tokens",
-                        "mean_chunk_tokens", "bytes", "mode", "durable", "label", "created_unix_ms",
-                        "last_used_unix_ms"}) {
+  for (const char* k :
+       {"q_heads", "kv_heads", "head_dim", "tokens", "chunks", "tail_tokens", "mean_chunk_tokens",
+        "bytes", "mode", "durable", "label", "created_unix_ms", "last_used_unix_ms"}) {
     EXPECT_TRUE(j[0].contains(k)) << k;
   }
   auto st = nlohmann::json::parse(HttpGet(admin, "/v1/status").body);
@@ -109,11 +108,13 @@ TEST(Admin, SearchNodesVisitedCounts) {
   ASSERT_TRUE(id.ok()) << id.status().ToString();
   const uint64_t T = 512;
   std::vector<float> kv(static_cast<size_t>(p.layers) * p.kv_heads * T * p.head_dim);
-  for (size_t i = 0; i < kv.size(); ++i) kv[i] = static_cast<float>((i * 2654435761u) % 1000) / 500.0f - 1.0f;
+  for (size_t i = 0; i < kv.size(); ++i)
+    kv[i] = static_cast<float>((i * 2654435761u) % 1000) / 500.0f - 1.0f;
   client::TensorView k{kv.data(), DType::kF32, {p.layers, p.kv_heads, T, p.head_dim}};
   ASSERT_TRUE((*c)->AppendKV(*id, k, k).ok());
   std::vector<float> q(p.q_heads * p.head_dim, 0.25f);
-  auto r = (*c)->Retrieve(*id, 0, client::TensorView{q.data(), DType::kF32, {p.q_heads, p.head_dim}});
+  auto r =
+      (*c)->Retrieve(*id, 0, client::TensorView{q.data(), DType::kF32, {p.q_heads, p.head_dim}});
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   const std::string m = HttpGet(admin, "/metrics").body;
   const size_t at = m.find("\nkvmem_search_nodes_visited_total ");
@@ -161,8 +162,9 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   // Wait for the reload to land (visible in /metrics).
   bool reloaded = false;
   for (int i = 0; i < 100 && !reloaded; ++i) {
-    reloaded = HttpGet(admin, "/metrics").body.find("kvmem_config_reloads_total{result=\"ok\"} 1") !=
-               std::string::npos;
+    reloaded =
+        HttpGet(admin, "/metrics").body.find("kvmem_config_reloads_total{result=\"ok\"} 1") !=
+        std::string::npos;
     if (!reloaded) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   ASSERT_TRUE(reloaded);
@@ -179,7 +181,8 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].id, 5u);
   // The reloaded quota applies: the tenant already holds 1 session.
-  EXPECT_EQ((*fresh)->CreateSession(SmallProfile(), {}, 6).status().code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ((*fresh)->CreateSession(SmallProfile(), {}, 6).status().code(),
+            StatusCode::kResourceExhausted);
   // The connection authenticated before the reload keeps working.
   EXPECT_TRUE((*before)->SessionInfo(5).ok());
 
@@ -188,8 +191,9 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   ASSERT_EQ(::kill(d.pid(), SIGHUP), 0);
   bool failed = false;
   for (int i = 0; i < 100 && !failed; ++i) {
-    failed = HttpGet(admin, "/metrics").body.find("kvmem_config_reloads_total{result=\"failed\"} 1") !=
-             std::string::npos;
+    failed =
+        HttpGet(admin, "/metrics").body.find("kvmem_config_reloads_total{result=\"failed\"} 1") !=
+        std::string::npos;
     if (!failed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_TRUE(failed);
@@ -218,7 +222,9 @@ TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
   const std::string addrs = a.address() + "," + b.address();
   int rc = -1;
   for (int i = 0; i < 6; ++i) {
-    Kvmemctl("--addr " + addrs + " session create --layers 2 --q-heads 4 --kv-heads 2 --head-dim 16", &rc);
+    Kvmemctl(
+        "--addr " + addrs + " session create --layers 2 --q-heads 4 --kv-heads 2 --head-dim 16",
+        &rc);
     ASSERT_EQ(rc, 0);
   }
   auto one = nlohmann::json::parse(Kvmemctl("--addr " + a.address() + " --json status", &rc));
@@ -233,14 +239,16 @@ TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
   auto both = nlohmann::json::parse(Kvmemctl("--addr " + addrs + " --json status", &rc));
   ASSERT_EQ(rc, 0);
   ASSERT_EQ(both["daemons"].size(), 2u);
-  EXPECT_EQ(both["daemons"][0]["sessions"].get<int>() + both["daemons"][1]["sessions"].get<int>(), 6);
+  EXPECT_EQ(both["daemons"][0]["sessions"].get<int>() + both["daemons"][1]["sessions"].get<int>(),
+            6);
 
   auto list = nlohmann::json::parse(Kvmemctl("--addr " + addrs + " --json session list", &rc));
   ASSERT_EQ(rc, 0);
   ASSERT_EQ(list["sessions"].size(), 6u);
   for (const auto& s : list["sessions"]) EXPECT_TRUE(s.contains("address"));
 
-  const std::string top = Kvmemctl("--addr " + addrs + " --json top --iterations 2 --interval 0.05", &rc);
+  const std::string top =
+      Kvmemctl("--addr " + addrs + " --json top --iterations 2 --interval 0.05", &rc);
   ASSERT_EQ(rc, 0);
   std::istringstream lines(top);
   std::string line;
@@ -261,8 +269,9 @@ TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
 // systemd's side of Type=notify: a datagram socket in NOTIFY_SOCKET, a watchdog interval.
 TEST(Systemd, NotifiesReadyWatchdogAndStopping) {
   if (!sd::Compiled()) GTEST_SKIP() << "built without libsystemd: sd_notify is a no-op";
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("kvmem-notify-" + std::to_string(::getpid()))).string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("kvmem-notify-" + std::to_string(::getpid())))
+          .string();
   ::unlink(path.c_str());
   int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   ASSERT_GE(fd, 0);

@@ -1,11 +1,11 @@
 // Operations pieces without a daemon: the Prometheus rendering, the Grafana dashboard against
 // it, admin/config validation, config includes, rendezvous placement.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -52,12 +52,16 @@ TEST(Metrics, EveryFamilyHasHelpTypeAndSamples) {
     EXPECT_TRUE(names.count(histogram ? f + "_bucket" : f)) << f;
   }
   EXPECT_NE(text.find("kvmem_requests_total{op=\"Ping\"} 2"), std::string::npos);
-  EXPECT_NE(text.find("kvmem_request_duration_seconds_bucket{op=\"Ping\",le=\"+Inf\"} 2"), std::string::npos);
-  EXPECT_NE(text.find("kvmem_request_duration_seconds_bucket{op=\"Ping\",le=\"5e-05\"} 1"), std::string::npos);
+  EXPECT_NE(text.find("kvmem_request_duration_seconds_bucket{op=\"Ping\",le=\"+Inf\"} 2"),
+            std::string::npos);
+  EXPECT_NE(text.find("kvmem_request_duration_seconds_bucket{op=\"Ping\",le=\"5e-05\"} 1"),
+            std::string::npos);
   EXPECT_NE(text.find("kvmem_errors_total{code=\"NOT_FOUND\"} 1"), std::string::npos);
   for (const char* tier : {"device", "host", "disk"}) {
-    EXPECT_NE(text.find(std::string("kvmem_tier_bytes{tier=\"") + tier + "\"}"), std::string::npos) << tier;
-    EXPECT_NE(text.find(std::string("kvmem_spill_bytes_total{tier=\"") + tier + "\"}"), std::string::npos);
+    EXPECT_NE(text.find(std::string("kvmem_tier_bytes{tier=\"") + tier + "\"}"), std::string::npos)
+        << tier;
+    EXPECT_NE(text.find(std::string("kvmem_spill_bytes_total{tier=\"") + tier + "\"}"),
+              std::string::npos);
   }
   // Reply ops are not request ops.
   EXPECT_EQ(text.find("op=\"PingReply\""), std::string::npos);
@@ -87,9 +91,11 @@ TEST(Grafana, EveryQueriedMetricIsExported) {
   for (const auto& panel : dash["panels"]) {
     for (const auto& t : panel["targets"]) {
       const std::string expr = t["expr"].get<std::string>();
-      for (auto it = std::sregex_iterator(expr.begin(), expr.end(), metric); it != std::sregex_iterator(); ++it) {
+      for (auto it = std::sregex_iterator(expr.begin(), expr.end(), metric);
+           it != std::sregex_iterator(); ++it) {
         ++queried;
-        EXPECT_TRUE(names.count(it->str())) << panel["title"] << ": " << it->str() << " is not in /metrics";
+        EXPECT_TRUE(names.count(it->str()))
+            << panel["title"] << ": " << it->str() << " is not in /metrics";
       }
     }
   }
@@ -118,7 +124,8 @@ TEST(Config, NonLoopbackAdminRequiresToken) {
 }
 
 TEST(Config, IncludeMergesSecretsFile) {
-  const auto dir = std::filesystem::temp_directory_path() / ("kvmem-cfg-" + std::to_string(::getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kvmem-cfg-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir / "secret");
   std::ofstream(dir / "main.json") << R"({"listen": "0.0.0.0:7420", "admin": "0.0.0.0:7421",
                                          "include": "secret/tokens.json"})";
@@ -163,7 +170,8 @@ TEST(Rendezvous, DeterministicBalancedAndStable) {
   // Known value: placement must never change between releases (clients of different versions
   // share daemons).
   const size_t golden[] = {1, 0, 2, 1, 2, 1};  // ids 1..6
-  for (uint64_t id = 1; id <= 6; ++id) EXPECT_EQ(client::RendezvousOwner(id, three), golden[id - 1]) << id;
+  for (uint64_t id = 1; id <= 6; ++id)
+    EXPECT_EQ(client::RendezvousOwner(id, three), golden[id - 1]) << id;
 }
 
 TEST(Rendezvous, ResolveExpandsAndDeduplicates) {

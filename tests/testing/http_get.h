@@ -16,7 +16,8 @@ struct HttpResponse {
   std::string body;
 };
 
-inline HttpResponse HttpGet(uint16_t port, const std::string& path, const std::string& bearer = "") {
+inline HttpResponse HttpGet(uint16_t port, const std::string& path,
+                            const std::string& bearer = "") {
   HttpResponse r;
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
