@@ -714,6 +714,14 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
   return Status::OK();
 }
 
+ChunkSummary ClusterTree::chunk_summary(uint32_t chunk) const {
+  ChunkSummary s;
+  s.centroid.assign(chunk_centroid(chunk), chunk_centroid(chunk) + head_dim_);
+  s.radius = chunk_radius_[chunk];
+  s.max_key_norm = chunk_max_norm_[chunk];
+  return s;
+}
+
 TreeStats ClusterTree::Stats() const {
   TreeStats s;
   s.chunks = num_chunks();

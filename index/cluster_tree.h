@@ -185,6 +185,9 @@ class ClusterTree {
   uint64_t total_tokens() const { return total_tokens_; }
   uint32_t chunk_tokens(uint32_t chunk) const { return chunk_tokens_[chunk]; }
   uint64_t chunk_start(uint32_t chunk) const { return chunk_start_[chunk]; }
+  // The summary the tree holds for `chunk` (< num_chunks()): what a snapshot persists, and what
+  // Build() takes back after a restart.
+  ChunkSummary chunk_summary(uint32_t chunk) const;
   const ClusterTreeOptions& options() const { return options_; }
 
  private:
