@@ -476,40 +476,49 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   const float qs = scale * kLog2e;
   __syncthreads();  // run table filled by the caller
 
-  // Per-lane copy cursor: lane copies row lane/2 of its warp's tile, chunks (lane&1)*8 .. +8.
-  const int crow = lane >> 1;
+  // Copies are coalesced: for each j the warp reads rows 2j and 2j+1 of its tile whole (2 x 256 B,
+  // lanes 0-15 the even row, 16-31 the odd one). Each half-warp walks its own cursor over the
+  // run table (run e, row t, with the run's offsets cached in registers), so no shuffles.
+  const int half = lane >> 4;
+  const int c = lane & 15;
   int e = 0;
-  uint32_t t = warp * 16 + crow;
-  while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+  uint32_t t = warp * 16 + half;
+  uint32_t len_e = nruns > 0 ? rt.len[0] : 0xffffffffu;
+  uint64_t ko = nruns > 0 ? rt.k_off[0] : 0, vo = nruns > 0 ? rt.v_off[0] : 0;
+  auto advance = [&](uint32_t n) {
+    t += n;
+    while (t >= len_e) {  // len_e is ~0 past the last run
+      t -= len_e;
+      ++e;
+      if (e < nruns) {
+        len_e = rt.len[e];
+        ko = rt.k_off[e];
+        vo = rt.v_off[e];
+      } else {
+        len_e = 0xffffffffu;
+      }
+    }
+  };
+  advance(0);
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
   auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
-  // Copies are coalesced: for each j, the warp reads rows 2j and 2j+1 whole (2 x 256 B); row
-  // addresses come from the lanes that walked the cursor for them (lanes 2r and 2r+1: row r).
   auto issue = [&](int st, uint32_t it) {
     const uint32_t tile0 = (it * W + warp) * 16;
-    const bool v = tile0 + crow < ntok;
-    const unsigned long long kp =
-        reinterpret_cast<unsigned long long>(v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D : kbase);
-    const unsigned long long vp =
-        reinterpret_cast<unsigned long long>(v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D : vbase);
     const uint32_t ks = stage_k(st), vs = ks + 4096;
-    const int c = lane & 15;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int r = 2 * j + (lane >> 4);
-      const unsigned long long kr = __shfl_sync(0xffffffffu, kp, 2 * r);
-      const unsigned long long vr = __shfl_sync(0xffffffffu, vp, 2 * r);
+      const int r = 2 * j + half;
       const bool rv = tile0 + r < ntok;
       const uint32_t off = static_cast<uint32_t>(r * 256 + ((c ^ (r & 7)) * 16));
+      const KV* kp = rv ? kbase + ko + static_cast<uint64_t>(t) * D + c * 8 : kbase;
+      const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D + c * 8 : vbase;
       asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
-                   "l"(reinterpret_cast<const KV*>(kr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
+                   "l"(kp), "r"(rv ? 16u : 0u));
       asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
-                   "l"(reinterpret_cast<const KV*>(vr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
+                   "l"(vp), "r"(rv ? 16u : 0u));
+      if (j < 7) advance(2);
     }
-    if (v) {
-      t += W * 16;
-      while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
-    }
+    advance(W * 16 - 14);  // row `half` of this warp's next tile
     CpAsyncCommit();
   };
 
