@@ -8,7 +8,7 @@
 // returns UNAVAILABLE (DeviceCount() == 0), so callers and tests can skip cleanly.
 //
 // head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level); set
-// KVMEM_ATTN_PATH=simt to force the CUDA-core kernel (debugging / A-B timing).
+// KVMEM_ATTN_PATH=simt (CUDA cores) or tc-cpasync (tensor cores fed by cp.async instead of bulk copies) selects another kernel, for debugging and A-B timing.
 // Supported on CUDA: head_dim 64 or 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8;
 // K/V bf16 or fp16 (fp32 K/V: CPU only); q and out fp32, fp16 or bf16; fp32 accumulation.
 #pragma once

@@ -41,6 +41,7 @@ struct RunTable {
   uint64_t v_off[kMaxRunsPerItem];
   uint32_t len[kMaxRunsPerItem];
   int is_last;
+  alignas(8) unsigned long long mbar[16];  // bulk-copy path: one per (warp, stage)
 };
 
 constexpr int kMergeChunk = 256;  // splits per pass of the final merge
@@ -381,12 +382,16 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 //   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
 // Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
 // it is not already of the K/V type.
-template <int G>
+template <int G, bool kBulk>
 struct TCShape {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kTile = 16;
   static constexpr int kStages = 3;
-  static constexpr size_t kStageBytes = kTile * 128 * 2 * 2;
+  // cp.async: 256-byte rows with the 16-byte chunks XOR-swizzled; bulk copies write rows as they
+  // are, so rows are padded to 272 bytes instead (ldmatrix stays conflict-free either way).
+  static constexpr int kRowBytes = kBulk ? 272 : 256;
+  static constexpr int kHalfBytes = kTile * kRowBytes;  // K (or V) of one stage
+  static constexpr size_t kStageBytes = 2 * kHalfBytes;
   static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
   static constexpr size_t kCombineBytes = CombineArea<128, G, kWarps>::kBytes;
   static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
@@ -439,13 +444,37 @@ __device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t*
   }
 }
 
-template <int G, typename KV>
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t bytes,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+template <int G, typename KV, bool kBulk>
 __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                           const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                           const void* q, DType q_dtype, float scale,
                                           const ItemOutput& o) {
   constexpr int D = 128;
-  using T = TCShape<G>;
+  using T = TCShape<G, kBulk>;
+  constexpr int RB = T::kRowBytes;
   constexpr int W = T::kWarps;
   constexpr int ST = T::kStages;
   constexpr float kNegInf = -INFINITY;
@@ -476,13 +505,15 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   const float qs = scale * kLog2e;
   __syncthreads();  // run table filled by the caller
 
-  // Copies are coalesced: for each j the warp reads rows 2j and 2j+1 of its tile whole (2 x 256 B,
-  // lanes 0-15 the even row, 16-31 the odd one). Each half-warp walks its own cursor over the
-  // run table (run e, row t, with the run's offsets cached in registers), so no shuffles.
-  const int half = lane >> 4;
-  const int c = lane & 15;
+  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
+  auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
+  // Run cursor (run e, row t, the run's offsets cached in registers) for row `crow` of the warp's
+  // current tile; advance(n) moves it n rows on.
+  // cp.async: for each j the warp reads rows 2j and 2j+1 whole (coalesced), crow = lane / 16.
+  // bulk: lane copies one row, crow = lane % 16, K for lanes 0-15 and V for 16-31.
+  const int crow = kBulk ? (lane & 15) : (lane >> 4);
   int e = 0;
-  uint32_t t = warp * 16 + half;
+  uint32_t t = warp * 16 + crow;
   uint32_t len_e = nruns > 0 ? rt.len[0] : 0xffffffffu;
   uint64_t ko = nruns > 0 ? rt.k_off[0] : 0, vo = nruns > 0 ? rt.v_off[0] : 0;
   auto advance = [&](uint32_t n) {
@@ -500,26 +531,58 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     }
   };
   advance(0);
-  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
-  auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(&rt.mbar[warp * ST]));
+  if constexpr (kBulk) {
+    if (lane == 0) {
+      for (int st = 0; st < ST; ++st) MbarInit(bar0 + st * 8, 1);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncwarp();
+  }
   auto issue = [&](int st, uint32_t it) {
     const uint32_t tile0 = (it * W + warp) * 16;
-    const uint32_t ks = stage_k(st), vs = ks + 4096;
+    if constexpr (kBulk) {
+      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
+      const uint32_t bar = bar0 + st * 8;
+      const int kv = lane >> 4;
+      const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + crow * RB;
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+      if (lane == 0) MbarExpectTx(bar, nv * 512);
+      __syncwarp();
+      if (static_cast<uint32_t>(crow) < nv) {
+        const KV* src = (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D;
+        BulkCopy(dst, src, 256, bar);
+      } else {
+        // Rows past the end are masked, but P * V must not meet stale NaNs: zero them.
+        for (int i = 0; i < 16; ++i) {
+          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
+                       : "memory");
+        }
+      }
+      advance(W * 16);
+    } else {
+      const int c = lane & 15;
+      const uint32_t ks = stage_k(st), vs = ks + T::kHalfBytes;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int r = 2 * j + half;
-      const bool rv = tile0 + r < ntok;
-      const uint32_t off = static_cast<uint32_t>(r * 256 + ((c ^ (r & 7)) * 16));
-      const KV* kp = rv ? kbase + ko + static_cast<uint64_t>(t) * D + c * 8 : kbase;
-      const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D + c * 8 : vbase;
-      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
-                   "l"(kp), "r"(rv ? 16u : 0u));
-      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
-                   "l"(vp), "r"(rv ? 16u : 0u));
-      if (j < 7) advance(2);
+      for (int j = 0; j < 8; ++j) {
+        const int r = 2 * j + crow;
+        const bool rv = tile0 + r < ntok;
+        const uint32_t off = static_cast<uint32_t>(r * RB + ((c ^ (r & 7)) * 16));
+        const KV* kp = rv ? kbase + ko + static_cast<uint64_t>(t) * D + c * 8 : kbase;
+        const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D + c * 8 : vbase;
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
+                     "l"(kp), "r"(rv ? 16u : 0u));
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
+                     "l"(vp), "r"(rv ? 16u : 0u));
+        if (j < 7) advance(2);
+      }
+      advance(W * 16 - 14);  // row `crow` of this warp's next tile
+      CpAsyncCommit();
     }
-    advance(W * 16 - 14);  // row `half` of this warp's next tile
-    CpAsyncCommit();
+  };
+  // Swizzled (cp.async) or padded (bulk) address of 16-byte chunk c of row r.
+  auto chunk_addr = [&](uint32_t base, int r, int c) {
+    return kBulk ? base + r * RB + c * 16 : base + r * RB + ((c ^ (r & 7)) * 16);
   };
 
   float oacc[16][4];
@@ -529,16 +592,28 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
 
 #pragma unroll
   for (int st = 0; st < ST - 1; ++st) {
-    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+    if (static_cast<uint32_t>(st) < iters) {
+      issue(st, st);
+    } else if constexpr (!kBulk) {
+      CpAsyncCommit();
+    }
   }
   // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
   const int mi = lane >> 3, mr = lane & 7;
   for (uint32_t it = 0; it < iters; ++it) {
     const uint32_t nx = it + ST - 1;
-    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
-    CpAsyncWait<ST - 1>();
+    if (nx < iters) {
+      issue(nx % ST, nx);
+    } else if constexpr (!kBulk) {
+      CpAsyncCommit();
+    }
+    if constexpr (kBulk) {
+      MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
+    } else {
+      CpAsyncWait<ST - 1>();
+    }
     __syncwarp();
-    const uint32_t ks = stage_k(it % ST), vs = ks + 4096;
+    const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
     // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
@@ -547,7 +622,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       for (int kk = 0; kk < 8; ++kk) {
         const int c = 2 * kk + (mi & 1);
         uint32_t b[4];
-        Ldsm4(b, ks + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Ldsm4(b, chunk_addr(ks, tok, c));
         Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
         Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
         if (need_lo) {
@@ -595,7 +670,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       for (int n = 0; n < 16; n += 2) {
         const int c = n + (mi >> 1);
         uint32_t b[4];
-        Ldsm4T(b, vs + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Ldsm4T(b, chunk_addr(vs, tok, c));
         Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
         Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
         Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
@@ -604,7 +679,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
-  CpAsyncWait<0>();
+  if constexpr (!kBulk) CpAsyncWait<0>();
   __syncthreads();  // the pipeline area becomes the combine area
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -625,32 +700,34 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   CombineAndMerge<D, G, W>(rt, ca, o);
 }
 
-template <int D, int G, typename KV, bool kTC>
+// Kernel paths: 0 CUDA cores (any head_dim), 1 tensor cores fed by cp.async, 2 tensor cores fed
+// by bulk copies (one 256-byte row per lane and instruction).
+template <int D, int G, typename KV, int kTC>
 __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                         const void* q, DType q_dtype, float scale,
                                         const ItemOutput& o) {
-  if constexpr (kTC) {
+  if constexpr (kTC != 0) {
     static_assert(D == 128, "tensor-core path is for head_dim 128");
-    RunItemTC<G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+    RunItemTC<G, KV, kTC == 2>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   } else {
     RunItemSimt<D, G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   }
 }
 
-template <int D, int G, bool kTC>
+template <int D, int G, int kTC>
 constexpr size_t DynBytes() {
-  if constexpr (kTC) return TCShape<G>::kDynBytes;
+  if constexpr (kTC != 0) return TCShape<G, kTC == 2>::kDynBytes;
   return Shape<D, G>::kDynBytes;
 }
 
-template <int D, int G, bool kTC>
+template <int D, int G, int kTC>
 constexpr int MinBlocks() {
-  if constexpr (kTC) return 2;
+  if constexpr (kTC != 0) return 2;
   return G <= 4 ? 4 : 2;
 }
 
-template <int D, int G, typename KV, bool kTC>
+template <int D, int G, typename KV, int kTC>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
@@ -676,7 +753,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
   RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
 }
 
-template <int D, int G, typename KV, bool kTC>
+template <int D, int G, typename KV, int kTC>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
@@ -708,28 +785,34 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
   RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
 }
 
-// Tensor cores for head_dim 128 unless KVMEM_ATTN_PATH=simt (a debugging / A-B knob).
-bool UseTensorCores(uint32_t D) {
-  static const bool simt = [] {
+// Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt" or
+// "tc-cpasync" (debugging / A-B timing). Other head dims use CUDA cores.
+int AttendPath(uint32_t D) {
+  static const int path = [] {
     const char* e = std::getenv("KVMEM_ATTN_PATH");
-    return e != nullptr && std::string(e) == "simt";
+    const std::string v = e ? e : "";
+    return v == "simt" ? 0 : v == "tc-cpasync" ? 1 : 2;
   }();
-  return D == 128 && !simt;
+  return D == 128 ? path : 0;
 }
 
 // Calls f.template operator()<D, G, KV, kTC>() for the runtime shape; false when unsupported.
 template <typename F>
 bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
-  const bool tc = UseTensorCores(D);
+  const int path = AttendPath(D);
   auto by_kv = [&]<int d, int g>() {
     auto go = [&]<typename KV>() {
       if constexpr (d == 128) {
-        if (tc) {
-          f.template operator()<d, g, KV, true>();
+        if (path == 2) {
+          f.template operator()<d, g, KV, 2>();
+          return;
+        }
+        if (path == 1) {
+          f.template operator()<d, g, KV, 1>();
           return;
         }
       }
-      f.template operator()<d, g, KV, false>();
+      f.template operator()<d, g, KV, 0>();
     };
     if (kv == DType::kBF16) {
       go.template operator()<__nv_bfloat16>();
@@ -779,7 +862,7 @@ uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
   const int sms = MultiprocessorCount();
   if (sms <= 0) return 0;
   int per_sm = 0;
-  Dispatch(D, G, kv, [&]<int d, int g, typename KV, bool kTC>() {
+  Dispatch(D, G, kv, [&]<int d, int g, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<d, g, kTC>();
     per_sm = kDense ? PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn)
                     : PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
@@ -863,7 +946,7 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
   const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
-                           [&]<int D, int G, typename KV, bool kTC>() {
+                           [&]<int D, int G, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<D, G, kTC>();
     PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
     SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
@@ -895,7 +978,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + geo.counters_bytes);
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
-  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, bool kTC>() {
+  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<D, GG, kTC>();
     PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
     DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
