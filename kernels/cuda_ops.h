@@ -65,8 +65,8 @@ struct AttendPlanOptions {
   // Default: 0
   uint32_t target_blocks = 0;
   // Bounds on tokens per split; the chosen size is a multiple of 64 inside these bounds.
-  // Default: 64 and 4096
-  uint32_t min_split_tokens = 64;
+  // Default: 128 and 4096
+  uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;
 };
 
@@ -103,8 +103,7 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
 // Same kernel body as above over DenseAttendView (seq_lens is a DEVICE pointer here). The
 // workspace must be zero-filled once before its first use; each launch leaves it reusable.
 struct DenseAttendOptions {
-  // As AttendPlanOptions (0: resident blocks of the dense kernel), except min_split_tokens
-  // defaults to 128.
+  // As AttendPlanOptions (0: resident blocks of the dense kernel).
   uint32_t target_blocks = 0;
   uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;

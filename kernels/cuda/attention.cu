@@ -486,23 +486,6 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   const int quad = lane & 3;
   const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
 
-  // Q fragments (rows = heads; a1/a3 rows 8..15 are zero).
-  uint32_t qhi[8][2], qlo[8][2];
-  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int d = kk * 16 + half * 8 + quad * 2;
-      float x = 0.f, y = 0.f;
-      if (h < G) {
-        x = LoadElem(q, q_dtype, h * D + d);
-        y = LoadElem(q, q_dtype, h * D + d + 1);
-      }
-      Split2<KV>(x, y, &qhi[kk][half], &qlo[kk][half]);
-    }
-  }
-  const float qs = scale * kLog2e;
   __syncthreads();  // run table filled by the caller
 
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
@@ -598,6 +581,23 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       CpAsyncCommit();
     }
   }
+  // Q fragments after the first copies are in flight (rows = heads; a1/a3 rows 8..15 are zero).
+  uint32_t qhi[8][2], qlo[8][2];
+  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int d = kk * 16 + half * 8 + quad * 2;
+      float x = 0.f, y = 0.f;
+      if (h < G) {
+        x = LoadElem(q, q_dtype, h * D + d);
+        y = LoadElem(q, q_dtype, h * D + d + 1);
+      }
+      Split2<KV>(x, y, &qhi[kk][half], &qlo[kk][half]);
+    }
+  }
+  const float qs = scale * kLog2e;
   // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
   const int mi = lane >> 3, mr = lane & 7;
   for (uint32_t it = 0; it < iters; ++it) {

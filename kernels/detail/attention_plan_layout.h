@@ -7,7 +7,7 @@
 namespace kvmem::kernels::detail {
 
 // Runs per item are capped so an item's run table fits in shared memory.
-constexpr uint32_t kMaxRunsPerItem = 64;
+constexpr uint32_t kMaxRunsPerItem = 256;
 
 struct AttendTaskDesc {      // one (problem, KV head)
   const void* pool;

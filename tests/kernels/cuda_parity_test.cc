@@ -175,7 +175,7 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
         continue;
       }
       if (kind == 2) {  // many 1-token spans: exercises the runs-per-item cap
-        for (int s = 0; s < 150; ++s) {
+        for (int s = 0; s < 300; ++s) {
           const uint32_t b = static_cast<uint32_t>(rng() % 40);
           const uint32_t t = static_cast<uint32_t>(rng() % caps[b]);
           h.spans.push_back({offs[b], caps[b], t, t + 1});

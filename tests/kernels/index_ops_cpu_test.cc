@@ -164,7 +164,7 @@ TEST(AttendPlan, CoversEveryTokenOnce) {
   for (uint32_t h = 0; h < hkv; ++h) {
     hb.push_back(static_cast<uint32_t>(spans.size()));
     if (h == 2) continue;
-    const int n = h == 3 ? 300 : 1 + static_cast<int>(rng() % 20);
+    const int n = h == 3 ? 600 : 1 + static_cast<int>(rng() % 20);
     for (int s = 0; s < n; ++s) {
       const uint32_t a = static_cast<uint32_t>(rng() % 50);
       const uint32_t len = h == 3 ? 1 : static_cast<uint32_t>(rng() % 700);
