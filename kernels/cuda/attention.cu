@@ -380,9 +380,8 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 // ldmatrix is conflict-free) through a 3-stage cp.async pipeline and runs
 //   S[16 x 16] = Q[16 (G heads, rest zero) x 128] · K_tile^T      (mma.m16n8k16, fp32 accumulate)
 //   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
-// Products are exact to fp32 level: q is split into two 16-bit halves (hi + lo) when it is not
-// already of the K/V type, and so is P when the output is fp32 (for 16-bit outputs P's rounding
-// to 16 bits, ~2^-9 relative per weight, stays below the output's own rounding).
+// Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
+// it is not already of the K/V type.
 template <int G, bool kBulk>
 struct TCShape {
   static constexpr int kWarps = kThreads / 32;
@@ -585,8 +584,6 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   // Q fragments after the first copies are in flight (rows = heads; a1/a3 rows 8..15 are zero).
   uint32_t qhi[8][2], qlo[8][2];
   const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
-  // P's low half matters only for fp32 outputs (a 16-bit output rounds it away).
-  const bool need_plo = o.out_dtype == DType::kF32;
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
 #pragma unroll
@@ -618,9 +615,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     __syncwarp();
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
     // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
-    // Two accumulator chains per token half (even / odd k-steps) halve the MMA dependency chain.
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    float sd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
       const int tok = (mi >> 1) * 8 + mr;
 #pragma unroll
@@ -628,19 +623,12 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
         const int c = 2 * kk + (mi & 1);
         uint32_t b[4];
         Ldsm4(b, chunk_addr(ks, tok, c));
-        float* s0 = (kk & 1) ? sd[0] : sc[0];
-        float* s1 = (kk & 1) ? sd[1] : sc[1];
-        Mma16816<KV>(s0, qhi[kk][0], qhi[kk][1], b[0], b[1]);
-        Mma16816<KV>(s1, qhi[kk][0], qhi[kk][1], b[2], b[3]);
+        Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
+        Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
         if (need_lo) {
-          Mma16816<KV>(s0, qlo[kk][0], qlo[kk][1], b[0], b[1]);
-          Mma16816<KV>(s1, qlo[kk][0], qlo[kk][1], b[2], b[3]);
+          Mma16816<KV>(sc[0], qlo[kk][0], qlo[kk][1], b[0], b[1]);
+          Mma16816<KV>(sc[1], qlo[kk][0], qlo[kk][1], b[2], b[3]);
         }
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sc[j][i] += sd[j][i];
       }
     }
     const uint32_t base_pos = (it * W + warp) * 16;
@@ -685,10 +673,8 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
         Ldsm4T(b, chunk_addr(vs, tok, c));
         Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
         Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
-        if (need_plo) {
-          Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
-          Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
-        }
+        Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
+        Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
