@@ -8,9 +8,10 @@
 // returns UNAVAILABLE (DeviceCount() == 0), so callers and tests can skip cleanly.
 //
 // head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level); set
-// KVMEM_ATTN_PATH=simt (CUDA cores) or tc-cpasync (tensor cores fed by cp.async instead of bulk copies) selects another kernel, for debugging and A-B timing.
-// Supported on CUDA: head_dim 64 or 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8;
-// K/V bf16 or fp16 (fp32 K/V: CPU only); q and out fp32, fp16 or bf16; fp32 accumulation.
+// KVMEM_ATTN_PATH=simt (CUDA cores) or tc-cpasync (tensor cores fed by cp.async instead of bulk
+// copies) selects another kernel, for debugging and A-B timing. Supported on CUDA: head_dim 64 or
+// 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8; K/V bf16 or fp16 (fp32 K/V: CPU only); q and
+// out fp32, fp16 or bf16; fp32 accumulation.
 #pragma once
 
 #include <cstddef>
@@ -71,13 +72,13 @@ struct AttendPlanOptions {
 };
 
 struct AttendPlan {
-  std::vector<uint8_t> image;   // upload to the workspace start
-  size_t workspace_bytes = 0;   // image + partials
+  std::vector<uint8_t> image;  // upload to the workspace start
+  size_t workspace_bytes = 0;  // image + partials
   uint32_t num_tasks = 0;
-  uint32_t num_items = 0;       // thread blocks of the launch
+  uint32_t num_items = 0;  // thread blocks of the launch
   uint32_t num_runs = 0;
   uint32_t split_tokens = 0;
-  uint64_t total_tokens = 0;    // summed over tasks (each KV row pair read once)
+  uint64_t total_tokens = 0;  // summed over tasks (each KV row pair read once)
   DType kv_dtype = DType::kBF16;
   DType q_dtype = DType::kBF16;
   DType out_dtype = DType::kBF16;

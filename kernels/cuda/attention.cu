@@ -68,11 +68,11 @@ struct CombineArea {
 
 template <int D, int G>
 struct Shape {
-  static constexpr int kLanes = D / 8;               // lanes per token row
+  static constexpr int kLanes = D / 8;  // lanes per token row
   static constexpr int kGroupsPerWarp = 32 / kLanes;
   static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
-  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows per group per pipeline stage
-  static constexpr int kStages = 3;                  // cp.async pipeline depth
+  static constexpr int kUnroll = G <= 4 ? 4 : 2;  // rows per group per pipeline stage
+  static constexpr int kStages = 3;               // cp.async pipeline depth
   // Dynamic shared memory: the K/V pipeline, later reused by the combine / merge area.
   static constexpr size_t kPipeBytes = size_t{kStages} * kUnroll * 2 * kThreads * 16;
   static constexpr size_t kCombineBytes = CombineArea<D, G, kGroups>::kBytes;
@@ -80,13 +80,13 @@ struct Shape {
 };
 
 struct ItemOutput {
-  void* out;             // [G][D] of out_dtype
+  void* out;  // [G][D] of out_dtype
   DType out_dtype;
-  float* lse;            // [G] or nullptr
+  float* lse;  // [G] or nullptr
   uint32_t num_splits;
   uint32_t split;
-  float* partials;       // this task's first partial slot
-  uint32_t* counter;     // this task's counter
+  float* partials;    // this task's first partial slot
+  uint32_t* counter;  // this task's counter
 };
 
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, uint32_t src_bytes) {
@@ -166,7 +166,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       const float lo = __shfl_xor_sync(0xffffffffu, Ls, off);
       const float mn = fmaxf(M, mo);
       if (mn != kNegInf) {
-        Ls = (M == kNegInf ? 0.f : Ls * exp2f(M - mn)) + (mo == kNegInf ? 0.f : lo * exp2f(mo - mn));
+        Ls =
+            (M == kNegInf ? 0.f : Ls * exp2f(M - mn)) + (mo == kNegInf ? 0.f : lo * exp2f(mo - mn));
         M = mn;
       }
     }
@@ -199,7 +200,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       for (int j = 0; j < KO; ++j) {
         const int v4 = tid + j * kThreads;
         if (v4 < kVec) {
-          const float4 a = __ldcg(reinterpret_cast<const float4*>(base + static_cast<size_t>(sp) * PF) + v4);
+          const float4 a =
+              __ldcg(reinterpret_cast<const float4*>(base + static_cast<size_t>(sp) * PF) + v4);
           const float w = ca.w[sp * G + (v4 * 4) / D];
           A[j].x = fmaf(a.x, w, A[j].x);
           A[j].y = fmaf(a.y, w, A[j].y);
@@ -234,9 +236,9 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
 // back only what it copied itself, so the loop needs no block barrier.
 template <int D, int G, typename KV>
 __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
-                                        const KV* __restrict__ vbase, int nruns, uint32_t ntok,
-                                        const void* q, DType q_dtype, float scale,
-                                        const ItemOutput& o) {
+                                            const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                            const void* q, DType q_dtype, float scale,
+                                            const ItemOutput& o) {
   using S = Shape<D, G>;
   constexpr int L = S::kLanes;
   constexpr int NG = S::kGroups;
@@ -291,11 +293,17 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 
 #pragma unroll
   for (int st = 0; st < ST - 1; ++st) {
-    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+    if (static_cast<uint32_t>(st) < iters)
+      issue(st, st);
+    else
+      CpAsyncCommit();
   }
   for (uint32_t it = 0; it < iters; ++it) {
     const uint32_t nx = it + ST - 1;
-    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
+    if (nx < iters)
+      issue(nx % ST, nx);
+    else
+      CpAsyncCommit();
     CpAsyncWait<ST - 1>();  // group `it` has landed
     const int st = it % ST;
     float s[U][G];
@@ -373,7 +381,6 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
   __syncthreads();
   CombineAndMerge<D, G, NG>(rt, ca, o);
 }
-
 
 // ---- Tensor-core path (head_dim 128) --------------------------------------------------------
 // Each warp streams its own tiles of 16 rows (K and V, 8 KB a stage, swizzled 16-byte chunks so
@@ -482,14 +489,16 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = lane >> 2;      // query head row of this thread's accumulators
+  const int h = lane >> 2;  // query head row of this thread's accumulators
   const int quad = lane & 3;
   const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
 
   __syncthreads();  // run table filled by the caller
 
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
-  auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
+  auto stage_k = [&](int st) {
+    return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes);
+  };
   // Run cursor (run e, row t, the run's offsets cached in registers) for row `crow` of the warp's
   // current tile; advance(n) moves it n rows on.
   // cp.async: for each j the warp reads rows 2j and 2j+1 whole (coalesced), crow = lane / 16.
@@ -780,8 +789,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                split,
                partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
                counters + task};
-  const void* qt = static_cast<const uint8_t*>(q) +
-                   static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
+  const void* qt =
+      static_cast<const uint8_t*>(q) + static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
   RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
 }
 
@@ -826,11 +835,16 @@ bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
   };
   auto by_g = [&]<int d>() {
     switch (G) {
-      case 1: return by_kv.template operator()<d, 1>();
-      case 2: return by_kv.template operator()<d, 2>();
-      case 4: return by_kv.template operator()<d, 4>();
-      case 8: return by_kv.template operator()<d, 8>();
-      default: return false;
+      case 1:
+        return by_kv.template operator()<d, 1>();
+      case 2:
+        return by_kv.template operator()<d, 2>();
+      case 4:
+        return by_kv.template operator()<d, 4>();
+      case 8:
+        return by_kv.template operator()<d, 8>();
+      default:
+        return false;
     }
   };
   if (D == 64) return by_g.template operator()<64>();
@@ -945,13 +959,13 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
-  const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
-                           [&]<int D, int G, typename KV, int kTC>() {
-    constexpr size_t kDyn = DynBytes<D, G, kTC>();
-    PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
-    SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
-        items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
-  });
+  const bool ok =
+      Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV, int kTC>() {
+        constexpr size_t kDyn = DynBytes<D, G, kTC>();
+        PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
+        SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
+            items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+      });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SpanAttendKernel");
   return Status::OK();
@@ -983,8 +997,8 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
     PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
     DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
         static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
-        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse,
-        counters, partials);
+        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters,
+        partials);
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DenseAttendKernel");
