@@ -44,9 +44,14 @@ int MultiprocessorCount();
 //
 // Device-memory contract. PlanAttend reads the problems on the host: their `spans` and
 // `head_span_begin` are HOST pointers there; `pool`, `q`, `out` and `lse` are DEVICE pointers
-// (copied into the plan, never dereferenced on the host). It packs, into `plan->image`,
-//   [tasks: one descriptor per (problem, KV head)] [items: one per split]
-//   [runs: (K offset, V offset, length) per piece of span, grouped by item] [counters: zeros]
+// (copied into the plan, never dereferenced on the host). It packs, into `plan->image` (record
+// layouts in kernels/detail/attention_plan_layout.h):
+//   [tasks: one descriptor per (problem, KV head), for inspection]
+//   [items: one per split = thread block, each carrying its task's pointers, scale, split index,
+//    split count, partial slot and its range of runs]
+//   [runs: (K element offset, V element offset, length) per piece of span, grouped by item; at
+//    most kMaxRunsPerItem (256) per item]
+//   [counters: one uint32 per task, zero]
 // The caller copies the image to the start of a device workspace of plan->workspace_bytes with
 // one async memcpy (UploadAttendPlan does it); the rest of the workspace holds the partials.
 // LaunchAttend may then run any number of times on that workspace (graph replay included) as

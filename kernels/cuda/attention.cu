@@ -1,12 +1,22 @@
 // Split-K flash-decoding with GQA over KV runs (sparse spans or a dense cache).
 //
-// Thread layout (128 threads). A "token group" of D/8 lanes owns one key/value row at a time,
-// each lane 8 elements = one 16-byte load; D = 128 gives 2 groups per warp, 8 per block. Each
-// group walks the item's tokens with stride 8 (kGroups), U rows in flight per step, and keeps
-// for all G query heads of the KV head an online softmax (m, l in log2 units, acc[8] per lane).
-// So a K/V row is read from memory once and used by G query heads. At the end the groups are
-// combined through shared memory; a split either writes the result or a partial, and the last
-// split of a task to finish merges the partials (counter per task in the workspace).
+// A thread block (128 threads, 4 warps) runs one item = one split of one (problem, KV head)
+// task: its run table (K/V row offsets and lengths) sits in shared memory, every K/V row is read
+// from memory once and used by all G query heads of the group, softmax state is fp32 in log2
+// units. Three interchangeable token loops (KVMEM_ATTN_PATH picks one for head_dim 128):
+//   bulk (default, D = 128): each warp streams its own 16-row tiles through a 3-stage pipeline;
+//     one lane per row issues a 256-byte cp.async.bulk (K rows by lanes 0-15, V by 16-31) that
+//     completes on the warp's mbarrier for that stage; rows are padded to 272 bytes so ldmatrix
+//     is conflict-free; S = Q K^T and O += P V run on mma.m16n8k16 (Q rows = the G heads, zero
+//     padded to 16; P reuses S's registers).
+//   tc-cpasync (D = 128): the same tensor-core math fed by 16-byte cp.async with XOR-swizzled
+//     256-byte rows (measured about 10% slower on H200 at large batch).
+//   simt (any D): D/8 lanes own one row, 16-byte loads through a cp.async pipeline, dot products
+//     by shuffle reduction (about 30% slower on H200).
+// At the end the block combines its partial states in shared memory; a single-split task writes
+// the output, otherwise the split writes a partial (max, sum, unnormalised accumulator) and the
+// last split of the task to finish (per-task counter, threadFenceReduction pattern) merges all
+// partials by log-sum-exp and resets the counter, so a workspace can be replayed in a graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
