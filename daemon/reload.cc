@@ -19,6 +19,7 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.backend != current->backend, "backend");
   check(fresh.progress != current->progress, "progress");
   check(fresh.executors != current->executors, "executors");
+  check(fresh.search_threads != current->search_threads, "search_threads");
   check(fresh.device_memory_bytes != current->device_memory_bytes, "device_memory");
   check(fresh.max_message_bytes != current->max_message_bytes, "max_message_bytes");
   check(fresh.max_inflight_per_endpoint != current->max_inflight_per_endpoint,

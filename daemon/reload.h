@@ -3,8 +3,8 @@
 // Reloaded: log_level, tenants (tokens; checked at Hello, so existing connections keep their
 // tenant and new connections use the new tokens), max_sessions_per_tenant,
 // max_tokens_per_session. Everything else (listen, admin, data_dir, backend, memory sizes,
-// executors, progress, ucx_error_mode, session_defaults) needs a restart: a change is logged
-// as ignored. A configuration that fails to load or validate changes nothing.
+// executors, search_threads, progress, ucx_error_mode, session_defaults) needs a restart: a
+// change is logged as ignored. A configuration that fails to load or validate changes nothing.
 #pragma once
 
 #include <string>
