@@ -123,7 +123,9 @@ class Service {
     uint32_t max_sessions_per_tenant = 0;
     uint64_t max_tokens_per_session = 0;
   };
-  std::shared_ptr<const Reloadable> settings() const { return settings_.load(std::memory_order_acquire); }
+  std::shared_ptr<const Reloadable> settings() const {
+    return settings_.load(std::memory_order_acquire);
+  }
 
   const DaemonConfig config_;  // startup values; tenants and quotas: see settings()
   std::atomic<std::shared_ptr<const Reloadable>> settings_;
