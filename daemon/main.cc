@@ -12,6 +12,7 @@
 
 #include "common/log.h"
 #include "common/units.h"
+#include "daemon/chunk_store.h"
 #include "daemon/config.h"
 #include "daemon/executor.h"
 #include "daemon/kv_pool.h"
@@ -34,6 +35,8 @@ Usage: kvmemd [options]
   --device-memory SIZE   KV pool size, e.g. 8GiB       (default 4GiB)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
+  --sync-writes B        true: fsync the WAL before acknowledging a durable write (survives
+                         power loss); false: write(2) only (survives kill -9)   (default false)
   --version              print the version and exit
   --help                 this text
 
@@ -62,7 +65,8 @@ int main(int argc, char** argv) {
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory",
-                                  "--max-message", "--ucx-error-mode"};
+                                  "--max-message", "--ucx-error-mode", "--sync-writes",
+                                  "--fault-fail-writes-flag"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -91,6 +95,7 @@ int main(int argc, char** argv) {
   }
 
   DaemonConfig config;
+  StoreOptions store_opts;
   if (!flags.config.empty()) {
     Status s = LoadConfigFile(flags.config, &config);
     if (!s.ok()) return Fail(s.ToString());
@@ -103,6 +108,11 @@ int main(int argc, char** argv) {
     else if (k == "--log-level") config.log_level = v;
     else if (k == "--progress") config.progress = v;
     else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
+    else if (k == "--fault-fail-writes-flag") store_opts.fail_writes_flag_file = v;
+    else if (k == "--sync-writes") {
+      if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
+      store_opts.sync_writes = v == "true";
+    }
     else if (k == "--executors") {
       char* end = nullptr;
       const long n = std::strtol(v.c_str(), &end, 10);
@@ -138,8 +148,15 @@ int main(int argc, char** argv) {
                  config.tenants.empty() ? std::string("default (no tokens)")
                                         : std::to_string(config.tenants.size()));
 
+  store_opts.path = (std::filesystem::path(config.data_dir) / "db").string();
+  auto store = ChunkStore::Open(store_opts);
+  if (!store.ok()) return Fail(store.status().ToString());
+
   boost::asio::io_context io;
   Service service(config, pool->get(), backend);
+  service.AttachStore(store->get());
+  // Durable sessions are back before the listener accepts anyone.
+  if (Status s = service.RestoreDurableSessions(); !s.ok()) return Fail(s.ToString());
   ExecutorPool executors(config.executors);
   TransportOptions topts;
   topts.listen = config.listen;
@@ -162,6 +179,7 @@ int main(int argc, char** argv) {
   KVMEM_LOG_INFO("ready");
   io.run();
   executors.Shutdown();
+  service.DropAll();  // sessions (and their journals) go before the store closes
   KVMEM_LOG_INFO("stopped");
   return 0;
 }
