@@ -210,6 +210,15 @@ class HostPool final : public KVPool {
     std::memmove(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes);
     return Status::OK();
   }
+  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+    for (uint32_t i = 0; i < count; ++i) {
+      problems[i].pool = base_;
+      KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(problems[i]));
+    }
+    kernels::AttendCpuBlocked(problems, count);
+    return Status::OK();
+  }
+  std::string Describe() const override { return "cpu"; }
 
  private:
   uint64_t mapped_;

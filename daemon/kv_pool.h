@@ -12,10 +12,12 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "common/status.h"
+#include "kernels/attention.h"
 
 namespace kvmem {
 
@@ -103,6 +105,15 @@ class KVPool {
   virtual Status CopyOut(void* dst, uint64_t src_offset, uint64_t bytes) = 0;
   virtual Status CopyWithin(uint64_t dst_offset, uint64_t src_offset, uint64_t bytes) = 0;
 
+  // Decode attention for problems whose spans index this pool. q, out and lse are HOST
+  // pointers; `pool` is filled in here. The host pool runs the CPU reference; a device pool
+  // stages q to the device, launches one kernel for all problems and copies out/lse back.
+  // Problems in one call must share dtypes, head_dim and GQA group.
+  virtual Status Attend(kernels::AttendProblem* problems, uint32_t count) = 0;
+
+  // "cpu" or e.g. "cuda:0 NVIDIA H200".
+  virtual std::string Describe() const = 0;
+
  protected:
   void* base_ = nullptr;
   std::unique_ptr<SlabAllocator> allocator_;
@@ -111,5 +122,12 @@ class KVPool {
 // Host memory pool: an anonymous mapping reserved up front (MAP_NORESERVE), pages committed on
 // first touch and returned to the OS when their slab empties.
 Result<std::unique_ptr<KVPool>> CreateHostPool(const SlabAllocator::Options& options);
+
+// Device memory pool on CUDA device `device`: the arena is one cudaMalloc taken at start.
+// UNAVAILABLE when the build has no CUDA or no GPU is visible.
+Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& options, int device);
+
+// Number of CUDA devices visible (0 without CUDA in the build).
+int CudaDeviceCount();
 
 }  // namespace kvmem

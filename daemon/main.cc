@@ -135,14 +135,13 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(config.data_dir, ec);
   if (ec) return Fail("cannot create data dir '" + config.data_dir + "': " + ec.message());
 
-  std::string backend = config.backend == "auto" ? "cpu" : config.backend;
-  if (backend == "cuda") {
-    return Fail("--backend cuda: this build has no CUDA backend in the daemon yet; use cpu");
-  }
+  std::string backend = config.backend;
+  if (backend == "auto") backend = CudaDeviceCount() > 0 ? "cuda" : "cpu";
   SlabAllocator::Options pool_opts;
   pool_opts.capacity_bytes = config.device_memory_bytes;
-  auto pool = CreateHostPool(pool_opts);
-  if (!pool.ok()) return Fail(pool.status().ToString());
+  auto pool = backend == "cuda" ? CreateDevicePool(pool_opts, 0) : CreateHostPool(pool_opts);
+  if (!pool.ok()) return Fail("backend " + backend + ": " + pool.status().ToString());
+  backend = (*pool)->Describe();
   KVMEM_LOG_INFO("kvmemd 0.1.0: backend={} pool={} data_dir={} tenants={}", backend,
                  FormatBytes(config.device_memory_bytes), config.data_dir,
                  config.tenants.empty() ? std::string("default (no tokens)")

@@ -71,6 +71,7 @@ Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionO
       tail_capacity_(options_.chunker.max_tokens + kMaxLayerSkew),
       chunker_(options_.chunker),
       layers_(profile_.layers) {
+  index_enabled_ = options_.mode == SelectionMode::kIndex;
   trees_.reserve(static_cast<size_t>(profile_.layers) * profile_.kv_heads);
   for (size_t i = 0; i < static_cast<size_t>(profile_.layers) * profile_.kv_heads; ++i) {
     trees_.emplace_back(profile_.head_dim, options_.tree);
@@ -211,7 +212,8 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
   stat_bytes_ += reserved;
   stat_chunks_ = chunks_.size();
-  return IndexChunks(first_new);
+  (void)first_new;
+  return index_enabled_ ? CatchUpIndex() : Status::OK();
 }
 
 bool Session::IsDenseLayer(uint32_t layer) const {
@@ -234,25 +236,43 @@ Status Session::KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float
   return Status::OK();
 }
 
-Status Session::IndexChunks(size_t first) {
+Status Session::CatchUpIndex() {
+  index_enabled_ = true;
+  const size_t first = indexed_chunks_;
+  if (first == chunks_.size()) return Status::OK();
   const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
+  const uint64_t esize = DTypeSize(profile_.dtype);
+  std::vector<uint8_t> staging;
   std::vector<float> keys;
-  for (uint32_t l = 0; l < L; ++l) {
-    for (uint32_t h = 0; h < H; ++h) {
-      index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
-      for (size_t c = first; c < chunks_.size(); ++c) {
-        keys.resize(static_cast<size_t>(chunks_[c].tokens) * D);
-        KVMEM_RETURN_IF_ERROR(KeysAsFloat(l, h, static_cast<uint32_t>(c), keys.data()));
+  for (size_t c = first; c < chunks_.size(); ++c) {
+    const uint32_t n = chunks_[c].tokens;
+    const uint64_t elems = uint64_t{H} * n * D;  // every head's keys: one contiguous read
+    keys.resize(elems);
+    for (uint32_t l = 0; l < L; ++l) {
+      const uint64_t off = chunks_[c].block[l];
+      if (pool_->is_host()) {
+        ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
+      } else {
+        staging.resize(elems * esize);
+        KVMEM_RETURN_IF_ERROR(pool_->CopyOut(staging.data(), off, staging.size()));
+        ConvertToFloat(staging.data(), profile_.dtype, elems, keys.data());
+      }
+      for (uint32_t h = 0; h < H; ++h) {
         KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
-                               index::SummarizeKeys(keys.data(), chunks_[c].tokens, D));
-        KVMEM_RETURN_IF_ERROR(tree.Insert(static_cast<uint32_t>(c), summary, chunks_[c].tokens));
+                               index::SummarizeKeys(keys.data() + uint64_t{h} * n * D, n, D));
+        KVMEM_RETURN_IF_ERROR(trees_[static_cast<size_t>(l) * H + h].Insert(static_cast<uint32_t>(c), summary, n));
       }
     }
+    indexed_chunks_ = c + 1;
   }
+  // A large catch-up (prefill, or the first index request on a dense session) clusters now
+  // rather than searching a flat list until the next upkeep.
+  if (chunks_.size() - first > options_.tree.min_chunks_to_cluster) Maintain();
   return Status::OK();
 }
 
 void Session::Maintain() {
+  if (!index_enabled_) return;
   for (index::ClusterTree& t : trees_) {
     if (t.NeedsMaintenance()) t.Maintain();
   }
@@ -360,6 +380,7 @@ Result<RetrieveResult> Session::Retrieve(uint32_t layer, const void* q, DType q_
     return InvalidArgument("layer " + std::to_string(layer) + " out of range (session has " +
                            std::to_string(profile_.layers) + " layers)");
   }
+  KVMEM_RETURN_IF_ERROR(CatchUpIndex());
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
   std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
   ConvertToFloat(q, q_dtype, qf.size(), qf.data());
@@ -476,6 +497,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   uint64_t nodes = 0, bytes_read = 0;
   const bool sparse = mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty();
   if (sparse) {
+    KVMEM_RETURN_IF_ERROR(CatchUpIndex());
     std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
     ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
     const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
@@ -501,8 +523,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   p.out_dtype = a.out_dtype;
   p.lse = a.lse;
   KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(p));
-  if (!pool_->is_host()) return Unimplemented("attention on a device pool needs the CUDA backend");
-  kernels::AttendCpu(&p, 1);
+  KVMEM_RETURN_IF_ERROR(pool_->Attend(&p, 1));
   if (info != nullptr) {
     if (sparse) {
       info->tokens_attended.assign(H, 0);

@@ -202,8 +202,10 @@ class Session {
           KVPool* pool);
   Status Init();
 
-  // Adds freshly sealed chunks (already in chunks_) to every (layer, head) tree.
-  Status IndexChunks(size_t first_chunk);
+  // Brings every (layer, head) tree up to date with chunks_ (summaries of chunks sealed since
+  // the last call). Sessions index lazily: nothing is summarised until the first index-mode
+  // request (or from the start in mode index), so dense sessions never pay for the index.
+  Status CatchUpIndex();
   // Per-head chunk selections for one layer by budgeted search (and their cost).
   Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
                       std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes) const;
@@ -233,6 +235,8 @@ class Session {
   index::Chunker chunker_;
   std::vector<Chunk> chunks_;
   std::vector<index::ClusterTree> trees_;  // [layer * kv_heads + head]
+  bool index_enabled_ = false;
+  size_t indexed_chunks_ = 0;              // chunks_[0, indexed_chunks_) are in the trees
   std::vector<Layer> layers_;
   uint64_t tokens_ = 0;         // tokens present in every layer
   uint32_t layers_ahead_ = 0;   // layers with pending > 0

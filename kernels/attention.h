@@ -60,4 +60,36 @@ Status ValidateAttendProblem(const AttendProblem& p);
 // tokens produce zeros and lse = -inf.
 void AttendCpu(const AttendProblem* problems, uint32_t count);
 
+// The CPU backend's kernel: the same function computed in vectorisable blocks of tokens
+// (several times faster); parity-tested against AttendCpu.
+void AttendCpuBlocked(const AttendProblem* problems, uint32_t count);
+
+// Dense decode attention over a contiguous cache, for dense layers and dense mode:
+//   K[batch][kv_heads][capacity_tokens][head_dim], V likewise (separate tensors),
+//   q/out [batch][q_heads][head_dim], lse [batch][q_heads].
+// Sequence b attends its first seq_lens[b] tokens (0 allowed: zeros, lse = -inf).
+struct DenseAttendView {
+  const void* k;
+  const void* v;
+  DType kv_dtype;
+  uint32_t batch;
+  uint32_t q_heads;
+  uint32_t kv_heads;
+  uint32_t head_dim;
+  uint32_t capacity_tokens;   // token stride between heads
+  const uint32_t* seq_lens;   // [batch], each <= capacity_tokens
+  uint32_t max_seq_len;       // >= every seq_lens[b]; the CUDA version sizes its grid by it
+  float scale;
+  const void* q;
+  DType q_dtype;
+  void* out;
+  DType out_dtype;
+  float* lse;                 // or nullptr
+};
+
+Status ValidateDenseAttendView(const DenseAttendView& v);
+
+// CPU reference for DenseAttendView (host pointers; seq_lens read on the host).
+void DenseAttendCpu(const DenseAttendView& v);
+
 }  // namespace kvmem::kernels

@@ -1,5 +1,6 @@
 #include "kernels/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -93,6 +94,70 @@ void AttendCpu(const AttendProblem* problems, uint32_t count) {
       }
     }
     ConvertFromFloat(acc.data(), acc.size(), p.out_dtype, p.out);
+  }
+}
+
+}  // namespace kvmem::kernels
+
+namespace kvmem::kernels {
+
+Status ValidateDenseAttendView(const DenseAttendView& v) {
+  if (v.batch == 0 || v.q_heads == 0 || v.kv_heads == 0 || v.head_dim == 0) {
+    return InvalidArgument("dense attend: zero batch, heads or head_dim");
+  }
+  if (v.q_heads % v.kv_heads != 0) {
+    return InvalidArgument("dense attend: q_heads not a multiple of kv_heads");
+  }
+  if (v.k == nullptr || v.v == nullptr || v.q == nullptr || v.out == nullptr ||
+      v.seq_lens == nullptr) {
+    return InvalidArgument("dense attend: null k, v, q, out or seq_lens");
+  }
+  if (v.max_seq_len > v.capacity_tokens) {
+    return InvalidArgument("dense attend: max_seq_len exceeds capacity_tokens");
+  }
+  return Status::OK();
+}
+
+// Same loops as AttendCpu, over the contiguous layout.
+void DenseAttendCpu(const DenseAttendView& v) {
+  const uint32_t D = v.head_dim;
+  const uint32_t G = v.q_heads / v.kv_heads;
+  const size_t es = DTypeSize(v.kv_dtype);
+  std::vector<float> qf(D), krow(D), vrow(D), acc(D);
+  for (uint32_t b = 0; b < v.batch; ++b) {
+    const uint32_t len = v.seq_lens[b];
+    for (uint32_t qh = 0; qh < v.q_heads; ++qh) {
+      const uint32_t h = qh / G;
+      const size_t qi = (static_cast<size_t>(b) * v.q_heads + qh) * D;
+      for (uint32_t d = 0; d < D; ++d) qf[d] = LoadAsFloat(v.q, v.q_dtype, qi + d);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float m = -std::numeric_limits<float>::infinity();
+      float l = 0.f;
+      const uint64_t head0 = (static_cast<uint64_t>(b) * v.kv_heads + h) * v.capacity_tokens * D;
+      for (uint32_t t = 0; t < len; ++t) {
+        const uint64_t e = head0 + static_cast<uint64_t>(t) * D;
+        ConvertToFloat(static_cast<const uint8_t*>(v.k) + e * es, v.kv_dtype, D, krow.data());
+        ConvertToFloat(static_cast<const uint8_t*>(v.v) + e * es, v.kv_dtype, D, vrow.data());
+        float dot = 0.f;
+        for (uint32_t d = 0; d < D; ++d) dot += qf[d] * krow[d];
+        const float x = dot * v.scale;
+        if (x > m) {
+          const float c = std::exp(m - x);
+          l *= c;
+          for (uint32_t d = 0; d < D; ++d) acc[d] *= c;
+          m = x;
+        }
+        const float w = std::exp(x - m);
+        l += w;
+        for (uint32_t d = 0; d < D; ++d) acc[d] += w * vrow[d];
+      }
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      for (uint32_t d = 0; d < D; ++d) StoreFromFloat(v.out, v.out_dtype, qi + d, acc[d] * inv);
+      if (v.lse != nullptr) {
+        v.lse[static_cast<size_t>(b) * v.q_heads + qh] =
+            l > 0.f ? m + std::log(l) : -std::numeric_limits<float>::infinity();
+      }
+    }
   }
 }
 

@@ -84,7 +84,27 @@ TEST_P(AttendCpuTest, MatchesTwoPassReference) {
   p.out_dtype = c.out;
   p.lse = lse.data();
   ASSERT_TRUE(ValidateAttendProblem(p).ok());
-  AttendCpu(&p, 1);
+  // The blocked kernel (the CPU backend's) computes the same function as the reference.
+  {
+    std::vector<uint8_t> out2(out_bytes);
+    std::vector<float> lse2(c.hq);
+    AttendProblem p2 = p;
+    p2.out = out2.data();
+    p2.lse = lse2.data();
+    AttendCpuBlocked(&p2, 1);
+    AttendCpu(&p, 1);
+    double e = 0, n = 0;
+    for (size_t i = 0; i < static_cast<size_t>(c.hq) * c.d; ++i) {
+      const double a = LoadAsFloat(out.data(), c.out, i), b = LoadAsFloat(out2.data(), c.out, i);
+      e += (a - b) * (a - b);
+      n += a * a;
+    }
+    EXPECT_LE(std::sqrt(e / std::max(n, 1e-30)), c.tol) << "blocked kernel disagrees with the reference";
+    for (uint32_t i = 0; i < c.hq; ++i) {
+      if (std::isinf(lse[i])) EXPECT_TRUE(std::isinf(lse2[i]));
+      else EXPECT_NEAR(lse2[i], lse[i], 1e-4 * (1 + std::fabs(lse[i])));
+    }
+  }
 
   for (size_t i = out_bytes; i < out.size(); ++i) ASSERT_EQ(out[i], 0xAB) << "guard overwritten";
   for (uint32_t i = c.hq; i < c.hq + 4; ++i) ASSERT_EQ(lse[i], 12345.f);

@@ -1,0 +1,27 @@
+#!/usr/bin/env python3
+"""Prints the short table of a kvmem-bench-gpu JSON (with torch rows merged) and the targets."""
+import json
+import sys
+
+j = json.load(open(sys.argv[1]))
+copy = j["copy_gbps"]
+rows = j["results"]
+print(f"machine {j['machine']}  commit {j['commit']}  copy {copy:.0f} GB/s")
+key = lambda r: (r["context"], r["batch"], r["budget"])
+torch = {(r["context"], r["batch"]): r for r in rows if r["method"] == "torch_sdpa_dense"}
+print(f"{'method':18} {'ctx':>6} {'B':>3} {'budget':>6} {'us':>9} {'floor':>8} {'GB/s':>6} {'%copy':>6} {'err':>8}  note")
+for r in sorted(rows, key=lambda r: (r["context"], r["batch"], r["method"], r["budget"])):
+    note = ""
+    t = torch.get((r["context"], r["batch"]))
+    if r["method"] == "kvmem_dense" and t:
+        ratio = r["us_per_layer"] / t["us_per_layer"]
+        note = f"{ratio:.2f}x torch" + (" (target <=1.25x: " + ("MET" if ratio <= 1.25 else "MISSED") + ")" if r["context"] >= 32768 else "")
+    if r["method"] == "kvmem_sparse_attn":
+        frac = r["gbps"] / copy
+        if r["batch"] >= 8:
+            note = "target >=50% copy: " + ("MET" if frac >= 0.5 else "MISSED")
+        if t:
+            note += f" {t['us_per_layer'] / r['us_per_layer']:.1f}x faster than torch dense"
+    print(f"{r['method']:18} {r['context']:6d} {r['batch']:3d} {r['budget']:6d} {r['us_per_layer']:9.2f} "
+          f"{r.get('floor_us', r['bytes'] / copy / 1e3):8.2f} {r['gbps']:6.0f} {100 * r['gbps'] / copy:5.0f}% "
+          f"{r['max_rel_err']:8.1e}  {note}")

@@ -1,0 +1,213 @@
+// The CUDA device pool: one cudaMalloc arena, synchronous copies, and span attention through
+// kernels::cuda (plan on the host, one upload, one launch, copy back).
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/units.h"
+#include "daemon/kv_pool.h"
+#include "kernels/cuda_ops.h"
+
+namespace kvmem {
+namespace {
+
+Status Cuda(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return Status::OK();
+  return Internal(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+class DevicePool final : public KVPool {
+ public:
+  ~DevicePool() override {
+    if (stream_) cudaStreamDestroy(stream_);
+    for (void* p : {base_, d_io_, d_ws_})
+      if (p) cudaFree(p);
+  }
+
+  Status Init(const SlabAllocator::Options& o, int device) {
+    device_ = device;
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaSetDevice(device), "cudaSetDevice"));
+    cudaDeviceProp prop{};
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
+    name_ = prop.name;
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMalloc(&base_, o.capacity_bytes),
+                               ("cudaMalloc of the " + FormatBytes(o.capacity_bytes) + " KV arena").c_str()));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+    KVMEM_ASSIGN_OR_RETURN(allocator_, SlabAllocator::Create(o));
+    return Status::OK();
+  }
+
+  bool is_host() const override { return false; }
+  std::string Describe() const override { return "cuda:" + std::to_string(device_) + " " + name_; }
+
+  Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice), "copy in");
+  }
+  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    return Cuda(cudaMemcpy(dst, static_cast<const uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToHost), "copy out");
+  }
+  Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    // Overlapping moves (tail shifts) go through a bounce when the ranges overlap.
+    if (dst < src + bytes && src < dst + bytes) {
+      KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, bytes));
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpy(d_io_, static_cast<uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToDevice), "copy within"));
+      return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, d_io_, bytes, cudaMemcpyDeviceToDevice), "copy within");
+    }
+    return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes,
+                           cudaMemcpyDeviceToDevice), "copy within");
+  }
+
+  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+    if (count == 0) return Status::OK();
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    // Stage every q into one device buffer; outputs and lse come back through another.
+    std::vector<size_t> q_off(count), out_off(count), lse_off(count);
+    size_t in_bytes = 0, out_bytes = 0;
+    for (uint32_t i = 0; i < count; ++i) {
+      const auto& p = problems[i];
+      q_off[i] = in_bytes;
+      in_bytes += (static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype) + 255) / 256 * 256;
+      out_off[i] = out_bytes;
+      out_bytes += (static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype) + 255) / 256 * 256;
+      lse_off[i] = out_bytes;
+      out_bytes += (static_cast<size_t>(p.q_heads) * 4 + 255) / 256 * 256;
+    }
+    host_in_.resize(in_bytes);
+    host_out_.resize(out_bytes);
+    for (uint32_t i = 0; i < count; ++i) {
+      const auto& p = problems[i];
+      std::memcpy(host_in_.data() + q_off[i], p.q, static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
+    }
+    KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, in_bytes + out_bytes));
+    auto* d_in = static_cast<uint8_t*>(d_io_);
+    auto* d_out = d_in + in_bytes;
+    std::vector<kernels::AttendProblem> dev(problems, problems + count);
+    for (uint32_t i = 0; i < count; ++i) {
+      dev[i].pool = base_;
+      dev[i].q = d_in + q_off[i];
+      dev[i].out = d_out + out_off[i];
+      dev[i].lse = reinterpret_cast<float*>(d_out + lse_off[i]);
+    }
+    kernels::cuda::AttendPlan plan;
+    Status planned = kernels::cuda::PlanAttend(dev.data(), count, {}, &plan);
+    if (planned.code() == StatusCode::kUnimplemented) return AttendOnHost(problems, count);
+    KVMEM_RETURN_IF_ERROR(planned);
+    KVMEM_RETURN_IF_ERROR(Grow(&d_ws_, &ws_bytes_, plan.workspace_bytes));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, host_in_.data(), in_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::UploadAttendPlan(plan, d_ws_, stream_));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchAttend(plan, d_ws_, stream_));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(host_out_.data(), d_out, out_bytes, cudaMemcpyDeviceToHost, stream_), "copy out"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "attention"));
+    for (uint32_t i = 0; i < count; ++i) {
+      const auto& p = problems[i];
+      std::memcpy(p.out, host_out_.data() + out_off[i], static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
+      if (p.lse) std::memcpy(p.lse, host_out_.data() + lse_off[i], static_cast<size_t>(p.q_heads) * 4);
+    }
+    return Status::OK();
+  }
+
+ private:
+  // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
+  // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.
+  Status AttendOnHost(kernels::AttendProblem* problems, uint32_t count) {
+    for (uint32_t pi = 0; pi < count; ++pi) {
+      kernels::AttendProblem& p = problems[pi];
+      const uint64_t esize = DTypeSize(p.kv_dtype), D = p.head_dim, H = p.kv_heads;
+      std::vector<kernels::KVSpan> spans;
+      std::vector<uint32_t> head_begin(1, 0);
+      std::vector<uint64_t> offsets;
+      uint64_t total = 0;  // elements
+      for (uint32_t h = 0; h < H; ++h) {
+        uint32_t first, last;
+        kernels::HeadSpans(p, h, &first, &last);
+        for (uint32_t i = first; i < last; ++i) {
+          const uint64_t n = p.spans[i].end - p.spans[i].begin;
+          offsets.push_back(total);
+          spans.push_back({total, static_cast<uint32_t>(n), 0, static_cast<uint32_t>(n)});
+          total += 2 * H * n * D;
+        }
+        head_begin.push_back(static_cast<uint32_t>(spans.size()));
+      }
+      std::vector<uint8_t> host(total * esize);
+      size_t k = 0;
+      for (uint32_t h = 0; h < H; ++h) {
+        uint32_t first, last;
+        kernels::HeadSpans(p, h, &first, &last);
+        for (uint32_t i = first; i < last; ++i, ++k) {
+          const kernels::KVSpan& s = p.spans[i];
+          const uint64_t n = s.end - s.begin;
+          const uint64_t src_k = s.offset + (uint64_t{h} * s.stride_tokens + s.begin) * D;
+          const uint64_t src_v = src_k + H * s.stride_tokens * D;
+          const uint64_t dst_k = offsets[k] + uint64_t{h} * n * D;
+          const uint64_t dst_v = offsets[k] + H * n * D + uint64_t{h} * n * D;
+          // mu_ is held by Attend: copy directly.
+          const auto* base = static_cast<const uint8_t*>(base_);
+          KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpy(host.data() + dst_k * esize, base + src_k * esize, n * D * esize,
+                                                cudaMemcpyDeviceToHost), "copy out"));
+          KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpy(host.data() + dst_v * esize, base + src_v * esize, n * D * esize,
+                                                cudaMemcpyDeviceToHost), "copy out"));
+        }
+      }
+      kernels::AttendProblem hp = p;
+      hp.pool = host.data();
+      hp.spans = spans.data();
+      hp.head_span_begin = head_begin.data();
+      hp.num_spans = static_cast<uint32_t>(spans.size());
+      KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(hp));
+      kernels::AttendCpuBlocked(&hp, 1);
+    }
+    return Status::OK();
+  }
+
+  // Grow-only device scratch; a new workspace is zero-filled (the attention counters need it).
+  Status Grow(void** p, size_t* have, size_t need) {
+    if (need <= *have) return Status::OK();
+    if (*p) cudaFree(*p);
+    *p = nullptr;
+    const size_t bytes = std::max(need, *have * 2);
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMalloc(p, bytes), "cudaMalloc scratch"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemset(*p, 0, bytes), "cudaMemset scratch"));
+    *have = bytes;
+    return Status::OK();
+  }
+
+  int device_ = 0;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  std::mutex mu_;
+  void* d_io_ = nullptr;
+  size_t io_bytes_ = 0;
+  void* d_ws_ = nullptr;
+  size_t ws_bytes_ = 0;
+  std::vector<uint8_t> host_in_, host_out_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& o, int device) {
+  if (CudaDeviceCount() <= device) return Unavailable("no CUDA device " + std::to_string(device) + " visible");
+  auto pool = std::make_unique<DevicePool>();
+  KVMEM_RETURN_IF_ERROR(pool->Init(o, device));
+  return std::unique_ptr<KVPool>(std::move(pool));
+}
+
+int CudaDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace kvmem

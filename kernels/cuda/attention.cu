@@ -1,0 +1,902 @@
+// Split-K flash-decoding with GQA over KV runs (sparse spans or a dense cache).
+//
+// Thread layout (128 threads). A "token group" of D/8 lanes owns one key/value row at a time,
+// each lane 8 elements = one 16-byte load; D = 128 gives 2 groups per warp, 8 per block. Each
+// group walks the item's tokens with stride 8 (kGroups), U rows in flight per step, and keeps
+// for all G query heads of the KV head an online softmax (m, l in log2 units, acc[8] per lane).
+// So a K/V row is read from memory once and used by G query heads. At the end the groups are
+// combined through shared memory; a split either writes the result or a partial, and the last
+// split of a task to finish merges the partials (counter per task in the workspace).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda_ops.h"
+#include "kernels/detail/attention_plan_layout.h"
+
+namespace kvmem::kernels::cuda {
+namespace {
+
+using ::kvmem::kernels::detail::AttendItemDesc;
+using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::kMaxRunsPerItem;
+using ::kvmem::kernels::detail::PartialAccOffset;
+using ::kvmem::kernels::detail::PartialFloats;
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Static shared memory: the item's run table.
+struct RunTable {
+  uint64_t k_off[kMaxRunsPerItem];
+  uint64_t v_off[kMaxRunsPerItem];
+  uint32_t len[kMaxRunsPerItem];
+  int is_last;
+};
+
+constexpr int kMergeChunk = 256;  // splits per pass of the final merge
+
+// Views of the dynamic area after the token loop: NG partial states (token groups or warps).
+template <int D, int G, int NG>
+struct CombineArea {
+  static constexpr size_t kBytes =
+      sizeof(float) * (size_t{NG} * G * (D + 2) + size_t{kMergeChunk} * G + 2 * G);
+  float* m;    // [NG][G]
+  float* l;    // [NG][G]
+  float* acc;  // [NG][G][D]
+  float* w;    // [kMergeChunk][G]
+  float* mg;   // [G]
+  float* lg;   // [G]
+  __device__ explicit CombineArea(float* base)
+      : m(base),
+        l(base + NG * G),
+        acc(base + 2 * NG * G),
+        w(acc + NG * G * D),
+        mg(w + kMergeChunk * G),
+        lg(mg + G) {}
+};
+
+template <int D, int G>
+struct Shape {
+  static constexpr int kLanes = D / 8;               // lanes per token row
+  static constexpr int kGroupsPerWarp = 32 / kLanes;
+  static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
+  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows per group per pipeline stage
+  static constexpr int kStages = 3;                  // cp.async pipeline depth
+  // Dynamic shared memory: the K/V pipeline, later reused by the combine / merge area.
+  static constexpr size_t kPipeBytes = size_t{kStages} * kUnroll * 2 * kThreads * 16;
+  static constexpr size_t kCombineBytes = CombineArea<D, G, kGroups>::kBytes;
+  static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
+};
+
+struct ItemOutput {
+  void* out;             // [G][D] of out_dtype
+  DType out_dtype;
+  float* lse;            // [G] or nullptr
+  uint32_t num_splits;
+  uint32_t split;
+  float* partials;       // this task's first partial slot
+  uint32_t* counter;     // this task's counter
+};
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, uint32_t src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// After the NG partial states of the block are in `ca` (and a barrier): combine them, then
+// write the output (one split) or a partial, and let the task's last split merge all partials.
+template <int D, int G, int NG>
+__device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, NG>& ca,
+                                                const ItemOutput& o) {
+  constexpr float kNegInf = -INFINITY;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const uint32_t PF = PartialFloats(G, D);
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int g = idx / D, d = idx % D;
+    float M = kNegInf;
+#pragma unroll
+    for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
+    float Ls = 0.f, A = 0.f;
+    if (M != kNegInf) {
+#pragma unroll
+      for (int r = 0; r < NG; ++r) {
+        const float mr = ca.m[r * G + g];
+        const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
+        Ls = fmaf(ca.l[r * G + g], w, Ls);
+        A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
+      }
+    }
+    if (o.num_splits == 1) {
+      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
+      if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+    } else {
+      float* part = o.partials + static_cast<size_t>(o.split) * PF;
+      if (d == 0) {
+        part[g] = M;
+        part[G + g] = Ls;
+      }
+      part[PartialAccOffset(G) + idx] = A;
+    }
+  }
+  if (o.num_splits == 1) return;
+
+  // Last split of the task merges (threadFenceReduction pattern).
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
+  __syncthreads();
+  if (!rt.is_last) return;
+  __threadfence();
+  const uint32_t ns = o.num_splits;
+  const int warp = tid >> 5;
+  // Pass 1 (a warp per query head, lanes over splits): running (max, sum) per lane, then the
+  // log-sum-exp combine across lanes. Loads are independent: one L2 round trip per 32 splits.
+  for (int g = warp; g < G; g += kThreads / 32) {
+    float M = kNegInf, Ls = 0.f;
+    for (uint32_t sp = lane; sp < ns; sp += 32) {
+      const float* part = o.partials + static_cast<size_t>(sp) * PF;
+      const float ms = __ldcg(part + g), ls = __ldcg(part + G + g);
+      if (ms != kNegInf) {
+        const float mn = fmaxf(M, ms);
+        Ls = Ls * exp2f(M - mn) + ls * exp2f(ms - mn);
+        M = mn;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, M, off);
+      const float lo = __shfl_xor_sync(0xffffffffu, Ls, off);
+      const float mn = fmaxf(M, mo);
+      if (mn != kNegInf) {
+        Ls = (M == kNegInf ? 0.f : Ls * exp2f(M - mn)) + (mo == kNegInf ? 0.f : lo * exp2f(mo - mn));
+        M = mn;
+      }
+    }
+    if (lane == 0) {
+      ca.mg[g] = M;
+      ca.lg[g] = Ls;
+    }
+  }
+  __syncthreads();
+  // Pass 2, per chunk of splits: weights w[s][g] in shared memory, then each thread adds its
+  // 4 consecutive outputs of every split with one 16-byte load (G*D/4 <= 4 per thread).
+  constexpr int kVec = G * D / 4;
+  constexpr int KO = (kVec + kThreads - 1) / kThreads;
+  float4 A[KO];
+#pragma unroll
+  for (int j = 0; j < KO; ++j) A[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (uint32_t c0 = 0; c0 < ns; c0 += kMergeChunk) {
+    const uint32_t cn = min(static_cast<uint32_t>(kMergeChunk), ns - c0);
+    for (uint32_t i = tid; i < cn * G; i += kThreads) {
+      const uint32_t g = i % G;
+      const float ms = __ldcg(o.partials + static_cast<size_t>(c0 + i / G) * PF + g);
+      const float M = ca.mg[g];
+      ca.w[i] = (ms == kNegInf || M == kNegInf) ? 0.f : exp2f(ms - M);
+    }
+    __syncthreads();
+    const float* base = o.partials + static_cast<size_t>(c0) * PF + PartialAccOffset(G);
+#pragma unroll 8
+    for (uint32_t sp = 0; sp < cn; ++sp) {
+#pragma unroll
+      for (int j = 0; j < KO; ++j) {
+        const int v4 = tid + j * kThreads;
+        if (v4 < kVec) {
+          const float4 a = __ldcg(reinterpret_cast<const float4*>(base + static_cast<size_t>(sp) * PF) + v4);
+          const float w = ca.w[sp * G + (v4 * 4) / D];
+          A[j].x = fmaf(a.x, w, A[j].x);
+          A[j].y = fmaf(a.y, w, A[j].y);
+          A[j].z = fmaf(a.z, w, A[j].z);
+          A[j].w = fmaf(a.w, w, A[j].w);
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < KO; ++j) {
+    const int v4 = tid + j * kThreads;
+    if (v4 < kVec) {
+      const int g = (v4 * 4) / D;
+      const float Ls = ca.lg[g];
+      const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 0, A[j].x * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 1, A[j].y * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 2, A[j].z * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 3, A[j].w * inv);
+      if ((v4 * 4) % D == 0 && o.lse != nullptr) {
+        o.lse[g] = Ls > 0.f ? (ca.mg[g] + log2f(Ls)) * kLn2 : kNegInf;
+      }
+    }
+  }
+  if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
+}
+
+// Runs one item: `nruns` runs in the table, `ntok` tokens in total. Each thread streams its own
+// 16-byte slices of K/V rows through a kStages-deep cp.async pipeline in shared memory and reads
+// back only what it copied itself, so the loop needs no block barrier.
+template <int D, int G, typename KV>
+__device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
+                                        const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                        const void* q, DType q_dtype, float scale,
+                                        const ItemOutput& o) {
+  using S = Shape<D, G>;
+  constexpr int L = S::kLanes;
+  constexpr int NG = S::kGroups;
+  constexpr int U = S::kUnroll;
+  constexpr int ST = S::kStages;
+  constexpr float kNegInf = -INFINITY;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int grp = (tid >> 5) * S::kGroupsPerWarp + lane / L;
+  const int sub = lane % L;
+  const uint32_t step = NG * U;
+  const uint32_t iters = (ntok + step - 1) / step;
+
+  float qf[G][8];
+  const float qs = scale * kLog2e;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qf[g][i] = LoadElem(q, q_dtype, g * D + sub * 8 + i) * qs;
+  }
+  __syncthreads();  // run table filled by the caller
+
+  // Issue cursor: run e, row t, for position grp + k * NG.
+  int e = 0;
+  uint32_t t = grp;
+  while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+  auto slot = [&](int st, int u, int kv) { return dyn + ((st * U + u) * 2 + kv) * kThreads + tid; };
+  auto issue = [&](int st, uint32_t it) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool v = it * step + u * NG + grp < ntok;
+      const KV* kp = v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D + sub * 8 : kbase;
+      const KV* vp = v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D + sub * 8 : vbase;
+      CpAsync16(slot(st, u, 0), kp, v ? 16u : 0u);  // 0: zero-fill, nothing read
+      CpAsync16(slot(st, u, 1), vp, v ? 16u : 0u);
+      if (v) {
+        t += NG;
+        while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+      }
+    }
+    CpAsyncCommit();
+  };
+
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+  }
+
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
+    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+  }
+  for (uint32_t it = 0; it < iters; ++it) {
+    const uint32_t nx = it + ST - 1;
+    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
+    CpAsyncWait<ST - 1>();  // group `it` has landed
+    const int st = it % ST;
+    float s[U][G];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[8];
+      Unpack8<KV>(*slot(st, u, 0), kf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float a = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a = fmaf(qf[g][i], kf[i], a);
+        s[u][g] = a;
+      }
+    }
+#pragma unroll
+    for (int off = L / 2; off >= 1; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (it * step + u * NG + grp >= ntok) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[u][g] = kNegInf;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float mx = s[0][g];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][g]);
+      const float mn = fmaxf(m[g], mx);
+      if (mn == kNegInf) continue;  // no row yet for this group
+      const float alpha = exp2f(m[g] - mn);
+      l[g] *= alpha;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+      m[g] = mn;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[8];
+      Unpack8<KV>(*slot(st, u, 1), vf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        // Masked rows have s = -inf: p = 0. m = -inf means no row yet (avoid -inf - -inf).
+        const float p = m[g] == kNegInf ? 0.f : exp2f(s[u][g] - m[g]);
+        l[g] += p;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // the pipeline area becomes the combine area
+
+  CombineArea<D, G, NG> ca(reinterpret_cast<float*>(dyn));
+  if (sub == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      ca.m[grp * G + g] = m[g];
+      ca.l[grp * G + g] = l[g];
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float4* dst = reinterpret_cast<float4*>(&ca.acc[(grp * G + g) * D + sub * 8]);
+    dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+    dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+  }
+  __syncthreads();
+  CombineAndMerge<D, G, NG>(rt, ca, o);
+}
+
+
+// ---- Tensor-core path (head_dim 128) --------------------------------------------------------
+// Each warp streams its own tiles of 16 rows (K and V, 8 KB a stage, swizzled 16-byte chunks so
+// ldmatrix is conflict-free) through a 3-stage cp.async pipeline and runs
+//   S[16 x 16] = Q[16 (G heads, rest zero) x 128] · K_tile^T      (mma.m16n8k16, fp32 accumulate)
+//   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
+// Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
+// it is not already of the K/V type.
+template <int G>
+struct TCShape {
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kTile = 16;
+  static constexpr int kStages = 3;
+  static constexpr size_t kStageBytes = kTile * 128 * 2 * 2;
+  static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
+  static constexpr size_t kCombineBytes = CombineArea<128, G, kWarps>::kBytes;
+  static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
+};
+
+template <typename KV>
+__device__ __forceinline__ void Mma16816(float* c, uint32_t a0, uint32_t a2, uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void Ldsm4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void Ldsm4T(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Rounds (x, y) to the 16-bit type; hi + lo reproduces them to ~16 significant bits.
+template <typename KV>
+__device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t* lo) {
+  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    const float2 hf = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+    memcpy(hi, &h, 4);
+    memcpy(lo, &l, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(x, y);
+    const float2 hf = __half22float2(h);
+    const __half2 l = __floats2half2_rn(x - hf.x, y - hf.y);
+    memcpy(hi, &h, 4);
+    memcpy(lo, &l, 4);
+  }
+}
+
+template <int G, typename KV>
+__device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
+                                          const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                          const void* q, DType q_dtype, float scale,
+                                          const ItemOutput& o) {
+  constexpr int D = 128;
+  using T = TCShape<G>;
+  constexpr int W = T::kWarps;
+  constexpr int ST = T::kStages;
+  constexpr float kNegInf = -INFINITY;
+  static_assert(G <= 8, "query rows 8..15 are the zero padding");
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int h = lane >> 2;      // query head row of this thread's accumulators
+  const int quad = lane & 3;
+  const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
+
+  // Q fragments (rows = heads; a1/a3 rows 8..15 are zero).
+  uint32_t qhi[8][2], qlo[8][2];
+  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int d = kk * 16 + half * 8 + quad * 2;
+      float x = 0.f, y = 0.f;
+      if (h < G) {
+        x = LoadElem(q, q_dtype, h * D + d);
+        y = LoadElem(q, q_dtype, h * D + d + 1);
+      }
+      Split2<KV>(x, y, &qhi[kk][half], &qlo[kk][half]);
+    }
+  }
+  const float qs = scale * kLog2e;
+  __syncthreads();  // run table filled by the caller
+
+  // Per-lane copy cursor: lane copies row lane/2 of its warp's tile, chunks (lane&1)*8 .. +8.
+  const int crow = lane >> 1;
+  int e = 0;
+  uint32_t t = warp * 16 + crow;
+  while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
+  auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
+  // Copies are coalesced: for each j, the warp reads rows 2j and 2j+1 whole (2 x 256 B); row
+  // addresses come from the lanes that walked the cursor for them (lanes 2r and 2r+1: row r).
+  auto issue = [&](int st, uint32_t it) {
+    const uint32_t tile0 = (it * W + warp) * 16;
+    const bool v = tile0 + crow < ntok;
+    const unsigned long long kp =
+        reinterpret_cast<unsigned long long>(v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D : kbase);
+    const unsigned long long vp =
+        reinterpret_cast<unsigned long long>(v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D : vbase);
+    const uint32_t ks = stage_k(st), vs = ks + 4096;
+    const int c = lane & 15;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = 2 * j + (lane >> 4);
+      const unsigned long long kr = __shfl_sync(0xffffffffu, kp, 2 * r);
+      const unsigned long long vr = __shfl_sync(0xffffffffu, vp, 2 * r);
+      const bool rv = tile0 + r < ntok;
+      const uint32_t off = static_cast<uint32_t>(r * 256 + ((c ^ (r & 7)) * 16));
+      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
+                   "l"(reinterpret_cast<const KV*>(kr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
+      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
+                   "l"(reinterpret_cast<const KV*>(vr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
+    }
+    if (v) {
+      t += W * 16;
+      while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
+    }
+    CpAsyncCommit();
+  };
+
+  float oacc[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+  float m = kNegInf, l = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
+    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+  }
+  // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
+  const int mi = lane >> 3, mr = lane & 7;
+  for (uint32_t it = 0; it < iters; ++it) {
+    const uint32_t nx = it + ST - 1;
+    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
+    CpAsyncWait<ST - 1>();
+    __syncwarp();
+    const uint32_t ks = stage_k(it % ST), vs = ks + 4096;
+    // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int tok = (mi >> 1) * 8 + mr;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const int c = 2 * kk + (mi & 1);
+        uint32_t b[4];
+        Ldsm4(b, ks + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
+        Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
+        if (need_lo) {
+          Mma16816<KV>(sc[0], qlo[kk][0], qlo[kk][1], b[0], b[1]);
+          Mma16816<KV>(sc[1], qlo[kk][0], qlo[kk][1], b[2], b[3]);
+        }
+      }
+    }
+    const uint32_t base_pos = (it * W + warp) * 16;
+    float x[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const uint32_t pos = base_pos + j * 8 + quad * 2 + e2;
+        x[j * 2 + e2] = pos < ntok ? sc[j][e2] * qs : kNegInf;
+      }
+    }
+    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m, mx);
+    float p[4] = {0.f, 0.f, 0.f, 0.f};
+    if (mn != kNegInf) {
+      const float alpha = exp2f(m - mn);  // m = -inf: 0
+      l *= alpha;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        oacc[n][0] *= alpha;
+        oacc[n][1] *= alpha;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        p[i] = exp2f(x[i] - mn);
+        l += p[i];
+      }
+      m = mn;
+    }
+    uint32_t phi0, plo0, phi2, plo2;
+    Split2<KV>(p[0], p[1], &phi0, &plo0);
+    Split2<KV>(p[2], p[3], &phi2, &plo2);
+    {
+      const int tok = (mi & 1) * 8 + mr;
+#pragma unroll
+      for (int n = 0; n < 16; n += 2) {
+        const int c = n + (mi >> 1);
+        uint32_t b[4];
+        Ldsm4T(b, vs + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
+        Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
+        Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
+        Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // the pipeline area becomes the combine area
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  CombineArea<D, G, W> ca(reinterpret_cast<float*>(dyn));
+  if (h < G) {
+    if (quad == 0) {
+      ca.m[warp * G + h] = m;
+      ca.l[warp * G + h] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      *reinterpret_cast<float2*>(&ca.acc[(warp * G + h) * D + n * 8 + quad * 2]) =
+          make_float2(oacc[n][0], oacc[n][1]);
+    }
+  }
+  __syncthreads();
+  CombineAndMerge<D, G, W>(rt, ca, o);
+}
+
+template <int D, int G, typename KV, bool kTC>
+__device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
+                                        const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                        const void* q, DType q_dtype, float scale,
+                                        const ItemOutput& o) {
+  if constexpr (kTC) {
+    static_assert(D == 128, "tensor-core path is for head_dim 128");
+    RunItemTC<G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+  } else {
+    RunItemSimt<D, G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+  }
+}
+
+template <int D, int G, bool kTC>
+constexpr size_t DynBytes() {
+  if constexpr (kTC) return TCShape<G>::kDynBytes;
+  return Shape<D, G>::kDynBytes;
+}
+
+template <int D, int G, bool kTC>
+constexpr int MinBlocks() {
+  if constexpr (kTC) return 2;
+  return G <= 4 ? 4 : 2;
+}
+
+template <int D, int G, typename KV, bool kTC>
+__global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
+    SpanAttendKernel(const AttendItemDesc* __restrict__ items,
+                     const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
+                     DType q_dtype, DType out_dtype) {
+  __shared__ RunTable rt;
+  extern __shared__ uint4 dyn[];
+  const AttendItemDesc item = items[blockIdx.x];
+  const int nruns = static_cast<int>(item.run_end - item.run_begin);
+  for (int i = threadIdx.x; i < nruns; i += kThreads) {
+    const AttendRunDesc r = runs[item.run_begin + i];
+    rt.k_off[i] = r.k_off;
+    rt.v_off[i] = r.v_off;
+    rt.len[i] = r.len;
+  }
+  ItemOutput o{item.out,
+               out_dtype,
+               item.lse,
+               item.num_splits,
+               item.split,
+               partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
+               counters + item.task};
+  const KV* pool = static_cast<const KV*>(item.pool);
+  RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
+}
+
+template <int D, int G, typename KV, bool kTC>
+__global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
+    DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
+                      uint32_t capacity, const uint32_t* __restrict__ seq_lens,
+                      uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
+                      DType out_dtype, float* lse, uint32_t* counters, float* partials) {
+  __shared__ RunTable rt;
+  extern __shared__ uint4 dyn[];
+  const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const uint32_t task = b * kv_heads + h;
+  const uint32_t len = seq_lens[b];
+  const uint32_t a = min(len, split * split_tokens);
+  const uint32_t ntok = min(len - a, split_tokens);
+  if (threadIdx.x == 0) {
+    const uint64_t row = (static_cast<uint64_t>(task) * capacity + a) * D;
+    rt.k_off[0] = row;
+    rt.v_off[0] = row;
+    rt.len[0] = ntok;
+  }
+  const size_t osz = DTypeSizeDevice(out_dtype);
+  ItemOutput o{static_cast<uint8_t*>(out) + static_cast<size_t>(task) * G * D * osz,
+               out_dtype,
+               lse ? lse + static_cast<size_t>(task) * G : nullptr,
+               gridDim.x,
+               split,
+               partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
+               counters + task};
+  const void* qt = static_cast<const uint8_t*>(q) +
+                   static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
+  RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
+}
+
+// Tensor cores for head_dim 128 unless KVMEM_ATTN_PATH=simt (a debugging / A-B knob).
+bool UseTensorCores(uint32_t D) {
+  static const bool simt = [] {
+    const char* e = std::getenv("KVMEM_ATTN_PATH");
+    return e != nullptr && std::string(e) == "simt";
+  }();
+  return D == 128 && !simt;
+}
+
+// Calls f.template operator()<D, G, KV, kTC>() for the runtime shape; false when unsupported.
+template <typename F>
+bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
+  const bool tc = UseTensorCores(D);
+  auto by_kv = [&]<int d, int g>() {
+    auto go = [&]<typename KV>() {
+      if constexpr (d == 128) {
+        if (tc) {
+          f.template operator()<d, g, KV, true>();
+          return;
+        }
+      }
+      f.template operator()<d, g, KV, false>();
+    };
+    if (kv == DType::kBF16) {
+      go.template operator()<__nv_bfloat16>();
+      return true;
+    }
+    if (kv == DType::kF16) {
+      go.template operator()<__half>();
+      return true;
+    }
+    return false;
+  };
+  auto by_g = [&]<int d>() {
+    switch (G) {
+      case 1: return by_kv.template operator()<d, 1>();
+      case 2: return by_kv.template operator()<d, 2>();
+      case 4: return by_kv.template operator()<d, 4>();
+      case 8: return by_kv.template operator()<d, 8>();
+      default: return false;
+    }
+  };
+  if (D == 64) return by_g.template operator()<64>();
+  if (D == 128) return by_g.template operator()<128>();
+  return false;
+}
+
+// Sets the dynamic shared-memory limit once per kernel; returns blocks resident per SM.
+template <auto Kernel>
+int PrepareKernel(size_t dyn) {
+  static const int per_sm = [dyn] {
+    int n = 0;
+    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(dyn)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, dyn) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  }();
+  return per_sm;
+}
+
+size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// Blocks of the attention kernel resident on the whole device at once (0: no device).
+template <bool kDense>
+uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
+  const int sms = MultiprocessorCount();
+  if (sms <= 0) return 0;
+  int per_sm = 0;
+  Dispatch(D, G, kv, [&]<int d, int g, typename KV, bool kTC>() {
+    constexpr size_t kDyn = DynBytes<d, g, kTC>();
+    per_sm = kDense ? PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn)
+                    : PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
+  });
+  return static_cast<uint32_t>(per_sm * sms);
+}
+
+struct DenseGeometry {
+  uint32_t split_tokens;
+  uint32_t num_splits;
+  size_t counters_bytes;
+  size_t partials_bytes;
+};
+
+// One wave when the work is small (splits = resident blocks / tasks), else splits of up to
+// max_split_tokens.
+DenseGeometry Geometry(const DenseAttendView& v, const DenseAttendOptions& opt) {
+  DenseGeometry g{};
+  const uint32_t G = v.q_heads / v.kv_heads;
+  const uint64_t tasks = static_cast<uint64_t>(v.batch) * v.kv_heads;
+  uint64_t target = opt.target_blocks;
+  if (target == 0) {
+    target = ResidentBlocks<true>(v.head_dim, G, v.kv_dtype);
+    if (target == 0) target = 528;
+  }
+  const uint64_t per_task = std::max<uint64_t>(1, target / tasks);
+  uint64_t split = (v.max_seq_len + per_task - 1) / per_task;
+  split = std::clamp<uint64_t>(split, opt.min_split_tokens,
+                               std::max(opt.min_split_tokens, opt.max_split_tokens));
+  g.split_tokens = static_cast<uint32_t>(AlignUp(split, 64));
+  g.num_splits = std::max<uint32_t>(1, (v.max_seq_len + g.split_tokens - 1) / g.split_tokens);
+  g.counters_bytes = AlignUp(tasks * sizeof(uint32_t), 256);
+  g.partials_bytes =
+      g.num_splits > 1 ? tasks * g.num_splits * PartialFloats(G, v.head_dim) * sizeof(float) : 0;
+  return g;
+}
+
+}  // namespace
+
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+int MultiprocessorCount() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (DeviceCount() == 0 || cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  }();
+  return sms;
+}
+
+uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype) {
+  return ResidentBlocks<false>(head_dim, group, kv_dtype);
+}
+
+Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream) {
+  if (workspace == nullptr) return InvalidArgument("upload attend plan: null workspace");
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace, plan.image.data(), plan.image.size(),
+                                             cudaMemcpyHostToDevice,
+                                             static_cast<cudaStream_t>(stream)));
+  return Status::OK();
+}
+
+Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
+  if (plan.num_items == 0) return InvalidArgument("launch attend: empty plan");
+  if (workspace == nullptr) return InvalidArgument("launch attend: null workspace");
+  auto* ws = static_cast<uint8_t*>(workspace);
+  const auto* items = reinterpret_cast<const AttendItemDesc*>(ws + plan.items_off);
+  const auto* runs = reinterpret_cast<const AttendRunDesc*>(ws + plan.runs_off);
+  auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
+  auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
+                           [&]<int D, int G, typename KV, bool kTC>() {
+    constexpr size_t kDyn = DynBytes<D, G, kTC>();
+    PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
+    SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
+        items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+  });
+  if (!ok) return Unimplemented("launch attend: unsupported shape");
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SpanAttendKernel");
+  return Status::OK();
+}
+
+size_t DenseAttendWorkspaceBytes(const DenseAttendView& v, const DenseAttendOptions& options) {
+  const DenseGeometry g = Geometry(v, options);
+  return g.counters_bytes + g.partials_bytes;
+}
+
+Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, void* workspace,
+                   size_t workspace_bytes, void* stream) {
+  if (Status st = ValidateDenseAttendView(v); !st.ok()) return st;
+  const uint32_t G = v.q_heads / v.kv_heads;
+  const DenseGeometry geo = Geometry(v, options);
+  if (workspace == nullptr || workspace_bytes < geo.counters_bytes + geo.partials_bytes) {
+    return InvalidArgument("dense attend: workspace too small");
+  }
+  if (reinterpret_cast<uintptr_t>(v.k) % 16 != 0 || reinterpret_cast<uintptr_t>(v.v) % 16 != 0) {
+    return InvalidArgument("dense attend: k/v not 16-byte aligned");
+  }
+  if (v.batch > 65535 || v.kv_heads > 65535) return InvalidArgument("dense attend: grid too large");
+  auto* counters = static_cast<uint32_t*>(workspace);
+  auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + geo.counters_bytes);
+  auto s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
+  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, bool kTC>() {
+    constexpr size_t kDyn = DynBytes<D, GG, kTC>();
+    PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
+    DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
+        static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
+        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse,
+        counters, partials);
+  });
+  if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DenseAttendKernel");
+  return Status::OK();
+}
+
+}  // namespace kvmem::kernels::cuda

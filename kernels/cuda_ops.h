@@ -1,0 +1,125 @@
+// CUDA versions of the kernels in kernels/attention.h and kernels/index_ops.h.
+//
+// This header needs no CUDA headers: streams are `void*` (a cudaStream_t; nullptr = the legacy
+// default stream) and every call returns a Status. Pointers inside the views are device memory
+// unless a comment says host. Calls only enqueue work: outputs are ready when the stream is.
+// A launch error (bad configuration, no device) comes back as a Status; an asynchronous fault
+// shows up at the next synchronising call. Without a CUDA build or a GPU every entry point
+// returns UNAVAILABLE (DeviceCount() == 0), so callers and tests can skip cleanly.
+//
+// head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level); set
+// KVMEM_ATTN_PATH=simt to force the CUDA-core kernel (debugging / A-B timing).
+// Supported on CUDA: head_dim 64 or 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8;
+// K/V bf16 or fp16 (fp32 K/V: CPU only); q and out fp32, fp16 or bf16; fp32 accumulation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+#include "kernels/attention.h"
+#include "kernels/index_ops.h"
+
+namespace kvmem::kernels::cuda {
+
+// Number of CUDA devices usable by this process (0 without a CUDA build, driver or GPU).
+int DeviceCount();
+
+// Multiprocessor count of the current device (0 when none).
+int MultiprocessorCount();
+
+// ---- Sparse / dense decode attention over KVSpans (many problems, one launch) ----------------
+//
+// Work split. Each (problem, KV head) is a task; its token sequence is the concatenation of its
+// spans. Tasks are cut into splits of about `split_tokens` tokens (by tokens, not by spans), so a
+// head with a long span and a head with many short ones cost the same per token. One thread block
+// runs one split: it loads each K/V row once for all the G query heads of the group, keeps an
+// online softmax in fp32, and either writes the output directly (one split) or a partial
+// (max, sum, unnormalised accumulator); the last split of a task to finish merges the partials by
+// log-sum-exp (a per-task counter in the workspace, reset to zero by that block). One launch for
+// every problem and head; safe to capture in a CUDA graph and replay.
+//
+// Device-memory contract. PlanAttend reads the problems on the host: their `spans` and
+// `head_span_begin` are HOST pointers there; `pool`, `q`, `out` and `lse` are DEVICE pointers
+// (copied into the plan, never dereferenced on the host). It packs, into `plan->image`,
+//   [tasks: one descriptor per (problem, KV head)] [items: one per split]
+//   [runs: (K offset, V offset, length) per piece of span, grouped by item] [counters: zeros]
+// The caller copies the image to the start of a device workspace of plan->workspace_bytes with
+// one async memcpy (UploadAttendPlan does it); the rest of the workspace holds the partials.
+// LaunchAttend may then run any number of times on that workspace (graph replay included) as
+// long as q, pool contents and the other pointees are what the plan was made for. Only one
+// launch may use a workspace at a time (counters and partials live there).
+// All problems in one plan share kv_dtype, q_dtype, out_dtype, head_dim and the GQA group; each
+// has its own pool, scale, q, out, lse and spans. Pool offsets must keep rows 16-byte aligned
+// (offset % 8 == 0 elements) and the pool pointer 16-byte aligned.
+
+// Thread blocks of the span-attention kernel for this shape that the device runs at once
+// (0 without a device). The planner's default target.
+uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype);
+
+struct AttendPlanOptions {
+  // Splits aim at about this many thread blocks in total, so small problems run in one wave
+  // (0: AttendResidentBlocks minus one per task, at least half of it; 528 without a device).
+  // Default: 0
+  uint32_t target_blocks = 0;
+  // Bounds on tokens per split; the chosen size is a multiple of 64 inside these bounds.
+  // Default: 64 and 4096
+  uint32_t min_split_tokens = 64;
+  uint32_t max_split_tokens = 4096;
+};
+
+struct AttendPlan {
+  std::vector<uint8_t> image;   // upload to the workspace start
+  size_t workspace_bytes = 0;   // image + partials
+  uint32_t num_tasks = 0;
+  uint32_t num_items = 0;       // thread blocks of the launch
+  uint32_t num_runs = 0;
+  uint32_t split_tokens = 0;
+  uint64_t total_tokens = 0;    // summed over tasks (each KV row pair read once)
+  DType kv_dtype = DType::kBF16;
+  DType q_dtype = DType::kBF16;
+  DType out_dtype = DType::kBF16;
+  uint32_t head_dim = 0;
+  uint32_t group = 0;
+  // Byte offsets of the sections inside the workspace.
+  size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, partials_off = 0;
+};
+
+// Host only (no device calls): validates and packs. INVALID_ARGUMENT for bad problems,
+// UNIMPLEMENTED for shapes the CUDA kernel does not cover.
+Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPlanOptions& options,
+                  AttendPlan* plan);
+
+// One cudaMemcpyAsync of plan.image to `workspace` (host memory of the image stays owned by
+// the plan; keep the plan alive until the stream has passed the copy).
+Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream);
+
+// The attention launch itself (one kernel).
+Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
+
+// ---- Dense decode attention on a contiguous cache -------------------------------------------
+// Same kernel body as above over DenseAttendView (seq_lens is a DEVICE pointer here). The
+// workspace must be zero-filled once before its first use; each launch leaves it reusable.
+struct DenseAttendOptions {
+  // As AttendPlanOptions (0: resident blocks of the dense kernel), except min_split_tokens
+  // defaults to 128.
+  uint32_t target_blocks = 0;
+  uint32_t min_split_tokens = 128;
+  uint32_t max_split_tokens = 4096;
+};
+
+size_t DenseAttendWorkspaceBytes(const DenseAttendView& v, const DenseAttendOptions& options);
+Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, void* workspace,
+                   size_t workspace_bytes, void* stream);
+
+// ---- Index ops (one launch each; views hold device pointers) ---------------------------------
+Status ChunkSummary(const ChunkSummaryView& v, void* stream);
+Status NodeBounds(const NodeBoundsView& v, void* stream);
+Status ChunkMaxScores(const ChunkMaxScoresView& v, void* stream);
+// One block per row; exact and deterministic (same result as TopKCpu, bit for bit).
+Status TopK(const TopKView& v, void* stream);
+Status PooledBlockScores(const PooledBlockScoresView& v, void* stream);
+
+}  // namespace kvmem::kernels::cuda

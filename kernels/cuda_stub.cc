@@ -1,0 +1,24 @@
+// kernels/cuda_ops.h without a CUDA build: no devices, every launch UNAVAILABLE.
+#include "kernels/cuda_ops.h"
+
+namespace kvmem::kernels::cuda {
+namespace {
+Status NoCuda() { return Unavailable("kvmem was built without CUDA"); }
+}  // namespace
+
+int DeviceCount() { return 0; }
+int MultiprocessorCount() { return 0; }
+uint32_t AttendResidentBlocks(uint32_t, uint32_t, DType) { return 0; }
+Status UploadAttendPlan(const AttendPlan&, void*, void*) { return NoCuda(); }
+Status LaunchAttend(const AttendPlan&, void*, void*) { return NoCuda(); }
+size_t DenseAttendWorkspaceBytes(const DenseAttendView&, const DenseAttendOptions&) { return 0; }
+Status DenseAttend(const DenseAttendView&, const DenseAttendOptions&, void*, size_t, void*) {
+  return NoCuda();
+}
+Status ChunkSummary(const ChunkSummaryView&, void*) { return NoCuda(); }
+Status NodeBounds(const NodeBoundsView&, void*) { return NoCuda(); }
+Status ChunkMaxScores(const ChunkMaxScoresView&, void*) { return NoCuda(); }
+Status TopK(const TopKView&, void*) { return NoCuda(); }
+Status PooledBlockScores(const PooledBlockScoresView&, void*) { return NoCuda(); }
+
+}  // namespace kvmem::kernels::cuda

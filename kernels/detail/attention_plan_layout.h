@@ -1,0 +1,52 @@
+// Device-side records of an AttendPlan (kernels/cuda_ops.h). Shared by the host planner and the
+// CUDA kernels; plain structs, identical layout on both sides.
+#pragma once
+
+#include <cstdint>
+
+namespace kvmem::kernels::detail {
+
+// Runs per item are capped so an item's run table fits in shared memory.
+constexpr uint32_t kMaxRunsPerItem = 64;
+
+struct AttendTaskDesc {      // one (problem, KV head)
+  const void* pool;
+  const void* q;             // first query head of the group: q + kv_head * G * D
+  void* out;                 // out + kv_head * G * D
+  float* lse;                // lse + kv_head * G, or nullptr
+  float scale;
+  uint32_t num_splits;
+  uint32_t partial_base;     // index of the first partial slot of this task
+  uint32_t pad;
+};
+
+struct AttendItemDesc {      // one split = one thread block; carries its task's fields so
+  const void* pool;          // a block starts with a single dependent load
+  const void* q;
+  void* out;
+  float* lse;
+  float scale;
+  uint32_t num_splits;
+  uint32_t partial_base;
+  uint32_t task;
+  uint32_t split;
+  uint32_t run_begin;
+  uint32_t run_end;
+  uint32_t tokens;           // summed over its runs
+};
+
+struct AttendRunDesc {       // a piece of one span, for one KV head
+  uint64_t k_off;            // element offset of its first key row in the pool
+  uint64_t v_off;            // element offset of its first value row
+  uint32_t len;              // tokens
+  uint32_t pad;
+};
+
+// Partial of one split: m[G], l[G] (log2 domain), then from PartialAccOffset acc[G][D]
+// (unnormalised), fp32. Slots are multiples of 4 floats so acc rows take 16-byte loads.
+inline constexpr uint32_t PartialAccOffset(uint32_t group) { return (2 * group + 3) / 4 * 4; }
+inline constexpr uint32_t PartialFloats(uint32_t group, uint32_t head_dim) {
+  return PartialAccOffset(group) + group * head_dim;
+}
+
+}  // namespace kvmem::kernels::detail

@@ -1,0 +1,226 @@
+// CPU references of kernels/index_ops.h and DenseAttendCpu against brute-force definitions, and
+// the CUDA attention planner's packing (host only, so it runs everywhere).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "common/dtype.h"
+#include "kernels/attention.h"
+#include "kernels/cuda_ops.h"
+#include "kernels/detail/attention_plan_layout.h"
+#include "kernels/index_ops.h"
+
+namespace kvmem::kernels {
+namespace {
+
+std::mt19937_64 FreshRng() { return std::mt19937_64(std::random_device{}()); }
+
+TEST(IndexOpsCpu, BoundsDominateExactChunkScores) {
+  auto rng = FreshRng();
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const uint32_t hkv = 2, D = 32, G = 4, n = 50;
+  std::vector<KVSpan> chunks;
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < n; ++i) {
+    chunks.push_back({total, 16, 0, 1 + static_cast<uint32_t>(rng() % 16)});
+    total += 2ull * hkv * 16 * D;
+  }
+  std::vector<float> pool(total);
+  for (float& x : pool) x = nd(rng);
+  std::vector<float> cen(n * hkv * D), rad(n * hkv), nrm(n * hkv);
+  ChunkSummaryCpu({pool.data(), DType::kF32, hkv, D, chunks.data(), n, cen.data(), rad.data(),
+                   nrm.data()});
+  std::vector<float> q(G * D);
+  for (float& x : q) x = nd(rng);
+  std::vector<uint32_t> pn, pg, ih, ig;
+  std::vector<KVSpan> ich;
+  for (uint32_t c = 0; c < n; ++c) {
+    for (uint32_t h = 0; h < hkv; ++h) {
+      pn.push_back(c * hkv + h);
+      pg.push_back(0);
+      ih.push_back(h);
+      ig.push_back(0);
+      ich.push_back(chunks[c]);
+    }
+  }
+  const uint32_t m = static_cast<uint32_t>(pn.size());
+  std::vector<float> b(m), s(m);
+  NodeBoundsCpu({cen.data(), rad.data(), q.data(), G, D, pn.data(), pg.data(), m, b.data()});
+  ChunkMaxScoresCpu({pool.data(), DType::kF32, hkv, D, q.data(), G, ich.data(), ih.data(),
+                     ig.data(), m, s.data()});
+  for (uint32_t i = 0; i < m; ++i) {
+    EXPECT_GE(b[i], s[i]) << i;
+    // Brute force max over keys and group.
+    const KVSpan& c = ich[i];
+    float best = -std::numeric_limits<float>::infinity();
+    for (uint32_t t = c.begin; t < c.end; ++t) {
+      const float* k = &pool[c.offset + (ih[i] * c.stride_tokens + t) * D];
+      for (uint32_t g = 0; g < G; ++g) {
+        float dot = 0;
+        for (uint32_t d = 0; d < D; ++d) dot += q[g * D + d] * k[d];
+        best = std::max(best, dot);
+      }
+    }
+    EXPECT_FLOAT_EQ(s[i], best);
+  }
+}
+
+TEST(IndexOpsCpu, TopKMatchesFullSort) {
+  auto rng = FreshRng();
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const uint32_t n = 500, k = 40, rows = 3;
+  std::vector<float> s(rows * n);
+  for (float& x : s) x = std::round(nd(rng) * 3.f) / 3.f;  // ties
+  std::vector<uint32_t> idx(rows * k);
+  TopKCpu({s.data(), rows, n, k, idx.data(), nullptr});
+  for (uint32_t r = 0; r < rows; ++r) {
+    std::vector<uint32_t> all(n);
+    for (uint32_t i = 0; i < n; ++i) all[i] = i;
+    const float* row = &s[r * n];
+    std::stable_sort(all.begin(), all.end(), [row](uint32_t a, uint32_t b) { return row[a] > row[b]; });
+    for (uint32_t j = 0; j < k; ++j) EXPECT_EQ(idx[r * k + j], all[j]);
+  }
+  EXPECT_FALSE(ValidateTopKView({s.data(), rows, n, n + 1, idx.data(), nullptr}).ok());
+}
+
+TEST(IndexOpsCpu, PooledMeanEqualsMeanKeyScore) {
+  auto rng = FreshRng();
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const uint32_t hkv = 2, hq = 4, D = 16, cap = 40;
+  std::vector<float> pool(2 * hkv * cap * D);
+  for (float& x : pool) x = nd(rng);
+  std::vector<KVSpan> spans{{0, cap, 3, 20}, {0, cap, 25, 40}};
+  std::vector<uint32_t> prefix{0, 17, 32};
+  std::vector<float> q(hq * D);
+  for (float& x : q) x = nd(rng);
+  const uint32_t B = 8, nb = PooledNumBlocks(32, B), head = 1;
+  std::vector<float> mx(nb), mean(nb);
+  PooledBlockScoresView v{pool.data(), DType::kF32, hkv, hq, D, q.data(), spans.data(),
+                          prefix.data(), 2, 32, B, BlockPool::kMax, &head, 1, mx.data()};
+  PooledBlockScoresCpu(v);
+  v.mode = BlockPool::kMean;
+  v.scores = mean.data();
+  PooledBlockScoresCpu(v);
+  // Token order: 3..19 then 25..39.
+  std::vector<uint32_t> toks;
+  for (uint32_t t = 3; t < 20; ++t) toks.push_back(t);
+  for (uint32_t t = 25; t < 40; ++t) toks.push_back(t);
+  for (uint32_t j = 0; j < nb; ++j) {
+    double m = -1e30, sum = 0;
+    uint32_t cnt = 0;
+    for (uint32_t p = j * B; p < std::min<uint32_t>(32, (j + 1) * B); ++p, ++cnt) {
+      const float* k = &pool[(head * cap + toks[p]) * D];
+      double dot = 0;
+      for (uint32_t d = 0; d < D; ++d) dot += 0.5 * (q[2 * D + d] + q[3 * D + d]) * k[d];
+      m = std::max(m, dot);
+      sum += dot;
+    }
+    EXPECT_NEAR(mx[j], m, 1e-4);
+    EXPECT_NEAR(mean[j], sum / cnt, 1e-4);
+  }
+}
+
+TEST(DenseAttendCpu, MatchesAttendCpuOnSameData) {
+  auto rng = FreshRng();
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const uint32_t B = 2, hq = 8, hkv = 2, D = 32, cap = 50;
+  // Dense layout K[b][h][cap][D], V likewise; the pool layout puts K then V per block, so each
+  // sequence becomes one block of the pool with the same rows.
+  std::vector<float> k(B * hkv * cap * D), v(k.size()), q(B * hq * D);
+  for (float& x : k) x = nd(rng);
+  for (float& x : v) x = nd(rng);
+  for (float& x : q) x = nd(rng);
+  std::vector<uint32_t> lens{cap, 17};
+  std::vector<float> out(B * hq * D), lse(B * hq);
+  DenseAttendView dv{k.data(), v.data(), DType::kF32, B, hq, hkv, D, cap, lens.data(), cap,
+                     0.2f, q.data(), DType::kF32, out.data(), DType::kF32, lse.data()};
+  ASSERT_TRUE(ValidateDenseAttendView(dv).ok());
+  DenseAttendCpu(dv);
+  for (uint32_t b = 0; b < B; ++b) {
+    std::vector<float> pool(2 * hkv * cap * D);
+    std::copy_n(&k[b * hkv * cap * D], hkv * cap * D, pool.begin());
+    std::copy_n(&v[b * hkv * cap * D], hkv * cap * D, pool.begin() + hkv * cap * D);
+    KVSpan span{0, cap, 0, lens[b]};
+    std::vector<float> o2(hq * D), l2(hq);
+    AttendProblem p{pool.data(), DType::kF32, hq, hkv, D, 0.2f, &q[b * hq * D], DType::kF32,
+                    &span, nullptr, 1, o2.data(), DType::kF32, l2.data()};
+    AttendCpu(&p, 1);
+    for (uint32_t i = 0; i < hq * D; ++i) EXPECT_FLOAT_EQ(out[b * hq * D + i], o2[i]);
+    for (uint32_t i = 0; i < hq; ++i) EXPECT_FLOAT_EQ(lse[b * hq + i], l2[i]);
+  }
+}
+
+// The planner must cover every head's tokens exactly once, in order, within the split size and
+// the runs-per-item cap, and give empty heads one empty item.
+TEST(AttendPlan, CoversEveryTokenOnce) {
+  auto rng = FreshRng();
+  const uint32_t hq = 8, hkv = 4, D = 128;
+  std::vector<KVSpan> spans;
+  std::vector<uint32_t> hb;
+  for (uint32_t h = 0; h < hkv; ++h) {
+    hb.push_back(static_cast<uint32_t>(spans.size()));
+    if (h == 2) continue;
+    const int n = h == 3 ? 300 : 1 + static_cast<int>(rng() % 20);
+    for (int s = 0; s < n; ++s) {
+      const uint32_t a = static_cast<uint32_t>(rng() % 50);
+      const uint32_t len = h == 3 ? 1 : static_cast<uint32_t>(rng() % 700);
+      spans.push_back({8ull * (rng() % 1000), 1024, a, a + len});
+    }
+  }
+  hb.push_back(static_cast<uint32_t>(spans.size()));
+  alignas(16) static uint8_t fake[16];
+  AttendProblem p{fake, DType::kBF16, hq, hkv, D, 1.f, fake, DType::kBF16, spans.data(), hb.data(),
+                  static_cast<uint32_t>(spans.size()), fake, DType::kBF16, nullptr};
+  cuda::AttendPlanOptions opt;
+  opt.target_blocks = 64;
+  opt.min_split_tokens = 64;
+  cuda::AttendPlan plan;
+  ASSERT_TRUE(cuda::PlanAttend(&p, 1, opt, &plan).ok());
+  using detail::AttendItemDesc;
+  using detail::AttendRunDesc;
+  using detail::AttendTaskDesc;
+  const auto* tasks = reinterpret_cast<const AttendTaskDesc*>(plan.image.data() + plan.tasks_off);
+  const auto* items = reinterpret_cast<const AttendItemDesc*>(plan.image.data() + plan.items_off);
+  const auto* runs = reinterpret_cast<const AttendRunDesc*>(plan.image.data() + plan.runs_off);
+  ASSERT_EQ(plan.num_tasks, hkv);
+  uint32_t item = 0;
+  for (uint32_t h = 0; h < hkv; ++h) {
+    // Expected row sequence of the head.
+    std::vector<uint64_t> want;
+    for (uint32_t s = hb[h]; s < hb[h + 1]; ++s) {
+      for (uint32_t t = spans[s].begin; t < spans[s].end; ++t) {
+        want.push_back(spans[s].offset + (1ull * h * spans[s].stride_tokens + t) * D);
+      }
+    }
+    std::vector<uint64_t> got;
+    ASSERT_GE(tasks[h].num_splits, 1u);
+    for (uint32_t sp = 0; sp < tasks[h].num_splits; ++sp, ++item) {
+      const AttendItemDesc& it = items[item];
+      ASSERT_EQ(it.task, h);
+      ASSERT_EQ(it.split, sp);
+      ASSERT_LE(it.run_end - it.run_begin, detail::kMaxRunsPerItem);
+      ASSERT_LE(it.tokens, plan.split_tokens);
+      uint32_t tok = 0;
+      for (uint32_t r = it.run_begin; r < it.run_end; ++r) {
+        ASSERT_GT(runs[r].len, 0u);
+        for (uint32_t t = 0; t < runs[r].len; ++t) got.push_back(runs[r].k_off + 1ull * t * D);
+        tok += runs[r].len;
+        const KVSpan& any = spans[hb[h]];
+        ASSERT_EQ(runs[r].v_off - runs[r].k_off, 1ull * hkv * any.stride_tokens * D);
+      }
+      ASSERT_EQ(tok, it.tokens);
+    }
+    ASSERT_EQ(got, want) << "head " << h;
+    if (h == 2) {
+      ASSERT_EQ(tasks[h].num_splits, 1u);
+    }
+  }
+  ASSERT_EQ(item, plan.num_items);
+}
+
+}  // namespace
+}  // namespace kvmem::kernels
