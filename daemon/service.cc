@@ -61,6 +61,7 @@ uint64_t Service::ShardKey(const w::Envelope* env) {
     case w::Body::AppendKV: return env->body_as_AppendKV()->session_id();
     case w::Body::Attend: return env->body_as_Attend()->session_id();
     case w::Body::Retrieve: return env->body_as_Retrieve()->session_id();
+    case w::Body::VerifySession: return env->body_as_VerifySession()->session_id();
     case w::Body::AttendBatch: {
       auto items = env->body_as_AttendBatch()->items();
       return items && items->size() > 0 ? items->Get(0)->session_id() : 0;
@@ -106,6 +107,7 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::Attend: return Attend(ctx, msg, env->body_as_Attend(), r);
     case w::Body::AttendBatch: return AttendBatch(ctx, msg, env->body_as_AttendBatch(), r);
     case w::Body::Retrieve: return Retrieve(ctx, msg, env->body_as_Retrieve(), r);
+    case w::Body::VerifySession: return VerifySession(ctx, env->request_id(), env->body_as_VerifySession(), r);
     case w::Body::NONE: return InvalidArgument("message has no body");
     default:
       return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
@@ -540,6 +542,31 @@ Status Service::CheckSameProfile(const Session& s, const ModelProfile& profile,
   return FailedPrecondition("session " + std::to_string(s.id()) +
                             " exists (durable, restored) with a conflicting profile: " + diff +
                             "; drop it first to recreate it");
+}
+
+Status Service::VerifySession(const RequestContext& ctx, uint64_t rid, const w::VerifySession* req,
+                              Reply* r) {
+  VerifyReport rep;
+  {
+    std::shared_lock lock(mu_);
+    auto bad = unrestorable_.find({ctx.tenant, req->session_id()});
+    if (bad != unrestorable_.end()) rep.bad.push_back(bad->second.ToString());
+  }
+  if (rep.bad.empty()) {
+    KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+    if (s->options().durability != Durability::kDurable || store_ == nullptr) {
+      return FailedPrecondition("VerifySession: session " + std::to_string(req->session_id()) +
+                                " is ephemeral (nothing stored to verify)");
+    }
+    std::lock_guard<std::mutex> lock(s->op_mu());
+    KVMEM_ASSIGN_OR_RETURN(rep, kvmem::VerifySession(*store_, ctx.tenant, s->id(), s->profile()));
+  }
+  std::vector<flatbuffers::Offset<flatbuffers::String>> bad;
+  for (const std::string& b : rep.bad) bad.push_back(r->fbb.CreateString(b));
+  auto body = w::CreateVerifySessionReply(r->fbb, rep.bad.empty(), rep.tokens, rep.chunks,
+                                          r->fbb.CreateVector(bad));
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
 }
 
 }  // namespace kvmem

@@ -94,6 +94,8 @@ class Service {
   Status ListSessions(const RequestContext& ctx, uint64_t rid, Reply* reply);
   Status SessionInfo(const RequestContext& ctx, uint64_t rid, const wire::SessionInfo* req,
                      Reply* reply);
+  Status VerifySession(const RequestContext& ctx, uint64_t rid, const wire::VerifySession* req,
+                       Reply* reply);
   Status AppendKV(const RequestContext& ctx, const wire::Parsed& msg, const wire::AppendKV* req,
                   Reply* reply);
   Status Attend(const RequestContext& ctx, const wire::Parsed& msg, const wire::Attend* req,
