@@ -18,7 +18,7 @@ constexpr char kUsage[] = R"(kvmem-load - append a reproducible synthetic K/V st
 
 Usage: kvmem-load --session ID --tokens N [--addr HOST:PORT] [--token T] [--seed S] [--batch B]
                   [--layers L] [--q-heads HQ] [--kv-heads HKV] [--head-dim D] [--dtype bf16|fp16|fp32]
-                  [--durability durable|ephemeral]
+                  [--durability durable|ephemeral] [--request-timeout-ms MS]
 
 Creates the session (durable by default, profile defaults 4 x 8/2 x 64 bf16) when missing, else
 continues it from its current token count. Appends N tokens in batches of B (default 256);
@@ -64,6 +64,11 @@ int main(int argc, char** argv) {
     else if (a == "--session") ok = ParseU64(v, &session) && session > 0;
     else if (a == "--tokens") ok = ParseU64(v, &tokens);
     else if (a == "--seed") ok = ParseU64(v, &seed);
+    else if (a == "--request-timeout-ms") {
+      uint64_t ms = 0;
+      ok = ParseU64(v, &ms) && ms > 0 && ms < (1u << 30);
+      opts.request_timeout_ms = static_cast<int>(ms);
+    }
     else if (a == "--batch") ok = ParseU64(v, &batch) && batch > 0 && batch <= (1u << 20);
     else if (a == "--layers") ok = ParseU64(v, &layers);
     else if (a == "--q-heads") ok = ParseU64(v, &q_heads);

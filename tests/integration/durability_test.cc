@@ -303,5 +303,55 @@ TEST_F(DurabilityTest, ConflictingProfileAfterRestartIsRefused) {
   EXPECT_EQ(client_->SessionInfo(8).status().code(), StatusCode::kNotFound);
 }
 
+// The operator's view: kvmem-load streams into a durable session, the daemon is killed with
+// SIGKILL mid-stream, and after a restart `kvmemctl session verify --json` re-reads every
+// stored record; a second kvmem-load run resumes at the restored length.
+TEST_F(DurabilityTest, LoadToolKillNineThenVerify) {
+  Start();
+  const std::string bin = testing::BinDir();
+  const std::string load = bin + "/kvmem-load --addr " + daemon_->address() +
+                           " --session 31 --tokens 400000 --batch 64 --layers 2 --q-heads 4"
+                           " --kv-heads 2 --head-dim 32 --request-timeout-ms 1500 2>/dev/null";
+  FILE* p = ::popen(load.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  Kill9();
+  std::string out;
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  ::pclose(p);
+  const size_t at = out.find("\"tokens\":");
+  ASSERT_NE(at, std::string::npos) << out;
+  const uint64_t acked = std::strtoull(out.c_str() + at + 9, nullptr, 10);
+  EXPECT_GT(acked, 0u) << out;
+  EXPECT_NE(out.find("\"error\""), std::string::npos) << "the run should have been cut: " << out;
+
+  Start();
+  auto info = client_->SessionInfo(31);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_TRUE(info->tokens == acked || info->tokens == acked + 64) << info->tokens << " vs " << acked;
+  const std::string verify = bin + "/kvmemctl --addr " + daemon_->address() + " --json session verify 31";
+  p = ::popen(verify.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  out.clear();
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  EXPECT_EQ(::pclose(p), 0) << out;
+  EXPECT_NE(out.find("\"ok\":true"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"tokens\":" + std::to_string(info->tokens)), std::string::npos) << out;
+  EXPECT_NE(out.find("\"bad\":[]"), std::string::npos) << out;
+  // Resume: the same stream continues where the session is.
+  p = ::popen((bin + "/kvmem-load --addr " + daemon_->address() +
+               " --session 31 --tokens 100 --request-timeout-ms 5000 2>/dev/null").c_str(), "r");
+  out.clear();
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  EXPECT_EQ(::pclose(p), 0) << out;
+  EXPECT_NE(out.find("\"session_tokens\":" + std::to_string(info->tokens + 100)), std::string::npos) << out;
+  // Same bytes as one batch of the stream into a fresh session.
+  SyntheticStream stream(1, L, HKV, D, kDt);
+  ASSERT_TRUE(client_->CreateSession(Prof(), {}, 32).ok());
+  ASSERT_TRUE(Append(32, stream, 0, static_cast<uint32_t>(info->tokens + 100)).ok());
+  EXPECT_EQ(Outputs(31), Outputs(32));
+}
+
 }  // namespace
 }  // namespace kvmem
