@@ -142,8 +142,17 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
   dbo.create_missing_column_families = true;
   dbo.max_background_jobs = 2;
   dbo.max_total_wal_size = 1ull << 30;
+  // Recovery after a crash keeps the replayed WAL in memtables instead of flushing before
+  // Open returns: the restart path reads them right away, the flush happens in the background.
+  dbo.avoid_flush_during_recovery = true;
   rocksdb::ColumnFamilyOptions small;
   small.write_buffer_size = options.write_buffer_size;
+  // Tail segments (tokens logged before they are chunked) can be large and are deleted soon
+  // after: as blobs their tombstones stay small in the LSM.
+  small.enable_blob_files = options.enable_blob_files;
+  small.min_blob_size = options.min_blob_size;
+  small.blob_file_size = options.blob_file_size;
+  small.enable_blob_garbage_collection = true;
   rocksdb::ColumnFamilyOptions chunks = small;
   chunks.enable_blob_files = options.enable_blob_files;
   chunks.min_blob_size = options.min_blob_size;
@@ -205,8 +214,15 @@ std::string ChunkStore::TailKey(std::string_view tenant, uint64_t session, uint6
 }
 
 void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t bytes) const {
+  // K/V payloads are large: pass header and payload as parts instead of concatenating them.
   const std::string key = ChunkKey(c);
-  b->wb_->Put(chunks_cf_, key, EncodeRecord(key, data, bytes)).PermitUncheckedError();
+  std::string header;
+  header.push_back(static_cast<char>(kRecordVersion));
+  PutLE32(&header, RecordCrc(key, data, bytes));
+  const rocksdb::Slice key_part(key), value_parts[2] = {
+      rocksdb::Slice(header), rocksdb::Slice(static_cast<const char*>(data), bytes)};
+  b->wb_->Put(chunks_cf_, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
+      .PermitUncheckedError();
 }
 
 void ChunkStore::PutHeader(Batch* b, std::string_view tenant, uint64_t session,
@@ -260,11 +276,13 @@ Status ChunkStore::Write(Batch* b) {
 
 Status ChunkStore::GetChunk(const ChunkName& c, std::string* payload) const {
   const std::string key = ChunkKey(c);
-  std::string value;
-  KVMEM_RETURN_IF_ERROR(
-      FromRocksStatus(db_->Get(rocksdb::ReadOptions(), chunks_cf_, key, &value), c.ToString()));
+  rocksdb::PinnableSlice value;
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;  // the record CRC-32C is checked instead
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(ro, chunks_cf_, key, &value), c.ToString()));
   std::string_view body;
-  KVMEM_RETURN_IF_ERROR(DecodeRecord(key, value, c.ToString(), &body));
+  KVMEM_RETURN_IF_ERROR(
+      DecodeRecord(key, std::string_view(value.data(), value.size()), c.ToString(), &body));
   payload->assign(body);
   return Status::OK();
 }
@@ -282,12 +300,17 @@ class RocksLayerCursor final : public ChunkStore::LayerCursor {
     ro_.iterate_upper_bound = &upper_slice_;
     ro_.readahead_size = 4 << 20;
     ro_.fill_cache = false;
+    ro_.verify_checksums = false;  // the record CRC-32C is checked instead
     it_.reset(db->NewIterator(ro_, cf));
     it_->Seek(prefix_);
   }
-  Status Next(uint32_t expect, std::string* payload) override {
+  Status Next(uint32_t expect, std::string_view* payload) override {
     ChunkName name = base_;
     name.chunk = expect;
+    if (advance_) {
+      it_->Next();
+      advance_ = false;
+    }
     if (!it_->Valid()) {
       KVMEM_RETURN_IF_ERROR(FromRocksStatus(it_->status(), name.ToString()));
       return NotFound(name.ToString() + ": missing from the store");
@@ -296,12 +319,11 @@ class RocksLayerCursor final : public ChunkStore::LayerCursor {
     if (k.size() != prefix_.size() + 4 || GetBE(k.data() + prefix_.size(), 4) != expect) {
       return NotFound(name.ToString() + ": missing from the store");
     }
-    std::string_view body;
     KVMEM_RETURN_IF_ERROR(DecodeRecord(std::string_view(k.data(), k.size()),
                                        std::string_view(it_->value().data(), it_->value().size()),
-                                       name.ToString(), &body));
-    payload->assign(body);
-    it_->Next();
+                                       name.ToString(), payload));
+    // Advance lazily: the payload views the iterator's current value until the next call.
+    advance_ = true;
     return Status::OK();
   }
 
@@ -311,6 +333,7 @@ class RocksLayerCursor final : public ChunkStore::LayerCursor {
   rocksdb::Slice upper_slice_;
   rocksdb::ReadOptions ro_;
   std::unique_ptr<rocksdb::Iterator> it_;
+  bool advance_ = false;
 };
 
 }  // namespace
@@ -324,8 +347,12 @@ Result<std::unique_ptr<ChunkStore::LayerCursor>> ChunkStore::OpenLayer(std::stri
 
 Result<std::vector<StoredSessionRef>> ChunkStore::ListSessions() const {
   std::vector<StoredSessionRef> out;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), manifests_cf_));
   const std::string tag(1, kHeaderTag);
+  const std::string upper(1, static_cast<char>(kHeaderTag + 1));
+  const rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_slice;  // stop at the prefix end, not past tombstones
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, manifests_cf_));
   for (it->Seek(tag); it->Valid() && it->key().starts_with(tag); it->Next()) {
     const std::string_view key(it->key().data(), it->key().size());
     StoredSessionRef ref;
@@ -350,7 +377,11 @@ Result<std::vector<StoredChunkEntry>> ChunkStore::ChunkTable(std::string_view te
   std::vector<StoredChunkEntry> out;
   std::string prefix(1, kChunkEntryTag);
   AppendTenantSession(&prefix, tenant, session);
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), manifests_cf_));
+  const std::string upper = UpperBound(prefix);
+  const rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_slice;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, manifests_cf_));
   for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
     const std::string_view key(it->key().data(), it->key().size());
     StoredChunkEntry e;
@@ -377,7 +408,11 @@ Result<std::vector<StoredTailSegment>> ChunkStore::TailSegments(std::string_view
   std::vector<StoredTailSegment> out;
   std::string prefix(1, kTailTag);
   AppendTenantSession(&prefix, tenant, session);
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), manifests_cf_));
+  const std::string upper = UpperBound(prefix);
+  const rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_slice;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, manifests_cf_));
   for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
     const std::string_view key(it->key().data(), it->key().size());
     if (key.size() != prefix.size() + 8) return DataLoss("store: malformed tail key");

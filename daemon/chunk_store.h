@@ -131,7 +131,8 @@ class ChunkStore {
   Status Write(Batch* b);
 
   // Reads and checks one chunk; DATA_LOSS naming it when the checksum fails, NOT_FOUND when
-  // absent.
+  // absent. Reads skip RocksDB's own block/blob checksum pass: the record CRC-32C (over key and
+  // value, hardware-accelerated) is checked instead, end to end.
   Status GetChunk(const ChunkName& c, std::string* payload) const;
 
   // Reads every chunk of `layer` for chunks [0, count) in order, checking each; calls
@@ -172,8 +173,8 @@ class ChunkStore::LayerCursor {
  public:
   virtual ~LayerCursor() = default;
   // The next chunk, checked; `expect_chunk` must be the next id (NOT_FOUND/DATA_LOSS
-  // otherwise).
-  virtual Status Next(uint32_t expect_chunk, std::string* payload) = 0;
+  // otherwise). *payload stays valid until the next call (no copy is made).
+  virtual Status Next(uint32_t expect_chunk, std::string_view* payload) = 0;
 };
 
 }  // namespace kvmem

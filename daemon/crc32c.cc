@@ -40,7 +40,12 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cHw(const uint8_t* p, size_t n, 
   for (; n > 0; --n, ++p) c32 = _mm_crc32_u8(c32, *p);
   return c32;
 }
-const bool kHaveSse42 = __builtin_cpu_supports("sse4.2");
+// Static initialisation may run before libgcc's own CPU detection: initialise it first.
+bool DetectSse42() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("sse4.2");
+}
+const bool kHaveSse42 = DetectSse42();
 #endif
 
 }  // namespace

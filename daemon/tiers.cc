@@ -199,7 +199,8 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
   // Replays stored chunks in groups of up to ~kGroupTokens tokens per AppendKV.
   constexpr uint32_t kGroupTokens = 512;
   std::vector<uint8_t> keys, values;
-  std::string payload, bounds;
+  std::string bounds;
+  std::string_view payload;
   for (size_t i = 0; i < table.size();) {
     size_t j = i;
     uint32_t n = 0;
