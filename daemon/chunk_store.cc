@@ -6,6 +6,7 @@
 #include <rocksdb/write_batch.h>
 
 #include <cstring>
+#include <type_traits>
 #include <filesystem>
 
 #include "daemon/crc32c.h"
@@ -55,9 +56,25 @@ std::string EncodeRecord(std::string_view key, const void* payload, size_t n) {
   return v;
 }
 
-// Checks a record; on success *payload views into `value`.
-Status DecodeRecord(std::string_view key, std::string_view value, const std::string& what,
+// Checks a record; on success *payload views into `value`. `what` names the record in
+// errors: a string or a callable returning one (built only on failure: the hot read path).
+inline std::string Name(const std::string& s) { return s; }
+template <typename F>
+  requires std::is_invocable_r_v<std::string, F>
+std::string Name(const F& f) {
+  return f();
+}
+template <typename What>
+Status DecodeRecord(std::string_view key, std::string_view value, const What& what_arg,
                     std::string_view* payload) {
+  if (value.size() >= kRecordHeader && static_cast<uint8_t>(value[0]) == kRecordVersion) {
+    const std::string_view body = value.substr(kRecordHeader);
+    if (GetLE32(value.data() + 1) == RecordCrc(key, body.data(), body.size())) {
+      *payload = body;
+      return Status::OK();
+    }
+  }
+  const std::string what = Name(what_arg);
   if (value.size() < kRecordHeader) {
     return DataLoss(what + ": record truncated (" + std::to_string(value.size()) + " bytes)");
   }
@@ -274,16 +291,26 @@ Status ChunkStore::Write(Batch* b) {
   return FromRocksStatus(s, "store: write batch");
 }
 
-Status ChunkStore::GetChunk(const ChunkName& c, std::string* payload) const {
+ChunkValue::ChunkValue() : pin_(std::make_unique<rocksdb::PinnableSlice>()) {}
+ChunkValue::~ChunkValue() = default;
+
+Status ChunkStore::GetChunk(const ChunkName& c, ChunkValue* value) const {
   const std::string key = ChunkKey(c);
-  rocksdb::PinnableSlice value;
+  value->pin_->Reset();
+  value->payload_ = {};
   rocksdb::ReadOptions ro;
   ro.verify_checksums = false;  // the record CRC-32C is checked instead
-  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(ro, chunks_cf_, key, &value), c.ToString()));
-  std::string_view body;
-  KVMEM_RETURN_IF_ERROR(
-      DecodeRecord(key, std::string_view(value.data(), value.size()), c.ToString(), &body));
-  payload->assign(body);
+  if (rocksdb::Status rs = db_->Get(ro, chunks_cf_, key, value->pin_.get()); !rs.ok()) {
+    return FromRocksStatus(rs, c.ToString());
+  }
+  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()),
+                      [&c] { return c.ToString(); }, &value->payload_);
+}
+
+Status ChunkStore::GetChunk(const ChunkName& c, std::string* payload) const {
+  ChunkValue v;
+  KVMEM_RETURN_IF_ERROR(GetChunk(c, &v));
+  payload->assign(v.payload());
   return Status::OK();
 }
 
@@ -321,7 +348,7 @@ class RocksLayerCursor final : public ChunkStore::LayerCursor {
     }
     KVMEM_RETURN_IF_ERROR(DecodeRecord(std::string_view(k.data(), k.size()),
                                        std::string_view(it_->value().data(), it_->value().size()),
-                                       name.ToString(), payload));
+                                       [&name] { return name.ToString(); }, payload));
     // Advance lazily: the payload views the iterator's current value until the next call.
     advance_ = true;
     return Status::OK();
@@ -443,6 +470,23 @@ Status ChunkStore::DeleteSession(std::string_view tenant, uint64_t session) {
   rocksdb::WriteOptions wo;
   wo.sync = options_.sync_writes;
   return FromRocksStatus(db_->Write(wo, &wb), "store: delete session " + std::to_string(session));
+}
+
+Status ChunkStore::Flush() {
+  rocksdb::FlushOptions fo;
+  fo.wait = true;
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(
+      db_->Flush(fo, {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}), "store: flush"));
+  return FromRocksStatus(db_->SyncWAL(), "store: sync WAL");
+}
+
+Status ChunkStore::Compact() {
+  rocksdb::CompactRangeOptions co;
+  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}) {
+    KVMEM_RETURN_IF_ERROR(
+        FromRocksStatus(db_->CompactRange(co, cf, nullptr, nullptr), "store: compact"));
+  }
+  return Status::OK();
 }
 
 Status ChunkStore::CorruptChunkForTest(const ChunkName& c, size_t byte_offset) {

@@ -26,6 +26,7 @@
 
 namespace rocksdb {
 class DB;
+class PinnableSlice;
 class ColumnFamilyHandle;
 class Status;
 class WriteBatch;
@@ -90,6 +91,22 @@ struct StoredSessionRef {
   Status status;       // non-OK when the header record failed its check
 };
 
+// A fetched chunk's payload, viewing memory this object owns (no copy out of RocksDB's read
+// buffer). Reusable across fetches.
+class ChunkValue {
+ public:
+  ChunkValue();
+  ~ChunkValue();
+  ChunkValue(const ChunkValue&) = delete;
+  ChunkValue& operator=(const ChunkValue&) = delete;
+  std::string_view payload() const { return payload_; }
+
+ private:
+  friend class ChunkStore;
+  std::unique_ptr<rocksdb::PinnableSlice> pin_;
+  std::string_view payload_;
+};
+
 class ChunkStore {
  public:
   // A set of writes applied atomically by Write().
@@ -133,7 +150,8 @@ class ChunkStore {
   // Reads and checks one chunk; DATA_LOSS naming it when the checksum fails, NOT_FOUND when
   // absent. Reads skip RocksDB's own block/blob checksum pass: the record CRC-32C (over key and
   // value, hardware-accelerated) is checked instead, end to end.
-  Status GetChunk(const ChunkName& c, std::string* payload) const;
+  Status GetChunk(const ChunkName& c, ChunkValue* value) const;
+  Status GetChunk(const ChunkName& c, std::string* payload) const;  // copying form
 
   // Reads every chunk of `layer` for chunks [0, count) in order, checking each; calls
   // fn(chunk, payload) per chunk. Sequential (one iterator).
@@ -148,6 +166,14 @@ class ChunkStore {
 
   // Deletes every record of the session (atomic, through the WAL).
   Status DeleteSession(std::string_view tenant, uint64_t session);
+
+  // Flushes every memtable to SST/blob files and syncs the WAL (clean shutdown: the next
+  // start then replays no WAL).
+  Status Flush();
+
+  // Full manual compaction of every family (drops deleted records and their blobs now rather
+  // than in the background). Benchmarks use it to read from a quiet store.
+  Status Compact();
 
   // Test hook: flips one byte of a stored chunk's payload in place (keeping the old CRC), so
   // the next read must report DATA_LOSS.

@@ -40,6 +40,63 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cHw(const uint8_t* p, size_t n, 
   for (; n > 0; --n, ++p) c32 = _mm_crc32_u8(c32, *p);
   return c32;
 }
+// CRC combination (zlib's crc32_combine, for the Castagnoli polynomial): multiplication
+// modulo the polynomial in the reflected bit order, and x^(2^k) mod p.
+uint32_t MultModP(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
+  }
+  return p;
+}
+std::array<uint32_t, 32> MakeX2n() {
+  std::array<uint32_t, 32> t{};
+  uint32_t p = 1u << 30;  // x^1
+  t[0] = p;
+  for (int n = 1; n < 32; ++n) t[n] = p = MultModP(p, p);
+  return t;
+}
+const std::array<uint32_t, 32> kX2n = MakeX2n();
+// crc(A || B) from crc(A), crc(B) and len(B).
+uint32_t Combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  uint32_t p = 1u << 31;  // x^0
+  for (unsigned k = 3; len_b; len_b >>= 1, ++k) {
+    if (len_b & 1) p = MultModP(kX2n[k & 31], p);
+  }
+  return MultModP(p, crc_a) ^ crc_b;
+}
+
+#if defined(__x86_64__)
+// Three independent streams hide the crc32 instruction's 3-cycle latency (about 3x faster on
+// large buffers); the parts are combined above.
+__attribute__((target("sse4.2"))) uint32_t Crc32cHw3(const uint8_t* p, size_t n, uint32_t crc) {
+  const size_t part = (n / 24) * 8;  // bytes per stream, a multiple of 8
+  const uint8_t* a = p;
+  const uint8_t* b = p + part;
+  const uint8_t* c = p + 2 * part;
+  uint64_t ca = crc, cb = 0xFFFFFFFFu, cc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < part; i += 8) {
+    uint64_t wa, wb, wc;
+    std::memcpy(&wa, a + i, 8);
+    std::memcpy(&wb, b + i, 8);
+    std::memcpy(&wc, c + i, 8);
+    ca = _mm_crc32_u64(ca, wa);
+    cb = _mm_crc32_u64(cb, wb);
+    cc = _mm_crc32_u64(cc, wc);
+  }
+  // Finalised CRCs of each part, combined, then the rest continued from the combination.
+  const uint32_t fa = ~static_cast<uint32_t>(ca), fb = ~static_cast<uint32_t>(cb),
+                 fc = ~static_cast<uint32_t>(cc);
+  const uint32_t abc = Combine(Combine(fa, fb, part), fc, part);
+  return Crc32cHw(p + 3 * part, n - 3 * part, ~abc);
+}
+#endif
+
 // Static initialisation may run before libgcc's own CPU detection: initialise it first.
 bool DetectSse42() {
   __builtin_cpu_init();
@@ -54,7 +111,11 @@ uint32_t Crc32c(const void* data, size_t n, uint32_t crc) {
   const auto* p = static_cast<const uint8_t*>(data);
   crc = ~crc;
 #if defined(__x86_64__)
-  crc = kHaveSse42 ? Crc32cHw(p, n, crc) : Crc32cTable(p, n, crc);
+  if (kHaveSse42) {
+    crc = n >= 3 * 1024 ? Crc32cHw3(p, n, crc) : Crc32cHw(p, n, crc);
+  } else {
+    crc = Crc32cTable(p, n, crc);
+  }
 #else
   crc = Crc32cTable(p, n, crc);
 #endif

@@ -179,6 +179,7 @@ int main(int argc, char** argv) {
   io.run();
   executors.Shutdown();
   service.DropAll();  // sessions (and their journals) go before the store closes
+  if (Status s = (*store)->Flush(); !s.ok()) KVMEM_LOG_WARN("store flush at shutdown: {}", s.ToString());
   KVMEM_LOG_INFO("stopped");
   return 0;
 }
