@@ -623,4 +623,54 @@ Status Session::LogCompletingToken(const AttendArgs& a) {
   return journal_->LogTokens(tokens_, 1, k.data(), v.data(), &b);
 }
 
+Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks) {
+  const uint32_t L = profile_.layers;
+  if (layers_ahead_ != 0 || layers_[0].tail_tokens != 0 || !unsealed_boundaries_.empty()) {
+    return FailedPrecondition("RestoreChunk: the session already holds tail tokens");
+  }
+  const uint64_t bytes = BlockBytes(tokens);
+  if (tokens == 0 || blocks.size() != L) return InvalidArgument("RestoreChunk: bad shape");
+  Chunk c;
+  c.start = tokens_;
+  c.tokens = tokens;
+  uint64_t reserved = 0;
+  Status st;
+  for (uint32_t l = 0; l < L && st.ok(); ++l) {
+    if (blocks[l].size() != bytes) {
+      st = InvalidArgument("RestoreChunk: layer " + std::to_string(l) + " block has " +
+                           std::to_string(blocks[l].size()) + " bytes, expected " +
+                           std::to_string(bytes));
+      break;
+    }
+    auto off = pool_->Allocate(bytes);
+    if (!off.ok()) {
+      st = off.status();
+      break;
+    }
+    c.block.push_back(*off);
+    reserved += pool_->allocator().ReservedBytes(bytes);
+    st = pool_->CopyIn(*off, blocks[l].data(), bytes);
+  }
+  if (!st.ok()) {
+    for (uint64_t b : c.block) pool_->Free(b);
+    return st;
+  }
+  for (uint32_t l = 0; l < L; ++l) {
+    layers_[l].chunk_spans.push_back({ElemOffset(c.block[l]), tokens, 0, tokens});
+  }
+  chunks_.push_back(std::move(c));
+  tokens_ += tokens;
+  stat_bytes_ += reserved;
+  stat_chunks_ = chunks_.size();
+  return Status::OK();
+}
+
+Status Session::FinishChunkRestore() {
+  chunker_.ResumeAt(tokens_);
+  stat_tokens_ = tokens_;
+  stat_tail_ = 0;
+  TouchNow();
+  return index_enabled_ ? CatchUpIndex() : Status::OK();
+}
+
 }  // namespace kvmem

@@ -184,6 +184,12 @@ class Session {
   uint32_t chunk_tokens(uint32_t c) const { return chunks_[c].tokens; }
   Status ReadChunkBlock(uint32_t chunk, uint32_t layer, std::string* out) const;
   uint64_t tokens() const { return tokens_; }
+  // Restore path (daemon/tiers.cc): appends one stored chunk as if its tokens had been
+  // appended and sealed; blocks[l] is layer l's block (K rows then V rows, as ReadChunkBlock
+  // gives it). Only while no tail tokens are held, i.e. before any tail replay; then call
+  // FinishChunkRestore once.
+  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks);
+  Status FinishChunkRestore();
 
  private:
   struct Chunk {

@@ -196,46 +196,25 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
     KVMEM_ASSIGN_OR_RETURN(auto c, store->OpenLayer(r->tenant, r->id, l));
     cursors.push_back(std::move(c));
   }
-  // Replays stored chunks in groups of up to ~kGroupTokens tokens per AppendKV.
-  constexpr uint32_t kGroupTokens = 512;
+  // Stored chunks go straight into pool blocks, one chunk (all layers) at a time; each
+  // cursor's payload view stays valid until its next call.
   std::vector<uint8_t> keys, values;
-  std::string bounds;
-  std::string_view payload;
-  for (size_t i = 0; i < table.size();) {
-    size_t j = i;
-    uint32_t n = 0;
-    while (j < table.size() && (n == 0 || n + table[j].tokens <= kGroupTokens)) n += table[j++].tokens;
-    keys.resize(sh.TokensBytes(n));
-    values.resize(keys.size());
-    bounds.clear();
+  std::vector<std::string_view> blocks(sh.layers);
+  for (size_t c = 0; c < table.size(); ++c) {
+    const uint32_t t = table[c].tokens;
     for (uint32_t l = 0; l < sh.layers; ++l) {
-      uint64_t off = 0;  // token offset within the group
-      for (size_t c = i; c < j; ++c) {
-        const uint32_t t = table[c].tokens;
-        KVMEM_RETURN_IF_ERROR(cursors[l]->Next(static_cast<uint32_t>(c), &payload));
-        if (payload.size() != sh.BlockBytes(t)) {
-          return DataLoss(ChunkName{r->tenant, r->id, l, static_cast<uint32_t>(c)}.ToString() +
-                          ": " + std::to_string(payload.size()) + " bytes, expected " +
-                          std::to_string(sh.BlockBytes(t)));
-        }
-        // Block: K[heads][t][row] then V[...]; staging [layers][heads][n][row].
-        for (uint32_t h = 0; h < sh.heads; ++h) {
-          const uint64_t dst = ((uint64_t{l} * sh.heads + h) * n + off) * sh.row;
-          std::memcpy(keys.data() + dst, payload.data() + uint64_t{h} * t * sh.row, t * sh.row);
-          std::memcpy(values.data() + dst,
-                      payload.data() + (uint64_t{sh.heads} + h) * t * sh.row, t * sh.row);
-        }
-        off += t;
-        stats->bytes += payload.size();
+      KVMEM_RETURN_IF_ERROR(cursors[l]->Next(static_cast<uint32_t>(c), &blocks[l]));
+      if (blocks[l].size() != sh.BlockBytes(t)) {
+        return DataLoss(ChunkName{r->tenant, r->id, l, static_cast<uint32_t>(c)}.ToString() +
+                        ": " + std::to_string(blocks[l].size()) + " bytes, expected " +
+                        std::to_string(sh.BlockBytes(t)));
       }
+      stats->bytes += blocks[l].size();
     }
-    for (size_t c = i; c < j; ++c) bounds += table[c].boundaries;
-    KVMEM_RETURN_IF_ERROR(s->AppendKV(n, keys.data(), values.data(),
-                                      reinterpret_cast<const uint8_t*>(bounds.data()))
-                              .status()
-                              .WithContext(name + ": replaying chunks"));
-    i = j;
+    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks).WithContext(name + ": restoring chunk " +
+                                                                 std::to_string(c)));
   }
+  KVMEM_RETURN_IF_ERROR(s->FinishChunkRestore().WithContext(name));
   // Tail segments: tokens past the stored chunks, in order, without gaps.
   std::map<uint64_t, uint32_t> live;
   std::string tail_bounds;
