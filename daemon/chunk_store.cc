@@ -271,6 +271,12 @@ void ChunkStore::DeleteTail(Batch* b, std::string_view tenant, uint64_t session,
   b->wb_->Delete(manifests_cf_, TailKey(tenant, session, start)).PermitUncheckedError();
 }
 
+void ChunkStore::DeleteTailRange(Batch* b, std::string_view tenant, uint64_t session,
+                                 uint64_t end) const {
+  b->wb_->DeleteRange(manifests_cf_, TailKey(tenant, session, 0), TailKey(tenant, session, end))
+      .PermitUncheckedError();
+}
+
 Status ChunkStore::InjectedFault() const {
   if (options_.fail_writes_flag_file.empty()) return Status::OK();
   std::error_code ec;

@@ -143,6 +143,8 @@ class ChunkStore {
   void PutTail(Batch* b, std::string_view tenant, uint64_t session, uint64_t start,
                std::string_view payload) const;
   void DeleteTail(Batch* b, std::string_view tenant, uint64_t session, uint64_t start) const;
+  // Deletes every tail segment starting before `end`.
+  void DeleteTailRange(Batch* b, std::string_view tenant, uint64_t session, uint64_t end) const;
 
   // Applies the batch atomically, through the WAL (synced when options.sync_writes).
   Status Write(Batch* b);

@@ -147,13 +147,17 @@ class StoreJournal final : public SessionJournal {
       }
     }
     const uint64_t sealed_end = s.chunk_start(count - 1) + s.chunk_tokens(count - 1);
+    // Segments wholly inside stored chunks go with one range delete (cheap for later scans);
+    // they are contiguous and ordered, so [0, first segment that outlives sealed_end) covers
+    // exactly them.
     std::vector<uint64_t> gone;
+    uint64_t delete_to = 0;
     for (const auto& [start, n] : segments_) {
-      if (start + n <= sealed_end) {
-        store_->DeleteTail(batch.get(), tenant_, id_, start);
-        gone.push_back(start);
-      }
+      if (start + n > sealed_end) break;
+      gone.push_back(start);
+      delete_to = start + n;
     }
+    if (!gone.empty()) store_->DeleteTailRange(batch.get(), tenant_, id_, delete_to);
     KVMEM_RETURN_IF_ERROR(store_->Write(batch.get()));
     for (uint64_t g : gone) segments_.erase(g);
     boundaries_.erase(0, sealed_end - bound_base_);

@@ -314,7 +314,12 @@ TEST_F(DurabilityTest, LoadToolKillNineThenVerify) {
                            " --kv-heads 2 --head-dim 32 --request-timeout-ms 1500 2>/dev/null";
   FILE* p = ::popen(load.c_str(), "r");
   ASSERT_NE(p, nullptr);
-  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  // Kill once the stream is under way (the machine may be slow to start the tool).
+  for (int i = 0; i < 200; ++i) {
+    auto info = client_->SessionInfo(31);
+    if (info.ok() && info->tokens >= 2000) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
   Kill9();
   std::string out;
   char buf[512];
