@@ -846,6 +846,71 @@ json ExactAgreement(uint64_t tokens, uint32_t queries, uint64_t seed) {
           {"queries", queries}, {"keys_read_fraction", double(keys_read) / keys_total}};
 }
 
+// Lazy update: bulk-build over the first half of the chunks, stream the rest in with Insert()
+// (as decode seals them), with and without Maintain(); compare with a bulk build of everything.
+json LazyUpdate(uint64_t tokens, uint32_t queries, uint32_t budget) {
+  Dataset ds = MakeSynthetic(tokens, queries, 45);
+  Context cx = Prepare(ds, {}, /*baselines=*/false, 0);
+  const uint32_t D = ds.dim;
+  const uint32_t n = static_cast<uint32_t>(cx.lens.size());
+  std::vector<std::vector<index::ChunkSummary>> sums(ds.kv_heads);
+  for (uint32_t h = 0; h < ds.kv_heads; ++h) {
+    for (uint32_t c = 0; c < n; ++c) {
+      sums[h].push_back(*index::SummarizeKeys(ds.K(h) + cx.starts[c] * D, cx.lens[c], D));
+    }
+  }
+  json out = json::array();
+  for (const char* mode : {"bulk", "lazy", "lazy+maintain"}) {
+    double insert_s = 0, maintain_s = 0;
+    uint64_t rebuilds = 0;
+    std::vector<std::unique_ptr<index::ClusterTree>> trees;
+    for (uint32_t h = 0; h < ds.kv_heads; ++h) {
+      auto tree = std::make_unique<index::ClusterTree>(D);
+      const uint32_t first = std::string(mode) == "bulk" ? n : n / 2;
+      if (!tree->Build(std::span(sums[h]).first(first), std::span(cx.lens).first(first)).ok()) {
+        std::exit(1);
+      }
+      for (uint32_t c = first; c < n; ++c) {
+        auto t0 = Clock::now();
+        if (!tree->Insert(c, sums[h][c], cx.lens[c]).ok()) std::exit(1);
+        auto t1 = Clock::now();
+        insert_s += Seconds(t0, t1);
+        if (std::string(mode) == "lazy+maintain" && tree->NeedsMaintenance()) {
+          rebuilds += tree->Maintain(1);
+          maintain_s += Seconds(t1, Clock::now());
+        }
+      }
+      trees.push_back(std::move(tree));
+    }
+    cx.trees = std::move(trees);
+    Accum acc;
+    const uint32_t QD = ds.q_heads * D;
+    for (uint32_t qi = 0; qi < ds.num_queries; ++qi) {
+      const float* q = &ds.queries[size_t{qi} * QD];
+      const QueryTruth truth = Truth(cx, q);
+      SelectTreeBudget(cx, q, budget, BudgetOptions());
+      Score(cx, q, truth, budget, SelectTreeBudget(cx, q, budget, BudgetOptions()), &acc);
+    }
+    const double qn = std::max(1u, acc.n);
+    const index::TreeStats st = cx.trees[0]->Stats();
+    json row = {{"context", tokens}, {"budget", budget}, {"mode", mode},
+                {"mass_recall", acc.mass / qn}, {"sel_mass_recall", acc.sel_mass / qn},
+                {"nodes_visited", acc.nodes / qn}, {"us_per_query", acc.us / qn},
+                {"inserted_chunks", std::string(mode) == "bulk" ? 0 : ds.kv_heads * (n - n / 2)},
+                {"us_per_insert", std::string(mode) == "bulk"
+                                      ? 0.0 : insert_s * 1e6 / (ds.kv_heads * (n - n / 2))},
+                {"maintain_seconds", maintain_s}, {"subtree_rebuilds", rebuilds},
+                {"nodes_per_level", st.nodes_per_level}};
+    std::printf("# lazy update T=%llu %-14s sel_mass %.4f nodes %.0f insert %.1f us/chunk "
+                "maintain %.2fs (%llu rebuilds) levels %s\n",
+                static_cast<unsigned long long>(tokens), mode, acc.sel_mass / qn, acc.nodes / qn,
+                row["us_per_insert"].get<double>(), maintain_s,
+                static_cast<unsigned long long>(rebuilds), json(st.nodes_per_level).dump().c_str());
+    out.push_back(row);
+  }
+  return out;
+}
+
 // Search cost only: summaries are computed chunk by chunk from the generator (the keys of a
 // 1M-token context are never held).
 json SearchCost(uint64_t tokens, uint32_t budget, uint32_t queries, uint64_t seed) {
@@ -1020,6 +1085,7 @@ int Main(int argc, char** argv) {
               : std::vector<uint64_t>{8192, 32768, 131072, 1048576};
   for (uint64_t T : cost_contexts) cost.push_back(SearchCost(T, 2048, a.quick ? 16 : 32, 42));
   out["search_cost"] = cost;
+  out["lazy_update"] = LazyUpdate(a.quick ? 32768 : 131072, queries, 2048);
 
   if (a.sweep_chunker) {
     json sweep = json::array();

@@ -566,27 +566,72 @@ Result<VerifyResult> Client::VerifySession(uint64_t id) {
   return f.Get();
 }
 
+namespace {
+
+// Boundary classes of appends up to this many tokens travel inline in the FlatBuffer (no
+// separate data segment); larger ones as a U8 tensor.
+constexpr size_t kInlineBoundaries = 2048;
+
+flatbuffers::Offset<w::AppendKV> BuildAppend(flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer,
+                                             uint64_t id, uint64_t n, flatbuffers::Offset<w::Tensor> k,
+                                             flatbuffers::Offset<w::Tensor> v, flatbuffers::Offset<w::Tensor> kv,
+                                             std::span<const uint8_t> boundaries) {
+  flatbuffers::Offset<w::Tensor> bt;
+  flatbuffers::Offset<flatbuffers::Vector<uint8_t>> inline_b;
+  if (!boundaries.empty() && boundaries.size() <= kInlineBoundaries) {
+    inline_b = fbb.CreateVector(boundaries.data(), boundaries.size());
+  } else if (!boundaries.empty()) {
+    const uint64_t shape[1] = {boundaries.size()};
+    bt = packer.Add(fbb, w::DType::U8, shape, boundaries.data());
+  }
+  w::AppendKVBuilder b(fbb);
+  b.add_session_id(id);
+  b.add_tokens(static_cast<uint32_t>(n));
+  if (!k.IsNull()) b.add_keys(k);
+  if (!v.IsNull()) b.add_values(v);
+  if (!kv.IsNull()) b.add_kv(kv);
+  if (!bt.IsNull()) b.add_boundaries(bt);
+  if (!inline_b.IsNull()) b.add_boundary_classes(inline_b);
+  return b.Finish();
+}
+
+Result<AppendResult> ParseAppend(CallState& c) {
+  const w::AppendKVReply* r = c.parsed.envelope->body_as_AppendKVReply();
+  if (r == nullptr) return Internal("AppendKV: unexpected reply type");
+  return AppendResult{r->tokens(), r->chunks(), r->sealed()};
+}
+
+}  // namespace
+
 Future<AppendResult> Client::AppendKVAsync(uint64_t id, const TensorView& keys, const TensorView& values,
                                            std::span<const uint8_t> boundaries) {
   return KVMEM_CLIENT_CALL(
       AppendResult, impl_.get(),
       ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer) -> Result<flatbuffers::Offset<w::AppendKV>> {
         if (keys.shape.size() != 4) return InvalidArgument("AppendKV: keys must be [layers, kv_heads, tokens, head_dim]");
-        const uint64_t n = keys.shape[2];
         KVMEM_ASSIGN_OR_RETURN(auto k, AddTensor(fbb, packer, keys, "keys"));
         KVMEM_ASSIGN_OR_RETURN(auto v, AddTensor(fbb, packer, values, "values"));
-        flatbuffers::Offset<w::Tensor> b;
-        if (!boundaries.empty()) {
-          const uint64_t shape[1] = {boundaries.size()};
-          b = packer.Add(fbb, w::DType::U8, shape, boundaries.data());
-        }
-        return w::CreateAppendKV(fbb, id, static_cast<uint32_t>(n), k, v, b);
+        return BuildAppend(fbb, packer, id, keys.shape[2], k, v, 0, boundaries);
       }),
-      ([](CallState& c) -> Result<AppendResult> {
-        const w::AppendKVReply* r = c.parsed.envelope->body_as_AppendKVReply();
-        if (r == nullptr) return Internal("AppendKV: unexpected reply type");
-        return AppendResult{r->tokens(), r->chunks(), r->sealed()};
-      }));
+      ParseAppend);
+}
+
+Future<AppendResult> Client::AppendKVPackedAsync(uint64_t id, const TensorView& kv,
+                                                 std::span<const uint8_t> boundaries) {
+  return KVMEM_CLIENT_CALL(
+      AppendResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer) -> Result<flatbuffers::Offset<w::AppendKV>> {
+        if (kv.shape.size() != 5 || kv.shape[0] != 2) {
+          return InvalidArgument("AppendKVPacked: kv must be [2, layers, kv_heads, tokens, head_dim]");
+        }
+        KVMEM_ASSIGN_OR_RETURN(auto t, AddTensor(fbb, packer, kv, "kv"));
+        return BuildAppend(fbb, packer, id, kv.shape[3], 0, 0, t, boundaries);
+      }),
+      ParseAppend);
+}
+
+Result<AppendResult> Client::AppendKVPacked(uint64_t id, const TensorView& kv, std::span<const uint8_t> boundaries) {
+  return AppendKVPackedAsync(id, kv, boundaries).Get();
 }
 
 Result<AppendResult> Client::AppendKV(uint64_t id, const TensorView& keys, const TensorView& values,

@@ -220,6 +220,13 @@ class Client {
                                      const TensorView& values,
                                      std::span<const uint8_t> boundaries = {});
 
+  // kv: [2, layers, kv_heads, tokens, head_dim], K then V in one buffer: the payload goes out
+  // as one contiguous zero-copy send (the fastest way to append).
+  Result<AppendResult> AppendKVPacked(uint64_t id, const TensorView& kv,
+                                      std::span<const uint8_t> boundaries = {});
+  Future<AppendResult> AppendKVPackedAsync(uint64_t id, const TensorView& kv,
+                                           std::span<const uint8_t> boundaries = {});
+
   Result<AttendResult> Attend(uint64_t id, const AttendRequest& request);
   Future<AttendResult> AttendAsync(uint64_t id, const AttendRequest& request);
 

@@ -8,8 +8,16 @@ if(KVMEM_SANITIZE)
   if(KVMEM_SANITIZE MATCHES "undefined")
     list(APPEND _kvmem_san_flags -fno-sanitize-recover=undefined)
   endif()
-  add_compile_options($<$<COMPILE_LANGUAGE:CXX,C>:${_kvmem_san_flags}>)
+  # Quoted: the flag list must stay inside the generator expression.
+  add_compile_options("$<$<COMPILE_LANGUAGE:CXX,C>:${_kvmem_san_flags}>")
   add_link_options(${_kvmem_san_flags})
   add_compile_definitions(KVMEM_SANITIZED=1)
   message(STATUS "kvmem: sanitizers ${KVMEM_SANITIZE}")
+endif()
+
+# Fuzzer builds (KVMEM_BUILD_FUZZERS, clang): every library gets coverage instrumentation and
+# ASan/UBSan so libFuzzer sees inside the daemon, not just the harness.
+if(KVMEM_BUILD_FUZZERS AND CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+  add_compile_options("$<$<COMPILE_LANGUAGE:CXX,C>:-fsanitize=fuzzer-no-link,address,undefined;-fno-omit-frame-pointer>")
+  add_link_options(-fsanitize=address,undefined)
 endif()

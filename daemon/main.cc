@@ -16,6 +16,7 @@
 #include "daemon/config.h"
 #include "daemon/executor.h"
 #include "daemon/kv_pool.h"
+#include "daemon/parallel.h"
 #include "daemon/service.h"
 #include "daemon/transport.h"
 
@@ -32,6 +33,7 @@ Usage: kvmemd [options]
   --log-level L          trace|debug|info|warn|error   (default info)
   --progress M           event | poll                  (default event)
   --executors N          session executor threads, 0 = inline (default 2)
+  --search-threads N     threads one index search fans out over (default: by core count)
   --device-memory SIZE   KV pool size, e.g. 8GiB       (default 4GiB)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
@@ -65,8 +67,8 @@ int main(int argc, char** argv) {
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory",
-                                  "--max-message", "--ucx-error-mode", "--sync-writes",
-                                  "--fault-fail-writes-flag"};
+                                  "--max-message", "--ucx-error-mode", "--search-threads",
+                                  "--sync-writes", "--fault-fail-writes-flag"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -118,6 +120,11 @@ int main(int argc, char** argv) {
       const long n = std::strtol(v.c_str(), &end, 10);
       if (*end || n < 0) return Fail("--executors needs a non-negative integer");
       config.executors = static_cast<uint32_t>(n);
+    } else if (k == "--search-threads") {
+      char* end = nullptr;
+      const long n = std::strtol(v.c_str(), &end, 10);
+      if (*end || n < 0 || n > 256) return Fail("--search-threads needs an integer in [0, 256]");
+      config.search_threads = static_cast<uint32_t>(n);
     } else if (k == "--device-memory") {
       auto b = ParseBytes(v);
       if (!b.ok()) return Fail("--device-memory: " + b.status().message());
@@ -151,6 +158,8 @@ int main(int argc, char** argv) {
   auto store = ChunkStore::Open(store_opts);
   if (!store.ok()) return Fail(store.status().ToString());
 
+  ParallelPool search_pool(config.search_threads);
+  SetSearchPool(config.search_threads > 0 ? &search_pool : nullptr);
   boost::asio::io_context io;
   Service service(config, pool->get(), backend);
   service.AttachStore(store->get());

@@ -329,15 +329,39 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
     return ResourceExhausted("AppendKV: session would exceed max_tokens_per_session (" +
                              std::to_string(config_.max_tokens_per_session) + ")");
   }
-  const uint64_t shape[4] = {p.layers, p.kv_heads, n, p.head_dim};
   const w::DType dt[1] = {w::ToWire(p.dtype)};
-  KVMEM_ASSIGN_OR_RETURN(const uint8_t* k, w::ResolveTensor(msg, req->keys(), "keys", shape, dt));
-  KVMEM_ASSIGN_OR_RETURN(const uint8_t* v, w::ResolveTensor(msg, req->values(), "values", shape, dt));
+  const uint8_t* k = nullptr;
+  const uint8_t* v = nullptr;
+  if (req->kv() != nullptr) {
+    if (req->keys() != nullptr || req->values() != nullptr) {
+      return InvalidArgument("AppendKV: give either kv or keys + values, not both");
+    }
+    const uint64_t shape5[5] = {2, p.layers, p.kv_heads, n, p.head_dim};
+    KVMEM_ASSIGN_OR_RETURN(k, w::ResolveTensor(msg, req->kv(), "kv", shape5, dt));
+    v = k + static_cast<size_t>(p.layers) * p.kv_heads * n * p.head_dim * DTypeSize(p.dtype);
+  } else {
+    const uint64_t shape[4] = {p.layers, p.kv_heads, n, p.head_dim};
+    KVMEM_ASSIGN_OR_RETURN(k, w::ResolveTensor(msg, req->keys(), "keys", shape, dt));
+    KVMEM_ASSIGN_OR_RETURN(v, w::ResolveTensor(msg, req->values(), "values", shape, dt));
+  }
   const uint8_t* bounds = nullptr;
+  if (req->boundaries() != nullptr && req->boundary_classes() != nullptr) {
+    return InvalidArgument("AppendKV: give either boundaries or boundary_classes, not both");
+  }
+  if (req->boundary_classes() != nullptr) {
+    if (req->boundary_classes()->size() != n) {
+      return InvalidArgument("AppendKV: boundary_classes has " +
+                             std::to_string(req->boundary_classes()->size()) + " entries for " +
+                             std::to_string(n) + " tokens");
+    }
+    bounds = req->boundary_classes()->data();
+  }
   if (req->boundaries() != nullptr) {
     const uint64_t bshape[1] = {n};
     const w::DType u8[1] = {w::DType::U8};
     KVMEM_ASSIGN_OR_RETURN(bounds, w::ResolveTensor(msg, req->boundaries(), "boundaries", bshape, u8));
+  }
+  if (bounds != nullptr) {
     for (uint64_t i = 0; i < n; ++i) {
       if (bounds[i] > index::kMaxBoundaryClass) {
         return InvalidArgument("AppendKV: boundary class " + std::to_string(bounds[i]) +

@@ -207,6 +207,78 @@ void ClusterTree::Summarize(uint32_t n) {
   node.chunks_below = chunks;
 }
 
+std::vector<std::vector<uint32_t>> ClusterTree::SplitChunks(const std::vector<uint32_t>& chunks,
+                                                            uint32_t k, uint32_t salt) const {
+  const uint32_t m = static_cast<uint32_t>(chunks.size());
+  // Cluster directions around the subtree's mean, not around the origin: keys share a large
+  // common component (outlier channels, a bias), and raw cosine similarity would group chunks
+  // by it (by position, under rotary encoding) instead of by content.
+  std::vector<double> mean(head_dim_, 0.0);
+  for (uint32_t c : chunks) {
+    const float* x = chunk_centroid(c);
+    for (uint32_t d = 0; d < head_dim_; ++d) mean[d] += x[d];
+  }
+  for (auto& v : mean) v /= m;
+  std::vector<float> points(size_t{m} * head_dim_);
+  for (uint32_t i = 0; i < m; ++i) {
+    const float* x = chunk_centroid(chunks[i]);
+    for (uint32_t d = 0; d < head_dim_; ++d) {
+      points[size_t{i} * head_dim_ + d] = static_cast<float>(x[d] - mean[d]);
+    }
+  }
+  detail::KMeansParams params;
+  params.k = k;
+  params.iterations = options_.kmeans_iterations;
+  params.sample = options_.kmeans_sample;
+  params.seed = options_.seed ^ (uint64_t{salt} * 0x9e3779b97f4a7c15ull) ^ m;
+  uint32_t used = 0;
+  std::vector<uint32_t> labels = detail::SphericalKMeans(points.data(), m, head_dim_, params, &used);
+  std::vector<std::vector<uint32_t>> groups(used);
+  for (uint32_t i = 0; i < m; ++i) groups[labels[i]].push_back(chunks[i]);
+  if (used <= 1) {
+    // Indistinguishable centroids (e.g. identical keys): split evenly so the tree still has
+    // bounded fan-out and every level makes progress.
+    groups.assign(k, {});
+    for (uint32_t i = 0; i < m; ++i) groups[size_t{i} * k / m].push_back(chunks[i]);
+  }
+  return groups;
+}
+
+void ClusterTree::RefreshAncestorRadii(uint32_t n) {
+  // Valid for any centroid by the triangle inequality, and never looser than the children need.
+  for (uint32_t a = nodes_[n].parent; a != kNone; a = nodes_[a].parent) {
+    double radius = 0.0;
+    float max_norm = 0.f;
+    for (uint32_t c : nodes_[a].children) {
+      radius = std::max(radius, DistanceD(node_centroid(c), node_centroid(a), head_dim_) +
+                                    nodes_[c].radius);
+      max_norm = std::max(max_norm, nodes_[c].max_key_norm);
+    }
+    nodes_[a].radius = RoundUpToFloat(radius);
+    nodes_[a].max_key_norm = max_norm;
+  }
+}
+
+void ClusterTree::SplitLeaf(uint32_t n) {
+  std::vector<uint32_t> chunks = std::move(nodes_[n].children);
+  std::sort(chunks.begin(), chunks.end());
+  std::vector<std::vector<uint32_t>> groups = SplitChunks(chunks, 2, n);
+  const uint32_t parent = nodes_[n].parent;
+  const uint32_t sibling = NewNode(parent, nodes_[n].level);  // may reallocate nodes_
+  nodes_[parent].children.push_back(sibling);
+  const uint32_t halves[2] = {n, sibling};
+  for (int i = 0; i < 2; ++i) {
+    Node& node = nodes_[halves[i]];
+    node.leaf = true;
+    node.children = std::move(groups[i]);
+    for (uint32_t c : node.children) chunk_parent_[c] = halves[i];
+    Summarize(halves[i]);
+    nodes_[halves[i]].built_chunks = nodes_[halves[i]].chunks_below;
+    nodes_[halves[i]].built_radius = nodes_[halves[i]].radius;
+  }
+  RefreshAncestorRadii(n);
+}
+
 void ClusterTree::BuildSubtree(uint32_t n, std::vector<uint32_t> chunks,
                                uint32_t remaining_levels) {
   const uint32_t m = static_cast<uint32_t>(chunks.size());
@@ -223,38 +295,7 @@ void ClusterTree::BuildSubtree(uint32_t n, std::vector<uint32_t> chunks,
     k = std::clamp(k, 2u, std::max(2u, cap));
     k = std::min(k, m);
 
-    // Cluster directions around the subtree's mean, not around the origin: keys share a large
-    // common component (outlier channels, a bias), and raw cosine similarity would group chunks
-    // by it (by position, under rotary encoding) instead of by content.
-    std::vector<double> mean(head_dim_, 0.0);
-    for (uint32_t c : chunks) {
-      const float* x = chunk_centroid(c);
-      for (uint32_t d = 0; d < head_dim_; ++d) mean[d] += x[d];
-    }
-    for (auto& v : mean) v /= m;
-    std::vector<float> points(size_t{m} * head_dim_);
-    for (uint32_t i = 0; i < m; ++i) {
-      const float* x = chunk_centroid(chunks[i]);
-      for (uint32_t d = 0; d < head_dim_; ++d) {
-        points[size_t{i} * head_dim_ + d] = static_cast<float>(x[d] - mean[d]);
-      }
-    }
-    detail::KMeansParams params;
-    params.k = k;
-    params.iterations = options_.kmeans_iterations;
-    params.sample = options_.kmeans_sample;
-    params.seed = options_.seed ^ (uint64_t{n} * 0x9e3779b97f4a7c15ull) ^ m;
-    uint32_t used = 0;
-    std::vector<uint32_t> labels =
-        detail::SphericalKMeans(points.data(), m, head_dim_, params, &used);
-    std::vector<std::vector<uint32_t>> groups(used);
-    for (uint32_t i = 0; i < m; ++i) groups[labels[i]].push_back(chunks[i]);
-    if (used <= 1) {
-      // Indistinguishable centroids (e.g. identical keys): split evenly so the tree still has
-      // bounded fan-out and every level makes progress.
-      groups.assign(k, {});
-      for (uint32_t i = 0; i < m; ++i) groups[size_t{i} * k / m].push_back(chunks[i]);
-    }
+    std::vector<std::vector<uint32_t>> groups = SplitChunks(chunks, k, n);
     for (auto& g : groups) {
       if (g.empty()) continue;
       const uint32_t child = NewNode(n, nodes_[n].level + 1);  // may reallocate nodes_
@@ -328,19 +369,8 @@ void ClusterTree::RebuildSubtree(uint32_t n) {
   FreeSubtree(n, /*keep_root=*/true);
   const uint32_t level = nodes_[n].level;
   BuildSubtree(n, std::move(chunks), options_.levels > level ? options_.levels - level : 0);
-  // The rebuilt node's centroid may have moved: re-derive each ancestor's radius from its
-  // children (valid for any centroid by the triangle inequality, and never looser than needed).
-  for (uint32_t a = nodes_[n].parent; a != kNone; a = nodes_[a].parent) {
-    double radius = 0.0;
-    float max_norm = 0.f;
-    for (uint32_t c : nodes_[a].children) {
-      radius = std::max(radius, DistanceD(node_centroid(c), node_centroid(a), head_dim_) +
-                                    nodes_[c].radius);
-      max_norm = std::max(max_norm, nodes_[c].max_key_norm);
-    }
-    nodes_[a].radius = RoundUpToFloat(radius);
-    nodes_[a].max_key_norm = max_norm;
-  }
+  // The rebuilt node's centroid may have moved: re-derive the ancestors' radii.
+  RefreshAncestorRadii(n);
 }
 
 Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t tokens) {
@@ -437,16 +467,36 @@ bool ClusterTree::NeedsMaintenance() const {
 uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
   uint32_t rebuilt = 0;
   while (rebuilt < max_subtrees) {
-    // Pick the highest stale unit. A stale leaf cluster is split by rebuilding its parent.
+    // Pick the highest stale unit. A stale fine cluster is split in two next to itself while
+    // its parent has room (cheap: 2-means over ~2·fine_cluster_chunks chunks); otherwise its
+    // parent is rebuilt. Any other stale node is rebuilt (a stale root: everything).
     uint32_t target = kNone;
+    bool split = false;
     for (uint32_t n = 0; n < nodes_.size(); ++n) {
       if (!Stale(n)) continue;
-      uint32_t unit = (nodes_[n].leaf && n != 0) ? nodes_[n].parent : n;
-      if (target == kNone || nodes_[unit].level < nodes_[target].level) target = unit;
+      uint32_t unit = n;
+      bool leaf_split = false;
+      if (n != 0 && nodes_[n].leaf) {
+        const uint32_t p = nodes_[n].parent;
+        const uint32_t cap = p == 0 ? options_.max_coarse_units : options_.max_fanout;
+        if (nodes_[p].children.size() < cap && nodes_[n].children.size() >= 2) {
+          leaf_split = true;
+        } else {
+          unit = p;
+        }
+      }
+      if (target == kNone || nodes_[unit].level < nodes_[target].level) {
+        target = unit;
+        split = leaf_split;
+      }
       if (target == 0) break;
     }
     if (target == kNone) break;
-    RebuildSubtree(target);
+    if (split) {
+      SplitLeaf(target);
+    } else {
+      RebuildSubtree(target);
+    }
     if (target == 0) inserts_since_build_ = 0;
     ++subtree_rebuilds_;
     ++rebuilt;
@@ -712,6 +762,14 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
     }
   }
   return Status::OK();
+}
+
+ChunkSummary ClusterTree::chunk_summary(uint32_t chunk) const {
+  ChunkSummary s;
+  s.centroid.assign(chunk_centroid(chunk), chunk_centroid(chunk) + head_dim_);
+  s.radius = chunk_radius_[chunk];
+  s.max_key_norm = chunk_max_norm_[chunk];
+  return s;
 }
 
 TreeStats ClusterTree::Stats() const {

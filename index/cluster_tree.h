@@ -158,8 +158,10 @@ class ClusterTree {
 
   // True when a subtree has grown or loosened past the thresholds in the options.
   bool NeedsMaintenance() const;
-  // Rebuilds up to max_subtrees stale subtrees (a stale root rebuilds everything and counts as
-  // one). Returns how many were rebuilt. Cost ~ k-means over the chunks of those subtrees.
+  // Repairs up to max_subtrees stale subtrees, highest first: a stale fine cluster is split in
+  // two beside itself while its parent has room, else its parent is rebuilt; other stale nodes
+  // are rebuilt (a stale root rebuilds everything and counts as one). Returns how many were
+  // repaired. Cost ~ k-means over the chunks of those subtrees.
   uint32_t Maintain(uint32_t max_subtrees = UINT32_MAX);
 
   // Exact top-k chunks by score(chunk) = max over the chunk's keys k and the group's heads g of
@@ -185,6 +187,9 @@ class ClusterTree {
   uint64_t total_tokens() const { return total_tokens_; }
   uint32_t chunk_tokens(uint32_t chunk) const { return chunk_tokens_[chunk]; }
   uint64_t chunk_start(uint32_t chunk) const { return chunk_start_[chunk]; }
+  // The summary the tree holds for `chunk` (< num_chunks()): what a snapshot persists, and what
+  // Build() takes back after a restart.
+  ChunkSummary chunk_summary(uint32_t chunk) const;
   const ClusterTreeOptions& options() const { return options_; }
 
  private:
@@ -216,6 +221,12 @@ class ClusterTree {
   void Summarize(uint32_t n);
   bool Stale(uint32_t n) const;
   void RebuildSubtree(uint32_t n);
+  // Splits leaf cluster n (non-root, >= 2 chunks) into n and a new sibling.
+  void SplitLeaf(uint32_t n);
+  // Groups `chunks` into at most k clusters (spherical k-means on mean-centred centroids).
+  std::vector<std::vector<uint32_t>> SplitChunks(const std::vector<uint32_t>& chunks, uint32_t k,
+                                                 uint32_t salt) const;
+  void RefreshAncestorRadii(uint32_t n);
   void CollectChunks(uint32_t n, std::vector<uint32_t>* out) const;
   Status ValidateQueries(std::span<const float> q, uint32_t* group) const;
   // Tokens of chunk c not below `skip` (the sinks).

@@ -25,20 +25,20 @@ struct KVSpan {
 
 // One (session, layer) decode step. Query head j belongs to KV head j / (q_heads / kv_heads).
 struct AttendProblem {
-  const void* pool;              // KV pool base (device memory on the CUDA backend)
+  const void* pool;  // KV pool base (device memory on the CUDA backend)
   DType kv_dtype;
   uint32_t q_heads;
   uint32_t kv_heads;
   uint32_t head_dim;
-  float scale;                   // softmax scale, usually 1/sqrt(head_dim)
-  const void* q;                 // [q_heads][head_dim]
+  float scale;    // softmax scale, usually 1/sqrt(head_dim)
+  const void* q;  // [q_heads][head_dim]
   DType q_dtype;
-  const KVSpan* spans;           // runs attended, grouped by KV head
+  const KVSpan* spans;              // runs attended, grouped by KV head
   const uint32_t* head_span_begin;  // [kv_heads + 1]; nullptr: every head attends all num_spans
   uint32_t num_spans;
-  void* out;                     // [q_heads][head_dim] in out_dtype
+  void* out;  // [q_heads][head_dim] in out_dtype
   DType out_dtype;
-  float* lse;                    // [q_heads] log-sum-exp of scaled logits, or nullptr
+  float* lse;  // [q_heads] log-sum-exp of scaled logits, or nullptr
 };
 
 // Range of spans for KV head h.
@@ -76,15 +76,15 @@ struct DenseAttendView {
   uint32_t q_heads;
   uint32_t kv_heads;
   uint32_t head_dim;
-  uint32_t capacity_tokens;   // token stride between heads
-  const uint32_t* seq_lens;   // [batch], each <= capacity_tokens
-  uint32_t max_seq_len;       // >= every seq_lens[b]; the CUDA version sizes its grid by it
+  uint32_t capacity_tokens;  // token stride between heads
+  const uint32_t* seq_lens;  // [batch], each <= capacity_tokens
+  uint32_t max_seq_len;      // >= every seq_lens[b]; the CUDA version sizes its grid by it
   float scale;
   const void* q;
   DType q_dtype;
   void* out;
   DType out_dtype;
-  float* lse;                 // or nullptr
+  float* lse;  // or nullptr
 };
 
 Status ValidateDenseAttendView(const DenseAttendView& v);

@@ -71,7 +71,9 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   if (target == 0) {
     // One wave: the last split of each task may be short, so leave a block per task spare.
     const uint64_t resident = AttendResidentBlocks(D, G, p0.kv_dtype);
-    target = resident == 0 ? 528 : std::max<uint64_t>(resident / 2, resident - std::min<uint64_t>(resident, num_tasks));
+    target = resident == 0 ? 528
+                           : std::max<uint64_t>(resident / 2,
+                                                resident - std::min<uint64_t>(resident, num_tasks));
   }
   uint64_t split = (total + target - 1) / target;
   split = std::clamp<uint64_t>(split, options.min_split_tokens,
@@ -163,8 +165,8 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   off = AlignUp(off + tasks.size() * sizeof(uint32_t), 256);
   const size_t image_bytes = off;
   plan->partials_off = off;
-  plan->workspace_bytes =
-      off + static_cast<size_t>(partial_slots) * ::kvmem::kernels::detail::PartialFloats(G, D) * sizeof(float);
+  plan->workspace_bytes = off + static_cast<size_t>(partial_slots) *
+                                    ::kvmem::kernels::detail::PartialFloats(G, D) * sizeof(float);
   plan->image.assign(image_bytes, 0);
   std::memcpy(plan->image.data() + plan->tasks_off, tasks.data(),
               tasks.size() * sizeof(AttendTaskDesc));

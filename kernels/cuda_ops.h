@@ -8,9 +8,10 @@
 // returns UNAVAILABLE (DeviceCount() == 0), so callers and tests can skip cleanly.
 //
 // head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level); set
-// KVMEM_ATTN_PATH=simt to force the CUDA-core kernel (debugging / A-B timing).
-// Supported on CUDA: head_dim 64 or 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8;
-// K/V bf16 or fp16 (fp32 K/V: CPU only); q and out fp32, fp16 or bf16; fp32 accumulation.
+// KVMEM_ATTN_PATH=simt (CUDA cores) or tc-cpasync (tensor cores fed by cp.async instead of bulk
+// copies) selects another kernel, for debugging and A-B timing. Supported on CUDA: head_dim 64 or
+// 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8; K/V bf16 or fp16 (fp32 K/V: CPU only); q and
+// out fp32, fp16 or bf16; fp32 accumulation.
 #pragma once
 
 #include <cstddef>
@@ -43,9 +44,14 @@ int MultiprocessorCount();
 //
 // Device-memory contract. PlanAttend reads the problems on the host: their `spans` and
 // `head_span_begin` are HOST pointers there; `pool`, `q`, `out` and `lse` are DEVICE pointers
-// (copied into the plan, never dereferenced on the host). It packs, into `plan->image`,
-//   [tasks: one descriptor per (problem, KV head)] [items: one per split]
-//   [runs: (K offset, V offset, length) per piece of span, grouped by item] [counters: zeros]
+// (copied into the plan, never dereferenced on the host). It packs, into `plan->image` (record
+// layouts in kernels/detail/attention_plan_layout.h):
+//   [tasks: one descriptor per (problem, KV head), for inspection]
+//   [items: one per split = thread block, each carrying its task's pointers, scale, split index,
+//    split count, partial slot and its range of runs]
+//   [runs: (K element offset, V element offset, length) per piece of span, grouped by item; at
+//    most kMaxRunsPerItem (256) per item]
+//   [counters: one uint32 per task, zero]
 // The caller copies the image to the start of a device workspace of plan->workspace_bytes with
 // one async memcpy (UploadAttendPlan does it); the rest of the workspace holds the partials.
 // LaunchAttend may then run any number of times on that workspace (graph replay included) as
@@ -65,19 +71,19 @@ struct AttendPlanOptions {
   // Default: 0
   uint32_t target_blocks = 0;
   // Bounds on tokens per split; the chosen size is a multiple of 64 inside these bounds.
-  // Default: 64 and 4096
-  uint32_t min_split_tokens = 64;
+  // Default: 128 and 4096
+  uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;
 };
 
 struct AttendPlan {
-  std::vector<uint8_t> image;   // upload to the workspace start
-  size_t workspace_bytes = 0;   // image + partials
+  std::vector<uint8_t> image;  // upload to the workspace start
+  size_t workspace_bytes = 0;  // image + partials
   uint32_t num_tasks = 0;
-  uint32_t num_items = 0;       // thread blocks of the launch
+  uint32_t num_items = 0;  // thread blocks of the launch
   uint32_t num_runs = 0;
   uint32_t split_tokens = 0;
-  uint64_t total_tokens = 0;    // summed over tasks (each KV row pair read once)
+  uint64_t total_tokens = 0;  // summed over tasks (each KV row pair read once)
   DType kv_dtype = DType::kBF16;
   DType q_dtype = DType::kBF16;
   DType out_dtype = DType::kBF16;
@@ -103,8 +109,7 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
 // Same kernel body as above over DenseAttendView (seq_lens is a DEVICE pointer here). The
 // workspace must be zero-filled once before its first use; each launch leaves it reusable.
 struct DenseAttendOptions {
-  // As AttendPlanOptions (0: resident blocks of the dense kernel), except min_split_tokens
-  // defaults to 128.
+  // As AttendPlanOptions (0: resident blocks of the dense kernel).
   uint32_t target_blocks = 0;
   uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;

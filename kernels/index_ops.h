@@ -27,11 +27,11 @@ struct ChunkSummaryView {
   DType kv_dtype;
   uint32_t kv_heads;
   uint32_t head_dim;
-  const KVSpan* chunks;    // [num_chunks]; keys of [begin, end) of each head
+  const KVSpan* chunks;  // [num_chunks]; keys of [begin, end) of each head
   uint32_t num_chunks;
-  float* centroids;        // [num_chunks][kv_heads][head_dim]
-  float* radii;            // [num_chunks][kv_heads]
-  float* max_key_norms;    // [num_chunks][kv_heads], or nullptr
+  float* centroids;      // [num_chunks][kv_heads][head_dim]
+  float* radii;          // [num_chunks][kv_heads]
+  float* max_key_norms;  // [num_chunks][kv_heads], or nullptr
 };
 
 void ChunkSummaryCpu(const ChunkSummaryView& v);
@@ -42,15 +42,15 @@ void ChunkSummaryCpu(const ChunkSummaryView& v);
 // an upper bound of q·k for every key k below the node (Cauchy–Schwarz). A level-synchronous
 // tree search calls this once per level on the candidate (node, group) pairs.
 struct NodeBoundsView {
-  const float* centroids;     // [num_nodes][head_dim]
-  const float* radii;         // [num_nodes]
-  const float* queries;       // [num_groups][group_size][head_dim], fp32
-  uint32_t group_size;        // query heads per KV head (GQA group)
+  const float* centroids;  // [num_nodes][head_dim]
+  const float* radii;      // [num_nodes]
+  const float* queries;    // [num_groups][group_size][head_dim], fp32
+  uint32_t group_size;     // query heads per KV head (GQA group)
   uint32_t head_dim;
-  const uint32_t* pair_node;  // [num_pairs]
-  const uint32_t* pair_group; // [num_pairs]
+  const uint32_t* pair_node;   // [num_pairs]
+  const uint32_t* pair_group;  // [num_pairs]
   uint32_t num_pairs;
-  float* bounds;              // [num_pairs]
+  float* bounds;  // [num_pairs]
 };
 
 void NodeBoundsCpu(const NodeBoundsView& v);
@@ -63,13 +63,13 @@ struct ChunkMaxScoresView {
   DType kv_dtype;
   uint32_t kv_heads;
   uint32_t head_dim;
-  const float* queries;        // [num_groups][group_size][head_dim], fp32
+  const float* queries;  // [num_groups][group_size][head_dim], fp32
   uint32_t group_size;
   const KVSpan* chunks;        // [num_items]
   const uint32_t* item_head;   // [num_items] KV head of the item
   const uint32_t* item_group;  // [num_items] query group of the item
   uint32_t num_items;
-  float* scores;               // [num_items]
+  float* scores;  // [num_items]
 };
 
 void ChunkMaxScoresCpu(const ChunkMaxScoresView& v);
@@ -81,12 +81,12 @@ void ChunkMaxScoresCpu(const ChunkMaxScoresView& v);
 constexpr uint32_t kTopKMax = 2048;
 
 struct TopKView {
-  const float* scores;   // [num_rows][n]
+  const float* scores;  // [num_rows][n]
   uint32_t num_rows;
   uint32_t n;
   uint32_t k;
-  uint32_t* indices;     // [num_rows][k]
-  float* values;         // [num_rows][k], or nullptr
+  uint32_t* indices;  // [num_rows][k]
+  float* values;      // [num_rows][k], or nullptr
 };
 
 Status ValidateTopKView(const TopKView& v);
@@ -108,16 +108,16 @@ struct PooledBlockScoresView {
   uint32_t kv_heads;
   uint32_t q_heads;
   uint32_t head_dim;
-  const float* q;                // [q_heads][head_dim], fp32
-  const KVSpan* spans;           // [num_spans]
-  const uint32_t* span_prefix;   // [num_spans + 1], exclusive prefix of span lengths
+  const float* q;               // [q_heads][head_dim], fp32
+  const KVSpan* spans;          // [num_spans]
+  const uint32_t* span_prefix;  // [num_spans + 1], exclusive prefix of span lengths
   uint32_t num_spans;
-  uint32_t total_tokens;         // == span_prefix[num_spans] (known on the host: sizes the grid)
-  uint32_t block_tokens;         // B, e.g. 64
+  uint32_t total_tokens;  // == span_prefix[num_spans] (known on the host: sizes the grid)
+  uint32_t block_tokens;  // B, e.g. 64
   BlockPool mode;
-  const uint32_t* heads;         // [num_heads] KV heads to score (the retrieval heads)
+  const uint32_t* heads;  // [num_heads] KV heads to score (the retrieval heads)
   uint32_t num_heads;
-  float* scores;                 // [num_heads][PooledNumBlocks(total_tokens, block_tokens)]
+  float* scores;  // [num_heads][PooledNumBlocks(total_tokens, block_tokens)]
 };
 
 inline uint32_t PooledNumBlocks(uint32_t total_tokens, uint32_t block_tokens) {

@@ -24,13 +24,12 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "bench/gpu/bench_kernels.h"
 #include "kernels/attention.h"
@@ -44,23 +43,21 @@ using kernels::AttendProblem;
 using kernels::DenseAttendView;
 using kernels::KVSpan;
 
-#define CK(expr)                                                                        \
-  do {                                                                                  \
-    const cudaError_t _e = (expr);                                                      \
-    if (_e != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,                 \
-                   cudaGetErrorString(_e));                                             \
-      std::exit(2);                                                                     \
-    }                                                                                   \
+#define CK(expr)                                                                                 \
+  do {                                                                                           \
+    const cudaError_t _e = (expr);                                                               \
+    if (_e != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
+      std::exit(2);                                                                              \
+    }                                                                                            \
   } while (0)
-#define SK(expr)                                                                        \
-  do {                                                                                  \
-    const Status _s = (expr);                                                           \
-    if (!_s.ok()) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,                 \
-                   _s.ToString().c_str());                                              \
-      std::exit(2);                                                                     \
-    }                                                                                   \
+#define SK(expr)                                                                                \
+  do {                                                                                          \
+    const Status _s = (expr);                                                                   \
+    if (!_s.ok()) {                                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, _s.ToString().c_str()); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
   } while (0)
 
 constexpr uint32_t kHq = 32, kHkv = 8, kD = 128;
@@ -95,13 +92,20 @@ Args ParseArgs(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (k == "--json") a.json = next();
-    else if (k == "--contexts") a.contexts = ParseList(next());
-    else if (k == "--batches") a.batches = ParseList(next());
-    else if (k == "--budgets") a.budgets = ParseList(next());
-    else if (k == "--replays") a.replays = std::atoi(next());
-    else if (k == "--machine") a.machine = next();
-    else if (k == "--commit") a.commit = next();
+    if (k == "--json")
+      a.json = next();
+    else if (k == "--contexts")
+      a.contexts = ParseList(next());
+    else if (k == "--batches")
+      a.batches = ParseList(next());
+    else if (k == "--budgets")
+      a.budgets = ParseList(next());
+    else if (k == "--replays")
+      a.replays = std::atoi(next());
+    else if (k == "--machine")
+      a.machine = next();
+    else if (k == "--commit")
+      a.commit = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", k.c_str());
       std::exit(1);
@@ -117,7 +121,9 @@ struct DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   template <typename T>
-  T* as() const { return static_cast<T*>(p); }
+  T* as() const {
+    return static_cast<T*>(p);
+  }
 };
 
 // Median µs per launch: a graph of `launches` calls of fn(i), replayed.
@@ -181,7 +187,8 @@ double CopyGBps(cudaStream_t s) {
 
 int Rotation(size_t bytes_per_launch) {
   if (bytes_per_launch >= kRotateBytes) return 1;
-  return static_cast<int>(std::min<size_t>(16, (kRotateBytes + bytes_per_launch - 1) / bytes_per_launch));
+  return static_cast<int>(
+      std::min<size_t>(16, (kRotateBytes + bytes_per_launch - 1) / bytes_per_launch));
 }
 
 int Launches(int rotation) {
@@ -317,9 +324,9 @@ SparsePool BuildPool(uint32_t ctx, uint32_t batch, std::mt19937_64& rng) {
 }
 
 struct Selection {
-  std::vector<std::vector<KVSpan>> spans;       // per session
+  std::vector<std::vector<KVSpan>> spans;  // per session
   std::vector<std::vector<uint32_t>> head_begin;
-  uint64_t tokens = 0;                           // summed over sessions and KV heads
+  uint64_t tokens = 0;  // summed over sessions and KV heads
 };
 
 Selection Select(const SparsePool& pool, uint32_t budget, std::mt19937_64& rng) {
@@ -418,7 +425,8 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
         begin.push_back(static_cast<uint32_t>(segs.size()));
         for (uint32_t si = sels[0].head_begin[b][h]; si < sels[0].head_begin[b][h + 1]; ++si) {
           const KVSpan& sp = sels[0].spans[b][si];
-          const uint64_t k = sp.offset + (static_cast<uint64_t>(h) * sp.stride_tokens + sp.begin) * kD;
+          const uint64_t k =
+              sp.offset + (static_cast<uint64_t>(h) * sp.stride_tokens + sp.begin) * kD;
           const uint64_t v = k + static_cast<uint64_t>(kHkv) * sp.stride_tokens * kD;
           segs.push_back({base + k * 2, base + v * 2, sp.end - sp.begin, 0});
         }
@@ -466,11 +474,16 @@ int Main(int argc, char** argv) {
   out["sms"] = prop.multiProcessorCount;
   out["commit"] = args.commit;
   out["copy_gbps"] = copy_gbps;
-  out["shapes"] = {{"q_heads", kHq}, {"kv_heads", kHkv}, {"head_dim", kD}, {"dtype", "bf16"},
-                   {"sink_tokens", kSink}, {"tail_tokens", kTail},
+  out["shapes"] = {{"q_heads", kHq},
+                   {"kv_heads", kHkv},
+                   {"head_dim", kD},
+                   {"dtype", "bf16"},
+                   {"sink_tokens", kSink},
+                   {"tail_tokens", kTail},
                    {"chunk_tokens", "uniform 8..24 (mean 16)"}};
-  out["timing"] = "CUDA graph of >=16 launches, inputs rotated to >=256 MiB when smaller, "
-                  "median of replays / launches";
+  out["timing"] =
+      "CUDA graph of >=16 launches, inputs rotated to >=256 MiB when smaller, "
+      "median of replays / launches";
   out["results"] = nlohmann::json::array();
   auto flush_json = [&] {
     if (args.json.empty()) return;

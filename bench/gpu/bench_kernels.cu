@@ -50,7 +50,8 @@ __global__ void RefKernel(const RefSegment* segs, const uint32_t* seg_begin, uin
   __shared__ double qd[D];
   __shared__ double red[kRefThreads / 32];
   __shared__ double w[kTile];
-  qd[tid] = static_cast<double>(__bfloat162float(q[(static_cast<size_t>(p) * q_heads + qh) * D + tid]));
+  qd[tid] =
+      static_cast<double>(__bfloat162float(q[(static_cast<size_t>(p) * q_heads + qh) * D + tid]));
   __syncthreads();
   const uint32_t s0 = seg_begin[task], s1 = seg_begin[task + 1];
   auto dot = [&](const __nv_bfloat16* k) {
@@ -80,15 +81,16 @@ __global__ void RefKernel(const RefSegment* segs, const uint32_t* seg_begin, uin
       for (int i = warp; i < kTile; i += kRefThreads / 32) {
         const uint32_t t = base + i;
         double x = 0;
-        if (t < g.len) x = exp(dot(static_cast<const __nv_bfloat16*>(g.k) + static_cast<size_t>(t) * D) - m);
+        if (t < g.len)
+          x = exp(dot(static_cast<const __nv_bfloat16*>(g.k) + static_cast<size_t>(t) * D) - m);
         if (lane == 0) w[i] = x;
       }
       __syncthreads();
       for (int i = 0; i < kTile && base + i < g.len; ++i) {
         const double wi = w[i];
         l += wi;
-        acc += wi * static_cast<double>(__bfloat162float(
-                        static_cast<const __nv_bfloat16*>(g.v)[static_cast<size_t>(base + i) * D + tid]));
+        acc += wi * static_cast<double>(__bfloat162float(static_cast<const __nv_bfloat16*>(
+                        g.v)[static_cast<size_t>(base + i) * D + tid]));
       }
       __syncthreads();
     }
@@ -120,8 +122,7 @@ void FillRandomBF16(void* dst, size_t n, uint64_t seed, float scale) {
 }
 
 void ReferenceAttend(const RefSegment* segs, const uint32_t* seg_begin, uint32_t problems,
-                     uint32_t q_heads, uint32_t kv_heads, const void* q, float scale,
-                     double* out) {
+                     uint32_t q_heads, uint32_t kv_heads, const void* q, float scale, double* out) {
   RefKernel<<<dim3(q_heads, problems), kRefThreads>>>(
       segs, seg_begin, q_heads, kv_heads, static_cast<const __nv_bfloat16*>(q), scale, out);
   cudaDeviceSynchronize();

@@ -24,8 +24,7 @@ struct RefSegment {
 // [seg_begin[p * kv_heads + h], seg_begin[p * kv_heads + h + 1]). Writes out [p][q_heads][128]
 // (double). All pointers are device memory. Synchronous (returns after the kernel finished).
 void ReferenceAttend(const RefSegment* segs, const uint32_t* seg_begin, uint32_t problems,
-                     uint32_t q_heads, uint32_t kv_heads, const void* q, float scale,
-                     double* out);
+                     uint32_t q_heads, uint32_t kv_heads, const void* q, float scale, double* out);
 
 // max over (problem, head) of ‖got − ref‖ / ‖ref‖, got bf16 [rows][128], ref double.
 double MaxRelErrBF16(const void* got, const double* ref, uint32_t rows);

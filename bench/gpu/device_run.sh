@@ -11,8 +11,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv,noheader
 echo "== parity"
 timeout 120 $G/b/run kernels_cuda_parity_test > "$OUT/parity.log" 2>&1
-echo "-- KVMEM_ATTN_PATH=simt" >> "$OUT/parity.log"
-KVMEM_ATTN_PATH=simt timeout 120 $G/b/run kernels_cuda_parity_test --gtest_filter='*Attend*' >> "$OUT/parity.log" 2>&1
+for path in tc-cpasync simt; do
+  echo "-- KVMEM_ATTN_PATH=$path" >> "$OUT/parity.log"
+  KVMEM_ATTN_PATH=$path timeout 100 $G/b/run kernels_cuda_parity_test --gtest_filter='*Attend*' >> "$OUT/parity.log" 2>&1
+done
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error|^-- " "$OUT/parity.log" | head -40
 EXTRA=()
 if [[ "${1:-}" == quick ]]; then EXTRA=(--contexts 8192,131072 --batches 1,8 --budgets 2048); fi
@@ -20,9 +22,9 @@ echo "== bench"
 timeout 270 $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
   --machine "nvidia-h200 device machine ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
   "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log" | tail -n 5
-echo "== simt A/B (KVMEM_ATTN_PATH=simt)"
-KVMEM_ATTN_PATH=simt timeout 60 $G/b/run kvmem-bench-gpu --json /tmp/simt.json --contexts 8192,131072 --batches 1,8,32 --budgets 2048 \
-  --commit "$(cat $G/COMMIT)-simt" 2>&1 | grep -E "^kvmem" > "$OUT/simt.log"
+echo "== A/B: KVMEM_ATTN_PATH=tc-cpasync"
+KVMEM_ATTN_PATH=tc-cpasync timeout 60 $G/b/run kvmem-bench-gpu --json /tmp/simt.json --contexts 8192,131072 --batches 1,8,32 --budgets 2048 \
+  --commit "$(cat $G/COMMIT)-tc-cpasync" 2>&1 | grep -E "^kvmem" > "$OUT/simt.log"
 cat "$OUT/simt.log"
 echo "== torch"
 TARGS=()

@@ -89,8 +89,7 @@ void AttendCpu(const AttendProblem* problems, uint32_t count) {
       const float inv = l[qh] > 0.f ? 1.f / l[qh] : 0.f;
       for (uint32_t d = 0; d < D; ++d) a[d] *= inv;
       if (p.lse != nullptr) {
-        p.lse[qh] = l[qh] > 0.f ? m[qh] + std::log(l[qh])
-                                : -std::numeric_limits<float>::infinity();
+        p.lse[qh] = l[qh] > 0.f ? m[qh] + std::log(l[qh]) : -std::numeric_limits<float>::infinity();
       }
     }
     ConvertFromFloat(acc.data(), acc.size(), p.out_dtype, p.out);

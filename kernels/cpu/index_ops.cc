@@ -74,8 +74,7 @@ void NodeBoundsCpu(const NodeBoundsView& v) {
     const float r = v.radii[v.pair_node[i]];
     float best = -kInf;
     for (uint32_t g = 0; g < v.group_size; ++g) {
-      const float* q =
-          v.queries + (static_cast<size_t>(v.pair_group[i]) * v.group_size + g) * D;
+      const float* q = v.queries + (static_cast<size_t>(v.pair_group[i]) * v.group_size + g) * D;
       float dot = 0.f, qq = 0.f;
       for (uint32_t d = 0; d < D; ++d) {
         dot += q[d] * c[d];
@@ -96,8 +95,7 @@ void ChunkMaxScoresCpu(const ChunkMaxScoresView& v) {
     for (uint32_t t = s.begin; t < s.end; ++t) {
       LoadKey(v.pool, v.kv_dtype, s, v.item_head[i], t, D, k.data());
       for (uint32_t g = 0; g < v.group_size; ++g) {
-        const float* q =
-            v.queries + (static_cast<size_t>(v.item_group[i]) * v.group_size + g) * D;
+        const float* q = v.queries + (static_cast<size_t>(v.item_group[i]) * v.group_size + g) * D;
         float dot = 0.f;
         for (uint32_t d = 0; d < D; ++d) dot += q[d] * k[d];
         best = std::max(best, dot);

@@ -1,12 +1,22 @@
 // Split-K flash-decoding with GQA over KV runs (sparse spans or a dense cache).
 //
-// Thread layout (128 threads). A "token group" of D/8 lanes owns one key/value row at a time,
-// each lane 8 elements = one 16-byte load; D = 128 gives 2 groups per warp, 8 per block. Each
-// group walks the item's tokens with stride 8 (kGroups), U rows in flight per step, and keeps
-// for all G query heads of the KV head an online softmax (m, l in log2 units, acc[8] per lane).
-// So a K/V row is read from memory once and used by G query heads. At the end the groups are
-// combined through shared memory; a split either writes the result or a partial, and the last
-// split of a task to finish merges the partials (counter per task in the workspace).
+// A thread block (128 threads, 4 warps) runs one item = one split of one (problem, KV head)
+// task: its run table (K/V row offsets and lengths) sits in shared memory, every K/V row is read
+// from memory once and used by all G query heads of the group, softmax state is fp32 in log2
+// units. Three interchangeable token loops (KVMEM_ATTN_PATH picks one for head_dim 128):
+//   bulk (default, D = 128): each warp streams its own 16-row tiles through a 3-stage pipeline;
+//     one lane per row issues a 256-byte cp.async.bulk (K rows by lanes 0-15, V by 16-31) that
+//     completes on the warp's mbarrier for that stage; rows are padded to 272 bytes so ldmatrix
+//     is conflict-free; S = Q K^T and O += P V run on mma.m16n8k16 (Q rows = the G heads, zero
+//     padded to 16; P reuses S's registers).
+//   tc-cpasync (D = 128): the same tensor-core math fed by 16-byte cp.async with XOR-swizzled
+//     256-byte rows (measured about 10% slower on H200 at large batch).
+//   simt (any D): D/8 lanes own one row, 16-byte loads through a cp.async pipeline, dot products
+//     by shuffle reduction (about 30% slower on H200).
+// At the end the block combines its partial states in shared memory; a single-split task writes
+// the output, otherwise the split writes a partial (max, sum, unnormalised accumulator) and the
+// last split of the task to finish (per-task counter, threadFenceReduction pattern) merges all
+// partials by log-sum-exp and resets the counter, so a workspace can be replayed in a graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -41,6 +51,7 @@ struct RunTable {
   uint64_t v_off[kMaxRunsPerItem];
   uint32_t len[kMaxRunsPerItem];
   int is_last;
+  alignas(8) unsigned long long mbar[16];  // bulk-copy path: one per (warp, stage)
 };
 
 constexpr int kMergeChunk = 256;  // splits per pass of the final merge
@@ -67,11 +78,11 @@ struct CombineArea {
 
 template <int D, int G>
 struct Shape {
-  static constexpr int kLanes = D / 8;               // lanes per token row
+  static constexpr int kLanes = D / 8;  // lanes per token row
   static constexpr int kGroupsPerWarp = 32 / kLanes;
   static constexpr int kGroups = (kThreads / 32) * kGroupsPerWarp;
-  static constexpr int kUnroll = G <= 4 ? 4 : 2;     // rows per group per pipeline stage
-  static constexpr int kStages = 3;                  // cp.async pipeline depth
+  static constexpr int kUnroll = G <= 4 ? 4 : 2;  // rows per group per pipeline stage
+  static constexpr int kStages = 3;               // cp.async pipeline depth
   // Dynamic shared memory: the K/V pipeline, later reused by the combine / merge area.
   static constexpr size_t kPipeBytes = size_t{kStages} * kUnroll * 2 * kThreads * 16;
   static constexpr size_t kCombineBytes = CombineArea<D, G, kGroups>::kBytes;
@@ -79,13 +90,13 @@ struct Shape {
 };
 
 struct ItemOutput {
-  void* out;             // [G][D] of out_dtype
+  void* out;  // [G][D] of out_dtype
   DType out_dtype;
-  float* lse;            // [G] or nullptr
+  float* lse;  // [G] or nullptr
   uint32_t num_splits;
   uint32_t split;
-  float* partials;       // this task's first partial slot
-  uint32_t* counter;     // this task's counter
+  float* partials;    // this task's first partial slot
+  uint32_t* counter;  // this task's counter
 };
 
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, uint32_t src_bytes) {
@@ -165,7 +176,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       const float lo = __shfl_xor_sync(0xffffffffu, Ls, off);
       const float mn = fmaxf(M, mo);
       if (mn != kNegInf) {
-        Ls = (M == kNegInf ? 0.f : Ls * exp2f(M - mn)) + (mo == kNegInf ? 0.f : lo * exp2f(mo - mn));
+        Ls =
+            (M == kNegInf ? 0.f : Ls * exp2f(M - mn)) + (mo == kNegInf ? 0.f : lo * exp2f(mo - mn));
         M = mn;
       }
     }
@@ -198,7 +210,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       for (int j = 0; j < KO; ++j) {
         const int v4 = tid + j * kThreads;
         if (v4 < kVec) {
-          const float4 a = __ldcg(reinterpret_cast<const float4*>(base + static_cast<size_t>(sp) * PF) + v4);
+          const float4 a =
+              __ldcg(reinterpret_cast<const float4*>(base + static_cast<size_t>(sp) * PF) + v4);
           const float w = ca.w[sp * G + (v4 * 4) / D];
           A[j].x = fmaf(a.x, w, A[j].x);
           A[j].y = fmaf(a.y, w, A[j].y);
@@ -233,9 +246,9 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
 // back only what it copied itself, so the loop needs no block barrier.
 template <int D, int G, typename KV>
 __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
-                                        const KV* __restrict__ vbase, int nruns, uint32_t ntok,
-                                        const void* q, DType q_dtype, float scale,
-                                        const ItemOutput& o) {
+                                            const KV* __restrict__ vbase, int nruns, uint32_t ntok,
+                                            const void* q, DType q_dtype, float scale,
+                                            const ItemOutput& o) {
   using S = Shape<D, G>;
   constexpr int L = S::kLanes;
   constexpr int NG = S::kGroups;
@@ -290,11 +303,17 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 
 #pragma unroll
   for (int st = 0; st < ST - 1; ++st) {
-    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
+    if (static_cast<uint32_t>(st) < iters)
+      issue(st, st);
+    else
+      CpAsyncCommit();
   }
   for (uint32_t it = 0; it < iters; ++it) {
     const uint32_t nx = it + ST - 1;
-    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
+    if (nx < iters)
+      issue(nx % ST, nx);
+    else
+      CpAsyncCommit();
     CpAsyncWait<ST - 1>();  // group `it` has landed
     const int st = it % ST;
     float s[U][G];
@@ -373,7 +392,6 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
   CombineAndMerge<D, G, NG>(rt, ca, o);
 }
 
-
 // ---- Tensor-core path (head_dim 128) --------------------------------------------------------
 // Each warp streams its own tiles of 16 rows (K and V, 8 KB a stage, swizzled 16-byte chunks so
 // ldmatrix is conflict-free) through a 3-stage cp.async pipeline and runs
@@ -381,12 +399,16 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 //   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
 // Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
 // it is not already of the K/V type.
-template <int G>
+template <int G, bool kBulk>
 struct TCShape {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kTile = 16;
   static constexpr int kStages = 3;
-  static constexpr size_t kStageBytes = kTile * 128 * 2 * 2;
+  // cp.async: 256-byte rows with the 16-byte chunks XOR-swizzled; bulk copies write rows as they
+  // are, so rows are padded to 272 bytes instead (ldmatrix stays conflict-free either way).
+  static constexpr int kRowBytes = kBulk ? 272 : 256;
+  static constexpr int kHalfBytes = kTile * kRowBytes;  // K (or V) of one stage
+  static constexpr size_t kStageBytes = 2 * kHalfBytes;
   static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
   static constexpr size_t kCombineBytes = CombineArea<128, G, kWarps>::kBytes;
   static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
@@ -439,13 +461,37 @@ __device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t*
   }
 }
 
-template <int G, typename KV>
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t bytes,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+template <int G, typename KV, bool kBulk>
 __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                           const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                           const void* q, DType q_dtype, float scale,
                                           const ItemOutput& o) {
   constexpr int D = 128;
-  using T = TCShape<G>;
+  using T = TCShape<G, kBulk>;
+  constexpr int RB = T::kRowBytes;
   constexpr int W = T::kWarps;
   constexpr int ST = T::kStages;
   constexpr float kNegInf = -INFINITY;
@@ -453,11 +499,108 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = lane >> 2;      // query head row of this thread's accumulators
+  const int h = lane >> 2;  // query head row of this thread's accumulators
   const int quad = lane & 3;
   const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
 
-  // Q fragments (rows = heads; a1/a3 rows 8..15 are zero).
+  __syncthreads();  // run table filled by the caller
+
+  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
+  auto stage_k = [&](int st) {
+    return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes);
+  };
+  // Run cursor (run e, row t, the run's offsets cached in registers) for row `crow` of the warp's
+  // current tile; advance(n) moves it n rows on.
+  // cp.async: for each j the warp reads rows 2j and 2j+1 whole (coalesced), crow = lane / 16.
+  // bulk: lane copies one row, crow = lane % 16, K for lanes 0-15 and V for 16-31.
+  const int crow = kBulk ? (lane & 15) : (lane >> 4);
+  int e = 0;
+  uint32_t t = warp * 16 + crow;
+  uint32_t len_e = nruns > 0 ? rt.len[0] : 0xffffffffu;
+  uint64_t ko = nruns > 0 ? rt.k_off[0] : 0, vo = nruns > 0 ? rt.v_off[0] : 0;
+  auto advance = [&](uint32_t n) {
+    t += n;
+    while (t >= len_e) {  // len_e is ~0 past the last run
+      t -= len_e;
+      ++e;
+      if (e < nruns) {
+        len_e = rt.len[e];
+        ko = rt.k_off[e];
+        vo = rt.v_off[e];
+      } else {
+        len_e = 0xffffffffu;
+      }
+    }
+  };
+  advance(0);
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(&rt.mbar[warp * ST]));
+  if constexpr (kBulk) {
+    if (lane == 0) {
+      for (int st = 0; st < ST; ++st) MbarInit(bar0 + st * 8, 1);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncwarp();
+  }
+  auto issue = [&](int st, uint32_t it) {
+    const uint32_t tile0 = (it * W + warp) * 16;
+    if constexpr (kBulk) {
+      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
+      const uint32_t bar = bar0 + st * 8;
+      const int kv = lane >> 4;
+      const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + crow * RB;
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+      if (lane == 0) MbarExpectTx(bar, nv * 512);
+      __syncwarp();
+      if (static_cast<uint32_t>(crow) < nv) {
+        const KV* src = (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D;
+        BulkCopy(dst, src, 256, bar);
+      } else {
+        // Rows past the end are masked, but P * V must not meet stale NaNs: zero them.
+        for (int i = 0; i < 16; ++i) {
+          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
+                       : "memory");
+        }
+      }
+      advance(W * 16);
+    } else {
+      const int c = lane & 15;
+      const uint32_t ks = stage_k(st), vs = ks + T::kHalfBytes;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int r = 2 * j + crow;
+        const bool rv = tile0 + r < ntok;
+        const uint32_t off = static_cast<uint32_t>(r * RB + ((c ^ (r & 7)) * 16));
+        const KV* kp = rv ? kbase + ko + static_cast<uint64_t>(t) * D + c * 8 : kbase;
+        const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D + c * 8 : vbase;
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
+                     "l"(kp), "r"(rv ? 16u : 0u));
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
+                     "l"(vp), "r"(rv ? 16u : 0u));
+        if (j < 7) advance(2);
+      }
+      advance(W * 16 - 14);  // row `crow` of this warp's next tile
+      CpAsyncCommit();
+    }
+  };
+  // Swizzled (cp.async) or padded (bulk) address of 16-byte chunk c of row r.
+  auto chunk_addr = [&](uint32_t base, int r, int c) {
+    return kBulk ? base + r * RB + c * 16 : base + r * RB + ((c ^ (r & 7)) * 16);
+  };
+
+  float oacc[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+  float m = kNegInf, l = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
+    if (static_cast<uint32_t>(st) < iters) {
+      issue(st, st);
+    } else if constexpr (!kBulk) {
+      CpAsyncCommit();
+    }
+  }
+  // Q fragments after the first copies are in flight (rows = heads; a1/a3 rows 8..15 are zero).
   uint32_t qhi[8][2], qlo[8][2];
   const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
 #pragma unroll
@@ -474,62 +617,22 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     }
   }
   const float qs = scale * kLog2e;
-  __syncthreads();  // run table filled by the caller
-
-  // Per-lane copy cursor: lane copies row lane/2 of its warp's tile, chunks (lane&1)*8 .. +8.
-  const int crow = lane >> 1;
-  int e = 0;
-  uint32_t t = warp * 16 + crow;
-  while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
-  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
-  auto stage_k = [&](int st) { return smem0 + static_cast<uint32_t>((warp * ST + st) * T::kStageBytes); };
-  // Copies are coalesced: for each j, the warp reads rows 2j and 2j+1 whole (2 x 256 B); row
-  // addresses come from the lanes that walked the cursor for them (lanes 2r and 2r+1: row r).
-  auto issue = [&](int st, uint32_t it) {
-    const uint32_t tile0 = (it * W + warp) * 16;
-    const bool v = tile0 + crow < ntok;
-    const unsigned long long kp =
-        reinterpret_cast<unsigned long long>(v ? kbase + rt.k_off[e] + static_cast<uint64_t>(t) * D : kbase);
-    const unsigned long long vp =
-        reinterpret_cast<unsigned long long>(v ? vbase + rt.v_off[e] + static_cast<uint64_t>(t) * D : vbase);
-    const uint32_t ks = stage_k(st), vs = ks + 4096;
-    const int c = lane & 15;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int r = 2 * j + (lane >> 4);
-      const unsigned long long kr = __shfl_sync(0xffffffffu, kp, 2 * r);
-      const unsigned long long vr = __shfl_sync(0xffffffffu, vp, 2 * r);
-      const bool rv = tile0 + r < ntok;
-      const uint32_t off = static_cast<uint32_t>(r * 256 + ((c ^ (r & 7)) * 16));
-      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(ks + off),
-                   "l"(reinterpret_cast<const KV*>(kr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
-      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(vs + off),
-                   "l"(reinterpret_cast<const KV*>(vr) + (rv ? c * 8 : 0)), "r"(rv ? 16u : 0u));
-    }
-    if (v) {
-      t += W * 16;
-      while (e < nruns && t >= rt.len[e]) t -= rt.len[e++];
-    }
-    CpAsyncCommit();
-  };
-
-  float oacc[16][4];
-#pragma unroll
-  for (int n = 0; n < 16; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
-  float m = kNegInf, l = 0.f;
-
-#pragma unroll
-  for (int st = 0; st < ST - 1; ++st) {
-    if (static_cast<uint32_t>(st) < iters) issue(st, st); else CpAsyncCommit();
-  }
   // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
   const int mi = lane >> 3, mr = lane & 7;
   for (uint32_t it = 0; it < iters; ++it) {
     const uint32_t nx = it + ST - 1;
-    if (nx < iters) issue(nx % ST, nx); else CpAsyncCommit();
-    CpAsyncWait<ST - 1>();
+    if (nx < iters) {
+      issue(nx % ST, nx);
+    } else if constexpr (!kBulk) {
+      CpAsyncCommit();
+    }
+    if constexpr (kBulk) {
+      MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
+    } else {
+      CpAsyncWait<ST - 1>();
+    }
     __syncwarp();
-    const uint32_t ks = stage_k(it % ST), vs = ks + 4096;
+    const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
     // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
@@ -538,7 +641,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       for (int kk = 0; kk < 8; ++kk) {
         const int c = 2 * kk + (mi & 1);
         uint32_t b[4];
-        Ldsm4(b, ks + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Ldsm4(b, chunk_addr(ks, tok, c));
         Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
         Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
         if (need_lo) {
@@ -586,7 +689,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       for (int n = 0; n < 16; n += 2) {
         const int c = n + (mi >> 1);
         uint32_t b[4];
-        Ldsm4T(b, vs + tok * 256 + ((c ^ (tok & 7)) * 16));
+        Ldsm4T(b, chunk_addr(vs, tok, c));
         Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
         Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
         Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
@@ -595,7 +698,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
-  CpAsyncWait<0>();
+  if constexpr (!kBulk) CpAsyncWait<0>();
   __syncthreads();  // the pipeline area becomes the combine area
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -616,32 +719,34 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   CombineAndMerge<D, G, W>(rt, ca, o);
 }
 
-template <int D, int G, typename KV, bool kTC>
+// Kernel paths: 0 CUDA cores (any head_dim), 1 tensor cores fed by cp.async, 2 tensor cores fed
+// by bulk copies (one 256-byte row per lane and instruction).
+template <int D, int G, typename KV, int kTC>
 __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                         const void* q, DType q_dtype, float scale,
                                         const ItemOutput& o) {
-  if constexpr (kTC) {
+  if constexpr (kTC != 0) {
     static_assert(D == 128, "tensor-core path is for head_dim 128");
-    RunItemTC<G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+    RunItemTC<G, KV, kTC == 2>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   } else {
     RunItemSimt<D, G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   }
 }
 
-template <int D, int G, bool kTC>
+template <int D, int G, int kTC>
 constexpr size_t DynBytes() {
-  if constexpr (kTC) return TCShape<G>::kDynBytes;
+  if constexpr (kTC != 0) return TCShape<G, kTC == 2>::kDynBytes;
   return Shape<D, G>::kDynBytes;
 }
 
-template <int D, int G, bool kTC>
+template <int D, int G, int kTC>
 constexpr int MinBlocks() {
-  if constexpr (kTC) return 2;
+  if constexpr (kTC != 0) return 2;
   return G <= 4 ? 4 : 2;
 }
 
-template <int D, int G, typename KV, bool kTC>
+template <int D, int G, typename KV, int kTC>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
@@ -667,7 +772,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
   RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
 }
 
-template <int D, int G, typename KV, bool kTC>
+template <int D, int G, typename KV, int kTC>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
@@ -694,33 +799,39 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                split,
                partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
                counters + task};
-  const void* qt = static_cast<const uint8_t*>(q) +
-                   static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
+  const void* qt =
+      static_cast<const uint8_t*>(q) + static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
   RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
 }
 
-// Tensor cores for head_dim 128 unless KVMEM_ATTN_PATH=simt (a debugging / A-B knob).
-bool UseTensorCores(uint32_t D) {
-  static const bool simt = [] {
+// Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt" or
+// "tc-cpasync" (debugging / A-B timing). Other head dims use CUDA cores.
+int AttendPath(uint32_t D) {
+  static const int path = [] {
     const char* e = std::getenv("KVMEM_ATTN_PATH");
-    return e != nullptr && std::string(e) == "simt";
+    const std::string v = e ? e : "";
+    return v == "simt" ? 0 : v == "tc-cpasync" ? 1 : 2;
   }();
-  return D == 128 && !simt;
+  return D == 128 ? path : 0;
 }
 
 // Calls f.template operator()<D, G, KV, kTC>() for the runtime shape; false when unsupported.
 template <typename F>
 bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
-  const bool tc = UseTensorCores(D);
+  const int path = AttendPath(D);
   auto by_kv = [&]<int d, int g>() {
     auto go = [&]<typename KV>() {
       if constexpr (d == 128) {
-        if (tc) {
-          f.template operator()<d, g, KV, true>();
+        if (path == 2) {
+          f.template operator()<d, g, KV, 2>();
+          return;
+        }
+        if (path == 1) {
+          f.template operator()<d, g, KV, 1>();
           return;
         }
       }
-      f.template operator()<d, g, KV, false>();
+      f.template operator()<d, g, KV, 0>();
     };
     if (kv == DType::kBF16) {
       go.template operator()<__nv_bfloat16>();
@@ -734,11 +845,16 @@ bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
   };
   auto by_g = [&]<int d>() {
     switch (G) {
-      case 1: return by_kv.template operator()<d, 1>();
-      case 2: return by_kv.template operator()<d, 2>();
-      case 4: return by_kv.template operator()<d, 4>();
-      case 8: return by_kv.template operator()<d, 8>();
-      default: return false;
+      case 1:
+        return by_kv.template operator()<d, 1>();
+      case 2:
+        return by_kv.template operator()<d, 2>();
+      case 4:
+        return by_kv.template operator()<d, 4>();
+      case 8:
+        return by_kv.template operator()<d, 8>();
+      default:
+        return false;
     }
   };
   if (D == 64) return by_g.template operator()<64>();
@@ -770,7 +886,7 @@ uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
   const int sms = MultiprocessorCount();
   if (sms <= 0) return 0;
   int per_sm = 0;
-  Dispatch(D, G, kv, [&]<int d, int g, typename KV, bool kTC>() {
+  Dispatch(D, G, kv, [&]<int d, int g, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<d, g, kTC>();
     per_sm = kDense ? PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn)
                     : PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
@@ -853,13 +969,13 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
-  const bool ok = Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
-                           [&]<int D, int G, typename KV, bool kTC>() {
-    constexpr size_t kDyn = DynBytes<D, G, kTC>();
-    PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
-    SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
-        items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
-  });
+  const bool ok =
+      Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV, int kTC>() {
+        constexpr size_t kDyn = DynBytes<D, G, kTC>();
+        PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
+        SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
+            items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+      });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SpanAttendKernel");
   return Status::OK();
@@ -886,13 +1002,13 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + geo.counters_bytes);
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
-  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, bool kTC>() {
+  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<D, GG, kTC>();
     PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
     DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
         static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
-        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse,
-        counters, partials);
+        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters,
+        partials);
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DenseAttendKernel");

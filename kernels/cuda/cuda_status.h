@@ -11,8 +11,8 @@ namespace kvmem::kernels::cuda::detail {
 
 inline Status FromCuda(cudaError_t e, const char* what, const char* file, int line) {
   if (e == cudaSuccess) return Status::OK();
-  std::string msg = std::string(what) + ": " + cudaGetErrorName(e) + " (" +
-                    cudaGetErrorString(e) + ") at " + file + ":" + std::to_string(line);
+  std::string msg = std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
+                    ") at " + file + ":" + std::to_string(line);
   if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver ||
       e == cudaErrorDevicesUnavailable) {
     return Unavailable(std::move(msg));
@@ -26,12 +26,12 @@ inline Status FromCuda(cudaError_t e, const char* what, const char* file, int li
 
 }  // namespace kvmem::kernels::cuda::detail
 
-#define KVMEM_CUDA_RETURN_IF_ERROR(expr)                                                   \
-  do {                                                                                     \
-    const cudaError_t _kvmem_ce = (expr);                                                  \
-    if (_kvmem_ce != cudaSuccess) {                                                        \
+#define KVMEM_CUDA_RETURN_IF_ERROR(expr)                                                     \
+  do {                                                                                       \
+    const cudaError_t _kvmem_ce = (expr);                                                    \
+    if (_kvmem_ce != cudaSuccess) {                                                          \
       return ::kvmem::kernels::cuda::detail::FromCuda(_kvmem_ce, #expr, __FILE__, __LINE__); \
-    }                                                                                      \
+    }                                                                                        \
   } while (0)
 
 // After a launch: configuration errors are reported synchronously by cudaGetLastError.

@@ -278,7 +278,10 @@ __global__ void PooledBlockScoresKernel(PooledBlockScoresView v, uint32_t num_bl
   uint32_t lo = 0, hi2 = v.num_spans;
   while (hi2 - lo > 1) {
     const uint32_t mid = (lo + hi2) / 2;
-    if (v.span_prefix[mid] <= a) lo = mid; else hi2 = mid;
+    if (v.span_prefix[mid] <= a)
+      lo = mid;
+    else
+      hi2 = mid;
   }
   float acc = v.mode == BlockPool::kMax ? -INFINITY : 0.f;
   uint32_t si = lo;

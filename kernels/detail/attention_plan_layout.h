@@ -7,21 +7,21 @@
 namespace kvmem::kernels::detail {
 
 // Runs per item are capped so an item's run table fits in shared memory.
-constexpr uint32_t kMaxRunsPerItem = 64;
+constexpr uint32_t kMaxRunsPerItem = 256;
 
-struct AttendTaskDesc {      // one (problem, KV head)
+struct AttendTaskDesc {  // one (problem, KV head)
   const void* pool;
-  const void* q;             // first query head of the group: q + kv_head * G * D
-  void* out;                 // out + kv_head * G * D
-  float* lse;                // lse + kv_head * G, or nullptr
+  const void* q;  // first query head of the group: q + kv_head * G * D
+  void* out;      // out + kv_head * G * D
+  float* lse;     // lse + kv_head * G, or nullptr
   float scale;
   uint32_t num_splits;
-  uint32_t partial_base;     // index of the first partial slot of this task
+  uint32_t partial_base;  // index of the first partial slot of this task
   uint32_t pad;
 };
 
-struct AttendItemDesc {      // one split = one thread block; carries its task's fields so
-  const void* pool;          // a block starts with a single dependent load
+struct AttendItemDesc {  // one split = one thread block; carries its task's fields so
+  const void* pool;      // a block starts with a single dependent load
   const void* q;
   void* out;
   float* lse;
@@ -32,13 +32,13 @@ struct AttendItemDesc {      // one split = one thread block; carries its task's
   uint32_t split;
   uint32_t run_begin;
   uint32_t run_end;
-  uint32_t tokens;           // summed over its runs
+  uint32_t tokens;  // summed over its runs
 };
 
-struct AttendRunDesc {       // a piece of one span, for one KV head
-  uint64_t k_off;            // element offset of its first key row in the pool
-  uint64_t v_off;            // element offset of its first value row
-  uint32_t len;              // tokens
+struct AttendRunDesc {  // a piece of one span, for one KV head
+  uint64_t k_off;       // element offset of its first key row in the pool
+  uint64_t v_off;       // element offset of its first value row
+  uint32_t len;         // tokens
   uint32_t pad;
 };
 

@@ -22,15 +22,15 @@ namespace {
 
 namespace kc = kvmem::kernels::cuda;
 
-#define SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                              \
+#define SKIP_WITHOUT_GPU()                                                                     \
+  do {                                                                                         \
     if (kc::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible: parity test skipped"; \
   } while (0)
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
-#define ST_OK(expr)                                  \
-  do {                                               \
-    const Status _s = (expr);                        \
+#define ST_OK(expr)                                         \
+  do {                                                      \
+    const Status _s = (expr);                               \
     ASSERT_TRUE(_s.ok()) << #expr << ": " << _s.ToString(); \
   } while (0)
 
@@ -55,7 +55,9 @@ class GuardedBuffer {
   bool ok() const { return base_ != nullptr; }
   void* data() const { return static_cast<uint8_t*>(base_) + kGuard; }
   template <typename T>
-  T* as() const { return static_cast<T*>(data()); }
+  T* as() const {
+    return static_cast<T*>(data());
+  }
   size_t bytes() const { return bytes_; }
 
   void Upload(const void* src) { cudaMemcpy(data(), src, bytes_, cudaMemcpyHostToDevice); }
@@ -88,9 +90,12 @@ std::mt19937_64 FreshRng() {
 
 double Tolerance(DType out) {
   switch (out) {
-    case DType::kF32: return 2e-5;
-    case DType::kF16: return 2e-3;
-    case DType::kBF16: return 1e-2;
+    case DType::kF32:
+      return 2e-5;
+    case DType::kF16:
+      return 2e-3;
+    case DType::kBF16:
+      return 1e-2;
   }
   return 0;
 }
@@ -129,9 +134,9 @@ class SpanAttendParity : public ::testing::TestWithParam<AttnCase> {};
 std::string AttnName(const ::testing::TestParamInfo<AttnCase>& i) {
   const AttnCase& c = i.param;
   return std::string(DTypeName(c.kv)) + "_q" + std::string(DTypeName(c.q)) + "_o" +
-         std::string(DTypeName(c.out)) + "_H" + std::to_string(c.hq) + "x" +
-         std::to_string(c.hkv) + "_D" + std::to_string(c.d) + "_split" +
-         std::to_string(c.min_split) + "_" + std::to_string(i.index);
+         std::string(DTypeName(c.out)) + "_H" + std::to_string(c.hq) + "x" + std::to_string(c.hkv) +
+         "_D" + std::to_string(c.d) + "_split" + std::to_string(c.min_split) + "_" +
+         std::to_string(i.index);
 }
 
 TEST_P(SpanAttendParity, MatchesAttendCpu) {
@@ -175,7 +180,7 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
         continue;
       }
       if (kind == 2) {  // many 1-token spans: exercises the runs-per-item cap
-        for (int s = 0; s < 150; ++s) {
+        for (int s = 0; s < 300; ++s) {
           const uint32_t b = static_cast<uint32_t>(rng() % 40);
           const uint32_t t = static_cast<uint32_t>(rng() % caps[b]);
           h.spans.push_back({offs[b], caps[b], t, t + 1});
@@ -282,13 +287,12 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SpanAttendParity,
-    ::testing::Values(
-        AttnCase{DType::kBF16, DType::kBF16, DType::kBF16, 32, 8, 128, 3, 128, 4096},
-        AttnCase{DType::kBF16, DType::kF32, DType::kF32, 32, 8, 128, 4, 32, 64},
-        AttnCase{DType::kF16, DType::kF16, DType::kF16, 16, 2, 128, 2, 32, 96},
-        AttnCase{DType::kBF16, DType::kF32, DType::kF32, 8, 8, 64, 3, 32, 128},
-        AttnCase{DType::kF16, DType::kF32, DType::kF32, 8, 4, 64, 2, 128, 4096},
-        AttnCase{DType::kBF16, DType::kBF16, DType::kF32, 16, 2, 128, 5, 64, 256}),
+    ::testing::Values(AttnCase{DType::kBF16, DType::kBF16, DType::kBF16, 32, 8, 128, 3, 128, 4096},
+                      AttnCase{DType::kBF16, DType::kF32, DType::kF32, 32, 8, 128, 4, 32, 64},
+                      AttnCase{DType::kF16, DType::kF16, DType::kF16, 16, 2, 128, 2, 32, 96},
+                      AttnCase{DType::kBF16, DType::kF32, DType::kF32, 8, 8, 64, 3, 32, 128},
+                      AttnCase{DType::kF16, DType::kF32, DType::kF32, 8, 4, 64, 2, 128, 4096},
+                      AttnCase{DType::kBF16, DType::kBF16, DType::kF32, 16, 2, 128, 5, 64, 256}),
     AttnName);
 
 // ---- Dense attention --------------------------------------------------------------------------
@@ -389,17 +393,13 @@ TEST_P(DenseAttendParity, MatchesDenseAttendCpu) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, DenseAttendParity,
-    ::testing::Values(DenseCase{DType::kBF16, DType::kBF16, DType::kBF16, 3, 32, 8, 128, 2000,
-                                128, 4096},
-                      DenseCase{DType::kBF16, DType::kF32, DType::kF32, 4, 32, 8, 128, 1500, 32,
-                                64},
-                      DenseCase{DType::kF16, DType::kF16, DType::kF32, 2, 8, 1, 128, 700, 32,
-                                4096},
-                      DenseCase{DType::kBF16, DType::kF32, DType::kF32, 3, 16, 8, 64, 900, 64,
-                                128},
-                      // > 256 splits: the merge runs in several chunks.
-                      DenseCase{DType::kBF16, DType::kF32, DType::kF32, 1, 8, 2, 128, 10000, 32,
-                                32}),
+    ::testing::Values(
+        DenseCase{DType::kBF16, DType::kBF16, DType::kBF16, 3, 32, 8, 128, 2000, 128, 4096},
+        DenseCase{DType::kBF16, DType::kF32, DType::kF32, 4, 32, 8, 128, 1500, 32, 64},
+        DenseCase{DType::kF16, DType::kF16, DType::kF32, 2, 8, 1, 128, 700, 32, 4096},
+        DenseCase{DType::kBF16, DType::kF32, DType::kF32, 3, 16, 8, 64, 900, 64, 128},
+        // > 256 splits: the merge runs in several chunks.
+        DenseCase{DType::kBF16, DType::kF32, DType::kF32, 1, 8, 2, 128, 10000, 32, 32}),
     DenseName);
 
 // ---- Index ops -------------------------------------------------------------------------------
@@ -415,7 +415,8 @@ struct PoolFixture {
     for (uint32_t i = 0; i < n; ++i) {
       const uint32_t cap = 8 + static_cast<uint32_t>(rng() % 25);
       const uint32_t a = static_cast<uint32_t>(rng() % 4);
-      const uint32_t e = i % 17 == 5 ? a : std::min(cap, a + 1 + static_cast<uint32_t>(rng() % cap));
+      const uint32_t e =
+          i % 17 == 5 ? a : std::min(cap, a + 1 + static_cast<uint32_t>(rng() % cap));
       chunks.push_back({total, cap, a, e});
       total += 2ull * hkv * cap * d;
     }
@@ -437,22 +438,30 @@ TEST(IndexOpsParity, ChunkSummary) {
   f.Build(rng, 300);
   const uint32_t n = static_cast<uint32_t>(f.chunks.size());
   std::vector<float> cen(n * f.hkv * f.d), rad(n * f.hkv), nrm(n * f.hkv);
-  ChunkSummaryView v{f.pool.data(), f.kv, f.hkv, f.d, f.chunks.data(), n,
-                     cen.data(), rad.data(), nrm.data()};
+  ChunkSummaryView v{f.pool.data(), f.kv,       f.hkv,     f.d, f.chunks.data(), n,
+                     cen.data(),    rad.data(), nrm.data()};
   ChunkSummaryCpu(v);
   GuardedBuffer pool_d(f.pool.size()), ch_d(n * sizeof(KVSpan)), cen_d(cen.size() * 4),
       rad_d(rad.size() * 4), nrm_d(nrm.size() * 4);
   pool_d.Upload(f.pool.data());
   ch_d.Upload(f.chunks.data());
-  ChunkSummaryView vd{pool_d.data(), f.kv, f.hkv, f.d, ch_d.as<KVSpan>(), n,
-                      cen_d.as<float>(), rad_d.as<float>(), nrm_d.as<float>()};
+  ChunkSummaryView vd{pool_d.data(),
+                      f.kv,
+                      f.hkv,
+                      f.d,
+                      ch_d.as<KVSpan>(),
+                      n,
+                      cen_d.as<float>(),
+                      rad_d.as<float>(),
+                      nrm_d.as<float>()};
   ST_OK(kc::ChunkSummary(vd, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> cen_g(cen.size()), rad_g(rad.size()), nrm_g(nrm.size());
   ASSERT_TRUE(cen_d.Download(cen_g.data()));
   ASSERT_TRUE(rad_d.Download(rad_g.data()));
   ASSERT_TRUE(nrm_d.Download(nrm_g.data()));
-  for (size_t i = 0; i < cen.size(); ++i) ASSERT_NEAR(cen_g[i], cen[i], 3e-5 * (1 + std::fabs(cen[i]))) << i;
+  for (size_t i = 0; i < cen.size(); ++i)
+    ASSERT_NEAR(cen_g[i], cen[i], 3e-5 * (1 + std::fabs(cen[i]))) << i;
   for (size_t i = 0; i < rad.size(); ++i) {
     ASSERT_NEAR(rad_g[i], rad[i], 1e-4 * (1 + rad[i])) << i;
     ASSERT_NEAR(nrm_g[i], nrm[i], 1e-4 * (1 + nrm[i])) << i;
@@ -490,8 +499,8 @@ TEST(IndexOpsParity, NodeBoundsAndChunkMaxScores) {
   for (float& x : queries) x = nd(rng);
   // Summaries on the CPU feed the bounds.
   std::vector<float> cen(n * f.hkv * f.d), rad(n * f.hkv);
-  ChunkSummaryCpu({f.pool.data(), f.kv, f.hkv, f.d, f.chunks.data(), n, cen.data(), rad.data(),
-                   nullptr});
+  ChunkSummaryCpu(
+      {f.pool.data(), f.kv, f.hkv, f.d, f.chunks.data(), n, cen.data(), rad.data(), nullptr});
   const uint32_t pairs = 1500;
   std::vector<uint32_t> pn(pairs), pg(pairs), ih(pairs), ig(pairs);
   std::vector<KVSpan> ich(pairs);
@@ -503,8 +512,8 @@ TEST(IndexOpsParity, NodeBoundsAndChunkMaxScores) {
     ich[i] = f.chunks[ci];
   }
   std::vector<float> bounds(pairs), scores(pairs);
-  NodeBoundsCpu({cen.data(), rad.data(), queries.data(), G, f.d, pn.data(), pg.data(), pairs,
-                 bounds.data()});
+  NodeBoundsCpu(
+      {cen.data(), rad.data(), queries.data(), G, f.d, pn.data(), pg.data(), pairs, bounds.data()});
   ChunkMaxScoresCpu({f.pool.data(), f.kv, f.hkv, f.d, queries.data(), G, ich.data(), ih.data(),
                      ig.data(), pairs, scores.data()});
   for (uint32_t i = 0; i < pairs; ++i) {
@@ -527,9 +536,8 @@ TEST(IndexOpsParity, NodeBoundsAndChunkMaxScores) {
   ST_OK(kc::NodeBounds({cen_d.as<float>(), rad_d.as<float>(), q_d.as<float>(), G, f.d,
                         pn_d.as<uint32_t>(), pg_d.as<uint32_t>(), pairs, b_d.as<float>()},
                        nullptr));
-  ST_OK(kc::ChunkMaxScores({pool_d.data(), f.kv, f.hkv, f.d, q_d.as<float>(), G,
-                            ich_d.as<KVSpan>(), ih_d.as<uint32_t>(), pg_d.as<uint32_t>(), pairs,
-                            s_d.as<float>()},
+  ST_OK(kc::ChunkMaxScores({pool_d.data(), f.kv, f.hkv, f.d, q_d.as<float>(), G, ich_d.as<KVSpan>(),
+                            ih_d.as<uint32_t>(), pg_d.as<uint32_t>(), pairs, s_d.as<float>()},
                            nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> bg(pairs), sg(pairs);
@@ -595,9 +603,21 @@ TEST(IndexOpsParity, PooledBlockScores) {
     for (uint32_t B : {64u, 17u}) {
       const uint32_t nb = PooledNumBlocks(total, B);
       std::vector<float> ref(heads.size() * nb);
-      PooledBlockScoresView v{f.pool.data(), f.kv, f.hkv, hq, f.d, q.data(), spans.data(),
-                              prefix.data(), static_cast<uint32_t>(spans.size()), total, B, mode,
-                              heads.data(), static_cast<uint32_t>(heads.size()), ref.data()};
+      PooledBlockScoresView v{f.pool.data(),
+                              f.kv,
+                              f.hkv,
+                              hq,
+                              f.d,
+                              q.data(),
+                              spans.data(),
+                              prefix.data(),
+                              static_cast<uint32_t>(spans.size()),
+                              total,
+                              B,
+                              mode,
+                              heads.data(),
+                              static_cast<uint32_t>(heads.size()),
+                              ref.data()};
       PooledBlockScoresCpu(v);
       GuardedBuffer pool_d(f.pool.size()), q_d(q.size() * 4), sp_d(spans.size() * sizeof(KVSpan)),
           pre_d(prefix.size() * 4), h_d(heads.size() * 4), o_d(ref.size() * 4);
