@@ -556,6 +556,25 @@ Result<SessionSummary> Client::SessionInfo(uint64_t id) {
   return f.Get();
 }
 
+Result<VerifyResult> Client::VerifySession(uint64_t id) {
+  auto f = KVMEM_CLIENT_CALL(
+      VerifyResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&) -> Result<flatbuffers::Offset<w::VerifySession>> {
+        return w::CreateVerifySession(fbb, id);
+      }),
+      ([](CallState& c) -> Result<VerifyResult> {
+        const w::VerifySessionReply* r = c.parsed.envelope->body_as_VerifySessionReply();
+        if (r == nullptr) return Internal("VerifySession: unexpected reply type");
+        VerifyResult v;
+        v.ok = r->ok();
+        v.tokens = r->tokens();
+        v.chunks = r->chunks();
+        if (r->bad()) for (const auto* b : *r->bad()) v.bad.push_back(b->str());
+        return v;
+      }));
+  return f.Get();
+}
+
 namespace {
 
 // Boundary classes of appends up to this many tokens travel inline in the FlatBuffer (no

@@ -149,6 +149,14 @@ struct TierUsage {
   uint64_t chunks = 0;
 };
 
+// Result of VerifySession: every stored record of a durable session re-read and checked.
+struct VerifyResult {
+  bool ok = false;
+  uint64_t tokens = 0;
+  uint64_t chunks = 0;
+  std::vector<std::string> bad;  // one line per bad record, naming it
+};
+
 struct ServerInfo {
   std::string tenant;
   std::string server_version;
@@ -213,6 +221,8 @@ class Client {
   Status DropSession(uint64_t id);
   Result<std::vector<SessionSummary>> ListSessions();
   Result<SessionSummary> SessionInfo(uint64_t id);
+  // Durable sessions: re-reads every stored chunk and checks its checksum.
+  Result<VerifyResult> VerifySession(uint64_t id);
 
   // keys / values: [layers, kv_heads, tokens, head_dim] in the profile dtype;
   // boundaries: [tokens] classes 0..5, or empty.

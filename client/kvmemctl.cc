@@ -36,10 +36,14 @@ Commands:
   session create --layers L --q-heads HQ --kv-heads HKV --head-dim D
                  [--dtype bf16|fp16|fp32] [--id ID] [--chunk-min N] [--chunk-max N]
                  [--sink N] [--budget N] [--mode dense|index] [--label TEXT]
+                 [--durability ephemeral|durable]
                                          prints the new session id
   session list                           sessions of this tenant
   session show ID                        one session with per-layer detail
-  session drop ID                        drop a session and free its memory
+  session drop ID                        drop a session and free its memory (and its
+                                         stored records when durable)
+  session verify ID                      re-read every stored chunk of a durable session and
+                                         check checksums; exit 1 when a record is bad
 
 Options:
   --addr ADDRS       daemon address(es) (default 127.0.0.1:7420, or $KVMEM_ADDR): a comma
@@ -163,7 +167,8 @@ int main(int argc, char** argv) {
   const std::string cmd = args.words[0];
   const std::string sub = args.words.size() > 1 ? args.words[1] : "";
   const bool known = cmd == "status" || cmd == "ping" || cmd == "top" ||
-                     (cmd == "session" && (sub == "create" || sub == "list" || sub == "show" || sub == "drop"));
+                     (cmd == "session" && (sub == "create" || sub == "list" || sub == "show" || sub == "drop" ||
+                                           sub == "verify"));
   if (!known) return Usage("unknown command '" + cmd + (sub.empty() ? "" : " " + sub) + "'");
 
   // Validate flags before connecting, so usage errors do not need a daemon.
@@ -205,8 +210,13 @@ int main(int argc, char** argv) {
       else if (*v == "hybrid") sopts.mode = kvmem::client::Mode::kHybrid;
       else return Usage("--mode must be dense, index, retrieval_heads or hybrid");
     }
+    if (const std::string* v = args.Get("--durability")) {
+      if (*v == "durable") sopts.durable = true;
+      else if (*v == "ephemeral") sopts.durable = false;
+      else return Usage("--durability must be ephemeral or durable");
+    }
   }
-  if (cmd == "session" && (sub == "show" || sub == "drop")) {
+  if (cmd == "session" && (sub == "show" || sub == "drop" || sub == "verify")) {
     if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("session " + sub + " needs a session ID");
   }
 
@@ -448,6 +458,22 @@ int main(int argc, char** argv) {
       }
     }
     return 0;
+  }
+  if (sub == "verify") {
+    auto owner = cluster.For(id);  // the daemon the session's id places it on
+    if (!owner.ok()) return Report(owner.status(), as_json);
+    auto v = (*owner)->VerifySession(id);
+    if (!v.ok()) return Report(v.status(), as_json);
+    if (as_json) {
+      std::printf("%s\n", json({{"ok", v->ok}, {"tokens", v->tokens}, {"chunks", v->chunks},
+                                {"bad", v->bad}}).dump().c_str());
+    } else {
+      std::printf("%s: %llu tokens, %llu chunks checked, %zu bad\n", v->ok ? "ok" : "BAD",
+                  static_cast<unsigned long long>(v->tokens),
+                  static_cast<unsigned long long>(v->chunks), v->bad.size());
+      for (const auto& b : v->bad) std::printf("  %s\n", b.c_str());
+    }
+    return v->ok ? 0 : 1;
   }
   if (sub == "drop") {
     Status s = cluster.DropSession(id);

@@ -16,6 +16,7 @@
 #include "common/log.h"
 #include "common/units.h"
 #include "daemon/admin.h"
+#include "daemon/chunk_store.h"
 #include "daemon/config.h"
 #include "daemon/executor.h"
 #include "daemon/kv_pool.h"
@@ -43,6 +44,8 @@ Usage: kvmemd [options]
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
   --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
+  --sync-writes B        true: fsync the WAL before acknowledging a durable write (survives
+                         power loss); false: write(2) only (survives kill -9)   (default false)
   --version              print the version and exit
   --help                 this text
 
@@ -73,7 +76,7 @@ int main(int argc, char** argv) {
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory",
                                   "--max-message", "--ucx-error-mode", "--search-threads",
-                                  "--admin"};
+                                  "--admin", "--sync-writes", "--fault-fail-writes-flag"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -139,6 +142,15 @@ int main(int argc, char** argv) {
     }
     return Status::OK();
   };
+  // Store options are read once (not reloadable).
+  StoreOptions store_opts;
+  for (const auto& [k, v] : flags.values) {
+    if (k == "--fault-fail-writes-flag") store_opts.fail_writes_flag_file = v;
+    if (k == "--sync-writes") {
+      if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
+      store_opts.sync_writes = v == "true";
+    }
+  }
   DaemonConfig config;
   if (Status s = build_config(&config); !s.ok()) return Fail(s.ToString());
   if (Status s = InitLogging(config.log_level); !s.ok()) return Fail(s.ToString());
@@ -160,10 +172,17 @@ int main(int argc, char** argv) {
                  config.tenants.empty() ? std::string("default (no tokens)")
                                         : std::to_string(config.tenants.size()));
 
+  store_opts.path = (std::filesystem::path(config.data_dir) / "db").string();
+  auto store = ChunkStore::Open(store_opts);
+  if (!store.ok()) return Fail(store.status().ToString());
+
   ParallelPool search_pool(config.search_threads);
   SetSearchPool(config.search_threads > 0 ? &search_pool : nullptr);
   boost::asio::io_context io;
   Service service(config, pool->get(), backend);
+  service.AttachStore(store->get());
+  // Durable sessions are back before the listener accepts anyone (and before /readyz says so).
+  if (Status s = service.RestoreDurableSessions(); !s.ok()) return Fail(s.ToString());
   ExecutorPool executors(config.executors);
   TransportOptions topts;
   topts.listen = config.listen;
@@ -244,13 +263,15 @@ int main(int argc, char** argv) {
     server.Stop(std::chrono::milliseconds(4000), [&] { io.stop(); });
   });
   std::signal(SIGPIPE, SIG_IGN);
-  // Nothing to restore yet: ready once listening. A restore step goes before this line.
+  // Durable sessions were restored above: ready once listening.
   ready = true;
   sd::Notify("READY=1\nSTATUS=serving on " + config.listen);
   KVMEM_LOG_INFO("ready");
   io.run();
   if (admin) admin->Stop();
   executors.Shutdown();
+  service.DropAll();  // sessions (and their journals) go before the store closes
+  if (Status st = (*store)->Flush(); !st.ok()) KVMEM_LOG_WARN("store flush at shutdown: {}", st.ToString());
   KVMEM_LOG_INFO("stopped");
   return 0;
 }

@@ -4,6 +4,8 @@
 #include <string>
 
 #include "daemon/metrics.h"
+#include "common/log.h"
+#include "daemon/tiers.h"
 
 namespace kvmem {
 
@@ -103,6 +105,7 @@ uint64_t Service::ShardKey(const w::Envelope* env) {
     case w::Body::AppendKV: return env->body_as_AppendKV()->session_id();
     case w::Body::Attend: return env->body_as_Attend()->session_id();
     case w::Body::Retrieve: return env->body_as_Retrieve()->session_id();
+    case w::Body::VerifySession: return env->body_as_VerifySession()->session_id();
     case w::Body::AttendBatch: {
       auto items = env->body_as_AttendBatch()->items();
       return items && items->size() > 0 ? items->Get(0)->session_id() : 0;
@@ -148,6 +151,7 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::Attend: return Attend(ctx, msg, env->body_as_Attend(), r);
     case w::Body::AttendBatch: return AttendBatch(ctx, msg, env->body_as_AttendBatch(), r);
     case w::Body::Retrieve: return Retrieve(ctx, msg, env->body_as_Retrieve(), r);
+    case w::Body::VerifySession: return VerifySession(ctx, env->request_id(), env->body_as_VerifySession(), r);
     case w::Body::NONE: return InvalidArgument("message has no body");
     default:
       return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
@@ -227,10 +231,19 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
   KVMEM_RETURN_IF_ERROR(ValidateProfile(profile, config_.profile_limits));
   SessionOptions options = OptionsFromWire(req->options(), config_.session_defaults);
   KVMEM_RETURN_IF_ERROR(ValidateOptions(options));
+  if (options.durability == Durability::kDurable && store_ == nullptr) {
+    return FailedPrecondition("CreateSession: durable sessions need the store (data_dir)");
+  }
   {
     std::shared_lock lock(mu_);
-    if (sessions_.count({ctx.tenant, req->session_id()})) {
+    if (auto it = sessions_.find({ctx.tenant, req->session_id()}); it != sessions_.end()) {
+      KVMEM_RETURN_IF_ERROR(CheckSameProfile(*it->second, profile, options));
       return AlreadyExists("session " + std::to_string(req->session_id()) + " already exists");
+    }
+    if (auto it = unrestorable_.find({ctx.tenant, req->session_id()}); it != unrestorable_.end()) {
+      return FailedPrecondition("session " + std::to_string(req->session_id()) +
+                                " is stored but could not be restored (" + it->second.ToString() +
+                                "); drop it to reuse the id");
     }
     size_t mine = 0;
     for (auto it = sessions_.lower_bound({ctx.tenant, 0});
@@ -249,6 +262,14 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
     std::unique_lock lock(mu_);
     auto [it, inserted] = sessions_.emplace(Key{ctx.tenant, req->session_id()}, std::move(s));
     if (!inserted) return AlreadyExists("session " + std::to_string(req->session_id()) + " already exists");
+    if (it->second->options().durability == Durability::kDurable) {
+      // Header written under the registry lock so a concurrent create cannot overwrite it.
+      if (Status st = MakeDurable(store_, it->second.get()); !st.ok()) {
+        sessions_.erase(it);
+        store_->DeleteSession(ctx.tenant, req->session_id()).IgnoreError();
+        return st;
+      }
+    }
   }
   auto body = w::CreateCreateSessionReply(r->fbb, req->session_id());
   r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
@@ -257,16 +278,29 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
 
 Status Service::DropSession(const RequestContext& ctx, uint64_t rid, const w::DropSession* req, Reply* r) {
   std::shared_ptr<Session> victim;
+  bool stored = false;
   {
     std::unique_lock lock(mu_);
     auto it = sessions_.find({ctx.tenant, req->session_id()});
     if (it == sessions_.end()) {
-      return NotFound("session " + std::to_string(req->session_id()) + " not found");
+      auto bad = unrestorable_.find({ctx.tenant, req->session_id()});
+      if (bad == unrestorable_.end()) {
+        return NotFound("session " + std::to_string(req->session_id()) + " not found");
+      }
+      unrestorable_.erase(bad);
+      stored = true;
+    } else {
+      victim = std::move(it->second);
+      sessions_.erase(it);
+      stored = victim->options().durability == Durability::kDurable;
     }
-    victim = std::move(it->second);
-    sessions_.erase(it);
   }
   victim.reset();  // frees its blocks outside the registry lock
+  if (stored && store_ != nullptr) {
+    KVMEM_RETURN_IF_ERROR(store_->DeleteSession(ctx.tenant, req->session_id())
+                              .WithContext("DropSession: dropped from memory, but its stored "
+                                           "records remain (it returns after a restart)"));
+  }
   auto body = w::CreateDropSessionReply(r->fbb);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
   return Status::OK();
@@ -529,6 +563,80 @@ Status Service::AttendBatch(const RequestContext& ctx, const w::Parsed& msg,
   }
   auto body = w::CreateAttendBatchReplyDirect(r->fbb, &replies, &statuses);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, r->packer.bytes()));
+  return Status::OK();
+}
+
+Status Service::RestoreDurableSessions() {
+  if (store_ == nullptr) return Status::OK();
+  RestoreStats stats;
+  KVMEM_ASSIGN_OR_RETURN(std::vector<RestoredSession> restored,
+                         RestoreSessions(store_, pool_, config_.session_defaults, &stats));
+  std::unique_lock lock(mu_);
+  for (RestoredSession& r : restored) {
+    if (r.session) {
+      sessions_.emplace(Key{r.tenant, r.id}, std::move(r.session));
+    } else {
+      KVMEM_LOG_ERROR("restore: tenant {} session {} not restored: {}", r.tenant, r.id,
+                      r.status.ToString());
+      unrestorable_.emplace(Key{r.tenant, r.id}, r.status);
+    }
+  }
+  KVMEM_LOG_INFO("restore: {} durable sessions ({} tokens, {} chunks, {} bytes read) in {:.3f} s; "
+                 "{} failed",
+                 stats.sessions, stats.tokens, stats.chunks, stats.bytes, stats.seconds,
+                 stats.failed);
+  return Status::OK();
+}
+
+Status Service::CheckSameProfile(const Session& s, const ModelProfile& profile,
+                                 const SessionOptions& options) {
+  if (s.options().durability != Durability::kDurable) return Status::OK();
+  const ModelProfile& have = s.profile();
+  std::string diff;
+  auto field = [&](const char* name, uint64_t a, uint64_t b) {
+    if (a != b) diff += std::string(diff.empty() ? "" : ", ") + name + " " + std::to_string(a) +
+                        " (stored) vs " + std::to_string(b) + " (requested)";
+  };
+  field("layers", have.layers, profile.layers);
+  field("q_heads", have.q_heads, profile.q_heads);
+  field("kv_heads", have.kv_heads, profile.kv_heads);
+  field("head_dim", have.head_dim, profile.head_dim);
+  field("dtype", static_cast<uint64_t>(have.dtype), static_cast<uint64_t>(profile.dtype));
+  field("chunk_min_tokens", s.options().chunker.min_tokens, options.chunker.min_tokens);
+  field("chunk_max_tokens", s.options().chunker.max_tokens, options.chunker.max_tokens);
+  field("durability", 1, static_cast<uint64_t>(options.durability));
+  if (have.dense_layers != profile.dense_layers) diff += std::string(diff.empty() ? "" : ", ") + "dense_layers differ";
+  if (have.retrieval_head_mask != profile.retrieval_head_mask) {
+    diff += std::string(diff.empty() ? "" : ", ") + "retrieval_head_mask differs";
+  }
+  if (diff.empty()) return Status::OK();
+  return FailedPrecondition("session " + std::to_string(s.id()) +
+                            " exists (durable, restored) with a conflicting profile: " + diff +
+                            "; drop it first to recreate it");
+}
+
+Status Service::VerifySession(const RequestContext& ctx, uint64_t rid, const w::VerifySession* req,
+                              Reply* r) {
+  VerifyReport rep;
+  {
+    std::shared_lock lock(mu_);
+    auto bad = unrestorable_.find({ctx.tenant, req->session_id()});
+    if (bad != unrestorable_.end()) rep.bad.push_back(bad->second.ToString());
+  }
+  if (rep.bad.empty()) {
+    KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+    if (s->options().durability != Durability::kDurable || store_ == nullptr) {
+      return FailedPrecondition("VerifySession: session " + std::to_string(req->session_id()) +
+                                " is ephemeral (nothing stored to verify)");
+    }
+    std::lock_guard<std::mutex> lock(s->op_mu());
+    KVMEM_ASSIGN_OR_RETURN(rep, kvmem::VerifySession(*store_, ctx.tenant, s->id(), s->profile()));
+  }
+  std::vector<flatbuffers::Offset<flatbuffers::String>> bad;
+  for (const std::string& b : rep.bad) bad.push_back(r->fbb.CreateString(b));
+  auto body = w::CreateVerifySessionReply(r->fbb, rep.bad.empty(), rep.tokens, rep.chunks,
+                                          r->fbb.CreateVector(bad));
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
   return Status::OK();
 }
 

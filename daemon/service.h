@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "daemon/chunk_store.h"
 #include "daemon/config.h"
 #include "daemon/kv_pool.h"
 #include "daemon/session.h"
@@ -88,6 +89,11 @@ class Service {
   // the new tokens. INVALID_ARGUMENT (nothing changes) when fresh would turn an open daemon
   // into an authenticated one or back (that changes who owns the existing sessions).
   Status Reload(const DaemonConfig& fresh);
+  // Durable sessions (daemon/tiers.h): the store they live in, and their restore at start,
+  // before the transport accepts requests. Sessions that fail to restore stay on disk; their
+  // ids answer CreateSession with the restore error until dropped.
+  void AttachStore(ChunkStore* store) { store_ = store; }
+  Status RestoreDurableSessions();
 
  private:
   using Key = std::pair<std::string, uint64_t>;  // (tenant, session id)
@@ -100,6 +106,8 @@ class Service {
   Status ListSessions(const RequestContext& ctx, uint64_t rid, Reply* reply);
   Status SessionInfo(const RequestContext& ctx, uint64_t rid, const wire::SessionInfo* req,
                      Reply* reply);
+  Status VerifySession(const RequestContext& ctx, uint64_t rid, const wire::VerifySession* req,
+                       Reply* reply);
   Status AppendKV(const RequestContext& ctx, const wire::Parsed& msg, const wire::AppendKV* req,
                   Reply* reply);
   Status Attend(const RequestContext& ctx, const wire::Parsed& msg, const wire::Attend* req,
@@ -113,6 +121,9 @@ class Service {
                                                            const wire::Parsed& msg,
                                                            const wire::Attend* req, Reply* reply);
 
+  // OK when a create request for an existing durable session matches its stored profile.
+  static Status CheckSameProfile(const Session& s, const ModelProfile& profile,
+                                 const SessionOptions& options);
   Result<std::shared_ptr<Session>> Find(const std::string& tenant, uint64_t id) const;
   flatbuffers::Offset<wire::SessionSummary> Summarize(flatbuffers::FlatBufferBuilder& fbb,
                                                       const Session& s, bool detail) const;
@@ -134,6 +145,8 @@ class Service {
   const std::string backend_name_;
   mutable std::shared_mutex mu_;
   std::map<Key, std::shared_ptr<Session>> sessions_;  // guarded by mu_
+  ChunkStore* store_ = nullptr;
+  std::map<Key, Status> unrestorable_;  // guarded by mu_
   ServiceCounters counters_;
 };
 

@@ -64,9 +64,6 @@ Status ValidateOptions(const SessionOptions& o) {
     return Unimplemented("options: selection modes retrieval_heads and hybrid are not available "
                          "in this build (dense and index are)");
   }
-  if (o.durability == Durability::kDurable) {
-    return Unimplemented("options: durable sessions are not available in this build");
-  }
   return Status::OK();
 }
 
@@ -453,14 +450,23 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
   std::vector<uint32_t> sealed;
   trial.Push(unsealed_boundaries_, &sealed);
   trial.Push(std::span<const uint8_t>(boundaries, n), &sealed);
-  KVMEM_RETURN_IF_ERROR(SealAndStore(sealed, n, static_cast<const uint8_t*>(keys),
-                                     static_cast<const uint8_t*>(values)));
+  if (journal_) {
+    KVMEM_RETURN_IF_ERROR(journal_->LogTokens(tokens_, n, static_cast<const uint8_t*>(keys),
+                                              static_cast<const uint8_t*>(values), boundaries));
+  }
+  if (Status st = SealAndStore(sealed, n, static_cast<const uint8_t*>(keys),
+                               static_cast<const uint8_t*>(values));
+      !st.ok()) {
+    if (journal_) journal_->CancelTokens(tokens_);
+    return st;
+  }
   chunker_ = std::move(trial);
   unsealed_boundaries_.clear();
   tokens_ += n;
   stat_tokens_ = tokens_;
   stat_tail_ = layers_.empty() ? 0 : layers_[0].tail_tokens;
   TouchNow();
+  if (journal_) journal_->ChunksSealed(*this);
   return AppendResult{tokens_, chunks_.size(), static_cast<uint32_t>(sealed.size())};
 }
 
@@ -487,6 +493,10 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     if (layer.tail_tokens >= tail_capacity_) {
       return ResourceExhausted("layer " + std::to_string(a.layer) +
                                " tail is full (chunks could not be sealed; KV pool full?)");
+    }
+    // This token completes in every layer with this call: log it first (all-or-nothing).
+    if (journal_ && layer.pending == 0 && layers_ahead_ + 1 == profile_.layers) {
+      KVMEM_RETURN_IF_ERROR(LogCompletingToken(a));
     }
     const uint64_t tail_v = layer.tail_block + uint64_t{H} * tail_capacity_ * row;
     for (uint32_t h = 0; h < H; ++h) {
@@ -577,6 +587,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   stat_tokens_ = tokens_;
   stat_tail_ = layers_[0].tail_tokens;
   TouchNow();
+  if (journal_ && a.new_k != nullptr) journal_->ChunksSealed(*this);
   return seal_status;
 }
 
@@ -596,6 +607,92 @@ double Session::mean_chunk_tokens() const {
   if (c == 0) return 0;
   const uint64_t sealed_tokens = stat_tokens_.load() - stat_tail_.load();
   return static_cast<double>(sealed_tokens) / static_cast<double>(c);
+}
+
+Status Session::ReadChunkBlock(uint32_t chunk, uint32_t layer, std::string* out) const {
+  if (chunk >= chunks_.size() || layer >= profile_.layers) {
+    return OutOfRange("ReadChunkBlock: chunk " + std::to_string(chunk) + " layer " +
+                      std::to_string(layer) + " out of range");
+  }
+  const Chunk& c = chunks_[chunk];
+  out->resize(BlockBytes(c.tokens));
+  return pool_->CopyOut(out->data(), c.block[layer], out->size());
+}
+
+Status Session::LogCompletingToken(const AttendArgs& a) {
+  const uint32_t L = profile_.layers, H = profile_.kv_heads;
+  const uint64_t row = uint64_t{profile_.head_dim} * DTypeSize(profile_.dtype);
+  // [layers][kv_heads][1][head_dim] for K and V: other layers hold the token in their tail at
+  // index tail_tokens - pending; this layer's row arrives with the call.
+  std::vector<uint8_t> k(uint64_t{L} * H * row), v(k.size());
+  for (uint32_t l = 0; l < L; ++l) {
+    for (uint32_t h = 0; h < H; ++h) {
+      uint8_t* dk = k.data() + (uint64_t{l} * H + h) * row;
+      uint8_t* dv = v.data() + (uint64_t{l} * H + h) * row;
+      if (l == a.layer) {
+        std::memcpy(dk, static_cast<const uint8_t*>(a.new_k) + h * row, row);
+        std::memcpy(dv, static_cast<const uint8_t*>(a.new_v) + h * row, row);
+        continue;
+      }
+      const Layer& lay = layers_[l];
+      const uint64_t idx = lay.tail_tokens - lay.pending;
+      const uint64_t at = lay.tail_block + (uint64_t{h} * tail_capacity_ + idx) * row;
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(dk, at, row));
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(dv, at + uint64_t{H} * tail_capacity_ * row, row));
+    }
+  }
+  const uint8_t b = pending_boundaries_.empty() ? a.boundary : pending_boundaries_.front();
+  return journal_->LogTokens(tokens_, 1, k.data(), v.data(), &b);
+}
+
+Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks) {
+  const uint32_t L = profile_.layers;
+  if (layers_ahead_ != 0 || layers_[0].tail_tokens != 0 || !unsealed_boundaries_.empty()) {
+    return FailedPrecondition("RestoreChunk: the session already holds tail tokens");
+  }
+  const uint64_t bytes = BlockBytes(tokens);
+  if (tokens == 0 || blocks.size() != L) return InvalidArgument("RestoreChunk: bad shape");
+  Chunk c;
+  c.start = tokens_;
+  c.tokens = tokens;
+  uint64_t reserved = 0;
+  Status st;
+  for (uint32_t l = 0; l < L && st.ok(); ++l) {
+    if (blocks[l].size() != bytes) {
+      st = InvalidArgument("RestoreChunk: layer " + std::to_string(l) + " block has " +
+                           std::to_string(blocks[l].size()) + " bytes, expected " +
+                           std::to_string(bytes));
+      break;
+    }
+    auto off = pool_->Allocate(bytes);
+    if (!off.ok()) {
+      st = off.status();
+      break;
+    }
+    c.block.push_back(*off);
+    reserved += pool_->allocator().ReservedBytes(bytes);
+    st = pool_->CopyIn(*off, blocks[l].data(), bytes);
+  }
+  if (!st.ok()) {
+    for (uint64_t b : c.block) pool_->Free(b);
+    return st;
+  }
+  for (uint32_t l = 0; l < L; ++l) {
+    layers_[l].chunk_spans.push_back({ElemOffset(c.block[l]), tokens, 0, tokens});
+  }
+  chunks_.push_back(std::move(c));
+  tokens_ += tokens;
+  stat_bytes_ += reserved;
+  stat_chunks_ = chunks_.size();
+  return Status::OK();
+}
+
+Status Session::FinishChunkRestore() {
+  chunker_.ResumeAt(tokens_);
+  stat_tokens_ = tokens_;
+  stat_tail_ = 0;
+  TouchNow();
+  return index_enabled_ ? CatchUpIndex() : Status::OK();
 }
 
 }  // namespace kvmem

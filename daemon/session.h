@@ -22,6 +22,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "daemon/kv_pool.h"
+#include "daemon/session_journal.h"
 #include "index/chunker.h"
 #include "index/cluster_tree.h"
 #include "kernels/attention.h"
@@ -172,6 +173,24 @@ class Session {
   uint64_t layer_tokens(uint32_t layer) const { return tokens_ + layers_[layer].pending; }
   double mean_chunk_tokens() const;
 
+  // Durability (daemon/tiers.h): with a journal every complete token is logged before it is
+  // stored and sealed chunks are handed to it. Attach after any replay.
+  void AttachJournal(std::unique_ptr<SessionJournal> journal) { journal_ = std::move(journal); }
+  SessionJournal* journal() const { return journal_.get(); }
+  // Sealed chunks: count, token range, and one layer's block bytes (K rows then V rows,
+  // BlockBytes(tokens) bytes) copied into *out.
+  uint32_t chunk_count() const { return static_cast<uint32_t>(chunks_.size()); }
+  uint64_t chunk_start(uint32_t c) const { return chunks_[c].start; }
+  uint32_t chunk_tokens(uint32_t c) const { return chunks_[c].tokens; }
+  Status ReadChunkBlock(uint32_t chunk, uint32_t layer, std::string* out) const;
+  uint64_t tokens() const { return tokens_; }
+  // Restore path (daemon/tiers.cc): appends one stored chunk as if its tokens had been
+  // appended and sealed; blocks[l] is layer l's block (K rows then V rows, as ReadChunkBlock
+  // gives it). Only while no tail tokens are held, i.e. before any tail replay; then call
+  // FinishChunkRestore once.
+  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks);
+  Status FinishChunkRestore();
+
  private:
   struct Chunk {
     uint64_t start = 0;
@@ -209,6 +228,8 @@ class Session {
   Status SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const uint8_t* keys,
                       const uint8_t* values);
   void TouchNow();
+  // Logs the token an Attend call is about to complete in every layer (journal attached).
+  Status LogCompletingToken(const AttendArgs& a);
 
   const uint64_t id_;
   const std::string tenant_;
@@ -228,6 +249,7 @@ class Session {
   std::deque<uint8_t> pending_boundaries_;   // boundary of token tokens_ + k, first layer's
   std::vector<uint8_t> unsealed_boundaries_; // complete tokens not yet fed (seal failed)
 
+  std::unique_ptr<SessionJournal> journal_;
   std::mutex op_mu_;
   std::atomic<uint64_t> stat_tokens_{0};
   std::atomic<uint64_t> stat_chunks_{0};

@@ -43,6 +43,14 @@ class Chunker {
   // length or 0. Used when a session is finalised, never on the decode path.
   uint32_t SealTail();
 
+  // Restore: the state of a chunker that has sealed exactly `sealed_tokens` tokens and holds no
+  // tail (a cut depends only on the classes after the previous cut, so this is exact).
+  void ResumeAt(uint64_t sealed_tokens) {
+    pending_.clear();
+    head_ = 0;
+    sealed_tokens_ = sealed_tokens;
+  }
+
   uint64_t sealed_tokens() const { return sealed_tokens_; }
   uint32_t tail_tokens() const { return static_cast<uint32_t>(pending_.size() - head_); }
   const ChunkerOptions& options() const { return options_; }

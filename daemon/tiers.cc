@@ -1,0 +1,394 @@
+#include "daemon/tiers.h"
+
+#include <chrono>
+#include <cstring>
+#include <map>
+
+#include "common/log.h"
+#include "wire/framing.h"
+
+namespace kvmem {
+namespace w = ::kvmem::wire;
+namespace {
+
+// Tail segment payload: [n u32 LE][boundaries n][K [layers][kv_heads][n][head_dim]][V same].
+std::string EncodeTail(uint32_t n, const uint8_t* keys, const uint8_t* values,
+                       const uint8_t* boundaries, uint64_t kv_bytes) {
+  std::string p;
+  p.reserve(4 + n + 2 * kv_bytes);
+  for (int i = 0; i < 4; ++i) p.push_back(static_cast<char>((n >> (8 * i)) & 0xFF));
+  p.append(reinterpret_cast<const char*>(boundaries), n);
+  p.append(reinterpret_cast<const char*>(keys), kv_bytes);
+  p.append(reinterpret_cast<const char*>(values), kv_bytes);
+  return p;
+}
+
+struct Shape {
+  uint32_t layers, heads;
+  uint64_t row;  // bytes per (token, head) row
+  explicit Shape(const ModelProfile& p)
+      : layers(p.layers), heads(p.kv_heads), row(uint64_t{p.head_dim} * DTypeSize(p.dtype)) {}
+  uint64_t TokensBytes(uint64_t n) const { return uint64_t{layers} * heads * n * row; }
+  uint64_t BlockBytes(uint64_t n) const { return 2 * uint64_t{heads} * n * row; }
+};
+
+// Decoded tail segment: views into the payload.
+struct TailView {
+  uint32_t n = 0;
+  const uint8_t* bounds = nullptr;
+  const uint8_t* keys = nullptr;
+  const uint8_t* values = nullptr;
+};
+
+Status ParseTail(const std::string& payload, const Shape& sh, const std::string& what,
+                 TailView* t) {
+  if (payload.size() < 4) return DataLoss(what + ": too short");
+  uint32_t n = 0;
+  for (int i = 3; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(payload[i]);
+  const uint64_t kv = sh.TokensBytes(n);
+  if (payload.size() != 4 + n + 2 * kv) {
+    return DataLoss(what + ": size " + std::to_string(payload.size()) + " does not match " +
+                    std::to_string(n) + " tokens of this profile");
+  }
+  const auto* p = reinterpret_cast<const uint8_t*>(payload.data());
+  t->n = n;
+  t->bounds = p + 4;
+  t->keys = p + 4 + n;
+  t->values = t->keys + kv;
+  return Status::OK();
+}
+
+// Copies tokens [from, from + m) of a [layers][heads][n][row] tensor into a
+// [layers][heads][m][row] one.
+void SliceTokens(const Shape& sh, const uint8_t* src, uint32_t n, uint32_t from, uint32_t m,
+                 uint8_t* dst) {
+  for (uint64_t lh = 0; lh < uint64_t{sh.layers} * sh.heads; ++lh) {
+    std::memcpy(dst + lh * m * sh.row, src + (lh * n + from) * sh.row, m * sh.row);
+  }
+}
+
+class StoreJournal final : public SessionJournal {
+ public:
+  StoreJournal(ChunkStore* store, std::string tenant, uint64_t id, const ModelProfile& profile)
+      : store_(store), tenant_(std::move(tenant)), id_(id), shape_(profile) {}
+
+  // State after a restore: chunks [0, stored_chunks) stored, live tail segments and the
+  // boundaries of tokens from bound_base on.
+  void Resume(uint32_t stored_chunks, std::map<uint64_t, uint32_t> segments, uint64_t bound_base,
+              std::string boundaries) {
+    stored_chunks_ = stored_chunks;
+    segments_ = std::move(segments);
+    bound_base_ = bound_base;
+    boundaries_ = std::move(boundaries);
+  }
+
+  Status LogTokens(uint64_t start, uint32_t n, const uint8_t* keys, const uint8_t* values,
+                   const uint8_t* boundaries) override {
+    if (start != bound_base_ + boundaries_.size()) {
+      return Internal("journal: tokens logged out of order (" + std::to_string(start) +
+                      ", expected " + std::to_string(bound_base_ + boundaries_.size()) + ")");
+    }
+    ChunkStore::Batch b;
+    store_->PutTail(&b, tenant_, id_, start,
+                    EncodeTail(n, keys, values, boundaries, shape_.TokensBytes(n)));
+    KVMEM_RETURN_IF_ERROR(store_->Write(&b).WithContext(
+        "session " + std::to_string(id_) + ": logging tokens " + std::to_string(start) + ".." +
+        std::to_string(start + n)));
+    segments_[start] = n;
+    boundaries_.append(reinterpret_cast<const char*>(boundaries), n);
+    return Status::OK();
+  }
+
+  void CancelTokens(uint64_t start) override {
+    ChunkStore::Batch b;
+    store_->DeleteTail(&b, tenant_, id_, start);
+    if (Status s = store_->Write(&b); !s.ok()) {
+      KVMEM_LOG_WARN("session {}: could not cancel logged tokens from {}: {}", id_, start,
+                     s.ToString());
+    }
+    segments_.erase(start);
+    if (start >= bound_base_ && start - bound_base_ <= boundaries_.size()) {
+      boundaries_.resize(start - bound_base_);
+    }
+  }
+
+  void ChunksSealed(const Session& s) override {
+    const uint32_t count = s.chunk_count();
+    if (count <= stored_chunks_) return;
+    if (Status st = StoreChunks(s, count); !st.ok()) {
+      // The tokens stay durable as tail segments; the next call retries.
+      KVMEM_LOG_WARN("session {}: storing chunks {}..{} deferred: {}", id_, stored_chunks_,
+                     count, st.ToString());
+    }
+  }
+
+ private:
+  Status StoreChunks(const Session& s, uint32_t count) {
+    constexpr size_t kBatchBytes = 32u << 20;
+    std::string block;
+    ChunkStore::Batch b;
+    auto batch = std::make_unique<ChunkStore::Batch>();
+    for (uint32_t c = stored_chunks_; c < count; ++c) {
+      const uint64_t start = s.chunk_start(c);
+      const uint32_t tokens = s.chunk_tokens(c);
+      if (start < bound_base_ || start + tokens > bound_base_ + boundaries_.size()) {
+        return Internal("journal: chunk " + std::to_string(c) + " outside logged tokens");
+      }
+      for (uint32_t l = 0; l < shape_.layers; ++l) {
+        KVMEM_RETURN_IF_ERROR(s.ReadChunkBlock(c, l, &block));
+        store_->PutChunk(batch.get(), ChunkName{tenant_, id_, l, c}, block.data(), block.size());
+      }
+      StoredChunkEntry e{c, start, tokens, boundaries_.substr(start - bound_base_, tokens)};
+      store_->PutChunkEntry(batch.get(), tenant_, id_, e);
+      if (batch->bytes() >= kBatchBytes && c + 1 < count) {
+        // Chunk records and entries are idempotent; segments go only in the last batch.
+        KVMEM_RETURN_IF_ERROR(store_->Write(batch.get()));
+        batch = std::make_unique<ChunkStore::Batch>();
+      }
+    }
+    const uint64_t sealed_end = s.chunk_start(count - 1) + s.chunk_tokens(count - 1);
+    // Segments wholly inside stored chunks go with one range delete (cheap for later scans);
+    // they are contiguous and ordered, so [0, first segment that outlives sealed_end) covers
+    // exactly them.
+    std::vector<uint64_t> gone;
+    uint64_t delete_to = 0;
+    for (const auto& [start, n] : segments_) {
+      if (start + n > sealed_end) break;
+      gone.push_back(start);
+      delete_to = start + n;
+    }
+    if (!gone.empty()) store_->DeleteTailRange(batch.get(), tenant_, id_, delete_to);
+    KVMEM_RETURN_IF_ERROR(store_->Write(batch.get()));
+    for (uint64_t g : gone) segments_.erase(g);
+    boundaries_.erase(0, sealed_end - bound_base_);
+    bound_base_ = sealed_end;
+    stored_chunks_ = count;
+    return Status::OK();
+  }
+
+  ChunkStore* const store_;
+  const std::string tenant_;
+  const uint64_t id_;
+  const Shape shape_;
+  uint32_t stored_chunks_ = 0;
+  std::map<uint64_t, uint32_t> segments_;  // live tail segments: start -> tokens
+  uint64_t bound_base_ = 0;                // first token whose boundary is in boundaries_
+  std::string boundaries_;                 // classes of tokens not yet in a stored chunk
+};
+
+std::string SessionName(const std::string& tenant, uint64_t id) {
+  return "session (tenant " + tenant + ", session " + std::to_string(id) + ")";
+}
+
+// Restores one session (header already decoded).
+Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreStats* stats) {
+  const Shape sh(r->profile);
+  const std::string name = SessionName(r->tenant, r->id);
+  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store->ChunkTable(r->tenant, r->id));
+  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredTailSegment> tails, store->TailSegments(r->tenant, r->id));
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
+                         Session::Create(r->id, r->tenant, r->profile, r->options, pool));
+  uint64_t next = 0;
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (table[i].chunk != i || table[i].start != next) {
+      return DataLoss(name + ": chunk table entry " + std::to_string(i) + " is missing or out of order");
+    }
+    next += table[i].tokens;
+  }
+  std::vector<std::unique_ptr<ChunkStore::LayerCursor>> cursors;
+  for (uint32_t l = 0; l < sh.layers; ++l) {
+    KVMEM_ASSIGN_OR_RETURN(auto c, store->OpenLayer(r->tenant, r->id, l));
+    cursors.push_back(std::move(c));
+  }
+  // Stored chunks go straight into pool blocks, one chunk (all layers) at a time; each
+  // cursor's payload view stays valid until its next call.
+  std::vector<uint8_t> keys, values;
+  std::vector<std::string_view> blocks(sh.layers);
+  for (size_t c = 0; c < table.size(); ++c) {
+    const uint32_t t = table[c].tokens;
+    for (uint32_t l = 0; l < sh.layers; ++l) {
+      KVMEM_RETURN_IF_ERROR(cursors[l]->Next(static_cast<uint32_t>(c), &blocks[l]));
+      if (blocks[l].size() != sh.BlockBytes(t)) {
+        return DataLoss(ChunkName{r->tenant, r->id, l, static_cast<uint32_t>(c)}.ToString() +
+                        ": " + std::to_string(blocks[l].size()) + " bytes, expected " +
+                        std::to_string(sh.BlockBytes(t)));
+      }
+      stats->bytes += blocks[l].size();
+    }
+    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks).WithContext(name + ": restoring chunk " +
+                                                                 std::to_string(c)));
+  }
+  KVMEM_RETURN_IF_ERROR(s->FinishChunkRestore().WithContext(name));
+  // Tail segments: tokens past the stored chunks, in order, without gaps.
+  std::map<uint64_t, uint32_t> live;
+  std::string tail_bounds;
+  const uint64_t table_end = next;
+  for (const StoredTailSegment& seg : tails) {
+    const std::string what = name + " tail segment at token " + std::to_string(seg.start);
+    TailView t;
+    KVMEM_RETURN_IF_ERROR(ParseTail(seg.payload, sh, what, &t));
+    stats->bytes += seg.payload.size();
+    if (seg.start + t.n <= next) continue;  // covered by stored chunks
+    if (seg.start > next) {
+      return DataLoss(what + ": tokens " + std::to_string(next) + ".." +
+                      std::to_string(seg.start) + " are missing");
+    }
+    live[seg.start] = t.n;
+    const uint32_t from = static_cast<uint32_t>(next - seg.start), m = t.n - from;
+    keys.resize(sh.TokensBytes(m));
+    values.resize(keys.size());
+    SliceTokens(sh, t.keys, t.n, from, m, keys.data());
+    SliceTokens(sh, t.values, t.n, from, m, values.data());
+    KVMEM_RETURN_IF_ERROR(
+        s->AppendKV(m, keys.data(), values.data(), t.bounds + from).status().WithContext(
+            what));
+    tail_bounds.append(reinterpret_cast<const char*>(t.bounds + from), m);
+    next += m;
+  }
+  if (s->chunk_count() < table.size()) {
+    return DataLoss(name + ": replay sealed " + std::to_string(s->chunk_count()) +
+                    " chunks, the chunk table has " + std::to_string(table.size()));
+  }
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (s->chunk_start(static_cast<uint32_t>(i)) != table[i].start ||
+        s->chunk_tokens(static_cast<uint32_t>(i)) != table[i].tokens) {
+      return DataLoss(name + ": replay cut chunk " + std::to_string(i) +
+                      " differently from the stored chunk table");
+    }
+  }
+  auto journal = std::make_unique<StoreJournal>(store, r->tenant, r->id, r->profile);
+  journal->Resume(static_cast<uint32_t>(table.size()), std::move(live), table_end,
+                  std::move(tail_bounds));
+  s->AttachJournal(std::move(journal));
+  s->journal()->ChunksSealed(*s);  // chunks sealed by the replay but not stored yet
+  stats->tokens += s->tokens();
+  stats->chunks += s->chunk_count();
+  r->session = std::move(s);
+  return Status::OK();
+}
+
+}  // namespace
+
+std::string EncodeSessionHeader(uint64_t id, const ModelProfile& p, const SessionOptions& o) {
+  flatbuffers::FlatBufferBuilder fbb(512);
+  auto profile = w::CreateModelProfileDirect(
+      fbb, p.layers, p.q_heads, p.kv_heads, p.head_dim, w::ToWire(p.dtype), &p.dense_layers,
+      p.retrieval_head_mask.empty() ? nullptr : &p.retrieval_head_mask, p.name.c_str());
+  auto options = w::CreateSessionOptionsDirect(
+      fbb, o.chunker.min_tokens, o.chunker.max_tokens, o.sink_tokens, o.recent_window,
+      o.default_budget_tokens, static_cast<w::SelectionMode>(o.mode),
+      static_cast<w::Durability>(o.durability), o.ttl_seconds, o.label.c_str(),
+      o.values_optional);
+  fbb.Finish(w::CreateCreateSession(fbb, id, profile, options));
+  return std::string(reinterpret_cast<const char*>(fbb.GetBufferPointer()), fbb.GetSize());
+}
+
+Status DecodeSessionHeader(const std::string& payload, const SessionOptions& defaults,
+                           ModelProfile* profile, SessionOptions* options) {
+  flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(payload.data()), payload.size());
+  if (!v.VerifyBuffer<w::CreateSession>(nullptr)) return DataLoss("session header: not a valid FlatBuffer");
+  const auto* cs = flatbuffers::GetRoot<w::CreateSession>(payload.data());
+  const w::ModelProfile* p = cs->profile();
+  const w::SessionOptions* o = cs->options();
+  if (p == nullptr || o == nullptr) return DataLoss("session header: profile or options missing");
+  ModelProfile m;
+  m.layers = p->layers();
+  m.q_heads = p->q_heads();
+  m.kv_heads = p->kv_heads();
+  m.head_dim = p->head_dim();
+  KVMEM_ASSIGN_OR_RETURN(m.dtype, w::FloatDTypeFromWire(p->dtype()));
+  if (p->dense_layers()) m.dense_layers.assign(p->dense_layers()->begin(), p->dense_layers()->end());
+  if (p->retrieval_head_mask()) {
+    m.retrieval_head_mask.assign(p->retrieval_head_mask()->begin(), p->retrieval_head_mask()->end());
+  }
+  if (p->name()) m.name = p->name()->str();
+  SessionOptions s = defaults;
+  s.chunker.min_tokens = o->chunk_min_tokens();
+  s.chunker.max_tokens = o->chunk_max_tokens();
+  s.sink_tokens = o->sink_tokens();
+  s.recent_window = o->recent_window();
+  s.default_budget_tokens = o->default_budget_tokens();
+  s.mode = static_cast<SelectionMode>(o->mode());
+  s.durability = static_cast<Durability>(o->durability());
+  s.ttl_seconds = o->ttl_seconds();
+  s.label = o->label() ? o->label()->str() : "";
+  s.values_optional = o->values_optional();
+  *profile = std::move(m);
+  *options = std::move(s);
+  return Status::OK();
+}
+
+Status MakeDurable(ChunkStore* store, Session* session) {
+  ChunkStore::Batch b;
+  store->PutHeader(&b, session->tenant(), session->id(),
+                   EncodeSessionHeader(session->id(), session->profile(), session->options()));
+  KVMEM_RETURN_IF_ERROR(store->Write(&b).WithContext("creating durable session " +
+                                                     std::to_string(session->id())));
+  session->AttachJournal(std::make_unique<StoreJournal>(store, session->tenant(), session->id(),
+                                                        session->profile()));
+  return Status::OK();
+}
+
+Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* pool,
+                                                     const SessionOptions& defaults,
+                                                     RestoreStats* stats) {
+  const auto t0 = std::chrono::steady_clock::now();
+  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredSessionRef> refs, store->ListSessions());
+  std::vector<RestoredSession> out;
+  for (StoredSessionRef& ref : refs) {
+    RestoredSession r;
+    r.tenant = ref.tenant;
+    r.id = ref.session;
+    r.status = ref.status;
+    if (r.status.ok()) r.status = DecodeSessionHeader(ref.header, defaults, &r.profile, &r.options);
+    if (r.status.ok()) r.status = RestoreOne(store, pool, &r, stats);
+    if (r.status.ok()) {
+      ++stats->sessions;
+    } else {
+      ++stats->failed;
+      r.session.reset();
+    }
+    out.push_back(std::move(r));
+  }
+  stats->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+Result<VerifyReport> VerifySession(const ChunkStore& store, const std::string& tenant,
+                                   uint64_t id, const ModelProfile& profile) {
+  const Shape sh(profile);
+  VerifyReport rep;
+  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store.ChunkTable(tenant, id));
+  std::string payload;
+  uint64_t next = 0;
+  for (const StoredChunkEntry& e : table) {
+    for (uint32_t l = 0; l < sh.layers; ++l) {
+      const ChunkName name{tenant, id, l, e.chunk};
+      Status s = store.GetChunk(name, &payload);
+      if (s.ok() && payload.size() != sh.BlockBytes(e.tokens)) {
+        s = DataLoss(name.ToString() + ": wrong size");
+      }
+      if (!s.ok()) rep.bad.push_back(s.ToString());
+    }
+    ++rep.chunks;
+    next = e.start + e.tokens;
+  }
+  auto tails = store.TailSegments(tenant, id);
+  if (!tails.ok()) {
+    rep.bad.push_back(tails.status().ToString());
+  } else {
+    for (const StoredTailSegment& seg : *tails) {
+      TailView t;
+      const std::string what = SessionName(tenant, id) + " tail segment at token " + std::to_string(seg.start);
+      if (Status s = ParseTail(seg.payload, sh, what, &t); !s.ok()) {
+        rep.bad.push_back(s.ToString());
+        continue;
+      }
+      next = std::max<uint64_t>(next, seg.start + t.n);
+    }
+  }
+  rep.tokens = next;
+  return rep;
+}
+
+}  // namespace kvmem
