@@ -12,6 +12,7 @@ PKGS=(
   libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev nlohmann-json3-dev
+  python3 python3-dev python3-venv python3-pip
 
 )
 
