@@ -14,3 +14,10 @@ if(KVMEM_SANITIZE)
   add_compile_definitions(KVMEM_SANITIZED=1)
   message(STATUS "kvmem: sanitizers ${KVMEM_SANITIZE}")
 endif()
+
+# Fuzzer builds (KVMEM_BUILD_FUZZERS, clang): every library gets coverage instrumentation and
+# ASan/UBSan so libFuzzer sees inside the daemon, not just the harness.
+if(KVMEM_BUILD_FUZZERS AND CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+  add_compile_options("$<$<COMPILE_LANGUAGE:CXX,C>:-fsanitize=fuzzer-no-link,address,undefined;-fno-omit-frame-pointer>")
+  add_link_options(-fsanitize=address,undefined)
+endif()

@@ -2,13 +2,20 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "common/units.h"
 #include "wire/ucx.h"
 
 namespace kvmem {
+
+uint32_t DefaultSearchThreads() {
+  const unsigned cores = std::thread::hardware_concurrency();
+  return cores >= 4 ? std::min(7u, cores / 2 - 1) : 0u;
+}
 
 bool IsLoopbackHost(const std::string& host) {
   return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
@@ -89,6 +96,7 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
     else if (k == "executors") s = u32(v, k, &c->executors);
     else if (k == "max_inflight_per_endpoint") s = u32(v, k, &c->max_inflight_per_endpoint);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
+    else if (k == "search_threads") s = u32(v, k, &c->search_threads);
     else if (k == "device_memory") s = ReadBytes(v, "device_memory", &c->device_memory_bytes);
     else if (k == "max_message_bytes") s = ReadBytes(v, "max_message_bytes", &c->max_message_bytes);
     else if (k == "max_tokens_per_session") {

@@ -10,6 +10,8 @@
 
 namespace kvmem {
 
+uint32_t DefaultSearchThreads();
+
 struct DaemonConfig {
   // Address the UCX listener binds, HOST:PORT. Default: "127.0.0.1:7420".
   std::string listen = "127.0.0.1:7420";
@@ -26,6 +28,9 @@ struct DaemonConfig {
   // Executor threads that run session operations, sessions sharded by id. 0 runs them on the
   // transport thread (lowest latency for small requests; no parallelism). Default: 2.
   uint32_t executors = 2;
+  // Threads a single index search fans out over (one tree per KV head), besides the calling
+  // executor. 0 searches heads sequentially. Default: min(7, cores / 2 - 1), 0 on small hosts.
+  uint32_t search_threads = DefaultSearchThreads();
   // KV pool (arena) size: device memory on CUDA, host memory on the CPU backend.
   // Default: 4 GiB.
   uint64_t device_memory_bytes = 4ull << 30;

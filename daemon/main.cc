@@ -15,6 +15,7 @@
 #include "daemon/config.h"
 #include "daemon/executor.h"
 #include "daemon/kv_pool.h"
+#include "daemon/parallel.h"
 #include "daemon/service.h"
 #include "daemon/transport.h"
 
@@ -31,6 +32,7 @@ Usage: kvmemd [options]
   --log-level L          trace|debug|info|warn|error   (default info)
   --progress M           event | poll                  (default event)
   --executors N          session executor threads, 0 = inline (default 2)
+  --search-threads N     threads one index search fans out over (default: by core count)
   --device-memory SIZE   KV pool size, e.g. 8GiB       (default 4GiB)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
@@ -62,7 +64,7 @@ int main(int argc, char** argv) {
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory",
-                                  "--max-message", "--ucx-error-mode"};
+                                  "--max-message", "--ucx-error-mode", "--search-threads"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -108,6 +110,11 @@ int main(int argc, char** argv) {
       const long n = std::strtol(v.c_str(), &end, 10);
       if (*end || n < 0) return Fail("--executors needs a non-negative integer");
       config.executors = static_cast<uint32_t>(n);
+    } else if (k == "--search-threads") {
+      char* end = nullptr;
+      const long n = std::strtol(v.c_str(), &end, 10);
+      if (*end || n < 0 || n > 256) return Fail("--search-threads needs an integer in [0, 256]");
+      config.search_threads = static_cast<uint32_t>(n);
     } else if (k == "--device-memory") {
       auto b = ParseBytes(v);
       if (!b.ok()) return Fail("--device-memory: " + b.status().message());
@@ -137,6 +144,8 @@ int main(int argc, char** argv) {
                  config.tenants.empty() ? std::string("default (no tokens)")
                                         : std::to_string(config.tenants.size()));
 
+  ParallelPool search_pool(config.search_threads);
+  SetSearchPool(config.search_threads > 0 ? &search_pool : nullptr);
   boost::asio::io_context io;
   Service service(config, pool->get(), backend);
   ExecutorPool executors(config.executors);

@@ -1,5 +1,7 @@
 #include "daemon/session.h"
 
+#include "daemon/parallel.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -16,7 +18,11 @@ uint64_t NowMs() {
                                    .count());
 }
 
+ParallelPool* g_search_pool = nullptr;
+
 }  // namespace
+
+void SetSearchPool(ParallelPool* pool) { g_search_pool = pool; }
 
 Status ValidateProfile(const ModelProfile& p, const ProfileLimits& lim) {
   if (p.layers == 0 || p.layers > lim.max_layers) {
@@ -315,20 +321,36 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   index::BudgetSearchOptions so = options_.search;
   so.skip_tokens_below = options_.sink_tokens;
   out->assign(H, HeadSelection{});
-  for (uint32_t h = 0; h < H; ++h) {
+  std::vector<Status> status(H);
+  std::vector<index::SearchCost> cost(H);
+  // KV heads are independent trees: search them in parallel when a pool is configured.
+  auto search = [&](uint32_t h) {
     const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
     std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-    KVMEM_ASSIGN_OR_RETURN(index::Selection sel, tree.SearchBudget(group, budget, so));
+    auto sel = tree.SearchBudget(group, budget, so);
+    if (!sel.ok()) {
+      status[h] = sel.status();
+      return;
+    }
     HeadSelection& hs = (*out)[h];
     hs.kv_head = h;
-    hs.chunks = std::move(sel.chunks);
-    hs.scores = std::move(sel.scores);
+    hs.chunks = std::move(sel->chunks);
+    hs.scores = std::move(sel->scores);
     for (uint32_t c : hs.chunks) {
       hs.starts.push_back(chunks_[c].start);
       hs.ends.push_back(chunks_[c].start + chunks_[c].tokens);
     }
-    *nodes += sel.cost.nodes_visited;
-    *bytes += sel.cost.bytes_read;
+    cost[h] = sel->cost;
+  };
+  if (g_search_pool != nullptr) {
+    g_search_pool->For(H, search);
+  } else {
+    for (uint32_t h = 0; h < H; ++h) search(h);
+  }
+  for (uint32_t h = 0; h < H; ++h) {
+    KVMEM_RETURN_IF_ERROR(status[h]);
+    *nodes += cost[h].nodes_visited;
+    *bytes += cost[h].bytes_read;
   }
   return Status::OK();
 }

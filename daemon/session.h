@@ -237,6 +237,11 @@ class Session {
   std::atomic<uint64_t> last_used_ms_{0};
 };
 
+class ParallelPool;
+// The pool that per-KV-head index searches fan out over (nullptr: sequential). Set once at
+// startup, before sessions exist.
+void SetSearchPool(ParallelPool* pool);
+
 // Largest number of decode tokens one layer may run ahead of the slowest layer.
 inline constexpr uint32_t kMaxLayerSkew = 4;
 

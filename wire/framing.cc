@@ -121,6 +121,12 @@ Result<Parsed> ParseMessage(std::span<const uint8_t> header, const uint8_t* data
     region_start = AlignUp(spilled, kTensorAlign);
     if (region_start > data_bytes) region_start = data_bytes;
   }
+  // The verifier accepts a union whose value is absent; a typed body without a table would be
+  // read as a null table by every handler (found by fuzz_dispatch).
+  if (env->body_type() != Body::NONE && env->body() == nullptr) {
+    return InvalidArgument(std::string("envelope declares a ") + EnumNameBody(env->body_type()) +
+                           " body but carries none");
+  }
   const size_t region = data_bytes - region_start;
   if (env->data_bytes() != region) {
     return InvalidArgument("declared " + std::to_string(env->data_bytes()) +

@@ -7,7 +7,9 @@
 #include <cmath>
 #include <random>
 #include <set>
+#include <thread>
 
+#include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "testing/reference.h"
 
@@ -203,6 +205,47 @@ TEST(SessionIndex, DecodeInIndexModeSealsIntoTheTree) {
   const LayerIndexInfo li = f.session->IndexInfo(0);
   ASSERT_FALSE(li.nodes_per_level.empty());
   EXPECT_EQ(li.nodes_per_level.back(), f.session->Stats().chunks * HKV);
+}
+
+}  // namespace
+}  // namespace kvmem
+
+namespace kvmem {
+namespace {
+
+TEST(SessionIndex, ParallelSearchSelectsTheSameChunks) {
+  std::mt19937_64 rng(std::random_device{}());
+  Fixture f = Make(3000, 16, 0, rng);
+  ParallelPool pool(3);
+  for (int trial = 0; trial < 10; ++trial) {
+    auto q = Query(f, trial % L, rng() % f.T, rng);
+    SetSearchPool(nullptr);
+    auto a = f.session->Retrieve(trial % L, q.data(), DType::kF32, 300, 0);
+    SetSearchPool(&pool);
+    auto b = f.session->Retrieve(trial % L, q.data(), DType::kF32, 300, 0);
+    SetSearchPool(nullptr);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(a->nodes_visited, b->nodes_visited);
+    for (uint32_t h = 0; h < HKV; ++h) EXPECT_EQ(a->heads[h].chunks, b->heads[h].chunks);
+  }
+}
+
+TEST(ParallelPoolTest, RunsEveryIterationOnceUnderConcurrentCallers) {
+  ParallelPool pool(3);
+  std::vector<std::thread> callers;
+  std::atomic<int> bad{0};
+  for (int c = 0; c < 4; ++c) {
+    callers.emplace_back([&] {
+      for (int rep = 0; rep < 200; ++rep) {
+        std::vector<std::atomic<int>> hits(37);
+        pool.For(37, [&](uint32_t i) { hits[i]++; });
+        for (auto& h : hits)
+          if (h.load() != 1) bad++;
+      }
+    });
+  }
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(bad.load(), 0);
 }
 
 }  // namespace

@@ -120,6 +120,15 @@ std::vector<Case> Battery() {
                  b.fbb.Finish(e.Finish());
                },
                nullptr});
+  // Found by fuzz_dispatch: a union type without its table used to crash the daemon.
+  c.push_back({"body_type_without_body", StatusCode::kInvalidArgument, "carries none",
+               [](Built& b, uint64_t) {
+                 w::EnvelopeBuilder e(b.fbb);
+                 e.add_request_id(15);
+                 e.add_body_type(w::Body::Hello);
+                 b.fbb.Finish(e.Finish());
+               },
+               nullptr});
   c.push_back({"reply_type_as_request", StatusCode::kInvalidArgument, "reply type",
                [](Built& b, uint64_t) {
                  auto body = w::CreatePingReply(b.fbb, 1);

@@ -1,0 +1,139 @@
+// Writes the seed corpus for fuzz_dispatch: one well-formed message per op, in the fuzzer's
+// input format ([u32 header length][header][data]). Run: make_corpus DIR
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "wire/framing.h"
+
+namespace w = kvmem::wire;
+
+static void Write(const std::string& dir, const std::string& name, const flatbuffers::FlatBufferBuilder& fbb,
+                  const w::TensorPacker& packer) {
+  std::vector<uint8_t> out(4);
+  const uint32_t n = fbb.GetSize();
+  std::memcpy(out.data(), &n, 4);
+  out.insert(out.end(), fbb.GetBufferPointer(), fbb.GetBufferPointer() + n);
+  for (const auto& s : packer.segments())
+    out.insert(out.end(), static_cast<const uint8_t*>(s.ptr), static_cast<const uint8_t*>(s.ptr) + s.bytes);
+  std::ofstream(dir + "/" + name, std::ios::binary).write(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+int main(int argc, char** argv) {
+  if (argc != 2) return 2;
+  const std::string dir = argv[1];
+  const uint32_t L = 2, HQ = 4, HKV = 2, D = 16, T = 40;
+  std::vector<uint16_t> kv(L * HKV * T * D), q(HQ * D), nk(HKV * D);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = kvmem::FloatToBF16(static_cast<float>(i % 17) * 0.1f - 0.8f);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = kvmem::FloatToBF16(static_cast<float>(i % 5) * 0.2f);
+  for (size_t i = 0; i < nk.size(); ++i) nk[i] = kvmem::FloatToBF16(0.3f);
+  std::vector<uint8_t> bounds(T);
+  for (uint32_t t = 0; t < T; ++t) bounds[t] = t % 7 == 6 ? 3 : 1;
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto body = w::CreatePing(fbb, 7);
+    fbb.Finish(w::MakeEnvelope(fbb, 1, body, 0));
+    Write(dir, "ping", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto body = w::CreateHelloDirect(fbb, w::kProtocolVersion, "seed", "");
+    fbb.Finish(w::MakeEnvelope(fbb, 2, body, 0));
+    Write(dir, "hello", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto prof = w::CreateModelProfile(fbb, L, HQ, HKV, D, w::DType::BF16);
+    auto opts = w::CreateSessionOptions(fbb, 4, 8, 4, 0, 16, w::SelectionMode::INDEX);
+    auto body = w::CreateCreateSession(fbb, 2, prof, opts);
+    fbb.Finish(w::MakeEnvelope(fbb, 3, body, 0));
+    Write(dir, "create_index", fbb, p);
+  }
+  for (uint64_t sid : {1, 2}) {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    const uint64_t shape[4] = {L, HKV, T, D};
+    auto k = p.Add(fbb, w::DType::BF16, shape, kv.data());
+    auto v = p.Add(fbb, w::DType::BF16, shape, kv.data());
+    const uint64_t bs[1] = {T};
+    auto b = p.Add(fbb, w::DType::U8, bs, bounds.data());
+    auto body = w::CreateAppendKV(fbb, sid, T, k, v, b);
+    fbb.Finish(w::MakeEnvelope(fbb, 4, body, p.bytes()));
+    Write(dir, "append_" + std::to_string(sid), fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    const uint64_t shape[5] = {2, L, HKV, T, D};
+    std::vector<uint16_t> packed(kv);
+    packed.insert(packed.end(), kv.begin(), kv.end());
+    auto t = p.Add(fbb, w::DType::BF16, shape, packed.data());
+    auto bc = fbb.CreateVector(bounds);
+    w::AppendKVBuilder b(fbb);
+    b.add_session_id(2);
+    b.add_tokens(T);
+    b.add_kv(t);
+    b.add_boundary_classes(bc);
+    auto body = b.Finish();
+    fbb.Finish(w::MakeEnvelope(fbb, 5, body, p.bytes()));
+    Write(dir, "append_packed", fbb, p);
+  }
+  for (uint64_t sid : {1, 2}) {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    const uint64_t qs[2] = {HQ, D}, ks[2] = {HKV, D};
+    auto qt = p.Add(fbb, w::DType::BF16, qs, q.data());
+    auto kt = p.Add(fbb, w::DType::BF16, ks, nk.data());
+    auto vt = p.Add(fbb, w::DType::BF16, ks, nk.data());
+    w::AttendBuilder b(fbb);
+    b.add_session_id(sid);
+    b.add_layer(1);
+    b.add_q(qt);
+    b.add_new_k(kt);
+    b.add_new_v(vt);
+    b.add_boundary(3);
+    b.add_budget_tokens(16);
+    b.add_return_lse(true);
+    b.add_return_selection(true);
+    auto body = b.Finish();
+    fbb.Finish(w::MakeEnvelope(fbb, 6, body, p.bytes()));
+    Write(dir, "attend_" + std::to_string(sid), fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    const uint64_t qs[2] = {HQ, D};
+    auto qt = p.Add(fbb, w::DType::BF16, qs, q.data());
+    auto body = w::CreateRetrieve(fbb, 2, 0, qt, 16, 3);
+    fbb.Finish(w::MakeEnvelope(fbb, 7, body, p.bytes()));
+    Write(dir, "retrieve", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto body = w::CreateListSessions(fbb);
+    fbb.Finish(w::MakeEnvelope(fbb, 8, body, 0));
+    Write(dir, "list", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto body = w::CreateSessionInfo(fbb, 2);
+    fbb.Finish(w::MakeEnvelope(fbb, 9, body, 0));
+    Write(dir, "info", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto body = w::CreateDropSession(fbb, 2);
+    fbb.Finish(w::MakeEnvelope(fbb, 10, body, 0));
+    Write(dir, "drop", fbb, p);
+  }
+  return 0;
+}
