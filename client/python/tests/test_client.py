@@ -255,3 +255,50 @@ def test_boundary_classes():
     b = kvmem.boundary_classes(["Hello", ",", " world", ".", "\n", "\n\n", "#", "x"])
     assert b.dtype == np.uint8 and b.shape == (8,)
     assert b[1] == 2 and b[3] == 3 and b[4] >= 4 and b[5] == 5
+
+
+@pytest.mark.parametrize("mode", ["retrieval_heads", "hybrid"])
+def test_other_modes_reach_the_daemon(client, mode):
+    """The mode names travel to the daemon; this daemon build answers UNIMPLEMENTED for them."""
+    try:
+        sid = client.create_session(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D,
+                                    dtype="fp32", mode=mode,
+                                    retrieval_head_mask=np.eye(L, HKV, dtype=np.uint8))
+    except kvmem.Error as e:
+        assert e.code == "UNIMPLEMENTED", e
+        return
+    try:
+        k = np.ones((L, HKV, 64, D), np.float32)
+        client.append_kv(sid, k, k)
+        assert client.attend(sid, layer=1, q=np.ones((HQ, D), np.float32)).shape == (HQ, D)
+    finally:
+        client.drop_session(sid)
+
+
+def test_threads_share_one_client(client):
+    """Calls release the GIL and one Client serves several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    t = 256
+    k = rng.normal(0, 1, (L, HKV, t, D)).astype(np.float32)
+    v = rng.normal(0, 1, (L, HKV, t, D)).astype(np.float32)
+    sids = []
+    for _ in range(4):
+        sid = client.create_session(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="fp32")
+        client.append_kv(sid, k, v)
+        sids.append(sid)
+    qs = rng.normal(0, 1, (16, HQ, D)).astype(np.float32)
+
+    def work(i):
+        return client.attend(sids[i % 4], layer=i % L, q=qs[i])
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(work, range(16)))
+        for i, out in enumerate(outs):
+            ref = reference_attention(qs[i], k[i % L], v[i % L])
+            np.testing.assert_allclose(out, ref, atol=2e-4, rtol=2e-4)
+    finally:
+        for sid in sids:
+            client.drop_session(sid)
