@@ -356,6 +356,15 @@ Result<std::unique_ptr<Client>> Client::Connect(const std::string& address,
         s.server_version = r->server_version() ? r->server_version()->str() : "";
         s.backend = r->backend() ? r->backend()->str() : "";
         s.max_message_bytes = r->max_message_bytes();
+        s.uptime_ms = r->uptime_ms();
+        s.gpu = r->gpu() ? r->gpu()->str() : "";
+        if (r->tiers()) {
+          for (const w::TierUsage* t : *r->tiers()) {
+            s.tiers.push_back({t->tier() ? t->tier()->str() : "", t->capacity_bytes(),
+                               t->used_bytes(), t->chunks()});
+          }
+        }
+        s.sessions_total = r->sessions_total();
         return s;
       }));
   auto info = hello.Get();

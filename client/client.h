@@ -142,11 +142,23 @@ struct AttendResult {
   std::vector<HeadSelection> selection;  // if requested and the layer was sparse
 };
 
+struct TierUsage {
+  std::string tier;  // "device", "host", "disk"
+  uint64_t capacity_bytes = 0;
+  uint64_t used_bytes = 0;
+  uint64_t chunks = 0;
+};
+
 struct ServerInfo {
   std::string tenant;
   std::string server_version;
   std::string backend;
   uint64_t max_message_bytes = 0;
+  // As of the Hello (connect time); empty / 0 from daemons that predate them.
+  uint64_t uptime_ms = 0;
+  std::string gpu;
+  std::vector<TierUsage> tiers;
+  uint64_t sessions_total = 0;
 };
 
 namespace detail {

@@ -6,10 +6,15 @@
 #include <algorithm>
 #include <chrono>
 #include <ctime>
+#include <map>
+#include <thread>
+
+#include <unistd.h>
 #include <string>
 #include <vector>
 
 #include "client/client.h"
+#include "client/cluster.h"
 #include "common/units.h"
 
 namespace {
@@ -20,10 +25,13 @@ using nlohmann::json;
 
 constexpr char kUsage[] = R"(kvmemctl - operate kvmemd
 
-Usage: kvmemctl [--addr HOST:PORT] [--token T] [--json] [--transport auto|shm|tcp] <command>
+Usage: kvmemctl [--addr HOST:PORT[,HOST:PORT...]] [--token T] [--json] [--transport auto|shm|tcp] <command>
 
 Commands:
-  status                                 daemon version, backend, tenant, sessions
+  status                                 version, uptime, backend, GPU, memory per tier, sessions
+  top [--interval S] [--iterations N] [--limit N]
+                                         busiest sessions (token rate, last use), refreshed
+                                         every S seconds (default 2); N = 0 runs until ^C
   ping [--count N]                       round trips, with latency
   session create --layers L --q-heads HQ --kv-heads HKV --head-dim D
                  [--dtype bf16|fp16|fp32] [--id ID] [--chunk-min N] [--chunk-max N]
@@ -34,7 +42,9 @@ Commands:
   session drop ID                        drop a session and free its memory
 
 Options:
-  --addr HOST:PORT   daemon address (default 127.0.0.1:7420, or $KVMEM_ADDR)
+  --addr ADDRS       daemon address(es) (default 127.0.0.1:7420, or $KVMEM_ADDR): a comma
+                     list and/or DNS names with many records (a headless Service); sessions
+                     are placed by rendezvous hashing of their id, `session list` merges all
   --token T          tenant token (or $KVMEM_TOKEN)
   --json             machine-readable output
 Exit status: 0 on success, 1 when the daemon returned an error, 2 on usage errors.
@@ -152,7 +162,7 @@ int main(int argc, char** argv) {
 
   const std::string cmd = args.words[0];
   const std::string sub = args.words.size() > 1 ? args.words[1] : "";
-  const bool known = cmd == "status" || cmd == "ping" ||
+  const bool known = cmd == "status" || cmd == "ping" || cmd == "top" ||
                      (cmd == "session" && (sub == "create" || sub == "list" || sub == "show" || sub == "drop"));
   if (!known) return Usage("unknown command '" + cmd + (sub.empty() ? "" : " " + sub) + "'");
 
@@ -200,87 +210,220 @@ int main(int argc, char** argv) {
     if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("session " + sub + " needs a session ID");
   }
 
-  auto client = Client::Connect(addr, opts);
-  if (!client.ok()) return Report(client.status(), as_json);
-  Client& c = **client;
+  auto cluster_or = kvmem::client::Cluster::Connect(addr, opts);
+  if (!cluster_or.ok()) return Report(cluster_or.status(), as_json);
+  kvmem::client::Cluster& cluster = **cluster_or;
+  const auto& daemons = cluster.addresses();
 
   if (cmd == "status") {
-    auto sessions = c.ListSessions();
-    if (!sessions.ok()) return Report(sessions.status(), as_json);
-    uint64_t tokens = 0, bytes = 0;
-    for (const auto& s : *sessions) {
-      tokens += s.tokens;
-      bytes += s.bytes;
-    }
-    if (as_json) {
-      json j = {{"address", addr},
-                {"server_version", c.server().server_version},
-                {"backend", c.server().backend},
-                {"tenant", c.server().tenant},
+    json all = json::array();
+    int rc = 0;
+    for (size_t i = 0; i < daemons.size(); ++i) {
+      auto c = cluster.At(i);
+      auto sessions = c.ok() ? (*c)->ListSessions() : kvmem::Result<std::vector<kvmem::client::SessionSummary>>(c.status());
+      if (!sessions.ok()) {
+        if (daemons.size() == 1) return Report(sessions.status(), as_json);
+        std::fprintf(stderr, "kvmemctl: %s: %s\n", daemons[i].c_str(), sessions.status().ToString().c_str());
+        all.push_back({{"address", daemons[i]}, {"error", sessions.status().ToString()}});
+        rc = 1;
+        continue;
+      }
+      const kvmem::client::ServerInfo& si = (*c)->server();
+      uint64_t tokens = 0, bytes = 0;
+      for (const auto& s : *sessions) {
+        tokens += s.tokens;
+        bytes += s.bytes;
+      }
+      json tiers = json::array();
+      for (const auto& t : si.tiers) {
+        tiers.push_back({{"tier", t.tier}, {"capacity_bytes", t.capacity_bytes}, {"used_bytes", t.used_bytes},
+                         {"chunks", t.chunks}});
+      }
+      json j = {{"address", daemons.size() == 1 ? addr : daemons[i]},
+                {"server_version", si.server_version},
+                {"backend", si.backend},
+                {"gpu", si.gpu.empty() ? "none" : si.gpu},
+                {"uptime_seconds", si.uptime_ms / 1000.0},
+                {"tenant", si.tenant},
                 {"sessions", sessions->size()},
+                {"sessions_all_tenants", si.sessions_total},
                 {"tokens", tokens},
-                {"bytes", bytes}};
-      std::printf("%s\n", j.dump().c_str());
-    } else {
-      std::printf("daemon     %s at %s\nbackend    %s\ntenant     %s\nsessions   %zu\ntokens     %llu\nmemory     %s\n",
-                  c.server().server_version.c_str(), addr.c_str(), c.server().backend.c_str(),
-                  c.server().tenant.c_str(), sessions->size(), static_cast<unsigned long long>(tokens),
+                {"bytes", bytes},
+                {"tiers", tiers}};
+      if (as_json) {
+        all.push_back(j);
+        continue;
+      }
+      const uint64_t up = si.uptime_ms / 1000;
+      std::printf("%sdaemon     %s at %s\nuptime     %llud %02lluh %02llum %02llus\nbackend    %s\ngpu        %s\n"
+                  "tenant     %s\nsessions   %zu (all tenants: %llu)\ntokens     %llu\nmemory     %s\n",
+                  i ? "\n" : "", si.server_version.c_str(), j["address"].get<std::string>().c_str(),
+                  static_cast<unsigned long long>(up / 86400), static_cast<unsigned long long>(up / 3600 % 24),
+                  static_cast<unsigned long long>(up / 60 % 60), static_cast<unsigned long long>(up % 60),
+                  si.backend.c_str(), j["gpu"].get<std::string>().c_str(), si.tenant.c_str(), sessions->size(),
+                  static_cast<unsigned long long>(si.sessions_total), static_cast<unsigned long long>(tokens),
                   kvmem::FormatBytes(bytes).c_str());
+      for (const auto& t : si.tiers) {
+        std::printf("  %-8s %10s used of %10s, %llu chunks\n", t.tier.c_str(), kvmem::FormatBytes(t.used_bytes).c_str(),
+                    kvmem::FormatBytes(t.capacity_bytes).c_str(), static_cast<unsigned long long>(t.chunks));
+      }
     }
-    return 0;
+    if (as_json) std::printf("%s\n", (daemons.size() == 1 && !all.empty() ? all[0] : json({{"daemons", all}})).dump().c_str());
+    return rc;
   }
   if (cmd == "ping") {
     uint64_t count = 5;
     if (const std::string* v = args.Get("--count"); v && (!ParseU64(*v, &count) || count == 0)) {
       return Usage("--count must be a positive integer");
     }
-    std::vector<double> us;
-    for (uint64_t i = 0; i < count; ++i) {
-      auto t0 = std::chrono::steady_clock::now();
-      Status s = c.Ping(i);
-      auto t1 = std::chrono::steady_clock::now();
-      if (!s.ok()) return Report(s, as_json);
-      us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    json all = json::array();
+    for (size_t d = 0; d < daemons.size(); ++d) {
+      auto c = cluster.At(d);
+      if (!c.ok()) return Report(c.status(), as_json);
+      std::vector<double> us;
+      for (uint64_t i = 0; i < count; ++i) {
+        auto t0 = std::chrono::steady_clock::now();
+        Status s = (*c)->Ping(i);
+        auto t1 = std::chrono::steady_clock::now();
+        if (!s.ok()) return Report(s, as_json);
+        us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      }
+      std::sort(us.begin(), us.end());
+      const double p50 = us[us.size() / 2];
+      const std::string where = daemons.size() == 1 ? addr : daemons[d];
+      if (as_json) {
+        all.push_back({{"address", where}, {"count", count}, {"rtt_p50_us", p50}, {"rtt_min_us", us.front()},
+                       {"rtt_max_us", us.back()}});
+      } else {
+        std::printf("%llu pings to %s: min %.1f us, median %.1f us, max %.1f us\n",
+                    static_cast<unsigned long long>(count), where.c_str(), us.front(), p50, us.back());
+      }
     }
-    std::sort(us.begin(), us.end());
-    const double p50 = us[us.size() / 2];
     if (as_json) {
-      std::printf("%s\n", json({{"count", count}, {"rtt_p50_us", p50}, {"rtt_min_us", us.front()}, {"rtt_max_us", us.back()}}).dump().c_str());
-    } else {
-      std::printf("%llu pings to %s: min %.1f us, median %.1f us, max %.1f us\n",
-                  static_cast<unsigned long long>(count), addr.c_str(), us.front(), p50, us.back());
+      json j = all.size() == 1 ? all[0] : json({{"daemons", all}});
+      if (all.size() == 1) j.erase("address");
+      std::printf("%s\n", j.dump().c_str());
+    }
+    return 0;
+  }
+  if (cmd == "top") {
+    double interval_s = 2.0;
+    uint64_t iterations = 0, limit = 20;
+    if (const std::string* v = args.Get("--interval")) {
+      char* end = nullptr;
+      interval_s = std::strtod(v->c_str(), &end);
+      if (*end || interval_s <= 0) return Usage("--interval must be a positive number of seconds");
+    }
+    if (const std::string* v = args.Get("--iterations"); v && !ParseU64(*v, &iterations)) {
+      return Usage("--iterations must be an integer (0: until interrupted)");
+    }
+    if (const std::string* v = args.Get("--limit"); v && (!ParseU64(*v, &limit) || limit == 0)) {
+      return Usage("--limit must be a positive integer");
+    }
+    std::map<std::pair<std::string, uint64_t>, uint64_t> prev_tokens;
+    auto prev_time = std::chrono::steady_clock::now();
+    const bool tty = isatty(STDOUT_FILENO) && !as_json;
+    for (uint64_t it = 0; iterations == 0 || it < iterations; ++it) {
+      if (it > 0) std::this_thread::sleep_for(std::chrono::duration<double>(interval_s));
+      auto listing = cluster.ListSessions();
+      if (!listing.ok()) return Report(listing.status(), as_json);
+      const auto now = std::chrono::steady_clock::now();
+      const double dt = std::max(1e-3, std::chrono::duration<double>(now - prev_time).count());
+      prev_time = now;
+      struct Row {
+        const kvmem::client::ClusterSession* cs;
+        double tokens_per_s;
+      };
+      std::vector<Row> rows;
+      std::map<std::pair<std::string, uint64_t>, uint64_t> cur;
+      for (const auto& cs : listing->sessions) {
+        const auto key = std::make_pair(cs.address, cs.session.id);
+        cur[key] = cs.session.tokens;
+        auto p = prev_tokens.find(key);
+        const double rate = (it == 0 || p == prev_tokens.end() || cs.session.tokens < p->second)
+                                ? 0.0
+                                : static_cast<double>(cs.session.tokens - p->second) / dt;
+        rows.push_back({&cs, rate});
+      }
+      prev_tokens.swap(cur);
+      // Busiest first: token growth rate, then most recently used, then size.
+      std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
+        if (a.tokens_per_s != b.tokens_per_s) return a.tokens_per_s > b.tokens_per_s;
+        if (a.cs->session.last_used_unix_ms != b.cs->session.last_used_unix_ms)
+          return a.cs->session.last_used_unix_ms > b.cs->session.last_used_unix_ms;
+        return a.cs->session.tokens > b.cs->session.tokens;
+      });
+      if (rows.size() > limit) rows.resize(limit);
+      const uint64_t now_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                        std::chrono::system_clock::now().time_since_epoch())
+                                                        .count());
+      if (as_json) {
+        json arr = json::array();
+        for (const auto& r : rows) {
+          json j = SummaryJson(r.cs->session);
+          j["address"] = r.cs->address;
+          j["tokens_per_s"] = r.tokens_per_s;
+          arr.push_back(j);
+        }
+        std::printf("%s\n", json({{"iteration", it}, {"sessions_total", listing->sessions.size()}, {"top", arr}}).dump().c_str());
+      } else {
+        if (tty) std::printf("\033[H\033[2J");
+        std::printf("kvmemctl top: %zu daemon(s), %zu session(s), every %.1fs\n", daemons.size(),
+                    listing->sessions.size(), interval_s);
+        for (const auto& [a, st] : listing->failures) std::printf("  %s: %s\n", a.c_str(), st.ToString().c_str());
+        std::printf("%-20s %-22s %10s %10s %10s %9s  %s\n", "ID", "DAEMON", "TOKENS", "TOK/S", "MEMORY", "IDLE",
+                    "LABEL");
+        for (const auto& r : rows) {
+          const auto& s = r.cs->session;
+          const double idle = s.last_used_unix_ms && now_ms > s.last_used_unix_ms ? (now_ms - s.last_used_unix_ms) / 1000.0 : 0;
+          std::printf("%-20llu %-22s %10llu %10.1f %10s %8.1fs  %s\n", static_cast<unsigned long long>(s.id),
+                      r.cs->address.c_str(), static_cast<unsigned long long>(s.tokens), r.tokens_per_s,
+                      kvmem::FormatBytes(s.bytes).c_str(), idle, s.options.label.c_str());
+        }
+      }
+      std::fflush(stdout);
     }
     return 0;
   }
   if (sub == "create") {
-    auto created = c.CreateSession(profile, sopts, id);
+    auto created = cluster.CreateSession(profile, sopts, id);
     if (!created.ok()) return Report(created.status(), as_json);
-    if (as_json) std::printf("%s\n", json({{"id", *created}}).dump().c_str());
+    if (as_json) std::printf("%s\n", json({{"id", *created}, {"address", cluster.AddressFor(*created)}}).dump().c_str());
     else std::printf("%llu\n", static_cast<unsigned long long>(*created));
     return 0;
   }
   if (sub == "list") {
-    auto sessions = c.ListSessions();
-    if (!sessions.ok()) return Report(sessions.status(), as_json);
+    auto listing = cluster.ListSessions();
+    if (!listing.ok()) return Report(listing.status(), as_json);
+    for (const auto& [a, st] : listing->failures) {
+      std::fprintf(stderr, "kvmemctl: %s: %s (its sessions are not listed)\n", a.c_str(), st.ToString().c_str());
+    }
     if (as_json) {
       json arr = json::array();
-      for (const auto& s : *sessions) arr.push_back(SummaryJson(s));
+      for (const auto& cs : listing->sessions) {
+        json j = SummaryJson(cs.session);
+        j["address"] = cs.address;
+        arr.push_back(j);
+      }
       std::printf("%s\n", json({{"sessions", arr}}).dump().c_str());
     } else {
-      std::printf("%-20s %6s %5s %5s %5s %5s %10s %8s %10s  %s\n", "ID", "LAYERS", "HQ", "HKV", "D", "DTYPE",
-                  "TOKENS", "CHUNKS", "MEMORY", "LABEL");
-      for (const auto& s : *sessions) {
-        std::printf("%-20llu %6u %5u %5u %5u %5s %10llu %8llu %10s  %s\n", static_cast<unsigned long long>(s.id),
+      const bool many = daemons.size() > 1;
+      std::printf("%-20s %6s %5s %5s %5s %5s %10s %8s %10s  %s%s\n", "ID", "LAYERS", "HQ", "HKV", "D", "DTYPE",
+                  "TOKENS", "CHUNKS", "MEMORY", many ? "DAEMON  " : "", "LABEL");
+      for (const auto& cs : listing->sessions) {
+        const auto& s = cs.session;
+        std::printf("%-20llu %6u %5u %5u %5u %5s %10llu %8llu %10s  %s%s%s\n", static_cast<unsigned long long>(s.id),
                     s.profile.layers, s.profile.q_heads, s.profile.kv_heads, s.profile.head_dim,
                     std::string(kvmem::DTypeName(s.profile.dtype)).c_str(),
                     static_cast<unsigned long long>(s.tokens), static_cast<unsigned long long>(s.chunks),
-                    kvmem::FormatBytes(s.bytes).c_str(), s.options.label.c_str());
+                    kvmem::FormatBytes(s.bytes).c_str(), many ? cs.address.c_str() : "", many ? "  " : "",
+                    s.options.label.c_str());
       }
     }
-    return 0;
+    return listing->failures.empty() ? 0 : 1;
   }
   if (sub == "show") {
-    auto s = c.SessionInfo(id);
+    auto s = cluster.SessionInfo(id);
     if (!s.ok()) return Report(s.status(), as_json);
     if (as_json) {
       std::printf("%s\n", SummaryJson(*s).dump().c_str());
@@ -307,7 +450,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (sub == "drop") {
-    Status s = c.DropSession(id);
+    Status s = cluster.DropSession(id);
     if (!s.ok()) return Report(s, as_json);
     if (as_json) std::printf("%s\n", json({{"dropped", id}}).dump().c_str());
     else std::printf("dropped %llu\n", static_cast<unsigned long long>(id));

@@ -3,9 +3,11 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "common/units.h"
 #include "wire/ucx.h"
@@ -29,6 +31,17 @@ Status DaemonConfig::Validate() const {
     return InvalidArgument("listen " + listen +
                            " is not a loopback address and no tenant tokens are configured; "
                            "add \"tenants\" to the config file or listen on 127.0.0.1");
+  }
+  if (admin != "off") {
+    std::string admin_host;
+    uint16_t admin_port = 0;
+    KVMEM_RETURN_IF_ERROR(ucx::ParseHostPort(admin, &admin_host, &admin_port).WithContext("admin"));
+    if (admin_token.empty() && !IsLoopbackHost(admin_host)) {
+      return InvalidArgument("admin " + admin +
+                             " is not a loopback address and no admin_token is configured; "
+                             "set \"admin_token\" in the config file or bind the admin port to "
+                             "127.0.0.1");
+    }
   }
   if (backend != "auto" && backend != "cpu" && backend != "cuda") {
     return InvalidArgument("backend must be auto, cpu or cuda, got '" + backend + "'");
@@ -61,7 +74,17 @@ Status ReadBytes(const nlohmann::json& v, const char* key, uint64_t* out) {
 
 }  // namespace
 
+namespace {
+Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth);
+}  // namespace
+
 Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
+  return LoadConfigFileAt(path, c, 0);
+}
+
+namespace {
+
+Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
   std::ifstream in(path);
   if (!in) return NotFound("config file '" + path + "' cannot be opened");
   std::stringstream ss;
@@ -93,6 +116,8 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
     else if (k == "log_level") s = str(v, k, &c->log_level);
     else if (k == "progress") s = str(v, k, &c->progress);
     else if (k == "ucx_error_mode") s = str(v, k, &c->ucx_error_mode);
+    else if (k == "admin") s = str(v, k, &c->admin);
+    else if (k == "admin_token") s = str(v, k, &c->admin_token);
     else if (k == "executors") s = u32(v, k, &c->executors);
     else if (k == "max_inflight_per_endpoint") s = u32(v, k, &c->max_inflight_per_endpoint);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
@@ -116,6 +141,26 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
           }
         }
       }
+    } else if (k == "include") {
+      // {"include": "secrets.json"} or a list: merged after this file, in order; relative
+      // paths are relative to this file (e.g. tokens mounted from a Kubernetes Secret).
+      std::vector<std::string> files;
+      if (v.is_string()) files.push_back(v.get<std::string>());
+      else if (v.is_array()) {
+        for (const auto& f : v) {
+          if (f.is_string()) files.push_back(f.get<std::string>());
+          else s = InvalidArgument("config: include must be a path or a list of paths");
+        }
+      } else {
+        s = InvalidArgument("config: include must be a path or a list of paths");
+      }
+      if (s.ok() && depth >= 4) s = InvalidArgument("config: include nested too deeply");
+      for (const auto& f : files) {
+        if (!s.ok()) break;
+        std::filesystem::path fp(f);
+        if (fp.is_relative()) fp = std::filesystem::path(path).parent_path() / fp;
+        s = LoadConfigFileAt(fp.string(), c, depth + 1);
+      }
     } else if (k == "session_defaults") {
       if (!v.is_object()) s = InvalidArgument("config: session_defaults must be an object");
       for (auto d = v.begin(); s.ok() && d != v.end(); ++d) {
@@ -133,5 +178,7 @@ Status LoadConfigFile(const std::string& path, DaemonConfig* c) {
   }
   return Status::OK();
 }
+
+}  // namespace
 
 }  // namespace kvmem

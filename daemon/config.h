@@ -50,6 +50,13 @@ struct DaemonConfig {
   // Authentication: token -> tenant name. Empty: one tenant "default" that needs no token,
   // and only loopback listen addresses are allowed.
   std::map<std::string, std::string> tenants;
+  // Admin HTTP endpoint (/healthz /readyz /metrics /v1/sessions /v1/status), HOST:PORT, or
+  // "off". Default: "127.0.0.1:7421".
+  std::string admin = "127.0.0.1:7421";
+  // Bearer token the admin endpoint requires for /metrics and /v1/* (health probes stay open).
+  // Required when `admin` is not a loopback address: kvmemd refuses to start without it.
+  // Not reloaded by SIGHUP (restart to change it). Default: "" (none).
+  std::string admin_token;
   // Defaults for sessions that leave options at 0.
   SessionOptions session_defaults;
   ProfileLimits profile_limits;
@@ -59,6 +66,8 @@ struct DaemonConfig {
 };
 
 // Merges a JSON config file into *config. Unknown keys are an error (typos fail loudly).
+// "include": a path or list of paths (relative to this file) merged after it, e.g. tenant
+// tokens kept in a separate, more restricted file or a Kubernetes Secret.
 Status LoadConfigFile(const std::string& path, DaemonConfig* config);
 
 bool IsLoopbackHost(const std::string& host);

@@ -1,10 +1,13 @@
 // kvmemd: the KV-cache memory daemon.
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include <malloc.h>
 
+#include <atomic>
 #include <csignal>
+#include <functional>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -12,10 +15,13 @@
 
 #include "common/log.h"
 #include "common/units.h"
+#include "daemon/admin.h"
 #include "daemon/config.h"
 #include "daemon/executor.h"
 #include "daemon/kv_pool.h"
 #include "daemon/parallel.h"
+#include "daemon/reload.h"
+#include "daemon/sd_notify.h"
 #include "daemon/service.h"
 #include "daemon/transport.h"
 
@@ -36,11 +42,13 @@ Usage: kvmemd [options]
   --device-memory SIZE   KV pool size, e.g. 8GiB       (default 4GiB)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
+  --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
   --version              print the version and exit
   --help                 this text
 
 With no tenants configured, kvmemd serves one tenant ("default") without tokens and refuses to
 listen on non-loopback addresses. SIGTERM/SIGINT stop it gracefully (in-flight requests finish).
+SIGHUP re-reads the config file: log level, tenant tokens and quotas (docs/operations.md).
 )";
 
 struct Flags {
@@ -64,7 +72,8 @@ int main(int argc, char** argv) {
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory",
-                                  "--max-message", "--ucx-error-mode", "--search-threads"};
+                                  "--max-message", "--ucx-error-mode", "--search-threads",
+                                  "--admin"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -92,39 +101,46 @@ int main(int argc, char** argv) {
     else flags.values.emplace_back(a, value);
   }
 
-  DaemonConfig config;
-  if (!flags.config.empty()) {
-    Status s = LoadConfigFile(flags.config, &config);
-    if (!s.ok()) return Fail(s.ToString());
-  }
-  for (const auto& [k, v] : flags.values) {
-    Status s;
-    if (k == "--listen") config.listen = v;
-    else if (k == "--data-dir") config.data_dir = v;
-    else if (k == "--backend") config.backend = v;
-    else if (k == "--log-level") config.log_level = v;
-    else if (k == "--progress") config.progress = v;
-    else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
-    else if (k == "--executors") {
-      char* end = nullptr;
-      const long n = std::strtol(v.c_str(), &end, 10);
-      if (*end || n < 0) return Fail("--executors needs a non-negative integer");
-      config.executors = static_cast<uint32_t>(n);
-    } else if (k == "--search-threads") {
-      char* end = nullptr;
-      const long n = std::strtol(v.c_str(), &end, 10);
-      if (*end || n < 0 || n > 256) return Fail("--search-threads needs an integer in [0, 256]");
-      config.search_threads = static_cast<uint32_t>(n);
-    } else if (k == "--device-memory") {
-      auto b = ParseBytes(v);
-      if (!b.ok()) return Fail("--device-memory: " + b.status().message());
-      config.device_memory_bytes = *b;
-    } else if (k == "--max-message") {
-      auto b = ParseBytes(v);
-      if (!b.ok()) return Fail("--max-message: " + b.status().message());
-      config.max_message_bytes = *b;
+  // Embedded defaults, then the config file, then flags; run again on SIGHUP.
+  auto build_config = [&flags](DaemonConfig* out) -> Status {
+    DaemonConfig& config = *out;
+    config = DaemonConfig{};
+    if (!flags.config.empty()) {
+      KVMEM_RETURN_IF_ERROR(LoadConfigFile(flags.config, &config));
     }
-  }
+    for (const auto& [k, v] : flags.values) {
+      auto Fail = [](const std::string& msg) { return InvalidArgument(msg); };
+      if (k == "--listen") config.listen = v;
+      else if (k == "--admin") config.admin = v;
+      else if (k == "--data-dir") config.data_dir = v;
+      else if (k == "--backend") config.backend = v;
+      else if (k == "--log-level") config.log_level = v;
+      else if (k == "--progress") config.progress = v;
+      else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
+      else if (k == "--executors") {
+        char* end = nullptr;
+        const long n = std::strtol(v.c_str(), &end, 10);
+        if (*end || n < 0) return Fail("--executors needs a non-negative integer");
+        config.executors = static_cast<uint32_t>(n);
+      } else if (k == "--search-threads") {
+        char* end = nullptr;
+        const long n = std::strtol(v.c_str(), &end, 10);
+        if (*end || n < 0 || n > 256) return Fail("--search-threads needs an integer in [0, 256]");
+        config.search_threads = static_cast<uint32_t>(n);
+      } else if (k == "--device-memory") {
+        auto b = ParseBytes(v);
+        if (!b.ok()) return Fail("--device-memory: " + b.status().message());
+        config.device_memory_bytes = *b;
+      } else if (k == "--max-message") {
+        auto b = ParseBytes(v);
+        if (!b.ok()) return Fail("--max-message: " + b.status().message());
+        config.max_message_bytes = *b;
+      }
+    }
+    return Status::OK();
+  };
+  DaemonConfig config;
+  if (Status s = build_config(&config); !s.ok()) return Fail(s.ToString());
   if (Status s = InitLogging(config.log_level); !s.ok()) return Fail(s.ToString());
   if (Status s = config.Validate(); !s.ok()) return Fail(s.ToString());
 
@@ -158,17 +174,82 @@ int main(int argc, char** argv) {
   UcxServer server(topts, &service, &executors, &io);
   if (Status s = server.Start(); !s.ok()) return Fail(s.ToString());
 
+  // --- Operations: admin HTTP, readiness, systemd notify + watchdog, SIGHUP reload ---
+  const auto started = std::chrono::steady_clock::now();
+  std::atomic<bool> ready{false};
+  std::unique_ptr<AdminServer> admin;
+  if (config.admin != "off") {
+    AdminOptions aopts;
+    aopts.listen = config.admin;
+    aopts.token = config.admin_token;
+    AdminSources src;
+    src.service = &service;
+    src.transport = &server.counters();
+    src.device_capacity_bytes = (*pool)->allocator().capacity_bytes();
+    src.backend = backend;
+    src.gpu = backend == "cpu" ? "none" : backend;  // "cuda:N <device name>"
+    src.version = "0.1.0";
+    src.started = started;
+    src.ready = &ready;
+    admin = std::make_unique<AdminServer>(aopts, src);
+    if (Status s = admin->Start(); !s.ok()) return Fail(s.ToString());
+  }
+  boost::asio::steady_timer watchdog(io);
+  const auto watchdog_every = sd::WatchdogInterval() / 2;
+  std::function<void()> arm_watchdog = [&] {
+    if (watchdog_every.count() == 0) return;
+    watchdog.expires_after(watchdog_every);
+    watchdog.async_wait([&](const boost::system::error_code& e) {
+      if (e) return;
+      sd::Notify("WATCHDOG=1");  // from the io_context: a wedged event loop stops the pings
+      arm_watchdog();
+    });
+  };
+  arm_watchdog();
+
+  boost::asio::signal_set hup(io, SIGHUP);
+  std::function<void()> wait_hup = [&] {
+    hup.async_wait([&](const boost::system::error_code& e, int) {
+      if (e) return;
+      sd::Notify("RELOADING=1");
+      DaemonConfig fresh;
+      std::vector<std::string> ignored;
+      Status s = build_config(&fresh);
+      if (s.ok()) s = ApplyReload(fresh, &config, &service, &ignored);
+      if (s.ok()) {
+        GlobalMetrics().reloads_ok++;
+        KVMEM_LOG_INFO("SIGHUP: configuration reloaded (tenants={}, log_level={})",
+                       config.tenants.size(), config.log_level);
+        for (const auto& k : ignored) KVMEM_LOG_WARN("SIGHUP: '{}' changed but needs a restart", k);
+      } else {
+        GlobalMetrics().reloads_failed++;
+        KVMEM_LOG_ERROR("SIGHUP: reload failed, keeping the running configuration: {}", s.ToString());
+      }
+      sd::Notify("READY=1");
+      wait_hup();
+    });
+  };
+  wait_hup();
+
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   bool stopping = false;
   signals.async_wait([&](const boost::system::error_code& e, int sig) {
     if (e || stopping) return;
     stopping = true;
+    ready = false;
+    sd::Notify("STOPPING=1");
     KVMEM_LOG_INFO("signal {}: shutting down", sig);
+    watchdog.cancel();
+    hup.cancel();
     server.Stop(std::chrono::milliseconds(4000), [&] { io.stop(); });
   });
   std::signal(SIGPIPE, SIG_IGN);
+  // Nothing to restore yet: ready once listening. A restore step goes before this line.
+  ready = true;
+  sd::Notify("READY=1\nSTATUS=serving on " + config.listen);
   KVMEM_LOG_INFO("ready");
   io.run();
+  if (admin) admin->Stop();
   executors.Shutdown();
   KVMEM_LOG_INFO("stopped");
   return 0;

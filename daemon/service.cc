@@ -1,6 +1,9 @@
 #include "daemon/service.h"
 
+#include <chrono>
 #include <string>
+
+#include "daemon/metrics.h"
 
 namespace kvmem {
 
@@ -14,7 +17,32 @@ void Reply::SetError(uint64_t request_id, const Status& status) {
 }
 
 Service::Service(DaemonConfig config, KVPool* pool, std::string backend_name)
-    : config_(std::move(config)), pool_(pool), backend_name_(std::move(backend_name)) {}
+    : config_(std::move(config)), pool_(pool), backend_name_(std::move(backend_name)) {
+  settings_.store(std::make_shared<const Reloadable>(
+      Reloadable{config_.tenants, config_.max_sessions_per_tenant, config_.max_tokens_per_session}));
+}
+
+std::vector<std::shared_ptr<Session>> Service::SnapshotSessions() const {
+  std::vector<std::shared_ptr<Session>> out;
+  std::shared_lock lock(mu_);
+  out.reserve(sessions_.size());
+  for (const auto& [key, s] : sessions_) out.push_back(s);
+  return out;
+}
+
+size_t Service::configured_tenant_count() const { return settings()->tenants.size(); }
+
+Status Service::Reload(const DaemonConfig& fresh) {
+  if (fresh.tenants.empty() != config_.tenants.empty()) {
+    return InvalidArgument(
+        "reload cannot switch between open mode (no tenants) and tenant tokens; restart kvmemd");
+  }
+  settings_.store(std::make_shared<const Reloadable>(
+                      Reloadable{fresh.tenants, fresh.max_sessions_per_tenant,
+                                 fresh.max_tokens_per_session}),
+                  std::memory_order_release);
+  return Status::OK();
+}
 
 Service::~Service() { DropAll(); }
 
@@ -34,10 +62,11 @@ Result<std::string> Service::Authenticate(const w::Hello* hello) const {
                               " not supported (daemon speaks " +
                               std::to_string(w::kProtocolVersion) + ")");
   }
-  if (config_.tenants.empty()) return std::string("default");
+  const auto settings = this->settings();
+  if (settings->tenants.empty()) return std::string("default");
   const std::string token = hello->token() ? hello->token()->str() : "";
-  auto it = config_.tenants.find(token);
-  if (token.empty() || it == config_.tenants.end()) {
+  auto it = settings->tenants.find(token);
+  if (token.empty() || it == settings->tenants.end()) {
     return Unauthenticated(token.empty() ? "a token is required" : "unknown token");
   }
   return it->second;
@@ -45,8 +74,24 @@ Result<std::string> Service::Authenticate(const w::Hello* hello) const {
 
 void Service::HelloReply(uint64_t request_id, const std::string& tenant, Reply* r) const {
   auto& fbb = r->fbb;
+  // Operations fields (kvmemctl status): session stats are atomics, read after the snapshot.
+  uint64_t used = 0, chunks = 0;
+  const auto sessions = SnapshotSessions();
+  for (const auto& s : sessions) {
+    const SessionStats st = s->Stats();
+    used += st.bytes;
+    chunks += st.chunks;
+  }
+  std::vector<flatbuffers::Offset<w::TierUsage>> tiers = {
+      w::CreateTierUsageDirect(fbb, "device", pool_ ? pool_->allocator().capacity_bytes() : 0, used, chunks),
+      w::CreateTierUsageDirect(fbb, "host", 0, 0, 0), w::CreateTierUsageDirect(fbb, "disk", 0, 0, 0)};
+  const auto uptime = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - started_);
   auto body = w::CreateHelloReplyDirect(fbb, w::kProtocolVersion, tenant.c_str(), "kvmem 0.1.0",
-                                        backend_name_.c_str(), config_.max_message_bytes);
+                                        backend_name_.c_str(), config_.max_message_bytes,
+                                        static_cast<uint64_t>(uptime.count()),
+                                        backend_name_ == "cpu" ? "none" : backend_name_.c_str(),
+                                        &tiers, sessions.size());
   fbb.Finish(w::MakeEnvelope(fbb, request_id, body, 0));
 }
 
@@ -192,7 +237,7 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
          it != sessions_.end() && it->first.first == ctx.tenant; ++it) {
       ++mine;
     }
-    if (mine >= config_.max_sessions_per_tenant) {
+    if (mine >= settings()->max_sessions_per_tenant) {
       return ResourceExhausted("tenant " + ctx.tenant + " already holds " + std::to_string(mine) +
                                " sessions (max_sessions_per_tenant)");
     }
@@ -290,9 +335,10 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
   const ModelProfile& p = s->profile();
   const uint64_t n = req->tokens();
   if (n == 0) return InvalidArgument("AppendKV: tokens must be > 0");
-  if (s->Stats().tokens + n > config_.max_tokens_per_session) {
+  const uint64_t max_tokens = settings()->max_tokens_per_session;
+  if (s->Stats().tokens + n > max_tokens) {
     return ResourceExhausted("AppendKV: session would exceed max_tokens_per_session (" +
-                             std::to_string(config_.max_tokens_per_session) + ")");
+                             std::to_string(max_tokens) + ")");
   }
   const w::DType dt[1] = {w::ToWire(p.dtype)};
   const uint8_t* k = nullptr;
@@ -376,7 +422,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
     if (HasNonFinite(a.new_k, p.dtype, elems) || HasNonFinite(a.new_v, p.dtype, elems)) {
       return InvalidArgument("Attend: new_k or new_v contains NaN or Inf");
     }
-    if (s->Stats().tokens + 1 > config_.max_tokens_per_session) {
+    if (s->Stats().tokens + 1 > settings()->max_tokens_per_session) {
       return ResourceExhausted("Attend: session is at max_tokens_per_session");
     }
   }
@@ -392,6 +438,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   if (req->return_lse()) a.lse = reinterpret_cast<float*>(r->NewBuffer(p.q_heads * sizeof(float)));
   AttendInfo info;
   KVMEM_RETURN_IF_ERROR(s->Attend(a, &info));
+  GlobalMetrics().search_nodes_visited.fetch_add(info.nodes_visited, std::memory_order_relaxed);
 
   const uint64_t oshape[2] = {p.q_heads, p.head_dim};
   auto out = r->packer.Add(r->fbb, w::ToWire(a.out_dtype), oshape, a.out);
@@ -444,6 +491,7 @@ Status Service::Retrieve(const RequestContext& ctx, const w::Parsed& msg, const 
   if (req->top_chunks() > 1u << 20) return InvalidArgument("Retrieve: top_chunks too large");
   KVMEM_ASSIGN_OR_RETURN(RetrieveResult res,
                          s->Retrieve(req->layer(), q, qdt, req->budget_tokens(), req->top_chunks()));
+  GlobalMetrics().search_nodes_visited.fetch_add(res.nodes_visited, std::memory_order_relaxed);
   std::vector<flatbuffers::Offset<w::HeadSelection>> heads;
   for (const HeadSelection& h : res.heads) heads.push_back(SelectionToWire(r->fbb, h));
   auto body = w::CreateRetrieveReplyDirect(r->fbb, &heads, res.nodes_visited, res.bytes_read);

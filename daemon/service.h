@@ -5,6 +5,7 @@
 #include <flatbuffers/flatbuffers.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -76,6 +77,18 @@ class Service {
   // Drops every session (shutdown).
   void DropAll();
 
+  // --- Operations (daemon/admin.cc, daemon/metrics.cc, SIGHUP) ---
+  // Copies the session pointers under a brief shared lock; read them with Session::Stats()
+  // (atomics) after it is released.
+  std::vector<std::shared_ptr<Session>> SnapshotSessions() const;
+  // Tenant tokens in the current configuration (0: open mode, one "default" tenant).
+  size_t configured_tenant_count() const;
+  // Replaces the reloadable settings (tenant tokens, per-tenant and per-session quotas) with
+  // fresh's. Sessions stay; connections keep the tenant they authenticated as; new Hellos use
+  // the new tokens. INVALID_ARGUMENT (nothing changes) when fresh would turn an open daemon
+  // into an authenticated one or back (that changes who owns the existing sessions).
+  Status Reload(const DaemonConfig& fresh);
+
  private:
   using Key = std::pair<std::string, uint64_t>;  // (tenant, session id)
 
@@ -104,7 +117,19 @@ class Service {
   flatbuffers::Offset<wire::SessionSummary> Summarize(flatbuffers::FlatBufferBuilder& fbb,
                                                       const Session& s, bool detail) const;
 
-  const DaemonConfig config_;
+  // What SIGHUP can change; swapped whole, read by a copy of the shared_ptr per request.
+  struct Reloadable {
+    std::map<std::string, std::string> tenants;  // token -> tenant
+    uint32_t max_sessions_per_tenant = 0;
+    uint64_t max_tokens_per_session = 0;
+  };
+  std::shared_ptr<const Reloadable> settings() const {
+    return settings_.load(std::memory_order_acquire);
+  }
+
+  const DaemonConfig config_;  // startup values; tenants and quotas: see settings()
+  std::atomic<std::shared_ptr<const Reloadable>> settings_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   KVPool* const pool_;
   const std::string backend_name_;
   mutable std::shared_mutex mu_;

@@ -42,6 +42,9 @@ struct UcxServer::Inbound {
   AlignedBuffer data;
   size_t data_bytes = 0;
   w::Parsed parsed;
+  // Operations: latency is measured from `arrival` to the reply send, per op (daemon/metrics.h).
+  std::chrono::steady_clock::time_point arrival;
+  int op = 0;
 };
 
 namespace {
@@ -181,6 +184,7 @@ void UcxServer::SendError(Connection* conn, uint64_t request_id, const Status& s
   auto reply = std::make_unique<Reply>();
   reply->SetError(request_id, status);
   counters_.messages_rejected++;
+  GlobalMetrics().errors[std::min<int>(static_cast<int>(w::ToWire(status.code())), kMaxCodes - 1)]++;
   SendReply(conn, std::move(reply));
 }
 
@@ -202,6 +206,7 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
   auto in = std::make_unique<Inbound>();
   in->server = self;
   in->conn = conn;
+  in->arrival = std::chrono::steady_clock::now();
   in->header.assign(static_cast<const uint8_t*>(header),
                     static_cast<const uint8_t*>(header) + header_length);
   uint64_t rid = 0;
@@ -291,6 +296,7 @@ void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
   }
   in->parsed = *parsed;
   const w::Envelope* env = in->parsed.envelope;
+  in->op = static_cast<int>(env->body_type());
   Connection* conn = in->conn.get();
 
   // Connection-level ops run inline on the transport thread.
@@ -347,7 +353,18 @@ void UcxServer::Finish(std::unique_ptr<Inbound> in, std::unique_ptr<Reply> reply
     reply = std::make_unique<Reply>();
     reply->SetError(0, ResourceExhausted("out of host memory for the request"));
   }
+  RecordMetrics(*in, *reply);
   SendReply(conn, std::move(reply));
+}
+
+void UcxServer::RecordMetrics(const Inbound& in, const Reply& reply) {
+  int code = 0;
+  const uint8_t* buf = reply.fbb.GetBufferPointer();
+  if (reply.fbb.GetSize() > 0) {
+    const w::Envelope* env = w::GetEnvelope(buf);
+    if (env->status()) code = static_cast<int>(env->status()->code());
+  }
+  GlobalMetrics().RecordRequest(in.op, std::chrono::steady_clock::now() - in.arrival, code);
 }
 
 void UcxServer::OnSendDone(void* request, ucs_status_t status, void* user_data) {

@@ -24,6 +24,7 @@
 
 #include "common/status.h"
 #include "daemon/executor.h"
+#include "daemon/metrics.h"
 #include "daemon/service.h"
 #include "wire/ucx.h"
 
@@ -80,6 +81,7 @@ class UcxServer {
   void Dispatch(std::unique_ptr<Inbound> in);
   void SendReply(Connection* conn, std::unique_ptr<Reply> reply);
   void Finish(std::unique_ptr<Inbound> in, std::unique_ptr<Reply> reply);
+  void RecordMetrics(const Inbound& in, const Reply& reply);  // daemon/metrics.h
   void SendError(Connection* conn, uint64_t request_id, const Status& status);
   void DrainOutbound();
   void ProgressAll();          // progress until idle, send queued replies, close dead eps

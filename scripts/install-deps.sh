@@ -12,7 +12,7 @@ PKGS=(
   libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev nlohmann-json3-dev
-  python3 python3-dev python3-venv python3-pip
+  systemd python3 python3-dev python3-venv python3-pip
 
 )
 
@@ -24,6 +24,7 @@ for p in "${PKGS[@]}"; do
 done
 
 if ((${#missing[@]} == 0)); then
+  [[ -n "${KVMEM_SKIP_TOOLS:-}" ]] || "$(dirname "$0")/install-tools.sh"
   exit 0
 fi
 
@@ -33,3 +34,4 @@ if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+[[ -n "${KVMEM_SKIP_TOOLS:-}" ]] || "$(dirname "$0")/install-tools.sh"

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -50,6 +51,11 @@ class DaemonProcess {
     std::vector<std::string> args = {BinDir() + "/kvmemd", "--listen", address_, "--data-dir", data_dir_.string(),
                                      "--log-level", "warn"};
     for (auto& e : extra) args.push_back(e);
+    // The admin port defaults to a fixed 7421; tests run in parallel, so it is off unless asked.
+    if (std::find(extra.begin(), extra.end(), "--admin") == extra.end()) {
+      args.push_back("--admin");
+      args.push_back("off");
+    }
     pid_ = ::fork();
     if (pid_ == 0) {
       std::vector<char*> argv;

@@ -1,0 +1,271 @@
+#include "daemon/metrics.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "daemon/service.h"
+#include "daemon/transport.h"
+#include "wire/framing.h"
+
+namespace kvmem {
+
+namespace w = ::kvmem::wire;
+
+const char* TierName(Tier t) {
+  switch (t) {
+    case Tier::kDevice:
+      return "device";
+    case Tier::kHost:
+      return "host";
+    case Tier::kDisk:
+      return "disk";
+  }
+  return "unknown";
+}
+
+void LatencyHistogram::Observe(std::chrono::nanoseconds d) {
+  const double s = std::chrono::duration<double>(d).count();
+  size_t i = 0;
+  while (i < kLatencyBucketsSeconds.size() && s > kLatencyBucketsSeconds[i]) ++i;
+  buckets_[i].fetch_add(1, std::memory_order_relaxed);
+  count_.fetch_add(1, std::memory_order_relaxed);
+  sum_ns_.fetch_add(static_cast<uint64_t>(d.count() < 0 ? 0 : d.count()),
+                    std::memory_order_relaxed);
+}
+
+LatencyHistogram::Snapshot LatencyHistogram::Read() const {
+  Snapshot s;
+  for (size_t i = 0; i < buckets_.size(); ++i)
+    s.buckets[i] = buckets_[i].load(std::memory_order_relaxed);
+  s.count = count_.load(std::memory_order_relaxed);
+  s.sum_ns = sum_ns_.load(std::memory_order_relaxed);
+  return s;
+}
+
+void DaemonMetrics::RecordRequest(int op, std::chrono::nanoseconds latency_ns, int code) {
+  op = std::clamp(op, 0, kMaxOps - 1);
+  requests[op].fetch_add(1, std::memory_order_relaxed);
+  latency[op].Observe(latency_ns);
+  if (code != 0) errors[std::clamp(code, 0, kMaxCodes - 1)].fetch_add(1, std::memory_order_relaxed);
+}
+
+DaemonMetrics& GlobalMetrics() {
+  static DaemonMetrics m;
+  return m;
+}
+
+namespace {
+
+// Request ops: the Body members a client sends (replies are every other value).
+std::vector<int> RequestOps() {
+  std::vector<int> ops;
+  for (int v = 1; v <= static_cast<int>(w::Body::MAX) && v < kMaxOps; ++v) {
+    const std::string name = w::EnumNameBody(static_cast<w::Body>(v));
+    if (name.empty() || (name.size() > 5 && name.compare(name.size() - 5, 5, "Reply") == 0))
+      continue;
+    ops.push_back(v);
+  }
+  return ops;
+}
+
+std::string OpName(int op) {
+  const char* n = w::EnumNameBody(static_cast<w::Body>(op));
+  return n && *n ? n : "unknown";
+}
+
+class Writer {
+ public:
+  void Family(const char* name, const char* type, const char* help) {
+    out_ += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+  }
+  void Sample(const std::string& name, const std::string& labels, uint64_t v) {
+    if (labels.empty())
+      out_ += fmt::format("{} {}\n", name, v);
+    else
+      out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
+  }
+  void SampleD(const std::string& name, const std::string& labels, double v) {
+    if (labels.empty())
+      out_ += fmt::format("{} {}\n", name, v);
+    else
+      out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
+  }
+  std::string Take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+std::string EscapeLabel(const std::string& v) {
+  std::string o;
+  for (char c : v) {
+    if (c == '\\' || c == '"') o += '\\';
+    if (c == '\n') {
+      o += "\\n";
+      continue;
+    }
+    o += c;
+  }
+  return o;
+}
+
+}  // namespace
+
+std::vector<std::string> MetricFamilyNames() {
+  return {"kvmem_build_info",
+          "kvmem_up",
+          "kvmem_ready",
+          "kvmem_uptime_seconds",
+          "kvmem_requests_total",
+          "kvmem_request_duration_seconds",
+          "kvmem_errors_total",
+          "kvmem_tier_capacity_bytes",
+          "kvmem_tier_bytes",
+          "kvmem_tier_chunks",
+          "kvmem_evictions_total",
+          "kvmem_fetch_backs_total",
+          "kvmem_spill_bytes_total",
+          "kvmem_restore_bytes_total",
+          "kvmem_sessions",
+          "kvmem_session_tokens",
+          "kvmem_tenants",
+          "kvmem_tenants_configured",
+          "kvmem_search_nodes_visited_total",
+          "kvmem_ucx_endpoints_open",
+          "kvmem_ucx_endpoints_accepted_total",
+          "kvmem_messages_rejected_total",
+          "kvmem_bytes_in_total",
+          "kvmem_bytes_out_total",
+          "kvmem_config_reloads_total"};
+}
+
+std::string RenderPrometheus(const MetricsSources& src) {
+  const DaemonMetrics& m = GlobalMetrics();
+  // Snapshot the sessions first (brief shared lock inside), then format without any lock.
+  std::vector<std::shared_ptr<Session>> sessions;
+  size_t tenants_configured = 0;
+  if (src.service) {
+    sessions = src.service->SnapshotSessions();
+    tenants_configured = src.service->configured_tenant_count();
+  }
+  uint64_t dev_bytes = 0, dev_chunks = 0, tokens = 0;
+  std::map<std::string, uint64_t> per_tenant;
+  for (const auto& s : sessions) {
+    const SessionStats st = s->Stats();
+    dev_bytes += st.bytes;
+    dev_chunks += st.chunks;
+    tokens += st.tokens;
+    ++per_tenant[s->tenant()];
+  }
+
+  Writer wr;
+  wr.Family("kvmem_build_info", "gauge", "Build and runtime identity; always 1.");
+  wr.Sample("kvmem_build_info",
+            fmt::format("version=\"{}\",backend=\"{}\"", EscapeLabel(src.version),
+                        EscapeLabel(src.backend)),
+            1);
+  wr.Family("kvmem_up", "gauge", "1 while the daemon serves.");
+  wr.Sample("kvmem_up", "", 1);
+  wr.Family("kvmem_ready", "gauge", "1 once startup (restore) finished and the listener is up.");
+  wr.Sample("kvmem_ready", "", src.ready ? 1 : 0);
+  wr.Family("kvmem_uptime_seconds", "gauge", "Seconds since the daemon started.");
+  wr.SampleD("kvmem_uptime_seconds", "",
+             std::chrono::duration<double>(std::chrono::steady_clock::now() - src.started).count());
+
+  const std::vector<int> ops = RequestOps();
+  wr.Family("kvmem_requests_total", "counter", "Requests answered, by wire op.");
+  for (int op : ops) {
+    wr.Sample("kvmem_requests_total", fmt::format("op=\"{}\"", OpName(op)),
+              m.requests[op].load(std::memory_order_relaxed));
+  }
+  wr.Family("kvmem_request_duration_seconds", "histogram",
+            "Time from message arrival to reply send in the transport, by wire op.");
+  for (int op : ops) {
+    const auto snap = m.latency[op].Read();
+    const std::string name = OpName(op);
+    uint64_t cum = 0;
+    for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
+      cum += snap.buckets[i];
+      wr.Sample("kvmem_request_duration_seconds_bucket",
+                fmt::format("op=\"{}\",le=\"{}\"", name, kLatencyBucketsSeconds[i]), cum);
+    }
+    cum += snap.buckets.back();
+    wr.Sample("kvmem_request_duration_seconds_bucket", fmt::format("op=\"{}\",le=\"+Inf\"", name),
+              cum);
+    wr.SampleD("kvmem_request_duration_seconds_sum", fmt::format("op=\"{}\"", name),
+               static_cast<double>(snap.sum_ns) * 1e-9);
+    wr.Sample("kvmem_request_duration_seconds_count", fmt::format("op=\"{}\"", name), snap.count);
+  }
+  wr.Family("kvmem_errors_total", "counter", "Replies with a non-OK status, by wire status code.");
+  for (int c = 1; c <= static_cast<int>(w::Code::MAX) && c < kMaxCodes; ++c) {
+    const char* n = w::EnumNameCode(static_cast<w::Code>(c));
+    if (n == nullptr || *n == '\0') continue;
+    wr.Sample("kvmem_errors_total", fmt::format("code=\"{}\"", n),
+              m.errors[c].load(std::memory_order_relaxed));
+  }
+
+  auto per_tier = [&](const char* name, const char* type, const char* help, auto value) {
+    wr.Family(name, type, help);
+    for (int t = 0; t < kNumTiers; ++t) {
+      wr.Sample(name, fmt::format("tier=\"{}\"", TierName(static_cast<Tier>(t))), value(t));
+    }
+  };
+  per_tier("kvmem_tier_capacity_bytes", "gauge", "Configured capacity per storage tier.",
+           [&](int t) { return t == 0 ? src.device_capacity_bytes : 0; });
+  per_tier("kvmem_tier_bytes", "gauge", "KV bytes held by sessions per storage tier.",
+           [&](int t) { return t == 0 ? dev_bytes : 0; });
+  per_tier("kvmem_tier_chunks", "gauge", "Sealed chunks per storage tier.",
+           [&](int t) { return t == 0 ? dev_chunks : 0; });
+  per_tier("kvmem_evictions_total", "counter", "Chunks evicted from a tier.",
+           [&](int t) { return m.evictions[t].load(std::memory_order_relaxed); });
+  per_tier("kvmem_fetch_backs_total", "counter", "Chunks fetched back into a tier.",
+           [&](int t) { return m.fetch_backs[t].load(std::memory_order_relaxed); });
+  per_tier("kvmem_spill_bytes_total", "counter", "Bytes spilled to a tier.",
+           [&](int t) { return m.spill_bytes[t].load(std::memory_order_relaxed); });
+  per_tier("kvmem_restore_bytes_total", "counter", "Bytes restored from a tier.",
+           [&](int t) { return m.restore_bytes[t].load(std::memory_order_relaxed); });
+
+  wr.Family("kvmem_sessions", "gauge", "Live sessions, by tenant.");
+  if (per_tenant.empty()) wr.Sample("kvmem_sessions", "tenant=\"\"", 0);
+  for (const auto& [t, n] : per_tenant)
+    wr.Sample("kvmem_sessions", fmt::format("tenant=\"{}\"", EscapeLabel(t)), n);
+  wr.Family("kvmem_session_tokens", "gauge", "Tokens held by all sessions.");
+  wr.Sample("kvmem_session_tokens", "", tokens);
+  wr.Family("kvmem_tenants", "gauge", "Tenants with at least one session.");
+  wr.Sample("kvmem_tenants", "", per_tenant.size());
+  wr.Family("kvmem_tenants_configured", "gauge",
+            "Tenant tokens in the configuration (0: open mode).");
+  wr.Sample("kvmem_tenants_configured", "", tenants_configured);
+  wr.Family("kvmem_search_nodes_visited_total", "counter",
+            "Cluster-index nodes visited by searches.");
+  wr.Sample("kvmem_search_nodes_visited_total", "",
+            m.search_nodes_visited.load(std::memory_order_relaxed));
+
+  const TransportCounters* tc = src.transport;
+  auto ld = [](const std::atomic<uint64_t>* a) {
+    return a ? a->load(std::memory_order_relaxed) : 0;
+  };
+  wr.Family("kvmem_ucx_endpoints_open", "gauge", "UCX endpoints (client connections) open.");
+  wr.Sample("kvmem_ucx_endpoints_open", "", ld(tc ? &tc->connections_open : nullptr));
+  wr.Family("kvmem_ucx_endpoints_accepted_total", "counter", "UCX endpoints accepted.");
+  wr.Sample("kvmem_ucx_endpoints_accepted_total", "", ld(tc ? &tc->connections_accepted : nullptr));
+  wr.Family(
+      "kvmem_messages_rejected_total", "counter",
+      "Messages refused before reaching a handler (malformed, too large, overload, shutdown).");
+  wr.Sample("kvmem_messages_rejected_total", "", ld(tc ? &tc->messages_rejected : nullptr));
+  wr.Family("kvmem_bytes_in_total", "counter", "Bytes received from clients (headers + data).");
+  wr.Sample("kvmem_bytes_in_total", "", ld(tc ? &tc->bytes_in : nullptr));
+  wr.Family("kvmem_bytes_out_total", "counter", "Bytes sent to clients (headers + data).");
+  wr.Sample("kvmem_bytes_out_total", "", ld(tc ? &tc->bytes_out : nullptr));
+  wr.Family("kvmem_config_reloads_total", "counter", "Configuration reloads (SIGHUP), by result.");
+  wr.Sample("kvmem_config_reloads_total", "result=\"ok\"",
+            m.reloads_ok.load(std::memory_order_relaxed));
+  wr.Sample("kvmem_config_reloads_total", "result=\"failed\"",
+            m.reloads_failed.load(std::memory_order_relaxed));
+  return wr.Take();
+}
+
+}  // namespace kvmem

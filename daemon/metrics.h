@@ -1,0 +1,98 @@
+// Daemon metrics: lock-free counters the request path bumps, and the Prometheus text renderer
+// the admin endpoint calls.
+//
+// Concurrency: every counter is a relaxed atomic. The transport thread records per-op latency
+// (it is the only writer of those histograms, so the increments never contend); executors and
+// the index bump the other counters. Rendering reads the atomics and takes no lock of the
+// request path except a brief shared lock on the session registry to copy session pointers
+// (Service::SnapshotSessions); formatting happens after that lock is released.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kvmem {
+
+class Service;
+struct TransportCounters;
+
+// Storage tiers. Only kDevice holds data today; the others are exported (as 0) so dashboards
+// and alerts keep working when the host and disk tiers land.
+enum class Tier : uint8_t { kDevice = 0, kHost = 1, kDisk = 2 };
+inline constexpr int kNumTiers = 3;
+const char* TierName(Tier t);
+
+// Latency histogram bucket upper bounds, in seconds (Prometheus `le`). 5 us .. 10 s.
+inline constexpr std::array<double, 20> kLatencyBucketsSeconds = {
+    5e-6,  10e-6, 25e-6, 50e-6,  100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
+    10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,    2.5,  5.0,    10.0};
+
+// Cumulative-friendly histogram: one relaxed atomic per bucket plus +Inf, count and sum.
+class LatencyHistogram {
+ public:
+  void Observe(std::chrono::nanoseconds d);
+  struct Snapshot {
+    std::array<uint64_t, kLatencyBucketsSeconds.size() + 1>
+        buckets{};  // non-cumulative; last = +Inf
+    uint64_t count = 0;
+    uint64_t sum_ns = 0;
+  };
+  Snapshot Read() const;
+
+ private:
+  std::array<std::atomic<uint64_t>, kLatencyBucketsSeconds.size() + 1> buckets_{};
+  std::atomic<uint64_t> count_{0};
+  std::atomic<uint64_t> sum_ns_{0};
+};
+
+// Wire op and status code spaces are small enums (schemas/kvmem.fbs); arrays indexed by their
+// values keep recording branch-free. Values beyond the arrays are folded into the last slot.
+inline constexpr int kMaxOps = 64;
+inline constexpr int kMaxCodes = 32;
+
+struct DaemonMetrics {
+  // Requests answered, by wire op (the request's Body type), and their latency from message
+  // arrival (AM callback) to reply send, measured by the transport.
+  std::array<std::atomic<uint64_t>, kMaxOps> requests{};
+  std::array<LatencyHistogram, kMaxOps> latency{};
+  // Replies that carried a non-OK status, by wire Code (includes transport refusals).
+  std::array<std::atomic<uint64_t>, kMaxCodes> errors{};
+  // Tier movement. Nothing moves between tiers yet; these stay 0 until spill/restore exist.
+  std::array<std::atomic<uint64_t>, kNumTiers> evictions{};
+  std::array<std::atomic<uint64_t>, kNumTiers> fetch_backs{};
+  std::array<std::atomic<uint64_t>, kNumTiers> spill_bytes{};
+  std::array<std::atomic<uint64_t>, kNumTiers> restore_bytes{};
+  // Cluster-index nodes visited by searches (Retrieve / index-mode Attend).
+  std::atomic<uint64_t> search_nodes_visited{0};
+  // Config reloads (SIGHUP), by outcome.
+  std::atomic<uint64_t> reloads_ok{0};
+  std::atomic<uint64_t> reloads_failed{0};
+
+  void RecordRequest(int op, std::chrono::nanoseconds latency_ns, int code);
+};
+
+// The process-wide instance; the index and the transport bump it without plumbing.
+DaemonMetrics& GlobalMetrics();
+
+// What /metrics reads besides GlobalMetrics(). Pointers may be null (that family is omitted).
+struct MetricsSources {
+  const Service* service = nullptr;
+  const TransportCounters* transport = nullptr;
+  uint64_t device_capacity_bytes = 0;
+  std::string backend;
+  std::string version;
+  std::chrono::steady_clock::time_point started;
+  bool ready = false;
+};
+
+// Prometheus text exposition format 0.0.4.
+std::string RenderPrometheus(const MetricsSources& sources);
+
+// Names of every metric family RenderPrometheus emits (for tests and docs).
+std::vector<std::string> MetricFamilyNames();
+
+}  // namespace kvmem

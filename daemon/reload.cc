@@ -1,0 +1,48 @@
+#include "daemon/reload.h"
+
+#include "common/log.h"
+#include "daemon/service.h"
+
+namespace kvmem {
+
+Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* service,
+                   std::vector<std::string>* ignored) {
+  KVMEM_RETURN_IF_ERROR(fresh.Validate());
+  ignored->clear();
+  auto check = [&](bool changed, const char* name) {
+    if (changed) ignored->push_back(name);
+  };
+  check(fresh.listen != current->listen, "listen");
+  check(fresh.admin != current->admin, "admin");
+  check(fresh.admin_token != current->admin_token, "admin_token");
+  check(fresh.data_dir != current->data_dir, "data_dir");
+  check(fresh.backend != current->backend, "backend");
+  check(fresh.progress != current->progress, "progress");
+  check(fresh.executors != current->executors, "executors");
+  check(fresh.search_threads != current->search_threads, "search_threads");
+  check(fresh.device_memory_bytes != current->device_memory_bytes, "device_memory");
+  check(fresh.max_message_bytes != current->max_message_bytes, "max_message_bytes");
+  check(fresh.max_inflight_per_endpoint != current->max_inflight_per_endpoint,
+        "max_inflight_per_endpoint");
+  check(fresh.ucx_error_mode != current->ucx_error_mode, "ucx_error_mode");
+  const SessionOptions& a = fresh.session_defaults;
+  const SessionOptions& b = current->session_defaults;
+  check(a.chunker.min_tokens != b.chunker.min_tokens ||
+            a.chunker.max_tokens != b.chunker.max_tokens || a.sink_tokens != b.sink_tokens ||
+            a.default_budget_tokens != b.default_budget_tokens,
+        "session_defaults");
+  // Validate everything before changing anything.
+  KVMEM_RETURN_IF_ERROR(SetLogLevel(fresh.log_level).WithContext("log_level"));
+  Status s = service->Reload(fresh);
+  if (!s.ok()) {
+    (void)SetLogLevel(current->log_level);
+    return s;
+  }
+  current->log_level = fresh.log_level;
+  current->tenants = fresh.tenants;
+  current->max_sessions_per_tenant = fresh.max_sessions_per_tenant;
+  current->max_tokens_per_session = fresh.max_tokens_per_session;
+  return Status::OK();
+}
+
+}  // namespace kvmem

@@ -1,0 +1,186 @@
+// Operations pieces without a daemon: the Prometheus rendering, the Grafana dashboard against
+// it, admin/config validation, config includes, rendezvous placement.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "client/cluster.h"
+#include "daemon/config.h"
+#include "daemon/metrics.h"
+
+namespace kvmem {
+namespace {
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Sample names (without labels) in a Prometheus text exposition.
+std::set<std::string> SampleNames(const std::string& text) {
+  std::set<std::string> names;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    names.insert(line.substr(0, line.find_first_of("{ ")));
+  }
+  return names;
+}
+
+TEST(Metrics, EveryFamilyHasHelpTypeAndSamples) {
+  GlobalMetrics().RecordRequest(3, std::chrono::microseconds(30), 0);  // Ping
+  GlobalMetrics().RecordRequest(3, std::chrono::milliseconds(3), 5);
+  MetricsSources src;
+  src.version = "test";
+  src.backend = "cpu";
+  src.started = std::chrono::steady_clock::now();
+  const std::string text = RenderPrometheus(src);
+  const auto names = SampleNames(text);
+  for (const std::string& f : MetricFamilyNames()) {
+    EXPECT_NE(text.find("# TYPE " + f + " "), std::string::npos) << f;
+    EXPECT_NE(text.find("# HELP " + f + " "), std::string::npos) << f;
+    const bool histogram = text.find("# TYPE " + f + " histogram") != std::string::npos;
+    EXPECT_TRUE(names.count(histogram ? f + "_bucket" : f)) << f;
+  }
+  EXPECT_NE(text.find("kvmem_requests_total{op=\"Ping\"} 2"), std::string::npos);
+  EXPECT_NE(text.find("kvmem_request_duration_seconds_bucket{op=\"Ping\",le=\"+Inf\"} 2"),
+            std::string::npos);
+  EXPECT_NE(text.find("kvmem_request_duration_seconds_bucket{op=\"Ping\",le=\"5e-05\"} 1"),
+            std::string::npos);
+  EXPECT_NE(text.find("kvmem_errors_total{code=\"NOT_FOUND\"} 1"), std::string::npos);
+  for (const char* tier : {"device", "host", "disk"}) {
+    EXPECT_NE(text.find(std::string("kvmem_tier_bytes{tier=\"") + tier + "\"}"), std::string::npos)
+        << tier;
+    EXPECT_NE(text.find(std::string("kvmem_spill_bytes_total{tier=\"") + tier + "\"}"),
+              std::string::npos);
+  }
+  // Reply ops are not request ops.
+  EXPECT_EQ(text.find("op=\"PingReply\""), std::string::npos);
+}
+
+TEST(Metrics, HistogramBucketsAreCumulative) {
+  LatencyHistogram h;
+  h.Observe(std::chrono::microseconds(1));
+  h.Observe(std::chrono::milliseconds(20));
+  h.Observe(std::chrono::seconds(100));
+  const auto s = h.Read();
+  EXPECT_EQ(s.count, 3u);
+  EXPECT_EQ(s.buckets[0], 1u);
+  EXPECT_EQ(s.buckets.back(), 1u);  // beyond 10 s
+}
+
+TEST(Grafana, EveryQueriedMetricIsExported) {
+  const std::string path = std::string(KVMEM_SOURCE_DIR) + "/deploy/grafana/kvmem.json";
+  auto dash = nlohmann::json::parse(Slurp(path), nullptr, false);
+  ASSERT_FALSE(dash.is_discarded()) << path << " is not valid JSON";
+  MetricsSources src;
+  src.started = std::chrono::steady_clock::now();
+  const auto names = SampleNames(RenderPrometheus(src));
+  const std::regex metric("kvmem_[a-z0-9_]+");
+  int queried = 0;
+  ASSERT_TRUE(dash["panels"].is_array());
+  for (const auto& panel : dash["panels"]) {
+    for (const auto& t : panel["targets"]) {
+      const std::string expr = t["expr"].get<std::string>();
+      for (auto it = std::sregex_iterator(expr.begin(), expr.end(), metric);
+           it != std::sregex_iterator(); ++it) {
+        ++queried;
+        EXPECT_TRUE(names.count(it->str()))
+            << panel["title"] << ": " << it->str() << " is not in /metrics";
+      }
+    }
+  }
+  EXPECT_GE(queried, 20);
+}
+
+TEST(Config, AdminOffLoopbackNeedsNoToken) {
+  DaemonConfig c;
+  EXPECT_TRUE(c.Validate().ok());
+  c.admin = "off";
+  EXPECT_TRUE(c.Validate().ok());
+  c.admin = "127.0.0.1:7421";
+  EXPECT_TRUE(c.Validate().ok());
+}
+
+TEST(Config, NonLoopbackAdminRequiresToken) {
+  DaemonConfig c;
+  c.admin = "0.0.0.0:7421";
+  Status s = c.Validate();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("admin_token"), std::string::npos) << s.ToString();
+  c.admin_token = "an-admin-token";
+  EXPECT_TRUE(c.Validate().ok());
+  c.admin = "not-an-address";
+  EXPECT_FALSE(c.Validate().ok());
+}
+
+TEST(Config, IncludeMergesSecretsFile) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kvmem-cfg-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir / "secret");
+  std::ofstream(dir / "main.json") << R"({"listen": "0.0.0.0:7420", "admin": "0.0.0.0:7421",
+                                         "include": "secret/tokens.json"})";
+  std::ofstream(dir / "secret/tokens.json")
+      << R"({"tenants": {"tenant-token-a": "a"}, "admin_token": "admin-token-x"})";
+  DaemonConfig c;
+  ASSERT_TRUE(LoadConfigFile((dir / "main.json").string(), &c).ok());
+  EXPECT_EQ(c.tenants.at("tenant-token-a"), "a");
+  EXPECT_EQ(c.admin_token, "admin-token-x");
+  EXPECT_TRUE(c.Validate().ok());
+  std::ofstream(dir / "loop.json") << R"({"include": "loop.json"})";
+  EXPECT_FALSE(LoadConfigFile((dir / "loop.json").string(), &c).ok());
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Config, ShippedConfigsLoad) {
+  DaemonConfig c;
+  const std::string path = std::string(KVMEM_SOURCE_DIR) + "/deploy/systemd/kvmemd.json";
+  Status s = LoadConfigFile(path, &c);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(c.Validate().ok());
+}
+
+TEST(Rendezvous, DeterministicBalancedAndStable) {
+  const std::vector<std::string> three = {"10.0.0.1:7420", "10.0.0.2:7420", "10.0.0.3:7420"};
+  const std::vector<std::string> two = {"10.0.0.1:7420", "10.0.0.3:7420"};
+  std::map<size_t, int> load;
+  int moved = 0;
+  for (uint64_t id = 1; id <= 3000; ++id) {
+    const size_t o = client::RendezvousOwner(id, three);
+    EXPECT_EQ(o, client::RendezvousOwner(id, three));
+    ++load[o];
+    // Removing node 2 moves only its sessions.
+    const std::string& after = two[client::RendezvousOwner(id, two)];
+    if (o != 1) {
+      EXPECT_EQ(after, three[o]);
+    }
+    moved += (after != three[o]);
+  }
+  for (const auto& [node, n] : load) EXPECT_NEAR(n, 1000, 150) << node;
+  EXPECT_EQ(moved, load[1]);
+  // Known value: placement must never change between releases (clients of different versions
+  // share daemons).
+  const size_t golden[] = {1, 0, 2, 1, 2, 1};  // ids 1..6
+  for (uint64_t id = 1; id <= 6; ++id)
+    EXPECT_EQ(client::RendezvousOwner(id, three), golden[id - 1]) << id;
+}
+
+TEST(Rendezvous, ResolveExpandsAndDeduplicates) {
+  auto a = client::ResolveAddresses("127.0.0.1:1, 127.0.0.1:2,localhost:1");
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(*a, (std::vector<std::string>{"127.0.0.1:1", "127.0.0.1:2"}));
+  EXPECT_FALSE(client::ResolveAddresses("nonsense").ok());
+  EXPECT_FALSE(client::ResolveAddresses("").ok());
+}
+
+}  // namespace
+}  // namespace kvmem
