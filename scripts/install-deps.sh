@@ -12,7 +12,7 @@ PKGS=(
   libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev nlohmann-json3-dev
-  systemd python3 python3-venv
+  systemd python3 python3-dev python3-venv python3-pip
 
 )
 
