@@ -159,8 +159,6 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
   }
 }
 
-namespace {
-
 Result<ModelProfile> ProfileFromWire(const w::ModelProfile* p) {
   if (p == nullptr) return InvalidArgument("CreateSession: profile missing");
   ModelProfile m;
@@ -176,6 +174,8 @@ Result<ModelProfile> ProfileFromWire(const w::ModelProfile* p) {
   if (p->name()) m.name = p->name()->str();
   return m;
 }
+
+namespace {
 
 flatbuffers::Offset<w::HeadSelection> SelectionToWire(flatbuffers::FlatBufferBuilder& fbb,
                                                      const HeadSelection& h) {

@@ -47,6 +47,9 @@ struct ServiceCounters {
   std::atomic<uint64_t> errors{0};
 };
 
+// The wire profile as a ModelProfile (dtype checked; shape limits are ValidateProfile's job).
+Result<ModelProfile> ProfileFromWire(const wire::ModelProfile* p);
+
 class Service {
  public:
   Service(DaemonConfig config, KVPool* pool, std::string backend_name);

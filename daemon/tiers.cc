@@ -5,6 +5,7 @@
 #include <map>
 
 #include "common/log.h"
+#include "daemon/service.h"
 #include "wire/framing.h"
 
 namespace kvmem {
@@ -291,17 +292,7 @@ Status DecodeSessionHeader(const std::string& payload, const SessionOptions& def
   const w::ModelProfile* p = cs->profile();
   const w::SessionOptions* o = cs->options();
   if (p == nullptr || o == nullptr) return DataLoss("session header: profile or options missing");
-  ModelProfile m;
-  m.layers = p->layers();
-  m.q_heads = p->q_heads();
-  m.kv_heads = p->kv_heads();
-  m.head_dim = p->head_dim();
-  KVMEM_ASSIGN_OR_RETURN(m.dtype, w::FloatDTypeFromWire(p->dtype()));
-  if (p->dense_layers()) m.dense_layers.assign(p->dense_layers()->begin(), p->dense_layers()->end());
-  if (p->retrieval_head_mask()) {
-    m.retrieval_head_mask.assign(p->retrieval_head_mask()->begin(), p->retrieval_head_mask()->end());
-  }
-  if (p->name()) m.name = p->name()->str();
+  KVMEM_ASSIGN_OR_RETURN(ModelProfile m, ProfileFromWire(p));
   SessionOptions s = defaults;
   s.chunker.min_tokens = o->chunk_min_tokens();
   s.chunker.max_tokens = o->chunk_max_tokens();
