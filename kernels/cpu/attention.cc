@@ -1,4 +1,5 @@
 #include "kernels/attention.h"
+#include "kernels/detail/softmax_finish.h"
 
 #include <algorithm>
 #include <cmath>
@@ -84,15 +85,7 @@ void AttendCpu(const AttendProblem* problems, uint32_t count) {
         }
       }
     }
-    for (uint32_t qh = 0; qh < p.q_heads; ++qh) {
-      float* a = &acc[static_cast<size_t>(qh) * D];
-      const float inv = l[qh] > 0.f ? 1.f / l[qh] : 0.f;
-      for (uint32_t d = 0; d < D; ++d) a[d] *= inv;
-      if (p.lse != nullptr) {
-        p.lse[qh] = l[qh] > 0.f ? m[qh] + std::log(l[qh]) : -std::numeric_limits<float>::infinity();
-      }
-    }
-    ConvertFromFloat(acc.data(), acc.size(), p.out_dtype, p.out);
+    detail::FinishSoftmax(p, acc, m, l);
   }
 }
 
