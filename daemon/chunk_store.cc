@@ -162,6 +162,9 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
   // Recovery after a crash keeps the replayed WAL in memtables instead of flushing before
   // Open returns: the restart path reads them right away, the flush happens in the background.
   dbo.avoid_flush_during_recovery = true;
+  // Closing must not flush memtables (the WAL already holds every acknowledged write): kvmemd
+  // promises to exit within 5 s of SIGTERM whatever the memtables hold.
+  dbo.avoid_flush_during_shutdown = true;
   rocksdb::ColumnFamilyOptions small;
   small.write_buffer_size = options.write_buffer_size;
   // Tail segments (tokens logged before they are chunked) can be large and are deleted soon
@@ -485,6 +488,8 @@ Status ChunkStore::Flush() {
       db_->Flush(fo, {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}), "store: flush"));
   return FromRocksStatus(db_->SyncWAL(), "store: sync WAL");
 }
+
+Status ChunkStore::SyncWal() { return FromRocksStatus(db_->SyncWAL(), "store: sync WAL"); }
 
 Status ChunkStore::Compact() {
   rocksdb::CompactRangeOptions co;

@@ -172,6 +172,8 @@ class ChunkStore {
   // Flushes every memtable to SST/blob files and syncs the WAL (clean shutdown: the next
   // start then replays no WAL).
   Status Flush();
+  // fsyncs the WAL only (fast; what shutdown does so a clean stop is power-loss safe too).
+  Status SyncWal();
 
   // Full manual compaction of every family (drops deleted records and their blobs now rather
   // than in the background). Benchmarks use it to read from a quiet store.
