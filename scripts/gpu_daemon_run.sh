@@ -2,7 +2,7 @@
 # One device call for the daemon on a GPU: integration tests against a CUDA-backend kvmemd and
 # the end-to-end Attend benchmark. Run from the checkout root on the GPU machine with a bundle
 # made by `scripts/bundle.sh build .gpu-daemon kvmemd kvmemctl e2e_test malformed_test
-# durability_test kvmem-bench-e2e` (then `strip --strip-debug .gpu-daemon/bin/*` to stay under the
+# durability_test kvmem-load kvmem-bench-e2e` (then `strip --strip-debug .gpu-daemon/bin/*` to stay under the
 # transfer limit). Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
