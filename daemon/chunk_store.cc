@@ -372,6 +372,22 @@ class RocksLayerCursor final : public ChunkStore::LayerCursor {
   bool advance_ = false;
 };
 
+// Visits every manifests record whose key starts with `prefix` (the iterator stops at `upper`,
+// not past tombstones), in key order; stops at the first non-OK status from `fn`.
+Status ScanPrefix(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* cf, const std::string& prefix,
+                  const std::string& upper, std::string_view what,
+                  const std::function<Status(std::string_view key, std::string_view value)>& fn) {
+  const rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_slice;
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro, cf));
+  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    KVMEM_RETURN_IF_ERROR(fn(std::string_view(it->key().data(), it->key().size()),
+                             std::string_view(it->value().data(), it->value().size())));
+  }
+  return FromRocksStatus(it->status(), what);
+}
+
 }  // namespace
 
 Result<std::unique_ptr<ChunkStore::LayerCursor>> ChunkStore::OpenLayer(std::string_view tenant,
@@ -385,26 +401,23 @@ Result<std::vector<StoredSessionRef>> ChunkStore::ListSessions() const {
   std::vector<StoredSessionRef> out;
   const std::string tag(1, kHeaderTag);
   const std::string upper(1, static_cast<char>(kHeaderTag + 1));
-  const rocksdb::Slice upper_slice(upper);
-  rocksdb::ReadOptions ro;
-  ro.iterate_upper_bound = &upper_slice;  // stop at the prefix end, not past tombstones
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, manifests_cf_));
-  for (it->Seek(tag); it->Valid() && it->key().starts_with(tag); it->Next()) {
-    const std::string_view key(it->key().data(), it->key().size());
-    StoredSessionRef ref;
-    size_t end = 0;
-    if (!ParseTenantSession(key, 1, &ref.tenant, &ref.session, &end) || end != key.size()) {
-      return DataLoss("store: malformed session header key");
-    }
-    std::string_view body;
-    ref.status = DecodeRecord(key, std::string_view(it->value().data(), it->value().size()),
-                              "session header (tenant " + ref.tenant + ", session " +
-                                  std::to_string(ref.session) + ")",
-                              &body);
-    if (ref.status.ok()) ref.header.assign(body);
-    out.push_back(std::move(ref));
-  }
-  KVMEM_RETURN_IF_ERROR(FromRocksStatus(it->status(), "store: list sessions"));
+  KVMEM_RETURN_IF_ERROR(ScanPrefix(
+      db_.get(), manifests_cf_, tag, upper, "store: list sessions",
+      [&](std::string_view key, std::string_view value) -> Status {
+        StoredSessionRef ref;
+        size_t end = 0;
+        if (!ParseTenantSession(key, 1, &ref.tenant, &ref.session, &end) || end != key.size()) {
+          return DataLoss("store: malformed session header key");
+        }
+        std::string_view body;
+        ref.status = DecodeRecord(key, value,
+                                  "session header (tenant " + ref.tenant + ", session " +
+                                      std::to_string(ref.session) + ")",
+                                  &body);
+        if (ref.status.ok()) ref.header.assign(body);
+        out.push_back(std::move(ref));
+        return Status::OK();
+      }));
   return out;
 }
 
@@ -413,29 +426,25 @@ Result<std::vector<StoredChunkEntry>> ChunkStore::ChunkTable(std::string_view te
   std::vector<StoredChunkEntry> out;
   std::string prefix(1, kChunkEntryTag);
   AppendTenantSession(&prefix, tenant, session);
-  const std::string upper = UpperBound(prefix);
-  const rocksdb::Slice upper_slice(upper);
-  rocksdb::ReadOptions ro;
-  ro.iterate_upper_bound = &upper_slice;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, manifests_cf_));
-  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
-    const std::string_view key(it->key().data(), it->key().size());
-    StoredChunkEntry e;
-    if (key.size() != prefix.size() + 4) return DataLoss("store: malformed chunk table key");
-    e.chunk = static_cast<uint32_t>(GetBE(key.data() + prefix.size(), 4));
-    const std::string what = "chunk table entry (tenant " + std::string(tenant) + ", session " +
-                             std::to_string(session) + ", chunk " + std::to_string(e.chunk) + ")";
-    std::string_view body;
-    KVMEM_RETURN_IF_ERROR(
-        DecodeRecord(key, std::string_view(it->value().data(), it->value().size()), what, &body));
-    if (body.size() < 12) return DataLoss(what + ": too short");
-    e.start = GetBE(body.data(), 8);
-    e.tokens = static_cast<uint32_t>(GetBE(body.data() + 8, 4));
-    e.boundaries.assign(body.substr(12));
-    if (e.boundaries.size() != e.tokens) return DataLoss(what + ": boundary count mismatch");
-    out.push_back(std::move(e));
-  }
-  KVMEM_RETURN_IF_ERROR(FromRocksStatus(it->status(), "store: chunk table"));
+  KVMEM_RETURN_IF_ERROR(ScanPrefix(
+      db_.get(), manifests_cf_, prefix, UpperBound(prefix), "store: chunk table",
+      [&](std::string_view key, std::string_view value) -> Status {
+        StoredChunkEntry e;
+        if (key.size() != prefix.size() + 4) return DataLoss("store: malformed chunk table key");
+        e.chunk = static_cast<uint32_t>(GetBE(key.data() + prefix.size(), 4));
+        const std::string what = "chunk table entry (tenant " + std::string(tenant) +
+                                 ", session " + std::to_string(session) + ", chunk " +
+                                 std::to_string(e.chunk) + ")";
+        std::string_view body;
+        KVMEM_RETURN_IF_ERROR(DecodeRecord(key, value, what, &body));
+        if (body.size() < 12) return DataLoss(what + ": too short");
+        e.start = GetBE(body.data(), 8);
+        e.tokens = static_cast<uint32_t>(GetBE(body.data() + 8, 4));
+        e.boundaries.assign(body.substr(12));
+        if (e.boundaries.size() != e.tokens) return DataLoss(what + ": boundary count mismatch");
+        out.push_back(std::move(e));
+        return Status::OK();
+      }));
   return out;
 }
 
@@ -444,25 +453,21 @@ Result<std::vector<StoredTailSegment>> ChunkStore::TailSegments(std::string_view
   std::vector<StoredTailSegment> out;
   std::string prefix(1, kTailTag);
   AppendTenantSession(&prefix, tenant, session);
-  const std::string upper = UpperBound(prefix);
-  const rocksdb::Slice upper_slice(upper);
-  rocksdb::ReadOptions ro;
-  ro.iterate_upper_bound = &upper_slice;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, manifests_cf_));
-  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
-    const std::string_view key(it->key().data(), it->key().size());
-    if (key.size() != prefix.size() + 8) return DataLoss("store: malformed tail key");
-    StoredTailSegment t;
-    t.start = GetBE(key.data() + prefix.size(), 8);
-    const std::string what = "tail segment (tenant " + std::string(tenant) + ", session " +
-                             std::to_string(session) + ", token " + std::to_string(t.start) + ")";
-    std::string_view body;
-    KVMEM_RETURN_IF_ERROR(
-        DecodeRecord(key, std::string_view(it->value().data(), it->value().size()), what, &body));
-    t.payload.assign(body);
-    out.push_back(std::move(t));
-  }
-  KVMEM_RETURN_IF_ERROR(FromRocksStatus(it->status(), "store: tail segments"));
+  KVMEM_RETURN_IF_ERROR(ScanPrefix(
+      db_.get(), manifests_cf_, prefix, UpperBound(prefix), "store: tail segments",
+      [&](std::string_view key, std::string_view value) -> Status {
+        if (key.size() != prefix.size() + 8) return DataLoss("store: malformed tail key");
+        StoredTailSegment t;
+        t.start = GetBE(key.data() + prefix.size(), 8);
+        const std::string what = "tail segment (tenant " + std::string(tenant) + ", session " +
+                                 std::to_string(session) + ", token " + std::to_string(t.start) +
+                                 ")";
+        std::string_view body;
+        KVMEM_RETURN_IF_ERROR(DecodeRecord(key, value, what, &body));
+        t.payload.assign(body);
+        out.push_back(std::move(t));
+        return Status::OK();
+      }));
   return out;
 }
 
