@@ -214,11 +214,9 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     }
     layer.tail_tokens = static_cast<uint32_t>(rest);
   }
-  const size_t first_new = chunks_.size();
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
   stat_bytes_ += reserved;
   stat_chunks_ = chunks_.size();
-  (void)first_new;
   return index_enabled_ ? CatchUpIndex() : Status::OK();
 }
 
