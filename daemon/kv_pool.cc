@@ -206,7 +206,7 @@ Status KVPool::CopyBatch(std::span<const PoolCopy> ops, ParallelPool* /*workers*
 namespace {
 
 // A batch this large is split over the workers (below it the fork-join costs more than it saves).
-constexpr uint64_t kParallelCopyBytes = 1ull << 20;
+constexpr uint64_t kParallelCopyBytes = 256ull << 10;
 
 class HostPool final : public KVPool {
  public:
