@@ -58,14 +58,35 @@ struct Client::Impl {
   std::atomic<bool> broken{false};
   Status broken_status;
 
-  mutable std::mutex mu;  // serialises the worker, the endpoint and `calls`
+  mutable std::mutex mu;  // serialises the worker, the endpoint, `calls` and `requests`
   std::unordered_map<uint64_t, std::shared_ptr<CallState>> calls;
 
+  // What a UCX request's callback receives. Every request still in UCX is listed in `requests`
+  // (holder -> request handle), so that closing the client can cancel them and free what their
+  // callbacks would have freed: with the peer gone (kill -9), a rendezvous send never completes
+  // on its own.
+  struct Holder {
+    Impl* impl;
+    std::shared_ptr<CallState> call;
+  };
+  std::unordered_map<Holder*, void*> requests;
+
   ~Impl() {
+    std::lock_guard<std::mutex> lock(mu);
     if (ep != nullptr) {
-      std::lock_guard<std::mutex> lock(mu);
       ucx::CloseEndpoint(worker.get(), ep, /*force=*/broken.load(), 500);
       ep = nullptr;
+    }
+    if (worker.get() != nullptr && !requests.empty()) {
+      std::vector<void*> pending;  // a cancel may complete a request (and erase it) right away
+      for (const auto& entry : requests) pending.push_back(entry.second);
+      for (void* req : pending) ucp_request_cancel(worker.get(), req);
+      for (int i = 0; i < 1000 && !requests.empty(); ++i) ucp_worker_progress(worker.get());
+      for (const auto& [holder, req] : requests) {  // callbacks that never came: free their share
+        ucp_request_free(req);
+        delete holder;
+      }
+      requests.clear();
     }
     calls.clear();
     worker.reset();
@@ -120,7 +141,7 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   ucp_request_param_t rp{};
   rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
   rp.cb.recv_am = &Impl::OnRndvDone;
-  auto* holder = new std::shared_ptr<CallState>(call);
+  auto* holder = new Holder{impl, call};
   rp.user_data = holder;
   rp.datatype = ucp_dt_make_contig(1);
   ucs_status_ptr_t req = ucp_am_recv_data_nbx(impl->worker.get(), data, call->data.get(), length, &rp);
@@ -130,24 +151,28 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   } else if (UCS_PTR_IS_ERR(req)) {
     delete holder;
     impl->Complete(call, ucx::FromUcs(UCS_PTR_STATUS(req), "receive reply data"));
+  } else {
+    impl->requests.emplace(holder, req);
   }
   return UCS_OK;
 }
 
 void Client::Impl::OnRndvDone(void* request, ucs_status_t status, size_t, void* user_data) {
-  std::unique_ptr<std::shared_ptr<CallState>> holder(static_cast<std::shared_ptr<CallState>*>(user_data));
+  std::unique_ptr<Holder> holder(static_cast<Holder*>(user_data));
+  holder->impl->requests.erase(holder.get());
   ucp_request_free(request);
-  (*holder)->status = ucx::FromUcs(status, "receive reply data");
-  (*holder)->done.store(true, std::memory_order_release);
+  holder->call->status = ucx::FromUcs(status, "receive reply data");
+  holder->call->done.store(true, std::memory_order_release);
 }
 
 void Client::Impl::OnSendDone(void* request, ucs_status_t status, void* user_data) {
-  std::unique_ptr<std::shared_ptr<CallState>> holder(static_cast<std::shared_ptr<CallState>*>(user_data));
+  std::unique_ptr<Holder> holder(static_cast<Holder*>(user_data));
+  holder->impl->requests.erase(holder.get());
   ucp_request_free(request);
-  (*holder)->send_done.store(true, std::memory_order_release);
-  if (status != UCS_OK && !(*holder)->done.load()) {
-    (*holder)->status = ucx::FromUcs(status, "send request");
-    (*holder)->done.store(true, std::memory_order_release);
+  holder->call->send_done.store(true, std::memory_order_release);
+  if (status != UCS_OK && !holder->call->done.load()) {
+    holder->call->status = ucx::FromUcs(status, "send request");
+    holder->call->done.store(true, std::memory_order_release);
   }
 }
 
@@ -196,7 +221,7 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
   }
   std::lock_guard<std::mutex> lock(mu);
   calls[request_id] = call;
-  auto* holder = new std::shared_ptr<CallState>(call);
+  auto* holder = new Holder{this, call};
   p.user_data = holder;
   ucs_status_ptr_t req = ucp_am_send_nbx(ep, w::kRequestAmId, call->frame.header.data(),
                                          call->frame.header.size(), buffer, count, &p);
@@ -207,6 +232,8 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
     delete holder;
     calls.erase(request_id);
     return ucx::FromUcs(UCS_PTR_STATUS(req), "send request");
+  } else {
+    requests.emplace(holder, req);
   }
   return call;
 }
