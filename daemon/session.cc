@@ -574,6 +574,10 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
       hs.role = HeadRole::kReused;
       hs.source_layer = kept_[h].layer;
       (*dense)[h] = false;
+    } else {
+      hs = HeadSelection{};  // no selection at this index yet (or only from layers >= this)
+      hs.kv_head = h;
+      hs.role = HeadRole::kDense;
     }
   }
   return Status::OK();

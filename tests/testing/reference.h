@@ -52,6 +52,41 @@ inline std::vector<double> ReferenceAttention(const std::vector<uint8_t>& keys,
   return out;
 }
 
+// Attention of one layer where KV head h attends exactly the tokens tokens[h] (any order,
+// no repeats): the reference for sparse modes, over the token set the daemon reports.
+inline std::vector<double> ReferenceAttentionOver(const std::vector<uint8_t>& keys,
+                                                  const std::vector<uint8_t>& values, DType t,
+                                                  uint32_t kv_heads, uint64_t tokens,
+                                                  uint32_t head_dim, uint32_t layer,
+                                                  const std::vector<float>& q, uint32_t q_heads,
+                                                  const std::vector<std::vector<uint64_t>>& attended) {
+  const uint32_t G = q_heads / kv_heads;
+  std::vector<double> out(static_cast<size_t>(q_heads) * head_dim, 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (uint32_t qh = 0; qh < q_heads; ++qh) {
+    const uint32_t h = qh / G;
+    const size_t base = ((static_cast<size_t>(layer) * kv_heads + h) * tokens) * head_dim;
+    const std::vector<uint64_t>& ts = attended[h];
+    std::vector<double> logit(ts.size());
+    double mx = -1e300;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      double dot = 0;
+      for (uint32_t d = 0; d < head_dim; ++d)
+        dot += static_cast<double>(q[qh * head_dim + d]) * LoadAsFloat(keys.data(), t, base + ts[i] * head_dim + d);
+      logit[i] = dot * scale;
+      mx = std::max(mx, logit[i]);
+    }
+    double sum = 0;
+    for (double x : logit) sum += std::exp(x - mx);
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const double p = std::exp(logit[i] - mx) / sum;
+      for (uint32_t d = 0; d < head_dim; ++d)
+        out[qh * head_dim + d] += p * LoadAsFloat(values.data(), t, base + ts[i] * head_dim + d);
+    }
+  }
+  return out;
+}
+
 // ||a - b|| / ||b||.
 inline double RelativeError(const std::vector<float>& a, const std::vector<double>& b) {
   double e = 0, n = 0;
