@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/tensor_file.h"
+
 namespace kvmem {
 namespace {
 
@@ -71,9 +73,49 @@ Result<HeadMaskFile> ParseHeadMaskJson(const std::string& text, const std::strin
   return out;
 }
 
+// The mask from a tensor file (safetensors or .npy).
+Result<HeadMaskFile> LoadHeadMaskTensors(const std::string& path) {
+  KVMEM_ASSIGN_OR_RETURN(TensorFile f, TensorFile::Open(path, 64ull << 20));
+  std::string name = "retrieval_heads";
+  if (f.format() == TensorFile::Format::kNpy ||
+      (f.tensors().size() == 1 && f.tensors()[0].name != "dense_layers")) {
+    name = f.tensors()[0].name;
+  }
+  std::vector<uint64_t> shape;
+  KVMEM_ASSIGN_OR_RETURN(std::vector<float> m, f.ReadFloat(name, 2, &shape));
+  if (shape[0] == 0 || shape[1] == 0 || shape[0] > 0xffffffffull || shape[1] > 0xffffffffull) {
+    return InvalidArgument(path + ": mask shape must be [layers, kv_heads], both nonzero");
+  }
+  HeadMaskFile out;
+  out.layers = static_cast<uint32_t>(shape[0]);
+  out.kv_heads = static_cast<uint32_t>(shape[1]);
+  for (size_t i = 0; i < m.size(); ++i) {
+    if (m[i] != 0.f && m[i] != 1.f) {
+      return InvalidArgument(path + ": entry [" + std::to_string(i / out.kv_heads) + "][" +
+                             std::to_string(i % out.kv_heads) + "] must be 0 or 1, got " +
+                             std::to_string(m[i]));
+    }
+    out.mask.push_back(m[i] != 0.f ? 1 : 0);
+  }
+  if (f.format() == TensorFile::Format::kSafetensors && f.Find("dense_layers").ok() &&
+      name != "dense_layers") {
+    KVMEM_ASSIGN_OR_RETURN(std::vector<float> d, f.ReadFloat("dense_layers", 1));
+    std::vector<uint32_t> dense;
+    for (float x : d) {
+      if (!(x >= 0.f) || x != static_cast<float>(static_cast<uint32_t>(x))) {
+        return InvalidArgument(path + ": dense_layers entries must be layer numbers");
+      }
+      dense.push_back(static_cast<uint32_t>(x));
+    }
+    out.dense_layers = std::move(dense);
+  }
+  return out;
+}
+
 Result<HeadMaskFile> LoadHeadMaskFile(const std::string& path) {
+  if (EndsWith(path, ".safetensors") || EndsWith(path, ".npy")) return LoadHeadMaskTensors(path);
   if (!EndsWith(path, ".json")) {
-    return Unimplemented(path + ": retrieval-head mask files must be .json");
+    return Unimplemented(path + ": retrieval-head mask files must be .json, .safetensors or .npy");
   }
   std::ifstream f(path);
   if (!f) return NotFound(path + ": cannot open retrieval-head mask file");

@@ -5,6 +5,11 @@
 //     [[0, 1, 0, 0], [0, 0, 0, 1], ...]
 // or an object {"retrieval_heads": <that>, "dense_layers": [0, 1]} ("dense_layers" optional).
 // Entries are 0/1 or false/true; rows must all have the same length.
+//
+// safetensors (.safetensors): a tensor "retrieval_heads" [layers, kv_heads] of any dtype with
+// values 0/1 (or the file's only tensor), and optionally "dense_layers" [n] (integers).
+// NumPy (.npy): the mask array [layers, kv_heads] itself.
+// Read through common/tensor_file.h, which validates the file before anything is used.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +29,8 @@ struct HeadMaskFile {
 };
 
 // Reads and checks a mask file. NOT_FOUND when it cannot be opened; INVALID_ARGUMENT naming
-// the file and the offending entry otherwise; UNIMPLEMENTED for an unknown extension.
+// the file and the offending entry otherwise; UNIMPLEMENTED for an unknown extension (.json,
+// .safetensors and .npy are known).
 Result<HeadMaskFile> LoadHeadMaskFile(const std::string& path);
 
 // The same from JSON text (`origin` names it in errors).
