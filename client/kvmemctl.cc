@@ -45,7 +45,8 @@ Commands:
                  [--durability ephemeral|durable]
                                          prints the new session id. --retrieval-heads reads
                                          the retrieval-head mask [layers x KV heads] (and
-                                         optional dense layers) from a .json file
+                                         optional dense layers) from a .json,
+                                         .safetensors or .npy file
                                          (docs/operations.md, "Hybrid heads")
   session list                           sessions of this tenant
   session show ID                        one session with per-layer detail
