@@ -76,6 +76,7 @@ struct Dataset {
   std::vector<float> queries;  // [n][q_heads][D]
   uint32_t num_queries = 0;
   std::vector<uint8_t> boundaries;  // [T]
+  uint32_t first_sparse_head = 0;   // stack data: KV heads below it are retrieval heads
   const float* K(uint32_t h) const { return &pool[(size_t{h} * tokens) * dim]; }
   uint32_t group() const { return q_heads / kv_heads; }
 };
@@ -511,10 +512,10 @@ Pick SelectTreeExact(const Context& cx, const float* query, const Pick& linear) 
 // layer); query targets are shared by heads of the same index (SyntheticKVOptions::
 // query_target_period), so a decode step needs the same content in every layer. Layer 0's heads
 // are the retrieval heads, later layers' heads sparse. Every method runs on the same stack:
-// kvmem_budget searches every head's own tree; retrieval_heads scans the retrieval heads' keys
-// (blocks of B tokens, max-pooled q̄·k, top budget/B blocks) and those heads attend densely;
-// hybrid searches the retrieval heads' trees (budgeted) and they attend their own selection;
-// in both, sparse heads attend the selection of their index.
+// kvmem_budget searches every head's own tree; in retrieval_heads and hybrid the retrieval heads
+// run full attention (LycheeDecode) and pick what the sparse heads of their index attend:
+// retrieval_heads by scanning their keys (blocks of B tokens, max-pooled q̄·k, top budget/B
+// blocks), hybrid by a budgeted search of their trees.
 index::BudgetSearchOptions BudgetOptions();
 
 constexpr uint32_t kStackLayers = 4;
@@ -576,6 +577,10 @@ Pick SelectHybrid(const Context& cx, const float* query, uint32_t budget) {
   }
   p.seconds = Seconds(t0, Clock::now());
   for (uint32_t h = 0; h < ds.kv_heads; ++h) {
+    if (IsRetrievalLayerHead(h)) {
+      AddRange(&p.ranges[h], kSinkTokens, cx.sealed);  // full attention, as in retrieval_heads
+      continue;
+    }
     for (uint32_t c : sels[h % kStackIndices].chunks) {
       AddRange(&p.ranges[h], cx.starts[c], cx.starts[c] + cx.lens[c]);
     }
@@ -695,6 +700,7 @@ Pick SelectOracle(const Context& cx, const QueryTruth& truth, uint32_t budget) {
 
 struct Accum {
   double mass = 0, sel_mass = 0, topk = 0, err = 0, bytes = 0, us = 0, nodes = 0;
+  double sparse_mass = 0;  // mass recall over the KV heads from first_sparse_head on
   double tokens = 0;
   uint32_t n = 0;
 };
@@ -703,7 +709,7 @@ void Score(const Context& cx, const float* query, const QueryTruth& truth, uint3
            Pick pick, Accum* a) {
   const Dataset& ds = *cx.ds;
   const uint32_t G = ds.group(), D = ds.dim;
-  double mass = 0, sel = 0, topk = 0, err = 0, tokens = 0;
+  double mass = 0, sel = 0, topk = 0, err = 0, tokens = 0, sparse_mass = 0;
   for (uint32_t h = 0; h < ds.kv_heads; ++h) Normalize(&pick.ranges[h]);
   for (uint32_t qh = 0; qh < ds.q_heads; ++qh) {
     const auto& r = pick.ranges[qh / G];
@@ -720,6 +726,7 @@ void Score(const Context& cx, const float* query, const QueryTruth& truth, uint3
       n += e - b;
     }
     mass += truth.fixed_mass[qh] + m;
+    if (qh / G >= ds.first_sparse_head) sparse_mass += truth.fixed_mass[qh] + m;
     sel += truth.region_mass[qh] > 0 ? m / truth.region_mass[qh] : 1.0;
     topk += double(std::min<uint64_t>(hits, budget)) / std::min<size_t>(budget, sr.size());
     if (qh % G == 0) tokens += double(n);
@@ -744,6 +751,7 @@ void Score(const Context& cx, const float* query, const QueryTruth& truth, uint3
     err += den > 0 ? std::sqrt(num / den) : 0.0;
   }
   a->mass += mass / ds.q_heads;
+  a->sparse_mass += sparse_mass / (ds.q_heads - ds.first_sparse_head * G);
   a->sel_mass += sel / ds.q_heads;
   a->topk += topk / ds.q_heads;
   a->err += err / ds.q_heads;
@@ -851,23 +859,26 @@ void Evaluate(const Dataset& ds, const std::vector<uint32_t>& budgets, index::Ch
                        {"nodes_visited", a.nodes / n},
                        {"selected_tokens", a.tokens / n},
                        {"queries", a.n}});
+      if (ds.first_sparse_head > 0) rows->back()["sparse_heads_mass_recall"] = a.sparse_mass / n;
     }
   }
   std::printf("#   evaluated %u queries in %.1fs\n", ds.num_queries, Seconds(t0, Clock::now()));
 }
 
 void PrintRows(const json& rows) {
-  std::printf("\n%-9s %7s %6s %-26s %7s %7s %7s %7s %11s %9s %8s\n", "data", "context", "budget",
-              "method", "mass", "selmass", "topk", "relerr", "bytes", "us", "nodes");
+  std::printf("\n%-9s %7s %6s %-26s %7s %7s %7s %7s %11s %9s %8s %7s\n", "data", "context", "budget",
+              "method", "mass", "selmass", "topk", "relerr", "bytes", "us", "nodes", "sparse");
   for (const auto& r : rows) {
-    std::printf("%-9s %7llu %6u %-26s %7.4f %7.4f %7.4f %7.4f %11.0f %9.1f %8.0f\n",
+    std::printf("%-9s %7llu %6u %-26s %7.4f %7.4f %7.4f %7.4f %11.0f %9.1f %8.0f %7.4f\n",
                 r["data"].get<std::string>().c_str(),
                 static_cast<unsigned long long>(r["context"].get<uint64_t>()),
                 r["budget"].get<uint32_t>(), r["method"].get<std::string>().c_str(),
                 r["mass_recall"].get<double>(), r["sel_mass_recall"].get<double>(),
                 r["topk_recall"].get<double>(), r["out_rel_err"].get<double>(),
                 r["bytes_read"].get<double>(), r["us_per_query"].get<double>(),
-                r["nodes_visited"].get<double>());
+                r["nodes_visited"].get<double>(),
+                r.contains("sparse_heads_mass_recall") ? r["sparse_heads_mass_recall"].get<double>()
+                                                       : r["mass_recall"].get<double>());
   }
 }
 
@@ -937,6 +948,7 @@ json EvaluateStack(uint64_t tokens, const std::vector<uint32_t>& budgets, uint32
   shape.query_share_main_target_only = main_only;
   Dataset ds = MakeSynthetic(tokens, queries, 46, shape);
   ds.name = main_only ? "stack_main_shared" : "stack_all_shared";
+  ds.first_sparse_head = kStackIndices;
   json r = json::array();
   // The others sweep the budgets the rest of this benchmark uses; hybrid searches a quarter of
   // the heads, so its sweep continues to 4x the largest budget to span the same bytes read.

@@ -566,9 +566,9 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
       hs.role = HeadRole::kRetrieval;
       hs.source_layer = layer;
       kept_[h] = {true, layer, hs};
-      // retrieval_heads: the retrieval head runs full attention (its scan read every key);
-      // hybrid: it attends the index's selection, like every other sparse head.
-      (*dense)[h] = mode == SelectionMode::kRetrievalHeads;
+      // A retrieval head runs full attention in both modes (LycheeDecode); the modes differ in
+      // how it picks the tokens its sparse heads reuse: a scan of every key or the index.
+      (*dense)[h] = true;
     } else if (kept_[h].valid && kept_[h].layer < layer) {
       hs = kept_[h].sel;
       hs.role = HeadRole::kReused;

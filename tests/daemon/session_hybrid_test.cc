@@ -143,8 +143,7 @@ void Pass(Fixture& f, SelectionMode mode, std::mt19937_64& rng, const std::vecto
         EXPECT_EQ(s.source_layer, want[l][h].source);
       }
       std::set<uint64_t> ts;
-      const bool all = s.role == HeadRole::kDense ||
-                       (s.role == HeadRole::kRetrieval && mode == SelectionMode::kRetrievalHeads);
+      const bool all = s.role == HeadRole::kDense || s.role == HeadRole::kRetrieval;
       if (all) {
         for (uint64_t t = 0; t <= t_new; ++t) ts.insert(t);
       } else {

@@ -98,7 +98,7 @@ void CheckMode(Client& client, client::Mode mode, std::mt19937_64& rng) {
       const client::HeadSelection& s = r->selection[h];
       EXPECT_EQ(s.role, want[l][h]) << "layer " << l << " head " << h;
       std::set<uint64_t> ts;
-      if (s.role == HeadRole::kDense || (s.role == HeadRole::kRetrieval && mode == client::Mode::kRetrievalHeads)) {
+      if (s.role == HeadRole::kDense || s.role == HeadRole::kRetrieval) {  // full attention
         for (uint64_t t = 0; t <= T0; ++t) ts.insert(t);
       } else {
         for (uint64_t t = 0; t < kSinks; ++t) ts.insert(t);
