@@ -94,6 +94,32 @@ nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T> data, std::vector<size_t> shape
   return nb::ndarray<nb::numpy, T>(owned->data(), shape.size(), shape.data(), owner);
 }
 
+const char* RoleName(client::HeadRole r) {
+  switch (r) {
+    case client::HeadRole::kNone: return "none";
+    case client::HeadRole::kRetrieval: return "retrieval";
+    case client::HeadRole::kReused: return "reused";
+    case client::HeadRole::kDense: return "dense";
+  }
+  return "unknown";
+}
+
+client::SelectionRule RuleFromName(const std::string& name) {
+  if (name == "" || name == "default") return client::SelectionRule::kDefault;
+  if (name == "top_k") return client::SelectionRule::kTopK;
+  if (name == "ratio") return client::SelectionRule::kRatio;
+  if (name == "threshold") return client::SelectionRule::kThreshold;
+  if (name == "top_p") return client::SelectionRule::kTopP;
+  throw StatusError{InvalidArgument("retrieval_rule must be top_k, ratio, threshold or top_p, got '" + name + "'")};
+}
+
+client::BlockPooling PoolingFromName(const std::string& name) {
+  if (name == "" || name == "default") return client::BlockPooling::kDefault;
+  if (name == "max") return client::BlockPooling::kMax;
+  if (name == "mean") return client::BlockPooling::kMean;
+  throw StatusError{InvalidArgument("retrieval_block_pooling must be max or mean, got '" + name + "'")};
+}
+
 nb::list Selections(const std::vector<client::HeadSelection>& heads) {
   nb::list out;
   for (const auto& h : heads) {
@@ -103,6 +129,8 @@ nb::list Selections(const std::vector<client::HeadSelection>& heads) {
     d["starts"] = h.starts;
     d["ends"] = h.ends;
     d["scores"] = h.scores;
+    d["role"] = RoleName(h.role);
+    d["source_layer"] = h.source_layer;
     out.append(d);
   }
   return out;
@@ -213,7 +241,9 @@ class PyClient {
                          uint32_t chunk_min_tokens, uint32_t chunk_max_tokens,
                          uint32_t sink_tokens, uint32_t recent_window,
                          uint32_t default_budget_tokens, const std::string& mode, bool durable,
-                         uint64_t ttl_seconds, const std::string& label, uint64_t id) {
+                         uint64_t ttl_seconds, const std::string& label, uint64_t id,
+                         const std::string& retrieval_rule, float retrieval_rule_value,
+                         uint32_t retrieval_block_tokens, const std::string& retrieval_block_pooling) {
     client::Profile p;
     p.layers = layers;
     p.q_heads = q_heads;
@@ -234,6 +264,10 @@ class PyClient {
     o.durable = durable;
     o.ttl_seconds = ttl_seconds;
     o.label = label;
+    o.retrieval.rule = RuleFromName(retrieval_rule);
+    o.retrieval.rule_value = retrieval_rule_value;
+    o.retrieval.block_tokens = retrieval_block_tokens;
+    o.retrieval.pooling = PoolingFromName(retrieval_block_pooling);
     Client& cl = c();
     nb::gil_scoped_release nogil;
     return Unwrap(cl.CreateSession(p, o, id));
@@ -375,7 +409,9 @@ NB_MODULE(_kvmem, m) {
       .def("create_session", &PyClient::CreateSession, "layers"_a, "q_heads"_a, "kv_heads"_a,
            "head_dim"_a, "dtype"_a, "dense_layers"_a, "retrieval_head_mask"_a, "name"_a,
            "chunk_min_tokens"_a, "chunk_max_tokens"_a, "sink_tokens"_a, "recent_window"_a,
-           "default_budget_tokens"_a, "mode"_a, "durable"_a, "ttl_seconds"_a, "label"_a, "id"_a)
+           "default_budget_tokens"_a, "mode"_a, "durable"_a, "ttl_seconds"_a, "label"_a, "id"_a,
+           "retrieval_rule"_a, "retrieval_rule_value"_a, "retrieval_block_tokens"_a,
+           "retrieval_block_pooling"_a)
       .def("drop_session", &PyClient::DropSession, "id"_a)
       .def("list_sessions", &PyClient::ListSessions)
       .def("session_info", &PyClient::SessionInfo, "id"_a)
