@@ -88,6 +88,22 @@ std::string ModeName(kvmem::client::Mode m) {
   }
 }
 
+const char* RuleName(kvmem::client::SelectionRule r) {
+  switch (r) {
+    case kvmem::client::SelectionRule::kTopK: return "top_k";
+    case kvmem::client::SelectionRule::kRatio: return "ratio";
+    case kvmem::client::SelectionRule::kThreshold: return "threshold";
+    case kvmem::client::SelectionRule::kTopP: return "top_p";
+    default: return "default";
+  }
+}
+
+// Retrieval heads marked in the profile's mask.
+size_t RetrievalHeads(const kvmem::client::Profile& p) {
+  return static_cast<size_t>(std::count_if(p.retrieval_head_mask.begin(), p.retrieval_head_mask.end(),
+                                           [](uint8_t m) { return m != 0; }));
+}
+
 json SummaryJson(const kvmem::client::SessionSummary& s) {
   json j = {{"id", s.id},
             {"tenant", s.tenant},
@@ -105,7 +121,14 @@ json SummaryJson(const kvmem::client::SessionSummary& s) {
             {"durable", s.options.durable},
             {"label", s.options.label},
             {"created_unix_ms", s.created_unix_ms},
-            {"last_used_unix_ms", s.last_used_unix_ms}};
+            {"last_used_unix_ms", s.last_used_unix_ms},
+            {"dense_layers", s.profile.dense_layers},
+            {"retrieval_heads", RetrievalHeads(s.profile)},
+            {"retrieval", {{"rule", RuleName(s.options.retrieval.rule)},
+                           {"rule_value", s.options.retrieval.rule_value},
+                           {"block_tokens", s.options.retrieval.block_tokens},
+                           {"block_pooling", s.options.retrieval.pooling == kvmem::client::BlockPooling::kMean
+                                                 ? "mean" : "max"}}}};
   if (!s.layers.empty()) {
     json layers = json::array();
     for (const auto& l : s.layers) {
@@ -497,6 +520,14 @@ int main(int argc, char** argv) {
                   std::string(kvmem::DTypeName(s->profile.dtype)).c_str());
       std::printf("mode         %s, sinks %u, budget %u tokens\n", ModeName(s->options.mode).c_str(),
                   s->options.sink_tokens, s->options.default_budget_tokens);
+      if (s->options.mode == kvmem::client::Mode::kRetrievalHeads || s->options.mode == kvmem::client::Mode::kHybrid ||
+          !s->profile.retrieval_head_mask.empty()) {
+        std::printf("hybrid heads %zu retrieval heads of %zu, rule %s %.3g, blocks of %u tokens (%s)\n",
+                    RetrievalHeads(s->profile), s->profile.retrieval_head_mask.size(),
+                    RuleName(s->options.retrieval.rule), s->options.retrieval.rule_value,
+                    s->options.retrieval.block_tokens,
+                    s->options.retrieval.pooling == kvmem::client::BlockPooling::kMean ? "mean" : "max");
+      }
       std::printf("tokens       %llu (%llu chunks, mean %.1f tokens; tail %u)\n",
                   static_cast<unsigned long long>(s->tokens), static_cast<unsigned long long>(s->chunks),
                   s->mean_chunk_tokens, s->tail_tokens);

@@ -197,6 +197,11 @@ TEST(HybridHeads, MaskFromKvmemctlFileAndFromDaemonConfig) {
   EXPECT_EQ(info->options.mode, client::Mode::kRetrievalHeads);
   EXPECT_EQ(info->options.retrieval.rule, client::SelectionRule::kTopP);
   EXPECT_FLOAT_EQ(info->options.retrieval.rule_value, 0.8f);
+  // session show reports the roles' configuration.
+  const std::string shown = testing::Kvmemctl("--addr " + d.address() + " --json session show " + out, &rc);
+  ASSERT_EQ(rc, 0) << shown;
+  EXPECT_NE(shown.find("\"retrieval_heads\":2"), std::string::npos) << shown;
+  EXPECT_NE(shown.find("\"rule\":\"top_p\""), std::string::npos) << shown;
   // A mask of the wrong shape is refused before anything is sent (exit 1, daemon error path).
   testing::Kvmemctl(base + "--retrieval-heads " + (dir / "bad.json").string(), &rc);
   EXPECT_EQ(rc, 1);
