@@ -106,6 +106,7 @@ Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionO
       layers_(profile_.layers),
       kept_(profile_.kv_heads) {
   index_enabled_ = options_.mode == SelectionMode::kIndex || options_.mode == SelectionMode::kHybrid;
+  index_all_heads_ = options_.mode == SelectionMode::kIndex;
   trees_.reserve(static_cast<size_t>(profile_.layers) * profile_.kv_heads);
   for (size_t i = 0; i < static_cast<size_t>(profile_.layers) * profile_.kv_heads; ++i) {
     trees_.emplace_back(profile_.head_dim, options_.tree);
@@ -246,7 +247,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
   stat_bytes_ += reserved;
   stat_chunks_ = chunks_.size();
-  return index_enabled_ ? CatchUpIndex() : Status::OK();
+  return index_enabled_ ? CatchUpIndex(index_all_heads_) : Status::OK();
 }
 
 bool Session::IsDenseLayer(uint32_t layer) const {
@@ -269,11 +270,21 @@ Status Session::KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float
   return Status::OK();
 }
 
-Status Session::CatchUpIndex() {
+bool Session::TreeNeeded(uint32_t layer, uint32_t head) const {
+  return index_all_heads_ || (profile_.IsRetrievalHead(layer, head) && !IsDenseLayer(layer));
+}
+
+Status Session::CatchUpIndex(bool all_heads) {
   index_enabled_ = true;
-  const size_t first = indexed_chunks_;
-  if (first == chunks_.size()) return Status::OK();
+  index_all_heads_ = index_all_heads_ || all_heads;
   const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
+  // Each needed tree holds chunks [0, num_chunks()); trees that became needed later (an index
+  // request on a hybrid session) catch up from their own start.
+  size_t first = chunks_.size();
+  for (uint32_t l = 0; l < L; ++l)
+    for (uint32_t h = 0; h < H; ++h)
+      if (TreeNeeded(l, h)) first = std::min<size_t>(first, trees_[static_cast<size_t>(l) * H + h].num_chunks());
+  if (first == chunks_.size()) return Status::OK();
   const uint64_t esize = DTypeSize(profile_.dtype);
   std::vector<uint8_t> staging;
   std::vector<float> keys;
@@ -282,6 +293,11 @@ Status Session::CatchUpIndex() {
     const uint64_t elems = uint64_t{H} * n * D;  // every head's keys: one contiguous read
     keys.resize(elems);
     for (uint32_t l = 0; l < L; ++l) {
+      bool any = false;
+      for (uint32_t h = 0; h < H && !any; ++h) {
+        any = TreeNeeded(l, h) && trees_[static_cast<size_t>(l) * H + h].num_chunks() == c;
+      }
+      if (!any) continue;
       const uint64_t off = chunks_[c].block[l];
       if (pool_->is_host()) {
         ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
@@ -291,12 +307,13 @@ Status Session::CatchUpIndex() {
         ConvertToFloat(staging.data(), profile_.dtype, elems, keys.data());
       }
       for (uint32_t h = 0; h < H; ++h) {
+        index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
+        if (!TreeNeeded(l, h) || tree.num_chunks() != c) continue;
         KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
                                index::SummarizeKeys(keys.data() + uint64_t{h} * n * D, n, D));
-        KVMEM_RETURN_IF_ERROR(trees_[static_cast<size_t>(l) * H + h].Insert(static_cast<uint32_t>(c), summary, n));
+        KVMEM_RETURN_IF_ERROR(tree.Insert(static_cast<uint32_t>(c), summary, n));
       }
     }
-    indexed_chunks_ = c + 1;
   }
   // A large catch-up (prefill, or the first index request on a dense session) clusters now
   // rather than searching a flat list until the next upkeep.
@@ -535,7 +552,7 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
   std::vector<bool> retrieval(H);
   for (uint32_t h = 0; h < H; ++h) retrieval[h] = profile_.IsRetrievalHead(layer, h);
   if (mode == SelectionMode::kHybrid) {
-    KVMEM_RETURN_IF_ERROR(CatchUpIndex());
+    KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/false));
     KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, sel, nodes, bytes, &retrieval));
   } else {
     std::vector<Status> status(H);
@@ -607,7 +624,7 @@ Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
     TouchNow();
     return r;
   }
-  KVMEM_RETURN_IF_ERROR(CatchUpIndex());
+  KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
   if (top_chunks == 0) {
     KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, &r.heads, &r.nodes_visited, &r.bytes_read));
   } else {
@@ -731,7 +748,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
       KVMEM_RETURN_IF_ERROR(SelectHybrid(a.layer, mode, qf, budget, a.retrieval, &selection,
                                          &dense, &nodes, &bytes_read));
     } else {
-      KVMEM_RETURN_IF_ERROR(CatchUpIndex());
+      KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
       KVMEM_RETURN_IF_ERROR(SelectChunks(a.layer, qf, budget, &selection, &nodes, &bytes_read));
     }
     BuildSparseSpans(a.layer, selection, dense, &spans, &head_begin);
@@ -902,7 +919,7 @@ Status Session::FinishChunkRestore() {
   stat_tokens_ = tokens_;
   stat_tail_ = 0;
   TouchNow();
-  return index_enabled_ ? CatchUpIndex() : Status::OK();
+  return index_enabled_ ? CatchUpIndex(index_all_heads_) : Status::OK();
 }
 
 }  // namespace kvmem

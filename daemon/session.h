@@ -269,10 +269,13 @@ class Session {
           KVPool* pool);
   Status Init();
 
-  // Brings every (layer, head) tree up to date with chunks_ (summaries of chunks sealed since
-  // the last call). Sessions index lazily: nothing is summarised until the first index-mode
-  // request (or from the start in mode index), so dense sessions never pay for the index.
-  Status CatchUpIndex();
+  // Brings the needed (layer, head) trees up to date with chunks_ (summaries of chunks sealed
+  // since the last call). Sessions index lazily: nothing is summarised until the first
+  // index-mode request (or from the start in mode index), so dense sessions never pay for the
+  // index; hybrid sessions index only their retrieval heads' trees until an index-mode request
+  // (all_heads) asks for every tree.
+  Status CatchUpIndex(bool all_heads);
+  bool TreeNeeded(uint32_t layer, uint32_t head) const;
   // Per-head chunk selections for one layer by budgeted search (and their cost).
   // only: heads to search (nullptr: all); the others are left empty.
   Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
@@ -317,7 +320,7 @@ class Session {
   std::vector<Chunk> chunks_;
   std::vector<index::ClusterTree> trees_;  // [layer * kv_heads + head]
   bool index_enabled_ = false;
-  size_t indexed_chunks_ = 0;              // chunks_[0, indexed_chunks_) are in the trees
+  bool index_all_heads_ = false;           // false: only retrieval heads' trees (hybrid)
   std::vector<Layer> layers_;
   // Modes retrieval_heads / hybrid: per KV-head index, the selection its last retrieval head
   // made (at layer `layer`). A sparse head of layer l reuses it only when layer < l, i.e. it was

@@ -254,6 +254,36 @@ TEST(SessionHybrid, RetrieveFollowsTheSameStateAsAttend) {
             StatusCode::kInvalidArgument);
 }
 
+uint32_t Nodes(const LayerIndexInfo& info) {
+  return std::accumulate(info.nodes_per_level.begin(), info.nodes_per_level.end(), 0u);
+}
+
+TEST(SessionHybrid, HybridIndexesOnlyRetrievalHeadsUntilAnIndexRequest) {
+  const uint64_t seed = std::random_device{}();
+  std::mt19937_64 rng_a(seed), rng_b(seed);
+  Fixture hybrid = Make(SelectionMode::kHybrid, rng_a);
+  Fixture index = Make(SelectionMode::kIndex, rng_b);
+  // Layer 3 has no retrieval head and layer 0 is dense: their trees stay empty (a root per
+  // KV head); layers 1, 2 and 4 hold one indexed head each.
+  for (uint32_t l : {0u, 3u}) EXPECT_EQ(Nodes(hybrid.session->IndexInfo(l)), HKV) << "layer " << l;
+  for (uint32_t l : {1u, 2u, 4u}) {
+    EXPECT_GT(Nodes(hybrid.session->IndexInfo(l)), HKV) << "layer " << l;
+    EXPECT_LT(Nodes(hybrid.session->IndexInfo(l)), Nodes(index.session->IndexInfo(l))) << "layer " << l;
+  }
+  // An index-mode request indexes every tree, exactly as an index session would have.
+  std::mt19937_64 rng(seed + 1);
+  const auto q = RandomQuery(rng);
+  RetrieveArgs ra{3, q.data(), DType::kF32, 128};
+  ra.mode = SelectionMode::kIndex;
+  auto a = hybrid.session->Retrieve(ra);
+  auto b = index.session->Retrieve(ra);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (uint32_t l = 0; l < L; ++l) {
+    EXPECT_EQ(hybrid.session->IndexInfo(l).nodes_per_level, index.session->IndexInfo(l).nodes_per_level);
+  }
+  for (uint32_t h = 0; h < HKV; ++h) EXPECT_EQ(a->heads[h].chunks, b->heads[h].chunks);
+}
+
 TEST(SessionHybrid, BadRequestsChangeNothing) {
   auto pool = std::move(*CreateHostPool({64ull << 20, 1ull << 20}));
   SessionOptions o;
