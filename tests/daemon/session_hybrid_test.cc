@@ -8,6 +8,8 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <cstdlib>
+#include <cstring>
 #include <set>
 
 #include "daemon/session.h"
@@ -45,9 +47,52 @@ struct Fixture {
   }
 };
 
-Fixture Make(SelectionMode mode, std::mt19937_64& rng) {
+// A pool that is not host-addressable to the session (is_host() false): every key read goes
+// through CopyOut as on the CUDA backend, so the device-side code paths of the session
+// (staged retrieval-head scans, staged index catch-up) run here. Memory is host memory, and
+// Attend runs the CPU reference, so results must equal the host pool's.
+class StagedPool final : public KVPool {
+ public:
+  explicit StagedPool(uint64_t bytes) : mem_(static_cast<uint8_t*>(std::aligned_alloc(4096, bytes))) {
+    base_ = mem_.get();
+    allocator_ = std::move(*SlabAllocator::Create({bytes, 1ull << 20, 0}));
+  }
+  bool is_host() const override { return false; }
+  Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override {
+    std::memcpy(mem_.get() + dst, src, bytes);
+    return Status::OK();
+  }
+  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
+    ++copies_out;
+    std::memcpy(dst, mem_.get() + src, bytes);
+    return Status::OK();
+  }
+  Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
+    std::memmove(mem_.get() + dst, mem_.get() + src, bytes);
+    return Status::OK();
+  }
+  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+    for (uint32_t i = 0; i < count; ++i) problems[i].pool = base_;
+    kernels::AttendCpu(problems, count);
+    return Status::OK();
+  }
+  std::string Describe() const override { return "staged (test)"; }
+  uint64_t copies_out = 0;
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, Free> mem_;
+};
+
+Fixture Make(SelectionMode mode, std::mt19937_64& rng, bool staged = false) {
   Fixture f;
-  f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
+  if (staged) {
+    f.pool = std::make_unique<StagedPool>(256ull << 20);
+  } else {
+    f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
+  }
   SessionOptions o;
   o.mode = mode;
   o.sink_tokens = kSinks;
@@ -193,9 +238,9 @@ void Pass(Fixture& f, SelectionMode mode, std::mt19937_64& rng, const std::vecto
 
 constexpr HeadRole kR = HeadRole::kRetrieval, kU = HeadRole::kReused, kD = HeadRole::kDense;
 
-void RunPasses(SelectionMode mode) {
+void RunPasses(SelectionMode mode, bool staged = false) {
   std::mt19937_64 rng(std::random_device{}());
-  Fixture f = Make(mode, rng);
+  Fixture f = Make(mode, rng, staged);
   // First pass: dense before any selection at an index, then reuse of the last retrieval
   // layer below.
   Pass(f, mode, rng,
@@ -211,6 +256,34 @@ void RunPasses(SelectionMode mode) {
 TEST(SessionHybrid, RetrievalHeadsRolesReuseAndOutputs) { RunPasses(SelectionMode::kRetrievalHeads); }
 
 TEST(SessionHybrid, HybridRolesReuseAndOutputs) { RunPasses(SelectionMode::kHybrid); }
+
+// The same checks through a pool the session must copy out of (the CUDA backend's paths).
+TEST(SessionHybrid, StagedPoolRolesReuseAndOutputs) {
+  RunPasses(SelectionMode::kRetrievalHeads, /*staged=*/true);
+  RunPasses(SelectionMode::kHybrid, /*staged=*/true);
+}
+
+TEST(SessionHybrid, StagedPoolSelectsWhatTheHostPoolSelects) {
+  const uint64_t seed = std::random_device{}();
+  for (SelectionMode mode : {SelectionMode::kRetrievalHeads, SelectionMode::kHybrid}) {
+    std::mt19937_64 rng_a(seed), rng_b(seed);
+    Fixture host = Make(mode, rng_a), staged = Make(mode, rng_b, /*staged=*/true);
+    std::mt19937_64 rng(seed + 7);
+    for (uint32_t l : {1u, 2u}) {
+      const auto q = RandomQuery(rng);
+      auto a = host.session->Retrieve(RetrieveArgs{l, q.data(), DType::kF32});
+      auto b = staged.session->Retrieve(RetrieveArgs{l, q.data(), DType::kF32});
+      ASSERT_TRUE(a.ok() && b.ok());
+      EXPECT_EQ(a->bytes_read, b->bytes_read);
+      for (uint32_t h = 0; h < HKV; ++h) {
+        EXPECT_EQ(a->heads[h].role, b->heads[h].role);
+        EXPECT_EQ(a->heads[h].starts, b->heads[h].starts) << "layer " << l << " head " << h;
+        EXPECT_EQ(a->heads[h].ends, b->heads[h].ends);
+      }
+    }
+    EXPECT_GT(static_cast<StagedPool*>(staged.pool.get())->copies_out, 0u);
+  }
+}
 
 TEST(SessionHybrid, RetrieveFollowsTheSameStateAsAttend) {
   std::mt19937_64 rng(std::random_device{}());
