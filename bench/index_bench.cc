@@ -1144,6 +1144,18 @@ std::string Commit() {
   return out.empty() ? "unknown" : out;
 }
 
+// Writes the results (nothing when path is empty); the process exit status.
+int WriteJson(const json& out, const std::string& path) {
+  if (path.empty()) return 0;
+  std::ofstream f(path);
+  f << out.dump(2) << "\n";
+  if (!f) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    return 1;
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
@@ -1252,15 +1264,7 @@ int Main(int argc, char** argv) {
   if (a.hybrid_only) {
     out["hybrid"] = run_hybrid();
     out["wall_seconds"] = Seconds(start, Clock::now());
-    if (!a.json_path.empty()) {
-      std::ofstream f(a.json_path);
-      f << out.dump(2) << "\n";
-      if (!f) {
-        std::fprintf(stderr, "cannot write %s\n", a.json_path.c_str());
-        return 1;
-      }
-    }
-    return 0;
+    return WriteJson(out, a.json_path);
   }
   json rows = json::array();
   for (uint64_t T : contexts) {
@@ -1318,15 +1322,7 @@ int Main(int argc, char** argv) {
                 c["nodes_visited"].get<double>(), c["us_per_query"].get<double>());
   }
   std::printf("wall %.1fs\n", out["wall_seconds"].get<double>());
-  if (!a.json_path.empty()) {
-    std::ofstream f(a.json_path);
-    f << out.dump(2) << "\n";
-    if (!f) {
-      std::fprintf(stderr, "cannot write %s\n", a.json_path.c_str());
-      return 1;
-    }
-  }
-  return 0;
+  return WriteJson(out, a.json_path);
 }
 
 }  // namespace
