@@ -442,15 +442,17 @@ Pick SelectFlatClusters(const Context& cx, const float* query, uint32_t budget) 
   return p;
 }
 
+// Budgeted search of KV heads [0, heads) (0: all).
 Pick SelectTreeBudget(const Context& cx, const float* query, uint32_t budget,
-                      const index::BudgetSearchOptions& opt) {
+                      const index::BudgetSearchOptions& opt, uint32_t heads = 0) {
   const Dataset& ds = *cx.ds;
   const uint32_t D = ds.dim, G = ds.group();
+  const uint32_t H = heads == 0 ? ds.kv_heads : heads;
   Pick p;
   p.ranges.resize(ds.kv_heads);
-  std::vector<index::Selection> sels(ds.kv_heads);
+  std::vector<index::Selection> sels(H);
   auto t0 = Clock::now();
-  for (uint32_t h = 0; h < ds.kv_heads; ++h) {
+  for (uint32_t h = 0; h < H; ++h) {
     auto sel = cx.trees[h]->SearchBudget(
         std::span<const float>(query + size_t{h} * G * D, size_t{G} * D), budget, opt);
     if (!sel.ok()) {
@@ -460,7 +462,7 @@ Pick SelectTreeBudget(const Context& cx, const float* query, uint32_t budget,
     sels[h] = std::move(*sel);
   }
   p.seconds = Seconds(t0, Clock::now());
-  for (uint32_t h = 0; h < ds.kv_heads; ++h) {
+  for (uint32_t h = 0; h < H; ++h) {
     for (uint32_t c : sels[h].chunks) AddRange(&p.ranges[h], cx.starts[c], cx.starts[c] + cx.lens[c]);
     p.bytes += double(sels[h].cost.bytes_read);
     p.nodes += double(sels[h].cost.nodes_visited);
@@ -563,31 +565,12 @@ Pick SelectRetrievalHeads(const Context& cx, const float* query, uint32_t budget
 }
 
 Pick SelectHybrid(const Context& cx, const float* query, uint32_t budget) {
-  const Dataset& ds = *cx.ds;
-  const uint32_t D = ds.dim, G = ds.group();
-  Pick p;
-  p.ranges.resize(ds.kv_heads);
-  std::vector<index::Selection> sels(kStackIndices);
-  auto t0 = Clock::now();
-  for (uint32_t h = 0; h < kStackIndices; ++h) {
-    auto sel = cx.trees[h]->SearchBudget(
-        std::span<const float>(query + size_t{h} * G * D, size_t{G} * D), budget, BudgetOptions());
-    if (!sel.ok()) std::exit(1);
-    sels[h] = std::move(*sel);
-  }
-  p.seconds = Seconds(t0, Clock::now());
-  for (uint32_t h = 0; h < ds.kv_heads; ++h) {
-    if (IsRetrievalLayerHead(h)) {
-      AddRange(&p.ranges[h], kSinkTokens, cx.sealed);  // full attention, as in retrieval_heads
-      continue;
-    }
-    for (uint32_t c : sels[h % kStackIndices].chunks) {
-      AddRange(&p.ranges[h], cx.starts[c], cx.starts[c] + cx.lens[c]);
-    }
-  }
-  for (const auto& sel : sels) {
-    p.bytes += double(sel.cost.bytes_read);
-    p.nodes += double(sel.cost.nodes_visited);
+  // The retrieval heads' budgeted searches pick; they attend densely, the others reuse.
+  Pick p = SelectTreeBudget(cx, query, budget, BudgetOptions(), kStackIndices);
+  for (uint32_t h = cx.ds->kv_heads; h-- > 0;) {
+    p.ranges[h] = IsRetrievalLayerHead(h) ? std::vector<std::pair<uint64_t, uint64_t>>{}
+                                          : p.ranges[h % kStackIndices];
+    if (IsRetrievalLayerHead(h)) AddRange(&p.ranges[h], kSinkTokens, cx.sealed);
   }
   return p;
 }

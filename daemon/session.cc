@@ -22,6 +22,16 @@ uint64_t NowMs() {
 
 ParallelPool* g_search_pool = nullptr;
 
+// Runs f(0..n-1) on the search pool when one is configured, else in order on this thread.
+template <typename F>
+void ForEachHead(uint32_t n, F&& f) {
+  if (g_search_pool != nullptr) {
+    g_search_pool->For(n, f);
+  } else {
+    for (uint32_t h = 0; h < n; ++h) f(h);
+  }
+}
+
 }  // namespace
 
 void SetSearchPool(ParallelPool* pool) { g_search_pool = pool; }
@@ -444,11 +454,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     }
     cost[h] = sel->cost;
   };
-  if (g_search_pool != nullptr) {
-    g_search_pool->For(H, search);
-  } else {
-    for (uint32_t h = 0; h < H; ++h) search(h);
-  }
+  ForEachHead(H, search);
   for (uint32_t h = 0; h < H; ++h) {
     KVMEM_RETURN_IF_ERROR(status[h]);
     *nodes += cost[h].nodes_visited;
@@ -620,11 +626,7 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
     auto scan = [&](uint32_t h) {
       if (retrieval[h]) status[h] = ScanRetrievalHead(layer, h, qf, budget, ro, &(*sel)[h], &head_bytes[h]);
     };
-    if (g_search_pool != nullptr) {
-      g_search_pool->For(H, scan);
-    } else {
-      for (uint32_t h = 0; h < H; ++h) scan(h);
-    }
+    ForEachHead(H, scan);
     for (uint32_t h = 0; h < H; ++h) {
       KVMEM_RETURN_IF_ERROR(status[h]);
       *bytes += head_bytes[h];
