@@ -626,7 +626,12 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
     auto scan = [&](uint32_t h) {
       if (retrieval[h]) status[h] = ScanRetrievalHead(layer, h, qf, budget, ro, &(*sel)[h], &head_bytes[h]);
     };
-    ForEachHead(H, scan);
+    if (pool_->is_host()) {
+      ForEachHead(H, scan);
+    } else {
+      // Each scan stages a head's keys on the host: one at a time bounds that memory.
+      for (uint32_t h = 0; h < H; ++h) scan(h);
+    }
     for (uint32_t h = 0; h < H; ++h) {
       KVMEM_RETURN_IF_ERROR(status[h]);
       *bytes += head_bytes[h];
