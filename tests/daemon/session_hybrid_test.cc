@@ -12,6 +12,7 @@
 #include <cstring>
 #include <set>
 
+#include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "testing/reference.h"
 
@@ -256,6 +257,15 @@ void RunPasses(SelectionMode mode, bool staged = false) {
 TEST(SessionHybrid, RetrievalHeadsRolesReuseAndOutputs) { RunPasses(SelectionMode::kRetrievalHeads); }
 
 TEST(SessionHybrid, HybridRolesReuseAndOutputs) { RunPasses(SelectionMode::kHybrid); }
+
+// Retrieval heads of one layer scanned / searched in parallel (the daemon's --search-threads).
+TEST(SessionHybrid, ParallelSearchPoolSameChecks) {
+  ParallelPool pool(3);
+  SetSearchPool(&pool);
+  RunPasses(SelectionMode::kRetrievalHeads);
+  RunPasses(SelectionMode::kHybrid);
+  SetSearchPool(nullptr);
+}
 
 // The same checks through a pool the session must copy out of (the CUDA backend's paths).
 TEST(SessionHybrid, StagedPoolRolesReuseAndOutputs) {
