@@ -87,7 +87,8 @@ class StagedPool final : public KVPool {
   std::unique_ptr<uint8_t, Free> mem_;
 };
 
-Fixture Make(SelectionMode mode, std::mt19937_64& rng, bool staged = false) {
+Fixture Make(SelectionMode mode, std::mt19937_64& rng, bool staged = false,
+             const ModelProfile& profile = Profile()) {
   Fixture f;
   if (staged) {
     f.pool = std::make_unique<StagedPool>(256ull << 20);
@@ -99,7 +100,7 @@ Fixture Make(SelectionMode mode, std::mt19937_64& rng, bool staged = false) {
   o.sink_tokens = kSinks;
   o.default_budget_tokens = kBudget;
   o.retrieval.block_tokens = kBlock;
-  auto s = Session::Create(9, "t", Profile(), o, f.pool.get());
+  auto s = Session::Create(9, "t", profile, o, f.pool.get());
   EXPECT_TRUE(s.ok()) << s.status().ToString();
   f.session = std::move(*s);
   f.keys.assign(uint64_t{L} * HKV * kCapacity * D * 4, 0);
@@ -264,6 +265,27 @@ TEST(SessionHybrid, ParallelSearchPoolSameChecks) {
   SetSearchPool(&pool);
   RunPasses(SelectionMode::kRetrievalHeads);
   RunPasses(SelectionMode::kHybrid);
+  // Every head of layer 1 a retrieval head: the heads are scanned / searched concurrently and
+  // must select what a sequential run selects.
+  ModelProfile all = Profile();
+  for (uint32_t h = 0; h < HKV; ++h) all.retrieval_head_mask[1 * HKV + h] = 1;
+  const uint64_t seed = std::random_device{}();
+  for (SelectionMode mode : {SelectionMode::kRetrievalHeads, SelectionMode::kHybrid}) {
+    std::mt19937_64 rng_a(seed), rng_b(seed), rq(seed + 3);
+    Fixture par = Make(mode, rng_a, false, all), seq = Make(mode, rng_b, false, all);
+    const auto q = RandomQuery(rq);
+    SetSearchPool(&pool);
+    auto a = par.session->Retrieve(RetrieveArgs{1, q.data(), DType::kF32});
+    SetSearchPool(nullptr);
+    auto b = seq.session->Retrieve(RetrieveArgs{1, q.data(), DType::kF32});
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(a->bytes_read, b->bytes_read);
+    for (uint32_t h = 0; h < HKV; ++h) {
+      EXPECT_EQ(a->heads[h].role, HeadRole::kRetrieval);
+      EXPECT_FALSE(a->heads[h].starts.empty());
+      EXPECT_EQ(a->heads[h].starts, b->heads[h].starts) << "head " << h;
+    }
+  }
   SetSearchPool(nullptr);
 }
 
