@@ -244,6 +244,10 @@ class Client:
         boundary: int = 0,
         return_lse: bool = False,
         return_selection: bool = False,
+        retrieval_rule: str = "default",
+        retrieval_rule_value: float = 0.0,
+        retrieval_block_tokens: int = 0,
+        retrieval_block_pooling: str = "default",
     ):
         """Attention for one decode step of one layer.
 
@@ -261,16 +265,24 @@ class Client:
         va = None if v is None else _as_dtype(v, dt, "v")
         out, lse, attended, selection = self._c.attend(
             session, layer, qa, ka, va, "fp32", dt, boundary, int(budget or 0), mode or "default",
-            return_lse, return_selection)
+            return_lse, return_selection, retrieval_rule, float(retrieval_rule_value),
+            int(retrieval_block_tokens), retrieval_block_pooling)
         if return_lse or return_selection:
             return out, {"lse": lse, "tokens_attended": attended, "selection": selection}
         return out
 
     def retrieve(self, session: int, *, layer: int, q: Any, budget: Optional[int] = None,
-                 top_chunks: int = 0) -> dict:
+                 top_chunks: int = 0, mode: Optional[str] = None,
+                 retrieval_rule: str = "default", retrieval_rule_value: float = 0.0,
+                 retrieval_block_tokens: int = 0,
+                 retrieval_block_pooling: str = "default") -> dict:
         """Selection only. top_chunks > 0: exact top chunks per KV head (max over the chunk of
-        q·k); otherwise the budgeted index search. Returns {"heads": [per KV head: kv_head,
-        chunks, starts, ends, scores], "nodes_visited", "bytes_read"}.
+        q·k); otherwise the budgeted index search, or in modes "retrieval_heads" / "hybrid"
+        (mode None: the session's) what attend would attend per KV head, with its role (the
+        kept selections are updated as attend does). Returns {"heads": [per KV head: kv_head,
+        chunks, starts, ends, scores, role, source_layer], "nodes_visited", "bytes_read"}.
         """
         return self._c.retrieve(session, layer, _as_dtype(q, "fp32", "q"), "fp32",
-                                int(budget or 0), top_chunks)
+                                int(budget or 0), top_chunks, mode or "default", retrieval_rule,
+                                float(retrieval_rule_value), int(retrieval_block_tokens),
+                                retrieval_block_pooling)

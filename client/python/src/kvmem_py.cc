@@ -120,6 +120,16 @@ client::BlockPooling PoolingFromName(const std::string& name) {
   throw StatusError{InvalidArgument("retrieval_block_pooling must be max or mean, got '" + name + "'")};
 }
 
+client::RetrievalParams Retrieval(const std::string& rule, float value, uint32_t block_tokens,
+                                  const std::string& pooling) {
+  client::RetrievalParams r;
+  r.rule = RuleFromName(rule);
+  r.rule_value = value;
+  r.block_tokens = block_tokens;
+  r.pooling = PoolingFromName(pooling);
+  return r;
+}
+
 nb::list Selections(const std::vector<client::HeadSelection>& heads) {
   nb::list out;
   for (const auto& h : heads) {
@@ -264,10 +274,8 @@ class PyClient {
     o.durable = durable;
     o.ttl_seconds = ttl_seconds;
     o.label = label;
-    o.retrieval.rule = RuleFromName(retrieval_rule);
-    o.retrieval.rule_value = retrieval_rule_value;
-    o.retrieval.block_tokens = retrieval_block_tokens;
-    o.retrieval.pooling = PoolingFromName(retrieval_block_pooling);
+    o.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+                            retrieval_block_pooling);
     Client& cl = c();
     nb::gil_scoped_release nogil;
     return Unwrap(cl.CreateSession(p, o, id));
@@ -323,7 +331,9 @@ class PyClient {
                    std::optional<AnyArray> new_v, const std::string& q_dtype,
                    const std::string& dtype, uint8_t boundary,
                    uint32_t budget_tokens, const std::string& mode, bool return_lse,
-                   bool return_selection) {
+                   bool return_selection, const std::string& retrieval_rule,
+                   float retrieval_rule_value, uint32_t retrieval_block_tokens,
+                   const std::string& retrieval_block_pooling) {
     const DType d = DTypeFromName(dtype);
     AttendRequest req;
     req.layer = layer;
@@ -341,6 +351,8 @@ class PyClient {
     req.return_lse = return_lse;
     req.return_selection = return_selection;
     req.out_dtype = DType::kF32;
+    req.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+                              retrieval_block_pooling);
     Client& cl = c();
     Result<client::AttendResult> r = Status(StatusCode::kUnknown, "");
     {
@@ -362,13 +374,22 @@ class PyClient {
   }
 
   nb::dict Retrieve(uint64_t id, uint32_t layer, const AnyArray& q, const std::string& dtype,
-                    uint32_t budget_tokens, uint32_t top_chunks) {
-    TensorView qv = View(q, DTypeFromName(dtype), "q");
+                    uint32_t budget_tokens, uint32_t top_chunks, const std::string& mode,
+                    const std::string& retrieval_rule, float retrieval_rule_value,
+                    uint32_t retrieval_block_tokens, const std::string& retrieval_block_pooling) {
+    client::RetrieveRequest req;
+    req.layer = layer;
+    req.q = View(q, DTypeFromName(dtype), "q");
+    req.budget_tokens = budget_tokens;
+    req.top_chunks = top_chunks;
+    req.mode = ModeFromName(mode);
+    req.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+                              retrieval_block_pooling);
     Client& cl = c();
     Result<client::RetrieveResult> r = Status(StatusCode::kUnknown, "");
     {
       nb::gil_scoped_release nogil;
-      r = cl.Retrieve(id, layer, qv, budget_tokens, top_chunks);
+      r = cl.Retrieve(id, req);
     }
     client::RetrieveResult res = Unwrap(std::move(r));
     nb::dict d;
@@ -419,9 +440,11 @@ NB_MODULE(_kvmem, m) {
            "boundaries"_a.none())
       .def("attend", &PyClient::Attend, "id"_a, "layer"_a, "q"_a, "new_k"_a.none(),
            "new_v"_a.none(), "q_dtype"_a, "dtype"_a, "boundary"_a, "budget_tokens"_a, "mode"_a,
-           "return_lse"_a, "return_selection"_a)
+           "return_lse"_a, "return_selection"_a, "retrieval_rule"_a, "retrieval_rule_value"_a,
+           "retrieval_block_tokens"_a, "retrieval_block_pooling"_a)
       .def("retrieve", &PyClient::Retrieve, "id"_a, "layer"_a, "q"_a, "dtype"_a,
-           "budget_tokens"_a, "top_chunks"_a);
+           "budget_tokens"_a, "top_chunks"_a, "mode"_a, "retrieval_rule"_a,
+           "retrieval_rule_value"_a, "retrieval_block_tokens"_a, "retrieval_block_pooling"_a);
 
   m.def(
       "boundary_classes",

@@ -281,6 +281,16 @@ def test_hybrid_heads_roles_and_reuse(client, mode):
         assert e1["selection"][0]["source_layer"] == 0
         assert e1["selection"][0]["starts"] == e0["selection"][0]["starts"]
         assert e1["tokens_attended"][0] < t // 2
+        # Per call: a ratio rule over single tokens, through retrieve.
+        r = client.retrieve(sid, layer=0, q=q, retrieval_rule="ratio", retrieval_rule_value=0.1,
+                            retrieval_block_tokens=1)
+        assert [h["role"] for h in r["heads"]] == ["retrieval", "dense"]
+        if mode == "retrieval_heads":
+            sealed = info["tokens"] - info["tail_tokens"]
+            assert len(r["heads"][0]["starts"]) == -(-(sealed - 16) // 10)  # ceil(0.1 * n)
+        with pytest.raises(kvmem.Error) as e:
+            client.attend(sid, layer=1, q=q, retrieval_rule="top_p", retrieval_rule_value=2.0)
+        assert e.value.code == "INVALID_ARGUMENT"
     finally:
         client.drop_session(sid)
 
