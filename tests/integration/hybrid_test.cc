@@ -152,6 +152,17 @@ void CheckMode(Client& client, client::Mode mode, std::mt19937_64& rng) {
   }
   rr.retrieval.rule_value = 1.5f;
   EXPECT_EQ(client.Retrieve(*id, rr).status().code(), StatusCode::kInvalidArgument);
+  // Enum values this daemon does not know are refused by name, and the session carries on.
+  rr.retrieval = {};
+  rr.retrieval.rule = static_cast<client::SelectionRule>(99);
+  auto unknown = client.Retrieve(*id, rr);
+  EXPECT_EQ(unknown.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(unknown.status().message().find("retrieval_rule"), std::string::npos);
+  rr.retrieval = {};
+  rr.retrieval.pooling = static_cast<client::BlockPooling>(7);
+  EXPECT_EQ(client.Retrieve(*id, rr).status().code(), StatusCode::kInvalidArgument);
+  rr.retrieval = {};
+  EXPECT_TRUE(client.Retrieve(*id, rr).ok());
   EXPECT_TRUE(client.DropSession(*id).ok());
 }
 
