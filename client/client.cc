@@ -466,6 +466,10 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
     out.options.durable = o->durability() == w::Durability::DURABLE;
     out.options.ttl_seconds = o->ttl_seconds();
     out.options.label = o->label() ? o->label()->str() : "";
+    out.options.retrieval.rule = static_cast<SelectionRule>(o->retrieval_rule());
+    out.options.retrieval.rule_value = o->retrieval_rule_value();
+    out.options.retrieval.block_tokens = o->retrieval_block_tokens();
+    out.options.retrieval.pooling = static_cast<BlockPooling>(o->retrieval_block_pooling());
   }
   out.tokens = s->tokens();
   out.chunks = s->chunks();
@@ -494,6 +498,8 @@ HeadSelection SelectionFromWire(const w::HeadSelection* h) {
   if (h->starts()) out.starts.assign(h->starts()->begin(), h->starts()->end());
   if (h->ends()) out.ends.assign(h->ends()->begin(), h->ends()->end());
   if (h->scores()) out.scores.assign(h->scores()->begin(), h->scores()->end());
+  out.role = static_cast<HeadRole>(h->role());
+  out.source_layer = h->source_layer();
   return out;
 }
 
@@ -528,7 +534,9 @@ Result<uint64_t> Client::CreateSession(const Profile& profile, const SessionOpti
             options.recent_window, options.default_budget_tokens,
             static_cast<w::SelectionMode>(options.mode),
             options.durable ? w::Durability::DURABLE : w::Durability::EPHEMERAL, options.ttl_seconds,
-            options.label.c_str(), false);
+            options.label.c_str(), false, static_cast<w::SelectionRule>(options.retrieval.rule),
+            options.retrieval.rule_value, options.retrieval.block_tokens,
+            static_cast<w::BlockPooling>(options.retrieval.pooling));
         return w::CreateCreateSession(fbb, id, prof, opts);
       }),
       ([](CallState& c) -> Result<uint64_t> {
@@ -702,6 +710,10 @@ Future<AttendResult> Client::AttendAsync(uint64_t id, const AttendRequest& req) 
         b.add_return_lse(req.return_lse);
         b.add_return_selection(req.return_selection);
         b.add_out_dtype(w::ToWire(req.out_dtype));
+        b.add_retrieval_rule(static_cast<w::SelectionRule>(req.retrieval.rule));
+        b.add_retrieval_rule_value(req.retrieval.rule_value);
+        b.add_retrieval_block_tokens(req.retrieval.block_tokens);
+        b.add_retrieval_block_pooling(static_cast<w::BlockPooling>(req.retrieval.pooling));
         return b.Finish();
       }),
       ([](CallState& c) -> Result<AttendResult> {
@@ -733,11 +745,24 @@ Result<AttendResult> Client::Attend(uint64_t id, const AttendRequest& req) { ret
 
 Result<RetrieveResult> Client::Retrieve(uint64_t id, uint32_t layer, const TensorView& q, uint32_t budget_tokens,
                                         uint32_t top_chunks) {
+  RetrieveRequest req;
+  req.layer = layer;
+  req.q = q;
+  req.budget_tokens = budget_tokens;
+  req.top_chunks = top_chunks;
+  return Retrieve(id, req);
+}
+
+Result<RetrieveResult> Client::Retrieve(uint64_t id, const RetrieveRequest& req) {
   auto f = KVMEM_CLIENT_CALL(
       RetrieveResult, impl_.get(),
       ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer) -> Result<flatbuffers::Offset<w::Retrieve>> {
-        KVMEM_ASSIGN_OR_RETURN(auto qt, AddTensor(fbb, packer, q, "q"));
-        return w::CreateRetrieve(fbb, id, layer, qt, budget_tokens, top_chunks);
+        KVMEM_ASSIGN_OR_RETURN(auto qt, AddTensor(fbb, packer, req.q, "q"));
+        return w::CreateRetrieve(fbb, id, req.layer, qt, req.budget_tokens, req.top_chunks,
+                                 static_cast<w::SelectionMode>(req.mode),
+                                 static_cast<w::SelectionRule>(req.retrieval.rule),
+                                 req.retrieval.rule_value, req.retrieval.block_tokens,
+                                 static_cast<w::BlockPooling>(req.retrieval.pooling));
       }),
       ([](CallState& c) -> Result<RetrieveResult> {
         const w::RetrieveReply* r = c.parsed.envelope->body_as_RetrieveReply();
