@@ -190,6 +190,7 @@ int main(int argc, char** argv) {
   topts.peer_error_handling = config.ucx_error_mode == "peer";
   topts.max_message_bytes = config.max_message_bytes;
   topts.max_inflight_per_endpoint = config.max_inflight_per_endpoint;
+  topts.max_connections = config.max_connections;
   UcxServer server(topts, &service, &executors, &io);
   if (Status s = server.Start(); !s.ok()) return Fail(s.ToString());
 
