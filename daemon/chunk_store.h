@@ -179,6 +179,12 @@ class ChunkStore {
   // than in the background). Benchmarks use it to read from a quiet store.
   Status Compact();
 
+  // Fuzzing hooks (tests/fuzz/fuzz_store_records.cc): PutRawForTest writes `value` as is under
+  // `key` in the chunks family (chunks_family) or the manifests family, beneath the record
+  // encoding; ClearForTest deletes every record of both families.
+  Status PutRawForTest(bool chunks_family, std::string_view key, std::string_view value);
+  Status ClearForTest();
+
   // Test hook: flips one byte of a stored chunk's payload in place (keeping the old CRC), so
   // the next read must report DATA_LOSS.
   Status CorruptChunkForTest(const ChunkName& c, size_t byte_offset);
