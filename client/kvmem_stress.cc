@@ -61,6 +61,8 @@ Usage: kvmem-stress (--addr HOST:PORT [--pid PID] | --spawn) --clients C --sessi
   --spawn                 start kvmemd (next to this binary) on free ports with a temporary
                           data dir, stop it with SIGTERM at the end (exit status reported)
   --daemon-arg ARG        extra kvmemd argument with --spawn (repeatable)
+  --settle SECONDS        idle wait after the sessions are dropped, before each RSS reading
+                          (default 25: kvmemd gives memory back after idle_trim_seconds, 10)
   --seed N                (default 1)
 Exit status: 0 when there were no unexpected errors and verification passed, 1 otherwise.
 )";
@@ -91,6 +93,7 @@ struct Args {
   bool spawn = false;
   std::vector<std::string> daemon_args;
   uint64_t seed = 1;
+  double settle_s = 25;
   std::string json;
 };
 
@@ -572,6 +575,7 @@ int Main(int argc, char** argv) {
     else if (k == "--max-session-tokens") { if (std::isnan(x = num(kMaxAppend, 1 << 24))) return Usage("bad --max-session-tokens"); a.max_session_tokens = static_cast<uint64_t>(x); }
     else if (k == "--pid") { if (std::isnan(x = num(1, 1 << 30))) return Usage("bad --pid"); a.pid = static_cast<pid_t>(x); }
     else if (k == "--admin-port") { if (std::isnan(x = num(1, 65535))) return Usage("bad --admin-port"); a.admin_port = static_cast<uint16_t>(x); }
+    else if (k == "--settle") { if (std::isnan(x = num(0, 3600))) return Usage("bad --settle"); a.settle_s = x; }
     else if (k == "--seed") { if (std::isnan(x = num(0, 1e15))) return Usage("bad --seed"); a.seed = static_cast<uint64_t>(x); }
     else if (k == "--mix") { if (!ParseMix(v, a.weights)) return Usage("bad --mix (e.g. append=50,attend=30,retrieve=15,drop=5)"); }
     else if (k == "--daemon-arg") a.daemon_args.push_back(v);
@@ -602,7 +606,7 @@ int Main(int argc, char** argv) {
   sh.addr = a.addr;
   std::fprintf(stderr, "kvmem-stress: warm-up %.0f s\n", a.warmup_s);
   RunPhase(&sh, a.warmup_s, /*verify=*/true);
-  std::this_thread::sleep_for(std::chrono::seconds(1));
+  std::this_thread::sleep_for(std::chrono::duration<double>(a.settle_s));
   const uint64_t rss_base = ReadRss(a.pid);
   std::fprintf(stderr, "kvmem-stress: baseline RSS %.1f MiB; %d clients, %d sessions, %.0f s\n",
                rss_base / 1048576.0, a.clients, a.sessions, a.duration_s);
@@ -624,7 +628,7 @@ int Main(int argc, char** argv) {
   const double elapsed = Now() - t0;
   done = true;
   sampler.join();
-  std::this_thread::sleep_for(std::chrono::seconds(1));
+  std::this_thread::sleep_for(std::chrono::duration<double>(a.settle_s));
   const uint64_t rss_end = ReadRss(a.pid);
   const uint64_t rss_peak = ReadRss(a.pid, "VmHWM:");
 
@@ -703,6 +707,7 @@ int Main(int argc, char** argv) {
   j["ops_per_s"] = ops / elapsed;
   j["duration_s"] = elapsed;
   j["warmup_s"] = a.warmup_s;
+  j["settle_s"] = a.settle_s;
   j["clients"] = a.clients;
   j["sessions"] = a.sessions;
   j["mix"] = nlohmann::json::object();

@@ -290,6 +290,7 @@ Status ChunkStore::InjectedFault() const {
 
 Status ChunkStore::Write(Batch* b) {
   KVMEM_RETURN_IF_ERROR(InjectedFault());
+  writes_.fetch_add(1, std::memory_order_relaxed);
   rocksdb::WriteOptions wo;
   wo.sync = options_.sync_writes;
   rocksdb::Status s = db_->Write(wo, b->wb_.get());

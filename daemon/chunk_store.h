@@ -16,6 +16,7 @@
 // owned by its caller).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -148,6 +149,8 @@ class ChunkStore {
 
   // Applies the batch atomically, through the WAL (synced when options.sync_writes).
   Status Write(Batch* b);
+  // Batches written so far (an idle detector compares two readings).
+  uint64_t write_count() const { return writes_.load(std::memory_order_relaxed); }
 
   // Reads and checks one chunk; DATA_LOSS naming it when the checksum fails, NOT_FOUND when
   // absent. Reads skip RocksDB's own block/blob checksum pass: the record CRC-32C (over key and
@@ -202,6 +205,7 @@ class ChunkStore {
   rocksdb::ColumnFamilyHandle* chunks_cf_ = nullptr;
   rocksdb::ColumnFamilyHandle* manifests_cf_ = nullptr;
   rocksdb::ColumnFamilyHandle* blocks_cf_ = nullptr;
+  std::atomic<uint64_t> writes_{0};
 };
 
 // Walks one layer's chunks in chunk order.

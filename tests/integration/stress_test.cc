@@ -21,7 +21,7 @@ TEST(Stress, ShortMixedLoadWithDisconnectsLosesNothing) {
                     ("kvmem-stress-" + std::to_string(::getpid()) + ".json");
   const std::string cmd = testing::BinDir() +
                           "/kvmem-stress --spawn --clients 4 --sessions 8 --duration 4 --warmup 1"
-                          " --disconnect-rate 0.05 --reference-rate 0.1 --json " +
+                          " --settle 1 --disconnect-rate 0.05 --reference-rate 0.1 --json " +
                           json.string() + " > /dev/null 2>&1";
   const int rc = std::system(cmd.c_str());
   std::ifstream in(json);
