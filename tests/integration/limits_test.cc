@@ -27,16 +27,40 @@ std::filesystem::path WriteConfig(const std::string& name, const std::string& te
   return p;
 }
 
-std::unique_ptr<client::Client> Connect(const DaemonProcess& d) {
-  auto c = client::Client::Connect(d.address());
-  EXPECT_TRUE(c.ok()) << c.status().ToString();
-  return c.ok() ? std::move(*c) : nullptr;
-}
+// A kvmemd started with one config file; the daemon must stop cleanly at the end.
+class Limits : public ::testing::Test {
+ protected:
+  void Start(const std::string& name, const std::string& config) {
+    cfg_ = WriteConfig(name, config);
+    d_ = std::make_unique<DaemonProcess>(std::vector<std::string>{"--config", cfg_.string()});
+    ASSERT_TRUE(d_->ready());
+  }
+  // A client with one fresh session.
+  void ConnectWithSession() {
+    auto c = client::Client::Connect(d_->address());
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    c_ = std::move(*c);
+    auto id = c_->CreateSession({L, HQ, HKV, D, DType::kBF16});
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    id_ = *id;
+  }
+  void TearDown() override {
+    c_.reset();
+    if (d_) {
+      EXPECT_EQ(d_->Stop(), 0);
+    }
+    if (!cfg_.empty()) std::filesystem::remove(cfg_);
+  }
 
-TEST(Limits, MaxConnectionsRejectsTheNextClientClearly) {
-  const auto cfg = WriteConfig("conns", R"({"max_connections": 3})");
-  DaemonProcess d({"--config", cfg.string()});
-  ASSERT_TRUE(d.ready());
+  std::filesystem::path cfg_;
+  std::unique_ptr<DaemonProcess> d_;
+  std::unique_ptr<client::Client> c_;
+  uint64_t id_ = 0;
+};
+
+TEST_F(Limits, MaxConnectionsRejectsTheNextClientClearly) {
+  Start("conns", R"({"max_connections": 3})");
+  const DaemonProcess& d = *d_;
   // The readiness probe's connection may still be closing: wait until three fit.
   std::vector<std::unique_ptr<client::Client>> held;
   for (int attempt = 0; attempt < 200 && held.size() < 3; ++attempt) {
@@ -62,18 +86,13 @@ TEST(Limits, MaxConnectionsRejectsTheNextClientClearly) {
     }
   }
   EXPECT_TRUE(reconnected);
-  EXPECT_EQ(d.Stop(), 0);
-  std::filesystem::remove(cfg);
 }
 
-TEST(Limits, MaxTokensPerSessionRefusesAppendsAndDecodeTokens) {
-  const auto cfg = WriteConfig("tokens", R"({"max_tokens_per_session": 100})");
-  DaemonProcess d({"--config", cfg.string()});
-  ASSERT_TRUE(d.ready());
-  auto c = Connect(d);
-  ASSERT_TRUE(c);
-  auto id = c->CreateSession({L, HQ, HKV, D, DType::kBF16});
-  ASSERT_TRUE(id.ok());
+TEST_F(Limits, MaxTokensPerSessionRefusesAppendsAndDecodeTokens) {
+  Start("tokens", R"({"max_tokens_per_session": 100})");
+  ConnectWithSession();
+  client::Client* c = c_.get();
+  const uint64_t* id = &id_;
   std::mt19937_64 rng(2);
   auto append = [&](uint64_t n) {
     auto kv = testing::RandomTensor(rng, DType::kBF16, size_t{L} * HKV * n * D);
@@ -99,18 +118,13 @@ TEST(Limits, MaxTokensPerSessionRefusesAppendsAndDecodeTokens) {
   EXPECT_EQ(decode.status().code(), StatusCode::kResourceExhausted) << decode.status().ToString();
   EXPECT_NE(decode.status().message().find("max_tokens_per_session"), std::string::npos);
   EXPECT_EQ(c->SessionInfo(*id)->tokens, 100u);
-  EXPECT_EQ(d.Stop(), 0);
-  std::filesystem::remove(cfg);
 }
 
-TEST(Limits, MaxInflightPerEndpointRefusesTheExcessAndServesTheRest) {
-  const auto cfg = WriteConfig("inflight", R"({"max_inflight_per_endpoint": 2})");
-  DaemonProcess d({"--config", cfg.string()});
-  ASSERT_TRUE(d.ready());
-  auto c = Connect(d);
-  ASSERT_TRUE(c);
-  auto id = c->CreateSession({L, HQ, HKV, D, DType::kBF16});
-  ASSERT_TRUE(id.ok());
+TEST_F(Limits, MaxInflightPerEndpointRefusesTheExcessAndServesTheRest) {
+  Start("inflight", R"({"max_inflight_per_endpoint": 2})");
+  ConnectWithSession();
+  client::Client* c = c_.get();
+  const uint64_t* id = &id_;
   std::mt19937_64 rng(3);
   const uint64_t T = 4096;
   auto kv = testing::RandomTensor(rng, DType::kBF16, size_t{L} * HKV * T * D);
@@ -137,11 +151,9 @@ TEST(Limits, MaxInflightPerEndpointRefusesTheExcessAndServesTheRest) {
   EXPECT_GE(refused, 1);
   EXPECT_EQ(ok + refused, 64);
   EXPECT_TRUE(c->Attend(*id, req).ok());  // nothing stays counted
-  EXPECT_EQ(d.Stop(), 0);
-  std::filesystem::remove(cfg);
 }
 
-TEST(Limits, ZeroBoundsAreRefusedAtStartup) {
+TEST_F(Limits, ZeroBoundsAreRefusedAtStartup) {
   for (const char* text : {R"({"max_connections": 0})", R"({"max_inflight_per_endpoint": 0})"}) {
     const auto cfg = WriteConfig("zero", text);
     DaemonProcess d({"--config", cfg.string()});
