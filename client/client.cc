@@ -25,6 +25,7 @@ namespace detail {
 // One request in flight and, once complete, its reply.
 struct CallState {
   uint64_t request_id = 0;
+  std::string address;                    // for error messages
   w::Frame frame;                         // keeps the request's header / spill alive
   std::vector<ucp_dt_iov_t> iov;
   std::vector<std::vector<uint8_t>> keep; // request-owned buffers (e.g. zero boundaries)
@@ -41,6 +42,14 @@ struct CallState {
 }  // namespace detail
 
 using detail::CallState;
+
+// The daemon's listener refused the connection request (UCS_ERR_REJECTED): it holds
+// max_connections connections, or it is shutting down.
+Status Rejected(const std::string& address) {
+  return ResourceExhausted("kvmemd at " + address +
+                           " rejected the connection (at its max_connections limit, or "
+                           "shutting down)");
+}
 
 // Payloads at least this large are sent from one contiguous buffer (see Send).
 constexpr size_t kGatherThreshold = 64 << 10;
@@ -171,14 +180,20 @@ void Client::Impl::OnSendDone(void* request, ucs_status_t status, void* user_dat
   ucp_request_free(request);
   holder->call->send_done.store(true, std::memory_order_release);
   if (status != UCS_OK && !holder->call->done.load()) {
-    holder->call->status = ucx::FromUcs(status, "send request");
+    holder->call->status = status == UCS_ERR_REJECTED ? Rejected(holder->call->address)
+                                                      : ucx::FromUcs(status, "send request");
     holder->call->done.store(true, std::memory_order_release);
   }
 }
 
 void Client::Impl::OnEpError(void* arg, ucp_ep_h, ucs_status_t status) {
   auto* impl = static_cast<Impl*>(arg);
-  impl->broken_status = Unavailable(std::string("connection to kvmemd lost: ") + ucs_status_string(status));
+  if (status == UCS_ERR_REJECTED) {
+    impl->broken_status = Rejected(impl->address);
+  } else {
+    impl->broken_status =
+        Unavailable(std::string("connection to kvmemd lost: ") + ucs_status_string(status));
+  }
   impl->broken = true;
 }
 
@@ -188,6 +203,7 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
   if (broken) return broken_status;
   auto call = std::make_shared<CallState>();
   call->request_id = request_id;
+  call->address = address;
   call->frame = w::MakeFrame(fbb, packer, max_am_header);
   call->deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options.request_timeout_ms);
   ucp_request_param_t p{};

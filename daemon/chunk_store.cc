@@ -290,6 +290,7 @@ Status ChunkStore::InjectedFault() const {
 
 Status ChunkStore::Write(Batch* b) {
   KVMEM_RETURN_IF_ERROR(InjectedFault());
+  writes_.fetch_add(1, std::memory_order_relaxed);
   rocksdb::WriteOptions wo;
   wo.sync = options_.sync_writes;
   rocksdb::Status s = db_->Write(wo, b->wb_.get());
@@ -469,6 +470,25 @@ Result<std::vector<StoredTailSegment>> ChunkStore::TailSegments(std::string_view
         return Status::OK();
       }));
   return out;
+}
+
+Status ChunkStore::PutRawForTest(bool chunks_family, std::string_view key,
+                                 std::string_view value) {
+  rocksdb::WriteOptions wo;
+  return FromRocksStatus(
+      db_->Put(wo, chunks_family ? chunks_cf_ : manifests_cf_, rocksdb::Slice(key.data(), key.size()),
+               rocksdb::Slice(value.data(), value.size())),
+      "store: raw put");
+}
+
+Status ChunkStore::ClearForTest() {
+  rocksdb::WriteBatch wb;
+  for (auto* cf : {chunks_cf_, manifests_cf_}) {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) wb.Delete(cf, it->key()).PermitUncheckedError();
+    KVMEM_RETURN_IF_ERROR(FromRocksStatus(it->status(), "store: clear"));
+  }
+  return FromRocksStatus(db_->Write(rocksdb::WriteOptions(), &wb), "store: clear");
 }
 
 Status ChunkStore::DeleteSession(std::string_view tenant, uint64_t session) {

@@ -16,6 +16,7 @@
 // owned by its caller).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -148,6 +149,8 @@ class ChunkStore {
 
   // Applies the batch atomically, through the WAL (synced when options.sync_writes).
   Status Write(Batch* b);
+  // Batches written so far (an idle detector compares two readings).
+  uint64_t write_count() const { return writes_.load(std::memory_order_relaxed); }
 
   // Reads and checks one chunk; DATA_LOSS naming it when the checksum fails, NOT_FOUND when
   // absent. Reads skip RocksDB's own block/blob checksum pass: the record CRC-32C (over key and
@@ -179,6 +182,12 @@ class ChunkStore {
   // than in the background). Benchmarks use it to read from a quiet store.
   Status Compact();
 
+  // Fuzzing hooks (tests/fuzz/fuzz_store_records.cc): PutRawForTest writes `value` as is under
+  // `key` in the chunks family (chunks_family) or the manifests family, beneath the record
+  // encoding; ClearForTest deletes every record of both families.
+  Status PutRawForTest(bool chunks_family, std::string_view key, std::string_view value);
+  Status ClearForTest();
+
   // Test hook: flips one byte of a stored chunk's payload in place (keeping the old CRC), so
   // the next read must report DATA_LOSS.
   Status CorruptChunkForTest(const ChunkName& c, size_t byte_offset);
@@ -196,6 +205,7 @@ class ChunkStore {
   rocksdb::ColumnFamilyHandle* chunks_cf_ = nullptr;
   rocksdb::ColumnFamilyHandle* manifests_cf_ = nullptr;
   rocksdb::ColumnFamilyHandle* blocks_cf_ = nullptr;
+  std::atomic<uint64_t> writes_{0};
 };
 
 // Walks one layer's chunks in chunk order.

@@ -53,6 +53,8 @@ Status DaemonConfig::Validate() const {
     return InvalidArgument("ucx_error_mode must be none or peer, got '" + ucx_error_mode + "'");
   }
   if (executors > 256) return InvalidArgument("executors must be <= 256");
+  if (max_connections == 0) return InvalidArgument("max_connections must be >= 1");
+  if (max_inflight_per_endpoint == 0) return InvalidArgument("max_inflight_per_endpoint must be >= 1");
   if (max_message_bytes < 4096) return InvalidArgument("max_message_bytes must be >= 4096");
   KVMEM_RETURN_IF_ERROR(ValidateOptions(session_defaults).WithContext("session defaults"));
   return Status::OK();
@@ -120,6 +122,8 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "admin_token") s = str(v, k, &c->admin_token);
     else if (k == "executors") s = u32(v, k, &c->executors);
     else if (k == "max_inflight_per_endpoint") s = u32(v, k, &c->max_inflight_per_endpoint);
+    else if (k == "max_connections") s = u32(v, k, &c->max_connections);
+    else if (k == "idle_trim_seconds") s = u32(v, k, &c->idle_trim_seconds);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
     else if (k == "search_threads") s = u32(v, k, &c->search_threads);
     else if (k == "device_memory") s = ReadBytes(v, "device_memory", &c->device_memory_bytes);

@@ -40,6 +40,16 @@ struct DaemonConfig {
   uint64_t max_message_bytes = 1ull << 30;
   // Requests one endpoint may have in flight; more get RESOURCE_EXHAUSTED. Default: 256.
   uint32_t max_inflight_per_endpoint = 256;
+  // Client connections (UCX endpoints) open at once; connection requests beyond it are
+  // rejected before an endpoint is made, so the client's Connect fails with
+  // RESOURCE_EXHAUSTED. Bounds what in-flight requests can hold together with
+  // max_inflight_per_endpoint and max_message_bytes. Default: 1024.
+  uint32_t max_connections = 1024;
+  // After this many seconds without a KV allocation or a store write, kvmemd gives memory
+  // back: retained free KV slabs are released, RocksDB memtables are flushed (their data is
+  // in the WAL already; a flush frees them and shortens the next restart's replay) and the
+  // allocator returns free heap to the system. 0 disables it. Default: 10.
+  uint32_t idle_trim_seconds = 10;
   // Sessions one tenant may hold. Default: 4096.
   uint32_t max_sessions_per_tenant = 4096;
   // Tokens one session may hold. Default: 4194304 (4 Mi).

@@ -101,12 +101,24 @@ void SlabAllocator::ReleaseSlabRun(uint32_t first, uint32_t count) {
   if (on_release_) on_release_(uint64_t{first} * slab_bytes_, uint64_t{count} * slab_bytes_);
 }
 
+uint64_t SlabAllocator::ReleaseRetained() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint32_t i : warm_) {
+    is_warm_[i] = false;
+    if (on_release_) on_release_(uint64_t{i} * slab_bytes_, slab_bytes_);
+  }
+  const uint64_t bytes = warm_.size() * slab_bytes_;
+  warm_.clear();
+  return bytes;
+}
+
 Result<uint64_t> SlabAllocator::Allocate(uint64_t bytes) {
   if (bytes > capacity_bytes()) {
     return ResourceExhausted("block of " + FormatBytes(bytes) + " exceeds the KV pool (" +
                              FormatBytes(capacity_bytes()) + ")");
   }
   const uint64_t cls = ClassBytes(bytes);
+  allocations_.fetch_add(1, std::memory_order_relaxed);
   std::lock_guard<std::mutex> lock(mu_);
   if (cls > slab_bytes_ / 4) {
     const uint32_t count = static_cast<uint32_t>((bytes + slab_bytes_ - 1) / slab_bytes_);

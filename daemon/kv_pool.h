@@ -8,6 +8,7 @@
 // back to the arena (and, for host memory, its pages back to the OS).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -54,6 +55,11 @@ class SlabAllocator {
   uint64_t allocated_bytes() const;  // sum of reserved sizes of live blocks
   uint64_t slabs_in_use() const;
   uint64_t live_blocks() const;
+  // Allocations so far (an idle detector compares two readings).
+  uint64_t allocation_count() const { return allocations_.load(std::memory_order_relaxed); }
+  // Releases every retained (warm) free slab now (ReleaseFn); returns the bytes released. For
+  // idle periods: the next allocations page-fault again, memory goes back to the system.
+  uint64_t ReleaseRetained();
 
  private:
   SlabAllocator(const Options& options, ReleaseFn on_release);
@@ -86,6 +92,7 @@ class SlabAllocator {
   std::vector<uint32_t> warm_;         // free slabs still resident, LIFO; guarded by mu_
   std::vector<bool> is_warm_;          // guarded by mu_
   const uint64_t retain_slabs_;
+  std::atomic<uint64_t> allocations_{0};
 };
 
 class ParallelPool;

@@ -6,11 +6,14 @@
 #include <malloc.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <csignal>
-#include <functional>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/log.h"
@@ -190,6 +193,7 @@ int main(int argc, char** argv) {
   topts.peer_error_handling = config.ucx_error_mode == "peer";
   topts.max_message_bytes = config.max_message_bytes;
   topts.max_inflight_per_endpoint = config.max_inflight_per_endpoint;
+  topts.max_connections = config.max_connections;
   UcxServer server(topts, &service, &executors, &io);
   if (Status s = server.Start(); !s.ok()) return Fail(s.ToString());
 
@@ -250,6 +254,42 @@ int main(int argc, char** argv) {
   };
   wait_hup();
 
+  // Idle trim (config idle_trim_seconds): its own thread, since a memtable flush may take a
+  // while and must not stall the io_context.
+  std::mutex idle_mu;
+  std::condition_variable idle_cv;
+  bool idle_exit = false;
+  std::thread idle_trim;
+  if (config.idle_trim_seconds > 0) {
+    idle_trim = std::thread([&, period = std::chrono::seconds(config.idle_trim_seconds)] {
+      SlabAllocator& alloc = (*pool)->allocator();
+      ChunkStore* st = store->get();
+      uint64_t allocs = alloc.allocation_count(), writes = st->write_count();
+      bool trimmed = true, flushed = true;
+      std::unique_lock lock(idle_mu);
+      while (!idle_cv.wait_for(lock, period, [&] { return idle_exit; })) {
+        const uint64_t a = alloc.allocation_count(), w = st->write_count();
+        if (w != writes) flushed = false;
+        if (a != allocs || w != writes) {
+          allocs = a;
+          writes = w;
+          trimmed = false;
+          continue;
+        }
+        if (trimmed) continue;  // once per idle period
+        trimmed = true;
+        const uint64_t released = alloc.ReleaseRetained();
+        if (!flushed) {
+          if (Status s = st->Flush(); !s.ok()) KVMEM_LOG_WARN("idle trim: store flush: {}", s.ToString());
+          flushed = true;
+        }
+        malloc_trim(0);
+        KVMEM_LOG_DEBUG("idle trim: released {} of retained KV slabs, flushed memtables",
+                        FormatBytes(released));
+      }
+    });
+  }
+
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   bool stopping = false;
   signals.async_wait([&](const boost::system::error_code& e, int sig) {
@@ -268,6 +308,14 @@ int main(int argc, char** argv) {
   sd::Notify("READY=1\nSTATUS=serving on " + config.listen);
   KVMEM_LOG_INFO("ready");
   io.run();
+  if (idle_trim.joinable()) {
+    {
+      std::lock_guard lock(idle_mu);
+      idle_exit = true;
+    }
+    idle_cv.notify_all();
+    idle_trim.join();
+  }
   if (admin) admin->Stop();
   executors.Shutdown();
   service.DropAll();  // sessions (and their journals) go before the store closes

@@ -22,6 +22,8 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.search_threads != current->search_threads, "search_threads");
   check(fresh.device_memory_bytes != current->device_memory_bytes, "device_memory");
   check(fresh.max_message_bytes != current->max_message_bytes, "max_message_bytes");
+  check(fresh.max_connections != current->max_connections, "max_connections");
+  check(fresh.idle_trim_seconds != current->idle_trim_seconds, "idle_trim_seconds");
   check(fresh.max_inflight_per_endpoint != current->max_inflight_per_endpoint,
         "max_inflight_per_endpoint");
   check(fresh.ucx_error_mode != current->ucx_error_mode, "ucx_error_mode");

@@ -148,13 +148,18 @@ class StoreJournal final : public SessionJournal {
       }
     }
     const uint64_t sealed_end = s.chunk_start(count - 1) + s.chunk_tokens(count - 1);
-    // Segments wholly inside stored chunks go with one range delete (cheap for later scans);
-    // they are contiguous and ordered, so [0, first segment that outlives sealed_end) covers
-    // exactly them.
+    // Segments wholly inside stored chunks go with one range delete (cheap for later scans).
+    // The range ends at the start of the first segment that outlives sealed_end: segments
+    // written by this journal are contiguous, but a restored store may hold overlapping ones,
+    // and ending the range at the last covered segment's end would then delete a segment that
+    // starts inside it and holds tokens past sealed_end (found by fuzz_store_records).
     std::vector<uint64_t> gone;
     uint64_t delete_to = 0;
     for (const auto& [start, n] : segments_) {
-      if (start + n > sealed_end) break;
+      if (start + n > sealed_end) {
+        delete_to = std::min(delete_to, start);
+        break;
+      }
       gone.push_back(start);
       delete_to = start + n;
     }

@@ -233,6 +233,17 @@ void UcxServer::Accept(ucp_conn_request_h request) {
     ucp_listener_reject(listener_.get(), request);
     return;
   }
+  if (connections_.size() >= options_.max_connections) {
+    // Rejected before an endpoint exists: an over-limit client costs nothing but the log line
+    // (the first and then every 1000th, so a flood cannot fill the log).
+    ucp_listener_reject(listener_.get(), request);
+    if (counters_.connections_rejected++ % 1000 == 0) {
+      KVMEM_LOG_WARN("connection from {} rejected: {} connections open (max_connections); {} "
+                     "rejected so far", peer, connections_.size(),
+                     counters_.connections_rejected.load());
+    }
+    return;
+  }
   auto conn = std::make_shared<Connection>();
   conn->id = next_connection_id_++;
   conn->peer = peer;

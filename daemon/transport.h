@@ -36,6 +36,7 @@ struct TransportOptions {
   bool peer_error_handling = false;
   uint64_t max_message_bytes = 1ull << 30;
   uint32_t max_inflight_per_endpoint = 256;
+  uint32_t max_connections = 1024;  // more connection requests are rejected
   std::string transports;          // UCX_TLS override; empty = all
 };
 
@@ -43,6 +44,7 @@ struct TransportCounters {
   std::atomic<uint64_t> connections_accepted{0};
   std::atomic<uint64_t> connections_open{0};
   std::atomic<uint64_t> messages_rejected{0};
+  std::atomic<uint64_t> connections_rejected{0};  // over max_connections
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
 };

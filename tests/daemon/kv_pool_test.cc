@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <map>
 #include <random>
+#include <set>
 
 namespace kvmem {
 namespace {
@@ -72,6 +73,32 @@ TEST(SlabAllocator, ExhaustionIsAClearError) {
   EXPECT_EQ((*a)->Allocate(100).status().code(), StatusCode::kResourceExhausted);
   (*a)->Free(*x);
   EXPECT_TRUE((*a)->Allocate(100).ok());
+}
+
+// Idle trim (kvmemd idle_trim_seconds): retained free slabs go back on request, once each.
+TEST(SlabAllocator, ReleaseRetainedGivesBackWarmSlabsOnce) {
+  std::vector<std::pair<uint64_t, uint64_t>> released;
+  auto a = SlabAllocator::Create({16ull << 20, 1ull << 20, 4ull << 20},
+                                 [&](uint64_t off, uint64_t bytes) { released.push_back({off, bytes}); });
+  ASSERT_TRUE(a.ok());
+  std::vector<uint64_t> blocks;
+  for (int i = 0; i < 6; ++i) blocks.push_back(*(*a)->Allocate(1ull << 20));  // one slab each
+  EXPECT_EQ((*a)->allocation_count(), 6u);
+  for (uint64_t b : blocks) (*a)->Free(b);
+  // 4 slabs stay resident (retain_bytes), 2 were released at once.
+  EXPECT_EQ(released.size(), 2u);
+  EXPECT_EQ((*a)->ReleaseRetained(), 4ull << 20);
+  EXPECT_EQ(released.size(), 6u);
+  std::set<uint64_t> offsets;
+  for (auto& [off, bytes] : released) {
+    EXPECT_EQ(bytes, 1ull << 20);
+    offsets.insert(off);
+  }
+  EXPECT_EQ(offsets.size(), 6u);  // every slab released exactly once
+  EXPECT_EQ((*a)->ReleaseRetained(), 0u);
+  // The released slabs are allocatable again.
+  for (int i = 0; i < 16; ++i) EXPECT_TRUE((*a)->Allocate(1ull << 20).ok()) << i;
+  EXPECT_EQ((*a)->allocation_count(), 22u);
 }
 
 TEST(SlabAllocator, RejectsBadOptions) {
