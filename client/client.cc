@@ -447,6 +447,11 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
   out.created_unix_ms = s->created_unix_ms();
   out.last_used_unix_ms = s->last_used_unix_ms();
   out.mean_chunk_tokens = s->mean_chunk_tokens();
+  out.host_bytes = s->host_bytes();
+  out.disk_bytes = s->disk_bytes();
+  out.fetched_blocks = s->fetched_blocks();
+  out.prefetched_blocks = s->prefetched_blocks();
+  out.evicted_blocks = s->evicted_blocks();
   if (s->layers()) {
     for (const w::LayerInfo* l : *s->layers()) {
       LayerInfo li;
@@ -571,6 +576,26 @@ Result<VerifyResult> Client::VerifySession(uint64_t id) {
         v.chunks = r->chunks();
         if (r->bad()) for (const auto* b : *r->bad()) v.bad.push_back(b->str());
         return v;
+      }));
+  return f.Get();
+}
+
+Result<EvictResult> Client::EvictSession(uint64_t id, bool to_disk) {
+  auto f = KVMEM_CLIENT_CALL(
+      EvictResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&) -> Result<flatbuffers::Offset<w::EvictSession>> {
+        return w::CreateEvictSession(fbb, id, to_disk ? w::EvictTarget::DISK : w::EvictTarget::HOST);
+      }),
+      ([](CallState& c) -> Result<EvictResult> {
+        const w::EvictSessionReply* r = c.parsed.envelope->body_as_EvictSessionReply();
+        if (r == nullptr) return Internal("EvictSession: unexpected reply type");
+        EvictResult e;
+        e.blocks = r->blocks();
+        e.bytes = r->bytes();
+        e.device_bytes = r->device_bytes();
+        e.host_bytes = r->host_bytes();
+        e.disk_bytes = r->disk_bytes();
+        return e;
       }));
   return f.Get();
 }

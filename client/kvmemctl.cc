@@ -44,6 +44,9 @@ Commands:
                                          stored records when durable)
   session verify ID                      re-read every stored chunk of a durable session and
                                          check checksums; exit 1 when a record is bad
+  session evict ID [--to host|disk]      move every evictable block (not sinks, the recent
+                                         window or the tail) out of the device tier: to the
+                                         host tier while it has room, or to RocksDB (default)
 
 Options:
   --addr ADDRS       daemon address(es) (default 127.0.0.1:7420, or $KVMEM_ADDR): a comma
@@ -95,7 +98,12 @@ json SummaryJson(const kvmem::client::SessionSummary& s) {
             {"durable", s.options.durable},
             {"label", s.options.label},
             {"created_unix_ms", s.created_unix_ms},
-            {"last_used_unix_ms", s.last_used_unix_ms}};
+            {"last_used_unix_ms", s.last_used_unix_ms},
+            {"host_bytes", s.host_bytes},
+            {"disk_bytes", s.disk_bytes},
+            {"fetched_blocks", s.fetched_blocks},
+            {"prefetched_blocks", s.prefetched_blocks},
+            {"evicted_blocks", s.evicted_blocks}};
   if (!s.layers.empty()) {
     json layers = json::array();
     for (const auto& l : s.layers) {
@@ -168,7 +176,7 @@ int main(int argc, char** argv) {
   const std::string sub = args.words.size() > 1 ? args.words[1] : "";
   const bool known = cmd == "status" || cmd == "ping" || cmd == "top" ||
                      (cmd == "session" && (sub == "create" || sub == "list" || sub == "show" || sub == "drop" ||
-                                           sub == "verify"));
+                                           sub == "verify" || sub == "evict"));
   if (!known) return Usage("unknown command '" + cmd + (sub.empty() ? "" : " " + sub) + "'");
 
   // Validate flags before connecting, so usage errors do not need a daemon.
@@ -216,7 +224,7 @@ int main(int argc, char** argv) {
       else return Usage("--durability must be ephemeral or durable");
     }
   }
-  if (cmd == "session" && (sub == "show" || sub == "drop" || sub == "verify")) {
+  if (cmd == "session" && (sub == "show" || sub == "drop" || sub == "verify" || sub == "evict")) {
     if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("session " + sub + " needs a session ID");
   }
 
@@ -448,7 +456,12 @@ int main(int argc, char** argv) {
       std::printf("tokens       %llu (%llu chunks, mean %.1f tokens; tail %u)\n",
                   static_cast<unsigned long long>(s->tokens), static_cast<unsigned long long>(s->chunks),
                   s->mean_chunk_tokens, s->tail_tokens);
-      std::printf("memory       %s\n", kvmem::FormatBytes(s->bytes).c_str());
+      std::printf("memory       %s device, %s host, %s only in RocksDB\n", kvmem::FormatBytes(s->bytes).c_str(),
+                  kvmem::FormatBytes(s->host_bytes).c_str(), kvmem::FormatBytes(s->disk_bytes).c_str());
+      std::printf("tiers        %llu blocks evicted, %llu fetched back when selected, %llu prefetched\n",
+                  static_cast<unsigned long long>(s->evicted_blocks),
+                  static_cast<unsigned long long>(s->fetched_blocks),
+                  static_cast<unsigned long long>(s->prefetched_blocks));
       std::printf("%-6s %10s %6s  %s\n", "LAYER", "TOKENS", "DEPTH", "TREE NODES PER LEVEL");
       for (const auto& l : s->layers) {
         std::string nodes;
@@ -474,6 +487,24 @@ int main(int argc, char** argv) {
       for (const auto& b : v->bad) std::printf("  %s\n", b.c_str());
     }
     return v->ok ? 0 : 1;
+  }
+  if (sub == "evict") {
+    const std::string to = args.Get("--to") ? *args.Get("--to") : "disk";
+    if (to != "host" && to != "disk") return Usage("session evict: --to must be host or disk");
+    auto owner = cluster.For(id);
+    if (!owner.ok()) return Report(owner.status(), as_json);
+    auto e = (*owner)->EvictSession(id, to == "disk");
+    if (!e.ok()) return Report(e.status(), as_json);
+    if (as_json) {
+      std::printf("%s\n", json({{"blocks", e->blocks}, {"bytes", e->bytes}, {"device_bytes", e->device_bytes},
+                                {"host_bytes", e->host_bytes}, {"disk_bytes", e->disk_bytes}}).dump().c_str());
+    } else {
+      std::printf("evicted %llu blocks (%s) to %s; session now %s device, %s host, %s only in RocksDB\n",
+                  static_cast<unsigned long long>(e->blocks), kvmem::FormatBytes(e->bytes).c_str(), to.c_str(),
+                  kvmem::FormatBytes(e->device_bytes).c_str(), kvmem::FormatBytes(e->host_bytes).c_str(),
+                  kvmem::FormatBytes(e->disk_bytes).c_str());
+    }
+    return 0;
   }
   if (sub == "drop") {
     Status s = cluster.DropSession(id);

@@ -140,7 +140,7 @@ ChunkStore::ChunkStore(StoreOptions options) : options_(std::move(options)) {}
 
 ChunkStore::~ChunkStore() {
   if (db_) {
-    for (auto* cf : {chunks_cf_, manifests_cf_, blocks_cf_}) {
+    for (auto* cf : {chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
       if (cf) db_->DestroyColumnFamilyHandle(cf).PermitUncheckedError();
     }
     db_->Close().PermitUncheckedError();
@@ -184,7 +184,8 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
       {rocksdb::kDefaultColumnFamilyName, small},
       {"chunks", chunks},
       {"manifests", small},
-      {"memory_blocks", chunks}};
+      {"memory_blocks", chunks},
+      {"spill", chunks}};
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
   KVMEM_RETURN_IF_ERROR(FromRocksStatus(rocksdb::DB::Open(dbo, options.path, cfs, &handles, &raw),
@@ -194,6 +195,19 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
   store->chunks_cf_ = handles[1];
   store->manifests_cf_ = handles[2];
   store->blocks_cf_ = handles[3];
+  store->spill_cf_ = handles[4];
+  // Spilled blocks belonged to ephemeral sessions of the previous process: drop them all.
+  {
+    rocksdb::ColumnFamilyHandle* fresh = nullptr;
+    rocksdb::Status ds = raw->DropColumnFamily(store->spill_cf_);
+    if (ds.ok()) {
+      raw->DestroyColumnFamilyHandle(store->spill_cf_).PermitUncheckedError();
+      store->spill_cf_ = nullptr;
+      ds = raw->CreateColumnFamily(chunks, "spill", &fresh);
+      store->spill_cf_ = fresh;
+    }
+    KVMEM_RETURN_IF_ERROR(FromRocksStatus(ds, "store: clearing the spill family"));
+  }
   // The default family's handle is owned by the DB; keep it out of the destroy list.
   raw->DestroyColumnFamilyHandle(handles[0]).PermitUncheckedError();
   store->default_cf_ = raw->DefaultColumnFamily();
@@ -486,11 +500,59 @@ Status ChunkStore::DeleteSession(std::string_view tenant, uint64_t session) {
   return FromRocksStatus(db_->Write(wo, &wb), "store: delete session " + std::to_string(session));
 }
 
+Status ChunkStore::PutSpill(const ChunkName& c, const void* data, size_t bytes) {
+  KVMEM_RETURN_IF_ERROR(InjectedFault());
+  const std::string key = ChunkKey(c);
+  std::string header;
+  header.push_back(static_cast<char>(kRecordVersion));
+  PutLE32(&header, RecordCrc(key, data, bytes));
+  const rocksdb::Slice key_part(key), value_parts[2] = {
+      rocksdb::Slice(header), rocksdb::Slice(static_cast<const char*>(data), bytes)};
+  rocksdb::WriteBatch wb;
+  wb.Put(spill_cf_, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
+      .PermitUncheckedError();
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
+  return FromRocksStatus(db_->Write(wo, &wb), "store: spill " + c.ToString());
+}
+
+Status ChunkStore::GetSpill(const ChunkName& c, ChunkValue* value) const {
+  const std::string key = ChunkKey(c);
+  value->pin_->Reset();
+  value->payload_ = {};
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;  // the record CRC-32C is checked instead
+  if (rocksdb::Status rs = db_->Get(ro, spill_cf_, key, value->pin_.get()); !rs.ok()) {
+    return FromRocksStatus(rs, "spilled " + c.ToString());
+  }
+  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()),
+                      [&c] { return "spilled " + c.ToString(); }, &value->payload_);
+}
+
+Status ChunkStore::DeleteSpill(std::string_view tenant, uint64_t session) {
+  const std::string p = SessionPrefix(tenant, session);
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
+  return FromRocksStatus(db_->DeleteRange(wo, spill_cf_, p, UpperBound(p)),
+                         "store: delete spilled blocks of session " + std::to_string(session));
+}
+
+uint64_t ChunkStore::LiveDataBytes() const {
+  uint64_t total = 0;
+  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
+    uint64_t v = 0;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kEstimateLiveDataSize, &v)) total += v;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kLiveBlobFileSize, &v)) total += v;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kCurSizeAllMemTables, &v)) total += v;
+  }
+  return total;
+}
+
 Status ChunkStore::Flush() {
   rocksdb::FlushOptions fo;
   fo.wait = true;
   KVMEM_RETURN_IF_ERROR(FromRocksStatus(
-      db_->Flush(fo, {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}), "store: flush"));
+      db_->Flush(fo, {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}), "store: flush"));
   return FromRocksStatus(db_->SyncWAL(), "store: sync WAL");
 }
 
@@ -498,7 +560,7 @@ Status ChunkStore::SyncWal() { return FromRocksStatus(db_->SyncWAL(), "store: sy
 
 Status ChunkStore::Compact() {
   rocksdb::CompactRangeOptions co;
-  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}) {
+  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
     KVMEM_RETURN_IF_ERROR(
         FromRocksStatus(db_->CompactRange(co, cf, nullptr, nullptr), "store: compact"));
   }

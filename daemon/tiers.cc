@@ -113,6 +113,8 @@ class StoreJournal final : public SessionJournal {
     }
   }
 
+  uint32_t stored_chunks() const override { return stored_chunks_; }
+
   void ChunksSealed(const Session& s) override {
     const uint32_t count = s.chunk_count();
     if (count <= stored_chunks_) return;
@@ -182,13 +184,14 @@ std::string SessionName(const std::string& tenant, uint64_t id) {
 }
 
 // Restores one session (header already decoded).
-Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreStats* stats) {
+Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, RestoredSession* r,
+                  RestoreStats* stats) {
   const Shape sh(r->profile);
   const std::string name = SessionName(r->tenant, r->id);
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store->ChunkTable(r->tenant, r->id));
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredTailSegment> tails, store->TailSegments(r->tenant, r->id));
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
-                         Session::Create(r->id, r->tenant, r->profile, r->options, pool));
+                         Session::Create(r->id, r->tenant, r->profile, r->options, pool, tiers));
   uint64_t next = 0;
   for (size_t i = 0; i < table.size(); ++i) {
     if (table[i].chunk != i || table[i].start != next) {
@@ -262,6 +265,7 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
                   std::move(tail_bounds));
   s->AttachJournal(std::move(journal));
   s->journal()->ChunksSealed(*s);  // chunks sealed by the replay but not stored yet
+  s->MarkStoredChunks();
   stats->tokens += s->tokens();
   stats->chunks += s->chunk_count();
   r->session = std::move(s);
@@ -322,7 +326,7 @@ Status MakeDurable(ChunkStore* store, Session* session) {
 
 Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* pool,
                                                      const SessionOptions& defaults,
-                                                     RestoreStats* stats) {
+                                                     RestoreStats* stats, TierContext* tiers) {
   const auto t0 = std::chrono::steady_clock::now();
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredSessionRef> refs, store->ListSessions());
   std::vector<RestoredSession> out;
@@ -332,7 +336,7 @@ Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* 
     r.id = ref.session;
     r.status = ref.status;
     if (r.status.ok()) r.status = DecodeSessionHeader(ref.header, defaults, &r.profile, &r.options);
-    if (r.status.ok()) r.status = RestoreOne(store, pool, &r, stats);
+    if (r.status.ok()) r.status = RestoreOne(store, pool, tiers, &r, stats);
     if (r.status.ok()) {
       ++stats->sessions;
     } else {

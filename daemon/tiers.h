@@ -50,9 +50,12 @@ struct RestoreStats {
 // state by replaying the stored tokens through Session::AppendKV (chunking is batch-
 // independent, so the same chunks seal), index trees rebuilt on the way, journal attached.
 // Every chunk's checksum is checked. One session's failure does not stop the others.
+// With `tiers`, chunks that do not fit the device budget stay in RocksDB (fetched when
+// selected) instead of failing the restore.
 Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* pool,
                                                      const SessionOptions& defaults,
-                                                     RestoreStats* stats);
+                                                     RestoreStats* stats,
+                                                     TierContext* tiers = nullptr);
 
 // Re-reads every stored chunk and tail segment of one session and checks checksums and
 // sizes. Result: tokens and chunks seen, and one line per bad record.
