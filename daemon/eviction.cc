@@ -20,7 +20,7 @@ bool TierContext::TryReserveHost(uint64_t bytes) {
 
 EvictResult EvictLeastRecentlySelected(std::span<const std::shared_ptr<Session>> sessions,
                                        Tier from, uint64_t bytes, Session* self,
-                                       const std::string& tenant) {
+                                       const std::string& tenant, bool self_in_op) {
   EvictResult r;
   if (bytes == 0) return r;
   // Lock what can be locked without waiting: a session busy on another executor is skipped
@@ -32,7 +32,7 @@ EvictResult EvictLeastRecentlySelected(std::span<const std::shared_ptr<Session>>
     if (!tenant.empty() && s->tenant() != tenant) continue;
     if (s.get() == self) {
       self_listed = true;
-      s->CollectEvictable(from, /*running_op=*/true, &cands);
+      s->CollectEvictable(from, self_in_op, &cands);
       continue;
     }
     std::unique_lock<std::mutex> lock(s->op_mu(), std::try_to_lock);
@@ -41,7 +41,7 @@ EvictResult EvictLeastRecentlySelected(std::span<const std::shared_ptr<Session>>
     locks.push_back(std::move(lock));
   }
   if (self != nullptr && !self_listed && (tenant.empty() || self->tenant() == tenant)) {
-    self->CollectEvictable(from, /*running_op=*/true, &cands);  // e.g. a session being restored, not registered yet
+    self->CollectEvictable(from, self_in_op, &cands);  // e.g. a session being restored, not registered yet
   }
   std::sort(cands.begin(), cands.end(), [](const EvictionCandidate& a, const EvictionCandidate& b) {
     return a.tick < b.tick;

@@ -83,12 +83,13 @@ struct EvictResult {
 // Evicts least recently selected blocks held in tier `from` (kDevice or kHost) until `bytes`
 // are freed or nothing evictable is left. Device blocks go to the host tier while it has room
 // (within its capacity), else to RocksDB; host blocks go to RocksDB. `self` (may be null)
-// is the session whose op is running on this thread: it is not locked again, and its blocks
-// in use by that op are skipped. With `tenant` non-empty only that tenant's sessions are
+// is the session whose op_mu this thread holds: it is not locked again, and, with
+// `self_in_op`, its blocks in use by the running op are skipped (false: a write being
+// admitted, before the op starts). With `tenant` non-empty only that tenant's sessions are
 // considered (quota enforcement).
 EvictResult EvictLeastRecentlySelected(std::span<const std::shared_ptr<Session>> sessions,
                                        Tier from, uint64_t bytes, Session* self,
-                                       const std::string& tenant);
+                                       const std::string& tenant, bool self_in_op = true);
 
 // TierContext::make_room over `sessions`: evicts device blocks until `bytes` are free and, while
 // at it, down to the low watermark (so a full pool does not evict block by block).

@@ -169,6 +169,11 @@ int main(int argc, char** argv) {
   if (backend == "auto") backend = CudaDeviceCount() > 0 ? "cuda" : "cpu";
   SlabAllocator::Options pool_opts;
   pool_opts.capacity_bytes = config.device_memory_bytes;
+  // A slab holds one size class; a small pool (tiny budgets, tests) needs smaller slabs to
+  // have one for every class in use: 1/512 of the pool, between 64 KiB and 4 MiB.
+  while (pool_opts.slab_bytes > (64u << 10) && pool_opts.slab_bytes * 512 > pool_opts.capacity_bytes) {
+    pool_opts.slab_bytes /= 2;
+  }
   auto pool = backend == "cuda" ? CreateDevicePool(pool_opts, 0) : CreateHostPool(pool_opts);
   if (!pool.ok()) return Fail("backend " + backend + ": " + pool.status().ToString());
   backend = (*pool)->Describe();

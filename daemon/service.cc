@@ -346,9 +346,11 @@ Status Service::MakeRoom(Session* self, uint64_t bytes) {
   return MakeDeviceRoom(SnapshotSessions(), *tiers_, self, bytes);
 }
 
-Status Service::AdmitWrite(Session* s, uint64_t need) {
+Status Service::AdmitWrite(Session* s, uint64_t raw_bytes) {
   const uint64_t quota = settings()->QuotaFor(s->tenant());
   if (quota == 0) return Status::OK();
+  // Blocks are reserved in size classes up to 12.5% larger than asked: count that in.
+  const uint64_t need = raw_bytes + raw_bytes / 8;
   const auto sessions = SnapshotSessions();
   auto held = [&] {
     uint64_t h = 0;
@@ -358,7 +360,8 @@ Status Service::AdmitWrite(Session* s, uint64_t need) {
   };
   uint64_t h = held();
   if (h + need <= quota) return Status::OK();
-  EvictResult r = EvictLeastRecentlySelected(sessions, Tier::kDevice, h + need - quota, s, s->tenant());
+  EvictResult r = EvictLeastRecentlySelected(sessions, Tier::kDevice, h + need - quota, s,
+                                             s->tenant(), /*self_in_op=*/false);
   h = held();
   if (h + need <= quota) return Status::OK();
   return ResourceExhausted("tenant " + s->tenant() + " is over its memory quota: quota " +
