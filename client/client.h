@@ -106,6 +106,13 @@ struct SessionSummary {
   uint64_t evicted_blocks = 0;
 };
 
+struct SnapshotResult {
+  uint64_t tokens = 0, chunks = 0, bytes = 0;
+};
+struct RestoreResult {
+  uint64_t id = 0, tokens = 0, chunks = 0;
+};
+
 // Result of EvictSession.
 struct EvictResult {
   uint64_t blocks = 0;  // (chunk, layer) blocks moved
@@ -239,6 +246,11 @@ class Client {
   // Moves every evictable block (not sinks, recent window or tail) out of the device tier:
   // to the host tier while it has room (to_disk false) or to RocksDB (to_disk true).
   Result<EvictResult> EvictSession(uint64_t id, bool to_disk);
+  // Snapshots: a durable, consistent point-in-time copy of session `id` under `name` (unique
+  // per tenant, survives restarts); Restore makes a new session `new_id` from one.
+  Result<SnapshotResult> Snapshot(uint64_t id, const std::string& name);
+  Result<RestoreResult> Restore(const std::string& name, uint64_t new_id, bool durable = false);
+  Status DropSnapshot(const std::string& name);
 
   // keys / values: [layers, kv_heads, tokens, head_dim] in the profile dtype;
   // boundaries: [tokens] classes 0..5, or empty.

@@ -435,6 +435,18 @@ Result<std::vector<StoredSessionRef>> ChunkStore::ListSessions() const {
   return out;
 }
 
+Status ChunkStore::GetHeader(std::string_view tenant, uint64_t session, std::string* payload) const {
+  const std::string key = HeaderKey(tenant, session);
+  std::string value;
+  const std::string what = "session header (tenant " + std::string(tenant) + ", session " +
+                           std::to_string(session) + ")";
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(rocksdb::ReadOptions(), manifests_cf_, key, &value), what));
+  std::string_view body;
+  KVMEM_RETURN_IF_ERROR(DecodeRecord(key, value, what, &body));
+  payload->assign(body);
+  return Status::OK();
+}
+
 Result<std::vector<StoredChunkEntry>> ChunkStore::ChunkTable(std::string_view tenant,
                                                              uint64_t session) const {
   std::vector<StoredChunkEntry> out;

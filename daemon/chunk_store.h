@@ -166,6 +166,8 @@ class ChunkStore {
 
   // Every stored session header.
   Result<std::vector<StoredSessionRef>> ListSessions() const;
+  // One session header (verified); NOT_FOUND when absent.
+  Status GetHeader(std::string_view tenant, uint64_t session, std::string* payload) const;
   Result<std::vector<StoredChunkEntry>> ChunkTable(std::string_view tenant, uint64_t session) const;
   Result<std::vector<StoredTailSegment>> TailSegments(std::string_view tenant, uint64_t session) const;
 

@@ -121,6 +121,8 @@ uint64_t Service::ShardKey(const w::Envelope* env) {
     case w::Body::Retrieve: return env->body_as_Retrieve()->session_id();
     case w::Body::VerifySession: return env->body_as_VerifySession()->session_id();
     case w::Body::EvictSession: return env->body_as_EvictSession()->session_id();
+    case w::Body::Snapshot: return env->body_as_Snapshot()->session_id();
+    case w::Body::Restore: return env->body_as_Restore()->session_id();
     case w::Body::AttendBatch: {
       auto items = env->body_as_AttendBatch()->items();
       return items && items->size() > 0 ? items->Get(0)->session_id() : 0;
@@ -168,6 +170,9 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::Retrieve: return Retrieve(ctx, msg, env->body_as_Retrieve(), r);
     case w::Body::VerifySession: return VerifySession(ctx, env->request_id(), env->body_as_VerifySession(), r);
     case w::Body::EvictSession: return EvictSession(ctx, env->request_id(), env->body_as_EvictSession(), r);
+    case w::Body::Snapshot: return Snapshot(ctx, env->request_id(), env->body_as_Snapshot(), r);
+    case w::Body::Restore: return Restore(ctx, env->request_id(), env->body_as_Restore(), r);
+    case w::Body::DropSnapshot: return DropSnapshot(ctx, env->request_id(), env->body_as_DropSnapshot(), r);
     case w::Body::NONE: return InvalidArgument("message has no body");
     default:
       return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
@@ -403,6 +408,65 @@ Status Service::EvictSession(const RequestContext& ctx, uint64_t rid, const w::E
   const SessionStats st = s->Stats();
   auto body = w::CreateEvictSessionReply(r->fbb, res.blocks, res.bytes, st.bytes, st.host_bytes,
                                          st.disk_bytes);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::CheckNewSession(const std::string& tenant, uint64_t id) const {
+  std::shared_lock lock(mu_);
+  if (sessions_.count({tenant, id})) return AlreadyExists("session " + std::to_string(id) + " already exists");
+  if (auto it = unrestorable_.find({tenant, id}); it != unrestorable_.end()) {
+    return FailedPrecondition("session " + std::to_string(id) + " is stored but could not be restored (" +
+                              it->second.ToString() + "); drop it to reuse the id");
+  }
+  size_t mine = 0;
+  for (auto it = sessions_.lower_bound({tenant, 0}); it != sessions_.end() && it->first.first == tenant; ++it) ++mine;
+  if (mine >= settings()->max_sessions_per_tenant) {
+    return ResourceExhausted("tenant " + tenant + " already holds " + std::to_string(mine) +
+                             " sessions (max_sessions_per_tenant)");
+  }
+  return Status::OK();
+}
+
+Status Service::Snapshot(const RequestContext& ctx, uint64_t rid, const w::Snapshot* req, Reply* r) {
+  if (store_ == nullptr) return FailedPrecondition("Snapshot: no store (data_dir)");
+  if (req->name() == nullptr) return InvalidArgument("Snapshot: name missing");
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(SnapshotInfo info, WriteSnapshot(store_, *s, req->name()->str()));
+  auto body = w::CreateSnapshotReply(r->fbb, info.tokens, info.chunks, info.bytes);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::Restore(const RequestContext& ctx, uint64_t rid, const w::Restore* req, Reply* r) {
+  if (store_ == nullptr) return FailedPrecondition("Restore: no store (data_dir)");
+  if (req->name() == nullptr) return InvalidArgument("Restore: name missing");
+  if (req->session_id() == 0) return InvalidArgument("Restore: session_id must be nonzero");
+  KVMEM_RETURN_IF_ERROR(CheckNewSession(ctx.tenant, req->session_id()));
+  const Durability d = static_cast<Durability>(req->durability());
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
+                         RestoreSnapshot(store_, pool_, tiers_.get(), ctx.tenant, req->name()->str(),
+                                         req->session_id(), d, config_.session_defaults));
+  const uint64_t tokens = s->tokens(), chunks = s->chunk_count();
+  {
+    std::unique_lock lock(mu_);
+    auto [it, inserted] = sessions_.emplace(Key{ctx.tenant, req->session_id()}, std::move(s));
+    // Restore and CreateSession of one id run on the same executor (ShardKey), so the id
+    // checked free above is still free.
+    if (!inserted) return Internal("Restore: session " + std::to_string(req->session_id()) + " appeared meanwhile");
+  }
+  auto body = w::CreateRestoreReply(r->fbb, req->session_id(), tokens, chunks);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::DropSnapshot(const RequestContext& ctx, uint64_t rid, const w::DropSnapshot* req,
+                             Reply* r) {
+  if (store_ == nullptr) return FailedPrecondition("DropSnapshot: no store (data_dir)");
+  if (req->name() == nullptr) return InvalidArgument("DropSnapshot: name missing");
+  KVMEM_RETURN_IF_ERROR(DeleteSnapshot(store_, ctx.tenant, req->name()->str()));
+  auto body = w::CreateDropSnapshotReply(r->fbb);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
   return Status::OK();
 }

@@ -127,6 +127,13 @@ class Service {
                        Reply* reply);
   Status EvictSession(const RequestContext& ctx, uint64_t rid, const wire::EvictSession* req,
                       Reply* reply);
+  Status Snapshot(const RequestContext& ctx, uint64_t rid, const wire::Snapshot* req, Reply* reply);
+  Status Restore(const RequestContext& ctx, uint64_t rid, const wire::Restore* req, Reply* reply);
+  Status DropSnapshot(const RequestContext& ctx, uint64_t rid, const wire::DropSnapshot* req,
+                      Reply* reply);
+  // The checks CreateSession makes before a new id is taken: not in use (ALREADY_EXISTS), not
+  // an unrestorable stored session, the tenant's session limit.
+  Status CheckNewSession(const std::string& tenant, uint64_t id) const;
   // Quota check for a write that adds `need_bytes` to the device tier for `s` (its op_mu
   // held): over the tenant's quota, that tenant's least recently selected blocks are evicted
   // first; RESOURCE_EXHAUSTED naming tenant, quota and need when that cannot make room.

@@ -512,6 +512,7 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
   }
   chunker_ = std::move(trial);
   unsealed_boundaries_.clear();
+  boundary_log_.append(reinterpret_cast<const char*>(boundaries), n);
   tokens_ += n;
   stat_tokens_ = tokens_;
   stat_tail_ = layers_.empty() ? 0 : layers_[0].tail_tokens;
@@ -643,6 +644,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     const uint8_t b = pending_boundaries_.front();
     pending_boundaries_.pop_front();
     unsealed_boundaries_.push_back(b);
+    boundary_log_.push_back(static_cast<char>(b));
     index::Chunker trial = chunker_;
     std::vector<uint32_t> sealed;
     trial.Push(unsealed_boundaries_, &sealed);
@@ -724,7 +726,9 @@ Status Session::LogCompletingToken(const AttendArgs& a) {
   return journal_->LogTokens(tokens_, 1, k.data(), v.data(), &b);
 }
 
-Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks) {
+Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
+                             std::string_view boundaries, bool from_own_store) {
+  if (boundaries.size() != tokens) return InvalidArgument("RestoreChunk: boundary count mismatch");
   const uint32_t L = profile_.layers;
   if (layers_ahead_ != 0 || layers_[0].tail_tokens != 0 || !unsealed_boundaries_.empty()) {
     return FailedPrecondition("RestoreChunk: the session already holds tail tokens");
@@ -744,12 +748,12 @@ Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> 
                            std::to_string(bytes));
       break;
     }
-    c.blocks[l].disk = true;  // it was just read from the store
+    c.blocks[l].disk = from_own_store;  // it was just read from the session's records
     c.blocks[l].tick = op_tick_;
     auto off = AllocateBlock(bytes);
     if (!off.ok()) {
       // A store larger than the device budget: the rest stays in RocksDB until selected.
-      if (off.status().code() == StatusCode::kResourceExhausted && tiers_ != nullptr) {
+      if (from_own_store && off.status().code() == StatusCode::kResourceExhausted && tiers_ != nullptr) {
         on_disk += bytes;
         continue;
       }
@@ -770,7 +774,8 @@ Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> 
   }
   chunks_.push_back(std::move(c));
   tokens_ += tokens;
-  stored_marked_ = static_cast<uint32_t>(chunks_.size());
+  boundary_log_.append(boundaries);
+  if (from_own_store) stored_marked_ = static_cast<uint32_t>(chunks_.size());
   stat_bytes_ += reserved;
   stat_disk_bytes_ += on_disk;
   stat_chunks_ = chunks_.size();
@@ -1014,6 +1019,28 @@ void Session::Prefetch() {
       break;
     }
   }
+}
+
+Status Session::ReadTail(uint32_t* n, std::string* keys, std::string* values) const {
+  if (layers_ahead_ != 0) {
+    return FailedPrecondition("session " + std::to_string(id_) +
+                              ": a decode step has appended to only some layers; finish it first");
+  }
+  const uint32_t L = profile_.layers, H = profile_.kv_heads, T = layers_[0].tail_tokens;
+  const uint64_t row = uint64_t{profile_.head_dim} * DTypeSize(profile_.dtype);
+  *n = T;
+  keys->resize(uint64_t{L} * H * T * row);
+  values->resize(keys->size());
+  for (uint32_t l = 0; l < L; ++l) {
+    const uint64_t tail_v = layers_[l].tail_block + uint64_t{H} * tail_capacity_ * row;
+    for (uint32_t h = 0; h < H; ++h) {
+      const uint64_t src = uint64_t{h} * tail_capacity_ * row;
+      const uint64_t dst = (uint64_t{l} * H + h) * T * row;
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(keys->data() + dst, layers_[l].tail_block + src, T * row));
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(values->data() + dst, tail_v + src, T * row));
+    }
+  }
+  return Status::OK();
 }
 
 }  // namespace kvmem

@@ -204,8 +204,19 @@ class Session {
   // appended and sealed; blocks[l] is layer l's block (K rows then V rows, as ReadChunkBlock
   // gives it). Only while no tail tokens are held, i.e. before any tail replay; then call
   // FinishChunkRestore once.
-  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks);
+  // boundaries: the chunk's classes. from_own_store: the blocks were read from this session's
+  // own durable records (then they count as stored, and a block the device budget cannot hold
+  // stays there until selected); false for a snapshot image (every block must fit).
+  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
+                      std::string_view boundaries, bool from_own_store);
   Status FinishChunkRestore();
+  // Boundary classes of tokens [start, start + n) (complete tokens only).
+  std::string_view boundaries(uint64_t start, uint64_t n) const {
+    return std::string_view(boundary_log_).substr(start, n);
+  }
+  // The tail as a token batch: K and V [layers][kv_heads][n][head_dim] and the classes of
+  // tokens [tokens() - n, tokens()). FAILED_PRECONDITION mid decode step (some layers ahead).
+  Status ReadTail(uint32_t* n, std::string* keys, std::string* values) const;
 
   // --- Tiers (daemon/eviction.h). Callers hold op_mu(). ---
   // Blocks held in tier `from` that may move: not sinks, not the recent window, with somewhere
@@ -307,6 +318,7 @@ class Session {
   uint32_t layers_ahead_ = 0;   // layers with pending > 0
   std::deque<uint8_t> pending_boundaries_;   // boundary of token tokens_ + k, first layer's
   std::vector<uint8_t> unsealed_boundaries_; // complete tokens not yet fed (seal failed)
+  std::string boundary_log_;                  // class of every complete token (snapshots)
 
   std::unique_ptr<SessionJournal> journal_;
   TierContext* const tiers_;

@@ -139,6 +139,7 @@ class TiersTest : public ::testing::Test {
   std::unique_ptr<KVPool> pool_;
   std::unique_ptr<TierContext> tiers_;
   std::vector<std::shared_ptr<Session>> sessions_;
+  RestoreStats stats_;
 };
 
 TEST_F(TiersTest, EvictionToHostAndDiskKeepsAttendIdentical) {
@@ -342,6 +343,104 @@ TEST_F(TiersTest, AppendEvictDropLoopReturnsMemoryAndDiskToBaseline) {
   EXPECT_EQ(tiers_->host_used(), 0u);
   ASSERT_TRUE(store_->Compact().ok());
   EXPECT_LE(store_->LiveDataBytes(), disk_base + 64 * 1024) << "peak " << peak_disk;
+}
+
+TEST_F(TiersTest, SnapshotIsAPointInTimeImageAndRestoreMakesANewSession) {
+  std::mt19937_64 rng(8);
+  Session* s = New(40);
+  ASSERT_TRUE(Append(s, rng, 613).ok());  // chunks + a tail
+  ASSERT_GT(s->Stats().tail_tokens, 0u);
+  s->EvictAll(Tier::kDisk);  // the image is read from whatever tier holds each block
+  const Outs dense = Attend(s, 9, SelectionMode::kDense);
+  const Outs sparse = Attend(s, 10, SelectionMode::kIndex);
+  auto info = WriteSnapshot(store_.get(), *s, "before-edit");
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->tokens, 613u);
+  EXPECT_EQ(info->chunks, s->chunk_count());
+  EXPECT_EQ(WriteSnapshot(store_.get(), *s, "before-edit").status().code(), StatusCode::kAlreadyExists);
+  // The source goes on; the snapshot does not see it.
+  ASSERT_TRUE(Append(s, rng, 50).ok());
+
+  SessionOptions defaults;
+  auto r = RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "before-edit", 41,
+                           Durability::kEphemeral, defaults);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  Session* e = (*r).get();
+  sessions_.push_back(std::move(*r));
+  EXPECT_EQ(e->tokens(), 613u);
+  EXPECT_EQ(e->options().mode, SelectionMode::kIndex);
+  EXPECT_EQ(e->options().recent_window, 32u);
+  ExpectSame(dense, Attend(e, 9, SelectionMode::kDense));
+  ExpectSame(sparse, Attend(e, 10, SelectionMode::kIndex));
+  // Both continue identically from the same state.
+  ASSERT_TRUE(Append(e, rng, 7).ok());
+  EXPECT_EQ(e->tokens(), 620u);
+
+  // Restored as durable: it survives a crash and restart like any durable session.
+  auto d = RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "before-edit", 42,
+                           Durability::kDurable, defaults);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  ASSERT_TRUE(Append(d->get(), rng, 30).ok());
+  const Outs durable_out = Attend(d->get(), 11, SelectionMode::kDense);
+  d->reset();
+  sessions_.clear();
+  auto restored = RestoreSessions(store_.get(), pool_.get(), defaults, &stats_, tiers_.get());
+  ASSERT_TRUE(restored.ok());
+  ASSERT_EQ(restored->size(), 1u);  // session 42 only: snapshots are not sessions
+  ASSERT_TRUE((*restored)[0].status.ok()) << (*restored)[0].status.ToString();
+  EXPECT_EQ((*restored)[0].id, 42u);
+  EXPECT_EQ((*restored)[0].session->tokens(), 643u);
+  ExpectSame(durable_out, Attend((*restored)[0].session.get(), 11, SelectionMode::kDense));
+
+  // A snapshot survives reopening the store; dropping it removes every record.
+  restored->clear();
+  store_.reset();
+  StoreOptions so;
+  so.path = (dir_ / "db").string();
+  auto reopened = ChunkStore::Open(so);
+  ASSERT_TRUE(reopened.ok());
+  store_ = std::move(*reopened);
+  tiers_->set_store(store_.get());
+  auto again = RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "before-edit", 43,
+                               Durability::kEphemeral, defaults);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  ExpectSame(dense, Attend(again->get(), 9, SelectionMode::kDense));
+  again->reset();
+  ASSERT_TRUE(DeleteSnapshot(store_.get(), "acme", "before-edit").ok());
+  EXPECT_EQ(RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "before-edit", 44,
+                            Durability::kEphemeral, defaults).status().code(),
+            StatusCode::kNotFound);
+  EXPECT_EQ(DeleteSnapshot(store_.get(), "acme", "before-edit").code(), StatusCode::kNotFound);
+  // Another tenant cannot see a tenant's snapshots.
+  Session* t = New(45);
+  ASSERT_TRUE(Append(t, rng, 40).ok());
+  ASSERT_TRUE(WriteSnapshot(store_.get(), *t, "mine").ok());
+  EXPECT_EQ(RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "other", "mine", 46,
+                            Durability::kEphemeral, defaults).status().code(),
+            StatusCode::kNotFound);
+}
+
+TEST_F(TiersTest, SnapshotMidDecodeStepIsRefused) {
+  std::mt19937_64 rng(9);
+  Session* s = New(50, SelectionMode::kDense);
+  ASSERT_TRUE(Append(s, rng, 100).ok());
+  const ModelProfile& p = s->profile();
+  auto k = RandomTensor(rng, p.dtype, p.kv_heads * p.head_dim);
+  std::vector<float> q(p.q_heads * p.head_dim, 0.1f), out(q.size());
+  AttendArgs a;
+  a.layer = 0;
+  a.q = q.data();
+  a.q_dtype = DType::kF32;
+  a.new_k = k.data();
+  a.new_v = k.data();
+  a.out = out.data();
+  a.out_dtype = DType::kF32;
+  ASSERT_TRUE(s->Attend(a, nullptr).ok());  // layer 0 only: a decode step in progress
+  auto r = WriteSnapshot(store_.get(), *s, "partial");
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status().ToString();
+  EXPECT_EQ(RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "partial", 51,
+                            Durability::kEphemeral, SessionOptions{}).status().code(),
+            StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -238,5 +238,47 @@ TEST_F(TiersIntegrationTest, TtlExpiryAndDropFreeTheDeviceTier) {
   EXPECT_EQ((*c)->server().tiers.at(0).used_bytes, base);
 }
 
+TEST_F(TiersIntegrationTest, SnapshotAndRestoreThroughKvmemctlSurviveARestart) {
+  Start("{}");
+  SyntheticStream stream(21, L, HKV, D, kDt);
+  ASSERT_TRUE(client_->CreateSession(Prof(), {}, 30).ok());
+  ASSERT_TRUE(Append(30, stream, 0, 1500).ok());
+  const auto outs = Outputs(30, client::Mode::kDense);
+  auto j = nlohmann::json::parse(Kvmemctl("session snapshot 30 nightly --json"), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["tokens"].get<uint64_t>(), 1500u);
+  // Taken names are refused; the source keeps going without changing the snapshot.
+  auto dup = client_->Snapshot(30, "nightly");
+  EXPECT_EQ(dup.status().code(), StatusCode::kAlreadyExists) << dup.status().ToString();
+  ASSERT_TRUE(Append(30, stream, 1500, 100).ok());
+  j = nlohmann::json::parse(Kvmemctl("session restore nightly --id 31 --json"), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["tokens"].get<uint64_t>(), 1500u);
+  EXPECT_EQ(Outputs(31, client::Mode::kDense), outs);
+
+  // After a restart the snapshot is still there (ephemeral sessions 30 and 31 are not).
+  client_.reset();
+  daemon_.reset();
+  Start("{}");
+  EXPECT_EQ(client_->SessionInfo(30).status().code(), StatusCode::kNotFound);
+  auto r = client_->Restore("nightly", 32, /*durable=*/true);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->tokens, 1500u);
+  EXPECT_EQ(Outputs(32, client::Mode::kDense), outs);
+  EXPECT_EQ(client_->Restore("nightly", 32).status().code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(client_->Restore("nope", 33).status().code(), StatusCode::kNotFound);
+  const std::string dropped = Kvmemctl("session snapshot-drop nightly --json");
+  EXPECT_NE(dropped.find("nightly"), std::string::npos) << dropped;
+  EXPECT_EQ(client_->Restore("nightly", 34).status().code(), StatusCode::kNotFound);
+  // The durable restored session survives the next restart.
+  client_.reset();
+  daemon_.reset();
+  Start("{}");
+  auto info = client_->SessionInfo(32);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->tokens, 1500u);
+  EXPECT_EQ(Outputs(32, client::Mode::kDense), outs);
+}
+
 }  // namespace
 }  // namespace kvmem
