@@ -593,11 +593,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     }
     BuildSparseSpans(a.layer, selection, &spans, &head_begin);
   } else {
-    // Dense attention reads every chunk of the layer.
-    for (uint32_t c = 0; c < chunks_.size(); ++c) chunks_[c].blocks[a.layer].tick = op_tick_;
-    for (uint32_t c = 0; c < chunks_.size(); ++c) {
-      KVMEM_RETURN_IF_ERROR(FetchBlock(c, a.layer, /*prefetch=*/false));
-    }
+    KVMEM_RETURN_IF_ERROR(MakeResident(a.layer));  // dense attention reads every chunk
     spans = layer.chunk_spans;
     spans.push_back({ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens});
   }
@@ -890,6 +886,16 @@ Status Session::FetchBlock(uint32_t chunk, uint32_t layer, bool prefetch) {
   stat_bytes_ += pool_->allocator().ReservedBytes(bytes);
   (prefetch ? stat_prefetched_ : stat_fetched_)++;
   GlobalMetrics().fetch_backs[static_cast<int>(from)]++;
+  return Status::OK();
+}
+
+Status Session::MakeResident(uint32_t layer) {
+  if (op_tick_ == 0) BeginOp();
+  // Every tick first, so fetching one block cannot evict another of this layer.
+  for (Chunk& c : chunks_) c.blocks[layer].tick = op_tick_;
+  for (uint32_t c = 0; c < chunks_.size(); ++c) {
+    KVMEM_RETURN_IF_ERROR(FetchBlock(c, layer, /*prefetch=*/false));
+  }
   return Status::OK();
 }
 

@@ -235,6 +235,8 @@ class Session {
   // Durable: marks the chunks the journal has stored as having a disk copy (call after
   // journal()->ChunksSealed()).
   void MarkStoredChunks();
+  // Fetches every block of `layer` into the device tier (what dense attention does first).
+  Status MakeResident(uint32_t layer);
   // Where block (chunk, layer) lives now.
   Tier BlockTier(uint32_t chunk, uint32_t layer) const;
 
