@@ -111,6 +111,7 @@ class Service {
   // recently selected blocks until it is below the low one. Runs after replies.
   void EnforceWatermarks();
   TierContext& tiers() { return *tiers_; }
+  uint64_t host_capacity_bytes() const { return tiers_->host_capacity(); }
 
  private:
   using Key = std::pair<std::string, uint64_t>;  // (tenant, session id)
