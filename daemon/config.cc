@@ -53,6 +53,9 @@ Status DaemonConfig::Validate() const {
     return InvalidArgument("ucx_error_mode must be none or peer, got '" + ucx_error_mode + "'");
   }
   if (executors > 256) return InvalidArgument("executors must be <= 256");
+  if (restore != "eager" && restore != "lazy") {
+    return InvalidArgument("restore must be eager or lazy, got '" + restore + "'");
+  }
   if (!(low_watermark > 0 && low_watermark < high_watermark && high_watermark <= 1)) {
     return InvalidArgument("watermarks must satisfy 0 < low_watermark < high_watermark <= 1, got " +
                            std::to_string(low_watermark) + " and " + std::to_string(high_watermark));
@@ -128,6 +131,7 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "search_threads") s = u32(v, k, &c->search_threads);
     else if (k == "device_memory") s = ReadBytes(v, "device_memory", &c->device_memory_bytes);
     else if (k == "host_memory") s = ReadBytes(v, "host_memory", &c->host_memory_bytes);
+    else if (k == "restore") s = str(v, k, &c->restore);
     else if (k == "tenant_memory_quota") {
       s = ReadBytes(v, "tenant_memory_quota", &c->tenant_memory_quota_bytes);
     } else if (k == "high_watermark" || k == "low_watermark") {

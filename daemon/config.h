@@ -43,6 +43,10 @@ struct DaemonConfig {
   // Defaults: 0.90 / 0.75.
   double high_watermark = 0.90;
   double low_watermark = 0.75;
+  // Restart: "eager" loads every durable session's K/V into the pool before ready; "lazy"
+  // checks every stored block's CRC before ready but leaves the K/V in RocksDB, fetched when
+  // first selected (ready sooner, first requests slower). Default: "eager".
+  std::string restore = "eager";
   // Device-tier bytes one tenant's sessions may hold (K/V blocks and tails). A write that
   // would pass it first evicts that tenant's least recently selected blocks; if that cannot
   // make room it fails with RESOURCE_EXHAUSTED. 0: no quota. Reloaded on SIGHUP. Default: 0.

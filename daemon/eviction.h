@@ -38,6 +38,10 @@ struct TierOptions {
   // 0 < low < high <= 1. Defaults: 0.90 / 0.75.
   double high_watermark = 0.90;
   double low_watermark = 0.75;
+  // Restart: true loads every restored durable block into the pool (eager); false checks
+  // every block's CRC but leaves the K/V in RocksDB, to be fetched when first selected (lazy:
+  // ready sooner, first requests slower). Default: true.
+  bool restore_resident = true;
 };
 
 // What sessions share: the pool, the store (spill and fetch-back), the host budget, the

@@ -42,6 +42,8 @@ Usage: kvmemd [options]
   --search-threads N     threads one index search fans out over (default: by core count)
   --device-memory SIZE   KV pool size (device tier), e.g. 8GiB (default 4GiB)
   --host-memory SIZE     host tier for evicted blocks, e.g. 16GiB; 0 = none (default 0)
+  --restore M            eager | lazy: load durable K/V at start, or check it and fetch it
+                         when first selected                                (default eager)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
   --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
@@ -75,7 +77,7 @@ int main(int argc, char** argv) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
-                                  "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory",
+                                  "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--search-threads",
                                   "--admin", "--sync-writes", "--fault-fail-writes-flag"};
   for (int i = 1; i < argc; ++i) {
@@ -121,6 +123,7 @@ int main(int argc, char** argv) {
       else if (k == "--log-level") config.log_level = v;
       else if (k == "--progress") config.progress = v;
       else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
+      else if (k == "--restore") config.restore = v;
       else if (k == "--executors") {
         char* end = nullptr;
         const long n = std::strtol(v.c_str(), &end, 10);

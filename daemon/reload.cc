@@ -22,6 +22,7 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.search_threads != current->search_threads, "search_threads");
   check(fresh.device_memory_bytes != current->device_memory_bytes, "device_memory");
   check(fresh.host_memory_bytes != current->host_memory_bytes, "host_memory");
+  check(fresh.restore != current->restore, "restore");
   check(fresh.high_watermark != current->high_watermark ||
             fresh.low_watermark != current->low_watermark,
         "high_watermark/low_watermark");

@@ -28,6 +28,7 @@ Service::Service(DaemonConfig config, KVPool* pool, std::string backend_name)
   to.host_memory_bytes = config_.host_memory_bytes;
   to.high_watermark = config_.high_watermark;
   to.low_watermark = config_.low_watermark;
+  to.restore_resident = config_.restore != "lazy";
   tiers_ = std::make_unique<TierContext>(pool_, to);
   tiers_->make_room = [this](Session* self, uint64_t bytes) { return MakeRoom(self, bytes); };
 }

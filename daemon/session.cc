@@ -723,7 +723,8 @@ Status Session::LogCompletingToken(const AttendArgs& a) {
 }
 
 Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
-                             std::string_view boundaries, bool from_own_store) {
+                             std::string_view boundaries, bool from_own_store, bool load) {
+  if (!load && !from_own_store) return InvalidArgument("RestoreChunk: only stored blocks can stay on disk");
   if (boundaries.size() != tokens) return InvalidArgument("RestoreChunk: boundary count mismatch");
   const uint32_t L = profile_.layers;
   if (layers_ahead_ != 0 || layers_[0].tail_tokens != 0 || !unsealed_boundaries_.empty()) {
@@ -746,6 +747,10 @@ Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> 
     }
     c.blocks[l].disk = from_own_store;  // it was just read from the session's records
     c.blocks[l].tick = op_tick_;
+    if (!load) {
+      on_disk += bytes;
+      continue;
+    }
     auto off = AllocateBlock(bytes);
     if (!off.ok()) {
       // A store larger than the device budget: the rest stays in RocksDB until selected.

@@ -207,8 +207,9 @@ class Session {
   // boundaries: the chunk's classes. from_own_store: the blocks were read from this session's
   // own durable records (then they count as stored, and a block the device budget cannot hold
   // stays there until selected); false for a snapshot image (every block must fit).
+  // load false (own store only): the blocks stay in RocksDB until selected.
   Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
-                      std::string_view boundaries, bool from_own_store);
+                      std::string_view boundaries, bool from_own_store, bool load = true);
   Status FinishChunkRestore();
   // Boundary classes of tokens [start, start + n) (complete tokens only).
   std::string_view boundaries(uint64_t start, uint64_t n) const {

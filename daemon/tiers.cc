@@ -222,7 +222,8 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, const std
       }
       stats->bytes += blocks[l].size();
     }
-    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks, table[c].boundaries, own)
+    const bool load = !own || tiers == nullptr || tiers->options().restore_resident;
+    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks, table[c].boundaries, own, load)
                               .WithContext(name + ": restoring chunk " + std::to_string(c)));
   }
   KVMEM_RETURN_IF_ERROR(s->FinishChunkRestore().WithContext(name));

@@ -443,5 +443,39 @@ TEST_F(TiersTest, SnapshotMidDecodeStepIsRefused) {
             StatusCode::kNotFound);
 }
 
+TEST_F(TiersTest, LazyRestoreChecksEveryBlockAndFetchesOnFirstUse) {
+  std::mt19937_64 rng(10);
+  Session* s = New(60, SelectionMode::kDense, Durability::kDurable);
+  ASSERT_TRUE(Append(s, rng, 700).ok());
+  const Outs before = Attend(s, 12, SelectionMode::kDense);
+  sessions_.clear();
+  // Lazy: nothing of the stored chunks lands in the pool before the first use.
+  TierOptions to;
+  to.restore_resident = false;
+  TierContext lazy(pool_.get(), to);
+  lazy.set_store(store_.get());
+  RestoreStats st;
+  auto r = RestoreSessions(store_.get(), pool_.get(), SessionOptions{}, &st, &lazy);
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(r->size(), 1u);
+  ASSERT_TRUE((*r)[0].status.ok()) << (*r)[0].status.ToString();
+  Session* l = (*r)[0].session.get();
+  EXPECT_EQ(l->tokens(), 700u);
+  EXPECT_GT(l->Stats().disk_bytes, 0u);
+  EXPECT_EQ(CountTier(l, Tier::kDevice), 0u);
+  ExpectSame(before, Attend(l, 12, SelectionMode::kDense));
+  EXPECT_EQ(CountTier(l, Tier::kDisk), 0u);
+  EXPECT_EQ(l->Stats().fetched_blocks, uint64_t{3} * l->chunk_count());
+  r->clear();
+  // A bad block fails the lazy restore at start, by name, as the eager one does.
+  ASSERT_TRUE(store_->CorruptChunkForTest({"acme", 60, 2, 7}, 3).ok());
+  auto bad = RestoreSessions(store_.get(), pool_.get(), SessionOptions{}, &st, &lazy);
+  ASSERT_TRUE(bad.ok());
+  ASSERT_EQ(bad->size(), 1u);
+  EXPECT_EQ((*bad)[0].status.code(), StatusCode::kDataLoss);
+  EXPECT_NE((*bad)[0].status.message().find("layer 2, chunk 7"), std::string::npos)
+      << (*bad)[0].status.ToString();
+}
+
 }  // namespace
 }  // namespace kvmem
