@@ -196,8 +196,15 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
   store->manifests_cf_ = handles[2];
   store->blocks_cf_ = handles[3];
   store->spill_cf_ = handles[4];
-  // Spilled blocks belonged to ephemeral sessions of the previous process: drop them all.
+  // Spilled blocks belonged to ephemeral sessions of the previous process: drop them all
+  // (drop and recreate the family: one manifest write, so only when it holds anything).
+  bool spilled = false;
   {
+    std::unique_ptr<rocksdb::Iterator> it(raw->NewIterator(rocksdb::ReadOptions(), store->spill_cf_));
+    it->SeekToFirst();
+    spilled = it->Valid();
+  }
+  if (spilled) {
     rocksdb::ColumnFamilyHandle* fresh = nullptr;
     rocksdb::Status ds = raw->DropColumnFamily(store->spill_cf_);
     if (ds.ok()) {
@@ -247,7 +254,8 @@ std::string ChunkStore::TailKey(std::string_view tenant, uint64_t session, uint6
   return k;
 }
 
-void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t bytes) const {
+void ChunkStore::PutBlock(rocksdb::WriteBatch* wb, rocksdb::ColumnFamilyHandle* cf,
+                          const ChunkName& c, const void* data, size_t bytes) const {
   // K/V payloads are large: pass header and payload as parts instead of concatenating them.
   const std::string key = ChunkKey(c);
   std::string header;
@@ -255,8 +263,12 @@ void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t
   PutLE32(&header, RecordCrc(key, data, bytes));
   const rocksdb::Slice key_part(key), value_parts[2] = {
       rocksdb::Slice(header), rocksdb::Slice(static_cast<const char*>(data), bytes)};
-  b->wb_->Put(chunks_cf_, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
+  wb->Put(cf, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
       .PermitUncheckedError();
+}
+
+void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t bytes) const {
+  PutBlock(b->wb_.get(), chunks_cf_, c, data, bytes);
 }
 
 void ChunkStore::PutHeader(Batch* b, std::string_view tenant, uint64_t session,
@@ -318,16 +330,22 @@ ChunkValue::ChunkValue() : pin_(std::make_unique<rocksdb::PinnableSlice>()) {}
 ChunkValue::~ChunkValue() = default;
 
 Status ChunkStore::GetChunk(const ChunkName& c, ChunkValue* value) const {
+  return GetBlock(chunks_cf_, c, "", value);
+}
+
+Status ChunkStore::GetBlock(rocksdb::ColumnFamilyHandle* cf, const ChunkName& c,
+                            const char* what_prefix, ChunkValue* value) const {
   const std::string key = ChunkKey(c);
   value->pin_->Reset();
   value->payload_ = {};
   rocksdb::ReadOptions ro;
   ro.verify_checksums = false;  // the record CRC-32C is checked instead
-  if (rocksdb::Status rs = db_->Get(ro, chunks_cf_, key, value->pin_.get()); !rs.ok()) {
-    return FromRocksStatus(rs, c.ToString());
+  auto what = [&c, what_prefix] { return what_prefix + c.ToString(); };
+  if (rocksdb::Status rs = db_->Get(ro, cf, key, value->pin_.get()); !rs.ok()) {
+    return FromRocksStatus(rs, what());
   }
-  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()),
-                      [&c] { return c.ToString(); }, &value->payload_);
+  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()), what,
+                      &value->payload_);
 }
 
 Status ChunkStore::GetChunk(const ChunkName& c, std::string* payload) const {
@@ -514,31 +532,15 @@ Status ChunkStore::DeleteSession(std::string_view tenant, uint64_t session) {
 
 Status ChunkStore::PutSpill(const ChunkName& c, const void* data, size_t bytes) {
   KVMEM_RETURN_IF_ERROR(InjectedFault());
-  const std::string key = ChunkKey(c);
-  std::string header;
-  header.push_back(static_cast<char>(kRecordVersion));
-  PutLE32(&header, RecordCrc(key, data, bytes));
-  const rocksdb::Slice key_part(key), value_parts[2] = {
-      rocksdb::Slice(header), rocksdb::Slice(static_cast<const char*>(data), bytes)};
   rocksdb::WriteBatch wb;
-  wb.Put(spill_cf_, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
-      .PermitUncheckedError();
+  PutBlock(&wb, spill_cf_, c, data, bytes);
   rocksdb::WriteOptions wo;
   wo.disableWAL = true;
   return FromRocksStatus(db_->Write(wo, &wb), "store: spill " + c.ToString());
 }
 
 Status ChunkStore::GetSpill(const ChunkName& c, ChunkValue* value) const {
-  const std::string key = ChunkKey(c);
-  value->pin_->Reset();
-  value->payload_ = {};
-  rocksdb::ReadOptions ro;
-  ro.verify_checksums = false;  // the record CRC-32C is checked instead
-  if (rocksdb::Status rs = db_->Get(ro, spill_cf_, key, value->pin_.get()); !rs.ok()) {
-    return FromRocksStatus(rs, "spilled " + c.ToString());
-  }
-  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()),
-                      [&c] { return "spilled " + c.ToString(); }, &value->payload_);
+  return GetBlock(spill_cf_, c, "spilled ", value);
 }
 
 Status ChunkStore::DeleteSpill(std::string_view tenant, uint64_t session) {

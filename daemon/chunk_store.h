@@ -206,6 +206,11 @@ class ChunkStore {
  private:
   explicit ChunkStore(StoreOptions options);
   Status InjectedFault() const;
+  // One chunk-block record (chunks and spill share key and record format).
+  void PutBlock(rocksdb::WriteBatch* wb, rocksdb::ColumnFamilyHandle* cf, const ChunkName& c,
+                const void* data, size_t bytes) const;
+  Status GetBlock(rocksdb::ColumnFamilyHandle* cf, const ChunkName& c, const char* what_prefix,
+                  ChunkValue* value) const;
 
   StoreOptions options_;
   std::unique_ptr<rocksdb::DB> db_;

@@ -334,6 +334,16 @@ uint64_t SnapshotId(std::string_view name) {
   return h | 1;  // never 0
 }
 
+namespace {
+// The stored header of snapshot `name` of `tenant`; NOT_FOUND naming it when there is none.
+Status SnapshotHeader(const ChunkStore* store, const std::string& tenant, const std::string& name,
+                      std::string* header) {
+  Status st = store->GetHeader(SnapshotTenant(tenant), SnapshotId(name), header);
+  if (st.code() == StatusCode::kNotFound) return NotFound("snapshot '" + name + "' not found");
+  return st;
+}
+}  // namespace
+
 Result<SnapshotInfo> WriteSnapshot(ChunkStore* store, const Session& s, const std::string& name) {
   if (name.empty() || name.size() > 256) return InvalidArgument("snapshot name must be 1..256 bytes");
   const std::string ns = SnapshotTenant(s.tenant());
@@ -366,10 +376,7 @@ Result<std::unique_ptr<Session>> RestoreSnapshot(ChunkStore* store, KVPool* pool
   const std::string ns = SnapshotTenant(tenant);
   const uint64_t id = SnapshotId(name);
   std::string header;
-  if (Status st = store->GetHeader(ns, id, &header); !st.ok()) {
-    if (st.code() == StatusCode::kNotFound) return NotFound("snapshot '" + name + "' not found");
-    return st;
-  }
+  KVMEM_RETURN_IF_ERROR(SnapshotHeader(store, tenant, name, &header));
   RestoredSession r;
   r.tenant = tenant;
   r.id = new_id;
@@ -399,14 +406,9 @@ Result<std::unique_ptr<Session>> RestoreSnapshot(ChunkStore* store, KVPool* pool
 }
 
 Status DeleteSnapshot(ChunkStore* store, const std::string& tenant, const std::string& name) {
-  const std::string ns = SnapshotTenant(tenant);
-  const uint64_t id = SnapshotId(name);
   std::string header;
-  if (Status st = store->GetHeader(ns, id, &header); !st.ok()) {
-    if (st.code() == StatusCode::kNotFound) return NotFound("snapshot '" + name + "' not found");
-    return st;
-  }
-  return store->DeleteSession(ns, id);
+  KVMEM_RETURN_IF_ERROR(SnapshotHeader(store, tenant, name, &header));
+  return store->DeleteSession(SnapshotTenant(tenant), SnapshotId(name));
 }
 
 std::string EncodeSessionHeader(uint64_t id, const ModelProfile& p, const SessionOptions& o) {

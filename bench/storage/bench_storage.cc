@@ -77,6 +77,20 @@ struct RawDb {
   }
 };
 
+// Appends `tokens` reproducible synthetic tokens in batches of 1024.
+void AppendSynthetic(Session* s, uint64_t seed, uint64_t tokens) {
+  const ModelProfile& p = s->profile();
+  client::SyntheticStream stream(seed, p.layers, p.kv_heads, p.head_dim, p.dtype);
+  std::vector<uint8_t> k, v;
+  for (uint64_t t = 0; t < tokens;) {
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(1024, tokens - t));
+    stream.Fill(t, n, &k, &v);
+    auto b = stream.Boundaries(t, n);
+    Check(s->AppendKV(n, k.data(), v.data(), b.data()).status(), "append");
+    t += n;
+  }
+}
+
 struct Spec {
   uint32_t layers = 8, kv_heads = 8, head_dim = 128, chunk_tokens = 16;
   DType dtype = DType::kBF16;
@@ -262,15 +276,7 @@ int main(int argc, char** argv) {
     opts.sink_tokens = 0;
     auto s = Session::Create(1, "bench", prof, opts, pool->get(), &tiers);
     Check(s.status(), "session");
-    client::SyntheticStream stream(5, prof.layers, prof.kv_heads, prof.head_dim, prof.dtype);
-    std::vector<uint8_t> k, v;
-    for (uint64_t t = 0; t < tokens;) {
-      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(1024, tokens - t));
-      stream.Fill(t, n, &k, &v);
-      auto b = stream.Boundaries(t, n);
-      Check((*s)->AppendKV(n, k.data(), v.data(), b.data()).status(), "append");
-      t += n;
-    }
+    AppendSynthetic(s->get(), 5, tokens);
     // The same blocks for the raw side, in the order eviction writes them (chunk, then layer).
     std::vector<std::pair<std::string, std::string>> blocks;
     uint64_t bytes = 0;
@@ -355,15 +361,7 @@ int main(int argc, char** argv) {
       auto s = Session::Create(1, "bench", prof, opts, pool->get());
       Check(s.status(), "session");
       Check(MakeDurable(store->get(), s->get()), "durable");
-      client::SyntheticStream stream(3, prof.layers, prof.kv_heads, prof.head_dim, prof.dtype);
-      std::vector<uint8_t> k, v;
-      for (uint64_t t = 0; t < tokens;) {
-        const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(1024, tokens - t));
-        stream.Fill(t, n, &k, &v);
-        auto b = stream.Boundaries(t, n);
-        Check((*s)->AppendKV(n, k.data(), v.data(), b.data()).status(), "append");
-        t += n;
-      }
+      AppendSynthetic(s->get(), 3, tokens);
       stored_bytes = tokens * token_bytes;
       s->reset();
     }

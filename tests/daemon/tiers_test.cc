@@ -317,6 +317,22 @@ TEST_F(TiersTest, SpillWriteFailureKeepsTheBlockAndNamesTheError) {
   ExpectSame(before, Attend(s, 1, SelectionMode::kDense));
   // Once the disk has room again, eviction works.
   EXPECT_GT(s->EvictAll(Tier::kDisk).blocks, 0u);
+  ChunkValue v;
+  uint32_t spilled_chunk = 0;
+  for (uint32_t c = 0; c < s->chunk_count(); ++c)
+    if (s->BlockTier(c, 0) == Tier::kDisk) spilled_chunk = c;
+  ASSERT_GT(spilled_chunk, 0u);
+  ASSERT_TRUE(store_->GetSpill({"acme", 30, 0, spilled_chunk}, &v).ok());
+  // Spilled blocks do not outlive the process: the next Open starts with an empty family.
+  sessions_.clear();
+  ASSERT_TRUE(store_->PutSpill({"acme", 31, 0, 0}, "orphan", 6).ok());  // as after a crash
+  store_.reset();
+  StoreOptions so;
+  so.path = (dir_ / "db").string();
+  auto reopened = ChunkStore::Open(so);
+  ASSERT_TRUE(reopened.ok()) << reopened.status().ToString();
+  store_ = std::move(*reopened);
+  EXPECT_EQ(store_->GetSpill({"acme", 31, 0, 0}, &v).code(), StatusCode::kNotFound);
 }
 
 TEST_F(TiersTest, AppendEvictDropLoopReturnsMemoryAndDiskToBaseline) {
