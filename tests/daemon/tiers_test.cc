@@ -18,10 +18,13 @@
 #include "daemon/session.h"
 #include "daemon/tiers.h"
 #include "testing/reference.h"
+#include "testing/session_ops.h"
 
 namespace kvmem {
 namespace {
 
+using testing::AppendRandom;
+using testing::F32Attend;
 using testing::RandomTensor;
 
 ModelProfile Profile3() { return ModelProfile{3, 4, 2, 32, DType::kBF16, {}, {}, "t"}; }
@@ -84,14 +87,7 @@ class TiersTest : public ::testing::Test {
     sessions_.push_back(std::shared_ptr<Session>(std::move(*s)));
     return sessions_.back().get();
   }
-  static Status Append(Session* s, std::mt19937_64& rng, uint32_t n) {
-    const ModelProfile& p = s->profile();
-    const size_t elems = size_t{p.layers} * p.kv_heads * n * p.head_dim;
-    auto k = RandomTensor(rng, p.dtype, elems), v = RandomTensor(rng, p.dtype, elems);
-    std::vector<uint8_t> b(n);
-    for (auto& x : b) x = static_cast<uint8_t>(rng() % 6);
-    return s->AppendKV(n, k.data(), v.data(), b.data()).status();
-  }
+  static Status Append(Session* s, std::mt19937_64& rng, uint32_t n) { return AppendRandom(s, rng, n); }
   // Attend outputs (f32) on every layer for fixed queries, in `mode`, and the selections.
   struct Outs {
     std::vector<std::vector<float>> out;
@@ -104,13 +100,7 @@ class TiersTest : public ::testing::Test {
     for (uint32_t l = 0; l < p.layers; ++l) {
       auto q = RandomTensor(rng, DType::kF32, p.q_heads * p.head_dim);
       std::vector<float> out(p.q_heads * p.head_dim);
-      AttendArgs a;
-      a.layer = l;
-      a.q = q.data();
-      a.q_dtype = DType::kF32;
-      a.mode = mode;
-      a.out = out.data();
-      a.out_dtype = DType::kF32;
+      const AttendArgs a = F32Attend(l, reinterpret_cast<const float*>(q.data()), out.data(), mode);
       AttendInfo info;
       Status st = s->Attend(a, &info);
       EXPECT_TRUE(st.ok()) << st.ToString();
@@ -215,14 +205,7 @@ TEST_F(TiersTest, DurableEvictionDropsTheResidentCopyAndReadsTheStoredOne) {
   ASSERT_GT(victim, 0u);
   ASSERT_TRUE(store_->CorruptChunkForTest({"acme", 2, 1, victim}, 5).ok());
   std::vector<float> q(4 * 32, 0.5f), out(q.size());
-  AttendArgs a;
-  a.layer = 1;
-  a.q = q.data();
-  a.q_dtype = DType::kF32;
-  a.mode = SelectionMode::kDense;
-  a.out = out.data();
-  a.out_dtype = DType::kF32;
-  Status st = s->Attend(a, nullptr);
+  Status st = s->Attend(F32Attend(1, q.data(), out.data(), SelectionMode::kDense), nullptr);
   EXPECT_EQ(st.code(), StatusCode::kDataLoss);
   EXPECT_NE(st.message().find("layer 1, chunk " + std::to_string(victim)), std::string::npos)
       << st.ToString();
@@ -277,14 +260,8 @@ TEST_F(TiersTest, ChunksSelectedOnALayerArePrefetchedForTheNext) {
   ASSERT_TRUE(Append(s, rng, 800).ok());
   s->EvictAll(Tier::kDisk);
   std::vector<float> q(4 * 32, 0.3f), out(q.size());
-  AttendArgs a;
-  a.layer = 0;
-  a.q = q.data();
-  a.q_dtype = DType::kF32;
-  a.out = out.data();
-  a.out_dtype = DType::kF32;
   AttendInfo info;
-  ASSERT_TRUE(s->Attend(a, &info).ok());
+  ASSERT_TRUE(s->Attend(F32Attend(0, q.data(), out.data()), &info).ok());
   std::vector<uint32_t> chosen;
   for (const auto& h : info.selection) chosen.insert(chosen.end(), h.chunks.begin(), h.chunks.end());
   std::sort(chosen.begin(), chosen.end());
@@ -443,15 +420,8 @@ TEST_F(TiersTest, SnapshotMidDecodeStepIsRefused) {
   const ModelProfile& p = s->profile();
   auto k = RandomTensor(rng, p.dtype, p.kv_heads * p.head_dim);
   std::vector<float> q(p.q_heads * p.head_dim, 0.1f), out(q.size());
-  AttendArgs a;
-  a.layer = 0;
-  a.q = q.data();
-  a.q_dtype = DType::kF32;
-  a.new_k = k.data();
-  a.new_v = k.data();
-  a.out = out.data();
-  a.out_dtype = DType::kF32;
-  ASSERT_TRUE(s->Attend(a, nullptr).ok());  // layer 0 only: a decode step in progress
+  // Layer 0 only: a decode step in progress.
+  ASSERT_TRUE(s->Attend(F32Attend(0, q.data(), out.data(), SelectionMode::kDefault, k.data(), k.data()), nullptr).ok());
   auto r = WriteSnapshot(store_.get(), *s, "partial");
   EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status().ToString();
   EXPECT_EQ(RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "partial", 51,
