@@ -458,13 +458,16 @@ int main(int argc, char** argv) {
   out["machine"] = {{"host", host}, {"cpu", cpu}, {"cores", std::thread::hardware_concurrency()}};
   out["samples_seconds"] = {{"spill", our_puts}, {"rocksdb_put", raw_puts}, {"fetch", our_gets}, {"rocksdb_get", raw_gets}};
   out["notes"] =
-      "restart.seconds = ChunkStore::Open (incl. WAL replay in state wal_replay, which is both kill -9 "
-      "and a kvmemd SIGTERM: shutdown syncs the WAL without flushing) + RestoreSessions into a fresh "
-      "host KV pool; the flushed-state gap to the raw scan is mostly copying into first-touched pool "
-      "pages (RestoreChunk), not reading or checksums. eviction: ephemeral session blocks spilled by "
-      "EvictAll(kDisk) (no WAL) and fetched back by MakeResident (Get + CRC + copy into the pool) vs raw "
-      "Put (no WAL) / Get (no copy) of the same blocks. Raw reads skip RocksDB's checksum pass unless "
-      "raw_verify_checksums.";
+      "restart: seconds = eager (ChunkStore::Open + RestoreSessions loading every block into a fresh "
+      "host KV pool), lazy_seconds = --restore lazy (every block read and CRC-checked, K/V left in "
+      "RocksDB), lazy_fetch_all_seconds = what lazy moves to first use (MakeResident of every layer); "
+      "each from its own copy of the same store. wal_replay = after kill -9 and after a kvmemd SIGTERM "
+      "(shutdown syncs the WAL without flushing); flushed = after RocksDB's background flushes. perf: "
+      "eager's gap to the scan is mostly copying into first-touched pool pages (RestoreChunk ~70-80%), "
+      "not reading or CRC. eviction: ephemeral session blocks spilled by EvictAll(kDisk) (no WAL) and "
+      "fetched back by MakeResident (Get + CRC + copy into the pool) vs raw Put (no WAL) / Get (no "
+      "copy) of the same blocks in the same order. Raw reads skip RocksDB's checksum pass unless "
+      "raw_verify_checksums. Shared 2-core VM with other builds running: single runs vary by 2x.";
   out["parameters"] = {{"repeat", repeat}, {"value_bytes", vbytes}, {"values", count}, {"reads", reads},
                        {"blob_files", blob}, {"raw_verify_checksums", verify}, {"min_blob_size", min_blob}, {"sync_writes", so.sync_writes},
                        {"profile", {{"layers", spec.layers}, {"kv_heads", spec.kv_heads}, {"head_dim", spec.head_dim},
