@@ -494,6 +494,11 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
   out.created_unix_ms = s->created_unix_ms();
   out.last_used_unix_ms = s->last_used_unix_ms();
   out.mean_chunk_tokens = s->mean_chunk_tokens();
+  out.host_bytes = s->host_bytes();
+  out.disk_bytes = s->disk_bytes();
+  out.fetched_blocks = s->fetched_blocks();
+  out.prefetched_blocks = s->prefetched_blocks();
+  out.evicted_blocks = s->evicted_blocks();
   if (s->layers()) {
     for (const w::LayerInfo* l : *s->layers()) {
       LayerInfo li;
@@ -622,6 +627,70 @@ Result<VerifyResult> Client::VerifySession(uint64_t id) {
         v.chunks = r->chunks();
         if (r->bad()) for (const auto* b : *r->bad()) v.bad.push_back(b->str());
         return v;
+      }));
+  return f.Get();
+}
+
+Result<SnapshotResult> Client::Snapshot(uint64_t id, const std::string& name) {
+  auto f = KVMEM_CLIENT_CALL(
+      SnapshotResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&) -> Result<flatbuffers::Offset<w::Snapshot>> {
+        return w::CreateSnapshotDirect(fbb, id, name.c_str());
+      }),
+      ([](CallState& c) -> Result<SnapshotResult> {
+        const w::SnapshotReply* r = c.parsed.envelope->body_as_SnapshotReply();
+        if (r == nullptr) return Internal("Snapshot: unexpected reply type");
+        return SnapshotResult{r->tokens(), r->chunks(), r->bytes()};
+      }));
+  return f.Get();
+}
+
+Result<RestoreResult> Client::Restore(const std::string& name, uint64_t new_id, bool durable) {
+  auto f = KVMEM_CLIENT_CALL(
+      RestoreResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&) -> Result<flatbuffers::Offset<w::Restore>> {
+        return w::CreateRestoreDirect(fbb, name.c_str(), new_id,
+                                      durable ? w::Durability::DURABLE : w::Durability::EPHEMERAL);
+      }),
+      ([](CallState& c) -> Result<RestoreResult> {
+        const w::RestoreReply* r = c.parsed.envelope->body_as_RestoreReply();
+        if (r == nullptr) return Internal("Restore: unexpected reply type");
+        return RestoreResult{r->session_id(), r->tokens(), r->chunks()};
+      }));
+  return f.Get();
+}
+
+Status Client::DropSnapshot(const std::string& name) {
+  auto f = KVMEM_CLIENT_CALL(
+      bool, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&) -> Result<flatbuffers::Offset<w::DropSnapshot>> {
+        return w::CreateDropSnapshotDirect(fbb, name.c_str());
+      }),
+      ([](CallState& c) -> Result<bool> {
+        if (c.parsed.envelope->body_as_DropSnapshotReply() == nullptr) {
+          return Internal("DropSnapshot: unexpected reply type");
+        }
+        return true;
+      }));
+  return f.Get().status();
+}
+
+Result<EvictResult> Client::EvictSession(uint64_t id, bool to_disk) {
+  auto f = KVMEM_CLIENT_CALL(
+      EvictResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&) -> Result<flatbuffers::Offset<w::EvictSession>> {
+        return w::CreateEvictSession(fbb, id, to_disk ? w::EvictTarget::DISK : w::EvictTarget::HOST);
+      }),
+      ([](CallState& c) -> Result<EvictResult> {
+        const w::EvictSessionReply* r = c.parsed.envelope->body_as_EvictSessionReply();
+        if (r == nullptr) return Internal("EvictSession: unexpected reply type");
+        EvictResult e;
+        e.blocks = r->blocks();
+        e.bytes = r->bytes();
+        e.device_bytes = r->device_bytes();
+        e.host_bytes = r->host_bytes();
+        e.disk_bytes = r->disk_bytes();
+        return e;
       }));
   return f.Get();
 }

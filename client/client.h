@@ -114,6 +114,26 @@ struct SessionSummary {
   uint64_t last_used_unix_ms = 0;
   float mean_chunk_tokens = 0;
   std::vector<LayerInfo> layers;  // SessionInfo only
+  // Tiers: `bytes` above is the device tier (KV pool).
+  uint64_t host_bytes = 0;
+  uint64_t disk_bytes = 0;           // only copy in RocksDB
+  uint64_t fetched_blocks = 0;       // (chunk, layer) blocks fetched back when selected
+  uint64_t prefetched_blocks = 0;    // fetched ahead for the next layer
+  uint64_t evicted_blocks = 0;
+};
+
+struct SnapshotResult {
+  uint64_t tokens = 0, chunks = 0, bytes = 0;
+};
+struct RestoreResult {
+  uint64_t id = 0, tokens = 0, chunks = 0;
+};
+
+// Result of EvictSession.
+struct EvictResult {
+  uint64_t blocks = 0;  // (chunk, layer) blocks moved
+  uint64_t bytes = 0;   // bytes freed in the tiers they left
+  uint64_t device_bytes = 0, host_bytes = 0, disk_bytes = 0;  // the session afterwards
 };
 
 struct AppendResult {
@@ -251,6 +271,14 @@ class Client {
   Result<SessionSummary> SessionInfo(uint64_t id);
   // Durable sessions: re-reads every stored chunk and checks its checksum.
   Result<VerifyResult> VerifySession(uint64_t id);
+  // Moves every evictable block (not sinks, recent window or tail) out of the device tier:
+  // to the host tier while it has room (to_disk false) or to RocksDB (to_disk true).
+  Result<EvictResult> EvictSession(uint64_t id, bool to_disk);
+  // Snapshots: a durable, consistent point-in-time copy of session `id` under `name` (unique
+  // per tenant, survives restarts); Restore makes a new session `new_id` from one.
+  Result<SnapshotResult> Snapshot(uint64_t id, const std::string& name);
+  Result<RestoreResult> Restore(const std::string& name, uint64_t new_id, bool durable = false);
+  Status DropSnapshot(const std::string& name);
 
   // keys / values: [layers, kv_heads, tokens, head_dim] in the profile dtype;
   // boundaries: [tokens] classes 0..5, or empty.

@@ -54,6 +54,13 @@ Commands:
                                          stored records when durable)
   session verify ID                      re-read every stored chunk of a durable session and
                                          check checksums; exit 1 when a record is bad
+  session evict ID [--to host|disk]      move every evictable block (not sinks, the recent
+                                         window or the tail) out of the device tier: to the
+                                         host tier while it has room, or to RocksDB (default)
+  session snapshot ID NAME               durable point-in-time copy of a session under NAME
+  session restore NAME --id ID [--durability ephemeral|durable]
+                                         a new session ID from snapshot NAME
+  session snapshot-drop NAME             delete a snapshot
 
 Options:
   --addr ADDRS       daemon address(es) (default 127.0.0.1:7420, or $KVMEM_ADDR): a comma
@@ -128,7 +135,12 @@ json SummaryJson(const kvmem::client::SessionSummary& s) {
                            {"rule_value", s.options.retrieval.rule_value},
                            {"block_tokens", s.options.retrieval.block_tokens},
                            {"block_pooling", s.options.retrieval.pooling == kvmem::client::BlockPooling::kMean
-                                                 ? "mean" : "max"}}}};
+                                                 ? "mean" : "max"}}},
+            {"host_bytes", s.host_bytes},
+            {"disk_bytes", s.disk_bytes},
+            {"fetched_blocks", s.fetched_blocks},
+            {"prefetched_blocks", s.prefetched_blocks},
+            {"evicted_blocks", s.evicted_blocks}};
   if (!s.layers.empty()) {
     json layers = json::array();
     for (const auto& l : s.layers) {
@@ -201,7 +213,8 @@ int main(int argc, char** argv) {
   const std::string sub = args.words.size() > 1 ? args.words[1] : "";
   const bool known = cmd == "status" || cmd == "ping" || cmd == "top" ||
                      (cmd == "session" && (sub == "create" || sub == "list" || sub == "show" || sub == "drop" ||
-                                           sub == "verify"));
+                                           sub == "verify" || sub == "evict" || sub == "snapshot" ||
+                                           sub == "restore" || sub == "snapshot-drop"));
   if (!known) return Usage("unknown command '" + cmd + (sub.empty() ? "" : " " + sub) + "'");
 
   // Validate flags before connecting, so usage errors do not need a daemon.
@@ -291,13 +304,48 @@ int main(int argc, char** argv) {
       else return Usage("--durability must be ephemeral or durable");
     }
   }
-  if (cmd == "session" && (sub == "show" || sub == "drop" || sub == "verify")) {
+  if (cmd == "session" && (sub == "show" || sub == "drop" || sub == "verify" || sub == "evict" || sub == "snapshot")) {
     if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("session " + sub + " needs a session ID");
   }
 
   auto cluster_or = kvmem::client::Cluster::Connect(addr, opts);
   if (!cluster_or.ok()) return Report(cluster_or.status(), as_json);
   kvmem::client::Cluster& cluster = **cluster_or;
+  if (cmd == "session" && (sub == "restore" || sub == "snapshot-drop")) {
+    if (args.words.size() < 3) return Usage("session " + sub + " needs a snapshot NAME");
+    const std::string name = args.words[2];
+    if (sub == "snapshot-drop") {
+      // A snapshot lives on the daemon that held its session: try each until one has it.
+      Status s = kvmem::NotFound("snapshot '" + name + "' not found");
+      for (size_t i = 0; i < cluster.addresses().size() && s.code() == kvmem::StatusCode::kNotFound; ++i) {
+        auto c = cluster.At(i);
+        s = c.ok() ? (*c)->DropSnapshot(name) : c.status();
+      }
+      if (!s.ok()) return Report(s, as_json);
+      if (as_json) std::printf("%s\n", json({{"dropped", name}}).dump().c_str());
+      else std::printf("dropped snapshot %s\n", name.c_str());
+      return 0;
+    }
+    uint64_t new_id = 0;
+    if (!args.Get("--id") || !ParseU64(*args.Get("--id"), &new_id) || new_id == 0) {
+      return Usage("session restore needs --id ID (nonzero)");
+    }
+    const std::string dur = args.Get("--durability") ? *args.Get("--durability") : "ephemeral";
+    if (dur != "ephemeral" && dur != "durable") return Usage("--durability must be ephemeral or durable");
+    // Restored on the daemon the new id places on (it must hold the snapshot).
+    auto owner = cluster.For(new_id);
+    if (!owner.ok()) return Report(owner.status(), as_json);
+    auto r = (*owner)->Restore(name, new_id, dur == "durable");
+    if (!r.ok()) return Report(r.status(), as_json);
+    if (as_json) {
+      std::printf("%s\n", json({{"id", r->id}, {"tokens", r->tokens}, {"chunks", r->chunks}}).dump().c_str());
+    } else {
+      std::printf("restored snapshot %s as session %llu (%llu tokens, %llu chunks)\n", name.c_str(),
+                  static_cast<unsigned long long>(r->id), static_cast<unsigned long long>(r->tokens),
+                  static_cast<unsigned long long>(r->chunks));
+    }
+    return 0;
+  }
   const auto& daemons = cluster.addresses();
 
   if (cmd == "status") {
@@ -531,7 +579,12 @@ int main(int argc, char** argv) {
       std::printf("tokens       %llu (%llu chunks, mean %.1f tokens; tail %u)\n",
                   static_cast<unsigned long long>(s->tokens), static_cast<unsigned long long>(s->chunks),
                   s->mean_chunk_tokens, s->tail_tokens);
-      std::printf("memory       %s\n", kvmem::FormatBytes(s->bytes).c_str());
+      std::printf("memory       %s device, %s host, %s only in RocksDB\n", kvmem::FormatBytes(s->bytes).c_str(),
+                  kvmem::FormatBytes(s->host_bytes).c_str(), kvmem::FormatBytes(s->disk_bytes).c_str());
+      std::printf("tiers        %llu blocks evicted, %llu fetched back when selected, %llu prefetched\n",
+                  static_cast<unsigned long long>(s->evicted_blocks),
+                  static_cast<unsigned long long>(s->fetched_blocks),
+                  static_cast<unsigned long long>(s->prefetched_blocks));
       std::printf("%-6s %10s %6s  %s\n", "LAYER", "TOKENS", "DEPTH", "TREE NODES PER LEVEL");
       for (const auto& l : s->layers) {
         std::string nodes;
@@ -557,6 +610,40 @@ int main(int argc, char** argv) {
       for (const auto& b : v->bad) std::printf("  %s\n", b.c_str());
     }
     return v->ok ? 0 : 1;
+  }
+  if (sub == "snapshot") {
+    if (args.words.size() < 4) return Usage("session snapshot needs ID and NAME");
+    auto owner = cluster.For(id);
+    if (!owner.ok()) return Report(owner.status(), as_json);
+    auto r = (*owner)->Snapshot(id, args.words[3]);
+    if (!r.ok()) return Report(r.status(), as_json);
+    if (as_json) {
+      std::printf("%s\n", json({{"name", args.words[3]}, {"tokens", r->tokens}, {"chunks", r->chunks},
+                                {"bytes", r->bytes}}).dump().c_str());
+    } else {
+      std::printf("snapshot %s: %llu tokens, %llu chunks, %s\n", args.words[3].c_str(),
+                  static_cast<unsigned long long>(r->tokens), static_cast<unsigned long long>(r->chunks),
+                  kvmem::FormatBytes(r->bytes).c_str());
+    }
+    return 0;
+  }
+  if (sub == "evict") {
+    const std::string to = args.Get("--to") ? *args.Get("--to") : "disk";
+    if (to != "host" && to != "disk") return Usage("session evict: --to must be host or disk");
+    auto owner = cluster.For(id);
+    if (!owner.ok()) return Report(owner.status(), as_json);
+    auto e = (*owner)->EvictSession(id, to == "disk");
+    if (!e.ok()) return Report(e.status(), as_json);
+    if (as_json) {
+      std::printf("%s\n", json({{"blocks", e->blocks}, {"bytes", e->bytes}, {"device_bytes", e->device_bytes},
+                                {"host_bytes", e->host_bytes}, {"disk_bytes", e->disk_bytes}}).dump().c_str());
+    } else {
+      std::printf("evicted %llu blocks (%s) to %s; session now %s device, %s host, %s only in RocksDB\n",
+                  static_cast<unsigned long long>(e->blocks), kvmem::FormatBytes(e->bytes).c_str(), to.c_str(),
+                  kvmem::FormatBytes(e->device_bytes).c_str(), kvmem::FormatBytes(e->host_bytes).c_str(),
+                  kvmem::FormatBytes(e->disk_bytes).c_str());
+    }
+    return 0;
   }
   if (sub == "drop") {
     Status s = cluster.DropSession(id);

@@ -140,7 +140,7 @@ ChunkStore::ChunkStore(StoreOptions options) : options_(std::move(options)) {}
 
 ChunkStore::~ChunkStore() {
   if (db_) {
-    for (auto* cf : {chunks_cf_, manifests_cf_, blocks_cf_}) {
+    for (auto* cf : {chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
       if (cf) db_->DestroyColumnFamilyHandle(cf).PermitUncheckedError();
     }
     db_->Close().PermitUncheckedError();
@@ -184,7 +184,8 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
       {rocksdb::kDefaultColumnFamilyName, small},
       {"chunks", chunks},
       {"manifests", small},
-      {"memory_blocks", chunks}};
+      {"memory_blocks", chunks},
+      {"spill", chunks}};
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
   KVMEM_RETURN_IF_ERROR(FromRocksStatus(rocksdb::DB::Open(dbo, options.path, cfs, &handles, &raw),
@@ -194,6 +195,26 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
   store->chunks_cf_ = handles[1];
   store->manifests_cf_ = handles[2];
   store->blocks_cf_ = handles[3];
+  store->spill_cf_ = handles[4];
+  // Spilled blocks belonged to ephemeral sessions of the previous process: drop them all
+  // (drop and recreate the family: one manifest write, so only when it holds anything).
+  bool spilled = false;
+  {
+    std::unique_ptr<rocksdb::Iterator> it(raw->NewIterator(rocksdb::ReadOptions(), store->spill_cf_));
+    it->SeekToFirst();
+    spilled = it->Valid();
+  }
+  if (spilled) {
+    rocksdb::ColumnFamilyHandle* fresh = nullptr;
+    rocksdb::Status ds = raw->DropColumnFamily(store->spill_cf_);
+    if (ds.ok()) {
+      raw->DestroyColumnFamilyHandle(store->spill_cf_).PermitUncheckedError();
+      store->spill_cf_ = nullptr;
+      ds = raw->CreateColumnFamily(chunks, "spill", &fresh);
+      store->spill_cf_ = fresh;
+    }
+    KVMEM_RETURN_IF_ERROR(FromRocksStatus(ds, "store: clearing the spill family"));
+  }
   // The default family's handle is owned by the DB; keep it out of the destroy list.
   raw->DestroyColumnFamilyHandle(handles[0]).PermitUncheckedError();
   store->default_cf_ = raw->DefaultColumnFamily();
@@ -233,7 +254,8 @@ std::string ChunkStore::TailKey(std::string_view tenant, uint64_t session, uint6
   return k;
 }
 
-void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t bytes) const {
+void ChunkStore::PutBlock(rocksdb::WriteBatch* wb, rocksdb::ColumnFamilyHandle* cf,
+                          const ChunkName& c, const void* data, size_t bytes) const {
   // K/V payloads are large: pass header and payload as parts instead of concatenating them.
   const std::string key = ChunkKey(c);
   std::string header;
@@ -241,8 +263,12 @@ void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t
   PutLE32(&header, RecordCrc(key, data, bytes));
   const rocksdb::Slice key_part(key), value_parts[2] = {
       rocksdb::Slice(header), rocksdb::Slice(static_cast<const char*>(data), bytes)};
-  b->wb_->Put(chunks_cf_, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
+  wb->Put(cf, rocksdb::SliceParts(&key_part, 1), rocksdb::SliceParts(value_parts, 2))
       .PermitUncheckedError();
+}
+
+void ChunkStore::PutChunk(Batch* b, const ChunkName& c, const void* data, size_t bytes) const {
+  PutBlock(b->wb_.get(), chunks_cf_, c, data, bytes);
 }
 
 void ChunkStore::PutHeader(Batch* b, std::string_view tenant, uint64_t session,
@@ -305,16 +331,22 @@ ChunkValue::ChunkValue() : pin_(std::make_unique<rocksdb::PinnableSlice>()) {}
 ChunkValue::~ChunkValue() = default;
 
 Status ChunkStore::GetChunk(const ChunkName& c, ChunkValue* value) const {
+  return GetBlock(chunks_cf_, c, "", value);
+}
+
+Status ChunkStore::GetBlock(rocksdb::ColumnFamilyHandle* cf, const ChunkName& c,
+                            const char* what_prefix, ChunkValue* value) const {
   const std::string key = ChunkKey(c);
   value->pin_->Reset();
   value->payload_ = {};
   rocksdb::ReadOptions ro;
   ro.verify_checksums = false;  // the record CRC-32C is checked instead
-  if (rocksdb::Status rs = db_->Get(ro, chunks_cf_, key, value->pin_.get()); !rs.ok()) {
-    return FromRocksStatus(rs, c.ToString());
+  auto what = [&c, what_prefix] { return what_prefix + c.ToString(); };
+  if (rocksdb::Status rs = db_->Get(ro, cf, key, value->pin_.get()); !rs.ok()) {
+    return FromRocksStatus(rs, what());
   }
-  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()),
-                      [&c] { return c.ToString(); }, &value->payload_);
+  return DecodeRecord(key, std::string_view(value->pin_->data(), value->pin_->size()), what,
+                      &value->payload_);
 }
 
 Status ChunkStore::GetChunk(const ChunkName& c, std::string* payload) const {
@@ -422,6 +454,18 @@ Result<std::vector<StoredSessionRef>> ChunkStore::ListSessions() const {
   return out;
 }
 
+Status ChunkStore::GetHeader(std::string_view tenant, uint64_t session, std::string* payload) const {
+  const std::string key = HeaderKey(tenant, session);
+  std::string value;
+  const std::string what = "session header (tenant " + std::string(tenant) + ", session " +
+                           std::to_string(session) + ")";
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(rocksdb::ReadOptions(), manifests_cf_, key, &value), what));
+  std::string_view body;
+  KVMEM_RETURN_IF_ERROR(DecodeRecord(key, value, what, &body));
+  payload->assign(body);
+  return Status::OK();
+}
+
 Result<std::vector<StoredChunkEntry>> ChunkStore::ChunkTable(std::string_view tenant,
                                                              uint64_t session) const {
   std::vector<StoredChunkEntry> out;
@@ -506,11 +550,43 @@ Status ChunkStore::DeleteSession(std::string_view tenant, uint64_t session) {
   return FromRocksStatus(db_->Write(wo, &wb), "store: delete session " + std::to_string(session));
 }
 
+Status ChunkStore::PutSpill(const ChunkName& c, const void* data, size_t bytes) {
+  KVMEM_RETURN_IF_ERROR(InjectedFault());
+  rocksdb::WriteBatch wb;
+  PutBlock(&wb, spill_cf_, c, data, bytes);
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
+  return FromRocksStatus(db_->Write(wo, &wb), "store: spill " + c.ToString());
+}
+
+Status ChunkStore::GetSpill(const ChunkName& c, ChunkValue* value) const {
+  return GetBlock(spill_cf_, c, "spilled ", value);
+}
+
+Status ChunkStore::DeleteSpill(std::string_view tenant, uint64_t session) {
+  const std::string p = SessionPrefix(tenant, session);
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
+  return FromRocksStatus(db_->DeleteRange(wo, spill_cf_, p, UpperBound(p)),
+                         "store: delete spilled blocks of session " + std::to_string(session));
+}
+
+uint64_t ChunkStore::LiveDataBytes() const {
+  uint64_t total = 0;
+  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
+    uint64_t v = 0;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kEstimateLiveDataSize, &v)) total += v;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kLiveBlobFileSize, &v)) total += v;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kCurSizeAllMemTables, &v)) total += v;
+  }
+  return total;
+}
+
 Status ChunkStore::Flush() {
   rocksdb::FlushOptions fo;
   fo.wait = true;
   KVMEM_RETURN_IF_ERROR(FromRocksStatus(
-      db_->Flush(fo, {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}), "store: flush"));
+      db_->Flush(fo, {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}), "store: flush"));
   return FromRocksStatus(db_->SyncWAL(), "store: sync WAL");
 }
 
@@ -518,7 +594,7 @@ Status ChunkStore::SyncWal() { return FromRocksStatus(db_->SyncWAL(), "store: sy
 
 Status ChunkStore::Compact() {
   rocksdb::CompactRangeOptions co;
-  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_}) {
+  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
     KVMEM_RETURN_IF_ERROR(
         FromRocksStatus(db_->CompactRange(co, cf, nullptr, nullptr), "store: compact"));
   }

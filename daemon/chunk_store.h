@@ -8,6 +8,9 @@
 //                  'T'|tenant|session|start    -> tail segment: tokens not yet in a stored
 //                                                 chunk, every layer, with their boundaries
 //   memory_blocks  reserved for compressed memory blocks
+//   spill          tenant|session|layer|chunk -> a chunk block of an *ephemeral* session
+//                  evicted from memory; written without the WAL and emptied at every Open
+//                  (spilled data does not outlive the process, by design)
 // Every value is a record: [version u8 = 1][crc32c u32 LE][payload], the CRC-32C taken over
 // key bytes then payload, so a value moved under another key fails the check as well. Reads
 // check it every time; a mismatch is DATA_LOSS naming the record.
@@ -166,11 +169,25 @@ class ChunkStore {
 
   // Every stored session header.
   Result<std::vector<StoredSessionRef>> ListSessions() const;
+  // One session header (verified); NOT_FOUND when absent.
+  Status GetHeader(std::string_view tenant, uint64_t session, std::string* payload) const;
   Result<std::vector<StoredChunkEntry>> ChunkTable(std::string_view tenant, uint64_t session) const;
   Result<std::vector<StoredTailSegment>> TailSegments(std::string_view tenant, uint64_t session) const;
 
   // Deletes every record of the session (atomic, through the WAL).
   Status DeleteSession(std::string_view tenant, uint64_t session);
+
+  // Ephemeral spill (family `spill`, same key and record format as `chunks`). PutSpill writes
+  // at once, without the WAL (a crash loses spilled blocks, and with them the ephemeral
+  // session they belong to, which is gone anyway). GetSpill checks the record CRC like
+  // GetChunk. DeleteSpill removes every spilled block of a session.
+  Status PutSpill(const ChunkName& c, const void* data, size_t bytes);
+  Status GetSpill(const ChunkName& c, ChunkValue* value) const;
+  Status DeleteSpill(std::string_view tenant, uint64_t session);
+
+  // RocksDB's estimate of live data (SST + blob bytes not yet garbage) over every family.
+  // Accurate after Compact().
+  uint64_t LiveDataBytes() const;
 
   // Flushes every memtable to SST/blob files and syncs the WAL (clean shutdown: the next
   // start then replays no WAL).
@@ -198,6 +215,11 @@ class ChunkStore {
  private:
   explicit ChunkStore(StoreOptions options);
   Status InjectedFault() const;
+  // One chunk-block record (chunks and spill share key and record format).
+  void PutBlock(rocksdb::WriteBatch* wb, rocksdb::ColumnFamilyHandle* cf, const ChunkName& c,
+                const void* data, size_t bytes) const;
+  Status GetBlock(rocksdb::ColumnFamilyHandle* cf, const ChunkName& c, const char* what_prefix,
+                  ChunkValue* value) const;
 
   StoreOptions options_;
   std::unique_ptr<rocksdb::DB> db_;
@@ -206,6 +228,7 @@ class ChunkStore {
   rocksdb::ColumnFamilyHandle* manifests_cf_ = nullptr;
   rocksdb::ColumnFamilyHandle* blocks_cf_ = nullptr;
   std::atomic<uint64_t> writes_{0};
+  rocksdb::ColumnFamilyHandle* spill_cf_ = nullptr;
 };
 
 // Walks one layer's chunks in chunk order.

@@ -55,6 +55,13 @@ Status DaemonConfig::Validate() const {
   if (executors > 256) return InvalidArgument("executors must be <= 256");
   if (max_connections == 0) return InvalidArgument("max_connections must be >= 1");
   if (max_inflight_per_endpoint == 0) return InvalidArgument("max_inflight_per_endpoint must be >= 1");
+  if (restore != "eager" && restore != "lazy") {
+    return InvalidArgument("restore must be eager or lazy, got '" + restore + "'");
+  }
+  if (!(low_watermark > 0 && low_watermark < high_watermark && high_watermark <= 1)) {
+    return InvalidArgument("watermarks must satisfy 0 < low_watermark < high_watermark <= 1, got " +
+                           std::to_string(low_watermark) + " and " + std::to_string(high_watermark));
+  }
   if (max_message_bytes < 4096) return InvalidArgument("max_message_bytes must be >= 4096");
   KVMEM_RETURN_IF_ERROR(ValidateOptions(session_defaults).WithContext("session defaults"));
   return Status::OK();
@@ -127,6 +134,25 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
     else if (k == "search_threads") s = u32(v, k, &c->search_threads);
     else if (k == "device_memory") s = ReadBytes(v, "device_memory", &c->device_memory_bytes);
+    else if (k == "host_memory") s = ReadBytes(v, "host_memory", &c->host_memory_bytes);
+    else if (k == "restore") s = str(v, k, &c->restore);
+    else if (k == "tenant_memory_quota") {
+      s = ReadBytes(v, "tenant_memory_quota", &c->tenant_memory_quota_bytes);
+    } else if (k == "high_watermark" || k == "low_watermark") {
+      if (!v.is_number()) s = InvalidArgument("config: " + k + " must be a number in (0, 1]");
+      else (k == "high_watermark" ? c->high_watermark : c->low_watermark) = v.get<double>();
+    } else if (k == "tenant_memory_quotas") {
+      // {"tenant_memory_quotas": {"acme": "8GiB", "beta": 1073741824}}
+      if (!v.is_object()) {
+        s = InvalidArgument("config: tenant_memory_quotas must map tenant names to sizes");
+      } else {
+        c->tenant_memory_quotas.clear();
+        for (auto t = v.begin(); t != v.end() && s.ok(); ++t) {
+          const std::string key = "tenant_memory_quotas." + t.key();
+          s = ReadBytes(t.value(), key.c_str(), &c->tenant_memory_quotas[t.key()]);
+        }
+      }
+    }
     else if (k == "max_message_bytes") s = ReadBytes(v, "max_message_bytes", &c->max_message_bytes);
     else if (k == "max_tokens_per_session") {
       if (!v.is_number_unsigned()) s = InvalidArgument("config: max_tokens_per_session must be an integer");

@@ -35,6 +35,25 @@ struct DaemonConfig {
   // KV pool (arena) size: device memory on CUDA, host memory on the CPU backend.
   // Default: 4 GiB.
   uint64_t device_memory_bytes = 4ull << 30;
+  // Host tier: heap memory that holds blocks evicted from the device tier before they go to
+  // RocksDB. 0: no host tier (device evicts straight to RocksDB). Default: 0.
+  uint64_t host_memory_bytes = 0;
+  // Eviction watermarks, fractions of a tier's capacity: past `high_watermark` the least
+  // recently selected blocks move down a tier (after the reply is sent) until use is below
+  // `low_watermark`. A full pool evicts synchronously. 0 < low < high <= 1.
+  // Defaults: 0.90 / 0.75.
+  double high_watermark = 0.90;
+  double low_watermark = 0.75;
+  // Restart: "eager" loads every durable session's K/V into the pool before ready; "lazy"
+  // checks every stored block's CRC before ready but leaves the K/V in RocksDB, fetched when
+  // first selected (ready sooner, first requests slower). Default: "eager".
+  std::string restore = "eager";
+  // Device-tier bytes one tenant's sessions may hold (K/V blocks and tails). A write that
+  // would pass it first evicts that tenant's least recently selected blocks; if that cannot
+  // make room it fails with RESOURCE_EXHAUSTED. 0: no quota. Reloaded on SIGHUP. Default: 0.
+  uint64_t tenant_memory_quota_bytes = 0;
+  // Per-tenant overrides of tenant_memory_quota_bytes (tenant name -> bytes; 0: no quota).
+  std::map<std::string, uint64_t> tenant_memory_quotas;
   // Largest message (header + data) accepted; larger ones get INVALID_ARGUMENT unread.
   // Default: 1 GiB.
   uint64_t max_message_bytes = 1ull << 30;

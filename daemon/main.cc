@@ -43,7 +43,10 @@ Usage: kvmemd [options]
   --progress M           event | poll                  (default event)
   --executors N          session executor threads, 0 = inline (default 2)
   --search-threads N     threads one index search fans out over (default: by core count)
-  --device-memory SIZE   KV pool size, e.g. 8GiB       (default 4GiB)
+  --device-memory SIZE   KV pool size (device tier), e.g. 8GiB (default 4GiB)
+  --host-memory SIZE     host tier for evicted blocks, e.g. 16GiB; 0 = none (default 0)
+  --restore M            eager | lazy: load durable K/V at start, or check it and fetch it
+                         when first selected                                (default eager)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
   --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
@@ -77,7 +80,7 @@ int main(int argc, char** argv) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
-                                  "--log-level", "--progress",     "--executors",  "--device-memory",
+                                  "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--search-threads",
                                   "--admin", "--sync-writes", "--fault-fail-writes-flag"};
   for (int i = 1; i < argc; ++i) {
@@ -123,6 +126,7 @@ int main(int argc, char** argv) {
       else if (k == "--log-level") config.log_level = v;
       else if (k == "--progress") config.progress = v;
       else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
+      else if (k == "--restore") config.restore = v;
       else if (k == "--executors") {
         char* end = nullptr;
         const long n = std::strtol(v.c_str(), &end, 10);
@@ -137,6 +141,10 @@ int main(int argc, char** argv) {
         auto b = ParseBytes(v);
         if (!b.ok()) return Fail("--device-memory: " + b.status().message());
         config.device_memory_bytes = *b;
+      } else if (k == "--host-memory") {
+        auto b = ParseBytes(v);
+        if (!b.ok()) return Fail("--host-memory: " + b.status().message());
+        config.host_memory_bytes = *b;
       } else if (k == "--max-message") {
         auto b = ParseBytes(v);
         if (!b.ok()) return Fail("--max-message: " + b.status().message());
@@ -167,11 +175,17 @@ int main(int argc, char** argv) {
   if (backend == "auto") backend = CudaDeviceCount() > 0 ? "cuda" : "cpu";
   SlabAllocator::Options pool_opts;
   pool_opts.capacity_bytes = config.device_memory_bytes;
+  // A slab holds one size class; a small pool (tiny budgets, tests) needs smaller slabs to
+  // have one for every class in use: 1/512 of the pool, between 64 KiB and 4 MiB.
+  while (pool_opts.slab_bytes > (64u << 10) && pool_opts.slab_bytes * 512 > pool_opts.capacity_bytes) {
+    pool_opts.slab_bytes /= 2;
+  }
   auto pool = backend == "cuda" ? CreateDevicePool(pool_opts, 0) : CreateHostPool(pool_opts);
   if (!pool.ok()) return Fail("backend " + backend + ": " + pool.status().ToString());
   backend = (*pool)->Describe();
-  KVMEM_LOG_INFO("kvmemd 0.1.0: backend={} pool={} data_dir={} tenants={}", backend,
-                 FormatBytes(config.device_memory_bytes), config.data_dir,
+  KVMEM_LOG_INFO("kvmemd 0.1.0: backend={} pool={} host tier={} data_dir={} tenants={}", backend,
+                 FormatBytes(config.device_memory_bytes), FormatBytes(config.host_memory_bytes),
+                 config.data_dir,
                  config.tenants.empty() ? std::string("default (no tokens)")
                                         : std::to_string(config.tenants.size()));
 
@@ -229,6 +243,20 @@ int main(int argc, char** argv) {
     });
   };
   arm_watchdog();
+
+  // Session lifetimes: TTL expiry once a second, on the control io_context.
+  boost::asio::steady_timer ttl_timer(io);
+  std::function<void()> arm_ttl = [&] {
+    ttl_timer.expires_after(std::chrono::seconds(1));
+    ttl_timer.async_wait([&](const boost::system::error_code& e) {
+      if (e) return;
+      const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::system_clock::now().time_since_epoch());
+      service.ExpireIdleSessions(static_cast<uint64_t>(now.count()));
+      arm_ttl();
+    });
+  };
+  arm_ttl();
 
   boost::asio::signal_set hup(io, SIGHUP);
   std::function<void()> wait_hup = [&] {
@@ -299,6 +327,7 @@ int main(int argc, char** argv) {
     sd::Notify("STOPPING=1");
     KVMEM_LOG_INFO("signal {}: shutting down", sig);
     watchdog.cancel();
+    ttl_timer.cancel();
     hup.cancel();
     server.Stop(std::chrono::milliseconds(4000), [&] { io.stop(); });
   });

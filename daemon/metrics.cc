@@ -151,12 +151,14 @@ std::string RenderPrometheus(const MetricsSources& src) {
     sessions = src.service->SnapshotSessions();
     tenants_configured = src.service->configured_tenant_count();
   }
-  uint64_t dev_bytes = 0, dev_chunks = 0, tokens = 0;
+  uint64_t dev_bytes = 0, dev_chunks = 0, tokens = 0, host_bytes = 0, disk_bytes = 0;
   std::map<std::string, uint64_t> per_tenant;
   for (const auto& s : sessions) {
     const SessionStats st = s->Stats();
     dev_bytes += st.bytes;
     dev_chunks += st.chunks;
+    host_bytes += st.host_bytes;
+    disk_bytes += st.disk_bytes;
     tokens += st.tokens;
     ++per_tenant[s->tenant()];
   }
@@ -214,14 +216,19 @@ std::string RenderPrometheus(const MetricsSources& src) {
     }
   };
   per_tier("kvmem_tier_capacity_bytes", "gauge", "Configured capacity per storage tier.",
-           [&](int t) { return t == 0 ? src.device_capacity_bytes : 0; });
+           [&](int t) -> uint64_t {
+             if (t == 0) return src.device_capacity_bytes;
+             return t == 1 && src.service ? src.service->host_capacity_bytes() : 0;
+           });
   per_tier("kvmem_tier_bytes", "gauge", "KV bytes held by sessions per storage tier.",
-           [&](int t) { return t == 0 ? dev_bytes : 0; });
-  per_tier("kvmem_tier_chunks", "gauge", "Sealed chunks per storage tier.",
+           [&](int t) { return t == 0 ? dev_bytes : t == 1 ? host_bytes : disk_bytes; });
+  per_tier("kvmem_tier_chunks", "gauge",
+           "Sealed chunks (device row; a chunk's layers may sit in different tiers, so the others are 0).",
            [&](int t) { return t == 0 ? dev_chunks : 0; });
-  per_tier("kvmem_evictions_total", "counter", "Chunks evicted from a tier.",
+  per_tier("kvmem_evictions_total", "counter", "(chunk, layer) blocks evicted from a tier.",
            [&](int t) { return m.evictions[t].load(std::memory_order_relaxed); });
-  per_tier("kvmem_fetch_backs_total", "counter", "Chunks fetched back into a tier.",
+  per_tier("kvmem_fetch_backs_total", "counter",
+           "(chunk, layer) blocks fetched back from a tier into the device tier.",
            [&](int t) { return m.fetch_backs[t].load(std::memory_order_relaxed); });
   per_tier("kvmem_spill_bytes_total", "counter", "Bytes spilled to a tier.",
            [&](int t) { return m.spill_bytes[t].load(std::memory_order_relaxed); });

@@ -20,8 +20,7 @@ namespace kvmem {
 class Service;
 struct TransportCounters;
 
-// Storage tiers. Only kDevice holds data today; the others are exported (as 0) so dashboards
-// and alerts keep working when the host and disk tiers land.
+// Storage tiers (daemon/eviction.h): the KV pool, the host tier, RocksDB.
 enum class Tier : uint8_t { kDevice = 0, kHost = 1, kDisk = 2 };
 inline constexpr int kNumTiers = 3;
 const char* TierName(Tier t);
@@ -61,7 +60,8 @@ struct DaemonMetrics {
   std::array<LatencyHistogram, kMaxOps> latency{};
   // Replies that carried a non-OK status, by wire Code (includes transport refusals).
   std::array<std::atomic<uint64_t>, kMaxCodes> errors{};
-  // Tier movement. Nothing moves between tiers yet; these stay 0 until spill/restore exist.
+  // Tier movement, counted in (chunk, layer) blocks: evictions by the tier left, fetch_backs by
+  // the tier read from; spill_bytes to and restore_bytes from kDisk.
   std::array<std::atomic<uint64_t>, kNumTiers> evictions{};
   std::array<std::atomic<uint64_t>, kNumTiers> fetch_backs{};
   std::array<std::atomic<uint64_t>, kNumTiers> spill_bytes{};

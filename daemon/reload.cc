@@ -21,6 +21,11 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.executors != current->executors, "executors");
   check(fresh.search_threads != current->search_threads, "search_threads");
   check(fresh.device_memory_bytes != current->device_memory_bytes, "device_memory");
+  check(fresh.host_memory_bytes != current->host_memory_bytes, "host_memory");
+  check(fresh.restore != current->restore, "restore");
+  check(fresh.high_watermark != current->high_watermark ||
+            fresh.low_watermark != current->low_watermark,
+        "high_watermark/low_watermark");
   check(fresh.max_message_bytes != current->max_message_bytes, "max_message_bytes");
   check(fresh.max_connections != current->max_connections, "max_connections");
   check(fresh.idle_trim_seconds != current->idle_trim_seconds, "idle_trim_seconds");
@@ -44,6 +49,8 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   current->tenants = fresh.tenants;
   current->max_sessions_per_tenant = fresh.max_sessions_per_tenant;
   current->max_tokens_per_session = fresh.max_tokens_per_session;
+  current->tenant_memory_quota_bytes = fresh.tenant_memory_quota_bytes;
+  current->tenant_memory_quotas = fresh.tenant_memory_quotas;
   return Status::OK();
 }
 

@@ -5,6 +5,7 @@
 
 #include "daemon/metrics.h"
 #include "common/log.h"
+#include "common/units.h"
 #include "daemon/tiers.h"
 
 namespace kvmem {
@@ -21,7 +22,15 @@ void Reply::SetError(uint64_t request_id, const Status& status) {
 Service::Service(DaemonConfig config, KVPool* pool, std::string backend_name)
     : config_(std::move(config)), pool_(pool), backend_name_(std::move(backend_name)) {
   settings_.store(std::make_shared<const Reloadable>(
-      Reloadable{config_.tenants, config_.max_sessions_per_tenant, config_.max_tokens_per_session}));
+      Reloadable{config_.tenants, config_.max_sessions_per_tenant, config_.max_tokens_per_session,
+                 config_.tenant_memory_quota_bytes, config_.tenant_memory_quotas}));
+  TierOptions to;
+  to.host_memory_bytes = config_.host_memory_bytes;
+  to.high_watermark = config_.high_watermark;
+  to.low_watermark = config_.low_watermark;
+  to.restore_resident = config_.restore != "lazy";
+  tiers_ = std::make_unique<TierContext>(pool_, to);
+  tiers_->make_room = [this](Session* self, uint64_t bytes) { return MakeRoom(self, bytes); };
 }
 
 std::vector<std::shared_ptr<Session>> Service::SnapshotSessions() const {
@@ -41,7 +50,8 @@ Status Service::Reload(const DaemonConfig& fresh) {
   }
   settings_.store(std::make_shared<const Reloadable>(
                       Reloadable{fresh.tenants, fresh.max_sessions_per_tenant,
-                                 fresh.max_tokens_per_session}),
+                                 fresh.max_tokens_per_session, fresh.tenant_memory_quota_bytes,
+                                 fresh.tenant_memory_quotas}),
                   std::memory_order_release);
   return Status::OK();
 }
@@ -77,16 +87,21 @@ Result<std::string> Service::Authenticate(const w::Hello* hello) const {
 void Service::HelloReply(uint64_t request_id, const std::string& tenant, Reply* r) const {
   auto& fbb = r->fbb;
   // Operations fields (kvmemctl status): session stats are atomics, read after the snapshot.
-  uint64_t used = 0, chunks = 0;
+  uint64_t used = 0, chunks = 0, host = 0, disk = 0;
   const auto sessions = SnapshotSessions();
   for (const auto& s : sessions) {
     const SessionStats st = s->Stats();
     used += st.bytes;
     chunks += st.chunks;
+    host += st.host_bytes;
+    disk += st.disk_bytes;
   }
+  // Chunk counts per tier are not tracked (a chunk's layers may sit in different tiers):
+  // the device row counts sealed chunks, the others 0.
   std::vector<flatbuffers::Offset<w::TierUsage>> tiers = {
       w::CreateTierUsageDirect(fbb, "device", pool_ ? pool_->allocator().capacity_bytes() : 0, used, chunks),
-      w::CreateTierUsageDirect(fbb, "host", 0, 0, 0), w::CreateTierUsageDirect(fbb, "disk", 0, 0, 0)};
+      w::CreateTierUsageDirect(fbb, "host", tiers_->host_capacity(), host, 0),
+      w::CreateTierUsageDirect(fbb, "disk", 0, disk, 0)};
   const auto uptime = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::now() - started_);
   auto body = w::CreateHelloReplyDirect(fbb, w::kProtocolVersion, tenant.c_str(), "kvmem 0.1.0",
@@ -106,6 +121,9 @@ uint64_t Service::ShardKey(const w::Envelope* env) {
     case w::Body::Attend: return env->body_as_Attend()->session_id();
     case w::Body::Retrieve: return env->body_as_Retrieve()->session_id();
     case w::Body::VerifySession: return env->body_as_VerifySession()->session_id();
+    case w::Body::EvictSession: return env->body_as_EvictSession()->session_id();
+    case w::Body::Snapshot: return env->body_as_Snapshot()->session_id();
+    case w::Body::Restore: return env->body_as_Restore()->session_id();
     case w::Body::AttendBatch: {
       auto items = env->body_as_AttendBatch()->items();
       return items && items->size() > 0 ? items->Get(0)->session_id() : 0;
@@ -152,6 +170,10 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::AttendBatch: return AttendBatch(ctx, msg, env->body_as_AttendBatch(), r);
     case w::Body::Retrieve: return Retrieve(ctx, msg, env->body_as_Retrieve(), r);
     case w::Body::VerifySession: return VerifySession(ctx, env->request_id(), env->body_as_VerifySession(), r);
+    case w::Body::EvictSession: return EvictSession(ctx, env->request_id(), env->body_as_EvictSession(), r);
+    case w::Body::Snapshot: return Snapshot(ctx, env->request_id(), env->body_as_Snapshot(), r);
+    case w::Body::Restore: return Restore(ctx, env->request_id(), env->body_as_Restore(), r);
+    case w::Body::DropSnapshot: return DropSnapshot(ctx, env->request_id(), env->body_as_DropSnapshot(), r);
     case w::Body::NONE: return InvalidArgument("message has no body");
     default:
       return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
@@ -314,7 +336,7 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
   }
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
                          Session::Create(req->session_id(), ctx.tenant, std::move(profile),
-                                         std::move(options), pool_));
+                                         std::move(options), pool_, tiers_.get()));
   {
     std::unique_lock lock(mu_);
     auto [it, inserted] = sessions_.emplace(Key{ctx.tenant, req->session_id()}, std::move(s));
@@ -333,17 +355,15 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
   return Status::OK();
 }
 
-Status Service::DropSession(const RequestContext& ctx, uint64_t rid, const w::DropSession* req, Reply* r) {
+Status Service::Remove(const std::string& tenant, uint64_t id, const char* why) {
   std::shared_ptr<Session> victim;
   bool stored = false;
   {
     std::unique_lock lock(mu_);
-    auto it = sessions_.find({ctx.tenant, req->session_id()});
+    auto it = sessions_.find({tenant, id});
     if (it == sessions_.end()) {
-      auto bad = unrestorable_.find({ctx.tenant, req->session_id()});
-      if (bad == unrestorable_.end()) {
-        return NotFound("session " + std::to_string(req->session_id()) + " not found");
-      }
+      auto bad = unrestorable_.find({tenant, id});
+      if (bad == unrestorable_.end()) return NotFound("session " + std::to_string(id) + " not found");
       unrestorable_.erase(bad);
       stored = true;
     } else {
@@ -352,12 +372,165 @@ Status Service::DropSession(const RequestContext& ctx, uint64_t rid, const w::Dr
       stored = victim->options().durability == Durability::kDurable;
     }
   }
-  victim.reset();  // frees its blocks outside the registry lock
+  // Frees its blocks in every tier (pool, host buffers, spilled records) outside the registry
+  // lock; an op still running on it finishes first (it holds a reference).
+  victim.reset();
   if (stored && store_ != nullptr) {
-    KVMEM_RETURN_IF_ERROR(store_->DeleteSession(ctx.tenant, req->session_id())
-                              .WithContext("DropSession: dropped from memory, but its stored "
-                                           "records remain (it returns after a restart)"));
+    KVMEM_RETURN_IF_ERROR(store_->DeleteSession(tenant, id).WithContext(
+        std::string(why) + ": dropped from memory, but its stored records remain (it returns "
+        "after a restart)"));
   }
+  return Status::OK();
+}
+
+size_t Service::ExpireIdleSessions(uint64_t now_unix_ms) {
+  std::vector<Key> expired;
+  {
+    std::shared_lock lock(mu_);
+    for (const auto& [key, s] : sessions_) {
+      const uint64_t ttl = s->options().ttl_seconds;
+      if (ttl > 0 && s->Stats().last_used_unix_ms + ttl * 1000 <= now_unix_ms) expired.push_back(key);
+    }
+  }
+  size_t n = 0;
+  for (const Key& k : expired) {
+    Status st = Remove(k.first, k.second, "TTL expiry");
+    if (st.ok()) {
+      ++n;
+      KVMEM_LOG_INFO("tenant {} session {}: TTL expired, dropped", k.first, k.second);
+    } else if (st.code() != StatusCode::kNotFound) {
+      KVMEM_LOG_WARN("tenant {} session {}: {}", k.first, k.second, st.ToString());
+    }
+  }
+  return n;
+}
+
+Status Service::MakeRoom(Session* self, uint64_t bytes) {
+  return MakeDeviceRoom(SnapshotSessions(), *tiers_, self, bytes);
+}
+
+Status Service::AdmitWrite(Session* s, uint64_t raw_bytes) {
+  const uint64_t quota = settings()->QuotaFor(s->tenant());
+  if (quota == 0) return Status::OK();
+  // Blocks are reserved in size classes up to 12.5% larger than asked: count that in.
+  const uint64_t need = raw_bytes + raw_bytes / 8;
+  const auto sessions = SnapshotSessions();
+  auto held = [&] {
+    uint64_t h = 0;
+    for (const auto& x : sessions)
+      if (x->tenant() == s->tenant()) h += x->Stats().bytes;
+    return h;
+  };
+  uint64_t h = held();
+  if (h + need <= quota) return Status::OK();
+  EvictResult r = EvictLeastRecentlySelected(sessions, Tier::kDevice, h + need - quota, s,
+                                             s->tenant(), /*self_in_op=*/false);
+  h = held();
+  if (h + need <= quota) return Status::OK();
+  return ResourceExhausted("tenant " + s->tenant() + " is over its memory quota: quota " +
+                           FormatBytes(quota) + ", holds " + FormatBytes(h) +
+                           " in the device tier, this write needs " + FormatBytes(need) +
+                           "; eviction freed " + FormatBytes(r.bytes) +
+                           " (the rest is sinks, recent windows, tails or in use)" +
+                           (r.last_error.ok() ? std::string() : "; last error: " + r.last_error.ToString()));
+}
+
+void Service::EnforceWatermarks() {
+  const SlabAllocator& a = pool_->allocator();
+  const double cap = static_cast<double>(a.capacity_bytes());
+  const double host_cap = static_cast<double>(tiers_->host_capacity());
+  const bool device_over = static_cast<double>(a.allocated_bytes()) > config_.high_watermark * cap;
+  const bool host_over = host_cap > 0 && static_cast<double>(tiers_->host_used()) > config_.high_watermark * host_cap;
+  if (!device_over && !host_over) return;
+  const auto sessions = SnapshotSessions();
+  if (device_over) {
+    const double excess = static_cast<double>(a.allocated_bytes()) - config_.low_watermark * cap;
+    EvictLeastRecentlySelected(sessions, Tier::kDevice, static_cast<uint64_t>(std::max(0.0, excess)), nullptr, "");
+  }
+  if (host_cap > 0 && static_cast<double>(tiers_->host_used()) > config_.high_watermark * host_cap) {
+    const double excess = static_cast<double>(tiers_->host_used()) - config_.low_watermark * host_cap;
+    EvictLeastRecentlySelected(sessions, Tier::kHost, static_cast<uint64_t>(std::max(0.0, excess)), nullptr, "");
+  }
+}
+
+Status Service::EvictSession(const RequestContext& ctx, uint64_t rid, const w::EvictSession* req,
+                             Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  const Tier to = req->target() == w::EvictTarget::HOST ? Tier::kHost : Tier::kDisk;
+  if (to == Tier::kDisk && store_ == nullptr) {
+    return FailedPrecondition("EvictSession: no store to evict to (data_dir)");
+  }
+  EvictResult res = s->EvictAll(to);
+  if (res.blocks == 0 && !res.last_error.ok()) return res.last_error.WithContext("EvictSession");
+  const SessionStats st = s->Stats();
+  auto body = w::CreateEvictSessionReply(r->fbb, res.blocks, res.bytes, st.bytes, st.host_bytes,
+                                         st.disk_bytes);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::CheckNewSession(const std::string& tenant, uint64_t id) const {
+  std::shared_lock lock(mu_);
+  if (sessions_.count({tenant, id})) return AlreadyExists("session " + std::to_string(id) + " already exists");
+  if (auto it = unrestorable_.find({tenant, id}); it != unrestorable_.end()) {
+    return FailedPrecondition("session " + std::to_string(id) + " is stored but could not be restored (" +
+                              it->second.ToString() + "); drop it to reuse the id");
+  }
+  size_t mine = 0;
+  for (auto it = sessions_.lower_bound({tenant, 0}); it != sessions_.end() && it->first.first == tenant; ++it) ++mine;
+  if (mine >= settings()->max_sessions_per_tenant) {
+    return ResourceExhausted("tenant " + tenant + " already holds " + std::to_string(mine) +
+                             " sessions (max_sessions_per_tenant)");
+  }
+  return Status::OK();
+}
+
+Status Service::Snapshot(const RequestContext& ctx, uint64_t rid, const w::Snapshot* req, Reply* r) {
+  if (store_ == nullptr) return FailedPrecondition("Snapshot: no store (data_dir)");
+  if (req->name() == nullptr) return InvalidArgument("Snapshot: name missing");
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(SnapshotInfo info, WriteSnapshot(store_, *s, req->name()->str()));
+  auto body = w::CreateSnapshotReply(r->fbb, info.tokens, info.chunks, info.bytes);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::Restore(const RequestContext& ctx, uint64_t rid, const w::Restore* req, Reply* r) {
+  if (store_ == nullptr) return FailedPrecondition("Restore: no store (data_dir)");
+  if (req->name() == nullptr) return InvalidArgument("Restore: name missing");
+  if (req->session_id() == 0) return InvalidArgument("Restore: session_id must be nonzero");
+  KVMEM_RETURN_IF_ERROR(CheckNewSession(ctx.tenant, req->session_id()));
+  const Durability d = static_cast<Durability>(req->durability());
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
+                         RestoreSnapshot(store_, pool_, tiers_.get(), ctx.tenant, req->name()->str(),
+                                         req->session_id(), d, config_.session_defaults));
+  const uint64_t tokens = s->tokens(), chunks = s->chunk_count();
+  {
+    std::unique_lock lock(mu_);
+    auto [it, inserted] = sessions_.emplace(Key{ctx.tenant, req->session_id()}, std::move(s));
+    // Restore and CreateSession of one id run on the same executor (ShardKey), so the id
+    // checked free above is still free.
+    if (!inserted) return Internal("Restore: session " + std::to_string(req->session_id()) + " appeared meanwhile");
+  }
+  auto body = w::CreateRestoreReply(r->fbb, req->session_id(), tokens, chunks);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::DropSnapshot(const RequestContext& ctx, uint64_t rid, const w::DropSnapshot* req,
+                             Reply* r) {
+  if (store_ == nullptr) return FailedPrecondition("DropSnapshot: no store (data_dir)");
+  if (req->name() == nullptr) return InvalidArgument("DropSnapshot: name missing");
+  KVMEM_RETURN_IF_ERROR(DeleteSnapshot(store_, ctx.tenant, req->name()->str()));
+  auto body = w::CreateDropSnapshotReply(r->fbb);
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::DropSession(const RequestContext& ctx, uint64_t rid, const w::DropSession* req, Reply* r) {
+  KVMEM_RETURN_IF_ERROR(Remove(ctx.tenant, req->session_id(), "DropSession"));
   auto body = w::CreateDropSessionReply(r->fbb);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
   return Status::OK();
@@ -390,6 +563,11 @@ flatbuffers::Offset<w::SessionSummary> Service::Summarize(flatbuffers::FlatBuffe
   b.add_created_unix_ms(st.created_unix_ms);
   b.add_last_used_unix_ms(st.last_used_unix_ms);
   b.add_mean_chunk_tokens(static_cast<float>(s.mean_chunk_tokens()));
+  b.add_host_bytes(st.host_bytes);
+  b.add_disk_bytes(st.disk_bytes);
+  b.add_fetched_blocks(st.fetched_blocks);
+  b.add_prefetched_blocks(st.prefetched_blocks);
+  b.add_evicted_blocks(st.evicted_blocks);
   if (detail) b.add_layers(layers);
   return b.Finish();
 }
@@ -472,6 +650,8 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
     }
   }
   // NaN / Inf are refused by the session, during the copy into its blocks.
+  const size_t elems = static_cast<size_t>(p.layers) * p.kv_heads * n * p.head_dim;
+  KVMEM_RETURN_IF_ERROR(AdmitWrite(s.get(), 2 * elems * DTypeSize(p.dtype)).WithContext("AppendKV"));
   KVMEM_ASSIGN_OR_RETURN(AppendResult res, s->AppendKV(static_cast<uint32_t>(n), k, v, bounds));
   auto body = w::CreateAppendKVReply(r->fbb, res.tokens, res.chunks, res.sealed);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));
@@ -513,6 +693,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
     if (s->Stats().tokens + 1 > settings()->max_tokens_per_session) {
       return ResourceExhausted("Attend: session is at max_tokens_per_session");
     }
+    KVMEM_RETURN_IF_ERROR(AdmitWrite(s.get(), 2 * elems * DTypeSize(p.dtype)).WithContext("Attend"));
   }
   if (req->boundary() > index::kMaxBoundaryClass) {
     return InvalidArgument("Attend: boundary class " + std::to_string(req->boundary()) + " (valid: 0..5)");
@@ -598,8 +779,12 @@ void Service::AfterReply(const RequestContext& ctx, uint64_t session_id) {
   if (session_id == 0 || ctx.tenant.empty()) return;
   auto s = Find(ctx.tenant, session_id);
   if (!s.ok()) return;
-  std::lock_guard<std::mutex> lock((*s)->op_mu());
-  (*s)->Maintain();
+  {
+    std::lock_guard<std::mutex> lock((*s)->op_mu());
+    (*s)->Maintain();
+    (*s)->Prefetch();
+  }
+  EnforceWatermarks();
 }
 
 Status Service::AttendBatch(const RequestContext& ctx, const w::Parsed& msg,
@@ -631,7 +816,8 @@ Status Service::RestoreDurableSessions() {
   if (store_ == nullptr) return Status::OK();
   RestoreStats stats;
   KVMEM_ASSIGN_OR_RETURN(std::vector<RestoredSession> restored,
-                         RestoreSessions(store_, pool_, config_.session_defaults, &stats));
+                         RestoreSessions(store_, pool_, config_.session_defaults, &stats,
+                                         tiers_.get()));
   std::unique_lock lock(mu_);
   for (RestoredSession& r : restored) {
     if (r.session) {

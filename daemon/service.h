@@ -17,6 +17,7 @@
 #include "common/status.h"
 #include "daemon/chunk_store.h"
 #include "daemon/config.h"
+#include "daemon/eviction.h"
 #include "daemon/kv_pool.h"
 #include "daemon/session.h"
 #include "wire/framing.h"
@@ -102,8 +103,22 @@ class Service {
   // Durable sessions (daemon/tiers.h): the store they live in, and their restore at start,
   // before the transport accepts requests. Sessions that fail to restore stay on disk; their
   // ids answer CreateSession with the restore error until dropped.
-  void AttachStore(ChunkStore* store) { store_ = store; }
+  void AttachStore(ChunkStore* store) {
+    store_ = store;
+    tiers_->set_store(store);
+  }
   Status RestoreDurableSessions();
+
+  // --- Tiers and lifetimes (daemon/eviction.h) ---
+  // Drops every session whose TTL (SessionOptions.ttl_seconds > 0) has passed since its last
+  // use at `now_unix_ms`, in every tier (durable ones lose their stored records too, as by
+  // DropSession). Returns how many were dropped. kvmemd calls it once a second.
+  size_t ExpireIdleSessions(uint64_t now_unix_ms);
+  // Watermark upkeep: when the device (or host) tier is past its high watermark, evicts least
+  // recently selected blocks until it is below the low one. Runs after replies.
+  void EnforceWatermarks();
+  TierContext& tiers() { return *tiers_; }
+  uint64_t host_capacity_bytes() const { return tiers_->host_capacity(); }
 
  private:
   using Key = std::pair<std::string, uint64_t>;  // (tenant, session id)
@@ -118,6 +133,23 @@ class Service {
                      Reply* reply);
   Status VerifySession(const RequestContext& ctx, uint64_t rid, const wire::VerifySession* req,
                        Reply* reply);
+  Status EvictSession(const RequestContext& ctx, uint64_t rid, const wire::EvictSession* req,
+                      Reply* reply);
+  Status Snapshot(const RequestContext& ctx, uint64_t rid, const wire::Snapshot* req, Reply* reply);
+  Status Restore(const RequestContext& ctx, uint64_t rid, const wire::Restore* req, Reply* reply);
+  Status DropSnapshot(const RequestContext& ctx, uint64_t rid, const wire::DropSnapshot* req,
+                      Reply* reply);
+  // The checks CreateSession makes before a new id is taken: not in use (ALREADY_EXISTS), not
+  // an unrestorable stored session, the tenant's session limit.
+  Status CheckNewSession(const std::string& tenant, uint64_t id) const;
+  // Quota check for a write that adds `need_bytes` to the device tier for `s` (its op_mu
+  // held): over the tenant's quota, that tenant's least recently selected blocks are evicted
+  // first; RESOURCE_EXHAUSTED naming tenant, quota and need when that cannot make room.
+  Status AdmitWrite(Session* s, uint64_t need_bytes);
+  // Device-tier room for `self`'s allocation of `bytes` (TierContext::make_room).
+  Status MakeRoom(Session* self, uint64_t bytes);
+  // Removes a session from memory and (durable) from the store.
+  Status Remove(const std::string& tenant, uint64_t id, const char* why);
   Status AppendKV(const RequestContext& ctx, const wire::Parsed& msg, const wire::AppendKV* req,
                   Reply* reply);
   Status Attend(const RequestContext& ctx, const wire::Parsed& msg, const wire::Attend* req,
@@ -143,6 +175,12 @@ class Service {
     std::map<std::string, std::string> tenants;  // token -> tenant
     uint32_t max_sessions_per_tenant = 0;
     uint64_t max_tokens_per_session = 0;
+    uint64_t tenant_memory_quota_bytes = 0;
+    std::map<std::string, uint64_t> tenant_memory_quotas;
+    uint64_t QuotaFor(const std::string& tenant) const {
+      auto it = tenant_memory_quotas.find(tenant);
+      return it != tenant_memory_quotas.end() ? it->second : tenant_memory_quota_bytes;
+    }
   };
   std::shared_ptr<const Reloadable> settings() const {
     return settings_.load(std::memory_order_acquire);
@@ -156,6 +194,7 @@ class Service {
   mutable std::shared_mutex mu_;
   std::map<Key, std::shared_ptr<Session>> sessions_;  // guarded by mu_
   ChunkStore* store_ = nullptr;
+  std::unique_ptr<TierContext> tiers_;
   std::map<Key, Status> unrestorable_;  // guarded by mu_
   ServiceCounters counters_;
 };

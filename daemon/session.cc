@@ -1,5 +1,7 @@
 #include "daemon/session.h"
 
+#include "daemon/chunk_store.h"
+#include "daemon/metrics.h"
 #include "daemon/parallel.h"
 
 #include <algorithm>
@@ -10,6 +12,9 @@
 #include <deque>
 #include <functional>
 #include <optional>
+
+#include "common/log.h"
+#include "common/units.h"
 
 namespace kvmem {
 namespace {
@@ -132,7 +137,7 @@ Status CheckHybridProfile(const ModelProfile& p, SelectionMode mode) {
 }
 
 Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionOptions options,
-                 KVPool* pool)
+                 KVPool* pool, TierContext* tiers)
     : id_(id),
       tenant_(std::move(tenant)),
       profile_(std::move(profile)),
@@ -141,7 +146,8 @@ Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionO
       tail_capacity_(options_.chunker.max_tokens + kMaxLayerSkew),
       chunker_(options_.chunker),
       layers_(profile_.layers),
-      kept_(profile_.kv_heads) {
+      kept_(profile_.kv_heads),
+      tiers_(tiers) {
   index_enabled_ = options_.mode == SelectionMode::kIndex || options_.mode == SelectionMode::kHybrid;
   index_all_heads_ = options_.mode == SelectionMode::kIndex;
   trees_.reserve(static_cast<size_t>(profile_.layers) * profile_.kv_heads);
@@ -152,12 +158,12 @@ Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionO
 
 Result<std::unique_ptr<Session>> Session::Create(uint64_t id, std::string tenant,
                                                  ModelProfile profile, SessionOptions options,
-                                                 KVPool* pool) {
+                                                 KVPool* pool, TierContext* tiers) {
   KVMEM_RETURN_IF_ERROR(ValidateProfile(profile, ProfileLimits{}));
   KVMEM_RETURN_IF_ERROR(ValidateOptions(options));
   KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile, options.mode));
   std::unique_ptr<Session> s(
-      new Session(id, std::move(tenant), std::move(profile), std::move(options), pool));
+      new Session(id, std::move(tenant), std::move(profile), std::move(options), pool, tiers));
   KVMEM_RETURN_IF_ERROR(s->Init());
   return s;
 }
@@ -181,8 +187,45 @@ Status Session::Init() {
 
 Session::~Session() {
   for (const Layer& l : layers_) pool_->Free(l.tail_block);
-  for (const Chunk& c : chunks_)
-    for (uint64_t b : c.block) pool_->Free(b);
+  for (Chunk& c : chunks_)
+    for (Block& b : c.blocks) FreeBlock(c.tokens, b);
+  if (spilled_ && tiers_ != nullptr && tiers_->store() != nullptr) {
+    if (Status s = tiers_->store()->DeleteSpill(tenant_, id_); !s.ok()) {
+      // Unreachable records only: the spill family is emptied at the next start.
+      KVMEM_LOG_WARN("session {}: {}", id_, s.ToString());
+    }
+  }
+}
+
+void Session::FreeBlock(uint32_t tokens, Block& b) {
+  if (b.dev != kNotResident) {
+    pool_->Free(b.dev);
+    b.dev = kNotResident;
+  }
+  if (b.host) {
+    b.host.reset();
+    if (tiers_ != nullptr) tiers_->ReleaseHost(BlockBytes(tokens));
+  }
+}
+
+Result<uint64_t> Session::AllocateBlock(uint64_t bytes) {
+  auto off = pool_->Allocate(bytes);
+  if (off.ok() || tiers_ == nullptr || !tiers_->make_room) return off;
+  if (off.status().code() != StatusCode::kResourceExhausted) return off;
+  // Freed bytes need not be usable for this size class (slabs hold one class each): ask for
+  // more while eviction still frees something.
+  const uint64_t want = pool_->allocator().ReservedBytes(bytes);
+  Status room;
+  for (uint64_t ask = want; ask <= pool_->allocator().capacity_bytes(); ask *= 4) {
+    room = tiers_->make_room(this, ask);
+    off = pool_->Allocate(bytes);
+    if (off.ok()) return off;
+    if (!room.ok()) break;
+  }
+  return ResourceExhausted("KV pool full (" + FormatBytes(pool_->allocator().allocated_bytes()) +
+                           " of " + FormatBytes(pool_->allocator().capacity_bytes()) +
+                           " in use) and eviction could not free " + FormatBytes(want) +
+                           (room.ok() ? std::string() : ": " + room.message()));
 }
 
 uint64_t Session::BlockBytes(uint32_t stride_tokens) const {
@@ -209,14 +252,16 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     fresh[i].tokens = sealed[i];
     pos += sealed[i];
     const uint64_t bytes = BlockBytes(sealed[i]);
+    fresh[i].blocks.resize(L);
     for (uint32_t l = 0; l < L; ++l) {
-      auto off = pool_->Allocate(bytes);
+      auto off = AllocateBlock(bytes);
       if (!off.ok()) {
         for (auto& c : fresh)
-          for (uint64_t b : c.block) pool_->Free(b);
+          for (Block& b : c.blocks) FreeBlock(c.tokens, b);
         return off.status();
       }
-      fresh[i].block.push_back(*off);
+      fresh[i].blocks[l].dev = *off;
+      fresh[i].blocks[l].tick = op_tick_;
       reserved += pool_->allocator().ReservedBytes(bytes);
     }
   }
@@ -252,7 +297,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     };
     uint64_t p = 0;
     for (const Chunk& c : fresh) {
-      const uint64_t k0 = c.block[l];
+      const uint64_t k0 = c.blocks[l].dev;
       const uint64_t v0 = k0 + uint64_t{H} * c.tokens * row;
       for (uint32_t h = 0; h < H; ++h) {
         copy_rows(h, p, c.tokens, k0 + uint64_t{h} * c.tokens * row, v0 + uint64_t{h} * c.tokens * row);
@@ -280,7 +325,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   }
   if (!st.ok()) {
     for (auto& c : fresh)
-      for (uint64_t b : c.block) pool_->Free(b);
+      for (Block& b : c.blocks) FreeBlock(c.tokens, b);
     return st;
   }
 
@@ -291,7 +336,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     const uint64_t T = layer.tail_tokens;
     const uint64_t tail_k = layer.tail_block;
     const uint64_t tail_v = tail_k + uint64_t{H} * tail_capacity_ * row;
-    for (const Chunk& c : fresh) layer.chunk_spans.push_back({ElemOffset(c.block[l]), c.tokens, 0, c.tokens});
+    for (const Chunk& c : fresh) layer.chunk_spans.push_back({ElemOffset(c.blocks[l].dev), c.tokens, 0, c.tokens});
     const uint64_t rest = T + n - consumed;
     if (rest > tail_capacity_) return Internal("tail overflow while sealing");
     for (uint32_t h = 0; h < H; ++h) {
@@ -329,13 +374,15 @@ Status Session::KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float
   const Chunk& c = chunks_[chunk];
   const uint64_t esize = DTypeSize(profile_.dtype);
   const uint64_t elems = uint64_t{c.tokens} * profile_.head_dim;
-  const uint64_t off = c.block[layer] + uint64_t{head} * elems * esize;
-  if (pool_->is_host()) {
-    ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, out);
+  const uint64_t at = uint64_t{head} * elems * esize;
+  const uint64_t dev = c.blocks[layer].dev;
+  if (pool_->is_host() && dev != kNotResident) {
+    ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + dev + at, profile_.dtype, elems, out);
     return Status::OK();
   }
+  // Exact search reads keys where they are (no fetch-back: it may touch most chunks).
   std::vector<uint8_t> staging(elems * esize);
-  KVMEM_RETURN_IF_ERROR(pool_->CopyOut(staging.data(), off, staging.size()));
+  KVMEM_RETURN_IF_ERROR(ReadBlock(chunk, layer, at, staging.size(), staging.data()));
   ConvertToFloat(staging.data(), profile_.dtype, elems, out);
   return Status::OK();
 }
@@ -368,12 +415,12 @@ Status Session::CatchUpIndex(bool all_heads) {
         any = TreeNeeded(l, h) && trees_[static_cast<size_t>(l) * H + h].num_chunks() == c;
       }
       if (!any) continue;
-      const uint64_t off = chunks_[c].block[l];
-      if (pool_->is_host()) {
+      const uint64_t off = chunks_[c].blocks[l].dev;
+      if (pool_->is_host() && off != kNotResident) {
         ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
       } else {
         staging.resize(elems * esize);
-        KVMEM_RETURN_IF_ERROR(pool_->CopyOut(staging.data(), off, staging.size()));
+        KVMEM_RETURN_IF_ERROR(ReadBlock(static_cast<uint32_t>(c), l, 0, staging.size(), staging.data()));
         ConvertToFloat(staging.data(), profile_.dtype, elems, keys.data());
       }
       for (uint32_t h = 0; h < H; ++h) {
@@ -510,7 +557,7 @@ void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>&
           ++i;
         }
         const Chunk& c = chunks_[cur.chunk];
-        spans->push_back({ElemOffset(c.block[layer]), c.tokens, cur.begin, cur.end});
+        spans->push_back({ElemOffset(c.blocks[layer].dev), c.tokens, cur.begin, cur.end});
       }
     }
     spans->push_back({ElemOffset(lay.tail_block), tail_capacity_, 0, lay.tail_tokens});
@@ -556,7 +603,7 @@ Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<
     for (const Chunk& c : chunks_) {
       if (c.start + c.tokens <= S) continue;
       const uint32_t b = static_cast<uint32_t>(std::max(S, c.start) - c.start);
-      spans.push_back({ElemOffset(c.block[layer]), c.tokens, b, c.tokens});
+      spans.push_back({ElemOffset(c.blocks[layer].dev), c.tokens, b, c.tokens});
       prefix.push_back(prefix.back() + c.tokens - b);
     }
     v.pool = pool_->base();
@@ -679,6 +726,7 @@ Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
     return InvalidArgument("Retrieve: top_chunks (exact search) is an index-mode request; modes "
                            "retrieval_heads and hybrid select by budget and rule");
   }
+  BeginOp();
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
   std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
   ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
@@ -713,6 +761,9 @@ Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
       r.bytes_read += sel.cost.bytes_read;
     }
   }
+  // Selection is what recency means: chosen chunks are the last to be evicted.
+  for (const HeadSelection& h : r.heads)
+    for (uint32_t c : h.chunks) chunks_[c].blocks[layer].tick = op_tick_;
   TouchNow();
   return r;
 }
@@ -725,6 +776,7 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
                               "(Attend with new k/v for every layer) before AppendKV");
   }
   if (n == 0) return AppendResult{tokens_, chunks_.size(), 0};
+  BeginOp();
   std::vector<uint8_t> zeros;
   if (boundaries == nullptr) {
     zeros.assign(n, 0);
@@ -751,11 +803,15 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
   }
   chunker_ = std::move(trial);
   unsealed_boundaries_.clear();
+  boundary_log_.append(reinterpret_cast<const char*>(boundaries), n);
   tokens_ += n;
   stat_tokens_ = tokens_;
   stat_tail_ = layers_.empty() ? 0 : layers_[0].tail_tokens;
   TouchNow();
-  if (journal_) journal_->ChunksSealed(*this);
+  if (journal_) {
+    journal_->ChunksSealed(*this);
+    MarkStoredChunks();
+  }
   return AppendResult{tokens_, chunks_.size(), static_cast<uint32_t>(sealed.size())};
 }
 
@@ -771,6 +827,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile_, mode));
     KVMEM_RETURN_IF_ERROR(EffectiveRetrieval(a.retrieval).status());
   }
+  BeginOp();
   Layer& layer = layers_[a.layer];
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
   const uint64_t row = uint64_t{D} * DTypeSize(profile_.dtype);
@@ -823,8 +880,26 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
       KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
       KVMEM_RETURN_IF_ERROR(SelectChunks(a.layer, qf, budget, &selection, &nodes, &bytes_read));
     }
+    // Selected chunks are now the most recent; cold ones come back before attention reads
+    // them (all ticks first, so fetching one cannot evict another selected one). Heads that
+    // attend densely (retrieval heads, heads before any selection) need the whole layer.
+    std::vector<uint32_t> wanted;
+    for (const HeadSelection& h : selection) wanted.insert(wanted.end(), h.chunks.begin(), h.chunks.end());
+    std::sort(wanted.begin(), wanted.end());
+    wanted.erase(std::unique(wanted.begin(), wanted.end()), wanted.end());
+    for (uint32_t c : wanted) chunks_[c].blocks[a.layer].tick = op_tick_;
+    if (std::find(dense.begin(), dense.end(), true) != dense.end()) {
+      KVMEM_RETURN_IF_ERROR(MakeResident(a.layer));
+    } else {
+      for (uint32_t c : wanted) KVMEM_RETURN_IF_ERROR(FetchBlock(c, a.layer, /*prefetch=*/false));
+    }
+    if (a.layer + 1 < profile_.layers) {
+      prefetch_layer_ = a.layer + 1;
+      prefetch_chunks_ = std::move(wanted);
+    }
     BuildSparseSpans(a.layer, selection, dense, &spans, &head_begin);
   } else {
+    KVMEM_RETURN_IF_ERROR(MakeResident(a.layer));  // dense attention reads every chunk
     spans = layer.chunk_spans;
     spans.push_back({ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens});
   }
@@ -871,6 +946,7 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     const uint8_t b = pending_boundaries_.front();
     pending_boundaries_.pop_front();
     unsealed_boundaries_.push_back(b);
+    boundary_log_.push_back(static_cast<char>(b));
     index::Chunker trial = chunker_;
     std::vector<uint32_t> sealed;
     trial.Push(unsealed_boundaries_, &sealed);
@@ -886,7 +962,10 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   stat_tokens_ = tokens_;
   stat_tail_ = layers_[0].tail_tokens;
   TouchNow();
-  if (journal_ && a.new_k != nullptr) journal_->ChunksSealed(*this);
+  if (journal_ && a.new_k != nullptr) {
+    journal_->ChunksSealed(*this);
+    MarkStoredChunks();
+  }
   return seal_status;
 }
 
@@ -896,6 +975,11 @@ SessionStats Session::Stats() const {
   s.chunks = stat_chunks_.load(std::memory_order_relaxed);
   s.tail_tokens = stat_tail_.load(std::memory_order_relaxed);
   s.bytes = stat_bytes_.load(std::memory_order_relaxed);
+  s.host_bytes = stat_host_bytes_.load(std::memory_order_relaxed);
+  s.disk_bytes = stat_disk_bytes_.load(std::memory_order_relaxed);
+  s.fetched_blocks = stat_fetched_.load(std::memory_order_relaxed);
+  s.prefetched_blocks = stat_prefetched_.load(std::memory_order_relaxed);
+  s.evicted_blocks = stat_evicted_.load(std::memory_order_relaxed);
   s.created_unix_ms = created_ms_.load(std::memory_order_relaxed);
   s.last_used_unix_ms = last_used_ms_.load(std::memory_order_relaxed);
   return s;
@@ -915,7 +999,7 @@ Status Session::ReadChunkBlock(uint32_t chunk, uint32_t layer, std::string* out)
   }
   const Chunk& c = chunks_[chunk];
   out->resize(BlockBytes(c.tokens));
-  return pool_->CopyOut(out->data(), c.block[layer], out->size());
+  return ReadBlock(chunk, layer, 0, out->size(), reinterpret_cast<uint8_t*>(out->data()));
 }
 
 Status Session::LogCompletingToken(const AttendArgs& a) {
@@ -944,7 +1028,10 @@ Status Session::LogCompletingToken(const AttendArgs& a) {
   return journal_->LogTokens(tokens_, 1, k.data(), v.data(), &b);
 }
 
-Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks) {
+Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
+                             std::string_view boundaries, bool from_own_store, bool load) {
+  if (!load && !from_own_store) return InvalidArgument("RestoreChunk: only stored blocks can stay on disk");
+  if (boundaries.size() != tokens) return InvalidArgument("RestoreChunk: boundary count mismatch");
   const uint32_t L = profile_.layers;
   if (layers_ahead_ != 0 || layers_[0].tail_tokens != 0 || !unsealed_boundaries_.empty()) {
     return FailedPrecondition("RestoreChunk: the session already holds tail tokens");
@@ -954,7 +1041,8 @@ Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> 
   Chunk c;
   c.start = tokens_;
   c.tokens = tokens;
-  uint64_t reserved = 0;
+  c.blocks.resize(L);
+  uint64_t reserved = 0, on_disk = 0;
   Status st;
   for (uint32_t l = 0; l < L && st.ok(); ++l) {
     if (blocks[l].size() != bytes) {
@@ -963,25 +1051,40 @@ Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> 
                            std::to_string(bytes));
       break;
     }
-    auto off = pool_->Allocate(bytes);
+    c.blocks[l].disk = from_own_store;  // it was just read from the session's records
+    c.blocks[l].tick = op_tick_;
+    if (!load) {
+      on_disk += bytes;
+      continue;
+    }
+    auto off = AllocateBlock(bytes);
     if (!off.ok()) {
+      // A store larger than the device budget: the rest stays in RocksDB until selected.
+      if (from_own_store && off.status().code() == StatusCode::kResourceExhausted && tiers_ != nullptr) {
+        on_disk += bytes;
+        continue;
+      }
       st = off.status();
       break;
     }
-    c.block.push_back(*off);
+    c.blocks[l].dev = *off;
     reserved += pool_->allocator().ReservedBytes(bytes);
     st = pool_->CopyIn(*off, blocks[l].data(), bytes);
   }
   if (!st.ok()) {
-    for (uint64_t b : c.block) pool_->Free(b);
+    for (Block& b : c.blocks) FreeBlock(tokens, b);
     return st;
   }
   for (uint32_t l = 0; l < L; ++l) {
-    layers_[l].chunk_spans.push_back({ElemOffset(c.block[l]), tokens, 0, tokens});
+    const uint64_t dev = c.blocks[l].dev;
+    layers_[l].chunk_spans.push_back({dev == kNotResident ? 0 : ElemOffset(dev), tokens, 0, tokens});
   }
   chunks_.push_back(std::move(c));
   tokens_ += tokens;
+  boundary_log_.append(boundaries);
+  if (from_own_store) stored_marked_ = static_cast<uint32_t>(chunks_.size());
   stat_bytes_ += reserved;
+  stat_disk_bytes_ += on_disk;
   stat_chunks_ = chunks_.size();
   return Status::OK();
 }
@@ -992,6 +1095,269 @@ Status Session::FinishChunkRestore() {
   stat_tail_ = 0;
   TouchNow();
   return index_enabled_ ? CatchUpIndex(index_all_heads_) : Status::OK();
+}
+
+}  // namespace kvmem
+
+// --- Tiers ---
+
+namespace kvmem {
+
+void Session::BeginOp() {
+  if (tiers_ != nullptr) op_tick_ = tiers_->NextTick();
+}
+
+void Session::MarkStoredChunks() {
+  if (!journal_) return;
+  const uint32_t stored = std::min<uint32_t>(journal_->stored_chunks(), chunk_count());
+  for (; stored_marked_ < stored; ++stored_marked_) {
+    for (Block& b : chunks_[stored_marked_].blocks) b.disk = true;
+  }
+}
+
+bool Session::Pinned(uint32_t chunk) const {
+  const Chunk& c = chunks_[chunk];
+  if (c.start < options_.sink_tokens) return true;
+  const uint64_t sealed = chunks_.back().start + chunks_.back().tokens;
+  return options_.recent_window > 0 && c.start + c.tokens > sealed - std::min<uint64_t>(sealed, options_.recent_window);
+}
+
+Tier Session::BlockTier(uint32_t chunk, uint32_t layer) const {
+  const Block& b = chunks_[chunk].blocks[layer];
+  if (b.dev != kNotResident) return Tier::kDevice;
+  return b.host ? Tier::kHost : Tier::kDisk;
+}
+
+Status Session::ReadBlock(uint32_t chunk, uint32_t layer, uint64_t at, uint64_t bytes,
+                          uint8_t* dst) const {
+  const Chunk& c = chunks_[chunk];
+  const Block& b = c.blocks[layer];
+  if (b.dev != kNotResident) return pool_->CopyOut(dst, b.dev + at, bytes);
+  if (b.host) {
+    std::memcpy(dst, b.host.get() + at, bytes);
+    return Status::OK();
+  }
+  if (tiers_ == nullptr || tiers_->store() == nullptr || !b.disk) {
+    return Internal("session " + std::to_string(id_) + ": block of chunk " +
+                    std::to_string(chunk) + " layer " + std::to_string(layer) + " has no copy");
+  }
+  const ChunkName name{tenant_, id_, layer, chunk};
+  ChunkValue v;
+  KVMEM_RETURN_IF_ERROR(options_.durability == Durability::kDurable
+                            ? tiers_->store()->GetChunk(name, &v)
+                            : tiers_->store()->GetSpill(name, &v));
+  if (v.payload().size() != BlockBytes(c.tokens)) {
+    return DataLoss(name.ToString() + ": " + std::to_string(v.payload().size()) +
+                    " bytes stored, expected " + std::to_string(BlockBytes(c.tokens)));
+  }
+  std::memcpy(dst, v.payload().data() + at, bytes);
+  return Status::OK();
+}
+
+Status Session::FetchBlock(uint32_t chunk, uint32_t layer, bool prefetch) {
+  Chunk& c = chunks_[chunk];
+  Block& b = c.blocks[layer];
+  if (b.dev != kNotResident) return Status::OK();
+  const Tier from = b.host ? Tier::kHost : Tier::kDisk;
+  const uint64_t bytes = BlockBytes(c.tokens);
+  // A prefetch is a guess: it takes free pool space only, never evicts for it.
+  KVMEM_ASSIGN_OR_RETURN(uint64_t off, prefetch ? pool_->Allocate(bytes) : AllocateBlock(bytes));
+  Status st;
+  if (b.host) {
+    st = pool_->CopyIn(off, b.host.get(), bytes);
+  } else {
+    ChunkValue v;
+    const ChunkName name{tenant_, id_, layer, chunk};
+    st = tiers_ == nullptr || tiers_->store() == nullptr
+             ? Internal(name.ToString() + ": no copy to fetch")
+             : (options_.durability == Durability::kDurable ? tiers_->store()->GetChunk(name, &v)
+                                                            : tiers_->store()->GetSpill(name, &v));
+    if (st.ok() && v.payload().size() != bytes) {
+      st = DataLoss(name.ToString() + ": " + std::to_string(v.payload().size()) +
+                    " bytes stored, expected " + std::to_string(bytes));
+    }
+    if (st.ok()) st = pool_->CopyIn(off, v.payload().data(), bytes);
+    if (st.ok()) GlobalMetrics().restore_bytes[static_cast<int>(Tier::kDisk)] += bytes;
+  }
+  if (!st.ok()) {
+    pool_->Free(off);
+    return st.WithContext("fetching back chunk " + std::to_string(chunk) + " layer " +
+                          std::to_string(layer));
+  }
+  if (b.host) {
+    b.host.reset();
+    tiers_->ReleaseHost(bytes);
+    stat_host_bytes_ -= bytes;
+  } else {
+    stat_disk_bytes_ -= bytes;
+  }
+  b.dev = off;
+  b.tick = std::max(b.tick, op_tick_);
+  layers_[layer].chunk_spans[chunk].offset = ElemOffset(off);
+  stat_bytes_ += pool_->allocator().ReservedBytes(bytes);
+  (prefetch ? stat_prefetched_ : stat_fetched_)++;
+  GlobalMetrics().fetch_backs[static_cast<int>(from)]++;
+  return Status::OK();
+}
+
+Status Session::MakeResident(uint32_t layer) {
+  if (op_tick_ == 0) BeginOp();
+  // Every tick first, so fetching one block cannot evict another of this layer.
+  for (Chunk& c : chunks_) c.blocks[layer].tick = op_tick_;
+  for (uint32_t c = 0; c < chunks_.size(); ++c) {
+    KVMEM_RETURN_IF_ERROR(FetchBlock(c, layer, /*prefetch=*/false));
+  }
+  return Status::OK();
+}
+
+Status Session::EnsureOnDisk(uint32_t chunk, uint32_t layer) {
+  Chunk& c = chunks_[chunk];
+  Block& b = c.blocks[layer];
+  if (b.disk) return Status::OK();
+  const ChunkName name{tenant_, id_, layer, chunk};
+  if (options_.durability == Durability::kDurable) {
+    return FailedPrecondition(name.ToString() + " is not stored yet (the journal retries)");
+  }
+  if (tiers_ == nullptr || tiers_->store() == nullptr) return FailedPrecondition("no store to spill to");
+  const uint64_t bytes = BlockBytes(c.tokens);
+  std::vector<uint8_t> staging;
+  const uint8_t* src = b.host.get();
+  if (src == nullptr) {
+    if (pool_->is_host()) {
+      src = static_cast<const uint8_t*>(pool_->base()) + b.dev;
+    } else {
+      staging.resize(bytes);
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(staging.data(), b.dev, bytes));
+      src = staging.data();
+    }
+  }
+  KVMEM_RETURN_IF_ERROR(tiers_->store()->PutSpill(name, src, bytes));
+  spilled_ = true;
+  b.disk = true;
+  GlobalMetrics().spill_bytes[static_cast<int>(Tier::kDisk)] += bytes;
+  return Status::OK();
+}
+
+void Session::CollectEvictable(Tier from, bool running_op,
+                               std::vector<EvictionCandidate>* out) const {
+  if (tiers_ == nullptr || chunks_.empty()) return;
+  const bool can_disk = tiers_->store() != nullptr;
+  const bool can_host = tiers_->host_capacity() > 0;
+  for (uint32_t c = 0; c < chunks_.size(); ++c) {
+    if (Pinned(c)) continue;
+    for (uint32_t l = 0; l < profile_.layers; ++l) {
+      const Block& b = chunks_[c].blocks[l];
+      if (running_op && b.tick >= op_tick_) continue;  // in use by the running op
+      const bool here = from == Tier::kDevice ? b.dev != kNotResident : b.host != nullptr;
+      if (!here) continue;
+      // Somewhere to go: the host tier (device blocks), a disk copy, or a spill.
+      const bool to_disk = b.disk || (can_disk && options_.durability == Durability::kEphemeral);
+      if (!to_disk && !(from == Tier::kDevice && can_host)) continue;
+      out->push_back({const_cast<Session*>(this), c, l, b.tick});
+    }
+  }
+}
+
+Result<uint64_t> Session::EvictBlock(uint32_t chunk, uint32_t layer, Tier to) {
+  Chunk& c = chunks_[chunk];
+  Block& b = c.blocks[layer];
+  const uint64_t bytes = BlockBytes(c.tokens);
+  if (b.dev != kNotResident) {
+    if (to == Tier::kHost && tiers_ != nullptr && tiers_->TryReserveHost(bytes)) {
+      b.host.reset(new uint8_t[bytes]);
+      if (Status st = pool_->CopyOut(b.host.get(), b.dev, bytes); !st.ok()) {
+        b.host.reset();
+        tiers_->ReleaseHost(bytes);
+        return st;
+      }
+      stat_host_bytes_ += bytes;
+    } else {
+      KVMEM_RETURN_IF_ERROR(EnsureOnDisk(chunk, layer));
+      stat_disk_bytes_ += bytes;
+    }
+    const uint64_t freed = pool_->allocator().ReservedBytes(bytes);
+    pool_->Free(b.dev);
+    b.dev = kNotResident;
+    stat_bytes_ -= freed;
+    stat_evicted_++;
+    GlobalMetrics().evictions[static_cast<int>(Tier::kDevice)]++;
+    return freed;
+  }
+  if (b.host) {
+    KVMEM_RETURN_IF_ERROR(EnsureOnDisk(chunk, layer));
+    b.host.reset();
+    tiers_->ReleaseHost(bytes);
+    stat_host_bytes_ -= bytes;
+    stat_disk_bytes_ += bytes;
+    stat_evicted_++;
+    GlobalMetrics().evictions[static_cast<int>(Tier::kHost)]++;
+    return bytes;
+  }
+  return uint64_t{0};
+}
+
+EvictResult Session::EvictAll(Tier to) {
+  EvictResult r;
+  std::vector<EvictionCandidate> cands;
+  CollectEvictable(Tier::kDevice, /*running_op=*/false, &cands);
+  if (to == Tier::kDisk) CollectEvictable(Tier::kHost, /*running_op=*/false, &cands);
+  for (const EvictionCandidate& e : cands) {
+    auto freed = EvictBlock(e.chunk, e.layer, to);
+    if (!freed.ok()) {
+      r.last_error = freed.status();
+      continue;
+    }
+    // Device blocks going to disk pass through no host copy; host ones follow.
+    if (to == Tier::kDisk && chunks_[e.chunk].blocks[e.layer].host) {
+      auto again = EvictBlock(e.chunk, e.layer, Tier::kDisk);
+      if (!again.ok()) r.last_error = again.status();
+    }
+    r.bytes += *freed;
+    r.blocks++;
+  }
+  return r;
+}
+
+void Session::Prefetch() {
+  if (prefetch_layer_ < 0 || tiers_ == nullptr) return;
+  const uint32_t layer = static_cast<uint32_t>(prefetch_layer_);
+  std::vector<uint32_t> chunks = std::move(prefetch_chunks_);
+  prefetch_layer_ = -1;
+  prefetch_chunks_.clear();
+  BeginOp();
+  const SlabAllocator& a = pool_->allocator();
+  const double high = tiers_->options().high_watermark * static_cast<double>(a.capacity_bytes());
+  for (uint32_t c : chunks) {
+    if (c >= chunks_.size() || chunks_[c].blocks[layer].dev != kNotResident) continue;
+    const uint64_t need = a.ReservedBytes(BlockBytes(chunks_[c].tokens));
+    if (static_cast<double>(a.allocated_bytes() + need) > high) break;  // no eviction for a guess
+    if (Status s = FetchBlock(c, layer, /*prefetch=*/true); !s.ok()) {
+      KVMEM_LOG_WARN("session {}: prefetch of chunk {} layer {}: {}", id_, c, layer, s.ToString());
+      break;
+    }
+  }
+}
+
+Status Session::ReadTail(uint32_t* n, std::string* keys, std::string* values) const {
+  if (layers_ahead_ != 0) {
+    return FailedPrecondition("session " + std::to_string(id_) +
+                              ": a decode step has appended to only some layers; finish it first");
+  }
+  const uint32_t L = profile_.layers, H = profile_.kv_heads, T = layers_[0].tail_tokens;
+  const uint64_t row = uint64_t{profile_.head_dim} * DTypeSize(profile_.dtype);
+  *n = T;
+  keys->resize(uint64_t{L} * H * T * row);
+  values->resize(keys->size());
+  for (uint32_t l = 0; l < L; ++l) {
+    const uint64_t tail_v = layers_[l].tail_block + uint64_t{H} * tail_capacity_ * row;
+    for (uint32_t h = 0; h < H; ++h) {
+      const uint64_t src = uint64_t{h} * tail_capacity_ * row;
+      const uint64_t dst = (uint64_t{l} * H + h) * T * row;
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(keys->data() + dst, layers_[l].tail_block + src, T * row));
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOut(values->data() + dst, tail_v + src, T * row));
+    }
+  }
+  return Status::OK();
 }
 
 }  // namespace kvmem

@@ -22,6 +22,7 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "daemon/eviction.h"
 #include "daemon/kv_pool.h"
 #include "daemon/session_journal.h"
 #include "index/block_select.h"
@@ -110,7 +111,12 @@ struct SessionStats {
   uint64_t tokens = 0;
   uint64_t chunks = 0;
   uint32_t tail_tokens = 0;
-  uint64_t bytes = 0;
+  uint64_t bytes = 0;          // device tier (KV pool) bytes reserved, tails included
+  uint64_t host_bytes = 0;     // host tier
+  uint64_t disk_bytes = 0;     // blocks whose only copy is in RocksDB
+  uint64_t fetched_blocks = 0;     // fetched back in the request path
+  uint64_t prefetched_blocks = 0;  // fetched ahead for the next layer
+  uint64_t evicted_blocks = 0;     // moved out of the device or host tier
   uint64_t created_unix_ms = 0;
   uint64_t last_used_unix_ms = 0;
 };
@@ -183,11 +189,21 @@ struct AppendResult {
   uint32_t sealed = 0;
 };
 
+// One block (chunk, layer) that may leave its tier, with its recency.
+struct EvictionCandidate {
+  Session* session = nullptr;
+  uint32_t chunk = 0;
+  uint32_t layer = 0;
+  uint64_t tick = 0;  // when it was last selected (or sealed, or fetched)
+};
+
 class Session {
  public:
+  // `tiers` (may be null: the session never leaves the pool) lets blocks move to the host
+  // tier and RocksDB and back (daemon/eviction.h).
   static Result<std::unique_ptr<Session>> Create(uint64_t id, std::string tenant,
                                                  ModelProfile profile, SessionOptions options,
-                                                 KVPool* pool);
+                                                 KVPool* pool, TierContext* tiers = nullptr);
   ~Session();  // returns every block to the pool
 
   Session(const Session&) = delete;
@@ -249,14 +265,58 @@ class Session {
   // appended and sealed; blocks[l] is layer l's block (K rows then V rows, as ReadChunkBlock
   // gives it). Only while no tail tokens are held, i.e. before any tail replay; then call
   // FinishChunkRestore once.
-  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks);
+  // boundaries: the chunk's classes. from_own_store: the blocks were read from this session's
+  // own durable records (then they count as stored, and a block the device budget cannot hold
+  // stays there until selected); false for a snapshot image (every block must fit).
+  // load false (own store only): the blocks stay in RocksDB until selected.
+  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
+                      std::string_view boundaries, bool from_own_store, bool load = true);
   Status FinishChunkRestore();
+  // Boundary classes of tokens [start, start + n) (complete tokens only).
+  std::string_view boundaries(uint64_t start, uint64_t n) const {
+    return std::string_view(boundary_log_).substr(start, n);
+  }
+  // The tail as a token batch: K and V [layers][kv_heads][n][head_dim] and the classes of
+  // tokens [tokens() - n, tokens()). FAILED_PRECONDITION mid decode step (some layers ahead).
+  Status ReadTail(uint32_t* n, std::string* keys, std::string* values) const;
+
+  // --- Tiers (daemon/eviction.h). Callers hold op_mu(). ---
+  // Blocks held in tier `from` that may move: not sinks, not the recent window, with somewhere
+  // to go, and, with `running_op` (the caller is inside an op of this session), not in use by
+  // that op (tick >= its tick).
+  void CollectEvictable(Tier from, bool running_op, std::vector<EvictionCandidate>* out) const;
+  // Moves one block out of its current tier (device -> host when `to` is kHost, else ->
+  // RocksDB; host -> RocksDB). Returns the bytes freed in the tier it left.
+  Result<uint64_t> EvictBlock(uint32_t chunk, uint32_t layer, Tier to);
+  // Every evictable block of the session to tier `to` (kHost or kDisk): the evict op.
+  EvictResult EvictAll(Tier to);
+  // Fetches into the device tier the blocks the last index-mode Attend selected on layer l,
+  // for layer l + 1, when they are cold and the pool has room below its high watermark (no
+  // eviction for a guess). Run after the reply (Service::AfterReply).
+  void Prefetch();
+  // Durable: marks the chunks the journal has stored as having a disk copy (call after
+  // journal()->ChunksSealed()).
+  void MarkStoredChunks();
+  // Fetches every block of `layer` into the device tier (what dense attention does first).
+  Status MakeResident(uint32_t layer);
+  // Where block (chunk, layer) lives now.
+  Tier BlockTier(uint32_t chunk, uint32_t layer) const;
 
  private:
+  static constexpr uint64_t kNotResident = ~0ull;
+  // One layer's block of a chunk: its live copy is in the pool (dev), else in the host tier
+  // (host), else only in RocksDB (disk). disk also marks a valid RocksDB copy of a resident
+  // block (blocks are immutable), so evicting it again writes nothing.
+  struct Block {
+    uint64_t dev = kNotResident;  // pool byte offset
+    std::unique_ptr<uint8_t[]> host;
+    bool disk = false;
+    uint64_t tick = 0;
+  };
   struct Chunk {
     uint64_t start = 0;
     uint32_t tokens = 0;
-    std::vector<uint64_t> block;  // byte offset per layer
+    std::vector<Block> blocks;  // per layer
   };
   struct Layer {
     uint64_t tail_block = 0;  // byte offset
@@ -266,8 +326,21 @@ class Session {
   };
 
   Session(uint64_t id, std::string tenant, ModelProfile profile, SessionOptions options,
-          KVPool* pool);
+          KVPool* pool, TierContext* tiers);
   Status Init();
+
+  // Pool block of `bytes`; when the pool is full, asks the tiers to make room first.
+  Result<uint64_t> AllocateBlock(uint64_t bytes);
+  // Brings block (chunk, layer) into the pool (no-op when resident) and updates its span.
+  Status FetchBlock(uint32_t chunk, uint32_t layer, bool prefetch);
+  // Copies `bytes` from offset `at` of block (chunk, layer) wherever it lives.
+  Status ReadBlock(uint32_t chunk, uint32_t layer, uint64_t at, uint64_t bytes, uint8_t* dst) const;
+  // Makes sure RocksDB holds block (chunk, layer): spills it (ephemeral) or checks it is
+  // stored (durable: FAILED_PRECONDITION while the journal has not stored it yet).
+  Status EnsureOnDisk(uint32_t chunk, uint32_t layer);
+  bool Pinned(uint32_t chunk) const;  // sinks and the recent window
+  void BeginOp();                     // takes a recency tick for this operation
+  void FreeBlock(uint32_t tokens, Block& b);  // frees its device and host copies
 
   // Brings the needed (layer, head) trees up to date with chunks_ (summaries of chunks sealed
   // since the last call). Sessions index lazily: nothing is summarised until the first
@@ -337,13 +410,25 @@ class Session {
   uint32_t layers_ahead_ = 0;   // layers with pending > 0
   std::deque<uint8_t> pending_boundaries_;   // boundary of token tokens_ + k, first layer's
   std::vector<uint8_t> unsealed_boundaries_; // complete tokens not yet fed (seal failed)
+  std::string boundary_log_;                  // class of every complete token (snapshots)
 
   std::unique_ptr<SessionJournal> journal_;
+  TierContext* const tiers_;
+  uint64_t op_tick_ = 0;         // tick of the running op; blocks with tick >= it are in use
+  uint32_t stored_marked_ = 0;   // durable: chunks [0, stored_marked_) have disk = true
+  bool spilled_ = false;         // ephemeral: records in the spill family to delete at the end
+  int64_t prefetch_layer_ = -1;  // layer to prefetch `prefetch_chunks_` into, or -1
+  std::vector<uint32_t> prefetch_chunks_;
   std::mutex op_mu_;
   std::atomic<uint64_t> stat_tokens_{0};
   std::atomic<uint64_t> stat_chunks_{0};
   std::atomic<uint32_t> stat_tail_{0};
   std::atomic<uint64_t> stat_bytes_{0};
+  std::atomic<uint64_t> stat_host_bytes_{0};
+  std::atomic<uint64_t> stat_disk_bytes_{0};
+  std::atomic<uint64_t> stat_fetched_{0};
+  std::atomic<uint64_t> stat_prefetched_{0};
+  std::atomic<uint64_t> stat_evicted_{0};
   std::atomic<uint64_t> created_ms_{0};
   std::atomic<uint64_t> last_used_ms_{0};
 };

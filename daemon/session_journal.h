@@ -28,6 +28,10 @@ class SessionJournal {
   // The session has sealed chunks up to chunk_count(); store the new ones. Failures are kept
   // and retried on the next call (the tokens are already durable as tail segments).
   virtual void ChunksSealed(const Session& session) = 0;
+
+  // Chunks [0, n) are in the store (their blocks may then be dropped from memory and read
+  // back from there).
+  virtual uint32_t stored_chunks() const = 0;
 };
 
 }  // namespace kvmem

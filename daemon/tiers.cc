@@ -113,6 +113,8 @@ class StoreJournal final : public SessionJournal {
     }
   }
 
+  uint32_t stored_chunks() const override { return stored_chunks_; }
+
   void ChunksSealed(const Session& s) override {
     const uint32_t count = s.chunk_count();
     if (count <= stored_chunks_) return;
@@ -186,14 +188,18 @@ std::string SessionName(const std::string& tenant, uint64_t id) {
   return "session (tenant " + tenant + ", session " + std::to_string(id) + ")";
 }
 
-// Restores one session (header already decoded).
-Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreStats* stats) {
+// Rebuilds a session from the stored image (src_tenant, src_id) (header already decoded into
+// r->profile / r->options) as session (r->tenant, r->id). own: the image is the session's own
+// durable records (restart): the journal is attached and blocks count as stored. Otherwise
+// (a snapshot) the session gets no journal.
+Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, const std::string& src_tenant,
+                  uint64_t src_id, bool own, RestoredSession* r, RestoreStats* stats) {
   const Shape sh(r->profile);
-  const std::string name = SessionName(r->tenant, r->id);
-  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store->ChunkTable(r->tenant, r->id));
-  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredTailSegment> tails, store->TailSegments(r->tenant, r->id));
+  const std::string name = SessionName(src_tenant, src_id);
+  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store->ChunkTable(src_tenant, src_id));
+  KVMEM_ASSIGN_OR_RETURN(std::vector<StoredTailSegment> tails, store->TailSegments(src_tenant, src_id));
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
-                         Session::Create(r->id, r->tenant, r->profile, r->options, pool));
+                         Session::Create(r->id, r->tenant, r->profile, r->options, pool, tiers));
   uint64_t next = 0;
   for (size_t i = 0; i < table.size(); ++i) {
     if (table[i].chunk != i || table[i].start != next) {
@@ -203,7 +209,7 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
   }
   std::vector<std::unique_ptr<ChunkStore::LayerCursor>> cursors;
   for (uint32_t l = 0; l < sh.layers; ++l) {
-    KVMEM_ASSIGN_OR_RETURN(auto c, store->OpenLayer(r->tenant, r->id, l));
+    KVMEM_ASSIGN_OR_RETURN(auto c, store->OpenLayer(src_tenant, src_id, l));
     cursors.push_back(std::move(c));
   }
   // Stored chunks go straight into pool blocks, one chunk (all layers) at a time; each
@@ -215,14 +221,15 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
     for (uint32_t l = 0; l < sh.layers; ++l) {
       KVMEM_RETURN_IF_ERROR(cursors[l]->Next(static_cast<uint32_t>(c), &blocks[l]));
       if (blocks[l].size() != sh.BlockBytes(t)) {
-        return DataLoss(ChunkName{r->tenant, r->id, l, static_cast<uint32_t>(c)}.ToString() +
+        return DataLoss(ChunkName{src_tenant, src_id, l, static_cast<uint32_t>(c)}.ToString() +
                         ": " + std::to_string(blocks[l].size()) + " bytes, expected " +
                         std::to_string(sh.BlockBytes(t)));
       }
       stats->bytes += blocks[l].size();
     }
-    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks).WithContext(name + ": restoring chunk " +
-                                                                 std::to_string(c)));
+    const bool load = !own || tiers == nullptr || tiers->options().restore_resident;
+    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks, table[c].boundaries, own, load)
+                              .WithContext(name + ": restoring chunk " + std::to_string(c)));
   }
   KVMEM_RETURN_IF_ERROR(s->FinishChunkRestore().WithContext(name));
   // Tail segments: tokens past the stored chunks, in order, without gaps.
@@ -262,18 +269,152 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
                       " differently from the stored chunk table");
     }
   }
-  auto journal = std::make_unique<StoreJournal>(store, r->tenant, r->id, r->profile);
-  journal->Resume(static_cast<uint32_t>(table.size()), std::move(live), table_end,
-                  std::move(tail_bounds));
-  s->AttachJournal(std::move(journal));
-  s->journal()->ChunksSealed(*s);  // chunks sealed by the replay but not stored yet
+  if (own) {
+    auto journal = std::make_unique<StoreJournal>(store, r->tenant, r->id, r->profile);
+    journal->Resume(static_cast<uint32_t>(table.size()), std::move(live), table_end,
+                    std::move(tail_bounds));
+    s->AttachJournal(std::move(journal));
+    s->journal()->ChunksSealed(*s);  // chunks sealed by the replay but not stored yet
+    s->MarkStoredChunks();
+  }
   stats->tokens += s->tokens();
   stats->chunks += s->chunk_count();
   r->session = std::move(s);
   return Status::OK();
 }
 
+// Writes the complete image of `s` (header, chunk blocks from whatever tier holds them, chunk
+// table, the tail as one segment) under (tenant, id) in the durable-session format, in batches
+// of ~32 MiB with the header in the last one: an image without its header is not listed.
+// Returns the tail's start and length.
+Status PersistImage(ChunkStore* store, const Session& s, const std::string& tenant, uint64_t id,
+                    uint64_t* tail_start, uint32_t* tail_n, uint64_t* bytes) {
+  constexpr size_t kBatchBytes = 32u << 20;
+  const Shape sh(s.profile());
+  std::string keys, values;
+  KVMEM_RETURN_IF_ERROR(s.ReadTail(tail_n, &keys, &values));
+  *tail_start = s.tokens() - *tail_n;
+  auto batch = std::make_unique<ChunkStore::Batch>();
+  std::string block;
+  *bytes = 0;
+  for (uint32_t c = 0; c < s.chunk_count(); ++c) {
+    for (uint32_t l = 0; l < sh.layers; ++l) {
+      KVMEM_RETURN_IF_ERROR(s.ReadChunkBlock(c, l, &block));
+      store->PutChunk(batch.get(), ChunkName{tenant, id, l, c}, block.data(), block.size());
+      *bytes += block.size();
+    }
+    const StoredChunkEntry e{c, s.chunk_start(c), s.chunk_tokens(c),
+                             std::string(s.boundaries(s.chunk_start(c), s.chunk_tokens(c)))};
+    store->PutChunkEntry(batch.get(), tenant, id, e);
+    if (batch->bytes() >= kBatchBytes) {
+      KVMEM_RETURN_IF_ERROR(store->Write(batch.get()));
+      batch = std::make_unique<ChunkStore::Batch>();
+    }
+  }
+  if (*tail_n > 0) {
+    const std::string_view b = s.boundaries(*tail_start, *tail_n);
+    store->PutTail(batch.get(), tenant, id, *tail_start,
+                   EncodeTail(*tail_n, reinterpret_cast<const uint8_t*>(keys.data()),
+                              reinterpret_cast<const uint8_t*>(values.data()),
+                              reinterpret_cast<const uint8_t*>(b.data()), sh.TokensBytes(*tail_n)));
+    *bytes += 2 * sh.TokensBytes(*tail_n);
+  }
+  store->PutHeader(batch.get(), tenant, id, EncodeSessionHeader(id, s.profile(), s.options()));
+  return store->Write(batch.get());
+}
+
 }  // namespace
+
+bool IsSnapshotTenant(std::string_view stored_tenant) {
+  return stored_tenant.starts_with(kSnapshotTenantPrefix);
+}
+
+std::string SnapshotTenant(std::string_view tenant) {
+  return std::string(kSnapshotTenantPrefix) + std::string(tenant);
+}
+
+uint64_t SnapshotId(std::string_view name) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return h | 1;  // never 0
+}
+
+namespace {
+// The stored header of snapshot `name` of `tenant`; NOT_FOUND naming it when there is none.
+Status SnapshotHeader(const ChunkStore* store, const std::string& tenant, const std::string& name,
+                      std::string* header) {
+  Status st = store->GetHeader(SnapshotTenant(tenant), SnapshotId(name), header);
+  if (st.code() == StatusCode::kNotFound) return NotFound("snapshot '" + name + "' not found");
+  return st;
+}
+}  // namespace
+
+Result<SnapshotInfo> WriteSnapshot(ChunkStore* store, const Session& s, const std::string& name) {
+  if (name.empty() || name.size() > 256) return InvalidArgument("snapshot name must be 1..256 bytes");
+  const std::string ns = SnapshotTenant(s.tenant());
+  const uint64_t id = SnapshotId(name);
+  std::string header;
+  if (Status st = store->GetHeader(ns, id, &header); st.ok()) {
+    return AlreadyExists("snapshot '" + name + "' already exists (drop it first)");
+  } else if (st.code() != StatusCode::kNotFound) {
+    return st;
+  }
+  // Leftovers of a snapshot that failed half-way (no header) go first.
+  KVMEM_RETURN_IF_ERROR(store->DeleteSession(ns, id));
+  SnapshotInfo info;
+  uint64_t tail_start = 0;
+  uint32_t tail_n = 0;
+  Status st = PersistImage(store, s, ns, id, &tail_start, &tail_n, &info.bytes);
+  if (!st.ok()) {
+    store->DeleteSession(ns, id).IgnoreError();
+    return st.WithContext("snapshot '" + name + "'");
+  }
+  info.tokens = s.tokens();
+  info.chunks = s.chunk_count();
+  return info;
+}
+
+Result<std::unique_ptr<Session>> RestoreSnapshot(ChunkStore* store, KVPool* pool, TierContext* tiers,
+                                                 const std::string& tenant, const std::string& name,
+                                                 uint64_t new_id, Durability durability,
+                                                 const SessionOptions& defaults) {
+  const std::string ns = SnapshotTenant(tenant);
+  const uint64_t id = SnapshotId(name);
+  std::string header;
+  KVMEM_RETURN_IF_ERROR(SnapshotHeader(store, tenant, name, &header));
+  RestoredSession r;
+  r.tenant = tenant;
+  r.id = new_id;
+  KVMEM_RETURN_IF_ERROR(DecodeSessionHeader(header, defaults, &r.profile, &r.options));
+  r.options.durability = durability;
+  RestoreStats stats;
+  KVMEM_RETURN_IF_ERROR(RestoreOne(store, pool, tiers, ns, id, /*own=*/false, &r, &stats)
+                            .WithContext("restoring snapshot '" + name + "'"));
+  if (durability == Durability::kDurable) {
+    // The new session's own records: the same image under its id, then its journal.
+    Session& s = *r.session;
+    uint64_t tail_start = 0, bytes = 0;
+    uint32_t tail_n = 0;
+    if (Status st = PersistImage(store, s, tenant, new_id, &tail_start, &tail_n, &bytes); !st.ok()) {
+      store->DeleteSession(tenant, new_id).IgnoreError();
+      return st.WithContext("restoring snapshot '" + name + "' as a durable session");
+    }
+    auto journal = std::make_unique<StoreJournal>(store, tenant, new_id, s.profile());
+    std::map<uint64_t, uint32_t> segments;
+    if (tail_n > 0) segments[tail_start] = tail_n;
+    journal->Resume(s.chunk_count(), std::move(segments), tail_start,
+                    std::string(s.boundaries(tail_start, tail_n)));
+    s.AttachJournal(std::move(journal));
+    s.MarkStoredChunks();
+  }
+  return std::move(r.session);
+}
+
+Status DeleteSnapshot(ChunkStore* store, const std::string& tenant, const std::string& name) {
+  std::string header;
+  KVMEM_RETURN_IF_ERROR(SnapshotHeader(store, tenant, name, &header));
+  return store->DeleteSession(SnapshotTenant(tenant), SnapshotId(name));
+}
 
 std::string EncodeSessionHeader(uint64_t id, const ModelProfile& p, const SessionOptions& o) {
   flatbuffers::FlatBufferBuilder fbb(512);
@@ -322,17 +463,18 @@ Status MakeDurable(ChunkStore* store, Session* session) {
 
 Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* pool,
                                                      const SessionOptions& defaults,
-                                                     RestoreStats* stats) {
+                                                     RestoreStats* stats, TierContext* tiers) {
   const auto t0 = std::chrono::steady_clock::now();
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredSessionRef> refs, store->ListSessions());
   std::vector<RestoredSession> out;
   for (StoredSessionRef& ref : refs) {
+    if (IsSnapshotTenant(ref.tenant)) continue;  // snapshots are images, not sessions
     RestoredSession r;
     r.tenant = ref.tenant;
     r.id = ref.session;
     r.status = ref.status;
     if (r.status.ok()) r.status = DecodeSessionHeader(ref.header, defaults, &r.profile, &r.options);
-    if (r.status.ok()) r.status = RestoreOne(store, pool, &r, stats);
+    if (r.status.ok()) r.status = RestoreOne(store, pool, tiers, r.tenant, r.id, /*own=*/true, &r, stats);
     if (r.status.ok()) {
       ++stats->sessions;
     } else {

@@ -50,9 +50,12 @@ struct RestoreStats {
 // state by replaying the stored tokens through Session::AppendKV (chunking is batch-
 // independent, so the same chunks seal), index trees rebuilt on the way, journal attached.
 // Every chunk's checksum is checked. One session's failure does not stop the others.
+// With `tiers`, chunks that do not fit the device budget stay in RocksDB (fetched when
+// selected) instead of failing the restore.
 Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* pool,
                                                      const SessionOptions& defaults,
-                                                     RestoreStats* stats);
+                                                     RestoreStats* stats,
+                                                     TierContext* tiers = nullptr);
 
 // Re-reads every stored chunk and tail segment of one session and checks checksums and
 // sizes. Result: tokens and chunks seen, and one line per bad record.
@@ -63,5 +66,34 @@ struct VerifyReport {
 };
 Result<VerifyReport> VerifySession(const ChunkStore& store, const std::string& tenant,
                                    uint64_t id, const ModelProfile& profile);
+
+// --- Snapshots (docs/operations.md, "Snapshots") ---
+// A snapshot is a durable, consistent point-in-time image of a session (ephemeral or durable)
+// under a name unique per tenant, stored in the durable-session format under the reserved
+// stored-tenant SnapshotTenant(tenant) and id SnapshotId(name) (a 64-bit FNV-1a hash), so it
+// survives restarts and is checked by the same CRCs. Restart does not restore images as
+// sessions; Restore makes a new session from one.
+inline constexpr std::string_view kSnapshotTenantPrefix = "\x01snapshot\x01";
+bool IsSnapshotTenant(std::string_view stored_tenant);
+std::string SnapshotTenant(std::string_view tenant);
+uint64_t SnapshotId(std::string_view name);
+
+struct SnapshotInfo {
+  uint64_t tokens = 0;
+  uint64_t chunks = 0;
+  uint64_t bytes = 0;  // K/V bytes written
+};
+// Writes the image of `s` (caller holds its op_mu: the image is the state between two ops).
+// ALREADY_EXISTS when the name is taken; FAILED_PRECONDITION mid decode step; a write error
+// leaves no snapshot behind.
+Result<SnapshotInfo> WriteSnapshot(ChunkStore* store, const Session& s, const std::string& name);
+// A new session (tenant, new_id) from snapshot `name` of `tenant`: same profile, options
+// (durability as given), tokens, chunks and tail; durable: its records are written before it
+// is returned. NOT_FOUND when there is no such snapshot; DATA_LOSS naming a bad record.
+Result<std::unique_ptr<Session>> RestoreSnapshot(ChunkStore* store, KVPool* pool, TierContext* tiers,
+                                                 const std::string& tenant, const std::string& name,
+                                                 uint64_t new_id, Durability durability,
+                                                 const SessionOptions& defaults);
+Status DeleteSnapshot(ChunkStore* store, const std::string& tenant, const std::string& name);
 
 }  // namespace kvmem

@@ -53,6 +53,10 @@ class Chunker {
 
   uint64_t sealed_tokens() const { return sealed_tokens_; }
   uint32_t tail_tokens() const { return static_cast<uint32_t>(pending_.size() - head_); }
+  // Classes of the tail tokens, oldest first.
+  std::span<const uint8_t> tail_classes() const {
+    return std::span<const uint8_t>(pending_.data() + head_, pending_.size() - head_);
+  }
   const ChunkerOptions& options() const { return options_; }
 
  private:

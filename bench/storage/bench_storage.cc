@@ -4,6 +4,10 @@
 //          WriteBatch per chunk like the session journal's chunk store path)
 //          vs raw rocksdb::DB::Put of the same values into a DB with the same options.
 //  fetch   ChunkStore::GetChunk (checksum checked) vs raw rocksdb::DB::Get, random order.
+//  evict   the eviction path (daemon/eviction.h): an ephemeral session's blocks spilled to
+//          RocksDB by Session::EvictAll(kDisk) and fetched back into the pool by
+//          Session::MakeResident (what a selection of evicted chunks does), vs raw Put (no WAL,
+//          like the spill) / Get of the same blocks under the same keys, in the same order.
 //  restart Open + RestoreSessions (what kvmemd does before it reports ready: K/V back into the
 //          pool, chunker replay, checksums) for durable sessions of growing size
 //          vs Open + a raw iterator scan of the same chunks column family.
@@ -26,6 +30,7 @@
 
 #include "client/synthetic_stream.h"
 #include "daemon/chunk_store.h"
+#include "daemon/eviction.h"
 #include "daemon/kv_pool.h"
 #include "daemon/session.h"
 #include "daemon/tiers.h"
@@ -72,6 +77,20 @@ struct RawDb {
   }
 };
 
+// Appends `tokens` reproducible synthetic tokens in batches of 1024.
+void AppendSynthetic(Session* s, uint64_t seed, uint64_t tokens) {
+  const ModelProfile& p = s->profile();
+  client::SyntheticStream stream(seed, p.layers, p.kv_heads, p.head_dim, p.dtype);
+  std::vector<uint8_t> k, v;
+  for (uint64_t t = 0; t < tokens;) {
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(1024, tokens - t));
+    stream.Fill(t, n, &k, &v);
+    auto b = stream.Boundaries(t, n);
+    Check(s->AppendKV(n, k.data(), v.data(), b.data()).status(), "append");
+    t += n;
+  }
+}
+
 struct Spec {
   uint32_t layers = 8, kv_heads = 8, head_dim = 128, chunk_tokens = 16;
   DType dtype = DType::kBF16;
@@ -82,7 +101,7 @@ struct Spec {
 
 int main(int argc, char** argv) {
   std::string json_path, dir = "/tmp/kvmem-bench-storage";
-  uint64_t spill_mib = 512;
+  uint64_t spill_mib = 512, evict_mib = 256;
   std::vector<uint64_t> restart_mib = {64, 256, 512};
   bool blob = true;
   int repeat = 3;
@@ -100,6 +119,7 @@ int main(int argc, char** argv) {
     if (a == "--json") json_path = next();
     else if (a == "--dir") dir = next();
     else if (a == "--spill-mib") spill_mib = std::stoull(next());
+    else if (a == "--evict-mib") evict_mib = std::stoull(next());
     else if (a == "--no-blob") blob = false;
     else if (a == "--raw-verify") verify = true;
     else if (a == "--repeat") repeat = std::max(1, std::stoi(next()));
@@ -113,7 +133,7 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? v.size() : q + 1;
       }
     } else if (a == "--help") {
-      std::puts("kvmem-bench-storage [--json FILE] [--dir DIR] [--spill-mib N] [--restart-mib A,B,C]\n"
+      std::puts("kvmem-bench-storage [--json FILE] [--dir DIR] [--spill-mib N] [--evict-mib N] [--restart-mib A,B,C]\n"
                 "                    [--no-blob] [--min-blob-size BYTES] [--repeat N] [--raw-verify]");
       return 0;
     } else {
@@ -237,9 +257,89 @@ int main(int argc, char** argv) {
   std::printf("%-8s %10.3f %10.3f %6.0f%%\n", "spill", gb / our_put, gb / raw_put, 100 * raw_put / our_put);
   std::printf("%-8s %10.3f %10.3f %6.0f%%\n", "fetch", rgb / our_get, rgb / raw_get, 100 * raw_get / our_get);
 
+  // Eviction path: spill and fetch-back of a session's blocks, against raw RocksDB.
+  {
+    ModelProfile prof{spec.layers, spec.kv_heads * 4, spec.kv_heads, spec.head_dim, spec.dtype, {}, {}, "bench"};
+    const uint64_t token_bytes = 2ull * spec.layers * spec.kv_heads * spec.head_dim * DTypeSize(spec.dtype);
+    const uint64_t tokens = (evict_mib << 20) / token_bytes;
+    SlabAllocator::Options po;
+    po.capacity_bytes = (evict_mib << 20) * 2 + (256ull << 20);
+    auto pool = CreateHostPool(po);
+    Check(pool.status(), "pool");
+    StoreOptions o = so;
+    o.path = dir + "/evict";
+    auto store = ChunkStore::Open(o);
+    Check(store.status(), "open");
+    TierContext tiers(pool->get(), TierOptions{});
+    tiers.set_store(store->get());
+    SessionOptions opts;
+    opts.sink_tokens = 0;
+    auto s = Session::Create(1, "bench", prof, opts, pool->get(), &tiers);
+    Check(s.status(), "session");
+    AppendSynthetic(s->get(), 5, tokens);
+    // The same blocks for the raw side, in the order eviction writes them (chunk, then layer).
+    std::vector<std::pair<std::string, std::string>> blocks;
+    uint64_t bytes = 0;
+    for (uint32_t c = 0; c < (*s)->chunk_count(); ++c) {
+      for (uint32_t l = 0; l < prof.layers; ++l) {
+        std::string blk;
+        Check((*s)->ReadChunkBlock(c, l, &blk), "read block");
+        bytes += blk.size();
+        blocks.emplace_back(ChunkStore::ChunkKey({"bench", 1, l, c}), std::move(blk));
+      }
+    }
+    auto t = Clock::now();
+    EvictResult er = (*s)->EvictAll(Tier::kDisk);
+    const double spill_s = Since(t);
+    Check(er.last_error, "evict");
+    Check((*store)->Flush(), "flush");
+    Check((*store)->Compact(), "compact");
+    t = Clock::now();
+    for (uint32_t l = 0; l < prof.layers; ++l) Check((*s)->MakeResident(l), "fetch back");
+    const double fetch_s = Since(t);
+    const uint64_t moved = (*s)->Stats().fetched_blocks;
+    s->reset();
+    store->reset();
+    double raw_put_s = 0, raw_get_s = 0;
+    {
+      RawDb raw(dir + "/evict-raw", so);
+      rocksdb::WriteOptions wo;
+      wo.disableWAL = true;  // as the spill
+      t = Clock::now();
+      for (const auto& [key, val] : blocks) Check(raw.db->Put(wo, raw.cfs[1], key, val), "raw put");
+      raw_put_s = Since(t);
+      Check(raw.db->Flush(rocksdb::FlushOptions(), raw.cfs[1]), "raw flush");
+      Check(raw.db->CompactRange(rocksdb::CompactRangeOptions(), raw.cfs[1], nullptr, nullptr), "raw compact");
+      rocksdb::ReadOptions ro;
+      ro.verify_checksums = verify;
+      rocksdb::PinnableSlice pv;
+      t = Clock::now();
+      // MakeResident goes layer by layer, chunk by chunk.
+      const uint32_t L = prof.layers;
+      for (uint32_t l = 0; l < L; ++l) {
+        for (size_t i = l; i < blocks.size(); i += L) {
+          pv.Reset();
+          Check(raw.db->Get(ro, raw.cfs[1], blocks[i].first, &pv), "raw get");
+        }
+      }
+      raw_get_s = Since(t);
+    }
+    std::filesystem::remove_all(dir + "/evict");
+    std::filesystem::remove_all(dir + "/evict-raw");
+    const double egb = static_cast<double>(bytes) / 1e9;
+    out["eviction"] = {{"bytes", bytes}, {"blocks", blocks.size()}, {"blocks_evicted", er.blocks},
+                       {"blocks_fetched", moved}, {"spill_gbps", egb / spill_s},
+                       {"rocksdb_put_gbps", egb / raw_put_s}, {"fetch_gbps", egb / fetch_s},
+                       {"rocksdb_get_gbps", egb / raw_get_s}};
+    std::printf("%-8s %10.3f %10.3f %6.0f%%   (eviction path, %llu blocks)\n", "evict", egb / spill_s,
+                egb / raw_put_s, 100 * raw_put_s / spill_s, static_cast<unsigned long long>(er.blocks));
+    std::printf("%-8s %10.3f %10.3f %6.0f%%   (fetch-back through MakeResident)\n", "fetchbk", egb / fetch_s,
+                egb / raw_get_s, 100 * raw_get_s / fetch_s);
+  }
+
   // Restart: a durable session of growing size written through the journal, then timed.
   out["restart"] = nlohmann::json::array();
-  std::printf("%-12s %12s %14s %7s\n", "restart  MiB", "restore s", "raw scan s", "ratio");
+  std::printf("%-16s %9s %9s %9s %7s %7s\n", "restart    MiB", "eager s", "lazy s", "scan s", "eager", "lazy");
   for (uint64_t mib : restart_mib) {
     const std::string path = dir + "/restart";
     std::filesystem::remove_all(path);
@@ -261,42 +361,50 @@ int main(int argc, char** argv) {
       auto s = Session::Create(1, "bench", prof, opts, pool->get());
       Check(s.status(), "session");
       Check(MakeDurable(store->get(), s->get()), "durable");
-      client::SyntheticStream stream(3, prof.layers, prof.kv_heads, prof.head_dim, prof.dtype);
-      std::vector<uint8_t> k, v;
-      for (uint64_t t = 0; t < tokens;) {
-        const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(1024, tokens - t));
-        stream.Fill(t, n, &k, &v);
-        auto b = stream.Boundaries(t, n);
-        Check((*s)->AppendKV(n, k.data(), v.data(), b.data()).status(), "append");
-        t += n;
-      }
+      AppendSynthetic(s->get(), 3, tokens);
       stored_bytes = tokens * token_bytes;
       s->reset();
     }
     // Both sides start from the same on-disk state: the writer stopped without a flush, as
     // after kill -9, so opening replays the WAL. The raw side scans a copy.
     std::filesystem::copy(path, path + "-raw", std::filesystem::copy_options::recursive);
-    // Twice: first from the crashed state (WAL replay), then from a clean shutdown (kvmemd
-    // flushes the memtables on SIGTERM; both sides flush after the first round).
-    for (const char* state : {"crash", "clean"}) {
-      // Ours: open + restore, as kvmemd before ready.
-      double restore_s = 0, scan_s = 0, open_s = 0;
+    std::filesystem::copy(path, path + "-lazy", std::filesystem::copy_options::recursive);
+    // Twice: first with the WAL to replay (after kill -9, and after a SIGTERM too: kvmemd's
+    // clean shutdown syncs the WAL without flushing memtables), then from flushed SST/blob
+    // files (the state once RocksDB's background flushes have run; both sides flush after the
+    // first round).
+    for (const char* state : {"wal_replay", "flushed"}) {
+      // Ours: open + restore, as kvmemd before ready: eager (K/V into the pool), then lazy
+      // (every block read and CRC-checked, K/V left in RocksDB; `--restore lazy`), then the
+      // cost lazy moves to the first dense attention (every block fetched back).
+      double restore_s = 0, scan_s = 0, open_s = 0, lazy_s = 0, lazy_fetch_s = 0;
       RestoreStats st;
-      {
+      for (bool lazy : {false, true}) {
         auto pool = CreateHostPool(po);
+        TierOptions to;
+        to.restore_resident = !lazy;
+        TierContext tiers(pool->get(), to);
         auto t = Clock::now();
         StoreOptions o = so;
-        o.path = path;
+        o.path = lazy ? path + "-lazy" : path;  // each variant starts from its own copy
         auto store = ChunkStore::Open(o);
         Check(store.status(), "reopen");
-        open_s = Since(t);
-        auto r = RestoreSessions(store->get(), pool->get(), SessionOptions{}, &st);
-        std::fprintf(stderr, "  %s: open %.3f s, restore %.3f s\n", state, open_s, Since(t) - open_s);
+        tiers.set_store(store->get());
+        if (!lazy) open_s = Since(t);
+        RestoreStats one;
+        auto r = RestoreSessions(store->get(), pool->get(), SessionOptions{}, &one, &tiers);
         Check(r.status(), "restore");
-        restore_s = Since(t);
+        (lazy ? lazy_s : restore_s) = Since(t);
+        if (!lazy) st = one;
         if (r->size() != 1 || !(*r)[0].status.ok()) Die("restore failed");
-        // kvmemd flushes at a clean shutdown (SIGTERM): the "clean" round starts from that.
-        Check((*store)->Flush(), "flush at shutdown");
+        if (lazy) {
+          t = Clock::now();
+          for (uint32_t l = 0; l < prof.layers; ++l) Check((*r)[0].session->MakeResident(l), "fetch all");
+          lazy_fetch_s = Since(t);
+        }
+        r->clear();
+        // The "flushed" round starts from flushed memtables.
+        Check((*store)->Flush(), "flush");
       }
       {
         auto t = Clock::now();
@@ -307,7 +415,7 @@ int main(int argc, char** argv) {
         c.min_blob_size = so.min_blob_size;
         std::vector<rocksdb::ColumnFamilyHandle*> hs;
         rocksdb::DB* db = nullptr;
-        Check(rocksdb::DB::Open(dbo, path + "-raw", {{rocksdb::kDefaultColumnFamilyName, c}, {"chunks", c}, {"manifests", c}, {"memory_blocks", c}}, &hs, &db), "raw reopen");
+        Check(rocksdb::DB::Open(dbo, path + "-raw", {{rocksdb::kDefaultColumnFamilyName, c}, {"chunks", c}, {"manifests", c}, {"memory_blocks", c}, {"spill", c}}, &hs, &db), "raw reopen");
         rocksdb::ReadOptions ro;
         ro.readahead_size = 4 << 20;
         ro.fill_cache = false;
@@ -318,19 +426,22 @@ int main(int argc, char** argv) {
         Check(it->status(), "scan");
         it.reset();
         scan_s = Since(t);
-        Check(db->Flush(rocksdb::FlushOptions(), hs), "raw flush at shutdown");
+        Check(db->Flush(rocksdb::FlushOptions(), hs), "raw flush");
         for (auto* h : hs) db->DestroyColumnFamilyHandle(h).PermitUncheckedError();
         delete db;
         if (sum == 0) Die("empty scan");
       }
       out["restart"].push_back({{"state", state}, {"bytes", stored_bytes}, {"seconds", restore_s},
-                                {"open_seconds", open_s},
+                                {"open_seconds", open_s}, {"lazy_seconds", lazy_s},
+                                {"lazy_fetch_all_seconds", lazy_fetch_s},
                                 {"rocksdb_scan_seconds", scan_s}, {"tokens", st.tokens}, {"chunks", st.chunks}});
-      std::printf("%-6s %-5llu %12.3f %14.3f %6.2fx\n", state, static_cast<unsigned long long>(mib), restore_s,
-                  scan_s, restore_s / scan_s);
+      std::printf("%-10s %-5llu %9.3f %9.3f %9.3f %6.2fx %6.2fx  (lazy, then fetch all: %.3f s)\n", state,
+                  static_cast<unsigned long long>(mib), restore_s, lazy_s, scan_s, restore_s / scan_s,
+                  lazy_s / scan_s, lazy_fetch_s);
     }
     std::filesystem::remove_all(path);
     std::filesystem::remove_all(path + "-raw");
+    std::filesystem::remove_all(path + "-lazy");
   }
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
@@ -347,10 +458,16 @@ int main(int argc, char** argv) {
   out["machine"] = {{"host", host}, {"cpu", cpu}, {"cores", std::thread::hardware_concurrency()}};
   out["samples_seconds"] = {{"spill", our_puts}, {"rocksdb_put", raw_puts}, {"fetch", our_gets}, {"rocksdb_get", raw_gets}};
   out["notes"] =
-      "restart.seconds = ChunkStore::Open (incl. WAL replay after a crash) + RestoreSessions into a "
-      "fresh host KV pool; most of the clean-restart gap to the raw scan is first-touch page faults "
-      "of the pool (prefaulting it cut the restore part of a clean 256 MiB restart from 0.52 s to "
-      "0.15 s in a side run). Raw reads skip RocksDB's checksum pass unless raw_verify_checksums.";
+      "restart: seconds = eager (ChunkStore::Open + RestoreSessions loading every block into a fresh "
+      "host KV pool), lazy_seconds = --restore lazy (every block read and CRC-checked, K/V left in "
+      "RocksDB), lazy_fetch_all_seconds = what lazy moves to first use (MakeResident of every layer); "
+      "each from its own copy of the same store. wal_replay = after kill -9 and after a kvmemd SIGTERM "
+      "(shutdown syncs the WAL without flushing); flushed = after RocksDB's background flushes. perf: "
+      "eager's gap to the scan is mostly copying into first-touched pool pages (RestoreChunk ~70-80%), "
+      "not reading or CRC. eviction: ephemeral session blocks spilled by EvictAll(kDisk) (no WAL) and "
+      "fetched back by MakeResident (Get + CRC + copy into the pool) vs raw Put (no WAL) / Get (no "
+      "copy) of the same blocks in the same order. Raw reads skip RocksDB's checksum pass unless "
+      "raw_verify_checksums. Shared 2-core VM with other builds running: single runs vary by 2x.";
   out["parameters"] = {{"repeat", repeat}, {"value_bytes", vbytes}, {"values", count}, {"reads", reads},
                        {"blob_files", blob}, {"raw_verify_checksums", verify}, {"min_blob_size", min_blob}, {"sync_writes", so.sync_writes},
                        {"profile", {{"layers", spec.layers}, {"kv_heads", spec.kv_heads}, {"head_dim", spec.head_dim},

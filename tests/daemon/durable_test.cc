@@ -16,10 +16,13 @@
 #include "daemon/session.h"
 #include "daemon/tiers.h"
 #include "testing/reference.h"
+#include "testing/session_ops.h"
 
 namespace kvmem {
 namespace {
 
+using testing::AppendRandom;
+using testing::F32Attend;
 using testing::RandomTensor;
 
 TEST(Crc32c, KnownVectors) {
@@ -143,15 +146,6 @@ class DurableTest : public ::testing::Test {
 
 ModelProfile Profile3() { return ModelProfile{3, 4, 2, 32, DType::kBF16, {}, {}, "t"}; }
 
-// Appends n random tokens with random boundaries.
-Status AppendRandom(Session* s, std::mt19937_64& rng, uint32_t n) {
-  const ModelProfile& p = s->profile();
-  const size_t elems = size_t{p.layers} * p.kv_heads * n * p.head_dim;
-  auto k = RandomTensor(rng, p.dtype, elems), v = RandomTensor(rng, p.dtype, elems);
-  std::vector<uint8_t> b(n);
-  for (auto& x : b) x = static_cast<uint8_t>(rng() % 6);
-  return s->AppendKV(n, k.data(), v.data(), b.data()).status();
-}
 
 // One decode step: new k/v for every layer, layer by layer.
 void DecodeStep(Session* s, std::mt19937_64& rng, uint32_t layers_to_do) {
