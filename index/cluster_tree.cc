@@ -348,6 +348,8 @@ Status ClusterTree::Build(std::span<const ChunkSummary> summaries,
   }
   RebuildSubtree(0);
   inserts_since_build_ = 0;
+  ++version_;
+  ++build_epoch_;
   return Status::OK();
 }
 
@@ -398,6 +400,7 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
   chunk_start_.push_back(total_tokens_);
   total_tokens_ += tokens;
   ++inserts_since_build_;
+  ++version_;
 
   // Nearest fine cluster by greedy descent on centroid distance.
   uint32_t n = 0;
@@ -499,6 +502,7 @@ uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
     }
     if (target == 0) inserts_since_build_ = 0;
     ++subtree_rebuilds_;
+    ++version_;
     ++rebuilt;
     if (target == 0) break;  // everything is fresh now
   }
@@ -762,6 +766,60 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
     }
   }
   return Status::OK();
+}
+
+void ClusterTree::ExportFlat(kernels::FlatTree* out) const {
+  const uint32_t D = head_dim_;
+  out->head_dim = D;
+  out->nodes.clear();
+  out->node_centroids.clear();
+  out->leaf_chunks.clear();
+  out->level_begin.assign(1, 0);
+  // Breadth-first: `ids` holds tree node ids in flat order; a level ends where the next begins.
+  std::vector<uint32_t> ids = {0};
+  std::vector<uint32_t> parent = {kernels::kTreeNone};
+  size_t level_end = 1;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const Node& n = nodes_[ids[i]];
+    kernels::FlatTreeNode f{};
+    f.radius = n.radius;
+    f.parent = parent[i];
+    if (n.leaf) {
+      f.child_begin = static_cast<uint32_t>(out->leaf_chunks.size());
+      f.child_count = static_cast<uint32_t>(n.children.size()) | kernels::kTreeLeafBit;
+      out->leaf_chunks.insert(out->leaf_chunks.end(), n.children.begin(), n.children.end());
+    } else {
+      f.child_begin = static_cast<uint32_t>(ids.size());
+      f.child_count = static_cast<uint32_t>(n.children.size());
+      for (uint32_t c : n.children) {
+        ids.push_back(c);
+        parent.push_back(static_cast<uint32_t>(i));
+      }
+    }
+    out->nodes.push_back(f);
+    out->node_centroids.insert(out->node_centroids.end(), node_centroid(ids[i]),
+                               node_centroid(ids[i]) + D);
+    if (i + 1 == level_end) {
+      out->level_begin.push_back(static_cast<uint32_t>(i + 1));
+      level_end = ids.size();
+    }
+  }
+  out->num_levels = static_cast<uint32_t>(out->level_begin.size() - 1);
+  // Chunks by id: append-only between Builds, so copy only what the export does not hold yet.
+  if (out->chunks_epoch != build_epoch_) out->chunk_radius.clear();
+  out->chunks_epoch = build_epoch_;
+  const size_t have = std::min(out->chunk_radius.size(), chunk_radius_.size());
+  out->chunk_centroids.resize(have * D);
+  out->chunk_radius.resize(have);
+  out->chunk_tokens.resize(have);
+  out->chunk_start.resize(have);
+  out->chunk_centroids.insert(out->chunk_centroids.end(), chunk_centroids_.begin() + have * D,
+                              chunk_centroids_.end());
+  out->chunk_radius.insert(out->chunk_radius.end(), chunk_radius_.begin() + have,
+                           chunk_radius_.end());
+  out->chunk_tokens.insert(out->chunk_tokens.end(), chunk_tokens_.begin() + have,
+                           chunk_tokens_.end());
+  out->chunk_start.insert(out->chunk_start.end(), chunk_start_.begin() + have, chunk_start_.end());
 }
 
 ChunkSummary ClusterTree::chunk_summary(uint32_t chunk) const {

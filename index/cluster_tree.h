@@ -26,6 +26,7 @@
 
 #include "common/status.h"
 #include "index/summary.h"
+#include "kernels/tree_search.h"
 
 namespace kvmem::index {
 
@@ -182,6 +183,12 @@ class ClusterTree {
 
   TreeStats Stats() const;
 
+  // Writes the tree in the flat breadth-first layout of kernels/tree_search.h (what the device
+  // search reads) into `out`, reusing its vectors. Chunk arrays are by chunk id.
+  void ExportFlat(kernels::FlatTree* out) const;
+  // Changes on every Build, Insert and repairing Maintain: a mirror re-exports when it moved.
+  uint64_t version() const { return version_; }
+
   uint32_t head_dim() const { return head_dim_; }
   uint32_t num_chunks() const { return static_cast<uint32_t>(chunk_tokens_.size()); }
   uint64_t total_tokens() const { return total_tokens_; }
@@ -248,6 +255,8 @@ class ClusterTree {
   std::vector<uint32_t> free_nodes_;
   uint64_t inserts_since_build_ = 0;
   uint64_t subtree_rebuilds_ = 0;
+  uint64_t version_ = 0;
+  uint64_t build_epoch_ = 0;  // Build() replaces chunk summaries: exports start over
 };
 
 }  // namespace kvmem::index
