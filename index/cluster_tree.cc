@@ -768,7 +768,7 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
   return Status::OK();
 }
 
-void ClusterTree::ExportFlat(kernels::FlatTree* out) const {
+void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const {
   const uint32_t D = head_dim_;
   out->head_dim = D;
   out->nodes.clear();
@@ -784,6 +784,7 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out) const {
     kernels::FlatTreeNode f{};
     f.radius = n.radius;
     f.parent = parent[i];
+    f.tokens = static_cast<uint32_t>(std::min<uint64_t>(n.tokens, 0xffffffffu));
     if (n.leaf) {
       f.child_begin = static_cast<uint32_t>(out->leaf_chunks.size());
       f.child_count = static_cast<uint32_t>(n.children.size()) | kernels::kTreeLeafBit;
@@ -805,21 +806,14 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out) const {
     }
   }
   out->num_levels = static_cast<uint32_t>(out->level_begin.size() - 1);
-  // Chunks by id: append-only between Builds, so copy only what the export does not hold yet.
-  if (out->chunks_epoch != build_epoch_) out->chunk_radius.clear();
+  const size_t from = std::min<size_t>(chunks_from, chunk_radius_.size());
+  out->num_chunks = num_chunks();
+  out->chunks_from = static_cast<uint32_t>(from);
   out->chunks_epoch = build_epoch_;
-  const size_t have = std::min(out->chunk_radius.size(), chunk_radius_.size());
-  out->chunk_centroids.resize(have * D);
-  out->chunk_radius.resize(have);
-  out->chunk_tokens.resize(have);
-  out->chunk_start.resize(have);
-  out->chunk_centroids.insert(out->chunk_centroids.end(), chunk_centroids_.begin() + have * D,
-                              chunk_centroids_.end());
-  out->chunk_radius.insert(out->chunk_radius.end(), chunk_radius_.begin() + have,
-                           chunk_radius_.end());
-  out->chunk_tokens.insert(out->chunk_tokens.end(), chunk_tokens_.begin() + have,
-                           chunk_tokens_.end());
-  out->chunk_start.insert(out->chunk_start.end(), chunk_start_.begin() + have, chunk_start_.end());
+  out->chunk_centroids.assign(chunk_centroids_.begin() + from * D, chunk_centroids_.end());
+  out->chunk_radius.assign(chunk_radius_.begin() + from, chunk_radius_.end());
+  out->chunk_tokens.assign(chunk_tokens_.begin() + from, chunk_tokens_.end());
+  out->chunk_start.assign(chunk_start_.begin() + from, chunk_start_.end());
 }
 
 ChunkSummary ClusterTree::chunk_summary(uint32_t chunk) const {

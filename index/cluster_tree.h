@@ -184,8 +184,11 @@ class ClusterTree {
   TreeStats Stats() const;
 
   // Writes the tree in the flat breadth-first layout of kernels/tree_search.h (what the device
-  // search reads) into `out`, reusing its vectors. Chunk arrays are by chunk id.
-  void ExportFlat(kernels::FlatTree* out) const;
+  // search reads) into `out`, reusing its vectors. The chunk arrays get chunks
+  // [chunks_from, num_chunks()) (chunk summaries never change between Builds; out->chunks_epoch
+  // tells a mirror when they were replaced and it must start from 0).
+  void ExportFlat(kernels::FlatTree* out, uint32_t chunks_from = 0) const;
+  uint64_t chunks_epoch() const { return build_epoch_; }
   // Changes on every Build, Insert and repairing Maintain: a mirror re-exports when it moved.
   uint64_t version() const { return version_; }
 

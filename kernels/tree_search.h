@@ -41,6 +41,7 @@ struct FlatTreeNode {
   uint32_t parent;       // kTreeNone for the root
   uint32_t child_begin;  // first child node, or (leaf) first index into leaf_chunks
   uint32_t child_count;  // number of children, | kTreeLeafBit when they are chunks
+  uint32_t tokens;       // tokens below (saturates at 2^32 - 1)
 };
 
 // One (layer, KV head) tree. Pointers are host memory for the CPU reference, device memory
@@ -55,23 +56,29 @@ struct FlatTreeView {
   const uint32_t* leaf_chunks = nullptr;                // [num_chunks] chunk ids by leaf
   const float* chunk_centroids = nullptr;               // [num_chunks][head_dim] by chunk id
   const float* chunk_radius = nullptr;                  // [num_chunks] by chunk id
+  const uint32_t* chunk_tokens = nullptr;               // [num_chunks] by chunk id
+  const uint64_t* chunk_start = nullptr;                // [num_chunks] first token, by chunk id
 };
 
-// Host copy of a tree in that layout (index::ClusterTree::ExportFlat fills it).
+// Host copy of a tree in that layout (index::ClusterTree::ExportFlat fills it). The chunk
+// arrays hold chunks [chunks_from, num_chunks) only, so a mirror that already holds the older
+// (immutable) chunk summaries exports just the new ones.
 struct FlatTree {
   uint32_t head_dim = 0;
   uint32_t num_levels = 0;
+  uint32_t num_chunks = 0;
+  uint32_t chunks_from = 0;
+  uint64_t chunks_epoch = 0;  // changes when the tree's chunk summaries were replaced (Build)
   std::vector<uint32_t> level_begin;  // [num_levels + 1]
   std::vector<float> node_centroids;
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
-  std::vector<float> chunk_centroids;
+  std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim]
   std::vector<float> chunk_radius;
   std::vector<uint32_t> chunk_tokens;
   std::vector<uint64_t> chunk_start;
-  uint64_t chunks_epoch = ~0ull;  // the exporter's: chunk arrays are kept only while it matches
 
-  // A view of the host vectors (num_levels <= kTreeSearchMaxLevels + 1 required).
+  // A view of the host vectors; needs chunks_from == 0 and num_levels <= kTreeSearchMaxLevels + 1.
   FlatTreeView View() const;
 };
 
@@ -93,10 +100,8 @@ struct TreeSelection {
 };
 
 // CPU reference: scores every node and chunk, sorts by chain, scans. group_queries is fp32
-// [group][head_dim]; chunk_tokens / chunk_start are by chunk id. InvalidArgument on a tree
-// deeper than kTreeSearchMaxLevels.
-Status TreeSearchCpu(const FlatTreeView& tree, const uint32_t* chunk_tokens,
-                     const uint64_t* chunk_start, const float* group_queries, uint32_t group,
+// [group][head_dim]. InvalidArgument on a tree deeper than kTreeSearchMaxLevels.
+Status TreeSearchCpu(const FlatTreeView& tree, const float* group_queries, uint32_t group,
                      uint32_t head_dim, const TreeSearchParams& params, TreeSelection* out);
 
 }  // namespace kvmem::kernels

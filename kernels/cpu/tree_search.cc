@@ -14,7 +14,7 @@ using index::detail::Dot;
 FlatTreeView FlatTree::View() const {
   FlatTreeView v;
   v.num_nodes = static_cast<uint32_t>(nodes.size());
-  v.num_chunks = static_cast<uint32_t>(chunk_radius.size());
+  v.num_chunks = num_chunks;
   v.num_levels = num_levels;
   for (uint32_t l = 0; l <= num_levels && l < kTreeSearchMaxLevels + 2; ++l) {
     v.level_begin[l] = level_begin[l];
@@ -24,6 +24,8 @@ FlatTreeView FlatTree::View() const {
   v.leaf_chunks = leaf_chunks.data();
   v.chunk_centroids = chunk_centroids.data();
   v.chunk_radius = chunk_radius.data();
+  v.chunk_tokens = chunk_tokens.data();
+  v.chunk_start = chunk_start.data();
   return v;
 }
 
@@ -58,8 +60,7 @@ bool Before(const Chain& a, uint32_t ida, const Chain& b, uint32_t idb) {
 
 }  // namespace
 
-Status TreeSearchCpu(const FlatTreeView& t, const uint32_t* chunk_tokens,
-                     const uint64_t* chunk_start, const float* q, uint32_t group,
+Status TreeSearchCpu(const FlatTreeView& t, const float* q, uint32_t group,
                      uint32_t head_dim, const TreeSearchParams& p, TreeSelection* out) {
   *out = TreeSelection{};
   if (t.num_levels > kTreeSearchMaxLevels + 1) {
@@ -96,6 +97,8 @@ Status TreeSearchCpu(const FlatTreeView& t, const uint32_t* chunk_tokens,
     }
   }
   out->nodes_scored += t.num_chunks;
+  const uint32_t* chunk_tokens = t.chunk_tokens;
+  const uint64_t* chunk_start = t.chunk_start;
   std::vector<uint32_t> order(t.num_chunks);
   std::iota(order.begin(), order.end(), 0u);
   std::sort(order.begin(), order.end(),

@@ -44,9 +44,7 @@ void ExpectSameSelections(const ClusterTree& tree, std::mt19937_64& rng, uint32_
     p.node_radius_weight = o.node_radius_weight;
     p.chunk_radius_weight = o.chunk_radius_weight;
     kernels::TreeSelection got;
-    ASSERT_TRUE(kernels::TreeSearchCpu(view, flat.chunk_tokens.data(), flat.chunk_start.data(),
-                                       q.data(), group, src.dim, p, &got)
-                    .ok());
+    ASSERT_TRUE(kernels::TreeSearchCpu(view, q.data(), group, src.dim, p, &got).ok());
     EXPECT_EQ(got.tokens, cpu->tokens) << "query " << i;
     // SearchBudget reports by score; the flat search in acceptance order: compare as sets
     // with scores.
@@ -103,9 +101,10 @@ TEST(FlatTreeSearchTest, FlatListAndLazilyGrownTreesSelectLikeSearchBudget) {
     ASSERT_TRUE(tree.Insert(c, *s, src.tokens(c)).ok());
     EXPECT_NE(tree.version(), before);
     if (rng() % 9 == 0 && tree.NeedsMaintenance()) tree.Maintain(1);
-    tree.ExportFlat(&flat);  // incremental: the chunk arrays are appended to
-    ASSERT_EQ(flat.chunk_radius.size(), c + 1);
-    ASSERT_EQ(flat.chunk_radius[c], s->radius);
+    tree.ExportFlat(&flat, c);  // incremental: only the new chunk
+    ASSERT_EQ(flat.chunk_radius.size(), 1u);
+    ASSERT_EQ(flat.chunk_radius[0], s->radius);
+    ASSERT_EQ(flat.num_chunks, c + 1);
     if (c == 30 || c % 97 == 0 || c + 1 == all.chunks.size()) {
       SCOPED_TRACE("after chunk " + std::to_string(c));
       ExpectSameSelections(tree, rng, 15, src);
@@ -140,10 +139,18 @@ TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
     }
   }
   for (int s : seen) EXPECT_EQ(s, 1);
-  // A Build replaces the chunk summaries: the export starts its chunk arrays over.
-  ClusterTree other = Built(RandomKeys(rng, 100, 16), {});
-  other.ExportFlat(&flat);
-  EXPECT_EQ(flat.chunk_radius.size(), 100u);
+  uint64_t tokens = 0;
+  for (uint32_t c = 0; c < tree.num_chunks(); ++c) tokens += tree.chunk_tokens(c);
+  EXPECT_EQ(flat.nodes[0].tokens, tokens);
+  // A Build replaces the chunk summaries: the epoch tells a mirror to start over.
+  const uint64_t epoch = flat.chunks_epoch;
+  std::vector<ChunkSummary> sums;
+  std::vector<uint32_t> counts;
+  Summaries(src, &sums, &counts);
+  ASSERT_TRUE(tree.Build(sums, counts).ok());
+  tree.ExportFlat(&flat, 50);
+  EXPECT_NE(flat.chunks_epoch, epoch);
+  EXPECT_EQ(flat.chunk_radius.size(), tree.num_chunks() - 50u);
 }
 
 }  // namespace
