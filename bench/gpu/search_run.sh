@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call for GPU search (issue 4): parity tests, kvmem-bench-gpu (search rows and the
+# rest), torch SDPA, the table; with a daemon bundle also the e2e Attend benchmark. Run from the
+# repo root on the GPU machine with the bundle staged by scripts/stage_gpu_search.sh in .gpu-search/.
+#   bash .gpu-search/run.sh [quick|full] [e2e]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=.gpu-search
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+MODE=${1:-quick}
+echo "== parity"
+timeout 120 $G/b/run tree_search_cuda_test > "$OUT/parity.log" 2>&1; echo "tree_search_cuda_test rc=$?"
+if [[ -x $G/b/bin/kernels_cuda_parity_test ]]; then
+  timeout 120 $G/b/run kernels_cuda_parity_test >> "$OUT/parity.log" 2>&1; echo "kernels_cuda_parity_test rc=$?"
+fi
+grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|error|seed" "$OUT/parity.log" | head -30
+ARGS=(--contexts 8192,131072 --batches 1,8 --budgets 2048)
+[[ $MODE == full ]] && ARGS=()
+echo "== bench ($MODE)"
+timeout ${BENCH_TIMEOUT:-240} $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
+  --machine "nvidia-h200 device machine ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
+  "${ARGS[@]}" 2>&1 | tee "$OUT/bench.log" | grep -E "search|error|Error" | head -40
+echo "== torch"
+TARGS=(--contexts 8192,131072 --batches 1,8)
+[[ $MODE == full ]] && TARGS=()
+timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" "${TARGS[@]}" > "$OUT/torch.log" 2>&1
+tail -n 2 "$OUT/torch.log"
+python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt"; grep -E "search|torch|sparse_attn .*131072" "$OUT/table.txt" | head -30
+if [[ " $* " == *" e2e "* && -x $G/b/bin/kvmemd ]]; then
+  echo "== e2e attend"
+  timeout 300 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
+    --iters ${ITERS:-200} 2>&1 | tee "$OUT/e2e.log" | tail -14
+fi
