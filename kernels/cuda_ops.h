@@ -192,11 +192,11 @@ struct SearchTaskResult {
   uint32_t pad[2];
 };
 constexpr uint32_t kSearchStatusTooManyLeaves = 1;      // > kSearchMaxLeaves leaf clusters
-constexpr uint32_t kSearchStatusTooManyCandidates = 2;  // > kSearchMaxCandidates in one round
+constexpr uint32_t kSearchStatusTooManyCandidates = 2;  // > kSearchMaxCandidates chunks scored
 constexpr uint32_t kSearchStatusTooManyRuns = 4;        // a split got > kMaxRunsPerItem runs
 constexpr uint32_t kSearchStatusTooManyChunks = 8;      // > kSearchMaxChunks chunks
-constexpr uint32_t kSearchMaxLeaves = 8192;
-constexpr uint32_t kSearchMaxCandidates = 2048;
+constexpr uint32_t kSearchMaxLeaves = 4096;
+constexpr uint32_t kSearchMaxCandidates = 3072;
 constexpr uint32_t kSearchMaxChunks = 131072;
 
 struct SearchAttendPlan {

@@ -37,6 +37,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPerWarp = 4;  // dot products per warp at a time (8 lanes each)
 constexpr uint32_t kMaxLeaves = kSearchMaxLeaves;
+constexpr uint32_t kConsumed = 0x80000000u;
 constexpr uint32_t kMaxCand = kSearchMaxCandidates;
 constexpr uint32_t kBitmapWords = kSearchMaxChunks / 32;
 constexpr uint32_t kMaxRuns = kSearchMaxCandidates + 64;  // runs of one head before splitting
@@ -49,18 +50,20 @@ struct Smem {
   uint32_t leaf_count, cand_count, run_count, nsel, sel_tokens, status, done, rounds, nodes_scored;
   uint32_t remaining, misfits;
   uint32_t k_leaves;
-  float e_next, e_upper;
-  uint32_t n_special, total_tokens;
+  float e_next;
+  uint32_t n_special, total_tokens, n_commit;
   float leaf_key[kMaxLeaves];
   uint32_t leaf_idx[kMaxLeaves];
   uint32_t leaf_cum_tokens[kMaxLeaves];  // inclusive prefix (saturating)
   uint32_t leaf_cum_chunks[kMaxLeaves];
   union {
-    struct {  // the search rounds
+    struct {  // the search rounds: the pool of scored chunks, and this round's commits
       float4 cand_chain[kMaxCand];
       uint32_t cand_id[kMaxCand];
-      uint32_t cand_tok[kMaxCand];
+      uint32_t cand_leaf[kMaxCand];
+      uint32_t cand_tok[kMaxCand];  // | kConsumed once committed
       float cand_score[kMaxCand];
+      uint32_t commit[kMaxCand];
     };
     struct {  // then the runs
       uint32_t run_chunk[kMaxRuns];  // chunk id, or kTreeNone for the tail
@@ -111,6 +114,38 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
   const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
   const float u = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
   return __fadd_rn(u, __shfl_down_sync(0xffffffffu, u, 2));
+}
+
+// Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
+// before the sums). row(i) gives row i's address, done(i, dot) runs on the group's lane 0.
+// Every thread of the block must call it; it ends with a barrier.
+template <int D, typename RowF, typename DoneF>
+__device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
+                                          int warp, RowF row, DoneF done) {
+  constexpr int kIlp = 4;
+  constexpr uint32_t kPerPass = kWarps * kPerWarp * kIlp;
+  for (uint32_t base = 0; base < count; base += kPerPass) {
+    float v[kIlp][D / 8];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      const float* b = row(i < count ? i : 0);
+#pragma unroll
+      for (int q = 0; q < D / 8; ++q) v[u][q] = b[8 * q + j];
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      float acc = 0.f;
+#pragma unroll
+      for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u][q]));
+      const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
+      const float w = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
+      const float dot = __fadd_rn(w, __shfl_down_sync(0xffffffffu, w, 2));
+      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      if (j == 0 && i < count) done(i, dot);
+    }
+  }
+  __syncthreads();
 }
 
 // Bitonic sort of n (power of two) entries, descending by (key, then lower idx); the whole block.
@@ -188,18 +223,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     for (uint32_t l = 1; l < tree.num_levels; ++l) {
       const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
-      for (uint32_t base = lb + warp * kPerWarp; base < le; base += kWarps * kPerWarp) {
-        const uint32_t n = base + slot;
-        const bool valid = n < le;
-        const uint32_t nn = valid ? n : lb;
-        const float dot = GroupDot<D>(sm.mean, tree.node_centroids + size_t{nn} * D, j);
-        if (valid && j == 0) {
-          const FlatTreeNode node = tree.nodes[n];
-          const float s = __fadd_rn(dot, __fmul_rn(wn, node.radius));
-          chains[n] = Extend(chains[node.parent], s);
-        }
-      }
-      __syncthreads();
+      ScoreRows<D>(sm.mean, le - lb, j, slot, warp,
+                   [&](uint32_t i) { return tree.node_centroids + size_t{lb + i} * D; },
+                   [&](uint32_t i, float dot) {
+                     const FlatTreeNode node = tree.nodes[lb + i];
+                     const float sc = __fadd_rn(dot, __fmul_rn(wn, node.radius));
+                     chains[lb + i] = Extend(chains[node.parent], sc);
+                   });
     }
     // 3. Leaves by bottleneck (the root leaf of a flat tree: +inf).
     for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
@@ -263,87 +293,87 @@ __global__ void __launch_bounds__(kThreads, 1)
           carry_c += lc;
         }
       }
-      if (tid == 0) sm.e_upper = INFINITY;
       __syncthreads();
-      // 4. Rounds of expansion.
-      uint64_t target = 2ull * prm.budget_tokens + 512;
-      uint32_t k_prev = 0;
+      // 4. Rounds: expand the next best leaves, score their chunks into the pool, commit the
+      // pool entries whose bottleneck beats the next leaf, sort those, scan them.
+      uint64_t target = 5ull * prm.budget_tokens + 1024;
+      if (tid == 0) sm.k_leaves = 0;
+      __syncthreads();
       while (true) {
+        const uint32_t k_prev = sm.k_leaves;
+        const uint32_t P = sm.cand_count;
+        __syncthreads();
         if (tid == 0) {
-          // Smallest k whose leaves hold >= target tokens, grown over equal keys.
           uint32_t k = k_prev;
-          while (k < L && (k == 0 || sm.leaf_cum_tokens[k - 1] < target)) ++k;
+          while (k < L && (k == k_prev || sm.leaf_cum_tokens[k - 1] < target)) ++k;
           while (k < L && k > 0 && sm.leaf_key[k] == sm.leaf_key[k - 1]) ++k;
           sm.k_leaves = k;
           sm.e_next = k < L ? sm.leaf_key[k] : kNegInf;
-          sm.cand_count = 0;
           sm.rounds++;
+          sm.n_commit = 0;
         }
         __syncthreads();
         const uint32_t k = sm.k_leaves;
-        const uint32_t M = k > 0 ? sm.leaf_cum_chunks[k - 1] : 0;
-        const float lo = sm.e_next, hi = sm.e_upper;
-        // Score the chunks of leaves [0, k); keep those with lo < bottleneck <= hi.
-        for (uint32_t base = warp * kPerWarp; base < M; base += kWarps * kPerWarp) {
-          const uint32_t t = base + slot;
-          const bool valid = t < M;
-          uint32_t leaf = 0, c = 0;
-          if (valid) {
-            uint32_t a = 0, b = k;  // first leaf with cum_chunks > t
-            while (a < b) {
-              const uint32_t mid = (a + b) >> 1;
-              if (sm.leaf_cum_chunks[mid] > t) b = mid; else a = mid + 1;
-            }
-            leaf = a;
-            const uint32_t before = leaf > 0 ? sm.leaf_cum_chunks[leaf - 1] : 0;
-            const FlatTreeNode node = tree.nodes[sm.leaf_idx[leaf]];
-            c = tree.leaf_chunks[node.child_begin + (t - before)];
-          }
-          const float dot = GroupDot<D>(sm.mean, tree.chunk_centroids + size_t{c} * D, j);
-          if (valid && j == 0) {
-            const float s = __fadd_rn(dot, __fmul_rn(wc, tree.chunk_radius[c]));
-            const float4 ch = Extend(chains[sm.leaf_idx[leaf]], s);
-            if (ch.x > lo && ch.x <= hi) {
-              const uint32_t at = atomicAdd(&sm.cand_count, 1u);
-              if (at < kMaxCand) {
-                sm.cand_chain[at] = ch;
-                sm.cand_id[at] = c;
-                sm.cand_score[at] = s;
-                sm.cand_tok[at] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c],
-                                                prm.skip_tokens_below);
-              }
-            }
-          }
-        }
-        if (tid == 0) sm.nodes_scored += M;
-        __syncthreads();
-        if (sm.cand_count > kMaxCand) {
+        const uint32_t c0 = k_prev > 0 ? sm.leaf_cum_chunks[k_prev - 1] : 0;
+        const uint32_t M = (k > 0 ? sm.leaf_cum_chunks[k - 1] : 0) - c0;
+        if (P + M > kMaxCand) {
           if (tid == 0) sm.status |= kSearchStatusTooManyCandidates;
-          __syncthreads();
-          break;
+          break;  // uniform: every thread read the same P, M
         }
-        const uint32_t C = sm.cand_count, Cp = NextPow2(C);
-        for (uint32_t i = C + tid; i < Cp; i += kThreads) {
-          sm.cand_chain[i] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-          sm.cand_id[i] = kTreeNone;
-          sm.cand_tok[i] = 0;
-          sm.cand_score[i] = kNegInf;
+        // Chunk ids of the new leaves (independent loads), then their scores.
+        for (uint32_t t = tid; t < M; t += kThreads) {
+          const uint32_t g = c0 + t;
+          uint32_t lo_i = k_prev, hi_i = k;  // first leaf with cum_chunks > g
+          while (lo_i < hi_i) {
+            const uint32_t mid = (lo_i + hi_i) >> 1;
+            if (sm.leaf_cum_chunks[mid] > g) hi_i = mid; else lo_i = mid + 1;
+          }
+          const uint32_t before = lo_i > 0 ? sm.leaf_cum_chunks[lo_i - 1] : 0;
+          const uint32_t child_begin = tree.nodes[sm.leaf_idx[lo_i]].child_begin;
+          sm.cand_id[P + t] = tree.leaf_chunks[child_begin + (g - before)];
+          sm.cand_leaf[P + t] = sm.leaf_idx[lo_i];
         }
+        __syncthreads();
+        ScoreRows<D>(sm.mean, M, j, slot, warp,
+                     [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[P + i]} * D; },
+                     [&](uint32_t i, float dot) {
+                       const uint32_t c = sm.cand_id[P + i];
+                       const float sc = __fadd_rn(dot, __fmul_rn(wc, tree.chunk_radius[c]));
+                       sm.cand_chain[P + i] = Extend(chains[sm.cand_leaf[P + i]], sc);
+                       sm.cand_score[P + i] = sc;
+                       sm.cand_tok[P + i] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c],
+                                                          prm.skip_tokens_below);
+                     });
+        if (tid == 0) {
+          sm.nodes_scored += M;
+          sm.cand_count = P + M;
+        }
+        __syncthreads();
+        // Commit: unconsumed entries above the next leaf's bottleneck.
+        const float thr = sm.e_next;
+        for (uint32_t i = tid; i < P + M; i += kThreads) {
+          if (!(sm.cand_tok[i] & kConsumed) && sm.cand_chain[i].x > thr) {
+            sm.commit[atomicAdd(&sm.n_commit, 1u)] = i;
+            sm.cand_tok[i] |= kConsumed;
+          }
+        }
+        __syncthreads();
+        const uint32_t C = sm.n_commit, Cp = NextPow2(C);
+        for (uint32_t i = C + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
         __syncthreads();
         BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
-          const float4 ca = sm.cand_chain[a], cb = sm.cand_chain[b];
-          const uint32_t ia = sm.cand_id[a], ib = sm.cand_id[b];
-          if (Before(cb, ib, ca, ia) == desc) {
-            sm.cand_chain[a] = cb;
-            sm.cand_chain[b] = ca;
-            sm.cand_id[a] = ib;
-            sm.cand_id[b] = ia;
-            const uint32_t ta = sm.cand_tok[a];
-            sm.cand_tok[a] = sm.cand_tok[b];
-            sm.cand_tok[b] = ta;
-            const float sa = sm.cand_score[a];
-            sm.cand_score[a] = sm.cand_score[b];
-            sm.cand_score[b] = sa;
+          const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+          bool b_first;
+          if (ib == kTreeNone) {
+            b_first = false;
+          } else if (ia == kTreeNone) {
+            b_first = true;
+          } else {
+            b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+          }
+          if (b_first == desc) {
+            sm.commit[a] = ib;
+            sm.commit[b] = ia;
           }
         });
         // The scan: CPU offer() in order. Warp 0.
@@ -353,7 +383,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           bool done = false;
           for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
             const uint32_t i = b0 + lane;
-            const uint32_t tok = i < C ? sm.cand_tok[i] : 0;
+            const uint32_t e = i < C ? sm.commit[i] : 0;
+            const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
             uint32_t pre = tok;
 #pragma unroll
             for (int off = 1; off < 32; off <<= 1) {
@@ -361,28 +392,27 @@ __global__ void __launch_bounds__(kThreads, 1)
               if (lane >= off) pre += x;
             }
             const uint32_t total = __shfl_sync(0xffffffffu, pre, 31);
-            const bool any = __ballot_sync(0xffffffffu, tok > 0) != 0;
+            const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
             if (total <= remaining && nsel + 32 <= max_selected) {
               // Everything fits: accept every non-empty chunk of the batch.
-              const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
               if (tok > 0) {
                 const uint32_t at = nsel + __popc(mask & ((1u << lane) - 1));
-                my_sel[at] = sm.cand_id[i];
-                my_scores[at] = sm.cand_score[i];
-                atomicOr(&sm.bitmap[sm.cand_id[i] >> 5], 1u << (sm.cand_id[i] & 31));
+                const uint32_t c = sm.cand_id[e];
+                my_sel[at] = c;
+                my_scores[at] = sm.cand_score[e];
+                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
               }
               nsel += __popc(mask);
               remaining -= total;
               sel_tokens += total;
-              if (any) misfits = 0;
-              done = any && remaining == 0;
+              if (mask) misfits = 0;
+              done = mask != 0 && remaining == 0;
             } else {
-              // One by one (lane 0), then broadcast.
               if (lane == 0) {
                 const uint32_t n = min(32u, C - b0);
                 for (uint32_t q = 0; q < n; ++q) {
-                  const uint32_t ii = b0 + q;
-                  const uint32_t t = sm.cand_tok[ii];
+                  const uint32_t ee = sm.commit[b0 + q];
+                  const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
                   if (t == 0) continue;
                   if (t > remaining) {
                     if (++misfits >= prm.max_consecutive_misfits) {
@@ -398,9 +428,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                   misfits = 0;
                   remaining -= t;
                   sel_tokens += t;
-                  my_sel[nsel] = sm.cand_id[ii];
-                  my_scores[nsel] = sm.cand_score[ii];
-                  atomicOr(&sm.bitmap[sm.cand_id[ii] >> 5], 1u << (sm.cand_id[ii] & 31));
+                  const uint32_t c = sm.cand_id[ee];
+                  my_sel[nsel] = c;
+                  my_scores[nsel] = sm.cand_score[ee];
+                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
                   ++nsel;
                   if (remaining == 0) {
                     done = true;
@@ -421,13 +452,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm.nsel = nsel;
             sm.sel_tokens = sel_tokens;
             sm.done = done || k >= L;
-            sm.e_upper = sm.e_next;
           }
         }
         __syncthreads();
         if (sm.done) break;
-        k_prev = k;
-        target *= 4;
+        target = target * 8 / 5;
       }
     }
   }
