@@ -56,16 +56,18 @@ struct Smem {
   uint32_t leaf_idx[kMaxLeaves];
   uint32_t leaf_cum_tokens[kMaxLeaves];  // inclusive prefix (saturating)
   uint32_t leaf_cum_chunks[kMaxLeaves];
+  uint32_t leaf_child_begin[kMaxLeaves];
   union {
     struct {  // the search rounds: the pool of scored chunks, and this round's commits
       float4 cand_chain[kMaxCand];
       uint32_t cand_id[kMaxCand];
-      uint32_t cand_leaf[kMaxCand];
       uint32_t cand_tok[kMaxCand];  // | kConsumed once committed
       float cand_score[kMaxCand];
       uint32_t commit[kMaxCand];
     };
     struct {  // then the runs
+      uint32_t sel_id[kMaxCand];
+      uint32_t sel_len[kMaxCand];
       uint32_t run_chunk[kMaxRuns];  // chunk id, or kTreeNone for the tail
       uint32_t run_begin[kMaxRuns];
       uint32_t run_len[kMaxRuns];
@@ -74,6 +76,7 @@ struct Smem {
   };
   uint32_t bitmap[kBitmapWords];
   uint32_t item_first_run[kMaxSplits + 1];
+  uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
 };
 
@@ -162,6 +165,12 @@ __device__ void BlockBitonic(uint32_t n, Less before_swap) {
   }
 }
 
+__device__ __forceinline__ uint64_t GlobalTimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
 __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
   uint32_t n = 1;
   while (n < x) n <<= 1;
@@ -191,6 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t* my_sel = selected + size_t{blockIdx.x} * max_selected;
   float* my_scores = sel_scores + size_t{blockIdx.x} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
+  uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
 
   if (tid == 0) {
     sm.leaf_count = sm.cand_count = sm.run_count = sm.nsel = sm.sel_tokens = 0;
@@ -223,14 +233,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     for (uint32_t l = 1; l < tree.num_levels; ++l) {
       const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
-      ScoreRows<D>(sm.mean, le - lb, j, slot, warp,
-                   [&](uint32_t i) { return tree.node_centroids + size_t{lb + i} * D; },
-                   [&](uint32_t i, float dot) {
-                     const FlatTreeNode node = tree.nodes[lb + i];
-                     const float sc = __fadd_rn(dot, __fmul_rn(wn, node.radius));
-                     chains[lb + i] = Extend(chains[node.parent], sc);
-                   });
+      for (uint32_t s0 = lb; s0 < le; s0 += kMaxCand) {
+        const uint32_t cnt = min(kMaxCand, le - s0);
+        // Radius and parent chain first (independent loads), so the scoring pass only waits
+        // for the centroid rows.
+        for (uint32_t t = tid; t < cnt; t += kThreads) {
+          const FlatTreeNode node = tree.nodes[s0 + t];
+          sm.cand_score[t] = node.radius;
+          sm.cand_chain[t] = chains[node.parent];
+        }
+        __syncthreads();
+        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+                     [&](uint32_t i) { return tree.node_centroids + size_t{s0 + i} * D; },
+                     [&](uint32_t i, float dot) {
+                       const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
+                       chains[s0 + i] = Extend(sm.cand_chain[i], sc);
+                     });
+      }
     }
+    stamp[1] = GlobalTimer();
     // 3. Leaves by bottleneck (the root leaf of a flat tree: +inf).
     for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
       if (tree.nodes[n].child_count & kTreeLeafBit) {
@@ -263,16 +284,22 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.leaf_idx[b] = ia;
         }
       });
-      // Inclusive prefix of tokens and chunks over the sorted leaves (warp 0, 32 at a time).
+      // Leaf sizes (parallel loads), then their inclusive prefix (warp 0, 32 at a time).
+      for (uint32_t i = tid; i < L; i += kThreads) {
+        const FlatTreeNode node = tree.nodes[sm.leaf_idx[i]];
+        sm.leaf_cum_tokens[i] = node.tokens;
+        sm.leaf_cum_chunks[i] = node.child_count & ~kTreeLeafBit;
+        sm.leaf_child_begin[i] = node.child_begin;
+      }
+      __syncthreads();
       if (warp == 0) {
         uint32_t carry_t = 0, carry_c = 0;
         for (uint32_t b0 = 0; b0 < L; b0 += 32) {
           const uint32_t i = b0 + lane;
           uint32_t t = 0, c = 0;
           if (i < L) {
-            const FlatTreeNode node = tree.nodes[sm.leaf_idx[i]];
-            t = node.tokens;
-            c = node.child_count & ~kTreeLeafBit;
+            t = sm.leaf_cum_tokens[i];
+            c = sm.leaf_cum_chunks[i];
           }
 #pragma unroll
           for (int off = 1; off < 32; off <<= 1) {
@@ -294,9 +321,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       __syncthreads();
+      stamp[2] = GlobalTimer();
       // 4. Rounds: expand the next best leaves, score their chunks into the pool, commit the
       // pool entries whose bottleneck beats the next leaf, sort those, scan them.
-      uint64_t target = 5ull * prm.budget_tokens + 1024;
+      uint64_t target = 8ull * prm.budget_tokens + 1024;
       if (tid == 0) sm.k_leaves = 0;
       __syncthreads();
       while (true) {
@@ -329,20 +357,20 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (sm.leaf_cum_chunks[mid] > g) hi_i = mid; else lo_i = mid + 1;
           }
           const uint32_t before = lo_i > 0 ? sm.leaf_cum_chunks[lo_i - 1] : 0;
-          const uint32_t child_begin = tree.nodes[sm.leaf_idx[lo_i]].child_begin;
-          sm.cand_id[P + t] = tree.leaf_chunks[child_begin + (g - before)];
-          sm.cand_leaf[P + t] = sm.leaf_idx[lo_i];
+          const uint32_t c = tree.leaf_chunks[sm.leaf_child_begin[lo_i] + (g - before)];
+          sm.cand_id[P + t] = c;
+          sm.cand_chain[P + t] = chains[sm.leaf_idx[lo_i]];  // extended by the score below
+          sm.cand_score[P + t] = tree.chunk_radius[c];  // replaced by the score below
+          sm.cand_tok[P + t] =
+              CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
         }
         __syncthreads();
         ScoreRows<D>(sm.mean, M, j, slot, warp,
                      [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[P + i]} * D; },
                      [&](uint32_t i, float dot) {
-                       const uint32_t c = sm.cand_id[P + i];
-                       const float sc = __fadd_rn(dot, __fmul_rn(wc, tree.chunk_radius[c]));
-                       sm.cand_chain[P + i] = Extend(chains[sm.cand_leaf[P + i]], sc);
+                       const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[P + i]));
+                       sm.cand_chain[P + i] = Extend(sm.cand_chain[P + i], sc);
                        sm.cand_score[P + i] = sc;
-                       sm.cand_tok[P + i] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c],
-                                                          prm.skip_tokens_below);
                      });
         if (tid == 0) {
           sm.nodes_scored += M;
@@ -462,6 +490,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  stamp[3] = GlobalTimer();
   // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
   const uint32_t H = task.kv_heads, h = task.kv_head;
   if (tid == 0) sm.run_count = 0;
@@ -506,20 +535,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.scan_tmp[0] = s_end;
     sm.scan_tmp[1] = r_first;
   }
+  const uint32_t nsel_all = min(sm.nsel, kMaxCand);
+  for (uint32_t i = tid; i < nsel_all; i += kThreads) {
+    const uint32_t c = my_sel[i];
+    sm.sel_id[i] = c;
+    sm.sel_len[i] = tree.chunk_tokens[c];
+  }
   __syncthreads();
   if (warp == 0 && sm.status == 0) {
     const uint32_t s_end = sm.scan_tmp[0], r_first = sm.scan_tmp[1];
     uint32_t n = sm.run_count;
-    for (uint32_t b0 = 0; b0 < sm.nsel; b0 += 32) {
+    for (uint32_t b0 = 0; b0 < nsel_all; b0 += 32) {
       const uint32_t i = b0 + lane;
-      const uint32_t c = i < sm.nsel ? my_sel[i] : 0;
-      const bool keep = i < sm.nsel && c >= s_end && c < r_first;
+      const uint32_t c = i < nsel_all ? sm.sel_id[i] : 0;
+      const bool keep = i < nsel_all && c >= s_end && c < r_first;
       const uint32_t mask = __ballot_sync(0xffffffffu, keep);
       const uint32_t at = n + __popc(mask & ((1u << lane) - 1));
       if (keep && at < kMaxRuns) {
         sm.run_chunk[at] = c;
         sm.run_begin[at] = 0;
-        sm.run_len[at] = tree.chunk_tokens[c];
+        sm.run_len[at] = sm.sel_len[i];
       }
       n += __popc(mask);
     }
@@ -566,38 +601,51 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
+  // Runs per split, checked before anything is written.
   for (uint32_t i = tid; i < ns; i += kThreads) {
-    AttendItemDesc& it = items[task.first_item + i];
     const uint32_t B = i * split;
-    const uint32_t E = i + 1 == ns ? T : min(T, (i + 1) * split);
     uint32_t count = 0;
     if (!failed && B < T) {
-      const uint32_t first = sm.item_first_run[i];
-      uint32_t last = first;  // runs overlapping [B, E)
-      while (last + 1 < R && sm.run_prefix[last + 1] < E) ++last;
-      count = last - first + 1;
-      if (count > kMaxRunsPerItem) {
-        atomicOr(&sm.status, kSearchStatusTooManyRuns);
-        count = 0;
+      const bool last_item = i + 1 == ns || uint64_t{i + 1} * split >= T;
+      uint32_t last;
+      if (last_item) {
+        last = R - 1;
       } else {
-        for (uint32_t r = first; r <= last; ++r) {
-          const uint32_t p = sm.run_prefix[r];
-          const uint32_t a = max(p, B), b = min(p + sm.run_len[r], E);
-          const uint32_t c = sm.run_chunk[r];
-          uint64_t k_off, v_off;
-          const uint32_t at = sm.run_begin[r] + (a - p);
-          if (c == kTreeNone) {
-            k_off = task.tail_k_off + uint64_t{at} * D;
-            v_off = task.tail_v_off + uint64_t{at} * D;
-          } else {
-            const uint32_t t = tree.chunk_tokens[c];
-            k_off = task.chunk_block[c] + (uint64_t{h} * t + at) * D;
-            v_off = k_off + uint64_t{H} * t * D;
-          }
-          runs[it.run_begin + (r - first)] = AttendRunDesc{k_off, v_off, b - a, 0};
-        }
+        const uint32_t f = sm.item_first_run[i + 1];
+        last = sm.run_prefix[f] < (i + 1) * split ? f : f - 1;
       }
+      count = last - sm.item_first_run[i] + 1;
+      if (count > kMaxRunsPerItem) atomicOr(&sm.status, kSearchStatusTooManyRuns);
     }
+    sm.item_count[i] = count;
+  }
+  __syncthreads();
+  const bool ok_runs = sm.status == 0;
+  for (uint32_t r = tid; ok_runs && r < R; r += kThreads) {
+    const uint32_t p = sm.run_prefix[r], len = sm.run_len[r], c = sm.run_chunk[r];
+    uint64_t k0, v0;
+    if (c == kTreeNone) {
+      k0 = task.tail_k_off;
+      v0 = task.tail_v_off;
+    } else {
+      const uint32_t t = tree.chunk_tokens[c];
+      k0 = task.chunk_block[c] + uint64_t{h} * t * D;
+      v0 = k0 + uint64_t{H} * t * D;
+    }
+    const uint32_t i0 = min(p / split, ns - 1), i1 = min((p + len - 1) / split, ns - 1);
+    for (uint32_t i = i0; i <= i1; ++i) {
+      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
+      const uint32_t a = max(p, B), b = min(p + len, E);
+      const uint32_t at = sm.run_begin[r] + (a - p);
+      // The planner gives split i of the task run slots from (first_item + i) * kMaxRunsPerItem.
+      runs[(task.first_item + i) * kMaxRunsPerItem + (r - sm.item_first_run[i])] =
+          AttendRunDesc{k0 + uint64_t{at} * D, v0 + uint64_t{at} * D, b - a, 0};
+    }
+  }
+  for (uint32_t i = tid; i < ns; i += kThreads) {
+    AttendItemDesc& it = items[task.first_item + i];
+    const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
+    const uint32_t count = ok_runs ? sm.item_count[i] : 0;
     it.run_end = it.run_begin + count;
     it.tokens = count > 0 ? E - B : 0;
   }
@@ -610,6 +658,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     res.attended_tokens = sm.status == 0 ? T : 0;
     res.nodes_scored = sm.nodes_scored + (tree.num_nodes > 0 ? tree.num_nodes - 1 : 0);
     res.rounds = sm.rounds;
+    stamp[4] = GlobalTimer();
+    for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
+    for (int i = 0; i < 4; ++i) res.phase_ns[i] = static_cast<uint32_t>(stamp[i + 1] - stamp[i]);
     results[blockIdx.x] = res;
   }
 }
@@ -617,6 +668,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int D>
 Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
   constexpr size_t kSmem = sizeof(Smem);
+  static_assert(kSmem <= 227 * 1024, "search state must fit one SM's shared memory");
   static const cudaError_t attr = cudaFuncSetAttribute(
       TreeSearchKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   KVMEM_CUDA_RETURN_IF_ERROR(attr);
