@@ -114,6 +114,20 @@ std::string EscapeLabel(const std::string& v) {
 
 }  // namespace
 
+const char* AttendPhaseName(AttendPhase p) {
+  switch (p) {
+    case AttendPhase::kCatchUp: return "catch_up";
+    case AttendPhase::kHostSearch: return "host_search";
+    case AttendPhase::kSpans: return "spans";
+    case AttendPhase::kHostAttend: return "host_attend";
+    case AttendPhase::kDeviceSync: return "device_sync";
+    case AttendPhase::kDeviceSearchAttend: return "device_search_attend";
+    case AttendPhase::kSeal: return "seal";
+    case AttendPhase::kCount: break;
+  }
+  return "unknown";
+}
+
 std::vector<std::string> MetricFamilyNames() {
   return {"kvmem_build_info",
           "kvmem_up",
@@ -134,6 +148,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_tenants",
           "kvmem_tenants_configured",
           "kvmem_search_nodes_visited_total",
+          "kvmem_attend_phase_seconds",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
           "kvmem_messages_rejected_total",
@@ -243,6 +258,25 @@ std::string RenderPrometheus(const MetricsSources& src) {
             "Cluster-index nodes visited by searches.");
   wr.Sample("kvmem_search_nodes_visited_total", "",
             m.search_nodes_visited.load(std::memory_order_relaxed));
+  wr.Family("kvmem_attend_phase_seconds", "histogram",
+            "Attend time on the daemon by phase (index catch-up, host or device search, "
+            "attention, sealing).");
+  for (int ph = 0; ph < kNumAttendPhases; ++ph) {
+    const auto snap = m.attend_phase[ph].Read();
+    const std::string name = AttendPhaseName(static_cast<AttendPhase>(ph));
+    uint64_t cum = 0;
+    for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
+      cum += snap.buckets[i];
+      wr.Sample("kvmem_attend_phase_seconds_bucket",
+                fmt::format("phase=\"{}\",le=\"{}\"", name, kLatencyBucketsSeconds[i]), cum);
+    }
+    cum += snap.buckets.back();
+    wr.Sample("kvmem_attend_phase_seconds_bucket", fmt::format("phase=\"{}\",le=\"+Inf\"", name),
+              cum);
+    wr.SampleD("kvmem_attend_phase_seconds_sum", fmt::format("phase=\"{}\"", name),
+               static_cast<double>(snap.sum_ns) * 1e-9);
+    wr.Sample("kvmem_attend_phase_seconds_count", fmt::format("phase=\"{}\"", name), snap.count);
+  }
 
   const TransportCounters* tc = src.transport;
   auto ld = [](const std::atomic<uint64_t>* a) {

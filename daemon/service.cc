@@ -465,6 +465,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   }
   a.boundary = req->boundary();
   a.budget_tokens = req->budget_tokens();
+  a.want_selection = req->return_selection();
   a.mode = static_cast<SelectionMode>(req->mode());
   KVMEM_ASSIGN_OR_RETURN(a.out_dtype, w::FloatDTypeFromWire(req->out_dtype()));
   const size_t out_elems = static_cast<size_t>(p.q_heads) * p.head_dim;

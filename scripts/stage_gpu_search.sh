@@ -7,7 +7,7 @@ build=$1
 main=$2
 src=$(cd "$(dirname "$0")/.." && pwd)
 bins=(tree_search_cuda_test kernels_cuda_parity_test kvmem-bench-gpu)
-if [[ "${3:-}" == e2e ]]; then bins+=(kvmemd kvmem-bench-e2e e2e_test); fi
+if [[ "${3:-}" == e2e ]]; then bins+=(kvmemd kvmem-bench-e2e e2e_test device_search_test); fi
 rm -rf "$main/.gpu-search"
 mkdir -p "$main/.gpu-search"
 tmp=$(mktemp -d)

@@ -13,7 +13,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 MODE=${1:-quick}
 echo "== parity"
 timeout 120 $G/b/run tree_search_cuda_test > "$OUT/parity.log" 2>&1; echo "tree_search_cuda_test rc=$?"
-if [[ -x $G/b/bin/kernels_cuda_parity_test ]]; then
+if [[ -x $G/b/bin/device_search_test ]]; then
+  timeout 120 $G/b/run device_search_test >> "$OUT/parity.log" 2>&1; echo "device_search_test rc=$?"
+fi
+if [[ -x $G/b/bin/kernels_cuda_parity_test && -z "${SKIP_KERNEL_PARITY:-}" ]]; then
   timeout 120 $G/b/run kernels_cuda_parity_test >> "$OUT/parity.log" 2>&1; echo "kernels_cuda_parity_test rc=$?"
 fi
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|error|seed" "$OUT/parity.log" | head -30
@@ -30,7 +33,14 @@ timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/b
 tail -n 2 "$OUT/torch.log"
 python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt"; grep -E "search|torch|sparse_attn .*131072" "$OUT/table.txt" | head -30
 if [[ " $* " == *" e2e "* && -x $G/b/bin/kvmemd ]]; then
-  echo "== e2e attend"
-  timeout 300 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
-    --iters ${ITERS:-200} 2>&1 | tee "$OUT/e2e.log" | tail -14
+  echo "== e2e attend (device search)"
+  timeout 200 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
+    --iters ${ITERS:-200} 2>&1 | tee "$OUT/e2e.log" | tail -8
+  echo "== e2e attend (host search, A/B)"
+  timeout 150 $G/b/run kvmem-bench-e2e --host-search --json "$OUT/e2e_host.json" --contexts 131072 \
+    --iters ${ITERS:-200} 2>&1 | tee "$OUT/e2e_host.log" | tail -4
+  if [[ -x $G/b/bin/e2e_test ]]; then
+    timeout 200 $G/b/run e2e_test > "$OUT/e2e_test.log" 2>&1; echo "e2e_test rc=$?"
+    grep -E "^\[  (PASSED|FAILED) |Failure" "$OUT/e2e_test.log" | head -10
+  fi
 fi
