@@ -23,6 +23,7 @@ class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
     if (stream_) cudaStreamDestroy(stream_);
+    if (pinned_) cudaFreeHost(pinned_);
     for (void* p : {base_, d_io_, d_ws_, d_sws_})
       if (p) cudaFree(p);
   }
@@ -145,23 +146,31 @@ class DevicePool final : public KVPool {
     kernels::cuda::SearchAttendPlan plan;
     KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
     KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, plan.workspace_bytes));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, a.q, q_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::UploadSearchAttendPlan(plan, d_sws_, stream_));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_sws_, stream_));
-    // Results, then (asked for) selection and scores: one contiguous range of the workspace.
+    // Pinned staging: [q | plan image] up, [out | lse | results (+ selection)] down, so the
+    // copies are truly asynchronous and run at full speed.
     const size_t res_end = req->want_selection ? plan.scratch_off
                                                : plan.results_off + plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult);
-    host_out_.resize(out_room + lse_bytes + (res_end - plan.results_off));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(host_out_.data(), d_in + q_room, out_room + lse_bytes,
+    const size_t up = q_room + plan.image.size();
+    const size_t down = out_room + lse_bytes + (res_end - plan.results_off);
+    KVMEM_RETURN_IF_ERROR(GrowPinned(up + down));
+    uint8_t* h_up = pinned_;
+    uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
+    std::memcpy(h_up, a.q, q_bytes);
+    std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, q_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_sws_, h_up + q_room, plan.image.size(), cudaMemcpyHostToDevice,
+                                               stream_), "upload search plan"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_sws_, stream_));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, out_room + lse_bytes,
                                                cudaMemcpyDeviceToHost, stream_), "copy out"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(host_out_.data() + out_room + lse_bytes,
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes,
                                                static_cast<uint8_t*>(d_sws_) + plan.results_off,
                                                res_end - plan.results_off, cudaMemcpyDeviceToHost, stream_),
                                "copy search results"));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
-    std::memcpy(a.out, host_out_.data(), out_bytes);
-    if (a.lse) std::memcpy(a.lse, host_out_.data() + out_room, lse_bytes);
-    const uint8_t* res = host_out_.data() + out_room + lse_bytes;
+    std::memcpy(a.out, h_down, out_bytes);
+    if (a.lse) std::memcpy(a.lse, h_down + out_room, lse_bytes);
+    const uint8_t* res = h_down + out_room + lse_bytes;
     reply->heads.resize(plan.num_tasks);
     std::memcpy(reply->heads.data(), res, plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult));
     reply->max_selected = plan.max_selected;
@@ -228,6 +237,20 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+  // Grow-only pinned host staging (the device search's copies).
+  Status GrowPinned(size_t need) {
+    need += 512;  // alignment slack between the up and down halves
+    if (need <= pinned_bytes_) return Status::OK();
+    if (pinned_) cudaFreeHost(pinned_);
+    pinned_ = nullptr;
+    const size_t bytes = std::max(need, pinned_bytes_ * 2);
+    void* p = nullptr;
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaHostAlloc(&p, bytes, cudaHostAllocDefault), "cudaHostAlloc staging"));
+    pinned_ = static_cast<uint8_t*>(p);
+    pinned_bytes_ = bytes;
+    return Status::OK();
+  }
+
   // Grow-only device scratch; a new workspace is zero-filled (the attention counters need it).
   Status Grow(void** p, size_t* have, size_t need) {
     if (need <= *have) return Status::OK();
@@ -250,6 +273,8 @@ class DevicePool final : public KVPool {
   size_t ws_bytes_ = 0;
   void* d_sws_ = nullptr;  // search + attention workspace
   size_t sws_bytes_ = 0;
+  uint8_t* pinned_ = nullptr;  // host staging of the device search
+  size_t pinned_bytes_ = 0;
   std::vector<uint8_t> host_in_, host_out_;
 };
 

@@ -190,8 +190,9 @@ struct SearchTaskResult {
   uint32_t nodes_scored;     // node + chunk summaries scored
   uint32_t rounds;           // expansion rounds the search took
   uint32_t pad[2];
-  // Time inside the block (%globaltimer, ns): node scores, leaf sort, rounds, runs.
-  uint32_t phase_ns[4];
+  // Time inside the block (%globaltimer, ns): node scores, leaves, rounds, runs; then within
+  // those: leaf sort, round scoring, round commit + sort, round scan.
+  uint32_t phase_ns[8];
 };
 constexpr uint32_t kSearchStatusTooManyLeaves = 1;      // > kSearchMaxLeaves leaf clusters
 constexpr uint32_t kSearchStatusTooManyCandidates = 2;  // > kSearchMaxCandidates chunks scored

@@ -638,7 +638,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
     CK(cudaMemcpy(res.data(), w8 + pl.results_off, T * sizeof(res[0]), cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(sel.data(), w8 + pl.selected_off, sel.size() * 4, cudaMemcpyDeviceToHost));
     uint32_t agree = 0, failed = 0, rounds_max = 0;
-    double phase[4] = {0, 0, 0, 0};
+    double phase[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double nodes = 0, attended = 0, overlap = 0, cpu_us = 0;
     std::vector<RefSegment> segs;
     std::vector<uint32_t> seg_begin;
@@ -648,7 +648,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
         const uint32_t t = b * kHkv + h;
         failed += res[t].status != 0;
         rounds_max = std::max(rounds_max, res[t].rounds);
-        for (int i = 0; i < 4; ++i) phase[i] += res[t].phase_ns[i] * 1e-3;
+        for (int i = 0; i < 8; ++i) phase[i] += res[t].phase_ns[i] * 1e-3;
         nodes += res[t].nodes_scored;
         attended += res[t].attended_tokens;
         std::vector<float> qf(size_t{kHq / kHkv} * kD);
@@ -717,8 +717,10 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
       (*r)["plan_us"] = plan_us;
       (*r)["cpu_search_us_per_layer_1thread"] = cpu_us;
       (*r)["tree_build_s"] = build_s;
-      (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks}, {"leaves", phase[1] / tasks},
-                                      {"rounds", phase[2] / tasks}, {"runs", phase[3] / tasks}};
+      (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks},      {"leaves", phase[1] / tasks},
+                                      {"rounds", phase[2] / tasks},     {"runs", phase[3] / tasks},
+                                      {"leaf_sort", phase[4] / tasks},  {"round_score", phase[5] / tasks},
+                                      {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks}};
     }
     r1["max_rel_err_meaning"] = "fraction of KV heads whose selection differs from CPU SearchBudget";
     rows.push_back(r1);

@@ -52,6 +52,7 @@ struct Smem {
   uint32_t k_leaves;
   float e_next;
   uint32_t n_special, total_tokens, n_commit;
+  unsigned long long leaf_tokens;
   float leaf_key[kMaxLeaves];
   uint32_t leaf_idx[kMaxLeaves];
   uint32_t leaf_cum_tokens[kMaxLeaves];  // inclusive prefix (saturating)
@@ -201,11 +202,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* my_scores = sel_scores + size_t{blockIdx.x} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
   uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
+  uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0;
 
   if (tid == 0) {
     sm.leaf_count = sm.cand_count = sm.run_count = sm.nsel = sm.sel_tokens = 0;
     sm.status = sm.done = sm.rounds = sm.nodes_scored = 0;
     sm.remaining = prm.budget_tokens;
+    sm.leaf_tokens = 0;
     sm.total_tokens = 0;
     sm.misfits = 0;
   }
@@ -254,7 +257,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     stamp[1] = GlobalTimer();
     // 3. Leaves by bottleneck (the root leaf of a flat tree: +inf).
     for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
-      if (tree.nodes[n].child_count & kTreeLeafBit) {
+      const FlatTreeNode node = tree.nodes[n];
+      if (node.child_count & kTreeLeafBit) {
+        atomicAdd(&sm.leaf_tokens, static_cast<unsigned long long>(node.tokens));
         const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
         if (at < kMaxLeaves) {
           const float e = n == 0 ? INFINITY : chains[n].x;
@@ -272,8 +277,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.leaf_key[i] = kNegInf;
         sm.leaf_idx[i] = kTreeNone;
       }
+      // The first round takes every leaf when the tree holds fewer tokens than its target:
+      // then the leaf order does not matter and the sort is skipped.
+      const bool sort_leaves = sm.leaf_tokens > 8ull * prm.budget_tokens + 1024;
       __syncthreads();
-      BlockBitonic(Lp, [&](uint32_t a, uint32_t b, bool desc) {
+      tq = GlobalTimer();
+      if (sort_leaves) BlockBitonic(Lp, [&](uint32_t a, uint32_t b, bool desc) {
         const float ka = sm.leaf_key[a], kb = sm.leaf_key[b];
         const uint32_t ia = sm.leaf_idx[a], ib = sm.leaf_idx[b];
         const bool b_first = kb != ka ? kb > ka : ib < ia;
@@ -284,6 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.leaf_idx[b] = ia;
         }
       });
+      t_sort_leaves = GlobalTimer() - tq;
       // Leaf sizes (parallel loads), then their inclusive prefix (warp 0, 32 at a time).
       for (uint32_t i = tid; i < L; i += kThreads) {
         const FlatTreeNode node = tree.nodes[sm.leaf_idx[i]];
@@ -324,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       stamp[2] = GlobalTimer();
       // 4. Rounds: expand the next best leaves, score their chunks into the pool, commit the
       // pool entries whose bottleneck beats the next leaf, sort those, scan them.
-      uint64_t target = 8ull * prm.budget_tokens + 1024;
+      uint64_t target = 8ull * prm.budget_tokens + 1024;  // as sort_leaves above
       if (tid == 0) sm.k_leaves = 0;
       __syncthreads();
       while (true) {
@@ -348,6 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (tid == 0) sm.status |= kSearchStatusTooManyCandidates;
           break;  // uniform: every thread read the same P, M
         }
+        tq = GlobalTimer();
         // Chunk ids of the new leaves (independent loads), then their scores.
         for (uint32_t t = tid; t < M; t += kThreads) {
           const uint32_t g = c0 + t;
@@ -377,6 +388,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.cand_count = P + M;
         }
         __syncthreads();
+        t_score += GlobalTimer() - tq;
+        tq = GlobalTimer();
         // Commit: unconsumed entries above the next leaf's bottleneck.
         const float thr = sm.e_next;
         for (uint32_t i = tid; i < P + M; i += kThreads) {
@@ -404,6 +417,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm.commit[b] = ia;
           }
         });
+        t_sort += GlobalTimer() - tq;
+        tq = GlobalTimer();
         // The scan: CPU offer() in order. Warp 0.
         if (warp == 0) {
           uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
@@ -483,6 +498,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
+        t_scan += GlobalTimer() - tq;
         if (sm.done) break;
         target = target * 8 / 5;
       }
@@ -661,6 +677,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     stamp[4] = GlobalTimer();
     for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
     for (int i = 0; i < 4; ++i) res.phase_ns[i] = static_cast<uint32_t>(stamp[i + 1] - stamp[i]);
+    res.phase_ns[4] = static_cast<uint32_t>(t_sort_leaves);
+    res.phase_ns[5] = static_cast<uint32_t>(t_score);
+    res.phase_ns[6] = static_cast<uint32_t>(t_sort);
+    res.phase_ns[7] = static_cast<uint32_t>(t_scan);
     results[blockIdx.x] = res;
   }
 }
