@@ -153,6 +153,8 @@ __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int
 }
 
 // Bitonic sort of n (power of two) entries, descending by (key, then lower idx); the whole block.
+// Thread t handles elements t, t + kThreads, ...; a stage with j < 32 pairs elements of the same
+// warp, so between two such stages a warp barrier is enough.
 template <typename Less>
 __device__ void BlockBitonic(uint32_t n, Less before_swap) {
   for (uint32_t k = 2; k <= n; k <<= 1) {
@@ -161,9 +163,15 @@ __device__ void BlockBitonic(uint32_t n, Less before_swap) {
         const uint32_t l = i ^ j;
         if (l > i) before_swap(i, l, (i & k) == 0);
       }
-      __syncthreads();
+      const uint32_t next_j = j > 1 ? j >> 1 : k;  // the next stage's distance
+      if (j >= 32 || next_j >= 32) {
+        __syncthreads();
+      } else {
+        __syncwarp();
+      }
     }
   }
+  __syncthreads();
 }
 
 __device__ __forceinline__ uint64_t GlobalTimer() {
@@ -256,10 +264,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     stamp[1] = GlobalTimer();
     // 3. Leaves by bottleneck (the root leaf of a flat tree: +inf).
+    unsigned long long my_tokens = 0;
     for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
       const FlatTreeNode node = tree.nodes[n];
       if (node.child_count & kTreeLeafBit) {
-        atomicAdd(&sm.leaf_tokens, static_cast<unsigned long long>(node.tokens));
+        my_tokens += node.tokens;
         const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
         if (at < kMaxLeaves) {
           const float e = n == 0 ? INFINITY : chains[n].x;
@@ -268,6 +277,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) my_tokens += __shfl_xor_sync(0xffffffffu, my_tokens, off);
+    if (lane == 0 && my_tokens > 0) atomicAdd(&sm.leaf_tokens, my_tokens);
     __syncthreads();
     if (sm.leaf_count > kMaxLeaves) {
       if (tid == 0) sm.status |= kSearchStatusTooManyLeaves;
@@ -345,6 +357,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           uint32_t k = k_prev;
           while (k < L && (k == k_prev || sm.leaf_cum_tokens[k - 1] < target)) ++k;
           while (k < L && k > 0 && sm.leaf_key[k] == sm.leaf_key[k - 1]) ++k;
+          // Stay within the pool: fewer leaves (never splitting equal keys) when it would fill.
+          const uint32_t c0 = k_prev > 0 ? sm.leaf_cum_chunks[k_prev - 1] : 0;
+          while (k > k_prev + 1 && sm.leaf_cum_chunks[k - 1] - c0 > kMaxCand - P) --k;
+          while (k > k_prev + 1 && k < L && sm.leaf_key[k] == sm.leaf_key[k - 1]) --k;
           sm.k_leaves = k;
           sm.e_next = k < L ? sm.leaf_key[k] : kNegInf;
           sm.rounds++;
