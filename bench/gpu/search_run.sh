@@ -25,7 +25,7 @@ ARGS=(--contexts 8192,131072 --batches 1,8 --budgets 2048)
 echo "== bench ($MODE)"
 timeout ${BENCH_TIMEOUT:-240} $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
   --machine "nvidia-h200 device machine ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
-  "${ARGS[@]}" 2>&1 | tee "$OUT/bench.log" | grep -E "search|error|Error" | head -40
+  "${ARGS[@]}" 2>&1 | tee /tmp/bench.log | grep -E "search_sparse|error|Error" | cut -c1-150 | head -40
 echo "== torch"
 TARGS=(--contexts 8192,131072 --batches 1,8)
 [[ $MODE == full ]] && TARGS=()
@@ -35,12 +35,12 @@ python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt"; grep -E "search|torch
 if [[ " $* " == *" e2e "* && -x $G/b/bin/kvmemd ]]; then
   echo "== e2e attend (device search)"
   timeout 200 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
-    --iters ${ITERS:-200} 2>&1 | tee "$OUT/e2e.log" | tail -8
+    --iters ${ITERS:-200} 2>&1 | tee /tmp/e2e.log | tail -8
   echo "== e2e attend (host search, A/B)"
   timeout 150 $G/b/run kvmem-bench-e2e --host-search --json "$OUT/e2e_host.json" --contexts 131072 \
-    --iters ${ITERS:-200} 2>&1 | tee "$OUT/e2e_host.log" | tail -4
+    --iters ${ITERS:-200} 2>&1 | tee /tmp/e2e_host.log | tail -4
   if [[ -x $G/b/bin/e2e_test ]]; then
-    timeout 200 $G/b/run e2e_test > "$OUT/e2e_test.log" 2>&1; echo "e2e_test rc=$?"
-    grep -E "^\[  (PASSED|FAILED) |Failure" "$OUT/e2e_test.log" | head -10
+    timeout 200 $G/b/run e2e_test >> "$OUT/parity.log" 2>&1; echo "e2e_test rc=$?"
+    grep -E "^\[  (PASSED|FAILED) |Failure" "$OUT/parity.log" | tail -4
   fi
 fi
