@@ -191,7 +191,7 @@ struct SearchTaskResult {
   uint32_t rounds;           // expansion rounds the search took
   uint32_t pad[2];
   // Time inside the block (%globaltimer, ns): node scores, leaves, rounds, runs; then within
-  // those: leaf sort, round scoring, round commit + sort, round scan.
+  // the rounds: leaf selection, chunk scoring, commit + sort, scan.
   uint32_t phase_ns[8];
 };
 constexpr uint32_t kSearchStatusTooManyLeaves = 1;      // > kSearchMaxLeaves leaf clusters

@@ -719,7 +719,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
       (*r)["tree_build_s"] = build_s;
       (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks},      {"leaves", phase[1] / tasks},
                                       {"rounds", phase[2] / tasks},     {"runs", phase[3] / tasks},
-                                      {"leaf_sort", phase[4] / tasks},  {"round_score", phase[5] / tasks},
+                                      {"leaf_select", phase[4] / tasks},  {"round_score", phase[5] / tasks},
                                       {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks}};
     }
     r1["max_rel_err_meaning"] = "fraction of KV heads whose selection differs from CPU SearchBudget";

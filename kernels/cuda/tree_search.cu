@@ -38,6 +38,17 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kPerWarp = 4;  // dot products per warp at a time (8 lanes each)
 constexpr uint32_t kMaxLeaves = kSearchMaxLeaves;
 constexpr uint32_t kConsumed = 0x80000000u;
+constexpr uint32_t kDone = 0x80000000u;  // leaf expanded
+constexpr uint32_t kHistBins = 1024;
+
+// Floats as unsigned integers in the same order (for atomicMin / atomicMax).
+__device__ __forceinline__ uint32_t OrderedBits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float FromOrderedBits(uint32_t o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
 constexpr uint32_t kMaxCand = kSearchMaxCandidates;
 constexpr uint32_t kBitmapWords = kSearchMaxChunks / 32;
 constexpr uint32_t kMaxRuns = kSearchMaxCandidates + 64;  // runs of one head before splitting
@@ -49,15 +60,17 @@ struct Smem {
   float mean_norm;
   uint32_t leaf_count, cand_count, run_count, nsel, sel_tokens, status, done, rounds, nodes_scored;
   uint32_t remaining, misfits;
-  uint32_t k_leaves;
   float e_next;
   uint32_t n_special, total_tokens, n_commit;
-  unsigned long long leaf_tokens;
   float leaf_key[kMaxLeaves];
   uint32_t leaf_idx[kMaxLeaves];
-  uint32_t leaf_cum_tokens[kMaxLeaves];  // inclusive prefix (saturating)
-  uint32_t leaf_cum_chunks[kMaxLeaves];
+  uint32_t leaf_tokens[kMaxLeaves];  // tokens below; once expanded: its first pool entry
+  uint32_t leaf_chunks[kMaxLeaves];  // chunks, | kDone once expanded
   uint32_t leaf_child_begin[kMaxLeaves];
+  uint32_t hist_tok[kHistBins];
+  uint32_t hist_chk[kHistBins];
+  uint32_t key_lo, key_hi, e_next_bits, hist_cut, new_count, left;
+  unsigned long long expanded_tokens;
   union {
     struct {  // the search rounds: the pool of scored chunks, and this round's commits
       float4 cand_chain[kMaxCand];
@@ -216,7 +229,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.leaf_count = sm.cand_count = sm.run_count = sm.nsel = sm.sel_tokens = 0;
     sm.status = sm.done = sm.rounds = sm.nodes_scored = 0;
     sm.remaining = prm.budget_tokens;
-    sm.leaf_tokens = 0;
     sm.total_tokens = 0;
     sm.misfits = 0;
   }
@@ -263,133 +275,143 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     stamp[1] = GlobalTimer();
-    // 3. Leaves by bottleneck (the root leaf of a flat tree: +inf).
-    unsigned long long my_tokens = 0;
+    // 3. Leaves, unsorted: key = bottleneck (the root leaf of a flat tree: +inf) and sizes.
     for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
       const FlatTreeNode node = tree.nodes[n];
       if (node.child_count & kTreeLeafBit) {
-        my_tokens += node.tokens;
         const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
         if (at < kMaxLeaves) {
-          const float e = n == 0 ? INFINITY : chains[n].x;
-          sm.leaf_key[at] = e;
+          sm.leaf_key[at] = n == 0 ? INFINITY : chains[n].x;
           sm.leaf_idx[at] = n;
+          sm.leaf_tokens[at] = node.tokens;
+          sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
+          sm.leaf_child_begin[at] = node.child_begin;
         }
       }
     }
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) my_tokens += __shfl_xor_sync(0xffffffffu, my_tokens, off);
-    if (lane == 0 && my_tokens > 0) atomicAdd(&sm.leaf_tokens, my_tokens);
     __syncthreads();
+    stamp[2] = GlobalTimer();
     if (sm.leaf_count > kMaxLeaves) {
       if (tid == 0) sm.status |= kSearchStatusTooManyLeaves;
     } else {
-      const uint32_t L = sm.leaf_count, Lp = NextPow2(L);
-      for (uint32_t i = L + tid; i < Lp; i += kThreads) {
-        sm.leaf_key[i] = kNegInf;
-        sm.leaf_idx[i] = kTreeNone;
-      }
-      // The first round takes every leaf when the tree holds fewer tokens than its target:
-      // then the leaf order does not matter and the sort is skipped.
-      const bool sort_leaves = sm.leaf_tokens > 8ull * prm.budget_tokens + 1024;
-      __syncthreads();
-      tq = GlobalTimer();
-      if (sort_leaves) BlockBitonic(Lp, [&](uint32_t a, uint32_t b, bool desc) {
-        const float ka = sm.leaf_key[a], kb = sm.leaf_key[b];
-        const uint32_t ia = sm.leaf_idx[a], ib = sm.leaf_idx[b];
-        const bool b_first = kb != ka ? kb > ka : ib < ia;
-        if (b_first == desc) {
-          sm.leaf_key[a] = kb;
-          sm.leaf_key[b] = ka;
-          sm.leaf_idx[a] = ib;
-          sm.leaf_idx[b] = ia;
-        }
-      });
-      t_sort_leaves = GlobalTimer() - tq;
-      // Leaf sizes (parallel loads), then their inclusive prefix (warp 0, 32 at a time).
-      for (uint32_t i = tid; i < L; i += kThreads) {
-        const FlatTreeNode node = tree.nodes[sm.leaf_idx[i]];
-        sm.leaf_cum_tokens[i] = node.tokens;
-        sm.leaf_cum_chunks[i] = node.child_count & ~kTreeLeafBit;
-        sm.leaf_child_begin[i] = node.child_begin;
-      }
-      __syncthreads();
-      if (warp == 0) {
-        uint32_t carry_t = 0, carry_c = 0;
-        for (uint32_t b0 = 0; b0 < L; b0 += 32) {
-          const uint32_t i = b0 + lane;
-          uint32_t t = 0, c = 0;
-          if (i < L) {
-            t = sm.leaf_cum_tokens[i];
-            c = sm.leaf_cum_chunks[i];
-          }
-#pragma unroll
-          for (int off = 1; off < 32; off <<= 1) {
-            const uint32_t tt = __shfl_up_sync(0xffffffffu, t, off);
-            const uint32_t cc = __shfl_up_sync(0xffffffffu, c, off);
-            if (lane >= off) {
-              t = (t + tt < t) ? 0xffffffffu : t + tt;
-              c += cc;
-            }
-          }
-          if (i < L) {
-            const uint32_t tt = carry_t + t;
-            sm.leaf_cum_tokens[i] = tt < carry_t ? 0xffffffffu : tt;
-            sm.leaf_cum_chunks[i] = carry_c + c;
-          }
-          const uint32_t lt = __shfl_sync(0xffffffffu, t, 31), lc = __shfl_sync(0xffffffffu, c, 31);
-          carry_t = carry_t + lt < carry_t ? 0xffffffffu : carry_t + lt;
-          carry_c += lc;
-        }
-      }
-      __syncthreads();
-      stamp[2] = GlobalTimer();
-      // 4. Rounds: expand the next best leaves, score their chunks into the pool, commit the
-      // pool entries whose bottleneck beats the next leaf, sort those, scan them.
-      uint64_t target = 8ull * prm.budget_tokens + 1024;  // as sort_leaves above
-      if (tid == 0) sm.k_leaves = 0;
+      const uint32_t L = sm.leaf_count;
+      // 4. Rounds: pick the best unexpanded leaves by a token-weighted histogram of their keys
+      // (no sort: only the set and the best key left out matter), score their chunks into the
+      // pool, commit the pool entries whose bottleneck beats every unexpanded leaf, sort those,
+      // scan them.
+      uint64_t target = 8ull * prm.budget_tokens + 1024;
+      if (tid == 0) sm.expanded_tokens = 0;
       __syncthreads();
       while (true) {
-        const uint32_t k_prev = sm.k_leaves;
         const uint32_t P = sm.cand_count;
-        __syncthreads();
-        if (tid == 0) {
-          uint32_t k = k_prev;
-          while (k < L && (k == k_prev || sm.leaf_cum_tokens[k - 1] < target)) ++k;
-          while (k < L && k > 0 && sm.leaf_key[k] == sm.leaf_key[k - 1]) ++k;
-          // Stay within the pool: fewer leaves (never splitting equal keys) when it would fill.
-          const uint32_t c0 = k_prev > 0 ? sm.leaf_cum_chunks[k_prev - 1] : 0;
-          while (k > k_prev + 1 && sm.leaf_cum_chunks[k - 1] - c0 > kMaxCand - P) --k;
-          while (k > k_prev + 1 && k < L && sm.leaf_key[k] == sm.leaf_key[k - 1]) --k;
-          sm.k_leaves = k;
-          sm.e_next = k < L ? sm.leaf_key[k] : kNegInf;
-          sm.rounds++;
-          sm.n_commit = 0;
-        }
-        __syncthreads();
-        const uint32_t k = sm.k_leaves;
-        const uint32_t c0 = k_prev > 0 ? sm.leaf_cum_chunks[k_prev - 1] : 0;
-        const uint32_t M = (k > 0 ? sm.leaf_cum_chunks[k - 1] : 0) - c0;
-        if (P + M > kMaxCand) {
-          if (tid == 0) sm.status |= kSearchStatusTooManyCandidates;
-          break;  // uniform: every thread read the same P, M
-        }
         tq = GlobalTimer();
-        // Chunk ids of the new leaves (independent loads), then their scores.
-        for (uint32_t t = tid; t < M; t += kThreads) {
-          const uint32_t g = c0 + t;
-          uint32_t lo_i = k_prev, hi_i = k;  // first leaf with cum_chunks > g
-          while (lo_i < hi_i) {
-            const uint32_t mid = (lo_i + hi_i) >> 1;
-            if (sm.leaf_cum_chunks[mid] > g) hi_i = mid; else lo_i = mid + 1;
+        // 4a. Key range of the unexpanded leaves.
+        if (tid == 0) {
+          sm.key_lo = 0xffffffffu;
+          sm.key_hi = 0;
+          sm.e_next_bits = 0;
+          sm.n_commit = 0;
+          sm.new_count = 0;
+          sm.rounds++;
+        }
+        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
+        }
+        __syncthreads();
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          const uint32_t o = OrderedBits(sm.leaf_key[i]);
+          atomicMin(&sm.key_lo, o);
+          atomicMax(&sm.key_hi, o);
+        }
+        __syncthreads();
+        const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
+        const bool any_left = sm.key_lo <= sm.key_hi;
+        const float width = hi - lo;
+        auto bin = [&](float k) -> uint32_t {
+          if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
+          const float f = (k - lo) / width * static_cast<float>(kHistBins);
+          return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
+        };
+        // 4b. Token and chunk histogram; warp 0 takes bins from the top while they are needed
+        // and fit the pool.
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          const uint32_t b = bin(sm.leaf_key[i]);
+          atomicAdd(&sm.hist_tok[b], sm.leaf_tokens[i]);
+          atomicAdd(&sm.hist_chk[b], sm.leaf_chunks[i]);
+        }
+        __syncthreads();
+        if (warp == 0) {
+          const uint64_t need = target > sm.expanded_tokens ? target - sm.expanded_tokens : 1;
+          const uint32_t room = kMaxCand - P;
+          uint64_t tok = 0;
+          uint32_t chk = 0, cut = kHistBins;  // bins >= cut are taken
+          bool stop = false;
+          for (int b0 = kHistBins - 32; b0 >= 0 && !stop; b0 -= 32) {
+            // Lane l holds bin b0 + 31 - l (descending); prefix over lanes.
+            const uint32_t b = b0 + 31 - lane;
+            uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
+            uint64_t pt = t;
+            uint32_t pc = c;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint64_t xt = __shfl_up_sync(0xffffffffu, pt, off);
+              const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
+              if (lane >= off) {
+                pt += xt;
+                pc += xc;
+              }
+            }
+            // Bin b is taken when everything before it was still needed and it fits.
+            const uint64_t before_t = tok + pt - t;
+            const uint32_t before_c = chk + pc - c;
+            const bool take = before_t < need && before_c + c <= room;
+            const uint32_t mask = __ballot_sync(0xffffffffu, !take);
+            const int first_no = mask ? __ffs(mask) - 1 : 32;  // lanes before it are taken
+            if (first_no > 0) {
+              cut = b0 + 31 - (first_no - 1);
+              tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
+              chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
+            }
+            stop = first_no < 32;
           }
-          const uint32_t before = lo_i > 0 ? sm.leaf_cum_chunks[lo_i - 1] : 0;
-          const uint32_t c = tree.leaf_chunks[sm.leaf_child_begin[lo_i] + (g - before)];
-          sm.cand_id[P + t] = c;
-          sm.cand_chain[P + t] = chains[sm.leaf_idx[lo_i]];  // extended by the score below
-          sm.cand_score[P + t] = tree.chunk_radius[c];  // replaced by the score below
-          sm.cand_tok[P + t] =
-              CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
+          if (lane == 0) sm.hist_cut = cut;
+        }
+        __syncthreads();
+        const uint32_t cut = sm.hist_cut;
+        if (!any_left || cut >= kHistBins) {
+          // Nothing left, or not even the best bin fits the pool.
+          if (tid == 0 && any_left) sm.status |= kSearchStatusTooManyCandidates;
+          break;
+        }
+        // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          if (bin(sm.leaf_key[i]) >= cut) {
+            const uint32_t cnt = sm.leaf_chunks[i], tokens = sm.leaf_tokens[i];
+            sm.leaf_chunks[i] = cnt | kDone;
+            sm.leaf_tokens[i] = P + atomicAdd(&sm.new_count, cnt);  // now: its pool base
+            atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(tokens));
+            for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[sm.leaf_tokens[i] + q] = i;  // owner
+          } else {
+            atomicMax(&sm.e_next_bits, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+          }
+        }
+        __syncthreads();
+        t_sort_leaves += GlobalTimer() - tq;
+        tq = GlobalTimer();
+        const uint32_t M = sm.new_count;
+        if (tid == 0) sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
+        // 4d. Chunk ids, radii, counted tokens and the leaf's chain of the new entries.
+        for (uint32_t t = P + tid; t < P + M; t += kThreads) {
+          const uint32_t owner = sm.cand_tok[t];
+          const uint32_t c = tree.leaf_chunks[sm.leaf_child_begin[owner] + (t - sm.leaf_tokens[owner])];
+          sm.cand_id[t] = c;
+          sm.cand_chain[t] = chains[sm.leaf_idx[owner]];  // extended by the score below
+          sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
+          sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
         }
         __syncthreads();
         ScoreRows<D>(sm.mean, M, j, slot, warp,
@@ -402,6 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 0) {
           sm.nodes_scored += M;
           sm.cand_count = P + M;
+          sm.left = sm.e_next_bits != 0;
         }
         __syncthreads();
         t_score += GlobalTimer() - tq;
@@ -510,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm.misfits = misfits;
             sm.nsel = nsel;
             sm.sel_tokens = sel_tokens;
-            sm.done = done || k >= L;
+            sm.done = done || !sm.left;
           }
         }
         __syncthreads();
