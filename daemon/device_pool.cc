@@ -2,7 +2,6 @@
 // kernels::cuda (plan on the host, one upload, one launch, copy back).
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -23,9 +22,6 @@ Status Cuda(cudaError_t e, const char* what) {
 class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
-    for (GraphEntry& g : graphs_) {
-      if (g.exec) cudaGraphExecDestroy(g.exec);
-    }
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
     for (void* p : {base_, d_io_, d_ws_, d_sws_})
@@ -161,27 +157,16 @@ class DevicePool final : public KVPool {
     uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
     std::memcpy(h_up, a.q, q_bytes);
     std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
-    // The uploads, the two launches and the copies back: replayed from a CUDA graph once this
-    // exact layout (sizes, offsets, buffers) was seen before, else issued one by one.
-    auto issue = [&]() -> Status {
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, q_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_sws_, h_up + q_room, plan.image.size(), cudaMemcpyHostToDevice,
-                                                 stream_), "upload search plan"));
-      KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_sws_, stream_));
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, out_room + lse_bytes,
-                                                 cudaMemcpyDeviceToHost, stream_), "copy out"));
-      return Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes,
-                                  static_cast<uint8_t*>(d_sws_) + plan.results_off,
-                                  res_end - plan.results_off, cudaMemcpyDeviceToHost, stream_),
-                  "copy search results");
-    };
-    const GraphKey key{plan.image.size(), q_bytes, out_room + lse_bytes, res_end - plan.results_off,
-                       plan.results_off, plan.num_tasks, plan.num_items, plan.max_selected,
-                       plan.head_dim, plan.group, static_cast<uint32_t>(plan.kv_dtype),
-                       static_cast<uint32_t>(plan.q_dtype), static_cast<uint32_t>(plan.out_dtype),
-                       plan.items_off, plan.runs_off, plan.counters_off, plan.selected_off,
-                       plan.scores_off, plan.scratch_off, plan.partials_off, d_sws_, d_io_, pinned_};
-    KVMEM_RETURN_IF_ERROR(RunWithGraph(key, issue));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, q_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_sws_, h_up + q_room, plan.image.size(), cudaMemcpyHostToDevice,
+                                               stream_), "upload search plan"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_sws_, stream_));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, out_room + lse_bytes,
+                                               cudaMemcpyDeviceToHost, stream_), "copy out"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes,
+                                               static_cast<uint8_t*>(d_sws_) + plan.results_off,
+                                               res_end - plan.results_off, cudaMemcpyDeviceToHost, stream_),
+                               "copy search results"));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
     std::memcpy(a.out, h_down, out_bytes);
     if (a.lse) std::memcpy(a.lse, h_down + out_room, lse_bytes);
@@ -252,61 +237,6 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
-  struct GraphKey {
-    size_t image, q, down_out, down_res, results_off;
-    uint32_t tasks, items, max_selected, head_dim, group, kv, qd, od;
-    size_t items_off, runs_off, counters_off, selected_off, scores_off, scratch_off, partials_off;
-    const void *ws, *io, *pinned;
-    bool operator==(const GraphKey&) const = default;
-  };
-  struct GraphEntry {
-    GraphKey key;
-    cudaGraphExec_t exec = nullptr;  // null: seen once, not captured yet
-    uint64_t last_use = 0;
-  };
-  static constexpr size_t kMaxGraphs = 64;
-
-  // Issues the work through a cached graph for `key` (captured the second time a layout is
-  // seen: the first, plain run also initialises the kernels' one-time attributes). Any capture
-  // problem falls back to issuing the work directly.
-  template <typename F>
-  Status RunWithGraph(const GraphKey& key, F&& issue) {
-    ++graph_clock_;
-    GraphEntry* e = nullptr;
-    for (GraphEntry& g : graphs_) {
-      if (g.key == key) e = &g;
-    }
-    if (e == nullptr) {
-      if (graphs_.size() == kMaxGraphs) {
-        auto lru = std::min_element(graphs_.begin(), graphs_.end(),
-                                    [](const GraphEntry& a, const GraphEntry& b) { return a.last_use < b.last_use; });
-        if (lru->exec) cudaGraphExecDestroy(lru->exec);
-        graphs_.erase(lru);
-      }
-      graphs_.push_back({key, nullptr, graph_clock_});
-      return issue();
-    }
-    e->last_use = graph_clock_;
-    if (e->exec == nullptr) {
-      cudaGraph_t g = nullptr;
-      if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return issue();
-      }
-      const Status st = issue();
-      const cudaError_t end = cudaStreamEndCapture(stream_, &g);
-      if (!st.ok() || end != cudaSuccess || g == nullptr ||
-          cudaGraphInstantiate(&e->exec, g, 0) != cudaSuccess) {
-        if (g) cudaGraphDestroy(g);
-        e->exec = nullptr;
-        (void)cudaGetLastError();
-        return issue();
-      }
-      cudaGraphDestroy(g);
-    }
-    return Cuda(cudaGraphLaunch(e->exec, stream_), "search attend graph");
-  }
-
   // Grow-only pinned host staging (the device search's copies).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
@@ -345,8 +275,6 @@ class DevicePool final : public KVPool {
   size_t sws_bytes_ = 0;
   uint8_t* pinned_ = nullptr;  // host staging of the device search
   size_t pinned_bytes_ = 0;
-  std::vector<GraphEntry> graphs_;  // search + attention graphs by layout (LRU)
-  uint64_t graph_clock_ = 0;
   std::vector<uint8_t> host_in_, host_out_;
 };
 

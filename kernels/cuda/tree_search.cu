@@ -69,9 +69,7 @@ struct Smem {
   uint32_t leaf_child_begin[kMaxLeaves];
   uint32_t hist_tok[kHistBins];
   uint32_t hist_chk[kHistBins];
-  uint32_t key_lo, key_hi, e_next_bits, hist_cut, hist_any, new_count, left, pending;
-  uint32_t left_chunks;
-  unsigned long long left_tokens;
+  uint32_t key_lo, key_hi, e_next_bits, hist_cut, new_count, left;
   unsigned long long expanded_tokens;
   union {
     struct {  // the search rounds: the pool of scored chunks, and this round's commits
@@ -95,107 +93,6 @@ struct Smem {
   uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
 };
-
-__device__ __forceinline__ uint32_t CutBin(const Smem& sm, float k) {
-  const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
-  const float width = hi - lo;
-  if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
-  const float f = (k - lo) / width * static_cast<float>(kHistBins);
-  return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1
-                                                : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
-}
-
-// The fewest top-key eligible items whose weights reach `need` while their sizes stay within
-// `room`, by a kHistBins histogram over the eligible keys' range (whole block). Sets
-// sm.hist_cut (take the items with CutBin(key) >= it; kHistBins: not even the top bin fits),
-// sm.hist_any (some item eligible), sm.key_lo / key_hi and the eligible totals sm.left_tokens /
-// sm.left_chunks. elig(i, &w, &size) says whether item i takes part and with what.
-template <typename KeyF, typename EligF>
-__device__ void HistogramCut(Smem& sm, uint32_t n, uint64_t need, uint32_t room, KeyF key,
-                             EligF elig) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) {
-    sm.key_lo = 0xffffffffu;
-    sm.key_hi = 0;
-    sm.left_tokens = 0;
-    sm.left_chunks = 0;
-  }
-  for (uint32_t i = tid; i < kHistBins; i += kThreads) {
-    sm.hist_tok[i] = 0;
-    sm.hist_chk[i] = 0;
-  }
-  __syncthreads();
-  unsigned long long tok = 0;
-  uint32_t chk = 0;
-  for (uint32_t i = tid; i < n; i += kThreads) {
-    uint32_t w, sz;
-    if (!elig(i, &w, &sz)) continue;
-    const uint32_t o = OrderedBits(key(i));
-    atomicMin(&sm.key_lo, o);
-    atomicMax(&sm.key_hi, o);
-    tok += w;
-    chk += sz;
-  }
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) {
-    tok += __shfl_xor_sync(0xffffffffu, tok, off);
-    chk += __shfl_xor_sync(0xffffffffu, chk, off);
-  }
-  if (lane == 0 && chk > 0) {
-    atomicAdd(&sm.left_tokens, tok);
-    atomicAdd(&sm.left_chunks, chk);
-  }
-  __syncthreads();
-  const bool any = sm.key_lo <= sm.key_hi;
-  const bool take_all = sm.left_tokens <= need && sm.left_chunks <= room;
-  if (any && !take_all) {
-    for (uint32_t i = tid; i < n; i += kThreads) {
-      uint32_t w, sz;
-      if (!elig(i, &w, &sz)) continue;
-      const uint32_t b = CutBin(sm, key(i));
-      atomicAdd(&sm.hist_tok[b], w);
-      atomicAdd(&sm.hist_chk[b], sz);
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    uint32_t cut = take_all ? 0 : kHistBins;  // bins >= cut are taken
-    if (any && !take_all) {
-      uint64_t t_acc = 0, c_acc = 0;
-      bool stop = false;
-      for (int b0 = kHistBins - 32; b0 >= 0 && !stop; b0 -= 32) {
-        // Lane l holds bin b0 + 31 - l (descending); prefix over lanes.
-        const uint32_t b = b0 + 31 - lane;
-        const uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
-        uint64_t pt = t, pc = c;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const uint64_t xt = __shfl_up_sync(0xffffffffu, pt, off);
-          const uint64_t xc = __shfl_up_sync(0xffffffffu, pc, off);
-          if (lane >= off) {
-            pt += xt;
-            pc += xc;
-          }
-        }
-        // Bin b is taken while everything before it was still needed and it fits.
-        const bool take = t_acc + pt - t < need && c_acc + pc <= room;
-        const uint32_t no = __ballot_sync(0xffffffffu, !take);
-        const int first_no = no ? __ffs(no) - 1 : 32;  // lanes before it are taken
-        if (first_no > 0) {
-          cut = b0 + 31 - (first_no - 1);
-          t_acc += __shfl_sync(0xffffffffu, pt, first_no - 1);
-          c_acc += __shfl_sync(0xffffffffu, pc, first_no - 1);
-        }
-        stop = first_no < 32;
-      }
-    }
-    if (lane == 0) {
-      sm.hist_cut = cut;
-      sm.hist_any = any;
-    }
-  }
-  __syncthreads();
-}
 
 // Lexicographic "a before b": chains descending, then lower id.
 __device__ __forceinline__ bool Before(const float4& a, uint32_t ia, const float4& b,
@@ -400,110 +297,148 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t L = sm.leaf_count;
       // 4. Rounds: pick the best unexpanded leaves by a token-weighted histogram of their keys
       // (no sort: only the set and the best key left out matter), score their chunks into the
-      // pool; then commit, in slices cut the same way, the pool entries whose bottleneck beats
-      // every unexpanded leaf; sort each slice by chain and scan it.
+      // pool, commit the pool entries whose bottleneck beats every unexpanded leaf, sort those,
+      // scan them.
       uint64_t target = 8ull * prm.budget_tokens + 1024;
-      if (tid == 0) {
-        sm.expanded_tokens = 0;
-        sm.pending = 0;
-        sm.left = 1;
-      }
+      if (tid == 0) sm.expanded_tokens = 0;
       __syncthreads();
       while (true) {
         const uint32_t P = sm.cand_count;
         tq = GlobalTimer();
-        if (!sm.pending) {
-          if (tid == 0) {
-            sm.e_next_bits = 0;
-            sm.new_count = 0;
-            sm.rounds++;
-          }
-          const uint64_t need = target > sm.expanded_tokens ? target - sm.expanded_tokens : 1;
-          HistogramCut(sm, L, need, kMaxCand - P, [&](uint32_t i) { return sm.leaf_key[i]; },
-                       [&](uint32_t i, uint32_t* w, uint32_t* sz) {
-                         if (sm.leaf_chunks[i] & kDone) return false;
-                         *w = sm.leaf_tokens[i];
-                         *sz = sm.leaf_chunks[i];
-                         return true;
-                       });
-          const uint32_t cut = sm.hist_cut;
-          if (!sm.hist_any || cut >= kHistBins) {
-            // Nothing left to expand (cannot happen: the scan ends first), or not even the best
-            // bin fits the pool.
-            if (tid == 0 && sm.hist_any) sm.status |= kSearchStatusTooManyCandidates;
-            break;
-          }
-          // Take the leaves at or above the cut: reserve their pool ranges; the best key left.
-          for (uint32_t i = tid; i < L; i += kThreads) {
-            if (sm.leaf_chunks[i] & kDone) continue;
-            if (CutBin(sm, sm.leaf_key[i]) >= cut) {
-              const uint32_t cnt = sm.leaf_chunks[i], tokens = sm.leaf_tokens[i];
-              sm.leaf_chunks[i] = cnt | kDone;
-              sm.leaf_tokens[i] = P + atomicAdd(&sm.new_count, cnt);  // now: its pool base
-              atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(tokens));
-              for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[sm.leaf_tokens[i] + q] = i;  // owner
-            } else {
-              atomicMax(&sm.e_next_bits, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
-            }
-          }
-          __syncthreads();
-          t_sort_leaves += GlobalTimer() - tq;
-          tq = GlobalTimer();
-          const uint32_t M = sm.new_count;
-          if (tid == 0) sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
-          // Chunk ids, radii, counted tokens and the leaf's chain of the new entries.
-          for (uint32_t t = P + tid; t < P + M; t += kThreads) {
-            const uint32_t owner = sm.cand_tok[t];
-            const uint32_t c =
-                tree.leaf_chunks[sm.leaf_child_begin[owner] + (t - sm.leaf_tokens[owner])];
-            sm.cand_id[t] = c;
-            sm.cand_chain[t] = chains[sm.leaf_idx[owner]];  // extended by the score below
-            sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
-            sm.cand_tok[t] =
-                CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
-          }
-          __syncthreads();
-          ScoreRows<D>(
-              sm.mean, M, j, slot, warp,
-              [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[P + i]} * D; },
-              [&](uint32_t i, float dot) {
-                const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[P + i]));
-                sm.cand_chain[P + i] = Extend(sm.cand_chain[P + i], sc);
-                sm.cand_score[P + i] = sc;
-              });
-          if (tid == 0) {
-            sm.nodes_scored += M;
-            sm.cand_count = P + M;
-            sm.left = sm.e_next_bits != 0;
-          }
-          __syncthreads();
-          t_score += GlobalTimer() - tq;
-          tq = GlobalTimer();
+        // 4a. Key range of the unexpanded leaves.
+        if (tid == 0) {
+          sm.key_lo = 0xffffffffu;
+          sm.key_hi = 0;
+          sm.e_next_bits = 0;
+          sm.n_commit = 0;
+          sm.new_count = 0;
+          sm.rounds++;
         }
-        // Commit the next slice: unconsumed entries above the best unexpanded leaf, the best
-        // ones first, about enough tokens for the scan.
-        const float thr = sm.e_next;
-        const uint32_t N = sm.cand_count;
-        auto eligible = [&](uint32_t i, uint32_t* w, uint32_t* sz) {
-          if ((sm.cand_tok[i] & kConsumed) || !(sm.cand_chain[i].x > thr)) return false;
-          *w = sm.cand_tok[i];
-          *sz = 1;
-          return true;
+        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
+        }
+        __syncthreads();
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          const uint32_t o = OrderedBits(sm.leaf_key[i]);
+          atomicMin(&sm.key_lo, o);
+          atomicMax(&sm.key_hi, o);
+        }
+        __syncthreads();
+        const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
+        const bool any_left = sm.key_lo <= sm.key_hi;
+        const float width = hi - lo;
+        auto bin = [&](float k) -> uint32_t {
+          if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
+          const float f = (k - lo) / width * static_cast<float>(kHistBins);
+          return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
         };
-        if (tid == 0) sm.n_commit = 0;
-        HistogramCut(sm, N, uint64_t{sm.remaining} + 512, 0xffffffffu,
-                     [&](uint32_t i) { return sm.cand_chain[i].x; }, eligible);
-        const uint32_t ccut = sm.hist_any ? sm.hist_cut : kHistBins;
-        for (uint32_t i = tid; i < N; i += kThreads) {
-          uint32_t w, sz;
-          if (eligible(i, &w, &sz) && CutBin(sm, sm.cand_chain[i].x) >= ccut) {
+        // 4b. Token and chunk histogram; warp 0 takes bins from the top while they are needed
+        // and fit the pool.
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          const uint32_t b = bin(sm.leaf_key[i]);
+          atomicAdd(&sm.hist_tok[b], sm.leaf_tokens[i]);
+          atomicAdd(&sm.hist_chk[b], sm.leaf_chunks[i]);
+        }
+        __syncthreads();
+        if (warp == 0) {
+          const uint64_t need = target > sm.expanded_tokens ? target - sm.expanded_tokens : 1;
+          const uint32_t room = kMaxCand - P;
+          uint64_t tok = 0;
+          uint32_t chk = 0, cut = kHistBins;  // bins >= cut are taken
+          bool stop = false;
+          for (int b0 = kHistBins - 32; b0 >= 0 && !stop; b0 -= 32) {
+            // Lane l holds bin b0 + 31 - l (descending); prefix over lanes.
+            const uint32_t b = b0 + 31 - lane;
+            uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
+            uint64_t pt = t;
+            uint32_t pc = c;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint64_t xt = __shfl_up_sync(0xffffffffu, pt, off);
+              const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
+              if (lane >= off) {
+                pt += xt;
+                pc += xc;
+              }
+            }
+            // Bin b is taken when everything before it was still needed and it fits.
+            const uint64_t before_t = tok + pt - t;
+            const uint32_t before_c = chk + pc - c;
+            const bool take = before_t < need && before_c + c <= room;
+            const uint32_t mask = __ballot_sync(0xffffffffu, !take);
+            const int first_no = mask ? __ffs(mask) - 1 : 32;  // lanes before it are taken
+            if (first_no > 0) {
+              cut = b0 + 31 - (first_no - 1);
+              tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
+              chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
+            }
+            stop = first_no < 32;
+          }
+          if (lane == 0) sm.hist_cut = cut;
+        }
+        __syncthreads();
+        const uint32_t cut = sm.hist_cut;
+        if (!any_left || cut >= kHistBins) {
+          // Nothing left, or not even the best bin fits the pool.
+          if (tid == 0 && any_left) sm.status |= kSearchStatusTooManyCandidates;
+          break;
+        }
+        // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          if (bin(sm.leaf_key[i]) >= cut) {
+            const uint32_t cnt = sm.leaf_chunks[i], tokens = sm.leaf_tokens[i];
+            sm.leaf_chunks[i] = cnt | kDone;
+            sm.leaf_tokens[i] = P + atomicAdd(&sm.new_count, cnt);  // now: its pool base
+            atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(tokens));
+            for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[sm.leaf_tokens[i] + q] = i;  // owner
+          } else {
+            atomicMax(&sm.e_next_bits, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+          }
+        }
+        __syncthreads();
+        t_sort_leaves += GlobalTimer() - tq;
+        tq = GlobalTimer();
+        const uint32_t M = sm.new_count;
+        if (tid == 0) sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
+        // 4d. Chunk ids, radii, counted tokens and the leaf's chain of the new entries.
+        for (uint32_t t = P + tid; t < P + M; t += kThreads) {
+          const uint32_t owner = sm.cand_tok[t];
+          const uint32_t c = tree.leaf_chunks[sm.leaf_child_begin[owner] + (t - sm.leaf_tokens[owner])];
+          sm.cand_id[t] = c;
+          sm.cand_chain[t] = chains[sm.leaf_idx[owner]];  // extended by the score below
+          sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
+          sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
+        }
+        __syncthreads();
+        ScoreRows<D>(sm.mean, M, j, slot, warp,
+                     [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[P + i]} * D; },
+                     [&](uint32_t i, float dot) {
+                       const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[P + i]));
+                       sm.cand_chain[P + i] = Extend(sm.cand_chain[P + i], sc);
+                       sm.cand_score[P + i] = sc;
+                     });
+        if (tid == 0) {
+          sm.nodes_scored += M;
+          sm.cand_count = P + M;
+          sm.left = sm.e_next_bits != 0;
+        }
+        __syncthreads();
+        t_score += GlobalTimer() - tq;
+        tq = GlobalTimer();
+        // Commit: unconsumed entries above the next leaf's bottleneck.
+        const float thr = sm.e_next;
+        for (uint32_t i = tid; i < P + M; i += kThreads) {
+          if (!(sm.cand_tok[i] & kConsumed) && sm.cand_chain[i].x > thr) {
             sm.commit[atomicAdd(&sm.n_commit, 1u)] = i;
             sm.cand_tok[i] |= kConsumed;
           }
         }
         __syncthreads();
         const uint32_t C = sm.n_commit, Cp = NextPow2(C);
-        if (tid == 0) sm.pending = sm.hist_any && sm.left_chunks > C;
         for (uint32_t i = C + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
         __syncthreads();
         BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
@@ -598,13 +533,13 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm.misfits = misfits;
             sm.nsel = nsel;
             sm.sel_tokens = sel_tokens;
-            sm.done = done || (!sm.left && !sm.pending);
+            sm.done = done || !sm.left;
           }
         }
         __syncthreads();
         t_scan += GlobalTimer() - tq;
         if (sm.done) break;
-        if (!sm.pending) target = target * 8 / 5;
+        target = target * 8 / 5;
       }
     }
   }
