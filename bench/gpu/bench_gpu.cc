@@ -218,6 +218,22 @@ nlohmann::json Row(uint32_t ctx, uint32_t batch, uint32_t budget, const char* me
   return r;
 }
 
+// max over (sequence, query head) of the relative error of `out` (bf16) against a float64
+// reference over the given K/V segments (seg_begin: [batch * kv_heads + 1]).
+double ErrorAgainstReference(const std::vector<RefSegment>& segs,
+                             const std::vector<uint32_t>& seg_begin, uint32_t batch,
+                             const void* q, float scale, const void* out) {
+  const size_t q_elems = static_cast<size_t>(batch) * kHq * kD;
+  DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(seg_begin.size() * 4),
+      ref(q_elems * sizeof(double));
+  CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(begin_d.p, seg_begin.data(), seg_begin.size() * 4, cudaMemcpyHostToDevice));
+  ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, q, scale,
+                  ref.as<double>());
+  CK(cudaGetLastError());
+  return MaxRelErrBF16(out, ref.as<double>(), batch * kHq);
+}
+
 // ---- Dense ----------------------------------------------------------------------------------
 nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int replays,
                           double copy_gbps) {
@@ -278,14 +294,7 @@ nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int repl
     }
   }
   begin.push_back(static_cast<uint32_t>(segs.size()));
-  DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(begin.size() * 4),
-      ref(q_elems * sizeof(double));
-  CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(begin_d.p, begin.data(), begin.size() * 4, cudaMemcpyHostToDevice));
-  ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, q[0]->p,
-                  view.scale, ref.as<double>());
-  CK(cudaGetLastError());
-  const double err = MaxRelErrBF16(out.p, ref.as<double>(), batch * kHq);
+  const double err = ErrorAgainstReference(segs, begin, batch, q[0]->p, view.scale, out.p);
   auto row = Row(ctx, batch, 0, "kvmem_dense", us, bytes, err, copy_gbps);
   row["rotation"] = R;
   return row;
@@ -439,14 +448,7 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
       }
     }
     begin.push_back(static_cast<uint32_t>(segs.size()));
-    DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(begin.size() * 4),
-        ref(q_elems * sizeof(double));
-    CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(begin_d.p, begin.data(), begin.size() * 4, cudaMemcpyHostToDevice));
-    ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, qs[0]->p,
-                    scale, ref.as<double>());
-    CK(cudaGetLastError());
-    const double err = MaxRelErrBF16(out.p, ref.as<double>(), batch * kHq);
+    const double err = ErrorAgainstReference(segs, begin, batch, qs[0]->p, scale, out.p);
     auto row = Row(ctx, batch, budget, "kvmem_sparse_attn", us, bytes, err, copy_gbps);
     row["rotation"] = R;
     row["plan_us"] = plan_us;
@@ -691,14 +693,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
       }
     }
     seg_begin.push_back(static_cast<uint32_t>(segs.size()));
-    DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(seg_begin.size() * 4),
-        ref(q_elems * sizeof(double));
-    CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(begin_d.p, seg_begin.data(), seg_begin.size() * 4, cudaMemcpyHostToDevice));
-    ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, qs[0]->p,
-                    scale, ref.as<double>());
-    CK(cudaGetLastError());
-    const double err = MaxRelErrBF16(out.p, ref.as<double>(), batch * kHq);
+    const double err = ErrorAgainstReference(segs, seg_begin, batch, qs[0]->p, scale, out.p);
     const double tasks = static_cast<double>(T);
     const double search_bytes = nodes * (kD * 4 + 8);
     const double attn_bytes = attended * kD * 2 * 2 + 2.0 * q_elems * 2 + batch * kHq * 4.0;
