@@ -112,6 +112,22 @@ std::string EscapeLabel(const std::string& v) {
   return o;
 }
 
+// One labelled series of a latency histogram: cumulative buckets, +Inf, sum and count.
+void WriteHistogram(Writer* wr, const char* family, const char* label, const std::string& value,
+                    const LatencyHistogram::Snapshot& snap) {
+  const std::string b = std::string(family) + "_bucket";
+  uint64_t cum = 0;
+  for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
+    cum += snap.buckets[i];
+    wr->Sample(b, fmt::format("{}=\"{}\",le=\"{}\"", label, value, kLatencyBucketsSeconds[i]), cum);
+  }
+  cum += snap.buckets.back();
+  wr->Sample(b, fmt::format("{}=\"{}\",le=\"+Inf\"", label, value), cum);
+  wr->SampleD(std::string(family) + "_sum", fmt::format("{}=\"{}\"", label, value),
+              static_cast<double>(snap.sum_ns) * 1e-9);
+  wr->Sample(std::string(family) + "_count", fmt::format("{}=\"{}\"", label, value), snap.count);
+}
+
 }  // namespace
 
 const char* AttendPhaseName(AttendPhase p) {
@@ -199,20 +215,7 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_request_duration_seconds", "histogram",
             "Time from message arrival to reply send in the transport, by wire op.");
   for (int op : ops) {
-    const auto snap = m.latency[op].Read();
-    const std::string name = OpName(op);
-    uint64_t cum = 0;
-    for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
-      cum += snap.buckets[i];
-      wr.Sample("kvmem_request_duration_seconds_bucket",
-                fmt::format("op=\"{}\",le=\"{}\"", name, kLatencyBucketsSeconds[i]), cum);
-    }
-    cum += snap.buckets.back();
-    wr.Sample("kvmem_request_duration_seconds_bucket", fmt::format("op=\"{}\",le=\"+Inf\"", name),
-              cum);
-    wr.SampleD("kvmem_request_duration_seconds_sum", fmt::format("op=\"{}\"", name),
-               static_cast<double>(snap.sum_ns) * 1e-9);
-    wr.Sample("kvmem_request_duration_seconds_count", fmt::format("op=\"{}\"", name), snap.count);
+    WriteHistogram(&wr, "kvmem_request_duration_seconds", "op", OpName(op), m.latency[op].Read());
   }
   wr.Family("kvmem_errors_total", "counter", "Replies with a non-OK status, by wire status code.");
   for (int c = 1; c <= static_cast<int>(w::Code::MAX) && c < kMaxCodes; ++c) {
@@ -262,20 +265,8 @@ std::string RenderPrometheus(const MetricsSources& src) {
             "Attend time on the daemon by phase (index catch-up, host or device search, "
             "attention, sealing).");
   for (int ph = 0; ph < kNumAttendPhases; ++ph) {
-    const auto snap = m.attend_phase[ph].Read();
-    const std::string name = AttendPhaseName(static_cast<AttendPhase>(ph));
-    uint64_t cum = 0;
-    for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
-      cum += snap.buckets[i];
-      wr.Sample("kvmem_attend_phase_seconds_bucket",
-                fmt::format("phase=\"{}\",le=\"{}\"", name, kLatencyBucketsSeconds[i]), cum);
-    }
-    cum += snap.buckets.back();
-    wr.Sample("kvmem_attend_phase_seconds_bucket", fmt::format("phase=\"{}\",le=\"+Inf\"", name),
-              cum);
-    wr.SampleD("kvmem_attend_phase_seconds_sum", fmt::format("phase=\"{}\"", name),
-               static_cast<double>(snap.sum_ns) * 1e-9);
-    wr.Sample("kvmem_attend_phase_seconds_count", fmt::format("phase=\"{}\"", name), snap.count);
+    WriteHistogram(&wr, "kvmem_attend_phase_seconds", "phase",
+                   AttendPhaseName(static_cast<AttendPhase>(ph)), m.attend_phase[ph].Read());
   }
 
   const TransportCounters* tc = src.transport;

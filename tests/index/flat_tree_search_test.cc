@@ -10,6 +10,7 @@
 namespace kvmem::index {
 namespace {
 
+using testing::BuildTree;
 using testing::RandomKeys;
 using testing::RandomQuery;
 using testing::Summaries;
@@ -59,15 +60,6 @@ void ExpectSameSelections(const ClusterTree& tree, std::mt19937_64& rng, uint32_
   EXPECT_GT(nonempty, 0u) << "every selection was empty: the comparison proved nothing";
 }
 
-ClusterTree Built(const VectorKeySource& src, const ClusterTreeOptions& o) {
-  std::vector<ChunkSummary> sums;
-  std::vector<uint32_t> tokens;
-  Summaries(src, &sums, &tokens);
-  ClusterTree tree(src.dim, o);
-  EXPECT_TRUE(tree.Build(sums, tokens).ok());
-  return tree;
-}
-
 TEST(FlatTreeSearchTest, BulkBuiltTreesOfEveryDepthSelectLikeSearchBudget) {
   KVMEM_SEEDED_TEST_SCOPE(seed);
   std::mt19937_64 rng(seed);
@@ -77,7 +69,7 @@ TEST(FlatTreeSearchTest, BulkBuiltTreesOfEveryDepthSelectLikeSearchBudget) {
     ClusterTreeOptions o;
     o.levels = levels;
     o.fine_cluster_chunks = 4 + static_cast<uint32_t>(rng() % 16);
-    ClusterTree tree = Built(src, o);
+    ClusterTree tree = BuildTree(src, o);
     EXPECT_EQ(tree.Stats().depth, levels + 1);
     ExpectSameSelections(tree, rng, 60, src);
   }
@@ -116,7 +108,7 @@ TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
   KVMEM_SEEDED_TEST_SCOPE(seed);
   std::mt19937_64 rng(seed);
   VectorKeySource src = RandomKeys(rng, 700, 16);
-  ClusterTree tree = Built(src, {});
+  ClusterTree tree = BuildTree(src, {});
   kernels::FlatTree flat;
   tree.ExportFlat(&flat);
   const TreeStats st = tree.Stats();
