@@ -23,7 +23,8 @@ class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
     if (stream_) cudaStreamDestroy(stream_);
-    for (void* p : {base_, d_io_, d_ws_})
+    if (pinned_) cudaFreeHost(pinned_);
+    for (void* p : {base_, d_io_, d_ws_, d_sws_})
       if (p) cudaFree(p);
   }
 
@@ -116,6 +117,73 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+ bool has_device_search() const override { return true; }
+
+  Status SyncTree(kernels::cuda::DeviceTree* tree, const kernels::FlatTree& flat) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    return tree->Sync(flat, stream_);
+  }
+
+  // Two uploads (q, the plan image), the search and the attention launches, two copies back
+  // (out + lse, the per-head results [+ selection]), one synchronisation.
+  Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    kernels::cuda::SearchAttendProblem dev = req->problem;
+    const kernels::AttendProblem& a = req->problem.attend;
+    const size_t q_bytes = size_t{a.q_heads} * a.head_dim * DTypeSize(a.q_dtype);
+    const size_t out_bytes = size_t{a.q_heads} * a.head_dim * DTypeSize(a.out_dtype);
+    const size_t q_room = (q_bytes + 255) / 256 * 256;
+    const size_t out_room = (out_bytes + 255) / 256 * 256;
+    const size_t lse_bytes = size_t{a.q_heads} * sizeof(float);
+    KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, q_room + out_room + lse_bytes));
+    auto* d_in = static_cast<uint8_t*>(d_io_);
+    dev.attend.pool = base_;
+    dev.attend.q = d_in;
+    dev.attend.out = d_in + q_room;
+    dev.attend.lse = reinterpret_cast<float*>(d_in + q_room + out_room);
+    kernels::cuda::SearchAttendPlan plan;
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
+    KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, plan.workspace_bytes));
+    // Pinned staging: [q | plan image] up, [out | lse | results (+ selection)] down, so the
+    // copies are truly asynchronous and run at full speed.
+    const size_t res_end = req->want_selection ? plan.scratch_off
+                                               : plan.results_off + plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult);
+    const size_t up = q_room + plan.image.size();
+    const size_t down = out_room + lse_bytes + (res_end - plan.results_off);
+    KVMEM_RETURN_IF_ERROR(GrowPinned(up + down));
+    uint8_t* h_up = pinned_;
+    uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
+    std::memcpy(h_up, a.q, q_bytes);
+    std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, q_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_sws_, h_up + q_room, plan.image.size(), cudaMemcpyHostToDevice,
+                                               stream_), "upload search plan"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_sws_, stream_));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, out_room + lse_bytes,
+                                               cudaMemcpyDeviceToHost, stream_), "copy out"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes,
+                                               static_cast<uint8_t*>(d_sws_) + plan.results_off,
+                                               res_end - plan.results_off, cudaMemcpyDeviceToHost, stream_),
+                               "copy search results"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
+    std::memcpy(a.out, h_down, out_bytes);
+    if (a.lse) std::memcpy(a.lse, h_down + out_room, lse_bytes);
+    const uint8_t* res = h_down + out_room + lse_bytes;
+    reply->heads.resize(plan.num_tasks);
+    std::memcpy(reply->heads.data(), res, plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult));
+    reply->max_selected = plan.max_selected;
+    if (req->want_selection) {
+      const size_t n = size_t{plan.num_tasks} * plan.max_selected;
+      reply->selected.resize(n);
+      reply->scores.resize(n);
+      std::memcpy(reply->selected.data(), res + (plan.selected_off - plan.results_off), n * 4);
+      std::memcpy(reply->scores.data(), res + (plan.scores_off - plan.results_off), n * 4);
+    }
+    return Status::OK();
+  }
+
  private:
   // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
   // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.
@@ -169,6 +237,20 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+  // Grow-only pinned host staging (the device search's copies).
+  Status GrowPinned(size_t need) {
+    need += 512;  // alignment slack between the up and down halves
+    if (need <= pinned_bytes_) return Status::OK();
+    if (pinned_) cudaFreeHost(pinned_);
+    pinned_ = nullptr;
+    const size_t bytes = std::max(need, pinned_bytes_ * 2);
+    void* p = nullptr;
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaHostAlloc(&p, bytes, cudaHostAllocDefault), "cudaHostAlloc staging"));
+    pinned_ = static_cast<uint8_t*>(p);
+    pinned_bytes_ = bytes;
+    return Status::OK();
+  }
+
   // Grow-only device scratch; a new workspace is zero-filled (the attention counters need it).
   Status Grow(void** p, size_t* have, size_t need) {
     if (need <= *have) return Status::OK();
@@ -189,6 +271,10 @@ class DevicePool final : public KVPool {
   size_t io_bytes_ = 0;
   void* d_ws_ = nullptr;
   size_t ws_bytes_ = 0;
+  void* d_sws_ = nullptr;  // search + attention workspace
+  size_t sws_bytes_ = 0;
+  uint8_t* pinned_ = nullptr;  // host staging of the device search
+  size_t pinned_bytes_ = 0;
   std::vector<uint8_t> host_in_, host_out_;
 };
 

@@ -313,4 +313,12 @@ Result<std::unique_ptr<KVPool>> CreateHostPool(const SlabAllocator::Options& o) 
   return std::unique_ptr<KVPool>(std::move(pool));
 }
 
+Status KVPool::SyncTree(kernels::cuda::DeviceTree*, const kernels::FlatTree&) {
+  return Unimplemented("device tree search needs the CUDA backend (pool: " + Describe() + ")");
+}
+
+Status KVPool::SearchAttend(DeviceSearchRequest*, DeviceSearchReply*) {
+  return Unimplemented("device tree search needs the CUDA backend (pool: " + Describe() + ")");
+}
+
 }  // namespace kvmem

@@ -21,6 +21,7 @@
 
 #include "common/status.h"
 #include "kernels/attention.h"
+#include "kernels/cuda_ops.h"
 
 namespace kvmem {
 
@@ -95,6 +96,24 @@ class SlabAllocator {
   std::atomic<uint64_t> allocations_{0};
 };
 
+// Index-mode attention of one (session, layer) with the cluster-tree search on the device
+// (KVPool::SearchAttend): every KV head searches its DeviceTree and attends sinks ∪ selection ∪
+// recent window ∪ tail, with no host step between search and attention.
+struct DeviceSearchRequest {
+  // attend.q / attend.out / attend.lse are HOST pointers (the pool stages them); attend.pool is
+  // filled in by the pool; trees (host array of device views) and chunk_block (device) by the
+  // caller.
+  kernels::cuda::SearchAttendProblem problem;
+  bool want_selection = false;  // also copy back the selected chunk ids and scores
+};
+
+struct DeviceSearchReply {
+  std::vector<kernels::cuda::SearchTaskResult> heads;  // per KV head
+  uint32_t max_selected = 0;                           // row length of selected / scores
+  std::vector<uint32_t> selected;                      // [kv_heads][max_selected] (if asked)
+  std::vector<float> scores;
+};
+
 class ParallelPool;
 
 // One copy of a batch: from host memory `src`, or (src == nullptr) from pool offset `src_offset`.
@@ -136,6 +155,14 @@ class KVPool {
   // stages q to the device, launches one kernel for all problems and copies out/lse back.
   // Problems in one call must share dtypes, head_dim and GQA group.
   virtual Status Attend(kernels::AttendProblem* problems, uint32_t count) = 0;
+
+  // The device search (CUDA pool only): SyncTree brings a device mirror of a cluster tree up
+  // to date from an export (ClusterTree::ExportFlat from tree->chunks_held()); SearchAttend
+  // runs search + attention in two launches and copies out, lse and the per-head results
+  // back. UNIMPLEMENTED on pools without it.
+  virtual bool has_device_search() const { return false; }
+  virtual Status SyncTree(kernels::cuda::DeviceTree* tree, const kernels::FlatTree& flat);
+  virtual Status SearchAttend(DeviceSearchRequest* request, DeviceSearchReply* reply);
 
   // "cpu" or e.g. "cuda:0 NVIDIA H200".
   virtual std::string Describe() const = 0;

@@ -112,7 +112,37 @@ std::string EscapeLabel(const std::string& v) {
   return o;
 }
 
+// One labelled series of a latency histogram: cumulative buckets, +Inf, sum and count.
+void WriteHistogram(Writer* wr, const char* family, const char* label, const std::string& value,
+                    const LatencyHistogram::Snapshot& snap) {
+  const std::string b = std::string(family) + "_bucket";
+  uint64_t cum = 0;
+  for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
+    cum += snap.buckets[i];
+    wr->Sample(b, fmt::format("{}=\"{}\",le=\"{}\"", label, value, kLatencyBucketsSeconds[i]), cum);
+  }
+  cum += snap.buckets.back();
+  wr->Sample(b, fmt::format("{}=\"{}\",le=\"+Inf\"", label, value), cum);
+  wr->SampleD(std::string(family) + "_sum", fmt::format("{}=\"{}\"", label, value),
+              static_cast<double>(snap.sum_ns) * 1e-9);
+  wr->Sample(std::string(family) + "_count", fmt::format("{}=\"{}\"", label, value), snap.count);
+}
+
 }  // namespace
+
+const char* AttendPhaseName(AttendPhase p) {
+  switch (p) {
+    case AttendPhase::kCatchUp: return "catch_up";
+    case AttendPhase::kHostSearch: return "host_search";
+    case AttendPhase::kSpans: return "spans";
+    case AttendPhase::kHostAttend: return "host_attend";
+    case AttendPhase::kDeviceSync: return "device_sync";
+    case AttendPhase::kDeviceSearchAttend: return "device_search_attend";
+    case AttendPhase::kSeal: return "seal";
+    case AttendPhase::kCount: break;
+  }
+  return "unknown";
+}
 
 std::vector<std::string> MetricFamilyNames() {
   return {"kvmem_build_info",
@@ -134,6 +164,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_tenants",
           "kvmem_tenants_configured",
           "kvmem_search_nodes_visited_total",
+          "kvmem_attend_phase_seconds",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
           "kvmem_messages_rejected_total",
@@ -186,20 +217,7 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_request_duration_seconds", "histogram",
             "Time from message arrival to reply send in the transport, by wire op.");
   for (int op : ops) {
-    const auto snap = m.latency[op].Read();
-    const std::string name = OpName(op);
-    uint64_t cum = 0;
-    for (size_t i = 0; i < kLatencyBucketsSeconds.size(); ++i) {
-      cum += snap.buckets[i];
-      wr.Sample("kvmem_request_duration_seconds_bucket",
-                fmt::format("op=\"{}\",le=\"{}\"", name, kLatencyBucketsSeconds[i]), cum);
-    }
-    cum += snap.buckets.back();
-    wr.Sample("kvmem_request_duration_seconds_bucket", fmt::format("op=\"{}\",le=\"+Inf\"", name),
-              cum);
-    wr.SampleD("kvmem_request_duration_seconds_sum", fmt::format("op=\"{}\"", name),
-               static_cast<double>(snap.sum_ns) * 1e-9);
-    wr.Sample("kvmem_request_duration_seconds_count", fmt::format("op=\"{}\"", name), snap.count);
+    WriteHistogram(&wr, "kvmem_request_duration_seconds", "op", OpName(op), m.latency[op].Read());
   }
   wr.Family("kvmem_errors_total", "counter", "Replies with a non-OK status, by wire status code.");
   for (int c = 1; c <= static_cast<int>(w::Code::MAX) && c < kMaxCodes; ++c) {
@@ -250,6 +268,13 @@ std::string RenderPrometheus(const MetricsSources& src) {
             "Cluster-index nodes visited by searches.");
   wr.Sample("kvmem_search_nodes_visited_total", "",
             m.search_nodes_visited.load(std::memory_order_relaxed));
+  wr.Family("kvmem_attend_phase_seconds", "histogram",
+            "Attend time on the daemon by phase (index catch-up, host or device search, "
+            "attention, sealing).");
+  for (int ph = 0; ph < kNumAttendPhases; ++ph) {
+    WriteHistogram(&wr, "kvmem_attend_phase_seconds", "phase",
+                   AttendPhaseName(static_cast<AttendPhase>(ph)), m.attend_phase[ph].Read());
+  }
 
   const TransportCounters* tc = src.transport;
   auto ld = [](const std::atomic<uint64_t>* a) {

@@ -48,6 +48,20 @@ class LatencyHistogram {
   std::atomic<uint64_t> sum_ns_{0};
 };
 
+// Where an Attend's time goes on the daemon (kvmem_attend_phase_seconds{phase=...}).
+enum class AttendPhase : uint8_t {
+  kCatchUp = 0,       // index catch-up: summaries of newly sealed chunks into the trees
+  kHostSearch,        // budgeted search on the host (q to fp32, every KV head)
+  kSpans,             // sinks ∪ selection ∪ recent ∪ tail spans on the host
+  kHostAttend,        // KVPool::Attend: plan, copies, kernel (or CPU attention), sync
+  kDeviceSync,        // device tree mirrors and block table brought up to date
+  kDeviceSearchAttend,  // device search + attention: uploads, two launches, copies, sync
+  kSeal,              // sealing completed tokens into chunks after the attention
+  kCount
+};
+inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);
+const char* AttendPhaseName(AttendPhase p);
+
 // Wire op and status code spaces are small enums (schemas/kvmem.fbs); arrays indexed by their
 // values keep recording branch-free. Values beyond the arrays are folded into the last slot.
 inline constexpr int kMaxOps = 64;
@@ -68,6 +82,8 @@ struct DaemonMetrics {
   std::array<std::atomic<uint64_t>, kNumTiers> restore_bytes{};
   // Cluster-index nodes visited by searches (Retrieve / index-mode Attend).
   std::atomic<uint64_t> search_nodes_visited{0};
+  // Attend time by phase (see AttendPhase).
+  std::array<LatencyHistogram, kNumAttendPhases> attend_phase{};
   // Config reloads (SIGHUP), by outcome.
   std::atomic<uint64_t> reloads_ok{0};
   std::atomic<uint64_t> reloads_failed{0};

@@ -701,6 +701,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   a.boundary = req->boundary();
   a.budget_tokens = req->budget_tokens();
   if (req->mode() > w::SelectionMode::HYBRID) return InvalidArgument("Attend: unknown mode");
+  a.want_selection = req->return_selection();
   a.mode = static_cast<SelectionMode>(req->mode());
   KVMEM_ASSIGN_OR_RETURN(a.retrieval, OverridesFromWire(req));
   KVMEM_ASSIGN_OR_RETURN(a.out_dtype, w::FloatDTypeFromWire(req->out_dtype()));

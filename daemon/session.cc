@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -18,6 +19,21 @@
 
 namespace kvmem {
 namespace {
+
+// Times a scope into kvmem_attend_phase_seconds{phase}.
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(AttendPhase p) : p_(p), t0_(std::chrono::steady_clock::now()) {}
+  ~PhaseTimer() {
+    GlobalMetrics().attend_phase[static_cast<int>(p_)].Observe(std::chrono::steady_clock::now() - t0_);
+  }
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+
+ private:
+  AttendPhase p_;
+  std::chrono::steady_clock::time_point t0_;
+};
 
 uint64_t NowMs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -186,6 +202,11 @@ Status Session::Init() {
 }
 
 Session::~Session() {
+  if (device_index_) {
+    for (size_t l = 0; l < device_index_->table_block.size(); ++l) {
+      if (device_index_->table_capacity[l] > 0) pool_->Free(device_index_->table_block[l]);
+    }
+  }
   for (const Layer& l : layers_) pool_->Free(l.tail_block);
   for (Chunk& c : chunks_)
     for (Block& b : c.blocks) FreeBlock(c.tokens, b);
@@ -443,6 +464,157 @@ void Session::Maintain() {
   for (index::ClusterTree& t : trees_) {
     if (t.NeedsMaintenance()) t.Maintain();
   }
+  // Off the request path too: bring device mirrors that are in use up to date.
+  if (device_index_) {
+    for (uint32_t l = 0; l < profile_.layers; ++l) {
+      if (device_index_->table_len[l] > 0) (void)SyncDeviceIndex(l);
+    }
+  }
+}
+
+namespace {
+
+// KVMEM_DEVICE_SEARCH=off keeps the index search on the host with the CUDA backend (A/B runs).
+bool DeviceSearchEnabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVMEM_DEVICE_SEARCH");
+    return e == nullptr || std::string(e) != "off";
+  }();
+  return on;
+}
+
+}  // namespace
+
+bool Session::UseDeviceSearch() const {
+  const index::BudgetSearchOptions& so = options_.search;
+  return DeviceSearchEnabled() && pool_->has_device_search() &&
+         so.traversal == index::BudgetTraversal::kBestFirst &&
+         so.aggregation == index::GroupAggregation::kMeanQuery &&
+         options_.tree.levels <= kernels::kTreeSearchMaxLevels;
+}
+
+Status Session::SyncDeviceIndex(uint32_t layer) {
+  const uint32_t L = profile_.layers, H = profile_.kv_heads;
+  if (!device_index_) {
+    device_index_ = std::make_unique<DeviceIndex>();
+    device_index_->trees.resize(size_t{L} * H);
+    device_index_->tree_version.assign(size_t{L} * H, ~0ull);
+    device_index_->table_block.assign(L, 0);
+    device_index_->table_capacity.assign(L, 0);
+    device_index_->table_len.assign(L, 0);
+  }
+  DeviceIndex& di = *device_index_;
+  kernels::FlatTree flat;
+  for (uint32_t h = 0; h < H; ++h) {
+    const size_t i = size_t{layer} * H + h;
+    const index::ClusterTree& tree = trees_[i];
+    if (!di.trees[i]) di.trees[i] = std::make_unique<kernels::cuda::DeviceTree>();
+    kernels::cuda::DeviceTree& dt = *di.trees[i];
+    if (di.tree_version[i] == tree.version() && dt.chunks_held() == tree.num_chunks()) continue;
+    tree.ExportFlat(&flat, dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0);
+    KVMEM_RETURN_IF_ERROR(pool_->SyncTree(&dt, flat).WithContext("device tree mirror"));
+    di.tree_version[i] = tree.version();
+  }
+  // The layer's chunk-block table (element offsets), append-only, in a pool block.
+  const Layer& lay = layers_[layer];
+  const uint64_t n = lay.chunk_spans.size();
+  uint64_t from = di.table_len[layer];
+  if (n > di.table_capacity[layer]) {
+    const uint64_t cap = std::max<uint64_t>(256, n * 2);
+    KVMEM_ASSIGN_OR_RETURN(uint64_t block, pool_->Allocate(cap * sizeof(uint64_t)));
+    if (di.table_capacity[layer] > 0) pool_->Free(di.table_block[layer]);
+    di.table_block[layer] = block;
+    di.table_capacity[layer] = cap;
+    from = 0;
+  }
+  if (from < n) {
+    std::vector<uint64_t> offs(n - from);
+    for (uint64_t c = from; c < n; ++c) offs[c - from] = lay.chunk_spans[c].offset;
+    KVMEM_RETURN_IF_ERROR(pool_->CopyIn(di.table_block[layer] + from * sizeof(uint64_t), offs.data(),
+                                        offs.size() * sizeof(uint64_t)));
+  }
+  di.table_len[layer] = n;
+  return Status::OK();
+}
+
+Status Session::AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo* info) {
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
+  {
+    PhaseTimer t(AttendPhase::kDeviceSync);
+    KVMEM_RETURN_IF_ERROR(SyncDeviceIndex(a.layer));
+  }
+  const Layer& layer = layers_[a.layer];
+  std::vector<kernels::FlatTreeView> views(H);
+  for (uint32_t h = 0; h < H; ++h) views[h] = device_index_->trees[size_t{a.layer} * H + h]->view();
+  DeviceSearchRequest req;
+  kernels::cuda::SearchAttendProblem& p = req.problem;
+  p.attend.kv_dtype = profile_.dtype;
+  p.attend.q_heads = profile_.q_heads;
+  p.attend.kv_heads = H;
+  p.attend.head_dim = D;
+  p.attend.scale = 1.f / std::sqrt(static_cast<float>(D));
+  p.attend.q = a.q;
+  p.attend.q_dtype = a.q_dtype;
+  p.attend.out = a.out;
+  p.attend.out_dtype = a.out_dtype;
+  p.attend.lse = a.lse;
+  p.trees = views.data();
+  p.chunk_block = reinterpret_cast<const uint64_t*>(static_cast<const uint8_t*>(pool_->base()) +
+                                                    device_index_->table_block[a.layer]);
+  const index::BudgetSearchOptions& so = options_.search;
+  p.params.budget_tokens = budget;
+  p.params.skip_tokens_below = options_.sink_tokens;
+  p.params.max_consecutive_misfits = so.max_consecutive_misfits;
+  p.params.node_radius_weight = so.node_radius_weight;
+  p.params.chunk_radius_weight = so.chunk_radius_weight;
+  p.sink_tokens = options_.sink_tokens;
+  const uint64_t sealed = chunks_.empty() ? 0 : chunks_.back().start + chunks_.back().tokens;
+  p.recent_from = sealed > options_.recent_window ? sealed - options_.recent_window : 0;
+  p.recent_window = options_.recent_window;
+  p.tail = {ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens};
+  req.want_selection = info != nullptr && a.want_selection;
+  DeviceSearchReply rep;
+  {
+    PhaseTimer t(AttendPhase::kDeviceSearchAttend);
+    KVMEM_RETURN_IF_ERROR(pool_->SearchAttend(&req, &rep));
+  }
+  for (uint32_t h = 0; h < H; ++h) {
+    if (rep.heads[h].status != 0) {
+      return Unavailable("device search: KV head " + std::to_string(h) + " of layer " +
+                         std::to_string(a.layer) + " is over the device search's limits (status " +
+                         std::to_string(rep.heads[h].status) + ")");
+    }
+  }
+  if (info == nullptr) return Status::OK();
+  info->device_search = true;
+  info->tokens_attended.assign(H, 0);
+  for (uint32_t h = 0; h < H; ++h) {
+    info->tokens_attended[h] = rep.heads[h].attended_tokens;
+    info->nodes_visited += rep.heads[h].nodes_scored;
+    info->bytes_read += uint64_t{rep.heads[h].nodes_scored} * (uint64_t{D} * 4 + 8);
+  }
+  if (req.want_selection) {
+    info->selection.assign(H, HeadSelection{});
+    for (uint32_t h = 0; h < H; ++h) {
+      HeadSelection& hs = info->selection[h];
+      hs.kv_head = h;
+      const uint32_t* ids = rep.selected.data() + size_t{h} * rep.max_selected;
+      const float* sc = rep.scores.data() + size_t{h} * rep.max_selected;
+      std::vector<uint32_t> order(rep.heads[h].num_selected);
+      for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+      // As SearchBudget reports it: by score, ties by lower chunk id.
+      std::sort(order.begin(), order.end(), [&](uint32_t x, uint32_t y) {
+        return sc[x] != sc[y] ? sc[x] > sc[y] : ids[x] < ids[y];
+      });
+      for (uint32_t i : order) {
+        hs.chunks.push_back(ids[i]);
+        hs.scores.push_back(sc[i]);
+        hs.starts.push_back(chunks_[ids[i]].start);
+        hs.ends.push_back(chunks_[ids[i]].start + chunks_[ids[i]].tokens);
+      }
+    }
+  }
+  return Status::OK();
 }
 
 LayerIndexInfo Session::IndexInfo(uint32_t layer) const {
@@ -815,64 +987,21 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
   return AppendResult{tokens_, chunks_.size(), static_cast<uint32_t>(sealed.size())};
 }
 
-Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
-  if (a.layer >= profile_.layers) {
-    return InvalidArgument("layer " + std::to_string(a.layer) + " out of range (session has " +
-                           std::to_string(profile_.layers) + " layers)");
-  }
-  const SelectionMode mode = a.mode == SelectionMode::kDefault ? options_.mode : a.mode;
-  const bool hybrid = mode == SelectionMode::kRetrievalHeads || mode == SelectionMode::kHybrid;
-  if (hybrid) {
-    // Checked before the token is appended, so a refused call changes nothing.
-    KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile_, mode));
-    KVMEM_RETURN_IF_ERROR(EffectiveRetrieval(a.retrieval).status());
-  }
-  BeginOp();
+// Host search (index mode) or every chunk (dense), then KVPool::Attend over the spans.
+Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybrid, bool sparse,
+                             AttendInfo* info) {
   Layer& layer = layers_[a.layer];
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
-  const uint64_t row = uint64_t{D} * DTypeSize(profile_.dtype);
-
-  if (a.new_k != nullptr) {
-    if (layer.pending >= kMaxLayerSkew) {
-      return FailedPrecondition("layer " + std::to_string(a.layer) + " is already " +
-                                std::to_string(layer.pending) +
-                                " tokens ahead of the slowest layer");
-    }
-    if (layer.tail_tokens >= tail_capacity_) {
-      return ResourceExhausted("layer " + std::to_string(a.layer) +
-                               " tail is full (chunks could not be sealed; KV pool full?)");
-    }
-    // This token completes in every layer with this call: log it first (all-or-nothing).
-    if (journal_ && layer.pending == 0 && layers_ahead_ + 1 == profile_.layers) {
-      KVMEM_RETURN_IF_ERROR(LogCompletingToken(a));
-    }
-    const uint64_t tail_v = layer.tail_block + uint64_t{H} * tail_capacity_ * row;
-    for (uint32_t h = 0; h < H; ++h) {
-      const uint64_t at = (uint64_t{h} * tail_capacity_ + layer.tail_tokens) * row;
-      KVMEM_RETURN_IF_ERROR(
-          pool_->CopyIn(layer.tail_block + at, static_cast<const uint8_t*>(a.new_k) + h * row, row));
-      KVMEM_RETURN_IF_ERROR(
-          pool_->CopyIn(tail_v + at, static_cast<const uint8_t*>(a.new_v) + h * row, row));
-    }
-    ++layer.tail_tokens;
-    if (++layer.pending == 1) ++layers_ahead_;
-    if (pending_boundaries_.size() < layer.pending) pending_boundaries_.push_back(a.boundary);
-  }
-
-  // Attention over this layer's chunks and tail, before sealing moves rows around: every chunk
-  // (dense), or per KV head sinks ∪ selected chunks ∪ recent window ∪ tail (index).
   std::vector<kernels::KVSpan> spans;
   std::vector<uint32_t> head_begin;
   std::vector<HeadSelection> selection;
   uint64_t nodes = 0, bytes_read = 0;
-  // Retrieval-heads modes run even before any chunk is sealed: a retrieval head's (empty)
-  // selection still marks its KV-head index as selected for later layers.
-  const bool sparse = hybrid || (mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty());
   if (sparse) {
     std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
     ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
     const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
     std::vector<bool> dense(H, false);
+    PhaseTimer search_timer(AttendPhase::kHostSearch);
     if (hybrid) {
       KVMEM_RETURN_IF_ERROR(SelectHybrid(a.layer, mode, qf, budget, a.retrieval, &selection,
                                          &dense, &nodes, &bytes_read));
@@ -919,7 +1048,10 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   p.out_dtype = a.out_dtype;
   p.lse = a.lse;
   KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(p));
-  KVMEM_RETURN_IF_ERROR(pool_->Attend(&p, 1));
+  {
+    PhaseTimer t(AttendPhase::kHostAttend);
+    KVMEM_RETURN_IF_ERROR(pool_->Attend(&p, 1));
+  }
   if (info != nullptr) {
     if (sparse) {
       info->tokens_attended.assign(H, 0);
@@ -935,8 +1067,79 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
       info->tokens_attended.assign(H, static_cast<uint32_t>(layer_tokens(a.layer)));
     }
   }
+  return Status::OK();
+}
+
+Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
+  if (a.layer >= profile_.layers) {
+    return InvalidArgument("layer " + std::to_string(a.layer) + " out of range (session has " +
+                           std::to_string(profile_.layers) + " layers)");
+  }
+  const SelectionMode mode = a.mode == SelectionMode::kDefault ? options_.mode : a.mode;
+  const bool hybrid = mode == SelectionMode::kRetrievalHeads || mode == SelectionMode::kHybrid;
+  if (hybrid) {
+    // Checked before the token is appended, so a refused call changes nothing.
+    KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile_, mode));
+    KVMEM_RETURN_IF_ERROR(EffectiveRetrieval(a.retrieval).status());
+  }
+  BeginOp();
+  Layer& layer = layers_[a.layer];
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
+  const uint64_t row = uint64_t{D} * DTypeSize(profile_.dtype);
+
+  if (a.new_k != nullptr) {
+    if (layer.pending >= kMaxLayerSkew) {
+      return FailedPrecondition("layer " + std::to_string(a.layer) + " is already " +
+                                std::to_string(layer.pending) +
+                                " tokens ahead of the slowest layer");
+    }
+    if (layer.tail_tokens >= tail_capacity_) {
+      return ResourceExhausted("layer " + std::to_string(a.layer) +
+                               " tail is full (chunks could not be sealed; KV pool full?)");
+    }
+    // This token completes in every layer with this call: log it first (all-or-nothing).
+    if (journal_ && layer.pending == 0 && layers_ahead_ + 1 == profile_.layers) {
+      KVMEM_RETURN_IF_ERROR(LogCompletingToken(a));
+    }
+    const uint64_t tail_v = layer.tail_block + uint64_t{H} * tail_capacity_ * row;
+    for (uint32_t h = 0; h < H; ++h) {
+      const uint64_t at = (uint64_t{h} * tail_capacity_ + layer.tail_tokens) * row;
+      KVMEM_RETURN_IF_ERROR(
+          pool_->CopyIn(layer.tail_block + at, static_cast<const uint8_t*>(a.new_k) + h * row, row));
+      KVMEM_RETURN_IF_ERROR(
+          pool_->CopyIn(tail_v + at, static_cast<const uint8_t*>(a.new_v) + h * row, row));
+    }
+    ++layer.tail_tokens;
+    if (++layer.pending == 1) ++layers_ahead_;
+    if (pending_boundaries_.size() < layer.pending) pending_boundaries_.push_back(a.boundary);
+  }
+
+  // Attention over this layer's chunks and tail, before sealing moves rows around: every chunk
+  // (dense), or per KV head sinks ∪ selected chunks ∪ recent window ∪ tail (index).
+  // Retrieval-heads modes run even before any chunk is sealed: a retrieval head's (empty)
+  // selection still marks its KV-head index as selected for later layers.
+  const bool sparse = hybrid || (mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty());
+  bool on_device = false;
+  // The device search reads the chunk-block table it mirrored; blocks that eviction moved
+  // would be stale there, so sessions that ever evicted stay on the host search.
+  if (sparse && !hybrid && UseDeviceSearch() && stat_evicted_.load(std::memory_order_relaxed) == 0) {
+    {
+      PhaseTimer t(AttendPhase::kCatchUp);
+      KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
+    }
+    const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
+    Status st = AttendOnDevice(a, budget, info);
+    if (st.ok()) {
+      on_device = true;
+    } else if (st.code() != StatusCode::kUnavailable && st.code() != StatusCode::kUnimplemented &&
+               st.code() != StatusCode::kResourceExhausted) {
+      return st;
+    }
+  }
+  if (!on_device) KVMEM_RETURN_IF_ERROR(AttendOnHost(a, mode, hybrid, sparse, info));
 
   // A token every layer now holds is complete: chunk it.
+  PhaseTimer seal_timer(AttendPhase::kSeal);
   Status seal_status;
   while (layers_ahead_ == profile_.layers) {
     layers_ahead_ = 0;

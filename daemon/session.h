@@ -135,6 +135,7 @@ struct AttendArgs {
   DType out_dtype = DType::kBF16;
   float* lse = nullptr;  // [q_heads] or null
   RetrievalOverrides retrieval;
+  bool want_selection = false;  // fill AttendInfo::selection (index mode); else it may stay empty
 };
 
 // What a KV head did in one layer in modes retrieval_heads / hybrid (values as the wire's
@@ -169,6 +170,7 @@ struct AttendInfo {
   std::vector<HeadSelection> selection;   // per KV head (sparse modes); empty when dense
   uint64_t nodes_visited = 0;
   uint64_t bytes_read = 0;
+  bool device_search = false;  // the search ran on the device (CUDA backend)
 };
 
 struct RetrieveResult {
@@ -370,6 +372,14 @@ class Session {
                            uint64_t* bytes) const;
   Result<RetrievalOptions> EffectiveRetrieval(const RetrievalOverrides& ov) const;
   Status KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float* out) const;
+  // Index mode on a pool with device search: brings this layer's device mirrors (trees and
+  // chunk-block table) up to date, then searches and attends on the device. UNAVAILABLE when
+  // the device search could not serve the request (a head over its limits): the caller falls
+  // back to the host search.
+  Status AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo* info);
+  Status SyncDeviceIndex(uint32_t layer);
+  Status AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybrid, bool sparse, AttendInfo* info);
+  bool UseDeviceSearch() const;
   bool IsDenseLayer(uint32_t layer) const;
 
   uint64_t BlockBytes(uint32_t stride_tokens) const;
@@ -411,6 +421,15 @@ class Session {
   std::deque<uint8_t> pending_boundaries_;   // boundary of token tokens_ + k, first layer's
   std::vector<uint8_t> unsealed_boundaries_; // complete tokens not yet fed (seal failed)
   std::string boundary_log_;                  // class of every complete token (snapshots)
+
+  // Device mirrors for the device search (CUDA pool, index mode), made on first use.
+  struct DeviceIndex {
+    std::vector<std::unique_ptr<kernels::cuda::DeviceTree>> trees;  // [layer * kv_heads + head]
+    std::vector<uint64_t> tree_version;                             // version mirrored
+    std::vector<uint64_t> table_block, table_capacity, table_len;   // per layer: pool block of
+                                                                    // chunk element offsets
+  };
+  std::unique_ptr<DeviceIndex> device_index_;
 
   std::unique_ptr<SessionJournal> journal_;
   TierContext* const tiers_;

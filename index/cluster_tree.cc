@@ -348,6 +348,8 @@ Status ClusterTree::Build(std::span<const ChunkSummary> summaries,
   }
   RebuildSubtree(0);
   inserts_since_build_ = 0;
+  ++version_;
+  ++build_epoch_;
   return Status::OK();
 }
 
@@ -398,6 +400,7 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
   chunk_start_.push_back(total_tokens_);
   total_tokens_ += tokens;
   ++inserts_since_build_;
+  ++version_;
 
   // Nearest fine cluster by greedy descent on centroid distance.
   uint32_t n = 0;
@@ -499,6 +502,7 @@ uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
     }
     if (target == 0) inserts_since_build_ = 0;
     ++subtree_rebuilds_;
+    ++version_;
     ++rebuilt;
     if (target == 0) break;  // everything is fresh now
   }
@@ -762,6 +766,54 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
     }
   }
   return Status::OK();
+}
+
+void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const {
+  const uint32_t D = head_dim_;
+  out->head_dim = D;
+  out->nodes.clear();
+  out->node_centroids.clear();
+  out->leaf_chunks.clear();
+  out->level_begin.assign(1, 0);
+  // Breadth-first: `ids` holds tree node ids in flat order; a level ends where the next begins.
+  std::vector<uint32_t> ids = {0};
+  std::vector<uint32_t> parent = {kernels::kTreeNone};
+  size_t level_end = 1;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const Node& n = nodes_[ids[i]];
+    kernels::FlatTreeNode f{};
+    f.radius = n.radius;
+    f.parent = parent[i];
+    f.tokens = static_cast<uint32_t>(std::min<uint64_t>(n.tokens, 0xffffffffu));
+    if (n.leaf) {
+      f.child_begin = static_cast<uint32_t>(out->leaf_chunks.size());
+      f.child_count = static_cast<uint32_t>(n.children.size()) | kernels::kTreeLeafBit;
+      out->leaf_chunks.insert(out->leaf_chunks.end(), n.children.begin(), n.children.end());
+    } else {
+      f.child_begin = static_cast<uint32_t>(ids.size());
+      f.child_count = static_cast<uint32_t>(n.children.size());
+      for (uint32_t c : n.children) {
+        ids.push_back(c);
+        parent.push_back(static_cast<uint32_t>(i));
+      }
+    }
+    out->nodes.push_back(f);
+    out->node_centroids.insert(out->node_centroids.end(), node_centroid(ids[i]),
+                               node_centroid(ids[i]) + D);
+    if (i + 1 == level_end) {
+      out->level_begin.push_back(static_cast<uint32_t>(i + 1));
+      level_end = ids.size();
+    }
+  }
+  out->num_levels = static_cast<uint32_t>(out->level_begin.size() - 1);
+  const size_t from = std::min<size_t>(chunks_from, chunk_radius_.size());
+  out->num_chunks = num_chunks();
+  out->chunks_from = static_cast<uint32_t>(from);
+  out->chunks_epoch = build_epoch_;
+  out->chunk_centroids.assign(chunk_centroids_.begin() + from * D, chunk_centroids_.end());
+  out->chunk_radius.assign(chunk_radius_.begin() + from, chunk_radius_.end());
+  out->chunk_tokens.assign(chunk_tokens_.begin() + from, chunk_tokens_.end());
+  out->chunk_start.assign(chunk_start_.begin() + from, chunk_start_.end());
 }
 
 ChunkSummary ClusterTree::chunk_summary(uint32_t chunk) const {

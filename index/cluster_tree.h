@@ -26,6 +26,7 @@
 
 #include "common/status.h"
 #include "index/summary.h"
+#include "kernels/tree_search.h"
 
 namespace kvmem::index {
 
@@ -182,6 +183,15 @@ class ClusterTree {
 
   TreeStats Stats() const;
 
+  // Writes the tree in the flat breadth-first layout of kernels/tree_search.h (what the device
+  // search reads) into `out`, reusing its vectors. The chunk arrays get chunks
+  // [chunks_from, num_chunks()) (chunk summaries never change between Builds; out->chunks_epoch
+  // tells a mirror when they were replaced and it must start from 0).
+  void ExportFlat(kernels::FlatTree* out, uint32_t chunks_from = 0) const;
+  uint64_t chunks_epoch() const { return build_epoch_; }
+  // Changes on every Build, Insert and repairing Maintain: a mirror re-exports when it moved.
+  uint64_t version() const { return version_; }
+
   uint32_t head_dim() const { return head_dim_; }
   uint32_t num_chunks() const { return static_cast<uint32_t>(chunk_tokens_.size()); }
   uint64_t total_tokens() const { return total_tokens_; }
@@ -248,6 +258,8 @@ class ClusterTree {
   std::vector<uint32_t> free_nodes_;
   uint64_t inserts_since_build_ = 0;
   uint64_t subtree_rebuilds_ = 0;
+  uint64_t version_ = 0;
+  uint64_t build_epoch_ = 0;  // Build() replaces chunk summaries: exports start over
 };
 
 }  // namespace kvmem::index

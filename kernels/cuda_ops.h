@@ -22,6 +22,7 @@
 #include "common/status.h"
 #include "kernels/attention.h"
 #include "kernels/index_ops.h"
+#include "kernels/tree_search.h"
 
 namespace kvmem::kernels::cuda {
 
@@ -126,5 +127,104 @@ Status ChunkMaxScores(const ChunkMaxScoresView& v, void* stream);
 // One block per row; exact and deterministic (same result as TopKCpu, bit for bit).
 Status TopK(const TopKView& v, void* stream);
 Status PooledBlockScores(const PooledBlockScoresView& v, void* stream);
+
+// ---- Cluster-tree search fused with sparse attention (kernels/tree_search.h) -----------------
+//
+// DeviceTree: one tree's flat arrays in device memory. Sync() uploads the chunk summaries it
+// does not hold yet (they never change between Builds) and, when the tree changed, the node
+// arrays and the leaf order (about 10% of the bytes at 16 chunks per leaf). Pass the FlatTree
+// exported with chunks_from = chunks_held() (a different chunks_epoch starts over).
+class DeviceTree {
+ public:
+  DeviceTree() = default;
+  ~DeviceTree();
+  DeviceTree(const DeviceTree&) = delete;
+  DeviceTree& operator=(const DeviceTree&) = delete;
+
+  // Copies are ordered on `stream`; the host vectors may be reused once Sync returns.
+  Status Sync(const FlatTree& host, void* stream);
+  uint32_t chunks_held() const { return chunks_; }
+  uint64_t chunks_epoch() const { return epoch_; }
+  const FlatTreeView& view() const { return view_; }  // device pointers
+  uint64_t bytes_uploaded() const { return uploaded_; }
+  uint64_t device_bytes() const;
+
+ private:
+  struct Buffer {
+    void* p = nullptr;
+    size_t cap = 0;
+  };
+  // Makes `b` hold `bytes`, keeping the first `keep` bytes (device-to-device on growth).
+  Status Reserve(Buffer* b, size_t bytes, size_t keep, void* stream);
+  Buffer node_centroids_, nodes_, leaf_chunks_, chunk_centroids_, chunk_radius_, chunk_tokens_,
+      chunk_start_;
+  uint32_t chunks_ = 0;
+  uint64_t epoch_ = ~0ull;
+  uint64_t uploaded_ = 0;
+  FlatTreeView view_;
+};
+
+// One (session, layer) decode step in index mode: every KV head searches its tree for
+// `params.budget_tokens` and attends sinks ∪ selected chunks ∪ recent window ∪ tail, like
+// daemon Session::BuildSparseSpans, without the host seeing the selection in between.
+struct SearchAttendProblem {
+  // pool, dtypes, heads, head_dim, scale, q, out, lse as for AttendProblem (DEVICE pointers);
+  // spans / head_span_begin / num_spans are not used.
+  AttendProblem attend;
+  const FlatTreeView* trees = nullptr;      // HOST array [kv_heads] of device views
+  const uint64_t* chunk_block = nullptr;    // DEVICE [num_chunks] element offset of each chunk's
+                                            // K/V block (stride = its tokens) for this layer
+  TreeSearchParams params;
+  uint32_t sink_tokens = 0;                 // tokens [0, S) always attended
+  uint64_t recent_from = 0;                 // sealed tokens at or past this always attended
+  uint32_t recent_window = 0;               // = sealed - recent_from (sizes the splits)
+  KVSpan tail{};                            // the open tail (end = its tokens; may be empty)
+};
+
+// Per (problem, KV head) result of the search, in the workspace after the launch.
+struct SearchTaskResult {
+  uint32_t status;           // 0 ok; otherwise a kSearchStatus* bit set: the head attended nothing
+  uint32_t num_selected;     // chunks selected
+  uint32_t selected_tokens;  // their counted tokens (not below the sinks)
+  uint32_t attended_tokens;  // tokens the attention reads for this head
+  uint32_t nodes_scored;     // node + chunk summaries scored
+  uint32_t rounds;           // expansion rounds the search took
+  uint32_t pad[2];
+  // Time inside the block (%globaltimer, ns): node scores, leaves, rounds, runs; then within
+  // the rounds: leaf selection, chunk scoring, commit + sort, scan.
+  uint32_t phase_ns[8];
+};
+constexpr uint32_t kSearchStatusTooManyLeaves = 1;      // > kSearchMaxLeaves leaf clusters
+constexpr uint32_t kSearchStatusTooManyCandidates = 2;  // > kSearchMaxCandidates chunks scored
+constexpr uint32_t kSearchStatusTooManyRuns = 4;        // a split got > kMaxRunsPerItem runs
+constexpr uint32_t kSearchStatusTooManyChunks = 8;      // > kSearchMaxChunks chunks
+constexpr uint32_t kSearchMaxLeaves = 4096;
+constexpr uint32_t kSearchMaxCandidates = 3072;
+constexpr uint32_t kSearchMaxChunks = 131072;
+
+struct SearchAttendPlan {
+  std::vector<uint8_t> image;  // upload to the workspace start (UploadSearchAttendPlan)
+  size_t workspace_bytes = 0;
+  uint32_t num_tasks = 0;
+  uint32_t num_items = 0;
+  uint32_t max_selected = 0;  // selection slots per task
+  uint32_t head_dim = 0, group = 0;
+  DType kv_dtype = DType::kBF16, q_dtype = DType::kBF16, out_dtype = DType::kBF16;
+  size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, results_off = 0,
+         selected_off = 0, scores_off = 0, scratch_off = 0, partials_off = 0;
+};
+
+// Host only: validates, sizes the splits from the most tokens a head can attend
+// (sinks + budget + recent window + longest chunk + tail) and packs the image. UNIMPLEMENTED
+// for shapes the kernels do not cover (head_dim other than 64/128, GQA group not 1/2/4/8, fp32
+// K/V, trees deeper than kTreeSearchMaxLevels below the root).
+Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
+                        const AttendPlanOptions& options, SearchAttendPlan* plan);
+Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, void* stream);
+// The search alone (one launch: one thread block per (problem, KV head)); it writes the
+// selection, the results and the attention's runs into the workspace.
+Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* stream);
+// Search, then span attention over what it wrote: two launches, no host step between.
+Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream);
 
 }  // namespace kvmem::kernels::cuda

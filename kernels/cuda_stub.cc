@@ -20,5 +20,12 @@ Status NodeBounds(const NodeBoundsView&, void*) { return NoCuda(); }
 Status ChunkMaxScores(const ChunkMaxScoresView&, void*) { return NoCuda(); }
 Status TopK(const TopKView&, void*) { return NoCuda(); }
 Status PooledBlockScores(const PooledBlockScoresView&, void*) { return NoCuda(); }
+DeviceTree::~DeviceTree() = default;
+Status DeviceTree::Sync(const FlatTree&, void*) { return NoCuda(); }
+uint64_t DeviceTree::device_bytes() const { return 0; }
+Status DeviceTree::Reserve(Buffer*, size_t, size_t, void*) { return NoCuda(); }
+Status UploadSearchAttendPlan(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
+Status LaunchTreeSearch(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
+Status LaunchSearchAttend(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
 
 }  // namespace kvmem::kernels::cuda

@@ -4,9 +4,22 @@
 // floor measured in the same run.
 //
 //   kvmem-bench-e2e --json FILE [--contexts 8192,32768,131072] [--budget 2048] [--iters N]
+//                   [--host-search]
+//
+// Where the time goes: the daemon's kvmem_attend_phase_seconds (admin /metrics) is read
+// before and after each timed loop; the rows carry the mean per phase (daemon_phase_us) and
+// the daemon's own request time (daemon_request_us). --host-search starts kvmemd with
+// KVMEM_DEVICE_SEARCH=off (index search on the host even on the CUDA backend) for A/B runs.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -31,6 +44,62 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// GET http://127.0.0.1:port/path (the daemon's admin endpoint); empty on failure.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return {};
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    (void)!::write(fd, req.data(), req.size());
+    char buf[65536];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return out;
+}
+
+// Sum and count of every labelled sample of a Prometheus histogram family, by label value.
+struct PhaseTotals {
+  std::map<std::string, std::pair<double, double>> v;  // label -> (sum seconds, count)
+};
+PhaseTotals ReadHistogram(int port, const std::string& family, const std::string& label) {
+  PhaseTotals t;
+  const std::string text = HttpGet(port, "/metrics");
+  std::istringstream in(text);
+  std::string line;
+  const std::string pre = family + "_";
+  while (std::getline(in, line)) {
+    if (line.rfind(pre, 0) != 0) continue;
+    const bool sum = line.rfind(family + "_sum{", 0) == 0, count = line.rfind(family + "_count{", 0) == 0;
+    if (!sum && !count) continue;
+    const size_t l0 = line.find(label + "=\"");
+    if (l0 == std::string::npos) continue;
+    const size_t v0 = l0 + label.size() + 2, v1 = line.find('"', v0);
+    const std::string key = line.substr(v0, v1 - v0);
+    const double val = std::stod(line.substr(line.rfind(' ') + 1));
+    (sum ? t.v[key].first : t.v[key].second) = val;
+  }
+  return t;
+}
+
+// Mean microseconds per observation between two snapshots, by label.
+json MeanDelta(const PhaseTotals& a, const PhaseTotals& b) {
+  json j = json::object();
+  for (const auto& [k, v] : b.v) {
+    auto it = a.v.find(k);
+    const double ds = v.first - (it == a.v.end() ? 0 : it->second.first);
+    const double dc = v.second - (it == a.v.end() ? 0 : it->second.second);
+    if (dc > 0) j[k] = ds / dc * 1e6;
+  }
+  return j;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -39,12 +108,14 @@ int main(int argc, char** argv) {
   uint32_t budget = 2048;
   int iters = 200;
   std::string backend = "auto";
+  bool host_search = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
     else if (a == "--budget" && i + 1 < argc) budget = static_cast<uint32_t>(std::stoul(argv[++i]));
     else if (a == "--iters" && i + 1 < argc) iters = std::stoi(argv[++i]);
     else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
+    else if (a == "--host-search") host_search = true;
     else if (a == "--contexts" && i + 1 < argc) {
       contexts.clear();
       std::stringstream ss(argv[++i]);
@@ -60,8 +131,11 @@ int main(int argc, char** argv) {
   const uint32_t HQ = 32, HKV = 8, D = 128;
   uint64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
   const uint64_t pool_bytes = max_ctx * HKV * D * 2 * 2 * 3 + (1ull << 30);
+  if (host_search) ::setenv("KVMEM_DEVICE_SEARCH", "off", 1);  // inherited by kvmemd
+  const int admin_port = kvmem::testing::FreePort();
   kvmem::testing::DaemonProcess d({"--progress", "poll", "--executors", "0", "--backend", backend,
-                                   "--device-memory", std::to_string(pool_bytes)});
+                                   "--device-memory", std::to_string(pool_bytes), "--admin",
+                                   "127.0.0.1:" + std::to_string(admin_port)});
   if (!d.ready()) {
     std::fprintf(stderr, "kvmemd did not start\n");
     return 1;
@@ -136,6 +210,7 @@ int main(int argc, char** argv) {
       req.budget_tokens = budget;
       std::vector<double> us;
       uint32_t attended = 0;
+      PhaseTotals ph0, rq0;
       const int n_iter = mode == kvmem::client::Mode::kDense && T > 32768 ? std::max(10, iters / 10) : iters;
       for (int i = 0; i < n_iter + 5; ++i) {
         auto t0 = std::chrono::steady_clock::now();
@@ -147,11 +222,22 @@ int main(int argc, char** argv) {
         }
         attended = r->tokens_attended[0];
         if (i >= 5) us.push_back(dt);
+        if (i == 4) {
+          ph0 = ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase");
+          rq0 = ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op");
+        }
       }
-      const char* method = mode == kvmem::client::Mode::kIndex ? "kvmem_e2e_attend" : "kvmem_e2e_attend_dense";
+      const json phases = MeanDelta(ph0, ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase"));
+      const json req_us = MeanDelta(rq0, ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op"));
+      std::string method = mode == kvmem::client::Mode::kIndex ? "kvmem_e2e_attend" : "kvmem_e2e_attend_dense";
+      if (host_search && mode == kvmem::client::Mode::kIndex) method += "_host_search";
       out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", method},
-                                {"us_per_layer", Median(us)}, {"tokens_attended_per_head", attended}});
-      std::printf("%-8llu %-8u %-18s %12.1f %14u\n", static_cast<unsigned long long>(T), budget, method, Median(us), attended);
+                                {"us_per_layer", Median(us)}, {"tokens_attended_per_head", attended},
+                                {"daemon_phase_us", phases},
+                                {"daemon_request_us", req_us.contains("Attend") ? req_us["Attend"] : json()}});
+      std::printf("%-8llu %-8u %-30s %10.1f %10u  daemon %s  phases %s\n",
+                  static_cast<unsigned long long>(T), budget, method.c_str(), Median(us), attended,
+                  req_us.contains("Attend") ? req_us["Attend"].dump().c_str() : "-", phases.dump().c_str());
     }
     (void)cl.DropSession(*id);
   }

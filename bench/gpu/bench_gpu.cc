@@ -27,11 +27,14 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench/gpu/bench_kernels.h"
+#include "index/cluster_tree.h"
 #include "kernels/attention.h"
 #include "kernels/cuda_ops.h"
 
@@ -69,6 +72,7 @@ struct Args {
   std::vector<uint32_t> batches{1, 8, 32};
   std::vector<uint32_t> budgets{1024, 2048, 4096};
   int replays = 15;
+  bool search = true;  // kvmem_search / kvmem_search_sparse rows (builds real cluster trees)
   std::string machine;
   std::string commit = "unknown";
 };
@@ -102,6 +106,8 @@ Args ParseArgs(int argc, char** argv) {
       a.budgets = ParseList(next());
     else if (k == "--replays")
       a.replays = std::atoi(next());
+    else if (k == "--no-search")
+      a.search = false;
     else if (k == "--machine")
       a.machine = next();
     else if (k == "--commit")
@@ -212,6 +218,22 @@ nlohmann::json Row(uint32_t ctx, uint32_t batch, uint32_t budget, const char* me
   return r;
 }
 
+// max over (sequence, query head) of the relative error of `out` (bf16) against a float64
+// reference over the given K/V segments (seg_begin: [batch * kv_heads + 1]).
+double ErrorAgainstReference(const std::vector<RefSegment>& segs,
+                             const std::vector<uint32_t>& seg_begin, uint32_t batch,
+                             const void* q, float scale, const void* out) {
+  const size_t q_elems = static_cast<size_t>(batch) * kHq * kD;
+  DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(seg_begin.size() * 4),
+      ref(q_elems * sizeof(double));
+  CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(begin_d.p, seg_begin.data(), seg_begin.size() * 4, cudaMemcpyHostToDevice));
+  ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, q, scale,
+                  ref.as<double>());
+  CK(cudaGetLastError());
+  return MaxRelErrBF16(out, ref.as<double>(), batch * kHq);
+}
+
 // ---- Dense ----------------------------------------------------------------------------------
 nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int replays,
                           double copy_gbps) {
@@ -272,14 +294,7 @@ nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int repl
     }
   }
   begin.push_back(static_cast<uint32_t>(segs.size()));
-  DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(begin.size() * 4),
-      ref(q_elems * sizeof(double));
-  CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(begin_d.p, begin.data(), begin.size() * 4, cudaMemcpyHostToDevice));
-  ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, q[0]->p,
-                  view.scale, ref.as<double>());
-  CK(cudaGetLastError());
-  const double err = MaxRelErrBF16(out.p, ref.as<double>(), batch * kHq);
+  const double err = ErrorAgainstReference(segs, begin, batch, q[0]->p, view.scale, out.p);
   auto row = Row(ctx, batch, 0, "kvmem_dense", us, bytes, err, copy_gbps);
   row["rotation"] = R;
   return row;
@@ -433,14 +448,7 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
       }
     }
     begin.push_back(static_cast<uint32_t>(segs.size()));
-    DeviceBuffer segs_d(segs.size() * sizeof(RefSegment)), begin_d(begin.size() * 4),
-        ref(q_elems * sizeof(double));
-    CK(cudaMemcpy(segs_d.p, segs.data(), segs.size() * sizeof(RefSegment), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(begin_d.p, begin.data(), begin.size() * 4, cudaMemcpyHostToDevice));
-    ReferenceAttend(segs_d.as<RefSegment>(), begin_d.as<uint32_t>(), batch, kHq, kHkv, qs[0]->p,
-                    scale, ref.as<double>());
-    CK(cudaGetLastError());
-    const double err = MaxRelErrBF16(out.p, ref.as<double>(), batch * kHq);
+    const double err = ErrorAgainstReference(segs, begin, batch, qs[0]->p, scale, out.p);
     auto row = Row(ctx, batch, budget, "kvmem_sparse_attn", us, bytes, err, copy_gbps);
     row["rotation"] = R;
     row["plan_us"] = plan_us;
@@ -448,6 +456,270 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
     row["split_tokens"] = plans[0].split_tokens;
     row["tokens_per_head"] = static_cast<double>(sels[0].tokens) / (batch * kHkv);
     rows.push_back(row);
+  }
+  return rows;
+}
+
+// ---- Search and search + sparse attention on real cluster trees -----------------------------
+// Sessions laid out like the daemon's (a K/V block per chunk with stride = its tokens, chunks of
+// 8..24 tokens, a 64-token tail block holding 40 tokens), topic-structured keys, one
+// ClusterTree per (session, KV head) built from the GPU chunk summaries, mirrored with
+// kc::DeviceTree. Rotation: R copies of the device trees and R query sets, so the summaries the
+// search reads are not L2-resident from the previous replay (a layer's trees are not either).
+struct SearchSession {
+  std::vector<uint32_t> tokens;
+  std::vector<uint64_t> start, block;
+  uint64_t tail_off = 0;
+  std::vector<index::ClusterTree> trees;
+  std::vector<std::vector<float>> centroids;  // [head][chunk * D] host copy (query generation)
+  std::unique_ptr<DeviceBuffer> block_d;
+};
+
+std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t batch,
+                                        const std::vector<uint32_t>& budgets, int replays,
+                                        double copy_gbps, std::mt19937_64& rng) {
+  std::vector<nlohmann::json> rows;
+  std::vector<SearchSession> ss(batch);
+  uint64_t elems = 0;
+  for (auto& se : ss) {
+    uint64_t tok = 0;
+    while (tok + kTail < ctx) {
+      const uint32_t len = std::min<uint32_t>(8 + static_cast<uint32_t>(rng() % 17),
+                                              static_cast<uint32_t>(ctx - kTail - tok));
+      se.start.push_back(tok);
+      se.tokens.push_back(len);
+      se.block.push_back(elems);
+      elems += 2ull * kHkv * len * kD;
+      tok += len;
+    }
+    se.tail_off = elems;
+    elems += kTailElems;
+  }
+  DeviceBuffer pool(elems * 2);
+  FillRandomBF16(pool.p, elems, 99, 1.f);  // tails; chunk blocks are overwritten below
+  const auto t_build0 = std::chrono::steady_clock::now();
+  for (uint32_t b = 0; b < batch; ++b) {
+    SearchSession& se = ss[b];
+    const uint32_t n = static_cast<uint32_t>(se.tokens.size());
+    se.block_d.reset(new DeviceBuffer(n * 8));
+    DeviceBuffer tok_d(n * 4), start_d(n * 8), spans_d(n * sizeof(KVSpan));
+    CK(cudaMemcpy(se.block_d->p, se.block.data(), n * 8, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(tok_d.p, se.tokens.data(), n * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(start_d.p, se.start.data(), n * 8, cudaMemcpyHostToDevice));
+    FillTopicKV(pool.p, se.block_d->as<uint64_t>(), tok_d.as<uint32_t>(), start_d.as<uint64_t>(),
+                n, kHkv, kD, b, 4242);
+    CK(cudaGetLastError());
+    std::vector<KVSpan> spans(n);
+    for (uint32_t c = 0; c < n; ++c) spans[c] = {se.block[c], se.tokens[c], 0, se.tokens[c]};
+    CK(cudaMemcpy(spans_d.p, spans.data(), n * sizeof(KVSpan), cudaMemcpyHostToDevice));
+    DeviceBuffer cen(size_t{n} * kHkv * kD * 4), rad(size_t{n} * kHkv * 4), nrm(size_t{n} * kHkv * 4);
+    kernels::ChunkSummaryView v{pool.p, DType::kBF16, kHkv, kD, spans_d.as<KVSpan>(), n,
+                                cen.as<float>(), rad.as<float>(), nrm.as<float>()};
+    SK(kc::ChunkSummary(v, nullptr));
+    std::vector<float> c_h(size_t{n} * kHkv * kD), r_h(size_t{n} * kHkv), m_h(r_h.size());
+    CK(cudaMemcpy(c_h.data(), cen.p, c_h.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(r_h.data(), rad.p, r_h.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(m_h.data(), nrm.p, m_h.size() * 4, cudaMemcpyDeviceToHost));
+    se.centroids.assign(kHkv, {});
+    for (uint32_t h = 0; h < kHkv; ++h) se.trees.emplace_back(kD);
+    std::vector<std::thread> th;
+    for (uint32_t h = 0; h < kHkv; ++h) {
+      th.emplace_back([&, h] {
+        std::vector<index::ChunkSummary> sums(n);
+        se.centroids[h].resize(size_t{n} * kD);
+        for (uint32_t c = 0; c < n; ++c) {
+          const float* cc = &c_h[(size_t{c} * kHkv + h) * kD];
+          sums[c].centroid.assign(cc, cc + kD);
+          std::copy(cc, cc + kD, &se.centroids[h][size_t{c} * kD]);
+          sums[c].radius = r_h[size_t{c} * kHkv + h];
+          sums[c].max_key_norm = m_h[size_t{c} * kHkv + h];
+        }
+        (void)se.trees[h].Build(sums, se.tokens);
+      });
+    }
+    for (auto& t : th) t.join();
+  }
+  const double build_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build0).count();
+  // Device trees: R copies.
+  std::vector<kernels::FlatTree> flats(size_t{batch} * kHkv);
+  uint64_t tree_bytes = 0;
+  for (uint32_t b = 0; b < batch; ++b) {
+    for (uint32_t h = 0; h < kHkv; ++h) {
+      ss[b].trees[h].ExportFlat(&flats[b * kHkv + h]);
+      const auto& f = flats[b * kHkv + h];
+      tree_bytes += (f.nodes.size() + f.num_chunks) * (kD * 4 + 8);
+    }
+  }
+  const int R = Rotation(tree_bytes);
+  std::vector<std::unique_ptr<kc::DeviceTree>> dtrees;
+  for (int r = 0; r < R; ++r) {
+    for (auto& f : flats) {
+      dtrees.emplace_back(new kc::DeviceTree());
+      SK(dtrees.back()->Sync(f, s));
+    }
+  }
+  CK(cudaStreamSynchronize(s));
+  const size_t q_elems = static_cast<size_t>(batch) * kHq * kD;
+  DeviceBuffer out(q_elems * 2), lse(batch * kHq * 4);
+  const float scale = 1.f / std::sqrt(static_cast<float>(kD));
+  // Queries: per KV-head group, the centroid of a random chunk plus noise (a decode query
+  // attends to something in the context); R sets.
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<std::vector<uint16_t>> q_h(R, std::vector<uint16_t>(q_elems));
+  std::vector<std::unique_ptr<DeviceBuffer>> qs;
+  for (int r = 0; r < R; ++r) {
+    for (uint32_t b = 0; b < batch; ++b) {
+      for (uint32_t h = 0; h < kHkv; ++h) {
+        const uint32_t c = static_cast<uint32_t>(rng() % ss[b].tokens.size());
+        for (uint32_t g = 0; g < kHq / kHkv; ++g) {
+          for (uint32_t d = 0; d < kD; ++d) {
+            q_h[r][((size_t{b} * kHq) + h * (kHq / kHkv) + g) * kD + d] =
+                FloatToBF16(ss[b].centroids[h][size_t{c} * kD + d] + 0.5f * nd(rng));
+          }
+        }
+      }
+    }
+    qs.emplace_back(new DeviceBuffer(q_elems * 2));
+    CK(cudaMemcpy(qs[r]->p, q_h[r].data(), q_elems * 2, cudaMemcpyHostToDevice));
+  }
+  for (uint32_t budget : budgets) {
+    std::vector<kc::SearchAttendPlan> plans(R);
+    std::vector<std::unique_ptr<DeviceBuffer>> wss;
+    std::vector<std::vector<kernels::FlatTreeView>> views(static_cast<size_t>(R) * batch);
+    double plan_us = 0;
+    for (int r = 0; r < R; ++r) {
+      std::vector<kc::SearchAttendProblem> probs(batch);
+      for (uint32_t b = 0; b < batch; ++b) {
+        for (uint32_t h = 0; h < kHkv; ++h) {
+          views[r * batch + b].push_back(dtrees[(static_cast<size_t>(r) * batch + b) * kHkv + h]->view());
+        }
+        kc::SearchAttendProblem& p = probs[b];
+        p.attend.pool = pool.p;
+        p.attend.kv_dtype = DType::kBF16;
+        p.attend.q_heads = kHq;
+        p.attend.kv_heads = kHkv;
+        p.attend.head_dim = kD;
+        p.attend.scale = scale;
+        p.attend.q = qs[r]->as<uint8_t>() + size_t{b} * kHq * kD * 2;
+        p.attend.q_dtype = DType::kBF16;
+        p.attend.out = out.as<uint8_t>() + size_t{b} * kHq * kD * 2;
+        p.attend.out_dtype = DType::kBF16;
+        p.attend.lse = lse.as<float>() + b * kHq;
+        p.trees = views[r * batch + b].data();
+        p.chunk_block = ss[b].block_d->as<uint64_t>();
+        p.params.budget_tokens = budget;
+        p.params.skip_tokens_below = kSink;
+        p.sink_tokens = kSink;
+        p.recent_from = ss[b].start.back() + ss[b].tokens.back();
+        p.tail = {ss[b].tail_off, kTailCap, 0, kTail};
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      SK(kc::PlanSearchAttend(probs.data(), batch, kc::AttendPlanOptions{}, &plans[r]));
+      const auto t1 = std::chrono::steady_clock::now();
+      if (r == 0) plan_us = std::chrono::duration<double, std::micro>(t1 - t0).count();
+      wss.emplace_back(new DeviceBuffer(plans[r].workspace_bytes));
+      CK(cudaMemset(wss[r]->p, 0, plans[r].workspace_bytes));
+      SK(kc::UploadSearchAttendPlan(plans[r], wss[r]->p, s));
+    }
+    CK(cudaStreamSynchronize(s));
+    const double us_search = TimeGraph(s, Launches(R), replays, [&](int i) {
+      SK(kc::LaunchTreeSearch(plans[i % R], wss[i % R]->p, s));
+    });
+    const double us_both = TimeGraph(s, Launches(R), replays, [&](int i) {
+      SK(kc::LaunchSearchAttend(plans[i % R], wss[i % R]->p, s));
+    });
+    SK(kc::LaunchSearchAttend(plans[0], wss[0]->p, s));
+    CK(cudaStreamSynchronize(s));
+    // Read back the search of rotation 0 and check it against the CPU's SearchBudget.
+    const kc::SearchAttendPlan& pl = plans[0];
+    const uint32_t T = pl.num_tasks;
+    std::vector<kc::SearchTaskResult> res(T);
+    std::vector<uint32_t> sel(size_t{T} * pl.max_selected);
+    auto* w8 = wss[0]->as<uint8_t>();
+    CK(cudaMemcpy(res.data(), w8 + pl.results_off, T * sizeof(res[0]), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(sel.data(), w8 + pl.selected_off, sel.size() * 4, cudaMemcpyDeviceToHost));
+    uint32_t agree = 0, failed = 0, rounds_max = 0;
+    double phase[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double nodes = 0, attended = 0, overlap = 0, cpu_us = 0;
+    std::vector<RefSegment> segs;
+    std::vector<uint32_t> seg_begin;
+    auto* base = pool.as<uint8_t>();
+    for (uint32_t b = 0; b < batch; ++b) {
+      for (uint32_t h = 0; h < kHkv; ++h) {
+        const uint32_t t = b * kHkv + h;
+        failed += res[t].status != 0;
+        rounds_max = std::max(rounds_max, res[t].rounds);
+        for (int i = 0; i < 8; ++i) phase[i] += res[t].phase_ns[i] * 1e-3;
+        nodes += res[t].nodes_scored;
+        attended += res[t].attended_tokens;
+        std::vector<float> qf(size_t{kHq / kHkv} * kD);
+        for (size_t i = 0; i < qf.size(); ++i) {
+          qf[i] = BF16ToFloat(q_h[0][(size_t{b} * kHq + h * (kHq / kHkv)) * kD + i]);
+        }
+        index::BudgetSearchOptions o;
+        o.skip_tokens_below = kSink;
+        const auto c0 = std::chrono::steady_clock::now();
+        auto cpu = ss[b].trees[h].SearchBudget(qf, budget, o);
+        cpu_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - c0).count();
+        SK(cpu.status());
+        std::vector<uint32_t> a = cpu->chunks;
+        std::vector<uint32_t> g(sel.begin() + size_t{t} * pl.max_selected,
+                                sel.begin() + size_t{t} * pl.max_selected + res[t].num_selected);
+        std::sort(a.begin(), a.end());
+        std::sort(g.begin(), g.end());
+        agree += a == g;
+        std::vector<uint32_t> both;
+        std::set_intersection(a.begin(), a.end(), g.begin(), g.end(), std::back_inserter(both));
+        overlap += a.empty() ? 1.0 : static_cast<double>(both.size()) / a.size();
+        // Reference segments: sinks (chunk 0 is 8..24 tokens; its first 16 or fewer), the
+        // GPU's selection, the tail (recent window 0).
+        seg_begin.push_back(static_cast<uint32_t>(segs.size()));
+        const SearchSession& se = ss[b];
+        std::set<uint32_t> gs(g.begin(), g.end());
+        for (uint32_t c = 0; c < se.tokens.size() && se.start[c] < kSink; ++c) {
+          const uint32_t len = gs.count(c) ? se.tokens[c]
+                                           : static_cast<uint32_t>(std::min<uint64_t>(se.tokens[c], kSink - se.start[c]));
+          const uint64_t k = se.block[c] + uint64_t{h} * se.tokens[c] * kD;
+          segs.push_back({base + k * 2, base + (k + uint64_t{kHkv} * se.tokens[c] * kD) * 2, len, 0});
+          gs.erase(c);
+        }
+        for (uint32_t c : gs) {
+          const uint64_t k = se.block[c] + uint64_t{h} * se.tokens[c] * kD;
+          segs.push_back({base + k * 2, base + (k + uint64_t{kHkv} * se.tokens[c] * kD) * 2, se.tokens[c], 0});
+        }
+        const uint64_t k = se.tail_off + uint64_t{h} * kTailCap * kD;
+        segs.push_back({base + k * 2, base + (k + uint64_t{kHkv} * kTailCap * kD) * 2, kTail, 0});
+      }
+    }
+    seg_begin.push_back(static_cast<uint32_t>(segs.size()));
+    const double err = ErrorAgainstReference(segs, seg_begin, batch, qs[0]->p, scale, out.p);
+    const double tasks = static_cast<double>(T);
+    const double search_bytes = nodes * (kD * 4 + 8);
+    const double attn_bytes = attended * kD * 2 * 2 + 2.0 * q_elems * 2 + batch * kHq * 4.0;
+    auto r1 = Row(ctx, batch, budget, "kvmem_search", us_search, search_bytes,
+                  1.0 - agree / tasks, copy_gbps);
+    auto r2 = Row(ctx, batch, budget, "kvmem_search_sparse", us_both, search_bytes + attn_bytes,
+                  err, copy_gbps);
+    for (auto* r : {&r1, &r2}) {
+      (*r)["rotation"] = R;
+      (*r)["cpu_agreement"] = agree / tasks;
+      (*r)["cpu_overlap"] = overlap / tasks;
+      (*r)["failed_heads"] = failed;
+      (*r)["rounds_max"] = rounds_max;
+      (*r)["nodes_scored_per_head"] = nodes / tasks;
+      (*r)["tokens_per_head"] = attended / tasks;
+      (*r)["plan_us"] = plan_us;
+      (*r)["cpu_search_us_per_layer_1thread"] = cpu_us;
+      (*r)["tree_build_s"] = build_s;
+      (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks},      {"leaves", phase[1] / tasks},
+                                      {"rounds", phase[2] / tasks},     {"runs", phase[3] / tasks},
+                                      {"leaf_select", phase[4] / tasks},  {"round_score", phase[5] / tasks},
+                                      {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks}};
+    }
+    r1["max_rel_err_meaning"] = "fraction of KV heads whose selection differs from CPU SearchBudget";
+    rows.push_back(r1);
+    rows.push_back(r2);
   }
   return rows;
 }
@@ -505,6 +777,19 @@ int Main(int argc, char** argv) {
                     "kvmem_sparse_attn", ctx, batch, r["budget"].get<uint32_t>(),
                     r["us_per_layer"].get<double>(), r["gbps"].get<double>(),
                     r["max_rel_err"].get<double>());
+        std::fflush(stdout);
+        out["results"].push_back(r);
+        flush_json();
+      }
+      if (!args.search) continue;
+      for (auto& r : BenchSearch(s, ctx, batch, args.budgets, args.replays, copy_gbps, rng)) {
+        std::printf("%-19s ctx %6u batch %2u budget %4u  %9.2f us  agree %.3f  rounds %u  "
+                    "nodes/head %.0f  err %.2e  phases %s\n",
+                    r["method"].get<std::string>().c_str(), ctx, batch,
+                    r["budget"].get<uint32_t>(), r["us_per_layer"].get<double>(),
+                    r["cpu_agreement"].get<double>(), r["rounds_max"].get<uint32_t>(),
+                    r["nodes_scored_per_head"].get<double>(), r["max_rel_err"].get<double>(),
+                    r["search_phase_us_mean"].dump().c_str());
         std::fflush(stdout);
         out["results"].push_back(r);
         flush_json();

@@ -30,6 +30,40 @@ __global__ void FillKernel(__nv_bfloat16* p, size_t n, uint64_t seed, float scal
   }
 }
 
+// Approximately standard normal from a 64-bit hash (sum of four uniforms).
+__device__ __forceinline__ float HashNormal(uint64_t key) {
+  const uint64_t h = Mix(key * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull);
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s += static_cast<float>((h >> (16 * j)) & 0xffff) / 65535.f - 0.5f;
+  return s * 1.7320508f;
+}
+
+// One block per chunk: K[h][i][d] = 1.5 * topic(session, h, pos / 512)[d] + 0.4 * noise,
+// V random; the block of chunk c holds K then V with stride = its tokens.
+__global__ void TopicKernel(__nv_bfloat16* pool, const uint64_t* block, const uint32_t* tokens,
+                            const uint64_t* start, uint32_t kv_heads, uint32_t head_dim,
+                            uint64_t session, uint64_t seed) {
+  const uint32_t c = blockIdx.x;
+  const uint32_t t = tokens[c];
+  const uint64_t n = uint64_t{kv_heads} * t * head_dim;
+  __nv_bfloat16* k = pool + block[c];
+  for (uint64_t e = threadIdx.x; e < 2 * n; e += blockDim.x) {
+    if (e >= n) {
+      k[e] = __float2bfloat16_rn(HashNormal(seed ^ (block[c] * 2654435761ull + e)));
+      continue;
+    }
+    const uint32_t d = e % head_dim;
+    const uint32_t i = (e / head_dim) % t;
+    const uint32_t h = static_cast<uint32_t>(e / (uint64_t{head_dim} * t));
+    const uint64_t seg = (start[c] + i) / 512;
+    const float topic = HashNormal(((seed * 131 + session) * 1024 + h) * 0x100000001b3ull +
+                                   seg * 4096 + d);
+    const float noise = HashNormal(seed + 7 + (block[c] + e) * 0x9e37ull);
+    k[e] = __float2bfloat16_rn(1.5f * topic + 0.4f * noise);
+  }
+}
+
 constexpr int D = 128;
 constexpr int kRefThreads = 128;
 constexpr int kTile = 32;
@@ -116,6 +150,14 @@ __global__ void RelErrKernel(const __nv_bfloat16* got, const double* ref, uint32
 }
 
 }  // namespace
+
+void FillTopicKV(void* pool, const uint64_t* block, const uint32_t* tokens, const uint64_t* start,
+                 uint32_t num_chunks, uint32_t kv_heads, uint32_t head_dim, uint64_t session,
+                 uint64_t seed) {
+  if (num_chunks == 0) return;
+  TopicKernel<<<num_chunks, 256>>>(static_cast<__nv_bfloat16*>(pool), block, tokens, start,
+                                   kv_heads, head_dim, session, seed);
+}
 
 void FillRandomBF16(void* dst, size_t n, uint64_t seed, float scale) {
   FillKernel<<<4096, 256>>>(static_cast<__nv_bfloat16*>(dst), n, seed, scale);

@@ -11,6 +11,13 @@ namespace kvmem::bench {
 // scaled by `scale`, plus `offset` per element. Asynchronous on the legacy stream.
 void FillRandomBF16(void* dst, size_t n, uint64_t seed, float scale);
 
+// Topic-structured keys (runs of 512 positions share a direction per head, plus noise) and
+// random values into chunk blocks K[kv_heads][tokens][head_dim] then V (stride = tokens) at
+// element offsets block[c]; block/tokens/start are device arrays [num_chunks]. Asynchronous.
+void FillTopicKV(void* pool, const uint64_t* block, const uint32_t* tokens, const uint64_t* start,
+                 uint32_t num_chunks, uint32_t kv_heads, uint32_t head_dim, uint64_t session,
+                 uint64_t seed);
+
 // One contiguous row run of one KV head: len rows of head_dim bf16 keys at k, values at v.
 struct RefSegment {
   const void* k;

@@ -9,7 +9,7 @@ rows = j["results"]
 print(f"machine {j['machine']}  commit {j['commit']}  copy {copy:.0f} GB/s")
 key = lambda r: (r["context"], r["batch"], r["budget"])
 torch = {(r["context"], r["batch"]): r for r in rows if r["method"] == "torch_sdpa_dense"}
-print(f"{'method':18} {'ctx':>6} {'B':>3} {'budget':>6} {'us':>9} {'floor':>8} {'GB/s':>6} {'%copy':>6} {'err':>8}  note")
+print(f"{'method':19} {'ctx':>6} {'B':>3} {'budget':>6} {'us':>9} {'floor':>8} {'GB/s':>6} {'%copy':>6} {'err':>8}  note")
 for r in sorted(rows, key=lambda r: (r["context"], r["batch"], r["method"], r["budget"])):
     note = ""
     t = torch.get((r["context"], r["batch"]))
@@ -22,6 +22,15 @@ for r in sorted(rows, key=lambda r: (r["context"], r["batch"], r["method"], r["b
             note = "target >=50% copy: " + ("MET" if frac >= 0.5 else "MISSED")
         if t:
             note += f" {t['us_per_layer'] / r['us_per_layer']:.1f}x faster than torch dense"
-    print(f"{r['method']:18} {r['context']:6d} {r['batch']:3d} {r['budget']:6d} {r['us_per_layer']:9.2f} "
+    if r["method"] == "kvmem_search_sparse" and t:
+        sp = t["us_per_layer"] / r["us_per_layer"]
+        note = f"{sp:.1f}x faster than torch dense"
+        if r["context"] == 131072 and r["batch"] in (1, 8) and r["budget"] == 2048:
+            note += " (target >=10x: " + ("MET" if sp >= 10 else "MISSED") + ")"
+    if r["method"] == "kvmem_search":
+        note = f"CPU agreement {r.get('cpu_agreement', float('nan')):.3f}"
+        if r["context"] == 131072 and r["batch"] == 1:
+            note += " (target <=20us: " + ("MET" if r["us_per_layer"] <= 20 else "MISSED") + ")"
+    print(f"{r['method']:19} {r['context']:6d} {r['batch']:3d} {r['budget']:6d} {r['us_per_layer']:9.2f} "
           f"{r.get('floor_us', r['bytes'] / copy / 1e3):8.2f} {r['gbps']:6.0f} {100 * r['gbps'] / copy:5.0f}% "
           f"{r['max_rel_err']:8.1e}  {note}")

@@ -12,6 +12,7 @@ namespace kvmem::index {
 namespace {
 
 using testing::BruteForceTopK;
+using testing::BuildTree;
 using testing::RandomKeys;
 using testing::RandomQuery;
 using testing::Summaries;
@@ -27,15 +28,6 @@ std::vector<float> MixedQuery(std::mt19937_64& rng, const VectorKeySource& src, 
     }
   }
   return q;
-}
-
-ClusterTree BuildTree(const VectorKeySource& src, ClusterTreeOptions o = {}) {
-  std::vector<ChunkSummary> sums;
-  std::vector<uint32_t> tokens;
-  Summaries(src, &sums, &tokens);
-  ClusterTree tree(src.dim, o);
-  EXPECT_TRUE(tree.Build(sums, tokens).ok());
-  return tree;
 }
 
 void ExpectExactMatchesBruteForce(const ClusterTree& tree, const VectorKeySource& src,

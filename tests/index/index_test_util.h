@@ -79,6 +79,16 @@ inline void Summaries(const VectorKeySource& src, std::vector<ChunkSummary>* sum
   }
 }
 
+// A tree built in bulk over the source's chunks.
+inline ClusterTree BuildTree(const VectorKeySource& src, ClusterTreeOptions o = {}) {
+  std::vector<ChunkSummary> sums;
+  std::vector<uint32_t> tokens;
+  Summaries(src, &sums, &tokens);
+  ClusterTree tree(src.dim, o);
+  EXPECT_TRUE(tree.Build(sums, tokens).ok());
+  return tree;
+}
+
 // Brute-force "max over the chunk's keys of q·k, max over the group", ties by lower id.
 inline std::vector<uint32_t> BruteForceTopK(const VectorKeySource& src,
                                             const std::vector<float>& q, uint32_t k) {

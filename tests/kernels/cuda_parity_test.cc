@@ -15,6 +15,7 @@
 #include "common/dtype.h"
 #include "kernels/attention.h"
 #include "kernels/cuda_ops.h"
+#include "kernels/cuda_test_util.h"
 #include "kernels/index_ops.h"
 
 namespace kvmem::kernels {
@@ -22,17 +23,6 @@ namespace {
 
 namespace kc = kvmem::kernels::cuda;
 
-#define SKIP_WITHOUT_GPU()                                                                     \
-  do {                                                                                         \
-    if (kc::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible: parity test skipped"; \
-  } while (0)
-
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
-#define ST_OK(expr)                                         \
-  do {                                                      \
-    const Status _s = (expr);                               \
-    ASSERT_TRUE(_s.ok()) << #expr << ": " << _s.ToString(); \
-  } while (0)
 
 constexpr size_t kGuard = 256;
 constexpr uint8_t kGuardByte = 0xA5;

@@ -1,0 +1,874 @@
+// Budgeted cluster-tree search on the GPU (kernels/tree_search.h for what it computes), one
+// thread block of 512 threads per (problem, KV head), then the span-attention kernel over the
+// runs the search wrote. No host step between the two launches.
+//
+// One block, level-synchronously:
+//   1. the group's mean query (the CPU's float operations, in its order);
+//   2. every node's soft score, level by level, and its chain (right-to-left minima of the path
+//      scores, 4 floats padded with -inf) into global scratch; a dot product is 8 lanes with one
+//      partial sum each, combined like index::detail::Dot, so scores are bit-identical to the CPU;
+//   3. leaves sorted by bottleneck e = chain[0] (bitonic, shared memory);
+//   4. rounds: take the best leaves until they hold 2x the budget (then 4x more each round);
+//      score their chunks; chunks whose bottleneck beats the next leaf's e are final in order,
+//      so they are sorted by chain and scanned like the CPU's offer() (warp 0: 32 at a time
+//      while they fit, one by one near the end); stop when the scan stops or leaves run out;
+//   5. runs: sink and recent-window pieces (merged with the selection), selected chunks, tail;
+//      cut into the head's planned splits by token prefix and written as the attention's items.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda_ops.h"
+#include "kernels/detail/attention_plan_layout.h"
+#include "kernels/detail/tree_search_layout.h"
+
+namespace kvmem::kernels::cuda {
+namespace {
+
+using ::kvmem::kernels::detail::AttendItemDesc;
+using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::kMaxRunsPerItem;
+using ::kvmem::kernels::detail::SearchTaskDesc;
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPerWarp = 4;  // dot products per warp at a time (8 lanes each)
+constexpr uint32_t kMaxLeaves = kSearchMaxLeaves;
+constexpr uint32_t kConsumed = 0x80000000u;
+constexpr uint32_t kDone = 0x80000000u;  // leaf expanded
+constexpr uint32_t kHistBins = 1024;
+
+// Floats as unsigned integers in the same order (for atomicMin / atomicMax).
+__device__ __forceinline__ uint32_t OrderedBits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float FromOrderedBits(uint32_t o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+constexpr uint32_t kMaxCand = kSearchMaxCandidates;
+constexpr uint32_t kBitmapWords = kSearchMaxChunks / 32;
+constexpr uint32_t kMaxRuns = kSearchMaxCandidates + 64;  // runs of one head before splitting
+constexpr uint32_t kMaxSplits = 256;
+constexpr float kNegInf = -INFINITY;
+
+struct Smem {
+  float mean[128];
+  float mean_norm;
+  uint32_t leaf_count, cand_count, run_count, nsel, sel_tokens, status, done, rounds, nodes_scored;
+  uint32_t remaining, misfits;
+  float e_next;
+  uint32_t n_special, total_tokens, n_commit;
+  float leaf_key[kMaxLeaves];
+  uint32_t leaf_idx[kMaxLeaves];
+  uint32_t leaf_tokens[kMaxLeaves];  // tokens below; once expanded: its first pool entry
+  uint32_t leaf_chunks[kMaxLeaves];  // chunks, | kDone once expanded
+  uint32_t leaf_child_begin[kMaxLeaves];
+  uint32_t hist_tok[kHistBins];
+  uint32_t hist_chk[kHistBins];
+  uint32_t key_lo, key_hi, e_next_bits, hist_cut, new_count, left;
+  unsigned long long expanded_tokens;
+  union {
+    struct {  // the search rounds: the pool of scored chunks, and this round's commits
+      float4 cand_chain[kMaxCand];
+      uint32_t cand_id[kMaxCand];
+      uint32_t cand_tok[kMaxCand];  // | kConsumed once committed
+      float cand_score[kMaxCand];
+      uint32_t commit[kMaxCand];
+    };
+    struct {  // then the runs
+      uint32_t sel_id[kMaxCand];
+      uint32_t sel_len[kMaxCand];
+      uint32_t run_chunk[kMaxRuns];  // chunk id, or kTreeNone for the tail
+      uint32_t run_begin[kMaxRuns];
+      uint32_t run_len[kMaxRuns];
+      uint32_t run_prefix[kMaxRuns];  // exclusive token prefix
+    };
+  };
+  uint32_t bitmap[kBitmapWords];
+  uint32_t item_first_run[kMaxSplits + 1];
+  uint32_t item_count[kMaxSplits];
+  uint32_t scan_tmp[32];
+};
+
+// Lexicographic "a before b": chains descending, then lower id.
+__device__ __forceinline__ bool Before(const float4& a, uint32_t ia, const float4& b,
+                                       uint32_t ib) {
+  if (a.x != b.x) return a.x > b.x;
+  if (a.y != b.y) return a.y > b.y;
+  if (a.z != b.z) return a.z > b.z;
+  if (a.w != b.w) return a.w > b.w;
+  return ia < ib;
+}
+
+// chain(path + s), -inf padded.
+__device__ __forceinline__ float4 Extend(const float4& p, float s) {
+  float in[4] = {p.x, p.y, p.z, p.w};
+  float out[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  int n = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (in[i] != kNegInf && in[i] < s && n < 3) out[n++] = in[i];
+  }
+  out[n] = s;
+  return make_float4(out[0], out[1], out[2], out[3]);
+}
+
+// Dot product of the mean query with row `b` (global, D floats) by the 8 lanes of a group:
+// lane j (0..7) sums products j, j+8, ... in order; lane 0 of the group gets the CPU's
+// ((s0+s4)+(s1+s5))+((s2+s6)+(s3+s7)). Every lane of the warp must call it.
+template <int D>
+__device__ __forceinline__ float GroupDot(const float* mean, const float* b, int j) {
+  float v[D / 8];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) v[i] = b[8 * i + j];
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc = __fadd_rn(acc, __fmul_rn(mean[8 * i + j], v[i]));
+  const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
+  const float u = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
+  return __fadd_rn(u, __shfl_down_sync(0xffffffffu, u, 2));
+}
+
+// Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
+// before the sums). row(i) gives row i's address, done(i, dot) runs on the group's lane 0.
+// Every thread of the block must call it; it ends with a barrier.
+template <int D, typename RowF, typename DoneF>
+__device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
+                                          int warp, RowF row, DoneF done) {
+  constexpr int kIlp = 4;
+  constexpr uint32_t kPerPass = kWarps * kPerWarp * kIlp;
+  for (uint32_t base = 0; base < count; base += kPerPass) {
+    float v[kIlp][D / 8];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      const float* b = row(i < count ? i : 0);
+#pragma unroll
+      for (int q = 0; q < D / 8; ++q) v[u][q] = b[8 * q + j];
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      float acc = 0.f;
+#pragma unroll
+      for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u][q]));
+      const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
+      const float w = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
+      const float dot = __fadd_rn(w, __shfl_down_sync(0xffffffffu, w, 2));
+      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      if (j == 0 && i < count) done(i, dot);
+    }
+  }
+  __syncthreads();
+}
+
+// Bitonic sort of n (power of two) entries, descending by (key, then lower idx); the whole block.
+// Thread t handles elements t, t + kThreads, ...; a stage with j < 32 pairs elements of the same
+// warp, so between two such stages a warp barrier is enough.
+template <typename Less>
+__device__ void BlockBitonic(uint32_t n, Less before_swap) {
+  for (uint32_t k = 2; k <= n; k <<= 1) {
+    for (uint32_t j = k >> 1; j > 0; j >>= 1) {
+      for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+        const uint32_t l = i ^ j;
+        if (l > i) before_swap(i, l, (i & k) == 0);
+      }
+      const uint32_t next_j = j > 1 ? j >> 1 : k;  // the next stage's distance
+      if (j >= 32 || next_j >= 32) {
+        __syncthreads();
+      } else {
+        __syncwarp();
+      }
+    }
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ uint64_t GlobalTimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
+  uint32_t n = 1;
+  while (n < x) n <<= 1;
+  return n;
+}
+
+__device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t tokens, uint32_t skip) {
+  const uint64_t end = start + tokens;
+  if (end <= skip) return 0;
+  if (start >= skip) return tokens;
+  return static_cast<uint32_t>(end - skip);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
+                     AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
+                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype) {
+  extern __shared__ uint4 smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const SearchTaskDesc& task = tasks[blockIdx.x];
+  const FlatTreeView& tree = task.tree;
+  const TreeSearchParams& prm = task.params;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int slot = lane >> 3, j = lane & 7;
+  float4* chains = reinterpret_cast<float4*>(scratch + task.node_chain);
+  uint32_t* my_sel = selected + size_t{blockIdx.x} * max_selected;
+  float* my_scores = sel_scores + size_t{blockIdx.x} * max_selected;
+  const uint32_t num_chunks = tree.num_chunks;
+  uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
+  uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0;
+
+  if (tid == 0) {
+    sm.leaf_count = sm.cand_count = sm.run_count = sm.nsel = sm.sel_tokens = 0;
+    sm.status = sm.done = sm.rounds = sm.nodes_scored = 0;
+    sm.remaining = prm.budget_tokens;
+    sm.total_tokens = 0;
+    sm.misfits = 0;
+  }
+  for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
+  // 1. Mean query: sum over the group in order, then divide (index::QueryGroup).
+  for (int d = tid; d < D; d += kThreads) {
+    float m = 0.f;
+    for (uint32_t g = 0; g < task.group; ++g) m = __fadd_rn(m, LoadElem(task.q, q_dtype, size_t{g} * D + d));
+    sm.mean[d] = __fdiv_rn(m, static_cast<float>(task.group));
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const float dd = GroupDot<D>(sm.mean, sm.mean, j);  // smem row: same operations
+    if (lane == 0) sm.mean_norm = __fsqrt_rn(dd);
+  }
+  if (num_chunks > kSearchMaxChunks && tid == 0) sm.status |= kSearchStatusTooManyChunks;
+  __syncthreads();
+  const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
+  const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
+  const float wc = __fmul_rn(prm.chunk_radius_weight, sm.mean_norm);
+
+  if (search) {
+    // 2. Node scores and chains, level by level (parents first).
+    if (tid == 0) chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+    __syncthreads();
+    for (uint32_t l = 1; l < tree.num_levels; ++l) {
+      const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
+      for (uint32_t s0 = lb; s0 < le; s0 += kMaxCand) {
+        const uint32_t cnt = min(kMaxCand, le - s0);
+        // Radius and parent chain first (independent loads), so the scoring pass only waits
+        // for the centroid rows.
+        for (uint32_t t = tid; t < cnt; t += kThreads) {
+          const FlatTreeNode node = tree.nodes[s0 + t];
+          sm.cand_score[t] = node.radius;
+          sm.cand_chain[t] = chains[node.parent];
+        }
+        __syncthreads();
+        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+                     [&](uint32_t i) { return tree.node_centroids + size_t{s0 + i} * D; },
+                     [&](uint32_t i, float dot) {
+                       const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
+                       chains[s0 + i] = Extend(sm.cand_chain[i], sc);
+                     });
+      }
+    }
+    stamp[1] = GlobalTimer();
+    // 3. Leaves, unsorted: key = bottleneck (the root leaf of a flat tree: +inf) and sizes.
+    for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
+      const FlatTreeNode node = tree.nodes[n];
+      if (node.child_count & kTreeLeafBit) {
+        const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
+        if (at < kMaxLeaves) {
+          sm.leaf_key[at] = n == 0 ? INFINITY : chains[n].x;
+          sm.leaf_idx[at] = n;
+          sm.leaf_tokens[at] = node.tokens;
+          sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
+          sm.leaf_child_begin[at] = node.child_begin;
+        }
+      }
+    }
+    __syncthreads();
+    stamp[2] = GlobalTimer();
+    if (sm.leaf_count > kMaxLeaves) {
+      if (tid == 0) sm.status |= kSearchStatusTooManyLeaves;
+    } else {
+      const uint32_t L = sm.leaf_count;
+      // 4. Rounds: pick the best unexpanded leaves by a token-weighted histogram of their keys
+      // (no sort: only the set and the best key left out matter), score their chunks into the
+      // pool, commit the pool entries whose bottleneck beats every unexpanded leaf, sort those,
+      // scan them.
+      uint64_t target = 8ull * prm.budget_tokens + 1024;
+      if (tid == 0) sm.expanded_tokens = 0;
+      __syncthreads();
+      while (true) {
+        const uint32_t P = sm.cand_count;
+        tq = GlobalTimer();
+        // 4a. Key range of the unexpanded leaves.
+        if (tid == 0) {
+          sm.key_lo = 0xffffffffu;
+          sm.key_hi = 0;
+          sm.e_next_bits = 0;
+          sm.n_commit = 0;
+          sm.new_count = 0;
+          sm.rounds++;
+        }
+        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
+        }
+        __syncthreads();
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          const uint32_t o = OrderedBits(sm.leaf_key[i]);
+          atomicMin(&sm.key_lo, o);
+          atomicMax(&sm.key_hi, o);
+        }
+        __syncthreads();
+        const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
+        const bool any_left = sm.key_lo <= sm.key_hi;
+        const float width = hi - lo;
+        auto bin = [&](float k) -> uint32_t {
+          if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
+          const float f = (k - lo) / width * static_cast<float>(kHistBins);
+          return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
+        };
+        // 4b. Token and chunk histogram; warp 0 takes bins from the top while they are needed
+        // and fit the pool.
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          const uint32_t b = bin(sm.leaf_key[i]);
+          atomicAdd(&sm.hist_tok[b], sm.leaf_tokens[i]);
+          atomicAdd(&sm.hist_chk[b], sm.leaf_chunks[i]);
+        }
+        __syncthreads();
+        if (warp == 0) {
+          const uint64_t need = target > sm.expanded_tokens ? target - sm.expanded_tokens : 1;
+          const uint32_t room = kMaxCand - P;
+          uint64_t tok = 0;
+          uint32_t chk = 0, cut = kHistBins;  // bins >= cut are taken
+          bool stop = false;
+          for (int b0 = kHistBins - 32; b0 >= 0 && !stop; b0 -= 32) {
+            // Lane l holds bin b0 + 31 - l (descending); prefix over lanes.
+            const uint32_t b = b0 + 31 - lane;
+            uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
+            uint64_t pt = t;
+            uint32_t pc = c;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint64_t xt = __shfl_up_sync(0xffffffffu, pt, off);
+              const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
+              if (lane >= off) {
+                pt += xt;
+                pc += xc;
+              }
+            }
+            // Bin b is taken when everything before it was still needed and it fits.
+            const uint64_t before_t = tok + pt - t;
+            const uint32_t before_c = chk + pc - c;
+            const bool take = before_t < need && before_c + c <= room;
+            const uint32_t mask = __ballot_sync(0xffffffffu, !take);
+            const int first_no = mask ? __ffs(mask) - 1 : 32;  // lanes before it are taken
+            if (first_no > 0) {
+              cut = b0 + 31 - (first_no - 1);
+              tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
+              chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
+            }
+            stop = first_no < 32;
+          }
+          if (lane == 0) sm.hist_cut = cut;
+        }
+        __syncthreads();
+        const uint32_t cut = sm.hist_cut;
+        if (!any_left || cut >= kHistBins) {
+          // Nothing left, or not even the best bin fits the pool.
+          if (tid == 0 && any_left) sm.status |= kSearchStatusTooManyCandidates;
+          break;
+        }
+        // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
+        for (uint32_t i = tid; i < L; i += kThreads) {
+          if (sm.leaf_chunks[i] & kDone) continue;
+          if (bin(sm.leaf_key[i]) >= cut) {
+            const uint32_t cnt = sm.leaf_chunks[i], tokens = sm.leaf_tokens[i];
+            sm.leaf_chunks[i] = cnt | kDone;
+            sm.leaf_tokens[i] = P + atomicAdd(&sm.new_count, cnt);  // now: its pool base
+            atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(tokens));
+            for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[sm.leaf_tokens[i] + q] = i;  // owner
+          } else {
+            atomicMax(&sm.e_next_bits, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+          }
+        }
+        __syncthreads();
+        t_sort_leaves += GlobalTimer() - tq;
+        tq = GlobalTimer();
+        const uint32_t M = sm.new_count;
+        if (tid == 0) sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
+        // 4d. Chunk ids, radii, counted tokens and the leaf's chain of the new entries.
+        for (uint32_t t = P + tid; t < P + M; t += kThreads) {
+          const uint32_t owner = sm.cand_tok[t];
+          const uint32_t c = tree.leaf_chunks[sm.leaf_child_begin[owner] + (t - sm.leaf_tokens[owner])];
+          sm.cand_id[t] = c;
+          sm.cand_chain[t] = chains[sm.leaf_idx[owner]];  // extended by the score below
+          sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
+          sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
+        }
+        __syncthreads();
+        ScoreRows<D>(sm.mean, M, j, slot, warp,
+                     [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[P + i]} * D; },
+                     [&](uint32_t i, float dot) {
+                       const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[P + i]));
+                       sm.cand_chain[P + i] = Extend(sm.cand_chain[P + i], sc);
+                       sm.cand_score[P + i] = sc;
+                     });
+        if (tid == 0) {
+          sm.nodes_scored += M;
+          sm.cand_count = P + M;
+          sm.left = sm.e_next_bits != 0;
+        }
+        __syncthreads();
+        t_score += GlobalTimer() - tq;
+        tq = GlobalTimer();
+        // Commit: unconsumed entries above the next leaf's bottleneck.
+        const float thr = sm.e_next;
+        for (uint32_t i = tid; i < P + M; i += kThreads) {
+          if (!(sm.cand_tok[i] & kConsumed) && sm.cand_chain[i].x > thr) {
+            sm.commit[atomicAdd(&sm.n_commit, 1u)] = i;
+            sm.cand_tok[i] |= kConsumed;
+          }
+        }
+        __syncthreads();
+        const uint32_t C = sm.n_commit, Cp = NextPow2(C);
+        for (uint32_t i = C + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
+        __syncthreads();
+        BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
+          const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+          bool b_first;
+          if (ib == kTreeNone) {
+            b_first = false;
+          } else if (ia == kTreeNone) {
+            b_first = true;
+          } else {
+            b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+          }
+          if (b_first == desc) {
+            sm.commit[a] = ib;
+            sm.commit[b] = ia;
+          }
+        });
+        t_sort += GlobalTimer() - tq;
+        tq = GlobalTimer();
+        // The scan: CPU offer() in order. Warp 0.
+        if (warp == 0) {
+          uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
+          uint32_t sel_tokens = sm.sel_tokens;
+          bool done = false;
+          for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
+            const uint32_t i = b0 + lane;
+            const uint32_t e = i < C ? sm.commit[i] : 0;
+            const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
+            uint32_t pre = tok;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+              if (lane >= off) pre += x;
+            }
+            const uint32_t total = __shfl_sync(0xffffffffu, pre, 31);
+            const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
+            if (total <= remaining && nsel + 32 <= max_selected) {
+              // Everything fits: accept every non-empty chunk of the batch.
+              if (tok > 0) {
+                const uint32_t at = nsel + __popc(mask & ((1u << lane) - 1));
+                const uint32_t c = sm.cand_id[e];
+                my_sel[at] = c;
+                my_scores[at] = sm.cand_score[e];
+                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+              }
+              nsel += __popc(mask);
+              remaining -= total;
+              sel_tokens += total;
+              if (mask) misfits = 0;
+              done = mask != 0 && remaining == 0;
+            } else {
+              if (lane == 0) {
+                const uint32_t n = min(32u, C - b0);
+                for (uint32_t q = 0; q < n; ++q) {
+                  const uint32_t ee = sm.commit[b0 + q];
+                  const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
+                  if (t == 0) continue;
+                  if (t > remaining) {
+                    if (++misfits >= prm.max_consecutive_misfits) {
+                      done = true;
+                      break;
+                    }
+                    continue;
+                  }
+                  if (nsel >= max_selected) {
+                    done = true;
+                    break;
+                  }
+                  misfits = 0;
+                  remaining -= t;
+                  sel_tokens += t;
+                  const uint32_t c = sm.cand_id[ee];
+                  my_sel[nsel] = c;
+                  my_scores[nsel] = sm.cand_score[ee];
+                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                  ++nsel;
+                  if (remaining == 0) {
+                    done = true;
+                    break;
+                  }
+                }
+              }
+              remaining = __shfl_sync(0xffffffffu, remaining, 0);
+              misfits = __shfl_sync(0xffffffffu, misfits, 0);
+              nsel = __shfl_sync(0xffffffffu, nsel, 0);
+              sel_tokens = __shfl_sync(0xffffffffu, sel_tokens, 0);
+              done = __shfl_sync(0xffffffffu, done ? 1 : 0, 0) != 0;
+            }
+          }
+          if (lane == 0) {
+            sm.remaining = remaining;
+            sm.misfits = misfits;
+            sm.nsel = nsel;
+            sm.sel_tokens = sel_tokens;
+            sm.done = done || !sm.left;
+          }
+        }
+        __syncthreads();
+        t_scan += GlobalTimer() - tq;
+        if (sm.done) break;
+        target = target * 8 / 5;
+      }
+    }
+  }
+  __syncthreads();
+
+  stamp[3] = GlobalTimer();
+  // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
+  const uint32_t H = task.kv_heads, h = task.kv_head;
+  if (tid == 0) sm.run_count = 0;
+  if (tid == 0 && sm.status == 0) {
+    uint32_t n = 0;
+    const uint32_t S = task.sink_tokens;
+    // Recent chunks: a suffix of the sealed chunks.
+    uint32_t r_first = num_chunks;
+    while (r_first > 0 &&
+           tree.chunk_start[r_first - 1] + tree.chunk_tokens[r_first - 1] > task.recent_from) {
+      --r_first;
+    }
+    uint32_t s_end = 0;
+    while (s_end < num_chunks && tree.chunk_start[s_end] < S) ++s_end;
+    auto special = [&](uint32_t c) {
+      const uint64_t st = tree.chunk_start[c];
+      const uint32_t t = tree.chunk_tokens[c];
+      const bool sel = (sm.bitmap[c >> 5] >> (c & 31)) & 1u;
+      const uint32_t a = st < S ? static_cast<uint32_t>(S - st < t ? S - st : t) : 0;
+      const uint32_t b = st + t > task.recent_from
+                             ? static_cast<uint32_t>((task.recent_from > st ? task.recent_from : st) - st)
+                             : t;
+      auto add = [&](uint32_t from, uint32_t to) {
+        if (to > from && n < kMaxRuns) {
+          sm.run_chunk[n] = c;
+          sm.run_begin[n] = from;
+          sm.run_len[n] = to - from;
+          ++n;
+        }
+      };
+      if (sel || (a > 0 && b <= a)) {
+        add(0, t);
+      } else {
+        add(0, a);
+        add(b, t);
+      }
+    };
+    for (uint32_t c = 0; c < s_end; ++c) special(c);
+    for (uint32_t c = max(r_first, s_end); c < num_chunks; ++c) special(c);
+    sm.n_special = n;
+    sm.run_count = n;
+    sm.scan_tmp[0] = s_end;
+    sm.scan_tmp[1] = r_first;
+  }
+  const uint32_t nsel_all = min(sm.nsel, kMaxCand);
+  for (uint32_t i = tid; i < nsel_all; i += kThreads) {
+    const uint32_t c = my_sel[i];
+    sm.sel_id[i] = c;
+    sm.sel_len[i] = tree.chunk_tokens[c];
+  }
+  __syncthreads();
+  if (warp == 0 && sm.status == 0) {
+    const uint32_t s_end = sm.scan_tmp[0], r_first = sm.scan_tmp[1];
+    uint32_t n = sm.run_count;
+    for (uint32_t b0 = 0; b0 < nsel_all; b0 += 32) {
+      const uint32_t i = b0 + lane;
+      const uint32_t c = i < nsel_all ? sm.sel_id[i] : 0;
+      const bool keep = i < nsel_all && c >= s_end && c < r_first;
+      const uint32_t mask = __ballot_sync(0xffffffffu, keep);
+      const uint32_t at = n + __popc(mask & ((1u << lane) - 1));
+      if (keep && at < kMaxRuns) {
+        sm.run_chunk[at] = c;
+        sm.run_begin[at] = 0;
+        sm.run_len[at] = sm.sel_len[i];
+      }
+      n += __popc(mask);
+    }
+    if (n + (task.tail_len > 0 ? 1 : 0) > kMaxRuns) {
+      if (lane == 0) sm.status |= kSearchStatusTooManyRuns;
+      n = 0;
+    } else if (task.tail_len > 0) {
+      if (lane == 0) {
+        sm.run_chunk[n] = kTreeNone;
+        sm.run_begin[n] = 0;
+        sm.run_len[n] = task.tail_len;
+      }
+      ++n;
+    }
+    if (lane == 0) sm.run_count = n;
+    __syncwarp();
+    // Exclusive token prefix.
+    uint32_t carry = 0;
+    for (uint32_t b0 = 0; b0 < n; b0 += 32) {
+      const uint32_t i = b0 + lane;
+      const uint32_t len = i < n ? sm.run_len[i] : 0;
+      uint32_t pre = len;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+        if (lane >= off) pre += x;
+      }
+      if (i < n) sm.run_prefix[i] = carry + pre - len;
+      carry += __shfl_sync(0xffffffffu, pre, 31);
+    }
+    if (lane == 0) sm.total_tokens = carry;
+  }
+  __syncthreads();
+  const uint32_t R = sm.run_count, T = sm.total_tokens;
+  const uint32_t ns = min(task.num_splits, kMaxSplits), split = task.split_tokens;
+  const bool failed = sm.status != 0;
+  // First run of each split: the run holding its first token (the last split takes the rest).
+  for (uint32_t i = tid; i <= ns; i += kThreads) sm.item_first_run[i] = R;
+  __syncthreads();
+  for (uint32_t r = tid; r < R; r += kThreads) {
+    const uint32_t p = sm.run_prefix[r], e = p + sm.run_len[r];
+    for (uint32_t i = (p + split - 1) / split; i < ns && uint64_t{i} * split < e; ++i) {
+      if (uint64_t{i} * split >= p) sm.item_first_run[i] = r;
+    }
+  }
+  __syncthreads();
+  // Runs per split, checked before anything is written.
+  for (uint32_t i = tid; i < ns; i += kThreads) {
+    const uint32_t B = i * split;
+    uint32_t count = 0;
+    if (!failed && B < T) {
+      const bool last_item = i + 1 == ns || uint64_t{i + 1} * split >= T;
+      uint32_t last;
+      if (last_item) {
+        last = R - 1;
+      } else {
+        const uint32_t f = sm.item_first_run[i + 1];
+        last = sm.run_prefix[f] < (i + 1) * split ? f : f - 1;
+      }
+      count = last - sm.item_first_run[i] + 1;
+      if (count > kMaxRunsPerItem) atomicOr(&sm.status, kSearchStatusTooManyRuns);
+    }
+    sm.item_count[i] = count;
+  }
+  __syncthreads();
+  const bool ok_runs = sm.status == 0;
+  for (uint32_t r = tid; ok_runs && r < R; r += kThreads) {
+    const uint32_t p = sm.run_prefix[r], len = sm.run_len[r], c = sm.run_chunk[r];
+    uint64_t k0, v0;
+    if (c == kTreeNone) {
+      k0 = task.tail_k_off;
+      v0 = task.tail_v_off;
+    } else {
+      const uint32_t t = tree.chunk_tokens[c];
+      k0 = task.chunk_block[c] + uint64_t{h} * t * D;
+      v0 = k0 + uint64_t{H} * t * D;
+    }
+    const uint32_t i0 = min(p / split, ns - 1), i1 = min((p + len - 1) / split, ns - 1);
+    for (uint32_t i = i0; i <= i1; ++i) {
+      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
+      const uint32_t a = max(p, B), b = min(p + len, E);
+      const uint32_t at = sm.run_begin[r] + (a - p);
+      // The planner gives split i of the task run slots from (first_item + i) * kMaxRunsPerItem.
+      runs[(task.first_item + i) * kMaxRunsPerItem + (r - sm.item_first_run[i])] =
+          AttendRunDesc{k0 + uint64_t{at} * D, v0 + uint64_t{at} * D, b - a, 0};
+    }
+  }
+  for (uint32_t i = tid; i < ns; i += kThreads) {
+    AttendItemDesc& it = items[task.first_item + i];
+    const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
+    const uint32_t count = ok_runs ? sm.item_count[i] : 0;
+    it.run_end = it.run_begin + count;
+    it.tokens = count > 0 ? E - B : 0;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    SearchTaskResult res{};
+    res.status = sm.status;
+    res.num_selected = sm.nsel;
+    res.selected_tokens = sm.sel_tokens;
+    res.attended_tokens = sm.status == 0 ? T : 0;
+    res.nodes_scored = sm.nodes_scored + (tree.num_nodes > 0 ? tree.num_nodes - 1 : 0);
+    res.rounds = sm.rounds;
+    stamp[4] = GlobalTimer();
+    for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
+    for (int i = 0; i < 4; ++i) res.phase_ns[i] = static_cast<uint32_t>(stamp[i + 1] - stamp[i]);
+    res.phase_ns[4] = static_cast<uint32_t>(t_sort_leaves);
+    res.phase_ns[5] = static_cast<uint32_t>(t_score);
+    res.phase_ns[6] = static_cast<uint32_t>(t_sort);
+    res.phase_ns[7] = static_cast<uint32_t>(t_scan);
+    results[blockIdx.x] = res;
+  }
+}
+
+template <int D>
+Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
+  constexpr size_t kSmem = sizeof(Smem);
+  static_assert(kSmem <= 227 * 1024, "search state must fit one SM's shared memory");
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      TreeSearchKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+  KVMEM_CUDA_RETURN_IF_ERROR(attr);
+  TreeSearchKernel<D><<<plan.num_tasks, kThreads, kSmem, s>>>(
+      reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
+      reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
+      reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
+      reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
+      reinterpret_cast<uint32_t*>(ws + plan.selected_off),
+      reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
+  return Status::OK();
+}
+
+}  // namespace
+
+Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, void* stream) {
+  if (workspace == nullptr) return InvalidArgument("upload search plan: null workspace");
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace, plan.image.data(), plan.image.size(),
+                                             cudaMemcpyHostToDevice,
+                                             static_cast<cudaStream_t>(stream)));
+  return Status::OK();
+}
+
+Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* stream) {
+  if (plan.num_tasks == 0) return InvalidArgument("tree search: empty plan");
+  if (workspace == nullptr) return InvalidArgument("tree search: null workspace");
+  auto* ws = static_cast<uint8_t*>(workspace);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (plan.head_dim == 128) return Launch<128>(plan, ws, s);
+  if (plan.head_dim == 64) return Launch<64>(plan, ws, s);
+  return Unimplemented("tree search: head_dim " + std::to_string(plan.head_dim));
+}
+
+Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream) {
+  KVMEM_RETURN_IF_ERROR(LaunchTreeSearch(plan, workspace, stream));
+  AttendPlan ap;
+  ap.num_tasks = plan.num_tasks;
+  ap.num_items = plan.num_items;
+  ap.kv_dtype = plan.kv_dtype;
+  ap.q_dtype = plan.q_dtype;
+  ap.out_dtype = plan.out_dtype;
+  ap.head_dim = plan.head_dim;
+  ap.group = plan.group;
+  ap.items_off = plan.items_off;
+  ap.runs_off = plan.runs_off;
+  ap.counters_off = plan.counters_off;
+  ap.partials_off = plan.partials_off;
+  ap.workspace_bytes = plan.workspace_bytes;
+  return LaunchAttend(ap, workspace, stream);
+}
+
+// ---- DeviceTree ---------------------------------------------------------------------------
+
+DeviceTree::~DeviceTree() {
+  for (Buffer* b : {&node_centroids_, &nodes_, &leaf_chunks_, &chunk_centroids_, &chunk_radius_,
+                    &chunk_tokens_, &chunk_start_}) {
+    if (b->p) cudaFree(b->p);
+  }
+}
+
+uint64_t DeviceTree::device_bytes() const {
+  uint64_t n = 0;
+  for (const Buffer* b : {&node_centroids_, &nodes_, &leaf_chunks_, &chunk_centroids_,
+                          &chunk_radius_, &chunk_tokens_, &chunk_start_}) {
+    n += b->cap;
+  }
+  return n;
+}
+
+Status DeviceTree::Reserve(Buffer* b, size_t bytes, size_t keep, void* stream) {
+  if (bytes <= b->cap) return Status::OK();
+  const size_t cap = std::max<size_t>(bytes, b->cap * 3 / 2 + 256);
+  void* p = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, cap));
+  if (keep > 0) {
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p, b->p, keep, cudaMemcpyDeviceToDevice,
+                                               static_cast<cudaStream_t>(stream)));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+  }
+  if (b->p) KVMEM_CUDA_RETURN_IF_ERROR(cudaFree(b->p));
+  b->p = p;
+  b->cap = cap;
+  return Status::OK();
+}
+
+Status DeviceTree::Sync(const FlatTree& host, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const uint32_t D = host.head_dim;
+  if (host.num_levels > kTreeSearchMaxLevels + 1) {
+    return Unimplemented("device tree: " + std::to_string(host.num_levels) + " node levels");
+  }
+  if (host.chunks_epoch != epoch_) chunks_ = 0;
+  if (host.chunks_from != chunks_ && host.chunk_radius.size() + host.chunks_from != chunks_) {
+    return InvalidArgument("device tree: export starts at chunk " +
+                           std::to_string(host.chunks_from) + " but the mirror holds " +
+                           std::to_string(chunks_));
+  }
+  auto upload = [&](Buffer* b, const void* src, size_t elem, size_t from, size_t count,
+                    size_t total) -> Status {
+    KVMEM_RETURN_IF_ERROR(Reserve(b, total * elem, from * elem, stream));
+    if (count == 0) return Status::OK();
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<uint8_t*>(b->p) + from * elem, src,
+                                               count * elem, cudaMemcpyHostToDevice, s));
+    uploaded_ += count * elem;
+    return Status::OK();
+  };
+  // New chunks: [chunks_, num_chunks) from the export's delta.
+  const size_t have = chunks_, total = host.num_chunks;
+  const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
+  const size_t add = total > have ? total - have : 0;
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, host.chunk_centroids.data() + skip * D,
+                               sizeof(float) * D, have, add, total));
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_radius_, host.chunk_radius.data() + skip, sizeof(float),
+                               have, add, total));
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_tokens_, host.chunk_tokens.data() + skip, sizeof(uint32_t),
+                               have, add, total));
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_start_, host.chunk_start.data() + skip, sizeof(uint64_t),
+                               have, add, total));
+  const size_t nodes = host.nodes.size();
+  KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, host.node_centroids.data(), sizeof(float) * D, 0,
+                               nodes, nodes));
+  KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
+  KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,
+                               host.leaf_chunks.size(), host.leaf_chunks.size()));
+  chunks_ = static_cast<uint32_t>(total);
+  epoch_ = host.chunks_epoch;
+  view_ = FlatTreeView{};
+  view_.num_nodes = static_cast<uint32_t>(nodes);
+  view_.num_chunks = chunks_;
+  view_.num_levels = host.num_levels;
+  for (uint32_t l = 0; l <= host.num_levels; ++l) view_.level_begin[l] = host.level_begin[l];
+  view_.node_centroids = static_cast<const float*>(node_centroids_.p);
+  view_.nodes = static_cast<const FlatTreeNode*>(nodes_.p);
+  view_.leaf_chunks = static_cast<const uint32_t*>(leaf_chunks_.p);
+  view_.chunk_centroids = static_cast<const float*>(chunk_centroids_.p);
+  view_.chunk_radius = static_cast<const float*>(chunk_radius_.p);
+  view_.chunk_tokens = static_cast<const uint32_t*>(chunk_tokens_.p);
+  view_.chunk_start = static_cast<const uint64_t*>(chunk_start_.p);
+  return Status::OK();
+}
+
+}  // namespace kvmem::kernels::cuda

@@ -1,0 +1,107 @@
+// Budgeted cluster-tree search over a flat copy of the tree (what the device holds), and its
+// CPU reference. Selects the same chunks as index::ClusterTree::SearchBudget with the default
+// options (best-first traversal, mean-query GQA aggregation, soft scores), computed without a
+// heap so it runs level-synchronously on a GPU.
+//
+// Why a sort reproduces best-first. Best-first pushes each child with its own soft score s and
+// pops the largest. For an item x on the path root → a1 → … → x with scores (s1, …, sx), let
+// chain(x) be the path's right-to-left minima, left to right: s_i is in the chain when it is
+// below every later score. chain(x) is increasing; its first element is the path's bottleneck
+// min(s1..sx). Items pop in descending lexicographic order of their chains: an item cannot pop
+// before its bottleneck node, everything in the heap when that node pops scores at most its
+// score, and below it the same argument repeats on the suffix. So the chunks are offered in the
+// order of sort(chunks by chain, descending; ties by lower chunk id), and the budget scan
+// (fit, skip misfits, stop after max_consecutive_misfits or a full budget) is the CPU's.
+// Scores use the same float operations in the same order as the CPU (8 interleaved partial
+// sums), so the ranking agrees bit for bit; equal scores of different items (measure zero on
+// real data) may order differently than the heap would.
+//
+// Layout (docs/architecture.md, "Device tree"): nodes in breadth-first order (node 0 = the root,
+// every level contiguous, a node's children contiguous in the next level); a leaf's children are
+// a contiguous range of `leaf_chunks`; chunk summaries are indexed by chunk id and only ever
+// appended, so a mirror uploads new chunks once and re-uploads only the node arrays and the
+// leaf order when the tree changes.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace kvmem::kernels {
+
+// Node levels below the root the device search handles (ClusterTreeOptions::levels <= 3).
+constexpr uint32_t kTreeSearchMaxLevels = 3;
+constexpr uint32_t kTreeNone = 0xffffffffu;
+constexpr uint32_t kTreeLeafBit = 0x80000000u;  // in FlatTreeNode::child_count
+
+struct FlatTreeNode {
+  float radius;
+  uint32_t parent;       // kTreeNone for the root
+  uint32_t child_begin;  // first child node, or (leaf) first index into leaf_chunks
+  uint32_t child_count;  // number of children, | kTreeLeafBit when they are chunks
+  uint32_t tokens;       // tokens below (saturates at 2^32 - 1)
+};
+
+// One (layer, KV head) tree. Pointers are host memory for the CPU reference, device memory
+// for the CUDA search.
+struct FlatTreeView {
+  uint32_t num_nodes = 0;
+  uint32_t num_chunks = 0;
+  uint32_t num_levels = 0;  // node levels including the root (1 = flat: root → chunks)
+  uint32_t level_begin[kTreeSearchMaxLevels + 2] = {};  // nodes of level l: [lb[l], lb[l+1])
+  const float* node_centroids = nullptr;                // [num_nodes][head_dim]
+  const FlatTreeNode* nodes = nullptr;                  // [num_nodes]
+  const uint32_t* leaf_chunks = nullptr;                // [num_chunks] chunk ids by leaf
+  const float* chunk_centroids = nullptr;               // [num_chunks][head_dim] by chunk id
+  const float* chunk_radius = nullptr;                  // [num_chunks] by chunk id
+  const uint32_t* chunk_tokens = nullptr;               // [num_chunks] by chunk id
+  const uint64_t* chunk_start = nullptr;                // [num_chunks] first token, by chunk id
+};
+
+// Host copy of a tree in that layout (index::ClusterTree::ExportFlat fills it). The chunk
+// arrays hold chunks [chunks_from, num_chunks) only, so a mirror that already holds the older
+// (immutable) chunk summaries exports just the new ones.
+struct FlatTree {
+  uint32_t head_dim = 0;
+  uint32_t num_levels = 0;
+  uint32_t num_chunks = 0;
+  uint32_t chunks_from = 0;
+  uint64_t chunks_epoch = 0;  // changes when the tree's chunk summaries were replaced (Build)
+  std::vector<uint32_t> level_begin;  // [num_levels + 1]
+  std::vector<float> node_centroids;
+  std::vector<FlatTreeNode> nodes;
+  std::vector<uint32_t> leaf_chunks;
+  std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim]
+  std::vector<float> chunk_radius;
+  std::vector<uint32_t> chunk_tokens;
+  std::vector<uint64_t> chunk_start;
+
+  // A view of the host vectors; needs chunks_from == 0 and num_levels <= kTreeSearchMaxLevels + 1.
+  FlatTreeView View() const;
+};
+
+struct TreeSearchParams {
+  uint32_t budget_tokens = 0;
+  uint32_t skip_tokens_below = 0;  // sinks: counted tokens of a chunk start here
+  uint32_t max_consecutive_misfits = 16;
+  float node_radius_weight = 0.15f;
+  float chunk_radius_weight = 0.1f;
+};
+
+// The chunks of one KV head, in the order they were accepted, with their soft scores, and the
+// counted tokens (not below skip_tokens_below) they hold.
+struct TreeSelection {
+  std::vector<uint32_t> chunks;
+  std::vector<float> scores;
+  uint64_t tokens = 0;
+  uint64_t nodes_scored = 0;  // node and chunk summaries whose score was computed
+};
+
+// CPU reference: scores every node and chunk, sorts by chain, scans. group_queries is fp32
+// [group][head_dim]. InvalidArgument on a tree deeper than kTreeSearchMaxLevels.
+Status TreeSearchCpu(const FlatTreeView& tree, const float* group_queries, uint32_t group,
+                     uint32_t head_dim, const TreeSearchParams& params, TreeSelection* out);
+
+}  // namespace kvmem::kernels

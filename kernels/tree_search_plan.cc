@@ -1,0 +1,176 @@
+// Host-side planner of the fused search + sparse attention launch (kernels/cuda_ops.h). No
+// device calls: it sizes every head's splits from the most tokens the head can attend, so the
+// search kernel can write the attention's run tables in place.
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "kernels/cuda_ops.h"
+#include "kernels/detail/attention_plan_layout.h"
+#include "kernels/detail/tree_search_layout.h"
+
+namespace kvmem::kernels::cuda {
+namespace {
+
+using ::kvmem::kernels::detail::AttendItemDesc;
+using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::kMaxRunsPerItem;
+using ::kvmem::kernels::detail::PartialFloats;
+using ::kvmem::kernels::detail::SearchTaskDesc;
+
+size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// Longest chunk the split sizing allows for (the chunker's default maximum is 24).
+constexpr uint64_t kChunkSlack = 64;
+
+}  // namespace
+
+Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
+                        const AttendPlanOptions& options, SearchAttendPlan* plan) {
+  if (count == 0) return InvalidArgument("plan search attend: no problems");
+  *plan = SearchAttendPlan{};
+  const AttendProblem& a0 = problems[0].attend;
+  const uint32_t D = a0.head_dim;
+  if (a0.kv_heads == 0 || a0.q_heads % a0.kv_heads != 0) {
+    return InvalidArgument("plan search attend: q_heads must be a multiple of kv_heads");
+  }
+  const uint32_t G = a0.q_heads / a0.kv_heads;
+  if (a0.kv_dtype == DType::kF32) return Unimplemented("search attend on CUDA: fp32 K/V");
+  if ((D != 64 && D != 128) || (G != 1 && G != 2 && G != 4 && G != 8)) {
+    return Unimplemented("search attend on CUDA: head_dim " + std::to_string(D) + " group " +
+                         std::to_string(G));
+  }
+  uint64_t total = 0, tasks = 0, nodes = 0;
+  uint32_t max_budget = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    const SearchAttendProblem& p = problems[i];
+    const AttendProblem& a = p.attend;
+    if (a.kv_dtype != a0.kv_dtype || a.q_dtype != a0.q_dtype || a.out_dtype != a0.out_dtype ||
+        a.head_dim != D || a.kv_heads == 0 || a.q_heads != a.kv_heads * G) {
+      return InvalidArgument("plan search attend: problems differ in dtype, head_dim or group");
+    }
+    if (a.pool == nullptr || a.q == nullptr || a.out == nullptr || p.trees == nullptr) {
+      return InvalidArgument("plan search attend: problem " + std::to_string(i) +
+                             " lacks pool, q, out or trees");
+    }
+    if (reinterpret_cast<uintptr_t>(a.pool) % 16 != 0 || p.tail.offset % 8 != 0) {
+      return InvalidArgument("plan search attend: pool or tail not 16-byte aligned");
+    }
+    for (uint32_t h = 0; h < a.kv_heads; ++h) {
+      const FlatTreeView& t = p.trees[h];
+      if (t.num_levels > kTreeSearchMaxLevels + 1) {
+        return Unimplemented("search attend on CUDA: tree of " + std::to_string(t.num_levels) +
+                             " node levels (at most " +
+                             std::to_string(kTreeSearchMaxLevels + 1) + ")");
+      }
+      if (t.num_chunks > 0 && p.chunk_block == nullptr) {
+        return InvalidArgument("plan search attend: chunks without a block table");
+      }
+      nodes += t.num_nodes;
+    }
+    const uint64_t most = uint64_t{p.sink_tokens} + p.params.budget_tokens + p.recent_window +
+                          kChunkSlack + (p.tail.end - p.tail.begin);
+    total += most * a.kv_heads;
+    tasks += a.kv_heads;
+    max_budget = std::max(max_budget, p.params.budget_tokens);
+  }
+  uint64_t target = options.target_blocks;
+  if (target == 0) {
+    const uint64_t resident = AttendResidentBlocks(D, G, a0.kv_dtype);
+    target = resident == 0 ? 528 : std::max<uint64_t>(resident / 2, resident - std::min(resident, tasks));
+  }
+  // Every run holds >= 1 token, so splits of <= kMaxRunsPerItem tokens can never overflow a
+  // run table; larger splits rely on chunks of >= split / kMaxRunsPerItem tokens.
+  uint64_t split = (total + target - 1) / target;
+  split = std::clamp<uint64_t>(split, options.min_split_tokens,
+                               std::min<uint64_t>(options.max_split_tokens, 1024));
+  split = AlignUp(std::max<uint64_t>(split, 64), 64);
+
+  std::vector<SearchTaskDesc> descs;
+  std::vector<AttendItemDesc> items;
+  uint32_t partial_slots = 0;
+  size_t scratch_floats = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    const SearchAttendProblem& p = problems[i];
+    const AttendProblem& a = p.attend;
+    const size_t qsz = DTypeSize(a.q_dtype), osz = DTypeSize(a.out_dtype);
+    const uint64_t most = uint64_t{p.sink_tokens} + p.params.budget_tokens + p.recent_window +
+                          kChunkSlack + (p.tail.end - p.tail.begin);
+    const uint32_t splits = static_cast<uint32_t>(std::max<uint64_t>(1, (most + split - 1) / split));
+    for (uint32_t h = 0; h < a.kv_heads; ++h) {
+      SearchTaskDesc d{};
+      d.tree = p.trees[h];
+      d.chunk_block = p.chunk_block;
+      d.q = static_cast<const uint8_t*>(a.q) + size_t{h} * G * D * qsz;
+      d.node_chain = scratch_floats;
+      scratch_floats += size_t{d.tree.num_nodes} * 4;
+      d.params = p.params;
+      d.recent_from = p.recent_from;
+      d.tail_k_off = p.tail.offset + (uint64_t{h} * p.tail.stride_tokens + p.tail.begin) * D;
+      d.tail_v_off = d.tail_k_off + uint64_t{a.kv_heads} * p.tail.stride_tokens * D;
+      d.tail_len = p.tail.end - p.tail.begin;
+      d.sink_tokens = p.sink_tokens;
+      d.kv_heads = a.kv_heads;
+      d.kv_head = h;
+      d.first_item = static_cast<uint32_t>(items.size());
+      d.num_splits = splits;
+      d.split_tokens = static_cast<uint32_t>(split);
+      d.group = G;
+      const uint32_t task = static_cast<uint32_t>(descs.size());
+      for (uint32_t s = 0; s < splits; ++s) {
+        AttendItemDesc it{};
+        it.pool = a.pool;
+        it.q = d.q;
+        it.out = static_cast<uint8_t*>(a.out) + size_t{h} * G * D * osz;
+        it.lse = a.lse ? a.lse + size_t{h} * G : nullptr;
+        it.scale = a.scale;
+        it.num_splits = splits;
+        it.partial_base = partial_slots;
+        it.task = task;
+        it.split = s;
+        it.run_begin = static_cast<uint32_t>(items.size()) * kMaxRunsPerItem;
+        it.run_end = it.run_begin;  // the search writes run_end and tokens
+        items.push_back(it);
+      }
+      if (splits > 1) partial_slots += splits;
+      descs.push_back(d);
+    }
+  }
+  plan->num_tasks = static_cast<uint32_t>(descs.size());
+  plan->num_items = static_cast<uint32_t>(items.size());
+  plan->max_selected = std::min<uint32_t>(std::max<uint32_t>(max_budget, 1), kSearchMaxCandidates * 4);
+  plan->head_dim = D;
+  plan->group = G;
+  plan->kv_dtype = a0.kv_dtype;
+  plan->q_dtype = a0.q_dtype;
+  plan->out_dtype = a0.out_dtype;
+  size_t off = 0;
+  plan->tasks_off = off;
+  off = AlignUp(off + descs.size() * sizeof(SearchTaskDesc), 256);
+  plan->items_off = off;
+  off = AlignUp(off + items.size() * sizeof(AttendItemDesc), 256);
+  plan->counters_off = off;
+  off = AlignUp(off + descs.size() * sizeof(uint32_t), 256);
+  const size_t image_bytes = off;
+  plan->runs_off = off;
+  off = AlignUp(off + items.size() * kMaxRunsPerItem * sizeof(AttendRunDesc), 256);
+  plan->results_off = off;
+  off = AlignUp(off + descs.size() * sizeof(SearchTaskResult), 256);
+  plan->selected_off = off;
+  off = AlignUp(off + descs.size() * plan->max_selected * sizeof(uint32_t), 256);
+  plan->scores_off = off;
+  off = AlignUp(off + descs.size() * plan->max_selected * sizeof(float), 256);
+  plan->scratch_off = off;
+  off = AlignUp(off + scratch_floats * sizeof(float), 256);
+  plan->partials_off = off;
+  plan->workspace_bytes =
+      off + size_t{partial_slots} * PartialFloats(G, D) * sizeof(float);
+  plan->image.assign(image_bytes, 0);
+  std::memcpy(plan->image.data() + plan->tasks_off, descs.data(),
+              descs.size() * sizeof(SearchTaskDesc));
+  std::memcpy(plan->image.data() + plan->items_off, items.data(),
+              items.size() * sizeof(AttendItemDesc));
+  return Status::OK();
+}
+
+}  // namespace kvmem::kernels::cuda

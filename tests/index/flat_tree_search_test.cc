@@ -1,0 +1,149 @@
+// The flat-tree budgeted search (kernels/tree_search.h, what the GPU runs) against
+// ClusterTree::SearchBudget with the default best-first options: the same chunks, in the same
+// order, on bulk-built, lazily grown, maintained and flat trees. Seeds fresh per run.
+#include <gtest/gtest.h>
+
+#include "index/cluster_tree.h"
+#include "index_test_util.h"
+#include "kernels/tree_search.h"
+
+namespace kvmem::index {
+namespace {
+
+using testing::BuildTree;
+using testing::RandomKeys;
+using testing::RandomQuery;
+using testing::Summaries;
+using testing::VectorKeySource;
+
+// Searches `tree` both ways with `queries` random query groups and expects equal selections.
+void ExpectSameSelections(const ClusterTree& tree, std::mt19937_64& rng, uint32_t queries,
+                          const VectorKeySource& src) {
+  kernels::FlatTree flat;
+  tree.ExportFlat(&flat);
+  ASSERT_EQ(flat.chunk_radius.size(), tree.num_chunks());
+  ASSERT_EQ(flat.leaf_chunks.size(), tree.num_chunks());
+  const kernels::FlatTreeView view = flat.View();
+  uint32_t nonempty = 0;
+  for (uint32_t i = 0; i < queries; ++i) {
+    const uint32_t group = 1u << (rng() % 4);
+    std::vector<float> q = RandomQuery(rng, group, src.dim, 0.5f);
+    if (rng() % 2 == 0) {  // aimed at a real key half of the time
+      const auto& keys = src.chunks[rng() % src.chunks.size()];
+      for (size_t j = 0; j < q.size(); ++j) q[j] += 0.4f * keys[j % src.dim];
+    }
+    BudgetSearchOptions o;  // the daemon's defaults: best-first, mean query, soft scores
+    o.skip_tokens_below = (i % 3 == 0) ? 16 : 0;
+    o.max_consecutive_misfits = 1 + static_cast<uint32_t>(rng() % 20);
+    const uint32_t budget = 1 + static_cast<uint32_t>(rng() % 1500);
+    auto cpu = tree.SearchBudget(q, budget, o);
+    ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+    kernels::TreeSearchParams p;
+    p.budget_tokens = budget;
+    p.skip_tokens_below = o.skip_tokens_below;
+    p.max_consecutive_misfits = o.max_consecutive_misfits;
+    p.node_radius_weight = o.node_radius_weight;
+    p.chunk_radius_weight = o.chunk_radius_weight;
+    kernels::TreeSelection got;
+    ASSERT_TRUE(kernels::TreeSearchCpu(view, q.data(), group, src.dim, p, &got).ok());
+    EXPECT_EQ(got.tokens, cpu->tokens) << "query " << i;
+    // SearchBudget reports by score; the flat search in acceptance order: compare as sets
+    // with scores.
+    std::vector<std::pair<uint32_t, float>> a, b;
+    for (size_t j = 0; j < cpu->chunks.size(); ++j) a.push_back({cpu->chunks[j], cpu->scores[j]});
+    for (size_t j = 0; j < got.chunks.size(); ++j) b.push_back({got.chunks[j], got.scores[j]});
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    ASSERT_EQ(a, b) << "query " << i << " budget " << budget << " group " << group;
+    nonempty += got.chunks.empty() ? 0 : 1;
+  }
+  EXPECT_GT(nonempty, 0u) << "every selection was empty: the comparison proved nothing";
+}
+
+TEST(FlatTreeSearchTest, BulkBuiltTreesOfEveryDepthSelectLikeSearchBudget) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  for (uint32_t levels = 1; levels <= 3; ++levels) {
+    SCOPED_TRACE("levels " + std::to_string(levels));
+    VectorKeySource src = RandomKeys(rng, 900, 32);
+    ClusterTreeOptions o;
+    o.levels = levels;
+    o.fine_cluster_chunks = 4 + static_cast<uint32_t>(rng() % 16);
+    ClusterTree tree = BuildTree(src, o);
+    EXPECT_EQ(tree.Stats().depth, levels + 1);
+    ExpectSameSelections(tree, rng, 60, src);
+  }
+}
+
+TEST(FlatTreeSearchTest, FlatListAndLazilyGrownTreesSelectLikeSearchBudget) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  VectorKeySource all = RandomKeys(rng, 600, 16, 24, 12);
+  ClusterTreeOptions o;
+  o.min_chunks_to_cluster = 40;
+  VectorKeySource src;
+  src.dim = all.dim;
+  ClusterTree tree(src.dim, o);
+  kernels::FlatTree flat;
+  for (uint32_t c = 0; c < all.chunks.size(); ++c) {
+    src.chunks.push_back(all.chunks[c]);
+    auto s = SummarizeKeys(src.chunks[c].data(), src.tokens(c), src.dim);
+    ASSERT_TRUE(s.ok());
+    const uint64_t before = tree.version();
+    ASSERT_TRUE(tree.Insert(c, *s, src.tokens(c)).ok());
+    EXPECT_NE(tree.version(), before);
+    if (rng() % 9 == 0 && tree.NeedsMaintenance()) tree.Maintain(1);
+    tree.ExportFlat(&flat, c);  // incremental: only the new chunk
+    ASSERT_EQ(flat.chunk_radius.size(), 1u);
+    ASSERT_EQ(flat.chunk_radius[0], s->radius);
+    ASSERT_EQ(flat.num_chunks, c + 1);
+    if (c == 30 || c % 97 == 0 || c + 1 == all.chunks.size()) {
+      SCOPED_TRACE("after chunk " + std::to_string(c));
+      ExpectSameSelections(tree, rng, 15, src);
+    }
+  }
+}
+
+TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  VectorKeySource src = RandomKeys(rng, 700, 16);
+  ClusterTree tree = BuildTree(src, {});
+  kernels::FlatTree flat;
+  tree.ExportFlat(&flat);
+  const TreeStats st = tree.Stats();
+  ASSERT_EQ(flat.num_levels, st.depth);
+  for (uint32_t l = 0; l < flat.num_levels; ++l) {
+    EXPECT_EQ(flat.level_begin[l + 1] - flat.level_begin[l], st.nodes_per_level[l]) << l;
+  }
+  std::vector<int> seen(tree.num_chunks(), 0);
+  for (uint32_t n = 0; n < flat.nodes.size(); ++n) {
+    const auto& f = flat.nodes[n];
+    if (n > 0) {
+      EXPECT_LT(f.parent, n);
+    }
+    if (f.child_count & kernels::kTreeLeafBit) {
+      for (uint32_t i = 0; i < (f.child_count & ~kernels::kTreeLeafBit); ++i) {
+        ++seen[flat.leaf_chunks[f.child_begin + i]];
+      }
+    } else {
+      for (uint32_t i = 0; i < f.child_count; ++i) EXPECT_EQ(flat.nodes[f.child_begin + i].parent, n);
+    }
+  }
+  for (int s : seen) EXPECT_EQ(s, 1);
+  uint64_t tokens = 0;
+  for (uint32_t c = 0; c < tree.num_chunks(); ++c) tokens += tree.chunk_tokens(c);
+  EXPECT_EQ(flat.nodes[0].tokens, tokens);
+  // A Build replaces the chunk summaries: the epoch tells a mirror to start over.
+  const uint64_t epoch = flat.chunks_epoch;
+  std::vector<ChunkSummary> sums;
+  std::vector<uint32_t> counts;
+  Summaries(src, &sums, &counts);
+  ASSERT_TRUE(tree.Build(sums, counts).ok());
+  tree.ExportFlat(&flat, 50);
+  EXPECT_NE(flat.chunks_epoch, epoch);
+  EXPECT_EQ(flat.chunk_radius.size(), tree.num_chunks() - 50u);
+}
+
+}  // namespace
+}  // namespace kvmem::index
