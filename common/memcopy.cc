@@ -11,32 +11,18 @@ namespace kvmem {
 namespace {
 
 #if defined(__x86_64__)
-__attribute__((target("avx2"))) void StreamAvx2(uint8_t* d, const uint8_t* s, size_t n) {
-  // Align the destination to 32 bytes with an ordinary copy, stream the body, copy the rest.
-  const size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
-  std::memcpy(d, s, head);
-  d += head;
-  s += head;
-  n -= head;
-  size_t i = 0;
-  for (; i + 128 <= n; i += 128) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 64));
-    const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 96));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), a);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 64), c);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 96), e);
-  }
-  std::memcpy(d + i, s + i, n - i);
-  _mm_sfence();
+// Lanes of v whose exponent bits (mask m) are all ones: 32-bit lanes when wide, else 16-bit.
+__attribute__((target("avx2"))) inline __m256i Hits(__m256i v, __m256i m, bool wide) {
+  return wide ? _mm256_cmpeq_epi32(_mm256_and_si256(v, m), m) : _mm256_cmpeq_epi16(_mm256_and_si256(v, m), m);
 }
 
-// The same with a non-finite check: an element is NaN or Inf when its exponent bits are all ones.
-__attribute__((target("avx2"))) bool StreamCheckAvx2(uint8_t* d, const uint8_t* s, size_t n, DType t) {
+// Streams n bytes from s to d: an ordinary copy up to d's 32-byte alignment, non-temporal stores
+// for the body, an ordinary copy of the rest. With kCheck it also reports whether any element of
+// type t is NaN or Inf (exponent bits all ones), testing the loaded vectors.
+template <bool kCheck>
+__attribute__((target("avx2"))) bool StreamAvx2(uint8_t* d, const uint8_t* s, size_t n, DType t) {
   const size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
-  bool bad = HasNonFinite(s, t, head / DTypeSize(t));
+  bool bad = kCheck && HasNonFinite(s, t, head / DTypeSize(t));
   std::memcpy(d, s, head);
   d += head;
   s += head;
@@ -54,20 +40,15 @@ __attribute__((target("avx2"))) bool StreamCheckAvx2(uint8_t* d, const uint8_t* 
     _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), b);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 64), c);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 96), e);
-    if (wide) {
-      acc = _mm256_or_si256(acc, _mm256_or_si256(_mm256_cmpeq_epi32(_mm256_and_si256(a, m), m),
-                                                 _mm256_cmpeq_epi32(_mm256_and_si256(b, m), m)));
-      acc = _mm256_or_si256(acc, _mm256_or_si256(_mm256_cmpeq_epi32(_mm256_and_si256(c, m), m),
-                                                 _mm256_cmpeq_epi32(_mm256_and_si256(e, m), m)));
-    } else {
-      acc = _mm256_or_si256(acc, _mm256_or_si256(_mm256_cmpeq_epi16(_mm256_and_si256(a, m), m),
-                                                 _mm256_cmpeq_epi16(_mm256_and_si256(b, m), m)));
-      acc = _mm256_or_si256(acc, _mm256_or_si256(_mm256_cmpeq_epi16(_mm256_and_si256(c, m), m),
-                                                 _mm256_cmpeq_epi16(_mm256_and_si256(e, m), m)));
+    if constexpr (kCheck) {
+      acc = _mm256_or_si256(acc, _mm256_or_si256(_mm256_or_si256(Hits(a, m, wide), Hits(b, m, wide)),
+                                                 _mm256_or_si256(Hits(c, m, wide), Hits(e, m, wide))));
     }
   }
-  bad = bad || !_mm256_testz_si256(acc, acc);
-  bad = bad || HasNonFinite(s + i, t, (n - i) / DTypeSize(t));
+  if constexpr (kCheck) {
+    bad = bad || !_mm256_testz_si256(acc, acc);
+    bad = bad || HasNonFinite(s + i, t, (n - i) / DTypeSize(t));
+  }
   std::memcpy(d + i, s + i, n - i);
   _mm_sfence();
   return bad;
@@ -81,7 +62,7 @@ const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 void StreamingCopy(void* dst, const void* src, size_t bytes) {
 #if defined(__x86_64__)
   if (kHasAvx2 && bytes >= kStreamingMinBytes) {
-    StreamAvx2(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes);
+    (void)StreamAvx2<false>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes, DType::kBF16);
     return;
   }
 #endif
@@ -93,7 +74,7 @@ bool StreamingCopyChecked(void* dst, const void* src, size_t bytes, DType dtype)
   // Element-aligned pieces only: the vector loop relies on lanes lining up with elements.
   if (kHasAvx2 && bytes >= kStreamingMinBytes && bytes % DTypeSize(dtype) == 0 &&
       reinterpret_cast<uintptr_t>(dst) % DTypeSize(dtype) == 0) {
-    return StreamCheckAvx2(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes, dtype);
+    return StreamAvx2<true>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes, dtype);
   }
 #endif
   const bool bad = HasNonFinite(src, dtype, bytes / DTypeSize(dtype));
