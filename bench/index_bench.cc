@@ -26,8 +26,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "bench/data/safetensors.h"
 #include "bench/data/synthetic_kv.h"
+#include "common/tensor_file.h"
 #include "index/chunker.h"
 #include "index/cluster_tree.h"
 #include "index/detail/kmeans.h"
@@ -105,7 +105,7 @@ Dataset MakeSynthetic(uint64_t tokens, uint32_t queries, uint64_t seed) {
 }
 
 Result<Dataset> LoadSafetensors(const std::string& path, uint64_t max_tokens) {
-  KVMEM_ASSIGN_OR_RETURN(SafetensorsFile f, SafetensorsFile::Open(path));
+  KVMEM_ASSIGN_OR_RETURN(TensorFile f, TensorFile::Open(path));
   std::vector<uint64_t> ks, vs, qs;
   KVMEM_ASSIGN_OR_RETURN(std::vector<float> k, f.ReadFloat("keys", 3, &ks));
   KVMEM_ASSIGN_OR_RETURN(std::vector<float> v, f.ReadFloat("values", 3, &vs));
@@ -1019,10 +1019,10 @@ int Main(int argc, char** argv) {
     std::vector<float> b(ds.boundaries.begin(), ds.boundaries.end());
     Status st = WriteSafetensors(
         a.write_synthetic,
-        {{"keys", TensorDType::kBF16, {ds.kv_heads, T, D}, ds.pool.data()},
-         {"values", TensorDType::kBF16, {ds.kv_heads, T, D}, ds.pool.data() + ds.kv_heads * T * D},
-         {"queries", TensorDType::kF32, {ds.num_queries, ds.q_heads, D}, ds.queries.data()},
-         {"boundaries", TensorDType::kU8, {T}, b.data()}});
+        {{"keys", FileDType::kBF16, {ds.kv_heads, T, D}, ds.pool.data()},
+         {"values", FileDType::kBF16, {ds.kv_heads, T, D}, ds.pool.data() + ds.kv_heads * T * D},
+         {"queries", FileDType::kF32, {ds.num_queries, ds.q_heads, D}, ds.queries.data()},
+         {"boundaries", FileDType::kU8, {T}, b.data()}});
     if (!st.ok()) {
       std::fprintf(stderr, "%s\n", st.ToString().c_str());
       return 1;
