@@ -60,6 +60,7 @@ Status ValidateProfile(const ModelProfile& p, const ProfileLimits& lim) {
 Status ValidateOptions(const SessionOptions& o) {
   KVMEM_RETURN_IF_ERROR(index::Chunker::Validate(o.chunker).WithContext("options"));
   KVMEM_RETURN_IF_ERROR(index::ClusterTree::Validate(o.tree).WithContext("options"));
+  KVMEM_RETURN_IF_ERROR(ValidateMemoryOptions(o.memory).WithContext("options"));
   if (o.mode == SelectionMode::kRetrievalHeads || o.mode == SelectionMode::kHybrid) {
     return Unimplemented("options: selection modes retrieval_heads and hybrid are not available "
                          "in this build (dense and index are)");
@@ -107,6 +108,9 @@ Status Session::Init() {
     layers_[l].tail_block = *off;
   }
   stat_bytes_ = pool_->allocator().ReservedBytes(bytes) * profile_.layers;
+  if (options_.memory.enabled()) {
+    memory_ = std::make_unique<MemoryStore>(options_.memory, pool_, nullptr);
+  }
   created_ms_ = NowMs();
   last_used_ms_ = created_ms_.load();
   return Status::OK();
@@ -595,6 +599,11 @@ SessionStats Session::Stats() const {
   s.chunks = stat_chunks_.load(std::memory_order_relaxed);
   s.tail_tokens = stat_tail_.load(std::memory_order_relaxed);
   s.bytes = stat_bytes_.load(std::memory_order_relaxed);
+  if (memory_) {
+    s.memory_blocks = memory_->blocks();
+    s.memory_bytes = memory_->bytes();
+    s.bytes += s.memory_bytes;
+  }
   s.created_unix_ms = created_ms_.load(std::memory_order_relaxed);
   s.last_used_unix_ms = last_used_ms_.load(std::memory_order_relaxed);
   return s;

@@ -22,6 +22,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "daemon/kv_pool.h"
+#include "daemon/memory_store.h"
 #include "daemon/session_journal.h"
 #include "index/chunker.h"
 #include "index/cluster_tree.h"
@@ -58,6 +59,8 @@ struct SessionOptions {
   uint64_t ttl_seconds = 0;
   std::string label;
   bool values_optional = false;
+  // Compressed memory blocks (daemon/memory_store.h); disabled unless gate_dim > 0.
+  MemoryOptions memory;
 };
 
 // Bounds on what a profile may ask for (config-driven).
@@ -74,7 +77,9 @@ struct SessionStats {
   uint64_t tokens = 0;
   uint64_t chunks = 0;
   uint32_t tail_tokens = 0;
-  uint64_t bytes = 0;
+  uint64_t bytes = 0;            // pool bytes: K/V blocks and memory-block payloads
+  uint64_t memory_blocks = 0;
+  uint64_t memory_bytes = 0;     // payload bytes of memory blocks (included in bytes)
   uint64_t created_unix_ms = 0;
   uint64_t last_used_unix_ms = 0;
 };
@@ -166,6 +171,8 @@ class Session {
   LayerIndexInfo IndexInfo(uint32_t layer) const;
 
   SessionStats Stats() const;
+  // The session's memory blocks; nullptr when options().memory is disabled.
+  MemoryStore* memory() const { return memory_.get(); }
   // Held by the request layer around every operation on this session. Uncontended in the
   // common case (one executor per session); it makes cross-shard batches safe.
   std::mutex& op_mu() { return op_mu_; }
@@ -250,6 +257,7 @@ class Session {
   std::vector<uint8_t> unsealed_boundaries_; // complete tokens not yet fed (seal failed)
 
   std::unique_ptr<SessionJournal> journal_;
+  std::unique_ptr<MemoryStore> memory_;
   std::mutex op_mu_;
   std::atomic<uint64_t> stat_tokens_{0};
   std::atomic<uint64_t> stat_chunks_{0};
