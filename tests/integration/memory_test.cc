@@ -16,6 +16,8 @@
 #include "common/tensor_file.h"
 #include "testing/daemon_process.h"
 
+#include <nlohmann/json.hpp>
+
 namespace kvmem {
 namespace {
 
@@ -428,6 +430,77 @@ TEST_F(MemoryTest, DurableBlocksSurviveKill9) {
   ASSERT_TRUE(client_->DropSession(*id).ok());
   Start();
   EXPECT_EQ(client_->ListMemoryBlocks(*id).status().code(), StatusCode::kNotFound);
+}
+
+// kvmemctl (next to the test binary); stdout, *rc = exit status.
+std::string Kvmemctl(const std::string& args, int* rc) {
+  const std::string cmd = testing::BinDir() + "/kvmemctl " + args + " 2>/dev/null";
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (f == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const int st = ::pclose(f);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+TEST_F(MemoryTest, KvmemctlMemoryCommands) {
+  Start();
+  const std::string addr = "--addr " + daemon_->address();
+  int rc = -1;
+  const std::string created = Kvmemctl(addr + " --json session create --layers 1 --q-heads 2 --kv-heads 1 "
+                                       "--head-dim 16 --memory-gate-dim 4 --memory-rows 1 --memory-dim 2 "
+                                       "--memory-dtype fp32", &rc);
+  ASSERT_EQ(rc, 0) << created;
+  const uint64_t sid = nlohmann::json::parse(created)["id"].get<uint64_t>();
+  const std::string id = std::to_string(sid);
+  // Keys and payloads as safetensors, spans as I64.
+  const std::vector<float> keys = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0};
+  const std::vector<float> pay = {1, 2, 3, 4, 5, 6};
+  const std::vector<float> spans = {0, 10, 10, 20, 20, 30};
+  const std::string kf = (dir_ / "keys.safetensors").string(), pf = (dir_ / "pay.safetensors").string(),
+                    sf = (dir_ / "spans.safetensors").string();
+  ASSERT_TRUE(WriteSafetensors(kf, {{"gate_keys", FileDType::kF32, {3, 4}, keys.data()}}).ok());
+  ASSERT_TRUE(WriteSafetensors(pf, {{"payloads", FileDType::kBF16, {3, 1, 2}, pay.data()}}).ok());
+  ASSERT_TRUE(WriteSafetensors(sf, {{"spans", FileDType::kF32, {3, 2}, spans.data()}}).ok());
+  // Float spans are refused (token positions are integers).
+  Kvmemctl(addr + " memory put " + id + " --keys " + kf + " --payloads " + pf + " --spans " + sf, &rc);
+  EXPECT_EQ(rc, 1);
+  const std::string put = Kvmemctl(addr + " --json memory put " + id + " --keys " + kf + " --payloads " + pf +
+                                   " --labels a,b,c", &rc);
+  ASSERT_EQ(rc, 0) << put;
+  EXPECT_EQ(nlohmann::json::parse(put)["ids"], nlohmann::json({1, 2, 3}));
+  const std::string sel = Kvmemctl(addr + " --json memory select " + id + " --query-values 0,2,1,0 --k 2", &rc);
+  ASSERT_EQ(rc, 0) << sel;
+  const auto js = nlohmann::json::parse(sel);
+  ASSERT_EQ(js["blocks"].size(), 2u);
+  EXPECT_EQ(js["blocks"][0]["id"], 2);
+  EXPECT_EQ(js["blocks"][0]["label"], "b");
+  EXPECT_EQ(js["blocks"][0]["score"], 2.0);
+  EXPECT_EQ(js["blocks"][1]["id"], 3);
+  EXPECT_TRUE(js["exact"].get<bool>());
+  const std::string table = Kvmemctl(addr + " memory select " + id + " --query-values 0,2,1,0 --k 1 --gate linear", &rc);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(table.find("SCORE"), std::string::npos) << table;
+  EXPECT_EQ(Kvmemctl(addr + " --json memory drop " + id + " 2", &rc), "{\"blocks\":2,\"dropped\":1}\n");
+  const auto listed = nlohmann::json::parse(Kvmemctl(addr + " --json memory list " + id, &rc));
+  EXPECT_EQ(listed["total_blocks"], 2);
+  EXPECT_EQ(listed["blocks"][1]["id"], 3);
+  EXPECT_EQ(listed["gate_dim"], 4);
+  // Errors: unknown block (1), usage (2).
+  Kvmemctl(addr + " memory drop " + id + " 77", &rc);
+  EXPECT_EQ(rc, 1);
+  Kvmemctl(addr + " memory select " + id + " --k 2", &rc);
+  EXPECT_EQ(rc, 2);
+  auto got = client_->GetMemoryBlocks(sid, std::vector<uint64_t>{3});
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->payloads.size(), 8u);
+  float v[2];
+  std::memcpy(v, got->payloads.data(), 8);
+  EXPECT_EQ(v[0], 5.f);  // bf16 in the file, fp32 in the session: exact for these values
+  EXPECT_EQ(v[1], 6.f);
 }
 
 }  // namespace
