@@ -63,8 +63,9 @@ struct DaemonConfig {
   // Directory that sessions' memory.scorer_file names are resolved in (relative names without
   // ".." only). "" = sessions may not name scorer files. Default: "".
   std::string memory_scorer_dir;
-  // Scorer weights (safetensors, docs/operations.md "Memory blocks") for sessions that name
-  // none; loaded at start, a bad file stops kvmemd. "" = none. Default: "".
+  // Scorer weights (safetensors, daemon/memory_scorer.h) for sessions that name none; loaded
+  // on the first SelectMemory with gate scorer for each gate_dim (its shape depends on it), and
+  // a bad file fails that request with the reason. "" = none. Default: "".
   std::string memory_scorer_file;
   // Defaults for sessions that leave options at 0.
   SessionOptions session_defaults;

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/data/git_commit.h"
 #include "index/gate_tree.h"
 
 namespace {
@@ -90,16 +91,6 @@ Data Iid(uint32_t n, uint32_t queries, uint32_t dim, uint64_t seed) {
   return out;
 }
 
-std::string Commit() {
-  std::string out;
-  if (FILE* p = popen("git rev-parse --short HEAD 2>/dev/null", "r")) {
-    char buf[64];
-    while (std::fgets(buf, sizeof buf, p)) out += buf;
-    pclose(p);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out.empty() ? "unknown" : out;
-}
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -226,7 +217,7 @@ int Main(int argc, char** argv) {
   json out;
   out["machine"] = "2-core Debian 12 VM (shared with other builds), g++ 12, RelWithDebInfo (-O2), "
                    "one thread";
-  out["commit"] = Commit();
+  out["commit"] = kvmem::bench::GitCommit();
   out["parameters"] = {{"dim", a.dim},
                        {"k", a.k},
                        {"queries", nq},

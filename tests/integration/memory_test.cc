@@ -26,6 +26,7 @@ using client::MemoryGate;
 using client::Profile;
 using client::TensorView;
 using testing::DaemonProcess;
+using testing::Kvmemctl;
 
 constexpr uint32_t kDg = 24, kRows = 2, kDm = 8;
 
@@ -432,19 +433,6 @@ TEST_F(MemoryTest, DurableBlocksSurviveKill9) {
   EXPECT_EQ(client_->ListMemoryBlocks(*id).status().code(), StatusCode::kNotFound);
 }
 
-// kvmemctl (next to the test binary); stdout, *rc = exit status.
-std::string Kvmemctl(const std::string& args, int* rc) {
-  const std::string cmd = testing::BinDir() + "/kvmemctl " + args + " 2>/dev/null";
-  std::string out;
-  FILE* f = ::popen(cmd.c_str(), "r");
-  if (f == nullptr) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
-  const int st = ::pclose(f);
-  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
 
 TEST_F(MemoryTest, KvmemctlMemoryCommands) {
   Start();

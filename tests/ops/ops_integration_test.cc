@@ -22,6 +22,7 @@ namespace {
 using testing::DaemonProcess;
 using testing::FreePort;
 using testing::HttpGet;
+using testing::Kvmemctl;
 
 client::Profile SmallProfile() {
   client::Profile p;
@@ -202,19 +203,6 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   std::filesystem::remove(cfg);
 }
 
-// Runs kvmemctl (next to the test binary) and returns its stdout; *rc gets the exit status.
-std::string Kvmemctl(const std::string& args, int* rc) {
-  const std::string cmd = testing::BinDir() + "/kvmemctl " + args + " 2>/dev/null";
-  std::string out;
-  FILE* f = ::popen(cmd.c_str(), "r");
-  if (f == nullptr) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
-  const int st = ::pclose(f);
-  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
 
 TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
   DaemonProcess a, b;

@@ -124,4 +124,18 @@ class DaemonProcess {
   bool ready_ = false;
 };
 
+// Runs kvmemctl (next to the test binary) with `args`; returns its stdout, *rc its exit status.
+inline std::string Kvmemctl(const std::string& args, int* rc) {
+  const std::string cmd = BinDir() + "/kvmemctl " + args + " 2>/dev/null";
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (f == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const int st = ::pclose(f);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
 }  // namespace kvmem::testing
