@@ -14,6 +14,7 @@
 
 #include "client/client.h"
 #include "common/tensor_file.h"
+#include "daemon/chunk_store.h"
 #include "testing/daemon_process.h"
 
 #include <nlohmann/json.hpp>
@@ -489,6 +490,67 @@ TEST_F(MemoryTest, KvmemctlMemoryCommands) {
   std::memcpy(v, got->payloads.data(), 8);
   EXPECT_EQ(v[0], 5.f);  // bf16 in the file, fp32 in the session: exact for these values
   EXPECT_EQ(v[1], 6.f);
+}
+
+TEST_F(MemoryTest, DiskFullFailsMemoryWritesWithNothingChanged) {
+  const std::string flag = (dir_ / "disk-full").string();
+  Start({"--fault-fail-writes-flag", flag});
+  auto id = client_->CreateSession(Prof(), WithMemory(/*durable=*/true));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  std::mt19937_64 rng(9);
+  auto first = Put(*id, MakeBlocks(rng, 10, 0));
+  ASSERT_TRUE(first.ok());
+  const uint64_t bytes = client_->SessionInfo(*id)->bytes;
+  std::ofstream(flag) << "full";
+  auto failed = Put(*id, MakeBlocks(rng, 5, 1 << 20));
+  ASSERT_EQ(failed.status().code(), StatusCode::kResourceExhausted) << failed.status().ToString();
+  EXPECT_NE(failed.status().message().find("disk full"), std::string::npos);
+  EXPECT_NE(failed.status().message().find("memory blocks"), std::string::npos);
+  auto drop = client_->DropMemoryBlocks(*id, std::vector<uint64_t>{first->ids[0]});
+  EXPECT_EQ(drop.status().code(), StatusCode::kResourceExhausted) << drop.status().ToString();
+  EXPECT_EQ(client_->ListMemoryBlocks(*id)->total_blocks, 10u);
+  EXPECT_EQ(client_->SessionInfo(*id)->bytes, bytes);  // the failed put's payloads were freed
+  std::filesystem::remove(flag);
+  auto second = Put(*id, MakeBlocks(rng, 5, 1 << 20));
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+  EXPECT_EQ(second->ids.front(), first->ids.back() + 1);  // the failed put used no ids
+  client_.reset();
+  ::kill(daemon_->pid(), SIGKILL);
+  ::waitpid(daemon_->pid(), nullptr, 0);
+  Start();
+  EXPECT_EQ(client_->ListMemoryBlocks(*id)->total_blocks, 15u);
+}
+
+TEST_F(MemoryTest, CorruptStoredBlockIsNamedAndOtherSessionsServe) {
+  Start();
+  std::mt19937_64 rng(13);
+  ASSERT_TRUE(client_->CreateSession(Prof(), WithMemory(true), 41).ok());
+  ASSERT_TRUE(client_->CreateSession(Prof(), WithMemory(true), 42).ok());
+  ASSERT_TRUE(Put(41, MakeBlocks(rng, 20, 0)).ok());
+  ASSERT_TRUE(Put(42, MakeBlocks(rng, 20, 0)).ok());
+  client_.reset();
+  ASSERT_EQ(daemon_->Stop(), 0);
+  {
+    StoreOptions so;
+    so.path = (dir_ / "data" / "db").string();
+    auto store = ChunkStore::Open(so);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ASSERT_TRUE((*store)->CorruptMemoryBlockForTest("default", 41, 7, 40).ok());
+  }
+  Start();
+  EXPECT_EQ(client_->ListMemoryBlocks(42)->total_blocks, 20u);
+  auto again = client_->CreateSession(Prof(), WithMemory(true), 41);
+  ASSERT_EQ(again.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(again.status().message().find("memory block (tenant default, session 41, block 7)"),
+            std::string::npos) << again.status().ToString();
+  EXPECT_NE(again.status().message().find("checksum mismatch"), std::string::npos);
+  auto v = client_->VerifySession(41);
+  ASSERT_TRUE(v.ok());
+  EXPECT_FALSE(v->ok);
+  // Dropping it clears the stored blocks and the id.
+  ASSERT_TRUE(client_->DropSession(41).ok());
+  ASSERT_TRUE(client_->CreateSession(Prof(), WithMemory(true), 41).ok());
+  EXPECT_EQ(client_->ListMemoryBlocks(41)->total_blocks, 0u);
 }
 
 }  // namespace
