@@ -277,31 +277,48 @@ Status GateTree::ValidateQuery(std::span<const float> q) const {
   return Status::OK();
 }
 
-GateResult GateTree::Walk(std::span<const float> q, uint32_t k, uint32_t max_leaves) const {
+GateResult GateTree::Walk(std::span<const float> q, uint32_t k, uint32_t max_leaves,
+                          float radius_weight) const {
   GateResult r;
   if (k == 0 || where_.empty()) return r;
   const float* qp = q.data();
   const double qn = std::sqrt(DotD(qp, qp, dim_));
   const double gamma = DotSlack(dim_);
-  auto bound = [&](uint32_t n) {
-    const Node& node = nodes_[n];
-    const double m = qn * node.max_norm;
-    return std::min(DotD(qp, centroid(n), dim_) + qn * node.radius, m) + gamma * m;
+  // A frontier entry: walk priority, true bound, node. Exact search walks by the bound; the
+  // budgeted walk may rank by the soft score q·c + w‖q‖r (see SearchBudget) but prunes and
+  // certifies exactness with the bound only.
+  struct Entry {
+    double prio;
+    double ub;
+    uint32_t node;
+    bool operator<(const Entry& o) const { return prio < o.prio || (prio == o.prio && node > o.node); }
   };
   TopK top(k);
-  std::priority_queue<std::pair<double, uint32_t>> frontier;
-  frontier.emplace(bound(0), 0);
+  auto push = [&](std::vector<Entry>* h, uint32_t n) {
+    const Node& node = nodes_[n];
+    const double m = qn * node.max_norm;
+    const double qc = DotD(qp, centroid(n), dim_);
+    const double ub = std::min(qc + qn * node.radius, m) + gamma * m;
+    if (top.full() && ub < top.worst()) return;  // nothing below can enter the top-k
+    const double prio = radius_weight >= 1.f ? ub : std::min(qc + radius_weight * qn * node.radius, m);
+    h->push_back(Entry{prio, ub, n});
+    std::push_heap(h->begin(), h->end());
+  };
+  std::vector<Entry> frontier;
+  push(&frontier, 0);
   r.cost.nodes_visited = 1;
   while (!frontier.empty()) {
-    const auto [ub, n] = frontier.top();
-    // Every unvisited key lies below a frontier node, so its score is at most ub.
-    if (top.full() && ub < top.worst()) break;
-    const Node& node = nodes_[n];
+    const Entry e = frontier.front();
+    // With bound order, every unvisited key lies below a frontier node whose bound is at most
+    // this one: the top-k is final.
+    if (top.full() && e.ub < top.worst() && radius_weight >= 1.f) break;
+    const Node& node = nodes_[e.node];
     if (node.leaf && !node.ids.empty() && max_leaves != 0 && r.cost.leaves_visited == max_leaves) {
-      r.exact = false;
       break;
     }
-    frontier.pop();
+    std::pop_heap(frontier.begin(), frontier.end());
+    frontier.pop_back();
+    if (top.full() && e.ub < top.worst()) continue;  // nothing below can enter the top-k
     if (node.leaf) {
       if (node.ids.empty()) continue;
       ++r.cost.leaves_visited;
@@ -313,10 +330,15 @@ GateResult GateTree::Walk(std::span<const float> q, uint32_t k, uint32_t max_lea
       continue;
     }
     for (uint32_t c : node.children) {
-      const double b = bound(c);
       ++r.cost.nodes_visited;
-      if (top.full() && b < top.worst()) continue;
-      frontier.emplace(b, c);
+      push(&frontier, c);
+    }
+  }
+  // Exact iff no remaining frontier node could still hold a key that enters the top-k.
+  r.exact = true;
+  for (const Entry& e : frontier) {
+    if (!top.full() || e.ub >= top.worst()) {
+      if (!nodes_[e.node].leaf || !nodes_[e.node].ids.empty()) r.exact = false;
     }
   }
   top.Emit(&r);
@@ -325,14 +347,15 @@ GateResult GateTree::Walk(std::span<const float> q, uint32_t k, uint32_t max_lea
 
 Result<GateResult> GateTree::SearchExact(std::span<const float> q, uint32_t k) const {
   KVMEM_RETURN_IF_ERROR(ValidateQuery(q));
-  return Walk(q, k, 0);
+  return Walk(q, k, 0, 1.f);
 }
 
 Result<GateResult> GateTree::SearchBudget(std::span<const float> q, uint32_t k,
-                                          uint32_t max_leaves) const {
+                                          uint32_t max_leaves, float radius_weight) const {
   KVMEM_RETURN_IF_ERROR(ValidateQuery(q));
   if (max_leaves == 0) return InvalidArgument("gate tree: leaf budget must be >= 1");
-  return Walk(q, k, max_leaves);
+  if (!(radius_weight >= 0.f)) return InvalidArgument("gate tree: radius weight must be >= 0");
+  return Walk(q, k, max_leaves, radius_weight);
 }
 
 Result<GateResult> GateTree::Scan(std::span<const float> q, uint32_t k) const {

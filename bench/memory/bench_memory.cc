@@ -2,7 +2,8 @@
 // scan of the same gate keys, in the same run (issue 5).
 //
 //   build/bin/kvmem-bench-memory [--quick] [--dim D] [--k K] [--queries N] [--budget-leaves L]
-//                                [--data clustered|iid|both] --json FILE
+//                                [--data clustered|iid|both] [--blocks N,N,...]
+//                                [--radius-weight W] [--sweep-budget] --json FILE
 //
 // Methods per block count: `linear` (GateTree::Scan: every key scored, the reference),
 // `tree_exact` (GateTree::SearchExact), `tree_budget` (GateTree::SearchBudget with at most L
@@ -40,6 +41,9 @@ struct Args {
   uint32_t k = 16;
   uint32_t queries = 0;  // 0: 200 (100 with --quick)
   uint32_t budget_leaves = 32;
+  float radius_weight = kvmem::index::kDefaultRadiusWeight;
+  bool sweep = false;
+  std::vector<uint32_t> blocks;  // --blocks N,N,...: overrides the sizes
   std::string data = "both";
   std::string json_path;
 };
@@ -133,10 +137,24 @@ int Main(int argc, char** argv) {
     else if (s == "--queries") a.queries = static_cast<uint32_t>(std::stoul(next()));
     else if (s == "--budget-leaves") a.budget_leaves = static_cast<uint32_t>(std::stoul(next()));
     else if (s == "--data") a.data = next();
+    else if (s == "--radius-weight") a.radius_weight = std::stof(next());
+    else if (s == "--sweep-budget") a.sweep = true;
+    else if (s == "--blocks") {
+      std::string v = next() + ",", cur;
+      for (char ch : v) {
+        if (ch != ',') {
+          cur.push_back(ch);
+        } else if (!cur.empty()) {
+          a.blocks.push_back(static_cast<uint32_t>(std::stoul(cur)));
+          cur.clear();
+        }
+      }
+    }
     else {
       std::fprintf(stderr,
                    "usage: kvmem-bench-memory [--quick] [--dim D] [--k K] [--queries N] "
-                   "[--budget-leaves L] [--data clustered|iid|both] --json FILE\n");
+                   "[--budget-leaves L] [--radius-weight W] [--data clustered|iid|both] "
+                   "[--blocks N,N,...] [--sweep-budget] --json FILE\n");
       return 2;
     }
   }
@@ -148,15 +166,17 @@ int Main(int argc, char** argv) {
   const uint32_t nq = a.queries ? a.queries : (a.quick ? 100 : 200);
   const std::vector<uint32_t> sizes =
       a.quick ? std::vector<uint32_t>{10'000, 100'000} : std::vector<uint32_t>{10'000, 100'000, 1'000'000};
+  const std::vector<uint32_t> run_sizes = a.blocks.empty() ? sizes : a.blocks;
   std::vector<std::string> kinds;
   if (a.data != "iid") kinds.push_back("clustered");
   if (a.data != "clustered") kinds.push_back("iid");
 
   json results = json::array();
+  json sweep = json::array();
   std::printf("%-10s %-9s %-12s %12s %9s %7s %9s %12s\n", "data", "blocks", "method",
               "us/query", "exact", "recall", "leaves", "keys_scored");
   for (const std::string& kind : kinds) {
-    for (uint32_t n : sizes) {
+    for (uint32_t n : run_sizes) {
       const Data d = kind == "clustered" ? Clustered(n, nq, a.dim, 0x6d656d + n)
                                          : Iid(n, nq, a.dim, 0x696964 + n);
       std::vector<uint64_t> ids(n);
@@ -172,7 +192,7 @@ int Main(int argc, char** argv) {
       const auto lin = RunMethod(d, a.dim, nq, [&](auto q) { return tree.Scan(q, a.k); }, &us_lin);
       const auto ex = RunMethod(d, a.dim, nq, [&](auto q) { return tree.SearchExact(q, a.k); }, &us_ex);
       const auto bud = RunMethod(
-          d, a.dim, nq, [&](auto q) { return tree.SearchBudget(q, a.k, a.budget_leaves); }, &us_bud);
+          d, a.dim, nq, [&](auto q) { return tree.SearchBudget(q, a.k, a.budget_leaves, a.radius_weight); }, &us_bud);
       auto row = [&](const char* method, const std::vector<GateResult>& res, double us) {
         uint32_t agree = 0;
         double recall = 0, leaves = 0, keys = 0, nodes = 0;
@@ -206,6 +226,30 @@ int Main(int argc, char** argv) {
                     method, us, double(agree) / nq, recall / nq, leaves / nq, keys / nq);
         results.push_back(std::move(j));
       };
+      if (a.sweep) {
+        // Budgeted walk: recall and cost per (leaf budget, soft-score weight); w = 1 ranks by
+        // the bound (SearchExact's order).
+        for (float w : {1.f, 0.75f, 0.5f, 0.35f, 0.25f, 0.f}) {
+          for (uint32_t budget : {8u, 16u, 32u, 64u, 128u, 256u}) {
+            double us = 0;
+            const auto res = RunMethod(
+                d, a.dim, nq, [&](auto q) { return tree.SearchBudget(q, a.k, budget, w); }, &us);
+            double recall = 0, keys = 0, agree = 0;
+            for (uint32_t i = 0; i < nq; ++i) {
+              size_t hit = 0;
+              for (uint64_t id : res[i].ids) hit += std::count(lin[i].ids.begin(), lin[i].ids.end(), id);
+              recall += double(hit) / lin[i].ids.size();
+              keys += res[i].cost.keys_scored;
+              agree += res[i].ids == lin[i].ids;
+            }
+            std::printf("sweep %-10s %-8u w=%.2f budget=%-4u recall %.3f agree %.3f keys %.0f us %.1f\n",
+                        kind.c_str(), n, w, budget, recall / nq, agree / nq, keys / nq, us);
+            sweep.push_back({{"data", kind}, {"blocks", n}, {"radius_weight", w}, {"budget_leaves", budget},
+                             {"recall", recall / nq}, {"exact_agreement", agree / nq},
+                             {"keys_scored", keys / nq}, {"us_per_query", us}});
+          }
+        }
+      }
       row("linear", lin, us_lin);
       row("tree_exact", ex, us_ex);
       row("tree_budget", bud, us_bud);
@@ -222,6 +266,7 @@ int Main(int argc, char** argv) {
                        {"k", a.k},
                        {"queries", nq},
                        {"budget_leaves", a.budget_leaves},
+                       {"radius_weight", a.radius_weight},
                        {"quick", a.quick},
                        {"tree", {{"leaf_points", kvmem::index::GateTreeOptions{}.leaf_points},
                                  {"fanout", kvmem::index::GateTreeOptions{}.fanout}}},
@@ -230,6 +275,7 @@ int Main(int argc, char** argv) {
                                       {"query_sigma", 0.5}, {"outlier_channels", "every 16th x3"},
                                       {"shared_offset_sigma", 0.5}}}};
   out["results"] = results;
+  if (a.sweep) out["budget_sweep"] = sweep;
   std::ofstream f(a.json_path);
   f << out.dump(2) << "\n";
   if (!f) {

@@ -130,6 +130,8 @@ TEST(GateTreeTest, BudgetedSearchIsMonotoneAndReachesExact) {
   GateTree tree(dim);
   ASSERT_TRUE(tree.Insert(Ids(n, 0), keys).ok());
   for (int i = 0; i < 60; ++i) {
+    const float w = i % 3 == 0 ? 1.f : i % 3 == 1 ? kDefaultRadiusWeight : 0.f;  // rank weight
+    SCOPED_TRACE("radius weight " + std::to_string(w));
     const std::vector<float> q = Query(rng, keys, dim);
     const uint32_t k = 1 + static_cast<uint32_t>(rng() % 20);
     auto exact = tree.SearchExact(q, k);
@@ -137,7 +139,7 @@ TEST(GateTreeTest, BudgetedSearchIsMonotoneAndReachesExact) {
     std::vector<float> prev;
     size_t prev_found = 0;
     for (uint32_t budget = 1; budget <= tree.leaves() + 1; budget = budget < 8 ? budget + 1 : budget * 2) {
-      auto b = tree.SearchBudget(q, k, budget);
+      auto b = tree.SearchBudget(q, k, budget, w);
       ASSERT_TRUE(b.ok());
       EXPECT_LE(b->cost.leaves_visited, budget);
       // Every rank's score is at least what a smaller budget gave.
@@ -155,7 +157,7 @@ TEST(GateTreeTest, BudgetedSearchIsMonotoneAndReachesExact) {
         EXPECT_EQ(b->ids, exact->ids);
       }
     }
-    auto all = tree.SearchBudget(q, k, tree.leaves());
+    auto all = tree.SearchBudget(q, k, tree.leaves(), w);
     ASSERT_TRUE(all.ok());
     EXPECT_TRUE(all->exact);
     EXPECT_EQ(all->ids, exact->ids);
@@ -221,6 +223,10 @@ TEST(GateTreeTest, BadInput) {
   EXPECT_EQ(tree.SearchExact(nan, 1).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(tree.Scan(nan, 1).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(tree.SearchBudget(std::vector<float>(4, 1.f), 1, 0).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(tree.SearchBudget(std::vector<float>(4, 1.f), 1, 4, -0.5f).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(tree.SearchBudget(std::vector<float>(4, 1.f), 1, 4, std::nanf("")).status().code(),
             StatusCode::kInvalidArgument);
   EXPECT_EQ(tree.Remove(77).code(), StatusCode::kNotFound);
   GateTreeOptions o;
