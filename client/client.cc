@@ -499,6 +499,8 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
   out.created_unix_ms = s->created_unix_ms();
   out.last_used_unix_ms = s->last_used_unix_ms();
   out.mean_chunk_tokens = s->mean_chunk_tokens();
+  out.memory_blocks = s->memory_blocks();
+  out.memory_bytes = s->memory_bytes();
   if (s->layers()) {
     for (const w::LayerInfo* l : *s->layers()) {
       LayerInfo li;

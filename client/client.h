@@ -120,6 +120,8 @@ struct SessionSummary {
   uint64_t last_used_unix_ms = 0;
   float mean_chunk_tokens = 0;
   std::vector<LayerInfo> layers;  // SessionInfo only
+  uint64_t memory_blocks = 0;     // memory blocks held
+  uint64_t memory_bytes = 0;      // their payload bytes (included in bytes)
 };
 
 struct AppendResult {

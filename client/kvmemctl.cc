@@ -111,7 +111,9 @@ json SummaryJson(const kvmem::client::SessionSummary& s) {
             {"durable", s.options.durable},
             {"label", s.options.label},
             {"created_unix_ms", s.created_unix_ms},
-            {"last_used_unix_ms", s.last_used_unix_ms}};
+            {"last_used_unix_ms", s.last_used_unix_ms},
+            {"memory_blocks", s.memory_blocks},
+            {"memory_bytes", s.memory_bytes}};
   if (!s.layers.empty()) {
     json layers = json::array();
     for (const auto& l : s.layers) {
@@ -753,6 +755,12 @@ int main(int argc, char** argv) {
                   static_cast<unsigned long long>(s->tokens), static_cast<unsigned long long>(s->chunks),
                   s->mean_chunk_tokens, s->tail_tokens);
       std::printf("memory       %s\n", kvmem::FormatBytes(s->bytes).c_str());
+      if (s->options.memory.gate_dim > 0) {
+        std::printf("memory blocks %llu (%s of payloads; gate keys [%u], payloads [%u x %u] %s)\n",
+                    static_cast<unsigned long long>(s->memory_blocks), kvmem::FormatBytes(s->memory_bytes).c_str(),
+                    s->options.memory.gate_dim, s->options.memory.payload_rows, s->options.memory.payload_dim,
+                    std::string(kvmem::DTypeName(s->options.memory.payload_dtype)).c_str());
+      }
       std::printf("%-6s %10s %6s  %s\n", "LAYER", "TOKENS", "DEPTH", "TREE NODES PER LEVEL");
       for (const auto& l : s->layers) {
         std::string nodes;

@@ -8,6 +8,7 @@
 // are atomics readable from anywhere.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -166,6 +167,8 @@ class MemoryStore {
   // Pool bytes reserved for payloads (what the session's bytes count).
   uint64_t bytes() const { return stat_bytes_.load(std::memory_order_relaxed); }
   uint64_t next_id() const { return next_id_; }
+  // Restore path: ids below `id` were handed out before (possibly dropped since); never reuse them.
+  void RaiseNextId(uint64_t id) { next_id_ = std::max(next_id_, id); }
 
  private:
   struct Block {

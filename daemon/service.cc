@@ -373,6 +373,8 @@ flatbuffers::Offset<w::SessionSummary> Service::Summarize(flatbuffers::FlatBuffe
   b.add_created_unix_ms(st.created_unix_ms);
   b.add_last_used_unix_ms(st.last_used_unix_ms);
   b.add_mean_chunk_tokens(static_cast<float>(s.mean_chunk_tokens()));
+  b.add_memory_blocks(st.memory_blocks);
+  b.add_memory_bytes(st.memory_bytes);
   if (detail) b.add_layers(layers);
   return b.Finish();
 }

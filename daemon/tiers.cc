@@ -205,6 +205,9 @@ std::string EncodeMemoryBlock(const MemoryBlockRecord& r, uint32_t gate_dim, uin
   return p;
 }
 
+// Block id 0 is never assigned: its record holds the session's next block id (u64 LE).
+constexpr uint64_t kNextIdRecord = 0;
+
 struct MemoryBlockView {
   MemoryBlockInfo info;
   const char* gate_key = nullptr;  // gate_dim floats (unaligned)
@@ -240,10 +243,17 @@ class StoreMemoryJournal final : public MemoryJournal {
       : store_(store), tenant_(std::move(tenant)), id_(id), o_(std::move(o)) {}
   Status LogPut(std::span<const MemoryBlockRecord> blocks) override {
     ChunkStore::Batch b;
+    uint64_t next = 0;
     for (const MemoryBlockRecord& r : blocks) {
       store_->PutMemoryBlock(&b, tenant_, id_, r.info->id,
                              EncodeMemoryBlock(r, o_.gate_dim, o_.payload_bytes()));
+      next = std::max(next, r.info->id + 1);
     }
+    // The id high-water mark (block id 0 is never assigned) goes in the same batch, so ids of
+    // dropped blocks are not handed out again after a restart.
+    std::string mark;
+    PutLE<uint64_t>(&mark, next);
+    store_->PutMemoryBlock(&b, tenant_, id_, kNextIdRecord, mark);
     return store_->Write(&b).WithContext("session " + std::to_string(id_) + ": storing " +
                                          std::to_string(blocks.size()) + " memory blocks");
   }
@@ -295,6 +305,14 @@ Status RestoreMemoryBlocks(const ChunkStore& store, const std::string& tenant, u
   };
   KVMEM_RETURN_IF_ERROR(store.ScanMemoryBlocks(
       tenant, id, [&](uint64_t block, std::string_view payload) -> Status {
+        if (block == kNextIdRecord) {
+          if (payload.size() != 8) {
+            return DataLoss("memory block id mark (tenant " + tenant + ", session " +
+                            std::to_string(id) + "): " + std::to_string(payload.size()) + " bytes");
+          }
+          mem->RaiseNextId(GetLE<uint64_t>(payload.data()));
+          return Status::OK();
+        }
         MemoryBlockView v;
         KVMEM_RETURN_IF_ERROR(DecodeMemoryBlock(
             payload, o,
@@ -526,6 +544,7 @@ Result<VerifyReport> VerifySession(const ChunkStore& store, const std::string& t
   rep.tokens = next;
   if (memory != nullptr && memory->enabled()) {
     Status st = store.ScanMemoryBlocks(tenant, id, [&](uint64_t block, std::string_view payload) {
+      if (block == kNextIdRecord) return Status::OK();
       MemoryBlockView v;
       if (Status d = DecodeMemoryBlock(payload, *memory,
                                        "memory block (tenant " + tenant + ", session " +

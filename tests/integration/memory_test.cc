@@ -150,6 +150,8 @@ TEST_F(MemoryTest, PutSelectGetListDrop) {
   const uint64_t raw = 600ull * kRows * kDm * 4;
   EXPECT_GE(put->bytes, raw);
   EXPECT_EQ(client_->SessionInfo(*id)->bytes, bytes_before + put->bytes);
+  EXPECT_EQ(client_->SessionInfo(*id)->memory_blocks, 600u);
+  EXPECT_EQ(client_->SessionInfo(*id)->memory_bytes, put->bytes);
 
   for (int i = 0; i < 40; ++i) {
     const std::vector<float> q = Query(rng, b);
@@ -395,7 +397,8 @@ TEST_F(MemoryTest, DurableBlocksSurviveKill9) {
     ASSERT_TRUE(r.ok());
     before.push_back(std::move(*r));
   }
-  const uint64_t max_id = live.rbegin()->first;
+  const uint64_t max_id = live.size() + drop.size();  // every id handed out (1..750)
+  ASSERT_TRUE(std::count(drop.begin(), drop.end(), max_id) == 1);  // the highest one is dropped
 
   client_.reset();
   ::kill(daemon_->pid(), SIGKILL);
@@ -422,7 +425,7 @@ TEST_F(MemoryTest, DurableBlocksSurviveKill9) {
   auto verify = client_->VerifySession(*id);
   ASSERT_TRUE(verify.ok());
   EXPECT_TRUE(verify->ok);
-  // Ids keep increasing after the restart; drops persist too.
+  // Ids keep increasing after the restart, past dropped ones too; drops persist.
   auto more = Put(*id, MakeBlocks(rng, 2, 1 << 30));
   ASSERT_TRUE(more.ok()) << more.status().ToString();
   EXPECT_GT(more->ids.front(), max_id);

@@ -196,6 +196,8 @@ nb::dict Summary(const client::SessionSummary& s) {
   d["created_unix_ms"] = s.created_unix_ms;
   d["last_used_unix_ms"] = s.last_used_unix_ms;
   d["mean_chunk_tokens"] = s.mean_chunk_tokens;
+  d["memory_blocks"] = s.memory_blocks;
+  d["memory_bytes"] = s.memory_bytes;
   nb::list layers;
   for (const auto& l : s.layers) {
     nb::dict ld;
