@@ -63,6 +63,12 @@ Status MemoryStore::CheckBlocks(const NewMemoryBlocks& b) const {
     return InvalidArgument("labels has " + std::to_string(b.labels.size()) + " entries for " +
                            std::to_string(b.n) + " blocks");
   }
+  for (const std::string& l : b.labels) {
+    if (l.size() > kMaxMemoryLabelBytes) {
+      return InvalidArgument("a block label has " + std::to_string(l.size()) + " bytes (max " +
+                             std::to_string(kMaxMemoryLabelBytes) + ")");
+    }
+  }
   for (uint32_t i = 0; i < b.n; ++i) {
     if (b.span_starts[i] > b.span_ends[i]) {
       return InvalidArgument("block " + std::to_string(i) + ": span start " +

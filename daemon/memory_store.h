@@ -74,6 +74,7 @@ inline constexpr uint32_t kDefaultBudgetLeaves = 64;
 // Limits checked by ValidateMemoryOptions.
 inline constexpr uint32_t kMaxGateDim = 65536;
 inline constexpr uint64_t kMaxMemoryPayloadBytes = 64ull << 20;
+inline constexpr size_t kMaxMemoryLabelBytes = 4096;
 
 Status ValidateMemoryOptions(const MemoryOptions& o);
 
@@ -135,7 +136,8 @@ class MemoryStore {
   void SetScorer(std::shared_ptr<const MemoryScorer> scorer) { scorer_ = std::move(scorer); }
 
   // Adds blocks with fresh ids (returned, increasing). All or nothing: INVALID_ARGUMENT for a
-  // span with start > end, a non-finite key or a bad label count; RESOURCE_EXHAUSTED past
+  // span with start > end, a non-finite key, a bad label count or a label over
+  // kMaxMemoryLabelBytes; RESOURCE_EXHAUSTED past
   // max_blocks (the effective limit, given by the caller) or when the pool is full; the
   // journal's error when logging fails.
   Result<std::vector<uint64_t>> Put(const NewMemoryBlocks& blocks, uint64_t max_blocks);

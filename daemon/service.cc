@@ -656,6 +656,13 @@ Status Service::CheckSameProfile(const Session& s, const ModelProfile& profile,
   if (have.retrieval_head_mask != profile.retrieval_head_mask) {
     diff += std::string(diff.empty() ? "" : ", ") + "retrieval_head_mask differs";
   }
+  const MemoryOptions& hm = s.options().memory;
+  const MemoryOptions& rm = options.memory;
+  field("memory.gate_dim", hm.gate_dim, rm.gate_dim);
+  field("memory.payload_rows", hm.payload_rows, rm.payload_rows);
+  field("memory.payload_dim", hm.payload_dim, rm.payload_dim);
+  field("memory.payload_dtype", static_cast<uint64_t>(hm.payload_dtype),
+        static_cast<uint64_t>(rm.payload_dtype));
   if (diff.empty()) return Status::OK();
   return FailedPrecondition("session " + std::to_string(s.id()) +
                             " exists (durable, restored) with a conflicting profile: " + diff +

@@ -277,6 +277,9 @@ TEST_F(MemoryTest, BadInputIsRefusedAndNothingChanges) {
   p.span_ends = b.ends;
   p.span_ends[2] = 0;  // end before start
   expect(client_->PutMemoryBlocks(*id, p).status(), StatusCode::kInvalidArgument, "span start");
+  p.span_ends = b.ends;
+  p.labels = {"a", std::string(5000, 'x'), "c", "d"};
+  expect(client_->PutMemoryBlocks(*id, p).status(), StatusCode::kInvalidArgument, "label");
   EXPECT_EQ(client_->ListMemoryBlocks(*id)->total_blocks, 4u);  // nothing added
 
   std::vector<float> q(kDg, 0.5f);
@@ -431,6 +434,15 @@ TEST_F(MemoryTest, DurableBlocksSurviveKill9) {
   EXPECT_GT(more->ids.front(), max_id);
   EXPECT_EQ(client_->GetMemoryBlocks(*id, std::vector<uint64_t>{drop.front()}).status().code(),
             StatusCode::kNotFound);
+  // Re-creating it with another memory geometry is refused, naming the field.
+  client::SessionOptions other = WithMemory(true);
+  other.memory.gate_dim = kDg + 8;
+  auto conflict = client_->CreateSession(Prof(), other, *id);
+  EXPECT_EQ(conflict.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(conflict.status().message().find("memory.gate_dim"), std::string::npos)
+      << conflict.status().ToString();
+  EXPECT_EQ(client_->CreateSession(Prof(), WithMemory(true), *id).status().code(),
+            StatusCode::kAlreadyExists);
   // Dropping the session deletes its blocks from the store.
   ASSERT_TRUE(client_->DropSession(*id).ok());
   Start();
