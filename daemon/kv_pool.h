@@ -12,6 +12,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -86,6 +88,16 @@ class SlabAllocator {
   const uint64_t retain_slabs_;
 };
 
+class ParallelPool;
+
+// One copy of a batch: from host memory `src`, or (src == nullptr) from pool offset `src_offset`.
+struct PoolCopy {
+  uint64_t dst = 0;
+  const void* src = nullptr;
+  uint64_t src_offset = 0;
+  uint64_t bytes = 0;
+};
+
 // Memory behind a SlabAllocator, with the copies the store needs. The host implementation is
 // the CPU backend's "device"; a CUDA implementation issues async copies on a stream.
 class KVPool {
@@ -104,6 +116,13 @@ class KVPool {
   virtual Status CopyIn(uint64_t dst_offset, const void* src, uint64_t bytes) = 0;
   virtual Status CopyOut(void* dst, uint64_t src_offset, uint64_t bytes) = 0;
   virtual Status CopyWithin(uint64_t dst_offset, uint64_t src_offset, uint64_t bytes) = 0;
+  // Many independent copies (no destination overlaps another op's source or destination), e.g.
+  // an append filling its chunk blocks. The default runs them in order; the host pool streams
+  // them past the cache and, when `workers` is given and the batch is large, spreads them over
+  // the workers. With `reject_non_finite`, copies from host memory are also checked for NaN /
+  // Inf elements of that type: INVALID_ARGUMENT if any (destinations are then garbage).
+  virtual Status CopyBatch(std::span<const PoolCopy> ops, ParallelPool* workers,
+                           std::optional<DType> reject_non_finite = std::nullopt);
 
   // Decode attention for problems whose spans index this pool. q, out and lse are HOST
   // pointers; `pool` is filled in here. The host pool runs the CPU reference; a device pool

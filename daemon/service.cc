@@ -456,10 +456,7 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
       }
     }
   }
-  const size_t elems = static_cast<size_t>(p.layers) * p.kv_heads * n * p.head_dim;
-  if (HasNonFinite(k, p.dtype, elems) || HasNonFinite(v, p.dtype, elems)) {
-    return InvalidArgument("AppendKV: keys or values contain NaN or Inf");
-  }
+  // NaN / Inf are refused by the session, during the copy into its blocks.
   KVMEM_ASSIGN_OR_RETURN(AppendResult res, s->AppendKV(static_cast<uint32_t>(n), k, v, bounds));
   auto body = w::CreateAppendKVReply(r->fbb, res.tokens, res.chunks, res.sealed);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));

@@ -3,11 +3,13 @@
 #include "daemon/parallel.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <optional>
 
 namespace kvmem {
 namespace {
@@ -23,6 +25,31 @@ ParallelPool* g_search_pool = nullptr;
 }  // namespace
 
 void SetSearchPool(ParallelPool* pool) { g_search_pool = pool; }
+
+namespace {
+
+// Non-finite values in K or V (each `elems` long). Large appends are checked in slices on the
+// worker pool (the scan costs as much as a copy; on one thread it is the append's bottleneck).
+bool AnyNonFinite(const uint8_t* k, const uint8_t* v, DType dtype, size_t elems) {
+  constexpr size_t kSliceElems = 128 << 10;
+  ParallelPool* workers = g_search_pool;
+  const size_t slices = (elems + kSliceElems - 1) / kSliceElems;
+  if (workers == nullptr || workers->threads() == 0 || slices < 2) {
+    return HasNonFinite(k, dtype, elems) || HasNonFinite(v, dtype, elems);
+  }
+  std::atomic<bool> bad{false};
+  const size_t esize = DTypeSize(dtype);
+  workers->For(static_cast<uint32_t>(2 * slices), [&](uint32_t i) {
+    if (bad.load(std::memory_order_relaxed)) return;
+    const uint8_t* base = i < slices ? k : v;
+    const size_t first = (i % slices) * kSliceElems;
+    const size_t count = std::min(kSliceElems, elems - first);
+    if (HasNonFinite(base + first * esize, dtype, count)) bad.store(true, std::memory_order_relaxed);
+  });
+  return bad.load();
+}
+
+}  // namespace
 
 Status ValidateProfile(const ModelProfile& p, const ProfileLimits& lim) {
   if (p.layers == 0 || p.layers > lim.max_layers) {
@@ -133,7 +160,7 @@ uint64_t Session::ElemOffset(uint64_t byte_offset) const {
 void Session::TouchNow() { last_used_ms_.store(NowMs(), std::memory_order_relaxed); }
 
 Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const uint8_t* keys,
-                             const uint8_t* values) {
+                             const uint8_t* values, bool check_input) {
   const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
   const uint64_t esize = DTypeSize(profile_.dtype);
   const uint64_t row = uint64_t{D} * esize;
@@ -159,19 +186,23 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   }
   const uint64_t consumed = pos;
 
+  // Phase 1: fill every new chunk block (rows from the old tail, then from the input). The copies
+  // are independent, so they go to the pool as one batch (streamed, and spread over the worker
+  // threads when large).
+  std::vector<PoolCopy> fills;
+  fills.reserve(size_t{L} * fresh.size() * H * 4);
   for (uint32_t l = 0; l < L; ++l) {
-    Layer& layer = layers_[l];
+    const Layer& layer = layers_[l];
     const uint64_t T = layer.tail_tokens;
     const uint64_t tail_k = layer.tail_block;
     const uint64_t tail_v = tail_k + uint64_t{H} * tail_capacity_ * row;
-    // Copies stream rows [a, a+count) of head h (K and V) to pool offsets dk / dv.
-    auto copy_rows = [&](uint32_t h, uint64_t a, uint64_t count, uint64_t dk,
-                         uint64_t dv) -> Status {
+    // Stream rows [a, a+count) of head h (K and V) go to pool offsets dk / dv.
+    auto copy_rows = [&](uint32_t h, uint64_t a, uint64_t count, uint64_t dk, uint64_t dv) {
       if (a < T) {
         const uint64_t m = std::min(count, T - a);
         const uint64_t src = (uint64_t{h} * tail_capacity_ + a) * row;
-        KVMEM_RETURN_IF_ERROR(pool_->CopyWithin(dk, tail_k + src, m * row));
-        KVMEM_RETURN_IF_ERROR(pool_->CopyWithin(dv, tail_v + src, m * row));
+        fills.push_back({dk, nullptr, tail_k + src, m * row});
+        fills.push_back({dv, nullptr, tail_v + src, m * row});
         a += m;
         count -= m;
         dk += m * row;
@@ -179,23 +210,52 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
       }
       if (count > 0) {
         const uint64_t src = ((uint64_t{l} * H + h) * n + (a - T)) * row;
-        KVMEM_RETURN_IF_ERROR(pool_->CopyIn(dk, keys + src, count * row));
-        KVMEM_RETURN_IF_ERROR(pool_->CopyIn(dv, values + src, count * row));
+        fills.push_back({dk, keys + src, 0, count * row});
+        fills.push_back({dv, values + src, 0, count * row});
       }
-      return Status::OK();
     };
     uint64_t p = 0;
     for (const Chunk& c : fresh) {
       const uint64_t k0 = c.block[l];
       const uint64_t v0 = k0 + uint64_t{H} * c.tokens * row;
       for (uint32_t h = 0; h < H; ++h) {
-        KVMEM_RETURN_IF_ERROR(copy_rows(h, p, c.tokens, k0 + uint64_t{h} * c.tokens * row,
-                                        v0 + uint64_t{h} * c.tokens * row));
+        copy_rows(h, p, c.tokens, k0 + uint64_t{h} * c.tokens * row, v0 + uint64_t{h} * c.tokens * row);
       }
       p += c.tokens;
-      layer.chunk_spans.push_back({ElemOffset(k0), c.tokens, 0, c.tokens});
     }
-    // The rest of the stream becomes the tail: shift old rows left, then append new rows.
+  }
+  // With check_input, NaN / Inf in the input are found on the way: by the batch for the rows that
+  // fill chunks, here for the rows bound for the tails (before any tail changes).
+  std::optional<DType> check;
+  if (check_input) check = profile_.dtype;
+  Status st = pool_->CopyBatch(fills, g_search_pool, check);
+  if (st.ok() && check_input && n > 0) {
+    for (uint32_t l = 0; l < L && st.ok(); ++l) {
+      const uint64_t T = layers_[l].tail_tokens;
+      const uint64_t first = consumed > T ? consumed - T : 0;  // first input row kept in the tail
+      for (uint32_t h = 0; h < H && st.ok(); ++h) {
+        const uint64_t src = ((uint64_t{l} * H + h) * n + first) * row;
+        if (HasNonFinite(keys + src, profile_.dtype, (n - first) * D) ||
+            HasNonFinite(values + src, profile_.dtype, (n - first) * D)) {
+          st = InvalidArgument("keys or values contain NaN or Inf");
+        }
+      }
+    }
+  }
+  if (!st.ok()) {
+    for (auto& c : fresh)
+      for (uint64_t b : c.block) pool_->Free(b);
+    return st;
+  }
+
+  // Phase 2, per layer: the rest of the stream becomes the tail (shift the old rows left, then
+  // append the new ones), and the new chunks join the layer's spans.
+  for (uint32_t l = 0; l < L; ++l) {
+    Layer& layer = layers_[l];
+    const uint64_t T = layer.tail_tokens;
+    const uint64_t tail_k = layer.tail_block;
+    const uint64_t tail_v = tail_k + uint64_t{H} * tail_capacity_ * row;
+    for (const Chunk& c : fresh) layer.chunk_spans.push_back({ElemOffset(c.block[l]), c.tokens, 0, c.tokens});
     const uint64_t rest = T + n - consumed;
     if (rest > tail_capacity_) return Internal("tail overflow while sealing");
     for (uint32_t h = 0; h < H; ++h) {
@@ -453,11 +513,16 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
   trial.Push(unsealed_boundaries_, &sealed);
   trial.Push(std::span<const uint8_t>(boundaries, n), &sealed);
   if (journal_) {
+    // Durable: nothing may reach the journal unchecked, so validate before logging.
+    const size_t elems = size_t{profile_.layers} * profile_.kv_heads * n * profile_.head_dim;
+    if (AnyNonFinite(static_cast<const uint8_t*>(keys), static_cast<const uint8_t*>(values), profile_.dtype, elems)) {
+      return InvalidArgument("keys or values contain NaN or Inf");
+    }
     KVMEM_RETURN_IF_ERROR(journal_->LogTokens(tokens_, n, static_cast<const uint8_t*>(keys),
                                               static_cast<const uint8_t*>(values), boundaries));
   }
   if (Status st = SealAndStore(sealed, n, static_cast<const uint8_t*>(keys),
-                               static_cast<const uint8_t*>(values));
+                               static_cast<const uint8_t*>(values), /*check_input=*/journal_ == nullptr);
       !st.ok()) {
     if (journal_) journal_->CancelTokens(tokens_);
     return st;

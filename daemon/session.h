@@ -233,7 +233,7 @@ class Session {
   // Moves the first sum(sealed) tokens of the stream "tail of each layer, then `n` new rows
   // from keys/values" into new chunk blocks and leaves the rest in the tail.
   Status SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const uint8_t* keys,
-                      const uint8_t* values);
+                      const uint8_t* values, bool check_input = false);
   void TouchNow();
   // Logs the token an Attend call is about to complete in every layer (journal attached).
   Status LogCompletingToken(const AttendArgs& a);
@@ -268,8 +268,8 @@ class Session {
 };
 
 class ParallelPool;
-// The pool that per-KV-head index searches fan out over (nullptr: sequential). Set once at
-// startup, before sessions exist.
+// The pool that per-KV-head index searches and large appends (copies, validation) fan out over
+// (nullptr: sequential). Set once at startup, before sessions exist.
 void SetSearchPool(ParallelPool* pool);
 
 // Largest number of decode tokens one layer may run ahead of the slowest layer.

@@ -4,10 +4,14 @@
 #include <arpa/inet.h>
 #include <sys/socket.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "common/log.h"
 #include "wire/framing.h"
@@ -25,14 +29,92 @@ struct UcxServer::Connection {
   bool dead = false;
 };
 
-struct AlignedFree {
-  void operator()(uint8_t* p) const { std::free(p); }
+namespace {
+
+// Receive buffers. Large messages (AppendKV payloads of megabytes) would otherwise cost a fresh
+// allocation each: glibc serves them with mmap or trims them back to the kernel, and every reuse
+// then page-faults and zero-fills the buffer before UCX copies into it — a second pass over the
+// data. Buffers of 64 KiB and more are therefore kept on per-size-class free lists (powers of
+// two) and reused, up to kRetainBytes in all; smaller ones go to malloc. Buffers are released
+// from executor threads too, hence the mutex (held for a list push/pop only).
+class RecvBufferPool {
+ public:
+  static constexpr size_t kMinPooled = 64 << 10;
+  static constexpr size_t kRetainBytes = 256ull << 20;
+
+  uint8_t* Get(size_t bytes, size_t* capacity) {
+    const size_t n = w::AlignUp(bytes == 0 ? 1 : bytes, 64);
+    if (n < kMinPooled) {
+      *capacity = n;
+      return static_cast<uint8_t*>(std::aligned_alloc(64, n));
+    }
+    const size_t cls = std::bit_width(n - 1);  // capacity 2^cls >= n
+    *capacity = size_t{1} << cls;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cls < free_.size() && !free_[cls].empty()) {
+        uint8_t* p = free_[cls].back();
+        free_[cls].pop_back();
+        retained_ -= *capacity;
+        return p;
+      }
+    }
+    return Fresh(*capacity);
+  }
+
+  void Put(uint8_t* p, size_t capacity) {
+    if (p == nullptr) return;
+    if (capacity >= kMinPooled) {
+      const size_t cls = std::bit_width(capacity - 1);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (retained_ + capacity <= kRetainBytes) {
+        if (free_.size() <= cls) free_.resize(cls + 1);
+        free_[cls].push_back(p);
+        retained_ += capacity;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  ~RecvBufferPool() {
+    for (auto& list : free_)
+      for (uint8_t* p : list) std::free(p);
+  }
+
+ private:
+  // Buffers of 2 MiB and more start on a huge-page boundary and ask for transparent huge pages:
+  // UCX's shared-memory rendezvous (CMA) then writes them with far fewer page walks.
+  static uint8_t* Fresh(size_t capacity) {
+    constexpr size_t kHuge = 2 << 20;
+    if (capacity < kHuge) return static_cast<uint8_t*>(std::aligned_alloc(64, capacity));
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(kHuge, capacity));
+    if (p != nullptr) (void)madvise(p, capacity, MADV_HUGEPAGE);
+    return p;
+  }
+
+  std::mutex mu_;
+  std::vector<std::vector<uint8_t*>> free_;  // by log2(capacity)
+  size_t retained_ = 0;
 };
-using AlignedBuffer = std::unique_ptr<uint8_t[], AlignedFree>;
+
+RecvBufferPool& RecvBuffers() {
+  static RecvBufferPool* pool = new RecvBufferPool();  // outlives every Inbound; never destroyed
+  return *pool;
+}
+
+struct PooledFree {
+  size_t capacity = 0;
+  void operator()(uint8_t* p) const { RecvBuffers().Put(p, capacity); }
+};
+using AlignedBuffer = std::unique_ptr<uint8_t[], PooledFree>;
+
+}  // namespace
 
 static AlignedBuffer AllocAligned(size_t bytes) {
-  const size_t n = w::AlignUp(bytes == 0 ? 1 : bytes, 64);
-  return AlignedBuffer(static_cast<uint8_t*>(std::aligned_alloc(64, n)));
+  size_t capacity = 0;
+  uint8_t* p = RecvBuffers().Get(bytes, &capacity);
+  return AlignedBuffer(p, PooledFree{capacity});
 }
 
 struct UcxServer::Inbound {

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <random>
 
 #include "index/chunker.h"
@@ -133,6 +134,47 @@ TEST_P(SessionTest, PrefillAndDecodeMatchReference) {
     }
   }
   EXPECT_EQ((*pool)->allocator().allocated_bytes(), 0u) << "blocks leaked after the session died";
+}
+
+// A NaN or Inf anywhere in an append — in rows that fill chunks (checked during the streamed
+// copy) or rows bound for the tail — refuses the whole append and leaves the session as it was.
+TEST_P(SessionTest, NonFiniteInputAnywhereIsRefusedAtomically) {
+  const DType dt = GetParam();
+  std::mt19937_64 rng(std::random_device{}());
+  ModelProfile prof{2, 4, 2, 64, dt, {}, {}, "test"};
+  SessionOptions opts;
+  opts.chunker = {8, 24};
+  auto pool = CreateHostPool({64ull << 20, 1ull << 20});
+  ASSERT_TRUE(pool.ok());
+  auto s = Session::Create(7, "t", prof, opts, pool->get());
+  ASSERT_TRUE(s.ok());
+  Session& session = **s;
+  const uint32_t n = 700;  // seals many chunks and leaves a tail
+  const size_t elems = size_t{prof.layers} * prof.kv_heads * n * prof.head_dim;
+  auto k = RandomTensor(rng, dt, elems);
+  auto v = RandomTensor(rng, dt, elems);
+  ASSERT_TRUE(session.AppendKV(n, k.data(), v.data(), nullptr).ok());
+  const auto before = session.Stats();
+  const uint64_t bytes_before = (*pool)->allocator().allocated_bytes();
+  const float bad_values[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()};
+  for (size_t at : {size_t{0}, size_t{5} * prof.head_dim + 3, elems / 2 + 17, elems - 1}) {
+    for (bool in_values : {false, true}) {
+      auto kk = k;
+      auto vv = v;
+      StoreFromFloat((in_values ? vv : kk).data(), dt, at, bad_values[at % 2]);
+      auto r = session.AppendKV(n, kk.data(), vv.data(), nullptr);
+      EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << "element " << at << (in_values ? " of V" : " of K");
+      EXPECT_NE(r.status().message().find("NaN"), std::string::npos);
+      EXPECT_EQ(session.Stats().tokens, before.tokens);
+      EXPECT_EQ(session.Stats().chunks, before.chunks);
+      EXPECT_EQ(session.Stats().tail_tokens, before.tail_tokens);
+      EXPECT_EQ((*pool)->allocator().allocated_bytes(), bytes_before) << "blocks leaked by a refused append";
+    }
+  }
+  // The session still takes good data afterwards.
+  auto r = session.AppendKV(n, k.data(), v.data(), nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->tokens, 2u * n);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, SessionTest, ::testing::Values(DType::kBF16, DType::kF16, DType::kF32),
