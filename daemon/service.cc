@@ -714,6 +714,16 @@ flatbuffers::Offset<w::MemoryBlockInfo> BlockInfoToWire(flatbuffers::FlatBufferB
 // Most blocks one request may name or add.
 constexpr uint64_t kMaxBlocksPerRequest = 1u << 20;
 
+// The ids of a Get/Drop request: present, nonempty, at most kMaxBlocksPerRequest.
+Result<std::span<const uint64_t>> BlockIds(const flatbuffers::Vector<uint64_t>* ids, const char* op) {
+  if (ids == nullptr || ids->size() == 0) return InvalidArgument(std::string(op) + ": no ids");
+  if (ids->size() > kMaxBlocksPerRequest) {
+    return InvalidArgument(std::string(op) + ": too many ids (max " +
+                           std::to_string(kMaxBlocksPerRequest) + ")");
+  }
+  return std::span<const uint64_t>(ids->data(), ids->size());
+}
+
 // Payloads of `ids` gathered into one reply tensor [n, rows, dim].
 Result<flatbuffers::Offset<w::Tensor>> PackPayloads(const MemoryStore& m,
                                                     std::span<const uint64_t> ids, Reply* r) {
@@ -858,14 +868,7 @@ Status Service::GetMemoryBlocks(const RequestContext& ctx, uint64_t rid,
   KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
   std::lock_guard<std::mutex> lock(s->op_mu());
   KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "GetMemoryBlocks"));
-  if (req->ids() == nullptr || req->ids()->size() == 0) {
-    return InvalidArgument("GetMemoryBlocks: no ids");
-  }
-  if (req->ids()->size() > kMaxBlocksPerRequest) {
-    return InvalidArgument("GetMemoryBlocks: too many ids (max " +
-                           std::to_string(kMaxBlocksPerRequest) + ")");
-  }
-  const std::span<const uint64_t> ids(req->ids()->data(), req->ids()->size());
+  KVMEM_ASSIGN_OR_RETURN(std::span<const uint64_t> ids, BlockIds(req->ids(), "GetMemoryBlocks"));
   std::vector<flatbuffers::Offset<w::MemoryBlockInfo>> infos;
   for (uint64_t id : ids) {
     KVMEM_ASSIGN_OR_RETURN(const MemoryBlockInfo* info, m->Info(id));
@@ -898,16 +901,9 @@ Status Service::DropMemoryBlocks(const RequestContext& ctx, uint64_t rid,
   KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
   std::lock_guard<std::mutex> lock(s->op_mu());
   KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "DropMemoryBlocks"));
-  if (req->ids() == nullptr || req->ids()->size() == 0) {
-    return InvalidArgument("DropMemoryBlocks: no ids");
-  }
-  if (req->ids()->size() > kMaxBlocksPerRequest) {
-    return InvalidArgument("DropMemoryBlocks: too many ids (max " +
-                           std::to_string(kMaxBlocksPerRequest) + ")");
-  }
-  KVMEM_RETURN_IF_ERROR(m->Drop(std::span(req->ids()->data(), req->ids()->size()))
-                            .WithContext("DropMemoryBlocks"));
-  auto body = w::CreateDropMemoryBlocksReply(r->fbb, req->ids()->size(), m->blocks(), m->bytes());
+  KVMEM_ASSIGN_OR_RETURN(std::span<const uint64_t> ids, BlockIds(req->ids(), "DropMemoryBlocks"));
+  KVMEM_RETURN_IF_ERROR(m->Drop(ids).WithContext("DropMemoryBlocks"));
+  auto body = w::CreateDropMemoryBlocksReply(r->fbb, ids.size(), m->blocks(), m->bytes());
   r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
   return Status::OK();
 }
