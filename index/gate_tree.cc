@@ -192,7 +192,7 @@ Status GateTree::Insert(std::span<const uint64_t> ids, std::span<const float> ke
   inserted_since_build_ += ids.size();
   const double limit = std::max<double>(options_.leaf_points,
                                         options_.rebuild_growth * static_cast<double>(built_size_));
-  if (nodes_.empty() || static_cast<double>(inserted_since_build_) > limit) {
+  if (nodes_.empty() || static_cast<double>(inserted_since_build_) >= limit) {
     // Append to the root's storage first (Rebuild collects keys from the leaves).
     if (nodes_.empty()) NewNode(kNone);
     const uint32_t extra = NewNode(0);

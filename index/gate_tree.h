@@ -45,8 +45,9 @@ struct GateTreeOptions {
   // A split of more keys than this iterates on a deterministic sample, then assigns all once.
   // Default: 4096.
   uint32_t kmeans_sample = 4096;
-  // The whole tree is rebuilt once keys inserted since the last build exceed this multiple of the
-  // keys it was built with (and at least leaf_points). Default: 1.0.
+  // The whole tree is rebuilt once keys inserted since the last build reach this multiple of the
+  // keys it was built with (and at least leaf_points): with 1.0 it is rebuilt each time it
+  // doubles, so bulk building stays O(n log n) amortised. Default: 1.0.
   float rebuild_growth = 1.0f;
   // Seed of the k-means initialisation; builds are deterministic. Default: 0x6761.
   uint64_t seed = 0x6761;

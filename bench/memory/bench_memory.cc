@@ -3,12 +3,13 @@
 //
 //   build/bin/kvmem-bench-memory [--quick] [--dim D] [--k K] [--queries N] [--budget-leaves L]
 //                                [--data clustered|iid|both] [--blocks N,N,...]
-//                                [--radius-weight W] [--sweep-budget] --json FILE
+//                                [--radius-weight W] [--sweep-budget] [--e2e] --json FILE
 //
 // Methods per block count: `linear` (GateTree::Scan: every key scored, the reference),
 // `tree_exact` (GateTree::SearchExact), `tree_budget` (GateTree::SearchBudget with at most L
-// leaves). exact_agreement = fraction of queries whose id list AND scores equal linear's exactly
-// (ties broken by id). recall = |ids ∩ linear ids| / k averaged.
+// leaves). With --e2e, the same three gates also through a real kvmemd (SelectMemory round
+// trips with payloads, rows with "path": "kvmemd", 10K and 100K blocks). exact_agreement =
+// fraction of queries whose id list AND scores equal linear's exactly (ties broken by id). recall = |ids ∩ linear ids| / k averaged.
 //
 // Data (bench/README.md, "kvmem-bench-memory"): `clustered` gate keys like real memory keys:
 // a shared offset (keys share a common component), 1024 topics, 16 subtopics per topic, keys
@@ -22,12 +23,15 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "bench/data/git_commit.h"
+#include "client/client.h"
 #include "index/gate_tree.h"
+#include "testing/daemon_process.h"
 
 namespace {
 
@@ -44,6 +48,7 @@ struct Args {
   float radius_weight = kvmem::index::kDefaultRadiusWeight;
   bool sweep = false;
   std::vector<uint32_t> blocks;  // --blocks N,N,...: overrides the sizes
+  bool e2e = false;              // --e2e: also SelectMemory through a real kvmemd
   std::string data = "both";
   std::string json_path;
 };
@@ -119,6 +124,113 @@ std::vector<GateResult> RunMethod(const Data& d, uint32_t dim, uint32_t nq, Fn f
   return out;
 }
 
+// SelectMemory round trips through a real kvmemd (same data, same k): the op as a client sees
+// it, payloads included ([1, 64] bf16 per block). Rows carry "path": "kvmemd".
+int RunE2E(const Args& a, const std::vector<uint32_t>& sizes, uint32_t nq, json* results) {
+  namespace kc = kvmem::client;
+  kvmem::testing::DaemonProcess d({"--progress", "poll", "--executors", "0", "--device-memory",
+                                   std::to_string(2ull << 30)});
+  if (!d.ready()) {
+    std::fprintf(stderr, "kvmemd did not start\n");
+    return 1;
+  }
+  kc::ClientOptions o;
+  o.transport = "shm";
+  o.request_timeout_ms = 600000;
+  o.spin_us = 1000000;  // wait by spinning, as kvmem-bench-e2e does (no event-fd wake-up in the timing)
+  auto c = kc::Client::Connect(d.address(), o);
+  if (!c.ok()) {
+    std::fprintf(stderr, "%s\n", c.status().ToString().c_str());
+    return 1;
+  }
+  kc::Client& cl = **c;
+  constexpr uint32_t kRows = 1, kDm = 64, kBatch = 50000;
+  for (uint32_t n : sizes) {
+    const Data data = Clustered(n, nq, a.dim, 0x6d656d + n);
+    kc::SessionOptions so;
+    so.memory.gate_dim = a.dim;
+    so.memory.payload_rows = kRows;
+    so.memory.payload_dim = kDm;
+    auto sid = cl.CreateSession(kc::Profile{1, 2, 1, 64, kvmem::DType::kBF16, {}, {}, "bench"}, so);
+    if (!sid.ok()) {
+      std::fprintf(stderr, "%s\n", sid.status().ToString().c_str());
+      return 1;
+    }
+    std::vector<uint16_t> pay(size_t{kBatch} * kRows * kDm, kvmem::FloatToBF16(0.5f));
+    const auto t0 = std::chrono::steady_clock::now();
+    for (uint32_t at = 0; at < n; at += kBatch) {
+      const uint32_t m = std::min(kBatch, n - at);
+      kc::MemoryBlocksToPut put;
+      put.gate_keys = kc::TensorView{&data.keys[size_t{at} * a.dim], kvmem::DType::kF32, {m, a.dim}};
+      put.payloads = kc::TensorView{pay.data(), kvmem::DType::kBF16, {m, kRows, kDm}};
+      put.span_starts.resize(m);
+      put.span_ends.resize(m);
+      for (uint32_t i = 0; i < m; ++i) {
+        put.span_starts[i] = uint64_t{at + i} * 4096;
+        put.span_ends[i] = uint64_t{at + i + 1} * 4096;
+      }
+      auto r = cl.PutMemoryBlocks(*sid, put);
+      if (!r.ok()) {
+        std::fprintf(stderr, "put: %s\n", r.status().ToString().c_str());
+        return 1;
+      }
+    }
+    const double put_s = Seconds(t0);
+    std::map<std::string, std::vector<kc::MemorySelection>> got;
+    std::map<std::string, double> us;
+    const std::pair<const char*, kc::MemoryGate> gates[3] = {
+        {"linear", kc::MemoryGate::kLinearScan},
+        {"tree_exact", kc::MemoryGate::kTreeExact},
+        {"tree_budget", kc::MemoryGate::kTreeBudget}};
+    for (const auto& [name, gate] : gates) {
+      for (int pass = 0; pass < 2; ++pass) {
+        std::vector<kc::MemorySelection> res;
+        const auto q0 = std::chrono::steady_clock::now();
+        for (uint32_t i = 0; i < nq; ++i) {
+          auto r = cl.SelectMemory(
+              *sid, kc::TensorView{&data.queries[size_t{i} * a.dim], kvmem::DType::kF32, {a.dim}},
+              a.k, gate, a.budget_leaves);
+          if (!r.ok()) {
+            std::fprintf(stderr, "select: %s\n", r.status().ToString().c_str());
+            return 1;
+          }
+          res.push_back(std::move(*r));
+        }
+        us[name] = Seconds(q0) * 1e6 / nq;
+        got[name] = std::move(res);
+      }
+    }
+    for (const auto& [name, gate] : gates) {
+      uint32_t agree = 0;
+      double recall = 0, leaves = 0, keys = 0;
+      const auto& lin = got["linear"];
+      for (uint32_t i = 0; i < nq; ++i) {
+        const auto& r = got[name][i];
+        agree += r.ids == lin[i].ids && r.scores == lin[i].scores;
+        size_t hit = 0;
+        for (uint64_t id : r.ids) hit += std::count(lin[i].ids.begin(), lin[i].ids.end(), id);
+        recall += double(hit) / lin[i].ids.size();
+        leaves += r.leaves_visited;
+        keys += r.keys_scored;
+      }
+      std::printf("%-10s %-9u %-12s %12.1f %9.3f %7.3f %9.1f %12.0f  (kvmemd; put %.1f s)\n",
+                  "clustered", n, name, us[name], double(agree) / nq, recall / nq, leaves / nq,
+                  keys / nq, put_s);
+      results->push_back({{"data", "clustered"}, {"blocks", n}, {"method", name},
+                          {"path", "kvmemd"}, {"us_per_query", us[name]},
+                          {"exact_agreement", double(agree) / nq}, {"recall", recall / nq},
+                          {"speedup_vs_linear", us["linear"] / us[name]},
+                          {"leaves_visited", leaves / nq}, {"keys_scored", keys / nq},
+                          {"put_seconds", put_s}, {"payload_bytes_per_block", kRows * kDm * 2}});
+    }
+    if (auto s = cl.DropSession(*sid); !s.ok()) {
+      std::fprintf(stderr, "drop: %s\n", s.ToString().c_str());
+      return 1;
+    }
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
@@ -139,6 +251,7 @@ int Main(int argc, char** argv) {
     else if (s == "--data") a.data = next();
     else if (s == "--radius-weight") a.radius_weight = std::stof(next());
     else if (s == "--sweep-budget") a.sweep = true;
+    else if (s == "--e2e") a.e2e = true;
     else if (s == "--blocks") {
       std::string v = next() + ",", cur;
       for (char ch : v) {
@@ -154,7 +267,7 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: kvmem-bench-memory [--quick] [--dim D] [--k K] [--queries N] "
                    "[--budget-leaves L] [--radius-weight W] [--data clustered|iid|both] "
-                   "[--blocks N,N,...] [--sweep-budget] --json FILE\n");
+                   "[--blocks N,N,...] [--sweep-budget] [--e2e] --json FILE\n");
       return 2;
     }
   }
@@ -208,6 +321,7 @@ int Main(int argc, char** argv) {
         json j = {{"data", kind},
                   {"blocks", n},
                   {"method", method},
+                  {"path", "in_process"},
                   {"us_per_query", us},
                   {"exact_agreement", double(agree) / nq},
                   {"recall", recall / nq},
@@ -257,6 +371,11 @@ int Main(int argc, char** argv) {
                   tree.leaves(), tree.depth());
       std::fflush(stdout);
     }
+  }
+  if (a.e2e) {
+    const std::vector<uint32_t> e2e_sizes =
+        a.blocks.empty() ? std::vector<uint32_t>{10'000, 100'000} : a.blocks;
+    if (int rc = RunE2E(a, e2e_sizes, nq, &results); rc != 0) return rc;
   }
   json out;
   out["machine"] = "2-core Debian 12 VM (shared with other builds), g++ 12, RelWithDebInfo (-O2), "
