@@ -58,14 +58,35 @@ struct Client::Impl {
   std::atomic<bool> broken{false};
   Status broken_status;
 
-  mutable std::mutex mu;  // serialises the worker, the endpoint and `calls`
+  mutable std::mutex mu;  // serialises the worker, the endpoint, `calls` and `requests`
   std::unordered_map<uint64_t, std::shared_ptr<CallState>> calls;
 
+  // What a UCX request's callback receives. Every request still in UCX is listed in `requests`
+  // (holder -> request handle), so that closing the client can cancel them and free what their
+  // callbacks would have freed: with the peer gone (kill -9), a rendezvous send never completes
+  // on its own.
+  struct Holder {
+    Impl* impl;
+    std::shared_ptr<CallState> call;
+  };
+  std::unordered_map<Holder*, void*> requests;
+
   ~Impl() {
+    std::lock_guard<std::mutex> lock(mu);
     if (ep != nullptr) {
-      std::lock_guard<std::mutex> lock(mu);
       ucx::CloseEndpoint(worker.get(), ep, /*force=*/broken.load(), 500);
       ep = nullptr;
+    }
+    if (worker.get() != nullptr && !requests.empty()) {
+      std::vector<void*> pending;  // a cancel may complete a request (and erase it) right away
+      for (const auto& entry : requests) pending.push_back(entry.second);
+      for (void* req : pending) ucp_request_cancel(worker.get(), req);
+      for (int i = 0; i < 1000 && !requests.empty(); ++i) ucp_worker_progress(worker.get());
+      for (const auto& [holder, req] : requests) {  // callbacks that never came: free their share
+        ucp_request_free(req);
+        delete holder;
+      }
+      requests.clear();
     }
     calls.clear();
     worker.reset();
@@ -120,7 +141,7 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   ucp_request_param_t rp{};
   rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
   rp.cb.recv_am = &Impl::OnRndvDone;
-  auto* holder = new std::shared_ptr<CallState>(call);
+  auto* holder = new Holder{impl, call};
   rp.user_data = holder;
   rp.datatype = ucp_dt_make_contig(1);
   ucs_status_ptr_t req = ucp_am_recv_data_nbx(impl->worker.get(), data, call->data.get(), length, &rp);
@@ -130,24 +151,28 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   } else if (UCS_PTR_IS_ERR(req)) {
     delete holder;
     impl->Complete(call, ucx::FromUcs(UCS_PTR_STATUS(req), "receive reply data"));
+  } else {
+    impl->requests.emplace(holder, req);
   }
   return UCS_OK;
 }
 
 void Client::Impl::OnRndvDone(void* request, ucs_status_t status, size_t, void* user_data) {
-  std::unique_ptr<std::shared_ptr<CallState>> holder(static_cast<std::shared_ptr<CallState>*>(user_data));
+  std::unique_ptr<Holder> holder(static_cast<Holder*>(user_data));
+  holder->impl->requests.erase(holder.get());
   ucp_request_free(request);
-  (*holder)->status = ucx::FromUcs(status, "receive reply data");
-  (*holder)->done.store(true, std::memory_order_release);
+  holder->call->status = ucx::FromUcs(status, "receive reply data");
+  holder->call->done.store(true, std::memory_order_release);
 }
 
 void Client::Impl::OnSendDone(void* request, ucs_status_t status, void* user_data) {
-  std::unique_ptr<std::shared_ptr<CallState>> holder(static_cast<std::shared_ptr<CallState>*>(user_data));
+  std::unique_ptr<Holder> holder(static_cast<Holder*>(user_data));
+  holder->impl->requests.erase(holder.get());
   ucp_request_free(request);
-  (*holder)->send_done.store(true, std::memory_order_release);
-  if (status != UCS_OK && !(*holder)->done.load()) {
-    (*holder)->status = ucx::FromUcs(status, "send request");
-    (*holder)->done.store(true, std::memory_order_release);
+  holder->call->send_done.store(true, std::memory_order_release);
+  if (status != UCS_OK && !holder->call->done.load()) {
+    holder->call->status = ucx::FromUcs(status, "send request");
+    holder->call->done.store(true, std::memory_order_release);
   }
 }
 
@@ -196,7 +221,7 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
   }
   std::lock_guard<std::mutex> lock(mu);
   calls[request_id] = call;
-  auto* holder = new std::shared_ptr<CallState>(call);
+  auto* holder = new Holder{this, call};
   p.user_data = holder;
   ucs_status_ptr_t req = ucp_am_send_nbx(ep, w::kRequestAmId, call->frame.header.data(),
                                          call->frame.header.size(), buffer, count, &p);
@@ -207,6 +232,8 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
     delete holder;
     calls.erase(request_id);
     return ucx::FromUcs(UCS_PTR_STATUS(req), "send request");
+  } else {
+    requests.emplace(holder, req);
   }
   return call;
 }
@@ -491,6 +518,10 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
     out.options.ttl_seconds = o->ttl_seconds();
     out.options.label = o->label() ? o->label()->str() : "";
     out.options.memory = MemoryOptionsFromWire(o->memory());
+    out.options.retrieval.rule = static_cast<SelectionRule>(o->retrieval_rule());
+    out.options.retrieval.rule_value = o->retrieval_rule_value();
+    out.options.retrieval.block_tokens = o->retrieval_block_tokens();
+    out.options.retrieval.pooling = static_cast<BlockPooling>(o->retrieval_block_pooling());
   }
   out.tokens = s->tokens();
   out.chunks = s->chunks();
@@ -521,6 +552,8 @@ HeadSelection SelectionFromWire(const w::HeadSelection* h) {
   if (h->starts()) out.starts.assign(h->starts()->begin(), h->starts()->end());
   if (h->ends()) out.ends.assign(h->ends()->begin(), h->ends()->end());
   if (h->scores()) out.scores.assign(h->scores()->begin(), h->scores()->end());
+  out.role = static_cast<HeadRole>(h->role());
+  out.source_layer = h->source_layer();
   return out;
 }
 
@@ -555,7 +588,9 @@ Result<uint64_t> Client::CreateSession(const Profile& profile, const SessionOpti
             options.recent_window, options.default_budget_tokens,
             static_cast<w::SelectionMode>(options.mode),
             options.durable ? w::Durability::DURABLE : w::Durability::EPHEMERAL, options.ttl_seconds,
-            options.label.c_str(), false,
+            options.label.c_str(), false, static_cast<w::SelectionRule>(options.retrieval.rule),
+            options.retrieval.rule_value, options.retrieval.block_tokens,
+            static_cast<w::BlockPooling>(options.retrieval.pooling),
             options.memory.gate_dim ? MemoryOptionsToWire(fbb, options.memory) : 0);
         return w::CreateCreateSession(fbb, id, prof, opts);
       }),
@@ -730,6 +765,10 @@ Future<AttendResult> Client::AttendAsync(uint64_t id, const AttendRequest& req) 
         b.add_return_lse(req.return_lse);
         b.add_return_selection(req.return_selection);
         b.add_out_dtype(w::ToWire(req.out_dtype));
+        b.add_retrieval_rule(static_cast<w::SelectionRule>(req.retrieval.rule));
+        b.add_retrieval_rule_value(req.retrieval.rule_value);
+        b.add_retrieval_block_tokens(req.retrieval.block_tokens);
+        b.add_retrieval_block_pooling(static_cast<w::BlockPooling>(req.retrieval.pooling));
         return b.Finish();
       }),
       ([](CallState& c) -> Result<AttendResult> {
@@ -761,11 +800,24 @@ Result<AttendResult> Client::Attend(uint64_t id, const AttendRequest& req) { ret
 
 Result<RetrieveResult> Client::Retrieve(uint64_t id, uint32_t layer, const TensorView& q, uint32_t budget_tokens,
                                         uint32_t top_chunks) {
+  RetrieveRequest req;
+  req.layer = layer;
+  req.q = q;
+  req.budget_tokens = budget_tokens;
+  req.top_chunks = top_chunks;
+  return Retrieve(id, req);
+}
+
+Result<RetrieveResult> Client::Retrieve(uint64_t id, const RetrieveRequest& req) {
   auto f = KVMEM_CLIENT_CALL(
       RetrieveResult, impl_.get(),
       ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer) -> Result<flatbuffers::Offset<w::Retrieve>> {
-        KVMEM_ASSIGN_OR_RETURN(auto qt, AddTensor(fbb, packer, q, "q"));
-        return w::CreateRetrieve(fbb, id, layer, qt, budget_tokens, top_chunks);
+        KVMEM_ASSIGN_OR_RETURN(auto qt, AddTensor(fbb, packer, req.q, "q"));
+        return w::CreateRetrieve(fbb, id, req.layer, qt, req.budget_tokens, req.top_chunks,
+                                 static_cast<w::SelectionMode>(req.mode),
+                                 static_cast<w::SelectionRule>(req.retrieval.rule),
+                                 req.retrieval.rule_value, req.retrieval.block_tokens,
+                                 static_cast<w::BlockPooling>(req.retrieval.pooling));
       }),
       ([](CallState& c) -> Result<RetrieveResult> {
         const w::RetrieveReply* r = c.parsed.envelope->body_as_RetrieveReply();

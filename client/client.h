@@ -55,6 +55,21 @@ struct TensorView {
 
 enum class Mode : uint8_t { kDefault = 0, kDense = 1, kIndex = 2, kRetrievalHeads = 3, kHybrid = 4 };
 
+// Modes retrieval_heads / hybrid (values as the wire's): how retrieval heads keep scored blocks.
+enum class SelectionRule : uint8_t { kDefault = 0, kTopK = 1, kRatio = 2, kThreshold = 3, kTopP = 4 };
+enum class BlockPooling : uint8_t { kDefault = 0, kMax = 1, kMean = 2 };
+// What a KV head did in one layer (modes retrieval_heads / hybrid; kNone in index mode).
+enum class HeadRole : uint8_t { kNone = 0, kRetrieval = 1, kReused = 2, kDense = 3 };
+
+// Retrieval-head scoring (docs/architecture.md, "Hybrid heads"); default / 0 fields take the
+// session's (or, at creation, the daemon's) value.
+struct RetrievalParams {
+  SelectionRule rule = SelectionRule::kDefault;
+  float rule_value = 0;       // ratio / threshold / top_p parameter
+  uint32_t block_tokens = 0;  // 1 = token level
+  BlockPooling pooling = BlockPooling::kDefault;
+};
+
 struct Profile {
   uint32_t layers = 0;
   uint32_t q_heads = 0;
@@ -97,6 +112,7 @@ struct SessionOptions {
   bool durable = false;
   uint64_t ttl_seconds = 0;
   std::string label;
+  RetrievalParams retrieval;
   MemoryOptions memory;
 };
 
@@ -137,6 +153,17 @@ struct HeadSelection {
   std::vector<uint64_t> starts;
   std::vector<uint64_t> ends;
   std::vector<float> scores;
+  HeadRole role = HeadRole::kNone;
+  uint32_t source_layer = 0;  // kRetrieval / kReused: the layer whose retrieval head selected
+};
+
+struct RetrieveRequest {
+  uint32_t layer = 0;
+  TensorView q;               // [q_heads, head_dim]
+  uint32_t budget_tokens = 0; // 0: session default
+  uint32_t top_chunks = 0;    // index mode: exact top chunks
+  Mode mode = Mode::kDefault;
+  RetrievalParams retrieval;
 };
 
 struct RetrieveResult {
@@ -154,8 +181,9 @@ struct AttendRequest {
   uint32_t budget_tokens = 0;        // 0: session default
   Mode mode = Mode::kDefault;
   bool return_lse = false;
-  bool return_selection = false;     // index mode: the chunks each KV head attended
+  bool return_selection = false;     // sparse modes: what each KV head attended, and its role
   DType out_dtype = DType::kBF16;
+  RetrievalParams retrieval;         // modes retrieval_heads / hybrid
 };
 
 struct AttendResult {
@@ -319,6 +347,9 @@ class Client {
   // default). q: [q_heads, head_dim].
   Result<RetrieveResult> Retrieve(uint64_t id, uint32_t layer, const TensorView& q,
                                   uint32_t budget_tokens = 0, uint32_t top_chunks = 0);
+  // With a mode and retrieval-head options. Modes retrieval_heads / hybrid answer what Attend
+  // would attend per KV head (role, ranges) and update the session's kept selections likewise.
+  Result<RetrieveResult> Retrieve(uint64_t id, const RetrieveRequest& request);
 
   // --- Memory blocks (the session needs SessionOptions::memory.gate_dim > 0) ---
   // Adds blocks, all or nothing; ids are assigned by the daemon.

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <ctime>
 #include <map>
+#include <sstream>
 #include <thread>
 
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "client/cluster.h"
 #include "common/dtype.h"
 #include "common/tensor_file.h"
+#include "common/head_mask.h"
 #include "common/units.h"
 
 namespace {
@@ -37,9 +39,17 @@ Commands:
   ping [--count N]                       round trips, with latency
   session create --layers L --q-heads HQ --kv-heads HKV --head-dim D
                  [--dtype bf16|fp16|fp32] [--id ID] [--chunk-min N] [--chunk-max N]
-                 [--sink N] [--budget N] [--mode dense|index] [--label TEXT]
+                 [--sink N] [--budget N] [--label TEXT]
+                 [--mode dense|index|retrieval_heads|hybrid]
+                 [--retrieval-heads FILE] [--dense-layers L,L,...]
+                 [--rule top_k|ratio|threshold|top_p] [--rule-value X]
+                 [--block-tokens N] [--block-pooling max|mean]
                  [--durability ephemeral|durable]
-                                         prints the new session id
+                                         prints the new session id. --retrieval-heads reads
+                                         the retrieval-head mask [layers x KV heads] (and
+                                         optional dense layers) from a .json,
+                                         .safetensors or .npy file
+                                         (docs/operations.md, "Hybrid heads")
   session list                           sessions of this tenant
   session show ID                        one session with per-layer detail
   session drop ID                        drop a session and free its memory (and its
@@ -94,6 +104,22 @@ std::string ModeName(kvmem::client::Mode m) {
   }
 }
 
+const char* RuleName(kvmem::client::SelectionRule r) {
+  switch (r) {
+    case kvmem::client::SelectionRule::kTopK: return "top_k";
+    case kvmem::client::SelectionRule::kRatio: return "ratio";
+    case kvmem::client::SelectionRule::kThreshold: return "threshold";
+    case kvmem::client::SelectionRule::kTopP: return "top_p";
+    default: return "default";
+  }
+}
+
+// Retrieval heads marked in the profile's mask.
+size_t RetrievalHeads(const kvmem::client::Profile& p) {
+  return static_cast<size_t>(std::count_if(p.retrieval_head_mask.begin(), p.retrieval_head_mask.end(),
+                                           [](uint8_t m) { return m != 0; }));
+}
+
 json SummaryJson(const kvmem::client::SessionSummary& s) {
   json j = {{"id", s.id},
             {"tenant", s.tenant},
@@ -112,6 +138,13 @@ json SummaryJson(const kvmem::client::SessionSummary& s) {
             {"label", s.options.label},
             {"created_unix_ms", s.created_unix_ms},
             {"last_used_unix_ms", s.last_used_unix_ms},
+            {"dense_layers", s.profile.dense_layers},
+            {"retrieval_heads", RetrievalHeads(s.profile)},
+            {"retrieval", {{"rule", RuleName(s.options.retrieval.rule)},
+                           {"rule_value", s.options.retrieval.rule_value},
+                           {"block_tokens", s.options.retrieval.block_tokens},
+                           {"block_pooling", s.options.retrieval.pooling == kvmem::client::BlockPooling::kMean
+                                                 ? "mean" : "max"}}},
             {"memory_blocks", s.memory_blocks},
             {"memory_bytes", s.memory_bytes}};
   if (!s.layers.empty()) {
@@ -493,6 +526,48 @@ int main(int argc, char** argv) {
       else if (*v == "hybrid") sopts.mode = kvmem::client::Mode::kHybrid;
       else return Usage("--mode must be dense, index, retrieval_heads or hybrid");
     }
+    if (const std::string* v = args.Get("--dense-layers")) {
+      profile.dense_layers.clear();
+      std::stringstream ss(*v);
+      std::string item;
+      while (std::getline(ss, item, ',')) {
+        uint64_t l = 0;
+        if (!ParseU64(item, &l) || l >= profile.layers) {
+          return Usage("--dense-layers must list layer numbers below --layers, e.g. 0,1");
+        }
+        profile.dense_layers.push_back(static_cast<uint32_t>(l));
+      }
+    }
+    if (const std::string* v = args.Get("--retrieval-heads")) {
+      auto mask = kvmem::LoadHeadMaskFile(*v);
+      if (!mask.ok()) return Report(mask.status(), as_json);
+      if (kvmem::Status st = kvmem::CheckHeadMaskShape(*mask, profile.layers, profile.kv_heads, *v);
+          !st.ok()) {
+        return Report(st, as_json);
+      }
+      profile.retrieval_head_mask = mask->mask;
+      if (mask->dense_layers && !args.Get("--dense-layers")) profile.dense_layers = *mask->dense_layers;
+    }
+    if (const std::string* v = args.Get("--rule")) {
+      using R = kvmem::client::SelectionRule;
+      if (*v == "top_k") sopts.retrieval.rule = R::kTopK;
+      else if (*v == "ratio") sopts.retrieval.rule = R::kRatio;
+      else if (*v == "threshold") sopts.retrieval.rule = R::kThreshold;
+      else if (*v == "top_p") sopts.retrieval.rule = R::kTopP;
+      else return Usage("--rule must be top_k, ratio, threshold or top_p");
+    }
+    if (const std::string* v = args.Get("--rule-value")) {
+      char* end = nullptr;
+      const float f = std::strtof(v->c_str(), &end);
+      if (v->empty() || *end != '\0' || !(f > 0)) return Usage("--rule-value must be a positive number");
+      sopts.retrieval.rule_value = f;
+    }
+    if (args.Get("--block-tokens") && need("--block-tokens", &x)) sopts.retrieval.block_tokens = x;
+    if (const std::string* v = args.Get("--block-pooling")) {
+      if (*v == "max") sopts.retrieval.pooling = kvmem::client::BlockPooling::kMax;
+      else if (*v == "mean") sopts.retrieval.pooling = kvmem::client::BlockPooling::kMean;
+      else return Usage("--block-pooling must be max or mean");
+    }
     if (const std::string* v = args.Get("--durability")) {
       if (*v == "durable") sopts.durable = true;
       else if (*v == "ephemeral") sopts.durable = false;
@@ -751,6 +826,14 @@ int main(int argc, char** argv) {
                   std::string(kvmem::DTypeName(s->profile.dtype)).c_str());
       std::printf("mode         %s, sinks %u, budget %u tokens\n", ModeName(s->options.mode).c_str(),
                   s->options.sink_tokens, s->options.default_budget_tokens);
+      if (s->options.mode == kvmem::client::Mode::kRetrievalHeads || s->options.mode == kvmem::client::Mode::kHybrid ||
+          !s->profile.retrieval_head_mask.empty()) {
+        std::printf("hybrid heads %zu retrieval heads of %zu, rule %s %.3g, blocks of %u tokens (%s)\n",
+                    RetrievalHeads(s->profile), s->profile.retrieval_head_mask.size(),
+                    RuleName(s->options.retrieval.rule), s->options.retrieval.rule_value,
+                    s->options.retrieval.block_tokens,
+                    s->options.retrieval.pooling == kvmem::client::BlockPooling::kMean ? "mean" : "max");
+      }
       std::printf("tokens       %llu (%llu chunks, mean %.1f tokens; tail %u)\n",
                   static_cast<unsigned long long>(s->tokens), static_cast<unsigned long long>(s->chunks),
                   s->mean_chunk_tokens, s->tail_tokens);

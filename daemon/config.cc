@@ -166,6 +166,23 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
         if (fp.is_relative()) fp = std::filesystem::path(path).parent_path() / fp;
         s = LoadConfigFileAt(fp.string(), c, depth + 1);
       }
+    } else if (k == "retrieval_head_masks") {
+      // {"retrieval_head_masks": {"<profile name>": "<mask file>", ...}}
+      if (!v.is_object()) s = InvalidArgument("config: retrieval_head_masks must map profile names to files");
+      for (auto m = v.begin(); s.ok() && m != v.end(); ++m) {
+        if (!m.value().is_string()) {
+          s = InvalidArgument("config: retrieval_head_masks." + m.key() + " must be a file path");
+          break;
+        }
+        std::filesystem::path fp(m.value().get<std::string>());
+        if (fp.is_relative()) fp = std::filesystem::path(path).parent_path() / fp;
+        auto mask = LoadHeadMaskFile(fp.string());
+        if (!mask.ok()) {
+          s = mask.status().WithContext("retrieval_head_masks." + m.key());
+        } else {
+          c->retrieval_head_masks[m.key()] = std::move(*mask);
+        }
+      }
     } else if (k == "session_defaults") {
       if (!v.is_object()) s = InvalidArgument("config: session_defaults must be an object");
       for (auto d = v.begin(); s.ok() && d != v.end(); ++d) {
@@ -174,6 +191,23 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
         else if (d.key() == "chunk_max_tokens") s = u32(d.value(), d.key(), &o.chunker.max_tokens);
         else if (d.key() == "sink_tokens") s = u32(d.value(), d.key(), &o.sink_tokens);
         else if (d.key() == "budget_tokens") s = u32(d.value(), d.key(), &o.default_budget_tokens);
+        else if (d.key() == "retrieval_block_tokens") s = u32(d.value(), d.key(), &o.retrieval.block_tokens);
+        else if (d.key() == "retrieval_rule_value") {
+          if (!d.value().is_number()) s = InvalidArgument("config: retrieval_rule_value must be a number");
+          else o.retrieval.rule_value = d.value().get<float>();
+        } else if (d.key() == "retrieval_rule") {
+          const std::string r = d.value().is_string() ? d.value().get<std::string>() : "";
+          if (r == "top_k") o.retrieval.rule = index::BlockRule::kTopK;
+          else if (r == "ratio") o.retrieval.rule = index::BlockRule::kRatio;
+          else if (r == "threshold") o.retrieval.rule = index::BlockRule::kThreshold;
+          else if (r == "top_p") o.retrieval.rule = index::BlockRule::kTopP;
+          else s = InvalidArgument("config: retrieval_rule must be top_k, ratio, threshold or top_p");
+        } else if (d.key() == "retrieval_block_pooling") {
+          const std::string r = d.value().is_string() ? d.value().get<std::string>() : "";
+          if (r == "max") o.retrieval.pooling = kernels::BlockPool::kMax;
+          else if (r == "mean") o.retrieval.pooling = kernels::BlockPool::kMean;
+          else s = InvalidArgument("config: retrieval_block_pooling must be max or mean");
+        }
         else s = InvalidArgument("config: unknown key session_defaults." + d.key());
       }
     } else {

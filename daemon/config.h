@@ -5,6 +5,7 @@
 #include <map>
 #include <string>
 
+#include "common/head_mask.h"
 #include "common/status.h"
 #include "daemon/session.h"
 
@@ -67,8 +68,16 @@ struct DaemonConfig {
   // on the first SelectMemory with gate scorer for each gate_dim (its shape depends on it), and
   // a bad file fails that request with the reason. "" = none. Default: "".
   std::string memory_scorer_file;
-  // Defaults for sessions that leave options at 0.
+  // Defaults for sessions that leave options at 0 (keys chunk_min_tokens, chunk_max_tokens,
+  // sink_tokens, budget_tokens, retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+  // retrieval_block_pooling).
   SessionOptions session_defaults;
+  // Retrieval-head masks by profile name, read at startup from the files the config names
+  // ({"retrieval_head_masks": {"llama-3-8b": "heads/llama-3-8b.json"}}, paths relative to the
+  // config file; format in common/head_mask.h). A CreateSession whose profile has this name
+  // and no mask of its own gets this one (and its dense layers when the profile lists none).
+  // Not reloaded by SIGHUP. Default: none.
+  std::map<std::string, HeadMaskFile> retrieval_head_masks;
   ProfileLimits profile_limits;
 
   // Lists the problems with this configuration (empty when OK).

@@ -190,12 +190,58 @@ namespace {
 
 flatbuffers::Offset<w::HeadSelection> SelectionToWire(flatbuffers::FlatBufferBuilder& fbb,
                                                      const HeadSelection& h) {
-  return w::CreateHeadSelectionDirect(fbb, h.kv_head, &h.chunks, &h.starts, &h.ends, &h.scores);
+  return w::CreateHeadSelectionDirect(fbb, h.kv_head, &h.chunks, &h.starts, &h.ends, &h.scores,
+                                      static_cast<w::HeadRole>(h.role), h.source_layer);
 }
 
-SessionOptions OptionsFromWire(const w::SessionOptions* o, const SessionOptions& defaults) {
+// Wire SelectionRule / BlockPooling (0 = DEFAULT) to the session's types; INVALID_ARGUMENT for
+// values this build does not know.
+Status RuleFromWire(w::SelectionRule r, std::optional<index::BlockRule>* out) {
+  if (r == w::SelectionRule::DEFAULT) return Status::OK();
+  if (r > w::SelectionRule::TOP_P) {
+    return InvalidArgument("retrieval_rule " + std::to_string(static_cast<int>(r)) + " unknown");
+  }
+  *out = static_cast<index::BlockRule>(static_cast<uint8_t>(r) - 1);
+  return Status::OK();
+}
+
+Status PoolingFromWire(w::BlockPooling p, std::optional<kernels::BlockPool>* out) {
+  if (p == w::BlockPooling::DEFAULT) return Status::OK();
+  if (p > w::BlockPooling::POOL_MEAN) {
+    return InvalidArgument("retrieval_block_pooling " + std::to_string(static_cast<int>(p)) +
+                           " unknown");
+  }
+  *out = p == w::BlockPooling::POOL_MAX ? kernels::BlockPool::kMax : kernels::BlockPool::kMean;
+  return Status::OK();
+}
+
+template <typename Req>
+Result<RetrievalOverrides> OverridesFromWire(const Req* req) {
+  RetrievalOverrides ov;
+  KVMEM_RETURN_IF_ERROR(RuleFromWire(req->retrieval_rule(), &ov.rule));
+  KVMEM_RETURN_IF_ERROR(PoolingFromWire(req->retrieval_block_pooling(), &ov.pooling));
+  ov.rule_value = req->retrieval_rule_value();
+  ov.block_tokens = req->retrieval_block_tokens();
+  return ov;
+}
+
+}  // namespace
+
+Status RetrievalFromWire(const w::SessionOptions* o, RetrievalOptions* r) {
+  KVMEM_ASSIGN_OR_RETURN(RetrievalOverrides ov, OverridesFromWire(o));
+  if (ov.rule) r->rule = *ov.rule;
+  if (ov.rule_value != 0) r->rule_value = ov.rule_value;
+  if (ov.block_tokens != 0) r->block_tokens = ov.block_tokens;
+  if (ov.pooling) r->pooling = *ov.pooling;
+  return Status::OK();
+}
+
+namespace {
+
+Result<SessionOptions> OptionsFromWire(const w::SessionOptions* o, const SessionOptions& defaults) {
   SessionOptions s = defaults;
   if (o == nullptr) return s;
+  KVMEM_RETURN_IF_ERROR(RetrievalFromWire(o, &s.retrieval));
   if (o->chunk_min_tokens()) s.chunker.min_tokens = o->chunk_min_tokens();
   if (o->chunk_max_tokens()) s.chunker.max_tokens = o->chunk_max_tokens();
   s.sink_tokens = o->sink_tokens();
@@ -208,6 +254,8 @@ SessionOptions OptionsFromWire(const w::SessionOptions* o, const SessionOptions&
   s.values_optional = o->values_optional();
   return s;
 }
+
+}  // namespace
 
 flatbuffers::Offset<w::ModelProfile> ProfileToWire(flatbuffers::FlatBufferBuilder& fbb,
                                                    const ModelProfile& p) {
@@ -223,10 +271,12 @@ flatbuffers::Offset<w::SessionOptions> OptionsToWire(flatbuffers::FlatBufferBuil
       fbb, o.chunker.min_tokens, o.chunker.max_tokens, o.sink_tokens, o.recent_window,
       o.default_budget_tokens, static_cast<w::SelectionMode>(o.mode),
       static_cast<w::Durability>(o.durability), o.ttl_seconds, o.label.c_str(),
-      o.values_optional, o.memory.enabled() ? MemoryOptionsToWire(fbb, o.memory) : 0);
+      o.values_optional, static_cast<w::SelectionRule>(static_cast<uint8_t>(o.retrieval.rule) + 1),
+      o.retrieval.rule_value, o.retrieval.block_tokens,
+      o.retrieval.pooling == kernels::BlockPool::kMax ? w::BlockPooling::POOL_MAX
+                                                      : w::BlockPooling::POOL_MEAN,
+      o.memory.enabled() ? MemoryOptionsToWire(fbb, o.memory) : 0);
 }
-
-}  // namespace
 
 Result<MemoryOptions> MemoryOptionsFromWire(const w::MemoryOptions* m) {
   MemoryOptions o;
@@ -265,8 +315,16 @@ Result<std::shared_ptr<Session>> Service::Find(const std::string& tenant, uint64
 Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::CreateSession* req, Reply* r) {
   if (req->session_id() == 0) return InvalidArgument("CreateSession: session_id must be nonzero");
   KVMEM_ASSIGN_OR_RETURN(ModelProfile profile, ProfileFromWire(req->profile()));
+  if (auto m = config_.retrieval_head_masks.find(profile.name);
+      profile.retrieval_head_mask.empty() && m != config_.retrieval_head_masks.end()) {
+    // The daemon's mask for this model (config retrieval_head_masks).
+    KVMEM_RETURN_IF_ERROR(CheckHeadMaskShape(m->second, profile.layers, profile.kv_heads,
+                                             "retrieval_head_masks." + profile.name));
+    profile.retrieval_head_mask = m->second.mask;
+    if (profile.dense_layers.empty() && m->second.dense_layers) profile.dense_layers = *m->second.dense_layers;
+  }
   KVMEM_RETURN_IF_ERROR(ValidateProfile(profile, config_.profile_limits));
-  SessionOptions options = OptionsFromWire(req->options(), config_.session_defaults);
+  KVMEM_ASSIGN_OR_RETURN(SessionOptions options, OptionsFromWire(req->options(), config_.session_defaults));
   KVMEM_ASSIGN_OR_RETURN(options.memory,
                          MemoryOptionsFromWire(req->options() ? req->options()->memory() : nullptr));
   KVMEM_RETURN_IF_ERROR(ValidateOptions(options));
@@ -504,7 +562,9 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   }
   a.boundary = req->boundary();
   a.budget_tokens = req->budget_tokens();
+  if (req->mode() > w::SelectionMode::HYBRID) return InvalidArgument("Attend: unknown mode");
   a.mode = static_cast<SelectionMode>(req->mode());
+  KVMEM_ASSIGN_OR_RETURN(a.retrieval, OverridesFromWire(req));
   KVMEM_ASSIGN_OR_RETURN(a.out_dtype, w::FloatDTypeFromWire(req->out_dtype()));
   const size_t out_elems = static_cast<size_t>(p.q_heads) * p.head_dim;
   a.out = r->NewBuffer(out_elems * DTypeSize(a.out_dtype));
@@ -551,9 +611,6 @@ Status Service::Retrieve(const RequestContext& ctx, const w::Parsed& msg, const 
     return InvalidArgument("Retrieve: layer " + std::to_string(req->layer()) +
                            " out of range (session has " + std::to_string(p.layers) + ")");
   }
-  if (req->mode() == w::SelectionMode::RETRIEVAL_HEADS || req->mode() == w::SelectionMode::HYBRID) {
-    return Unimplemented("Retrieve: modes retrieval_heads and hybrid are not available in this build");
-  }
   const uint64_t qshape[2] = {p.q_heads, p.head_dim};
   const w::DType floats[3] = {w::DType::BF16, w::DType::F16, w::DType::F32};
   KVMEM_ASSIGN_OR_RETURN(const uint8_t* q, w::ResolveTensor(msg, req->q(), "q", qshape, floats));
@@ -562,8 +619,16 @@ Status Service::Retrieve(const RequestContext& ctx, const w::Parsed& msg, const 
     return InvalidArgument("Retrieve: q contains NaN or Inf");
   }
   if (req->top_chunks() > 1u << 20) return InvalidArgument("Retrieve: top_chunks too large");
-  KVMEM_ASSIGN_OR_RETURN(RetrieveResult res,
-                         s->Retrieve(req->layer(), q, qdt, req->budget_tokens(), req->top_chunks()));
+  RetrieveArgs ra;
+  ra.layer = req->layer();
+  ra.q = q;
+  ra.q_dtype = qdt;
+  ra.budget_tokens = req->budget_tokens();
+  ra.top_chunks = req->top_chunks();
+  if (req->mode() > w::SelectionMode::HYBRID) return InvalidArgument("Retrieve: unknown mode");
+  ra.mode = static_cast<SelectionMode>(req->mode());
+  KVMEM_ASSIGN_OR_RETURN(ra.retrieval, OverridesFromWire(req));
+  KVMEM_ASSIGN_OR_RETURN(RetrieveResult res, s->Retrieve(ra));
   GlobalMetrics().search_nodes_visited.fetch_add(res.nodes_visited, std::memory_order_relaxed);
   std::vector<flatbuffers::Offset<w::HeadSelection>> heads;
   for (const HeadSelection& h : res.heads) heads.push_back(SelectionToWire(r->fbb, h));

@@ -49,6 +49,13 @@ struct ServiceCounters {
 
 // The wire profile as a ModelProfile (dtype checked; shape limits are ValidateProfile's job).
 Result<ModelProfile> ProfileFromWire(const wire::ModelProfile* p);
+// Profile and options as the wire (and the durable session header) carries them.
+flatbuffers::Offset<wire::ModelProfile> ProfileToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                      const ModelProfile& p);
+flatbuffers::Offset<wire::SessionOptions> OptionsToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                        const SessionOptions& o);
+// The retrieval-head fields of wire options over *r (DEFAULT / 0 fields leave it as is).
+Status RetrievalFromWire(const wire::SessionOptions* o, RetrievalOptions* r);
 // Memory-block options from / to the wire (null = disabled). Dtype and gate checked;
 // ValidateMemoryOptions does the rest.
 Result<MemoryOptions> MemoryOptionsFromWire(const wire::MemoryOptions* m);

@@ -22,6 +22,16 @@ uint64_t NowMs() {
 
 ParallelPool* g_search_pool = nullptr;
 
+// Runs f(0..n-1) on the search pool when one is configured, else in order on this thread.
+template <typename F>
+void ForEachHead(uint32_t n, F&& f) {
+  if (g_search_pool != nullptr) {
+    g_search_pool->For(n, f);
+  } else {
+    for (uint32_t h = 0; h < n; ++h) f(h);
+  }
+}
+
 }  // namespace
 
 void SetSearchPool(ParallelPool* pool) { g_search_pool = pool; }
@@ -88,9 +98,36 @@ Status ValidateOptions(const SessionOptions& o) {
   KVMEM_RETURN_IF_ERROR(index::Chunker::Validate(o.chunker).WithContext("options"));
   KVMEM_RETURN_IF_ERROR(index::ClusterTree::Validate(o.tree).WithContext("options"));
   KVMEM_RETURN_IF_ERROR(ValidateMemoryOptions(o.memory).WithContext("options"));
-  if (o.mode == SelectionMode::kRetrievalHeads || o.mode == SelectionMode::kHybrid) {
-    return Unimplemented("options: selection modes retrieval_heads and hybrid are not available "
-                         "in this build (dense and index are)");
+  if (static_cast<uint8_t>(o.mode) > static_cast<uint8_t>(SelectionMode::kHybrid)) {
+    return InvalidArgument("options: unknown selection mode " +
+                           std::to_string(static_cast<int>(o.mode)));
+  }
+  return ValidateRetrieval(o.retrieval).WithContext("options");
+}
+
+Status ValidateRetrieval(const RetrievalOptions& r) {
+  if (r.block_tokens == 0 || r.block_tokens > kMaxRetrievalBlockTokens) {
+    return InvalidArgument("retrieval_block_tokens must be in [1, " +
+                           std::to_string(kMaxRetrievalBlockTokens) + "], got " +
+                           std::to_string(r.block_tokens));
+  }
+  if (r.pooling != kernels::BlockPool::kMax && r.pooling != kernels::BlockPool::kMean) {
+    return InvalidArgument("retrieval_block_pooling unknown");
+  }
+  index::BlockRuleOptions bo;
+  bo.rule = r.rule;
+  bo.value = r.rule_value;
+  return index::ValidateBlockRule(bo);
+}
+
+Status CheckHybridProfile(const ModelProfile& p, SelectionMode mode) {
+  if (mode != SelectionMode::kRetrievalHeads && mode != SelectionMode::kHybrid) return Status::OK();
+  if (std::none_of(p.retrieval_head_mask.begin(), p.retrieval_head_mask.end(),
+                   [](uint8_t m) { return m != 0; })) {
+    return FailedPrecondition(std::string("mode ") +
+                              (mode == SelectionMode::kHybrid ? "hybrid" : "retrieval_heads") +
+                              " needs a profile retrieval_head_mask with at least one retrieval "
+                              "head (kvmemctl session create --retrieval-heads FILE)");
   }
   return Status::OK();
 }
@@ -104,8 +141,10 @@ Session::Session(uint64_t id, std::string tenant, ModelProfile profile, SessionO
       pool_(pool),
       tail_capacity_(options_.chunker.max_tokens + kMaxLayerSkew),
       chunker_(options_.chunker),
-      layers_(profile_.layers) {
-  index_enabled_ = options_.mode == SelectionMode::kIndex;
+      layers_(profile_.layers),
+      kept_(profile_.kv_heads) {
+  index_enabled_ = options_.mode == SelectionMode::kIndex || options_.mode == SelectionMode::kHybrid;
+  index_all_heads_ = options_.mode == SelectionMode::kIndex;
   trees_.reserve(static_cast<size_t>(profile_.layers) * profile_.kv_heads);
   for (size_t i = 0; i < static_cast<size_t>(profile_.layers) * profile_.kv_heads; ++i) {
     trees_.emplace_back(profile_.head_dim, options_.tree);
@@ -117,6 +156,7 @@ Result<std::unique_ptr<Session>> Session::Create(uint64_t id, std::string tenant
                                                  KVPool* pool) {
   KVMEM_RETURN_IF_ERROR(ValidateProfile(profile, ProfileLimits{}));
   KVMEM_RETURN_IF_ERROR(ValidateOptions(options));
+  KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile, options.mode));
   std::unique_ptr<Session> s(
       new Session(id, std::move(tenant), std::move(profile), std::move(options), pool));
   KVMEM_RETURN_IF_ERROR(s->Init());
@@ -281,7 +321,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
   stat_bytes_ += reserved;
   stat_chunks_ = chunks_.size();
-  return index_enabled_ ? CatchUpIndex() : Status::OK();
+  return index_enabled_ ? CatchUpIndex(index_all_heads_) : Status::OK();
 }
 
 bool Session::IsDenseLayer(uint32_t layer) const {
@@ -304,11 +344,21 @@ Status Session::KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float
   return Status::OK();
 }
 
-Status Session::CatchUpIndex() {
+bool Session::TreeNeeded(uint32_t layer, uint32_t head) const {
+  return index_all_heads_ || (profile_.IsRetrievalHead(layer, head) && !IsDenseLayer(layer));
+}
+
+Status Session::CatchUpIndex(bool all_heads) {
   index_enabled_ = true;
-  const size_t first = indexed_chunks_;
-  if (first == chunks_.size()) return Status::OK();
+  index_all_heads_ = index_all_heads_ || all_heads;
   const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
+  // Each needed tree holds chunks [0, num_chunks()); trees that became needed later (an index
+  // request on a hybrid session) catch up from their own start.
+  size_t first = chunks_.size();
+  for (uint32_t l = 0; l < L; ++l)
+    for (uint32_t h = 0; h < H; ++h)
+      if (TreeNeeded(l, h)) first = std::min<size_t>(first, trees_[static_cast<size_t>(l) * H + h].num_chunks());
+  if (first == chunks_.size()) return Status::OK();
   const uint64_t esize = DTypeSize(profile_.dtype);
   std::vector<uint8_t> staging;
   std::vector<float> keys;
@@ -317,6 +367,11 @@ Status Session::CatchUpIndex() {
     const uint64_t elems = uint64_t{H} * n * D;  // every head's keys: one contiguous read
     keys.resize(elems);
     for (uint32_t l = 0; l < L; ++l) {
+      bool any = false;
+      for (uint32_t h = 0; h < H && !any; ++h) {
+        any = TreeNeeded(l, h) && trees_[static_cast<size_t>(l) * H + h].num_chunks() == c;
+      }
+      if (!any) continue;
       const uint64_t off = chunks_[c].block[l];
       if (pool_->is_host()) {
         ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
@@ -326,12 +381,13 @@ Status Session::CatchUpIndex() {
         ConvertToFloat(staging.data(), profile_.dtype, elems, keys.data());
       }
       for (uint32_t h = 0; h < H; ++h) {
+        index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
+        if (!TreeNeeded(l, h) || tree.num_chunks() != c) continue;
         KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
                                index::SummarizeKeys(keys.data() + uint64_t{h} * n * D, n, D));
-        KVMEM_RETURN_IF_ERROR(trees_[static_cast<size_t>(l) * H + h].Insert(static_cast<uint32_t>(c), summary, n));
+        KVMEM_RETURN_IF_ERROR(tree.Insert(static_cast<uint32_t>(c), summary, n));
       }
     }
-    indexed_chunks_ = c + 1;
   }
   // A large catch-up (prefill, or the first index request on a dense session) clusters now
   // rather than searching a flat list until the next upkeep.
@@ -374,8 +430,8 @@ class SessionKeySource final : public index::ChunkKeySource {
 }  // namespace
 
 Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
-                             std::vector<HeadSelection>* out, uint64_t* nodes,
-                             uint64_t* bytes) const {
+                             std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes,
+                             const std::vector<bool>* only) const {
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
   index::BudgetSearchOptions so = options_.search;
   so.skip_tokens_below = options_.sink_tokens;
@@ -384,6 +440,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   std::vector<index::SearchCost> cost(H);
   // KV heads are independent trees: search them in parallel when a pool is configured.
   auto search = [&](uint32_t h) {
+    if (only != nullptr && !(*only)[h]) return;
     const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
     std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
     auto sel = tree.SearchBudget(group, budget, so);
@@ -401,11 +458,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     }
     cost[h] = sel->cost;
   };
-  if (g_search_pool != nullptr) {
-    g_search_pool->For(H, search);
-  } else {
-    for (uint32_t h = 0; h < H; ++h) search(h);
-  }
+  ForEachHead(H, search);
   for (uint32_t h = 0; h < H; ++h) {
     KVMEM_RETURN_IF_ERROR(status[h]);
     *nodes += cost[h].nodes_visited;
@@ -415,7 +468,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
 }
 
 void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,
-                               std::vector<kernels::KVSpan>* spans,
+                               const std::vector<bool>& dense, std::vector<kernels::KVSpan>* spans,
                                std::vector<uint32_t>* head_begin) const {
   const uint32_t H = profile_.kv_heads;
   const uint64_t S = options_.sink_tokens;
@@ -426,51 +479,224 @@ void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>&
     uint32_t chunk, begin, end;
   };
   std::vector<Piece> pieces;
+  const Layer& lay = layers_[layer];
   spans->clear();
   head_begin->assign(1, 0);
+  // Token range [a, b) of the sealed context as pieces of the chunks holding it.
+  auto add_range = [&](uint64_t a, uint64_t b) {
+    b = std::min(b, sealed);
+    if (a >= b) return;
+    auto it = std::partition_point(chunks_.begin(), chunks_.end(),
+                                   [a](const Chunk& c) { return c.start + c.tokens <= a; });
+    for (size_t c = static_cast<size_t>(it - chunks_.begin()); c < chunks_.size() && a < b; ++c) {
+      const uint64_t end = std::min(b, chunks_[c].start + chunks_[c].tokens);
+      pieces.push_back({static_cast<uint32_t>(c), static_cast<uint32_t>(a - chunks_[c].start),
+                        static_cast<uint32_t>(end - chunks_[c].start)});
+      a = end;
+    }
+  };
   for (uint32_t h = 0; h < H; ++h) {
-    pieces.clear();
-    // Sinks and the recent window: partial chunks at both ends of the sealed range.
-    for (uint32_t c = 0; c < chunks_.size() && chunks_[c].start < S; ++c) {
-      pieces.push_back({c, 0, static_cast<uint32_t>(std::min<uint64_t>(chunks_[c].tokens, S - chunks_[c].start))});
-    }
-    for (size_t c = chunks_.size(); c-- > 0 && chunks_[c].start + chunks_[c].tokens > recent_from;) {
-      const uint64_t b = std::max(recent_from, chunks_[c].start) - chunks_[c].start;
-      pieces.push_back({static_cast<uint32_t>(c), static_cast<uint32_t>(b), chunks_[c].tokens});
-    }
-    for (uint32_t c : sel[h].chunks) pieces.push_back({c, 0, chunks_[c].tokens});
-    std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) {
-      return a.chunk != b.chunk ? a.chunk < b.chunk : a.begin < b.begin;
-    });
-    // Merge overlapping pieces of the same chunk so no token is attended twice.
-    for (size_t i = 0; i < pieces.size();) {
-      Piece cur = pieces[i++];
-      while (i < pieces.size() && pieces[i].chunk == cur.chunk && pieces[i].begin <= cur.end) {
-        cur.end = std::max(cur.end, pieces[i].end);
-        ++i;
+    if (dense[h]) {
+      spans->insert(spans->end(), lay.chunk_spans.begin(), lay.chunk_spans.end());
+    } else {
+      pieces.clear();
+      add_range(0, S);                    // sinks
+      add_range(recent_from, sealed);     // recent window
+      for (size_t i = 0; i < sel[h].starts.size(); ++i) add_range(sel[h].starts[i], sel[h].ends[i]);
+      std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) {
+        return a.chunk != b.chunk ? a.chunk < b.chunk : a.begin < b.begin;
+      });
+      // Merge overlapping pieces of the same chunk so no token is attended twice.
+      for (size_t i = 0; i < pieces.size();) {
+        Piece cur = pieces[i++];
+        while (i < pieces.size() && pieces[i].chunk == cur.chunk && pieces[i].begin <= cur.end) {
+          cur.end = std::max(cur.end, pieces[i].end);
+          ++i;
+        }
+        const Chunk& c = chunks_[cur.chunk];
+        spans->push_back({ElemOffset(c.block[layer]), c.tokens, cur.begin, cur.end});
       }
-      const Chunk& c = chunks_[cur.chunk];
-      spans->push_back({ElemOffset(c.block[layer]), c.tokens, cur.begin, cur.end});
     }
-    const Layer& lay = layers_[layer];
     spans->push_back({ElemOffset(lay.tail_block), tail_capacity_, 0, lay.tail_tokens});
     head_begin->push_back(static_cast<uint32_t>(spans->size()));
   }
 }
 
-Result<RetrieveResult> Session::Retrieve(uint32_t layer, const void* q, DType q_dtype,
-                                         uint32_t budget_tokens, uint32_t top_chunks) {
+Result<RetrievalOptions> Session::EffectiveRetrieval(const RetrievalOverrides& ov) const {
+  RetrievalOptions r = options_.retrieval;
+  if (ov.rule) r.rule = *ov.rule;
+  if (ov.rule_value != 0) r.rule_value = ov.rule_value;
+  if (ov.block_tokens != 0) r.block_tokens = ov.block_tokens;
+  if (ov.pooling) r.pooling = *ov.pooling;
+  KVMEM_RETURN_IF_ERROR(ValidateRetrieval(r));
+  return r;
+}
+
+Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<float>& qf,
+                                  uint32_t budget, const RetrievalOptions& ro, HeadSelection* out,
+                                  uint64_t* bytes) const {
+  const uint32_t D = profile_.head_dim, G = profile_.group();
+  const uint64_t S = options_.sink_tokens;
+  const uint64_t sealed = chunks_.empty() ? 0 : chunks_.back().start + chunks_.back().tokens;
+  out->kv_head = h;
+  if (sealed <= S) return Status::OK();  // nothing selectable yet: sinks and tail only
+  const uint32_t total = static_cast<uint32_t>(sealed - S);
+  const uint32_t B = ro.block_tokens;
+  const uint32_t nb = kernels::PooledNumBlocks(total, B);
+  std::vector<float> scores(nb);
+  kernels::PooledBlockScoresView v{};
+  v.head_dim = D;
+  v.total_tokens = total;
+  v.block_tokens = B;
+  v.mode = ro.pooling;
+  v.num_heads = 1;
+  v.scores = scores.data();
+  std::vector<kernels::KVSpan> spans;
+  std::vector<uint32_t> prefix(1, 0);
+  std::vector<float> staged;
+  uint32_t head = h;
+  if (pool_->is_host()) {
+    // Straight from the pool: the sealed chunks past the sinks, in order.
+    for (const Chunk& c : chunks_) {
+      if (c.start + c.tokens <= S) continue;
+      const uint32_t b = static_cast<uint32_t>(std::max(S, c.start) - c.start);
+      spans.push_back({ElemOffset(c.block[layer]), c.tokens, b, c.tokens});
+      prefix.push_back(prefix.back() + c.tokens - b);
+    }
+    v.pool = pool_->base();
+    v.kv_dtype = profile_.dtype;
+    v.kv_heads = profile_.kv_heads;
+    v.q_heads = profile_.q_heads;
+    v.q = qf.data();
+  } else {
+    // Device pool: the head's keys come to the host as fp32 (one copy per chunk) and the CPU
+    // kernel scores them; a device-side scan (kernels::cuda::PooledBlockScores) is not wired.
+    staged.resize(static_cast<size_t>(sealed) * D);
+    for (uint32_t c = 0; c < chunks_.size(); ++c) {
+      KVMEM_RETURN_IF_ERROR(KeysAsFloat(layer, h, c, staged.data() + chunks_[c].start * D));
+    }
+    spans.push_back({0, static_cast<uint32_t>(sealed), static_cast<uint32_t>(S),
+                     static_cast<uint32_t>(sealed)});
+    prefix.push_back(total);
+    v.pool = staged.data();
+    v.kv_dtype = DType::kF32;
+    v.kv_heads = 1;
+    v.q_heads = G;
+    v.q = qf.data() + static_cast<size_t>(h) * G * D;
+    head = 0;
+  }
+  v.spans = spans.data();
+  v.span_prefix = prefix.data();
+  v.num_spans = static_cast<uint32_t>(spans.size());
+  v.heads = &head;
+  kernels::PooledBlockScoresCpu(v);
+
+  index::BlockRuleOptions bo;
+  bo.rule = ro.rule;
+  bo.value = ro.rule_value;
+  bo.k = std::max<uint32_t>(1, budget / B);
+  bo.scale = 1.f / std::sqrt(static_cast<float>(D));
+  for (uint32_t j : index::SelectBlocks(scores, bo)) {
+    out->starts.push_back(S + uint64_t{j} * B);
+    out->ends.push_back(std::min<uint64_t>(S + (uint64_t{j} + 1) * B, sealed));
+    out->scores.push_back(scores[j]);
+  }
+  *bytes += uint64_t{total} * D * DTypeSize(profile_.dtype);
+  return Status::OK();
+}
+
+Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vector<float>& qf,
+                             uint32_t budget, const RetrievalOverrides& ov,
+                             std::vector<HeadSelection>* sel, std::vector<bool>* dense,
+                             uint64_t* nodes, uint64_t* bytes) {
+  KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile_, mode));
+  KVMEM_ASSIGN_OR_RETURN(const RetrievalOptions ro, EffectiveRetrieval(ov));
+  const uint32_t H = profile_.kv_heads;
+  sel->assign(H, HeadSelection{});
+  dense->assign(H, true);
+  for (uint32_t h = 0; h < H; ++h) {
+    (*sel)[h].kv_head = h;
+    (*sel)[h].role = HeadRole::kDense;
+  }
+  if (IsDenseLayer(layer)) return Status::OK();  // dense layers neither select nor reuse
+  std::vector<bool> retrieval(H);
+  for (uint32_t h = 0; h < H; ++h) retrieval[h] = profile_.IsRetrievalHead(layer, h);
+  if (mode == SelectionMode::kHybrid) {
+    KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/false));
+    KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, sel, nodes, bytes, &retrieval));
+  } else {
+    std::vector<Status> status(H);
+    std::vector<uint64_t> head_bytes(H, 0);
+    auto scan = [&](uint32_t h) {
+      if (retrieval[h]) status[h] = ScanRetrievalHead(layer, h, qf, budget, ro, &(*sel)[h], &head_bytes[h]);
+    };
+    if (pool_->is_host()) {
+      ForEachHead(H, scan);
+    } else {
+      // Each scan stages a head's keys on the host: one at a time bounds that memory.
+      for (uint32_t h = 0; h < H; ++h) scan(h);
+    }
+    for (uint32_t h = 0; h < H; ++h) {
+      KVMEM_RETURN_IF_ERROR(status[h]);
+      *bytes += head_bytes[h];
+    }
+    const uint64_t sealed = chunks_.empty() ? 0 : chunks_.back().start + chunks_.back().tokens;
+    if (sealed > options_.sink_tokens) {
+      const uint32_t blocks = kernels::PooledNumBlocks(
+          static_cast<uint32_t>(sealed - options_.sink_tokens), ro.block_tokens);
+      *nodes += uint64_t{blocks} * static_cast<uint64_t>(std::count(retrieval.begin(), retrieval.end(), true));
+    }
+  }
+  for (uint32_t h = 0; h < H; ++h) {
+    HeadSelection& hs = (*sel)[h];
+    hs.kv_head = h;
+    if (retrieval[h]) {
+      hs.role = HeadRole::kRetrieval;
+      hs.source_layer = layer;
+      kept_[h] = {true, layer, hs};
+      // A retrieval head runs full attention in both modes (LycheeDecode); the modes differ in
+      // how it picks the tokens its sparse heads reuse: a scan of every key or the index.
+      (*dense)[h] = true;
+    } else if (kept_[h].valid && kept_[h].layer < layer) {
+      hs = kept_[h].sel;
+      hs.role = HeadRole::kReused;
+      hs.source_layer = kept_[h].layer;
+      (*dense)[h] = false;
+    } else {
+      hs = HeadSelection{};  // no selection at this index yet (or only from layers >= this)
+      hs.kv_head = h;
+      hs.role = HeadRole::kDense;
+    }
+  }
+  return Status::OK();
+}
+
+Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
+  const uint32_t layer = a.layer, budget_tokens = a.budget_tokens, top_chunks = a.top_chunks;
   if (layer >= profile_.layers) {
     return InvalidArgument("layer " + std::to_string(layer) + " out of range (session has " +
                            std::to_string(profile_.layers) + " layers)");
   }
-  KVMEM_RETURN_IF_ERROR(CatchUpIndex());
+  const SelectionMode mode = a.mode == SelectionMode::kDefault ? options_.mode : a.mode;
+  const bool hybrid = mode == SelectionMode::kRetrievalHeads || mode == SelectionMode::kHybrid;
+  if (hybrid && top_chunks > 0) {
+    return InvalidArgument("Retrieve: top_chunks (exact search) is an index-mode request; modes "
+                           "retrieval_heads and hybrid select by budget and rule");
+  }
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
   std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
-  ConvertToFloat(q, q_dtype, qf.size(), qf.data());
+  ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
   RetrieveResult r;
+  const uint32_t budget = budget_tokens ? budget_tokens : options_.default_budget_tokens;
+  if (hybrid) {
+    std::vector<bool> dense;
+    KVMEM_RETURN_IF_ERROR(SelectHybrid(layer, mode, qf, budget, a.retrieval, &r.heads, &dense,
+                                       &r.nodes_visited, &r.bytes_read));
+    TouchNow();
+    return r;
+  }
+  KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
   if (top_chunks == 0) {
-    const uint32_t budget = budget_tokens ? budget_tokens : options_.default_budget_tokens;
     KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, &r.heads, &r.nodes_visited, &r.bytes_read));
   } else {
     r.heads.assign(H, HeadSelection{});
@@ -543,9 +769,11 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
                            std::to_string(profile_.layers) + " layers)");
   }
   const SelectionMode mode = a.mode == SelectionMode::kDefault ? options_.mode : a.mode;
-  if (mode == SelectionMode::kRetrievalHeads || mode == SelectionMode::kHybrid) {
-    return Unimplemented("selection modes retrieval_heads and hybrid are not available in this "
-                         "build (dense and index are)");
+  const bool hybrid = mode == SelectionMode::kRetrievalHeads || mode == SelectionMode::kHybrid;
+  if (hybrid) {
+    // Checked before the token is appended, so a refused call changes nothing.
+    KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile_, mode));
+    KVMEM_RETURN_IF_ERROR(EffectiveRetrieval(a.retrieval).status());
   }
   Layer& layer = layers_[a.layer];
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
@@ -584,14 +812,22 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   std::vector<uint32_t> head_begin;
   std::vector<HeadSelection> selection;
   uint64_t nodes = 0, bytes_read = 0;
-  const bool sparse = mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty();
+  // Retrieval-heads modes run even before any chunk is sealed: a retrieval head's (empty)
+  // selection still marks its KV-head index as selected for later layers.
+  const bool sparse = hybrid || (mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty());
   if (sparse) {
-    KVMEM_RETURN_IF_ERROR(CatchUpIndex());
     std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
     ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
     const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
-    KVMEM_RETURN_IF_ERROR(SelectChunks(a.layer, qf, budget, &selection, &nodes, &bytes_read));
-    BuildSparseSpans(a.layer, selection, &spans, &head_begin);
+    std::vector<bool> dense(H, false);
+    if (hybrid) {
+      KVMEM_RETURN_IF_ERROR(SelectHybrid(a.layer, mode, qf, budget, a.retrieval, &selection,
+                                         &dense, &nodes, &bytes_read));
+    } else {
+      KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
+      KVMEM_RETURN_IF_ERROR(SelectChunks(a.layer, qf, budget, &selection, &nodes, &bytes_read));
+    }
+    BuildSparseSpans(a.layer, selection, dense, &spans, &head_begin);
   } else {
     spans = layer.chunk_spans;
     spans.push_back({ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens});
@@ -764,7 +1000,7 @@ Status Session::FinishChunkRestore() {
   stat_tokens_ = tokens_;
   stat_tail_ = 0;
   TouchNow();
-  return index_enabled_ ? CatchUpIndex() : Status::OK();
+  return index_enabled_ ? CatchUpIndex(index_all_heads_) : Status::OK();
 }
 
 }  // namespace kvmem

@@ -15,6 +15,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -24,9 +25,11 @@
 #include "daemon/kv_pool.h"
 #include "daemon/memory_store.h"
 #include "daemon/session_journal.h"
+#include "index/block_select.h"
 #include "index/chunker.h"
 #include "index/cluster_tree.h"
 #include "kernels/attention.h"
+#include "kernels/index_ops.h"
 
 namespace kvmem {
 
@@ -45,6 +48,33 @@ struct ModelProfile {
 
   uint32_t group() const { return q_heads / kv_heads; }
   bool operator==(const ModelProfile&) const = default;
+  // Whether KV head h of layer l is a retrieval head (mask entry nonzero).
+  bool IsRetrievalHead(uint32_t l, uint32_t h) const {
+    return !retrieval_head_mask.empty() && retrieval_head_mask[static_cast<size_t>(l) * kv_heads + h] != 0;
+  }
+};
+
+// How retrieval heads score and keep context in modes retrieval_heads and hybrid
+// (docs/architecture.md, "Hybrid heads").
+struct RetrievalOptions {
+  // Rule that keeps scored blocks (index/block_select.h); top_k keeps
+  // max(1, budget_tokens / block_tokens) blocks. Default: top_k.
+  index::BlockRule rule = index::BlockRule::kTopK;
+  // Parameter of ratio / threshold / top_p. Default: 0.9.
+  float rule_value = 0.9f;
+  // Tokens per scored block; 1 scores single tokens. In [1, 4096]. Default: 64 (LycheeDecode).
+  uint32_t block_tokens = 64;
+  // Block score = max (default) or mean of the tokens' q̄·k.
+  kernels::BlockPool pooling = kernels::BlockPool::kMax;
+  bool operator==(const RetrievalOptions&) const = default;
+};
+
+// Per-request overrides of RetrievalOptions; unset / 0 = the session's.
+struct RetrievalOverrides {
+  std::optional<index::BlockRule> rule;
+  float rule_value = 0;
+  uint32_t block_tokens = 0;
+  std::optional<kernels::BlockPool> pooling;
 };
 
 struct SessionOptions {
@@ -59,6 +89,7 @@ struct SessionOptions {
   uint64_t ttl_seconds = 0;
   std::string label;
   bool values_optional = false;
+  RetrievalOptions retrieval;
   // Compressed memory blocks (daemon/memory_store.h); disabled unless gate_dim > 0.
   MemoryOptions memory;
 };
@@ -72,6 +103,11 @@ struct ProfileLimits {
 
 Status ValidateProfile(const ModelProfile& p, const ProfileLimits& limits);
 Status ValidateOptions(const SessionOptions& o);
+Status ValidateRetrieval(const RetrievalOptions& r);
+// FAILED_PRECONDITION when `mode` is retrieval_heads or hybrid and the profile marks no
+// retrieval head.
+Status CheckHybridProfile(const ModelProfile& p, SelectionMode mode);
+inline constexpr uint32_t kMaxRetrievalBlockTokens = 4096;
 
 struct SessionStats {
   uint64_t tokens = 0;
@@ -97,20 +133,39 @@ struct AttendArgs {
   void* out = nullptr;  // [q_heads][head_dim] in out_dtype
   DType out_dtype = DType::kBF16;
   float* lse = nullptr;  // [q_heads] or null
+  RetrievalOverrides retrieval;
 };
 
-// The chunks chosen for one KV head, with their token ranges [start, end) and scores.
+// What a KV head did in one layer in modes retrieval_heads / hybrid (values as the wire's
+// HeadRole).
+enum class HeadRole : uint8_t { kNone = 0, kRetrieval = 1, kReused = 2, kDense = 3 };
+
+// The chunks chosen for one KV head, with their token ranges [start, end) and scores. In mode
+// retrieval_heads the ranges are scored blocks and `chunks` is empty; a kDense head has none.
 struct HeadSelection {
   uint32_t kv_head = 0;
   std::vector<uint32_t> chunks;
   std::vector<uint64_t> starts;
   std::vector<uint64_t> ends;
   std::vector<float> scores;
+  HeadRole role = HeadRole::kNone;
+  uint32_t source_layer = 0;  // kRetrieval / kReused: the layer whose retrieval head selected
+};
+
+// One layer's selection request (Retrieve).
+struct RetrieveArgs {
+  uint32_t layer = 0;
+  const void* q = nullptr;  // [q_heads][head_dim]
+  DType q_dtype = DType::kBF16;
+  uint32_t budget_tokens = 0;  // 0: session default
+  uint32_t top_chunks = 0;     // index mode only: exact top chunks
+  SelectionMode mode = SelectionMode::kDefault;
+  RetrievalOverrides retrieval;
 };
 
 struct AttendInfo {
   std::vector<uint32_t> tokens_attended;  // per KV head
-  std::vector<HeadSelection> selection;   // per KV head (index mode); empty when dense
+  std::vector<HeadSelection> selection;   // per KV head (sparse modes); empty when dense
   uint64_t nodes_visited = 0;
   uint64_t bytes_read = 0;
 };
@@ -157,14 +212,20 @@ class Session {
   // One layer's decode step: appends new_k/new_v to this layer if given (the token is sealed
   // into chunks once every layer has it), then attends: densely (mode dense, dense layers) or,
   // in mode index, over sinks ∪ the chunks a budgeted cluster-index search selects per KV
-  // head ∪ the recent window ∪ the tail.
+  // head ∪ the recent window ∪ the tail. Modes retrieval_heads / hybrid: see RetrievalState
+  // below; FAILED_PRECONDITION when the profile has no retrieval head.
   Status Attend(const AttendArgs& args, AttendInfo* info);
 
-  // Selection only, per KV head: with top_chunks > 0 the exact top chunks by max_k q·k (max over
-  // the GQA group), else a budgeted search filling budget_tokens (0: session default).
+  // Selection only, per KV head. Index (and dense) sessions: with top_chunks > 0 the exact top
+  // chunks by max_k q·k (max over the GQA group), else a budgeted search filling budget_tokens
+  // (0: session default). Modes retrieval_heads / hybrid: what Attend would attend, per head
+  // with its role; retrieval heads update the kept selections exactly as Attend does.
   // q: [q_heads][head_dim] of q_dtype.
+  Result<RetrieveResult> Retrieve(const RetrieveArgs& args);
   Result<RetrieveResult> Retrieve(uint32_t layer, const void* q, DType q_dtype,
-                                  uint32_t budget_tokens, uint32_t top_chunks);
+                                  uint32_t budget_tokens, uint32_t top_chunks) {
+    return Retrieve(RetrieveArgs{layer, q, q_dtype, budget_tokens, top_chunks});
+  }
 
   // Rebuilds loosened index subtrees (bounded work); run after replying, off the request path.
   void Maintain();
@@ -215,16 +276,33 @@ class Session {
           KVPool* pool);
   Status Init();
 
-  // Brings every (layer, head) tree up to date with chunks_ (summaries of chunks sealed since
-  // the last call). Sessions index lazily: nothing is summarised until the first index-mode
-  // request (or from the start in mode index), so dense sessions never pay for the index.
-  Status CatchUpIndex();
+  // Brings the needed (layer, head) trees up to date with chunks_ (summaries of chunks sealed
+  // since the last call). Sessions index lazily: nothing is summarised until the first
+  // index-mode request (or from the start in mode index), so dense sessions never pay for the
+  // index; hybrid sessions index only their retrieval heads' trees until an index-mode request
+  // (all_heads) asks for every tree.
+  Status CatchUpIndex(bool all_heads);
+  bool TreeNeeded(uint32_t layer, uint32_t head) const;
   // Per-head chunk selections for one layer by budgeted search (and their cost).
+  // only: heads to search (nullptr: all); the others are left empty.
   Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
-                      std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes) const;
-  // Spans for sinks ∪ selected ∪ recent window ∪ tail, grouped per KV head.
+                      std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes,
+                      const std::vector<bool>* only = nullptr) const;
+  // Spans grouped per KV head: every chunk and the tail where dense[h], else sinks ∪ the
+  // token ranges of sel[h] ∪ recent window ∪ tail (overlaps merged).
   void BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,
-                        std::vector<kernels::KVSpan>* spans, std::vector<uint32_t>* head_begin) const;
+                        const std::vector<bool>& dense, std::vector<kernels::KVSpan>* spans,
+                        std::vector<uint32_t>* head_begin) const;
+  // Modes retrieval_heads / hybrid for one layer: each head's role and selection; retrieval
+  // heads replace the kept selection of their KV-head index. dense[h]: attend every token.
+  Status SelectHybrid(uint32_t layer, SelectionMode mode, const std::vector<float>& qf,
+                      uint32_t budget, const RetrievalOverrides& ov, std::vector<HeadSelection>* sel,
+                      std::vector<bool>* dense, uint64_t* nodes, uint64_t* bytes);
+  // Block scores of retrieval head h over the sealed tokens past the sinks, best blocks kept.
+  Status ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<float>& qf,
+                           uint32_t budget, const RetrievalOptions& ro, HeadSelection* out,
+                           uint64_t* bytes) const;
+  Result<RetrievalOptions> EffectiveRetrieval(const RetrievalOverrides& ov) const;
   Status KeysAsFloat(uint32_t layer, uint32_t head, uint32_t chunk, float* out) const;
   bool IsDenseLayer(uint32_t layer) const;
 
@@ -249,8 +327,19 @@ class Session {
   std::vector<Chunk> chunks_;
   std::vector<index::ClusterTree> trees_;  // [layer * kv_heads + head]
   bool index_enabled_ = false;
-  size_t indexed_chunks_ = 0;              // chunks_[0, indexed_chunks_) are in the trees
+  bool index_all_heads_ = false;           // false: only retrieval heads' trees (hybrid)
   std::vector<Layer> layers_;
+  // Modes retrieval_heads / hybrid: per KV-head index, the selection its last retrieval head
+  // made (at layer `layer`). A sparse head of layer l reuses it only when layer < l, i.e. it was
+  // made earlier in the same decode pass; otherwise (none yet, or made at or after l in an
+  // earlier pass) the sparse head attends densely. Ranges are token positions, which sealing
+  // never moves.
+  struct KeptSelection {
+    bool valid = false;
+    uint32_t layer = 0;
+    HeadSelection sel;
+  };
+  std::vector<KeptSelection> kept_;  // [kv_heads]
   uint64_t tokens_ = 0;         // tokens present in every layer
   uint32_t layers_ahead_ = 0;   // layers with pending > 0
   std::deque<uint8_t> pending_boundaries_;   // boundary of token tokens_ + k, first layer's

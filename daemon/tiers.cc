@@ -429,14 +429,8 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, RestoredSession* r, RestoreSt
 
 std::string EncodeSessionHeader(uint64_t id, const ModelProfile& p, const SessionOptions& o) {
   flatbuffers::FlatBufferBuilder fbb(512);
-  auto profile = w::CreateModelProfileDirect(
-      fbb, p.layers, p.q_heads, p.kv_heads, p.head_dim, w::ToWire(p.dtype), &p.dense_layers,
-      p.retrieval_head_mask.empty() ? nullptr : &p.retrieval_head_mask, p.name.c_str());
-  auto options = w::CreateSessionOptionsDirect(
-      fbb, o.chunker.min_tokens, o.chunker.max_tokens, o.sink_tokens, o.recent_window,
-      o.default_budget_tokens, static_cast<w::SelectionMode>(o.mode),
-      static_cast<w::Durability>(o.durability), o.ttl_seconds, o.label.c_str(),
-      o.values_optional, o.memory.enabled() ? MemoryOptionsToWire(fbb, o.memory) : 0);
+  auto profile = ProfileToWire(fbb, p);
+  auto options = OptionsToWire(fbb, o);
   fbb.Finish(w::CreateCreateSession(fbb, id, profile, options));
   return std::string(reinterpret_cast<const char*>(fbb.GetBufferPointer()), fbb.GetSize());
 }
@@ -462,6 +456,7 @@ Status DecodeSessionHeader(const std::string& payload, const SessionOptions& def
   s.label = o->label() ? o->label()->str() : "";
   s.values_optional = o->values_optional();
   KVMEM_ASSIGN_OR_RETURN(s.memory, MemoryOptionsFromWire(o->memory()));
+  KVMEM_RETURN_IF_ERROR(RetrievalFromWire(o, &s.retrieval).WithContext("session header"));
   *profile = std::move(m);
   *options = std::move(s);
   return Status::OK();

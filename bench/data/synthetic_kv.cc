@@ -184,15 +184,42 @@ void SyntheticKV::Query(uint64_t i, uint64_t min_token, uint64_t max_token, floa
     const uint64_t e = j + 1 < segments_.size() ? segments_[j + 1].begin : o_.tokens;
     if (segments_[j].begin >= min_token && e <= max_token) eligible.push_back(j);
   }
+  // Targets (segment, token) per head: drawn in head order from one stream (independent
+  // heads), or per target group (query_target_period) from the group's own stream.
+  struct Target {
+    uint32_t seg;
+    uint64_t t;
+  };
+  auto draw = [&](Stream& st, bool main_only) {
+    std::vector<Target> out;
+    const uint32_t n = main_only ? 1 : 1 + static_cast<uint32_t>(st.Next() % 3);
+    for (uint32_t j = 0; j < n && !eligible.empty(); ++j) {
+      const uint32_t seg = eligible[st.Next() % eligible.size()];
+      const uint64_t b = segments_[seg].begin;
+      const uint64_t e = seg + 1 < segments_.size() ? segments_[seg + 1].begin : o_.tokens;
+      out.push_back({seg, b + st.Next() % (e - b)});  // a token; its sentence is the needle
+    }
+    return out;
+  };
   std::vector<float> base(D);
   for (uint32_t h = 0; h < o_.kv_heads; ++h) {
     std::fill(base.begin(), base.end(), 0.f);
-    const uint32_t targets = 1 + static_cast<uint32_t>(s.Next() % 3);
-    for (uint32_t j = 0; j < targets && !eligible.empty(); ++j) {
-      const uint32_t seg = eligible[s.Next() % eligible.size()];
-      const uint64_t b = segments_[seg].begin;
-      const uint64_t e = seg + 1 < segments_.size() ? segments_[seg + 1].begin : o_.tokens;
-      const uint64_t t = b + s.Next() % (e - b);  // a token; its sentence is the needle
+    std::vector<Target> targets;
+    if (o_.query_target_period == 0) {
+      targets = draw(s, false);
+    } else {
+      Stream group(Key(o_.seed, kQuery, i, 500000 + h % o_.query_target_period));
+      targets = draw(group, o_.query_share_main_target_only);
+      if (o_.query_share_main_target_only) {
+        Stream own(Key(o_.seed, kQuery, i, 600000 + h));
+        std::vector<Target> more = draw(own, false);
+        if (!more.empty()) more.erase(more.begin());  // the head's own extra targets
+        targets.insert(targets.end(), more.begin(), more.end());
+      }
+    }
+    for (uint32_t j = 0; j < targets.size(); ++j) {
+      const uint32_t seg = targets[j].seg;
+      const uint64_t t = targets[j].t;
       const float w = j == 0 ? 1.f : 0.75f;
       std::vector<float> a(D, 0.f);
       const auto& topic = topic_[size_t{h} * o_.topics + segments_[seg].topic];

@@ -58,6 +58,14 @@ struct SyntheticKVOptions {
   float query_sentence_weight = 1.6f;
   float query_sink_dot = 90.f;
   float query_noise_norm = 2.5f;
+  // Which KV heads share a query's targets. 0: every KV head draws its own (independent
+  // heads). p > 0: heads h and h' with h ≡ h' (mod p) share them: a stack of layers laid out as
+  // heads [layer][p], where a decode step needs the same content in every layer (the premise of
+  // retrieval-head reuse, LycheeDecode). Default: 0.
+  uint32_t query_target_period = 0;
+  // With query_target_period > 0: share only the first (main) target; a head's other targets
+  // are its own, so layers agree on the needle but not on everything. Default: false.
+  bool query_share_main_target_only = false;
   // Default: 1.
   uint64_t seed = 1;
 };

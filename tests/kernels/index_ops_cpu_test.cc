@@ -238,4 +238,46 @@ TEST(AttendPlan, CoversEveryTokenOnce) {
 }
 
 }  // namespace
+// Hybrid heads (LycheeDecode): a retrieval head attends the whole context while sparse heads
+// attend their budget. The planner cuts tasks by tokens, so the retrieval head gets splits in
+// proportion to its tokens and no split does more work than another (host-only planning, no
+// device needed).
+TEST(AttendPlan, RetrievalHeadsGetProportionallyMoreSplits) {
+  const uint32_t hq = 16, hkv = 4, D = 128;
+  std::vector<KVSpan> spans;
+  std::vector<uint32_t> hb{0};
+  std::vector<uint64_t> tokens(hkv, 0);
+  for (uint32_t h = 0; h < hkv; ++h) {
+    // Head 0: every chunk of a 64K context (16-token chunks) + tail; heads 1..3: 128 chunks
+    // (2K tokens) scattered over it + tail.
+    const uint32_t chunks = h == 0 ? 4096 : 128;
+    for (uint32_t c = 0; c < chunks; ++c) {
+      const uint64_t chunk = h == 0 ? c : (c * 31 + h) % 4096;
+      spans.push_back({chunk * 16 * hkv * 2 * D, 16, 0, 16});
+      tokens[h] += 16;
+    }
+    spans.push_back({uint64_t{4096} * 16 * hkv * 2 * D, 28, 0, 5});
+    tokens[h] += 5;
+    hb.push_back(static_cast<uint32_t>(spans.size()));
+  }
+  alignas(16) static uint8_t fake[16];
+  AttendProblem p{fake, DType::kBF16, hq, hkv, D, 1.f, fake, DType::kBF16, spans.data(), hb.data(),
+                  static_cast<uint32_t>(spans.size()), fake, DType::kBF16, nullptr};
+  cuda::AttendPlan plan;
+  ASSERT_TRUE(cuda::PlanAttend(&p, 1, {}, &plan).ok());
+  const auto* tasks = reinterpret_cast<const detail::AttendTaskDesc*>(plan.image.data() + plan.tasks_off);
+  const auto* items = reinterpret_cast<const detail::AttendItemDesc*>(plan.image.data() + plan.items_off);
+  for (uint32_t h = 0; h < hkv; ++h) {
+    const uint64_t want = (tokens[h] + plan.split_tokens - 1) / plan.split_tokens;
+    EXPECT_EQ(tasks[h].num_splits, want) << "head " << h;
+  }
+  EXPECT_GE(tasks[0].num_splits, 20 * tasks[1].num_splits);
+  uint32_t longest = 0;
+  for (uint32_t i = 0; i < plan.num_items; ++i) {
+    EXPECT_LE(items[i].tokens, plan.split_tokens);
+    longest = std::max(longest, items[i].tokens);
+  }
+  EXPECT_EQ(longest, plan.split_tokens);  // full splits everywhere but each task's last one
+}
+
 }  // namespace kvmem::kernels

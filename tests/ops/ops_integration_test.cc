@@ -203,7 +203,6 @@ TEST(Reload, SighupSwapsTokensAndKeepsSessions) {
   std::filesystem::remove(cfg);
 }
 
-
 TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
   DaemonProcess a, b;
   ASSERT_TRUE(a.ready() && b.ready());

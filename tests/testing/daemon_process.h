@@ -40,6 +40,21 @@ inline std::string BinDir() {
   return ec ? std::string("build/bin") : self.parent_path().string();
 }
 
+// Runs kvmemctl (next to the test binary) with `args` and returns its stdout; *rc gets the
+// exit status.
+inline std::string Kvmemctl(const std::string& args, int* rc) {
+  const std::string cmd = BinDir() + "/kvmemctl " + args + " 2>/dev/null";
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (f == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const int st = ::pclose(f);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
 class DaemonProcess {
  public:
   // Extra flags are appended to kvmemd's command line.
@@ -123,19 +138,5 @@ class DaemonProcess {
   pid_t pid_ = -1;
   bool ready_ = false;
 };
-
-// Runs kvmemctl (next to the test binary) with `args`; returns its stdout, *rc its exit status.
-inline std::string Kvmemctl(const std::string& args, int* rc) {
-  const std::string cmd = BinDir() + "/kvmemctl " + args + " 2>/dev/null";
-  std::string out;
-  FILE* f = ::popen(cmd.c_str(), "r");
-  if (f == nullptr) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
-  const int st = ::pclose(f);
-  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
 
 }  // namespace kvmem::testing

@@ -19,6 +19,41 @@ inline std::vector<uint8_t> RandomTensor(std::mt19937_64& rng, DType t, size_t n
   return out;
 }
 
+// Attention of one layer where KV head h attends exactly the tokens tokens[h] (any order,
+// no repeats): the reference for sparse modes, over the token set the daemon reports.
+inline std::vector<double> ReferenceAttentionOver(const std::vector<uint8_t>& keys,
+                                                  const std::vector<uint8_t>& values, DType t,
+                                                  uint32_t kv_heads, uint64_t tokens,
+                                                  uint32_t head_dim, uint32_t layer,
+                                                  const std::vector<float>& q, uint32_t q_heads,
+                                                  const std::vector<std::vector<uint64_t>>& attended) {
+  const uint32_t G = q_heads / kv_heads;
+  std::vector<double> out(static_cast<size_t>(q_heads) * head_dim, 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (uint32_t qh = 0; qh < q_heads; ++qh) {
+    const uint32_t h = qh / G;
+    const size_t base = ((static_cast<size_t>(layer) * kv_heads + h) * tokens) * head_dim;
+    const std::vector<uint64_t>& ts = attended[h];
+    std::vector<double> logit(ts.size());
+    double mx = -1e300;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      double dot = 0;
+      for (uint32_t d = 0; d < head_dim; ++d)
+        dot += static_cast<double>(q[qh * head_dim + d]) * LoadAsFloat(keys.data(), t, base + ts[i] * head_dim + d);
+      logit[i] = dot * scale;
+      mx = std::max(mx, logit[i]);
+    }
+    double sum = 0;
+    for (double x : logit) sum += std::exp(x - mx);
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const double p = std::exp(logit[i] - mx) / sum;
+      for (uint32_t d = 0; d < head_dim; ++d)
+        out[qh * head_dim + d] += p * LoadAsFloat(values.data(), t, base + ts[i] * head_dim + d);
+    }
+  }
+  return out;
+}
+
 // softmax(q·K^T / sqrt(D)) V for every query head of one layer.
 // kv: [layers][kv_heads][tokens][head_dim] (dtype t); q: [q_heads][head_dim] floats.
 inline std::vector<double> ReferenceAttention(const std::vector<uint8_t>& keys,
@@ -26,30 +61,11 @@ inline std::vector<double> ReferenceAttention(const std::vector<uint8_t>& keys,
                                               uint32_t layers, uint32_t kv_heads, uint64_t tokens,
                                               uint32_t head_dim, uint32_t layer,
                                               const std::vector<float>& q, uint32_t q_heads) {
-  const uint32_t G = q_heads / kv_heads;
-  std::vector<double> out(static_cast<size_t>(q_heads) * head_dim, 0.0);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  for (uint32_t qh = 0; qh < q_heads; ++qh) {
-    const uint32_t h = qh / G;
-    const size_t base = ((static_cast<size_t>(layer) * kv_heads + h) * tokens) * head_dim;
-    std::vector<double> logit(tokens);
-    double mx = -1e300;
-    for (uint64_t s = 0; s < tokens; ++s) {
-      double dot = 0;
-      for (uint32_t d = 0; d < head_dim; ++d)
-        dot += static_cast<double>(q[qh * head_dim + d]) * LoadAsFloat(keys.data(), t, base + s * head_dim + d);
-      logit[s] = dot * scale;
-      mx = std::max(mx, logit[s]);
-    }
-    double sum = 0;
-    for (uint64_t s = 0; s < tokens; ++s) sum += std::exp(logit[s] - mx);
-    for (uint64_t s = 0; s < tokens; ++s) {
-      const double p = std::exp(logit[s] - mx) / sum;
-      for (uint32_t d = 0; d < head_dim; ++d)
-        out[qh * head_dim + d] += p * LoadAsFloat(values.data(), t, base + s * head_dim + d);
-    }
-  }
-  return out;
+  (void)layers;
+  std::vector<uint64_t> all(tokens);
+  for (uint64_t s = 0; s < tokens; ++s) all[s] = s;
+  return ReferenceAttentionOver(keys, values, t, kv_heads, tokens, head_dim, layer, q, q_heads,
+                                std::vector<std::vector<uint64_t>>(kv_heads, all));
 }
 
 // ||a - b|| / ||b||.

@@ -175,13 +175,20 @@ class Client:
         ttl_seconds: int = 0,
         label: str = "",
         id: int = 0,
+        retrieval_rule: str = "default",
+        retrieval_rule_value: float = 0.0,
+        retrieval_block_tokens: int = 0,
+        retrieval_block_pooling: str = "default",
         memory: Optional[dict] = None,
     ) -> int:
         """Creates a session and returns its id (id=0: the daemon picks one).
 
         mode is the session's default attention mode ("dense", "index", "retrieval_heads",
         "hybrid"); 0 for chunk sizes / budget means the daemon's default. dense_layers are
-        always attended densely. retrieval_head_mask: [layers, kv_heads] of 0/1, or None.
+        always attended densely. retrieval_head_mask: [layers, kv_heads] of 0/1, or None
+        (modes retrieval_heads / hybrid need one). retrieval_*: how retrieval heads keep scored
+        blocks ("top_k", "ratio", "threshold", "top_p"; value; block tokens, 1 = token level;
+        pooling "max" / "mean"); "default" / 0 take the daemon's.
         memory: compressed memory blocks (LycheeMemory), e.g. {"gate_dim": 64, "payload_rows": 4,
         "payload_dim": 128, "payload_dtype": "bf16", "gate": "tree_exact", "scorer_file": ""}.
         """
@@ -196,7 +203,8 @@ class Client:
         sid = self._c.create_session(
             layers, q_heads, kv_heads, head_dim, dt, [int(x) for x in dense_layers], mask, name,
             chunk_min_tokens, chunk_max_tokens, sink_tokens, recent_window,
-            default_budget_tokens, mode, durable, ttl_seconds, label, id,
+            default_budget_tokens, mode, durable, ttl_seconds, label, id, retrieval_rule,
+            float(retrieval_rule_value), int(retrieval_block_tokens), retrieval_block_pooling,
             int(m.get("gate_dim", 0)), int(m.get("payload_rows", 0)), int(m.get("payload_dim", 0)),
             _dtype_name(m.get("payload_dtype", "bf16")), m.get("gate", "tree_exact"),
             m.get("scorer_file", ""))
@@ -248,6 +256,10 @@ class Client:
         boundary: int = 0,
         return_lse: bool = False,
         return_selection: bool = False,
+        retrieval_rule: str = "default",
+        retrieval_rule_value: float = 0.0,
+        retrieval_block_tokens: int = 0,
+        retrieval_block_pooling: str = "default",
     ):
         """Attention for one decode step of one layer.
 
@@ -256,7 +268,8 @@ class Client:
         besides sinks and tail (None: session default). Returns out [q_heads, head_dim]
         float32, or (out, extras) when return_lse / return_selection is set, extras being a
         dict with "lse" [q_heads], "tokens_attended" [kv_heads] and "selection" (per KV head:
-        chunks, starts, ends, scores).
+        chunks, starts, ends, scores, role — "none" in index mode, "retrieval", "reused" or
+        "dense" in modes retrieval_heads / hybrid — and source_layer).
         """
         dt = self._dtype(session)
         qa = _as_dtype(q, "fp32", "q")  # queries travel as fp32 whatever the KV dtype
@@ -264,19 +277,27 @@ class Client:
         va = None if v is None else _as_dtype(v, dt, "v")
         out, lse, attended, selection = self._c.attend(
             session, layer, qa, ka, va, "fp32", dt, boundary, int(budget or 0), mode or "default",
-            return_lse, return_selection)
+            return_lse, return_selection, retrieval_rule, float(retrieval_rule_value),
+            int(retrieval_block_tokens), retrieval_block_pooling)
         if return_lse or return_selection:
             return out, {"lse": lse, "tokens_attended": attended, "selection": selection}
         return out
 
     def retrieve(self, session: int, *, layer: int, q: Any, budget: Optional[int] = None,
-                 top_chunks: int = 0) -> dict:
+                 top_chunks: int = 0, mode: Optional[str] = None,
+                 retrieval_rule: str = "default", retrieval_rule_value: float = 0.0,
+                 retrieval_block_tokens: int = 0,
+                 retrieval_block_pooling: str = "default") -> dict:
         """Selection only. top_chunks > 0: exact top chunks per KV head (max over the chunk of
-        q·k); otherwise the budgeted index search. Returns {"heads": [per KV head: kv_head,
-        chunks, starts, ends, scores], "nodes_visited", "bytes_read"}.
+        q·k); otherwise the budgeted index search, or in modes "retrieval_heads" / "hybrid"
+        (mode None: the session's) what attend would attend per KV head, with its role (the
+        kept selections are updated as attend does). Returns {"heads": [per KV head: kv_head,
+        chunks, starts, ends, scores, role, source_layer], "nodes_visited", "bytes_read"}.
         """
         return self._c.retrieve(session, layer, _as_dtype(q, "fp32", "q"), "fp32",
-                                int(budget or 0), top_chunks)
+                                int(budget or 0), top_chunks, mode or "default", retrieval_rule,
+                                float(retrieval_rule_value), int(retrieval_block_tokens),
+                                retrieval_block_pooling)
 
     # -- memory blocks (LycheeMemory) ------------------------------------------------------
     def _memory_options(self, session: int) -> dict:

@@ -94,6 +94,42 @@ nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T> data, std::vector<size_t> shape
   return nb::ndarray<nb::numpy, T>(owned->data(), shape.size(), shape.data(), owner);
 }
 
+const char* RoleName(client::HeadRole r) {
+  switch (r) {
+    case client::HeadRole::kNone: return "none";
+    case client::HeadRole::kRetrieval: return "retrieval";
+    case client::HeadRole::kReused: return "reused";
+    case client::HeadRole::kDense: return "dense";
+  }
+  return "unknown";
+}
+
+client::SelectionRule RuleFromName(const std::string& name) {
+  if (name == "" || name == "default") return client::SelectionRule::kDefault;
+  if (name == "top_k") return client::SelectionRule::kTopK;
+  if (name == "ratio") return client::SelectionRule::kRatio;
+  if (name == "threshold") return client::SelectionRule::kThreshold;
+  if (name == "top_p") return client::SelectionRule::kTopP;
+  throw StatusError{InvalidArgument("retrieval_rule must be top_k, ratio, threshold or top_p, got '" + name + "'")};
+}
+
+client::BlockPooling PoolingFromName(const std::string& name) {
+  if (name == "" || name == "default") return client::BlockPooling::kDefault;
+  if (name == "max") return client::BlockPooling::kMax;
+  if (name == "mean") return client::BlockPooling::kMean;
+  throw StatusError{InvalidArgument("retrieval_block_pooling must be max or mean, got '" + name + "'")};
+}
+
+client::RetrievalParams Retrieval(const std::string& rule, float value, uint32_t block_tokens,
+                                  const std::string& pooling) {
+  client::RetrievalParams r;
+  r.rule = RuleFromName(rule);
+  r.rule_value = value;
+  r.block_tokens = block_tokens;
+  r.pooling = PoolingFromName(pooling);
+  return r;
+}
+
 nb::list Selections(const std::vector<client::HeadSelection>& heads) {
   nb::list out;
   for (const auto& h : heads) {
@@ -103,6 +139,8 @@ nb::list Selections(const std::vector<client::HeadSelection>& heads) {
     d["starts"] = h.starts;
     d["ends"] = h.ends;
     d["scores"] = h.scores;
+    d["role"] = RoleName(h.role);
+    d["source_layer"] = h.source_layer;
     out.append(d);
   }
   return out;
@@ -272,6 +310,8 @@ class PyClient {
                          uint32_t sink_tokens, uint32_t recent_window,
                          uint32_t default_budget_tokens, const std::string& mode, bool durable,
                          uint64_t ttl_seconds, const std::string& label, uint64_t id,
+                         const std::string& retrieval_rule, float retrieval_rule_value,
+                         uint32_t retrieval_block_tokens, const std::string& retrieval_block_pooling,
                          uint32_t memory_gate_dim, uint32_t memory_payload_rows,
                          uint32_t memory_payload_dim, const std::string& memory_payload_dtype,
                          const std::string& memory_gate, const std::string& memory_scorer_file) {
@@ -295,6 +335,8 @@ class PyClient {
     o.durable = durable;
     o.ttl_seconds = ttl_seconds;
     o.label = label;
+    o.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+                            retrieval_block_pooling);
     o.memory.gate_dim = memory_gate_dim;
     o.memory.payload_rows = memory_payload_rows;
     o.memory.payload_dim = memory_payload_dim;
@@ -359,7 +401,9 @@ class PyClient {
                    std::optional<AnyArray> new_v, const std::string& q_dtype,
                    const std::string& dtype, uint8_t boundary,
                    uint32_t budget_tokens, const std::string& mode, bool return_lse,
-                   bool return_selection) {
+                   bool return_selection, const std::string& retrieval_rule,
+                   float retrieval_rule_value, uint32_t retrieval_block_tokens,
+                   const std::string& retrieval_block_pooling) {
     const DType d = DTypeFromName(dtype);
     AttendRequest req;
     req.layer = layer;
@@ -377,6 +421,8 @@ class PyClient {
     req.return_lse = return_lse;
     req.return_selection = return_selection;
     req.out_dtype = DType::kF32;
+    req.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+                              retrieval_block_pooling);
     Client& cl = c();
     Result<client::AttendResult> r = Status(StatusCode::kUnknown, "");
     {
@@ -398,13 +444,22 @@ class PyClient {
   }
 
   nb::dict Retrieve(uint64_t id, uint32_t layer, const AnyArray& q, const std::string& dtype,
-                    uint32_t budget_tokens, uint32_t top_chunks) {
-    TensorView qv = View(q, DTypeFromName(dtype), "q");
+                    uint32_t budget_tokens, uint32_t top_chunks, const std::string& mode,
+                    const std::string& retrieval_rule, float retrieval_rule_value,
+                    uint32_t retrieval_block_tokens, const std::string& retrieval_block_pooling) {
+    client::RetrieveRequest req;
+    req.layer = layer;
+    req.q = View(q, DTypeFromName(dtype), "q");
+    req.budget_tokens = budget_tokens;
+    req.top_chunks = top_chunks;
+    req.mode = ModeFromName(mode);
+    req.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
+                              retrieval_block_pooling);
     Client& cl = c();
     Result<client::RetrieveResult> r = Status(StatusCode::kUnknown, "");
     {
       nb::gil_scoped_release nogil;
-      r = cl.Retrieve(id, layer, qv, budget_tokens, top_chunks);
+      r = cl.Retrieve(id, req);
     }
     client::RetrieveResult res = Unwrap(std::move(r));
     nb::dict d;
@@ -533,6 +588,8 @@ NB_MODULE(_kvmem, m) {
            "head_dim"_a, "dtype"_a, "dense_layers"_a, "retrieval_head_mask"_a, "name"_a,
            "chunk_min_tokens"_a, "chunk_max_tokens"_a, "sink_tokens"_a, "recent_window"_a,
            "default_budget_tokens"_a, "mode"_a, "durable"_a, "ttl_seconds"_a, "label"_a, "id"_a,
+           "retrieval_rule"_a, "retrieval_rule_value"_a, "retrieval_block_tokens"_a,
+           "retrieval_block_pooling"_a,
            "memory_gate_dim"_a = 0, "memory_payload_rows"_a = 0, "memory_payload_dim"_a = 0,
            "memory_payload_dtype"_a = "bf16", "memory_gate"_a = "tree_exact",
            "memory_scorer_file"_a = "")
@@ -543,9 +600,11 @@ NB_MODULE(_kvmem, m) {
            "boundaries"_a.none())
       .def("attend", &PyClient::Attend, "id"_a, "layer"_a, "q"_a, "new_k"_a.none(),
            "new_v"_a.none(), "q_dtype"_a, "dtype"_a, "boundary"_a, "budget_tokens"_a, "mode"_a,
-           "return_lse"_a, "return_selection"_a)
+           "return_lse"_a, "return_selection"_a, "retrieval_rule"_a, "retrieval_rule_value"_a,
+           "retrieval_block_tokens"_a, "retrieval_block_pooling"_a)
       .def("retrieve", &PyClient::Retrieve, "id"_a, "layer"_a, "q"_a, "dtype"_a,
-           "budget_tokens"_a, "top_chunks"_a)
+           "budget_tokens"_a, "top_chunks"_a, "mode"_a, "retrieval_rule"_a,
+           "retrieval_rule_value"_a, "retrieval_block_tokens"_a, "retrieval_block_pooling"_a)
       .def("put_memory_blocks", &PyClient::PutMemoryBlocks, "id"_a, "keys"_a, "payloads"_a,
            "payload_dtype"_a, "span_starts"_a, "span_ends"_a, "labels"_a)
       .def("select_memory", &PyClient::SelectMemory, "id"_a, "query"_a, "k"_a, "gate"_a,

@@ -258,19 +258,39 @@ def test_boundary_classes():
 
 
 @pytest.mark.parametrize("mode", ["retrieval_heads", "hybrid"])
-def test_other_modes_reach_the_daemon(client, mode):
-    """The mode names travel to the daemon; this daemon build answers UNIMPLEMENTED for them."""
+def test_hybrid_heads_roles_and_reuse(client, mode):
+    """Retrieval heads select and attend densely; sparse heads of later layers reuse."""
+    mask = np.zeros((L, HKV), np.uint8)
+    mask[0, 0] = 1  # layer 0, KV head 0
+    sid = client.create_session(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="fp32",
+                                mode=mode, retrieval_head_mask=mask, default_budget_tokens=64,
+                                retrieval_block_tokens=16, retrieval_rule="top_k")
     try:
-        sid = client.create_session(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D,
-                                    dtype="fp32", mode=mode,
-                                    retrieval_head_mask=np.eye(L, HKV, dtype=np.uint8))
-    except kvmem.Error as e:
-        assert e.code == "UNIMPLEMENTED", e
-        return
-    try:
-        k = np.ones((L, HKV, 64, D), np.float32)
+        rng = np.random.default_rng(11)
+        t = 600
+        k = rng.normal(0, 1, (L, HKV, t, D)).astype(np.float32)
         client.append_kv(sid, k, k)
-        assert client.attend(sid, layer=1, q=np.ones((HQ, D), np.float32)).shape == (HQ, D)
+        info = client.session_info(sid)
+        assert list(info["profile"]["retrieval_head_mask"]) == mask.reshape(-1).tolist()
+        q = rng.normal(0, 1, (HQ, D)).astype(np.float32)
+        _, e0 = client.attend(sid, layer=0, q=q, return_selection=True)
+        assert [h["role"] for h in e0["selection"]] == ["retrieval", "dense"]
+        assert e0["tokens_attended"][0] == t  # full attention
+        _, e1 = client.attend(sid, layer=1, q=q, return_selection=True)
+        assert [h["role"] for h in e1["selection"]] == ["reused", "dense"]
+        assert e1["selection"][0]["source_layer"] == 0
+        assert e1["selection"][0]["starts"] == e0["selection"][0]["starts"]
+        assert e1["tokens_attended"][0] < t // 2
+        # Per call: a ratio rule over single tokens, through retrieve.
+        r = client.retrieve(sid, layer=0, q=q, retrieval_rule="ratio", retrieval_rule_value=0.1,
+                            retrieval_block_tokens=1)
+        assert [h["role"] for h in r["heads"]] == ["retrieval", "dense"]
+        if mode == "retrieval_heads":
+            sealed = info["tokens"] - info["tail_tokens"]
+            assert len(r["heads"][0]["starts"]) == -(-(sealed - 16) // 10)  # ceil(0.1 * n)
+        with pytest.raises(kvmem.Error) as e:
+            client.attend(sid, layer=1, q=q, retrieval_rule="top_p", retrieval_rule_value=2.0)
+        assert e.value.code == "INVALID_ARGUMENT"
     finally:
         client.drop_session(sid)
 
