@@ -26,6 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench/data/git_commit.h"
 #include "bench/data/synthetic_kv.h"
 #include "common/tensor_file.h"
 #include "index/block_select.h"
@@ -1116,16 +1117,6 @@ json SearchCost(uint64_t tokens, uint32_t budget, uint32_t queries, uint64_t see
           {"build_seconds", build}, {"tree_memory_bytes", st.memory_bytes}};
 }
 
-std::string Commit() {
-  std::string out;
-  if (FILE* p = popen("git rev-parse --short HEAD 2>/dev/null", "r")) {
-    char buf[64];
-    while (std::fgets(buf, sizeof buf, p)) out += buf;
-    pclose(p);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out.empty() ? "unknown" : out;
-}
 
 // Writes the results (nothing when path is empty); the process exit status.
 int WriteJson(const json& out, const std::string& path) {
@@ -1209,7 +1200,7 @@ int Main(int argc, char** argv) {
   json out;
   out["machine"] = "2-core Debian 12 VM (shared with other builds), g++ 12, RelWithDebInfo (-O2), "
                    "one thread";
-  out["commit"] = Commit();
+  out["commit"] = kvmem::bench::GitCommit();
   out["parameters"] = {{"sink_tokens", kSinkTokens}, {"recent_tokens", kRecentTokens},
                        {"quest_page_tokens", kQuestPage}, {"key_bytes_per_element", kKeyBytes},
                        {"chunk_min_tokens", co.min_tokens}, {"chunk_max_tokens", co.max_tokens},

@@ -466,6 +466,57 @@ Profile ProfileFromWire(const w::ModelProfile* p) {
   return out;
 }
 
+flatbuffers::Offset<w::MemoryOptions> MemoryOptionsToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                          const MemoryOptions& m) {
+  return w::CreateMemoryOptionsDirect(fbb, m.gate_dim, m.payload_rows, m.payload_dim,
+                                      w::ToWire(m.payload_dtype),
+                                      static_cast<w::MemoryGate>(m.default_gate), m.budget_leaves,
+                                      m.scorer_file.empty() ? nullptr : m.scorer_file.c_str(),
+                                      m.max_blocks);
+}
+
+MemoryOptions MemoryOptionsFromWire(const w::MemoryOptions* m) {
+  MemoryOptions o;
+  if (m == nullptr) return o;
+  o.gate_dim = m->gate_dim();
+  o.payload_rows = m->payload_rows();
+  o.payload_dim = m->payload_dim();
+  o.payload_dtype = static_cast<DType>(m->payload_dtype());
+  o.default_gate = static_cast<MemoryGate>(m->default_gate());
+  o.budget_leaves = m->budget_leaves();
+  o.scorer_file = m->scorer_file() ? m->scorer_file()->str() : "";
+  o.max_blocks = m->max_blocks();
+  return o;
+}
+
+std::vector<MemoryBlockInfo> BlocksFromWire(
+    const flatbuffers::Vector<flatbuffers::Offset<w::MemoryBlockInfo>>* v) {
+  std::vector<MemoryBlockInfo> out;
+  if (v == nullptr) return out;
+  for (const w::MemoryBlockInfo* b : *v) {
+    out.push_back({b->id(), b->span_start(), b->span_end(), b->label() ? b->label()->str() : ""});
+  }
+  return out;
+}
+
+// Copies a reply's payload tensor [n, rows, dim] (any float dtype) out.
+Status PayloadsFromWire(const CallState& c, const w::Tensor* t, size_t n, std::vector<uint8_t>* out,
+                        DType* dtype) {
+  if (t == nullptr) {
+    if (n == 0) return Status::OK();
+    return Internal("memory reply without payloads");
+  }
+  if (t->shape() == nullptr || t->shape()->size() != 3 || t->shape()->Get(0) != n) {
+    return Internal("memory reply: payloads shape does not match the blocks");
+  }
+  const uint64_t shape[3] = {n, t->shape()->Get(1), t->shape()->Get(2)};
+  const w::DType floats[3] = {w::DType::BF16, w::DType::F16, w::DType::F32};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* p, w::ResolveTensor(c.parsed, t, "payloads", shape, floats));
+  out->assign(p, p + t->bytes());
+  KVMEM_ASSIGN_OR_RETURN(*dtype, w::FloatDTypeFromWire(t->dtype()));
+  return Status::OK();
+}
+
 SessionSummary SummaryFromWire(const w::SessionSummary* s) {
   SessionSummary out;
   if (s == nullptr) return out;
@@ -482,6 +533,7 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
     out.options.durable = o->durability() == w::Durability::DURABLE;
     out.options.ttl_seconds = o->ttl_seconds();
     out.options.label = o->label() ? o->label()->str() : "";
+    out.options.memory = MemoryOptionsFromWire(o->memory());
     out.options.retrieval.rule = static_cast<SelectionRule>(o->retrieval_rule());
     out.options.retrieval.rule_value = o->retrieval_rule_value();
     out.options.retrieval.block_tokens = o->retrieval_block_tokens();
@@ -499,6 +551,8 @@ SessionSummary SummaryFromWire(const w::SessionSummary* s) {
   out.fetched_blocks = s->fetched_blocks();
   out.prefetched_blocks = s->prefetched_blocks();
   out.evicted_blocks = s->evicted_blocks();
+  out.memory_blocks = s->memory_blocks();
+  out.memory_bytes = s->memory_bytes();
   if (s->layers()) {
     for (const w::LayerInfo* l : *s->layers()) {
       LayerInfo li;
@@ -557,7 +611,8 @@ Result<uint64_t> Client::CreateSession(const Profile& profile, const SessionOpti
             options.durable ? w::Durability::DURABLE : w::Durability::EPHEMERAL, options.ttl_seconds,
             options.label.c_str(), false, static_cast<w::SelectionRule>(options.retrieval.rule),
             options.retrieval.rule_value, options.retrieval.block_tokens,
-            static_cast<w::BlockPooling>(options.retrieval.pooling));
+            static_cast<w::BlockPooling>(options.retrieval.pooling),
+            options.memory.gate_dim ? MemoryOptionsToWire(fbb, options.memory) : 0);
         return w::CreateCreateSession(fbb, id, prof, opts);
       }),
       ([](CallState& c) -> Result<uint64_t> {
@@ -857,6 +912,126 @@ Result<RetrieveResult> Client::Retrieve(uint64_t id, const RetrieveRequest& req)
           for (const auto* h : *r->heads()) out.heads.push_back(SelectionFromWire(h));
         out.nodes_visited = r->nodes_visited();
         out.bytes_read = r->bytes_read();
+        return out;
+      }));
+  return f.Get();
+}
+
+Result<PutMemoryResult> Client::PutMemoryBlocks(uint64_t id, const MemoryBlocksToPut& blocks) {
+  auto f = KVMEM_CLIENT_CALL(
+      PutMemoryResult, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer)
+           -> Result<flatbuffers::Offset<w::PutMemoryBlocks>> {
+        KVMEM_ASSIGN_OR_RETURN(auto keys, AddTensor(fbb, packer, blocks.gate_keys, "gate_keys"));
+        KVMEM_ASSIGN_OR_RETURN(auto payloads, AddTensor(fbb, packer, blocks.payloads, "payloads"));
+        std::vector<flatbuffers::Offset<flatbuffers::String>> labels;
+        for (const std::string& l : blocks.labels) labels.push_back(fbb.CreateString(l));
+        auto starts = fbb.CreateVector(blocks.span_starts);
+        auto ends = fbb.CreateVector(blocks.span_ends);
+        auto lv = blocks.labels.empty() ? 0 : fbb.CreateVector(labels);
+        return w::CreatePutMemoryBlocks(fbb, id, keys, payloads, starts, ends, lv);
+      }),
+      ([](CallState& c) -> Result<PutMemoryResult> {
+        const w::PutMemoryBlocksReply* r = c.parsed.envelope->body_as_PutMemoryBlocksReply();
+        if (r == nullptr) return Internal("PutMemoryBlocks: unexpected reply type");
+        PutMemoryResult out;
+        if (r->ids()) out.ids.assign(r->ids()->begin(), r->ids()->end());
+        out.blocks = r->blocks();
+        out.bytes = r->bytes();
+        return out;
+      }));
+  return f.Get();
+}
+
+Result<MemorySelection> Client::SelectMemory(uint64_t id, const TensorView& query, uint32_t k,
+                                             MemoryGate gate, uint32_t budget_leaves,
+                                             bool return_payloads) {
+  auto f = KVMEM_CLIENT_CALL(
+      MemorySelection, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker& packer)
+           -> Result<flatbuffers::Offset<w::SelectMemory>> {
+        KVMEM_ASSIGN_OR_RETURN(auto q, AddTensor(fbb, packer, query, "query"));
+        return w::CreateSelectMemory(fbb, id, q, k, static_cast<w::MemoryGate>(gate),
+                                     budget_leaves, return_payloads);
+      }),
+      ([](CallState& c) -> Result<MemorySelection> {
+        const w::SelectMemoryReply* r = c.parsed.envelope->body_as_SelectMemoryReply();
+        if (r == nullptr) return Internal("SelectMemory: unexpected reply type");
+        MemorySelection out;
+        if (r->ids()) out.ids.assign(r->ids()->begin(), r->ids()->end());
+        if (r->scores()) out.scores.assign(r->scores()->begin(), r->scores()->end());
+        out.blocks = BlocksFromWire(r->blocks());
+        if (r->payloads()) {
+          KVMEM_RETURN_IF_ERROR(
+              PayloadsFromWire(c, r->payloads(), out.ids.size(), &out.payloads, &out.payload_dtype));
+        }
+        out.exact = r->exact();
+        out.keys_scored = r->keys_scored();
+        out.leaves_visited = r->leaves_visited();
+        return out;
+      }));
+  return f.Get();
+}
+
+Result<MemoryBlocks> Client::GetMemoryBlocks(uint64_t id, std::span<const uint64_t> ids,
+                                             bool return_gate_keys) {
+  auto f = KVMEM_CLIENT_CALL(
+      MemoryBlocks, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&)
+           -> Result<flatbuffers::Offset<w::GetMemoryBlocks>> {
+        return w::CreateGetMemoryBlocks(fbb, id, fbb.CreateVector(ids.data(), ids.size()),
+                                        return_gate_keys);
+      }),
+      ([](CallState& c) -> Result<MemoryBlocks> {
+        const w::GetMemoryBlocksReply* r = c.parsed.envelope->body_as_GetMemoryBlocksReply();
+        if (r == nullptr) return Internal("GetMemoryBlocks: unexpected reply type");
+        MemoryBlocks out;
+        out.blocks = BlocksFromWire(r->blocks());
+        KVMEM_RETURN_IF_ERROR(
+            PayloadsFromWire(c, r->payloads(), out.blocks.size(), &out.payloads, &out.payload_dtype));
+        if (const w::Tensor* t = r->gate_keys()) {
+          if (t->shape() == nullptr || t->shape()->size() != 2) return Internal("GetMemoryBlocks: bad gate_keys");
+          const uint64_t shape[2] = {out.blocks.size(), t->shape()->Get(1)};
+          const w::DType f32[1] = {w::DType::F32};
+          KVMEM_ASSIGN_OR_RETURN(const uint8_t* p, w::ResolveTensor(c.parsed, t, "gate_keys", shape, f32));
+          out.gate_keys.resize(shape[0] * shape[1]);
+          std::memcpy(out.gate_keys.data(), p, out.gate_keys.size() * sizeof(float));
+        }
+        return out;
+      }));
+  return f.Get();
+}
+
+Result<uint64_t> Client::DropMemoryBlocks(uint64_t id, std::span<const uint64_t> ids) {
+  auto f = KVMEM_CLIENT_CALL(
+      uint64_t, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&)
+           -> Result<flatbuffers::Offset<w::DropMemoryBlocks>> {
+        return w::CreateDropMemoryBlocks(fbb, id, fbb.CreateVector(ids.data(), ids.size()));
+      }),
+      ([](CallState& c) -> Result<uint64_t> {
+        const w::DropMemoryBlocksReply* r = c.parsed.envelope->body_as_DropMemoryBlocksReply();
+        if (r == nullptr) return Internal("DropMemoryBlocks: unexpected reply type");
+        return r->blocks();
+      }));
+  return f.Get();
+}
+
+Result<MemoryListing> Client::ListMemoryBlocks(uint64_t id, uint64_t after_id, uint32_t limit) {
+  auto f = KVMEM_CLIENT_CALL(
+      MemoryListing, impl_.get(),
+      ([&](flatbuffers::FlatBufferBuilder& fbb, w::TensorPacker&)
+           -> Result<flatbuffers::Offset<w::ListMemoryBlocks>> {
+        return w::CreateListMemoryBlocks(fbb, id, after_id, limit);
+      }),
+      ([](CallState& c) -> Result<MemoryListing> {
+        const w::ListMemoryBlocksReply* r = c.parsed.envelope->body_as_ListMemoryBlocksReply();
+        if (r == nullptr) return Internal("ListMemoryBlocks: unexpected reply type");
+        MemoryListing out;
+        out.blocks = BlocksFromWire(r->blocks());
+        out.total_blocks = r->total_blocks();
+        out.bytes = r->bytes();
+        out.options = MemoryOptionsFromWire(r->options());
         return out;
       }));
   return f.Get();

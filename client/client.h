@@ -81,6 +81,27 @@ struct Profile {
   std::string name;
 };
 
+// Memory blocks (LycheeMemory): gate, per request or as the session default.
+enum class MemoryGate : uint8_t {
+  kDefault = 0,     // the session's default gate
+  kTreeExact = 1,   // exact top-k by q·k through the daemon's gate tree
+  kTreeBudget = 2,  // best-first through the tree, at most budget_leaves leaves (approximate)
+  kLinearScan = 3,  // exact top-k by q·k, every key scored
+  kScorer = 4,      // the loaded linear / bilinear scorer
+};
+
+// Geometry and gate of a session's memory blocks; gate_dim 0 = none.
+struct MemoryOptions {
+  uint32_t gate_dim = 0;
+  uint32_t payload_rows = 0;
+  uint32_t payload_dim = 0;
+  DType payload_dtype = DType::kBF16;
+  MemoryGate default_gate = MemoryGate::kTreeExact;
+  uint32_t budget_leaves = 0;    // 0: daemon default (64)
+  std::string scorer_file;       // under the daemon's memory_scorer_dir; "" = daemon's file
+  uint64_t max_blocks = 0;       // 0: daemon limit
+};
+
 struct SessionOptions {
   uint32_t chunk_min_tokens = 0;       // 0: daemon default
   uint32_t chunk_max_tokens = 0;       // 0: daemon default
@@ -92,6 +113,7 @@ struct SessionOptions {
   uint64_t ttl_seconds = 0;
   std::string label;
   RetrievalParams retrieval;
+  MemoryOptions memory;
 };
 
 struct LayerInfo {
@@ -120,6 +142,8 @@ struct SessionSummary {
   uint64_t fetched_blocks = 0;       // (chunk, layer) blocks fetched back when selected
   uint64_t prefetched_blocks = 0;    // fetched ahead for the next layer
   uint64_t evicted_blocks = 0;
+  uint64_t memory_blocks = 0;     // memory blocks held
+  uint64_t memory_bytes = 0;      // their payload bytes (included in bytes)
 };
 
 struct SnapshotResult {
@@ -203,6 +227,54 @@ struct VerifyResult {
   uint64_t tokens = 0;
   uint64_t chunks = 0;
   std::vector<std::string> bad;  // one line per bad record, naming it
+};
+
+struct MemoryBlockInfo {
+  uint64_t id = 0;
+  uint64_t span_start = 0;  // source span [start, end) in tokens
+  uint64_t span_end = 0;
+  std::string label;
+};
+
+// Blocks to add: gate_keys [n, gate_dim] (F32/F16/BF16), payloads [n, payload_rows,
+// payload_dim] in the session's payload dtype, spans [n], labels empty or [n].
+struct MemoryBlocksToPut {
+  TensorView gate_keys;
+  TensorView payloads;
+  std::vector<uint64_t> span_starts;
+  std::vector<uint64_t> span_ends;
+  std::vector<std::string> labels;
+};
+
+struct PutMemoryResult {
+  std::vector<uint64_t> ids;  // assigned, in input order
+  uint64_t blocks = 0;        // held now
+  uint64_t bytes = 0;         // payload bytes held now
+};
+
+struct MemorySelection {
+  std::vector<uint64_t> ids;      // best first (ties: lower id)
+  std::vector<float> scores;
+  std::vector<MemoryBlockInfo> blocks;
+  std::vector<uint8_t> payloads;  // [n, payload_rows, payload_dim] in payload_dtype, if asked
+  DType payload_dtype = DType::kBF16;
+  bool exact = true;              // provably the exact top-k for the gate
+  uint64_t keys_scored = 0;
+  uint64_t leaves_visited = 0;
+};
+
+struct MemoryBlocks {
+  std::vector<MemoryBlockInfo> blocks;
+  std::vector<uint8_t> payloads;  // [n, payload_rows, payload_dim]
+  DType payload_dtype = DType::kBF16;
+  std::vector<float> gate_keys;   // [n, gate_dim] if asked
+};
+
+struct MemoryListing {
+  std::vector<MemoryBlockInfo> blocks;
+  uint64_t total_blocks = 0;
+  uint64_t bytes = 0;
+  MemoryOptions options;
 };
 
 struct ServerInfo {
@@ -306,6 +378,21 @@ class Client {
   // With a mode and retrieval-head options. Modes retrieval_heads / hybrid answer what Attend
   // would attend per KV head (role, ranges) and update the session's kept selections likewise.
   Result<RetrieveResult> Retrieve(uint64_t id, const RetrieveRequest& request);
+
+  // --- Memory blocks (the session needs SessionOptions::memory.gate_dim > 0) ---
+  // Adds blocks, all or nothing; ids are assigned by the daemon.
+  Result<PutMemoryResult> PutMemoryBlocks(uint64_t id, const MemoryBlocksToPut& blocks);
+  // Top-k blocks for query [gate_dim] under `gate`; budget_leaves for kTreeBudget (0: session's).
+  Result<MemorySelection> SelectMemory(uint64_t id, const TensorView& query, uint32_t k,
+                                       MemoryGate gate = MemoryGate::kDefault,
+                                       uint32_t budget_leaves = 0, bool return_payloads = true);
+  // Payloads (and gate keys if asked) of `ids` in request order; NOT_FOUND names a missing id.
+  Result<MemoryBlocks> GetMemoryBlocks(uint64_t id, std::span<const uint64_t> ids,
+                                       bool return_gate_keys = false);
+  // All or nothing; returns the blocks left.
+  Result<uint64_t> DropMemoryBlocks(uint64_t id, std::span<const uint64_t> ids);
+  // Block metadata with ids > after_id in id order (limit 0: 1000).
+  Result<MemoryListing> ListMemoryBlocks(uint64_t id, uint64_t after_id = 0, uint32_t limit = 0);
 
   Future<uint64_t> PingAsync(uint64_t payload = 0);
 

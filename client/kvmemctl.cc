@@ -16,6 +16,8 @@
 
 #include "client/client.h"
 #include "client/cluster.h"
+#include "common/dtype.h"
+#include "common/tensor_file.h"
 #include "common/head_mask.h"
 #include "common/units.h"
 
@@ -61,6 +63,20 @@ Commands:
   session restore NAME --id ID [--durability ephemeral|durable]
                                          a new session ID from snapshot NAME
   session snapshot-drop NAME             delete a snapshot
+  session create ... [--memory-gate-dim DG --memory-rows M --memory-dim DM
+                 [--memory-dtype bf16|fp16|fp32] [--memory-gate GATE] [--memory-scorer FILE]]
+                                         a session that keeps memory blocks (GATE: tree_exact,
+                                         tree_budget, linear, scorer)
+  memory list ID [--after BLOCK] [--limit N]
+                                         memory blocks of a session (id, span, label)
+  memory put ID --keys FILE --payloads FILE [--spans FILE] [--labels A,B,...]
+                                         add blocks: gate keys [n, DG], payloads [n, M, DM],
+                                         spans [n, 2] integers (default [0, 0)); FILE is .npy or
+                                         safetensors (tensor gate_keys / payloads / spans, or its
+                                         only tensor); prints the new block ids
+  memory select ID (--query FILE | --query-values V,V,...) [--k N] [--gate GATE]
+                 [--budget-leaves N]     top-k blocks for a gate query [DG]
+  memory drop ID BLOCK [BLOCK...]        drop blocks (all or nothing)
 
 Options:
   --addr ADDRS       daemon address(es) (default 127.0.0.1:7420, or $KVMEM_ADDR): a comma
@@ -140,7 +156,9 @@ json SummaryJson(const kvmem::client::SessionSummary& s) {
             {"disk_bytes", s.disk_bytes},
             {"fetched_blocks", s.fetched_blocks},
             {"prefetched_blocks", s.prefetched_blocks},
-            {"evicted_blocks", s.evicted_blocks}};
+            {"evicted_blocks", s.evicted_blocks},
+            {"memory_blocks", s.memory_blocks},
+            {"memory_bytes", s.memory_bytes}};
   if (!s.layers.empty()) {
     json layers = json::array();
     for (const auto& l : s.layers) {
@@ -168,6 +186,270 @@ bool ParseU64(const std::string& s, uint64_t* out) {
   char* end = nullptr;
   *out = std::strtoull(s.c_str(), &end, 10);
   return *end == '\0';
+}
+
+
+// --- memory commands ---
+
+// The tensor `name` of a safetensors file, or the only tensor of a .npy / one-tensor file.
+kvmem::Result<const kvmem::FileTensor*> PickTensor(const kvmem::TensorFile& f, const std::string& name) {
+  if (f.format() == kvmem::TensorFile::Format::kNpy || f.tensors().size() == 1) return &f.tensors()[0];
+  return f.Find(name);
+}
+
+std::vector<uint64_t> IntegersOf(const kvmem::FileTensor& t, Status* st) {
+  std::vector<uint64_t> out(t.elements());
+  const auto* p = reinterpret_cast<const unsigned char*>(t.data.data());
+  auto le = [&](size_t i, size_t w) {
+    uint64_t v = 0;
+    for (size_t b = w; b-- > 0;) v = (v << 8) | p[i * w + b];
+    return v;
+  };
+  for (size_t i = 0; i < out.size(); ++i) {
+    switch (t.dtype) {
+      case kvmem::FileDType::kU64: out[i] = le(i, 8); break;
+      case kvmem::FileDType::kU32: out[i] = le(i, 4); break;
+      case kvmem::FileDType::kI64: {
+        const int64_t v = static_cast<int64_t>(le(i, 8));
+        if (v < 0) *st = kvmem::InvalidArgument("spans: negative token position");
+        out[i] = static_cast<uint64_t>(v);
+        break;
+      }
+      case kvmem::FileDType::kI32: {
+        const int32_t v = static_cast<int32_t>(le(i, 4));
+        if (v < 0) *st = kvmem::InvalidArgument("spans: negative token position");
+        out[i] = static_cast<uint64_t>(v);
+        break;
+      }
+      default:
+        *st = kvmem::InvalidArgument("spans: need an integer tensor (I64, I32, U64, U32), got " +
+                                     std::string(kvmem::FileDTypeName(t.dtype)));
+        return {};
+    }
+  }
+  return out;
+}
+
+std::string GateName(kvmem::client::MemoryGate g) {
+  switch (g) {
+    case kvmem::client::MemoryGate::kTreeExact: return "tree_exact";
+    case kvmem::client::MemoryGate::kTreeBudget: return "tree_budget";
+    case kvmem::client::MemoryGate::kLinearScan: return "linear";
+    case kvmem::client::MemoryGate::kScorer: return "scorer";
+    default: return "default";
+  }
+}
+
+bool ParseGate(const std::string& s, kvmem::client::MemoryGate* g) {
+  for (auto c : {kvmem::client::MemoryGate::kTreeExact, kvmem::client::MemoryGate::kTreeBudget,
+                 kvmem::client::MemoryGate::kLinearScan, kvmem::client::MemoryGate::kScorer}) {
+    if (GateName(c) == s) {
+      *g = c;
+      return true;
+    }
+  }
+  return false;
+}
+
+json BlockJson(const kvmem::client::MemoryBlockInfo& b) {
+  return {{"id", b.id}, {"span_start", b.span_start}, {"span_end", b.span_end}, {"label", b.label}};
+}
+
+void PrintBlocks(const std::vector<kvmem::client::MemoryBlockInfo>& blocks, const std::vector<float>* scores) {
+  std::printf("%-12s %s%14s %14s  %s\n", "BLOCK", scores ? "      SCORE " : "", "SPAN_START", "SPAN_END", "LABEL");
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const auto& b = blocks[i];
+    if (scores) {
+      std::printf("%-12llu %11.4f %14llu %14llu  %s\n", static_cast<unsigned long long>(b.id), (*scores)[i],
+                  static_cast<unsigned long long>(b.span_start), static_cast<unsigned long long>(b.span_end),
+                  b.label.c_str());
+    } else {
+      std::printf("%-12llu %14llu %14llu  %s\n", static_cast<unsigned long long>(b.id),
+                  static_cast<unsigned long long>(b.span_start), static_cast<unsigned long long>(b.span_end),
+                  b.label.c_str());
+    }
+  }
+}
+
+// `memory list|put|select|drop ID ...` against the daemon that owns the session.
+int RunMemory(const Args& args, bool as_json, uint64_t id, Client* c) {
+  const std::string& sub = args.words[1];
+  if (sub == "list") {
+    uint64_t after = 0, limit = 1000;
+    if (const std::string* v = args.Get("--after"); v && !ParseU64(*v, &after)) return Usage("--after must be an integer");
+    if (const std::string* v = args.Get("--limit"); v && (!ParseU64(*v, &limit) || limit == 0 || limit > 100000)) {
+      return Usage("--limit must be in 1..100000");
+    }
+    auto l = c->ListMemoryBlocks(id, after, static_cast<uint32_t>(limit));
+    if (!l.ok()) return Report(l.status(), as_json);
+    if (as_json) {
+      json blocks = json::array();
+      for (const auto& b : l->blocks) blocks.push_back(BlockJson(b));
+      std::printf("%s\n", json({{"blocks", blocks}, {"total_blocks", l->total_blocks}, {"bytes", l->bytes},
+                                {"gate_dim", l->options.gate_dim}, {"payload_rows", l->options.payload_rows},
+                                {"payload_dim", l->options.payload_dim},
+                                {"payload_dtype", std::string(kvmem::DTypeName(l->options.payload_dtype))},
+                                {"default_gate", GateName(l->options.default_gate)}})
+                              .dump()
+                              .c_str());
+    } else {
+      std::printf("%llu blocks, %s of payloads; gate keys [%u], payloads [%u x %u] %s, default gate %s\n",
+                  static_cast<unsigned long long>(l->total_blocks), kvmem::FormatBytes(l->bytes).c_str(),
+                  l->options.gate_dim, l->options.payload_rows, l->options.payload_dim,
+                  std::string(kvmem::DTypeName(l->options.payload_dtype)).c_str(),
+                  GateName(l->options.default_gate).c_str());
+      PrintBlocks(l->blocks, nullptr);
+    }
+    return 0;
+  }
+  if (sub == "drop") {
+    std::vector<uint64_t> ids;
+    for (size_t i = 3; i < args.words.size(); ++i) {
+      uint64_t b = 0;
+      if (!ParseU64(args.words[i], &b)) return Usage("memory drop: block ids must be integers");
+      ids.push_back(b);
+    }
+    if (ids.empty()) return Usage("memory drop needs block ids");
+    auto left = c->DropMemoryBlocks(id, ids);
+    if (!left.ok()) return Report(left.status(), as_json);
+    if (as_json) std::printf("%s\n", json({{"dropped", ids.size()}, {"blocks", *left}}).dump().c_str());
+    else std::printf("dropped %zu blocks, %llu left\n", ids.size(), static_cast<unsigned long long>(*left));
+    return 0;
+  }
+  // put and select need the session's geometry.
+  auto geo = c->ListMemoryBlocks(id, ~0ull, 1);
+  if (!geo.ok()) return Report(geo.status(), as_json);
+  const kvmem::client::MemoryOptions& o = geo->options;
+  if (sub == "put") {
+    const std::string* kf = args.Get("--keys");
+    const std::string* pf = args.Get("--payloads");
+    if (!kf || !pf) return Usage("memory put needs --keys FILE and --payloads FILE");
+    auto keys_file = kvmem::TensorFile::Open(*kf);
+    if (!keys_file.ok()) return Report(keys_file.status(), as_json);
+    auto kt = PickTensor(*keys_file, "gate_keys");
+    if (!kt.ok()) return Report(kt.status(), as_json);
+    auto pay_file = kvmem::TensorFile::Open(*pf);
+    if (!pay_file.ok()) return Report(pay_file.status(), as_json);
+    auto pt = PickTensor(*pay_file, "payloads");
+    if (!pt.ok()) return Report(pt.status(), as_json);
+    if ((*kt)->shape.size() != 2 || (*kt)->shape[1] != o.gate_dim) {
+      return Report(kvmem::InvalidArgument(*kf + ": gate keys must be [n, " + std::to_string(o.gate_dim) + "]"), as_json);
+    }
+    const uint64_t n = (*kt)->shape[0];
+    if ((*pt)->shape != std::vector<uint64_t>{n, o.payload_rows, o.payload_dim}) {
+      return Report(kvmem::InvalidArgument(*pf + ": payloads must be [" + std::to_string(n) + ", " +
+                                           std::to_string(o.payload_rows) + ", " + std::to_string(o.payload_dim) + "]"),
+                    as_json);
+    }
+    std::vector<float> keys = (*kt)->ToFloat();
+    std::vector<float> pay = (*pt)->ToFloat();
+    std::vector<uint8_t> pay_bytes(pay.size() * kvmem::DTypeSize(o.payload_dtype));
+    kvmem::ConvertFromFloat(pay.data(), pay.size(), o.payload_dtype, pay_bytes.data());
+    kvmem::client::MemoryBlocksToPut put;
+    put.gate_keys = kvmem::client::TensorView{keys.data(), kvmem::DType::kF32, {n, o.gate_dim}};
+    put.payloads = kvmem::client::TensorView{pay_bytes.data(), o.payload_dtype, {n, o.payload_rows, o.payload_dim}};
+    put.span_starts.assign(n, 0);
+    put.span_ends.assign(n, 0);
+    if (const std::string* sf = args.Get("--spans")) {
+      auto spans_file = kvmem::TensorFile::Open(*sf);
+      if (!spans_file.ok()) return Report(spans_file.status(), as_json);
+      auto st = PickTensor(*spans_file, "spans");
+      if (!st.ok()) return Report(st.status(), as_json);
+      if ((*st)->shape != std::vector<uint64_t>{n, 2}) {
+        return Report(kvmem::InvalidArgument(*sf + ": spans must be [" + std::to_string(n) + ", 2]"), as_json);
+      }
+      Status s;
+      std::vector<uint64_t> v = IntegersOf(**st, &s);
+      if (!s.ok()) return Report(s.WithContext(*sf), as_json);
+      for (uint64_t i = 0; i < n; ++i) {
+        put.span_starts[i] = v[2 * i];
+        put.span_ends[i] = v[2 * i + 1];
+      }
+    }
+    if (const std::string* lv = args.Get("--labels")) {
+      std::string cur;
+      for (char ch : *lv + ",") {
+        if (ch == ',') {
+          put.labels.push_back(cur);
+          cur.clear();
+        } else {
+          cur.push_back(ch);
+        }
+      }
+      if (put.labels.size() != n) return Usage("--labels needs one label per block");
+    }
+    auto r = c->PutMemoryBlocks(id, put);
+    if (!r.ok()) return Report(r.status(), as_json);
+    if (as_json) {
+      std::printf("%s\n", json({{"ids", r->ids}, {"blocks", r->blocks}, {"bytes", r->bytes}}).dump().c_str());
+    } else {
+      std::printf("added %zu blocks (ids %llu..%llu); session holds %llu blocks, %s\n", r->ids.size(),
+                  static_cast<unsigned long long>(r->ids.front()), static_cast<unsigned long long>(r->ids.back()),
+                  static_cast<unsigned long long>(r->blocks), kvmem::FormatBytes(r->bytes).c_str());
+    }
+    return 0;
+  }
+  if (sub == "select") {
+    std::vector<float> q;
+    if (const std::string* qf = args.Get("--query")) {
+      auto f = kvmem::TensorFile::Open(*qf);
+      if (!f.ok()) return Report(f.status(), as_json);
+      auto t = PickTensor(*f, "query");
+      if (!t.ok()) return Report(t.status(), as_json);
+      q = (*t)->ToFloat();
+    } else if (const std::string* qv = args.Get("--query-values")) {
+      std::string cur;
+      for (char ch : *qv + ",") {
+        if (ch != ',') {
+          cur.push_back(ch);
+          continue;
+        }
+        char* end = nullptr;
+        const float x = std::strtof(cur.c_str(), &end);
+        if (cur.empty() || *end) return Usage("--query-values must be comma-separated numbers");
+        q.push_back(x);
+        cur.clear();
+      }
+    } else {
+      return Usage("memory select needs --query FILE or --query-values V,V,...");
+    }
+    if (q.size() != o.gate_dim) {
+      return Report(kvmem::InvalidArgument("query has " + std::to_string(q.size()) + " values, the session's gate keys " +
+                                           std::to_string(o.gate_dim)),
+                    as_json);
+    }
+    uint64_t k = 10, budget = 0;
+    if (const std::string* v = args.Get("--k"); v && (!ParseU64(*v, &k) || k == 0)) return Usage("--k must be a positive integer");
+    if (const std::string* v = args.Get("--budget-leaves"); v && !ParseU64(*v, &budget)) {
+      return Usage("--budget-leaves must be an integer");
+    }
+    kvmem::client::MemoryGate gate = kvmem::client::MemoryGate::kDefault;
+    if (const std::string* v = args.Get("--gate"); v && !ParseGate(*v, &gate)) {
+      return Usage("--gate must be tree_exact, tree_budget, linear or scorer");
+    }
+    auto r = c->SelectMemory(id, kvmem::client::TensorView{q.data(), kvmem::DType::kF32, {q.size()}},
+                             static_cast<uint32_t>(k), gate, static_cast<uint32_t>(budget), false);
+    if (!r.ok()) return Report(r.status(), as_json);
+    if (as_json) {
+      json blocks = json::array();
+      for (size_t i = 0; i < r->blocks.size(); ++i) {
+        json b = BlockJson(r->blocks[i]);
+        b["score"] = r->scores[i];
+        blocks.push_back(b);
+      }
+      std::printf("%s\n", json({{"blocks", blocks}, {"exact", r->exact}, {"keys_scored", r->keys_scored},
+                                {"leaves_visited", r->leaves_visited}})
+                              .dump()
+                              .c_str());
+    } else {
+      PrintBlocks(r->blocks, &r->scores);
+      std::printf("(%s; %llu keys scored in %llu leaves)\n", r->exact ? "exact" : "approximate",
+                  static_cast<unsigned long long>(r->keys_scored),
+                  static_cast<unsigned long long>(r->leaves_visited));
+    }
+    return 0;
+  }
+  return Usage("unknown memory command '" + sub + "'");
 }
 
 }  // namespace
@@ -214,7 +496,8 @@ int main(int argc, char** argv) {
   const bool known = cmd == "status" || cmd == "ping" || cmd == "top" ||
                      (cmd == "session" && (sub == "create" || sub == "list" || sub == "show" || sub == "drop" ||
                                            sub == "verify" || sub == "evict" || sub == "snapshot" ||
-                                           sub == "restore" || sub == "snapshot-drop"));
+                                           sub == "restore" || sub == "snapshot-drop")) ||
+                     (cmd == "memory" && (sub == "list" || sub == "put" || sub == "select" || sub == "drop"));
   if (!known) return Usage("unknown command '" + cmd + (sub.empty() ? "" : " " + sub) + "'");
 
   // Validate flags before connecting, so usage errors do not need a daemon.
@@ -303,6 +586,24 @@ int main(int argc, char** argv) {
       else if (*v == "ephemeral") sopts.durable = false;
       else return Usage("--durability must be ephemeral or durable");
     }
+    if (args.Get("--memory-gate-dim")) {
+      if (!need("--memory-gate-dim", &sopts.memory.gate_dim) || !need("--memory-rows", &sopts.memory.payload_rows) ||
+          !need("--memory-dim", &sopts.memory.payload_dim)) {
+        return Usage("memory blocks need --memory-gate-dim, --memory-rows and --memory-dim (all > 0)");
+      }
+      if (const std::string* d = args.Get("--memory-dtype")) {
+        auto dt = kvmem::ParseDType(*d);
+        if (!dt) return Usage("--memory-dtype must be bf16, fp16 or fp32");
+        sopts.memory.payload_dtype = *dt;
+      }
+      if (const std::string* g = args.Get("--memory-gate"); g && !ParseGate(*g, &sopts.memory.default_gate)) {
+        return Usage("--memory-gate must be tree_exact, tree_budget, linear or scorer");
+      }
+      if (const std::string* f = args.Get("--memory-scorer")) sopts.memory.scorer_file = *f;
+    }
+  }
+  if (cmd == "memory") {
+    if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("memory " + sub + " needs a session ID");
   }
   if (cmd == "session" && (sub == "show" || sub == "drop" || sub == "verify" || sub == "evict" || sub == "snapshot")) {
     if (args.words.size() < 3 || !ParseU64(args.words[2], &id)) return Usage("session " + sub + " needs a session ID");
@@ -347,6 +648,11 @@ int main(int argc, char** argv) {
     return 0;
   }
   const auto& daemons = cluster.addresses();
+  if (cmd == "memory") {
+    auto owner = cluster.For(id);  // the daemon the session's id places it on
+    if (!owner.ok()) return Report(owner.status(), as_json);
+    return RunMemory(args, as_json, id, *owner);
+  }
 
   if (cmd == "status") {
     json all = json::array();
@@ -585,6 +891,12 @@ int main(int argc, char** argv) {
                   static_cast<unsigned long long>(s->evicted_blocks),
                   static_cast<unsigned long long>(s->fetched_blocks),
                   static_cast<unsigned long long>(s->prefetched_blocks));
+      if (s->options.memory.gate_dim > 0) {
+        std::printf("memory blocks %llu (%s of payloads; gate keys [%u], payloads [%u x %u] %s)\n",
+                    static_cast<unsigned long long>(s->memory_blocks), kvmem::FormatBytes(s->memory_bytes).c_str(),
+                    s->options.memory.gate_dim, s->options.memory.payload_rows, s->options.memory.payload_dim,
+                    std::string(kvmem::DTypeName(s->options.memory.payload_dtype)).c_str());
+      }
       std::printf("%-6s %10s %6s  %s\n", "LAYER", "TOKENS", "DEPTH", "TREE NODES PER LEVEL");
       for (const auto& l : s->layers) {
         std::string nodes;

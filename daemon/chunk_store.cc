@@ -254,6 +254,24 @@ std::string ChunkStore::TailKey(std::string_view tenant, uint64_t session, uint6
   return k;
 }
 
+std::string ChunkStore::MemoryBlockKey(std::string_view tenant, uint64_t session, uint64_t id) {
+  std::string k = SessionPrefix(tenant, session);
+  PutBE(&k, id, 8);
+  return k;
+}
+
+void ChunkStore::PutMemoryBlock(Batch* b, std::string_view tenant, uint64_t session, uint64_t id,
+                                std::string_view payload) const {
+  const std::string key = MemoryBlockKey(tenant, session, id);
+  b->wb_->Put(blocks_cf_, key, EncodeRecord(key, payload.data(), payload.size()))
+      .PermitUncheckedError();
+}
+
+void ChunkStore::DeleteMemoryBlock(Batch* b, std::string_view tenant, uint64_t session,
+                                   uint64_t id) const {
+  b->wb_->Delete(blocks_cf_, MemoryBlockKey(tenant, session, id)).PermitUncheckedError();
+}
+
 void ChunkStore::PutBlock(rocksdb::WriteBatch* wb, rocksdb::ColumnFamilyHandle* cf,
                           const ChunkName& c, const void* data, size_t bytes) const {
   // K/V payloads are large: pass header and payload as parts instead of concatenating them.
@@ -535,11 +553,46 @@ Status ChunkStore::ClearForTest() {
   return FromRocksStatus(db_->Write(rocksdb::WriteOptions(), &wb), "store: clear");
 }
 
+Status ChunkStore::ScanMemoryBlocks(
+    std::string_view tenant, uint64_t session,
+    const std::function<Status(uint64_t id, std::string_view payload)>& fn) const {
+  const std::string prefix = SessionPrefix(tenant, session);
+  return ScanPrefix(
+      db_.get(), blocks_cf_, prefix, UpperBound(prefix), "store: memory blocks",
+      [&](std::string_view key, std::string_view value) -> Status {
+        if (key.size() != prefix.size() + 8) return DataLoss("store: malformed memory block key");
+        const uint64_t id = GetBE(key.data() + prefix.size(), 8);
+        std::string_view body;
+        KVMEM_RETURN_IF_ERROR(DecodeRecord(
+            key, value,
+            [&] {
+              return "memory block (tenant " + std::string(tenant) + ", session " +
+                     std::to_string(session) + ", block " + std::to_string(id) + ")";
+            },
+            &body));
+        return fn(id, body);
+      });
+}
+
+Status ChunkStore::CorruptMemoryBlockForTest(std::string_view tenant, uint64_t session,
+                                             uint64_t id, size_t byte_offset) {
+  const std::string key = MemoryBlockKey(tenant, session, id);
+  std::string value;
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(rocksdb::ReadOptions(), blocks_cf_, key, &value),
+                                        "corrupt memory block"));
+  if (value.size() <= kRecordHeader + byte_offset) return OutOfRange("corrupt: offset past value");
+  value[kRecordHeader + byte_offset] ^= 0x5A;
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  return FromRocksStatus(db_->Put(wo, blocks_cf_, key, value), "corrupt memory block");
+}
+
 Status ChunkStore::DeleteSession(std::string_view tenant, uint64_t session) {
   KVMEM_RETURN_IF_ERROR(InjectedFault());
   rocksdb::WriteBatch wb;
   const std::string p = SessionPrefix(tenant, session);
   wb.DeleteRange(chunks_cf_, p, UpperBound(p)).PermitUncheckedError();
+  wb.DeleteRange(blocks_cf_, p, UpperBound(p)).PermitUncheckedError();
   for (char tag : {kChunkEntryTag, kTailTag}) {
     const std::string tp = std::string(1, tag) + p;
     wb.DeleteRange(manifests_cf_, tp, UpperBound(tp)).PermitUncheckedError();

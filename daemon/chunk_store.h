@@ -7,7 +7,8 @@
 //                  'C'|tenant|session|chunk    -> chunk table entry (start, tokens, boundaries)
 //                  'T'|tenant|session|start    -> tail segment: tokens not yet in a stored
 //                                                 chunk, every layer, with their boundaries
-//   memory_blocks  reserved for compressed memory blocks
+//   memory_blocks  tenant|session|id              -> one memory block (span, label, gate key,
+//                                                 payload)
 //   spill          tenant|session|layer|chunk -> a chunk block of an *ephemeral* session
 //                  evicted from memory; written without the WAL and emptied at every Open
 //                  (spilled data does not outlive the process, by design)
@@ -21,6 +22,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -139,6 +141,7 @@ class ChunkStore {
   static std::string HeaderKey(std::string_view tenant, uint64_t session);
   static std::string ChunkEntryKey(std::string_view tenant, uint64_t session, uint32_t chunk);
   static std::string TailKey(std::string_view tenant, uint64_t session, uint64_t start);
+  static std::string MemoryBlockKey(std::string_view tenant, uint64_t session, uint64_t id);
 
   void PutChunk(Batch* b, const ChunkName& c, const void* data, size_t bytes) const;
   void PutHeader(Batch* b, std::string_view tenant, uint64_t session, std::string_view payload) const;
@@ -149,6 +152,18 @@ class ChunkStore {
   void DeleteTail(Batch* b, std::string_view tenant, uint64_t session, uint64_t start) const;
   // Deletes every tail segment starting before `end`.
   void DeleteTailRange(Batch* b, std::string_view tenant, uint64_t session, uint64_t end) const;
+
+  // Memory blocks (column family memory_blocks; payload encoding in daemon/tiers.cc).
+  void PutMemoryBlock(Batch* b, std::string_view tenant, uint64_t session, uint64_t id,
+                      std::string_view payload) const;
+  void DeleteMemoryBlock(Batch* b, std::string_view tenant, uint64_t session, uint64_t id) const;
+  // Calls fn(id, payload) for every stored block of the session in id order, each checked
+  // (DATA_LOSS naming the block on a bad checksum); stops at the first non-OK status.
+  Status ScanMemoryBlocks(std::string_view tenant, uint64_t session,
+                          const std::function<Status(uint64_t id, std::string_view payload)>& fn) const;
+  // Test hook: flips one byte of a stored memory block's payload (keeping the old CRC).
+  Status CorruptMemoryBlockForTest(std::string_view tenant, uint64_t session, uint64_t id,
+                                   size_t byte_offset);
 
   // Applies the batch atomically, through the WAL (synced when options.sync_writes).
   Status Write(Batch* b);

@@ -154,7 +154,12 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
       }
     }
     else if (k == "max_message_bytes") s = ReadBytes(v, "max_message_bytes", &c->max_message_bytes);
-    else if (k == "max_tokens_per_session") {
+    else if (k == "memory_scorer_dir") s = str(v, k, &c->memory_scorer_dir);
+    else if (k == "memory_scorer_file") s = str(v, k, &c->memory_scorer_file);
+    else if (k == "memory_max_blocks_per_session") {
+      if (!v.is_number_unsigned()) s = InvalidArgument("config: memory_max_blocks_per_session must be an integer");
+      else c->memory_max_blocks_per_session = v.get<uint64_t>();
+    } else if (k == "max_tokens_per_session") {
       if (!v.is_number_unsigned()) s = InvalidArgument("config: max_tokens_per_session must be an integer");
       else c->max_tokens_per_session = v.get<uint64_t>();
     } else if (k == "tenants") {

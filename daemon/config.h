@@ -87,6 +87,16 @@ struct DaemonConfig {
   // Required when `admin` is not a loopback address: kvmemd refuses to start without it.
   // Not reloaded by SIGHUP (restart to change it). Default: "" (none).
   std::string admin_token;
+  // Memory blocks (daemon/memory_store.h): most blocks one session may hold (a session's
+  // memory.max_blocks may only lower it). Default: 4194304 (4 Mi).
+  uint64_t memory_max_blocks_per_session = 4ull << 20;
+  // Directory that sessions' memory.scorer_file names are resolved in (relative names without
+  // ".." only). "" = sessions may not name scorer files. Default: "".
+  std::string memory_scorer_dir;
+  // Scorer weights (safetensors, daemon/memory_scorer.h) for sessions that name none; loaded
+  // on the first SelectMemory with gate scorer for each gate_dim (its shape depends on it), and
+  // a bad file fails that request with the reason. "" = none. Default: "".
+  std::string memory_scorer_file;
   // Defaults for sessions that leave options at 0 (keys chunk_min_tokens, chunk_max_tokens,
   // sink_tokens, budget_tokens, retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
   // retrieval_block_pooling).

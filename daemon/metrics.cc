@@ -161,6 +161,8 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_restore_bytes_total",
           "kvmem_sessions",
           "kvmem_session_tokens",
+          "kvmem_memory_blocks",
+          "kvmem_memory_block_bytes",
           "kvmem_tenants",
           "kvmem_tenants_configured",
           "kvmem_search_nodes_visited_total",
@@ -183,6 +185,7 @@ std::string RenderPrometheus(const MetricsSources& src) {
     tenants_configured = src.service->configured_tenant_count();
   }
   uint64_t dev_bytes = 0, dev_chunks = 0, tokens = 0, host_bytes = 0, disk_bytes = 0;
+  uint64_t memory_blocks = 0, memory_bytes = 0;
   std::map<std::string, uint64_t> per_tenant;
   for (const auto& s : sessions) {
     const SessionStats st = s->Stats();
@@ -191,6 +194,8 @@ std::string RenderPrometheus(const MetricsSources& src) {
     host_bytes += st.host_bytes;
     disk_bytes += st.disk_bytes;
     tokens += st.tokens;
+    memory_blocks += st.memory_blocks;
+    memory_bytes += st.memory_bytes;
     ++per_tenant[s->tenant()];
   }
 
@@ -259,6 +264,11 @@ std::string RenderPrometheus(const MetricsSources& src) {
     wr.Sample("kvmem_sessions", fmt::format("tenant=\"{}\"", EscapeLabel(t)), n);
   wr.Family("kvmem_session_tokens", "gauge", "Tokens held by all sessions.");
   wr.Sample("kvmem_session_tokens", "", tokens);
+  wr.Family("kvmem_memory_blocks", "gauge", "Memory blocks held by all sessions.");
+  wr.Sample("kvmem_memory_blocks", "", memory_blocks);
+  wr.Family("kvmem_memory_block_bytes", "gauge",
+            "Payload bytes of memory blocks (included in kvmem_tier_bytes).");
+  wr.Sample("kvmem_memory_block_bytes", "", memory_bytes);
   wr.Family("kvmem_tenants", "gauge", "Tenants with at least one session.");
   wr.Sample("kvmem_tenants", "", per_tenant.size());
   wr.Family("kvmem_tenants_configured", "gauge",

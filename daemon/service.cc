@@ -6,6 +6,7 @@
 #include "daemon/metrics.h"
 #include "common/log.h"
 #include "common/units.h"
+#include "daemon/memory_scorer.h"
 #include "daemon/tiers.h"
 
 namespace kvmem {
@@ -124,6 +125,11 @@ uint64_t Service::ShardKey(const w::Envelope* env) {
     case w::Body::EvictSession: return env->body_as_EvictSession()->session_id();
     case w::Body::Snapshot: return env->body_as_Snapshot()->session_id();
     case w::Body::Restore: return env->body_as_Restore()->session_id();
+    case w::Body::PutMemoryBlocks: return env->body_as_PutMemoryBlocks()->session_id();
+    case w::Body::SelectMemory: return env->body_as_SelectMemory()->session_id();
+    case w::Body::GetMemoryBlocks: return env->body_as_GetMemoryBlocks()->session_id();
+    case w::Body::DropMemoryBlocks: return env->body_as_DropMemoryBlocks()->session_id();
+    case w::Body::ListMemoryBlocks: return env->body_as_ListMemoryBlocks()->session_id();
     case w::Body::AttendBatch: {
       auto items = env->body_as_AttendBatch()->items();
       return items && items->size() > 0 ? items->Get(0)->session_id() : 0;
@@ -174,6 +180,11 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::Snapshot: return Snapshot(ctx, env->request_id(), env->body_as_Snapshot(), r);
     case w::Body::Restore: return Restore(ctx, env->request_id(), env->body_as_Restore(), r);
     case w::Body::DropSnapshot: return DropSnapshot(ctx, env->request_id(), env->body_as_DropSnapshot(), r);
+    case w::Body::PutMemoryBlocks: return PutMemoryBlocks(ctx, msg, env->body_as_PutMemoryBlocks(), r);
+    case w::Body::SelectMemory: return SelectMemory(ctx, msg, env->body_as_SelectMemory(), r);
+    case w::Body::GetMemoryBlocks: return GetMemoryBlocks(ctx, env->request_id(), env->body_as_GetMemoryBlocks(), r);
+    case w::Body::DropMemoryBlocks: return DropMemoryBlocks(ctx, env->request_id(), env->body_as_DropMemoryBlocks(), r);
+    case w::Body::ListMemoryBlocks: return ListMemoryBlocks(ctx, env->request_id(), env->body_as_ListMemoryBlocks(), r);
     case w::Body::NONE: return InvalidArgument("message has no body");
     default:
       return InvalidArgument(std::string("op ") + w::EnumNameBody(env->body_type()) +
@@ -285,7 +296,34 @@ flatbuffers::Offset<w::SessionOptions> OptionsToWire(flatbuffers::FlatBufferBuil
       o.values_optional, static_cast<w::SelectionRule>(static_cast<uint8_t>(o.retrieval.rule) + 1),
       o.retrieval.rule_value, o.retrieval.block_tokens,
       o.retrieval.pooling == kernels::BlockPool::kMax ? w::BlockPooling::POOL_MAX
-                                                      : w::BlockPooling::POOL_MEAN);
+                                                      : w::BlockPooling::POOL_MEAN,
+      o.memory.enabled() ? MemoryOptionsToWire(fbb, o.memory) : 0);
+}
+
+Result<MemoryOptions> MemoryOptionsFromWire(const w::MemoryOptions* m) {
+  MemoryOptions o;
+  if (m == nullptr) return o;
+  o.gate_dim = m->gate_dim();
+  o.payload_rows = m->payload_rows();
+  o.payload_dim = m->payload_dim();
+  KVMEM_ASSIGN_OR_RETURN(o.payload_dtype, w::FloatDTypeFromWire(m->payload_dtype()));
+  if (m->default_gate() > w::MemoryGate::MAX) {
+    return InvalidArgument("memory options: unknown default_gate " +
+                           std::to_string(static_cast<int>(m->default_gate())));
+  }
+  o.default_gate = static_cast<MemoryGate>(m->default_gate());
+  o.budget_leaves = m->budget_leaves();
+  if (m->scorer_file()) o.scorer_file = m->scorer_file()->str();
+  o.max_blocks = m->max_blocks();
+  return o;
+}
+
+flatbuffers::Offset<w::MemoryOptions> MemoryOptionsToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                          const MemoryOptions& m) {
+  return w::CreateMemoryOptionsDirect(
+      fbb, m.gate_dim, m.payload_rows, m.payload_dim, w::ToWire(m.payload_dtype),
+      static_cast<w::MemoryGate>(m.default_gate), m.budget_leaves,
+      m.scorer_file.empty() ? nullptr : m.scorer_file.c_str(), m.max_blocks);
 }
 
 Result<std::shared_ptr<Session>> Service::Find(const std::string& tenant, uint64_t id) const {
@@ -309,6 +347,8 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
   }
   KVMEM_RETURN_IF_ERROR(ValidateProfile(profile, config_.profile_limits));
   KVMEM_ASSIGN_OR_RETURN(SessionOptions options, OptionsFromWire(req->options(), config_.session_defaults));
+  KVMEM_ASSIGN_OR_RETURN(options.memory,
+                         MemoryOptionsFromWire(req->options() ? req->options()->memory() : nullptr));
   KVMEM_RETURN_IF_ERROR(ValidateOptions(options));
   if (options.durability == Durability::kDurable && store_ == nullptr) {
     return FailedPrecondition("CreateSession: durable sessions need the store (data_dir)");
@@ -337,6 +377,7 @@ Status Service::CreateSession(const RequestContext& ctx, uint64_t rid, const w::
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
                          Session::Create(req->session_id(), ctx.tenant, std::move(profile),
                                          std::move(options), pool_, tiers_.get()));
+  KVMEM_RETURN_IF_ERROR(AttachSessionScorer(s.get()).WithContext("CreateSession"));
   {
     std::unique_lock lock(mu_);
     auto [it, inserted] = sessions_.emplace(Key{ctx.tenant, req->session_id()}, std::move(s));
@@ -568,6 +609,8 @@ flatbuffers::Offset<w::SessionSummary> Service::Summarize(flatbuffers::FlatBuffe
   b.add_fetched_blocks(st.fetched_blocks);
   b.add_prefetched_blocks(st.prefetched_blocks);
   b.add_evicted_blocks(st.evicted_blocks);
+  b.add_memory_blocks(st.memory_blocks);
+  b.add_memory_bytes(st.memory_bytes);
   if (detail) b.add_layers(layers);
   return b.Finish();
 }
@@ -822,6 +865,11 @@ Status Service::RestoreDurableSessions() {
   std::unique_lock lock(mu_);
   for (RestoredSession& r : restored) {
     if (r.session) {
+      if (Status st = AttachSessionScorer(r.session.get()); !st.ok()) {
+        KVMEM_LOG_ERROR("restore: tenant {} session {}: memory scorer not loaded ({}); gate "
+                        "scorer answers FAILED_PRECONDITION until it is fixed",
+                        r.tenant, r.id, st.ToString());
+      }
       sessions_.emplace(Key{r.tenant, r.id}, std::move(r.session));
     } else {
       KVMEM_LOG_ERROR("restore: tenant {} session {} not restored: {}", r.tenant, r.id,
@@ -857,6 +905,13 @@ Status Service::CheckSameProfile(const Session& s, const ModelProfile& profile,
   if (have.retrieval_head_mask != profile.retrieval_head_mask) {
     diff += std::string(diff.empty() ? "" : ", ") + "retrieval_head_mask differs";
   }
+  const MemoryOptions& hm = s.options().memory;
+  const MemoryOptions& rm = options.memory;
+  field("memory.gate_dim", hm.gate_dim, rm.gate_dim);
+  field("memory.payload_rows", hm.payload_rows, rm.payload_rows);
+  field("memory.payload_dim", hm.payload_dim, rm.payload_dim);
+  field("memory.payload_dtype", static_cast<uint64_t>(hm.payload_dtype),
+        static_cast<uint64_t>(rm.payload_dtype));
   if (diff.empty()) return Status::OK();
   return FailedPrecondition("session " + std::to_string(s.id()) +
                             " exists (durable, restored) with a conflicting profile: " + diff +
@@ -878,12 +933,246 @@ Status Service::VerifySession(const RequestContext& ctx, uint64_t rid, const w::
                                 " is ephemeral (nothing stored to verify)");
     }
     std::lock_guard<std::mutex> lock(s->op_mu());
-    KVMEM_ASSIGN_OR_RETURN(rep, kvmem::VerifySession(*store_, ctx.tenant, s->id(), s->profile()));
+    KVMEM_ASSIGN_OR_RETURN(rep, kvmem::VerifySession(*store_, ctx.tenant, s->id(), s->profile(),
+                                                      &s->options().memory));
   }
   std::vector<flatbuffers::Offset<flatbuffers::String>> bad;
   for (const std::string& b : rep.bad) bad.push_back(r->fbb.CreateString(b));
   auto body = w::CreateVerifySessionReply(r->fbb, rep.bad.empty(), rep.tokens, rep.chunks,
                                           r->fbb.CreateVector(bad));
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+
+// ---- Memory blocks ----
+
+namespace {
+
+Result<MemoryStore*> MemoryOf(const Session& s, const char* op) {
+  if (s.memory() == nullptr) {
+    return FailedPrecondition(std::string(op) + ": session " + std::to_string(s.id()) +
+                              " keeps no memory blocks (create it with memory.gate_dim > 0)");
+  }
+  return s.memory();
+}
+
+flatbuffers::Offset<w::MemoryBlockInfo> BlockInfoToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                        const MemoryBlockInfo& b) {
+  return w::CreateMemoryBlockInfoDirect(fbb, b.id, b.span_start, b.span_end,
+                                        b.label.empty() ? nullptr : b.label.c_str());
+}
+
+// Most blocks one request may name or add.
+constexpr uint64_t kMaxBlocksPerRequest = 1u << 20;
+
+// The ids of a Get/Drop request: present, nonempty, at most kMaxBlocksPerRequest.
+Result<std::span<const uint64_t>> BlockIds(const flatbuffers::Vector<uint64_t>* ids, const char* op) {
+  if (ids == nullptr || ids->size() == 0) return InvalidArgument(std::string(op) + ": no ids");
+  if (ids->size() > kMaxBlocksPerRequest) {
+    return InvalidArgument(std::string(op) + ": too many ids (max " +
+                           std::to_string(kMaxBlocksPerRequest) + ")");
+  }
+  return std::span<const uint64_t>(ids->data(), ids->size());
+}
+
+// Payloads of `ids` gathered into one reply tensor [n, rows, dim].
+Result<flatbuffers::Offset<w::Tensor>> PackPayloads(const MemoryStore& m,
+                                                    std::span<const uint64_t> ids, Reply* r) {
+  const MemoryOptions& o = m.options();
+  const uint64_t pb = o.payload_bytes();
+  uint8_t* buf = r->NewBuffer(pb * ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) KVMEM_RETURN_IF_ERROR(m.ReadPayload(ids[i], buf + i * pb));
+  const uint64_t shape[3] = {ids.size(), o.payload_rows, o.payload_dim};
+  return r->packer.Add(r->fbb, w::ToWire(o.payload_dtype), shape, buf);
+}
+
+}  // namespace
+
+Status Service::AttachSessionScorer(Session* s) const {
+  MemoryStore* m = s->memory();
+  if (m == nullptr || m->options().scorer_file.empty()) return Status::OK();
+  KVMEM_ASSIGN_OR_RETURN(std::string path,
+                         ResolveScorerPath(config_.memory_scorer_dir, m->options().scorer_file));
+  KVMEM_ASSIGN_OR_RETURN(auto scorer, LoadMemoryScorer(path, m->options().gate_dim));
+  m->SetScorer(std::move(scorer));
+  return Status::OK();
+}
+
+Result<std::shared_ptr<const MemoryScorer>> Service::DaemonScorer(uint32_t gate_dim) const {
+  if (config_.memory_scorer_file.empty()) {
+    return FailedPrecondition(
+        "SelectMemory: gate scorer needs weights: set the session's memory.scorer_file or the "
+        "daemon's memory_scorer_file");
+  }
+  std::lock_guard<std::mutex> lock(scorer_mu_);
+  auto it = daemon_scorers_.find(gate_dim);
+  if (it != daemon_scorers_.end()) return it->second;
+  auto loaded = LoadMemoryScorer(config_.memory_scorer_file, gate_dim);
+  if (!loaded.ok()) return loaded.status().WithContext("daemon memory_scorer_file");
+  daemon_scorers_.emplace(gate_dim, *loaded);
+  return *loaded;
+}
+
+Status Service::PutMemoryBlocks(const RequestContext& ctx, const w::Parsed& msg,
+                                const w::PutMemoryBlocks* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "PutMemoryBlocks"));
+  const MemoryOptions& o = m->options();
+  if (req->span_starts() == nullptr || req->span_ends() == nullptr) {
+    return InvalidArgument("PutMemoryBlocks: span_starts and span_ends are required");
+  }
+  const uint64_t n = req->span_starts()->size();
+  if (n == 0) return InvalidArgument("PutMemoryBlocks: no blocks");
+  if (n > kMaxBlocksPerRequest) {
+    return InvalidArgument("PutMemoryBlocks: " + std::to_string(n) + " blocks in one request (max " +
+                           std::to_string(kMaxBlocksPerRequest) + ")");
+  }
+  const w::DType floats[3] = {w::DType::BF16, w::DType::F16, w::DType::F32};
+  const uint64_t kshape[2] = {n, o.gate_dim};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* keys,
+                         w::ResolveTensor(msg, req->gate_keys(), "gate_keys", kshape, floats));
+  KVMEM_ASSIGN_OR_RETURN(DType kdt, w::FloatDTypeFromWire(req->gate_keys()->dtype()));
+  const uint64_t pshape[3] = {n, o.payload_rows, o.payload_dim};
+  const w::DType pdt[1] = {w::ToWire(o.payload_dtype)};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* payloads,
+                         w::ResolveTensor(msg, req->payloads(), "payloads", pshape, pdt));
+  if (HasNonFinite(keys, kdt, n * o.gate_dim)) {
+    return InvalidArgument("PutMemoryBlocks: gate_keys contain NaN or Inf");
+  }
+  if (HasNonFinite(payloads, o.payload_dtype, n * o.payload_rows * o.payload_dim)) {
+    return InvalidArgument("PutMemoryBlocks: payloads contain NaN or Inf");
+  }
+  std::vector<float> fkeys(n * o.gate_dim);
+  ConvertToFloat(keys, kdt, fkeys.size(), fkeys.data());
+  NewMemoryBlocks b;
+  b.n = static_cast<uint32_t>(n);
+  b.gate_keys = fkeys.data();
+  b.payloads = payloads;
+  b.span_starts = std::span(req->span_starts()->data(), req->span_starts()->size());
+  b.span_ends = std::span(req->span_ends()->data(), req->span_ends()->size());
+  if (req->labels() != nullptr) {
+    for (const auto* l : *req->labels()) b.labels.push_back(l ? l->str() : std::string());
+  }
+  uint64_t limit = config_.memory_max_blocks_per_session;
+  if (o.max_blocks != 0) limit = std::min(limit, o.max_blocks);
+  KVMEM_ASSIGN_OR_RETURN(std::vector<uint64_t> ids, m->Put(b, limit));
+  auto body = w::CreatePutMemoryBlocksReplyDirect(r->fbb, &ids, m->blocks(), m->bytes());
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));
+  return Status::OK();
+}
+
+Status Service::SelectMemory(const RequestContext& ctx, const w::Parsed& msg,
+                             const w::SelectMemory* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "SelectMemory"));
+  const MemoryOptions& o = m->options();
+  if (req->k() == 0 || req->k() > kMaxBlocksPerRequest) {
+    return InvalidArgument("SelectMemory: k must be in 1.." + std::to_string(kMaxBlocksPerRequest));
+  }
+  if (req->gate() > w::MemoryGate::MAX) {
+    return InvalidArgument("SelectMemory: unknown gate " +
+                           std::to_string(static_cast<int>(req->gate())));
+  }
+  const w::DType floats[3] = {w::DType::BF16, w::DType::F16, w::DType::F32};
+  const uint64_t qshape[1] = {o.gate_dim};
+  KVMEM_ASSIGN_OR_RETURN(const uint8_t* q, w::ResolveTensor(msg, req->query(), "query", qshape, floats));
+  KVMEM_ASSIGN_OR_RETURN(DType qdt, w::FloatDTypeFromWire(req->query()->dtype()));
+  if (HasNonFinite(q, qdt, o.gate_dim)) return InvalidArgument("SelectMemory: query contains NaN or Inf");
+  std::vector<float> fq(o.gate_dim);
+  ConvertToFloat(q, qdt, fq.size(), fq.data());
+  MemoryGate gate = static_cast<MemoryGate>(req->gate());
+  if (gate == MemoryGate::kDefault) gate = o.default_gate;
+  if (gate == MemoryGate::kScorer && m->scorer() == nullptr) {
+    KVMEM_ASSIGN_OR_RETURN(auto scorer, DaemonScorer(o.gate_dim));
+    m->SetScorer(std::move(scorer));
+  }
+  KVMEM_ASSIGN_OR_RETURN(MemorySelection sel, m->Select(fq, req->k(), gate, req->budget_leaves()));
+  std::vector<flatbuffers::Offset<w::MemoryBlockInfo>> infos;
+  for (uint64_t id : sel.ids) {
+    KVMEM_ASSIGN_OR_RETURN(const MemoryBlockInfo* info, m->Info(id));
+    infos.push_back(BlockInfoToWire(r->fbb, *info));
+  }
+  flatbuffers::Offset<w::Tensor> payloads;
+  if (req->return_payloads() && !sel.ids.empty()) {
+    KVMEM_ASSIGN_OR_RETURN(payloads, PackPayloads(*m, sel.ids, r));
+  }
+  auto ids = r->fbb.CreateVector(sel.ids);
+  auto scores = r->fbb.CreateVector(sel.scores);
+  auto blocks = r->fbb.CreateVector(infos);
+  w::SelectMemoryReplyBuilder b(r->fbb);
+  b.add_ids(ids);
+  b.add_scores(scores);
+  if (!payloads.IsNull()) b.add_payloads(payloads);
+  b.add_blocks(blocks);
+  b.add_exact(sel.exact);
+  b.add_keys_scored(sel.keys_scored);
+  b.add_leaves_visited(sel.leaves_visited);
+  auto body = b.Finish();
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, r->packer.bytes()));
+  return Status::OK();
+}
+
+Status Service::GetMemoryBlocks(const RequestContext& ctx, uint64_t rid,
+                                const w::GetMemoryBlocks* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "GetMemoryBlocks"));
+  KVMEM_ASSIGN_OR_RETURN(std::span<const uint64_t> ids, BlockIds(req->ids(), "GetMemoryBlocks"));
+  std::vector<flatbuffers::Offset<w::MemoryBlockInfo>> infos;
+  for (uint64_t id : ids) {
+    KVMEM_ASSIGN_OR_RETURN(const MemoryBlockInfo* info, m->Info(id));
+    infos.push_back(BlockInfoToWire(r->fbb, *info));
+  }
+  KVMEM_ASSIGN_OR_RETURN(auto payloads, PackPayloads(*m, ids, r));
+  flatbuffers::Offset<w::Tensor> keys;
+  if (req->return_gate_keys()) {
+    const uint32_t d = m->options().gate_dim;
+    auto* buf = reinterpret_cast<float*>(r->NewBuffer(ids.size() * d * sizeof(float)));
+    for (size_t i = 0; i < ids.size(); ++i) {
+      KVMEM_ASSIGN_OR_RETURN(const float* k, m->GateKey(ids[i]));
+      std::copy_n(k, d, buf + i * d);
+    }
+    const uint64_t shape[2] = {ids.size(), d};
+    keys = r->packer.Add(r->fbb, w::DType::F32, shape, buf);
+  }
+  auto blocks = r->fbb.CreateVector(infos);
+  w::GetMemoryBlocksReplyBuilder b(r->fbb);
+  b.add_blocks(blocks);
+  b.add_payloads(payloads);
+  if (!keys.IsNull()) b.add_gate_keys(keys);
+  auto body = b.Finish();
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, r->packer.bytes()));
+  return Status::OK();
+}
+
+Status Service::DropMemoryBlocks(const RequestContext& ctx, uint64_t rid,
+                                 const w::DropMemoryBlocks* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "DropMemoryBlocks"));
+  KVMEM_ASSIGN_OR_RETURN(std::span<const uint64_t> ids, BlockIds(req->ids(), "DropMemoryBlocks"));
+  KVMEM_RETURN_IF_ERROR(m->Drop(ids).WithContext("DropMemoryBlocks"));
+  auto body = w::CreateDropMemoryBlocksReply(r->fbb, ids.size(), m->blocks(), m->bytes());
+  r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
+  return Status::OK();
+}
+
+Status Service::ListMemoryBlocks(const RequestContext& ctx, uint64_t rid,
+                                 const w::ListMemoryBlocks* req, Reply* r) {
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
+  std::lock_guard<std::mutex> lock(s->op_mu());
+  KVMEM_ASSIGN_OR_RETURN(MemoryStore * m, MemoryOf(*s, "ListMemoryBlocks"));
+  const uint32_t limit = req->limit() == 0 ? 1000 : std::min<uint32_t>(req->limit(), 100000);
+  std::vector<flatbuffers::Offset<w::MemoryBlockInfo>> infos;
+  for (const MemoryBlockInfo* b : m->List(req->after_id(), limit)) {
+    infos.push_back(BlockInfoToWire(r->fbb, *b));
+  }
+  auto blocks = r->fbb.CreateVector(infos);
+  auto options = MemoryOptionsToWire(r->fbb, m->options());
+  auto body = w::CreateListMemoryBlocksReply(r->fbb, blocks, m->blocks(), m->bytes(), options);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, rid, body, 0));
   return Status::OK();
 }

@@ -57,6 +57,11 @@ flatbuffers::Offset<wire::SessionOptions> OptionsToWire(flatbuffers::FlatBufferB
                                                         const SessionOptions& o);
 // The retrieval-head fields of wire options over *r (DEFAULT / 0 fields leave it as is).
 Status RetrievalFromWire(const wire::SessionOptions* o, RetrievalOptions* r);
+// Memory-block options from / to the wire (null = disabled). Dtype and gate checked;
+// ValidateMemoryOptions does the rest.
+Result<MemoryOptions> MemoryOptionsFromWire(const wire::MemoryOptions* m);
+flatbuffers::Offset<wire::MemoryOptions> MemoryOptionsToWire(flatbuffers::FlatBufferBuilder& fbb,
+                                                             const MemoryOptions& m);
 
 class Service {
  public:
@@ -158,6 +163,22 @@ class Service {
                   Reply* reply);
   Status AttendBatch(const RequestContext& ctx, const wire::Parsed& msg,
                      const wire::AttendBatch* req, Reply* reply);
+  // Memory blocks (daemon/memory_store.h).
+  Status PutMemoryBlocks(const RequestContext& ctx, const wire::Parsed& msg,
+                         const wire::PutMemoryBlocks* req, Reply* reply);
+  Status SelectMemory(const RequestContext& ctx, const wire::Parsed& msg,
+                      const wire::SelectMemory* req, Reply* reply);
+  Status GetMemoryBlocks(const RequestContext& ctx, uint64_t rid, const wire::GetMemoryBlocks* req,
+                         Reply* reply);
+  Status DropMemoryBlocks(const RequestContext& ctx, uint64_t rid,
+                          const wire::DropMemoryBlocks* req, Reply* reply);
+  Status ListMemoryBlocks(const RequestContext& ctx, uint64_t rid,
+                          const wire::ListMemoryBlocks* req, Reply* reply);
+  // Loads the scorer a session's memory options name (scorer_file under memory_scorer_dir);
+  // OK with nothing attached when they name none.
+  Status AttachSessionScorer(Session* s) const;
+  // The daemon's memory_scorer_file for gate_dim, loaded once per dimension.
+  Result<std::shared_ptr<const MemoryScorer>> DaemonScorer(uint32_t gate_dim) const;
   // Runs one Attend and returns its reply body (used by Attend and AttendBatch).
   Result<flatbuffers::Offset<wire::AttendReply>> AttendOne(const RequestContext& ctx,
                                                            const wire::Parsed& msg,
@@ -196,6 +217,8 @@ class Service {
   ChunkStore* store_ = nullptr;
   std::unique_ptr<TierContext> tiers_;
   std::map<Key, Status> unrestorable_;  // guarded by mu_
+  mutable std::mutex scorer_mu_;
+  mutable std::map<uint32_t, std::shared_ptr<const MemoryScorer>> daemon_scorers_;  // scorer_mu_
   ServiceCounters counters_;
 };
 

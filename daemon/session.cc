@@ -118,6 +118,7 @@ Status ValidateProfile(const ModelProfile& p, const ProfileLimits& lim) {
 Status ValidateOptions(const SessionOptions& o) {
   KVMEM_RETURN_IF_ERROR(index::Chunker::Validate(o.chunker).WithContext("options"));
   KVMEM_RETURN_IF_ERROR(index::ClusterTree::Validate(o.tree).WithContext("options"));
+  KVMEM_RETURN_IF_ERROR(ValidateMemoryOptions(o.memory).WithContext("options"));
   if (static_cast<uint8_t>(o.mode) > static_cast<uint8_t>(SelectionMode::kHybrid)) {
     return InvalidArgument("options: unknown selection mode " +
                            std::to_string(static_cast<int>(o.mode)));
@@ -196,6 +197,9 @@ Status Session::Init() {
     layers_[l].tail_block = *off;
   }
   stat_bytes_ = pool_->allocator().ReservedBytes(bytes) * profile_.layers;
+  if (options_.memory.enabled()) {
+    memory_ = std::make_unique<MemoryStore>(options_.memory, pool_, nullptr);
+  }
   created_ms_ = NowMs();
   last_used_ms_ = created_ms_.load();
   return Status::OK();
@@ -1183,6 +1187,11 @@ SessionStats Session::Stats() const {
   s.fetched_blocks = stat_fetched_.load(std::memory_order_relaxed);
   s.prefetched_blocks = stat_prefetched_.load(std::memory_order_relaxed);
   s.evicted_blocks = stat_evicted_.load(std::memory_order_relaxed);
+  if (memory_) {
+    s.memory_blocks = memory_->blocks();
+    s.memory_bytes = memory_->bytes();
+    s.bytes += s.memory_bytes;
+  }
   s.created_unix_ms = created_ms_.load(std::memory_order_relaxed);
   s.last_used_unix_ms = last_used_ms_.load(std::memory_order_relaxed);
   return s;

@@ -24,6 +24,7 @@
 #include "common/status.h"
 #include "daemon/eviction.h"
 #include "daemon/kv_pool.h"
+#include "daemon/memory_store.h"
 #include "daemon/session_journal.h"
 #include "index/block_select.h"
 #include "index/chunker.h"
@@ -90,6 +91,8 @@ struct SessionOptions {
   std::string label;
   bool values_optional = false;
   RetrievalOptions retrieval;
+  // Compressed memory blocks (daemon/memory_store.h); disabled unless gate_dim > 0.
+  MemoryOptions memory;
 };
 
 // Bounds on what a profile may ask for (config-driven).
@@ -117,6 +120,8 @@ struct SessionStats {
   uint64_t fetched_blocks = 0;     // fetched back in the request path
   uint64_t prefetched_blocks = 0;  // fetched ahead for the next layer
   uint64_t evicted_blocks = 0;     // moved out of the device or host tier
+  uint64_t memory_blocks = 0;
+  uint64_t memory_bytes = 0;     // payload bytes of memory blocks (included in bytes)
   uint64_t created_unix_ms = 0;
   uint64_t last_used_unix_ms = 0;
 };
@@ -245,6 +250,8 @@ class Session {
   LayerIndexInfo IndexInfo(uint32_t layer) const;
 
   SessionStats Stats() const;
+  // The session's memory blocks; nullptr when options().memory is disabled.
+  MemoryStore* memory() const { return memory_.get(); }
   // Held by the request layer around every operation on this session. Uncontended in the
   // common case (one executor per session); it makes cross-shard batches safe.
   std::mutex& op_mu() { return op_mu_; }
@@ -438,6 +445,7 @@ class Session {
   bool spilled_ = false;         // ephemeral: records in the spill family to delete at the end
   int64_t prefetch_layer_ = -1;  // layer to prefetch `prefetch_chunks_` into, or -1
   std::vector<uint32_t> prefetch_chunks_;
+  std::unique_ptr<MemoryStore> memory_;
   std::mutex op_mu_;
   std::atomic<uint64_t> stat_tokens_{0};
   std::atomic<uint64_t> stat_chunks_{0};

@@ -184,8 +184,160 @@ class StoreJournal final : public SessionJournal {
   std::string boundaries_;                 // classes of tokens not yet in a stored chunk
 };
 
+// Memory block record payload (column family memory_blocks, docs/wire-format.md):
+// [span_start u64 LE][span_end u64 LE][label_len u16 LE][label][gate_dim u32 LE]
+// [gate key f32 LE x gate_dim][payload_bytes u32 LE][payload].
+template <typename T>
+void PutLE(std::string* s, T v) {
+  for (size_t i = 0; i < sizeof(T); ++i) s->push_back(static_cast<char>((uint64_t{v} >> (8 * i)) & 0xFF));
+}
+template <typename T>
+T GetLE(const char* p) {
+  uint64_t v = 0;
+  for (size_t i = sizeof(T); i-- > 0;) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return static_cast<T>(v);
+}
+
+std::string EncodeMemoryBlock(const MemoryBlockRecord& r, uint32_t gate_dim, uint64_t payload_bytes) {
+  std::string p;
+  p.reserve(30 + r.info->label.size() + gate_dim * 4 + payload_bytes);
+  PutLE<uint64_t>(&p, r.info->span_start);
+  PutLE<uint64_t>(&p, r.info->span_end);
+  PutLE<uint16_t>(&p, static_cast<uint16_t>(std::min<size_t>(r.info->label.size(), 0xFFFF)));
+  p.append(r.info->label, 0, 0xFFFF);
+  PutLE<uint32_t>(&p, gate_dim);
+  p.append(reinterpret_cast<const char*>(r.gate_key), size_t{gate_dim} * sizeof(float));
+  PutLE<uint32_t>(&p, static_cast<uint32_t>(payload_bytes));
+  p.append(reinterpret_cast<const char*>(r.payload), payload_bytes);
+  return p;
+}
+
+// Block id 0 is never assigned: its record holds the session's next block id (u64 LE).
+constexpr uint64_t kNextIdRecord = 0;
+
+struct MemoryBlockView {
+  MemoryBlockInfo info;
+  const char* gate_key = nullptr;  // gate_dim floats (unaligned)
+  const char* payload = nullptr;
+};
+
+Status DecodeMemoryBlock(std::string_view p, const MemoryOptions& o, const std::string& what,
+                         MemoryBlockView* v) {
+  auto bad = [&](const char* why) { return DataLoss(what + ": " + why); };
+  if (p.size() < 18) return bad("too short");
+  v->info.span_start = GetLE<uint64_t>(p.data());
+  v->info.span_end = GetLE<uint64_t>(p.data() + 8);
+  const size_t label = GetLE<uint16_t>(p.data() + 16);
+  size_t at = 18;
+  if (p.size() < at + label + 4) return bad("truncated label");
+  v->info.label.assign(p.data() + at, label);
+  at += label;
+  if (GetLE<uint32_t>(p.data() + at) != o.gate_dim) return bad("gate key dimension differs from the session's");
+  at += 4;
+  if (p.size() < at + size_t{o.gate_dim} * 4 + 4) return bad("truncated gate key");
+  v->gate_key = p.data() + at;
+  at += size_t{o.gate_dim} * 4;
+  if (GetLE<uint32_t>(p.data() + at) != o.payload_bytes() || p.size() != at + 4 + o.payload_bytes()) {
+    return bad("payload size differs from the session's memory geometry");
+  }
+  v->payload = p.data() + at + 4;
+  return Status::OK();
+}
+
+class StoreMemoryJournal final : public MemoryJournal {
+ public:
+  StoreMemoryJournal(ChunkStore* store, std::string tenant, uint64_t id, MemoryOptions o)
+      : store_(store), tenant_(std::move(tenant)), id_(id), o_(std::move(o)) {}
+  Status LogPut(std::span<const MemoryBlockRecord> blocks) override {
+    ChunkStore::Batch b;
+    uint64_t next = 0;
+    for (const MemoryBlockRecord& r : blocks) {
+      store_->PutMemoryBlock(&b, tenant_, id_, r.info->id,
+                             EncodeMemoryBlock(r, o_.gate_dim, o_.payload_bytes()));
+      next = std::max(next, r.info->id + 1);
+    }
+    // The id high-water mark (block id 0 is never assigned) goes in the same batch, so ids of
+    // dropped blocks are not handed out again after a restart.
+    std::string mark;
+    PutLE<uint64_t>(&mark, next);
+    store_->PutMemoryBlock(&b, tenant_, id_, kNextIdRecord, mark);
+    return store_->Write(&b).WithContext("session " + std::to_string(id_) + ": storing " +
+                                         std::to_string(blocks.size()) + " memory blocks");
+  }
+  Status LogDrop(std::span<const uint64_t> ids) override {
+    ChunkStore::Batch b;
+    for (uint64_t id : ids) store_->DeleteMemoryBlock(&b, tenant_, id_, id);
+    return store_->Write(&b).WithContext("session " + std::to_string(id_) + ": dropping " +
+                                         std::to_string(ids.size()) + " memory blocks");
+  }
+
+ private:
+  ChunkStore* const store_;
+  const std::string tenant_;
+  const uint64_t id_;
+  const MemoryOptions o_;
+};
+
 std::string SessionName(const std::string& tenant, uint64_t id) {
   return "session (tenant " + tenant + ", session " + std::to_string(id) + ")";
+}
+
+// Re-adds a session's stored memory blocks (in groups, checked) under their stored ids.
+Status RestoreMemoryBlocks(const ChunkStore& store, const std::string& tenant, uint64_t id,
+                           MemoryStore* mem, RestoreStats* stats) {
+  const MemoryOptions& o = mem->options();
+  constexpr size_t kGroup = 4096;
+  std::vector<uint64_t> ids;
+  std::vector<float> keys;
+  std::string payloads;
+  std::vector<uint64_t> starts, ends;
+  std::vector<std::string> labels;
+  auto flush = [&]() -> Status {
+    if (ids.empty()) return Status::OK();
+    NewMemoryBlocks b;
+    b.n = static_cast<uint32_t>(ids.size());
+    b.gate_keys = keys.data();
+    b.payloads = reinterpret_cast<const uint8_t*>(payloads.data());
+    b.span_starts = starts;
+    b.span_ends = ends;
+    b.labels = std::move(labels);
+    KVMEM_RETURN_IF_ERROR(mem->Restore(ids, b));
+    ids.clear();
+    keys.clear();
+    payloads.clear();
+    starts.clear();
+    ends.clear();
+    labels.clear();
+    return Status::OK();
+  };
+  KVMEM_RETURN_IF_ERROR(store.ScanMemoryBlocks(
+      tenant, id, [&](uint64_t block, std::string_view payload) -> Status {
+        if (block == kNextIdRecord) {
+          if (payload.size() != 8) {
+            return DataLoss("memory block id mark (tenant " + tenant + ", session " +
+                            std::to_string(id) + "): " + std::to_string(payload.size()) + " bytes");
+          }
+          mem->RaiseNextId(GetLE<uint64_t>(payload.data()));
+          return Status::OK();
+        }
+        MemoryBlockView v;
+        KVMEM_RETURN_IF_ERROR(DecodeMemoryBlock(
+            payload, o,
+            "memory block (tenant " + tenant + ", session " + std::to_string(id) + ", block " +
+                std::to_string(block) + ")",
+            &v));
+        ids.push_back(block);
+        const size_t at = keys.size();
+        keys.resize(at + o.gate_dim);
+        std::memcpy(&keys[at], v.gate_key, size_t{o.gate_dim} * sizeof(float));
+        payloads.append(v.payload, o.payload_bytes());
+        starts.push_back(v.info.span_start);
+        ends.push_back(v.info.span_end);
+        labels.push_back(std::move(v.info.label));
+        stats->bytes += payload.size();
+        return ids.size() >= kGroup ? flush() : Status::OK();
+      }));
+  return flush();
 }
 
 // Rebuilds a session from the stored image (src_tenant, src_id) (header already decoded into
@@ -267,6 +419,13 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, const std
         s->chunk_tokens(static_cast<uint32_t>(i)) != table[i].tokens) {
       return DataLoss(name + ": replay cut chunk " + std::to_string(i) +
                       " differently from the stored chunk table");
+    }
+  }
+  if (MemoryStore* mem = s->memory()) {
+    KVMEM_RETURN_IF_ERROR(RestoreMemoryBlocks(*store, src_tenant, src_id, mem, stats));
+    if (own) {
+      mem->AttachJournal(
+          std::make_unique<StoreMemoryJournal>(store, r->tenant, r->id, mem->options()));
     }
   }
   if (own) {
@@ -444,6 +603,7 @@ Status DecodeSessionHeader(const std::string& payload, const SessionOptions& def
   s.ttl_seconds = o->ttl_seconds();
   s.label = o->label() ? o->label()->str() : "";
   s.values_optional = o->values_optional();
+  KVMEM_ASSIGN_OR_RETURN(s.memory, MemoryOptionsFromWire(o->memory()));
   KVMEM_RETURN_IF_ERROR(RetrievalFromWire(o, &s.retrieval).WithContext("session header"));
   *profile = std::move(m);
   *options = std::move(s);
@@ -458,6 +618,10 @@ Status MakeDurable(ChunkStore* store, Session* session) {
                                                      std::to_string(session->id())));
   session->AttachJournal(std::make_unique<StoreJournal>(store, session->tenant(), session->id(),
                                                         session->profile()));
+  if (MemoryStore* mem = session->memory()) {
+    mem->AttachJournal(std::make_unique<StoreMemoryJournal>(store, session->tenant(),
+                                                            session->id(), mem->options()));
+  }
   return Status::OK();
 }
 
@@ -488,7 +652,8 @@ Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* 
 }
 
 Result<VerifyReport> VerifySession(const ChunkStore& store, const std::string& tenant,
-                                   uint64_t id, const ModelProfile& profile) {
+                                   uint64_t id, const ModelProfile& profile,
+                                   const MemoryOptions* memory) {
   const Shape sh(profile);
   VerifyReport rep;
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store.ChunkTable(tenant, id));
@@ -521,6 +686,23 @@ Result<VerifyReport> VerifySession(const ChunkStore& store, const std::string& t
     }
   }
   rep.tokens = next;
+  if (memory != nullptr && memory->enabled()) {
+    Status st = store.ScanMemoryBlocks(tenant, id, [&](uint64_t block, std::string_view payload) {
+      if (block == kNextIdRecord) return Status::OK();
+      MemoryBlockView v;
+      if (Status d = DecodeMemoryBlock(payload, *memory,
+                                       "memory block (tenant " + tenant + ", session " +
+                                           std::to_string(id) + ", block " + std::to_string(block) + ")",
+                                       &v);
+          !d.ok()) {
+        rep.bad.push_back(d.ToString());
+      }
+      ++rep.memory_blocks;
+      return Status::OK();
+    });
+    // A failed checksum stops the scan; it names the block.
+    if (!st.ok()) rep.bad.push_back(st.ToString());
+  }
   return rep;
 }
 

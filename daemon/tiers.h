@@ -62,10 +62,13 @@ Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* 
 struct VerifyReport {
   uint64_t tokens = 0;
   uint64_t chunks = 0;
+  uint64_t memory_blocks = 0;  // memory blocks read (with `memory`)
   std::vector<std::string> bad;
 };
+// With `memory` (the session's memory options) also re-reads and checks its memory blocks.
 Result<VerifyReport> VerifySession(const ChunkStore& store, const std::string& tenant,
-                                   uint64_t id, const ModelProfile& profile);
+                                   uint64_t id, const ModelProfile& profile,
+                                   const MemoryOptions* memory = nullptr);
 
 // --- Snapshots (docs/operations.md, "Snapshots") ---
 // A snapshot is a durable, consistent point-in-time image of a session (ephemeral or durable)

@@ -210,21 +210,9 @@ void ClusterTree::Summarize(uint32_t n) {
 std::vector<std::vector<uint32_t>> ClusterTree::SplitChunks(const std::vector<uint32_t>& chunks,
                                                             uint32_t k, uint32_t salt) const {
   const uint32_t m = static_cast<uint32_t>(chunks.size());
-  // Cluster directions around the subtree's mean, not around the origin: keys share a large
-  // common component (outlier channels, a bias), and raw cosine similarity would group chunks
-  // by it (by position, under rotary encoding) instead of by content.
-  std::vector<double> mean(head_dim_, 0.0);
-  for (uint32_t c : chunks) {
-    const float* x = chunk_centroid(c);
-    for (uint32_t d = 0; d < head_dim_; ++d) mean[d] += x[d];
-  }
-  for (auto& v : mean) v /= m;
   std::vector<float> points(size_t{m} * head_dim_);
   for (uint32_t i = 0; i < m; ++i) {
-    const float* x = chunk_centroid(chunks[i]);
-    for (uint32_t d = 0; d < head_dim_; ++d) {
-      points[size_t{i} * head_dim_ + d] = static_cast<float>(x[d] - mean[d]);
-    }
+    std::copy_n(chunk_centroid(chunks[i]), head_dim_, &points[size_t{i} * head_dim_]);
   }
   detail::KMeansParams params;
   params.k = k;
@@ -232,7 +220,8 @@ std::vector<std::vector<uint32_t>> ClusterTree::SplitChunks(const std::vector<ui
   params.sample = options_.kmeans_sample;
   params.seed = options_.seed ^ (uint64_t{salt} * 0x9e3779b97f4a7c15ull) ^ m;
   uint32_t used = 0;
-  std::vector<uint32_t> labels = detail::SphericalKMeans(points.data(), m, head_dim_, params, &used);
+  std::vector<uint32_t> labels =
+      detail::CentredSphericalKMeans(points.data(), m, head_dim_, params, &used);
   std::vector<std::vector<uint32_t>> groups(used);
   for (uint32_t i = 0; i < m; ++i) groups[labels[i]].push_back(chunks[i]);
   if (used <= 1) {

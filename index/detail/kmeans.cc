@@ -166,4 +166,19 @@ std::vector<uint32_t> SphericalKMeans(const float* points, uint32_t m, uint32_t 
   return labels;
 }
 
+std::vector<uint32_t> CentredSphericalKMeans(float* points, uint32_t m, uint32_t dim,
+                                             const KMeansParams& params, uint32_t* clusters) {
+  std::vector<double> mean(dim, 0.0);
+  for (uint32_t i = 0; i < m; ++i) {
+    const float* x = points + size_t{i} * dim;
+    for (uint32_t d = 0; d < dim; ++d) mean[d] += x[d];
+  }
+  for (auto& v : mean) v /= m == 0 ? 1 : m;
+  for (uint32_t i = 0; i < m; ++i) {
+    float* x = points + size_t{i} * dim;
+    for (uint32_t d = 0; d < dim; ++d) x[d] = static_cast<float>(x[d] - mean[d]);
+  }
+  return SphericalKMeans(points, m, dim, params, clusters);
+}
+
 }  // namespace kvmem::index::detail

@@ -19,4 +19,10 @@ struct KMeansParams {
 std::vector<uint32_t> SphericalKMeans(const float* points, uint32_t m, uint32_t dim,
                                       const KMeansParams& params, uint32_t* clusters);
 
+// SphericalKMeans of the points after subtracting their mean, in place (`points` is modified).
+// Keys share a large common component (outlier channels, a bias); raw cosine similarity would
+// group them by it instead of by content. Used by the cluster tree and the memory gate tree.
+std::vector<uint32_t> CentredSphericalKMeans(float* points, uint32_t m, uint32_t dim,
+                                             const KMeansParams& params, uint32_t* clusters);
+
 }  // namespace kvmem::index::detail

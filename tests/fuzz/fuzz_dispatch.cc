@@ -1,8 +1,8 @@
 // libFuzzer target: the daemon's verify-and-dispatch path. Input = [u32 header length][header
 // bytes][data bytes], exactly what a UCX active message delivers. Every input goes through
 // wire::ParseMessage and, when it verifies, Service::Handle + AfterReply against a service that
-// holds one session (id 1: 2 layers, 4 q heads, 2 KV heads, head_dim 16, bf16) plus whatever
-// earlier inputs created. Limits are small so RESOURCE_EXHAUSTED paths are reachable.
+// holds one session (id 1: 2 layers, 4 q heads, 2 KV heads, head_dim 16, bf16), one with memory
+// blocks (id 3: gate keys [8], payloads [2 x 4] f32) plus whatever earlier inputs created. Limits are small so RESOURCE_EXHAUSTED paths are reachable.
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -31,6 +31,18 @@ struct Harness {
     auto parsed = kvmem::wire::ParseMessage({fbb.GetBufferPointer(), fbb.GetSize()}, nullptr, 0);
     kvmem::Reply reply;
     service->Handle({1, "default"}, *parsed, &reply);
+    // Session 3 keeps memory blocks: gate keys [8], payloads [2 x 4] f32.
+    flatbuffers::FlatBufferBuilder mem;
+    auto mprof = kvmem::wire::CreateModelProfile(mem, 1, 2, 1, 16, kvmem::wire::DType::BF16);
+    auto mopts = kvmem::wire::CreateMemoryOptions(mem, 8, 2, 4, kvmem::wire::DType::F32);
+    kvmem::wire::SessionOptionsBuilder ob(mem);
+    ob.add_memory(mopts);
+    auto sopts = ob.Finish();
+    auto mbody = kvmem::wire::CreateCreateSession(mem, 3, mprof, sopts);
+    mem.Finish(kvmem::wire::MakeEnvelope(mem, 2, mbody, 0));
+    auto mparsed = kvmem::wire::ParseMessage({mem.GetBufferPointer(), mem.GetSize()}, nullptr, 0);
+    kvmem::Reply mreply;
+    service->Handle({1, "default"}, *mparsed, &mreply);
   }
 };
 

@@ -135,5 +135,58 @@ int main(int argc, char** argv) {
     fbb.Finish(w::MakeEnvelope(fbb, 10, body, 0));
     Write(dir, "drop", fbb, p);
   }
+  // Memory blocks against session 3 (the harness creates it: gate keys [8], payloads [2 x 4] f32).
+  {
+    constexpr uint32_t N = 6, DG = 8;
+    std::vector<float> keys(N * DG), pay(N * 2 * 4);
+    for (size_t i = 0; i < keys.size(); ++i) keys[i] = static_cast<float>(i % 7) * 0.25f - 0.5f;
+    for (size_t i = 0; i < pay.size(); ++i) pay[i] = static_cast<float>(i);
+    std::vector<uint64_t> starts = {0, 10, 20, 30, 40, 50}, ends = {10, 20, 30, 40, 50, 60};
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    const uint64_t ks[2] = {N, DG}, ps[3] = {N, 2, 4};
+    auto kt = p.Add(fbb, w::DType::F32, ks, keys.data());
+    auto pt = p.Add(fbb, w::DType::F32, ps, pay.data());
+    std::vector<flatbuffers::Offset<flatbuffers::String>> labels;
+    for (uint32_t i = 0; i < N; ++i) labels.push_back(fbb.CreateString("b" + std::to_string(i)));
+    auto body = w::CreatePutMemoryBlocks(fbb, 3, kt, pt, fbb.CreateVector(starts), fbb.CreateVector(ends),
+                                         fbb.CreateVector(labels));
+    fbb.Finish(w::MakeEnvelope(fbb, 11, body, p.bytes()));
+    Write(dir, "memory_put", fbb, p);
+  }
+  for (auto gate : {w::MemoryGate::TREE_EXACT, w::MemoryGate::TREE_BUDGET, w::MemoryGate::LINEAR_SCAN,
+                    w::MemoryGate::SCORER}) {
+    std::vector<float> qv(8, 0.5f);
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    const uint64_t qs[1] = {8};
+    auto qt = p.Add(fbb, w::DType::F32, qs, qv.data());
+    auto body = w::CreateSelectMemory(fbb, 3, qt, 3, gate, 1, true);
+    fbb.Finish(w::MakeEnvelope(fbb, 12, body, p.bytes()));
+    Write(dir, std::string("memory_select_") + w::EnumNameMemoryGate(gate), fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    std::vector<uint64_t> ids = {1, 2};
+    auto body = w::CreateGetMemoryBlocks(fbb, 3, fbb.CreateVector(ids), true);
+    fbb.Finish(w::MakeEnvelope(fbb, 13, body, 0));
+    Write(dir, "memory_get", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    auto body = w::CreateListMemoryBlocks(fbb, 3, 0, 10);
+    fbb.Finish(w::MakeEnvelope(fbb, 14, body, 0));
+    Write(dir, "memory_list", fbb, p);
+  }
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    w::TensorPacker p;
+    std::vector<uint64_t> ids = {2};
+    auto body = w::CreateDropMemoryBlocks(fbb, 3, fbb.CreateVector(ids));
+    fbb.Finish(w::MakeEnvelope(fbb, 15, body, 0));
+    Write(dir, "memory_drop", fbb, p);
+  }
   return 0;
 }

@@ -23,11 +23,12 @@ import numpy as np
 from ._errors import Error
 from . import _kvmem
 
-__all__ = ["Client", "Error", "boundary_classes", "MODES", "DTYPES"]
+__all__ = ["Client", "Error", "boundary_classes", "MODES", "DTYPES", "GATES"]
 __version__ = "0.1.0"
 
 MODES = ("dense", "index", "retrieval_heads", "hybrid")
 DTYPES = ("fp32", "fp16", "bf16")
+GATES = ("tree_exact", "tree_budget", "linear", "scorer")
 
 _DTYPE_ALIASES = {
     "fp32": "fp32", "f32": "fp32", "float32": "fp32", "float": "fp32",
@@ -178,6 +179,7 @@ class Client:
         retrieval_rule_value: float = 0.0,
         retrieval_block_tokens: int = 0,
         retrieval_block_pooling: str = "default",
+        memory: Optional[dict] = None,
     ) -> int:
         """Creates a session and returns its id (id=0: the daemon picks one).
 
@@ -187,15 +189,25 @@ class Client:
         (modes retrieval_heads / hybrid need one). retrieval_*: how retrieval heads keep scored
         blocks ("top_k", "ratio", "threshold", "top_p"; value; block tokens, 1 = token level;
         pooling "max" / "mean"); "default" / 0 take the daemon's.
+        memory: compressed memory blocks (LycheeMemory), e.g. {"gate_dim": 64, "payload_rows": 4,
+        "payload_dim": 128, "payload_dtype": "bf16", "gate": "tree_exact", "scorer_file": ""}.
         """
         dt = _dtype_name(dtype)
         mask = [] if retrieval_head_mask is None else [
             int(x) for x in np.asarray(_to_numpy(retrieval_head_mask)).reshape(-1)]
+        m = dict(memory or {})
+        unknown = set(m) - {"gate_dim", "payload_rows", "payload_dim", "payload_dtype", "gate",
+                            "scorer_file"}
+        if unknown:
+            raise Error("INVALID_ARGUMENT", f"unknown memory options {sorted(unknown)}", 3)
         sid = self._c.create_session(
             layers, q_heads, kv_heads, head_dim, dt, [int(x) for x in dense_layers], mask, name,
             chunk_min_tokens, chunk_max_tokens, sink_tokens, recent_window,
             default_budget_tokens, mode, durable, ttl_seconds, label, id, retrieval_rule,
-            float(retrieval_rule_value), int(retrieval_block_tokens), retrieval_block_pooling)
+            float(retrieval_rule_value), int(retrieval_block_tokens), retrieval_block_pooling,
+            int(m.get("gate_dim", 0)), int(m.get("payload_rows", 0)), int(m.get("payload_dim", 0)),
+            _dtype_name(m.get("payload_dtype", "bf16")), m.get("gate", "tree_exact"),
+            m.get("scorer_file", ""))
         self._dtypes[sid] = dt
         return sid
 
@@ -286,3 +298,49 @@ class Client:
                                 int(budget or 0), top_chunks, mode or "default", retrieval_rule,
                                 float(retrieval_rule_value), int(retrieval_block_tokens),
                                 retrieval_block_pooling)
+
+    # -- memory blocks (LycheeMemory) ------------------------------------------------------
+    def _memory_options(self, session: int) -> dict:
+        return self._c.list_memory_blocks(session, 2**64 - 1, 1)["options"]
+
+    def put_memory_blocks(self, session: int, keys: Any, payloads: Any, *,
+                          spans: Optional[Any] = None, labels: Optional[Sequence[str]] = None
+                          ) -> dict:
+        """Adds blocks: keys [n, gate_dim], payloads [n, payload_rows, payload_dim] (converted to
+        the session's payload dtype), spans [n, 2] token ranges (None: [0, 0)), labels [n].
+        All or nothing. Returns {"ids": new block ids, "blocks": held, "bytes": payload bytes}.
+        """
+        ka = _as_dtype(keys, "fp32", "keys")
+        dt = self._memory_options(session)["payload_dtype"]
+        pa = _as_dtype(payloads, dt, "payloads")
+        n = ka.shape[0] if ka.ndim >= 1 else 0
+        if spans is None:
+            starts, ends = [0] * n, [0] * n
+        else:
+            sp = np.asarray(_to_numpy(spans)).reshape(-1, 2)
+            starts, ends = [int(x) for x in sp[:, 0]], [int(x) for x in sp[:, 1]]
+        return self._c.put_memory_blocks(session, ka, pa, dt, starts, ends,
+                                         list(labels) if labels is not None else [])
+
+    def select_memory(self, session: int, query: Any, k: int, *, gate: str = "default",
+                      budget_leaves: int = 0, return_payloads: bool = True) -> dict:
+        """Top-k blocks for query [gate_dim] (gate: "default", "tree_exact", "tree_budget",
+        "linear", "scorer"). Returns ids and scores (best first, ties by lower id), blocks
+        (id, span_start, span_end, label), payloads [k, payload_rows * payload_dim] float32,
+        exact, keys_scored, leaves_visited.
+        """
+        return self._c.select_memory(session, _as_dtype(query, "fp32", "query"), k, gate,
+                                     budget_leaves, return_payloads)
+
+    def get_memory_blocks(self, session: int, ids: Sequence[int], *,
+                          gate_keys: bool = False) -> dict:
+        """blocks, payloads [n, payload_rows * payload_dim] float32 (and gate_keys) of ids."""
+        return self._c.get_memory_blocks(session, [int(i) for i in ids], gate_keys)
+
+    def drop_memory_blocks(self, session: int, ids: Sequence[int]) -> int:
+        """Drops the ids (all or nothing); returns the blocks left."""
+        return self._c.drop_memory_blocks(session, [int(i) for i in ids])
+
+    def list_memory_blocks(self, session: int, *, after: int = 0, limit: int = 0) -> dict:
+        """blocks with id > after (limit 0: 1000), total_blocks, bytes, options."""
+        return self._c.list_memory_blocks(session, after, limit)

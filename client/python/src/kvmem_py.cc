@@ -146,6 +146,61 @@ nb::list Selections(const std::vector<client::HeadSelection>& heads) {
   return out;
 }
 
+client::MemoryGate GateFromName(const std::string& name) {
+  if (name == "" || name == "default") return client::MemoryGate::kDefault;
+  if (name == "tree_exact") return client::MemoryGate::kTreeExact;
+  if (name == "tree_budget") return client::MemoryGate::kTreeBudget;
+  if (name == "linear") return client::MemoryGate::kLinearScan;
+  if (name == "scorer") return client::MemoryGate::kScorer;
+  throw StatusError{InvalidArgument("unknown gate '" + name +
+                                    "' (tree_exact, tree_budget, linear, scorer)")};
+}
+
+const char* GateName(client::MemoryGate g) {
+  switch (g) {
+    case client::MemoryGate::kTreeExact: return "tree_exact";
+    case client::MemoryGate::kTreeBudget: return "tree_budget";
+    case client::MemoryGate::kLinearScan: return "linear";
+    case client::MemoryGate::kScorer: return "scorer";
+    default: return "default";
+  }
+}
+
+nb::dict MemoryOptionsDict(const client::MemoryOptions& m) {
+  nb::dict d;
+  d["gate_dim"] = m.gate_dim;
+  d["payload_rows"] = m.payload_rows;
+  d["payload_dim"] = m.payload_dim;
+  d["payload_dtype"] = std::string(DTypeName(m.payload_dtype));
+  d["default_gate"] = GateName(m.default_gate);
+  d["budget_leaves"] = m.budget_leaves;
+  d["scorer_file"] = m.scorer_file;
+  d["max_blocks"] = m.max_blocks;
+  return d;
+}
+
+nb::list BlockList(const std::vector<client::MemoryBlockInfo>& blocks) {
+  nb::list out;
+  for (const auto& b : blocks) {
+    nb::dict d;
+    d["id"] = b.id;
+    d["span_start"] = b.span_start;
+    d["span_end"] = b.span_end;
+    d["label"] = b.label;
+    out.append(d);
+  }
+  return out;
+}
+
+// Payload bytes [n, rows, dim] of `dtype` as a float32 array.
+nb::ndarray<nb::numpy, float> PayloadArray(const std::vector<uint8_t>& bytes, DType dtype, size_t n) {
+  const size_t elems = bytes.size() / DTypeSize(dtype);
+  std::vector<float> f(elems);
+  ConvertToFloat(bytes.data(), dtype, elems, f.data());
+  const size_t per = n == 0 ? 0 : elems / n;
+  return ToNumpy<float>(std::move(f), {n, per});
+}
+
 nb::dict Summary(const client::SessionSummary& s) {
   nb::dict d;
   d["id"] = s.id;
@@ -170,6 +225,7 @@ nb::dict Summary(const client::SessionSummary& s) {
   o["durable"] = s.options.durable;
   o["ttl_seconds"] = s.options.ttl_seconds;
   o["label"] = s.options.label;
+  o["memory"] = MemoryOptionsDict(s.options.memory);
   d["options"] = o;
   d["tokens"] = s.tokens;
   d["chunks"] = s.chunks;
@@ -178,6 +234,8 @@ nb::dict Summary(const client::SessionSummary& s) {
   d["created_unix_ms"] = s.created_unix_ms;
   d["last_used_unix_ms"] = s.last_used_unix_ms;
   d["mean_chunk_tokens"] = s.mean_chunk_tokens;
+  d["memory_blocks"] = s.memory_blocks;
+  d["memory_bytes"] = s.memory_bytes;
   nb::list layers;
   for (const auto& l : s.layers) {
     nb::dict ld;
@@ -253,7 +311,10 @@ class PyClient {
                          uint32_t default_budget_tokens, const std::string& mode, bool durable,
                          uint64_t ttl_seconds, const std::string& label, uint64_t id,
                          const std::string& retrieval_rule, float retrieval_rule_value,
-                         uint32_t retrieval_block_tokens, const std::string& retrieval_block_pooling) {
+                         uint32_t retrieval_block_tokens, const std::string& retrieval_block_pooling,
+                         uint32_t memory_gate_dim, uint32_t memory_payload_rows,
+                         uint32_t memory_payload_dim, const std::string& memory_payload_dtype,
+                         const std::string& memory_gate, const std::string& memory_scorer_file) {
     client::Profile p;
     p.layers = layers;
     p.q_heads = q_heads;
@@ -276,6 +337,15 @@ class PyClient {
     o.label = label;
     o.retrieval = Retrieval(retrieval_rule, retrieval_rule_value, retrieval_block_tokens,
                             retrieval_block_pooling);
+    o.memory.gate_dim = memory_gate_dim;
+    o.memory.payload_rows = memory_payload_rows;
+    o.memory.payload_dim = memory_payload_dim;
+    o.memory.payload_dtype = DTypeFromName(memory_payload_dtype);
+    o.memory.default_gate = GateFromName(memory_gate);
+    if (o.memory.default_gate == client::MemoryGate::kDefault) {
+      o.memory.default_gate = client::MemoryGate::kTreeExact;
+    }
+    o.memory.scorer_file = memory_scorer_file;
     Client& cl = c();
     nb::gil_scoped_release nogil;
     return Unwrap(cl.CreateSession(p, o, id));
@@ -399,6 +469,93 @@ class PyClient {
     return d;
   }
 
+  // --- memory blocks ---
+  nb::dict PutMemoryBlocks(uint64_t id, const AnyArray& keys, const AnyArray& payloads,
+                           const std::string& payload_dtype, std::vector<uint64_t> span_starts,
+                           std::vector<uint64_t> span_ends, std::vector<std::string> labels) {
+    client::MemoryBlocksToPut b;
+    b.gate_keys = View(keys, DType::kF32, "keys");
+    b.payloads = View(payloads, DTypeFromName(payload_dtype), "payloads");
+    b.span_starts = std::move(span_starts);
+    b.span_ends = std::move(span_ends);
+    b.labels = std::move(labels);
+    Client& cl = c();
+    Result<client::PutMemoryResult> r = Status(StatusCode::kUnknown, "");
+    {
+      nb::gil_scoped_release nogil;
+      r = cl.PutMemoryBlocks(id, b);
+    }
+    client::PutMemoryResult res = Unwrap(std::move(r));
+    nb::dict d;
+    d["ids"] = res.ids;
+    d["blocks"] = res.blocks;
+    d["bytes"] = res.bytes;
+    return d;
+  }
+
+  nb::dict SelectMemory(uint64_t id, const AnyArray& query, uint32_t k, const std::string& gate,
+                        uint32_t budget_leaves, bool return_payloads) {
+    TensorView q = View(query, DType::kF32, "query");
+    const client::MemoryGate g = GateFromName(gate);
+    Client& cl = c();
+    Result<client::MemorySelection> r = Status(StatusCode::kUnknown, "");
+    {
+      nb::gil_scoped_release nogil;
+      r = cl.SelectMemory(id, q, k, g, budget_leaves, return_payloads);
+    }
+    client::MemorySelection res = Unwrap(std::move(r));
+    nb::dict d;
+    d["ids"] = res.ids;
+    d["scores"] = res.scores;
+    d["blocks"] = BlockList(res.blocks);
+    d["payloads"] = return_payloads ? nb::cast(PayloadArray(res.payloads, res.payload_dtype, res.ids.size()))
+                                    : nb::none();
+    d["exact"] = res.exact;
+    d["keys_scored"] = res.keys_scored;
+    d["leaves_visited"] = res.leaves_visited;
+    return d;
+  }
+
+  nb::dict GetMemoryBlocks(uint64_t id, std::vector<uint64_t> ids, bool return_gate_keys) {
+    Client& cl = c();
+    Result<client::MemoryBlocks> r = Status(StatusCode::kUnknown, "");
+    {
+      nb::gil_scoped_release nogil;
+      r = cl.GetMemoryBlocks(id, ids, return_gate_keys);
+    }
+    client::MemoryBlocks res = Unwrap(std::move(r));
+    nb::dict d;
+    d["blocks"] = BlockList(res.blocks);
+    d["payloads"] = PayloadArray(res.payloads, res.payload_dtype, res.blocks.size());
+    if (return_gate_keys) {
+      const size_t n = res.blocks.size(), dim = n ? res.gate_keys.size() / n : 0;
+      d["gate_keys"] = ToNumpy<float>(std::move(res.gate_keys), {n, dim});
+    }
+    return d;
+  }
+
+  uint64_t DropMemoryBlocks(uint64_t id, std::vector<uint64_t> ids) {
+    Client& cl = c();
+    nb::gil_scoped_release nogil;
+    return Unwrap(cl.DropMemoryBlocks(id, ids));
+  }
+
+  nb::dict ListMemoryBlocks(uint64_t id, uint64_t after_id, uint32_t limit) {
+    Client& cl = c();
+    Result<client::MemoryListing> r = Status(StatusCode::kUnknown, "");
+    {
+      nb::gil_scoped_release nogil;
+      r = cl.ListMemoryBlocks(id, after_id, limit);
+    }
+    client::MemoryListing res = Unwrap(std::move(r));
+    nb::dict d;
+    d["blocks"] = BlockList(res.blocks);
+    d["total_blocks"] = res.total_blocks;
+    d["bytes"] = res.bytes;
+    d["options"] = MemoryOptionsDict(res.options);
+    return d;
+  }
+
  private:
   std::unique_ptr<Client> client_;
 };
@@ -432,7 +589,10 @@ NB_MODULE(_kvmem, m) {
            "chunk_min_tokens"_a, "chunk_max_tokens"_a, "sink_tokens"_a, "recent_window"_a,
            "default_budget_tokens"_a, "mode"_a, "durable"_a, "ttl_seconds"_a, "label"_a, "id"_a,
            "retrieval_rule"_a, "retrieval_rule_value"_a, "retrieval_block_tokens"_a,
-           "retrieval_block_pooling"_a)
+           "retrieval_block_pooling"_a,
+           "memory_gate_dim"_a = 0, "memory_payload_rows"_a = 0, "memory_payload_dim"_a = 0,
+           "memory_payload_dtype"_a = "bf16", "memory_gate"_a = "tree_exact",
+           "memory_scorer_file"_a = "")
       .def("drop_session", &PyClient::DropSession, "id"_a)
       .def("list_sessions", &PyClient::ListSessions)
       .def("session_info", &PyClient::SessionInfo, "id"_a)
@@ -444,7 +604,14 @@ NB_MODULE(_kvmem, m) {
            "retrieval_block_tokens"_a, "retrieval_block_pooling"_a)
       .def("retrieve", &PyClient::Retrieve, "id"_a, "layer"_a, "q"_a, "dtype"_a,
            "budget_tokens"_a, "top_chunks"_a, "mode"_a, "retrieval_rule"_a,
-           "retrieval_rule_value"_a, "retrieval_block_tokens"_a, "retrieval_block_pooling"_a);
+           "retrieval_rule_value"_a, "retrieval_block_tokens"_a, "retrieval_block_pooling"_a)
+      .def("put_memory_blocks", &PyClient::PutMemoryBlocks, "id"_a, "keys"_a, "payloads"_a,
+           "payload_dtype"_a, "span_starts"_a, "span_ends"_a, "labels"_a)
+      .def("select_memory", &PyClient::SelectMemory, "id"_a, "query"_a, "k"_a, "gate"_a,
+           "budget_leaves"_a, "return_payloads"_a)
+      .def("get_memory_blocks", &PyClient::GetMemoryBlocks, "id"_a, "ids"_a, "return_gate_keys"_a)
+      .def("drop_memory_blocks", &PyClient::DropMemoryBlocks, "id"_a, "ids"_a)
+      .def("list_memory_blocks", &PyClient::ListMemoryBlocks, "id"_a, "after_id"_a, "limit"_a);
 
   m.def(
       "boundary_classes",

@@ -322,3 +322,41 @@ def test_threads_share_one_client(client):
     finally:
         for sid in sids:
             client.drop_session(sid)
+
+
+def test_memory_blocks_put_select_get_drop(client):
+    rng = np.random.default_rng(5)
+    dg, rows, dim = 16, 2, 4
+    sid = client.create_session(layers=1, q_heads=2, kv_heads=1, head_dim=16,
+                                memory={"gate_dim": dg, "payload_rows": rows, "payload_dim": dim,
+                                        "payload_dtype": "fp32"})
+    try:
+        keys = rng.normal(0, 1, (200, dg)).astype(np.float32)
+        pay = rng.normal(0, 1, (200, rows, dim)).astype(np.float32)
+        spans = np.stack([np.arange(200) * 64, np.arange(1, 201) * 64], axis=1)
+        r = client.put_memory_blocks(sid, keys, pay, spans=spans,
+                                     labels=[f"b{i}" for i in range(200)])
+        ids = r["ids"]
+        assert len(ids) == 200 and r["blocks"] == 200
+        q = rng.normal(0, 1, dg).astype(np.float32)
+        sel = client.select_memory(sid, q, 5)
+        ref = np.argsort(-(keys.astype(np.float64) @ q), kind="stable")[:5]
+        assert sel["ids"] == [ids[i] for i in ref]
+        assert sel["exact"]
+        np.testing.assert_array_equal(sel["payloads"], pay[ref].reshape(5, -1))
+        assert sel["blocks"][0]["label"] == f"b{ref[0]}"
+        assert sel["blocks"][0]["span_start"] == int(spans[ref[0], 0])
+        lin = client.select_memory(sid, q, 5, gate="linear")
+        assert lin["ids"] == sel["ids"] and lin["scores"] == sel["scores"]
+        got = client.get_memory_blocks(sid, [ids[3]], gate_keys=True)
+        np.testing.assert_array_equal(got["gate_keys"][0], keys[3])
+        assert client.drop_memory_blocks(sid, ids[:100]) == 100
+        assert client.list_memory_blocks(sid)["total_blocks"] == 100
+        with pytest.raises(kvmem.Error) as e:
+            client.get_memory_blocks(sid, [ids[0]])
+        assert e.value.code == "NOT_FOUND"
+        with pytest.raises(kvmem.Error) as e:
+            client.select_memory(sid, q[:-1], 3)
+        assert e.value.code == "INVALID_ARGUMENT"
+    finally:
+        client.drop_session(sid)
