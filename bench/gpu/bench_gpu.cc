@@ -302,7 +302,7 @@ nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int repl
   const double err = ErrorAgainstReference(segs, begin, batch, q[0]->p, view.scale, out.p);
   auto row = Row(ctx, batch, 0, "kvmem_dense", us, bytes, err, copy_gbps);
   row["rotation"] = R;
-  if (g_sweep && batch <= 8) {
+  if (g_sweep && batch <= 8 && std::getenv("KVMEM_BENCH_DENSE_SWEEP")) {
     // Other split targets (blocks in total), timed the same way: what the default should be.
     row["sweep"] = nlohmann::json::array();
     for (uint32_t tb : {132u, 264u, 396u, 528u, 792u, 1056u, 1584u, 2112u}) {
@@ -497,6 +497,23 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
         const double t = TimeGraph(s, Launches(R), replays,
                                    [&](int i) { SK(kc::LaunchAttend(ps[i % R], ws2[i % R]->p, s)); });
         row["sweep"].push_back({{"target_blocks", tb}, {"us", t}, {"split_tokens", ps[0].split_tokens}});
+      }
+      // Fixed split sizes (whole waves of even splits rather than a block count).
+      for (uint32_t sp : {384u, 448u, 512u, 576u, 640u, 768u, 1024u}) {
+        kc::AttendPlanOptions o;
+        o.min_split_tokens = o.max_split_tokens = sp;
+        std::vector<kc::AttendPlan> ps(R);
+        std::vector<std::unique_ptr<DeviceBuffer>> ws2;
+        for (int r = 0; r < R; ++r) {
+          SK(kc::PlanAttend(all_probs[r].data(), batch, o, &ps[r]));
+          ws2.emplace_back(new DeviceBuffer(ps[r].workspace_bytes));
+          SK(kc::UploadAttendPlan(ps[r], ws2[r]->p, s));
+        }
+        CK(cudaStreamSynchronize(s));
+        const double t = TimeGraph(s, Launches(R), replays,
+                                   [&](int i) { SK(kc::LaunchAttend(ps[i % R], ws2[i % R]->p, s)); });
+        row["sweep"].push_back({{"target_blocks", 0}, {"us", t}, {"split_tokens", ps[0].split_tokens},
+                                {"blocks", ps[0].num_items}});
       }
     }
     rows.push_back(row);

@@ -31,20 +31,31 @@ grep -E "error|Error|FAIL" "$OUT/bench.log" | head -5
 echo "== torch ($(el)s)"
 TARGS=()
 [[ $MODE == quick ]] && TARGS=(--contexts 32768,131072 --batches 1,8)
-timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" "${TARGS[@]}" > "$OUT/torch.log" 2>&1
-echo "torch rc=$? ($(el)s)"; tail -n 1 "$OUT/torch.log"
+timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" "${TARGS[@]}" > /tmp/torch.log 2>&1
+echo "torch rc=$? ($(el)s)"; tail -n 1 /tmp/torch.log
 if [[ -x $G/b/bin/kvmemd ]]; then
   echo "== e2e attend, device search ($(el)s)"
   timeout 180 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
     --iters ${ITERS:-200} > "$OUT/e2e.log" 2>&1; echo "e2e rc=$? ($(el)s)"; tail -5 "$OUT/e2e.log"
 fi
+echo "== A/B: first-round size of the search (KVMEM_SEARCH_FIRST_ROUND; default 16 at cluster >= 4, else 8) ($(el)s)"
+for fr in ${AB_FIRST_ROUND:-8 32}; do
+  KVMEM_SEARCH_FIRST_ROUND=$fr timeout 60 $G/b/run kvmem-bench-gpu --json "/tmp/ab_fr$fr.json" \
+    --contexts 32768,131072 --batches 1,8 --budgets 2048 > /dev/null 2>&1
+  python3 -c "
+import json,sys
+for r in json.load(open(sys.argv[1]))['results']:
+    if r['method'] in ('kvmem_search', 'kvmem_search_sparse'):
+        print(f\"first_round {sys.argv[2]:>2} {r['method']:20} {r['context']:6d} B{r['batch']} {r['us_per_layer']:7.1f} us agree {r.get('cpu_agreement')} rounds {r.get('rounds_max')}\")
+" "/tmp/ab_fr$fr.json" "$fr"
+done
 python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt" 2>&1
 python3 - "$OUT/bench.json" <<'PY' > "$OUT/sweep.txt" 2>&1
 import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
     if "sweep" in r:
-        s = " ".join(f"{x['target_blocks']}:{x['us']:.1f}" for x in r["sweep"])
-        print(f"{r['method']:18} {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} default {r['us_per_layer']:.1f} | {s}")
+        s = " ".join((f"{x['target_blocks']}:" if x['target_blocks'] else f"s{x['split_tokens']}/{x.get('blocks')}:") + f"{x['us']:.1f}" for x in r["sweep"])
+        print(f"{r['method']:18} {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} default {r['us_per_layer']:.1f} (s{r.get('split_tokens')}/{r.get('blocks')}) | {s}")
     if r["method"] == "kvmem_search":
         print(f"search {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} cluster {r.get('cluster_size')} "
               f"{r['us_per_layer']:.1f} us (1 block: {r.get('search_us_cluster1', 0):.1f}) agree {r.get('cpu_agreement')} "

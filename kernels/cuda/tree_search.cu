@@ -217,6 +217,13 @@ __device__ __forceinline__ uint64_t GlobalTimer() {
   return t;
 }
 
+// Nanoseconds since `from` (0 when the timer reads earlier: %globaltimer is not monotonic
+// across reads on every part).
+__device__ __forceinline__ uint64_t Elapsed(uint64_t from) {
+  const uint64_t now = GlobalTimer();
+  return now > from ? now - from : 0;
+}
+
 __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
   uint32_t n = 1;
   while (n < x) n <<= 1;
@@ -256,7 +263,8 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
-                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype) {
+                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
+                     uint32_t first_round) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   cg::cluster_group cluster = cg::this_cluster();
@@ -309,50 +317,56 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float wc = __fmul_rn(prm.chunk_radius_weight, sm.mean_norm);
 
   if (search) {
-    // 2. Node scores and chains, level by level (parents first); each rank scores a slice of
-    // the level, the cluster barrier publishes the chains (global scratch) to the next level.
-    if (rank == 0 && tid == 0) chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-    cluster.sync();
-    for (uint32_t l = 1; l < tree.num_levels; ++l) {
-      const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
-      const uint32_t per = (le - lb + N - 1) / N;
-      const uint32_t my_lo = lb + min(le - lb, rank * per), my_hi = lb + min(le - lb, (rank + 1) * per);
+    // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
+    // sliced over the ranks, the score parked in chains[n].x.
+    {
+      const uint32_t nn = tree.num_nodes - 1, per = (nn + N - 1) / N;
+      const uint32_t my_lo = 1 + min(nn, rank * per), my_hi = 1 + min(nn, (rank + 1) * per);
       for (uint32_t s0i = my_lo; s0i < my_hi; s0i += kMaxCand) {
         const uint32_t cnt = min(kMaxCand, my_hi - s0i);
-        // Radius and parent chain first (independent loads), so the scoring pass only waits
-        // for the centroid rows.
-        for (uint32_t t = tid; t < cnt; t += kThreads) {
-          const FlatTreeNode node = tree.nodes[s0i + t];
-          sm.cand_score[t] = node.radius;
-          sm.cand_chain[t] = chains[node.parent];
-        }
+        for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
         __syncthreads();
         ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                      [&](uint32_t i) { return tree.node_centroids + size_t{s0i + i} * D; },
                      [&](uint32_t i, float dot) {
                        const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
-                       chains[s0i + i] = Extend(sm.cand_chain[i], sc);
+                       chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
                      });
       }
-      cluster.sync();
     }
+    cluster.sync();  // every score is in the scratch
     stamp[1] = GlobalTimer();
-    // 3. Leaves, unsorted (rank 0): key = bottleneck (the root leaf of a flat tree: +inf), sizes.
+    // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
+    // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
+    // flat tree: +inf), sizes.
     if (rank == 0) {
-      for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
-        const FlatTreeNode node = tree.nodes[n];
-        if (node.child_count & kTreeLeafBit) {
-          const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
-          if (at < kMaxLeaves) {
-            sm.leaf_key[at] = n == 0 ? INFINITY : chains[n].x;
-            sm.leaf_idx[at] = n;
-            sm.leaf_tokens[at] = node.tokens;
-            sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
-            sm.leaf_child_begin[at] = node.child_begin;
-          }
+      auto add_leaf = [&](uint32_t n, const FlatTreeNode& node, float key) {
+        const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
+        if (at < kMaxLeaves) {
+          sm.leaf_key[at] = key;
+          sm.leaf_idx[at] = n;
+          sm.leaf_tokens[at] = node.tokens;
+          sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
+          sm.leaf_child_begin[at] = node.child_begin;
         }
+      };
+      if (tid == 0) {
+        chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+        const FlatTreeNode root = tree.nodes[0];
+        if (root.child_count & kTreeLeafBit) add_leaf(0, root, INFINITY);
       }
       __syncthreads();
+      for (uint32_t l = 1; l < tree.num_levels; ++l) {
+        const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
+        for (uint32_t n = lb + tid; n < le; n += kThreads) {
+          const FlatTreeNode node = tree.nodes[n];
+          const float sc = chains[n].x;
+          const float4 c = Extend(chains[node.parent], sc);
+          chains[n] = c;
+          if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
+        }
+        __syncthreads();
+      }
       if (tid == 0) {
         sm.expanded_tokens = 0;
         if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
@@ -366,7 +380,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the pool entries whose bottleneck beats every unexpanded leaf; they are sorted (by the
     // other ranks when N >= 3) and rank 0 scans them.
     const uint32_t L = rank == 0 ? min(sm.leaf_count, kMaxLeaves) : 0;
-    uint64_t target = 8ull * prm.budget_tokens + 1024;
+    // First round: the best leaves holding first_round x the budget (more rounds cost more than
+    // a larger pool when many ranks score it).
+    uint64_t target = uint64_t{first_round} * prm.budget_tokens + 1024;
     while (true) {
       uint32_t P = 0;
       if (rank == 0) {
@@ -486,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.ctl = round ? 1u : 0u;
           if (round) sm.rounds++;
         }
-        t_sort_leaves += GlobalTimer() - tq;
+        t_sort_leaves += Elapsed(tq);
         tq = GlobalTimer();
       }
       cluster.sync();  // rank 0's reservation (ctl, new_count, owners) is visible
@@ -530,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.cand_count = P + M;
           sm.left = sm.e_next_bits != 0;
         }
-        t_score += GlobalTimer() - tq;
+        t_score += Elapsed(tq);
         tq = GlobalTimer();
         // Commit: unconsumed entries above the next leaf's bottleneck.
         const float thr = sm.e_next;
@@ -635,7 +651,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (rank == 0) {
         const uint32_t* order = dist_sort ? sm.sorted : sm.commit;
-        t_sort += GlobalTimer() - tq;
+        t_sort += Elapsed(tq);
         tq = GlobalTimer();
         // The scan: CPU offer() in order. Warp 0.
         if (warp == 0) {
@@ -716,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
-        t_scan += GlobalTimer() - tq;
+        t_scan += Elapsed(tq);
         target = target * 8 / 5;
       }
     }
@@ -911,7 +927,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     res.rounds = sm.rounds;
     stamp[4] = GlobalTimer();
     for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
-    for (int i = 0; i < 4; ++i) res.phase_ns[i] = static_cast<uint32_t>(stamp[i + 1] - stamp[i]);
+    for (int i = 0; i < 4; ++i) {
+      res.phase_ns[i] = stamp[i + 1] > stamp[i] ? static_cast<uint32_t>(stamp[i + 1] - stamp[i]) : 0;
+    }
     res.phase_ns[4] = static_cast<uint32_t>(t_sort_leaves);
     res.phase_ns[5] = static_cast<uint32_t>(t_score);
     res.phase_ns[6] = static_cast<uint32_t>(t_sort);
@@ -972,6 +990,16 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
   return 1;
 }
 
+// Budget multiple the first round expands: 16 when 4 or more blocks share a search (scoring is
+// cheap, rounds are not), else 8. KVMEM_SEARCH_FIRST_ROUND (2..64) overrides it, for A/B timing.
+uint32_t FirstRound(uint32_t cluster) {
+  if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
+    const int v = std::atoi(e);
+    if (v >= 2 && v <= 64) return static_cast<uint32_t>(v);
+  }
+  return cluster >= 4 ? 16 : 8;
+}
+
 template <int D>
 Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
   constexpr size_t kSmem = sizeof(Smem);
@@ -999,7 +1027,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
       reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype));
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(n)));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }
