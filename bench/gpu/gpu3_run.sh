@@ -38,8 +38,8 @@ if [[ -x $G/b/bin/kvmemd ]]; then
   timeout 180 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
     --iters ${ITERS:-200} > "$OUT/e2e.log" 2>&1; echo "e2e rc=$? ($(el)s)"; tail -5 "$OUT/e2e.log"
 fi
-echo "== A/B: first-round size of the search (KVMEM_SEARCH_FIRST_ROUND; default 16 at cluster >= 4, else 8) ($(el)s)"
-for fr in ${AB_FIRST_ROUND:-8 32}; do
+echo "== A/B: first-round size of the search (KVMEM_SEARCH_FIRST_ROUND; default 16 at cluster >= 4 and >= 4096 chunks, else 8) ($(el)s)"
+for fr in ${AB_FIRST_ROUND:-8 16}; do
   KVMEM_SEARCH_FIRST_ROUND=$fr timeout 60 $G/b/run kvmem-bench-gpu --json "/tmp/ab_fr$fr.json" \
     --contexts 32768,131072 --batches 1,8 --budgets 2048 > /dev/null 2>&1
   python3 -c "

@@ -382,7 +382,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t L = rank == 0 ? min(sm.leaf_count, kMaxLeaves) : 0;
     // First round: the best leaves holding first_round x the budget (more rounds cost more than
     // a larger pool when many ranks score it).
-    uint64_t target = uint64_t{first_round} * prm.budget_tokens + 1024;
+    // Auto (0): 16 when >= 4 blocks share the search and the tree holds >= 4096 chunks, else 8
+    // (H200: 128K, 8 blocks: 58 us at 16 (one round) against 65 at 8 (two); 32K: 53 us at 8,
+    // 70 at 16, both one round; bench/results/h200_run12_nodes_firstround.txt).
+    const uint32_t fr = first_round ? first_round : (N >= 4 && num_chunks >= 4096 ? 16u : 8u);
+    uint64_t target = uint64_t{fr} * prm.budget_tokens + 1024;
     while (true) {
       uint32_t P = 0;
       if (rank == 0) {
@@ -480,19 +484,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 0 && any_left && !round) sm.status |= kSearchStatusTooManyCandidates;
         if (round) {
           // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
+          // Pool ranges by a warp prefix sum (one shared atomic per warp, not per leaf).
           uint32_t emax = 0;
-          for (uint32_t i = tid; i < L; i += kThreads) {
-            if (sm.leaf_chunks[i] & kDone) continue;
-            if (bin(sm.leaf_key[i]) >= cut) {
-              const uint32_t cnt = sm.leaf_chunks[i], tokens = sm.leaf_tokens[i];
+          unsigned long long tok_sum = 0;
+          for (uint32_t i0 = 0; i0 < L; i0 += kThreads) {
+            const uint32_t i = i0 + tid;
+            const bool open = i < L && !(sm.leaf_chunks[i] & kDone);
+            const bool take = open && bin(sm.leaf_key[i]) >= cut;
+            const uint32_t cnt = take ? sm.leaf_chunks[i] : 0;
+            if (open && !take) emax = max(emax, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+            uint32_t pre = cnt;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+              if (lane >= off) pre += x;
+            }
+            const uint32_t warp_total = __shfl_sync(0xffffffffu, pre, 31);
+            uint32_t warp_base = 0;
+            if (lane == 0 && warp_total) warp_base = atomicAdd(&sm.new_count, warp_total);
+            warp_base = __shfl_sync(0xffffffffu, warp_base, 0);
+            if (take) {
+              const uint32_t first = P + warp_base + pre - cnt;
+              tok_sum += sm.leaf_tokens[i];
               sm.leaf_chunks[i] = cnt | kDone;
-              sm.leaf_tokens[i] = P + atomicAdd(&sm.new_count, cnt);  // now: its pool base
-              atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(tokens));
-              for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[sm.leaf_tokens[i] + q] = i;  // owner
-            } else {
-              emax = max(emax, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+              sm.leaf_tokens[i] = first;  // now: its pool base
+              for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[first + q] = i;  // owner
             }
           }
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) tok_sum += __shfl_xor_sync(0xffffffffu, tok_sum, off);
+          if (lane == 0 && tok_sum) atomicAdd(&sm.expanded_tokens, tok_sum);
           emax = __reduce_max_sync(0xffffffffu, emax);
           if (lane == 0 && emax) atomicMax(&sm.e_next_bits, emax);
         }
@@ -990,14 +1011,14 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
   return 1;
 }
 
-// Budget multiple the first round expands: 16 when 4 or more blocks share a search (scoring is
-// cheap, rounds are not), else 8. KVMEM_SEARCH_FIRST_ROUND (2..64) overrides it, for A/B timing.
-uint32_t FirstRound(uint32_t cluster) {
+// Budget multiple the first round expands (0: the kernel's choice per tree).
+// KVMEM_SEARCH_FIRST_ROUND (2..64) fixes it, for A/B timing.
+uint32_t FirstRound() {
   if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
     const int v = std::atoi(e);
     if (v >= 2 && v <= 64) return static_cast<uint32_t>(v);
   }
-  return cluster >= 4 ? 16 : 8;
+  return 0;
 }
 
 template <int D>
@@ -1027,7 +1048,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
       reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(n)));
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound()));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }
