@@ -68,7 +68,9 @@ uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype)
 
 struct AttendPlanOptions {
   // Splits aim at about this many thread blocks in total, so small problems run in one wave
-  // (0: AttendResidentBlocks minus one per task, at least half of it; 528 without a device).
+  // (0: when the tasks fit the resident blocks, one wave of even splits: at most
+  // AttendResidentBlocks / tasks splits per task, sized by the longest task; else
+  // AttendResidentBlocks minus one per task, at least half of it; 528 without a device).
   // Default: 0
   uint32_t target_blocks = 0;
   // Bounds on tokens per split; the chosen size is a multiple of 64 inside these bounds.

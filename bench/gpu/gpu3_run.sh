@@ -38,16 +38,16 @@ if [[ -x $G/b/bin/kvmemd ]]; then
   timeout 180 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
     --iters ${ITERS:-200} > "$OUT/e2e.log" 2>&1; echo "e2e rc=$? ($(el)s)"; tail -5 "$OUT/e2e.log"
 fi
-echo "== A/B: first-round size of the search (KVMEM_SEARCH_FIRST_ROUND; default 16 at cluster >= 4 and >= 4096 chunks, else 8) ($(el)s)"
-for fr in ${AB_FIRST_ROUND:-8 16}; do
-  KVMEM_SEARCH_FIRST_ROUND=$fr timeout 60 $G/b/run kvmem-bench-gpu --json "/tmp/ab_fr$fr.json" \
+echo "== A/B in the same call: search rows with one setting changed ($(el)s)"
+for ab in ${AB:-KVMEM_SEARCH_SLICE_SLACK=off KVMEM_SEARCH_FIRST_ROUND=8}; do
+  env "$ab" timeout 60 $G/b/run kvmem-bench-gpu --json /tmp/ab.json \
     --contexts 32768,131072 --batches 1,8 --budgets 2048 > /dev/null 2>&1
   python3 -c "
 import json,sys
 for r in json.load(open(sys.argv[1]))['results']:
     if r['method'] in ('kvmem_search', 'kvmem_search_sparse'):
-        print(f\"first_round {sys.argv[2]:>2} {r['method']:20} {r['context']:6d} B{r['batch']} {r['us_per_layer']:7.1f} us agree {r.get('cpu_agreement')} rounds {r.get('rounds_max')}\")
-" "/tmp/ab_fr$fr.json" "$fr"
+        print(f\"{sys.argv[2]:32} {r['method']:20} {r['context']:6d} B{r['batch']} {r['us_per_layer']:7.1f} us agree {r.get('cpu_agreement')} rounds {r.get('rounds_max')}\")
+" /tmp/ab.json "$ab"
 done
 python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt" 2>&1
 python3 - "$OUT/bench.json" <<'PY' > "$OUT/sweep.txt" 2>&1

@@ -67,6 +67,11 @@ constexpr uint32_t kMaxSplits = 256;
 constexpr float kNegInf = -INFINITY;
 
 constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
+// Commit slices: a round with more than kSliceMin commits sorts first those in the top bins
+// (kSliceBins over the bottleneck range) that hold the remaining budget + slack, at most
+// kSliceMax of them (their bitonic padding stays clear of the rest at the end of commit[]).
+constexpr uint32_t kSliceBins = 256, kSliceMin = 256, kSliceMax = 1024;
+constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit at once
 
 struct Smem {
   float mean[128];
@@ -76,6 +81,7 @@ struct Smem {
   float e_next;
   uint32_t n_special, total_tokens, n_commit;
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
+  uint32_t n_sort, n_rest, more, slice_front, slice_back;  // rank 0: the commit slices
   union {
     struct {  // rank 0: the leaf clusters
       float leaf_key[kMaxLeaves];
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
                      float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
-                     uint32_t first_round) {
+                     uint32_t first_round, uint32_t slice_slack) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   cg::cluster_group cluster = cg::this_cluster();
@@ -579,183 +585,316 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncthreads();
         C = sm.n_commit;
-        if (!dist_sort) {
-          const uint32_t Cp = NextPow2(C);
-          for (uint32_t i = C + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
-          __syncthreads();
-          BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
-            const uint32_t ia = sm.commit[a], ib = sm.commit[b];
-            bool b_first;
-            if (ib == kTreeNone) {
-              b_first = false;
-            } else if (ia == kTreeNone) {
-              b_first = true;
-            } else {
-              b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
-            }
-            if (b_first == desc) {
-              sm.commit[a] = ib;
-              sm.commit[b] = ia;
-            }
-          });
+        // Slice: the commits whose bottleneck lies in the top bins of a token-weighted histogram
+        // holding what the scan can use (the remaining budget + slack), at most kSliceMax of
+        // them, go first (commit[0, n_sort)); the rest wait at the end of commit[] and are
+        // sorted only when the scan goes through the first slice without stopping. A bin holds
+        // a range of bottlenecks, so the slice is a prefix of the scan order.
+        if (tid == 0) {
+          sm.n_sort = C;
+          sm.n_rest = 0;
+          sm.key_lo = 0xffffffffu;
+          sm.key_hi = 0;
+          sm.slice_front = sm.slice_back = 0;
+          sm.more = 0;
         }
-      }
-      if (dist_sort) {
-        cluster.sync();  // rank 0's commits are visible
-        C = s0.n_commit;
-        const uint32_t W = N - 1, wper = (C + W - 1) / W;
-        const uint32_t w = rank - 1;  // rank 0: unused
-        const uint32_t wlo = rank == 0 ? 0 : min(C, w * wper);
-        const uint32_t wn = rank == 0 ? 0 : min(C, wlo + wper) - wlo;
-        if (rank != 0) {
-          // Sort the slice [wlo, wlo + wn) of the commits locally (bitonic over a permutation).
-          for (uint32_t k = tid; k < wn; k += kThreads) {
-            const uint32_t e = s0.commit[wlo + k];
-            sm.cand_chain[k] = s0.cand_chain[e];
-            sm.cand_id[k] = s0.cand_id[e];
-            sm.cand_tok[k] = e;
-            sm.commit[k] = k;
-          }
-          const uint32_t np = NextPow2(wn);
-          for (uint32_t k = wn + tid; k < np; k += kThreads) sm.commit[k] = kTreeNone;
-          __syncthreads();
-          BlockBitonic(np, [&](uint32_t a, uint32_t b, bool desc) {
-            const uint32_t ia = sm.commit[a], ib = sm.commit[b];
-            bool b_first;
-            if (ib == kTreeNone) {
-              b_first = false;
-            } else if (ia == kTreeNone) {
-              b_first = true;
-            } else {
-              b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
-            }
-            if (b_first == desc) {
-              sm.commit[a] = ib;
-              sm.commit[b] = ia;
-            }
-          });
-          for (uint32_t k = tid; k < wn; k += kThreads) {
-            const uint32_t p = sm.commit[k];
-            sm.w_chain[k] = sm.cand_chain[p];
-            sm.w_id[k] = sm.cand_id[p];
-            sm.w_pool[k] = sm.cand_tok[p];
-          }
+        for (uint32_t i = tid; i < kSliceBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
         }
-        cluster.sync();  // every slice is sorted
-        if (rank != 0) {
-          // Copy the other slices (concatenated in rank order) and place each entry of this
-          // slice: its index in the slice plus, per other slice, the entries before it.
-          for (uint32_t r = 1; r < N; ++r) {
-            if (r == rank) continue;
-            const Smem& sr = *cluster.map_shared_rank(&sm, r);
-            const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
-            for (uint32_t k = tid; k < rn; k += kThreads) {
-              sm.cand_chain[rlo + k] = sr.w_chain[k];
-              sm.cand_id[rlo + k] = sr.w_id[k];
-            }
+        __syncthreads();
+        if (C > kSliceMin && slice_slack != kSliceOff) {
+          uint32_t klo = 0xffffffffu, khi = 0;
+          for (uint32_t i = tid; i < C; i += kThreads) {
+            const uint32_t o = OrderedBits(sm.cand_chain[sm.commit[i]].x);
+            klo = min(klo, o);
+            khi = max(khi, o);
           }
-          for (uint32_t k = tid; k < wn; k += kThreads) sm.cand_tok[k] = k;  // position so far
-          __syncthreads();
-          const uint32_t pairs = wn * (W - 1);
-          for (uint32_t x = tid; x < pairs; x += kThreads) {
-            const uint32_t k = x % wn, oi = x / wn;         // entry, other slice index
-            const uint32_t r = 1 + oi + (oi + 1 >= rank ? 1 : 0);  // other rank (skips mine)
-            const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
-            const uint32_t before =
-                CountBefore(sm.cand_chain + rlo, sm.cand_id + rlo, rn, sm.w_chain[k], sm.w_id[k]);
-            if (before) atomicAdd(&sm.cand_tok[k], before);
+          klo = __reduce_min_sync(0xffffffffu, klo);
+          khi = __reduce_max_sync(0xffffffffu, khi);
+          if (lane == 0) {
+            atomicMin(&sm.key_lo, klo);
+            atomicMax(&sm.key_hi, khi);
           }
           __syncthreads();
-          for (uint32_t k = tid; k < wn; k += kThreads) s0.sorted[sm.cand_tok[k]] = sm.w_pool[k];
-        }
-        cluster.sync();  // rank 0 holds the commits in scan order
-      }
-      if (rank == 0) {
-        const uint32_t* order = dist_sort ? sm.sorted : sm.commit;
-        t_sort += Elapsed(tq);
-        tq = GlobalTimer();
-        // The scan: CPU offer() in order. Warp 0.
-        if (warp == 0) {
-          uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
-          uint32_t sel_tokens = sm.sel_tokens;
-          bool done = false;
-          for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
-            const uint32_t i = b0 + lane;
-            const uint32_t e = i < C ? order[i] : 0;
-            const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
-            uint32_t pre = tok;
+          const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
+          const float width = hi - lo;
+          auto sbin = [&](float k) -> uint32_t {
+            if (!(width > 0.f) || !isfinite(width)) return k == hi ? kSliceBins - 1 : 0;
+            const float f = (k - lo) / width * static_cast<float>(kSliceBins);
+            return f >= static_cast<float>(kSliceBins - 1) ? kSliceBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
+          };
+          for (uint32_t i = tid; i < C; i += kThreads) {
+            const uint32_t e = sm.commit[i];
+            const uint32_t b = sbin(sm.cand_chain[e].x);
+            atomicAdd(&sm.hist_tok[b], sm.cand_tok[e] & ~kConsumed);
+            atomicAdd(&sm.hist_chk[b], 1u);
+          }
+          __syncthreads();
+          if (warp == 0) {
+            const uint32_t need = sm.remaining + (slice_slack ? slice_slack : sm.remaining / 2 + 1024);
+            uint32_t tok = 0, chk = 0, cut = kSliceBins;
+            bool stop = false;
+            for (int b0 = kSliceBins - 32; b0 >= 0 && !stop; b0 -= 32) {
+              const uint32_t b = b0 + 31 - lane;
+              const uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
+              uint32_t pt = t, pc = c;
 #pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-              const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
-              if (lane >= off) pre += x;
-            }
-            const uint32_t total = __shfl_sync(0xffffffffu, pre, 31);
-            const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
-            if (total <= remaining && nsel + 32 <= max_selected) {
-              // Everything fits: accept every non-empty chunk of the batch.
-              if (tok > 0) {
-                const uint32_t at = nsel + __popc(mask & ((1u << lane) - 1));
-                const uint32_t c = sm.cand_id[e];
-                my_sel[at] = c;
-                my_scores[at] = sm.cand_score[e];
-                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
-              }
-              nsel += __popc(mask);
-              remaining -= total;
-              sel_tokens += total;
-              if (mask) misfits = 0;
-              done = mask != 0 && remaining == 0;
-            } else {
-              if (lane == 0) {
-                const uint32_t n = min(32u, C - b0);
-                for (uint32_t q = 0; q < n; ++q) {
-                  const uint32_t ee = order[b0 + q];
-                  const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
-                  if (t == 0) continue;
-                  if (t > remaining) {
-                    if (++misfits >= prm.max_consecutive_misfits) {
-                      done = true;
-                      break;
-                    }
-                    continue;
-                  }
-                  if (nsel >= max_selected) {
-                    done = true;
-                    break;
-                  }
-                  misfits = 0;
-                  remaining -= t;
-                  sel_tokens += t;
-                  const uint32_t c = sm.cand_id[ee];
-                  my_sel[nsel] = c;
-                  my_scores[nsel] = sm.cand_score[ee];
-                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
-                  ++nsel;
-                  if (remaining == 0) {
-                    done = true;
-                    break;
-                  }
+              for (int off = 1; off < 32; off <<= 1) {
+                const uint32_t xt = __shfl_up_sync(0xffffffffu, pt, off);
+                const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
+                if (lane >= off) {
+                  pt += xt;
+                  pc += xc;
                 }
               }
-              remaining = __shfl_sync(0xffffffffu, remaining, 0);
-              misfits = __shfl_sync(0xffffffffu, misfits, 0);
-              nsel = __shfl_sync(0xffffffffu, nsel, 0);
-              sel_tokens = __shfl_sync(0xffffffffu, sel_tokens, 0);
-              done = __shfl_sync(0xffffffffu, done ? 1 : 0, 0) != 0;
+              const bool take = tok + pt - t < need && chk + pc <= kSliceMax;
+              const uint32_t mask = __ballot_sync(0xffffffffu, !take);
+              const int first_no = mask ? __ffs(mask) - 1 : 32;
+              if (first_no > 0) {
+                cut = b0 + 31 - (first_no - 1);
+                tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
+                chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
+              }
+              stop = first_no < 32;
             }
+            if (lane == 0) sm.hist_cut = cut;
           }
-          if (lane == 0) {
-            sm.remaining = remaining;
-            sm.misfits = misfits;
-            sm.nsel = nsel;
-            sm.sel_tokens = sel_tokens;
-            sm.done = done || !sm.left;
+          __syncthreads();
+          const uint32_t cut = sm.hist_cut;
+          if (cut > 0 && cut < kSliceBins) {
+            uint32_t v[kSortCap / kThreads];
+#pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t k = tid + u * kThreads;
+              v[u] = k < C ? sm.commit[k] : kTreeNone;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t e = v[u];
+              if (e == kTreeNone) continue;
+              if (sbin(sm.cand_chain[e].x) >= cut) {
+                sm.commit[atomicAdd(&sm.slice_front, 1u)] = e;
+              } else {
+                sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
+              }
+            }
+            __syncthreads();
+            if (tid == 0) {
+              sm.n_sort = sm.slice_front;
+              sm.n_rest = sm.slice_back;
+            }
           }
         }
         __syncthreads();
-        t_scan += Elapsed(tq);
-        target = target * 8 / 5;
       }
+      for (uint32_t slice = 0;; ++slice) {
+        uint32_t n = 0;  // entries of this slice: commit[0, n)
+        if (rank == 0) {
+          n = sm.n_sort;
+          if (!dist_sort) {
+            const uint32_t Cp = NextPow2(n);
+            for (uint32_t i = n + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
+            __syncthreads();
+            BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
+              const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+              bool b_first;
+              if (ib == kTreeNone) {
+                b_first = false;
+              } else if (ia == kTreeNone) {
+                b_first = true;
+              } else {
+                b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+              }
+              if (b_first == desc) {
+                sm.commit[a] = ib;
+                sm.commit[b] = ia;
+              }
+            });
+          }
+        }
+        if (dist_sort) {
+          cluster.sync();  // rank 0's slice of commits is visible
+          C = s0.n_sort;  // this slice: commit[0, n_sort)
+          const uint32_t W = N - 1, wper = (C + W - 1) / W;
+          const uint32_t w = rank - 1;  // rank 0: unused
+          const uint32_t wlo = rank == 0 ? 0 : min(C, w * wper);
+          const uint32_t wn = rank == 0 ? 0 : min(C, wlo + wper) - wlo;
+          if (rank != 0) {
+            // Sort the slice [wlo, wlo + wn) of the commits locally (bitonic over a permutation).
+            for (uint32_t k = tid; k < wn; k += kThreads) {
+              const uint32_t e = s0.commit[wlo + k];
+              sm.cand_chain[k] = s0.cand_chain[e];
+              sm.cand_id[k] = s0.cand_id[e];
+              sm.cand_tok[k] = e;
+              sm.commit[k] = k;
+            }
+            const uint32_t np = NextPow2(wn);
+            for (uint32_t k = wn + tid; k < np; k += kThreads) sm.commit[k] = kTreeNone;
+            __syncthreads();
+            BlockBitonic(np, [&](uint32_t a, uint32_t b, bool desc) {
+              const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+              bool b_first;
+              if (ib == kTreeNone) {
+                b_first = false;
+              } else if (ia == kTreeNone) {
+                b_first = true;
+              } else {
+                b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+              }
+              if (b_first == desc) {
+                sm.commit[a] = ib;
+                sm.commit[b] = ia;
+              }
+            });
+            for (uint32_t k = tid; k < wn; k += kThreads) {
+              const uint32_t p = sm.commit[k];
+              sm.w_chain[k] = sm.cand_chain[p];
+              sm.w_id[k] = sm.cand_id[p];
+              sm.w_pool[k] = sm.cand_tok[p];
+            }
+          }
+          cluster.sync();  // every slice is sorted
+          if (rank != 0) {
+            // Copy the other slices (concatenated in rank order) and place each entry of this
+            // slice: its index in the slice plus, per other slice, the entries before it.
+            for (uint32_t r = 1; r < N; ++r) {
+              if (r == rank) continue;
+              const Smem& sr = *cluster.map_shared_rank(&sm, r);
+              const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
+              for (uint32_t k = tid; k < rn; k += kThreads) {
+                sm.cand_chain[rlo + k] = sr.w_chain[k];
+                sm.cand_id[rlo + k] = sr.w_id[k];
+              }
+            }
+            for (uint32_t k = tid; k < wn; k += kThreads) sm.cand_tok[k] = k;  // position so far
+            __syncthreads();
+            const uint32_t pairs = wn * (W - 1);
+            for (uint32_t x = tid; x < pairs; x += kThreads) {
+              const uint32_t k = x % wn, oi = x / wn;         // entry, other slice index
+              const uint32_t r = 1 + oi + (oi + 1 >= rank ? 1 : 0);  // other rank (skips mine)
+              const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
+              const uint32_t before =
+                  CountBefore(sm.cand_chain + rlo, sm.cand_id + rlo, rn, sm.w_chain[k], sm.w_id[k]);
+              if (before) atomicAdd(&sm.cand_tok[k], before);
+            }
+            __syncthreads();
+            for (uint32_t k = tid; k < wn; k += kThreads) s0.sorted[sm.cand_tok[k]] = sm.w_pool[k];
+          }
+          cluster.sync();  // rank 0 holds the commits in scan order
+        }
+        if (rank == 0) {
+          const uint32_t* order = dist_sort ? sm.sorted : sm.commit;
+          C = n;
+          t_sort += Elapsed(tq);
+          tq = GlobalTimer();
+          // The scan: CPU offer() in order. Warp 0.
+          if (warp == 0) {
+            uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
+            uint32_t sel_tokens = sm.sel_tokens;
+            bool done = false;
+            for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
+              const uint32_t i = b0 + lane;
+              const uint32_t e = i < C ? order[i] : 0;
+              const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
+              uint32_t pre = tok;
+  #pragma unroll
+              for (int off = 1; off < 32; off <<= 1) {
+                const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+                if (lane >= off) pre += x;
+              }
+              const uint32_t total = __shfl_sync(0xffffffffu, pre, 31);
+              const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
+              if (total <= remaining && nsel + 32 <= max_selected) {
+                // Everything fits: accept every non-empty chunk of the batch.
+                if (tok > 0) {
+                  const uint32_t at = nsel + __popc(mask & ((1u << lane) - 1));
+                  const uint32_t c = sm.cand_id[e];
+                  my_sel[at] = c;
+                  my_scores[at] = sm.cand_score[e];
+                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                }
+                nsel += __popc(mask);
+                remaining -= total;
+                sel_tokens += total;
+                if (mask) misfits = 0;
+                done = mask != 0 && remaining == 0;
+              } else {
+                if (lane == 0) {
+                  const uint32_t n = min(32u, C - b0);
+                  for (uint32_t q = 0; q < n; ++q) {
+                    const uint32_t ee = order[b0 + q];
+                    const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
+                    if (t == 0) continue;
+                    if (t > remaining) {
+                      if (++misfits >= prm.max_consecutive_misfits) {
+                        done = true;
+                        break;
+                      }
+                      continue;
+                    }
+                    if (nsel >= max_selected) {
+                      done = true;
+                      break;
+                    }
+                    misfits = 0;
+                    remaining -= t;
+                    sel_tokens += t;
+                    const uint32_t c = sm.cand_id[ee];
+                    my_sel[nsel] = c;
+                    my_scores[nsel] = sm.cand_score[ee];
+                    atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                    ++nsel;
+                    if (remaining == 0) {
+                      done = true;
+                      break;
+                    }
+                  }
+                }
+                remaining = __shfl_sync(0xffffffffu, remaining, 0);
+                misfits = __shfl_sync(0xffffffffu, misfits, 0);
+                nsel = __shfl_sync(0xffffffffu, nsel, 0);
+                sel_tokens = __shfl_sync(0xffffffffu, sel_tokens, 0);
+                done = __shfl_sync(0xffffffffu, done ? 1 : 0, 0) != 0;
+              }
+            }
+            if (lane == 0) {
+              sm.remaining = remaining;
+              sm.misfits = misfits;
+              sm.nsel = nsel;
+              sm.sel_tokens = sel_tokens;
+              // A second slice when the scan went through the first without stopping.
+              sm.more = !done && slice == 0 && sm.n_rest > 0;
+              if (sm.more) sm.n_sort = sm.n_rest;
+              sm.done = done || (!sm.more && !sm.left);
+            }
+          }
+          __syncthreads();
+          t_scan += Elapsed(tq);
+          if (sm.more) {
+            // The rest (at the end of commit[]) to the front, staged through registers.
+            const uint32_t nr = sm.n_rest;
+            uint32_t v[kSortCap / kThreads];
+  #pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t k = tid + u * kThreads;
+              v[u] = k < nr ? sm.commit[kSortCap - nr + k] : 0;
+            }
+            __syncthreads();
+  #pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t k = tid + u * kThreads;
+              if (k < nr) sm.commit[k] = v[u];
+            }
+            __syncthreads();
+          }
+        }
+        if (dist_sort) cluster.sync();  // the sorting ranks learn whether a second slice follows
+        // Without the distributed sort the other ranks take no part in the slices.
+        if (dist_sort ? s0.more == 0 : (rank != 0 || sm.more == 0)) break;
+      }
+      if (rank == 0) target = target * 8 / 5;
     }
     // No rank reads another's shared memory past this point; the others may leave.
     cluster.sync();
@@ -1013,6 +1152,18 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
 
 // Budget multiple the first round expands (0: the kernel's choice per tree).
 // KVMEM_SEARCH_FIRST_ROUND (2..64) fixes it, for A/B timing.
+// Tokens beyond the remaining budget the first commit slice holds (0: half the remaining +
+// 1024). KVMEM_SEARCH_SLICE_SLACK fixes it (>= 1), or turns slicing off ("off"), for A/B timing
+// and for tests that force the second slice.
+uint32_t SliceSlack() {
+  if (const char* e = std::getenv("KVMEM_SEARCH_SLICE_SLACK")) {
+    if (std::string(e) == "off") return kSliceOff;
+    const int v = std::atoi(e);
+    if (v >= 1) return static_cast<uint32_t>(v);
+  }
+  return 0;
+}
+
 uint32_t FirstRound() {
   if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
     const int v = std::atoi(e);
@@ -1048,7 +1199,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
       reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound()));
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack()));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <set>
 #include <string>
@@ -343,6 +344,17 @@ TEST(TreeSearchCuda, LargeTreesEveryClusterSizeMatchesCpu) {
   for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
     SCOPED_TRACE("cluster " + std::to_string(cluster));
     for (uint32_t budget : {2048u, 8192u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+  }
+  // Commit slices: a first slice of barely the remaining budget (so the scan usually needs the
+  // second), and no slicing at all. The kernel reads the variable at every launch.
+  for (const char* slack : {"1", "off"}) {
+    SCOPED_TRACE(std::string("KVMEM_SEARCH_SLICE_SLACK=") + slack);
+    ASSERT_EQ(setenv("KVMEM_SEARCH_SLICE_SLACK", slack, 1), 0);
+    for (uint32_t cluster : {1u, 2u, 8u}) {
+      SCOPED_TRACE("cluster " + std::to_string(cluster));
+      for (uint32_t budget : {512u, 2048u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+    }
+    unsetenv("KVMEM_SEARCH_SLICE_SLACK");
   }
 }
 
