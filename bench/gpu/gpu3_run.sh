@@ -39,7 +39,7 @@ if [[ -x $G/b/bin/kvmemd ]]; then
     --iters ${ITERS:-200} > "$OUT/e2e.log" 2>&1; echo "e2e rc=$? ($(el)s)"; tail -5 "$OUT/e2e.log"
 fi
 echo "== A/B in the same call: search rows with one setting changed ($(el)s)"
-for ab in ${AB:-KVMEM_SEARCH_SLICE_SLACK=off KVMEM_SEARCH_FIRST_ROUND=8}; do
+for ab in ${AB:-KVMEM_SEARCH_SLICE_SLACK=off}; do
   env "$ab" timeout 60 $G/b/run kvmem-bench-gpu --json /tmp/ab.json \
     --contexts 32768,131072 --batches 1,8 --budgets 2048 > /dev/null 2>&1
   python3 -c "

@@ -603,7 +603,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.hist_chk[i] = 0;
         }
         __syncthreads();
-        if (C > kSliceMin && slice_slack != kSliceOff) {
+        // Not with the distributed sort: its cost is mostly fixed (cluster barriers), and the
+        // slicing passes cost more than they save there (H200, 128K, 8 blocks: 56 against 55
+        // us; one block per head, 32K, budget 4096: 212 against 345 us; run 14).
+        if (C > kSliceMin && slice_slack != kSliceOff && !dist_sort) {
           uint32_t klo = 0xffffffffu, khi = 0;
           for (uint32_t i = tid; i < C; i += kThreads) {
             const uint32_t o = OrderedBits(sm.cand_chain[sm.commit[i]].x);
