@@ -1,19 +1,24 @@
 // Budgeted cluster-tree search on the GPU (kernels/tree_search.h for what it computes), one
-// thread block of 512 threads per (problem, KV head), then the span-attention kernel over the
-// runs the search wrote. No host step between the two launches.
+// thread-block cluster of N blocks (512 threads each) per (problem, KV head), then the
+// span-attention kernel over the runs the search wrote, as a programmatic dependent launch. No
+// host step between the two launches. docs/architecture.md ("Device tree and GPU search").
 //
-// One block, level-synchronously:
-//   1. the group's mean query (the CPU's float operations, in its order);
-//   2. every node's soft score, level by level, and its chain (right-to-left minima of the path
-//      scores, 4 floats padded with -inf) into global scratch; a dot product is 8 lanes with one
-//      partial sum each, combined like index::detail::Dot, so scores are bit-identical to the CPU;
-//   3. leaves sorted by bottleneck e = chain[0] (bitonic, shared memory);
-//   4. rounds: take the best leaves until they hold 2x the budget (then 4x more each round);
-//      score their chunks; chunks whose bottleneck beats the next leaf's e are final in order,
-//      so they are sorted by chain and scanned like the CPU's offer() (warp 0: 32 at a time
-//      while they fit, one by one near the end); stop when the scan stops or leaves run out;
-//   5. runs: sink and recent-window pieces (merged with the selection), selected chunks, tail;
-//      cut into the head's planned splits by token prefix and written as the attention's items.
+// Rank 0 of the cluster holds the search state in shared memory; the others work for it:
+//   1. the group's mean query (the CPU's float operations, in its order), on every rank;
+//   2. every node's soft score, ranks sharing the nodes (a dot product is 8 lanes with one
+//      partial sum each, combined like index::detail::Dot, so scores are bit-identical to the
+//      CPU); rank 0 extends the chains (right-to-left minima of the path scores, 4 floats padded
+//      with -inf, global scratch) level by level and lists the leaves;
+//   3. rounds: rank 0 takes the best unexpanded leaves by a token-weighted key histogram until
+//      they hold 8x (16x) the budget (1.6x more each later round) and reserves their pool
+//      entries; the ranks score slices of the new chunks into rank 0's pool (DSMEM); chunks whose
+//      bottleneck beats the next leaf's are final in order, so they are sorted by chain (ranks
+//      1..N-1 for N >= 3, else rank 0 on a histogram-cut slice first) and scanned like the CPU's
+//      offer() (warp 0: 32 at a time while they fit, one by one near the end); stop when the
+//      scan stops or leaves run out;
+//   4. runs (rank 0): sink and recent-window pieces (merged with the selection), selected
+//      chunks, tail; cut into the head's planned splits by token prefix and written as the
+//      attention's items.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
