@@ -125,7 +125,7 @@ class DevicePool final : public KVPool {
     return tree->Sync(flat, stream_);
   }
 
-  // Two uploads (q, the plan image), the search and the attention launches, two copies back
+  // One upload (q and the plan image), the search and the attention launches, two copies back
   // (out + lse, the per-head results [+ selection]), one synchronisation.
   Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -137,34 +137,42 @@ class DevicePool final : public KVPool {
     const size_t q_room = (q_bytes + 255) / 256 * 256;
     const size_t out_room = (out_bytes + 255) / 256 * 256;
     const size_t lse_bytes = size_t{a.q_heads} * sizeof(float);
-    KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, q_room + out_room + lse_bytes));
-    auto* d_in = static_cast<uint8_t*>(d_io_);
-    dev.attend.pool = base_;
-    dev.attend.q = d_in;
-    dev.attend.out = d_in + q_room;
-    dev.attend.lse = reinterpret_cast<float*>(d_in + q_room + out_room);
+    const size_t lse_room = (lse_bytes + 255) / 256 * 256;
+    const size_t io_room = q_room + out_room + lse_room;
+    // One device buffer [q | out | lse | workspace], so q and the plan image go up in one copy.
+    // The plan holds the q / out / lse pointers: plan again when the buffer had to grow.
     kernels::cuda::SearchAttendPlan plan;
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
-    KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, plan.workspace_bytes));
-    // Pinned staging: [q | plan image] up, [out | lse | results (+ selection)] down, so the
-    // copies are truly asynchronous and run at full speed.
+    uint8_t* d_in = nullptr;
+    for (int pass = 0;; ++pass) {
+      if (d_sws_ == nullptr) KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, io_room + (1u << 20)));
+      d_in = static_cast<uint8_t*>(d_sws_);
+      dev.attend.pool = base_;
+      dev.attend.q = d_in;
+      dev.attend.out = d_in + q_room;
+      dev.attend.lse = reinterpret_cast<float*>(d_in + q_room + out_room);
+      KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
+      if (io_room + plan.workspace_bytes <= sws_bytes_) break;
+      if (pass > 0) return Internal("device search: workspace did not grow");
+      KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, io_room + plan.workspace_bytes));
+    }
+    uint8_t* d_ws = d_in + io_room;
+    // Pinned staging: [q | (out, lse: not read) | plan image] up in one copy, [out | lse] and
+    // [results (+ selection)] down, so the copies are truly asynchronous.
     const size_t res_end = req->want_selection ? plan.scratch_off
                                                : plan.results_off + plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult);
-    const size_t up = q_room + plan.image.size();
+    const size_t up = io_room + plan.image.size();
     const size_t down = out_room + lse_bytes + (res_end - plan.results_off);
     KVMEM_RETURN_IF_ERROR(GrowPinned(up + down));
     uint8_t* h_up = pinned_;
     uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
     std::memcpy(h_up, a.q, q_bytes);
-    std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, q_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_sws_, h_up + q_room, plan.image.size(), cudaMemcpyHostToDevice,
-                                               stream_), "upload search plan"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_sws_, stream_));
+    std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
+                               "stage q and the search plan"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_ws, stream_));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, out_room + lse_bytes,
                                                cudaMemcpyDeviceToHost, stream_), "copy out"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes,
-                                               static_cast<uint8_t*>(d_sws_) + plan.results_off,
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes, d_ws + plan.results_off,
                                                res_end - plan.results_off, cudaMemcpyDeviceToHost, stream_),
                                "copy search results"));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));

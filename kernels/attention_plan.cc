@@ -56,7 +56,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   }
 
   // Total tokens decide the split size: about target_blocks items overall.
-  uint64_t total = 0;
+  uint64_t total = 0, max_task = 0;
   uint32_t num_tasks = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const AttendProblem& p = problems[i];
@@ -64,18 +64,28 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
     for (uint32_t h = 0; h < p.kv_heads; ++h) {
       uint32_t first, last;
       HeadSpans(p, h, &first, &last);
-      for (uint32_t s = first; s < last; ++s) total += p.spans[s].end - p.spans[s].begin;
+      uint64_t task_tokens = 0;
+      for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
+      total += task_tokens;
+      max_task = std::max(max_task, task_tokens);
     }
   }
   uint64_t target = options.target_blocks;
+  const uint64_t resident = target == 0 ? AttendResidentBlocks(D, G, p0.kv_dtype) : 0;
   if (target == 0) {
     // One wave: the last split of each task may be short, so leave a block per task spare.
-    const uint64_t resident = AttendResidentBlocks(D, G, p0.kv_dtype);
     target = resident == 0 ? 528
                            : std::max<uint64_t>(resident / 2,
                                                 resident - std::min<uint64_t>(resident, num_tasks));
   }
   uint64_t split = (total + target - 1) / target;
+  if (resident > 0 && num_tasks <= resident) {
+    // One wave of even splits: each task gets at most resident / tasks splits, sized by the
+    // longest task (H200, 64 tasks of ~2100 tokens: 4 x 576 = 256 blocks, 31.1 us, against
+    // 221 blocks of 704 tokens by the token total, 33.3 us; bench/results/h200_run12.json).
+    const uint64_t k = resident / num_tasks;
+    split = (max_task + k - 1) / k;
+  }
   split = std::clamp<uint64_t>(split, options.min_split_tokens,
                                std::max(options.min_split_tokens, options.max_split_tokens));
   split = AlignUp(split, 64);

@@ -68,7 +68,9 @@ uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype)
 
 struct AttendPlanOptions {
   // Splits aim at about this many thread blocks in total, so small problems run in one wave
-  // (0: AttendResidentBlocks minus one per task, at least half of it; 528 without a device).
+  // (0: when the tasks fit the resident blocks, one wave of even splits: at most
+  // AttendResidentBlocks / tasks splits per task, sized by the longest task; else
+  // AttendResidentBlocks minus one per task, at least half of it; 528 without a device).
   // Default: 0
   uint32_t target_blocks = 0;
   // Bounds on tokens per split; the chosen size is a multiple of 64 inside these bounds.
@@ -212,6 +214,12 @@ struct SearchAttendPlan {
   DType kv_dtype = DType::kBF16, q_dtype = DType::kBF16, out_dtype = DType::kBF16;
   size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, results_off = 0,
          selected_off = 0, scores_off = 0, scratch_off = 0, partials_off = 0;
+  // Thread blocks per (problem, KV head) in LaunchTreeSearch: one thread-block cluster shares
+  // each search (1, 2, 4, 8 or 16). 0: the largest whose clusters all fit the device at once
+  // (KVMEM_SEARCH_CLUSTER in the environment overrides it, for A/B timing). The selection is
+  // the same for every size.
+  // Default: 0
+  uint32_t cluster_size = 0;
 };
 
 // Host only: validates, sizes the splits from the most tokens a head can attend
@@ -221,10 +229,14 @@ struct SearchAttendPlan {
 Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
                         const AttendPlanOptions& options, SearchAttendPlan* plan);
 Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, void* stream);
-// The search alone (one launch: one thread block per (problem, KV head)); it writes the
+// The search alone (one launch: one thread-block cluster per (problem, KV head)); it writes the
 // selection, the results and the attention's runs into the workspace.
 Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* stream);
-// Search, then span attention over what it wrote: two launches, no host step between.
+// Search, then span attention over what it wrote: two launches, no host step between (the
+// attention is a programmatic dependent launch: its blocks start while the search finishes and
+// wait for the search's writes before reading the runs).
 Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream);
+// The cluster size LaunchTreeSearch uses for this plan (0 without a device).
+uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan);
 
 }  // namespace kvmem::kernels::cuda

@@ -27,5 +27,6 @@ Status DeviceTree::Reserve(Buffer*, size_t, size_t, void*) { return NoCuda(); }
 Status UploadSearchAttendPlan(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
 Status LaunchTreeSearch(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
 Status LaunchSearchAttend(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
+uint32_t TreeSearchClusterSize(const SearchAttendPlan&) { return 0; }
 
 }  // namespace kvmem::kernels::cuda

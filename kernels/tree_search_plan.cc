@@ -40,7 +40,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
     return Unimplemented("search attend on CUDA: head_dim " + std::to_string(D) + " group " +
                          std::to_string(G));
   }
-  uint64_t total = 0, tasks = 0, nodes = 0;
+  uint64_t total = 0, tasks = 0, nodes = 0, max_task = 0;
   uint32_t max_budget = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const SearchAttendProblem& p = problems[i];
@@ -71,17 +71,23 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
     const uint64_t most = uint64_t{p.sink_tokens} + p.params.budget_tokens + p.recent_window +
                           kChunkSlack + (p.tail.end - p.tail.begin);
     total += most * a.kv_heads;
+    max_task = std::max(max_task, most);
     tasks += a.kv_heads;
     max_budget = std::max(max_budget, p.params.budget_tokens);
   }
   uint64_t target = options.target_blocks;
+  const uint64_t resident = target == 0 ? AttendResidentBlocks(D, G, a0.kv_dtype) : 0;
   if (target == 0) {
-    const uint64_t resident = AttendResidentBlocks(D, G, a0.kv_dtype);
     target = resident == 0 ? 528 : std::max<uint64_t>(resident / 2, resident - std::min(resident, tasks));
   }
   // Every run holds >= 1 token, so splits of <= kMaxRunsPerItem tokens can never overflow a
   // run table; larger splits rely on chunks of >= split / kMaxRunsPerItem tokens.
   uint64_t split = (total + target - 1) / target;
+  if (resident > 0 && tasks <= resident) {
+    // One wave of even splits: every task gets at most resident / tasks splits (see PlanAttend).
+    const uint64_t k = resident / tasks;
+    split = (max_task + k - 1) / k;
+  }
   split = std::clamp<uint64_t>(split, options.min_split_tokens,
                                std::min<uint64_t>(options.max_split_tokens, 1024));
   split = AlignUp(std::max<uint64_t>(split, 64), 64);

@@ -66,6 +66,8 @@ using kernels::KVSpan;
 constexpr uint32_t kHq = 32, kHkv = 8, kD = 128;
 constexpr size_t kRotateBytes = 256ull << 20;  // working set target when rotating (> 4 x L2)
 
+bool g_sweep = false;
+
 struct Args {
   std::string json;
   std::vector<uint32_t> contexts{8192, 32768, 131072};
@@ -73,6 +75,7 @@ struct Args {
   std::vector<uint32_t> budgets{1024, 2048, 4096};
   int replays = 15;
   bool search = true;  // kvmem_search / kvmem_search_sparse rows (builds real cluster trees)
+  bool sweep = false;  // dense (B <= 8) and sparse (B >= 8) rows also time other split targets
   std::string machine;
   std::string commit = "unknown";
 };
@@ -108,6 +111,8 @@ Args ParseArgs(int argc, char** argv) {
       a.replays = std::atoi(next());
     else if (k == "--no-search")
       a.search = false;
+    else if (k == "--sweep")
+      a.sweep = true;
     else if (k == "--machine")
       a.machine = next();
     else if (k == "--commit")
@@ -297,6 +302,25 @@ nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int repl
   const double err = ErrorAgainstReference(segs, begin, batch, q[0]->p, view.scale, out.p);
   auto row = Row(ctx, batch, 0, "kvmem_dense", us, bytes, err, copy_gbps);
   row["rotation"] = R;
+  if (g_sweep && batch <= 8 && std::getenv("KVMEM_BENCH_DENSE_SWEEP")) {
+    // Other split targets (blocks in total), timed the same way: what the default should be.
+    row["sweep"] = nlohmann::json::array();
+    for (uint32_t tb : {132u, 264u, 396u, 528u, 792u, 1056u, 1584u, 2112u}) {
+      kc::DenseAttendOptions o;
+      o.target_blocks = tb;
+      const size_t wb = kc::DenseAttendWorkspaceBytes(view, o);
+      DeviceBuffer w(wb);
+      CK(cudaMemset(w.p, 0, std::max<size_t>(wb, 256)));
+      const double t = TimeGraph(s, Launches(R), replays, [&](int i) {
+        DenseAttendView vi = view;
+        vi.k = k[i % R]->p;
+        vi.v = v[i % R]->p;
+        vi.q = q[i % R]->p;
+        SK(kc::DenseAttend(vi, o, w.p, wb, s));
+      });
+      row["sweep"].push_back({{"target_blocks", tb}, {"us", t}});
+    }
+  }
   return row;
 }
 
@@ -397,11 +421,13 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
     for (int r = 1; r < R; ++r) sels.push_back(Select(pool, budget, rng));
     std::vector<std::unique_ptr<DeviceBuffer>> qs, wss;
     std::vector<kc::AttendPlan> plans(R);
+    std::vector<std::vector<AttendProblem>> all_probs(R);
     double plan_us = 0;
     for (int r = 0; r < R; ++r) {
       qs.emplace_back(new DeviceBuffer(q_elems * 2));
       FillRandomBF16(qs[r]->p, q_elems, 1000 + r, 1.f);
-      std::vector<AttendProblem> probs(batch);
+      std::vector<AttendProblem>& probs = all_probs[r];
+      probs.resize(batch);
       for (uint32_t b = 0; b < batch; ++b) {
         AttendProblem p{};
         p.pool = pool.buf->p;
@@ -455,6 +481,41 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
     row["blocks"] = plans[0].num_items;
     row["split_tokens"] = plans[0].split_tokens;
     row["tokens_per_head"] = static_cast<double>(sels[0].tokens) / (batch * kHkv);
+    if (g_sweep && batch >= 8) {
+      row["sweep"] = nlohmann::json::array();
+      for (uint32_t tb : {132u, 264u, 396u, 528u, 792u, 1056u, 1584u}) {
+        kc::AttendPlanOptions o;
+        o.target_blocks = tb;
+        std::vector<kc::AttendPlan> ps(R);
+        std::vector<std::unique_ptr<DeviceBuffer>> ws2;
+        for (int r = 0; r < R; ++r) {
+          SK(kc::PlanAttend(all_probs[r].data(), batch, o, &ps[r]));
+          ws2.emplace_back(new DeviceBuffer(ps[r].workspace_bytes));
+          SK(kc::UploadAttendPlan(ps[r], ws2[r]->p, s));
+        }
+        CK(cudaStreamSynchronize(s));
+        const double t = TimeGraph(s, Launches(R), replays,
+                                   [&](int i) { SK(kc::LaunchAttend(ps[i % R], ws2[i % R]->p, s)); });
+        row["sweep"].push_back({{"target_blocks", tb}, {"us", t}, {"split_tokens", ps[0].split_tokens}});
+      }
+      // Fixed split sizes (whole waves of even splits rather than a block count).
+      for (uint32_t sp : {384u, 448u, 512u, 576u, 640u, 768u, 1024u}) {
+        kc::AttendPlanOptions o;
+        o.min_split_tokens = o.max_split_tokens = sp;
+        std::vector<kc::AttendPlan> ps(R);
+        std::vector<std::unique_ptr<DeviceBuffer>> ws2;
+        for (int r = 0; r < R; ++r) {
+          SK(kc::PlanAttend(all_probs[r].data(), batch, o, &ps[r]));
+          ws2.emplace_back(new DeviceBuffer(ps[r].workspace_bytes));
+          SK(kc::UploadAttendPlan(ps[r], ws2[r]->p, s));
+        }
+        CK(cudaStreamSynchronize(s));
+        const double t = TimeGraph(s, Launches(R), replays,
+                                   [&](int i) { SK(kc::LaunchAttend(ps[i % R], ws2[i % R]->p, s)); });
+        row["sweep"].push_back({{"target_blocks", 0}, {"us", t}, {"split_tokens", ps[0].split_tokens},
+                                {"blocks", ps[0].num_items}});
+      }
+    }
     rows.push_back(row);
   }
   return rows;
@@ -629,6 +690,13 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
     const double us_both = TimeGraph(s, Launches(R), replays, [&](int i) {
       SK(kc::LaunchSearchAttend(plans[i % R], wss[i % R]->p, s));
     });
+    // A/B in the same run: the one-block search (cluster size 1), as before clusters.
+    const uint32_t cluster = kc::TreeSearchClusterSize(plans[0]);
+    for (auto& p : plans) p.cluster_size = 1;
+    const double us_search_1block = TimeGraph(s, Launches(R), replays, [&](int i) {
+      SK(kc::LaunchTreeSearch(plans[i % R], wss[i % R]->p, s));
+    });
+    for (auto& p : plans) p.cluster_size = 0;
     SK(kc::LaunchSearchAttend(plans[0], wss[0]->p, s));
     CK(cudaStreamSynchronize(s));
     // Read back the search of rotation 0 and check it against the CPU's SearchBudget.
@@ -703,6 +771,8 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
                   err, copy_gbps);
     for (auto* r : {&r1, &r2}) {
       (*r)["rotation"] = R;
+      (*r)["cluster_size"] = cluster;
+      (*r)["search_us_cluster1"] = us_search_1block;
       (*r)["cpu_agreement"] = agree / tasks;
       (*r)["cpu_overlap"] = overlap / tasks;
       (*r)["failed_heads"] = failed;
@@ -726,6 +796,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
 
 int Main(int argc, char** argv) {
   const Args args = ParseArgs(argc, argv);
+  g_sweep = args.sweep;
   if (kc::DeviceCount() == 0) {
     std::fprintf(stderr, "kvmem-bench-gpu: no CUDA device\n");
     return 3;

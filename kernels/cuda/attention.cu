@@ -753,6 +753,9 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                      DType q_dtype, DType out_dtype) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
+  // Launched as a programmatic dependent of the tree search (LaunchSearchAttend): wait for its
+  // items and runs. A no-op in an ordinary launch.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const AttendItemDesc item = items[blockIdx.x];
   const int nruns = static_cast<int>(item.run_end - item.run_begin);
   for (int i = threadIdx.x; i < nruns; i += kThreads) {
@@ -960,7 +963,17 @@ Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream) {
   return Status::OK();
 }
 
+Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
+                             bool dependent);
+
 Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
+  return LaunchAttendDependent(plan, workspace, stream, false);
+}
+
+// `dependent`: a programmatic dependent launch (the previous kernel on the stream may still
+// run; the kernel waits for it before reading its plan).
+Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
+                             bool dependent) {
   if (plan.num_items == 0) return InvalidArgument("launch attend: empty plan");
   if (workspace == nullptr) return InvalidArgument("launch attend: null workspace");
   auto* ws = static_cast<uint8_t*>(workspace);
@@ -969,14 +982,31 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
   auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t launch_err = cudaSuccess;
   const bool ok =
       Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV, int kTC>() {
         constexpr size_t kDyn = DynBytes<D, G, kTC>();
         PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
-        SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
-            items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+        if (!dependent) {
+          SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
+              items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+          return;
+        }
+        cudaLaunchConfig_t cfg{};
+        cudaLaunchAttribute attr{};
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cfg.gridDim = dim3(plan.num_items);
+        cfg.blockDim = dim3(kThreads);
+        cfg.dynamicSmemBytes = kDyn;
+        cfg.stream = s;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
+                                        counters, partials, plan.q_dtype, plan.out_dtype);
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
+  KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SpanAttendKernel");
   return Status::OK();
 }

@@ -1,23 +1,32 @@
 // Budgeted cluster-tree search on the GPU (kernels/tree_search.h for what it computes), one
-// thread block of 512 threads per (problem, KV head), then the span-attention kernel over the
-// runs the search wrote. No host step between the two launches.
+// thread-block cluster of N blocks (512 threads each) per (problem, KV head), then the
+// span-attention kernel over the runs the search wrote, as a programmatic dependent launch. No
+// host step between the two launches. docs/architecture.md ("Device tree and GPU search").
 //
-// One block, level-synchronously:
-//   1. the group's mean query (the CPU's float operations, in its order);
-//   2. every node's soft score, level by level, and its chain (right-to-left minima of the path
-//      scores, 4 floats padded with -inf) into global scratch; a dot product is 8 lanes with one
-//      partial sum each, combined like index::detail::Dot, so scores are bit-identical to the CPU;
-//   3. leaves sorted by bottleneck e = chain[0] (bitonic, shared memory);
-//   4. rounds: take the best leaves until they hold 2x the budget (then 4x more each round);
-//      score their chunks; chunks whose bottleneck beats the next leaf's e are final in order,
-//      so they are sorted by chain and scanned like the CPU's offer() (warp 0: 32 at a time
-//      while they fit, one by one near the end); stop when the scan stops or leaves run out;
-//   5. runs: sink and recent-window pieces (merged with the selection), selected chunks, tail;
-//      cut into the head's planned splits by token prefix and written as the attention's items.
+// Rank 0 of the cluster holds the search state in shared memory; the others work for it:
+//   1. the group's mean query (the CPU's float operations, in its order), on every rank;
+//   2. every node's soft score, ranks sharing the nodes (a dot product is 8 lanes with one
+//      partial sum each, combined like index::detail::Dot, so scores are bit-identical to the
+//      CPU); rank 0 extends the chains (right-to-left minima of the path scores, 4 floats padded
+//      with -inf, global scratch) level by level and lists the leaves;
+//   3. rounds: rank 0 takes the best unexpanded leaves by a token-weighted key histogram until
+//      they hold 8x (16x) the budget (1.6x more each later round) and reserves their pool
+//      entries; the ranks score slices of the new chunks into rank 0's pool (DSMEM); chunks whose
+//      bottleneck beats the next leaf's are final in order, so they are sorted by chain (ranks
+//      1..N-1 for N >= 3, else rank 0 on a histogram-cut slice first) and scanned like the CPU's
+//      offer() (warp 0: 32 at a time while they fit, one by one near the end); stop when the
+//      scan stops or leaves run out;
+//   4. runs (rank 0): sink and recent-window pieces (merged with the selection), selected
+//      chunks, tail; cut into the head's planned splits by token prefix and written as the
+//      attention's items.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_util.cuh"
@@ -26,7 +35,14 @@
 #include "kernels/detail/tree_search_layout.h"
 
 namespace kvmem::kernels::cuda {
+
+// attention.cu: LaunchAttend as a programmatic dependent launch when `dependent`.
+Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
+                             bool dependent);
+
 namespace {
+
+namespace cg = cooperative_groups;
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
@@ -55,6 +71,13 @@ constexpr uint32_t kMaxRuns = kSearchMaxCandidates + 64;  // runs of one head be
 constexpr uint32_t kMaxSplits = 256;
 constexpr float kNegInf = -INFINITY;
 
+constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
+// Commit slices: a round with more than kSliceMin commits sorts first those in the top bins
+// (kSliceBins over the bottleneck range) that hold the remaining budget + slack, at most
+// kSliceMax of them (their bitonic padding stays clear of the rest at the end of commit[]).
+constexpr uint32_t kSliceBins = 256, kSliceMin = 256, kSliceMax = 1024;
+constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit at once
+
 struct Smem {
   float mean[128];
   float mean_norm;
@@ -62,11 +85,22 @@ struct Smem {
   uint32_t remaining, misfits;
   float e_next;
   uint32_t n_special, total_tokens, n_commit;
-  float leaf_key[kMaxLeaves];
-  uint32_t leaf_idx[kMaxLeaves];
-  uint32_t leaf_tokens[kMaxLeaves];  // tokens below; once expanded: its first pool entry
-  uint32_t leaf_chunks[kMaxLeaves];  // chunks, | kDone once expanded
-  uint32_t leaf_child_begin[kMaxLeaves];
+  uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
+  uint32_t n_sort, n_rest, more, slice_front, slice_back;  // rank 0: the commit slices
+  union {
+    struct {  // rank 0: the leaf clusters
+      float leaf_key[kMaxLeaves];
+      uint32_t leaf_idx[kMaxLeaves];
+      uint32_t leaf_tokens[kMaxLeaves];  // tokens below; once expanded: its first pool entry
+      uint32_t leaf_chunks[kMaxLeaves];  // chunks, | kDone once expanded
+      uint32_t leaf_child_begin[kMaxLeaves];
+    };
+    struct {  // sorting ranks (1..N-1): their sorted slice of the commits
+      float4 w_chain[kMaxCand];
+      uint32_t w_id[kMaxCand];
+      uint32_t w_pool[kMaxCand];
+    };
+  };
   uint32_t hist_tok[kHistBins];
   uint32_t hist_chk[kHistBins];
   uint32_t key_lo, key_hi, e_next_bits, hist_cut, new_count, left;
@@ -77,7 +111,7 @@ struct Smem {
       uint32_t cand_id[kMaxCand];
       uint32_t cand_tok[kMaxCand];  // | kConsumed once committed
       float cand_score[kMaxCand];
-      uint32_t commit[kMaxCand];
+      uint32_t commit[kSortCap];
     };
     struct {  // then the runs
       uint32_t sel_id[kMaxCand];
@@ -88,6 +122,7 @@ struct Smem {
       uint32_t run_prefix[kMaxRuns];  // exclusive token prefix
     };
   };
+  uint32_t sorted[kMaxCand];  // rank 0: the commits in scan order, written by the sorting ranks
   uint32_t bitmap[kBitmapWords];
   uint32_t item_first_run[kMaxSplits + 1];
   uint32_t item_count[kMaxSplits];
@@ -193,6 +228,13 @@ __device__ __forceinline__ uint64_t GlobalTimer() {
   return t;
 }
 
+// Nanoseconds since `from` (0 when the timer reads earlier: %globaltimer is not monotonic
+// across reads on every part).
+__device__ __forceinline__ uint64_t Elapsed(uint64_t from) {
+  const uint64_t now = GlobalTimer();
+  return now > from ? now - from : 0;
+}
+
 __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
   uint32_t n = 1;
   while (n < x) n <<= 1;
@@ -206,22 +248,53 @@ __device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t token
   return static_cast<uint32_t>(end - skip);
 }
 
+// Lower bound in a sorted list (chains descending, then lower id): how many of list[0, n) come
+// before (c, id).
+__device__ __forceinline__ uint32_t CountBefore(const float4* chain, const uint32_t* ids,
+                                                uint32_t n, const float4& c, uint32_t id) {
+  uint32_t lo = 0, hi = n;
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) >> 1;
+    if (Before(chain[mid], ids[mid], c, id)) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// One thread-block cluster of N blocks per (problem, KV head); rank 0 runs the search's control
+// (leaf selection, commit, scan, runs), and every rank shares the parallel parts: node scores
+// level by level, the chunk summaries of each round, and (N >= 3) the sort of each round's
+// commits (ranks 1..N-1 sort slices, then place each entry by binary searches in the others).
+// N = 1 is the one-block search. Every branch on `rank` is uniform within a block, and every
+// cluster barrier is reached by all ranks of the cluster.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
-                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype) {
+                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
+                     uint32_t first_round, uint32_t slice_slack) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
-  const SearchTaskDesc& task = tasks[blockIdx.x];
+  cg::cluster_group cluster = cg::this_cluster();
+  const uint32_t N = cluster.num_blocks(), rank = cluster.block_rank();
+  Smem& s0 = *cluster.map_shared_rank(&sm, 0);  // rank 0's state (DSMEM)
+  const uint32_t task_index = blockIdx.x / N;
+  const SearchTaskDesc& task = tasks[task_index];
   const FlatTreeView& tree = task.tree;
   const TreeSearchParams& prm = task.params;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = lane >> 3, j = lane & 7;
   float4* chains = reinterpret_cast<float4*>(scratch + task.node_chain);
-  uint32_t* my_sel = selected + size_t{blockIdx.x} * max_selected;
-  float* my_scores = sel_scores + size_t{blockIdx.x} * max_selected;
+  uint32_t* my_sel = selected + size_t{task_index} * max_selected;
+  float* my_scores = sel_scores + size_t{task_index} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
+  const bool dist_sort = N >= 3;
+  // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
+  // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
   uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0;
 
@@ -231,9 +304,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.remaining = prm.budget_tokens;
     sm.total_tokens = 0;
     sm.misfits = 0;
+    sm.ctl = 0;
   }
-  for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
-  // 1. Mean query: sum over the group in order, then divide (index::QueryGroup).
+  if (rank == 0) {
+    for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
+  }
+  // 1. Mean query: sum over the group in order, then divide (index::QueryGroup). Every rank.
   for (int d = tid; d < D; d += kThreads) {
     float m = 0.f;
     for (uint32_t g = 0; g < task.group; ++g) m = __fadd_rn(m, LoadElem(task.q, q_dtype, size_t{g} * D + d));
@@ -246,64 +322,86 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (num_chunks > kSearchMaxChunks && tid == 0) sm.status |= kSearchStatusTooManyChunks;
   __syncthreads();
+  // The same on every rank (same inputs, same operations).
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
   const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
   const float wc = __fmul_rn(prm.chunk_radius_weight, sm.mean_norm);
 
   if (search) {
-    // 2. Node scores and chains, level by level (parents first).
-    if (tid == 0) chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-    __syncthreads();
-    for (uint32_t l = 1; l < tree.num_levels; ++l) {
-      const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
-      for (uint32_t s0 = lb; s0 < le; s0 += kMaxCand) {
-        const uint32_t cnt = min(kMaxCand, le - s0);
-        // Radius and parent chain first (independent loads), so the scoring pass only waits
-        // for the centroid rows.
-        for (uint32_t t = tid; t < cnt; t += kThreads) {
-          const FlatTreeNode node = tree.nodes[s0 + t];
-          sm.cand_score[t] = node.radius;
-          sm.cand_chain[t] = chains[node.parent];
-        }
+    // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
+    // sliced over the ranks, the score parked in chains[n].x.
+    {
+      const uint32_t nn = tree.num_nodes - 1, per = (nn + N - 1) / N;
+      const uint32_t my_lo = 1 + min(nn, rank * per), my_hi = 1 + min(nn, (rank + 1) * per);
+      for (uint32_t s0i = my_lo; s0i < my_hi; s0i += kMaxCand) {
+        const uint32_t cnt = min(kMaxCand, my_hi - s0i);
+        for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
         __syncthreads();
         ScoreRows<D>(sm.mean, cnt, j, slot, warp,
-                     [&](uint32_t i) { return tree.node_centroids + size_t{s0 + i} * D; },
+                     [&](uint32_t i) { return tree.node_centroids + size_t{s0i + i} * D; },
                      [&](uint32_t i, float dot) {
                        const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
-                       chains[s0 + i] = Extend(sm.cand_chain[i], sc);
+                       chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
                      });
       }
     }
+    cluster.sync();  // every score is in the scratch
     stamp[1] = GlobalTimer();
-    // 3. Leaves, unsorted: key = bottleneck (the root leaf of a flat tree: +inf) and sizes.
-    for (uint32_t n = tid; n < tree.num_nodes; n += kThreads) {
-      const FlatTreeNode node = tree.nodes[n];
-      if (node.child_count & kTreeLeafBit) {
+    // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
+    // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
+    // flat tree: +inf), sizes.
+    if (rank == 0) {
+      auto add_leaf = [&](uint32_t n, const FlatTreeNode& node, float key) {
         const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
         if (at < kMaxLeaves) {
-          sm.leaf_key[at] = n == 0 ? INFINITY : chains[n].x;
+          sm.leaf_key[at] = key;
           sm.leaf_idx[at] = n;
           sm.leaf_tokens[at] = node.tokens;
           sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
           sm.leaf_child_begin[at] = node.child_begin;
         }
+      };
+      if (tid == 0) {
+        chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+        const FlatTreeNode root = tree.nodes[0];
+        if (root.child_count & kTreeLeafBit) add_leaf(0, root, INFINITY);
       }
-    }
-    __syncthreads();
-    stamp[2] = GlobalTimer();
-    if (sm.leaf_count > kMaxLeaves) {
-      if (tid == 0) sm.status |= kSearchStatusTooManyLeaves;
-    } else {
-      const uint32_t L = sm.leaf_count;
-      // 4. Rounds: pick the best unexpanded leaves by a token-weighted histogram of their keys
-      // (no sort: only the set and the best key left out matter), score their chunks into the
-      // pool, commit the pool entries whose bottleneck beats every unexpanded leaf, sort those,
-      // scan them.
-      uint64_t target = 8ull * prm.budget_tokens + 1024;
-      if (tid == 0) sm.expanded_tokens = 0;
       __syncthreads();
-      while (true) {
-        const uint32_t P = sm.cand_count;
+      for (uint32_t l = 1; l < tree.num_levels; ++l) {
+        const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
+        for (uint32_t n = lb + tid; n < le; n += kThreads) {
+          const FlatTreeNode node = tree.nodes[n];
+          const float sc = chains[n].x;
+          const float4 c = Extend(chains[node.parent], sc);
+          chains[n] = c;
+          if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
+        }
+        __syncthreads();
+      }
+      if (tid == 0) {
+        sm.expanded_tokens = 0;
+        if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
+      }
+      __syncthreads();
+    }
+    stamp[2] = GlobalTimer();
+    // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
+    // keys (no sort: only the set and the best key left out matter) and reserves their pool
+    // entries; every rank scores a slice of the new entries into rank 0's pool; rank 0 commits
+    // the pool entries whose bottleneck beats every unexpanded leaf; they are sorted (by the
+    // other ranks when N >= 3) and rank 0 scans them.
+    const uint32_t L = rank == 0 ? min(sm.leaf_count, kMaxLeaves) : 0;
+    // First round: the best leaves holding first_round x the budget (more rounds cost more than
+    // a larger pool when many ranks score it).
+    // Auto (0): 16 when >= 4 blocks share the search and the tree holds >= 4096 chunks, else 8
+    // (H200: 128K, 8 blocks: 58 us at 16 (one round) against 65 at 8 (two); 32K: 53 us at 8,
+    // 70 at 16, both one round; bench/results/h200_run12_nodes_firstround.txt).
+    const uint32_t fr = first_round ? first_round : (N >= 4 && num_chunks >= 4096 ? 16u : 8u);
+    uint64_t target = uint64_t{fr} * prm.budget_tokens + 1024;
+    while (true) {
+      uint32_t P = 0;
+      if (rank == 0) {
+        P = sm.cand_count;
         tq = GlobalTimer();
         // 4a. Key range of the unexpanded leaves.
         if (tid == 0) {
@@ -312,22 +410,31 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.e_next_bits = 0;
           sm.n_commit = 0;
           sm.new_count = 0;
-          sm.rounds++;
         }
         for (uint32_t i = tid; i < kHistBins; i += kThreads) {
           sm.hist_tok[i] = 0;
           sm.hist_chk[i] = 0;
         }
         __syncthreads();
-        for (uint32_t i = tid; i < L; i += kThreads) {
-          if (sm.leaf_chunks[i] & kDone) continue;
-          const uint32_t o = OrderedBits(sm.leaf_key[i]);
-          atomicMin(&sm.key_lo, o);
-          atomicMax(&sm.key_hi, o);
+        const bool go_on = sm.status == 0 && !sm.done;
+        if (go_on) {
+          uint32_t klo = 0xffffffffu, khi = 0;
+          for (uint32_t i = tid; i < L; i += kThreads) {
+            if (sm.leaf_chunks[i] & kDone) continue;
+            const uint32_t o = OrderedBits(sm.leaf_key[i]);
+            klo = min(klo, o);
+            khi = max(khi, o);
+          }
+          klo = __reduce_min_sync(0xffffffffu, klo);
+          khi = __reduce_max_sync(0xffffffffu, khi);
+          if (lane == 0) {
+            atomicMin(&sm.key_lo, klo);
+            atomicMax(&sm.key_hi, khi);
+          }
         }
         __syncthreads();
         const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
-        const bool any_left = sm.key_lo <= sm.key_hi;
+        const bool any_left = go_on && sm.key_lo <= sm.key_hi;
         const float width = hi - lo;
         auto bin = [&](float k) -> uint32_t {
           if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
@@ -336,11 +443,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         };
         // 4b. Token and chunk histogram; warp 0 takes bins from the top while they are needed
         // and fit the pool.
-        for (uint32_t i = tid; i < L; i += kThreads) {
-          if (sm.leaf_chunks[i] & kDone) continue;
-          const uint32_t b = bin(sm.leaf_key[i]);
-          atomicAdd(&sm.hist_tok[b], sm.leaf_tokens[i]);
-          atomicAdd(&sm.hist_chk[b], sm.leaf_chunks[i]);
+        if (any_left) {
+          for (uint32_t i = tid; i < L; i += kThreads) {
+            if (sm.leaf_chunks[i] & kDone) continue;
+            const uint32_t b = bin(sm.leaf_key[i]);
+            atomicAdd(&sm.hist_tok[b], sm.leaf_tokens[i]);
+            atomicAdd(&sm.hist_chk[b], sm.leaf_chunks[i]);
+          }
         }
         __syncthreads();
         if (warp == 0) {
@@ -348,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t room = kMaxCand - P;
           uint64_t tok = 0;
           uint32_t chk = 0, cut = kHistBins;  // bins >= cut are taken
-          bool stop = false;
+          bool stop = !any_left;
           for (int b0 = kHistBins - 32; b0 >= 0 && !stop; b0 -= 32) {
             // Lane l holds bin b0 + 31 - l (descending); prefix over lanes.
             const uint32_t b = b0 + 31 - lane;
@@ -381,53 +490,95 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncthreads();
         const uint32_t cut = sm.hist_cut;
-        if (!any_left || cut >= kHistBins) {
-          // Nothing left, or not even the best bin fits the pool.
-          if (tid == 0 && any_left) sm.status |= kSearchStatusTooManyCandidates;
-          break;
-        }
-        // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
-        for (uint32_t i = tid; i < L; i += kThreads) {
-          if (sm.leaf_chunks[i] & kDone) continue;
-          if (bin(sm.leaf_key[i]) >= cut) {
-            const uint32_t cnt = sm.leaf_chunks[i], tokens = sm.leaf_tokens[i];
-            sm.leaf_chunks[i] = cnt | kDone;
-            sm.leaf_tokens[i] = P + atomicAdd(&sm.new_count, cnt);  // now: its pool base
-            atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(tokens));
-            for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[sm.leaf_tokens[i] + q] = i;  // owner
-          } else {
-            atomicMax(&sm.e_next_bits, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+        const bool round = any_left && cut < kHistBins;
+        // Nothing left, or not even the best bin fits the pool.
+        if (tid == 0 && any_left && !round) sm.status |= kSearchStatusTooManyCandidates;
+        if (round) {
+          // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
+          // Pool ranges by a warp prefix sum (one shared atomic per warp, not per leaf).
+          uint32_t emax = 0;
+          unsigned long long tok_sum = 0;
+          for (uint32_t i0 = 0; i0 < L; i0 += kThreads) {
+            const uint32_t i = i0 + tid;
+            const bool open = i < L && !(sm.leaf_chunks[i] & kDone);
+            const bool take = open && bin(sm.leaf_key[i]) >= cut;
+            const uint32_t cnt = take ? sm.leaf_chunks[i] : 0;
+            if (open && !take) emax = max(emax, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+            uint32_t pre = cnt;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+              if (lane >= off) pre += x;
+            }
+            const uint32_t warp_total = __shfl_sync(0xffffffffu, pre, 31);
+            uint32_t warp_base = 0;
+            if (lane == 0 && warp_total) warp_base = atomicAdd(&sm.new_count, warp_total);
+            warp_base = __shfl_sync(0xffffffffu, warp_base, 0);
+            if (take) {
+              const uint32_t first = P + warp_base + pre - cnt;
+              tok_sum += sm.leaf_tokens[i];
+              sm.leaf_chunks[i] = cnt | kDone;
+              sm.leaf_tokens[i] = first;  // now: its pool base
+              for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[first + q] = i;  // owner
+            }
           }
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) tok_sum += __shfl_xor_sync(0xffffffffu, tok_sum, off);
+          if (lane == 0 && tok_sum) atomicAdd(&sm.expanded_tokens, tok_sum);
+          emax = __reduce_max_sync(0xffffffffu, emax);
+          if (lane == 0 && emax) atomicMax(&sm.e_next_bits, emax);
         }
         __syncthreads();
-        t_sort_leaves += GlobalTimer() - tq;
+        if (tid == 0) {
+          sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
+          sm.ctl = round ? 1u : 0u;
+          if (round) sm.rounds++;
+        }
+        t_sort_leaves += Elapsed(tq);
         tq = GlobalTimer();
-        const uint32_t M = sm.new_count;
-        if (tid == 0) sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
-        // 4d. Chunk ids, radii, counted tokens and the leaf's chain of the new entries.
-        for (uint32_t t = P + tid; t < P + M; t += kThreads) {
-          const uint32_t owner = sm.cand_tok[t];
-          const uint32_t c = tree.leaf_chunks[sm.leaf_child_begin[owner] + (t - sm.leaf_tokens[owner])];
-          sm.cand_id[t] = c;
-          sm.cand_chain[t] = chains[sm.leaf_idx[owner]];  // extended by the score below
-          sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
-          sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
+      }
+      cluster.sync();  // rank 0's reservation (ctl, new_count, owners) is visible
+      if (s0.ctl == 0) break;
+      P = s0.cand_count;
+      const uint32_t M = s0.new_count;
+      // 4d. This rank's slice of the new entries: chunk ids, radii, counted tokens and the
+      // leaf's chain, then the scores.
+      const uint32_t per = (M + N - 1) / N;
+      const uint32_t lo = min(M, rank * per), cnt = min(M, lo + per) - lo, base = P + lo;
+      for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
+        const uint32_t owner = s0.cand_tok[t];
+        const uint32_t first = s0.leaf_tokens[owner];
+        const uint32_t c = tree.leaf_chunks[s0.leaf_child_begin[owner] + (t - first)];
+        sm.cand_id[t] = c;
+        sm.cand_chain[t] = chains[s0.leaf_idx[owner]];  // extended by the score below
+        sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
+        sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
+      }
+      __syncthreads();
+      ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+                   [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[base + i]} * D; },
+                   [&](uint32_t i, float dot) {
+                     const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
+                     sm.cand_chain[base + i] = Extend(sm.cand_chain[base + i], sc);
+                     sm.cand_score[base + i] = sc;
+                   });
+      if (rank != 0) {
+        for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
+          s0.cand_id[t] = sm.cand_id[t];
+          s0.cand_chain[t] = sm.cand_chain[t];
+          s0.cand_score[t] = sm.cand_score[t];
+          s0.cand_tok[t] = sm.cand_tok[t];
         }
-        __syncthreads();
-        ScoreRows<D>(sm.mean, M, j, slot, warp,
-                     [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[P + i]} * D; },
-                     [&](uint32_t i, float dot) {
-                       const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[P + i]));
-                       sm.cand_chain[P + i] = Extend(sm.cand_chain[P + i], sc);
-                       sm.cand_score[P + i] = sc;
-                     });
+      }
+      cluster.sync();  // the whole pool is scored, in rank 0
+      uint32_t C = 0;
+      if (rank == 0) {
         if (tid == 0) {
           sm.nodes_scored += M;
           sm.cand_count = P + M;
           sm.left = sm.e_next_bits != 0;
         }
-        __syncthreads();
-        t_score += GlobalTimer() - tq;
+        t_score += Elapsed(tq);
         tq = GlobalTimer();
         // Commit: unconsumed entries above the next leaf's bottleneck.
         const float thr = sm.e_next;
@@ -438,127 +589,356 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
-        const uint32_t C = sm.n_commit, Cp = NextPow2(C);
-        for (uint32_t i = C + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
+        C = sm.n_commit;
+        // Slice: the commits whose bottleneck lies in the top bins of a token-weighted histogram
+        // holding what the scan can use (the remaining budget + slack), at most kSliceMax of
+        // them, go first (commit[0, n_sort)); the rest wait at the end of commit[] and are
+        // sorted only when the scan goes through the first slice without stopping. A bin holds
+        // a range of bottlenecks, so the slice is a prefix of the scan order.
+        if (tid == 0) {
+          sm.n_sort = C;
+          sm.n_rest = 0;
+          sm.key_lo = 0xffffffffu;
+          sm.key_hi = 0;
+          sm.slice_front = sm.slice_back = 0;
+          sm.more = 0;
+        }
+        for (uint32_t i = tid; i < kSliceBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
+        }
         __syncthreads();
-        BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
-          const uint32_t ia = sm.commit[a], ib = sm.commit[b];
-          bool b_first;
-          if (ib == kTreeNone) {
-            b_first = false;
-          } else if (ia == kTreeNone) {
-            b_first = true;
-          } else {
-            b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+        // Not with the distributed sort: its cost is mostly fixed (cluster barriers), and the
+        // slicing passes cost more than they save there (H200, 128K, 8 blocks: 56 against 55
+        // us; one block per head, 32K, budget 4096: 212 against 345 us; run 14).
+        if (C > kSliceMin && slice_slack != kSliceOff && !dist_sort) {
+          uint32_t klo = 0xffffffffu, khi = 0;
+          for (uint32_t i = tid; i < C; i += kThreads) {
+            const uint32_t o = OrderedBits(sm.cand_chain[sm.commit[i]].x);
+            klo = min(klo, o);
+            khi = max(khi, o);
           }
-          if (b_first == desc) {
-            sm.commit[a] = ib;
-            sm.commit[b] = ia;
+          klo = __reduce_min_sync(0xffffffffu, klo);
+          khi = __reduce_max_sync(0xffffffffu, khi);
+          if (lane == 0) {
+            atomicMin(&sm.key_lo, klo);
+            atomicMax(&sm.key_hi, khi);
           }
-        });
-        t_sort += GlobalTimer() - tq;
-        tq = GlobalTimer();
-        // The scan: CPU offer() in order. Warp 0.
-        if (warp == 0) {
-          uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
-          uint32_t sel_tokens = sm.sel_tokens;
-          bool done = false;
-          for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
-            const uint32_t i = b0 + lane;
-            const uint32_t e = i < C ? sm.commit[i] : 0;
-            const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
-            uint32_t pre = tok;
+          __syncthreads();
+          const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
+          const float width = hi - lo;
+          auto sbin = [&](float k) -> uint32_t {
+            if (!(width > 0.f) || !isfinite(width)) return k == hi ? kSliceBins - 1 : 0;
+            const float f = (k - lo) / width * static_cast<float>(kSliceBins);
+            return f >= static_cast<float>(kSliceBins - 1) ? kSliceBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
+          };
+          for (uint32_t i = tid; i < C; i += kThreads) {
+            const uint32_t e = sm.commit[i];
+            const uint32_t b = sbin(sm.cand_chain[e].x);
+            atomicAdd(&sm.hist_tok[b], sm.cand_tok[e] & ~kConsumed);
+            atomicAdd(&sm.hist_chk[b], 1u);
+          }
+          __syncthreads();
+          if (warp == 0) {
+            const uint32_t need = sm.remaining + (slice_slack ? slice_slack : sm.remaining / 2 + 1024);
+            uint32_t tok = 0, chk = 0, cut = kSliceBins;
+            bool stop = false;
+            for (int b0 = kSliceBins - 32; b0 >= 0 && !stop; b0 -= 32) {
+              const uint32_t b = b0 + 31 - lane;
+              const uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
+              uint32_t pt = t, pc = c;
 #pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-              const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
-              if (lane >= off) pre += x;
-            }
-            const uint32_t total = __shfl_sync(0xffffffffu, pre, 31);
-            const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
-            if (total <= remaining && nsel + 32 <= max_selected) {
-              // Everything fits: accept every non-empty chunk of the batch.
-              if (tok > 0) {
-                const uint32_t at = nsel + __popc(mask & ((1u << lane) - 1));
-                const uint32_t c = sm.cand_id[e];
-                my_sel[at] = c;
-                my_scores[at] = sm.cand_score[e];
-                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
-              }
-              nsel += __popc(mask);
-              remaining -= total;
-              sel_tokens += total;
-              if (mask) misfits = 0;
-              done = mask != 0 && remaining == 0;
-            } else {
-              if (lane == 0) {
-                const uint32_t n = min(32u, C - b0);
-                for (uint32_t q = 0; q < n; ++q) {
-                  const uint32_t ee = sm.commit[b0 + q];
-                  const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
-                  if (t == 0) continue;
-                  if (t > remaining) {
-                    if (++misfits >= prm.max_consecutive_misfits) {
-                      done = true;
-                      break;
-                    }
-                    continue;
-                  }
-                  if (nsel >= max_selected) {
-                    done = true;
-                    break;
-                  }
-                  misfits = 0;
-                  remaining -= t;
-                  sel_tokens += t;
-                  const uint32_t c = sm.cand_id[ee];
-                  my_sel[nsel] = c;
-                  my_scores[nsel] = sm.cand_score[ee];
-                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
-                  ++nsel;
-                  if (remaining == 0) {
-                    done = true;
-                    break;
-                  }
+              for (int off = 1; off < 32; off <<= 1) {
+                const uint32_t xt = __shfl_up_sync(0xffffffffu, pt, off);
+                const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
+                if (lane >= off) {
+                  pt += xt;
+                  pc += xc;
                 }
               }
-              remaining = __shfl_sync(0xffffffffu, remaining, 0);
-              misfits = __shfl_sync(0xffffffffu, misfits, 0);
-              nsel = __shfl_sync(0xffffffffu, nsel, 0);
-              sel_tokens = __shfl_sync(0xffffffffu, sel_tokens, 0);
-              done = __shfl_sync(0xffffffffu, done ? 1 : 0, 0) != 0;
+              const bool take = tok + pt - t < need && chk + pc <= kSliceMax;
+              const uint32_t mask = __ballot_sync(0xffffffffu, !take);
+              const int first_no = mask ? __ffs(mask) - 1 : 32;
+              if (first_no > 0) {
+                cut = b0 + 31 - (first_no - 1);
+                tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
+                chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
+              }
+              stop = first_no < 32;
             }
+            if (lane == 0) sm.hist_cut = cut;
           }
-          if (lane == 0) {
-            sm.remaining = remaining;
-            sm.misfits = misfits;
-            sm.nsel = nsel;
-            sm.sel_tokens = sel_tokens;
-            sm.done = done || !sm.left;
+          __syncthreads();
+          const uint32_t cut = sm.hist_cut;
+          if (cut > 0 && cut < kSliceBins) {
+            uint32_t v[kSortCap / kThreads];
+#pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t k = tid + u * kThreads;
+              v[u] = k < C ? sm.commit[k] : kTreeNone;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t e = v[u];
+              if (e == kTreeNone) continue;
+              if (sbin(sm.cand_chain[e].x) >= cut) {
+                sm.commit[atomicAdd(&sm.slice_front, 1u)] = e;
+              } else {
+                sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
+              }
+            }
+            __syncthreads();
+            if (tid == 0) {
+              sm.n_sort = sm.slice_front;
+              sm.n_rest = sm.slice_back;
+            }
           }
         }
         __syncthreads();
-        t_scan += GlobalTimer() - tq;
-        if (sm.done) break;
-        target = target * 8 / 5;
       }
+      for (uint32_t slice = 0;; ++slice) {
+        uint32_t n = 0;  // entries of this slice: commit[0, n)
+        if (rank == 0) {
+          n = sm.n_sort;
+          if (!dist_sort) {
+            const uint32_t Cp = NextPow2(n);
+            for (uint32_t i = n + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
+            __syncthreads();
+            BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
+              const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+              bool b_first;
+              if (ib == kTreeNone) {
+                b_first = false;
+              } else if (ia == kTreeNone) {
+                b_first = true;
+              } else {
+                b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+              }
+              if (b_first == desc) {
+                sm.commit[a] = ib;
+                sm.commit[b] = ia;
+              }
+            });
+          }
+        }
+        if (dist_sort) {
+          cluster.sync();  // rank 0's slice of commits is visible
+          C = s0.n_sort;  // this slice: commit[0, n_sort)
+          const uint32_t W = N - 1, wper = (C + W - 1) / W;
+          const uint32_t w = rank - 1;  // rank 0: unused
+          const uint32_t wlo = rank == 0 ? 0 : min(C, w * wper);
+          const uint32_t wn = rank == 0 ? 0 : min(C, wlo + wper) - wlo;
+          if (rank != 0) {
+            // Sort the slice [wlo, wlo + wn) of the commits locally (bitonic over a permutation).
+            for (uint32_t k = tid; k < wn; k += kThreads) {
+              const uint32_t e = s0.commit[wlo + k];
+              sm.cand_chain[k] = s0.cand_chain[e];
+              sm.cand_id[k] = s0.cand_id[e];
+              sm.cand_tok[k] = e;
+              sm.commit[k] = k;
+            }
+            const uint32_t np = NextPow2(wn);
+            for (uint32_t k = wn + tid; k < np; k += kThreads) sm.commit[k] = kTreeNone;
+            __syncthreads();
+            BlockBitonic(np, [&](uint32_t a, uint32_t b, bool desc) {
+              const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+              bool b_first;
+              if (ib == kTreeNone) {
+                b_first = false;
+              } else if (ia == kTreeNone) {
+                b_first = true;
+              } else {
+                b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+              }
+              if (b_first == desc) {
+                sm.commit[a] = ib;
+                sm.commit[b] = ia;
+              }
+            });
+            for (uint32_t k = tid; k < wn; k += kThreads) {
+              const uint32_t p = sm.commit[k];
+              sm.w_chain[k] = sm.cand_chain[p];
+              sm.w_id[k] = sm.cand_id[p];
+              sm.w_pool[k] = sm.cand_tok[p];
+            }
+          }
+          cluster.sync();  // every slice is sorted
+          if (rank != 0) {
+            // Copy the other slices (concatenated in rank order) and place each entry of this
+            // slice: its index in the slice plus, per other slice, the entries before it.
+            for (uint32_t r = 1; r < N; ++r) {
+              if (r == rank) continue;
+              const Smem& sr = *cluster.map_shared_rank(&sm, r);
+              const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
+              for (uint32_t k = tid; k < rn; k += kThreads) {
+                sm.cand_chain[rlo + k] = sr.w_chain[k];
+                sm.cand_id[rlo + k] = sr.w_id[k];
+              }
+            }
+            for (uint32_t k = tid; k < wn; k += kThreads) sm.cand_tok[k] = k;  // position so far
+            __syncthreads();
+            const uint32_t pairs = wn * (W - 1);
+            for (uint32_t x = tid; x < pairs; x += kThreads) {
+              const uint32_t k = x % wn, oi = x / wn;         // entry, other slice index
+              const uint32_t r = 1 + oi + (oi + 1 >= rank ? 1 : 0);  // other rank (skips mine)
+              const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
+              const uint32_t before =
+                  CountBefore(sm.cand_chain + rlo, sm.cand_id + rlo, rn, sm.w_chain[k], sm.w_id[k]);
+              if (before) atomicAdd(&sm.cand_tok[k], before);
+            }
+            __syncthreads();
+            for (uint32_t k = tid; k < wn; k += kThreads) s0.sorted[sm.cand_tok[k]] = sm.w_pool[k];
+          }
+          cluster.sync();  // rank 0 holds the commits in scan order
+        }
+        if (rank == 0) {
+          const uint32_t* order = dist_sort ? sm.sorted : sm.commit;
+          C = n;
+          t_sort += Elapsed(tq);
+          tq = GlobalTimer();
+          // The scan: CPU offer() in order. Warp 0.
+          if (warp == 0) {
+            uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
+            uint32_t sel_tokens = sm.sel_tokens;
+            bool done = false;
+            for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
+              const uint32_t i = b0 + lane;
+              const uint32_t e = i < C ? order[i] : 0;
+              const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
+              uint32_t pre = tok;
+  #pragma unroll
+              for (int off = 1; off < 32; off <<= 1) {
+                const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+                if (lane >= off) pre += x;
+              }
+              const uint32_t total = __shfl_sync(0xffffffffu, pre, 31);
+              const uint32_t mask = __ballot_sync(0xffffffffu, tok > 0);
+              if (total <= remaining && nsel + 32 <= max_selected) {
+                // Everything fits: accept every non-empty chunk of the batch.
+                if (tok > 0) {
+                  const uint32_t at = nsel + __popc(mask & ((1u << lane) - 1));
+                  const uint32_t c = sm.cand_id[e];
+                  my_sel[at] = c;
+                  my_scores[at] = sm.cand_score[e];
+                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                }
+                nsel += __popc(mask);
+                remaining -= total;
+                sel_tokens += total;
+                if (mask) misfits = 0;
+                done = mask != 0 && remaining == 0;
+              } else {
+                if (lane == 0) {
+                  const uint32_t n = min(32u, C - b0);
+                  for (uint32_t q = 0; q < n; ++q) {
+                    const uint32_t ee = order[b0 + q];
+                    const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
+                    if (t == 0) continue;
+                    if (t > remaining) {
+                      if (++misfits >= prm.max_consecutive_misfits) {
+                        done = true;
+                        break;
+                      }
+                      continue;
+                    }
+                    if (nsel >= max_selected) {
+                      done = true;
+                      break;
+                    }
+                    misfits = 0;
+                    remaining -= t;
+                    sel_tokens += t;
+                    const uint32_t c = sm.cand_id[ee];
+                    my_sel[nsel] = c;
+                    my_scores[nsel] = sm.cand_score[ee];
+                    atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                    ++nsel;
+                    if (remaining == 0) {
+                      done = true;
+                      break;
+                    }
+                  }
+                }
+                remaining = __shfl_sync(0xffffffffu, remaining, 0);
+                misfits = __shfl_sync(0xffffffffu, misfits, 0);
+                nsel = __shfl_sync(0xffffffffu, nsel, 0);
+                sel_tokens = __shfl_sync(0xffffffffu, sel_tokens, 0);
+                done = __shfl_sync(0xffffffffu, done ? 1 : 0, 0) != 0;
+              }
+            }
+            if (lane == 0) {
+              sm.remaining = remaining;
+              sm.misfits = misfits;
+              sm.nsel = nsel;
+              sm.sel_tokens = sel_tokens;
+              // A second slice when the scan went through the first without stopping.
+              sm.more = !done && slice == 0 && sm.n_rest > 0;
+              if (sm.more) sm.n_sort = sm.n_rest;
+              sm.done = done || (!sm.more && !sm.left);
+            }
+          }
+          __syncthreads();
+          t_scan += Elapsed(tq);
+          if (sm.more) {
+            // The rest (at the end of commit[]) to the front, staged through registers.
+            const uint32_t nr = sm.n_rest;
+            uint32_t v[kSortCap / kThreads];
+  #pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t k = tid + u * kThreads;
+              v[u] = k < nr ? sm.commit[kSortCap - nr + k] : 0;
+            }
+            __syncthreads();
+  #pragma unroll
+            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+              const uint32_t k = tid + u * kThreads;
+              if (k < nr) sm.commit[k] = v[u];
+            }
+            __syncthreads();
+          }
+        }
+        if (dist_sort) cluster.sync();  // the sorting ranks learn whether a second slice follows
+        // Without the distributed sort the other ranks take no part in the slices.
+        if (dist_sort ? s0.more == 0 : (rank != 0 || sm.more == 0)) break;
+      }
+      if (rank == 0) target = target * 8 / 5;
     }
+    // No rank reads another's shared memory past this point; the others may leave.
+    cluster.sync();
   }
+  if (rank != 0) return;
   __syncthreads();
 
   stamp[3] = GlobalTimer();
   // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
   const uint32_t H = task.kv_heads, h = task.kv_head;
   if (tid == 0) sm.run_count = 0;
+  {
+    // Sink chunks are a prefix and recent chunks a suffix of the chunks (ids follow token
+    // order): count both over the first / last kThreads chunks at once.
+    const uint32_t S = task.sink_tokens, lim = min(num_chunks, static_cast<uint32_t>(kThreads));
+    const bool ps = static_cast<uint32_t>(tid) < lim && tree.chunk_start[tid] < S;
+    const uint32_t rc = num_chunks - 1 - tid;
+    const bool pr = static_cast<uint32_t>(tid) < lim &&
+                    tree.chunk_start[rc] + tree.chunk_tokens[rc] > task.recent_from;
+    const uint32_t n_s = __syncthreads_count(ps), n_r = __syncthreads_count(pr);
+    if (tid == 0) {
+      sm.scan_tmp[0] = n_s;
+      sm.scan_tmp[1] = num_chunks - n_r;
+    }
+  }
+  __syncthreads();
   if (tid == 0 && sm.status == 0) {
     uint32_t n = 0;
     const uint32_t S = task.sink_tokens;
-    // Recent chunks: a suffix of the sealed chunks.
-    uint32_t r_first = num_chunks;
+    // Recent chunks: a suffix of the sealed chunks (continued here past the first kThreads).
+    uint32_t r_first = sm.scan_tmp[1];
     while (r_first > 0 &&
            tree.chunk_start[r_first - 1] + tree.chunk_tokens[r_first - 1] > task.recent_from) {
       --r_first;
     }
-    uint32_t s_end = 0;
+    uint32_t s_end = sm.scan_tmp[0];
     while (s_end < num_chunks && tree.chunk_start[s_end] < S) ++s_end;
     auto special = [&](uint32_t c) {
       const uint64_t st = tree.chunk_start[c];
@@ -715,30 +1095,119 @@ __global__ void __launch_bounds__(kThreads, 1)
     res.rounds = sm.rounds;
     stamp[4] = GlobalTimer();
     for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
-    for (int i = 0; i < 4; ++i) res.phase_ns[i] = static_cast<uint32_t>(stamp[i + 1] - stamp[i]);
+    for (int i = 0; i < 4; ++i) {
+      res.phase_ns[i] = stamp[i + 1] > stamp[i] ? static_cast<uint32_t>(stamp[i + 1] - stamp[i]) : 0;
+    }
     res.phase_ns[4] = static_cast<uint32_t>(t_sort_leaves);
     res.phase_ns[5] = static_cast<uint32_t>(t_score);
     res.phase_ns[6] = static_cast<uint32_t>(t_sort);
     res.phase_ns[7] = static_cast<uint32_t>(t_scan);
-    results[blockIdx.x] = res;
+    results[task_index] = res;
   }
+}
+
+// Sets the kernel's shared-memory limit and allows clusters of 16, once.
+template <int D>
+cudaError_t PrepareSearchKernel() {
+  static const cudaError_t e = [] {
+    cudaError_t r = cudaFuncSetAttribute(TreeSearchKernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(sizeof(Smem)));
+    if (r == cudaSuccess) {
+      r = cudaFuncSetAttribute(TreeSearchKernel<D>,
+                               cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    }
+    if (r != cudaSuccess) (void)cudaGetLastError();
+    return r;
+  }();
+  return e;
+}
+
+// Blocks per cluster: the most (up to 16) whose clusters all run at once for `tasks` tasks.
+template <int D>
+uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
+  if (forced != 0) return forced;
+  if (const char* e = std::getenv("KVMEM_SEARCH_CLUSTER")) {
+    const int v = std::atoi(e);
+    if (v == 1 || v == 2 || v == 4 || v == 8 || v == 16) return static_cast<uint32_t>(v);
+  }
+  static const auto max_clusters = [] {
+    std::array<int, 5> n{};  // sizes 1, 2, 4, 8, 16
+    if (PrepareSearchKernel<D>() != cudaSuccess) return n;
+    for (int i = 0; i < 5; ++i) {
+      cudaLaunchConfig_t cfg{};
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = 1u << i;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      cfg.gridDim = dim3(1u << i);
+      cfg.blockDim = dim3(kThreads);
+      cfg.dynamicSmemBytes = sizeof(Smem);
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&n[i], TreeSearchKernel<D>, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();
+        n[i] = 0;
+      }
+    }
+    return n;
+  }();
+  for (int i = 4; i >= 1; --i) {
+    if (max_clusters[i] >= static_cast<int>(tasks)) return 1u << i;
+  }
+  return 1;
+}
+
+// Budget multiple the first round expands (0: the kernel's choice per tree).
+// KVMEM_SEARCH_FIRST_ROUND (2..64) fixes it, for A/B timing.
+// Tokens beyond the remaining budget the first commit slice holds (0: half the remaining +
+// 1024). KVMEM_SEARCH_SLICE_SLACK fixes it (>= 1), or turns slicing off ("off"), for A/B timing
+// and for tests that force the second slice.
+uint32_t SliceSlack() {
+  if (const char* e = std::getenv("KVMEM_SEARCH_SLICE_SLACK")) {
+    if (std::string(e) == "off") return kSliceOff;
+    const int v = std::atoi(e);
+    if (v >= 1) return static_cast<uint32_t>(v);
+  }
+  return 0;
+}
+
+uint32_t FirstRound() {
+  if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
+    const int v = std::atoi(e);
+    if (v >= 2 && v <= 64) return static_cast<uint32_t>(v);
+  }
+  return 0;
 }
 
 template <int D>
 Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
   constexpr size_t kSmem = sizeof(Smem);
   static_assert(kSmem <= 227 * 1024, "search state must fit one SM's shared memory");
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      TreeSearchKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
-  KVMEM_CUDA_RETURN_IF_ERROR(attr);
-  TreeSearchKernel<D><<<plan.num_tasks, kThreads, kSmem, s>>>(
-      reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
+  KVMEM_CUDA_RETURN_IF_ERROR(PrepareSearchKernel<D>());
+  const uint32_t n = ClusterSize<D>(plan.num_tasks, plan.cluster_size);
+  if (n == 0 || n > 16 || (n & (n - 1)) != 0) {
+    return InvalidArgument("tree search: cluster size " + std::to_string(n));
+  }
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute cl{};
+  cl.id = cudaLaunchAttributeClusterDimension;
+  cl.val.clusterDim.x = n;
+  cl.val.clusterDim.y = cl.val.clusterDim.z = 1;
+  cfg.gridDim = dim3(plan.num_tasks * n);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = s;
+  cfg.attrs = &cl;
+  cfg.numAttrs = 1;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
+      &cfg, TreeSearchKernel<D>, reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
       reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
       reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype);
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack()));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }
@@ -763,6 +1232,12 @@ Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* str
   return Unimplemented("tree search: head_dim " + std::to_string(plan.head_dim));
 }
 
+uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan) {
+  if (DeviceCount() == 0 || plan.num_tasks == 0) return 0;
+  if (plan.head_dim == 64) return ClusterSize<64>(plan.num_tasks, plan.cluster_size);
+  return ClusterSize<128>(plan.num_tasks, plan.cluster_size);
+}
+
 Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream) {
   KVMEM_RETURN_IF_ERROR(LaunchTreeSearch(plan, workspace, stream));
   AttendPlan ap;
@@ -778,7 +1253,7 @@ Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* s
   ap.counters_off = plan.counters_off;
   ap.partials_off = plan.partials_off;
   ap.workspace_bytes = plan.workspace_bytes;
-  return LaunchAttend(ap, workspace, stream);
+  return LaunchAttendDependent(ap, workspace, stream, true);
 }
 
 // ---- DeviceTree ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <set>
 #include <string>
@@ -130,6 +131,7 @@ struct RunConfig {
   uint32_t budget = 512;
   uint32_t sinks = 16;
   uint32_t recent_window = 0;
+  uint32_t cluster_size = 0;  // SearchAttendPlan::cluster_size (0: the device's choice)
 };
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
@@ -205,6 +207,7 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
   kc::AttendPlanOptions opt;
   opt.min_split_tokens = 64;  // several splits per head: the merge path runs
   ST_OK(kc::PlanSearchAttend(probs.data(), P, opt, &plan));
+  plan.cluster_size = cfg.cluster_size;
   DeviceMem ws(plan.workspace_bytes);
   CUDA_OK(cudaMemset(ws.p, 0, plan.workspace_bytes));
   ST_OK(kc::UploadSearchAttendPlan(plan, ws.p, nullptr));
@@ -321,6 +324,38 @@ TEST(TreeSearchCuda, BulkTreesSeveralSessionsMatchCpu) {
     CheckSessions(rng, ss, {budget, 16, 0});
   }
   CheckSessions(rng, ss, {700, 40, 100});  // a recent window and chunks straddling the sinks
+  // Every cluster size (blocks sharing one search): the same selection as the CPU.
+  for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
+    SCOPED_TRACE("cluster " + std::to_string(cluster));
+    CheckSessions(rng, ss, {1024, 16, 0, cluster});
+    CheckSessions(rng, ss, {333, 40, 100, cluster});
+  }
+}
+
+// Many chunks per head (large pools and commits): every cluster size agrees with the CPU.
+TEST(TreeSearchCuda, LargeTreesEveryClusterSizeMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  std::vector<std::unique_ptr<Session>> keep;
+  Session* s = NewSession(&keep, 2, 4);
+  AddChunks(rng, s, 4000, /*insert=*/true);
+  for (auto& t : s->trees) t.Maintain();
+  SetTail(rng, s, 17);
+  for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
+    SCOPED_TRACE("cluster " + std::to_string(cluster));
+    for (uint32_t budget : {2048u, 8192u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+  }
+  // Commit slices: a first slice of barely the remaining budget (so the scan usually needs the
+  // second), and no slicing at all. The kernel reads the variable at every launch.
+  for (const char* slack : {"1", "off"}) {
+    SCOPED_TRACE(std::string("KVMEM_SEARCH_SLICE_SLACK=") + slack);
+    ASSERT_EQ(setenv("KVMEM_SEARCH_SLICE_SLACK", slack, 1), 0);
+    for (uint32_t cluster : {1u, 2u}) {
+      SCOPED_TRACE("cluster " + std::to_string(cluster));
+      for (uint32_t budget : {512u, 2048u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+    }
+    unsetenv("KVMEM_SEARCH_SLICE_SLACK");
+  }
 }
 
 TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {

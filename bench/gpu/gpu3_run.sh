@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One device call for issue 4 (cluster tree search): parity tests, the full kvmem-bench-gpu
+# (with --sweep: other split targets for dense and sparse), torch SDPA in the same call, the
+# e2e Attend through a running kvmemd, and the table. Run from the repo root on the GPU machine
+# with the bundle staged by scripts/stage_gpu_search.sh into $G (default .gpu3).
+#   bash $G/run.sh [quick|full]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+MODE=${1:-full}
+echo "== parity ($(el)s)"
+for t in tree_search_cuda_test device_search_test kernels_cuda_parity_test; do
+  [[ -x $G/b/bin/$t ]] || continue
+  timeout 150 $G/b/run $t > "$OUT/parity_$t.log" 2>&1; echo "$t rc=$? ($(el)s)"
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|seed" "$OUT/parity_$t.log" | head -12
+done
+cat "$OUT"/parity_*.log > "$OUT/parity.log"; rm -f "$OUT"/parity_*.log
+ARGS=(--sweep)
+[[ $MODE == quick ]] && ARGS=(--contexts 32768,131072 --batches 1,8 --budgets 2048 --sweep)
+echo "== bench ($MODE, $(el)s)"
+timeout ${BENCH_TIMEOUT:-300} $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --commit "$(cat $G/COMMIT)" \
+  --machine "nvidia-h200 device machine ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
+  "${ARGS[@]}" > "$OUT/bench.log" 2>&1; echo "bench rc=$? ($(el)s)"
+grep -E "error|Error|FAIL" "$OUT/bench.log" | head -5
+echo "== torch ($(el)s)"
+TARGS=()
+[[ $MODE == quick ]] && TARGS=(--contexts 32768,131072 --batches 1,8)
+timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" "${TARGS[@]}" > /tmp/torch.log 2>&1
+echo "torch rc=$? ($(el)s)"; tail -n 1 /tmp/torch.log
+if [[ -x $G/b/bin/kvmemd ]]; then
+  echo "== e2e attend, device search ($(el)s)"
+  timeout 180 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
+    --iters ${ITERS:-200} > "$OUT/e2e.log" 2>&1; echo "e2e rc=$? ($(el)s)"; tail -5 "$OUT/e2e.log"
+fi
+echo "== A/B in the same call: search rows with one setting changed ($(el)s)"
+for ab in ${AB:-KVMEM_SEARCH_SLICE_SLACK=off}; do
+  env "$ab" timeout 60 $G/b/run kvmem-bench-gpu --json /tmp/ab.json \
+    --contexts 32768,131072 --batches 1,8 --budgets 2048 > /dev/null 2>&1
+  python3 -c "
+import json,sys
+for r in json.load(open(sys.argv[1]))['results']:
+    if r['method'] in ('kvmem_search', 'kvmem_search_sparse'):
+        print(f\"{sys.argv[2]:32} {r['method']:20} {r['context']:6d} B{r['batch']} {r['us_per_layer']:7.1f} us agree {r.get('cpu_agreement')} rounds {r.get('rounds_max')}\")
+" /tmp/ab.json "$ab"
+done
+python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt" 2>&1
+python3 - "$OUT/bench.json" <<'PY' > "$OUT/sweep.txt" 2>&1
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    if "sweep" in r:
+        s = " ".join((f"{x['target_blocks']}:" if x['target_blocks'] else f"s{x['split_tokens']}/{x.get('blocks')}:") + f"{x['us']:.1f}" for x in r["sweep"])
+        print(f"{r['method']:18} {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} default {r['us_per_layer']:.1f} (s{r.get('split_tokens')}/{r.get('blocks')}) | {s}")
+    if r["method"] == "kvmem_search":
+        print(f"search {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} cluster {r.get('cluster_size')} "
+              f"{r['us_per_layer']:.1f} us (1 block: {r.get('search_us_cluster1', 0):.1f}) agree {r.get('cpu_agreement')} "
+              f"phases {json.dumps({k: round(v, 1) for k, v in r.get('search_phase_us_mean', {}).items()})}")
+PY
+echo "== sweep / search ($(el)s)"; cat "$OUT/sweep.txt" | cut -c1-260
+echo "== table"; grep -E "131072|32768 +1 " "$OUT/table.txt" | grep -vE "sparse_attn +(8192|32768)" | cut -c1-150
