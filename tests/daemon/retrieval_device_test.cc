@@ -122,7 +122,9 @@ void Pass(Session& dev, Session& host, SelectionMode mode, std::mt19937_64& rng,
         if (!same_kept[h]) ++c->swapped_heads;
       } else if (x.role == HeadRole::kReused) {
         comparable[h] = same_kept[h];
-        if (same_kept[h]) EXPECT_EQ(di.tokens_attended[h], hi.tokens_attended[h]) << "head " << h;
+        if (same_kept[h]) {
+          EXPECT_EQ(di.tokens_attended[h], hi.tokens_attended[h]) << "head " << h;
+        }
       } else {
         EXPECT_EQ(di.tokens_attended[h], hi.tokens_attended[h]) << "head " << h;
       }
@@ -190,7 +192,9 @@ TEST(RetrievalDeviceTest, CudaPoolMatchesHostPoolInRetrievalHeadsAndHybridModes)
       if (HasFatalFailure()) return;
     }
     EXPECT_GT(dev->chunk_count(), T / 24);
-    if (mode == SelectionMode::kRetrievalHeads) EXPECT_EQ(c.device_scans, 42u * 3);
+    if (mode == SelectionMode::kRetrievalHeads) {
+      EXPECT_EQ(c.device_scans, 42u * 3);
+    }
     // Near ties at the rule's cut are rare: nearly every head is compared.
     EXPECT_GT(c.compared_heads, 42u * L * HKV * 9 / 10);
     RecordProperty(mode == SelectionMode::kHybrid ? "hybrid_swapped" : "retrieval_swapped",
