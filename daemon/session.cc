@@ -479,6 +479,15 @@ void Session::Maintain() {
 namespace {
 
 // KVMEM_DEVICE_SEARCH=off keeps the index search on the host with the CUDA backend (A/B runs).
+// KVMEM_DEVICE_SCAN=off: retrieval heads scan staged keys on the host (A/B runs).
+bool DeviceScanEnabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVMEM_DEVICE_SCAN");
+    return e == nullptr || std::string(e) != "off";
+  }();
+  return on;
+}
+
 bool DeviceSearchEnabled() {
   static const bool on = [] {
     const char* e = std::getenv("KVMEM_DEVICE_SEARCH");
@@ -914,7 +923,8 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
     KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, sel, nodes, bytes, &retrieval));
   } else {
     bool scanned = false;
-    if (!pool_->is_host() && std::find(retrieval.begin(), retrieval.end(), true) != retrieval.end()) {
+    if (!pool_->is_host() && DeviceScanEnabled() &&
+        std::find(retrieval.begin(), retrieval.end(), true) != retrieval.end()) {
       // Device pool: one launch scores every retrieval head where its keys lie; only the
       // block scores (4 bytes per block and head) come back for the rules.
       Status st = ScanRetrievalHeadsOnDevice(layer, retrieval, qf, budget, ro, sel, bytes);

@@ -7,7 +7,7 @@ set -euo pipefail
 build=$1
 main=$2
 src=$(cd "$(dirname "$0")/.." && pwd)
-bins=(kernels_cuda_parity_test retrieval_device_test kvmem-bench-retrieval)
+bins=(kernels_cuda_parity_test retrieval_device_test kvmem-bench-retrieval kvmem-bench-retrieval-session)
 rm -rf "$main/.gpu-retrieval"
 mkdir -p "$main/.gpu-retrieval"
 tmp=$(mktemp -d)
