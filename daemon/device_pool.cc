@@ -24,7 +24,7 @@ class DevicePool final : public KVPool {
   ~DevicePool() override {
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
-    for (void* p : {base_, d_io_, d_ws_, d_sws_})
+    for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_})
       if (p) cudaFree(p);
   }
 
@@ -192,6 +192,49 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+  // One upload ([q | spans | prefix | heads] through pinned memory), one launch, one copy of
+  // the scores back, one synchronisation.
+  Status PooledBlockScores(const kernels::PooledBlockScoresView& v) override {
+    if (v.num_heads == 0 || v.total_tokens == 0) return Status::OK();
+    for (uint32_t i = 0; i < v.num_spans; ++i) {
+      if (v.spans[i].offset % 8 != 0) return Unimplemented("device block scan: unaligned span");
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    auto room = [](size_t b) { return (b + 255) / 256 * 256; };
+    const size_t q_bytes = size_t{v.q_heads} * v.head_dim * sizeof(float);
+    const size_t span_bytes = size_t{v.num_spans} * sizeof(kernels::KVSpan);
+    const size_t prefix_bytes = (size_t{v.num_spans} + 1) * sizeof(uint32_t);
+    const size_t head_bytes = size_t{v.num_heads} * sizeof(uint32_t);
+    const size_t score_bytes =
+        size_t{v.num_heads} * kernels::PooledNumBlocks(v.total_tokens, v.block_tokens) * sizeof(float);
+    const size_t span_off = room(q_bytes), prefix_off = span_off + room(span_bytes),
+                 head_off = prefix_off + room(prefix_bytes), up = head_off + room(head_bytes);
+    KVMEM_RETURN_IF_ERROR(Grow(&d_scan_, &scan_bytes_, up + score_bytes));
+    KVMEM_RETURN_IF_ERROR(GrowPinned(up + score_bytes));
+    uint8_t* h_up = pinned_;
+    uint8_t* h_down = pinned_ + up;
+    std::memcpy(h_up, v.q, q_bytes);
+    std::memcpy(h_up + span_off, v.spans, span_bytes);
+    std::memcpy(h_up + prefix_off, v.span_prefix, prefix_bytes);
+    std::memcpy(h_up + head_off, v.heads, head_bytes);
+    auto* d = static_cast<uint8_t*>(d_scan_);
+    kernels::PooledBlockScoresView dv = v;
+    dv.pool = base_;
+    dv.q = reinterpret_cast<const float*>(d);
+    dv.spans = reinterpret_cast<const kernels::KVSpan*>(d + span_off);
+    dv.span_prefix = reinterpret_cast<const uint32_t*>(d + prefix_off);
+    dv.heads = reinterpret_cast<const uint32_t*>(d + head_off);
+    dv.scores = reinterpret_cast<float*>(d + up);
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, h_up, up, cudaMemcpyHostToDevice, stream_), "stage block scan"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::PooledBlockScores(dv, stream_));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d + up, score_bytes, cudaMemcpyDeviceToHost, stream_),
+                               "copy block scores"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "block scan"));
+    std::memcpy(v.scores, h_down, score_bytes);
+    return Status::OK();
+  }
+
  private:
   // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
   // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.
@@ -281,6 +324,8 @@ class DevicePool final : public KVPool {
   size_t ws_bytes_ = 0;
   void* d_sws_ = nullptr;  // search + attention workspace
   size_t sws_bytes_ = 0;
+  void* d_scan_ = nullptr;  // block scan: inputs, then scores
+  size_t scan_bytes_ = 0;
   uint8_t* pinned_ = nullptr;  // host staging of the device search
   size_t pinned_bytes_ = 0;
   std::vector<uint8_t> host_in_, host_out_;

@@ -321,4 +321,8 @@ Status KVPool::SearchAttend(DeviceSearchRequest*, DeviceSearchReply*) {
   return Unimplemented("device tree search needs the CUDA backend (pool: " + Describe() + ")");
 }
 
+Status KVPool::PooledBlockScores(const kernels::PooledBlockScoresView&) {
+  return Unimplemented("device block scan needs the CUDA backend (pool: " + Describe() + ")");
+}
+
 }  // namespace kvmem

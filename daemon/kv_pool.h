@@ -22,6 +22,7 @@
 #include "common/status.h"
 #include "kernels/attention.h"
 #include "kernels/cuda_ops.h"
+#include "kernels/index_ops.h"
 
 namespace kvmem {
 
@@ -163,6 +164,13 @@ class KVPool {
   virtual bool has_device_search() const { return false; }
   virtual Status SyncTree(kernels::cuda::DeviceTree* tree, const kernels::FlatTree& flat);
   virtual Status SearchAttend(DeviceSearchRequest* request, DeviceSearchReply* reply);
+
+  // Retrieval heads' block scores (kernels/index_ops.h) over keys in this pool, every head of
+  // v.heads in one launch: q, spans, span_prefix, heads and scores are HOST pointers, `pool` is
+  // filled in here. The device pool stages the inputs, launches kernels::cuda::PooledBlockScores
+  // and copies the scores back (num_heads × blocks floats: 4 bytes per block of keys), then
+  // returns. UNIMPLEMENTED on pools without it (the caller scores staged keys on the host).
+  virtual Status PooledBlockScores(const kernels::PooledBlockScoresView& v);
 
   // "cpu" or e.g. "cuda:0 NVIDIA H200".
   virtual std::string Describe() const = 0;

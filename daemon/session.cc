@@ -479,6 +479,15 @@ void Session::Maintain() {
 namespace {
 
 // KVMEM_DEVICE_SEARCH=off keeps the index search on the host with the CUDA backend (A/B runs).
+// KVMEM_DEVICE_SCAN=off: retrieval heads scan staged keys on the host (A/B runs).
+bool DeviceScanEnabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVMEM_DEVICE_SCAN");
+    return e == nullptr || std::string(e) != "off";
+  }();
+  return on;
+}
+
 bool DeviceSearchEnabled() {
   static const bool on = [] {
     const char* e = std::getenv("KVMEM_DEVICE_SEARCH");
@@ -751,6 +760,84 @@ Result<RetrievalOptions> Session::EffectiveRetrieval(const RetrievalOverrides& o
   return r;
 }
 
+namespace {
+
+// A retrieval head's rule over its block scores (blocks of B tokens from token S on, the
+// sealed context ending at `sealed`): the kept blocks as token ranges, best first. Both scan
+// paths (host kernel, device launch) go through here, so they select alike from equal scores.
+void KeepBlocks(std::span<const float> scores, uint32_t budget, const RetrievalOptions& ro,
+                uint32_t head_dim, uint64_t S, uint64_t sealed, HeadSelection* out) {
+  const uint32_t B = ro.block_tokens;
+  index::BlockRuleOptions bo;
+  bo.rule = ro.rule;
+  bo.value = ro.rule_value;
+  bo.k = std::max<uint32_t>(1, budget / B);
+  bo.scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  for (uint32_t j : index::SelectBlocks(scores, bo)) {
+    out->starts.push_back(S + uint64_t{j} * B);
+    out->ends.push_back(std::min<uint64_t>(S + (uint64_t{j} + 1) * B, sealed));
+    out->scores.push_back(scores[j]);
+  }
+}
+
+}  // namespace
+
+Status Session::ScanRetrievalHeadsOnDevice(uint32_t layer, const std::vector<bool>& retrieval,
+                                           const std::vector<float>& qf, uint32_t budget,
+                                           const RetrievalOptions& ro,
+                                           std::vector<HeadSelection>* sel, uint64_t* bytes) const {
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
+  const uint64_t S = options_.sink_tokens;
+  const uint64_t sealed = chunks_.empty() ? 0 : chunks_.back().start + chunks_.back().tokens;
+  std::vector<uint32_t> heads;
+  for (uint32_t h = 0; h < H; ++h) {
+    if (retrieval[h]) heads.push_back(h);
+  }
+  if (heads.empty() || sealed <= S) {
+    for (uint32_t h : heads) (*sel)[h].kv_head = h;
+    return Status::OK();  // nothing selectable yet: sinks and tail only
+  }
+  // The sealed chunks past the sinks, in order, where they lie in the pool.
+  std::vector<kernels::KVSpan> spans;
+  std::vector<uint32_t> prefix(1, 0);
+  for (const Chunk& c : chunks_) {
+    if (c.start + c.tokens <= S) continue;
+    if (c.blocks[layer].dev == kNotResident) {
+      return Unimplemented("device scan: a block of layer " + std::to_string(layer) +
+                           " is not resident");
+    }
+    const uint32_t b = static_cast<uint32_t>(std::max(S, c.start) - c.start);
+    spans.push_back({ElemOffset(c.blocks[layer].dev), c.tokens, b, c.tokens});
+    prefix.push_back(prefix.back() + c.tokens - b);
+  }
+  const uint32_t total = static_cast<uint32_t>(sealed - S);
+  const uint32_t nb = kernels::PooledNumBlocks(total, ro.block_tokens);
+  std::vector<float> scores(heads.size() * size_t{nb});
+  kernels::PooledBlockScoresView v{};
+  v.kv_dtype = profile_.dtype;
+  v.kv_heads = H;
+  v.q_heads = profile_.q_heads;
+  v.head_dim = D;
+  v.q = qf.data();
+  v.spans = spans.data();
+  v.span_prefix = prefix.data();
+  v.num_spans = static_cast<uint32_t>(spans.size());
+  v.total_tokens = total;
+  v.block_tokens = ro.block_tokens;
+  v.mode = ro.pooling;
+  v.heads = heads.data();
+  v.num_heads = static_cast<uint32_t>(heads.size());
+  v.scores = scores.data();
+  KVMEM_RETURN_IF_ERROR(pool_->PooledBlockScores(v));
+  for (size_t i = 0; i < heads.size(); ++i) {
+    HeadSelection& hs = (*sel)[heads[i]];
+    hs.kv_head = heads[i];
+    KeepBlocks(std::span<const float>(scores.data() + i * nb, nb), budget, ro, D, S, sealed, &hs);
+    *bytes += uint64_t{total} * D * DTypeSize(profile_.dtype);
+  }
+  return Status::OK();
+}
+
 Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<float>& qf,
                                   uint32_t budget, const RetrievalOptions& ro, HeadSelection* out,
                                   uint64_t* bytes) const {
@@ -788,8 +875,9 @@ Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<
     v.q_heads = profile_.q_heads;
     v.q = qf.data();
   } else {
-    // Device pool: the head's keys come to the host as fp32 (one copy per chunk) and the CPU
-    // kernel scores them; a device-side scan (kernels::cuda::PooledBlockScores) is not wired.
+    // A pool that is not host memory and has no device scan (ScanRetrievalHeadsOnDevice), or
+    // a layer with blocks out of the pool: the head's keys come to the host as fp32 (one copy
+    // per chunk, from whichever tier holds them) and the CPU kernel scores them.
     staged.resize(static_cast<size_t>(sealed) * D);
     for (uint32_t c = 0; c < chunks_.size(); ++c) {
       KVMEM_RETURN_IF_ERROR(KeysAsFloat(layer, h, c, staged.data() + chunks_[c].start * D));
@@ -809,17 +897,7 @@ Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<
   v.num_spans = static_cast<uint32_t>(spans.size());
   v.heads = &head;
   kernels::PooledBlockScoresCpu(v);
-
-  index::BlockRuleOptions bo;
-  bo.rule = ro.rule;
-  bo.value = ro.rule_value;
-  bo.k = std::max<uint32_t>(1, budget / B);
-  bo.scale = 1.f / std::sqrt(static_cast<float>(D));
-  for (uint32_t j : index::SelectBlocks(scores, bo)) {
-    out->starts.push_back(S + uint64_t{j} * B);
-    out->ends.push_back(std::min<uint64_t>(S + (uint64_t{j} + 1) * B, sealed));
-    out->scores.push_back(scores[j]);
-  }
+  KeepBlocks(scores, budget, ro, D, S, sealed, out);
   *bytes += uint64_t{total} * D * DTypeSize(profile_.dtype);
   return Status::OK();
 }
@@ -827,7 +905,7 @@ Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<
 Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vector<float>& qf,
                              uint32_t budget, const RetrievalOverrides& ov,
                              std::vector<HeadSelection>* sel, std::vector<bool>* dense,
-                             uint64_t* nodes, uint64_t* bytes) {
+                             uint64_t* nodes, uint64_t* bytes, bool* device_scan) {
   KVMEM_RETURN_IF_ERROR(CheckHybridProfile(profile_, mode));
   KVMEM_ASSIGN_OR_RETURN(const RetrievalOptions ro, EffectiveRetrieval(ov));
   const uint32_t H = profile_.kv_heads;
@@ -844,12 +922,27 @@ Status Session::SelectHybrid(uint32_t layer, SelectionMode mode, const std::vect
     KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/false));
     KVMEM_RETURN_IF_ERROR(SelectChunks(layer, qf, budget, sel, nodes, bytes, &retrieval));
   } else {
+    bool scanned = false;
+    if (!pool_->is_host() && DeviceScanEnabled() &&
+        std::find(retrieval.begin(), retrieval.end(), true) != retrieval.end()) {
+      // Device pool: one launch scores every retrieval head where its keys lie; only the
+      // block scores (4 bytes per block and head) come back for the rules.
+      Status st = ScanRetrievalHeadsOnDevice(layer, retrieval, qf, budget, ro, sel, bytes);
+      if (st.ok()) {
+        scanned = true;
+        if (device_scan != nullptr) *device_scan = true;
+      } else if (st.code() != StatusCode::kUnimplemented) {
+        return st;
+      }
+    }
     std::vector<Status> status(H);
     std::vector<uint64_t> head_bytes(H, 0);
     auto scan = [&](uint32_t h) {
       if (retrieval[h]) status[h] = ScanRetrievalHead(layer, h, qf, budget, ro, &(*sel)[h], &head_bytes[h]);
     };
-    if (pool_->is_host()) {
+    if (scanned) {
+      // done above
+    } else if (pool_->is_host()) {
       ForEachHead(H, scan);
     } else {
       // Each scan stages a head's keys on the host: one at a time bounds that memory.
@@ -1000,6 +1093,7 @@ Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybri
   std::vector<uint32_t> head_begin;
   std::vector<HeadSelection> selection;
   uint64_t nodes = 0, bytes_read = 0;
+  bool device_scan = false;
   if (sparse) {
     std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
     ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
@@ -1008,7 +1102,7 @@ Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybri
     PhaseTimer search_timer(AttendPhase::kHostSearch);
     if (hybrid) {
       KVMEM_RETURN_IF_ERROR(SelectHybrid(a.layer, mode, qf, budget, a.retrieval, &selection,
-                                         &dense, &nodes, &bytes_read));
+                                         &dense, &nodes, &bytes_read, &device_scan));
     } else {
       KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
       KVMEM_RETURN_IF_ERROR(SelectChunks(a.layer, qf, budget, &selection, &nodes, &bytes_read));
@@ -1067,6 +1161,7 @@ Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybri
       info->selection = std::move(selection);
       info->nodes_visited = nodes;
       info->bytes_read = bytes_read;
+      info->device_scan = device_scan;
     } else {
       info->tokens_attended.assign(H, static_cast<uint32_t>(layer_tokens(a.layer)));
     }

@@ -176,6 +176,9 @@ struct AttendInfo {
   uint64_t nodes_visited = 0;
   uint64_t bytes_read = 0;
   bool device_search = false;  // the search ran on the device (CUDA backend)
+  // Modes retrieval_heads: the retrieval heads' block scores came from one device launch
+  // (KVPool::PooledBlockScores) instead of keys staged to the host.
+  bool device_scan = false;
 };
 
 struct RetrieveResult {
@@ -372,7 +375,16 @@ class Session {
   // heads replace the kept selection of their KV-head index. dense[h]: attend every token.
   Status SelectHybrid(uint32_t layer, SelectionMode mode, const std::vector<float>& qf,
                       uint32_t budget, const RetrievalOverrides& ov, std::vector<HeadSelection>* sel,
-                      std::vector<bool>* dense, uint64_t* nodes, uint64_t* bytes);
+                      std::vector<bool>* dense, uint64_t* nodes, uint64_t* bytes,
+                      bool* device_scan = nullptr);
+  // Every retrieval head of `layer` scored in one device launch (pools that are not host
+  // memory), then each head's rule applied on the host as ScanRetrievalHead does. UNIMPLEMENTED
+  // when the pool has no device scan or a block of the layer is not resident (the caller then
+  // scans head by head from staged keys).
+  Status ScanRetrievalHeadsOnDevice(uint32_t layer, const std::vector<bool>& retrieval,
+                                    const std::vector<float>& qf, uint32_t budget,
+                                    const RetrievalOptions& ro, std::vector<HeadSelection>* sel,
+                                    uint64_t* bytes) const;
   // Block scores of retrieval head h over the sealed tokens past the sinks, best blocks kept.
   Status ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<float>& qf,
                            uint32_t budget, const RetrievalOptions& ro, HeadSelection* out,

@@ -78,17 +78,18 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
                            : std::max<uint64_t>(resident / 2,
                                                 resident - std::min<uint64_t>(resident, num_tasks));
   }
-  uint64_t split = (total + target - 1) / target;
+  uint64_t balanced_split = (total + target - 1) / target;
   if (resident > 0 && num_tasks <= resident) {
     // One wave of even splits: each task gets at most resident / tasks splits, sized by the
     // longest task (H200, 64 tasks of ~2100 tokens: 4 x 576 = 256 blocks, 31.1 us, against
     // 221 blocks of 704 tokens by the token total, 33.3 us; bench/results/h200_run12.json).
     const uint64_t k = resident / num_tasks;
-    split = (max_task + k - 1) / k;
+    balanced_split = (max_task + k - 1) / k;
   }
-  split = std::clamp<uint64_t>(split, options.min_split_tokens,
+  balanced_split = std::clamp<uint64_t>(balanced_split, options.min_split_tokens,
                                std::max(options.min_split_tokens, options.max_split_tokens));
-  split = AlignUp(split, 64);
+  balanced_split = AlignUp(balanced_split, 64);
+  uint64_t max_split = 0;  // with splits_per_task: the longest task split (reported)
 
   std::vector<AttendTaskDesc> tasks;
   std::vector<AttendItemDesc> items;
@@ -111,6 +112,15 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       cur.task = task;
       cur.run_begin = static_cast<uint32_t>(runs.size());
       uint64_t cur_tokens = 0;
+      uint32_t first, last;
+      HeadSpans(p, h, &first, &last);
+      uint64_t split = balanced_split;
+      if (options.splits_per_task > 0) {
+        uint64_t task_tokens = 0;
+        for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
+        split = std::max<uint64_t>(
+            64, AlignUp((task_tokens + options.splits_per_task - 1) / options.splits_per_task, 64));
+      }
       auto close_item = [&] {
         cur.run_end = static_cast<uint32_t>(runs.size());
         cur.tokens = static_cast<uint32_t>(cur_tokens);
@@ -119,8 +129,6 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
         cur.run_begin = cur.run_end;
         cur_tokens = 0;
       };
-      uint32_t first, last;
-      HeadSpans(p, h, &first, &last);
       for (uint32_t s = first; s < last; ++s) {
         const KVSpan& sp = p.spans[s];
         const uint64_t head_k = sp.offset + static_cast<uint64_t>(h) * sp.stride_tokens * D;
@@ -137,6 +145,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
         }
       }
       close_item();  // the last (or only, possibly empty) split
+      max_split = std::max(max_split, split);
       td.num_splits = static_cast<uint32_t>(items.size()) - first_item;
       td.partial_base = partial_slots;
       if (td.num_splits > 1) partial_slots += td.num_splits;
@@ -157,7 +166,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   plan->num_tasks = num_tasks;
   plan->num_items = static_cast<uint32_t>(items.size());
   plan->num_runs = static_cast<uint32_t>(runs.size());
-  plan->split_tokens = static_cast<uint32_t>(split);
+  plan->split_tokens = static_cast<uint32_t>(options.splits_per_task > 0 ? max_split : balanced_split);
   plan->total_tokens = total;
   plan->kv_dtype = p0.kv_dtype;
   plan->q_dtype = p0.q_dtype;

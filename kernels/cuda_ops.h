@@ -77,6 +77,14 @@ struct AttendPlanOptions {
   // Default: 128 and 4096
   uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;
+  // 0: split every task by tokens as above (balanced: a task gets splits in proportion to its
+  // tokens). N > 0: cut every task into at most N splits of equal tokens instead (rounded up to
+  // a multiple of 64, the bounds above ignored), whatever its length: the fixed split count of a
+  // per-head grid. This is the unbalanced baseline of kvmem-bench-retrieval (a retrieval head
+  // attending the whole context next to sparse heads attending their budget), not something the
+  // daemon uses.
+  // Runs per split stay capped (kMaxRunsPerItem), which can add splits. Default: 0
+  uint32_t splits_per_task = 0;
 };
 
 struct AttendPlan {
@@ -85,7 +93,7 @@ struct AttendPlan {
   uint32_t num_tasks = 0;
   uint32_t num_items = 0;  // thread blocks of the launch
   uint32_t num_runs = 0;
-  uint32_t split_tokens = 0;
+  uint32_t split_tokens = 0;  // tokens per split (with splits_per_task: the largest of them)
   uint64_t total_tokens = 0;  // summed over tasks (each KV row pair read once)
   DType kv_dtype = DType::kBF16;
   DType q_dtype = DType::kBF16;
@@ -128,6 +136,8 @@ Status NodeBounds(const NodeBoundsView& v, void* stream);
 Status ChunkMaxScores(const ChunkMaxScoresView& v, void* stream);
 // One block per row; exact and deterministic (same result as TopKCpu, bit for bit).
 Status TopK(const TopKView& v, void* stream);
+// 16-bit K/V with head_dim 64, 128 or 256 (and a 16-byte aligned pool) take vectorised loads:
+// span offsets must then be multiples of 8 elements, as for attention.
 Status PooledBlockScores(const PooledBlockScoresView& v, void* stream);
 
 // ---- Cluster-tree search fused with sparse attention (kernels/tree_search.h) -----------------

@@ -303,6 +303,101 @@ __global__ void PooledBlockScoresKernel(PooledBlockScoresView v, uint32_t num_bl
   if (lane == 0) v.scores[static_cast<size_t>(hi) * num_blocks + blk] = acc;
 }
 
+// The same scores for 16-bit keys with head_dim = 16 * LPT: LPT lanes share a token (16
+// elements each, two 16-byte loads), a warp covers 32 / LPT tokens per step and keeps kSteps
+// steps of loads in flight before it reduces, so a block's 64 keys take a few round trips to
+// memory instead of 64 dependent ones. Rows must be 16-byte aligned (span offsets multiples
+// of 8 elements, as the attention kernel requires).
+template <typename KV, int LPT>
+__global__ void PooledBlockScoresVecKernel(PooledBlockScoresView v, uint32_t num_blocks) {
+  constexpr int kTokensPerStep = 32 / LPT;
+  constexpr int kSteps = 4;
+  constexpr uint32_t D = 16 * LPT;
+  const int w = GlobalWarp();
+  const int lane = threadIdx.x & 31;
+  if (w >= static_cast<int>(v.num_heads * num_blocks)) return;
+  const uint32_t hi = w / num_blocks, blk = w % num_blocks;
+  const uint32_t h = v.heads[hi];
+  const uint32_t G = v.q_heads / v.kv_heads;
+  const int slot = lane / LPT, part = lane % LPT;
+  float qbar[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t d = part * 16 + j;
+    float a = 0.f;
+    for (uint32_t g = 0; g < G; ++g) a += v.q[static_cast<size_t>(h * G + g) * D + d];
+    qbar[j] = a / static_cast<float>(G);
+  }
+  const uint32_t a = blk * v.block_tokens;
+  const uint32_t b = min(v.total_tokens, a + v.block_tokens);
+  uint32_t lo = 0, hi2 = v.num_spans;
+  while (hi2 - lo > 1) {
+    const uint32_t mid = (lo + hi2) / 2;
+    if (v.span_prefix[mid] <= a)
+      lo = mid;
+    else
+      hi2 = mid;
+  }
+  uint32_t si = lo;
+  const bool is_max = v.mode == BlockPool::kMax;
+  float acc = is_max ? -INFINITY : 0.f;
+  const KV* pool = static_cast<const KV*>(v.pool);
+  for (uint32_t base = a; base < b; base += kTokensPerStep * kSteps) {
+    uint4 r[kSteps][2];
+    bool valid[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const uint32_t pos = base + u * kTokensPerStep + slot;
+      valid[u] = pos < b;
+      r[u][0] = r[u][1] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        while (pos >= v.span_prefix[si + 1]) ++si;
+        const KVSpan s = v.spans[si];
+        const uint64_t row = KeyRow(s, h, s.begin + (pos - v.span_prefix[si]), D) + part * 16;
+        const uint4* p = reinterpret_cast<const uint4*>(pool + row);
+        r[u][0] = p[0];
+        r[u][1] = p[1];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      float f[16];
+      Unpack8<KV>(r[u][0], f);
+      Unpack8<KV>(r[u][1], f + 8);
+      float dot = 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) dot = fmaf(qbar[j], f[j], dot);
+#pragma unroll
+      for (int off = LPT / 2; off >= 1; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (valid[u]) acc = is_max ? fmaxf(acc, dot) : acc + dot;
+    }
+  }
+  // Tokens were spread over the warp's slots: combine them.
+#pragma unroll
+  for (int off = LPT; off < 32; off <<= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, acc, off);
+    acc = is_max ? fmaxf(acc, o) : acc + o;
+  }
+  if (!is_max) acc /= static_cast<float>(b - a);
+  if (lane == 0) v.scores[static_cast<size_t>(hi) * num_blocks + blk] = acc;
+}
+
+template <typename KV>
+void LaunchPooledVec(const PooledBlockScoresView& v, uint32_t nb, unsigned grid, cudaStream_t st) {
+  const unsigned threads = 32 * kWarpsPerBlock;
+  switch (v.head_dim) {
+    case 64:
+      PooledBlockScoresVecKernel<KV, 4><<<grid, threads, 0, st>>>(v, nb);
+      break;
+    case 128:
+      PooledBlockScoresVecKernel<KV, 8><<<grid, threads, 0, st>>>(v, nb);
+      break;
+    default:
+      PooledBlockScoresVecKernel<KV, 16><<<grid, threads, 0, st>>>(v, nb);
+      break;
+  }
+}
+
 Status CheckDim(uint32_t D) {
   if (D == 0 || D > 32 * kMaxDimPerLane) return Unimplemented("index op on CUDA: head_dim > 256");
   return Status::OK();
@@ -358,8 +453,16 @@ Status PooledBlockScores(const PooledBlockScoresView& v, void* stream) {
   const uint32_t nb = PooledNumBlocks(v.total_tokens, v.block_tokens);
   const uint64_t warps = static_cast<uint64_t>(v.num_heads) * nb;
   if (warps == 0) return Status::OK();
-  PooledBlockScoresKernel<<<WarpBlocks(warps), 32 * kWarpsPerBlock, 0,
-                            static_cast<cudaStream_t>(stream)>>>(v, nb);
+  const bool vec = (v.head_dim == 64 || v.head_dim == 128 || v.head_dim == 256) &&
+                   v.kv_dtype != DType::kF32 && reinterpret_cast<uintptr_t>(v.pool) % 16 == 0;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (vec && v.kv_dtype == DType::kBF16) {
+    LaunchPooledVec<__nv_bfloat16>(v, nb, WarpBlocks(warps), st);
+  } else if (vec) {
+    LaunchPooledVec<__half>(v, nb, WarpBlocks(warps), st);
+  } else {
+    PooledBlockScoresKernel<<<WarpBlocks(warps), 32 * kWarpsPerBlock, 0, st>>>(v, nb);
+  }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("PooledBlockScoresKernel");
   return Status::OK();
 }

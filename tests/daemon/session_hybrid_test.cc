@@ -77,8 +77,20 @@ class StagedPool final : public KVPool {
     kernels::AttendCpu(problems, count);
     return Status::OK();
   }
+  // With device_scan, block scores come from this call (the CPU kernel over the pool, standing
+  // in for the CUDA launch) as on the CUDA backend; otherwise UNIMPLEMENTED (staged keys).
+  Status PooledBlockScores(const kernels::PooledBlockScoresView& v) override {
+    if (!device_scan) return KVPool::PooledBlockScores(v);
+    ++scans;
+    kernels::PooledBlockScoresView pv = v;
+    pv.pool = base_;
+    kernels::PooledBlockScoresCpu(pv);
+    return Status::OK();
+  }
   std::string Describe() const override { return "staged (test)"; }
   uint64_t copies_out = 0;
+  bool device_scan = false;
+  uint64_t scans = 0;
 
  private:
   struct Free {
@@ -315,6 +327,63 @@ TEST(SessionHybrid, StagedPoolSelectsWhatTheHostPoolSelects) {
     }
     EXPECT_GT(static_cast<StagedPool*>(staged.pool.get())->copies_out, 0u);
   }
+}
+
+// The CUDA backend's scan path (Session::ScanRetrievalHeadsOnDevice: every retrieval head of a
+// layer in one pool call, spans over the pool, rules on the host) selects and attends what the
+// host pool's per-head scan does.
+TEST(SessionHybrid, PoolScanSelectsAndAttendsWhatTheHostScanDoes) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng_a(seed), rng_b(seed);
+  Fixture host = Make(SelectionMode::kRetrievalHeads, rng_a);
+  Fixture staged = Make(SelectionMode::kRetrievalHeads, rng_b, /*staged=*/true);
+  auto* pool = static_cast<StagedPool*>(staged.pool.get());
+  pool->device_scan = true;
+  const uint64_t copies_before = pool->copies_out;
+  std::mt19937_64 rng(seed + 11);
+  std::normal_distribution<float> n01;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (uint32_t l = 0; l < L; ++l) {
+      SCOPED_TRACE("pass " + std::to_string(pass) + " layer " + std::to_string(l));
+      const auto q = RandomQuery(rng);
+      std::vector<float> nk(HKV * D), nv(HKV * D);
+      for (float& x : nk) x = n01(rng);
+      for (float& x : nv) x = n01(rng);
+      std::vector<float> out_a(HQ * D), out_b(HQ * D), lse_a(HQ), lse_b(HQ);
+      AttendArgs a;
+      a.layer = l;
+      a.q = q.data();
+      a.q_dtype = DType::kF32;
+      a.new_k = nk.data();
+      a.new_v = nv.data();
+      a.out_dtype = DType::kF32;
+      a.want_selection = true;
+      AttendInfo ia, ib;
+      a.out = out_a.data();
+      a.lse = lse_a.data();
+      ASSERT_TRUE(host.session->Attend(a, &ia).ok());
+      a.out = out_b.data();
+      a.lse = lse_b.data();
+      ASSERT_TRUE(staged.session->Attend(a, &ib).ok());
+      EXPECT_FALSE(ia.device_scan);
+      const bool has_retrieval = l != 0 && (Profile().IsRetrievalHead(l, 0) || Profile().IsRetrievalHead(l, 1));
+      EXPECT_EQ(ib.device_scan, has_retrieval);
+      EXPECT_EQ(ia.bytes_read, ib.bytes_read);
+      EXPECT_EQ(ia.tokens_attended, ib.tokens_attended);
+      ASSERT_EQ(ia.selection.size(), ib.selection.size());
+      for (size_t h = 0; h < ia.selection.size(); ++h) {
+        EXPECT_EQ(ia.selection[h].role, ib.selection[h].role) << "head " << h;
+        EXPECT_EQ(ia.selection[h].starts, ib.selection[h].starts) << "head " << h;
+        EXPECT_EQ(ia.selection[h].ends, ib.selection[h].ends) << "head " << h;
+        EXPECT_EQ(ia.selection[h].scores, ib.selection[h].scores) << "head " << h;
+      }
+      for (uint32_t i = 0; i < HQ * D; ++i) ASSERT_NEAR(out_a[i], out_b[i], 1e-4f) << i;
+      for (uint32_t i = 0; i < HQ; ++i) ASSERT_NEAR(lse_a[i], lse_b[i], 1e-4f) << i;
+    }
+  }
+  EXPECT_GT(pool->scans, 0u);
+  EXPECT_EQ(pool->copies_out, copies_before) << "the scan should not stage keys through CopyOut";
 }
 
 TEST(SessionHybrid, RetrieveFollowsTheSameStateAsAttend) {

@@ -16,6 +16,7 @@
 #include "kernels/attention.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/cuda_test_util.h"
+#include "kernels/detail/attention_plan_layout.h"
 #include "kernels/index_ops.h"
 
 namespace kvmem::kernels {
@@ -630,6 +631,153 @@ TEST(IndexOpsParity, PooledBlockScores) {
       for (size_t i = 0; i < ref.size(); ++i) {
         ASSERT_NEAR(got[i], ref[i], 1e-4 * (1 + std::fabs(ref[i]))) << "block " << i;
       }
+    }
+  }
+}
+
+
+// ---- Retrieval heads (LycheeDecode) ------------------------------------------------------------
+// One layer of mode retrieval_heads as the CUDA backend runs it: the retrieval heads' block
+// scores in one launch, their top blocks, then ONE attention launch in which retrieval heads
+// attend the whole context (every chunk) and sparse heads attend sinks + the blocks a retrieval
+// head kept. Balanced plan (splits by tokens: the retrieval heads get proportionally more
+// splits) and the fixed-split baseline (splits_per_task) must both match the CPU reference.
+TEST(RetrievalHeadsParity, ScoresThenMixedSpanAttention) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  PoolFixture f;
+  f.hkv = 4;
+  f.Build(rng, 900);
+  const uint32_t hq = 16, G = hq / f.hkv, D = f.d, B = 64, kSinks = 16, k = 6;
+  // The context: every chunk's [begin, end) in order (chunk-local ranges as the daemon keeps them).
+  std::vector<uint32_t> prefix{0};
+  for (const KVSpan& s : f.chunks) prefix.push_back(prefix.back() + s.end - s.begin);
+  const uint32_t total = prefix.back();
+  ASSERT_GT(total, kSinks + k * B);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> qf(hq * D);
+  for (float& x : qf) x = nd(rng);
+  const std::vector<uint32_t> retrieval{0, 2};  // sparse heads 1 and 3 reuse 0's and 2's blocks
+
+  // 1. Block scores: device vs CPU.
+  const uint32_t nb = PooledNumBlocks(total, B);
+  std::vector<float> ref(retrieval.size() * nb);
+  PooledBlockScoresView v{f.pool.data(), f.kv, f.hkv, hq, D, qf.data(), f.chunks.data(), prefix.data(),
+                          static_cast<uint32_t>(f.chunks.size()), total, B, BlockPool::kMax,
+                          retrieval.data(), static_cast<uint32_t>(retrieval.size()), ref.data()};
+  PooledBlockScoresCpu(v);
+  GuardedBuffer pool_d(f.pool.size()), qf_d(qf.size() * 4), sp_d(f.chunks.size() * sizeof(KVSpan)),
+      pre_d(prefix.size() * 4), h_d(retrieval.size() * 4), sc_d(ref.size() * 4);
+  ASSERT_TRUE(pool_d.ok());
+  pool_d.Upload(f.pool.data());
+  qf_d.Upload(qf.data());
+  sp_d.Upload(f.chunks.data());
+  pre_d.Upload(prefix.data());
+  h_d.Upload(retrieval.data());
+  PooledBlockScoresView vd = v;
+  vd.pool = pool_d.data();
+  vd.q = qf_d.as<float>();
+  vd.spans = sp_d.as<KVSpan>();
+  vd.span_prefix = pre_d.as<uint32_t>();
+  vd.heads = h_d.as<uint32_t>();
+  vd.scores = sc_d.as<float>();
+  ST_OK(kc::PooledBlockScores(vd, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<float> got(ref.size());
+  ASSERT_TRUE(sc_d.Download(got.data()));
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_NEAR(got[i], ref[i], 1e-4 * (1 + std::fabs(ref[i]))) << "block " << i;
+  }
+
+  // 2. Top-k blocks per retrieval head (host rule, as the daemon does), to context positions.
+  std::vector<uint32_t> top(retrieval.size() * k);
+  TopKCpu(TopKView{got.data(), static_cast<uint32_t>(retrieval.size()), nb, k, top.data(), nullptr});
+  // Context position -> (chunk, offset) pieces for a range [a, b).
+  auto add_range = [&](uint32_t a, uint32_t b, std::vector<KVSpan>* out) {
+    b = std::min(b, total);
+    for (size_t c = 0; c < f.chunks.size() && a < b; ++c) {
+      if (prefix[c + 1] <= a) continue;
+      const uint32_t e = std::min(b, prefix[c + 1]);
+      const KVSpan& s = f.chunks[c];
+      out->push_back({s.offset, s.stride_tokens, s.begin + (a - prefix[c]), s.begin + (e - prefix[c])});
+      a = e;
+    }
+  };
+  std::vector<KVSpan> spans;
+  std::vector<uint32_t> head_begin;
+  std::vector<uint64_t> head_tokens(f.hkv, 0);
+  for (uint32_t h = 0; h < f.hkv; ++h) {
+    head_begin.push_back(static_cast<uint32_t>(spans.size()));
+    if (h % 2 == 0) {
+      spans.insert(spans.end(), f.chunks.begin(), f.chunks.end());  // retrieval head: everything
+    } else {
+      add_range(0, kSinks, &spans);
+      std::vector<uint32_t> blocks(top.begin() + (h / 2) * k, top.begin() + (h / 2 + 1) * k);
+      std::sort(blocks.begin(), blocks.end());
+      for (uint32_t j : blocks) add_range(std::max(kSinks, j * B), (j + 1) * B, &spans);
+    }
+    for (size_t i = head_begin.back(); i < spans.size(); ++i) head_tokens[h] += spans[i].end - spans[i].begin;
+  }
+  head_begin.push_back(static_cast<uint32_t>(spans.size()));
+  ASSERT_GT(head_tokens[0], 10 * head_tokens[1]);
+
+  // 3. One attention launch, balanced and fixed-split plans, against the CPU reference.
+  const DType qt = DType::kBF16, ot = DType::kBF16;
+  const auto q = RandomTensor(rng, qt, size_t{hq} * D, 1.f);
+  std::vector<uint8_t> out_ref(size_t{hq} * D * DTypeSize(ot));
+  std::vector<float> lse_ref(hq);
+  AttendProblem p{f.pool.data(), f.kv, hq, f.hkv, D, 1.f / std::sqrt(static_cast<float>(D)), q.data(), qt,
+                  spans.data(), head_begin.data(), static_cast<uint32_t>(spans.size()), out_ref.data(), ot,
+                  lse_ref.data()};
+  AttendCpu(&p, 1);
+  GuardedBuffer q_d(q.size()), out_d(out_ref.size()), lse_d(hq * 4);
+  q_d.Upload(q.data());
+  AttendProblem pd = p;
+  pd.pool = pool_d.data();
+  pd.q = q_d.data();
+  pd.out = out_d.data();
+  pd.lse = lse_d.as<float>();
+  for (uint32_t fixed : {0u, 4u}) {
+    SCOPED_TRACE(fixed ? "fixed splits per task" : "balanced splits");
+    kc::AttendPlanOptions opt;
+    opt.splits_per_task = fixed;
+    kc::AttendPlan plan;
+    ST_OK(kc::PlanAttend(&pd, 1, opt, &plan));
+    const auto* tasks =
+        reinterpret_cast<const detail::AttendTaskDesc*>(plan.image.data() + plan.tasks_off);
+    const auto* items =
+        reinterpret_cast<const detail::AttendItemDesc*>(plan.image.data() + plan.items_off);
+    std::vector<uint32_t> longest(f.hkv, 0);
+    for (uint32_t i = 0; i < plan.num_items; ++i) {
+      longest[items[i].task] = std::max(longest[items[i].task], items[i].tokens);
+    }
+    if (fixed == 0) {
+      // Work balanced by tokens: the retrieval heads get many more splits, no split is longer
+      // than split_tokens.
+      EXPECT_GE(tasks[0].num_splits, 8 * tasks[1].num_splits);
+      for (uint32_t h = 0; h < f.hkv; ++h) EXPECT_LE(longest[h], plan.split_tokens) << "head " << h;
+    } else {
+      // The baseline: the same split count, so the retrieval heads' splits are far longer.
+      EXPECT_GE(longest[0], 8 * longest[1]);
+    }
+    GuardedBuffer ws(plan.workspace_bytes);
+    ASSERT_TRUE(ws.ok());
+    ST_OK(kc::UploadAttendPlan(plan, ws.data(), nullptr));
+    out_d.Poison();
+    lse_d.Poison();
+    ST_OK(kc::LaunchAttend(plan, ws.data(), nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint8_t> out_h(out_ref.size());
+    std::vector<float> lse_h(hq);
+    ASSERT_TRUE(out_d.Download(out_h.data()));
+    ASSERT_TRUE(lse_d.Download(lse_h.data()));
+    for (uint32_t qh = 0; qh < hq; ++qh) {
+      bool nan = false;
+      const size_t row = size_t{qh} * D * DTypeSize(ot);
+      const double err = RelErr(out_h.data() + row, out_ref.data() + row, ot, D, &nan);
+      EXPECT_FALSE(nan) << "query head " << qh;
+      EXPECT_LT(err, Tolerance(ot)) << "query head " << qh << " (KV head " << qh / G << ")";
+      EXPECT_NEAR(lse_h[qh], lse_ref[qh], 1e-4 * (1 + std::fabs(lse_ref[qh]))) << "query head " << qh;
     }
   }
 }

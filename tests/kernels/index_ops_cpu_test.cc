@@ -278,6 +278,29 @@ TEST(AttendPlan, RetrievalHeadsGetProportionallyMoreSplits) {
     longest = std::max(longest, items[i].tokens);
   }
   EXPECT_EQ(longest, plan.split_tokens);  // full splits everywhere but each task's last one
+
+  // The unbalanced baseline of kvmem-bench-retrieval: the same split count for every task, so
+  // the retrieval head's splits are many times longer than the sparse heads'.
+  cuda::AttendPlanOptions uniform;
+  uniform.splits_per_task = 32;
+  cuda::AttendPlan fixed;
+  ASSERT_TRUE(cuda::PlanAttend(&p, 1, uniform, &fixed).ok());
+  const auto* ftasks = reinterpret_cast<const detail::AttendTaskDesc*>(fixed.image.data() + fixed.tasks_off);
+  const auto* fitems = reinterpret_cast<const detail::AttendItemDesc*>(fixed.image.data() + fixed.items_off);
+  std::vector<uint32_t> longest_of(hkv, 0);
+  std::vector<uint64_t> covered(hkv, 0);
+  for (uint32_t i = 0; i < fixed.num_items; ++i) {
+    longest_of[fitems[i].task] = std::max(longest_of[fitems[i].task], fitems[i].tokens);
+    covered[fitems[i].task] += fitems[i].tokens;
+  }
+  for (uint32_t h = 0; h < hkv; ++h) {
+    // Splits are 64-token multiples, so a short task may get fewer than asked.
+    EXPECT_LE(ftasks[h].num_splits, 32u) << "head " << h;
+    EXPECT_EQ(covered[h], tokens[h]) << "head " << h;  // every token in exactly one split
+  }
+  EXPECT_EQ(ftasks[0].num_splits, 32u);
+  EXPECT_EQ(longest_of[0], fixed.split_tokens);
+  EXPECT_GE(longest_of[0], 10 * longest_of[1]);
 }
 
 }  // namespace kvmem::kernels
