@@ -478,8 +478,8 @@ void Session::Maintain() {
 
 namespace {
 
-// KVMEM_DEVICE_SEARCH=off keeps the index search on the host with the CUDA backend (A/B runs).
-// KVMEM_DEVICE_SCAN=off: retrieval heads scan staged keys on the host (A/B runs).
+// KVMEM_DEVICE_SCAN=off: retrieval heads score keys staged to the host even on the CUDA
+// backend (A/B runs).
 bool DeviceScanEnabled() {
   static const bool on = [] {
     const char* e = std::getenv("KVMEM_DEVICE_SCAN");
@@ -488,6 +488,7 @@ bool DeviceScanEnabled() {
   return on;
 }
 
+// KVMEM_DEVICE_SEARCH=off keeps the index search on the host with the CUDA backend (A/B runs).
 bool DeviceSearchEnabled() {
   static const bool on = [] {
     const char* e = std::getenv("KVMEM_DEVICE_SEARCH");

@@ -2,12 +2,14 @@
 # Stages the retrieval-heads GPU bundle for the device tool into MAIN/.gpu-retrieval (git-ignored
 # there): the CUDA parity tests, the session test on the CUDA pool and kvmem-bench-retrieval,
 # stripped of debug info.
-#   scripts/stage_gpu_retrieval.sh BUILD_DIR MAIN_CHECKOUT
+#   scripts/stage_gpu_retrieval.sh BUILD_DIR MAIN_CHECKOUT [daemon]
+# daemon: only hybrid_test, kvmemd and kvmemctl (the cross-backend daemon test).
 set -euo pipefail
 build=$1
 main=$2
 src=$(cd "$(dirname "$0")/.." && pwd)
 bins=(kernels_cuda_parity_test retrieval_device_test kvmem-bench-retrieval kvmem-bench-retrieval-session)
+if [[ "${3:-}" == daemon ]]; then bins=(hybrid_test kvmemd kvmemctl); fi
 rm -rf "$main/.gpu-retrieval"
 mkdir -p "$main/.gpu-retrieval"
 tmp=$(mktemp -d)

@@ -3,7 +3,9 @@
 # and the session on the CUDA pool vs the host pool), then kvmem-bench-retrieval; JSON and logs
 # under $OUT, a short table last. Run from the repo root on the GPU machine with the bundle
 # staged by scripts/stage_gpu_retrieval.sh in .gpu-retrieval/.
-#   bash .gpu-retrieval/run.sh [all|session]   (session: only the Session::Attend A/B)
+#   bash .gpu-retrieval/run.sh [all|session|daemon]
+#     session: only the Session::Attend A/B; daemon: only hybrid_test (kvmemd --backend cuda vs
+#     --backend cpu, and the reference checks on the auto backend)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.gpu-retrieval
@@ -26,7 +28,11 @@ timeout ${BENCH_TIMEOUT:-240} $G/b/run kvmem-bench-retrieval --json "$OUT/h200-r
   > "$OUT/bench.log" 2>&1; echo "kvmem-bench-retrieval rc=$?"
 cat "$OUT/bench.log"
 fi
-if [[ -x $G/b/bin/kvmem-bench-retrieval-session ]]; then
+if [[ $MODE == daemon ]]; then
+  timeout 200 $G/b/run hybrid_test > "$OUT/daemon.log" 2>&1; echo "hybrid_test rc=$?"
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK|Failure|Expected|Which is|seed" "$OUT/daemon.log" | head -30
+fi
+if [[ $MODE != daemon && -x $G/b/bin/kvmem-bench-retrieval-session ]]; then
   echo "== session Attend: device scan vs keys staged to the host"
   timeout 120 $G/b/run kvmem-bench-retrieval-session --json "$OUT/session-device.json" \
     --commit "$(cat $G/COMMIT)" --machine "$MACHINE" 2>&1 | tee "$OUT/session.log"
