@@ -1,11 +1,5 @@
-// A small fixed pool for fork-join work inside one request (per-KV-head index search, the copy of
-// an append into its chunk blocks). The caller runs a share of the iterations itself, so a pool
-// of 0 threads is plain sequential code.
-//
-// Workers spin for kSpinMicros after a job before sleeping on the condition variable, and the
-// caller spins as long for the workers to finish: a fork-join every ~100 us (a stream of 1 MiB
-// appends) then costs no futex wake-ups, which took longer than the work itself (a worker woke
-// after the caller had done most of the copy alone). Idle, the pool sleeps as before.
+// A small fixed pool for fork-join work inside one request (per-KV-head index search). The
+// caller runs a share of the iterations itself, so a pool of 0 threads is plain sequential code.
 #pragma once
 
 #include <atomic>
@@ -44,9 +38,6 @@ class ParallelPool {
   uint32_t busy_ = 0;                                    // guarded by mu_
   bool stop_ = false;                                    // guarded by mu_
   std::atomic<uint32_t> next_{0};
-  std::atomic<uint64_t> published_{0};  // generation_, readable without mu_ (spinning workers)
-  std::atomic<uint32_t> running_{0};    // busy_, likewise (the spinning caller)
-  std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;
 };
 
