@@ -52,6 +52,10 @@ Status DaemonConfig::Validate() const {
   if (ucx_error_mode != "none" && ucx_error_mode != "peer") {
     return InvalidArgument("ucx_error_mode must be none or peer, got '" + ucx_error_mode + "'");
   }
+  if (ucx_rndv_scheme != "auto" && ucx_rndv_scheme != "get_zcopy" && ucx_rndv_scheme != "put_zcopy") {
+    return InvalidArgument("ucx_rndv_scheme must be auto, get_zcopy or put_zcopy, got '" +
+                           ucx_rndv_scheme + "'");
+  }
   if (executors > 256) return InvalidArgument("executors must be <= 256");
   if (max_connections == 0) return InvalidArgument("max_connections must be >= 1");
   if (max_inflight_per_endpoint == 0) return InvalidArgument("max_inflight_per_endpoint must be >= 1");
@@ -125,6 +129,7 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "log_level") s = str(v, k, &c->log_level);
     else if (k == "progress") s = str(v, k, &c->progress);
     else if (k == "ucx_error_mode") s = str(v, k, &c->ucx_error_mode);
+    else if (k == "ucx_rndv_scheme") s = str(v, k, &c->ucx_rndv_scheme);
     else if (k == "admin") s = str(v, k, &c->admin);
     else if (k == "admin_token") s = str(v, k, &c->admin_token);
     else if (k == "executors") s = u32(v, k, &c->executors);

@@ -77,6 +77,13 @@ struct DaemonConfig {
   // shared memory (Debian's UCX 1.13 limits "peer" to TCP); "peer" detects dead peers.
   // Default: "none".
   std::string ucx_error_mode = "none";
+  // Rendezvous scheme for large messages: "put_zcopy" (each client writes its payload into
+  // the daemon's receive buffer: over shared memory the copy runs in the client's process, not
+  // on the daemon's one transport thread), "get_zcopy" (the daemon reads it) or "auto" (UCX's
+  // choice, get). UCX_RNDV_SCHEME in the environment overrides it. put_zcopy is for daemons whose
+  // clients all use shared memory (Debian's UCX 1.13 hangs TCP appends with it) and may ptrace
+  // the daemon. Default: "auto".
+  std::string ucx_rndv_scheme = "auto";
   // Authentication: token -> tenant name. Empty: one tenant "default" that needs no token,
   // and only loopback listen addresses are allowed.
   std::map<std::string, std::string> tenants;

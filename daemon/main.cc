@@ -49,6 +49,7 @@ Usage: kvmemd [options]
                          when first selected                                (default eager)
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
+  --ucx-rndv-scheme S    auto | get_zcopy | put_zcopy  (default auto; large-payload rendezvous)
   --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
   --sync-writes B        true: fsync the WAL before acknowledging a durable write (survives
                          power loss); false: write(2) only (survives kill -9)   (default false)
@@ -81,7 +82,7 @@ int main(int argc, char** argv) {
   Flags flags;
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
-                                  "--max-message", "--ucx-error-mode", "--search-threads",
+                                  "--max-message", "--ucx-error-mode", "--ucx-rndv-scheme", "--search-threads",
                                   "--admin", "--sync-writes", "--fault-fail-writes-flag"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -126,6 +127,7 @@ int main(int argc, char** argv) {
       else if (k == "--log-level") config.log_level = v;
       else if (k == "--progress") config.progress = v;
       else if (k == "--ucx-error-mode") config.ucx_error_mode = v;
+      else if (k == "--ucx-rndv-scheme") config.ucx_rndv_scheme = v;
       else if (k == "--restore") config.restore = v;
       else if (k == "--executors") {
         char* end = nullptr;
@@ -205,6 +207,7 @@ int main(int argc, char** argv) {
   topts.listen = config.listen;
   topts.poll = config.progress == "poll";
   topts.peer_error_handling = config.ucx_error_mode == "peer";
+  topts.rndv_scheme = config.ucx_rndv_scheme;
   topts.max_message_bytes = config.max_message_bytes;
   topts.max_inflight_per_endpoint = config.max_inflight_per_endpoint;
   topts.max_connections = config.max_connections;

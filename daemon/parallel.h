@@ -26,7 +26,7 @@ class ParallelPool {
 
  private:
   void Loop();
-  void Drain();
+  void Drain(const std::function<void(uint32_t)>& fn, uint32_t n);
 
   std::mutex call_mu_;  // one For() at a time
   std::mutex mu_;

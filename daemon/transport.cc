@@ -41,6 +41,9 @@ class RecvBufferPool {
  public:
   static constexpr size_t kMinPooled = 64 << 10;
   static constexpr size_t kRetainBytes = 256ull << 20;
+  // Messages over kMinHuge (tensor payloads) get a buffer of at least one 2 MiB huge page.
+  static constexpr size_t kHugeShift = 21;
+  static constexpr size_t kMinHuge = 512 << 10;
 
   uint8_t* Get(size_t bytes, size_t* capacity) {
     const size_t n = w::AlignUp(bytes == 0 ? 1 : bytes, 64);
@@ -48,7 +51,8 @@ class RecvBufferPool {
       *capacity = n;
       return static_cast<uint8_t*>(std::aligned_alloc(64, n));
     }
-    const size_t cls = std::bit_width(n - 1);  // capacity 2^cls >= n
+    // capacity 2^cls >= n; over kMinHuge, at least a whole huge page (see Fresh).
+    const size_t cls = std::max<size_t>(std::bit_width(n - 1), n > kMinHuge ? kHugeShift : 0);
     *capacity = size_t{1} << cls;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -86,7 +90,7 @@ class RecvBufferPool {
   // Buffers of 2 MiB and more start on a huge-page boundary and ask for transparent huge pages:
   // UCX's shared-memory rendezvous (CMA) then writes them with far fewer page walks.
   static uint8_t* Fresh(size_t capacity) {
-    constexpr size_t kHuge = 2 << 20;
+    constexpr size_t kHuge = size_t{1} << kHugeShift;
     if (capacity < kHuge) return static_cast<uint8_t*>(std::aligned_alloc(64, capacity));
     auto* p = static_cast<uint8_t*>(std::aligned_alloc(kHuge, capacity));
     if (p != nullptr) (void)madvise(p, capacity, MADV_HUGEPAGE);
@@ -160,7 +164,13 @@ UcxServer::~UcxServer() {
 }
 
 Status UcxServer::Start() {
-  KVMEM_ASSIGN_OR_RETURN(context_, ucx::CreateContext({options_.transports, /*wakeup=*/true}));
+  ucx::ContextOptions copts{options_.transports, /*wakeup=*/true, {}};
+  if (options_.rndv_scheme != "auto") copts.settings.emplace_back("RNDV_SCHEME", options_.rndv_scheme);
+  // One rendezvous rail. With put_zcopy UCX 1.13 would otherwise add TCP as a second rma_bw
+  // lane beside CMA, which the peer (a client with UCX's defaults) did not wire up: the
+  // endpoint's wireup then aborts the daemon (ep_addr_index < num_ep_addrs).
+  if (options_.rndv_scheme == "put_zcopy") copts.settings.emplace_back("MAX_RNDV_RAILS", "1");
+  KVMEM_ASSIGN_OR_RETURN(context_, ucx::CreateContext(copts));
   KVMEM_ASSIGN_OR_RETURN(worker_, ucx::CreateWorker(context_.get(), UCS_THREAD_MODE_SINGLE));
   KVMEM_ASSIGN_OR_RETURN(max_am_header_, ucx::MaxAmHeader(worker_.get()));
 
@@ -420,6 +430,12 @@ void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
     std::unique_ptr<Inbound> owned(raw);
     auto reply = std::make_unique<Reply>();
     service_->Handle(ctx, owned->parsed, reply.get());
+    // The request's data is consumed (replies never point into it): its buffer goes back to the
+    // pool now rather than after the reply is sent, so the next rendezvous receive reuses a
+    // buffer that is still in cache (LIFO) and only a couple of large buffers stay in
+    // circulation however many requests are in flight.
+    owned->parsed = w::Parsed{};
+    owned->data.reset();
     PostReply(std::move(owned), std::move(reply));
     service_->AfterReply(ctx, key);  // index upkeep once the client has its answer
   });

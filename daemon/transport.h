@@ -38,6 +38,14 @@ struct TransportOptions {
   uint32_t max_inflight_per_endpoint = 256;
   uint32_t max_connections = 1024;  // more connection requests are rejected
   std::string transports;          // UCX_TLS override; empty = all
+  // Rendezvous scheme for large messages (UCX_RNDV_SCHEME): "put_zcopy" makes each sender
+  // write its payload into the daemon's receive buffer (over shared memory: CMA from the
+  // client's process), so the daemon's single transport thread no longer spends the copy of
+  // every payload; "get_zcopy" has the transport thread read it; "auto" is UCX's choice
+  // (get). UCX_RNDV_SCHEME in the environment overrides it. put_zcopy: shared-memory clients
+  // only (UCX 1.13 hangs TCP appends with it), and clients must be allowed to ptrace the
+  // daemon (docs/architecture.md, "Append path").
+  std::string rndv_scheme = "auto";
 };
 
 struct TransportCounters {

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 namespace kvmem::ucx {
@@ -40,6 +41,11 @@ Result<Context> CreateContext(const ContextOptions& options) {
   if (!options.transports.empty()) {
     KVMEM_RETURN_IF_ERROR(FromUcs(ucp_config_modify(config.get(), "TLS", options.transports.c_str()),
                                   "ucp_config_modify TLS=" + options.transports));
+  }
+  for (const auto& [name, value] : options.settings) {
+    if (std::getenv(("UCX_" + name).c_str()) != nullptr) continue;
+    KVMEM_RETURN_IF_ERROR(FromUcs(ucp_config_modify(config.get(), name.c_str(), value.c_str()),
+                                  "ucp_config_modify " + name + "=" + value));
   }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;

@@ -6,6 +6,8 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "common/status.h"
 
@@ -36,6 +38,9 @@ struct ContextOptions {
   std::string transports;
   // Enables the wakeup feature (event fd). Default: true.
   bool wakeup = true;
+  // UCX settings (name without the UCX_ prefix, value), applied with ucp_config_modify unless
+  // the same UCX_<name> is set in the environment (the operator's variable wins). Default: none.
+  std::vector<std::pair<std::string, std::string>> settings;
 };
 
 Result<Context> CreateContext(const ContextOptions& options);

@@ -3,6 +3,7 @@
 // process tree and the same transports, so the comparison is like for like.
 //
 //   kvmem-bench-transport --json bench/results/transport.json [--quick] [--rounds R] [--window W]
+//                         [--transports shm,tcp] [--machine TEXT] [--commit SHA] [--daemon-arg FLAG]...
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <fstream>
 #include <random>
 #include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,6 +37,10 @@ struct Args {
   int appends = 600;
   int rounds = 3;
   int window = 8;  // AppendKV requests in flight (ucx_perftest's bandwidth tests keep 32)
+  std::vector<std::string> transports = {"shm", "tcp"};
+  std::string machine;  // prefix of the "machine" field (where the run happened)
+  std::string commit;   // overrides `git rev-parse` (a bundle run outside the checkout)
+  std::vector<std::string> daemon_args;  // extra kvmemd flags (--daemon-arg, repeatable)
 };
 
 double Percentile(std::vector<double> v, double p) {
@@ -53,10 +59,13 @@ std::string Run(const std::string& cmd) {
   return out;
 }
 
-// Runs a ucx_perftest server + client pair; returns the fields of the "Final:" line.
-std::vector<double> Perftest(const std::string& tls, const std::string& test, size_t size, int iters) {
+// Runs a ucx_perftest server + client pair; returns the fields of the "Final:" line. With
+// `lanes`, the client logs at info level and *lanes gets the transports its endpoint used
+// (UCX's "ep_cfg" line), so the report shows the baseline ran over the same lanes as kvmemd.
+std::vector<double> Perftest(const std::string& tls, const std::string& test, size_t size, int iters,
+                             std::string* lanes = nullptr) {
   const uint16_t port = kvmem::testing::FreePort();
-  const std::string env = "UCX_TLS=" + tls + " ";
+  const std::string env = "UCX_TLS=" + tls + " " + (lanes ? "UCX_LOG_LEVEL=info " : "");
   const std::string server = env + "ucx_perftest -p " + std::to_string(port) + " >/dev/null 2>&1 &";
   std::system(server.c_str());
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
@@ -72,14 +81,33 @@ std::vector<double> Perftest(const std::string& tls, const std::string& test, si
     while (ss >> x) fields.push_back(x);
   }
   if (fields.size() < 6) std::fprintf(stderr, "ucx_perftest %s failed:\n%s\n", test.c_str(), out.c_str());
+  if (lanes != nullptr) {
+    const std::regex ep_re(R"(ep_cfg\[\d+\]:\s*(.*))");
+    if (std::regex_search(out, m, ep_re)) *lanes = m[1].str();
+  }
   return fields;
+}
+
+// The lane summary of ucp_ep_print_info: its "lane[i]: ..." lines, joined.
+std::string EpLanes(const std::string& info) {
+  std::string lanes;
+  std::istringstream in(info);
+  for (std::string line; std::getline(in, line);) {
+    const auto p = line.find("lane[");
+    if (p == std::string::npos) continue;
+    if (!lanes.empty()) lanes += "; ";
+    lanes += line.substr(p);
+  }
+  return lanes;
 }
 
 json Measure(const Args& a, const std::string& transport) {
   json r;
   // Poll mode: the daemon's transport thread spins (the configuration for lowest latency);
   // one executor so the copy into the KV pool overlaps the next message's receive.
-  kvmem::testing::DaemonProcess d({"--backend", "cpu", "--progress", "poll", "--executors", "1", "--device-memory", "2GiB"});
+  std::vector<std::string> dargs = {"--backend", "cpu", "--progress", "poll", "--executors", "1", "--device-memory", "2GiB"};
+  dargs.insert(dargs.end(), a.daemon_args.begin(), a.daemon_args.end());
+  kvmem::testing::DaemonProcess d(dargs);
   if (!d.ready()) {
     std::fprintf(stderr, "kvmemd did not start\n");
     std::exit(1);
@@ -164,6 +192,7 @@ json Measure(const Args& a, const std::string& transport) {
   r["append_gbps"] = append_gbps(256);
   r["append_message_bytes"] = 1 << 20;
   r["append_2mib_gbps"] = append_gbps(512);
+  r["kvmemd_ep_info"] = EpLanes(cl.TransportInfo());
   r["transport_lanes"] = cl.TransportInfo().find("sysv") != std::string::npos ? "shm(sysv)+cma" : cl.TransportInfo().find("tcp") != std::string::npos ? "tcp" : "other";
   tc->reset();
   c->reset();
@@ -172,7 +201,9 @@ json Measure(const Args& a, const std::string& transport) {
   // Baseline: UCX's own perftest, same transports. shm: sysv/posix + cma for rendezvous.
   const std::string tls = transport == "tcp" ? "tcp" : "sm,self";
   auto lat = Perftest(tls, "ucp_am_lat", 8, a.quick ? 20000 : 100000);
-  auto bw = Perftest(tls, "ucp_am_bw", 1 << 20, a.quick ? 1000 : 4000);
+  std::string perftest_lanes;
+  auto bw = Perftest(tls, "ucp_am_bw", 1 << 20, a.quick ? 1000 : 4000, &perftest_lanes);
+  r["ucx_perftest_lanes"] = perftest_lanes;
   auto bw2 = Perftest(tls, "ucp_am_bw", 2 << 20, a.quick ? 500 : 2000);
   // Final: iterations, p50 latency (one way, us), avg, overall, bw avg (MiB/s), bw overall, ...
   r["ucx_am_rtt_us"] = lat.size() > 1 ? 2 * lat[1] : -1.0;
@@ -191,8 +222,23 @@ int main(int argc, char** argv) {
     else if (s == "--quick") a.quick = true;
     else if (s == "--rounds" && i + 1 < argc) a.rounds = std::max(1, std::atoi(argv[++i]));
     else if (s == "--window" && i + 1 < argc) a.window = std::max(1, std::atoi(argv[++i]));
+    else if (s == "--machine" && i + 1 < argc) a.machine = argv[++i];
+    else if (s == "--commit" && i + 1 < argc) a.commit = argv[++i];
+    else if (s == "--daemon-arg" && i + 1 < argc) a.daemon_args.push_back(argv[++i]);
+    else if (s == "--transports" && i + 1 < argc) {
+      a.transports.clear();
+      std::istringstream ts(argv[++i]);
+      for (std::string t; std::getline(ts, t, ',');) {
+        if (t != "shm" && t != "tcp") {
+          std::fprintf(stderr, "--transports: shm and/or tcp\n");
+          return 2;
+        }
+        a.transports.push_back(t);
+      }
+    }
     else if (s == "--help") {
-      std::puts("kvmem-bench-transport --json FILE [--quick] [--rounds R] [--window W]");
+      std::puts("kvmem-bench-transport --json FILE [--quick] [--rounds R] [--window W] [--transports shm,tcp]\n"
+                "                      [--machine TEXT] [--commit SHA] [--daemon-arg FLAG]...");
       return 0;
     } else {
       std::fprintf(stderr, "unknown argument %s\n", s.c_str());
@@ -206,8 +252,10 @@ int main(int argc, char** argv) {
   json out;
   char host[256] = {};
   gethostname(host, sizeof host);
-  out["machine"] = std::string(host) + ", " + std::to_string(std::thread::hardware_concurrency()) + " cpus";
+  out["machine"] = (a.machine.empty() ? std::string() : a.machine + "; ") + std::string(host) + ", " +
+                   std::to_string(std::thread::hardware_concurrency()) + " cpus";
   out["commit"] = Run("git rev-parse --short HEAD 2>/dev/null").substr(0, 12);
+  if (!a.commit.empty()) out["commit"] = a.commit;
   if (!out["commit"].get<std::string>().empty() && out["commit"].get<std::string>().back() == '\n') {
     std::string c = out["commit"];
     c.pop_back();
@@ -216,7 +264,7 @@ int main(int argc, char** argv) {
   // Each round measures kvmemd and then UCX's own perftest back to back, so both see the same
   // machine state; the median of each over the rounds is reported (every round is kept in
   // "rounds"). On a shared or throttling machine one odd round would otherwise decide a ratio.
-  for (const char* t : {"shm", "tcp"}) {
+  for (const std::string& t : a.transports) {
     json best;
     json rounds = json::array();
     for (int i = 0; i < a.rounds; ++i) rounds.push_back(Measure(a, t));
@@ -232,19 +280,20 @@ int main(int argc, char** argv) {
     best["append_window"] = a.window;
     out[t] = best;
   }
+  out["kvmemd_args"] = a.daemon_args;
   std::printf("%-5s %12s %12s %12s %12s %12s %10s %10s\n", "", "ping p50 us", "ping p99 us", "ucx rtt us",
               "append GB/s", "ucx bw GB/s", "rtt ratio", "bw ratio");
-  for (const char* t : {"shm", "tcp"}) {
+  for (const std::string& t : a.transports) {
     const json& r = out[t];
-    std::printf("%-5s %12.2f %12.2f %12.2f %12.2f %12.2f %10.2f %10.2f\n", t, r["ping_rtt_p50_us"].get<double>(),
+    std::printf("%-5s %12.2f %12.2f %12.2f %12.2f %12.2f %10.2f %10.2f\n", t.c_str(), r["ping_rtt_p50_us"].get<double>(),
                 r["ping_rtt_p99_us"].get<double>(), r["ucx_am_rtt_us"].get<double>(), r["append_gbps"].get<double>(),
                 r["ucx_am_bw_gbps"].get<double>(),
                 r["ping_rtt_p50_us"].get<double>() / r["ucx_am_rtt_us"].get<double>(),
                 r["append_gbps"].get<double>() / r["ucx_am_bw_gbps"].get<double>());
   }
-  for (const char* t : {"shm", "tcp"}) {
+  for (const std::string& t : a.transports) {
     const json& r = out[t];
-    std::printf("%-5s 2 MiB messages (K 1 MiB + V 1 MiB): append %.2f GB/s, ucp_am_bw 2 MiB %.2f GB/s, ratio %.2f\n", t,
+    std::printf("%-5s 2 MiB messages (K 1 MiB + V 1 MiB): append %.2f GB/s, ucp_am_bw 2 MiB %.2f GB/s, ratio %.2f\n", t.c_str(),
                 r["append_2mib_gbps"].get<double>(), r["ucx_am_bw_2mib_gbps"].get<double>(),
                 r["append_2mib_gbps"].get<double>() / r["ucx_am_bw_2mib_gbps"].get<double>());
   }

@@ -24,13 +24,14 @@ struct E2ECase {
   std::string transport;
   std::string progress;
   DType dtype;
+  std::string rndv = "auto";  // kvmemd --ucx-rndv-scheme: who copies the 8 MiB of K/V
 };
 
 class E2ETest : public ::testing::TestWithParam<E2ECase> {};
 
 TEST_P(E2ETest, CreateAppendAttendDrop) {
   const E2ECase c = GetParam();
-  DaemonProcess d({"--progress", c.progress});
+  DaemonProcess d({"--progress", c.progress, "--ucx-rndv-scheme", c.rndv});
   ASSERT_TRUE(d.ready()) << "kvmemd did not start";
   ClientOptions o;
   o.transport = c.transport;
@@ -100,9 +101,12 @@ TEST_P(E2ETest, CreateAppendAttendDrop) {
 INSTANTIATE_TEST_SUITE_P(
     Transports, E2ETest,
     ::testing::Values(E2ECase{"tcp", "event", DType::kBF16}, E2ECase{"shm", "event", DType::kBF16},
-                      E2ECase{"shm", "poll", DType::kF16}, E2ECase{"auto", "event", DType::kF32}),
+                      E2ECase{"shm", "poll", DType::kF16}, E2ECase{"auto", "event", DType::kF32},
+                      E2ECase{"shm", "poll", DType::kBF16, "put_zcopy"},
+                      E2ECase{"shm", "event", DType::kF32, "get_zcopy"}),
     [](const auto& info) {
-      return info.param.transport + "_" + info.param.progress + "_" + std::string(DTypeName(info.param.dtype));
+      return info.param.transport + "_" + info.param.progress + "_" + std::string(DTypeName(info.param.dtype)) +
+             (info.param.rndv == "auto" ? "" : "_" + info.param.rndv);
     });
 
 // Many threads share one client; each drives its own session through decode steps.

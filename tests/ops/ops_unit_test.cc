@@ -123,6 +123,19 @@ TEST(Config, NonLoopbackAdminRequiresToken) {
   EXPECT_FALSE(c.Validate().ok());
 }
 
+TEST(Config, UcxRndvScheme) {
+  DaemonConfig c;
+  EXPECT_EQ(c.ucx_rndv_scheme, "auto");
+  for (const char* ok : {"auto", "get_zcopy", "put_zcopy"}) {
+    c.ucx_rndv_scheme = ok;
+    EXPECT_TRUE(c.Validate().ok()) << ok;
+  }
+  c.ucx_rndv_scheme = "put";
+  Status s = c.Validate();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("ucx_rndv_scheme"), std::string::npos) << s.ToString();
+}
+
 TEST(Config, IncludeMergesSecretsFile) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("kvmem-cfg-" + std::to_string(::getpid()));
