@@ -367,6 +367,36 @@ Status ChunkStore::GetBlock(rocksdb::ColumnFamilyHandle* cf, const ChunkName& c,
                       &value->payload_);
 }
 
+Status ChunkStore::ReadBlockInto(bool spill, const ChunkName& c, ChunkValue* scratch,
+                                 uint8_t* dst, size_t bytes) const {
+  const std::string key = ChunkKey(c);
+  rocksdb::PinnableSlice& v = *scratch->pin_;
+  v.Reset();
+  scratch->payload_ = {};
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;  // the record CRC-32C is checked instead
+  auto what = [&c, spill] { return (spill ? "spilled " : "") + c.ToString(); };
+  if (rocksdb::Status rs = db_->Get(ro, spill ? spill_cf_ : chunks_cf_, key, &v); !rs.ok()) {
+    return FromRocksStatus(rs, what());
+  }
+  const std::string_view value(v.data(), v.size());
+  if (value.size() == kRecordHeader + bytes && static_cast<uint8_t>(value[0]) == kRecordVersion) {
+    const char* body = value.data() + kRecordHeader;
+    const uint32_t key_crc = Crc32c(key.data(), key.size());
+    const uint32_t crc = dst != nullptr ? Crc32cCopy(dst, body, bytes, key_crc)
+                                        : Crc32c(body, bytes, key_crc);
+    if (GetLE32(value.data() + 1) == crc) {
+      scratch->payload_ = std::string_view(body, bytes);
+      return Status::OK();
+    }
+  }
+  // Name what is wrong (version, CRC), then the size.
+  std::string_view payload;
+  KVMEM_RETURN_IF_ERROR(DecodeRecord(key, value, what, &payload));
+  return DataLoss(what() + ": " + std::to_string(payload.size()) + " bytes stored, expected " +
+                  std::to_string(bytes));
+}
+
 Status ChunkStore::GetChunk(const ChunkName& c, std::string* payload) const {
   ChunkValue v;
   KVMEM_RETURN_IF_ERROR(GetChunk(c, &v));
@@ -431,6 +461,7 @@ Status ScanPrefix(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* cf, const std::s
   const rocksdb::Slice upper_slice(upper);
   rocksdb::ReadOptions ro;
   ro.iterate_upper_bound = &upper_slice;
+  ro.verify_checksums = false;  // every record's CRC-32C is checked by the caller instead
   std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro, cf));
   for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
     KVMEM_RETURN_IF_ERROR(fn(std::string_view(it->key().data(), it->key().size()),
@@ -622,6 +653,66 @@ Status ChunkStore::DeleteSpill(std::string_view tenant, uint64_t session) {
   wo.disableWAL = true;
   return FromRocksStatus(db_->DeleteRange(wo, spill_cf_, p, UpperBound(p)),
                          "store: delete spilled blocks of session " + std::to_string(session));
+}
+
+std::string ChunkStore::MemorySpillKey(std::string_view tenant, uint64_t session, uint64_t id) {
+  std::string k = SessionPrefix(tenant, session);
+  PutBE(&k, 0xFFFFFFFFu, 4);
+  PutBE(&k, id, 8);
+  return k;
+}
+
+namespace {
+std::string MemorySpillName(std::string_view tenant, uint64_t session, uint64_t id) {
+  return "spilled memory block (tenant " + std::string(tenant) + ", session " +
+         std::to_string(session) + ", block " + std::to_string(id) + ")";
+}
+}  // namespace
+
+Status ChunkStore::PutMemorySpill(std::string_view tenant, uint64_t session, uint64_t id,
+                                  const void* data, size_t bytes) {
+  KVMEM_RETURN_IF_ERROR(InjectedFault());
+  const std::string key = MemorySpillKey(tenant, session, id);
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
+  return FromRocksStatus(db_->Put(wo, spill_cf_, key, EncodeRecord(key, data, bytes)),
+                         "store: spill " + MemorySpillName(tenant, session, id));
+}
+
+Status ChunkStore::GetMemorySpill(std::string_view tenant, uint64_t session, uint64_t id,
+                                  std::string* payload) const {
+  const std::string key = MemorySpillKey(tenant, session, id);
+  rocksdb::PinnableSlice v;
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;  // the record CRC-32C is checked instead
+  const std::string what = MemorySpillName(tenant, session, id);
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(ro, spill_cf_, key, &v), what));
+  std::string_view body;
+  KVMEM_RETURN_IF_ERROR(DecodeRecord(key, std::string_view(v.data(), v.size()), what, &body));
+  payload->assign(body);
+  return Status::OK();
+}
+
+Status ChunkStore::DeleteMemorySpill(std::string_view tenant, uint64_t session, uint64_t id) {
+  rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
+  return FromRocksStatus(db_->Delete(wo, spill_cf_, MemorySpillKey(tenant, session, id)),
+                         "store: delete " + MemorySpillName(tenant, session, id));
+}
+
+Status ChunkStore::GetMemoryBlock(std::string_view tenant, uint64_t session, uint64_t id,
+                                  std::string* payload) const {
+  const std::string key = MemoryBlockKey(tenant, session, id);
+  rocksdb::PinnableSlice v;
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;  // the record CRC-32C is checked instead
+  const std::string what = "memory block (tenant " + std::string(tenant) + ", session " +
+                           std::to_string(session) + ", block " + std::to_string(id) + ")";
+  KVMEM_RETURN_IF_ERROR(FromRocksStatus(db_->Get(ro, blocks_cf_, key, &v), what));
+  std::string_view body;
+  KVMEM_RETURN_IF_ERROR(DecodeRecord(key, std::string_view(v.data(), v.size()), what, &body));
+  payload->assign(body);
+  return Status::OK();
 }
 
 uint64_t ChunkStore::LiveDataBytes() const {

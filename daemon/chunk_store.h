@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -176,6 +177,15 @@ class ChunkStore {
   Status GetChunk(const ChunkName& c, ChunkValue* value) const;
   Status GetChunk(const ChunkName& c, std::string* payload) const;  // copying form
 
+  // Fetch-back: reads one chunk block (from `chunks`, or with `spill` from the spill family)
+  // into `scratch` (reused across calls: its buffer is kept, so repeated reads do not
+  // allocate), checks it (version, payload size == `bytes`, CRC-32C over key and payload) and
+  // with `dst` copies the payload there in the same pass as the CRC (the source is read once).
+  // DATA_LOSS naming the block on a mismatch (dst then holds garbage); NOT_FOUND when absent.
+  // Without dst the checked payload is scratch->payload(). Thread-safe (distinct scratch).
+  Status ReadBlockInto(bool spill, const ChunkName& c, ChunkValue* scratch, uint8_t* dst,
+                       size_t bytes) const;
+
   // Reads every chunk of `layer` for chunks [0, count) in order, checking each; calls
   // fn(chunk, payload) per chunk. Sequential (one iterator).
   class LayerCursor;
@@ -199,6 +209,18 @@ class ChunkStore {
   Status PutSpill(const ChunkName& c, const void* data, size_t bytes);
   Status GetSpill(const ChunkName& c, ChunkValue* value) const;
   Status DeleteSpill(std::string_view tenant, uint64_t session);
+  // Memory-block payloads of ephemeral sessions in the spill family, under
+  // tenant|session|0xFFFFFFFF|id u64 (no layer is 0xFFFFFFFF, so chunk keys never collide;
+  // DeleteSpill removes them with the session's chunks). Same record format and checks.
+  static std::string MemorySpillKey(std::string_view tenant, uint64_t session, uint64_t id);
+  Status PutMemorySpill(std::string_view tenant, uint64_t session, uint64_t id, const void* data,
+                        size_t bytes);
+  Status GetMemorySpill(std::string_view tenant, uint64_t session, uint64_t id,
+                        std::string* payload) const;
+  Status DeleteMemorySpill(std::string_view tenant, uint64_t session, uint64_t id);
+  // One stored memory block record of a durable session (checked); NOT_FOUND when absent.
+  Status GetMemoryBlock(std::string_view tenant, uint64_t session, uint64_t id,
+                        std::string* payload) const;
 
   // RocksDB's estimate of live data (SST + blob bytes not yet garbage) over every family.
   // Accurate after Compact().

@@ -9,5 +9,7 @@ namespace kvmem {
 
 // CRC-32C of data[0, n) continuing from `crc` (0 for a fresh checksum).
 uint32_t Crc32c(const void* data, size_t n, uint32_t crc = 0);
+// Copies n bytes src -> dst (not overlapping) and returns Crc32c(src, n, crc), reading src once.
+uint32_t Crc32cCopy(void* dst, const void* src, size_t n, uint32_t crc = 0);
 
 }  // namespace kvmem

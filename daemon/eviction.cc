@@ -49,7 +49,7 @@ EvictResult EvictLeastRecentlySelected(std::span<const std::shared_ptr<Session>>
   const Tier to = from == Tier::kDevice ? Tier::kHost : Tier::kDisk;
   for (const EvictionCandidate& c : cands) {
     if (r.bytes >= bytes) break;
-    auto freed = c.session->EvictBlock(c.chunk, c.layer, to);
+    auto freed = c.session->Evict(c, to);
     if (!freed.ok()) {
       r.last_error = freed.status();
       continue;

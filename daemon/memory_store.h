@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <span>
@@ -20,6 +21,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "daemon/kv_pool.h"
+#include "daemon/metrics.h"
 #include "index/gate_tree.h"
 
 namespace kvmem {
@@ -111,6 +113,30 @@ class MemoryJournal {
   virtual ~MemoryJournal() = default;
   virtual Status LogPut(std::span<const MemoryBlockRecord> blocks) = 0;
   virtual Status LogDrop(std::span<const uint64_t> ids) = 0;
+  // Reads the stored payload of block `id` back (checked; DATA_LOSS naming it on a bad
+  // record): the disk tier of a durable session's blocks.
+  virtual Status ReadPayload(uint64_t id, uint8_t* out) const = 0;
+};
+
+class ChunkStore;
+class TierContext;
+
+// How a session's memory blocks reach the tiers (daemon/eviction.h): set by the session.
+// Without hooks (a store made alone, e.g. in tests) payloads live in the pool only.
+struct MemoryTierHooks {
+  // A pool block of `bytes`; may evict least recently selected blocks to make room.
+  std::function<Result<uint64_t>(uint64_t bytes)> allocate;
+  // The running operation's recency tick (blocks it touches get it; eviction skips them).
+  std::function<uint64_t()> tick;
+  TierContext* tiers = nullptr;  // host budget and the spill store; null: no eviction
+  std::string tenant;
+  uint64_t session = 0;
+};
+
+// One memory block that may leave its tier (see Session::CollectEvictable).
+struct MemoryEvictable {
+  uint64_t id = 0;
+  uint64_t tick = 0;
 };
 
 struct MemorySelection {
@@ -142,7 +168,10 @@ class MemoryStore {
   // journal's error when logging fails.
   Result<std::vector<uint64_t>> Put(const NewMemoryBlocks& blocks, uint64_t max_blocks);
   // Restore path: adds blocks under their stored ids, without journaling.
-  Status Restore(std::span<const uint64_t> ids, const NewMemoryBlocks& blocks);
+  // stay_on_disk_if_full (a durable session's own records): a payload the device budget
+  // cannot hold stays in RocksDB until selected instead of failing the restore.
+  Status Restore(std::span<const uint64_t> ids, const NewMemoryBlocks& blocks,
+                 bool stay_on_disk_if_full = false);
 
   // Top-k blocks for `query` ([gate_dim]) under `gate` (kDefault = the session's);
   // budget_leaves 0 = the session's. FAILED_PRECONDITION for kScorer without a scorer.
@@ -151,8 +180,30 @@ class MemoryStore {
 
   // NOT_FOUND when absent.
   Result<const MemoryBlockInfo*> Info(uint64_t id) const;
-  // Copies the payload of `id` (payload_bytes()) to out; NOT_FOUND when absent.
+  // Copies the payload of `id` (payload_bytes()) to out from whichever tier holds it (without
+  // moving it); NOT_FOUND when absent.
   Status ReadPayload(uint64_t id, void* out) const;
+
+  // --- Tiers (docs/architecture.md, "Memory blocks in the tiers") ---
+  void SetTierHooks(MemoryTierHooks hooks) { hooks_ = std::move(hooks); }
+  // Marks `ids` as used by the running op (tick) and brings the cold ones into the device
+  // tier: host copies, or RocksDB (the memory_blocks record of a durable session, the spill
+  // record of an ephemeral one, CRC checked). Unknown ids are skipped (callers check them).
+  Status Fetch(std::span<const uint64_t> ids);
+  // Blocks held in `from` (kDevice / kHost) that can move (somewhere to go; with
+  // skip_from_tick > 0, not used by an op with that tick or later).
+  void CollectEvictable(Tier from, uint64_t skip_from_tick, std::vector<MemoryEvictable>* out) const;
+  // Moves one block out of its tier: device -> host when `to` is kHost and the host budget
+  // allows, else -> RocksDB (spilled first for an ephemeral session; a durable one's record
+  // exists already); host -> RocksDB. Returns the bytes freed in the tier it left.
+  Result<uint64_t> Evict(uint64_t id, Tier to);
+  Tier BlockTier(uint64_t id) const;  // kDisk for an unknown id
+  uint64_t host_bytes() const { return stat_host_bytes_.load(std::memory_order_relaxed); }
+  uint64_t disk_bytes() const { return stat_disk_bytes_.load(std::memory_order_relaxed); }
+  uint64_t fetched() const { return stat_fetched_.load(std::memory_order_relaxed); }
+  uint64_t evicted() const { return stat_evicted_.load(std::memory_order_relaxed); }
+  // Whether an ephemeral block was ever spilled (the session deletes its spill records).
+  bool spilled() const { return spilled_; }
   // The stored gate key ([gate_dim]); NOT_FOUND when absent.
   Result<const float*> GateKey(uint64_t id) const;
 
@@ -162,23 +213,40 @@ class MemoryStore {
   // Blocks with id > after_id, in id order, at most limit.
   std::vector<const MemoryBlockInfo*> List(uint64_t after_id, uint32_t limit) const;
 
-  // Durability: attach after any restore.
+  // Durability: attach after any restore. MarkStored: every block has a RocksDB copy now (a
+  // durable session made from a snapshot image), so evicting it writes nothing.
+  void MarkStored() {
+    for (auto& [id, b] : blocks_) b.disk = true;
+  }
   void AttachJournal(std::unique_ptr<MemoryJournal> journal) { journal_ = std::move(journal); }
 
   uint64_t blocks() const { return stat_blocks_.load(std::memory_order_relaxed); }
-  // Pool bytes reserved for payloads (what the session's bytes count).
+  // Pool bytes reserved for payloads in the device tier (what the session's bytes count);
+  // host_bytes() / disk_bytes() hold the evicted ones.
   uint64_t bytes() const { return stat_bytes_.load(std::memory_order_relaxed); }
   uint64_t next_id() const { return next_id_; }
   // Restore path: ids below `id` were handed out before (possibly dropped since); never reuse them.
   void RaiseNextId(uint64_t id) { next_id_ = std::max(next_id_, id); }
 
  private:
+  static constexpr uint64_t kNotResident = ~0ull;
+  // A payload's live copy is in the pool (dev), else in the host tier (host), else only in
+  // RocksDB (disk). disk also marks a valid RocksDB copy of a resident payload (payloads are
+  // immutable), so evicting it again writes nothing.
   struct Block {
     MemoryBlockInfo info;
-    uint64_t offset = 0;  // payload block in the pool
+    uint64_t dev = kNotResident;  // payload block in the pool
+    std::unique_ptr<uint8_t[]> host;
+    bool disk = false;
+    uint64_t tick = 0;
   };
   // Allocates and fills payload blocks for `ids`; on error frees what it took.
-  Status Store(std::span<const uint64_t> ids, const NewMemoryBlocks& b, bool journal);
+  Status Store(std::span<const uint64_t> ids, const NewMemoryBlocks& b, bool journal,
+               bool stay_on_disk_if_full = false);
+  Result<uint64_t> AllocatePayload();
+  uint64_t Tick() const { return hooks_.tick ? hooks_.tick() : 0; }
+  Status ReadDisk(uint64_t id, uint8_t* out) const;
+  void FreeBlock(Block& b);
   Status CheckBlocks(const NewMemoryBlocks& b) const;
 
   const MemoryOptions options_;
@@ -188,8 +256,14 @@ class MemoryStore {
   std::map<uint64_t, Block> blocks_;
   uint64_t next_id_ = 1;
   std::unique_ptr<MemoryJournal> journal_;
+  MemoryTierHooks hooks_;
+  bool spilled_ = false;
   std::atomic<uint64_t> stat_blocks_{0};
   std::atomic<uint64_t> stat_bytes_{0};
+  std::atomic<uint64_t> stat_host_bytes_{0};
+  std::atomic<uint64_t> stat_disk_bytes_{0};
+  std::atomic<uint64_t> stat_fetched_{0};
+  std::atomic<uint64_t> stat_evicted_{0};
 };
 
 }  // namespace kvmem

@@ -1057,6 +1057,11 @@ Status Service::PutMemoryBlocks(const RequestContext& ctx, const w::Parsed& msg,
   }
   uint64_t limit = config_.memory_max_blocks_per_session;
   if (o.max_blocks != 0) limit = std::min(limit, o.max_blocks);
+  // Payloads are device-tier bytes like K/V: admitted against the tenant quota the same way
+  // (evicting the tenant's least recently selected blocks first), allocated through the
+  // session (the pool makes room by eviction when full).
+  KVMEM_RETURN_IF_ERROR(AdmitWrite(s.get(), n * o.payload_bytes()).WithContext("PutMemoryBlocks"));
+  s->BeginMemoryOp();
   KVMEM_ASSIGN_OR_RETURN(std::vector<uint64_t> ids, m->Put(b, limit));
   auto body = w::CreatePutMemoryBlocksReplyDirect(r->fbb, &ids, m->blocks(), m->bytes());
   r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));
@@ -1097,6 +1102,8 @@ Status Service::SelectMemory(const RequestContext& ctx, const w::Parsed& msg,
   }
   flatbuffers::Offset<w::Tensor> payloads;
   if (req->return_payloads() && !sel.ids.empty()) {
+    // Selected payloads come back to the device tier (and become the most recent).
+    KVMEM_RETURN_IF_ERROR(s->FetchMemoryBlocks(sel.ids).WithContext("SelectMemory"));
     KVMEM_ASSIGN_OR_RETURN(payloads, PackPayloads(*m, sel.ids, r));
   }
   auto ids = r->fbb.CreateVector(sel.ids);
@@ -1126,6 +1133,7 @@ Status Service::GetMemoryBlocks(const RequestContext& ctx, uint64_t rid,
     KVMEM_ASSIGN_OR_RETURN(const MemoryBlockInfo* info, m->Info(id));
     infos.push_back(BlockInfoToWire(r->fbb, *info));
   }
+  KVMEM_RETURN_IF_ERROR(s->FetchMemoryBlocks(ids).WithContext("GetMemoryBlocks"));
   KVMEM_ASSIGN_OR_RETURN(auto payloads, PackPayloads(*m, ids, r));
   flatbuffers::Offset<w::Tensor> keys;
   if (req->return_gate_keys()) {

@@ -199,6 +199,15 @@ Status Session::Init() {
   stat_bytes_ = pool_->allocator().ReservedBytes(bytes) * profile_.layers;
   if (options_.memory.enabled()) {
     memory_ = std::make_unique<MemoryStore>(options_.memory, pool_, nullptr);
+    // Payloads share the chunks' tiers: allocated like chunk blocks (making room when the
+    // pool is full), ticked by this session's ops, evicted and fetched back like them.
+    MemoryTierHooks hooks;
+    hooks.allocate = [this](uint64_t bytes) { return AllocateBlock(bytes); };
+    hooks.tick = [this] { return op_tick_; };
+    hooks.tiers = tiers_;
+    hooks.tenant = tenant_;
+    hooks.session = id_;
+    memory_->SetTierHooks(std::move(hooks));
   }
   created_ms_ = NowMs();
   last_used_ms_ = created_ms_.load();
@@ -214,7 +223,8 @@ Session::~Session() {
   for (const Layer& l : layers_) pool_->Free(l.tail_block);
   for (Chunk& c : chunks_)
     for (Block& b : c.blocks) FreeBlock(c.tokens, b);
-  if (spilled_ && tiers_ != nullptr && tiers_->store() != nullptr) {
+  if ((spilled_ || (memory_ && memory_->spilled())) && tiers_ != nullptr &&
+      tiers_->store() != nullptr) {
     if (Status s = tiers_->store()->DeleteSpill(tenant_, id_); !s.ok()) {
       // Unreachable records only: the spill family is emptied at the next start.
       KVMEM_LOG_WARN("session {}: {}", id_, s.ToString());
@@ -1119,7 +1129,7 @@ Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybri
     if (std::find(dense.begin(), dense.end(), true) != dense.end()) {
       KVMEM_RETURN_IF_ERROR(MakeResident(a.layer));
     } else {
-      for (uint32_t c : wanted) KVMEM_RETURN_IF_ERROR(FetchBlock(c, a.layer, /*prefetch=*/false));
+      KVMEM_RETURN_IF_ERROR(FetchBlocks(a.layer, wanted));
     }
     if (a.layer + 1 < profile_.layers) {
       prefetch_layer_ = a.layer + 1;
@@ -1285,8 +1295,12 @@ SessionStats Session::Stats() const {
   s.evicted_blocks = stat_evicted_.load(std::memory_order_relaxed);
   if (memory_) {
     s.memory_blocks = memory_->blocks();
-    s.memory_bytes = memory_->bytes();
+    s.memory_bytes = memory_->bytes();  // device tier, like bytes
     s.bytes += s.memory_bytes;
+    s.host_bytes += memory_->host_bytes();
+    s.disk_bytes += memory_->disk_bytes();
+    s.fetched_blocks += memory_->fetched();
+    s.evicted_blocks += memory_->evicted();
   }
   s.created_unix_ms = created_ms_.load(std::memory_order_relaxed);
   s.last_used_unix_ms = last_used_ms_.load(std::memory_order_relaxed);
@@ -1336,60 +1350,102 @@ Status Session::LogCompletingToken(const AttendArgs& a) {
   return journal_->LogTokens(tokens_, 1, k.data(), v.data(), &b);
 }
 
-Status Session::RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
-                             std::string_view boundaries, bool from_own_store, bool load) {
-  if (!load && !from_own_store) return InvalidArgument("RestoreChunk: only stored blocks can stay on disk");
-  if (boundaries.size() != tokens) return InvalidArgument("RestoreChunk: boundary count mismatch");
+Status Session::RestoreChunks(std::span<const uint32_t> tokens,
+                              std::span<const std::string_view> boundaries, bool from_own_store,
+                              bool load, const RestoreReader& read, ParallelPool* workers) {
+  if (!load && !from_own_store) return InvalidArgument("RestoreChunks: only stored blocks can stay on disk");
+  if (boundaries.size() != tokens.size()) return InvalidArgument("RestoreChunks: boundary count mismatch");
   const uint32_t L = profile_.layers;
   if (layers_ahead_ != 0 || layers_[0].tail_tokens != 0 || !unsealed_boundaries_.empty()) {
-    return FailedPrecondition("RestoreChunk: the session already holds tail tokens");
+    return FailedPrecondition("RestoreChunks: the session already holds tail tokens");
   }
-  const uint64_t bytes = BlockBytes(tokens);
-  if (tokens == 0 || blocks.size() != L) return InvalidArgument("RestoreChunk: bad shape");
-  Chunk c;
-  c.start = tokens_;
-  c.tokens = tokens;
-  c.blocks.resize(L);
-  uint64_t reserved = 0, on_disk = 0;
-  Status st;
-  for (uint32_t l = 0; l < L && st.ok(); ++l) {
-    if (blocks[l].size() != bytes) {
-      st = InvalidArgument("RestoreChunk: layer " + std::to_string(l) + " block has " +
-                           std::to_string(blocks[l].size()) + " bytes, expected " +
-                           std::to_string(bytes));
-      break;
+  const size_t n = tokens.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (tokens[i] == 0 || boundaries[i].size() != tokens[i]) {
+      return InvalidArgument("RestoreChunks: chunk " + std::to_string(i) + " has a bad shape");
     }
-    c.blocks[l].disk = from_own_store;  // it was just read from the session's records
-    c.blocks[l].tick = op_tick_;
-    if (!load) {
-      on_disk += bytes;
-      continue;
-    }
-    auto off = AllocateBlock(bytes);
-    if (!off.ok()) {
-      // A store larger than the device budget: the rest stays in RocksDB until selected.
-      if (from_own_store && off.status().code() == StatusCode::kResourceExhausted && tiers_ != nullptr) {
+  }
+  // Destinations first, on this thread (the allocator may evict); a block the device budget
+  // cannot hold stays in RocksDB (own store only) and is still read and checked below.
+  std::vector<Chunk> fresh(n);
+  uint64_t reserved = 0, on_disk = 0, start = tokens_;
+  auto release = [&] {
+    for (Chunk& c : fresh)
+      for (Block& b : c.blocks) FreeBlock(c.tokens, b);
+  };
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& c = fresh[i];
+    c.start = start;
+    c.tokens = tokens[i];
+    start += tokens[i];
+    c.blocks.resize(L);
+    const uint64_t bytes = BlockBytes(tokens[i]);
+    for (uint32_t l = 0; l < L; ++l) {
+      c.blocks[l].disk = from_own_store;  // it is read from the session's own records
+      c.blocks[l].tick = op_tick_;
+      if (!load) {
         on_disk += bytes;
         continue;
       }
-      st = off.status();
-      break;
+      auto off = AllocateBlock(bytes);
+      if (!off.ok()) {
+        if (from_own_store && off.status().code() == StatusCode::kResourceExhausted && tiers_ != nullptr) {
+          on_disk += bytes;
+          continue;
+        }
+        release();
+        return off.status().WithContext("restoring chunk " + std::to_string(chunks_.size() + i));
+      }
+      c.blocks[l].dev = *off;
+      reserved += pool_->allocator().ReservedBytes(bytes);
     }
-    c.blocks[l].dev = *off;
-    reserved += pool_->allocator().ReservedBytes(bytes);
-    st = pool_->CopyIn(*off, blocks[l].data(), bytes);
   }
-  if (!st.ok()) {
-    for (Block& b : c.blocks) FreeBlock(tokens, b);
-    return st;
+  // Read (and, by the reader, check) every block, one layer per task: a layer's blocks are
+  // read in chunk order, so one sequential reader per layer serves. Copies go straight into
+  // the pool; page faults and copies spread over the workers with the reads.
+  std::vector<Status> layer_status(L);
+  auto run_layer = [&](uint32_t l) {
+    std::string_view block;
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t bytes = BlockBytes(fresh[i].tokens);
+      Status st = read(l, static_cast<uint32_t>(i), &block);
+      if (st.ok() && block.size() != bytes) {
+        st = InvalidArgument("RestoreChunks: layer " + std::to_string(l) + " block has " +
+                             std::to_string(block.size()) + " bytes, expected " +
+                             std::to_string(bytes));
+      }
+      const uint64_t dev = fresh[i].blocks[l].dev;
+      if (st.ok() && dev != kNotResident) st = pool_->CopyIn(dev, block.data(), bytes);
+      if (!st.ok()) {
+        layer_status[l] = std::move(st);
+        return;
+      }
+    }
+  };
+  if (workers != nullptr && workers->threads() > 0 && L > 1) {
+    workers->For(L, run_layer);
+  } else {
+    for (uint32_t l = 0; l < L; ++l) {
+      run_layer(l);
+      if (!layer_status[l].ok()) break;
+    }
   }
-  for (uint32_t l = 0; l < L; ++l) {
-    const uint64_t dev = c.blocks[l].dev;
-    layers_[l].chunk_spans.push_back({dev == kNotResident ? 0 : ElemOffset(dev), tokens, 0, tokens});
+  for (const Status& st : layer_status) {
+    if (!st.ok()) {
+      release();
+      return st;
+    }
   }
-  chunks_.push_back(std::move(c));
-  tokens_ += tokens;
-  boundary_log_.append(boundaries);
+  for (Chunk& c : fresh) {
+    for (uint32_t l = 0; l < L; ++l) {
+      const uint64_t dev = c.blocks[l].dev;
+      layers_[l].chunk_spans.push_back(
+          {dev == kNotResident ? 0 : ElemOffset(dev), c.tokens, 0, c.tokens});
+    }
+    tokens_ += c.tokens;
+    chunks_.push_back(std::move(c));
+  }
+  for (std::string_view b : boundaries) boundary_log_.append(b);
   if (from_own_store) stored_marked_ = static_cast<uint32_t>(chunks_.size());
   stat_bytes_ += reserved;
   stat_disk_bytes_ += on_disk;
@@ -1508,14 +1564,90 @@ Status Session::FetchBlock(uint32_t chunk, uint32_t layer, bool prefetch) {
   return Status::OK();
 }
 
+Status Session::FetchBlocks(uint32_t layer, std::span<const uint32_t> chunks) {
+  // Host copies and sessions without a store go one by one; RocksDB ones below.
+  std::vector<uint32_t> disk;
+  for (uint32_t c : chunks) {
+    const Block& b = chunks_[c].blocks[layer];
+    if (b.dev != kNotResident) continue;
+    if (b.host || tiers_ == nullptr || tiers_->store() == nullptr) {
+      KVMEM_RETURN_IF_ERROR(FetchBlock(c, layer, /*prefetch=*/false));
+    } else {
+      disk.push_back(c);
+    }
+  }
+  if (disk.empty()) return Status::OK();
+  // Destinations first (this may evict other blocks, never ones this op ticked).
+  std::vector<uint64_t> offsets;
+  offsets.reserve(disk.size());
+  Status alloc;
+  for (uint32_t c : disk) {
+    auto off = AllocateBlock(BlockBytes(chunks_[c].tokens));
+    if (!off.ok()) {
+      alloc = off.status();
+      break;
+    }
+    offsets.push_back(*off);
+  }
+  // Read, check and copy: on a host pool straight into the block, the CRC taken in the same
+  // pass as the copy. Contiguous shares over the search pool's threads (RocksDB reads are
+  // thread-safe), one reused read buffer per share.
+  const size_t n = offsets.size();
+  const ChunkStore* store = tiers_->store();
+  const bool spill = options_.durability != Durability::kDurable;
+  std::vector<Status> done(n);
+  const uint32_t shares = g_search_pool == nullptr || n < 8
+                              ? 1
+                              : static_cast<uint32_t>(std::min<size_t>(g_search_pool->threads() + 1, n / 4));
+  ForEachHead(shares, [&](uint32_t share) {
+    ChunkValue scratch;
+    std::vector<uint8_t> staging;
+    for (size_t j = n * share / shares; j < n * (share + 1) / shares; ++j) {
+      const uint32_t c = disk[j];
+      const uint64_t bytes = BlockBytes(chunks_[c].tokens);
+      const ChunkName name{tenant_, id_, layer, c};
+      if (pool_->is_host()) {
+        done[j] = store->ReadBlockInto(spill, name, &scratch,
+                                       static_cast<uint8_t*>(pool_->base()) + offsets[j], bytes);
+      } else {
+        done[j] = store->ReadBlockInto(spill, name, &scratch, nullptr, bytes);
+        if (done[j].ok()) done[j] = pool_->CopyIn(offsets[j], scratch.payload().data(), bytes);
+      }
+    }
+  });
+  Status first_error;
+  for (size_t j = 0; j < n; ++j) {
+    const uint32_t c = disk[j];
+    if (!done[j].ok()) {
+      pool_->Free(offsets[j]);
+      if (first_error.ok()) {
+        first_error = done[j].WithContext("fetching back chunk " + std::to_string(c) + " layer " +
+                                          std::to_string(layer));
+      }
+      continue;
+    }
+    Block& b = chunks_[c].blocks[layer];
+    const uint64_t bytes = BlockBytes(chunks_[c].tokens);
+    b.dev = offsets[j];
+    b.tick = std::max(b.tick, op_tick_);
+    layers_[layer].chunk_spans[c].offset = ElemOffset(offsets[j]);
+    stat_disk_bytes_ -= bytes;
+    stat_bytes_ += pool_->allocator().ReservedBytes(bytes);
+    stat_fetched_++;
+    GlobalMetrics().fetch_backs[static_cast<int>(Tier::kDisk)]++;
+    GlobalMetrics().restore_bytes[static_cast<int>(Tier::kDisk)] += bytes;
+  }
+  KVMEM_RETURN_IF_ERROR(first_error);
+  return alloc;
+}
+
 Status Session::MakeResident(uint32_t layer) {
   if (op_tick_ == 0) BeginOp();
   // Every tick first, so fetching one block cannot evict another of this layer.
   for (Chunk& c : chunks_) c.blocks[layer].tick = op_tick_;
-  for (uint32_t c = 0; c < chunks_.size(); ++c) {
-    KVMEM_RETURN_IF_ERROR(FetchBlock(c, layer, /*prefetch=*/false));
-  }
-  return Status::OK();
+  std::vector<uint32_t> all(chunks_.size());
+  for (uint32_t c = 0; c < all.size(); ++c) all[c] = c;
+  return FetchBlocks(layer, all);
 }
 
 Status Session::EnsureOnDisk(uint32_t chunk, uint32_t layer) {
@@ -1548,6 +1680,7 @@ Status Session::EnsureOnDisk(uint32_t chunk, uint32_t layer) {
 
 void Session::CollectEvictable(Tier from, bool running_op,
                                std::vector<EvictionCandidate>* out) const {
+  CollectMemoryEvictable(from, running_op, out);
   if (tiers_ == nullptr || chunks_.empty()) return;
   const bool can_disk = tiers_->store() != nullptr;
   const bool can_host = tiers_->host_capacity() > 0;
@@ -1564,6 +1697,27 @@ void Session::CollectEvictable(Tier from, bool running_op,
       out->push_back({const_cast<Session*>(this), c, l, b.tick});
     }
   }
+}
+
+void Session::CollectMemoryEvictable(Tier from, bool running_op,
+                                     std::vector<EvictionCandidate>* out) const {
+  if (!memory_ || tiers_ == nullptr) return;
+  std::vector<MemoryEvictable> m;
+  memory_->CollectEvictable(from, running_op ? std::max<uint64_t>(op_tick_, 1) : 0, &m);
+  for (const MemoryEvictable& e : m) {
+    out->push_back({const_cast<Session*>(this), 0, 0, e.tick, /*memory=*/true, e.id});
+  }
+}
+
+Result<uint64_t> Session::Evict(const EvictionCandidate& c, Tier to) {
+  if (c.memory) return memory_ ? memory_->Evict(c.memory_id, to) : Result<uint64_t>(uint64_t{0});
+  return EvictBlock(c.chunk, c.layer, to);
+}
+
+Status Session::FetchMemoryBlocks(std::span<const uint64_t> ids) {
+  if (!memory_) return Status::OK();
+  BeginOp();
+  return memory_->Fetch(ids);
 }
 
 Result<uint64_t> Session::EvictBlock(uint32_t chunk, uint32_t layer, Tier to) {
@@ -1610,14 +1764,16 @@ EvictResult Session::EvictAll(Tier to) {
   CollectEvictable(Tier::kDevice, /*running_op=*/false, &cands);
   if (to == Tier::kDisk) CollectEvictable(Tier::kHost, /*running_op=*/false, &cands);
   for (const EvictionCandidate& e : cands) {
-    auto freed = EvictBlock(e.chunk, e.layer, to);
+    auto freed = Evict(e, to);
     if (!freed.ok()) {
       r.last_error = freed.status();
       continue;
     }
     // Device blocks going to disk pass through no host copy; host ones follow.
-    if (to == Tier::kDisk && chunks_[e.chunk].blocks[e.layer].host) {
-      auto again = EvictBlock(e.chunk, e.layer, Tier::kDisk);
+    const bool on_host = e.memory ? memory_->BlockTier(e.memory_id) == Tier::kHost
+                                   : chunks_[e.chunk].blocks[e.layer].host != nullptr;
+    if (to == Tier::kDisk && on_host) {
+      auto again = Evict(e, Tier::kDisk);
       if (!again.ok()) r.last_error = again.status();
     }
     r.bytes += *freed;

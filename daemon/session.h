@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -199,13 +200,18 @@ struct AppendResult {
   uint32_t sealed = 0;
 };
 
-// One block (chunk, layer) that may leave its tier, with its recency.
+// One block that may leave its tier, with its recency: a chunk block (chunk, layer) or, with
+// `memory`, the payload of memory block `memory_id`.
 struct EvictionCandidate {
   Session* session = nullptr;
   uint32_t chunk = 0;
   uint32_t layer = 0;
   uint64_t tick = 0;  // when it was last selected (or sealed, or fetched)
+  bool memory = false;
+  uint64_t memory_id = 0;
 };
+
+class ParallelPool;
 
 class Session {
  public:
@@ -273,16 +279,21 @@ class Session {
   uint32_t chunk_tokens(uint32_t c) const { return chunks_[c].tokens; }
   Status ReadChunkBlock(uint32_t chunk, uint32_t layer, std::string* out) const;
   uint64_t tokens() const { return tokens_; }
-  // Restore path (daemon/tiers.cc): appends one stored chunk as if its tokens had been
-  // appended and sealed; blocks[l] is layer l's block (K rows then V rows, as ReadChunkBlock
-  // gives it). Only while no tail tokens are held, i.e. before any tail replay; then call
-  // FinishChunkRestore once.
-  // boundaries: the chunk's classes. from_own_store: the blocks were read from this session's
-  // own durable records (then they count as stored, and a block the device budget cannot hold
-  // stays there until selected); false for a snapshot image (every block must fit).
-  // load false (own store only): the blocks stay in RocksDB until selected.
-  Status RestoreChunk(uint32_t tokens, std::span<const std::string_view> blocks,
-                      std::string_view boundaries, bool from_own_store, bool load = true);
+  // Restore path (daemon/tiers.cc): appends stored chunks as if their tokens had been
+  // appended and sealed: chunk i has tokens[i] tokens with classes boundaries[i]. read(l, i,
+  // &block) must yield layer l's block of chunk i (K rows then V rows, as ReadChunkBlock gives
+  // it), checked, valid until the next call for that layer; it is called once for every
+  // (layer, chunk), in chunk order within a layer, layers in parallel on `workers` (may be
+  // null). Only while no tail tokens are held, i.e. before any tail replay; then call
+  // FinishChunkRestore once. All or nothing: on error nothing is added.
+  // from_own_store: the blocks come from this session's own durable records (then they count
+  // as stored, and a block the device budget cannot hold stays there until selected); false
+  // for a snapshot image (every block must fit). load false (own store only): every block is
+  // read and checked but stays in RocksDB until selected.
+  using RestoreReader = std::function<Status(uint32_t layer, uint32_t chunk, std::string_view* block)>;
+  Status RestoreChunks(std::span<const uint32_t> tokens, std::span<const std::string_view> boundaries,
+                       bool from_own_store, bool load, const RestoreReader& read,
+                       ParallelPool* workers);
   Status FinishChunkRestore();
   // Boundary classes of tokens [start, start + n) (complete tokens only).
   std::string_view boundaries(uint64_t start, uint64_t n) const {
@@ -300,6 +311,14 @@ class Session {
   // Moves one block out of its current tier (device -> host when `to` is kHost, else ->
   // RocksDB; host -> RocksDB). Returns the bytes freed in the tier it left.
   Result<uint64_t> EvictBlock(uint32_t chunk, uint32_t layer, Tier to);
+  // The same for any candidate CollectEvictable gave (chunk block or memory block).
+  Result<uint64_t> Evict(const EvictionCandidate& c, Tier to);
+  // Memory blocks (caller holds op_mu): BeginMemoryOp takes a recency tick for a memory op
+  // (a put's new blocks get it); FetchMemoryBlocks marks `ids` as used by this op and brings
+  // the cold ones back into the device tier (SelectMemory / GetMemoryBlocks before reading
+  // payloads).
+  void BeginMemoryOp() { BeginOp(); }
+  Status FetchMemoryBlocks(std::span<const uint64_t> ids);
   // Every evictable block of the session to tier `to` (kHost or kDisk): the evict op.
   EvictResult EvictAll(Tier to);
   // Fetches into the device tier the blocks the last index-mode Attend selected on layer l,
@@ -345,12 +364,18 @@ class Session {
   Result<uint64_t> AllocateBlock(uint64_t bytes);
   // Brings block (chunk, layer) into the pool (no-op when resident) and updates its span.
   Status FetchBlock(uint32_t chunk, uint32_t layer, bool prefetch);
+  // The same for many blocks of one layer (those already resident are skipped): destinations
+  // allocated first, then RocksDB reads with the CRC check fused into the copy, spread over
+  // the search pool. On error the blocks fetched so far stay fetched.
+  Status FetchBlocks(uint32_t layer, std::span<const uint32_t> chunks);
   // Copies `bytes` from offset `at` of block (chunk, layer) wherever it lives.
   Status ReadBlock(uint32_t chunk, uint32_t layer, uint64_t at, uint64_t bytes, uint8_t* dst) const;
   // Makes sure RocksDB holds block (chunk, layer): spills it (ephemeral) or checks it is
   // stored (durable: FAILED_PRECONDITION while the journal has not stored it yet).
   Status EnsureOnDisk(uint32_t chunk, uint32_t layer);
   bool Pinned(uint32_t chunk) const;  // sinks and the recent window
+  // Memory-block payloads that may leave tier `from` (CollectEvictable's share of them).
+  void CollectMemoryEvictable(Tier from, bool running_op, std::vector<EvictionCandidate>* out) const;
   void BeginOp();                     // takes a recency tick for this operation
   void FreeBlock(uint32_t tokens, Block& b);  // frees its device and host copies
 

@@ -3,8 +3,10 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <thread>
 
 #include "common/log.h"
+#include "daemon/parallel.h"
 #include "daemon/service.h"
 #include "wire/framing.h"
 
@@ -165,9 +167,35 @@ class StoreJournal final : public SessionJournal {
       gone.push_back(start);
       delete_to = start + n;
     }
-    if (!gone.empty()) store_->DeleteTailRange(batch.get(), tenant_, id_, delete_to);
+    // A segment that straddles sealed_end (e.g. a prefill append whose last tokens stay in
+    // the tail) would keep every one of its tokens on disk and be read whole at restart. When
+    // the session's tail is exactly the logged tokens past sealed_end, all live segments are
+    // replaced by one holding just those (same batch: the range delete, then the put, which
+    // has the higher sequence number). Mid decode step the tail cannot be read: keep them.
+    const uint64_t logged_end = bound_base_ + boundaries_.size();
+    uint32_t tail_n = 0;
+    std::string tail_k, tail_v;
+    const bool straddles = !segments_.empty() && segments_.size() > gone.size() &&
+                           segments_.rbegin()->first + segments_.rbegin()->second == logged_end;
+    if (straddles && logged_end == s.tokens() && s.ReadTail(&tail_n, &tail_k, &tail_v).ok() &&
+        tail_n == logged_end - sealed_end) {
+      gone.clear();
+      for (const auto& [start, n] : segments_) gone.push_back(start);
+      store_->DeleteTailRange(batch.get(), tenant_, id_, logged_end);
+      if (tail_n > 0) {
+        const auto* b = reinterpret_cast<const uint8_t*>(boundaries_.data()) + (sealed_end - bound_base_);
+        store_->PutTail(batch.get(), tenant_, id_, sealed_end,
+                        EncodeTail(tail_n, reinterpret_cast<const uint8_t*>(tail_k.data()),
+                                   reinterpret_cast<const uint8_t*>(tail_v.data()), b,
+                                   shape_.TokensBytes(tail_n)));
+      }
+    } else {
+      tail_n = 0;
+      if (!gone.empty()) store_->DeleteTailRange(batch.get(), tenant_, id_, delete_to);
+    }
     KVMEM_RETURN_IF_ERROR(store_->Write(batch.get()));
     for (uint64_t g : gone) segments_.erase(g);
+    if (tail_n > 0) segments_[sealed_end] = tail_n;
     boundaries_.erase(0, sealed_end - bound_base_);
     bound_base_ = sealed_end;
     stored_chunks_ = count;
@@ -270,6 +298,18 @@ class StoreMemoryJournal final : public MemoryJournal {
     return store_->Write(&b).WithContext("session " + std::to_string(id_) + ": dropping " +
                                          std::to_string(ids.size()) + " memory blocks");
   }
+  Status ReadPayload(uint64_t block, uint8_t* out) const override {
+    std::string payload;
+    KVMEM_RETURN_IF_ERROR(store_->GetMemoryBlock(tenant_, id_, block, &payload));
+    MemoryBlockView v;
+    KVMEM_RETURN_IF_ERROR(DecodeMemoryBlock(
+        payload, o_,
+        "memory block (tenant " + tenant_ + ", session " + std::to_string(id_) + ", block " +
+            std::to_string(block) + ")",
+        &v));
+    std::memcpy(out, v.payload, o_.payload_bytes());
+    return Status::OK();
+  }
 
  private:
   ChunkStore* const store_;
@@ -284,7 +324,7 @@ std::string SessionName(const std::string& tenant, uint64_t id) {
 
 // Re-adds a session's stored memory blocks (in groups, checked) under their stored ids.
 Status RestoreMemoryBlocks(const ChunkStore& store, const std::string& tenant, uint64_t id,
-                           MemoryStore* mem, RestoreStats* stats) {
+                           MemoryStore* mem, RestoreStats* stats, bool own) {
   const MemoryOptions& o = mem->options();
   constexpr size_t kGroup = 4096;
   std::vector<uint64_t> ids;
@@ -301,7 +341,7 @@ Status RestoreMemoryBlocks(const ChunkStore& store, const std::string& tenant, u
     b.span_starts = starts;
     b.span_ends = ends;
     b.labels = std::move(labels);
-    KVMEM_RETURN_IF_ERROR(mem->Restore(ids, b));
+    KVMEM_RETURN_IF_ERROR(mem->Restore(ids, b, /*stay_on_disk_if_full=*/own));
     ids.clear();
     keys.clear();
     payloads.clear();
@@ -345,7 +385,8 @@ Status RestoreMemoryBlocks(const ChunkStore& store, const std::string& tenant, u
 // durable records (restart): the journal is attached and blocks count as stored. Otherwise
 // (a snapshot) the session gets no journal.
 Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, const std::string& src_tenant,
-                  uint64_t src_id, bool own, RestoredSession* r, RestoreStats* stats) {
+                  uint64_t src_id, bool own, RestoredSession* r, RestoreStats* stats,
+                  ParallelPool* workers) {
   const Shape sh(r->profile);
   const std::string name = SessionName(src_tenant, src_id);
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredChunkEntry> table, store->ChunkTable(src_tenant, src_id));
@@ -364,25 +405,34 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, const std
     KVMEM_ASSIGN_OR_RETURN(auto c, store->OpenLayer(src_tenant, src_id, l));
     cursors.push_back(std::move(c));
   }
-  // Stored chunks go straight into pool blocks, one chunk (all layers) at a time; each
-  // cursor's payload view stays valid until its next call.
-  std::vector<uint8_t> keys, values;
-  std::vector<std::string_view> blocks(sh.layers);
+  // Stored chunks go straight into pool blocks: one sequential cursor per layer (4 MiB
+  // readahead), layers read, checked and copied in parallel on `workers`; each cursor's
+  // payload view stays valid until its next call.
+  std::vector<uint32_t> tokens(table.size());
+  std::vector<std::string_view> bounds(table.size());
   for (size_t c = 0; c < table.size(); ++c) {
-    const uint32_t t = table[c].tokens;
-    for (uint32_t l = 0; l < sh.layers; ++l) {
-      KVMEM_RETURN_IF_ERROR(cursors[l]->Next(static_cast<uint32_t>(c), &blocks[l]));
-      if (blocks[l].size() != sh.BlockBytes(t)) {
-        return DataLoss(ChunkName{src_tenant, src_id, l, static_cast<uint32_t>(c)}.ToString() +
-                        ": " + std::to_string(blocks[l].size()) + " bytes, expected " +
-                        std::to_string(sh.BlockBytes(t)));
-      }
-      stats->bytes += blocks[l].size();
-    }
-    const bool load = !own || tiers == nullptr || tiers->options().restore_resident;
-    KVMEM_RETURN_IF_ERROR(s->RestoreChunk(t, blocks, table[c].boundaries, own, load)
-                              .WithContext(name + ": restoring chunk " + std::to_string(c)));
+    tokens[c] = table[c].tokens;
+    bounds[c] = table[c].boundaries;
   }
+  std::vector<uint64_t> layer_bytes(sh.layers, 0);
+  auto read = [&](uint32_t l, uint32_t c, std::string_view* block) -> Status {
+    KVMEM_RETURN_IF_ERROR(cursors[l]->Next(c, block));
+    if (block->size() != sh.BlockBytes(tokens[c])) {
+      return DataLoss(ChunkName{src_tenant, src_id, l, c}.ToString() + ": " +
+                      std::to_string(block->size()) + " bytes, expected " +
+                      std::to_string(sh.BlockBytes(tokens[c])));
+    }
+    layer_bytes[l] += block->size();
+    return Status::OK();
+  };
+  const bool load = !own || tiers == nullptr || tiers->options().restore_resident;
+  if (!table.empty()) {
+    KVMEM_RETURN_IF_ERROR(s->RestoreChunks(tokens, bounds, own, load, read, workers)
+                              .WithContext(name + ": restoring " + std::to_string(table.size()) +
+                                           " stored chunks"));
+  }
+  for (uint64_t b : layer_bytes) stats->bytes += b;
+  std::vector<uint8_t> keys, values;
   KVMEM_RETURN_IF_ERROR(s->FinishChunkRestore().WithContext(name));
   // Tail segments: tokens past the stored chunks, in order, without gaps.
   std::map<uint64_t, uint32_t> live;
@@ -422,7 +472,7 @@ Status RestoreOne(ChunkStore* store, KVPool* pool, TierContext* tiers, const std
     }
   }
   if (MemoryStore* mem = s->memory()) {
-    KVMEM_RETURN_IF_ERROR(RestoreMemoryBlocks(*store, src_tenant, src_id, mem, stats));
+    KVMEM_RETURN_IF_ERROR(RestoreMemoryBlocks(*store, src_tenant, src_id, mem, stats, own));
     if (own) {
       mem->AttachJournal(
           std::make_unique<StoreMemoryJournal>(store, r->tenant, r->id, mem->options()));
@@ -478,11 +528,36 @@ Status PersistImage(ChunkStore* store, const Session& s, const std::string& tena
                               reinterpret_cast<const uint8_t*>(b.data()), sh.TokensBytes(*tail_n)));
     *bytes += 2 * sh.TokensBytes(*tail_n);
   }
+  // Memory blocks, from whichever tier holds their payloads, and the id high-water mark.
+  if (const MemoryStore* mem = s.memory()) {
+    const MemoryOptions& o = mem->options();
+    std::string payload(o.payload_bytes(), '\0');
+    for (const MemoryBlockInfo* info : mem->List(0, UINT32_MAX)) {
+      KVMEM_ASSIGN_OR_RETURN(const float* key, mem->GateKey(info->id));
+      KVMEM_RETURN_IF_ERROR(mem->ReadPayload(info->id, payload.data()));
+      const MemoryBlockRecord rec{info, key, reinterpret_cast<const uint8_t*>(payload.data())};
+      store->PutMemoryBlock(batch.get(), tenant, id, info->id,
+                            EncodeMemoryBlock(rec, o.gate_dim, o.payload_bytes()));
+      *bytes += o.payload_bytes();
+      if (batch->bytes() >= kBatchBytes) {
+        KVMEM_RETURN_IF_ERROR(store->Write(batch.get()));
+        batch = std::make_unique<ChunkStore::Batch>();
+      }
+    }
+    std::string mark;
+    PutLE<uint64_t>(&mark, mem->next_id());
+    store->PutMemoryBlock(batch.get(), tenant, id, kNextIdRecord, mark);
+  }
   store->PutHeader(batch.get(), tenant, id, EncodeSessionHeader(id, s.profile(), s.options()));
   return store->Write(batch.get());
 }
 
 }  // namespace
+
+uint32_t RestoreThreads() {
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  return std::min(8u, cores) - 1;
+}
 
 bool IsSnapshotTenant(std::string_view stored_tenant) {
   return stored_tenant.starts_with(kSnapshotTenantPrefix);
@@ -547,7 +622,8 @@ Result<std::unique_ptr<Session>> RestoreSnapshot(ChunkStore* store, KVPool* pool
   KVMEM_RETURN_IF_ERROR(DecodeSessionHeader(header, defaults, &r.profile, &r.options));
   r.options.durability = durability;
   RestoreStats stats;
-  KVMEM_RETURN_IF_ERROR(RestoreOne(store, pool, tiers, ns, id, /*own=*/false, &r, &stats)
+  KVMEM_RETURN_IF_ERROR(RestoreOne(store, pool, tiers, ns, id, /*own=*/false, &r, &stats,
+                                       /*workers=*/nullptr)
                             .WithContext("restoring snapshot '" + name + "'"));
   if (durability == Durability::kDurable) {
     // The new session's own records: the same image under its id, then its journal.
@@ -565,6 +641,10 @@ Result<std::unique_ptr<Session>> RestoreSnapshot(ChunkStore* store, KVPool* pool
                     std::string(s.boundaries(tail_start, tail_n)));
     s.AttachJournal(std::move(journal));
     s.MarkStoredChunks();
+    if (MemoryStore* mem = s.memory()) {
+      mem->AttachJournal(std::make_unique<StoreMemoryJournal>(store, tenant, new_id, mem->options()));
+      mem->MarkStored();  // PersistImage wrote every block under the new id
+    }
   }
   return std::move(r.session);
 }
@@ -630,6 +710,8 @@ Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* 
                                                      RestoreStats* stats, TierContext* tiers) {
   const auto t0 = std::chrono::steady_clock::now();
   KVMEM_ASSIGN_OR_RETURN(std::vector<StoredSessionRef> refs, store->ListSessions());
+  // Nothing else runs before ready: the restore borrows the cores (one task per layer).
+  ParallelPool workers(RestoreThreads());
   std::vector<RestoredSession> out;
   for (StoredSessionRef& ref : refs) {
     if (IsSnapshotTenant(ref.tenant)) continue;  // snapshots are images, not sessions
@@ -638,7 +720,7 @@ Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* 
     r.id = ref.session;
     r.status = ref.status;
     if (r.status.ok()) r.status = DecodeSessionHeader(ref.header, defaults, &r.profile, &r.options);
-    if (r.status.ok()) r.status = RestoreOne(store, pool, tiers, r.tenant, r.id, /*own=*/true, &r, stats);
+    if (r.status.ok()) r.status = RestoreOne(store, pool, tiers, r.tenant, r.id, /*own=*/true, &r, stats, &workers);
     if (r.status.ok()) {
       ++stats->sessions;
     } else {

@@ -51,11 +51,15 @@ struct RestoreStats {
 // independent, so the same chunks seal), index trees rebuilt on the way, journal attached.
 // Every chunk's checksum is checked. One session's failure does not stop the others.
 // With `tiers`, chunks that do not fit the device budget stay in RocksDB (fetched when
-// selected) instead of failing the restore.
+// selected) instead of failing the restore. Layers are read, checked and copied in parallel
+// on RestoreThreads() helper threads (nothing else runs before ready).
 Result<std::vector<RestoredSession>> RestoreSessions(ChunkStore* store, KVPool* pool,
                                                      const SessionOptions& defaults,
                                                      RestoreStats* stats,
                                                      TierContext* tiers = nullptr);
+
+// Helper threads RestoreSessions uses besides the caller: min(8, cores) - 1.
+uint32_t RestoreThreads();
 
 // Re-reads every stored chunk and tail segment of one session and checks checksums and
 // sizes. Result: tokens and chunks seen, and one line per bad record.

@@ -30,8 +30,10 @@
 
 #include "client/synthetic_stream.h"
 #include "daemon/chunk_store.h"
+#include "daemon/config.h"
 #include "daemon/eviction.h"
 #include "daemon/kv_pool.h"
+#include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "daemon/tiers.h"
 
@@ -100,7 +102,7 @@ struct Spec {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string json_path, dir = "/tmp/kvmem-bench-storage";
+  std::string json_path, dir = "/tmp/kvmem-bench-storage", machine_note;
   uint64_t spill_mib = 512, evict_mib = 256;
   std::vector<uint64_t> restart_mib = {64, 256, 512};
   bool blob = true;
@@ -118,6 +120,7 @@ int main(int argc, char** argv) {
     };
     if (a == "--json") json_path = next();
     else if (a == "--dir") dir = next();
+    else if (a == "--machine") machine_note = next();
     else if (a == "--spill-mib") spill_mib = std::stoull(next());
     else if (a == "--evict-mib") evict_mib = std::stoull(next());
     else if (a == "--no-blob") blob = false;
@@ -133,7 +136,7 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? v.size() : q + 1;
       }
     } else if (a == "--help") {
-      std::puts("kvmem-bench-storage [--json FILE] [--dir DIR] [--spill-mib N] [--evict-mib N] [--restart-mib A,B,C]\n"
+      std::puts("kvmem-bench-storage [--json FILE] [--dir DIR] [--machine TEXT] [--spill-mib N] [--evict-mib N] [--restart-mib A,B,C]\n"
                 "                    [--no-blob] [--min-blob-size BYTES] [--repeat N] [--raw-verify]");
       return 0;
     } else {
@@ -142,6 +145,11 @@ int main(int argc, char** argv) {
   }
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
+  // The worker pool kvmemd runs with by default (search_threads): fetch-back spreads its CRC
+  // checks and copies over it.
+  const uint32_t search_threads = DefaultSearchThreads();
+  ParallelPool search_pool(search_threads);
+  SetSearchPool(search_threads > 0 ? &search_pool : nullptr);
   Spec spec;
   StoreOptions so;
   so.enable_blob_files = blob;
@@ -294,48 +302,98 @@ int main(int argc, char** argv) {
     Check(er.last_error, "evict");
     Check((*store)->Flush(), "flush");
     Check((*store)->Compact(), "compact");
+    RawDb raw(dir + "/evict-raw", so);
+    rocksdb::WriteOptions wo;
+    wo.disableWAL = true;  // as the spill
     t = Clock::now();
-    for (uint32_t l = 0; l < prof.layers; ++l) Check((*s)->MakeResident(l), "fetch back");
-    const double fetch_s = Since(t);
-    const uint64_t moved = (*s)->Stats().fetched_blocks;
-    s->reset();
-    store->reset();
-    double raw_put_s = 0, raw_get_s = 0;
-    {
-      RawDb raw(dir + "/evict-raw", so);
-      rocksdb::WriteOptions wo;
-      wo.disableWAL = true;  // as the spill
-      t = Clock::now();
-      for (const auto& [key, val] : blocks) Check(raw.db->Put(wo, raw.cfs[1], key, val), "raw put");
-      raw_put_s = Since(t);
-      Check(raw.db->Flush(rocksdb::FlushOptions(), raw.cfs[1]), "raw flush");
-      Check(raw.db->CompactRange(rocksdb::CompactRangeOptions(), raw.cfs[1], nullptr, nullptr), "raw compact");
-      rocksdb::ReadOptions ro;
-      ro.verify_checksums = verify;
+    for (const auto& [key, val] : blocks) Check(raw.db->Put(wo, raw.cfs[1], key, val), "raw put");
+    const double raw_put_s = Since(t);
+    Check(raw.db->Flush(rocksdb::FlushOptions(), raw.cfs[1]), "raw flush");
+    Check(raw.db->CompactRange(rocksdb::CompactRangeOptions(), raw.cfs[1], nullptr, nullptr), "raw compact");
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = verify;
+    const uint32_t L = prof.layers;
+    // Fetch-back rounds, ours and raw alternating: MakeResident of every layer (then every
+    // block is dropped again: its disk copy stays valid, so that writes nothing), raw Get of
+    // the same blocks in the same order (layer by layer, chunk by chunk), one thread.
+    std::vector<double> fetch_samples, raw_get_samples;
+    uint64_t moved = 0;
+    auto ours = [&] {
+      const uint64_t before = (*s)->Stats().fetched_blocks;
+      auto t0 = Clock::now();
+      for (uint32_t l = 0; l < L; ++l) Check((*s)->MakeResident(l), "fetch back");
+      fetch_samples.push_back(Since(t0));
+      moved = (*s)->Stats().fetched_blocks - before;
+      Check((*s)->EvictAll(Tier::kDisk).last_error, "evict again");
+    };
+    auto raw_get = [&] {
       rocksdb::PinnableSlice pv;
-      t = Clock::now();
-      // MakeResident goes layer by layer, chunk by chunk.
-      const uint32_t L = prof.layers;
+      auto t0 = Clock::now();
       for (uint32_t l = 0; l < L; ++l) {
         for (size_t i = l; i < blocks.size(); i += L) {
           pv.Reset();
           Check(raw.db->Get(ro, raw.cfs[1], blocks[i].first, &pv), "raw get");
         }
       }
-      raw_get_s = Since(t);
+      raw_get_samples.push_back(Since(t0));
+    };
+    // Informative: the same raw Gets split over as many threads as fetch-back uses (the
+    // search pool plus the caller), so a reader can tell parallelism from per-block cost.
+    std::vector<double> raw_par_samples;
+    auto raw_get_par = [&] {
+      auto t0 = Clock::now();
+      for (uint32_t l = 0; l < L; ++l) {
+        std::vector<size_t> idx;
+        for (size_t i = l; i < blocks.size(); i += L) idx.push_back(i);
+        const size_t n = idx.size();
+        const uint32_t shares = search_threads == 0 || n < 8
+                                    ? 1
+                                    : static_cast<uint32_t>(std::min<size_t>(search_threads + 1, n / 4));
+        search_pool.For(shares, [&](uint32_t sh) {
+          rocksdb::PinnableSlice pv;
+          for (size_t j = n * sh / shares; j < n * (sh + 1) / shares; ++j) {
+            pv.Reset();
+            Check(raw.db->Get(ro, raw.cfs[1], blocks[idx[j]].first, &pv), "raw get");
+          }
+        });
+      }
+      raw_par_samples.push_back(Since(t0));
+    };
+    for (int rep = 0; rep < repeat; ++rep) {
+      if (rep % 2 == 0) {
+        ours();
+        raw_get();
+        raw_get_par();
+      } else {
+        raw_get_par();
+        raw_get();
+        ours();
+      }
     }
-    std::filesystem::remove_all(dir + "/evict");
-    std::filesystem::remove_all(dir + "/evict-raw");
+    const double fetch_s = median(fetch_samples), raw_get_s = median(raw_get_samples);
+    s->reset();
+    store->reset();
     const double egb = static_cast<double>(bytes) / 1e9;
     out["eviction"] = {{"bytes", bytes}, {"blocks", blocks.size()}, {"blocks_evicted", er.blocks},
                        {"blocks_fetched", moved}, {"spill_gbps", egb / spill_s},
                        {"rocksdb_put_gbps", egb / raw_put_s}, {"fetch_gbps", egb / fetch_s},
-                       {"rocksdb_get_gbps", egb / raw_get_s}};
+                       {"rocksdb_get_gbps", egb / raw_get_s},
+                       {"rocksdb_get_same_threads_gbps", egb / median(raw_par_samples)},
+                       {"fetch_threads", search_threads + 1},
+                       {"samples_seconds", {{"fetch", fetch_samples}, {"rocksdb_get", raw_get_samples},
+                                            {"rocksdb_get_same_threads", raw_par_samples}}}};
     std::printf("%-8s %10.3f %10.3f %6.0f%%   (eviction path, %llu blocks)\n", "evict", egb / spill_s,
                 egb / raw_put_s, 100 * raw_put_s / spill_s, static_cast<unsigned long long>(er.blocks));
     std::printf("%-8s %10.3f %10.3f %6.0f%%   (fetch-back through MakeResident)\n", "fetchbk", egb / fetch_s,
                 egb / raw_get_s, 100 * raw_get_s / fetch_s);
+    if (search_threads > 0) {
+      std::printf("%-8s %10s %10.3f %6.0f%%   (raw Get on %u threads like fetch-back, informative)\n",
+                  "", "", egb / median(raw_par_samples), 100 * median(raw_par_samples) / fetch_s,
+                  search_threads + 1);
+    }
   }
+  std::filesystem::remove_all(dir + "/evict");
+  std::filesystem::remove_all(dir + "/evict-raw");
 
   // Restart: a durable session of growing size written through the journal, then timed.
   out["restart"] = nlohmann::json::array();
@@ -365,83 +423,101 @@ int main(int argc, char** argv) {
       stored_bytes = tokens * token_bytes;
       s->reset();
     }
-    // Both sides start from the same on-disk state: the writer stopped without a flush, as
-    // after kill -9, so opening replays the WAL. The raw side scans a copy.
-    std::filesystem::copy(path, path + "-raw", std::filesystem::copy_options::recursive);
-    std::filesystem::copy(path, path + "-lazy", std::filesystem::copy_options::recursive);
-    // Twice: first with the WAL to replay (after kill -9, and after a SIGTERM too: kvmemd's
-    // clean shutdown syncs the WAL without flushing memtables), then from flushed SST/blob
-    // files (the state once RocksDB's background flushes have run; both sides flush after the
-    // first round).
-    for (const char* state : {"wal_replay", "flushed"}) {
-      // Ours: open + restore, as kvmemd before ready: eager (K/V into the pool), then lazy
-      // (every block read and CRC-checked, K/V left in RocksDB; `--restore lazy`), then the
-      // cost lazy moves to the first dense attention (every block fetched back).
-      double restore_s = 0, scan_s = 0, open_s = 0, lazy_s = 0, lazy_fetch_s = 0;
-      RestoreStats st;
-      for (bool lazy : {false, true}) {
-        auto pool = CreateHostPool(po);
-        TierOptions to;
-        to.restore_resident = !lazy;
-        TierContext tiers(pool->get(), to);
-        auto t = Clock::now();
-        StoreOptions o = so;
-        o.path = lazy ? path + "-lazy" : path;  // each variant starts from its own copy
-        auto store = ChunkStore::Open(o);
-        Check(store.status(), "reopen");
-        tiers.set_store(store->get());
-        if (!lazy) open_s = Since(t);
-        RestoreStats one;
-        auto r = RestoreSessions(store->get(), pool->get(), SessionOptions{}, &one, &tiers);
-        Check(r.status(), "restore");
-        (lazy ? lazy_s : restore_s) = Since(t);
-        if (!lazy) st = one;
-        if (r->size() != 1 || !(*r)[0].status.ok()) Die("restore failed");
-        if (lazy) {
-          t = Clock::now();
-          for (uint32_t l = 0; l < prof.layers; ++l) Check((*r)[0].session->MakeResident(l), "fetch all");
-          lazy_fetch_s = Since(t);
+    // Every variant starts from its own copy of the same on-disk state: the writer stopped
+    // without a flush, as after kill -9, so opening replays the WAL (wal_replay; also the state
+    // after a kvmemd SIGTERM, whose shutdown syncs the WAL without flushing memtables). Each
+    // variant then flushes and is timed again from flushed SST/blob files (flushed). Medians
+    // of `repeat` rounds, the order of the three variants rotating per round.
+    struct Times {
+      std::vector<double> eager, open, lazy, lazy_fetch, scan;
+    };
+    Times times[2];  // [wal_replay, flushed]
+    RestoreStats st;
+    auto restore = [&](const std::string& p, bool lazy, Times* out, int state) {
+      auto pool = CreateHostPool(po);
+      Check(pool.status(), "pool");
+      TierOptions to;
+      to.restore_resident = !lazy;
+      TierContext tiers(pool->get(), to);
+      auto t = Clock::now();
+      StoreOptions o = so;
+      o.path = p;
+      auto store = ChunkStore::Open(o);
+      Check(store.status(), "reopen");
+      tiers.set_store(store->get());
+      const double open_s = Since(t);
+      RestoreStats one;
+      auto r = RestoreSessions(store->get(), pool->get(), SessionOptions{}, &one, &tiers);
+      Check(r.status(), "restore");
+      const double total = Since(t);
+      if (r->size() != 1 || !(*r)[0].status.ok()) Die("restore failed");
+      if (lazy) {
+        out->lazy.push_back(total);
+        t = Clock::now();
+        for (uint32_t l = 0; l < prof.layers; ++l) Check((*r)[0].session->MakeResident(l), "fetch all");
+        out->lazy_fetch.push_back(Since(t));
+      } else {
+        out->eager.push_back(total);
+        out->open.push_back(open_s);
+        st = one;
+      }
+      r->clear();
+      if (state == 0) Check((*store)->Flush(), "flush");  // the flushed round starts from here
+    };
+    auto scan = [&](const std::string& p, Times* out, int state) {
+      auto t = Clock::now();
+      rocksdb::DBOptions dbo;
+      dbo.avoid_flush_during_recovery = true;  // as ChunkStore
+      rocksdb::ColumnFamilyOptions c;
+      c.enable_blob_files = so.enable_blob_files;
+      c.min_blob_size = so.min_blob_size;
+      std::vector<rocksdb::ColumnFamilyHandle*> hs;
+      rocksdb::DB* db = nullptr;
+      Check(rocksdb::DB::Open(dbo, p, {{rocksdb::kDefaultColumnFamilyName, c}, {"chunks", c}, {"manifests", c}, {"memory_blocks", c}, {"spill", c}}, &hs, &db), "raw reopen");
+      rocksdb::ReadOptions ro;
+      ro.readahead_size = 4 << 20;
+      ro.fill_cache = false;
+      ro.verify_checksums = verify;
+      std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro, hs[1]));
+      uint64_t sum = 0;
+      for (it->SeekToFirst(); it->Valid(); it->Next()) sum += it->value().size();
+      Check(it->status(), "scan");
+      it.reset();
+      out->scan.push_back(Since(t));
+      if (state == 0) Check(db->Flush(rocksdb::FlushOptions(), hs), "raw flush");
+      for (auto* h : hs) db->DestroyColumnFamilyHandle(h).PermitUncheckedError();
+      delete db;
+      if (sum == 0) Die("empty scan");
+    };
+    for (int rep = 0; rep < repeat; ++rep) {
+      for (const char* suffix : {"-eager", "-lazy", "-raw"}) {
+        std::filesystem::remove_all(path + suffix);
+        std::filesystem::copy(path, path + suffix, std::filesystem::copy_options::recursive);
+      }
+      for (int state = 0; state < 2; ++state) {
+        for (int k = 0; k < 3; ++k) {
+          switch ((k + rep) % 3) {
+            case 0: restore(path + "-eager", false, &times[state], state); break;
+            case 1: restore(path + "-lazy", true, &times[state], state); break;
+            default: scan(path + "-raw", &times[state], state); break;
+          }
         }
-        r->clear();
-        // The "flushed" round starts from flushed memtables.
-        Check((*store)->Flush(), "flush");
       }
-      {
-        auto t = Clock::now();
-        rocksdb::DBOptions dbo;
-        dbo.avoid_flush_during_recovery = true;  // as ChunkStore
-        rocksdb::ColumnFamilyOptions c;
-        c.enable_blob_files = so.enable_blob_files;
-        c.min_blob_size = so.min_blob_size;
-        std::vector<rocksdb::ColumnFamilyHandle*> hs;
-        rocksdb::DB* db = nullptr;
-        Check(rocksdb::DB::Open(dbo, path + "-raw", {{rocksdb::kDefaultColumnFamilyName, c}, {"chunks", c}, {"manifests", c}, {"memory_blocks", c}, {"spill", c}}, &hs, &db), "raw reopen");
-        rocksdb::ReadOptions ro;
-        ro.readahead_size = 4 << 20;
-        ro.fill_cache = false;
-        ro.verify_checksums = verify;
-        std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro, hs[1]));
-        uint64_t sum = 0;
-        for (it->SeekToFirst(); it->Valid(); it->Next()) sum += it->value().size();
-        Check(it->status(), "scan");
-        it.reset();
-        scan_s = Since(t);
-        Check(db->Flush(rocksdb::FlushOptions(), hs), "raw flush");
-        for (auto* h : hs) db->DestroyColumnFamilyHandle(h).PermitUncheckedError();
-        delete db;
-        if (sum == 0) Die("empty scan");
-      }
-      out["restart"].push_back({{"state", state}, {"bytes", stored_bytes}, {"seconds", restore_s},
-                                {"open_seconds", open_s}, {"lazy_seconds", lazy_s},
-                                {"lazy_fetch_all_seconds", lazy_fetch_s},
-                                {"rocksdb_scan_seconds", scan_s}, {"tokens", st.tokens}, {"chunks", st.chunks}});
-      std::printf("%-10s %-5llu %9.3f %9.3f %9.3f %6.2fx %6.2fx  (lazy, then fetch all: %.3f s)\n", state,
-                  static_cast<unsigned long long>(mib), restore_s, lazy_s, scan_s, restore_s / scan_s,
-                  lazy_s / scan_s, lazy_fetch_s);
     }
-    std::filesystem::remove_all(path);
-    std::filesystem::remove_all(path + "-raw");
-    std::filesystem::remove_all(path + "-lazy");
+    for (int state = 0; state < 2; ++state) {
+      const Times& tm = times[state];
+      const char* name = state == 0 ? "wal_replay" : "flushed";
+      const double restore_s = median(tm.eager), lazy_s = median(tm.lazy), scan_s = median(tm.scan);
+      out["restart"].push_back({{"state", name}, {"bytes", stored_bytes}, {"seconds", restore_s},
+                                {"open_seconds", median(tm.open)}, {"lazy_seconds", lazy_s},
+                                {"lazy_fetch_all_seconds", median(tm.lazy_fetch)},
+                                {"rocksdb_scan_seconds", scan_s}, {"tokens", st.tokens}, {"chunks", st.chunks},
+                                {"samples_seconds", {{"eager", tm.eager}, {"lazy", tm.lazy}, {"scan", tm.scan}}}});
+      std::printf("%-10s %-5llu %9.3f %9.3f %9.3f %6.2fx %6.2fx  (lazy, then fetch all: %.3f s)\n", name,
+                  static_cast<unsigned long long>(mib), restore_s, lazy_s, scan_s, restore_s / scan_s,
+                  lazy_s / scan_s, median(tm.lazy_fetch));
+    }
+    for (const char* suffix : {"", "-eager", "-lazy", "-raw"}) std::filesystem::remove_all(path + suffix);
   }
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
@@ -455,19 +531,24 @@ int main(int argc, char** argv) {
         break;
       }
   }
-  out["machine"] = {{"host", host}, {"cpu", cpu}, {"cores", std::thread::hardware_concurrency()}};
+  out["machine"] = {{"host", host}, {"cpu", cpu}, {"cores", std::thread::hardware_concurrency()},
+                    {"search_threads", search_threads}, {"restore_threads", RestoreThreads()}};
+  if (!machine_note.empty()) out["machine"]["note"] = machine_note;
   out["samples_seconds"] = {{"spill", our_puts}, {"rocksdb_put", raw_puts}, {"fetch", our_gets}, {"rocksdb_get", raw_gets}};
   out["notes"] =
       "restart: seconds = eager (ChunkStore::Open + RestoreSessions loading every block into a fresh "
-      "host KV pool), lazy_seconds = --restore lazy (every block read and CRC-checked, K/V left in "
-      "RocksDB), lazy_fetch_all_seconds = what lazy moves to first use (MakeResident of every layer); "
-      "each from its own copy of the same store. wal_replay = after kill -9 and after a kvmemd SIGTERM "
-      "(shutdown syncs the WAL without flushing); flushed = after RocksDB's background flushes. perf: "
-      "eager's gap to the scan is mostly copying into first-touched pool pages (RestoreChunk ~70-80%), "
-      "not reading or CRC. eviction: ephemeral session blocks spilled by EvictAll(kDisk) (no WAL) and "
-      "fetched back by MakeResident (Get + CRC + copy into the pool) vs raw Put (no WAL) / Get (no "
-      "copy) of the same blocks in the same order. Raw reads skip RocksDB's checksum pass unless "
-      "raw_verify_checksums. Shared 2-core VM with other builds running: single runs vary by 2x.";
+      "host KV pool; layers read, CRC-checked and copied in parallel on machine.restore_threads helper "
+      "threads), lazy_seconds = --restore lazy (every block read and CRC-checked, K/V left in RocksDB), "
+      "lazy_fetch_all_seconds = what lazy moves to first use (MakeResident of every layer); each variant "
+      "from its own copy of the same store, medians of parameters.repeat rounds (samples_seconds). "
+      "wal_replay = after kill -9 and after a kvmemd SIGTERM (shutdown syncs the WAL without flushing); "
+      "flushed = after RocksDB's flushes. rocksdb_scan_seconds = Open + one raw iterator over the chunks "
+      "family (one thread). eviction: ephemeral session blocks spilled by EvictAll(kDisk) (no WAL) and "
+      "fetched back by MakeResident (Get + CRC fused with the copy into the pool, spread over "
+      "eviction.fetch_threads = kvmemd's default search pool + the caller) vs raw Put (no WAL) / Get (no "
+      "copy, one thread) of the same blocks in the same order; rocksdb_get_same_threads_gbps = the raw "
+      "Gets on fetch_threads threads (informative). Raw reads skip RocksDB's checksum pass unless "
+      "raw_verify_checksums.";
   out["parameters"] = {{"repeat", repeat}, {"value_bytes", vbytes}, {"values", count}, {"reads", reads},
                        {"blob_files", blob}, {"raw_verify_checksums", verify}, {"min_blob_size", min_blob}, {"sync_writes", so.sync_writes},
                        {"profile", {{"layers", spec.layers}, {"kv_heads", spec.kv_heads}, {"head_dim", spec.head_dim},

@@ -57,6 +57,13 @@ TEST(Crc32c, LargeBuffersMatchBitwiseReference) {
       const size_t off = rng() % 7;
       EXPECT_EQ(Crc32c(buf.data() + off, n, init), reference(buf.data() + off, n, init))
           << "n " << n << " init " << init;
+      // The fused check-and-copy (fetch-back) gives the same CRC and an exact copy.
+      std::vector<uint8_t> copy(n + 1, 0xEE);
+      EXPECT_EQ(Crc32cCopy(copy.data(), buf.data() + off, n, init),
+                reference(buf.data() + off, n, init))
+          << "copy, n " << n;
+      EXPECT_EQ(0, std::memcmp(copy.data(), buf.data() + off, n)) << "copy, n " << n;
+      EXPECT_EQ(copy[n], 0xEE) << "copy wrote past its end, n " << n;
     }
   }
 }

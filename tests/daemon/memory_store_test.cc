@@ -67,6 +67,7 @@ class FlakyJournal final : public MemoryJournal {
     drops += ids.size();
     return Status::OK();
   }
+  Status ReadPayload(uint64_t, uint8_t*) const override { return Unimplemented("no disk copy"); }
   size_t puts = 0, drops = 0;
 
  private:

@@ -88,6 +88,65 @@ class TiersTest : public ::testing::Test {
     return sessions_.back().get();
   }
   static Status Append(Session* s, std::mt19937_64& rng, uint32_t n) { return AppendRandom(s, rng, n); }
+  // A session that keeps memory blocks: gate keys [8], payloads [16][64] f32 (4 KiB each).
+  static constexpr uint32_t kGate = 8, kRows = 16, kDim = 64;
+  static constexpr uint64_t kPayload = uint64_t{kRows} * kDim * 4;
+  Session* NewWithMemory(uint64_t id, Durability d) {
+    SessionOptions o;
+    o.chunker = {8, 24};
+    o.sink_tokens = 16;
+    o.recent_window = 32;
+    o.mode = SelectionMode::kDense;
+    o.durability = d;
+    o.memory.gate_dim = kGate;
+    o.memory.payload_rows = kRows;
+    o.memory.payload_dim = kDim;
+    o.memory.payload_dtype = DType::kF32;
+    auto s = Session::Create(id, "acme", Profile3(), o, pool_.get(), tiers_.get());
+    EXPECT_TRUE(s.ok()) << s.status().ToString();
+    if (d == Durability::kDurable) {
+      EXPECT_TRUE(MakeDurable(store_.get(), s->get()).ok());
+    }
+    sessions_.push_back(std::shared_ptr<Session>(std::move(*s)));
+    return sessions_.back().get();
+  }
+  struct MemBlocks {
+    std::vector<float> keys, payloads;
+    std::vector<uint64_t> starts, ends;
+    NewMemoryBlocks View() const {
+      NewMemoryBlocks b;
+      b.n = static_cast<uint32_t>(starts.size());
+      b.gate_keys = keys.data();
+      b.payloads = reinterpret_cast<const uint8_t*>(payloads.data());
+      b.span_starts = starts;
+      b.span_ends = ends;
+      for (uint32_t i = 0; i < b.n; ++i) b.labels.push_back("b" + std::to_string(starts[i]));
+      return b;
+    }
+    const float* Payload(size_t i) const { return &payloads[i * kRows * kDim]; }
+  };
+  static MemBlocks MakeMem(std::mt19937_64& rng, uint32_t n) {
+    std::normal_distribution<float> g(0.f, 1.f);
+    MemBlocks b;
+    for (uint32_t i = 0; i < n * kGate; ++i) b.keys.push_back(g(rng));
+    for (uint64_t i = 0; i < n * kRows * kDim; ++i) b.payloads.push_back(g(rng));
+    for (uint32_t i = 0; i < n; ++i) {
+      b.starts.push_back(1000 + i);
+      b.ends.push_back(2000 + i);
+    }
+    return b;
+  }
+  static std::vector<uint64_t> PutMem(Session* s, const MemBlocks& b) {
+    s->BeginMemoryOp();
+    auto ids = s->memory()->Put(b.View(), 1u << 20);
+    EXPECT_TRUE(ids.ok()) << ids.status().ToString();
+    return ids.ok() ? *ids : std::vector<uint64_t>{};
+  }
+  static uint64_t CountMemTier(Session* s, std::span<const uint64_t> ids, Tier t) {
+    uint64_t n = 0;
+    for (uint64_t id : ids) n += s->memory()->BlockTier(id) == t;
+    return n;
+  }
   // Attend outputs (f32) on every layer for fixed queries, in `mode`, and the selections.
   struct Outs {
     std::vector<std::vector<float>> out;
@@ -461,6 +520,209 @@ TEST_F(TiersTest, LazyRestoreChecksEveryBlockAndFetchesOnFirstUse) {
   EXPECT_EQ((*bad)[0].status.code(), StatusCode::kDataLoss);
   EXPECT_NE((*bad)[0].status.message().find("layer 2, chunk 7"), std::string::npos)
       << (*bad)[0].status.ToString();
+}
+
+// Issue 5: memory-block payloads move device -> host -> RocksDB like chunk blocks (an
+// ephemeral session's to the spill family, a durable one's already have their record and
+// are not written again), are counted in the tier stats, and come back unchanged when read.
+TEST_F(TiersTest, MemoryBlocksMoveThroughTheTiersAndComeBackUnchanged) {
+  for (Durability d : {Durability::kEphemeral, Durability::kDurable}) {
+    SCOPED_TRACE(d == Durability::kDurable ? "durable" : "ephemeral");
+    MakePool(64ull << 20, 1ull << 20);  // host tier: 1 MiB = 256 payloads
+    Session* s = NewWithMemory(70 + static_cast<int>(d), d);
+    MemoryStore* m = s->memory();
+    std::mt19937_64 rng(31);
+    const MemBlocks b = MakeMem(rng, 40);
+    const std::vector<uint64_t> ids = PutMem(s, b);
+    ASSERT_EQ(ids.size(), 40u);
+    const uint64_t dev_bytes = m->bytes();
+    EXPECT_GE(dev_bytes, 40 * kPayload);
+    const uint64_t pool_with = pool_->allocator().allocated_bytes();
+    // Device -> host.
+    EvictResult r = s->EvictAll(Tier::kHost);
+    ASSERT_TRUE(r.last_error.ok()) << r.last_error.ToString();
+    EXPECT_EQ(CountMemTier(s, ids, Tier::kHost), 40u);
+    EXPECT_EQ(m->bytes(), 0u);
+    EXPECT_EQ(m->host_bytes(), 40 * kPayload);
+    EXPECT_EQ(s->Stats().host_bytes, 40 * kPayload);
+    EXPECT_EQ(tiers_->host_used(), 40 * kPayload);
+    EXPECT_EQ(pool_->allocator().allocated_bytes(), pool_with - dev_bytes);
+    EXPECT_GE(s->Stats().evicted_blocks, 40u);
+    // Host -> RocksDB.
+    const uint64_t spilled_before = GlobalMetrics().spill_bytes[static_cast<int>(Tier::kDisk)].load();
+    r = s->EvictAll(Tier::kDisk);
+    ASSERT_TRUE(r.last_error.ok()) << r.last_error.ToString();
+    EXPECT_EQ(CountMemTier(s, ids, Tier::kDisk), 40u);
+    EXPECT_EQ(m->host_bytes(), 0u);
+    EXPECT_EQ(tiers_->host_used(), 0u);
+    EXPECT_EQ(m->disk_bytes(), 40 * kPayload);
+    EXPECT_EQ(s->Stats().disk_bytes, 40 * kPayload);
+    const uint64_t spilled = GlobalMetrics().spill_bytes[static_cast<int>(Tier::kDisk)].load() - spilled_before;
+    EXPECT_EQ(spilled, d == Durability::kDurable ? 0u : 40 * kPayload);
+    // Reading through (Snapshot does) does not move them; fetching does, and counts.
+    std::vector<float> got(kRows * kDim);
+    ASSERT_TRUE(m->ReadPayload(ids[3], got.data()).ok());
+    EXPECT_EQ(0, std::memcmp(got.data(), b.Payload(3), kPayload));
+    EXPECT_EQ(m->BlockTier(ids[3]), Tier::kDisk);
+    const std::vector<uint64_t> want = {ids[5], ids[17], ids[39]};
+    const uint64_t fetched = s->Stats().fetched_blocks;
+    ASSERT_TRUE(s->FetchMemoryBlocks(want).ok());
+    EXPECT_EQ(s->Stats().fetched_blocks, fetched + 3);
+    EXPECT_EQ(CountMemTier(s, want, Tier::kDevice), 3u);
+    EXPECT_EQ(CountMemTier(s, ids, Tier::kDisk), 37u);
+    EXPECT_EQ(m->disk_bytes(), 37 * kPayload);
+    for (size_t i : {size_t{5}, size_t{17}, size_t{39}}) {
+      ASSERT_TRUE(m->ReadPayload(ids[i], got.data()).ok());
+      EXPECT_EQ(0, std::memcmp(got.data(), b.Payload(i), kPayload)) << "block " << i;
+    }
+    // Evicting a fetched block again writes nothing: its RocksDB copy is still valid.
+    const uint64_t spilled_again = GlobalMetrics().spill_bytes[static_cast<int>(Tier::kDisk)].load();
+    s->EvictAll(Tier::kDisk);
+    EXPECT_EQ(GlobalMetrics().spill_bytes[static_cast<int>(Tier::kDisk)].load(), spilled_again);
+    ASSERT_TRUE(s->FetchMemoryBlocks(ids).ok());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      ASSERT_TRUE(m->ReadPayload(ids[i], got.data()).ok());
+      EXPECT_EQ(0, std::memcmp(got.data(), b.Payload(i), kPayload)) << "block " << i;
+    }
+    EXPECT_EQ(m->disk_bytes(), 0u);
+  }
+}
+
+// Under pool pressure payloads are evicted least recently selected first, with chunk blocks:
+// payloads read since the put outlive the ones nobody read.
+TEST_F(TiersTest, PoolPressureEvictsLeastRecentlySelectedMemoryBlocksFirst) {
+  MakePool(4ull << 20, 0);  // device only: evicted blocks go to RocksDB
+  Session* s = NewWithMemory(80, Durability::kEphemeral);
+  std::mt19937_64 rng(32);
+  const MemBlocks b = MakeMem(rng, 200);  // 800 KiB
+  const std::vector<uint64_t> ids = PutMem(s, b);
+  ASSERT_EQ(ids.size(), 200u);
+  // The last 50 are read after the put (they stay resident: only their recency changes).
+  const std::vector<uint64_t> unread(ids.begin(), ids.begin() + 150), read(ids.begin() + 150, ids.end());
+  ASSERT_TRUE(s->FetchMemoryBlocks(read).ok());
+  // K/V (newer still) until the full pool has to evict.
+  for (int i = 0; i < 100 && s->Stats().evicted_blocks == 0; ++i) ASSERT_TRUE(Append(s, rng, 100).ok());
+  ASSERT_GT(s->Stats().evicted_blocks, 0u);
+  const uint64_t unread_out = unread.size() - CountMemTier(s, unread, Tier::kDevice);
+  const uint64_t read_out = read.size() - CountMemTier(s, read, Tier::kDevice);
+  EXPECT_GT(unread_out, 0u);
+  // None of the recently read ones left while an unread one is still resident, and no chunk
+  // block (sealed after both) left before every payload had.
+  if (read_out > 0) {
+    EXPECT_EQ(unread_out, unread.size());
+  }
+  if (CountTier(s, Tier::kDisk) > 0) {
+    EXPECT_EQ(unread_out + read_out, ids.size());
+  }
+  EXPECT_GE(s->Stats().disk_bytes, unread_out * kPayload);
+  // And they come back, unchanged, when read.
+  ASSERT_TRUE(s->FetchMemoryBlocks(unread).ok());
+  EXPECT_EQ(CountMemTier(s, unread, Tier::kDevice), unread.size());
+  std::vector<float> got(kRows * kDim);
+  for (size_t i = 0; i < ids.size(); i += 7) {
+    ASSERT_TRUE(s->memory()->ReadPayload(ids[i], got.data()).ok());
+    EXPECT_EQ(0, std::memcmp(got.data(), b.Payload(i), kPayload)) << "block " << i;
+  }
+}
+
+// Snapshots carry memory blocks (ids, spans, labels, gate keys, payloads from whatever tier,
+// the next id); Restore brings them back, durable targets store them under their own id.
+TEST_F(TiersTest, SnapshotCarriesMemoryBlocks) {
+  std::mt19937_64 rng(33);
+  Session* s = NewWithMemory(90, Durability::kEphemeral);
+  ASSERT_TRUE(Append(s, rng, 300).ok());
+  const MemBlocks b = MakeMem(rng, 30);
+  const std::vector<uint64_t> ids = PutMem(s, b);
+  const std::vector<uint64_t> dropped = {ids[3], ids[4]};
+  ASSERT_TRUE(s->memory()->Drop(dropped).ok());
+  s->EvictAll(Tier::kDisk);  // the image reads payloads from RocksDB
+  ASSERT_GT(s->memory()->disk_bytes(), 0u);
+  const uint64_t next_id = s->memory()->next_id();
+  ASSERT_TRUE(WriteSnapshot(store_.get(), *s, "with-memory").ok());
+  PutMem(s, MakeMem(rng, 5));  // after the snapshot: not in it
+  auto check = [&](Session* r) {
+    MemoryStore* m = r->memory();
+    ASSERT_NE(m, nullptr);
+    EXPECT_EQ(m->blocks(), 28u);
+    EXPECT_EQ(m->next_id(), next_id);
+    std::vector<float> got(kRows * kDim);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (i == 3 || i == 4) {
+        EXPECT_EQ(m->Info(ids[i]).status().code(), StatusCode::kNotFound);
+        continue;
+      }
+      auto info = m->Info(ids[i]);
+      ASSERT_TRUE(info.ok()) << info.status().ToString();
+      EXPECT_EQ((*info)->span_start, b.starts[i]);
+      EXPECT_EQ((*info)->span_end, b.ends[i]);
+      EXPECT_EQ((*info)->label, "b" + std::to_string(b.starts[i]));
+      auto key = m->GateKey(ids[i]);
+      ASSERT_TRUE(key.ok());
+      EXPECT_EQ(0, std::memcmp(*key, &b.keys[i * kGate], kGate * sizeof(float)));
+      ASSERT_TRUE(m->ReadPayload(ids[i], got.data()).ok());
+      EXPECT_EQ(0, std::memcmp(got.data(), b.Payload(i), kPayload)) << "block " << i;
+    }
+  };
+  for (Durability d : {Durability::kEphemeral, Durability::kDurable}) {
+    auto r = RestoreSnapshot(store_.get(), pool_.get(), tiers_.get(), "acme", "with-memory",
+                             91 + static_cast<int>(d), d, SessionOptions{});
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    check(r->get());
+    if (d == Durability::kDurable) {
+      // Its own records hold the blocks: a put after Restore and a restart keep all of them.
+      Session* rs = r->get();
+      rs->BeginMemoryOp();
+      ASSERT_TRUE(rs->memory()->Put(MakeMem(rng, 2).View(), 1u << 20).ok());
+      ASSERT_GT(rs->memory()->next_id(), next_id);
+      r->reset();
+      sessions_.clear();
+      RestoreStats st;
+      auto back = RestoreSessions(store_.get(), pool_.get(), SessionOptions{}, &st, tiers_.get());
+      ASSERT_TRUE(back.ok());
+      bool found = false;
+      for (auto& one : *back) {
+        if (one.id != 92) continue;
+        found = true;
+        ASSERT_TRUE(one.status.ok()) << one.status.ToString();
+        EXPECT_EQ(one.session->memory()->blocks(), 30u);
+        EXPECT_EQ(one.session->memory()->next_id(), next_id + 2);
+      }
+      EXPECT_TRUE(found);
+    }
+  }
+}
+
+// Drop (and TTL expiry, which drops) frees memory blocks in every tier: pool, host budget
+// and the spilled records.
+TEST_F(TiersTest, DroppingASessionFreesItsMemoryBlocksInEveryTier) {
+  MakePool(64ull << 20, 256ull << 10);
+  ASSERT_TRUE(store_->Compact().ok());
+  const uint64_t disk_base = store_->LiveDataBytes();
+  std::mt19937_64 rng(34);
+  Session* s = NewWithMemory(95, Durability::kEphemeral);
+  const MemBlocks b = MakeMem(rng, 200);  // 800 KiB: some go to the 256 KiB host tier
+  const std::vector<uint64_t> ids = PutMem(s, b);
+  s->EvictAll(Tier::kHost);
+  const uint64_t on_host = CountMemTier(s, ids, Tier::kHost);
+  EXPECT_GT(on_host, 0u);
+  EXPECT_GT(CountMemTier(s, ids, Tier::kDisk), 0u);  // host full: straight to RocksDB
+  EXPECT_GT(tiers_->host_used(), 0u);
+  std::string payload;
+  const auto disk_id = *std::find_if(ids.begin(), ids.end(), [&](uint64_t id) {
+    return s->memory()->BlockTier(id) == Tier::kDisk;
+  });
+  ASSERT_TRUE(store_->GetMemorySpill("acme", 95, disk_id, &payload).ok());
+  // Dropping single blocks frees their tier too.
+  const std::vector<uint64_t> drop = {disk_id};
+  ASSERT_TRUE(s->memory()->Drop(drop).ok());
+  EXPECT_EQ(store_->GetMemorySpill("acme", 95, disk_id, &payload).code(), StatusCode::kNotFound);
+  sessions_.clear();
+  EXPECT_EQ(pool_->allocator().allocated_bytes(), 0u);
+  EXPECT_EQ(pool_->allocator().live_blocks(), 0u);
+  EXPECT_EQ(tiers_->host_used(), 0u);
+  ASSERT_TRUE(store_->Compact().ok());
+  EXPECT_LE(store_->LiveDataBytes(), disk_base + 64 * 1024);
+  EXPECT_EQ(store_->GetMemorySpill("acme", 95, ids[0], &payload).code(), StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -568,5 +568,76 @@ TEST_F(MemoryTest, CorruptStoredBlockIsNamedAndOtherSessionsServe) {
   EXPECT_EQ(client_->ListMemoryBlocks(41)->total_blocks, 0u);
 }
 
+// Issue 5: blocks live in the same tiers and quotas as chunks. A put is admitted against the
+// tenant quota like AppendKV: refused (RESOURCE_EXHAUSTED naming the quota) when eviction
+// cannot make room, admitted when evicting the tenant's least recently selected payloads
+// can; evicted payloads are counted in the tier stats and come back, unchanged, when
+// GetMemoryBlocks / SelectMemory return them.
+TEST_F(MemoryTest, PutsAreAdmittedAgainstTheQuotaAndEvictedPayloadsComeBack) {
+  const auto cfg = dir_ / "kvmemd.json";
+  std::ofstream(cfg) << R"({"tenant_memory_quota": "64KiB"})";
+  Start({"--config", cfg.string()});
+  auto id = client_->CreateSession(Prof(), WithMemory());
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  std::mt19937_64 rng(21);
+  const uint64_t pb = uint64_t{kRows} * kDm * 4;  // 64 bytes, one 64-byte pool slot each
+  // 2000 payloads in one put (125 KiB): more than the quota with nothing to evict.
+  const Blocks all = MakeBlocks(rng, 2000, 0);
+  auto big = Put(*id, all);
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), StatusCode::kResourceExhausted) << big.status().ToString();
+  EXPECT_NE(big.status().message().find("over its memory quota"), std::string::npos)
+      << big.status().message();
+  EXPECT_EQ(client_->SessionInfo(*id)->memory_blocks, 0u);
+  // The same blocks in puts of 100: each one evicts the oldest payloads (spilled to RocksDB).
+  std::vector<uint64_t> ids;
+  for (uint32_t p = 0; p < 20; ++p) {
+    Blocks part;
+    part.keys.assign(all.keys.begin() + p * 100 * kDg, all.keys.begin() + (p + 1) * 100 * kDg);
+    part.payloads.assign(all.payloads.begin() + p * 100 * kRows * kDm,
+                         all.payloads.begin() + (p + 1) * 100 * kRows * kDm);
+    part.starts.assign(all.starts.begin() + p * 100, all.starts.begin() + (p + 1) * 100);
+    part.ends.assign(all.ends.begin() + p * 100, all.ends.begin() + (p + 1) * 100);
+    part.labels.assign(all.labels.begin() + p * 100, all.labels.begin() + (p + 1) * 100);
+    auto r = Put(*id, part);
+    ASSERT_TRUE(r.ok()) << "put " << p << ": " << r.status().ToString();
+    ids.insert(ids.end(), r->ids.begin(), r->ids.end());
+  }
+  auto info = client_->SessionInfo(*id);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->memory_blocks, 2000u);
+  EXPECT_LE(info->bytes, 64u << 10);
+  EXPECT_GT(info->evicted_blocks, 0u);
+  EXPECT_GT(info->disk_bytes, 0u);
+  EXPECT_EQ(info->host_bytes, 0u);  // no host tier configured: evicted payloads went to RocksDB
+  EXPECT_GE(info->memory_bytes + info->disk_bytes, 2000 * pb);
+  // The first 100 were evicted first (least recently used); reading them fetches them back.
+  const uint64_t fetched_before = info->fetched_blocks;
+  auto got = client_->GetMemoryBlocks(*id, std::span(ids.data(), 100), /*return_gate_keys=*/true);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ASSERT_EQ(got->payloads.size(), 100 * pb);
+  EXPECT_EQ(0, std::memcmp(got->payloads.data(), all.payloads.data(), 100 * pb));
+  EXPECT_EQ(got->gate_keys, std::vector<float>(all.keys.begin(), all.keys.begin() + 100 * kDg));
+  info = client_->SessionInfo(*id);
+  EXPECT_GE(info->fetched_blocks, fetched_before + 100);
+  // Selections return the exact top-k with their payloads, from whatever tier held them.
+  std::map<uint64_t, size_t> live;
+  for (size_t i = 0; i < ids.size(); ++i) live[ids[i]] = i;
+  for (int i = 0; i < 10; ++i) {
+    const std::vector<float> q = Query(rng, all);
+    auto sel = Select(*id, q, 8, MemoryGate::kTreeExact);
+    ASSERT_TRUE(sel.ok()) << sel.status().ToString();
+    EXPECT_EQ(sel->ids, Reference(all, live, q, 8));
+    for (size_t j = 0; j < sel->ids.size(); ++j) {
+      EXPECT_EQ(0, std::memcmp(sel->payloads.data() + j * pb,
+                               &all.payloads[live.at(sel->ids[j]) * kRows * kDm], pb));
+    }
+  }
+  // The next put evicts back under the quota (reads may exceed it, writes may not).
+  auto more = Put(*id, MakeBlocks(rng, 10, 1u << 30));
+  ASSERT_TRUE(more.ok()) << more.status().ToString();
+  EXPECT_LE(client_->SessionInfo(*id)->bytes, 64u << 10);
+}
+
 }  // namespace
 }  // namespace kvmem
