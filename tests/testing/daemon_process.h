@@ -80,8 +80,9 @@ class DaemonProcess {
       std::perror("execv kvmemd");
       ::_exit(127);
     }
-    // Ready when a client can connect.
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    // Ready when a client can connect. Generous: a restart that replays a durable store can
+    // take several seconds on a loaded 2-core CI machine (the durability tests flaked at 10 s).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     while (std::chrono::steady_clock::now() < deadline) {
       client::ClientOptions o;
       o.connect_timeout_ms = 300;
