@@ -15,9 +15,11 @@ namespace {
 
 // UCX's memory hooks (UCX_MEM_EVENTS) patch mmap/munmap/brk/shmat relocations to track
 // registered memory; ASan and TSan intercept the same functions, and with both in place UCX 1.13
-// crashes or hangs at ucp_init. kvmem registers no user memory with UCX, so it needs no memory
-// events. Set before main() so that every ucp_init in the process sees it; an explicit setting
-// in the environment wins.
+// can crash or hang. kvmem registers no user memory with UCX, so it needs no memory events.
+// UCM reads the variable when libucs loads, before this constructor runs, so setting it here
+// reaches the processes this one starts (kvmemd spawned by a test), not this one: ctest sets it
+// for the test processes (tests/CMakeLists.txt); set it yourself for a sanitized kvmemd started
+// by hand. An explicit setting in the environment wins.
 __attribute__((constructor)) void NoUcxMemoryHooksUnderSanitizers() {
   setenv("UCX_MEM_EVENTS", "no", /*overwrite=*/0);
 }
