@@ -49,8 +49,14 @@ Result<size_t> MaxAmHeader(ucp_worker_h worker);
 // Waits for a request returned by a *_nbx call, progressing the worker. Releases it.
 Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_view what);
 
-// Closes an endpoint: flush (or force) and progress until done, bounded by timeout_ms.
-void CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms = 1000);
+// Closes an endpoint: flush (or force) and progress until done, bounded by timeout_ms. A
+// forced close that UCX refuses (the endpoint is not in UCP_ERR_HANDLING_MODE_PEER) is done by
+// flush instead; `forced` says which happened. The endpoint handle is invalid afterwards.
+struct CloseResult {
+  ucs_status_t status = UCS_OK;  // of the close; UCS_ERR_TIMED_OUT when timeout_ms passed
+  bool forced = false;
+};
+CloseResult CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms = 1000);
 
 // "host:port" -> sockaddr_storage. Resolves names (first IPv4/IPv6 result).
 Status ParseHostPort(std::string_view text, std::string* host, uint16_t* port);
