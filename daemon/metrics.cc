@@ -167,7 +167,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_attend_phase_seconds",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
-          "kvmem_ucx_endpoints_flush_closed_total",
+          "kvmem_ucx_endpoints_left_open_total",
           "kvmem_requests_inflight",
           "kvmem_receive_buffers_retained_bytes",
           "kvmem_messages_rejected_total",
@@ -288,11 +288,11 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Sample("kvmem_ucx_endpoints_open", "", ld(tc ? &tc->connections_open : nullptr));
   wr.Family("kvmem_ucx_endpoints_accepted_total", "counter", "UCX endpoints accepted.");
   wr.Sample("kvmem_ucx_endpoints_accepted_total", "", ld(tc ? &tc->connections_accepted : nullptr));
-  wr.Family("kvmem_ucx_endpoints_flush_closed_total", "counter",
-            "Failed client endpoints closed by flush because UCX refused a forced close "
-            "(error handling mode none).");
-  wr.Sample("kvmem_ucx_endpoints_flush_closed_total", "",
-            ld(tc ? &tc->endpoints_closed_flush : nullptr));
+  wr.Family("kvmem_ucx_endpoints_left_open_total", "counter",
+            "Failed client endpoints UCX would not force-close (error handling mode none); "
+            "each stays allocated until kvmemd exits.");
+  wr.Sample("kvmem_ucx_endpoints_left_open_total", "",
+            ld(tc ? &tc->endpoints_left_open : nullptr));
   wr.Family("kvmem_requests_inflight", "gauge",
             "Requests received and not yet answered (data still arriving, queued or executing).");
   wr.Sample("kvmem_requests_inflight", "", ld(tc ? &tc->requests_inflight : nullptr));

@@ -553,7 +553,10 @@ void UcxServer::ProgressAll() {
   for (auto& c : dead_) {
     if (c->ep) {
       const ucx::CloseResult r = ucx::CloseEndpoint(worker_.get(), c->ep, /*force=*/true, 100);
-      if (!r.forced) counters_.endpoints_closed_flush++;
+      // UCS_ERR_INVALID_PARAM: UCX refused the forced close (error mode none) and the endpoint
+      // stays allocated until the worker is destroyed; closing it by flush is not safe
+      // (wire/ucx.h). Counted, so the cost of mode none is visible.
+      if (r.status == UCS_ERR_INVALID_PARAM) counters_.endpoints_left_open++;
       if (r.status != UCS_OK) {
         KVMEM_LOG_DEBUG("connection {}: close: {}", c->id, ucs_status_string(r.status));
       }

@@ -48,7 +48,7 @@ struct TransportCounters {
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
   std::atomic<uint64_t> requests_inflight{0};      // received, not yet answered
-  std::atomic<uint64_t> endpoints_closed_flush{0};  // failed endpoints closed by flush (below)
+  std::atomic<uint64_t> endpoints_left_open{0};     // failed, forced close refused (mode none)
 };
 
 // Receive buffers of 64 KiB and more are kept for reuse, up to 256 MiB in all (transport.cc).

@@ -81,17 +81,7 @@ CloseResult CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int time
   param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   param.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
   ucs_status_ptr_t req = ucp_ep_close_nbx(ep, &param);
-  if (force && UCS_PTR_IS_ERR(req) && UCS_PTR_STATUS(req) == UCS_ERR_INVALID_PARAM) {
-    // UCX refuses FORCE on an endpoint not created with UCP_ERR_HANDLING_MODE_PEER, before
-    // touching it: the endpoint would stay open (its lanes, and any receive still waiting on
-    // it) until the worker is destroyed. Close it by flush instead; a failed endpoint's lanes
-    // fail every operation at once, so the flush ends quickly.
-    result.forced = false;
-    param.flags = 0;
-    req = ucp_ep_close_nbx(ep, &param);
-  } else {
-    result.forced = force;
-  }
+  result.forced = force;
   if (req == nullptr) return result;
   if (UCS_PTR_IS_ERR(req)) {
     result.status = UCS_PTR_STATUS(req);
