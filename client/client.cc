@@ -122,12 +122,16 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   auto* impl = static_cast<Impl*>(arg);
   const auto* h = static_cast<const uint8_t*>(header);
   const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
-  flatbuffers::Verifier v(h, header_length, w::kMaxVerifierDepth, w::kMaxVerifierTables);
+  // UCX hands the header at any address (odd ones included over TCP); FlatBuffers reads its
+  // scalars and vectors assuming the buffer start is aligned (UBSan: misaligned member call in
+  // the verifier). Verify and read an aligned copy, the one the call keeps.
+  std::vector<uint8_t> copy(h, h + header_length);
+  flatbuffers::Verifier v(copy.data(), copy.size(), w::kMaxVerifierDepth, w::kMaxVerifierTables);
   // Unmatched rendezvous data is dropped by returning UCS_OK without receiving it.
   if (header_length < 8 || !w::VerifyEnvelopeBuffer(v)) {
     return UCS_OK;  // not ours to match; a waiting call will time out
   }
-  const uint64_t rid = w::GetEnvelope(h)->request_id();
+  const uint64_t rid = w::GetEnvelope(copy.data())->request_id();
   auto it = impl->calls.find(rid);
   if (it == impl->calls.end()) {
     // Replies without a matching call: request id 0 means the daemon could not read the id
@@ -139,7 +143,7 @@ ucs_status_t Client::Impl::OnReplyAm(void* arg, const void* header, size_t heade
   }
   std::shared_ptr<CallState> call = it->second;
   impl->calls.erase(it);
-  call->header.assign(h, h + header_length);
+  call->header = std::move(copy);
   call->data_bytes = length;
   call->data.reset(static_cast<uint8_t*>(std::aligned_alloc(64, w::AlignUp(length ? length : 1, 64))));
   if (!rndv) {

@@ -62,7 +62,9 @@ Usage: kvmem-stress (--addr HOST:PORT [--pid PID] | --spawn) --clients C --sessi
                           data dir, stop it with SIGTERM at the end (exit status reported)
   --daemon-arg ARG        extra kvmemd argument with --spawn (repeatable)
   --settle SECONDS        idle wait after the sessions are dropped, before each RSS reading
-                          (default 25: kvmemd gives memory back after idle_trim_seconds, 10)
+                          (default 25: kvmemd gives memory back after idle_trim_seconds, 10).
+                          With the admin port known, the wait ends early, 1 s after kvmemd's
+                          next idle trim (kvmem_idle_trims_total)
   --seed N                (default 1)
 Exit status: 0 when there were no unexpected errors and verification passed, 1 otherwise.
 )";
@@ -542,6 +544,32 @@ uint64_t MetricValue(const std::string& text, const std::string& name) {
   return std::strtoull(text.c_str() + at + name.size() + 2, nullptr, 10);
 }
 
+// Waits until the daemon is idle and has given memory back: with the admin port, until the
+// first idle trim after this call (so every RSS reading is taken in the same state: sessions
+// dropped, memtables flushed, retained memory freed, heap trimmed), at most settle_s.
+// Returns whether a trim was seen.
+bool Settle(const Args& a) {
+  auto trims = [&]() -> int64_t {
+    if (a.admin_port == 0) return -1;
+    auto m = testing::HttpGet(a.admin_port, "/metrics");
+    return m.status == 200 ? static_cast<int64_t>(MetricValue(m.body, "kvmem_idle_trims_total")) : -1;
+  };
+  const int64_t before = trims();
+  if (before < 0) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(a.settle_s));
+    return false;
+  }
+  const double deadline = Now() + a.settle_s;
+  while (Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    if (trims() > before) {
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      return true;
+    }
+  }
+  return false;
+}
+
 int Main(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
@@ -606,7 +634,7 @@ int Main(int argc, char** argv) {
   sh.addr = a.addr;
   std::fprintf(stderr, "kvmem-stress: warm-up %.0f s\n", a.warmup_s);
   RunPhase(&sh, a.warmup_s, /*verify=*/true);
-  std::this_thread::sleep_for(std::chrono::duration<double>(a.settle_s));
+  const bool base_trimmed = Settle(a);
   const uint64_t rss_base = ReadRss(a.pid);
   std::fprintf(stderr, "kvmem-stress: baseline RSS %.1f MiB; %d clients, %d sessions, %.0f s\n",
                rss_base / 1048576.0, a.clients, a.sessions, a.duration_s);
@@ -628,7 +656,7 @@ int Main(int argc, char** argv) {
   const double elapsed = Now() - t0;
   done = true;
   sampler.join();
-  std::this_thread::sleep_for(std::chrono::duration<double>(a.settle_s));
+  const bool end_trimmed = Settle(a);
   const uint64_t rss_end = ReadRss(a.pid);
   const uint64_t rss_peak = ReadRss(a.pid, "VmHWM:");
 
@@ -708,6 +736,11 @@ int Main(int argc, char** argv) {
   j["duration_s"] = elapsed;
   j["warmup_s"] = a.warmup_s;
   j["settle_s"] = a.settle_s;
+  j["rss_readings_after_idle_trim"] = base_trimmed && end_trimmed;
+  j["rss_definition"] =
+      "VmRSS of kvmemd, idle, every session dropped: baseline after a warm-up phase at the same "
+      "load, end after the run; each read 1 s after the daemon's first idle trim following the "
+      "phase (kvmem_idle_trims_total) when rss_readings_after_idle_trim, else after settle_s";
   j["clients"] = a.clients;
   j["sessions"] = a.sessions;
   j["mix"] = nlohmann::json::object();

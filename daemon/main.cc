@@ -309,14 +309,17 @@ int main(int argc, char** argv) {
         }
         if (trimmed) continue;  // once per idle period
         trimmed = true;
-        const uint64_t released = alloc.ReleaseRetained();
+        // Flush first: the memtables it frees are then trimmed with the rest.
         if (!flushed) {
           if (Status s = st->Flush(); !s.ok()) KVMEM_LOG_WARN("idle trim: store flush: {}", s.ToString());
           flushed = true;
         }
+        const uint64_t released = alloc.ReleaseRetained();
+        const uint64_t buffers = ReleaseRetainedReceiveBuffers();
         malloc_trim(0);
-        KVMEM_LOG_DEBUG("idle trim: released {} of retained KV slabs, flushed memtables",
-                        FormatBytes(released));
+        GlobalMetrics().idle_trims++;
+        KVMEM_LOG_DEBUG("idle trim: released {} of retained KV slabs and {} of receive "
+                        "buffers, flushed memtables", FormatBytes(released), FormatBytes(buffers));
       }
     });
   }

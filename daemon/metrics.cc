@@ -169,10 +169,14 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_attend_phase_seconds",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
+          "kvmem_ucx_endpoints_left_open_total",
+          "kvmem_requests_inflight",
+          "kvmem_receive_buffers_retained_bytes",
           "kvmem_messages_rejected_total",
           "kvmem_bytes_in_total",
           "kvmem_bytes_out_total",
-          "kvmem_config_reloads_total"};
+          "kvmem_config_reloads_total",
+          "kvmem_idle_trims_total"};
 }
 
 std::string RenderPrometheus(const MetricsSources& src) {
@@ -294,6 +298,17 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Sample("kvmem_ucx_endpoints_open", "", ld(tc ? &tc->connections_open : nullptr));
   wr.Family("kvmem_ucx_endpoints_accepted_total", "counter", "UCX endpoints accepted.");
   wr.Sample("kvmem_ucx_endpoints_accepted_total", "", ld(tc ? &tc->connections_accepted : nullptr));
+  wr.Family("kvmem_ucx_endpoints_left_open_total", "counter",
+            "Failed client endpoints UCX would not force-close (error handling mode none); "
+            "each stays allocated until kvmemd exits.");
+  wr.Sample("kvmem_ucx_endpoints_left_open_total", "",
+            ld(tc ? &tc->endpoints_left_open : nullptr));
+  wr.Family("kvmem_requests_inflight", "gauge",
+            "Requests received and not yet answered (data still arriving, queued or executing).");
+  wr.Sample("kvmem_requests_inflight", "", ld(tc ? &tc->requests_inflight : nullptr));
+  wr.Family("kvmem_receive_buffers_retained_bytes", "gauge",
+            "Large receive buffers kept for reuse (freed by idle trim).");
+  wr.Sample("kvmem_receive_buffers_retained_bytes", "", RetainedReceiveBufferBytes());
   wr.Family(
       "kvmem_messages_rejected_total", "counter",
       "Messages refused before reaching a handler (malformed, too large, overload, shutdown).");
@@ -307,6 +322,9 @@ std::string RenderPrometheus(const MetricsSources& src) {
             m.reloads_ok.load(std::memory_order_relaxed));
   wr.Sample("kvmem_config_reloads_total", "result=\"failed\"",
             m.reloads_failed.load(std::memory_order_relaxed));
+  wr.Family("kvmem_idle_trims_total", "counter",
+            "Idle trims completed (retained memory released after idle_trim_seconds idle).");
+  wr.Sample("kvmem_idle_trims_total", "", m.idle_trims.load(std::memory_order_relaxed));
   return wr.Take();
 }
 

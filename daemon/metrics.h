@@ -87,6 +87,7 @@ struct DaemonMetrics {
   // Config reloads (SIGHUP), by outcome.
   std::atomic<uint64_t> reloads_ok{0};
   std::atomic<uint64_t> reloads_failed{0};
+  std::atomic<uint64_t> idle_trims{0};  // completed idle trims (daemon/main.cc)
 
   void RecordRequest(int op, std::chrono::nanoseconds latency_ns, int code);
 };

@@ -55,7 +55,15 @@ struct TransportCounters {
   std::atomic<uint64_t> connections_rejected{0};  // over max_connections
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
+  std::atomic<uint64_t> requests_inflight{0};      // received, not yet answered
+  std::atomic<uint64_t> endpoints_left_open{0};     // failed, forced close refused (mode none)
 };
+
+// Receive buffers of 64 KiB and more are kept for reuse, up to 256 MiB in all (transport.cc).
+// ReleaseRetainedReceiveBuffers frees the ones not in use and returns their bytes (idle trim);
+// both are thread-safe.
+uint64_t ReleaseRetainedReceiveBuffers();
+uint64_t RetainedReceiveBufferBytes();
 
 class UcxServer {
  public:
@@ -123,7 +131,6 @@ class UcxServer {
   std::vector<std::pair<std::unique_ptr<Inbound>, std::unique_ptr<Reply>>> outbound_;  // out_mu_
   std::atomic<bool> outbound_pending_{false};
 
-  std::atomic<uint64_t> inflight_{0};
   std::atomic<uint64_t> sends_outstanding_{0};
   std::atomic<bool> stopping_{false};
   std::atomic<bool> poll_exit_{false};

@@ -13,6 +13,9 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev nlohmann-json3-dev
   systemd python3 python3-dev python3-venv python3-pip
+  # Sanitized builds and libFuzzer (make asan / fuzz / tsan): clang 14, its sanitizer and
+  # libFuzzer runtimes (not pulled in by clang without recommends), llvm-symbolizer for reports.
+  clang libclang-rt-14-dev llvm
 
 )
 

@@ -151,6 +151,12 @@ Result<const uint8_t*> ResolveTensor(const Parsed& msg, const Tensor* t, std::st
                                                                         : dtypes[0]));
   }
   const auto* s = t->shape();
+  // The verifier checks a vector's length field (4-byte aligned), not its 8-byte elements; a
+  // crafted buffer can place the shape at an address that is not 8-byte aligned, and reading it
+  // is then a misaligned load (found by fuzz_dispatch in CI, UBSan). Builders align it.
+  if (s != nullptr && reinterpret_cast<uintptr_t>(s->data()) % alignof(uint64_t) != 0) {
+    return InvalidArgument("tensor '" + n + "' has a misaligned shape vector");
+  }
   const size_t rank = s ? s->size() : 0;
   auto shape_str = [&](auto get, size_t r) {
     std::string out = "[";
@@ -181,6 +187,13 @@ Result<const uint8_t*> ResolveTensor(const Parsed& msg, const Tensor* t, std::st
     return InvalidArgument("tensor '" + n + "' at offset " + std::to_string(t->offset()) + " + " +
                            std::to_string(t->bytes()) + " bytes exceeds the " +
                            std::to_string(msg.tensor_bytes) + " data bytes received");
+  }
+  // The tensor region starts 64-byte aligned and every reader loads whole elements (found by
+  // fuzz_dispatch: a bf16 tensor at an odd offset made the non-finite check load misaligned).
+  if (t->offset() % WireDTypeSize(t->dtype()) != 0) {
+    return InvalidArgument("tensor '" + n + "' at offset " + std::to_string(t->offset()) +
+                           " is not aligned to its " + std::to_string(WireDTypeSize(t->dtype())) +
+                           "-byte elements");
   }
   if (expect == 0) return static_cast<const uint8_t*>(nullptr);
   return msg.tensors + t->offset();

@@ -81,21 +81,31 @@ Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_vi
   return FromUcs(st, what);
 }
 
-void CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms) {
+CloseResult CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms) {
+  CloseResult result;
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   param.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
   ucs_status_ptr_t req = ucp_ep_close_nbx(ep, &param);
-  if (req == nullptr || UCS_PTR_IS_ERR(req)) return;
+  result.forced = force;
+  if (req == nullptr) return result;
+  if (UCS_PTR_IS_ERR(req)) {
+    result.status = UCS_PTR_STATUS(req);
+    return result;
+  }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (ucp_request_check_status(req) == UCS_INPROGRESS) {
+  ucs_status_t st;
+  while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS) {
     ucp_worker_progress(worker);
     if (std::chrono::steady_clock::now() > deadline) {
       ucp_request_cancel(worker, req);
+      st = UCS_ERR_TIMED_OUT;
       break;
     }
   }
   ucp_request_free(req);
+  result.status = st;
+  return result;
 }
 
 Status ParseHostPort(std::string_view text, std::string* host, uint16_t* port) {

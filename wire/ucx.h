@@ -55,7 +55,16 @@ Result<size_t> MaxAmHeader(ucp_worker_h worker);
 Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_view what);
 
 // Closes an endpoint: flush (or force) and progress until done, bounded by timeout_ms.
-void CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms = 1000);
+// UCX 1.13 refuses a forced close (UCS_ERR_INVALID_PARAM, endpoint untouched and still open)
+// unless the endpoint uses UCP_ERR_HANDLING_MODE_PEER. Do not fall back to a flush close for a
+// failed endpoint in mode NONE: the peer addresses it by pointer, and a message of the vanished
+// peer still in flight (a rendezvous RTS) then hits freed memory (kvmem-stress crashed kvmemd
+// with "ucp_am_rndv_process_rts: Assertion (*ep_p)->worker == worker failed").
+struct CloseResult {
+  ucs_status_t status = UCS_OK;  // of the close; UCS_ERR_TIMED_OUT when timeout_ms passed
+  bool forced = false;           // asked for a forced close
+};
+CloseResult CloseEndpoint(ucp_worker_h worker, ucp_ep_h ep, bool force, int timeout_ms = 1000);
 
 // "host:port" -> sockaddr_storage. Resolves names (first IPv4/IPv6 result).
 Status ParseHostPort(std::string_view text, std::string* host, uint16_t* port);
