@@ -26,7 +26,8 @@ text of the model's context length) compares greedy answers of dense and kvmemd 
 Text: --split eval (default) is the GPL-3 text Debian ships in base-files; --split tune is other
 licence texts from the same directory, for choosing settings without touching the evaluation
 text. --variants FILE runs extra index-mode settings (kvmemd config session_defaults and
-session options) in the same windows; --merge adds results of another run of the same windows.
+session options) in the same windows; --merge-only A.json B.json combines runs of the same
+windows and settings (e.g. budgets run in parallel) into one report and plot.
 No network access is needed.
 
   tools/eval_fidelity.py --json bench/results/fidelity.json --plot bench/results/fidelity.png
@@ -449,6 +450,8 @@ def hf_boundaries(tok, ids):
 
 def hf_windows(n_ids: int, context: int, positions: int, tokens: int) -> list[int]:
     """Decode start positions, evenly spread over the text (each after a full context)."""
+    if positions == 0:  # no decode windows (e.g. a passkey-only run)
+        return []
     last = n_ids - tokens - 1
     if last < context:
         raise SystemExit(f"text too short: {n_ids} tokens for a {context}-token context and "
@@ -535,7 +538,7 @@ def main_hf(args) -> int:
     text_name, text = split_text(args)
     ids = tok(text, add_special_tokens=False).input_ids
     starts = hf_windows(len(ids), args.context, args.positions, args.decode_tokens)
-    budgets = [float(x) for x in args.budgets.split(",")]
+    budgets = [float(x) for x in args.budgets.split(",") if x]
     methods = [m for m in args.methods.split(",") if m]
     print(f"model {gguf_path.name}: {text_name}, {len(ids)} tokens; windows at {starts}",
           flush=True)
@@ -617,28 +620,7 @@ def main_hf(args) -> int:
         if daemon:
             daemon.stop()
 
-    merged = []
-    for path in args.merge or []:
-        other = json.loads(pathlib.Path(path).read_text())
-        for key, want in (("gguf", gguf_path.name), ("text", text_name), ("tokens", args.context),
-                          ("windows", starts),
-                          ("decode_tokens_per_window", args.decode_tokens),
-                          ("dense_layers", dense_layers), ("sink_tokens", args.sinks),
-                          ("kvmemd_session", {k: v for k, v in kv_opts.items()
-                                              if k != "local_layers"}),
-                          ("kvmemd_args", list(args.kvmemd_arg or ()))):
-            if other.get(key) != want:
-                raise SystemExit(f"--merge {path}: {key} {other.get(key)!r} != {want!r}")
-        merged.append({"file": path, "command": other.get("command"),
-                       "seconds": other.get("seconds")})
-        have = {(r["method"], r["budget_frac"]) for r in other["results"]}
-        per = {k: v for k, v in per.items() if k not in have}  # this run's results win
-        if pk is None:
-            pk = other.get("passkey")
-        merged_results = other["results"]
-        merged[-1]["results"] = merged_results
-
-    dense_cat = np.concatenate(dense_all)
+    dense_cat = np.concatenate(dense_all) if dense_all else np.zeros((0, 1))
     window_of = np.array(window_of)
     results = []
     for (method, frac), r in per.items():
@@ -654,14 +636,9 @@ def main_hf(args) -> int:
         m["seconds"] = round(r["seconds"], 1)
         print(json.dumps({k: v for k, v in m.items() if k != "kl_per_window"}), flush=True)
         results.append(m)
-    for mg in merged:  # results of other runs of the same windows and settings
-        results.extend(mg.pop("results"))
-    order = ["kvmemd-dense", "index", "retrieval_heads", "quest", "oracle", "oracle-page"]
-    results.sort(key=lambda r: (r["budget_frac"], order.index(r["method"].split(":")[0])
-                                if r["method"].split(":")[0] in order else 99, r["method"]))
 
     report = {
-        "model": model.config._name_or_path,
+        "model": gguf_path.stem,
         "gguf": gguf_path.name,
         "backend": "transformers " + __import__("transformers").__version__ + ", torch " +
                    torch.__version__ + " (fp32, CPU); kvmemd CPU backend, fp32 KV",
@@ -680,7 +657,6 @@ def main_hf(args) -> int:
                  "all decoded tokens; budgets are tokens per (layer, KV head) besides sinks and "
                  "tail; dense_layers are attended densely (locally) by every sparse method"),
         "command": " ".join(sys.argv),
-        "merged": merged,
         "results": results,
         "passkey": pk,
         "seconds": round(time.time() - t_start, 1),
@@ -689,6 +665,46 @@ def main_hf(args) -> int:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(report, args.plot)
+    return 0
+
+
+MERGE_KEYS = ("gguf", "split", "text", "tokens", "windows", "decode_tokens_per_window",
+              "dense_layers", "sink_tokens", "kvmemd_session", "kvmemd_args")
+
+
+def merge_reports(paths, out_json, out_plot) -> int:
+    """One report from runs of the same windows and settings (e.g. budgets run in parallel)."""
+    reports = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    base = dict(reports[0])
+    for p, r in zip(paths[1:], reports[1:]):
+        if not r["results"]:  # a passkey-only run: windows do not apply
+            for key in ("gguf", "dense_layers", "sink_tokens", "kvmemd_session", "kvmemd_args"):
+                if r.get(key) != base.get(key):
+                    raise SystemExit(f"{p}: {key} {r.get(key)!r} != {base.get(key)!r}")
+            continue
+        for key in MERGE_KEYS:
+            if r.get(key) != base.get(key):
+                raise SystemExit(f"{p}: {key} {r.get(key)!r} != {base.get(key)!r}")
+    seen, results = set(), []
+    for r in reports:
+        for m in r["results"]:
+            k = (m["method"], m["budget_frac"])
+            if k in seen:
+                raise SystemExit(f"{k} is in more than one report")
+            seen.add(k)
+            results.append(m)
+    order = ["kvmemd-dense", "index", "retrieval_heads", "quest", "oracle", "oracle-page"]
+    results.sort(key=lambda m: (m["budget_frac"], order.index(m["method"].split(":")[0])
+                                if m["method"].split(":")[0] in order else 99, m["method"]))
+    base["results"] = results
+    base["passkey"] = next((r["passkey"] for r in reports if r.get("passkey")), None)
+    base["runs"] = [{"file": p, "command": r.get("command"), "seconds": r.get("seconds")}
+                    for p, r in zip(paths, reports)]
+    base["command"] = " ".join(sys.argv)
+    base["seconds"] = round(sum(r.get("seconds", 0) for r in reports), 1)
+    pathlib.Path(out_json).write_text(json.dumps(base, indent=2) + "\n")
+    if out_plot:
+        plot(base, out_plot)
     return 0
 
 
@@ -719,9 +735,6 @@ def main() -> int:
     ap.add_argument("--methods", default="index,quest,oracle,oracle-page",
                     help="hf: index, retrieval_heads, quest, oracle, oracle-page")
     ap.add_argument("--variants", help="hf: JSON list of index-mode variants (settings sweep)")
-    ap.add_argument("--merge", action="append",
-                    help="hf: add the results of an earlier --json of the same windows and "
-                         "settings (e.g. other budgets run in parallel); repeatable")
     ap.add_argument("--no-check-dense", dest="check_dense", action="store_false",
                     help="hf: skip the kvmemd dense-mode plumbing check")
     ap.add_argument("--dense-layers", default="0,1")
@@ -736,7 +749,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (hf)")
     ap.add_argument("--kvmemd-arg", action="append", help="extra kvmemd argument (repeatable)")
     ap.add_argument("--address", help="use a running kvmemd instead of starting one")
+    ap.add_argument("--merge-only", nargs="+", metavar="JSON",
+                    help="write --json (and --plot) from these runs of the same windows and "
+                         "settings (e.g. budgets run in parallel), running nothing")
     args = ap.parse_args()
+    if args.merge_only:
+        return merge_reports(args.merge_only, args.json, args.plot)
     # SIGTERM unwinds like Ctrl-C, so the kvmemd started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.backend == "numpy":
@@ -766,6 +784,12 @@ def plot(report, path):
         x = [r["budget_frac"] for r in rs]
         axes[0].plot(x, [r["kl"] for r in rs], styles[method], label=labels[method])
         axes[1].plot(x, [100 * r["top1_agree"] for r in rs], styles[method], label=labels[method])
+    for method in sorted({r["method"] for r in report["results"] if ":" in r["method"]}):
+        rs = sorted((r for r in report["results"] if r["method"] == method),
+                    key=lambda r: r["budget_frac"])
+        x = [r["budget_frac"] for r in rs]
+        axes[0].plot(x, [r["kl"] for r in rs], "x", label=method)
+        axes[1].plot(x, [100 * r["top1_agree"] for r in rs], "x", label=method)
     axes[0].axhline(0.02, color="grey", ls=":", lw=0.8, label="target 0.02")
     axes[1].axhline(97, color="grey", ls=":", lw=0.8, label="target 97%")
     for ax in axes:
@@ -776,7 +800,7 @@ def plot(report, path):
     axes[1].set_ylabel("top-1 agreement with dense, %")
     n = report.get("decode_tokens")
     fig.suptitle(f"{report['model']}, {report['tokens']}-token context, {n} decoded tokens")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
