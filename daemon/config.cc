@@ -243,6 +243,33 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
           else if (r == "mean") o.retrieval.pooling = kernels::BlockPool::kMean;
           else s = InvalidArgument("config: retrieval_block_pooling must be max or mean");
         }
+        else if (d.key() == "search_aggregation") {
+          // How a KV head's GQA group of queries scores a node (index mode).
+          const std::string r = d.value().is_string() ? d.value().get<std::string>() : "";
+          if (r == "mean_query") o.search.aggregation = index::GroupAggregation::kMeanQuery;
+          else if (r == "max_bound") o.search.aggregation = index::GroupAggregation::kMaxBound;
+          else s = InvalidArgument("config: search_aggregation must be mean_query or max_bound");
+        } else if (d.key() == "search_traversal") {
+          const std::string r = d.value().is_string() ? d.value().get<std::string>() : "";
+          if (r == "best_first") o.search.traversal = index::BudgetTraversal::kBestFirst;
+          else if (r == "levelwise") o.search.traversal = index::BudgetTraversal::kLevelwise;
+          else s = InvalidArgument("config: search_traversal must be best_first or levelwise");
+        } else if (d.key() == "search_node_radius_weight" ||
+                   d.key() == "search_chunk_radius_weight") {
+          if (!d.value().is_number() || !(d.value().get<double>() >= 0.0) ||
+              !(d.value().get<double>() <= 1.0)) {
+            s = InvalidArgument("config: " + d.key() + " must be a number in [0, 1]");
+          } else if (d.key() == "search_node_radius_weight") {
+            o.search.node_radius_weight = d.value().get<float>();
+          } else {
+            o.search.chunk_radius_weight = d.value().get<float>();
+          }
+        } else if (d.key() == "search_rescore_overfetch") {
+          if (!d.value().is_number()) s = InvalidArgument("config: search_rescore_overfetch must be a number");
+          else o.rescore_overfetch = d.value().get<float>();
+        } else if (d.key() == "tree_levels") s = u32(d.value(), d.key(), &o.tree.levels);
+        else if (d.key() == "tree_fine_cluster_chunks") s = u32(d.value(), d.key(), &o.tree.fine_cluster_chunks);
+        else if (d.key() == "tree_min_chunks_to_cluster") s = u32(d.value(), d.key(), &o.tree.min_chunks_to_cluster);
         else s = InvalidArgument("config: unknown key session_defaults." + d.key());
       }
     } else {

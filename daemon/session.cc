@@ -119,6 +119,9 @@ Status ValidateOptions(const SessionOptions& o) {
   KVMEM_RETURN_IF_ERROR(index::Chunker::Validate(o.chunker).WithContext("options"));
   KVMEM_RETURN_IF_ERROR(index::ClusterTree::Validate(o.tree).WithContext("options"));
   KVMEM_RETURN_IF_ERROR(ValidateMemoryOptions(o.memory).WithContext("options"));
+  if (!(o.rescore_overfetch >= 1.0f && o.rescore_overfetch <= 64.0f)) {
+    return InvalidArgument("options: rescore_overfetch must be in [1, 64]");
+  }
   if (static_cast<uint8_t>(o.mode) > static_cast<uint8_t>(SelectionMode::kHybrid)) {
     return InvalidArgument("options: unknown selection mode " +
                            std::to_string(static_cast<int>(o.mode)));
@@ -514,6 +517,7 @@ bool Session::UseDeviceSearch() const {
   return DeviceSearchEnabled() && pool_->has_device_search() &&
          so.traversal == index::BudgetTraversal::kBestFirst &&
          so.aggregation == index::GroupAggregation::kMeanQuery &&
+         options_.rescore_overfetch <= 1.0f &&
          options_.tree.levels <= kernels::kTreeSearchMaxLevels;
 }
 
@@ -677,15 +681,24 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   out->assign(H, HeadSelection{});
   std::vector<Status> status(H);
   std::vector<index::SearchCost> cost(H);
+  const bool rescore = options_.rescore_overfetch > 1.0f;
+  const uint32_t search_budget =
+      rescore ? static_cast<uint32_t>(std::min<double>(
+                    double{budget} * options_.rescore_overfetch, double{UINT32_MAX}))
+              : budget;
   // KV heads are independent trees: search them in parallel when a pool is configured.
   auto search = [&](uint32_t h) {
     if (only != nullptr && !(*only)[h]) return;
     const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
     std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-    auto sel = tree.SearchBudget(group, budget, so);
+    auto sel = tree.SearchBudget(group, search_budget, so);
     if (!sel.ok()) {
       status[h] = sel.status();
       return;
+    }
+    if (rescore) {
+      status[h] = RescoreByMass(layer, h, group, budget, &*sel);
+      if (!status[h].ok()) return;
     }
     HeadSelection& hs = (*out)[h];
     hs.kv_head = h;
@@ -697,12 +710,76 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     }
     cost[h] = sel->cost;
   };
-  ForEachHead(H, search);
+  // Rescoring may read keys from a colder tier (not safe to run concurrently): sequential then.
+  if (rescore && (!pool_->is_host() || stat_evicted_.load(std::memory_order_relaxed) != 0)) {
+    for (uint32_t h = 0; h < H; ++h) search(h);
+  } else {
+    ForEachHead(H, search);
+  }
   for (uint32_t h = 0; h < H; ++h) {
     KVMEM_RETURN_IF_ERROR(status[h]);
     *nodes += cost[h].nodes_visited;
     *bytes += cost[h].bytes_read;
   }
+  return Status::OK();
+}
+
+Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group,
+                              uint32_t budget, index::Selection* sel) const {
+  const uint32_t D = profile_.head_dim;
+  const uint32_t G = static_cast<uint32_t>(group.size() / D);
+  const uint64_t S = options_.sink_tokens;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  struct Scored {
+    uint32_t chunk;
+    uint32_t counted;  // tokens at or above the sinks (what the budget pays for)
+    float score;       // log attention mass per counted token (unnormalised)
+  };
+  std::vector<Scored> cand;
+  cand.reserve(sel->chunks.size());
+  std::vector<float> keys, logits;
+  for (uint32_t c : sel->chunks) {
+    const Chunk& ch = chunks_[c];
+    const uint64_t first = std::max<uint64_t>(S, ch.start);  // sinks are attended anyway
+    if (first >= ch.start + ch.tokens) continue;
+    keys.resize(size_t{ch.tokens} * D);
+    KVMEM_RETURN_IF_ERROR(KeysAsFloat(layer, h, c, keys.data()));
+    const uint32_t t0 = static_cast<uint32_t>(first - ch.start);
+    logits.clear();
+    for (uint32_t g = 0; g < G; ++g) {
+      const float* q = group.data() + size_t{g} * D;
+      for (uint32_t t = t0; t < ch.tokens; ++t) {
+        const float* k = keys.data() + size_t{t} * D;
+        double dot = 0.0;
+        for (uint32_t d = 0; d < D; ++d) dot += double{q[d]} * k[d];
+        logits.push_back(static_cast<float>(dot * scale));
+      }
+    }
+    const float m = *std::max_element(logits.begin(), logits.end());
+    double sum = 0.0;
+    for (float x : logits) sum += std::exp(double{x} - m);
+    const uint32_t counted = ch.tokens - t0;
+    cand.push_back({c, counted, static_cast<float>(m + std::log(sum) - std::log(double{counted}))});
+  }
+  std::stable_sort(cand.begin(), cand.end(), [](const Scored& a, const Scored& b) {
+    return a.score != b.score ? a.score > b.score : a.chunk < b.chunk;
+  });
+  // Greedy by mass per token; a chunk that does not fit is skipped, smaller ones may still.
+  sel->chunks.clear();
+  sel->scores.clear();
+  sel->tokens = 0;
+  uint64_t remaining = budget;
+  for (const Scored& s : cand) {
+    if (s.counted > remaining) continue;
+    remaining -= s.counted;
+    sel->chunks.push_back(s.chunk);
+    sel->scores.push_back(s.score);
+    sel->tokens += s.counted;
+    if (remaining == 0) break;
+  }
+  uint64_t key_bytes = 0;  // the candidates' keys, read beside the summaries
+  for (const Scored& s : cand) key_bytes += uint64_t{chunks_[s.chunk].tokens} * D * DTypeSize(profile_.dtype);
+  sel->cost.bytes_read += key_bytes;
   return Status::OK();
 }
 

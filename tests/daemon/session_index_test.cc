@@ -25,7 +25,8 @@ struct Fixture {
   uint64_t T = 0;
 };
 
-Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng) {
+Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng,
+             float rescore_overfetch = 1.0f) {
   Fixture f;
   f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
   SessionOptions o;
@@ -33,6 +34,7 @@ Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng) 
   o.sink_tokens = sinks;
   o.recent_window = recent;
   o.default_budget_tokens = 256;
+  o.rescore_overfetch = rescore_overfetch;
   f.session = std::move(*Session::Create(7, "t", {L, HQ, HKV, D, DType::kF32}, o, f.pool.get()));
   // Topic-structured keys: each 200-token segment shares a direction, so selection matters.
   f.T = T;
@@ -173,6 +175,78 @@ TEST(SessionIndex, RetrieveExactMatchesBruteForce) {
       }
     }
   }
+}
+
+TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
+  std::mt19937_64 rng(std::random_device{}());
+  // Overfetch 64 × budget 256 covers all 2500 tokens: every chunk is a candidate, so the
+  // selection must equal a brute-force greedy over all chunks by log(Σ exp(q·k/√D)) − log(n).
+  Fixture f = Make(2500, 0, 0, rng, 64.0f);
+  const uint32_t budget = 256;
+  for (int trial = 0; trial < 12; ++trial) {
+    const uint32_t layer = trial % L;
+    auto q = Query(f, layer, rng() % f.T, rng);
+    auto r = f.session->Retrieve(layer, q.data(), DType::kF32, budget, 0);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    auto all = f.session->Retrieve(layer, q.data(), DType::kF32, 1u << 20, 0);
+    ASSERT_TRUE(all.ok());
+    for (uint32_t h = 0; h < HKV; ++h) {
+      struct Ref {
+        double score;
+        uint32_t chunk, tokens;
+      };
+      std::vector<Ref> ref;
+      const auto& every = all->heads[h];
+      for (size_t i = 0; i < every.chunks.size(); ++i) {
+        std::vector<double> logits;
+        for (uint64_t t = every.starts[i]; t < every.ends[i]; ++t)
+          for (uint32_t g = 0; g < HQ / HKV; ++g) {
+            double dot = 0;
+            for (uint32_t d = 0; d < D; ++d)
+              dot += static_cast<double>(q[(h * (HQ / HKV) + g) * D + d]) *
+                     f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
+            logits.push_back(dot / std::sqrt(double{D}));
+          }
+        const double m = *std::max_element(logits.begin(), logits.end());
+        double sum = 0;
+        for (double x : logits) sum += std::exp(x - m);
+        const uint32_t n = static_cast<uint32_t>(every.ends[i] - every.starts[i]);
+        ref.push_back({m + std::log(sum) - std::log(double{n}), every.chunks[i], n});
+      }
+      std::sort(ref.begin(), ref.end(), [](const Ref& a, const Ref& b) {
+        return a.score != b.score ? a.score > b.score : a.chunk < b.chunk;
+      });
+      std::vector<uint32_t> want;
+      std::vector<double> want_scores;
+      uint32_t left = budget;
+      for (const Ref& x : ref) {
+        if (x.tokens > left) continue;
+        left -= x.tokens;
+        want.push_back(x.chunk);
+        want_scores.push_back(x.score);
+        if (left == 0) break;
+      }
+      EXPECT_EQ(r->heads[h].chunks, want) << "trial " << trial << " head " << h;
+      uint64_t tokens = 0;
+      for (size_t i = 0; i < r->heads[h].chunks.size(); ++i) {
+        tokens += r->heads[h].ends[i] - r->heads[h].starts[i];
+        if (i < want_scores.size())
+          EXPECT_NEAR(r->heads[h].scores[i], want_scores[i], 1e-3 * (1 + std::fabs(want_scores[i])));
+      }
+      EXPECT_LE(tokens, budget);
+      EXPECT_GT(tokens, budget - 40);  // chunks are under 20 tokens: the greedy fill gets close
+    }
+  }
+}
+
+TEST(SessionIndex, RescoreOverfetchIsValidated) {
+  SessionOptions o;
+  o.rescore_overfetch = 0.5f;
+  EXPECT_EQ(ValidateOptions(o).code(), StatusCode::kInvalidArgument);
+  o.rescore_overfetch = 65.0f;
+  EXPECT_EQ(ValidateOptions(o).code(), StatusCode::kInvalidArgument);
+  o.rescore_overfetch = 4.0f;
+  EXPECT_TRUE(ValidateOptions(o).ok());
 }
 
 TEST(SessionIndex, DecodeInIndexModeSealsIntoTheTree) {

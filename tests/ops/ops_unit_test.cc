@@ -154,6 +154,39 @@ TEST(Config, IncludeMergesSecretsFile) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(Config, SessionDefaultsSetIndexSearchAndTree) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kvmem-cfg-search-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "search.json") << R"({"session_defaults": {
+      "search_aggregation": "max_bound", "search_traversal": "levelwise",
+      "search_node_radius_weight": 0.5, "search_chunk_radius_weight": 0,
+      "tree_levels": 1, "tree_fine_cluster_chunks": 8, "tree_min_chunks_to_cluster": 100000}})";
+  DaemonConfig c;
+  Status s = LoadConfigFile((dir / "search.json").string(), &c);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  const SessionOptions& o = c.session_defaults;
+  EXPECT_EQ(o.search.aggregation, index::GroupAggregation::kMaxBound);
+  EXPECT_EQ(o.search.traversal, index::BudgetTraversal::kLevelwise);
+  EXPECT_FLOAT_EQ(o.search.node_radius_weight, 0.5f);
+  EXPECT_FLOAT_EQ(o.search.chunk_radius_weight, 0.0f);
+  EXPECT_EQ(o.tree.levels, 1u);
+  EXPECT_EQ(o.tree.fine_cluster_chunks, 8u);
+  EXPECT_EQ(o.tree.min_chunks_to_cluster, 100000u);
+  EXPECT_TRUE(c.Validate().ok());
+  for (const char* bad : {R"({"session_defaults": {"search_aggregation": "sum"}})",
+                          R"({"session_defaults": {"search_chunk_radius_weight": 2}})",
+                          R"({"session_defaults": {"search_node_radius_weight": "x"}})",
+                          R"({"session_defaults": {"tree_levels": 0}})"}) {
+    std::ofstream(dir / "bad.json") << bad;
+    DaemonConfig b;
+    Status st = LoadConfigFile((dir / "bad.json").string(), &b);
+    if (st.ok()) st = b.Validate();
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << bad;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Config, ShippedConfigsLoad) {
   DaemonConfig c;
   const std::string path = std::string(KVMEM_SOURCE_DIR) + "/deploy/systemd/kvmemd.json";

@@ -78,3 +78,8 @@ def client(daemon):
 
     with kvmem.Client(daemon.address) as c:
         yield c
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: needs torch/transformers and a real model (skipped when absent)")
