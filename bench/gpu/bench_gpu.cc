@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/gpu/bench_args.h"
 #include "bench/gpu/bench_kernels.h"
 #include "index/cluster_tree.h"
 #include "kernels/attention.h"
@@ -79,14 +80,6 @@ struct Args {
   std::string machine;
   std::string commit = "unknown";
 };
-
-std::vector<uint32_t> ParseList(const char* s) {
-  std::vector<uint32_t> v;
-  std::stringstream ss(s);
-  std::string tok;
-  while (std::getline(ss, tok, ',')) v.push_back(static_cast<uint32_t>(std::stoul(tok)));
-  return v;
-}
 
 Args ParseArgs(int argc, char** argv) {
   Args a;

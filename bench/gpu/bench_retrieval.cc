@@ -39,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu/bench_args.h"
 #include "bench/gpu/bench_kernels.h"
 #include "kernels/attention.h"
 #include "kernels/cuda_ops.h"
@@ -86,14 +87,6 @@ struct Args {
   std::string machine;
   std::string commit = "unknown";
 };
-
-std::vector<uint32_t> ParseList(const char* s) {
-  std::vector<uint32_t> v;
-  std::stringstream ss(s);
-  std::string tok;
-  while (std::getline(ss, tok, ',')) v.push_back(static_cast<uint32_t>(std::stoul(tok)));
-  return v;
-}
 
 Args ParseArgs(int argc, char** argv) {
   Args a;

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu/bench_args.h"
 #include "common/dtype.h"
 #include "daemon/session.h"
 
@@ -28,14 +29,6 @@ namespace kvmem::bench {
 namespace {
 
 constexpr uint32_t kHq = 32, kHkv = 8, kD = 128;
-
-std::vector<uint32_t> ParseList(const char* s) {
-  std::vector<uint32_t> v;
-  std::stringstream ss(s);
-  std::string tok;
-  while (std::getline(ss, tok, ',')) v.push_back(static_cast<uint32_t>(std::stoul(tok)));
-  return v;
-}
 
 int Main(int argc, char** argv) {
   std::string json, machine, commit = "unknown";
