@@ -684,7 +684,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   const bool rescore = options_.rescore_overfetch > 1.0f;
   const uint32_t search_budget =
       rescore ? static_cast<uint32_t>(std::min<double>(
-                    double{budget} * options_.rescore_overfetch, double{UINT32_MAX}))
+                    static_cast<double>(budget) * options_.rescore_overfetch, double{UINT32_MAX}))
               : budget;
   // KV heads are independent trees: search them in parallel when a pool is configured.
   auto search = [&](uint32_t h) {
@@ -759,7 +759,7 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
     double sum = 0.0;
     for (float x : logits) sum += std::exp(double{x} - m);
     const uint32_t counted = ch.tokens - t0;
-    cand.push_back({c, counted, static_cast<float>(m + std::log(sum) - std::log(double{counted}))});
+    cand.push_back({c, counted, static_cast<float>(m + std::log(sum) - std::log(static_cast<double>(counted)))});
   }
   std::stable_sort(cand.begin(), cand.end(), [](const Scored& a, const Scored& b) {
     return a.score != b.score ? a.score > b.score : a.chunk < b.chunk;
