@@ -211,7 +211,7 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
         double sum = 0;
         for (double x : logits) sum += std::exp(x - m);
         const uint32_t n = static_cast<uint32_t>(every.ends[i] - every.starts[i]);
-        ref.push_back({m + std::log(sum) - std::log(double{n}), every.chunks[i], n});
+        ref.push_back({m + std::log(sum) - std::log(static_cast<double>(n)), every.chunks[i], n});
       }
       std::sort(ref.begin(), ref.end(), [](const Ref& a, const Ref& b) {
         return a.score != b.score ? a.score > b.score : a.chunk < b.chunk;
