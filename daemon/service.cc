@@ -967,8 +967,16 @@ flatbuffers::Offset<w::MemoryBlockInfo> BlockInfoToWire(flatbuffers::FlatBufferB
 constexpr uint64_t kMaxBlocksPerRequest = 1u << 20;
 
 // The ids of a Get/Drop request: present, nonempty, at most kMaxBlocksPerRequest.
+// The verifier checks a vector's 4-byte length field, not the alignment of its 8-byte elements:
+// a crafted buffer can place a [ulong] at an address that is not 8-byte aligned, and reading it
+// is a misaligned load (found by fuzz_dispatch: DropMemoryBlocks ids, UBSan). Builders align it.
+bool Aligned8(const flatbuffers::Vector<uint64_t>* v) {
+  return v == nullptr || reinterpret_cast<uintptr_t>(v->data()) % alignof(uint64_t) == 0;
+}
+
 Result<std::span<const uint64_t>> BlockIds(const flatbuffers::Vector<uint64_t>* ids, const char* op) {
   if (ids == nullptr || ids->size() == 0) return InvalidArgument(std::string(op) + ": no ids");
+  if (!Aligned8(ids)) return InvalidArgument(std::string(op) + ": misaligned ids vector");
   if (ids->size() > kMaxBlocksPerRequest) {
     return InvalidArgument(std::string(op) + ": too many ids (max " +
                            std::to_string(kMaxBlocksPerRequest) + ")");
@@ -1022,6 +1030,9 @@ Status Service::PutMemoryBlocks(const RequestContext& ctx, const w::Parsed& msg,
   const MemoryOptions& o = m->options();
   if (req->span_starts() == nullptr || req->span_ends() == nullptr) {
     return InvalidArgument("PutMemoryBlocks: span_starts and span_ends are required");
+  }
+  if (!Aligned8(req->span_starts()) || !Aligned8(req->span_ends())) {
+    return InvalidArgument("PutMemoryBlocks: misaligned span_starts / span_ends vector");
   }
   const uint64_t n = req->span_starts()->size();
   if (n == 0) return InvalidArgument("PutMemoryBlocks: no blocks");

@@ -284,7 +284,8 @@ TEST_F(MemoryTest, BadInputIsRefusedAndNothingChanges) {
 
   std::vector<float> q(kDg, 0.5f);
   expect(Select(*id, q, 0, MemoryGate::kTreeExact).status(), StatusCode::kInvalidArgument, "k");
-  expect(client_->SelectMemory(*id, TensorView{q.data(), DType::kF32, {kDg + 1}}, 3).status(),
+  std::vector<float> q_long(kDg + 1, 0.5f);  // one element too many (and backed by memory)
+  expect(client_->SelectMemory(*id, TensorView{q_long.data(), DType::kF32, {kDg + 1}}, 3).status(),
          StatusCode::kInvalidArgument, "query");
   q[1] = INFINITY;
   expect(Select(*id, q, 3, MemoryGate::kTreeExact).status(), StatusCode::kInvalidArgument, "NaN or Inf");
