@@ -241,6 +241,29 @@ __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
   return n;
 }
 
+// Sorts the permutation sm.commit[0, n) of candidates best first (chain descending, then lower
+// id; Before), padding it to a power of two with kTreeNone, which sorts last. The whole block.
+__device__ void SortCommits(Smem& sm, uint32_t n) {
+  const uint32_t np = NextPow2(n);
+  for (uint32_t i = n + threadIdx.x; i < np; i += kThreads) sm.commit[i] = kTreeNone;
+  __syncthreads();
+  BlockBitonic(np, [&](uint32_t a, uint32_t b, bool desc) {
+    const uint32_t ia = sm.commit[a], ib = sm.commit[b];
+    bool b_first;
+    if (ib == kTreeNone) {
+      b_first = false;
+    } else if (ia == kTreeNone) {
+      b_first = true;
+    } else {
+      b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
+    }
+    if (b_first == desc) {
+      sm.commit[a] = ib;
+      sm.commit[b] = ia;
+    }
+  });
+}
+
 __device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t tokens, uint32_t skip) {
   const uint64_t end = start + tokens;
   if (end <= skip) return 0;
@@ -702,24 +725,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (rank == 0) {
           n = sm.n_sort;
           if (!dist_sort) {
-            const uint32_t Cp = NextPow2(n);
-            for (uint32_t i = n + tid; i < Cp; i += kThreads) sm.commit[i] = kTreeNone;
-            __syncthreads();
-            BlockBitonic(Cp, [&](uint32_t a, uint32_t b, bool desc) {
-              const uint32_t ia = sm.commit[a], ib = sm.commit[b];
-              bool b_first;
-              if (ib == kTreeNone) {
-                b_first = false;
-              } else if (ia == kTreeNone) {
-                b_first = true;
-              } else {
-                b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
-              }
-              if (b_first == desc) {
-                sm.commit[a] = ib;
-                sm.commit[b] = ia;
-              }
-            });
+            SortCommits(sm, n);
           }
         }
         if (dist_sort) {
@@ -738,24 +744,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               sm.cand_tok[k] = e;
               sm.commit[k] = k;
             }
-            const uint32_t np = NextPow2(wn);
-            for (uint32_t k = wn + tid; k < np; k += kThreads) sm.commit[k] = kTreeNone;
-            __syncthreads();
-            BlockBitonic(np, [&](uint32_t a, uint32_t b, bool desc) {
-              const uint32_t ia = sm.commit[a], ib = sm.commit[b];
-              bool b_first;
-              if (ib == kTreeNone) {
-                b_first = false;
-              } else if (ia == kTreeNone) {
-                b_first = true;
-              } else {
-                b_first = Before(sm.cand_chain[ib], sm.cand_id[ib], sm.cand_chain[ia], sm.cand_id[ia]);
-              }
-              if (b_first == desc) {
-                sm.commit[a] = ib;
-                sm.commit[b] = ia;
-              }
-            });
+            SortCommits(sm, wn);
             for (uint32_t k = tid; k < wn; k += kThreads) {
               const uint32_t p = sm.commit[k];
               sm.w_chain[k] = sm.cand_chain[p];
