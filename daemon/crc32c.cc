@@ -73,8 +73,11 @@ uint32_t Combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
 
 #if defined(__x86_64__)
 // Three independent streams hide the crc32 instruction's 3-cycle latency (about 3x faster on
-// large buffers); the parts are combined above.
-__attribute__((target("sse4.2"))) uint32_t Crc32cHw3(const uint8_t* p, size_t n, uint32_t crc) {
+// large buffers); the parts are combined above. With kCopy the bytes are also copied to dst as
+// they are read: one pass over the source (which a check-then-copy reads twice).
+template <bool kCopy>
+__attribute__((target("sse4.2"))) uint32_t Crc32cHw3(uint8_t* dst, const uint8_t* p, size_t n,
+                                                     uint32_t crc) {
   const size_t part = (n / 24) * 8;  // bytes per stream, a multiple of 8
   const uint8_t* a = p;
   const uint8_t* b = p + part;
@@ -88,45 +91,20 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cHw3(const uint8_t* p, size_t n,
     ca = _mm_crc32_u64(ca, wa);
     cb = _mm_crc32_u64(cb, wb);
     cc = _mm_crc32_u64(cc, wc);
+    if constexpr (kCopy) {
+      std::memcpy(dst + i, &wa, 8);
+      std::memcpy(dst + part + i, &wb, 8);
+      std::memcpy(dst + 2 * part + i, &wc, 8);
+    }
   }
   // Finalised CRCs of each part, combined, then the rest continued from the combination.
   const uint32_t fa = ~static_cast<uint32_t>(ca), fb = ~static_cast<uint32_t>(cb),
                  fc = ~static_cast<uint32_t>(cc);
   const uint32_t abc = Combine(Combine(fa, fb, part), fc, part);
+  if constexpr (kCopy) std::memcpy(dst + 3 * part, p + 3 * part, n - 3 * part);
   return Crc32cHw(p + 3 * part, n - 3 * part, ~abc);
 }
 #endif
-
-// Crc32cHw3 that also copies the bytes to dst as it reads them: one pass over the source
-// (which a check-then-copy reads twice).
-__attribute__((target("sse4.2"))) uint32_t Crc32cCopyHw3(uint8_t* dst, const uint8_t* p, size_t n,
-                                                         uint32_t crc) {
-  const size_t part = (n / 24) * 8;
-  const uint8_t* a = p;
-  const uint8_t* b = p + part;
-  const uint8_t* c = p + 2 * part;
-  uint8_t* da = dst;
-  uint8_t* db = dst + part;
-  uint8_t* dc = dst + 2 * part;
-  uint64_t ca = crc, cb = 0xFFFFFFFFu, cc = 0xFFFFFFFFu;
-  for (size_t i = 0; i < part; i += 8) {
-    uint64_t wa, wb, wc;
-    std::memcpy(&wa, a + i, 8);
-    std::memcpy(&wb, b + i, 8);
-    std::memcpy(&wc, c + i, 8);
-    ca = _mm_crc32_u64(ca, wa);
-    cb = _mm_crc32_u64(cb, wb);
-    cc = _mm_crc32_u64(cc, wc);
-    std::memcpy(da + i, &wa, 8);
-    std::memcpy(db + i, &wb, 8);
-    std::memcpy(dc + i, &wc, 8);
-  }
-  const uint32_t fa = ~static_cast<uint32_t>(ca), fb = ~static_cast<uint32_t>(cb),
-                 fc = ~static_cast<uint32_t>(cc);
-  const uint32_t abc = Combine(Combine(fa, fb, part), fc, part);
-  std::memcpy(dst + 3 * part, p + 3 * part, n - 3 * part);
-  return Crc32cHw(p + 3 * part, n - 3 * part, ~abc);
-}
 
 // Static initialisation may run before libgcc's own CPU detection: initialise it first.
 bool DetectSse42() {
@@ -143,7 +121,7 @@ uint32_t Crc32c(const void* data, size_t n, uint32_t crc) {
   crc = ~crc;
 #if defined(__x86_64__)
   if (kHaveSse42) {
-    crc = n >= 3 * 1024 ? Crc32cHw3(p, n, crc) : Crc32cHw(p, n, crc);
+    crc = n >= 3 * 1024 ? Crc32cHw3<false>(nullptr, p, n, crc) : Crc32cHw(p, n, crc);
   } else {
     crc = Crc32cTable(p, n, crc);
   }
@@ -156,7 +134,7 @@ uint32_t Crc32c(const void* data, size_t n, uint32_t crc) {
 uint32_t Crc32cCopy(void* dst, const void* src, size_t n, uint32_t crc) {
 #if defined(__x86_64__)
   if (kHaveSse42 && n >= 3 * 1024) {
-    return ~Crc32cCopyHw3(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n, ~crc);
+    return ~Crc32cHw3<true>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n, ~crc);
   }
 #endif
   std::memcpy(dst, src, n);
