@@ -1,6 +1,7 @@
 // Host-side planner for the CUDA attention launch: packs tasks, token-balanced splits and run
 // tables into one image (layout in kernels/detail/attention_plan_layout.h). No device calls.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -23,6 +24,44 @@ bool SupportedShape(uint32_t head_dim, uint32_t group) {
 }
 
 }  // namespace
+
+uint32_t AttendClusterEnv() {
+  if (const char* e = std::getenv("KVMEM_ATTN_CLUSTER")) {
+    const std::string v = e;
+    if (v == "off" || v == "1") return 1;
+    if (v == "auto") return kAttendClusterAuto;
+    const int n = std::atoi(e);
+    if (n == 2 || n == 4 || n == 8 || n == 16) return static_cast<uint32_t>(n);
+  }
+  return 0;
+}
+
+uint32_t AttendClusterSize(uint32_t option, uint64_t splits, uint32_t cap) {
+  if (option == 0) option = AttendClusterEnv();
+  if (option != kAttendClusterAuto) return option == 0 ? 1 : option;
+  uint32_t c = 1;
+  while (c * 2 <= cap && c * 2 <= splits) c *= 2;
+  return c;
+}
+
+uint32_t AttendTaskClusterSize(uint32_t option, uint64_t resident, uint64_t tasks, uint32_t head_dim,
+                               uint32_t group, DType kv_dtype) {
+  if (option == 0) option = AttendClusterEnv();
+  if (option != kAttendClusterAuto) return option == 0 ? 1 : option;
+  if (resident == 0 || tasks == 0) return 1;
+  uint32_t c = AttendClusterSize(kAttendClusterAuto, resident / tasks, 16);
+  while (c > 1 && AttendActiveClusters(head_dim, group, kv_dtype, c) < tasks) c /= 2;
+  return c;
+}
+
+uint32_t AttendMinSplit(uint32_t option) {
+  if (option != 128) return option;  // not the default: the caller's
+  if (const char* e = std::getenv("KVMEM_ATTN_MIN_SPLIT")) {
+    const int n = std::atoi(e);
+    if (n >= 16 && n <= 4096) return static_cast<uint32_t>(n);
+  }
+  return option;
+}
 
 Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPlanOptions& options,
                   AttendPlan* plan) {
@@ -56,7 +95,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   }
 
   // Total tokens decide the split size: about target_blocks items overall.
-  uint64_t total = 0, max_task = 0;
+  uint64_t total = 0, max_task = 0, min_task = ~uint64_t{0};
   uint32_t num_tasks = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const AttendProblem& p = problems[i];
@@ -68,6 +107,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
       total += task_tokens;
       max_task = std::max(max_task, task_tokens);
+      min_task = std::min(min_task, task_tokens);
     }
   }
   uint64_t target = options.target_blocks;
@@ -86,9 +126,20 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
     const uint64_t k = resident / num_tasks;
     balanced_split = (max_task + k - 1) / k;
   }
-  balanced_split = std::clamp<uint64_t>(balanced_split, options.min_split_tokens,
-                               std::max(options.min_split_tokens, options.max_split_tokens));
-  balanced_split = AlignUp(balanced_split, 64);
+  const uint32_t min_split = AttendMinSplit(options.min_split_tokens);
+  balanced_split = std::clamp<uint64_t>(balanced_split, min_split,
+                                        std::max(min_split, options.max_split_tokens));
+  balanced_split = AlignUp(balanced_split, min_split < 64 ? 16 : 64);
+  // Clusters: every task gets exactly C splits of equal tokens (AttendPlanOptions::cluster).
+  uint32_t C = 1;
+  if (options.cluster > 1 && options.cluster != kAttendClusterAuto) {
+    C = options.cluster;
+  } else if (options.cluster != 1 && options.target_blocks == 0 && options.splits_per_task == 0 &&
+             resident > 0 && num_tasks <= resident && 2 * min_task >= max_task) {
+    // Tasks of similar length only (a long task, e.g. a retrieval head attending the whole
+    // context beside sparse heads, needs more splits than the others: token-balanced splits).
+    C = AttendTaskClusterSize(options.cluster, resident, num_tasks, D, G, p0.kv_dtype);
+  }
   uint64_t max_split = 0;  // with splits_per_task: the longest task split (reported)
 
   std::vector<AttendTaskDesc> tasks;
@@ -115,7 +166,11 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       uint32_t first, last;
       HeadSpans(p, h, &first, &last);
       uint64_t split = balanced_split;
-      if (options.splits_per_task > 0) {
+      if (C > 1) {
+        uint64_t task_tokens = 0;
+        for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
+        split = std::max<uint64_t>(16, AlignUp((task_tokens + C - 1) / C, 16));
+      } else if (options.splits_per_task > 0) {
         uint64_t task_tokens = 0;
         for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
         split = std::max<uint64_t>(
@@ -145,10 +200,16 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
         }
       }
       close_item();  // the last (or only, possibly empty) split
+      if (C > 1) {
+        // Empty splits up to C, or up to a multiple of C when a run table overflowed into more
+        // splits (then the task's clusters merge one partial each through global memory).
+        while ((items.size() - first_item) % C != 0) close_item();
+      }
       max_split = std::max(max_split, split);
       td.num_splits = static_cast<uint32_t>(items.size()) - first_item;
       td.partial_base = partial_slots;
-      if (td.num_splits > 1) partial_slots += td.num_splits;
+      // One partial per cluster of splits (none when the task is one cluster).
+      if (td.num_splits / C > 1) partial_slots += td.num_splits / C;
       for (size_t it = first_item; it < items.size(); ++it) {
         AttendItemDesc& d = items[it];
         d.pool = td.pool;
@@ -166,7 +227,26 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   plan->num_tasks = num_tasks;
   plan->num_items = static_cast<uint32_t>(items.size());
   plan->num_runs = static_cast<uint32_t>(runs.size());
-  plan->split_tokens = static_cast<uint32_t>(options.splits_per_task > 0 ? max_split : balanced_split);
+  // Runs at a fixed stride per item when that costs at most about twice the run bytes: the
+  // kernel then loads an item's first runs together with the item (AttendPlan::run_stride).
+  uint32_t max_runs = 1;
+  for (const AttendItemDesc& it : items) max_runs = std::max(max_runs, it.run_end - it.run_begin);
+  if (uint64_t{max_runs} * items.size() <= 2 * runs.size() + 256) {
+    std::vector<AttendRunDesc> fixed(size_t{max_runs} * items.size(), AttendRunDesc{0, 0, 0, 0});
+    for (size_t i = 0; i < items.size(); ++i) {
+      AttendItemDesc& it = items[i];
+      const uint32_t n = it.run_end - it.run_begin;
+      std::copy(runs.begin() + it.run_begin, runs.begin() + it.run_end,
+                fixed.begin() + i * max_runs);
+      it.run_begin = static_cast<uint32_t>(i * max_runs);
+      it.run_end = it.run_begin + n;
+    }
+    runs.swap(fixed);
+    plan->run_stride = max_runs;
+  }
+  plan->split_tokens =
+      static_cast<uint32_t>(options.splits_per_task > 0 || C > 1 ? max_split : balanced_split);
+  plan->cluster_size = C;
   plan->total_tokens = total;
   plan->kv_dtype = p0.kv_dtype;
   plan->q_dtype = p0.q_dtype;

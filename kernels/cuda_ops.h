@@ -85,7 +85,38 @@ struct AttendPlanOptions {
   // daemon uses.
   // Runs per split stay capped (kMaxRunsPerItem), which can add splits. Default: 0
   uint32_t splits_per_task = 0;
+  // Thread-block clusters of splits: every task gets exactly C splits of equal tokens (a
+  // multiple of C when run tables overflow), and the C splits of a cluster combine through
+  // distributed shared memory (no global partial, counter or merge for a task that is one
+  // cluster). 1: no clusters. 2, 4, 8 or 16: that C. kAttendClusterAuto: with the default
+  // sizing (target_blocks and splits_per_task 0) and tasks of similar length, the largest power
+  // of two <= min(16, resident blocks / tasks) whose clusters all run at once. 0: what
+  // KVMEM_ATTN_CLUSTER says ("off", "auto" or a size), else no clusters. Measured on the H200
+  // (bench/results/h200_run16_*): clusters are no faster than the one-kernel global merge
+  // (equal at batch 1 budget 1024, slower elsewhere: fewer blocks in flight, cluster
+  // scheduling), so they are off by default and kept for A/B runs. Default: 0
+  uint32_t cluster = 0;
 };
+
+inline constexpr uint32_t kAttendClusterAuto = 0xffffffffu;
+
+// Cluster size for `splits` splits per (problem, KV head): `option`, or when 0
+// KVMEM_ATTN_CLUSTER; kAttendClusterAuto: the largest power of two <= min(splits, cap); 1 = no
+// clusters.
+uint32_t AttendClusterSize(uint32_t option, uint64_t splits, uint32_t cap);
+// KVMEM_ATTN_CLUSTER as a size (1 for "off", kAttendClusterAuto for "auto"), 0 when unset.
+uint32_t AttendClusterEnv();
+// The planners' smallest split: `option` unless it is the default (128) and
+// KVMEM_ATTN_MIN_SPLIT (16..4096, A/B runs) is set.
+uint32_t AttendMinSplit(uint32_t option);
+// Clusters of `cluster` blocks of the span-attention kernel the device runs at once (0 without
+// a device).
+uint32_t AttendActiveClusters(uint32_t head_dim, uint32_t group, DType kv_dtype, uint32_t cluster);
+// Cluster size for `tasks` tasks of one cluster each: `option` (or when 0 KVMEM_ATTN_CLUSTER);
+// for kAttendClusterAuto the largest power of two <= min(16, resident / tasks) whose clusters
+// all run at once; 1 = no clusters.
+uint32_t AttendTaskClusterSize(uint32_t option, uint64_t resident, uint64_t tasks, uint32_t head_dim,
+                               uint32_t group, DType kv_dtype);
 
 struct AttendPlan {
   std::vector<uint8_t> image;  // upload to the workspace start
@@ -100,6 +131,11 @@ struct AttendPlan {
   DType out_dtype = DType::kBF16;
   uint32_t head_dim = 0;
   uint32_t group = 0;
+  // Blocks per thread-block cluster of the launch (1: none); every task has a multiple of it
+  // splits, so cluster = consecutive splits of one task.
+  uint32_t cluster_size = 1;
+  // Runs of item i start at run i * run_stride (0: anywhere, as the item says).
+  uint32_t run_stride = 0;
   // Byte offsets of the sections inside the workspace.
   size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, partials_off = 0;
 };
@@ -124,6 +160,10 @@ struct DenseAttendOptions {
   uint32_t target_blocks = 0;
   uint32_t min_split_tokens = 128;
   uint32_t max_split_tokens = 4096;
+  // As AttendPlanOptions::cluster (automatic: up to 8, where all clusters run at once): clusters
+  // of consecutive splits of a (sequence, KV head); the split count is rounded up to a multiple
+  // of the cluster size. Default: 0 (KVMEM_ATTN_CLUSTER, else none)
+  uint32_t cluster = 0;
 };
 
 size_t DenseAttendWorkspaceBytes(const DenseAttendView& v, const DenseAttendOptions& options);
@@ -230,6 +270,8 @@ struct SearchAttendPlan {
   // the same for every size.
   // Default: 0
   uint32_t cluster_size = 0;
+  // Blocks per thread-block cluster of the attention launch (AttendPlan::cluster_size).
+  uint32_t attend_cluster = 1;
 };
 
 // Host only: validates, sizes the splits from the most tokens a head can attend

@@ -9,6 +9,7 @@ Status NoCuda() { return Unavailable("kvmem was built without CUDA"); }
 int DeviceCount() { return 0; }
 int MultiprocessorCount() { return 0; }
 uint32_t AttendResidentBlocks(uint32_t, uint32_t, DType) { return 0; }
+uint32_t AttendActiveClusters(uint32_t, uint32_t, DType, uint32_t) { return 0; }
 Status UploadAttendPlan(const AttendPlan&, void*, void*) { return NoCuda(); }
 Status LaunchAttend(const AttendPlan&, void*, void*) { return NoCuda(); }
 size_t DenseAttendWorkspaceBytes(const DenseAttendView&, const DenseAttendOptions&) { return 0; }

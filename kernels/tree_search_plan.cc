@@ -40,7 +40,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
     return Unimplemented("search attend on CUDA: head_dim " + std::to_string(D) + " group " +
                          std::to_string(G));
   }
-  uint64_t total = 0, tasks = 0, nodes = 0, max_task = 0;
+  uint64_t total = 0, tasks = 0, nodes = 0, max_task = 0, min_task = ~uint64_t{0};
   uint32_t max_budget = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const SearchAttendProblem& p = problems[i];
@@ -72,6 +72,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
                           kChunkSlack + (p.tail.end - p.tail.begin);
     total += most * a.kv_heads;
     max_task = std::max(max_task, most);
+    min_task = std::min(min_task, most);
     tasks += a.kv_heads;
     max_budget = std::max(max_budget, p.params.budget_tokens);
   }
@@ -88,9 +89,20 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
     const uint64_t k = resident / tasks;
     split = (max_task + k - 1) / k;
   }
-  split = std::clamp<uint64_t>(split, options.min_split_tokens,
+  split = std::clamp<uint64_t>(split, AttendMinSplit(options.min_split_tokens),
                                std::min<uint64_t>(options.max_split_tokens, 1024));
   split = AlignUp(std::max<uint64_t>(split, 64), 64);
+  // Clusters of splits for the attention (AttendPlanOptions::cluster): every task gets C splits
+  // of its most tokens / C, while those stay within the split bound above.
+  uint32_t C = 1;
+  if (options.cluster > 1 && options.cluster != kAttendClusterAuto) {
+    C = options.cluster;
+  } else if (options.cluster != 1 && options.target_blocks == 0 && resident > 0 &&
+             tasks <= resident && 2 * min_task >= max_task) {
+    C = AttendTaskClusterSize(options.cluster, resident, tasks, D, G, a0.kv_dtype);
+  }
+  const uint64_t split_cap = std::min<uint64_t>(options.max_split_tokens, 1024);
+  if (C > 1 && AlignUp((max_task + C - 1) / C, 16) > split_cap) C = 1;
 
   std::vector<SearchTaskDesc> descs;
   std::vector<AttendItemDesc> items;
@@ -102,7 +114,10 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
     const size_t qsz = DTypeSize(a.q_dtype), osz = DTypeSize(a.out_dtype);
     const uint64_t most = uint64_t{p.sink_tokens} + p.params.budget_tokens + p.recent_window +
                           kChunkSlack + (p.tail.end - p.tail.begin);
-    const uint32_t splits = static_cast<uint32_t>(std::max<uint64_t>(1, (most + split - 1) / split));
+    const uint64_t task_split =
+        C > 1 ? std::max<uint64_t>(16, AlignUp((most + C - 1) / C, 16)) : split;
+    const uint32_t splits =
+        C > 1 ? C : static_cast<uint32_t>(std::max<uint64_t>(1, (most + split - 1) / split));
     for (uint32_t h = 0; h < a.kv_heads; ++h) {
       SearchTaskDesc d{};
       d.tree = p.trees[h];
@@ -120,7 +135,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.kv_head = h;
       d.first_item = static_cast<uint32_t>(items.size());
       d.num_splits = splits;
-      d.split_tokens = static_cast<uint32_t>(split);
+      d.split_tokens = static_cast<uint32_t>(task_split);
       d.group = G;
       const uint32_t task = static_cast<uint32_t>(descs.size());
       for (uint32_t s = 0; s < splits; ++s) {
@@ -138,12 +153,13 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
         it.run_end = it.run_begin;  // the search writes run_end and tokens
         items.push_back(it);
       }
-      if (splits > 1) partial_slots += splits;
+      if (splits / C > 1) partial_slots += splits / C;
       descs.push_back(d);
     }
   }
   plan->num_tasks = static_cast<uint32_t>(descs.size());
   plan->num_items = static_cast<uint32_t>(items.size());
+  plan->attend_cluster = C;
   plan->max_selected = std::min<uint32_t>(std::max<uint32_t>(max_budget, 1), kSearchMaxCandidates * 4);
   plan->head_dim = D;
   plan->group = G;
@@ -158,14 +174,16 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
   plan->counters_off = off;
   off = AlignUp(off + descs.size() * sizeof(uint32_t), 256);
   const size_t image_bytes = off;
-  plan->runs_off = off;
-  off = AlignUp(off + items.size() * kMaxRunsPerItem * sizeof(AttendRunDesc), 256);
+  // What a caller reads back (results, then the selection) right after the image, so one copy
+  // can bring back [whatever sits before the image (e.g. out, lse) | image | results].
   plan->results_off = off;
   off = AlignUp(off + descs.size() * sizeof(SearchTaskResult), 256);
   plan->selected_off = off;
   off = AlignUp(off + descs.size() * plan->max_selected * sizeof(uint32_t), 256);
   plan->scores_off = off;
   off = AlignUp(off + descs.size() * plan->max_selected * sizeof(float), 256);
+  plan->runs_off = off;
+  off = AlignUp(off + items.size() * kMaxRunsPerItem * sizeof(AttendRunDesc), 256);
   plan->scratch_off = off;
   off = AlignUp(off + scratch_floats * sizeof(float), 256);
   plan->partials_off = off;

@@ -17,6 +17,11 @@
 // the output, otherwise the split writes a partial (max, sum, unnormalised accumulator) and the
 // last split of the task to finish (per-task counter, threadFenceReduction pattern) merges all
 // partials by log-sum-exp and resets the counter, so a workspace can be replayed in a graph.
+// In a cluster launch (AttendPlan::cluster_size, the dense kernel's cluster) the C splits of a
+// cluster combine through distributed shared memory instead: a task that is one cluster writes
+// its output with no partial, counter or merge; a task of several clusters merges one partial
+// per cluster.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -34,6 +39,8 @@
 
 namespace kvmem::kernels::cuda {
 namespace {
+
+namespace cg = cooperative_groups;
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
@@ -97,6 +104,7 @@ struct ItemOutput {
   uint32_t split;
   float* partials;    // this task's first partial slot
   uint32_t* counter;  // this task's counter
+  bool legacy_merge;  // KVMEM_ATTN_MERGE=legacy: the two-pass merge of run 15 (A/B runs)
 };
 
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, uint32_t src_bytes) {
@@ -110,52 +118,16 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// After the NG partial states of the block are in `ca` (and a barrier): combine them, then
-// write the output (one split) or a partial, and let the task's last split merge all partials.
+// The merge before the batched one (run 15), kept for A/B runs (KVMEM_ATTN_MERGE=legacy): pass 1
+// (a warp per query head, lanes over splits) for (max, sum), then per chunk of splits the
+// weights in shared memory and 8 splits of 16-byte loads in flight per thread.
 template <int D, int G, int NG>
-__device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, NG>& ca,
-                                                const ItemOutput& o) {
+__device__ __noinline__ void LegacyMerge(CombineArea<D, G, NG>& ca, const ItemOutput& o,
+                                         uint32_t ns) {
   constexpr float kNegInf = -INFINITY;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const uint32_t PF = PartialFloats(G, D);
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int g = idx / D, d = idx % D;
-    float M = kNegInf;
-#pragma unroll
-    for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
-    float Ls = 0.f, A = 0.f;
-    if (M != kNegInf) {
-#pragma unroll
-      for (int r = 0; r < NG; ++r) {
-        const float mr = ca.m[r * G + g];
-        const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
-        Ls = fmaf(ca.l[r * G + g], w, Ls);
-        A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
-      }
-    }
-    if (o.num_splits == 1) {
-      StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
-      if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
-    } else {
-      float* part = o.partials + static_cast<size_t>(o.split) * PF;
-      if (d == 0) {
-        part[g] = M;
-        part[G + g] = Ls;
-      }
-      part[PartialAccOffset(G) + idx] = A;
-    }
-  }
-  if (o.num_splits == 1) return;
-
-  // Last split of the task merges (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
-  __syncthreads();
-  if (!rt.is_last) return;
-  __threadfence();
-  const uint32_t ns = o.num_splits;
   const int warp = tid >> 5;
   // Pass 1 (a warp per query head, lanes over splits): running (max, sum) per lane, then the
   // log-sum-exp combine across lanes. Loads are independent: one L2 round trip per 32 splits.
@@ -235,6 +207,238 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       StoreElem(o.out, o.out_dtype, v4 * 4 + 3, A[j].w * inv);
       if ((v4 * 4) % D == 0 && o.lse != nullptr) {
         o.lse[g] = Ls > 0.f ? (ca.mg[g] + log2f(Ls)) * kLn2 : kNegInf;
+      }
+    }
+  }
+}
+
+// Blocks in this block's thread-block cluster (1 in a launch without clusters).
+__device__ __forceinline__ uint32_t ClusterBlocks() {
+  uint32_t n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return n;
+}
+
+// After the NG partial states of the block are in `ca` (and a barrier): combine them, then
+// write the output (one split) or a partial, and let the task's last split merge all partials.
+// In a cluster launch (C = cluster blocks > 1; the planner puts C consecutive splits of one task
+// in each cluster, split % C = cluster rank) the C blocks first combine their states through
+// distributed shared memory, each rank one slice of the G x D outputs: a task that is one cluster
+// writes its output without any global partial, counter or second pass; a task of several
+// clusters writes one partial per cluster and its last block merges those.
+template <int D, int G, int NG>
+__device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, NG>& ca,
+                                                const ItemOutput& o) {
+  constexpr float kNegInf = -INFINITY;
+  const int tid = threadIdx.x;
+  const uint32_t PF = PartialFloats(G, D);
+  const uint32_t C = ClusterBlocks();
+  uint32_t nparts = o.num_splits;  // partial states the task's last block merges
+  if (C > 1) {
+    // The block's state in its own shared memory, laid out as a partial (ca.w is free here).
+    float* st = ca.w;
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+      const int g = idx / D, d = idx % D;
+      float M = kNegInf;
+#pragma unroll
+      for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
+      float Ls = 0.f, A = 0.f;
+      if (M != kNegInf) {
+#pragma unroll
+        for (int r = 0; r < NG; ++r) {
+          const float mr = ca.m[r * G + g];
+          const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
+          Ls = fmaf(ca.l[r * G + g], w, Ls);
+          A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
+        }
+      }
+      if (d == 0) {
+        st[g] = M;
+        st[G + g] = Ls;
+      }
+      st[PartialAccOffset(G) + idx] = A;
+    }
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every rank's state is visible
+    const uint32_t rank = cluster.block_rank();
+    nparts = o.num_splits / C;
+    const uint32_t part = o.split / C;
+    const uint32_t E = G * D / C;  // outputs per rank
+    for (uint32_t idx = rank * E + tid; idx < (rank + 1) * E; idx += kThreads) {
+      const uint32_t g = idx / D, d = idx % D;
+      constexpr uint32_t kMaxC = 16;
+      float mr[kMaxC], lr[kMaxC], ar[kMaxC];
+#pragma unroll
+      for (uint32_t r = 0; r < kMaxC; ++r) {
+        if (r < C) {
+          const float* rs = cluster.map_shared_rank(st, r);
+          mr[r] = rs[g];
+          lr[r] = rs[G + g];
+          ar[r] = rs[PartialAccOffset(G) + idx];
+        }
+      }
+      float M = kNegInf;
+#pragma unroll
+      for (uint32_t r = 0; r < kMaxC; ++r) {
+        if (r < C) M = fmaxf(M, mr[r]);
+      }
+      float Ls = 0.f, A = 0.f;
+      if (M != kNegInf) {
+#pragma unroll
+        for (uint32_t r = 0; r < kMaxC; ++r) {
+          if (r < C) {
+            const float w = mr[r] == kNegInf ? 0.f : exp2f(mr[r] - M);
+            Ls = fmaf(lr[r], w, Ls);
+            A = fmaf(ar[r], w, A);
+          }
+        }
+      }
+      if (nparts == 1) {
+        StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
+        if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+      } else {
+        float* pp = o.partials + static_cast<size_t>(part) * PF;
+        if (d == 0) {
+          pp[g] = M;
+          pp[G + g] = Ls;
+        }
+        pp[PartialAccOffset(G) + idx] = A;
+      }
+    }
+    cluster.sync();  // no rank reuses or leaves its shared memory while another reads it
+    if (nparts == 1) return;
+  } else {
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+      const int g = idx / D, d = idx % D;
+      float M = kNegInf;
+#pragma unroll
+      for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
+      float Ls = 0.f, A = 0.f;
+      if (M != kNegInf) {
+#pragma unroll
+        for (int r = 0; r < NG; ++r) {
+          const float mr = ca.m[r * G + g];
+          const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
+          Ls = fmaf(ca.l[r * G + g], w, Ls);
+          A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
+        }
+      }
+      if (o.num_splits == 1) {
+        StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
+        if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
+      } else {
+        float* part = o.partials + static_cast<size_t>(o.split) * PF;
+        if (d == 0) {
+          part[g] = M;
+          part[G + g] = Ls;
+        }
+        part[PartialAccOffset(G) + idx] = A;
+      }
+    }
+    if (o.num_splits == 1) return;
+  }
+
+  // Last split of the task merges.
+  if (o.legacy_merge) {  // threadFenceReduction pattern: every thread fences (fence.sc)
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
+    __syncthreads();
+    if (!rt.is_last) return;
+    __threadfence();
+  } else {
+    // The barrier orders the block's partial writes before thread 0's acq_rel atomic, which
+    // releases them and, in the last block, acquires the others' (the barrier then orders the
+    // merge's reads after it): one fenced atomic instead of a fence per thread + an atomic.
+    __syncthreads();
+    if (tid == 0) {
+      uint32_t prev;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                   : "=r"(prev)
+                   : "l"(o.counter)
+                   : "memory");
+      rt.is_last = prev == o.num_splits - 1;
+    }
+    __syncthreads();
+    if (!rt.is_last) return;
+  }
+  const uint32_t ns = nparts;
+  if (o.legacy_merge) {
+    LegacyMerge<D, G, NG>(ca, o, ns);
+    if (tid == 0) *o.counter = 0;
+    return;
+  }
+  // Merge, online over batches of kB splits: each thread loads (m, l, 4 outputs) of kB splits at
+  // once (independent loads: one L2 round trip per batch, no shared memory, no barrier), then
+  // folds them into its running (max, sum, outputs).
+  constexpr int kVec = G * D / 4;  // float4 outputs of the task
+  constexpr int KO = (kVec + kThreads - 1) / kThreads;
+  constexpr int kB = KO == 1 ? 16 : 8;
+  float Mj[KO], Lj[KO];
+  float4 A[KO];
+#pragma unroll
+  for (int j = 0; j < KO; ++j) {
+    Mj[j] = kNegInf;
+    Lj[j] = 0.f;
+    A[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  for (uint32_t b0 = 0; b0 < ns; b0 += kB) {
+    float mb[KO][kB], lb[KO][kB];
+    float4 ab[KO][kB];
+#pragma unroll
+    for (int j = 0; j < KO; ++j) {
+      const int v4 = tid + j * kThreads;
+      const int g = (v4 * 4) / D;
+#pragma unroll
+      for (int u = 0; u < kB; ++u) {
+        mb[j][u] = kNegInf;
+        lb[j][u] = 0.f;
+        ab[j][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (v4 < kVec && b0 + u < ns) {
+          const float* part = o.partials + static_cast<size_t>(b0 + u) * PF;
+          mb[j][u] = __ldcg(part + g);
+          lb[j][u] = __ldcg(part + G + g);
+          ab[j][u] = __ldcg(reinterpret_cast<const float4*>(part + PartialAccOffset(G)) + v4);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < KO; ++j) {
+      float mn = Mj[j];
+#pragma unroll
+      for (int u = 0; u < kB; ++u) mn = fmaxf(mn, mb[j][u]);
+      if (mn == kNegInf) continue;
+      const float sc = Mj[j] == kNegInf ? 0.f : exp2f(Mj[j] - mn);
+      Lj[j] *= sc;
+      A[j].x *= sc;
+      A[j].y *= sc;
+      A[j].z *= sc;
+      A[j].w *= sc;
+#pragma unroll
+      for (int u = 0; u < kB; ++u) {
+        const float w = mb[j][u] == kNegInf ? 0.f : exp2f(mb[j][u] - mn);
+        Lj[j] = fmaf(lb[j][u], w, Lj[j]);
+        A[j].x = fmaf(ab[j][u].x, w, A[j].x);
+        A[j].y = fmaf(ab[j][u].y, w, A[j].y);
+        A[j].z = fmaf(ab[j][u].z, w, A[j].z);
+        A[j].w = fmaf(ab[j][u].w, w, A[j].w);
+      }
+      Mj[j] = mn;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < KO; ++j) {
+    const int v4 = tid + j * kThreads;
+    if (v4 < kVec) {
+      const int g = (v4 * 4) / D;
+      const float Ls = Lj[j];
+      const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 0, A[j].x * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 1, A[j].y * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 2, A[j].z * inv);
+      StoreElem(o.out, o.out_dtype, v4 * 4 + 3, A[j].w * inv);
+      if ((v4 * 4) % D == 0 && o.lse != nullptr) {
+        o.lse[g] = Ls > 0.f ? (Mj[j] + log2f(Ls)) * kLn2 : kNegInf;
       }
     }
   }
@@ -749,17 +953,23 @@ constexpr int MinBlocks() {
 template <int D, int G, typename KV, int kTC>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
-                     const AttendRunDesc* __restrict__ runs, uint32_t* counters, float* partials,
-                     DType q_dtype, DType out_dtype) {
+                     const AttendRunDesc* __restrict__ runs, uint32_t run_stride,
+                     uint32_t* counters, float* partials, DType q_dtype, DType out_dtype,
+                     bool legacy_merge) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   // Launched as a programmatic dependent of the tree search (LaunchSearchAttend): wait for its
   // items and runs. A no-op in an ordinary launch.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // With a fixed run stride (item i's runs start at i * run_stride) the first kThreads runs are
+  // loaded together with the item, not after it: one dependent global round trip less.
+  const bool pre = threadIdx.x < run_stride;
+  AttendRunDesc first{};
+  if (pre) first = runs[static_cast<size_t>(blockIdx.x) * run_stride + threadIdx.x];
   const AttendItemDesc item = items[blockIdx.x];
   const int nruns = static_cast<int>(item.run_end - item.run_begin);
   for (int i = threadIdx.x; i < nruns; i += kThreads) {
-    const AttendRunDesc r = runs[item.run_begin + i];
+    const AttendRunDesc r = i < kThreads && pre ? first : runs[item.run_begin + i];
     rt.k_off[i] = r.k_off;
     rt.v_off[i] = r.v_off;
     rt.len[i] = r.len;
@@ -770,7 +980,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                item.num_splits,
                item.split,
                partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
-               counters + item.task};
+               counters + item.task,
+               legacy_merge};
   const KV* pool = static_cast<const KV*>(item.pool);
   RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
 }
@@ -780,7 +991,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     DenseAttendKernel(const KV* __restrict__ k, const KV* __restrict__ v, uint32_t kv_heads,
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
                       uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
-                      DType out_dtype, float* lse, uint32_t* counters, float* partials) {
+                      DType out_dtype, float* lse, uint32_t* counters, float* partials,
+                      bool legacy_merge) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -801,10 +1013,21 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                gridDim.x,
                split,
                partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
-               counters + task};
+               counters + task,
+               legacy_merge};
   const void* qt =
       static_cast<const uint8_t*>(q) + static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
   RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
+}
+
+// KVMEM_ATTN_MERGE=legacy: the merge of run 15 (two passes) and no early run loads, for A/B runs
+// against the batched merge in the same process.
+bool LegacyMergeEnv() {
+  static const bool legacy = [] {
+    const char* e = std::getenv("KVMEM_ATTN_MERGE");
+    return e != nullptr && std::string(e) == "legacy";
+  }();
+  return legacy;
 }
 
 // Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt" or
@@ -872,6 +1095,8 @@ int PrepareKernel(size_t dyn) {
     int n = 0;
     if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(dyn)) != cudaSuccess ||
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+            cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, dyn) != cudaSuccess) {
       (void)cudaGetLastError();
       return 0;
@@ -897,9 +1122,55 @@ uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
   return static_cast<uint32_t>(per_sm * sms);
 }
 
+// Clusters of `c` blocks of the attention kernel the device runs at once (0: none or no device;
+// cudaOccupancyMaxActiveClusters, cached per kernel and size).
+template <auto Kernel>
+int MaxClusters(size_t dyn, uint32_t c) {
+  static int cache[5] = {-1, -1, -1, -1, -1};  // sizes 1, 2, 4, 8, 16
+  int i = 0;
+  while ((1u << i) < c && i < 4) ++i;
+  if (cache[i] < 0) {
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = 1u << i;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(1u << i);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = dyn;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 0;
+    }
+    cache[i] = n;
+  }
+  return cache[i];
+}
+
+template <bool kDense>
+uint32_t ActiveClusters(uint32_t D, uint32_t G, DType kv, uint32_t c) {
+  if (MultiprocessorCount() <= 0) return 0;
+  int n = 0;
+  Dispatch(D, G, kv, [&]<int d, int g, typename KV, int kTC>() {
+    constexpr size_t kDyn = DynBytes<d, g, kTC>();
+    if constexpr (kDense) {
+      PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn);
+      n = MaxClusters<DenseAttendKernel<d, g, KV, kTC>>(kDyn, c);
+    } else {
+      PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
+      n = MaxClusters<SpanAttendKernel<d, g, KV, kTC>>(kDyn, c);
+    }
+  });
+  return static_cast<uint32_t>(n);
+}
+
 struct DenseGeometry {
   uint32_t split_tokens;
   uint32_t num_splits;
+  uint32_t cluster;
   size_t counters_bytes;
   size_t partials_bytes;
 };
@@ -921,6 +1192,19 @@ DenseGeometry Geometry(const DenseAttendView& v, const DenseAttendOptions& opt) 
                                std::max(opt.min_split_tokens, opt.max_split_tokens));
   g.split_tokens = static_cast<uint32_t>(AlignUp(split, 64));
   g.num_splits = std::max<uint32_t>(1, (v.max_seq_len + g.split_tokens - 1) / g.split_tokens);
+  // Clusters of splits combine through distributed shared memory (see CombineAndMerge): the
+  // largest power of two <= the split count, up to 8 (KVMEM_ATTN_CLUSTER: off or a size), the
+  // split count rounded up to a multiple of it (splits past the end are empty).
+  // Automatic sizes only where all clusters of the launch run at once.
+  g.cluster = AttendClusterSize(opt.cluster, g.num_splits, 8);
+  if ((opt.cluster == 0 ? AttendClusterEnv() : opt.cluster) == kAttendClusterAuto) {
+    while (g.cluster > 1 &&
+           ActiveClusters<true>(v.head_dim, G, v.kv_dtype, g.cluster) <
+               tasks * AlignUp(g.num_splits, g.cluster) / g.cluster) {
+      g.cluster /= 2;
+    }
+  }
+  g.num_splits = static_cast<uint32_t>(AlignUp(g.num_splits, g.cluster));
   g.counters_bytes = AlignUp(tasks * sizeof(uint32_t), 256);
   g.partials_bytes =
       g.num_splits > 1 ? tasks * g.num_splits * PartialFloats(G, v.head_dim) * sizeof(float) : 0;
@@ -951,6 +1235,11 @@ int MultiprocessorCount() {
   return sms;
 }
 
+uint32_t AttendActiveClusters(uint32_t head_dim, uint32_t group, DType kv_dtype,
+                              uint32_t cluster) {
+  return ActiveClusters<false>(head_dim, group, kv_dtype, cluster);
+}
+
 uint32_t AttendResidentBlocks(uint32_t head_dim, uint32_t group, DType kv_dtype) {
   return ResidentBlocks<false>(head_dim, group, kv_dtype);
 }
@@ -975,6 +1264,10 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
 Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
                              bool dependent) {
   if (plan.num_items == 0) return InvalidArgument("launch attend: empty plan");
+  if (plan.cluster_size > 16 || plan.num_items % std::max(1u, plan.cluster_size) != 0) {
+    return InvalidArgument("launch attend: cluster size " + std::to_string(plan.cluster_size) +
+                           " for " + std::to_string(plan.num_items) + " items");
+  }
   if (workspace == nullptr) return InvalidArgument("launch attend: null workspace");
   auto* ws = static_cast<uint8_t*>(workspace);
   const auto* items = reinterpret_cast<const AttendItemDesc*>(ws + plan.items_off);
@@ -987,23 +1280,35 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
       Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV, int kTC>() {
         constexpr size_t kDyn = DynBytes<D, G, kTC>();
         PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
-        if (!dependent) {
+        const uint32_t run_stride = LegacyMergeEnv() ? 0 : plan.run_stride;
+        if (!dependent && plan.cluster_size <= 1) {
           SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
-              items, runs, counters, partials, plan.q_dtype, plan.out_dtype);
+              items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
+              LegacyMergeEnv());
           return;
         }
         cudaLaunchConfig_t cfg{};
-        cudaLaunchAttribute attr{};
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr.val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchAttribute attr[2]{};
+        unsigned n = 0;
+        if (dependent) {
+          attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+          attr[n++].val.programmaticStreamSerializationAllowed = 1;
+        }
+        if (plan.cluster_size > 1) {
+          attr[n].id = cudaLaunchAttributeClusterDimension;
+          attr[n].val.clusterDim.x = plan.cluster_size;
+          attr[n].val.clusterDim.y = attr[n].val.clusterDim.z = 1;
+          ++n;
+        }
         cfg.gridDim = dim3(plan.num_items);
         cfg.blockDim = dim3(kThreads);
         cfg.dynamicSmemBytes = kDyn;
         cfg.stream = s;
-        cfg.attrs = &attr;
-        cfg.numAttrs = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = n;
         launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
-                                        counters, partials, plan.q_dtype, plan.out_dtype);
+                                        run_stride, counters, partials, plan.q_dtype,
+                                        plan.out_dtype, LegacyMergeEnv());
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
@@ -1032,15 +1337,36 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + geo.counters_bytes);
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
+  cudaError_t launch_err = cudaSuccess;
   const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<D, GG, kTC>();
     PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
-    DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
-        static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens,
-        v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters,
-        partials);
+    if (geo.cluster <= 1) {
+      DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
+          static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads,
+          v.capacity_tokens, v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out,
+          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv());
+      return;
+    }
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = geo.cluster;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = kDyn;
+    cfg.stream = s;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    launch_err = cudaLaunchKernelEx(
+        &cfg, DenseAttendKernel<D, GG, KV, kTC>, static_cast<const KV*>(v.k),
+        static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens, v.seq_lens,
+        geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters, partials,
+        LegacyMergeEnv());
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
+  KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DenseAttendKernel");
   return Status::OK();
 }

@@ -1237,6 +1237,8 @@ Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* s
   ap.out_dtype = plan.out_dtype;
   ap.head_dim = plan.head_dim;
   ap.group = plan.group;
+  ap.cluster_size = plan.attend_cluster;
+  ap.run_stride = kMaxRunsPerItem;  // the planner's run slots: item i from i * kMaxRunsPerItem
   ap.items_off = plan.items_off;
   ap.runs_off = plan.runs_off;
   ap.counters_off = plan.counters_off;

@@ -231,11 +231,19 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
   }
   AttendCpu(cpu.data(), c.problems);
 
+  // Clusters of splits: the default (none), automatic, and forced (2: several clusters per task
+  // where run tables overflow; 16: mostly empty splits).
+  for (uint32_t cluster : {0u, kc::kAttendClusterAuto, 2u, 16u}) {
+  SCOPED_TRACE("cluster option " + std::to_string(cluster));
   kc::AttendPlanOptions opt;
   opt.min_split_tokens = c.min_split;
   opt.max_split_tokens = c.max_split;
+  opt.cluster = cluster;
   kc::AttendPlan plan;
   ST_OK(kc::PlanAttend(dev.data(), c.problems, opt, &plan));
+  if (cluster > 1 && cluster != kc::kAttendClusterAuto) {
+    EXPECT_EQ(plan.cluster_size, cluster);
+  }
   GuardedBuffer ws(plan.workspace_bytes);
   ASSERT_TRUE(ws.ok());
   ST_OK(kc::UploadAttendPlan(plan, ws.data(), nullptr));
@@ -273,6 +281,7 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
     } else {
       EXPECT_EQ(first, out_h) << "second launch differs: counters not reset or a race";
     }
+  }
   }
 }
 
@@ -353,9 +362,12 @@ TEST_P(DenseAttendParity, MatchesDenseAttendCpu) {
   v.q = q_d.data();
   v.out = out_d.data();
   v.lse = lse_d.as<float>();
+  for (uint32_t cluster : {0u, kc::kAttendClusterAuto, 2u, 16u}) {  // see SpanAttendParity
+  SCOPED_TRACE("cluster option " + std::to_string(cluster));
   kc::DenseAttendOptions opt;
   opt.min_split_tokens = c.min_split;
   opt.max_split_tokens = c.max_split;
+  opt.cluster = cluster;
   const size_t wsb = std::max<size_t>(kc::DenseAttendWorkspaceBytes(v, opt), 16);
   GuardedBuffer ws(wsb);
   CUDA_OK(cudaMemset(ws.data(), 0, wsb));
@@ -379,6 +391,7 @@ TEST_P(DenseAttendParity, MatchesDenseAttendCpu) {
         EXPECT_NEAR(lse_h[i], lse_ref[i], 1e-4 * (1 + std::fabs(lse_ref[i]))) << i;
       }
     }
+  }
   }
 }
 

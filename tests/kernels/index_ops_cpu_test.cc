@@ -190,11 +190,16 @@ TEST(AttendPlan, CoversEveryTokenOnce) {
                   fake,
                   DType::kBF16,
                   nullptr};
+  // Without clusters, and with clusters of 4 and 16 splits (every task a multiple of them).
+  for (uint32_t cluster : {1u, 4u, 16u}) {
+  SCOPED_TRACE("cluster " + std::to_string(cluster));
   cuda::AttendPlanOptions opt;
   opt.target_blocks = 64;
   opt.min_split_tokens = 64;
+  opt.cluster = cluster;
   cuda::AttendPlan plan;
   ASSERT_TRUE(cuda::PlanAttend(&p, 1, opt, &plan).ok());
+  ASSERT_EQ(plan.cluster_size, cluster);
   using detail::AttendItemDesc;
   using detail::AttendRunDesc;
   using detail::AttendTaskDesc;
@@ -213,10 +218,15 @@ TEST(AttendPlan, CoversEveryTokenOnce) {
     }
     std::vector<uint64_t> got;
     ASSERT_GE(tasks[h].num_splits, 1u);
+    ASSERT_EQ(tasks[h].num_splits % cluster, 0u);
     for (uint32_t sp = 0; sp < tasks[h].num_splits; ++sp, ++item) {
       const AttendItemDesc& it = items[item];
       ASSERT_EQ(it.task, h);
       ASSERT_EQ(it.split, sp);
+      if (plan.run_stride > 0) {
+        ASSERT_EQ(it.run_begin, item * plan.run_stride);
+        ASSERT_LE(it.run_end - it.run_begin, plan.run_stride);
+      }
       ASSERT_LE(it.run_end - it.run_begin, detail::kMaxRunsPerItem);
       ASSERT_LE(it.tokens, plan.split_tokens);
       uint32_t tok = 0;
@@ -231,10 +241,11 @@ TEST(AttendPlan, CoversEveryTokenOnce) {
     }
     ASSERT_EQ(got, want) << "head " << h;
     if (h == 2) {
-      ASSERT_EQ(tasks[h].num_splits, 1u);
+      ASSERT_EQ(tasks[h].num_splits, cluster);
     }
   }
   ASSERT_EQ(item, plan.num_items);
+  }
 }
 
 }  // namespace
