@@ -2,6 +2,7 @@
 // kernels::cuda (plan on the host, one upload, one launch, copy back).
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -9,6 +10,7 @@
 
 #include "common/units.h"
 #include "daemon/kv_pool.h"
+#include "daemon/metrics.h"
 #include "kernels/cuda_ops.h"
 
 namespace kvmem {
@@ -130,6 +132,12 @@ class DevicePool final : public KVPool {
   Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
+    auto t_mark = std::chrono::steady_clock::now();
+    auto phase = [&t_mark](AttendPhase p) {  // sub-phases of device_search_attend
+      const auto now = std::chrono::steady_clock::now();
+      GlobalMetrics().attend_phase[static_cast<int>(p)].Observe(now - t_mark);
+      t_mark = now;
+    };
     kernels::cuda::SearchAttendProblem dev = req->problem;
     const kernels::AttendProblem& a = req->problem.attend;
     const size_t q_bytes = size_t{a.q_heads} * a.head_dim * DTypeSize(a.q_dtype);
@@ -156,29 +164,30 @@ class DevicePool final : public KVPool {
       KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, io_room + plan.workspace_bytes));
     }
     uint8_t* d_ws = d_in + io_room;
-    // Pinned staging: [q | (out, lse: not read) | plan image] up in one copy, [out | lse] and
-    // [results (+ selection)] down, so the copies are truly asynchronous.
-    const size_t res_end = req->want_selection ? plan.scratch_off
+    // Pinned staging: [q | (out, lse: not read) | plan image] up in one copy, and one copy
+    // down of [out | lse | image | results (+ selection)] (the planner puts the results right
+    // after the image), so the copies are truly asynchronous.
+    const size_t res_end = req->want_selection ? plan.runs_off
                                                : plan.results_off + plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult);
     const size_t up = io_room + plan.image.size();
-    const size_t down = out_room + lse_bytes + (res_end - plan.results_off);
-    KVMEM_RETURN_IF_ERROR(GrowPinned(up + down));
+    const size_t down = (io_room - q_room) + res_end;
+    KVMEM_RETURN_IF_ERROR(GrowPinned(up + down + 256));
     uint8_t* h_up = pinned_;
     uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
     std::memcpy(h_up, a.q, q_bytes);
     std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
+    phase(AttendPhase::kDevicePlan);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
                                "stage q and the search plan"));
     KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_ws, stream_));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, out_room + lse_bytes,
-                                               cudaMemcpyDeviceToHost, stream_), "copy out"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down + out_room + lse_bytes, d_ws + plan.results_off,
-                                               res_end - plan.results_off, cudaMemcpyDeviceToHost, stream_),
-                               "copy search results"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, down, cudaMemcpyDeviceToHost, stream_),
+                               "copy out and the search results"));
+    phase(AttendPhase::kDeviceLaunch);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
+    phase(AttendPhase::kDeviceWait);
     std::memcpy(a.out, h_down, out_bytes);
     if (a.lse) std::memcpy(a.lse, h_down + out_room, lse_bytes);
-    const uint8_t* res = h_down + out_room + lse_bytes;
+    const uint8_t* res = h_down + (io_room - q_room) + plan.results_off;
     reply->heads.resize(plan.num_tasks);
     std::memcpy(reply->heads.data(), res, plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult));
     reply->max_selected = plan.max_selected;

@@ -139,6 +139,9 @@ const char* AttendPhaseName(AttendPhase p) {
     case AttendPhase::kDeviceSync: return "device_sync";
     case AttendPhase::kDeviceSearchAttend: return "device_search_attend";
     case AttendPhase::kSeal: return "seal";
+    case AttendPhase::kDevicePlan: return "device_plan";
+    case AttendPhase::kDeviceLaunch: return "device_launch";
+    case AttendPhase::kDeviceWait: return "device_wait";
     case AttendPhase::kCount: break;
   }
   return "unknown";

@@ -57,6 +57,10 @@ enum class AttendPhase : uint8_t {
   kDeviceSync,        // device tree mirrors and block table brought up to date
   kDeviceSearchAttend,  // device search + attention: uploads, two launches, copies, sync
   kSeal,              // sealing completed tokens into chunks after the attention
+  // Inside kDeviceSearchAttend (the CUDA pool's SearchAttend), for where its time goes:
+  kDevicePlan,    // host planning and staging q + the plan image in pinned memory
+  kDeviceLaunch,  // enqueueing the upload, the two launches and the two copies back
+  kDeviceWait,    // waiting for the stream (the device work not yet done when enqueued)
   kCount
 };
 inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);
