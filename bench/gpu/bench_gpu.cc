@@ -473,6 +473,7 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
     row["plan_us"] = plan_us;
     row["blocks"] = plans[0].num_items;
     row["split_tokens"] = plans[0].split_tokens;
+    row["attn_cluster"] = plans[0].cluster_size;
     row["tokens_per_head"] = static_cast<double>(sels[0].tokens) / (batch * kHkv);
     if (g_sweep && batch >= 8) {
       row["sweep"] = nlohmann::json::array();
@@ -765,6 +766,8 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
     for (auto* r : {&r1, &r2}) {
       (*r)["rotation"] = R;
       (*r)["cluster_size"] = cluster;
+      (*r)["attn_cluster"] = pl.attend_cluster;
+      (*r)["blocks"] = pl.num_items;
       (*r)["search_us_cluster1"] = us_search_1block;
       (*r)["cpu_agreement"] = agree / tasks;
       (*r)["cpu_overlap"] = overlap / tasks;
