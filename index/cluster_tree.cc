@@ -1,6 +1,7 @@
 #include "index/cluster_tree.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <queue>
 #include <string>
@@ -450,10 +451,16 @@ bool ClusterTree::Stale(uint32_t n) const {
 }
 
 bool ClusterTree::NeedsMaintenance() const {
-  for (uint32_t n = 0; n < nodes_.size(); ++n) {
-    if (Stale(n)) return true;
-  }
-  return false;
+  static const bool cache = [] {
+    const char* e = std::getenv("KVMEM_TREE_MAINT_CACHE");
+    return e == nullptr || std::string(e) != "off";
+  }();
+  const uint64_t c = maintenance_cache_.v.load(std::memory_order_relaxed);
+  if (cache && c != ~uint64_t{0} && (c >> 1) == version_) return (c & 1) != 0;
+  bool need = false;
+  for (uint32_t n = 0; n < nodes_.size() && !need; ++n) need = Stale(n);
+  maintenance_cache_.v.store((version_ << 1) | (need ? 1 : 0), std::memory_order_relaxed);
+  return need;
 }
 
 uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {

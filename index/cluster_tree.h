@@ -20,6 +20,7 @@
 // with start(0) = 0 and no gaps. Not thread-safe: one thread per tree (sessions are sharded).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -157,7 +158,10 @@ class ClusterTree {
   // loosen until Maintain() runs.
   Status Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t tokens);
 
-  // True when a subtree has grown or loosened past the thresholds in the options.
+  // True when a subtree has grown or loosened past the thresholds in the options. O(nodes) the
+  // first time after a change (Build, Insert, Maintain: version()), then O(1): the daemon asks
+  // after every reply, for every tree of the session (KVMEM_TREE_MAINT_CACHE=off scans every
+  // time, for A/B runs).
   bool NeedsMaintenance() const;
   // Repairs up to max_subtrees stale subtrees, highest first: a stale fine cluster is split in
   // two beside itself while its parent has room, else its parent is rebuilt; other stale nodes
@@ -260,6 +264,18 @@ class ClusterTree {
   uint64_t subtree_rebuilds_ = 0;
   uint64_t version_ = 0;
   uint64_t build_epoch_ = 0;  // Build() replaces chunk summaries: exports start over
+  // NeedsMaintenance() of version v: (v << 1) | answer; ~0 = not asked yet. Atomic (relaxed)
+  // because const readers may ask concurrently; copies carry the cached answer along.
+  struct MaintenanceCache {
+    std::atomic<uint64_t> v{~uint64_t{0}};
+    MaintenanceCache() = default;
+    MaintenanceCache(const MaintenanceCache& o) : v(o.v.load(std::memory_order_relaxed)) {}
+    MaintenanceCache& operator=(const MaintenanceCache& o) {
+      v.store(o.v.load(std::memory_order_relaxed), std::memory_order_relaxed);
+      return *this;
+    }
+  };
+  mutable MaintenanceCache maintenance_cache_;
 };
 
 }  // namespace kvmem::index

@@ -100,10 +100,10 @@ echo "== torch ($(el)s)"
 timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" > /tmp/torch.log 2>&1
 echo "torch rc=$? ($(el)s)"; tail -n 1 /tmp/torch.log
 if [[ -x $G/b/bin/kvmemd ]]; then
-  for e2e in ${E2E:-default}; do
-    e=(); [[ $e2e != default ]] && e=("$e2e")
-    echo "== e2e attend, device search, cluster=$e2e ($(el)s)"
-    env "${e[@]}" timeout 120 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts ${CONTEXTS:-8192,32768,131072} \
+  for e2e in ${E2E:-default KVMEM_TREE_MAINT_CACHE=off}; do
+    e=(); j="$OUT/e2e.json"; [[ $e2e != default ]] && { e=("$e2e"); j=/tmp/e2e_ab.json; }
+    echo "== e2e attend, device search, $e2e ($(el)s)"
+    env "${e[@]}" timeout 120 $G/b/run kvmem-bench-e2e --json "$j" --contexts ${CONTEXTS:-8192,32768,131072} \
       --iters ${ITERS:-200} > /tmp/e2e.log 2>&1; echo "e2e rc=$? ($(el)s)"; grep -E "kvmem_e2e_attend|ping" /tmp/e2e.log | cut -c1-400
     { echo "### e2e $e2e"; cat /tmp/e2e.log; } >> /tmp/logs.txt
   done
