@@ -46,6 +46,9 @@ struct TransportOptions {
   // only (UCX 1.13 hangs TCP appends with it), and clients must be allowed to ptrace the
   // daemon (docs/architecture.md, "Append path").
   std::string rndv_scheme = "auto";
+  // Packed AppendKV payloads on host-pool sessions are received straight into the blocks of
+  // the chunks they seal (Service::PlanLanding; docs/architecture.md, "Append path").
+  bool append_landing = true;
 };
 
 struct TransportCounters {
