@@ -51,7 +51,8 @@ Usage: kvmemd [options]
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
   --ucx-rndv-scheme S    auto | get_zcopy | put_zcopy  (default auto; large-payload rendezvous)
   --append-landing B     on: packed AppendKV payloads are received straight into their chunk
-                         blocks (host pool); off: into a receive buffer, then copied (default on)
+                         blocks (host pool; slower with UCX 1.13, whose IOV receive leaves CMA);
+                         off: into a receive buffer, then copied (default off)
   --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
   --sync-writes B        true: fsync the WAL before acknowledging a durable write (survives
                          power loss); false: write(2) only (survives kill -9)   (default false)
@@ -159,7 +160,7 @@ int main(int argc, char** argv) {
   };
   // Store options are read once (not reloadable).
   StoreOptions store_opts;
-  bool append_landing = true;
+  bool append_landing = false;
   for (const auto& [k, v] : flags.values) {
     if (k == "--append-landing") {
       if (v != "on" && v != "off") return Fail("--append-landing needs on or off");
@@ -204,6 +205,9 @@ int main(int argc, char** argv) {
 
   ParallelPool search_pool(config.search_threads);
   SetSearchPool(config.search_threads > 0 ? &search_pool : nullptr);
+  // Appends copy on a couple of threads of their own (session.h, SetAppendPool).
+  ParallelPool append_pool(std::min(kAppendCopyThreads, config.search_threads));
+  SetAppendPool(config.search_threads > 0 ? &append_pool : nullptr);
   boost::asio::io_context io;
   Service service(config, pool->get(), backend);
   service.AttachStore(store->get());

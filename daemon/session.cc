@@ -42,6 +42,11 @@ uint64_t NowMs() {
 }
 
 ParallelPool* g_search_pool = nullptr;
+ParallelPool* g_append_pool = nullptr;
+
+// The workers an append's copy and NaN/Inf check fan out over: the small append pool when one
+// is set, else the search pool.
+ParallelPool* AppendWorkers() { return g_append_pool != nullptr ? g_append_pool : g_search_pool; }
 
 // Runs f(0..n-1) on the search pool when one is configured, else in order on this thread.
 template <typename F>
@@ -56,6 +61,7 @@ void ForEachHead(uint32_t n, F&& f) {
 }  // namespace
 
 void SetSearchPool(ParallelPool* pool) { g_search_pool = pool; }
+void SetAppendPool(ParallelPool* pool) { g_append_pool = pool; }
 
 namespace {
 
@@ -63,7 +69,7 @@ namespace {
 // worker pool (the scan costs as much as a copy; on one thread it is the append's bottleneck).
 bool AnyNonFinite(const uint8_t* k, const uint8_t* v, DType dtype, size_t elems) {
   constexpr size_t kSliceElems = 128 << 10;
-  ParallelPool* workers = g_search_pool;
+  ParallelPool* workers = AppendWorkers();
   const size_t slices = (elems + kSliceElems - 1) / kSliceElems;
   if (workers == nullptr || workers->threads() == 0 || slices < 2) {
     return HasNonFinite(k, dtype, elems) || HasNonFinite(v, dtype, elems);
@@ -360,7 +366,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   // fill chunks, here for the rows bound for the tails (before any tail changes).
   std::optional<DType> check;
   if (check_input) check = profile_.dtype;
-  Status st = pool_->CopyBatch(fills, g_search_pool, check);
+  Status st = pool_->CopyBatch(fills, AppendWorkers(), check);
   if (st.ok() && !landed_rows.empty()) {
     // Rows received in place are checked where they landed (a read pass, no copy); the pool is
     // host memory (LandingHolds).
@@ -373,8 +379,8 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
       const auto& r = landed_rows[i];
       if (HasNonFinite(base + r.first, profile_.dtype, r.second / esize)) bad.store(true, std::memory_order_relaxed);
     };
-    if (g_search_pool != nullptr && g_search_pool->threads() > 0 && total >= (256u << 10)) {
-      g_search_pool->For(static_cast<uint32_t>(landed_rows.size()), check_one);
+    if (ParallelPool* w = AppendWorkers(); w != nullptr && w->threads() > 0 && total >= (256u << 10)) {
+      w->For(static_cast<uint32_t>(landed_rows.size()), check_one);
     } else {
       for (uint32_t i = 0; i < landed_rows.size(); ++i) check_one(i);
     }

@@ -594,6 +594,12 @@ class ParallelPool;
 // The pool that per-KV-head index searches and large appends (copies, validation) fan out over
 // (nullptr: sequential). Set once at startup, before sessions exist.
 void SetSearchPool(ParallelPool* pool);
+// The pool an append's copy into its chunk blocks and its NaN/Inf check fan out over (nullptr:
+// the search pool). A few threads: waking all of the search pool for every megabyte appended
+// contended with the transport thread for cores and was slower on the 16-core GPU host
+// (bench/results/transport-h200host-ab.json, "probes"). Set once at startup.
+void SetAppendPool(ParallelPool* pool);
+inline constexpr uint32_t kAppendCopyThreads = 2;
 
 // Largest number of decode tokens one layer may run ahead of the slowest layer.
 inline constexpr uint32_t kMaxLayerSkew = 4;
