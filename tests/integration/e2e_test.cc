@@ -258,7 +258,7 @@ TEST(E2E, PackedAppendsReceivedInPlace) {
       std::vector<uint8_t> buf(2 * size_t{L} * HKV * n * row);
       for (int kv = 0; kv < 2; ++kv)
         for (uint32_t lh = 0; lh < L * HKV; ++lh)
-          std::memcpy(buf.data() + ((size_t{kv} * L * HKV + lh) * n) * row,
+          std::memcpy(buf.data() + ((static_cast<size_t>(kv) * L * HKV + lh) * n) * row,
                       (kv ? values : keys).data() + (size_t{lh} * T + t) * row, n * row);
       packed.push_back(std::move(buf));
       ranges.push_back({t, n});
