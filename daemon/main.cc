@@ -50,6 +50,9 @@ Usage: kvmemd [options]
   --max-message SIZE     largest accepted message      (default 1GiB)
   --ucx-error-mode M     none | peer                   (default none; none allows shared memory)
   --ucx-rndv-scheme S    auto | get_zcopy | put_zcopy  (default auto; large-payload rendezvous)
+  --append-landing B     on: packed AppendKV payloads are received straight into their chunk
+                         blocks (host pool; slower with UCX 1.13, whose IOV receive leaves CMA);
+                         off: into a receive buffer, then copied (default off)
   --admin HOST:PORT|off  admin HTTP: /healthz /readyz /metrics /v1/sessions (default 127.0.0.1:7421)
   --sync-writes B        true: fsync the WAL before acknowledging a durable write (survives
                          power loss); false: write(2) only (survives kill -9)   (default false)
@@ -83,7 +86,7 @@ int main(int argc, char** argv) {
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--ucx-rndv-scheme", "--search-threads",
-                                  "--admin", "--sync-writes", "--fault-fail-writes-flag"};
+                                  "--admin", "--sync-writes", "--fault-fail-writes-flag", "--append-landing"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -157,7 +160,12 @@ int main(int argc, char** argv) {
   };
   // Store options are read once (not reloadable).
   StoreOptions store_opts;
+  bool append_landing = false;
   for (const auto& [k, v] : flags.values) {
+    if (k == "--append-landing") {
+      if (v != "on" && v != "off") return Fail("--append-landing needs on or off");
+      append_landing = v == "on";
+    }
     if (k == "--fault-fail-writes-flag") store_opts.fail_writes_flag_file = v;
     if (k == "--sync-writes") {
       if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
@@ -197,6 +205,9 @@ int main(int argc, char** argv) {
 
   ParallelPool search_pool(config.search_threads);
   SetSearchPool(config.search_threads > 0 ? &search_pool : nullptr);
+  // Appends copy on a couple of threads of their own (session.h, SetAppendPool).
+  ParallelPool append_pool(std::min(kAppendCopyThreads, config.search_threads));
+  SetAppendPool(config.search_threads > 0 ? &append_pool : nullptr);
   boost::asio::io_context io;
   Service service(config, pool->get(), backend);
   service.AttachStore(store->get());
@@ -208,6 +219,7 @@ int main(int argc, char** argv) {
   topts.poll = config.progress == "poll";
   topts.peer_error_handling = config.ucx_error_mode == "peer";
   topts.rndv_scheme = config.ucx_rndv_scheme;
+  topts.append_landing = append_landing;
   topts.max_message_bytes = config.max_message_bytes;
   topts.max_inflight_per_endpoint = config.max_inflight_per_endpoint;
   topts.max_connections = config.max_connections;

@@ -147,6 +147,18 @@ const char* AttendPhaseName(AttendPhase p) {
   return "unknown";
 }
 
+const char* AppendPhaseName(AppendPhase p) {
+  switch (p) {
+    case AppendPhase::kReceive: return "receive";
+    case AppendPhase::kQueue: return "queue";
+    case AppendPhase::kHandle: return "handle";
+    case AppendPhase::kStore: return "store";
+    case AppendPhase::kReply: return "reply";
+    case AppendPhase::kCount: break;
+  }
+  return "unknown";
+}
+
 std::vector<std::string> MetricFamilyNames() {
   return {"kvmem_build_info",
           "kvmem_up",
@@ -170,6 +182,8 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_tenants_configured",
           "kvmem_search_nodes_visited_total",
           "kvmem_attend_phase_seconds",
+          "kvmem_append_phase_seconds",
+          "kvmem_append_landings_total",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
           "kvmem_ucx_endpoints_left_open_total",
@@ -292,6 +306,18 @@ std::string RenderPrometheus(const MetricsSources& src) {
     WriteHistogram(&wr, "kvmem_attend_phase_seconds", "phase",
                    AttendPhaseName(static_cast<AttendPhase>(ph)), m.attend_phase[ph].Read());
   }
+  wr.Family("kvmem_append_phase_seconds", "histogram",
+            "AppendKV time on the daemon by phase (payload receive, queue, handler, the store "
+            "into the KV pool within it, reply).");
+  for (int ph = 0; ph < kNumAppendPhases; ++ph) {
+    WriteHistogram(&wr, "kvmem_append_phase_seconds", "phase",
+                   AppendPhaseName(static_cast<AppendPhase>(ph)), m.append_phase[ph].Read());
+  }
+  wr.Family("kvmem_append_landings_total", "counter",
+            "AppendKV payloads received in place into their chunk blocks: stored without a copy "
+            "(landed), or copied back because the plan no longer held (gathered).");
+  wr.Sample("kvmem_append_landings_total", "outcome=\"landed\"", m.append_landed.load(std::memory_order_relaxed));
+  wr.Sample("kvmem_append_landings_total", "outcome=\"gathered\"", m.append_gathered.load(std::memory_order_relaxed));
 
   const TransportCounters* tc = src.transport;
   auto ld = [](const std::atomic<uint64_t>* a) {

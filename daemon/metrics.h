@@ -66,6 +66,20 @@ enum class AttendPhase : uint8_t {
 inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);
 const char* AttendPhaseName(AttendPhase p);
 
+// Where an AppendKV's time goes (kvmem_append_phase_seconds{phase=...}), measured by the
+// transport from the message's arrival (AM callback) to its reply send. The phases of one
+// request follow each other; requests overlap (receive of one while another is handled).
+enum class AppendPhase : uint8_t {
+  kReceive = 0,  // arrival to payload complete: the rendezvous receive (or eager copy)
+  kQueue,        // payload complete to handler start: parse, executor queue
+  kHandle,       // Service::Handle: checks, chunking, the store below, reply build
+  kStore,        // inside handle: the copy (and NaN/Inf check) into the KV pool's blocks
+  kReply,        // handler done to reply send on the transport thread
+  kCount
+};
+inline constexpr int kNumAppendPhases = static_cast<int>(AppendPhase::kCount);
+const char* AppendPhaseName(AppendPhase p);
+
 // Wire op and status code spaces are small enums (schemas/kvmem.fbs); arrays indexed by their
 // values keep recording branch-free. Values beyond the arrays are folded into the last slot.
 inline constexpr int kMaxOps = 64;
@@ -88,6 +102,12 @@ struct DaemonMetrics {
   std::atomic<uint64_t> search_nodes_visited{0};
   // Attend time by phase (see AttendPhase).
   std::array<LatencyHistogram, kNumAttendPhases> attend_phase{};
+  // AppendKV time by phase (see AppendPhase).
+  std::array<LatencyHistogram, kNumAppendPhases> append_phase{};
+  // AppendKV payloads received in place (AppendLanding) and stored without a copy, and those
+  // whose plan no longer held at the handler (copied back, then stored as usual).
+  std::atomic<uint64_t> append_landed{0};
+  std::atomic<uint64_t> append_gathered{0};
   // Config reloads (SIGHUP), by outcome.
   std::atomic<uint64_t> reloads_ok{0};
   std::atomic<uint64_t> reloads_failed{0};

@@ -138,7 +138,7 @@ uint64_t Service::ShardKey(const w::Envelope* env) {
   }
 }
 
-void Service::Handle(const RequestContext& ctx, const w::Parsed& msg, Reply* reply) {
+void Service::Handle(const RequestContext& ctx, const w::Parsed& msg, Reply* reply, AppendLanding* landing) {
   counters_.requests.fetch_add(1, std::memory_order_relaxed);
   const uint64_t rid = msg.envelope->request_id();
   Status s;
@@ -146,7 +146,7 @@ void Service::Handle(const RequestContext& ctx, const w::Parsed& msg, Reply* rep
   if (ctx.tenant.empty() && body != w::Body::Ping && body != w::Body::Hello) {
     s = Unauthenticated("send Hello with a valid token first");
   } else {
-    s = HandleBody(ctx, msg, reply);
+    s = HandleBody(ctx, msg, reply, landing);
   }
   if (!s.ok()) {
     counters_.errors.fetch_add(1, std::memory_order_relaxed);
@@ -154,7 +154,7 @@ void Service::Handle(const RequestContext& ctx, const w::Parsed& msg, Reply* rep
   }
 }
 
-Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Reply* r) {
+Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Reply* r, AppendLanding* landing) {
   const w::Envelope* env = msg.envelope;
   switch (env->body_type()) {
     case w::Body::Ping: {
@@ -171,7 +171,7 @@ Status Service::HandleBody(const RequestContext& ctx, const w::Parsed& msg, Repl
     case w::Body::DropSession: return DropSession(ctx, env->request_id(), env->body_as_DropSession(), r);
     case w::Body::ListSessions: return ListSessions(ctx, env->request_id(), r);
     case w::Body::SessionInfo: return SessionInfo(ctx, env->request_id(), env->body_as_SessionInfo(), r);
-    case w::Body::AppendKV: return AppendKV(ctx, msg, env->body_as_AppendKV(), r);
+    case w::Body::AppendKV: return AppendKV(ctx, msg, env->body_as_AppendKV(), r, landing);
     case w::Body::Attend: return Attend(ctx, msg, env->body_as_Attend(), r);
     case w::Body::AttendBatch: return AttendBatch(ctx, msg, env->body_as_AttendBatch(), r);
     case w::Body::Retrieve: return Retrieve(ctx, msg, env->body_as_Retrieve(), r);
@@ -640,8 +640,44 @@ Status Service::SessionInfo(const RequestContext& ctx, uint64_t rid, const w::Se
   return Status::OK();
 }
 
+std::unique_ptr<AppendLanding> Service::PlanLanding(const std::string& tenant, std::span<const uint8_t> header,
+                                                    uint8_t* data, size_t data_bytes, bool place) {
+  if (tenant.empty() || header.size() < 8 || data == nullptr) return nullptr;
+  flatbuffers::Verifier v(header.data(), header.size(), w::kMaxVerifierDepth, w::kMaxVerifierTables);
+  if (!w::VerifyEnvelopeBuffer(v)) return nullptr;
+  const w::Envelope* env = w::GetEnvelope(header.data());
+  if (env->spilled_bytes() != 0 || env->body_type() != w::Body::AppendKV || env->data_bytes() != data_bytes) {
+    return nullptr;
+  }
+  const w::AppendKV* req = env->body_as_AppendKV();
+  if (req == nullptr || req->kv() == nullptr || req->keys() != nullptr || req->values() != nullptr ||
+      req->boundaries() != nullptr || req->tokens() == 0) {
+    return nullptr;
+  }
+  const uint32_t n = req->tokens();
+  const uint8_t* bounds = nullptr;
+  if (const auto* bc = req->boundary_classes()) {
+    if (bc->size() != n) return nullptr;
+    bounds = bc->data();
+  }
+  auto s = Find(tenant, req->session_id());
+  if (!s.ok()) return nullptr;
+  const ModelProfile& p = (*s)->profile();
+  // The handler's own tensor checks (dtype, shape, size, bounds, alignment), so the plan covers
+  // exactly the bytes the handler will read as kv; the handler repeats them.
+  w::Parsed msg;
+  msg.envelope = env;
+  msg.tensors = data;
+  msg.tensor_bytes = data_bytes;
+  const uint64_t shape5[5] = {2, p.layers, p.kv_heads, n, p.head_dim};
+  const w::DType dt[1] = {w::ToWire(p.dtype)};
+  auto k = w::ResolveTensor(msg, req->kv(), "kv", shape5, dt);
+  if (!k.ok() || *k == nullptr) return nullptr;
+  return Session::PlanLanding(*s, n, bounds, static_cast<uint64_t>(*k - data), place);
+}
+
 Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const w::AppendKV* req,
-                         Reply* r) {
+                         Reply* r, AppendLanding* landing) {
   KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
   std::lock_guard<std::mutex> lock(s->op_mu());
   const ModelProfile& p = s->profile();
@@ -695,7 +731,12 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
   // NaN / Inf are refused by the session, during the copy into its blocks.
   const size_t elems = static_cast<size_t>(p.layers) * p.kv_heads * n * p.head_dim;
   KVMEM_RETURN_IF_ERROR(AdmitWrite(s.get(), 2 * elems * DTypeSize(p.dtype)).WithContext("AppendKV"));
-  KVMEM_ASSIGN_OR_RETURN(AppendResult res, s->AppendKV(static_cast<uint32_t>(n), k, v, bounds));
+  if (landing != nullptr &&
+      (landing->session != s || landing->n != n || req->kv() == nullptr || k != msg.tensors + landing->kv_offset)) {
+    landing->Gather();  // not this request's plan (cannot happen: the plan was made from this header)
+    landing = nullptr;
+  }
+  KVMEM_ASSIGN_OR_RETURN(AppendResult res, s->AppendKV(static_cast<uint32_t>(n), k, v, bounds, landing));
   auto body = w::CreateAppendKVReply(r->fbb, res.tokens, res.chunks, res.sealed);
   r->fbb.Finish(w::MakeEnvelope(r->fbb, msg.envelope->request_id(), body, 0));
   return Status::OK();

@@ -77,7 +77,18 @@ class Service {
   // Handles one verified message for an authenticated tenant and fills *reply (an error
   // envelope on failure). Thread-safe across different sessions; operations on one session
   // must be serialised by the caller (the executor sharding does that).
-  void Handle(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply);
+  // `landing`: the payload of this AppendKV was received in place (PlanLanding).
+  void Handle(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply,
+              AppendLanding* landing = nullptr);
+
+  // Transport thread, in arrival order, for every request with data: for a packed AppendKV
+  // (header not spilled, boundaries inline or absent) on a host-pool session of this tenant,
+  // its landing (Session::PlanLanding): with `place` (a rendezvous payload is still to be
+  // received into `data`, data_bytes long), the plan that receives the rows of the chunks it
+  // will seal straight into their blocks; otherwise (an eager payload already in `data`) a
+  // record of the append in flight. Null for anything else. Only the header is read.
+  std::unique_ptr<AppendLanding> PlanLanding(const std::string& tenant, std::span<const uint8_t> header,
+                                             uint8_t* data, size_t data_bytes, bool place);
 
   // Background upkeep after a request on `session_id` was answered: index maintenance (subtree
   // rebuilds) runs here, off the request path. Cheap when nothing is stale.
@@ -128,7 +139,8 @@ class Service {
  private:
   using Key = std::pair<std::string, uint64_t>;  // (tenant, session id)
 
-  Status HandleBody(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply);
+  Status HandleBody(const RequestContext& ctx, const wire::Parsed& msg, Reply* reply,
+                    AppendLanding* landing);
   Status CreateSession(const RequestContext& ctx, uint64_t rid, const wire::CreateSession* req,
                        Reply* reply);
   Status DropSession(const RequestContext& ctx, uint64_t rid, const wire::DropSession* req,
@@ -156,7 +168,7 @@ class Service {
   // Removes a session from memory and (durable) from the store.
   Status Remove(const std::string& tenant, uint64_t id, const char* why);
   Status AppendKV(const RequestContext& ctx, const wire::Parsed& msg, const wire::AppendKV* req,
-                  Reply* reply);
+                  Reply* reply, AppendLanding* landing = nullptr);
   Status Attend(const RequestContext& ctx, const wire::Parsed& msg, const wire::Attend* req,
                 Reply* reply);
   Status Retrieve(const RequestContext& ctx, const wire::Parsed& msg, const wire::Retrieve* req,

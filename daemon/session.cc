@@ -42,6 +42,11 @@ uint64_t NowMs() {
 }
 
 ParallelPool* g_search_pool = nullptr;
+ParallelPool* g_append_pool = nullptr;
+
+// The workers an append's copy and NaN/Inf check fan out over: the small append pool when one
+// is set, else the search pool.
+ParallelPool* AppendWorkers() { return g_append_pool != nullptr ? g_append_pool : g_search_pool; }
 
 // Runs f(0..n-1) on the search pool when one is configured, else in order on this thread.
 template <typename F>
@@ -56,6 +61,7 @@ void ForEachHead(uint32_t n, F&& f) {
 }  // namespace
 
 void SetSearchPool(ParallelPool* pool) { g_search_pool = pool; }
+void SetAppendPool(ParallelPool* pool) { g_append_pool = pool; }
 
 namespace {
 
@@ -63,7 +69,7 @@ namespace {
 // worker pool (the scan costs as much as a copy; on one thread it is the append's bottleneck).
 bool AnyNonFinite(const uint8_t* k, const uint8_t* v, DType dtype, size_t elems) {
   constexpr size_t kSliceElems = 128 << 10;
-  ParallelPool* workers = g_search_pool;
+  ParallelPool* workers = AppendWorkers();
   const size_t slices = (elems + kSliceElems - 1) / kSliceElems;
   if (workers == nullptr || workers->threads() == 0 || slices < 2) {
     return HasNonFinite(k, dtype, elems) || HasNonFinite(v, dtype, elems);
@@ -277,7 +283,7 @@ uint64_t Session::ElemOffset(uint64_t byte_offset) const {
 void Session::TouchNow() { last_used_ms_.store(NowMs(), std::memory_order_relaxed); }
 
 Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const uint8_t* keys,
-                             const uint8_t* values, bool check_input) {
+                             const uint8_t* values, bool check_input, std::vector<uint64_t>* landed) {
   const uint32_t L = profile_.layers, H = profile_.kv_heads, D = profile_.head_dim;
   const uint64_t esize = DTypeSize(profile_.dtype);
   const uint64_t row = uint64_t{D} * esize;
@@ -292,6 +298,12 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     const uint64_t bytes = BlockBytes(sealed[i]);
     fresh[i].blocks.resize(L);
     for (uint32_t l = 0; l < L; ++l) {
+      if (landed != nullptr) {  // received in place: the block is the plan's
+        fresh[i].blocks[l].dev = (*landed)[i * L + l];
+        fresh[i].blocks[l].tick = op_tick_;
+        reserved += pool_->allocator().ReservedBytes(bytes);
+        continue;
+      }
       auto off = AllocateBlock(bytes);
       if (!off.ok()) {
         for (auto& c : fresh)
@@ -304,6 +316,8 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     }
   }
   const uint64_t consumed = pos;
+  if (landed != nullptr) landed->clear();  // the blocks are fresh's now (freed below on failure)
+  std::vector<std::pair<uint64_t, uint64_t>> landed_rows;  // (pool offset, bytes) to check in place
 
   // Phase 1: fill every new chunk block (rows from the old tail, then from the input). The copies
   // are independent, so they go to the pool as one batch (streamed, and spread over the worker
@@ -327,7 +341,12 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
         dk += m * row;
         dv += m * row;
       }
-      if (count > 0) {
+      if (count > 0 && landed != nullptr) {  // already there
+        if (check_input) {
+          landed_rows.push_back({dk, count * row});
+          landed_rows.push_back({dv, count * row});
+        }
+      } else if (count > 0) {
         const uint64_t src = ((uint64_t{l} * H + h) * n + (a - T)) * row;
         fills.push_back({dk, keys + src, 0, count * row});
         fills.push_back({dv, values + src, 0, count * row});
@@ -347,7 +366,26 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   // fill chunks, here for the rows bound for the tails (before any tail changes).
   std::optional<DType> check;
   if (check_input) check = profile_.dtype;
-  Status st = pool_->CopyBatch(fills, g_search_pool, check);
+  Status st = pool_->CopyBatch(fills, AppendWorkers(), check);
+  if (st.ok() && !landed_rows.empty()) {
+    // Rows received in place are checked where they landed (a read pass, no copy); the pool is
+    // host memory (LandingHolds).
+    const auto* base = static_cast<const uint8_t*>(pool_->base());
+    std::atomic<bool> bad{false};
+    uint64_t total = 0;
+    for (const auto& r : landed_rows) total += r.second;
+    auto check_one = [&](uint32_t i) {
+      if (bad.load(std::memory_order_relaxed)) return;
+      const auto& r = landed_rows[i];
+      if (HasNonFinite(base + r.first, profile_.dtype, r.second / esize)) bad.store(true, std::memory_order_relaxed);
+    };
+    if (ParallelPool* w = AppendWorkers(); w != nullptr && w->threads() > 0 && total >= (256u << 10)) {
+      w->For(static_cast<uint32_t>(landed_rows.size()), check_one);
+    } else {
+      for (uint32_t i = 0; i < landed_rows.size(); ++i) check_one(i);
+    }
+    if (bad.load()) st = InvalidArgument("keys or values contain NaN or Inf");
+  }
   if (st.ok() && check_input && n > 0) {
     for (uint32_t l = 0; l < L && st.ok(); ++l) {
       const uint64_t T = layers_[l].tail_tokens;
@@ -1125,8 +1163,162 @@ Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
   return r;
 }
 
+void AppendLanding::Gather() const {
+  for (const Piece& p : pieces) std::memcpy(data + p.msg_offset, pool_base + p.pool_offset, p.bytes);
+}
+
+AppendLanding::~AppendLanding() {
+  if (session) session->ReleaseLanding(this);
+}
+
+void Session::ReleaseLanding(AppendLanding* l) {
+  std::lock_guard<std::mutex> lock(plan_mu_);
+  if (!l->consumed) {  // never reached the handler: the prediction counted an append that did not happen
+    l->consumed = true;
+    ForgetTracked(l->seq);
+    plan_ok_ = false;
+  }
+  for (uint64_t off : l->blocks) pool_->Free(off);
+  l->blocks.clear();
+}
+
+void Session::ForgetTracked(uint64_t seq) {
+  for (auto it = plan_inflight_.begin(); it != plan_inflight_.end(); ++it) {
+    if (it->seq == seq) {
+      plan_inflight_.erase(it);
+      return;
+    }
+  }
+}
+
+void Session::ResyncPlan() {
+  std::lock_guard<std::mutex> lock(plan_mu_);
+  if (plan_ok_) return;
+  // The real state, then every append still between its receive and its handler, in order.
+  plan_ok_ = pool_->is_host() && journal_ == nullptr && layers_ahead_ == 0 && unsealed_boundaries_.empty();
+  if (!plan_ok_) return;
+  plan_chunker_ = chunker_;
+  plan_tokens_ = tokens_;
+  std::vector<uint32_t> ignored;
+  std::vector<uint8_t> zeros;
+  for (const Tracked& t : plan_inflight_) {
+    if (t.bounds.empty()) zeros.assign(t.n, 0);
+    plan_chunker_.Push(t.bounds.empty() ? std::span<const uint8_t>(zeros) : std::span<const uint8_t>(t.bounds), &ignored);
+    plan_tokens_ += t.n;
+  }
+}
+
+std::unique_ptr<AppendLanding> Session::PlanLanding(const std::shared_ptr<Session>& self, uint32_t n,
+                                                    const uint8_t* boundaries, uint64_t kv_offset, bool place) {
+  Session& s = *self;
+  if (n == 0 || !s.pool_->is_host()) return nullptr;
+  const uint32_t L = s.profile_.layers, H = s.profile_.kv_heads;
+  const uint64_t row = uint64_t{s.profile_.head_dim} * DTypeSize(s.profile_.dtype);
+  auto land = std::make_unique<AppendLanding>();
+  Tracked tracked;
+  tracked.n = n;
+  if (boundaries != nullptr) tracked.bounds.assign(boundaries, boundaries + n);
+  std::lock_guard<std::mutex> lock(s.plan_mu_);
+  // Every append the transport sees is tracked, so the prediction can be rebuilt from the real
+  // state plus the appends still in flight (ResyncPlan).
+  tracked.seq = land->seq = ++s.plan_seq_;
+  s.plan_inflight_.push_back(std::move(tracked));
+  land->n = n;
+  land->kv_offset = kv_offset;
+  land->pool_base = static_cast<uint8_t*>(s.pool_->base());
+  land->session = self;
+  if (!s.plan_ok_) return land;  // tracked only
+  index::Chunker trial = s.plan_chunker_;
+  const std::vector<uint8_t>& b = s.plan_inflight_.back().bounds;
+  std::vector<uint8_t> zeros;
+  if (b.empty()) zeros.assign(n, 0);
+  std::vector<uint32_t> sealed;
+  trial.Push(b.empty() ? std::span<const uint8_t>(zeros) : std::span<const uint8_t>(b), &sealed);
+  const uint64_t T = s.plan_tokens_ - s.plan_chunker_.sealed_tokens();
+  land->tokens_before = s.plan_tokens_;
+  land->sealed_before = s.plan_chunker_.sealed_tokens();
+  land->tail_before = static_cast<uint32_t>(T);
+  s.plan_chunker_ = std::move(trial);
+  s.plan_tokens_ += n;
+  // Nothing sealed (every row goes to the tail) or an eager message: nothing to place.
+  if (!place || sealed.empty()) return land;
+  // Blocks from the pool alone: making room (eviction) is the handler's business, not the
+  // transport thread's; a full pool means an ordinary receive.
+  std::vector<uint64_t> blocks;
+  blocks.reserve(sealed.size() * L);
+  for (uint32_t c : sealed) {
+    for (uint32_t l = 0; l < L; ++l) {
+      auto off = s.pool_->Allocate(s.BlockBytes(c));
+      if (!off.ok()) {
+        for (uint64_t blk : blocks) s.pool_->Free(blk);
+        return land;
+      }
+      blocks.push_back(*off);
+    }
+  }
+  // The packed tensor is kv[2][L][H][n][D]; chunk i covers stream positions [p, p + c) where
+  // the stream is the old tail (T rows) and then the n new rows. Message order: kv, layer,
+  // head, then chunks in token order.
+  const uint64_t v_part = uint64_t{L} * H * n * row;
+  for (uint32_t kv = 0; kv < 2; ++kv) {
+    for (uint32_t l = 0; l < L; ++l) {
+      for (uint32_t h = 0; h < H; ++h) {
+        uint64_t p = 0;
+        for (size_t i = 0; i < sealed.size(); ++i) {
+          const uint64_t c = sealed[i];
+          if (p + c > T) {
+            const uint64_t first = std::max(p, T);
+            AppendLanding::Piece piece;
+            piece.msg_offset = kv_offset + kv * v_part + ((uint64_t{l} * H + h) * n + (first - T)) * row;
+            piece.pool_offset = blocks[i * L + l] + (uint64_t{kv} * H + h) * c * row + (first - p) * row;
+            piece.bytes = (p + c - first) * row;
+            land->pieces.push_back(piece);
+          }
+          p += c;
+        }
+      }
+    }
+  }
+  land->sealed = std::move(sealed);
+  land->blocks = std::move(blocks);
+  land->placed = true;
+  return land;
+}
+
+bool Session::LandingHolds(const AppendLanding& l, std::span<const uint32_t> sealed) const {
+  if (!l.placed || journal_ != nullptr || !pool_->is_host() || !unsealed_boundaries_.empty() || layers_ahead_ != 0) {
+    return false;
+  }
+  if (l.pool_base != pool_->base() || tokens_ != l.tokens_before || chunker_.sealed_tokens() != l.sealed_before) {
+    return false;
+  }
+  for (const Layer& layer : layers_)
+    if (layer.tail_tokens != l.tail_before) return false;
+  return std::equal(sealed.begin(), sealed.end(), l.sealed.begin(), l.sealed.end()) &&
+         l.blocks.size() == sealed.size() * profile_.layers;
+}
+
 Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void* values,
-                                       const uint8_t* boundaries) {
+                                       const uint8_t* boundaries, AppendLanding* landing) {
+  if (landing != nullptr) {
+    std::lock_guard<std::mutex> lock(plan_mu_);
+    if (!landing->consumed) {
+      landing->consumed = true;
+      ForgetTracked(landing->seq);
+    }
+  }
+  Result<AppendResult> r = AppendKVImpl(n, keys, values, boundaries, landing);
+  if (landing != nullptr && (!r.ok() || (landing->placed && !landing->blocks.empty()))) {
+    // Failed (later predictions assumed it would succeed) or mispredicted.
+    std::lock_guard<std::mutex> lock(plan_mu_);
+    plan_ok_ = false;
+  }
+  ResyncPlan();
+  return r;
+}
+
+Result<AppendResult> Session::AppendKVImpl(uint32_t n, const void* keys, const void* values,
+                                           const uint8_t* boundaries, AppendLanding* landing) {
   if (layers_ahead_ != 0) {
     return FailedPrecondition("session " + std::to_string(id_) +
                               ": a decode step has appended to only some layers; finish it "
@@ -1143,6 +1335,16 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
   std::vector<uint32_t> sealed;
   trial.Push(unsealed_boundaries_, &sealed);
   trial.Push(std::span<const uint8_t>(boundaries, n), &sealed);
+  std::vector<uint64_t>* landed = nullptr;
+  if (landing != nullptr && landing->placed) {
+    if (LandingHolds(*landing, sealed)) {
+      landed = &landing->blocks;
+      GlobalMetrics().append_landed.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      landing->Gather();  // the rows are not where this append needs them: make the message whole
+      GlobalMetrics().append_gathered.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
   if (journal_) {
     // Durable: nothing may reach the journal unchecked, so validate before logging.
     const size_t elems = size_t{profile_.layers} * profile_.kv_heads * n * profile_.head_dim;
@@ -1152,9 +1354,14 @@ Result<AppendResult> Session::AppendKV(uint32_t n, const void* keys, const void*
     KVMEM_RETURN_IF_ERROR(journal_->LogTokens(tokens_, n, static_cast<const uint8_t*>(keys),
                                               static_cast<const uint8_t*>(values), boundaries));
   }
-  if (Status st = SealAndStore(sealed, n, static_cast<const uint8_t*>(keys),
-                               static_cast<const uint8_t*>(values), /*check_input=*/journal_ == nullptr);
-      !st.ok()) {
+  Status st;
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    st = SealAndStore(sealed, n, static_cast<const uint8_t*>(keys), static_cast<const uint8_t*>(values),
+                      /*check_input=*/journal_ == nullptr, landed);
+    GlobalMetrics().append_phase[static_cast<int>(AppendPhase::kStore)].Observe(std::chrono::steady_clock::now() - t0);
+  }
+  if (!st.ok()) {
     if (journal_) journal_->CancelTokens(tokens_);
     return st;
   }

@@ -220,6 +220,44 @@ struct EvictionCandidate {
 };
 
 class ParallelPool;
+class Session;
+
+// An AppendKV payload received in place (docs/architecture.md, "Append path"). Before the
+// payload of a packed AppendKV is received, the transport asks the session where its rows will
+// go (Session::PlanLanding): the session predicts which chunks the append will seal, allocates
+// their blocks, and lists the message ranges (`pieces`) that are rows of those chunks; UCX
+// receives them straight into the blocks and the rest of the message into the receive buffer
+// at its own offsets. The handler stores the append without copying those rows when the
+// prediction still holds (the session's state is then exactly what the plan assumed), else it
+// copies the pieces back into the receive buffer (Gather) and stores it as usual.
+// Destroying an unconsumed landing frees its blocks. Every AppendKV the transport can parse gets
+// one (`placed` or only tracked), so the session knows which appends are in flight.
+struct AppendLanding {
+  struct Piece {
+    uint64_t msg_offset = 0;   // in the message's data part
+    uint64_t pool_offset = 0;  // in the KV pool
+    uint64_t bytes = 0;
+  };
+  std::shared_ptr<Session> session;
+  uint32_t n = 0;                  // tokens
+  uint64_t kv_offset = 0;          // of the packed kv tensor in the data part
+  uint64_t tokens_before = 0;      // the session state the plan assumes
+  uint64_t sealed_before = 0;
+  uint32_t tail_before = 0;
+  std::vector<uint32_t> sealed;    // predicted chunk lengths
+  std::vector<uint64_t> blocks;    // [chunk * layers + layer]: pool offsets; emptied on adoption
+  std::vector<Piece> pieces;       // in message order
+  uint8_t* pool_base = nullptr;
+  uint8_t* data = nullptr;         // the receive buffer (the whole data part's size)
+  uint64_t seq = 0;                // the session's record of this append in flight
+  bool placed = false;             // blocks and pieces are set (else: tracked only)
+  bool consumed = false;           // seen by the handler (Session::AppendKV)
+
+  // Copies the landed pieces into `data` at their message offsets: the message is then whole
+  // in the receive buffer.
+  void Gather() const;
+  ~AppendLanding();
+};
 
 class Session {
  public:
@@ -241,8 +279,24 @@ class Session {
   // Appends n tokens for every layer. keys/values: [layers][kv_heads][n][head_dim] in the
   // profile dtype; boundaries: [n] classes or null (all 0). All-or-nothing: on error nothing
   // is stored. FAILED_PRECONDITION while a decode step has appended to only some layers.
+  // `landing`: the payload was received in place (AppendLanding): keys/values point into the
+  // receive buffer, whose ranges listed in landing->pieces are not filled (the rows are in the
+  // planned blocks) unless the plan no longer holds, in which case this gathers them first.
   Result<AppendResult> AppendKV(uint32_t n, const void* keys, const void* values,
-                                const uint8_t* boundaries);
+                                const uint8_t* boundaries, AppendLanding* landing = nullptr);
+
+  // The receive plan of an AppendKV of n tokens whose packed kv tensor starts at `kv_offset`
+  // of the data part (null only when the pool is not host memory). Called on the transport
+  // thread, in arrival order, for every AppendKV it can parse, without op_mu: it reads and
+  // advances only the prediction (plan_mu_): the chunker and token count after every append
+  // in flight. The landing is `placed` (blocks allocated, pieces listed) when `place` (a
+  // rendezvous receive is to come), the prediction is valid, the append seals a chunk and the
+  // pool has room; else it only records the append in flight, so that AppendKV can rebuild
+  // the prediction from the real state plus the appends still in flight after a
+  // misprediction. `self` is this session's owner.
+  static std::unique_ptr<AppendLanding> PlanLanding(const std::shared_ptr<Session>& self, uint32_t n,
+                                                    const uint8_t* boundaries, uint64_t kv_offset,
+                                                    bool place = true);
 
   // One layer's decode step: appends new_k/new_v to this layer if given (the token is sealed
   // into chunks once every layer has it), then attends: densely (mode dense, dense layers) or,
@@ -442,8 +496,20 @@ class Session {
   uint64_t ElemOffset(uint64_t byte_offset) const;
   // Moves the first sum(sealed) tokens of the stream "tail of each layer, then `n` new rows
   // from keys/values" into new chunk blocks and leaves the rest in the tail.
+  // `landed`: the chunks' blocks ([chunk * layers + layer]; owned from here on) already hold
+  // the input rows (AppendLanding); only the old tail's rows are copied into them.
   Status SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const uint8_t* keys,
-                      const uint8_t* values, bool check_input = false);
+                      const uint8_t* values, bool check_input = false,
+                      std::vector<uint64_t>* landed = nullptr);
+  // Whether `l` still describes where this append's rows go (caller holds op_mu).
+  bool LandingHolds(const AppendLanding& l, std::span<const uint32_t> sealed) const;
+  void ReleaseLanding(AppendLanding* l);
+  Result<AppendResult> AppendKVImpl(uint32_t n, const void* keys, const void* values,
+                                    const uint8_t* boundaries, AppendLanding* landing);
+  // After an append (op_mu held): an invalid prediction is rebuilt from the session's real
+  // state and the appends still in flight.
+  void ResyncPlan();
+  void ForgetTracked(uint64_t seq);  // plan_mu_ held
   void TouchNow();
   // Logs the token an Attend call is about to complete in every layer (journal attached).
   Status LogCompletingToken(const AttendArgs& a);
@@ -496,6 +562,21 @@ class Session {
   std::vector<uint32_t> prefetch_chunks_;
   std::unique_ptr<MemoryStore> memory_;
   std::mutex op_mu_;
+  // Receive-plan prediction (PlanLanding): the chunker and token count after every planned
+  // append, plans not yet consumed, and whether planning is allowed (host pool, not durable, no
+  // misprediction since the last resync). plan_mu_ only; never held with pool locks inverted.
+  std::mutex plan_mu_;
+  struct Tracked {
+    uint64_t seq = 0;
+    uint32_t n = 0;
+    std::vector<uint8_t> bounds;  // empty: all class 0
+  };
+  index::Chunker plan_chunker_;
+  uint64_t plan_tokens_ = 0;
+  uint64_t plan_seq_ = 0;
+  std::deque<Tracked> plan_inflight_;  // appends planned and not yet handled, in arrival order
+  bool plan_ok_ = false;
+  friend struct AppendLanding;
   std::atomic<uint64_t> stat_tokens_{0};
   std::atomic<uint64_t> stat_chunks_{0};
   std::atomic<uint32_t> stat_tail_{0};
@@ -513,6 +594,12 @@ class ParallelPool;
 // The pool that per-KV-head index searches and large appends (copies, validation) fan out over
 // (nullptr: sequential). Set once at startup, before sessions exist.
 void SetSearchPool(ParallelPool* pool);
+// The pool an append's copy into its chunk blocks and its NaN/Inf check fan out over (nullptr:
+// the search pool). A few threads: waking all of the search pool for every megabyte appended
+// contended with the transport thread for cores and was slower on the 16-core GPU host
+// (bench/results/transport-h200host-ab.json, "probes"). Set once at startup.
+void SetAppendPool(ParallelPool* pool);
+inline constexpr uint32_t kAppendCopyThreads = 2;
 
 // Largest number of decode tokens one layer may run ahead of the slowest layer.
 inline constexpr uint32_t kMaxLayerSkew = 4;

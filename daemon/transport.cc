@@ -151,9 +151,14 @@ struct UcxServer::Inbound {
   std::vector<uint8_t> header;
   AlignedBuffer data;
   size_t data_bytes = 0;
+  // AppendKV received in place: the plan, and the receive's iovec list (lives until it ends).
+  std::unique_ptr<AppendLanding> landing;
+  std::vector<ucp_dt_iov_t> iov;
   w::Parsed parsed;
   // Operations: latency is measured from `arrival` to the reply send, per op (daemon/metrics.h).
   std::chrono::steady_clock::time_point arrival;
+  // AppendKV phases (kvmem_append_phase_seconds): payload complete, handler start and end.
+  std::chrono::steady_clock::time_point received, started, handled;
   int op = 0;
 };
 
@@ -370,18 +375,45 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
   }
   if (!rndv) {
     if (length) std::memcpy(in->data.get(), data, length);
+    // An eager AppendKV is only recorded (the session's prediction counts it).
+    if (!conn->tenant.empty() && self->options_.append_landing) {
+      in->landing = self->service_->PlanLanding(conn->tenant, in->header, in->data.get(), length, /*place=*/false);
+    }
     self->Dispatch(std::move(in));
     return UCS_OK;
   }
-  // Rendezvous: fetch the data straight into our buffer.
+  // Rendezvous: fetch the data straight into our buffer, or, for an AppendKV whose chunk rows
+  // have a plan, those rows straight into their KV-pool blocks and the rest into our buffer at
+  // its own offsets (one iovec list in message order; docs/architecture.md, "Append path").
+  if (!conn->tenant.empty() && self->options_.append_landing) {
+    in->landing = self->service_->PlanLanding(conn->tenant, in->header, in->data.get(), length, /*place=*/true);
+  }
+  if (in->landing != nullptr && in->landing->placed) {
+    uint64_t at = 0;
+    uint8_t* buf = in->data.get();
+    for (const AppendLanding::Piece& p : in->landing->pieces) {
+      if (p.msg_offset > at) in->iov.push_back({buf + at, p.msg_offset - at});
+      in->iov.push_back({in->landing->pool_base + p.pool_offset, p.bytes});
+      at = p.msg_offset + p.bytes;
+    }
+    if (length > at) in->iov.push_back({buf + at, length - at});
+    in->landing->data = buf;
+  }
   Inbound* raw = in.release();
   ucp_request_param_t rp{};
   rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                     UCP_OP_ATTR_FIELD_DATATYPE;
   rp.cb.recv_am = &UcxServer::OnRndvDone;
   rp.user_data = raw;
+  void* dst = raw->data.get();
+  size_t count = length;
   rp.datatype = ucp_dt_make_contig(1);
-  ucs_status_ptr_t req = ucp_am_recv_data_nbx(self->worker_.get(), data, raw->data.get(), length, &rp);
+  if (!raw->iov.empty()) {
+    rp.datatype = UCP_DATATYPE_IOV;
+    dst = raw->iov.data();
+    count = raw->iov.size();
+  }
+  ucs_status_ptr_t req = ucp_am_recv_data_nbx(self->worker_.get(), data, dst, count, &rp);
   if (req == nullptr) {
     self->Dispatch(std::unique_ptr<Inbound>(raw));
   } else if (UCS_PTR_IS_ERR(req)) {
@@ -407,6 +439,7 @@ void UcxServer::OnRndvDone(void* request, ucs_status_t status, size_t length, vo
 }
 
 void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
+  in->received = std::chrono::steady_clock::now();
   auto parsed = w::ParseMessage(in->header, in->data.get(), in->data_bytes);
   if (!parsed.ok()) {
     auto reply = std::make_unique<Reply>();
@@ -452,8 +485,11 @@ void UcxServer::Dispatch(std::unique_ptr<Inbound> in) {
   Inbound* raw = in.release();
   executors_->Submit(key, [this, raw, ctx, key] {
     std::unique_ptr<Inbound> owned(raw);
+    owned->started = std::chrono::steady_clock::now();
     auto reply = std::make_unique<Reply>();
-    service_->Handle(ctx, owned->parsed, reply.get());
+    service_->Handle(ctx, owned->parsed, reply.get(), owned->landing.get());
+    owned->handled = std::chrono::steady_clock::now();
+    owned->landing.reset();  // blocks not adopted go back to the pool
     // The request's data is consumed (replies never point into it): its buffer goes back to the
     // pool now rather than after the reply is sent, so the next rendezvous receive reuses a
     // buffer that is still in cache (LIFO) and only a couple of large buffers stay in
@@ -497,7 +533,15 @@ void UcxServer::RecordMetrics(const Inbound& in, const Reply& reply) {
     const w::Envelope* env = w::GetEnvelope(buf);
     if (env->status()) code = static_cast<int>(env->status()->code());
   }
-  GlobalMetrics().RecordRequest(in.op, std::chrono::steady_clock::now() - in.arrival, code);
+  const auto now = std::chrono::steady_clock::now();
+  GlobalMetrics().RecordRequest(in.op, now - in.arrival, code);
+  if (in.op == static_cast<int>(w::Body::AppendKV) && in.handled != std::chrono::steady_clock::time_point{}) {
+    auto& ph = GlobalMetrics().append_phase;
+    ph[static_cast<int>(AppendPhase::kReceive)].Observe(in.received - in.arrival);
+    ph[static_cast<int>(AppendPhase::kQueue)].Observe(in.started - in.received);
+    ph[static_cast<int>(AppendPhase::kHandle)].Observe(in.handled - in.started);
+    ph[static_cast<int>(AppendPhase::kReply)].Observe(now - in.handled);
+  }
 }
 
 void UcxServer::OnSendDone(void* request, ucs_status_t status, void* user_data) {

@@ -46,6 +46,12 @@ struct TransportOptions {
   // only (UCX 1.13 hangs TCP appends with it), and clients must be allowed to ptrace the
   // daemon (docs/architecture.md, "Append path").
   std::string rndv_scheme = "auto";
+  // Packed AppendKV payloads on host-pool sessions are received straight into the blocks of
+  // the chunks they seal (Service::PlanLanding; docs/architecture.md, "Append path"). Off by
+  // default: UCX 1.13 receives an IOV rendezvous through fragments instead of one CMA read,
+  // which cost more than the copy it saves (0.41-0.44x of ucp_am_bw against 0.57-0.72x on the
+  // 16-core GPU host; bench/results/transport-h200host-ab.json).
+  bool append_landing = false;
 };
 
 struct TransportCounters {

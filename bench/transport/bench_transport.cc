@@ -19,6 +19,14 @@
 #include <thread>
 #include <vector>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <map>
+
 #include "client/client.h"
 #include "testing/daemon_process.h"
 
@@ -88,6 +96,72 @@ std::vector<double> Perftest(const std::string& tls, const std::string& test, si
   return fields;
 }
 
+// GET http://127.0.0.1:port/path (the daemon's admin endpoint); the body, or "" on failure.
+std::string HttpGet(uint16_t port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return {};
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (::send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size())) {
+      char buf[65536];
+      for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) out.append(buf, static_cast<size_t>(n));
+    }
+  }
+  ::close(fd);
+  const auto body = out.find("\r\n\r\n");
+  return body == std::string::npos ? std::string() : out.substr(body + 4);
+}
+
+// kvmem_append_phase_seconds{phase} sums and counts from a /metrics text: phase -> {sum_s, n}.
+std::map<std::string, std::pair<double, double>> AppendPhases(const std::string& text) {
+  std::map<std::string, std::pair<double, double>> m;
+  const std::regex re(R"re(kvmem_append_phase_seconds_(sum|count)\{phase="([a-z_]+)"\} ([0-9.eE+-]+))re");
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), re); it != std::sregex_iterator(); ++it) {
+    auto& e = m[(*it)[2].str()];
+    ((*it)[1].str() == "sum" ? e.first : e.second) = std::stod((*it)[3].str());
+  }
+  return m;
+}
+
+// Mean microseconds per AppendKV in each phase between two /metrics readings (empty when the
+// daemon has no such metric: an older kvmemd).
+json PhaseMeans(const std::map<std::string, std::pair<double, double>>& a,
+                const std::map<std::string, std::pair<double, double>>& b) {
+  json out = json::object();
+  for (const auto& [k, v] : b) {
+    const auto it = a.find(k);
+    const double s0 = it == a.end() ? 0 : it->second.first, n0 = it == a.end() ? 0 : it->second.second;
+    if (v.second > n0) out[k] = (v.first - s0) / (v.second - n0) * 1e6;
+  }
+  return out;
+}
+
+// memcpy of `bytes` per call, GB/s: from one source into one hot destination (the cache-resident
+// case ucp_am_bw's single buffers see), and into a 128 MiB destination walked in order (the
+// case of a KV pool being filled).
+std::pair<double, double> MemcpyGbps(size_t bytes) {
+  std::vector<uint8_t> src(bytes, 1), hot(bytes);
+  std::vector<uint8_t> cold(128u << 20);
+  const size_t slots = cold.size() / bytes;
+  std::memset(cold.data(), 0, cold.size());
+  auto time = [&](auto dst_of) {
+    const int n = 512;
+    for (int i = 0; i < 32; ++i) std::memcpy(dst_of(i), src.data(), bytes);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) std::memcpy(dst_of(i), src.data(), bytes);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return static_cast<double>(bytes) * n / s / 1e9;
+  };
+  const double h = time([&](int) { return hot.data(); });
+  const double c = time([&](int i) { return cold.data() + (static_cast<size_t>(i) % slots) * bytes; });
+  return {h, c};
+}
+
 // The lane summary of ucp_ep_print_info: its "lane[i]: ..." lines, joined.
 std::string EpLanes(const std::string& info) {
   std::string lanes;
@@ -105,7 +179,9 @@ json Measure(const Args& a, const std::string& transport) {
   json r;
   // Poll mode: the daemon's transport thread spins (the configuration for lowest latency);
   // one executor so the copy into the KV pool overlaps the next message's receive.
-  std::vector<std::string> dargs = {"--backend", "cpu", "--progress", "poll", "--executors", "1", "--device-memory", "2GiB"};
+  const uint16_t admin_port = kvmem::testing::FreePort();
+  std::vector<std::string> dargs = {"--backend", "cpu", "--progress", "poll", "--executors", "1", "--device-memory", "2GiB",
+                                    "--admin", "127.0.0.1:" + std::to_string(admin_port)};
   dargs.insert(dargs.end(), a.daemon_args.begin(), a.daemon_args.end());
   kvmem::testing::DaemonProcess d(dargs);
   if (!d.ready()) {
@@ -189,9 +265,25 @@ json Measure(const Args& a, const std::string& transport) {
     (void)tcl.DropSession(session);
     return static_cast<double>(kv.size()) * 2 * n / secs / 1e9;
   };
+  // Per-phase means of the measured appends (warm-up included: both halves of each size).
+  const auto m0 = AppendPhases(HttpGet(admin_port, "/metrics"));
   r["append_gbps"] = append_gbps(256);
+  const std::string text1 = HttpGet(admin_port, "/metrics");
+  const auto m1 = AppendPhases(text1);
+  // Appends received in place (kvmemd with the landing path), over both sizes so far.
+  for (const char* o : {"landed", "gathered"}) {
+    std::smatch lm;
+    const std::regex lre(std::string(R"re(kvmem_append_landings_total\{outcome=")re") + o + R"re("\} ([0-9]+))re");
+    if (std::regex_search(text1, lm, lre)) r[std::string("appends_") + o] = std::stoull(lm[1].str());
+  }
   r["append_message_bytes"] = 1 << 20;
   r["append_2mib_gbps"] = append_gbps(512);
+  const auto m2 = AppendPhases(HttpGet(admin_port, "/metrics"));
+  r["append_phase_us"] = PhaseMeans(m0, m1);
+  r["append_2mib_phase_us"] = PhaseMeans(m1, m2);
+  const auto [hot, cold] = MemcpyGbps(1 << 20);
+  r["memcpy_1mib_hot_gbps"] = hot;
+  r["memcpy_1mib_into_128mib_gbps"] = cold;
   r["kvmemd_ep_info"] = EpLanes(cl.TransportInfo());
   r["transport_lanes"] = cl.TransportInfo().find("sysv") != std::string::npos ? "shm(sysv)+cma" : cl.TransportInfo().find("tcp") != std::string::npos ? "tcp" : "other";
   tc->reset();
@@ -296,6 +388,14 @@ int main(int argc, char** argv) {
     std::printf("%-5s 2 MiB messages (K 1 MiB + V 1 MiB): append %.2f GB/s, ucp_am_bw 2 MiB %.2f GB/s, ratio %.2f\n", t.c_str(),
                 r["append_2mib_gbps"].get<double>(), r["ucx_am_bw_2mib_gbps"].get<double>(),
                 r["append_2mib_gbps"].get<double>() / r["ucx_am_bw_2mib_gbps"].get<double>());
+  }
+  for (const std::string& t : a.transports) {
+    const json& r = out[t];
+    if (!r.contains("append_phase_us") || r["append_phase_us"].empty()) continue;
+    std::printf("%-5s 1 MiB append, mean us per request (round 1):", t.c_str());
+    for (const auto& [k, v] : r["rounds"][0]["append_phase_us"].items()) std::printf(" %s %.1f", k.c_str(), v.get<double>());
+    std::printf("; memcpy 1 MiB hot %.1f GB/s, into 128 MiB %.1f GB/s\n", r["rounds"][0]["memcpy_1mib_hot_gbps"].get<double>(),
+                r["rounds"][0]["memcpy_1mib_into_128mib_gbps"].get<double>());
   }
   std::printf("targets (shm): ping p50 <= 3x ucx rtt, append (1 MiB messages) >= 0.6x ucx bw (1 MiB)\n");
   if (!a.json_path.empty()) {
