@@ -169,6 +169,9 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_attend_phase_seconds",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
+          "kvmem_ucx_endpoints",
+          "kvmem_ucx_endpoints_closed_total",
+          "kvmem_ucx_endpoints_idle_closed_total",
           "kvmem_ucx_endpoints_left_open_total",
           "kvmem_requests_inflight",
           "kvmem_receive_buffers_retained_bytes",
@@ -298,8 +301,18 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Sample("kvmem_ucx_endpoints_open", "", ld(tc ? &tc->connections_open : nullptr));
   wr.Family("kvmem_ucx_endpoints_accepted_total", "counter", "UCX endpoints accepted.");
   wr.Sample("kvmem_ucx_endpoints_accepted_total", "", ld(tc ? &tc->connections_accepted : nullptr));
+  wr.Family("kvmem_ucx_endpoints", "gauge",
+            "UCX endpoints allocated: open connections plus departed ones still closing.");
+  wr.Sample("kvmem_ucx_endpoints", "", ld(tc ? &tc->endpoints : nullptr));
+  wr.Family("kvmem_ucx_endpoints_closed_total", "counter",
+            "UCX endpoints closed and destroyed (client left, or closed by kvmemd).");
+  wr.Sample("kvmem_ucx_endpoints_closed_total", "", ld(tc ? &tc->endpoints_closed : nullptr));
+  wr.Family("kvmem_ucx_endpoints_idle_closed_total", "counter",
+            "Connections kvmemd closed because they were silent for client_idle_timeout_seconds.");
+  wr.Sample("kvmem_ucx_endpoints_idle_closed_total", "",
+            ld(tc ? &tc->endpoints_idle_closed : nullptr));
   wr.Family("kvmem_ucx_endpoints_left_open_total", "counter",
-            "Failed client endpoints UCX would not force-close (error handling mode none); "
+            "Departed client endpoints whose close did not complete within its deadline; "
             "each stays allocated until kvmemd exits.");
   wr.Sample("kvmem_ucx_endpoints_left_open_total", "",
             ld(tc ? &tc->endpoints_left_open : nullptr));
