@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -90,6 +91,40 @@ TEST(Reclaim, ClosedClientsEndpointsAreDestroyed) {
   EXPECT_EQ(Metric(daemon.admin, "kvmem_ucx_endpoints_closed_total"), accepted);
   EXPECT_EQ(Metric(daemon.admin, "kvmem_ucx_endpoints_left_open_total"), 0);
   EXPECT_EQ(daemon.d.Stop(), 0);
+}
+
+// client_idle_timeout_seconds: a connection that stays silent is closed by kvmemd (counted),
+// its client's next call fails, and a new connection works. One that keeps talking stays.
+TEST(Reclaim, SilentConnectionIsClosedAfterIdleTimeout) {
+  const auto config = std::filesystem::temp_directory_path() /
+                      ("kvmem-reclaim-" + std::to_string(::getpid()) + ".json");
+  {
+    std::ofstream(config) << R"({"client_idle_timeout_seconds": 1})";
+  }
+  Daemon daemon({"--config", config.string()});
+  ASSERT_TRUE(daemon.d.ready());
+  client::ClientOptions o;
+  o.request_timeout_ms = 10000;  // the call after the close fails at once or times out here
+  auto silent = client::Client::Connect(daemon.d.address(), o);
+  ASSERT_TRUE(silent.ok()) << silent.status().ToString();
+  auto chatty = client::Client::Connect(daemon.d.address());
+  ASSERT_TRUE(chatty.ok()) << chatty.status().ToString();
+  // The silent one is closed 1-2 s after its Hello; keep the other busy meanwhile.
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (Metric(daemon.admin, "kvmem_ucx_endpoints_idle_closed_total") < 1 &&
+         std::chrono::steady_clock::now() < end) {
+    ASSERT_TRUE((*chatty)->Ping(1).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_GE(Metric(daemon.admin, "kvmem_ucx_endpoints_idle_closed_total"), 1);
+  EXPECT_FALSE((*silent)->Ping(2).ok());
+  EXPECT_TRUE((*chatty)->Ping(3).ok());
+  silent->reset();
+  chatty->reset();
+  EXPECT_EQ(WaitMetric(daemon.admin, "kvmem_ucx_endpoints", 0), 0);
+  EXPECT_EQ(Metric(daemon.admin, "kvmem_ucx_endpoints_left_open_total"), 0);
+  EXPECT_EQ(daemon.d.Stop(), 0);
+  std::filesystem::remove(config);
 }
 
 // A client process that sends a rendezvous-size request and is killed before its data is
