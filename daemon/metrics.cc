@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "daemon/chunk_store.h"
 #include "daemon/service.h"
 #include "daemon/transport.h"
 #include "wire/framing.h"
@@ -179,7 +180,8 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_bytes_in_total",
           "kvmem_bytes_out_total",
           "kvmem_config_reloads_total",
-          "kvmem_idle_trims_total"};
+          "kvmem_idle_trims_total",
+          "kvmem_store_memory_bytes"};
 }
 
 std::string RenderPrometheus(const MetricsSources& src) {
@@ -338,6 +340,14 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_idle_trims_total", "counter",
             "Idle trims completed (retained memory released after idle_trim_seconds idle).");
   wr.Sample("kvmem_idle_trims_total", "", m.idle_trims.load(std::memory_order_relaxed));
+  wr.Family("kvmem_store_memory_bytes", "gauge",
+            "Memory RocksDB holds: block cache in use, table readers (index/filter blocks), "
+            "memtables.");
+  const ChunkStore* store = src.service ? src.service->store() : nullptr;
+  const ChunkStore::MemoryUse mu = store ? store->Memory() : ChunkStore::MemoryUse{};
+  wr.Sample("kvmem_store_memory_bytes", "kind=\"block_cache\"", mu.block_cache);
+  wr.Sample("kvmem_store_memory_bytes", "kind=\"table_readers\"", mu.table_readers);
+  wr.Sample("kvmem_store_memory_bytes", "kind=\"memtables\"", mu.memtables);
   return wr.Take();
 }
 
