@@ -99,7 +99,7 @@ TEST(Reclaim, SilentConnectionIsClosedAfterIdleTimeout) {
   const auto config = std::filesystem::temp_directory_path() /
                       ("kvmem-reclaim-" + std::to_string(::getpid()) + ".json");
   {
-    std::ofstream(config) << R"({"client_idle_timeout_seconds": 1})";
+    std::ofstream(config) << R"({"client_idle_timeout_seconds": 2})";
   }
   Daemon daemon({"--config", config.string()});
   ASSERT_TRUE(daemon.d.ready());
@@ -109,12 +109,13 @@ TEST(Reclaim, SilentConnectionIsClosedAfterIdleTimeout) {
   ASSERT_TRUE(silent.ok()) << silent.status().ToString();
   auto chatty = client::Client::Connect(daemon.d.address());
   ASSERT_TRUE(chatty.ok()) << chatty.status().ToString();
-  // The silent one is closed 1-2 s after its Hello; keep the other busy meanwhile.
+  // The silent one is closed 2-3 s after its Hello; keep the other busy meanwhile (a call every
+  // 50 ms: only a stall of 2 s on a loaded machine could make it look idle).
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (Metric(daemon.admin, "kvmem_ucx_endpoints_idle_closed_total") < 1 &&
          std::chrono::steady_clock::now() < end) {
     ASSERT_TRUE((*chatty)->Ping(1).ok());
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_GE(Metric(daemon.admin, "kvmem_ucx_endpoints_idle_closed_total"), 1);
   EXPECT_FALSE((*silent)->Ping(2).ok());
