@@ -756,6 +756,19 @@ uint64_t ChunkStore::LiveDataBytes() const {
   return total;
 }
 
+ChunkStore::MemoryUse ChunkStore::Memory() const {
+  MemoryUse m;
+  for (auto* cf : {default_cf_, chunks_cf_, manifests_cf_, blocks_cf_, spill_cf_}) {
+    uint64_t v = 0;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kBlockCacheUsage, &v)) {
+      m.block_cache = std::max(m.block_cache, v);  // shared: each family reports the same cache
+    }
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kEstimateTableReadersMem, &v)) m.table_readers += v;
+    if (db_->GetIntProperty(cf, rocksdb::DB::Properties::kCurSizeAllMemTables, &v)) m.memtables += v;
+  }
+  return m;
+}
+
 Status ChunkStore::Flush() {
   rocksdb::FlushOptions fo;
   fo.wait = true;

@@ -227,6 +227,14 @@ class ChunkStore {
   // Accurate after Compact().
   uint64_t LiveDataBytes() const;
 
+  // Memory RocksDB holds (for /metrics): block cache in use (one cache shared by the
+  // families, which copy one options object), table readers (index and filter blocks of open
+  // SST files), memtables. Thread-safe.
+  struct MemoryUse {
+    uint64_t block_cache = 0, table_readers = 0, memtables = 0;
+  };
+  MemoryUse Memory() const;
+
   // Flushes every memtable to SST/blob files and syncs the WAL (clean shutdown: the next
   // start then replays no WAL).
   Status Flush();

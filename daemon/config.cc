@@ -135,6 +135,7 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "executors") s = u32(v, k, &c->executors);
     else if (k == "max_inflight_per_endpoint") s = u32(v, k, &c->max_inflight_per_endpoint);
     else if (k == "max_connections") s = u32(v, k, &c->max_connections);
+    else if (k == "client_idle_timeout_seconds") s = u32(v, k, &c->client_idle_timeout_seconds);
     else if (k == "idle_trim_seconds") s = u32(v, k, &c->idle_trim_seconds);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
     else if (k == "search_threads") s = u32(v, k, &c->search_threads);

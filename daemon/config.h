@@ -64,6 +64,12 @@ struct DaemonConfig {
   // RESOURCE_EXHAUSTED. Bounds what in-flight requests can hold together with
   // max_inflight_per_endpoint and max_message_bytes. Default: 1024.
   uint32_t max_connections = 1024;
+  // A connection with no request in flight that sent nothing for this many seconds is closed
+  // by kvmemd (its endpoint and everything it held are freed; the client's next call fails
+  // with UNAVAILABLE). For clients that stay connected but silent (hung, or a host gone
+  // without a disconnect reaching kvmemd); clients that close, exit or are killed are closed
+  // when UCX reports the disconnect, whatever this is. 0 disables it. Default: 0.
+  uint32_t client_idle_timeout_seconds = 0;
   // After this many seconds without a KV allocation or a store write, kvmemd gives memory
   // back: retained free KV slabs are released, RocksDB memtables are flushed (their data is
   // in the WAL already; a flush frees them and shortens the next restart's replay) and the

@@ -223,6 +223,7 @@ int main(int argc, char** argv) {
   topts.max_message_bytes = config.max_message_bytes;
   topts.max_inflight_per_endpoint = config.max_inflight_per_endpoint;
   topts.max_connections = config.max_connections;
+  topts.idle_timeout = std::chrono::seconds(config.client_idle_timeout_seconds);
   UcxServer server(topts, &service, &executors, &io);
   if (Status s = server.Start(); !s.ok()) return Fail(s.ToString());
 

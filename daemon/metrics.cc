@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "daemon/chunk_store.h"
 #include "daemon/service.h"
 #include "daemon/transport.h"
 #include "wire/framing.h"
@@ -186,6 +187,9 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_append_landings_total",
           "kvmem_ucx_endpoints_open",
           "kvmem_ucx_endpoints_accepted_total",
+          "kvmem_ucx_endpoints",
+          "kvmem_ucx_endpoints_closed_total",
+          "kvmem_ucx_endpoints_idle_closed_total",
           "kvmem_ucx_endpoints_left_open_total",
           "kvmem_requests_inflight",
           "kvmem_receive_buffers_retained_bytes",
@@ -193,7 +197,8 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_bytes_in_total",
           "kvmem_bytes_out_total",
           "kvmem_config_reloads_total",
-          "kvmem_idle_trims_total"};
+          "kvmem_idle_trims_total",
+          "kvmem_store_memory_bytes"};
 }
 
 std::string RenderPrometheus(const MetricsSources& src) {
@@ -327,8 +332,18 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Sample("kvmem_ucx_endpoints_open", "", ld(tc ? &tc->connections_open : nullptr));
   wr.Family("kvmem_ucx_endpoints_accepted_total", "counter", "UCX endpoints accepted.");
   wr.Sample("kvmem_ucx_endpoints_accepted_total", "", ld(tc ? &tc->connections_accepted : nullptr));
+  wr.Family("kvmem_ucx_endpoints", "gauge",
+            "UCX endpoints allocated: open connections plus departed ones still closing.");
+  wr.Sample("kvmem_ucx_endpoints", "", ld(tc ? &tc->endpoints : nullptr));
+  wr.Family("kvmem_ucx_endpoints_closed_total", "counter",
+            "UCX endpoints closed and destroyed (client left, or closed by kvmemd).");
+  wr.Sample("kvmem_ucx_endpoints_closed_total", "", ld(tc ? &tc->endpoints_closed : nullptr));
+  wr.Family("kvmem_ucx_endpoints_idle_closed_total", "counter",
+            "Connections kvmemd closed because they were silent for client_idle_timeout_seconds.");
+  wr.Sample("kvmem_ucx_endpoints_idle_closed_total", "",
+            ld(tc ? &tc->endpoints_idle_closed : nullptr));
   wr.Family("kvmem_ucx_endpoints_left_open_total", "counter",
-            "Failed client endpoints UCX would not force-close (error handling mode none); "
+            "Departed client endpoints whose close did not complete within its deadline; "
             "each stays allocated until kvmemd exits.");
   wr.Sample("kvmem_ucx_endpoints_left_open_total", "",
             ld(tc ? &tc->endpoints_left_open : nullptr));
@@ -354,6 +369,14 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_idle_trims_total", "counter",
             "Idle trims completed (retained memory released after idle_trim_seconds idle).");
   wr.Sample("kvmem_idle_trims_total", "", m.idle_trims.load(std::memory_order_relaxed));
+  wr.Family("kvmem_store_memory_bytes", "gauge",
+            "Memory RocksDB holds: block cache in use, table readers (index/filter blocks), "
+            "memtables.");
+  const ChunkStore* store = src.service ? src.service->store() : nullptr;
+  const ChunkStore::MemoryUse mu = store ? store->Memory() : ChunkStore::MemoryUse{};
+  wr.Sample("kvmem_store_memory_bytes", "kind=\"block_cache\"", mu.block_cache);
+  wr.Sample("kvmem_store_memory_bytes", "kind=\"table_readers\"", mu.table_readers);
+  wr.Sample("kvmem_store_memory_bytes", "kind=\"memtables\"", mu.memtables);
   return wr.Take();
 }
 

@@ -28,6 +28,8 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
         "high_watermark/low_watermark");
   check(fresh.max_message_bytes != current->max_message_bytes, "max_message_bytes");
   check(fresh.max_connections != current->max_connections, "max_connections");
+  check(fresh.client_idle_timeout_seconds != current->client_idle_timeout_seconds,
+        "client_idle_timeout_seconds");
   check(fresh.idle_trim_seconds != current->idle_trim_seconds, "idle_trim_seconds");
   check(fresh.max_inflight_per_endpoint != current->max_inflight_per_endpoint,
         "max_inflight_per_endpoint");

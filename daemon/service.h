@@ -123,6 +123,7 @@ class Service {
     store_ = store;
     tiers_->set_store(store);
   }
+  const ChunkStore* store() const { return store_; }
   Status RestoreDurableSessions();
 
   // --- Tiers and lifetimes (daemon/eviction.h) ---

@@ -13,6 +13,8 @@
 #include <mutex>
 #include <vector>
 
+#include <ucs/debug/log_def.h>
+
 #include "common/log.h"
 #include "wire/framing.h"
 
@@ -26,7 +28,11 @@ struct UcxServer::Connection {
   std::string tenant;          // set by Hello on the transport thread
   std::string peer;
   uint32_t inflight = 0;       // transport thread only
-  bool dead = false;
+  bool dead = false;           // the client left (error callback) or is closed by the daemon
+  std::chrono::steady_clock::time_point last_active;  // last request received
+  // Rendezvous receives still in UCX, with their requests: cancelled when the endpoint is
+  // closed, so a client that left mid-transfer cannot keep their buffers (transport thread).
+  std::unordered_map<UcxServer::Inbound*, void*> receives;
 };
 
 namespace {
@@ -136,6 +142,32 @@ using AlignedBuffer = std::unique_ptr<uint8_t[], PooledFree>;
 
 }  // namespace
 
+// Closing the endpoint of a departed client flushes lanes UCX already failed; UCX then logs
+// "error during flush" once per lane at ERROR level in error mode none (DIAG in mode peer),
+// three lines per departed client. kvmemd flushes endpoints only to close them, and the close
+// completes regardless, so these are demoted to debug here and every other message goes on to
+// UCX's own handler.
+static std::atomic<uint64_t> g_close_flush_errors{0};
+
+static ucs_log_func_rc_t DemoteCloseFlushErrors(const char* file, unsigned line, const char* function,
+                                                ucs_log_level_t level,
+                                                const ucs_log_component_config_t* comp_conf,
+                                                const char* message, va_list ap) {
+  (void)file;
+  (void)line;
+  (void)comp_conf;
+  (void)ap;
+  if (level == UCS_LOG_LEVEL_ERROR && message != nullptr &&
+      std::strstr(message, "error during flush") != nullptr &&
+      (function == nullptr || std::strstr(function, "flush") != nullptr)) {
+    if (g_close_flush_errors.fetch_add(1, std::memory_order_relaxed) % 100000 == 0) {
+      KVMEM_LOG_DEBUG("UCX flush error while closing a departed client's endpoint (demoted)");
+    }
+    return UCS_LOG_FUNC_RC_STOP;
+  }
+  return UCS_LOG_FUNC_RC_CONTINUE;
+}
+
 uint64_t ReleaseRetainedReceiveBuffers() { return RecvBuffers().ReleaseRetained(); }
 uint64_t RetainedReceiveBufferBytes() { return RecvBuffers().retained_bytes(); }
 
@@ -186,6 +218,7 @@ UcxServer::~UcxServer() {
     poll_thread_.join();
   }
   if (worker_) CloseAll();
+  housekeeping_.reset();
   efd_.reset();
   listener_.reset();
   worker_.reset();
@@ -199,7 +232,15 @@ Status UcxServer::Start() {
   // lane beside CMA, which the peer (a client with UCX's defaults) did not wire up: the
   // endpoint's wireup then aborts the daemon (ep_addr_index < num_ep_addrs).
   if (options_.rndv_scheme == "put_zcopy") copts.settings.emplace_back("MAX_RNDV_RAILS", "1");
+  // Endpoint ids on the wire are keys of a map, not pointers (UCX's default does this only in
+  // error mode peer). A departed client's endpoint is closed and freed while a message it sent
+  // (a rendezvous RTS) may still be queued in shared memory; with pointer ids UCX dereferences
+  // the freed endpoint (ucp_am_rndv_process_rts: Assertion (*ep_p)->worker == worker), with
+  // map keys it finds no endpoint and drops the message. UCX_PROTO_INDIRECT_ID overrides it.
+  copts.settings.emplace_back("PROTO_INDIRECT_ID", "on");
   KVMEM_ASSIGN_OR_RETURN(context_, ucx::CreateContext(copts));
+  static std::once_flag log_handler_once;
+  std::call_once(log_handler_once, [] { ucs_log_push_handler(&DemoteCloseFlushErrors); });
   KVMEM_ASSIGN_OR_RETURN(worker_, ucx::CreateWorker(context_.get(), UCS_THREAD_MODE_SINGLE));
   KVMEM_ASSIGN_OR_RETURN(max_am_header_, ucx::MaxAmHeader(worker_.get()));
 
@@ -245,10 +286,13 @@ Status UcxServer::Start() {
     KVMEM_RETURN_IF_ERROR(ucx::FromUcs(ucp_worker_get_efd(worker_.get(), &fd), "ucp_worker_get_efd"));
     efd_ = std::make_unique<boost::asio::posix::stream_descriptor>(*io_, ::dup(fd));
     ArmAndWait();
+    housekeeping_ = std::make_unique<boost::asio::steady_timer>(*io_);
+    Housekeeping();
   }
-  KVMEM_LOG_INFO("listening on {} (port {}), progress={}, max_am_header={}B, error_mode={}",
+  KVMEM_LOG_INFO("listening on {} (port {}), progress={}, max_am_header={}B, error_mode={}, "
+                 "client_idle_timeout={}s",
                  options_.listen, port_, options_.poll ? "poll" : "event", max_am_header_,
-                 options_.peer_error_handling ? "peer" : "none");
+                 options_.peer_error_handling ? "peer" : "none", options_.idle_timeout.count());
   return Status::OK();
 }
 
@@ -300,9 +344,11 @@ void UcxServer::Accept(ucp_conn_request_h request) {
     return;
   }
   conn->ep = handle;
+  conn->last_active = std::chrono::steady_clock::now();
   connections_[handle] = conn;
   counters_.connections_accepted++;
   counters_.connections_open = connections_.size();
+  counters_.endpoints++;
   KVMEM_LOG_DEBUG("connection {} from {}", conn->id, peer);
 }
 
@@ -332,6 +378,8 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
     return UCS_OK;
   }
   std::shared_ptr<Connection> conn = it->second;
+  if (conn->dead) return UCS_OK;  // departed (or closed for idleness): nobody to answer
+  conn->last_active = std::chrono::steady_clock::now();
   self->counters_.bytes_in += header_length + length;
 
   // The request id, when the header verifies, so even refusals can be matched by the client.
@@ -416,7 +464,9 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
   ucs_status_ptr_t req = ucp_am_recv_data_nbx(self->worker_.get(), data, dst, count, &rp);
   if (req == nullptr) {
     self->Dispatch(std::unique_ptr<Inbound>(raw));
-  } else if (UCS_PTR_IS_ERR(req)) {
+  } else if (UCS_PTR_IS_PTR(req)) {
+    conn->receives.emplace(raw, req);
+  } else {
     std::unique_ptr<Inbound> owned(raw);
     auto reply = std::make_unique<Reply>();
     reply->SetError(rid, ucx::FromUcs(UCS_PTR_STATUS(req), "receive data"));
@@ -428,6 +478,7 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
 void UcxServer::OnRndvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
   std::unique_ptr<Inbound> in(static_cast<Inbound*>(user_data));
   ucp_request_free(request);
+  in->conn->receives.erase(in.get());
   UcxServer* self = in->server;
   if (status != UCS_OK) {
     auto reply = std::make_unique<Reply>();
@@ -601,31 +652,106 @@ void UcxServer::ProgressAll() {
     DrainOutbound();
     if (ucp_worker_progress(worker_.get()) == 0 && !outbound_pending_.load()) break;
   }
-  // Endpoints whose peer went away (peer error mode): close off the callback path.
+  ReapConnections();
+  if (stopping_) ShutdownStep();
+}
+
+// How long a close may take before the endpoint is given up on (counted as left open). A
+// flush close completes once the lanes are flushed and the peer acknowledged the disconnect
+// (immediately when the peer is already gone); a live peer that never answers hits this.
+constexpr auto kCloseDeadline = std::chrono::seconds(30);
+
+// Departed clients (the error callback marked them dead: UCX's connection manager reported the
+// disconnect, also in error mode none) and idle ones are closed here, off the callback path.
+// The close is a flush close: a forced close needs error mode peer (UCX 1.13 answers
+// UCS_ERR_INVALID_PARAM otherwise), which would confine same-host clients to TCP. It is safe
+// to free the endpoint while the departed client's messages may still be queued because
+// endpoint ids are indirect (PROTO_INDIRECT_ID in Start).
+void UcxServer::ReapConnections() {
+  const auto now = std::chrono::steady_clock::now();
   for (auto it = connections_.begin(); it != connections_.end();) {
-    if (it->second->dead) {
-      dead_.push_back(it->second);
+    Connection& c = *it->second;
+    if (!c.dead && options_.idle_timeout.count() > 0 && c.inflight == 0 &&
+        now - c.last_active > options_.idle_timeout) {
+      c.dead = true;
+      counters_.endpoints_idle_closed++;
+      KVMEM_LOG_INFO("connection {} ({}, tenant '{}') closed: idle for {} s (client_idle_timeout_seconds)",
+                     c.id, c.peer, c.tenant, options_.idle_timeout.count());
+    }
+    if (c.dead) {
+      std::shared_ptr<Connection> conn = std::move(it->second);
       it = connections_.erase(it);
+      StartClose(std::move(conn));
     } else {
       ++it;
     }
   }
-  for (auto& c : dead_) {
-    if (c->ep) {
-      const ucx::CloseResult r = ucx::CloseEndpoint(worker_.get(), c->ep, /*force=*/true, 100);
-      // UCS_ERR_INVALID_PARAM: UCX refused the forced close (error mode none) and the endpoint
-      // stays allocated until the worker is destroyed; closing it by flush is not safe
-      // (wire/ucx.h). Counted, so the cost of mode none is visible.
-      if (r.status == UCS_ERR_INVALID_PARAM) counters_.endpoints_left_open++;
-      if (r.status != UCS_OK) {
-        KVMEM_LOG_DEBUG("connection {}: close: {}", c->id, ucs_status_string(r.status));
-      }
+  for (size_t i = 0; i < closing_.size();) {
+    Closing& c = closing_[i];
+    const ucs_status_t st = ucp_request_check_status(c.request);
+    if (st == UCS_INPROGRESS && now < c.deadline) {
+      ++i;
+      continue;
     }
-    c->ep = nullptr;
+    ucp_request_free(c.request);  // UCX releases it when the close completes
+    if (st == UCS_INPROGRESS) {
+      ++left_open_;
+      counters_.endpoints_left_open++;
+      KVMEM_LOG_WARN("connection {}: close not done after {} s; endpoint left allocated",
+                     c.conn->id, kCloseDeadline.count());
+    } else {
+      counters_.endpoints_closed++;
+    }
+    AbandonReceives(*c.conn);
+    closing_[i] = std::move(closing_.back());
+    closing_.pop_back();
   }
-  dead_.clear();
   counters_.connections_open = connections_.size();
-  if (stopping_) ShutdownStep();
+  counters_.endpoints = connections_.size() + closing_.size() + left_open_;
+}
+
+void UcxServer::StartClose(std::shared_ptr<Connection> conn) {
+  conn->dead = true;
+  if (conn->ep == nullptr) return;
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = 0;  // flush close (see ReapConnections)
+  ucs_status_ptr_t req = ucp_ep_close_nbx(conn->ep, &p);
+  conn->ep = nullptr;
+  if (UCS_PTR_IS_PTR(req)) {
+    closing_.push_back({std::move(conn), req, std::chrono::steady_clock::now() + kCloseDeadline});
+    return;
+  }
+  // Done in place, or failed: either way UCX has released the endpoint.
+  if (UCS_PTR_IS_ERR(req)) {
+    KVMEM_LOG_DEBUG("connection {}: close: {}", conn->id, ucs_status_string(UCS_PTR_STATUS(req)));
+  }
+  counters_.endpoints_closed++;
+  AbandonReceives(*conn);
+}
+
+// Rendezvous receives of a closed endpoint that UCX did not complete with the close: cancel
+// them, so their callbacks run (UCS_ERR_CANCELED) and free the Inbound and its buffer. One
+// that does not complete even then stays counted in kvmem_requests_inflight: its buffer is not
+// freed while UCX may still write into it.
+void UcxServer::AbandonReceives(Connection& conn) {
+  if (conn.receives.empty()) return;
+  std::vector<void*> pending;  // a cancel may complete a receive (and erase it) right away
+  for (const auto& [in, req] : conn.receives) pending.push_back(req);
+  for (void* req : pending) ucp_request_cancel(worker_.get(), req);
+  if (!conn.receives.empty()) {
+    KVMEM_LOG_WARN("connection {}: {} receive(s) not completed by the close or a cancel",
+                   conn.id, conn.receives.size());
+  }
+}
+
+void UcxServer::Housekeeping() {
+  housekeeping_->expires_after(std::chrono::seconds(1));
+  housekeeping_->async_wait([this](const boost::system::error_code& ec) {
+    if (ec || stopped_ || !worker_) return;
+    ProgressAll();
+    Housekeeping();
+  });
 }
 
 void UcxServer::ArmAndWait() {
@@ -658,6 +784,13 @@ void UcxServer::PollLoop() {
     if (outbound_pending_.load(std::memory_order_acquire)) DrainOutbound();
     if (stopping_.load(std::memory_order_relaxed) && !stopped_) {
       ProgressAll();
+    } else if (idle == 0 || idle == 63) {
+      // Departed and idle connections, every 100 ms at most (a clock read otherwise).
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= next_reap_) {
+        ReapConnections();
+        next_reap_ = now + std::chrono::milliseconds(100);
+      }
     }
   }
 }
@@ -701,11 +834,17 @@ void UcxServer::ShutdownStep() {
 }
 
 void UcxServer::CloseAll() {
-  for (auto& [ep, conn] : connections_) {
-    if (conn->ep) ucx::CloseEndpoint(worker_.get(), conn->ep, /*force=*/conn->dead, 200);
-    conn->ep = nullptr;
+  for (auto& [ep, conn] : connections_) conn->dead = true;
+  ReapConnections();  // starts every close
+  // Give the closes a moment (a live client acknowledges the disconnect), then free what is
+  // left: ucp_worker_destroy releases those endpoints.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  while (!closing_.empty() && std::chrono::steady_clock::now() < deadline) {
+    ucp_worker_progress(worker_.get());
+    ReapConnections();
   }
-  connections_.clear();
+  for (auto& c : closing_) ucp_request_free(c.request);
+  closing_.clear();
   counters_.connections_open = 0;
 }
 

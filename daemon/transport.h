@@ -52,6 +52,11 @@ struct TransportOptions {
   // which cost more than the copy it saves (0.41-0.44x of ucp_am_bw against 0.57-0.72x on the
   // 16-core GPU host; bench/results/transport-h200host-ab.json).
   bool append_landing = false;
+
+  // A connection with no request in flight that sent nothing for this long is closed by the
+  // daemon (config client_idle_timeout_seconds); 0 = never. Clients that leave (close, exit,
+  // killed) are closed when UCX reports the disconnect, whatever this is.
+  std::chrono::seconds idle_timeout{0};
 };
 
 struct TransportCounters {
@@ -62,7 +67,10 @@ struct TransportCounters {
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
   std::atomic<uint64_t> requests_inflight{0};      // received, not yet answered
-  std::atomic<uint64_t> endpoints_left_open{0};     // failed, forced close refused (mode none)
+  std::atomic<uint64_t> endpoints{0};               // allocated: open + closing + left open
+  std::atomic<uint64_t> endpoints_closed{0};        // closed and destroyed
+  std::atomic<uint64_t> endpoints_idle_closed{0};   // closed by the daemon: idle_timeout
+  std::atomic<uint64_t> endpoints_left_open{0};     // close did not complete by its deadline
 };
 
 // Receive buffers of 64 KiB and more are kept for reuse, up to 256 MiB in all (transport.cc).
@@ -109,6 +117,10 @@ class UcxServer {
   void SendError(Connection* conn, uint64_t request_id, const Status& status);
   void DrainOutbound();
   void ProgressAll();          // progress until idle, send queued replies, close dead eps
+  void ReapConnections();      // close departed / idle connections, finish closes
+  void StartClose(std::shared_ptr<Connection> conn);
+  void AbandonReceives(Connection& conn);
+  void Housekeeping();         // event mode: a 1 s timer, so closes finish on an idle daemon
   void ArmAndWait();           // event mode
   void PollLoop();             // poll mode
   void ShutdownStep();         // runs on the transport thread while stopping
@@ -129,7 +141,17 @@ class UcxServer {
 
   // Transport-thread state.
   std::unordered_map<ucp_ep_h, std::shared_ptr<Connection>> connections_;
-  std::vector<std::shared_ptr<Connection>> dead_;
+  // Endpoints being closed (ucp_ep_close_nbx in flight); the Connection stays alive until
+  // UCX is done with it (it is the error callback's argument).
+  struct Closing {
+    std::shared_ptr<Connection> conn;
+    void* request = nullptr;
+    std::chrono::steady_clock::time_point deadline;
+  };
+  std::vector<Closing> closing_;
+  uint64_t left_open_ = 0;  // closes that missed their deadline: endpoint still allocated
+  std::chrono::steady_clock::time_point next_reap_{};
+  std::unique_ptr<boost::asio::steady_timer> housekeeping_;
   uint64_t next_connection_id_ = 1;
 
   // Replies from executors.

@@ -59,7 +59,9 @@ Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_vi
 // unless the endpoint uses UCP_ERR_HANDLING_MODE_PEER. Do not fall back to a flush close for a
 // failed endpoint in mode NONE: the peer addresses it by pointer, and a message of the vanished
 // peer still in flight (a rendezvous RTS) then hits freed memory (kvmem-stress crashed kvmemd
-// with "ucp_am_rndv_process_rts: Assertion (*ep_p)->worker == worker failed").
+// with "ucp_am_rndv_process_rts: Assertion (*ep_p)->worker == worker failed") — unless the
+// worker's context uses indirect endpoint ids (UCX PROTO_INDIRECT_ID=on), as kvmemd's does:
+// daemon/transport.cc then flush-closes departed clients' endpoints (without this function).
 struct CloseResult {
   ucs_status_t status = UCS_OK;  // of the close; UCS_ERR_TIMED_OUT when timeout_ms passed
   bool forced = false;           // asked for a forced close
