@@ -13,10 +13,11 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-VARIANTS=(default KVMEM_DEVICE_SUBMIT=graph KVMEM_DEVICE_RESULTS=mapped "KVMEM_DEVICE_SUBMIT=graph KVMEM_DEVICE_RESULTS=mapped")
+# VARIANTS: ';'-separated environment settings (default: the four below); PARITY: the tests.
+IFS=';' read -r -a VARIANTS <<< "${VARIANTS:-default;KVMEM_DEVICE_SUBMIT=graph;KVMEM_DEVICE_RESULTS=mapped;KVMEM_DEVICE_SUBMIT=graph KVMEM_DEVICE_RESULTS=mapped}"
 echo "== parity ($(el)s)"
 for v in "${VARIANTS[@]}"; do
-  for t in device_search_test e2e_test tree_search_cuda_test; do
+  for t in ${PARITY:-device_search_test e2e_test tree_search_cuda_test}; do
     [[ -x $G/b/bin/$t ]] || continue
     [[ $t == tree_search_cuda_test && $v != default ]] && continue
     e=(); [[ $v != default ]] && e=($v)
@@ -31,7 +32,7 @@ bench_gpu() {  # search + sparse at 128K batch 1 budget 2048 (and batch 8), one 
   echo "bench $1 rc=$? ($(el)s)"; { echo "### bench $1"; cat /tmp/bench_$1.log; } >> "$OUT/e2e_raw.txt"
 }
 echo "== bench a ($(el)s)"; bench_gpu a
-for round in 1 2; do
+for round in $(seq 1 ${ROUNDS:-2}); do
   for i in "${!VARIANTS[@]}"; do
     v=${VARIANTS[$i]}; e=(); [[ $v != default ]] && e=($v)
     echo "== e2e round $round [$v] ($(el)s)"
@@ -60,7 +61,7 @@ print(f"{'variant':52} {'ctx':>6} {'e2e r1':>7} {'e2e r2':>7} {'daemon':>7} {'pl
 merged = []
 for i, v in enumerate(variants):
     rows = {}
-    for rnd in (1, 2):
+    for rnd in range(1, 10):
         p = f"/tmp/e2e_r{rnd}_v{i}.json"
         if not os.path.exists(p):
             continue
@@ -72,7 +73,7 @@ for i, v in enumerate(variants):
                 rows.setdefault(r["context"], []).append(r)
     for ctx, rs in sorted(rows.items()):
         ph = rs[-1].get("daemon_phase_us") or {}
-        e = [f"{r['us_per_layer']:7.1f}" for r in rs] + [" " * 7] * (2 - len(rs))
+        e = [f"{r['us_per_layer']:7.1f}" for r in rs] + [" " * 7] * max(0, 2 - len(rs))
         print(f"{v:52} {ctx:6d} {' '.join(e)} {rs[-1].get('daemon_request_us') or 0:7.1f} "
               f"{ph.get('device_plan', 0):5.1f} {ph.get('device_launch', 0):6.1f} {ph.get('device_wait', 0):6.1f}")
 json.dump({"search_sparse_128k_b1_b2048_us": ss.get(("kvmem_search_sparse", 1)), "results": merged},
