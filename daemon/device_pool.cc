@@ -2,8 +2,12 @@
 // kernels::cuda (plan on the host, one upload, one launch, copy back).
 #include <cuda_runtime.h>
 
+#include <array>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -11,6 +15,7 @@
 #include "common/units.h"
 #include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
+#include "kernels/cuda/search_attend_to.h"
 #include "kernels/cuda_ops.h"
 
 namespace kvmem {
@@ -24,8 +29,10 @@ Status Cuda(cudaError_t e, const char* what) {
 class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
+    for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
+    if (mapped_) cudaFreeHost(mapped_);
     for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_})
       if (p) cudaFree(p);
   }
@@ -147,6 +154,15 @@ class DevicePool final : public KVPool {
     const size_t lse_bytes = size_t{a.q_heads} * sizeof(float);
     const size_t lse_room = (lse_bytes + 255) / 256 * 256;
     const size_t io_room = q_room + out_room + lse_room;
+    // KVMEM_DEVICE_RESULTS=mapped: the attention writes out and lse, and the search its
+    // per-head results, straight into mapped pinned host memory [out | lse | results]: no copy
+    // back. Not for requests that want the selection (that stays in the workspace).
+    const bool mapped = MappedResults() && !req->want_selection;
+    const size_t res_bytes = size_t{a.kv_heads} * sizeof(kernels::cuda::SearchTaskResult);
+    if (mapped) KVMEM_RETURN_IF_ERROR(GrowMapped(out_room + lse_room + res_bytes));
+    uint8_t* m_out = mapped ? mapped_dev_ : nullptr;
+    auto* m_res = mapped ? reinterpret_cast<kernels::cuda::SearchTaskResult*>(m_out + out_room + lse_room)
+                         : nullptr;
     // One device buffer [q | out | lse | workspace], so q and the plan image go up in one copy.
     // The plan holds the q / out / lse pointers: plan again when the buffer had to grow.
     kernels::cuda::SearchAttendPlan plan;
@@ -156,8 +172,8 @@ class DevicePool final : public KVPool {
       d_in = static_cast<uint8_t*>(d_sws_);
       dev.attend.pool = base_;
       dev.attend.q = d_in;
-      dev.attend.out = d_in + q_room;
-      dev.attend.lse = reinterpret_cast<float*>(d_in + q_room + out_room);
+      dev.attend.out = mapped ? m_out : d_in + q_room;
+      dev.attend.lse = reinterpret_cast<float*>(mapped ? m_out + out_room : d_in + q_room + out_room);
       KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
       if (io_room + plan.workspace_bytes <= sws_bytes_) break;
       if (pass > 0) return Internal("device search: workspace did not grow");
@@ -170,21 +186,52 @@ class DevicePool final : public KVPool {
     const size_t res_end = req->want_selection ? plan.runs_off
                                                : plan.results_off + plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult);
     const size_t up = io_room + plan.image.size();
-    const size_t down = (io_room - q_room) + res_end;
+    const size_t down = mapped ? 0 : (io_room - q_room) + res_end;
     KVMEM_RETURN_IF_ERROR(GrowPinned(up + down + 256));
     uint8_t* h_up = pinned_;
     uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
     std::memcpy(h_up, a.q, q_bytes);
     std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
     phase(AttendPhase::kDevicePlan);
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
-                               "stage q and the search plan"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttend(plan, d_ws, stream_));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in + q_room, down, cudaMemcpyDeviceToHost, stream_),
-                               "copy out and the search results"));
+    auto enqueue = [&]() -> Status {
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
+                                 "stage q and the search plan"));
+      KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, m_res, stream_));
+      if (mapped) return Status::OK();
+      return Cuda(cudaMemcpyAsync(h_down, d_in + q_room, down, cudaMemcpyDeviceToHost, stream_),
+                  "copy out and the search results");
+    };
+    cudaGraphExec_t exec = nullptr;
+    if (GraphSubmit()) {
+      // Everything a replay depends on besides the bytes in the pinned staging (which the graph's
+      // copy reads when it runs): addresses, sizes, the plan's layout and launch shapes.
+      const GraphKey key{reinterpret_cast<uint64_t>(d_in), reinterpret_cast<uint64_t>(h_up),
+                         reinterpret_cast<uint64_t>(h_down), up, down, q_room,
+                         plan.num_tasks, plan.num_items, plan.max_selected, plan.head_dim,
+                         plan.group, static_cast<uint64_t>(plan.kv_dtype),
+                         static_cast<uint64_t>(plan.q_dtype), static_cast<uint64_t>(plan.out_dtype),
+                         plan.tasks_off, plan.items_off, plan.runs_off, plan.counters_off,
+                         plan.results_off, plan.selected_off, plan.scores_off, plan.scratch_off,
+                         plan.partials_off, plan.cluster_size, plan.attend_cluster,
+                         reinterpret_cast<uint64_t>(m_res)};
+      exec = GraphFor(key, enqueue);
+    }
+    if (exec != nullptr) {
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaGraphLaunch(exec, stream_), "search attend graph"));
+    } else {
+      KVMEM_RETURN_IF_ERROR(enqueue());
+    }
     phase(AttendPhase::kDeviceLaunch);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
     phase(AttendPhase::kDeviceWait);
+    if (mapped) {
+      std::memcpy(a.out, mapped_, out_bytes);
+      if (a.lse) std::memcpy(a.lse, mapped_ + out_room, lse_bytes);
+      reply->heads.resize(plan.num_tasks);
+      std::memcpy(reply->heads.data(), mapped_ + out_room + lse_room, res_bytes);
+      reply->max_selected = plan.max_selected;
+      return Status::OK();
+    }
     std::memcpy(a.out, h_down, out_bytes);
     if (a.lse) std::memcpy(a.lse, h_down + out_room, lse_bytes);
     const uint8_t* res = h_down + (io_room - q_room) + plan.results_off;
@@ -297,6 +344,73 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+  // KVMEM_DEVICE_SUBMIT=graph in kvmemd's environment: the device search's upload, two launches
+  // and copy back are captured once per layout into a CUDA graph (the attention's programmatic
+  // dependency becomes a programmatic edge) and replayed with one cudaGraphLaunch. Default
+  // (`copy` or unset): the four calls on the stream.
+  static bool GraphSubmit() {
+    static const bool on = [] {
+      const char* e = std::getenv("KVMEM_DEVICE_SUBMIT");
+      return e != nullptr && std::strcmp(e, "graph") == 0;
+    }();
+    return on;
+  }
+  static bool MappedResults() {
+    static const bool on = [] {
+      const char* e = std::getenv("KVMEM_DEVICE_RESULTS");
+      return e != nullptr && std::strcmp(e, "mapped") == 0;
+    }();
+    return on;
+  }
+  // Grow-only mapped pinned host memory the kernels write the device search's outputs into.
+  Status GrowMapped(size_t need) {
+    if (need <= mapped_bytes_) return Status::OK();
+    if (mapped_) cudaFreeHost(mapped_);
+    mapped_ = mapped_dev_ = nullptr;
+    mapped_bytes_ = 0;
+    const size_t bytes = std::max<size_t>(need, 64 << 10);
+    void* p = nullptr;
+    void* d = nullptr;
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaHostAlloc(&p, bytes, cudaHostAllocMapped), "cudaHostAlloc mapped"));
+    mapped_ = static_cast<uint8_t*>(p);
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaHostGetDevicePointer(&d, p, 0), "cudaHostGetDevicePointer"));
+    mapped_dev_ = static_cast<uint8_t*>(d);
+    mapped_bytes_ = bytes;
+    return Status::OK();
+  }
+  using GraphKey = std::array<uint64_t, 26>;
+  // The instantiated graph for `key`, captured from `enqueue` on a miss; nullptr (and graphs
+  // off for this pool) when capture or instantiation fails, so the caller enqueues directly.
+  template <typename F>
+  cudaGraphExec_t GraphFor(const GraphKey& key, F&& enqueue) {
+    if (graph_failed_) return nullptr;
+    if (auto it = graphs_.find(key); it != graphs_.end()) return it->second;
+    if (graphs_.size() >= 16) {  // layouts change rarely in a decode stream; bound the cache
+      for (auto& [k, e] : graphs_) cudaGraphExecDestroy(e);
+      graphs_.clear();
+    }
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    Status st = Cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin capture");
+    if (st.ok()) {
+      Status enq = enqueue();
+      Status end = Cuda(cudaStreamEndCapture(stream_, &graph), "end capture");
+      st = !enq.ok() ? enq : end;
+    }
+    if (st.ok()) st = Cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    if (graph) cudaGraphDestroy(graph);
+    if (!st.ok()) {
+      (void)cudaGetLastError();
+      if (exec) cudaGraphExecDestroy(exec);
+      graph_failed_ = true;
+      std::fprintf(stderr, "kvmem: device search graph off (%s); enqueueing directly\n",
+                   st.ToString().c_str());
+      return nullptr;
+    }
+    graphs_.emplace(key, exec);
+    return exec;
+  }
+
   // Grow-only pinned host staging (the device search's copies).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
@@ -338,6 +452,11 @@ class DevicePool final : public KVPool {
   uint8_t* pinned_ = nullptr;  // host staging of the device search
   size_t pinned_bytes_ = 0;
   std::vector<uint8_t> host_in_, host_out_;
+  std::map<GraphKey, cudaGraphExec_t> graphs_;  // KVMEM_DEVICE_SUBMIT=graph
+  bool graph_failed_ = false;
+  uint8_t* mapped_ = nullptr;      // KVMEM_DEVICE_RESULTS=mapped: host view
+  uint8_t* mapped_dev_ = nullptr;  // its device address
+  size_t mapped_bytes_ = 0;
 };
 
 }  // namespace

@@ -104,22 +104,53 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
   const uint64_t split_cap = std::min<uint64_t>(options.max_split_tokens, 1024);
   if (C > 1 && AlignUp((max_task + C - 1) / C, 16) > split_cap) C = 1;
 
-  std::vector<SearchTaskDesc> descs;
-  std::vector<AttendItemDesc> items;
+  // Splits per problem, then the layout, then the descriptors written straight into the image
+  // (no per-item copies through temporary vectors: this runs on every device-search request).
+  auto most_of = [](const SearchAttendProblem& p) {
+    return uint64_t{p.sink_tokens} + p.params.budget_tokens + p.recent_window + kChunkSlack +
+           (p.tail.end - p.tail.begin);
+  };
+  uint64_t num_items = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint64_t most = most_of(problems[i]);
+    const uint32_t splits =
+        C > 1 ? C : static_cast<uint32_t>(std::max<uint64_t>(1, (most + split - 1) / split));
+    num_items += uint64_t{splits} * problems[i].attend.kv_heads;
+  }
+  plan->num_tasks = static_cast<uint32_t>(tasks);
+  plan->num_items = static_cast<uint32_t>(num_items);
+  plan->attend_cluster = C;
+  plan->max_selected = std::min<uint32_t>(std::max<uint32_t>(max_budget, 1), kSearchMaxCandidates * 4);
+  plan->head_dim = D;
+  plan->group = G;
+  plan->kv_dtype = a0.kv_dtype;
+  plan->q_dtype = a0.q_dtype;
+  plan->out_dtype = a0.out_dtype;
+  size_t off = 0;
+  plan->tasks_off = off;
+  off = AlignUp(off + tasks * sizeof(SearchTaskDesc), 256);
+  plan->items_off = off;
+  off = AlignUp(off + num_items * sizeof(AttendItemDesc), 256);
+  plan->counters_off = off;
+  off = AlignUp(off + tasks * sizeof(uint32_t), 256);
+  const size_t image_bytes = off;
+  plan->image.assign(image_bytes, 0);
+  auto* descs = reinterpret_cast<SearchTaskDesc*>(plan->image.data() + plan->tasks_off);
+  auto* items = reinterpret_cast<AttendItemDesc*>(plan->image.data() + plan->items_off);
+  uint32_t task = 0, item = 0;
   uint32_t partial_slots = 0;
   size_t scratch_floats = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const SearchAttendProblem& p = problems[i];
     const AttendProblem& a = p.attend;
     const size_t qsz = DTypeSize(a.q_dtype), osz = DTypeSize(a.out_dtype);
-    const uint64_t most = uint64_t{p.sink_tokens} + p.params.budget_tokens + p.recent_window +
-                          kChunkSlack + (p.tail.end - p.tail.begin);
+    const uint64_t most = most_of(p);
     const uint64_t task_split =
         C > 1 ? std::max<uint64_t>(16, AlignUp((most + C - 1) / C, 16)) : split;
     const uint32_t splits =
         C > 1 ? C : static_cast<uint32_t>(std::max<uint64_t>(1, (most + split - 1) / split));
-    for (uint32_t h = 0; h < a.kv_heads; ++h) {
-      SearchTaskDesc d{};
+    for (uint32_t h = 0; h < a.kv_heads; ++h, ++task) {
+      SearchTaskDesc& d = descs[task];  // zero-filled by assign
       d.tree = p.trees[h];
       d.chunk_block = p.chunk_block;
       d.q = static_cast<const uint8_t*>(a.q) + size_t{h} * G * D * qsz;
@@ -133,67 +164,44 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.sink_tokens = p.sink_tokens;
       d.kv_heads = a.kv_heads;
       d.kv_head = h;
-      d.first_item = static_cast<uint32_t>(items.size());
+      d.first_item = item;
       d.num_splits = splits;
       d.split_tokens = static_cast<uint32_t>(task_split);
       d.group = G;
-      const uint32_t task = static_cast<uint32_t>(descs.size());
-      for (uint32_t s = 0; s < splits; ++s) {
-        AttendItemDesc it{};
+      void* out = static_cast<uint8_t*>(a.out) + size_t{h} * G * D * osz;
+      float* lse = a.lse ? a.lse + size_t{h} * G : nullptr;
+      for (uint32_t s = 0; s < splits; ++s, ++item) {
+        AttendItemDesc& it = items[item];  // zero-filled by assign
         it.pool = a.pool;
         it.q = d.q;
-        it.out = static_cast<uint8_t*>(a.out) + size_t{h} * G * D * osz;
-        it.lse = a.lse ? a.lse + size_t{h} * G : nullptr;
+        it.out = out;
+        it.lse = lse;
         it.scale = a.scale;
         it.num_splits = splits;
         it.partial_base = partial_slots;
         it.task = task;
         it.split = s;
-        it.run_begin = static_cast<uint32_t>(items.size()) * kMaxRunsPerItem;
+        it.run_begin = item * kMaxRunsPerItem;
         it.run_end = it.run_begin;  // the search writes run_end and tokens
-        items.push_back(it);
       }
       if (splits / C > 1) partial_slots += splits / C;
-      descs.push_back(d);
     }
   }
-  plan->num_tasks = static_cast<uint32_t>(descs.size());
-  plan->num_items = static_cast<uint32_t>(items.size());
-  plan->attend_cluster = C;
-  plan->max_selected = std::min<uint32_t>(std::max<uint32_t>(max_budget, 1), kSearchMaxCandidates * 4);
-  plan->head_dim = D;
-  plan->group = G;
-  plan->kv_dtype = a0.kv_dtype;
-  plan->q_dtype = a0.q_dtype;
-  plan->out_dtype = a0.out_dtype;
-  size_t off = 0;
-  plan->tasks_off = off;
-  off = AlignUp(off + descs.size() * sizeof(SearchTaskDesc), 256);
-  plan->items_off = off;
-  off = AlignUp(off + items.size() * sizeof(AttendItemDesc), 256);
-  plan->counters_off = off;
-  off = AlignUp(off + descs.size() * sizeof(uint32_t), 256);
-  const size_t image_bytes = off;
   // What a caller reads back (results, then the selection) right after the image, so one copy
   // can bring back [whatever sits before the image (e.g. out, lse) | image | results].
   plan->results_off = off;
-  off = AlignUp(off + descs.size() * sizeof(SearchTaskResult), 256);
+  off = AlignUp(off + tasks * sizeof(SearchTaskResult), 256);
   plan->selected_off = off;
-  off = AlignUp(off + descs.size() * plan->max_selected * sizeof(uint32_t), 256);
+  off = AlignUp(off + tasks * plan->max_selected * sizeof(uint32_t), 256);
   plan->scores_off = off;
-  off = AlignUp(off + descs.size() * plan->max_selected * sizeof(float), 256);
+  off = AlignUp(off + tasks * plan->max_selected * sizeof(float), 256);
   plan->runs_off = off;
-  off = AlignUp(off + items.size() * kMaxRunsPerItem * sizeof(AttendRunDesc), 256);
+  off = AlignUp(off + num_items * kMaxRunsPerItem * sizeof(AttendRunDesc), 256);
   plan->scratch_off = off;
   off = AlignUp(off + scratch_floats * sizeof(float), 256);
   plan->partials_off = off;
   plan->workspace_bytes =
       off + size_t{partial_slots} * PartialFloats(G, D) * sizeof(float);
-  plan->image.assign(image_bytes, 0);
-  std::memcpy(plan->image.data() + plan->tasks_off, descs.data(),
-              descs.size() * sizeof(SearchTaskDesc));
-  std::memcpy(plan->image.data() + plan->items_off, items.data(),
-              items.size() * sizeof(AttendItemDesc));
   return Status::OK();
 }
 

@@ -31,6 +31,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda_ops.h"
+#include "kernels/cuda/search_attend_to.h"
 #include "kernels/detail/attention_plan_layout.h"
 #include "kernels/detail/tree_search_layout.h"
 
@@ -1170,7 +1171,8 @@ uint32_t FirstRound() {
 }
 
 template <int D>
-Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
+Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* results,
+              cudaStream_t s) {
   constexpr size_t kSmem = sizeof(Smem);
   static_assert(kSmem <= 227 * 1024, "search state must fit one SM's shared memory");
   KVMEM_CUDA_RETURN_IF_ERROR(PrepareSearchKernel<D>());
@@ -1193,7 +1195,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, cudaStream_t s) {
       &cfg, TreeSearchKernel<D>, reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
       reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
-      reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
+      results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
       reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack()));
@@ -1211,14 +1213,21 @@ Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, voi
   return Status::OK();
 }
 
-Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* stream) {
+namespace {
+Status LaunchTreeSearchTo(const SearchAttendPlan& plan, void* workspace, SearchTaskResult* results,
+                          void* stream) {
   if (plan.num_tasks == 0) return InvalidArgument("tree search: empty plan");
   if (workspace == nullptr) return InvalidArgument("tree search: null workspace");
   auto* ws = static_cast<uint8_t*>(workspace);
   auto s = static_cast<cudaStream_t>(stream);
-  if (plan.head_dim == 128) return Launch<128>(plan, ws, s);
-  if (plan.head_dim == 64) return Launch<64>(plan, ws, s);
+  if (plan.head_dim == 128) return Launch<128>(plan, ws, results, s);
+  if (plan.head_dim == 64) return Launch<64>(plan, ws, results, s);
   return Unimplemented("tree search: head_dim " + std::to_string(plan.head_dim));
+}
+}  // namespace
+
+Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* stream) {
+  return LaunchTreeSearchTo(plan, workspace, nullptr, stream);
 }
 
 uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan) {
@@ -1228,7 +1237,12 @@ uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan) {
 }
 
 Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream) {
-  KVMEM_RETURN_IF_ERROR(LaunchTreeSearch(plan, workspace, stream));
+  return LaunchSearchAttendTo(plan, workspace, nullptr, stream);
+}
+
+Status LaunchSearchAttendTo(const SearchAttendPlan& plan, void* workspace,
+                            SearchTaskResult* results, void* stream) {
+  KVMEM_RETURN_IF_ERROR(LaunchTreeSearchTo(plan, workspace, results, stream));
   AttendPlan ap;
   ap.num_tasks = plan.num_tasks;
   ap.num_items = plan.num_items;
