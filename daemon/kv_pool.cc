@@ -255,11 +255,14 @@ class HostPool final : public KVPool {
       for (size_t i = a; i < b; ++i) {
         const PoolCopy& op = ops[i];
         if (op.src != nullptr && reject_non_finite) {
-          found |= StreamingCopyChecked(base + op.dst, op.src, op.bytes, *reject_non_finite);
+          found |= StreamingCopyCheckedUnfenced(base + op.dst, op.src, op.bytes, *reject_non_finite);
         } else {
-          StreamingCopy(base + op.dst, op.src != nullptr ? op.src : base + op.src_offset, op.bytes);
+          StreamingCopyUnfenced(base + op.dst, op.src != nullptr ? op.src : base + op.src_offset, op.bytes);
         }
       }
+      // One store fence per thread and batch, not per piece (common/memcopy.h); the pool's join
+      // (or this return) then publishes the rows.
+      StreamingFence();
       if (found) bad.store(true, std::memory_order_relaxed);
     };
     uint64_t total = 0;
