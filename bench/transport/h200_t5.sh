@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 2 on the GPU host, transport5: the append copy with one store fence per batch and thread
 # (default) against a fence per piece (KVMEM_APPEND_FENCE=piece, the copy before transport5),
-# same binaries, interleaved one round each per iteration: shm for both, tcp too for the default.
+# same binaries, interleaved one round each per iteration: shm for both, then tcp for the default
+# in a run of its own (while at least 25 s are left).
 # Also kvmem-bench-memcopy (the copy on one thread, 1 MiB into a rotating 128 MiB region).
 # $OUT/transport-t5.json is re-merged after every iteration, so a cut-short run still returns
 # what it measured; the table comes last. Run from the repository root:
@@ -19,12 +20,23 @@ timeout 15 $B/bin/kvmem-bench-memcopy --reps 512 --trials 3 > $OUT/memcopy.txt 2
 N=${ROUNDS:-5}
 # Every run's timeout is cut to what is left of 140 s, so the whole script ends by ~145 s.
 left() { local l=$((140 - (SECONDS - start))); (( l > 40 )) && l=40; echo $l; }
+# A run cut short leaves its children (ucx_perftest runs under its own timeout, in its own
+# process group): end whatever still runs one of this bundle's binaries, by PID.
+reap() {
+  local p e
+  for p in /proc/[0-9]*; do
+    e=$(readlink "$p/exe" 2>/dev/null) || continue
+    case "$e" in "$PWD/$B/bin/"*) kill "${p#/proc/}" 2>/dev/null ;; esac
+  done
+}
 for i in $(seq 1 $N); do
   if (( $(left) < 15 )); then echo "stopping before iteration $i (time)"; break; fi
-  KVMEM_APPEND_FENCE=piece timeout $(left) $B/bin/kvmem-bench-transport --rounds 1 --transports shm --machine "$M" --commit "$C fence per piece" --json $R/piece_$i.json > $R/piece_$i.log 2>&1; echo "piece $i rc=$? $(date +%T)"
-  if (( $(left) < 25 )); then tr=shm; else tr=shm,tcp; fi
+  KVMEM_APPEND_FENCE=piece timeout $(left) $B/bin/kvmem-bench-transport --rounds 1 --transports shm --machine "$M" --commit "$C fence per piece" --json $R/piece_$i.json > $R/piece_$i.log 2>&1; echo "piece $i rc=$? $(date +%T)"; reap
   if (( $(left) >= 8 )); then
-    timeout $(left) $B/bin/kvmem-bench-transport --rounds 1 --transports $tr --machine "$M" --commit "$C" --json $R/after_$i.json > $R/after_$i.log 2>&1; echo "after $i ($tr) rc=$? $(date +%T)"
+    timeout $(left) $B/bin/kvmem-bench-transport --rounds 1 --transports shm --machine "$M" --commit "$C" --json $R/after_$i.json > $R/after_$i.log 2>&1; echo "after $i rc=$? $(date +%T)"; reap
+  fi
+  if (( $(left) >= 25 )); then  # tcp last: the first thing to go when time runs short
+    timeout $(left) $B/bin/kvmem-bench-transport --rounds 1 --transports tcp --machine "$M" --commit "$C" --json $R/tcp_$i.json > $R/tcp_$i.log 2>&1; echo "tcp $i rc=$? $(date +%T)"; reap
   fi
   grep -hv "mpool.c" $R/*.log > $OUT/logs.txt 2>/dev/null
   python3 $B/h200_t5_merge.py $R $N $OUT/transport-t5.json > $OUT/table.txt 2>&1

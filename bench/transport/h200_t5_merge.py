@@ -1,8 +1,8 @@
 # Merges h200_t5.sh's rounds: R N OUT. Variants: piece (KVMEM_APPEND_FENCE=piece), after (default).
 import json, os, statistics, sys
 R, N, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-V = ("piece", "after")
-res = {"about": "kvmem-bench-transport --rounds 1 per variant, interleaved (piece = KVMEM_APPEND_FENCE=piece, after = default) per iteration; each entry the verbatim JSON",
+V = ("piece", "after", "tcp")  # tcp: the default build over tcp, a run of its own
+res = {"about": "kvmem-bench-transport --rounds 1 per variant, interleaved per iteration: piece = KVMEM_APPEND_FENCE=piece over shm, after = default over shm, tcp = default over tcp; each entry the verbatim JSON",
        "host": open(os.path.join(R, "host.txt")).read().splitlines()}
 for v in V:
     res[v] = []
@@ -26,7 +26,7 @@ for v in V:
         print(f"{v:8} {t:4} {med([r['append_gbps'] for r in rows]):7.2f} {med([r['ucx_am_bw_gbps'] for r in rows]):7.2f} {med(ratios):6.2f} "
               f"{med([r['append_2mib_gbps'] for r in rows]):6.2f} {med([r['ucx_am_bw_2mib_gbps'] for r in rows]):6.2f} {med(r2):5.2f} "
               f"{med([r['ping_rtt_p50_us'] for r in rows]):6.2f} {med([r['ucx_am_rtt_us'] for r in rows]):6.2f}  " + " ".join(f"{x:.2f}" for x in ratios))
-for v in V:
+for v in ("piece", "after"):
     rows = [r["shm"]["rounds"][0] for r in res[v] if r and "shm" in r]
     ph = {}
     for r in rows:
