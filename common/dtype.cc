@@ -1,6 +1,8 @@
 #include "common/dtype.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace kvmem {
 
@@ -116,9 +118,39 @@ bool AnyExponentAllOnes(const T* s, size_t n, T mask) {
   return false;
 }
 
+// The same for a source not aligned to T (a piece of a message may start anywhere): loads through
+// memcpy, which is well defined at any address and compiles to the same unaligned loads.
+template <typename T>
+bool AnyExponentAllOnesUnaligned(const uint8_t* s, size_t n, T mask) {
+  constexpr size_t kBlock = 256;
+  auto at = [s](size_t i) {
+    T v;
+    std::memcpy(&v, s + i * sizeof(T), sizeof(T));
+    return v;
+  };
+  size_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    T bad = 0;
+    for (size_t j = 0; j < kBlock; ++j) bad |= static_cast<T>((at(i + j) & mask) == mask);
+    if (bad) return true;
+  }
+  for (; i < n; ++i)
+    if ((at(i) & mask) == mask) return true;
+  return false;
+}
+
 }  // namespace
 
 bool HasNonFinite(const void* src, DType t, size_t n) {
+  if (reinterpret_cast<uintptr_t>(src) % DTypeSize(t) != 0) {
+    const auto* s = static_cast<const uint8_t*>(src);
+    switch (t) {
+      case DType::kF32: return AnyExponentAllOnesUnaligned<uint32_t>(s, n, 0x7f800000u);
+      case DType::kF16: return AnyExponentAllOnesUnaligned<uint16_t>(s, n, 0x7c00u);
+      case DType::kBF16: return AnyExponentAllOnesUnaligned<uint16_t>(s, n, 0x7f80u);
+    }
+    return false;
+  }
   switch (t) {
     case DType::kF32: return AnyExponentAllOnes<uint32_t>(static_cast<const uint32_t*>(src), n, 0x7f800000u);
     case DType::kF16: return AnyExponentAllOnes<uint16_t>(static_cast<const uint16_t*>(src), n, 0x7c00u);

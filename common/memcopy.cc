@@ -16,12 +16,16 @@ __attribute__((target("avx2"))) inline __m256i Hits(__m256i v, __m256i m, bool w
   return wide ? _mm256_cmpeq_epi32(_mm256_and_si256(v, m), m) : _mm256_cmpeq_epi16(_mm256_and_si256(v, m), m);
 }
 
-// Streams n bytes from s to d: an ordinary copy up to d's 32-byte alignment, non-temporal stores
-// for the body, an ordinary copy of the rest. With kCheck it also reports whether any element of
-// type t is NaN or Inf (exponent bits all ones), testing the loaded vectors.
-template <bool kCheck>
+// Streams n bytes (>= kStreamingMinBytes) from s to d: an ordinary copy up to d's 64-byte (line)
+// alignment, non-temporal stores for the body (whole lines), an ordinary copy of the rest. With
+// kCheck it also reports whether any element of type t is NaN or Inf (exponent bits all ones),
+// testing the loaded vectors. kFence: end with a store fence.
+template <bool kCheck, bool kFence>
 __attribute__((target("avx2"))) bool StreamAvx2(uint8_t* d, const uint8_t* s, size_t n, DType t) {
-  const size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
+  // Up to a line boundary (64 bytes, not just the vector's 32): a line written partly with
+  // ordinary stores and partly with streaming ones is flushed from the write-combining buffer as a
+  // partial write, which costs more than the line (pieces 16 bytes past a line: 3 GB/s at 4 KiB).
+  const size_t head = (64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63;
   bool bad = kCheck && HasNonFinite(s, t, head / DTypeSize(t));
   std::memcpy(d, s, head);
   d += head;
@@ -50,36 +54,54 @@ __attribute__((target("avx2"))) bool StreamAvx2(uint8_t* d, const uint8_t* s, si
     bad = bad || HasNonFinite(s + i, t, (n - i) / DTypeSize(t));
   }
   std::memcpy(d + i, s + i, n - i);
-  _mm_sfence();
+  if constexpr (kFence) _mm_sfence();
   return bad;
 }
 
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 #endif
 
-}  // namespace
-
-void StreamingCopy(void* dst, const void* src, size_t bytes) {
+template <bool kFence>
+void Copy(void* dst, const void* src, size_t bytes) {
 #if defined(__x86_64__)
   if (kHasAvx2 && bytes >= kStreamingMinBytes) {
-    (void)StreamAvx2<false>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes, DType::kBF16);
+    (void)StreamAvx2<false, kFence>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes,
+                                    DType::kBF16);
     return;
   }
 #endif
   std::memcpy(dst, src, bytes);
 }
 
-bool StreamingCopyChecked(void* dst, const void* src, size_t bytes, DType dtype) {
+template <bool kFence>
+bool CopyChecked(void* dst, const void* src, size_t bytes, DType dtype) {
 #if defined(__x86_64__)
   // Element-aligned pieces only: the vector loop relies on lanes lining up with elements.
   if (kHasAvx2 && bytes >= kStreamingMinBytes && bytes % DTypeSize(dtype) == 0 &&
       reinterpret_cast<uintptr_t>(dst) % DTypeSize(dtype) == 0) {
-    return StreamAvx2<true>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes, dtype);
+    return StreamAvx2<true, kFence>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes, dtype);
   }
 #endif
   const bool bad = HasNonFinite(src, dtype, bytes / DTypeSize(dtype));
   std::memcpy(dst, src, bytes);
   return bad;
+}
+
+}  // namespace
+
+void StreamingCopy(void* dst, const void* src, size_t bytes) { Copy<true>(dst, src, bytes); }
+bool StreamingCopyChecked(void* dst, const void* src, size_t bytes, DType dtype) {
+  return CopyChecked<true>(dst, src, bytes, dtype);
+}
+void StreamingCopyUnfenced(void* dst, const void* src, size_t bytes) { Copy<false>(dst, src, bytes); }
+bool StreamingCopyCheckedUnfenced(void* dst, const void* src, size_t bytes, DType dtype) {
+  return CopyChecked<false>(dst, src, bytes, dtype);
+}
+
+void StreamingFence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace kvmem

@@ -20,4 +20,12 @@ void StreamingCopy(void* dst, const void* src, size_t bytes);
 // Inf (the check rides on the loads the copy makes anyway). The copy is always complete.
 bool StreamingCopyChecked(void* dst, const void* src, size_t bytes, DType dtype);
 
+// The same without the closing store fence, for a batch of pieces: call StreamingFence() once
+// after the last piece, before another thread may read them. A fence per piece serialises on
+// draining the write-combining buffers: on the dev VM 8 KiB pieces (an append's rows of one head
+// of one chunk) streamed at 5.6 GB/s fenced each, against 16 GB/s for the same MiB in one piece.
+void StreamingCopyUnfenced(void* dst, const void* src, size_t bytes);
+bool StreamingCopyCheckedUnfenced(void* dst, const void* src, size_t bytes, DType dtype);
+void StreamingFence();
+
 }  // namespace kvmem

@@ -6,8 +6,10 @@
 #include <atomic>
 #include <bit>
 #include <cassert>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <string_view>
 
 #include "common/dtype.h"
 #include "common/memcopy.h"
@@ -220,6 +222,16 @@ namespace {
 // A batch this large is split over the workers (below it the fork-join costs more than it saves).
 constexpr uint64_t kParallelCopyBytes = 256ull << 10;
 
+// KVMEM_APPEND_FENCE=piece: a store fence after every piece, as before one per thread and batch
+// (for A/B runs of the benchmark in one call; bench/README.md).
+bool FencePerPiece() {
+  static const bool per_piece = [] {
+    const char* e = std::getenv("KVMEM_APPEND_FENCE");
+    return e != nullptr && std::string_view(e) == "piece";
+  }();
+  return per_piece;
+}
+
 class HostPool final : public KVPool {
  public:
   HostPool(void* base, uint64_t mapped) : mapped_(mapped) { base_ = base; }
@@ -250,16 +262,24 @@ class HostPool final : public KVPool {
                    std::optional<DType> reject_non_finite) override {
     auto* base = static_cast<uint8_t*>(base_);
     std::atomic<bool> bad{false};
+    const bool per_piece = FencePerPiece();
     auto run = [&](size_t a, size_t b) {
       bool found = false;
       for (size_t i = a; i < b; ++i) {
         const PoolCopy& op = ops[i];
+        const uint8_t* src = op.src != nullptr ? static_cast<const uint8_t*>(op.src) : base + op.src_offset;
         if (op.src != nullptr && reject_non_finite) {
-          found |= StreamingCopyChecked(base + op.dst, op.src, op.bytes, *reject_non_finite);
+          found |= per_piece ? StreamingCopyChecked(base + op.dst, src, op.bytes, *reject_non_finite)
+                             : StreamingCopyCheckedUnfenced(base + op.dst, src, op.bytes, *reject_non_finite);
+        } else if (per_piece) {
+          StreamingCopy(base + op.dst, src, op.bytes);
         } else {
-          StreamingCopy(base + op.dst, op.src != nullptr ? op.src : base + op.src_offset, op.bytes);
+          StreamingCopyUnfenced(base + op.dst, src, op.bytes);
         }
       }
+      // One store fence per thread and batch, not per piece (common/memcopy.h); the pool's join
+      // (or this return) then publishes the rows.
+      StreamingFence();
       if (found) bad.store(true, std::memory_order_relaxed);
     };
     uint64_t total = 0;
