@@ -527,7 +527,7 @@ def hf_prefill_dense(model, ctx, feed, args, gguf_path, text_name, p):
                                          list(feed)]).encode()).hexdigest()[:16]
         path = pathlib.Path(args.prefill_cache) / f"window-{p}-{key}.pt"
         if path.exists():
-            saved = torch.load(path)
+            saved = torch.load(path, weights_only=False)  # our own file: tensors + numpy
             pre = DynamicCache(config=model.config)
             for i, (k, v) in enumerate(saved["kv"]):
                 pre.update(k, v, i)
