@@ -796,7 +796,30 @@ def merge_reports(paths, out_json, out_plot, pool: bool = False) -> int:
     pathlib.Path(out_json).write_text(json.dumps(base, indent=2) + "\n")
     if out_plot:
         plot(base, out_plot)
+    print(markdown_table(base))
     return 0
+
+
+def markdown_table(report) -> str:
+    """The results as the Markdown table bench/results/README.md shows."""
+    def frac(f):
+        return "all" if f >= 1 else f"1/{round(1 / f)} ({int(report['tokens'] * f)})"
+
+    dense = next((r["ppl_dense"] for r in report["results"]), 0)
+    lines = [f"| method | budget | tokens | KL(dense ‖ sparse) nats | p95 KL | ppl (dense "
+             f"{dense:.2f}) | top-1 agree [95% CI] | tokens attended |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        ci = r.get("top1_ci95_wilson")
+        top1 = f"{100 * r['top1_agree']:.1f}%"
+        if ci:
+            top1 += f" ({r['top1_correct']}/{r['top1_n']}) [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        p95 = "—" if r.get("kl_p95") is None else f"{r['kl_p95']:.3f}"
+        att = "all" if r.get("tokens_attended") is None else f"{r['tokens_attended']:.0f}"
+        n = r.get("top1_n", report.get("decode_tokens"))
+        lines.append(f"| {r['method']} | {frac(r['budget_frac'])} | {n} | {r['kl']:.4g} | {p95} | "
+                     f"{r['ppl']:.2f} ({100 * r['ppl_change']:+.1f}%) | {top1} | {att} |")
+    return "\n".join(lines)
 
 
 def pool_results(parts) -> dict:
