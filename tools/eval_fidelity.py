@@ -942,22 +942,17 @@ def plot(report, path):
     styles = {"index": "o-", "quest": "s-", "oracle": "^--", "oracle-page": "v--",
               "retrieval_heads": "d-"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in labels:
+    methods = [m for m in labels if any(r["method"] == m for r in report["results"])]
+    methods += sorted({r["method"] for r in report["results"] if ":" in r["method"]})
+    for i, method in enumerate(methods):
         rs = sorted((r for r in report["results"] if r["method"] == method),
                     key=lambda r: r["budget_frac"])
-        if not rs:
-            continue
-        x = [r["budget_frac"] for r in rs]
-        axes[0].plot(x, [r["kl"] for r in rs], styles[method], label=labels[method])
+        # methods side by side around each budget, so the intervals do not overlap
+        x = [r["budget_frac"] * 1.04 ** (i - (len(methods) - 1) / 2) for r in rs]
+        fmt, label = styles.get(method, "x"), labels.get(method, method)
+        axes[0].plot(x, [r["kl"] for r in rs], fmt, label=label)
         axes[1].errorbar(x, [100 * r["top1_agree"] for r in rs], yerr=top1_yerr(rs),
-                         fmt=styles[method], capsize=3, label=labels[method])
-    for method in sorted({r["method"] for r in report["results"] if ":" in r["method"]}):
-        rs = sorted((r for r in report["results"] if r["method"] == method),
-                    key=lambda r: r["budget_frac"])
-        x = [r["budget_frac"] for r in rs]
-        axes[0].plot(x, [r["kl"] for r in rs], "x", label=method)
-        axes[1].errorbar(x, [100 * r["top1_agree"] for r in rs], yerr=top1_yerr(rs), fmt="x",
-                         capsize=3, label=method)
+                         fmt=fmt, capsize=3, label=label)
     axes[0].axhline(0.02, color="grey", ls=":", lw=0.8, label="target 0.02")
     axes[1].axhline(97, color="grey", ls=":", lw=0.8, label="target 97%")
     for ax in axes:
@@ -965,7 +960,7 @@ def plot(report, path):
         ax.set_xlabel("budget (fraction of context)")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean KL(dense ‖ sparse), nats")
-    axes[1].set_ylabel("top-1 agreement with dense, % (bars: Wilson 95%)")
+    axes[1].set_ylabel("top-1 agreement with dense, % (95% CI)")
     n = report.get("decode_tokens")
     fig.suptitle(f"{report['model']}, {report['tokens']}-token context, {n} decoded tokens")
     axes[0].legend(fontsize=7, loc="best")
