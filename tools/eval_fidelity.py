@@ -575,7 +575,7 @@ def main_hf(args) -> int:
     import copy
 
     import torch
-    from transformers import AttentionInterface, DynamicCache
+    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     import kvmem
