@@ -805,9 +805,11 @@ def markdown_table(report) -> str:
     def frac(f):
         return "all" if f >= 1 else f"1/{round(1 / f)} ({int(report['tokens'] * f)})"
 
-    dense = next((r["ppl_dense"] for r in report["results"]), 0)
-    lines = [f"| method | budget | tokens | KL(dense ‖ sparse) nats | p95 KL | ppl (dense "
-             f"{dense:.2f}) | top-1 agree [95% CI] | tokens attended |",
+    dense = {round(r["ppl_dense"], 2) for r in report["results"]}
+    head = f"ppl (dense {dense.pop():.2f})" if len(dense) == 1 else "ppl (dense of its tokens)"
+    one = len(dense) == 0  # one dense perplexity for every row
+    lines = [f"| method | budget | tokens | KL(dense ‖ sparse) nats | p95 KL | {head} | "
+             f"top-1 agree [95% CI] | tokens attended |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         ci = r.get("top1_ci95_wilson")
@@ -818,7 +820,8 @@ def markdown_table(report) -> str:
         att = "all" if r.get("tokens_attended") is None else f"{r['tokens_attended']:.0f}"
         n = r.get("top1_n", report.get("decode_tokens"))
         lines.append(f"| {r['method']} | {frac(r['budget_frac'])} | {n} | {r['kl']:.4g} | {p95} | "
-                     f"{r['ppl']:.2f} ({100 * r['ppl_change']:+.1f}%) | {top1} | {att} |")
+                     f"{r['ppl']:.2f}{'' if one else ' vs ' + format(r['ppl_dense'], '.2f')} "
+                     f"({100 * r['ppl_change']:+.1f}%) | {top1} | {att} |")
     return "\n".join(lines)
 
 
