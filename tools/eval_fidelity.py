@@ -511,11 +511,71 @@ def hf_passkey(model, tok, client, length: int, budget_frac: float, kv_opts: dic
             "pass": {m: key in a.replace(" ", "") for m, a in answers.items()}}
 
 
+def hf_prefill_dense(model, ctx, feed, args, gguf_path, text_name, p):
+    """The window's dense prefill (a DynamicCache) and dense decode logits; with --prefill-cache
+    they are read from / written to a file there (same model, text, window and tokens), so
+    processes splitting the methods of one run pay each window's prefill once."""
+    import copy
+    import hashlib
+
+    import torch
+    from transformers import DynamicCache
+
+    path = None
+    if args.prefill_cache:
+        key = hashlib.sha256(json.dumps([gguf_path.name, text_name, p, len(ctx), list(ctx),
+                                         list(feed)]).encode()).hexdigest()[:16]
+        path = pathlib.Path(args.prefill_cache) / f"window-{p}-{key}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)  # our own file: tensors + numpy
+            pre = DynamicCache(config=model.config)
+            for i, (k, v) in enumerate(saved["kv"]):
+                pre.update(k, v, i)
+            return pre, saved["dense"], "cached"
+    pre = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ctx]), past_key_values=pre, use_cache=True)
+    dense = hf_decode(model, copy.deepcopy(pre), feed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"kv": [(layer.keys, layer.values) for layer in pre.layers],
+                    "dense": dense}, tmp)
+        os.replace(tmp, path)
+    return pre, dense, "computed"
+
+
+def top1_interval(agree, tokens_per_window, seed: int = 0) -> dict:
+    """Top-1 agreement's uncertainty: binomial standard error and Wilson 95% interval over
+    tokens (treats tokens as independent), and a 95% interval from a bootstrap over windows
+    (tokens of one window are correlated: one bad selection can flip several in a row)."""
+    agree = np.asarray(agree, dtype=float)
+    n = len(agree)
+    if n == 0:
+        return {}
+    p = float(agree.mean())
+    z = 1.959964
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    out = {"top1_n": n, "top1_correct": int(agree.sum()), "top1_se": float(np.sqrt(p * (1 - p) / n)),
+           "top1_ci95_wilson": [float(centre - half), float(centre + half)]}
+    if len(tokens_per_window) > 1:
+        edges = np.cumsum([0] + list(tokens_per_window))
+        hits = np.array([agree[a:b].sum() for a, b in zip(edges[:-1], edges[1:])])
+        sizes = np.diff(edges)
+        rng = np.random.default_rng(seed)
+        pick = rng.integers(0, len(sizes), size=(10000, len(sizes)))
+        boot = hits[pick].sum(1) / sizes[pick].sum(1)
+        out["top1_ci95_window_bootstrap"] = [float(np.percentile(boot, 2.5)),
+                                             float(np.percentile(boot, 97.5))]
+    return out
+
+
 def main_hf(args) -> int:
     import copy
 
     import torch
-    from transformers import AttentionInterface, DynamicCache
+    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     import kvmem
@@ -537,7 +597,13 @@ def main_hf(args) -> int:
                "recent_window": args.recent_window}
     text_name, text = split_text(args)
     ids = tok(text, add_special_tokens=False).input_ids
-    starts = hf_windows(len(ids), args.context, args.positions, args.decode_tokens)
+    if args.windows:
+        starts = [int(x) for x in args.windows.split(",")]
+        if min(starts) < args.context or max(starts) + args.decode_tokens + 1 > len(ids):
+            raise SystemExit(f"--windows must lie in [{args.context}, "
+                             f"{len(ids) - args.decode_tokens - 1}]")
+    else:
+        starts = hf_windows(len(ids), args.context, args.positions, args.decode_tokens)
     budgets = [float(x) for x in args.budgets.split(",") if x]
     methods = [m for m in args.methods.split(",") if m]
     print(f"model {gguf_path.name}: {text_name}, {len(ids)} tokens; windows at {starts}",
@@ -546,35 +612,41 @@ def main_hf(args) -> int:
     daemon = None if args.address else Daemon(args.kvmemd, tuple(args.kvmemd_arg or ()))
     client = kvmem.Client(args.address or daemon.address)
     # Variants of index mode for choosing settings (--variants FILE: a JSON list of {"name",
-    # "session_defaults": {kvmemd config}, "session": {KvmemCache options}, "budgets": [...]});
-    # each with daemon settings gets its own kvmemd.
+    # "config": a kvmemd config file (path relative to the repo), "session_defaults": {kvmemd
+    # config session_defaults}, "session": {KvmemCache options}, "budgets": [...]}); each with
+    # daemon settings (a config file or session_defaults, not both) gets its own kvmemd.
     variants, extra_daemons = [], []
     for v in (json.loads(pathlib.Path(args.variants).read_text()) if args.variants else []):
         c = client
-        if v.get("session_defaults"):
-            cfg = pathlib.Path(tempfile.mkdtemp(prefix="kvmem-eval-cfg-")) / "kvmemd.json"
-            cfg.write_text(json.dumps({"session_defaults": v["session_defaults"]}))
+        if v.get("session_defaults") and v.get("config"):
+            raise SystemExit(f"variant {v['name']}: config or session_defaults, not both")
+        if v.get("session_defaults") or v.get("config"):
+            if v.get("config"):
+                cfg = (REPO / v["config"]).resolve()
+            else:
+                cfg = pathlib.Path(tempfile.mkdtemp(prefix="kvmem-eval-cfg-")) / "kvmemd.json"
+                cfg.write_text(json.dumps({"session_defaults": v["session_defaults"]}))
             d = Daemon(args.kvmemd, ("--config", str(cfg)))
             extra_daemons.append(d)
             c = kvmem.Client(d.address)
         variants.append((v, c))
-    per = {}  # (method, frac) -> {"logits": [...], "attended": [...], "seconds": s}
-    dense_all, targets_all, window_of = [], [], []
+    per = {}  # (method, frac) -> {"logits": {w: ...}, "attended": {w: [...]}, "seconds": s}
+    dense_all, targets_all = {}, {}
+    order = list(enumerate(starts))
+    if args.reverse_windows:  # two processes sharing --prefill-cache meet in the middle
+        order.reverse()
     try:
-        for w, p in enumerate(starts):
+        for w, p in order:
             ctx = ids[p - args.context:p]
             feed = ids[p:p + args.decode_tokens]
             targets = ids[p + 1:p + 1 + args.decode_tokens]
             t0 = time.time()
-            pre = DynamicCache(config=model.config)
             _local_policy["policy"] = None
-            model(input_ids=torch.tensor([ctx]), past_key_values=pre, use_cache=True)
+            pre, dense, how = hf_prefill_dense(model, ctx, feed, args, gguf_path, text_name, p)
             bounds = hf_boundaries(tok, ctx)
-            dense = hf_decode(model, copy.deepcopy(pre), feed)
-            print(f"window {w} at {p}: prefill+dense {time.time() - t0:.1f}s", flush=True)
-            dense_all.append(dense)
-            targets_all.extend(targets)
-            window_of.extend([w] * len(targets))
+            print(f"window {w} at {p}: prefill+dense {time.time() - t0:.1f}s ({how})", flush=True)
+            dense_all[w] = dense
+            targets_all[w] = targets
             runs = [("kvmemd-dense", 1.0)] if args.check_dense else []
             runs += [(m, f) for f in budgets for m in methods]
             runs += [("index:" + v["name"], f) for v, _ in variants
@@ -601,10 +673,11 @@ def main_hf(args) -> int:
                     logits = hf_decode(model, copy.deepcopy(pre), feed)
                     _local_policy["policy"] = None
                     attended = pol.attended
-                r = per.setdefault((method, frac), {"logits": [], "attended": [], "seconds": 0.0})
-                r["logits"].append(logits)
-                r["attended"].extend(attended)
+                r = per.setdefault((method, frac), {"logits": {}, "attended": {}, "seconds": 0.0})
+                r["logits"][w] = logits
+                r["attended"][w] = list(attended)
                 r["seconds"] += time.time() - t0
+                print(f"  {method} {frac}: {time.time() - t0:.1f}s", flush=True)
         pk = None
         if args.passkey_tokens >= 0:
             length = args.passkey_tokens or int(model.config.max_position_embeddings)
@@ -620,21 +693,30 @@ def main_hf(args) -> int:
         if daemon:
             daemon.stop()
 
-    dense_cat = np.concatenate(dense_all) if dense_all else np.zeros((0, 1))
-    window_of = np.array(window_of)
+    ws = sorted(dense_all)
+    dense_cat = np.concatenate([dense_all[w] for w in ws]) if ws else np.zeros((0, 1))
+    targets_cat = [t for w in ws for t in targets_all[w]]
+    window_of = np.concatenate([[w] * len(targets_all[w]) for w in ws]) if ws else np.zeros(0)
     results = []
     for (method, frac), r in per.items():
-        lg = np.concatenate(r["logits"])
+        lg = np.concatenate([r["logits"][w] for w in ws])
         m = {"method": method, "budget_frac": frac,
              "budget_tokens": int(args.context * frac) if frac < 1 else 0}
-        m.update(compare(dense_cat, lg, targets_all))
+        m.update(compare(dense_cat, lg, targets_cat))
         m["ppl_change"] = m["ppl"] / m["ppl_dense"] - 1
         kls = token_kls(dense_cat, lg)
-        m["kl_per_window"] = [float(kls[window_of == w].mean()) for w in range(len(starts))]
+        m["kl_per_window"] = [float(kls[window_of == w].mean()) for w in ws]
+        m["kl_tokens"] = [float(f"{k:.4g}") for k in kls]  # per decoded token (for pooling)
         m["kl_p95"] = float(np.percentile(kls, 95))
-        m["tokens_attended"] = float(np.mean(r["attended"])) if r["attended"] else None
+        agree = (dense_cat.argmax(-1) == lg.argmax(-1)).astype(int)
+        m["agree_tokens"] = "".join(str(a) for a in agree)  # per decoded token, windows in order
+        m["tokens_per_window"] = [int((window_of == w).sum()) for w in ws]
+        m.update(top1_interval(agree, m["tokens_per_window"]))
+        att = [a for w in ws for a in r["attended"][w]]
+        m["tokens_attended"] = float(np.mean(att)) if att else None
         m["seconds"] = round(r["seconds"], 1)
-        print(json.dumps({k: v for k, v in m.items() if k != "kl_per_window"}), flush=True)
+        print(json.dumps({k: v for k, v in m.items() if k not in ("kl_per_window", "kl_tokens",
+                                                                   "agree_tokens")}), flush=True)
         results.append(m)
 
     report = {
@@ -647,7 +729,7 @@ def main_hf(args) -> int:
         "tokens": args.context,
         "windows": starts,
         "decode_tokens_per_window": args.decode_tokens,
-        "decode_tokens": len(targets_all),
+        "decode_tokens": len(targets_cat),
         "dense_layers": dense_layers,
         "sink_tokens": args.sinks,
         "kvmemd_session": {k: v for k, v in kv_opts.items() if k != "local_layers"},
@@ -672,27 +754,36 @@ MERGE_KEYS = ("gguf", "split", "text", "tokens", "windows", "decode_tokens_per_w
               "dense_layers", "sink_tokens", "kvmemd_session", "kvmemd_args")
 
 
-def merge_reports(paths, out_json, out_plot) -> int:
-    """One report from runs of the same windows and settings (e.g. budgets run in parallel)."""
+def merge_reports(paths, out_json, out_plot, pool: bool = False) -> int:
+    """One report from runs of the same windows and settings (e.g. budgets run in parallel).
+
+    pool: runs may also cover different windows of the same text; a method and budget measured
+    in several window sets is pooled over all their decoded tokens (each row lists its windows).
+    """
     reports = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     base = dict(reports[0])
+    keys = [k for k in MERGE_KEYS if not (pool and k == "windows")]
     for p, r in zip(paths[1:], reports[1:]):
         if not r["results"]:  # a passkey-only run: windows do not apply
             for key in ("gguf", "dense_layers", "sink_tokens", "kvmemd_session", "kvmemd_args"):
                 if r.get(key) != base.get(key):
                     raise SystemExit(f"{p}: {key} {r.get(key)!r} != {base.get(key)!r}")
             continue
-        for key in MERGE_KEYS:
+        for key in keys:
             if r.get(key) != base.get(key):
                 raise SystemExit(f"{p}: {key} {r.get(key)!r} != {base.get(key)!r}")
-    seen, results = set(), []
+    parts = {}  # (method, frac) -> [(windows, result)]
     for r in reports:
         for m in r["results"]:
             k = (m["method"], m["budget_frac"])
-            if k in seen:
-                raise SystemExit(f"{k} is in more than one report")
-            seen.add(k)
-            results.append(m)
+            if any(w == r["windows"] or not pool for w, _ in parts.get(k, [])):
+                raise SystemExit(f"{k} is in more than one report of the same windows")
+            parts.setdefault(k, []).append((r["windows"], m))
+    results = [pool_results(v) if pool else v[0][1] for v in parts.values()]
+    if pool:
+        base["windows"] = sorted({w for r in reports for w in r["windows"]})
+        per_set = {tuple(r["windows"]): r["decode_tokens"] for r in reports if r["results"]}
+        base["decode_tokens"] = sum(per_set.values())  # rows list their own windows
     order = ["kvmemd-dense", "index", "retrieval_heads", "quest", "oracle", "oracle-page"]
     results.sort(key=lambda m: (m["budget_frac"], order.index(m["method"].split(":")[0])
                                 if m["method"].split(":")[0] in order else 99, m["method"]))
@@ -705,7 +796,67 @@ def merge_reports(paths, out_json, out_plot) -> int:
     pathlib.Path(out_json).write_text(json.dumps(base, indent=2) + "\n")
     if out_plot:
         plot(base, out_plot)
+    print(markdown_table(base))
     return 0
+
+
+def markdown_table(report) -> str:
+    """The results as the Markdown table bench/results/README.md shows."""
+    def frac(f):
+        return "all" if f >= 1 else f"1/{round(1 / f)} ({int(report['tokens'] * f)})"
+
+    dense = {round(r["ppl_dense"], 2) for r in report["results"]}
+    head = f"ppl (dense {dense.pop():.2f})" if len(dense) == 1 else "ppl (dense of its tokens)"
+    one = len(dense) == 0  # one dense perplexity for every row
+    lines = [f"| method | budget | tokens | KL(dense ‖ sparse) nats | p95 KL | {head} | "
+             f"top-1 agree [95% CI] | tokens attended |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        ci = r.get("top1_ci95_wilson")
+        top1 = f"{100 * r['top1_agree']:.1f}%"
+        if ci:
+            top1 += f" ({r['top1_correct']}/{r['top1_n']}) [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        p95 = "—" if r.get("kl_p95") is None else f"{r['kl_p95']:.3f}"
+        att = "all" if r.get("tokens_attended") is None else f"{r['tokens_attended']:.0f}"
+        n = r.get("top1_n", report.get("decode_tokens"))
+        lines.append(f"| {r['method']} | {frac(r['budget_frac'])} | {n} | {r['kl']:.4g} | {p95} | "
+                     f"{r['ppl']:.2f}{'' if one else ' vs ' + format(r['ppl_dense'], '.2f')} "
+                     f"({100 * r['ppl_change']:+.1f}%) | {top1} | {att} |")
+    return "\n".join(lines)
+
+
+def pool_results(parts) -> dict:
+    """One result row from the same method and budget measured over disjoint window sets."""
+    if len(parts) == 1:
+        windows, m = parts[0]
+        return dict(m, windows=windows)
+    ms = [m for _, m in parts]
+    n = np.array([len(m["agree_tokens"]) for m in ms], dtype=float)
+    wmean = lambda key: float(np.dot(n, [m[key] for m in ms]) / n.sum())  # noqa: E731
+    out = {"method": ms[0]["method"], "budget_frac": ms[0]["budget_frac"],
+           "budget_tokens": ms[0]["budget_tokens"], "kl": wmean("kl"),
+           "kl_max": max(m["kl_max"] for m in ms)}
+    # perplexity = exp(mean NLL): pooled by the token-weighted mean of log perplexity
+    out["ppl"] = float(np.exp(np.dot(n, [np.log(m["ppl"]) for m in ms]) / n.sum()))
+    out["ppl_dense"] = float(np.exp(np.dot(n, [np.log(m["ppl_dense"]) for m in ms]) / n.sum()))
+    out["ppl_change"] = out["ppl"] / out["ppl_dense"] - 1
+    agree = "".join(m["agree_tokens"] for m in ms)
+    out["top1_agree"] = agree.count("1") / len(agree)
+    out["windows"] = [w for ws, _ in parts for w in ws]
+    out["kl_per_window"] = [k for m in ms for k in m["kl_per_window"]]
+    if all("kl_tokens" in m for m in ms):
+        kls = [k for m in ms for k in m["kl_tokens"]]
+        out["kl_p95"] = float(np.percentile(kls, 95))
+        out["kl_tokens"] = kls
+    else:  # runs from before per-token KL was recorded: the p95 is not poolable
+        out["kl_p95"] = None
+    out["agree_tokens"] = agree
+    out["tokens_per_window"] = [t for m in ms for t in m["tokens_per_window"]]
+    out.update(top1_interval([int(c) for c in agree], out["tokens_per_window"]))
+    att = [m["tokens_attended"] for m in ms]
+    out["tokens_attended"] = None if None in att else float(np.dot(n, att) / n.sum())
+    out["seconds"] = round(sum(m["seconds"] for m in ms), 1)
+    return out
 
 
 def token_kls(dense_logits, logits) -> np.ndarray:
@@ -731,6 +882,8 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=None,
                     help="decoded tokens (numpy: 64) or per window (hf: 32)")
     ap.add_argument("--positions", type=int, default=8, help="decode windows (hf)")
+    ap.add_argument("--windows", help="hf: explicit window starts (comma-separated token "
+                                      "positions) instead of --positions evenly spread ones")
     ap.add_argument("--budgets", default="0.0625,0.125,0.25")
     ap.add_argument("--methods", default="index,quest,oracle,oracle-page",
                     help="hf: index, retrieval_heads, quest, oracle, oracle-page")
@@ -749,12 +902,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (hf)")
     ap.add_argument("--kvmemd-arg", action="append", help="extra kvmemd argument (repeatable)")
     ap.add_argument("--address", help="use a running kvmemd instead of starting one")
+    ap.add_argument("--prefill-cache", metavar="DIR",
+                    help="hf: keep each window's dense prefill and dense logits in DIR and reuse "
+                         "them (processes splitting one run's methods prefill each window once)")
+    ap.add_argument("--reverse-windows", action="store_true",
+                    help="hf: visit the windows last first (results are still in window order)")
+    ap.add_argument("--pool-windows", action="store_true",
+                    help="with --merge-only: runs may cover different windows of the same text; "
+                         "rows of the same method and budget are pooled over their tokens")
     ap.add_argument("--merge-only", nargs="+", metavar="JSON",
                     help="write --json (and --plot) from these runs of the same windows and "
                          "settings (e.g. budgets run in parallel), running nothing")
     args = ap.parse_args()
     if args.merge_only:
-        return merge_reports(args.merge_only, args.json, args.plot)
+        return merge_reports(args.merge_only, args.json, args.plot, args.pool_windows)
     # SIGTERM unwinds like Ctrl-C, so the kvmemd started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.backend == "numpy":
@@ -762,6 +923,14 @@ def main() -> int:
         return main_numpy(args)
     args.decode_tokens = args.decode_tokens or 32
     return main_hf(args)
+
+
+def top1_yerr(rs):
+    """Error bars (percent) of top-1 agreement: the Wilson 95% interval where recorded."""
+    if not all("top1_ci95_wilson" in r for r in rs):
+        return None
+    return np.array([[100 * (r["top1_agree"] - r["top1_ci95_wilson"][0]) for r in rs],
+                     [100 * (r["top1_ci95_wilson"][1] - r["top1_agree"]) for r in rs]])
 
 
 def plot(report, path):
@@ -776,20 +945,17 @@ def plot(report, path):
     styles = {"index": "o-", "quest": "s-", "oracle": "^--", "oracle-page": "v--",
               "retrieval_heads": "d-"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in labels:
+    methods = [m for m in labels if any(r["method"] == m for r in report["results"])]
+    methods += sorted({r["method"] for r in report["results"] if ":" in r["method"]})
+    for i, method in enumerate(methods):
         rs = sorted((r for r in report["results"] if r["method"] == method),
                     key=lambda r: r["budget_frac"])
-        if not rs:
-            continue
-        x = [r["budget_frac"] for r in rs]
-        axes[0].plot(x, [r["kl"] for r in rs], styles[method], label=labels[method])
-        axes[1].plot(x, [100 * r["top1_agree"] for r in rs], styles[method], label=labels[method])
-    for method in sorted({r["method"] for r in report["results"] if ":" in r["method"]}):
-        rs = sorted((r for r in report["results"] if r["method"] == method),
-                    key=lambda r: r["budget_frac"])
-        x = [r["budget_frac"] for r in rs]
-        axes[0].plot(x, [r["kl"] for r in rs], "x", label=method)
-        axes[1].plot(x, [100 * r["top1_agree"] for r in rs], "x", label=method)
+        # methods side by side around each budget, so the intervals do not overlap
+        x = [r["budget_frac"] * 1.04 ** (i - (len(methods) - 1) / 2) for r in rs]
+        fmt, label = styles.get(method, "x"), labels.get(method, method)
+        axes[0].plot(x, [r["kl"] for r in rs], fmt, label=label)
+        axes[1].errorbar(x, [100 * r["top1_agree"] for r in rs], yerr=top1_yerr(rs),
+                         fmt=fmt, capsize=3, label=label)
     axes[0].axhline(0.02, color="grey", ls=":", lw=0.8, label="target 0.02")
     axes[1].axhline(97, color="grey", ls=":", lw=0.8, label="target 97%")
     for ax in axes:
@@ -797,7 +963,7 @@ def plot(report, path):
         ax.set_xlabel("budget (fraction of context)")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean KL(dense ‖ sparse), nats")
-    axes[1].set_ylabel("top-1 agreement with dense, %")
+    axes[1].set_ylabel("top-1 agreement with dense, % (95% CI)")
     n = report.get("decode_tokens")
     fig.suptitle(f"{report['model']}, {report['tokens']}-token context, {n} decoded tokens")
     axes[0].legend(fontsize=7, loc="best")
