@@ -119,7 +119,15 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     *out = v.get<uint32_t>();
     return Status::OK();
   };
-  for (auto it = j.begin(); it != j.end(); ++it) {
+  // Included files first: they are the base that this file's own keys override, whatever the
+  // keys' order (nlohmann::json objects iterate in key order, so "include" would otherwise land
+  // between "admin" and "listen").
+  std::vector<nlohmann::json::const_iterator> items;
+  if (const auto inc = j.find("include"); inc != j.end()) items.push_back(inc);
+  for (auto it = j.cbegin(); it != j.cend(); ++it) {
+    if (it.key() != "include") items.push_back(it);
+  }
+  for (const auto& it : items) {
     const std::string& k = it.key();
     const nlohmann::json& v = it.value();
     Status s;
@@ -183,8 +191,8 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
         }
       }
     } else if (k == "include") {
-      // {"include": "secrets.json"} or a list: merged after this file, in order; relative
-      // paths are relative to this file (e.g. tokens mounted from a Kubernetes Secret).
+      // {"include": "secrets.json"} or a list: loaded in order before this file's other keys,
+      // which override them; relative paths are relative to this file (e.g. tokens mounted from a Kubernetes Secret).
       std::vector<std::string> files;
       if (v.is_string()) files.push_back(v.get<std::string>());
       else if (v.is_array()) {

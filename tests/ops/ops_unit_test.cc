@@ -154,6 +154,26 @@ TEST(Config, IncludeMergesSecretsFile) {
   std::filesystem::remove_all(dir);
 }
 
+// An included file is the base: the including file's own keys win, whether their names sort
+// before "include" (admin, backend) or after it (listen, session_defaults).
+TEST(Config, IncludedFileIsTheBaseTheIncludingFileOverrides) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kvmem-cfg-order-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "base.json") << R"({"backend": "cuda", "listen": "127.0.0.1:1111",
+      "log_level": "debug", "session_defaults": {"chunk_min_tokens": 2, "chunk_max_tokens": 4}})";
+  std::ofstream(dir / "main.json") << R"({"backend": "cpu", "include": "base.json",
+      "listen": "127.0.0.1:2222", "session_defaults": {"chunk_max_tokens": 6}})";
+  DaemonConfig c;
+  ASSERT_TRUE(LoadConfigFile((dir / "main.json").string(), &c).ok());
+  EXPECT_EQ(c.backend, "cpu");                // sorts before "include": still this file's
+  EXPECT_EQ(c.listen, "127.0.0.1:2222");      // sorts after it
+  EXPECT_EQ(c.log_level, "debug");            // only in the included file
+  EXPECT_EQ(c.session_defaults.chunker.min_tokens, 2u);  // per key: the base's
+  EXPECT_EQ(c.session_defaults.chunker.max_tokens, 6u);  // and this file's
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Config, SessionDefaultsSetIndexSearchAndTree) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("kvmem-cfg-search-" + std::to_string(::getpid()));
