@@ -629,6 +629,8 @@ int Main(int argc, char** argv) {
     a.pid = daemon->pid();
   }
 
+  // The daemon as started (or as found with --addr), idle, before any load of this run.
+  const uint64_t rss_start = ReadRss(a.pid);
   Shared sh(static_cast<size_t>(a.sessions));
   sh.args = &a;
   sh.addr = a.addr;
@@ -727,6 +729,8 @@ int Main(int argc, char** argv) {
   j["verify_ok"] = verify_ok;
   j["rss_growth_bytes"] = growth;
   j["rss_baseline_bytes"] = rss_base;
+  j["rss_start_bytes"] = rss_start;
+  j["rss_growth_from_start_bytes"] = static_cast<int64_t>(rss_end) - static_cast<int64_t>(rss_start);
   j["rss_end_bytes"] = rss_end;
   j["rss_peak_bytes"] = rss_peak;
   j["rss_samples"] = rss_samples;

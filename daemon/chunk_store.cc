@@ -3,6 +3,8 @@
 #include <rocksdb/db.h>
 #include <rocksdb/iterator.h>
 #include <rocksdb/options.h>
+#include <rocksdb/table.h>
+#include <rocksdb/cache.h>
 #include <rocksdb/write_batch.h>
 
 #include <cstring>
@@ -173,6 +175,10 @@ Result<std::unique_ptr<ChunkStore>> ChunkStore::Open(const StoreOptions& options
   small.min_blob_size = options.min_blob_size;
   small.blob_file_size = options.blob_file_size;
   small.enable_blob_garbage_collection = true;
+  // One explicitly sized block cache for every family (copies of `small` share the factory).
+  rocksdb::BlockBasedTableOptions table;
+  table.block_cache = rocksdb::NewLRUCache(options.block_cache_bytes);
+  small.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
   rocksdb::ColumnFamilyOptions chunks = small;
   chunks.enable_blob_files = options.enable_blob_files;
   chunks.min_blob_size = options.min_blob_size;

@@ -145,6 +145,8 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "max_connections") s = u32(v, k, &c->max_connections);
     else if (k == "client_idle_timeout_seconds") s = u32(v, k, &c->client_idle_timeout_seconds);
     else if (k == "idle_trim_seconds") s = u32(v, k, &c->idle_trim_seconds);
+    else if (k == "malloc_arena_max") s = u32(v, k, &c->malloc_arena_max);
+    else if (k == "store_block_cache") s = ReadBytes(v, "store_block_cache", &c->store_block_cache_bytes);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);
     else if (k == "search_threads") s = u32(v, k, &c->search_threads);
     else if (k == "device_memory") s = ReadBytes(v, "device_memory", &c->device_memory_bytes);

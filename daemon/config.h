@@ -75,6 +75,15 @@ struct DaemonConfig {
   // in the WAL already; a flush frees them and shortens the next restart's replay) and the
   // allocator returns free heap to the system. 0 disables it. Default: 10.
   uint32_t idle_trim_seconds = 10;
+  // glibc malloc arenas (mallopt M_ARENA_MAX), set once at startup before any thread starts.
+  // glibc's default is 8 per core, one per thread until then; each non-main arena keeps the
+  // top of its heap resident after load (malloc_trim, which idle trim calls, does not shrink
+  // the top of non-main arenas in glibc 2.36), so idle RSS grows with the arenas the threads
+  // touched. 0 keeps glibc's default. Default: 2.
+  uint32_t malloc_arena_max = 2;
+  // RocksDB block cache (LRU, one cache shared by every column family). Bounded: it fills
+  // under load up to this size and stays filled. Default: 8 MiB (RocksDB 7's implicit size).
+  uint64_t store_block_cache_bytes = 8ull << 20;
   // Sessions one tenant may hold. Default: 4096.
   uint32_t max_sessions_per_tenant = 4096;
   // Tokens one session may hold. Default: 4194304 (4 Mi).

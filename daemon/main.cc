@@ -174,6 +174,8 @@ int main(int argc, char** argv) {
   }
   DaemonConfig config;
   if (Status s = build_config(&config); !s.ok()) return Fail(s.ToString());
+  // Before any thread starts: glibc sizes its arena limit on the first thread that needs one.
+  if (config.malloc_arena_max > 0) mallopt(M_ARENA_MAX, static_cast<int>(config.malloc_arena_max));
   if (Status s = InitLogging(config.log_level); !s.ok()) return Fail(s.ToString());
   if (Status s = config.Validate(); !s.ok()) return Fail(s.ToString());
 
@@ -200,6 +202,7 @@ int main(int argc, char** argv) {
                                         : std::to_string(config.tenants.size()));
 
   store_opts.path = (std::filesystem::path(config.data_dir) / "db").string();
+  store_opts.block_cache_bytes = config.store_block_cache_bytes;
   auto store = ChunkStore::Open(store_opts);
   if (!store.ok()) return Fail(store.status().ToString());
 

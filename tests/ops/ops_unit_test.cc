@@ -207,6 +207,28 @@ TEST(Config, SessionDefaultsSetIndexSearchAndTree) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(Config, MallocArenasAndBlockCache) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kvmem-cfg-mem-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  DaemonConfig d;
+  EXPECT_EQ(d.malloc_arena_max, 2u);
+  EXPECT_EQ(d.store_block_cache_bytes, 8ull << 20);
+  std::ofstream(dir / "mem.json") << R"({"malloc_arena_max": 0, "store_block_cache": "16MiB"})";
+  DaemonConfig c;
+  Status s = LoadConfigFile((dir / "mem.json").string(), &c);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(c.malloc_arena_max, 0u);
+  EXPECT_EQ(c.store_block_cache_bytes, 16ull << 20);
+  for (const char* bad : {R"({"malloc_arena_max": -1})", R"({"malloc_arena_max": "2"})",
+                          R"({"store_block_cache": "lots"})"}) {
+    std::ofstream(dir / "bad.json") << bad;
+    DaemonConfig b;
+    EXPECT_EQ(LoadConfigFile((dir / "bad.json").string(), &b).code(), StatusCode::kInvalidArgument) << bad;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Config, ShippedConfigsLoad) {
   DaemonConfig c;
   const std::string path = std::string(KVMEM_SOURCE_DIR) + "/deploy/systemd/kvmemd.json";
