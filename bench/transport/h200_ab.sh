@@ -15,6 +15,6 @@ for i in $(seq 1 $N); do
   timeout 150 $B/bin/kvmem-bench-transport --rounds 1 --machine "$M" --commit "$C" --json $R/after_$i.json > $R/after_$i.log 2>&1; echo "after $i rc=$? $(date +%T)"
   timeout 90 $B/bin/kvmem-bench-transport --rounds 1 --transports shm --machine "$M" --commit "$C" --daemon-arg --append-landing --daemon-arg off --json $R/off_$i.json > $R/off_$i.log 2>&1; echo "off $i rc=$? $(date +%T)"
   grep -hv "mpool.c" $R/*.log > $OUT/logs.txt 2>/dev/null
-  python3 $B/h200_ab_merge.py $R $N $OUT/transport-ab.json > $OUT/table.txt 2>&1
+  python3 $B/h200_merge.py $R $N $OUT/transport-ab.json before,after,off after,off "kvmem-bench-transport --rounds 1 per variant, interleaved (before, after, off) per iteration; each entry the verbatim JSON" > $OUT/table.txt 2>&1
 done
 cat $OUT/table.txt

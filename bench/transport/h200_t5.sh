@@ -39,7 +39,7 @@ for i in $(seq 1 $N); do
     timeout $(left) $B/bin/kvmem-bench-transport --rounds 1 --transports tcp --machine "$M" --commit "$C" --json $R/tcp_$i.json > $R/tcp_$i.log 2>&1; echo "tcp $i rc=$? $(date +%T)"; reap
   fi
   grep -hv "mpool.c" $R/*.log > $OUT/logs.txt 2>/dev/null
-  python3 $B/h200_t5_merge.py $R $N $OUT/transport-t5.json > $OUT/table.txt 2>&1
+  python3 $B/h200_merge.py $R $N $OUT/transport-t5.json piece,after,tcp piece,after "${ABOUT:-kvmem-bench-transport --rounds 1 per variant, interleaved per iteration: piece = KVMEM_APPEND_FENCE=piece over shm, after = default over shm, tcp = default over tcp; each entry the verbatim JSON}" > $OUT/table.txt 2>&1
 done
 echo "== kvmem-bench-memcopy on this host"; cat $OUT/memcopy.txt
 echo "== kvmem-bench-transport, medians of the rounds (ratio = append / ucp_am_bw, same round)"; cat $OUT/table.txt
