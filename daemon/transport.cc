@@ -33,6 +33,7 @@ struct UcxServer::Connection {
   // Rendezvous receives still in UCX, with their requests: cancelled when the endpoint is
   // closed, so a client that left mid-transfer cannot keep their buffers (transport thread).
   std::unordered_map<UcxServer::Inbound*, void*> receives;
+  UcxServer* server = nullptr;  // for the error callback: a departed client is due for reaping
 };
 
 namespace {
@@ -330,6 +331,7 @@ void UcxServer::Accept(ucp_conn_request_h request) {
   auto conn = std::make_shared<Connection>();
   conn->id = next_connection_id_++;
   conn->peer = peer;
+  conn->server = this;
   ucp_ep_params_t ep{};
   ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
   ep.conn_request = request;
@@ -355,6 +357,7 @@ void UcxServer::Accept(ucp_conn_request_h request) {
 void UcxServer::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
   auto* conn = static_cast<Connection*>(arg);
   conn->dead = true;
+  conn->server->reap_due_ = true;
   KVMEM_LOG_DEBUG("connection {} ({}) closed: {}", conn->id, conn->peer, ucs_status_string(status));
 }
 
@@ -652,7 +655,9 @@ void UcxServer::ProgressAll() {
     DrainOutbound();
     if (ucp_worker_progress(worker_.get()) == 0 && !outbound_pending_.load()) break;
   }
-  ReapConnections();
+  // The scan of every connection runs only when one departed (error callback), the 1 s
+  // housekeeping asks (idle timeout) or closes are in flight, not after every request.
+  if (reap_due_ || !closing_.empty()) ReapConnections();
   if (stopping_) ShutdownStep();
 }
 
@@ -668,6 +673,7 @@ constexpr auto kCloseDeadline = std::chrono::seconds(30);
 // to free the endpoint while the departed client's messages may still be queued because
 // endpoint ids are indirect (PROTO_INDIRECT_ID in Start).
 void UcxServer::ReapConnections() {
+  reap_due_ = false;
   const auto now = std::chrono::steady_clock::now();
   for (auto it = connections_.begin(); it != connections_.end();) {
     Connection& c = *it->second;
@@ -749,6 +755,7 @@ void UcxServer::Housekeeping() {
   housekeeping_->expires_after(std::chrono::seconds(1));
   housekeeping_->async_wait([this](const boost::system::error_code& ec) {
     if (ec || stopped_ || !worker_) return;
+    reap_due_ = true;  // idle connections (client_idle_timeout_seconds)
     ProgressAll();
     Housekeeping();
   });

@@ -151,6 +151,7 @@ class UcxServer {
   std::vector<Closing> closing_;
   uint64_t left_open_ = 0;  // closes that missed their deadline: endpoint still allocated
   std::chrono::steady_clock::time_point next_reap_{};
+  bool reap_due_ = false;  // a client departed or housekeeping ran: ProgressAll reaps
   std::unique_ptr<boost::asio::steady_timer> housekeeping_;
   uint64_t next_connection_id_ = 1;
 
