@@ -30,6 +30,9 @@ class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
     for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (cudaEvent_t e : events_) {
+      if (e) cudaEventDestroy(e);
+    }
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
     if (mapped_) cudaFreeHost(mapped_);
@@ -193,13 +196,25 @@ class DevicePool final : public KVPool {
     std::memcpy(h_up, a.q, q_bytes);
     std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
     phase(AttendPhase::kDevicePlan);
+    // KVMEM_DEVICE_TIMELINE=1: events around each stream operation (not with graphs).
+    const bool timeline = Timeline() && !GraphSubmit() && EnsureEvents().ok();
+    const auto t_enqueue = std::chrono::steady_clock::now();
+    auto mark = [&](int i) {
+      if (timeline) cudaEventRecord(events_[i], stream_);
+    };
     auto enqueue = [&]() -> Status {
+      mark(0);
       KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
                                  "stage q and the search plan"));
+      mark(1);
       KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, m_res, stream_));
+      mark(2);
       if (mapped) return Status::OK();
-      return Cuda(cudaMemcpyAsync(h_down, d_in + q_room, down, cudaMemcpyDeviceToHost, stream_),
-                  "copy out and the search results");
+      KVMEM_RETURN_IF_ERROR(
+          Cuda(cudaMemcpyAsync(h_down, d_in + q_room, down, cudaMemcpyDeviceToHost, stream_),
+               "copy out and the search results"));
+      mark(3);
+      return Status::OK();
     };
     cudaGraphExec_t exec = nullptr;
     if (GraphSubmit()) {
@@ -224,6 +239,7 @@ class DevicePool final : public KVPool {
     phase(AttendPhase::kDeviceLaunch);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
     phase(AttendPhase::kDeviceWait);
+    if (timeline) ObserveTimeline(t_enqueue, mapped ? 2 : 3);
     if (mapped) {
       std::memcpy(a.out, mapped_, out_bytes);
       if (a.lse) std::memcpy(a.lse, mapped_ + out_room, lse_bytes);
@@ -355,6 +371,37 @@ class DevicePool final : public KVPool {
     }();
     return on;
   }
+  static bool Timeline() {
+    static const bool on = [] {
+      const char* e = std::getenv("KVMEM_DEVICE_TIMELINE");
+      return e != nullptr && std::strcmp(e, "1") == 0;
+    }();
+    return on;
+  }
+  Status EnsureEvents() {
+    for (cudaEvent_t& e : events_) {
+      if (e == nullptr) KVMEM_RETURN_IF_ERROR(Cuda(cudaEventCreate(&e), "cudaEventCreate"));
+    }
+    return Status::OK();
+  }
+  // Device durations between the events of one SearchAttend (after its synchronisation), and
+  // the host time from the first enqueue to the wake-up that the device span does not explain.
+  void ObserveTimeline(std::chrono::steady_clock::time_point t_enqueue, int last) {
+    const auto host = std::chrono::steady_clock::now() - t_enqueue;
+    float ms[3] = {0.f, 0.f, 0.f};
+    for (int i = 0; i < last; ++i) {
+      if (cudaEventElapsedTime(&ms[i], events_[i], events_[i + 1]) != cudaSuccess) return;
+    }
+    auto& ph = GlobalMetrics().attend_phase;
+    auto ns = [](float m) { return std::chrono::nanoseconds(static_cast<int64_t>(m * 1e6f)); };
+    ph[static_cast<int>(AttendPhase::kGpuCopyUp)].Observe(ns(ms[0]));
+    ph[static_cast<int>(AttendPhase::kGpuKernels)].Observe(ns(ms[1]));
+    if (last == 3) ph[static_cast<int>(AttendPhase::kGpuCopyDown)].Observe(ns(ms[2]));
+    const auto span = ns(ms[0] + ms[1] + ms[2]);
+    ph[static_cast<int>(AttendPhase::kGpuUnaccounted)].Observe(
+        host > span ? std::chrono::duration_cast<std::chrono::nanoseconds>(host - span)
+                    : std::chrono::nanoseconds(0));
+  }
   static bool MappedResults() {
     static const bool on = [] {
       const char* e = std::getenv("KVMEM_DEVICE_RESULTS");
@@ -457,6 +504,7 @@ class DevicePool final : public KVPool {
   uint8_t* mapped_ = nullptr;      // KVMEM_DEVICE_RESULTS=mapped: host view
   uint8_t* mapped_dev_ = nullptr;  // its device address
   size_t mapped_bytes_ = 0;
+  cudaEvent_t events_[4] = {};  // KVMEM_DEVICE_TIMELINE=1
 };
 
 }  // namespace

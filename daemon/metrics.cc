@@ -143,6 +143,10 @@ const char* AttendPhaseName(AttendPhase p) {
     case AttendPhase::kDevicePlan: return "device_plan";
     case AttendPhase::kDeviceLaunch: return "device_launch";
     case AttendPhase::kDeviceWait: return "device_wait";
+    case AttendPhase::kGpuCopyUp: return "gpu_copy_up";
+    case AttendPhase::kGpuKernels: return "gpu_kernels";
+    case AttendPhase::kGpuCopyDown: return "gpu_copy_down";
+    case AttendPhase::kGpuUnaccounted: return "gpu_unaccounted";
     case AttendPhase::kCount: break;
   }
   return "unknown";

@@ -61,6 +61,12 @@ enum class AttendPhase : uint8_t {
   kDevicePlan,    // host planning and staging q + the plan image in pinned memory
   kDeviceLaunch,  // enqueueing the upload, the two launches and the two copies back
   kDeviceWait,    // waiting for the stream (the device work not yet done when enqueued)
+  // KVMEM_DEVICE_TIMELINE=1 only (events around the device search's stream operations; device
+  // durations, not host phases, so they overlap the three above):
+  kGpuCopyUp,      // the upload of q and the plan image, on the device
+  kGpuKernels,     // the search and the attention (first kernel start to last kernel end)
+  kGpuCopyDown,    // the copy back, on the device
+  kGpuUnaccounted,  // host enqueue start to wake-up, minus the device's first-to-last event span
   kCount
 };
 inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);

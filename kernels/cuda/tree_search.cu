@@ -106,6 +106,8 @@ struct Smem {
   uint32_t hist_chk[kHistBins];
   uint32_t key_lo, key_hi, e_next_bits, hist_cut, new_count, left;
   unsigned long long expanded_tokens;
+  unsigned long long cut_tok[kWarps];  // TopBinsCut's per-warp sums
+  uint32_t cut_chk[kWarps];
   union {
     struct {  // the search rounds: the pool of scored chunks, and this round's commits
       float4 cand_chain[kMaxCand];
@@ -240,6 +242,72 @@ __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
   uint32_t n = 1;
   while (n < x) n <<= 1;
   return n;
+}
+
+// Histogram cut, the whole block: bins are taken from the top (bin NB - 1) down while the tokens
+// of the bins above a bin are below `need` and the chunks of the bins down to it fit `room`;
+// returns the lowest bin taken (NB: none). Both sums only grow downwards, so the taken bins are a
+// prefix from the top: each thread checks its bins against block-wide prefix sums and the first
+// bin that fails marks the cut (what a warp walking 32 bins at a time from the top found, in
+// three barriers instead of up to NB / 32 dependent shuffle rounds). `tmp` holds 2 * kWarps + 1
+// words of shared memory; every thread of the block must call it.
+template <uint32_t NB>
+__device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_chk, uint64_t need,
+                               uint32_t room, unsigned long long* warp_tok, uint32_t* warp_chk,
+                               uint32_t* first_fail) {
+  constexpr uint32_t K = NB >= kThreads ? NB / kThreads : 1;  // bins per thread
+  static_assert(NB % K == 0 && NB / K <= kThreads, "bins per thread");
+  const uint32_t t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const bool active = t < NB / K;
+  uint32_t bt[K], bc[K];
+  unsigned long long st = 0;
+  uint32_t sc = 0;
+#pragma unroll
+  for (uint32_t k = 0; k < K; ++k) {
+    const uint32_t b = NB - 1 - (t * K + k);  // descending
+    bt[k] = active ? hist_tok[b] : 0;
+    bc[k] = active ? hist_chk[b] : 0;
+    st += bt[k];
+    sc += bc[k];
+  }
+  unsigned long long it = st;
+  uint32_t ic = sc;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned long long xt = __shfl_up_sync(0xffffffffu, it, off);
+    const uint32_t xc = __shfl_up_sync(0xffffffffu, ic, off);
+    if (static_cast<int>(lane) >= off) {
+      it += xt;
+      ic += xc;
+    }
+  }
+  if (lane == 31) {
+    warp_tok[warp] = it;
+    warp_chk[warp] = ic;
+  }
+  if (t == 0) *first_fail = NB;
+  __syncthreads();
+  unsigned long long before_t = it - st;
+  uint32_t before_c = ic - sc;
+  for (uint32_t w = 0; w < warp; ++w) {
+    before_t += warp_tok[w];
+    before_c += warp_chk[w];
+  }
+  if (active) {
+#pragma unroll
+    for (uint32_t k = 0; k < K; ++k) {
+      if (!(before_t < need && before_c + bc[k] <= room)) {
+        atomicMin(first_fail, t * K + k);
+        break;
+      }
+      before_t += bt[k];
+      before_c += bc[k];
+    }
+  }
+  __syncthreads();
+  const uint32_t cut = NB - *first_fail;  // bins >= cut are taken
+  __syncthreads();  // *first_fail may be reused
+  return cut;
 }
 
 // Sorts the permutation sm.commit[0, n) of candidates best first (chain descending, then lower
@@ -420,7 +488,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Auto (0): 16 when >= 4 blocks share the search and the tree holds >= 4096 chunks, else 8
     // (H200: 128K, 8 blocks: 58 us at 16 (one round) against 65 at 8 (two); 32K: 53 us at 8,
     // 70 at 16, both one round; bench/results/h200_run12_nodes_firstround.txt).
-    const uint32_t fr = first_round ? first_round : (N >= 4 && num_chunks >= 4096 ? 16u : 8u);
+    const uint32_t fr =
+        first_round ? first_round
+                    : (num_chunks >= 4096 && (N >= 4 || prm.budget_tokens <= 2048) ? 16u : 8u);
     uint64_t target = uint64_t{fr} * prm.budget_tokens + 1024;
     while (true) {
       uint32_t P = 0;
@@ -476,44 +546,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
-        if (warp == 0) {
-          const uint64_t need = target > sm.expanded_tokens ? target - sm.expanded_tokens : 1;
-          const uint32_t room = kMaxCand - P;
-          uint64_t tok = 0;
-          uint32_t chk = 0, cut = kHistBins;  // bins >= cut are taken
-          bool stop = !any_left;
-          for (int b0 = kHistBins - 32; b0 >= 0 && !stop; b0 -= 32) {
-            // Lane l holds bin b0 + 31 - l (descending); prefix over lanes.
-            const uint32_t b = b0 + 31 - lane;
-            uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
-            uint64_t pt = t;
-            uint32_t pc = c;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-              const uint64_t xt = __shfl_up_sync(0xffffffffu, pt, off);
-              const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
-              if (lane >= off) {
-                pt += xt;
-                pc += xc;
-              }
-            }
-            // Bin b is taken when everything before it was still needed and it fits.
-            const uint64_t before_t = tok + pt - t;
-            const uint32_t before_c = chk + pc - c;
-            const bool take = before_t < need && before_c + c <= room;
-            const uint32_t mask = __ballot_sync(0xffffffffu, !take);
-            const int first_no = mask ? __ffs(mask) - 1 : 32;  // lanes before it are taken
-            if (first_no > 0) {
-              cut = b0 + 31 - (first_no - 1);
-              tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
-              chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
-            }
-            stop = first_no < 32;
-          }
-          if (lane == 0) sm.hist_cut = cut;
-        }
-        __syncthreads();
-        const uint32_t cut = sm.hist_cut;
+        const uint32_t cut =
+            any_left ? TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk,
+                                             target > sm.expanded_tokens ? target - sm.expanded_tokens : 1,
+                                             kMaxCand - P, sm.cut_tok, sm.cut_chk, &sm.hist_cut)
+                     : kHistBins;
         const bool round = any_left && cut < kHistBins;
         // Nothing left, or not even the best bin fits the pool.
         if (tid == 0 && any_left && !round) sm.status |= kSearchStatusTooManyCandidates;
@@ -663,37 +700,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             atomicAdd(&sm.hist_chk[b], 1u);
           }
           __syncthreads();
-          if (warp == 0) {
-            const uint32_t need = sm.remaining + (slice_slack ? slice_slack : sm.remaining / 2 + 1024);
-            uint32_t tok = 0, chk = 0, cut = kSliceBins;
-            bool stop = false;
-            for (int b0 = kSliceBins - 32; b0 >= 0 && !stop; b0 -= 32) {
-              const uint32_t b = b0 + 31 - lane;
-              const uint32_t t = sm.hist_tok[b], c = sm.hist_chk[b];
-              uint32_t pt = t, pc = c;
-#pragma unroll
-              for (int off = 1; off < 32; off <<= 1) {
-                const uint32_t xt = __shfl_up_sync(0xffffffffu, pt, off);
-                const uint32_t xc = __shfl_up_sync(0xffffffffu, pc, off);
-                if (lane >= off) {
-                  pt += xt;
-                  pc += xc;
-                }
-              }
-              const bool take = tok + pt - t < need && chk + pc <= kSliceMax;
-              const uint32_t mask = __ballot_sync(0xffffffffu, !take);
-              const int first_no = mask ? __ffs(mask) - 1 : 32;
-              if (first_no > 0) {
-                cut = b0 + 31 - (first_no - 1);
-                tok += __shfl_sync(0xffffffffu, pt, first_no - 1);
-                chk += __shfl_sync(0xffffffffu, pc, first_no - 1);
-              }
-              stop = first_no < 32;
-            }
-            if (lane == 0) sm.hist_cut = cut;
-          }
-          __syncthreads();
-          const uint32_t cut = sm.hist_cut;
+          const uint32_t need = sm.remaining + (slice_slack ? slice_slack : sm.remaining / 2 + 1024);
+          const uint32_t cut = TopBinsCut<kSliceBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax,
+                                                      sm.cut_tok, sm.cut_chk, &sm.hist_cut);
           if (cut > 0 && cut < kSliceBins) {
             uint32_t v[kSortCap / kThreads];
 #pragma unroll
