@@ -485,12 +485,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t L = rank == 0 ? min(sm.leaf_count, kMaxLeaves) : 0;
     // First round: the best leaves holding first_round x the budget (more rounds cost more than
     // a larger pool when many ranks score it).
-    // Auto (0): 16 when >= 4 blocks share the search and the tree holds >= 4096 chunks, else 8
-    // (H200: 128K, 8 blocks: 58 us at 16 (one round) against 65 at 8 (two); 32K: 53 us at 8,
-    // 70 at 16, both one round; bench/results/h200_run12_nodes_firstround.txt).
+    // Auto (0): 16 when >= 2 blocks share the search, the tree holds >= 4096 chunks and the
+    // budget is <= 2048 tokens, else 8. H200, 128K (run 18, bench/results/h200_run18_search.txt):
+    // batch 1 (8 blocks) budget 1024 / 2048: 51 / 51 us at 16 (one round) against 68 / 64 at 8
+    // (three rounds); budget 4096: 53 at 8 against 59 at 16; batch 8 (2 blocks) budget 1024 /
+    // 2048: 80 / 84 against 91 / 89 (two rounds); 32K (2K chunks): 8 (run 12: 53 against 70).
     const uint32_t fr =
         first_round ? first_round
-                    : (num_chunks >= 4096 && (N >= 4 || prm.budget_tokens <= 2048) ? 16u : 8u);
+                    : (N >= 2 && num_chunks >= 4096 && prm.budget_tokens <= 2048 ? 16u : 8u);
     uint64_t target = uint64_t{fr} * prm.budget_tokens + 1024;
     while (true) {
       uint32_t P = 0;
