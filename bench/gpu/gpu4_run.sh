@@ -4,27 +4,13 @@
 # and with `full` the run of record of gpu3_run.sh (sweep, torch, e2e). Bundle staged by
 # scripts/stage_gpu_search.sh into $G (STAGE=.gpu4 RUN_SCRIPT=bench/gpu/gpu4_run.sh).
 #   bash $G/run.sh [ab|full]
-set -uo pipefail
-cd "$(dirname "$0")/.."
-G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 MODE=${1:-ab}
 echo "== parity ($(el)s)"
-for t in kernels_cuda_parity_test tree_search_cuda_test device_search_test \
-         "KVMEM_ATTN_CLUSTER=auto tree_search_cuda_test" "KVMEM_ATTN_CLUSTER=16 device_search_test" \
-         "KVMEM_ATTN_MERGE=legacy kernels_cuda_parity_test"; do
-  set -- $t
-  envs=(); while [[ $1 == *=* ]]; do envs+=("$1"); shift; done
-  [[ -x $G/b/bin/$1 ]] || continue
-  env "${envs[@]}" timeout 150 $G/b/run $1 > /tmp/parity_one.log 2>&1; echo "$t rc=$? ($(el)s)"
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|cluster option|seed" /tmp/parity_one.log | head -12
-  { echo "### $t"; cat /tmp/parity_one.log; } >> "$OUT/parity.log"
-done
+parity kernels_cuda_parity_test tree_search_cuda_test device_search_test \
+  "KVMEM_ATTN_CLUSTER=auto tree_search_cuda_test" "KVMEM_ATTN_CLUSTER=16 device_search_test" \
+  "KVMEM_ATTN_MERGE=legacy kernels_cuda_parity_test"
 echo "== A/B: kvmem-bench-gpu with one setting changed ($(el)s)"
 ABS=(${AB:-default KVMEM_ATTN_MERGE=legacy KVMEM_ATTN_MIN_SPLIT=64 KVMEM_ATTN_CLUSTER=auto})
 for i in "${!ABS[@]}"; do

@@ -5,26 +5,18 @@
 # through kvmemd for every variant, interleaved, and a short table last. Bundle staged by
 # scripts/stage_gpu_search.sh into $G (STAGE=.gpu5 RUN_SCRIPT=bench/gpu/gpu5_run.sh ... e2e).
 #   bash $G/run.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 # VARIANTS: ';'-separated environment settings (default: the four below); PARITY: the tests.
 IFS=';' read -r -a VARIANTS <<< "${VARIANTS:-default;KVMEM_DEVICE_SUBMIT=graph;KVMEM_DEVICE_RESULTS=mapped;KVMEM_DEVICE_SUBMIT=graph KVMEM_DEVICE_RESULTS=mapped}"
 echo "== parity ($(el)s)"
 for v in "${VARIANTS[@]}"; do
+  specs=()
   for t in ${PARITY:-device_search_test e2e_test tree_search_cuda_test}; do
-    [[ -x $G/b/bin/$t ]] || continue
     [[ $t == tree_search_cuda_test && $v != default ]] && continue
-    e=(); [[ $v != default ]] && e=($v)
-    env "${e[@]}" timeout 150 $G/b/run $t > /tmp/parity_one.log 2>&1; echo "[$v] $t rc=$? ($(el)s)"
-    grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|graph off" /tmp/parity_one.log | head -8
-    { echo "### [$v] $t"; cat /tmp/parity_one.log; } >> "$OUT/parity.log"
+    if [[ $v == default ]]; then specs+=("$t"); else specs+=("$v $t"); fi
   done
+  parity "${specs[@]}"
 done
 bench_gpu() {  # search + sparse at 128K batch 1 budget 2048 (and batch 8), one JSON per call
   timeout 90 $G/b/run kvmem-bench-gpu --json "$OUT/bench_$1.json" --commit "$(cat $G/COMMIT)" \

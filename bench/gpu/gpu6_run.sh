@@ -6,24 +6,11 @@
 # Bundle staged by scripts/stage_gpu_search.sh into $G (STAGE=.gpu6 RUN_SCRIPT=bench/gpu/gpu6_run.sh
 # ... e2e). Run 18 (bench/results/h200_run18_search.txt) used it.
 #   bash $G/run.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 echo "== parity ($(el)s)"
-for t in tree_search_cuda_test "KVMEM_SEARCH_SLICE_SLACK=off tree_search_cuda_test" \
-         "KVMEM_SEARCH_SLICE_SLACK=1 tree_search_cuda_test" device_search_test kernels_cuda_parity_test; do
-  set -- $t
-  envs=(); while [[ $1 == *=* ]]; do envs+=("$1"); shift; done
-  [[ -x $G/b/bin/$1 ]] || continue
-  env "${envs[@]}" timeout 150 $G/b/run $1 > /tmp/parity_one.log 2>&1; echo "$t rc=$? ($(el)s)"
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|seed" /tmp/parity_one.log | head -12
-  { echo "### $t"; cat /tmp/parity_one.log; } >> "$OUT/parity.log"
-done
+parity tree_search_cuda_test "KVMEM_SEARCH_SLICE_SLACK=off tree_search_cuda_test" \
+  "KVMEM_SEARCH_SLICE_SLACK=1 tree_search_cuda_test" device_search_test kernels_cuda_parity_test
 IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_SEARCH_FIRST_ROUND=8;KVMEM_SEARCH_SLICE_SLACK=off}"
 for round in $(seq 1 ${AB_ROUNDS:-2}); do
   for i in "${!ABS[@]}"; do

@@ -7,13 +7,7 @@
 # and the copy back: gpu_* phases); UCX_RNDV_THRESH=65536 (q and the reply eager over shm).
 # Bundle: kvmemd, kvmem-bench-e2e, kvmem-bench-gpu (scripts/bundle.sh) into $G.
 #   bash $G/run.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/run_common.sh"
 IFS=';' read -r -a VARIANTS <<< "${VARIANTS:-default;KVMEM_DEVICE_TIMELINE=1;UCX_RNDV_THRESH=65536}"
 timeout 90 $G/b/run kvmem-bench-gpu --json "$OUT/bench.json" --contexts 131072 --batches 1 \
   --budgets 2048 > /tmp/bench.log 2>&1; echo "bench rc=$? ($(el)s)"; grep -E "search_sparse|sparse_attn" /tmp/bench.log | cut -c1-90

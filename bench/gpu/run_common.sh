@@ -1,0 +1,28 @@
+# Sourced by the device-call scripts that scripts/stage_gpu_search.sh stages as $G/run.sh
+# (gpu4/5/6/8_run.sh; the stage script copies this file next to it): cd to the checkout root,
+# G (the bundle folder), OUT (what comes back), `el` (seconds since the start) and `parity`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+
+# parity SPEC...: each SPEC is "[VAR=VALUE ...] TEST"; runs the bundled TEST (skipped when the
+# bundle lacks it) with those variables and a 150 s limit, prints its exit status and gtest's
+# verdict lines, and appends its whole log to $OUT/parity.log.
+parity() {
+  local spec
+  for spec in "$@"; do
+    local words=($spec) envs=()
+    while [[ ${words[0]} == *=* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+    [[ -x $G/b/bin/${words[0]} ]] || continue
+    env "${envs[@]}" timeout 150 $G/b/run "${words[@]}" > /tmp/parity_one.log 2>&1
+    echo "$spec rc=$? ($(el)s)"
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|cluster option|graph off|seed" \
+      /tmp/parity_one.log | head -12
+    { echo "### $spec"; cat /tmp/parity_one.log; } >> "$OUT/parity.log"
+  done
+}
