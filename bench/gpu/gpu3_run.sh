@@ -4,23 +4,11 @@
 # e2e Attend through a running kvmemd, and the table. Run from the repo root on the GPU machine
 # with the bundle staged by scripts/stage_gpu_search.sh into $G (default .gpu3).
 #   bash $G/run.sh [quick|full]
-set -uo pipefail
-cd "$(dirname "$0")/.."
-G=${G:-$(basename "$(cd "$(dirname "$0")" && pwd)")}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 MODE=${1:-full}
 echo "== parity ($(el)s)"
-for t in tree_search_cuda_test device_search_test kernels_cuda_parity_test; do
-  [[ -x $G/b/bin/$t ]] || continue
-  timeout 150 $G/b/run $t > "$OUT/parity_$t.log" 2>&1; echo "$t rc=$? ($(el)s)"
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|seed" "$OUT/parity_$t.log" | head -12
-done
-cat "$OUT"/parity_*.log > "$OUT/parity.log"; rm -f "$OUT"/parity_*.log
+parity tree_search_cuda_test device_search_test kernels_cuda_parity_test
 ARGS=(--sweep)
 [[ $MODE == quick ]] && ARGS=(--contexts 32768,131072 --batches 1,8 --budgets 2048 --sweep)
 echo "== bench ($MODE, $(el)s)"
