@@ -26,8 +26,8 @@ text of the model's context length) compares greedy answers of dense and kvmemd 
 Text: --split eval (default) is the GPL-3 text Debian ships in base-files; --split tune is other
 licence texts from the same directory, for choosing settings without touching the evaluation
 text; --split eval8k is GPL-3 followed by the licences there that the tune split does not use
-(~19.4K tokens: room for windows at the model's 8K context). --variants FILE runs extra index-mode settings (kvmemd config session_defaults and
-session options) in the same windows; --merge-only A.json B.json combines runs of the same
+(~19.4K tokens: room for windows at the model's 8K context). --variants FILE runs extra
+index-mode settings (kvmemd config session_defaults and session options) in the same windows; --merge-only A.json B.json combines runs of the same
 windows and settings (e.g. budgets run in parallel) into one report and plot.
 No network access is needed.
 
