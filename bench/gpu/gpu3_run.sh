@@ -38,16 +38,6 @@ for r in json.load(open(sys.argv[1]))['results']:
 " /tmp/ab.json "$ab"
 done
 python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt" 2>&1
-python3 - "$OUT/bench.json" <<'PY' > "$OUT/sweep.txt" 2>&1
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    if "sweep" in r:
-        s = " ".join((f"{x['target_blocks']}:" if x['target_blocks'] else f"s{x['split_tokens']}/{x.get('blocks')}:") + f"{x['us']:.1f}" for x in r["sweep"])
-        print(f"{r['method']:18} {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} default {r['us_per_layer']:.1f} (s{r.get('split_tokens')}/{r.get('blocks')}) | {s}")
-    if r["method"] == "kvmem_search":
-        print(f"search {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} cluster {r.get('cluster_size')} "
-              f"{r['us_per_layer']:.1f} us (1 block: {r.get('search_us_cluster1', 0):.1f}) agree {r.get('cpu_agreement')} "
-              f"phases {json.dumps({k: round(v, 1) for k, v in r.get('search_phase_us_mean', {}).items()})}")
-PY
+python3 $G/report.py --sweep "$OUT/bench.json" > "$OUT/sweep.txt" 2>&1
 echo "== sweep / search ($(el)s)"; cat "$OUT/sweep.txt" | cut -c1-260
 echo "== table"; grep -E "131072|32768 +1 " "$OUT/table.txt" | grep -vE "sparse_attn +(8192|32768)" | cut -c1-150

@@ -1,8 +1,27 @@
 #!/usr/bin/env python3
-"""Prints the short table of a kvmem-bench-gpu JSON (with torch rows merged) and the targets."""
+"""Prints the short table of a kvmem-bench-gpu JSON (with torch rows merged) and the targets;
+with --sweep, the split sweeps of the attention rows and the search rows (cluster size, the
+one-block time, CPU agreement, phases) instead.
+
+  report.py [--sweep] bench.json"""
 import json
 import sys
 
+
+def sweep(rows):
+    for r in rows:
+        if "sweep" in r:
+            s = " ".join((f"{x['target_blocks']}:" if x['target_blocks'] else f"s{x['split_tokens']}/{x.get('blocks')}:") + f"{x['us']:.1f}" for x in r["sweep"])
+            print(f"{r['method']:18} {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} default {r['us_per_layer']:.1f} (s{r.get('split_tokens')}/{r.get('blocks')} c{r.get('attn_cluster')}) | {s}")
+        if r["method"] == "kvmem_search":
+            print(f"search {r['context']:6d} B{r['batch']:<2d} b{r['budget']:<4d} cluster {r.get('cluster_size')} "
+                  f"{r['us_per_layer']:.1f} us (1 block: {r.get('search_us_cluster1', 0):.1f}) agree {r.get('cpu_agreement')} "
+                  f"phases {json.dumps({k: round(v, 1) for k, v in r.get('search_phase_us_mean', {}).items()})}")
+
+
+if sys.argv[1] == "--sweep":
+    sweep(json.load(open(sys.argv[2]))["results"])
+    sys.exit(0)
 j = json.load(open(sys.argv[1]))
 copy = j["copy_gbps"]
 rows = j["results"]
