@@ -1129,24 +1129,7 @@ int MaxClusters(size_t dyn, uint32_t c) {
   static int cache[5] = {-1, -1, -1, -1, -1};  // sizes 1, 2, 4, 8, 16
   int i = 0;
   while ((1u << i) < c && i < 4) ++i;
-  if (cache[i] < 0) {
-    cudaLaunchConfig_t cfg{};
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 1u << i;
-    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-    cfg.gridDim = dim3(1u << i);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = dyn;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) != cudaSuccess) {
-      (void)cudaGetLastError();
-      n = 0;
-    }
-    cache[i] = n;
-  }
+  if (cache[i] < 0) cache[i] = MaxActiveClusters(Kernel, 1u << i, kThreads, dyn);
   return cache[i];
 }
 

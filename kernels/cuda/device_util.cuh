@@ -12,6 +12,28 @@
 
 namespace kvmem::kernels::cuda {
 
+// Clusters of `cluster` blocks (of `threads` threads, `dyn_smem` bytes of dynamic shared memory
+// each) of `kernel` that the device runs at once (cudaOccupancyMaxActiveClusters); 0 on an error.
+template <typename Kernel>
+int MaxActiveClusters(Kernel kernel, uint32_t cluster, uint32_t threads, size_t dyn_smem) {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.gridDim = dim3(cluster);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = dyn_smem;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
 __device__ __forceinline__ size_t DTypeSizeDevice(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 __device__ __forceinline__ float LoadElem(const void* p, DType t, size_t i) {

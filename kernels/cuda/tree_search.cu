@@ -1136,20 +1136,7 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
     std::array<int, 5> n{};  // sizes 1, 2, 4, 8, 16
     if (PrepareSearchKernel<D>() != cudaSuccess) return n;
     for (int i = 0; i < 5; ++i) {
-      cudaLaunchConfig_t cfg{};
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = 1u << i;
-      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-      cfg.gridDim = dim3(1u << i);
-      cfg.blockDim = dim3(kThreads);
-      cfg.dynamicSmemBytes = sizeof(Smem);
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
-      if (cudaOccupancyMaxActiveClusters(&n[i], TreeSearchKernel<D>, &cfg) != cudaSuccess) {
-        (void)cudaGetLastError();
-        n[i] = 0;
-      }
+      n[i] = MaxActiveClusters(TreeSearchKernel<D>, 1u << i, kThreads, sizeof(Smem));
     }
     return n;
   }();
