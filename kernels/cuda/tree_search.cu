@@ -79,6 +79,13 @@ constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
 constexpr uint32_t kSliceBins = 256, kSliceMin = 256, kSliceMax = 1024;
 constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit at once
 
+// TopBinsCut's shared-memory scratch.
+struct CutScratch {
+  unsigned long long warp_tok[kWarps];  // per-warp token sums
+  uint32_t warp_chk[kWarps];            // per-warp chunk sums
+  uint32_t first_fail;                  // the first bin (from the top) not taken
+};
+
 struct Smem {
   float mean[128];
   float mean_norm;
@@ -104,10 +111,9 @@ struct Smem {
   };
   uint32_t hist_tok[kHistBins];
   uint32_t hist_chk[kHistBins];
-  uint32_t key_lo, key_hi, e_next_bits, hist_cut, new_count, left;
+  uint32_t key_lo, key_hi, e_next_bits, new_count, left;
   unsigned long long expanded_tokens;
-  unsigned long long cut_tok[kWarps];  // TopBinsCut's per-warp sums
-  uint32_t cut_chk[kWarps];
+  CutScratch cut;  // TopBinsCut's scratch
   union {
     struct {  // the search rounds: the pool of scored chunks, and this round's commits
       float4 cand_chain[kMaxCand];
@@ -249,12 +255,11 @@ __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
 // returns the lowest bin taken (NB: none). Both sums only grow downwards, so the taken bins are a
 // prefix from the top: each thread checks its bins against block-wide prefix sums and the first
 // bin that fails marks the cut (what a warp walking 32 bins at a time from the top found, in
-// three barriers instead of up to NB / 32 dependent shuffle rounds). `tmp` holds 2 * kWarps + 1
-// words of shared memory; every thread of the block must call it.
+// three barriers instead of up to NB / 32 dependent shuffle rounds). `x` is its shared-memory
+// scratch; every thread of the block must call it.
 template <uint32_t NB>
 __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_chk, uint64_t need,
-                               uint32_t room, unsigned long long* warp_tok, uint32_t* warp_chk,
-                               uint32_t* first_fail) {
+                               uint32_t room, CutScratch& x) {
   constexpr uint32_t K = NB >= kThreads ? NB / kThreads : 1;  // bins per thread
   static_assert(NB % K == 0 && NB / K <= kThreads, "bins per thread");
   const uint32_t t = threadIdx.x, lane = t & 31, warp = t >> 5;
@@ -282,22 +287,22 @@ __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_ch
     }
   }
   if (lane == 31) {
-    warp_tok[warp] = it;
-    warp_chk[warp] = ic;
+    x.warp_tok[warp] = it;
+    x.warp_chk[warp] = ic;
   }
-  if (t == 0) *first_fail = NB;
+  if (t == 0) x.first_fail = NB;
   __syncthreads();
   unsigned long long before_t = it - st;
   uint32_t before_c = ic - sc;
   for (uint32_t w = 0; w < warp; ++w) {
-    before_t += warp_tok[w];
-    before_c += warp_chk[w];
+    before_t += x.warp_tok[w];
+    before_c += x.warp_chk[w];
   }
   if (active) {
 #pragma unroll
     for (uint32_t k = 0; k < K; ++k) {
       if (!(before_t < need && before_c + bc[k] <= room)) {
-        atomicMin(first_fail, t * K + k);
+        atomicMin(&x.first_fail, t * K + k);
         break;
       }
       before_t += bt[k];
@@ -305,8 +310,8 @@ __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_ch
     }
   }
   __syncthreads();
-  const uint32_t cut = NB - *first_fail;  // bins >= cut are taken
-  __syncthreads();  // *first_fail may be reused
+  const uint32_t cut = NB - x.first_fail;  // bins >= cut are taken
+  __syncthreads();  // x may be reused
   return cut;
 }
 
@@ -551,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t cut =
             any_left ? TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk,
                                              target > sm.expanded_tokens ? target - sm.expanded_tokens : 1,
-                                             kMaxCand - P, sm.cut_tok, sm.cut_chk, &sm.hist_cut)
+                                             kMaxCand - P, sm.cut)
                      : kHistBins;
         const bool round = any_left && cut < kHistBins;
         // Nothing left, or not even the best bin fits the pool.
@@ -703,8 +708,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           __syncthreads();
           const uint32_t need = sm.remaining + (slice_slack ? slice_slack : sm.remaining / 2 + 1024);
-          const uint32_t cut = TopBinsCut<kSliceBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax,
-                                                      sm.cut_tok, sm.cut_chk, &sm.hist_cut);
+          const uint32_t cut =
+              TopBinsCut<kSliceBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax, sm.cut);
           if (cut > 0 && cut < kSliceBins) {
             uint32_t v[kSortCap / kThreads];
 #pragma unroll
