@@ -219,6 +219,30 @@ __device__ __forceinline__ uint32_t ClusterBlocks() {
   return n;
 }
 
+// Output (g, d) of a block's state from its NG warp groups' states in `ca`: the largest max M,
+// and the sums of l and acc rescaled to it (M = -inf, Ls = A = 0 when no group saw a token).
+template <int D, int G, int NG>
+__device__ __forceinline__ void CombineGroups(const CombineArea<D, G, NG>& ca, int g, int d,
+                                              float* M_out, float* Ls_out, float* A_out) {
+  constexpr float kNegInf = -INFINITY;
+  float M = kNegInf;
+#pragma unroll
+  for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
+  float Ls = 0.f, A = 0.f;
+  if (M != kNegInf) {
+#pragma unroll
+    for (int r = 0; r < NG; ++r) {
+      const float mr = ca.m[r * G + g];
+      const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
+      Ls = fmaf(ca.l[r * G + g], w, Ls);
+      A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
+    }
+  }
+  *M_out = M;
+  *Ls_out = Ls;
+  *A_out = A;
+}
+
 // After the NG partial states of the block are in `ca` (and a barrier): combine them, then
 // write the output (one split) or a partial, and let the task's last split merge all partials.
 // In a cluster launch (C = cluster blocks > 1; the planner puts C consecutive splits of one task
@@ -239,19 +263,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
     float* st = ca.w;
     for (int idx = tid; idx < G * D; idx += kThreads) {
       const int g = idx / D, d = idx % D;
-      float M = kNegInf;
-#pragma unroll
-      for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
-      float Ls = 0.f, A = 0.f;
-      if (M != kNegInf) {
-#pragma unroll
-        for (int r = 0; r < NG; ++r) {
-          const float mr = ca.m[r * G + g];
-          const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
-          Ls = fmaf(ca.l[r * G + g], w, Ls);
-          A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
-        }
-      }
+      float M, Ls, A;
+      CombineGroups(ca, g, d, &M, &Ls, &A);
       if (d == 0) {
         st[g] = M;
         st[G + g] = Ls;
@@ -310,19 +323,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
   } else {
     for (int idx = tid; idx < G * D; idx += kThreads) {
       const int g = idx / D, d = idx % D;
-      float M = kNegInf;
-#pragma unroll
-      for (int r = 0; r < NG; ++r) M = fmaxf(M, ca.m[r * G + g]);
-      float Ls = 0.f, A = 0.f;
-      if (M != kNegInf) {
-#pragma unroll
-        for (int r = 0; r < NG; ++r) {
-          const float mr = ca.m[r * G + g];
-          const float w = mr == kNegInf ? 0.f : exp2f(mr - M);
-          Ls = fmaf(ca.l[r * G + g], w, Ls);
-          A = fmaf(ca.acc[(r * G + g) * D + d], w, A);
-        }
-      }
+      float M, Ls, A;
+      CombineGroups(ca, g, d, &M, &Ls, &A);
       if (o.num_splits == 1) {
         StoreElem(o.out, o.out_dtype, idx, Ls > 0.f ? A / Ls : 0.f);
         if (d == 0 && o.lse != nullptr) o.lse[g] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : kNegInf;
