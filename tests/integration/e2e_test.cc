@@ -28,6 +28,19 @@ struct E2ECase {
   std::string rndv = "auto";  // kvmemd --ucx-rndv-scheme: who copies the 8 MiB of K/V
 };
 
+// An Attend of `layer` with a random f32 query for each of the HQ heads (N(0, 4)) kept in `q`.
+AttendRequest RandomAttend(std::mt19937_64& rng, uint32_t layer, uint32_t HQ, uint32_t D,
+                           DType out_dtype, std::vector<float>* q) {
+  q->resize(size_t{HQ} * D);
+  std::normal_distribution<float> n01;
+  for (auto& x : *q) x = n01(rng) * 2;
+  AttendRequest req;
+  req.layer = layer;
+  req.q = TensorView{q->data(), DType::kF32, {HQ, D}};
+  req.out_dtype = out_dtype;
+  return req;
+}
+
 class E2ETest : public ::testing::TestWithParam<E2ECase> {};
 
 TEST_P(E2ETest, CreateAppendAttendDrop) {
@@ -66,13 +79,8 @@ TEST_P(E2ETest, CreateAppendAttendDrop) {
   EXPECT_GT(appended->chunks, T / 24);
 
   for (uint32_t layer = 0; layer < L; ++layer) {
-    std::vector<float> q(HQ * D);
-    std::normal_distribution<float> n01;
-    for (auto& x : q) x = n01(rng) * 2;
-    AttendRequest req;
-    req.layer = layer;
-    req.q = TensorView{q.data(), DType::kF32, {HQ, D}};
-    req.out_dtype = c.dtype;
+    std::vector<float> q;
+    AttendRequest req = RandomAttend(rng, layer, HQ, D, c.dtype, &q);
     req.return_lse = true;
     auto r = client.Attend(*id, req);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
@@ -276,13 +284,8 @@ TEST(E2E, PackedAppendsReceivedInPlace) {
     }
     for (auto& f : window) ASSERT_TRUE(f.Get().ok());
     for (uint32_t layer = 0; layer < L; ++layer) {
-      std::vector<float> q(HQ * D);
-      std::normal_distribution<float> n01;
-      for (auto& x : q) x = n01(rng) * 2;
-      AttendRequest req;
-      req.layer = layer;
-      req.q = TensorView{q.data(), DType::kF32, {HQ, D}};
-      req.out_dtype = DType::kF32;
+      std::vector<float> q;
+      const AttendRequest req = RandomAttend(rng, layer, HQ, D, DType::kF32, &q);
       auto r = (*cl)->Attend(*id, req);
       ASSERT_TRUE(r.ok()) << r.status().ToString();
       std::vector<float> out(HQ * D);
