@@ -198,7 +198,8 @@ class DevicePool final : public KVPool {
     phase(AttendPhase::kDevicePlan);
     // KVMEM_DEVICE_TIMELINE=1: events around each stream operation (not with graphs).
     const bool timeline = Timeline() && !GraphSubmit() && EnsureEvents().ok();
-    const auto t_enqueue = std::chrono::steady_clock::now();
+    const auto t_enqueue = timeline ? std::chrono::steady_clock::now()
+                                    : std::chrono::steady_clock::time_point{};
     auto mark = [&](int i) {
       if (timeline) cudaEventRecord(events_[i], stream_);
     };
@@ -364,18 +365,17 @@ class DevicePool final : public KVPool {
   // and copy back are captured once per layout into a CUDA graph (the attention's programmatic
   // dependency becomes a programmatic edge) and replayed with one cudaGraphLaunch. Default
   // (`copy` or unset): the four calls on the stream.
+  // Whether kvmemd's environment sets `name` to `value` (the A/B switches below, read once).
+  static bool EnvIs(const char* name, const char* value) {
+    const char* e = std::getenv(name);
+    return e != nullptr && std::strcmp(e, value) == 0;
+  }
   static bool GraphSubmit() {
-    static const bool on = [] {
-      const char* e = std::getenv("KVMEM_DEVICE_SUBMIT");
-      return e != nullptr && std::strcmp(e, "graph") == 0;
-    }();
+    static const bool on = EnvIs("KVMEM_DEVICE_SUBMIT", "graph");
     return on;
   }
   static bool Timeline() {
-    static const bool on = [] {
-      const char* e = std::getenv("KVMEM_DEVICE_TIMELINE");
-      return e != nullptr && std::strcmp(e, "1") == 0;
-    }();
+    static const bool on = EnvIs("KVMEM_DEVICE_TIMELINE", "1");
     return on;
   }
   Status EnsureEvents() {
@@ -403,10 +403,7 @@ class DevicePool final : public KVPool {
                     : std::chrono::nanoseconds(0));
   }
   static bool MappedResults() {
-    static const bool on = [] {
-      const char* e = std::getenv("KVMEM_DEVICE_RESULTS");
-      return e != nullptr && std::strcmp(e, "mapped") == 0;
-    }();
+    static const bool on = EnvIs("KVMEM_DEVICE_RESULTS", "mapped");
     return on;
   }
   // Grow-only mapped pinned host memory the kernels write the device search's outputs into.
