@@ -107,6 +107,21 @@ struct ItemOutput {
   bool legacy_merge;  // KVMEM_ATTN_MERGE=legacy: the two-pass merge of run 15 (A/B runs)
 };
 
+// Writes output elements 4 * v4 .. 4 * v4 + 3 of a merged state (accumulator `a`, max M, sum
+// Ls over the splits): a / Ls, and the query head's lse with its first element.
+template <int D>
+__device__ __forceinline__ void StoreMerged(const ItemOutput& o, int v4, const float4& a, float M,
+                                            float Ls) {
+  const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+  StoreElem(o.out, o.out_dtype, v4 * 4 + 0, a.x * inv);
+  StoreElem(o.out, o.out_dtype, v4 * 4 + 1, a.y * inv);
+  StoreElem(o.out, o.out_dtype, v4 * 4 + 2, a.z * inv);
+  StoreElem(o.out, o.out_dtype, v4 * 4 + 3, a.w * inv);
+  if ((v4 * 4) % D == 0 && o.lse != nullptr) {
+    o.lse[(v4 * 4) / D] = Ls > 0.f ? (M + log2f(Ls)) * kLn2 : -INFINITY;
+  }
+}
+
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, uint32_t src_bytes) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
@@ -199,15 +214,7 @@ __device__ __noinline__ void LegacyMerge(CombineArea<D, G, NG>& ca, const ItemOu
     const int v4 = tid + j * kThreads;
     if (v4 < kVec) {
       const int g = (v4 * 4) / D;
-      const float Ls = ca.lg[g];
-      const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 0, A[j].x * inv);
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 1, A[j].y * inv);
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 2, A[j].z * inv);
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 3, A[j].w * inv);
-      if ((v4 * 4) % D == 0 && o.lse != nullptr) {
-        o.lse[g] = Ls > 0.f ? (ca.mg[g] + log2f(Ls)) * kLn2 : kNegInf;
-      }
+      StoreMerged<D>(o, v4, A[j], ca.mg[g], ca.lg[g]);
     }
   }
 }
@@ -432,16 +439,7 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
   for (int j = 0; j < KO; ++j) {
     const int v4 = tid + j * kThreads;
     if (v4 < kVec) {
-      const int g = (v4 * 4) / D;
-      const float Ls = Lj[j];
-      const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 0, A[j].x * inv);
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 1, A[j].y * inv);
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 2, A[j].z * inv);
-      StoreElem(o.out, o.out_dtype, v4 * 4 + 3, A[j].w * inv);
-      if ((v4 * 4) % D == 0 && o.lse != nullptr) {
-        o.lse[g] = Ls > 0.f ? (Mj[j] + log2f(Ls)) * kLn2 : kNegInf;
-      }
+      StoreMerged<D>(o, v4, A[j], Mj[j], Lj[j]);
     }
   }
   if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
