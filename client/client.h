@@ -166,7 +166,8 @@ struct AppendResult {
   uint32_t sealed = 0;
 };
 
-// Chunks chosen for one KV head: ids, token ranges [start, end) and scores.
+// Chunks chosen for one KV head: ids, token ranges [start, end) and scores (with token-granular
+// rescoring a range may be a sub-range of its chunk, and a chunk may appear more than once).
 struct HeadSelection {
   uint32_t kv_head = 0;
   std::vector<uint32_t> chunks;

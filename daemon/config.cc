@@ -278,6 +278,11 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
         } else if (d.key() == "search_rescore_overfetch") {
           if (!d.value().is_number()) s = InvalidArgument("config: search_rescore_overfetch must be a number");
           else o.rescore_overfetch = d.value().get<float>();
+        } else if (d.key() == "search_rescore_granularity") {
+          const std::string r = d.value().is_string() ? d.value().get<std::string>() : "";
+          if (r == "chunk") o.rescore_tokens = false;
+          else if (r == "token") o.rescore_tokens = true;
+          else s = InvalidArgument("config: search_rescore_granularity must be chunk or token");
         } else if (d.key() == "tree_levels") s = u32(d.value(), d.key(), &o.tree.levels);
         else if (d.key() == "tree_fine_cluster_chunks") s = u32(d.value(), d.key(), &o.tree.fine_cluster_chunks);
         else if (d.key() == "tree_min_chunks_to_cluster") s = u32(d.value(), d.key(), &o.tree.min_chunks_to_cluster);

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <limits>
+#include <numeric>
 #include <optional>
 
 #include "common/log.h"
@@ -555,7 +557,7 @@ bool Session::UseDeviceSearch() const {
   return DeviceSearchEnabled() && pool_->has_device_search() &&
          so.traversal == index::BudgetTraversal::kBestFirst &&
          so.aggregation == index::GroupAggregation::kMeanQuery &&
-         options_.rescore_overfetch <= 1.0f &&
+         options_.rescore_overfetch <= 1.0f && !options_.rescore_tokens &&
          options_.tree.levels <= kernels::kTreeSearchMaxLevels;
 }
 
@@ -719,7 +721,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   out->assign(H, HeadSelection{});
   std::vector<Status> status(H);
   std::vector<index::SearchCost> cost(H);
-  const bool rescore = options_.rescore_overfetch > 1.0f;
+  const bool rescore = options_.rescore_overfetch > 1.0f || options_.rescore_tokens;
   const uint32_t search_budget =
       rescore ? static_cast<uint32_t>(std::min<double>(
                     static_cast<double>(budget) * options_.rescore_overfetch, double{UINT32_MAX}))
@@ -734,17 +736,19 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
       status[h] = sel.status();
       return;
     }
+    std::vector<TokenRange> ranges;  // token-granular rescoring: the part of each chunk taken
     if (rescore) {
-      status[h] = RescoreByMass(layer, h, group, budget, &*sel);
+      status[h] = RescoreByMass(layer, h, group, budget, &*sel, &ranges);
       if (!status[h].ok()) return;
     }
     HeadSelection& hs = (*out)[h];
     hs.kv_head = h;
     hs.chunks = std::move(sel->chunks);
     hs.scores = std::move(sel->scores);
-    for (uint32_t c : hs.chunks) {
-      hs.starts.push_back(chunks_[c].start);
-      hs.ends.push_back(chunks_[c].start + chunks_[c].tokens);
+    for (size_t i = 0; i < hs.chunks.size(); ++i) {
+      const Chunk& ch = chunks_[hs.chunks[i]];
+      hs.starts.push_back(ranges.empty() ? ch.start : ch.start + ranges[i].begin);
+      hs.ends.push_back(ranges.empty() ? ch.start + ch.tokens : ch.start + ranges[i].end);
     }
     cost[h] = sel->cost;
   };
@@ -763,7 +767,8 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
 }
 
 Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group,
-                              uint32_t budget, index::Selection* sel) const {
+                              uint32_t budget, index::Selection* sel,
+                              std::vector<TokenRange>* ranges) const {
   const uint32_t D = profile_.head_dim;
   const uint32_t G = static_cast<uint32_t>(group.size() / D);
   const uint64_t S = options_.sink_tokens;
@@ -776,6 +781,10 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
   std::vector<Scored> cand;
   cand.reserve(sel->chunks.size());
   std::vector<float> keys, logits;
+  // Token granularity: every candidate token (chunk, offset) and its logits [token][g].
+  const bool by_token = options_.rescore_tokens;
+  std::vector<std::pair<uint32_t, uint32_t>> tokens;
+  std::vector<float> token_logits;
   for (uint32_t c : sel->chunks) {
     const Chunk& ch = chunks_[c];
     const uint64_t first = std::max<uint64_t>(S, ch.start);  // sinks are attended anyway
@@ -793,11 +802,26 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
         logits.push_back(static_cast<float>(dot * scale));
       }
     }
+    const uint32_t counted = ch.tokens - t0;
+    if (by_token) {
+      for (uint32_t t = 0; t < counted; ++t) {
+        tokens.emplace_back(c, t0 + t);
+        for (uint32_t g = 0; g < G; ++g) token_logits.push_back(logits[size_t{g} * counted + t]);
+      }
+      cand.push_back({c, counted, 0.0f});
+      continue;
+    }
     const float m = *std::max_element(logits.begin(), logits.end());
     double sum = 0.0;
     for (float x : logits) sum += std::exp(double{x} - m);
-    const uint32_t counted = ch.tokens - t0;
     cand.push_back({c, counted, static_cast<float>(m + std::log(sum) - std::log(static_cast<double>(counted)))});
+  }
+  uint64_t key_bytes = 0;  // the candidates' keys, read beside the summaries
+  for (const Scored& s : cand) key_bytes += uint64_t{chunks_[s.chunk].tokens} * D * DTypeSize(profile_.dtype);
+  sel->cost.bytes_read += key_bytes;
+  if (by_token) {
+    SelectTokens(G, budget, tokens, token_logits, sel, ranges);
+    return Status::OK();
   }
   std::stable_sort(cand.begin(), cand.end(), [](const Scored& a, const Scored& b) {
     return a.score != b.score ? a.score > b.score : a.chunk < b.chunk;
@@ -815,10 +839,50 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
     sel->tokens += s.counted;
     if (remaining == 0) break;
   }
-  uint64_t key_bytes = 0;  // the candidates' keys, read beside the summaries
-  for (const Scored& s : cand) key_bytes += uint64_t{chunks_[s.chunk].tokens} * D * DTypeSize(profile_.dtype);
-  sel->cost.bytes_read += key_bytes;
   return Status::OK();
+}
+
+void Session::SelectTokens(uint32_t G, uint32_t budget,
+                           const std::vector<std::pair<uint32_t, uint32_t>>& tokens,
+                           const std::vector<float>& logits, index::Selection* sel,
+                           std::vector<TokenRange>* ranges) {
+  const size_t T = tokens.size();
+  // Each query head's softmax over the candidates (they hold nearly all of its mass), summed
+  // over the group: the share of attention a token would get, as the token oracle ranks them.
+  std::vector<double> mass(T, 0.0);
+  for (uint32_t g = 0; g < G; ++g) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (size_t t = 0; t < T; ++t) m = std::max(m, logits[t * G + g]);
+    double z = 0.0;
+    for (size_t t = 0; t < T; ++t) z += std::exp(double{logits[t * G + g]} - m);
+    for (size_t t = 0; t < T; ++t) mass[t] += std::exp(double{logits[t * G + g]} - m) / z;
+  }
+  std::vector<uint32_t> order(T);
+  std::iota(order.begin(), order.end(), 0u);
+  const size_t keep = std::min<size_t>(budget, T);
+  auto heavier = [&](uint32_t a, uint32_t b) { return mass[a] != mass[b] ? mass[a] > mass[b] : a < b; };
+  std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(), heavier);
+  order.resize(keep);
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
+  // Runs of adjacent kept tokens of one chunk become one entry: its chunk, token range and the
+  // log of the run's summed mass.
+  sel->chunks.clear();
+  sel->scores.clear();
+  sel->tokens = keep;
+  ranges->clear();
+  for (size_t i = 0; i < keep;) {
+    const auto [chunk, first] = tokens[order[i]];
+    double run_mass = 0.0;
+    size_t j = i;
+    while (j < keep && tokens[order[j]].first == chunk && tokens[order[j]].second == first + (j - i)) {
+      run_mass += mass[order[j]];
+      ++j;
+    }
+    sel->chunks.push_back(chunk);
+    sel->scores.push_back(static_cast<float>(std::log(run_mass)));
+    ranges->push_back({first, static_cast<uint32_t>(first + (j - i))});
+    i = j;
+  }
 }
 
 void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,

@@ -94,6 +94,12 @@ struct SessionOptions {
   // chunks whose mass sits in a few tokens. Not with the device search (host search is used).
   // Must be in [1, 64]. Default: 1 (off).
   float rescore_overfetch = 1.0f;
+  // With rescoring, fill the budget token by token instead of chunk by chunk: each candidate
+  // token's attention share (softmax over the candidates per query head, summed over the group),
+  // the `budget` largest kept; a selection entry is then a run of adjacent kept tokens of one
+  // chunk (HeadSelection starts/ends a sub-range of the chunk). Same keys read as chunk
+  // rescoring; sparse attention gets more, shorter spans. Default: false (whole chunks).
+  bool rescore_tokens = false;
   SelectionMode mode = SelectionMode::kDense;
   Durability durability = Durability::kEphemeral;
   uint64_t ttl_seconds = 0;
@@ -455,8 +461,19 @@ class Session {
                       const std::vector<bool>* only = nullptr) const;
   // Refills `sel` (candidates from the summary search) to `budget` tokens by exact attention
   // mass per token (SessionOptions::rescore_overfetch); scores become that log mass.
+  // With SessionOptions::rescore_tokens, fills `ranges` (one per entry of sel->chunks, offsets
+  // within the chunk) with the tokens taken; otherwise leaves it empty (whole chunks).
+  struct TokenRange {
+    uint32_t begin, end;
+  };
   Status RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group, uint32_t budget,
-                       index::Selection* sel) const;
+                       index::Selection* sel, std::vector<TokenRange>* ranges) const;
+  // Token-granular rescoring: the `budget` candidate tokens (chunk, offset) of largest attention
+  // mass, given their logits [token][G], as runs of adjacent tokens in position order.
+  static void SelectTokens(uint32_t G, uint32_t budget,
+                           const std::vector<std::pair<uint32_t, uint32_t>>& tokens,
+                           const std::vector<float>& logits, index::Selection* sel,
+                           std::vector<TokenRange>* ranges);
   // Spans grouped per KV head: every chunk and the tail where dense[h], else sinks ∪ the
   // token ranges of sel[h] ∪ recent window ∪ tail (overlaps merged).
   void BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>& sel,

@@ -26,7 +26,7 @@ struct Fixture {
 };
 
 Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng,
-             float rescore_overfetch = 1.0f) {
+             float rescore_overfetch = 1.0f, bool rescore_tokens = false) {
   Fixture f;
   f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
   SessionOptions o;
@@ -35,6 +35,7 @@ Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng,
   o.recent_window = recent;
   o.default_budget_tokens = 256;
   o.rescore_overfetch = rescore_overfetch;
+  o.rescore_tokens = rescore_tokens;
   f.session = std::move(*Session::Create(7, "t", {L, HQ, HKV, D, DType::kF32}, o, f.pool.get()));
   // Topic-structured keys: each 200-token segment shares a direction, so selection matters.
   f.T = T;
@@ -235,6 +236,73 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
       }
       EXPECT_LE(tokens, budget);
       EXPECT_GT(tokens, budget - 40);  // chunks are under 20 tokens: the greedy fill gets close
+    }
+  }
+}
+
+TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
+  std::mt19937_64 rng(std::random_device{}());
+  // Overfetch 64 × budget 256 covers all 2500 tokens (no sinks): the candidates' softmax is the
+  // full one, so the selection must be the 256 tokens of largest Σ_g softmax_g, as runs of
+  // adjacent tokens inside one chunk each.
+  Fixture f = Make(2500, 0, 0, rng, 64.0f, /*rescore_tokens=*/true);
+  const uint32_t budget = 256, G = HQ / HKV;
+  for (int trial = 0; trial < 12; ++trial) {
+    const uint32_t layer = trial % L;
+    auto q = Query(f, layer, rng() % f.T, rng);
+    auto r = f.session->Retrieve(layer, q.data(), DType::kF32, budget, 0);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    auto all = f.session->Retrieve(layer, q.data(), DType::kF32, 1u << 20, 0);
+    ASSERT_TRUE(all.ok());
+    for (uint32_t h = 0; h < HKV; ++h) {
+      // The candidates are the sealed chunks (the unsealed tail is attended anyway).
+      uint64_t sealed = 0;
+      for (uint64_t e : all->heads[h].ends) sealed = std::max(sealed, e);
+      std::vector<double> mass(sealed, 0.0);
+      for (uint32_t g = 0; g < G; ++g) {
+        std::vector<double> logit(sealed);
+        for (uint64_t t = 0; t < sealed; ++t) {
+          double dot = 0;
+          for (uint32_t d = 0; d < D; ++d)
+            dot += static_cast<double>(q[(h * G + g) * D + d]) *
+                   f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
+          logit[t] = dot / std::sqrt(double{D});
+        }
+        const double m = *std::max_element(logit.begin(), logit.end());
+        double z = 0;
+        for (double x : logit) z += std::exp(x - m);
+        for (uint64_t t = 0; t < sealed; ++t) mass[t] += std::exp(logit[t] - m) / z;
+      }
+      std::vector<double> sorted = mass;
+      std::sort(sorted.begin(), sorted.end(), std::greater<>());
+      const double cut = sorted[budget - 1];
+      const HeadSelection& hs = r->heads[h];
+      std::vector<bool> taken(sealed, false);
+      uint64_t tokens = 0;
+      for (size_t i = 0; i < hs.chunks.size(); ++i) {
+        // Each entry lies inside its chunk (the all-chunks retrieval gives the chunk's range).
+        const auto& every = all->heads[h];
+        const size_t at = static_cast<size_t>(
+            std::find(every.chunks.begin(), every.chunks.end(), hs.chunks[i]) - every.chunks.begin());
+        ASSERT_LT(at, every.chunks.size());
+        EXPECT_GE(hs.starts[i], every.starts[at]);
+        EXPECT_LE(hs.ends[i], every.ends[at]);
+        ASSERT_LT(hs.starts[i], hs.ends[i]);
+        double run = 0;
+        for (uint64_t t = hs.starts[i]; t < hs.ends[i]; ++t) {
+          EXPECT_FALSE(taken[t]);
+          taken[t] = true;
+          run += mass[t];
+        }
+        EXPECT_NEAR(hs.scores[i], std::log(run), 1e-3);
+        tokens += hs.ends[i] - hs.starts[i];
+      }
+      EXPECT_EQ(tokens, budget);
+      for (uint64_t t = 0; t < sealed; ++t) {
+        // Every token above the cut is taken, none below it (ties at the cut may go either way).
+        if (mass[t] > cut * (1 + 1e-6)) EXPECT_TRUE(taken[t]) << "trial " << trial << " token " << t;
+        if (mass[t] < cut * (1 - 1e-6)) EXPECT_FALSE(taken[t]) << "trial " << trial << " token " << t;
+      }
     }
   }
 }

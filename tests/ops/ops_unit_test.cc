@@ -181,6 +181,7 @@ TEST(Config, SessionDefaultsSetIndexSearchAndTree) {
   std::ofstream(dir / "search.json") << R"({"session_defaults": {
       "search_aggregation": "max_bound", "search_traversal": "levelwise",
       "search_node_radius_weight": 0.5, "search_chunk_radius_weight": 0,
+      "search_rescore_overfetch": 4, "search_rescore_granularity": "token",
       "tree_levels": 1, "tree_fine_cluster_chunks": 8, "tree_min_chunks_to_cluster": 100000}})";
   DaemonConfig c;
   Status s = LoadConfigFile((dir / "search.json").string(), &c);
@@ -190,6 +191,8 @@ TEST(Config, SessionDefaultsSetIndexSearchAndTree) {
   EXPECT_EQ(o.search.traversal, index::BudgetTraversal::kLevelwise);
   EXPECT_FLOAT_EQ(o.search.node_radius_weight, 0.5f);
   EXPECT_FLOAT_EQ(o.search.chunk_radius_weight, 0.0f);
+  EXPECT_FLOAT_EQ(o.rescore_overfetch, 4.0f);
+  EXPECT_TRUE(o.rescore_tokens);
   EXPECT_EQ(o.tree.levels, 1u);
   EXPECT_EQ(o.tree.fine_cluster_chunks, 8u);
   EXPECT_EQ(o.tree.min_chunks_to_cluster, 100000u);
@@ -197,7 +200,8 @@ TEST(Config, SessionDefaultsSetIndexSearchAndTree) {
   for (const char* bad : {R"({"session_defaults": {"search_aggregation": "sum"}})",
                           R"({"session_defaults": {"search_chunk_radius_weight": 2}})",
                           R"({"session_defaults": {"search_node_radius_weight": "x"}})",
-                          R"({"session_defaults": {"tree_levels": 0}})"}) {
+                          R"({"session_defaults": {"tree_levels": 0}})",
+                          R"({"session_defaults": {"search_rescore_granularity": "page"}})"}) {
     std::ofstream(dir / "bad.json") << bad;
     DaemonConfig b;
     Status st = LoadConfigFile((dir / "bad.json").string(), &b);
