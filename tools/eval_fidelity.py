@@ -783,14 +783,16 @@ def merge_reports(paths, out_json, out_plot, pool: bool = False) -> int:
     for r in reports:
         for m in r["results"]:
             k = (m["method"], m["budget_frac"])
-            if any(w == r["windows"] or not pool for w, _ in parts.get(k, [])):
+            mine = m.get("windows", r["windows"]) if pool else r["windows"]
+            if any(set(w) & set(mine) or not pool for w, _ in parts.get(k, [])):
                 raise SystemExit(f"{k} is in more than one report of the same windows")
-            parts.setdefault(k, []).append((r["windows"], m))
+            # A merged report's rows list their own windows (a row may cover fewer of them).
+            parts.setdefault(k, []).append((mine, m))
     results = [pool_results(v) if pool else v[0][1] for v in parts.values()]
     if pool:
         base["windows"] = sorted({w for r in reports for w in r["windows"]})
-        per_set = {tuple(r["windows"]): r["decode_tokens"] for r in reports if r["results"]}
-        base["decode_tokens"] = sum(per_set.values())  # rows list their own windows
+        # Every window decodes the same number of tokens; rows list their own windows.
+        base["decode_tokens"] = len(base["windows"]) * base["decode_tokens_per_window"]
     order = ["kvmemd-dense", "index", "retrieval_heads", "quest", "oracle", "oracle-page"]
     results.sort(key=lambda m: (m["budget_frac"], order.index(m["method"].split(":")[0])
                                 if m["method"].split(":")[0] in order else 99, m["method"]))
