@@ -865,11 +865,13 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   order.resize(keep);
   std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
   // Runs of adjacent kept tokens of one chunk become one entry: its chunk, token range and the
-  // log of the run's summed mass.
-  sel->chunks.clear();
-  sel->scores.clear();
-  sel->tokens = keep;
-  ranges->clear();
+  // log of the run's summed mass; entries in descending score (as a Selection's chunks are).
+  struct Run {
+    uint32_t chunk;
+    TokenRange range;
+    float score;
+  };
+  std::vector<Run> runs;
   for (size_t i = 0; i < keep;) {
     const auto [chunk, first] = tokens[order[i]];
     double run_mass = 0.0;
@@ -878,10 +880,18 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
       run_mass += mass[order[j]];
       ++j;
     }
-    sel->chunks.push_back(chunk);
-    sel->scores.push_back(static_cast<float>(std::log(run_mass)));
-    ranges->push_back({first, static_cast<uint32_t>(first + (j - i))});
+    runs.push_back({chunk, {first, static_cast<uint32_t>(first + (j - i))}, static_cast<float>(std::log(run_mass))});
     i = j;
+  }
+  std::stable_sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.score > b.score; });
+  sel->chunks.clear();
+  sel->scores.clear();
+  sel->tokens = keep;
+  ranges->clear();
+  for (const Run& r : runs) {
+    sel->chunks.push_back(r.chunk);
+    sel->scores.push_back(r.score);
+    ranges->push_back(r.range);
   }
 }
 

@@ -295,6 +295,7 @@ TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
           run += mass[t];
         }
         EXPECT_NEAR(hs.scores[i], std::log(run), 1e-3);
+        if (i > 0) EXPECT_GE(hs.scores[i - 1], hs.scores[i]);  // descending, as chunk selections
         tokens += hs.ends[i] - hs.starts[i];
       }
       EXPECT_EQ(tokens, budget);
