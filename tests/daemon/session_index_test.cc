@@ -74,6 +74,35 @@ std::vector<float> Query(const Fixture& f, uint32_t layer, uint64_t target, std:
   return q;
 }
 
+// q·k_t/√D for query head g of KV head h's group, in double (the rescoring references).
+double Logit(const Fixture& f, const std::vector<float>& q, uint32_t layer, uint32_t h, uint32_t g,
+             uint64_t t) {
+  double dot = 0;
+  for (uint32_t d = 0; d < D; ++d)
+    dot += static_cast<double>(q[(h * (HQ / HKV) + g) * D + d]) *
+           f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
+  return dot / std::sqrt(double{D});
+}
+
+// A rescoring trial: a query at a random token of `layer`, its selection at `budget` and the
+// selection of every chunk (a budget past all tokens) for the chunks' token ranges.
+struct RescoreTrial {
+  std::vector<float> q;
+  RetrieveResult r, all;
+};
+
+RescoreTrial Rescore(const Fixture& f, uint32_t layer, uint32_t budget, std::mt19937_64& rng) {
+  RescoreTrial t;
+  t.q = Query(f, layer, rng() % f.T, rng);
+  auto r = f.session->Retrieve(layer, t.q.data(), DType::kF32, budget, 0);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  auto all = f.session->Retrieve(layer, t.q.data(), DType::kF32, 1u << 20, 0);
+  EXPECT_TRUE(all.ok()) << all.status().ToString();
+  if (r.ok()) t.r = std::move(*r);
+  if (all.ok()) t.all = std::move(*all);
+  return t;
+}
+
 TEST(SessionIndex, AttendCoversExactlySinksSelectionRecentAndTail) {
   std::mt19937_64 rng(std::random_device{}());
   for (uint32_t recent : {0u, 40u}) {
@@ -186,28 +215,19 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
   const uint32_t budget = 256;
   for (int trial = 0; trial < 12; ++trial) {
     const uint32_t layer = trial % L;
-    auto q = Query(f, layer, rng() % f.T, rng);
-    auto r = f.session->Retrieve(layer, q.data(), DType::kF32, budget, 0);
-    ASSERT_TRUE(r.ok()) << r.status().ToString();
-    auto all = f.session->Retrieve(layer, q.data(), DType::kF32, 1u << 20, 0);
-    ASSERT_TRUE(all.ok());
+    const RescoreTrial t = Rescore(f, layer, budget, rng);
+    ASSERT_FALSE(HasFailure());
     for (uint32_t h = 0; h < HKV; ++h) {
       struct Ref {
         double score;
         uint32_t chunk, tokens;
       };
       std::vector<Ref> ref;
-      const auto& every = all->heads[h];
+      const auto& every = t.all.heads[h];
       for (size_t i = 0; i < every.chunks.size(); ++i) {
         std::vector<double> logits;
-        for (uint64_t t = every.starts[i]; t < every.ends[i]; ++t)
-          for (uint32_t g = 0; g < HQ / HKV; ++g) {
-            double dot = 0;
-            for (uint32_t d = 0; d < D; ++d)
-              dot += static_cast<double>(q[(h * (HQ / HKV) + g) * D + d]) *
-                     f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
-            logits.push_back(dot / std::sqrt(double{D}));
-          }
+        for (uint64_t tok = every.starts[i]; tok < every.ends[i]; ++tok)
+          for (uint32_t g = 0; g < HQ / HKV; ++g) logits.push_back(Logit(f, t.q, layer, h, g, tok));
         const double m = *std::max_element(logits.begin(), logits.end());
         double sum = 0;
         for (double x : logits) sum += std::exp(x - m);
@@ -227,12 +247,12 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
         want_scores.push_back(x.score);
         if (left == 0) break;
       }
-      EXPECT_EQ(r->heads[h].chunks, want) << "trial " << trial << " head " << h;
+      EXPECT_EQ(t.r.heads[h].chunks, want) << "trial " << trial << " head " << h;
       uint64_t tokens = 0;
-      for (size_t i = 0; i < r->heads[h].chunks.size(); ++i) {
-        tokens += r->heads[h].ends[i] - r->heads[h].starts[i];
+      for (size_t i = 0; i < t.r.heads[h].chunks.size(); ++i) {
+        tokens += t.r.heads[h].ends[i] - t.r.heads[h].starts[i];
         if (i < want_scores.size())
-          EXPECT_NEAR(r->heads[h].scores[i], want_scores[i], 1e-3 * (1 + std::fabs(want_scores[i])));
+          EXPECT_NEAR(t.r.heads[h].scores[i], want_scores[i], 1e-3 * (1 + std::fabs(want_scores[i])));
       }
       EXPECT_LE(tokens, budget);
       EXPECT_GT(tokens, budget - 40);  // chunks are under 20 tokens: the greedy fill gets close
@@ -249,25 +269,16 @@ TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
   const uint32_t budget = 256, G = HQ / HKV;
   for (int trial = 0; trial < 12; ++trial) {
     const uint32_t layer = trial % L;
-    auto q = Query(f, layer, rng() % f.T, rng);
-    auto r = f.session->Retrieve(layer, q.data(), DType::kF32, budget, 0);
-    ASSERT_TRUE(r.ok()) << r.status().ToString();
-    auto all = f.session->Retrieve(layer, q.data(), DType::kF32, 1u << 20, 0);
-    ASSERT_TRUE(all.ok());
+    const RescoreTrial tr = Rescore(f, layer, budget, rng);
+    ASSERT_FALSE(HasFailure());
     for (uint32_t h = 0; h < HKV; ++h) {
       // The candidates are the sealed chunks (the unsealed tail is attended anyway).
       uint64_t sealed = 0;
-      for (uint64_t e : all->heads[h].ends) sealed = std::max(sealed, e);
+      for (uint64_t e : tr.all.heads[h].ends) sealed = std::max(sealed, e);
       std::vector<double> mass(sealed, 0.0);
       for (uint32_t g = 0; g < G; ++g) {
         std::vector<double> logit(sealed);
-        for (uint64_t t = 0; t < sealed; ++t) {
-          double dot = 0;
-          for (uint32_t d = 0; d < D; ++d)
-            dot += static_cast<double>(q[(h * G + g) * D + d]) *
-                   f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
-          logit[t] = dot / std::sqrt(double{D});
-        }
+        for (uint64_t t = 0; t < sealed; ++t) logit[t] = Logit(f, tr.q, layer, h, g, t);
         const double m = *std::max_element(logit.begin(), logit.end());
         double z = 0;
         for (double x : logit) z += std::exp(x - m);
@@ -276,12 +287,12 @@ TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
       std::vector<double> sorted = mass;
       std::sort(sorted.begin(), sorted.end(), std::greater<>());
       const double cut = sorted[budget - 1];
-      const HeadSelection& hs = r->heads[h];
+      const HeadSelection& hs = tr.r.heads[h];
       std::vector<bool> taken(sealed, false);
       uint64_t tokens = 0;
       for (size_t i = 0; i < hs.chunks.size(); ++i) {
         // Each entry lies inside its chunk (the all-chunks retrieval gives the chunk's range).
-        const auto& every = all->heads[h];
+        const auto& every = tr.all.heads[h];
         const size_t at = static_cast<size_t>(
             std::find(every.chunks.begin(), every.chunks.end(), hs.chunks[i]) - every.chunks.begin());
         ASSERT_LT(at, every.chunks.size());
