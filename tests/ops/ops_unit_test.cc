@@ -239,6 +239,17 @@ TEST(Config, ShippedConfigsLoad) {
   Status s = LoadConfigFile(path, &c);
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_TRUE(c.Validate().ok());
+  // The fidelity profile: what docs/operations.md and bench/results/fidelity.json describe.
+  DaemonConfig f;
+  s = LoadConfigFile(std::string(KVMEM_SOURCE_DIR) + "/deploy/kvmemd-fidelity.json", &f);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(f.Validate().ok());
+  const SessionOptions& o = f.session_defaults;
+  EXPECT_EQ(o.chunker.min_tokens, 2u);
+  EXPECT_EQ(o.chunker.max_tokens, 4u);
+  EXPECT_EQ(o.search.aggregation, index::GroupAggregation::kMeanQuery);
+  EXPECT_FLOAT_EQ(o.rescore_overfetch, 4.0f);
+  EXPECT_TRUE(o.rescore_tokens);
 }
 
 TEST(Rendezvous, DeterministicBalancedAndStable) {
