@@ -952,18 +952,22 @@ def plot(report, path):
 
     labels = {"index": "kvmemd index", "quest": "Quest (16-token pages)",
               "oracle": "oracle (top tokens by attention mass)",
-              "oracle-page": "oracle (top 16-token pages)", "retrieval_heads": "retrieval_heads"}
+              "oracle-page": "oracle (top 16-token pages)", "retrieval_heads": "retrieval_heads",
+              "index:recommended": "kvmemd index, recommended profile"}
     styles = {"index": "o-", "quest": "s-", "oracle": "^--", "oracle-page": "v--",
               "retrieval_heads": "d-"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     methods = [m for m in labels if any(r["method"] == m for r in report["results"])]
-    methods += sorted({r["method"] for r in report["results"] if ":" in r["method"]})
+    methods += sorted({r["method"] for r in report["results"]
+                       if ":" in r["method"] and r["method"] not in methods})
     for i, method in enumerate(methods):
         rs = sorted((r for r in report["results"] if r["method"] == method),
                     key=lambda r: r["budget_frac"])
         # methods side by side around each budget, so the intervals do not overlap
         x = [r["budget_frac"] * 1.04 ** (i - (len(methods) - 1) / 2) for r in rs]
-        fmt, label = styles.get(method, "x"), labels.get(method, method)
+        # a variant measured at several budgets is a curve too; at one budget a lone marker
+        fmt = styles.get(method, "D-" if len(rs) > 1 else "x")
+        label = labels.get(method, method)
         axes[0].plot(x, [r["kl"] for r in rs], fmt, label=label)
         axes[1].errorbar(x, [100 * r["top1_agree"] for r in rs], yerr=top1_yerr(rs),
                          fmt=fmt, capsize=3, label=label)
@@ -975,8 +979,11 @@ def plot(report, path):
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean KL(dense ‖ sparse), nats")
     axes[1].set_ylabel("top-1 agreement with dense, % (95% CI)")
-    n = report.get("decode_tokens")
-    fig.suptitle(f"{report['model']}, {report['tokens']}-token context, {n} decoded tokens")
+    n = max(len(r["agree_tokens"]) for r in report["results"]) if all(
+        "agree_tokens" in r for r in report["results"]) else report.get("decode_tokens")
+    fig.suptitle(f"{report['model']}, {report['tokens']}-token context, {n} decoded tokens"
+                 + (" (fewer in some rows)" if any(len(r.get("agree_tokens", "")) != n
+                                                  for r in report["results"]) else ""))
     axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
