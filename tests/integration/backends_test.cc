@@ -14,6 +14,7 @@
 #include "client/client.h"
 #include "common/dtype.h"
 #include "kernels/cuda_ops.h"
+#include "testing/cross_backend.h"
 #include "testing/daemon_process.h"
 
 namespace kvmem {
@@ -40,30 +41,15 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
   // KVMEM_SOURCE_DIR in the environment: a bundle run elsewhere (e.g. on the GPU machine).
   const char* src = std::getenv("KVMEM_SOURCE_DIR");
   const std::string profile = std::string(src != nullptr ? src : KVMEM_SOURCE_DIR) + "/deploy/kvmemd-fidelity.json";
-  DaemonProcess gpu({"--backend", "cuda", "--config", profile}), cpu({"--backend", "cpu", "--config", profile});
-  ASSERT_TRUE(gpu.ready() && cpu.ready());
-  auto cg = Client::Connect(gpu.address());
-  auto cc = Client::Connect(cpu.address());
-  ASSERT_TRUE(cg.ok() && cc.ok());
+  testing::BackendPair daemons({"--config", profile});
+  ASSERT_TRUE(daemons.ok());
+  client::Client* cg = daemons.g.get();
+  client::Client* cc = daemons.c.get();
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n01;
   const DType dt = DType::kBF16;
-  // Topic-structured keys (runs of 150 tokens share a direction), random values.
-  std::vector<uint16_t> keys(size_t{kL} * kHkv * kT * kD), values(keys.size());
-  for (size_t lh = 0; lh < kL * kHkv; ++lh) {
-    std::vector<float> topic(kD);
-    for (uint64_t t = 0; t < kT; ++t) {
-      if (t % 150 == 0) {
-        for (auto& x : topic) x = 1.5f * n01(rng);
-      }
-      for (uint32_t d = 0; d < kD; ++d) {
-        keys[(lh * kT + t) * kD + d] = FloatToBF16(topic[d] + 0.4f * n01(rng));
-        values[(lh * kT + t) * kD + d] = FloatToBF16(n01(rng));
-      }
-    }
-  }
+  const testing::TopicKV kv(kL * kHkv, kT, kD, 150, rng);
   std::vector<uint8_t> bounds(kT);
   for (uint64_t t = 0; t < kT; ++t) bounds[t] = t % 7 == 6 ? 3 : 1;
   Profile p{kL, kHq, kHkv, kD, dt, {}, {}, "fidelity-cross-backend"};
@@ -71,39 +57,21 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
   so.mode = client::Mode::kIndex;
   so.sink_tokens = kSinks;
   so.default_budget_tokens = kBudget;
-  auto ig = (*cg)->CreateSession(p, so);
-  auto ic = (*cc)->CreateSession(p, so);
+  auto ig = cg->CreateSession(p, so);
+  auto ic = cc->CreateSession(p, so);
   ASSERT_TRUE(ig.ok() && ic.ok());
-  const TensorView tk{keys.data(), dt, {kL, kHkv, kT, kD}}, tv{values.data(), dt, {kL, kHkv, kT, kD}};
-  ASSERT_TRUE((*cg)->AppendKV(*ig, tk, tv, bounds).ok());
-  ASSERT_TRUE((*cc)->AppendKV(*ic, tk, tv, bounds).ok());
+  const TensorView tk{kv.keys.data(), dt, {kL, kHkv, kT, kD}}, tv{kv.values.data(), dt, {kL, kHkv, kT, kD}};
+  ASSERT_TRUE(cg->AppendKV(*ig, tk, tv, bounds).ok());
+  ASSERT_TRUE(cc->AppendKV(*ic, tk, tv, bounds).ok());
   uint32_t same = 0, heads = 0;
   for (int pass = 0; pass < 10; ++pass) {
     for (uint32_t l = 0; l < kL; ++l) {
       SCOPED_TRACE("pass " + std::to_string(pass) + " layer " + std::to_string(l));
-      std::vector<float> q(kHq * kD);
-      for (uint32_t qh = 0; qh < kHq; ++qh) {  // each group looks for an earlier key
-        const uint64_t t = rng() % kT;
-        const uint32_t h = qh / (kHq / kHkv);
-        for (uint32_t d = 0; d < kD; ++d) {
-          q[qh * kD + d] = BF16ToFloat(keys[((uint64_t{l} * kHkv + h) * kT + t) * kD + d]) + 0.3f * n01(rng);
-        }
-      }
-      std::vector<uint16_t> nk(kHkv * kD), nv(nk.size());
-      for (size_t i = 0; i < nk.size(); ++i) {
-        nk[i] = FloatToBF16(n01(rng));
-        nv[i] = FloatToBF16(n01(rng));
-      }
-      AttendRequest req;
-      req.layer = l;
-      req.q = TensorView{q.data(), DType::kF32, {kHq, kD}};
-      req.new_k = TensorView{nk.data(), dt, {kHkv, kD}};
-      req.new_v = TensorView{nv.data(), dt, {kHkv, kD}};
+      const testing::DecodeStep step(kv, l, kHq, kHkv, rng);
+      AttendRequest req = step.req;
       req.boundary = pass % 3 == 2 ? 3 : 1;
-      req.return_selection = true;
-      req.out_dtype = DType::kF32;
-      auto rg = (*cg)->Attend(*ig, req);
-      auto rc = (*cc)->Attend(*ic, req);
+      auto rg = cg->Attend(*ig, req);
+      auto rc = cc->Attend(*ic, req);
       ASSERT_TRUE(rg.ok()) << rg.status().ToString();
       ASSERT_TRUE(rc.ok()) << rc.status().ToString();
       ASSERT_EQ(rg->selection.size(), size_t{kHkv});
@@ -125,26 +93,15 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
           EXPECT_EQ(rg->tokens_attended[h], rc->tokens_attended[h]) << "head " << h;
         }
       }
-      std::vector<float> og(kHq * kD), oc(kHq * kD);
-      ConvertToFloat(rg->out.data(), rg->out_dtype, og.size(), og.data());
-      ConvertToFloat(rc->out.data(), rc->out_dtype, oc.size(), oc.data());
-      for (uint32_t qh = 0; qh < kHq; ++qh) {
-        if (!equal[qh / (kHq / kHkv)]) continue;
-        double e2 = 0, r2 = 0;
-        for (uint32_t d = 0; d < kD; ++d) {
-          e2 += (og[qh * kD + d] - oc[qh * kD + d]) * (og[qh * kD + d] - oc[qh * kD + d]);
-          r2 += double{oc[qh * kD + d]} * oc[qh * kD + d];
-        }
-        EXPECT_LT(std::sqrt(e2 / r2), 1e-2) << "query head " << qh;
-      }
+      testing::ExpectOutputsAgree(*rg, *rc, kHq, kD, equal);
     }
   }
   std::printf("selections equal on both backends for %u of %u head-steps\n", same, heads);
   EXPECT_GT(same, heads * 9 / 10) << "selections should differ only at near ties";
-  EXPECT_TRUE((*cg)->DropSession(*ig).ok());
-  EXPECT_TRUE((*cc)->DropSession(*ic).ok());
-  EXPECT_EQ(gpu.Stop(), 0);
-  EXPECT_EQ(cpu.Stop(), 0);
+  EXPECT_TRUE(cg->DropSession(*ig).ok());
+  EXPECT_TRUE(cc->DropSession(*ic).ok());
+  EXPECT_EQ(daemons.gpu.Stop(), 0);
+  EXPECT_EQ(daemons.cpu.Stop(), 0);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "client/client.h"
 #include "common/dtype.h"
 #include "kernels/cuda_ops.h"
+#include "testing/cross_backend.h"
 #include "testing/daemon_process.h"
 #include "testing/reference.h"
 
@@ -197,33 +198,18 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
   if (kernels::cuda::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible: cuda backend test skipped";
   constexpr uint32_t kL = 3, kHq = 16, kHkv = 4, kD = 128;
   constexpr uint64_t kT = 6000;
-  DaemonProcess gpu({"--backend", "cuda"}), cpu({"--backend", "cpu"});
-  ASSERT_TRUE(gpu.ready() && cpu.ready());
-  auto cg = Client::Connect(gpu.address());
-  auto cc = Client::Connect(cpu.address());
-  ASSERT_TRUE(cg.ok() && cc.ok());
+  testing::BackendPair daemons({});
+  ASSERT_TRUE(daemons.ok());
+  client::Client* cg = daemons.g.get();
+  client::Client* cc = daemons.c.get();
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n01;
   // Layer 0 dense; retrieval heads (1,0), (1,2), (2,1).
   std::vector<uint8_t> mask(kL * kHkv, 0);
   mask[1 * kHkv + 0] = mask[1 * kHkv + 2] = mask[2 * kHkv + 1] = 1;
   const DType dt = DType::kBF16;
-  // Topic-structured keys (runs of 150 tokens share a direction), random values.
-  std::vector<uint16_t> keys(size_t{kL} * kHkv * kT * kD), values(keys.size());
-  for (size_t lh = 0; lh < kL * kHkv; ++lh) {
-    std::vector<float> topic(kD);
-    for (uint64_t t = 0; t < kT; ++t) {
-      if (t % 150 == 0) {
-        for (auto& x : topic) x = 1.5f * n01(rng);
-      }
-      for (uint32_t d = 0; d < kD; ++d) {
-        keys[(lh * kT + t) * kD + d] = FloatToBF16(topic[d] + 0.4f * n01(rng));
-        values[(lh * kT + t) * kD + d] = FloatToBF16(n01(rng));
-      }
-    }
-  }
+  const testing::TopicKV kv(kL * kHkv, kT, kD, 150, rng);
   std::vector<uint8_t> bounds(kT);
   for (uint64_t t = 0; t < kT; ++t) bounds[t] = t % 11 == 10 ? 3 : 1;
   uint32_t compared = 0, total = 0;
@@ -235,38 +221,20 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
     so.sink_tokens = kSinks;
     so.default_budget_tokens = 512;
     so.retrieval.block_tokens = 64;
-    auto ig = (*cg)->CreateSession(p, so);
-    auto ic = (*cc)->CreateSession(p, so);
+    auto ig = cg->CreateSession(p, so);
+    auto ic = cc->CreateSession(p, so);
     ASSERT_TRUE(ig.ok() && ic.ok());
-    const TensorView tk{keys.data(), dt, {kL, kHkv, kT, kD}}, tv{values.data(), dt, {kL, kHkv, kT, kD}};
-    ASSERT_TRUE((*cg)->AppendKV(*ig, tk, tv, bounds).ok());
-    ASSERT_TRUE((*cc)->AppendKV(*ic, tk, tv, bounds).ok());
+    const TensorView tk{kv.keys.data(), dt, {kL, kHkv, kT, kD}}, tv{kv.values.data(), dt, {kL, kHkv, kT, kD}};
+    ASSERT_TRUE(cg->AppendKV(*ig, tk, tv, bounds).ok());
+    ASSERT_TRUE(cc->AppendKV(*ic, tk, tv, bounds).ok());
     for (int pass = 0; pass < 12; ++pass) {
       std::vector<bool> same_kept(kHkv, true);
       for (uint32_t l = 0; l < kL; ++l) {
         SCOPED_TRACE("pass " + std::to_string(pass) + " layer " + std::to_string(l));
-        std::vector<float> q(kHq * kD);
-        for (uint32_t qh = 0; qh < kHq; ++qh) {  // each group looks for an earlier key
-          const uint64_t t = rng() % kT;
-          const uint32_t h = qh / (kHq / kHkv);
-          for (uint32_t d = 0; d < kD; ++d) {
-            q[qh * kD + d] = BF16ToFloat(keys[((uint64_t{l} * kHkv + h) * kT + t) * kD + d]) + 0.3f * n01(rng);
-          }
-        }
-        std::vector<uint16_t> nk(kHkv * kD), nv(nk.size());
-        for (size_t i = 0; i < nk.size(); ++i) {
-          nk[i] = FloatToBF16(n01(rng));
-          nv[i] = FloatToBF16(n01(rng));
-        }
-        AttendRequest req;
-        req.layer = l;
-        req.q = TensorView{q.data(), DType::kF32, {kHq, kD}};
-        req.new_k = TensorView{nk.data(), dt, {kHkv, kD}};
-        req.new_v = TensorView{nv.data(), dt, {kHkv, kD}};
-        req.return_selection = true;
-        req.out_dtype = DType::kF32;
-        auto rg = (*cg)->Attend(*ig, req);
-        auto rc = (*cc)->Attend(*ic, req);
+        const testing::DecodeStep step(kv, l, kHq, kHkv, rng);
+        AttendRequest req = step.req;
+        auto rg = cg->Attend(*ig, req);
+        auto rc = cc->Attend(*ic, req);
         ASSERT_TRUE(rg.ok()) << rg.status().ToString();
         ASSERT_TRUE(rc.ok()) << rc.status().ToString();
         ASSERT_EQ(rg->selection.size(), size_t{kHkv});
@@ -293,28 +261,16 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
             EXPECT_EQ(rg->tokens_attended[h], rc->tokens_attended[h]) << "head " << h;
           }
         }
-        std::vector<float> og(kHq * kD), oc(kHq * kD);
-        ConvertToFloat(rg->out.data(), rg->out_dtype, og.size(), og.data());
-        ConvertToFloat(rc->out.data(), rc->out_dtype, oc.size(), oc.data());
-        for (uint32_t qh = 0; qh < kHq; ++qh) {
-          ++total;
-          if (!comparable[qh / (kHq / kHkv)]) continue;
-          ++compared;
-          double e2 = 0, r2 = 0;
-          for (uint32_t d = 0; d < kD; ++d) {
-            e2 += (og[qh * kD + d] - oc[qh * kD + d]) * (og[qh * kD + d] - oc[qh * kD + d]);
-            r2 += double{oc[qh * kD + d]} * oc[qh * kD + d];
-          }
-          EXPECT_LT(std::sqrt(e2 / r2), 1e-2) << "query head " << qh;
-        }
+        total += kHq;
+        compared += testing::ExpectOutputsAgree(*rg, *rc, kHq, kD, comparable);
       }
     }
-    EXPECT_TRUE((*cg)->DropSession(*ig).ok());
-    EXPECT_TRUE((*cc)->DropSession(*ic).ok());
+    EXPECT_TRUE(cg->DropSession(*ig).ok());
+    EXPECT_TRUE(cc->DropSession(*ic).ok());
   }
   EXPECT_GT(compared, total * 9 / 10) << "near ties at the rule's cut should be rare";
-  EXPECT_EQ(gpu.Stop(), 0);
-  EXPECT_EQ(cpu.Stop(), 0);
+  EXPECT_EQ(daemons.gpu.Stop(), 0);
+  EXPECT_EQ(daemons.cpu.Stop(), 0);
 }
 
 TEST(HybridHeads, MaskFromKvmemctlFileAndFromDaemonConfig) {
