@@ -43,8 +43,6 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
   const std::string profile = std::string(src != nullptr ? src : KVMEM_SOURCE_DIR) + "/deploy/kvmemd-fidelity.json";
   testing::BackendPair daemons({"--config", profile});
   ASSERT_TRUE(daemons.ok());
-  client::Client* cg = daemons.g.get();
-  client::Client* cc = daemons.c.get();
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
@@ -57,12 +55,8 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
   so.mode = client::Mode::kIndex;
   so.sink_tokens = kSinks;
   so.default_budget_tokens = kBudget;
-  auto ig = cg->CreateSession(p, so);
-  auto ic = cc->CreateSession(p, so);
-  ASSERT_TRUE(ig.ok() && ic.ok());
-  const TensorView tk{kv.keys.data(), dt, {kL, kHkv, kT, kD}}, tv{kv.values.data(), dt, {kL, kHkv, kT, kD}};
-  ASSERT_TRUE(cg->AppendKV(*ig, tk, tv, bounds).ok());
-  ASSERT_TRUE(cc->AppendKV(*ic, tk, tv, bounds).ok());
+  const auto [ig, ic] = daemons.Open(p, so, kv, bounds);
+  ASSERT_FALSE(HasFailure());
   uint32_t same = 0, heads = 0;
   for (int pass = 0; pass < 10; ++pass) {
     for (uint32_t l = 0; l < kL; ++l) {
@@ -70,36 +64,34 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
       const testing::DecodeStep step(kv, l, kHq, kHkv, rng);
       AttendRequest req = step.req;
       req.boundary = pass % 3 == 2 ? 3 : 1;
-      auto rg = cg->Attend(*ig, req);
-      auto rc = cc->Attend(*ic, req);
-      ASSERT_TRUE(rg.ok()) << rg.status().ToString();
-      ASSERT_TRUE(rc.ok()) << rc.status().ToString();
-      ASSERT_EQ(rg->selection.size(), size_t{kHkv});
-      ASSERT_EQ(rc->selection.size(), size_t{kHkv});
+      auto both = daemons.Attend(ig, ic, req, kHkv);
+      ASSERT_TRUE(both.has_value());
+      const client::AttendResult& rg = both->first;
+      const client::AttendResult& rc = both->second;
       std::vector<bool> equal(kHkv);
       for (uint32_t h = 0; h < kHkv; ++h) {
         // Token granularity fills the budget exactly (chunks of 2-4 tokens would rarely).
-        for (const client::HeadSelection* s : {&rg->selection[h], &rc->selection[h]}) {
+        for (const client::HeadSelection* s : {&rg.selection[h], &rc.selection[h]}) {
           uint64_t tokens = 0;
           for (size_t i = 0; i < s->starts.size(); ++i) tokens += s->ends[i] - s->starts[i];
           EXPECT_EQ(tokens, kBudget) << "head " << h;
         }
         // Both rescore on the host from the same bf16 keys; the summaries the candidates come
         // from are built by each backend, so a token at the budget's cut may differ.
-        equal[h] = Ranges(rg->selection[h]) == Ranges(rc->selection[h]);
+        equal[h] = Ranges(rg.selection[h]) == Ranges(rc.selection[h]);
         same += equal[h];
         ++heads;
         if (equal[h]) {
-          EXPECT_EQ(rg->tokens_attended[h], rc->tokens_attended[h]) << "head " << h;
+          EXPECT_EQ(rg.tokens_attended[h], rc.tokens_attended[h]) << "head " << h;
         }
       }
-      testing::ExpectOutputsAgree(*rg, *rc, kHq, kD, equal);
+      testing::ExpectOutputsAgree(rg, rc, kHq, kD, equal);
     }
   }
   std::printf("selections equal on both backends for %u of %u head-steps\n", same, heads);
   EXPECT_GT(same, heads * 9 / 10) << "selections should differ only at near ties";
-  EXPECT_TRUE(cg->DropSession(*ig).ok());
-  EXPECT_TRUE(cc->DropSession(*ic).ok());
+  EXPECT_TRUE(daemons.g->DropSession(ig).ok());
+  EXPECT_TRUE(daemons.c->DropSession(ic).ok());
   EXPECT_EQ(daemons.gpu.Stop(), 0);
   EXPECT_EQ(daemons.cpu.Stop(), 0);
 }

@@ -200,8 +200,6 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
   constexpr uint64_t kT = 6000;
   testing::BackendPair daemons({});
   ASSERT_TRUE(daemons.ok());
-  client::Client* cg = daemons.g.get();
-  client::Client* cc = daemons.c.get();
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
@@ -221,28 +219,22 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
     so.sink_tokens = kSinks;
     so.default_budget_tokens = 512;
     so.retrieval.block_tokens = 64;
-    auto ig = cg->CreateSession(p, so);
-    auto ic = cc->CreateSession(p, so);
-    ASSERT_TRUE(ig.ok() && ic.ok());
-    const TensorView tk{kv.keys.data(), dt, {kL, kHkv, kT, kD}}, tv{kv.values.data(), dt, {kL, kHkv, kT, kD}};
-    ASSERT_TRUE(cg->AppendKV(*ig, tk, tv, bounds).ok());
-    ASSERT_TRUE(cc->AppendKV(*ic, tk, tv, bounds).ok());
+    const auto [ig, ic] = daemons.Open(p, so, kv, bounds);
+    ASSERT_FALSE(HasFailure());
     for (int pass = 0; pass < 12; ++pass) {
       std::vector<bool> same_kept(kHkv, true);
       for (uint32_t l = 0; l < kL; ++l) {
         SCOPED_TRACE("pass " + std::to_string(pass) + " layer " + std::to_string(l));
         const testing::DecodeStep step(kv, l, kHq, kHkv, rng);
         AttendRequest req = step.req;
-        auto rg = cg->Attend(*ig, req);
-        auto rc = cc->Attend(*ic, req);
-        ASSERT_TRUE(rg.ok()) << rg.status().ToString();
-        ASSERT_TRUE(rc.ok()) << rc.status().ToString();
-        ASSERT_EQ(rg->selection.size(), size_t{kHkv});
-        ASSERT_EQ(rc->selection.size(), size_t{kHkv});
+        auto both = daemons.Attend(ig, ic, req, kHkv);
+        ASSERT_TRUE(both.has_value());
+        const client::AttendResult& rg = both->first;
+        const client::AttendResult& rc = both->second;
         std::vector<bool> comparable(kHkv, true);
         for (uint32_t h = 0; h < kHkv; ++h) {
-          const client::HeadSelection& x = rg->selection[h];
-          const client::HeadSelection& y = rc->selection[h];
+          const client::HeadSelection& x = rg.selection[h];
+          const client::HeadSelection& y = rc.selection[h];
           EXPECT_EQ(x.role, y.role) << "head " << h;
           EXPECT_EQ(x.source_layer, y.source_layer) << "head " << h;
           if (x.role == HeadRole::kRetrieval) {
@@ -258,15 +250,15 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
             comparable[h] = same_kept[h];
           }
           if (comparable[h]) {
-            EXPECT_EQ(rg->tokens_attended[h], rc->tokens_attended[h]) << "head " << h;
+            EXPECT_EQ(rg.tokens_attended[h], rc.tokens_attended[h]) << "head " << h;
           }
         }
         total += kHq;
-        compared += testing::ExpectOutputsAgree(*rg, *rc, kHq, kD, comparable);
+        compared += testing::ExpectOutputsAgree(rg, rc, kHq, kD, comparable);
       }
     }
-    EXPECT_TRUE(cg->DropSession(*ig).ok());
-    EXPECT_TRUE(cc->DropSession(*ic).ok());
+    EXPECT_TRUE(daemons.g->DropSession(ig).ok());
+    EXPECT_TRUE(daemons.c->DropSession(ic).ok());
   }
   EXPECT_GT(compared, total * 9 / 10) << "near ties at the rule's cut should be rare";
   EXPECT_EQ(daemons.gpu.Stop(), 0);

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "client/client.h"
@@ -113,6 +115,41 @@ struct BackendPair {
     }
   }
   bool ok() const { return g != nullptr && c != nullptr; }
+
+  // A session with the same profile and options on each daemon, both given kv's bf16 K/V
+  // [layers][kv heads][T][D] with `bounds`: {gpu id, cpu id}; a failure is reported, ids 0.
+  std::pair<uint64_t, uint64_t> Open(const client::Profile& p, const client::SessionOptions& so,
+                                     const TopicKV& kv, const std::vector<uint8_t>& bounds) {
+    auto ig = g->CreateSession(p, so);
+    auto ic = c->CreateSession(p, so);
+    if (!ig.ok() || !ic.ok()) {
+      ADD_FAILURE() << "CreateSession: " << ig.status().ToString() << " / " << ic.status().ToString();
+      return {0, 0};
+    }
+    const std::vector<uint64_t> shape = {p.layers, p.kv_heads, kv.T, kv.D};
+    const client::TensorView tk{kv.keys.data(), DType::kBF16, shape}, tv{kv.values.data(), DType::kBF16, shape};
+    EXPECT_TRUE(g->AppendKV(*ig, tk, tv, bounds).ok());
+    EXPECT_TRUE(c->AppendKV(*ic, tk, tv, bounds).ok());
+    return {*ig, *ic};
+  }
+
+  // The same Attend on both sessions; both must succeed with a selection per KV head (the
+  // request asks for it). nullopt, with the failure reported, otherwise.
+  std::optional<std::pair<client::AttendResult, client::AttendResult>> Attend(
+      uint64_t ig, uint64_t ic, const client::AttendRequest& req, uint32_t kv_heads) {
+    auto rg = g->Attend(ig, req);
+    auto rc = c->Attend(ic, req);
+    if (!rg.ok() || !rc.ok()) {
+      ADD_FAILURE() << "Attend: " << rg.status().ToString() << " / " << rc.status().ToString();
+      return std::nullopt;
+    }
+    if (rg->selection.size() != kv_heads || rc->selection.size() != kv_heads) {
+      ADD_FAILURE() << "selections for " << rg->selection.size() << " / " << rc->selection.size()
+                    << " KV heads, want " << kv_heads;
+      return std::nullopt;
+    }
+    return std::make_pair(std::move(*rg), std::move(*rc));
+  }
 
   static std::vector<std::string> Flags(const std::string& backend, std::vector<std::string> extra) {
     extra.insert(extra.begin(), {"--backend", backend});
