@@ -785,10 +785,12 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
   const bool by_token = options_.rescore_tokens;
   std::vector<std::pair<uint32_t, uint32_t>> tokens;
   std::vector<float> token_logits;
+  uint64_t key_bytes = 0;  // the candidates' keys, read beside the summaries
   for (uint32_t c : sel->chunks) {
     const Chunk& ch = chunks_[c];
     const uint64_t first = std::max<uint64_t>(S, ch.start);  // sinks are attended anyway
     if (first >= ch.start + ch.tokens) continue;
+    key_bytes += uint64_t{ch.tokens} * D * DTypeSize(profile_.dtype);
     keys.resize(size_t{ch.tokens} * D);
     KVMEM_RETURN_IF_ERROR(KeysAsFloat(layer, h, c, keys.data()));
     const uint32_t t0 = static_cast<uint32_t>(first - ch.start);
@@ -808,7 +810,6 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
         tokens.emplace_back(c, t0 + t);
         for (uint32_t g = 0; g < G; ++g) token_logits.push_back(logits[size_t{g} * counted + t]);
       }
-      cand.push_back({c, counted, 0.0f});
       continue;
     }
     const float m = *std::max_element(logits.begin(), logits.end());
@@ -816,8 +817,6 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
     for (float x : logits) sum += std::exp(double{x} - m);
     cand.push_back({c, counted, static_cast<float>(m + std::log(sum) - std::log(static_cast<double>(counted)))});
   }
-  uint64_t key_bytes = 0;  // the candidates' keys, read beside the summaries
-  for (const Scored& s : cand) key_bytes += uint64_t{chunks_[s.chunk].tokens} * D * DTypeSize(profile_.dtype);
   sel->cost.bytes_read += key_bytes;
   if (by_token) {
     SelectTokens(G, budget, tokens, token_logits, sel, ranges);
@@ -849,13 +848,13 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   const size_t T = tokens.size();
   // Each query head's softmax over the candidates (they hold nearly all of its mass), summed
   // over the group: the share of attention a token would get, as the token oracle ranks them.
-  std::vector<double> mass(T, 0.0);
+  std::vector<double> mass(T, 0.0), e(T);
   for (uint32_t g = 0; g < G; ++g) {
     float m = -std::numeric_limits<float>::infinity();
     for (size_t t = 0; t < T; ++t) m = std::max(m, logits[t * G + g]);
     double z = 0.0;
-    for (size_t t = 0; t < T; ++t) z += std::exp(double{logits[t * G + g]} - m);
-    for (size_t t = 0; t < T; ++t) mass[t] += std::exp(double{logits[t * G + g]} - m) / z;
+    for (size_t t = 0; t < T; ++t) z += e[t] = std::exp(double{logits[t * G + g]} - m);
+    for (size_t t = 0; t < T; ++t) mass[t] += e[t] / z;
   }
   std::vector<uint32_t> order(T);
   std::iota(order.begin(), order.end(), 0u);

@@ -469,7 +469,7 @@ class Session {
   Status RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group, uint32_t budget,
                        index::Selection* sel, std::vector<TokenRange>* ranges) const;
   // Token-granular rescoring: the `budget` candidate tokens (chunk, offset) of largest attention
-  // mass, given their logits [token][G], as runs of adjacent tokens in position order.
+  // mass, given their logits [token][G], as runs of adjacent tokens in descending score.
   static void SelectTokens(uint32_t G, uint32_t budget,
                            const std::vector<std::pair<uint32_t, uint32_t>>& tokens,
                            const std::vector<float>& logits, index::Selection* sel,
