@@ -251,8 +251,9 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
       uint64_t tokens = 0;
       for (size_t i = 0; i < t.r.heads[h].chunks.size(); ++i) {
         tokens += t.r.heads[h].ends[i] - t.r.heads[h].starts[i];
-        if (i < want_scores.size())
+        if (i < want_scores.size()) {
           EXPECT_NEAR(t.r.heads[h].scores[i], want_scores[i], 1e-3 * (1 + std::fabs(want_scores[i])));
+        }
       }
       EXPECT_LE(tokens, budget);
       EXPECT_GT(tokens, budget - 40);  // chunks are under 20 tokens: the greedy fill gets close
@@ -306,14 +307,20 @@ TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
           run += mass[t];
         }
         EXPECT_NEAR(hs.scores[i], std::log(run), 1e-3);
-        if (i > 0) EXPECT_GE(hs.scores[i - 1], hs.scores[i]);  // descending, as chunk selections
+        if (i > 0) {
+          EXPECT_GE(hs.scores[i - 1], hs.scores[i]);  // descending, as chunk selections
+        }
         tokens += hs.ends[i] - hs.starts[i];
       }
       EXPECT_EQ(tokens, budget);
       for (uint64_t t = 0; t < sealed; ++t) {
         // Every token above the cut is taken, none below it (ties at the cut may go either way).
-        if (mass[t] > cut * (1 + 1e-6)) EXPECT_TRUE(taken[t]) << "trial " << trial << " token " << t;
-        if (mass[t] < cut * (1 - 1e-6)) EXPECT_FALSE(taken[t]) << "trial " << trial << " token " << t;
+        if (mass[t] > cut * (1 + 1e-6)) {
+          EXPECT_TRUE(taken[t]) << "trial " << trial << " token " << t;
+        }
+        if (mass[t] < cut * (1 - 1e-6)) {
+          EXPECT_FALSE(taken[t]) << "trial " << trial << " token " << t;
+        }
       }
     }
   }

@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -15,16 +14,12 @@
 #include "common/dtype.h"
 #include "kernels/cuda_ops.h"
 #include "testing/cross_backend.h"
-#include "testing/daemon_process.h"
 
 namespace kvmem {
 namespace {
 
 using client::AttendRequest;
-using client::Client;
 using client::Profile;
-using client::TensorView;
-using testing::DaemonProcess;
 
 // Token ranges of one head's selection, in position order (entries come in score order).
 std::vector<std::pair<uint64_t, uint64_t>> Ranges(const client::HeadSelection& s) {
