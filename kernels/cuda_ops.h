@@ -241,7 +241,8 @@ struct SearchTaskResult {
   uint32_t attended_tokens;  // tokens the attention reads for this head
   uint32_t nodes_scored;     // node + chunk summaries scored
   uint32_t rounds;           // expansion rounds the search took
-  uint32_t pad[2];
+  // Within chunk scoring (ns, rank 0's slice): looking up the slice's chunks, scoring their rows.
+  uint32_t score_ns[2];
   // Time inside the block (%globaltimer, ns): node scores, leaves, rounds, runs; then within
   // the rounds: leaf selection, chunk scoring, commit + sort, scan.
   uint32_t phase_ns[8];

@@ -702,7 +702,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
     CK(cudaMemcpy(res.data(), w8 + pl.results_off, T * sizeof(res[0]), cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(sel.data(), w8 + pl.selected_off, sel.size() * 4, cudaMemcpyDeviceToHost));
     uint32_t agree = 0, failed = 0, rounds_max = 0;
-    double phase[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double phase[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     double nodes = 0, attended = 0, overlap = 0, cpu_us = 0;
     std::vector<RefSegment> segs;
     std::vector<uint32_t> seg_begin;
@@ -713,6 +713,7 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
         failed += res[t].status != 0;
         rounds_max = std::max(rounds_max, res[t].rounds);
         for (int i = 0; i < 8; ++i) phase[i] += res[t].phase_ns[i] * 1e-3;
+        for (int i = 0; i < 2; ++i) phase[8 + i] += res[t].score_ns[i] * 1e-3;
         nodes += res[t].nodes_scored;
         attended += res[t].attended_tokens;
         std::vector<float> qf(size_t{kHq / kHkv} * kD);
@@ -781,7 +782,8 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
       (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks},      {"leaves", phase[1] / tasks},
                                       {"rounds", phase[2] / tasks},     {"runs", phase[3] / tasks},
                                       {"leaf_select", phase[4] / tasks},  {"round_score", phase[5] / tasks},
-                                      {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks}};
+                                      {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks},
+                                      {"score_lookup", phase[8] / tasks}, {"score_rows", phase[9] / tasks}};
     }
     r1["max_rel_err_meaning"] = "fraction of KV heads whose selection differs from CPU SearchBudget";
     rows.push_back(r1);

@@ -73,10 +73,11 @@ constexpr uint32_t kMaxSplits = 256;
 constexpr float kNegInf = -INFINITY;
 
 constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
-// Commit slices: a round with more than kSliceMin commits sorts first those in the top bins
-// (kSliceBins over the bottleneck range) that hold the remaining budget + slack, at most
-// kSliceMax of them (their bitonic padding stays clear of the rest at the end of commit[]).
-constexpr uint32_t kSliceBins = 256, kSliceMin = 256, kSliceMax = 1024;
+// Commit slices: a round with more than kSliceMin commits accepts those in the top bins (of
+// kHistBins over the bottleneck range) that hold less than the remaining budget without sorting,
+// and sorts next those in the bins that hold the remaining budget + slack, at most kSliceMax
+// of them (their bitonic padding stays clear of the rest at the end of commit[]).
+constexpr uint32_t kSliceMin = 256, kSliceMax = 1024;
 constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit at once
 
 // TopBinsCut's shared-memory scratch.
@@ -95,6 +96,7 @@ struct Smem {
   uint32_t n_special, total_tokens, n_commit;
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
   uint32_t n_sort, n_rest, more, slice_front, slice_back;  // rank 0: the commit slices
+  uint32_t sure_count, sure_tokens;  // rank 0: commits accepted without sorting this round
   union {
     struct {  // rank 0: the leaf clusters
       float leaf_key[kMaxLeaves];
@@ -107,6 +109,12 @@ struct Smem {
       float4 w_chain[kMaxCand];
       uint32_t w_id[kMaxCand];
       uint32_t w_pool[kMaxCand];
+    };
+    struct {  // rank 0, the runs: first / start and tokens of the first and last kThreads chunks
+      unsigned long long head_start[kThreads];
+      unsigned long long back_start[kThreads];
+      uint32_t head_tokens[kThreads];
+      uint32_t back_tokens[kThreads];
     };
   };
   uint32_t hist_tok[kHistBins];
@@ -316,8 +324,29 @@ __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_ch
 }
 
 // Sorts the permutation sm.commit[0, n) of candidates best first (chain descending, then lower
-// id; Before), padding it to a power of two with kTreeNone, which sorts last. The whole block.
+// id; Before). Up to kRankSortMax entries by counting: each thread ranks its entry against all
+// others (broadcast reads, one barrier) — a few hundred entries cost under a tenth of a bitonic
+// sort's barrier-separated stages; more by a bitonic sort padded to a power of two with
+// kTreeNone, which sorts last. The whole block.
+constexpr uint32_t kRankSortMax = 256;
 __device__ void SortCommits(Smem& sm, uint32_t n) {
+  if (n <= kRankSortMax) {
+    const uint32_t t = threadIdx.x;
+    uint32_t e = 0, rank = 0;
+    if (t < n) {
+      e = sm.commit[t];
+      const float4 c = sm.cand_chain[e];
+      const uint32_t id = sm.cand_id[e];
+      for (uint32_t k = 0; k < n; ++k) {
+        const uint32_t o = sm.commit[k];
+        rank += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
+      }
+    }
+    __syncthreads();
+    if (t < n) sm.commit[rank] = e;
+    __syncthreads();
+    return;
+  }
   const uint32_t np = NextPow2(n);
   for (uint32_t i = n + threadIdx.x; i < np; i += kThreads) sm.commit[i] = kTreeNone;
   __syncthreads();
@@ -388,12 +417,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t* my_sel = selected + size_t{task_index} * max_selected;
   float* my_scores = sel_scores + size_t{task_index} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
-  const bool dist_sort = N >= 3;
+  // Ranks 1..N-1 sort each round's commits only when slicing is off (KVMEM_SEARCH_SLICE_SLACK=off,
+  // for A/B runs): a slice is a few hundred entries, which rank 0 sorts alone in less time than
+  // the cluster barriers of the distributed sort take.
+  const bool dist_sort = N >= 3 && slice_slack == kSliceOff;
   // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
   // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
-  uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0;
+  uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0, t_lookup = 0, t_rows = 0;
 
   if (tid == 0) {
     sm.leaf_count = sm.cand_count = sm.run_count = sm.nsel = sm.sel_tokens = 0;
@@ -405,6 +437,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (rank == 0) {
     for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
+  }
+  // This rank's slice of the nodes [1, num_nodes) for 2a; the radii of its first kMaxCand load
+  // while the mean query is formed.
+  const uint32_t nn = tree.num_nodes > 0 ? tree.num_nodes - 1 : 0, nper = (nn + N - 1) / N;
+  const uint32_t my_lo = 1 + min(nn, rank * nper), my_hi = 1 + min(nn, (rank + 1) * nper);
+  for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
+    sm.cand_score[t] = tree.nodes[my_lo + t].radius;
   }
   // 1. Mean query: sum over the group in order, then divide (index::QueryGroup). Every rank.
   for (int d = tid; d < D; d += kThreads) {
@@ -428,12 +467,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
     // sliced over the ranks, the score parked in chains[n].x.
     {
-      const uint32_t nn = tree.num_nodes - 1, per = (nn + N - 1) / N;
-      const uint32_t my_lo = 1 + min(nn, rank * per), my_hi = 1 + min(nn, (rank + 1) * per);
       for (uint32_t s0i = my_lo; s0i < my_hi; s0i += kMaxCand) {
         const uint32_t cnt = min(kMaxCand, my_hi - s0i);
-        for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
-        __syncthreads();
+        if (s0i != my_lo) {  // the first slice's radii are loaded
+          for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
+          __syncthreads();
+        }
         ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                      [&](uint32_t i) { return tree.node_centroids + size_t{s0i + i} * D; },
                      [&](uint32_t i, float dot) {
@@ -463,15 +502,39 @@ __global__ void __launch_bounds__(kThreads, 1)
         const FlatTreeNode root = tree.nodes[0];
         if (root.child_count & kTreeLeafBit) add_leaf(0, root, INFINITY);
       }
+      // Up to kMaxCand nodes: every node's score and links staged in shared memory first (the
+      // pool's arrays, free until the rounds) in one pass of independent loads, so each level
+      // costs shared-memory reads instead of dependent global round trips.
+      const uint32_t NN = tree.num_nodes;
+      const bool staged = NN <= kMaxCand;
+      if (staged) {
+        for (uint32_t n = tid; n < NN; n += kThreads) {
+          const FlatTreeNode node = tree.nodes[n];
+          sm.cand_score[n] = n ? chains[n].x : 0.f;
+          sm.commit[n] = node.parent;
+          sm.cand_id[n] = node.child_begin;
+          sm.cand_tok[n] = node.child_count;
+          sm.sorted[n] = node.tokens;
+        }
+        if (tid == 0) sm.cand_chain[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+      }
       __syncthreads();
       for (uint32_t l = 1; l < tree.num_levels; ++l) {
         const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
         for (uint32_t n = lb + tid; n < le; n += kThreads) {
-          const FlatTreeNode node = tree.nodes[n];
-          const float sc = chains[n].x;
-          const float4 c = Extend(chains[node.parent], sc);
-          chains[n] = c;
-          if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
+          if (staged) {
+            const FlatTreeNode node{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.sorted[n]};
+            const float4 c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
+            sm.cand_chain[n] = c;
+            chains[n] = c;
+            if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
+          } else {
+            const FlatTreeNode node = tree.nodes[n];
+            const float sc = chains[n].x;
+            const float4 c = Extend(chains[node.parent], sc);
+            chains[n] = c;
+            if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
+          }
         }
         __syncthreads();
       }
@@ -613,6 +676,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // leaf's chain, then the scores.
       const uint32_t per = (M + N - 1) / N;
       const uint32_t lo = min(M, rank * per), cnt = min(M, lo + per) - lo, base = P + lo;
+      const uint64_t t_look = GlobalTimer();
       for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
         const uint32_t owner = s0.cand_tok[t];
         const uint32_t first = s0.leaf_tokens[owner];
@@ -623,6 +687,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
       }
       __syncthreads();
+      const uint64_t t_row = GlobalTimer();
+      t_lookup += t_row - t_look;
       ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                    [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[base + i]} * D; },
                    [&](uint32_t i, float dot) {
@@ -630,6 +696,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      sm.cand_chain[base + i] = Extend(sm.cand_chain[base + i], sc);
                      sm.cand_score[base + i] = sc;
                    });
+      t_rows += Elapsed(t_row);
       if (rank != 0) {
         for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
           s0.cand_id[t] = sm.cand_id[t];
@@ -658,11 +725,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncthreads();
         C = sm.n_commit;
-        // Slice: the commits whose bottleneck lies in the top bins of a token-weighted histogram
-        // holding what the scan can use (the remaining budget + slack), at most kSliceMax of
-        // them, go first (commit[0, n_sort)); the rest wait at the end of commit[] and are
-        // sorted only when the scan goes through the first slice without stopping. A bin holds
-        // a range of bottlenecks, so the slice is a prefix of the scan order.
+        // Slice: a token-weighted histogram of the commits' bottlenecks (a bin holds a range of
+        // bottlenecks, so the bins from the top are a prefix of the scan order). The bins above
+        // the one where the remaining budget runs out hold fewer tokens than remain, so every
+        // chunk in them fits when offered: they are accepted at once, in no order (the selection
+        // is a set, and the scan's state after them — budget left, no misfit pending — does not
+        // depend on their order). The bins from there down to where the remaining budget + slack
+        // runs out are sorted and scanned (commit[0, n_sort)); the rest wait at the end of
+        // commit[] and are sorted only when the scan goes through the slice without stopping.
         if (tid == 0) {
           sm.n_sort = C;
           sm.n_rest = 0;
@@ -670,16 +740,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.key_hi = 0;
           sm.slice_front = sm.slice_back = 0;
           sm.more = 0;
+          sm.sure_count = sm.sure_tokens = 0;
         }
-        for (uint32_t i = tid; i < kSliceBins; i += kThreads) {
+        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
           sm.hist_tok[i] = 0;
           sm.hist_chk[i] = 0;
         }
         __syncthreads();
-        // Not with the distributed sort: its cost is mostly fixed (cluster barriers), and the
-        // slicing passes cost more than they save there (H200, 128K, 8 blocks: 56 against 55
-        // us; one block per head, 32K, budget 4096: 212 against 345 us; run 14).
-        if (C > kSliceMin && slice_slack != kSliceOff && !dist_sort) {
+        if (C > kSliceMin && slice_slack != kSliceOff) {
           uint32_t klo = 0xffffffffu, khi = 0;
           for (uint32_t i = tid; i < C; i += kThreads) {
             const uint32_t o = OrderedBits(sm.cand_chain[sm.commit[i]].x);
@@ -696,9 +764,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
           const float width = hi - lo;
           auto sbin = [&](float k) -> uint32_t {
-            if (!(width > 0.f) || !isfinite(width)) return k == hi ? kSliceBins - 1 : 0;
-            const float f = (k - lo) / width * static_cast<float>(kSliceBins);
-            return f >= static_cast<float>(kSliceBins - 1) ? kSliceBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
+            if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
+            const float f = (k - lo) / width * static_cast<float>(kHistBins);
+            return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
           };
           for (uint32_t i = tid; i < C; i += kThreads) {
             const uint32_t e = sm.commit[i];
@@ -707,10 +775,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             atomicAdd(&sm.hist_chk[b], 1u);
           }
           __syncthreads();
-          const uint32_t need = sm.remaining + (slice_slack ? slice_slack : sm.remaining / 2 + 1024);
-          const uint32_t cut =
-              TopBinsCut<kSliceBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax, sm.cut);
-          if (cut > 0 && cut < kSliceBins) {
+          const uint32_t rem = sm.remaining;
+          const uint32_t need = rem + (slice_slack ? slice_slack : rem / 16 + 512);
+          const uint32_t cut = TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax, sm.cut);
+          // Bins above `sure` are accepted unsorted (none when the selection could reach
+          // max_selected: then the order decides which chunks make it).
+          uint32_t sure = kHistBins;
+          if (sm.nsel + rem <= max_selected) {
+            sure = TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk, rem, kMaxCand, sm.cut) + 1;
+          }
+          if (cut < kHistBins && (cut > 0 || sure < kHistBins)) {
             uint32_t v[kSortCap / kThreads];
 #pragma unroll
             for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
@@ -718,20 +792,40 @@ __global__ void __launch_bounds__(kThreads, 1)
               v[u] = k < C ? sm.commit[k] : kTreeNone;
             }
             __syncthreads();
+            const uint32_t nsel0 = sm.nsel;
+            uint32_t sure_tok = 0;
 #pragma unroll
             for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
               const uint32_t e = v[u];
               if (e == kTreeNone) continue;
-              if (sbin(sm.cand_chain[e].x) >= cut) {
+              const uint32_t b = sbin(sm.cand_chain[e].x);
+              if (b >= sure) {
+                const uint32_t t = sm.cand_tok[e] & ~kConsumed;
+                if (t == 0) continue;  // the scan passes over empty chunks
+                const uint32_t at = nsel0 + atomicAdd(&sm.sure_count, 1u);
+                const uint32_t c = sm.cand_id[e];
+                my_sel[at] = c;
+                my_scores[at] = sm.cand_score[e];
+                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                sure_tok += t;
+              } else if (b >= cut) {
                 sm.commit[atomicAdd(&sm.slice_front, 1u)] = e;
               } else {
                 sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
               }
             }
+            sure_tok = __reduce_add_sync(0xffffffffu, sure_tok);
+            if (lane == 0 && sure_tok) atomicAdd(&sm.sure_tokens, sure_tok);
             __syncthreads();
             if (tid == 0) {
               sm.n_sort = sm.slice_front;
               sm.n_rest = sm.slice_back;
+              if (sm.sure_count) {
+                sm.nsel += sm.sure_count;
+                sm.remaining -= sm.sure_tokens;  // < remaining: the bins above `sure` hold less
+                sm.sel_tokens += sm.sure_tokens;
+                sm.misfits = 0;
+              }
             }
           }
         }
@@ -920,14 +1014,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
   const uint32_t H = task.kv_heads, h = task.kv_head;
   if (tid == 0) sm.run_count = 0;
+  // Sink chunks are a prefix and recent chunks a suffix of the chunks (ids follow token order):
+  // the first and last kThreads chunks' starts and sizes are loaded at once (one round trip
+  // instead of thread 0's dependent loads), and both counted.
+  const uint32_t lim = min(num_chunks, static_cast<uint32_t>(kThreads));
   {
-    // Sink chunks are a prefix and recent chunks a suffix of the chunks (ids follow token
-    // order): count both over the first / last kThreads chunks at once.
-    const uint32_t S = task.sink_tokens, lim = min(num_chunks, static_cast<uint32_t>(kThreads));
-    const bool ps = static_cast<uint32_t>(tid) < lim && tree.chunk_start[tid] < S;
-    const uint32_t rc = num_chunks - 1 - tid;
-    const bool pr = static_cast<uint32_t>(tid) < lim &&
-                    tree.chunk_start[rc] + tree.chunk_tokens[rc] > task.recent_from;
+    const uint32_t S = task.sink_tokens;
+    bool ps = false, pr = false;
+    if (static_cast<uint32_t>(tid) < lim) {
+      const uint32_t rc = num_chunks - 1 - tid;
+      const uint64_t hs = tree.chunk_start[tid], bs = tree.chunk_start[rc];
+      const uint32_t ht = tree.chunk_tokens[tid], bt = tree.chunk_tokens[rc];
+      sm.head_start[tid] = hs;
+      sm.head_tokens[tid] = ht;
+      sm.back_start[tid] = bs;
+      sm.back_tokens[tid] = bt;
+      ps = hs < S;
+      pr = bs + bt > task.recent_from;
+    }
     const uint32_t n_s = __syncthreads_count(ps), n_r = __syncthreads_count(pr);
     if (tid == 0) {
       sm.scan_tmp[0] = n_s;
@@ -935,20 +1039,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
+  auto start_of = [&](uint32_t c) -> uint64_t {
+    if (c < lim) return sm.head_start[c];
+    if (num_chunks - 1 - c < lim) return sm.back_start[num_chunks - 1 - c];
+    return tree.chunk_start[c];
+  };
+  auto tokens_of = [&](uint32_t c) -> uint32_t {
+    if (c < lim) return sm.head_tokens[c];
+    if (num_chunks - 1 - c < lim) return sm.back_tokens[num_chunks - 1 - c];
+    return tree.chunk_tokens[c];
+  };
   if (tid == 0 && sm.status == 0) {
     uint32_t n = 0;
     const uint32_t S = task.sink_tokens;
-    // Recent chunks: a suffix of the sealed chunks (continued here past the first kThreads).
+    // Recent chunks: a suffix of the sealed chunks (continued here past the last kThreads).
     uint32_t r_first = sm.scan_tmp[1];
-    while (r_first > 0 &&
-           tree.chunk_start[r_first - 1] + tree.chunk_tokens[r_first - 1] > task.recent_from) {
+    while (r_first > 0 && start_of(r_first - 1) + tokens_of(r_first - 1) > task.recent_from) {
       --r_first;
     }
     uint32_t s_end = sm.scan_tmp[0];
-    while (s_end < num_chunks && tree.chunk_start[s_end] < S) ++s_end;
+    while (s_end < num_chunks && start_of(s_end) < S) ++s_end;
     auto special = [&](uint32_t c) {
-      const uint64_t st = tree.chunk_start[c];
-      const uint32_t t = tree.chunk_tokens[c];
+      const uint64_t st = start_of(c);
+      const uint32_t t = tokens_of(c);
       const bool sel = (sm.bitmap[c >> 5] >> (c & 31)) & 1u;
       const uint32_t a = st < S ? static_cast<uint32_t>(S - st < t ? S - st : t) : 0;
       const uint32_t b = st + t > task.recent_from
@@ -1108,6 +1221,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     res.phase_ns[5] = static_cast<uint32_t>(t_score);
     res.phase_ns[6] = static_cast<uint32_t>(t_sort);
     res.phase_ns[7] = static_cast<uint32_t>(t_scan);
+    res.score_ns[0] = static_cast<uint32_t>(t_lookup);
+    res.score_ns[1] = static_cast<uint32_t>(t_rows);
     results[task_index] = res;
   }
 }
