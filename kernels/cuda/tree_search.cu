@@ -12,10 +12,11 @@
 //   3. rounds: rank 0 takes the best unexpanded leaves by a token-weighted key histogram until
 //      they hold 8x (16x) the budget (1.6x more each later round) and reserves their pool
 //      entries; the ranks score slices of the new chunks into rank 0's pool (DSMEM); chunks whose
-//      bottleneck beats the next leaf's are final in order, so they are sorted by chain (ranks
-//      1..N-1 for N >= 3, else rank 0 on a histogram-cut slice first) and scanned like the CPU's
-//      offer() (warp 0: 32 at a time while they fit, one by one near the end); stop when the
-//      scan stops or leaves run out;
+//      bottleneck beats the next leaf's are final in order: rank 0 sorts by chain the slice of
+//      them a histogram cut says the remaining budget can reach (by counting up to 512), accepts
+//      at once its leading entries that all fit, and scans the rest like the CPU's offer()
+//      (warp 0: 32 at a time while they fit, one by one near the end); stop when the scan stops
+//      or leaves run out;
 //   4. runs (rank 0): sink and recent-window pieces (merged with the selection), selected
 //      chunks, tail; cut into the head's planned splits by token prefix and written as the
 //      attention's items.
@@ -96,7 +97,7 @@ struct Smem {
   uint32_t n_special, total_tokens, n_commit;
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
   uint32_t n_sort, n_rest, more, slice_front, slice_back;  // rank 0: the commit slices
-  uint32_t sure_count, sure_tokens;  // rank 0: commits accepted without sorting this round
+  uint32_t sure_count, sure_tokens;  // rank 0: the slice's leading commits that all fit
   union {
     struct {  // rank 0: the leaf clusters
       float leaf_key[kMaxLeaves];
@@ -104,11 +105,6 @@ struct Smem {
       uint32_t leaf_tokens[kMaxLeaves];  // tokens below; once expanded: its first pool entry
       uint32_t leaf_chunks[kMaxLeaves];  // chunks, | kDone once expanded
       uint32_t leaf_child_begin[kMaxLeaves];
-    };
-    struct {  // sorting ranks (1..N-1): their sorted slice of the commits
-      float4 w_chain[kMaxCand];
-      uint32_t w_id[kMaxCand];
-      uint32_t w_pool[kMaxCand];
     };
     struct {  // rank 0, the runs: first / start and tokens of the first and last kThreads chunks
       unsigned long long head_start[kThreads];
@@ -139,12 +135,15 @@ struct Smem {
       uint32_t run_prefix[kMaxRuns];  // exclusive token prefix
     };
   };
-  uint32_t sorted[kMaxCand];  // rank 0: the commits in scan order, written by the sorting ranks
+  uint32_t node_tokens[kMaxCand];  // rank 0: the nodes' token counts while their chains are formed
   uint32_t bitmap[kBitmapWords];
   uint32_t item_first_run[kMaxSplits + 1];
   uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
 };
+
+constexpr int kTracePoints = 28;
+__device__ int g_trace_prints = 0;
 
 // Lexicographic "a before b": chains descending, then lower id.
 __device__ __forceinline__ bool Before(const float4& a, uint32_t ia, const float4& b,
@@ -328,7 +327,7 @@ __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_ch
 // others (broadcast reads, one barrier) — a few hundred entries cost under a tenth of a bitonic
 // sort's barrier-separated stages; more by a bitonic sort padded to a power of two with
 // kTreeNone, which sorts last. The whole block.
-constexpr uint32_t kRankSortMax = 256;
+constexpr uint32_t kRankSortMax = kThreads;
 __device__ void SortCommits(Smem& sm, uint32_t n) {
   if (n <= kRankSortMax) {
     const uint32_t t = threadIdx.x;
@@ -374,29 +373,11 @@ __device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t token
   return static_cast<uint32_t>(end - skip);
 }
 
-// Lower bound in a sorted list (chains descending, then lower id): how many of list[0, n) come
-// before (c, id).
-__device__ __forceinline__ uint32_t CountBefore(const float4* chain, const uint32_t* ids,
-                                                uint32_t n, const float4& c, uint32_t id) {
-  uint32_t lo = 0, hi = n;
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi) >> 1;
-    if (Before(chain[mid], ids[mid], c, id)) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 // One thread-block cluster of N blocks per (problem, KV head); rank 0 runs the search's control
-// (leaf selection, commit, scan, runs), and every rank shares the parallel parts: node scores
-// level by level, the chunk summaries of each round, and (N >= 3) the sort of each round's
-// commits (ranks 1..N-1 sort slices, then place each entry by binary searches in the others).
-// N = 1 is the one-block search. Every branch on `rank` is uniform within a block, and every
+// (leaf selection, commit, sort, scan, runs), and every rank shares the parallel parts: node
+// scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on `rank` is uniform within a block, and every
 // cluster barrier is reached by all ranks of the cluster.
-template <int D>
+template <int D, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
@@ -417,14 +398,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t* my_sel = selected + size_t{task_index} * max_selected;
   float* my_scores = sel_scores + size_t{task_index} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
-  // Ranks 1..N-1 sort each round's commits only when slicing is off (KVMEM_SEARCH_SLICE_SLACK=off,
-  // for A/B runs): a slice is a few hundred entries, which rank 0 sorts alone in less time than
-  // the cluster barriers of the distributed sort take.
-  const bool dist_sort = N >= 3 && slice_slack == kSliceOff;
   // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
   // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
+  // KVMEM_SEARCH_TRACE=1: rank 0's thread 0 of task 0 stamps SM cycles at each step of the
+  // first round and prints them (a few launches), for finding where the time goes.
+  const bool trace_on = kTrace && rank == 0 && tid == 0 && task_index == 0;
+  long long tr[kTracePoints] = {};
+  bool first_round_trace = true;
+#define KVMEM_TRACE(k)                                   \
+  do {                                                   \
+    if (kTrace && trace_on && first_round_trace) tr[k] = clock64(); \
+  } while (0)
+  KVMEM_TRACE(0);
   uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0, t_lookup = 0, t_rows = 0;
 
   if (tid == 0) {
@@ -458,6 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (num_chunks > kSearchMaxChunks && tid == 0) sm.status |= kSearchStatusTooManyChunks;
   __syncthreads();
+  KVMEM_TRACE(1);
   // The same on every rank (same inputs, same operations).
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
   const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
@@ -481,7 +469,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                      });
       }
     }
+    KVMEM_TRACE(2);
     cluster.sync();  // every score is in the scratch
+    KVMEM_TRACE(3);
     stamp[1] = GlobalTimer();
     // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
     // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
@@ -514,16 +504,17 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.commit[n] = node.parent;
           sm.cand_id[n] = node.child_begin;
           sm.cand_tok[n] = node.child_count;
-          sm.sorted[n] = node.tokens;
+          sm.node_tokens[n] = node.tokens;
         }
         if (tid == 0) sm.cand_chain[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
       }
       __syncthreads();
+      KVMEM_TRACE(4);
       for (uint32_t l = 1; l < tree.num_levels; ++l) {
         const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
         for (uint32_t n = lb + tid; n < le; n += kThreads) {
           if (staged) {
-            const FlatTreeNode node{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.sorted[n]};
+            const FlatTreeNode node{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.node_tokens[n]};
             const float4 c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
             sm.cand_chain[n] = c;
             chains[n] = c;
@@ -544,6 +535,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
     }
+    KVMEM_TRACE(5);
     stamp[2] = GlobalTimer();
     // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
     // keys (no sort: only the set and the best key left out matter) and reserves their pool
@@ -597,6 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
+        KVMEM_TRACE(6);
         const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
         const bool any_left = go_on && sm.key_lo <= sm.key_hi;
         const float width = hi - lo;
@@ -616,11 +609,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
+        KVMEM_TRACE(7);
         const uint32_t cut =
             any_left ? TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk,
                                              target > sm.expanded_tokens ? target - sm.expanded_tokens : 1,
                                              kMaxCand - P, sm.cut)
                      : kHistBins;
+        KVMEM_TRACE(8);
         const bool round = any_left && cut < kHistBins;
         // Nothing left, or not even the best bin fits the pool.
         if (tid == 0 && any_left && !round) sm.status |= kSearchStatusTooManyCandidates;
@@ -660,6 +655,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (lane == 0 && emax) atomicMax(&sm.e_next_bits, emax);
         }
         __syncthreads();
+        KVMEM_TRACE(9);
         if (tid == 0) {
           sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
           sm.ctl = round ? 1u : 0u;
@@ -669,6 +665,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         tq = GlobalTimer();
       }
       cluster.sync();  // rank 0's reservation (ctl, new_count, owners) is visible
+      KVMEM_TRACE(10);
       if (s0.ctl == 0) break;
       P = s0.cand_count;
       const uint32_t M = s0.new_count;
@@ -687,6 +684,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
       }
       __syncthreads();
+      KVMEM_TRACE(11);
       const uint64_t t_row = GlobalTimer();
       t_lookup += t_row - t_look;
       ScoreRows<D>(sm.mean, cnt, j, slot, warp,
@@ -697,6 +695,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      sm.cand_score[base + i] = sc;
                    });
       t_rows += Elapsed(t_row);
+      KVMEM_TRACE(12);
       if (rank != 0) {
         for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
           s0.cand_id[t] = sm.cand_id[t];
@@ -706,6 +705,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       cluster.sync();  // the whole pool is scored, in rank 0
+      KVMEM_TRACE(13);
       uint32_t C = 0;
       if (rank == 0) {
         if (tid == 0) {
@@ -724,15 +724,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();
+        KVMEM_TRACE(14);
         C = sm.n_commit;
         // Slice: a token-weighted histogram of the commits' bottlenecks (a bin holds a range of
-        // bottlenecks, so the bins from the top are a prefix of the scan order). The bins above
-        // the one where the remaining budget runs out hold fewer tokens than remain, so every
-        // chunk in them fits when offered: they are accepted at once, in no order (the selection
-        // is a set, and the scan's state after them — budget left, no misfit pending — does not
-        // depend on their order). The bins from there down to where the remaining budget + slack
-        // runs out are sorted and scanned (commit[0, n_sort)); the rest wait at the end of
-        // commit[] and are sorted only when the scan goes through the slice without stopping.
+        // bottlenecks, so the bins from the top are a prefix of the scan order). The commits in
+        // the bins that hold the remaining budget + slack are sorted (commit[0, n_sort)); the
+        // rest wait at the end of commit[] and are sorted only when the scan goes through the
+        // slice without stopping. The bins above the one where the remaining budget runs out
+        // hold fewer tokens than remain, so every chunk in them fits when offered: the slice's
+        // first sure_count entries are accepted at once rather than one by one.
         if (tid == 0) {
           sm.n_sort = C;
           sm.n_rest = 0;
@@ -761,6 +761,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             atomicMax(&sm.key_hi, khi);
           }
           __syncthreads();
+          KVMEM_TRACE(15);
           const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
           const float width = hi - lo;
           auto sbin = [&](float k) -> uint32_t {
@@ -775,15 +776,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             atomicAdd(&sm.hist_chk[b], 1u);
           }
           __syncthreads();
+          KVMEM_TRACE(16);
           const uint32_t rem = sm.remaining;
           const uint32_t need = rem + (slice_slack ? slice_slack : rem / 16 + 512);
           const uint32_t cut = TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax, sm.cut);
-          // Bins above `sure` are accepted unsorted (none when the selection could reach
-          // max_selected: then the order decides which chunks make it).
+          // Bins from `sure` up all fit (none when the selection could reach max_selected).
           uint32_t sure = kHistBins;
           if (sm.nsel + rem <= max_selected) {
             sure = TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk, rem, kMaxCand, sm.cut) + 1;
           }
+          KVMEM_TRACE(17);
           if (cut < kHistBins && (cut > 0 || sure < kHistBins)) {
             uint32_t v[kSortCap / kThreads];
 #pragma unroll
@@ -792,117 +794,86 @@ __global__ void __launch_bounds__(kThreads, 1)
               v[u] = k < C ? sm.commit[k] : kTreeNone;
             }
             __syncthreads();
-            const uint32_t nsel0 = sm.nsel;
-            uint32_t sure_tok = 0;
 #pragma unroll
             for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
               const uint32_t e = v[u];
               if (e == kTreeNone) continue;
               const uint32_t b = sbin(sm.cand_chain[e].x);
-              if (b >= sure) {
-                const uint32_t t = sm.cand_tok[e] & ~kConsumed;
-                if (t == 0) continue;  // the scan passes over empty chunks
-                const uint32_t at = nsel0 + atomicAdd(&sm.sure_count, 1u);
-                const uint32_t c = sm.cand_id[e];
-                my_sel[at] = c;
-                my_scores[at] = sm.cand_score[e];
-                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
-                sure_tok += t;
-              } else if (b >= cut) {
+              if (b >= cut || b >= sure) {
                 sm.commit[atomicAdd(&sm.slice_front, 1u)] = e;
+                if (b >= sure) atomicAdd(&sm.sure_count, 1u);
               } else {
                 sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
               }
             }
-            sure_tok = __reduce_add_sync(0xffffffffu, sure_tok);
-            if (lane == 0 && sure_tok) atomicAdd(&sm.sure_tokens, sure_tok);
             __syncthreads();
             if (tid == 0) {
               sm.n_sort = sm.slice_front;
               sm.n_rest = sm.slice_back;
-              if (sm.sure_count) {
-                sm.nsel += sm.sure_count;
-                sm.remaining -= sm.sure_tokens;  // < remaining: the bins above `sure` hold less
-                sm.sel_tokens += sm.sure_tokens;
-                sm.misfits = 0;
-              }
             }
           }
         }
         __syncthreads();
+        KVMEM_TRACE(18);
       }
       for (uint32_t slice = 0;; ++slice) {
         uint32_t n = 0;  // entries of this slice: commit[0, n)
         if (rank == 0) {
           n = sm.n_sort;
-          if (!dist_sort) {
-            SortCommits(sm, n);
-          }
-        }
-        if (dist_sort) {
-          cluster.sync();  // rank 0's slice of commits is visible
-          C = s0.n_sort;  // this slice: commit[0, n_sort)
-          const uint32_t W = N - 1, wper = (C + W - 1) / W;
-          const uint32_t w = rank - 1;  // rank 0: unused
-          const uint32_t wlo = rank == 0 ? 0 : min(C, w * wper);
-          const uint32_t wn = rank == 0 ? 0 : min(C, wlo + wper) - wlo;
-          if (rank != 0) {
-            // Sort the slice [wlo, wlo + wn) of the commits locally (bitonic over a permutation).
-            for (uint32_t k = tid; k < wn; k += kThreads) {
-              const uint32_t e = s0.commit[wlo + k];
-              sm.cand_chain[k] = s0.cand_chain[e];
-              sm.cand_id[k] = s0.cand_id[e];
-              sm.cand_tok[k] = e;
-              sm.commit[k] = k;
-            }
-            SortCommits(sm, wn);
-            for (uint32_t k = tid; k < wn; k += kThreads) {
-              const uint32_t p = sm.commit[k];
-              sm.w_chain[k] = sm.cand_chain[p];
-              sm.w_id[k] = sm.cand_id[p];
-              sm.w_pool[k] = sm.cand_tok[p];
-            }
-          }
-          cluster.sync();  // every slice is sorted
-          if (rank != 0) {
-            // Copy the other slices (concatenated in rank order) and place each entry of this
-            // slice: its index in the slice plus, per other slice, the entries before it.
-            for (uint32_t r = 1; r < N; ++r) {
-              if (r == rank) continue;
-              const Smem& sr = *cluster.map_shared_rank(&sm, r);
-              const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
-              for (uint32_t k = tid; k < rn; k += kThreads) {
-                sm.cand_chain[rlo + k] = sr.w_chain[k];
-                sm.cand_id[rlo + k] = sr.w_id[k];
-              }
-            }
-            for (uint32_t k = tid; k < wn; k += kThreads) sm.cand_tok[k] = k;  // position so far
-            __syncthreads();
-            const uint32_t pairs = wn * (W - 1);
-            for (uint32_t x = tid; x < pairs; x += kThreads) {
-              const uint32_t k = x % wn, oi = x / wn;         // entry, other slice index
-              const uint32_t r = 1 + oi + (oi + 1 >= rank ? 1 : 0);  // other rank (skips mine)
-              const uint32_t rlo = min(C, (r - 1) * wper), rn = min(C, rlo + wper) - rlo;
-              const uint32_t before =
-                  CountBefore(sm.cand_chain + rlo, sm.cand_id + rlo, rn, sm.w_chain[k], sm.w_id[k]);
-              if (before) atomicAdd(&sm.cand_tok[k], before);
-            }
-            __syncthreads();
-            for (uint32_t k = tid; k < wn; k += kThreads) s0.sorted[sm.cand_tok[k]] = sm.w_pool[k];
-          }
-          cluster.sync();  // rank 0 holds the commits in scan order
+          SortCommits(sm, n);
         }
         if (rank == 0) {
-          const uint32_t* order = dist_sort ? sm.sorted : sm.commit;
+          const uint32_t* order = sm.commit;
           C = n;
+          KVMEM_TRACE(19);
           t_sort += Elapsed(tq);
           tq = GlobalTimer();
-          // The scan: CPU offer() in order. Warp 0.
+          // The slice's first sure_count entries (sorted first: their bins are the top ones)
+          // all fit: accepted at once, at positions by a block count of the non-empty ones.
+          const uint32_t ns = slice == 0 ? min(sm.sure_count, C) : 0;
+          if (ns > 0) {
+            const uint32_t nsel0 = sm.nsel;
+            uint32_t at = nsel0, tok_sum = 0;
+            for (uint32_t b0 = 0; b0 < ns; b0 += kThreads) {
+              const uint32_t i = b0 + tid;
+              const uint32_t e = i < ns ? order[i] : 0;
+              const uint32_t t = i < ns ? sm.cand_tok[e] & ~kConsumed : 0;
+              const uint32_t mask = __ballot_sync(0xffffffffu, t > 0);
+              if (lane == 0) sm.scan_tmp[warp] = __popc(mask);
+              __syncthreads();
+              uint32_t before = 0, all = 0;
+              for (int w = 0; w < kWarps; ++w) {
+                before += w < warp ? sm.scan_tmp[w] : 0;
+                all += sm.scan_tmp[w];
+              }
+              if (t > 0) {
+                const uint32_t pos = at + before + __popc(mask & ((1u << lane) - 1));
+                const uint32_t c = sm.cand_id[e];
+                my_sel[pos] = c;
+                my_scores[pos] = sm.cand_score[e];
+                atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                tok_sum += t;
+              }
+              at += all;
+              __syncthreads();
+            }
+            tok_sum = __reduce_add_sync(0xffffffffu, tok_sum);
+            if (lane == 0 && tok_sum) atomicAdd(&sm.sure_tokens, tok_sum);
+            __syncthreads();
+            if (tid == 0 && at > nsel0) {
+              sm.nsel = at;
+              sm.remaining -= sm.sure_tokens;  // less than remained: the sure bins hold less
+              sm.sel_tokens += sm.sure_tokens;
+              sm.misfits = 0;
+            }
+            __syncthreads();
+          }
+          // The scan: CPU offer() in order, from the first entry not accepted above. Warp 0.
           if (warp == 0) {
             uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
             uint32_t sel_tokens = sm.sel_tokens;
             bool done = false;
-            for (uint32_t b0 = 0; b0 < C && !done; b0 += 32) {
+            for (uint32_t b0 = ns; b0 < C && !done; b0 += 32) {
               const uint32_t i = b0 + lane;
               const uint32_t e = i < C ? order[i] : 0;
               const uint32_t tok = i < C ? (sm.cand_tok[e] & ~kConsumed) : 0;
@@ -979,6 +950,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
           __syncthreads();
+          KVMEM_TRACE(20);
+          first_round_trace = false;
           t_scan += Elapsed(tq);
           if (sm.more) {
             // The rest (at the end of commit[]) to the front, staged through registers.
@@ -998,9 +971,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             __syncthreads();
           }
         }
-        if (dist_sort) cluster.sync();  // the sorting ranks learn whether a second slice follows
-        // Without the distributed sort the other ranks take no part in the slices.
-        if (dist_sort ? s0.more == 0 : (rank != 0 || sm.more == 0)) break;
+        // The other ranks take no part in the slices.
+        if (rank != 0 || sm.more == 0) break;
       }
       if (rank == 0) target = target * 8 / 5;
     }
@@ -1010,6 +982,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (rank != 0) return;
   __syncthreads();
 
+  first_round_trace = true;
+  KVMEM_TRACE(21);
   stamp[3] = GlobalTimer();
   // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
   const uint32_t H = task.kv_heads, h = task.kv_head;
@@ -1039,6 +1013,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
+  KVMEM_TRACE(22);
   auto start_of = [&](uint32_t c) -> uint64_t {
     if (c < lim) return sm.head_start[c];
     if (num_chunks - 1 - c < lim) return sm.back_start[num_chunks - 1 - c];
@@ -1089,6 +1064,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.scan_tmp[0] = s_end;
     sm.scan_tmp[1] = r_first;
   }
+  KVMEM_TRACE(23);
   const uint32_t nsel_all = min(sm.nsel, kMaxCand);
   for (uint32_t i = tid; i < nsel_all; i += kThreads) {
     const uint32_t c = my_sel[i];
@@ -1096,6 +1072,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.sel_len[i] = tree.chunk_tokens[c];
   }
   __syncthreads();
+  KVMEM_TRACE(24);
   if (warp == 0 && sm.status == 0) {
     const uint32_t s_end = sm.scan_tmp[0], r_first = sm.scan_tmp[1];
     uint32_t n = sm.run_count;
@@ -1142,6 +1119,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) sm.total_tokens = carry;
   }
   __syncthreads();
+  KVMEM_TRACE(25);
   const uint32_t R = sm.run_count, T = sm.total_tokens;
   const uint32_t ns = min(task.num_splits, kMaxSplits), split = task.split_tokens;
   const bool failed = sm.status != 0;
@@ -1174,6 +1152,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.item_count[i] = count;
   }
   __syncthreads();
+  KVMEM_TRACE(26);
   const bool ok_runs = sm.status == 0;
   for (uint32_t r = tid; ok_runs && r < R; r += kThreads) {
     const uint32_t p = sm.run_prefix[r], len = sm.run_len[r], c = sm.run_chunk[r];
@@ -1204,6 +1183,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     it.tokens = count > 0 ? E - B : 0;
   }
   __syncthreads();
+  KVMEM_TRACE(27);
+  if (kTrace && trace_on && atomicAdd(&g_trace_prints, 1) < 3) {
+    printf("search trace (cycles since the previous point; first round), N=%u:", N);
+    for (int k = 1; k < kTracePoints; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
+    printf(" total %lld cycles, %llu ns\n", tr[27] - tr[0], (unsigned long long)Elapsed(stamp[0]));
+  }
+#undef KVMEM_TRACE
   if (tid == 0) {
     SearchTaskResult res{};
     res.status = sm.status;
@@ -1228,14 +1214,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
-template <int D>
+template <int D, bool kTrace = false>
 cudaError_t PrepareSearchKernel() {
   static const cudaError_t e = [] {
-    cudaError_t r = cudaFuncSetAttribute(TreeSearchKernel<D>,
+    cudaError_t r = cudaFuncSetAttribute(TreeSearchKernel<D, kTrace>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(sizeof(Smem)));
     if (r == cudaSuccess) {
-      r = cudaFuncSetAttribute(TreeSearchKernel<D>,
+      r = cudaFuncSetAttribute(TreeSearchKernel<D, kTrace>,
                                cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     }
     if (r != cudaSuccess) (void)cudaGetLastError();
@@ -1256,7 +1242,7 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
     std::array<int, 5> n{};  // sizes 1, 2, 4, 8, 16
     if (PrepareSearchKernel<D>() != cudaSuccess) return n;
     for (int i = 0; i < 5; ++i) {
-      n[i] = MaxActiveClusters(TreeSearchKernel<D>, 1u << i, kThreads, sizeof(Smem));
+      n[i] = MaxActiveClusters(TreeSearchKernel<D, false>, 1u << i, kThreads, sizeof(Smem));
     }
     return n;
   }();
@@ -1268,8 +1254,8 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
 
 // Budget multiple the first round expands (0: the kernel's choice per tree).
 // KVMEM_SEARCH_FIRST_ROUND (2..64) fixes it, for A/B timing.
-// Tokens beyond the remaining budget the first commit slice holds (0: half the remaining +
-// 1024). KVMEM_SEARCH_SLICE_SLACK fixes it (>= 1), or turns slicing off ("off"), for A/B timing
+// Tokens beyond the remaining budget the first commit slice holds (0: a 16th of the remaining
+// + 512). KVMEM_SEARCH_SLICE_SLACK fixes it (>= 1), or turns slicing off ("off"), for A/B timing
 // and for tests that force the second slice.
 uint32_t SliceSlack() {
   if (const char* e = std::getenv("KVMEM_SEARCH_SLICE_SLACK")) {
@@ -1309,8 +1295,14 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
   cfg.stream = s;
   cfg.attrs = &cl;
   cfg.numAttrs = 1;
+  static const bool trace = [] {
+    const char* e = std::getenv("KVMEM_SEARCH_TRACE");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  if (trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true>()));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-      &cfg, TreeSearchKernel<D>, reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
+      &cfg, trace ? TreeSearchKernel<D, true> : TreeSearchKernel<D, false>,
+      reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
       reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
       results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
