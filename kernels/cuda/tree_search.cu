@@ -85,7 +85,7 @@ constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit a
 struct CutScratch {
   unsigned long long warp_tok[kWarps];  // per-warp token sums
   uint32_t warp_chk[kWarps];            // per-warp chunk sums
-  uint32_t first_fail;                  // the first bin (from the top) not taken
+  uint32_t first_fail[2];               // per cut: the first bin (from the top) not taken
 };
 
 struct Smem {
@@ -135,7 +135,13 @@ struct Smem {
       uint32_t run_prefix[kMaxRuns];  // exclusive token prefix
     };
   };
-  uint32_t node_tokens[kMaxCand];  // rank 0: the nodes' token counts while their chains are formed
+  union {
+    uint32_t node_tokens[kMaxCand];  // rank 0: the nodes' token counts while their chains are formed
+    struct {  // rank 0, the rounds: the keys SortCommits ranks by counting, contiguous
+      float4 sort_chain[kThreads];
+      uint32_t sort_id[kThreads];
+    };
+  };
   uint32_t bitmap[kBitmapWords];
   uint32_t item_first_run[kMaxSplits + 1];
   uint32_t item_count[kMaxSplits];
@@ -257,16 +263,18 @@ __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
   return n;
 }
 
-// Histogram cut, the whole block: bins are taken from the top (bin NB - 1) down while the tokens
-// of the bins above a bin are below `need` and the chunks of the bins down to it fit `room`;
-// returns the lowest bin taken (NB: none). Both sums only grow downwards, so the taken bins are a
-// prefix from the top: each thread checks its bins against block-wide prefix sums and the first
-// bin that fails marks the cut (what a warp walking 32 bins at a time from the top found, in
-// three barriers instead of up to NB / 32 dependent shuffle rounds). `x` is its shared-memory
-// scratch; every thread of the block must call it.
-template <uint32_t NB>
-__device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_chk, uint64_t need,
-                               uint32_t room, CutScratch& x) {
+// Histogram cuts, the whole block: for cut c, bins are taken from the top (bin NB - 1) down while
+// the tokens of the bins above a bin are below need[c] and the chunks of the bins down to it fit
+// room[c]; cut[c] is the lowest bin taken (NB: none). Both sums only grow downwards, so the taken
+// bins are a prefix from the top: each thread checks its bins against block-wide prefix sums and
+// the first bin that fails marks the cut (what a warp walking 32 bins at a time from the top
+// found, in three barriers instead of up to NB / 32 dependent shuffle rounds; two cuts share the
+// sums and the barriers). `x` is its shared-memory scratch; every thread of the block must call it.
+template <uint32_t NB, int NC>
+__device__ void TopBinsCuts(const uint32_t* hist_tok, const uint32_t* hist_chk,
+                            const uint64_t (&need)[NC], const uint32_t (&room)[NC], CutScratch& x,
+                            uint32_t (&cut)[NC]) {
+  static_assert(NC >= 1 && NC <= 2, "cuts per call");
   constexpr uint32_t K = NB >= kThreads ? NB / kThreads : 1;  // bins per thread
   static_assert(NB % K == 0 && NB / K <= kThreads, "bins per thread");
   const uint32_t t = threadIdx.x, lane = t & 31, warp = t >> 5;
@@ -297,29 +305,42 @@ __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_ch
     x.warp_tok[warp] = it;
     x.warp_chk[warp] = ic;
   }
-  if (t == 0) x.first_fail = NB;
+  if (t < NC) x.first_fail[t] = NB;
   __syncthreads();
-  unsigned long long before_t = it - st;
-  uint32_t before_c = ic - sc;
+  unsigned long long before_t0 = it - st;
+  uint32_t before_c0 = ic - sc;
   for (uint32_t w = 0; w < warp; ++w) {
-    before_t += x.warp_tok[w];
-    before_c += x.warp_chk[w];
+    before_t0 += x.warp_tok[w];
+    before_c0 += x.warp_chk[w];
   }
   if (active) {
 #pragma unroll
-    for (uint32_t k = 0; k < K; ++k) {
-      if (!(before_t < need && before_c + bc[k] <= room)) {
-        atomicMin(&x.first_fail, t * K + k);
-        break;
+    for (int c = 0; c < NC; ++c) {
+      unsigned long long before_t = before_t0;
+      uint32_t before_c = before_c0;
+#pragma unroll
+      for (uint32_t k = 0; k < K; ++k) {
+        if (!(before_t < need[c] && before_c + bc[k] <= room[c])) {
+          atomicMin(&x.first_fail[c], t * K + k);
+          break;
+        }
+        before_t += bt[k];
+        before_c += bc[k];
       }
-      before_t += bt[k];
-      before_c += bc[k];
     }
   }
   __syncthreads();
-  const uint32_t cut = NB - x.first_fail;  // bins >= cut are taken
+#pragma unroll
+  for (int c = 0; c < NC; ++c) cut[c] = NB - x.first_fail[c];  // bins >= cut are taken
   __syncthreads();  // x may be reused
-  return cut;
+}
+
+template <uint32_t NB>
+__device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_chk, uint64_t need,
+                               uint32_t room, CutScratch& x) {
+  uint32_t cut[1];
+  TopBinsCuts<NB, 1>(hist_tok, hist_chk, {need}, {room}, x, cut);
+  return cut[0];
 }
 
 // Sorts the permutation sm.commit[0, n) of candidates best first (chain descending, then lower
@@ -327,19 +348,23 @@ __device__ uint32_t TopBinsCut(const uint32_t* hist_tok, const uint32_t* hist_ch
 // others (broadcast reads, one barrier) — a few hundred entries cost under a tenth of a bitonic
 // sort's barrier-separated stages; more by a bitonic sort padded to a power of two with
 // kTreeNone, which sorts last. The whole block.
-constexpr uint32_t kRankSortMax = kThreads;
+constexpr uint32_t kRankSortMax = kThreads;  // Smem::sort_chain holds one key per thread
 __device__ void SortCommits(Smem& sm, uint32_t n) {
   if (n <= kRankSortMax) {
     const uint32_t t = threadIdx.x;
-    uint32_t e = 0, rank = 0;
-    if (t < n) {
+    uint32_t e = 0, rank = 0, id = 0;
+    float4 c{};
+    if (t < n) {  // keys staged contiguously: the ranking loop reads them without an index hop
       e = sm.commit[t];
-      const float4 c = sm.cand_chain[e];
-      const uint32_t id = sm.cand_id[e];
-      for (uint32_t k = 0; k < n; ++k) {
-        const uint32_t o = sm.commit[k];
-        rank += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
-      }
+      c = sm.cand_chain[e];
+      id = sm.cand_id[e];
+      sm.sort_chain[t] = c;
+      sm.sort_id[t] = id;
+    }
+    __syncthreads();
+    if (t < n) {
+#pragma unroll 4
+      for (uint32_t k = 0; k < n; ++k) rank += Before(sm.sort_chain[k], sm.sort_id[k], c, id) ? 1u : 0u;
     }
     __syncthreads();
     if (t < n) sm.commit[rank] = e;
@@ -477,7 +502,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
     // flat tree: +inf), sizes.
     if (rank == 0) {
+      // The leaves' key range as they are listed: the first round's histogram needs no pass of
+      // its own (later rounds take the range of the leaves still unexpanded).
+      uint32_t leaf_lo = 0xffffffffu, leaf_hi = 0;
       auto add_leaf = [&](uint32_t n, const FlatTreeNode& node, float key) {
+        leaf_lo = min(leaf_lo, OrderedBits(key));
+        leaf_hi = max(leaf_hi, OrderedBits(key));
         const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
         if (at < kMaxLeaves) {
           sm.leaf_key[at] = key;
@@ -488,6 +518,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       if (tid == 0) {
+        sm.key_lo = 0xffffffffu;
+        sm.key_hi = 0;
         chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
         const FlatTreeNode root = tree.nodes[0];
         if (root.child_count & kTreeLeafBit) add_leaf(0, root, INFINITY);
@@ -529,6 +561,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncthreads();
       }
+      leaf_lo = __reduce_min_sync(0xffffffffu, leaf_lo);
+      leaf_hi = __reduce_max_sync(0xffffffffu, leaf_hi);
+      if (lane == 0 && leaf_lo <= leaf_hi) {
+        atomicMin(&sm.key_lo, leaf_lo);
+        atomicMax(&sm.key_hi, leaf_hi);
+      }
       if (tid == 0) {
         sm.expanded_tokens = 0;
         if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
@@ -556,13 +594,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t target = uint64_t{fr} * prm.budget_tokens + 1024;
     while (true) {
       uint32_t P = 0;
-      if (rank == 0) {
+      if (rank == 0 && (sm.status != 0 || sm.done)) {
+        if (tid == 0) sm.ctl = 0;  // the scan stopped: only the others need telling
+      } else if (rank == 0) {
         P = sm.cand_count;
         tq = GlobalTimer();
-        // 4a. Key range of the unexpanded leaves.
+        // 4a. Key range of the unexpanded leaves (the first round's was taken with the leaves).
+        const bool later = sm.rounds > 0;
         if (tid == 0) {
-          sm.key_lo = 0xffffffffu;
-          sm.key_hi = 0;
+          if (later) {
+            sm.key_lo = 0xffffffffu;
+            sm.key_hi = 0;
+          }
           sm.e_next_bits = 0;
           sm.n_commit = 0;
           sm.new_count = 0;
@@ -573,7 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncthreads();
         const bool go_on = sm.status == 0 && !sm.done;
-        if (go_on) {
+        if (go_on && later) {
           uint32_t klo = 0xffffffffu, khi = 0;
           for (uint32_t i = tid; i < L; i += kThreads) {
             if (sm.leaf_chunks[i] & kDone) continue;
@@ -657,6 +700,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncthreads();
         KVMEM_TRACE(9);
         if (tid == 0) {
+          sm.key_lo = 0xffffffffu;  // the leaves' range is read: now the commits' range
+          sm.key_hi = 0;
           sm.e_next = sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
           sm.ctl = round ? 1u : 0u;
           if (round) sm.rounds++;
@@ -716,12 +761,33 @@ __global__ void __launch_bounds__(kThreads, 1)
         t_score += Elapsed(tq);
         tq = GlobalTimer();
         // Commit: unconsumed entries above the next leaf's bottleneck.
+        // Their bottleneck range (for the slice's histogram) on the way.
         const float thr = sm.e_next;
+        uint32_t klo = 0xffffffffu, khi = 0;
         for (uint32_t i = tid; i < P + M; i += kThreads) {
-          if (!(sm.cand_tok[i] & kConsumed) && sm.cand_chain[i].x > thr) {
+          const float x = sm.cand_chain[i].x;
+          if (!(sm.cand_tok[i] & kConsumed) && x > thr) {
             sm.commit[atomicAdd(&sm.n_commit, 1u)] = i;
             sm.cand_tok[i] |= kConsumed;
+            klo = min(klo, OrderedBits(x));
+            khi = max(khi, OrderedBits(x));
           }
+        }
+        klo = __reduce_min_sync(0xffffffffu, klo);
+        khi = __reduce_max_sync(0xffffffffu, khi);
+        if (lane == 0 && klo <= khi) {
+          atomicMin(&sm.key_lo, klo);
+          atomicMax(&sm.key_hi, khi);
+        }
+        if (tid == 0) {
+          sm.n_rest = 0;
+          sm.slice_front = sm.slice_back = 0;
+          sm.more = 0;
+          sm.sure_count = sm.sure_tokens = 0;
+        }
+        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
         }
         __syncthreads();
         KVMEM_TRACE(14);
@@ -733,34 +799,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         // slice without stopping. The bins above the one where the remaining budget runs out
         // hold fewer tokens than remain, so every chunk in them fits when offered: the slice's
         // first sure_count entries are accepted at once rather than one by one.
-        if (tid == 0) {
-          sm.n_sort = C;
-          sm.n_rest = 0;
-          sm.key_lo = 0xffffffffu;
-          sm.key_hi = 0;
-          sm.slice_front = sm.slice_back = 0;
-          sm.more = 0;
-          sm.sure_count = sm.sure_tokens = 0;
-        }
-        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
-          sm.hist_tok[i] = 0;
-          sm.hist_chk[i] = 0;
-        }
-        __syncthreads();
+        if (tid == 0) sm.n_sort = C;  // read after the barrier that ends the slicing
         if (C > kSliceMin && slice_slack != kSliceOff) {
-          uint32_t klo = 0xffffffffu, khi = 0;
-          for (uint32_t i = tid; i < C; i += kThreads) {
-            const uint32_t o = OrderedBits(sm.cand_chain[sm.commit[i]].x);
-            klo = min(klo, o);
-            khi = max(khi, o);
-          }
-          klo = __reduce_min_sync(0xffffffffu, klo);
-          khi = __reduce_max_sync(0xffffffffu, khi);
-          if (lane == 0) {
-            atomicMin(&sm.key_lo, klo);
-            atomicMax(&sm.key_hi, khi);
-          }
-          __syncthreads();
           KVMEM_TRACE(15);
           const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
           const float width = hi - lo;
@@ -779,12 +819,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           KVMEM_TRACE(16);
           const uint32_t rem = sm.remaining;
           const uint32_t need = rem + (slice_slack ? slice_slack : rem / 16 + 512);
-          const uint32_t cut = TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk, need, kSliceMax, sm.cut);
           // Bins from `sure` up all fit (none when the selection could reach max_selected).
-          uint32_t sure = kHistBins;
-          if (sm.nsel + rem <= max_selected) {
-            sure = TopBinsCut<kHistBins>(sm.hist_tok, sm.hist_chk, rem, kMaxCand, sm.cut) + 1;
-          }
+          uint32_t cuts[2];
+          TopBinsCuts<kHistBins, 2>(sm.hist_tok, sm.hist_chk, {need, rem}, {kSliceMax, kMaxCand},
+                                    sm.cut, cuts);
+          const uint32_t cut = cuts[0];
+          const uint32_t sure = sm.nsel + rem <= max_selected ? cuts[1] + 1 : kHistBins;
           KVMEM_TRACE(17);
           if (cut < kHistBins && (cut > 0 || sure < kHistBins)) {
             uint32_t v[kSortCap / kThreads];
@@ -872,6 +912,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (warp == 0) {
             uint32_t remaining = sm.remaining, misfits = sm.misfits, nsel = sm.nsel;
             uint32_t sel_tokens = sm.sel_tokens;
+            const uint32_t max_misfits = prm.max_consecutive_misfits;
             bool done = false;
             for (uint32_t b0 = ns; b0 < C && !done; b0 += 32) {
               const uint32_t i = b0 + lane;
@@ -900,42 +941,42 @@ __global__ void __launch_bounds__(kThreads, 1)
                 if (mask) misfits = 0;
                 done = mask != 0 && remaining == 0;
               } else {
-                if (lane == 0) {
-                  const uint32_t n = min(32u, C - b0);
-                  for (uint32_t q = 0; q < n; ++q) {
-                    const uint32_t ee = order[b0 + q];
-                    const uint32_t t = sm.cand_tok[ee] & ~kConsumed;
-                    if (t == 0) continue;
-                    if (t > remaining) {
-                      if (++misfits >= prm.max_consecutive_misfits) {
-                        done = true;
-                        break;
-                      }
-                      continue;
-                    }
-                    if (nsel >= max_selected) {
+                // One by one near the end of the budget: every lane follows the same decisions
+                // (each entry's size by shuffle, no shared-memory round trip per entry), then
+                // the accepted lanes write their chunks at once.
+                const uint32_t n = min(32u, C - b0), nsel0 = nsel;
+                uint32_t acc = 0;
+                for (uint32_t q = 0; q < n; ++q) {
+                  const uint32_t t = __shfl_sync(0xffffffffu, tok, q);
+                  if (t == 0) continue;
+                  if (t > remaining) {
+                    if (++misfits >= max_misfits) {
                       done = true;
                       break;
                     }
-                    misfits = 0;
-                    remaining -= t;
-                    sel_tokens += t;
-                    const uint32_t c = sm.cand_id[ee];
-                    my_sel[nsel] = c;
-                    my_scores[nsel] = sm.cand_score[ee];
-                    atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
-                    ++nsel;
-                    if (remaining == 0) {
-                      done = true;
-                      break;
-                    }
+                    continue;
+                  }
+                  if (nsel >= max_selected) {
+                    done = true;
+                    break;
+                  }
+                  misfits = 0;
+                  remaining -= t;
+                  sel_tokens += t;
+                  acc |= 1u << q;
+                  ++nsel;
+                  if (remaining == 0) {
+                    done = true;
+                    break;
                   }
                 }
-                remaining = __shfl_sync(0xffffffffu, remaining, 0);
-                misfits = __shfl_sync(0xffffffffu, misfits, 0);
-                nsel = __shfl_sync(0xffffffffu, nsel, 0);
-                sel_tokens = __shfl_sync(0xffffffffu, sel_tokens, 0);
-                done = __shfl_sync(0xffffffffu, done ? 1 : 0, 0) != 0;
+                if ((acc >> lane) & 1u) {
+                  const uint32_t at = nsel0 + __popc(acc & ((1u << lane) - 1));
+                  const uint32_t c = sm.cand_id[e];
+                  my_sel[at] = c;
+                  my_scores[at] = sm.cand_score[e];
+                  atomicOr(&sm.bitmap[c >> 5], 1u << (c & 31));
+                }
               }
             }
             if (lane == 0) {
@@ -976,8 +1017,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (rank == 0) target = target * 8 / 5;
     }
-    // No rank reads another's shared memory past this point; the others may leave.
-    cluster.sync();
+    // The others leave after reading ctl, and rank 0 never writes ctl again: no cluster
+    // barrier is needed before rank 0 reuses its shared memory.
   }
   if (rank != 0) return;
   __syncthreads();
