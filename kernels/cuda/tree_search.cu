@@ -78,7 +78,7 @@ constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
 // kHistBins over the bottleneck range) that hold less than the remaining budget without sorting,
 // and sorts next those in the bins that hold the remaining budget + slack, at most kSliceMax
 // of them (their bitonic padding stays clear of the rest at the end of commit[]).
-constexpr uint32_t kSliceMin = 256, kSliceMax = 1024;
+constexpr uint32_t kSliceMin = 32, kSliceMax = 1024;
 constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit at once
 
 // TopBinsCut's shared-memory scratch.
@@ -98,6 +98,7 @@ struct Smem {
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
   uint32_t n_sort, n_rest, more, slice_front, slice_back;  // rank 0: the commit slices
   uint32_t sure_count, sure_tokens;  // rank 0: the slice's leading commits that all fit
+  uint32_t front_sorted;             // rank 0: the slice is in scan order already
   union {
     struct {  // rank 0: the leaf clusters
       float leaf_key[kMaxLeaves];
@@ -269,11 +270,12 @@ __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
 // bins are a prefix from the top: each thread checks its bins against block-wide prefix sums and
 // the first bin that fails marks the cut (what a warp walking 32 bins at a time from the top
 // found, in three barriers instead of up to NB / 32 dependent shuffle rounds; two cuts share the
-// sums and the barriers). `x` is its shared-memory scratch; every thread of the block must call it.
+// sums and the barriers). chunks_above (optional, may be hist_tok) gets each bin's chunks in the
+// bins above it. `x` is its shared-memory scratch; every thread of the block must call it.
 template <uint32_t NB, int NC>
 __device__ void TopBinsCuts(const uint32_t* hist_tok, const uint32_t* hist_chk,
                             const uint64_t (&need)[NC], const uint32_t (&room)[NC], CutScratch& x,
-                            uint32_t (&cut)[NC]) {
+                            uint32_t (&cut)[NC], uint32_t* chunks_above = nullptr) {
   static_assert(NC >= 1 && NC <= 2, "cuts per call");
   constexpr uint32_t K = NB >= kThreads ? NB / kThreads : 1;  // bins per thread
   static_assert(NB % K == 0 && NB / K <= kThreads, "bins per thread");
@@ -312,6 +314,14 @@ __device__ void TopBinsCuts(const uint32_t* hist_tok, const uint32_t* hist_chk,
   for (uint32_t w = 0; w < warp; ++w) {
     before_t0 += x.warp_tok[w];
     before_c0 += x.warp_chk[w];
+  }
+  if (active && chunks_above != nullptr) {  // may overwrite hist_tok: every thread has read it
+    uint32_t a = before_c0;
+#pragma unroll
+    for (uint32_t k = 0; k < K; ++k) {
+      chunks_above[NB - 1 - (t * K + k)] = a;
+      a += bc[k];
+    }
   }
   if (active) {
 #pragma unroll
@@ -784,6 +794,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.slice_front = sm.slice_back = 0;
           sm.more = 0;
           sm.sure_count = sm.sure_tokens = 0;
+          sm.front_sorted = 0;
         }
         for (uint32_t i = tid; i < kHistBins; i += kThreads) {
           sm.hist_tok[i] = 0;
@@ -821,35 +832,66 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t need = rem + (slice_slack ? slice_slack : rem / 16 + 512);
           // Bins from `sure` up all fit (none when the selection could reach max_selected).
           uint32_t cuts[2];
+          uint32_t* above = sm.hist_tok;  // each bin's commits in the bins above it
           TopBinsCuts<kHistBins, 2>(sm.hist_tok, sm.hist_chk, {need, rem}, {kSliceMax, kMaxCand},
-                                    sm.cut, cuts);
+                                    sm.cut, cuts, above);
           const uint32_t cut = cuts[0];
           const uint32_t sure = sm.nsel + rem <= max_selected ? cuts[1] + 1 : kHistBins;
+          const uint32_t front = min(cut, sure);  // the slice: bins >= front
           KVMEM_TRACE(17);
-          if (cut < kHistBins && (cut > 0 || sure < kHistBins)) {
-            uint32_t v[kSortCap / kThreads];
+          if (front < kHistBins) {
+            // Bucket sort of the slice: each commit goes to its bin's range of commit[] (bins
+            // from the top), then takes its place in the range by counting the bin's entries
+            // before it (a few per bin); the rest go to the end of commit[].
+            constexpr int kPer = static_cast<int>(kSortCap / kThreads);
+            uint32_t v[kPer];
 #pragma unroll
-            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+            for (int u = 0; u < kPer; ++u) {
               const uint32_t k = tid + u * kThreads;
               v[u] = k < C ? sm.commit[k] : kTreeNone;
             }
             __syncthreads();
+            const uint32_t n_front = front > 0 ? above[front - 1] : C;
 #pragma unroll
-            for (int u = 0; u < static_cast<int>(kSortCap / kThreads); ++u) {
+            for (int u = 0; u < kPer; ++u) {
               const uint32_t e = v[u];
               if (e == kTreeNone) continue;
               const uint32_t b = sbin(sm.cand_chain[e].x);
-              if (b >= cut || b >= sure) {
-                sm.commit[atomicAdd(&sm.slice_front, 1u)] = e;
+              if (b >= front) {
+                sm.commit[above[b] + atomicSub(&sm.hist_chk[b], 1u) - 1] = e;
                 if (b >= sure) atomicAdd(&sm.sure_count, 1u);
               } else {
                 sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
               }
             }
             __syncthreads();
+            uint32_t rank[kPer];
+#pragma unroll
+            for (int u = 0; u < kPer; ++u) {
+              const uint32_t i = tid + u * kThreads;
+              v[u] = i < n_front ? sm.commit[i] : kTreeNone;
+              rank[u] = i;
+              if (v[u] == kTreeNone) continue;
+              const float4 c = sm.cand_chain[v[u]];
+              const uint32_t id = sm.cand_id[v[u]];
+              const uint32_t b = sbin(c.x);
+              const uint32_t lo = above[b], hi = b > 0 ? above[b - 1] : C;
+              uint32_t r = lo;
+              for (uint32_t k = lo; k < hi; ++k) {
+                const uint32_t o = sm.commit[k];
+                r += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
+              }
+              rank[u] = r;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int u = 0; u < kPer; ++u) {
+              if (v[u] != kTreeNone) sm.commit[rank[u]] = v[u];
+            }
             if (tid == 0) {
-              sm.n_sort = sm.slice_front;
+              sm.n_sort = n_front;
               sm.n_rest = sm.slice_back;
+              sm.front_sorted = 1;
             }
           }
         }
@@ -860,7 +902,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint32_t n = 0;  // entries of this slice: commit[0, n)
         if (rank == 0) {
           n = sm.n_sort;
-          SortCommits(sm, n);
+          if (slice > 0 || !sm.front_sorted) SortCommits(sm, n);
         }
         if (rank == 0) {
           const uint32_t* order = sm.commit;
@@ -1111,6 +1153,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t c = my_sel[i];
     sm.sel_id[i] = c;
     sm.sel_len[i] = tree.chunk_tokens[c];
+    // Its K/V block offset is read when the runs are written: into L1 now.
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(task.chunk_block + c));
   }
   __syncthreads();
   KVMEM_TRACE(24);
