@@ -193,7 +193,9 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
 
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
 // before the sums). row(i) gives row i's address, done(i, dot) runs on the group's lane 0.
-// Every thread of the block must call it; it ends with a barrier.
+// Rows are in the device tree's interleaved layout (DeviceTree::Sync): lane j's elements
+// j, j + 8, ... are contiguous, so it loads them with 16-byte loads and sums them in the CPU's
+// order. Every thread of the block must call it; it ends with a barrier.
 template <int D, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
                                           int warp, RowF row, DoneF done) {
@@ -204,9 +206,15 @@ __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
-      const float* b = row(i < count ? i : 0);
+      const float4* b = reinterpret_cast<const float4*>(row(i < count ? i : 0) + j * (D / 8));
 #pragma unroll
-      for (int q = 0; q < D / 8; ++q) v[u][q] = b[8 * q + j];
+      for (int q = 0; q < D / 32; ++q) {
+        const float4 x = b[q];
+        v[u][4 * q] = x.x;
+        v[u][4 * q + 1] = x.y;
+        v[u][4 * q + 2] = x.z;
+        v[u][4 * q + 3] = x.w;
+      }
     }
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
@@ -865,6 +873,16 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
             __syncthreads();
+            // The slice's keys contiguous (when they fit the staging): a bin can hold many
+            // entries of one bottleneck (chunks under the same weakest node), and the ranking
+            // loop then reads them without an index hop.
+            const bool staged = n_front <= kThreads;
+            if (staged && static_cast<uint32_t>(tid) < n_front) {
+              const uint32_t e = sm.commit[tid];
+              sm.sort_chain[tid] = sm.cand_chain[e];
+              sm.sort_id[tid] = sm.cand_id[e];
+            }
+            __syncthreads();
             uint32_t rank[kPer];
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
@@ -877,9 +895,14 @@ __global__ void __launch_bounds__(kThreads, 1)
               const uint32_t b = sbin(c.x);
               const uint32_t lo = above[b], hi = b > 0 ? above[b - 1] : C;
               uint32_t r = lo;
-              for (uint32_t k = lo; k < hi; ++k) {
-                const uint32_t o = sm.commit[k];
-                r += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
+              if (staged) {
+#pragma unroll 4
+                for (uint32_t k = lo; k < hi; ++k) r += Before(sm.sort_chain[k], sm.sort_id[k], c, id) ? 1u : 0u;
+              } else {
+                for (uint32_t k = lo; k < hi; ++k) {
+                  const uint32_t o = sm.commit[k];
+                  r += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
+                }
               }
               rank[u] = r;
             }
@@ -1515,7 +1538,20 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   const size_t have = chunks_, total = host.num_chunks;
   const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
   const size_t add = total > have ? total - have : 0;
-  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, host.chunk_centroids.data() + skip * D,
+  if (D % 32 != 0) return InvalidArgument("device tree: head_dim " + std::to_string(D));
+  // Centroid rows interleaved for the search's 8-lane dot products: element 8q + j at
+  // j * D/8 + q. (The staging copy is pageable: each upload has read it when it returns.)
+  auto interleave = [&](const float* src, size_t rows) {
+    staging_.resize(rows * D);
+    const uint32_t per = D / 8;
+    for (size_t r = 0; r < rows; ++r) {
+      for (uint32_t q = 0; q < per; ++q) {
+        for (uint32_t j = 0; j < 8; ++j) staging_[r * D + j * per + q] = src[r * D + 8 * q + j];
+      }
+    }
+    return staging_.data();
+  };
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, interleave(host.chunk_centroids.data() + skip * D, add),
                                sizeof(float) * D, have, add, total));
   KVMEM_RETURN_IF_ERROR(upload(&chunk_radius_, host.chunk_radius.data() + skip, sizeof(float),
                                have, add, total));
@@ -1524,8 +1560,8 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   KVMEM_RETURN_IF_ERROR(upload(&chunk_start_, host.chunk_start.data() + skip, sizeof(uint64_t),
                                have, add, total));
   const size_t nodes = host.nodes.size();
-  KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, host.node_centroids.data(), sizeof(float) * D, 0,
-                               nodes, nodes));
+  KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, interleave(host.node_centroids.data(), nodes),
+                               sizeof(float) * D, 0, nodes, nodes));
   KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
   KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,
                                host.leaf_chunks.size(), host.leaf_chunks.size()));
