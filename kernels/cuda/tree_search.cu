@@ -152,6 +152,19 @@ struct Smem {
 constexpr int kTracePoints = 28;
 __device__ int g_trace_prints = 0;
 
+// A slot from *counter for each lane where `pred` holds, in lane order, with one atomic per
+// warp (shared-memory atomics on one address from every thread serialise). Every lane of the
+// warp must call it.
+__device__ __forceinline__ uint32_t WarpSlot(uint32_t* counter, bool pred) {
+  const uint32_t mask = __ballot_sync(0xffffffffu, pred), lane = threadIdx.x & 31;
+  if (mask == 0) return 0;
+  const uint32_t leader = __ffs(mask) - 1;
+  uint32_t base = 0;
+  if (lane == leader) base = atomicAdd(counter, __popc(mask));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  return base + __popc(mask & ((1u << lane) - 1));
+}
+
 // Lexicographic "a before b": chains descending, then lower id.
 __device__ __forceinline__ bool Before(const float4& a, uint32_t ia, const float4& b,
                                        uint32_t ib) {
@@ -193,9 +206,9 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
 
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
 // before the sums). row(i) gives row i's address, done(i, dot) runs on the group's lane 0.
-// Rows are in the device tree's interleaved layout (DeviceTree::Sync): lane j's elements
-// j, j + 8, ... are contiguous, so it loads them with 16-byte loads and sums them in the CPU's
-// order. Every thread of the block must call it; it ends with a barrier.
+// Rows are in the device tree's interleaved layout (DeviceTree::Sync): the q-th float4 of lane j
+// holds its elements 8m + j for m = 4q .. 4q + 3, so a group's 16-byte loads cover 128
+// contiguous bytes each and every lane sums its elements in the CPU's order. Every thread of the block must call it; it ends with a barrier.
 template <int D, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
                                           int warp, RowF row, DoneF done) {
@@ -206,10 +219,10 @@ __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
-      const float4* b = reinterpret_cast<const float4*>(row(i < count ? i : 0) + j * (D / 8));
+      const float4* b = reinterpret_cast<const float4*>(row(i < count ? i : 0));
 #pragma unroll
       for (int q = 0; q < D / 32; ++q) {
-        const float4 x = b[q];
+        const float4 x = b[8 * q + j];  // the 8 lanes of a group read 128 contiguous bytes
         v[u][4 * q] = x.x;
         v[u][4 * q + 1] = x.y;
         v[u][4 * q + 2] = x.z;
@@ -523,10 +536,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The leaves' key range as they are listed: the first round's histogram needs no pass of
       // its own (later rounds take the range of the leaves still unexpanded).
       uint32_t leaf_lo = 0xffffffffu, leaf_hi = 0;
-      auto add_leaf = [&](uint32_t n, const FlatTreeNode& node, float key) {
+      auto add_leaf_at = [&](uint32_t at, uint32_t n, const FlatTreeNode& node, float key) {
         leaf_lo = min(leaf_lo, OrderedBits(key));
         leaf_hi = max(leaf_hi, OrderedBits(key));
-        const uint32_t at = atomicAdd(&sm.leaf_count, 1u);
         if (at < kMaxLeaves) {
           sm.leaf_key[at] = key;
           sm.leaf_idx[at] = n;
@@ -540,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.key_hi = 0;
         chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
         const FlatTreeNode root = tree.nodes[0];
-        if (root.child_count & kTreeLeafBit) add_leaf(0, root, INFINITY);
+        if (root.child_count & kTreeLeafBit) add_leaf_at(atomicAdd(&sm.leaf_count, 1u), 0, root, INFINITY);
       }
       // Up to kMaxCand nodes: every node's score and links staged in shared memory first (the
       // pool's arrays, free until the rounds) in one pass of independent loads, so each level
@@ -562,20 +574,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       KVMEM_TRACE(4);
       for (uint32_t l = 1; l < tree.num_levels; ++l) {
         const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
-        for (uint32_t n = lb + tid; n < le; n += kThreads) {
-          if (staged) {
-            const FlatTreeNode node{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.node_tokens[n]};
-            const float4 c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
+        for (uint32_t n0 = lb; n0 < le; n0 += kThreads) {
+          const uint32_t n = n0 + tid;
+          FlatTreeNode node{};
+          float4 c{};
+          if (n < le && staged) {
+            node = FlatTreeNode{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.node_tokens[n]};
+            c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
             sm.cand_chain[n] = c;
             chains[n] = c;
-            if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
-          } else {
-            const FlatTreeNode node = tree.nodes[n];
-            const float sc = chains[n].x;
-            const float4 c = Extend(chains[node.parent], sc);
+          } else if (n < le) {
+            node = tree.nodes[n];
+            c = Extend(chains[node.parent], chains[n].x);
             chains[n] = c;
-            if (node.child_count & kTreeLeafBit) add_leaf(n, node, c.x);
           }
+          const bool leaf = n < le && (node.child_count & kTreeLeafBit);
+          const uint32_t at = WarpSlot(&sm.leaf_count, leaf);
+          if (leaf) add_leaf_at(at, n, node, c.x);
         }
         __syncthreads();
       }
@@ -782,10 +797,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Their bottleneck range (for the slice's histogram) on the way.
         const float thr = sm.e_next;
         uint32_t klo = 0xffffffffu, khi = 0;
-        for (uint32_t i = tid; i < P + M; i += kThreads) {
-          const float x = sm.cand_chain[i].x;
-          if (!(sm.cand_tok[i] & kConsumed) && x > thr) {
-            sm.commit[atomicAdd(&sm.n_commit, 1u)] = i;
+        for (uint32_t i0 = 0; i0 < P + M; i0 += kThreads) {
+          const uint32_t i = i0 + tid;
+          const float x = i < P + M ? sm.cand_chain[i].x : kNegInf;
+          const bool take = i < P + M && !(sm.cand_tok[i] & kConsumed) && x > thr;
+          const uint32_t at = WarpSlot(&sm.n_commit, take);
+          if (take) {
+            sm.commit[at] = i;
             sm.cand_tok[i] |= kConsumed;
             klo = min(klo, OrderedBits(x));
             khi = max(khi, OrderedBits(x));
@@ -862,14 +880,23 @@ __global__ void __launch_bounds__(kThreads, 1)
             const uint32_t n_front = front > 0 ? above[front - 1] : C;
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
+              // Warp-aggregated slots: one shared-memory atomic per warp (per bin in the
+              // slice), not one per commit on the same few counters.
               const uint32_t e = v[u];
-              if (e == kTreeNone) continue;
-              const uint32_t b = sbin(sm.cand_chain[e].x);
-              if (b >= front) {
-                sm.commit[above[b] + atomicSub(&sm.hist_chk[b], 1u) - 1] = e;
-                if (b >= sure) atomicAdd(&sm.sure_count, 1u);
-              } else {
-                sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
+              const uint32_t b = e != kTreeNone ? sbin(sm.cand_chain[e].x) : 0;
+              const bool in_front = e != kTreeNone && b >= front;
+              const bool in_rest = e != kTreeNone && b < front;
+              const uint32_t sure_mask = __ballot_sync(0xffffffffu, in_front && b >= sure);
+              if (lane == 0 && sure_mask) atomicAdd(&sm.sure_count, __popc(sure_mask));
+              const uint32_t back = WarpSlot(&sm.slice_back, in_rest);
+              if (in_rest) sm.commit[kSortCap - 1 - back] = e;
+              const uint32_t peers = __match_any_sync(0xffffffffu, in_front ? b : kHistBins);
+              if (in_front) {
+                const uint32_t k = __popc(peers), leader = __ffs(peers) - 1;
+                uint32_t old = 0;
+                if (static_cast<uint32_t>(lane) == leader) old = atomicSub(&sm.hist_chk[b], k);
+                old = __shfl_sync(peers, old, leader);
+                sm.commit[above[b] + old - k + __popc(peers & ((1u << lane) - 1))] = e;
               }
             }
             __syncthreads();
@@ -1539,14 +1566,18 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
   const size_t add = total > have ? total - have : 0;
   if (D % 32 != 0) return InvalidArgument("device tree: head_dim " + std::to_string(D));
-  // Centroid rows interleaved for the search's 8-lane dot products: element 8q + j at
-  // j * D/8 + q. (The staging copy is pageable: each upload has read it when it returns.)
+  // Centroid rows interleaved for the search's 8-lane dot products (ScoreRows): element
+  // 8(4q + k) + j at 32q + 4j + k, so lane j's q-th float4 holds its next four elements. (The
+  // staging copy is pageable: each upload has read it when it returns.)
   auto interleave = [&](const float* src, size_t rows) {
     staging_.resize(rows * D);
-    const uint32_t per = D / 8;
     for (size_t r = 0; r < rows; ++r) {
-      for (uint32_t q = 0; q < per; ++q) {
-        for (uint32_t j = 0; j < 8; ++j) staging_[r * D + j * per + q] = src[r * D + 8 * q + j];
+      for (uint32_t q = 0; q < D / 32; ++q) {
+        for (uint32_t j = 0; j < 8; ++j) {
+          for (uint32_t k = 0; k < 4; ++k) {
+            staging_[r * D + 32 * q + 4 * j + k] = src[r * D + 8 * (4 * q + k) + j];
+          }
+        }
       }
     }
     return staging_.data();
