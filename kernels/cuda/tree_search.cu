@@ -463,6 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool trace_on = kTrace && rank == 0 && tid == 0 && task_index == 0;
   long long tr[kTracePoints] = {};
   bool first_round_trace = true;
+  uint32_t dbg[5] = {};  // the first slice: commits, its entries, sure, largest bin, bins
 #define KVMEM_TRACE(k)                                   \
   do {                                                   \
     if (kTrace && trace_on && first_round_trace) tr[k] = clock64(); \
@@ -943,6 +944,16 @@ __global__ void __launch_bounds__(kThreads, 1)
               sm.n_rest = sm.slice_back;
               sm.front_sorted = 1;
             }
+            if (kTrace && trace_on && first_round_trace) {
+              dbg[0] = C;
+              dbg[1] = n_front;
+              dbg[2] = sm.sure_count;
+              for (uint32_t b = front; b < kHistBins; ++b) {
+                const uint32_t k = (b > 0 ? above[b - 1] : C) - above[b];
+                dbg[3] = max(dbg[3], k);
+                dbg[4] += k > 0 ? 1u : 0u;
+              }
+            }
           }
         }
         __syncthreads();
@@ -1322,7 +1333,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (kTrace && trace_on && atomicAdd(&g_trace_prints, 1) < 3) {
     printf("search trace (cycles since the previous point; first round), N=%u:", N);
     for (int k = 1; k < kTracePoints; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
-    printf(" total %lld cycles, %llu ns\n", tr[27] - tr[0], (unsigned long long)Elapsed(stamp[0]));
+    printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u largest bin %u bins %u\n",
+           tr[27] - tr[0], (unsigned long long)Elapsed(stamp[0]), dbg[0], dbg[1], dbg[2], dbg[3], dbg[4]);
   }
 #undef KVMEM_TRACE
   if (tid == 0) {
