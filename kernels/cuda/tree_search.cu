@@ -149,7 +149,7 @@ struct Smem {
   uint32_t scan_tmp[32];
 };
 
-constexpr int kTracePoints = 28;
+constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
 
 // A slot from *counter for each lane where `pred` holds, in lane order, with one atomic per
@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool trace_on = kTrace && rank == 0 && tid == 0 && task_index == 0;
   long long tr[kTracePoints] = {};
   bool first_round_trace = true;
-  uint32_t dbg[5] = {};  // the first slice: commits, its entries, sure, largest bin, bins
+  uint32_t dbg[3] = {};  // the first slice: commits, its entries, sure
 #define KVMEM_TRACE(k)                                   \
   do {                                                   \
     if (kTrace && trace_on && first_round_trace) tr[k] = clock64(); \
@@ -901,6 +901,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
             __syncthreads();
+            KVMEM_TRACE(28);
             // The slice's keys contiguous (when they fit the staging): a bin can hold many
             // entries of one bottleneck (chunks under the same weakest node), and the ranking
             // loop then reads them without an index hop.
@@ -911,6 +912,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               sm.sort_id[tid] = sm.cand_id[e];
             }
             __syncthreads();
+            KVMEM_TRACE(29);
             uint32_t rank[kPer];
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
@@ -935,6 +937,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               rank[u] = r;
             }
             __syncthreads();
+            KVMEM_TRACE(30);
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
               if (v[u] != kTreeNone) sm.commit[rank[u]] = v[u];
@@ -948,11 +951,6 @@ __global__ void __launch_bounds__(kThreads, 1)
               dbg[0] = C;
               dbg[1] = n_front;
               dbg[2] = sm.sure_count;
-              for (uint32_t b = front; b < kHistBins; ++b) {
-                const uint32_t k = (b > 0 ? above[b - 1] : C) - above[b];
-                dbg[3] = max(dbg[3], k);
-                dbg[4] += k > 0 ? 1u : 0u;
-              }
             }
           }
         }
@@ -1332,9 +1330,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   KVMEM_TRACE(27);
   if (kTrace && trace_on && atomicAdd(&g_trace_prints, 1) < 3) {
     printf("search trace (cycles since the previous point; first round), N=%u:", N);
-    for (int k = 1; k < kTracePoints; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
-    printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u largest bin %u bins %u\n",
-           tr[27] - tr[0], (unsigned long long)Elapsed(stamp[0]), dbg[0], dbg[1], dbg[2], dbg[3], dbg[4]);
+    for (int k = 1; k < 28; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
+    printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld\n",
+           tr[27] - tr[0], (unsigned long long)Elapsed(stamp[0]), dbg[0], dbg[1], dbg[2],
+           tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30]);
   }
 #undef KVMEM_TRACE
   if (tid == 0) {
