@@ -166,13 +166,13 @@ __device__ __forceinline__ uint32_t WarpSlot(uint32_t* counter, bool pred) {
 }
 
 // Lexicographic "a before b": chains descending, then lower id.
+// Branch-free: the lanes of a warp compare different pairs and would otherwise diverge.
 __device__ __forceinline__ bool Before(const float4& a, uint32_t ia, const float4& b,
                                        uint32_t ib) {
-  if (a.x != b.x) return a.x > b.x;
-  if (a.y != b.y) return a.y > b.y;
-  if (a.z != b.z) return a.z > b.z;
-  if (a.w != b.w) return a.w > b.w;
-  return ia < ib;
+  const bool w = a.w > b.w || (a.w == b.w && ia < ib);
+  const bool z = a.z > b.z || (a.z == b.z && w);
+  const bool y = a.y > b.y || (a.y == b.y && z);
+  return a.x > b.x || (a.x == b.x && y);
 }
 
 // chain(path + s), -inf padded.
@@ -753,14 +753,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t per = (M + N - 1) / N;
       const uint32_t lo = min(M, rank * per), cnt = min(M, lo + per) - lo, base = P + lo;
       const uint64_t t_look = GlobalTimer();
-      for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
-        const uint32_t owner = s0.cand_tok[t];
-        const uint32_t first = s0.leaf_tokens[owner];
-        const uint32_t c = tree.leaf_chunks[s0.leaf_child_begin[owner] + (t - first)];
-        sm.cand_id[t] = c;
-        sm.cand_chain[t] = chains[s0.leaf_idx[owner]];  // extended by the score below
-        sm.cand_score[t] = tree.chunk_radius[c];         // replaced by the score below
-        sm.cand_tok[t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], prm.skip_tokens_below);
+      // Up to kLook entries per thread in flight: each step's loads for all of them before
+      // the next step's (owner, then its leaf, then the chunk), not one entry's chain at a time.
+      constexpr int kLook = 4;
+      const uint32_t skip_below = prm.skip_tokens_below;
+      for (uint32_t t0 = base; t0 < base + cnt; t0 += kLook * kThreads) {
+        uint32_t owner[kLook], at[kLook], lidx[kLook], c[kLook];
+#pragma unroll
+        for (int u = 0; u < kLook; ++u) {
+          const uint32_t t = t0 + tid + u * kThreads;
+          owner[u] = t < base + cnt ? s0.cand_tok[t] : kTreeNone;
+        }
+#pragma unroll
+        for (int u = 0; u < kLook; ++u) {
+          if (owner[u] == kTreeNone) continue;
+          const uint32_t t = t0 + tid + u * kThreads;
+          at[u] = s0.leaf_child_begin[owner[u]] + (t - s0.leaf_tokens[owner[u]]);
+          lidx[u] = s0.leaf_idx[owner[u]];
+        }
+#pragma unroll
+        for (int u = 0; u < kLook; ++u) {
+          if (owner[u] != kTreeNone) c[u] = tree.leaf_chunks[at[u]];
+        }
+#pragma unroll
+        for (int u = 0; u < kLook; ++u) {
+          if (owner[u] == kTreeNone) continue;
+          const uint32_t t = t0 + tid + u * kThreads;
+          sm.cand_id[t] = c[u];
+          sm.cand_chain[t] = chains[lidx[u]];  // extended by the score below
+          sm.cand_score[t] = tree.chunk_radius[c[u]];  // replaced by the score below
+          sm.cand_tok[t] = CountedTokens(tree.chunk_start[c[u]], tree.chunk_tokens[c[u]], skip_below);
+        }
       }
       __syncthreads();
       KVMEM_TRACE(11);
@@ -881,6 +904,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const uint32_t n_front = front > 0 ? above[front - 1] : C;
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
+              if (u * kThreads >= C) break;  // uniform
               // Warp-aggregated slots: one shared-memory atomic per warp (per bin in the
               // slice), not one per commit on the same few counters.
               const uint32_t e = v[u];
@@ -919,6 +943,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               const uint32_t i = tid + u * kThreads;
               v[u] = i < n_front ? sm.commit[i] : kTreeNone;
               rank[u] = i;
+              if (u * kThreads >= n_front) continue;
               if (v[u] == kTreeNone) continue;
               const float4 c = sm.cand_chain[v[u]];
               const uint32_t id = sm.cand_id[v[u]];
