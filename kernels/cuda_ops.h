@@ -267,7 +267,7 @@ struct SearchAttendPlan {
   size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, results_off = 0,
          selected_off = 0, scores_off = 0, scratch_off = 0, partials_off = 0;
   // Thread blocks per (problem, KV head) in LaunchTreeSearch: one thread-block cluster shares
-  // each search (1, 2, 4, 8 or 16). 0: the largest whose clusters all fit the device at once
+  // each search (1 to 16). 0: the largest whose clusters all fit the device at once
   // (KVMEM_SEARCH_CLUSTER in the environment overrides it, for A/B timing). The selection is
   // the same for every size.
   // Default: 0

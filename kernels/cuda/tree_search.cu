@@ -454,6 +454,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t* my_sel = selected + size_t{task_index} * max_selected;
   float* my_scores = sel_scores + size_t{task_index} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
+  // Rank 0: the first and last kThreads chunks' starts and sizes (sinks and the recent window
+  // for the runs), loaded now so their latency hides behind the search.
+  const uint32_t lim = min(num_chunks, static_cast<uint32_t>(kThreads));
+  uint64_t head_st = 0, back_st = 0;
+  uint32_t head_tok = 0, back_tok = 0;
+  if (rank == 0 && static_cast<uint32_t>(tid) < lim) {
+    head_st = tree.chunk_start[tid];
+    back_st = tree.chunk_start[num_chunks - 1 - tid];
+    head_tok = tree.chunk_tokens[tid];
+    back_tok = tree.chunk_tokens[num_chunks - 1 - tid];
+  }
   // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
   // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -892,7 +903,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (front < kHistBins) {
             // Bucket sort of the slice: each commit goes to its bin's range of commit[] (bins
             // from the top), then takes its place in the range by counting the bin's entries
-            // before it (a few per bin); the rest go to the end of commit[].
+            // before it (a few dozen at most per bin): in scan order below `sure`, by chunk id
+            // within the sure bins (accepted whole); the rest go to the end of commit[].
             constexpr int kPer = static_cast<int>(kSortCap / kThreads);
             uint32_t v[kPer];
 #pragma unroll
@@ -950,7 +962,10 @@ __global__ void __launch_bounds__(kThreads, 1)
               const uint32_t b = sbin(c.x);
               const uint32_t lo = above[b], hi = b > 0 ? above[b - 1] : C;
               uint32_t r = lo;
-              if (staged) {
+              if (staged && b >= sure) {
+                // All of a sure bin is accepted: any fixed order will do (chunk ids).
+                for (uint32_t k = lo; k < hi; ++k) r += sm.sort_id[k] < id ? 1u : 0u;
+              } else if (staged) {
 #pragma unroll 4
                 for (uint32_t k = lo; k < hi; ++k) r += Before(sm.sort_chain[k], sm.sort_id[k], c, id) ? 1u : 0u;
               } else {
@@ -1156,22 +1171,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t H = task.kv_heads, h = task.kv_head;
   if (tid == 0) sm.run_count = 0;
   // Sink chunks are a prefix and recent chunks a suffix of the chunks (ids follow token order):
-  // the first and last kThreads chunks' starts and sizes are loaded at once (one round trip
-  // instead of thread 0's dependent loads), and both counted.
-  const uint32_t lim = min(num_chunks, static_cast<uint32_t>(kThreads));
+  // the first and last kThreads chunks' starts and sizes (loaded at the start) go to shared
+  // memory for thread 0, and both are counted.
   {
     const uint32_t S = task.sink_tokens;
     bool ps = false, pr = false;
     if (static_cast<uint32_t>(tid) < lim) {
-      const uint32_t rc = num_chunks - 1 - tid;
-      const uint64_t hs = tree.chunk_start[tid], bs = tree.chunk_start[rc];
-      const uint32_t ht = tree.chunk_tokens[tid], bt = tree.chunk_tokens[rc];
-      sm.head_start[tid] = hs;
-      sm.head_tokens[tid] = ht;
-      sm.back_start[tid] = bs;
-      sm.back_tokens[tid] = bt;
-      ps = hs < S;
-      pr = bs + bt > task.recent_from;
+      sm.head_start[tid] = head_st;
+      sm.head_tokens[tid] = head_tok;
+      sm.back_start[tid] = back_st;
+      sm.back_tokens[tid] = back_tok;
+      ps = head_st < S;
+      pr = back_st + back_tok > task.recent_from;
     }
     const uint32_t n_s = __syncthreads_count(ps), n_r = __syncthreads_count(pr);
     if (tid == 0) {
@@ -1407,18 +1418,20 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
   if (forced != 0) return forced;
   if (const char* e = std::getenv("KVMEM_SEARCH_CLUSTER")) {
     const int v = std::atoi(e);
-    if (v == 1 || v == 2 || v == 4 || v == 8 || v == 16) return static_cast<uint32_t>(v);
+    if (v >= 1 && v <= 16) return static_cast<uint32_t>(v);
   }
+  // Any size (not only powers of two): one batch-1 layer (8 tasks) gets the most SMs whose
+  // clusters all run at once (12 x 8 of the H200's 132 where 16 x 8 do not fit).
   static const auto max_clusters = [] {
-    std::array<int, 5> n{};  // sizes 1, 2, 4, 8, 16
+    std::array<int, 17> n{};  // by size
     if (PrepareSearchKernel<D>() != cudaSuccess) return n;
-    for (int i = 0; i < 5; ++i) {
-      n[i] = MaxActiveClusters(TreeSearchKernel<D, false>, 1u << i, kThreads, sizeof(Smem));
+    for (uint32_t c = 1; c <= 16; ++c) {
+      n[c] = MaxActiveClusters(TreeSearchKernel<D, false>, c, kThreads, sizeof(Smem));
     }
     return n;
   }();
-  for (int i = 4; i >= 1; --i) {
-    if (max_clusters[i] >= static_cast<int>(tasks)) return 1u << i;
+  for (uint32_t c = 16; c >= 2; --c) {
+    if (max_clusters[c] >= static_cast<int>(tasks)) return c;
   }
   return 1;
 }
@@ -1452,7 +1465,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
   static_assert(kSmem <= 227 * 1024, "search state must fit one SM's shared memory");
   KVMEM_CUDA_RETURN_IF_ERROR(PrepareSearchKernel<D>());
   const uint32_t n = ClusterSize<D>(plan.num_tasks, plan.cluster_size);
-  if (n == 0 || n > 16 || (n & (n - 1)) != 0) {
+  if (n == 0 || n > 16) {
     return InvalidArgument("tree search: cluster size " + std::to_string(n));
   }
   cudaLaunchConfig_t cfg{};
