@@ -1253,50 +1253,66 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   KVMEM_TRACE(24);
-  if (warp == 0 && sm.status == 0) {
+  // Selected chunks outside the sink and recent pieces after the special runs, then the tail,
+  // and the exclusive token prefix: the whole block, 512 at a time (per-warp counts in scan_tmp).
+  if (sm.status == 0) {
     const uint32_t s_end = sm.scan_tmp[0], r_first = sm.scan_tmp[1];
     uint32_t n = sm.run_count;
-    for (uint32_t b0 = 0; b0 < nsel_all; b0 += 32) {
-      const uint32_t i = b0 + lane;
+    __syncthreads();  // scan_tmp is read: now the per-warp counts
+    auto block_count = [&](uint32_t x, uint32_t* total) {  // exclusive prefix of x over the block
+      uint32_t pre = x;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, pre, off);
+        if (lane >= off) pre += y;
+      }
+      if (lane == 31) sm.scan_tmp[warp] = pre;
+      __syncthreads();
+      uint32_t before = 0, all = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        const uint32_t c = sm.scan_tmp[w];
+        before += w < warp ? c : 0;
+        all += c;
+      }
+      __syncthreads();  // scan_tmp may be reused
+      *total = all;
+      return before + pre - x;
+    };
+    for (uint32_t b0 = 0; b0 < nsel_all; b0 += kThreads) {
+      const uint32_t i = b0 + tid;
       const uint32_t c = i < nsel_all ? sm.sel_id[i] : 0;
       const bool keep = i < nsel_all && c >= s_end && c < r_first;
-      const uint32_t mask = __ballot_sync(0xffffffffu, keep);
-      const uint32_t at = n + __popc(mask & ((1u << lane) - 1));
+      uint32_t total;
+      const uint32_t at = n + block_count(keep ? 1u : 0u, &total);
       if (keep && at < kMaxRuns) {
         sm.run_chunk[at] = c;
         sm.run_begin[at] = 0;
         sm.run_len[at] = sm.sel_len[i];
       }
-      n += __popc(mask);
+      n += total;
     }
-    if (n + (task.tail_len > 0 ? 1 : 0) > kMaxRuns) {
-      if (lane == 0) sm.status |= kSearchStatusTooManyRuns;
-      n = 0;
-    } else if (task.tail_len > 0) {
-      if (lane == 0) {
-        sm.run_chunk[n] = kTreeNone;
-        sm.run_begin[n] = 0;
-        sm.run_len[n] = task.tail_len;
-      }
-      ++n;
+    const bool too_many = n + (task.tail_len > 0 ? 1 : 0) > kMaxRuns;
+    if (tid == 0 && too_many) sm.status |= kSearchStatusTooManyRuns;
+    if (tid == 0 && !too_many && task.tail_len > 0) {
+      sm.run_chunk[n] = kTreeNone;
+      sm.run_begin[n] = 0;
+      sm.run_len[n] = task.tail_len;
     }
-    if (lane == 0) sm.run_count = n;
-    __syncwarp();
-    // Exclusive token prefix.
+    n = too_many ? 0 : n + (task.tail_len > 0 ? 1 : 0);
+    __syncthreads();  // the tail run is written
     uint32_t carry = 0;
-    for (uint32_t b0 = 0; b0 < n; b0 += 32) {
-      const uint32_t i = b0 + lane;
+    for (uint32_t b0 = 0; b0 < n; b0 += kThreads) {
+      const uint32_t i = b0 + tid;
       const uint32_t len = i < n ? sm.run_len[i] : 0;
-      uint32_t pre = len;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
-        if (lane >= off) pre += x;
-      }
-      if (i < n) sm.run_prefix[i] = carry + pre - len;
-      carry += __shfl_sync(0xffffffffu, pre, 31);
+      uint32_t total;
+      const uint32_t pre = block_count(len, &total);
+      if (i < n) sm.run_prefix[i] = carry + pre;
+      carry += total;
     }
-    if (lane == 0) sm.total_tokens = carry;
+    if (tid == 0) {
+      sm.run_count = n;
+      sm.total_tokens = carry;
+    }
   }
   __syncthreads();
   KVMEM_TRACE(25);
@@ -1364,7 +1380,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   KVMEM_TRACE(27);
-  if (kTrace && trace_on && atomicAdd(&g_trace_prints, 1) < 3) {
+  // Launches 8 to 10 of the process (warm caches, past the first graph's set-up).
+  const int trace_seq = kTrace && trace_on ? atomicAdd(&g_trace_prints, 1) : -1;
+  if (kTrace && trace_on && trace_seq >= 8 && trace_seq < 11) {
     printf("search trace (cycles since the previous point; first round), N=%u:", N);
     for (int k = 1; k < 28; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
     printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld\n",
