@@ -25,7 +25,6 @@
 
 #include <array>
 #include <cmath>
-#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -69,9 +68,6 @@ __device__ __forceinline__ float FromOrderedBits(uint32_t o) {
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 constexpr uint32_t kMaxCand = kSearchMaxCandidates;
-// Node rows staged in shared memory during the node scores: Smem::cand_chain, cand_id and
-// cand_tok, which are contiguous (checked below) and end where cand_score (the radii) begins.
-constexpr uint32_t kNodeStageBytes = kMaxCand * (sizeof(float4) + 2 * sizeof(uint32_t));
 constexpr uint32_t kBitmapWords = kSearchMaxChunks / 32;
 constexpr uint32_t kMaxRuns = kSearchMaxCandidates + 64;  // runs of one head before splitting
 constexpr uint32_t kMaxSplits = 256;
@@ -152,8 +148,6 @@ struct Smem {
   uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
 };
-static_assert(offsetof(Smem, cand_score) - offsetof(Smem, cand_chain) == kNodeStageBytes,
-              "node row staging must end where the radii begin");
 
 constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
@@ -210,86 +204,42 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
   return __fadd_rn(u, __shfl_down_sync(0xffffffffu, u, 2));
 }
 
-constexpr int kRowIlp = 4;  // rows per 8-lane group in flight
-constexpr uint32_t kRowsPerPass = kWarps * kPerWarp * kRowIlp;
-
-// One pass of ScoreRows in two halves: the loads of rows [base, base + kRowsPerPass) into v ...
-template <int D, typename RowF>
-__device__ __forceinline__ void LoadRowPass(float (&v)[kRowIlp][D / 8], uint32_t base,
-                                            uint32_t count, int j, int slot, int warp, RowF row) {
-#pragma unroll
-  for (int u = 0; u < kRowIlp; ++u) {
-    const uint32_t i = base + (warp * kPerWarp + slot) * kRowIlp + u;
-    const float4* b = reinterpret_cast<const float4*>(row(i < count ? i : base));
-#pragma unroll
-    for (int q = 0; q < D / 32; ++q) {
-      const float4 x = b[8 * q + j];  // the 8 lanes of a group read 128 contiguous bytes
-      v[u][4 * q] = x.x;
-      v[u][4 * q + 1] = x.y;
-      v[u][4 * q + 2] = x.z;
-      v[u][4 * q + 3] = x.w;
-    }
-  }
-}
-
-// ... and the dot products.
-template <int D, typename DoneF>
-__device__ __forceinline__ void SumRowPass(const float (&v)[kRowIlp][D / 8], const float* mean,
-                                           uint32_t base, uint32_t count, int j, int slot,
-                                           int warp, DoneF done) {
-#pragma unroll
-  for (int u = 0; u < kRowIlp; ++u) {
-    float acc = 0.f;
-#pragma unroll
-    for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u][q]));
-    const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
-    const float w = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
-    const float dot = __fadd_rn(w, __shfl_down_sync(0xffffffffu, w, 2));
-    const uint32_t i = base + (warp * kPerWarp + slot) * kRowIlp + u;
-    if (j == 0 && i < count) done(i, dot);
-  }
-}
-
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
 // before the sums). row(i) gives row i's address, done(i, dot) runs on the group's lane 0.
 // Rows are in the device tree's interleaved layout (DeviceTree::Sync): the q-th float4 of lane j
 // holds its elements 8m + j for m = 4q .. 4q + 3, so a group's 16-byte loads cover 128
-// contiguous bytes each and every lane sums its elements in the CPU's order.
-// `stage` (optional, `stage_rows` rows of shared memory; rows contiguous in memory): when the
-// rows beyond the first pass fit it, they are copied there (cp.async) while the first pass
-// loads into registers, so both land in one round trip instead of two.
-// Every thread of the block must call it; it ends with a barrier.
+// contiguous bytes each and every lane sums its elements in the CPU's order. Every thread of the block must call it; it ends with a barrier.
 template <int D, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
-                                          int warp, RowF row, DoneF done, float* stage = nullptr,
-                                          uint32_t stage_rows = 0) {
-  if (stage != nullptr && count > kRowsPerPass && count - kRowsPerPass <= stage_rows) {
-    const uint32_t extra = count - kRowsPerPass, pieces = extra * (D / 4);
-    const float4* src = reinterpret_cast<const float4*>(row(kRowsPerPass));
-    for (uint32_t p = threadIdx.x; p < pieces; p += kThreads) {
-      CpAsync16(reinterpret_cast<float4*>(stage) + p, src + p);
+                                          int warp, RowF row, DoneF done) {
+  constexpr int kIlp = 4;
+  constexpr uint32_t kPerPass = kWarps * kPerWarp * kIlp;
+  for (uint32_t base = 0; base < count; base += kPerPass) {
+    float v[kIlp][D / 8];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      const float4* b = reinterpret_cast<const float4*>(row(i < count ? i : 0));
+#pragma unroll
+      for (int q = 0; q < D / 32; ++q) {
+        const float4 x = b[8 * q + j];  // the 8 lanes of a group read 128 contiguous bytes
+        v[u][4 * q] = x.x;
+        v[u][4 * q + 1] = x.y;
+        v[u][4 * q + 2] = x.z;
+        v[u][4 * q + 3] = x.w;
+      }
     }
-    float v[kRowIlp][D / 8];
-    LoadRowPass<D>(v, 0, count, j, slot, warp, row);
-    SumRowPass<D>(v, mean, 0, count, j, slot, warp, done);
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    __syncthreads();
-    const float* st = stage;
-    LoadRowPass<D>(v, kRowsPerPass, count, j, slot, warp,
-                   [st](uint32_t i) { return st + size_t{i - kRowsPerPass} * D; });
-    SumRowPass<D>(v, mean, kRowsPerPass, count, j, slot, warp, done);
-    __syncthreads();
-    return;
-  }
-  for (uint32_t base = 0; base < count; base += kRowsPerPass) {
-    float v[kRowIlp][D / 8];
-    LoadRowPass<D>(v, base, count, j, slot, warp, row);
-    SumRowPass<D>(v, mean, base, count, j, slot, warp, done);
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      float acc = 0.f;
+#pragma unroll
+      for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u][q]));
+      const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
+      const float w = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
+      const float dot = __fadd_rn(w, __shfl_down_sync(0xffffffffu, w, 2));
+      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      if (j == 0 && i < count) done(i, dot);
+    }
   }
   __syncthreads();
 }
@@ -579,15 +529,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
           __syncthreads();
         }
-        // Rows past the first pass go through shared memory (the pool's chain, id and token
-        // arrays, free until the rounds; the radii sit in cand_score after them).
         ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                      [&](uint32_t i) { return tree.node_centroids + size_t{s0i + i} * D; },
                      [&](uint32_t i, float dot) {
                        const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
                        chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
-                     },
-                     reinterpret_cast<float*>(sm.cand_chain), kNodeStageBytes / (D * 4));
+                     });
       }
     }
     KVMEM_TRACE(2);
