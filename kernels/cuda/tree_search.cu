@@ -1439,7 +1439,7 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
     if (v >= 1 && v <= 16) return static_cast<uint32_t>(v);
   }
   // Any size (not only powers of two): one batch-1 layer (8 tasks) gets the most SMs whose
-  // clusters all run at once (12 x 8 of the H200's 132 where 16 x 8 do not fit).
+  // clusters all run at once (9 blocks each on the H200, where 8 clusters of 16 do not fit).
   static const auto max_clusters = [] {
     std::array<int, 17> n{};  // by size
     if (PrepareSearchKernel<D>() != cudaSuccess) return n;
