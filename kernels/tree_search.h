@@ -45,7 +45,8 @@ struct FlatTreeNode {
 };
 
 // One (layer, KV head) tree. Pointers are host memory for the CPU reference, device memory
-// for the CUDA search.
+// for the CUDA search; a DeviceTree's view holds the centroid rows in the search's interleaved
+// order (DeviceTree::Sync), not row-major.
 struct FlatTreeView {
   uint32_t num_nodes = 0;
   uint32_t num_chunks = 0;
