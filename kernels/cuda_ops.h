@@ -213,7 +213,6 @@ class DeviceTree {
   uint32_t chunks_ = 0;
   uint64_t epoch_ = ~0ull;
   uint64_t uploaded_ = 0;
-  std::vector<float> staging_;  // centroid rows in the device layout, for the upload
   FlatTreeView view_;
 };
 

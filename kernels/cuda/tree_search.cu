@@ -12,9 +12,9 @@
 //   3. rounds: rank 0 takes the best unexpanded leaves by a token-weighted key histogram until
 //      they hold 8x (16x) the budget (1.6x more each later round) and reserves their pool
 //      entries; the ranks score slices of the new chunks into rank 0's pool (DSMEM); chunks whose
-//      bottleneck beats the next leaf's are final in order: rank 0 sorts by chain the slice of
-//      them a histogram cut says the remaining budget can reach (by counting up to 512), accepts
-//      at once its leading entries that all fit, and scans the rest like the CPU's offer()
+//      bottleneck beats the next leaf's are final in order: rank 0 bucket-sorts by histogram bin
+//      the slice of them a histogram cut says the remaining budget can reach, accepts at once
+//      its leading entries that all fit, and scans the rest like the CPU's offer()
 //      (warp 0: 32 at a time while they fit, one by one near the end); stop when the scan stops
 //      or leaves run out;
 //   4. runs (rank 0): sink and recent-window pieces (merged with the selection), selected
@@ -96,7 +96,7 @@ struct Smem {
   float e_next;
   uint32_t n_special, total_tokens, n_commit;
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
-  uint32_t n_sort, n_rest, more, slice_front, slice_back;  // rank 0: the commit slices
+  uint32_t n_sort, n_rest, more, slice_back;  // rank 0: the commit slices
   uint32_t sure_count, sure_tokens;  // rank 0: the slice's leading commits that all fit
   uint32_t front_sorted;             // rank 0: the slice is in scan order already
   union {
@@ -858,7 +858,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if (tid == 0) {
           sm.n_rest = 0;
-          sm.slice_front = sm.slice_back = 0;
+          sm.slice_back = 0;
           sm.more = 0;
           sm.sure_count = sm.sure_tokens = 0;
           sm.front_sorted = 0;
@@ -1619,6 +1619,9 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   if (host.num_levels > kTreeSearchMaxLevels + 1) {
     return Unimplemented("device tree: " + std::to_string(host.num_levels) + " node levels");
   }
+  if (D % 32 != 0) {  // the interleaved layout; the search itself takes 64 and 128
+    return Unimplemented("device tree: head_dim " + std::to_string(D));
+  }
   if (host.chunks_epoch != epoch_) chunks_ = 0;
   if (host.chunks_from != chunks_ && host.chunk_radius.size() + host.chunks_from != chunks_) {
     return InvalidArgument("device tree: export starts at chunk " +
@@ -1638,22 +1641,23 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   const size_t have = chunks_, total = host.num_chunks;
   const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
   const size_t add = total > have ? total - have : 0;
-  if (D % 32 != 0) return InvalidArgument("device tree: head_dim " + std::to_string(D));
   // Centroid rows interleaved for the search's 8-lane dot products (ScoreRows): element
-  // 8(4q + k) + j at 32q + 4j + k, so lane j's q-th float4 holds its next four elements. (The
-  // staging copy is pageable: each upload has read it when it returns.)
+  // 8(4q + k) + j at 32q + 4j + k, so lane j's q-th float4 holds its next four elements. The
+  // staging copy is pageable (each upload has read it when it returns) and lives only for this
+  // call: a session holds a mirror per (layer, KV head).
+  std::vector<float> staging;
   auto interleave = [&](const float* src, size_t rows) {
-    staging_.resize(rows * D);
+    staging.resize(rows * D);
     for (size_t r = 0; r < rows; ++r) {
       for (uint32_t q = 0; q < D / 32; ++q) {
         for (uint32_t j = 0; j < 8; ++j) {
           for (uint32_t k = 0; k < 4; ++k) {
-            staging_[r * D + 32 * q + 4 * j + k] = src[r * D + 8 * (4 * q + k) + j];
+            staging[r * D + 32 * q + 4 * j + k] = src[r * D + 8 * (4 * q + k) + j];
           }
         }
       }
     }
-    return staging_.data();
+    return staging.data();
   };
   KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, interleave(host.chunk_centroids.data() + skip * D, add),
                                sizeof(float) * D, have, add, total));
