@@ -98,6 +98,23 @@ bool AllFinite(const float* p, size_t n) {
   return true;
 }
 
+// Finite and still finite at the bfloat16 precision chunk centroids are stored in.
+bool FiniteAsBF16(const float* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(BF16ToFloat(FloatToBF16(p[i])))) return false;
+  }
+  return true;
+}
+
+// A chunk centroid as the tree stores it: rounded to bfloat16 values (a no-op for
+// SummarizeKeys' output), the radius grown by the rounding's shift so the ball still holds every
+// key (triangle inequality).
+float StoreChunkCentroid(const float* c, float radius, uint32_t D, float* out) {
+  std::copy_n(c, D, out);
+  const double moved = detail::RoundToBF16(out, D);
+  return moved > 0.0 ? detail::RoundUpToFloat(static_cast<double>(radius) + moved) : radius;
+}
+
 }  // namespace
 
 ClusterTree::ClusterTree(uint32_t head_dim, ClusterTreeOptions options)
@@ -313,7 +330,7 @@ Status ClusterTree::Build(std::span<const ChunkSummary> summaries,
                              std::to_string(s.centroid.size()) + " values, head_dim is " +
                              std::to_string(head_dim_));
     }
-    if (!AllFinite(s.centroid.data(), head_dim_) || !std::isfinite(s.radius) ||
+    if (!FiniteAsBF16(s.centroid.data(), head_dim_) || !std::isfinite(s.radius) ||
         !std::isfinite(s.max_key_norm) || s.radius < 0.f || s.max_key_norm < 0.f) {
       return InvalidArgument("cluster tree: chunk " + std::to_string(i) + " summary not finite");
     }
@@ -330,8 +347,8 @@ Status ClusterTree::Build(std::span<const ChunkSummary> summaries,
   chunk_parent_.assign(n, 0);
   total_tokens_ = 0;
   for (size_t i = 0; i < n; ++i) {
-    std::copy_n(summaries[i].centroid.data(), head_dim_, &chunk_centroids_[i * head_dim_]);
-    chunk_radius_[i] = summaries[i].radius;
+    chunk_radius_[i] = StoreChunkCentroid(summaries[i].centroid.data(), summaries[i].radius,
+                                          head_dim_, &chunk_centroids_[i * head_dim_]);
     chunk_max_norm_[i] = summaries[i].max_key_norm;
     chunk_start_[i] = total_tokens_;
     total_tokens_ += token_counts[i];
@@ -376,15 +393,17 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
                            std::to_string(summary.centroid.size()) + " values, head_dim is " +
                            std::to_string(head_dim_));
   }
-  if (!AllFinite(summary.centroid.data(), head_dim_) || !std::isfinite(summary.radius) ||
+  if (!FiniteAsBF16(summary.centroid.data(), head_dim_) || !std::isfinite(summary.radius) ||
       !std::isfinite(summary.max_key_norm) || summary.radius < 0.f || summary.max_key_norm < 0.f) {
     return InvalidArgument("cluster tree: summary not finite");
   }
   if (tokens == 0) return InvalidArgument("cluster tree: chunk has no tokens");
 
-  const float* cx = summary.centroid.data();
-  chunk_centroids_.insert(chunk_centroids_.end(), cx, cx + head_dim_);
-  chunk_radius_.push_back(summary.radius);
+  chunk_centroids_.resize(chunk_centroids_.size() + head_dim_);
+  const float* cx = &chunk_centroids_[chunk_centroids_.size() - head_dim_];
+  const float chunk_r = StoreChunkCentroid(summary.centroid.data(), summary.radius, head_dim_,
+                                           &chunk_centroids_[chunk_centroids_.size() - head_dim_]);
+  chunk_radius_.push_back(chunk_r);
   chunk_max_norm_.push_back(summary.max_key_norm);
   chunk_tokens_.push_back(tokens);
   chunk_start_.push_back(total_tokens_);
@@ -413,7 +432,7 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
   // the old centroid, hence within r + ‖Δ‖ of the new one; the changed child's (new) ball must
   // also fit. Both terms in double, rounded up, so the stored floats satisfy the invariant.
   const float* child_c = cx;
-  float child_r = summary.radius;
+  float child_r = chunk_r;
   std::vector<float> old_c(head_dim_);
   for (uint32_t v = n; v != kNone; v = nodes_[v].parent) {
     Node& node = nodes_[v];

@@ -36,6 +36,13 @@ Result<ChunkSummary> SummarizeKeys(const float* keys, uint32_t tokens, uint32_t 
   ChunkSummary s;
   s.centroid.resize(head_dim);
   for (uint32_t d = 0; d < head_dim; ++d) s.centroid[d] = static_cast<float>(sum[d] / tokens);
+  detail::RoundToBF16(s.centroid.data(), head_dim);
+  for (uint32_t d = 0; d < head_dim; ++d) {
+    if (!std::isfinite(s.centroid[d])) {
+      return InvalidArgument("summary: mean key beyond the bfloat16 range in dimension " +
+                             std::to_string(d));
+    }
+  }
   double r = 0.0, norm = 0.0;
   for (uint32_t t = 0; t < tokens; ++t) {
     const float* k = keys + static_cast<size_t>(t) * head_dim;

@@ -5,8 +5,11 @@
 //   q·k_i ≤ min(q·c + ‖q‖·r, ‖q‖·max_key_norm)   for every key of the chunk,
 // which is all the index needs to rank or prune the chunk without reading its keys.
 //
-// The radius is measured from the centroid as stored (float) in double precision and rounded
-// up, so the bound holds for the stored numbers, not only in exact arithmetic.
+// The centroid is rounded to bfloat16 values (held as float): a device mirror of the tree keeps
+// chunk centroids in two bytes each with the very values the CPU search multiplies, so both
+// compute bit-identical scores (kernels/tree_search.h). The radius is measured from the centroid
+// as stored in double precision and rounded up, so the bound holds for the stored numbers, not
+// only in exact arithmetic.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +21,7 @@
 namespace kvmem::index {
 
 struct ChunkSummary {
-  std::vector<float> centroid;  // [head_dim], mean key
+  std::vector<float> centroid;  // [head_dim], mean key rounded to bfloat16 values
   float radius = 0.f;           // max ‖k − centroid‖ over the chunk's keys
   float max_key_norm = 0.f;     // max ‖k‖ over the chunk's keys
 };

@@ -46,7 +46,10 @@ struct FlatTreeNode {
 
 // One (layer, KV head) tree. Pointers are host memory for the CPU reference, device memory
 // for the CUDA search; a DeviceTree's view holds the centroid rows in the search's interleaved
-// order (DeviceTree::Sync), not row-major.
+// order (DeviceTree::Sync), not row-major, and the chunk centroids as bfloat16 (chunk_rows_bf16;
+// chunk_centroids is null there): chunk centroids are bfloat16 values on the host too
+// (index::SummarizeKeys rounds them, index::ClusterTree stores them so), so both searches
+// multiply the same numbers and score bit-identically, while the device reads half the bytes.
 struct FlatTreeView {
   uint32_t num_nodes = 0;
   uint32_t num_chunks = 0;
@@ -55,7 +58,8 @@ struct FlatTreeView {
   const float* node_centroids = nullptr;                // [num_nodes][head_dim]
   const FlatTreeNode* nodes = nullptr;                  // [num_nodes]
   const uint32_t* leaf_chunks = nullptr;                // [num_chunks] chunk ids by leaf
-  const float* chunk_centroids = nullptr;               // [num_chunks][head_dim] by chunk id
+  const float* chunk_centroids = nullptr;               // [num_chunks][head_dim] by chunk id (host)
+  const uint16_t* chunk_rows_bf16 = nullptr;            // the same as bf16 bits (device mirror)
   const float* chunk_radius = nullptr;                  // [num_chunks] by chunk id
   const uint32_t* chunk_tokens = nullptr;               // [num_chunks] by chunk id
   const uint64_t* chunk_start = nullptr;                // [num_chunks] first token, by chunk id
@@ -74,7 +78,7 @@ struct FlatTree {
   std::vector<float> node_centroids;
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
-  std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim]
+  std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim], bfloat16 values
   std::vector<float> chunk_radius;
   std::vector<uint32_t> chunk_tokens;
   std::vector<uint64_t> chunk_start;

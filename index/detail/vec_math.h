@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace kvmem::index::detail {
 
 // Eight independent accumulators: lets the compiler vectorise without -ffast-math, and fixes
@@ -53,6 +55,20 @@ inline float RoundUpToFloat(double x) {
   float f = static_cast<float>(x);
   if (static_cast<double>(f) < x) f = std::nextafter(f, INFINITY);
   return f;
+}
+
+// Rounds a[0..n) to the nearest bfloat16 values (kept as float) and returns how far the vector
+// moved, ‖a − round(a)‖ in double (0 when it already held bfloat16 values). A value beyond the
+// bfloat16 range becomes infinite: callers check AllFinite afterwards.
+inline double RoundToBF16(float* a, uint32_t n) {
+  double s = 0.0;
+  for (uint32_t i = 0; i < n; ++i) {
+    const float r = BF16ToFloat(FloatToBF16(a[i]));
+    const double d = static_cast<double>(a[i]) - static_cast<double>(r);
+    s += d * d;
+    a[i] = r;
+  }
+  return std::sqrt(s);
 }
 
 }  // namespace kvmem::index::detail

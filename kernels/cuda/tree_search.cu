@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/dtype.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda_ops.h"
@@ -210,36 +211,65 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
   return __fadd_rn(u, __shfl_down_sync(0xffffffffu, u, 2));
 }
 
+// Lane j's share of a row for ScoreRows: its D / 8 elements 8m + j, m ascending, as floats.
+// fp32 rows (the node centroids) are in the device tree's interleaved layout (DeviceTree::Sync):
+// the q-th float4 of lane j holds elements 8m + j for m = 4q .. 4q + 3. bf16 rows (the chunk
+// centroids, bfloat16 values on the CPU too) likewise with eight per 16-byte load: the q-th uint4
+// of lane j holds m = 8q .. 8q + 7. Either way the 8 lanes of a group read 128 contiguous bytes
+// per load. Held as loaded (half the registers for bf16) until the sums.
+template <int D, typename T>
+struct RowShare;
+template <int D>
+struct RowShare<D, float> {
+  float4 x[D / 32];
+  __device__ __forceinline__ void Load(const float* row, int j) {
+    const float4* b = reinterpret_cast<const float4*>(row);
+#pragma unroll
+    for (int q = 0; q < D / 32; ++q) x[q] = b[8 * q + j];
+  }
+  __device__ __forceinline__ float At(int m) const {  // m: compile-time after unrolling
+    const float4& v = x[m / 4];
+    return m % 4 == 0 ? v.x : m % 4 == 1 ? v.y : m % 4 == 2 ? v.z : v.w;
+  }
+};
+template <int D>
+struct RowShare<D, uint16_t> {
+  uint4 x[D / 64];
+  __device__ __forceinline__ void Load(const uint16_t* row, int j) {
+    const uint4* b = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+    for (int q = 0; q < D / 64; ++q) x[q] = b[8 * q + j];
+  }
+  __device__ __forceinline__ float At(int m) const {
+    const uint4& v = x[m / 8];
+    const int k = m % 8;
+    const uint32_t w = k / 2 == 0 ? v.x : k / 2 == 1 ? v.y : k / 2 == 2 ? v.z : v.w;
+    return __uint_as_float(k % 2 == 0 ? w << 16 : w & 0xffff0000u);  // bf16 -> f32 exactly
+  }
+};
+
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
-// before the sums). row(i) gives row i's address, done(i, dot) runs on the group's lane 0.
-// Rows are in the device tree's interleaved layout (DeviceTree::Sync): the q-th float4 of lane j
-// holds its elements 8m + j for m = 4q .. 4q + 3, so a group's 16-byte loads cover 128
-// contiguous bytes each and every lane sums its elements in the CPU's order. Every thread of the block must call it; it ends with a barrier.
-template <int D, typename RowF, typename DoneF>
+// before the sums). row(i) gives row i's address (const T*: fp32 or bf16 bits, RowShare's
+// layouts), done(i, dot) runs on the group's lane 0. Every lane sums its elements in the CPU's
+// order. Every thread of the block must call it; it ends with a barrier.
+template <int D, typename T, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
                                           int warp, RowF row, DoneF done) {
+  static_assert(D % 64 == 0, "row layout: 8 lanes x 16-byte loads");
   constexpr int kIlp = 4;
   constexpr uint32_t kPerPass = kWarps * kPerWarp * kIlp;
   for (uint32_t base = 0; base < count; base += kPerPass) {
-    float v[kIlp][D / 8];
+    RowShare<D, T> v[kIlp];
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
-      const float4* b = reinterpret_cast<const float4*>(row(i < count ? i : 0));
-#pragma unroll
-      for (int q = 0; q < D / 32; ++q) {
-        const float4 x = b[8 * q + j];  // the 8 lanes of a group read 128 contiguous bytes
-        v[u][4 * q] = x.x;
-        v[u][4 * q + 1] = x.y;
-        v[u][4 * q + 2] = x.z;
-        v[u][4 * q + 3] = x.w;
-      }
+      v[u].Load(row(i < count ? i : 0), j);
     }
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       float acc = 0.f;
 #pragma unroll
-      for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u][q]));
+      for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u].At(q)));
       const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
       const float w = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
       const float dot = __fadd_rn(w, __shfl_down_sync(0xffffffffu, w, 2));
@@ -535,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
           __syncthreads();
         }
-        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+        ScoreRows<D, float>(sm.mean, cnt, j, slot, warp,
                      [&](uint32_t i) { return tree.node_centroids + size_t{s0i + i} * D; },
                      [&](uint32_t i, float dot) {
                        const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
@@ -806,8 +836,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       KVMEM_TRACE(11);
       const uint64_t t_row = GlobalTimer();
       t_lookup += t_row - t_look;
-      ScoreRows<D>(sm.mean, cnt, j, slot, warp,
-                   [&](uint32_t i) { return tree.chunk_centroids + size_t{sm.cand_id[base + i]} * D; },
+      ScoreRows<D, uint16_t>(sm.mean, cnt, j, slot, warp,
+                   [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
                    [&](uint32_t i, float dot) {
                      const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
                      sm.cand_chain[base + i] = Extend(sm.cand_chain[base + i], sc);
@@ -1619,7 +1649,7 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   if (host.num_levels > kTreeSearchMaxLevels + 1) {
     return Unimplemented("device tree: " + std::to_string(host.num_levels) + " node levels");
   }
-  if (D % 32 != 0) {  // the interleaved layout; the search itself takes 64 and 128
+  if (D % 64 != 0) {  // the interleaved layouts; the search itself takes 64 and 128
     return Unimplemented("device tree: head_dim " + std::to_string(D));
   }
   if (host.chunks_epoch != epoch_) chunks_ = 0;
@@ -1641,10 +1671,11 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   const size_t have = chunks_, total = host.num_chunks;
   const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
   const size_t add = total > have ? total - have : 0;
-  // Centroid rows interleaved for the search's 8-lane dot products (ScoreRows): element
-  // 8(4q + k) + j at 32q + 4j + k, so lane j's q-th float4 holds its next four elements. The
-  // staging copy is pageable (each upload has read it when it returns) and lives only for this
-  // call: a session holds a mirror per (layer, KV head).
+  // Centroid rows interleaved for the search's 8-lane dot products (ScoreRows): fp32 node rows
+  // put element 8(4q + k) + j at 32q + 4j + k, so lane j's q-th float4 holds its next four
+  // elements; bf16 chunk rows put element 8(8q + k) + j at 64q + 8j + k (eight per uint4). The
+  // staging copies are pageable (each upload has read them when it returns) and live only for
+  // this call: a session holds a mirror per (layer, KV head).
   std::vector<float> staging;
   auto interleave = [&](const float* src, size_t rows) {
     staging.resize(rows * D);
@@ -1659,8 +1690,26 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
     }
     return staging.data();
   };
-  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, interleave(host.chunk_centroids.data() + skip * D, add),
-                               sizeof(float) * D, have, add, total));
+  std::vector<uint16_t> staging16(add * D);
+  const float* chunk_src = host.chunk_centroids.data() + skip * D;
+  for (size_t r = 0; r < add; ++r) {
+    for (uint32_t q = 0; q < D / 64; ++q) {
+      for (uint32_t j = 0; j < 8; ++j) {
+        for (uint32_t k = 0; k < 8; ++k) {
+          const float x = chunk_src[r * D + 8 * (8 * q + k) + j];
+          const uint16_t b = FloatToBF16(x);
+          if (BF16ToFloat(b) != x) {  // the CPU search would multiply other numbers
+            return InvalidArgument("device tree: chunk " + std::to_string(have + r) +
+                                   " centroid is not bfloat16 values (index::ClusterTree "
+                                   "stores them so)");
+          }
+          staging16[r * D + 64 * q + 8 * j + k] = b;
+        }
+      }
+    }
+  }
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, staging16.data(), sizeof(uint16_t) * D, have,
+                               add, total));
   KVMEM_RETURN_IF_ERROR(upload(&chunk_radius_, host.chunk_radius.data() + skip, sizeof(float),
                                have, add, total));
   KVMEM_RETURN_IF_ERROR(upload(&chunk_tokens_, host.chunk_tokens.data() + skip, sizeof(uint32_t),
@@ -1683,7 +1732,7 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   view_.node_centroids = static_cast<const float*>(node_centroids_.p);
   view_.nodes = static_cast<const FlatTreeNode*>(nodes_.p);
   view_.leaf_chunks = static_cast<const uint32_t*>(leaf_chunks_.p);
-  view_.chunk_centroids = static_cast<const float*>(chunk_centroids_.p);
+  view_.chunk_rows_bf16 = static_cast<const uint16_t*>(chunk_centroids_.p);
   view_.chunk_radius = static_cast<const float*>(chunk_radius_.p);
   view_.chunk_tokens = static_cast<const uint32_t*>(chunk_tokens_.p);
   view_.chunk_start = static_cast<const uint64_t*>(chunk_start_.p);

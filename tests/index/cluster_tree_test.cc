@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <span>
 
 #include "index_test_util.h"
+#include "kernels/tree_search.h"
 
 namespace kvmem::index {
 namespace {
@@ -269,6 +271,59 @@ TEST(ClusterTreeTest, InsertRejectsOutOfOrderIdsAndBadSummaries) {
   EXPECT_EQ(tree.Insert(1, short_c, 8).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(tree.num_chunks(), 1u);
   EXPECT_EQ(tree.total_tokens(), 8u);
+}
+
+// Summaries from elsewhere (older stored ones, other producers) may hold float centroids: the
+// tree stores them as bfloat16 values (what a device mirror holds) with the radius grown by the
+// rounding's shift, so every key still lies in its chunk's ball and in every ancestor's.
+TEST(ClusterTreeTest, FloatCentroidsAreStoredAsBF16WithCoveringRadii) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  VectorKeySource src = RandomKeys(rng, 120, 32);
+  std::vector<ChunkSummary> sums;
+  std::vector<uint32_t> tokens;
+  Summaries(src, &sums, &tokens);
+  uint32_t off_grid = 0;
+  for (uint32_t c = 0; c < sums.size(); ++c) {  // the unrounded mean, radius measured from it
+    ChunkSummary& s = sums[c];
+    std::vector<double> m(src.dim, 0.0);
+    for (uint32_t t = 0; t < tokens[c]; ++t) {
+      for (uint32_t d = 0; d < src.dim; ++d) m[d] += src.chunks[c][size_t{t} * src.dim + d];
+    }
+    for (uint32_t d = 0; d < src.dim; ++d) {
+      s.centroid[d] = static_cast<float>(m[d] / tokens[c]);
+      off_grid += BF16ToFloat(FloatToBF16(s.centroid[d])) != s.centroid[d];
+    }
+    double r = 0.0;
+    for (uint32_t t = 0; t < tokens[c]; ++t) {
+      r = std::max(r, detail::DistanceD(&src.chunks[c][size_t{t} * src.dim], s.centroid.data(),
+                                        src.dim));
+    }
+    s.radius = detail::RoundUpToFloat(r);
+  }
+  ASSERT_GT(off_grid, 0u);
+  ClusterTreeOptions o;
+  o.fine_cluster_chunks = 8;
+  o.min_chunks_to_cluster = 16;
+  ClusterTree tree(src.dim, o);
+  const uint32_t bulk = 80;
+  ASSERT_TRUE(tree.Build(std::span(sums).first(bulk), std::span(tokens).first(bulk)).ok());
+  for (uint32_t c = bulk; c < sums.size(); ++c) ASSERT_TRUE(tree.Insert(c, sums[c], tokens[c]).ok());
+  const Status inv = tree.CheckInvariants(&src);
+  EXPECT_TRUE(inv.ok()) << inv.ToString();
+  kernels::FlatTree flat;
+  tree.ExportFlat(&flat);
+  ASSERT_EQ(flat.chunk_centroids.size(), sums.size() * src.dim);
+  for (size_t i = 0; i < flat.chunk_centroids.size(); ++i) {
+    const float x = flat.chunk_centroids[i];
+    ASSERT_EQ(BF16ToFloat(FloatToBF16(x)), x) << "element " << i;
+    EXPECT_EQ(x, BF16ToFloat(FloatToBF16(sums[i / src.dim].centroid[i % src.dim])));
+  }
+  // A centroid that is finite as a float but not as a bfloat16 is refused.
+  ChunkSummary huge = sums[0];
+  huge.centroid[3] = 3.4e38f;
+  EXPECT_EQ(tree.Insert(static_cast<uint32_t>(sums.size()), huge, 4).code(),
+            StatusCode::kInvalidArgument);
 }
 
 TEST(ClusterTreeTest, EmptyTreeSearchesReturnNothing) {
