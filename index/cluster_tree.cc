@@ -210,6 +210,7 @@ void ClusterTree::Summarize(uint32_t n) {
   for (uint32_t d = 0; d < D; ++d) {
     centroid[d] = tokens > 0 ? static_cast<float>(acc[d] / static_cast<double>(tokens)) : 0.f;
   }
+  detail::RoundToBF16(centroid, D);  // stored as bfloat16 values, as chunk centroids; radius from these
   double radius = 0.0;
   for (uint32_t c : node.children) {
     const float* cc;
@@ -442,6 +443,9 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
     for (uint32_t d = 0; d < head_dim_; ++d) {
       c[d] = static_cast<float>(c[d] + w * (static_cast<double>(cx[d]) - c[d]));
     }
+    // bfloat16 values like every stored centroid (a step below half an ulp leaves it in place;
+    // the radius below is measured from what is stored, so it still covers).
+    detail::RoundToBF16(c, head_dim_);
     const double shift = DistanceD(c, old_c.data(), head_dim_);
     const double cover_child = DistanceD(child_c, c, head_dim_) + child_r;
     const double radius = node.tokens == 0 ? cover_child

@@ -16,6 +16,11 @@
 // and the bound of a child never exceeds its parent's (its ball lies inside the parent's), so
 // best-first search by UB meets chunks in descending bound order.
 //
+// Every centroid, node and chunk, is stored as bfloat16 values (held as float): the GPU mirror
+// (kernels/tree_search.h) keeps them in two bytes each and multiplies the same numbers as the
+// CPU search, and each radius is measured from the stored (rounded) centroid, so (*) holds for
+// what is stored.
+//
 // Chunk ids are dense uint32 in seal order; chunk i covers tokens [start(i), start(i) + tokens(i))
 // with start(0) = 0 and no gaps. Not thread-safe: one thread per tree (sessions are sharded).
 #pragma once

@@ -45,17 +45,17 @@ struct FlatTreeNode {
 };
 
 // One (layer, KV head) tree. Pointers are host memory for the CPU reference, device memory
-// for the CUDA search; a DeviceTree's view holds the centroid rows in the search's interleaved
-// order (DeviceTree::Sync), not row-major, and the chunk centroids as bfloat16 (chunk_rows_bf16;
-// chunk_centroids is null there): chunk centroids are bfloat16 values on the host too
-// (index::SummarizeKeys rounds them, index::ClusterTree stores them so), so both searches
-// multiply the same numbers and score bit-identically, while the device reads half the bytes.
+// for the CUDA search. Centroids are bfloat16 values on the host too (index::ClusterTree stores
+// them so), so a DeviceTree's view holds them as bfloat16 bits in the search's interleaved order
+// (DeviceTree::Sync; node_rows_bf16 / chunk_rows_bf16, the float pointers null there): both
+// searches multiply the same numbers and score bit-identically, the device reading half the bytes.
 struct FlatTreeView {
   uint32_t num_nodes = 0;
   uint32_t num_chunks = 0;
   uint32_t num_levels = 0;  // node levels including the root (1 = flat: root → chunks)
   uint32_t level_begin[kTreeSearchMaxLevels + 2] = {};  // nodes of level l: [lb[l], lb[l+1])
-  const float* node_centroids = nullptr;                // [num_nodes][head_dim]
+  const float* node_centroids = nullptr;                // [num_nodes][head_dim] (host)
+  const uint16_t* node_rows_bf16 = nullptr;             // the same as bf16 bits (device mirror)
   const FlatTreeNode* nodes = nullptr;                  // [num_nodes]
   const uint32_t* leaf_chunks = nullptr;                // [num_chunks] chunk ids by leaf
   const float* chunk_centroids = nullptr;               // [num_chunks][head_dim] by chunk id (host)
@@ -75,7 +75,7 @@ struct FlatTree {
   uint32_t chunks_from = 0;
   uint64_t chunks_epoch = 0;  // changes when the tree's chunk summaries were replaced (Build)
   std::vector<uint32_t> level_begin;  // [num_levels + 1]
-  std::vector<float> node_centroids;
+  std::vector<float> node_centroids;  // [nodes][head_dim], bfloat16 values
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
   std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim], bfloat16 values

@@ -211,29 +211,13 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
   return __fadd_rn(u, __shfl_down_sync(0xffffffffu, u, 2));
 }
 
-// Lane j's share of a row for ScoreRows: its D / 8 elements 8m + j, m ascending, as floats.
-// fp32 rows (the node centroids) are in the device tree's interleaved layout (DeviceTree::Sync):
-// the q-th float4 of lane j holds elements 8m + j for m = 4q .. 4q + 3. bf16 rows (the chunk
-// centroids, bfloat16 values on the CPU too) likewise with eight per 16-byte load: the q-th uint4
-// of lane j holds m = 8q .. 8q + 7. Either way the 8 lanes of a group read 128 contiguous bytes
-// per load. Held as loaded (half the registers for bf16) until the sums.
-template <int D, typename T>
-struct RowShare;
+// Lane j's share of a row for ScoreRows: its D / 8 elements 8m + j, m ascending. Rows are
+// bfloat16 bits (centroids are bfloat16 values on the CPU too) in the device tree's interleaved
+// layout (DeviceTree::Sync): the q-th uint4 of lane j holds m = 8q .. 8q + 7, so the 8 lanes of
+// a group read 128 contiguous bytes per load. Held as loaded until the sums (half the registers
+// of floats).
 template <int D>
-struct RowShare<D, float> {
-  float4 x[D / 32];
-  __device__ __forceinline__ void Load(const float* row, int j) {
-    const float4* b = reinterpret_cast<const float4*>(row);
-#pragma unroll
-    for (int q = 0; q < D / 32; ++q) x[q] = b[8 * q + j];
-  }
-  __device__ __forceinline__ float At(int m) const {  // m: compile-time after unrolling
-    const float4& v = x[m / 4];
-    return m % 4 == 0 ? v.x : m % 4 == 1 ? v.y : m % 4 == 2 ? v.z : v.w;
-  }
-};
-template <int D>
-struct RowShare<D, uint16_t> {
+struct RowShare {
   uint4 x[D / 64];
   __device__ __forceinline__ void Load(const uint16_t* row, int j) {
     const uint4* b = reinterpret_cast<const uint4*>(row);
@@ -249,17 +233,17 @@ struct RowShare<D, uint16_t> {
 };
 
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
-// before the sums). row(i) gives row i's address (const T*: fp32 or bf16 bits, RowShare's
-// layouts), done(i, dot) runs on the group's lane 0. Every lane sums its elements in the CPU's
+// before the sums). row(i) gives row i's address (RowShare's layout), done(i, dot) runs on the
+// group's lane 0. Every lane sums its elements in the CPU's
 // order. Every thread of the block must call it; it ends with a barrier.
-template <int D, typename T, typename RowF, typename DoneF>
+template <int D, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
                                           int warp, RowF row, DoneF done) {
   static_assert(D % 64 == 0, "row layout: 8 lanes x 16-byte loads");
   constexpr int kIlp = 4;
   constexpr uint32_t kPerPass = kWarps * kPerWarp * kIlp;
   for (uint32_t base = 0; base < count; base += kPerPass) {
-    RowShare<D, T> v[kIlp];
+    RowShare<D> v[kIlp];
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
@@ -565,8 +549,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
           __syncthreads();
         }
-        ScoreRows<D, float>(sm.mean, cnt, j, slot, warp,
-                     [&](uint32_t i) { return tree.node_centroids + size_t{s0i + i} * D; },
+        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+                     [&](uint32_t i) { return tree.node_rows_bf16 + size_t{s0i + i} * D; },
                      [&](uint32_t i, float dot) {
                        const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
                        chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
@@ -836,7 +820,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       KVMEM_TRACE(11);
       const uint64_t t_row = GlobalTimer();
       t_lookup += t_row - t_look;
-      ScoreRows<D, uint16_t>(sm.mean, cnt, j, slot, warp,
+      ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                    [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
                    [&](uint32_t i, float dot) {
                      const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
@@ -1671,44 +1655,39 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   const size_t have = chunks_, total = host.num_chunks;
   const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
   const size_t add = total > have ? total - have : 0;
-  // Centroid rows interleaved for the search's 8-lane dot products (ScoreRows): fp32 node rows
-  // put element 8(4q + k) + j at 32q + 4j + k, so lane j's q-th float4 holds its next four
-  // elements; bf16 chunk rows put element 8(8q + k) + j at 64q + 8j + k (eight per uint4). The
-  // staging copies are pageable (each upload has read them when it returns) and live only for
-  // this call: a session holds a mirror per (layer, KV head).
-  std::vector<float> staging;
-  auto interleave = [&](const float* src, size_t rows) {
-    staging.resize(rows * D);
-    for (size_t r = 0; r < rows; ++r) {
-      for (uint32_t q = 0; q < D / 32; ++q) {
+  // Centroid rows as bfloat16 bits, interleaved for the search's 8-lane dot products
+  // (ScoreRows): element 8(8q + k) + j at 64q + 8j + k, so lane j's q-th uint4 holds its next
+  // eight elements. Converted and checked before anything is uploaded (the mirror keeps its
+  // state on failure). The staging copies are pageable (each upload has read them when it
+  // returns) and live only for this call: a session holds a mirror per (layer, KV head).
+  std::string inexact;
+  auto interleave = [&](const float* src, size_t rows, const char* what, size_t first) {
+    std::vector<uint16_t> out(rows * D);
+    for (size_t r = 0; r < rows && inexact.empty(); ++r) {
+      for (uint32_t q = 0; q < D / 64; ++q) {
         for (uint32_t j = 0; j < 8; ++j) {
-          for (uint32_t k = 0; k < 4; ++k) {
-            staging[r * D + 32 * q + 4 * j + k] = src[r * D + 8 * (4 * q + k) + j];
+          for (uint32_t k = 0; k < 8; ++k) {
+            const float x = src[r * D + 8 * (8 * q + k) + j];
+            const uint16_t b = FloatToBF16(x);
+            if (BF16ToFloat(b) != x) {  // the CPU search would multiply other numbers
+              inexact = std::string(what) + " " + std::to_string(first + r);
+            }
+            out[r * D + 64 * q + 8 * j + k] = b;
           }
         }
       }
     }
-    return staging.data();
+    return out;
   };
-  std::vector<uint16_t> staging16(add * D);
-  const float* chunk_src = host.chunk_centroids.data() + skip * D;
-  for (size_t r = 0; r < add; ++r) {
-    for (uint32_t q = 0; q < D / 64; ++q) {
-      for (uint32_t j = 0; j < 8; ++j) {
-        for (uint32_t k = 0; k < 8; ++k) {
-          const float x = chunk_src[r * D + 8 * (8 * q + k) + j];
-          const uint16_t b = FloatToBF16(x);
-          if (BF16ToFloat(b) != x) {  // the CPU search would multiply other numbers
-            return InvalidArgument("device tree: chunk " + std::to_string(have + r) +
-                                   " centroid is not bfloat16 values (index::ClusterTree "
-                                   "stores them so)");
-          }
-          staging16[r * D + 64 * q + 8 * j + k] = b;
-        }
-      }
-    }
+  const size_t nodes = host.nodes.size();
+  const std::vector<uint16_t> node_rows = interleave(host.node_centroids.data(), nodes, "node", 0);
+  const std::vector<uint16_t> chunk_rows =
+      interleave(host.chunk_centroids.data() + skip * D, add, "chunk", have);
+  if (!inexact.empty()) {
+    return InvalidArgument("device tree: " + inexact +
+                           " centroid is not bfloat16 values (index::ClusterTree stores them so)");
   }
-  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, staging16.data(), sizeof(uint16_t) * D, have,
+  KVMEM_RETURN_IF_ERROR(upload(&chunk_centroids_, chunk_rows.data(), sizeof(uint16_t) * D, have,
                                add, total));
   KVMEM_RETURN_IF_ERROR(upload(&chunk_radius_, host.chunk_radius.data() + skip, sizeof(float),
                                have, add, total));
@@ -1716,9 +1695,8 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
                                have, add, total));
   KVMEM_RETURN_IF_ERROR(upload(&chunk_start_, host.chunk_start.data() + skip, sizeof(uint64_t),
                                have, add, total));
-  const size_t nodes = host.nodes.size();
-  KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, interleave(host.node_centroids.data(), nodes),
-                               sizeof(float) * D, 0, nodes, nodes));
+  KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, node_rows.data(), sizeof(uint16_t) * D, 0, nodes,
+                               nodes));
   KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
   KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,
                                host.leaf_chunks.size(), host.leaf_chunks.size()));
@@ -1729,7 +1707,7 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   view_.num_chunks = chunks_;
   view_.num_levels = host.num_levels;
   for (uint32_t l = 0; l <= host.num_levels; ++l) view_.level_begin[l] = host.level_begin[l];
-  view_.node_centroids = static_cast<const float*>(node_centroids_.p);
+  view_.node_rows_bf16 = static_cast<const uint16_t*>(node_centroids_.p);
   view_.nodes = static_cast<const FlatTreeNode*>(nodes_.p);
   view_.leaf_chunks = static_cast<const uint32_t*>(leaf_chunks_.p);
   view_.chunk_rows_bf16 = static_cast<const uint16_t*>(chunk_centroids_.p);

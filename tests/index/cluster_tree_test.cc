@@ -275,7 +275,8 @@ TEST(ClusterTreeTest, InsertRejectsOutOfOrderIdsAndBadSummaries) {
 
 // Summaries from elsewhere (older stored ones, other producers) may hold float centroids: the
 // tree stores them as bfloat16 values (what a device mirror holds) with the radius grown by the
-// rounding's shift, so every key still lies in its chunk's ball and in every ancestor's.
+// rounding's shift, so every key still lies in its chunk's ball and in every ancestor's (whose
+// centroids, built and moved by inserts, are bfloat16 values too).
 TEST(ClusterTreeTest, FloatCentroidsAreStoredAsBF16WithCoveringRadii) {
   KVMEM_SEEDED_TEST_SCOPE(seed);
   std::mt19937_64 rng(seed);
@@ -318,6 +319,11 @@ TEST(ClusterTreeTest, FloatCentroidsAreStoredAsBF16WithCoveringRadii) {
     const float x = flat.chunk_centroids[i];
     ASSERT_EQ(BF16ToFloat(FloatToBF16(x)), x) << "element " << i;
     EXPECT_EQ(x, BF16ToFloat(FloatToBF16(sums[i / src.dim].centroid[i % src.dim])));
+  }
+  ASSERT_GT(flat.nodes.size(), 1u);
+  for (size_t i = 0; i < flat.node_centroids.size(); ++i) {
+    const float x = flat.node_centroids[i];
+    ASSERT_EQ(BF16ToFloat(FloatToBF16(x)), x) << "node element " << i;
   }
   // A centroid that is finite as a float but not as a bfloat16 is refused.
   ChunkSummary huge = sums[0];
