@@ -377,7 +377,7 @@ TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
   SetTail(rng, s, 33);
   CheckSessions(rng, {s}, {1024, 16, 0});
   EXPECT_GT(s->dev_trees[0].bytes_uploaded(), uploaded);
-  // A sync with no new chunks uploads the node arrays and the leaf order only.
+  // A sync with no new chunks uploads the node arrays (bf16 centroid rows) and the leaf order only.
   {
     FlatTree flat;
     s->trees[0].ExportFlat(&flat, s->dev_trees[0].chunks_held());
@@ -385,7 +385,7 @@ TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
     const uint64_t before = s->dev_trees[0].bytes_uploaded();
     ST_OK(s->dev_trees[0].Sync(flat, nullptr));
     EXPECT_EQ(s->dev_trees[0].bytes_uploaded() - before,
-              flat.nodes.size() * (kD * 4 + sizeof(FlatTreeNode)) + flat.leaf_chunks.size() * 4);
+              flat.nodes.size() * (kD * 2 + sizeof(FlatTreeNode)) + flat.leaf_chunks.size() * 4);
   }
   AddChunks(rng, s, 30, true);  // lazy inserts without maintenance
   SetTail(rng, s, 64);
