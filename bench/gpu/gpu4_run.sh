@@ -2,7 +2,8 @@
 # One device call for issue 4, round 2 (clusters of attention splits): parity tests (with and
 # without clusters), an A/B of kvmem-bench-gpu with KVMEM_ATTN_CLUSTER settings in the same call,
 # and with `full` the run of record of gpu3_run.sh (sweep, torch, e2e). Bundle staged by
-# scripts/stage_gpu_search.sh into $G (STAGE=.gpu4 RUN_SCRIPT=bench/gpu/gpu4_run.sh).
+# scripts/stage_gpu_search.sh into $G (STAGE=.gpu4 RUN_SCRIPT=bench/gpu/gpu4_run.sh); staged with
+# `integration`, the cross-backend integration tests run after the e2e bench.
 #   bash $G/run.sh [ab|full]
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
@@ -93,6 +94,10 @@ if [[ -x $G/b/bin/kvmemd ]]; then
       --iters ${ITERS:-200} > /tmp/e2e.log 2>&1; echo "e2e rc=$? ($(el)s)"; grep -E "kvmem_e2e_attend|ping" /tmp/e2e.log | cut -c1-400
     { echo "### e2e $e2e"; cat /tmp/e2e.log; } >> /tmp/logs.txt
   done
+fi
+if [[ -x $G/b/bin/backends_test ]]; then  # staged with `integration`
+  echo "== integration tests ($(el)s)"
+  parity e2e_test "KVMEM_SOURCE_DIR=$PWD backends_test" hybrid_test
 fi
 python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt" 2>&1
 python3 $G/report.py --sweep "$OUT/bench.json" > "$OUT/sweep.txt" 2>&1
