@@ -152,6 +152,16 @@ Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream);
 // The attention launch itself (one kernel).
 Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
 
+// Diagnostics (kvmem-bench-gpu, KVMEM_ATTN_TRACE=1): LaunchAttend with each thread block's
+// thread 0 storing %globaltimer (ns) at kAttendTracePoints points into `trace` (device memory,
+// plan.num_items * kAttendTracePoints values, block i's at i * kAttendTracePoints): 0 kernel
+// entry, 1 run table in shared memory, 2 warp 0's first tile arrived (tensor-core paths), 3 the
+// token loop done (all warps; tensor-core paths), 4 the block's partial written and counted
+// (single-split items: output written), 5 block done (the task's last block: after the merge).
+// Points a path does not pass stay as they were.
+constexpr uint32_t kAttendTracePoints = 8;
+Status LaunchAttendTraced(const AttendPlan& plan, void* workspace, void* stream, uint64_t* trace);
+
 // ---- Dense decode attention on a contiguous cache -------------------------------------------
 // Same kernel body as above over DenseAttendView (seq_lens is a DEVICE pointer here). The
 // workspace must be zero-filled once before its first use; each launch leaves it reusable.

@@ -12,6 +12,7 @@ uint32_t AttendResidentBlocks(uint32_t, uint32_t, DType) { return 0; }
 uint32_t AttendActiveClusters(uint32_t, uint32_t, DType, uint32_t) { return 0; }
 Status UploadAttendPlan(const AttendPlan&, void*, void*) { return NoCuda(); }
 Status LaunchAttend(const AttendPlan&, void*, void*) { return NoCuda(); }
+Status LaunchAttendTraced(const AttendPlan&, void*, void*, uint64_t*) { return NoCuda(); }
 size_t DenseAttendWorkspaceBytes(const DenseAttendView&, const DenseAttendOptions&) { return 0; }
 Status DenseAttend(const DenseAttendView&, const DenseAttendOptions&, void*, size_t, void*) {
   return NoCuda();

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -396,6 +397,40 @@ Selection Select(const SparsePool& pool, uint32_t budget, std::mt19937_64& rng) 
   return sel;
 }
 
+// KVMEM_ATTN_TRACE=1: one traced launch (kc::LaunchAttendTraced) of a rotation plan whose data
+// the last launches did not touch; per trace point, the blocks' stamps relative to the earliest
+// block's entry (µs: min, median, max over the blocks that passed the point), printed too.
+nlohmann::json TraceAttend(cudaStream_t s, const std::vector<kc::AttendPlan>& plans,
+                           const std::vector<std::unique_ptr<DeviceBuffer>>& wss) {
+  const size_t r = plans.size() > 1 ? 1 : 0;
+  const kc::AttendPlan& plan = plans[r];
+  const size_t n = size_t{plan.num_items} * kc::kAttendTracePoints;
+  DeviceBuffer buf(n * sizeof(uint64_t));
+  CK(cudaMemsetAsync(buf.p, 0, n * sizeof(uint64_t), s));
+  SK(kc::LaunchAttendTraced(plan, wss[r]->p, s, buf.as<uint64_t>()));
+  std::vector<uint64_t> h(n);
+  CK(cudaMemcpyAsync(h.data(), buf.p, n * sizeof(uint64_t), cudaMemcpyDeviceToHost, s));
+  CK(cudaStreamSynchronize(s));
+  uint64_t t0 = UINT64_MAX;
+  for (uint32_t b = 0; b < plan.num_items; ++b) t0 = std::min(t0, h[size_t{b} * kc::kAttendTracePoints]);
+  nlohmann::json out = nlohmann::json::object();
+  std::printf("  attn trace (%u blocks, us from the first block's entry, min/median/max):", plan.num_items);
+  for (uint32_t k = 0; k < 6; ++k) {
+    std::vector<double> v;
+    for (uint32_t b = 0; b < plan.num_items; ++b) {
+      const uint64_t t = h[size_t{b} * kc::kAttendTracePoints + k];
+      if (t != 0 && t >= t0) v.push_back((t - t0) / 1e3);
+    }
+    if (v.empty()) continue;
+    std::sort(v.begin(), v.end());
+    const double lo = v.front(), med = v[v.size() / 2], hi = v.back();
+    out[std::to_string(k)] = {lo, med, hi, v.size()};
+    std::printf(" %u: %.2f/%.2f/%.2f", k, lo, med, hi);
+  }
+  std::printf("\n");
+  return out;
+}
+
 std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t batch,
                                         const std::vector<uint32_t>& budgets, int replays,
                                         double copy_gbps, std::mt19937_64& rng) {
@@ -475,6 +510,7 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
     row["split_tokens"] = plans[0].split_tokens;
     row["attn_cluster"] = plans[0].cluster_size;
     row["tokens_per_head"] = static_cast<double>(sels[0].tokens) / (batch * kHkv);
+    if (std::getenv("KVMEM_ATTN_TRACE") != nullptr) row["attn_trace_us"] = TraceAttend(s, plans, wss);
     if (g_sweep && batch >= 8) {
       row["sweep"] = nlohmann::json::array();
       for (uint32_t tb : {132u, 264u, 396u, 528u, 792u, 1056u, 1584u}) {

@@ -105,7 +105,17 @@ struct ItemOutput {
   float* partials;    // this task's first partial slot
   uint32_t* counter;  // this task's counter
   bool legacy_merge;  // KVMEM_ATTN_MERGE=legacy: the two-pass merge of run 15 (A/B runs)
+  unsigned long long* trace;  // LaunchAttendTraced: this block's kAttendTracePoints stamps
 };
+
+// LaunchAttendTraced: thread 0 stores %globaltimer at point k (kernels/cuda_ops.h lists them).
+__device__ __forceinline__ void TraceStamp(const ItemOutput& o, int k) {
+  if (o.trace != nullptr && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    o.trace[k] = t;
+  }
+}
 
 // Writes output elements 4 * v4 .. 4 * v4 + 3 of a merged state (accumulator `a`, max M, sum
 // Ls over the splits): a / Ls, and the query head's lse with its first element.
@@ -326,7 +336,11 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       }
     }
     cluster.sync();  // no rank reuses or leaves its shared memory while another reads it
-    if (nparts == 1) return;
+    if (nparts == 1) {
+      TraceStamp(o, 4);
+      TraceStamp(o, 5);
+      return;
+    }
   } else {
     for (int idx = tid; idx < G * D; idx += kThreads) {
       const int g = idx / D, d = idx % D;
@@ -344,7 +358,12 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
         part[PartialAccOffset(G) + idx] = A;
       }
     }
-    if (o.num_splits == 1) return;
+    if (o.num_splits == 1) {
+      __syncthreads();
+      TraceStamp(o, 4);
+      TraceStamp(o, 5);
+      return;
+    }
   }
 
   // Last split of the task merges.
@@ -369,7 +388,11 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       rt.is_last = prev == o.num_splits - 1;
     }
     __syncthreads();
-    if (!rt.is_last) return;
+    TraceStamp(o, 4);
+    if (!rt.is_last) {
+      TraceStamp(o, 5);
+      return;
+    }
   }
   const uint32_t ns = nparts;
   if (o.legacy_merge) {
@@ -443,6 +466,10 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
     }
   }
   if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
+  if (o.trace != nullptr) {
+    __syncthreads();
+    TraceStamp(o, 5);
+  }
 }
 
 // Runs one item: `nruns` runs in the table, `ntok` tokens in total. Each thread streams its own
@@ -708,6 +735,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
 
   __syncthreads();  // run table filled by the caller
+  TraceStamp(o, 1);
 
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
   auto stage_k = [&](int st) {
@@ -835,6 +863,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     } else {
       CpAsyncWait<ST - 1>();
     }
+    if (it == 0) TraceStamp(o, 2);
     __syncwarp();
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
     // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
@@ -904,6 +933,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   }
   if constexpr (!kBulk) CpAsyncWait<0>();
   __syncthreads();  // the pipeline area becomes the combine area
+  TraceStamp(o, 3);
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
@@ -955,9 +985,17 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t run_stride,
                      uint32_t* counters, float* partials, DType q_dtype, DType out_dtype,
-                     bool legacy_merge) {
+                     bool legacy_merge, unsigned long long* trace) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
+  if (trace != nullptr) {
+    trace += static_cast<size_t>(blockIdx.x) * kAttendTracePoints;
+    if (threadIdx.x == 0) {
+      unsigned long long t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      trace[0] = t;
+    }
+  }
   // Launched as a programmatic dependent of the tree search (LaunchSearchAttend): wait for its
   // items and runs. A no-op in an ordinary launch.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -981,7 +1019,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                item.split,
                partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
                counters + item.task,
-               legacy_merge};
+               legacy_merge,
+               trace};
   const KV* pool = static_cast<const KV*>(item.pool);
   RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
 }
@@ -1014,7 +1053,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                split,
                partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
                counters + task,
-               legacy_merge};
+               legacy_merge,
+               nullptr};
   const void* qt =
       static_cast<const uint8_t*>(q) + static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
   RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
@@ -1236,16 +1276,22 @@ Status UploadAttendPlan(const AttendPlan& plan, void* workspace, void* stream) {
 }
 
 Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
-                             bool dependent);
+                             bool dependent, uint64_t* trace = nullptr);
 
 Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream) {
   return LaunchAttendDependent(plan, workspace, stream, false);
 }
 
+Status LaunchAttendTraced(const AttendPlan& plan, void* workspace, void* stream,
+                          uint64_t* trace) {
+  if (trace == nullptr) return InvalidArgument("launch attend traced: null trace buffer");
+  return LaunchAttendDependent(plan, workspace, stream, false, trace);
+}
+
 // `dependent`: a programmatic dependent launch (the previous kernel on the stream may still
-// run; the kernel waits for it before reading its plan).
+// run; the kernel waits for it before reading its plan). `trace`: LaunchAttendTraced's stamps.
 Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
-                             bool dependent) {
+                             bool dependent, uint64_t* trace) {
   if (plan.num_items == 0) return InvalidArgument("launch attend: empty plan");
   if (plan.cluster_size > 16 || plan.num_items % std::max(1u, plan.cluster_size) != 0) {
     return InvalidArgument("launch attend: cluster size " + std::to_string(plan.cluster_size) +
@@ -1267,7 +1313,7 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         if (!dependent && plan.cluster_size <= 1) {
           SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
               items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
-              LegacyMergeEnv());
+              LegacyMergeEnv(), reinterpret_cast<unsigned long long*>(trace));
           return;
         }
         cudaLaunchConfig_t cfg{};
@@ -1291,7 +1337,8 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         cfg.numAttrs = n;
         launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
                                         run_stride, counters, partials, plan.q_dtype,
-                                        plan.out_dtype, LegacyMergeEnv());
+                                        plan.out_dtype, LegacyMergeEnv(),
+                                        reinterpret_cast<unsigned long long*>(trace));
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);

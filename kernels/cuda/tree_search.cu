@@ -41,7 +41,7 @@ namespace kvmem::kernels::cuda {
 
 // attention.cu: LaunchAttend as a programmatic dependent launch when `dependent`.
 Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stream,
-                             bool dependent);
+                             bool dependent, uint64_t* trace = nullptr);
 
 namespace {
 
