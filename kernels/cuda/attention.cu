@@ -495,11 +495,14 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 
   float qf[G][8];
   const float qs = scale * kLog2e;
+  WithElemType(q_dtype, [&](auto e) {
+    using E = decltype(e);
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < G; ++g) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) qf[g][i] = LoadElem(q, q_dtype, g * D + sub * 8 + i) * qs;
-  }
+      for (int i = 0; i < 8; ++i) qf[g][i] = LoadAs<E>(q, g * D + sub * 8 + i) * qs;
+    }
+  });
   __syncthreads();  // run table filled by the caller
 
   // Issue cursor: run e, row t, for position grp + k * NG.
@@ -835,17 +838,26 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   // Q fragments after the first copies are in flight (rows = heads; a1/a3 rows 8..15 are zero).
   uint32_t qhi[8][2], qlo[8][2];
   const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
+  {
+    // All 16 pairs in flight at once (the dtype branch outside the loads).
+    float2 qv[8][2];
+    WithElemType(q_dtype, [&](auto e) {
+      using E = decltype(e);
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
+      for (int kk = 0; kk < 8; ++kk) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int d = kk * 16 + half * 8 + quad * 2;
-      float x = 0.f, y = 0.f;
-      if (h < G) {
-        x = LoadElem(q, q_dtype, h * D + d);
-        y = LoadElem(q, q_dtype, h * D + d + 1);
+        for (int half = 0; half < 2; ++half) {
+          const int d = kk * 16 + half * 8 + quad * 2;
+          qv[kk][half] = h < G ? LoadPairAs<E>(q, h * D + d) : make_float2(0.f, 0.f);
+        }
       }
-      Split2<KV>(x, y, &qhi[kk][half], &qlo[kk][half]);
+    });
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        Split2<KV>(qv[kk][half].x, qv[kk][half].y, &qhi[kk][half], &qlo[kk][half]);
+      }
     }
   }
   const float qs = scale * kLog2e;

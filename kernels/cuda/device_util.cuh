@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -35,6 +36,48 @@ int MaxActiveClusters(Kernel kernel, uint32_t cluster, uint32_t threads, size_t 
 }
 
 __device__ __forceinline__ size_t DTypeSizeDevice(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// Element i of an array of E (float, __half or __nv_bfloat16) as a float.
+template <typename E>
+__device__ __forceinline__ float LoadAs(const void* p, size_t i) {
+  if constexpr (std::is_same_v<E, float>) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (std::is_same_v<E, __half>) {
+    return __half2float(static_cast<const __half*>(p)[i]);
+  } else {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+}
+
+// Elements i and i + 1 (i even, p aligned to two elements) as floats, with one load.
+template <typename E>
+__device__ __forceinline__ float2 LoadPairAs(const void* p, size_t i) {
+  if constexpr (std::is_same_v<E, float>) {
+    return static_cast<const float2*>(p)[i / 2];
+  } else if constexpr (std::is_same_v<E, __half>) {
+    return __half22float2(static_cast<const __half2*>(p)[i / 2]);
+  } else {
+    return __bfloat1622float2(static_cast<const __nv_bfloat162*>(p)[i / 2]);
+  }
+}
+
+// f(E{}) with E the element type of `t`. For loads of a runtime dtype: the branch is taken once,
+// outside f, so f's loads are independent and all in flight together (LoadElem's switch per
+// element kept each load behind the previous one: one memory round trip per element).
+template <typename F>
+__device__ __forceinline__ void WithElemType(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32:
+      f(float{});
+      return;
+    case DType::kF16:
+      f(__half{});
+      return;
+    case DType::kBF16:
+      f(__nv_bfloat16{});
+      return;
+  }
+}
 
 __device__ __forceinline__ float LoadElem(const void* p, DType t, size_t i) {
   switch (t) {

@@ -521,9 +521,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.cand_score[t] = tree.nodes[my_lo + t].radius;
   }
   // 1. Mean query: sum over the group in order, then divide (index::QueryGroup). Every rank.
+  // The group's rows load together (at most 8: the planner's limit), then sum in order.
   for (int d = tid; d < D; d += kThreads) {
+    float v[8];
+    WithElemType(q_dtype, [&](auto e) {
+      using E = decltype(e);
+#pragma unroll
+      for (uint32_t g = 0; g < 8; ++g) v[g] = g < task.group ? LoadAs<E>(task.q, size_t{g} * D + d) : 0.f;
+    });
     float m = 0.f;
-    for (uint32_t g = 0; g < task.group; ++g) m = __fadd_rn(m, LoadElem(task.q, q_dtype, size_t{g} * D + d));
+#pragma unroll
+    for (uint32_t g = 0; g < 8; ++g) {
+      if (g < task.group) m = __fadd_rn(m, v[g]);
+    }
     sm.mean[d] = __fdiv_rn(m, static_cast<float>(task.group));
   }
   __syncthreads();
