@@ -195,7 +195,9 @@ Status PooledBlockScores(const PooledBlockScoresView& v, void* stream);
 // DeviceTree: one tree's flat arrays in device memory. Sync() uploads the chunk summaries it
 // does not hold yet (they never change between Builds) and, when the tree changed, the node
 // arrays and the leaf order (about 10% of the bytes at 16 chunks per leaf). Pass the FlatTree
-// exported with chunks_from = chunks_held() (a different chunks_epoch starts over).
+// exported with chunks_from = chunks_held() (a different chunks_epoch starts over). Centroids go
+// up as bfloat16 bits (kernels/tree_search.h): InvalidArgument, before anything is uploaded, for
+// a centroid that is not bfloat16 values; Unimplemented for a head_dim not a multiple of 64.
 class DeviceTree {
  public:
   DeviceTree() = default;

@@ -234,8 +234,8 @@ struct RowShare {
 
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
 // before the sums). row(i) gives row i's address (RowShare's layout), done(i, dot) runs on the
-// group's lane 0. Every lane sums its elements in the CPU's
-// order. Every thread of the block must call it; it ends with a barrier.
+// group's lane 0. Every lane sums its elements in the CPU's order. Every thread of the block
+// must call it; it ends with a barrier.
 template <int D, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
                                           int warp, RowF row, DoneF done) {
