@@ -19,7 +19,9 @@ namespace kvmem::kernels {
 // Per (chunk, KV head): centroid c = mean key, radius r = max ‖k − c‖ (measured from the stored
 // fp32 centroid), max key norm max ‖k‖. Both r and the norm are rounded up by a relative
 // kSummaryRoundUp so that they bound the stored numbers despite fp32 rounding on either backend.
-// A chunk with no tokens gets c = 0, r = 0, norm = 0.
+// A chunk with no tokens gets c = 0, r = 0, norm = 0. (index::SummarizeKeys, the daemon's
+// summaries, rounds c to bfloat16 values first; index::ClusterTree stores any summary's centroid
+// so, growing r by the rounding's shift, so this op's output feeds a tree as it is.)
 constexpr float kSummaryRoundUp = 1e-5f;
 
 struct ChunkSummaryView {
