@@ -213,7 +213,8 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
 
 // Lane j's share of a row for ScoreRows: its D / 8 elements 8m + j, m ascending. Rows are
 // bfloat16 bits (centroids are bfloat16 values on the CPU too) in the device tree's interleaved
-// layout (DeviceTree::Sync): the q-th uint4 of lane j holds m = 8q .. 8q + 7, so the 8 lanes of
+// layout (detail::InterleaveRowBF16; flat_tree_search_test reads it this way on the CPU): the
+// q-th uint4 of lane j holds m = 8q .. 8q + 7, so the 8 lanes of
 // a group read 128 contiguous bytes per load. Held as loaded until the sums (half the registers
 // of floats).
 template <int D>
@@ -1665,26 +1666,16 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   const size_t have = chunks_, total = host.num_chunks;
   const size_t skip = have - host.chunks_from;  // delta entries the mirror already holds
   const size_t add = total > have ? total - have : 0;
-  // Centroid rows as bfloat16 bits, interleaved for the search's 8-lane dot products
-  // (ScoreRows): element 8(8q + k) + j at 64q + 8j + k, so lane j's q-th uint4 holds its next
-  // eight elements. Converted and checked before anything is uploaded (the mirror keeps its
-  // state on failure). The staging copies are pageable (each upload has read them when it
-  // returns) and live only for this call: a session holds a mirror per (layer, KV head).
+  // Centroid rows as bfloat16 bits in the search's row layout (detail::InterleaveRowBF16),
+  // converted and checked before anything is uploaded (the mirror keeps its state on failure).
+  // The staging copies are pageable (each upload has read them when it returns) and live only
+  // for this call: a session holds a mirror per (layer, KV head).
   std::string inexact;
   auto interleave = [&](const float* src, size_t rows, const char* what, size_t first) {
     std::vector<uint16_t> out(rows * D);
     for (size_t r = 0; r < rows && inexact.empty(); ++r) {
-      for (uint32_t q = 0; q < D / 64; ++q) {
-        for (uint32_t j = 0; j < 8; ++j) {
-          for (uint32_t k = 0; k < 8; ++k) {
-            const float x = src[r * D + 8 * (8 * q + k) + j];
-            const uint16_t b = FloatToBF16(x);
-            if (BF16ToFloat(b) != x) {  // the CPU search would multiply other numbers
-              inexact = std::string(what) + " " + std::to_string(first + r);
-            }
-            out[r * D + 64 * q + 8 * j + k] = b;
-          }
-        }
+      if (!::kvmem::kernels::detail::InterleaveRowBF16(src + r * D, D, out.data() + r * D)) {
+        inexact = std::string(what) + " " + std::to_string(first + r);
       }
     }
     return out;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "kernels/tree_search.h"
 
 namespace kvmem::kernels::detail {
@@ -26,5 +27,24 @@ struct SearchTaskDesc {
   uint32_t split_tokens;
   uint32_t group;
 };
+
+// A centroid row as the device search reads it (DeviceTree::Sync writes it, ScoreRows reads it):
+// bfloat16 bits, element 8(8q + k) + j at 64q + 8j + k (q < D / 64, j < 8, k < 8), so lane j of
+// an 8-lane group reads its elements 8m + j in order of m, eight per 16-byte load, and the
+// group's loads cover 128 contiguous bytes. D is a multiple of 64. False (out partly written)
+// when a value is not a bfloat16 value: the CPU search would multiply other numbers.
+inline bool InterleaveRowBF16(const float* src, uint32_t D, uint16_t* out) {
+  for (uint32_t q = 0; q < D / 64; ++q) {
+    for (uint32_t j = 0; j < 8; ++j) {
+      for (uint32_t k = 0; k < 8; ++k) {
+        const float x = src[8 * (8 * q + k) + j];
+        const uint16_t b = FloatToBF16(x);
+        if (BF16ToFloat(b) != x) return false;
+        out[64 * q + 8 * j + k] = b;
+      }
+    }
+  }
+  return true;
+}
 
 }  // namespace kvmem::kernels::detail

@@ -3,8 +3,13 @@
 // order, on bulk-built, lazily grown, maintained and flat trees. Seeds fresh per run.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
+#include "common/dtype.h"
 #include "index/cluster_tree.h"
+#include "index/detail/vec_math.h"
 #include "index_test_util.h"
+#include "kernels/detail/tree_search_layout.h"
 #include "kernels/tree_search.h"
 
 namespace kvmem::index {
@@ -143,6 +148,40 @@ TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
   tree.ExportFlat(&flat, 50);
   EXPECT_NE(flat.chunks_epoch, epoch);
   EXPECT_EQ(flat.chunk_radius.size(), tree.num_chunks() - 50u);
+}
+
+// The device's centroid rows (kernels::detail::InterleaveRowBF16, what DeviceTree::Sync uploads),
+// read the way the search kernel's ScoreRows reads them (8 lanes, lane j summing its elements
+// 8m + j in order of m, then the shuffle combine), give detail::Dot's score bit for bit; a row
+// holding a value that is not a bfloat16 value is refused.
+TEST(FlatTreeSearchTest, DeviceRowLayoutScoresLikeDot) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01;
+  for (uint32_t D : {64u, 128u, 256u}) {
+    SCOPED_TRACE("D " + std::to_string(D));
+    std::vector<float> mean(D), row(D);
+    std::vector<uint16_t> dev(D);
+    for (int trial = 0; trial < 200; ++trial) {
+      for (auto& x : mean) x = n01(rng);
+      for (auto& x : row) x = BF16ToFloat(FloatToBF16(3.f * n01(rng) + 0.5f));
+      ASSERT_TRUE(kernels::detail::InterleaveRowBF16(row.data(), D, dev.data()));
+      float s[8];
+      for (uint32_t j = 0; j < 8; ++j) {  // lane j: the q-th 8-element load holds m = 8q .. 8q + 7
+        float acc = 0.f;
+        for (uint32_t m = 0; m < D / 8; ++m) {
+          const float x = BF16ToFloat(dev[64 * (m / 8) + 8 * j + m % 8]);
+          ASSERT_EQ(x, row[8 * m + j]);
+          acc += mean[8 * m + j] * x;
+        }
+        s[j] = acc;
+      }
+      const float dot = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+      ASSERT_EQ(dot, detail::Dot(mean.data(), row.data(), D)) << "trial " << trial;
+    }
+    row[D / 2 + 3] = std::nextafter(row[D / 2 + 3], INFINITY);  // between two bfloat16 values
+    EXPECT_FALSE(kernels::detail::InterleaveRowBF16(row.data(), D, dev.data()));
+  }
 }
 
 }  // namespace
