@@ -359,9 +359,11 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       }
     }
     if (o.num_splits == 1) {
-      __syncthreads();
-      TraceStamp(o, 4);
-      TraceStamp(o, 5);
+      if (o.trace != nullptr) {  // uniform over the block; no barrier when not tracing
+        __syncthreads();
+        TraceStamp(o, 4);
+        TraceStamp(o, 5);
+      }
       return;
     }
   }
