@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,17 +21,44 @@
 
 namespace kvmem::testing {
 
+// A loopback TCP port that was free a moment ago, for a kvmemd listener of a test. Picked below
+// the kernel's ephemeral range (net.ipv4.ip_local_port_range), not by binding port 0: a port
+// from that range can be taken in the meantime as the local port of any outgoing connection of
+// the tests running in parallel (a test flaked with "Address already in use" on its admin
+// port). Candidates are random per process and call, each checked by binding it.
 inline uint16_t FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
+  auto try_bind = [](uint16_t port) -> uint16_t {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    uint16_t got = 0;
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      socklen_t len = sizeof a;
+      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) got = ntohs(a.sin_port);
+    }
+    ::close(fd);
+    return got;
+  };
+  uint32_t lo = 32768, hi = 60999;  // Linux's default ephemeral range
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    if (std::fscanf(f, "%u %u", &lo, &hi) != 2) lo = 32768, hi = 60999;
+    std::fclose(f);
+  }
+  // The larger gap outside [lo, hi] within [10000, 65535].
+  uint32_t a = 10000, b = lo > 10000 ? lo - 1 : 10000;
+  if (hi + 1 <= 65535 && 65535 - (hi + 1) > b - a) a = hi + 1, b = 65535;
+  static std::mt19937 rng(static_cast<uint32_t>(::getpid()) * 2654435761u ^
+                          static_cast<uint32_t>(std::chrono::steady_clock::now().time_since_epoch().count()));
+  if (b > a + 100) {
+    std::uniform_int_distribution<uint32_t> pick(a, b);
+    for (int i = 0; i < 200; ++i) {
+      if (const uint16_t p = try_bind(static_cast<uint16_t>(pick(rng)))) return p;
+    }
+  }
+  return try_bind(0);  // no room outside the ephemeral range: any free port
 }
 
 // Tests and benchmarks live next to kvmemd in build/bin.
