@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <string>
 #include <thread>
@@ -25,7 +26,7 @@ namespace kvmem::testing {
 // the kernel's ephemeral range (net.ipv4.ip_local_port_range), not by binding port 0: a port
 // from that range can be taken in the meantime as the local port of any outgoing connection of
 // the tests running in parallel (a test flaked with "Address already in use" on its admin
-// port). Candidates are random per process and call, each checked by binding it.
+// port). Candidates are random per process, thread and call, each checked by binding it.
 inline uint16_t FreePort() {
   auto try_bind = [](uint16_t port) -> uint16_t {
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -50,8 +51,10 @@ inline uint16_t FreePort() {
   // The larger gap outside [lo, hi] within [10000, 65535].
   uint32_t a = 10000, b = lo > 10000 ? lo - 1 : 10000;
   if (hi + 1 <= 65535 && 65535 - (hi + 1) > b - a) a = hi + 1, b = 65535;
-  static std::mt19937 rng(static_cast<uint32_t>(::getpid()) * 2654435761u ^
-                          static_cast<uint32_t>(std::chrono::steady_clock::now().time_since_epoch().count()));
+  thread_local std::mt19937 rng(
+      static_cast<uint32_t>(::getpid()) * 2654435761u ^
+      static_cast<uint32_t>(std::hash<std::thread::id>{}(std::this_thread::get_id())) ^
+      static_cast<uint32_t>(std::chrono::steady_clock::now().time_since_epoch().count()));
   if (b > a + 100) {
     std::uniform_int_distribution<uint32_t> pick(a, b);
     for (int i = 0; i < 200; ++i) {
