@@ -214,9 +214,8 @@ __device__ __forceinline__ float GroupDot(const float* mean, const float* b, int
 // Lane j's share of a row for ScoreRows: its D / 8 elements 8m + j, m ascending. Rows are
 // bfloat16 bits (centroids are bfloat16 values on the CPU too) in the device tree's interleaved
 // layout (detail::InterleaveRowBF16; flat_tree_search_test reads it this way on the CPU): the
-// q-th uint4 of lane j holds m = 8q .. 8q + 7, so the 8 lanes of
-// a group read 128 contiguous bytes per load. Held as loaded until the sums (half the registers
-// of floats).
+// q-th uint4 of lane j holds m = 8q .. 8q + 7, so the 8 lanes of a group read 128 contiguous
+// bytes per load. Held as loaded until the sums (half the registers of floats).
 template <int D>
 struct RowShare {
   uint4 x[D / 64];
@@ -298,6 +297,15 @@ __device__ __forceinline__ uint64_t GlobalTimer() {
 __device__ __forceinline__ uint64_t Elapsed(uint64_t from) {
   const uint64_t now = GlobalTimer();
   return now > from ? now - from : 0;
+}
+
+// Bin of key k among kHistBins equal bins over [lo, hi] (a range of zero or non-finite width:
+// the top bin for hi, bin 0 for the rest). The leaf and the commit histograms both use it.
+__device__ __forceinline__ uint32_t KeyBin(float k, float lo, float hi) {
+  const float width = hi - lo;
+  if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
+  const float f = (k - lo) / width * static_cast<float>(kHistBins);
+  return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
 }
 
 __device__ __forceinline__ uint32_t NextPow2(uint32_t x) {
@@ -452,8 +460,9 @@ __device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t token
 
 // One thread-block cluster of N blocks per (problem, KV head); rank 0 runs the search's control
 // (leaf selection, commit, sort, scan, runs), and every rank shares the parallel parts: node
-// scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on `rank` is uniform within a block, and every
-// cluster barrier is reached by all ranks of the cluster.
+// scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on
+// `rank` is uniform within a block, and every cluster barrier is reached by all ranks of the
+// cluster.
 template <int D, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
@@ -711,12 +720,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         KVMEM_TRACE(6);
         const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
         const bool any_left = go_on && sm.key_lo <= sm.key_hi;
-        const float width = hi - lo;
-        auto bin = [&](float k) -> uint32_t {
-          if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
-          const float f = (k - lo) / width * static_cast<float>(kHistBins);
-          return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
-        };
+        auto bin = [&](float k) { return KeyBin(k, lo, hi); };
         // 4b. Token and chunk histogram; warp 0 takes bins from the top while they are needed
         // and fit the pool.
         if (any_left) {
@@ -906,12 +910,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (C > kSliceMin && slice_slack != kSliceOff) {
           KVMEM_TRACE(15);
           const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
-          const float width = hi - lo;
-          auto sbin = [&](float k) -> uint32_t {
-            if (!(width > 0.f) || !isfinite(width)) return k == hi ? kHistBins - 1 : 0;
-            const float f = (k - lo) / width * static_cast<float>(kHistBins);
-            return f >= static_cast<float>(kHistBins - 1) ? kHistBins - 1 : (f <= 0.f ? 0u : static_cast<uint32_t>(f));
-          };
+          auto sbin = [&](float k) { return KeyBin(k, lo, hi); };
           for (uint32_t i = tid; i < C; i += kThreads) {
             const uint32_t e = sm.commit[i];
             const uint32_t b = sbin(sm.cand_chain[e].x);
