@@ -159,7 +159,7 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
 // token loop done (all warps; tensor-core paths), 4 the block's partial written and counted
 // (single-split items: output written), 5 block done (the task's last block: after the merge).
 // Points a path does not pass stay as they were.
-constexpr uint32_t kAttendTracePoints = 8;
+constexpr uint32_t kAttendTracePoints = 6;
 Status LaunchAttendTraced(const AttendPlan& plan, void* workspace, void* stream, uint64_t* trace);
 
 // ---- Dense decode attention on a contiguous cache -------------------------------------------

@@ -415,7 +415,7 @@ nlohmann::json TraceAttend(cudaStream_t s, const std::vector<kc::AttendPlan>& pl
   for (uint32_t b = 0; b < plan.num_items; ++b) t0 = std::min(t0, h[size_t{b} * kc::kAttendTracePoints]);
   nlohmann::json out = nlohmann::json::object();
   std::printf("  attn trace (%u blocks, us from the first block's entry, min/median/max):", plan.num_items);
-  for (uint32_t k = 0; k < 6; ++k) {
+  for (uint32_t k = 0; k < kc::kAttendTracePoints; ++k) {
     std::vector<double> v;
     for (uint32_t b = 0; b < plan.num_items; ++b) {
       const uint64_t t = h[size_t{b} * kc::kAttendTracePoints + k];

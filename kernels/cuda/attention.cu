@@ -110,11 +110,7 @@ struct ItemOutput {
 
 // LaunchAttendTraced: thread 0 stores %globaltimer at point k (kernels/cuda_ops.h lists them).
 __device__ __forceinline__ void TraceStamp(const ItemOutput& o, int k) {
-  if (o.trace != nullptr && threadIdx.x == 0) {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    o.trace[k] = t;
-  }
+  if (o.trace != nullptr && threadIdx.x == 0) o.trace[k] = GlobalTimer();
 }
 
 // Writes output elements 4 * v4 .. 4 * v4 + 3 of a merged state (accumulator `a`, max M, sum
@@ -1004,11 +1000,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
   extern __shared__ uint4 dyn[];
   if (trace != nullptr) {
     trace += static_cast<size_t>(blockIdx.x) * kAttendTracePoints;
-    if (threadIdx.x == 0) {
-      unsigned long long t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      trace[0] = t;
-    }
+    if (threadIdx.x == 0) trace[0] = GlobalTimer();
   }
   // Launched as a programmatic dependent of the tree search (LaunchSearchAttend): wait for its
   // items and runs. A no-op in an ordinary launch.

@@ -37,6 +37,13 @@ int MaxActiveClusters(Kernel kernel, uint32_t cluster, uint32_t threads, size_t 
 
 __device__ __forceinline__ size_t DTypeSizeDevice(DType t) { return t == DType::kF32 ? 4 : 2; }
 
+// The GPU's global nanosecond timer (%globaltimer), for the kernels' diagnostics.
+__device__ __forceinline__ uint64_t GlobalTimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Element i of an array of E (float, __half or __nv_bfloat16) as a float.
 template <typename E>
 __device__ __forceinline__ float LoadAs(const void* p, size_t i) {

@@ -286,12 +286,6 @@ __device__ void BlockBitonic(uint32_t n, Less before_swap) {
   __syncthreads();
 }
 
-__device__ __forceinline__ uint64_t GlobalTimer() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Nanoseconds since `from` (0 when the timer reads earlier: %globaltimer is not monotonic
 // across reads on every part).
 __device__ __forceinline__ uint64_t Elapsed(uint64_t from) {
