@@ -401,9 +401,8 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
   if (tokens == 0) return InvalidArgument("cluster tree: chunk has no tokens");
 
   chunk_centroids_.resize(chunk_centroids_.size() + head_dim_);
-  const float* cx = &chunk_centroids_[chunk_centroids_.size() - head_dim_];
-  const float chunk_r = StoreChunkCentroid(summary.centroid.data(), summary.radius, head_dim_,
-                                           &chunk_centroids_[chunk_centroids_.size() - head_dim_]);
+  float* cx = &chunk_centroids_[chunk_centroids_.size() - head_dim_];  // as stored
+  const float chunk_r = StoreChunkCentroid(summary.centroid.data(), summary.radius, head_dim_, cx);
   chunk_radius_.push_back(chunk_r);
   chunk_max_norm_.push_back(summary.max_key_norm);
   chunk_tokens_.push_back(tokens);

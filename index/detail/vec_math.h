@@ -59,7 +59,8 @@ inline float RoundUpToFloat(double x) {
 
 // Rounds a[0..n) to the nearest bfloat16 values (kept as float) and returns how far the vector
 // moved, ‖a − round(a)‖ in double (0 when it already held bfloat16 values). A value beyond the
-// bfloat16 range becomes infinite: callers check AllFinite afterwards.
+// bfloat16 range becomes infinite: callers check for that (SummarizeKeys after rounding,
+// ClusterTree before storing).
 inline double RoundToBF16(float* a, uint32_t n) {
   double s = 0.0;
   for (uint32_t i = 0; i < n; ++i) {
