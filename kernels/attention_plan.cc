@@ -66,7 +66,9 @@ uint32_t AttendMinSplit(uint32_t option) {
 Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPlanOptions& options,
                   AttendPlan* plan) {
   if (count == 0) return InvalidArgument("plan attend: no problems");
+  std::vector<uint8_t> image = std::move(plan->image);  // its capacity is reused
   *plan = AttendPlan{};
+  plan->image = std::move(image);
   const AttendProblem& p0 = problems[0];
   for (uint32_t i = 0; i < count; ++i) {
     const AttendProblem& p = problems[i];
@@ -142,108 +144,138 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   }
   uint64_t max_split = 0;  // with splits_per_task: the longest task split (reported)
 
-  std::vector<AttendTaskDesc> tasks;
-  std::vector<AttendItemDesc> items;
-  std::vector<AttendRunDesc> runs;
-  tasks.reserve(num_tasks);
-  uint32_t partial_slots = 0;
+  // Two passes over the same walk of every task's spans: the first counts each item's runs (so
+  // the layout, and with it every run's place, is known), the second writes the runs straight
+  // into the image. No run list is built and copied (a 128K-token dense layer has ~66K runs).
+  struct TaskWalk {
+    uint32_t problem, head;
+    uint64_t split;
+  };
+  std::vector<TaskWalk> walks;
+  walks.reserve(num_tasks);
   for (uint32_t i = 0; i < count; ++i) {
     const AttendProblem& p = problems[i];
-    const size_t qsz = DTypeSize(p.q_dtype), osz = DTypeSize(p.out_dtype);
     for (uint32_t h = 0; h < p.kv_heads; ++h) {
-      const uint32_t task = static_cast<uint32_t>(tasks.size());
-      AttendTaskDesc td{};
-      td.pool = p.pool;
-      td.q = static_cast<const uint8_t*>(p.q) + static_cast<size_t>(h) * G * D * qsz;
-      td.out = static_cast<uint8_t*>(p.out) + static_cast<size_t>(h) * G * D * osz;
-      td.lse = p.lse ? p.lse + static_cast<size_t>(h) * G : nullptr;
-      td.scale = p.scale;
-      const uint32_t first_item = static_cast<uint32_t>(items.size());
-      AttendItemDesc cur{};
-      cur.task = task;
-      cur.run_begin = static_cast<uint32_t>(runs.size());
-      uint64_t cur_tokens = 0;
       uint32_t first, last;
       HeadSpans(p, h, &first, &last);
       uint64_t split = balanced_split;
-      if (C > 1) {
+      if (C > 1 || options.splits_per_task > 0) {
         uint64_t task_tokens = 0;
         for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
-        split = std::max<uint64_t>(16, AlignUp((task_tokens + C - 1) / C, 16));
-      } else if (options.splits_per_task > 0) {
-        uint64_t task_tokens = 0;
-        for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
-        split = std::max<uint64_t>(
-            64, AlignUp((task_tokens + options.splits_per_task - 1) / options.splits_per_task, 64));
+        split = C > 1 ? std::max<uint64_t>(16, AlignUp((task_tokens + C - 1) / C, 16))
+                      : std::max<uint64_t>(64, AlignUp((task_tokens + options.splits_per_task - 1) /
+                                                           options.splits_per_task,
+                                                       64));
       }
-      auto close_item = [&] {
-        cur.run_end = static_cast<uint32_t>(runs.size());
-        cur.tokens = static_cast<uint32_t>(cur_tokens);
-        items.push_back(cur);
-        cur.split++;
-        cur.run_begin = cur.run_end;
-        cur_tokens = 0;
-      };
-      for (uint32_t s = first; s < last; ++s) {
-        const KVSpan& sp = p.spans[s];
-        const uint64_t head_k = sp.offset + static_cast<uint64_t>(h) * sp.stride_tokens * D;
-        const uint64_t v_shift = static_cast<uint64_t>(p.kv_heads) * sp.stride_tokens * D;
-        uint32_t t = sp.begin;
-        while (t < sp.end) {
-          if (cur_tokens == split || runs.size() - cur.run_begin == kMaxRunsPerItem) close_item();
-          const uint32_t take =
-              static_cast<uint32_t>(std::min<uint64_t>(sp.end - t, split - cur_tokens));
-          const uint64_t k = head_k + static_cast<uint64_t>(t) * D;
-          runs.push_back({k, k + v_shift, take, 0});
-          cur_tokens += take;
-          t += take;
-        }
-      }
-      close_item();  // the last (or only, possibly empty) split
-      if (C > 1) {
-        // Empty splits up to C, or up to a multiple of C when a run table overflowed into more
-        // splits (then the task's clusters merge one partial each through global memory).
-        while ((items.size() - first_item) % C != 0) close_item();
-      }
+      walks.push_back({i, h, split});
       max_split = std::max(max_split, split);
-      td.num_splits = static_cast<uint32_t>(items.size()) - first_item;
-      td.partial_base = partial_slots;
-      // One partial per cluster of splits (none when the task is one cluster).
-      if (td.num_splits / C > 1) partial_slots += td.num_splits / C;
-      for (size_t it = first_item; it < items.size(); ++it) {
-        AttendItemDesc& d = items[it];
-        d.pool = td.pool;
-        d.q = td.q;
-        d.out = td.out;
-        d.lse = td.lse;
-        d.scale = td.scale;
-        d.num_splits = td.num_splits;
-        d.partial_base = td.partial_base;
-      }
-      tasks.push_back(td);
     }
   }
+  // Walks task w's spans: run(k_off, v_off, len) for each run, close(tokens) after each split's
+  // last run (a split closes when full or at kMaxRunsPerItem runs), then empty splits up to a
+  // multiple of C. Returns the task's split count.
+  auto walk = [&](const TaskWalk& w, auto&& run, auto&& close) {
+    const AttendProblem& p = problems[w.problem];
+    uint32_t first, last;
+    HeadSpans(p, w.head, &first, &last);
+    uint32_t splits = 0, item_runs = 0;
+    uint64_t cur_tokens = 0;
+    auto close_item = [&] {
+      close(static_cast<uint32_t>(cur_tokens));
+      ++splits;
+      item_runs = 0;
+      cur_tokens = 0;
+    };
+    for (uint32_t s = first; s < last; ++s) {
+      const KVSpan& sp = p.spans[s];
+      const uint64_t head_k = sp.offset + static_cast<uint64_t>(w.head) * sp.stride_tokens * D;
+      const uint64_t v_shift = static_cast<uint64_t>(p.kv_heads) * sp.stride_tokens * D;
+      for (uint32_t t = sp.begin; t < sp.end;) {
+        if (cur_tokens == w.split || item_runs == kMaxRunsPerItem) close_item();
+        const uint32_t take =
+            static_cast<uint32_t>(std::min<uint64_t>(sp.end - t, w.split - cur_tokens));
+        const uint64_t k = head_k + static_cast<uint64_t>(t) * D;
+        run(k, k + v_shift, take);
+        ++item_runs;
+        cur_tokens += take;
+        t += take;
+      }
+    }
+    close_item();  // the last (or only, possibly empty) split
+    // Empty splits up to C, or up to a multiple of C when a run table overflowed into more
+    // splits (then the task's clusters merge one partial each through global memory).
+    if (C > 1) {
+      while (splits % C != 0) close_item();
+    }
+    return splits;
+  };
 
-  plan->num_tasks = num_tasks;
-  plan->num_items = static_cast<uint32_t>(items.size());
-  plan->num_runs = static_cast<uint32_t>(runs.size());
+  // Pass 1: tasks and items (runs counted, not stored).
+  std::vector<AttendTaskDesc> tasks;
+  std::vector<AttendItemDesc> items;
+  tasks.reserve(num_tasks);
+  uint32_t partial_slots = 0;
+  uint64_t num_runs = 0;
+  for (const TaskWalk& w : walks) {
+    const AttendProblem& p = problems[w.problem];
+    const size_t qsz = DTypeSize(p.q_dtype), osz = DTypeSize(p.out_dtype);
+    AttendTaskDesc td{};
+    td.pool = p.pool;
+    td.q = static_cast<const uint8_t*>(p.q) + static_cast<size_t>(w.head) * G * D * qsz;
+    td.out = static_cast<uint8_t*>(p.out) + static_cast<size_t>(w.head) * G * D * osz;
+    td.lse = p.lse ? p.lse + static_cast<size_t>(w.head) * G : nullptr;
+    td.scale = p.scale;
+    const auto task = static_cast<uint32_t>(tasks.size());
+    const auto first_item = static_cast<uint32_t>(items.size());
+    uint32_t item_runs = 0;
+    td.num_splits = walk(
+        w, [&](uint64_t, uint64_t, uint32_t) { ++item_runs; },
+        [&](uint32_t tokens) {
+          AttendItemDesc d{};
+          d.task = task;
+          d.split = static_cast<uint32_t>(items.size()) - first_item;
+          d.run_begin = static_cast<uint32_t>(num_runs);
+          d.run_end = static_cast<uint32_t>(num_runs + item_runs);
+          d.tokens = tokens;
+          items.push_back(d);
+          num_runs += item_runs;
+          item_runs = 0;
+        });
+    td.partial_base = partial_slots;
+    // One partial per cluster of splits (none when the task is one cluster).
+    if (td.num_splits / C > 1) partial_slots += td.num_splits / C;
+    for (size_t it = first_item; it < items.size(); ++it) {
+      AttendItemDesc& d = items[it];
+      d.pool = td.pool;
+      d.q = td.q;
+      d.out = td.out;
+      d.lse = td.lse;
+      d.scale = td.scale;
+      d.num_splits = td.num_splits;
+      d.partial_base = td.partial_base;
+    }
+    tasks.push_back(td);
+  }
+
   // Runs at a fixed stride per item when that costs at most about twice the run bytes: the
   // kernel then loads an item's first runs together with the item (AttendPlan::run_stride).
   uint32_t max_runs = 1;
   for (const AttendItemDesc& it : items) max_runs = std::max(max_runs, it.run_end - it.run_begin);
-  if (uint64_t{max_runs} * items.size() <= 2 * runs.size() + 256) {
-    std::vector<AttendRunDesc> fixed(size_t{max_runs} * items.size(), AttendRunDesc{0, 0, 0, 0});
+  const bool strided = uint64_t{max_runs} * items.size() <= 2 * num_runs + 256;
+  if (strided) {
     for (size_t i = 0; i < items.size(); ++i) {
       AttendItemDesc& it = items[i];
       const uint32_t n = it.run_end - it.run_begin;
-      std::copy(runs.begin() + it.run_begin, runs.begin() + it.run_end,
-                fixed.begin() + i * max_runs);
       it.run_begin = static_cast<uint32_t>(i * max_runs);
       it.run_end = it.run_begin + n;
     }
-    runs.swap(fixed);
-    plan->run_stride = max_runs;
   }
+  const size_t run_slots = strided ? size_t{max_runs} * items.size() : num_runs;
+
+  plan->num_tasks = num_tasks;
+  plan->num_items = static_cast<uint32_t>(items.size());
+  plan->num_runs = static_cast<uint32_t>(num_runs);
+  plan->run_stride = strided ? max_runs : 0;
   plan->split_tokens =
       static_cast<uint32_t>(options.splits_per_task > 0 || C > 1 ? max_split : balanced_split);
   plan->cluster_size = C;
@@ -259,22 +291,40 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   plan->items_off = off;
   off = AlignUp(off + items.size() * sizeof(AttendItemDesc), 256);
   plan->runs_off = off;
-  off = AlignUp(off + runs.size() * sizeof(AttendRunDesc), 256);
+  off = AlignUp(off + run_slots * sizeof(AttendRunDesc), 256);
   plan->counters_off = off;
   off = AlignUp(off + tasks.size() * sizeof(uint32_t), 256);
   const size_t image_bytes = off;
   plan->partials_off = off;
   plan->workspace_bytes = off + static_cast<size_t>(partial_slots) *
                                     ::kvmem::kernels::detail::PartialFloats(G, D) * sizeof(float);
-  plan->image.assign(image_bytes, 0);
-  std::memcpy(plan->image.data() + plan->tasks_off, tasks.data(),
-              tasks.size() * sizeof(AttendTaskDesc));
-  std::memcpy(plan->image.data() + plan->items_off, items.data(),
-              items.size() * sizeof(AttendItemDesc));
-  if (!runs.empty()) {
-    std::memcpy(plan->image.data() + plan->runs_off, runs.data(),
-                runs.size() * sizeof(AttendRunDesc));
+
+  // The image: capacity kept from an earlier plan, so every byte not written below is zeroed
+  // (section padding, the unused slots of strided run tables, the merge counters).
+  plan->image.resize(image_bytes);
+  uint8_t* img = plan->image.data();
+  auto put = [&](size_t at, const void* src, size_t bytes, size_t end) {
+    if (bytes > 0) std::memcpy(img + at, src, bytes);
+    std::memset(img + at + bytes, 0, end - at - bytes);
+  };
+  put(plan->tasks_off, tasks.data(), tasks.size() * sizeof(AttendTaskDesc), plan->items_off);
+  put(plan->items_off, items.data(), items.size() * sizeof(AttendItemDesc), plan->runs_off);
+  // Pass 2: every run into its slot, then each item's unused slots and the section's padding.
+  auto* runs = reinterpret_cast<AttendRunDesc*>(img + plan->runs_off);
+  size_t item = 0;
+  for (const TaskWalk& w : walks) {
+    uint32_t r = items[item].run_begin;
+    walk(
+        w, [&](uint64_t k, uint64_t v, uint32_t len) { runs[r++] = AttendRunDesc{k, v, len, 0}; },
+        [&](uint32_t) {
+          const uint32_t slot_end = strided ? items[item].run_begin + max_runs : items[item].run_end;
+          std::fill(runs + r, runs + slot_end, AttendRunDesc{0, 0, 0, 0});
+          if (++item < items.size()) r = items[item].run_begin;
+        });
   }
+  const size_t runs_end = plan->runs_off + run_slots * sizeof(AttendRunDesc);
+  std::memset(img + runs_end, 0, plan->counters_off - runs_end);
+  std::memset(img + plan->counters_off, 0, image_bytes - plan->counters_off);
   return Status::OK();
 }
 

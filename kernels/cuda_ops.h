@@ -141,7 +141,9 @@ struct AttendPlan {
 };
 
 // Host only (no device calls): validates and packs. INVALID_ARGUMENT for bad problems,
-// UNIMPLEMENTED for shapes the CUDA kernel does not cover.
+// UNIMPLEMENTED for shapes the CUDA kernel does not cover. The capacity of plan->image is kept
+// (everything else of *plan is replaced): planning into the same AttendPlan again allocates
+// nothing once it is large enough (kvmem-bench-attend-plan).
 Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPlanOptions& options,
                   AttendPlan* plan);
 

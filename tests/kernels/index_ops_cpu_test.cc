@@ -314,4 +314,77 @@ TEST(AttendPlan, RetrievalHeadsGetProportionallyMoreSplits) {
   EXPECT_GE(longest_of[0], 10 * longest_of[1]);
 }
 
+
+// PlanAttend keeps the capacity of the plan's image from call to call (the daemon plans every
+// Attend into one AttendPlan) and writes only what the layout holds, zeroing the rest: a plan
+// made over a used one, whose image is filled with garbage first, is byte for byte the fresh
+// plan. Shapes: a dense layer (runs at a fixed stride per item), a small per-head selection,
+// a retrieval head beside sparse heads (runs packed: a fixed stride would cost too much), and
+// clusters of splits (empty splits padding every task).
+TEST(AttendPlan, ReusedPlanMatchesAFreshOne) {
+  const uint32_t hq = 16, hkv = 4, D = 128;
+  std::mt19937 rng(11);
+  alignas(16) static uint8_t fake[16];
+  struct Shape {
+    std::vector<KVSpan> spans;
+    std::vector<uint32_t> hb;  // empty: every head attends every span
+    cuda::AttendPlanOptions opt;
+  };
+  auto chunks = [&](uint32_t n, std::vector<KVSpan>* out) {
+    for (uint32_t c = 0; c < n; ++c) {
+      const uint32_t len = 8 + rng() % 17;
+      out->push_back({(rng() % 1000000) * 8, len, 0, len});
+    }
+  };
+  std::vector<Shape> shapes(4);
+  chunks(3000, &shapes[0].spans);  // dense
+  for (uint32_t h = 0, at = 0; h < hkv; ++h) {
+    shapes[1].hb.push_back(at);
+    chunks(20, &shapes[1].spans);
+    at = static_cast<uint32_t>(shapes[1].spans.size());
+  }
+  shapes[1].hb.push_back(static_cast<uint32_t>(shapes[1].spans.size()));
+  shapes[1].opt.target_blocks = 16;
+  shapes[1].opt.min_split_tokens = 64;
+  for (uint32_t h = 0; h < hkv; ++h) {  // head 0 attends 300 chunks, the others 4
+    shapes[2].hb.push_back(static_cast<uint32_t>(shapes[2].spans.size()));
+    chunks(h == 0 ? 300 : 4, &shapes[2].spans);
+  }
+  shapes[2].hb.push_back(static_cast<uint32_t>(shapes[2].spans.size()));
+  shapes[2].opt.max_split_tokens = 256 * 24;  // long splits: head 0's run tables overflow
+  shapes[2].opt.min_split_tokens = 256 * 24;
+  shapes[2].opt.target_blocks = 4;
+  chunks(50, &shapes[3].spans);
+  shapes[3].opt.cluster = 4;
+  shapes[3].opt.target_blocks = 64;
+  shapes[3].opt.min_split_tokens = 64;
+  cuda::AttendPlan kept;
+  bool strided = false, packed = false;
+  for (size_t i : {0, 1, 2, 3, 0, 2}) {
+    SCOPED_TRACE("shape " + std::to_string(i));
+    Shape& sh = shapes[i];
+    AttendProblem p{fake, DType::kBF16, hq, hkv, D, 1.f, fake, DType::kBF16, sh.spans.data(),
+                    sh.hb.empty() ? nullptr : sh.hb.data(), static_cast<uint32_t>(sh.spans.size()),
+                    fake, DType::kBF16, nullptr};
+    std::fill(kept.image.begin(), kept.image.end(), uint8_t{0xab});
+    cuda::AttendPlan fresh;
+    ASSERT_TRUE(cuda::PlanAttend(&p, 1, sh.opt, &fresh).ok());
+    ASSERT_TRUE(cuda::PlanAttend(&p, 1, sh.opt, &kept).ok());
+    EXPECT_TRUE(kept.image == fresh.image);
+    EXPECT_EQ(kept.workspace_bytes, fresh.workspace_bytes);
+    EXPECT_EQ(kept.num_items, fresh.num_items);
+    EXPECT_EQ(kept.num_runs, fresh.num_runs);
+    EXPECT_EQ(kept.run_stride, fresh.run_stride);
+    EXPECT_EQ(kept.runs_off, fresh.runs_off);
+    EXPECT_EQ(kept.counters_off, fresh.counters_off);
+    EXPECT_EQ(kept.cluster_size, fresh.cluster_size);
+    (fresh.run_stride > 0 ? strided : packed) = true;
+    // The merge counters start at zero in the image.
+    const auto* counters = reinterpret_cast<const uint32_t*>(kept.image.data() + kept.counters_off);
+    for (uint32_t t = 0; t < kept.num_tasks; ++t) EXPECT_EQ(counters[t], 0u);
+  }
+  EXPECT_TRUE(strided);
+  EXPECT_TRUE(packed);
+}
+
 }  // namespace kvmem::kernels
