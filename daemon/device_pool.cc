@@ -83,23 +83,20 @@ class DevicePool final : public KVPool {
     if (count == 0) return Status::OK();
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    // Stage every q into one device buffer; outputs and lse come back through another.
+    // Every q into one device buffer, outputs and lse back through another; q and the plan
+    // image go up from pinned staging [q | image | out], so the copies are truly asynchronous
+    // (the image of a 128K-token dense layer is ~1.7 MB).
+    auto room = [](size_t b) { return (b + 255) / 256 * 256; };
     std::vector<size_t> q_off(count), out_off(count), lse_off(count);
     size_t in_bytes = 0, out_bytes = 0;
     for (uint32_t i = 0; i < count; ++i) {
       const auto& p = problems[i];
       q_off[i] = in_bytes;
-      in_bytes += (static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype) + 255) / 256 * 256;
+      in_bytes += room(static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
       out_off[i] = out_bytes;
-      out_bytes += (static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype) + 255) / 256 * 256;
+      out_bytes += room(static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
       lse_off[i] = out_bytes;
-      out_bytes += (static_cast<size_t>(p.q_heads) * 4 + 255) / 256 * 256;
-    }
-    host_in_.resize(in_bytes);
-    host_out_.resize(out_bytes);
-    for (uint32_t i = 0; i < count; ++i) {
-      const auto& p = problems[i];
-      std::memcpy(host_in_.data() + q_off[i], p.q, static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
+      out_bytes += room(static_cast<size_t>(p.q_heads) * 4);
     }
     KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, in_bytes + out_bytes));
     auto* d_in = static_cast<uint8_t*>(d_io_);
@@ -111,20 +108,32 @@ class DevicePool final : public KVPool {
       dev[i].out = d_out + out_off[i];
       dev[i].lse = reinterpret_cast<float*>(d_out + lse_off[i]);
     }
-    kernels::cuda::AttendPlan plan;
+    // A member plan: its image's capacity is reused from call to call.
+    kernels::cuda::AttendPlan& plan = attend_plan_;
     Status planned = kernels::cuda::PlanAttend(dev.data(), count, {}, &plan);
     if (planned.code() == StatusCode::kUnimplemented) return AttendOnHost(problems, count);
     KVMEM_RETURN_IF_ERROR(planned);
     KVMEM_RETURN_IF_ERROR(Grow(&d_ws_, &ws_bytes_, plan.workspace_bytes));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, host_in_.data(), in_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::UploadAttendPlan(plan, d_ws_, stream_));
+    const size_t image_bytes = plan.image.size();
+    KVMEM_RETURN_IF_ERROR(GrowPinned(in_bytes + room(image_bytes) + out_bytes));
+    uint8_t* h_in = pinned_;
+    uint8_t* h_image = h_in + in_bytes;
+    uint8_t* h_out = h_image + room(image_bytes);
+    for (uint32_t i = 0; i < count; ++i) {
+      const auto& p = problems[i];
+      std::memcpy(h_in + q_off[i], p.q, static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
+    }
+    std::memcpy(h_image, plan.image.data(), image_bytes);
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_in, in_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
+    KVMEM_RETURN_IF_ERROR(
+        Cuda(cudaMemcpyAsync(d_ws_, h_image, image_bytes, cudaMemcpyHostToDevice, stream_), "stage the attention plan"));
     KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchAttend(plan, d_ws_, stream_));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(host_out_.data(), d_out, out_bytes, cudaMemcpyDeviceToHost, stream_), "copy out"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_), "copy out"));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "attention"));
     for (uint32_t i = 0; i < count; ++i) {
       const auto& p = problems[i];
-      std::memcpy(p.out, host_out_.data() + out_off[i], static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
-      if (p.lse) std::memcpy(p.lse, host_out_.data() + lse_off[i], static_cast<size_t>(p.q_heads) * 4);
+      std::memcpy(p.out, h_out + out_off[i], static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
+      if (p.lse) std::memcpy(p.lse, h_out + lse_off[i], static_cast<size_t>(p.q_heads) * 4);
     }
     return Status::OK();
   }
@@ -455,7 +464,7 @@ class DevicePool final : public KVPool {
     return exec;
   }
 
-  // Grow-only pinned host staging (the device search's copies).
+  // Grow-only pinned host staging (the uploads and copies back of every launch).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
     if (need <= pinned_bytes_) return Status::OK();
@@ -493,9 +502,9 @@ class DevicePool final : public KVPool {
   size_t sws_bytes_ = 0;
   void* d_scan_ = nullptr;  // block scan: inputs, then scores
   size_t scan_bytes_ = 0;
-  uint8_t* pinned_ = nullptr;  // host staging of the device search
+  uint8_t* pinned_ = nullptr;  // host staging of every upload and copy back
   size_t pinned_bytes_ = 0;
-  std::vector<uint8_t> host_in_, host_out_;
+  kernels::cuda::AttendPlan attend_plan_;  // Attend's, kept for its image's capacity
   std::map<GraphKey, cudaGraphExec_t> graphs_;  // KVMEM_DEVICE_SUBMIT=graph
   bool graph_failed_ = false;
   uint8_t* mapped_ = nullptr;      // KVMEM_DEVICE_RESULTS=mapped: host view
