@@ -9,6 +9,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
+# The host's runtime (KINDS.md: kernel 4.4.0 is gVisor, "-fc-" Firecracker): host-side timings
+# (the e2e Attend, launch calls) differ between the two, so every call records it.
+echo "host kernel $(uname -r) ($(case $(uname -r) in 4.4.0*) echo gVisor;; *-fc-*) echo Firecracker;; *) echo unknown runtime;; esac)), $(nproc) CPUs" | tee "$OUT/host.txt"
 
 # parity SPEC...: each SPEC is "[VAR=VALUE ...] TEST"; runs the bundled TEST (skipped when the
 # bundle lacks it) with those variables and a 150 s limit, prints its exit status and gtest's
