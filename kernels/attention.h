@@ -60,9 +60,14 @@ Status ValidateAttendProblem(const AttendProblem& p);
 // tokens produce zeros and lse = -inf.
 void AttendCpu(const AttendProblem* problems, uint32_t count);
 
+// Instruction set of AttendCpuBlocked: kAuto takes AVX2 + FMA when the CPU has them (x86-64),
+// else the baseline build; kBaseline forces the baseline (tests, kvmem-bench-cpu-attend).
+enum class CpuIsa { kAuto, kBaseline };
+bool CpuHasAvx2Fma();
+
 // The CPU backend's kernel: the same function computed in vectorisable blocks of tokens
 // (several times faster); parity-tested against AttendCpu.
-void AttendCpuBlocked(const AttendProblem* problems, uint32_t count);
+void AttendCpuBlocked(const AttendProblem* problems, uint32_t count, CpuIsa isa = CpuIsa::kAuto);
 
 // Dense decode attention over a contiguous cache, for dense layers and dense mode:
 //   K[batch][kv_heads][capacity_tokens][head_dim], V likewise (separate tensors),

@@ -84,15 +84,18 @@ TEST_P(AttendCpuTest, MatchesTwoPassReference) {
   p.out_dtype = c.out;
   p.lse = lse.data();
   ASSERT_TRUE(ValidateAttendProblem(p).ok());
-  // The blocked kernel (the CPU backend's) computes the same function as the reference.
-  {
+  // The blocked kernel (the CPU backend's) computes the same function as the reference, in
+  // both of its builds (AVX2 + FMA where this CPU has them, and the baseline).
+  AttendCpu(&p, 1);
+  for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kBaseline}) {
+    SCOPED_TRACE(isa == CpuIsa::kAuto ? (CpuHasAvx2Fma() ? "avx2+fma build" : "auto (baseline build)")
+                                      : "baseline build");
     std::vector<uint8_t> out2(out_bytes);
     std::vector<float> lse2(c.hq);
     AttendProblem p2 = p;
     p2.out = out2.data();
     p2.lse = lse2.data();
-    AttendCpuBlocked(&p2, 1);
-    AttendCpu(&p, 1);
+    AttendCpuBlocked(&p2, 1, isa);
     double e = 0, n = 0;
     for (size_t i = 0; i < static_cast<size_t>(c.hq) * c.d; ++i) {
       const double a = LoadAsFloat(out.data(), c.out, i), b = LoadAsFloat(out2.data(), c.out, i);
@@ -160,7 +163,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{DType::kBF16, DType::kBF16, DType::kF32, 8, 4, 128, 1e-5},
                       Case{DType::kBF16, DType::kF32, DType::kBF16, 32, 8, 128, 1e-2},
                       Case{DType::kF16, DType::kF16, DType::kF16, 4, 4, 32, 2e-3},
-                      Case{DType::kF16, DType::kF32, DType::kF32, 6, 3, 16, 1e-5}));
+                      Case{DType::kF16, DType::kF32, DType::kF32, 6, 3, 16, 1e-5},
+                      // Head dims off the blocked kernel's 64-column and 8-lane steps.
+                      Case{DType::kBF16, DType::kBF16, DType::kF32, 8, 2, 100, 1e-5},
+                      Case{DType::kF32, DType::kF32, DType::kF32, 4, 1, 96, 1e-5}));
 
 TEST(AttendCpu, ValidateRejectsBadShapes) {
   AttendProblem p{};
