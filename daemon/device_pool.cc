@@ -79,7 +79,7 @@ class DevicePool final : public KVPool {
                            cudaMemcpyDeviceToDevice), "copy within");
   }
 
-  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+  Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
     if (count == 0) return Status::OK();
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);

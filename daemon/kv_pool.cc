@@ -10,6 +10,8 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "common/dtype.h"
 #include "common/memcopy.h"
@@ -301,12 +303,19 @@ class HostPool final : public KVPool {
     workers->For(parts, [&](uint32_t p) { run(cut[p], cut[p + 1]); });
     return bad.load() ? NonFiniteInput() : Status::OK();
   }
-  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+  Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* workers) override {
+    std::vector<std::pair<uint32_t, uint32_t>> heads;  // (problem, KV head)
     for (uint32_t i = 0; i < count; ++i) {
       problems[i].pool = base_;
       KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(problems[i]));
+      for (uint32_t h = 0; h < problems[i].kv_heads; ++h) heads.emplace_back(i, h);
     }
-    kernels::AttendCpuBlocked(problems, count);
+    auto one = [&](uint32_t j) { kernels::AttendCpuBlockedHead(problems[heads[j].first], heads[j].second); };
+    if (workers != nullptr && workers->threads() > 0 && heads.size() > 1) {
+      workers->For(static_cast<uint32_t>(heads.size()), one);
+    } else {
+      for (uint32_t j = 0; j < heads.size(); ++j) one(j);
+    }
     return Status::OK();
   }
   std::string Describe() const override { return "cpu"; }

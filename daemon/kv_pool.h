@@ -152,10 +152,12 @@ class KVPool {
                            std::optional<DType> reject_non_finite = std::nullopt);
 
   // Decode attention for problems whose spans index this pool. q, out and lse are HOST
-  // pointers; `pool` is filled in here. The host pool runs the CPU reference; a device pool
-  // stages q to the device, launches one kernel for all problems and copies out/lse back.
-  // Problems in one call must share dtypes, head_dim and GQA group.
-  virtual Status Attend(kernels::AttendProblem* problems, uint32_t count) = 0;
+  // pointers; `pool` is filled in here. The host pool runs the CPU kernel
+  // (kernels::AttendCpuBlocked), its (problem, KV head) pairs spread over `workers` when given;
+  // a device pool stages q to the device, launches one kernel for all problems and copies
+  // out/lse back (`workers` unused). Problems in one call must share dtypes, head_dim and GQA
+  // group.
+  virtual Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* workers) = 0;
 
   // The device search (CUDA pool only): SyncTree brings a device mirror of a cluster tree up
   // to date from an export (ClusterTree::ExportFlat from tree->chunks_held()); SearchAttend

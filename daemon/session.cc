@@ -1516,7 +1516,7 @@ Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybri
   KVMEM_RETURN_IF_ERROR(kernels::ValidateAttendProblem(p));
   {
     PhaseTimer t(AttendPhase::kHostAttend);
-    KVMEM_RETURN_IF_ERROR(pool_->Attend(&p, 1));
+    KVMEM_RETURN_IF_ERROR(pool_->Attend(&p, 1, g_search_pool));  // the host pool spreads its heads
   }
   if (info != nullptr) {
     if (sparse) {

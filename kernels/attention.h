@@ -68,6 +68,9 @@ bool CpuHasAvx2Fma();
 // The CPU backend's kernel: the same function computed in vectorisable blocks of tokens
 // (several times faster); parity-tested against AttendCpu.
 void AttendCpuBlocked(const AttendProblem* problems, uint32_t count, CpuIsa isa = CpuIsa::kAuto);
+// One KV head of it: writes the outputs (and lse) of that head's query heads and nothing else,
+// so the heads of a problem can run on different threads at once (the host pool's workers).
+void AttendCpuBlockedHead(const AttendProblem& p, uint32_t kv_head, CpuIsa isa = CpuIsa::kAuto);
 
 // Dense decode attention over a contiguous cache, for dense layers and dense mode:
 //   K[batch][kv_heads][capacity_tokens][head_dim], V likewise (separate tensors),

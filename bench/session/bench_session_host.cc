@@ -55,7 +55,7 @@ class NoMathPool final : public KVPool {
     return host_->CopyWithin(dst, src, bytes);
   }
   // What the CUDA pool does on the host: plan into a kept plan, stage q and the image.
-  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+  Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
     KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanAttend(problems, count, {}, &plan_));
     staging_.resize(plan_.image.size() + size_t{kHq} * kD * 2);
     std::memcpy(staging_.data(), plan_.image.data(), plan_.image.size());

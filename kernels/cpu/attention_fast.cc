@@ -76,72 +76,68 @@ inline void ToFloat(const uint8_t* src, DType t, size_t n, float* dst) {
   }
 }
 
-__attribute__((always_inline)) inline void AttendBlocked(const AttendProblem* problems, uint32_t count) {
-  std::vector<float> qf, acc, kb, vb, logits, m, l;
-  for (uint32_t pi = 0; pi < count; ++pi) {
-    const AttendProblem& p = problems[pi];
-    const uint32_t D = p.head_dim, G = p.q_heads / p.kv_heads;
-    qf.resize(static_cast<size_t>(p.q_heads) * D);
-    ConvertToFloat(p.q, p.q_dtype, qf.size(), qf.data());
-    for (float& x : qf) x *= p.scale;  // fold the scale into q once
-    acc.assign(static_cast<size_t>(p.q_heads) * D, 0.f);
-    m.assign(p.q_heads, -std::numeric_limits<float>::infinity());
-    l.assign(p.q_heads, 0.f);
-    kb.resize(static_cast<size_t>(kBlock) * D);
-    vb.resize(static_cast<size_t>(kBlock) * D);
-    logits.resize(static_cast<size_t>(G) * kBlock);
-    const size_t esize = DTypeSize(p.kv_dtype);
-    const auto* pool = static_cast<const uint8_t*>(p.pool);
-    for (uint32_t h = 0; h < p.kv_heads; ++h) {
-      uint32_t first, last;
-      HeadSpans(p, h, &first, &last);
-      for (uint32_t si = first; si < last; ++si) {
-        const KVSpan& s = p.spans[si];
-        const uint64_t head_k = s.offset + static_cast<uint64_t>(h) * s.stride_tokens * D;
-        const uint64_t v_shift = static_cast<uint64_t>(p.kv_heads) * s.stride_tokens * D;
-        for (uint32_t t0 = s.begin; t0 < s.end; t0 += kBlock) {
-          const uint32_t n = std::min(kBlock, s.end - t0);
-          const uint64_t k_elem = head_k + static_cast<uint64_t>(t0) * D;
-          // Rows of one span are contiguous: one conversion per block.
-          ToFloat(pool + k_elem * esize, p.kv_dtype, static_cast<size_t>(n) * D, kb.data());
-          ToFloat(pool + (k_elem + v_shift) * esize, p.kv_dtype, static_cast<size_t>(n) * D, vb.data());
-          for (uint32_t g = 0; g < G; ++g) {
-            const uint32_t qh = h * G + g;
-            const float* q = &qf[static_cast<size_t>(qh) * D];
-            float* lg = &logits[static_cast<size_t>(g) * kBlock];
-            float bmax = -std::numeric_limits<float>::infinity();
-            for (uint32_t t = 0; t < n; ++t) {
-              lg[t] = Dot(q, &kb[static_cast<size_t>(t) * D], D);
-              bmax = std::max(bmax, lg[t]);
-            }
-            float* a = &acc[static_cast<size_t>(qh) * D];
-            if (bmax > m[qh]) {
-              const float c = std::exp(m[qh] - bmax);
-              l[qh] *= c;
-              for (uint32_t d = 0; d < D; ++d) a[d] *= c;
-              m[qh] = bmax;
-            }
-            for (uint32_t t = 0; t < n; ++t) {
-              lg[t] = std::exp(lg[t] - m[qh]);  // the weight, in place of the logit
-              l[qh] += lg[t];
-            }
-            AccumulateRows(a, lg, vb.data(), n, D);
-          }
+// One KV head of a problem: its G query heads' outputs (and lse) written; nothing else of the
+// problem is touched, so different heads may run on different threads at once.
+__attribute__((always_inline)) inline void AttendBlockedHead(const AttendProblem& p, uint32_t h) {
+  const uint32_t D = p.head_dim, G = p.q_heads / p.kv_heads;
+  thread_local std::vector<float> qf, acc, kb, vb, logits, m, l;
+  qf.resize(static_cast<size_t>(G) * D);
+  const size_t qsize = DTypeSize(p.q_dtype);
+  ConvertToFloat(static_cast<const uint8_t*>(p.q) + static_cast<size_t>(h) * G * D * qsize, p.q_dtype, qf.size(),
+                 qf.data());
+  for (float& x : qf) x *= p.scale;  // fold the scale into q once
+  acc.assign(static_cast<size_t>(G) * D, 0.f);
+  m.assign(G, -std::numeric_limits<float>::infinity());
+  l.assign(G, 0.f);
+  kb.resize(static_cast<size_t>(kBlock) * D);
+  vb.resize(static_cast<size_t>(kBlock) * D);
+  logits.resize(static_cast<size_t>(G) * kBlock);
+  const size_t esize = DTypeSize(p.kv_dtype);
+  const auto* pool = static_cast<const uint8_t*>(p.pool);
+  uint32_t first, last;
+  HeadSpans(p, h, &first, &last);
+  for (uint32_t si = first; si < last; ++si) {
+    const KVSpan& s = p.spans[si];
+    const uint64_t head_k = s.offset + static_cast<uint64_t>(h) * s.stride_tokens * D;
+    const uint64_t v_shift = static_cast<uint64_t>(p.kv_heads) * s.stride_tokens * D;
+    for (uint32_t t0 = s.begin; t0 < s.end; t0 += kBlock) {
+      const uint32_t n = std::min(kBlock, s.end - t0);
+      const uint64_t k_elem = head_k + static_cast<uint64_t>(t0) * D;
+      // Rows of one span are contiguous: one conversion per block.
+      ToFloat(pool + k_elem * esize, p.kv_dtype, static_cast<size_t>(n) * D, kb.data());
+      ToFloat(pool + (k_elem + v_shift) * esize, p.kv_dtype, static_cast<size_t>(n) * D, vb.data());
+      for (uint32_t g = 0; g < G; ++g) {
+        const float* q = &qf[static_cast<size_t>(g) * D];
+        float* lg = &logits[static_cast<size_t>(g) * kBlock];
+        float bmax = -std::numeric_limits<float>::infinity();
+        for (uint32_t t = 0; t < n; ++t) {
+          lg[t] = Dot(q, &kb[static_cast<size_t>(t) * D], D);
+          bmax = std::max(bmax, lg[t]);
         }
+        float* a = &acc[static_cast<size_t>(g) * D];
+        if (bmax > m[g]) {
+          const float c = std::exp(m[g] - bmax);
+          l[g] *= c;
+          for (uint32_t d = 0; d < D; ++d) a[d] *= c;
+          m[g] = bmax;
+        }
+        for (uint32_t t = 0; t < n; ++t) {
+          lg[t] = std::exp(lg[t] - m[g]);  // the weight, in place of the logit
+          l[g] += lg[t];
+        }
+        AccumulateRows(a, lg, vb.data(), n, D);
       }
     }
-    detail::FinishSoftmax(p, acc, m, l);
   }
+  detail::FinishSoftmaxHeads(p, h * G, G, acc.data(), m.data(), l.data());
 }
 
-void AttendBlockedBaseline(const AttendProblem* problems, uint32_t count) {
-  AttendBlocked(problems, count);
-}
+void AttendBlockedHeadBaseline(const AttendProblem& p, uint32_t h) { AttendBlockedHead(p, h); }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KVMEM_CPU_AVX2 1
-__attribute__((target("avx2,fma"))) void AttendBlockedAvx2(const AttendProblem* problems, uint32_t count) {
-  AttendBlocked(problems, count);
+__attribute__((target("avx2,fma"))) void AttendBlockedHeadAvx2(const AttendProblem& p, uint32_t h) {
+  AttendBlockedHead(p, h);
 }
 #endif
 
@@ -156,15 +152,21 @@ bool CpuHasAvx2Fma() {
 #endif
 }
 
-void AttendCpuBlocked(const AttendProblem* problems, uint32_t count, CpuIsa isa) {
+void AttendCpuBlockedHead(const AttendProblem& p, uint32_t kv_head, CpuIsa isa) {
 #ifdef KVMEM_CPU_AVX2
   if (isa != CpuIsa::kBaseline && CpuHasAvx2Fma()) {
-    AttendBlockedAvx2(problems, count);
+    AttendBlockedHeadAvx2(p, kv_head);
     return;
   }
 #endif
   (void)isa;
-  AttendBlockedBaseline(problems, count);
+  AttendBlockedHeadBaseline(p, kv_head);
+}
+
+void AttendCpuBlocked(const AttendProblem* problems, uint32_t count, CpuIsa isa) {
+  for (uint32_t i = 0; i < count; ++i) {
+    for (uint32_t h = 0; h < problems[i].kv_heads; ++h) AttendCpuBlockedHead(problems[i], h, isa);
+  }
 }
 
 }  // namespace kvmem::kernels

@@ -6,6 +6,10 @@
 #include <map>
 #include <random>
 #include <set>
+#include <vector>
+
+#include "common/dtype.h"
+#include "daemon/parallel.h"
 
 namespace kvmem {
 namespace {
@@ -118,6 +122,64 @@ TEST(HostPool, CopiesRoundTrip) {
   ASSERT_TRUE((*p)->CopyOut(out.data(), *off, out.size()).ok());
   for (size_t i = 0; i < 1024; ++i) EXPECT_EQ(out[1024 + i], in[i]);
   (*p)->Free(*off);
+}
+
+
+// The host pool's attention spreads (problem, KV head) pairs over the workers it is given: the
+// same bytes as on one thread (each head is computed whole by one thread), for two problems of
+// 8 KV heads with per-head spans, and every head's output written.
+TEST(HostPool, AttendOnWorkersMatchesOneThread) {
+  auto p = CreateHostPool({64ull << 20, 1ull << 20});
+  ASSERT_TRUE(p.ok());
+  constexpr uint32_t kHq = 16, kHkv = 8, kD = 64, kChunks = 12;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n01;
+  std::vector<kernels::KVSpan> spans;
+  std::vector<uint32_t> head_begin;
+  std::vector<uint64_t> blocks;
+  for (uint32_t c = 0; c < kChunks; ++c) {
+    const uint32_t len = 8 + rng() % 17;
+    auto off = (*p)->Allocate(uint64_t{2} * kHkv * len * kD * 2);
+    ASSERT_TRUE(off.ok());
+    blocks.push_back(*off);
+    std::vector<uint16_t> kv(size_t{2} * kHkv * len * kD);
+    for (auto& x : kv) x = FloatToBF16(n01(rng));
+    ASSERT_TRUE((*p)->CopyIn(*off, kv.data(), kv.size() * 2).ok());
+    spans.push_back({*off / 2, len, 0, len});  // element offsets
+  }
+  std::vector<kernels::KVSpan> per_head;  // head h attends every chunk but the h-th
+  for (uint32_t h = 0; h < kHkv; ++h) {
+    head_begin.push_back(static_cast<uint32_t>(per_head.size()));
+    for (uint32_t c = 0; c < kChunks; ++c) {
+      if (c != h) per_head.push_back(spans[c]);
+    }
+  }
+  head_begin.push_back(static_cast<uint32_t>(per_head.size()));
+  std::vector<uint16_t> q(size_t{2} * kHq * kD);
+  for (auto& x : q) x = FloatToBF16(n01(rng));
+  auto run = [&](ParallelPool* workers, std::vector<uint16_t>* out, std::vector<float>* lse) {
+    out->assign(size_t{2} * kHq * kD, 0xffff);
+    lse->assign(size_t{2} * kHq, 7.f);
+    kernels::AttendProblem pr[2];
+    for (int i = 0; i < 2; ++i) {
+      pr[i] = kernels::AttendProblem{nullptr, DType::kBF16, kHq, kHkv, kD, 0.125f, q.data() + i * kHq * kD,
+                                     DType::kBF16, i == 0 ? spans.data() : per_head.data(),
+                                     i == 0 ? nullptr : head_begin.data(),
+                                     static_cast<uint32_t>(i == 0 ? spans.size() : per_head.size()),
+                                     out->data() + i * kHq * kD, DType::kBF16, lse->data() + i * kHq};
+    }
+    ASSERT_TRUE((*p)->Attend(pr, 2, workers).ok());
+  };
+  std::vector<uint16_t> out1, out3;
+  std::vector<float> lse1, lse3;
+  run(nullptr, &out1, &lse1);
+  ParallelPool workers(3);
+  run(&workers, &out3, &lse3);
+  EXPECT_EQ(out1, out3);
+  EXPECT_EQ(lse1, lse3);
+  for (uint16_t x : out1) EXPECT_NE(x, 0xffff);  // every head's rows written
+  for (float x : lse1) EXPECT_NE(x, 7.f);
+  for (uint64_t b : blocks) (*p)->Free(b);
 }
 
 }  // namespace

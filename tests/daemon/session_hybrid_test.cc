@@ -72,7 +72,7 @@ class StagedPool final : public KVPool {
     std::memmove(mem_.get() + dst, mem_.get() + src, bytes);
     return Status::OK();
   }
-  Status Attend(kernels::AttendProblem* problems, uint32_t count) override {
+  Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
     for (uint32_t i = 0; i < count; ++i) problems[i].pool = base_;
     kernels::AttendCpu(problems, count);
     return Status::OK();
