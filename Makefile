@@ -59,10 +59,12 @@ fuzz:
 	$(MAKE) --no-print-directory BUILD_DIR=build-asan CMAKE_FLAGS="$(ASAN_CMAKE_FLAGS)" build
 	FUZZ_SECONDS=$(FUZZ_SECONDS) ctest --test-dir build-asan -L fuzz -j $(SAN_JOBS) --output-on-failure --no-tests=error
 
-# The tests that exercise threads: shared clients, executors, the search pool, the transport,
-# the stress tool against a real kvmemd. Only their binaries are built.
-TSAN_TARGETS = kvmemd kvmem-stress e2e_test malformed_test session_index_test stress_test limits_test
-TSAN_TESTS = E2E|ParallelPool|SessionIndex|Malformed|Stress|Limits
+# The tests that exercise threads: shared clients, executors, the search pool (and the host
+# pool's attention on it), the transport, the stress tool against a real kvmemd. Only their
+# binaries are built.
+TSAN_TARGETS = kvmemd kvmem-stress e2e_test malformed_test session_index_test stress_test limits_test \
+  kv_pool_test
+TSAN_TESTS = E2E|ParallelPool|HostPool|SessionIndex|Malformed|Stress|Limits
 tsan: deps
 	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DCMAKE_C_COMPILER=clang \
 	  -DCMAKE_CXX_COMPILER=clang++ -DKVMEM_SANITIZE=thread -DKVMEM_WITH_CUDA=OFF \
