@@ -7,12 +7,15 @@
 // it, into a kept plan) and the staging copies of q and the plan image.
 //
 //   kvmem-bench-session-host --json FILE [--contexts 32768,131072] [--iters 30]
-//                            [--modes dense,retrieval_heads,index]
+//                            [--modes dense,retrieval_heads,index,index_fidelity]
 //
 // Layer 1 of a two-layer session (32 q / 8 KV heads, D 128, bf16, sentence ends every 16 tokens,
 // topic-structured keys) is timed; layer 0 is attended first in every pass (the retrieval modes reuse its
 // selections). Modes: dense; retrieval_heads with 1 retrieval head in layer 1 (every head of
-// layer 0 is one); index (host search: this pool has no device search). Median µs per call, and
+// layer 0 is one); index (host search: this pool has no device search); index_fidelity (index
+// with deploy/kvmemd-fidelity.json's session defaults: chunks of 2-4 tokens, rescoring of 4x the
+// budget token by token, which reads the candidates' keys out of the pool: `copy_outs_per_call`
+// counts those reads, each a synchronous cudaMemcpy on the CUDA pool). Median µs per call, and
 // the mean µs per call of each of the daemon's Attend phases (kvmem_attend_phase_seconds) over
 // the timed calls of layer 1 and layer 0's calls between them (`phases_us_per_pass`).
 #include <algorithm>
@@ -50,7 +53,11 @@ class NoMathPool final : public KVPool {
   }
   bool is_host() const override { return false; }
   Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override { return host_->CopyIn(dst, src, bytes); }
-  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override { return host_->CopyOut(dst, src, bytes); }
+  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
+    ++copy_outs;  // each a synchronous cudaMemcpy on the CUDA pool
+    return host_->CopyOut(dst, src, bytes);
+  }
+  uint64_t copy_outs = 0;
   Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
     return host_->CopyWithin(dst, src, bytes);
   }
@@ -91,7 +98,7 @@ int Main(int argc, char** argv) {
   std::string json;
   std::vector<uint32_t> contexts{32768, 131072};
   int iters = 30;
-  std::string modes = "dense,retrieval_heads,index";
+  std::string modes = "dense,retrieval_heads,index,index_fidelity";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--json") json = argv[i + 1];
@@ -100,7 +107,7 @@ int Main(int argc, char** argv) {
     else if (k == "--modes") modes = argv[i + 1];
     else {
       std::fprintf(stderr, "usage: kvmem-bench-session-host --json FILE [--contexts 32768,131072] [--iters 30] "
-                           "[--modes dense,retrieval_heads,index]\n");
+                           "[--modes dense,retrieval_heads,index,index_fidelity]\n");
       return 2;
     }
   }
@@ -109,10 +116,12 @@ int Main(int argc, char** argv) {
   nlohmann::json rows = nlohmann::json::array();
   std::printf("%-8s %-16s %12s %12s\n", "context", "mode", "median_us", "min_us");
   for (uint32_t ctx : contexts) {
-    for (SelectionMode mode : {SelectionMode::kDense, SelectionMode::kRetrievalHeads, SelectionMode::kIndex}) {
-      const char* name = mode == SelectionMode::kDense            ? "dense"
-                         : mode == SelectionMode::kRetrievalHeads ? "retrieval_heads"
-                                                                  : "index";
+    for (int m = 0; m < 4; ++m) {
+      const SelectionMode mode = m == 0   ? SelectionMode::kDense
+                                 : m == 1 ? SelectionMode::kRetrievalHeads
+                                          : SelectionMode::kIndex;
+      const bool fidelity = m == 3;
+      const char* name = m == 0 ? "dense" : m == 1 ? "retrieval_heads" : m == 2 ? "index" : "index_fidelity";
       if (("," + modes + ",").find(std::string(",") + name + ",") == std::string::npos) continue;
       auto pool = NoMathPool::Create({uint64_t{ctx} * 2 * kHkv * kD * 2 * 2 * 3 / 2 + (256ull << 20), 4ull << 20});
       if (!pool.ok()) {
@@ -128,6 +137,13 @@ int Main(int argc, char** argv) {
       o.sink_tokens = 16;
       o.default_budget_tokens = 2048;
       o.retrieval.block_tokens = 64;
+      if (fidelity) {  // deploy/kvmemd-fidelity.json
+        o.chunker.min_tokens = 2;
+        o.chunker.max_tokens = 4;
+        o.search.aggregation = index::GroupAggregation::kMeanQuery;
+        o.rescore_overfetch = 4.0f;
+        o.rescore_tokens = true;
+      }
       auto s = Session::Create(1, "bench", p, o, pool->get());
       if (!s.ok()) {
         std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
@@ -162,6 +178,7 @@ int Main(int argc, char** argv) {
       std::vector<float> lse(kHq);
       std::vector<double> us;
       std::array<LatencyHistogram::Snapshot, kNumAttendPhases> before{};
+      uint64_t copy_outs0 = 0;
       for (int it = 0; it < iters + 2; ++it) {
         if (it == 2) {
           for (int ph = 0; ph < kNumAttendPhases; ++ph) before[ph] = GlobalMetrics().attend_phase[ph].Read();
@@ -177,6 +194,7 @@ int Main(int argc, char** argv) {
           return 1;
         }
         a.layer = 1;
+        if (it == 2) copy_outs0 = (*pool)->copy_outs;
         const auto t0 = std::chrono::steady_clock::now();
         const Status st = (*s)->Attend(a, nullptr);
         const auto t1 = std::chrono::steady_clock::now();
@@ -199,9 +217,13 @@ int Main(int argc, char** argv) {
         std::snprintf(buf, sizeof(buf), " %s %.1f", AttendPhaseName(static_cast<AttendPhase>(ph)), mean);
         phase_text += buf;
       }
+      // Pool reads per timed call (layer 1), the untimed layer-0 calls between them excluded:
+      // both layers make the same reads, so half of every pass's.
+      const double copy_outs = static_cast<double>((*pool)->copy_outs - copy_outs0) / 2.0 / iters;
       rows.push_back({{"context", ctx}, {"mode", name}, {"median_us", us[us.size() / 2]}, {"min_us", us.front()},
-                      {"iterations", us.size()}, {"phases_us_per_pass", phases}});
-      std::printf("%-8u %-16s %12.1f %12.1f  per pass:%s\n", ctx, name, us[us.size() / 2], us.front(), phase_text.c_str());
+                      {"iterations", us.size()}, {"phases_us_per_pass", phases}, {"copy_outs_per_call", copy_outs}});
+      std::printf("%-8u %-16s %12.1f %12.1f  copy_outs %.0f  per pass:%s\n", ctx, name, us[us.size() / 2],
+                  us.front(), copy_outs, phase_text.c_str());
     }
   }
   nlohmann::json doc{{"bench", "kvmem-bench-session-host"},
