@@ -25,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -270,11 +271,13 @@ class ChunkStore {
   Status GetBlock(rocksdb::ColumnFamilyHandle* cf, const ChunkName& c, const char* what_prefix,
                   ChunkValue* value) const;
 
-  // Held around every RocksDB write in ThreadSanitizer builds only (chunk_store.cc says why).
-  std::unique_lock<std::mutex> TsanWriteLock();
+  // In ThreadSanitizer builds only (chunk_store.cc says why): held around every RocksDB write,
+  // and its shared side around every read (empty locks in other builds).
+  std::unique_lock<std::shared_mutex> TsanWriteLock() const;
+  std::shared_lock<std::shared_mutex> TsanReadLock() const;
 
   StoreOptions options_;
-  std::mutex tsan_write_mu_;
+  mutable std::shared_mutex tsan_mu_;
   std::unique_ptr<rocksdb::DB> db_;
   rocksdb::ColumnFamilyHandle* default_cf_ = nullptr;
   rocksdb::ColumnFamilyHandle* chunks_cf_ = nullptr;
