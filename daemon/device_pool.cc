@@ -146,7 +146,8 @@ class DevicePool final : public KVPool {
     return tree->Sync(flat, stream_);
   }
 
-  // One upload (q and the plan image), the search and the attention launches, two copies back
+  // One upload of q and the plan image (or, with KVMEM_DEVICE_INLINE=on and when they fit, both
+  // as the search's kernel parameters), the search and the attention launches, one copy back
   // (out + lse, the per-head results [+ selection]), one synchronisation.
   Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -202,8 +203,13 @@ class DevicePool final : public KVPool {
     KVMEM_RETURN_IF_ERROR(GrowPinned(up + down + 256));
     uint8_t* h_up = pinned_;
     uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
-    std::memcpy(h_up, a.q, q_bytes);
-    std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
+    // Not with graphs (a replay repeats the parameters it was captured with).
+    const bool try_inline = !GraphSubmit() && InlineSubmit();
+    auto stage = [&] {
+      std::memcpy(h_up, a.q, q_bytes);
+      std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
+    };
+    if (!try_inline) stage();
     phase(AttendPhase::kDevicePlan);
     // KVMEM_DEVICE_TIMELINE=1: events around each stream operation (not with graphs).
     const bool timeline = Timeline() && !GraphSubmit() && EnsureEvents().ok();
@@ -214,10 +220,20 @@ class DevicePool final : public KVPool {
     };
     auto enqueue = [&]() -> Status {
       mark(0);
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
-                                 "stage q and the search plan"));
-      mark(1);
-      KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, m_res, stream_));
+      bool launched = false;
+      if (try_inline) {
+        // q and the plan image as the search's kernel parameters: no upload on the stream.
+        mark(1);
+        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendInline(plan, d_ws, a.q, q_bytes, d_in,
+                                                                      m_res, stream_, &launched));
+      }
+      if (!launched) {
+        if (try_inline) stage();
+        KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
+                                   "stage q and the search plan"));
+        mark(1);
+        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, m_res, stream_));
+      }
       mark(2);
       if (mapped) return Status::OK();
       KVMEM_RETURN_IF_ERROR(
@@ -413,6 +429,12 @@ class DevicePool final : public KVPool {
   }
   static bool MappedResults() {
     static const bool on = EnvIs("KVMEM_DEVICE_RESULTS", "mapped");
+    return on;
+  }
+  // KVMEM_DEVICE_INLINE=on: q and the plan image as the search's kernel parameters instead of
+  // an upload (A/B timing; not yet timed on the H200 at run 22's kernels, so off by default).
+  static bool InlineSubmit() {
+    static const bool on = EnvIs("KVMEM_DEVICE_INLINE", "on");
     return on;
   }
   // Grow-only mapped pinned host memory the kernels write the device search's outputs into.

@@ -26,6 +26,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 
@@ -452,17 +453,28 @@ __device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t token
   return static_cast<uint32_t>(end - skip);
 }
 
+// An inline launch (LaunchSearchAttendInline) carries q and the plan image in the kernel's
+// parameters: the search reads them there, copies each task's q to where the plan's q pointers
+// point (the attention reads it there), writes the attention's items whole and zeroes its merge
+// counters. Null fields: a regular launch (the plan image was uploaded to the workspace).
+struct InlineSource {
+  const uint8_t* q = nullptr;      // q in the parameters
+  const uint8_t* q_dev = nullptr;  // where the plan's q pointers point
+  const AttendItemDesc* items = nullptr;  // the plan's items, in the parameters
+  uint32_t* counters = nullptr;    // the attention's per-task merge counters
+};
+
 // One thread-block cluster of N blocks per (problem, KV head); rank 0 runs the search's control
 // (leaf selection, commit, sort, scan, runs), and every rank shares the parallel parts: node
 // scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on
 // `rank` is uniform within a block, and every cluster barrier is reached by all ranks of the
 // cluster.
-template <int D, bool kTrace>
-__global__ void __launch_bounds__(kThreads, 1)
-    TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
-                     AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
-                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
-                     uint32_t first_round, uint32_t slice_slack) {
+template <int D, bool kTrace, bool kInline>
+__device__ __forceinline__ void TreeSearchBody(
+    const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
+    SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
+    float* scratch, DType q_dtype, uint32_t first_round, uint32_t slice_slack,
+    const InlineSource& inl) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   cg::cluster_group cluster = cg::this_cluster();
@@ -524,6 +536,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
     sm.cand_score[t] = tree.nodes[my_lo + t].radius;
   }
+  // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it,
+  // and zeroes the task's merge counter: both are read only after this grid has finished).
+  const void* task_q = nullptr;  // inline launch: this task's q in the parameters
+  if constexpr (kInline) {
+    const size_t q_off = static_cast<const uint8_t*>(task.q) - inl.q_dev;
+    task_q = inl.q + q_off;
+    if (rank == 0) {
+      const size_t n16 = size_t{task.group} * D * DTypeSizeDevice(q_dtype) / 16;
+      for (size_t k = tid; k < n16; k += kThreads) {
+        reinterpret_cast<uint4*>(const_cast<void*>(task.q))[k] = reinterpret_cast<const uint4*>(task_q)[k];
+      }
+      if (tid == 0) inl.counters[task_index] = 0;
+    }
+  }
   // 1. Mean query: sum over the group in order, then divide (index::QueryGroup). Every rank.
   // The group's rows load together (at most 8: the planner's limit), then sum in order.
   for (int d = tid; d < D; d += kThreads) {
@@ -531,7 +557,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     WithElemType(q_dtype, [&](auto e) {
       using E = decltype(e);
 #pragma unroll
-      for (uint32_t g = 0; g < 8; ++g) v[g] = g < task.group ? LoadAs<E>(task.q, size_t{g} * D + d) : 0.f;
+      for (uint32_t g = 0; g < 8; ++g) {
+        v[g] = g < task.group ? LoadAs<E>(kInline ? task_q : task.q, size_t{g} * D + d) : 0.f;
+      }
     });
     float m = 0.f;
 #pragma unroll
@@ -1396,11 +1424,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   for (uint32_t i = tid; i < ns; i += kThreads) {
-    AttendItemDesc& it = items[task.first_item + i];
-    const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
-    const uint32_t count = ok_runs ? sm.item_count[i] : 0;
-    it.run_end = it.run_begin + count;
-    it.tokens = count > 0 ? E - B : 0;
+    if constexpr (kInline) {  // the item whole, from the parameters
+      AttendItemDesc it = inl.items[task.first_item + i];
+      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
+      const uint32_t count = ok_runs ? sm.item_count[i] : 0;
+      it.run_end = it.run_begin + count;
+      it.tokens = count > 0 ? E - B : 0;
+      items[task.first_item + i] = it;
+    } else {  // the uploaded item: its two fields
+      AttendItemDesc& it = items[task.first_item + i];
+      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
+      const uint32_t count = ok_runs ? sm.item_count[i] : 0;
+      it.run_end = it.run_begin + count;
+      it.tokens = count > 0 ? E - B : 0;
+    }
+  }
+  if constexpr (kInline) {
+    // The splits past kMaxSplits stay as planned (empty), as the upload would leave them.
+    for (uint32_t i = ns + tid; i < task.num_splits; i += kThreads) {
+      items[task.first_item + i] = inl.items[task.first_item + i];
+    }
   }
   __syncthreads();
   KVMEM_TRACE(27);
@@ -1437,20 +1480,60 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+template <int D, bool kTrace>
+__global__ void __launch_bounds__(kThreads, 1)
+    TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
+                     AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
+                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
+                     uint32_t first_round, uint32_t slice_slack) {
+  TreeSearchBody<D, kTrace, false>(tasks, items, runs, results, selected, sel_scores, max_selected,
+                                   scratch, q_dtype, first_round, slice_slack, InlineSource{});
+}
+
+// The parameters of an inline launch: data = [q | plan image at image_off].
+struct InlineImage {
+  const uint8_t* q_dev;
+  uint32_t image_off, tasks_off, items_off, pad;
+  alignas(16) uint8_t data[kSearchInlineBytes];
+};
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    TreeSearchInlineKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchTaskResult* results,
+                           uint32_t* selected, float* sel_scores, uint32_t max_selected,
+                           float* scratch, DType q_dtype, uint32_t first_round,
+                           uint32_t slice_slack, uint32_t* counters,
+                           const __grid_constant__ InlineImage img) {
+  const uint8_t* image = img.data + img.image_off;
+  InlineSource inl;
+  inl.q = img.data;
+  inl.q_dev = img.q_dev;
+  inl.items = reinterpret_cast<const AttendItemDesc*>(image + img.items_off);
+  inl.counters = counters;
+  TreeSearchBody<D, false, true>(reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items,
+                           runs, results, selected, sel_scores, max_selected, scratch, q_dtype,
+                           first_round, slice_slack, inl);
+}
+
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
+template <typename Kernel>
+cudaError_t PrepareKernel(Kernel kernel) {
+  cudaError_t r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(sizeof(Smem)));
+  if (r == cudaSuccess) r = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (r != cudaSuccess) (void)cudaGetLastError();
+  return r;
+}
+
 template <int D, bool kTrace = false>
 cudaError_t PrepareSearchKernel() {
-  static const cudaError_t e = [] {
-    cudaError_t r = cudaFuncSetAttribute(TreeSearchKernel<D, kTrace>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(sizeof(Smem)));
-    if (r == cudaSuccess) {
-      r = cudaFuncSetAttribute(TreeSearchKernel<D, kTrace>,
-                               cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    }
-    if (r != cudaSuccess) (void)cudaGetLastError();
-    return r;
-  }();
+  static const cudaError_t e = PrepareKernel(TreeSearchKernel<D, kTrace>);
+  return e;
+}
+
+template <int D>
+cudaError_t PrepareInlineKernel() {
+  static const cudaError_t e = PrepareKernel(TreeSearchInlineKernel<D>);
   return e;
 }
 
@@ -1539,6 +1622,42 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
   return Status::OK();
 }
 
+template <int D>
+Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_host, size_t q_bytes,
+                    const void* q_dev, SearchTaskResult* results, cudaStream_t s) {
+  KVMEM_CUDA_RETURN_IF_ERROR(PrepareInlineKernel<D>());
+  const uint32_t n = ClusterSize<D>(plan.num_tasks, plan.cluster_size);
+  if (n == 0 || n > 16) return InvalidArgument("tree search: cluster size " + std::to_string(n));
+  static thread_local InlineImage img;  // 28 KB: not on the stack
+  img.q_dev = static_cast<const uint8_t*>(q_dev);
+  img.image_off = static_cast<uint32_t>((q_bytes + 15) / 16 * 16);
+  img.tasks_off = static_cast<uint32_t>(plan.tasks_off);
+  img.items_off = static_cast<uint32_t>(plan.items_off);
+  std::memcpy(img.data, q_host, q_bytes);
+  std::memcpy(img.data + img.image_off, plan.image.data(), plan.image.size());
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute cl{};
+  cl.id = cudaLaunchAttributeClusterDimension;
+  cl.val.clusterDim.x = n;
+  cl.val.clusterDim.y = cl.val.clusterDim.z = 1;
+  cfg.gridDim = dim3(plan.num_tasks * n);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = sizeof(Smem);
+  cfg.stream = s;
+  cfg.attrs = &cl;
+  cfg.numAttrs = 1;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
+      &cfg, TreeSearchInlineKernel<D>, reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
+      reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
+      results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
+      reinterpret_cast<uint32_t*>(ws + plan.selected_off),
+      reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
+      reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchInlineKernel");
+  return Status::OK();
+}
+
 }  // namespace
 
 Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, void* stream) {
@@ -1550,6 +1669,27 @@ Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, voi
 }
 
 namespace {
+// The span attention over what the search wrote (the planner's run slots: item i from
+// i * kMaxRunsPerItem).
+AttendPlan AttendPlanOf(const SearchAttendPlan& plan) {
+  AttendPlan ap;
+  ap.num_tasks = plan.num_tasks;
+  ap.num_items = plan.num_items;
+  ap.kv_dtype = plan.kv_dtype;
+  ap.q_dtype = plan.q_dtype;
+  ap.out_dtype = plan.out_dtype;
+  ap.head_dim = plan.head_dim;
+  ap.group = plan.group;
+  ap.cluster_size = plan.attend_cluster;
+  ap.run_stride = kMaxRunsPerItem;
+  ap.items_off = plan.items_off;
+  ap.runs_off = plan.runs_off;
+  ap.counters_off = plan.counters_off;
+  ap.partials_off = plan.partials_off;
+  ap.workspace_bytes = plan.workspace_bytes;
+  return ap;
+}
+
 Status LaunchTreeSearchTo(const SearchAttendPlan& plan, void* workspace, SearchTaskResult* results,
                           void* stream) {
   if (plan.num_tasks == 0) return InvalidArgument("tree search: empty plan");
@@ -1579,22 +1719,36 @@ Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* s
 Status LaunchSearchAttendTo(const SearchAttendPlan& plan, void* workspace,
                             SearchTaskResult* results, void* stream) {
   KVMEM_RETURN_IF_ERROR(LaunchTreeSearchTo(plan, workspace, results, stream));
-  AttendPlan ap;
-  ap.num_tasks = plan.num_tasks;
-  ap.num_items = plan.num_items;
-  ap.kv_dtype = plan.kv_dtype;
-  ap.q_dtype = plan.q_dtype;
-  ap.out_dtype = plan.out_dtype;
-  ap.head_dim = plan.head_dim;
-  ap.group = plan.group;
-  ap.cluster_size = plan.attend_cluster;
-  ap.run_stride = kMaxRunsPerItem;  // the planner's run slots: item i from i * kMaxRunsPerItem
-  ap.items_off = plan.items_off;
-  ap.runs_off = plan.runs_off;
-  ap.counters_off = plan.counters_off;
-  ap.partials_off = plan.partials_off;
-  ap.workspace_bytes = plan.workspace_bytes;
-  return LaunchAttendDependent(ap, workspace, stream, true);
+  return LaunchAttendDependent(AttendPlanOf(plan), workspace, stream, true);
+}
+
+Status LaunchSearchAttendInline(const SearchAttendPlan& plan, void* workspace, const void* q_host,
+                                size_t q_bytes, void* q_dev, SearchTaskResult* results,
+                                void* stream, bool* launched) {
+  *launched = false;
+  if (plan.num_tasks == 0) return InvalidArgument("tree search: empty plan");
+  if (workspace == nullptr || q_host == nullptr || q_dev == nullptr) {
+    return InvalidArgument("tree search inline: null workspace or q");
+  }
+  if ((q_bytes + 15) / 16 * 16 + plan.image.size() > kSearchInlineBytes) return Status::OK();
+  // Every task's q must lie in [q_dev, q_dev + q_bytes) (one problem's q, as the daemon plans).
+  const auto* descs = reinterpret_cast<const SearchTaskDesc*>(plan.image.data() + plan.tasks_off);
+  const size_t q_task = size_t{plan.group} * plan.head_dim * DTypeSize(plan.q_dtype);
+  for (uint32_t t = 0; t < plan.num_tasks; ++t) {
+    const auto* q = static_cast<const uint8_t*>(descs[t].q);
+    if (q < static_cast<const uint8_t*>(q_dev) || q + q_task > static_cast<const uint8_t*>(q_dev) + q_bytes ||
+        (q - static_cast<const uint8_t*>(q_dev)) % 16 != 0 || q_task % 16 != 0) {
+      return Status::OK();
+    }
+  }
+  auto* ws = static_cast<uint8_t*>(workspace);
+  auto s = static_cast<cudaStream_t>(stream);
+  Status st = plan.head_dim == 128 ? LaunchInline<128>(plan, ws, q_host, q_bytes, q_dev, results, s)
+              : plan.head_dim == 64 ? LaunchInline<64>(plan, ws, q_host, q_bytes, q_dev, results, s)
+                                    : Unimplemented("tree search: head_dim " + std::to_string(plan.head_dim));
+  KVMEM_RETURN_IF_ERROR(st);
+  *launched = true;
+  return LaunchAttendDependent(AttendPlanOf(plan), workspace, stream, true);
 }
 
 // ---- DeviceTree ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include "index/cluster_tree.h"
 #include "index/summary.h"
 #include "kernels/attention.h"
+#include "kernels/cuda/search_attend_to.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/cuda_test_util.h"
 
@@ -132,6 +133,9 @@ struct RunConfig {
   uint32_t sinks = 16;
   uint32_t recent_window = 0;
   uint32_t cluster_size = 0;  // SearchAttendPlan::cluster_size (0: the device's choice)
+  // LaunchSearchAttendInline (one session): q and the plan in the kernel's parameters, over a
+  // poisoned workspace that nothing is uploaded to.
+  bool inline_launch = false;
 };
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
@@ -209,14 +213,30 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
   ST_OK(kc::PlanSearchAttend(probs.data(), P, opt, &plan));
   plan.cluster_size = cfg.cluster_size;
   DeviceMem ws(plan.workspace_bytes);
-  CUDA_OK(cudaMemset(ws.p, 0, plan.workspace_bytes));
-  ST_OK(kc::UploadSearchAttendPlan(plan, ws.p, nullptr));
-  ST_OK(kc::LaunchSearchAttend(plan, ws.p, nullptr));
+  auto launch = [&] {
+    if (!cfg.inline_launch) {
+      ST_OK(kc::LaunchSearchAttend(plan, ws.p, nullptr));
+      return;
+    }
+    bool launched = false;
+    ST_OK(kc::LaunchSearchAttendInline(plan, ws.p, q.data(), q.size() * 2, q_d.p, nullptr, nullptr,
+                                       &launched));
+    ASSERT_TRUE(launched) << "q + plan image: " << q.size() * 2 + plan.image.size() << " bytes";
+  };
+  if (cfg.inline_launch) {
+    ASSERT_EQ(P, 1u);
+    CUDA_OK(cudaMemset(ws.p, 0xff, plan.workspace_bytes));  // nothing may rely on an upload
+    CUDA_OK(cudaMemset(q_d.p, 0xff, q.size() * 2));          // the search puts q there
+  } else {
+    CUDA_OK(cudaMemset(ws.p, 0, plan.workspace_bytes));
+    ST_OK(kc::UploadSearchAttendPlan(plan, ws.p, nullptr));
+  }
+  launch();
   CUDA_OK(cudaDeviceSynchronize());
   // Twice on the same workspace (graph-replay safety): same answer.
   std::vector<uint16_t> out(q.size()), out2(q.size());
   CUDA_OK(cudaMemcpy(out.data(), out_d.p, out.size() * 2, cudaMemcpyDeviceToHost));
-  ST_OK(kc::LaunchSearchAttend(plan, ws.p, nullptr));
+  launch();
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaMemcpy(out2.data(), out_d.p, out.size() * 2, cudaMemcpyDeviceToHost));
   EXPECT_EQ(out, out2);
@@ -355,6 +375,30 @@ TEST(TreeSearchCuda, LargeTreesEveryClusterSizeMatchesCpu) {
       for (uint32_t budget : {512u, 2048u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
     }
     unsetenv("KVMEM_SEARCH_SLICE_SLACK");
+  }
+}
+
+// q and the plan as the search kernel's parameters (kvmemd with KVMEM_DEVICE_INLINE=on): the same
+// selection, output and replay behaviour as an uploaded plan, from a workspace nothing was
+// uploaded to.
+TEST(TreeSearchCuda, InlineLaunchMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  std::vector<std::unique_ptr<Session>> keep;
+  Session* s = NewSession(&keep, 4, 4);
+  AddChunks(rng, s, 1500, /*insert=*/true);
+  for (auto& t : s->trees) t.Maintain();
+  SetTail(rng, s, 23);
+  for (uint32_t cluster : {0u, 1u, 4u}) {
+    SCOPED_TRACE("cluster " + std::to_string(cluster));
+    for (uint32_t budget : {256u, 1024u}) {
+      RunConfig cfg{budget, 16, 0, cluster};
+      cfg.inline_launch = true;
+      CheckSessions(rng, {s}, cfg);
+    }
+    RunConfig cfg{500, 40, 100, cluster};  // a recent window and chunks straddling the sinks
+    cfg.inline_launch = true;
+    CheckSessions(rng, {s}, cfg);
   }
 }
 
