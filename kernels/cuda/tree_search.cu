@@ -1583,27 +1583,36 @@ uint32_t FirstRound() {
   return 0;
 }
 
+// The search's launch: plan.num_tasks thread-block clusters of ClusterSize blocks (the cluster
+// dimension in *attr, which must outlive the launch call).
+template <int D>
+Status SearchLaunchConfig(const SearchAttendPlan& plan, cudaStream_t s, cudaLaunchConfig_t* cfg,
+                          cudaLaunchAttribute* attr) {
+  const uint32_t n = ClusterSize<D>(plan.num_tasks, plan.cluster_size);
+  if (n == 0 || n > 16) return InvalidArgument("tree search: cluster size " + std::to_string(n));
+  *attr = cudaLaunchAttribute{};
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = n;
+  attr->val.clusterDim.y = attr->val.clusterDim.z = 1;
+  *cfg = cudaLaunchConfig_t{};
+  cfg->gridDim = dim3(plan.num_tasks * n);
+  cfg->blockDim = dim3(kThreads);
+  cfg->dynamicSmemBytes = sizeof(Smem);
+  cfg->stream = s;
+  cfg->attrs = attr;
+  cfg->numAttrs = 1;
+  return Status::OK();
+}
+
 template <int D>
 Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* results,
               cudaStream_t s) {
   constexpr size_t kSmem = sizeof(Smem);
   static_assert(kSmem <= 227 * 1024, "search state must fit one SM's shared memory");
   KVMEM_CUDA_RETURN_IF_ERROR(PrepareSearchKernel<D>());
-  const uint32_t n = ClusterSize<D>(plan.num_tasks, plan.cluster_size);
-  if (n == 0 || n > 16) {
-    return InvalidArgument("tree search: cluster size " + std::to_string(n));
-  }
   cudaLaunchConfig_t cfg{};
   cudaLaunchAttribute cl{};
-  cl.id = cudaLaunchAttributeClusterDimension;
-  cl.val.clusterDim.x = n;
-  cl.val.clusterDim.y = cl.val.clusterDim.z = 1;
-  cfg.gridDim = dim3(plan.num_tasks * n);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmem;
-  cfg.stream = s;
-  cfg.attrs = &cl;
-  cfg.numAttrs = 1;
+  KVMEM_RETURN_IF_ERROR(SearchLaunchConfig<D>(plan, s, &cfg, &cl));
   static const bool trace = [] {
     const char* e = std::getenv("KVMEM_SEARCH_TRACE");
     return e != nullptr && std::string(e) == "1";
@@ -1626,8 +1635,9 @@ template <int D>
 Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_host, size_t q_bytes,
                     const void* q_dev, SearchTaskResult* results, cudaStream_t s) {
   KVMEM_CUDA_RETURN_IF_ERROR(PrepareInlineKernel<D>());
-  const uint32_t n = ClusterSize<D>(plan.num_tasks, plan.cluster_size);
-  if (n == 0 || n > 16) return InvalidArgument("tree search: cluster size " + std::to_string(n));
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute cl{};
+  KVMEM_RETURN_IF_ERROR(SearchLaunchConfig<D>(plan, s, &cfg, &cl));
   static thread_local InlineImage img;  // 28 KB: not on the stack
   img.q_dev = static_cast<const uint8_t*>(q_dev);
   img.image_off = static_cast<uint32_t>((q_bytes + 15) / 16 * 16);
@@ -1635,17 +1645,6 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
   img.items_off = static_cast<uint32_t>(plan.items_off);
   std::memcpy(img.data, q_host, q_bytes);
   std::memcpy(img.data + img.image_off, plan.image.data(), plan.image.size());
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute cl{};
-  cl.id = cudaLaunchAttributeClusterDimension;
-  cl.val.clusterDim.x = n;
-  cl.val.clusterDim.y = cl.val.clusterDim.z = 1;
-  cfg.gridDim = dim3(plan.num_tasks * n);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = sizeof(Smem);
-  cfg.stream = s;
-  cfg.attrs = &cl;
-  cfg.numAttrs = 1;
   KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
       &cfg, TreeSearchInlineKernel<D>, reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
