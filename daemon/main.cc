@@ -42,7 +42,8 @@ Usage: kvmemd [options]
   --log-level L          trace|debug|info|warn|error   (default info)
   --progress M           event | poll                  (default event)
   --executors N          session executor threads, 0 = inline (default 2)
-  --search-threads N     threads one index search fans out over (default: by core count)
+  --search-threads N     threads one index search (and on the CPU backend one attention) fans
+                         out over (default: by core count)
   --device-memory SIZE   KV pool size (device tier), e.g. 8GiB (default 4GiB)
   --host-memory SIZE     host tier for evicted blocks, e.g. 16GiB; 0 = none (default 0)
   --restore M            eager | lazy: load durable K/V at start, or check it and fetch it
