@@ -26,6 +26,9 @@ Status Cuda(cudaError_t e, const char* what) {
   return Internal(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
+// Bytes rounded up to 256: every section of a staging buffer starts 256-byte aligned.
+size_t Room(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
 class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
@@ -86,17 +89,16 @@ class DevicePool final : public KVPool {
     // Every q into one device buffer, outputs and lse back through another; q and the plan
     // image go up from pinned staging [q | image | out], so the copies are truly asynchronous
     // (the image of a 128K-token dense layer is ~1.7 MB).
-    auto room = [](size_t b) { return (b + 255) / 256 * 256; };
     std::vector<size_t> q_off(count), out_off(count), lse_off(count);
     size_t in_bytes = 0, out_bytes = 0;
     for (uint32_t i = 0; i < count; ++i) {
       const auto& p = problems[i];
       q_off[i] = in_bytes;
-      in_bytes += room(static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
+      in_bytes += Room(static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
       out_off[i] = out_bytes;
-      out_bytes += room(static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
+      out_bytes += Room(static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
       lse_off[i] = out_bytes;
-      out_bytes += room(static_cast<size_t>(p.q_heads) * 4);
+      out_bytes += Room(static_cast<size_t>(p.q_heads) * 4);
     }
     KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, in_bytes + out_bytes));
     auto* d_in = static_cast<uint8_t*>(d_io_);
@@ -115,10 +117,10 @@ class DevicePool final : public KVPool {
     KVMEM_RETURN_IF_ERROR(planned);
     KVMEM_RETURN_IF_ERROR(Grow(&d_ws_, &ws_bytes_, plan.workspace_bytes));
     const size_t image_bytes = plan.image.size();
-    KVMEM_RETURN_IF_ERROR(GrowPinned(in_bytes + room(image_bytes) + out_bytes));
+    KVMEM_RETURN_IF_ERROR(GrowPinned(in_bytes + Room(image_bytes) + out_bytes));
     uint8_t* h_in = pinned_;
     uint8_t* h_image = h_in + in_bytes;
-    uint8_t* h_out = h_image + room(image_bytes);
+    uint8_t* h_out = h_image + Room(image_bytes);
     for (uint32_t i = 0; i < count; ++i) {
       const auto& p = problems[i];
       std::memcpy(h_in + q_off[i], p.q, static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
@@ -162,10 +164,10 @@ class DevicePool final : public KVPool {
     const kernels::AttendProblem& a = req->problem.attend;
     const size_t q_bytes = size_t{a.q_heads} * a.head_dim * DTypeSize(a.q_dtype);
     const size_t out_bytes = size_t{a.q_heads} * a.head_dim * DTypeSize(a.out_dtype);
-    const size_t q_room = (q_bytes + 255) / 256 * 256;
-    const size_t out_room = (out_bytes + 255) / 256 * 256;
+    const size_t q_room = Room(q_bytes);
+    const size_t out_room = Room(out_bytes);
     const size_t lse_bytes = size_t{a.q_heads} * sizeof(float);
-    const size_t lse_room = (lse_bytes + 255) / 256 * 256;
+    const size_t lse_room = Room(lse_bytes);
     const size_t io_room = q_room + out_room + lse_room;
     // KVMEM_DEVICE_RESULTS=mapped: the attention writes out and lse, and the search its
     // per-head results, straight into mapped pinned host memory [out | lse | results]: no copy
@@ -202,7 +204,7 @@ class DevicePool final : public KVPool {
     const size_t down = mapped ? 0 : (io_room - q_room) + res_end;
     KVMEM_RETURN_IF_ERROR(GrowPinned(up + down + 256));
     uint8_t* h_up = pinned_;
-    uint8_t* h_down = pinned_ + (up + 255) / 256 * 256;
+    uint8_t* h_down = pinned_ + Room(up);
     // Not with graphs (a replay repeats the parameters it was captured with).
     const bool try_inline = !GraphSubmit() && InlineSubmit();
     auto stage = [&] {
@@ -299,15 +301,14 @@ class DevicePool final : public KVPool {
     }
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    auto room = [](size_t b) { return (b + 255) / 256 * 256; };
     const size_t q_bytes = size_t{v.q_heads} * v.head_dim * sizeof(float);
     const size_t span_bytes = size_t{v.num_spans} * sizeof(kernels::KVSpan);
     const size_t prefix_bytes = (size_t{v.num_spans} + 1) * sizeof(uint32_t);
     const size_t head_bytes = size_t{v.num_heads} * sizeof(uint32_t);
     const size_t score_bytes =
         size_t{v.num_heads} * kernels::PooledNumBlocks(v.total_tokens, v.block_tokens) * sizeof(float);
-    const size_t span_off = room(q_bytes), prefix_off = span_off + room(span_bytes),
-                 head_off = prefix_off + room(prefix_bytes), up = head_off + room(head_bytes);
+    const size_t span_off = Room(q_bytes), prefix_off = span_off + Room(span_bytes),
+                 head_off = prefix_off + Room(prefix_bytes), up = head_off + Room(head_bytes);
     KVMEM_RETURN_IF_ERROR(Grow(&d_scan_, &scan_bytes_, up + score_bytes));
     KVMEM_RETURN_IF_ERROR(GrowPinned(up + score_bytes));
     uint8_t* h_up = pinned_;
