@@ -502,40 +502,6 @@ class RocksLayerCursor final : public ChunkStore::LayerCursor {
   bool advance_ = false;
 };
 
-// Visits every manifests record whose key starts with `prefix` (the iterator stops at `upper`,
-// not past tombstones), in key order; stops at the first non-OK status from `fn`. The iterator
-// moves under `read_lock()` (ChunkStore::TsanReadLock), released while `fn` runs: `fn` may
-// write to the store.
-Status ScanPrefix(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* cf, const std::string& prefix,
-                  const std::string& upper, std::string_view what,
-                  const std::function<std::shared_lock<std::shared_mutex>()>& read_lock,
-                  const std::function<Status(std::string_view key, std::string_view value)>& fn) {
-  const rocksdb::Slice upper_slice(upper);
-  rocksdb::ReadOptions ro;
-  ro.iterate_upper_bound = &upper_slice;
-  ro.verify_checksums = false;  // every record's CRC-32C is checked by the caller instead
-  std::unique_ptr<rocksdb::Iterator> it;
-  {
-    const auto lock = read_lock();
-    it.reset(db->NewIterator(ro, cf));
-    it->Seek(prefix);
-  }
-  for (;;) {
-    std::string_view key, value;
-    {
-      const auto lock = read_lock();
-      if (!it->Valid() || !it->key().starts_with(prefix)) break;
-      key = std::string_view(it->key().data(), it->key().size());
-      value = std::string_view(it->value().data(), it->value().size());
-    }
-    KVMEM_RETURN_IF_ERROR(fn(key, value));
-    const auto lock = read_lock();
-    it->Next();
-  }
-  const auto lock = read_lock();
-  return FromRocksStatus(it->status(), what);
-}
-
 }  // namespace
 
 Result<std::unique_ptr<ChunkStore::LayerCursor>> ChunkStore::OpenLayer(std::string_view tenant,
@@ -546,13 +512,45 @@ Result<std::unique_ptr<ChunkStore::LayerCursor>> ChunkStore::OpenLayer(std::stri
                            [this] { return TsanReadLock(); }));
 }
 
+// Visits every record of `cf` whose key starts with `prefix` (the iterator stops at `upper`, not
+// past tombstones), in key order; stops at the first non-OK status from `fn`. The iterator moves
+// under TsanReadLock, released while `fn` runs: `fn` may write to the store.
+Status ChunkStore::ScanPrefix(
+    rocksdb::ColumnFamilyHandle* cf, const std::string& prefix, const std::string& upper,
+    std::string_view what,
+    const std::function<Status(std::string_view key, std::string_view value)>& fn) const {
+  const rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_slice;
+  ro.verify_checksums = false;  // every record's CRC-32C is checked by the caller instead
+  std::unique_ptr<rocksdb::Iterator> it;
+  {
+    const auto lock = TsanReadLock();
+    it.reset(db_->NewIterator(ro, cf));
+    it->Seek(prefix);
+  }
+  for (;;) {
+    std::string_view key, value;
+    {
+      const auto lock = TsanReadLock();
+      if (!it->Valid() || !it->key().starts_with(prefix)) break;
+      key = std::string_view(it->key().data(), it->key().size());
+      value = std::string_view(it->value().data(), it->value().size());
+    }
+    KVMEM_RETURN_IF_ERROR(fn(key, value));
+    const auto lock = TsanReadLock();
+    it->Next();
+  }
+  const auto lock = TsanReadLock();
+  return FromRocksStatus(it->status(), what);
+}
+
 Result<std::vector<StoredSessionRef>> ChunkStore::ListSessions() const {
   std::vector<StoredSessionRef> out;
   const std::string tag(1, kHeaderTag);
   const std::string upper(1, static_cast<char>(kHeaderTag + 1));
   KVMEM_RETURN_IF_ERROR(ScanPrefix(
-      db_.get(), manifests_cf_, tag, upper, "store: list sessions",
-      [this] { return TsanReadLock(); },
+      manifests_cf_, tag, upper, "store: list sessions",
       [&](std::string_view key, std::string_view value) -> Status {
         StoredSessionRef ref;
         size_t end = 0;
@@ -590,8 +588,7 @@ Result<std::vector<StoredChunkEntry>> ChunkStore::ChunkTable(std::string_view te
   std::string prefix(1, kChunkEntryTag);
   AppendTenantSession(&prefix, tenant, session);
   KVMEM_RETURN_IF_ERROR(ScanPrefix(
-      db_.get(), manifests_cf_, prefix, UpperBound(prefix), "store: chunk table",
-      [this] { return TsanReadLock(); },
+      manifests_cf_, prefix, UpperBound(prefix), "store: chunk table",
       [&](std::string_view key, std::string_view value) -> Status {
         StoredChunkEntry e;
         if (key.size() != prefix.size() + 4) return DataLoss("store: malformed chunk table key");
@@ -618,8 +615,7 @@ Result<std::vector<StoredTailSegment>> ChunkStore::TailSegments(std::string_view
   std::string prefix(1, kTailTag);
   AppendTenantSession(&prefix, tenant, session);
   KVMEM_RETURN_IF_ERROR(ScanPrefix(
-      db_.get(), manifests_cf_, prefix, UpperBound(prefix), "store: tail segments",
-      [this] { return TsanReadLock(); },
+      manifests_cf_, prefix, UpperBound(prefix), "store: tail segments",
       [&](std::string_view key, std::string_view value) -> Status {
         if (key.size() != prefix.size() + 8) return DataLoss("store: malformed tail key");
         StoredTailSegment t;
@@ -663,8 +659,7 @@ Status ChunkStore::ScanMemoryBlocks(
     const std::function<Status(uint64_t id, std::string_view payload)>& fn) const {
   const std::string prefix = SessionPrefix(tenant, session);
   return ScanPrefix(
-      db_.get(), blocks_cf_, prefix, UpperBound(prefix), "store: memory blocks",
-      [this] { return TsanReadLock(); },
+      blocks_cf_, prefix, UpperBound(prefix), "store: memory blocks",
       [&](std::string_view key, std::string_view value) -> Status {
         if (key.size() != prefix.size() + 8) return DataLoss("store: malformed memory block key");
         const uint64_t id = GetBE(key.data() + prefix.size(), 8);

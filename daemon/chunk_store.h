@@ -275,6 +275,11 @@ class ChunkStore {
   // and its shared side around every read (empty locks in other builds).
   std::unique_lock<std::shared_mutex> TsanWriteLock() const;
   std::shared_lock<std::shared_mutex> TsanReadLock() const;
+  // Every record of `cf` under `prefix` (up to `upper`) in key order (chunk_store.cc).
+  Status ScanPrefix(rocksdb::ColumnFamilyHandle* cf, const std::string& prefix,
+                    const std::string& upper, std::string_view what,
+                    const std::function<Status(std::string_view key, std::string_view value)>& fn)
+      const;
 
   StoreOptions options_;
   mutable std::shared_mutex tsan_mu_;
