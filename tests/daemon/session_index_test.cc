@@ -183,7 +183,7 @@ TEST(SessionIndex, RetrieveExactMatchesBruteForce) {
     auto all = f.session->Retrieve(layer, q.data(), DType::kF32, 1u << 20, 0);
     ASSERT_TRUE(all.ok());
     for (uint32_t h = 0; h < HKV; ++h) {
-      std::vector<std::pair<double, uint32_t>> scored;  // (-score, chunk)
+      std::vector<std::pair<double, uint32_t>> exact;  // (score, chunk)
       const auto& every = all->heads[h];
       for (size_t i = 0; i < every.chunks.size(); ++i) {
         double best = -1e300;
@@ -195,14 +195,11 @@ TEST(SessionIndex, RetrieveExactMatchesBruteForce) {
                      f.keys[((static_cast<size_t>(layer) * HKV + h) * f.T + t) * D + d];
             best = std::max(best, dot);
           }
-        scored.push_back({-best, every.chunks[i]});
+        exact.push_back({best, every.chunks[i]});
       }
-      std::sort(scored.begin(), scored.end());
-      ASSERT_EQ(r->heads[h].chunks.size(), std::min<size_t>(k, scored.size()));
-      for (size_t i = 0; i < r->heads[h].chunks.size(); ++i) {
-        EXPECT_EQ(r->heads[h].chunks[i], scored[i].second) << "rank " << i;
-        EXPECT_NEAR(r->heads[h].scores[i], -scored[i].first, 1e-3 * (1 + std::fabs(scored[i].first)));
-      }
+      ASSERT_EQ(r->heads[h].chunks.size(), std::min<size_t>(k, exact.size()));
+      testing::ExpectTopKMatchesExact(r->heads[h].chunks, r->heads[h].scores, std::move(exact),
+                                      [](double s) { return 1e-3 * (1 + std::fabs(s)); });
     }
   }
 }

@@ -16,6 +16,7 @@
 #include "common/tensor_file.h"
 #include "daemon/chunk_store.h"
 #include "testing/daemon_process.h"
+#include "testing/reference.h"
 
 #include <nlohmann/json.hpp>
 
@@ -359,13 +360,12 @@ TEST_F(MemoryTest, BilinearScorerFromSafetensors) {
         s += double{u[a]} * q[a] + double{v[a]} * k[a];
         for (uint32_t c = 0; c < kDg; ++c) s += double{q[a]} * W[a * kDg + c] * k[c];
       }
-      ref.push_back({-s, put->ids[row]});
+      ref.push_back({s, put->ids[row]});
     }
-    std::sort(ref.begin(), ref.end());
-    for (size_t j = 0; j < 6; ++j) {
-      EXPECT_EQ(r->ids[j], ref[j].second) << "rank " << j;
-      EXPECT_NEAR(r->scores[j], -ref[j].first, 1e-3 * (1 + std::abs(ref[j].first)));
-    }
+    ASSERT_GE(r->ids.size(), 6u);
+    testing::ExpectTopKMatchesExact(std::vector<uint64_t>(r->ids.begin(), r->ids.begin() + 6),
+                                    std::vector<float>(r->scores.begin(), r->scores.begin() + 6),
+                                    std::move(ref), [](double s) { return 1e-3 * (1 + std::fabs(s)); });
   }
 }
 

@@ -2,9 +2,14 @@
 // over plain [layers][kv_heads][tokens][head_dim] arrays (no pool, no spans, no kernels).
 #pragma once
 
+#include <gtest/gtest.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
@@ -86,6 +91,31 @@ inline double OutputTolerance(DType t) {
     case DType::kBF16: return 1e-2;
   }
   return 1e-2;
+}
+
+// Checks a top-k answer (ids best first, with their reported float scores) against exact
+// double-precision scores of every candidate, `exact` as (score, id). Rank i must hold a
+// candidate whose exact score equals the i-th best within `tol` (candidates within float
+// rounding of each other may come in either order), no candidate twice, and the reported score
+// must be the rank's exact score within `tol`. tol(s) gives the tolerance for a score s.
+template <typename Id, typename Tol>
+void ExpectTopKMatchesExact(const std::vector<Id>& ids, const std::vector<float>& scores,
+                            std::vector<std::pair<double, Id>> exact, Tol tol) {
+  std::sort(exact.begin(), exact.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::unordered_map<Id, double> score_of;
+  for (const auto& [s, id] : exact) score_of.emplace(id, s);
+  ASSERT_EQ(ids.size(), scores.size());
+  ASSERT_LE(ids.size(), exact.size());
+  std::unordered_map<Id, size_t> seen;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const double want = exact[i].first;
+    const auto it = score_of.find(ids[i]);
+    ASSERT_NE(it, score_of.end()) << "rank " << i << ": id " << ids[i] << " is no candidate";
+    EXPECT_TRUE(seen.emplace(ids[i], i).second) << "rank " << i << ": id " << ids[i] << " repeats";
+    EXPECT_NEAR(it->second, want, tol(want))
+        << "rank " << i << ": id " << ids[i] << " where the exact order has id " << exact[i].second;
+    EXPECT_NEAR(scores[i], want, tol(want)) << "rank " << i;
+  }
 }
 
 }  // namespace kvmem::testing
