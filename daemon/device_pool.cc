@@ -334,6 +334,43 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+  Status TokenLogits(const kernels::TokenLogitsView& v) override {
+    if (v.num_items == 0 || v.total_tokens == 0) return Status::OK();
+    const uint32_t G = v.q_heads / v.kv_heads;
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    const size_t q_bytes = size_t{v.q_heads} * v.head_dim * sizeof(float);
+    const size_t span_bytes = size_t{v.num_items} * sizeof(kernels::KVSpan);
+    const size_t head_bytes = size_t{v.num_items} * sizeof(uint32_t);
+    const size_t prefix_bytes = (size_t{v.num_items} + 1) * sizeof(uint32_t);
+    const size_t logit_bytes = size_t{v.total_tokens} * G * sizeof(float);
+    const size_t span_off = Room(q_bytes), head_off = span_off + Room(span_bytes),
+                 prefix_off = head_off + Room(head_bytes), up = prefix_off + Room(prefix_bytes);
+    KVMEM_RETURN_IF_ERROR(Grow(&d_scan_, &scan_bytes_, up + logit_bytes));
+    KVMEM_RETURN_IF_ERROR(GrowPinned(up + logit_bytes));
+    uint8_t* h_up = pinned_;
+    uint8_t* h_down = pinned_ + up;
+    std::memcpy(h_up, v.q, q_bytes);
+    std::memcpy(h_up + span_off, v.spans, span_bytes);
+    std::memcpy(h_up + head_off, v.item_head, head_bytes);
+    std::memcpy(h_up + prefix_off, v.token_prefix, prefix_bytes);
+    auto* d = static_cast<uint8_t*>(d_scan_);
+    kernels::TokenLogitsView dv = v;
+    dv.pool = base_;
+    dv.q = reinterpret_cast<const float*>(d);
+    dv.spans = reinterpret_cast<const kernels::KVSpan*>(d + span_off);
+    dv.item_head = reinterpret_cast<const uint32_t*>(d + head_off);
+    dv.token_prefix = reinterpret_cast<const uint32_t*>(d + prefix_off);
+    dv.logits = reinterpret_cast<float*>(d + up);
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, h_up, up, cudaMemcpyHostToDevice, stream_), "stage rescoring"));
+    KVMEM_RETURN_IF_ERROR(kernels::cuda::TokenLogits(dv, stream_));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d + up, logit_bytes, cudaMemcpyDeviceToHost, stream_),
+                               "copy rescoring logits"));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "rescoring logits"));
+    std::memcpy(v.logits, h_down, logit_bytes);
+    return Status::OK();
+  }
+
  private:
   // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
   // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.

@@ -354,4 +354,8 @@ Status KVPool::PooledBlockScores(const kernels::PooledBlockScoresView&) {
   return Unimplemented("device block scan needs the CUDA backend (pool: " + Describe() + ")");
 }
 
+Status KVPool::TokenLogits(const kernels::TokenLogitsView&) {
+  return Unimplemented("device rescoring logits need the CUDA backend (pool: " + Describe() + ")");
+}
+
 }  // namespace kvmem

@@ -174,6 +174,13 @@ class KVPool {
   // returns. UNIMPLEMENTED on pools without it (the caller scores staged keys on the host).
   virtual Status PooledBlockScores(const kernels::PooledBlockScoresView& v);
 
+  // Exact rescoring's token logits (kernels/index_ops.h) over keys in this pool, every item in
+  // one launch: q, spans, item_head, token_prefix and logits are HOST pointers, `pool` is filled
+  // in here. The device pool stages the inputs, launches kernels::cuda::TokenLogits and copies
+  // the logits back (total_tokens × G floats), then returns. UNIMPLEMENTED on pools without it
+  // (the caller reads the candidates' keys out and computes them on the host).
+  virtual Status TokenLogits(const kernels::TokenLogitsView& v);
+
   // "cpu" or e.g. "cuda:0 NVIDIA H200".
   virtual std::string Describe() const = 0;
 

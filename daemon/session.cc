@@ -720,109 +720,210 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   so.skip_tokens_below = options_.sink_tokens;
   out->assign(H, HeadSelection{});
   std::vector<Status> status(H);
-  std::vector<index::SearchCost> cost(H);
+  std::vector<index::Selection> sels(H);
   const bool rescore = options_.rescore_overfetch > 1.0f || options_.rescore_tokens;
   const uint32_t search_budget =
       rescore ? static_cast<uint32_t>(std::min<double>(
                     static_cast<double>(budget) * options_.rescore_overfetch, double{UINT32_MAX}))
               : budget;
+  // A device pool rescores every head's candidates in one launch after all the searches; the
+  // host pool reads the candidates' keys in place, each head right after its search.
+  const bool batched = rescore && !pool_->is_host();
+  std::vector<RescoreCandidates> cands(rescore ? H : 0);
+  auto group_of = [&](uint32_t h) {
+    return std::span<const float>(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
+  };
   // KV heads are independent trees: search them in parallel when a pool is configured.
   auto search = [&](uint32_t h) {
     if (only != nullptr && !(*only)[h]) return;
     const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
-    std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-    auto sel = tree.SearchBudget(group, search_budget, so);
+    auto sel = tree.SearchBudget(group_of(h), search_budget, so);
     if (!sel.ok()) {
       status[h] = sel.status();
       return;
     }
-    std::vector<TokenRange> ranges;  // token-granular rescoring: the part of each chunk taken
-    if (rescore) {
-      status[h] = RescoreByMass(layer, h, group, budget, &*sel, &ranges);
-      if (!status[h].ok()) return;
+    sels[h] = std::move(*sel);
+    if (!rescore) return;
+    cands[h] = CollectCandidates(sels[h]);
+    sels[h].cost.bytes_read += cands[h].prefix.back() * uint64_t{D} * DTypeSize(profile_.dtype);
+    for (size_t i = 0; !batched && i < cands[h].chunks.size() && status[h].ok(); ++i) {
+      status[h] = HostCandidateLogits(layer, h, group_of(h), &cands[h], i);
     }
+  };
+  // Host rescoring may read keys from a colder tier (not safe to run concurrently): sequential then.
+  if (rescore && !batched && stat_evicted_.load(std::memory_order_relaxed) != 0) {
+    for (uint32_t h = 0; h < H; ++h) search(h);
+  } else {
+    ForEachHead(H, search);
+  }
+  for (uint32_t h = 0; h < H; ++h) KVMEM_RETURN_IF_ERROR(status[h]);
+  if (batched) KVMEM_RETURN_IF_ERROR(DeviceCandidateLogits(layer, qf, only, &cands));
+  auto finish = [&](uint32_t h) {
+    if (only != nullptr && !(*only)[h]) return;
+    index::Selection& sel = sels[h];
+    std::vector<TokenRange> ranges;  // token-granular rescoring: the part of each chunk taken
+    if (rescore) FinishRescore(G, budget, cands[h], &sel, &ranges);
     HeadSelection& hs = (*out)[h];
     hs.kv_head = h;
-    hs.chunks = std::move(sel->chunks);
-    hs.scores = std::move(sel->scores);
+    hs.chunks = std::move(sel.chunks);
+    hs.scores = std::move(sel.scores);
     for (size_t i = 0; i < hs.chunks.size(); ++i) {
       const Chunk& ch = chunks_[hs.chunks[i]];
       hs.starts.push_back(ranges.empty() ? ch.start : ch.start + ranges[i].begin);
       hs.ends.push_back(ranges.empty() ? ch.start + ch.tokens : ch.start + ranges[i].end);
     }
-    cost[h] = sel->cost;
   };
-  // Rescoring may read keys from a colder tier (not safe to run concurrently): sequential then.
-  if (rescore && (!pool_->is_host() || stat_evicted_.load(std::memory_order_relaxed) != 0)) {
-    for (uint32_t h = 0; h < H; ++h) search(h);
+  if (rescore) {
+    ForEachHead(H, finish);
   } else {
-    ForEachHead(H, search);
+    for (uint32_t h = 0; h < H; ++h) finish(h);
   }
   for (uint32_t h = 0; h < H; ++h) {
-    KVMEM_RETURN_IF_ERROR(status[h]);
-    *nodes += cost[h].nodes_visited;
-    *bytes += cost[h].bytes_read;
+    *nodes += sels[h].cost.nodes_visited;
+    *bytes += sels[h].cost.bytes_read;
   }
   return Status::OK();
 }
 
-Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group,
-                              uint32_t budget, index::Selection* sel,
-                              std::vector<TokenRange>* ranges) const {
+Session::RescoreCandidates Session::CollectCandidates(const index::Selection& sel) const {
+  const uint64_t S = options_.sink_tokens;
+  RescoreCandidates cand;
+  cand.prefix.push_back(0);
+  for (uint32_t c : sel.chunks) {
+    const Chunk& ch = chunks_[c];
+    const uint64_t first = std::max<uint64_t>(S, ch.start);  // sinks are attended anyway
+    if (first >= ch.start + ch.tokens) continue;
+    cand.chunks.push_back(c);
+    cand.first.push_back(static_cast<uint32_t>(first - ch.start));
+    cand.prefix.push_back(cand.prefix.back() + static_cast<uint32_t>(ch.start + ch.tokens - first));
+  }
+  cand.logits.resize(size_t{cand.prefix.back()} * profile_.group());
+  return cand;
+}
+
+namespace {
+
+float RescoreScale(uint32_t head_dim) { return 1.f / std::sqrt(static_cast<float>(head_dim)); }
+
+}  // namespace
+
+Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const float> group,
+                                    RescoreCandidates* cand, size_t i) const {
   const uint32_t D = profile_.head_dim;
   const uint32_t G = static_cast<uint32_t>(group.size() / D);
-  const uint64_t S = options_.sink_tokens;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const Chunk& ch = chunks_[cand->chunks[i]];
+  const uint64_t esize = DTypeSize(profile_.dtype);
+  const uint64_t head_elems = uint64_t{ch.tokens} * D;
+  const uint64_t dev = ch.blocks[layer].dev;
+  // Head h's keys of the block as one head of `kv_heads = 1`: in place, or staged.
+  const void* keys = nullptr;
+  uint64_t offset = 0;
+  std::vector<uint8_t> staging;
+  if (pool_->is_host() && dev != kNotResident) {
+    keys = pool_->base();
+    offset = ElemOffset(dev) + h * head_elems;
+  } else {
+    // Exact rescoring reads keys where they are (no fetch-back).
+    staging.resize(head_elems * esize);
+    KVMEM_RETURN_IF_ERROR(ReadBlock(cand->chunks[i], layer, h * head_elems * esize, staging.size(), staging.data()));
+    keys = staging.data();
+  }
+  const kernels::KVSpan span{offset, ch.tokens, cand->first[i], ch.tokens};
+  const uint32_t head = 0, prefix = 0;
+  kernels::TokenLogitsCpu({keys, profile_.dtype, 1, G, D, RescoreScale(D), group.data(), &span, &head,
+                           &prefix, 1, cand->prefix[i + 1] - cand->prefix[i],
+                           cand->logits.data() + size_t{cand->prefix[i]} * G});
+  return Status::OK();
+}
+
+Status Session::DeviceCandidateLogits(uint32_t layer, const std::vector<float>& qf,
+                                      const std::vector<bool>* only,
+                                      std::vector<RescoreCandidates>* cands) const {
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
+  std::vector<kernels::KVSpan> spans;
+  std::vector<uint32_t> heads, prefix{0};
+  std::vector<std::pair<uint32_t, uint32_t>> staged;  // (head, candidate) not in the pool
+  for (uint32_t h = 0; h < H; ++h) {
+    if (only != nullptr && !(*only)[h]) continue;
+    const RescoreCandidates& c = (*cands)[h];
+    for (size_t i = 0; i < c.chunks.size(); ++i) {
+      const Chunk& ch = chunks_[c.chunks[i]];
+      const uint64_t dev = ch.blocks[layer].dev;
+      if (dev == kNotResident) {
+        staged.emplace_back(h, static_cast<uint32_t>(i));
+        continue;
+      }
+      spans.push_back({ElemOffset(dev), ch.tokens, c.first[i], ch.tokens});
+      heads.push_back(h);
+      prefix.push_back(prefix.back() + c.prefix[i + 1] - c.prefix[i]);
+    }
+  }
+  std::vector<float> logits(size_t{prefix.back()} * G);
+  Status st = spans.empty() ? Status::OK()
+                            : pool_->TokenLogits({nullptr, profile_.dtype, H, profile_.q_heads, D,
+                                                  RescoreScale(D), qf.data(), spans.data(),
+                                                  heads.data(), prefix.data(),
+                                                  static_cast<uint32_t>(spans.size()), prefix.back(),
+                                                  logits.data()});
+  if (st.code() == StatusCode::kUnimplemented) {  // no device kernel: every candidate on the host
+    for (uint32_t h = 0; h < H; ++h) {
+      if (only != nullptr && !(*only)[h]) continue;
+      auto group = std::span<const float>(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
+      for (size_t i = 0; i < (*cands)[h].chunks.size(); ++i) {
+        KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, group, &(*cands)[h], i));
+      }
+    }
+    return Status::OK();
+  }
+  KVMEM_RETURN_IF_ERROR(st.WithContext("rescoring logits"));
+  // Scatter the launch's logits back to each head's candidates (same order as gathered).
+  size_t item = 0;
+  for (uint32_t h = 0; h < H; ++h) {
+    if (only != nullptr && !(*only)[h]) continue;
+    RescoreCandidates& c = (*cands)[h];
+    for (size_t i = 0; i < c.chunks.size(); ++i) {
+      if (chunks_[c.chunks[i]].blocks[layer].dev == kNotResident) continue;
+      std::copy_n(logits.data() + size_t{prefix[item]} * G, size_t{prefix[item + 1] - prefix[item]} * G,
+                  c.logits.data() + size_t{c.prefix[i]} * G);
+      ++item;
+    }
+  }
+  for (const auto& [h, i] : staged) {
+    auto group = std::span<const float>(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
+    KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, group, &(*cands)[h], i));
+  }
+  return Status::OK();
+}
+
+void Session::FinishRescore(uint32_t G, uint32_t budget, const RescoreCandidates& cand,
+                            index::Selection* sel, std::vector<TokenRange>* ranges) const {
+  const size_t n = cand.chunks.size();
+  if (options_.rescore_tokens) {
+    std::vector<std::pair<uint32_t, uint32_t>> tokens;  // (chunk, offset) of every candidate token
+    tokens.reserve(cand.prefix.back());
+    for (size_t i = 0; i < n; ++i) {
+      for (uint32_t t = 0; t < cand.prefix[i + 1] - cand.prefix[i]; ++t) tokens.emplace_back(cand.chunks[i], cand.first[i] + t);
+    }
+    SelectTokens(G, budget, tokens, cand.logits, sel, ranges);
+    return;
+  }
   struct Scored {
     uint32_t chunk;
     uint32_t counted;  // tokens at or above the sinks (what the budget pays for)
     float score;       // log attention mass per counted token (unnormalised)
   };
-  std::vector<Scored> cand;
-  cand.reserve(sel->chunks.size());
-  std::vector<float> keys, logits;
-  // Token granularity: every candidate token (chunk, offset) and its logits [token][g].
-  const bool by_token = options_.rescore_tokens;
-  std::vector<std::pair<uint32_t, uint32_t>> tokens;
-  std::vector<float> token_logits;
-  uint64_t key_bytes = 0;  // the candidates' keys, read beside the summaries
-  for (uint32_t c : sel->chunks) {
-    const Chunk& ch = chunks_[c];
-    const uint64_t first = std::max<uint64_t>(S, ch.start);  // sinks are attended anyway
-    if (first >= ch.start + ch.tokens) continue;
-    key_bytes += uint64_t{ch.tokens} * D * DTypeSize(profile_.dtype);
-    keys.resize(size_t{ch.tokens} * D);
-    KVMEM_RETURN_IF_ERROR(KeysAsFloat(layer, h, c, keys.data()));
-    const uint32_t t0 = static_cast<uint32_t>(first - ch.start);
-    logits.clear();
-    for (uint32_t g = 0; g < G; ++g) {
-      const float* q = group.data() + size_t{g} * D;
-      for (uint32_t t = t0; t < ch.tokens; ++t) {
-        const float* k = keys.data() + size_t{t} * D;
-        double dot = 0.0;
-        for (uint32_t d = 0; d < D; ++d) dot += double{q[d]} * k[d];
-        logits.push_back(static_cast<float>(dot * scale));
-      }
-    }
-    const uint32_t counted = ch.tokens - t0;
-    if (by_token) {
-      for (uint32_t t = 0; t < counted; ++t) {
-        tokens.emplace_back(c, t0 + t);
-        for (uint32_t g = 0; g < G; ++g) token_logits.push_back(logits[size_t{g} * counted + t]);
-      }
-      continue;
-    }
-    const float m = *std::max_element(logits.begin(), logits.end());
+  std::vector<Scored> scored;
+  scored.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float* l = cand.logits.data() + size_t{cand.prefix[i]} * G;
+    const uint32_t counted = cand.prefix[i + 1] - cand.prefix[i];
+    const size_t m_n = size_t{counted} * G;
+    const float m = *std::max_element(l, l + m_n);
     double sum = 0.0;
-    for (float x : logits) sum += std::exp(double{x} - m);
-    cand.push_back({c, counted, static_cast<float>(m + std::log(sum) - std::log(static_cast<double>(counted)))});
+    for (size_t j = 0; j < m_n; ++j) sum += std::exp(double{l[j]} - m);
+    scored.push_back({cand.chunks[i], counted, static_cast<float>(m + std::log(sum) - std::log(static_cast<double>(counted)))});
   }
-  sel->cost.bytes_read += key_bytes;
-  if (by_token) {
-    SelectTokens(G, budget, tokens, token_logits, sel, ranges);
-    return Status::OK();
-  }
-  std::stable_sort(cand.begin(), cand.end(), [](const Scored& a, const Scored& b) {
+  std::stable_sort(scored.begin(), scored.end(), [](const Scored& a, const Scored& b) {
     return a.score != b.score ? a.score > b.score : a.chunk < b.chunk;
   });
   // Greedy by mass per token; a chunk that does not fit is skipped, smaller ones may still.
@@ -830,7 +931,7 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
   sel->scores.clear();
   sel->tokens = 0;
   uint64_t remaining = budget;
-  for (const Scored& s : cand) {
+  for (const Scored& s : scored) {
     if (s.counted > remaining) continue;
     remaining -= s.counted;
     sel->chunks.push_back(s.chunk);
@@ -838,7 +939,6 @@ Status Session::RescoreByMass(uint32_t layer, uint32_t h, std::span<const float>
     sel->tokens += s.counted;
     if (remaining == 0) break;
   }
-  return Status::OK();
 }
 
 void Session::SelectTokens(uint32_t G, uint32_t budget,

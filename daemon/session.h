@@ -459,15 +459,35 @@ class Session {
   Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
                       std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes,
                       const std::vector<bool>* only = nullptr) const;
-  // Refills `sel` (candidates from the summary search) to `budget` tokens by exact attention
-  // mass per token (SessionOptions::rescore_overfetch); scores become that log mass.
-  // With SessionOptions::rescore_tokens, fills `ranges` (one per entry of sel->chunks, offsets
-  // within the chunk) with the tokens taken; otherwise leaves it empty (whole chunks).
+  // Exact rescoring (SessionOptions::rescore_overfetch / rescore_tokens) of the candidates the
+  // summary search picked for one KV head: their tokens at or above the sinks, and the logits
+  // of those tokens against the head's query group.
   struct TokenRange {
     uint32_t begin, end;
   };
-  Status RescoreByMass(uint32_t layer, uint32_t h, std::span<const float> group, uint32_t budget,
-                       index::Selection* sel, std::vector<TokenRange>* ranges) const;
+  struct RescoreCandidates {
+    std::vector<uint32_t> chunks;  // candidate chunks, in search order
+    std::vector<uint32_t> first;   // first token rescored, within its chunk
+    std::vector<uint32_t> prefix;  // [chunks + 1] exclusive prefix of the tokens rescored
+    std::vector<float> logits;     // [prefix.back()][G], scaled q·k
+  };
+  RescoreCandidates CollectCandidates(const index::Selection& sel) const;
+  // The logits of candidate i of head h, computed on the host: keys read in place on the host
+  // pool, copied out of wherever the block lives otherwise.
+  Status HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const float> group,
+                             RescoreCandidates* cand, size_t i) const;
+  // Every head's candidate logits (cands[h], heads outside `only` skipped) in one pool launch
+  // for the blocks resident in the pool; the host computes the rest, and all of them when the
+  // pool has no TokenLogits.
+  Status DeviceCandidateLogits(uint32_t layer, const std::vector<float>& qf,
+                               const std::vector<bool>* only,
+                               std::vector<RescoreCandidates>* cands) const;
+  // Refills `sel` to `budget` tokens from its rescored candidates by exact attention mass per
+  // token; scores become that log mass. With SessionOptions::rescore_tokens, fills `ranges` (one
+  // per entry of sel->chunks, offsets within the chunk) with the tokens taken; otherwise leaves
+  // it empty (whole chunks).
+  void FinishRescore(uint32_t G, uint32_t budget, const RescoreCandidates& cand,
+                     index::Selection* sel, std::vector<TokenRange>* ranges) const;
   // Token-granular rescoring: the `budget` candidate tokens (chunk, offset) of largest attention
   // mass, given their logits [token][G], as runs of adjacent tokens in descending score.
   static void SelectTokens(uint32_t G, uint32_t budget,

@@ -186,6 +186,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
 Status ChunkSummary(const ChunkSummaryView& v, void* stream);
 Status NodeBounds(const NodeBoundsView& v, void* stream);
 Status ChunkMaxScores(const ChunkMaxScoresView& v, void* stream);
+Status TokenLogits(const TokenLogitsView& v, void* stream);
 // One block per row; exact and deterministic (same result as TopKCpu, bit for bit).
 Status TopK(const TopKView& v, void* stream);
 // 16-bit K/V with head_dim 64, 128 or 256 (and a 16-byte aligned pool) take vectorised loads:

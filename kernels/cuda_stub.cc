@@ -20,6 +20,7 @@ Status DenseAttend(const DenseAttendView&, const DenseAttendOptions&, void*, siz
 Status ChunkSummary(const ChunkSummaryView&, void*) { return NoCuda(); }
 Status NodeBounds(const NodeBoundsView&, void*) { return NoCuda(); }
 Status ChunkMaxScores(const ChunkMaxScoresView&, void*) { return NoCuda(); }
+Status TokenLogits(const TokenLogitsView&, void*) { return NoCuda(); }
 Status TopK(const TopKView&, void*) { return NoCuda(); }
 Status PooledBlockScores(const PooledBlockScoresView&, void*) { return NoCuda(); }
 DeviceTree::~DeviceTree() = default;

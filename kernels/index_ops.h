@@ -76,6 +76,30 @@ struct ChunkMaxScoresView {
 
 void ChunkMaxScoresCpu(const ChunkMaxScoresView& v);
 
+// ---- Token logits (exact rescoring of search candidates) ------------------------------------
+// For item i (KV head item_head[i], tokens [begin, end) of span spans[i]) and each query head g
+// of that KV head's GQA group (q_heads / kv_heads of them): the scaled logit
+//   logits[(token_prefix[i] + t - begin) * G + g] = scale · q[item_head[i] * G + g] · k_t.
+// The CPU version sums each dot product in double and rounds the scaled result to float (the
+// daemon's host rescoring does the same); the CUDA version sums in float.
+struct TokenLogitsView {
+  const void* pool;
+  DType kv_dtype;
+  uint32_t kv_heads;
+  uint32_t q_heads;
+  uint32_t head_dim;
+  float scale;                   // usually 1/sqrt(head_dim)
+  const float* q;                // [q_heads][head_dim], fp32
+  const KVSpan* spans;           // [num_items]
+  const uint32_t* item_head;     // [num_items]
+  const uint32_t* token_prefix;  // [num_items + 1], exclusive prefix of the items' token counts
+  uint32_t num_items;
+  uint32_t total_tokens;  // == token_prefix[num_items] (known on the host: sizes the grid)
+  float* logits;          // [total_tokens][q_heads / kv_heads]
+};
+
+void TokenLogitsCpu(const TokenLogitsView& v);
+
 // ---- Top-k ----------------------------------------------------------------------------------
 // Per row r of scores [num_rows][n]: the k largest, in order of score descending, ties broken
 // by the smaller index (so the result is deterministic). NaN scores rank below every number.

@@ -1,21 +1,23 @@
 // kvmem-bench-session-host: the host's share of Session::Attend on a GPU pool, measured on any
 // machine. The pool keeps K/V in host memory like the CPU backend but poses as a device pool
-// (is_host() false) and does no math: Attend returns at once and PooledBlockScores writes
-// fixed pseudo-random block scores. What is left is everything the daemon does on the host
+// (is_host() false) and does no math: Attend returns at once, PooledBlockScores and
+// TokenLogits write fixed pseudo-random scores. What is left is everything the daemon does on the host
 // per Attend before and after the device work: index catch-up and host search, the retrieval
 // rules, residency, span lists, the attention plan (cuda::PlanAttend, as the CUDA pool calls
 // it, into a kept plan) and the staging copies of q and the plan image.
 //
 //   kvmem-bench-session-host --json FILE [--contexts 32768,131072] [--iters 30]
 //                            [--modes dense,retrieval_heads,index,index_fidelity]
+//                            [--search-threads N]   (kvmemd's search_threads; default 0)
 //
 // Layer 1 of a two-layer session (32 q / 8 KV heads, D 128, bf16, sentence ends every 16 tokens,
 // topic-structured keys) is timed; layer 0 is attended first in every pass (the retrieval modes reuse its
 // selections). Modes: dense; retrieval_heads with 1 retrieval head in layer 1 (every head of
 // layer 0 is one); index (host search: this pool has no device search); index_fidelity (index
 // with deploy/kvmemd-fidelity.json's session defaults: chunks of 2-4 tokens, rescoring of 4x the
-// budget token by token, which reads the candidates' keys out of the pool: `copy_outs_per_call`
-// counts those reads, each a synchronous cudaMemcpy on the CUDA pool). Median µs per call, and
+// budget token by token: the candidates' logits come from one TokenLogits call per layer and
+// call, `logit_launches_per_call`; `copy_outs_per_call` counts key reads out of the pool, each a
+// synchronous cudaMemcpy on the CUDA pool, which a pool without TokenLogits would need). Median µs per call, and
 // the mean µs per call of each of the daemon's Attend phases (kvmem_attend_phase_seconds) over
 // the timed calls of layer 1 and layer 0's calls between them (`phases_us_per_pass`).
 #include <algorithm>
@@ -33,6 +35,7 @@
 #include "common/dtype.h"
 #include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
+#include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "kernels/cuda_ops.h"
 
@@ -78,6 +81,17 @@ class NoMathPool final : public KVPool {
     }
     return Status::OK();
   }
+  // Rescoring logits, as the CUDA pool's TokenLogits on the host: the inputs staged, fixed
+  // pseudo-random logits copied back.
+  Status TokenLogits(const kernels::TokenLogitsView& v) override {
+    ++logit_launches;
+    const size_t G = v.q_heads / v.kv_heads, n = size_t{v.total_tokens} * G;
+    staging_.resize(std::max(staging_.size(), size_t{v.num_items} * (sizeof(kernels::KVSpan) + 8) + n * 4));
+    std::memcpy(staging_.data(), v.spans, size_t{v.num_items} * sizeof(kernels::KVSpan));
+    for (size_t i = 0; i < n; ++i) v.logits[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f;
+    return Status::OK();
+  }
+  uint64_t logit_launches = 0;
   std::string Describe() const override { return "host memory, no math (posing as a device pool)"; }
 
  private:
@@ -99,17 +113,26 @@ int Main(int argc, char** argv) {
   std::vector<uint32_t> contexts{32768, 131072};
   int iters = 30;
   std::string modes = "dense,retrieval_heads,index,index_fidelity";
+  uint32_t search_threads = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--json") json = argv[i + 1];
     else if (k == "--contexts") contexts = ParseList(argv[i + 1]);
     else if (k == "--iters") iters = std::max(1, std::atoi(argv[i + 1]));
     else if (k == "--modes") modes = argv[i + 1];
+    else if (k == "--search-threads") search_threads = static_cast<uint32_t>(std::atoi(argv[i + 1]));
     else {
       std::fprintf(stderr, "usage: kvmem-bench-session-host --json FILE [--contexts 32768,131072] [--iters 30] "
-                           "[--modes dense,retrieval_heads,index,index_fidelity]\n");
+                           "[--modes dense,retrieval_heads,index,index_fidelity] [--search-threads 0]\n");
       return 2;
     }
+  }
+  // kvmemd's search pool (config search_threads; 7 on a 16-core host): KV heads searched and
+  // rescored in parallel. 0: on the calling thread.
+  std::unique_ptr<ParallelPool> search_pool;
+  if (search_threads > 0) {
+    search_pool = std::make_unique<ParallelPool>(search_threads);
+    SetSearchPool(search_pool.get());
   }
   std::mt19937_64 rng(7);
   std::normal_distribution<float> n01;
@@ -178,7 +201,7 @@ int Main(int argc, char** argv) {
       std::vector<float> lse(kHq);
       std::vector<double> us;
       std::array<LatencyHistogram::Snapshot, kNumAttendPhases> before{};
-      uint64_t copy_outs0 = 0;
+      uint64_t copy_outs0 = 0, launches0 = 0;
       for (int it = 0; it < iters + 2; ++it) {
         if (it == 2) {
           for (int ph = 0; ph < kNumAttendPhases; ++ph) before[ph] = GlobalMetrics().attend_phase[ph].Read();
@@ -194,7 +217,10 @@ int Main(int argc, char** argv) {
           return 1;
         }
         a.layer = 1;
-        if (it == 2) copy_outs0 = (*pool)->copy_outs;
+        if (it == 2) {
+          copy_outs0 = (*pool)->copy_outs;
+          launches0 = (*pool)->logit_launches;
+        }
         const auto t0 = std::chrono::steady_clock::now();
         const Status st = (*s)->Attend(a, nullptr);
         const auto t1 = std::chrono::steady_clock::now();
@@ -220,14 +246,16 @@ int Main(int argc, char** argv) {
       // Pool reads per timed call (layer 1), the untimed layer-0 calls between them excluded:
       // both layers make the same reads, so half of every pass's.
       const double copy_outs = static_cast<double>((*pool)->copy_outs - copy_outs0) / 2.0 / iters;
+      const double launches = static_cast<double>((*pool)->logit_launches - launches0) / 2.0 / iters;
       rows.push_back({{"context", ctx}, {"mode", name}, {"median_us", us[us.size() / 2]}, {"min_us", us.front()},
-                      {"iterations", us.size()}, {"phases_us_per_pass", phases}, {"copy_outs_per_call", copy_outs}});
-      std::printf("%-8u %-16s %12.1f %12.1f  copy_outs %.0f  per pass:%s\n", ctx, name, us[us.size() / 2],
-                  us.front(), copy_outs, phase_text.c_str());
+                      {"iterations", us.size()}, {"phases_us_per_pass", phases}, {"copy_outs_per_call", copy_outs},
+                      {"logit_launches_per_call", launches}});
+      std::printf("%-8u %-16s %12.1f %12.1f  copy_outs %.0f  logit_launches %.0f  per pass:%s\n", ctx, name,
+                  us[us.size() / 2], us.front(), copy_outs, launches, phase_text.c_str());
     }
   }
   nlohmann::json doc{{"bench", "kvmem-bench-session-host"},
-                     {"params", {{"q_heads", kHq}, {"kv_heads", kHkv}, {"head_dim", kD}, {"dtype", "bf16"},
+                     {"params", {{"search_threads", search_threads}, {"q_heads", kHq}, {"kv_heads", kHkv}, {"head_dim", kD}, {"dtype", "bf16"},
                                  {"budget_tokens", 2048}, {"block_tokens", 64}, {"sinks", 16},
                                  {"retrieval_heads_layer1", 1}}},
                      {"rows", rows}};

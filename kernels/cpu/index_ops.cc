@@ -128,6 +128,26 @@ void TopKCpu(const TopKView& v) {
   }
 }
 
+void TokenLogitsCpu(const TokenLogitsView& v) {
+  const uint32_t D = v.head_dim;
+  const uint32_t G = v.q_heads / v.kv_heads;
+  std::vector<float> k(D);
+  for (uint32_t i = 0; i < v.num_items; ++i) {
+    const KVSpan& s = v.spans[i];
+    const uint32_t h = v.item_head[i];
+    float* out = v.logits + static_cast<size_t>(v.token_prefix[i]) * G;
+    for (uint32_t t = s.begin; t < s.end; ++t) {
+      LoadKey(v.pool, v.kv_dtype, s, h, t, D, k.data());
+      for (uint32_t g = 0; g < G; ++g) {
+        const float* q = v.q + static_cast<size_t>(h * G + g) * D;
+        double dot = 0.0;
+        for (uint32_t d = 0; d < D; ++d) dot += double{q[d]} * k[d];
+        *out++ = static_cast<float>(dot * v.scale);
+      }
+    }
+  }
+}
+
 void PooledBlockScoresCpu(const PooledBlockScoresView& v) {
   const uint32_t D = v.head_dim;
   const uint32_t G = v.q_heads / v.kv_heads;

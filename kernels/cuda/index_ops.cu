@@ -149,6 +149,41 @@ __global__ void ChunkMaxScoresKernel(ChunkMaxScoresView v) {
   if (lane == 0) v.scores[w] = best;
 }
 
+// One warp per token of the items: the item found by binary search over token_prefix, the key
+// row held across the lanes, one dot product per query head of the group.
+__global__ void TokenLogitsKernel(TokenLogitsView v) {
+  const int w = GlobalWarp();
+  const int lane = threadIdx.x & 31;
+  if (w >= static_cast<int>(v.total_tokens)) return;
+  const uint32_t tok = static_cast<uint32_t>(w);
+  uint32_t lo = 0, hi = v.num_items;  // the item i with token_prefix[i] <= tok < token_prefix[i + 1]
+  while (hi - lo > 1) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (v.token_prefix[mid] <= tok) lo = mid; else hi = mid;
+  }
+  const KVSpan s = v.spans[lo];
+  const uint32_t D = v.head_dim, G = v.q_heads / v.kv_heads, h = v.item_head[lo];
+  const uint64_t row = KeyRow(s, h, s.begin + (tok - v.token_prefix[lo]), D);
+  float k[kMaxDimPerLane];
+#pragma unroll
+  for (int j = 0; j < kMaxDimPerLane; ++j) {
+    const uint32_t d = lane + 32 * j;
+    k[j] = d < D ? LoadKeyElem(v.pool, v.kv_dtype, row + d) : 0.f;
+  }
+  const float* qg = v.q + static_cast<size_t>(h) * G * D;
+  float* out = v.logits + static_cast<size_t>(tok) * G;
+  for (uint32_t g = 0; g < G; ++g) {
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < kMaxDimPerLane; ++j) {
+      const uint32_t d = lane + 32 * j;
+      if (d < D) dot = fmaf(qg[g * D + d], k[j], dot);
+    }
+    dot = WarpSum(dot);
+    if (lane == 0) out[g] = dot * v.scale;
+  }
+}
+
 // ---- Top-k: exact radix select on a 64-bit rank key, then a bitonic sort of the k winners.
 // rank = (~ordered(score) << 32) | index: smaller rank = better (higher score, then lower
 // index; NaN ordered below every number). Ranks are unique, so exactly k are <= the k-th.
@@ -434,6 +469,16 @@ Status ChunkMaxScores(const ChunkMaxScoresView& v, void* stream) {
   ChunkMaxScoresKernel<<<WarpBlocks(v.num_items), 32 * kWarpsPerBlock, 0,
                          static_cast<cudaStream_t>(stream)>>>(v);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkMaxScoresKernel");
+  return Status::OK();
+}
+
+Status TokenLogits(const TokenLogitsView& v, void* stream) {
+  if (Status st = CheckDim(v.head_dim); !st.ok()) return st;
+  if (v.kv_heads == 0 || v.q_heads % v.kv_heads != 0) return InvalidArgument("token logits: bad heads");
+  if (v.total_tokens == 0 || v.num_items == 0) return Status::OK();
+  TokenLogitsKernel<<<WarpBlocks(v.total_tokens), 32 * kWarpsPerBlock, 0,
+                      static_cast<cudaStream_t>(stream)>>>(v);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TokenLogitsKernel");
   return Status::OK();
 }
 

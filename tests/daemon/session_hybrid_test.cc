@@ -15,9 +15,12 @@
 #include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "testing/reference.h"
+#include "testing/staged_pool.h"
 
 namespace kvmem {
 namespace {
+
+using testing::StagedPool;
 
 constexpr uint32_t L = 5, HQ = 8, HKV = 2, D = 32, G = HQ / HKV;
 constexpr uint32_t kSinks = 16, kBudget = 128, kBlock = 16;
@@ -46,57 +49,6 @@ struct Fixture {
   float* V(uint32_t l, uint32_t h, uint64_t t) {
     return reinterpret_cast<float*>(values.data()) + ((uint64_t{l} * HKV + h) * kCapacity + t) * D;
   }
-};
-
-// A pool that is not host-addressable to the session (is_host() false): every key read goes
-// through CopyOut as on the CUDA backend, so the device-side code paths of the session
-// (staged retrieval-head scans, staged index catch-up) run here. Memory is host memory, and
-// Attend runs the CPU reference, so results must equal the host pool's.
-class StagedPool final : public KVPool {
- public:
-  explicit StagedPool(uint64_t bytes) : mem_(static_cast<uint8_t*>(std::aligned_alloc(4096, bytes))) {
-    base_ = mem_.get();
-    allocator_ = std::move(*SlabAllocator::Create({bytes, 1ull << 20, 0}));
-  }
-  bool is_host() const override { return false; }
-  Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override {
-    std::memcpy(mem_.get() + dst, src, bytes);
-    return Status::OK();
-  }
-  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
-    ++copies_out;
-    std::memcpy(dst, mem_.get() + src, bytes);
-    return Status::OK();
-  }
-  Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
-    std::memmove(mem_.get() + dst, mem_.get() + src, bytes);
-    return Status::OK();
-  }
-  Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
-    for (uint32_t i = 0; i < count; ++i) problems[i].pool = base_;
-    kernels::AttendCpu(problems, count);
-    return Status::OK();
-  }
-  // With device_scan, block scores come from this call (the CPU kernel over the pool, standing
-  // in for the CUDA launch) as on the CUDA backend; otherwise UNIMPLEMENTED (staged keys).
-  Status PooledBlockScores(const kernels::PooledBlockScoresView& v) override {
-    if (!device_scan) return KVPool::PooledBlockScores(v);
-    ++scans;
-    kernels::PooledBlockScoresView pv = v;
-    pv.pool = base_;
-    kernels::PooledBlockScoresCpu(pv);
-    return Status::OK();
-  }
-  std::string Describe() const override { return "staged (test)"; }
-  uint64_t copies_out = 0;
-  bool device_scan = false;
-  uint64_t scans = 0;
-
- private:
-  struct Free {
-    void operator()(uint8_t* p) const { std::free(p); }
-  };
-  std::unique_ptr<uint8_t, Free> mem_;
 };
 
 Fixture Make(SelectionMode mode, std::mt19937_64& rng, bool staged = false,

@@ -12,6 +12,7 @@
 #include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "testing/reference.h"
+#include "testing/staged_pool.h"
 
 namespace kvmem {
 namespace {
@@ -20,15 +21,27 @@ constexpr uint32_t L = 2, HQ = 8, HKV = 2, D = 32;
 
 struct Fixture {
   std::unique_ptr<KVPool> pool;
+  std::unique_ptr<TierContext> tiers;  // with_tiers: a host tier blocks can be evicted to
   std::unique_ptr<Session> session;
   std::vector<float> keys, values;  // [L][HKV][T][D]
   uint64_t T = 0;
 };
 
+// staged: the pool is a testing::StagedPool (not host-addressable, as the CUDA backend's).
 Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng,
-             float rescore_overfetch = 1.0f, bool rescore_tokens = false) {
+             float rescore_overfetch = 1.0f, bool rescore_tokens = false, bool staged = false,
+             bool with_tiers = false) {
   Fixture f;
-  f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
+  if (staged) {
+    f.pool = std::make_unique<testing::StagedPool>(256ull << 20);
+  } else {
+    f.pool = std::move(*CreateHostPool({256ull << 20, 1ull << 20}));
+  }
+  if (with_tiers) {
+    TierOptions to;
+    to.host_memory_bytes = 256ull << 20;
+    f.tiers = std::make_unique<TierContext>(f.pool.get(), to);
+  }
   SessionOptions o;
   o.mode = SelectionMode::kIndex;
   o.sink_tokens = sinks;
@@ -36,7 +49,7 @@ Fixture Make(uint64_t T, uint32_t sinks, uint32_t recent, std::mt19937_64& rng,
   o.default_budget_tokens = 256;
   o.rescore_overfetch = rescore_overfetch;
   o.rescore_tokens = rescore_tokens;
-  f.session = std::move(*Session::Create(7, "t", {L, HQ, HKV, D, DType::kF32}, o, f.pool.get()));
+  f.session = std::move(*Session::Create(7, "t", {L, HQ, HKV, D, DType::kF32}, o, f.pool.get(), f.tiers.get()));
   // Topic-structured keys: each 200-token segment shares a direction, so selection matters.
   f.T = T;
   f.keys.resize(static_cast<size_t>(L) * HKV * T * D);
@@ -318,6 +331,67 @@ TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
         if (mass[t] < cut * (1 - 1e-6)) {
           EXPECT_FALSE(taken[t]) << "trial " << trial << " token " << t;
         }
+      }
+    }
+  }
+}
+
+// The CUDA backend's rescoring path, on the host: on a pool that is not host-addressable every
+// head's candidate logits come from one TokenLogits call per layer (device_scan; no key is
+// copied out), or from keys copied out of the pool (a pool without the call); candidates evicted
+// to the host tier are read from there. Either way the selection is the host pool's, bit for bit
+// (the same CPU logits kernel and scale; here it stands in for the CUDA launch).
+TEST(SessionIndex, RescoreOnADevicePoolSelectsWhatTheHostPoolSelects) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (const bool by_token : {false, true}) {
+    for (const bool launch : {true, false}) {
+      SCOPED_TRACE(std::string(by_token ? "token" : "chunk") + (launch ? ", launch" : ", copies"));
+      std::mt19937_64 ra(seed), rb(seed);
+      Fixture host = Make(2500, 16, 0, ra, 4.0f, by_token);
+      Fixture dev = Make(2500, 16, 0, rb, 4.0f, by_token, /*staged=*/true, /*with_tiers=*/true);
+      auto* pool = static_cast<testing::StagedPool*>(dev.pool.get());
+      pool->device_scan = launch;
+      auto same = [&](uint32_t layer, const std::vector<float>& q, const char* when) {
+        const uint64_t copies = pool->copies_out, launches = pool->logit_launches;
+        auto a = host.session->Retrieve(layer, q.data(), DType::kF32, 256, 0);
+        auto b = dev.session->Retrieve(layer, q.data(), DType::kF32, 256, 0);
+        ASSERT_TRUE(a.ok() && b.ok()) << a.status().ToString() << " " << b.status().ToString();
+        for (uint32_t h = 0; h < HKV; ++h) {
+          EXPECT_EQ(a->heads[h].chunks, b->heads[h].chunks) << when << " head " << h;
+          EXPECT_EQ(a->heads[h].starts, b->heads[h].starts) << when << " head " << h;
+          EXPECT_EQ(a->heads[h].ends, b->heads[h].ends) << when << " head " << h;
+          EXPECT_EQ(a->heads[h].scores, b->heads[h].scores) << when << " head " << h;
+        }
+        if (std::string(when) != "resident") return;
+        if (launch) {
+          EXPECT_EQ(pool->logit_launches, launches + 1) << "one launch per layer and call";
+          EXPECT_EQ(pool->copies_out, copies) << "the launch should not copy keys out";
+        } else {
+          EXPECT_GT(pool->copies_out, copies);
+        }
+      };
+      for (int trial = 0; trial < 6; ++trial) {
+        const uint32_t layer = trial % L;
+        same(layer, Query(host, layer, ra() % host.T, ra), "resident");
+      }
+      // Everything to the host tier, then an index-mode Attend per layer fetches its selection
+      // back: candidates are then partly in the pool, partly in the host tier.
+      ASSERT_GT(dev.session->EvictAll(Tier::kHost).blocks, 0u);
+      for (uint32_t layer = 0; layer < L; ++layer) {
+        const auto q = Query(host, layer, ra() % host.T, ra);
+        same(layer, q, "evicted");
+        std::vector<float> out(HQ * D);
+        AttendArgs a;
+        a.layer = layer;
+        a.q = q.data();
+        a.q_dtype = DType::kF32;
+        a.out = out.data();
+        a.out_dtype = DType::kF32;
+        a.budget_tokens = 256;
+        AttendInfo info;
+        ASSERT_TRUE(dev.session->Attend(a, &info).ok());
+        for (int trial = 0; trial < 3; ++trial) same(layer, Query(host, layer, ra() % host.T, ra), "mixed");
       }
     }
   }

@@ -71,8 +71,9 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
           for (size_t i = 0; i < s->starts.size(); ++i) tokens += s->ends[i] - s->starts[i];
           EXPECT_EQ(tokens, kBudget) << "head " << h;
         }
-        // Both rescore on the host from the same bf16 keys; the summaries the candidates come
-        // from are built by each backend, so a token at the budget's cut may differ.
+        // Both rescore the same bf16 keys (the GPU's logits summed in float on the device, the
+        // CPU's in double); the summaries the candidates come from are built by each backend,
+        // so a token at the budget's cut may differ.
         equal[h] = Ranges(rg.selection[h]) == Ranges(rc.selection[h]);
         same += equal[h];
         ++heads;

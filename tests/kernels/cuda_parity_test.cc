@@ -649,6 +649,58 @@ TEST(IndexOpsParity, PooledBlockScores) {
 }
 
 
+// Rescoring logits: items over random chunks and KV heads (some empty), G = 4 and G = 1.
+TEST(IndexOpsParity, TokenLogits) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  PoolFixture f;
+  f.Build(rng, 150);
+  for (uint32_t hq : {32u, 8u}) {
+    std::vector<KVSpan> spans;
+    std::vector<uint32_t> heads, prefix{0};
+    for (int i = 0; i < 400; ++i) {
+      const KVSpan& c = f.chunks[rng() % f.chunks.size()];
+      spans.push_back(c);
+      heads.push_back(static_cast<uint32_t>(rng() % f.hkv));
+      prefix.push_back(prefix.back() + c.end - c.begin);
+    }
+    const uint32_t total = prefix.back(), G = hq / f.hkv;
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<float> q(hq * f.d);
+    for (float& x : q) x = nd(rng);
+    std::vector<float> ref(size_t{total} * G, NAN);
+    TokenLogitsView v{f.pool.data(),  f.kv,          f.hkv,         hq,
+                      f.d,            1.f / std::sqrt(static_cast<float>(f.d)),
+                      q.data(),       spans.data(),  heads.data(),  prefix.data(),
+                      static_cast<uint32_t>(spans.size()),            total,
+                      ref.data()};
+    TokenLogitsCpu(v);
+    GuardedBuffer pool_d(f.pool.size()), q_d(q.size() * 4), sp_d(spans.size() * sizeof(KVSpan)),
+        h_d(heads.size() * 4), pre_d(prefix.size() * 4), o_d(ref.size() * 4);
+    pool_d.Upload(f.pool.data());
+    q_d.Upload(q.data());
+    sp_d.Upload(spans.data());
+    h_d.Upload(heads.data());
+    pre_d.Upload(prefix.data());
+    TokenLogitsView vd = v;
+    vd.pool = pool_d.data();
+    vd.q = q_d.as<float>();
+    vd.spans = sp_d.as<KVSpan>();
+    vd.item_head = h_d.as<uint32_t>();
+    vd.token_prefix = pre_d.as<uint32_t>();
+    vd.logits = o_d.as<float>();
+    o_d.Poison();
+    ST_OK(kc::TokenLogits(vd, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> got(ref.size());
+    ASSERT_TRUE(o_d.Download(got.data()));  // also checks the guard bytes
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ASSERT_FALSE(std::isnan(ref[i])) << "logit " << i << " not written by the CPU reference";
+      ASSERT_NEAR(got[i], ref[i], 1e-4 * (1 + std::fabs(ref[i]))) << "G " << G << " logit " << i;
+    }
+  }
+}
+
 // ---- Retrieval heads (LycheeDecode) ------------------------------------------------------------
 // One layer of mode retrieval_heads as the CUDA backend runs it: the retrieval heads' block
 // scores in one launch, their top blocks, then ONE attention launch in which retrieval heads

@@ -1,0 +1,77 @@
+// A KV pool for session tests that stands in for the CUDA backend's on the host.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "daemon/kv_pool.h"
+#include "kernels/attention.h"
+#include "kernels/index_ops.h"
+
+namespace kvmem::testing {
+
+// A pool that is not host-addressable to the session (is_host() false): every key read goes
+// through CopyOut as on the CUDA backend, so the device-side code paths of the session
+// (staged retrieval-head scans, staged index catch-up, rescoring) run here. Memory is host memory, and
+// Attend runs the CPU reference, so results must equal the host pool's.
+class StagedPool final : public KVPool {
+ public:
+  explicit StagedPool(uint64_t bytes) : mem_(static_cast<uint8_t*>(std::aligned_alloc(4096, bytes))) {
+    base_ = mem_.get();
+    allocator_ = std::move(*SlabAllocator::Create({bytes, 1ull << 20, 0}));
+  }
+  bool is_host() const override { return false; }
+  Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override {
+    std::memcpy(mem_.get() + dst, src, bytes);
+    return Status::OK();
+  }
+  Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
+    ++copies_out;
+    std::memcpy(dst, mem_.get() + src, bytes);
+    return Status::OK();
+  }
+  Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
+    std::memmove(mem_.get() + dst, mem_.get() + src, bytes);
+    return Status::OK();
+  }
+  Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
+    for (uint32_t i = 0; i < count; ++i) problems[i].pool = base_;
+    kernels::AttendCpu(problems, count);
+    return Status::OK();
+  }
+  // With device_scan, block scores and rescoring logits come from these calls (the CPU kernels
+  // over the pool, standing in for the CUDA launches) as on the CUDA backend; otherwise
+  // UNIMPLEMENTED (staged keys).
+  Status PooledBlockScores(const kernels::PooledBlockScoresView& v) override {
+    if (!device_scan) return KVPool::PooledBlockScores(v);
+    ++scans;
+    kernels::PooledBlockScoresView pv = v;
+    pv.pool = base_;
+    kernels::PooledBlockScoresCpu(pv);
+    return Status::OK();
+  }
+  Status TokenLogits(const kernels::TokenLogitsView& v) override {
+    if (!device_scan) return KVPool::TokenLogits(v);
+    ++logit_launches;
+    kernels::TokenLogitsView tv = v;
+    tv.pool = base_;
+    kernels::TokenLogitsCpu(tv);
+    return Status::OK();
+  }
+  std::string Describe() const override { return "staged (test)"; }
+  uint64_t copies_out = 0;
+  bool device_scan = false;
+  uint64_t scans = 0;
+  uint64_t logit_launches = 0;
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, Free> mem_;
+};
+
+}  // namespace kvmem::testing
