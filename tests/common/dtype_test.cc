@@ -1,4 +1,5 @@
 #include "common/dtype.h"
+#include "testing/seed.h"
 
 #include <gtest/gtest.h>
 
@@ -29,7 +30,7 @@ TEST(DType, F16RoundTripIsExactOnRepresentable) {
 }
 
 TEST(DType, F16RoundsToNearestEven) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(static_cast<uint32_t>(::kvmem::testing::TestSeed()));
   std::uniform_real_distribution<float> u(-70000.f, 70000.f);
   for (int i = 0; i < 100000; ++i) {
     const float f = u(rng) * (i % 3 == 0 ? 1e-6f : 1.f);

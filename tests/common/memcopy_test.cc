@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -15,7 +16,7 @@ namespace {
 // Every length and misalignment around the vector widths copies exactly, and the check finds a
 // single non-finite element wherever it sits (head, body, remainder).
 TEST(MemCopy, StreamingCopyIsExactAtEveryAlignmentAndLength) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   std::vector<uint8_t> src(9000), dst(9100);
   for (auto& x : src) x = static_cast<uint8_t>(rng());
   for (size_t len : {0ul, 1ul, 31ul, 1023ul, 1024ul, 1025ul, 4096ul, 4097ul, 8191ul}) {
@@ -32,7 +33,7 @@ TEST(MemCopy, StreamingCopyIsExactAtEveryAlignmentAndLength) {
 }
 
 TEST(MemCopy, CheckedCopyFindsEveryNonFiniteElement) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
     const size_t es = DTypeSize(t);
     const size_t n = 1507;  // elements: several vector blocks plus a remainder

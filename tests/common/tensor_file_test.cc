@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -177,7 +178,7 @@ TEST(TensorFile, RejectsMalformedInputsNamingTheProblem) {
 }
 
 TEST(TensorFile, RandomCorruptionsNeverCrash) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed=" + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const std::string data(16, '\x01');

@@ -9,6 +9,7 @@
 
 #include "common/dtype.h"
 #include "daemon/session.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -88,7 +89,7 @@ uint32_t Compare(Session& dev, Session& host, std::mt19937_64& rng,
 
 TEST(DeviceSearchTest, DeviceSearchMatchesHostSearchAcrossDecodeSteps) {
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible: device search test skipped";
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   auto dev_pool = CreateDevicePool({512ull << 20, 1ull << 20}, 0);

@@ -10,12 +10,13 @@
 
 #include "common/dtype.h"
 #include "daemon/parallel.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
 
 TEST(SlabAllocator, RandomAllocFreeKeepsBlocksDisjointAndReturnsToZero) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   auto a = SlabAllocator::Create({64ull << 20, 1ull << 20});
   ASSERT_TRUE(a.ok()) << a.status().ToString();
   SlabAllocator& alloc = **a;

@@ -13,6 +13,7 @@
 
 #include "common/dtype.h"
 #include "daemon/session.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -147,7 +148,7 @@ void Pass(Session& dev, Session& host, SelectionMode mode, std::mt19937_64& rng,
 
 TEST(RetrievalDeviceTest, CudaPoolMatchesHostPoolInRetrievalHeadsAndHybridModes) {
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible: retrieval device test skipped";
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   auto dev_pool = CreateDevicePool({1ull << 30, 1ull << 20}, 0);

@@ -16,6 +16,7 @@
 #include "daemon/session.h"
 #include "testing/reference.h"
 #include "testing/staged_pool.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -205,7 +206,7 @@ void Pass(Fixture& f, SelectionMode mode, std::mt19937_64& rng, const std::vecto
 constexpr HeadRole kR = HeadRole::kRetrieval, kU = HeadRole::kReused, kD = HeadRole::kDense;
 
 void RunPasses(SelectionMode mode, bool staged = false) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   Fixture f = Make(mode, rng, staged);
   // First pass: dense before any selection at an index, then reuse of the last retrieval
   // layer below.
@@ -233,7 +234,7 @@ TEST(SessionHybrid, ParallelSearchPoolSameChecks) {
   // must select what a sequential run selects.
   ModelProfile all = Profile();
   for (uint32_t h = 0; h < HKV; ++h) all.retrieval_head_mask[1 * HKV + h] = 1;
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   for (SelectionMode mode : {SelectionMode::kRetrievalHeads, SelectionMode::kHybrid}) {
     std::mt19937_64 rng_a(seed), rng_b(seed), rq(seed + 3);
     Fixture par = Make(mode, rng_a, false, all), seq = Make(mode, rng_b, false, all);
@@ -260,7 +261,7 @@ TEST(SessionHybrid, StagedPoolRolesReuseAndOutputs) {
 }
 
 TEST(SessionHybrid, StagedPoolSelectsWhatTheHostPoolSelects) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   for (SelectionMode mode : {SelectionMode::kRetrievalHeads, SelectionMode::kHybrid}) {
     std::mt19937_64 rng_a(seed), rng_b(seed);
     Fixture host = Make(mode, rng_a), staged = Make(mode, rng_b, /*staged=*/true);
@@ -285,7 +286,7 @@ TEST(SessionHybrid, StagedPoolSelectsWhatTheHostPoolSelects) {
 // layer in one pool call, spans over the pool, rules on the host) selects and attends what the
 // host pool's per-head scan does.
 TEST(SessionHybrid, PoolScanSelectsAndAttendsWhatTheHostScanDoes) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng_a(seed), rng_b(seed);
   Fixture host = Make(SelectionMode::kRetrievalHeads, rng_a);
@@ -339,7 +340,7 @@ TEST(SessionHybrid, PoolScanSelectsAndAttendsWhatTheHostScanDoes) {
 }
 
 TEST(SessionHybrid, RetrieveFollowsTheSameStateAsAttend) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   Fixture f = Make(SelectionMode::kRetrievalHeads, rng);
   const auto q = RandomQuery(rng);
   // Fresh session: layer 3 has no selection below it for either head.
@@ -385,7 +386,7 @@ uint32_t Nodes(const LayerIndexInfo& info) {
 }
 
 TEST(SessionHybrid, HybridIndexesOnlyRetrievalHeadsUntilAnIndexRequest) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   std::mt19937_64 rng_a(seed), rng_b(seed);
   Fixture hybrid = Make(SelectionMode::kHybrid, rng_a);
   Fixture index = Make(SelectionMode::kIndex, rng_b);

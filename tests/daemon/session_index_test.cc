@@ -13,6 +13,7 @@
 #include "daemon/session.h"
 #include "testing/reference.h"
 #include "testing/staged_pool.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -117,7 +118,7 @@ RescoreTrial Rescore(const Fixture& f, uint32_t layer, uint32_t budget, std::mt1
 }
 
 TEST(SessionIndex, AttendCoversExactlySinksSelectionRecentAndTail) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   for (uint32_t recent : {0u, 40u}) {
     Fixture f = Make(3000, 16, recent, rng);
     const SessionStats st = f.session->Stats();
@@ -182,7 +183,7 @@ TEST(SessionIndex, AttendCoversExactlySinksSelectionRecentAndTail) {
 }
 
 TEST(SessionIndex, RetrieveExactMatchesBruteForce) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   // No sinks here: the budgeted retrieve below enumerates every chunk (with sinks it skips the
   // chunks they cover, while exact search ranks all chunks).
   Fixture f = Make(2500, 0, 0, rng);
@@ -218,7 +219,7 @@ TEST(SessionIndex, RetrieveExactMatchesBruteForce) {
 }
 
 TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   // Overfetch 64 × budget 256 covers all 2500 tokens: every chunk is a candidate, so the
   // selection must equal a brute-force greedy over all chunks by log(Σ exp(q·k/√D)) − log(n).
   Fixture f = Make(2500, 0, 0, rng, 64.0f);
@@ -272,7 +273,7 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
 }
 
 TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   // Overfetch 64 × budget 256 covers all 2500 tokens (no sinks): the candidates' softmax is the
   // full one, so the selection must be the 256 tokens of largest Σ_g softmax_g, as runs of
   // adjacent tokens inside one chunk each.
@@ -342,7 +343,7 @@ TEST(SessionIndex, TokenRescoreKeepsTheTokensOfLargestAttentionShare) {
 // to the host tier are read from there. Either way the selection is the host pool's, bit for bit
 // (the same CPU logits kernel and scale; here it stands in for the CUDA launch).
 TEST(SessionIndex, RescoreOnADevicePoolSelectsWhatTheHostPoolSelects) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   for (const bool by_token : {false, true}) {
     for (const bool launch : {true, false}) {
@@ -408,7 +409,7 @@ TEST(SessionIndex, RescoreOverfetchIsValidated) {
 }
 
 TEST(SessionIndex, DecodeInIndexModeSealsIntoTheTree) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   Fixture f = Make(600, 16, 0, rng);
   const uint64_t chunks_before = f.session->Stats().chunks;
   std::normal_distribution<float> n01;
@@ -446,7 +447,7 @@ namespace kvmem {
 namespace {
 
 TEST(SessionIndex, ParallelSearchSelectsTheSameChunks) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   Fixture f = Make(3000, 16, 0, rng);
   ParallelPool pool(3);
   for (int trial = 0; trial < 10; ++trial) {

@@ -10,6 +10,7 @@
 
 #include "index/chunker.h"
 #include "testing/reference.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -55,7 +56,7 @@ class SessionTest : public ::testing::TestWithParam<DType> {};
 
 TEST_P(SessionTest, PrefillAndDecodeMatchReference) {
   const DType dt = GetParam();
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   ModelProfile prof{3, 8, 2, 64, dt, {}, {}, "test"};
   SessionOptions opts;
   opts.chunker = {8, 24};
@@ -140,7 +141,7 @@ TEST_P(SessionTest, PrefillAndDecodeMatchReference) {
 // copy) or rows bound for the tail — refuses the whole append and leaves the session as it was.
 TEST_P(SessionTest, NonFiniteInputAnywhereIsRefusedAtomically) {
   const DType dt = GetParam();
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   ModelProfile prof{2, 4, 2, 64, dt, {}, {}, "test"};
   SessionOptions opts;
   opts.chunker = {8, 24};

@@ -1,6 +1,7 @@
 // Retrieval-head selection rules against brute force: every rule keeps exactly the blocks its
 // definition names, best first, ties by the lower index, at least one block.
 #include "index/block_select.h"
+#include "testing/seed.h"
 
 #include <gtest/gtest.h>
 
@@ -43,7 +44,7 @@ std::vector<float> RandomScores(std::mt19937_64& rng, size_t n, bool ties) {
 }
 
 TEST(BlockSelect, TopKAndRatioAreTheBestPrefix) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   for (int trial = 0; trial < 200; ++trial) {
     const size_t n = 1 + rng() % 300;
     const auto s = RandomScores(rng, n, trial % 2 == 0);
@@ -60,7 +61,7 @@ TEST(BlockSelect, TopKAndRatioAreTheBestPrefix) {
 }
 
 TEST(BlockSelect, ThresholdAndTopPFollowTheSoftmax) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   for (int trial = 0; trial < 200; ++trial) {
     const size_t n = 1 + rng() % 300;
     const auto s = RandomScores(rng, n, trial % 2 == 0);

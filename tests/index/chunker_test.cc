@@ -1,5 +1,6 @@
 // Property tests for the boundary-aware chunker on random boundary streams.
 #include "index/chunker.h"
+#include "testing/seed.h"
 
 #include <gtest/gtest.h>
 
@@ -46,7 +47,7 @@ class ChunkerProperty : public ::testing::TestWithParam<ChunkerOptions> {};
 TEST_P(ChunkerProperty, MatchesSpecAndBatchingDoesNotMatter) {
   const ChunkerOptions o = GetParam();
   ASSERT_TRUE(Chunker::Validate(o).ok());
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   for (int trial = 0; trial < 50; ++trial) {
     const auto classes = RandomClasses(rng, 500 + rng() % 3000);
 

@@ -2,6 +2,7 @@
 // inserts and removals; budgeted search monotone in the budget; invariants; bad input.
 // Seeds are fresh per run and printed on failure.
 #include "index/gate_tree.h"
+#include "testing/seed.h"
 
 #include <gtest/gtest.h>
 
@@ -66,7 +67,7 @@ void ExpectExactEqualsScan(const GateTree& tree, std::mt19937_64& rng,
 }
 
 TEST(GateTreeTest, ExactSearchEqualsLinearScanAfterBuild) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   for (uint32_t dim : {8u, 20u, 64u}) {
@@ -83,7 +84,7 @@ TEST(GateTreeTest, ExactSearchEqualsLinearScanAfterBuild) {
 }
 
 TEST(GateTreeTest, ExactAfterLazyInsertsAndRemovals) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const uint32_t dim = 24, n = 3000;
@@ -122,7 +123,7 @@ TEST(GateTreeTest, ExactAfterLazyInsertsAndRemovals) {
 }
 
 TEST(GateTreeTest, BudgetedSearchIsMonotoneAndReachesExact) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const uint32_t dim = 32, n = 5000;

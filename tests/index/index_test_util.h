@@ -14,18 +14,11 @@
 #include "index/cluster_tree.h"
 #include "index/detail/vec_math.h"
 #include "index/summary.h"
+#include "testing/seed.h"
 
 namespace kvmem::index::testing {
 
-// Fresh per run unless KVMEM_TEST_SEED is set (to replay a failure).
-inline uint64_t TestSeed() {
-  if (const char* s = std::getenv("KVMEM_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  return (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
-}
-#define KVMEM_SEEDED_TEST_SCOPE(seed_var)                                             \
-  const uint64_t seed_var = ::kvmem::index::testing::TestSeed();                      \
-  SCOPED_TRACE("seed=" + std::to_string(seed_var) + " (replay: KVMEM_TEST_SEED=" +    \
-               std::to_string(seed_var) + ")")
+using ::kvmem::testing::TestSeed;
 
 class VectorKeySource : public ChunkKeySource {
  public:

@@ -14,6 +14,7 @@
 #include "common/dtype.h"
 #include "kernels/cuda_ops.h"
 #include "testing/cross_backend.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -38,7 +39,7 @@ TEST(IndexMode, FidelityProfileCudaBackendMatchesCpuBackend) {
   const std::string profile = std::string(src != nullptr ? src : KVMEM_SOURCE_DIR) + "/deploy/kvmemd-fidelity.json";
   testing::BackendPair daemons({"--config", profile});
   ASSERT_TRUE(daemons.ok());
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const DType dt = DType::kBF16;

@@ -19,6 +19,7 @@
 #include "daemon/chunk_store.h"
 #include "testing/daemon_process.h"
 #include "testing/reference.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -110,7 +111,7 @@ TEST_F(DurabilityTest, KillNineDuringAppendsKeepsEveryAcknowledgedToken) {
   Start();
   ASSERT_TRUE(client_->CreateSession(Prof(), Durable(), kId).ok());
   uint64_t acked = 0;
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   for (int round = 0; round < 3; ++round) {
     std::atomic<uint64_t> acked_now{acked};
     std::atomic<uint32_t> in_flight{0};

@@ -10,6 +10,7 @@
 #include "client/client.h"
 #include "testing/daemon_process.h"
 #include "testing/reference.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -62,7 +63,7 @@ TEST_P(E2ETest, CreateAppendAttendDrop) {
 
   const uint32_t L = 4, HQ = 8, HKV = 2, D = 64;
   const uint64_t T = 4096;
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   Profile p{L, HQ, HKV, D, c.dtype, {}, {}, "e2e"};
   auto id = client.CreateSession(p);
   ASSERT_TRUE(id.ok()) << id.status().ToString();
@@ -173,7 +174,7 @@ TEST(E2E, IndexModeRetrieveAndAttend) {
   so.default_budget_tokens = 512;
   auto id = (*cl)->CreateSession(Profile{L, HQ, HKV, D, DType::kF32}, so);
   ASSERT_TRUE(id.ok()) << id.status().ToString();
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   std::normal_distribution<float> n01;
   std::vector<float> k(static_cast<size_t>(L) * HKV * T * D), v(k.size());
   std::vector<float> topic(D);

@@ -18,6 +18,7 @@
 #include "testing/cross_backend.h"
 #include "testing/daemon_process.h"
 #include "testing/reference.h"
+#include "testing/seed.h"
 
 namespace kvmem {
 namespace {
@@ -176,7 +177,7 @@ TEST(HybridHeads, AttendMatchesReferenceOnTheSelectedTokens) {
   ASSERT_TRUE(d.ready());
   auto cl = Client::Connect(d.address());
   ASSERT_TRUE(cl.ok()) << cl.status().ToString();
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   CheckMode(**cl, client::Mode::kRetrievalHeads, rng);
   CheckMode(**cl, client::Mode::kHybrid, rng);
   // No mask: refused with a message that says what is missing.
@@ -200,7 +201,7 @@ TEST(HybridHeads, CudaBackendMatchesCpuBackend) {
   constexpr uint64_t kT = 6000;
   testing::BackendPair daemons({});
   ASSERT_TRUE(daemons.ok());
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = ::kvmem::testing::TestSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   // Layer 0 dense; retrieval heads (1,0), (1,2), (2,1).

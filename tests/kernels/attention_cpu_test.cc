@@ -8,6 +8,7 @@
 
 #include "common/dtype.h"
 #include "kernels/attention.h"
+#include "testing/seed.h"
 
 namespace kvmem::kernels {
 namespace {
@@ -28,7 +29,7 @@ double Elem(const std::vector<uint8_t>& pool, DType t, uint64_t i) {
 
 TEST_P(AttendCpuTest, MatchesTwoPassReference) {
   const Case c = GetParam();
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
   std::normal_distribution<float> n01(0.f, 1.f);
 
   // Three blocks of different capacity, filled with random K/V.

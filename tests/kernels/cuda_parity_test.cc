@@ -18,6 +18,7 @@
 #include "kernels/cuda_test_util.h"
 #include "kernels/detail/attention_plan_layout.h"
 #include "kernels/index_ops.h"
+#include "testing/seed.h"
 
 namespace kvmem::kernels {
 namespace {
@@ -73,11 +74,7 @@ class GuardedBuffer {
   size_t bytes_;
 };
 
-std::mt19937_64 FreshRng() {
-  const uint64_t seed = std::random_device{}();
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return std::mt19937_64(seed);
-}
+std::mt19937_64 FreshRng() { return ::kvmem::testing::SeededRng(); }
 
 double Tolerance(DType out) {
   switch (out) {

@@ -13,11 +13,12 @@
 #include "kernels/cuda_ops.h"
 #include "kernels/detail/attention_plan_layout.h"
 #include "kernels/index_ops.h"
+#include "testing/seed.h"
 
 namespace kvmem::kernels {
 namespace {
 
-std::mt19937_64 FreshRng() { return std::mt19937_64(std::random_device{}()); }
+std::mt19937_64 FreshRng() { return ::kvmem::testing::SeededRng(); }
 
 TEST(IndexOpsCpu, BoundsDominateExactChunkScores) {
   auto rng = FreshRng();

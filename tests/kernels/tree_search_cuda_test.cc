@@ -22,6 +22,7 @@
 #include "kernels/cuda/search_attend_to.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/cuda_test_util.h"
+#include "testing/seed.h"
 
 namespace kvmem::kernels {
 namespace {
@@ -312,12 +313,7 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
   EXPECT_GT(nonempty, 0u);
 }
 
-std::mt19937_64 FreshRng() {
-  const uint64_t seed = std::random_device{}();
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return std::mt19937_64(seed);
-}
+std::mt19937_64 FreshRng() { return ::kvmem::testing::SeededRng(); }
 
 Session* NewSession(std::vector<std::unique_ptr<Session>>* keep, uint32_t H, uint32_t G,
                     index::ClusterTreeOptions o = {}) {
