@@ -36,7 +36,9 @@ TEST(SlabAllocator, RandomAllocFreeKeepsBlocksDisjointAndReturnsToZero) {
       EXPECT_LE(*off + r, alloc.capacity_bytes());
       // Disjoint from neighbours.
       auto next = live.lower_bound(*off);
-      if (next != live.end()) EXPECT_LE(*off + r, next->first);
+      if (next != live.end()) {
+        EXPECT_LE(*off + r, next->first);
+      }
       if (next != live.begin()) {
         auto prev = std::prev(next);
         EXPECT_LE(prev->first + prev->second, *off);

@@ -83,7 +83,9 @@ class TiersTest : public ::testing::Test {
     o.durability = d;
     auto s = Session::Create(id, "acme", Profile3(), o, pool_.get(), tiers_.get());
     EXPECT_TRUE(s.ok()) << s.status().ToString();
-    if (d == Durability::kDurable) EXPECT_TRUE(MakeDurable(store_.get(), s->get()).ok());
+    if (d == Durability::kDurable) {
+      EXPECT_TRUE(MakeDurable(store_.get(), s->get()).ok());
+    }
     sessions_.push_back(std::shared_ptr<Session>(std::move(*s)));
     return sessions_.back().get();
   }
@@ -387,7 +389,9 @@ TEST_F(TiersTest, AppendEvictDropLoopReturnsMemoryAndDiskToBaseline) {
     peak_disk = std::max(peak_disk, store_->LiveDataBytes());
     // Drop: memory in every tier (and spilled records) goes with the session object.
     sessions_.clear();
-    if (durable) ASSERT_TRUE(store_->DeleteSession("acme", 100 + i).ok());
+    if (durable) {
+      ASSERT_TRUE(store_->DeleteSession("acme", 100 + i).ok());
+    }
   }
   EXPECT_GT(peak_disk, disk_base);
   EXPECT_EQ(pool_->allocator().allocated_bytes(), pool_base);
