@@ -4,12 +4,14 @@
 // floor measured in the same run.
 //
 //   kvmem-bench-e2e --json FILE [--contexts 8192,32768,131072] [--budget 2048] [--iters N]
-//                   [--host-search]
+//                   [--host-search] [--config FILE]
 //
 // Where the time goes: the daemon's kvmem_attend_phase_seconds (admin /metrics) is read
 // before and after each timed loop; the rows carry the mean per phase (daemon_phase_us) and
 // the daemon's own request time (daemon_request_us). --host-search starts kvmemd with
 // KVMEM_DEVICE_SEARCH=off (index search on the host even on the CUDA backend) for A/B runs.
+// --config passes a kvmemd config file (e.g. deploy/kvmemd-fidelity.json: its session
+// defaults then shape the index-mode sessions; the rows carry the file's name as `config`).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -109,6 +111,7 @@ int main(int argc, char** argv) {
   int iters = 200;
   std::string backend = "auto";
   bool host_search = false;
+  std::string config;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
@@ -116,13 +119,15 @@ int main(int argc, char** argv) {
     else if (a == "--iters" && i + 1 < argc) iters = std::stoi(argv[++i]);
     else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
     else if (a == "--host-search") host_search = true;
+    else if (a == "--config" && i + 1 < argc) config = argv[++i];
     else if (a == "--contexts" && i + 1 < argc) {
       contexts.clear();
       std::stringstream ss(argv[++i]);
       std::string tok;
       while (std::getline(ss, tok, ',')) contexts.push_back(std::stoull(tok));
     } else {
-      std::fprintf(stderr, "usage: kvmem-bench-e2e --json FILE [--contexts a,b] [--budget N] [--iters N] [--backend B]\n");
+      std::fprintf(stderr, "usage: kvmem-bench-e2e --json FILE [--contexts a,b] [--budget N] [--iters N] [--backend B] "
+                           "[--host-search] [--config FILE]\n");
       return 2;
     }
   }
@@ -133,9 +138,11 @@ int main(int argc, char** argv) {
   const uint64_t pool_bytes = max_ctx * HKV * D * 2 * 2 * 3 + (1ull << 30);
   if (host_search) ::setenv("KVMEM_DEVICE_SEARCH", "off", 1);  // inherited by kvmemd
   const int admin_port = kvmem::testing::FreePort();
-  kvmem::testing::DaemonProcess d({"--progress", "poll", "--executors", "0", "--backend", backend,
-                                   "--device-memory", std::to_string(pool_bytes), "--admin",
-                                   "127.0.0.1:" + std::to_string(admin_port)});
+  std::vector<std::string> args{"--progress", "poll", "--executors", "0", "--backend", backend,
+                                "--device-memory", std::to_string(pool_bytes), "--admin",
+                                "127.0.0.1:" + std::to_string(admin_port)};
+  if (!config.empty()) args.insert(args.begin(), {"--config", config});
+  kvmem::testing::DaemonProcess d(args);
   if (!d.ready()) {
     std::fprintf(stderr, "kvmemd did not start\n");
     return 1;
@@ -151,6 +158,7 @@ int main(int argc, char** argv) {
   Client& cl = **c;
   json out;
   out["backend"] = cl.server().backend;
+  if (!config.empty()) out["config"] = config;
   out["results"] = json::array();
   std::vector<double> ping;
   for (int i = 0; i < 3000; ++i) {

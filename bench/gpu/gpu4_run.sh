@@ -94,6 +94,13 @@ if [[ -x $G/b/bin/kvmemd ]]; then
       --iters ${ITERS:-200} > /tmp/e2e.log 2>&1; echo "e2e rc=$? ($(el)s)"; grep -E "kvmem_e2e_attend|ping" /tmp/e2e.log | cut -c1-400
     { echo "### e2e $e2e"; cat /tmp/e2e.log; } >> /tmp/logs.txt
   done
+  # The fidelity profile (rescoring 4x the budget token by token: host search, one
+  # rescoring-logits launch per layer, then the attention).
+  echo "== e2e attend, fidelity profile ($(el)s)"
+  timeout 150 $G/b/run kvmem-bench-e2e --json "$OUT/e2e_fidelity.json" --config "$PWD/deploy/kvmemd-fidelity.json" \
+    --contexts 32768,131072 --iters 30 > /tmp/e2e_fid.log 2>&1; echo "e2e fidelity rc=$? ($(el)s)"
+  grep -E "kvmem_e2e_attend|ping" /tmp/e2e_fid.log | cut -c1-400
+  { echo "### e2e fidelity"; cat /tmp/e2e_fid.log; } >> /tmp/logs.txt
 fi
 if [[ -x $G/b/bin/backends_test ]]; then  # staged with `integration`
   echo "== integration tests ($(el)s)"
