@@ -299,79 +299,80 @@ class DevicePool final : public KVPool {
     for (uint32_t i = 0; i < v.num_spans; ++i) {
       if (v.spans[i].offset % 8 != 0) return Unimplemented("device block scan: unaligned span");
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    cudaSetDevice(device_);
-    const size_t q_bytes = size_t{v.q_heads} * v.head_dim * sizeof(float);
-    const size_t span_bytes = size_t{v.num_spans} * sizeof(kernels::KVSpan);
-    const size_t prefix_bytes = (size_t{v.num_spans} + 1) * sizeof(uint32_t);
-    const size_t head_bytes = size_t{v.num_heads} * sizeof(uint32_t);
     const size_t score_bytes =
         size_t{v.num_heads} * kernels::PooledNumBlocks(v.total_tokens, v.block_tokens) * sizeof(float);
-    const size_t span_off = Room(q_bytes), prefix_off = span_off + Room(span_bytes),
-                 head_off = prefix_off + Room(prefix_bytes), up = head_off + Room(head_bytes);
-    KVMEM_RETURN_IF_ERROR(Grow(&d_scan_, &scan_bytes_, up + score_bytes));
-    KVMEM_RETURN_IF_ERROR(GrowPinned(up + score_bytes));
-    uint8_t* h_up = pinned_;
-    uint8_t* h_down = pinned_ + up;
-    std::memcpy(h_up, v.q, q_bytes);
-    std::memcpy(h_up + span_off, v.spans, span_bytes);
-    std::memcpy(h_up + prefix_off, v.span_prefix, prefix_bytes);
-    std::memcpy(h_up + head_off, v.heads, head_bytes);
-    auto* d = static_cast<uint8_t*>(d_scan_);
-    kernels::PooledBlockScoresView dv = v;
-    dv.pool = base_;
-    dv.q = reinterpret_cast<const float*>(d);
-    dv.spans = reinterpret_cast<const kernels::KVSpan*>(d + span_off);
-    dv.span_prefix = reinterpret_cast<const uint32_t*>(d + prefix_off);
-    dv.heads = reinterpret_cast<const uint32_t*>(d + head_off);
-    dv.scores = reinterpret_cast<float*>(d + up);
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, h_up, up, cudaMemcpyHostToDevice, stream_), "stage block scan"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::PooledBlockScores(dv, stream_));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d + up, score_bytes, cudaMemcpyDeviceToHost, stream_),
-                               "copy block scores"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "block scan"));
-    std::memcpy(v.scores, h_down, score_bytes);
-    return Status::OK();
+    const std::array<HostSection, 4> in{{{v.q, size_t{v.q_heads} * v.head_dim * sizeof(float)},
+                                         {v.spans, size_t{v.num_spans} * sizeof(kernels::KVSpan)},
+                                         {v.span_prefix, (size_t{v.num_spans} + 1) * sizeof(uint32_t)},
+                                         {v.heads, size_t{v.num_heads} * sizeof(uint32_t)}}};
+    return StagedCall(in, v.scores, score_bytes, "block scan", [&](const std::array<uint8_t*, 4>& d, uint8_t* out) {
+      kernels::PooledBlockScoresView dv = v;
+      dv.pool = base_;
+      dv.q = reinterpret_cast<const float*>(d[0]);
+      dv.spans = reinterpret_cast<const kernels::KVSpan*>(d[1]);
+      dv.span_prefix = reinterpret_cast<const uint32_t*>(d[2]);
+      dv.heads = reinterpret_cast<const uint32_t*>(d[3]);
+      dv.scores = reinterpret_cast<float*>(out);
+      return kernels::cuda::PooledBlockScores(dv, stream_);
+    });
   }
 
+  // The same shape of call: [q | spans | heads | prefix] up, total_tokens × G logits back.
   Status TokenLogits(const kernels::TokenLogitsView& v) override {
     if (v.num_items == 0 || v.total_tokens == 0) return Status::OK();
-    const uint32_t G = v.q_heads / v.kv_heads;
-    std::lock_guard<std::mutex> lock(mu_);
-    cudaSetDevice(device_);
-    const size_t q_bytes = size_t{v.q_heads} * v.head_dim * sizeof(float);
-    const size_t span_bytes = size_t{v.num_items} * sizeof(kernels::KVSpan);
-    const size_t head_bytes = size_t{v.num_items} * sizeof(uint32_t);
-    const size_t prefix_bytes = (size_t{v.num_items} + 1) * sizeof(uint32_t);
-    const size_t logit_bytes = size_t{v.total_tokens} * G * sizeof(float);
-    const size_t span_off = Room(q_bytes), head_off = span_off + Room(span_bytes),
-                 prefix_off = head_off + Room(head_bytes), up = prefix_off + Room(prefix_bytes);
-    KVMEM_RETURN_IF_ERROR(Grow(&d_scan_, &scan_bytes_, up + logit_bytes));
-    KVMEM_RETURN_IF_ERROR(GrowPinned(up + logit_bytes));
-    uint8_t* h_up = pinned_;
-    uint8_t* h_down = pinned_ + up;
-    std::memcpy(h_up, v.q, q_bytes);
-    std::memcpy(h_up + span_off, v.spans, span_bytes);
-    std::memcpy(h_up + head_off, v.item_head, head_bytes);
-    std::memcpy(h_up + prefix_off, v.token_prefix, prefix_bytes);
-    auto* d = static_cast<uint8_t*>(d_scan_);
-    kernels::TokenLogitsView dv = v;
-    dv.pool = base_;
-    dv.q = reinterpret_cast<const float*>(d);
-    dv.spans = reinterpret_cast<const kernels::KVSpan*>(d + span_off);
-    dv.item_head = reinterpret_cast<const uint32_t*>(d + head_off);
-    dv.token_prefix = reinterpret_cast<const uint32_t*>(d + prefix_off);
-    dv.logits = reinterpret_cast<float*>(d + up);
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, h_up, up, cudaMemcpyHostToDevice, stream_), "stage rescoring"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::TokenLogits(dv, stream_));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d + up, logit_bytes, cudaMemcpyDeviceToHost, stream_),
-                               "copy rescoring logits"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "rescoring logits"));
-    std::memcpy(v.logits, h_down, logit_bytes);
-    return Status::OK();
+    const size_t logit_bytes = size_t{v.total_tokens} * (v.q_heads / v.kv_heads) * sizeof(float);
+    const std::array<HostSection, 4> in{{{v.q, size_t{v.q_heads} * v.head_dim * sizeof(float)},
+                                         {v.spans, size_t{v.num_items} * sizeof(kernels::KVSpan)},
+                                         {v.item_head, size_t{v.num_items} * sizeof(uint32_t)},
+                                         {v.token_prefix, (size_t{v.num_items} + 1) * sizeof(uint32_t)}}};
+    return StagedCall(in, v.logits, logit_bytes, "rescoring logits", [&](const std::array<uint8_t*, 4>& d, uint8_t* out) {
+      kernels::TokenLogitsView dv = v;
+      dv.pool = base_;
+      dv.q = reinterpret_cast<const float*>(d[0]);
+      dv.spans = reinterpret_cast<const kernels::KVSpan*>(d[1]);
+      dv.item_head = reinterpret_cast<const uint32_t*>(d[2]);
+      dv.token_prefix = reinterpret_cast<const uint32_t*>(d[3]);
+      dv.logits = reinterpret_cast<float*>(out);
+      return kernels::cuda::TokenLogits(dv, stream_);
+    });
   }
 
  private:
+  // A small op's call through the scan buffers: the host `in` sections go up in one copy
+  // through pinned memory (each at a 256-byte rounded offset), `launch(device sections, device
+  // output)` enqueues the kernel, and `out_bytes` come back into `out` after one
+  // synchronisation.
+  struct HostSection {
+    const void* p;
+    size_t bytes;
+  };
+  template <size_t N, typename Launch>
+  Status StagedCall(const std::array<HostSection, N>& in, void* out, size_t out_bytes, const char* what,
+                    Launch&& launch) {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    std::array<size_t, N> off{};
+    size_t up = 0;
+    for (size_t i = 0; i < N; ++i) {
+      off[i] = up;
+      up += Room(in[i].bytes);
+    }
+    KVMEM_RETURN_IF_ERROR(Grow(&d_scan_, &scan_bytes_, up + out_bytes));
+    KVMEM_RETURN_IF_ERROR(GrowPinned(up + out_bytes));
+    auto* d = static_cast<uint8_t*>(d_scan_);
+    std::array<uint8_t*, N> dev{};
+    for (size_t i = 0; i < N; ++i) {
+      std::memcpy(pinned_ + off[i], in[i].p, in[i].bytes);
+      dev[i] = d + off[i];
+    }
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, pinned_, up, cudaMemcpyHostToDevice, stream_), what));
+    KVMEM_RETURN_IF_ERROR(launch(dev, d + up));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(pinned_ + up, d + up, out_bytes, cudaMemcpyDeviceToHost, stream_), what));
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), what));
+    std::memcpy(out, pinned_ + up, out_bytes);
+    return Status::OK();
+  }
+
   // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
   // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.
   Status AttendOnHost(kernels::AttendProblem* problems, uint32_t count) {

@@ -12,6 +12,7 @@
 #include "daemon/parallel.h"
 #include "daemon/session.h"
 #include "testing/reference.h"
+#include "testing/session_ops.h"
 #include "testing/staged_pool.h"
 #include "testing/seed.h"
 
@@ -127,12 +128,7 @@ TEST(SessionIndex, AttendCoversExactlySinksSelectionRecentAndTail) {
       const uint32_t layer = trial % L;
       auto q = Query(f, layer, rng() % f.T, rng);
       std::vector<float> out(HQ * D);
-      AttendArgs a;
-      a.layer = layer;
-      a.q = q.data();
-      a.q_dtype = DType::kF32;
-      a.out = out.data();
-      a.out_dtype = DType::kF32;
+      AttendArgs a = testing::F32Attend(layer, q.data(), out.data());
       a.budget_tokens = 256;
       AttendInfo info;
       ASSERT_TRUE(f.session->Attend(a, &info).ok());
@@ -383,12 +379,7 @@ TEST(SessionIndex, RescoreOnADevicePoolSelectsWhatTheHostPoolSelects) {
         const auto q = Query(host, layer, ra() % host.T, ra);
         same(layer, q, "evicted");
         std::vector<float> out(HQ * D);
-        AttendArgs a;
-        a.layer = layer;
-        a.q = q.data();
-        a.q_dtype = DType::kF32;
-        a.out = out.data();
-        a.out_dtype = DType::kF32;
+        AttendArgs a = testing::F32Attend(layer, q.data(), out.data());
         a.budget_tokens = 256;
         AttendInfo info;
         ASSERT_TRUE(dev.session->Attend(a, &info).ok());
@@ -419,15 +410,8 @@ TEST(SessionIndex, DecodeInIndexModeSealsIntoTheTree) {
     for (uint32_t l = 0; l < L; ++l) {
       auto q = Query(f, l, rng() % f.T, rng);
       std::vector<float> out(HQ * D);
-      AttendArgs a;
-      a.layer = l;
-      a.q = q.data();
-      a.q_dtype = DType::kF32;
-      a.new_k = kv.data();
-      a.new_v = kv.data();
+      AttendArgs a = testing::F32Attend(l, q.data(), out.data(), SelectionMode::kDefault, kv.data(), kv.data());
       a.boundary = step % 10 == 9 ? 3 : 1;
-      a.out = out.data();
-      a.out_dtype = DType::kF32;
       AttendInfo info;
       ASSERT_TRUE(f.session->Attend(a, &info).ok());
       for (float x : out) ASSERT_TRUE(std::isfinite(x));
