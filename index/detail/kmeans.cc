@@ -32,20 +32,11 @@ void Nearest4(const float* const x[4], const std::vector<float>& centers, uint32
   for (int p = 0; p < 4; ++p) out[p] = 0;
   for (uint32_t j = 0; j < k; ++j) {
     const float* c = &centers[size_t{j} * dim];
-    float acc[4][8] = {};
-    uint32_t i = 0;
-    for (; i + 8 <= dim; i += 8) {
-      for (int p = 0; p < 4; ++p) {
-        for (uint32_t l = 0; l < 8; ++l) acc[p][l] += x[p][i + l] * c[i + l];
-      }
-    }
+    float d[4];
+    Dot4(x, c, dim, d);
     for (int p = 0; p < 4; ++p) {
-      float tail = 0.f;
-      for (uint32_t t = i; t < dim; ++t) tail += x[p][t] * c[t];
-      const float* a = acc[p];
-      const float d = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + tail;
-      if (d > best[p]) {
-        best[p] = d;
+      if (d[p] > best[p]) {
+        best[p] = d[p];
         out[p] = j;
       }
     }
