@@ -1,8 +1,9 @@
 #include "index/cluster_tree.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <queue>
 #include <string>
 
@@ -41,6 +42,31 @@ struct ItemLess {
     return a.id > b.id;
   }
 };
+
+// A node or chunk bound (kind 0 or 1, id < 2^30, key not NaN) as one word ordered like
+// ItemLess: the key's order-preserving bits (−0 ordered as +0), the kind inverted, the id
+// inverted, then a bit that keeps a −0 key's sign. A larger word is a larger Item.
+constexpr uint32_t kPackedIds = 1u << 30;
+
+uint64_t PackBound(const Item& it) {
+  uint32_t u;
+  std::memcpy(&u, &it.key, 4);
+  const bool negative_zero = u == 0x80000000u;
+  if (negative_zero) u = 0;
+  const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t{ord} << 32) | (uint64_t{1u - it.kind} << 31) |
+         (uint64_t{kPackedIds - 1 - it.id} << 1) | uint64_t{negative_zero};
+}
+
+Item UnpackBound(uint64_t w) {
+  const uint32_t ord = static_cast<uint32_t>(w >> 32);
+  const uint32_t u = (w & 1u) ? 0x80000000u : (ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord;
+  Item it;
+  std::memcpy(&it.key, &u, 4);
+  it.kind = static_cast<uint8_t>(1u - ((w >> 31) & 1u));
+  it.id = kPackedIds - 1 - static_cast<uint32_t>((w >> 1) & (kPackedIds - 1));
+  return it;
+}
 
 // One KV head's query group prepared for bounds.
 struct QueryGroup {
@@ -604,6 +630,9 @@ Result<Selection> ClusterTree::SearchBudget(std::span<const float> group_queries
   uint32_t group = 0;
   KVMEM_RETURN_IF_ERROR(ValidateQueries(group_queries, &group));
   if (!(options.overfetch >= 1.f)) return InvalidArgument("search: overfetch must be >= 1");
+  if (num_chunks() >= kPackedIds || nodes_.size() >= kPackedIds) {
+    return ResourceExhausted("search: more than 2^30 chunks or nodes in one tree");
+  }
   const QueryGroup qg(group_queries, head_dim_);
   const GroupAggregation agg = options.aggregation;
   Selection sel;
@@ -632,17 +661,18 @@ Result<Selection> ClusterTree::SearchBudget(std::span<const float> group_queries
   };
 
   if (options.traversal == BudgetTraversal::kBestFirst) {
-    std::priority_queue<Item, std::vector<Item>, ItemLess> heap;
-    heap.push({INFINITY, kNodeBound, 0});
+    // ItemLess's order as one integer per item (PackedBound): the heap compares words.
+    std::priority_queue<uint64_t> heap;
+    heap.push(PackBound({INFINITY, kNodeBound, 0}));
     while (!heap.empty()) {
-      const Item top = heap.top();
+      const Item top = UnpackBound(heap.top());
       heap.pop();
       if (top.kind == kNodeBound) {
         const Node& node = nodes_[top.id];
         for (uint32_t c : node.children) {
           ++sel.cost.nodes_visited;
-          heap.push(node.leaf ? Item{chunk_key(c), kChunkBound, c}
-                              : Item{node_key(c), kNodeBound, c});
+          heap.push(PackBound(node.leaf ? Item{chunk_key(c), kChunkBound, c}
+                                        : Item{node_key(c), kNodeBound, c}));
         }
         continue;
       }
