@@ -712,6 +712,11 @@ class SessionKeySource final : public index::ChunkKeySource {
 
 }  // namespace
 
+std::span<const float> Session::GroupQueries(const std::vector<float>& qf, uint32_t h) const {
+  const size_t n = size_t{profile_.group()} * profile_.head_dim;
+  return std::span<const float>(qf.data() + h * n, n);
+}
+
 Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
                              std::vector<HeadSelection>* out, uint64_t* nodes, uint64_t* bytes,
                              const std::vector<bool>* only) const {
@@ -730,14 +735,11 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   // host pool reads the candidates' keys in place, each head right after its search.
   const bool batched = rescore && !pool_->is_host();
   std::vector<RescoreCandidates> cands(rescore ? H : 0);
-  auto group_of = [&](uint32_t h) {
-    return std::span<const float>(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-  };
   // KV heads are independent trees: search them in parallel when a pool is configured.
   auto search = [&](uint32_t h) {
     if (only != nullptr && !(*only)[h]) return;
     const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
-    auto sel = tree.SearchBudget(group_of(h), search_budget, so);
+    auto sel = tree.SearchBudget(GroupQueries(qf, h), search_budget, so);
     if (!sel.ok()) {
       status[h] = sel.status();
       return;
@@ -747,7 +749,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     cands[h] = CollectCandidates(sels[h]);
     sels[h].cost.bytes_read += cands[h].prefix.back() * uint64_t{D} * DTypeSize(profile_.dtype);
     for (size_t i = 0; !batched && i < cands[h].chunks.size() && status[h].ok(); ++i) {
-      status[h] = HostCandidateLogits(layer, h, group_of(h), &cands[h], i);
+      status[h] = HostCandidateLogits(layer, h, GroupQueries(qf, h), &cands[h], i);
     }
   };
   // Host rescoring may read keys from a colder tier (not safe to run concurrently): sequential then.
@@ -842,17 +844,19 @@ Status Session::DeviceCandidateLogits(uint32_t layer, const std::vector<float>& 
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
   std::vector<kernels::KVSpan> spans;
   std::vector<uint32_t> heads, prefix{0};
-  std::vector<std::pair<uint32_t, uint32_t>> staged;  // (head, candidate) not in the pool
+  // (head, candidate): in the launch (item j = launched[j]), or computed on the host.
+  std::vector<std::pair<uint32_t, uint32_t>> launched, staged;
   for (uint32_t h = 0; h < H; ++h) {
     if (only != nullptr && !(*only)[h]) continue;
     const RescoreCandidates& c = (*cands)[h];
-    for (size_t i = 0; i < c.chunks.size(); ++i) {
+    for (uint32_t i = 0; i < c.chunks.size(); ++i) {
       const Chunk& ch = chunks_[c.chunks[i]];
       const uint64_t dev = ch.blocks[layer].dev;
       if (dev == kNotResident) {
-        staged.emplace_back(h, static_cast<uint32_t>(i));
+        staged.emplace_back(h, i);
         continue;
       }
+      launched.emplace_back(h, i);
       spans.push_back({ElemOffset(dev), ch.tokens, c.first[i], ch.tokens});
       heads.push_back(h);
       prefix.push_back(prefix.back() + c.prefix[i + 1] - c.prefix[i]);
@@ -866,31 +870,17 @@ Status Session::DeviceCandidateLogits(uint32_t layer, const std::vector<float>& 
                                                   static_cast<uint32_t>(spans.size()), prefix.back(),
                                                   logits.data()});
   if (st.code() == StatusCode::kUnimplemented) {  // no device kernel: every candidate on the host
-    for (uint32_t h = 0; h < H; ++h) {
-      if (only != nullptr && !(*only)[h]) continue;
-      auto group = std::span<const float>(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-      for (size_t i = 0; i < (*cands)[h].chunks.size(); ++i) {
-        KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, group, &(*cands)[h], i));
-      }
-    }
-    return Status::OK();
-  }
-  KVMEM_RETURN_IF_ERROR(st.WithContext("rescoring logits"));
-  // Scatter the launch's logits back to each head's candidates (same order as gathered).
-  size_t item = 0;
-  for (uint32_t h = 0; h < H; ++h) {
-    if (only != nullptr && !(*only)[h]) continue;
-    RescoreCandidates& c = (*cands)[h];
-    for (size_t i = 0; i < c.chunks.size(); ++i) {
-      if (chunks_[c.chunks[i]].blocks[layer].dev == kNotResident) continue;
-      std::copy_n(logits.data() + size_t{prefix[item]} * G, size_t{prefix[item + 1] - prefix[item]} * G,
-                  c.logits.data() + size_t{c.prefix[i]} * G);
-      ++item;
+    staged.insert(staged.end(), launched.begin(), launched.end());
+  } else {
+    KVMEM_RETURN_IF_ERROR(st.WithContext("rescoring logits"));
+    for (size_t j = 0; j < launched.size(); ++j) {  // the launch's logits back to their candidates
+      RescoreCandidates& c = (*cands)[launched[j].first];
+      std::copy_n(logits.data() + size_t{prefix[j]} * G, size_t{prefix[j + 1] - prefix[j]} * G,
+                  c.logits.data() + size_t{c.prefix[launched[j].second]} * G);
     }
   }
   for (const auto& [h, i] : staged) {
-    auto group = std::span<const float>(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-    KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, group, &(*cands)[h], i));
+    KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, GroupQueries(qf, h), &(*cands)[h], i));
   }
   return Status::OK();
 }
@@ -1188,7 +1178,7 @@ Status Session::ScanRetrievalHead(uint32_t layer, uint32_t h, const std::vector<
     v.kv_dtype = DType::kF32;
     v.kv_heads = 1;
     v.q_heads = G;
-    v.q = qf.data() + static_cast<size_t>(h) * G * D;
+    v.q = GroupQueries(qf, h).data();
     head = 0;
   }
   v.spans = spans.data();
@@ -1295,7 +1285,7 @@ Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
                            "retrieval_heads and hybrid select by budget and rule");
   }
   BeginOp();
-  const uint32_t H = profile_.kv_heads, D = profile_.head_dim, G = profile_.group();
+  const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
   std::vector<float> qf(static_cast<size_t>(profile_.q_heads) * D);
   ConvertToFloat(a.q, a.q_dtype, qf.size(), qf.data());
   RetrieveResult r;
@@ -1315,8 +1305,7 @@ Result<RetrieveResult> Session::Retrieve(const RetrieveArgs& a) {
     for (uint32_t h = 0; h < H; ++h) {
       const index::ClusterTree& tree = trees_[static_cast<size_t>(layer) * H + h];
       SessionKeySource keys([this, layer, h](uint32_t c, float* out) { return KeysAsFloat(layer, h, c, out); });
-      std::span<const float> group(qf.data() + static_cast<size_t>(h) * G * D, static_cast<size_t>(G) * D);
-      KVMEM_ASSIGN_OR_RETURN(index::Selection sel, tree.SearchExact(group, top_chunks, keys));
+      KVMEM_ASSIGN_OR_RETURN(index::Selection sel, tree.SearchExact(GroupQueries(qf, h), top_chunks, keys));
       HeadSelection& hs = r.heads[h];
       hs.kv_head = h;
       hs.chunks = std::move(sel.chunks);

@@ -454,6 +454,8 @@ class Session {
   // (all_heads) asks for every tree.
   Status CatchUpIndex(bool all_heads);
   bool TreeNeeded(uint32_t layer, uint32_t head) const;
+  // KV head h's query group [G][head_dim] within one layer's float queries qf [q_heads][head_dim].
+  std::span<const float> GroupQueries(const std::vector<float>& qf, uint32_t h) const;
   // Per-head chunk selections for one layer by budgeted search (and their cost).
   // only: heads to search (nullptr: all); the others are left empty.
   Status SelectChunks(uint32_t layer, const std::vector<float>& qf, uint32_t budget,
