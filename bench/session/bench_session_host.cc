@@ -9,6 +9,7 @@
 //   kvmem-bench-session-host --json FILE [--contexts 32768,131072] [--iters 30]
 //                            [--modes dense,retrieval_heads,index,index_fidelity]
 //                            [--search-threads N]   (kvmemd's search_threads; default 0)
+//                            [--fidelity-config F]  (default: the source tree's deploy/kvmemd-fidelity.json)
 //
 // Layer 1 of a two-layer session (32 q / 8 KV heads, D 128, bf16, sentence ends every 16 tokens,
 // topic-structured keys) is timed; layer 0 is attended first in every pass (the retrieval modes reuse its
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "daemon/config.h"
 #include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
 #include "daemon/parallel.h"
@@ -114,6 +116,7 @@ int Main(int argc, char** argv) {
   int iters = 30;
   std::string modes = "dense,retrieval_heads,index,index_fidelity";
   uint32_t search_threads = 0;
+  std::string fidelity_config = KVMEM_SOURCE_DIR "/deploy/kvmemd-fidelity.json";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--json") json = argv[i + 1];
@@ -121,9 +124,11 @@ int Main(int argc, char** argv) {
     else if (k == "--iters") iters = std::max(1, std::atoi(argv[i + 1]));
     else if (k == "--modes") modes = argv[i + 1];
     else if (k == "--search-threads") search_threads = static_cast<uint32_t>(std::atoi(argv[i + 1]));
+    else if (k == "--fidelity-config") fidelity_config = argv[i + 1];
     else {
       std::fprintf(stderr, "usage: kvmem-bench-session-host --json FILE [--contexts 32768,131072] [--iters 30] "
-                           "[--modes dense,retrieval_heads,index,index_fidelity] [--search-threads 0]\n");
+                           "[--modes dense,retrieval_heads,index,index_fidelity] [--search-threads 0] "
+                           "[--fidelity-config deploy/kvmemd-fidelity.json]\n");
       return 2;
     }
   }
@@ -133,6 +138,14 @@ int Main(int argc, char** argv) {
   if (search_threads > 0) {
     search_pool = std::make_unique<ParallelPool>(search_threads);
     SetSearchPool(search_pool.get());
+  }
+  // index_fidelity's sessions start from the profile's session defaults, as kvmemd's do.
+  DaemonConfig fidelity_profile;
+  if (modes.find("index_fidelity") != std::string::npos) {
+    if (Status st = LoadConfigFile(fidelity_config, &fidelity_profile); !st.ok()) {
+      std::fprintf(stderr, "%s\n", st.ToString().c_str());
+      return 1;
+    }
   }
   std::mt19937_64 rng(7);
   std::normal_distribution<float> n01;
@@ -155,18 +168,11 @@ int Main(int argc, char** argv) {
       p.retrieval_head_mask.assign(2 * kHkv, 0);
       for (uint32_t h = 0; h < kHkv; ++h) p.retrieval_head_mask[h] = 1;
       p.retrieval_head_mask[kHkv] = 1;
-      SessionOptions o;
+      SessionOptions o = fidelity ? fidelity_profile.session_defaults : SessionOptions{};
       o.mode = mode;
       o.sink_tokens = 16;
       o.default_budget_tokens = 2048;
       o.retrieval.block_tokens = 64;
-      if (fidelity) {  // deploy/kvmemd-fidelity.json
-        o.chunker.min_tokens = 2;
-        o.chunker.max_tokens = 4;
-        o.search.aggregation = index::GroupAggregation::kMeanQuery;
-        o.rescore_overfetch = 4.0f;
-        o.rescore_tokens = true;
-      }
       auto s = Session::Create(1, "bench", p, o, pool->get());
       if (!s.ok()) {
         std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
