@@ -661,7 +661,7 @@ Result<Selection> ClusterTree::SearchBudget(std::span<const float> group_queries
   };
 
   if (options.traversal == BudgetTraversal::kBestFirst) {
-    // ItemLess's order as one integer per item (PackedBound): the heap compares words.
+    // ItemLess's order as one integer per item (PackBound): the heap compares words.
     std::priority_queue<uint64_t> heap;
     heap.push(PackBound({INFINITY, kNodeBound, 0}));
     while (!heap.empty()) {
