@@ -75,6 +75,9 @@ for r in json.load(open(sys.argv[1]))['results']:
   python3 $G/report.py "$OUT/ab_default.json" | grep -E "kvmem_dense|torch|sparse" | grep -E " (1|8) " | cut -c1-150
   echo "== A/B table ($(el)s)"
   cat "$OUT/ab.txt"; cp /tmp/logs.txt "$OUT/logs.txt"
+# At most 8 files come back: the small text files travel as one archive.
+(cd "$OUT" && small=$(ls host.txt parity.log logs.txt sweep.txt ab.txt 2>/dev/null) &&
+  tar -czf logs.tgz $small && rm -f $small)
   exit 0
 fi
 
@@ -87,8 +90,8 @@ echo "== torch ($(el)s)"
 timeout 150 python3 $G/torch_sdpa.py --json /tmp/torch.json --merge-into "$OUT/bench.json" > /tmp/torch.log 2>&1
 echo "torch rc=$? ($(el)s)"; tail -n 1 /tmp/torch.log
 if [[ -x $G/b/bin/kvmemd ]]; then
-  for e2e in ${E2E:-default KVMEM_TREE_MAINT_CACHE=off}; do
-    e=(); j="$OUT/e2e.json"; [[ $e2e != default ]] && { e=("$e2e"); j=/tmp/e2e_ab.json; }
+  for e2e in ${E2E:-default KVMEM_DEVICE_INLINE=on}; do
+    e=(); j="$OUT/e2e.json"; [[ $e2e != default ]] && { e=("$e2e"); j="$OUT/e2e_${e2e%%=*}.json"; }
     echo "== e2e attend, device search, $e2e ($(el)s)"
     env "${e[@]}" timeout 120 $G/b/run kvmem-bench-e2e --json "$j" --contexts ${CONTEXTS:-8192,32768,131072} \
       --iters ${ITERS:-200} > /tmp/e2e.log 2>&1; echo "e2e rc=$? ($(el)s)"; grep -E "kvmem_e2e_attend|ping" /tmp/e2e.log | cut -c1-400
@@ -104,7 +107,7 @@ if [[ -x $G/b/bin/kvmemd ]]; then
 fi
 if [[ -x $G/b/bin/backends_test ]]; then  # staged with `integration`
   echo "== integration tests ($(el)s)"
-  parity e2e_test "KVMEM_SOURCE_DIR=$PWD backends_test" hybrid_test
+  parity e2e_test "KVMEM_DEVICE_INLINE=on e2e_test" "KVMEM_SOURCE_DIR=$PWD backends_test" hybrid_test
 fi
 python3 $G/report.py "$OUT/bench.json" > "$OUT/table.txt" 2>&1
 python3 $G/report.py --sweep "$OUT/bench.json" > "$OUT/sweep.txt" 2>&1
@@ -112,3 +115,6 @@ echo "== sweep / search ($(el)s)"; cut -c1-220 "$OUT/sweep.txt" | grep -v "^sear
 echo "== A/B table"; cat "$OUT/ab.txt"
 echo "== table"; grep -E "131072|32768 +1 " "$OUT/table.txt" | grep -vE "sparse_attn +(8192|32768)" | cut -c1-150
 cp /tmp/logs.txt "$OUT/logs.txt"
+# At most 8 files come back: the small text files travel as one archive.
+(cd "$OUT" && small=$(ls host.txt parity.log logs.txt sweep.txt ab.txt 2>/dev/null) &&
+  tar -czf logs.tgz $small && rm -f $small)
