@@ -143,6 +143,9 @@ const char* AttendPhaseName(AttendPhase p) {
     case AttendPhase::kDevicePlan: return "device_plan";
     case AttendPhase::kDeviceLaunch: return "device_launch";
     case AttendPhase::kDeviceWait: return "device_wait";
+    case AttendPhase::kRescoreSearch: return "rescore_search";
+    case AttendPhase::kRescoreLogits: return "rescore_logits";
+    case AttendPhase::kRescoreSelect: return "rescore_select";
     case AttendPhase::kGpuCopyUp: return "gpu_copy_up";
     case AttendPhase::kGpuKernels: return "gpu_kernels";
     case AttendPhase::kGpuCopyDown: return "gpu_copy_down";

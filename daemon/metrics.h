@@ -61,6 +61,10 @@ enum class AttendPhase : uint8_t {
   kDevicePlan,    // host planning and staging q + the plan image in pinned memory
   kDeviceLaunch,  // enqueueing the upload, the two launches and the two copies back
   kDeviceWait,    // waiting for the stream (the device work not yet done when enqueued)
+  // Inside kHostSearch when the session rescores candidates (search_rescore_*):
+  kRescoreSearch,  // the summary searches of every KV head (4x the budget, say), in parallel
+  kRescoreLogits,  // the candidates' exact logits: one pool call (device) or per head (host)
+  kRescoreSelect,  // the budget's chunks or tokens picked from the logits, every KV head
   // KVMEM_DEVICE_TIMELINE=1 only (events around the device search's stream operations; device
   // durations, not host phases, so they overlap the three above):
   kGpuCopyUp,      // the upload of q and the plan image, on the device

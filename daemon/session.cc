@@ -752,6 +752,14 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
       status[h] = HostCandidateLogits(layer, h, GroupQueries(qf, h), &cands[h], i);
     }
   };
+  // Rescoring's sub-phases of host_search (rescore_search, _logits, _select); the host pool's
+  // logits are computed inside each head's search task and counted with rescore_search.
+  auto t_mark = std::chrono::steady_clock::now();
+  auto phase = [&t_mark](AttendPhase p) {
+    const auto now = std::chrono::steady_clock::now();
+    GlobalMetrics().attend_phase[static_cast<int>(p)].Observe(now - t_mark);
+    t_mark = now;
+  };
   // Host rescoring may read keys from a colder tier (not safe to run concurrently): sequential then.
   if (rescore && !batched && stat_evicted_.load(std::memory_order_relaxed) != 0) {
     for (uint32_t h = 0; h < H; ++h) search(h);
@@ -759,7 +767,11 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     ForEachHead(H, search);
   }
   for (uint32_t h = 0; h < H; ++h) KVMEM_RETURN_IF_ERROR(status[h]);
-  if (batched) KVMEM_RETURN_IF_ERROR(DeviceCandidateLogits(layer, qf, only, &cands));
+  if (rescore) phase(AttendPhase::kRescoreSearch);
+  if (batched) {
+    KVMEM_RETURN_IF_ERROR(DeviceCandidateLogits(layer, qf, only, &cands));
+    phase(AttendPhase::kRescoreLogits);
+  }
   auto finish = [&](uint32_t h) {
     if (only != nullptr && !(*only)[h]) return;
     index::Selection& sel = sels[h];
@@ -777,6 +789,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   };
   if (rescore) {
     ForEachHead(H, finish);
+    phase(AttendPhase::kRescoreSelect);
   } else {
     for (uint32_t h = 0; h < H; ++h) finish(h);
   }
@@ -832,7 +845,7 @@ Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const 
   }
   const kernels::KVSpan span{offset, ch.tokens, cand->first[i], ch.tokens};
   const uint32_t head = 0, prefix = 0;
-  kernels::TokenLogitsCpu({keys, profile_.dtype, 1, G, D, RescoreScale(D), group.data(), &span, &head,
+  kernels::TokenLogitsBlocked({keys, profile_.dtype, 1, G, D, RescoreScale(D), group.data(), &span, &head,
                            &prefix, 1, cand->prefix[i + 1] - cand->prefix[i],
                            cand->logits.data() + size_t{cand->prefix[i]} * G});
   return Status::OK();

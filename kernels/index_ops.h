@@ -80,8 +80,8 @@ void ChunkMaxScoresCpu(const ChunkMaxScoresView& v);
 // For item i (KV head item_head[i], tokens [begin, end) of span spans[i]) and each query head g
 // of that KV head's GQA group (q_heads / kv_heads of them): the scaled logit
 //   logits[(token_prefix[i] + t - begin) * G + g] = scale · q[item_head[i] * G + g] · k_t.
-// The CPU version sums each dot product in double and rounds the scaled result to float (the
-// daemon's host rescoring does the same); the CUDA version sums in float.
+// The CPU reference sums each dot product in double and rounds the scaled result to float; the
+// host pool's TokenLogitsBlocked and the CUDA version sum in float.
 struct TokenLogitsView {
   const void* pool;
   DType kv_dtype;
@@ -99,6 +99,10 @@ struct TokenLogitsView {
 };
 
 void TokenLogitsCpu(const TokenLogitsView& v);
+// The host pool's version (kernels/cpu/attention_fast.cc): float dot products of eight partial
+// sums, AVX2 + FMA when the CPU has them (isa as for AttendCpuBlocked); within float rounding
+// of TokenLogitsCpu, several times faster.
+void TokenLogitsBlocked(const TokenLogitsView& v, CpuIsa isa = CpuIsa::kAuto);
 
 // ---- Top-k ----------------------------------------------------------------------------------
 // Per row r of scores [num_rows][n]: the k largest, in order of score descending, ties broken

@@ -3,7 +3,8 @@
 // instead of once per token. Built twice: for the baseline x86-64 instruction set, and for AVX2
 // with FMA, taken at run time when the CPU has them (8-wide fused multiply-adds; the baseline's
 // SSE2 is 4-wide without FMA). Both are checked against AttendCpu in
-// tests/kernels/attention_cpu_test.cc; kvmem-bench-cpu-attend times them.
+// tests/kernels/attention_cpu_test.cc; kvmem-bench-cpu-attend times them. The host pool's
+// rescoring logits (TokenLogitsBlocked, against TokenLogitsCpu) are built the same way.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,6 +13,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/detail/softmax_finish.h"
+#include "kernels/index_ops.h"
 
 namespace kvmem::kernels {
 namespace {
@@ -132,12 +134,43 @@ __attribute__((always_inline)) inline void AttendBlockedHead(const AttendProblem
   detail::FinishSoftmaxHeads(p, h * G, G, acc.data(), m.data(), l.data());
 }
 
+// TokenLogitsCpu's function with float dot products of eight partial sums: each item's keys
+// converted a block of rows at a time (its tokens are contiguous rows of one head).
+__attribute__((always_inline)) inline void TokenLogitsBlockedImpl(const TokenLogitsView& v) {
+  const uint32_t D = v.head_dim, G = v.q_heads / v.kv_heads;
+  thread_local std::vector<float> kb;
+  kb.resize(static_cast<size_t>(kBlock) * D);
+  const size_t esize = DTypeSize(v.kv_dtype);
+  const auto* pool = static_cast<const uint8_t*>(v.pool);
+  for (uint32_t i = 0; i < v.num_items; ++i) {
+    const KVSpan& s = v.spans[i];
+    const uint32_t h = v.item_head[i];
+    const float* q = v.q + static_cast<size_t>(h) * G * D;
+    float* out = v.logits + static_cast<size_t>(v.token_prefix[i]) * G;
+    const uint64_t head_k = s.offset + static_cast<uint64_t>(h) * s.stride_tokens * D;
+    for (uint32_t t0 = s.begin; t0 < s.end; t0 += kBlock) {
+      const uint32_t n = std::min(kBlock, s.end - t0);
+      ToFloat(pool + (head_k + static_cast<uint64_t>(t0) * D) * esize, v.kv_dtype, static_cast<size_t>(n) * D,
+              kb.data());
+      for (uint32_t t = 0; t < n; ++t) {
+        for (uint32_t g = 0; g < G; ++g) {
+          *out++ = Dot(q + static_cast<size_t>(g) * D, &kb[static_cast<size_t>(t) * D], D) * v.scale;
+        }
+      }
+    }
+  }
+}
+
 void AttendBlockedHeadBaseline(const AttendProblem& p, uint32_t h) { AttendBlockedHead(p, h); }
+void TokenLogitsBlockedBaseline(const TokenLogitsView& v) { TokenLogitsBlockedImpl(v); }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KVMEM_CPU_AVX2 1
 __attribute__((target("avx2,fma"))) void AttendBlockedHeadAvx2(const AttendProblem& p, uint32_t h) {
   AttendBlockedHead(p, h);
+}
+__attribute__((target("avx2,fma"))) void TokenLogitsBlockedAvx2(const TokenLogitsView& v) {
+  TokenLogitsBlockedImpl(v);
 }
 #endif
 
@@ -161,6 +194,17 @@ void AttendCpuBlockedHead(const AttendProblem& p, uint32_t kv_head, CpuIsa isa) 
 #endif
   (void)isa;
   AttendBlockedHeadBaseline(p, kv_head);
+}
+
+void TokenLogitsBlocked(const TokenLogitsView& v, CpuIsa isa) {
+#ifdef KVMEM_CPU_AVX2
+  if (isa != CpuIsa::kBaseline && CpuHasAvx2Fma()) {
+    TokenLogitsBlockedAvx2(v);
+    return;
+  }
+#endif
+  (void)isa;
+  TokenLogitsBlockedBaseline(v);
 }
 
 void AttendCpuBlocked(const AttendProblem* problems, uint32_t count, CpuIsa isa) {

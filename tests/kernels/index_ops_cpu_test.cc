@@ -127,6 +127,77 @@ TEST(IndexOpsCpu, PooledMeanEqualsMeanKeyScore) {
   }
 }
 
+// TokenLogitsCpu against the definition (double sums over the keys as stored), and the host
+// pool's TokenLogitsBlocked (both instruction sets) against TokenLogitsCpu within float
+// rounding: every dtype, GQA groups of 1 and 4, spans that start inside their block, items of
+// several heads, empty items.
+TEST(IndexOpsCpu, TokenLogitsBlockedMatchesReference) {
+  auto rng = FreshRng();
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (DType kv : {DType::kBF16, DType::kF16, DType::kF32}) {
+    for (uint32_t G : {1u, 4u}) {
+      SCOPED_TRACE(std::string(DTypeName(kv)) + " G " + std::to_string(G));
+      const uint32_t hkv = 3, hq = hkv * G, D = 128, cap = 48, blocks = 5;
+      const size_t esize = DTypeSize(kv);
+      // Blocks of [K heads][cap][D] then [V heads][cap][D], back to back.
+      const size_t block_elems = size_t{2} * hkv * cap * D;
+      std::vector<float> vals(blocks * block_elems);
+      for (float& x : vals) x = nd(rng) * 2.f;
+      std::vector<uint8_t> pool(vals.size() * esize);
+      ConvertFromFloat(vals.data(), vals.size(), kv, pool.data());
+      std::vector<float> stored(vals.size());  // the keys as the pool holds them
+      ConvertToFloat(pool.data(), kv, vals.size(), stored.data());
+      std::vector<float> q(size_t{hq} * D);
+      for (float& x : q) x = nd(rng);
+      std::vector<KVSpan> spans;
+      std::vector<uint32_t> heads, prefix{0};
+      for (uint32_t i = 0; i < 12; ++i) {
+        const uint32_t b = static_cast<uint32_t>(rng() % blocks);
+        const uint32_t begin = static_cast<uint32_t>(rng() % cap);
+        // Every fourth item empty; the others 1..cap - begin tokens (some longer than a block of 32).
+        const uint32_t end = i % 4 == 3 ? begin : begin + 1 + static_cast<uint32_t>(rng() % (cap - begin));
+        spans.push_back({b * block_elems, cap, begin, end});
+        heads.push_back(static_cast<uint32_t>(rng() % hkv));
+        prefix.push_back(prefix.back() + (end - begin));
+      }
+      const uint32_t total = prefix.back();
+      const float scale = 1.f / std::sqrt(static_cast<float>(D));
+      const float kPoison = -12345.f;
+      std::vector<float> ref(size_t{total} * G + 1, kPoison), fast(ref), base(ref);
+      TokenLogitsView v{pool.data(),  kv,     hkv,         hq,         D,     scale, q.data(),
+                        spans.data(), heads.data(), prefix.data(), 12, total, ref.data()};
+      TokenLogitsCpu(v);
+      v.logits = fast.data();
+      TokenLogitsBlocked(v);
+      v.logits = base.data();
+      TokenLogitsBlocked(v, CpuIsa::kBaseline);
+      EXPECT_EQ(ref.back(), kPoison);  // guard after the last logit
+      EXPECT_EQ(fast.back(), kPoison);
+      EXPECT_EQ(base.back(), kPoison);
+      for (uint32_t i = 0; i < 12; ++i) {
+        const KVSpan& s = spans[i];
+        for (uint32_t t = s.begin; t < s.end; ++t) {
+          const float* k = &stored[s.offset + (size_t{heads[i]} * cap + t) * D];
+          for (uint32_t g = 0; g < G; ++g) {
+            const float* qg = &q[(size_t{heads[i]} * G + g) * D];
+            double dot = 0, mag = 0;
+            for (uint32_t d = 0; d < D; ++d) {
+              dot += double{qg[d]} * k[d];
+              mag += std::abs(double{qg[d]} * k[d]);
+            }
+            const size_t at = (size_t{prefix[i]} + t - s.begin) * G + g;
+            EXPECT_FLOAT_EQ(ref[at], static_cast<float>(dot * scale)) << i << " " << t << " " << g;
+            // Float sums of D products: error within a few ulps of the sum of magnitudes.
+            const double tol = 1e-6 * mag * scale + 1e-30;
+            EXPECT_NEAR(fast[at], ref[at], tol) << i << " " << t << " " << g;
+            EXPECT_NEAR(base[at], ref[at], tol) << i << " " << t << " " << g;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(DenseAttendCpu, MatchesAttendCpuOnSameData) {
   auto rng = FreshRng();
   std::normal_distribution<float> nd(0.f, 1.f);
