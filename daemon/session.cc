@@ -748,9 +748,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     if (!rescore) return;
     cands[h] = CollectCandidates(sels[h]);
     sels[h].cost.bytes_read += cands[h].prefix.back() * uint64_t{D} * DTypeSize(profile_.dtype);
-    for (size_t i = 0; !batched && i < cands[h].chunks.size() && status[h].ok(); ++i) {
-      status[h] = HostCandidateLogits(layer, h, GroupQueries(qf, h), &cands[h], i);
-    }
+    if (!batched) status[h] = HostHeadLogits(layer, h, qf, &cands[h]);
   };
   // Rescoring's sub-phases of host_search (rescore_search, _logits, _select); the host pool's
   // logits are computed inside each head's search task and counted with rescore_search.
@@ -848,6 +846,30 @@ Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const 
   kernels::TokenLogitsBlocked({keys, profile_.dtype, 1, G, D, RescoreScale(D), group.data(), &span, &head,
                            &prefix, 1, cand->prefix[i + 1] - cand->prefix[i],
                            cand->logits.data() + size_t{cand->prefix[i]} * G});
+  return Status::OK();
+}
+
+Status Session::HostHeadLogits(uint32_t layer, uint32_t h, const std::vector<float>& qf,
+                               RescoreCandidates* cand) const {
+  const size_t n = cand->chunks.size();
+  std::vector<kernels::KVSpan> spans;
+  spans.reserve(n);
+  for (size_t i = 0; i < n && pool_->is_host(); ++i) {
+    const Chunk& ch = chunks_[cand->chunks[i]];
+    const uint64_t dev = ch.blocks[layer].dev;
+    if (dev == kNotResident) break;
+    spans.push_back({ElemOffset(dev), ch.tokens, cand->first[i], ch.tokens});
+  }
+  if (spans.size() < n) {  // a block elsewhere (host tier, store): each candidate on its own
+    for (size_t i = 0; i < n; ++i) KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, GroupQueries(qf, h), cand, i));
+    return Status::OK();
+  }
+  if (n == 0) return Status::OK();
+  const std::vector<uint32_t> heads(n, h);
+  kernels::TokenLogitsBlocked({pool_->base(), profile_.dtype, profile_.kv_heads, profile_.q_heads, profile_.head_dim,
+                               RescoreScale(profile_.head_dim), qf.data(), spans.data(), heads.data(),
+                               cand->prefix.data(), static_cast<uint32_t>(n), cand->prefix.back(),
+                               cand->logits.data()});
   return Status::OK();
 }
 

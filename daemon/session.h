@@ -478,6 +478,11 @@ class Session {
   // pool, copied out of wherever the block lives otherwise.
   Status HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const float> group,
                              RescoreCandidates* cand, size_t i) const;
+  // All of head h's candidate logits on the host pool: one kernels::TokenLogitsBlocked call
+  // over the pool when every candidate block is resident, HostCandidateLogits one by one
+  // otherwise. qf: every query head, fp32.
+  Status HostHeadLogits(uint32_t layer, uint32_t h, const std::vector<float>& qf,
+                        RescoreCandidates* cand) const;
   // Every head's candidate logits (cands[h], heads outside `only` skipped) in one pool launch
   // for the blocks resident in the pool; the host computes the rest, and all of them when the
   // pool has no TokenLogits.

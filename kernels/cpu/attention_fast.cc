@@ -134,8 +134,31 @@ __attribute__((always_inline)) inline void AttendBlockedHead(const AttendProblem
   detail::FinishSoftmaxHeads(p, h * G, G, acc.data(), m.data(), l.data());
 }
 
+// out[j] = Dot(q + j * D, k, D) for j < N, each key vector loaded once for the N queries (the
+// same partial sums and reduction as Dot, so the same bits).
+template <int N>
+inline void DotN(const float* q, const float* k, uint32_t D, float* out) {
+  Float8 s[N] = {};
+  uint32_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    Float8 x;
+    std::memcpy(&x, k + i, sizeof(x));
+    for (int j = 0; j < N; ++j) {
+      Float8 y;
+      std::memcpy(&y, q + static_cast<size_t>(j) * D + i, sizeof(y));
+      s[j] += y * x;
+    }
+  }
+  for (int j = 0; j < N; ++j) {
+    float t = ((s[j][0] + s[j][1]) + (s[j][2] + s[j][3])) + ((s[j][4] + s[j][5]) + (s[j][6] + s[j][7]));
+    for (uint32_t r = i; r < D; ++r) t += q[static_cast<size_t>(j) * D + r] * k[r];
+    out[j] = t;
+  }
+}
+
 // TokenLogitsCpu's function with float dot products of eight partial sums: each item's keys
-// converted a block of rows at a time (its tokens are contiguous rows of one head).
+// converted a block of rows at a time (its tokens are contiguous rows of one head), each key
+// row multiplied with up to four of the group's queries at once.
 __attribute__((always_inline)) inline void TokenLogitsBlockedImpl(const TokenLogitsView& v) {
   const uint32_t D = v.head_dim, G = v.q_heads / v.kv_heads;
   thread_local std::vector<float> kb;
@@ -153,9 +176,13 @@ __attribute__((always_inline)) inline void TokenLogitsBlockedImpl(const TokenLog
       ToFloat(pool + (head_k + static_cast<uint64_t>(t0) * D) * esize, v.kv_dtype, static_cast<size_t>(n) * D,
               kb.data());
       for (uint32_t t = 0; t < n; ++t) {
-        for (uint32_t g = 0; g < G; ++g) {
-          *out++ = Dot(q + static_cast<size_t>(g) * D, &kb[static_cast<size_t>(t) * D], D) * v.scale;
-        }
+        const float* k = &kb[static_cast<size_t>(t) * D];
+        uint32_t g = 0;
+        for (; g + 4 <= G; g += 4) DotN<4>(q + static_cast<size_t>(g) * D, k, D, out + g);
+        for (; g + 2 <= G; g += 2) DotN<2>(q + static_cast<size_t>(g) * D, k, D, out + g);
+        if (g < G) DotN<1>(q + static_cast<size_t>(g) * D, k, D, out + g);
+        for (g = 0; g < G; ++g) out[g] *= v.scale;
+        out += G;
       }
     }
   }
