@@ -973,13 +973,17 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   const size_t T = tokens.size();
   // Each query head's softmax over the candidates (they hold nearly all of its mass), summed
   // over the group: the share of attention a token would get, as the token oracle ranks them.
-  std::vector<double> mass(T, 0.0), e(T);
+  // The exponentials in float (a fraction of double's cost: G per candidate token, the bulk of
+  // this function), the sums in double.
+  std::vector<double> mass(T, 0.0);
+  std::vector<float> e(T);
   for (uint32_t g = 0; g < G; ++g) {
     float m = -std::numeric_limits<float>::infinity();
     for (size_t t = 0; t < T; ++t) m = std::max(m, logits[t * G + g]);
     double z = 0.0;
-    for (size_t t = 0; t < T; ++t) z += e[t] = std::exp(double{logits[t * G + g]} - m);
-    for (size_t t = 0; t < T; ++t) mass[t] += e[t] / z;
+    for (size_t t = 0; t < T; ++t) z += e[t] = std::exp(logits[t * G + g] - m);
+    const double inv = 1.0 / z;
+    for (size_t t = 0; t < T; ++t) mass[t] += e[t] * inv;
   }
   std::vector<uint32_t> order(T);
   std::iota(order.begin(), order.end(), 0u);
