@@ -746,7 +746,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     }
     sels[h] = std::move(*sel);
     if (!rescore) return;
-    cands[h] = CollectCandidates(sels[h]);
+    cands[h] = CollectCandidates(sels[h], layer);
     sels[h].cost.bytes_read += cands[h].prefix.back() * uint64_t{D} * DTypeSize(profile_.dtype);
     if (!batched) status[h] = HostHeadLogits(layer, h, qf, &cands[h]);
   };
@@ -798,9 +798,15 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   return Status::OK();
 }
 
-Session::RescoreCandidates Session::CollectCandidates(const index::Selection& sel) const {
+Session::RescoreCandidates Session::CollectCandidates(const index::Selection& sel, uint32_t layer) const {
   const uint64_t S = options_.sink_tokens;
   RescoreCandidates cand;
+  const size_t n = sel.chunks.size();
+  cand.chunks.reserve(n);
+  cand.first.reserve(n);
+  cand.prefix.reserve(n + 1);
+  cand.dev.reserve(n);
+  cand.stride.reserve(n);
   cand.prefix.push_back(0);
   for (uint32_t c : sel.chunks) {
     const Chunk& ch = chunks_[c];
@@ -809,6 +815,8 @@ Session::RescoreCandidates Session::CollectCandidates(const index::Selection& se
     cand.chunks.push_back(c);
     cand.first.push_back(static_cast<uint32_t>(first - ch.start));
     cand.prefix.push_back(cand.prefix.back() + static_cast<uint32_t>(ch.start + ch.tokens - first));
+    cand.dev.push_back(ch.blocks[layer].dev);
+    cand.stride.push_back(ch.tokens);
   }
   cand.logits.resize(size_t{cand.prefix.back()} * profile_.group());
   return cand;
@@ -817,6 +825,7 @@ Session::RescoreCandidates Session::CollectCandidates(const index::Selection& se
 namespace {
 
 float RescoreScale(uint32_t head_dim) { return 1.f / std::sqrt(static_cast<float>(head_dim)); }
+
 
 }  // namespace
 
@@ -855,10 +864,8 @@ Status Session::HostHeadLogits(uint32_t layer, uint32_t h, const std::vector<flo
   std::vector<kernels::KVSpan> spans;
   spans.reserve(n);
   for (size_t i = 0; i < n && pool_->is_host(); ++i) {
-    const Chunk& ch = chunks_[cand->chunks[i]];
-    const uint64_t dev = ch.blocks[layer].dev;
-    if (dev == kNotResident) break;
-    spans.push_back({ElemOffset(dev), ch.tokens, cand->first[i], ch.tokens});
+    if (cand->dev[i] == kNotResident) break;
+    spans.push_back({ElemOffset(cand->dev[i]), cand->stride[i], cand->first[i], cand->stride[i]});
   }
   if (spans.size() < n) {  // a block elsewhere (host tier, store): each candidate on its own
     for (size_t i = 0; i < n; ++i) KVMEM_RETURN_IF_ERROR(HostCandidateLogits(layer, h, GroupQueries(qf, h), cand, i));
@@ -881,18 +888,22 @@ Status Session::DeviceCandidateLogits(uint32_t layer, const std::vector<float>& 
   std::vector<uint32_t> heads, prefix{0};
   // (head, candidate): in the launch (item j = launched[j]), or computed on the host.
   std::vector<std::pair<uint32_t, uint32_t>> launched, staged;
+  size_t total = 0;
+  for (uint32_t h = 0; h < H; ++h) total += (*cands)[h].chunks.size();
+  spans.reserve(total);
+  heads.reserve(total);
+  prefix.reserve(total + 1);
+  launched.reserve(total);
   for (uint32_t h = 0; h < H; ++h) {
     if (only != nullptr && !(*only)[h]) continue;
     const RescoreCandidates& c = (*cands)[h];
     for (uint32_t i = 0; i < c.chunks.size(); ++i) {
-      const Chunk& ch = chunks_[c.chunks[i]];
-      const uint64_t dev = ch.blocks[layer].dev;
-      if (dev == kNotResident) {
+      if (c.dev[i] == kNotResident) {
         staged.emplace_back(h, i);
         continue;
       }
       launched.emplace_back(h, i);
-      spans.push_back({ElemOffset(dev), ch.tokens, c.first[i], ch.tokens});
+      spans.push_back({ElemOffset(c.dev[i]), c.stride[i], c.first[i], c.stride[i]});
       heads.push_back(h);
       prefix.push_back(prefix.back() + c.prefix[i + 1] - c.prefix[i]);
     }
@@ -908,10 +919,16 @@ Status Session::DeviceCandidateLogits(uint32_t layer, const std::vector<float>& 
     staged.insert(staged.end(), launched.begin(), launched.end());
   } else {
     KVMEM_RETURN_IF_ERROR(st.WithContext("rescoring logits"));
-    for (size_t j = 0; j < launched.size(); ++j) {  // the launch's logits back to their candidates
-      RescoreCandidates& c = (*cands)[launched[j].first];
-      std::copy_n(logits.data() + size_t{prefix[j]} * G, size_t{prefix[j + 1] - prefix[j]} * G,
-                  c.logits.data() + size_t{c.prefix[launched[j].second]} * G);
+    // The launch's logits back to their candidates: a run of launched candidates that are
+    // consecutive in one head's list is one copy (a whole head when all its blocks are resident).
+    for (size_t j = 0; j < launched.size();) {
+      const auto [h, i0] = launched[j];
+      size_t k = j + 1;
+      while (k < launched.size() && launched[k].first == h && launched[k].second == i0 + (k - j)) ++k;
+      RescoreCandidates& c = (*cands)[h];
+      std::copy_n(logits.data() + size_t{prefix[j]} * G, size_t{prefix[k] - prefix[j]} * G,
+                  c.logits.data() + size_t{c.prefix[i0]} * G);
+      j = k;
     }
   }
   for (const auto& [h, i] : staged) {
@@ -973,15 +990,17 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   const size_t T = tokens.size();
   // Each query head's softmax over the candidates (they hold nearly all of its mass), summed
   // over the group: the share of attention a token would get, as the token oracle ranks them.
-  // The exponentials in float (a fraction of double's cost: G per candidate token, the bulk of
-  // this function), the sums in double.
+  // The exponentials in float by kernels::ExpNonPositive (G per candidate token were the bulk of this
+  // function as std::exp calls), the sums in double.
   std::vector<double> mass(T, 0.0);
   std::vector<float> e(T);
   for (uint32_t g = 0; g < G; ++g) {
     float m = -std::numeric_limits<float>::infinity();
     for (size_t t = 0; t < T; ++t) m = std::max(m, logits[t * G + g]);
+    for (size_t t = 0; t < T; ++t) e[t] = logits[t * G + g] - m;
+    kernels::ExpNonPositive(e.data(), T);
     double z = 0.0;
-    for (size_t t = 0; t < T; ++t) z += e[t] = std::exp(logits[t * G + g] - m);
+    for (size_t t = 0; t < T; ++t) z += e[t];
     const double inv = 1.0 / z;
     for (size_t t = 0; t < T; ++t) mass[t] += e[t] * inv;
   }
@@ -1058,7 +1077,20 @@ void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>&
       pieces.clear();
       add_range(0, S);                    // sinks
       add_range(recent_from, sealed);     // recent window
-      for (size_t i = 0; i < sel[h].starts.size(); ++i) add_range(sel[h].starts[i], sel[h].ends[i]);
+      // A chunk selection's ranges lie inside their chunks: pieces straight away (no search of
+      // the chunk list per range: thousands of ranges per head with token-granular rescoring).
+      const HeadSelection& hs = sel[h];
+      for (size_t i = 0; i < hs.starts.size(); ++i) {
+        if (hs.chunks.size() == hs.starts.size()) {
+          const Chunk& c = chunks_[hs.chunks[i]];
+          if (hs.starts[i] >= c.start && hs.ends[i] <= c.start + c.tokens && hs.starts[i] < hs.ends[i]) {
+            pieces.push_back({hs.chunks[i], static_cast<uint32_t>(hs.starts[i] - c.start),
+                              static_cast<uint32_t>(hs.ends[i] - c.start)});
+            continue;
+          }
+        }
+        add_range(hs.starts[i], hs.ends[i]);
+      }
       std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) {
         return a.chunk != b.chunk ? a.chunk < b.chunk : a.begin < b.begin;
       });

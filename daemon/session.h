@@ -472,8 +472,12 @@ class Session {
     std::vector<uint32_t> first;   // first token rescored, within its chunk
     std::vector<uint32_t> prefix;  // [chunks + 1] exclusive prefix of the tokens rescored
     std::vector<float> logits;     // [prefix.back()][G], scaled q·k
+    // The layer's pool slot of each candidate's block (kNotResident: elsewhere) and the
+    // chunk's token count (the block's row stride), read once in the parallel search tasks.
+    std::vector<uint64_t> dev;
+    std::vector<uint32_t> stride;
   };
-  RescoreCandidates CollectCandidates(const index::Selection& sel) const;
+  RescoreCandidates CollectCandidates(const index::Selection& sel, uint32_t layer) const;
   // The logits of candidate i of head h, computed on the host: keys read in place on the host
   // pool, copied out of wherever the block lives otherwise.
   Status HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const float> group,
