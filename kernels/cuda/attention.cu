@@ -96,13 +96,6 @@ struct Shape {
   static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
 };
 
-// How the splits of a task are merged (KVMEM_ATTN_MERGE): kMergeBatched (default) every split
-// writes a partial and counts itself with one release-acquire atomic, the last one merges;
-// kMergeLegacy the two-pass merge of run 15 (A/B runs); kMergeEarly (blocks without clusters)
-// counts the arrival before the block's combine, so that atomic's round trip overlaps it, and
-// the split that arrived last waits for the others' partials instead of publishing its own.
-enum MergeMode : uint32_t { kMergeBatched = 0, kMergeLegacy = 1, kMergeEarly = 2 };
-
 struct ItemOutput {
   void* out;  // [G][D] of out_dtype
   DType out_dtype;
@@ -111,7 +104,7 @@ struct ItemOutput {
   uint32_t split;
   float* partials;    // this task's first partial slot
   uint32_t* counter;  // this task's counter
-  uint32_t merge;  // MergeMode (KVMEM_ATTN_MERGE)
+  bool legacy_merge;  // KVMEM_ATTN_MERGE=legacy: the two-pass merge of run 15 (A/B runs)
   unsigned long long* trace;  // LaunchAttendTraced: this block's kAttendTracePoints stamps
 };
 
@@ -278,16 +271,6 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
   const uint32_t PF = PartialFloats(G, D);
   const uint32_t C = ClusterBlocks();
   uint32_t nparts = o.num_splits;  // partial states the task's last block merges
-  // kMergeEarly: the task's counter holds arrivals in its low half and published partials in
-  // its high half; thread 0 counts the arrival now, the result is needed only after the combine.
-  const bool early = o.merge == kMergeEarly && C == 1 && o.num_splits > 1 && o.num_splits < 0x10000u;
-  uint32_t arrived = 0;
-  if (early && tid == 0) {
-    asm volatile("atom.relaxed.gpu.global.add.u32 %0, [%1], 1;\n"
-                 : "=r"(arrived)
-                 : "l"(o.counter)
-                 : "memory");
-  }
   if (C > 1) {
     // The block's state in its own shared memory, laid out as a partial (ca.w is free here).
     float* st = ca.w;
@@ -382,30 +365,7 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
   }
 
   // Last split of the task merges.
-  if (early) {
-    // Every other split arrived before this one: each publishes its partial with a release add
-    // to the high half, which the last one acquires (they are all running, so the wait ends).
-    __syncthreads();  // the block's partial writes before thread 0's release
-    if (tid == 0) {
-      const bool last = (arrived & 0xffffu) == o.num_splits - 1;
-      if (!last) {
-        asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(o.counter), "r"(0x10000u)
-                     : "memory");
-      } else {
-        uint32_t v;
-        do {
-          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(o.counter) : "memory");
-        } while ((v >> 16) != o.num_splits - 1);
-      }
-      rt.is_last = last;
-    }
-    __syncthreads();
-    TraceStamp(o, 4);
-    if (!rt.is_last) {
-      TraceStamp(o, 5);
-      return;
-    }
-  } else if (o.merge == kMergeLegacy) {  // threadFenceReduction pattern: every thread fences (fence.sc)
+  if (o.legacy_merge) {  // threadFenceReduction pattern: every thread fences (fence.sc)
     __threadfence();
     __syncthreads();
     if (tid == 0) rt.is_last = atomicAdd(o.counter, 1u) == o.num_splits - 1;
@@ -433,7 +393,7 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
     }
   }
   const uint32_t ns = nparts;
-  if (o.merge == kMergeLegacy) {
+  if (o.legacy_merge) {
     LegacyMerge<D, G, NG>(ca, o, ns);
     if (tid == 0) *o.counter = 0;
     return;
@@ -1035,7 +995,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t run_stride,
                      uint32_t* counters, float* partials, DType q_dtype, DType out_dtype,
-                     uint32_t merge, unsigned long long* trace) {
+                     bool legacy_merge, unsigned long long* trace) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   if (trace != nullptr) {
@@ -1065,7 +1025,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                item.split,
                partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
                counters + item.task,
-               merge,
+               legacy_merge,
                trace};
   const KV* pool = static_cast<const KV*>(item.pool);
   RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
@@ -1077,7 +1037,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
                       uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
                       DType out_dtype, float* lse, uint32_t* counters, float* partials,
-                      uint32_t merge) {
+                      bool legacy_merge) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -1099,22 +1059,21 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                split,
                partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
                counters + task,
-               merge,
+               legacy_merge,
                nullptr};
   const void* qt =
       static_cast<const uint8_t*>(q) + static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
   RunItem<D, G, KV, kTC>(rt, dyn, k, v, ntok > 0 ? 1 : 0, ntok, qt, q_dtype, scale, o);
 }
 
-// KVMEM_ATTN_MERGE=legacy: the merge of run 15 (two passes) and no early run loads; =early:
-// kMergeEarly. For A/B runs against the batched merge in the same process.
-uint32_t MergeModeEnv() {
-  static const uint32_t mode = [] {
+// KVMEM_ATTN_MERGE=legacy: the merge of run 15 (two passes) and no early run loads, for A/B runs
+// against the batched merge in the same process.
+bool LegacyMergeEnv() {
+  static const bool legacy = [] {
     const char* e = std::getenv("KVMEM_ATTN_MERGE");
-    const std::string v = e ? e : "";
-    return v == "legacy" ? kMergeLegacy : v == "early" ? kMergeEarly : kMergeBatched;
+    return e != nullptr && std::string(e) == "legacy";
   }();
-  return mode;
+  return legacy;
 }
 
 // Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt" or
@@ -1356,11 +1315,11 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
       Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV, int kTC>() {
         constexpr size_t kDyn = DynBytes<D, G, kTC>();
         PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
-        const uint32_t run_stride = MergeModeEnv() == kMergeLegacy ? 0 : plan.run_stride;
+        const uint32_t run_stride = LegacyMergeEnv() ? 0 : plan.run_stride;
         if (!dependent && plan.cluster_size <= 1) {
           SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
               items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
-              MergeModeEnv(), reinterpret_cast<unsigned long long*>(trace));
+              LegacyMergeEnv(), reinterpret_cast<unsigned long long*>(trace));
           return;
         }
         cudaLaunchConfig_t cfg{};
@@ -1384,7 +1343,7 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         cfg.numAttrs = n;
         launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
                                         run_stride, counters, partials, plan.q_dtype,
-                                        plan.out_dtype, MergeModeEnv(),
+                                        plan.out_dtype, LegacyMergeEnv(),
                                         reinterpret_cast<unsigned long long*>(trace));
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
@@ -1422,7 +1381,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
       DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
           static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads,
           v.capacity_tokens, v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out,
-          v.out_dtype, v.lse, counters, partials, MergeModeEnv());
+          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv());
       return;
     }
     cudaLaunchConfig_t cfg{};
@@ -1440,7 +1399,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
         &cfg, DenseAttendKernel<D, GG, KV, kTC>, static_cast<const KV*>(v.k),
         static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens, v.seq_lens,
         geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters, partials,
-        MergeModeEnv());
+        LegacyMergeEnv());
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
