@@ -990,15 +990,14 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   const size_t T = tokens.size();
   // Each query head's softmax over the candidates (they hold nearly all of its mass), summed
   // over the group: the share of attention a token would get, as the token oracle ranks them.
-  // The exponentials in float by kernels::ExpNonPositive (G per candidate token were the bulk of this
-  // function as std::exp calls), the sums in double.
+  // The exponentials in float (G per candidate token: the bulk of this function in double),
+  // the sums in double.
   std::vector<double> mass(T, 0.0);
   std::vector<float> e(T);
   for (uint32_t g = 0; g < G; ++g) {
     float m = -std::numeric_limits<float>::infinity();
     for (size_t t = 0; t < T; ++t) m = std::max(m, logits[t * G + g]);
-    for (size_t t = 0; t < T; ++t) e[t] = logits[t * G + g] - m;
-    kernels::ExpNonPositive(e.data(), T);
+    for (size_t t = 0; t < T; ++t) e[t] = std::exp(logits[t * G + g] - m);
     double z = 0.0;
     for (size_t t = 0; t < T; ++t) z += e[t];
     const double inv = 1.0 / z;

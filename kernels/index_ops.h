@@ -104,10 +104,6 @@ void TokenLogitsCpu(const TokenLogitsView& v);
 // of TokenLogitsCpu, several times faster.
 void TokenLogitsBlocked(const TokenLogitsView& v, CpuIsa isa = CpuIsa::kAuto);
 
-// x[i] = exp(x[i]) in place for x[i] <= 0 (below -87: 0; larger inputs are not for it), within
-// 2.5e-7 relative of exp, several times faster than std::exp calls (softmax weights over many candidates).
-void ExpNonPositive(float* x, size_t n);
-
 // ---- Top-k ----------------------------------------------------------------------------------
 // Per row r of scores [num_rows][n]: the k largest, in order of score descending, ties broken
 // by the smaller index (so the result is deterministic). NaN scores rank below every number.

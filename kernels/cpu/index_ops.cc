@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -146,29 +145,6 @@ void TokenLogitsCpu(const TokenLogitsView& v) {
         *out++ = static_cast<float>(dot * v.scale);
       }
     }
-  }
-}
-
-// A loop the compiler vectorises: exp(x) = 2^n · exp(r) with n = round(x / ln 2) (by the
-// 1.5·2^23 trick), r = x − n·ln 2 in two parts, exp(r) by its degree-6 Taylor polynomial
-// (|r| <= ln 2 / 2), and 2^n put straight into the exponent bits. Measured against exp in
-// double: < 2.5e-7 relative (IndexOpsCpu.ExpNonPositiveMatchesExp).
-void ExpNonPositive(float* x, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    const float v = std::max(x[i], -87.f);
-    const float k = (v * 1.44269504f + 12582912.f) - 12582912.f;
-    const float r = (v - k * 0.693145752f) - k * 1.42860677e-6f;
-    float p = 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float two_n;
-    std::memcpy(&two_n, &bits, 4);
-    x[i] = x[i] < -87.f ? 0.f : p * two_n;
   }
 }
 
