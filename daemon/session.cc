@@ -990,18 +990,21 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   const size_t T = tokens.size();
   // Each query head's softmax over the candidates (they hold nearly all of its mass), summed
   // over the group: the share of attention a token would get, as the token oracle ranks them.
-  // The exponentials in float (G per candidate token: the bulk of this function in double),
-  // the sums in double.
+  // In passes over the [T][G] logits as they lie (the G heads' maxima and sums are independent
+  // chains side by side): the exponentials in float, the sums in double.
+  std::vector<float> m(G, -std::numeric_limits<float>::infinity());
+  for (size_t t = 0; t < T; ++t) {
+    for (uint32_t g = 0; g < G; ++g) m[g] = std::max(m[g], logits[t * G + g]);
+  }
+  std::vector<float> e(T * G);
+  std::vector<double> inv(G, 0.0);
+  for (size_t t = 0; t < T; ++t) {
+    for (uint32_t g = 0; g < G; ++g) inv[g] += e[t * G + g] = std::exp(logits[t * G + g] - m[g]);
+  }
+  for (double& x : inv) x = 1.0 / x;
   std::vector<double> mass(T, 0.0);
-  std::vector<float> e(T);
-  for (uint32_t g = 0; g < G; ++g) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (size_t t = 0; t < T; ++t) m = std::max(m, logits[t * G + g]);
-    for (size_t t = 0; t < T; ++t) e[t] = std::exp(logits[t * G + g] - m);
-    double z = 0.0;
-    for (size_t t = 0; t < T; ++t) z += e[t];
-    const double inv = 1.0 / z;
-    for (size_t t = 0; t < T; ++t) mass[t] += e[t] * inv;
+  for (size_t t = 0; t < T; ++t) {
+    for (uint32_t g = 0; g < G; ++g) mass[t] += e[t * G + g] * inv[g];
   }
   std::vector<uint32_t> order(T);
   std::iota(order.begin(), order.end(), 0u);
