@@ -826,7 +826,6 @@ namespace {
 
 float RescoreScale(uint32_t head_dim) { return 1.f / std::sqrt(static_cast<float>(head_dim)); }
 
-
 }  // namespace
 
 Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const float> group,
@@ -853,8 +852,8 @@ Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const 
   const kernels::KVSpan span{offset, ch.tokens, cand->first[i], ch.tokens};
   const uint32_t head = 0, prefix = 0;
   kernels::TokenLogitsBlocked({keys, profile_.dtype, 1, G, D, RescoreScale(D), group.data(), &span, &head,
-                           &prefix, 1, cand->prefix[i + 1] - cand->prefix[i],
-                           cand->logits.data() + size_t{cand->prefix[i]} * G});
+                               &prefix, 1, cand->prefix[i + 1] - cand->prefix[i],
+                               cand->logits.data() + size_t{cand->prefix[i]} * G});
   return Status::OK();
 }
 
@@ -1082,8 +1081,9 @@ void Session::BuildSparseSpans(uint32_t layer, const std::vector<HeadSelection>&
       // A chunk selection's ranges lie inside their chunks: pieces straight away (no search of
       // the chunk list per range: thousands of ranges per head with token-granular rescoring).
       const HeadSelection& hs = sel[h];
+      const bool by_chunk = hs.chunks.size() == hs.starts.size();
       for (size_t i = 0; i < hs.starts.size(); ++i) {
-        if (hs.chunks.size() == hs.starts.size()) {
+        if (by_chunk) {
           const Chunk& c = chunks_[hs.chunks[i]];
           if (hs.starts[i] >= c.start && hs.ends[i] <= c.start + c.tokens && hs.starts[i] < hs.ends[i]) {
             pieces.push_back({hs.chunks[i], static_cast<uint32_t>(hs.starts[i] - c.start),
