@@ -1006,13 +1006,25 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   for (size_t t = 0; t < T; ++t) {
     for (uint32_t g = 0; g < G; ++g) mass[t] += e[t * G + g] * inv[g];
   }
-  std::vector<uint32_t> order(T);
-  std::iota(order.begin(), order.end(), 0u);
+  // The `keep` heaviest (ties: the earlier candidate), then in token order; both orders on
+  // values held beside their index (no lookups through it while comparing).
+  struct Weighted {
+    double mass;
+    uint32_t t;
+  };
+  std::vector<Weighted> heavy(T);
+  for (size_t t = 0; t < T; ++t) heavy[t] = {mass[t], static_cast<uint32_t>(t)};
   const size_t keep = std::min<size_t>(budget, T);
-  auto heavier = [&](uint32_t a, uint32_t b) { return mass[a] != mass[b] ? mass[a] > mass[b] : a < b; };
-  std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(), heavier);
-  order.resize(keep);
-  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
+  std::nth_element(heavy.begin(), heavy.begin() + static_cast<std::ptrdiff_t>(keep), heavy.end(),
+                   [](const Weighted& a, const Weighted& b) { return a.mass != b.mass ? a.mass > b.mass : a.t < b.t; });
+  std::vector<std::pair<uint64_t, uint32_t>> by_token(keep);  // ((chunk, offset) as one key, t)
+  for (size_t i = 0; i < keep; ++i) {
+    const uint32_t t = heavy[i].t;
+    by_token[i] = {uint64_t{tokens[t].first} << 32 | tokens[t].second, t};
+  }
+  std::sort(by_token.begin(), by_token.end());
+  std::vector<uint32_t> order(keep);
+  for (size_t i = 0; i < keep; ++i) order[i] = by_token[i].second;
   // Runs of adjacent kept tokens of one chunk become one entry: its chunk, token range and the
   // log of the run's summed mass; entries in descending score (as a Selection's chunks are).
   struct Run {
