@@ -14,7 +14,6 @@
 #include <deque>
 #include <functional>
 #include <limits>
-#include <numeric>
 #include <optional>
 
 #include "common/log.h"
@@ -833,10 +832,10 @@ Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const 
                                     RescoreCandidates* cand, size_t i) const {
   const uint32_t D = profile_.head_dim;
   const uint32_t G = static_cast<uint32_t>(group.size() / D);
-  const Chunk& ch = chunks_[cand->chunks[i]];
+  const uint32_t tokens = cand->stride[i];  // the chunk's, as CollectCandidates read them
   const uint64_t esize = DTypeSize(profile_.dtype);
-  const uint64_t head_elems = uint64_t{ch.tokens} * D;
-  const uint64_t dev = ch.blocks[layer].dev;
+  const uint64_t head_elems = uint64_t{tokens} * D;
+  const uint64_t dev = cand->dev[i];
   // Head h's keys of the block as one head of `kv_heads = 1`: in place, or staged.
   const void* keys = nullptr;
   uint64_t offset = 0;
@@ -850,7 +849,7 @@ Status Session::HostCandidateLogits(uint32_t layer, uint32_t h, std::span<const 
     KVMEM_RETURN_IF_ERROR(ReadBlock(cand->chunks[i], layer, h * head_elems * esize, staging.size(), staging.data()));
     keys = staging.data();
   }
-  const kernels::KVSpan span{offset, ch.tokens, cand->first[i], ch.tokens};
+  const kernels::KVSpan span{offset, tokens, cand->first[i], tokens};
   const uint32_t head = 0, prefix = 0;
   kernels::TokenLogitsBlocked({keys, profile_.dtype, 1, G, D, RescoreScale(D), group.data(), &span, &head,
                                &prefix, 1, cand->prefix[i + 1] - cand->prefix[i],
@@ -1023,8 +1022,6 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
     by_token[i] = {uint64_t{tokens[t].first} << 32 | tokens[t].second, t};
   }
   std::sort(by_token.begin(), by_token.end());
-  std::vector<uint32_t> order(keep);
-  for (size_t i = 0; i < keep; ++i) order[i] = by_token[i].second;
   // Runs of adjacent kept tokens of one chunk become one entry: its chunk, token range and the
   // log of the run's summed mass; entries in descending score (as a Selection's chunks are).
   struct Run {
@@ -1034,11 +1031,12 @@ void Session::SelectTokens(uint32_t G, uint32_t budget,
   };
   std::vector<Run> runs;
   for (size_t i = 0; i < keep;) {
-    const auto [chunk, first] = tokens[order[i]];
+    const auto [chunk, first] = tokens[by_token[i].second];
     double run_mass = 0.0;
     size_t j = i;
-    while (j < keep && tokens[order[j]].first == chunk && tokens[order[j]].second == first + (j - i)) {
-      run_mass += mass[order[j]];
+    while (j < keep && tokens[by_token[j].second].first == chunk &&
+           tokens[by_token[j].second].second == first + (j - i)) {
+      run_mass += mass[by_token[j].second];
       ++j;
     }
     runs.push_back({chunk, {first, static_cast<uint32_t>(first + (j - i))}, static_cast<float>(std::log(run_mass))});
