@@ -26,18 +26,32 @@ constexpr uint32_t kBlock = 32;
 // a tolerance, not bit for bit).
 typedef float Float8 __attribute__((vector_size(32)));
 
+// out[j] = q_j · k for the N rows q_j = q + j * D, each with eight independent partial sums, each
+// key vector loaded once for the N queries.
+template <int N>
+inline void DotN(const float* q, const float* k, uint32_t D, float* out) {
+  Float8 s[N] = {};
+  uint32_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    Float8 x;
+    std::memcpy(&x, k + i, sizeof(x));
+    for (int j = 0; j < N; ++j) {
+      Float8 y;
+      std::memcpy(&y, q + static_cast<size_t>(j) * D + i, sizeof(y));
+      s[j] += y * x;
+    }
+  }
+  for (int j = 0; j < N; ++j) {
+    float t = ((s[j][0] + s[j][1]) + (s[j][2] + s[j][3])) + ((s[j][4] + s[j][5]) + (s[j][6] + s[j][7]));
+    for (uint32_t r = i; r < D; ++r) t += q[static_cast<size_t>(j) * D + r] * k[r];
+    out[j] = t;
+  }
+}
+
 // Dot product with eight independent partial sums.
 inline float Dot(const float* a, const float* b, uint32_t n) {
-  Float8 s = {};
-  uint32_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    Float8 x, y;
-    std::memcpy(&x, a + i, sizeof(x));
-    std::memcpy(&y, b + i, sizeof(y));
-    s += x * y;
-  }
-  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += a[i] * b[i];
+  float t;
+  DotN<1>(a, b, n, &t);
   return t;
 }
 
@@ -132,28 +146,6 @@ __attribute__((always_inline)) inline void AttendBlockedHead(const AttendProblem
     }
   }
   detail::FinishSoftmaxHeads(p, h * G, G, acc.data(), m.data(), l.data());
-}
-
-// out[j] = Dot(q + j * D, k, D) for j < N, each key vector loaded once for the N queries (the
-// same partial sums and reduction as Dot, so the same bits).
-template <int N>
-inline void DotN(const float* q, const float* k, uint32_t D, float* out) {
-  Float8 s[N] = {};
-  uint32_t i = 0;
-  for (; i + 8 <= D; i += 8) {
-    Float8 x;
-    std::memcpy(&x, k + i, sizeof(x));
-    for (int j = 0; j < N; ++j) {
-      Float8 y;
-      std::memcpy(&y, q + static_cast<size_t>(j) * D + i, sizeof(y));
-      s[j] += y * x;
-    }
-  }
-  for (int j = 0; j < N; ++j) {
-    float t = ((s[j][0] + s[j][1]) + (s[j][2] + s[j][3])) + ((s[j][4] + s[j][5]) + (s[j][6] + s[j][7]));
-    for (uint32_t r = i; r < D; ++r) t += q[static_cast<size_t>(j) * D + r] * k[r];
-    out[j] = t;
-  }
 }
 
 // TokenLogitsCpu's function with float dot products of eight partial sums: each item's keys
