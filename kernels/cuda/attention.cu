@@ -63,6 +63,10 @@ struct RunTable {
 
 constexpr int kMergeChunk = 256;  // splits per pass of the final merge
 
+// ItemOutput::issue (KVMEM_ATTN_ISSUE; A/B runs of the tensor-core prologue's order).
+constexpr uint32_t kIssueQFirst = 1;
+constexpr uint32_t kIssueStagger = 2;
+
 // Views of the dynamic area after the token loop: NG partial states (token groups or warps).
 template <int D, int G, int NG>
 struct CombineArea {
@@ -105,6 +109,7 @@ struct ItemOutput {
   float* partials;    // this task's first partial slot
   uint32_t* counter;  // this task's counter
   bool legacy_merge;  // KVMEM_ATTN_MERGE=legacy: the two-pass merge of run 15 (A/B runs)
+  uint32_t issue;     // KVMEM_ATTN_ISSUE: kIssueQFirst / kIssueStagger (A/B runs), else 0
   unsigned long long* trace;  // LaunchAttendTraced: this block's kAttendTracePoints stamps
 };
 
@@ -333,8 +338,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
     }
     cluster.sync();  // no rank reuses or leaves its shared memory while another reads it
     if (nparts == 1) {
-      TraceStamp(o, 4);
-      TraceStamp(o, 5);
+      TraceStamp(o, 6);
+      TraceStamp(o, 7);
       return;
     }
   } else {
@@ -357,8 +362,8 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
     if (o.num_splits == 1) {
       if (o.trace != nullptr) {  // uniform over the block; no barrier when not tracing
         __syncthreads();
-        TraceStamp(o, 4);
-        TraceStamp(o, 5);
+        TraceStamp(o, 6);
+        TraceStamp(o, 7);
       }
       return;
     }
@@ -386,9 +391,9 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
       rt.is_last = prev == o.num_splits - 1;
     }
     __syncthreads();
-    TraceStamp(o, 4);
+    TraceStamp(o, 6);
     if (!rt.is_last) {
-      TraceStamp(o, 5);
+      TraceStamp(o, 7);
       return;
     }
   }
@@ -466,7 +471,7 @@ __device__ __forceinline__ void CombineAndMerge(RunTable& rt, CombineArea<D, G, 
   if (tid == 0) *o.counter = 0;  // ready for the next launch on this workspace
   if (o.trace != nullptr) {
     __syncthreads();
-    TraceStamp(o, 5);
+    TraceStamp(o, 7);
   }
 }
 
@@ -825,20 +830,19 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   for (int n = 0; n < 16; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
   float m = kNegInf, l = 0.f;
 
-#pragma unroll
-  for (int st = 0; st < ST - 1; ++st) {
+  // Prologue: the first ST - 1 stages' copies and the Q fragments (rows = heads; a1/a3 rows
+  // 8..15 are zero; all 16 pairs of loads in flight at once, the dtype branch outside them).
+  // Default order: copies, then Q. KVMEM_ATTN_ISSUE (A/B runs): `qfirst` issues the Q loads
+  // before the copies, `stagger` issues only stage 0 before the Q fragments and the others after.
+  auto prologue = [&](int st) {
     if (static_cast<uint32_t>(st) < iters) {
       issue(st, st);
     } else if constexpr (!kBulk) {
       CpAsyncCommit();
     }
-  }
-  // Q fragments after the first copies are in flight (rows = heads; a1/a3 rows 8..15 are zero).
-  uint32_t qhi[8][2], qlo[8][2];
-  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
-  {
-    // All 16 pairs in flight at once (the dtype branch outside the loads).
-    float2 qv[8][2];
+  };
+  float2 qv[8][2];
+  auto load_q = [&] {
     WithElemType(q_dtype, [&](auto e) {
       using E = decltype(e);
 #pragma unroll
@@ -850,14 +854,30 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
         }
       }
     });
+  };
+  const bool q_first = o.issue == kIssueQFirst, stagger = o.issue == kIssueStagger;
+  if (q_first) load_q();
+  prologue(0);
+  if (!stagger) {
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
+    for (int st = 1; st < ST - 1; ++st) prologue(st);
+  }
+  TraceStamp(o, 2);
+  if (!q_first) load_q();
+  uint32_t qhi[8][2], qlo[8][2];
+  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        Split2<KV>(qv[kk][half].x, qv[kk][half].y, &qhi[kk][half], &qlo[kk][half]);
-      }
+  for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      Split2<KV>(qv[kk][half].x, qv[kk][half].y, &qhi[kk][half], &qlo[kk][half]);
     }
   }
+  if (stagger) {
+#pragma unroll
+    for (int st = 1; st < ST - 1; ++st) prologue(st);
+  }
+  TraceStamp(o, 3);
   const float qs = scale * kLog2e;
   // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
   const int mi = lane >> 3, mr = lane & 7;
@@ -873,7 +893,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     } else {
       CpAsyncWait<ST - 1>();
     }
-    if (it == 0) TraceStamp(o, 2);
+    if (it == 0) TraceStamp(o, 4);
     __syncwarp();
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
     // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
@@ -943,7 +963,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   }
   if constexpr (!kBulk) CpAsyncWait<0>();
   __syncthreads();  // the pipeline area becomes the combine area
-  TraceStamp(o, 3);
+  TraceStamp(o, 5);
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
@@ -995,7 +1015,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t run_stride,
                      uint32_t* counters, float* partials, DType q_dtype, DType out_dtype,
-                     bool legacy_merge, unsigned long long* trace) {
+                     bool legacy_merge, uint32_t issue, unsigned long long* trace) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   if (trace != nullptr) {
@@ -1026,6 +1046,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                partials + static_cast<size_t>(item.partial_base) * PartialFloats(G, D),
                counters + item.task,
                legacy_merge,
+               issue,
                trace};
   const KV* pool = static_cast<const KV*>(item.pool);
   RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
@@ -1037,7 +1058,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                       uint32_t capacity, const uint32_t* __restrict__ seq_lens,
                       uint32_t split_tokens, const void* q, DType q_dtype, float scale, void* out,
                       DType out_dtype, float* lse, uint32_t* counters, float* partials,
-                      bool legacy_merge) {
+                      bool legacy_merge, uint32_t issue) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -1060,6 +1081,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                partials + static_cast<size_t>(task) * gridDim.x * PartialFloats(G, D),
                counters + task,
                legacy_merge,
+               issue,
                nullptr};
   const void* qt =
       static_cast<const uint8_t*>(q) + static_cast<size_t>(task) * G * D * DTypeSizeDevice(q_dtype);
@@ -1074,6 +1096,16 @@ bool LegacyMergeEnv() {
     return e != nullptr && std::string(e) == "legacy";
   }();
   return legacy;
+}
+
+// KVMEM_ATTN_ISSUE=qfirst|stagger: the tensor-core prologue's order (A/B runs; RunItemTC).
+uint32_t IssueEnv() {
+  static const uint32_t issue = [] {
+    const char* e = std::getenv("KVMEM_ATTN_ISSUE");
+    const std::string v = e ? e : "";
+    return v == "qfirst" ? kIssueQFirst : v == "stagger" ? kIssueStagger : 0u;
+  }();
+  return issue;
 }
 
 // Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt" or
@@ -1319,7 +1351,7 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         if (!dependent && plan.cluster_size <= 1) {
           SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
               items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
-              LegacyMergeEnv(), reinterpret_cast<unsigned long long*>(trace));
+              LegacyMergeEnv(), IssueEnv(), reinterpret_cast<unsigned long long*>(trace));
           return;
         }
         cudaLaunchConfig_t cfg{};
@@ -1343,7 +1375,7 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         cfg.numAttrs = n;
         launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
                                         run_stride, counters, partials, plan.q_dtype,
-                                        plan.out_dtype, LegacyMergeEnv(),
+                                        plan.out_dtype, LegacyMergeEnv(), IssueEnv(),
                                         reinterpret_cast<unsigned long long*>(trace));
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
@@ -1381,7 +1413,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
       DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
           static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads,
           v.capacity_tokens, v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out,
-          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv());
+          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv(), IssueEnv());
       return;
     }
     cudaLaunchConfig_t cfg{};
@@ -1399,7 +1431,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
         &cfg, DenseAttendKernel<D, GG, KV, kTC>, static_cast<const KV*>(v.k),
         static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens, v.seq_lens,
         geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters, partials,
-        LegacyMergeEnv());
+        LegacyMergeEnv(), IssueEnv());
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
