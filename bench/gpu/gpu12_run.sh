@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call (session 12): the span attention's fixed cost. Parity of the attention kernels
+# under each KVMEM_ATTN_ISSUE order, then kvmem-bench-gpu sparse rows (no search) at 128K batch 1
+# and 8 with warm traces (KVMEM_ATTN_TRACE=1), the orders interleaved over ROUNDS rounds, then one
+# --sweep run of the default (split sizes / block targets), and a short table last.
+# Staged by scripts/stage_gpu_search.sh (STAGE=.gpu9 RUN_SCRIPT=bench/gpu/gpu12_run.sh).
+#   bash .gpu9/run.sh
+. "$(dirname "$0")/run_common.sh"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+echo "== parity ($(el)s)"
+parity kernels_cuda_parity_test "KVMEM_ATTN_ISSUE=qfirst kernels_cuda_parity_test" \
+  "KVMEM_ATTN_ISSUE=stagger kernels_cuda_parity_test"
+IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_ATTN_ISSUE=qfirst;KVMEM_ATTN_ISSUE=stagger}"
+for round in $(seq 1 ${ROUNDS:-2}); do
+  for i in "${!ABS[@]}"; do
+    ab=${ABS[$i]}; e=(KVMEM_ATTN_TRACE=1); [[ $ab != default ]] && e+=($ab)
+    env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
+      --commit "$(cat $G/COMMIT)" --no-search --contexts ${CONTEXTS:-131072} --batches ${BATCHES:-1,8} \
+      --budgets ${BUDGETS:-1024,2048,4096} > /tmp/ab.log 2>&1
+    echo "[r$round $ab] rc=$? ($(el)s)"; { echo "### r$round $ab"; cat /tmp/ab.log; } >> "$OUT/ab_raw.txt"
+  done
+done
+if [[ ${SWEEP:-1} == 1 ]]; then
+  timeout 200 $G/b/run kvmem-bench-gpu --json "$OUT/sweep.json" --commit "$(cat $G/COMMIT)" --no-search \
+    --sweep --contexts 131072 --batches 1,8 --budgets 1024,2048 > "$OUT/sweep.log" 2>&1
+  echo "sweep rc=$? ($(el)s)"
+fi
+python3 - "$OUT" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
+import glob, json, os, sys
+out, abs_ = sys.argv[1], sys.argv[2:]
+data = {}
+for i, a in enumerate(abs_):
+    for p in sorted(glob.glob(f"{out}/ab_r*_{i}.json")):
+        for r in json.load(open(p))["results"]:
+            if r["method"] in ("kvmem_sparse_attn", "kvmem_dense", "torch_sdpa_dense"):
+                data.setdefault((r["method"], r["context"], r["batch"], r["budget"]), {}).setdefault(a, []).append(r)
+print(f"{'method':18} {'ctx':>6} {'B':>2} {'bud':>4} " + " ".join(f"{a[-18:]:>18}" for a in abs_))
+for k in sorted(data):
+    cells = [("/".join(f"{r['us_per_layer']:.2f}" for r in data[k].get(a, []))).rjust(18) for a in abs_]
+    print(f"{k[0]:18} {k[1]:6d} {k[2]:2d} {k[3]:4d} " + " ".join(cells))
+for k in sorted(data):
+    if k[0] != "kvmem_sparse_attn":
+        continue
+    for a in abs_:
+        for r in data[k].get(a, [])[-1:]:
+            t = r.get("attn_trace_us", {})
+            print(f"trace B{k[2]} {k[3]:4d} {a[-18:]:>18} " + " ".join(f"{p}:{v[1]:.2f}" for p, v in sorted(t.items())))
+p = f"{out}/sweep.json"
+if os.path.exists(p):
+    for r in json.load(open(p))["results"]:
+        if r["method"] == "kvmem_sparse_attn" and "sweep" in r:
+            print(f"sweep B{r['batch']} {r['budget']} default {r['us_per_layer']:.2f} ({r['blocks']} blocks, split {r['split_tokens']}): " +
+                  " ".join(f"{s.get('split_tokens')}/{s.get('blocks', s.get('target_blocks'))}:{s['us']:.1f}" for s in r["sweep"]))
+PY
