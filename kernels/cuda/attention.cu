@@ -66,6 +66,7 @@ constexpr int kMergeChunk = 256;  // splits per pass of the final merge
 // ItemOutput::issue (KVMEM_ATTN_ISSUE; A/B runs of the tensor-core prologue's order).
 constexpr uint32_t kIssueQFirst = 1;
 constexpr uint32_t kIssueStagger = 2;
+constexpr uint32_t kIssueNoFence = 4;  // timing only: no proxy fence before a stage's bulk copies
 
 // Views of the dynamic area after the token loop: NG partial states (token groups or warps).
 template <int D, int G, int NG>
@@ -636,14 +637,17 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 //   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
 // Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
 // it is not already of the K/V type.
-template <int G, bool kBulk>
+// Copy modes of the tensor-core path: K and V rows by cp.async (1), by bulk copies (2), or K by
+// bulk copies and V by cp.async (3: two copy engines, half the bulk-copy instructions).
+template <int G, int kMode>
 struct TCShape {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kTile = 16;
   static constexpr int kStages = 3;
   // cp.async: 256-byte rows with the 16-byte chunks XOR-swizzled; bulk copies write rows as they
-  // are, so rows are padded to 272 bytes instead (ldmatrix stays conflict-free either way).
-  static constexpr int kRowBytes = kBulk ? 272 : 256;
+  // are, so rows are padded to 272 bytes instead (ldmatrix stays conflict-free either way). Mode
+  // 3's V rows are swizzled 256-byte rows inside a half sized for padded ones.
+  static constexpr int kRowBytes = kMode >= 2 ? 272 : 256;
   static constexpr int kHalfBytes = kTile * kRowBytes;  // K (or V) of one stage
   static constexpr size_t kStageBytes = 2 * kHalfBytes;
   static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
@@ -721,13 +725,17 @@ __device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t
       : "memory");
 }
 
-template <int G, typename KV, bool kBulk>
+template <int G, typename KV, int kMode>
 __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                           const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                           const void* q, DType q_dtype, float scale,
                                           const ItemOutput& o) {
   constexpr int D = 128;
-  using T = TCShape<G, kBulk>;
+  using T = TCShape<G, kMode>;
+  constexpr bool kBulk = kMode == 2;   // K and V by bulk copies
+  constexpr bool kMixed = kMode == 3;  // K by bulk copies, V by cp.async
+  constexpr bool kBulkK = kBulk || kMixed;
+  constexpr bool kAsync = !kBulk;      // cp.async groups to commit and wait for
   constexpr int RB = T::kRowBytes;
   constexpr int W = T::kWarps;
   constexpr int ST = T::kStages;
@@ -751,7 +759,9 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   // current tile; advance(n) moves it n rows on.
   // cp.async: for each j the warp reads rows 2j and 2j+1 whole (coalesced), crow = lane / 16.
   // bulk: lane copies one row, crow = lane % 16, K for lanes 0-15 and V for 16-31.
-  const int crow = kBulk ? (lane & 15) : (lane >> 4);
+  // mixed: crow = lane % 16; lanes 0-15 copy their K row in bulk, and every lane copies half of
+  // its V row by cp.async (chunks 2j + lane / 16: a full 32-byte sector per row and instruction).
+  const int crow = kBulkK ? (lane & 15) : (lane >> 4);
   int e = 0;
   uint32_t t = warp * 16 + crow;
   uint32_t len_e = nruns > 0 ? rt.len[0] : 0xffffffffu;
@@ -772,7 +782,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   };
   advance(0);
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(&rt.mbar[warp * ST]));
-  if constexpr (kBulk) {
+  if constexpr (kBulkK) {
     if (lane == 0) {
       for (int st = 0; st < ST; ++st) MbarInit(bar0 + st * 8, 1);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -786,7 +796,9 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       const uint32_t bar = bar0 + st * 8;
       const int kv = lane >> 4;
       const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + crow * RB;
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+      if (!(o.issue & kIssueNoFence)) {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+      }
       if (lane == 0) MbarExpectTx(bar, nv * 512);
       __syncwarp();
       if (static_cast<uint32_t>(crow) < nv) {
@@ -799,6 +811,38 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
                        : "memory");
         }
       }
+      advance(W * 16);
+    } else if constexpr (kMixed) {
+      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
+      const uint32_t bar = bar0 + st * 8;
+      const uint32_t ks = stage_k(st), vs = ks + T::kHalfBytes;
+      const bool rv = static_cast<uint32_t>(crow) < nv;
+      if (!(o.issue & kIssueNoFence)) {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+      }
+      if (lane == 0) MbarExpectTx(bar, nv * 256);
+      __syncwarp();
+      if (lane < 16) {
+        const uint32_t dst = ks + crow * RB;
+        if (rv) {
+          BulkCopy(dst, kbase + ko + static_cast<uint64_t>(t) * D, 256, bar);
+        } else {
+          for (int i = 0; i < 16; ++i) {
+            asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
+                         : "memory");
+          }
+        }
+      }
+      // V: masked rows are zero-filled by the copies themselves (source size 0).
+      const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D : vbase;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int c = 2 * j + (lane >> 4);
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(
+                         vs + crow * 256 + ((c ^ (crow & 7)) * 16)),
+                     "l"(vp + c * 8), "r"(rv ? 16u : 0u));
+      }
+      CpAsyncCommit();
       advance(W * 16);
     } else {
       const int c = lane & 15;
@@ -822,7 +866,10 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   };
   // Swizzled (cp.async) or padded (bulk) address of 16-byte chunk c of row r.
   auto chunk_addr = [&](uint32_t base, int r, int c) {
-    return kBulk ? base + r * RB + c * 16 : base + r * RB + ((c ^ (r & 7)) * 16);
+    return kBulkK ? base + r * RB + c * 16 : base + r * RB + ((c ^ (r & 7)) * 16);
+  };
+  auto v_chunk_addr = [&](uint32_t base, int r, int c) {
+    return kMixed ? base + r * 256 + ((c ^ (r & 7)) * 16) : chunk_addr(base, r, c);
   };
 
   float oacc[16][4];
@@ -837,7 +884,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   auto prologue = [&](int st) {
     if (static_cast<uint32_t>(st) < iters) {
       issue(st, st);
-    } else if constexpr (!kBulk) {
+    } else if constexpr (kAsync) {
       CpAsyncCommit();
     }
   };
@@ -885,14 +932,11 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     const uint32_t nx = it + ST - 1;
     if (nx < iters) {
       issue(nx % ST, nx);
-    } else if constexpr (!kBulk) {
+    } else if constexpr (kAsync) {
       CpAsyncCommit();
     }
-    if constexpr (kBulk) {
-      MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
-    } else {
-      CpAsyncWait<ST - 1>();
-    }
+    if constexpr (kBulkK) MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
+    if constexpr (kAsync) CpAsyncWait<ST - 1>();
     if (it == 0) TraceStamp(o, 4);
     __syncwarp();
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
@@ -952,7 +996,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       for (int n = 0; n < 16; n += 2) {
         const int c = n + (mi >> 1);
         uint32_t b[4];
-        Ldsm4T(b, chunk_addr(vs, tok, c));
+        Ldsm4T(b, v_chunk_addr(vs, tok, c));
         Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
         Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
         Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
@@ -961,7 +1005,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
-  if constexpr (!kBulk) CpAsyncWait<0>();
+  if constexpr (kAsync) CpAsyncWait<0>();
   __syncthreads();  // the pipeline area becomes the combine area
   TraceStamp(o, 5);
 
@@ -984,7 +1028,8 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
 }
 
 // Kernel paths: 0 CUDA cores (any head_dim), 1 tensor cores fed by cp.async, 2 tensor cores fed
-// by bulk copies (one 256-byte row per lane and instruction).
+// by bulk copies (one 256-byte row per lane and instruction), 3 tensor cores with K rows by bulk
+// copies and V rows by cp.async.
 template <int D, int G, typename KV, int kTC>
 __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
@@ -992,7 +1037,7 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
                                         const ItemOutput& o) {
   if constexpr (kTC != 0) {
     static_assert(D == 128, "tensor-core path is for head_dim 128");
-    RunItemTC<G, KV, kTC == 2>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
+    RunItemTC<G, KV, kTC>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   } else {
     RunItemSimt<D, G, KV>(rt, dyn, kbase, vbase, nruns, ntok, q, q_dtype, scale, o);
   }
@@ -1000,7 +1045,7 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
 
 template <int D, int G, int kTC>
 constexpr size_t DynBytes() {
-  if constexpr (kTC != 0) return TCShape<G, kTC == 2>::kDynBytes;
+  if constexpr (kTC != 0) return TCShape<G, kTC>::kDynBytes;
   return Shape<D, G>::kDynBytes;
 }
 
@@ -1103,18 +1148,22 @@ uint32_t IssueEnv() {
   static const uint32_t issue = [] {
     const char* e = std::getenv("KVMEM_ATTN_ISSUE");
     const std::string v = e ? e : "";
-    return v == "qfirst" ? kIssueQFirst : v == "stagger" ? kIssueStagger : 0u;
+    // "nofence" (timing only, unsafe): the bulk copies without their proxy fence.
+    return v == "qfirst"    ? kIssueQFirst
+           : v == "stagger" ? kIssueStagger
+           : v == "nofence" ? kIssueNoFence
+                            : 0u;
   }();
   return issue;
 }
 
-// Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt" or
-// "tc-cpasync" (debugging / A-B timing). Other head dims use CUDA cores.
+// Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt", "tc-cpasync"
+// or "tc-mixed" (debugging / A-B timing). Other head dims use CUDA cores.
 int AttendPath(uint32_t D) {
   static const int path = [] {
     const char* e = std::getenv("KVMEM_ATTN_PATH");
     const std::string v = e ? e : "";
-    return v == "simt" ? 0 : v == "tc-cpasync" ? 1 : 2;
+    return v == "simt" ? 0 : v == "tc-cpasync" ? 1 : v == "tc-mixed" ? 3 : 2;
   }();
   return D == 128 ? path : 0;
 }
@@ -1128,6 +1177,10 @@ bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
       if constexpr (d == 128) {
         if (path == 2) {
           f.template operator()<d, g, KV, 2>();
+          return;
+        }
+        if (path == 3) {
+          f.template operator()<d, g, KV, 3>();
           return;
         }
         if (path == 1) {
