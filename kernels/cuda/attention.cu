@@ -67,6 +67,8 @@ constexpr int kMergeChunk = 256;  // splits per pass of the final merge
 constexpr uint32_t kIssueQFirst = 1;
 constexpr uint32_t kIssueStagger = 2;
 constexpr uint32_t kIssueNoFence = 4;  // timing only: no proxy fence before a stage's bulk copies
+constexpr uint32_t kIssueNoCopy = 8;   // timing only: the token loop's math without its copies
+constexpr uint32_t kIssueNoMath = 16;  // timing only: the token loop's copies without its math
 
 // Views of the dynamic area after the token loop: NG partial states (token groups or warps).
 template <int D, int G, int NG>
@@ -791,6 +793,10 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   }
   auto issue = [&](int st, uint32_t it) {
     const uint32_t tile0 = (it * W + warp) * 16;
+    if (o.issue & kIssueNoCopy) {  // timing only: the math over whatever the stage holds
+      if constexpr (kAsync) CpAsyncCommit();
+      return;
+    }
     if constexpr (kBulk) {
       const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
       const uint32_t bar = bar0 + st * 8;
@@ -935,10 +941,13 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     } else if constexpr (kAsync) {
       CpAsyncCommit();
     }
-    if constexpr (kBulkK) MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
+    if constexpr (kBulkK) {
+      if (!(o.issue & kIssueNoCopy)) MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
+    }
     if constexpr (kAsync) CpAsyncWait<ST - 1>();
     if (it == 0) TraceStamp(o, 4);
     __syncwarp();
+    if (o.issue & kIssueNoMath) continue;  // timing only: the copies without the math
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
     // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -1149,9 +1158,12 @@ uint32_t IssueEnv() {
     const char* e = std::getenv("KVMEM_ATTN_ISSUE");
     const std::string v = e ? e : "";
     // "nofence" (timing only, unsafe): the bulk copies without their proxy fence.
+    // "nocopy" / "nomath" (timing only, wrong results): the token loop without its copies / math.
     return v == "qfirst"    ? kIssueQFirst
            : v == "stagger" ? kIssueStagger
            : v == "nofence" ? kIssueNoFence
+           : v == "nocopy"  ? kIssueNoCopy
+           : v == "nomath"  ? kIssueNoMath
                             : 0u;
   }();
   return issue;
