@@ -686,6 +686,33 @@ __device__ __forceinline__ void Ldsm4T(uint32_t* r, uint32_t addr) {
                : "r"(addr));
 }
 
+// D[16 x 8] += A[16 x 16] · B[16 x 8] with all four A registers (the transposed math: A = K or
+// V^T tiles, B = Q^T or P^T).
+template <typename KV>
+__device__ __forceinline__ void MmaA4(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// The 8 x 8 matrix of 16-bit values whose fragment (row lane / 4, columns 2 (lane % 4) + {0, 1})
+// the warp holds in x, transposed: the same positions of its transpose.
+__device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // Rounds (x, y) to the 16-bit type; hi + lo reproduces them to ~16 significant bits.
 template <typename KV>
 __device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t* lo) {
@@ -727,15 +754,19 @@ __device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t
       : "memory");
 }
 
+// kMode: the copy mode (TCShape) with the heads-as-rows math (1-3), or 4 / 5: copy modes 2 / 1
+// with the transposed math (tokens and output dims as the MMA rows, heads as its columns).
 template <int G, typename KV, int kMode>
 __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                           const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                           const void* q, DType q_dtype, float scale,
                                           const ItemOutput& o) {
   constexpr int D = 128;
-  using T = TCShape<G, kMode>;
-  constexpr bool kBulk = kMode == 2;   // K and V by bulk copies
-  constexpr bool kMixed = kMode == 3;  // K by bulk copies, V by cp.async
+  constexpr int kCopy = kMode == 4 ? 2 : kMode == 5 ? 1 : kMode;
+  constexpr bool kTMath = kMode >= 4;
+  using T = TCShape<G, kCopy>;
+  constexpr bool kBulk = kCopy == 2;   // K and V by bulk copies
+  constexpr bool kMixed = kCopy == 3;  // K by bulk copies, V by cp.async
   constexpr bool kBulkK = kBulk || kMixed;
   constexpr bool kAsync = !kBulk;      // cp.async groups to commit and wait for
   constexpr int RB = T::kRowBytes;
@@ -878,10 +909,16 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     return kMixed ? base + r * 256 + ((c ^ (r & 7)) * 16) : chunk_addr(base, r, c);
   };
 
-  float oacc[16][4];
+  // Heads-as-rows math: oacc / m / l; transposed math: ot[n] = O^T dims 16n + g (+ 8), heads
+  // 2 quad + {0, 1}, and mt / lt per head of the pair (g = lane / 4 = h).
+  float oacc[kTMath ? 1 : 16][4];
+  float ot[kTMath ? 8 : 1][4];
 #pragma unroll
-  for (int n = 0; n < 16; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+  for (auto& r : oacc) r[0] = r[1] = r[2] = r[3] = 0.f;
+#pragma unroll
+  for (auto& r : ot) r[0] = r[1] = r[2] = r[3] = 0.f;
   float m = kNegInf, l = 0.f;
+  float mt[2] = {kNegInf, kNegInf}, lt[2] = {0.f, 0.f};
 
   // Prologue: the first ST - 1 stages' copies and the Q fragments (rows = heads; a1/a3 rows
   // 8..15 are zero; all 16 pairs of loads in flight at once, the dtype branch outside them).
@@ -949,67 +986,127 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     __syncwarp();
     if (o.issue & kIssueNoMath) continue;  // timing only: the copies without the math
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
-    // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
-    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    {
-      const int tok = (mi >> 1) * 8 + mr;
+    if constexpr (kTMath) {
+      // S^T = K Q^T: rows = the tile's 16 tokens, columns = the 8 query heads (G of them real);
+      // st[0..1] token g = lane / 4, heads 2 quad + {0, 1}; st[2..3] token g + 8. Q's fragments
+      // are the B operand as they are (column = head = lane / 4, rows = dims 2 quad + ...).
+      // Two accumulators (even / odd dim slices) halve the chain of dependent MMAs.
+      float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      {
+        const int tok = (mi & 1) * 8 + mr;
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const int c = 2 * kk + (mi & 1);
-        uint32_t b[4];
-        Ldsm4(b, chunk_addr(ks, tok, c));
-        Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
-        Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
-        if (need_lo) {
-          Mma16816<KV>(sc[0], qlo[kk][0], qlo[kk][1], b[0], b[1]);
-          Mma16816<KV>(sc[1], qlo[kk][0], qlo[kk][1], b[2], b[3]);
+        for (int kk = 0; kk < 8; ++kk) {
+          uint32_t a[4];
+          Ldsm4(a, chunk_addr(ks, tok, 2 * kk + (mi >> 1)));
+          MmaA4<KV>(st[kk & 1], a, qhi[kk][0], qhi[kk][1]);
+          if (need_lo) MmaA4<KV>(st[kk & 1], a, qlo[kk][0], qlo[kk][1]);
         }
       }
-    }
-    const uint32_t base_pos = (it * W + warp) * 16;
-    float x[4];
+      const uint32_t base_pos = (it * W + warp) * 16;
+      const bool v0 = base_pos + h < ntok, v1 = base_pos + h + 8 < ntok;
+      float p[4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < 2; ++j) {  // query head 2 quad + j
+        const float x0 = v0 ? (st[0][j] + st[1][j]) * qs : kNegInf;
+        const float x1 = v1 ? (st[0][2 + j] + st[1][2 + j]) * qs : kNegInf;
+        float mx = fmaxf(x0, x1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float mn = fmaxf(mt[j], mx);
+        const float ms = mn == kNegInf ? 0.f : mn;  // no token yet: alpha and p are 0
+        const float alpha = exp2f(mt[j] - ms);
+        lt[j] *= alpha;
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        const uint32_t pos = base_pos + j * 8 + quad * 2 + e2;
-        x[j * 2 + e2] = pos < ntok ? sc[j][e2] * qs : kNegInf;
+        for (int n = 0; n < 8; ++n) {
+          ot[n][j] *= alpha;
+          ot[n][2 + j] *= alpha;
+        }
+        p[j] = exp2f(x0 - ms);
+        p[2 + j] = exp2f(x1 - ms);
+        lt[j] += p[j] + p[2 + j];
+        mt[j] = mn;
       }
-    }
-    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float mn = fmaxf(m, mx);
-    float p[4] = {0.f, 0.f, 0.f, 0.f};
-    if (mn != kNegInf) {
-      const float alpha = exp2f(m - mn);  // m = -inf: 0
-      l *= alpha;
+      // P^T as the B operand: the (token, head) fragments transposed to (head, token) ones.
+      uint32_t r0hi, r0lo, r1hi, r1lo;
+      Split2<KV>(p[0], p[1], &r0hi, &r0lo);
+      Split2<KV>(p[2], p[3], &r1hi, &r1lo);
+      const uint32_t b0hi = MovTrans(r0hi), b1hi = MovTrans(r1hi);
+      const uint32_t b0lo = MovTrans(r0lo), b1lo = MovTrans(r1lo);
+      // O^T[dims 16n + ..][heads] += V^T[dims][tokens] P^T[tokens][heads].
+      {
+        const int tok = (mi >> 1) * 8 + mr;
 #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        oacc[n][0] *= alpha;
-        oacc[n][1] *= alpha;
+        for (int n = 0; n < 8; ++n) {
+          uint32_t a[4];
+          Ldsm4T(a, v_chunk_addr(vs, tok, 2 * n + (mi & 1)));
+          MmaA4<KV>(ot[n], a, b0hi, b1hi);
+          MmaA4<KV>(ot[n], a, b0lo, b1lo);
+        }
       }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        p[i] = exp2f(x[i] - mn);
-        l += p[i];
+    } else {
+      // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      {
+        const int tok = (mi >> 1) * 8 + mr;
+  #pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+          const int c = 2 * kk + (mi & 1);
+          uint32_t b[4];
+          Ldsm4(b, chunk_addr(ks, tok, c));
+          Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
+          Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
+          if (need_lo) {
+            Mma16816<KV>(sc[0], qlo[kk][0], qlo[kk][1], b[0], b[1]);
+            Mma16816<KV>(sc[1], qlo[kk][0], qlo[kk][1], b[2], b[3]);
+          }
+        }
       }
-      m = mn;
-    }
-    uint32_t phi0, plo0, phi2, plo2;
-    Split2<KV>(p[0], p[1], &phi0, &plo0);
-    Split2<KV>(p[2], p[3], &phi2, &plo2);
-    {
-      const int tok = (mi & 1) * 8 + mr;
-#pragma unroll
-      for (int n = 0; n < 16; n += 2) {
-        const int c = n + (mi >> 1);
-        uint32_t b[4];
-        Ldsm4T(b, v_chunk_addr(vs, tok, c));
-        Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
-        Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
-        Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
-        Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
+      const uint32_t base_pos = (it * W + warp) * 16;
+      float x[4];
+  #pragma unroll
+      for (int j = 0; j < 2; ++j) {
+  #pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const uint32_t pos = base_pos + j * 8 + quad * 2 + e2;
+          x[j * 2 + e2] = pos < ntok ? sc[j][e2] * qs : kNegInf;
+        }
+      }
+      float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m, mx);
+      float p[4] = {0.f, 0.f, 0.f, 0.f};
+      if (mn != kNegInf) {
+        const float alpha = exp2f(m - mn);  // m = -inf: 0
+        l *= alpha;
+  #pragma unroll
+        for (int n = 0; n < 16; ++n) {
+          oacc[n][0] *= alpha;
+          oacc[n][1] *= alpha;
+        }
+  #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          p[i] = exp2f(x[i] - mn);
+          l += p[i];
+        }
+        m = mn;
+      }
+      uint32_t phi0, plo0, phi2, plo2;
+      Split2<KV>(p[0], p[1], &phi0, &plo0);
+      Split2<KV>(p[2], p[3], &phi2, &plo2);
+      {
+        const int tok = (mi & 1) * 8 + mr;
+  #pragma unroll
+        for (int n = 0; n < 16; n += 2) {
+          const int c = n + (mi >> 1);
+          uint32_t b[4];
+          Ldsm4T(b, v_chunk_addr(vs, tok, c));
+          Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
+          Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
+          Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
+          Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
+        }
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
@@ -1018,18 +1115,40 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   __syncthreads();  // the pipeline area becomes the combine area
   TraceStamp(o, 5);
 
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
   CombineArea<D, G, W> ca(reinterpret_cast<float*>(dyn));
-  if (h < G) {
-    if (quad == 0) {
-      ca.m[warp * G + h] = m;
-      ca.l[warp * G + h] = l;
-    }
+  if constexpr (kTMath) {
 #pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      *reinterpret_cast<float2*>(&ca.acc[(warp * G + h) * D + n * 8 + quad * 2]) =
-          make_float2(oacc[n][0], oacc[n][1]);
+    for (int j = 0; j < 2; ++j) {
+      lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 4);
+      lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 8);
+      lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 16);
+      const int hh = 2 * quad + j;
+      if (hh < G) {
+        if (h == 0) {
+          ca.m[warp * G + hh] = mt[j];
+          ca.l[warp * G + hh] = lt[j];
+        }
+        float* acc = &ca.acc[(warp * G + hh) * D + h];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          acc[16 * n] = ot[n][j];
+          acc[16 * n + 8] = ot[n][2 + j];
+        }
+      }
+    }
+  } else {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (h < G) {
+      if (quad == 0) {
+        ca.m[warp * G + h] = m;
+        ca.l[warp * G + h] = l;
+      }
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        *reinterpret_cast<float2*>(&ca.acc[(warp * G + h) * D + n * 8 + quad * 2]) =
+            make_float2(oacc[n][0], oacc[n][1]);
+      }
     }
   }
   __syncthreads();
@@ -1054,7 +1173,7 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
 
 template <int D, int G, int kTC>
 constexpr size_t DynBytes() {
-  if constexpr (kTC != 0) return TCShape<G, kTC>::kDynBytes;
+  if constexpr (kTC != 0) return TCShape<G, kTC == 4 ? 2 : kTC == 5 ? 1 : kTC>::kDynBytes;
   return Shape<D, G>::kDynBytes;
 }
 
@@ -1175,7 +1294,12 @@ int AttendPath(uint32_t D) {
   static const int path = [] {
     const char* e = std::getenv("KVMEM_ATTN_PATH");
     const std::string v = e ? e : "";
-    return v == "simt" ? 0 : v == "tc-cpasync" ? 1 : v == "tc-mixed" ? 3 : 2;
+    return v == "simt"               ? 0
+           : v == "tc-cpasync-heads" ? 1
+           : v == "tc-bulk-heads"    ? 2
+           : v == "tc-mixed"         ? 3
+           : v == "tc-cpasync"       ? 5
+                                     : 4;
   }();
   return D == 128 ? path : 0;
 }
@@ -1187,6 +1311,14 @@ bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
   auto by_kv = [&]<int d, int g>() {
     auto go = [&]<typename KV>() {
       if constexpr (d == 128) {
+        if (path == 4) {
+          f.template operator()<d, g, KV, 4>();
+          return;
+        }
+        if (path == 5) {
+          f.template operator()<d, g, KV, 5>();
+          return;
+        }
         if (path == 2) {
           f.template operator()<d, g, KV, 2>();
           return;
