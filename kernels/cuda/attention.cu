@@ -1049,7 +1049,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       {
         const int tok = (mi >> 1) * 8 + mr;
-  #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
           const int c = 2 * kk + (mi & 1);
           uint32_t b[4];
@@ -1064,9 +1064,9 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       }
       const uint32_t base_pos = (it * W + warp) * 16;
       float x[4];
-  #pragma unroll
+#pragma unroll
       for (int j = 0; j < 2; ++j) {
-  #pragma unroll
+#pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           const uint32_t pos = base_pos + j * 8 + quad * 2 + e2;
           x[j * 2 + e2] = pos < ntok ? sc[j][e2] * qs : kNegInf;
@@ -1080,12 +1080,12 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       if (mn != kNegInf) {
         const float alpha = exp2f(m - mn);  // m = -inf: 0
         l *= alpha;
-  #pragma unroll
+#pragma unroll
         for (int n = 0; n < 16; ++n) {
           oacc[n][0] *= alpha;
           oacc[n][1] *= alpha;
         }
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 4; ++i) {
           p[i] = exp2f(x[i] - mn);
           l += p[i];
@@ -1097,7 +1097,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       Split2<KV>(p[2], p[3], &phi2, &plo2);
       {
         const int tok = (mi & 1) * 8 + mr;
-  #pragma unroll
+#pragma unroll
         for (int n = 0; n < 16; n += 2) {
           const int c = n + (mi >> 1);
           uint32_t b[4];
