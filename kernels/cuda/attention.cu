@@ -69,6 +69,7 @@ constexpr uint32_t kIssueStagger = 2;
 constexpr uint32_t kIssueNoFence = 4;  // timing only: no proxy fence before a stage's bulk copies
 constexpr uint32_t kIssueNoCopy = 8;   // timing only: the token loop's math without its copies
 constexpr uint32_t kIssueNoMath = 16;  // timing only: the token loop's copies without its math
+constexpr uint32_t kIssuePrefetchShift = 8;  // issue >> 8: runs of a split to prefetch into L2
 
 // Views of the dynamic area after the token loop: NG partial states (token groups or warps).
 template <int D, int G, int NG>
@@ -731,6 +732,9 @@ __device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t*
   }
 }
 
+__device__ __forceinline__ void PrefetchL2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
@@ -783,6 +787,16 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
 
   __syncthreads();  // run table filled by the caller
   TraceStamp(o, 1);
+  // L2 prefetch of the first kIssuePrefetchShift-encoded count of runs (KVMEM_ATTN_PREFETCH;
+  // A/B runs): the DRAM reads start at once, outside the copies' in-flight limit per SM.
+  {
+    const uint32_t pf = min(static_cast<uint32_t>(nruns), o.issue >> kIssuePrefetchShift);
+    for (uint32_t i = tid; i < pf; i += kThreads) {
+      const uint32_t bytes = rt.len[i] * D * static_cast<uint32_t>(sizeof(KV));
+      PrefetchL2(kbase + rt.k_off[i], bytes);
+      PrefetchL2(vbase + rt.v_off[i], bytes);
+    }
+  }
 
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
   auto stage_k = [&](int st) {
@@ -1285,7 +1299,11 @@ uint32_t IssueEnv() {
            : v == "nomath"  ? kIssueNoMath
                             : 0u;
   }();
-  return issue;
+  static const uint32_t prefetch = [] {
+    const char* e = std::getenv("KVMEM_ATTN_PREFETCH");
+    return e != nullptr ? static_cast<uint32_t>(std::strtoul(e, nullptr, 10)) : 0u;
+  }();
+  return issue | (std::min(prefetch, 4096u) << kIssuePrefetchShift);
 }
 
 // Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt", "tc-cpasync"
@@ -1610,7 +1628,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
       DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
           static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads,
           v.capacity_tokens, v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out,
-          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv(), IssueEnv());
+          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv(), IssueEnv() & 0xffu);
       return;
     }
     cudaLaunchConfig_t cfg{};
@@ -1628,7 +1646,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
         &cfg, DenseAttendKernel<D, GG, KV, kTC>, static_cast<const KV*>(v.k),
         static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens, v.seq_lens,
         geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters, partials,
-        LegacyMergeEnv(), IssueEnv());
+        LegacyMergeEnv(), IssueEnv() & 0xffu);
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
