@@ -650,8 +650,10 @@ struct TCShape {
   // cp.async: 256-byte rows with the 16-byte chunks XOR-swizzled; bulk copies write rows as they
   // are, so rows are padded to 272 bytes instead (ldmatrix stays conflict-free either way). Mode
   // 3's V rows are swizzled 256-byte rows inside a half sized for padded ones.
+  // Mode 6: bulk copies of row pairs (512 bytes) into 528-byte slots (2-way ldmatrix conflicts).
   static constexpr int kRowBytes = kMode >= 2 ? 272 : 256;
-  static constexpr int kHalfBytes = kTile * kRowBytes;  // K (or V) of one stage
+  static constexpr int kPairBytes = 528;
+  static constexpr int kHalfBytes = kMode == 6 ? kTile / 2 * kPairBytes : kTile * kRowBytes;
   static constexpr size_t kStageBytes = 2 * kHalfBytes;
   static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
   static constexpr size_t kCombineBytes = CombineArea<128, G, kWarps>::kBytes;
@@ -771,8 +773,9 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   using T = TCShape<G, kCopy>;
   constexpr bool kBulk = kCopy == 2;   // K and V by bulk copies
   constexpr bool kMixed = kCopy == 3;  // K by bulk copies, V by cp.async
-  constexpr bool kBulkK = kBulk || kMixed;
-  constexpr bool kAsync = !kBulk;      // cp.async groups to commit and wait for
+  constexpr bool kPairs = kCopy == 6;  // K and V by bulk copies of row pairs
+  constexpr bool kBulkK = kBulk || kMixed || kPairs;
+  constexpr bool kAsync = kCopy == 1 || kMixed;  // cp.async groups to commit and wait for
   constexpr int RB = T::kRowBytes;
   constexpr int W = T::kWarps;
   constexpr int ST = T::kStages;
@@ -808,7 +811,8 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   // bulk: lane copies one row, crow = lane % 16, K for lanes 0-15 and V for 16-31.
   // mixed: crow = lane % 16; lanes 0-15 copy their K row in bulk, and every lane copies half of
   // its V row by cp.async (chunks 2j + lane / 16: a full 32-byte sector per row and instruction).
-  const int crow = kBulkK ? (lane & 15) : (lane >> 4);
+  // pairs: lanes 0-7 copy K rows 2 (lane % 8) and the next, lanes 8-15 V's; crow = that row.
+  const int crow = kPairs ? 2 * (lane & 7) : kBulkK ? (lane & 15) : (lane >> 4);
   int e = 0;
   uint32_t t = warp * 16 + crow;
   uint32_t len_e = nruns > 0 ? rt.len[0] : 0xffffffffu;
@@ -858,6 +862,36 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       } else {
         // Rows past the end are masked, but P * V must not meet stale NaNs: zero them.
         for (int i = 0; i < 16; ++i) {
+          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
+                       : "memory");
+        }
+      }
+      advance(W * 16);
+    } else if constexpr (kPairs) {
+      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
+      const uint32_t bar = bar0 + st * 8;
+      const int kv = (lane >> 3) & 1;
+      const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + (lane & 7) * T::kPairBytes;
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+      if (lane == 0) MbarExpectTx(bar, nv * 512);
+      __syncwarp();
+      if (lane < 16) {
+        const uint32_t r0 = static_cast<uint32_t>(crow);
+        const KV* src = (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D;
+        uint32_t zero_from = 0;  // first of the slot's two rows to zero
+        if (r0 + 1 < nv && t + 1 < len_e) {
+          BulkCopy(dst, src, 512, bar);
+          zero_from = 2;
+        } else if (r0 < nv) {
+          BulkCopy(dst, src, 256, bar);
+          zero_from = 1;
+          if (r0 + 1 < nv) {  // the pair's second row opens the next run
+            const KV* src2 = kv ? vbase + rt.v_off[e + 1] : kbase + rt.k_off[e + 1];
+            BulkCopy(dst + 256, src2, 256, bar);
+            zero_from = 2;
+          }
+        }
+        for (uint32_t i = zero_from * 16; i < 32; ++i) {
           asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
                        : "memory");
         }
@@ -917,6 +951,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   };
   // Swizzled (cp.async) or padded (bulk) address of 16-byte chunk c of row r.
   auto chunk_addr = [&](uint32_t base, int r, int c) {
+    if constexpr (kPairs) return base + (r >> 1) * T::kPairBytes + (r & 1) * 256 + c * 16;
     return kBulkK ? base + r * RB + c * 16 : base + r * RB + ((c ^ (r & 7)) * 16);
   };
   auto v_chunk_addr = [&](uint32_t base, int r, int c) {
@@ -1317,6 +1352,7 @@ int AttendPath(uint32_t D) {
            : v == "tc-bulk-heads"    ? 2
            : v == "tc-mixed"         ? 3
            : v == "tc-cpasync"       ? 5
+           : v == "tc-pairs"         ? 6
                                      : 4;
   }();
   return D == 128 ? path : 0;
@@ -1335,6 +1371,10 @@ bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
         }
         if (path == 5) {
           f.template operator()<d, g, KV, 5>();
+          return;
+        }
+        if (path == 6) {
+          f.template operator()<d, g, KV, 6>();
           return;
         }
         if (path == 2) {
