@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (session 12): the span attention's fixed cost. Parity of the attention kernels
-# (with L2 prefetches, both copy paths; the search's attention), then kvmem-bench-gpu sparse rows (no search) at 128K batch 1
+# (the tc-pairs path; the search's attention), then kvmem-bench-gpu sparse rows (no search) at 128K batch 1
 # and 8 with warm traces (KVMEM_ATTN_TRACE=1) for each AB setting (KVMEM_ATTN_PATH,
 # KVMEM_ATTN_ISSUE), interleaved over ROUNDS rounds, then (SWEEP=1, the default) one --sweep run
 # of the default (split sizes / block targets), and a short table last.
@@ -9,9 +9,9 @@
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 echo "== parity ($(el)s)"
-parity "KVMEM_ATTN_PREFETCH=16 kernels_cuda_parity_test" \
-  "KVMEM_ATTN_PREFETCH=16 KVMEM_ATTN_PATH=tc-cpasync kernels_cuda_parity_test" tree_search_cuda_test
-IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_ATTN_PREFETCH=16;KVMEM_ATTN_PREFETCH=64;KVMEM_ATTN_PATH=tc-cpasync KVMEM_ATTN_PREFETCH=16;KVMEM_ATTN_PREFETCH=16 KVMEM_ATTN_ISSUE=nomath}"
+parity "KVMEM_ATTN_PATH=tc-pairs kernels_cuda_parity_test" \
+  "KVMEM_ATTN_PATH=tc-pairs tree_search_cuda_test"
+IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_ATTN_PATH=tc-pairs;KVMEM_ATTN_PATH=tc-pairs KVMEM_ATTN_ISSUE=nomath;KVMEM_ATTN_ISSUE=nomath}"
 for round in $(seq 1 ${ROUNDS:-2}); do
   for i in "${!ABS[@]}"; do
     ab=${ABS[$i]}; e=(KVMEM_ATTN_TRACE=1); [[ $ab != default ]] && e+=($ab)
