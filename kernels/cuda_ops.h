@@ -7,9 +7,10 @@
 // shows up at the next synchronising call. Without a CUDA build or a GPU every entry point
 // returns UNAVAILABLE (DeviceCount() == 0), so callers and tests can skip cleanly.
 //
-// head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level); set
-// KVMEM_ATTN_PATH=simt (CUDA cores) or tc-cpasync (tensor cores fed by cp.async instead of bulk
-// copies) selects another kernel, for debugging and A-B timing. Supported on CUDA: head_dim 64 or
+// head_dim 128 runs on tensor cores (mma.sync, products exact to fp32 level), its K/V rows
+// brought in by bulk copies (pairs of rows for splits of <= 1024 tokens, single rows above);
+// KVMEM_ATTN_PATH=simt (CUDA cores), tc-cpasync (cp.async copies), tc-bulk or tc-pairs forces one
+// kernel, for debugging and A-B timing. Supported on CUDA: head_dim 64 or
 // 128; GQA group (q_heads / kv_heads) 1, 2, 4 or 8; K/V bf16 or fp16 (fp32 K/V: CPU only); q and
 // out fp32, fp16 or bf16; fp32 accumulation.
 #pragma once
@@ -125,6 +126,7 @@ struct AttendPlan {
   uint32_t num_items = 0;  // thread blocks of the launch
   uint32_t num_runs = 0;
   uint32_t split_tokens = 0;  // tokens per split (with splits_per_task: the largest of them)
+                              // (the launch picks its copy path from it)
   uint64_t total_tokens = 0;  // summed over tasks (each KV row pair read once)
   DType kv_dtype = DType::kBF16;
   DType q_dtype = DType::kBF16;
@@ -289,6 +291,8 @@ struct SearchAttendPlan {
   uint32_t cluster_size = 0;
   // Blocks per thread-block cluster of the attention launch (AttendPlan::cluster_size).
   uint32_t attend_cluster = 1;
+  // Tokens per attention split (the largest; AttendPlan::split_tokens, which picks the copy path).
+  uint32_t split_tokens = 0;
 };
 
 // Host only: validates, sizes the splits from the most tokens a head can attend

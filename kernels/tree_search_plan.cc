@@ -139,6 +139,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
   auto* items = reinterpret_cast<AttendItemDesc*>(plan->image.data() + plan->items_off);
   uint32_t task = 0, item = 0;
   uint32_t partial_slots = 0;
+  plan->split_tokens = 0;
   size_t scratch_floats = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const SearchAttendProblem& p = problems[i];
@@ -167,6 +168,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.first_item = item;
       d.num_splits = splits;
       d.split_tokens = static_cast<uint32_t>(task_split);
+      plan->split_tokens = std::max(plan->split_tokens, d.split_tokens);
       d.group = G;
       void* out = static_cast<uint8_t*>(a.out) + size_t{h} * G * D * osz;
       float* lse = a.lse ? a.lse + size_t{h} * G : nullptr;

@@ -3,14 +3,15 @@
 // A thread block (128 threads, 4 warps) runs one item = one split of one (problem, KV head)
 // task: its run table (K/V row offsets and lengths) sits in shared memory, every K/V row is read
 // from memory once and used by all G query heads of the group, softmax state is fp32 in log2
-// units. Three interchangeable token loops (KVMEM_ATTN_PATH picks one for head_dim 128):
-//   bulk (default, D = 128): each warp streams its own 16-row tiles through a 3-stage pipeline;
-//     one lane per row issues a 256-byte cp.async.bulk (K rows by lanes 0-15, V by 16-31) that
-//     completes on the warp's mbarrier for that stage; rows are padded to 272 bytes so ldmatrix
-//     is conflict-free; S = Q K^T and O += P V run on mma.m16n8k16 (Q rows = the G heads, zero
-//     padded to 16; P reuses S's registers).
-//   tc-cpasync (D = 128): the same tensor-core math fed by 16-byte cp.async with XOR-swizzled
-//     256-byte rows (measured about 10% slower on H200 at large batch).
+// units. Interchangeable token loops (AttendPath picks one for head_dim 128; KVMEM_ATTN_PATH
+// forces one):
+//   tensor cores (D = 128; "Tensor-core path" below): each warp streams its own 16-row tiles
+//     through a 3-stage pipeline and runs S^T = K Q^T and O^T += V^T P^T on mma.m16n8k16 (tokens
+//     and output dims as the MMA rows, the G heads as its columns). The rows come in by bulk
+//     copies of row pairs (tc-pairs: splits of <= 1024 tokens), bulk copies of single rows
+//     padded to 272 bytes (tc-bulk: longer splits, the dense kernel) or 16-byte cp.async into
+//     XOR-swizzled rows (tc-cpasync, A/B only), completing on per-stage mbarriers (bulk) or
+//     cp.async groups.
 //   simt (any D): D/8 lanes own one row, 16-byte loads through a cp.async pipeline, dot products
 //     by shuffle reduction (about 30% slower on H200).
 // At the end the block combines its partial states in shared memory; a single-split task writes
@@ -63,13 +64,10 @@ struct RunTable {
 
 constexpr int kMergeChunk = 256;  // splits per pass of the final merge
 
-// ItemOutput::issue (KVMEM_ATTN_ISSUE; A/B runs of the tensor-core prologue's order).
-constexpr uint32_t kIssueQFirst = 1;
-constexpr uint32_t kIssueStagger = 2;
-constexpr uint32_t kIssueNoFence = 4;  // timing only: no proxy fence before a stage's bulk copies
-constexpr uint32_t kIssueNoCopy = 8;   // timing only: the token loop's math without its copies
-constexpr uint32_t kIssueNoMath = 16;  // timing only: the token loop's copies without its math
-constexpr uint32_t kIssuePrefetchShift = 8;  // issue >> 8: runs of a split to prefetch into L2
+// ItemOutput::issue (KVMEM_ATTN_ISSUE=nocopy|nomath; diagnostics of the tensor-core paths that
+// time the token loop's parts and give wrong results).
+constexpr uint32_t kIssueNoCopy = 8;   // the token loop's math over whatever the stages hold
+constexpr uint32_t kIssueNoMath = 16;  // the token loop's copies without the math
 
 // Views of the dynamic area after the token loop: NG partial states (token groups or warps).
 template <int D, int G, int NG>
@@ -113,7 +111,7 @@ struct ItemOutput {
   float* partials;    // this task's first partial slot
   uint32_t* counter;  // this task's counter
   bool legacy_merge;  // KVMEM_ATTN_MERGE=legacy: the two-pass merge of run 15 (A/B runs)
-  uint32_t issue;     // KVMEM_ATTN_ISSUE: kIssueQFirst / kIssueStagger (A/B runs), else 0
+  uint32_t issue;     // KVMEM_ATTN_ISSUE: kIssueNoCopy / kIssueNoMath (diagnostics), else 0
   unsigned long long* trace;  // LaunchAttendTraced: this block's kAttendTracePoints stamps
 };
 
@@ -634,47 +632,50 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 }
 
 // ---- Tensor-core path (head_dim 128) --------------------------------------------------------
-// Each warp streams its own tiles of 16 rows (K and V, 8 KB a stage, swizzled 16-byte chunks so
-// ldmatrix is conflict-free) through a 3-stage cp.async pipeline and runs
-//   S[16 x 16] = Q[16 (G heads, rest zero) x 128] · K_tile^T      (mma.m16n8k16, fp32 accumulate)
-//   O[16 x 128] += P[16 x 16] · V_tile                            (P reused from S's registers)
+// Each warp streams its own tiles of 16 token rows (K and V, ~8 KB a stage) through a 3-stage
+// pipeline and runs, transposed so that the 16 MMA rows are tokens or output dims and the 8
+// columns are the query heads of the group (G of them real):
+//   S^T[16 tokens x 8] = K_tile[16 x 128] · Q^T[128 x 8]          (mma.m16n8k16, fp32 accumulate)
+//   O^T[128 x 8] += V_tile^T[128 x 16] · P^T[16 x 8]              (P^T from S^T by movmatrix)
+// 24 MMAs per tile (8 for S^T, 8 x 2 for O^T), against 48 with the heads as the rows (measured:
+// 3-6% faster at every batch, budget and dense size on the H200, session 12).
 // Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
 // it is not already of the K/V type.
-// Copy modes of the tensor-core path: K and V rows by cp.async (1), by bulk copies (2), or K by
-// bulk copies and V by cp.async (3: two copy engines, half the bulk-copy instructions).
-template <int G, int kMode>
+// Copy modes (the kTC template value; KVMEM_ATTN_PATH forces one, else PreferredTCPath):
+//   1 cp.async: 16-byte copies into 256-byte rows with the 16-byte chunks XOR-swizzled;
+//   2 bulk rows: one 256-byte cp.async.bulk per row (lane), rows padded to 272 bytes;
+//   3 bulk row pairs: one 512-byte cp.async.bulk per two rows of a run, pairs in 528-byte slots
+//     (half the bulk-copy instructions, 2-way ldmatrix bank conflicts).
+// ldmatrix is conflict-free in modes 1 and 2.
+template <int G, int kCopy>
 struct TCShape {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kTile = 16;
   static constexpr int kStages = 3;
-  // cp.async: 256-byte rows with the 16-byte chunks XOR-swizzled; bulk copies write rows as they
-  // are, so rows are padded to 272 bytes instead (ldmatrix stays conflict-free either way). Mode
-  // 3's V rows are swizzled 256-byte rows inside a half sized for padded ones.
-  // Mode 6: bulk copies of row pairs (512 bytes) into 528-byte slots (2-way ldmatrix conflicts).
-  static constexpr int kRowBytes = kMode >= 2 ? 272 : 256;
-  static constexpr int kPairBytes = 528;
-  static constexpr int kHalfBytes = kMode == 6 ? kTile / 2 * kPairBytes : kTile * kRowBytes;
-  static constexpr size_t kStageBytes = 2 * kHalfBytes;
+  static constexpr int kRowBytes = kCopy == 1 ? 256 : 272;  // modes 1 and 2
+  static constexpr int kPairBytes = 528;                    // mode 3
+  static constexpr int kHalfBytes = kCopy == 3 ? kTile / 2 * kPairBytes : kTile * kRowBytes;
+  static constexpr size_t kStageBytes = 2 * kHalfBytes;  // K then V
   static constexpr size_t kPipeBytes = size_t{kWarps} * kStages * kStageBytes;
   static constexpr size_t kCombineBytes = CombineArea<128, G, kWarps>::kBytes;
   static constexpr size_t kDynBytes = kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes;
 };
 
+// D[16 x 8] += A[16 x 16] · B[16 x 8] (A = K or V^T tiles from ldmatrix, B = Q^T or P^T).
 template <typename KV>
-__device__ __forceinline__ void Mma16816(float* c, uint32_t a0, uint32_t a2, uint32_t b0,
-                                         uint32_t b1) {
+__device__ __forceinline__ void Mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
 
@@ -687,25 +688,6 @@ __device__ __forceinline__ void Ldsm4T(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
-}
-
-// D[16 x 8] += A[16 x 16] · B[16 x 8] with all four A registers (the transposed math: A = K or
-// V^T tiles, B = Q^T or P^T).
-template <typename KV>
-__device__ __forceinline__ void MmaA4(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 
 // The 8 x 8 matrix of 16-bit values whose fragment (row lane / 4, columns 2 (lane % 4) + {0, 1})
@@ -733,10 +715,6 @@ __device__ __forceinline__ void Split2(float x, float y, uint32_t* hi, uint32_t*
     memcpy(lo, &l, 4);
   }
 }
-
-__device__ __forceinline__ void PrefetchL2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
@@ -760,46 +738,30 @@ __device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t
       : "memory");
 }
 
-// kMode: the copy mode (TCShape) with the heads-as-rows math (1-3), or 4 / 5: copy modes 2 / 1
-// with the transposed math (tokens and output dims as the MMA rows, heads as its columns).
-template <int G, typename KV, int kMode>
+
+template <int G, typename KV, int kCopy>
 __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                           const KV* __restrict__ vbase, int nruns, uint32_t ntok,
                                           const void* q, DType q_dtype, float scale,
                                           const ItemOutput& o) {
   constexpr int D = 128;
-  constexpr int kCopy = kMode == 4 ? 2 : kMode == 5 ? 1 : kMode;
-  constexpr bool kTMath = kMode >= 4;
   using T = TCShape<G, kCopy>;
-  constexpr bool kBulk = kCopy == 2;   // K and V by bulk copies
-  constexpr bool kMixed = kCopy == 3;  // K by bulk copies, V by cp.async
-  constexpr bool kPairs = kCopy == 6;  // K and V by bulk copies of row pairs
-  constexpr bool kBulkK = kBulk || kMixed || kPairs;
-  constexpr bool kAsync = kCopy == 1 || kMixed;  // cp.async groups to commit and wait for
+  constexpr bool kAsync = kCopy == 1;  // cp.async groups to commit and wait for
+  constexpr bool kPairs = kCopy == 3;
   constexpr int RB = T::kRowBytes;
   constexpr int W = T::kWarps;
   constexpr int ST = T::kStages;
   constexpr float kNegInf = -INFINITY;
-  static_assert(G <= 8, "query rows 8..15 are the zero padding");
+  static_assert(G <= 8, "the MMA's 8 columns are the group's query heads");
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = lane >> 2;  // query head row of this thread's accumulators
+  const int h = lane >> 2;  // fragment row group: Q's head, S^T's token, O^T's dim (mod 8)
   const int quad = lane & 3;
   const uint32_t iters = (ntok + W * 16 - 1) / (W * 16);
 
   __syncthreads();  // run table filled by the caller
   TraceStamp(o, 1);
-  // L2 prefetch of the first kIssuePrefetchShift-encoded count of runs (KVMEM_ATTN_PREFETCH;
-  // A/B runs): the DRAM reads start at once, outside the copies' in-flight limit per SM.
-  {
-    const uint32_t pf = min(static_cast<uint32_t>(nruns), o.issue >> kIssuePrefetchShift);
-    for (uint32_t i = tid; i < pf; i += kThreads) {
-      const uint32_t bytes = rt.len[i] * D * static_cast<uint32_t>(sizeof(KV));
-      PrefetchL2(kbase + rt.k_off[i], bytes);
-      PrefetchL2(vbase + rt.v_off[i], bytes);
-    }
-  }
 
   const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
   auto stage_k = [&](int st) {
@@ -808,11 +770,9 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   // Run cursor (run e, row t, the run's offsets cached in registers) for row `crow` of the warp's
   // current tile; advance(n) moves it n rows on.
   // cp.async: for each j the warp reads rows 2j and 2j+1 whole (coalesced), crow = lane / 16.
-  // bulk: lane copies one row, crow = lane % 16, K for lanes 0-15 and V for 16-31.
-  // mixed: crow = lane % 16; lanes 0-15 copy their K row in bulk, and every lane copies half of
-  // its V row by cp.async (chunks 2j + lane / 16: a full 32-byte sector per row and instruction).
-  // pairs: lanes 0-7 copy K rows 2 (lane % 8) and the next, lanes 8-15 V's; crow = that row.
-  const int crow = kPairs ? 2 * (lane & 7) : kBulkK ? (lane & 15) : (lane >> 4);
+  // bulk rows: lane copies one row, crow = lane % 16, K for lanes 0-15 and V for 16-31.
+  // bulk pairs: lanes 0-7 copy K rows 2 (lane % 8) and the next, lanes 8-15 V's; crow the first.
+  const int crow = kPairs ? 2 * (lane & 7) : kAsync ? (lane >> 4) : (lane & 15);
   int e = 0;
   uint32_t t = warp * 16 + crow;
   uint32_t len_e = nruns > 0 ? rt.len[0] : 0xffffffffu;
@@ -833,109 +793,35 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   };
   advance(0);
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(&rt.mbar[warp * ST]));
-  if constexpr (kBulkK) {
+  if constexpr (!kAsync) {
     if (lane == 0) {
       for (int st = 0; st < ST; ++st) MbarInit(bar0 + st * 8, 1);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncwarp();
   }
+  // Zero-fills the 16-byte chunks [from, to) at dst: rows past the end are masked, but P^T V
+  // must not meet stale NaNs.
+  auto zero = [](uint32_t dst, uint32_t from, uint32_t to) {
+    for (uint32_t i = from; i < to; ++i) {
+      asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
+                   : "memory");
+    }
+  };
   auto issue = [&](int st, uint32_t it) {
     const uint32_t tile0 = (it * W + warp) * 16;
     if (o.issue & kIssueNoCopy) {  // timing only: the math over whatever the stage holds
       if constexpr (kAsync) CpAsyncCommit();
       return;
     }
-    if constexpr (kBulk) {
-      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
-      const uint32_t bar = bar0 + st * 8;
-      const int kv = lane >> 4;
-      const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + crow * RB;
-      if (!(o.issue & kIssueNoFence)) {
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
-      }
-      if (lane == 0) MbarExpectTx(bar, nv * 512);
-      __syncwarp();
-      if (static_cast<uint32_t>(crow) < nv) {
-        const KV* src = (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D;
-        BulkCopy(dst, src, 256, bar);
-      } else {
-        // Rows past the end are masked, but P * V must not meet stale NaNs: zero them.
-        for (int i = 0; i < 16; ++i) {
-          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
-                       : "memory");
-        }
-      }
-      advance(W * 16);
-    } else if constexpr (kPairs) {
-      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
-      const uint32_t bar = bar0 + st * 8;
-      const int kv = (lane >> 3) & 1;
-      const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + (lane & 7) * T::kPairBytes;
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
-      if (lane == 0) MbarExpectTx(bar, nv * 512);
-      __syncwarp();
-      if (lane < 16) {
-        const uint32_t r0 = static_cast<uint32_t>(crow);
-        const KV* src = (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D;
-        uint32_t zero_from = 0;  // first of the slot's two rows to zero
-        if (r0 + 1 < nv && t + 1 < len_e) {
-          BulkCopy(dst, src, 512, bar);
-          zero_from = 2;
-        } else if (r0 < nv) {
-          BulkCopy(dst, src, 256, bar);
-          zero_from = 1;
-          if (r0 + 1 < nv) {  // the pair's second row opens the next run
-            const KV* src2 = kv ? vbase + rt.v_off[e + 1] : kbase + rt.k_off[e + 1];
-            BulkCopy(dst + 256, src2, 256, bar);
-            zero_from = 2;
-          }
-        }
-        for (uint32_t i = zero_from * 16; i < 32; ++i) {
-          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
-                       : "memory");
-        }
-      }
-      advance(W * 16);
-    } else if constexpr (kMixed) {
-      const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;
-      const uint32_t bar = bar0 + st * 8;
-      const uint32_t ks = stage_k(st), vs = ks + T::kHalfBytes;
-      const bool rv = static_cast<uint32_t>(crow) < nv;
-      if (!(o.issue & kIssueNoFence)) {
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
-      }
-      if (lane == 0) MbarExpectTx(bar, nv * 256);
-      __syncwarp();
-      if (lane < 16) {
-        const uint32_t dst = ks + crow * RB;
-        if (rv) {
-          BulkCopy(dst, kbase + ko + static_cast<uint64_t>(t) * D, 256, bar);
-        } else {
-          for (int i = 0; i < 16; ++i) {
-            asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + i * 16), "r"(0)
-                         : "memory");
-          }
-        }
-      }
-      // V: masked rows are zero-filled by the copies themselves (source size 0).
-      const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D : vbase;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int c = 2 * j + (lane >> 4);
-        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(
-                         vs + crow * 256 + ((c ^ (crow & 7)) * 16)),
-                     "l"(vp + c * 8), "r"(rv ? 16u : 0u));
-      }
-      CpAsyncCommit();
-      advance(W * 16);
-    } else {
+    const uint32_t nv = tile0 < ntok ? min(16u, ntok - tile0) : 0u;  // valid rows in the tile
+    if constexpr (kAsync) {
       const int c = lane & 15;
       const uint32_t ks = stage_k(st), vs = ks + T::kHalfBytes;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int r = 2 * j + crow;
-        const bool rv = tile0 + r < ntok;
+        const bool rv = static_cast<uint32_t>(r) < nv;
         const uint32_t off = static_cast<uint32_t>(r * RB + ((c ^ (r & 7)) * 16));
         const KV* kp = rv ? kbase + ko + static_cast<uint64_t>(t) * D + c * 8 : kbase;
         const KV* vp = rv ? vbase + vo + static_cast<uint64_t>(t) * D + c * 8 : vbase;
@@ -947,41 +833,72 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       }
       advance(W * 16 - 14);  // row `crow` of this warp's next tile
       CpAsyncCommit();
+      return;
     }
+    const uint32_t bar = bar0 + st * 8;
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // earlier reads first
+    if (lane == 0) MbarExpectTx(bar, nv * 512);
+    __syncwarp();
+    if constexpr (kPairs) {
+      if (lane < 16) {
+        const int kv = lane >> 3;
+        const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + (lane & 7) * T::kPairBytes;
+        const uint32_t r0 = static_cast<uint32_t>(crow);
+        const KV* src = (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D;
+        uint32_t filled = 0;  // rows of the slot copied
+        if (r0 + 1 < nv && t + 1 < len_e) {
+          BulkCopy(dst, src, 512, bar);
+          filled = 2;
+        } else if (r0 < nv) {
+          BulkCopy(dst, src, 256, bar);
+          filled = 1;
+          if (r0 + 1 < nv) {  // the slot's second row opens the next run
+            BulkCopy(dst + 256, kv ? vbase + rt.v_off[e + 1] : kbase + rt.k_off[e + 1], 256, bar);
+            filled = 2;
+          }
+        }
+        zero(dst, filled * 16, 32);
+      }
+    } else {
+      const int kv = lane >> 4;
+      const uint32_t dst = stage_k(st) + kv * T::kHalfBytes + crow * RB;
+      if (static_cast<uint32_t>(crow) < nv) {
+        BulkCopy(dst, (kv ? vbase + vo : kbase + ko) + static_cast<uint64_t>(t) * D, 256, bar);
+      } else {
+        zero(dst, 0, 16);
+      }
+    }
+    advance(W * 16);
   };
-  // Swizzled (cp.async) or padded (bulk) address of 16-byte chunk c of row r.
+  // Address of 16-byte chunk c of row r in a K or V stage half.
   auto chunk_addr = [&](uint32_t base, int r, int c) {
     if constexpr (kPairs) return base + (r >> 1) * T::kPairBytes + (r & 1) * 256 + c * 16;
-    return kBulkK ? base + r * RB + c * 16 : base + r * RB + ((c ^ (r & 7)) * 16);
-  };
-  auto v_chunk_addr = [&](uint32_t base, int r, int c) {
-    return kMixed ? base + r * 256 + ((c ^ (r & 7)) * 16) : chunk_addr(base, r, c);
+    if constexpr (kAsync) return base + r * RB + ((c ^ (r & 7)) * 16);
+    return base + r * RB + c * 16;
   };
 
-  // Heads-as-rows math: oacc / m / l; transposed math: ot[n] = O^T dims 16n + g (+ 8), heads
-  // 2 quad + {0, 1}, and mt / lt per head of the pair (g = lane / 4 = h).
-  float oacc[kTMath ? 1 : 16][4];
-  float ot[kTMath ? 8 : 1][4];
-#pragma unroll
-  for (auto& r : oacc) r[0] = r[1] = r[2] = r[3] = 0.f;
+  // ot[n] = O^T for dims 16n + h (and + 8) and heads 2 quad + {0, 1}; mt / lt the running max
+  // and sum of those two heads (over this thread's tokens; lt summed over the warp at the end).
+  float ot[8][4];
 #pragma unroll
   for (auto& r : ot) r[0] = r[1] = r[2] = r[3] = 0.f;
-  float m = kNegInf, l = 0.f;
   float mt[2] = {kNegInf, kNegInf}, lt[2] = {0.f, 0.f};
 
-  // Prologue: the first ST - 1 stages' copies and the Q fragments (rows = heads; a1/a3 rows
-  // 8..15 are zero; all 16 pairs of loads in flight at once, the dtype branch outside them).
-  // Default order: copies, then Q. KVMEM_ATTN_ISSUE (A/B runs): `qfirst` issues the Q loads
-  // before the copies, `stagger` issues only stage 0 before the Q fragments and the others after.
-  auto prologue = [&](int st) {
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
     if (static_cast<uint32_t>(st) < iters) {
       issue(st, st);
     } else if constexpr (kAsync) {
       CpAsyncCommit();
     }
-  };
-  float2 qv[8][2];
-  auto load_q = [&] {
+  }
+  TraceStamp(o, 2);
+  // Q fragments after the first copies are in flight (column = head = lane / 4, zero past G; all
+  // 16 pairs of loads in flight at once, the dtype branch outside them): the B operand of S^T.
+  uint32_t qhi[8][2], qlo[8][2];
+  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
+  {
+    float2 qv[8][2];
     WithElemType(q_dtype, [&](auto e) {
       using E = decltype(e);
 #pragma unroll
@@ -993,32 +910,17 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
         }
       }
     });
-  };
-  const bool q_first = o.issue == kIssueQFirst, stagger = o.issue == kIssueStagger;
-  if (q_first) load_q();
-  prologue(0);
-  if (!stagger) {
 #pragma unroll
-    for (int st = 1; st < ST - 1; ++st) prologue(st);
-  }
-  TraceStamp(o, 2);
-  if (!q_first) load_q();
-  uint32_t qhi[8][2], qlo[8][2];
-  const bool need_lo = q_dtype != (std::is_same_v<KV, __nv_bfloat16> ? DType::kBF16 : DType::kF16);
+    for (int kk = 0; kk < 8; ++kk) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      Split2<KV>(qv[kk][half].x, qv[kk][half].y, &qhi[kk][half], &qlo[kk][half]);
+      for (int half = 0; half < 2; ++half) {
+        Split2<KV>(qv[kk][half].x, qv[kk][half].y, &qhi[kk][half], &qlo[kk][half]);
+      }
     }
-  }
-  if (stagger) {
-#pragma unroll
-    for (int st = 1; st < ST - 1; ++st) prologue(st);
   }
   TraceStamp(o, 3);
   const float qs = scale * kLog2e;
-  // ldmatrix lane addressing (before the swizzle): matrix mi = lane / 8, row lane % 8.
+  // ldmatrix lane addressing: matrix mi = lane / 8, row mr = lane % 8.
   const int mi = lane >> 3, mr = lane & 7;
   for (uint32_t it = 0; it < iters; ++it) {
     const uint32_t nx = it + ST - 1;
@@ -1027,135 +929,68 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     } else if constexpr (kAsync) {
       CpAsyncCommit();
     }
-    if constexpr (kBulkK) {
-      if (!(o.issue & kIssueNoCopy)) MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
+    if constexpr (kAsync) {
+      CpAsyncWait<ST - 1>();
+    } else if (!(o.issue & kIssueNoCopy)) {
+      MbarWait(bar0 + (it % ST) * 8, (it / ST) & 1);
     }
-    if constexpr (kAsync) CpAsyncWait<ST - 1>();
     if (it == 0) TraceStamp(o, 4);
     __syncwarp();
     if (o.issue & kIssueNoMath) continue;  // timing only: the copies without the math
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
-    if constexpr (kTMath) {
-      // S^T = K Q^T: rows = the tile's 16 tokens, columns = the 8 query heads (G of them real);
-      // st[0..1] token g = lane / 4, heads 2 quad + {0, 1}; st[2..3] token g + 8. Q's fragments
-      // are the B operand as they are (column = head = lane / 4, rows = dims 2 quad + ...).
-      // Two accumulators (even / odd dim slices) halve the chain of dependent MMAs.
-      float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      {
-        const int tok = (mi & 1) * 8 + mr;
+    // S^T = K Q^T: st[.][0..1] token h, heads 2 quad + {0, 1}; st[.][2..3] token h + 8. Two
+    // accumulators (even / odd dim slices) halve the chain of dependent MMAs.
+    float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int tok = (mi & 1) * 8 + mr;
 #pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          uint32_t a[4];
-          Ldsm4(a, chunk_addr(ks, tok, 2 * kk + (mi >> 1)));
-          MmaA4<KV>(st[kk & 1], a, qhi[kk][0], qhi[kk][1]);
-          if (need_lo) MmaA4<KV>(st[kk & 1], a, qlo[kk][0], qlo[kk][1]);
-        }
+      for (int kk = 0; kk < 8; ++kk) {
+        uint32_t a[4];
+        Ldsm4(a, chunk_addr(ks, tok, 2 * kk + (mi >> 1)));
+        Mma16816<KV>(st[kk & 1], a, qhi[kk][0], qhi[kk][1]);
+        if (need_lo) Mma16816<KV>(st[kk & 1], a, qlo[kk][0], qlo[kk][1]);
       }
-      const uint32_t base_pos = (it * W + warp) * 16;
-      const bool v0 = base_pos + h < ntok, v1 = base_pos + h + 8 < ntok;
-      float p[4];
+    }
+    const uint32_t base_pos = (it * W + warp) * 16;
+    const bool v0 = base_pos + h < ntok, v1 = base_pos + h + 8 < ntok;
+    float p[4];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {  // query head 2 quad + j
-        const float x0 = v0 ? (st[0][j] + st[1][j]) * qs : kNegInf;
-        const float x1 = v1 ? (st[0][2 + j] + st[1][2 + j]) * qs : kNegInf;
-        float mx = fmaxf(x0, x1);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-        const float mn = fmaxf(mt[j], mx);
-        const float ms = mn == kNegInf ? 0.f : mn;  // no token yet: alpha and p are 0
-        const float alpha = exp2f(mt[j] - ms);
-        lt[j] *= alpha;
+    for (int j = 0; j < 2; ++j) {  // query head 2 quad + j
+      const float x0 = v0 ? (st[0][j] + st[1][j]) * qs : kNegInf;
+      const float x1 = v1 ? (st[0][2 + j] + st[1][2 + j]) * qs : kNegInf;
+      float mx = fmaxf(x0, x1);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float mn = fmaxf(mt[j], mx);
+      const float ms = mn == kNegInf ? 0.f : mn;  // no token yet: alpha and p are 0
+      const float alpha = exp2f(mt[j] - ms);
+      lt[j] *= alpha;
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          ot[n][j] *= alpha;
-          ot[n][2 + j] *= alpha;
-        }
-        p[j] = exp2f(x0 - ms);
-        p[2 + j] = exp2f(x1 - ms);
-        lt[j] += p[j] + p[2 + j];
-        mt[j] = mn;
+      for (int n = 0; n < 8; ++n) {
+        ot[n][j] *= alpha;
+        ot[n][2 + j] *= alpha;
       }
-      // P^T as the B operand: the (token, head) fragments transposed to (head, token) ones.
-      uint32_t r0hi, r0lo, r1hi, r1lo;
-      Split2<KV>(p[0], p[1], &r0hi, &r0lo);
-      Split2<KV>(p[2], p[3], &r1hi, &r1lo);
-      const uint32_t b0hi = MovTrans(r0hi), b1hi = MovTrans(r1hi);
-      const uint32_t b0lo = MovTrans(r0lo), b1lo = MovTrans(r1lo);
-      // O^T[dims 16n + ..][heads] += V^T[dims][tokens] P^T[tokens][heads].
-      {
-        const int tok = (mi >> 1) * 8 + mr;
+      p[j] = exp2f(x0 - ms);
+      p[2 + j] = exp2f(x1 - ms);
+      lt[j] += p[j] + p[2 + j];
+      mt[j] = mn;
+    }
+    // P^T as the B operand: the (token, head) fragments transposed to (head, token) ones.
+    uint32_t r0hi, r0lo, r1hi, r1lo;
+    Split2<KV>(p[0], p[1], &r0hi, &r0lo);
+    Split2<KV>(p[2], p[3], &r1hi, &r1lo);
+    const uint32_t b0hi = MovTrans(r0hi), b1hi = MovTrans(r1hi);
+    const uint32_t b0lo = MovTrans(r0lo), b1lo = MovTrans(r1lo);
+    // O^T[dims 16n + ..][heads] += V^T[dims][tokens] P^T[tokens][heads].
+    {
+      const int tok = (mi >> 1) * 8 + mr;
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          uint32_t a[4];
-          Ldsm4T(a, v_chunk_addr(vs, tok, 2 * n + (mi & 1)));
-          MmaA4<KV>(ot[n], a, b0hi, b1hi);
-          MmaA4<KV>(ot[n], a, b0lo, b1lo);
-        }
-      }
-    } else {
-      // S = Q K^T for tokens 0..7 (sc[0]) and 8..15 (sc[1]).
-      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      {
-        const int tok = (mi >> 1) * 8 + mr;
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          const int c = 2 * kk + (mi & 1);
-          uint32_t b[4];
-          Ldsm4(b, chunk_addr(ks, tok, c));
-          Mma16816<KV>(sc[0], qhi[kk][0], qhi[kk][1], b[0], b[1]);
-          Mma16816<KV>(sc[1], qhi[kk][0], qhi[kk][1], b[2], b[3]);
-          if (need_lo) {
-            Mma16816<KV>(sc[0], qlo[kk][0], qlo[kk][1], b[0], b[1]);
-            Mma16816<KV>(sc[1], qlo[kk][0], qlo[kk][1], b[2], b[3]);
-          }
-        }
-      }
-      const uint32_t base_pos = (it * W + warp) * 16;
-      float x[4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          const uint32_t pos = base_pos + j * 8 + quad * 2 + e2;
-          x[j * 2 + e2] = pos < ntok ? sc[j][e2] * qs : kNegInf;
-        }
-      }
-      float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m, mx);
-      float p[4] = {0.f, 0.f, 0.f, 0.f};
-      if (mn != kNegInf) {
-        const float alpha = exp2f(m - mn);  // m = -inf: 0
-        l *= alpha;
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-          oacc[n][0] *= alpha;
-          oacc[n][1] *= alpha;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          p[i] = exp2f(x[i] - mn);
-          l += p[i];
-        }
-        m = mn;
-      }
-      uint32_t phi0, plo0, phi2, plo2;
-      Split2<KV>(p[0], p[1], &phi0, &plo0);
-      Split2<KV>(p[2], p[3], &phi2, &plo2);
-      {
-        const int tok = (mi & 1) * 8 + mr;
-#pragma unroll
-        for (int n = 0; n < 16; n += 2) {
-          const int c = n + (mi >> 1);
-          uint32_t b[4];
-          Ldsm4T(b, v_chunk_addr(vs, tok, c));
-          Mma16816<KV>(oacc[n], phi0, phi2, b[0], b[1]);
-          Mma16816<KV>(oacc[n + 1], phi0, phi2, b[2], b[3]);
-          Mma16816<KV>(oacc[n], plo0, plo2, b[0], b[1]);
-          Mma16816<KV>(oacc[n + 1], plo0, plo2, b[2], b[3]);
-        }
+      for (int n = 0; n < 8; ++n) {
+        uint32_t a[4];
+        Ldsm4T(a, chunk_addr(vs, tok, 2 * n + (mi & 1)));
+        Mma16816<KV>(ot[n], a, b0hi, b1hi);
+        Mma16816<KV>(ot[n], a, b0lo, b1lo);
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
@@ -1165,38 +1000,22 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   TraceStamp(o, 5);
 
   CombineArea<D, G, W> ca(reinterpret_cast<float*>(dyn));
-  if constexpr (kTMath) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 4);
-      lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 8);
-      lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 16);
-      const int hh = 2 * quad + j;
-      if (hh < G) {
-        if (h == 0) {
-          ca.m[warp * G + hh] = mt[j];
-          ca.l[warp * G + hh] = lt[j];
-        }
-        float* acc = &ca.acc[(warp * G + hh) * D + h];
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          acc[16 * n] = ot[n][j];
-          acc[16 * n + 8] = ot[n][2 + j];
-        }
+  for (int j = 0; j < 2; ++j) {
+    lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 4);
+    lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 8);
+    lt[j] += __shfl_xor_sync(0xffffffffu, lt[j], 16);
+    const int hh = 2 * quad + j;
+    if (hh < G) {
+      if (h == 0) {
+        ca.m[warp * G + hh] = mt[j];
+        ca.l[warp * G + hh] = lt[j];
       }
-    }
-  } else {
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (h < G) {
-      if (quad == 0) {
-        ca.m[warp * G + h] = m;
-        ca.l[warp * G + h] = l;
-      }
+      float* acc = &ca.acc[(warp * G + hh) * D + h];
 #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        *reinterpret_cast<float2*>(&ca.acc[(warp * G + h) * D + n * 8 + quad * 2]) =
-            make_float2(oacc[n][0], oacc[n][1]);
+      for (int n = 0; n < 8; ++n) {
+        acc[16 * n] = ot[n][j];
+        acc[16 * n + 8] = ot[n][2 + j];
       }
     }
   }
@@ -1204,9 +1023,8 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
   CombineAndMerge<D, G, W>(rt, ca, o);
 }
 
-// Kernel paths: 0 CUDA cores (any head_dim), 1 tensor cores fed by cp.async, 2 tensor cores fed
-// by bulk copies (one 256-byte row per lane and instruction), 3 tensor cores with K rows by bulk
-// copies and V rows by cp.async.
+// Kernel paths (kTC): 0 CUDA cores (any head_dim); tensor cores fed by 1 cp.async, 2 bulk copies
+// of rows, 3 bulk copies of row pairs (TCShape).
 template <int D, int G, typename KV, int kTC>
 __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __restrict__ kbase,
                                         const KV* __restrict__ vbase, int nruns, uint32_t ntok,
@@ -1222,7 +1040,7 @@ __device__ __forceinline__ void RunItem(RunTable& rt, uint4* dyn, const KV* __re
 
 template <int D, int G, int kTC>
 constexpr size_t DynBytes() {
-  if constexpr (kTC != 0) return TCShape<G, kTC == 4 ? 2 : kTC == 5 ? 1 : kTC>::kDynBytes;
+  if constexpr (kTC != 0) return TCShape<G, kTC>::kDynBytes;
   return Shape<D, G>::kDynBytes;
 }
 
@@ -1320,63 +1138,52 @@ bool LegacyMergeEnv() {
   return legacy;
 }
 
-// KVMEM_ATTN_ISSUE=qfirst|stagger: the tensor-core prologue's order (A/B runs; RunItemTC).
+// KVMEM_ATTN_ISSUE=nocopy|nomath (diagnostics; wrong results): the tensor-core token loop without
+// its copies or without its math, to see which part a configuration's time is.
 uint32_t IssueEnv() {
   static const uint32_t issue = [] {
     const char* e = std::getenv("KVMEM_ATTN_ISSUE");
     const std::string v = e ? e : "";
-    // "nofence" (timing only, unsafe): the bulk copies without their proxy fence.
-    // "nocopy" / "nomath" (timing only, wrong results): the token loop without its copies / math.
-    return v == "qfirst"    ? kIssueQFirst
-           : v == "stagger" ? kIssueStagger
-           : v == "nofence" ? kIssueNoFence
-           : v == "nocopy"  ? kIssueNoCopy
-           : v == "nomath"  ? kIssueNoMath
-                            : 0u;
+    return v == "nocopy" ? kIssueNoCopy : v == "nomath" ? kIssueNoMath : 0u;
   }();
-  static const uint32_t prefetch = [] {
-    const char* e = std::getenv("KVMEM_ATTN_PREFETCH");
-    return e != nullptr ? static_cast<uint32_t>(std::strtoul(e, nullptr, 10)) : 0u;
-  }();
-  return issue | (std::min(prefetch, 4096u) << kIssuePrefetchShift);
+  return issue;
 }
 
-// Path for head_dim 128: bulk-copy tensor cores unless KVMEM_ATTN_PATH says "simt", "tc-cpasync"
-// or "tc-mixed" (debugging / A-B timing). Other head dims use CUDA cores.
-int AttendPath(uint32_t D) {
-  static const int path = [] {
+// Span plans whose splits hold at most this many tokens use the bulk row-pair copies (path 3),
+// longer ones the bulk row copies (path 2). H200, session 12 (128K, same call): pairs 9.2 / 17.8 /
+// 27.3 us at batch 1 budget 1024 / batch 8 budget 1024 / batch 8 budget 2048 (splits 128, 320,
+// 576) against 9.9 / 18.7 / 27.9, equal at 1088, slower from 1152 (batch 32: 46.2 / 80.2 / 184.3
+// against 45.5 / 78.2 / 179.5) and for the dense kernel's long splits.
+constexpr uint32_t kPairsMaxSplit = 1024;
+
+// Path for head_dim 128 (other head dims: 0, CUDA cores): KVMEM_ATTN_PATH = "simt" (0),
+// "tc-cpasync" (1), "tc-bulk" (2) or "tc-pairs" (3) forces one (debugging / A-B timing); else
+// pairs for splits of at most kPairsMaxSplit tokens, bulk rows above.
+int AttendPath(uint32_t D, uint32_t split_tokens) {
+  static const int forced = [] {
     const char* e = std::getenv("KVMEM_ATTN_PATH");
     const std::string v = e ? e : "";
-    return v == "simt"               ? 0
-           : v == "tc-cpasync-heads" ? 1
-           : v == "tc-bulk-heads"    ? 2
-           : v == "tc-mixed"         ? 3
-           : v == "tc-cpasync"       ? 5
-           : v == "tc-pairs"         ? 6
-                                     : 4;
+    return v == "simt"         ? 0
+           : v == "tc-cpasync" ? 1
+           : v == "tc-bulk"    ? 2
+           : v == "tc-pairs"   ? 3
+                               : -1;
   }();
-  return D == 128 ? path : 0;
+  if (D != 128) return 0;
+  if (forced >= 0) return forced;
+  return split_tokens <= kPairsMaxSplit ? 3 : 2;
 }
 
-// Calls f.template operator()<D, G, KV, kTC>() for the runtime shape; false when unsupported.
+// The path of occupancy queries and the dense kernel (long splits).
+constexpr uint32_t kLongSplit = 0xffffffffu;
+
+// Calls f.template operator()<D, G, KV, kTC>() for the runtime shape and `path` (AttendPath);
+// false when unsupported.
 template <typename F>
-bool Dispatch(uint32_t D, uint32_t G, DType kv, F&& f) {
-  const int path = AttendPath(D);
+bool Dispatch(uint32_t D, uint32_t G, DType kv, int path, F&& f) {
   auto by_kv = [&]<int d, int g>() {
     auto go = [&]<typename KV>() {
       if constexpr (d == 128) {
-        if (path == 4) {
-          f.template operator()<d, g, KV, 4>();
-          return;
-        }
-        if (path == 5) {
-          f.template operator()<d, g, KV, 5>();
-          return;
-        }
-        if (path == 6) {
-          f.template operator()<d, g, KV, 6>();
-          return;
-        }
         if (path == 2) {
           f.template operator()<d, g, KV, 2>();
           return;
@@ -1447,7 +1254,7 @@ uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
   const int sms = MultiprocessorCount();
   if (sms <= 0) return 0;
   int per_sm = 0;
-  Dispatch(D, G, kv, [&]<int d, int g, typename KV, int kTC>() {
+  Dispatch(D, G, kv, AttendPath(D, kLongSplit), [&]<int d, int g, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<d, g, kTC>();
     per_sm = kDense ? PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn)
                     : PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
@@ -1470,7 +1277,7 @@ template <bool kDense>
 uint32_t ActiveClusters(uint32_t D, uint32_t G, DType kv, uint32_t c) {
   if (MultiprocessorCount() <= 0) return 0;
   int n = 0;
-  Dispatch(D, G, kv, [&]<int d, int g, typename KV, int kTC>() {
+  Dispatch(D, G, kv, AttendPath(D, kLongSplit), [&]<int d, int g, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<d, g, kTC>();
     if constexpr (kDense) {
       PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn);
@@ -1599,7 +1406,8 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t launch_err = cudaSuccess;
   const bool ok =
-      Dispatch(plan.head_dim, plan.group, plan.kv_dtype, [&]<int D, int G, typename KV, int kTC>() {
+      Dispatch(plan.head_dim, plan.group, plan.kv_dtype, AttendPath(plan.head_dim, plan.split_tokens),
+               [&]<int D, int G, typename KV, int kTC>() {
         constexpr size_t kDyn = DynBytes<D, G, kTC>();
         PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
         const uint32_t run_stride = LegacyMergeEnv() ? 0 : plan.run_stride;
@@ -1661,14 +1469,15 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(geo.num_splits, v.kv_heads, v.batch);
   cudaError_t launch_err = cudaSuccess;
-  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, [&]<int D, int GG, typename KV, int kTC>() {
+  const bool ok = Dispatch(v.head_dim, G, v.kv_dtype, AttendPath(v.head_dim, kLongSplit),
+                           [&]<int D, int GG, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<D, GG, kTC>();
     PrepareKernel<DenseAttendKernel<D, GG, KV, kTC>>(kDyn);
     if (geo.cluster <= 1) {
       DenseAttendKernel<D, GG, KV, kTC><<<grid, kThreads, kDyn, s>>>(
           static_cast<const KV*>(v.k), static_cast<const KV*>(v.v), v.kv_heads,
           v.capacity_tokens, v.seq_lens, geo.split_tokens, v.q, v.q_dtype, v.scale, v.out,
-          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv(), IssueEnv() & 0xffu);
+          v.out_dtype, v.lse, counters, partials, LegacyMergeEnv(), IssueEnv());
       return;
     }
     cudaLaunchConfig_t cfg{};
@@ -1686,7 +1495,7 @@ Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, 
         &cfg, DenseAttendKernel<D, GG, KV, kTC>, static_cast<const KV*>(v.k),
         static_cast<const KV*>(v.v), v.kv_heads, v.capacity_tokens, v.seq_lens,
         geo.split_tokens, v.q, v.q_dtype, v.scale, v.out, v.out_dtype, v.lse, counters, partials,
-        LegacyMergeEnv(), IssueEnv() & 0xffu);
+        LegacyMergeEnv(), IssueEnv());
   });
   if (!ok) return Unimplemented("dense attend on CUDA: unsupported head_dim, group or dtype");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);

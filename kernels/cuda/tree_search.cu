@@ -1680,6 +1680,7 @@ AttendPlan AttendPlanOf(const SearchAttendPlan& plan) {
   ap.head_dim = plan.head_dim;
   ap.group = plan.group;
   ap.cluster_size = plan.attend_cluster;
+  ap.split_tokens = plan.split_tokens;
   ap.run_stride = kMaxRunsPerItem;
   ap.items_off = plan.items_off;
   ap.runs_off = plan.runs_off;
