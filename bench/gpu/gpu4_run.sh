@@ -11,7 +11,8 @@ MODE=${1:-ab}
 echo "== parity ($(el)s)"
 parity kernels_cuda_parity_test tree_search_cuda_test device_search_test \
   "KVMEM_ATTN_CLUSTER=auto tree_search_cuda_test" "KVMEM_ATTN_CLUSTER=16 device_search_test" \
-  "KVMEM_ATTN_MERGE=legacy kernels_cuda_parity_test"
+  "KVMEM_ATTN_MERGE=legacy kernels_cuda_parity_test" "KVMEM_ATTN_PATH=tc-bulk kernels_cuda_parity_test" \
+  "KVMEM_ATTN_PATH=tc-cpasync kernels_cuda_parity_test" "KVMEM_ATTN_PATH=tc-bulk device_search_test"
 echo "== A/B: kvmem-bench-gpu with one setting changed ($(el)s)"
 ABS=(${AB:-default KVMEM_ATTN_MERGE=legacy KVMEM_ATTN_MIN_SPLIT=64 KVMEM_ATTN_CLUSTER=auto})
 for i in "${!ABS[@]}"; do
