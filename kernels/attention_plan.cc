@@ -121,27 +121,17 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
                                                 resident - std::min<uint64_t>(resident, num_tasks));
   }
   uint64_t balanced_split = (total + target - 1) / target;
-  bool one_wave = false;
   if (resident > 0 && num_tasks <= resident) {
     // One wave of even splits: each task gets at most resident / tasks splits, sized by the
     // longest task (H200, 64 tasks of ~2100 tokens: 4 x 576 = 256 blocks, 31.1 us, against
     // 221 blocks of 704 tokens by the token total, 33.3 us; bench/results/h200_run12.json).
     const uint64_t k = resident / num_tasks;
     balanced_split = (max_task + k - 1) / k;
-    one_wave = true;
   }
   const uint32_t min_split = AttendMinSplit(options.min_split_tokens);
   balanced_split = std::clamp<uint64_t>(balanced_split, min_split,
                                         std::max(min_split, options.max_split_tokens));
-  // Splits are multiples of 16 tokens (a warp's tile) in a one wave of even splits, so a task's
-  // splits stay even (64 tasks of 1088 tokens: 4 x 272, not 3 x 320 + 128: the busiest SM moves
-  // 15% fewer bytes), else multiples of 64 (a block's four tiles). KVMEM_ATTN_SPLIT_ALIGN=64
-  // restores 64 everywhere (A/B runs).
-  static const bool align64 = [] {
-    const char* e = std::getenv("KVMEM_ATTN_SPLIT_ALIGN");
-    return e != nullptr && std::string(e) == "64";
-  }();
-  balanced_split = AlignUp(balanced_split, min_split < 64 || (one_wave && !align64) ? 16 : 64);
+  balanced_split = AlignUp(balanced_split, min_split < 64 ? 16 : 64);
   // Clusters: every task gets exactly C splits of equal tokens (AttendPlanOptions::cluster).
   uint32_t C = 1;
   if (options.cluster > 1 && options.cluster != kAttendClusterAuto) {
