@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One device call (session 12): the span attention's fixed cost. Parity of the attention kernels
-# (the tc-pairs path; the search's attention), then kvmem-bench-gpu sparse rows (no search) at 128K batch 1
-# and 8 with warm traces (KVMEM_ATTN_TRACE=1) for each AB setting (KVMEM_ATTN_PATH,
-# KVMEM_ATTN_ISSUE), interleaved over ROUNDS rounds, then (SWEEP=1, the default) one --sweep run
-# of the default (split sizes / block targets), and a short table last.
+# One device call for the span attention's A/B runs (session 12's calls,
+# bench/results/h200_run24_session12_calls.txt): parity of the attention kernels on each copy path
+# and the search's attention, then kvmem-bench-gpu sparse rows (no search; SEARCH_ARG= to include
+# it) at CONTEXTS (128K) and BATCHES (1,8) with a warm trace (KVMEM_ATTN_TRACE=1) for each AB
+# setting (';'-separated: KVMEM_ATTN_PATH, KVMEM_ATTN_ISSUE=nocopy|nomath), interleaved over ROUNDS
+# rounds, then (SWEEP=1, the default) one --sweep run of the default, and a short table last.
 # Staged by scripts/stage_gpu_search.sh (STAGE=.gpu9 RUN_SCRIPT=bench/gpu/gpu12_run.sh).
 #   bash .gpu9/run.sh
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 echo "== parity ($(el)s)"
-parity "KVMEM_ATTN_PATH=tc-pairs kernels_cuda_parity_test" \
-  "KVMEM_ATTN_PATH=tc-pairs tree_search_cuda_test"
-IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_ATTN_PATH=tc-pairs;KVMEM_ATTN_PATH=tc-pairs KVMEM_ATTN_ISSUE=nomath;KVMEM_ATTN_ISSUE=nomath}"
+parity kernels_cuda_parity_test "KVMEM_ATTN_PATH=tc-bulk kernels_cuda_parity_test" \
+  "KVMEM_ATTN_PATH=tc-cpasync kernels_cuda_parity_test" tree_search_cuda_test
+IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_ATTN_PATH=tc-bulk;KVMEM_ATTN_ISSUE=nomath;KVMEM_ATTN_ISSUE=nocopy}"
 for round in $(seq 1 ${ROUNDS:-2}); do
   for i in "${!ABS[@]}"; do
     ab=${ABS[$i]}; e=(KVMEM_ATTN_TRACE=1); [[ $ab != default ]] && e+=($ab)
