@@ -23,7 +23,8 @@ for b in "${bins[@]}"; do strip --strip-debug -o "$tmp/bin/$b" "$build/bin/$b"; 
 "$src/scripts/bundle.sh" "$tmp" "$main/$stage/b" "${bins[@]}"
 rm -rf "$tmp"
 cp "$src/$run_script" "$main/$stage/run.sh"
-cp "$src/bench/gpu/torch_sdpa.py" "$src/bench/gpu/report.py" "$src/bench/gpu/run_common.sh" "$main/$stage/"
+cp "$src/bench/gpu/torch_sdpa.py" "$src/bench/gpu/report.py" "$src/bench/gpu/run_common.sh" \
+  "$src/bench/gpu/ab_rows.py" "$main/$stage/"
 git -C "$src" rev-parse --short HEAD > "$main/$stage/COMMIT"
 if ! git -C "$src" diff --quiet HEAD; then echo "$(cat "$main/$stage/COMMIT")-dirty" > "$main/$stage/COMMIT"; fi
 du -sh "$main/$stage"

@@ -27,19 +27,13 @@ if [[ ${SWEEP:-1} == 1 ]]; then
     --sweep --contexts 131072 --batches 1,8 --budgets 1024,2048 > "$OUT/sweep.log" 2>&1
   echo "sweep rc=$? ($(el)s)"
 fi
-python3 - "$OUT" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
-import glob, json, os, sys
-out, abs_ = sys.argv[1], sys.argv[2:]
-data = {}
-for i, a in enumerate(abs_):
-    for p in sorted(glob.glob(f"{out}/ab_r*_{i}.json")):
-        for r in json.load(open(p))["results"]:
-            if r["method"] in ("kvmem_sparse_attn", "kvmem_dense", "torch_sdpa_dense"):
-                data.setdefault((r["method"], r["context"], r["batch"], r["budget"]), {}).setdefault(a, []).append(r)
-print(f"{'method':18} {'ctx':>6} {'B':>2} {'bud':>4} " + " ".join(f"{a[-18:]:>18}" for a in abs_))
-for k in sorted(data):
-    cells = [("/".join(f"{r['us_per_layer']:.2f}" for r in data[k].get(a, []))).rjust(18) for a in abs_]
-    print(f"{k[0]:18} {k[1]:6d} {k[2]:2d} {k[3]:4d} " + " ".join(cells))
+python3 - "$OUT" "$(dirname "$0")" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
+import json, os, sys
+out, abs_ = sys.argv[1], sys.argv[3:]
+sys.path.insert(0, sys.argv[2])
+import ab_rows
+data = ab_rows.collect(out, abs_, ("kvmem_sparse_attn", "kvmem_dense", "torch_sdpa_dense"))
+ab_rows.print_table(data, abs_, lambda rs: "/".join(f"{r['us_per_layer']:.2f}" for r in rs), 18)
 for k in sorted(data):
     if k[0] != "kvmem_sparse_attn":
         continue

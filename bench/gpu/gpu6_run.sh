@@ -26,22 +26,14 @@ if [[ -x $G/b/bin/kvmem-bench-e2e ]]; then
   timeout 120 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts 131072 --iters 400 > /tmp/e2e.log 2>&1
   echo "e2e rc=$? ($(el)s)"; cp /tmp/e2e.log "$OUT/e2e.log"
 fi
-python3 - "$OUT" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
-import glob, json, os, sys
-out, abs_ = sys.argv[1], sys.argv[2:]
-data = {}
-for i, a in enumerate(abs_):
-    for p in sorted(glob.glob(f"{out}/ab_r*_{i}.json")):
-        for r in json.load(open(p))["results"]:
-            if r["method"] in ("kvmem_search", "kvmem_search_sparse", "torch_sdpa_dense", "kvmem_sparse_attn"):
-                data.setdefault((r["method"], r["context"], r["batch"], r["budget"]), {}).setdefault(a, []).append(r)
-print(f"{'method':20} {'ctx':>6} {'B':>2} {'bud':>4} " + " ".join(f"{a[-22:]:>22}" for a in abs_))
-for k in sorted(data):
-    cells = []
-    for a in abs_:
-        rs = data[k].get(a, [])
-        cells.append(("/".join(f"{r['us_per_layer']:.1f}" for r in rs) + f" {min(r.get('cpu_agreement', 1.0) for r in rs):.2f}").rjust(22) if rs else " " * 22)
-    print(f"{k[0]:20} {k[1]:6d} {k[2]:2d} {k[3]:4d} " + " ".join(cells))
+python3 - "$OUT" "$(dirname "$0")" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
+import json, os, sys
+out, abs_ = sys.argv[1], sys.argv[3:]
+sys.path.insert(0, sys.argv[2])
+import ab_rows
+data = ab_rows.collect(out, abs_, ("kvmem_search", "kvmem_search_sparse", "torch_sdpa_dense", "kvmem_sparse_attn"))
+ab_rows.print_table(data, abs_, lambda rs: "/".join(f"{r['us_per_layer']:.1f}" for r in rs) +
+                    f" {min(r.get('cpu_agreement', 1.0) for r in rs):.2f}", 22)
 for k in sorted(data):
     if k[0] != "kvmem_search" or k[3] != 2048:
         continue
