@@ -641,7 +641,7 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 // 3-6% faster at every batch, budget and dense size on the H200, session 12).
 // Products are exact to fp32 level: P is split into two 16-bit halves (hi + lo) and so is q when
 // it is not already of the K/V type.
-// Copy modes (the kTC template value; KVMEM_ATTN_PATH forces one, else PreferredTCPath):
+// Copy modes (the kTC template value; AttendPath picks one per plan, KVMEM_ATTN_PATH forces one):
 //   1 cp.async: 16-byte copies into 256-byte rows with the 16-byte chunks XOR-swizzled;
 //   2 bulk rows: one 256-byte cp.async.bulk per row (lane), rows padded to 272 bytes;
 //   3 bulk row pairs: one 512-byte cp.async.bulk per two rows of a run, pairs in 528-byte slots
