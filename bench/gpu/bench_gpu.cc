@@ -77,7 +77,8 @@ struct Args {
   std::vector<uint32_t> budgets{1024, 2048, 4096};
   int replays = 15;
   bool search = true;  // kvmem_search / kvmem_search_sparse rows (builds real cluster trees)
-  bool sweep = false;  // sparse rows (and dense with KVMEM_BENCH_DENSE_SWEEP, B <= 8) also time other splits
+  // Sparse rows (and dense rows with KVMEM_BENCH_DENSE_SWEEP, B <= 8) also time other splits.
+  bool sweep = false;
   std::string machine;
   std::string commit = "unknown";
 };
@@ -540,8 +541,9 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
       }
       // Fixed split sizes (whole waves of even splits rather than a block count; at batch 1
       // below the planner's 128-token minimum too).
-      const std::vector<uint32_t> sizes = batch == 1 ? std::vector<uint32_t>{64, 128, 192, 256}
-                                                     : std::vector<uint32_t>{384, 448, 512, 576, 640, 768, 1024};
+      const std::vector<uint32_t> sizes =
+          batch == 1 ? std::vector<uint32_t>{64, 128, 192, 256}
+                     : std::vector<uint32_t>{384, 448, 512, 576, 640, 768, 1024};
       for (uint32_t sp : sizes) {
         kc::AttendPlanOptions o;
         o.min_split_tokens = o.max_split_tokens = sp;

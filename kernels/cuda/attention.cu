@@ -1406,7 +1406,8 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t launch_err = cudaSuccess;
   const bool ok =
-      Dispatch(plan.head_dim, plan.group, plan.kv_dtype, AttendPath(plan.head_dim, plan.split_tokens),
+      Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
+               AttendPath(plan.head_dim, plan.split_tokens),
                [&]<int D, int G, typename KV, int kTC>() {
         constexpr size_t kDyn = DynBytes<D, G, kTC>();
         PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
