@@ -92,14 +92,21 @@ struct QueryGroup {
     mean_norm = detail::Norm(mean.data(), dim);
   }
 
-  float Bound(const float* c, float r, float m, GroupAggregation agg, float slack) const {
+  // Centroid rows are floats (nodes) or bfloat16 bits (chunks): the same score either way.
+  static float RowDot(const float* a, const float* c, uint32_t n) { return Dot(a, c, n); }
+  static float RowDot(const float* a, const uint16_t* c, uint32_t n) {
+    return detail::DotBF16(a, c, n);
+  }
+
+  template <typename Row>
+  float Bound(const Row* c, float r, float m, GroupAggregation agg, float slack) const {
     if (agg == GroupAggregation::kMeanQuery) {
-      return std::min(Dot(mean.data(), c, dim) + mean_norm * r, mean_norm * m) +
+      return std::min(RowDot(mean.data(), c, dim) + mean_norm * r, mean_norm * m) +
              slack * mean_norm * m;
     }
     float best = -INFINITY;
     for (uint32_t g = 0; g < group; ++g) {
-      const float b = std::min(Dot(q + size_t{g} * dim, c, dim) + norms[g] * r, norms[g] * m) +
+      const float b = std::min(RowDot(q + size_t{g} * dim, c, dim) + norms[g] * r, norms[g] * m) +
                       slack * norms[g] * m;
       best = std::max(best, b);
     }
@@ -107,11 +114,12 @@ struct QueryGroup {
   }
 
   // q·c + w·‖q‖·r, aggregated like Bound(); w = 1 gives Bound() without the norm cap.
-  float SoftScore(const float* c, float r, float w, GroupAggregation agg) const {
-    if (agg == GroupAggregation::kMeanQuery) return Dot(mean.data(), c, dim) + w * mean_norm * r;
+  template <typename Row>
+  float SoftScore(const Row* c, float r, float w, GroupAggregation agg) const {
+    if (agg == GroupAggregation::kMeanQuery) return RowDot(mean.data(), c, dim) + w * mean_norm * r;
     float best = -INFINITY;
     for (uint32_t g = 0; g < group; ++g) {
-      best = std::max(best, Dot(q + size_t{g} * dim, c, dim) + w * norms[g] * r);
+      best = std::max(best, RowDot(q + size_t{g} * dim, c, dim) + w * norms[g] * r);
     }
     return best;
   }
@@ -133,11 +141,13 @@ bool FiniteAsBF16(const float* p, size_t n) {
 }
 
 // A chunk centroid as the tree stores it: rounded to bfloat16 values (a no-op for
-// SummarizeKeys' output), the radius grown by the rounding's shift so the ball still holds every
-// key (triangle inequality).
-float StoreChunkCentroid(const float* c, float radius, uint32_t D, float* out) {
-  std::copy_n(c, D, out);
-  const double moved = detail::RoundToBF16(out, D);
+// SummarizeKeys' output; `rounded` gets them as floats, `out` as bits), the radius grown by the
+// rounding's shift so the ball still holds every key (triangle inequality).
+float StoreChunkCentroid(const float* c, float radius, uint32_t D, float* rounded,
+                         uint16_t* out) {
+  std::copy_n(c, D, rounded);
+  const double moved = detail::RoundToBF16(rounded, D);
+  for (uint32_t d = 0; d < D; ++d) out[d] = FloatToBF16(rounded[d]);  // exact: bf16 values
   return moved > 0.0 ? detail::RoundUpToFloat(static_cast<double>(radius) + moved) : radius;
 }
 
@@ -205,10 +215,12 @@ void ClusterTree::Summarize(uint32_t n) {
   uint64_t tokens = 0;
   uint32_t chunks = 0;
   float max_norm = 0.f;
+  std::vector<float> row(D);  // a chunk child's centroid as floats
   auto child_view = [&](uint32_t c, const float** centroid, float* radius, float* norm,
                         uint64_t* tok, uint32_t* nchunks) {
     if (node.leaf) {
-      *centroid = chunk_centroid(c);
+      ChunkCentroidTo(c, row.data());
+      *centroid = row.data();
       *radius = chunk_radius_[c];
       *norm = chunk_max_norm_[c];
       *tok = chunk_tokens_[c];
@@ -257,7 +269,7 @@ std::vector<std::vector<uint32_t>> ClusterTree::SplitChunks(const std::vector<ui
   const uint32_t m = static_cast<uint32_t>(chunks.size());
   std::vector<float> points(size_t{m} * head_dim_);
   for (uint32_t i = 0; i < m; ++i) {
-    std::copy_n(chunk_centroid(chunks[i]), head_dim_, &points[size_t{i} * head_dim_]);
+    ChunkCentroidTo(chunks[i], &points[size_t{i} * head_dim_]);
   }
   detail::KMeansParams params;
   params.k = k;
@@ -373,9 +385,11 @@ Status ClusterTree::Build(std::span<const ChunkSummary> summaries,
   chunk_start_.resize(n);
   chunk_parent_.assign(n, 0);
   total_tokens_ = 0;
+  std::vector<float> rounded(head_dim_);
   for (size_t i = 0; i < n; ++i) {
-    chunk_radius_[i] = StoreChunkCentroid(summaries[i].centroid.data(), summaries[i].radius,
-                                          head_dim_, &chunk_centroids_[i * head_dim_]);
+    chunk_radius_[i] =
+        StoreChunkCentroid(summaries[i].centroid.data(), summaries[i].radius, head_dim_,
+                           rounded.data(), &chunk_centroids_[i * head_dim_]);
     chunk_max_norm_[i] = summaries[i].max_key_norm;
     chunk_start_[i] = total_tokens_;
     total_tokens_ += token_counts[i];
@@ -427,8 +441,11 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
   if (tokens == 0) return InvalidArgument("cluster tree: chunk has no tokens");
 
   chunk_centroids_.resize(chunk_centroids_.size() + head_dim_);
-  float* cx = &chunk_centroids_[chunk_centroids_.size() - head_dim_];  // as stored
-  const float chunk_r = StoreChunkCentroid(summary.centroid.data(), summary.radius, head_dim_, cx);
+  std::vector<float> stored(head_dim_);  // the centroid's values as stored
+  const float* cx = stored.data();
+  const float chunk_r =
+      StoreChunkCentroid(summary.centroid.data(), summary.radius, head_dim_, stored.data(),
+                         &chunk_centroids_[chunk_centroids_.size() - head_dim_]);
   chunk_radius_.push_back(chunk_r);
   chunk_max_norm_.push_back(summary.max_key_norm);
   chunk_tokens_.push_back(tokens);
@@ -743,6 +760,7 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
     return need > static_cast<double>(have) * (1.0 + 1e-6) + 1e-6;
   };
   if (nodes_.empty() || !nodes_[0].live || nodes_[0].parent != kNone) return fail("bad root");
+  std::vector<float> row(head_dim_);  // a chunk centroid as floats
   std::vector<uint32_t> seen(num_chunks(), 0);
   uint64_t start = 0;
   for (uint32_t c = 0; c < num_chunks(); ++c) {
@@ -764,7 +782,8 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
         if (c >= num_chunks()) return fail(where + " holds unknown chunk");
         if (chunk_parent_[c] != n) return fail("chunk " + std::to_string(c) + " parent");
         ++seen[c];
-        cc = chunk_centroid(c);
+        ChunkCentroidTo(c, row.data());
+        cc = row.data();
         r = chunk_radius_[c];
         m = chunk_max_norm_[c];
         tokens += chunk_tokens_[c];
@@ -797,12 +816,13 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
   for (uint32_t c = 0; c < num_chunks(); ++c) {
     buf.resize(size_t{chunk_tokens_[c]} * head_dim_);
     KVMEM_RETURN_IF_ERROR(keys->ReadKeys(c, buf.data()));
+    ChunkCentroidTo(c, row.data());
     for (uint32_t t = 0; t < chunk_tokens_[c]; ++t) {
       const float* k = &buf[size_t{t} * head_dim_];
       double norm = 0.0;
       for (uint32_t d = 0; d < head_dim_; ++d) norm += double{k[d]} * k[d];
       if (exceeds(std::sqrt(norm), chunk_max_norm_[c])) return fail("chunk max key norm");
-      if (exceeds(DistanceD(k, chunk_centroid(c), head_dim_), chunk_radius_[c])) {
+      if (exceeds(DistanceD(k, row.data(), head_dim_), chunk_radius_[c])) {
         return fail("key outside chunk " + std::to_string(c) + " radius");
       }
       for (uint32_t a = chunk_parent_[c]; a != kNone; a = nodes_[a].parent) {
@@ -858,15 +878,24 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const
   out->num_chunks = num_chunks();
   out->chunks_from = static_cast<uint32_t>(from);
   out->chunks_epoch = build_epoch_;
-  out->chunk_centroids.assign(chunk_centroids_.begin() + from * D, chunk_centroids_.end());
+  out->chunk_centroids.resize(chunk_centroids_.size() - from * D);
+  for (size_t i = 0; i < out->chunk_centroids.size(); ++i) {
+    out->chunk_centroids[i] = BF16ToFloat(chunk_centroids_[from * D + i]);
+  }
   out->chunk_radius.assign(chunk_radius_.begin() + from, chunk_radius_.end());
   out->chunk_tokens.assign(chunk_tokens_.begin() + from, chunk_tokens_.end());
   out->chunk_start.assign(chunk_start_.begin() + from, chunk_start_.end());
 }
 
+void ClusterTree::ChunkCentroidTo(uint32_t c, float* out) const {
+  const uint16_t* h = chunk_centroid(c);
+  for (uint32_t d = 0; d < head_dim_; ++d) out[d] = BF16ToFloat(h[d]);
+}
+
 ChunkSummary ClusterTree::chunk_summary(uint32_t chunk) const {
   ChunkSummary s;
-  s.centroid.assign(chunk_centroid(chunk), chunk_centroid(chunk) + head_dim_);
+  s.centroid.resize(head_dim_);
+  ChunkCentroidTo(chunk, s.centroid.data());
   s.radius = chunk_radius_[chunk];
   s.max_key_norm = chunk_max_norm_[chunk];
   return s;
@@ -889,7 +918,7 @@ TreeStats ClusterTree::Stats() const {
     if (n.live) ++s.nodes_per_level[n.level];
   }
   s.nodes_per_level.push_back(num_chunks());
-  s.memory_bytes = chunk_centroids_.capacity() * 4 + chunk_radius_.capacity() * 8 +
+  s.memory_bytes = chunk_centroids_.capacity() * 2 + chunk_radius_.capacity() * 8 +
                    chunk_tokens_.capacity() * 4 + chunk_start_.capacity() * 8 +
                    chunk_parent_.capacity() * 4 + node_centroids_.capacity() * 4 +
                    nodes_.capacity() * sizeof(Node);

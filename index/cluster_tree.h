@@ -229,7 +229,11 @@ class ClusterTree {
 
   const float* node_centroid(uint32_t n) const { return &node_centroids_[size_t{n} * head_dim_]; }
   float* node_centroid(uint32_t n) { return &node_centroids_[size_t{n} * head_dim_]; }
-  const float* chunk_centroid(uint32_t c) const { return &chunk_centroids_[size_t{c} * head_dim_]; }
+  // Chunk centroids are bfloat16 values, stored as their bits (half the bytes of floats).
+  const uint16_t* chunk_centroid(uint32_t c) const {
+    return &chunk_centroids_[size_t{c} * head_dim_];
+  }
+  void ChunkCentroidTo(uint32_t c, float* out) const;  // the centroid's values as floats
 
   uint32_t NewNode(uint32_t parent, uint32_t level);
   void FreeSubtree(uint32_t n, bool keep_root);
@@ -254,7 +258,7 @@ class ClusterTree {
   uint32_t head_dim_;
   ClusterTreeOptions options_;
   // Chunks, indexed by chunk id.
-  std::vector<float> chunk_centroids_;  // [chunks][head_dim]
+  std::vector<uint16_t> chunk_centroids_;  // [chunks][head_dim] bfloat16 bits
   std::vector<float> chunk_radius_;
   std::vector<float> chunk_max_norm_;
   std::vector<uint32_t> chunk_tokens_;

@@ -74,6 +74,35 @@ inline float Dot(const float* a, const float* b, uint32_t n) {
 #endif
 }
 
+// Dot(a, float(b), n) for a row b of bfloat16 bits: the same products, lanes and folds, so the
+// same float as Dot over the row's float values (the cluster tree stores chunk centroids so).
+inline float DotBF16(const float* a, const uint16_t* b, uint32_t n) {
+#if defined(__SSE2__)
+  __m128 lo = _mm_setzero_ps(), hi = _mm_setzero_ps();
+  const __m128i zero = _mm_setzero_si128();
+  uint32_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i));
+    const __m128 bl = _mm_castsi128_ps(_mm_unpacklo_epi16(zero, h));  // bits << 16
+    const __m128 bh = _mm_castsi128_ps(_mm_unpackhi_epi16(zero, h));
+    lo = _mm_add_ps(lo, _mm_mul_ps(_mm_loadu_ps(a + i), bl));
+    hi = _mm_add_ps(hi, _mm_mul_ps(_mm_loadu_ps(a + i + 4), bh));
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * BF16ToFloat(b[i]);
+  return sse::Fold(lo, hi, tail);
+#else
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  uint32_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (uint32_t j = 0; j < 8; ++j) acc[j] += a[i + j] * BF16ToFloat(b[i + j]);
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * BF16ToFloat(b[i]);
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+#endif
+}
+
 // Dot(x[p], c, n) for four rows x[p] at once, c read once (k-means' assignment pass).
 inline void Dot4(const float* const x[4], const float* c, uint32_t n, float out[4]) {
 #if defined(__SSE2__)

@@ -44,6 +44,31 @@ TEST(VecMathTest, DotAndSquaredDistanceEqualTheirPortableDefinition) {
   }
 }
 
+// DotBF16 over a row of bfloat16 bits is Dot over the row's float values, bit for bit (the
+// cluster tree stores chunk centroids as bits and must score them as the device and the flat
+// reference do), at every length and with tails.
+TEST(VecMathTest, DotBF16EqualsDotOverTheRowsFloats) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01;
+  std::vector<float> a(300), bf(300);
+  std::vector<uint16_t> bits(300);
+  for (int trial = 0; trial < 200; ++trial) {
+    for (size_t i = 0; i < a.size(); ++i) {
+      a[i] = n01(rng) * std::exp2(static_cast<float>(rng() % 20) - 10.f);
+      bits[i] = FloatToBF16(n01(rng) * std::exp2(static_cast<float>(rng() % 20) - 10.f));
+      bf[i] = BF16ToFloat(bits[i]);
+    }
+    for (uint32_t n : {0u, 1u, 7u, 8u, 9u, 64u, 100u, 128u, 129u, 256u, 300u}) {
+      const uint32_t off = static_cast<uint32_t>(rng() % 4) * (n + 4 <= a.size());
+      const float got = detail::DotBF16(a.data() + off, bits.data() + off, n);
+      const float want = detail::Dot(a.data() + off, bf.data() + off, n);
+      ASSERT_NE(n > 0 ? want : 1.f, 0.f);  // a real sum, not a row of zeros
+      EXPECT_EQ(std::memcmp(&got, &want, 4), 0) << "n " << n << ": " << got << " vs " << want;
+    }
+  }
+}
+
 TEST(SummaryTest, CentroidRadiusAndNormMatchDefinition) {
   KVMEM_SEEDED_TEST_SCOPE(seed);
   std::mt19937_64 rng(seed);
