@@ -22,6 +22,12 @@ namespace kvmem::index::detail {
 // so device and host scores agree bit for bit. The *Portable versions are that definition in
 // scalar code; with SSE2 the lanes are two 4-float vectors, the same operations in the same
 // order without the shuffles the compiler's own vectorisation of the scalar loop adds.
+
+// The eight lanes' fold of the definition above, then the tail.
+inline float FoldPortable(const float acc[8], float tail) {
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
 inline float DotPortable(const float* a, const float* b, uint32_t n) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   uint32_t i = 0;
@@ -30,7 +36,7 @@ inline float DotPortable(const float* a, const float* b, uint32_t n) {
   }
   float tail = 0.f;
   for (; i < n; ++i) tail += a[i] * b[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+  return FoldPortable(acc, tail);
 }
 
 inline float SquaredDistancePortable(const float* a, const float* b, uint32_t n) {
@@ -44,7 +50,7 @@ inline float SquaredDistancePortable(const float* a, const float* b, uint32_t n)
   }
   float tail = 0.f;
   for (; i < n; ++i) tail += (a[i] - b[i]) * (a[i] - b[i]);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+  return FoldPortable(acc, tail);
 }
 
 #if defined(__SSE2__)
@@ -99,7 +105,7 @@ inline float DotBF16(const float* a, const uint16_t* b, uint32_t n) {
   }
   float tail = 0.f;
   for (; i < n; ++i) tail += a[i] * BF16ToFloat(b[i]);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+  return FoldPortable(acc, tail);
 #endif
 }
 
