@@ -159,11 +159,10 @@ Status LaunchAttend(const AttendPlan& plan, void* workspace, void* stream);
 // Diagnostics (kvmem-bench-gpu, KVMEM_ATTN_TRACE=1): LaunchAttend with each thread block's
 // thread 0 storing %globaltimer (ns) at kAttendTracePoints points into `trace` (device memory,
 // plan.num_items * kAttendTracePoints values, block i's at i * kAttendTracePoints): 0 kernel
-// entry, 1 run table in shared memory, 2 warp 0's first copies issued, 3 its Q fragments loaded
-// (2 and 3: tensor-core paths; their order follows KVMEM_ATTN_ISSUE), 4 warp 0's first tile
-// arrived, 5 the token loop done (all warps; tensor-core paths), 6 the block's partial written
-// and counted (single-split items: output written), 7 block done (the task's last block: after
-// the merge). Points a path does not pass stay as they were.
+// entry, 1 run table in shared memory, 2 warp 0's first copies issued, 3 its Q fragments loaded,
+// 4 its first tile arrived, 5 the token loop done (all warps; 2-5: tensor-core paths), 6 the
+// block's partial written and counted (single-split items: output written), 7 block done (the
+// task's last block: after the merge). Points a path does not pass stay as they were.
 constexpr uint32_t kAttendTracePoints = 8;
 Status LaunchAttendTraced(const AttendPlan& plan, void* workspace, void* stream, uint64_t* trace);
 

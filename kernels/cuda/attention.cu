@@ -66,8 +66,8 @@ constexpr int kMergeChunk = 256;  // splits per pass of the final merge
 
 // ItemOutput::issue (KVMEM_ATTN_ISSUE=nocopy|nomath; diagnostics of the tensor-core paths that
 // time the token loop's parts and give wrong results).
-constexpr uint32_t kIssueNoCopy = 8;   // the token loop's math over whatever the stages hold
-constexpr uint32_t kIssueNoMath = 16;  // the token loop's copies without the math
+constexpr uint32_t kIssueNoCopy = 1;  // the token loop's math over whatever the stages hold
+constexpr uint32_t kIssueNoMath = 2;  // the token loop's copies without the math
 
 // Views of the dynamic area after the token loop: NG partial states (token groups or warps).
 template <int D, int G, int NG>
