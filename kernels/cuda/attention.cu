@@ -645,8 +645,10 @@ __device__ __forceinline__ void RunItemSimt(RunTable& rt, uint4* dyn, const KV* 
 //   1 cp.async: 16-byte copies into 256-byte rows with the 16-byte chunks XOR-swizzled;
 //   2 bulk rows: one 256-byte cp.async.bulk per row (lane), rows padded to 272 bytes;
 //   3 bulk row pairs: one 512-byte cp.async.bulk per two rows of a run, pairs in 528-byte slots
-//     (half the bulk-copy instructions, 2-way ldmatrix bank conflicts).
-// ldmatrix is conflict-free in modes 1 and 2.
+//     (half the bulk-copy instructions). The MMA rows / k of a tile are then its even tokens
+//     (0-7) and its odd tokens (8-15), so the eight rows of each ldmatrix matrix lie in eight
+//     different slots: conflict-free too.
+// ldmatrix is conflict-free in every mode.
 template <int G, int kCopy>
 struct TCShape {
   static constexpr int kWarps = kThreads / 32;
@@ -938,11 +940,12 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     __syncwarp();
     if (o.issue & kIssueNoMath) continue;  // timing only: the copies without the math
     const uint32_t ks = stage_k(it % ST), vs = ks + T::kHalfBytes;
-    // S^T = K Q^T: st[.][0..1] token h, heads 2 quad + {0, 1}; st[.][2..3] token h + 8. Two
-    // accumulators (even / odd dim slices) halve the chain of dependent MMAs.
+    // S^T = K Q^T: st[.][0..1] row h, heads 2 quad + {0, 1}; st[.][2..3] row h + 8 (rows =
+    // tokens; with pairs the even tokens, then the odd). Two accumulators (even / odd dim
+    // slices) halve the chain of dependent MMAs.
     float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
-      const int tok = (mi & 1) * 8 + mr;
+      const int tok = kPairs ? 2 * mr + (mi & 1) : (mi & 1) * 8 + mr;
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
         uint32_t a[4];
@@ -952,7 +955,8 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       }
     }
     const uint32_t base_pos = (it * W + warp) * 16;
-    const bool v0 = base_pos + h < ntok, v1 = base_pos + h + 8 < ntok;
+    const uint32_t t0 = kPairs ? 2 * h : h, t1 = kPairs ? 2 * h + 1 : h + 8;  // rows h, h + 8
+    const bool v0 = base_pos + t0 < ntok, v1 = base_pos + t1 < ntok;
     float p[4];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {  // query head 2 quad + j
@@ -984,7 +988,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     const uint32_t b0lo = MovTrans(r0lo), b1lo = MovTrans(r1lo);
     // O^T[dims 16n + ..][heads] += V^T[dims][tokens] P^T[tokens][heads].
     {
-      const int tok = (mi >> 1) * 8 + mr;
+      const int tok = kPairs ? 2 * mr + (mi >> 1) : (mi >> 1) * 8 + mr;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
         uint32_t a[4];
