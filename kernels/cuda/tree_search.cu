@@ -152,6 +152,10 @@ struct Smem {
   uint32_t scan_tmp[32];
 };
 
+// The least tokens of leaves the automatic first round takes in a large tree searched by >= 2
+// blocks (TreeSearchBody, 4).
+constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
+
 // KVMEM_SEARCH_TRACE points (SM cycles on rank 0, first round): 1 mean query, 2 node rows,
 // 3 cluster barrier, 4 node links staged, 5 chains + leaves, 6 round set-up, 7 leaf histogram,
 // 8 leaf cut, 9 leaf reservation, 10 cluster barrier, 11 chunk lookups, 12 chunk rows, 13 pool
@@ -696,10 +700,14 @@ __device__ __forceinline__ void TreeSearchBody(
     // batch 1 (8 blocks) budget 1024 / 2048: 51 / 51 us at 16 (one round) against 68 / 64 at 8
     // (three rounds); budget 4096: 53 at 8 against 59 at 16; batch 8 (2 blocks) budget 1024 /
     // 2048: 80 / 84 against 91 / 89 (two rounds); 32K (2K chunks): 8 (run 12: 53 against 70).
-    const uint32_t fr =
-        first_round ? first_round
-                    : (N >= 2 && num_chunks >= 4096 && prm.budget_tokens <= 2048 ? 16u : 8u);
-    uint64_t target = uint64_t{fr} * prm.budget_tokens + 1024;
+    // In that case the first round also holds at least kFirstRoundMinTokens (budget 1024: 24x
+    // rather than 16x; session 13, 128K batch 1: 16x took a second round, 40.0 us, against 31.0
+    // at 24x and 33.3 at 32x, while budgets 2048 and 4096 were fastest at 32K tokens).
+    const bool big = N >= 2 && num_chunks >= 4096;
+    const uint32_t fr = first_round ? first_round : (big && prm.budget_tokens <= 2048 ? 16u : 8u);
+    uint64_t target = uint64_t{fr} * prm.budget_tokens;
+    if (first_round == 0 && big) target = max(target, uint64_t{kFirstRoundMinTokens});
+    target += 1024;
     while (true) {
       uint32_t P = 0;
       if (rank == 0 && (sm.status != 0 || sm.done)) {
