@@ -55,16 +55,6 @@ uint32_t AttendTaskClusterSize(uint32_t option, uint64_t resident, uint64_t task
   return c;
 }
 
-// KVMEM_ATTN_EVEN=off: one wave's splits all of the longest task's size (the planner before
-// EvenSplit), for A/B runs.
-static bool EvenSplits() {
-  static const bool on = [] {
-    const char* e = std::getenv("KVMEM_ATTN_EVEN");
-    return e == nullptr || std::string(e) != "off";
-  }();
-  return on;
-}
-
 uint32_t AttendMinSplit(uint32_t option) {
   if (option != 128) return option;  // not the default: the caller's
   if (const char* e = std::getenv("KVMEM_ATTN_MIN_SPLIT")) {
@@ -173,7 +163,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       uint64_t split = balanced_split;
       uint64_t task_tokens = 0;
       for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
-      if (C == 1 && options.splits_per_task == 0 && one_wave && EvenSplits()) {
+      if (C == 1 && options.splits_per_task == 0 && one_wave) {
         // One wave: the same splits, evened out (the fullest SM sets the time).
         split = EvenSplit(static_cast<uint32_t>(std::min<uint64_t>(task_tokens, UINT32_MAX)),
                           static_cast<uint32_t>(balanced_split));
