@@ -14,7 +14,6 @@ namespace {
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
 using ::kvmem::kernels::detail::AttendTaskDesc;
-using ::kvmem::kernels::detail::EvenSplit;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
 
 size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -122,8 +121,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
                                                 resident - std::min<uint64_t>(resident, num_tasks));
   }
   uint64_t balanced_split = (total + target - 1) / target;
-  const bool one_wave = resident > 0 && num_tasks <= resident;
-  if (one_wave) {
+  if (resident > 0 && num_tasks <= resident) {
     // One wave of even splits: each task gets at most resident / tasks splits, sized by the
     // longest task (H200, 64 tasks of ~2100 tokens: 4 x 576 = 256 blocks, 31.1 us, against
     // 221 blocks of 704 tokens by the token total, 33.3 us; bench/results/h200_run12.json).
@@ -144,7 +142,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
     // context beside sparse heads, needs more splits than the others: token-balanced splits).
     C = AttendTaskClusterSize(options.cluster, resident, num_tasks, D, G, p0.kv_dtype);
   }
-  uint64_t max_split = 0;  // the longest task split (reported unless all share balanced_split)
+  uint64_t max_split = 0;  // with splits_per_task: the longest task split (reported)
 
   // Two passes over the same walk of every task's spans: the first counts each item's runs (so
   // the layout, and with it every run's place, is known), the second writes the runs straight
@@ -161,13 +159,9 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       uint32_t first, last;
       HeadSpans(p, h, &first, &last);
       uint64_t split = balanced_split;
-      uint64_t task_tokens = 0;
-      for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
-      if (C == 1 && options.splits_per_task == 0 && one_wave) {
-        // One wave: the same splits, evened out (the fullest SM sets the time).
-        split = EvenSplit(static_cast<uint32_t>(std::min<uint64_t>(task_tokens, UINT32_MAX)),
-                          static_cast<uint32_t>(balanced_split));
-      } else if (C > 1 || options.splits_per_task > 0) {
+      if (C > 1 || options.splits_per_task > 0) {
+        uint64_t task_tokens = 0;
+        for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
         split = C > 1 ? std::max<uint64_t>(16, AlignUp((task_tokens + C - 1) / C, 16))
                       : std::max<uint64_t>(64, AlignUp((task_tokens + options.splits_per_task - 1) /
                                                            options.splits_per_task,
@@ -282,8 +276,8 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   plan->num_items = static_cast<uint32_t>(items.size());
   plan->num_runs = static_cast<uint32_t>(num_runs);
   plan->run_stride = strided ? max_runs : 0;
-  plan->split_tokens = static_cast<uint32_t>(
-      options.splits_per_task > 0 || C > 1 || one_wave ? max_split : balanced_split);
+  plan->split_tokens =
+      static_cast<uint32_t>(options.splits_per_task > 0 || C > 1 ? max_split : balanced_split);
   plan->cluster_size = C;
   plan->total_tokens = total;
   plan->kv_dtype = p0.kv_dtype;

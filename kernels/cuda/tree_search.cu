@@ -50,7 +50,6 @@ namespace cg = cooperative_groups;
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
-using ::kvmem::kernels::detail::EvenSplit;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
 using ::kvmem::kernels::detail::SearchTaskDesc;
 
@@ -1378,12 +1377,7 @@ __device__ __forceinline__ void TreeSearchBody(
   __syncthreads();
   KVMEM_TRACE(25);
   const uint32_t R = sm.run_count, T = sm.total_tokens;
-  // The planned splits (sized for the most tokens the task could attend) evened out over the
-  // tokens it does attend: no more splits, none fuller than planned (when more tokens came than
-  // planned, the last split takes the rest, as planned).
-  const uint32_t ns = min(task.num_splits, kMaxSplits);
-  const uint32_t split = T <= uint64_t{ns} * task.split_tokens ? EvenSplit(T, task.split_tokens)
-                                                               : task.split_tokens;
+  const uint32_t ns = min(task.num_splits, kMaxSplits), split = task.split_tokens;
   const bool failed = sm.status != 0;
   // First run of each split: the run holding its first token (the last split takes the rest).
   for (uint32_t i = tid; i <= ns; i += kThreads) sm.item_first_run[i] = R;

@@ -9,21 +9,6 @@ namespace kvmem::kernels::detail {
 // Runs per item are capped so an item's run table fits in shared memory.
 constexpr uint32_t kMaxRunsPerItem = 256;
 
-// A task of `tokens` tokens cut at `split` tokens per split (a multiple of 16) fills all its
-// splits but the last, which may be almost empty. In a single wave of blocks the time is the
-// fullest SM's, so the same number of splits of even size (rounded up to 16 tokens: the
-// kernels' tile) is faster: at most `split`, never more splits. Both planners use it: PlanAttend
-// for the tasks it knows, the GPU search for each task once it knows its tokens.
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline uint32_t EvenSplit(uint32_t tokens, uint32_t split) {
-  if (tokens == 0 || split == 0) return split;
-  const uint32_t n = (tokens + split - 1) / split;
-  const uint32_t even = ((tokens + n - 1) / n + 15) / 16 * 16;
-  return even < split ? even : split;
-}
-
 struct AttendTaskDesc {  // one (problem, KV head)
   const void* pool;
   const void* q;  // first query head of the group: q + kv_head * G * D

@@ -325,27 +325,6 @@ TEST(AttendPlan, CoversEveryTokenOnce) {
 // attend their budget. The planner cuts tasks by tokens, so the retrieval head gets splits in
 // proportion to its tokens and no split does more work than another (host-only planning, no
 // device needed).
-// EvenSplit (both planners, one wave of blocks): the same number of splits as `split`, none
-// larger, sizes in 16-token tiles, and the fullest at most one tile over the mean.
-TEST(AttendPlan, EvenSplitKeepsTheSplitCountAndEvensTheSizes) {
-  auto rng = FreshRng();
-  std::uniform_int_distribution<uint32_t> tok(1, 70000), sp(1, 64);
-  for (int i = 0; i < 20000; ++i) {
-    const uint32_t tokens = tok(rng), split = 16 * sp(rng);
-    const uint32_t even = detail::EvenSplit(tokens, split);
-    SCOPED_TRACE(std::to_string(tokens) + " tokens, split " + std::to_string(split));
-    ASSERT_LE(even, split);
-    ASSERT_EQ(even % 16, 0u);
-    const uint32_t n = (tokens + split - 1) / split;
-    ASSERT_EQ((tokens + even - 1) / even, n);  // no more, no fewer splits
-    ASSERT_LT(even, (tokens + n - 1) / n + 16);  // within a tile of the mean
-  }
-  // Run 24's batch-8 budget-1024 tasks (~1100 tokens at 320 per split: 320 x 3 + 140).
-  EXPECT_EQ(detail::EvenSplit(1100, 320), 288u);
-  EXPECT_EQ(detail::EvenSplit(1280, 320), 320u);  // already even
-  EXPECT_EQ(detail::EvenSplit(0, 320), 320u);
-}
-
 TEST(AttendPlan, RetrievalHeadsGetProportionallyMoreSplits) {
   const uint32_t hq = 16, hkv = 4, D = 128;
   std::vector<KVSpan> spans;
