@@ -168,48 +168,53 @@ class DevicePool final : public KVPool {
     const size_t out_room = Room(out_bytes);
     const size_t lse_bytes = size_t{a.q_heads} * sizeof(float);
     const size_t lse_room = Room(lse_bytes);
-    const size_t io_room = q_room + out_room + lse_room;
+    const size_t res_bytes = size_t{a.kv_heads} * sizeof(kernels::cuda::SearchTaskResult);
+    const size_t res_room = Room(res_bytes);
+    // One device buffer [out | lse | results | q | workspace]: q and the plan image (at the
+    // workspace's start) go up in one copy, out, lse and the per-head results come back in one,
+    // and neither carries bytes the other direction needs (the image stays on the device).
+    const size_t io_room = out_room + lse_room + res_room + q_room;
     // KVMEM_DEVICE_RESULTS=mapped: the attention writes out and lse, and the search its
     // per-head results, straight into mapped pinned host memory [out | lse | results]: no copy
     // back. Not for requests that want the selection (that stays in the workspace).
     const bool mapped = MappedResults() && !req->want_selection;
-    const size_t res_bytes = size_t{a.kv_heads} * sizeof(kernels::cuda::SearchTaskResult);
     if (mapped) KVMEM_RETURN_IF_ERROR(GrowMapped(out_room + lse_room + res_bytes));
     uint8_t* m_out = mapped ? mapped_dev_ : nullptr;
-    auto* m_res = mapped ? reinterpret_cast<kernels::cuda::SearchTaskResult*>(m_out + out_room + lse_room)
-                         : nullptr;
-    // One device buffer [q | out | lse | workspace], so q and the plan image go up in one copy.
     // The plan holds the q / out / lse pointers: plan again when the buffer had to grow.
     kernels::cuda::SearchAttendPlan plan;
     uint8_t* d_in = nullptr;
     for (int pass = 0;; ++pass) {
       if (d_sws_ == nullptr) KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, io_room + (1u << 20)));
       d_in = static_cast<uint8_t*>(d_sws_);
+      uint8_t* out_base = mapped ? m_out : d_in;
       dev.attend.pool = base_;
-      dev.attend.q = d_in;
-      dev.attend.out = mapped ? m_out : d_in + q_room;
-      dev.attend.lse = reinterpret_cast<float*>(mapped ? m_out + out_room : d_in + q_room + out_room);
+      dev.attend.q = d_in + io_room - q_room;
+      dev.attend.out = out_base;
+      dev.attend.lse = reinterpret_cast<float*>(out_base + out_room);
       KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
       if (io_room + plan.workspace_bytes <= sws_bytes_) break;
       if (pass > 0) return Internal("device search: workspace did not grow");
       KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, io_room + plan.workspace_bytes));
     }
+    uint8_t* d_q = d_in + io_room - q_room;
     uint8_t* d_ws = d_in + io_room;
-    // Pinned staging: [q | (out, lse: not read) | plan image] up in one copy, and one copy
-    // down of [out | lse | image | results (+ selection)] (the planner puts the results right
-    // after the image), so the copies are truly asynchronous.
-    const size_t res_end = req->want_selection ? plan.runs_off
-                                               : plan.results_off + plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult);
-    const size_t up = io_room + plan.image.size();
-    const size_t down = mapped ? 0 : (io_room - q_room) + res_end;
-    KVMEM_RETURN_IF_ERROR(GrowPinned(up + down + 256));
+    auto* d_res = reinterpret_cast<kernels::cuda::SearchTaskResult*>(
+        (mapped ? m_out : d_in) + out_room + lse_room);
+    // Pinned staging: [q | plan image] up in one copy, [out | lse | results] down in one (and,
+    // when the request wants it, the selection from the workspace in a second), so the copies
+    // are truly asynchronous.
+    const size_t up = q_room + plan.image.size();
+    const size_t down = mapped ? 0 : out_room + lse_room + res_bytes;
+    const size_t sel_bytes = req->want_selection ? plan.runs_off - plan.selected_off : 0;
+    KVMEM_RETURN_IF_ERROR(GrowPinned(Room(up) + Room(down) + sel_bytes + 256));
     uint8_t* h_up = pinned_;
     uint8_t* h_down = pinned_ + Room(up);
+    uint8_t* h_sel = h_down + Room(down);
     // Not with graphs (a replay repeats the parameters it was captured with).
     const bool try_inline = !GraphSubmit() && InlineSubmit();
     auto stage = [&] {
       std::memcpy(h_up, a.q, q_bytes);
-      std::memcpy(h_up + io_room, plan.image.data(), plan.image.size());
+      std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
     };
     if (!try_inline) stage();
     phase(AttendPhase::kDevicePlan);
@@ -226,21 +231,25 @@ class DevicePool final : public KVPool {
       if (try_inline) {
         // q and the plan image as the search's kernel parameters: no upload on the stream.
         mark(1);
-        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendInline(plan, d_ws, a.q, q_bytes, d_in,
-                                                                      m_res, stream_, &launched));
+        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendInline(plan, d_ws, a.q, q_bytes, d_q,
+                                                                      d_res, stream_, &launched));
       }
       if (!launched) {
         if (try_inline) stage();
-        KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_up, up, cudaMemcpyHostToDevice, stream_),
+        KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_q, h_up, up, cudaMemcpyHostToDevice, stream_),
                                    "stage q and the search plan"));
         mark(1);
-        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, m_res, stream_));
+        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, d_res, stream_));
       }
       mark(2);
       if (mapped) return Status::OK();
-      KVMEM_RETURN_IF_ERROR(
-          Cuda(cudaMemcpyAsync(h_down, d_in + q_room, down, cudaMemcpyDeviceToHost, stream_),
-               "copy out and the search results"));
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_down, d_in, down, cudaMemcpyDeviceToHost, stream_),
+                                 "copy out and the search results"));
+      if (sel_bytes > 0) {
+        KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_sel, d_ws + plan.selected_off, sel_bytes,
+                                                   cudaMemcpyDeviceToHost, stream_),
+                                   "copy the selection"));
+      }
       mark(3);
       return Status::OK();
     };
@@ -249,14 +258,14 @@ class DevicePool final : public KVPool {
       // Everything a replay depends on besides the bytes in the pinned staging (which the graph's
       // copy reads when it runs): addresses, sizes, the plan's layout and launch shapes.
       const GraphKey key{reinterpret_cast<uint64_t>(d_in), reinterpret_cast<uint64_t>(h_up),
-                         reinterpret_cast<uint64_t>(h_down), up, down, q_room,
+                         reinterpret_cast<uint64_t>(h_down), up, down, q_room | sel_bytes << 32,
                          plan.num_tasks, plan.num_items, plan.max_selected, plan.head_dim,
                          plan.group, static_cast<uint64_t>(plan.kv_dtype),
                          static_cast<uint64_t>(plan.q_dtype), static_cast<uint64_t>(plan.out_dtype),
                          plan.tasks_off, plan.items_off, plan.runs_off, plan.counters_off,
                          plan.results_off, plan.selected_off, plan.scores_off, plan.scratch_off,
                          plan.partials_off, plan.cluster_size, plan.attend_cluster,
-                         reinterpret_cast<uint64_t>(m_res)};
+                         reinterpret_cast<uint64_t>(d_res)};
       exec = GraphFor(key, enqueue);
     }
     if (exec != nullptr) {
@@ -278,16 +287,15 @@ class DevicePool final : public KVPool {
     }
     std::memcpy(a.out, h_down, out_bytes);
     if (a.lse) std::memcpy(a.lse, h_down + out_room, lse_bytes);
-    const uint8_t* res = h_down + (io_room - q_room) + plan.results_off;
     reply->heads.resize(plan.num_tasks);
-    std::memcpy(reply->heads.data(), res, plan.num_tasks * sizeof(kernels::cuda::SearchTaskResult));
+    std::memcpy(reply->heads.data(), h_down + out_room + lse_room, res_bytes);
     reply->max_selected = plan.max_selected;
     if (req->want_selection) {
       const size_t n = size_t{plan.num_tasks} * plan.max_selected;
       reply->selected.resize(n);
       reply->scores.resize(n);
-      std::memcpy(reply->selected.data(), res + (plan.selected_off - plan.results_off), n * 4);
-      std::memcpy(reply->scores.data(), res + (plan.scores_off - plan.results_off), n * 4);
+      std::memcpy(reply->selected.data(), h_sel, n * 4);
+      std::memcpy(reply->scores.data(), h_sel + (plan.scores_off - plan.selected_off), n * 4);
     }
     return Status::OK();
   }
