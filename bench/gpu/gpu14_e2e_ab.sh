@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call of session 13 for the e2e Attend: the integration tests on the staged kvmemd,
+# then ROUNDS (3) interleaved rounds of kvmem-bench-e2e at CONTEXTS (131072) with the staged
+# kvmemd ("new") and with $G/b/bin_old/kvmemd ("old": a kvmemd of another commit, copied there by
+# hand next to a copy of the same kvmem-bench-e2e, which starts the kvmemd beside it), and the
+# search + sparse row it is held against (kvmem-bench-gpu, 128K batch 1 budget 2048). Everything
+# goes into $OUT/all.tgz; the table is printed last.
+# Staged by scripts/stage_gpu_search.sh BUILD MAIN integration (RUN_SCRIPT=bench/gpu/gpu14_e2e_ab.sh).
+#   bash .gpu9/run.sh
+FINAL_OUT=${OUT:-/tmp/out}
+export OUT=/tmp/w14
+. "$(dirname "$0")/run_common.sh"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+echo "== integration tests ($(el)s)"
+parity device_search_test e2e_test "KVMEM_DEVICE_INLINE=on e2e_test" "KVMEM_DEVICE_SUBMIT=graph device_search_test" \
+  "KVMEM_DEVICE_RESULTS=mapped device_search_test" "KVMEM_SOURCE_DIR=$PWD backends_test" hybrid_test
+cp $G/b/bin/kvmem-bench-e2e $G/b/bin_old/ 2>/dev/null
+for round in $(seq 1 ${ROUNDS:-3}); do
+  for v in new old; do
+    bin=$G/b/bin; [[ $v == old ]] && bin=$G/b/bin_old
+    [[ -x $bin/kvmemd ]] || continue
+    LD_LIBRARY_PATH=$PWD/$G/b/lib UCX_MODULE_DIR=$PWD/$G/b/lib/ucx timeout 120 $bin/kvmem-bench-e2e \
+      --json "$OUT/e2e_${v}_r$round.json" --contexts ${CONTEXTS:-131072} --iters ${ITERS:-200} > /tmp/e2e.log 2>&1
+    echo "[r$round $v] rc=$? ($(el)s)"; { echo "### r$round $v"; cat /tmp/e2e.log; } >> "$OUT/e2e_raw.txt"
+  done
+done
+timeout 100 $G/b/run kvmem-bench-gpu --json "$OUT/ref.json" --commit "$(cat $G/COMMIT)" \
+  --contexts 131072 --batches 1 --budgets 2048 > "$OUT/ref.log" 2>&1
+echo "ref rc=$? ($(el)s)"
+python3 - "$OUT" <<'PY' | tee "$OUT/e2e_ab.txt"
+import glob, json, re, sys
+out = sys.argv[1]
+rows = {}
+for p in sorted(glob.glob(f"{out}/e2e_*_r*.json")):
+    v, r = re.search(r"e2e_(\w+)_r(\d+)", p).groups()
+    for x in json.load(open(p))["results"]:
+        if x["method"] == "kvmem_e2e_attend":
+            rows.setdefault((x["context"], v), []).append(x)
+for (ctx, v), xs in sorted(rows.items()):
+    extra = " ".join(f"{k}={xs[-1][k]:.1f}" for k in sorted(xs[-1]) if k.endswith("_us") and isinstance(xs[-1][k], (int, float)))
+    print(f"e2e {ctx} {v}: " + " / ".join(f"{x['us_per_layer']:.1f}" for x in xs) + f"   (last: {extra})")
+try:
+    for x in json.load(open(f"{out}/ref.json"))["results"]:
+        if x["method"] in ("kvmem_search_sparse", "kvmem_search", "kvmem_sparse_attn"):
+            print(f"ref {x['method']} {x['context']} B{x['batch']} {x['budget']}: {x['us_per_layer']:.1f}")
+except Exception as e:
+    print("ref missing", e)
+PY
+tar -czf "$FINAL_OUT/all.tgz" -C "$OUT" .
