@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call of session 13 for the e2e Attend: the integration tests on the staged kvmemd,
-# then ROUNDS (3) interleaved rounds of kvmem-bench-e2e at CONTEXTS (131072) with the staged
-# kvmemd ("new") and with $G/b/bin_old/kvmemd ("old": a kvmemd of another commit, copied there by
-# hand next to a copy of the same kvmem-bench-e2e, which starts the kvmemd beside it), and the
+# then ROUNDS (3) interleaved rounds of kvmem-bench-e2e at CONTEXTS (131072) for each E2E_AB
+# setting (';'-separated: "new", or "old" for $G/b/bin_old/kvmemd, a kvmemd of another commit
+# copied there by hand next to a copy of the same kvmem-bench-e2e, which starts the kvmemd beside
+# it; plus VAR=VALUE words for kvmemd's environment), and the
 # search + sparse row it is held against (kvmem-bench-gpu, 128K batch 1 budget 2048). Everything
 # goes into $OUT/all.tgz; the table is printed last.
 # Staged by scripts/stage_gpu_search.sh BUILD MAIN integration (RUN_SCRIPT=bench/gpu/gpu14_e2e_ab.sh).
@@ -12,27 +13,33 @@ export OUT=/tmp/w14
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 echo "== integration tests ($(el)s)"
-parity device_search_test e2e_test "KVMEM_DEVICE_INLINE=on e2e_test" "KVMEM_DEVICE_SUBMIT=graph device_search_test" \
-  "KVMEM_DEVICE_RESULTS=mapped device_search_test" "KVMEM_SOURCE_DIR=$PWD backends_test" hybrid_test
+IFS=";" read -r -a TESTS <<< "${TESTS:-device_search_test;e2e_test;KVMEM_DEVICE_INLINE=on e2e_test;KVMEM_DEVICE_SUBMIT=graph device_search_test;KVMEM_DEVICE_RESULTS=mapped device_search_test;KVMEM_SOURCE_DIR=$PWD backends_test;hybrid_test}"
+parity "${TESTS[@]}"
 cp $G/b/bin/kvmem-bench-e2e $G/b/bin_old/ 2>/dev/null
+# E2E_AB: ';'-separated settings, each "[old] [VAR=VALUE ...]" ("old": $G/b/bin_old's kvmemd).
+IFS=";" read -r -a ABS <<< "${E2E_AB:-new;old}"
 for round in $(seq 1 ${ROUNDS:-3}); do
-  for v in new old; do
-    bin=$G/b/bin; [[ $v == old ]] && bin=$G/b/bin_old
+  for i in "${!ABS[@]}"; do
+    words=(${ABS[$i]}); bin=$G/b/bin; envs=()
+    for w in "${words[@]}"; do
+      if [[ $w == old ]]; then bin=$G/b/bin_old; elif [[ $w == *=* ]]; then envs+=("$w"); fi
+    done
     [[ -x $bin/kvmemd ]] || continue
-    LD_LIBRARY_PATH=$PWD/$G/b/lib UCX_MODULE_DIR=$PWD/$G/b/lib/ucx timeout 120 $bin/kvmem-bench-e2e \
-      --json "$OUT/e2e_${v}_r$round.json" --contexts ${CONTEXTS:-131072} --iters ${ITERS:-200} > /tmp/e2e.log 2>&1
-    echo "[r$round $v] rc=$? ($(el)s)"; { echo "### r$round $v"; cat /tmp/e2e.log; } >> "$OUT/e2e_raw.txt"
+    env "${envs[@]}" LD_LIBRARY_PATH=$PWD/$G/b/lib UCX_MODULE_DIR=$PWD/$G/b/lib/ucx timeout 120 $bin/kvmem-bench-e2e \
+      --json "$OUT/e2e_${i}_r$round.json" --contexts ${CONTEXTS:-131072} --iters ${ITERS:-200} > /tmp/e2e.log 2>&1
+    echo "[r$round ${ABS[$i]}] rc=$? ($(el)s)"; { echo "### r$round ${ABS[$i]}"; cat /tmp/e2e.log; } >> "$OUT/e2e_raw.txt"
   done
 done
 timeout 100 $G/b/run kvmem-bench-gpu --json "$OUT/ref.json" --commit "$(cat $G/COMMIT)" \
   --contexts 131072 --batches 1 --budgets 2048 > "$OUT/ref.log" 2>&1
 echo "ref rc=$? ($(el)s)"
-python3 - "$OUT" <<'PY' | tee "$OUT/e2e_ab.txt"
+python3 - "$OUT" "${ABS[@]}" <<'PY' | tee "$OUT/e2e_ab.txt"
 import glob, json, re, sys
-out = sys.argv[1]
+out, names = sys.argv[1], sys.argv[2:]
 rows = {}
 for p in sorted(glob.glob(f"{out}/e2e_*_r*.json")):
-    v, r = re.search(r"e2e_(\w+)_r(\d+)", p).groups()
+    i, r = re.search(r"e2e_(\d+)_r(\d+)", p).groups()
+    v = names[int(i)]
     for x in json.load(open(p))["results"]:
         if x["method"] == "kvmem_e2e_attend":
             rows.setdefault((x["context"], v), []).append(x)
