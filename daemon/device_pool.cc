@@ -38,9 +38,7 @@ class DevicePool final : public KVPool {
     }
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
-    for (Mapped* m : {&mapped_, &mapped_src_}) {
-      if (m->host) cudaFreeHost(m->host);
-    }
+    if (mapped_) cudaFreeHost(mapped_);
     for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_})
       if (p) cudaFree(p);
   }
@@ -180,8 +178,8 @@ class DevicePool final : public KVPool {
     // per-head results, straight into mapped pinned host memory [out | lse | results]: no copy
     // back. Not for requests that want the selection (that stays in the workspace).
     const bool mapped = MappedResults() && !req->want_selection;
-    if (mapped) KVMEM_RETURN_IF_ERROR(GrowMapped(&mapped_, out_room + lse_room + res_bytes));
-    uint8_t* m_out = mapped ? mapped_.dev : nullptr;
+    if (mapped) KVMEM_RETURN_IF_ERROR(GrowMapped(out_room + lse_room + res_bytes));
+    uint8_t* m_out = mapped ? mapped_dev_ : nullptr;
     // The plan holds the q / out / lse pointers: plan again when the buffer had to grow.
     kernels::cuda::SearchAttendPlan plan;
     uint8_t* d_in = nullptr;
@@ -214,19 +212,11 @@ class DevicePool final : public KVPool {
     uint8_t* h_sel = h_down + Room(down);
     // Not with graphs (a replay repeats the parameters it was captured with).
     const bool try_inline = !GraphSubmit() && InlineSubmit();
-    const bool try_mapped = !GraphSubmit() && MappedSource();
     auto stage = [&] {
       std::memcpy(h_up, a.q, q_bytes);
       std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
     };
-    if (try_mapped) {  // [q | image] where the search reads it (the last request has completed)
-      const size_t image_off = kernels::cuda::SearchMappedImageOffset(q_bytes);
-      KVMEM_RETURN_IF_ERROR(GrowMapped(&mapped_src_, image_off + plan.image.size()));
-      std::memcpy(mapped_src_.host, a.q, q_bytes);
-      std::memcpy(mapped_src_.host + image_off, plan.image.data(), plan.image.size());
-    } else if (!try_inline) {
-      stage();
-    }
+    if (!try_inline) stage();
     phase(AttendPhase::kDevicePlan);
     // KVMEM_DEVICE_TIMELINE=1: events around each stream operation (not with graphs).
     const bool timeline = Timeline() && !GraphSubmit() && EnsureEvents().ok();
@@ -238,19 +228,14 @@ class DevicePool final : public KVPool {
     auto enqueue = [&]() -> Status {
       mark(0);
       bool launched = false;
-      if (try_mapped) {
-        // q and the plan image read by the search from mapped host memory: no upload.
-        mark(1);
-        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendMapped(
-            plan, d_ws, d_q, q_bytes, mapped_src_.dev, d_res, stream_, &launched));
-      } else if (try_inline) {
+      if (try_inline) {
         // q and the plan image as the search's kernel parameters: no upload on the stream.
         mark(1);
         KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendInline(plan, d_ws, a.q, q_bytes, d_q,
                                                                       d_res, stream_, &launched));
       }
       if (!launched) {
-        if (try_inline || try_mapped) stage();
+        if (try_inline) stage();
         KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_q, h_up, up, cudaMemcpyHostToDevice, stream_),
                                    "stage q and the search plan"));
         mark(1);
@@ -293,10 +278,10 @@ class DevicePool final : public KVPool {
     phase(AttendPhase::kDeviceWait);
     if (timeline) ObserveTimeline(t_enqueue, mapped ? 2 : 3);
     if (mapped) {
-      std::memcpy(a.out, mapped_.host, out_bytes);
-      if (a.lse) std::memcpy(a.lse, mapped_.host + out_room, lse_bytes);
+      std::memcpy(a.out, mapped_, out_bytes);
+      if (a.lse) std::memcpy(a.lse, mapped_ + out_room, lse_bytes);
       reply->heads.resize(plan.num_tasks);
-      std::memcpy(reply->heads.data(), mapped_.host + out_room + lse_room, res_bytes);
+      std::memcpy(reply->heads.data(), mapped_ + out_room + lse_room, res_bytes);
       reply->max_selected = plan.max_selected;
       return Status::OK();
     }
@@ -499,31 +484,20 @@ class DevicePool final : public KVPool {
     static const bool on = EnvIs("KVMEM_DEVICE_INLINE", "on");
     return on;
   }
-  // KVMEM_DEVICE_INLINE=mapped: the search reads q and the plan image from mapped pinned host
-  // memory (LaunchSearchAttendMapped): no upload on the stream, one API call fewer before the
-  // search starts.
-  static bool MappedSource() {
-    static const bool on = EnvIs("KVMEM_DEVICE_INLINE", "mapped");
-    return on;
-  }
-  // Grow-only mapped pinned host memory: a host view and its device address.
-  struct Mapped {
-    uint8_t* host = nullptr;
-    uint8_t* dev = nullptr;
-    size_t bytes = 0;
-  };
-  static Status GrowMapped(Mapped* m, size_t need) {
-    if (need <= m->bytes) return Status::OK();
-    if (m->host) cudaFreeHost(m->host);
-    *m = Mapped{};
+  // Grow-only mapped pinned host memory the kernels write the device search's outputs into.
+  Status GrowMapped(size_t need) {
+    if (need <= mapped_bytes_) return Status::OK();
+    if (mapped_) cudaFreeHost(mapped_);
+    mapped_ = mapped_dev_ = nullptr;
+    mapped_bytes_ = 0;
     const size_t bytes = std::max<size_t>(need, 64 << 10);
     void* p = nullptr;
     void* d = nullptr;
     KVMEM_RETURN_IF_ERROR(Cuda(cudaHostAlloc(&p, bytes, cudaHostAllocMapped), "cudaHostAlloc mapped"));
-    m->host = static_cast<uint8_t*>(p);
+    mapped_ = static_cast<uint8_t*>(p);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaHostGetDevicePointer(&d, p, 0), "cudaHostGetDevicePointer"));
-    m->dev = static_cast<uint8_t*>(d);
-    m->bytes = bytes;
+    mapped_dev_ = static_cast<uint8_t*>(d);
+    mapped_bytes_ = bytes;
     return Status::OK();
   }
   using GraphKey = std::array<uint64_t, 26>;
@@ -602,8 +576,9 @@ class DevicePool final : public KVPool {
   kernels::cuda::AttendPlan attend_plan_;  // Attend's, kept for its image's capacity
   std::map<GraphKey, cudaGraphExec_t> graphs_;  // KVMEM_DEVICE_SUBMIT=graph
   bool graph_failed_ = false;
-  Mapped mapped_;      // KVMEM_DEVICE_RESULTS=mapped: what the kernels write
-  Mapped mapped_src_;  // KVMEM_DEVICE_INLINE=mapped: what the search reads
+  uint8_t* mapped_ = nullptr;      // KVMEM_DEVICE_RESULTS=mapped: host view
+  uint8_t* mapped_dev_ = nullptr;  // its device address
+  size_t mapped_bytes_ = 0;
   cudaEvent_t events_[4] = {};  // KVMEM_DEVICE_TIMELINE=1
 };
 

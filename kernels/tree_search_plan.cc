@@ -172,11 +172,6 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.group = G;
       void* out = static_cast<uint8_t*>(a.out) + size_t{h} * G * D * osz;
       float* lse = a.lse ? a.lse + size_t{h} * G : nullptr;
-      d.pool = a.pool;
-      d.out = out;
-      d.lse = lse;
-      d.scale = a.scale;
-      d.partial_base = partial_slots;
       for (uint32_t s = 0; s < splits; ++s, ++item) {
         AttendItemDesc& it = items[item];  // zero-filled by assign
         it.pool = a.pool;

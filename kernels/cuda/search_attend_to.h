@@ -24,18 +24,4 @@ Status LaunchSearchAttendInline(const SearchAttendPlan& plan, void* workspace, c
                                 size_t q_bytes, void* q_dev, SearchTaskResult* results,
                                 void* stream, bool* launched);
 
-// Where the plan image starts in a mapped launch's source buffer: [q (q_bytes) | image].
-size_t SearchMappedImageOffset(size_t q_bytes);
-
-// As LaunchSearchAttendTo with nothing uploaded before it: the search reads q and the plan image
-// from mapped pinned host memory, src_dev (its device address) = [q (q_bytes) | plan image at
-// SearchMappedImageOffset(q_bytes)], which the caller keeps unchanged until the launches have
-// completed; it copies each task's q to q_dev (where the plan's q pointers point), writes the
-// attention's items and zeroes its merge counters. *launched = false (and nothing enqueued)
-// unless task t's q is at q_dev + t * (group x head_dim q values), one problem's q as the daemon
-// plans; the caller then uploads and uses LaunchSearchAttendTo.
-Status LaunchSearchAttendMapped(const SearchAttendPlan& plan, void* workspace, const void* q_dev,
-                                size_t q_bytes, const void* src_dev, SearchTaskResult* results,
-                                void* stream, bool* launched);
-
 }  // namespace kvmem::kernels::cuda

@@ -458,17 +458,14 @@ __device__ __forceinline__ uint32_t CountedTokens(uint64_t start, uint32_t token
 }
 
 // An inline launch (LaunchSearchAttendInline) carries q and the plan image in the kernel's
-// parameters, a mapped launch (LaunchSearchAttendMapped) reads them from mapped pinned host
-// memory: the search reads them there, copies each task's q to where the plan's q pointers
-// point (the attention reads it there), writes the attention's items whole (from its task's
-// record) and zeroes its merge counters. Null fields: a regular launch (the plan image was
-// uploaded to the workspace).
+// parameters: the search reads them there, copies each task's q to where the plan's q pointers
+// point (the attention reads it there), writes the attention's items whole and zeroes its merge
+// counters. Null fields: a regular launch (the plan image was uploaded to the workspace).
 struct InlineSource {
-  const uint8_t* q = nullptr;      // q in the parameters or in host memory
+  const uint8_t* q = nullptr;      // q in the parameters
   const uint8_t* q_dev = nullptr;  // where the plan's q pointers point
+  const AttendItemDesc* items = nullptr;  // the plan's items, in the parameters
   uint32_t* counters = nullptr;    // the attention's per-task merge counters
-  uint32_t q_task_bytes = 0;       // mapped: task t's q at q + t * q_task_bytes (one problem)
-  uint32_t group = 0;              // mapped: query heads per task
 };
 
 // One thread-block cluster of N blocks per (problem, KV head); rank 0 runs the search's control
@@ -476,7 +473,7 @@ struct InlineSource {
 // scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on
 // `rank` is uniform within a block, and every cluster barrier is reached by all ranks of the
 // cluster.
-template <int D, bool kTrace, bool kInline, bool kMapped = false>
+template <int D, bool kTrace, bool kInline>
 __device__ __forceinline__ void TreeSearchBody(
     const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
     SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
@@ -488,30 +485,10 @@ __device__ __forceinline__ void TreeSearchBody(
   const uint32_t N = cluster.num_blocks(), rank = cluster.block_rank();
   Smem& s0 = *cluster.map_shared_rank(&sm, 0);  // rank 0's state (DSMEM)
   const uint32_t task_index = blockIdx.x / N;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // Mapped: the task's record and its q are in host memory. Both load at once (q's place follows
-  // from the task index), one round trip over the bus, and the record is read from shared memory.
-  __shared__ SearchTaskDesc mapped_task;
-  float q_pre[8] = {};  // mapped: the group's q at dim tid
-  if constexpr (kMapped) {
-    static_assert(sizeof(SearchTaskDesc) % 4 == 0);
-    if (tid < D) {
-      const uint8_t* qt = inl.q + size_t{task_index} * inl.q_task_bytes;
-      WithElemType(q_dtype, [&](auto e) {
-        using E = decltype(e);
-#pragma unroll
-        for (uint32_t g = 0; g < 8; ++g) q_pre[g] = g < inl.group ? LoadAs<E>(qt, size_t{g} * D + tid) : 0.f;
-      });
-    }
-    const auto* from = reinterpret_cast<const uint32_t*>(tasks + task_index);
-    for (uint32_t i = tid; i < sizeof(SearchTaskDesc) / 4; i += kThreads) {
-      reinterpret_cast<uint32_t*>(&mapped_task)[i] = from[i];
-    }
-    __syncthreads();
-  }
-  const SearchTaskDesc& task = kMapped ? mapped_task : tasks[task_index];
+  const SearchTaskDesc& task = tasks[task_index];
   const FlatTreeView& tree = task.tree;
   const TreeSearchParams& prm = task.params;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = lane >> 3, j = lane & 7;
   float4* chains = reinterpret_cast<float4*>(scratch + task.node_chain);
   uint32_t* my_sel = selected + size_t{task_index} * max_selected;
@@ -579,21 +556,15 @@ __device__ __forceinline__ void TreeSearchBody(
   }
   // 1. Mean query: sum over the group in order, then divide (index::QueryGroup). Every rank.
   // The group's rows load together (at most 8: the planner's limit), then sum in order.
-  static_assert(D <= kThreads, "one dim per thread (the mapped q loads)");
   for (int d = tid; d < D; d += kThreads) {
     float v[8];
-    if constexpr (kMapped) {
+    WithElemType(q_dtype, [&](auto e) {
+      using E = decltype(e);
 #pragma unroll
-      for (uint32_t g = 0; g < 8; ++g) v[g] = q_pre[g];
-    } else {
-      WithElemType(q_dtype, [&](auto e) {
-        using E = decltype(e);
-#pragma unroll
-        for (uint32_t g = 0; g < 8; ++g) {
-          v[g] = g < task.group ? LoadAs<E>(kInline ? task_q : task.q, size_t{g} * D + d) : 0.f;
-        }
-      });
-    }
+      for (uint32_t g = 0; g < 8; ++g) {
+        v[g] = g < task.group ? LoadAs<E>(kInline ? task_q : task.q, size_t{g} * D + d) : 0.f;
+      }
+    });
     float m = 0.f;
 #pragma unroll
     for (uint32_t g = 0; g < 8; ++g) {
@@ -1460,26 +1431,9 @@ __device__ __forceinline__ void TreeSearchBody(
           AttendRunDesc{k0 + uint64_t{at} * D, v0 + uint64_t{at} * D, b - a, 0};
     }
   }
-  // Split i's item as the planner wrote it into the image (an inline or mapped launch writes it
-  // whole: nothing was uploaded).
-  auto planned_item = [&](uint32_t i) {
-    AttendItemDesc it{};
-    it.pool = task.pool;
-    it.q = task.q;
-    it.out = task.out;
-    it.lse = task.lse;
-    it.scale = task.scale;
-    it.num_splits = task.num_splits;
-    it.partial_base = task.partial_base;
-    it.task = task_index;
-    it.split = i;
-    it.run_begin = (task.first_item + i) * kMaxRunsPerItem;
-    it.run_end = it.run_begin;
-    return it;
-  };
   for (uint32_t i = tid; i < ns; i += kThreads) {
-    if constexpr (kInline) {  // the item whole
-      AttendItemDesc it = planned_item(i);
+    if constexpr (kInline) {  // the item whole, from the parameters
+      AttendItemDesc it = inl.items[task.first_item + i];
       const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
       const uint32_t count = ok_runs ? sm.item_count[i] : 0;
       it.run_end = it.run_begin + count;
@@ -1496,7 +1450,7 @@ __device__ __forceinline__ void TreeSearchBody(
   if constexpr (kInline) {
     // The splits past kMaxSplits stay as planned (empty), as the upload would leave them.
     for (uint32_t i = ns + tid; i < task.num_splits; i += kThreads) {
-      items[task.first_item + i] = planned_item(i);
+      items[task.first_item + i] = inl.items[task.first_item + i];
     }
   }
   __syncthreads();
@@ -1547,7 +1501,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // The parameters of an inline launch: data = [q | plan image at image_off].
 struct InlineImage {
   const uint8_t* q_dev;
-  uint32_t image_off, tasks_off;
+  uint32_t image_off, tasks_off, items_off, pad;
   alignas(16) uint8_t data[kSearchInlineBytes];
 };
 
@@ -1562,32 +1516,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   InlineSource inl;
   inl.q = img.data;
   inl.q_dev = img.q_dev;
+  inl.items = reinterpret_cast<const AttendItemDesc*>(image + img.items_off);
   inl.counters = counters;
   TreeSearchBody<D, false, true>(reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items,
                            runs, results, selected, sel_scores, max_selected, scratch, q_dtype,
                            first_round, slice_slack, inl);
-}
-
-// A mapped launch: src = [q | plan image at image_off] in mapped pinned host memory (its device
-// address); task t's q at q_dev + t * q_task_bytes on the device, src + t * q_task_bytes in host
-// memory.
-template <int D>
-__global__ void __launch_bounds__(kThreads, 1)
-    TreeSearchMappedKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchTaskResult* results,
-                           uint32_t* selected, float* sel_scores, uint32_t max_selected,
-                           float* scratch, DType q_dtype, uint32_t first_round,
-                           uint32_t slice_slack, uint32_t* counters, const uint8_t* src,
-                           const uint8_t* q_dev, uint32_t image_off, uint32_t tasks_off,
-                           uint32_t q_task_bytes, uint32_t group) {
-  InlineSource inl;
-  inl.q = src;
-  inl.q_dev = q_dev;
-  inl.counters = counters;
-  inl.q_task_bytes = q_task_bytes;
-  inl.group = group;
-  TreeSearchBody<D, false, true, true>(
-      reinterpret_cast<const SearchTaskDesc*>(src + image_off + tasks_off), items, runs, results,
-      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, inl);
 }
 
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
@@ -1609,12 +1542,6 @@ cudaError_t PrepareSearchKernel() {
 template <int D>
 cudaError_t PrepareInlineKernel() {
   static const cudaError_t e = PrepareKernel(TreeSearchInlineKernel<D>);
-  return e;
-}
-
-template <int D>
-cudaError_t PrepareMappedKernel() {
-  static const cudaError_t e = PrepareKernel(TreeSearchMappedKernel<D>);
   return e;
 }
 
@@ -1723,6 +1650,7 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
   img.q_dev = static_cast<const uint8_t*>(q_dev);
   img.image_off = static_cast<uint32_t>((q_bytes + 15) / 16 * 16);
   img.tasks_off = static_cast<uint32_t>(plan.tasks_off);
+  img.items_off = static_cast<uint32_t>(plan.items_off);
   std::memcpy(img.data, q_host, q_bytes);
   std::memcpy(img.data + img.image_off, plan.image.data(), plan.image.size());
   KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
@@ -1734,28 +1662,6 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
       reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
       reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchInlineKernel");
-  return Status::OK();
-}
-
-template <int D>
-Status LaunchMapped(const SearchAttendPlan& plan, uint8_t* ws, const uint8_t* src_dev,
-                    size_t image_off, const void* q_dev, uint32_t q_task_bytes,
-                    SearchTaskResult* results, cudaStream_t s) {
-  KVMEM_CUDA_RETURN_IF_ERROR(PrepareMappedKernel<D>());
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute cl{};
-  KVMEM_RETURN_IF_ERROR(SearchLaunchConfig<D>(plan, s, &cfg, &cl));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-      &cfg, TreeSearchMappedKernel<D>, reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
-      reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
-      results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
-      reinterpret_cast<uint32_t*>(ws + plan.selected_off),
-      reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
-      reinterpret_cast<uint32_t*>(ws + plan.counters_off), src_dev,
-      static_cast<const uint8_t*>(q_dev), static_cast<uint32_t>(image_off),
-      static_cast<uint32_t>(plan.tasks_off), q_task_bytes, plan.group));
-  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchMappedKernel");
   return Status::OK();
 }
 
@@ -1847,38 +1753,6 @@ Status LaunchSearchAttendInline(const SearchAttendPlan& plan, void* workspace, c
   auto s = static_cast<cudaStream_t>(stream);
   Status st = plan.head_dim == 128 ? LaunchInline<128>(plan, ws, q_host, q_bytes, q_dev, results, s)
               : plan.head_dim == 64 ? LaunchInline<64>(plan, ws, q_host, q_bytes, q_dev, results, s)
-                                    : Unimplemented("tree search: head_dim " + std::to_string(plan.head_dim));
-  KVMEM_RETURN_IF_ERROR(st);
-  *launched = true;
-  return LaunchAttendDependent(AttendPlanOf(plan), workspace, stream, true);
-}
-
-size_t SearchMappedImageOffset(size_t q_bytes) { return (q_bytes + 15) / 16 * 16; }
-
-Status LaunchSearchAttendMapped(const SearchAttendPlan& plan, void* workspace, const void* q_dev,
-                                size_t q_bytes, const void* src_dev, SearchTaskResult* results,
-                                void* stream, bool* launched) {
-  *launched = false;
-  if (plan.num_tasks == 0) return InvalidArgument("tree search: empty plan");
-  if (workspace == nullptr || q_dev == nullptr || src_dev == nullptr) {
-    return InvalidArgument("tree search mapped: null workspace, q or source");
-  }
-  // Task t's q must be at q_dev + t * (its bytes): one problem's q, as the daemon plans.
-  const auto* descs = reinterpret_cast<const SearchTaskDesc*>(plan.image.data() + plan.tasks_off);
-  const size_t q_task = size_t{plan.group} * plan.head_dim * DTypeSize(plan.q_dtype);
-  if (q_task * plan.num_tasks > q_bytes) return Status::OK();
-  for (uint32_t t = 0; t < plan.num_tasks; ++t) {
-    if (static_cast<const uint8_t*>(descs[t].q) != static_cast<const uint8_t*>(q_dev) + t * q_task) {
-      return Status::OK();
-    }
-  }
-  auto* ws = static_cast<uint8_t*>(workspace);
-  auto s = static_cast<cudaStream_t>(stream);
-  const auto* src = static_cast<const uint8_t*>(src_dev);
-  const size_t image_off = SearchMappedImageOffset(q_bytes);
-  const auto qt = static_cast<uint32_t>(q_task);
-  Status st = plan.head_dim == 128 ? LaunchMapped<128>(plan, ws, src, image_off, q_dev, qt, results, s)
-              : plan.head_dim == 64 ? LaunchMapped<64>(plan, ws, src, image_off, q_dev, qt, results, s)
                                     : Unimplemented("tree search: head_dim " + std::to_string(plan.head_dim));
   KVMEM_RETURN_IF_ERROR(st);
   *launched = true;

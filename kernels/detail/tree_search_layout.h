@@ -26,12 +26,6 @@ struct SearchTaskDesc {
   uint32_t num_splits;
   uint32_t split_tokens;
   uint32_t group;
-  // The attention items' fields (an inline or mapped launch writes the items whole from these).
-  const void* pool;
-  void* out;
-  float* lse;
-  float scale;
-  uint32_t partial_base;
 };
 
 // A centroid row as the device search reads it (DeviceTree::Sync writes it, ScoreRows reads it):

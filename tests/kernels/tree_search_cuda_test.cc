@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <random>
 #include <set>
 #include <string>
@@ -138,21 +137,6 @@ struct RunConfig {
   // LaunchSearchAttendInline (one session): q and the plan in the kernel's parameters, over a
   // poisoned workspace that nothing is uploaded to.
   bool inline_launch = false;
-  // LaunchSearchAttendMapped (one session): q and the plan read from mapped pinned host memory,
-  // over a poisoned workspace that nothing is uploaded to.
-  bool mapped_launch = false;
-};
-
-// Mapped pinned host memory (the device's view in `dev`).
-struct MappedMem {
-  void* host = nullptr;
-  void* dev = nullptr;
-  explicit MappedMem(size_t bytes) {
-    if (cudaHostAlloc(&host, bytes, cudaHostAllocMapped) == cudaSuccess) cudaHostGetDevicePointer(&dev, host, 0);
-  }
-  ~MappedMem() { cudaFreeHost(host); }
-  MappedMem(const MappedMem&) = delete;
-  MappedMem& operator=(const MappedMem&) = delete;
 };
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
@@ -230,30 +214,17 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
   ST_OK(kc::PlanSearchAttend(probs.data(), P, opt, &plan));
   plan.cluster_size = cfg.cluster_size;
   DeviceMem ws(plan.workspace_bytes);
-  const size_t image_off = kc::SearchMappedImageOffset(q.size() * 2);
-  MappedMem src(cfg.mapped_launch ? image_off + plan.image.size() : 1);
-  if (cfg.mapped_launch) {
-    ASSERT_NE(src.dev, nullptr);
-    std::memcpy(src.host, q.data(), q.size() * 2);
-    std::memcpy(static_cast<uint8_t*>(src.host) + image_off, plan.image.data(), plan.image.size());
-  }
   auto launch = [&] {
-    bool launched = false;
-    if (cfg.mapped_launch) {
-      ST_OK(kc::LaunchSearchAttendMapped(plan, ws.p, q_d.p, q.size() * 2, src.dev, nullptr, nullptr,
-                                         &launched));
-      ASSERT_TRUE(launched);
-      return;
-    }
     if (!cfg.inline_launch) {
       ST_OK(kc::LaunchSearchAttend(plan, ws.p, nullptr));
       return;
     }
+    bool launched = false;
     ST_OK(kc::LaunchSearchAttendInline(plan, ws.p, q.data(), q.size() * 2, q_d.p, nullptr, nullptr,
                                        &launched));
     ASSERT_TRUE(launched) << "q + plan image: " << q.size() * 2 + plan.image.size() << " bytes";
   };
-  if (cfg.inline_launch || cfg.mapped_launch) {
+  if (cfg.inline_launch) {
     ASSERT_EQ(P, 1u);
     CUDA_OK(cudaMemset(ws.p, 0xff, plan.workspace_bytes));  // nothing may rely on an upload
     CUDA_OK(cudaMemset(q_d.p, 0xff, q.size() * 2));          // the search puts q there
@@ -423,25 +394,6 @@ TEST(TreeSearchCuda, InlineLaunchMatchesCpu) {
     }
     RunConfig cfg{500, 40, 100, cluster};  // a recent window and chunks straddling the sinks
     cfg.inline_launch = true;
-    CheckSessions(rng, {s}, cfg);
-  }
-}
-
-TEST(TreeSearchCuda, MappedLaunchMatchesCpu) {
-  SKIP_WITHOUT_GPU();
-  auto rng = FreshRng();
-  std::vector<std::unique_ptr<Session>> keep;
-  Session* s = NewSession(&keep, 4, 4);
-  AddChunks(rng, s, 1500, /*insert=*/true);
-  for (auto& t : s->trees) t.Maintain();
-  SetTail(rng, s, 23);
-  for (uint32_t cluster : {0u, 1u, 4u}) {
-    SCOPED_TRACE("cluster " + std::to_string(cluster));
-    RunConfig cfg{1024, 16, 0, cluster};
-    cfg.mapped_launch = true;
-    CheckSessions(rng, {s}, cfg);
-    cfg = RunConfig{500, 40, 100, cluster};  // a recent window and chunks straddling the sinks
-    cfg.mapped_launch = true;
     CheckSessions(rng, {s}, cfg);
   }
 }
