@@ -172,7 +172,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.early_scores = kSearchNoEarlyScores;
       if (EarlyScores() && d.tree.num_chunks > 0) {
         d.early_scores = scratch_floats;
-        scratch_floats += size_t{d.tree.num_chunks} * 2;
+        scratch_floats += AlignUp(size_t{d.tree.num_chunks} * 2, 4);  // the next chains: float4
       }
       d.params = p.params;
       d.recent_from = p.recent_from;
