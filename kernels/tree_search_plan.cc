@@ -2,7 +2,6 @@
 // device calls: it sizes every head's splits from the most tokens the head can attend, so the
 // search kernel can write the attention's run tables in place.
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -16,21 +15,10 @@ namespace {
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
-using ::kvmem::kernels::detail::kSearchNoEarlyScores;
 using ::kvmem::kernels::detail::PartialFloats;
 using ::kvmem::kernels::detail::SearchTaskDesc;
 
 size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
-// Scratch for the search's early chunk scores (the kernel uses it when enough blocks share a
-// search); KVMEM_SEARCH_EARLY=off plans none, for A/B runs.
-bool EarlyScores() {
-  static const bool on = [] {
-    const char* e = std::getenv("KVMEM_SEARCH_EARLY");
-    return e == nullptr || std::string(e) != "off";
-  }();
-  return on;
-}
 
 // Longest chunk the split sizing allows for (the chunker's default maximum is 24).
 constexpr uint64_t kChunkSlack = 64;
@@ -169,11 +157,6 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.q = static_cast<const uint8_t*>(a.q) + size_t{h} * G * D * qsz;
       d.node_chain = scratch_floats;
       scratch_floats += size_t{d.tree.num_nodes} * 4;
-      d.early_scores = kSearchNoEarlyScores;
-      if (EarlyScores() && d.tree.num_chunks > 0) {
-        d.early_scores = scratch_floats;
-        scratch_floats += AlignUp(size_t{d.tree.num_chunks} * 2, 4);  // the next chains: float4
-      }
       d.params = p.params;
       d.recent_from = p.recent_from;
       d.tail_k_off = p.tail.offset + (uint64_t{h} * p.tail.stride_tokens + p.tail.begin) * D;

@@ -51,7 +51,6 @@ namespace cg = cooperative_groups;
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
-using ::kvmem::kernels::detail::kSearchNoEarlyScores;
 using ::kvmem::kernels::detail::SearchTaskDesc;
 
 constexpr int kThreads = 512;
@@ -151,10 +150,6 @@ struct Smem {
   uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
 };
-
-// Blocks a search needs (rank 0 and at least kEarlyMinBlocks - 1 others) before the others
-// score every chunk early (TreeSearchBody, 3); below it the rounds score the rows they expand.
-constexpr uint32_t kEarlyMinBlocks = 4;
 
 // The least tokens of leaves the automatic first round takes in a large tree searched by >= 2
 // blocks (TreeSearchBody, 4).
@@ -691,36 +686,6 @@ __device__ __forceinline__ void TreeSearchBody(
     }
     KVMEM_TRACE(5);
     stamp[2] = GlobalTimer();
-    // 3. Early scores: while rank 0 forms the chains and picks the first round's leaves, the
-    // other ranks (idle until then) score every chunk by its place in tree.leaf_chunks into the
-    // task's scratch, so the rounds look the scores up instead of scoring rows (the same
-    // function: the same floats). With enough ranks only: each scores num_chunks / (N - 1) rows.
-    float* early_score = nullptr;
-    uint32_t* early_tok = nullptr;
-    if (task.early_scores != kSearchNoEarlyScores && N >= kEarlyMinBlocks) {
-      early_score = scratch + task.early_scores;
-      early_tok = reinterpret_cast<uint32_t*>(early_score + num_chunks);
-    }
-    if (early_score != nullptr && rank != 0) {
-      const uint32_t per = (num_chunks + N - 2) / (N - 1);
-      const uint32_t lo = min(num_chunks, (rank - 1) * per), hi = min(num_chunks, lo + per);
-      const uint32_t skip_below = prm.skip_tokens_below;
-      for (uint32_t b = lo; b < hi; b += kMaxCand) {
-        const uint32_t cnt = min(kMaxCand, hi - b);
-        for (uint32_t t = tid; t < cnt; t += kThreads) {
-          const uint32_t c = min(tree.leaf_chunks[b + t], num_chunks - 1);
-          sm.cand_id[t] = c;
-          sm.cand_score[t] = tree.chunk_radius[c];
-          early_tok[b + t] = CountedTokens(tree.chunk_start[c], tree.chunk_tokens[c], skip_below);
-        }
-        __syncthreads();
-        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
-                     [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[i]} * D; },
-                     [&](uint32_t i, float dot) {
-                       early_score[b + i] = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[i]));
-                     });
-      }
-    }
     // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
     // keys (no sort: only the set and the best key left out matter) and reserves their pool
     // entries; every rank scores a slice of the new entries into rank 0's pool; rank 0 commits
@@ -868,21 +833,7 @@ __device__ __forceinline__ void TreeSearchBody(
       // the next step's (owner, then its leaf, then the chunk), not one entry's chain at a time.
       constexpr int kLook = 4;
       const uint32_t skip_below = prm.skip_tokens_below;
-      if (early_score != nullptr) {
-        // Scored early: the chunk, its score and counted tokens by its place in leaf_chunks.
-        for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
-          const uint32_t owner = s0.cand_tok[t];
-          const uint32_t at = s0.leaf_child_begin[owner] + (t - s0.leaf_tokens[owner]);
-          const float4 leaf_chain = chains[s0.leaf_idx[owner]];
-          const float sc = early_score[at];
-          sm.cand_id[t] = tree.leaf_chunks[at];
-          sm.cand_tok[t] = early_tok[at];
-          sm.cand_score[t] = sc;
-          sm.cand_chain[t] = Extend(leaf_chain, sc);
-        }
-        __syncthreads();
-      }
-      for (uint32_t t0 = base; early_score == nullptr && t0 < base + cnt; t0 += kLook * kThreads) {
+      for (uint32_t t0 = base; t0 < base + cnt; t0 += kLook * kThreads) {
         uint32_t owner[kLook], at[kLook], lidx[kLook], c[kLook];
 #pragma unroll
         for (int u = 0; u < kLook; ++u) {
@@ -914,7 +865,7 @@ __device__ __forceinline__ void TreeSearchBody(
       KVMEM_TRACE(11);
       const uint64_t t_row = GlobalTimer();
       t_lookup += t_row - t_look;
-      if (early_score == nullptr) ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+      ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                    [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
                    [&](uint32_t i, float dot) {
                      const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
@@ -1850,10 +1801,6 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
   }
   if (D % 64 != 0) {  // the interleaved layouts; the search itself takes 64 and 128
     return Unimplemented("device tree: head_dim " + std::to_string(D));
-  }
-  if (host.leaf_chunks.size() != host.num_chunks) {  // the search walks it by place
-    return InvalidArgument("device tree: the leaves hold " + std::to_string(host.leaf_chunks.size()) +
-                           " chunks of " + std::to_string(host.num_chunks));
   }
   if (host.chunks_epoch != epoch_) chunks_ = 0;
   if (host.chunks_from != chunks_ && host.chunk_radius.size() + host.chunks_from != chunks_) {

@@ -9,16 +9,11 @@
 
 namespace kvmem::kernels::detail {
 
-constexpr uint64_t kSearchNoEarlyScores = ~uint64_t{0};
-
 struct SearchTaskDesc {
   FlatTreeView tree;             // device pointers
   const uint64_t* chunk_block;   // [num_chunks] element offset of each chunk's K/V block
   const void* q;                 // the group's first query row
   uint64_t node_chain;           // float offset of its scratch [tree.num_nodes][4]
-  // Float offset of its chunk scratch: [num_chunks] scores then [num_chunks] counted tokens, by
-  // place in tree.leaf_chunks (the search's early scoring); kSearchNoEarlyScores: none.
-  uint64_t early_scores;
   TreeSearchParams params;
   uint64_t recent_from;
   uint64_t tail_k_off;           // element offset of this head's first tail key / value row
