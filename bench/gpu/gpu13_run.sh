@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call of session 13 (bench/results/h200_run25_session13_calls.txt): parity of the
+# One device call of session 13 (bench/results/h200_run26_session13_calls.txt): parity of the
 # attention on each pairs path and of the search, then interleaved A/B rounds of sparse rows
 # (AB, ';'-separated settings as in gpu12_run.sh, with the attention trace), one --sweep of the
 # default, and the search at SEARCH_BATCHES (1) for each first-round multiple in FR

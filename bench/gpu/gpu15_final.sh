@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 13's last device call: the search's early chunk scores checked and timed, then the run
-# of record. (1) tree_search_cuda_test and device_search_test with early scores (the default);
+# of record (run 26). The early scores lost and were reverted after it (6dee3aa): on main
+# KVMEM_SEARCH_EARLY has no effect, and this script is the record of that call. (1) tree_search_cuda_test and device_search_test with early scores (the default);
 # (2) two interleaved rounds of kvmem-bench-gpu search rows at 128K, batch 1 and 8, default
 # against KVMEM_SEARCH_EARLY=off; (3) if the tests passed and early scores were faster at batch 1
 # budget 2048, the run of record as is, else with KVMEM_SEARCH_EARLY=off exported (said in
