@@ -13,20 +13,8 @@ echo "== parity ($(el)s)"
 parity kernels_cuda_parity_test "KVMEM_ATTN_PATH=tc-bulk kernels_cuda_parity_test" \
   "KVMEM_ATTN_PATH=tc-cpasync kernels_cuda_parity_test" tree_search_cuda_test
 IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_ATTN_PATH=tc-bulk;KVMEM_ATTN_ISSUE=nomath;KVMEM_ATTN_ISSUE=nocopy}"
-for round in $(seq 1 ${ROUNDS:-2}); do
-  for i in "${!ABS[@]}"; do
-    ab=${ABS[$i]}; e=(KVMEM_ATTN_TRACE=1); [[ $ab != default ]] && e+=($ab)
-    env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
-      --commit "$(cat $G/COMMIT)" ${SEARCH_ARG---no-search} --contexts ${CONTEXTS:-131072} --batches ${BATCHES:-1,8} \
-      --budgets ${BUDGETS:-1024,2048,4096} > /tmp/ab.log 2>&1
-    echo "[r$round $ab] rc=$? ($(el)s)"; { echo "### r$round $ab"; cat /tmp/ab.log; } >> "$OUT/ab_raw.txt"
-  done
-done
-if [[ ${SWEEP:-1} == 1 ]]; then
-  timeout 200 $G/b/run kvmem-bench-gpu --json "$OUT/sweep.json" --commit "$(cat $G/COMMIT)" --no-search \
-    --sweep --contexts 131072 --batches 1,8 --budgets 1024,2048 > "$OUT/sweep.log" 2>&1
-  echo "sweep rc=$? ($(el)s)"
-fi
+ab_rounds ${ROUNDS:-2} ${SEARCH_ARG---no-search} --contexts ${CONTEXTS:-131072} --batches ${BATCHES:-1,8} --budgets ${BUDGETS:-1024,2048,4096}
+if [[ ${SWEEP:-1} == 1 ]]; then sparse_sweep; fi
 python3 - "$OUT" "$(dirname "$0")" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
 import json, os, sys
 out, abs_ = sys.argv[1], sys.argv[3:]

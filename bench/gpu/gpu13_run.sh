@@ -15,20 +15,8 @@ echo "== parity ($(el)s)"
 IFS=";" read -r -a EXTRA <<< "${PARITY_EXTRA:-}"  # ";"-separated specs
 parity kernels_cuda_parity_test "${EXTRA[@]}" tree_search_cuda_test
 IFS=";" read -r -a ABS <<< "${AB:-default}"
-for round in $(seq 1 ${ROUNDS:-2}); do
-  for i in "${!ABS[@]}"; do
-    ab=${ABS[$i]}; e=(KVMEM_ATTN_TRACE=1); [[ $ab != default ]] && e+=($ab)
-    env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
-      --commit "$(cat $G/COMMIT)" --no-search --contexts 131072 --batches ${BATCHES:-1,8} \
-      --budgets ${BUDGETS:-1024,2048,4096} > /tmp/ab.log 2>&1
-    echo "[r$round $ab] rc=$? ($(el)s)"; { echo "### r$round $ab"; cat /tmp/ab.log; } >> "$OUT/ab_raw.txt"
-  done
-done
-if [[ ${SWEEP:-1} == 1 ]]; then
-  timeout 200 $G/b/run kvmem-bench-gpu --json "$OUT/sweep.json" --commit "$(cat $G/COMMIT)" --no-search \
-    --sweep --contexts 131072 --batches 1,8 --budgets 1024,2048 > "$OUT/sweep.log" 2>&1
-  echo "sweep rc=$? ($(el)s)"
-fi
+ab_rounds ${ROUNDS:-2} --no-search --contexts 131072 --batches ${BATCHES:-1,8} --budgets ${BUDGETS:-1024,2048,4096}
+if [[ ${SWEEP:-1} == 1 ]]; then sparse_sweep; fi
 for fr in ${FR:-}; do
   e=(KVMEM_SEARCH_TRACE=${SEARCH_TRACE:-0}); [[ $fr != 0 ]] && e+=(KVMEM_SEARCH_FIRST_ROUND=$fr)
   env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/search_fr$fr.json" \

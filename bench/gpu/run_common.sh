@@ -29,3 +29,31 @@ parity() {
     { echo "### $spec"; cat /tmp/parity_one.log; } >> "$OUT/parity.log"
   done
 }
+
+# ab_rounds ROUNDS BENCH_ARGS...: ROUNDS interleaved rounds of kvmem-bench-gpu BENCH_ARGS for each
+# setting in the array ABS ("default", or space-separated VAR=VALUE words for its environment),
+# with the attention trace (KVMEM_ATTN_TRACE=1); JSON to $OUT/ab_r{round}_{i}.json, the bench's
+# output appended to $OUT/ab_raw.txt.
+ab_rounds() {
+  local rounds=$1 round i ab
+  shift
+  for round in $(seq 1 "$rounds"); do
+    for i in "${!ABS[@]}"; do
+      ab=${ABS[$i]}
+      local e=(KVMEM_ATTN_TRACE=1)
+      [[ $ab != default ]] && e+=($ab)
+      env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
+        --commit "$(cat $G/COMMIT)" "$@" > /tmp/ab.log 2>&1
+      echo "[r$round $ab] rc=$? ($(el)s)"
+      { echo "### r$round $ab"; cat /tmp/ab.log; } >> "$OUT/ab_raw.txt"
+    done
+  done
+}
+
+# sparse_sweep: one --sweep run of the default sparse attention (128K, batch 1 and 8, budgets
+# 1024 and 2048) into $OUT/sweep.json.
+sparse_sweep() {
+  timeout 200 $G/b/run kvmem-bench-gpu --json "$OUT/sweep.json" --commit "$(cat $G/COMMIT)" --no-search \
+    --sweep --contexts 131072 --batches 1,8 --budgets 1024,2048 > "$OUT/sweep.log" 2>&1
+  echo "sweep rc=$? ($(el)s)"
+}
