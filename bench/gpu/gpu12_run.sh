@@ -21,18 +21,5 @@ out, abs_ = sys.argv[1], sys.argv[3:]
 sys.path.insert(0, sys.argv[2])
 import ab_rows
 data = ab_rows.collect(out, abs_, ("kvmem_sparse_attn", "kvmem_dense", "torch_sdpa_dense"))
-ab_rows.print_table(data, abs_, lambda rs: "/".join(f"{r['us_per_layer']:.2f}" for r in rs), 18)
-for k in sorted(data):
-    if k[0] != "kvmem_sparse_attn":
-        continue
-    for a in abs_:
-        for r in data[k].get(a, [])[-1:]:
-            t = r.get("attn_trace_us", {})
-            print(f"trace B{k[2]} {k[3]:4d} {a[-18:]:>18} " + " ".join(f"{p}:{v[1]:.2f}" for p, v in sorted(t.items())))
-p = f"{out}/sweep.json"
-if os.path.exists(p):
-    for r in json.load(open(p))["results"]:
-        if r["method"] == "kvmem_sparse_attn" and "sweep" in r:
-            print(f"sweep B{r['batch']} {r['budget']} default {r['us_per_layer']:.2f} ({r['blocks']} blocks, split {r['split_tokens']}): " +
-                  " ".join(f"{s.get('split_tokens')}/{s.get('blocks', s.get('target_blocks'))}:{s['us']:.1f}" for s in r["sweep"]))
+ab_rows.print_sparse_report(out, abs_, data)
 PY

@@ -8,6 +8,7 @@
 # Staged by scripts/stage_gpu_search.sh (STAGE=.gpu9 RUN_SCRIPT=bench/gpu/gpu13_run.sh).
 #   AB="default;KVMEM_ATTN_PATH=tc-pairs3" FR="0 24 32" bash .gpu9/run.sh
 FINAL_OUT=${OUT:-/tmp/out}
+mkdir -p "$FINAL_OUT"
 export OUT=/tmp/w13
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
@@ -29,23 +30,7 @@ out, abs_ = sys.argv[1], sys.argv[3:]
 sys.path.insert(0, sys.argv[2])
 import ab_rows
 data = ab_rows.collect(out, abs_, ("kvmem_sparse_attn", "kvmem_dense", "torch_sdpa_dense"))
-ab_rows.print_table(data, abs_, lambda rs: "/".join(f"{r['us_per_layer']:.2f}" for r in rs), 18)
-gbps = [json.load(open(p)).get("copy_gbps", 0) for p in glob.glob(f"{out}/ab_r*.json")]
-print("copy_gbps " + " ".join(f"{g:.0f}" for g in gbps))
-for k in sorted(data):
-    if k[0] != "kvmem_sparse_attn":
-        continue
-    for a in abs_:
-        for r in data[k].get(a, [])[-1:]:
-            share = r["bytes"] / r["us_per_layer"] / 1e3 / (sum(gbps) / len(gbps)) * 100
-            t = r.get("attn_trace_us", {})
-            print(f"trace B{k[2]} {k[3]:4d} {a[-18:]:>18} share {share:.1f}% " + " ".join(f"{p}:{v[1]:.2f}" for p, v in sorted(t.items())))
-p = f"{out}/sweep.json"
-if os.path.exists(p):
-    for r in json.load(open(p))["results"]:
-        if r["method"] == "kvmem_sparse_attn" and "sweep" in r:
-            print(f"sweep B{r['batch']} {r['budget']} default {r['us_per_layer']:.2f} ({r['blocks']} blocks, split {r['split_tokens']}): " +
-                  " ".join(f"{s.get('split_tokens')}/{s.get('blocks', s.get('target_blocks'))}:{s['us']:.1f}" for s in r["sweep"]))
+ab_rows.print_sparse_report(out, abs_, data)
 for p in sorted(glob.glob(f"{out}/search_fr*.json")):
     fr = re.search(r"fr(\d+)", p).group(1)
     rows = [r for r in json.load(open(p))["results"] if r["method"] in ("kvmem_search", "kvmem_search_sparse")]
