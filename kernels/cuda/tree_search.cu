@@ -699,9 +699,11 @@ __device__ __forceinline__ void TreeSearchBody(
     // batch 1 (8 blocks) budget 1024 / 2048: 51 / 51 us at 16 (one round) against 68 / 64 at 8
     // (three rounds); budget 4096: 53 at 8 against 59 at 16; batch 8 (2 blocks) budget 1024 /
     // 2048: 80 / 84 against 91 / 89 (two rounds); 32K (2K chunks): 8 (run 12: 53 against 70).
-    // In that case the first round also holds at least kFirstRoundMinTokens (budget 1024: 24x
-    // rather than 16x; session 13, 128K batch 1: 16x took a second round, 40.0 us, against 31.0
-    // at 24x and 33.3 at 32x, while budgets 2048 and 4096 were fastest at 32K tokens).
+    // Such trees' first round also holds at least kFirstRoundMinTokens (session 13, 128K: at
+    // budget 1024, 16x took a second round: batch 1 38.8 us against 29.4 with the floor (24x;
+    // 32x was slower than 24x), batch 8 48.9 against 39.4; budgets 2048 and 4096, at 32K tokens
+    // already, were slower at 12x or 20x). Budgets below 1024 get more than 24x: not measured.
+    // The leaves taken never exceed the pool (TopBinsCut's chunk limit), only fewer are taken.
     const bool big = N >= 2 && num_chunks >= 4096;
     const uint32_t fr = first_round ? first_round : (big && prm.budget_tokens <= 2048 ? 16u : 8u);
     uint64_t target = uint64_t{fr} * prm.budget_tokens;
