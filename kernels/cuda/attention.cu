@@ -872,6 +872,9 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     }
     advance(W * 16);
   };
+  // The tile's token at MMA row (S^T) or k (O^T) 8 half + row (row < 8): with pairs its even
+  // tokens, then its odd ones (so the eight rows of an ldmatrix matrix lie in eight slots).
+  auto row_token = [](int half, int row) { return kPairs ? 2 * row + half : 8 * half + row; };
   // Address of 16-byte chunk c of row r in a K or V stage half.
   auto chunk_addr = [&](uint32_t base, int r, int c) {
     if constexpr (kPairs) return base + (r >> 1) * T::kPairBytes + (r & 1) * 256 + c * 16;
@@ -945,7 +948,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     // slices) halve the chain of dependent MMAs.
     float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
-      const int tok = kPairs ? 2 * mr + (mi & 1) : (mi & 1) * 8 + mr;
+      const int tok = row_token(mi & 1, mr);
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
         uint32_t a[4];
@@ -955,7 +958,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
       }
     }
     const uint32_t base_pos = (it * W + warp) * 16;
-    const uint32_t t0 = kPairs ? 2 * h : h, t1 = kPairs ? 2 * h + 1 : h + 8;  // rows h, h + 8
+    const uint32_t t0 = row_token(0, h), t1 = row_token(1, h);
     const bool v0 = base_pos + t0 < ntok, v1 = base_pos + t1 < ntok;
     float p[4];
 #pragma unroll
@@ -988,7 +991,7 @@ __device__ __forceinline__ void RunItemTC(RunTable& rt, uint4* dyn, const KV* __
     const uint32_t b0lo = MovTrans(r0lo), b1lo = MovTrans(r1lo);
     // O^T[dims 16n + ..][heads] += V^T[dims][tokens] P^T[tokens][heads].
     {
-      const int tok = kPairs ? 2 * mr + (mi >> 1) : (mi >> 1) * 8 + mr;
+      const int tok = row_token(mi >> 1, mr);
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
         uint32_t a[4];
