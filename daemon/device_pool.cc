@@ -258,7 +258,7 @@ class DevicePool final : public KVPool {
       // Everything a replay depends on besides the bytes in the pinned staging (which the graph's
       // copy reads when it runs): addresses, sizes, the plan's layout and launch shapes.
       const GraphKey key{reinterpret_cast<uint64_t>(d_in), reinterpret_cast<uint64_t>(h_up),
-                         reinterpret_cast<uint64_t>(h_down), up, down, q_room | sel_bytes << 32,
+                         reinterpret_cast<uint64_t>(h_down), up, down, q_room, sel_bytes,
                          plan.num_tasks, plan.num_items, plan.max_selected, plan.head_dim,
                          plan.group, static_cast<uint64_t>(plan.kv_dtype),
                          static_cast<uint64_t>(plan.q_dtype), static_cast<uint64_t>(plan.out_dtype),
@@ -500,7 +500,7 @@ class DevicePool final : public KVPool {
     mapped_bytes_ = bytes;
     return Status::OK();
   }
-  using GraphKey = std::array<uint64_t, 26>;
+  using GraphKey = std::array<uint64_t, 27>;
   // The instantiated graph for `key`, captured from `enqueue` on a miss; nullptr (and graphs
   // off for this pool) when capture or instantiation fails, so the caller enqueues directly.
   template <typename F>
