@@ -12,15 +12,8 @@ echo "== parity ($(el)s)"
 parity tree_search_cuda_test "KVMEM_SEARCH_SLICE_SLACK=off tree_search_cuda_test" \
   "KVMEM_SEARCH_SLICE_SLACK=1 tree_search_cuda_test" device_search_test kernels_cuda_parity_test
 IFS=";" read -r -a ABS <<< "${AB:-default;KVMEM_SEARCH_FIRST_ROUND=8;KVMEM_SEARCH_SLICE_SLACK=off}"
-for round in $(seq 1 ${AB_ROUNDS:-2}); do
-  for i in "${!ABS[@]}"; do
-    ab=${ABS[$i]}; e=(); [[ $ab != default ]] && e=($ab)
-    env "${e[@]}" timeout 120 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
-      --commit "$(cat $G/COMMIT)" --contexts ${AB_CONTEXTS:-8192,32768,131072} --batches ${AB_BATCHES:-1,8} \
-      --budgets ${AB_BUDGETS:-1024,2048,4096} > /tmp/ab.log 2>&1
-    echo "[r$round $ab] rc=$? ($(el)s)"; { echo "### r$round $ab"; cat /tmp/ab.log; } >> "$OUT/ab_raw.txt"
-  done
-done
+AB_TRACE=0 ab_rounds ${AB_ROUNDS:-2} --contexts ${AB_CONTEXTS:-8192,32768,131072} --batches ${AB_BATCHES:-1,8} \
+  --budgets ${AB_BUDGETS:-1024,2048,4096}
 if [[ -x $G/b/bin/kvmem-bench-e2e ]]; then
   echo "== e2e ($(el)s)"
   timeout 120 $G/b/run kvmem-bench-e2e --json "$OUT/e2e.json" --contexts 131072 --iters 400 > /tmp/e2e.log 2>&1

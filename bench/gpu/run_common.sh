@@ -32,15 +32,16 @@ parity() {
 
 # ab_rounds ROUNDS BENCH_ARGS...: ROUNDS interleaved rounds of kvmem-bench-gpu BENCH_ARGS for each
 # setting in the array ABS ("default", or space-separated VAR=VALUE words for its environment),
-# with the attention trace (KVMEM_ATTN_TRACE=1); JSON to $OUT/ab_r{round}_{i}.json, the bench's
-# output appended to $OUT/ab_raw.txt.
+# with the attention trace (KVMEM_ATTN_TRACE=1) unless AB_TRACE=0; JSON to
+# $OUT/ab_r{round}_{i}.json, the bench's output appended to $OUT/ab_raw.txt.
 ab_rounds() {
   local rounds=$1 round i ab
   shift
   for round in $(seq 1 "$rounds"); do
     for i in "${!ABS[@]}"; do
       ab=${ABS[$i]}
-      local e=(KVMEM_ATTN_TRACE=1)
+      local e=()
+      [[ ${AB_TRACE:-1} == 1 ]] && e+=(KVMEM_ATTN_TRACE=1)  # the bench traces when it is set at all
       [[ $ab != default ]] && e+=($ab)
       env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
         --commit "$(cat $G/COMMIT)" "$@" > /tmp/ab.log 2>&1
