@@ -1,7 +1,13 @@
-// The CUDA device pool: one cudaMalloc arena, synchronous copies, and span attention through
-// kernels::cuda (plan on the host, one upload, one launch, copy back).
+// The CUDA device pool: one cudaMalloc arena, copies on the pool's stream, and span attention
+// through kernels::cuda (plan on the host, one upload, one launch, copy back).
+//
+// Copies into the pool and within it are only enqueued (the stream orders them before every
+// later launch and copy); a batch of them is one upload and one launch (CopySegments). Copies
+// out wait for the stream. KVMEM_DEVICE_COPIES=sync: every copy synchronous and one at a time,
+// as before (for A/B runs).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +15,8 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -36,10 +44,13 @@ class DevicePool final : public KVPool {
     for (cudaEvent_t e : events_) {
       if (e) cudaEventDestroy(e);
     }
+    if (stream_) cudaStreamSynchronize(stream_);
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
+    if (pinned_copy_) cudaFreeHost(pinned_copy_);
+    if (copy_event_) cudaEventDestroy(copy_event_);
     if (mapped_) cudaFreeHost(mapped_);
-    for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_})
+    for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_, d_copy_})
       if (p) cudaFree(p);
   }
 
@@ -59,17 +70,39 @@ class DevicePool final : public KVPool {
   bool is_host() const override { return false; }
   std::string Describe() const override { return "cuda:" + std::to_string(device_) + " " + name_; }
 
+  // From pageable host memory: cudaMemcpyAsync returns once it has staged `src`, so the caller
+  // may reuse it; the copy itself runs in stream order.
   Status CopyIn(uint64_t dst, const void* src, uint64_t bytes) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice), "copy in");
+    if (SyncCopies()) {
+      return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice), "copy in");
+    }
+    return Cuda(cudaMemcpyAsync(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice, stream_),
+                "copy in");
   }
   Status CopyOut(void* dst, uint64_t src, uint64_t bytes) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    return Cuda(cudaMemcpy(dst, static_cast<const uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToHost), "copy out");
+    if (SyncCopies()) {
+      return Cuda(cudaMemcpy(dst, static_cast<const uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToHost), "copy out");
+    }
+    // After every copy and launch enqueued before it.
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(dst, static_cast<const uint8_t*>(base_) + src, bytes,
+                                               cudaMemcpyDeviceToHost, stream_), "copy out"));
+    return Cuda(cudaStreamSynchronize(stream_), "copy out");
   }
   Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
+    if (!SyncCopies()) {
+      if (dst < src + bytes && src < dst + bytes) {
+        const PoolCopy op{dst, nullptr, src, bytes};
+        return MoveWithin(std::span<const PoolCopy>(&op, 1));
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      cudaSetDevice(device_);
+      return Cuda(cudaMemcpyAsync(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes,
+                                  cudaMemcpyDeviceToDevice, stream_), "copy within");
+    }
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
     // Overlapping moves (tail shifts) go through a bounce when the ranges overlap.
@@ -80,6 +113,26 @@ class DevicePool final : public KVPool {
     }
     return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes,
                            cudaMemcpyDeviceToDevice), "copy within");
+  }
+
+  // One upload ([segments | the host ops' rows] through pinned staging) and one CopySegments
+  // launch per batch (per 64 MiB of rows), nothing waited for.
+  Status CopyBatch(std::span<const PoolCopy> ops, ParallelPool* workers,
+                   std::optional<DType> reject_non_finite) override {
+    if (SyncCopies()) return KVPool::CopyBatch(ops, workers, reject_non_finite);
+    if (reject_non_finite) {
+      const size_t es = DTypeSize(*reject_non_finite);
+      for (const PoolCopy& op : ops) {
+        if (op.src != nullptr && HasNonFinite(op.src, *reject_non_finite, op.bytes / es)) {
+          return InvalidArgument("keys or values contain NaN or Inf");
+        }
+      }
+    }
+    return Scatter(ops, /*split=*/true);
+  }
+  Status MoveWithin(std::span<const PoolCopy> ops) override {
+    if (SyncCopies()) return KVPool::MoveWithin(ops);
+    return Scatter(ops, /*split=*/false);
   }
 
   Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
@@ -433,6 +486,75 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
+  // Segments of at most this many bytes (a large copy is spread over blocks), staging groups
+  // of at most kScatterGroupBytes of host rows (one larger op goes alone).
+  static constexpr uint64_t kSegmentBytes = 64 << 10;
+  static constexpr size_t kScatterGroupBytes = size_t{64} << 20;
+
+  // ops' copies through CopySegments, in groups: the group's segments and then its host rows
+  // (each at a 16-byte offset) go up from pinned staging in one copy, then one launch. `split`:
+  // ops longer than kSegmentBytes become several segments (only for ops whose destination does
+  // not overlap their own source). The pinned staging is refilled only after the previous
+  // group's upload has run (an event), so nothing here waits for the launches.
+  Status Scatter(std::span<const PoolCopy> ops, bool split) {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    if (copy_event_ == nullptr) {
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaEventCreateWithFlags(&copy_event_, cudaEventDisableTiming), "copy event"));
+    }
+    auto* base = static_cast<uint8_t*>(base_);
+    auto pieces = [&](const PoolCopy& op) -> uint64_t {
+      return split && op.bytes > kSegmentBytes ? (op.bytes + kSegmentBytes - 1) / kSegmentBytes : 1;
+    };
+    auto rows_room = [](const PoolCopy& op) -> size_t { return op.src ? (op.bytes + 15) / 16 * 16 : 0; };
+    for (size_t first = 0; first < ops.size();) {
+      size_t last = first, nseg = 0, rows = 0;
+      while (last < ops.size() && (last == first || rows + rows_room(ops[last]) <= kScatterGroupBytes)) {
+        nseg += pieces(ops[last]);
+        rows += rows_room(ops[last]);
+        ++last;
+      }
+      const size_t seg_room = Room(nseg * sizeof(kernels::cuda::CopySegment));
+      const size_t total = seg_room + rows;
+      if (copy_pending_) {  // the previous group's upload has read the staging
+        KVMEM_RETURN_IF_ERROR(Cuda(cudaEventSynchronize(copy_event_), "copy staging"));
+        copy_pending_ = false;
+      }
+      KVMEM_RETURN_IF_ERROR(GrowHost(&pinned_copy_, &pinned_copy_bytes_, total));
+      KVMEM_RETURN_IF_ERROR(Grow(&d_copy_, &copy_bytes_, total));
+      auto* d = static_cast<uint8_t*>(d_copy_);
+      auto* segs = reinterpret_cast<kernels::cuda::CopySegment*>(pinned_copy_);
+      size_t k = 0, at = seg_room;
+      for (size_t i = first; i < last; ++i) {
+        const PoolCopy& op = ops[i];
+        uint8_t* src = base + op.src_offset;
+        if (op.src != nullptr) {
+          std::memcpy(pinned_copy_ + at, op.src, op.bytes);
+          src = d + at;
+          at += rows_room(op);
+        }
+        const uint64_t n = pieces(op);
+        for (uint64_t p = 0; p < n; ++p) {
+          const uint64_t from = p * kSegmentBytes;
+          const uint64_t len = n == 1 ? op.bytes : std::min<uint64_t>(kSegmentBytes, op.bytes - from);
+          segs[k++] = {reinterpret_cast<uint64_t>(base + op.dst + from), reinterpret_cast<uint64_t>(src + from), len};
+        }
+      }
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, pinned_copy_, total, cudaMemcpyHostToDevice, stream_),
+                                 "copy batch upload"));
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaEventRecord(copy_event_, stream_), "copy event"));
+      copy_pending_ = true;
+      KVMEM_RETURN_IF_ERROR(kernels::cuda::CopySegments(reinterpret_cast<const kernels::cuda::CopySegment*>(d),
+                                                        static_cast<uint32_t>(nseg), stream_));
+      first = last;
+    }
+    return Status::OK();
+  }
+  static bool SyncCopies() {
+    static const bool on = EnvIs("KVMEM_DEVICE_COPIES", "sync");
+    return on;
+  }
+
   // KVMEM_DEVICE_SUBMIT=graph in kvmemd's environment: the device search's upload, two launches
   // and copy back are captured once per layout into a CUDA graph (the attention's programmatic
   // dependency becomes a programmatic edge) and replayed with one cudaGraphLaunch. Default
@@ -533,6 +655,20 @@ class DevicePool final : public KVPool {
     return exec;
   }
 
+  // Grow-only pinned host memory (its old contents are not kept).
+  static Status GrowHost(uint8_t** p, size_t* have, size_t need) {
+    if (need <= *have) return Status::OK();
+    const size_t bytes = std::max(need, std::min<size_t>(*have * 2, kScatterGroupBytes + (1 << 20)));
+    if (*p) cudaFreeHost(*p);
+    *p = nullptr;
+    *have = 0;
+    void* q = nullptr;
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaHostAlloc(&q, bytes, cudaHostAllocDefault), "cudaHostAlloc staging"));
+    *p = static_cast<uint8_t*>(q);
+    *have = bytes;
+    return Status::OK();
+  }
+
   // Grow-only pinned host staging (the uploads and copies back of every launch).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
@@ -550,11 +686,15 @@ class DevicePool final : public KVPool {
   // Grow-only device scratch; a new workspace is zero-filled (the attention counters need it).
   Status Grow(void** p, size_t* have, size_t need) {
     if (need <= *have) return Status::OK();
+    // Enqueued copies and launches may still read the old buffer.
+    if (*p) KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "scratch grow"));
     if (*p) cudaFree(*p);
     *p = nullptr;
     const size_t bytes = std::max(need, *have * 2);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMalloc(p, bytes), "cudaMalloc scratch"));
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemset(*p, 0, bytes), "cudaMemset scratch"));
+    // On the stream: ordered before every copy and launch that uses the buffer (a plain
+    // cudaMemset runs on the legacy stream, which this non-blocking stream does not wait for).
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(*p, 0, bytes, stream_), "cudaMemset scratch"));
     *have = bytes;
     return Status::OK();
   }
@@ -580,6 +720,12 @@ class DevicePool final : public KVPool {
   uint8_t* mapped_dev_ = nullptr;  // its device address
   size_t mapped_bytes_ = 0;
   cudaEvent_t events_[4] = {};  // KVMEM_DEVICE_TIMELINE=1
+  uint8_t* pinned_copy_ = nullptr;  // Scatter's staging: [segments | host rows]
+  size_t pinned_copy_bytes_ = 0;
+  void* d_copy_ = nullptr;  // its device copy
+  size_t copy_bytes_ = 0;
+  cudaEvent_t copy_event_ = nullptr;  // after the last staged upload
+  bool copy_pending_ = false;
 };
 
 }  // namespace

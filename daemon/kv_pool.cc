@@ -219,6 +219,14 @@ Status KVPool::CopyBatch(std::span<const PoolCopy> ops, ParallelPool* /*workers*
   return Status::OK();
 }
 
+Status KVPool::MoveWithin(std::span<const PoolCopy> ops) {
+  for (const PoolCopy& op : ops) {
+    if (op.src != nullptr) return InvalidArgument("MoveWithin: a copy from host memory");
+    KVMEM_RETURN_IF_ERROR(CopyWithin(op.dst, op.src_offset, op.bytes));
+  }
+  return Status::OK();
+}
+
 namespace {
 
 // A batch this large is split over the workers (below it the fork-join costs more than it saves).

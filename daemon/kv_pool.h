@@ -126,7 +126,9 @@ struct PoolCopy {
 };
 
 // Memory behind a SlabAllocator, with the copies the store needs. The host implementation is
-// the CPU backend's "device"; a CUDA implementation issues async copies on a stream.
+// the CPU backend's "device"; a CUDA implementation issues async copies on a stream: copies in
+// and within return once enqueued (the source may be reused), copies out once done, and every
+// later copy and launch of the pool runs after them.
 class KVPool {
  public:
   virtual ~KVPool() = default;
@@ -150,6 +152,10 @@ class KVPool {
   // Inf elements of that type: INVALID_ARGUMENT if any (destinations are then garbage).
   virtual Status CopyBatch(std::span<const PoolCopy> ops, ParallelPool* workers,
                            std::optional<DType> reject_non_finite = std::nullopt);
+  // Moves within the pool (every op's src is nullptr): an op's destination may overlap its own
+  // source (memmove), not another op's source or destination. The default runs CopyWithin in
+  // order; the device pool does the batch in one upload and one launch.
+  virtual Status MoveWithin(std::span<const PoolCopy> ops);
 
   // Decode attention for problems whose spans index this pool. q, out and lse are HOST
   // pointers; `pool` is filled in here. The host pool runs the CPU kernel

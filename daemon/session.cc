@@ -417,24 +417,29 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     for (const Chunk& c : fresh) layer.chunk_spans.push_back({ElemOffset(c.blocks[l].dev), c.tokens, 0, c.tokens});
     const uint64_t rest = T + n - consumed;
     if (rest > tail_capacity_) return Internal("tail overflow while sealing");
+    // The old rows that stay shift left (every head's K and V in one batch of moves), then the
+    // new ones land after them (one batch of copies).
+    std::vector<PoolCopy> moves, lands;
     for (uint32_t h = 0; h < H; ++h) {
       const uint64_t dk = tail_k + uint64_t{h} * tail_capacity_ * row;
       const uint64_t dv = tail_v + uint64_t{h} * tail_capacity_ * row;
       if (consumed < T) {
         const uint64_t m = T - consumed;
-        KVMEM_RETURN_IF_ERROR(pool_->CopyWithin(dk, dk + consumed * row, m * row));
-        KVMEM_RETURN_IF_ERROR(pool_->CopyWithin(dv, dv + consumed * row, m * row));
+        moves.push_back({dk, nullptr, dk + consumed * row, m * row});
+        moves.push_back({dv, nullptr, dv + consumed * row, m * row});
         if (n > 0) {
           const uint64_t src = (uint64_t{l} * H + h) * n * row;
-          KVMEM_RETURN_IF_ERROR(pool_->CopyIn(dk + m * row, keys + src, n * row));
-          KVMEM_RETURN_IF_ERROR(pool_->CopyIn(dv + m * row, values + src, n * row));
+          lands.push_back({dk + m * row, keys + src, 0, n * row});
+          lands.push_back({dv + m * row, values + src, 0, n * row});
         }
       } else if (rest > 0) {
         const uint64_t src = ((uint64_t{l} * H + h) * n + (consumed - T)) * row;
-        KVMEM_RETURN_IF_ERROR(pool_->CopyIn(dk, keys + src, rest * row));
-        KVMEM_RETURN_IF_ERROR(pool_->CopyIn(dv, values + src, rest * row));
+        lands.push_back({dk, keys + src, 0, rest * row});
+        lands.push_back({dv, values + src, 0, rest * row});
       }
     }
+    if (!moves.empty()) KVMEM_RETURN_IF_ERROR(pool_->MoveWithin(moves));
+    if (!lands.empty()) KVMEM_RETURN_IF_ERROR(pool_->CopyBatch(lands, nullptr));
     layer.tail_tokens = static_cast<uint32_t>(rest);
   }
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
@@ -1754,14 +1759,15 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     if (journal_ && layer.pending == 0 && layers_ahead_ + 1 == profile_.layers) {
       KVMEM_RETURN_IF_ERROR(LogCompletingToken(a));
     }
+    // Every head's K and V row in one batch (on the device: one upload and one launch).
     const uint64_t tail_v = layer.tail_block + uint64_t{H} * tail_capacity_ * row;
+    std::vector<PoolCopy> rows(2 * size_t{H});
     for (uint32_t h = 0; h < H; ++h) {
       const uint64_t at = (uint64_t{h} * tail_capacity_ + layer.tail_tokens) * row;
-      KVMEM_RETURN_IF_ERROR(
-          pool_->CopyIn(layer.tail_block + at, static_cast<const uint8_t*>(a.new_k) + h * row, row));
-      KVMEM_RETURN_IF_ERROR(
-          pool_->CopyIn(tail_v + at, static_cast<const uint8_t*>(a.new_v) + h * row, row));
+      rows[2 * h] = {layer.tail_block + at, static_cast<const uint8_t*>(a.new_k) + h * row, 0, row};
+      rows[2 * h + 1] = {tail_v + at, static_cast<const uint8_t*>(a.new_v) + h * row, 0, row};
     }
+    KVMEM_RETURN_IF_ERROR(pool_->CopyBatch(rows, nullptr));
     ++layer.tail_tokens;
     if (++layer.pending == 1) ++layers_ahead_;
     if (pending_boundaries_.size() < layer.pending) pending_boundaries_.push_back(a.boundary);

@@ -184,6 +184,19 @@ size_t DenseAttendWorkspaceBytes(const DenseAttendView& v, const DenseAttendOpti
 Status DenseAttend(const DenseAttendView& v, const DenseAttendOptions& options, void* workspace,
                    size_t workspace_bytes, void* stream);
 
+// ---- Device-to-device copies ------------------------------------------------------------------
+// One copy of CopySegments: `bytes` from device address `src` to device address `dst`. A
+// segment's destination may overlap its own source (it is moved as memmove would) but no other
+// segment's source or destination.
+struct CopySegment {
+  uint64_t dst = 0;
+  uint64_t src = 0;
+  uint64_t bytes = 0;
+};
+// Every segment of `segments` (device memory, `count` entries) in one launch: a block per
+// segment at a time, 16-byte words when the segment's addresses and size allow, bytes otherwise.
+Status CopySegments(const CopySegment* segments, uint32_t count, void* stream);
+
 // ---- Index ops (one launch each; views hold device pointers) ---------------------------------
 Status ChunkSummary(const ChunkSummaryView& v, void* stream);
 Status NodeBounds(const NodeBoundsView& v, void* stream);

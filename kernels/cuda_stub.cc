@@ -23,6 +23,7 @@ Status ChunkMaxScores(const ChunkMaxScoresView&, void*) { return NoCuda(); }
 Status TokenLogits(const TokenLogitsView&, void*) { return NoCuda(); }
 Status TopK(const TopKView&, void*) { return NoCuda(); }
 Status PooledBlockScores(const PooledBlockScoresView&, void*) { return NoCuda(); }
+Status CopySegments(const CopySegment*, uint32_t, void*) { return NoCuda(); }
 DeviceTree::~DeviceTree() = default;
 Status DeviceTree::Sync(const FlatTree&, void*) { return NoCuda(); }
 uint64_t DeviceTree::device_bytes() const { return 0; }

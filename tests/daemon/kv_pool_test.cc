@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <random>
 #include <set>
+#include <span>
 #include <vector>
 
 #include "common/dtype.h"
@@ -127,6 +129,28 @@ TEST(HostPool, CopiesRoundTrip) {
   (*p)->Free(*off);
 }
 
+// MoveWithin: moves whose destination overlaps their own source, both directions, in one batch
+// (a seal's tail shift); a copy from host memory in it is refused.
+TEST(HostPool, MoveWithinIsMemmovePerOp) {
+  auto p = CreateHostPool({8ull << 20, 1ull << 20});
+  ASSERT_TRUE(p.ok());
+  auto off = (*p)->Allocate(8192);
+  ASSERT_TRUE(off.ok());
+  std::vector<uint8_t> in(8192), out(8192);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<uint8_t>(i * 7 + 3);
+  ASSERT_TRUE((*p)->CopyIn(*off, in.data(), in.size()).ok());
+  const PoolCopy moves[2] = {{*off, nullptr, *off + 300, 2000},           // left, overlapping
+                             {*off + 4096 + 500, nullptr, *off + 4096, 3000}};  // right, overlapping
+  ASSERT_TRUE((*p)->MoveWithin(moves).ok());
+  std::vector<uint8_t> want = in;
+  std::memmove(want.data(), want.data() + 300, 2000);
+  std::memmove(want.data() + 4096 + 500, want.data() + 4096, 3000);
+  ASSERT_TRUE((*p)->CopyOut(out.data(), *off, out.size()).ok());
+  EXPECT_EQ(out, want);
+  const PoolCopy from_host{*off, in.data(), 0, 16};
+  EXPECT_EQ((*p)->MoveWithin(std::span<const PoolCopy>(&from_host, 1)).code(), StatusCode::kInvalidArgument);
+  (*p)->Free(*off);
+}
 
 // The host pool's attention spreads (problem, KV head) pairs over the workers it is given: the
 // same bytes as on one thread (each head is computed whole by one thread), for two problems of

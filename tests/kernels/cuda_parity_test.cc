@@ -586,6 +586,66 @@ TEST(IndexOpsParity, TopKExactWithTies) {
   }
 }
 
+// CopySegments against memmove on a host copy: random segments, disjoint from each other,
+// 16-byte aligned and not, large (many steps of a block) and small, some moving within their
+// own range (destination below and above the source).
+TEST(PoolCopyParity, CopySegmentsMatchesMemmove) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  const size_t bytes = size_t{8} << 20;
+  std::vector<uint8_t> host(bytes);
+  for (auto& b : host) b = static_cast<uint8_t>(rng());
+  GuardedBuffer buf(bytes);
+  ASSERT_TRUE(buf.ok());
+  buf.Upload(host.data());
+  const auto base = reinterpret_cast<uint64_t>(buf.data());
+  // Disjoint regions of 64 KiB apart: each segment lives inside its own region.
+  std::vector<kc::CopySegment> segs;
+  const size_t region = 64 << 10;
+  for (size_t r = 0; r + 1 < bytes / region / 2; ++r) {
+    const size_t at = 2 * r * region;  // even regions: a copy to the next (odd) region, or a move
+    const int kind = static_cast<int>(rng() % 4);
+    const bool aligned = rng() % 3 != 0;
+    size_t len = 1 + rng() % (aligned ? region / 2 : 5000);
+    if (aligned) len = (len + 15) / 16 * 16;
+    size_t a = rng() % (region / 4), b = rng() % (region / 4);
+    if (aligned) {
+      a &= ~size_t{15};
+      b &= ~size_t{15};
+    }
+    uint64_t src = base + at + a, dst;
+    if (kind == 0) {
+      dst = base + at + region + b;  // disjoint
+    } else if (kind == 1) {
+      dst = src + 1 + rng() % len;  // overlapping, destination above (memmove backward)
+      if (aligned) dst = src + ((dst - src + 15) & ~uint64_t{15});
+    } else if (kind == 2) {
+      src = base + at + region / 4 + a;  // overlapping, destination below
+      dst = src - (1 + rng() % std::min<size_t>(len, region / 4 - 1));
+      if (aligned) dst = src - ((src - dst + 15) & ~uint64_t{15});
+    } else {
+      dst = src;  // onto itself
+    }
+    segs.push_back({dst, src, len});
+  }
+  std::vector<uint8_t> want = host;
+  for (const auto& g : segs) {
+    std::memmove(want.data() + (g.dst - base), want.data() + (g.src - base), g.bytes);
+  }
+  GuardedBuffer seg_d(segs.size() * sizeof(kc::CopySegment));
+  seg_d.Upload(segs.data());
+  ST_OK(kc::CopySegments(seg_d.as<kc::CopySegment>(), static_cast<uint32_t>(segs.size()), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint8_t> got(bytes);
+  ASSERT_TRUE(buf.Download(got.data()));
+  size_t first_bad = bytes;
+  for (size_t i = 0; i < bytes && first_bad == bytes; ++i) {
+    if (got[i] != want[i]) first_bad = i;
+  }
+  EXPECT_EQ(first_bad, bytes) << "first differing byte of " << segs.size() << " segments";
+  ST_OK(kc::CopySegments(nullptr, 0, nullptr));  // nothing to do
+}
+
 TEST(IndexOpsParity, PooledBlockScores) {
   SKIP_WITHOUT_GPU();
   auto rng = FreshRng();
