@@ -6,6 +6,9 @@
 //   kvmem-bench-e2e --json FILE [--contexts 8192,32768,131072] [--budget 2048] [--iters N]
 //                   [--host-search] [--config FILE]
 //
+// A third row per context, kvmem_e2e_decode, times decode steps: each Attend also appends the
+// token's K/V (the mean per step, with p50 / p90).
+//
 // Where the time goes: the daemon's kvmem_attend_phase_seconds (admin /metrics) is read
 // before and after each timed loop; the rows carry the mean per phase (daemon_phase_us) and
 // the daemon's own request time (daemon_request_us). --host-search starts kvmemd with
@@ -160,6 +163,7 @@ int main(int argc, char** argv) {
   out["backend"] = cl.server().backend;
   if (!config.empty()) out["config"] = config;
   out["results"] = json::array();
+  out["append"] = json::array();
   std::vector<double> ping;
   for (int i = 0; i < 3000; ++i) {
     auto t0 = std::chrono::steady_clock::now();
@@ -185,6 +189,7 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> k(HKV * piece * D), v(k.size());
     std::vector<uint8_t> bounds(piece);
     std::vector<uint16_t> probe_keys(HKV * D);
+    const auto t_append = std::chrono::steady_clock::now();
     for (uint64_t done = 0; done < T; done += piece) {
       const uint64_t n = std::min(piece, T - done);
       for (uint64_t t = 0; t < n; ++t) {
@@ -208,6 +213,13 @@ int main(int argc, char** argv) {
       }
     }
     (void)cl.Ping();  // lets index upkeep after the last append finish before timing
+    {
+      // The prefill's AppendKV calls (8K-token pieces, K and V), for the record: not a target.
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_append).count();
+      const double gb = static_cast<double>(T) * HKV * D * 2 * 2 / 1e9;
+      out["append"].push_back({{"context", T}, {"ms", ms}, {"gbps", gb / (ms / 1e3)}});
+      std::printf("%-8llu append %.1f ms (%.2f GB/s of K/V)\n", static_cast<unsigned long long>(T), ms, gb / (ms / 1e3));
+    }
     std::vector<uint16_t> q(HQ * D);
     for (uint32_t qh = 0; qh < HQ; ++qh)
       for (uint32_t dd = 0; dd < D; ++dd) q[qh * D + dd] = probe_keys[(qh / (HQ / HKV)) * D + dd];
@@ -245,6 +257,64 @@ int main(int argc, char** argv) {
                                 {"daemon_request_us", req_us.contains("Attend") ? req_us["Attend"] : json()}});
       std::printf("%-8llu %-8u %-30s %10.1f %10u  daemon %s  phases %s\n",
                   static_cast<unsigned long long>(T), budget, method.c_str(), Median(us), attended,
+                  req_us.contains("Attend") ? req_us["Attend"].dump().c_str() : "-", phases.dump().c_str());
+    }
+    // Decode steps, as a worker runs them: each Attend also appends the new token's K/V row
+    // (new_k / new_v), so the session grows by one token per step and seals a chunk every ~15;
+    // the round trip then includes the append, and the step after a seal the chunk's copies,
+    // the index insert and the device mirror's upload (Maintain runs after the previous reply).
+    // us_per_layer is the mean over the steps (what a decode stream pays per token), with the
+    // median and the 90th percentile beside it.
+    {
+      AttendRequest req;
+      req.q = TensorView{q.data(), DType::kBF16, {HQ, D}};
+      req.mode = kvmem::client::Mode::kIndex;
+      req.budget_tokens = budget;
+      std::vector<uint16_t> nk(HKV * D), nv(HKV * D);
+      req.new_k = TensorView{nk.data(), DType::kBF16, {HKV, D}};
+      req.new_v = TensorView{nv.data(), DType::kBF16, {HKV, D}};
+      std::vector<double> us;
+      uint32_t attended = 0;
+      PhaseTotals ph0, rq0;
+      for (int i = 0; i < iters + 5; ++i) {
+        const uint64_t t = T + static_cast<uint64_t>(i);
+        if (t % 512 == 0)
+          for (auto& x : topic) x = n01(rng) * 1.5f;
+        for (uint32_t h = 0; h < HKV; ++h)
+          for (uint32_t dd = 0; dd < D; ++dd) {
+            nk[h * D + dd] = kvmem::FloatToBF16(topic[h * D + dd] + n01(rng) * 0.4f);
+            nv[h * D + dd] = kvmem::FloatToBF16(n01(rng));
+          }
+        req.boundary = t % 11 == 10 ? 3 : 1;
+        auto t0 = std::chrono::steady_clock::now();
+        auto r = cl.Attend(*id, req);
+        const double dt = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+        if (!r.ok()) {
+          std::fprintf(stderr, "decode attend: %s\n", r.status().ToString().c_str());
+          return 1;
+        }
+        attended = r->tokens_attended[0];
+        if (i >= 5) us.push_back(dt);
+        if (i == 4) {
+          ph0 = ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase");
+          rq0 = ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op");
+        }
+      }
+      const json phases = MeanDelta(ph0, ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase"));
+      const json req_us = MeanDelta(rq0, ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op"));
+      double mean = 0;
+      for (double x : us) mean += x;
+      mean /= static_cast<double>(us.size());
+      std::vector<double> sorted = us;
+      std::sort(sorted.begin(), sorted.end());
+      const double p90 = sorted[sorted.size() * 9 / 10];
+      out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", "kvmem_e2e_decode"},
+                                {"us_per_layer", mean}, {"p50_us", Median(us)}, {"p90_us", p90},
+                                {"steps", us.size()}, {"tokens_attended_per_head", attended},
+                                {"daemon_phase_us", phases},
+                                {"daemon_request_us", req_us.contains("Attend") ? req_us["Attend"] : json()}});
+      std::printf("%-8llu %-8u %-30s %10.1f %10u  p50 %.1f p90 %.1f  daemon %s  phases %s\n",
+                  static_cast<unsigned long long>(T), budget, "kvmem_e2e_decode", mean, attended, Median(us), p90,
                   req_us.contains("Attend") ? req_us["Attend"].dump().c_str() : "-", phases.dump().c_str());
     }
     (void)cl.DropSession(*id);

@@ -41,11 +41,14 @@ for p in sorted(glob.glob(f"{out}/e2e_*_r*.json")):
     i, r = re.search(r"e2e_(\d+)_r(\d+)", p).groups()
     v = names[int(i)]
     for x in json.load(open(p))["results"]:
-        if x["method"] == "kvmem_e2e_attend":
-            rows.setdefault((x["context"], v), []).append(x)
-for (ctx, v), xs in sorted(rows.items()):
-    extra = " ".join(f"{k}={xs[-1][k]:.1f}" for k in sorted(xs[-1]) if k.endswith("_us") and isinstance(xs[-1][k], (int, float)))
-    print(f"e2e {ctx} {v}: " + " / ".join(f"{x['us_per_layer']:.1f}" for x in xs) + f"   (last: {extra})")
+        if x["method"] in ("kvmem_e2e_attend", "kvmem_e2e_decode"):
+            rows.setdefault((x["method"][11:], x["context"], v), []).append(x)
+    for a in json.load(open(p)).get("append", []):
+        rows.setdefault(("append", a["context"], v), []).append({"us_per_layer": a["ms"], "gbps": a["gbps"]})
+for (m, ctx, v), xs in sorted(rows.items()):
+    extra = " ".join(f"{k}={xs[-1][k]:.1f}" for k in sorted(xs[-1]) if k.endswith(("_us", "gbps")) and isinstance(xs[-1][k], (int, float)))
+    unit = "ms" if m == "append" else "us"
+    print(f"e2e {m} {ctx} {v}: " + " / ".join(f"{x['us_per_layer']:.1f}" for x in xs) + f" {unit}   (last: {extra})")
 try:
     for x in json.load(open(f"{out}/ref.json"))["results"]:
         if x["method"] in ("kvmem_search_sparse", "kvmem_search", "kvmem_sparse_attn"):
