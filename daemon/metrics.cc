@@ -150,6 +150,8 @@ const char* AttendPhaseName(AttendPhase p) {
     case AttendPhase::kGpuKernels: return "gpu_kernels";
     case AttendPhase::kGpuCopyDown: return "gpu_copy_down";
     case AttendPhase::kGpuUnaccounted: return "gpu_unaccounted";
+    case AttendPhase::kMaintainTrees: return "maintain_trees";
+    case AttendPhase::kMaintainDevice: return "maintain_device";
     case AttendPhase::kCount: break;
   }
   return "unknown";
@@ -313,7 +315,7 @@ std::string RenderPrometheus(const MetricsSources& src) {
             m.search_nodes_visited.load(std::memory_order_relaxed));
   wr.Family("kvmem_attend_phase_seconds", "histogram",
             "Attend time on the daemon by phase (index catch-up, host or device search, "
-            "attention, sealing).");
+            "attention, sealing), and the session upkeep after each reply (maintain_*).");
   for (int ph = 0; ph < kNumAttendPhases; ++ph) {
     WriteHistogram(&wr, "kvmem_attend_phase_seconds", "phase",
                    AttendPhaseName(static_cast<AttendPhase>(ph)), m.attend_phase[ph].Read());

@@ -71,6 +71,10 @@ enum class AttendPhase : uint8_t {
   kGpuKernels,     // the search and the attention (first kernel start to last kernel end)
   kGpuCopyDown,    // the copy back, on the device
   kGpuUnaccounted,  // host enqueue start to wake-up, minus the device's first-to-last event span
+  // Session::Maintain, after every reply (not part of the request, but the session's next
+  // request waits for it): the trees' lazy upkeep, then the device mirrors brought up to date.
+  kMaintainTrees,
+  kMaintainDevice,
   kCount
 };
 inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);

@@ -523,11 +523,15 @@ Status Session::CatchUpIndex(bool all_heads) {
 
 void Session::Maintain() {
   if (!index_enabled_) return;
-  for (index::ClusterTree& t : trees_) {
-    if (t.NeedsMaintenance()) t.Maintain();
+  {
+    PhaseTimer timer(AttendPhase::kMaintainTrees);
+    for (index::ClusterTree& t : trees_) {
+      if (t.NeedsMaintenance()) t.Maintain();
+    }
   }
   // Off the request path too: bring device mirrors that are in use up to date.
   if (device_index_) {
+    PhaseTimer timer(AttendPhase::kMaintainDevice);
     for (uint32_t l = 0; l < profile_.layers; ++l) {
       if (device_index_->table_len[l] > 0) (void)SyncDeviceIndex(l);
     }
