@@ -47,10 +47,8 @@ class DevicePool final : public KVPool {
     if (stream_) cudaStreamSynchronize(stream_);
     if (stream_) cudaStreamDestroy(stream_);
     if (pinned_) cudaFreeHost(pinned_);
-    if (pinned_copy_) cudaFreeHost(pinned_copy_);
-    if (copy_event_) cudaEventDestroy(copy_event_);
     if (mapped_) cudaFreeHost(mapped_);
-    for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_, d_copy_})
+    for (void* p : {base_, d_io_, d_ws_, d_sws_, d_scan_})
       if (p) cudaFree(p);
   }
 
@@ -128,11 +126,11 @@ class DevicePool final : public KVPool {
         }
       }
     }
-    return Scatter(ops, /*split=*/true);
+    return Scatter(ops, /*overlapping=*/false);
   }
   Status MoveWithin(std::span<const PoolCopy> ops) override {
     if (SyncCopies()) return KVPool::MoveWithin(ops);
-    return Scatter(ops, /*split=*/false);
+    return Scatter(ops, /*overlapping=*/true);
   }
 
   Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
@@ -195,10 +193,21 @@ class DevicePool final : public KVPool {
 
  bool has_device_search() const override { return true; }
 
-  Status SyncTree(kernels::cuda::DeviceTree* tree, const kernels::FlatTree& flat) override {
+  Status SyncTrees(std::span<const TreeSync> syncs) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    return tree->Sync(flat, stream_);
+    if (SyncCopies()) {
+      for (const TreeSync& t : syncs) KVMEM_RETURN_IF_ERROR(t.tree->Sync(*t.flat, stream_));
+      return Status::OK();
+    }
+    Status st;
+    for (const TreeSync& t : syncs) {
+      st = t.tree->Sync(*t.flat, stream_, &stager_);
+      if (!st.ok()) break;
+    }
+    // What was staged goes up even after a failure: the trees before it count it as uploaded.
+    Status flushed = stager_.Flush(stream_);
+    return st.ok() ? flushed : st;
   }
 
   // One upload of q and the plan image (or, with KVMEM_DEVICE_INLINE=on and when they fit, both
@@ -486,69 +495,25 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
-  // Segments of at most this many bytes (a large copy is spread over blocks), staging groups
-  // of at most kScatterGroupBytes of host rows (one larger op goes alone).
-  static constexpr uint64_t kSegmentBytes = 64 << 10;
+  // Host rows staged per upload at most (one larger op goes alone).
   static constexpr size_t kScatterGroupBytes = size_t{64} << 20;
 
-  // ops' copies through CopySegments, in groups: the group's segments and then its host rows
-  // (each at a 16-byte offset) go up from pinned staging in one copy, then one launch. `split`:
-  // ops longer than kSegmentBytes become several segments (only for ops whose destination does
-  // not overlap their own source). The pinned staging is refilled only after the previous
-  // group's upload has run (an event), so nothing here waits for the launches.
-  Status Scatter(std::span<const PoolCopy> ops, bool split) {
+  // ops' copies through the stager (kernels::cuda::CopyStager): their host rows staged in
+  // pinned memory, then one upload and one CopySegments launch per kScatterGroupBytes of rows.
+  // `overlapping`: each op's destination may overlap its own source (moved as one segment).
+  Status Scatter(std::span<const PoolCopy> ops, bool overlapping) {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    if (copy_event_ == nullptr) {
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaEventCreateWithFlags(&copy_event_, cudaEventDisableTiming), "copy event"));
-    }
     auto* base = static_cast<uint8_t*>(base_);
-    auto pieces = [&](const PoolCopy& op) -> uint64_t {
-      return split && op.bytes > kSegmentBytes ? (op.bytes + kSegmentBytes - 1) / kSegmentBytes : 1;
-    };
-    auto rows_room = [](const PoolCopy& op) -> size_t { return op.src ? (op.bytes + 15) / 16 * 16 : 0; };
-    for (size_t first = 0; first < ops.size();) {
-      size_t last = first, nseg = 0, rows = 0;
-      while (last < ops.size() && (last == first || rows + rows_room(ops[last]) <= kScatterGroupBytes)) {
-        nseg += pieces(ops[last]);
-        rows += rows_room(ops[last]);
-        ++last;
+    for (const PoolCopy& op : ops) {
+      if (op.src != nullptr) {
+        KVMEM_RETURN_IF_ERROR(stager_.Add(base + op.dst, op.src, op.bytes));
+      } else {
+        stager_.AddDevice(base + op.dst, base + op.src_offset, op.bytes, overlapping);
       }
-      const size_t seg_room = Room(nseg * sizeof(kernels::cuda::CopySegment));
-      const size_t total = seg_room + rows;
-      if (copy_pending_) {  // the previous group's upload has read the staging
-        KVMEM_RETURN_IF_ERROR(Cuda(cudaEventSynchronize(copy_event_), "copy staging"));
-        copy_pending_ = false;
-      }
-      KVMEM_RETURN_IF_ERROR(GrowHost(&pinned_copy_, &pinned_copy_bytes_, total));
-      KVMEM_RETURN_IF_ERROR(Grow(&d_copy_, &copy_bytes_, total));
-      auto* d = static_cast<uint8_t*>(d_copy_);
-      auto* segs = reinterpret_cast<kernels::cuda::CopySegment*>(pinned_copy_);
-      size_t k = 0, at = seg_room;
-      for (size_t i = first; i < last; ++i) {
-        const PoolCopy& op = ops[i];
-        uint8_t* src = base + op.src_offset;
-        if (op.src != nullptr) {
-          std::memcpy(pinned_copy_ + at, op.src, op.bytes);
-          src = d + at;
-          at += rows_room(op);
-        }
-        const uint64_t n = pieces(op);
-        for (uint64_t p = 0; p < n; ++p) {
-          const uint64_t from = p * kSegmentBytes;
-          const uint64_t len = n == 1 ? op.bytes : std::min<uint64_t>(kSegmentBytes, op.bytes - from);
-          segs[k++] = {reinterpret_cast<uint64_t>(base + op.dst + from), reinterpret_cast<uint64_t>(src + from), len};
-        }
-      }
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d, pinned_copy_, total, cudaMemcpyHostToDevice, stream_),
-                                 "copy batch upload"));
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaEventRecord(copy_event_, stream_), "copy event"));
-      copy_pending_ = true;
-      KVMEM_RETURN_IF_ERROR(kernels::cuda::CopySegments(reinterpret_cast<const kernels::cuda::CopySegment*>(d),
-                                                        static_cast<uint32_t>(nseg), stream_));
-      first = last;
+      if (stager_.staged_bytes() >= kScatterGroupBytes) KVMEM_RETURN_IF_ERROR(stager_.Flush(stream_));
     }
-    return Status::OK();
+    return stager_.Flush(stream_);
   }
   static bool SyncCopies() {
     static const bool on = EnvIs("KVMEM_DEVICE_COPIES", "sync");
@@ -655,20 +620,6 @@ class DevicePool final : public KVPool {
     return exec;
   }
 
-  // Grow-only pinned host memory (its old contents are not kept).
-  static Status GrowHost(uint8_t** p, size_t* have, size_t need) {
-    if (need <= *have) return Status::OK();
-    const size_t bytes = std::max(need, std::min<size_t>(*have * 2, kScatterGroupBytes + (1 << 20)));
-    if (*p) cudaFreeHost(*p);
-    *p = nullptr;
-    *have = 0;
-    void* q = nullptr;
-    KVMEM_RETURN_IF_ERROR(Cuda(cudaHostAlloc(&q, bytes, cudaHostAllocDefault), "cudaHostAlloc staging"));
-    *p = static_cast<uint8_t*>(q);
-    *have = bytes;
-    return Status::OK();
-  }
-
   // Grow-only pinned host staging (the uploads and copies back of every launch).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
@@ -720,12 +671,7 @@ class DevicePool final : public KVPool {
   uint8_t* mapped_dev_ = nullptr;  // its device address
   size_t mapped_bytes_ = 0;
   cudaEvent_t events_[4] = {};  // KVMEM_DEVICE_TIMELINE=1
-  uint8_t* pinned_copy_ = nullptr;  // Scatter's staging: [segments | host rows]
-  size_t pinned_copy_bytes_ = 0;
-  void* d_copy_ = nullptr;  // its device copy
-  size_t copy_bytes_ = 0;
-  cudaEvent_t copy_event_ = nullptr;  // after the last staged upload
-  bool copy_pending_ = false;
+  kernels::cuda::CopyStager stager_;  // batched copies in and within, tree mirror uploads
 };
 
 }  // namespace

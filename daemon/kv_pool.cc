@@ -350,7 +350,7 @@ Result<std::unique_ptr<KVPool>> CreateHostPool(const SlabAllocator::Options& o) 
   return std::unique_ptr<KVPool>(std::move(pool));
 }
 
-Status KVPool::SyncTree(kernels::cuda::DeviceTree*, const kernels::FlatTree&) {
+Status KVPool::SyncTrees(std::span<const TreeSync>) {
   return Unimplemented("device tree search needs the CUDA backend (pool: " + Describe() + ")");
 }
 

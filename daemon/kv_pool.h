@@ -165,12 +165,17 @@ class KVPool {
   // group.
   virtual Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* workers) = 0;
 
-  // The device search (CUDA pool only): SyncTree brings a device mirror of a cluster tree up
-  // to date from an export (ClusterTree::ExportFlat from tree->chunks_held()); SearchAttend
-  // runs search + attention in two launches and copies out, lse and the per-head results
-  // back. UNIMPLEMENTED on pools without it.
+  // The device search (CUDA pool only): SyncTrees brings device mirrors of cluster trees up
+  // to date, each from its export (ClusterTree::ExportFlat from tree->chunks_held()), all of
+  // their uploads in one staged copy and launch; SearchAttend runs search + attention in two
+  // launches and copies out, lse and the per-head results back. UNIMPLEMENTED on pools
+  // without it.
+  struct TreeSync {
+    kernels::cuda::DeviceTree* tree;
+    const kernels::FlatTree* flat;
+  };
   virtual bool has_device_search() const { return false; }
-  virtual Status SyncTree(kernels::cuda::DeviceTree* tree, const kernels::FlatTree& flat);
+  virtual Status SyncTrees(std::span<const TreeSync> syncs);
   virtual Status SearchAttend(DeviceSearchRequest* request, DeviceSearchReply* reply);
 
   // Retrieval heads' block scores (kernels/index_ops.h) over keys in this pool, every head of

@@ -581,16 +581,23 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
     device_index_->table_len.assign(L, 0);
   }
   DeviceIndex& di = *device_index_;
-  kernels::FlatTree flat;
+  // Every head that moved: exported, then synced together (one staged upload on the device).
+  std::vector<kernels::FlatTree> flats(H);
+  std::vector<KVPool::TreeSync> syncs;
+  std::vector<size_t> synced;
   for (uint32_t h = 0; h < H; ++h) {
     const size_t i = size_t{layer} * H + h;
     const index::ClusterTree& tree = trees_[i];
     if (!di.trees[i]) di.trees[i] = std::make_unique<kernels::cuda::DeviceTree>();
     kernels::cuda::DeviceTree& dt = *di.trees[i];
     if (di.tree_version[i] == tree.version() && dt.chunks_held() == tree.num_chunks()) continue;
-    tree.ExportFlat(&flat, dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0);
-    KVMEM_RETURN_IF_ERROR(pool_->SyncTree(&dt, flat).WithContext("device tree mirror"));
-    di.tree_version[i] = tree.version();
+    tree.ExportFlat(&flats[h], dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0);
+    syncs.push_back({&dt, &flats[h]});
+    synced.push_back(i);
+  }
+  if (!syncs.empty()) {
+    KVMEM_RETURN_IF_ERROR(pool_->SyncTrees(syncs).WithContext("device tree mirror"));
+    for (size_t i : synced) di.tree_version[i] = trees_[i].version();
   }
   // The layer's chunk-block table (element offsets), append-only, in a pool block.
   const Layer& lay = layers_[layer];

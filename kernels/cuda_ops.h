@@ -197,6 +197,40 @@ struct CopySegment {
 // segment at a time, 16-byte words when the segment's addresses and size allow, bytes otherwise.
 Status CopySegments(const CopySegment* segments, uint32_t count, void* stream);
 
+// Many small uploads and device copies as one upload and one CopySegments launch. Add() copies
+// its host bytes into pinned staging at once (the source may be reused on return); Flush()
+// uploads [rows | segments] in one copy on `stream`, launches CopySegments and returns without
+// waiting; the staging is refilled only after that upload has run (an event, waited for by the
+// next Add). One stream per stager; not thread-safe.
+class CopyStager {
+ public:
+  CopyStager() = default;
+  ~CopyStager();
+  CopyStager(const CopyStager&) = delete;
+  CopyStager& operator=(const CopyStager&) = delete;
+
+  // `bytes` from host memory `src` to device address `dst`.
+  Status Add(void* dst, const void* src, size_t bytes);
+  // `bytes` from device address `src` to device address `dst`; with `overlapping`, dst may
+  // overlap its own src (memmove; the copy stays one segment, one block).
+  void AddDevice(void* dst, const void* src, size_t bytes, bool overlapping);
+  size_t staged_bytes() const { return used_; }
+  bool empty() const { return segs_.empty(); }
+  Status Flush(void* stream);
+
+ private:
+  Status Wait();                              // the last flush's upload has read the staging
+  Status ReservePinned(size_t bytes);         // keeps the staged bytes
+  std::vector<CopySegment> segs_;
+  std::vector<uint8_t> staged_src_;           // per segment: 1 = src is an offset in the staging
+  uint8_t* pinned_ = nullptr;
+  size_t cap_ = 0, used_ = 0;
+  void* dev_ = nullptr;
+  size_t dev_cap_ = 0;
+  void* event_ = nullptr;                     // cudaEvent_t after the last upload
+  bool in_flight_ = false;
+};
+
 // ---- Index ops (one launch each; views hold device pointers) ---------------------------------
 Status ChunkSummary(const ChunkSummaryView& v, void* stream);
 Status NodeBounds(const NodeBoundsView& v, void* stream);
@@ -223,8 +257,10 @@ class DeviceTree {
   DeviceTree(const DeviceTree&) = delete;
   DeviceTree& operator=(const DeviceTree&) = delete;
 
-  // Copies are ordered on `stream`; the host vectors may be reused once Sync returns.
-  Status Sync(const FlatTree& host, void* stream);
+  // Copies are ordered on `stream`; the host vectors may be reused once Sync returns. With a
+  // `stager`, the uploads are staged there (one upload and launch for many trees when it is
+  // flushed, which the caller does on the same stream before the tree is searched).
+  Status Sync(const FlatTree& host, void* stream, CopyStager* stager = nullptr);
   uint32_t chunks_held() const { return chunks_; }
   uint64_t chunks_epoch() const { return epoch_; }
   const FlatTreeView& view() const { return view_; }  // device pointers

@@ -24,8 +24,14 @@ Status TokenLogits(const TokenLogitsView&, void*) { return NoCuda(); }
 Status TopK(const TopKView&, void*) { return NoCuda(); }
 Status PooledBlockScores(const PooledBlockScoresView&, void*) { return NoCuda(); }
 Status CopySegments(const CopySegment*, uint32_t, void*) { return NoCuda(); }
+CopyStager::~CopyStager() = default;
+Status CopyStager::Add(void*, const void*, size_t) { return NoCuda(); }
+void CopyStager::AddDevice(void*, const void*, size_t, bool) {}
+Status CopyStager::Flush(void*) { return NoCuda(); }
+Status CopyStager::Wait() { return NoCuda(); }
+Status CopyStager::ReservePinned(size_t) { return NoCuda(); }
 DeviceTree::~DeviceTree() = default;
-Status DeviceTree::Sync(const FlatTree&, void*) { return NoCuda(); }
+Status DeviceTree::Sync(const FlatTree&, void*, CopyStager*) { return NoCuda(); }
 uint64_t DeviceTree::device_bytes() const { return 0; }
 Status DeviceTree::Reserve(Buffer*, size_t, size_t, void*) { return NoCuda(); }
 Status UploadSearchAttendPlan(const SearchAttendPlan&, void*, void*) { return NoCuda(); }

@@ -7,7 +7,9 @@
 // backward when above.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda_ops.h"
@@ -56,6 +58,97 @@ Status CopySegments(const CopySegment* segments, uint32_t count, void* stream) {
   CopySegmentsKernel<<<grid, kCopyThreads, 0, static_cast<cudaStream_t>(stream)>>>(segments, count);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("CopySegments");
   return Status::OK();
+}
+
+namespace {
+constexpr size_t kSegmentBytes = 64 << 10;  // a longer copy is several segments (blocks)
+size_t Round16(size_t x) { return (x + 15) / 16 * 16; }
+}  // namespace
+
+CopyStager::~CopyStager() {
+  if (in_flight_) cudaEventSynchronize(static_cast<cudaEvent_t>(event_));
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+  if (pinned_) cudaFreeHost(pinned_);
+  if (dev_) cudaFree(dev_);
+}
+
+Status CopyStager::Wait() {
+  if (!in_flight_) return Status::OK();
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+  in_flight_ = false;
+  return Status::OK();
+}
+
+Status CopyStager::ReservePinned(size_t bytes) {
+  if (bytes <= cap_) return Status::OK();
+  const size_t cap = std::max(bytes, cap_ * 2);
+  void* p = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, cap, cudaHostAllocDefault));
+  if (used_ > 0) std::memcpy(p, pinned_, used_);
+  if (pinned_) cudaFreeHost(pinned_);
+  pinned_ = static_cast<uint8_t*>(p);
+  cap_ = cap;
+  return Status::OK();
+}
+
+Status CopyStager::Add(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return Status::OK();
+  KVMEM_RETURN_IF_ERROR(Wait());
+  const size_t at = Round16(used_);
+  KVMEM_RETURN_IF_ERROR(ReservePinned(at + bytes));
+  std::memcpy(pinned_ + at, src, bytes);
+  used_ = at + bytes;
+  for (size_t from = 0; from < bytes; from += kSegmentBytes) {
+    segs_.push_back({reinterpret_cast<uint64_t>(dst) + from, at + from, std::min(kSegmentBytes, bytes - from)});
+    staged_src_.push_back(1);
+  }
+  return Status::OK();
+}
+
+void CopyStager::AddDevice(void* dst, const void* src, size_t bytes, bool overlapping) {
+  const size_t piece = overlapping ? std::max<size_t>(bytes, 1) : kSegmentBytes;
+  for (size_t from = 0; from < bytes; from += piece) {
+    segs_.push_back({reinterpret_cast<uint64_t>(dst) + from, reinterpret_cast<uint64_t>(src) + from,
+                     std::min(piece, bytes - from)});
+    staged_src_.push_back(0);
+  }
+}
+
+Status CopyStager::Flush(void* stream) {
+  if (segs_.empty()) return Status::OK();
+  auto s = static_cast<cudaStream_t>(stream);
+  KVMEM_RETURN_IF_ERROR(Wait());  // only device copies were added since the last flush
+  const size_t seg_at = Round16(used_);
+  const size_t total = seg_at + segs_.size() * sizeof(CopySegment);
+  KVMEM_RETURN_IF_ERROR(ReservePinned(total));
+  if (total > dev_cap_) {
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));  // earlier launches may read it
+    const size_t cap = std::max(total, dev_cap_ * 2);
+    if (dev_) KVMEM_CUDA_RETURN_IF_ERROR(cudaFree(dev_));
+    dev_ = nullptr;
+    dev_cap_ = 0;
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&dev_, cap));
+    dev_cap_ = cap;
+  }
+  const uint64_t dev = reinterpret_cast<uint64_t>(dev_);
+  auto* out = reinterpret_cast<CopySegment*>(pinned_ + seg_at);
+  for (size_t i = 0; i < segs_.size(); ++i) {
+    out[i] = segs_[i];
+    if (staged_src_[i]) out[i].src += dev;
+  }
+  if (event_ == nullptr) {
+    cudaEvent_t e = nullptr;
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    event_ = e;
+  }
+  const uint32_t n = static_cast<uint32_t>(segs_.size());
+  segs_.clear();
+  staged_src_.clear();
+  used_ = 0;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev_, pinned_, total, cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(static_cast<cudaEvent_t>(event_), s));
+  in_flight_ = true;
+  return CopySegments(reinterpret_cast<const CopySegment*>(static_cast<uint8_t*>(dev_) + seg_at), n, stream);
 }
 
 }  // namespace kvmem::kernels::cuda

@@ -1795,7 +1795,7 @@ Status DeviceTree::Reserve(Buffer* b, size_t bytes, size_t keep, void* stream) {
   return Status::OK();
 }
 
-Status DeviceTree::Sync(const FlatTree& host, void* stream) {
+Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) {
   auto s = static_cast<cudaStream_t>(stream);
   const uint32_t D = host.head_dim;
   if (host.num_levels > kTreeSearchMaxLevels + 1) {
@@ -1814,8 +1814,12 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream) {
                     size_t total) -> Status {
     KVMEM_RETURN_IF_ERROR(Reserve(b, total * elem, from * elem, stream));
     if (count == 0) return Status::OK();
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<uint8_t*>(b->p) + from * elem, src,
-                                               count * elem, cudaMemcpyHostToDevice, s));
+    if (stager != nullptr) {
+      KVMEM_RETURN_IF_ERROR(stager->Add(static_cast<uint8_t*>(b->p) + from * elem, src, count * elem));
+    } else {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<uint8_t*>(b->p) + from * elem, src,
+                                                 count * elem, cudaMemcpyHostToDevice, s));
+    }
     uploaded_ += count * elem;
     return Status::OK();
   };

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "common/dtype.h"
 #include "kernels/tree_search.h"
@@ -34,17 +35,23 @@ struct SearchTaskDesc {
 // group's loads cover 128 contiguous bytes. D is a multiple of 64. False (out partly written)
 // when a value is not a bfloat16 value: the CPU search would multiply other numbers.
 inline bool InterleaveRowBF16(const float* src, uint32_t D, uint16_t* out) {
+  // A float is a bfloat16 value iff its low 16 bits are zero and it is not a NaN; the value's
+  // bits are then its high 16 (a bit test per element: the session's mirror syncs convert every
+  // node row of a tree that changed).
+  uint32_t low = 0;
+  bool nan = false;
   for (uint32_t q = 0; q < D / 64; ++q) {
     for (uint32_t j = 0; j < 8; ++j) {
       for (uint32_t k = 0; k < 8; ++k) {
-        const float x = src[8 * (8 * q + k) + j];
-        const uint16_t b = FloatToBF16(x);
-        if (BF16ToFloat(b) != x) return false;
-        out[64 * q + 8 * j + k] = b;
+        uint32_t u;
+        std::memcpy(&u, &src[8 * (8 * q + k) + j], 4);
+        low |= u & 0xffffu;
+        nan |= (u & 0x7fffffffu) > 0x7f800000u;
+        out[64 * q + 8 * j + k] = static_cast<uint16_t>(u >> 16);
       }
     }
   }
-  return true;
+  return low == 0 && !nan;
 }
 
 }  // namespace kvmem::kernels::detail

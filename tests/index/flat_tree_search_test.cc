@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common/dtype.h"
 #include "index/cluster_tree.h"
@@ -179,6 +180,14 @@ TEST(FlatTreeSearchTest, DeviceRowLayoutScoresLikeDot) {
       const float dot = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
       ASSERT_EQ(dot, detail::Dot(mean.data(), row.data(), D)) << "trial " << trial;
     }
+    // Infinities and negative zero are bfloat16 values (the bits go through); a NaN is not.
+    row[1] = -0.f;
+    row[2] = -INFINITY;
+    ASSERT_TRUE(kernels::detail::InterleaveRowBF16(row.data(), D, dev.data()));
+    EXPECT_EQ(dev[8], 0x8000u);  // element 1 = 8(8q + k) + j with q = k = 0, j = 1: at 64q + 8j + k
+    row[2] = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_FALSE(kernels::detail::InterleaveRowBF16(row.data(), D, dev.data()));
+    row[2] = 1.f;
     row[D / 2 + 3] = std::nextafter(row[D / 2 + 3], INFINITY);  // between two bfloat16 values
     EXPECT_FALSE(kernels::detail::InterleaveRowBF16(row.data(), D, dev.data()));
   }

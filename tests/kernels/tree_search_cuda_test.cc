@@ -137,6 +137,9 @@ struct RunConfig {
   // LaunchSearchAttendInline (one session): q and the plan in the kernel's parameters, over a
   // poisoned workspace that nothing is uploaded to.
   bool inline_launch = false;
+  // The trees' uploads staged in one CopyStager and flushed once before the launch (how the
+  // daemon's device pool syncs a layer's mirrors).
+  bool staged_sync = false;
 };
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
@@ -172,6 +175,7 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
   CUDA_OK(cudaMemcpy(q_d.p, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(out_d.p, 0xff, q.size() * 2));  // poison (NaN)
   std::vector<kc::SearchAttendProblem> probs(P);
+  kc::CopyStager stager;
   for (uint32_t p = 0; p < P; ++p) {
     Session& s = *sessions[p];
     pools.emplace_back(new DeviceMem(s.pool.size() * 2));
@@ -183,7 +187,7 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
       s.trees[h].ExportFlat(&flat, s.dev_trees[h].chunks_epoch() == s.trees[h].chunks_epoch()
                                           ? s.dev_trees[h].chunks_held()
                                           : 0);
-      ST_OK(s.dev_trees[h].Sync(flat, nullptr));
+      ST_OK(s.dev_trees[h].Sync(flat, nullptr, cfg.staged_sync ? &stager : nullptr));
       views[p].push_back(s.dev_trees[h].view());
     }
     kc::SearchAttendProblem& sp = probs[p];
@@ -208,6 +212,7 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
     sp.recent_window = cfg.recent_window;
     sp.tail = {s.tail_off, s.tail_cap, 0, s.tail_len};
   }
+  ST_OK(stager.Flush(nullptr));  // nothing staged unless cfg.staged_sync
   kc::SearchAttendPlan plan;
   kc::AttendPlanOptions opt;
   opt.min_split_tokens = 64;  // several splits per head: the merge path runs
@@ -415,7 +420,9 @@ TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
   AddChunks(rng, s, 400, true);
   for (auto& t : s->trees) t.Maintain();
   SetTail(rng, s, 33);
-  CheckSessions(rng, {s}, {1024, 16, 0});
+  RunConfig staged{1024, 16, 0};
+  staged.staged_sync = true;  // the new chunks and the rebuilt nodes through one CopyStager
+  CheckSessions(rng, {s}, staged);
   EXPECT_GT(s->dev_trees[0].bytes_uploaded(), uploaded);
   // A sync with no new chunks uploads the node arrays (bf16 centroid rows) and the leaf order only.
   {
@@ -429,7 +436,9 @@ TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
   }
   AddChunks(rng, s, 30, true);  // lazy inserts without maintenance
   SetTail(rng, s, 64);
-  CheckSessions(rng, {s}, {300, 16, 48});
+  RunConfig lazy{300, 16, 48};
+  lazy.staged_sync = true;
+  CheckSessions(rng, {s}, lazy);
 }
 
 }  // namespace
