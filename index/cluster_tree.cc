@@ -1,6 +1,7 @@
 #include "index/cluster_tree.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -183,8 +184,14 @@ uint32_t ClusterTree::NewNode(uint32_t parent, uint32_t level) {
   }
   nodes_[id].parent = parent;
   nodes_[id].level = level;
+  nodes_[id].row_stamp = ++row_clock_;
   std::fill_n(node_centroid(id), head_dim_, 0.f);
   return id;
+}
+
+uint64_t ClusterTree::Lineage::Next() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
 }
 
 void ClusterTree::FreeSubtree(uint32_t n, bool keep_root) {
@@ -249,6 +256,7 @@ void ClusterTree::Summarize(uint32_t n) {
     centroid[d] = tokens > 0 ? static_cast<float>(acc[d] / static_cast<double>(tokens)) : 0.f;
   }
   detail::RoundToBF16(centroid, D);  // stored as bfloat16 values, as chunk centroids; radius from these
+  node.row_stamp = ++row_clock_;
   double radius = 0.0;
   for (uint32_t c : node.children) {
     const float* cc;
@@ -488,6 +496,7 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
     // bfloat16 values like every stored centroid (a step below half an ulp leaves it in place;
     // the radius below is measured from what is stored, so it still covers).
     detail::RoundToBF16(c, head_dim_);
+    node.row_stamp = ++row_clock_;
     const double shift = DistanceD(c, old_c.data(), head_dim_);
     const double cover_child = DistanceD(child_c, c, head_dim_) + child_r;
     const double radius = node.tokens == 0 ? cover_child
@@ -842,6 +851,8 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const
   out->nodes.clear();
   out->node_centroids.clear();
   out->leaf_chunks.clear();
+  out->node_row_stamps.clear();
+  out->lineage = lineage_.id;
   out->level_begin.assign(1, 0);
   // Breadth-first: `ids` holds tree node ids in flat order; a level ends where the next begins.
   std::vector<uint32_t> ids = {0};
@@ -868,6 +879,7 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const
     out->nodes.push_back(f);
     out->node_centroids.insert(out->node_centroids.end(), node_centroid(ids[i]),
                                node_centroid(ids[i]) + D);
+    out->node_row_stamps.push_back(n.row_stamp);
     if (i + 1 == level_end) {
       out->level_begin.push_back(static_cast<uint32_t>(i + 1));
       level_end = ids.size();

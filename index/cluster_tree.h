@@ -224,6 +224,7 @@ class ClusterTree {
     uint32_t chunks_below = 0;
     uint32_t built_chunks = 0;  // chunks_below when this subtree was last (re)built
     float built_radius = 0.f;   // radius then
+    uint64_t row_stamp = 0;     // a fresh row_clock_ value each time the centroid is written
   };
   static constexpr uint32_t kNone = 0xffffffffu;
 
@@ -285,6 +286,26 @@ class ClusterTree {
     }
   };
   mutable MaintenanceCache maintenance_cache_;
+  // Node centroid stamps (ExportFlat's node_row_stamps): unique within the lineage, so a device
+  // mirror holding a row of the same stamp at the same flat position holds this very row. A
+  // copied tree starts a lineage of its own (the copies may change apart); a moved one keeps it.
+  uint64_t row_clock_ = 0;
+  struct Lineage {
+    uint64_t id = Next();
+    Lineage() = default;
+    Lineage(const Lineage&) : id(Next()) {}
+    Lineage(Lineage&& o) noexcept : id(o.id) {}
+    Lineage& operator=(const Lineage&) {
+      id = Next();
+      return *this;
+    }
+    Lineage& operator=(Lineage&& o) noexcept {
+      id = o.id;
+      return *this;
+    }
+    static uint64_t Next();
+  };
+  Lineage lineage_;
 };
 
 }  // namespace kvmem::index

@@ -259,7 +259,9 @@ class DeviceTree {
 
   // Copies are ordered on `stream`; the host vectors may be reused once Sync returns. With a
   // `stager`, the uploads are staged there (one upload and launch for many trees when it is
-  // flushed, which the caller does on the same stream before the tree is searched).
+  // flushed, which the caller does on the same stream before the tree is searched), and of the
+  // node rows only those whose stamps changed (FlatTree::node_row_stamps) are converted and go
+  // up; without one, every node row does.
   Status Sync(const FlatTree& host, void* stream, CopyStager* stager = nullptr);
   uint32_t chunks_held() const { return chunks_; }
   uint64_t chunks_epoch() const { return epoch_; }
@@ -279,6 +281,10 @@ class DeviceTree {
   uint32_t chunks_ = 0;
   uint64_t epoch_ = ~0ull;
   uint64_t uploaded_ = 0;
+  // The stamps (FlatTree::node_row_stamps) of the node rows on the device, by flat position,
+  // and their lineage; empty: unknown (every row goes up).
+  std::vector<uint64_t> row_stamps_;
+  uint64_t lineage_ = 0;
   FlatTreeView view_;
 };
 

@@ -76,6 +76,11 @@ struct FlatTree {
   uint64_t chunks_epoch = 0;  // changes when the tree's chunk summaries were replaced (Build)
   std::vector<uint32_t> level_begin;  // [num_levels + 1]
   std::vector<float> node_centroids;  // [nodes][head_dim], bfloat16 values
+  // Per node: a stamp that changes whenever its centroid is written, unique within `lineage`
+  // (index::ClusterTree), so a mirror uploads only the rows whose stamps it does not hold.
+  // Empty: no stamps (every row goes up).
+  std::vector<uint64_t> node_row_stamps;
+  uint64_t lineage = 0;
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
   std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim], bfloat16 values

@@ -1842,7 +1842,31 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) 
     return out;
   };
   const size_t nodes = host.nodes.size();
-  const std::vector<uint16_t> node_rows = interleave(host.node_centroids.data(), nodes, "node", 0);
+  // Node rows: with a stager and stamps of the same lineage for every flat position, only the
+  // rows whose stamps moved (an insert changes its leaf's path), as runs of positions;
+  // otherwise all of them. The buffer is reserved first: a reallocation loses the rows.
+  const void* rows_at = node_centroids_.p;
+  KVMEM_RETURN_IF_ERROR(Reserve(&node_centroids_, nodes * D * sizeof(uint16_t), 0, stream));
+  if (node_centroids_.p != rows_at) row_stamps_.clear();
+  const bool partial = stager != nullptr && host.node_row_stamps.size() == nodes &&
+                       host.lineage == lineage_ && row_stamps_.size() == nodes;
+  std::vector<std::pair<uint32_t, uint32_t>> runs;  // [first, end) flat positions to upload
+  if (!partial) {
+    if (nodes > 0) runs.push_back({0, static_cast<uint32_t>(nodes)});
+  } else {
+    for (uint32_t i = 0; i < nodes; ++i) {
+      if (row_stamps_[i] == host.node_row_stamps[i]) continue;
+      if (!runs.empty() && runs.back().second == i) {
+        ++runs.back().second;
+      } else {
+        runs.push_back({i, i + 1});
+      }
+    }
+  }
+  std::vector<std::vector<uint16_t>> node_rows;
+  for (const auto& [a, b] : runs) {
+    node_rows.push_back(interleave(host.node_centroids.data() + size_t{a} * D, b - a, "node", a));
+  }
   const std::vector<uint16_t> chunk_rows =
       interleave(host.chunk_centroids.data() + skip * D, add, "chunk", have);
   if (!inexact.empty()) {
@@ -1857,13 +1881,19 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) 
                                have, add, total));
   KVMEM_RETURN_IF_ERROR(upload(&chunk_start_, host.chunk_start.data() + skip, sizeof(uint64_t),
                                have, add, total));
-  KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, node_rows.data(), sizeof(uint16_t) * D, 0, nodes,
-                               nodes));
+  row_stamps_.clear();  // until every row below is up
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const auto [a, b] = runs[r];
+    KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, node_rows[r].data(), sizeof(uint16_t) * D, a,
+                                 b - a, nodes));
+  }
   KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
   KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,
                                host.leaf_chunks.size(), host.leaf_chunks.size()));
   chunks_ = static_cast<uint32_t>(total);
   epoch_ = host.chunks_epoch;
+  row_stamps_ = host.node_row_stamps;
+  lineage_ = host.lineage;
   view_ = FlatTreeView{};
   view_.num_nodes = static_cast<uint32_t>(nodes);
   view_.num_chunks = chunks_;

@@ -3,6 +3,7 @@
 // order, on bulk-built, lazily grown, maintained and flat trees. Seeds fresh per run.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -108,6 +109,65 @@ TEST(FlatTreeSearchTest, FlatListAndLazilyGrownTreesSelectLikeSearchBudget) {
       ExpectSameSelections(tree, rng, 15, src);
     }
   }
+}
+
+// Node row stamps (what a device mirror compares to upload only changed rows): an insert moves
+// the stamps of exactly the rows it rewrote (its leaf's path, whose centroids it moved) and no
+// other; a maintenance that restructures gives every rewritten row a stamp never seen before;
+// a copy of the tree starts a lineage of its own, a move keeps it.
+TEST(FlatTreeSearchTest, RowStampsMoveWithTheRowsTheyStampOnly) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  VectorKeySource src = RandomKeys(rng, 700, 16);
+  ClusterTreeOptions o;
+  o.levels = 2;
+  ClusterTree tree = BuildTree(src, o);
+  kernels::FlatTree a, b;
+  tree.ExportFlat(&a);
+  ASSERT_EQ(a.node_row_stamps.size(), a.nodes.size());
+  std::vector<uint64_t> sorted = a.node_row_stamps;
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_EQ(std::adjacent_find(sorted.begin(), sorted.end()), sorted.end()) << "stamps repeat";
+  VectorKeySource more = RandomKeys(rng, 40, 16);
+  uint32_t moved_rows = 0;
+  for (uint32_t i = 0; i < more.chunks.size(); ++i) {
+    auto s = SummarizeKeys(more.chunks[i].data(), more.tokens(i), more.dim);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(tree.Insert(tree.num_chunks(), *s, more.tokens(i)).ok());
+    tree.ExportFlat(&b, tree.num_chunks() - 1);
+    ASSERT_EQ(b.lineage, a.lineage);
+    ASSERT_EQ(b.nodes.size(), a.nodes.size());  // inserts do not restructure
+    for (size_t n = 0; n < b.nodes.size(); ++n) {
+      const bool row_same = std::equal(a.node_centroids.begin() + n * src.dim, a.node_centroids.begin() + (n + 1) * src.dim,
+                                       b.node_centroids.begin() + n * src.dim);
+      if (b.node_row_stamps[n] == a.node_row_stamps[n]) {
+        ASSERT_TRUE(row_same) << "row " << n << " changed under the same stamp";
+      } else {
+        ++moved_rows;
+      }
+    }
+    a = b;
+  }
+  EXPECT_GT(moved_rows, 0u);
+  EXPECT_LE(moved_rows, 40u * 3);  // at most the path of each insert (3 nodes at two levels)
+  if (tree.NeedsMaintenance()) {
+    tree.Maintain();
+    tree.ExportFlat(&b, tree.num_chunks());
+    for (size_t n = 0; n < b.nodes.size(); ++n) {
+      if (n < a.nodes.size() && b.node_row_stamps[n] == a.node_row_stamps[n]) {
+        EXPECT_TRUE(std::equal(a.node_centroids.begin() + n * src.dim, a.node_centroids.begin() + (n + 1) * src.dim,
+                               b.node_centroids.begin() + n * src.dim)) << n;
+      }
+    }
+  }
+  ClusterTree copy = tree;
+  kernels::FlatTree c;
+  copy.ExportFlat(&c);
+  EXPECT_NE(c.lineage, a.lineage);
+  ClusterTree moved = std::move(copy);
+  kernels::FlatTree d;
+  moved.ExportFlat(&d);
+  EXPECT_EQ(d.lineage, c.lineage);
 }
 
 TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
