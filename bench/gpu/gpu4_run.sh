@@ -95,7 +95,7 @@ if [[ -x $G/b/bin/kvmemd ]]; then
     e=(); j="$OUT/e2e.json"; [[ $e2e != default ]] && { e=("$e2e"); j="$OUT/e2e_${e2e%%=*}.json"; }
     echo "== e2e attend, device search, $e2e ($(el)s)"
     env "${e[@]}" timeout 120 $G/b/run kvmem-bench-e2e --json "$j" --contexts ${CONTEXTS:-8192,32768,131072} \
-      --iters ${ITERS:-200} > /tmp/e2e.log 2>&1; echo "e2e rc=$? ($(el)s)"; grep -E "kvmem_e2e_attend|ping" /tmp/e2e.log | cut -c1-400
+      --iters ${ITERS:-200} > /tmp/e2e.log 2>&1; echo "e2e rc=$? ($(el)s)"; grep -E "kvmem_e2e_attend|kvmem_e2e_decode|append|ping" /tmp/e2e.log | cut -c1-400
     { echo "### e2e $e2e"; cat /tmp/e2e.log; } >> /tmp/logs.txt
   done
   # The fidelity profile (rescoring 4x the budget token by token: host search, one
@@ -103,7 +103,7 @@ if [[ -x $G/b/bin/kvmemd ]]; then
   echo "== e2e attend, fidelity profile ($(el)s)"
   timeout 150 $G/b/run kvmem-bench-e2e --json "$OUT/e2e_fidelity.json" --config "$PWD/deploy/kvmemd-fidelity.json" \
     --contexts 32768,131072 --iters 30 > /tmp/e2e_fid.log 2>&1; echo "e2e fidelity rc=$? ($(el)s)"
-  grep -E "kvmem_e2e_attend|ping" /tmp/e2e_fid.log | cut -c1-400
+  grep -E "kvmem_e2e_attend|kvmem_e2e_decode|ping" /tmp/e2e_fid.log | cut -c1-400
   { echo "### e2e fidelity"; cat /tmp/e2e_fid.log; } >> /tmp/logs.txt
 fi
 if [[ -x $G/b/bin/backends_test ]]; then  # staged with `integration`
