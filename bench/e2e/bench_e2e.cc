@@ -28,6 +28,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -171,6 +172,41 @@ int main(int argc, char** argv) {
     ping.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   out["ping_rtt_p50_us"] = Median(ping);
+  // n + 5 Attend calls (the first 5 warm up): the n timed round trips in us, the tokens KV head 0
+  // attended in the last, and the daemon's mean phase and request times over the timed ones.
+  // `before(i)` may change the request first. `failed` when a call did.
+  struct Timed {
+    std::vector<double> us;
+    uint32_t attended = 0;
+    json phases, req_us;
+    bool failed = false;
+  };
+  auto timed_attends = [&](uint64_t session, AttendRequest& req, int n,
+                           const std::function<void(int)>& before) {
+    Timed t;
+    PhaseTotals ph0, rq0;
+    for (int i = 0; i < n + 5; ++i) {
+      if (before) before(i);
+      auto t0 = std::chrono::steady_clock::now();
+      auto r = cl.Attend(session, req);
+      const double dt = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+      if (!r.ok()) {
+        std::fprintf(stderr, "attend: %s\n", r.status().ToString().c_str());
+        t.failed = true;
+        return t;
+      }
+      t.attended = r->tokens_attended[0];
+      if (i >= 5) t.us.push_back(dt);
+      if (i == 4) {
+        ph0 = ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase");
+        rq0 = ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op");
+      }
+    }
+    t.phases = MeanDelta(ph0, ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase"));
+    const json req_us = MeanDelta(rq0, ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op"));
+    t.req_us = req_us.contains("Attend") ? req_us["Attend"] : json();
+    return t;
+  };
   std::mt19937_64 rng(7);
   std::normal_distribution<float> n01;
   std::printf("%-8s %-8s %-18s %12s %14s\n", "context", "budget", "method", "us_per_layer", "tokens/head");
@@ -230,36 +266,17 @@ int main(int argc, char** argv) {
       req.q = TensorView{q.data(), DType::kBF16, {HQ, D}};
       req.mode = mode;
       req.budget_tokens = budget;
-      std::vector<double> us;
-      uint32_t attended = 0;
-      PhaseTotals ph0, rq0;
       const int n_iter = mode == kvmem::client::Mode::kDense && T > 32768 ? std::max(10, iters / 10) : iters;
-      for (int i = 0; i < n_iter + 5; ++i) {
-        auto t0 = std::chrono::steady_clock::now();
-        auto r = cl.Attend(*id, req);
-        const double dt = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-        if (!r.ok()) {
-          std::fprintf(stderr, "attend: %s\n", r.status().ToString().c_str());
-          return 1;
-        }
-        attended = r->tokens_attended[0];
-        if (i >= 5) us.push_back(dt);
-        if (i == 4) {
-          ph0 = ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase");
-          rq0 = ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op");
-        }
-      }
-      const json phases = MeanDelta(ph0, ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase"));
-      const json req_us = MeanDelta(rq0, ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op"));
+      const Timed tm = timed_attends(*id, req, n_iter, nullptr);
+      if (tm.failed) return 1;
       std::string method = mode == kvmem::client::Mode::kIndex ? "kvmem_e2e_attend" : "kvmem_e2e_attend_dense";
       if (host_search && mode == kvmem::client::Mode::kIndex) method += "_host_search";
       out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", method},
-                                {"us_per_layer", Median(us)}, {"tokens_attended_per_head", attended},
-                                {"daemon_phase_us", phases},
-                                {"daemon_request_us", req_us.contains("Attend") ? req_us["Attend"] : json()}});
+                                {"us_per_layer", Median(tm.us)}, {"tokens_attended_per_head", tm.attended},
+                                {"daemon_phase_us", tm.phases}, {"daemon_request_us", tm.req_us}});
       std::printf("%-8llu %-8u %-30s %10.1f %10u  daemon %s  phases %s\n",
-                  static_cast<unsigned long long>(T), budget, method.c_str(), Median(us), attended,
-                  req_us.contains("Attend") ? req_us["Attend"].dump().c_str() : "-", phases.dump().c_str());
+                  static_cast<unsigned long long>(T), budget, method.c_str(), Median(tm.us), tm.attended,
+                  tm.req_us.dump().c_str(), tm.phases.dump().c_str());
     }
     // Decode steps, as a worker runs them: each Attend also appends the new token's K/V row
     // (new_k / new_v), so the session grows by one token per step and seals a chunk every ~15;
@@ -275,10 +292,7 @@ int main(int argc, char** argv) {
       std::vector<uint16_t> nk(HKV * D), nv(HKV * D);
       req.new_k = TensorView{nk.data(), DType::kBF16, {HKV, D}};
       req.new_v = TensorView{nv.data(), DType::kBF16, {HKV, D}};
-      std::vector<double> us;
-      uint32_t attended = 0;
-      PhaseTotals ph0, rq0;
-      for (int i = 0; i < iters + 5; ++i) {
+      const Timed tm = timed_attends(*id, req, iters, [&](int i) {
         const uint64_t t = T + static_cast<uint64_t>(i);
         if (t % 512 == 0)
           for (auto& x : topic) x = n01(rng) * 1.5f;
@@ -288,22 +302,9 @@ int main(int argc, char** argv) {
             nv[h * D + dd] = kvmem::FloatToBF16(n01(rng));
           }
         req.boundary = t % 11 == 10 ? 3 : 1;
-        auto t0 = std::chrono::steady_clock::now();
-        auto r = cl.Attend(*id, req);
-        const double dt = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-        if (!r.ok()) {
-          std::fprintf(stderr, "decode attend: %s\n", r.status().ToString().c_str());
-          return 1;
-        }
-        attended = r->tokens_attended[0];
-        if (i >= 5) us.push_back(dt);
-        if (i == 4) {
-          ph0 = ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase");
-          rq0 = ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op");
-        }
-      }
-      const json phases = MeanDelta(ph0, ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase"));
-      const json req_us = MeanDelta(rq0, ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op"));
+      });
+      if (tm.failed) return 1;
+      const std::vector<double>& us = tm.us;
       double mean = 0;
       for (double x : us) mean += x;
       mean /= static_cast<double>(us.size());
@@ -312,12 +313,11 @@ int main(int argc, char** argv) {
       const double p90 = sorted[sorted.size() * 9 / 10];
       out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", "kvmem_e2e_decode"},
                                 {"us_per_layer", mean}, {"p50_us", Median(us)}, {"p90_us", p90},
-                                {"steps", us.size()}, {"tokens_attended_per_head", attended},
-                                {"daemon_phase_us", phases},
-                                {"daemon_request_us", req_us.contains("Attend") ? req_us["Attend"] : json()}});
+                                {"steps", us.size()}, {"tokens_attended_per_head", tm.attended},
+                                {"daemon_phase_us", tm.phases}, {"daemon_request_us", tm.req_us}});
       std::printf("%-8llu %-8u %-30s %10.1f %10u  p50 %.1f p90 %.1f  daemon %s  phases %s\n",
-                  static_cast<unsigned long long>(T), budget, "kvmem_e2e_decode", mean, attended, Median(us), p90,
-                  req_us.contains("Attend") ? req_us["Attend"].dump().c_str() : "-", phases.dump().c_str());
+                  static_cast<unsigned long long>(T), budget, "kvmem_e2e_decode", mean, tm.attended, Median(us), p90,
+                  tm.req_us.dump().c_str(), tm.phases.dump().c_str());
     }
     (void)cl.DropSession(*id);
   }

@@ -586,6 +586,11 @@ TEST(IndexOpsParity, TopKExactWithTies) {
   }
 }
 
+// The first index where a and b (same size) differ; their size when none.
+size_t FirstDifference(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  return static_cast<size_t>(std::mismatch(a.begin(), a.end(), b.begin()).first - a.begin());
+}
+
 // CopySegments against memmove on a host copy: random segments, disjoint from each other,
 // 16-byte aligned and not, large (many steps of a block) and small, some moving within their
 // own range (destination below and above the source).
@@ -638,11 +643,7 @@ TEST(PoolCopyParity, CopySegmentsMatchesMemmove) {
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<uint8_t> got(bytes);
   ASSERT_TRUE(buf.Download(got.data()));
-  size_t first_bad = bytes;
-  for (size_t i = 0; i < bytes && first_bad == bytes; ++i) {
-    if (got[i] != want[i]) first_bad = i;
-  }
-  EXPECT_EQ(first_bad, bytes) << "first differing byte of " << segs.size() << " segments";
+  EXPECT_EQ(FirstDifference(got, want), bytes) << "first differing byte of " << segs.size() << " segments";
   ST_OK(kc::CopySegments(nullptr, 0, nullptr));  // nothing to do
 }
 
@@ -690,11 +691,7 @@ TEST(PoolCopyParity, CopyStagerMatchesHostOps) {
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<uint8_t> got(bytes);
   ASSERT_TRUE(buf.Download(got.data()));
-  size_t first_bad = bytes;
-  for (size_t i = 0; i < bytes && first_bad == bytes; ++i) {
-    if (got[i] != want[i]) first_bad = i;
-  }
-  EXPECT_EQ(first_bad, bytes) << "first differing byte";
+  EXPECT_EQ(FirstDifference(got, want), bytes) << "first differing byte";
   ST_OK(stager.Flush(nullptr));  // nothing staged: nothing to do
 }
 
