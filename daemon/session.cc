@@ -582,9 +582,7 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
   }
   DeviceIndex& di = *device_index_;
   // Every head that moved: exported, then synced together (one staged upload on the device).
-  // The exports' buffers are kept from call to call (fresh ones cost page faults every time).
-  std::vector<kernels::FlatTree>& flats = di.exports;
-  flats.resize(H);
+  std::vector<kernels::FlatTree> flats(H);
   std::vector<KVPool::TreeSync> syncs;
   std::vector<size_t> synced;
   for (uint32_t h = 0; h < H; ++h) {
@@ -598,12 +596,7 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
     synced.push_back(i);
   }
   if (!syncs.empty()) {
-    const Status st = pool_->SyncTrees(syncs).WithContext("device tree mirror");
-    // A first (whole) export's chunk rows are megabytes; later ones carry a chunk or two.
-    for (kernels::FlatTree& f : flats) {
-      if (f.chunk_centroids.capacity() > (size_t{64} << 10)) std::vector<float>().swap(f.chunk_centroids);
-    }
-    KVMEM_RETURN_IF_ERROR(st);
+    KVMEM_RETURN_IF_ERROR(pool_->SyncTrees(syncs).WithContext("device tree mirror"));
     for (size_t i : synced) di.tree_version[i] = trees_[i].version();
   }
   // The layer's chunk-block table (element offsets), append-only, in a pool block.

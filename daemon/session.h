@@ -595,7 +595,6 @@ class Session {
   // Device mirrors for the device search (CUDA pool, index mode), made on first use.
   struct DeviceIndex {
     std::vector<std::unique_ptr<kernels::cuda::DeviceTree>> trees;  // [layer * kv_heads + head]
-    std::vector<kernels::FlatTree> exports;  // SyncDeviceIndex's scratch, one per KV head
     std::vector<uint64_t> tree_version;                             // version mirrored
     std::vector<uint64_t> table_block, table_capacity, table_len;   // per layer: pool block of
                                                                     // chunk element offsets
