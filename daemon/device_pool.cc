@@ -507,7 +507,10 @@ class DevicePool final : public KVPool {
     auto* base = static_cast<uint8_t*>(base_);
     for (const PoolCopy& op : ops) {
       if (op.src != nullptr) {
-        KVMEM_RETURN_IF_ERROR(stager_.Add(base + op.dst, op.src, op.bytes));
+        if (Status st = stager_.Add(base + op.dst, op.src, op.bytes); !st.ok()) {
+          stager_.Clear();  // the caller drops the batch (and may free its destinations)
+          return st;
+        }
       } else {
         stager_.AddDevice(base + op.dst, base + op.src_offset, op.bytes, overlapping);
       }

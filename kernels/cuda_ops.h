@@ -217,6 +217,12 @@ class CopyStager {
   size_t staged_bytes() const { return used_; }
   bool empty() const { return segs_.empty(); }
   Status Flush(void* stream);
+  // Drops what was added since the last flush (a batch that failed halfway).
+  void Clear() {
+    segs_.clear();
+    staged_src_.clear();
+    used_ = 0;
+  }
 
  private:
   Status Wait();                              // the last flush's upload has read the staging
