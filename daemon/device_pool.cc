@@ -118,14 +118,7 @@ class DevicePool final : public KVPool {
   Status CopyBatch(std::span<const PoolCopy> ops, ParallelPool* workers,
                    std::optional<DType> reject_non_finite) override {
     if (SyncCopies()) return KVPool::CopyBatch(ops, workers, reject_non_finite);
-    if (reject_non_finite) {
-      const size_t es = DTypeSize(*reject_non_finite);
-      for (const PoolCopy& op : ops) {
-        if (op.src != nullptr && HasNonFinite(op.src, *reject_non_finite, op.bytes / es)) {
-          return InvalidArgument("keys or values contain NaN or Inf");
-        }
-      }
-    }
+    KVMEM_RETURN_IF_ERROR(CheckHostSources(ops, reject_non_finite));
     return Scatter(ops, /*overlapping=*/false);
   }
   Status MoveWithin(std::span<const PoolCopy> ops) override {
@@ -495,7 +488,7 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
 
-  // Host rows staged per upload at most (one larger op goes alone).
+  // Scatter flushes once this many bytes of host rows are staged (after the op that reaches it).
   static constexpr size_t kScatterGroupBytes = size_t{64} << 20;
 
   // ops' copies through the stager (kernels::cuda::CopyStager): their host rows staged in
@@ -640,9 +633,11 @@ class DevicePool final : public KVPool {
   // Grow-only device scratch; a new workspace is zero-filled (the attention counters need it).
   Status Grow(void** p, size_t* have, size_t need) {
     if (need <= *have) return Status::OK();
-    // Enqueued copies and launches may still read the old buffer.
-    if (*p) KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "scratch grow"));
-    if (*p) cudaFree(*p);
+    if (*p) {
+      // Enqueued copies and launches may still read the old buffer.
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "scratch grow"));
+      cudaFree(*p);
+    }
     *p = nullptr;
     const size_t bytes = std::max(need, *have * 2);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMalloc(p, bytes), "cudaMalloc scratch"));

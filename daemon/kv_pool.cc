@@ -204,14 +204,18 @@ uint64_t SlabAllocator::live_blocks() const {
 
 static Status NonFiniteInput() { return InvalidArgument("keys or values contain NaN or Inf"); }
 
+Status KVPool::CheckHostSources(std::span<const PoolCopy> ops, std::optional<DType> reject_non_finite) {
+  if (!reject_non_finite) return Status::OK();
+  const size_t es = DTypeSize(*reject_non_finite);
+  for (const PoolCopy& op : ops) {
+    if (op.src != nullptr && HasNonFinite(op.src, *reject_non_finite, op.bytes / es)) return NonFiniteInput();
+  }
+  return Status::OK();
+}
+
 Status KVPool::CopyBatch(std::span<const PoolCopy> ops, ParallelPool* /*workers*/,
                          std::optional<DType> reject_non_finite) {
-  if (reject_non_finite) {
-    const size_t es = DTypeSize(*reject_non_finite);
-    for (const PoolCopy& op : ops) {
-      if (op.src != nullptr && HasNonFinite(op.src, *reject_non_finite, op.bytes / es)) return NonFiniteInput();
-    }
-  }
+  KVMEM_RETURN_IF_ERROR(CheckHostSources(ops, reject_non_finite));
   for (const PoolCopy& op : ops) {
     KVMEM_RETURN_IF_ERROR(op.src != nullptr ? CopyIn(op.dst, op.src, op.bytes)
                                             : CopyWithin(op.dst, op.src_offset, op.bytes));

@@ -196,6 +196,10 @@ class KVPool {
   virtual std::string Describe() const = 0;
 
  protected:
+  // CopyBatch's check of the ops from host memory: INVALID_ARGUMENT when one holds NaN / Inf
+  // elements of that type (nothing to check without a type).
+  static Status CheckHostSources(std::span<const PoolCopy> ops, std::optional<DType> reject_non_finite);
+
   void* base_ = nullptr;
   std::unique_ptr<SlabAllocator> allocator_;
 };

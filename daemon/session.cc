@@ -582,20 +582,24 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
   }
   DeviceIndex& di = *device_index_;
   // Every head that moved: exported, then synced together (one staged upload on the device).
-  std::vector<kernels::FlatTree> flats(H);
-  std::vector<KVPool::TreeSync> syncs;
+  // Nothing is allocated when none moved (every Attend and every reply's upkeep asks).
   std::vector<size_t> synced;
   for (uint32_t h = 0; h < H; ++h) {
     const size_t i = size_t{layer} * H + h;
-    const index::ClusterTree& tree = trees_[i];
     if (!di.trees[i]) di.trees[i] = std::make_unique<kernels::cuda::DeviceTree>();
-    kernels::cuda::DeviceTree& dt = *di.trees[i];
-    if (di.tree_version[i] == tree.version() && dt.chunks_held() == tree.num_chunks()) continue;
-    tree.ExportFlat(&flats[h], dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0);
-    syncs.push_back({&dt, &flats[h]});
-    synced.push_back(i);
+    const bool current = di.tree_version[i] == trees_[i].version() &&
+                         di.trees[i]->chunks_held() == trees_[i].num_chunks();
+    if (!current) synced.push_back(i);
   }
-  if (!syncs.empty()) {
+  if (!synced.empty()) {
+    std::vector<kernels::FlatTree> flats(synced.size());
+    std::vector<KVPool::TreeSync> syncs(synced.size());
+    for (size_t k = 0; k < synced.size(); ++k) {
+      const index::ClusterTree& tree = trees_[synced[k]];
+      kernels::cuda::DeviceTree& dt = *di.trees[synced[k]];
+      tree.ExportFlat(&flats[k], dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0);
+      syncs[k] = {&dt, &flats[k]};
+    }
     KVMEM_RETURN_IF_ERROR(pool_->SyncTrees(syncs).WithContext("device tree mirror"));
     for (size_t i : synced) di.tree_version[i] = trees_[i].version();
   }

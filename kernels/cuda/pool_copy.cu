@@ -106,7 +106,7 @@ Status CopyStager::Add(void* dst, const void* src, size_t bytes) {
 }
 
 void CopyStager::AddDevice(void* dst, const void* src, size_t bytes, bool overlapping) {
-  const size_t piece = overlapping ? std::max<size_t>(bytes, 1) : kSegmentBytes;
+  const size_t piece = overlapping ? bytes : kSegmentBytes;  // bytes > 0 whenever the loop runs
   for (size_t from = 0; from < bytes; from += piece) {
     segs_.push_back({reinterpret_cast<uint64_t>(dst) + from, reinterpret_cast<uint64_t>(src) + from,
                      std::min(piece, bytes - from)});
