@@ -2,7 +2,7 @@
 // and tail. See docs/architecture.md ("Index") for what is measured and why.
 //
 //   kvmem-bench-index [--quick] [--input FILE.safetensors] [--sweep-chunker] [--hybrid-only]
-//                     [--chunk-min N] [--chunk-max N] --json FILE
+//                     [--lazy-only] [--chunk-min N] [--chunk-max N] --json FILE
 //
 // Per (data, context, budget, method): mass_recall (softmax mass of sinks ∪ selection ∪ tail
 // under full attention, mean over query heads), sel_mass_recall (mass of the selection over the
@@ -58,6 +58,7 @@ struct Args {
   bool quick = false;
   bool sweep_chunker = false;
   bool hybrid_only = false;  // only the hybrid-heads stack evaluation
+  bool lazy_only = false;    // only the lazy-update evaluation
   uint64_t explore = 0;
   bool cost_only = false;
   std::string write_synthetic;  // export synthetic data as safetensors and exit
@@ -1002,6 +1003,10 @@ json ExactAgreement(uint64_t tokens, uint32_t queries, uint64_t seed) {
 
 // Lazy update: bulk-build over the first half of the chunks, stream the rest in with Insert()
 // (as decode seals them), with and without Maintain(); compare with a bulk build of everything.
+// "decode": a bulk build of the first three quarters of the chunks (the prefill), then each of
+// the rest inserted and Maintain() run after it, as the daemon does after a reply that sealed: the
+// upkeep a decode stream pays per seal (mean and max per tree), and how often a seal changed the
+// node count (the device mirror then re-uploads more than the insert's path).
 json LazyUpdate(uint64_t tokens, uint32_t queries, uint32_t budget) {
   Dataset ds = MakeSynthetic(tokens, queries, 45);
   Context cx = Prepare(ds, {}, /*baselines=*/false, 0);
@@ -1014,13 +1019,20 @@ json LazyUpdate(uint64_t tokens, uint32_t queries, uint32_t budget) {
     }
   }
   json out = json::array();
-  for (const char* mode : {"bulk", "lazy", "lazy+maintain"}) {
-    double insert_s = 0, maintain_s = 0;
-    uint64_t rebuilds = 0;
+  auto node_count = [](const index::ClusterTree& t) {
+    const index::TreeStats st = t.Stats();
+    uint64_t nodes = 0;
+    for (size_t i = 0; i + 1 < st.nodes_per_level.size(); ++i) nodes += st.nodes_per_level[i];
+    return nodes;
+  };
+  for (const char* mode : {"bulk", "lazy", "lazy+maintain", "decode"}) {
+    const std::string m = mode;
+    double insert_s = 0, maintain_s = 0, maintain_max_s = 0;
+    uint64_t rebuilds = 0, count_changes = 0;
     std::vector<std::unique_ptr<index::ClusterTree>> trees;
     for (uint32_t h = 0; h < ds.kv_heads; ++h) {
       auto tree = std::make_unique<index::ClusterTree>(D);
-      const uint32_t first = std::string(mode) == "bulk" ? n : n / 2;
+      const uint32_t first = m == "bulk" ? n : m == "decode" ? n - n / 4 : n / 2;
       if (!tree->Build(std::span(sums[h]).first(first), std::span(cx.lens).first(first)).ok()) {
         std::exit(1);
       }
@@ -1029,9 +1041,17 @@ json LazyUpdate(uint64_t tokens, uint32_t queries, uint32_t budget) {
         if (!tree->Insert(c, sums[h][c], cx.lens[c]).ok()) std::exit(1);
         auto t1 = Clock::now();
         insert_s += Seconds(t0, t1);
-        if (std::string(mode) == "lazy+maintain" && tree->NeedsMaintenance()) {
+        if (m == "lazy+maintain" && tree->NeedsMaintenance()) {
           rebuilds += tree->Maintain(1);
           maintain_s += Seconds(t1, Clock::now());
+        } else if (m == "decode") {
+          const uint64_t before = node_count(*tree);
+          t1 = Clock::now();
+          if (tree->NeedsMaintenance()) rebuilds += tree->Maintain();
+          const double s = Seconds(t1, Clock::now());
+          maintain_s += s;
+          maintain_max_s = std::max(maintain_max_s, s);
+          count_changes += node_count(*tree) != before;
         }
       }
       trees.push_back(std::move(tree));
@@ -1047,19 +1067,32 @@ json LazyUpdate(uint64_t tokens, uint32_t queries, uint32_t budget) {
     }
     const double qn = std::max(1u, acc.n);
     const index::TreeStats st = cx.trees[0]->Stats();
+    const uint64_t per_head = m == "bulk" ? 0 : m == "decode" ? n / 4 : n - n / 2;
+    const uint64_t inserted = uint64_t{ds.kv_heads} * per_head;
     json row = {{"context", tokens}, {"budget", budget}, {"mode", mode},
                 {"mass_recall", acc.mass / qn}, {"sel_mass_recall", acc.sel_mass / qn},
                 {"nodes_visited", acc.nodes / qn}, {"us_per_query", acc.us / qn},
-                {"inserted_chunks", std::string(mode) == "bulk" ? 0 : ds.kv_heads * (n - n / 2)},
-                {"us_per_insert", std::string(mode) == "bulk"
-                                      ? 0.0 : insert_s * 1e6 / (ds.kv_heads * (n - n / 2))},
+                {"inserted_chunks", inserted},
+                {"us_per_insert", inserted == 0 ? 0.0 : insert_s * 1e6 / inserted},
                 {"maintain_seconds", maintain_s}, {"subtree_rebuilds", rebuilds},
                 {"nodes_per_level", st.nodes_per_level}};
+    if (m == "decode") {
+      row["maintain_us_per_seal"] = maintain_s * 1e6 / std::max<uint64_t>(1, inserted);
+      row["maintain_us_max"] = maintain_max_s * 1e6;
+      row["node_count_changes"] = count_changes;
+    }
     std::printf("# lazy update T=%llu %-14s sel_mass %.4f nodes %.0f insert %.1f us/chunk "
-                "maintain %.2fs (%llu rebuilds) levels %s\n",
+                "maintain %.3fs (%llu repairs",
                 static_cast<unsigned long long>(tokens), mode, acc.sel_mass / qn, acc.nodes / qn,
                 row["us_per_insert"].get<double>(), maintain_s,
-                static_cast<unsigned long long>(rebuilds), json(st.nodes_per_level).dump().c_str());
+                static_cast<unsigned long long>(rebuilds));
+    if (m == "decode") {
+      std::printf("; per seal %.1f us, max %.0f us; node count moved at %llu of %llu seals",
+                  row["maintain_us_per_seal"].get<double>(), maintain_max_s * 1e6,
+                  static_cast<unsigned long long>(count_changes),
+                  static_cast<unsigned long long>(inserted));
+    }
+    std::printf(") levels %s\n", json(st.nodes_per_level).dump().c_str());
     out.push_back(row);
   }
   return out;
@@ -1148,6 +1181,7 @@ int Main(int argc, char** argv) {
     else if (s == "--context") a.write_context = std::stoull(next());
     else if (s == "--sweep-chunker") a.sweep_chunker = true;
     else if (s == "--hybrid-only") a.hybrid_only = true;
+    else if (s == "--lazy-only") a.lazy_only = true;
     else if (s == "--input") a.input = next();
     else if (s == "--json") a.json_path = next();
     else if (s == "--chunk-min") a.chunk_min = static_cast<uint32_t>(std::stoul(next()));
@@ -1155,7 +1189,8 @@ int Main(int argc, char** argv) {
     else {
       std::fprintf(stderr,
                    "usage: kvmem-bench-index [--quick] [--input FILE.safetensors] "
-                   "[--sweep-chunker] [--hybrid-only] [--chunk-min N --chunk-max N] --json FILE\n");
+                   "[--sweep-chunker] [--hybrid-only] [--lazy-only] [--chunk-min N --chunk-max N] "
+                   "--json FILE\n");
       return 2;
     }
   }
@@ -1235,6 +1270,11 @@ int Main(int argc, char** argv) {
                 {"equal_bytes_all_shared", check_all},
                 {"equal_bytes_main_shared", check_main}};
   };
+  if (a.lazy_only) {
+    out["lazy_update"] = LazyUpdate(a.quick ? 32768 : 131072, queries, 2048);
+    out["wall_seconds"] = Seconds(start, Clock::now());
+    return WriteJson(out, a.json_path);
+  }
   if (a.hybrid_only) {
     out["hybrid"] = run_hybrid();
     out["wall_seconds"] = Seconds(start, Clock::now());

@@ -279,6 +279,13 @@ std::vector<std::vector<uint32_t>> ClusterTree::SplitChunks(const std::vector<ui
   for (uint32_t i = 0; i < m; ++i) {
     ChunkCentroidTo(chunks[i], &points[size_t{i} * head_dim_]);
   }
+  return GroupPoints(points.data(), chunks, k, salt);
+}
+
+std::vector<std::vector<uint32_t>> ClusterTree::GroupPoints(float* points,
+                                                            const std::vector<uint32_t>& ids,
+                                                            uint32_t k, uint32_t salt) const {
+  const uint32_t m = static_cast<uint32_t>(ids.size());
   detail::KMeansParams params;
   params.k = k;
   params.iterations = options_.kmeans_iterations;
@@ -286,14 +293,14 @@ std::vector<std::vector<uint32_t>> ClusterTree::SplitChunks(const std::vector<ui
   params.seed = options_.seed ^ (uint64_t{salt} * 0x9e3779b97f4a7c15ull) ^ m;
   uint32_t used = 0;
   std::vector<uint32_t> labels =
-      detail::CentredSphericalKMeans(points.data(), m, head_dim_, params, &used);
+      detail::CentredSphericalKMeans(points, m, head_dim_, params, &used);
   std::vector<std::vector<uint32_t>> groups(used);
-  for (uint32_t i = 0; i < m; ++i) groups[labels[i]].push_back(chunks[i]);
+  for (uint32_t i = 0; i < m; ++i) groups[labels[i]].push_back(ids[i]);
   if (used <= 1) {
     // Indistinguishable centroids (e.g. identical keys): split evenly so the tree still has
     // bounded fan-out and every level makes progress.
     groups.assign(k, {});
-    for (uint32_t i = 0; i < m; ++i) groups[size_t{i} * k / m].push_back(chunks[i]);
+    for (uint32_t i = 0; i < m; ++i) groups[size_t{i} * k / m].push_back(ids[i]);
   }
   return groups;
 }
@@ -326,6 +333,31 @@ void ClusterTree::SplitLeaf(uint32_t n) {
     node.leaf = true;
     node.children = std::move(groups[i]);
     for (uint32_t c : node.children) chunk_parent_[c] = halves[i];
+    Summarize(halves[i]);
+    nodes_[halves[i]].built_chunks = nodes_[halves[i]].chunks_below;
+    nodes_[halves[i]].built_radius = nodes_[halves[i]].radius;
+  }
+  RefreshAncestorRadii(n);
+}
+
+void ClusterTree::SplitInner(uint32_t n) {
+  std::vector<uint32_t> children = std::move(nodes_[n].children);
+  std::sort(children.begin(), children.end());
+  const uint32_t m = static_cast<uint32_t>(children.size());
+  std::vector<float> points(size_t{m} * head_dim_);
+  for (uint32_t i = 0; i < m; ++i) {
+    std::copy_n(node_centroid(children[i]), head_dim_, &points[size_t{i} * head_dim_]);
+  }
+  std::vector<std::vector<uint32_t>> groups = GroupPoints(points.data(), children, 2, n);
+  const uint32_t parent = nodes_[n].parent;
+  const uint32_t sibling = NewNode(parent, nodes_[n].level);  // may reallocate nodes_
+  nodes_[parent].children.push_back(sibling);
+  const uint32_t halves[2] = {n, sibling};
+  for (int i = 0; i < 2; ++i) {
+    Node& node = nodes_[halves[i]];
+    node.leaf = false;
+    node.children = std::move(groups[i]);
+    for (uint32_t c : node.children) nodes_[c].parent = halves[i];
     Summarize(halves[i]);
     nodes_[halves[i]].built_chunks = nodes_[halves[i]].chunks_below;
     nodes_[halves[i]].built_radius = nodes_[halves[i]].radius;
@@ -519,7 +551,13 @@ bool ClusterTree::Stale(uint32_t n) const {
     return node.chunks_below >=
            std::max(options_.min_chunks_to_cluster, options_.fine_cluster_chunks + 1);
   }
-  if (node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks)) return true;
+  // A fine cluster below the target size is not split for growth (a split's small half would
+  // double again a few seals later, each time moving the node count the device mirror follows).
+  const bool small_leaf = node.leaf && node.chunks_below < options_.fine_cluster_chunks;
+  if (!small_leaf &&
+      node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks)) {
+    return true;
+  }
   return node.built_radius > 0.f &&
          node.radius > options_.rebuild_radius_inflation * node.built_radius;
 }
@@ -544,31 +582,49 @@ uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
     // its parent has room (cheap: 2-means over ~2·fine_cluster_chunks chunks); otherwise its
     // parent is rebuilt. Any other stale node is rebuilt (a stale root: everything).
     uint32_t target = kNone;
-    bool split = false;
+    enum class Repair { kRebuild, kSplitLeaf, kSplitInner } how = Repair::kRebuild;
+    auto has_room = [&](uint32_t p) {
+      const uint32_t cap = p == 0 ? options_.max_coarse_units : options_.max_fanout;
+      return nodes_[p].children.size() < cap;
+    };
     for (uint32_t n = 0; n < nodes_.size(); ++n) {
       if (!Stale(n)) continue;
       uint32_t unit = n;
-      bool leaf_split = false;
-      if (n != 0 && nodes_[n].leaf) {
+      Repair repair = Repair::kRebuild;
+      if (n != 0 && !nodes_[n].leaf) {
+        // An inner node that doubled splits in two beside itself while its parent has room (a
+        // decode stream grows the coarse unit its topic landed in); one that loosened is rebuilt.
+        const Node& node = nodes_[n];
+        const bool grown =
+            node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks);
+        if (grown && has_room(node.parent) && node.children.size() >= 2) {
+          repair = Repair::kSplitInner;
+        }
+      } else if (n != 0) {
         const uint32_t p = nodes_[n].parent;
-        const uint32_t cap = p == 0 ? options_.max_coarse_units : options_.max_fanout;
-        if (nodes_[p].children.size() < cap && nodes_[n].children.size() >= 2) {
-          leaf_split = true;
+        if (has_room(p) && nodes_[n].children.size() >= 2) {
+          repair = Repair::kSplitLeaf;
         } else {
           unit = p;
+          // A full parent splits in two beside itself when its own parent has room (2-means over
+          // its children's centroids; the leaf splits on the next pass): rebuilding it instead
+          // runs k-means over every chunk below it, milliseconds for a large coarse unit.
+          if (p != 0 && has_room(nodes_[p].parent) && nodes_[p].children.size() >= 2) {
+            repair = Repair::kSplitInner;
+          }
         }
       }
       if (target == kNone || nodes_[unit].level < nodes_[target].level) {
         target = unit;
-        split = leaf_split;
+        how = repair;
       }
       if (target == 0) break;
     }
     if (target == kNone) break;
-    if (split) {
-      SplitLeaf(target);
-    } else {
-      RebuildSubtree(target);
+    switch (how) {
+      case Repair::kSplitLeaf: SplitLeaf(target); break;
+      case Repair::kSplitInner: SplitInner(target); break;
+      case Repair::kRebuild: RebuildSubtree(target); break;
     }
     if (target == 0) inserts_since_build_ = 0;
     ++subtree_rebuilds_;

@@ -65,8 +65,8 @@ struct ClusterTreeOptions {
   // With fewer chunks than this the tree stays flat (root → chunks); Maintain() clusters it
   // once it grows past. Default: 64.
   uint32_t min_chunks_to_cluster = 64;
-  // A subtree needs a rebuild once its chunk count reaches rebuild_growth × its count when it
-  // was built. Default: 2.0.
+  // A subtree needs a repair once its chunk count reaches rebuild_growth × its count when it
+  // was built (a fine cluster only once it also holds fine_cluster_chunks). Default: 2.0.
   float rebuild_growth = 2.0f;
   // ... or once its radius exceeds rebuild_radius_inflation × its radius when it was built.
   // Default: 1.5.
@@ -169,9 +169,12 @@ class ClusterTree {
   // time, for A/B runs).
   bool NeedsMaintenance() const;
   // Repairs up to max_subtrees stale subtrees, highest first: a stale fine cluster is split in
-  // two beside itself while its parent has room, else its parent is rebuilt; other stale nodes
-  // are rebuilt (a stale root rebuilds everything and counts as one). Returns how many were
-  // repaired. Cost ~ k-means over the chunks of those subtrees.
+  // two beside itself while its parent has room; when the parent is full, the parent splits
+  // beside itself (2-means over its children) while the grandparent has room, else it is
+  // rebuilt; an inner node that grew rebuild_growth× splits beside itself while its parent has
+  // room; other stale nodes are rebuilt (a stale root rebuilds everything and counts as one).
+  // Returns how many were repaired. Cost: 2-means over one node's children for a split, k-means
+  // over every chunk below for a rebuild.
   uint32_t Maintain(uint32_t max_subtrees = UINT32_MAX);
 
   // Exact top-k chunks by score(chunk) = max over the chunk's keys k and the group's heads g of
@@ -247,7 +250,13 @@ class ClusterTree {
   void RebuildSubtree(uint32_t n);
   // Splits leaf cluster n (non-root, >= 2 chunks) into n and a new sibling.
   void SplitLeaf(uint32_t n);
+  // Splits inner node n (non-root, >= 2 children) into n and a new sibling by 2-means over its
+  // children's centroids: the children move, nothing below them is rebuilt.
+  void SplitInner(uint32_t n);
   // Groups `chunks` into at most k clusters (spherical k-means on mean-centred centroids).
+  // k-means groups of `ids` by their rows in points[ids.size()][head_dim] (clobbered).
+  std::vector<std::vector<uint32_t>> GroupPoints(float* points, const std::vector<uint32_t>& ids,
+                                                 uint32_t k, uint32_t salt) const;
   std::vector<std::vector<uint32_t>> SplitChunks(const std::vector<uint32_t>& chunks, uint32_t k,
                                                  uint32_t salt) const;
   void RefreshAncestorRadii(uint32_t n);

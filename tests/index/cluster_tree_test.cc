@@ -258,6 +258,97 @@ TEST(ClusterTreeTest, LazyInsertsAndRebuildsKeepInvariantAndExactness) {
   }
 }
 
+// A decode stream: Maintain() after every insert, as the daemon runs it after each reply. A leaf
+// whose parent is full makes the parent split beside itself (2-means over its children) while
+// the grandparent has room, and an inner node that doubled splits too, instead of rebuilding
+// (k-means over every chunk below); fan-outs stay within their caps, the invariants and exact
+// search hold throughout, and the coarse level grows without a rebuild of the root.
+TEST(ClusterTreeTest, DecodeStreamRepairsBySplitsWithinTheFanOuts) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  ClusterTreeOptions o;
+  o.levels = 2;
+  o.max_coarse_units = 24;
+  o.max_fanout = 5;
+  o.fine_cluster_chunks = 4;
+  VectorKeySource all = RandomKeys(rng, 700, 16, 24, 12);
+  VectorKeySource src;
+  src.dim = all.dim;
+  src.chunks.assign(all.chunks.begin(), all.chunks.begin() + 80);
+  ClusterTree tree = BuildTree(src, o);
+  const uint32_t coarse_at_build = tree.Stats().nodes_per_level[1];
+  bool coarse_split = false;  // the coarse level grew while the root was not rebuilt
+  kernels::FlatTree flat;
+  for (uint32_t c = 80; c < all.chunks.size(); ++c) {
+    src.chunks.push_back(all.chunks[c]);
+    auto s = SummarizeKeys(src.chunks[c].data(), src.tokens(c), src.dim);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(tree.Insert(c, *s, src.tokens(c)).ok());
+    const TreeStats before = tree.Stats();
+    tree.Maintain();
+    ASSERT_FALSE(tree.NeedsMaintenance()) << "after chunk " << c;
+    const TreeStats after = tree.Stats();
+    ASSERT_EQ(after.depth, 3u);
+    if (after.inserts_since_build > 0 && after.nodes_per_level[1] > before.nodes_per_level[1]) {
+      coarse_split = true;
+    }
+    tree.ExportFlat(&flat);
+    for (uint32_t n = 0; n < flat.nodes.size(); ++n) {
+      const uint32_t count = flat.nodes[n].child_count & ~kernels::kTreeLeafBit;
+      if (flat.nodes[n].child_count & kernels::kTreeLeafBit) continue;  // chunks: no cap
+      ASSERT_LE(count, n == 0 ? o.max_coarse_units : o.max_fanout) << "node " << n << " after chunk " << c;
+    }
+    if (c % 40 == 0 || c + 1 == all.chunks.size()) {
+      Status st = tree.CheckInvariants(&src);
+      ASSERT_TRUE(st.ok()) << "after chunk " << c << ": " << st.ToString();
+      ExpectExactMatchesBruteForce(tree, src, rng, 5, 1 + static_cast<uint32_t>(rng() % 4));
+    }
+  }
+  EXPECT_TRUE(coarse_split) << "coarse units at build " << coarse_at_build << ", now "
+                            << tree.Stats().nodes_per_level[1];
+}
+
+// A fine cluster below fine_cluster_chunks is not split for growth: chunks that join it without
+// loosening it (the same keys again) leave the tree needing no repair.
+TEST(ClusterTreeTest, SmallLeavesAreNotSplitForGrowth) {
+  ClusterTreeOptions o;
+  o.levels = 1;
+  o.fine_cluster_chunks = 4;
+  o.min_chunks_to_cluster = 4;
+  std::mt19937_64 rng(5);
+  const VectorKeySource seed_keys = RandomKeys(rng, 1, 16, 1, 1);
+  VectorKeySource src;
+  src.dim = 16;
+  // Two far-apart keys: a build over a, a, a, a, b makes a leaf of four a's and one of b.
+  const std::vector<float> a(seed_keys.chunks[0].begin(), seed_keys.chunks[0].begin() + 16);
+  std::vector<float> b(16);
+  for (uint32_t d = 0; d < 16; ++d) b[d] = a[d] + (d % 2 == 0 ? 40.f : -40.f);
+  src.chunks = {a, a, a, a, b};
+  ClusterTree tree = BuildTree(src, o);
+  ASSERT_EQ(tree.Stats().nodes_per_level.size(), 3u);
+  ASSERT_EQ(tree.Stats().nodes_per_level[1], 2u);
+  ASSERT_FALSE(tree.NeedsMaintenance());
+  auto insert_b = [&] {
+    const uint32_t c = static_cast<uint32_t>(src.chunks.size());
+    src.chunks.push_back(b);
+    auto s = SummarizeKeys(b.data(), 1, 16);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(tree.Insert(c, *s, 1).ok());
+  };
+  // b's leaf grows to 3 chunks, past rebuild_growth (2) × its built size (1), still below
+  // fine_cluster_chunks, and the same key does not loosen it.
+  insert_b();
+  insert_b();
+  EXPECT_FALSE(tree.NeedsMaintenance());
+  EXPECT_EQ(tree.Maintain(), 0u);
+  // At fine_cluster_chunks the growth rule applies again: split beside itself.
+  insert_b();
+  EXPECT_TRUE(tree.NeedsMaintenance());
+  EXPECT_EQ(tree.Maintain(), 1u);
+  EXPECT_EQ(tree.Stats().nodes_per_level[1], 3u);
+  ASSERT_TRUE(tree.CheckInvariants(&src).ok());
+}
+
 TEST(ClusterTreeTest, InsertRejectsOutOfOrderIdsAndBadSummaries) {
   ClusterTree tree(4);
   ChunkSummary s{{1.f, 2.f, 3.f, 4.f}, 0.5f, 6.f};
