@@ -1842,20 +1842,20 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) 
     return out;
   };
   const size_t nodes = host.nodes.size();
-  // Node rows: with a stager and stamps of the same lineage for every flat position, only the
-  // rows whose stamps moved (an insert changes its leaf's path), as runs of positions;
-  // otherwise all of them. The buffer is reserved first: a reallocation loses the rows.
-  const void* rows_at = node_centroids_.p;
-  KVMEM_RETURN_IF_ERROR(Reserve(&node_centroids_, nodes * D * sizeof(uint16_t), 0, stream));
-  if (node_centroids_.p != rows_at) row_stamps_.clear();
+  // Node rows: with a stager and stamps of the same lineage, only the flat positions whose
+  // stamps moved (an insert rewrites its leaf's path; a leaf split adds a node, which shifts
+  // the positions after it in its level), as runs of positions; otherwise all of them. The
+  // buffer is reserved first, keeping the rows: a reallocation loses none.
+  KVMEM_RETURN_IF_ERROR(Reserve(&node_centroids_, nodes * D * sizeof(uint16_t),
+                                std::min(nodes, row_stamps_.size()) * D * sizeof(uint16_t), stream));
   const bool partial = stager != nullptr && host.node_row_stamps.size() == nodes &&
-                       host.lineage == lineage_ && row_stamps_.size() == nodes;
+                       host.lineage == lineage_ && !row_stamps_.empty();
   std::vector<std::pair<uint32_t, uint32_t>> runs;  // [first, end) flat positions to upload
   if (!partial) {
     if (nodes > 0) runs.push_back({0, static_cast<uint32_t>(nodes)});
   } else {
     for (uint32_t i = 0; i < nodes; ++i) {
-      if (row_stamps_[i] == host.node_row_stamps[i]) continue;
+      if (i < row_stamps_.size() && row_stamps_[i] == host.node_row_stamps[i]) continue;
       if (!runs.empty() && runs.back().second == i) {
         ++runs.back().second;
       } else {
