@@ -597,7 +597,10 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
     for (size_t k = 0; k < synced.size(); ++k) {
       const index::ClusterTree& tree = trees_[synced[k]];
       kernels::cuda::DeviceTree& dt = *di.trees[synced[k]];
-      tree.ExportFlat(&flats[k], dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0);
+      // Only what the mirror lacks: the new chunks, and the node rows whose stamps moved.
+      const kernels::NodeRowsHeld held = dt.rows_held();
+      tree.ExportFlat(&flats[k], dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0,
+                      &held);
       syncs[k] = {&dt, &flats[k]};
     }
     KVMEM_RETURN_IF_ERROR(pool_->SyncTrees(syncs).WithContext("device tree mirror"));

@@ -901,14 +901,21 @@ Status ClusterTree::CheckInvariants(const ChunkKeySource* keys) const {
   return Status::OK();
 }
 
-void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const {
+void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from,
+                             const kernels::NodeRowsHeld* held) const {
   const uint32_t D = head_dim_;
   out->head_dim = D;
   out->nodes.clear();
   out->node_centroids.clear();
   out->leaf_chunks.clear();
   out->node_row_stamps.clear();
+  out->node_rows_at.clear();
   out->lineage = lineage_.id;
+  out->node_rows_partial = held != nullptr && held->lineage == lineage_.id;
+  // Stamps are unique within the lineage: a position whose stamp the holder has holds this row.
+  auto held_row = [&](size_t i, uint64_t stamp) {
+    return out->node_rows_partial && i < held->stamps.size() && held->stamps[i] == stamp;
+  };
   out->level_begin.assign(1, 0);
   // Breadth-first: `ids` holds tree node ids in flat order; a level ends where the next begins.
   std::vector<uint32_t> ids = {0};
@@ -933,8 +940,11 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from) const
       }
     }
     out->nodes.push_back(f);
-    out->node_centroids.insert(out->node_centroids.end(), node_centroid(ids[i]),
-                               node_centroid(ids[i]) + D);
+    if (!held_row(i, n.row_stamp)) {
+      out->node_centroids.insert(out->node_centroids.end(), node_centroid(ids[i]),
+                                 node_centroid(ids[i]) + D);
+      if (out->node_rows_partial) out->node_rows_at.push_back(static_cast<uint32_t>(i));
+    }
     out->node_row_stamps.push_back(n.row_stamp);
     if (i + 1 == level_end) {
       out->level_begin.push_back(static_cast<uint32_t>(i + 1));

@@ -199,7 +199,11 @@ class ClusterTree {
   // search reads) into `out`, reusing its vectors. The chunk arrays get chunks
   // [chunks_from, num_chunks()) (chunk summaries never change between Builds; out->chunks_epoch
   // tells a mirror when they were replaced and it must start from 0).
-  void ExportFlat(kernels::FlatTree* out, uint32_t chunks_from = 0) const;
+  // With `held` of this tree's lineage (a mirror's rows), the export is partial
+  // (FlatTree::node_rows_partial): of the node rows only those whose stamps `held` lacks at their
+  // flat positions, so an insert's export carries its path's rows, not the whole tree's.
+  void ExportFlat(kernels::FlatTree* out, uint32_t chunks_from = 0,
+                  const kernels::NodeRowsHeld* held = nullptr) const;
   uint64_t chunks_epoch() const { return build_epoch_; }
   // Changes on every Build, Insert and repairing Maintain: a mirror re-exports when it moved.
   uint64_t version() const { return version_; }

@@ -265,10 +265,15 @@ class DeviceTree {
 
   // Copies are ordered on `stream`; the host vectors may be reused once Sync returns. With a
   // `stager`, the uploads are staged there (one upload and launch for many trees when it is
-  // flushed, which the caller does on the same stream before the tree is searched), and of the
-  // node rows only those whose stamps changed (FlatTree::node_row_stamps) are converted and go
-  // up; without one, every node row does.
+  // flushed, which the caller does on the same stream before the tree is searched), and of a
+  // full export's node rows only those whose stamps changed (FlatTree::node_row_stamps) are
+  // converted and go up; without one, every node row does.
+  // A partial export (FlatTree::node_rows_partial, made against rows_held()) uploads just its
+  // rows; InvalidArgument, before anything is uploaded, when the mirror no longer holds the
+  // rows it completes.
   Status Sync(const FlatTree& host, void* stream, CopyStager* stager = nullptr);
+  // The node rows on the device (for ClusterTree::ExportFlat); valid until the next Sync.
+  NodeRowsHeld rows_held() const { return {lineage_, row_stamps_}; }
   uint32_t chunks_held() const { return chunks_; }
   uint64_t chunks_epoch() const { return epoch_; }
   const FlatTreeView& view() const { return view_; }  // device pointers

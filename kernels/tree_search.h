@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "common/dtype.h"
@@ -65,6 +66,13 @@ struct FlatTreeView {
   const uint64_t* chunk_start = nullptr;                // [num_chunks] first token, by chunk id
 };
 
+// The node rows a holder of an earlier export (a device mirror, cuda::DeviceTree::rows_held())
+// has: their stamps by flat position (FlatTree::node_row_stamps) and the lineage they are of.
+struct NodeRowsHeld {
+  uint64_t lineage = 0;
+  std::span<const uint64_t> stamps;
+};
+
 // Host copy of a tree in that layout (index::ClusterTree::ExportFlat fills it). The chunk
 // arrays hold chunks [chunks_from, num_chunks) only, so a mirror that already holds the older
 // (immutable) chunk summaries exports just the new ones.
@@ -81,6 +89,11 @@ struct FlatTree {
   // Empty: no stamps (every row goes up).
   std::vector<uint64_t> node_row_stamps;
   uint64_t lineage = 0;
+  // A partial export (ExportFlat against a NodeRowsHeld of the same lineage): node_centroids
+  // holds only the rows at the flat positions in node_rows_at (ascending), those whose stamps
+  // the holder lacks; it completes only the holder's rows. false: every row, in flat order.
+  bool node_rows_partial = false;
+  std::vector<uint32_t> node_rows_at;
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
   std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim], bfloat16 values
@@ -88,7 +101,8 @@ struct FlatTree {
   std::vector<uint32_t> chunk_tokens;
   std::vector<uint64_t> chunk_start;
 
-  // A view of the host vectors; needs chunks_from == 0 and num_levels <= kTreeSearchMaxLevels + 1.
+  // A view of the host vectors; needs chunks_from == 0, every node row (not node_rows_partial)
+  // and num_levels <= kTreeSearchMaxLevels + 1.
   FlatTreeView View() const;
 };
 

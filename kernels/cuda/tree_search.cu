@@ -1842,30 +1842,52 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) 
     return out;
   };
   const size_t nodes = host.nodes.size();
-  // Node rows: with a stager and stamps of the same lineage, only the flat positions whose
-  // stamps moved (an insert rewrites its leaf's path; a leaf split adds a node, which shifts
-  // the positions after it in its level), as runs of positions; otherwise all of them. The
-  // buffer is reserved first, keeping the rows: a reallocation loses none.
-  KVMEM_RETURN_IF_ERROR(Reserve(&node_centroids_, nodes * D * sizeof(uint16_t),
-                                std::min(nodes, row_stamps_.size()) * D * sizeof(uint16_t), stream));
-  const bool partial = stager != nullptr && host.node_row_stamps.size() == nodes &&
-                       host.lineage == lineage_ && !row_stamps_.empty();
-  std::vector<std::pair<uint32_t, uint32_t>> runs;  // [first, end) flat positions to upload
-  if (!partial) {
-    if (nodes > 0) runs.push_back({0, static_cast<uint32_t>(nodes)});
-  } else {
-    for (uint32_t i = 0; i < nodes; ++i) {
-      if (i < row_stamps_.size() && row_stamps_[i] == host.node_row_stamps[i]) continue;
-      if (!runs.empty() && runs.back().second == i) {
-        ++runs.back().second;
+  // Node rows as runs {first flat position, end, first row in host.node_centroids}: a partial
+  // export's rows (it completes the rows this mirror holds); with a stager and stamps of the
+  // same lineage, the flat positions whose stamps moved (an insert rewrites its leaf's path; a
+  // leaf split adds a node, which shifts the positions after it in its level); otherwise all.
+  struct RowRun {
+    uint32_t first, end, src;
+  };
+  std::vector<RowRun> runs;
+  auto add_row = [&runs](uint32_t pos, uint32_t src) {
+    if (!runs.empty() && runs.back().end == pos && runs.back().src + (pos - runs.back().first) == src) {
+      ++runs.back().end;
+    } else {
+      runs.push_back({pos, pos + 1, src});
+    }
+  };
+  if (host.node_rows_partial) {
+    const std::vector<uint32_t>& at = host.node_rows_at;
+    bool fits = host.lineage == lineage_ && host.node_row_stamps.size() == nodes &&
+                host.node_centroids.size() == at.size() * D;
+    for (size_t k = 0, i = 0; fits && i < nodes; ++i) {
+      if (k < at.size() && at[k] == i) {
+        add_row(static_cast<uint32_t>(i), static_cast<uint32_t>(k++));
       } else {
-        runs.push_back({i, i + 1});
+        fits = i < row_stamps_.size() && row_stamps_[i] == host.node_row_stamps[i];
       }
     }
+    if (!fits) {
+      return InvalidArgument("device tree: a partial export made against other node rows than "
+                             "the mirror holds (export against rows_held() just before Sync)");
+    }
+  } else if (stager != nullptr && host.node_row_stamps.size() == nodes &&
+             host.lineage == lineage_ && !row_stamps_.empty()) {
+    for (uint32_t i = 0; i < nodes; ++i) {
+      if (i < row_stamps_.size() && row_stamps_[i] == host.node_row_stamps[i]) continue;
+      add_row(i, i);
+    }
+  } else if (nodes > 0) {
+    runs.push_back({0, static_cast<uint32_t>(nodes), 0});
   }
+  // The buffer is reserved keeping the rows: a reallocation loses none.
+  KVMEM_RETURN_IF_ERROR(Reserve(&node_centroids_, nodes * D * sizeof(uint16_t),
+                                std::min(nodes, row_stamps_.size()) * D * sizeof(uint16_t), stream));
   std::vector<std::vector<uint16_t>> node_rows;
-  for (const auto& [a, b] : runs) {
-    node_rows.push_back(interleave(host.node_centroids.data() + size_t{a} * D, b - a, "node", a));
+  for (const RowRun& r : runs) {
+    node_rows.push_back(interleave(host.node_centroids.data() + size_t{r.src} * D, r.end - r.first,
+                                   "node", r.first));
   }
   const std::vector<uint16_t> chunk_rows =
       interleave(host.chunk_centroids.data() + skip * D, add, "chunk", have);
@@ -1883,9 +1905,8 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) 
                                have, add, total));
   row_stamps_.clear();  // until every row below is up
   for (size_t r = 0; r < runs.size(); ++r) {
-    const auto [a, b] = runs[r];
-    KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, node_rows[r].data(), sizeof(uint16_t) * D, a,
-                                 b - a, nodes));
+    KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, node_rows[r].data(), sizeof(uint16_t) * D,
+                                 runs[r].first, runs[r].end - runs[r].first, nodes));
   }
   KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
   KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,

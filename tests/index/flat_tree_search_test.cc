@@ -170,6 +170,66 @@ TEST(FlatTreeSearchTest, RowStampsMoveWithTheRowsTheyStampOnly) {
   EXPECT_EQ(d.lineage, c.lineage);
 }
 
+// A partial export against the rows a holder has (a mirror's stamps) carries exactly the rows
+// whose stamps moved, and applied to the holder's rows gives the full export's rows: through
+// inserts (a path's rows), repairs that add nodes (positions shift) and a copied tree (another
+// lineage: a full export).
+TEST(FlatTreeSearchTest, PartialExportCarriesTheRowsTheHolderLacks) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  const uint32_t D = 16;
+  VectorKeySource src = RandomKeys(rng, 300, D);
+  ClusterTreeOptions o;
+  o.levels = 2;
+  o.fine_cluster_chunks = 4;
+  o.max_fanout = 6;
+  ClusterTree tree = BuildTree(src, o);
+  kernels::FlatTree full;
+  tree.ExportFlat(&full);
+  EXPECT_FALSE(full.node_rows_partial);
+  // The holder: rows and stamps by flat position, as a device mirror keeps them.
+  std::vector<float> rows = full.node_centroids;
+  std::vector<uint64_t> stamps = full.node_row_stamps;
+  uint64_t lineage = full.lineage;
+  VectorKeySource more = RandomKeys(rng, 200, D);
+  uint64_t carried = 0, total = 0;
+  for (uint32_t i = 0; i < more.chunks.size(); ++i) {
+    auto s = SummarizeKeys(more.chunks[i].data(), more.tokens(i), D);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(tree.Insert(tree.num_chunks(), *s, more.tokens(i)).ok());
+    if (i % 3 == 0 && tree.NeedsMaintenance()) tree.Maintain();
+    const kernels::NodeRowsHeld held{lineage, stamps};
+    kernels::FlatTree part;
+    tree.ExportFlat(&part, tree.num_chunks() - 1, &held);
+    tree.ExportFlat(&full);
+    ASSERT_TRUE(part.node_rows_partial);
+    ASSERT_EQ(part.node_row_stamps, full.node_row_stamps);
+    ASSERT_EQ(part.node_centroids.size(), part.node_rows_at.size() * D);
+    std::vector<float> applied = rows;
+    applied.resize(full.node_centroids.size());
+    for (size_t k = 0; k < part.node_rows_at.size(); ++k) {
+      const uint32_t at = part.node_rows_at[k];
+      ASSERT_TRUE(k == 0 || part.node_rows_at[k - 1] < at);
+      ASSERT_FALSE(at < stamps.size() && stamps[at] == full.node_row_stamps[at]) << "row " << at << " was held";
+      std::copy_n(part.node_centroids.begin() + k * D, D, applied.begin() + size_t{at} * D);
+    }
+    ASSERT_EQ(applied, full.node_centroids) << "after insert " << i;
+    carried += part.node_rows_at.size();
+    total += full.nodes.size();
+    rows = applied;
+    stamps = full.node_row_stamps;
+  }
+  EXPECT_LT(carried * 4, total) << "partial exports should carry a small share of the rows";
+  // Another lineage (a copy): every row.
+  ClusterTree copy = tree;
+  const kernels::NodeRowsHeld held{lineage, stamps};
+  kernels::FlatTree c;
+  copy.ExportFlat(&c, 0, &held);
+  EXPECT_FALSE(c.node_rows_partial);
+  EXPECT_TRUE(c.node_rows_at.empty());
+  EXPECT_EQ(c.node_centroids, full.node_centroids);
+}
+
 TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
   KVMEM_SEEDED_TEST_SCOPE(seed);
   std::mt19937_64 rng(seed);

@@ -140,6 +140,7 @@ struct RunConfig {
   // The trees' uploads staged in one CopyStager and flushed once before the launch (how the
   // daemon's device pool syncs a layer's mirrors).
   bool staged_sync = false;
+  bool partial_export = false;  // export only the node rows the mirror lacks (rows_held())
 };
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
@@ -184,9 +185,11 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
     CUDA_OK(cudaMemcpy(blocks[p]->p, s.block.data(), s.block.size() * 8, cudaMemcpyHostToDevice));
     for (uint32_t h = 0; h < H; ++h) {
       FlatTree flat;
+      const NodeRowsHeld held = s.dev_trees[h].rows_held();
       s.trees[h].ExportFlat(&flat, s.dev_trees[h].chunks_epoch() == s.trees[h].chunks_epoch()
                                           ? s.dev_trees[h].chunks_held()
-                                          : 0);
+                                          : 0,
+                            cfg.partial_export ? &held : nullptr);
       ST_OK(s.dev_trees[h].Sync(flat, nullptr, cfg.staged_sync ? &stager : nullptr));
       views[p].push_back(s.dev_trees[h].view());
     }
@@ -439,6 +442,34 @@ TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
   RunConfig lazy{300, 16, 48};
   lazy.staged_sync = true;
   CheckSessions(rng, {s}, lazy);
+  // Partial exports (the rows the mirror lacks), staged and plain, through inserts and repairs.
+  for (int round = 0; round < 4; ++round) {
+    s->pool.resize(s->tail_off);
+    AddChunks(rng, s, 25, true);
+    if (round % 2 == 1) {
+      for (auto& t : s->trees) t.Maintain();
+    }
+    SetTail(rng, s, 20 + round);
+    RunConfig partial{512, 16, 32};
+    partial.staged_sync = round < 2;
+    partial.partial_export = true;
+    CheckSessions(rng, {s}, partial);
+  }
+  // A partial export made against rows the mirror does not hold (here: the tree's own current
+  // rows after an insert the mirror has not seen) is refused before anything goes up.
+  {
+    s->pool.resize(s->tail_off);
+    AddChunks(rng, s, 1, true);
+    FlatTree now, flat;
+    s->trees[0].ExportFlat(&now);
+    const NodeRowsHeld claimed{now.lineage, now.node_row_stamps};
+    s->trees[0].ExportFlat(&flat, s->dev_trees[0].chunks_held(), &claimed);
+    ASSERT_TRUE(flat.node_rows_partial);
+    EXPECT_TRUE(flat.node_rows_at.empty());
+    const uint64_t before = s->dev_trees[0].bytes_uploaded();
+    EXPECT_EQ(s->dev_trees[0].Sync(flat, nullptr).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->dev_trees[0].bytes_uploaded(), before);
+  }
 }
 
 }  // namespace
