@@ -152,6 +152,10 @@ const char* AttendPhaseName(AttendPhase p) {
     case AttendPhase::kGpuUnaccounted: return "gpu_unaccounted";
     case AttendPhase::kMaintainTrees: return "maintain_trees";
     case AttendPhase::kMaintainDevice: return "maintain_device";
+    case AttendPhase::kMirrorExport: return "mirror_export";
+    case AttendPhase::kMirrorUpload: return "mirror_upload";
+    case AttendPhase::kSealCopies: return "seal_copies";
+    case AttendPhase::kSealIndex: return "seal_index";
     case AttendPhase::kCount: break;
   }
   return "unknown";

@@ -75,6 +75,14 @@ enum class AttendPhase : uint8_t {
   // request waits for it): the trees' lazy upkeep, then the device mirrors brought up to date.
   kMaintainTrees,
   kMaintainDevice,
+  // Inside kDeviceSync and kMaintainDevice, for the trees that moved: their exports
+  // (ClusterTree::ExportFlat) and the mirrors' uploads (conversion, staging, the flush).
+  kMirrorExport,
+  kMirrorUpload,
+  // Inside kSeal: the copies into the new chunks' blocks (the tail's shift, the new rows) and
+  // the index's catch-up (the chunks' keys summarised and inserted into the trees).
+  kSealCopies,
+  kSealIndex,
   kCount
 };
 inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);

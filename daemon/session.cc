@@ -408,7 +408,11 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
   }
 
   // Phase 2, per layer: the rest of the stream becomes the tail (shift the old rows left, then
-  // append the new ones), and the new chunks join the layer's spans.
+  // append the new ones), and the new chunks join the layer's spans. A decode step's seal (no
+  // input rows: the tokens are in the tail already) times its copies and index catch-up.
+  const bool decode_seal = keys == nullptr;
+  std::optional<PhaseTimer> copies_timer;
+  if (decode_seal) copies_timer.emplace(AttendPhase::kSealCopies);
   for (uint32_t l = 0; l < L; ++l) {
     Layer& layer = layers_[l];
     const uint64_t T = layer.tail_tokens;
@@ -442,10 +446,14 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     if (!lands.empty()) KVMEM_RETURN_IF_ERROR(pool_->CopyBatch(lands, nullptr));
     layer.tail_tokens = static_cast<uint32_t>(rest);
   }
+  copies_timer.reset();
   for (Chunk& c : fresh) chunks_.push_back(std::move(c));
   stat_bytes_ += reserved;
   stat_chunks_ = chunks_.size();
-  return index_enabled_ ? CatchUpIndex(index_all_heads_) : Status::OK();
+  if (!index_enabled_) return Status::OK();
+  std::optional<PhaseTimer> index_timer;
+  if (decode_seal) index_timer.emplace(AttendPhase::kSealIndex);
+  return CatchUpIndex(index_all_heads_);
 }
 
 bool Session::IsDenseLayer(uint32_t layer) const {
@@ -594,6 +602,7 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
   if (!synced.empty()) {
     std::vector<kernels::FlatTree> flats(synced.size());
     std::vector<KVPool::TreeSync> syncs(synced.size());
+    std::optional<PhaseTimer> export_timer(std::in_place, AttendPhase::kMirrorExport);
     for (size_t k = 0; k < synced.size(); ++k) {
       const index::ClusterTree& tree = trees_[synced[k]];
       kernels::cuda::DeviceTree& dt = *di.trees[synced[k]];
@@ -603,6 +612,8 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
                       &held);
       syncs[k] = {&dt, &flats[k]};
     }
+    export_timer.reset();
+    PhaseTimer upload_timer(AttendPhase::kMirrorUpload);
     KVMEM_RETURN_IF_ERROR(pool_->SyncTrees(syncs).WithContext("device tree mirror"));
     for (size_t i : synced) di.tree_version[i] = trees_[i].version();
   }

@@ -254,7 +254,20 @@ TEST(SessionIndex, RescoreFillsBudgetByExactMassPerToken) {
         want_scores.push_back(x.score);
         if (left == 0) break;
       }
-      EXPECT_EQ(t.r.heads[h].chunks, want) << "trial " << trial << " head " << h;
+      // The daemon ranks in float, the reference in double: two chunks whose scores agree to
+      // float precision may come in either order (seen: ~1 seed in 70). The same chunks, and
+      // each pick no worse than the next one's reference score beyond the scores' tolerance.
+      std::vector<uint32_t> got_sorted = t.r.heads[h].chunks, want_sorted = want;
+      std::sort(got_sorted.begin(), got_sorted.end());
+      std::sort(want_sorted.begin(), want_sorted.end());
+      EXPECT_EQ(got_sorted, want_sorted) << "trial " << trial << " head " << h;
+      for (size_t i = 0; i + 1 < t.r.heads[h].chunks.size() && i + 1 < want.size(); ++i) {
+        if (t.r.heads[h].chunks[i] == want[i]) continue;
+        EXPECT_NEAR(t.r.heads[h].scores[i], want_scores[i], 1e-5 * (1 + std::fabs(want_scores[i])))
+            << "trial " << trial << " head " << h << ": pick " << i << " is chunk "
+            << t.r.heads[h].chunks[i] << ", the reference's is " << want[i]
+            << " (an order difference beyond a near-tie)";
+      }
       uint64_t tokens = 0;
       for (size_t i = 0; i < t.r.heads[h].chunks.size(); ++i) {
         tokens += t.r.heads[h].ends[i] - t.r.heads[h].starts[i];
