@@ -583,6 +583,7 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
   if (!device_index_) {
     device_index_ = std::make_unique<DeviceIndex>();
     device_index_->trees.resize(size_t{L} * H);
+    device_index_->exports.resize(size_t{L} * H);
     device_index_->tree_version.assign(size_t{L} * H, ~0ull);
     device_index_->table_block.assign(L, 0);
     device_index_->table_capacity.assign(L, 0);
@@ -600,21 +601,36 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
     if (!current) synced.push_back(i);
   }
   if (!synced.empty()) {
-    std::vector<kernels::FlatTree> flats(synced.size());
     std::vector<KVPool::TreeSync> syncs(synced.size());
     std::optional<PhaseTimer> export_timer(std::in_place, AttendPhase::kMirrorExport);
     for (size_t k = 0; k < synced.size(); ++k) {
       const index::ClusterTree& tree = trees_[synced[k]];
       kernels::cuda::DeviceTree& dt = *di.trees[synced[k]];
+      kernels::FlatTree& flat = di.exports[synced[k]];
       // Only what the mirror lacks: the new chunks, and the node rows whose stamps moved.
       const kernels::NodeRowsHeld held = dt.rows_held();
-      tree.ExportFlat(&flats[k], dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0,
+      tree.ExportFlat(&flat, dt.chunks_epoch() == tree.chunks_epoch() ? dt.chunks_held() : 0,
                       &held);
-      syncs[k] = {&dt, &flats[k]};
+      syncs[k] = {&dt, &flat};
     }
     export_timer.reset();
-    PhaseTimer upload_timer(AttendPhase::kMirrorUpload);
-    KVMEM_RETURN_IF_ERROR(pool_->SyncTrees(syncs).WithContext("device tree mirror"));
+    std::optional<PhaseTimer> upload_timer(std::in_place, AttendPhase::kMirrorUpload);
+    const Status st = pool_->SyncTrees(syncs).WithContext("device tree mirror");
+    upload_timer.reset();
+    for (size_t i : synced) {
+      // A whole export's rows (a first sync, a Build, another lineage) are megabytes; the
+      // exports after it carry a chunk and a few rows.
+      kernels::FlatTree& flat = di.exports[i];
+      auto release = [](auto& v, size_t cap) {
+        if (v.capacity() > cap) std::remove_reference_t<decltype(v)>().swap(v);
+      };
+      release(flat.chunk_centroids, size_t{16} << 10);
+      release(flat.node_centroids, size_t{16} << 10);
+      release(flat.chunk_radius, 4096);
+      release(flat.chunk_tokens, 4096);
+      release(flat.chunk_start, 4096);
+    }
+    KVMEM_RETURN_IF_ERROR(st);
     for (size_t i : synced) di.tree_version[i] = trees_[i].version();
   }
   // The layer's chunk-block table (element offsets), append-only, in a pool block.

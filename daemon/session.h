@@ -595,6 +595,9 @@ class Session {
   // Device mirrors for the device search (CUDA pool, index mode), made on first use.
   struct DeviceIndex {
     std::vector<std::unique_ptr<kernels::cuda::DeviceTree>> trees;  // [layer * kv_heads + head]
+    // Each tree's export buffers, kept from sync to sync (no allocations once warm; the large
+    // row buffers of a whole export are released after it).
+    std::vector<kernels::FlatTree> exports;                         // [layer * kv_heads + head]
     std::vector<uint64_t> tree_version;                             // version mirrored
     std::vector<uint64_t> table_block, table_capacity, table_len;   // per layer: pool block of
                                                                     // chunk element offsets
