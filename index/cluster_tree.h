@@ -303,6 +303,13 @@ class ClusterTree {
   // mirror holding a row of the same stamp at the same flat position holds this very row. A
   // copied tree starts a lineage of its own (the copies may change apart); a moved one keeps it.
   uint64_t row_clock_ = 0;
+  // The shape (every Build and repair starts a new one) and the leaf each chunk inserted since
+  // joined (chunks [insert_base_, num_chunks())): ExportFlat applies them to an export of the
+  // same shape instead of walking the tree.
+  void NewShape();
+  uint64_t shape_ = 0;
+  uint32_t insert_base_ = 0;
+  std::vector<uint32_t> insert_leaf_;
   struct Lineage {
     uint64_t id = Next();
     Lineage() = default;

@@ -94,6 +94,12 @@ struct FlatTree {
   // the holder lacks; it completes only the holder's rows. false: every row, in flat order.
   bool node_rows_partial = false;
   std::vector<uint32_t> node_rows_at;
+  // The exporter's bookkeeping for exporting into the same object again (ClusterTree: the
+  // tree's shape this export has, its node id at each flat position and each node's flat
+  // position), so that the next export of the same shape applies the inserts since.
+  uint64_t shape = ~0ull;
+  std::vector<uint32_t> flat_node;
+  std::vector<uint32_t> node_flat;
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
   std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim], bfloat16 values

@@ -3,6 +3,8 @@
 // order, on bulk-built, lazily grown, maintained and flat trees. Seeds fresh per run.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -228,6 +230,75 @@ TEST(FlatTreeSearchTest, PartialExportCarriesTheRowsTheHolderLacks) {
   EXPECT_FALSE(c.node_rows_partial);
   EXPECT_TRUE(c.node_rows_at.empty());
   EXPECT_EQ(c.node_centroids, full.node_centroids);
+}
+
+// An export into an object that holds an export of the same shape applies the inserts since;
+// it equals a fresh export whatever happened in between (inserts one or many at a time, repairs,
+// a Build, another tree exported into the same object), with and without held rows.
+TEST(FlatTreeSearchTest, ExportIntoAKeptObjectEqualsAFreshExport) {
+  KVMEM_SEEDED_TEST_SCOPE(seed);
+  std::mt19937_64 rng(seed);
+  const uint32_t D = 16;
+  for (uint32_t levels : {1u, 2u, 3u}) {
+    SCOPED_TRACE("levels " + std::to_string(levels));
+    VectorKeySource src = RandomKeys(rng, 120, D);
+    ClusterTreeOptions o;
+    o.levels = levels;
+    o.fine_cluster_chunks = 4;
+    o.max_fanout = 6;
+    o.min_chunks_to_cluster = 16;
+    ClusterTree tree = BuildTree(src, o);
+    ClusterTree other = BuildTree(src, o);
+    kernels::FlatTree kept, kept_held, fresh;
+    std::vector<uint64_t> mirror_stamps;  // what a holder of kept_held's rows would have
+    VectorKeySource more = RandomKeys(rng, 300, D);
+    uint32_t i = 0;
+    for (int step = 0; i < more.chunks.size(); ++step) {
+      const uint32_t burst = 1 + static_cast<uint32_t>(rng() % 3);
+      for (uint32_t b = 0; b < burst && i < more.chunks.size(); ++b, ++i) {
+        auto s = SummarizeKeys(more.chunks[i].data(), more.tokens(i), D);
+        ASSERT_TRUE(s.ok());
+        ASSERT_TRUE(tree.Insert(tree.num_chunks(), *s, more.tokens(i)).ok());
+      }
+      if (rng() % 5 == 0 && tree.NeedsMaintenance()) tree.Maintain(1);
+      if (step == 40) {  // a Build of the same chunks: a new shape and chunk epoch
+        std::vector<ChunkSummary> sums;
+        std::vector<uint32_t> toks;
+        for (uint32_t c = 0; c < tree.num_chunks(); ++c) {
+          sums.push_back(tree.chunk_summary(c));
+          toks.push_back(tree.chunk_tokens(c));
+        }
+        ASSERT_TRUE(tree.Build(sums, toks).ok());
+      }
+      if (step == 60) other.ExportFlat(&kept);  // another tree's export in the object
+      tree.ExportFlat(&fresh);
+      tree.ExportFlat(&kept);
+      ASSERT_EQ(kept.nodes.size(), fresh.nodes.size()) << "step " << step;
+      ASSERT_EQ(0, std::memcmp(kept.nodes.data(), fresh.nodes.data(),
+                               fresh.nodes.size() * sizeof(kernels::FlatTreeNode)))
+          << "step " << step;
+      ASSERT_EQ(kept.leaf_chunks, fresh.leaf_chunks) << "step " << step;
+      ASSERT_EQ(kept.level_begin, fresh.level_begin);
+      ASSERT_EQ(kept.num_levels, fresh.num_levels);
+      ASSERT_EQ(kept.node_row_stamps, fresh.node_row_stamps);
+      ASSERT_EQ(kept.node_centroids, fresh.node_centroids);
+      ASSERT_EQ(kept.num_chunks, fresh.num_chunks);
+      ASSERT_EQ(kept.chunk_radius, fresh.chunk_radius);
+      // Against held rows: the rows the holder lacks, applied, give the fresh export's rows.
+      const kernels::NodeRowsHeld held{kept_held.lineage, mirror_stamps};
+      tree.ExportFlat(&kept_held, 0, &held);
+      ASSERT_EQ(kept_held.leaf_chunks, fresh.leaf_chunks) << "step " << step;
+      ASSERT_EQ(kept_held.node_row_stamps, fresh.node_row_stamps);
+      for (size_t k = 0; k < kept_held.node_rows_at.size(); ++k) {
+        const uint32_t at = kept_held.node_rows_at[k];
+        ASSERT_TRUE(std::equal(kept_held.node_centroids.begin() + k * D,
+                               kept_held.node_centroids.begin() + (k + 1) * D,
+                               fresh.node_centroids.begin() + size_t{at} * D));
+      }
+      if (!kept_held.node_rows_partial) ASSERT_EQ(kept_held.node_centroids, fresh.node_centroids);
+      mirror_stamps = fresh.node_row_stamps;
+    }
+  }
 }
 
 TEST(FlatTreeSearchTest, ExportLaysOutLevelsBreadthFirst) {
