@@ -934,25 +934,54 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from,
     f->radius = n.radius;
     f->tokens = static_cast<uint32_t>(std::min<uint64_t>(n.tokens, 0xffffffffu));
   };
+  out->delta_from = incremental ? out->version : ~0ull;
+  out->version = version_;
+  out->nodes_changed.clear();
+  out->leaf_chunks_changed_from = 0;
   if (incremental) {
-    const size_t N = out->nodes.size();
+    const uint32_t N = static_cast<uint32_t>(out->nodes.size());
+    // What changes: the leaf and every leaf after it (their child_begin), the leaf's ancestors
+    // (radius, tokens) and the leaf order from the first insert on.
+    uint32_t first_leaf = N;
+    uint32_t first_chunk = static_cast<uint32_t>(out->leaf_chunks.size());
+    std::vector<uint32_t> above;  // ancestors' flat positions (before the leaves in flat order)
     for (uint32_t c = out->num_chunks; c < num_chunks(); ++c) {
       const uint32_t leaf = insert_leaf_[c - insert_base_];
       const uint32_t p = out->node_flat[leaf];
       kernels::FlatTreeNode& f = out->nodes[p];
       const uint32_t count = f.child_count & ~kernels::kTreeLeafBit;
       out->leaf_chunks.insert(out->leaf_chunks.begin() + f.child_begin + count, c);
+      first_chunk = std::min(first_chunk, f.child_begin + count);
+      first_leaf = std::min(first_leaf, p);
       f.child_count = (count + 1) | kernels::kTreeLeafBit;
       // Leaves after it in flat order hold the chunks after its own.
-      for (size_t q = p + 1; q < N; ++q) {
+      for (uint32_t q = p + 1; q < N; ++q) {
         if (out->nodes[q].child_count & kernels::kTreeLeafBit) ++out->nodes[q].child_begin;
       }
       for (uint32_t a = leaf; a != kNone; a = nodes_[a].parent) {
         const uint32_t q = out->node_flat[a];
         record(nodes_[a], &out->nodes[q]);
         out->node_row_stamps[q] = nodes_[a].row_stamp;
+        if (a != leaf) above.push_back(q);
       }
     }
+    std::sort(above.begin(), above.end());
+    for (uint32_t q : above) {
+      if (q >= first_leaf) break;  // inside the leaves' run
+      if (!out->nodes_changed.empty() && out->nodes_changed.back().second >= q) {
+        out->nodes_changed.back().second = std::max(out->nodes_changed.back().second, q + 1);
+      } else {
+        out->nodes_changed.push_back({q, q + 1});
+      }
+    }
+    if (first_leaf < N) {
+      if (!out->nodes_changed.empty() && out->nodes_changed.back().second >= first_leaf) {
+        out->nodes_changed.back().second = N;
+      } else {
+        out->nodes_changed.push_back({first_leaf, N});
+      }
+    }
+    out->leaf_chunks_changed_from = first_chunk;
     for (size_t i = 0; i < N; ++i) {
       if (held_row(i, out->node_row_stamps[i])) continue;
       const float* row = node_centroid(out->flat_node[i]);

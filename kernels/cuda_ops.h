@@ -296,6 +296,7 @@ class DeviceTree {
   // and their lineage; empty: unknown (every row goes up).
   std::vector<uint64_t> row_stamps_;
   uint64_t lineage_ = 0;
+  uint64_t version_held_ = ~0ull;  // FlatTree::version of the node records and leaf order held
   FlatTreeView view_;
 };
 

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
@@ -100,6 +101,14 @@ struct FlatTree {
   uint64_t shape = ~0ull;
   std::vector<uint32_t> flat_node;
   std::vector<uint32_t> node_flat;
+  // The tree version this export shows, and when it was made by applying inserts to an export
+  // of version delta_from (~0: it was not), what changed since: node records at the flat
+  // positions of nodes_changed ([first, end) runs) and leaf_chunks from leaf_chunks_changed_from
+  // on. A mirror that holds version delta_from uploads just those (cuda::DeviceTree::Sync).
+  uint64_t version = ~0ull;
+  uint64_t delta_from = ~0ull;
+  std::vector<std::pair<uint32_t, uint32_t>> nodes_changed;
+  uint32_t leaf_chunks_changed_from = 0;
   std::vector<FlatTreeNode> nodes;
   std::vector<uint32_t> leaf_chunks;
   std::vector<float> chunk_centroids;  // [num_chunks - chunks_from][head_dim], bfloat16 values

@@ -1908,13 +1908,29 @@ Status DeviceTree::Sync(const FlatTree& host, void* stream, CopyStager* stager) 
     KVMEM_RETURN_IF_ERROR(upload(&node_centroids_, node_rows[r].data(), sizeof(uint16_t) * D,
                                  runs[r].first, runs[r].end - runs[r].first, nodes));
   }
-  KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
-  KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,
-                               host.leaf_chunks.size(), host.leaf_chunks.size()));
+  // Node records and the leaf order: when the export was made from the one this mirror holds
+  // (FlatTree::delta_from), only what changed since; otherwise all of them.
+  const bool delta = host.delta_from != ~0ull && host.delta_from == version_held_ &&
+                     host.lineage == lineage_ && nodes == view_.num_nodes &&
+                     host.leaf_chunks_changed_from <= view_.num_chunks;
+  version_held_ = ~0ull;  // until everything below is up
+  if (delta) {
+    for (const auto& [a, b] : host.nodes_changed) {
+      KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data() + a, sizeof(FlatTreeNode), a, b - a, nodes));
+    }
+    const size_t from = host.leaf_chunks_changed_from;
+    KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data() + from, sizeof(uint32_t),
+                                 from, host.leaf_chunks.size() - from, host.leaf_chunks.size()));
+  } else {
+    KVMEM_RETURN_IF_ERROR(upload(&nodes_, host.nodes.data(), sizeof(FlatTreeNode), 0, nodes, nodes));
+    KVMEM_RETURN_IF_ERROR(upload(&leaf_chunks_, host.leaf_chunks.data(), sizeof(uint32_t), 0,
+                                 host.leaf_chunks.size(), host.leaf_chunks.size()));
+  }
   chunks_ = static_cast<uint32_t>(total);
   epoch_ = host.chunks_epoch;
   row_stamps_ = host.node_row_stamps;
   lineage_ = host.lineage;
+  version_held_ = host.version;
   view_ = FlatTreeView{};
   view_.num_nodes = static_cast<uint32_t>(nodes);
   view_.num_chunks = chunks_;

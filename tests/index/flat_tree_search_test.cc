@@ -251,6 +251,10 @@ TEST(FlatTreeSearchTest, ExportIntoAKeptObjectEqualsAFreshExport) {
     ClusterTree other = BuildTree(src, o);
     kernels::FlatTree kept, kept_held, fresh;
     std::vector<uint64_t> mirror_stamps;  // what a holder of kept_held's rows would have
+    std::vector<kernels::FlatTreeNode> mirror_nodes;
+    std::vector<uint32_t> mirror_leaf;
+    uint64_t mirror_version = ~0ull;
+    uint32_t deltas = 0;
     VectorKeySource more = RandomKeys(rng, 300, D);
     uint32_t i = 0;
     for (int step = 0; i < more.chunks.size(); ++step) {
@@ -295,9 +299,32 @@ TEST(FlatTreeSearchTest, ExportIntoAKeptObjectEqualsAFreshExport) {
                                kept_held.node_centroids.begin() + (k + 1) * D,
                                fresh.node_centroids.begin() + size_t{at} * D));
       }
-      if (!kept_held.node_rows_partial) ASSERT_EQ(kept_held.node_centroids, fresh.node_centroids);
+      if (!kept_held.node_rows_partial) {
+        ASSERT_EQ(kept_held.node_centroids, fresh.node_centroids);
+      }
       mirror_stamps = fresh.node_row_stamps;
+      // A mirror of version delta_from, given only what changed since, holds the fresh export.
+      if (kept_held.delta_from != ~0ull && kept_held.delta_from == mirror_version) {
+        ++deltas;
+        ASSERT_EQ(mirror_nodes.size(), fresh.nodes.size());
+        for (const auto& [a, b] : kept_held.nodes_changed) {
+          std::copy(kept_held.nodes.begin() + a, kept_held.nodes.begin() + b, mirror_nodes.begin() + a);
+        }
+        ASSERT_LE(kept_held.leaf_chunks_changed_from, mirror_leaf.size());
+        mirror_leaf.resize(kept_held.leaf_chunks_changed_from);
+        mirror_leaf.insert(mirror_leaf.end(), kept_held.leaf_chunks.begin() + kept_held.leaf_chunks_changed_from,
+                           kept_held.leaf_chunks.end());
+      } else {
+        mirror_nodes = kept_held.nodes;
+        mirror_leaf = kept_held.leaf_chunks;
+      }
+      mirror_version = kept_held.version;
+      ASSERT_EQ(0, std::memcmp(mirror_nodes.data(), fresh.nodes.data(),
+                               fresh.nodes.size() * sizeof(kernels::FlatTreeNode)))
+          << "step " << step;
+      ASSERT_EQ(mirror_leaf, fresh.leaf_chunks) << "step " << step;
     }
+    EXPECT_GT(deltas, 20u);
   }
 }
 

@@ -50,8 +50,9 @@ struct Session {
   std::vector<uint16_t> pool;  // bf16, host copy
   std::vector<index::ClusterTree> trees;
   std::vector<kc::DeviceTree> dev_trees;
+  std::vector<FlatTree> exports;  // kept from sync to sync (RunConfig::partial_export)
 
-  Session(uint32_t h, uint32_t g) : H(h), G(g), dev_trees(h) {}
+  Session(uint32_t h, uint32_t g) : H(h), G(g), dev_trees(h), exports(h) {}
   uint64_t sealed() const { return start.empty() ? 0 : start.back() + tokens.back(); }
 };
 
@@ -140,7 +141,9 @@ struct RunConfig {
   // The trees' uploads staged in one CopyStager and flushed once before the launch (how the
   // daemon's device pool syncs a layer's mirrors).
   bool staged_sync = false;
-  bool partial_export = false;  // export only the node rows the mirror lacks (rows_held())
+  // Export only the node rows the mirror lacks (rows_held()), into objects kept from sync to
+  // sync (the inserts since are applied; the mirror uploads only what changed since).
+  bool partial_export = false;
 };
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
@@ -184,7 +187,8 @@ void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const R
     blocks.emplace_back(new DeviceMem(s.block.size() * 8));
     CUDA_OK(cudaMemcpy(blocks[p]->p, s.block.data(), s.block.size() * 8, cudaMemcpyHostToDevice));
     for (uint32_t h = 0; h < H; ++h) {
-      FlatTree flat;
+      FlatTree fresh;
+      FlatTree& flat = cfg.partial_export ? s.exports[h] : fresh;
       const NodeRowsHeld held = s.dev_trees[h].rows_held();
       s.trees[h].ExportFlat(&flat, s.dev_trees[h].chunks_epoch() == s.trees[h].chunks_epoch()
                                           ? s.dev_trees[h].chunks_held()
@@ -443,15 +447,15 @@ TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
   lazy.staged_sync = true;
   CheckSessions(rng, {s}, lazy);
   // Partial exports (the rows the mirror lacks), staged and plain, through inserts and repairs.
-  for (int round = 0; round < 4; ++round) {
+  for (int round = 0; round < 8; ++round) {
     s->pool.resize(s->tail_off);
-    AddChunks(rng, s, 25, true);
-    if (round % 2 == 1) {
+    AddChunks(rng, s, round < 4 ? 25 : 1 + round % 3, true);  // later: a decode step's seals
+    if (round % 4 == 1) {
       for (auto& t : s->trees) t.Maintain();
     }
     SetTail(rng, s, 20 + round);
     RunConfig partial{512, 16, 32};
-    partial.staged_sync = round < 2;
+    partial.staged_sync = round % 4 < 2;
     partial.partial_export = true;
     CheckSessions(rng, {s}, partial);
   }
