@@ -90,6 +90,27 @@ class DevicePool final : public KVPool {
                                                cudaMemcpyDeviceToHost, stream_), "copy out"));
     return Cuda(cudaStreamSynchronize(stream_), "copy out");
   }
+  Status CopyOutBatch(std::span<const PoolRead> reads) override {
+    if (SyncCopies()) return KVPool::CopyOutBatch(reads);
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    uint64_t total = 0;
+    for (const PoolRead& r : reads) total += Room(r.bytes);
+    KVMEM_RETURN_IF_ERROR(GrowPinned(total));
+    uint64_t at = 0;
+    for (const PoolRead& r : reads) {  // after every copy and launch enqueued before them
+      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(pinned_ + at, static_cast<const uint8_t*>(base_) + r.src_offset,
+                                                 r.bytes, cudaMemcpyDeviceToHost, stream_), "copy out"));
+      at += Room(r.bytes);
+    }
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "copy out"));
+    at = 0;
+    for (const PoolRead& r : reads) {
+      std::memcpy(r.dst, pinned_ + at, r.bytes);
+      at += Room(r.bytes);
+    }
+    return Status::OK();
+  }
   Status CopyWithin(uint64_t dst, uint64_t src, uint64_t bytes) override {
     if (!SyncCopies()) {
       if (dst < src + bytes && src < dst + bytes) {

@@ -223,6 +223,11 @@ Status KVPool::CopyBatch(std::span<const PoolCopy> ops, ParallelPool* /*workers*
   return Status::OK();
 }
 
+Status KVPool::CopyOutBatch(std::span<const PoolRead> reads) {
+  for (const PoolRead& r : reads) KVMEM_RETURN_IF_ERROR(CopyOut(r.dst, r.src_offset, r.bytes));
+  return Status::OK();
+}
+
 Status KVPool::MoveWithin(std::span<const PoolCopy> ops) {
   for (const PoolCopy& op : ops) {
     if (op.src != nullptr) return InvalidArgument("MoveWithin: a copy from host memory");

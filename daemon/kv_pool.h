@@ -125,6 +125,13 @@ struct PoolCopy {
   uint64_t bytes = 0;
 };
 
+// One read out of the pool into host memory (KVPool::CopyOutBatch).
+struct PoolRead {
+  void* dst = nullptr;
+  uint64_t src_offset = 0;
+  uint64_t bytes = 0;
+};
+
 // Memory behind a SlabAllocator, with the copies the store needs. The host implementation is
 // the CPU backend's "device"; a CUDA implementation issues async copies on a stream: copies in
 // and within return once enqueued (the source may be reused), copies out once done, and every
@@ -156,6 +163,10 @@ class KVPool {
   // source (memmove), not another op's source or destination. The default runs CopyWithin in
   // order; the device pool does the batch in one upload and one launch.
   virtual Status MoveWithin(std::span<const PoolCopy> ops);
+  // Many reads out of the pool, done when it returns. The default runs CopyOut in order; the
+  // device pool enqueues them all into pinned staging and waits once (a seal's catch-up reads
+  // the new chunk's keys of every layer).
+  virtual Status CopyOutBatch(std::span<const PoolRead> reads);
 
   // Decode attention for problems whose spans index this pool. q, out and lse are HOST
   // pointers; `pool` is filled in here. The host pool runs the CPU kernel

@@ -494,35 +494,75 @@ Status Session::CatchUpIndex(bool all_heads) {
       if (TreeNeeded(l, h)) first = std::min<size_t>(first, trees_[static_cast<size_t>(l) * H + h].num_chunks());
   if (first == chunks_.size()) return Status::OK();
   const uint64_t esize = DTypeSize(profile_.dtype);
+  // The (chunk, layer) blocks whose keys some tree still needs, in chunk order (a tree takes its
+  // chunks in order). On a device pool the keys of many blocks are read out together (one wait
+  // for a batch instead of one per block: a seal reads its chunk in every layer); a batch stops
+  // at kBatchBytes of staged keys.
+  constexpr uint64_t kBatchBytes = uint64_t{32} << 20;
+  struct Item {
+    uint32_t chunk, layer;
+    uint64_t at;  // its keys in `staging` (device blocks) or kNotResident (read in place)
+  };
+  std::vector<Item> batch;
+  std::vector<PoolRead> reads;
   std::vector<uint8_t> staging;
   std::vector<float> keys;
-  for (size_t c = first; c < chunks_.size(); ++c) {
-    const uint32_t n = chunks_[c].tokens;
-    const uint64_t elems = uint64_t{H} * n * D;  // every head's keys: one contiguous read
+  auto summarize = [&](const Item& it) -> Status {
+    const uint32_t c = it.chunk, l = it.layer, n = chunks_[c].tokens;
+    const uint64_t elems = uint64_t{H} * n * D;  // every head's keys: one contiguous block
     keys.resize(elems);
+    const uint64_t off = chunks_[c].blocks[l].dev;
+    if (it.at != kNotResident) {
+      ConvertToFloat(staging.data() + it.at, profile_.dtype, elems, keys.data());
+    } else if (pool_->is_host() && off != kNotResident) {
+      ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
+    } else {
+      std::vector<uint8_t> block(elems * esize);
+      KVMEM_RETURN_IF_ERROR(ReadBlock(c, l, 0, block.size(), block.data()));
+      ConvertToFloat(block.data(), profile_.dtype, elems, keys.data());
+    }
+    for (uint32_t h = 0; h < H; ++h) {
+      index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
+      if (!TreeNeeded(l, h) || tree.num_chunks() != c) continue;
+      KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
+                             index::SummarizeKeys(keys.data() + uint64_t{h} * n * D, n, D));
+      KVMEM_RETURN_IF_ERROR(tree.Insert(c, summary, n));
+    }
+    return Status::OK();
+  };
+  auto flush = [&]() -> Status {
+    if (!reads.empty()) {
+      for (PoolRead& r : reads) r.dst = staging.data() + reinterpret_cast<uint64_t>(r.dst);
+      KVMEM_RETURN_IF_ERROR(pool_->CopyOutBatch(reads));
+    }
+    for (const Item& it : batch) KVMEM_RETURN_IF_ERROR(summarize(it));
+    batch.clear();
+    reads.clear();
+    staging.clear();
+    return Status::OK();
+  };
+  for (size_t c = first; c < chunks_.size(); ++c) {
+    const uint64_t bytes = uint64_t{H} * chunks_[c].tokens * D * esize;
     for (uint32_t l = 0; l < L; ++l) {
+      // A tree needs chunk c when it holds fewer (the chunks before c are ahead in the batch).
       bool any = false;
       for (uint32_t h = 0; h < H && !any; ++h) {
-        any = TreeNeeded(l, h) && trees_[static_cast<size_t>(l) * H + h].num_chunks() == c;
+        any = TreeNeeded(l, h) && trees_[static_cast<size_t>(l) * H + h].num_chunks() <= c;
       }
       if (!any) continue;
       const uint64_t off = chunks_[c].blocks[l].dev;
-      if (pool_->is_host() && off != kNotResident) {
-        ConvertToFloat(static_cast<const uint8_t*>(pool_->base()) + off, profile_.dtype, elems, keys.data());
-      } else {
-        staging.resize(elems * esize);
-        KVMEM_RETURN_IF_ERROR(ReadBlock(static_cast<uint32_t>(c), l, 0, staging.size(), staging.data()));
-        ConvertToFloat(staging.data(), profile_.dtype, elems, keys.data());
+      Item it{static_cast<uint32_t>(c), l, kNotResident};
+      if (!pool_->is_host() && off != kNotResident) {
+        if (staging.size() + bytes > kBatchBytes && !batch.empty()) KVMEM_RETURN_IF_ERROR(flush());
+        it.at = staging.size();
+        // dst holds the offset in `staging` until the batch is read (staging may grow).
+        reads.push_back({reinterpret_cast<void*>(it.at), off, bytes});
+        staging.resize(staging.size() + bytes);
       }
-      for (uint32_t h = 0; h < H; ++h) {
-        index::ClusterTree& tree = trees_[static_cast<size_t>(l) * H + h];
-        if (!TreeNeeded(l, h) || tree.num_chunks() != c) continue;
-        KVMEM_ASSIGN_OR_RETURN(index::ChunkSummary summary,
-                               index::SummarizeKeys(keys.data() + uint64_t{h} * n * D, n, D));
-        KVMEM_RETURN_IF_ERROR(tree.Insert(static_cast<uint32_t>(c), summary, n));
-      }
+      batch.push_back(it);
     }
   }
+  KVMEM_RETURN_IF_ERROR(flush());
   // A large catch-up (prefill, or the first index request on a dense session) clusters now
   // rather than searching a flat list until the next upkeep.
   if (chunks_.size() - first > options_.tree.min_chunks_to_cluster) Maintain();
