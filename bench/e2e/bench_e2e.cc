@@ -4,7 +4,7 @@
 // floor measured in the same run.
 //
 //   kvmem-bench-e2e --json FILE [--contexts 8192,32768,131072] [--budget 2048] [--iters N]
-//                   [--host-search] [--config FILE]
+//                   [--host-search] [--config FILE] [--layers L]
 //
 // A third row per context, kvmem_e2e_decode, times decode steps: each Attend also appends the
 // token's K/V (the mean per step, with p50 / p90).
@@ -116,6 +116,7 @@ int main(int argc, char** argv) {
   std::string backend = "auto";
   bool host_search = false;
   std::string config;
+  uint32_t layers = 1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
@@ -124,6 +125,7 @@ int main(int argc, char** argv) {
     else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
     else if (a == "--host-search") host_search = true;
     else if (a == "--config" && i + 1 < argc) config = argv[++i];
+    else if (a == "--layers" && i + 1 < argc) layers = std::max(1, std::stoi(argv[++i]));
     else if (a == "--contexts" && i + 1 < argc) {
       contexts.clear();
       std::stringstream ss(argv[++i]);
@@ -131,15 +133,17 @@ int main(int argc, char** argv) {
       while (std::getline(ss, tok, ',')) contexts.push_back(std::stoull(tok));
     } else {
       std::fprintf(stderr, "usage: kvmem-bench-e2e --json FILE [--contexts a,b] [--budget N] [--iters N] [--backend B] "
-                           "[--host-search] [--config FILE]\n");
+                           "[--host-search] [--config FILE] [--layers N]\n");
       return 2;
     }
   }
   // Llama-3-8B-like layer: 32 query heads, 8 KV heads, head dim 128, bf16. One layer per
-  // session (the per-layer round trip is what is measured).
+  // session by default (the per-layer round trip is what is measured); --layers L gives the
+  // session L layers (the same keys in each) and the decode row then runs a step as L Attends,
+  // one per layer, the token complete (and a chunk sealed) at the last.
   const uint32_t HQ = 32, HKV = 8, D = 128;
   uint64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
-  const uint64_t pool_bytes = max_ctx * HKV * D * 2 * 2 * 3 + (1ull << 30);
+  const uint64_t pool_bytes = max_ctx * HKV * D * 2 * 2 * 3 * layers + (1ull << 30);
   if (host_search) ::setenv("KVMEM_DEVICE_SEARCH", "off", 1);  // inherited by kvmemd
   const int admin_port = kvmem::testing::FreePort();
   std::vector<std::string> args{"--progress", "poll", "--executors", "0", "--backend", backend,
@@ -214,7 +218,7 @@ int main(int argc, char** argv) {
     kvmem::client::SessionOptions so;
     so.mode = kvmem::client::Mode::kIndex;
     so.default_budget_tokens = budget;
-    auto id = cl.CreateSession({1, HQ, HKV, D, DType::kBF16}, so);
+    auto id = cl.CreateSession({layers, HQ, HKV, D, DType::kBF16}, so);
     if (!id.ok()) {
       std::fprintf(stderr, "%s\n", id.status().ToString().c_str());
       return 1;
@@ -222,7 +226,7 @@ int main(int argc, char** argv) {
     // Topic-structured keys (segments of 512 tokens share a direction), appended in 8K pieces.
     std::vector<float> topic(static_cast<size_t>(HKV) * D);
     const uint64_t piece = 8192;
-    std::vector<uint16_t> k(HKV * piece * D), v(k.size());
+    std::vector<uint16_t> k(uint64_t{layers} * HKV * piece * D), v(k.size());
     std::vector<uint8_t> bounds(piece);
     std::vector<uint16_t> probe_keys(HKV * D);
     double append_ms = 0;  // the AppendKV calls only (not the generation of their keys)
@@ -241,9 +245,14 @@ int main(int argc, char** argv) {
       if (done == 0)
         for (uint32_t h = 0; h < HKV; ++h)
           std::copy(k.begin() + (h * n + n / 2) * D, k.begin() + (h * n + n / 2 + 1) * D, probe_keys.begin() + h * D);
+      for (uint32_t l = 1; l < layers; ++l) {  // the same keys and values in every layer
+        std::copy_n(k.begin(), uint64_t{HKV} * n * D, k.begin() + uint64_t{l} * HKV * n * D);
+        std::copy_n(v.begin(), uint64_t{HKV} * n * D, v.begin() + uint64_t{l} * HKV * n * D);
+      }
       const auto t_append = std::chrono::steady_clock::now();
-      auto r = cl.AppendKV(*id, TensorView{k.data(), DType::kBF16, {1, HKV, n, D}},
-                           TensorView{v.data(), DType::kBF16, {1, HKV, n, D}}, std::span<const uint8_t>(bounds.data(), n));
+      auto r = cl.AppendKV(*id, TensorView{k.data(), DType::kBF16, {layers, HKV, n, D}},
+                           TensorView{v.data(), DType::kBF16, {layers, HKV, n, D}},
+                           std::span<const uint8_t>(bounds.data(), n));
       append_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_append).count();
       if (!r.ok()) {
         std::fprintf(stderr, "append: %s\n", r.status().ToString().c_str());
@@ -254,7 +263,7 @@ int main(int argc, char** argv) {
     {
       // The prefill's AppendKV calls (8K-token pieces, K and V), for the record: not a target.
       const double ms = append_ms;
-      const double gb = static_cast<double>(T) * HKV * D * 2 * 2 / 1e9;
+      const double gb = static_cast<double>(T) * layers * HKV * D * 2 * 2 / 1e9;
       out["append"].push_back({{"context", T}, {"ms", ms}, {"gbps", gb / (ms / 1e3)}});
       std::printf("%-8llu append %.1f ms (%.2f GB/s of K/V)\n", static_cast<unsigned long long>(T), ms, gb / (ms / 1e3));
     }
@@ -292,8 +301,11 @@ int main(int argc, char** argv) {
       std::vector<uint16_t> nk(HKV * D), nv(HKV * D);
       req.new_k = TensorView{nk.data(), DType::kBF16, {HKV, D}};
       req.new_v = TensorView{nv.data(), DType::kBF16, {HKV, D}};
-      const Timed tm = timed_attends(*id, req, iters, [&](int i) {
-        const uint64_t t = T + static_cast<uint64_t>(i);
+      // With L layers a step is L Attends (layer 0 .. L-1, the same new row in each).
+      const Timed tm = timed_attends(*id, req, iters * static_cast<int>(layers), [&](int i) {
+        req.layer = static_cast<uint32_t>(i) % layers;
+        const uint64_t t = T + static_cast<uint64_t>(i) / layers;
+        if (req.layer != 0) return;
         if (t % 512 == 0)
           for (auto& x : topic) x = n01(rng) * 1.5f;
         for (uint32_t h = 0; h < HKV; ++h)
@@ -312,7 +324,7 @@ int main(int argc, char** argv) {
       std::sort(sorted.begin(), sorted.end());
       const double p90 = sorted[sorted.size() * 9 / 10];
       out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", "kvmem_e2e_decode"},
-                                {"us_per_layer", mean}, {"p50_us", Median(us)}, {"p90_us", p90},
+                                {"layers", layers}, {"us_per_layer", mean}, {"p50_us", Median(us)}, {"p90_us", p90},
                                 {"steps", us.size()}, {"tokens_attended_per_head", tm.attended},
                                 {"daemon_phase_us", tm.phases}, {"daemon_request_us", tm.req_us}});
       std::printf("%-8llu %-8u %-30s %10.1f %10u  p50 %.1f p90 %.1f  daemon %s  phases %s\n",
