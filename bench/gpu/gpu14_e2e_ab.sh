@@ -5,7 +5,7 @@
 # copied there by hand next to a copy of the same kvmem-bench-e2e, which starts the kvmemd beside
 # it; plus VAR=VALUE words for kvmemd's environment), and the
 # search + sparse row it is held against (kvmem-bench-gpu, 128K batch 1 budget 2048). Everything
-# goes into $OUT/all.tgz; the table is printed last.
+# goes into $OUT/all.tgz; the table is printed last. E2E_ARGS: more kvmem-bench-e2e arguments (e.g. --layers 4).
 # Staged by scripts/stage_gpu_search.sh BUILD MAIN integration (RUN_SCRIPT=bench/gpu/gpu14_e2e_ab.sh).
 #   bash .gpu9/run.sh
 FINAL_OUT=${OUT:-/tmp/out}
@@ -26,7 +26,7 @@ for round in $(seq 1 ${ROUNDS:-3}); do
     done
     [[ -x $bin/kvmemd ]] || continue
     env "${envs[@]}" LD_LIBRARY_PATH=$PWD/$G/b/lib UCX_MODULE_DIR=$PWD/$G/b/lib/ucx timeout 120 $bin/kvmem-bench-e2e \
-      --json "$OUT/e2e_${i}_r$round.json" --contexts ${CONTEXTS:-131072} --iters ${ITERS:-200} > /tmp/e2e.log 2>&1
+      --json "$OUT/e2e_${i}_r$round.json" --contexts ${CONTEXTS:-131072} --iters ${ITERS:-200} ${E2E_ARGS:-} > /tmp/e2e.log 2>&1
     echo "[r$round ${ABS[$i]}] rc=$? ($(el)s)"; { echo "### r$round ${ABS[$i]}"; cat /tmp/e2e.log; } >> "$OUT/e2e_raw.txt"
   done
 done
