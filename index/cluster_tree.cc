@@ -326,44 +326,35 @@ void ClusterTree::RefreshAncestorRadii(uint32_t n) {
   }
 }
 
-void ClusterTree::SplitLeaf(uint32_t n) {
-  std::vector<uint32_t> chunks = std::move(nodes_[n].children);
-  std::sort(chunks.begin(), chunks.end());
-  std::vector<std::vector<uint32_t>> groups = SplitChunks(chunks, 2, n);
+void ClusterTree::SplitBeside(uint32_t n) {
+  const bool leaf = nodes_[n].leaf;
+  std::vector<uint32_t> members = std::move(nodes_[n].children);
+  std::sort(members.begin(), members.end());
+  std::vector<std::vector<uint32_t>> groups;
+  if (leaf) {
+    groups = SplitChunks(members, 2, n);
+  } else {
+    std::vector<float> points(members.size() * head_dim_);
+    for (size_t i = 0; i < members.size(); ++i) {
+      std::copy_n(node_centroid(members[i]), head_dim_, &points[i * head_dim_]);
+    }
+    groups = GroupPoints(points.data(), members, 2, n);
+  }
   const uint32_t parent = nodes_[n].parent;
   const uint32_t sibling = NewNode(parent, nodes_[n].level);  // may reallocate nodes_
   nodes_[parent].children.push_back(sibling);
   const uint32_t halves[2] = {n, sibling};
   for (int i = 0; i < 2; ++i) {
     Node& node = nodes_[halves[i]];
-    node.leaf = true;
+    node.leaf = leaf;
     node.children = std::move(groups[i]);
-    for (uint32_t c : node.children) chunk_parent_[c] = halves[i];
-    Summarize(halves[i]);
-    nodes_[halves[i]].built_chunks = nodes_[halves[i]].chunks_below;
-    nodes_[halves[i]].built_radius = nodes_[halves[i]].radius;
-  }
-  RefreshAncestorRadii(n);
-}
-
-void ClusterTree::SplitInner(uint32_t n) {
-  std::vector<uint32_t> children = std::move(nodes_[n].children);
-  std::sort(children.begin(), children.end());
-  const uint32_t m = static_cast<uint32_t>(children.size());
-  std::vector<float> points(size_t{m} * head_dim_);
-  for (uint32_t i = 0; i < m; ++i) {
-    std::copy_n(node_centroid(children[i]), head_dim_, &points[size_t{i} * head_dim_]);
-  }
-  std::vector<std::vector<uint32_t>> groups = GroupPoints(points.data(), children, 2, n);
-  const uint32_t parent = nodes_[n].parent;
-  const uint32_t sibling = NewNode(parent, nodes_[n].level);  // may reallocate nodes_
-  nodes_[parent].children.push_back(sibling);
-  const uint32_t halves[2] = {n, sibling};
-  for (int i = 0; i < 2; ++i) {
-    Node& node = nodes_[halves[i]];
-    node.leaf = false;
-    node.children = std::move(groups[i]);
-    for (uint32_t c : node.children) nodes_[c].parent = halves[i];
+    for (uint32_t c : node.children) {
+      if (leaf) {
+        chunk_parent_[c] = halves[i];
+      } else {
+        nodes_[c].parent = halves[i];
+      }
+    }
     Summarize(halves[i]);
     nodes_[halves[i]].built_chunks = nodes_[halves[i]].chunks_below;
     nodes_[halves[i]].built_radius = nodes_[halves[i]].radius;
@@ -588,9 +579,10 @@ uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
   while (rebuilt < max_subtrees) {
     // Pick the highest stale unit. A stale fine cluster is split in two next to itself while
     // its parent has room (cheap: 2-means over ~2·fine_cluster_chunks chunks); otherwise its
-    // parent is rebuilt. Any other stale node is rebuilt (a stale root: everything).
+    // parent is split or rebuilt (below). Any other stale node is rebuilt (a stale root:
+    // everything) unless it only grew.
     uint32_t target = kNone;
-    enum class Repair { kRebuild, kSplitLeaf, kSplitInner } how = Repair::kRebuild;
+    bool split = false;  // SplitBeside, else RebuildSubtree
     auto has_room = [&](uint32_t p) {
       const uint32_t cap = p == 0 ? options_.max_coarse_units : options_.max_fanout;
       return nodes_[p].children.size() < cap;
@@ -598,41 +590,37 @@ uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
     for (uint32_t n = 0; n < nodes_.size(); ++n) {
       if (!Stale(n)) continue;
       uint32_t unit = n;
-      Repair repair = Repair::kRebuild;
+      bool split_unit = false;
       if (n != 0 && !nodes_[n].leaf) {
         // An inner node that doubled splits in two beside itself while its parent has room (a
         // decode stream grows the coarse unit its topic landed in); one that loosened is rebuilt.
         const Node& node = nodes_[n];
         const bool grown =
             node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks);
-        if (grown && has_room(node.parent) && node.children.size() >= 2) {
-          repair = Repair::kSplitInner;
-        }
+        split_unit = grown && has_room(node.parent) && node.children.size() >= 2;
       } else if (n != 0) {
         const uint32_t p = nodes_[n].parent;
         if (has_room(p) && nodes_[n].children.size() >= 2) {
-          repair = Repair::kSplitLeaf;
+          split_unit = true;
         } else {
           unit = p;
           // A full parent splits in two beside itself when its own parent has room (2-means over
           // its children's centroids; the leaf splits on the next pass): rebuilding it instead
           // runs k-means over every chunk below it, milliseconds for a large coarse unit.
-          if (p != 0 && has_room(nodes_[p].parent) && nodes_[p].children.size() >= 2) {
-            repair = Repair::kSplitInner;
-          }
+          split_unit = p != 0 && has_room(nodes_[p].parent) && nodes_[p].children.size() >= 2;
         }
       }
       if (target == kNone || nodes_[unit].level < nodes_[target].level) {
         target = unit;
-        how = repair;
+        split = split_unit;
       }
       if (target == 0) break;
     }
     if (target == kNone) break;
-    switch (how) {
-      case Repair::kSplitLeaf: SplitLeaf(target); break;
-      case Repair::kSplitInner: SplitInner(target); break;
-      case Repair::kRebuild: RebuildSubtree(target); break;
+    if (split) {
+      SplitBeside(target);
+    } else {
+      RebuildSubtree(target);
     }
     if (target == 0) inserts_since_build_ = 0;
     ++subtree_rebuilds_;

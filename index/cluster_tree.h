@@ -252,11 +252,10 @@ class ClusterTree {
   void Summarize(uint32_t n);
   bool Stale(uint32_t n) const;
   void RebuildSubtree(uint32_t n);
-  // Splits leaf cluster n (non-root, >= 2 chunks) into n and a new sibling.
-  void SplitLeaf(uint32_t n);
-  // Splits inner node n (non-root, >= 2 children) into n and a new sibling by 2-means over its
-  // children's centroids: the children move, nothing below them is rebuilt.
-  void SplitInner(uint32_t n);
+  // Splits node n (non-root, >= 2 children) into n and a new sibling by 2-means over its
+  // children's centroids (chunks of a leaf, nodes of an inner node): the children move, nothing
+  // below them is rebuilt.
+  void SplitBeside(uint32_t n);
   // Groups `chunks` into at most k clusters (spherical k-means on mean-centred centroids).
   // k-means groups of `ids` by their rows in points[ids.size()][head_dim] (clobbered).
   std::vector<std::vector<uint32_t>> GroupPoints(float* points, const std::vector<uint32_t>& ids,
