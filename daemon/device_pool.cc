@@ -246,10 +246,14 @@ class DevicePool final : public KVPool {
     const size_t lse_room = Room(lse_bytes);
     const size_t res_bytes = size_t{a.kv_heads} * sizeof(kernels::cuda::SearchTaskResult);
     const size_t res_room = Room(res_bytes);
+    // A decode step's new K / V rows go up with q (the search writes them into the tail).
+    const bool rows = req->new_k != nullptr && req->new_v != nullptr;
+    const size_t row_bytes = rows ? size_t{a.kv_heads} * a.head_dim * DTypeSize(a.kv_dtype) : 0;
+    const size_t half_rows = Room(row_bytes), rows_room = 2 * half_rows;
     // One device buffer [out | lse | results | q | workspace]: q and the plan image (at the
     // workspace's start) go up in one copy, out, lse and the per-head results come back in one,
     // and neither carries bytes the other direction needs (the image stays on the device).
-    const size_t io_room = out_room + lse_room + res_room + q_room;
+    const size_t io_room = out_room + lse_room + res_room + rows_room + q_room;
     // KVMEM_DEVICE_RESULTS=mapped: the attention writes out and lse, and the search its
     // per-head results, straight into mapped pinned host memory [out | lse | results]: no copy
     // back. Not for requests that want the selection (that stays in the workspace).
@@ -265,6 +269,8 @@ class DevicePool final : public KVPool {
       uint8_t* out_base = mapped ? m_out : d_in;
       dev.attend.pool = base_;
       dev.attend.q = d_in + io_room - q_room;
+      dev.new_k = rows ? d_in + io_room - q_room - rows_room : nullptr;
+      dev.new_v = rows ? d_in + io_room - q_room - half_rows : nullptr;
       dev.attend.out = out_base;
       dev.attend.lse = reinterpret_cast<float*>(out_base + out_room);
       KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanSearchAttend(&dev, 1, {}, &plan));
@@ -273,24 +279,29 @@ class DevicePool final : public KVPool {
       KVMEM_RETURN_IF_ERROR(Grow(&d_sws_, &sws_bytes_, io_room + plan.workspace_bytes));
     }
     uint8_t* d_q = d_in + io_room - q_room;
+    uint8_t* d_up = d_q - rows_room;  // [new K rows | new V rows | q | plan image]
     uint8_t* d_ws = d_in + io_room;
     auto* d_res = reinterpret_cast<kernels::cuda::SearchTaskResult*>(
         (mapped ? m_out : d_in) + out_room + lse_room);
     // Pinned staging: [q | plan image] up in one copy, [out | lse | results] down in one (and,
     // when the request wants it, the selection from the workspace in a second), so the copies
     // are truly asynchronous.
-    const size_t up = q_room + plan.image.size();
+    const size_t up = rows_room + q_room + plan.image.size();
     const size_t down = mapped ? 0 : out_room + lse_room + res_bytes;
     const size_t sel_bytes = req->want_selection ? plan.runs_off - plan.selected_off : 0;
     KVMEM_RETURN_IF_ERROR(GrowPinned(Room(up) + Room(down) + sel_bytes + 256));
-    uint8_t* h_up = pinned_;
+    uint8_t* h_up = pinned_;  // [new K rows | new V rows | q | plan image]
     uint8_t* h_down = pinned_ + Room(up);
     uint8_t* h_sel = h_down + Room(down);
     // Not with graphs (a replay repeats the parameters it was captured with).
-    const bool try_inline = !GraphSubmit() && InlineSubmit();
+    const bool try_inline = !GraphSubmit() && InlineSubmit() && !rows;
     auto stage = [&] {
-      std::memcpy(h_up, a.q, q_bytes);
-      std::memcpy(h_up + q_room, plan.image.data(), plan.image.size());
+      if (rows) {
+        std::memcpy(h_up, req->new_k, row_bytes);
+        std::memcpy(h_up + half_rows, req->new_v, row_bytes);
+      }
+      std::memcpy(h_up + rows_room, a.q, q_bytes);
+      std::memcpy(h_up + rows_room + q_room, plan.image.data(), plan.image.size());
     };
     if (!try_inline) stage();
     phase(AttendPhase::kDevicePlan);
@@ -312,7 +323,7 @@ class DevicePool final : public KVPool {
       }
       if (!launched) {
         if (try_inline) stage();
-        KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_q, h_up, up, cudaMemcpyHostToDevice, stream_),
+        KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_up, h_up, up, cudaMemcpyHostToDevice, stream_),
                                    "stage q and the search plan"));
         mark(1);
         KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, d_res, stream_));

@@ -106,6 +106,11 @@ struct DeviceSearchRequest {
   // caller.
   kernels::cuda::SearchAttendProblem problem;
   bool want_selection = false;  // also copy back the selected chunk ids and scores
+  // A decode step's new K and V rows (HOST, [kv_heads][head_dim] each, kv dtype) for the
+  // tail's last row, or null: they go up with q and the search writes them (problem.new_k /
+  // new_v are filled in by the pool).
+  const void* new_k = nullptr;
+  const void* new_v = nullptr;
 };
 
 struct DeviceSearchReply {

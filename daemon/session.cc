@@ -598,6 +598,16 @@ bool DeviceScanEnabled() {
   return on;
 }
 
+// KVMEM_DEVICE_NEW_ROWS=copy: a decode step's new rows are copied into the tail before the
+// device search instead of being written by it (A/B runs).
+bool FusedNewRows() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVMEM_DEVICE_NEW_ROWS");
+    return e == nullptr || std::string(e) != "copy";
+  }();
+  return on;
+}
+
 // KVMEM_DEVICE_SEARCH=off keeps the index search on the host with the CUDA backend (A/B runs).
 bool DeviceSearchEnabled() {
   static const bool on = [] {
@@ -695,7 +705,8 @@ Status Session::SyncDeviceIndex(uint32_t layer) {
   return Status::OK();
 }
 
-Status Session::AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo* info) {
+Status Session::AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo* info,
+                               bool new_rows) {
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
   {
     PhaseTimer t(AttendPhase::kDeviceSync);
@@ -731,6 +742,10 @@ Status Session::AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo*
   p.recent_window = options_.recent_window;
   p.tail = {ElemOffset(layer.tail_block), tail_capacity_, 0, layer.tail_tokens};
   req.want_selection = info != nullptr && a.want_selection;
+  if (new_rows) {
+    req.new_k = a.new_k;
+    req.new_v = a.new_v;
+  }
   DeviceSearchReply rep;
   {
     PhaseTimer t(AttendPhase::kDeviceSearchAttend);
@@ -1829,6 +1844,21 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
   Layer& layer = layers_[a.layer];
   const uint32_t H = profile_.kv_heads, D = profile_.head_dim;
   const uint64_t row = uint64_t{D} * DTypeSize(profile_.dtype);
+  // Attention over this layer's chunks and tail, after the new token lands and before sealing
+  // moves rows around: every chunk (dense), or per KV head sinks ∪ selected chunks ∪ recent
+  // window ∪ tail (index). Retrieval-heads modes run even before any chunk is sealed: a
+  // retrieval head's (empty) selection still marks its KV-head index as selected for later
+  // layers. The device search reads the chunk-block table it mirrored; blocks that eviction
+  // moved would be stale there, so sessions that ever evicted stay on the host search.
+  const bool sparse = hybrid || (mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty());
+  const bool try_device = sparse && !hybrid && UseDeviceSearch() &&
+                          stat_evicted_.load(std::memory_order_relaxed) == 0;
+  // On the device search a decode step's new rows go up with q and the search writes them
+  // into the tail (no copy of their own); if the device search does not run, they are copied
+  // before the host attention (KVMEM_DEVICE_NEW_ROWS=copy: always copied first, for A/B runs).
+  const bool fuse_rows = a.new_k != nullptr && try_device && pool_->has_device_search() &&
+                         FusedNewRows();
+  std::vector<PoolCopy> rows;
 
   if (a.new_k != nullptr) {
     if (layer.pending >= kMaxLayerSkew) {
@@ -1846,37 +1876,37 @@ Status Session::Attend(const AttendArgs& a, AttendInfo* info) {
     }
     // Every head's K and V row in one batch (on the device: one upload and one launch).
     const uint64_t tail_v = layer.tail_block + uint64_t{H} * tail_capacity_ * row;
-    std::vector<PoolCopy> rows(2 * size_t{H});
+    rows.resize(2 * size_t{H});
     for (uint32_t h = 0; h < H; ++h) {
       const uint64_t at = (uint64_t{h} * tail_capacity_ + layer.tail_tokens) * row;
       rows[2 * h] = {layer.tail_block + at, static_cast<const uint8_t*>(a.new_k) + h * row, 0, row};
       rows[2 * h + 1] = {tail_v + at, static_cast<const uint8_t*>(a.new_v) + h * row, 0, row};
     }
-    KVMEM_RETURN_IF_ERROR(pool_->CopyBatch(rows, nullptr));
+    if (!fuse_rows) KVMEM_RETURN_IF_ERROR(pool_->CopyBatch(rows, nullptr));
     ++layer.tail_tokens;
     if (++layer.pending == 1) ++layers_ahead_;
     if (pending_boundaries_.size() < layer.pending) pending_boundaries_.push_back(a.boundary);
   }
 
-  // Attention over this layer's chunks and tail, before sealing moves rows around: every chunk
-  // (dense), or per KV head sinks ∪ selected chunks ∪ recent window ∪ tail (index).
-  // Retrieval-heads modes run even before any chunk is sealed: a retrieval head's (empty)
-  // selection still marks its KV-head index as selected for later layers.
-  const bool sparse = hybrid || (mode == SelectionMode::kIndex && !IsDenseLayer(a.layer) && !chunks_.empty());
   bool on_device = false;
-  // The device search reads the chunk-block table it mirrored; blocks that eviction moved
-  // would be stale there, so sessions that ever evicted stay on the host search.
-  if (sparse && !hybrid && UseDeviceSearch() && stat_evicted_.load(std::memory_order_relaxed) == 0) {
+  if (try_device) {
+    Status st;
     {
       PhaseTimer t(AttendPhase::kCatchUp);
-      KVMEM_RETURN_IF_ERROR(CatchUpIndex(/*all_heads=*/true));
+      st = CatchUpIndex(/*all_heads=*/true);
     }
-    const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
-    Status st = AttendOnDevice(a, budget, info);
+    bool fall_back = false;  // to the host search: what the device search does not serve
+    if (st.ok()) {
+      const uint32_t budget = a.budget_tokens ? a.budget_tokens : options_.default_budget_tokens;
+      st = AttendOnDevice(a, budget, info, fuse_rows);
+      fall_back = st.code() == StatusCode::kUnavailable || st.code() == StatusCode::kUnimplemented ||
+                  st.code() == StatusCode::kResourceExhausted;
+    }
+    // Whatever failed, the new rows are in the tail before anything else reads it.
+    if (!st.ok() && fuse_rows) KVMEM_RETURN_IF_ERROR(pool_->CopyBatch(rows, nullptr));
     if (st.ok()) {
       on_device = true;
-    } else if (st.code() != StatusCode::kUnavailable && st.code() != StatusCode::kUnimplemented &&
-               st.code() != StatusCode::kResourceExhausted) {
+    } else if (!fall_back) {
       return st;
     }
   }

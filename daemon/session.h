@@ -534,7 +534,9 @@ class Session {
   // chunk-block table) up to date, then searches and attends on the device. UNAVAILABLE when
   // the device search could not serve the request (a head over its limits): the caller falls
   // back to the host search.
-  Status AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo* info);
+  // new_rows: a.new_k / a.new_v go up with q and the search writes them into the tail's last
+  // row (Attend did not copy them).
+  Status AttendOnDevice(const AttendArgs& a, uint32_t budget, AttendInfo* info, bool new_rows);
   Status SyncDeviceIndex(uint32_t layer);
   Status AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybrid, bool sparse, AttendInfo* info);
   bool UseDeviceSearch() const;

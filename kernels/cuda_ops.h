@@ -315,6 +315,11 @@ struct SearchAttendProblem {
   uint64_t recent_from = 0;                 // sealed tokens at or past this always attended
   uint32_t recent_window = 0;               // = sealed - recent_from (sizes the splits)
   KVSpan tail{};                            // the open tail (end = its tokens; may be empty)
+  // A decode step's new rows ([kv_heads][head_dim] each, kv dtype, DEVICE pointers), or null:
+  // the search writes them to the tail's last row (tail.end - 1) before the attention reads
+  // the tail, so the step needs no copy of its own. The tail must then be non-empty.
+  const void* new_k = nullptr;
+  const void* new_v = nullptr;
 };
 
 // Per (problem, KV head) result of the search, in the workspace after the launch.

@@ -170,6 +170,16 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
       d.split_tokens = static_cast<uint32_t>(task_split);
       plan->split_tokens = std::max(plan->split_tokens, d.split_tokens);
       d.group = G;
+      if (p.new_k != nullptr && p.new_v != nullptr && d.tail_len > 0) {
+        const size_t esz = DTypeSize(a.kv_dtype);
+        d.new_row_bytes = static_cast<uint32_t>(size_t{D} * esz);
+        d.new_k = static_cast<const uint8_t*>(p.new_k) + size_t{h} * d.new_row_bytes;
+        d.new_v = static_cast<const uint8_t*>(p.new_v) + size_t{h} * d.new_row_bytes;
+        // The attention only reads the pool; the search writes the step's rows into it.
+        uint8_t* pool = static_cast<uint8_t*>(const_cast<void*>(a.pool));
+        d.new_k_dst = pool + (d.tail_k_off + uint64_t{d.tail_len - 1} * D) * esz;
+        d.new_v_dst = pool + (d.tail_v_off + uint64_t{d.tail_len - 1} * D) * esz;
+      }
       void* out = static_cast<uint8_t*>(a.out) + size_t{h} * G * D * osz;
       float* lse = a.lse ? a.lse + size_t{h} * G : nullptr;
       for (uint32_t s = 0; s < splits; ++s, ++item) {

@@ -505,6 +505,17 @@ __device__ __forceinline__ void TreeSearchBody(
     head_tok = tree.chunk_tokens[tid];
     back_tok = tree.chunk_tokens[num_chunks - 1 - tid];
   }
+  // A decode step's new K / V rows into the tail (the last rank, whose share of the work is the
+  // smallest): the attention reads them after this grid has finished.
+  if (task.new_k != nullptr && rank == N - 1) {
+    const uint32_t vecs = task.new_row_bytes / 16;
+    for (uint32_t i = tid; i < 2 * vecs; i += kThreads) {
+      const bool v = i >= vecs;
+      const uint32_t k = v ? i - vecs : i;
+      reinterpret_cast<uint4*>(v ? task.new_v_dst : task.new_k_dst)[k] =
+          reinterpret_cast<const uint4*>(v ? task.new_v : task.new_k)[k];
+    }
+  }
   // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
   // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

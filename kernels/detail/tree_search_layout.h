@@ -27,6 +27,14 @@ struct SearchTaskDesc {
   uint32_t num_splits;
   uint32_t split_tokens;
   uint32_t group;
+  // A decode step's new K and V rows of this head (SearchAttendProblem::new_k / new_v), copied
+  // by the search to their places in the tail (its last row) before the attention reads it;
+  // null when the step appends nothing.
+  const uint8_t* new_k;
+  const uint8_t* new_v;
+  uint8_t* new_k_dst;
+  uint8_t* new_v_dst;
+  uint32_t new_row_bytes;  // a multiple of 16
 };
 
 // A centroid row as the device search reads it (DeviceTree::Sync writes it, ScoreRows reads it):
