@@ -409,8 +409,9 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
 
   // Phase 2, per layer: the rest of the stream becomes the tail (shift the old rows left, then
   // append the new ones), and the new chunks join the layer's spans. A decode step's seal (no
-  // input rows: the tokens are in the tail already) times its copies and index catch-up.
-  const bool decode_seal = keys == nullptr;
+  // input rows: the tokens are in the tail already) that seals a chunk times its copies and
+  // index catch-up.
+  const bool decode_seal = keys == nullptr && !fresh.empty();
   std::optional<PhaseTimer> copies_timer;
   if (decode_seal) copies_timer.emplace(AttendPhase::kSealCopies);
   for (uint32_t l = 0; l < L; ++l) {
