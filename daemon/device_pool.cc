@@ -224,9 +224,10 @@ class DevicePool final : public KVPool {
     return st.ok() ? flushed : st;
   }
 
-  // One upload of q and the plan image (or, with KVMEM_DEVICE_INLINE=on and when they fit, both
-  // as the search's kernel parameters), the search and the attention launches, one copy back
-  // (out + lse, the per-head results [+ selection]), one synchronisation.
+  // One upload of q and the plan image (and a decode step's new K/V rows, which the search
+  // writes into the tail; or, with KVMEM_DEVICE_INLINE=on, no new rows and when they fit, q and
+  // the image as the search's kernel parameters), the search and the attention launches, one
+  // copy back (out + lse, the per-head results [+ selection]), one synchronisation.
   Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
@@ -250,9 +251,10 @@ class DevicePool final : public KVPool {
     const bool rows = req->new_k != nullptr && req->new_v != nullptr;
     const size_t row_bytes = rows ? size_t{a.kv_heads} * a.head_dim * DTypeSize(a.kv_dtype) : 0;
     const size_t half_rows = Room(row_bytes), rows_room = 2 * half_rows;
-    // One device buffer [out | lse | results | q | workspace]: q and the plan image (at the
-    // workspace's start) go up in one copy, out, lse and the per-head results come back in one,
-    // and neither carries bytes the other direction needs (the image stays on the device).
+    // One device buffer [out | lse | results | new rows | q | workspace]: the new rows, q and
+    // the plan image (at the workspace's start) go up in one copy, out, lse and the per-head
+    // results come back in one, and neither carries bytes the other direction needs (the image
+    // stays on the device).
     const size_t io_room = out_room + lse_room + res_room + rows_room + q_room;
     // KVMEM_DEVICE_RESULTS=mapped: the attention writes out and lse, and the search its
     // per-head results, straight into mapped pinned host memory [out | lse | results]: no copy
@@ -283,7 +285,8 @@ class DevicePool final : public KVPool {
     uint8_t* d_ws = d_in + io_room;
     auto* d_res = reinterpret_cast<kernels::cuda::SearchTaskResult*>(
         (mapped ? m_out : d_in) + out_room + lse_room);
-    // Pinned staging: [q | plan image] up in one copy, [out | lse | results] down in one (and,
+    // Pinned staging: [new rows | q | plan image] up in one copy, [out | lse | results] down in
+    // one (and,
     // when the request wants it, the selection from the workspace in a second), so the copies
     // are truly asynchronous.
     const size_t up = rows_room + q_room + plan.image.size();
