@@ -286,9 +286,8 @@ class DevicePool final : public KVPool {
     auto* d_res = reinterpret_cast<kernels::cuda::SearchTaskResult*>(
         (mapped ? m_out : d_in) + out_room + lse_room);
     // Pinned staging: [new rows | q | plan image] up in one copy, [out | lse | results] down in
-    // one (and,
-    // when the request wants it, the selection from the workspace in a second), so the copies
-    // are truly asynchronous.
+    // one (and, when the request wants it, the selection from the workspace in a second), so
+    // the copies are truly asynchronous.
     const size_t up = rows_room + q_room + plan.image.size();
     const size_t down = mapped ? 0 : out_room + lse_room + res_bytes;
     const size_t sel_bytes = req->want_selection ? plan.runs_off - plan.selected_off : 0;
