@@ -2,7 +2,8 @@
 # Stages the GPU-search bundle for the device tool into MAIN/$STAGE (default .gpu-search;
 # git-ignored there): parity tests, kvmem-bench-gpu, optionally the daemon and the e2e bench,
 # stripped of debug info, with $RUN_SCRIPT (default bench/gpu/search_run.sh) as run.sh.
-# `integration` adds kvmemctl and the cross-backend tests (backends_test, hybrid_test) to e2e's.
+# `integration` adds kvmemctl, the cross-backend tests (backends_test, hybrid_test) and the pool tests
+# (kv_pool_test) to e2e's.
 #   [STAGE=.gpu3 RUN_SCRIPT=bench/gpu/gpu3_run.sh] scripts/stage_gpu_search.sh BUILD_DIR MAIN_CHECKOUT [e2e|integration]
 set -euo pipefail
 build=$1
@@ -12,7 +13,7 @@ bins=(tree_search_cuda_test kernels_cuda_parity_test kvmem-bench-gpu)
 if [[ "${3:-}" == e2e || "${3:-}" == integration ]]; then
   bins+=(kvmemd kvmem-bench-e2e e2e_test device_search_test)
 fi
-if [[ "${3:-}" == integration ]]; then bins+=(kvmemctl backends_test hybrid_test); fi
+if [[ "${3:-}" == integration ]]; then bins+=(kvmemctl backends_test hybrid_test kv_pool_test); fi
 stage=${STAGE:-.gpu-search}
 run_script=${RUN_SCRIPT:-bench/gpu/search_run.sh}
 rm -rf "$main/$stage"
