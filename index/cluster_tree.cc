@@ -542,6 +542,10 @@ Status ClusterTree::Insert(uint32_t chunk, const ChunkSummary& summary, uint32_t
   return Status::OK();
 }
 
+bool ClusterTree::Grown(const Node& node) const {
+  return node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks);
+}
+
 bool ClusterTree::Stale(uint32_t n) const {
   const Node& node = nodes_[n];
   if (!node.live) return false;
@@ -553,10 +557,7 @@ bool ClusterTree::Stale(uint32_t n) const {
   // A fine cluster below the target size is not split for growth (a split's small half would
   // double again a few seals later, each time moving the node count the device mirror follows).
   const bool small_leaf = node.leaf && node.chunks_below < options_.fine_cluster_chunks;
-  if (!small_leaf &&
-      node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks)) {
-    return true;
-  }
+  if (!small_leaf && Grown(node)) return true;
   return node.built_radius > 0.f &&
          node.radius > options_.rebuild_radius_inflation * node.built_radius;
 }
@@ -595,9 +596,7 @@ uint32_t ClusterTree::Maintain(uint32_t max_subtrees) {
         // An inner node that doubled splits in two beside itself while its parent has room (a
         // decode stream grows the coarse unit its topic landed in); one that loosened is rebuilt.
         const Node& node = nodes_[n];
-        const bool grown =
-            node.chunks_below >= options_.rebuild_growth * std::max(1u, node.built_chunks);
-        split_unit = grown && has_room(node.parent) && node.children.size() >= 2;
+        split_unit = Grown(node) && has_room(node.parent) && node.children.size() >= 2;
       } else if (n != 0) {
         const uint32_t p = nodes_[n].parent;
         if (has_room(p) && nodes_[n].children.size() >= 2) {
@@ -970,12 +969,6 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from,
       }
     }
     out->leaf_chunks_changed_from = first_chunk;
-    for (size_t i = 0; i < N; ++i) {
-      if (held_row(i, out->node_row_stamps[i])) continue;
-      const float* row = node_centroid(out->flat_node[i]);
-      out->node_centroids.insert(out->node_centroids.end(), row, row + D);
-      if (out->node_rows_partial) out->node_rows_at.push_back(static_cast<uint32_t>(i));
-    }
   } else {
     out->nodes.clear();
     out->leaf_chunks.clear();
@@ -1006,17 +999,19 @@ void ClusterTree::ExportFlat(kernels::FlatTree* out, uint32_t chunks_from,
         }
       }
       out->nodes.push_back(f);
-      if (!held_row(i, n.row_stamp)) {
-        out->node_centroids.insert(out->node_centroids.end(), node_centroid(ids[i]),
-                                   node_centroid(ids[i]) + D);
-        if (out->node_rows_partial) out->node_rows_at.push_back(static_cast<uint32_t>(i));
-      }
       out->node_row_stamps.push_back(n.row_stamp);
       if (i + 1 == level_end) {
         out->level_begin.push_back(static_cast<uint32_t>(i + 1));
         level_end = ids.size();
       }
     }
+  }
+  // The node rows, by flat position: all, or (partial) those whose stamps the holder lacks.
+  for (size_t i = 0; i < out->nodes.size(); ++i) {
+    if (held_row(i, out->node_row_stamps[i])) continue;
+    const float* row = node_centroid(out->flat_node[i]);
+    out->node_centroids.insert(out->node_centroids.end(), row, row + D);
+    if (out->node_rows_partial) out->node_rows_at.push_back(static_cast<uint32_t>(i));
   }
   out->num_levels = static_cast<uint32_t>(out->level_begin.size() - 1);
   const size_t from = std::min<size_t>(chunks_from, chunk_radius_.size());

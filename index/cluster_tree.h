@@ -250,6 +250,8 @@ class ClusterTree {
   void BuildSubtree(uint32_t n, std::vector<uint32_t> chunks, uint32_t remaining_levels);
   // Centroid (token-weighted mean of chunk centroids), radius and norm of n from its children.
   void Summarize(uint32_t n);
+  // rebuild_growth× its chunk count at its last build.
+  bool Grown(const Node& node) const;
   bool Stale(uint32_t n) const;
   void RebuildSubtree(uint32_t n);
   // Splits node n (non-root, >= 2 children) into n and a new sibling by 2-means over its
