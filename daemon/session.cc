@@ -505,7 +505,6 @@ Status Session::CatchUpIndex(bool all_heads) {
     uint64_t at;  // its keys in `staging` (device blocks) or kNotResident (read in place)
   };
   std::vector<Item> batch;
-  std::vector<PoolRead> reads;
   std::vector<uint8_t> staging;
   std::vector<float> keys;
   auto summarize = [&](const Item& it) -> Status {
@@ -531,19 +530,22 @@ Status Session::CatchUpIndex(bool all_heads) {
     }
     return Status::OK();
   };
+  auto block_bytes = [&](uint32_t c) { return uint64_t{H} * chunks_[c].tokens * D * esize; };
   auto flush = [&]() -> Status {
-    if (!reads.empty()) {
-      for (PoolRead& r : reads) r.dst = staging.data() + reinterpret_cast<uint64_t>(r.dst);
-      KVMEM_RETURN_IF_ERROR(pool_->CopyOutBatch(reads));
+    std::vector<PoolRead> reads;
+    for (const Item& it : batch) {
+      if (it.at == kNotResident) continue;
+      reads.push_back({staging.data() + it.at, chunks_[it.chunk].blocks[it.layer].dev,
+                       block_bytes(it.chunk)});
     }
+    if (!reads.empty()) KVMEM_RETURN_IF_ERROR(pool_->CopyOutBatch(reads));
     for (const Item& it : batch) KVMEM_RETURN_IF_ERROR(summarize(it));
     batch.clear();
-    reads.clear();
     staging.clear();
     return Status::OK();
   };
   for (size_t c = first; c < chunks_.size(); ++c) {
-    const uint64_t bytes = uint64_t{H} * chunks_[c].tokens * D * esize;
+    const uint64_t bytes = block_bytes(static_cast<uint32_t>(c));
     for (uint32_t l = 0; l < L; ++l) {
       // A tree needs chunk c when it holds fewer (the chunks before c are ahead in the batch).
       bool any = false;
@@ -556,8 +558,6 @@ Status Session::CatchUpIndex(bool all_heads) {
       if (!pool_->is_host() && off != kNotResident) {
         if (staging.size() + bytes > kBatchBytes && !batch.empty()) KVMEM_RETURN_IF_ERROR(flush());
         it.at = staging.size();
-        // dst holds the offset in `staging` until the batch is read (staging may grow).
-        reads.push_back({reinterpret_cast<void*>(it.at), off, bytes});
         staging.resize(staging.size() + bytes);
       }
       batch.push_back(it);
