@@ -23,6 +23,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -76,6 +77,11 @@ constexpr uint32_t kMaxSplits = 256;
 constexpr float kNegInf = -INFINITY;
 
 constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
+// The flat search (TreeSearchBody<..., kFlat = true>): every rank scores a slice of at most
+// kFlatPerRank chunks (in leaf order) and the nodes above them (a tree of at most
+// kFlatMaxNodes nodes); rank 0 gathers the best entries by a histogram over all of them.
+constexpr uint32_t kFlatPerRank = 2048;
+constexpr uint32_t kFlatMaxNodes = 1024;
 // Commit slices: a round with more than kSliceMin commits accepts those in the top bins (of
 // kHistBins over the bottleneck range) that hold less than the remaining budget without sorting,
 // and sorts next those in the bins that hold the remaining budget + slack, at most kSliceMax
@@ -109,6 +115,15 @@ struct Smem {
       uint32_t leaf_chunks[kMaxLeaves];  // chunks, | kDone once expanded
       uint32_t leaf_child_begin[kMaxLeaves];
     };
+    struct {  // the flat search (every rank): its entries (a slice of leaf_chunks positions)
+      float4 fl_chain[kFlatPerRank];
+      uint32_t fl_id[kFlatPerRank];
+      uint32_t fl_tok[kFlatPerRank];  // counted tokens
+      float fl_score[kFlatPerRank];
+      uint32_t fl_owner[kFlatPerRank];  // the leaf at each position (start markers, then filled)
+      uint32_t g_hist_tok[kHistBins];   // rank 0: every rank's entries by bottleneck bin
+      uint32_t g_hist_chk[kHistBins];
+    };
     struct {  // rank 0, the runs: first / start and tokens of the first and last kThreads chunks
       unsigned long long head_start[kThreads];
       unsigned long long back_start[kThreads];
@@ -119,6 +134,10 @@ struct Smem {
   uint32_t hist_tok[kHistBins];
   uint32_t hist_chk[kHistBins];
   uint32_t key_lo, key_hi, e_next_bits, new_count, left;
+  // The flat search: needed nodes, and rank 0's gather state (the bins [flat_front, flat_prev)
+  // of g_hist this gather takes; entries gathered so far; the next gather's tokens).
+  uint32_t n_need, flat_front, flat_prev, flat_gathered;
+  unsigned long long flat_need;
   unsigned long long expanded_tokens;
   CutScratch cut;  // TopBinsCut's scratch
   union {
@@ -473,7 +492,16 @@ struct InlineSource {
 // scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on
 // `rank` is uniform within a block, and every cluster barrier is reached by all ranks of the
 // cluster.
-template <int D, bool kTrace, bool kInline>
+// Split cluster barrier: arrive (release) now, wait (acquire) later, so that what lies between
+// overlaps the other blocks' arrival.
+__device__ __forceinline__ void ClusterArrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void ClusterWait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+template <int D, bool kTrace, bool kInline, bool kFlat>
 __device__ __forceinline__ void TreeSearchBody(
     const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
     SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
@@ -494,6 +522,13 @@ __device__ __forceinline__ void TreeSearchBody(
   uint32_t* my_sel = selected + size_t{task_index} * max_selected;
   float* my_scores = sel_scores + size_t{task_index} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
+  // The flat search: this rank's positions [f_lo, f_lo + f_n) of leaf_chunks.
+  constexpr int kFP = static_cast<int>(kFlatPerRank / kThreads);
+  constexpr int kFN = static_cast<int>(kFlatMaxNodes / kThreads);
+  const uint32_t f_per = (num_chunks + N - 1) / N;
+  const uint32_t f_lo = kFlat ? min(num_chunks, rank * f_per) : 0;
+  const uint32_t f_n = kFlat ? min(num_chunks, f_lo + f_per) - f_lo : 0;
+  const bool flat_fits = !kFlat || (f_per <= kFlatPerRank && tree.num_nodes <= kFlatMaxNodes);
   // Rank 0: the first and last kThreads chunks' starts and sizes (sinks and the recent window
   // for the runs), loaded now so their latency hides behind the search.
   const uint32_t lim = min(num_chunks, static_cast<uint32_t>(kThreads));
@@ -540,16 +575,54 @@ __device__ __forceinline__ void TreeSearchBody(
     sm.total_tokens = 0;
     sm.misfits = 0;
     sm.ctl = 0;
+    if constexpr (kFlat) {
+      sm.n_need = 0;
+      sm.key_lo = 0xffffffffu;  // every rank's entries' bottleneck range (remote atomics)
+      sm.key_hi = 0;
+      sm.e_next_bits = 0;
+      sm.new_count = 0;
+      sm.flat_front = sm.flat_prev = kHistBins;
+      sm.flat_gathered = 0;
+      const uint32_t b = prm.budget_tokens;
+      sm.flat_need = uint64_t{b} + (slice_slack == kSliceOff ? b + 512u : slice_slack ? slice_slack : b / 16 + 512u);
+    }
   }
   if (rank == 0) {
     for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
+  }
+  // The flat search: every rank's histogram zeroed, and rank 0's global one; the other ranks
+  // touch rank 0's state only after the wait that pairs with this arrive.
+  uint32_t f_id[kFlat ? kFP : 1] = {};
+  FlatTreeNode f_rec[kFlat ? kFN : 1] = {};
+  if constexpr (kFlat) {
+    for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+      sm.hist_tok[i] = sm.hist_chk[i] = 0;
+      if (rank == 0) sm.g_hist_tok[i] = sm.g_hist_chk[i] = 0;
+    }
+    __syncthreads();
+    ClusterArrive();
+    // This rank's chunk ids and every node record, loading while the mean query forms.
+    if (flat_fits) {
+#pragma unroll
+      for (int u = 0; u < kFP; ++u) {
+        const uint32_t k = tid + u * kThreads;
+        if (k < f_n) f_id[u] = tree.leaf_chunks[f_lo + k];
+      }
+#pragma unroll
+      for (int u = 0; u < kFN; ++u) {
+        const uint32_t n = tid + u * kThreads;
+        if (n < tree.num_nodes) f_rec[u] = tree.nodes[n];
+      }
+    }
   }
   // This rank's slice of the nodes [1, num_nodes) for 2a; the radii of its first kMaxCand load
   // while the mean query is formed.
   const uint32_t nn = tree.num_nodes > 0 ? tree.num_nodes - 1 : 0, nper = (nn + N - 1) / N;
   const uint32_t my_lo = 1 + min(nn, rank * nper), my_hi = 1 + min(nn, (rank + 1) * nper);
-  for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
-    sm.cand_score[t] = tree.nodes[my_lo + t].radius;
+  if constexpr (!kFlat) {
+    for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
+      sm.cand_score[t] = tree.nodes[my_lo + t].radius;
+    }
   }
   // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it,
   // and zeroes the task's merge counter: both are read only after this grid has finished).
@@ -589,14 +662,184 @@ __device__ __forceinline__ void TreeSearchBody(
     if (lane == 0) sm.mean_norm = __fsqrt_rn(dd);
   }
   if (num_chunks > kSearchMaxChunks && tid == 0) sm.status |= kSearchStatusTooManyChunks;
+  // A tree the flat search cannot hold: the head reports it (the daemon searches on the host).
+  if (kFlat && !flat_fits && tid == 0) sm.status |= kSearchStatusTooManyCandidates;
   __syncthreads();
   KVMEM_TRACE(1);
   // The same on every rank (same inputs, same operations).
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
   const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
   const float wc = __fmul_rn(prm.chunk_radius_weight, sm.mean_norm);
+  if constexpr (kFlat) ClusterWait();  // pairs with the arrive after the set-up (all ranks)
+  float g_lo = 0.f, g_hi = 0.f;  // the flat search: every entry's bottleneck range
+
+  if constexpr (kFlat) {
+   if (search) {
+    // F1. The node records and this rank's chunk ids to shared memory (the pool's arrays are
+    // free until the first gather): parents in commit[], children in cand_id / cand_tok, radii
+    // (then scores) in cand_score, "needed" flags in node_tokens.
+    const uint32_t NN = tree.num_nodes;
+#pragma unroll
+    for (int u = 0; u < kFN; ++u) {
+      const uint32_t n = tid + u * kThreads;
+      if (n < NN) {
+        sm.commit[n] = f_rec[u].parent;
+        sm.cand_id[n] = f_rec[u].child_begin;
+        sm.cand_tok[n] = f_rec[u].child_count;
+        sm.cand_score[n] = f_rec[u].radius;
+        sm.node_tokens[n] = 0;
+      }
+    }
+    float f_rad[kFP] = {};
+    uint32_t f_tok[kFP] = {};
+    uint64_t f_st[kFP] = {};
+#pragma unroll
+    for (int u = 0; u < kFP; ++u) {
+      const uint32_t k = tid + u * kThreads;
+      if (k < f_n) {
+        sm.fl_id[k] = f_id[u];
+        sm.fl_owner[k] = kTreeNone;
+        f_rad[u] = tree.chunk_radius[f_id[u]];
+        f_tok[u] = tree.chunk_tokens[f_id[u]];
+        f_st[u] = tree.chunk_start[f_id[u]];
+      }
+    }
+    __syncthreads();
+    // F2. The leaves over this rank's positions mark where their chunks start, and they and
+    // their ancestors (not the root, never scored) are needed.
+    for (uint32_t n = tid; n < NN; n += kThreads) {
+      const uint32_t cc = sm.cand_tok[n];
+      if (!(cc & kTreeLeafBit)) continue;
+      const uint32_t cb = sm.cand_id[n], cnt = cc & ~kTreeLeafBit;
+      const uint32_t a = max(cb, f_lo), b = min(cb + cnt, f_lo + f_n);
+      if (a >= b) continue;
+      sm.fl_owner[a - f_lo] = n;
+      // (atomic: leaves share ancestors; a plain store of the same value is a race to racecheck)
+      for (uint32_t x = n; x != 0 && x != kTreeNone; x = sm.commit[x]) atomicOr(&sm.node_tokens[x], 1u);
+    }
+    __syncthreads();
+    for (uint32_t n0 = 0; n0 < NN; n0 += kThreads) {
+      const uint32_t n = n0 + tid;
+      const bool need = n < NN && sm.node_tokens[n] != 0;
+      const uint32_t at = WarpSlot(&sm.n_need, need);
+      if (need) sm.commit[kFlatMaxNodes + at] = n;
+    }
+    // Each position's leaf: the marker at the last start at or before it (a max-scan over
+    // positions, kFP contiguous ones per thread; position 0 is always a start).
+    {
+      uint32_t run = 0, last[kFP];
+#pragma unroll
+      for (int u = 0; u < kFP; ++u) {
+        const uint32_t k = kFP * tid + u;
+        if (k < f_n && sm.fl_owner[k] != kTreeNone) run = k;
+        last[u] = run;
+      }
+      uint32_t inc = run;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, inc, off);
+        if (lane >= off) inc = max(inc, y);
+      }
+      const uint32_t prev_lane = __shfl_up_sync(0xffffffffu, inc, 1);
+      if (lane == 31) sm.scan_tmp[warp] = inc;
+      __syncthreads();
+      uint32_t before = lane > 0 ? prev_lane : 0;
+      for (int w = 0; w < warp; ++w) before = max(before, sm.scan_tmp[w]);
+      uint32_t o[kFP];
+#pragma unroll
+      for (int u = 0; u < kFP; ++u) {
+        const uint32_t k = kFP * tid + u;
+        o[u] = k < f_n ? sm.fl_owner[max(before, last[u])] : kTreeNone;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < kFP; ++u) {
+        const uint32_t k = kFP * tid + u;
+        if (k < f_n) sm.fl_owner[k] = o[u];
+      }
+    }
+    __syncthreads();
+    // F3. One pass of rows: the needed nodes' (soft score into cand_score) and this rank's
+    // chunks' (the dot into fl_score).
+    const uint32_t nneed = sm.n_need;
+    ScoreRows<D>(sm.mean, nneed + f_n, j, slot, warp,
+                 [&](uint32_t i) {
+                   return i < nneed ? tree.node_rows_bf16 + size_t{sm.commit[kFlatMaxNodes + i]} * D
+                                    : tree.chunk_rows_bf16 + size_t{sm.fl_id[i - nneed]} * D;
+                 },
+                 [&](uint32_t i, float dot) {
+                   if (i < nneed) {
+                     const uint32_t n = sm.commit[kFlatMaxNodes + i];
+                     sm.cand_score[n] = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[n]));
+                   } else {
+                     sm.fl_score[i - nneed] = dot;
+                   }
+                 });
+    // F4. Each entry's chain: its leaf's path from level 1 down (the root's chain is empty),
+    // extended by its own soft score; the bottleneck range to rank 0.
+    uint32_t klo = 0xffffffffu, khi = 0;
+#pragma unroll
+    for (int u = 0; u < kFP; ++u) {
+      const uint32_t k = tid + u * kThreads;
+      if (k >= f_n) continue;
+      const float sc = __fadd_rn(sm.fl_score[k], __fmul_rn(wc, f_rad[u]));
+      float sv[kTreeSearchMaxLevels] = {};
+      int depth = 0;
+      uint32_t x = sm.fl_owner[k];
+#pragma unroll
+      for (int d = 0; d < static_cast<int>(kTreeSearchMaxLevels); ++d) {
+        if (x != 0 && x != kTreeNone) {
+          sv[d] = sm.cand_score[x];
+          depth = d + 1;
+          x = sm.commit[x];
+        }
+      }
+      float4 c = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+#pragma unroll
+      for (int d = static_cast<int>(kTreeSearchMaxLevels) - 1; d >= 0; --d) {
+        if (d < depth) c = Extend(c, sv[d]);
+      }
+      c = Extend(c, sc);
+      sm.fl_chain[k] = c;
+      sm.fl_score[k] = sc;
+      sm.fl_tok[k] = CountedTokens(f_st[u], f_tok[u], prm.skip_tokens_below);
+      klo = min(klo, OrderedBits(c.x));
+      khi = max(khi, OrderedBits(c.x));
+    }
+    klo = __reduce_min_sync(0xffffffffu, klo);
+    khi = __reduce_max_sync(0xffffffffu, khi);
+    if (lane == 0 && klo <= khi) {
+      atomicMin(&s0.key_lo, klo);
+      atomicMax(&s0.key_hi, khi);
+    }
+    KVMEM_TRACE(2);
+    stamp[1] = GlobalTimer();
+    cluster.sync();  // the range is complete
+    KVMEM_TRACE(3);
+    g_lo = FromOrderedBits(s0.key_lo);
+    g_hi = FromOrderedBits(s0.key_hi);
+    // F5. The token-weighted histogram of every entry's bottleneck, in rank 0.
+    for (uint32_t k = tid; k < f_n; k += kThreads) {
+      const uint32_t b = KeyBin(sm.fl_chain[k].x, g_lo, g_hi);
+      atomicAdd(&sm.hist_tok[b], sm.fl_tok[k]);
+      atomicAdd(&sm.hist_chk[b], 1u);
+    }
+    __syncthreads();
+    for (uint32_t b = tid; b < kHistBins; b += kThreads) {
+      const uint32_t c = sm.hist_chk[b];
+      if (c != 0) {
+        atomicAdd(&s0.g_hist_tok[b], sm.hist_tok[b]);
+        atomicAdd(&s0.g_hist_chk[b], c);
+      }
+    }
+    cluster.sync();  // the histogram is complete
+    KVMEM_TRACE(5);
+    stamp[2] = GlobalTimer();
+   }
+  }
 
   if (search) {
+   if constexpr (!kFlat) {
     // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
     // sliced over the ranks, the score parked in chains[n].x.
     {
@@ -697,6 +940,7 @@ __device__ __forceinline__ void TreeSearchBody(
     }
     KVMEM_TRACE(5);
     stamp[2] = GlobalTimer();
+   }
     // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
     // keys (no sort: only the set and the best key left out matter) and reserves their pool
     // entries; every rank scores a slice of the new entries into rank 0's pool; rank 0 commits
@@ -724,6 +968,44 @@ __device__ __forceinline__ void TreeSearchBody(
       uint32_t P = 0;
       if (rank == 0 && (sm.status != 0 || sm.done)) {
         if (tid == 0) sm.ctl = 0;  // the scan stopped: only the others need telling
+      } else if (kFlat && rank == 0) {
+        // F6. The next gather: the top bins of what no gather took yet that hold flat_need
+        // tokens and fit the pool; their counts leave the histogram (a later cut starts below).
+        P = sm.cand_count;
+        tq = GlobalTimer();
+        if (tid == 0) {
+          sm.e_next_bits = 0;
+          sm.n_commit = 0;
+          sm.new_count = 0;
+        }
+        const bool any_left = sm.flat_gathered < num_chunks;
+        const uint32_t prev = sm.flat_front;
+        const unsigned long long need = sm.flat_need;
+        const uint32_t cut = any_left ? TopBinsCut<kHistBins>(sm.g_hist_tok, sm.g_hist_chk, need,
+                                                              kMaxCand - P, sm.cut)
+                                      : kHistBins;
+        bool took = false;
+        for (uint32_t b = tid; b < kHistBins; b += kThreads) {
+          if (b >= cut && b < prev) {
+            took = took || sm.g_hist_chk[b] != 0;
+            sm.g_hist_tok[b] = 0;
+            sm.g_hist_chk[b] = 0;
+          }
+        }
+        const bool round = __syncthreads_or(took) != 0;
+        // Entries are left but not even the best bin fits the pool.
+        if (tid == 0 && any_left && !round) sm.status |= kSearchStatusTooManyCandidates;
+        if (tid == 0) {
+          sm.flat_prev = prev;
+          sm.flat_front = round ? cut : prev;
+          sm.flat_need = need * 8 / 5;
+          sm.key_lo = 0xffffffffu;  // now the commits' range
+          sm.key_hi = 0;
+          sm.ctl = round ? 1u : 0u;
+          if (round) sm.rounds++;
+        }
+        t_sort_leaves += Elapsed(tq);
+        tq = GlobalTimer();
       } else if (rank == 0) {
         P = sm.cand_count;
         tq = GlobalTimer();
@@ -836,7 +1118,32 @@ __device__ __forceinline__ void TreeSearchBody(
       KVMEM_TRACE(10);
       if (s0.ctl == 0) break;
       P = s0.cand_count;
-      const uint32_t M = s0.new_count;
+      uint32_t M = kFlat ? 0 : s0.new_count;
+     if constexpr (kFlat) {
+      // F7. Every rank's entries in the gather's bins into rank 0's pool (slots by remote
+      // atomics, one per warp); the best bottleneck left behind bounds what comes later.
+      const uint32_t front = s0.flat_front, prev = s0.flat_prev;
+      uint32_t emax = 0;
+      for (uint32_t k0 = 0; k0 < f_n; k0 += kThreads) {
+        const uint32_t k = k0 + tid;
+        const float x = k < f_n ? sm.fl_chain[k].x : 0.f;
+        const uint32_t b = k < f_n ? KeyBin(x, g_lo, g_hi) : 0;
+        const bool take = k < f_n && b >= front && b < prev;
+        if (k < f_n && b < front) emax = max(emax, OrderedBits(x) + 1);  // +1: 0 = none
+        const uint32_t at = WarpSlot(&s0.new_count, take);
+        if (take) {
+          const uint32_t t = P + at;
+          s0.cand_id[t] = sm.fl_id[k];
+          s0.cand_chain[t] = sm.fl_chain[k];
+          s0.cand_score[t] = sm.fl_score[k];
+          s0.cand_tok[t] = sm.fl_tok[k];
+        }
+      }
+      emax = __reduce_max_sync(0xffffffffu, emax);
+      if (lane == 0 && emax) atomicMax(&s0.e_next_bits, emax);
+      cluster.sync();  // the gather is in rank 0
+      M = s0.new_count;
+     } else {
       // 4d. This rank's slice of the new entries: chunk ids, radii, counted tokens and the
       // leaf's chain, then the scores.
       const uint32_t per = (M + N - 1) / N;
@@ -896,6 +1203,7 @@ __device__ __forceinline__ void TreeSearchBody(
         }
       }
       cluster.sync();  // the whole pool is scored, in rank 0
+     }
       KVMEM_TRACE(13);
       uint32_t C = 0;
       if (rank == 0) {
@@ -903,12 +1211,15 @@ __device__ __forceinline__ void TreeSearchBody(
           sm.nodes_scored += M;
           sm.cand_count = P + M;
           sm.left = sm.e_next_bits != 0;
+          if (kFlat) sm.flat_gathered += M;
         }
         t_score += Elapsed(tq);
         tq = GlobalTimer();
-        // Commit: unconsumed entries above the next leaf's bottleneck.
+        // Commit: unconsumed entries above the next leaf's bottleneck (the flat search: above
+        // every entry no gather took yet, so all of this gather).
         // Their bottleneck range (for the slice's histogram) on the way.
-        const float thr = sm.e_next;
+        const float thr = !kFlat ? sm.e_next
+                          : sm.e_next_bits ? FromOrderedBits(sm.e_next_bits - 1) : kNegInf;
         uint32_t klo = 0xffffffffu, khi = 0;
         for (uint32_t i0 = 0; i0 < P + M; i0 += kThreads) {
           const uint32_t i = i0 + tid;
@@ -1193,6 +1504,7 @@ __device__ __forceinline__ void TreeSearchBody(
                 }
               }
             }
+            __syncwarp();  // every lane read the state above before lane 0 writes it
             if (lane == 0) {
               sm.remaining = remaining;
               sm.misfits = misfits;
@@ -1234,6 +1546,11 @@ __device__ __forceinline__ void TreeSearchBody(
     // The others leave after reading ctl, and rank 0 never writes ctl again: no cluster
     // barrier is needed before rank 0 reuses its shared memory.
   }
+  // But rank 0's shared memory must outlive every remote access to it (a block's shared memory
+  // is gone once it exits): each rank's last one (the read of ctl above) comes before this
+  // arrive, and rank 0 waits for them all before it exits. compute-sanitizer racecheck flagged
+  // the others' read of ctl without this (session 16).
+  ClusterArrive();
   if (rank != 0) return;
   __syncthreads();
 
@@ -1484,7 +1801,8 @@ __device__ __forceinline__ void TreeSearchBody(
     res.num_selected = sm.nsel;
     res.selected_tokens = sm.sel_tokens;
     res.attended_tokens = sm.status == 0 ? T : 0;
-    res.nodes_scored = sm.nodes_scored + (tree.num_nodes > 0 ? tree.num_nodes - 1 : 0);
+    // The flat search scores every chunk (and every node but the root).
+    res.nodes_scored = (kFlat && search ? num_chunks : sm.nodes_scored) + nn;
     res.rounds = sm.rounds;
     stamp[4] = GlobalTimer();
     for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
@@ -1499,15 +1817,16 @@ __device__ __forceinline__ void TreeSearchBody(
     res.score_ns[1] = static_cast<uint32_t>(t_rows);
     results[task_index] = res;
   }
+  ClusterWait();  // every rank's last read of this block's shared memory is done
 }
 
-template <int D, bool kTrace>
+template <int D, bool kTrace, bool kFlat>
 __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
                      float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
                      uint32_t first_round, uint32_t slice_slack) {
-  TreeSearchBody<D, kTrace, false>(tasks, items, runs, results, selected, sel_scores, max_selected,
+  TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, results, selected, sel_scores, max_selected,
                                    scratch, q_dtype, first_round, slice_slack, InlineSource{});
 }
 
@@ -1531,7 +1850,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   inl.q_dev = img.q_dev;
   inl.items = reinterpret_cast<const AttendItemDesc*>(image + img.items_off);
   inl.counters = counters;
-  TreeSearchBody<D, false, true>(reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items,
+  TreeSearchBody<D, false, true, false>(reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items,
                            runs, results, selected, sel_scores, max_selected, scratch, q_dtype,
                            first_round, slice_slack, inl);
 }
@@ -1546,9 +1865,9 @@ cudaError_t PrepareKernel(Kernel kernel) {
   return r;
 }
 
-template <int D, bool kTrace = false>
+template <int D, bool kTrace = false, bool kFlat = false>
 cudaError_t PrepareSearchKernel() {
-  static const cudaError_t e = PrepareKernel(TreeSearchKernel<D, kTrace>);
+  static const cudaError_t e = PrepareKernel(TreeSearchKernel<D, kTrace, kFlat>);
   return e;
 }
 
@@ -1572,7 +1891,7 @@ uint32_t ClusterSize(uint32_t tasks, uint32_t forced) {
     std::array<int, 17> n{};  // by size
     if (PrepareSearchKernel<D>() != cudaSuccess) return n;
     for (uint32_t c = 1; c <= 16; ++c) {
-      n[c] = MaxActiveClusters(TreeSearchKernel<D, false>, c, kThreads, sizeof(Smem));
+      n[c] = MaxActiveClusters(TreeSearchKernel<D, false, false>, c, kThreads, sizeof(Smem));
     }
     return n;
   }();
@@ -1594,6 +1913,32 @@ uint32_t SliceSlack() {
     if (v >= 1) return static_cast<uint32_t>(v);
   }
   return 0;
+}
+
+// The flat search (every chunk scored at once, no rounds of leaves) or the rounds. Auto: flat
+// when every task's tree fits it (at most kFlatPerRank chunks per block, kFlatMaxNodes nodes)
+// and no block scores more than kFlatAutoPerRank chunks: the flat search reads every row, 256
+// rows per dependent pass of ScoreRows, where the rounds read the best leaves' only. H200,
+// session 16 (bench/results/h200_session16_calls.txt, call 3): flat faster at 8K (57, 258 and
+// ~515 chunks per block at batch 1, 8 and 32) and 32K batch 1 (228), mixed at 32K batch 8
+// (1024), slower at 128K batch 1 (906: its rows took 14.7 us). KVMEM_SEARCH_FLAT=on (whenever
+// the trees fit) | off, for A/B timing and tests.
+constexpr uint32_t kFlatAutoPerRank = 768;
+
+bool UseFlat(const SearchAttendPlan& plan, uint32_t cluster) {
+  int mode = 0;  // read at every launch, as the tests switch it
+  if (const char* e = std::getenv("KVMEM_SEARCH_FLAT")) mode = std::string(e) == "on" ? 1 : std::string(e) == "off" ? -1 : 0;
+  if (mode < 0 || plan.image.size() < plan.tasks_off + size_t{plan.num_tasks} * sizeof(SearchTaskDesc)) {
+    return false;
+  }
+  const auto* descs = reinterpret_cast<const SearchTaskDesc*>(plan.image.data() + plan.tasks_off);
+  uint32_t most = 0;  // chunks per block, the largest tree
+  for (uint32_t t = 0; t < plan.num_tasks; ++t) {
+    const FlatTreeView& tree = descs[t].tree;
+    most = std::max(most, (tree.num_chunks + cluster - 1) / cluster);
+    if (most > kFlatPerRank || tree.num_nodes > kFlatMaxNodes) return false;
+  }
+  return mode > 0 || most <= kFlatAutoPerRank;
 }
 
 uint32_t FirstRound() {
@@ -1638,9 +1983,14 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
     const char* e = std::getenv("KVMEM_SEARCH_TRACE");
     return e != nullptr && std::string(e) == "1";
   }();
-  if (trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true>()));
+  const bool flat = UseFlat(plan, cl.val.clusterDim.x);
+  auto kernel = flat ? (trace ? TreeSearchKernel<D, true, true> : TreeSearchKernel<D, false, true>)
+                     : (trace ? TreeSearchKernel<D, true, false> : TreeSearchKernel<D, false, false>);
+  if (trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true, false>()));
+  if (flat) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, false, true>()));
+  if (flat && trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true, true>()));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-      &cfg, trace ? TreeSearchKernel<D, true> : TreeSearchKernel<D, false>,
+      &cfg, kernel,
       reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
       reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),

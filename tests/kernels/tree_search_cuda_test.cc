@@ -352,12 +352,18 @@ TEST(TreeSearchCuda, BulkTreesSeveralSessionsMatchCpu) {
     CheckSessions(rng, ss, {budget, 16, 0});
   }
   CheckSessions(rng, ss, {700, 40, 100});  // a recent window and chunks straddling the sinks
-  // Every cluster size (blocks sharing one search): the same selection as the CPU.
-  for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
-    SCOPED_TRACE("cluster " + std::to_string(cluster));
-    CheckSessions(rng, ss, {1024, 16, 0, cluster});
-    CheckSessions(rng, ss, {333, 40, 100, cluster});
+  // Every cluster size (blocks sharing one search): the same selection as the CPU, by the flat
+  // search (these trees fit it: the default here) and by rounds of leaves.
+  for (const char* flat : {"on", "off"}) {
+    SCOPED_TRACE(std::string("KVMEM_SEARCH_FLAT=") + flat);
+    ASSERT_EQ(setenv("KVMEM_SEARCH_FLAT", flat, 1), 0);
+    for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
+      SCOPED_TRACE("cluster " + std::to_string(cluster));
+      CheckSessions(rng, ss, {1024, 16, 0, cluster});
+      CheckSessions(rng, ss, {333, 40, 100, cluster});
+    }
   }
+  unsetenv("KVMEM_SEARCH_FLAT");
 }
 
 // Many chunks per head (large pools and commits): every cluster size agrees with the CPU.
@@ -369,21 +375,29 @@ TEST(TreeSearchCuda, LargeTreesEveryClusterSizeMatchesCpu) {
   AddChunks(rng, s, 4000, /*insert=*/true);
   for (auto& t : s->trees) t.Maintain();
   SetTail(rng, s, 17);
-  for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
-    SCOPED_TRACE("cluster " + std::to_string(cluster));
-    for (uint32_t budget : {2048u, 8192u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
-  }
-  // Commit slices: a first slice of barely the remaining budget (so the scan usually needs the
-  // second), and no slicing at all. The kernel reads the variable at every launch.
-  for (const char* slack : {"1", "off"}) {
-    SCOPED_TRACE(std::string("KVMEM_SEARCH_SLICE_SLACK=") + slack);
-    ASSERT_EQ(setenv("KVMEM_SEARCH_SLICE_SLACK", slack, 1), 0);
-    for (uint32_t cluster : {1u, 2u}) {
+  // The flat search takes clusters of 2 and more here (2000 chunks per block at most), the
+  // rounds the rest; "off" runs the rounds everywhere.
+  for (const char* flat : {"on", "off"}) {
+    SCOPED_TRACE(std::string("KVMEM_SEARCH_FLAT=") + flat);
+    ASSERT_EQ(setenv("KVMEM_SEARCH_FLAT", flat, 1), 0);
+    for (uint32_t cluster : {1u, 2u, 4u, 8u, 16u}) {
       SCOPED_TRACE("cluster " + std::to_string(cluster));
-      for (uint32_t budget : {512u, 2048u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+      for (uint32_t budget : {2048u, 8192u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
     }
-    unsetenv("KVMEM_SEARCH_SLICE_SLACK");
+    // Commit slices: a first slice of barely the remaining budget (so the scan usually needs
+    // the second; the flat search's first gather likewise, so it usually gathers again), and
+    // no slicing at all. The kernel reads the variables at every launch.
+    for (const char* slack : {"1", "off"}) {
+      SCOPED_TRACE(std::string("KVMEM_SEARCH_SLICE_SLACK=") + slack);
+      ASSERT_EQ(setenv("KVMEM_SEARCH_SLICE_SLACK", slack, 1), 0);
+      for (uint32_t cluster : {1u, 2u, 9u}) {
+        SCOPED_TRACE("cluster " + std::to_string(cluster));
+        for (uint32_t budget : {512u, 2048u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+      }
+      unsetenv("KVMEM_SEARCH_SLICE_SLACK");
+    }
   }
+  unsetenv("KVMEM_SEARCH_FLAT");
 }
 
 // q and the plan as the search kernel's parameters (kvmemd with KVMEM_DEVICE_INLINE=on): the same
