@@ -584,7 +584,9 @@ __device__ __forceinline__ void TreeSearchBody(
       sm.flat_front = sm.flat_prev = kHistBins;
       sm.flat_gathered = 0;
       const uint32_t b = prm.budget_tokens;
-      sm.flat_need = uint64_t{b} + (slice_slack == kSliceOff ? b + 512u : slice_slack ? slice_slack : b / 16 + 512u);
+      sm.flat_need = uint64_t{b} + (slice_slack == kSliceOff ? b + 512u
+                                    : slice_slack            ? slice_slack
+                                                             : b / 16 + 512u);
     }
   }
   if (rank == 0) {
@@ -674,273 +676,275 @@ __device__ __forceinline__ void TreeSearchBody(
   float g_lo = 0.f, g_hi = 0.f;  // the flat search: every entry's bottleneck range
 
   if constexpr (kFlat) {
-   if (search) {
-    // F1. The node records and this rank's chunk ids to shared memory (the pool's arrays are
-    // free until the first gather): parents in commit[], children in cand_id / cand_tok, radii
-    // (then scores) in cand_score, "needed" flags in node_tokens.
-    const uint32_t NN = tree.num_nodes;
+    if (search) {
+      // F1. The node records and this rank's chunk ids to shared memory (the pool's arrays are
+      // free until the first gather): parents in commit[], children in cand_id / cand_tok, radii
+      // (then scores) in cand_score, "needed" flags in node_tokens.
+      const uint32_t NN = tree.num_nodes;
 #pragma unroll
-    for (int u = 0; u < kFN; ++u) {
-      const uint32_t n = tid + u * kThreads;
-      if (n < NN) {
-        sm.commit[n] = f_rec[u].parent;
-        sm.cand_id[n] = f_rec[u].child_begin;
-        sm.cand_tok[n] = f_rec[u].child_count;
-        sm.cand_score[n] = f_rec[u].radius;
-        sm.node_tokens[n] = 0;
-      }
-    }
-    float f_rad[kFP] = {};
-    uint32_t f_tok[kFP] = {};
-    uint64_t f_st[kFP] = {};
-#pragma unroll
-    for (int u = 0; u < kFP; ++u) {
-      const uint32_t k = tid + u * kThreads;
-      if (k < f_n) {
-        sm.fl_id[k] = f_id[u];
-        sm.fl_owner[k] = kTreeNone;
-        f_rad[u] = tree.chunk_radius[f_id[u]];
-        f_tok[u] = tree.chunk_tokens[f_id[u]];
-        f_st[u] = tree.chunk_start[f_id[u]];
-      }
-    }
-    __syncthreads();
-    // F2. The leaves over this rank's positions mark where their chunks start, and they and
-    // their ancestors (not the root, never scored) are needed.
-    for (uint32_t n = tid; n < NN; n += kThreads) {
-      const uint32_t cc = sm.cand_tok[n];
-      if (!(cc & kTreeLeafBit)) continue;
-      const uint32_t cb = sm.cand_id[n], cnt = cc & ~kTreeLeafBit;
-      const uint32_t a = max(cb, f_lo), b = min(cb + cnt, f_lo + f_n);
-      if (a >= b) continue;
-      sm.fl_owner[a - f_lo] = n;
-      // (atomic: leaves share ancestors; a plain store of the same value is a race to racecheck)
-      for (uint32_t x = n; x != 0 && x != kTreeNone; x = sm.commit[x]) atomicOr(&sm.node_tokens[x], 1u);
-    }
-    __syncthreads();
-    for (uint32_t n0 = 0; n0 < NN; n0 += kThreads) {
-      const uint32_t n = n0 + tid;
-      const bool need = n < NN && sm.node_tokens[n] != 0;
-      const uint32_t at = WarpSlot(&sm.n_need, need);
-      if (need) sm.commit[kFlatMaxNodes + at] = n;
-    }
-    // Each position's leaf: the marker at the last start at or before it (a max-scan over
-    // positions, kFP contiguous ones per thread; position 0 is always a start).
-    {
-      uint32_t run = 0, last[kFP];
-#pragma unroll
-      for (int u = 0; u < kFP; ++u) {
-        const uint32_t k = kFP * tid + u;
-        if (k < f_n && sm.fl_owner[k] != kTreeNone) run = k;
-        last[u] = run;
-      }
-      uint32_t inc = run;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t y = __shfl_up_sync(0xffffffffu, inc, off);
-        if (lane >= off) inc = max(inc, y);
-      }
-      const uint32_t prev_lane = __shfl_up_sync(0xffffffffu, inc, 1);
-      if (lane == 31) sm.scan_tmp[warp] = inc;
-      __syncthreads();
-      uint32_t before = lane > 0 ? prev_lane : 0;
-      for (int w = 0; w < warp; ++w) before = max(before, sm.scan_tmp[w]);
-      uint32_t o[kFP];
-#pragma unroll
-      for (int u = 0; u < kFP; ++u) {
-        const uint32_t k = kFP * tid + u;
-        o[u] = k < f_n ? sm.fl_owner[max(before, last[u])] : kTreeNone;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int u = 0; u < kFP; ++u) {
-        const uint32_t k = kFP * tid + u;
-        if (k < f_n) sm.fl_owner[k] = o[u];
-      }
-    }
-    __syncthreads();
-    // F3. One pass of rows: the needed nodes' (soft score into cand_score) and this rank's
-    // chunks' (the dot into fl_score).
-    const uint32_t nneed = sm.n_need;
-    ScoreRows<D>(sm.mean, nneed + f_n, j, slot, warp,
-                 [&](uint32_t i) {
-                   return i < nneed ? tree.node_rows_bf16 + size_t{sm.commit[kFlatMaxNodes + i]} * D
-                                    : tree.chunk_rows_bf16 + size_t{sm.fl_id[i - nneed]} * D;
-                 },
-                 [&](uint32_t i, float dot) {
-                   if (i < nneed) {
-                     const uint32_t n = sm.commit[kFlatMaxNodes + i];
-                     sm.cand_score[n] = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[n]));
-                   } else {
-                     sm.fl_score[i - nneed] = dot;
-                   }
-                 });
-    // F4. Each entry's chain: its leaf's path from level 1 down (the root's chain is empty),
-    // extended by its own soft score; the bottleneck range to rank 0.
-    uint32_t klo = 0xffffffffu, khi = 0;
-#pragma unroll
-    for (int u = 0; u < kFP; ++u) {
-      const uint32_t k = tid + u * kThreads;
-      if (k >= f_n) continue;
-      const float sc = __fadd_rn(sm.fl_score[k], __fmul_rn(wc, f_rad[u]));
-      float sv[kTreeSearchMaxLevels] = {};
-      int depth = 0;
-      uint32_t x = sm.fl_owner[k];
-#pragma unroll
-      for (int d = 0; d < static_cast<int>(kTreeSearchMaxLevels); ++d) {
-        if (x != 0 && x != kTreeNone) {
-          sv[d] = sm.cand_score[x];
-          depth = d + 1;
-          x = sm.commit[x];
+      for (int u = 0; u < kFN; ++u) {
+        const uint32_t n = tid + u * kThreads;
+        if (n < NN) {
+          sm.commit[n] = f_rec[u].parent;
+          sm.cand_id[n] = f_rec[u].child_begin;
+          sm.cand_tok[n] = f_rec[u].child_count;
+          sm.cand_score[n] = f_rec[u].radius;
+          sm.node_tokens[n] = 0;
         }
       }
-      float4 c = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+      float f_rad[kFP] = {};
+      uint32_t f_tok[kFP] = {};
+      uint64_t f_st[kFP] = {};
 #pragma unroll
-      for (int d = static_cast<int>(kTreeSearchMaxLevels) - 1; d >= 0; --d) {
-        if (d < depth) c = Extend(c, sv[d]);
+      for (int u = 0; u < kFP; ++u) {
+        const uint32_t k = tid + u * kThreads;
+        if (k < f_n) {
+          sm.fl_id[k] = f_id[u];
+          sm.fl_owner[k] = kTreeNone;
+          f_rad[u] = tree.chunk_radius[f_id[u]];
+          f_tok[u] = tree.chunk_tokens[f_id[u]];
+          f_st[u] = tree.chunk_start[f_id[u]];
+        }
       }
-      c = Extend(c, sc);
-      sm.fl_chain[k] = c;
-      sm.fl_score[k] = sc;
-      sm.fl_tok[k] = CountedTokens(f_st[u], f_tok[u], prm.skip_tokens_below);
-      klo = min(klo, OrderedBits(c.x));
-      khi = max(khi, OrderedBits(c.x));
-    }
-    klo = __reduce_min_sync(0xffffffffu, klo);
-    khi = __reduce_max_sync(0xffffffffu, khi);
-    if (lane == 0 && klo <= khi) {
-      atomicMin(&s0.key_lo, klo);
-      atomicMax(&s0.key_hi, khi);
-    }
-    KVMEM_TRACE(2);
-    stamp[1] = GlobalTimer();
-    cluster.sync();  // the range is complete
-    KVMEM_TRACE(3);
-    g_lo = FromOrderedBits(s0.key_lo);
-    g_hi = FromOrderedBits(s0.key_hi);
-    // F5. The token-weighted histogram of every entry's bottleneck, in rank 0.
-    for (uint32_t k = tid; k < f_n; k += kThreads) {
-      const uint32_t b = KeyBin(sm.fl_chain[k].x, g_lo, g_hi);
-      atomicAdd(&sm.hist_tok[b], sm.fl_tok[k]);
-      atomicAdd(&sm.hist_chk[b], 1u);
-    }
-    __syncthreads();
-    for (uint32_t b = tid; b < kHistBins; b += kThreads) {
-      const uint32_t c = sm.hist_chk[b];
-      if (c != 0) {
-        atomicAdd(&s0.g_hist_tok[b], sm.hist_tok[b]);
-        atomicAdd(&s0.g_hist_chk[b], c);
+      __syncthreads();
+      // F2. The leaves over this rank's positions mark where their chunks start, and they and
+      // their ancestors (not the root, never scored) are needed.
+      for (uint32_t n = tid; n < NN; n += kThreads) {
+        const uint32_t cc = sm.cand_tok[n];
+        if (!(cc & kTreeLeafBit)) continue;
+        const uint32_t cb = sm.cand_id[n], cnt = cc & ~kTreeLeafBit;
+        const uint32_t a = max(cb, f_lo), b = min(cb + cnt, f_lo + f_n);
+        if (a >= b) continue;
+        sm.fl_owner[a - f_lo] = n;
+        // (atomic: leaves share ancestors; a plain store of the same value is a race to racecheck)
+        for (uint32_t x = n; x != 0 && x != kTreeNone; x = sm.commit[x])
+          atomicOr(&sm.node_tokens[x], 1u);
       }
+      __syncthreads();
+      for (uint32_t n0 = 0; n0 < NN; n0 += kThreads) {
+        const uint32_t n = n0 + tid;
+        const bool need = n < NN && sm.node_tokens[n] != 0;
+        const uint32_t at = WarpSlot(&sm.n_need, need);
+        if (need) sm.commit[kFlatMaxNodes + at] = n;
+      }
+      // Each position's leaf: the marker at the last start at or before it (a max-scan over
+      // positions, kFP contiguous ones per thread; position 0 is always a start).
+      {
+        uint32_t run = 0, last[kFP];
+#pragma unroll
+        for (int u = 0; u < kFP; ++u) {
+          const uint32_t k = kFP * tid + u;
+          if (k < f_n && sm.fl_owner[k] != kTreeNone) run = k;
+          last[u] = run;
+        }
+        uint32_t inc = run;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const uint32_t y = __shfl_up_sync(0xffffffffu, inc, off);
+          if (lane >= off) inc = max(inc, y);
+        }
+        const uint32_t prev_lane = __shfl_up_sync(0xffffffffu, inc, 1);
+        if (lane == 31) sm.scan_tmp[warp] = inc;
+        __syncthreads();
+        uint32_t before = lane > 0 ? prev_lane : 0;
+        for (int w = 0; w < warp; ++w) before = max(before, sm.scan_tmp[w]);
+        uint32_t o[kFP];
+#pragma unroll
+        for (int u = 0; u < kFP; ++u) {
+          const uint32_t k = kFP * tid + u;
+          o[u] = k < f_n ? sm.fl_owner[max(before, last[u])] : kTreeNone;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < kFP; ++u) {
+          const uint32_t k = kFP * tid + u;
+          if (k < f_n) sm.fl_owner[k] = o[u];
+        }
+      }
+      __syncthreads();
+      // F3. One pass of rows: the needed nodes' (soft score into cand_score) and this rank's
+      // chunks' (the dot into fl_score).
+      const uint32_t nneed = sm.n_need;
+      ScoreRows<D>(
+          sm.mean, nneed + f_n, j, slot, warp,
+          [&](uint32_t i) {
+            return i < nneed ? tree.node_rows_bf16 + size_t{sm.commit[kFlatMaxNodes + i]} * D
+                             : tree.chunk_rows_bf16 + size_t{sm.fl_id[i - nneed]} * D;
+          },
+          [&](uint32_t i, float dot) {
+            if (i < nneed) {
+              const uint32_t n = sm.commit[kFlatMaxNodes + i];
+              sm.cand_score[n] = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[n]));
+            } else {
+              sm.fl_score[i - nneed] = dot;
+            }
+          });
+      // F4. Each entry's chain: its leaf's path from level 1 down (the root's chain is empty),
+      // extended by its own soft score; the bottleneck range to rank 0.
+      uint32_t klo = 0xffffffffu, khi = 0;
+#pragma unroll
+      for (int u = 0; u < kFP; ++u) {
+        const uint32_t k = tid + u * kThreads;
+        if (k >= f_n) continue;
+        const float sc = __fadd_rn(sm.fl_score[k], __fmul_rn(wc, f_rad[u]));
+        float sv[kTreeSearchMaxLevels] = {};
+        int depth = 0;
+        uint32_t x = sm.fl_owner[k];
+#pragma unroll
+        for (int d = 0; d < static_cast<int>(kTreeSearchMaxLevels); ++d) {
+          if (x != 0 && x != kTreeNone) {
+            sv[d] = sm.cand_score[x];
+            depth = d + 1;
+            x = sm.commit[x];
+          }
+        }
+        float4 c = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+#pragma unroll
+        for (int d = static_cast<int>(kTreeSearchMaxLevels) - 1; d >= 0; --d) {
+          if (d < depth) c = Extend(c, sv[d]);
+        }
+        c = Extend(c, sc);
+        sm.fl_chain[k] = c;
+        sm.fl_score[k] = sc;
+        sm.fl_tok[k] = CountedTokens(f_st[u], f_tok[u], prm.skip_tokens_below);
+        klo = min(klo, OrderedBits(c.x));
+        khi = max(khi, OrderedBits(c.x));
+      }
+      klo = __reduce_min_sync(0xffffffffu, klo);
+      khi = __reduce_max_sync(0xffffffffu, khi);
+      if (lane == 0 && klo <= khi) {
+        atomicMin(&s0.key_lo, klo);
+        atomicMax(&s0.key_hi, khi);
+      }
+      KVMEM_TRACE(2);
+      stamp[1] = GlobalTimer();
+      cluster.sync();  // the range is complete
+      KVMEM_TRACE(3);
+      g_lo = FromOrderedBits(s0.key_lo);
+      g_hi = FromOrderedBits(s0.key_hi);
+      // F5. The token-weighted histogram of every entry's bottleneck, in rank 0.
+      for (uint32_t k = tid; k < f_n; k += kThreads) {
+        const uint32_t b = KeyBin(sm.fl_chain[k].x, g_lo, g_hi);
+        atomicAdd(&sm.hist_tok[b], sm.fl_tok[k]);
+        atomicAdd(&sm.hist_chk[b], 1u);
+      }
+      __syncthreads();
+      for (uint32_t b = tid; b < kHistBins; b += kThreads) {
+        const uint32_t c = sm.hist_chk[b];
+        if (c != 0) {
+          atomicAdd(&s0.g_hist_tok[b], sm.hist_tok[b]);
+          atomicAdd(&s0.g_hist_chk[b], c);
+        }
+      }
+      cluster.sync();  // the histogram is complete
+      KVMEM_TRACE(5);
+      stamp[2] = GlobalTimer();
     }
-    cluster.sync();  // the histogram is complete
-    KVMEM_TRACE(5);
-    stamp[2] = GlobalTimer();
-   }
   }
 
   if (search) {
-   if constexpr (!kFlat) {
-    // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
-    // sliced over the ranks, the score parked in chains[n].x.
-    {
-      for (uint32_t s0i = my_lo; s0i < my_hi; s0i += kMaxCand) {
-        const uint32_t cnt = min(kMaxCand, my_hi - s0i);
-        if (s0i != my_lo) {  // the first slice's radii are loaded
-          for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
+    if constexpr (!kFlat) {
+      // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
+      // sliced over the ranks, the score parked in chains[n].x.
+      {
+        for (uint32_t s0i = my_lo; s0i < my_hi; s0i += kMaxCand) {
+          const uint32_t cnt = min(kMaxCand, my_hi - s0i);
+          if (s0i != my_lo) {  // the first slice's radii are loaded
+            for (uint32_t t = tid; t < cnt; t += kThreads) sm.cand_score[t] = tree.nodes[s0i + t].radius;
+            __syncthreads();
+          }
+          ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+                       [&](uint32_t i) { return tree.node_rows_bf16 + size_t{s0i + i} * D; },
+                       [&](uint32_t i, float dot) {
+                         const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
+                         chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
+                       });
+        }
+      }
+      KVMEM_TRACE(2);
+      cluster.sync();  // every score is in the scratch
+      KVMEM_TRACE(3);
+      stamp[1] = GlobalTimer();
+      // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
+      // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
+      // flat tree: +inf), sizes.
+      if (rank == 0) {
+        // The leaves' key range as they are listed: the first round's histogram needs no pass of
+        // its own (later rounds take the range of the leaves still unexpanded).
+        uint32_t leaf_lo = 0xffffffffu, leaf_hi = 0;
+        auto add_leaf_at = [&](uint32_t at, uint32_t n, const FlatTreeNode& node, float key) {
+          leaf_lo = min(leaf_lo, OrderedBits(key));
+          leaf_hi = max(leaf_hi, OrderedBits(key));
+          if (at < kMaxLeaves) {
+            sm.leaf_key[at] = key;
+            sm.leaf_idx[at] = n;
+            sm.leaf_tokens[at] = node.tokens;
+            sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
+            sm.leaf_child_begin[at] = node.child_begin;
+          }
+        };
+        if (tid == 0) {
+          sm.key_lo = 0xffffffffu;
+          sm.key_hi = 0;
+          chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+          const FlatTreeNode root = tree.nodes[0];
+          if (root.child_count & kTreeLeafBit) add_leaf_at(atomicAdd(&sm.leaf_count, 1u), 0, root, INFINITY);
+        }
+        // Up to kMaxCand nodes: every node's score and links staged in shared memory first (the
+        // pool's arrays, free until the rounds) in one pass of independent loads, so each level
+        // costs shared-memory reads instead of dependent global round trips.
+        const uint32_t NN = tree.num_nodes;
+        const bool staged = NN <= kMaxCand;
+        if (staged) {
+          for (uint32_t n = tid; n < NN; n += kThreads) {
+            const FlatTreeNode node = tree.nodes[n];
+            sm.cand_score[n] = n ? chains[n].x : 0.f;
+            sm.commit[n] = node.parent;
+            sm.cand_id[n] = node.child_begin;
+            sm.cand_tok[n] = node.child_count;
+            sm.node_tokens[n] = node.tokens;
+          }
+          if (tid == 0) sm.cand_chain[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+        }
+        __syncthreads();
+        KVMEM_TRACE(4);
+        for (uint32_t l = 1; l < tree.num_levels; ++l) {
+          const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
+          for (uint32_t n0 = lb; n0 < le; n0 += kThreads) {
+            const uint32_t n = n0 + tid;
+            FlatTreeNode node{};
+            float4 c{};
+            if (n < le && staged) {
+              node = FlatTreeNode{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.node_tokens[n]};
+              c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
+              sm.cand_chain[n] = c;
+              chains[n] = c;
+            } else if (n < le) {
+              node = tree.nodes[n];
+              c = Extend(chains[node.parent], chains[n].x);
+              chains[n] = c;
+            }
+            const bool leaf = n < le && (node.child_count & kTreeLeafBit);
+            const uint32_t at = WarpSlot(&sm.leaf_count, leaf);
+            if (leaf) add_leaf_at(at, n, node, c.x);
+          }
           __syncthreads();
         }
-        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
-                     [&](uint32_t i) { return tree.node_rows_bf16 + size_t{s0i + i} * D; },
-                     [&](uint32_t i, float dot) {
-                       const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
-                       chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
-                     });
-      }
-    }
-    KVMEM_TRACE(2);
-    cluster.sync();  // every score is in the scratch
-    KVMEM_TRACE(3);
-    stamp[1] = GlobalTimer();
-    // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
-    // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
-    // flat tree: +inf), sizes.
-    if (rank == 0) {
-      // The leaves' key range as they are listed: the first round's histogram needs no pass of
-      // its own (later rounds take the range of the leaves still unexpanded).
-      uint32_t leaf_lo = 0xffffffffu, leaf_hi = 0;
-      auto add_leaf_at = [&](uint32_t at, uint32_t n, const FlatTreeNode& node, float key) {
-        leaf_lo = min(leaf_lo, OrderedBits(key));
-        leaf_hi = max(leaf_hi, OrderedBits(key));
-        if (at < kMaxLeaves) {
-          sm.leaf_key[at] = key;
-          sm.leaf_idx[at] = n;
-          sm.leaf_tokens[at] = node.tokens;
-          sm.leaf_chunks[at] = node.child_count & ~kTreeLeafBit;
-          sm.leaf_child_begin[at] = node.child_begin;
+        leaf_lo = __reduce_min_sync(0xffffffffu, leaf_lo);
+        leaf_hi = __reduce_max_sync(0xffffffffu, leaf_hi);
+        if (lane == 0 && leaf_lo <= leaf_hi) {
+          atomicMin(&sm.key_lo, leaf_lo);
+          atomicMax(&sm.key_hi, leaf_hi);
         }
-      };
-      if (tid == 0) {
-        sm.key_lo = 0xffffffffu;
-        sm.key_hi = 0;
-        chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-        const FlatTreeNode root = tree.nodes[0];
-        if (root.child_count & kTreeLeafBit) add_leaf_at(atomicAdd(&sm.leaf_count, 1u), 0, root, INFINITY);
-      }
-      // Up to kMaxCand nodes: every node's score and links staged in shared memory first (the
-      // pool's arrays, free until the rounds) in one pass of independent loads, so each level
-      // costs shared-memory reads instead of dependent global round trips.
-      const uint32_t NN = tree.num_nodes;
-      const bool staged = NN <= kMaxCand;
-      if (staged) {
-        for (uint32_t n = tid; n < NN; n += kThreads) {
-          const FlatTreeNode node = tree.nodes[n];
-          sm.cand_score[n] = n ? chains[n].x : 0.f;
-          sm.commit[n] = node.parent;
-          sm.cand_id[n] = node.child_begin;
-          sm.cand_tok[n] = node.child_count;
-          sm.node_tokens[n] = node.tokens;
-        }
-        if (tid == 0) sm.cand_chain[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-      }
-      __syncthreads();
-      KVMEM_TRACE(4);
-      for (uint32_t l = 1; l < tree.num_levels; ++l) {
-        const uint32_t lb = tree.level_begin[l], le = tree.level_begin[l + 1];
-        for (uint32_t n0 = lb; n0 < le; n0 += kThreads) {
-          const uint32_t n = n0 + tid;
-          FlatTreeNode node{};
-          float4 c{};
-          if (n < le && staged) {
-            node = FlatTreeNode{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.node_tokens[n]};
-            c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
-            sm.cand_chain[n] = c;
-            chains[n] = c;
-          } else if (n < le) {
-            node = tree.nodes[n];
-            c = Extend(chains[node.parent], chains[n].x);
-            chains[n] = c;
-          }
-          const bool leaf = n < le && (node.child_count & kTreeLeafBit);
-          const uint32_t at = WarpSlot(&sm.leaf_count, leaf);
-          if (leaf) add_leaf_at(at, n, node, c.x);
+        if (tid == 0) {
+          sm.expanded_tokens = 0;
+          if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
         }
         __syncthreads();
       }
-      leaf_lo = __reduce_min_sync(0xffffffffu, leaf_lo);
-      leaf_hi = __reduce_max_sync(0xffffffffu, leaf_hi);
-      if (lane == 0 && leaf_lo <= leaf_hi) {
-        atomicMin(&sm.key_lo, leaf_lo);
-        atomicMax(&sm.key_hi, leaf_hi);
-      }
-      if (tid == 0) {
-        sm.expanded_tokens = 0;
-        if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
-      }
-      __syncthreads();
+      KVMEM_TRACE(5);
+      stamp[2] = GlobalTimer();
     }
-    KVMEM_TRACE(5);
-    stamp[2] = GlobalTimer();
-   }
     // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
     // keys (no sort: only the set and the best key left out matter) and reserves their pool
     // entries; every rank scores a slice of the new entries into rank 0's pool; rank 0 commits
@@ -1119,91 +1123,91 @@ __device__ __forceinline__ void TreeSearchBody(
       if (s0.ctl == 0) break;
       P = s0.cand_count;
       uint32_t M = kFlat ? 0 : s0.new_count;
-     if constexpr (kFlat) {
-      // F7. Every rank's entries in the gather's bins into rank 0's pool (slots by remote
-      // atomics, one per warp); the best bottleneck left behind bounds what comes later.
-      const uint32_t front = s0.flat_front, prev = s0.flat_prev;
-      uint32_t emax = 0;
-      for (uint32_t k0 = 0; k0 < f_n; k0 += kThreads) {
-        const uint32_t k = k0 + tid;
-        const float x = k < f_n ? sm.fl_chain[k].x : 0.f;
-        const uint32_t b = k < f_n ? KeyBin(x, g_lo, g_hi) : 0;
-        const bool take = k < f_n && b >= front && b < prev;
-        if (k < f_n && b < front) emax = max(emax, OrderedBits(x) + 1);  // +1: 0 = none
-        const uint32_t at = WarpSlot(&s0.new_count, take);
-        if (take) {
-          const uint32_t t = P + at;
-          s0.cand_id[t] = sm.fl_id[k];
-          s0.cand_chain[t] = sm.fl_chain[k];
-          s0.cand_score[t] = sm.fl_score[k];
-          s0.cand_tok[t] = sm.fl_tok[k];
+      if constexpr (kFlat) {
+        // F7. Every rank's entries in the gather's bins into rank 0's pool (slots by remote
+        // atomics, one per warp); the best bottleneck left behind bounds what comes later.
+        const uint32_t front = s0.flat_front, prev = s0.flat_prev;
+        uint32_t emax = 0;
+        for (uint32_t k0 = 0; k0 < f_n; k0 += kThreads) {
+          const uint32_t k = k0 + tid;
+          const float x = k < f_n ? sm.fl_chain[k].x : 0.f;
+          const uint32_t b = k < f_n ? KeyBin(x, g_lo, g_hi) : 0;
+          const bool take = k < f_n && b >= front && b < prev;
+          if (k < f_n && b < front) emax = max(emax, OrderedBits(x) + 1);  // +1: 0 = none
+          const uint32_t at = WarpSlot(&s0.new_count, take);
+          if (take) {
+            const uint32_t t = P + at;
+            s0.cand_id[t] = sm.fl_id[k];
+            s0.cand_chain[t] = sm.fl_chain[k];
+            s0.cand_score[t] = sm.fl_score[k];
+            s0.cand_tok[t] = sm.fl_tok[k];
+          }
         }
+        emax = __reduce_max_sync(0xffffffffu, emax);
+        if (lane == 0 && emax) atomicMax(&s0.e_next_bits, emax);
+        cluster.sync();  // the gather is in rank 0
+        M = s0.new_count;
+      } else {
+        // 4d. This rank's slice of the new entries: chunk ids, radii, counted tokens and the
+        // leaf's chain, then the scores.
+        const uint32_t per = (M + N - 1) / N;
+        const uint32_t lo = min(M, rank * per), cnt = min(M, lo + per) - lo, base = P + lo;
+        const uint64_t t_look = GlobalTimer();
+        // Up to kLook entries per thread in flight: each step's loads for all of them before
+        // the next step's (owner, then its leaf, then the chunk), not one entry's chain at a time.
+        constexpr int kLook = 4;
+        const uint32_t skip_below = prm.skip_tokens_below;
+        for (uint32_t t0 = base; t0 < base + cnt; t0 += kLook * kThreads) {
+          uint32_t owner[kLook], at[kLook], lidx[kLook], c[kLook];
+#pragma unroll
+          for (int u = 0; u < kLook; ++u) {
+            const uint32_t t = t0 + tid + u * kThreads;
+            owner[u] = t < base + cnt ? s0.cand_tok[t] : kTreeNone;
+          }
+#pragma unroll
+          for (int u = 0; u < kLook; ++u) {
+            if (owner[u] == kTreeNone) continue;
+            const uint32_t t = t0 + tid + u * kThreads;
+            at[u] = s0.leaf_child_begin[owner[u]] + (t - s0.leaf_tokens[owner[u]]);
+            lidx[u] = s0.leaf_idx[owner[u]];
+          }
+#pragma unroll
+          for (int u = 0; u < kLook; ++u) {
+            if (owner[u] != kTreeNone) c[u] = tree.leaf_chunks[at[u]];
+          }
+#pragma unroll
+          for (int u = 0; u < kLook; ++u) {
+            if (owner[u] == kTreeNone) continue;
+            const uint32_t t = t0 + tid + u * kThreads;
+            sm.cand_id[t] = c[u];
+            sm.cand_chain[t] = chains[lidx[u]];  // extended by the score below
+            sm.cand_score[t] = tree.chunk_radius[c[u]];  // replaced by the score below
+            sm.cand_tok[t] = CountedTokens(tree.chunk_start[c[u]], tree.chunk_tokens[c[u]], skip_below);
+          }
+        }
+        __syncthreads();
+        KVMEM_TRACE(11);
+        const uint64_t t_row = GlobalTimer();
+        t_lookup += t_row - t_look;
+        ScoreRows<D>(sm.mean, cnt, j, slot, warp,
+                     [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
+                     [&](uint32_t i, float dot) {
+                       const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
+                       sm.cand_chain[base + i] = Extend(sm.cand_chain[base + i], sc);
+                       sm.cand_score[base + i] = sc;
+                     });
+        t_rows += Elapsed(t_row);
+        KVMEM_TRACE(12);
+        if (rank != 0) {
+          for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
+            s0.cand_id[t] = sm.cand_id[t];
+            s0.cand_chain[t] = sm.cand_chain[t];
+            s0.cand_score[t] = sm.cand_score[t];
+            s0.cand_tok[t] = sm.cand_tok[t];
+          }
+        }
+        cluster.sync();  // the whole pool is scored, in rank 0
       }
-      emax = __reduce_max_sync(0xffffffffu, emax);
-      if (lane == 0 && emax) atomicMax(&s0.e_next_bits, emax);
-      cluster.sync();  // the gather is in rank 0
-      M = s0.new_count;
-     } else {
-      // 4d. This rank's slice of the new entries: chunk ids, radii, counted tokens and the
-      // leaf's chain, then the scores.
-      const uint32_t per = (M + N - 1) / N;
-      const uint32_t lo = min(M, rank * per), cnt = min(M, lo + per) - lo, base = P + lo;
-      const uint64_t t_look = GlobalTimer();
-      // Up to kLook entries per thread in flight: each step's loads for all of them before
-      // the next step's (owner, then its leaf, then the chunk), not one entry's chain at a time.
-      constexpr int kLook = 4;
-      const uint32_t skip_below = prm.skip_tokens_below;
-      for (uint32_t t0 = base; t0 < base + cnt; t0 += kLook * kThreads) {
-        uint32_t owner[kLook], at[kLook], lidx[kLook], c[kLook];
-#pragma unroll
-        for (int u = 0; u < kLook; ++u) {
-          const uint32_t t = t0 + tid + u * kThreads;
-          owner[u] = t < base + cnt ? s0.cand_tok[t] : kTreeNone;
-        }
-#pragma unroll
-        for (int u = 0; u < kLook; ++u) {
-          if (owner[u] == kTreeNone) continue;
-          const uint32_t t = t0 + tid + u * kThreads;
-          at[u] = s0.leaf_child_begin[owner[u]] + (t - s0.leaf_tokens[owner[u]]);
-          lidx[u] = s0.leaf_idx[owner[u]];
-        }
-#pragma unroll
-        for (int u = 0; u < kLook; ++u) {
-          if (owner[u] != kTreeNone) c[u] = tree.leaf_chunks[at[u]];
-        }
-#pragma unroll
-        for (int u = 0; u < kLook; ++u) {
-          if (owner[u] == kTreeNone) continue;
-          const uint32_t t = t0 + tid + u * kThreads;
-          sm.cand_id[t] = c[u];
-          sm.cand_chain[t] = chains[lidx[u]];  // extended by the score below
-          sm.cand_score[t] = tree.chunk_radius[c[u]];  // replaced by the score below
-          sm.cand_tok[t] = CountedTokens(tree.chunk_start[c[u]], tree.chunk_tokens[c[u]], skip_below);
-        }
-      }
-      __syncthreads();
-      KVMEM_TRACE(11);
-      const uint64_t t_row = GlobalTimer();
-      t_lookup += t_row - t_look;
-      ScoreRows<D>(sm.mean, cnt, j, slot, warp,
-                   [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
-                   [&](uint32_t i, float dot) {
-                     const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
-                     sm.cand_chain[base + i] = Extend(sm.cand_chain[base + i], sc);
-                     sm.cand_score[base + i] = sc;
-                   });
-      t_rows += Elapsed(t_row);
-      KVMEM_TRACE(12);
-      if (rank != 0) {
-        for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
-          s0.cand_id[t] = sm.cand_id[t];
-          s0.cand_chain[t] = sm.cand_chain[t];
-          s0.cand_score[t] = sm.cand_score[t];
-          s0.cand_tok[t] = sm.cand_tok[t];
-        }
-      }
-      cluster.sync();  // the whole pool is scored, in rank 0
-     }
       KVMEM_TRACE(13);
       uint32_t C = 0;
       if (rank == 0) {
@@ -1826,8 +1830,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
                      float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
                      uint32_t first_round, uint32_t slice_slack) {
-  TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, results, selected, sel_scores, max_selected,
-                                   scratch, q_dtype, first_round, slice_slack, InlineSource{});
+  TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, results, selected, sel_scores,
+                                          max_selected, scratch, q_dtype, first_round, slice_slack,
+                                          InlineSource{});
 }
 
 // The parameters of an inline launch: data = [q | plan image at image_off].
@@ -1850,9 +1855,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   inl.q_dev = img.q_dev;
   inl.items = reinterpret_cast<const AttendItemDesc*>(image + img.items_off);
   inl.counters = counters;
-  TreeSearchBody<D, false, true, false>(reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items,
-                           runs, results, selected, sel_scores, max_selected, scratch, q_dtype,
-                           first_round, slice_slack, inl);
+  TreeSearchBody<D, false, true, false>(
+      reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items, runs, results,
+      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, inl);
 }
 
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
@@ -1927,8 +1932,10 @@ constexpr uint32_t kFlatAutoPerRank = 768;
 
 bool UseFlat(const SearchAttendPlan& plan, uint32_t cluster) {
   int mode = 0;  // read at every launch, as the tests switch it
-  if (const char* e = std::getenv("KVMEM_SEARCH_FLAT")) mode = std::string(e) == "on" ? 1 : std::string(e) == "off" ? -1 : 0;
-  if (mode < 0 || plan.image.size() < plan.tasks_off + size_t{plan.num_tasks} * sizeof(SearchTaskDesc)) {
+  if (const char* e = std::getenv("KVMEM_SEARCH_FLAT"))
+    mode = std::string(e) == "on" ? 1 : std::string(e) == "off" ? -1 : 0;
+  if (mode < 0 ||
+      plan.image.size() < plan.tasks_off + size_t{plan.num_tasks} * sizeof(SearchTaskDesc)) {
     return false;
   }
   const auto* descs = reinterpret_cast<const SearchTaskDesc*>(plan.image.data() + plan.tasks_off);
@@ -1984,8 +1991,9 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
     return e != nullptr && std::string(e) == "1";
   }();
   const bool flat = UseFlat(plan, cl.val.clusterDim.x);
-  auto kernel = flat ? (trace ? TreeSearchKernel<D, true, true> : TreeSearchKernel<D, false, true>)
-                     : (trace ? TreeSearchKernel<D, true, false> : TreeSearchKernel<D, false, false>);
+  auto kernel =
+      flat ? (trace ? TreeSearchKernel<D, true, true> : TreeSearchKernel<D, false, true>)
+           : (trace ? TreeSearchKernel<D, true, false> : TreeSearchKernel<D, false, false>);
   if (trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true, false>()));
   if (flat) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, false, true>()));
   if (flat && trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true, true>()));
