@@ -491,7 +491,9 @@ struct InlineSource {
 // (leaf selection, commit, sort, scan, runs), and every rank shares the parallel parts: node
 // scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on
 // `rank` is uniform within a block, and every cluster barrier is reached by all ranks of the
-// cluster.
+// cluster. kFlat: the flat search (F1-F7 below; every chunk scored at once, then gathers from a
+// histogram of every bottleneck instead of rounds of leaves; docs/architecture.md).
+
 // Split cluster barrier: arrive (release) now, wait (acquire) later, so that what lies between
 // overlaps the other blocks' arrival.
 __device__ __forceinline__ void ClusterArrive() {
