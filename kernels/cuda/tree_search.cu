@@ -196,6 +196,19 @@ __device__ __forceinline__ uint32_t WarpSlot(uint32_t* counter, bool pred) {
   return base + __popc(mask & ((1u << lane) - 1));
 }
 
+// Folds each lane's [lo, hi] (OrderedBits; lo > hi: none) into *key_lo / *key_hi (rank 0's
+// range, local or remote): a warp reduction, then one atomic pair per warp. Every lane of the
+// warp must call it.
+__device__ __forceinline__ void WarpRangeTo(uint32_t* key_lo, uint32_t* key_hi, uint32_t lo,
+                                            uint32_t hi) {
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  if ((threadIdx.x & 31) == 0 && lo <= hi) {
+    atomicMin(key_lo, lo);
+    atomicMax(key_hi, hi);
+  }
+}
+
 // Lexicographic "a before b": chains descending, then lower id.
 // Branch-free: the lanes of a warp compare different pairs and would otherwise diverge.
 __device__ __forceinline__ bool Before(const float4& a, uint32_t ia, const float4& b,
@@ -812,12 +825,7 @@ __device__ __forceinline__ void TreeSearchBody(
         klo = min(klo, OrderedBits(c.x));
         khi = max(khi, OrderedBits(c.x));
       }
-      klo = __reduce_min_sync(0xffffffffu, klo);
-      khi = __reduce_max_sync(0xffffffffu, khi);
-      if (lane == 0 && klo <= khi) {
-        atomicMin(&s0.key_lo, klo);
-        atomicMax(&s0.key_hi, khi);
-      }
+      WarpRangeTo(&s0.key_lo, &s0.key_hi, klo, khi);
       KVMEM_TRACE(2);
       stamp[1] = GlobalTimer();
       cluster.sync();  // the range is complete
@@ -932,12 +940,7 @@ __device__ __forceinline__ void TreeSearchBody(
           }
           __syncthreads();
         }
-        leaf_lo = __reduce_min_sync(0xffffffffu, leaf_lo);
-        leaf_hi = __reduce_max_sync(0xffffffffu, leaf_hi);
-        if (lane == 0 && leaf_lo <= leaf_hi) {
-          atomicMin(&sm.key_lo, leaf_lo);
-          atomicMax(&sm.key_hi, leaf_hi);
-        }
+        WarpRangeTo(&sm.key_lo, &sm.key_hi, leaf_lo, leaf_hi);
         if (tid == 0) {
           sm.expanded_tokens = 0;
           if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
@@ -1040,12 +1043,7 @@ __device__ __forceinline__ void TreeSearchBody(
             klo = min(klo, o);
             khi = max(khi, o);
           }
-          klo = __reduce_min_sync(0xffffffffu, klo);
-          khi = __reduce_max_sync(0xffffffffu, khi);
-          if (lane == 0) {
-            atomicMin(&sm.key_lo, klo);
-            atomicMax(&sm.key_hi, khi);
-          }
+          WarpRangeTo(&sm.key_lo, &sm.key_hi, klo, khi);
         }
         __syncthreads();
         KVMEM_TRACE(6);
@@ -1239,12 +1237,7 @@ __device__ __forceinline__ void TreeSearchBody(
             khi = max(khi, OrderedBits(x));
           }
         }
-        klo = __reduce_min_sync(0xffffffffu, klo);
-        khi = __reduce_max_sync(0xffffffffu, khi);
-        if (lane == 0 && klo <= khi) {
-          atomicMin(&sm.key_lo, klo);
-          atomicMax(&sm.key_hi, khi);
-        }
+        WarpRangeTo(&sm.key_lo, &sm.key_hi, klo, khi);
         if (tid == 0) {
           sm.n_rest = 0;
           sm.slice_back = 0;
