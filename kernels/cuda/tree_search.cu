@@ -1871,6 +1871,14 @@ cudaError_t PrepareSearchKernel() {
   return e;
 }
 
+// The search kernel variant, with *e its one-time preparation's result (so a launch prepares
+// exactly the variant it launches).
+template <int D, bool kTrace, bool kFlat>
+auto Prepared(cudaError_t* e) {
+  *e = PrepareSearchKernel<D, kTrace, kFlat>();
+  return TreeSearchKernel<D, kTrace, kFlat>;
+}
+
 template <int D>
 cudaError_t PrepareInlineKernel() {
   static const cudaError_t e = PrepareKernel(TreeSearchInlineKernel<D>);
@@ -1986,12 +1994,11 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
     return e != nullptr && std::string(e) == "1";
   }();
   const bool flat = UseFlat(plan, cl.val.clusterDim.x);
-  auto kernel =
-      flat ? (trace ? TreeSearchKernel<D, true, true> : TreeSearchKernel<D, false, true>)
-           : (trace ? TreeSearchKernel<D, true, false> : TreeSearchKernel<D, false, false>);
-  if (trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true, false>()));
-  if (flat) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, false, true>()));
-  if (flat && trace) KVMEM_CUDA_RETURN_IF_ERROR((PrepareSearchKernel<D, true, true>()));
+  cudaError_t prepared;
+  const auto kernel =
+      flat ? (trace ? Prepared<D, true, true>(&prepared) : Prepared<D, false, true>(&prepared))
+           : (trace ? Prepared<D, true, false>(&prepared) : Prepared<D, false, false>(&prepared));
+  KVMEM_CUDA_RETURN_IF_ERROR(prepared);
   KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
       &cfg, kernel,
       reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
