@@ -32,7 +32,7 @@ if [[ ${TRACE:-1} == 1 ]]; then
   echo "trace rc=$? ($(el)s)"
 fi
 python3 - "$OUT" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
-import glob, json, os, re, sys
+import glob, json, os, re, statistics, sys
 out, abs_ = sys.argv[1], sys.argv[2:]
 data = {}
 for p in sorted(glob.glob(f"{out}/ab_r*_*.json")):
@@ -42,8 +42,7 @@ for p in sorted(glob.glob(f"{out}/ab_r*_*.json")):
             data.setdefault((r["method"], r["context"], r["batch"], r["budget"]), {}).setdefault(i, []).append(r)
 print(f"{'method':20} {'ctx':>6} {'B':>2} {'bud':>4} " + " ".join(f"{a[-22:]:>30}" for a in abs_) + "  2nd-1st")
 for i, a in enumerate(abs_):
-    fails = [p for p in glob.glob(f"{out}/ab_r*_{i}.json")]
-    print(f"# {a}: {len(fails)} runs with JSON")
+    print(f"# {a}: {len(glob.glob(f'{out}/ab_r*_{i}.json'))} runs with JSON")
 for k in sorted(data):
     cells = []
     for i in range(len(abs_)):
@@ -56,7 +55,6 @@ for k in sorted(data):
         failed = max(r.get("failed_heads", 0) for r in rs)
         cells.append(f"{us:>17} a{agree:.3f} f{failed} r{rs[0].get('rounds_max', '-')}")
     if len(abs_) >= 2 and all(data[k].get(i) for i in range(2)):
-        import statistics
         a = statistics.median(r["us_per_layer"] for r in data[k][0])
         b = statistics.median(r["us_per_layer"] for r in data[k][1])
         cells.append(f"{b - a:+6.1f}")
