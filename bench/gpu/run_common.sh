@@ -31,7 +31,8 @@ parity() {
 }
 
 # ab_rounds ROUNDS BENCH_ARGS...: ROUNDS interleaved rounds of kvmem-bench-gpu BENCH_ARGS for each
-# setting in the array ABS ("default", or space-separated VAR=VALUE words for its environment),
+# setting in the array ABS ("default", or space-separated VAR=VALUE words for its environment, and
+# the word "old" for $G/b/bin/kvmem-bench-gpu-old, a bench of another commit copied there by hand),
 # with the attention trace (KVMEM_ATTN_TRACE=1) unless AB_TRACE=0; JSON to
 # $OUT/ab_r{round}_{i}.json, the bench's output appended to $OUT/ab_raw.txt.
 ab_rounds() {
@@ -40,10 +41,12 @@ ab_rounds() {
   for round in $(seq 1 "$rounds"); do
     for i in "${!ABS[@]}"; do
       ab=${ABS[$i]}
-      local e=()
+      local e=() w bench=kvmem-bench-gpu
       [[ ${AB_TRACE:-1} == 1 ]] && e+=(KVMEM_ATTN_TRACE=1)  # the bench traces when it is set at all
-      [[ $ab != default ]] && e+=($ab)
-      env "${e[@]}" timeout 150 $G/b/run kvmem-bench-gpu --json "$OUT/ab_r${round}_$i.json" \
+      for w in $ab; do
+        if [[ $w == old ]]; then bench=kvmem-bench-gpu-old; elif [[ $w == *=* ]]; then e+=("$w"); fi
+      done
+      env "${e[@]}" timeout 150 $G/b/run $bench --json "$OUT/ab_r${round}_$i.json" \
         --commit "$(cat $G/COMMIT)" "$@" > /tmp/ab.log 2>&1
       echo "[r$round $ab] rc=$? ($(el)s)"
       { echo "### r$round $ab"; cat /tmp/ab.log; } >> "$OUT/ab_raw.txt"

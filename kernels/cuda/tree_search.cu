@@ -168,6 +168,7 @@ struct Smem {
   uint32_t item_first_run[kMaxSplits + 1];
   uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
+  unsigned long long scan_tmp64[kWarps];  // rank 0, the runs: per-warp (runs << 32 | tokens)
 };
 
 // The least tokens of leaves the automatic first round takes in a large tree searched by >= 2
@@ -852,6 +853,7 @@ __device__ __forceinline__ void TreeSearchBody(
     }
   }
 
+  bool rank0_arrived = false;  // rank 0 left the rounds at the loop's barrier without waiting
   if (search) {
     if constexpr (!kFlat) {
       // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
@@ -976,8 +978,14 @@ __device__ __forceinline__ void TreeSearchBody(
     while (true) {
       uint32_t P = 0;
       if (rank == 0 && (sm.status != 0 || sm.done)) {
-        if (tid == 0) sm.ctl = 0;  // the scan stopped: only the others need telling
-      } else if (kFlat && rank == 0) {
+        // The scan stopped: only the others need telling. Rank 0 arrives at the barrier below
+        // (releasing ctl) without waiting for it, and goes on to the runs; it waits at its end.
+        if (tid == 0) sm.ctl = 0;
+        ClusterArrive();
+        rank0_arrived = true;
+        break;
+      }
+      if (kFlat && rank == 0) {
         // F6. The next gather: the top bins of what no gather took yet that hold flat_need
         // tokens and fit the pool; their counts leave the histogram (a later cut starts below).
         P = sm.cand_count;
@@ -1549,7 +1557,7 @@ __device__ __forceinline__ void TreeSearchBody(
   // is gone once it exits): each rank's last one (the read of ctl above) comes before this
   // arrive, and rank 0 waits for them all before it exits. compute-sanitizer racecheck flagged
   // the others' read of ctl without this (session 16).
-  ClusterArrive();
+  if (!rank0_arrived) ClusterArrive();
   if (rank != 0) return;
   __syncthreads();
 
@@ -1591,8 +1599,18 @@ __device__ __forceinline__ void TreeSearchBody(
     if (num_chunks - 1 - c < lim) return sm.back_tokens[num_chunks - 1 - c];
     return tree.chunk_tokens[c];
   };
-  if (tid == 0 && sm.status == 0) {
-    uint32_t n = 0;
+  const uint32_t ns = min(task.num_splits, kMaxSplits), split = task.split_tokens;
+  // The first run of each split (the run holding its first token) is marked by that run as it
+  // is written: one writer per split.
+  auto mark_splits = [&](uint32_t r, uint32_t p, uint32_t len) {
+    for (uint32_t i = (p + split - 1) / split; i < ns && uint64_t{i} * split < p + len; ++i) {
+      if (uint64_t{i} * split >= p) sm.item_first_run[i] = r;
+    }
+  };
+  // Sink and recent pieces with their token prefix: the block's last thread (the first ones
+  // load the selection meanwhile, below; it has none of it below kThreads selected chunks).
+  if (tid == kThreads - 1 && sm.status == 0) {
+    uint32_t n = 0, tok = 0;
     const uint32_t S = task.sink_tokens;
     // Recent chunks: a suffix of the sealed chunks (continued here past the last kThreads).
     uint32_t r_first = sm.scan_tmp[1];
@@ -1614,6 +1632,9 @@ __device__ __forceinline__ void TreeSearchBody(
           sm.run_chunk[n] = c;
           sm.run_begin[n] = from;
           sm.run_len[n] = to - from;
+          sm.run_prefix[n] = tok;
+          mark_splits(n, tok, to - from);
+          tok += to - from;
           ++n;
         }
       };
@@ -1628,6 +1649,7 @@ __device__ __forceinline__ void TreeSearchBody(
     for (uint32_t c = max(r_first, s_end); c < num_chunks; ++c) special(c);
     sm.n_special = n;
     sm.run_count = n;
+    sm.total_tokens = tok;  // so far: the special runs'
     sm.scan_tmp[0] = s_end;
     sm.scan_tmp[1] = r_first;
   }
@@ -1642,28 +1664,29 @@ __device__ __forceinline__ void TreeSearchBody(
   }
   __syncthreads();
   KVMEM_TRACE(24);
-  // Selected chunks outside the sink and recent pieces after the special runs, then the tail,
-  // and the exclusive token prefix: the whole block, 512 at a time (per-warp counts in scan_tmp).
+  // Selected chunks outside the sink and recent pieces after the special runs, then the tail:
+  // the whole block, 512 at a time, one block-wide prefix of (runs << 32 | tokens) giving each
+  // its slot and its token prefix at once.
   if (sm.status == 0) {
     const uint32_t s_end = sm.scan_tmp[0], r_first = sm.scan_tmp[1];
-    uint32_t n = sm.run_count;
-    __syncthreads();  // scan_tmp is read: now the per-warp counts
-    auto block_count = [&](uint32_t x, uint32_t* total) {  // exclusive prefix of x over the block
-      uint32_t pre = x;
+    uint32_t n = sm.run_count, tok = sm.total_tokens;
+    __syncthreads();  // scan_tmp is read
+    auto block_prefix = [&](unsigned long long x, unsigned long long* total) {
+      unsigned long long pre = x;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t y = __shfl_up_sync(0xffffffffu, pre, off);
+        const unsigned long long y = __shfl_up_sync(0xffffffffu, pre, off);
         if (lane >= off) pre += y;
       }
-      if (lane == 31) sm.scan_tmp[warp] = pre;
+      if (lane == 31) sm.scan_tmp64[warp] = pre;
       __syncthreads();
-      uint32_t before = 0, all = 0;
+      unsigned long long before = 0, all = 0;
       for (int w = 0; w < kWarps; ++w) {
-        const uint32_t c = sm.scan_tmp[w];
+        const unsigned long long c = sm.scan_tmp64[w];
         before += w < warp ? c : 0;
         all += c;
       }
-      __syncthreads();  // scan_tmp may be reused
+      __syncthreads();  // scan_tmp64 may be reused
       *total = all;
       return before + pre - x;
     };
@@ -1671,54 +1694,44 @@ __device__ __forceinline__ void TreeSearchBody(
       const uint32_t i = b0 + tid;
       const uint32_t c = i < nsel_all ? sm.sel_id[i] : 0;
       const bool keep = i < nsel_all && c >= s_end && c < r_first;
-      uint32_t total;
-      const uint32_t at = n + block_count(keep ? 1u : 0u, &total);
+      const uint32_t len = keep ? sm.sel_len[i] : 0;
+      unsigned long long total;
+      const unsigned long long pre = block_prefix(keep ? (1ull << 32) | len : 0ull, &total);
+      const uint32_t at = n + static_cast<uint32_t>(pre >> 32), p = tok + static_cast<uint32_t>(pre);
       if (keep && at < kMaxRuns) {
         sm.run_chunk[at] = c;
         sm.run_begin[at] = 0;
-        sm.run_len[at] = sm.sel_len[i];
+        sm.run_len[at] = len;
+        sm.run_prefix[at] = p;
+        mark_splits(at, p, len);
       }
-      n += total;
-    }
-    const bool too_many = n + (task.tail_len > 0 ? 1 : 0) > kMaxRuns;
-    if (tid == 0 && too_many) sm.status |= kSearchStatusTooManyRuns;
-    if (tid == 0 && !too_many && task.tail_len > 0) {
-      sm.run_chunk[n] = kTreeNone;
-      sm.run_begin[n] = 0;
-      sm.run_len[n] = task.tail_len;
-    }
-    n = too_many ? 0 : n + (task.tail_len > 0 ? 1 : 0);
-    __syncthreads();  // the tail run is written
-    uint32_t carry = 0;
-    for (uint32_t b0 = 0; b0 < n; b0 += kThreads) {
-      const uint32_t i = b0 + tid;
-      const uint32_t len = i < n ? sm.run_len[i] : 0;
-      uint32_t total;
-      const uint32_t pre = block_count(len, &total);
-      if (i < n) sm.run_prefix[i] = carry + pre;
-      carry += total;
+      n += static_cast<uint32_t>(total >> 32);
+      tok += static_cast<uint32_t>(total);
     }
     if (tid == 0) {
+      const bool too_many = n + (task.tail_len > 0 ? 1 : 0) > kMaxRuns;
+      if (too_many) {
+        sm.status |= kSearchStatusTooManyRuns;
+        n = tok = 0;
+      } else if (task.tail_len > 0) {
+        sm.run_chunk[n] = kTreeNone;
+        sm.run_begin[n] = 0;
+        sm.run_len[n] = task.tail_len;
+        sm.run_prefix[n] = tok;
+        mark_splits(n, tok, task.tail_len);
+        ++n;
+        tok += task.tail_len;
+      }
       sm.run_count = n;
-      sm.total_tokens = carry;
+      sm.total_tokens = tok;
     }
   }
   __syncthreads();
   KVMEM_TRACE(25);
   const uint32_t R = sm.run_count, T = sm.total_tokens;
-  const uint32_t ns = min(task.num_splits, kMaxSplits), split = task.split_tokens;
   const bool failed = sm.status != 0;
-  // First run of each split: the run holding its first token (the last split takes the rest).
-  for (uint32_t i = tid; i <= ns; i += kThreads) sm.item_first_run[i] = R;
-  __syncthreads();
-  for (uint32_t r = tid; r < R; r += kThreads) {
-    const uint32_t p = sm.run_prefix[r], e = p + sm.run_len[r];
-    for (uint32_t i = (p + split - 1) / split; i < ns && uint64_t{i} * split < e; ++i) {
-      if (uint64_t{i} * split >= p) sm.item_first_run[i] = r;
-    }
-  }
-  __syncthreads();
-  // Runs per split, checked before anything is written.
+  // Runs per split, checked before anything is written. A split below T has its first run
+  // marked (above); the last split takes the rest.
   for (uint32_t i = tid; i < ns; i += kThreads) {
     const uint32_t B = i * split;
     uint32_t count = 0;
@@ -1769,10 +1782,12 @@ __device__ __forceinline__ void TreeSearchBody(
       it.tokens = count > 0 ? E - B : 0;
       items[task.first_item + i] = it;
     } else {  // the uploaded item: its two fields
+      // Its run_begin is the planner's (first_item + i) * kMaxRunsPerItem (the slots above):
+      // not read back.
       AttendItemDesc& it = items[task.first_item + i];
       const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
       const uint32_t count = ok_runs ? sm.item_count[i] : 0;
-      it.run_end = it.run_begin + count;
+      it.run_end = (task.first_item + i) * kMaxRunsPerItem + count;
       it.tokens = count > 0 ? E - B : 0;
     }
   }
@@ -1817,6 +1832,10 @@ __device__ __forceinline__ void TreeSearchBody(
     results[task_index] = res;
   }
   ClusterWait();  // every rank's last read of this block's shared memory is done
+  if (rank0_arrived) {  // that was the loop's last barrier: the others' arrive after ctl is next
+    ClusterArrive();
+    ClusterWait();
+  }
 }
 
 template <int D, bool kTrace, bool kFlat>
