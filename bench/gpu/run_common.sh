@@ -32,7 +32,8 @@ parity() {
 
 # ab_rounds ROUNDS BENCH_ARGS...: ROUNDS interleaved rounds of kvmem-bench-gpu BENCH_ARGS for each
 # setting in the array ABS ("default", or space-separated VAR=VALUE words for its environment, and
-# the word "old" for $G/b/bin/kvmem-bench-gpu-old, a bench of another commit copied there by hand),
+# the word "old" for $G/b/bin/kvmem-bench-gpu-old, a bench of another commit copied there by hand,
+# or "@X" for $G/b/bin/kvmem-bench-gpu-X),
 # with the attention trace (KVMEM_ATTN_TRACE=1) unless AB_TRACE=0; JSON to
 # $OUT/ab_r{round}_{i}.json, the bench's output appended to $OUT/ab_raw.txt.
 ab_rounds() {
@@ -44,7 +45,9 @@ ab_rounds() {
       local e=() w bench=kvmem-bench-gpu
       [[ ${AB_TRACE:-1} == 1 ]] && e+=(KVMEM_ATTN_TRACE=1)  # the bench traces when it is set at all
       for w in $ab; do
-        if [[ $w == old ]]; then bench=kvmem-bench-gpu-old; elif [[ $w == *=* ]]; then e+=("$w"); fi
+        if [[ $w == old ]]; then bench=kvmem-bench-gpu-old
+        elif [[ $w == @* ]]; then bench=kvmem-bench-gpu-${w#@}
+        elif [[ $w == *=* ]]; then e+=("$w"); fi
       done
       env "${e[@]}" timeout 150 $G/b/run $bench --json "$OUT/ab_r${round}_$i.json" \
         --commit "$(cat $G/COMMIT)" "$@" > /tmp/ab.log 2>&1

@@ -1340,38 +1340,70 @@ __device__ __forceinline__ void TreeSearchBody(
             }
             __syncthreads();
             KVMEM_TRACE(29);
-            uint32_t rank[kPer];
-#pragma unroll
-            for (int u = 0; u < kPer; ++u) {
-              const uint32_t i = tid + u * kThreads;
-              v[u] = i < n_front ? sm.commit[i] : kTreeNone;
-              rank[u] = i;
-              if (u * kThreads >= n_front) continue;
-              if (v[u] == kTreeNone) continue;
-              const float4 c = sm.cand_chain[v[u]];
-              const uint32_t id = sm.cand_id[v[u]];
-              const uint32_t b = sbin(c.x);
-              const uint32_t lo = above[b], hi = b > 0 ? above[b - 1] : C;
-              uint32_t r = lo;
-              if (staged && b >= sure) {
-                // All of a sure bin is accepted: any fixed order will do (chunk ids).
-                for (uint32_t k = lo; k < hi; ++k) r += sm.sort_id[k] < id ? 1u : 0u;
-              } else if (staged) {
-#pragma unroll 4
-                for (uint32_t k = lo; k < hi; ++k) r += Before(sm.sort_chain[k], sm.sort_id[k], c, id) ? 1u : 0u;
-              } else {
-                for (uint32_t k = lo; k < hi; ++k) {
-                  const uint32_t o = sm.commit[k];
-                  r += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
+            // A slice of at most kThreads / 2 entries ranks each with g = 2..16 lanes of a warp,
+            // every lane counting every g-th entry of the bin, summed by shuffles; the group's
+            // first lane places it. Larger slices: a thread per entry.
+            const uint32_t g = n_front <= kThreads / 16  ? 16u
+                               : n_front <= kThreads / 8 ? 8u
+                               : n_front <= kThreads / 4 ? 4u
+                               : n_front <= kThreads / 2 ? 2u
+                                                         : 1u;
+            if (g > 1) {
+              const uint32_t i = tid / g, sub = tid % g;
+              const uint32_t e = i < n_front ? sm.commit[i] : kTreeNone;
+              uint32_t r = 0, first = 0;
+              if (e != kTreeNone) {
+                const float4 c = sm.cand_chain[e];
+                const uint32_t id = sm.cand_id[e];
+                const uint32_t b = sbin(c.x);
+                first = above[b];
+                const uint32_t last = b > 0 ? above[b - 1] : C;
+                if (b >= sure) {  // a sure bin (accepted whole): chunk ids
+                  for (uint32_t k = first + sub; k < last; k += g) r += sm.sort_id[k] < id ? 1u : 0u;
+                } else {
+                  for (uint32_t k = first + sub; k < last; k += g) {
+                    r += Before(sm.sort_chain[k], sm.sort_id[k], c, id) ? 1u : 0u;
+                  }
                 }
               }
-              rank[u] = r;
-            }
-            __syncthreads();
-            KVMEM_TRACE(30);
+              for (uint32_t off = 1; off < g; off <<= 1) r += __shfl_xor_sync(0xffffffffu, r, off);
+              __syncthreads();
+              KVMEM_TRACE(30);
+              if (sub == 0 && e != kTreeNone) sm.commit[first + r] = e;
+            } else {
+              uint32_t rank[kPer];
 #pragma unroll
-            for (int u = 0; u < kPer; ++u) {
-              if (v[u] != kTreeNone) sm.commit[rank[u]] = v[u];
+              for (int u = 0; u < kPer; ++u) {
+                const uint32_t i = tid + u * kThreads;
+                v[u] = i < n_front ? sm.commit[i] : kTreeNone;
+                rank[u] = i;
+                if (u * kThreads >= n_front) continue;
+                if (v[u] == kTreeNone) continue;
+                const float4 c = sm.cand_chain[v[u]];
+                const uint32_t id = sm.cand_id[v[u]];
+                const uint32_t b = sbin(c.x);
+                const uint32_t lo = above[b], hi = b > 0 ? above[b - 1] : C;
+                uint32_t r = lo;
+                if (staged && b >= sure) {
+                  // All of a sure bin is accepted: any fixed order will do (chunk ids).
+                  for (uint32_t k = lo; k < hi; ++k) r += sm.sort_id[k] < id ? 1u : 0u;
+                } else if (staged) {
+#pragma unroll 4
+                  for (uint32_t k = lo; k < hi; ++k) r += Before(sm.sort_chain[k], sm.sort_id[k], c, id) ? 1u : 0u;
+                } else {
+                  for (uint32_t k = lo; k < hi; ++k) {
+                    const uint32_t o = sm.commit[k];
+                    r += Before(sm.cand_chain[o], sm.cand_id[o], c, id) ? 1u : 0u;
+                  }
+                }
+                rank[u] = r;
+              }
+              __syncthreads();
+              KVMEM_TRACE(30);
+#pragma unroll
+              for (int u = 0; u < kPer; ++u) {
+                if (v[u] != kTreeNone) sm.commit[rank[u]] = v[u];
+              }
             }
             if (tid == 0) {
               sm.n_sort = n_front;
@@ -1478,7 +1510,24 @@ __device__ __forceinline__ void TreeSearchBody(
                 // the accepted lanes write their chunks at once.
                 const uint32_t n = min(32u, C - b0), nsel0 = nsel;
                 uint32_t acc = 0;
-                for (uint32_t q = 0; q < n; ++q) {
+                // The lanes before the first whose running total passes `remaining` fit one
+                // after another (the loop below would accept each): accepted at once, when
+                // max_selected allows all of them; the loop goes on from there.
+                const uint32_t over = __ballot_sync(0xffffffffu, pre > remaining);
+                const uint32_t q0 = over ? min(n, static_cast<uint32_t>(__ffs(over) - 1)) : n;
+                const uint32_t head = q0 > 0 ? __shfl_sync(0xffffffffu, pre, q0 - 1) : 0;
+                const uint32_t fit = mask & (q0 >= 32 ? 0xffffffffu : (1u << q0) - 1u);
+                uint32_t q_start = 0;
+                if (fit != 0 && nsel + __popc(fit) <= max_selected) {
+                  acc = fit;
+                  nsel += __popc(fit);
+                  remaining -= head;
+                  sel_tokens += head;
+                  misfits = 0;
+                  done = remaining == 0;
+                  q_start = q0;
+                }
+                for (uint32_t q = q_start; q < n && !done; ++q) {
                   const uint32_t t = __shfl_sync(0xffffffffu, tok, q);
                   if (t == 0) continue;
                   if (t > remaining) {
