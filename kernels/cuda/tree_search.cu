@@ -184,6 +184,14 @@ constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
 
+// Starts bringing one summary row (D bf16 values, 16-byte aligned) into L2, without waiting and
+// without a register for it: the rows a later pass reads are requested as soon as their ids are
+// known, so the pass finds them in L2 instead of paying the HBM (and TLB) latency itself.
+template <int D>
+__device__ __forceinline__ void PrefetchRowL2(const uint16_t* row) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(static_cast<uint32_t>(D * 2)));
+}
+
 // A slot from *counter for each lane where `pred` holds, in lane order, with one atomic per
 // warp (shared-memory atomics on one address from every thread serialise). Every lane of the
 // warp must call it.
@@ -521,7 +529,7 @@ template <int D, bool kTrace, bool kInline, bool kFlat>
 __device__ __forceinline__ void TreeSearchBody(
     const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
     SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
-    float* scratch, DType q_dtype, uint32_t first_round, uint32_t slice_slack,
+    float* scratch, DType q_dtype, uint32_t first_round, uint32_t slice_slack, bool prefetch,
     const InlineSource& inl) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
@@ -631,6 +639,14 @@ __device__ __forceinline__ void TreeSearchBody(
         const uint32_t n = tid + u * kThreads;
         if (n < tree.num_nodes) f_rec[u] = tree.nodes[n];
       }
+      // The chunks' rows (F3) into L2: the threads the mean query does not load for now (they
+      // wait for their ids), the others once it is formed (below).
+      if (prefetch && tid >= D) {
+#pragma unroll
+        for (int u = 0; u < kFP; ++u) {
+          if (tid + u * kThreads < f_n) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{f_id[u]} * D);
+        }
+      }
     }
   }
   // This rank's slice of the nodes [1, num_nodes) for 2a; the radii of its first kMaxCand load
@@ -640,6 +656,7 @@ __device__ __forceinline__ void TreeSearchBody(
   if constexpr (!kFlat) {
     for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
       sm.cand_score[t] = tree.nodes[my_lo + t].radius;
+      if (prefetch) PrefetchRowL2<D>(tree.node_rows_bf16 + size_t{my_lo + t} * D);  // 2a's rows
     }
   }
   // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it,
@@ -684,6 +701,14 @@ __device__ __forceinline__ void TreeSearchBody(
   if (kFlat && !flat_fits && tid == 0) sm.status |= kSearchStatusTooManyCandidates;
   __syncthreads();
   KVMEM_TRACE(1);
+  if constexpr (kFlat) {
+    if (prefetch && flat_fits && tid < D) {
+#pragma unroll
+      for (int u = 0; u < kFP; ++u) {
+        if (tid + u * kThreads < f_n) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{f_id[u]} * D);
+      }
+    }
+  }
   // The same on every rank (same inputs, same operations).
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
   const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
@@ -1182,6 +1207,10 @@ __device__ __forceinline__ void TreeSearchBody(
 #pragma unroll
           for (int u = 0; u < kLook; ++u) {
             if (owner[u] != kTreeNone) c[u] = tree.leaf_chunks[at[u]];
+          }
+#pragma unroll
+          for (int u = 0; u < kLook; ++u) {  // the rows the scoring below reads, into L2 now
+            if (prefetch && owner[u] != kTreeNone) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{c[u]} * D);
           }
 #pragma unroll
           for (int u = 0; u < kLook; ++u) {
@@ -1892,10 +1921,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
                      float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
-                     uint32_t first_round, uint32_t slice_slack) {
+                     uint32_t first_round, uint32_t slice_slack, bool prefetch) {
   TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, results, selected, sel_scores,
                                           max_selected, scratch, q_dtype, first_round, slice_slack,
-                                          InlineSource{});
+                                          prefetch, InlineSource{});
 }
 
 // The parameters of an inline launch: data = [q | plan image at image_off].
@@ -1910,7 +1939,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchInlineKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchTaskResult* results,
                            uint32_t* selected, float* sel_scores, uint32_t max_selected,
                            float* scratch, DType q_dtype, uint32_t first_round,
-                           uint32_t slice_slack, uint32_t* counters,
+                           uint32_t slice_slack, bool prefetch, uint32_t* counters,
                            const __grid_constant__ InlineImage img) {
   const uint8_t* image = img.data + img.image_off;
   InlineSource inl;
@@ -1920,7 +1949,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   inl.counters = counters;
   TreeSearchBody<D, false, true, false>(
       reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items, runs, results,
-      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, inl);
+      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, prefetch, inl);
 }
 
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
@@ -2019,6 +2048,16 @@ bool UseFlat(const SearchAttendPlan& plan, uint32_t cluster) {
   return mode > 0 || most <= kFlatAutoPerRank;
 }
 
+// KVMEM_SEARCH_PREFETCH=on: the search asks L2 for the summary rows of its passes as soon as their
+// ids are known (2a's node rows at the start, the flat search's chunk rows at the start, a round's
+// chunk rows when their lookups return) with cp.async.bulk.prefetch. Off by default: added in
+// session 17 after its last device call, not yet measured on a GPU (read at every launch, for
+// A/B runs in one process).
+bool PrefetchRows() {
+  const char* e = std::getenv("KVMEM_SEARCH_PREFETCH");
+  return e != nullptr && std::string(e) == "on";
+}
+
 uint32_t FirstRound() {
   if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
     const int v = std::atoi(e);
@@ -2075,7 +2114,8 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
       results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack()));
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
+      PrefetchRows()));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }
@@ -2101,7 +2141,7 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
       reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
-      reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
+      PrefetchRows(), reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchInlineKernel");
   return Status::OK();
 }
