@@ -45,8 +45,7 @@ ab_rounds() {
       local e=() w bench=kvmem-bench-gpu
       [[ ${AB_TRACE:-1} == 1 ]] && e+=(KVMEM_ATTN_TRACE=1)  # the bench traces when it is set at all
       for w in $ab; do
-        if [[ $w == old ]]; then bench=kvmem-bench-gpu-old
-        elif [[ $w == @* ]]; then bench=kvmem-bench-gpu-${w#@}
+        if [[ $w == old || $w == @* ]]; then bench=kvmem-bench-gpu-${w#@}
         elif [[ $w == *=* ]]; then e+=("$w"); fi
       done
       env "${e[@]}" timeout 150 $G/b/run $bench --json "$OUT/ab_r${round}_$i.json" \

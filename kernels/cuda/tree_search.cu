@@ -180,7 +180,9 @@ constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 // 8 leaf cut, 9 leaf reservation, 10 cluster barrier, 11 chunk lookups, 12 chunk rows, 13 pool
 // gathered, 14 commits, 15-16 slice histogram, 17 slice cuts, 18 slice sorted (28 partition,
 // 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22-27 runs
-// (counts, sink / recent pieces, selection loaded, runs + prefix, split starts, items written).
+// (22 counts; 23 thread 0 passes the sink / recent pieces, which the last thread builds; 24 those
+// pieces and the selection loaded; 25 runs, prefix and split starts; 26 runs per split; 27 items
+// written).
 constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
 
@@ -620,6 +622,12 @@ __device__ __forceinline__ void TreeSearchBody(
   // touch rank 0's state only after the wait that pairs with this arrive.
   uint32_t f_id[kFlat ? kFP : 1] = {};
   FlatTreeNode f_rec[kFlat ? kFN : 1] = {};
+  auto prefetch_flat_rows = [&] {  // this thread's chunks' rows (F3) into L2
+#pragma unroll
+    for (int u = 0; u < kFP; ++u) {
+      if (tid + u * kThreads < f_n) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{f_id[u]} * D);
+    }
+  };
   if constexpr (kFlat) {
     for (uint32_t i = tid; i < kHistBins; i += kThreads) {
       sm.hist_tok[i] = sm.hist_chk[i] = 0;
@@ -641,12 +649,7 @@ __device__ __forceinline__ void TreeSearchBody(
       }
       // The chunks' rows (F3) into L2: the threads the mean query does not load for now (they
       // wait for their ids), the others once it is formed (below).
-      if (prefetch && tid >= D) {
-#pragma unroll
-        for (int u = 0; u < kFP; ++u) {
-          if (tid + u * kThreads < f_n) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{f_id[u]} * D);
-        }
-      }
+      if (prefetch && tid >= D) prefetch_flat_rows();
     }
   }
   // This rank's slice of the nodes [1, num_nodes) for 2a; the radii of its first kMaxCand load
@@ -702,12 +705,7 @@ __device__ __forceinline__ void TreeSearchBody(
   __syncthreads();
   KVMEM_TRACE(1);
   if constexpr (kFlat) {
-    if (prefetch && flat_fits && tid < D) {
-#pragma unroll
-      for (int u = 0; u < kFP; ++u) {
-        if (tid + u * kThreads < f_n) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{f_id[u]} * D);
-      }
-    }
+    if (prefetch && flat_fits && tid < D) prefetch_flat_rows();
   }
   // The same on every rank (same inputs, same operations).
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
