@@ -186,31 +186,6 @@ constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
 
-// Starts bringing one summary row (D bf16 values, 16-byte aligned) into L2, without waiting and
-// without a register for it: the rows a later pass reads are requested as soon as their ids are
-// known, so the pass finds them in L2 instead of paying the HBM (and TLB) latency itself.
-template <int D>
-__device__ __forceinline__ void PrefetchRowL2(const uint16_t* row) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(static_cast<uint32_t>(D * 2)));
-}
-
-// KVMEM_SEARCH_PREFETCH's bits: kPrefetchRows asks L2 for each pass's rows as soon as their ids
-// are known; kPrefetchAll asks at the start for the task's whole summary arrays (chunk and node
-// rows, leaf order, chunk tokens and radii), the ranks and threads sharing them in 16 KB pieces.
-constexpr uint32_t kPrefetchRows = 1, kPrefetchAll = 2;
-
-// The 16-byte-aligned part of [p, p + bytes) into L2, piece `worker` of every `workers`-th.
-__device__ __forceinline__ void PrefetchSpanL2(const void* p, size_t bytes, uint32_t worker,
-                                               uint32_t workers) {
-  constexpr size_t kPiece = 16384;
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + 15) & ~uintptr_t{15};
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~uintptr_t{15};
-  for (uintptr_t a = lo + size_t{worker} * kPiece; a < hi; a += size_t{workers} * kPiece) {
-    const uint32_t n = static_cast<uint32_t>(min(uintptr_t{kPiece}, hi - a));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(a), "r"(n));
-  }
-}
-
 // A slot from *counter for each lane where `pred` holds, in lane order, with one atomic per
 // warp (shared-memory atomics on one address from every thread serialise). Every lane of the
 // warp must call it.
@@ -548,7 +523,7 @@ template <int D, bool kTrace, bool kInline, bool kFlat>
 __device__ __forceinline__ void TreeSearchBody(
     const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
     SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
-    float* scratch, DType q_dtype, uint32_t first_round, uint32_t slice_slack, uint32_t prefetch,
+    float* scratch, DType q_dtype, uint32_t first_round, uint32_t slice_slack,
     const InlineSource& inl) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
@@ -597,16 +572,6 @@ __device__ __forceinline__ void TreeSearchBody(
   // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
   // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  if (prefetch & kPrefetchAll) {
-    const uint32_t w = rank * kThreads + tid, ws = N * kThreads;
-    PrefetchSpanL2(tree.chunk_rows_bf16, size_t{num_chunks} * D * 2, w, ws);
-    PrefetchSpanL2(tree.node_rows_bf16, size_t{tree.num_nodes} * D * 2, ws - 1 - w, ws);
-    if (rank == N - 1) {
-      PrefetchSpanL2(tree.leaf_chunks, size_t{num_chunks} * 4, tid, kThreads);
-      PrefetchSpanL2(tree.chunk_tokens, size_t{num_chunks} * 4, kThreads - 1 - tid, kThreads);
-      PrefetchSpanL2(tree.chunk_radius, size_t{num_chunks} * 4, (tid + kThreads / 2) % kThreads, kThreads);
-    }
-  }
   uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
   // KVMEM_SEARCH_TRACE=1: rank 0's thread 0 of task 0 stamps SM cycles at each step of the
   // first round and prints them (a few launches), for finding where the time goes.
@@ -649,12 +614,6 @@ __device__ __forceinline__ void TreeSearchBody(
   // touch rank 0's state only after the wait that pairs with this arrive.
   uint32_t f_id[kFlat ? kFP : 1] = {};
   FlatTreeNode f_rec[kFlat ? kFN : 1] = {};
-  auto prefetch_flat_rows = [&] {  // this thread's chunks' rows (F3) into L2
-#pragma unroll
-    for (int u = 0; u < kFP; ++u) {
-      if (tid + u * kThreads < f_n) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{f_id[u]} * D);
-    }
-  };
   if constexpr (kFlat) {
     for (uint32_t i = tid; i < kHistBins; i += kThreads) {
       sm.hist_tok[i] = sm.hist_chk[i] = 0;
@@ -674,9 +633,6 @@ __device__ __forceinline__ void TreeSearchBody(
         const uint32_t n = tid + u * kThreads;
         if (n < tree.num_nodes) f_rec[u] = tree.nodes[n];
       }
-      // The chunks' rows (F3) into L2: the threads the mean query does not load for now (they
-      // wait for their ids), the others once it is formed (below).
-      if ((prefetch & kPrefetchRows) && tid >= D) prefetch_flat_rows();
     }
   }
   // This rank's slice of the nodes [1, num_nodes) for 2a; the radii of its first kMaxCand load
@@ -686,7 +642,6 @@ __device__ __forceinline__ void TreeSearchBody(
   if constexpr (!kFlat) {
     for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
       sm.cand_score[t] = tree.nodes[my_lo + t].radius;
-      if (prefetch & kPrefetchRows) PrefetchRowL2<D>(tree.node_rows_bf16 + size_t{my_lo + t} * D);  // 2a's rows
     }
   }
   // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it,
@@ -731,9 +686,6 @@ __device__ __forceinline__ void TreeSearchBody(
   if (kFlat && !flat_fits && tid == 0) sm.status |= kSearchStatusTooManyCandidates;
   __syncthreads();
   KVMEM_TRACE(1);
-  if constexpr (kFlat) {
-    if ((prefetch & kPrefetchRows) && flat_fits && tid < D) prefetch_flat_rows();
-  }
   // The same on every rank (same inputs, same operations).
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
   const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
@@ -1232,10 +1184,6 @@ __device__ __forceinline__ void TreeSearchBody(
 #pragma unroll
           for (int u = 0; u < kLook; ++u) {
             if (owner[u] != kTreeNone) c[u] = tree.leaf_chunks[at[u]];
-          }
-#pragma unroll
-          for (int u = 0; u < kLook; ++u) {  // the rows the scoring below reads, into L2 now
-            if ((prefetch & kPrefetchRows) && owner[u] != kTreeNone) PrefetchRowL2<D>(tree.chunk_rows_bf16 + size_t{c[u]} * D);
           }
 #pragma unroll
           for (int u = 0; u < kLook; ++u) {
@@ -1946,10 +1894,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
                      float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
-                     uint32_t first_round, uint32_t slice_slack, uint32_t prefetch) {
+                     uint32_t first_round, uint32_t slice_slack) {
   TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, results, selected, sel_scores,
                                           max_selected, scratch, q_dtype, first_round, slice_slack,
-                                          prefetch, InlineSource{});
+                                          InlineSource{});
 }
 
 // The parameters of an inline launch: data = [q | plan image at image_off].
@@ -1964,7 +1912,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchInlineKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchTaskResult* results,
                            uint32_t* selected, float* sel_scores, uint32_t max_selected,
                            float* scratch, DType q_dtype, uint32_t first_round,
-                           uint32_t slice_slack, uint32_t prefetch, uint32_t* counters,
+                           uint32_t slice_slack, uint32_t* counters,
                            const __grid_constant__ InlineImage img) {
   const uint8_t* image = img.data + img.image_off;
   InlineSource inl;
@@ -1974,7 +1922,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   inl.counters = counters;
   TreeSearchBody<D, false, true, false>(
       reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items, runs, results,
-      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, prefetch, inl);
+      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, inl);
 }
 
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
@@ -2073,18 +2021,6 @@ bool UseFlat(const SearchAttendPlan& plan, uint32_t cluster) {
   return mode > 0 || most <= kFlatAutoPerRank;
 }
 
-// KVMEM_SEARCH_PREFETCH=on | all | both (kPrefetchRows, kPrefetchAll, both): "on" asks L2 for
-// the summary rows of its passes as soon as their ids are known (2a's node rows at the start, the
-// flat search's chunk rows at the start, a round's chunk rows when their lookups return); "all"
-// asks at the start for each task's whole summary arrays. Off by default: not yet measured on a
-// GPU (read at every launch, for A/B runs in one process).
-uint32_t PrefetchMode() {
-  const char* e = std::getenv("KVMEM_SEARCH_PREFETCH");
-  if (e == nullptr) return 0;
-  const std::string v(e);
-  return v == "on" ? kPrefetchRows : v == "all" ? kPrefetchAll : v == "both" ? kPrefetchRows | kPrefetchAll : 0;
-}
-
 uint32_t FirstRound() {
   if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
     const int v = std::atoi(e);
@@ -2141,8 +2077,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
       results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
-      PrefetchMode()));
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack()));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }
@@ -2168,7 +2103,7 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
       reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
-      PrefetchMode(), reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
+      reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchInlineKernel");
   return Status::OK();
 }
