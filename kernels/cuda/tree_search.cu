@@ -273,32 +273,47 @@ struct RowShare {
 };
 
 // Scores `count` rows: 64 groups of 8 lanes, 4 rows per group in flight (all loads issued
-// before the sums). row(i) gives row i's address (RowShare's layout), done(i, dot) runs on the
-// group's lane 0. Every lane sums its elements in the CPU's order. Every thread of the block
-// must call it; it ends with a barrier.
+// before the sums; row i of a pass to group i % 64, so a short pass spreads over every group).
+// The four rows' sums are interleaved (four independent chains, each in the CPU's order), then
+// their group reductions, then done(i, dot) on the group's lane 0 for each: a branch between the
+// rows would keep the scheduler from overlapping their chains. row(i) gives row i's address
+// (RowShare's layout). Every thread of the block must call it; it ends with a barrier.
 template <int D, typename RowF, typename DoneF>
 __device__ __forceinline__ void ScoreRows(const float* mean, uint32_t count, int j, int slot,
                                           int warp, RowF row, DoneF done) {
   static_assert(D % 64 == 0, "row layout: 8 lanes x 16-byte loads");
   constexpr int kIlp = 4;
-  constexpr uint32_t kPerPass = kWarps * kPerWarp * kIlp;
+  constexpr uint32_t kGroups = kWarps * kPerWarp;
+  constexpr uint32_t kPerPass = kGroups * kIlp;
+  const uint32_t group = warp * kPerWarp + slot;
   for (uint32_t base = 0; base < count; base += kPerPass) {
     RowShare<D> v[kIlp];
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
-      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
+      const uint32_t i = base + u * kGroups + group;
       v[u].Load(row(i < count ? i : 0), j);
     }
+    float acc[kIlp];
 #pragma unroll
-    for (int u = 0; u < kIlp; ++u) {
-      float acc = 0.f;
+    for (int u = 0; u < kIlp; ++u) acc[u] = 0.f;
 #pragma unroll
-      for (int q = 0; q < D / 8; ++q) acc = __fadd_rn(acc, __fmul_rn(mean[8 * q + j], v[u].At(q)));
-      const float t = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4));
-      const float w = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 1));
-      const float dot = __fadd_rn(w, __shfl_down_sync(0xffffffffu, w, 2));
-      const uint32_t i = base + (warp * kPerWarp + slot) * kIlp + u;
-      if (j == 0 && i < count) done(i, dot);
+    for (int q = 0; q < D / 8; ++q) {
+      const float m = mean[8 * q + j];
+#pragma unroll
+      for (int u = 0; u < kIlp; ++u) acc[u] = __fadd_rn(acc[u], __fmul_rn(m, v[u].At(q)));
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) acc[u] = __fadd_rn(acc[u], __shfl_down_sync(0xffffffffu, acc[u], 4));
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) acc[u] = __fadd_rn(acc[u], __shfl_down_sync(0xffffffffu, acc[u], 1));
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) acc[u] = __fadd_rn(acc[u], __shfl_down_sync(0xffffffffu, acc[u], 2));
+    if (j == 0) {
+#pragma unroll
+      for (int u = 0; u < kIlp; ++u) {
+        const uint32_t i = base + u * kGroups + group;
+        if (i < count) done(i, acc[u]);
+      }
     }
   }
   __syncthreads();
