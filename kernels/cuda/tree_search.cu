@@ -102,7 +102,7 @@ struct Smem {
   uint32_t leaf_count, cand_count, run_count, nsel, sel_tokens, status, done, rounds, nodes_scored;
   uint32_t remaining, misfits;
   float e_next;
-  uint32_t n_special, total_tokens, n_commit;
+  uint32_t total_tokens, n_commit;
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
   uint32_t n_sort, n_rest, more, slice_back;  // rank 0: the commit slices
   uint32_t sure_count, sure_tokens;  // rank 0: the slice's leading commits that all fit
@@ -165,7 +165,7 @@ struct Smem {
     };
   };
   uint32_t bitmap[kBitmapWords];
-  uint32_t item_first_run[kMaxSplits + 1];
+  uint32_t item_first_run[kMaxSplits];
   uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
   unsigned long long scan_tmp64[kWarps];  // rank 0, the runs: per-warp (runs << 32 | tokens)
@@ -1713,7 +1713,6 @@ __device__ __forceinline__ void TreeSearchBody(
     };
     for (uint32_t c = 0; c < s_end; ++c) special(c);
     for (uint32_t c = max(r_first, s_end); c < num_chunks; ++c) special(c);
-    sm.n_special = n;
     sm.run_count = n;
     sm.total_tokens = tok;  // so far: the special runs'
     sm.scan_tmp[0] = s_end;
