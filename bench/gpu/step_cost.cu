@@ -57,19 +57,25 @@ enum Op : int {
   kRemoteAtomic,  // every thread: atomicAdd into rank 0's shared memory, then cluster.sync
   kSmemChase,     // thread 0: a dependent load from its own shared memory
   kWarpScan,      // a 32-lane inclusive scan by shuffles (5 dependent steps)
+  kRows64,        // the search's row pass (ScoreRows: 64 groups of 8 lanes, 4 rows each in
+  kRows230,       // flight) over n random bfloat16 rows of 128 (mostly DRAM misses), against
+  kRows577,       // a mean query in shared memory, then __syncthreads; n = 64, 230, 577
   kOps
 };
 const char* const kOpNames[kOps] = {"syncthreads",  "smem_phase",    "cluster_sync", "dsmem_load",
                                     "l2_load",      "dram_load",     "smem_atomic_same_word",
                                     "smem_atomic_per_warp",          "block_scan",   "hist_cut_552",
                                     "remote_atomic_cluster_sync",    "smem_load",
-                                    "warp_scan"};
-const int kReps[kOps] = {1000, 400, 200, 1000, 1000, 200, 100, 200, 200, 50, 50, 1000, 1000};
+                                    "warp_scan",     "row_pass_64",  "row_pass_230",
+                                    "row_pass_577"};
+const int kReps[kOps] = {1000, 400, 200, 1000, 1000, 200, 100, 200, 200, 50, 50, 1000, 1000, 20, 20, 20};
+constexpr size_t kRowCount = 1024 * 1024;  // bfloat16 rows of 128: 256 MB, far beyond L2
 
 struct Args {
   const uint32_t* l2_chain;    // a pointer chase within 256 KB
   const uint32_t* dram_chain;  // a pointer chase over 1 GiB
   size_t dram_n;               // words of dram_chain
+  const uint4* rows;           // kRowCount rows of 128 bfloat16 (16 uint4 each)
   long long* out;              // [launch][cluster]: cycles for the loop
   uint32_t* sink;
   int launch;
@@ -182,6 +188,48 @@ __device__ __noinline__ uint32_t Body(uint32_t* sm, uint32_t* s0, const Args& a,
     }
   } else if constexpr (kOp == kWarpScan) {
     for (int r = 0; r < reps; ++r) acc = WarpScanIncl(acc, lane) & 0xffffu;
+  } else if constexpr (kOp == kRows64 || kOp == kRows230 || kOp == kRows577) {
+    constexpr uint32_t n = kOp == kRows64 ? 64 : kOp == kRows230 ? 230 : 577;
+    const float* mean = reinterpret_cast<const float*>(sm) + 3072;  // 128 floats
+    float* out = reinterpret_cast<float*>(sm) + 3328;
+    const int j = lane & 7, group = warp * 4 + (lane >> 3);
+    const uint32_t salt = (static_cast<uint32_t>(a.launch) * 977u + blockIdx.x) * 2654435761u;
+    for (int r = 0; r < reps; ++r) {
+      for (uint32_t base = 0; base < n; base += 256) {
+        uint4 v[4][2];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const uint32_t i = base + u * 64 + group;
+          const size_t row = ((i < n ? i : 0) * 40503u + salt + r * 7919u + acc * 0u) % kRowCount;
+          v[u][0] = a.rows[row * 16 + j];
+          v[u][1] = a.rows[row * 16 + 8 + j];
+        }
+        float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float m = mean[64 * h + 8 * e + j];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const uint32_t w = reinterpret_cast<const uint32_t*>(&v[u][h])[e / 2];
+              const float x = __uint_as_float(e % 2 ? (w & 0xffff0000u) : (w << 16));
+              s4[u] = __fadd_rn(s4[u], __fmul_rn(m, x));
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          s4[u] = __fadd_rn(s4[u], __shfl_down_sync(0xffffffffu, s4[u], 4));
+          s4[u] = __fadd_rn(s4[u], __shfl_down_sync(0xffffffffu, s4[u], 1));
+          s4[u] = __fadd_rn(s4[u], __shfl_down_sync(0xffffffffu, s4[u], 2));
+          const uint32_t i = base + u * 64 + group;
+          if (j == 0 && i < n) out[i] = s4[u];
+        }
+      }
+      __syncthreads();
+      acc += __float_as_uint(out[tid & 255]) & 1u;
+    }
   }
   return acc;
 }
@@ -326,6 +374,9 @@ int main(int argc, char** argv) {
   std::vector<uint32_t> h(l2_n);
   for (size_t i = 0; i < l2_n; ++i) h[i] = static_cast<uint32_t>((i * 40503u + 977u) % l2_n);
   uint32_t *l2 = nullptr, *dram = nullptr, *sink = nullptr;
+  uint4* row_data = nullptr;
+  CHECK(cudaMalloc(&row_data, kRowCount * 256));
+  CHECK(cudaMemset(row_data, 0x3f, kRowCount * 256));
   long long* out = nullptr;
   CHECK(cudaMalloc(&l2, l2_n * 4));
   CHECK(cudaMemcpy(l2, h.data(), l2_n * 4, cudaMemcpyHostToDevice));
@@ -356,7 +407,7 @@ int main(int argc, char** argv) {
   std::vector<long long> host(static_cast<size_t>(launches) * kClusters);
   for (int op = 0; op < kOps; ++op) {
     for (int l = 0; l < launches; ++l) {
-      Args a{l2, dram, dram_n, out, sink, l};
+      Args a{l2, dram, dram_n, row_data, out, sink, l};
       table[op](a, s);
     }
     CHECK(cudaStreamSynchronize(s));
