@@ -960,8 +960,17 @@ __device__ __forceinline__ void TreeSearchBody(
           __syncthreads();
         }
         WarpRangeTo(&sm.key_lo, &sm.key_hi, leaf_lo, leaf_hi);
+        // The first round's set-up (4a) here, before the barrier that ends the chains: that
+        // round then starts on the leaf histogram without two barriers of its own.
+        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+          sm.hist_tok[i] = 0;
+          sm.hist_chk[i] = 0;
+        }
         if (tid == 0) {
           sm.expanded_tokens = 0;
+          sm.e_next_bits = 0;
+          sm.n_commit = 0;
+          sm.new_count = 0;
           if (sm.leaf_count > kMaxLeaves) sm.status |= kSearchStatusTooManyLeaves;
         }
         __syncthreads();
@@ -1044,33 +1053,34 @@ __device__ __forceinline__ void TreeSearchBody(
         P = sm.cand_count;
         tq = GlobalTimer();
         // 4a. Key range of the unexpanded leaves (the first round's was taken with the leaves).
+        // The first round's set-up was done with the chains (2b).
         const bool later = sm.rounds > 0;
-        if (tid == 0) {
-          if (later) {
+        const bool go_on = sm.status == 0 && !sm.done;
+        if (later) {
+          if (tid == 0) {
             sm.key_lo = 0xffffffffu;
             sm.key_hi = 0;
+            sm.e_next_bits = 0;
+            sm.n_commit = 0;
+            sm.new_count = 0;
           }
-          sm.e_next_bits = 0;
-          sm.n_commit = 0;
-          sm.new_count = 0;
-        }
-        for (uint32_t i = tid; i < kHistBins; i += kThreads) {
-          sm.hist_tok[i] = 0;
-          sm.hist_chk[i] = 0;
-        }
-        __syncthreads();
-        const bool go_on = sm.status == 0 && !sm.done;
-        if (go_on && later) {
-          uint32_t klo = 0xffffffffu, khi = 0;
-          for (uint32_t i = tid; i < L; i += kThreads) {
-            if (sm.leaf_chunks[i] & kDone) continue;
-            const uint32_t o = OrderedBits(sm.leaf_key[i]);
-            klo = min(klo, o);
-            khi = max(khi, o);
+          for (uint32_t i = tid; i < kHistBins; i += kThreads) {
+            sm.hist_tok[i] = 0;
+            sm.hist_chk[i] = 0;
           }
-          WarpRangeTo(&sm.key_lo, &sm.key_hi, klo, khi);
+          __syncthreads();
+          if (go_on) {
+            uint32_t klo = 0xffffffffu, khi = 0;
+            for (uint32_t i = tid; i < L; i += kThreads) {
+              if (sm.leaf_chunks[i] & kDone) continue;
+              const uint32_t o = OrderedBits(sm.leaf_key[i]);
+              klo = min(klo, o);
+              khi = max(khi, o);
+            }
+            WarpRangeTo(&sm.key_lo, &sm.key_hi, klo, khi);
+          }
+          __syncthreads();
         }
-        __syncthreads();
         KVMEM_TRACE(6);
         const float lo = FromOrderedBits(sm.key_lo), hi = FromOrderedBits(sm.key_hi);
         const bool any_left = go_on && sm.key_lo <= sm.key_hi;
