@@ -1214,10 +1214,15 @@ __device__ __forceinline__ void TreeSearchBody(
           for (int u = 0; u < kLook; ++u) {
             if (owner[u] == kTreeNone) continue;
             const uint32_t t = t0 + tid + u * kThreads;
+            const uint32_t tok = CountedTokens(tree.chunk_start[c[u]], tree.chunk_tokens[c[u]], skip_below);
             sm.cand_id[t] = c[u];
             sm.cand_chain[t] = chains[lidx[u]];  // extended by the score below
             sm.cand_score[t] = tree.chunk_radius[c[u]];  // replaced by the score below
-            sm.cand_tok[t] = CountedTokens(tree.chunk_start[c[u]], tree.chunk_tokens[c[u]], skip_below);
+            sm.cand_tok[t] = tok;
+            if (rank != 0) {  // rank 0's pool: id and tokens now, chain and score when scored
+              s0.cand_id[t] = c[u];
+              s0.cand_tok[t] = tok;
+            }
           }
         }
         __syncthreads();
@@ -1228,19 +1233,17 @@ __device__ __forceinline__ void TreeSearchBody(
                      [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
                      [&](uint32_t i, float dot) {
                        const float sc = __fadd_rn(dot, __fmul_rn(wc, sm.cand_score[base + i]));
-                       sm.cand_chain[base + i] = Extend(sm.cand_chain[base + i], sc);
-                       sm.cand_score[base + i] = sc;
+                       const float4 ch = Extend(sm.cand_chain[base + i], sc);
+                       if (rank != 0) {  // straight into rank 0's pool (DSMEM)
+                         s0.cand_chain[base + i] = ch;
+                         s0.cand_score[base + i] = sc;
+                       } else {
+                         sm.cand_chain[base + i] = ch;
+                         sm.cand_score[base + i] = sc;
+                       }
                      });
         t_rows += Elapsed(t_row);
         KVMEM_TRACE(12);
-        if (rank != 0) {
-          for (uint32_t t = base + tid; t < base + cnt; t += kThreads) {
-            s0.cand_id[t] = sm.cand_id[t];
-            s0.cand_chain[t] = sm.cand_chain[t];
-            s0.cand_score[t] = sm.cand_score[t];
-            s0.cand_tok[t] = sm.cand_tok[t];
-          }
-        }
         cluster.sync();  // the whole pool is scored, in rank 0
       }
       KVMEM_TRACE(13);
