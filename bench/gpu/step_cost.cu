@@ -60,6 +60,8 @@ enum Op : int {
   kRows64,        // the search's row pass (ScoreRows: 64 groups of 8 lanes, 4 rows each in
   kRows230,       // flight) over n random bfloat16 rows of 128 (mostly DRAM misses), against
   kRows577,       // a mean query in shared memory, then __syncthreads; n = 64, 230, 577
+  kGlobalTimer,   // every thread: a read of %globaltimer (the search's phase timers)
+  kClock64,       // every thread: a read of clock64
   kOps
 };
 const char* const kOpNames[kOps] = {"syncthreads",  "smem_phase",    "cluster_sync", "dsmem_load",
@@ -67,8 +69,8 @@ const char* const kOpNames[kOps] = {"syncthreads",  "smem_phase",    "cluster_sy
                                     "smem_atomic_per_warp",          "block_scan",   "hist_cut_552",
                                     "remote_atomic_cluster_sync",    "smem_load",
                                     "warp_scan",     "row_pass_64",  "row_pass_230",
-                                    "row_pass_577"};
-const int kReps[kOps] = {1000, 400, 200, 1000, 1000, 200, 100, 200, 200, 50, 50, 1000, 1000, 20, 20, 20};
+                                    "row_pass_577",  "globaltimer_read", "clock64_read"};
+const int kReps[kOps] = {1000, 400, 200, 1000, 1000, 200, 100, 200, 200, 50, 50, 1000, 1000, 20, 20, 20, 200, 1000};
 constexpr size_t kRowCount = 1024 * 1024;  // bfloat16 rows of 128: 256 MB, far beyond L2
 
 struct Args {
@@ -186,6 +188,14 @@ __device__ __noinline__ uint32_t Body(uint32_t* sm, uint32_t* s0, const Args& a,
       for (int r = 0; r < reps; ++r) p = v[p];
       acc = p;
     }
+  } else if constexpr (kOp == kGlobalTimer) {
+    for (int r = 0; r < reps; ++r) {
+      uint64_t t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      acc += static_cast<uint32_t>(t);
+    }
+  } else if constexpr (kOp == kClock64) {
+    for (int r = 0; r < reps; ++r) acc += static_cast<uint32_t>(clock64());
   } else if constexpr (kOp == kWarpScan) {
     for (int r = 0; r < reps; ++r) acc = WarpScanIncl(acc, lane) & 0xffffu;
   } else if constexpr (kOp == kRows64 || kOp == kRows230 || kOp == kRows577) {

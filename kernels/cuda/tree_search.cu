@@ -587,7 +587,17 @@ __device__ __forceinline__ void TreeSearchBody(
   // Let a dependent launch (the attention of LaunchSearchAttend) be scheduled now: its blocks
   // take free SMs and wait (griddepcontrol.wait) until this grid has finished and flushed.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  uint64_t stamp[5] = {GlobalTimer(), 0, 0, 0, 0};
+  // The phase times of SearchTaskResult (%globaltimer, read in the traced build only: a read
+  // costs ~450 cycles, and rank 0 took ~17 of them per search, ~4 us at 128K batch 1).
+  auto now = [&]() -> uint64_t {
+    if constexpr (kTrace) return GlobalTimer();
+    return 0;
+  };
+  auto since = [&](uint64_t from) -> uint64_t {
+    if constexpr (kTrace) return Elapsed(from);
+    return 0;
+  };
+  uint64_t stamp[5] = {now(), 0, 0, 0, 0};
   // KVMEM_SEARCH_TRACE=1: rank 0's thread 0 of task 0 stamps SM cycles at each step of the
   // first round and prints them (a few launches), for finding where the time goes.
   const bool trace_on = kTrace && rank == 0 && tid == 0 && task_index == 0;
@@ -845,7 +855,7 @@ __device__ __forceinline__ void TreeSearchBody(
       }
       WarpRangeTo(&s0.key_lo, &s0.key_hi, klo, khi);
       KVMEM_TRACE(2);
-      stamp[1] = GlobalTimer();
+      stamp[1] = now();
       cluster.sync();  // the range is complete
       KVMEM_TRACE(3);
       g_lo = FromOrderedBits(s0.key_lo);
@@ -866,7 +876,7 @@ __device__ __forceinline__ void TreeSearchBody(
       }
       cluster.sync();  // the histogram is complete
       KVMEM_TRACE(5);
-      stamp[2] = GlobalTimer();
+      stamp[2] = now();
     }
   }
 
@@ -893,7 +903,7 @@ __device__ __forceinline__ void TreeSearchBody(
       KVMEM_TRACE(2);
       cluster.sync();  // every score is in the scratch
       KVMEM_TRACE(3);
-      stamp[1] = GlobalTimer();
+      stamp[1] = now();
       // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
       // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
       // flat tree: +inf), sizes.
@@ -976,7 +986,7 @@ __device__ __forceinline__ void TreeSearchBody(
         __syncthreads();
       }
       KVMEM_TRACE(5);
-      stamp[2] = GlobalTimer();
+      stamp[2] = now();
     }
     // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
     // keys (no sort: only the set and the best key left out matter) and reserves their pool
@@ -1015,7 +1025,7 @@ __device__ __forceinline__ void TreeSearchBody(
         // F6. The next gather: the top bins of what no gather took yet that hold flat_need
         // tokens and fit the pool; their counts leave the histogram (a later cut starts below).
         P = sm.cand_count;
-        tq = GlobalTimer();
+        tq = now();
         if (tid == 0) {
           sm.e_next_bits = 0;
           sm.n_commit = 0;
@@ -1047,11 +1057,11 @@ __device__ __forceinline__ void TreeSearchBody(
           sm.ctl = round ? 1u : 0u;
           if (round) sm.rounds++;
         }
-        t_sort_leaves += Elapsed(tq);
-        tq = GlobalTimer();
+        t_sort_leaves += since(tq);
+        tq = now();
       } else if (rank == 0) {
         P = sm.cand_count;
-        tq = GlobalTimer();
+        tq = now();
         // 4a. Key range of the unexpanded leaves (the first round's was taken with the leaves).
         // The first round's set-up was done with the chains (2b).
         const bool later = sm.rounds > 0;
@@ -1150,8 +1160,8 @@ __device__ __forceinline__ void TreeSearchBody(
           sm.ctl = round ? 1u : 0u;
           if (round) sm.rounds++;
         }
-        t_sort_leaves += Elapsed(tq);
-        tq = GlobalTimer();
+        t_sort_leaves += since(tq);
+        tq = now();
       }
       cluster.sync();  // rank 0's reservation (ctl, new_count, owners) is visible
       KVMEM_TRACE(10);
@@ -1187,7 +1197,7 @@ __device__ __forceinline__ void TreeSearchBody(
         // leaf's chain, then the scores.
         const uint32_t per = (M + N - 1) / N;
         const uint32_t lo = min(M, rank * per), cnt = min(M, lo + per) - lo, base = P + lo;
-        const uint64_t t_look = GlobalTimer();
+        const uint64_t t_look = now();
         // Up to kLook entries per thread in flight: each step's loads for all of them before
         // the next step's (owner, then its leaf, then the chunk), not one entry's chain at a time.
         constexpr int kLook = 4;
@@ -1227,7 +1237,7 @@ __device__ __forceinline__ void TreeSearchBody(
         }
         __syncthreads();
         KVMEM_TRACE(11);
-        const uint64_t t_row = GlobalTimer();
+        const uint64_t t_row = now();
         t_lookup += t_row - t_look;
         ScoreRows<D>(sm.mean, cnt, j, slot, warp,
                      [&](uint32_t i) { return tree.chunk_rows_bf16 + size_t{sm.cand_id[base + i]} * D; },
@@ -1242,7 +1252,7 @@ __device__ __forceinline__ void TreeSearchBody(
                          sm.cand_score[base + i] = sc;
                        }
                      });
-        t_rows += Elapsed(t_row);
+        t_rows += since(t_row);
         KVMEM_TRACE(12);
         cluster.sync();  // the whole pool is scored, in rank 0
       }
@@ -1255,8 +1265,8 @@ __device__ __forceinline__ void TreeSearchBody(
           sm.left = sm.e_next_bits != 0;
           if (kFlat) sm.flat_gathered += M;
         }
-        t_score += Elapsed(tq);
-        tq = GlobalTimer();
+        t_score += since(tq);
+        tq = now();
         // Commit: unconsumed entries above the next leaf's bottleneck (the flat search: above
         // every entry no gather took yet, so all of this gather).
         // Their bottleneck range (for the slice's histogram) on the way.
@@ -1460,8 +1470,8 @@ __device__ __forceinline__ void TreeSearchBody(
           const uint32_t* order = sm.commit;
           C = n;
           KVMEM_TRACE(19);
-          t_sort += Elapsed(tq);
-          tq = GlobalTimer();
+          t_sort += since(tq);
+          tq = now();
           // The slice's first sure_count entries (sorted first: their bins are the top ones)
           // all fit: accepted at once, at positions by a block count of the non-empty ones.
           const uint32_t ns = slice == 0 ? min(sm.sure_count, C) : 0;
@@ -1605,7 +1615,7 @@ __device__ __forceinline__ void TreeSearchBody(
           __syncthreads();
           KVMEM_TRACE(20);
           first_round_trace = false;
-          t_scan += Elapsed(tq);
+          t_scan += since(tq);
           if (sm.more) {
             // The rest (at the end of commit[]) to the front, staged through registers.
             const uint32_t nr = sm.n_rest;
@@ -1642,7 +1652,7 @@ __device__ __forceinline__ void TreeSearchBody(
 
   first_round_trace = true;
   KVMEM_TRACE(21);
-  stamp[3] = GlobalTimer();
+  stamp[3] = now();
   // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
   const uint32_t H = task.kv_heads, h = task.kv_head;
   if (tid == 0) sm.run_count = 0;
@@ -1883,7 +1893,7 @@ __device__ __forceinline__ void TreeSearchBody(
     printf("search trace (cycles since the previous point; first round), N=%u:", N);
     for (int k = 1; k < 28; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
     printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld\n",
-           tr[27] - tr[0], (unsigned long long)Elapsed(stamp[0]), dbg[0], dbg[1], dbg[2],
+           tr[27] - tr[0], (unsigned long long)since(stamp[0]), dbg[0], dbg[1], dbg[2],
            tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30]);
   }
 #undef KVMEM_TRACE
@@ -1896,7 +1906,7 @@ __device__ __forceinline__ void TreeSearchBody(
     // The flat search scores every chunk (and every node but the root).
     res.nodes_scored = (kFlat && search ? num_chunks : sm.nodes_scored) + nn;
     res.rounds = sm.rounds;
-    stamp[4] = GlobalTimer();
+    stamp[4] = now();
     for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
     for (int i = 0; i < 4; ++i) {
       res.phase_ns[i] = stamp[i + 1] > stamp[i] ? static_cast<uint32_t>(stamp[i + 1] - stamp[i]) : 0;
