@@ -1348,24 +1348,18 @@ __device__ __forceinline__ void TreeSearchBody(
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
               if (u * kThreads >= C) break;  // uniform
-              // Warp-aggregated slots: one shared-memory atomic per warp (per bin in the
-              // slice), not one per commit on the same few counters.
+              // A slot in its bin's range (or at the back) by a plain shared atomic each (the
+              // hardware combines a warp's atomics on one address): the order inside a bin does
+              // not matter, the ranking below places every entry by its key, and the rest is
+              // sorted before it is scanned.
               const uint32_t e = v[u];
               const uint32_t b = e != kTreeNone ? sbin(sm.cand_chain[e].x) : 0;
               const bool in_front = e != kTreeNone && b >= front;
               const bool in_rest = e != kTreeNone && b < front;
               const uint32_t sure_mask = __ballot_sync(0xffffffffu, in_front && b >= sure);
               if (lane == 0 && sure_mask) atomicAdd(&sm.sure_count, __popc(sure_mask));
-              const uint32_t back = WarpSlot(&sm.slice_back, in_rest);
-              if (in_rest) sm.commit[kSortCap - 1 - back] = e;
-              const uint32_t peers = __match_any_sync(0xffffffffu, in_front ? b : kHistBins);
-              if (in_front) {
-                const uint32_t k = __popc(peers), leader = __ffs(peers) - 1;
-                uint32_t old = 0;
-                if (static_cast<uint32_t>(lane) == leader) old = atomicSub(&sm.hist_chk[b], k);
-                old = __shfl_sync(peers, old, leader);
-                sm.commit[above[b] + old - k + __popc(peers & ((1u << lane) - 1))] = e;
-              }
+              if (in_rest) sm.commit[kSortCap - 1 - atomicAdd(&sm.slice_back, 1u)] = e;
+              if (in_front) sm.commit[above[b] + atomicSub(&sm.hist_chk[b], 1u) - 1] = e;
             }
             __syncthreads();
             KVMEM_TRACE(28);
@@ -1482,16 +1476,22 @@ __device__ __forceinline__ void TreeSearchBody(
               const uint32_t i = b0 + tid;
               const uint32_t e = i < ns ? order[i] : 0;
               const uint32_t t = i < ns ? sm.cand_tok[e] & ~kConsumed : 0;
-              const uint32_t mask = __ballot_sync(0xffffffffu, t > 0);
-              if (lane == 0) sm.scan_tmp[warp] = __popc(mask);
-              __syncthreads();
-              uint32_t before = 0, all = 0;
-              for (int w = 0; w < kWarps; ++w) {
-                before += w < warp ? sm.scan_tmp[w] : 0;
-                all += sm.scan_tmp[w];
+              // Usually every entry has tokens (only chunks wholly inside the sinks have none):
+              // then each goes to its own index, without a block count.
+              const bool dense = __syncthreads_and(i >= ns || t > 0) != 0;
+              uint32_t before = 0, all = min(ns - b0, static_cast<uint32_t>(kThreads)), mask = 0;
+              if (!dense) {
+                mask = __ballot_sync(0xffffffffu, t > 0);
+                if (lane == 0) sm.scan_tmp[warp] = __popc(mask);
+                __syncthreads();
+                all = 0;
+                for (int w = 0; w < kWarps; ++w) {
+                  before += w < warp ? sm.scan_tmp[w] : 0;
+                  all += sm.scan_tmp[w];
+                }
               }
               if (t > 0) {
-                const uint32_t pos = at + before + __popc(mask & ((1u << lane) - 1));
+                const uint32_t pos = dense ? at + tid : at + before + __popc(mask & ((1u << lane) - 1));
                 const uint32_t c = sm.cand_id[e];
                 my_sel[pos] = c;
                 my_scores[pos] = sm.cand_score[e];
@@ -1567,29 +1567,26 @@ __device__ __forceinline__ void TreeSearchBody(
                   done = remaining == 0;
                   q_start = q0;
                 }
+                // Each entry's size is fetched one step ahead (the shuffle's latency off the
+                // chain of decisions).
+                uint32_t t = __shfl_sync(0xffffffffu, tok, q_start & 31u);
                 for (uint32_t q = q_start; q < n && !done; ++q) {
-                  const uint32_t t = __shfl_sync(0xffffffffu, tok, q);
-                  if (t == 0) continue;
-                  if (t > remaining) {
-                    if (++misfits >= max_misfits) {
+                  const uint32_t t_next = __shfl_sync(0xffffffffu, tok, (q + 1) & 31u);
+                  if (t != 0) {
+                    if (t > remaining) {
+                      done = ++misfits >= max_misfits;
+                    } else if (nsel >= max_selected) {
                       done = true;
-                      break;
+                    } else {
+                      misfits = 0;
+                      remaining -= t;
+                      sel_tokens += t;
+                      acc |= 1u << q;
+                      ++nsel;
+                      done = remaining == 0;
                     }
-                    continue;
                   }
-                  if (nsel >= max_selected) {
-                    done = true;
-                    break;
-                  }
-                  misfits = 0;
-                  remaining -= t;
-                  sel_tokens += t;
-                  acc |= 1u << q;
-                  ++nsel;
-                  if (remaining == 0) {
-                    done = true;
-                    break;
-                  }
+                  t = t_next;
                 }
                 if ((acc >> lane) & 1u) {
                   const uint32_t at = nsel0 + __popc(acc & ((1u << lane) - 1));
