@@ -1121,23 +1121,38 @@ __device__ __forceinline__ void TreeSearchBody(
         if (tid == 0 && any_left && !round) sm.status |= kSearchStatusTooManyCandidates;
         if (round) {
           // 4c. Take the leaves at or above the cut: reserve their pool ranges; the best key left.
-          // A range per leaf by one shared atomic of its size (no warp prefix sum: the pool's
-          // order does not matter, every later step orders by key).
+          // Pool ranges by a warp prefix sum (one shared atomic per warp, not per leaf: a
+          // per-leaf atomicAdd of its size on the one counter serialises; session 19 measured
+          // this step at ~10K cycles that way against ~3.7K).
           uint32_t emax = 0;
+          unsigned long long tok_sum = 0;
           for (uint32_t i0 = 0; i0 < L; i0 += kThreads) {
             const uint32_t i = i0 + tid;
             const bool open = i < L && !(sm.leaf_chunks[i] & kDone);
             const bool take = open && bin(sm.leaf_key[i]) >= cut;
+            const uint32_t cnt = take ? sm.leaf_chunks[i] : 0;
             if (open && !take) emax = max(emax, OrderedBits(sm.leaf_key[i]) + 1);  // +1: 0 = none
+            uint32_t pre = cnt;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+              const uint32_t x = __shfl_up_sync(0xffffffffu, pre, off);
+              if (lane >= off) pre += x;
+            }
+            const uint32_t warp_total = __shfl_sync(0xffffffffu, pre, 31);
+            uint32_t warp_base = 0;
+            if (lane == 0 && warp_total) warp_base = atomicAdd(&sm.new_count, warp_total);
+            warp_base = __shfl_sync(0xffffffffu, warp_base, 0);
             if (take) {
-              const uint32_t cnt = sm.leaf_chunks[i];
-              const uint32_t first = P + atomicAdd(&sm.new_count, cnt);
-              atomicAdd(&sm.expanded_tokens, static_cast<unsigned long long>(sm.leaf_tokens[i]));
+              const uint32_t first = P + warp_base + pre - cnt;
+              tok_sum += sm.leaf_tokens[i];
               sm.leaf_chunks[i] = cnt | kDone;
               sm.leaf_tokens[i] = first;  // now: its pool base
               for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[first + q] = i;  // owner
             }
           }
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) tok_sum += __shfl_xor_sync(0xffffffffu, tok_sum, off);
+          if (lane == 0 && tok_sum) atomicAdd(&sm.expanded_tokens, tok_sum);
           emax = __reduce_max_sync(0xffffffffu, emax);
           if (lane == 0 && emax) atomicMax(&sm.e_next_bits, emax);
         }
