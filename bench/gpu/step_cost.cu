@@ -281,24 +281,34 @@ __global__ void ClockKernel(long long* out) {
   out[1] = static_cast<long long>(g1 - g0);
 }
 
+// A launch of the search's shape: kClusters x `cluster` blocks of kThreads with `smem` bytes of
+// dynamic shared memory (cfg points into attr: not copyable).
+struct ShapeLaunch {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[1]{};
+  ShapeLaunch(cudaStream_t s, size_t smem, unsigned cluster) {
+    cfg.gridDim = dim3(kClusters * kCluster);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ShapeLaunch(const ShapeLaunch&) = delete;
+  ShapeLaunch& operator=(const ShapeLaunch&) = delete;
+};
+
 template <int kOp>
 void LaunchOp(const Args& a, cudaStream_t s) {
   auto* k = StepKernel<kOp>;
   CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(kClusters * kCluster);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmemBytes;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kCluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  CHECK(cudaLaunchKernelEx(&cfg, k, a, kReps[kOp]));
+  ShapeLaunch l(s, kSmemBytes, kCluster);
+  CHECK(cudaLaunchKernelEx(&l.cfg, k, a, kReps[kOp]));
 }
 
 using LaunchFn = void (*)(const Args&, cudaStream_t);
@@ -315,19 +325,8 @@ double GraphLaunchUs(cudaStream_t s, int n, bool cluster, size_t smem, uint32_t*
   cudaGraph_t g;
   CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   for (int i = 0; i < n; ++i) {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(kClusters * kCluster);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster ? kCluster : 1;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CHECK(cudaLaunchKernelEx(&cfg, k, sink));
+    ShapeLaunch l(s, smem, cluster ? kCluster : 1);
+    CHECK(cudaLaunchKernelEx(&l.cfg, k, sink));
   }
   CHECK(cudaStreamEndCapture(s, &g));
   cudaGraphExec_t ge;
