@@ -414,13 +414,9 @@ __device__ void TopBinsCuts(const uint32_t* hist_tok, const uint32_t* hist_chk,
   __syncthreads();
   unsigned long long before_t0 = it - st;
   uint32_t before_c0 = ic - sc;
-  // A fixed trip count (the loads issue together) rather than one load after another up to warp.
-#pragma unroll
-  for (uint32_t w = 0; w < static_cast<uint32_t>(kWarps); ++w) {
-    const unsigned long long wt = x.warp_tok[w];
-    const uint32_t wc = x.warp_chk[w];
-    before_t0 += w < warp ? wt : 0ull;
-    before_c0 += w < warp ? wc : 0u;
+  for (uint32_t w = 0; w < warp; ++w) {
+    before_t0 += x.warp_tok[w];
+    before_c0 += x.warp_chk[w];
   }
   if (active && chunks_above != nullptr) {  // may overwrite hist_tok: every thread has read it
     uint32_t a = before_c0;
@@ -798,8 +794,7 @@ __device__ __forceinline__ void TreeSearchBody(
         if (lane == 31) sm.scan_tmp[warp] = inc;
         __syncthreads();
         uint32_t before = lane > 0 ? prev_lane : 0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) before = w < warp ? max(before, sm.scan_tmp[w]) : before;
+        for (int w = 0; w < warp; ++w) before = max(before, sm.scan_tmp[w]);
         uint32_t o[kFP];
 #pragma unroll
         for (int u = 0; u < kFP; ++u) {
