@@ -831,12 +831,13 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
       (*r)["cpu_search_us_per_layer_1thread"] = cpu_us;
       (*r)["tree_build_s"] = build_s;
       // The kernel times its phases only in the traced build (KVMEM_SEARCH_TRACE=1).
-      if (std::any_of(std::begin(phase), std::end(phase), [](double x) { return x > 0; }))
-      (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks},      {"leaves", phase[1] / tasks},
-                                      {"rounds", phase[2] / tasks},     {"runs", phase[3] / tasks},
-                                      {"leaf_select", phase[4] / tasks},  {"round_score", phase[5] / tasks},
-                                      {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks},
-                                      {"score_lookup", phase[8] / tasks}, {"score_rows", phase[9] / tasks}};
+      if (std::any_of(std::begin(phase), std::end(phase), [](double x) { return x > 0; })) {
+        (*r)["search_phase_us_mean"] = {{"nodes", phase[0] / tasks},      {"leaves", phase[1] / tasks},
+                                        {"rounds", phase[2] / tasks},     {"runs", phase[3] / tasks},
+                                        {"leaf_select", phase[4] / tasks},  {"round_score", phase[5] / tasks},
+                                        {"round_sort", phase[6] / tasks}, {"round_scan", phase[7] / tasks},
+                                        {"score_lookup", phase[8] / tasks}, {"score_rows", phase[9] / tasks}};
+      }
     }
     r1["max_rel_err_meaning"] = "fraction of KV heads whose selection differs from CPU SearchBudget";
     rows.push_back(r1);

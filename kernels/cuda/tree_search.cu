@@ -187,8 +187,10 @@ constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
 
 // A slot from *counter for each lane where `pred` holds, in lane order, with one atomic per
-// warp (shared-memory atomics on one address from every thread serialise). Every lane of the
-// warp must call it.
+// warp: for a counter in another block's shared memory (remote atomics serialise at the
+// receiving block) or where lane order matters. A local counter whose order is free takes a
+// plain atomicAdd(+1) per lane, which the hardware combines per warp (session 19: 98 cycles for
+// 512 threads with a barrier, against 229 this way). Every lane of the warp must call it.
 __device__ __forceinline__ uint32_t WarpSlot(uint32_t* counter, bool pred) {
   const uint32_t mask = __ballot_sync(0xffffffffu, pred), lane = threadIdx.x & 31;
   if (mask == 0) return 0;
@@ -1471,7 +1473,7 @@ __device__ __forceinline__ void TreeSearchBody(
           t_sort += since(tq);
           tq = now();
           // The slice's first sure_count entries (sorted first: their bins are the top ones)
-          // all fit: accepted at once, at positions by a block count of the non-empty ones.
+          // all fit: accepted at once.
           const uint32_t ns = slice == 0 ? min(sm.sure_count, C) : 0;
           if (ns > 0) {
             const uint32_t nsel0 = sm.nsel;
