@@ -367,6 +367,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (launches < 2) {  // launch 0 is the cold one and is not counted
+    std::fprintf(stderr, "--launches must be at least 2 (got %d)\n", launches);
+    return 2;
+  }
   int dev_count = 0;
   if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -377,8 +381,8 @@ int main(int argc, char** argv) {
   cudaStream_t s;
   CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 
-  // Pointer chases: a random cycle over 256 KB (L2) and one with a 4 KB stride over 1 GiB (each
-  // load a new line, far beyond L2).
+  // Pointer chases: a random cycle over 256 KB (L2) and one over 1 GiB whose every step jumps
+  // ~393 KB ahead (each load a new line and page, far beyond L2).
   const size_t l2_n = 64 * 1024, dram_n = size_t{256} * 1024 * 1024;
   std::vector<uint32_t> h(l2_n);
   for (size_t i = 0; i < l2_n; ++i) h[i] = static_cast<uint32_t>((i * 40503u + 977u) % l2_n);
@@ -392,8 +396,8 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&dram, dram_n * 4));
   {
     std::vector<uint32_t> d(dram_n);
-    const size_t stride = 1024 + 13;  // words: > 4 KB, odd
-    for (size_t i = 0; i < dram_n; ++i) d[i] = static_cast<uint32_t>((i + stride * 97) % dram_n);
+    const size_t jump = (1024 + 13) * 97;  // words
+    for (size_t i = 0; i < dram_n; ++i) d[i] = static_cast<uint32_t>((i + jump) % dram_n);
     CHECK(cudaMemcpy(dram, d.data(), dram_n * 4, cudaMemcpyHostToDevice));
   }
   CHECK(cudaMalloc(&sink, 64));
