@@ -140,6 +140,14 @@ struct AttendPlan {
   uint32_t run_stride = 0;
   // Byte offsets of the sections inside the workspace.
   size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, partials_off = 0;
+  // The attention of LaunchSearchAttend: every block builds its split's runs from what the
+  // search left (a detail::SearchRunHeader per task at run_source_off, the selection at
+  // selected_off, max_selected slots per task) instead of reading run tables. uniform_splits:
+  // every task has that many splits (block b is split b % S of task b / S, known before the
+  // item is read); 0 when they differ.
+  bool runs_from_search = false;
+  size_t run_source_off = 0, selected_off = 0;
+  uint32_t max_selected = 0, uniform_splits = 0;
 };
 
 // Host only (no device calls): validates and packs. INVALID_ARGUMENT for bad problems,
@@ -338,7 +346,7 @@ struct SearchTaskResult {
 };
 constexpr uint32_t kSearchStatusTooManyLeaves = 1;      // > kSearchMaxLeaves leaf clusters
 constexpr uint32_t kSearchStatusTooManyCandidates = 2;  // > kSearchMaxCandidates chunks scored
-constexpr uint32_t kSearchStatusTooManyRuns = 4;        // a split got > kMaxRunsPerItem runs
+constexpr uint32_t kSearchStatusTooManyRuns = 4;        // > kMaxRunsPerItem runs in a split or fixed pieces
 constexpr uint32_t kSearchStatusTooManyChunks = 8;      // > kSearchMaxChunks chunks
 constexpr uint32_t kSearchMaxLeaves = 4096;
 constexpr uint32_t kSearchMaxCandidates = 3072;
@@ -353,7 +361,9 @@ struct SearchAttendPlan {
   uint32_t head_dim = 0, group = 0;
   DType kv_dtype = DType::kBF16, q_dtype = DType::kBF16, out_dtype = DType::kBF16;
   size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, results_off = 0,
-         selected_off = 0, scores_off = 0, scratch_off = 0, partials_off = 0;
+         selected_off = 0, scores_off = 0, run_source_off = 0, scratch_off = 0, partials_off = 0;
+  // Splits of every task when they are all the same (0 when they differ).
+  uint32_t uniform_splits = 0;
   // Thread blocks per (problem, KV head) in LaunchTreeSearch: one thread-block cluster shares
   // each search (1 to 16). 0: the largest whose clusters all fit the device at once
   // (KVMEM_SEARCH_CLUSTER in the environment overrides it, for A/B timing). The selection is
@@ -374,11 +384,12 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
                         const AttendPlanOptions& options, SearchAttendPlan* plan);
 Status UploadSearchAttendPlan(const SearchAttendPlan& plan, void* workspace, void* stream);
 // The search alone (one launch: one thread-block cluster per (problem, KV head)); it writes the
-// selection, the results and the attention's runs into the workspace.
+// selection, the results and what the attention builds its runs from (per task a
+// detail::SearchRunHeader and the fixed pieces) into the workspace.
 Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* stream);
 // Search, then span attention over what it wrote: two launches, no host step between (the
 // attention is a programmatic dependent launch: its blocks start while the search finishes and
-// wait for the search's writes before reading the runs).
+// wait for the search's writes, then each builds its split's runs).
 Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream);
 // The cluster size LaunchTreeSearch uses for this plan (0 without a device).
 uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan);

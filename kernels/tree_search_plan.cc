@@ -1,6 +1,6 @@
 // Host-side planner of the fused search + sparse attention launch (kernels/cuda_ops.h). No
-// device calls: it sizes every head's splits from the most tokens the head can attend, so the
-// search kernel can write the attention's run tables in place.
+// device calls: it sizes every head's splits from the most tokens the head can attend (the
+// attention's blocks build their runs from the search's selection and fixed pieces).
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -16,6 +16,7 @@ using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
 using ::kvmem::kernels::detail::PartialFloats;
+using ::kvmem::kernels::detail::SearchRunHeader;
 using ::kvmem::kernels::detail::SearchTaskDesc;
 
 size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -139,6 +140,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
   auto* items = reinterpret_cast<AttendItemDesc*>(plan->image.data() + plan->items_off);
   uint32_t task = 0, item = 0;
   uint32_t partial_slots = 0;
+  uint32_t uniform = ~0u;  // splits of every task so far (~0: none yet, 0: they differ)
   plan->split_tokens = 0;
   size_t scratch_floats = 0;
   for (uint32_t i = 0; i < count; ++i) {
@@ -150,6 +152,7 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
         C > 1 ? std::max<uint64_t>(16, AlignUp((most + C - 1) / C, 16)) : split;
     const uint32_t splits =
         C > 1 ? C : static_cast<uint32_t>(std::max<uint64_t>(1, (most + split - 1) / split));
+    uniform = uniform == ~0u || uniform == splits ? splits : 0;
     for (uint32_t h = 0; h < a.kv_heads; ++h, ++task) {
       SearchTaskDesc& d = descs[task];  // zero-filled by assign
       d.tree = p.trees[h];
@@ -193,8 +196,10 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
         it.partial_base = partial_slots;
         it.task = task;
         it.split = s;
+        // Its runs: built by its block from what the search leaves (SearchRunHeader). The
+        // first item's run slots of a task hold the task's fixed pieces.
         it.run_begin = item * kMaxRunsPerItem;
-        it.run_end = it.run_begin;  // the search writes run_end and tokens
+        it.run_end = it.run_begin;
       }
       if (splits / C > 1) partial_slots += splits / C;
     }
@@ -209,6 +214,9 @@ Status PlanSearchAttend(const SearchAttendProblem* problems, uint32_t count,
   off = AlignUp(off + tasks * plan->max_selected * sizeof(float), 256);
   plan->runs_off = off;
   off = AlignUp(off + num_items * kMaxRunsPerItem * sizeof(AttendRunDesc), 256);
+  plan->run_source_off = off;
+  off = AlignUp(off + tasks * sizeof(SearchRunHeader), 256);
+  plan->uniform_splits = uniform == ~0u ? 0 : uniform;
   plan->scratch_off = off;
   off = AlignUp(off + scratch_floats * sizeof(float), 256);
   plan->partials_off = off;

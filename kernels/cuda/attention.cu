@@ -45,6 +45,7 @@ namespace cg = cooperative_groups;
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::SearchRunHeader;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
 using ::kvmem::kernels::detail::PartialAccOffset;
 using ::kvmem::kernels::detail::PartialFloats;
@@ -54,7 +55,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Static shared memory: the item's run table.
-struct RunTable {
+struct RunTable {  // runs of at least one token (the row pairs take a run's successor whole)
   uint64_t k_off[kMaxRunsPerItem];
   uint64_t v_off[kMaxRunsPerItem];
   uint32_t len[kMaxRunsPerItem];
@@ -1057,12 +1058,105 @@ constexpr int MinBlocks() {
   return G <= 4 ? 4 : 2;
 }
 
+// The attention of LaunchSearchAttend: this block's runs from what the search left (detail::
+// SearchRunHeader): split s of S takes the task's entries s, s + S, ... (the selected chunks in
+// selection order, then the fixed pieces), so no block needs another's runs or a prefix over
+// them. Loads: the item, the header and the block's selected chunk ids at once (with uniform
+// splits the task is known from the block index), then each entry's chunk size, start and block
+// (or its fixed piece). Returns the runs and sets *ntok to their tokens.
+template <int D>
+__device__ __forceinline__ int RunsFromSearch(RunTable& rt, const AttendItemDesc& item,
+                                              const SearchRunHeader* __restrict__ src,
+                                              const uint32_t* __restrict__ selected,
+                                              uint32_t max_selected, uint32_t uniform_splits,
+                                              uint32_t* ntok) {
+  constexpr int kPer = static_cast<int>(kMaxRunsPerItem) / kThreads;
+  static_assert(kPer * kThreads == static_cast<int>(kMaxRunsPerItem));
+  __shared__ uint32_t warp_tok[kThreads / 32], warp_runs[kPer][kThreads / 32];
+  const uint32_t b = blockIdx.x, tid = threadIdx.x;
+  const uint32_t S = uniform_splits ? uniform_splits : item.num_splits;
+  const uint32_t task = uniform_splits ? b / S : item.task, s = uniform_splits ? b % S : item.split;
+  uint32_t c_sel[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const uint32_t i = s + S * (tid + u * kThreads);
+    c_sel[u] = i < max_selected ? selected[static_cast<size_t>(task) * max_selected + i] : 0;
+  }
+  const SearchRunHeader h = src[task];
+  const uint32_t E = h.entries;
+  const int n_entries = E > s ? static_cast<int>(min((E - s + S - 1) / S, kMaxRunsPerItem)) : 0;
+  uint64_t k0[kPer], v0[kPer];
+  uint32_t len[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int r = static_cast<int>(tid) + u * kThreads;
+    len[u] = 0;
+    k0[u] = v0[u] = 0;
+    if (r >= n_entries) continue;
+    const uint32_t i = s + S * r;
+    if (i < h.nsel) {  // its tokens outside the sink and recent pieces
+      const uint32_t c = c_sel[u];
+      const uint32_t t = h.chunk_tokens[c];
+      const uint64_t st = h.chunk_start[c], kb = h.chunk_block[c];
+      const uint64_t in_sink = st < h.sink_tokens ? h.sink_tokens - st : 0;
+      const uint32_t a = in_sink < t ? static_cast<uint32_t>(in_sink) : t;
+      const uint32_t e =
+          st + t > h.recent_from ? static_cast<uint32_t>((h.recent_from > st ? h.recent_from : st) - st) : t;
+      len[u] = e > a ? e - a : 0;
+      k0[u] = kb + (static_cast<uint64_t>(h.kv_head) * t + a) * D;
+      v0[u] = kb + (static_cast<uint64_t>(h.kv_heads + h.kv_head) * t + a) * D;
+    } else {
+      const AttendRunDesc f = h.fixed[i - h.nsel];
+      k0[u] = f.k_off;
+      v0[u] = f.v_off;
+      len[u] = f.len;
+    }
+  }
+  // Empty entries (a selected chunk wholly inside the sink or recent pieces) are left out: the
+  // token loops take a run's successor as non-empty (the row pairs' second row).
+  const uint32_t lane = tid & 31, warp = tid >> 5;
+  uint32_t keep[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    keep[u] = __ballot_sync(0xffffffffu, len[u] > 0);
+    if (lane == 0) warp_runs[u][warp] = __popc(keep[u]);
+  }
+  uint32_t mine = 0;
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) mine += len[u];
+  const uint32_t sum = __reduce_add_sync(0xffffffffu, mine);
+  if (lane == 0) warp_tok[warp] = sum;
+  __syncthreads();
+  uint32_t n = 0, at = 0;
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    uint32_t before = at;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      before += w < static_cast<int>(warp) ? warp_runs[u][w] : 0u;
+      at += warp_runs[u][w];
+    }
+    if (len[u] > 0) {
+      const uint32_t r = before + __popc(keep[u] & ((1u << lane) - 1u));
+      rt.k_off[r] = k0[u];
+      rt.v_off[r] = v0[u];
+      rt.len[r] = len[u];
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) n += warp_tok[w];
+  *ntok = n;
+  return static_cast<int>(at);
+}
+
 template <int D, int G, typename KV, int kTC>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t run_stride,
                      uint32_t* counters, float* partials, DType q_dtype, DType out_dtype,
-                     bool legacy_merge, uint32_t issue, unsigned long long* trace) {
+                     bool legacy_merge, uint32_t issue, unsigned long long* trace,
+                     const SearchRunHeader* __restrict__ src, const uint32_t* __restrict__ selected,
+                     uint32_t max_selected, uint32_t uniform_splits) {
   __shared__ RunTable rt;
   extern __shared__ uint4 dyn[];
   if (trace != nullptr) {
@@ -1070,20 +1164,27 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     if (threadIdx.x == 0) trace[0] = GlobalTimer();
   }
   // Launched as a programmatic dependent of the tree search (LaunchSearchAttend): wait for its
-  // items and runs. A no-op in an ordinary launch.
+  // selection. A no-op in an ordinary launch.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  // With a fixed run stride (item i's runs start at i * run_stride) the first kThreads runs are
-  // loaded together with the item, not after it: one dependent global round trip less.
-  const bool pre = threadIdx.x < run_stride;
-  AttendRunDesc first{};
-  if (pre) first = runs[static_cast<size_t>(blockIdx.x) * run_stride + threadIdx.x];
   const AttendItemDesc item = items[blockIdx.x];
-  const int nruns = static_cast<int>(item.run_end - item.run_begin);
-  for (int i = threadIdx.x; i < nruns; i += kThreads) {
-    const AttendRunDesc r = i < kThreads && pre ? first : runs[item.run_begin + i];
-    rt.k_off[i] = r.k_off;
-    rt.v_off[i] = r.v_off;
-    rt.len[i] = r.len;
+  int nruns = 0;
+  uint32_t ntok = 0;
+  if (src != nullptr) {
+    nruns = RunsFromSearch<D>(rt, item, src, selected, max_selected, uniform_splits, &ntok);
+  } else {
+    // With a fixed run stride (item i's runs start at i * run_stride) the first kThreads runs
+    // are loaded together with the item, not after it: one dependent global round trip less.
+    const bool pre = threadIdx.x < run_stride;
+    AttendRunDesc first{};
+    if (pre) first = runs[static_cast<size_t>(blockIdx.x) * run_stride + threadIdx.x];
+    nruns = static_cast<int>(item.run_end - item.run_begin);
+    ntok = item.tokens;
+    for (int i = threadIdx.x; i < nruns; i += kThreads) {
+      const AttendRunDesc r = i < kThreads && pre ? first : runs[item.run_begin + i];
+      rt.k_off[i] = r.k_off;
+      rt.v_off[i] = r.v_off;
+      rt.len[i] = r.len;
+    }
   }
   ItemOutput o{item.out,
                out_dtype,
@@ -1096,7 +1197,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
                issue,
                trace};
   const KV* pool = static_cast<const KV*>(item.pool);
-  RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, item.tokens, item.q, q_dtype, item.scale, o);
+  RunItem<D, G, KV, kTC>(rt, dyn, pool, pool, nruns, ntok, item.q, q_dtype, item.scale, o);
 }
 
 template <int D, int G, typename KV, int kTC>
@@ -1411,6 +1512,10 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
   const auto* runs = reinterpret_cast<const AttendRunDesc*>(ws + plan.runs_off);
   auto* counters = reinterpret_cast<uint32_t*>(ws + plan.counters_off);
   auto* partials = reinterpret_cast<float*>(ws + plan.partials_off);
+  const auto* src =
+      plan.runs_from_search ? reinterpret_cast<const SearchRunHeader*>(ws + plan.run_source_off) : nullptr;
+  const auto* selected =
+      plan.runs_from_search ? reinterpret_cast<const uint32_t*>(ws + plan.selected_off) : nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t launch_err = cudaSuccess;
   const bool ok =
@@ -1423,7 +1528,8 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         if (!dependent && plan.cluster_size <= 1) {
           SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
               items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
-              LegacyMergeEnv(), IssueEnv(), reinterpret_cast<unsigned long long*>(trace));
+              LegacyMergeEnv(), IssueEnv(), reinterpret_cast<unsigned long long*>(trace), src,
+              selected, plan.max_selected, plan.uniform_splits);
           return;
         }
         cudaLaunchConfig_t cfg{};
@@ -1448,7 +1554,8 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
         launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
                                         run_stride, counters, partials, plan.q_dtype,
                                         plan.out_dtype, LegacyMergeEnv(), IssueEnv(),
-                                        reinterpret_cast<unsigned long long*>(trace));
+                                        reinterpret_cast<unsigned long long*>(trace), src,
+                                        selected, plan.max_selected, plan.uniform_splits);
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);

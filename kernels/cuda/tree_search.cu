@@ -52,6 +52,8 @@ namespace cg = cooperative_groups;
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
+using ::kvmem::kernels::detail::kTailPieceTokens;
+using ::kvmem::kernels::detail::SearchRunHeader;
 using ::kvmem::kernels::detail::SearchTaskDesc;
 
 constexpr int kThreads = 512;
@@ -72,8 +74,9 @@ __device__ __forceinline__ float FromOrderedBits(uint32_t o) {
 }
 constexpr uint32_t kMaxCand = kSearchMaxCandidates;
 constexpr uint32_t kBitmapWords = kSearchMaxChunks / 32;
-constexpr uint32_t kMaxRuns = kSearchMaxCandidates + 64;  // runs of one head before splitting
-constexpr uint32_t kMaxSplits = 256;
+// Chunks whose selected piece differs from their counted tokens (the sink, skip and recent
+// edges; WriteFixedPieces), at most.
+constexpr uint32_t kMaxFixedDiffs = 256;
 constexpr float kNegInf = -INFINITY;
 
 constexpr uint32_t kSortCap = 4096;  // NextPow2(kMaxCand): bitonic padding
@@ -99,10 +102,10 @@ struct CutScratch {
 struct Smem {
   float mean[128];
   float mean_norm;
-  uint32_t leaf_count, cand_count, run_count, nsel, sel_tokens, status, done, rounds, nodes_scored;
+  uint32_t leaf_count, cand_count, nsel, sel_tokens, status, done, rounds, nodes_scored;
   uint32_t remaining, misfits;
   float e_next;
-  uint32_t total_tokens, n_commit;
+  uint32_t n_commit;
   uint32_t ctl;  // rank 0: 1 = this round's new pool entries are reserved, 0 = the search ended
   uint32_t n_sort, n_rest, more, slice_back;  // rank 0: the commit slices
   uint32_t sure_count, sure_tokens;  // rank 0: the slice's leading commits that all fit
@@ -124,12 +127,6 @@ struct Smem {
       uint32_t g_hist_tok[kHistBins];   // rank 0: every rank's entries by bottleneck bin
       uint32_t g_hist_chk[kHistBins];
     };
-    struct {  // rank 0, the runs: first / start and tokens of the first and last kThreads chunks
-      unsigned long long head_start[kThreads];
-      unsigned long long back_start[kThreads];
-      uint32_t head_tokens[kThreads];
-      uint32_t back_tokens[kThreads];
-    };
   };
   uint32_t hist_tok[kHistBins];
   uint32_t hist_chk[kHistBins];
@@ -140,23 +137,12 @@ struct Smem {
   unsigned long long flat_need;
   unsigned long long expanded_tokens;
   CutScratch cut;  // TopBinsCut's scratch
-  union {
-    struct {  // the search rounds: the pool of scored chunks, and this round's commits
-      float4 cand_chain[kMaxCand];
-      uint32_t cand_id[kMaxCand];
-      uint32_t cand_tok[kMaxCand];  // | kConsumed once committed
-      float cand_score[kMaxCand];
-      uint32_t commit[kSortCap];
-    };
-    struct {  // then the runs
-      uint32_t sel_id[kMaxCand];
-      uint32_t sel_len[kMaxCand];
-      uint32_t run_chunk[kMaxRuns];  // chunk id, or kTreeNone for the tail
-      uint32_t run_begin[kMaxRuns];
-      uint32_t run_len[kMaxRuns];
-      uint32_t run_prefix[kMaxRuns];  // exclusive token prefix
-    };
-  };
+  // The search rounds: the pool of scored chunks, and this round's commits.
+  float4 cand_chain[kMaxCand];
+  uint32_t cand_id[kMaxCand];
+  uint32_t cand_tok[kMaxCand];  // | kConsumed once committed
+  float cand_score[kMaxCand];
+  uint32_t commit[kSortCap];
   union {
     uint32_t node_tokens[kMaxCand];  // rank 0: the nodes' token counts while their chains are formed
     struct {  // rank 0, the rounds: the keys SortCommits ranks by counting, contiguous
@@ -165,10 +151,14 @@ struct Smem {
     };
   };
   uint32_t bitmap[kBitmapWords];
-  uint32_t item_first_run[kMaxSplits];
-  uint32_t item_count[kMaxSplits];
   uint32_t scan_tmp[32];
-  unsigned long long scan_tmp64[kWarps];  // rank 0, the runs: per-warp (runs << 32 | tokens)
+  // The task's fixed pieces (WriteFixedPieces; the last rank writes them into rank 0's state):
+  // their count and tokens, a status, and the chunks whose selected piece is not their counted
+  // tokens with the difference; the writer's own per-warp sums.
+  uint32_t fx_n, fx_tokens, fx_status, fx_ndiff;
+  uint32_t fx_diff_c[kMaxFixedDiffs];
+  int32_t fx_diff_v[kMaxFixedDiffs];
+  uint32_t fx_warp[kWarps], fx_warp_tok[kWarps];
 };
 
 // The least tokens of leaves the automatic first round takes in a large tree searched by >= 2
@@ -179,10 +169,10 @@ constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 // 3 cluster barrier, 4 node links staged, 5 chains + leaves, 6 round set-up, 7 leaf histogram,
 // 8 leaf cut, 9 leaf reservation, 10 cluster barrier, 11 chunk lookups, 12 chunk rows, 13 pool
 // gathered, 14 commits, 15-16 slice histogram, 17 slice cuts, 18 slice sorted (28 partition,
-// 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22-27 runs
-// (22 counts; 23 thread 0 passes the sink / recent pieces, which the last thread builds; 24 those
-// pieces and the selection loaded; 25 runs, prefix and split starts; 26 runs per split; 27 items
-// written).
+// 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22 the fixed
+// pieces (a one-block search writes them here), 23 the attention's header and the results.
+// (Until session 20 rank 0 also built the attention's run tables here, steps 22-27: ~7K cycles
+// at 128K batch 1; the attention's blocks build their own runs now.)
 constexpr int kTracePoints = 31;
 __device__ int g_trace_prints = 0;
 
@@ -525,7 +515,7 @@ struct InlineSource {
 };
 
 // One thread-block cluster of N blocks per (problem, KV head); rank 0 runs the search's control
-// (leaf selection, commit, sort, scan, runs), and every rank shares the parallel parts: node
+// (leaf selection, commit, sort, scan), and every rank shares the parallel parts: node
 // scores and the chunk summaries of each round. N = 1 is the one-block search. Every branch on
 // `rank` is uniform within a block, and every cluster barrier is reached by all ranks of the
 // cluster. kFlat: the flat search (F1-F7 below; every chunk scored at once, then gathers from a
@@ -540,12 +530,134 @@ __device__ __forceinline__ void ClusterWait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
+// A sealed chunk's start, size and K/V block offset.
+struct EdgeChunk {
+  uint64_t st = 0, kb = 0;
+  uint32_t tok = 0;
+};
+
+// A chunk's fixed pieces: [0, a) in the sinks and [b, t) in the recent window, or the whole
+// chunk when they meet. Its selected piece (what the attention takes when it is selected, as
+// RunsFromSearch in attention.cu) is [a, b), empty when they meet.
+struct ChunkPieces {
+  uint32_t a, b;
+  bool whole;
+  __device__ uint32_t count(uint32_t t) const { return whole ? 1u : (a > 0 ? 1u : 0u) + (b < t ? 1u : 0u); }
+  __device__ uint32_t selected() const { return !whole && b > a ? b - a : 0u; }
+};
+__device__ __forceinline__ ChunkPieces PiecesOf(const EdgeChunk& c, uint64_t S, uint64_t R) {
+  const uint32_t a = c.st < S ? static_cast<uint32_t>(min(S - c.st, uint64_t{c.tok})) : 0u;
+  const uint32_t b = c.st + c.tok > R ? static_cast<uint32_t>(max(R, c.st) - c.st) : c.tok;
+  return {a, b, a > 0 && b <= a};
+}
+
+// The task's fixed pieces for the attention (detail::SearchRunHeader): the sink and
+// recent-window pieces of its sealed chunks (they do not depend on the selection), then the
+// tail in pieces of kTailPieceTokens, resolved into `fixed`. Into `s0` (rank 0's state, this
+// block's own in a one-block search): their count and tokens, a status, and every edge chunk
+// whose selected piece differs from its counted tokens, with the difference (rank 0 adds those
+// of the selected ones to the selection's counted tokens for the attended tokens). The whole
+// block; thread t holds chunk t (hd) and chunk num_chunks - 1 - t (bk) for t < lim. Sink
+// chunks are a prefix of the chunks and recent ones a suffix (ids follow token order); such a
+// region of lim chunks or more (with more chunks beyond it) is refused with
+// kSearchStatusTooManyRuns (the daemon then searches on the host), as are more than
+// kMaxRunsPerItem pieces or kMaxFixedDiffs differing chunks.
+template <int D>
+__device__ void WriteFixedPieces(Smem& sm, Smem& s0, const SearchTaskDesc& task, uint32_t skip,
+                                 uint32_t num_chunks, uint32_t lim, const EdgeChunk& hd,
+                                 const EdgeChunk& bk, AttendRunDesc* fixed) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint64_t S = task.sink_tokens, R = task.recent_from, edge = max(S, uint64_t{skip});
+  const bool in = static_cast<uint32_t>(tid) < lim;
+  const uint32_t n_s = __syncthreads_count(in && hd.st < S);
+  const uint32_t n_r = __syncthreads_count(in && bk.st + bk.tok > R);
+  const uint32_t n_e = __syncthreads_count(in && hd.st < edge);  // counted may differ below it
+  const bool too_long = lim < num_chunks && (n_s == lim || n_r == lim || n_e == lim);
+  const uint32_t H = task.kv_heads, h = task.kv_head, cb = num_chunks - 1 - tid;
+  // Pieces: chunk tid when a sink chunk; chunk cb when recent and not a sink chunk.
+  // Differences: chunk tid below the edge; chunk cb when recent and not below it.
+  const bool hp = static_cast<uint32_t>(tid) < n_s, hdf = static_cast<uint32_t>(tid) < n_e;
+  const bool bp = static_cast<uint32_t>(tid) < n_r && cb >= n_s;
+  const bool bdf = static_cast<uint32_t>(tid) < n_r && cb >= n_e;
+  const ChunkPieces ph = PiecesOf(hd, S, R), pb = PiecesOf(bk, S, R);
+  const int32_t dh = hdf ? static_cast<int32_t>(ph.selected()) -
+                               static_cast<int32_t>(CountedTokens(hd.st, hd.tok, skip))
+                         : 0;
+  const int32_t db = bdf ? static_cast<int32_t>(pb.selected()) -
+                               static_cast<int32_t>(CountedTokens(bk.st, bk.tok, skip))
+                         : 0;
+  const uint32_t np = (hp ? ph.count(hd.tok) : 0u) + (bp ? pb.count(bk.tok) : 0u);
+  const uint32_t nd = (dh != 0 ? 1u : 0u) + (db != 0 ? 1u : 0u);
+  auto piece_tokens = [](const ChunkPieces& p, uint32_t t) { return p.whole ? t : p.a + (t - p.b); };
+  const uint32_t tok = (hp ? piece_tokens(ph, hd.tok) : 0u) + (bp ? piece_tokens(pb, bk.tok) : 0u);
+  // One block prefix of (pieces | differences << 16): each thread's slots.
+  const uint32_t x = np | nd << 16;
+  uint32_t inc = x;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t y = __shfl_up_sync(0xffffffffu, inc, off);
+    if (lane >= off) inc += y;
+  }
+  const uint32_t wtok = __reduce_add_sync(0xffffffffu, tok);
+  if (lane == 31) sm.fx_warp[warp] = inc;
+  if (lane == 0) sm.fx_warp_tok[warp] = wtok;
+  __syncthreads();
+  uint32_t before = inc - x, total = 0, tokens = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? sm.fx_warp[w] : 0u;
+    total += sm.fx_warp[w];
+    tokens += sm.fx_warp_tok[w];
+  }
+  const uint32_t n_pieces = total & 0xffffu, n_diffs = total >> 16;
+  const uint32_t tail = task.tail_len, n_tail = (tail + kTailPieceTokens - 1) / kTailPieceTokens;
+  const uint32_t n_fixed = n_pieces + n_tail;
+  const bool failed = too_long || n_fixed > kMaxRunsPerItem || n_diffs > kMaxFixedDiffs;
+  if (!failed) {
+    uint32_t at = before & 0xffffu;
+    auto put = [&](const EdgeChunk& c, uint32_t from, uint32_t to) {
+      if (to <= from) return;
+      fixed[at++] = AttendRunDesc{c.kb + (uint64_t{h} * c.tok + from) * D,
+                                  c.kb + (uint64_t{H + h} * c.tok + from) * D, to - from, 0};
+    };
+    auto pieces = [&](const EdgeChunk& c, const ChunkPieces& p) {
+      if (p.whole) {
+        put(c, 0, c.tok);
+      } else {
+        put(c, 0, p.a);
+        put(c, p.b, c.tok);
+      }
+    };
+    if (hp) pieces(hd, ph);
+    if (bp) pieces(bk, pb);
+    uint32_t d = before >> 16;
+    if (dh != 0) {
+      s0.fx_diff_c[d] = tid;
+      s0.fx_diff_v[d++] = dh;
+    }
+    if (db != 0) {
+      s0.fx_diff_c[d] = cb;
+      s0.fx_diff_v[d] = db;
+    }
+    for (uint32_t j = tid; j < n_tail; j += kThreads) {
+      const uint64_t o = uint64_t{j} * kTailPieceTokens * D;
+      fixed[n_pieces + j] = AttendRunDesc{task.tail_k_off + o, task.tail_v_off + o,
+                                          min(kTailPieceTokens, tail - j * kTailPieceTokens), 0};
+    }
+  }
+  if (tid == 0) {
+    s0.fx_n = failed ? 0 : n_fixed;
+    s0.fx_tokens = failed ? 0 : tokens + tail;
+    s0.fx_ndiff = failed ? 0 : n_diffs;
+    s0.fx_status = failed ? kSearchStatusTooManyRuns : 0;
+  }
+}
+
 template <int D, bool kTrace, bool kInline, bool kFlat>
 __device__ __forceinline__ void TreeSearchBody(
     const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
-    SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
-    float* scratch, DType q_dtype, uint32_t first_round, uint32_t slice_slack,
-    const InlineSource& inl) {
+    SearchRunHeader* headers, SearchTaskResult* results, uint32_t* selected, float* sel_scores,
+    uint32_t max_selected, float* scratch, DType q_dtype, uint32_t first_round,
+    uint32_t slice_slack, const InlineSource& inl) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   cg::cluster_group cluster = cg::this_cluster();
@@ -568,17 +680,27 @@ __device__ __forceinline__ void TreeSearchBody(
   const uint32_t f_lo = kFlat ? min(num_chunks, rank * f_per) : 0;
   const uint32_t f_n = kFlat ? min(num_chunks, f_lo + f_per) - f_lo : 0;
   const bool flat_fits = !kFlat || (f_per <= kFlatPerRank && tree.num_nodes <= kFlatMaxNodes);
-  // Rank 0: the first and last kThreads chunks' starts and sizes (sinks and the recent window
-  // for the runs), loaded now so their latency hides behind the search.
+  // The last rank (which writes the fixed pieces: WriteFixedPieces): the first and last kThreads
+  // chunks' starts, sizes and K/V blocks (the sinks and the recent window), loaded now so their
+  // latency hides behind the search.
   const uint32_t lim = min(num_chunks, static_cast<uint32_t>(kThreads));
-  uint64_t head_st = 0, back_st = 0;
-  uint32_t head_tok = 0, back_tok = 0;
-  if (rank == 0 && static_cast<uint32_t>(tid) < lim) {
-    head_st = tree.chunk_start[tid];
-    back_st = tree.chunk_start[num_chunks - 1 - tid];
-    head_tok = tree.chunk_tokens[tid];
-    back_tok = tree.chunk_tokens[num_chunks - 1 - tid];
+  EdgeChunk e_head, e_back;
+  if (rank == N - 1 && static_cast<uint32_t>(tid) < lim) {
+    const uint32_t cb = num_chunks - 1 - tid;
+    e_head = EdgeChunk{tree.chunk_start[tid], task.chunk_block[tid], tree.chunk_tokens[tid]};
+    e_back = EdgeChunk{tree.chunk_start[cb], task.chunk_block[cb], tree.chunk_tokens[cb]};
   }
+  // The fixed pieces: by the last rank while rank 0 runs the first round's control (rank 0 reads
+  // them after a later cluster barrier), by rank 0 after its scan in a one-block search.
+  AttendRunDesc* const fixed = runs + size_t{task.first_item} * kMaxRunsPerItem;
+  auto write_fixed = [&] {
+    WriteFixedPieces<D>(sm, s0, task, prm.skip_tokens_below, num_chunks, lim, e_head, e_back, fixed);
+    if constexpr (kInline) {  // the plan's items whole, from the parameters
+      for (uint32_t i = tid; i < task.num_splits; i += kThreads) {
+        items[task.first_item + i] = inl.items[task.first_item + i];
+      }
+    }
+  };
   // A decode step's new K / V rows into the tail (the last rank, whose share of the work is the
   // smallest): the attention reads them after this grid has finished.
   if (task.new_k != nullptr && rank == N - 1) {
@@ -618,10 +740,9 @@ __device__ __forceinline__ void TreeSearchBody(
   uint64_t t_sort_leaves = 0, t_score = 0, t_sort = 0, t_scan = 0, tq = 0, t_lookup = 0, t_rows = 0;
 
   if (tid == 0) {
-    sm.leaf_count = sm.cand_count = sm.run_count = sm.nsel = sm.sel_tokens = 0;
+    sm.leaf_count = sm.cand_count = sm.nsel = sm.sel_tokens = 0;
     sm.status = sm.done = sm.rounds = sm.nodes_scored = 0;
     sm.remaining = prm.budget_tokens;
-    sm.total_tokens = 0;
     sm.misfits = 0;
     sm.ctl = 0;
     if constexpr (kFlat) {
@@ -993,6 +1114,7 @@ __device__ __forceinline__ void TreeSearchBody(
       KVMEM_TRACE(5);
       stamp[2] = now();
     }
+    if (N > 1 && rank == N - 1) write_fixed();
     // 4. Rounds: rank 0 picks the best unexpanded leaves by a token-weighted histogram of their
     // keys (no sort: only the set and the best key left out matter) and reserves their pool
     // entries; every rank scores a slice of the new entries into rank 0's pool; rank 0 commits
@@ -1235,10 +1357,11 @@ __device__ __forceinline__ void TreeSearchBody(
             sm.cand_id[t] = c[u];
             sm.cand_chain[t] = chains[lidx[u]];  // extended by the score below
             sm.cand_score[t] = tree.chunk_radius[c[u]];  // replaced by the score below
-            sm.cand_tok[t] = tok;
             if (rank != 0) {  // rank 0's pool: id and tokens now, chain and score when scored
               s0.cand_id[t] = c[u];
               s0.cand_tok[t] = tok;
+            } else {
+              sm.cand_tok[t] = tok;
             }
           }
         }
@@ -1642,8 +1765,10 @@ __device__ __forceinline__ void TreeSearchBody(
       }
       if (rank == 0) target = target * 8 / 5;
     }
-    // The others leave after reading ctl, and rank 0 never writes ctl again: no cluster
-    // barrier is needed before rank 0 reuses its shared memory.
+    // The others leave after reading ctl, and rank 0 never writes ctl again.
+  } else if (N > 1) {  // nothing to search: the fixed pieces still, for rank 0 after the barrier
+    if (rank == N - 1) write_fixed();
+    cluster.sync();
   }
   // But rank 0's shared memory must outlive every remote access to it (a block's shared memory
   // is gone once it exits): each rank's last one (the read of ctl above) comes before this
@@ -1656,272 +1781,69 @@ __device__ __forceinline__ void TreeSearchBody(
   first_round_trace = true;
   KVMEM_TRACE(21);
   stamp[3] = now();
-  // 5. Runs: sink / recent pieces (thread 0), selected chunks (warp 0, in selection order), tail.
-  const uint32_t H = task.kv_heads, h = task.kv_head;
-  if (tid == 0) sm.run_count = 0;
-  // Sink chunks are a prefix and recent chunks a suffix of the chunks (ids follow token order):
-  // the first and last kThreads chunks' starts and sizes (loaded at the start) go to shared
-  // memory for thread 0, and both are counted.
-  {
-    const uint32_t S = task.sink_tokens;
-    bool ps = false, pr = false;
-    if (static_cast<uint32_t>(tid) < lim) {
-      sm.head_start[tid] = head_st;
-      sm.head_tokens[tid] = head_tok;
-      sm.back_start[tid] = back_st;
-      sm.back_tokens[tid] = back_tok;
-      ps = head_st < S;
-      pr = back_st + back_tok > task.recent_from;
-    }
-    const uint32_t n_s = __syncthreads_count(ps), n_r = __syncthreads_count(pr);
-    if (tid == 0) {
-      sm.scan_tmp[0] = n_s;
-      sm.scan_tmp[1] = num_chunks - n_r;
-    }
+  if (N == 1) {  // the fixed pieces: this block's own (the others' last rank writes them early)
+    write_fixed();
+    __syncthreads();
   }
-  __syncthreads();
   KVMEM_TRACE(22);
-  auto start_of = [&](uint32_t c) -> uint64_t {
-    if (c < lim) return sm.head_start[c];
-    if (num_chunks - 1 - c < lim) return sm.back_start[num_chunks - 1 - c];
-    return tree.chunk_start[c];
-  };
-  auto tokens_of = [&](uint32_t c) -> uint32_t {
-    if (c < lim) return sm.head_tokens[c];
-    if (num_chunks - 1 - c < lim) return sm.back_tokens[num_chunks - 1 - c];
-    return tree.chunk_tokens[c];
-  };
-  const uint32_t ns = min(task.num_splits, kMaxSplits), split = task.split_tokens;
-  // The first run of each split (the run holding its first token) is marked by that run as it
-  // is written: one writer per split.
-  auto mark_splits = [&](uint32_t r, uint32_t p, uint32_t len) {
-    for (uint32_t i = (p + split - 1) / split; i < ns && uint64_t{i} * split < p + len; ++i) {
-      if (uint64_t{i} * split >= p) sm.item_first_run[i] = r;
+  // The attention's entries (SearchRunHeader) and the results. The selection's attended tokens
+  // are its counted tokens, corrected for the edge chunks whose selected piece differs.
+  if (warp == 0) {
+    int32_t extra = 0;
+    for (uint32_t k = lane; k < sm.fx_ndiff; k += 32) {
+      const uint32_t c = sm.fx_diff_c[k];
+      if (c < kSearchMaxChunks && ((sm.bitmap[c >> 5] >> (c & 31)) & 1u)) extra += sm.fx_diff_v[k];
     }
-  };
-  // Sink and recent pieces with their token prefix: the block's last thread (the first ones
-  // load the selection meanwhile, below; it has none of it below kThreads selected chunks).
-  if (tid == kThreads - 1 && sm.status == 0) {
-    uint32_t n = 0, tok = 0;
-    const uint32_t S = task.sink_tokens;
-    // Recent chunks: a suffix of the sealed chunks (continued here past the last kThreads).
-    uint32_t r_first = sm.scan_tmp[1];
-    while (r_first > 0 && start_of(r_first - 1) + tokens_of(r_first - 1) > task.recent_from) {
-      --r_first;
-    }
-    uint32_t s_end = sm.scan_tmp[0];
-    while (s_end < num_chunks && start_of(s_end) < S) ++s_end;
-    auto special = [&](uint32_t c) {
-      const uint64_t st = start_of(c);
-      const uint32_t t = tokens_of(c);
-      const bool sel = (sm.bitmap[c >> 5] >> (c & 31)) & 1u;
-      const uint32_t a = st < S ? static_cast<uint32_t>(S - st < t ? S - st : t) : 0;
-      const uint32_t b = st + t > task.recent_from
-                             ? static_cast<uint32_t>((task.recent_from > st ? task.recent_from : st) - st)
-                             : t;
-      auto add = [&](uint32_t from, uint32_t to) {
-        if (to > from && n < kMaxRuns) {
-          sm.run_chunk[n] = c;
-          sm.run_begin[n] = from;
-          sm.run_len[n] = to - from;
-          sm.run_prefix[n] = tok;
-          mark_splits(n, tok, to - from);
-          tok += to - from;
-          ++n;
-        }
-      };
-      if (sel || (a > 0 && b <= a)) {
-        add(0, t);
-      } else {
-        add(0, a);
-        add(b, t);
+    extra = __reduce_add_sync(0xffffffffu, extra);
+    if (lane == 0) {
+      uint32_t status = sm.status | sm.fx_status;
+      const uint32_t entries = sm.nsel + sm.fx_n, ns = max(task.num_splits, 1u);
+      if (status == 0 && (entries + ns - 1) / ns > kMaxRunsPerItem) status |= kSearchStatusTooManyRuns;
+      SearchRunHeader hdr;
+      hdr.chunk_block = task.chunk_block;
+      hdr.chunk_tokens = tree.chunk_tokens;
+      hdr.chunk_start = tree.chunk_start;
+      hdr.fixed = fixed;
+      hdr.recent_from = task.recent_from;
+      hdr.sink_tokens = task.sink_tokens;
+      hdr.kv_head = task.kv_head;
+      hdr.kv_heads = task.kv_heads;
+      hdr.nsel = sm.nsel;
+      hdr.entries = status == 0 ? entries : 0;
+      hdr.pad = 0;
+      headers[task_index] = hdr;
+      KVMEM_TRACE(23);
+      const int trace_seq = kTrace && trace_on ? atomicAdd(&g_trace_prints, 1) : -1;
+      if (kTrace && trace_on && trace_seq >= 8 && trace_seq < 11) {
+        printf("search trace (cycles since the previous point; first round), N=%u:", N);
+        for (int k = 1; k < 24; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
+        printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld\n",
+               tr[23] - tr[0], (unsigned long long)since(stamp[0]), dbg[0], dbg[1], dbg[2],
+               tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30]);
       }
-    };
-    for (uint32_t c = 0; c < s_end; ++c) special(c);
-    for (uint32_t c = max(r_first, s_end); c < num_chunks; ++c) special(c);
-    sm.run_count = n;
-    sm.total_tokens = tok;  // so far: the special runs'
-    sm.scan_tmp[0] = s_end;
-    sm.scan_tmp[1] = r_first;
-  }
-  KVMEM_TRACE(23);
-  const uint32_t nsel_all = min(sm.nsel, kMaxCand);
-  for (uint32_t i = tid; i < nsel_all; i += kThreads) {
-    const uint32_t c = my_sel[i];
-    sm.sel_id[i] = c;
-    sm.sel_len[i] = tree.chunk_tokens[c];
-    // Its K/V block offset is read when the runs are written: into L1 now.
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(task.chunk_block + c));
-  }
-  __syncthreads();
-  KVMEM_TRACE(24);
-  // Selected chunks outside the sink and recent pieces after the special runs, then the tail:
-  // the whole block, 512 at a time, one block-wide prefix of (runs << 32 | tokens) giving each
-  // its slot and its token prefix at once.
-  if (sm.status == 0) {
-    const uint32_t s_end = sm.scan_tmp[0], r_first = sm.scan_tmp[1];
-    uint32_t n = sm.run_count, tok = sm.total_tokens;
-    __syncthreads();  // scan_tmp is read
-    auto block_prefix = [&](unsigned long long x, unsigned long long* total) {
-      unsigned long long pre = x;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned long long y = __shfl_up_sync(0xffffffffu, pre, off);
-        if (lane >= off) pre += y;
+      SearchTaskResult res{};
+      res.status = status;
+      res.num_selected = sm.nsel;
+      res.selected_tokens = sm.sel_tokens;
+      res.attended_tokens = status == 0 ? sm.fx_tokens + sm.sel_tokens + extra : 0;
+      // The flat search scores every chunk (and every node but the root).
+      res.nodes_scored = (kFlat && search ? num_chunks : sm.nodes_scored) + nn;
+      res.rounds = sm.rounds;
+      stamp[4] = now();
+      for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
+      for (int i = 0; i < 4; ++i) {
+        res.phase_ns[i] = stamp[i + 1] > stamp[i] ? static_cast<uint32_t>(stamp[i + 1] - stamp[i]) : 0;
       }
-      if (lane == 31) sm.scan_tmp64[warp] = pre;
-      __syncthreads();
-      unsigned long long before = 0, all = 0;
-      for (int w = 0; w < kWarps; ++w) {
-        const unsigned long long c = sm.scan_tmp64[w];
-        before += w < warp ? c : 0;
-        all += c;
-      }
-      __syncthreads();  // scan_tmp64 may be reused
-      *total = all;
-      return before + pre - x;
-    };
-    for (uint32_t b0 = 0; b0 < nsel_all; b0 += kThreads) {
-      const uint32_t i = b0 + tid;
-      const uint32_t c = i < nsel_all ? sm.sel_id[i] : 0;
-      const bool keep = i < nsel_all && c >= s_end && c < r_first;
-      const uint32_t len = keep ? sm.sel_len[i] : 0;
-      unsigned long long total;
-      const unsigned long long pre = block_prefix(keep ? (1ull << 32) | len : 0ull, &total);
-      const uint32_t at = n + static_cast<uint32_t>(pre >> 32), p = tok + static_cast<uint32_t>(pre);
-      if (keep && at < kMaxRuns) {
-        sm.run_chunk[at] = c;
-        sm.run_begin[at] = 0;
-        sm.run_len[at] = len;
-        sm.run_prefix[at] = p;
-        mark_splits(at, p, len);
-      }
-      n += static_cast<uint32_t>(total >> 32);
-      tok += static_cast<uint32_t>(total);
+      res.phase_ns[4] = static_cast<uint32_t>(t_sort_leaves);
+      res.phase_ns[5] = static_cast<uint32_t>(t_score);
+      res.phase_ns[6] = static_cast<uint32_t>(t_sort);
+      res.phase_ns[7] = static_cast<uint32_t>(t_scan);
+      res.score_ns[0] = static_cast<uint32_t>(t_lookup);
+      res.score_ns[1] = static_cast<uint32_t>(t_rows);
+      results[task_index] = res;
     }
-    if (tid == 0) {
-      const bool too_many = n + (task.tail_len > 0 ? 1 : 0) > kMaxRuns;
-      if (too_many) {
-        sm.status |= kSearchStatusTooManyRuns;
-        n = tok = 0;
-      } else if (task.tail_len > 0) {
-        sm.run_chunk[n] = kTreeNone;
-        sm.run_begin[n] = 0;
-        sm.run_len[n] = task.tail_len;
-        sm.run_prefix[n] = tok;
-        mark_splits(n, tok, task.tail_len);
-        ++n;
-        tok += task.tail_len;
-      }
-      sm.run_count = n;
-      sm.total_tokens = tok;
-    }
-  }
-  __syncthreads();
-  KVMEM_TRACE(25);
-  const uint32_t R = sm.run_count, T = sm.total_tokens;
-  const bool failed = sm.status != 0;
-  // Runs per split, checked before anything is written. A split below T has its first run
-  // marked (above); the last split takes the rest.
-  for (uint32_t i = tid; i < ns; i += kThreads) {
-    const uint32_t B = i * split;
-    uint32_t count = 0;
-    if (!failed && B < T) {
-      const bool last_item = i + 1 == ns || uint64_t{i + 1} * split >= T;
-      uint32_t last;
-      if (last_item) {
-        last = R - 1;
-      } else {
-        const uint32_t f = sm.item_first_run[i + 1];
-        last = sm.run_prefix[f] < (i + 1) * split ? f : f - 1;
-      }
-      count = last - sm.item_first_run[i] + 1;
-      if (count > kMaxRunsPerItem) atomicOr(&sm.status, kSearchStatusTooManyRuns);
-    }
-    sm.item_count[i] = count;
-  }
-  __syncthreads();
-  KVMEM_TRACE(26);
-  const bool ok_runs = sm.status == 0;
-  for (uint32_t r = tid; ok_runs && r < R; r += kThreads) {
-    const uint32_t p = sm.run_prefix[r], len = sm.run_len[r], c = sm.run_chunk[r];
-    uint64_t k0, v0;
-    if (c == kTreeNone) {
-      k0 = task.tail_k_off;
-      v0 = task.tail_v_off;
-    } else {
-      const uint32_t t = tree.chunk_tokens[c];
-      k0 = task.chunk_block[c] + uint64_t{h} * t * D;
-      v0 = k0 + uint64_t{H} * t * D;
-    }
-    const uint32_t i0 = min(p / split, ns - 1), i1 = min((p + len - 1) / split, ns - 1);
-    for (uint32_t i = i0; i <= i1; ++i) {
-      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
-      const uint32_t a = max(p, B), b = min(p + len, E);
-      const uint32_t at = sm.run_begin[r] + (a - p);
-      // The planner gives split i of the task run slots from (first_item + i) * kMaxRunsPerItem.
-      runs[(task.first_item + i) * kMaxRunsPerItem + (r - sm.item_first_run[i])] =
-          AttendRunDesc{k0 + uint64_t{at} * D, v0 + uint64_t{at} * D, b - a, 0};
-    }
-  }
-  for (uint32_t i = tid; i < ns; i += kThreads) {
-    if constexpr (kInline) {  // the item whole, from the parameters
-      AttendItemDesc it = inl.items[task.first_item + i];
-      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
-      const uint32_t count = ok_runs ? sm.item_count[i] : 0;
-      it.run_end = it.run_begin + count;
-      it.tokens = count > 0 ? E - B : 0;
-      items[task.first_item + i] = it;
-    } else {  // the uploaded item: its two fields
-      // Its run_begin is the planner's (first_item + i) * kMaxRunsPerItem (the slots above):
-      // not read back.
-      AttendItemDesc& it = items[task.first_item + i];
-      const uint32_t B = i * split, E = i + 1 == ns ? T : min(T, (i + 1) * split);
-      const uint32_t count = ok_runs ? sm.item_count[i] : 0;
-      it.run_end = (task.first_item + i) * kMaxRunsPerItem + count;
-      it.tokens = count > 0 ? E - B : 0;
-    }
-  }
-  if constexpr (kInline) {
-    // The splits past kMaxSplits stay as planned (empty), as the upload would leave them.
-    for (uint32_t i = ns + tid; i < task.num_splits; i += kThreads) {
-      items[task.first_item + i] = inl.items[task.first_item + i];
-    }
-  }
-  __syncthreads();
-  KVMEM_TRACE(27);
-  // Launches 8 to 10 of the process (warm caches, past the first graph's set-up).
-  const int trace_seq = kTrace && trace_on ? atomicAdd(&g_trace_prints, 1) : -1;
-  if (kTrace && trace_on && trace_seq >= 8 && trace_seq < 11) {
-    printf("search trace (cycles since the previous point; first round), N=%u:", N);
-    for (int k = 1; k < 28; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
-    printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld\n",
-           tr[27] - tr[0], (unsigned long long)since(stamp[0]), dbg[0], dbg[1], dbg[2],
-           tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30]);
   }
 #undef KVMEM_TRACE
-  if (tid == 0) {
-    SearchTaskResult res{};
-    res.status = sm.status;
-    res.num_selected = sm.nsel;
-    res.selected_tokens = sm.sel_tokens;
-    res.attended_tokens = sm.status == 0 ? T : 0;
-    // The flat search scores every chunk (and every node but the root).
-    res.nodes_scored = (kFlat && search ? num_chunks : sm.nodes_scored) + nn;
-    res.rounds = sm.rounds;
-    stamp[4] = now();
-    for (int i = 1; i <= 3; ++i) stamp[i] = stamp[i] ? stamp[i] : stamp[i - 1];
-    for (int i = 0; i < 4; ++i) {
-      res.phase_ns[i] = stamp[i + 1] > stamp[i] ? static_cast<uint32_t>(stamp[i + 1] - stamp[i]) : 0;
-    }
-    res.phase_ns[4] = static_cast<uint32_t>(t_sort_leaves);
-    res.phase_ns[5] = static_cast<uint32_t>(t_score);
-    res.phase_ns[6] = static_cast<uint32_t>(t_sort);
-    res.phase_ns[7] = static_cast<uint32_t>(t_scan);
-    res.score_ns[0] = static_cast<uint32_t>(t_lookup);
-    res.score_ns[1] = static_cast<uint32_t>(t_rows);
-    results[task_index] = res;
-  }
   ClusterWait();  // every rank's last read of this block's shared memory is done
   if (rank0_arrived) {  // that was the loop's last barrier: the others' arrive after ctl is next
     ClusterArrive();
@@ -1932,12 +1854,12 @@ __device__ __forceinline__ void TreeSearchBody(
 template <int D, bool kTrace, bool kFlat>
 __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
-                     AttendRunDesc* runs, SearchTaskResult* results, uint32_t* selected,
-                     float* sel_scores, uint32_t max_selected, float* scratch, DType q_dtype,
-                     uint32_t first_round, uint32_t slice_slack) {
-  TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, results, selected, sel_scores,
-                                          max_selected, scratch, q_dtype, first_round, slice_slack,
-                                          InlineSource{});
+                     AttendRunDesc* runs, SearchRunHeader* headers, SearchTaskResult* results,
+                     uint32_t* selected, float* sel_scores, uint32_t max_selected, float* scratch,
+                     DType q_dtype, uint32_t first_round, uint32_t slice_slack) {
+  TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, headers, results, selected,
+                                          sel_scores, max_selected, scratch, q_dtype, first_round,
+                                          slice_slack, InlineSource{});
 }
 
 // The parameters of an inline launch: data = [q | plan image at image_off].
@@ -1949,8 +1871,8 @@ struct InlineImage {
 
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    TreeSearchInlineKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchTaskResult* results,
-                           uint32_t* selected, float* sel_scores, uint32_t max_selected,
+    TreeSearchInlineKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchRunHeader* headers,
+                           SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
                            float* scratch, DType q_dtype, uint32_t first_round,
                            uint32_t slice_slack, uint32_t* counters,
                            const __grid_constant__ InlineImage img) {
@@ -1961,7 +1883,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   inl.items = reinterpret_cast<const AttendItemDesc*>(image + img.items_off);
   inl.counters = counters;
   TreeSearchBody<D, false, true, false>(
-      reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items, runs, results,
+      reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items, runs, headers, results,
       selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, inl);
 }
 
@@ -2114,6 +2036,7 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
       reinterpret_cast<const SearchTaskDesc*>(ws + plan.tasks_off),
       reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
+      reinterpret_cast<SearchRunHeader*>(ws + plan.run_source_off),
       results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
@@ -2139,6 +2062,7 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
   KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
       &cfg, TreeSearchInlineKernel<D>, reinterpret_cast<AttendItemDesc*>(ws + plan.items_off),
       reinterpret_cast<AttendRunDesc*>(ws + plan.runs_off),
+      reinterpret_cast<SearchRunHeader*>(ws + plan.run_source_off),
       results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
@@ -2173,6 +2097,11 @@ AttendPlan AttendPlanOf(const SearchAttendPlan& plan) {
   ap.cluster_size = plan.attend_cluster;
   ap.split_tokens = plan.split_tokens;
   ap.run_stride = kMaxRunsPerItem;
+  ap.runs_from_search = true;
+  ap.run_source_off = plan.run_source_off;
+  ap.selected_off = plan.selected_off;
+  ap.max_selected = plan.max_selected;
+  ap.uniform_splits = plan.uniform_splits;
   ap.items_off = plan.items_off;
   ap.runs_off = plan.runs_off;
   ap.counters_off = plan.counters_off;

@@ -42,6 +42,27 @@ struct AttendRunDesc {  // a piece of one span, for one KV head
   uint32_t pad;
 };
 
+// What the tree search of LaunchSearchAttend leaves per task for the span attention, which
+// builds each split's runs from it (docs/architecture.md, "Device tree and GPU search"). The
+// task's entries are the selected chunks in selection order (`nsel`, the ids in the search's
+// selection slots) followed by its fixed pieces (the sink and recent-window pieces, which do not
+// depend on the selection, and the tail in pieces of kTailPieceTokens); split s of S takes the
+// entries s, s + S, s + 2S, ... A selected chunk's entry is its tokens outside the sink and
+// recent pieces (the search counts them likewise).
+inline constexpr uint32_t kTailPieceTokens = 16;
+struct SearchRunHeader {
+  const uint64_t* chunk_block;   // the task's chunk K/V block offsets (SearchTaskDesc)
+  const uint32_t* chunk_tokens;  // its tree's chunk sizes and starts
+  const uint64_t* chunk_start;
+  const AttendRunDesc* fixed;    // entries - nsel fixed pieces, resolved
+  uint64_t recent_from;
+  uint32_t sink_tokens;
+  uint32_t kv_head, kv_heads;
+  uint32_t nsel;     // selected chunks
+  uint32_t entries;  // nsel + fixed pieces; 0 when the search failed (status != 0)
+  uint32_t pad;
+};
+
 // Partial of one split: m[G], l[G] (log2 domain), then from PartialAccOffset acc[G][D]
 // (unnormalised), fp32. Slots are multiples of 4 floats so acc rows take 16-byte loads.
 inline constexpr uint32_t PartialAccOffset(uint32_t group) { return (2 * group + 3) / 4 * 4; }
