@@ -170,7 +170,8 @@ constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 // 8 leaf cut, 9 leaf reservation, 10 cluster barrier, 11 chunk lookups, 12 chunk rows, 13 pool
 // gathered, 14 commits, 15-16 slice histogram, 17 slice cuts, 18 slice sorted (28 partition,
 // 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22 the fixed
-// pieces (a one-block search writes them here), 23 the attention's header and the results.
+// pieces (a one-block search writes them here), 23 the attention's header and the results;
+// within 1: 24 state set up, 25 radii loads issued, 26 mean query stored, 27 its barrier.
 // (Until session 20 rank 0 also built the attention's run tables here, steps 22-27: ~7K cycles
 // at 128K batch 1; the attention's blocks build their own runs now.)
 constexpr int kTracePoints = 31;
@@ -762,6 +763,7 @@ __device__ __forceinline__ void TreeSearchBody(
   if (rank == 0) {
     for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
   }
+  KVMEM_TRACE(24);
   // The flat search: every rank's histogram zeroed, and rank 0's global one; the other ranks
   // touch rank 0's state only after the wait that pairs with this arrive.
   uint32_t f_id[kFlat ? kFP : 1] = {};
@@ -796,6 +798,7 @@ __device__ __forceinline__ void TreeSearchBody(
       sm.cand_score[t] = tree.nodes[my_lo + t].radius;
     }
   }
+  KVMEM_TRACE(25);
   // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it,
   // and zeroes the task's merge counter: both are read only after this grid has finished).
   const void* task_q = nullptr;  // inline launch: this task's q in the parameters
@@ -828,7 +831,9 @@ __device__ __forceinline__ void TreeSearchBody(
     }
     sm.mean[d] = __fdiv_rn(m, static_cast<float>(task.group));
   }
+  KVMEM_TRACE(26);
   __syncthreads();
+  KVMEM_TRACE(27);
   if (warp == 0) {
     const float dd = GroupDot<D>(sm.mean, sm.mean, j);  // smem row: same operations
     if (lane == 0) sm.mean_norm = __fsqrt_rn(dd);
@@ -1817,9 +1822,11 @@ __device__ __forceinline__ void TreeSearchBody(
       if (kTrace && trace_on && trace_seq >= 8 && trace_seq < 11) {
         printf("search trace (cycles since the previous point; first round), N=%u:", N);
         for (int k = 1; k < 24; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
-        printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld\n",
+        printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld;"
+               " 1: %lld %lld %lld %lld %lld\n",
                tr[23] - tr[0], (unsigned long long)since(stamp[0]), dbg[0], dbg[1], dbg[2],
-               tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30]);
+               tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30], tr[24] - tr[0],
+               tr[25] - tr[24], tr[26] - tr[25], tr[27] - tr[26], tr[1] - tr[27]);
       }
       SearchTaskResult res{};
       res.status = status;
