@@ -674,6 +674,28 @@ __device__ __forceinline__ void TreeSearchBody(
   uint32_t* my_sel = selected + size_t{task_index} * max_selected;
   float* my_scores = sel_scores + size_t{task_index} * max_selected;
   const uint32_t num_chunks = tree.num_chunks;
+  // Step 1's global loads first and together (the group's q rows, at most 8: the planner's
+  // limit; this rank's first node radii for 2a): their round trips overlap each other and the
+  // set-up below instead of following it and one another.
+  const uint32_t nn = tree.num_nodes > 0 ? tree.num_nodes - 1 : 0, nper = (nn + N - 1) / N;
+  const uint32_t my_lo = 1 + min(nn, rank * nper), my_hi = 1 + min(nn, (rank + 1) * nper);
+  const uint32_t n_radii = min(kMaxCand, my_hi - my_lo), group = task.group;
+  // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it).
+  const void* const q_src =
+      kInline ? static_cast<const void*>(inl.q + (static_cast<const uint8_t*>(task.q) - inl.q_dev)) : task.q;
+  static_assert(D <= kThreads, "one mean-query element per thread");
+  float qv[8] = {};
+  if (tid < D) {
+    WithElemType(q_dtype, [&](auto e) {
+      using E = decltype(e);
+#pragma unroll
+      for (uint32_t g = 0; g < 8; ++g) {
+        if (g < group) qv[g] = LoadAs<E>(q_src, size_t{g} * D + tid);
+      }
+    });
+  }
+  float radius0 = 0.f;
+  if (!kFlat && static_cast<uint32_t>(tid) < n_radii) radius0 = tree.nodes[my_lo + tid].radius;
   // The flat search: this rank's positions [f_lo, f_lo + f_n) of leaf_chunks.
   constexpr int kFP = static_cast<int>(kFlatPerRank / kThreads);
   constexpr int kFN = static_cast<int>(kFlatMaxNodes / kThreads);
@@ -789,22 +811,19 @@ __device__ __forceinline__ void TreeSearchBody(
       }
     }
   }
-  // This rank's slice of the nodes [1, num_nodes) for 2a; the radii of its first kMaxCand load
-  // while the mean query is formed.
-  const uint32_t nn = tree.num_nodes > 0 ? tree.num_nodes - 1 : 0, nper = (nn + N - 1) / N;
-  const uint32_t my_lo = 1 + min(nn, rank * nper), my_hi = 1 + min(nn, (rank + 1) * nper);
+  // This rank's slice of the nodes [1, num_nodes) for 2a: the radii of its first kMaxCand into
+  // the pool's scores (the first kThreads loaded at the start).
   if constexpr (!kFlat) {
-    for (uint32_t t = tid; t < min(kMaxCand, my_hi - my_lo); t += kThreads) {
+    if (static_cast<uint32_t>(tid) < n_radii) sm.cand_score[tid] = radius0;
+    for (uint32_t t = tid + kThreads; t < n_radii; t += kThreads) {
       sm.cand_score[t] = tree.nodes[my_lo + t].radius;
     }
   }
   KVMEM_TRACE(25);
   // Inline: this task's q from the parameters (rank 0 also puts it where the attention reads it,
   // and zeroes the task's merge counter: both are read only after this grid has finished).
-  const void* task_q = nullptr;  // inline launch: this task's q in the parameters
   if constexpr (kInline) {
-    const size_t q_off = static_cast<const uint8_t*>(task.q) - inl.q_dev;
-    task_q = inl.q + q_off;
+    const void* const task_q = q_src;
     if (rank == 0) {
       const size_t n16 = size_t{task.group} * D * DTypeSizeDevice(q_dtype) / 16;
       for (size_t k = tid; k < n16; k += kThreads) {
@@ -814,22 +833,14 @@ __device__ __forceinline__ void TreeSearchBody(
     }
   }
   // 1. Mean query: sum over the group in order, then divide (index::QueryGroup). Every rank.
-  // The group's rows load together (at most 8: the planner's limit), then sum in order.
-  for (int d = tid; d < D; d += kThreads) {
-    float v[8];
-    WithElemType(q_dtype, [&](auto e) {
-      using E = decltype(e);
-#pragma unroll
-      for (uint32_t g = 0; g < 8; ++g) {
-        v[g] = g < task.group ? LoadAs<E>(kInline ? task_q : task.q, size_t{g} * D + d) : 0.f;
-      }
-    });
+  // (The group's rows were loaded at the start.)
+  if (tid < D) {
     float m = 0.f;
 #pragma unroll
     for (uint32_t g = 0; g < 8; ++g) {
-      if (g < task.group) m = __fadd_rn(m, v[g]);
+      if (g < group) m = __fadd_rn(m, qv[g]);
     }
-    sm.mean[d] = __fdiv_rn(m, static_cast<float>(task.group));
+    sm.mean[tid] = __fdiv_rn(m, static_cast<float>(group));
   }
   KVMEM_TRACE(26);
   __syncthreads();
@@ -1701,26 +1712,32 @@ __device__ __forceinline__ void TreeSearchBody(
                   done = remaining == 0;
                   q_start = q0;
                 }
-                // Each entry's size is fetched one step ahead (the shuffle's latency off the
-                // chain of decisions).
-                uint32_t t = __shfl_sync(0xffffffffu, tok, q_start & 31u);
-                for (uint32_t q = q_start; q < n && !done; ++q) {
-                  const uint32_t t_next = __shfl_sync(0xffffffffu, tok, (q + 1) & 31u);
-                  if (t != 0) {
-                    if (t > remaining) {
-                      done = ++misfits >= max_misfits;
-                    } else if (nsel >= max_selected) {
-                      done = true;
-                    } else {
-                      misfits = 0;
-                      remaining -= t;
-                      sel_tokens += t;
-                      acc |= 1u << q;
-                      ++nsel;
-                      done = remaining == 0;
-                    }
+                // Then from acceptance to acceptance: while `remaining` stays, the non-empty
+                // entries before the next one that fits are misfits, one after another (the
+                // decisions of offer(), a step per accepted entry rather than per entry).
+                const uint32_t in_batch = n >= 32 ? 0xffffffffu : (1u << n) - 1u;
+                for (uint32_t q = q_start; q < n && !done;) {
+                  const uint32_t from = in_batch & ~((1u << q) - 1u);  // q < 32
+                  const uint32_t fits = __ballot_sync(0xffffffffu, tok > 0 && tok <= remaining) & from;
+                  const uint32_t f = fits ? static_cast<uint32_t>(__ffs(fits) - 1) : n;
+                  const uint32_t before_f = f >= 32 ? 0xffffffffu : (1u << f) - 1u;
+                  misfits += __popc(mask & from & before_f);
+                  if (misfits >= max_misfits) {
+                    done = true;
+                  } else if (f >= n) {
+                    q = n;
+                  } else if (nsel >= max_selected) {
+                    done = true;
+                  } else {
+                    const uint32_t t = __shfl_sync(0xffffffffu, tok, f);
+                    misfits = 0;
+                    remaining -= t;
+                    sel_tokens += t;
+                    acc |= 1u << f;
+                    ++nsel;
+                    done = remaining == 0;
+                    q = f + 1;
                   }
-                  t = t_next;
                 }
                 if ((acc >> lane) & 1u) {
                   const uint32_t at = nsel0 + __popc(acc & ((1u << lane) - 1));
