@@ -1149,7 +1149,10 @@ __device__ __forceinline__ int RunsFromSearch(RunTable& rt, const AttendItemDesc
   return static_cast<int>(at);
 }
 
-template <int D, int G, typename KV, int kTC>
+// kFromSearch: the attention of LaunchSearchAttend (its runs from what the search left); else
+// the runs the plan carries. Two instantiations, so that the plan's path keeps its own code (one
+// kernel with a runtime branch made it 0.1-0.4 us slower, session 20).
+template <int D, int G, typename KV, int kTC, bool kFromSearch>
 __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     SpanAttendKernel(const AttendItemDesc* __restrict__ items,
                      const AttendRunDesc* __restrict__ runs, uint32_t run_stride,
@@ -1164,12 +1167,13 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     if (threadIdx.x == 0) trace[0] = GlobalTimer();
   }
   // Launched as a programmatic dependent of the tree search (LaunchSearchAttend): wait for its
-  // selection. A no-op in an ordinary launch.
+  // writes. A no-op in an ordinary launch.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  const AttendItemDesc item = items[blockIdx.x];
   int nruns = 0;
   uint32_t ntok = 0;
-  if (src != nullptr) {
+  AttendItemDesc item;
+  if constexpr (kFromSearch) {
+    item = items[blockIdx.x];
     nruns = RunsFromSearch<D>(rt, item, src, selected, max_selected, uniform_splits, &ntok);
   } else {
     // With a fixed run stride (item i's runs start at i * run_stride) the first kThreads runs
@@ -1177,6 +1181,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     const bool pre = threadIdx.x < run_stride;
     AttendRunDesc first{};
     if (pre) first = runs[static_cast<size_t>(blockIdx.x) * run_stride + threadIdx.x];
+    item = items[blockIdx.x];
     nruns = static_cast<int>(item.run_end - item.run_begin);
     ntok = item.tokens;
     for (int i = threadIdx.x; i < nruns; i += kThreads) {
@@ -1366,7 +1371,7 @@ uint32_t ResidentBlocks(uint32_t D, uint32_t G, DType kv) {
   Dispatch(D, G, kv, AttendPath(D, kLongSplit), [&]<int d, int g, typename KV, int kTC>() {
     constexpr size_t kDyn = DynBytes<d, g, kTC>();
     per_sm = kDense ? PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn)
-                    : PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
+                    : PrepareKernel<SpanAttendKernel<d, g, KV, kTC, false>>(kDyn);
   });
   return static_cast<uint32_t>(per_sm * sms);
 }
@@ -1392,8 +1397,8 @@ uint32_t ActiveClusters(uint32_t D, uint32_t G, DType kv, uint32_t c) {
       PrepareKernel<DenseAttendKernel<d, g, KV, kTC>>(kDyn);
       n = MaxClusters<DenseAttendKernel<d, g, KV, kTC>>(kDyn, c);
     } else {
-      PrepareKernel<SpanAttendKernel<d, g, KV, kTC>>(kDyn);
-      n = MaxClusters<SpanAttendKernel<d, g, KV, kTC>>(kDyn, c);
+      PrepareKernel<SpanAttendKernel<d, g, KV, kTC, false>>(kDyn);
+      n = MaxClusters<SpanAttendKernel<d, g, KV, kTC, false>>(kDyn, c);
     }
   });
   return static_cast<uint32_t>(n);
@@ -1522,40 +1527,47 @@ Status LaunchAttendDependent(const AttendPlan& plan, void* workspace, void* stre
       Dispatch(plan.head_dim, plan.group, plan.kv_dtype,
                AttendPath(plan.head_dim, plan.split_tokens),
                [&]<int D, int G, typename KV, int kTC>() {
-        constexpr size_t kDyn = DynBytes<D, G, kTC>();
-        PrepareKernel<SpanAttendKernel<D, G, KV, kTC>>(kDyn);
-        const uint32_t run_stride = LegacyMergeEnv() ? 0 : plan.run_stride;
-        if (!dependent && plan.cluster_size <= 1) {
-          SpanAttendKernel<D, G, KV, kTC><<<plan.num_items, kThreads, kDyn, s>>>(
-              items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
-              LegacyMergeEnv(), IssueEnv(), reinterpret_cast<unsigned long long*>(trace), src,
-              selected, plan.max_selected, plan.uniform_splits);
-          return;
+        auto go = [&]<bool kFromSearch>() {
+          constexpr auto kKernel = SpanAttendKernel<D, G, KV, kTC, kFromSearch>;
+          constexpr size_t kDyn = DynBytes<D, G, kTC>();
+          PrepareKernel<kKernel>(kDyn);
+          const uint32_t run_stride = LegacyMergeEnv() ? 0 : plan.run_stride;
+          if (!dependent && plan.cluster_size <= 1) {
+            kKernel<<<plan.num_items, kThreads, kDyn, s>>>(
+                items, runs, run_stride, counters, partials, plan.q_dtype, plan.out_dtype,
+                LegacyMergeEnv(), IssueEnv(), reinterpret_cast<unsigned long long*>(trace), src,
+                selected, plan.max_selected, plan.uniform_splits);
+            return;
+          }
+          cudaLaunchConfig_t cfg{};
+          cudaLaunchAttribute attr[2]{};
+          unsigned n = 0;
+          if (dependent) {
+            attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[n++].val.programmaticStreamSerializationAllowed = 1;
+          }
+          if (plan.cluster_size > 1) {
+            attr[n].id = cudaLaunchAttributeClusterDimension;
+            attr[n].val.clusterDim.x = plan.cluster_size;
+            attr[n].val.clusterDim.y = attr[n].val.clusterDim.z = 1;
+            ++n;
+          }
+          cfg.gridDim = dim3(plan.num_items);
+          cfg.blockDim = dim3(kThreads);
+          cfg.dynamicSmemBytes = kDyn;
+          cfg.stream = s;
+          cfg.attrs = attr;
+          cfg.numAttrs = n;
+          launch_err = cudaLaunchKernelEx(&cfg, kKernel, items, runs, run_stride, counters, partials,
+                                          plan.q_dtype, plan.out_dtype, LegacyMergeEnv(), IssueEnv(),
+                                          reinterpret_cast<unsigned long long*>(trace), src,
+                                          selected, plan.max_selected, plan.uniform_splits);
+        };
+        if (plan.runs_from_search) {
+          go.template operator()<true>();
+        } else {
+          go.template operator()<false>();
         }
-        cudaLaunchConfig_t cfg{};
-        cudaLaunchAttribute attr[2]{};
-        unsigned n = 0;
-        if (dependent) {
-          attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-          attr[n++].val.programmaticStreamSerializationAllowed = 1;
-        }
-        if (plan.cluster_size > 1) {
-          attr[n].id = cudaLaunchAttributeClusterDimension;
-          attr[n].val.clusterDim.x = plan.cluster_size;
-          attr[n].val.clusterDim.y = attr[n].val.clusterDim.z = 1;
-          ++n;
-        }
-        cfg.gridDim = dim3(plan.num_items);
-        cfg.blockDim = dim3(kThreads);
-        cfg.dynamicSmemBytes = kDyn;
-        cfg.stream = s;
-        cfg.attrs = attr;
-        cfg.numAttrs = n;
-        launch_err = cudaLaunchKernelEx(&cfg, SpanAttendKernel<D, G, KV, kTC>, items, runs,
-                                        run_stride, counters, partials, plan.q_dtype,
-                                        plan.out_dtype, LegacyMergeEnv(), IssueEnv(),
-                                        reinterpret_cast<unsigned long long*>(trace), src,
-                                        selected, plan.max_selected, plan.uniform_splits);
       });
   if (!ok) return Unimplemented("launch attend: unsupported shape");
   KVMEM_CUDA_RETURN_IF_ERROR(launch_err);
