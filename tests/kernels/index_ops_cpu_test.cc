@@ -459,4 +459,67 @@ TEST(AttendPlan, ReusedPlanMatchesAFreshOne) {
   EXPECT_TRUE(packed);
 }
 
+// The fused search + attention plan: the attention's blocks find their task and split from the
+// block index when every task has the same splits (uniform_splits), so the items must lie task by
+// task, split by split; the search's per-task run sources get a section of their own.
+TEST(SearchAttendPlan, UniformSplitsMatchTheItemsAndRunSourcesHaveTheirSection) {
+  alignas(16) static uint8_t fake[16];
+  const uint32_t hq = 32, hkv = 8, D = 128;
+  std::vector<FlatTreeView> trees(hkv);
+  for (auto& t : trees) {
+    t.num_nodes = 3;
+    t.num_chunks = 100;
+    t.num_levels = 2;
+  }
+  auto problem = [&](uint32_t budget, uint32_t tail) {
+    cuda::SearchAttendProblem p;
+    p.attend = AttendProblem{fake, DType::kBF16, hq, hkv, D, 1.f, fake, DType::kBF16, nullptr,
+                             nullptr, 0, fake, DType::kBF16, nullptr};
+    p.trees = trees.data();
+    p.chunk_block = reinterpret_cast<const uint64_t*>(fake);
+    p.params.budget_tokens = budget;
+    p.sink_tokens = 16;
+    p.tail = {0, 256, 0, tail};
+    return p;
+  };
+  for (const bool same : {true, false}) {
+    SCOPED_TRACE(same ? "same shapes" : "one longer problem");
+    std::vector<cuda::SearchAttendProblem> ps = {problem(2048, 40), problem(same ? 2048 : 8192, 40)};
+    cuda::AttendPlanOptions opt;
+    opt.min_split_tokens = 64;
+    cuda::SearchAttendPlan plan;
+    ASSERT_TRUE(cuda::PlanSearchAttend(ps.data(), 2, opt, &plan).ok());
+    ASSERT_EQ(plan.num_tasks, 2 * hkv);
+    const auto* items =
+        reinterpret_cast<const detail::AttendItemDesc*>(plan.image.data() + plan.items_off);
+    bool equal = true;
+    for (uint32_t b = 0; b < plan.num_items; ++b) {
+      equal = equal && items[b].num_splits == items[0].num_splits;
+    }
+    EXPECT_EQ(equal, same);
+    if (same) {
+      const uint32_t S = plan.uniform_splits;
+      ASSERT_GT(S, 1u);
+      EXPECT_EQ(plan.num_items, plan.num_tasks * S);
+      for (uint32_t b = 0; b < plan.num_items; ++b) {
+        EXPECT_EQ(items[b].task, b / S) << "item " << b;
+        EXPECT_EQ(items[b].split, b % S) << "item " << b;
+        EXPECT_EQ(items[b].num_splits, S);
+      }
+    } else {
+      EXPECT_EQ(plan.uniform_splits, 0u);
+    }
+    // [runs | run sources | scratch]: each task's fixed pieces go in its first item's run slots.
+    EXPECT_EQ(plan.run_source_off % 256, 0u);
+    EXPECT_GE(plan.run_source_off, plan.runs_off + size_t{plan.num_items} * detail::kMaxRunsPerItem *
+                                                       sizeof(detail::AttendRunDesc));
+    EXPECT_LE(plan.run_source_off + plan.num_tasks * sizeof(detail::SearchRunHeader),
+              plan.scratch_off);
+    EXPECT_LE(plan.scratch_off, plan.workspace_bytes);
+    // The selection (which the attention reads) stays before the runs, where the daemon copies it.
+    EXPECT_LE(plan.selected_off + size_t{plan.num_tasks} * plan.max_selected * 4, plan.scores_off);
+    EXPECT_LE(plan.scores_off, plan.runs_off);
+  }
+}
+
 }  // namespace kvmem::kernels
