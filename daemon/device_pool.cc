@@ -354,7 +354,8 @@ class DevicePool final : public KVPool {
                          plan.tasks_off, plan.items_off, plan.runs_off, plan.counters_off,
                          plan.results_off, plan.selected_off, plan.scores_off, plan.scratch_off,
                          plan.partials_off, plan.cluster_size, plan.attend_cluster,
-                         reinterpret_cast<uint64_t>(d_res)};
+                         reinterpret_cast<uint64_t>(d_res), plan.run_source_off,
+                         plan.uniform_splits};
       exec = GraphFor(key, enqueue);
     }
     if (exec != nullptr) {
@@ -617,7 +618,7 @@ class DevicePool final : public KVPool {
     mapped_bytes_ = bytes;
     return Status::OK();
   }
-  using GraphKey = std::array<uint64_t, 27>;
+  using GraphKey = std::array<uint64_t, 29>;
   // The instantiated graph for `key`, captured from `enqueue` on a miss; nullptr (and graphs
   // off for this pool) when capture or instantiation fails, so the caller enqueues directly.
   template <typename F>
