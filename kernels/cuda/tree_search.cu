@@ -1811,15 +1811,20 @@ __device__ __forceinline__ void TreeSearchBody(
   // The attention's entries (SearchRunHeader) and the results. The selection's attended tokens
   // are its counted tokens, corrected for the edge chunks whose selected piece differs.
   if (warp == 0) {
+    // The fixed pieces' state is complete here only when rank 0 went through a round (or had
+    // nothing to search: the barrier after the writer): a head that failed before its first
+    // round (it left at the loop's first barrier without waiting) reads none of it.
+    const bool ok = sm.status == 0;
+    const uint32_t n_diffs = ok ? min(sm.fx_ndiff, kMaxFixedDiffs) : 0u;
     int32_t extra = 0;
-    for (uint32_t k = lane; k < sm.fx_ndiff; k += 32) {
+    for (uint32_t k = lane; k < n_diffs; k += 32) {
       const uint32_t c = sm.fx_diff_c[k];
       if (c < kSearchMaxChunks && ((sm.bitmap[c >> 5] >> (c & 31)) & 1u)) extra += sm.fx_diff_v[k];
     }
     extra = __reduce_add_sync(0xffffffffu, extra);
     if (lane == 0) {
-      uint32_t status = sm.status | sm.fx_status;
-      const uint32_t entries = sm.nsel + sm.fx_n, ns = max(task.num_splits, 1u);
+      uint32_t status = ok ? sm.fx_status : sm.status;
+      const uint32_t entries = ok ? sm.nsel + sm.fx_n : 0u, ns = max(task.num_splits, 1u);
       if (status == 0 && (entries + ns - 1) / ns > kMaxRunsPerItem) status |= kSearchStatusTooManyRuns;
       SearchRunHeader hdr;
       hdr.chunk_block = task.chunk_block;
