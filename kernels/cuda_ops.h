@@ -340,7 +340,8 @@ struct SearchTaskResult {
   uint32_t rounds;           // expansion rounds the search took
   // Within chunk scoring (ns, rank 0's slice): looking up the slice's chunks, scoring their rows.
   uint32_t score_ns[2];
-  // Time inside the block (%globaltimer, ns): node scores, leaves, rounds, runs; then within
+  // Time inside the block (%globaltimer, ns): node scores, leaves, rounds, the end (the fixed
+  // pieces of a one-block search, the attention's header, the results); then within
   // the rounds: leaf selection, chunk scoring, commit + sort, scan.
   uint32_t phase_ns[8];
 };

@@ -45,6 +45,8 @@ namespace cg = cooperative_groups;
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::ChunkEdges;
+using ::kvmem::kernels::detail::EdgesOf;
 using ::kvmem::kernels::detail::SearchRunHeader;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
 using ::kvmem::kernels::detail::PartialAccOffset;
@@ -1097,14 +1099,11 @@ __device__ __forceinline__ int RunsFromSearch(RunTable& rt, const AttendItemDesc
     if (i < h.nsel) {  // its tokens outside the sink and recent pieces
       const uint32_t c = c_sel[u];
       const uint32_t t = h.chunk_tokens[c];
-      const uint64_t st = h.chunk_start[c], kb = h.chunk_block[c];
-      const uint64_t in_sink = st < h.sink_tokens ? h.sink_tokens - st : 0;
-      const uint32_t a = in_sink < t ? static_cast<uint32_t>(in_sink) : t;
-      const uint32_t e =
-          st + t > h.recent_from ? static_cast<uint32_t>((h.recent_from > st ? h.recent_from : st) - st) : t;
-      len[u] = e > a ? e - a : 0;
-      k0[u] = kb + (static_cast<uint64_t>(h.kv_head) * t + a) * D;
-      v0[u] = kb + (static_cast<uint64_t>(h.kv_heads + h.kv_head) * t + a) * D;
+      const uint64_t kb = h.chunk_block[c];
+      const ChunkEdges x = EdgesOf(h.chunk_start[c], t, h.sink_tokens, h.recent_from);
+      len[u] = x.selected();
+      k0[u] = kb + (static_cast<uint64_t>(h.kv_head) * t + x.a) * D;
+      v0[u] = kb + (static_cast<uint64_t>(h.kv_heads + h.kv_head) * t + x.a) * D;
     } else {
       const AttendRunDesc f = h.fixed[i - h.nsel];
       k0[u] = f.k_off;

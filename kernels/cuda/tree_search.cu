@@ -51,6 +51,8 @@ namespace cg = cooperative_groups;
 
 using ::kvmem::kernels::detail::AttendItemDesc;
 using ::kvmem::kernels::detail::AttendRunDesc;
+using ::kvmem::kernels::detail::ChunkEdges;
+using ::kvmem::kernels::detail::EdgesOf;
 using ::kvmem::kernels::detail::kMaxRunsPerItem;
 using ::kvmem::kernels::detail::kTailPieceTokens;
 using ::kvmem::kernels::detail::SearchRunHeader;
@@ -537,19 +539,16 @@ struct EdgeChunk {
   uint32_t tok = 0;
 };
 
-// A chunk's fixed pieces: [0, a) in the sinks and [b, t) in the recent window, or the whole
-// chunk when they meet. Its selected piece (what the attention takes when it is selected, as
-// RunsFromSearch in attention.cu) is [a, b), empty when they meet.
-struct ChunkPieces {
-  uint32_t a, b;
+// A chunk's fixed pieces: [0, a) in the sinks and [b, t) in the recent window
+// (detail::EdgesOf, which the attention uses for a selected chunk's piece [a, b)), or the whole
+// chunk when they meet (its selected piece is then empty).
+struct ChunkPieces : ChunkEdges {
   bool whole;
   __device__ uint32_t count(uint32_t t) const { return whole ? 1u : (a > 0 ? 1u : 0u) + (b < t ? 1u : 0u); }
-  __device__ uint32_t selected() const { return !whole && b > a ? b - a : 0u; }
 };
 __device__ __forceinline__ ChunkPieces PiecesOf(const EdgeChunk& c, uint64_t S, uint64_t R) {
-  const uint32_t a = c.st < S ? static_cast<uint32_t>(min(S - c.st, uint64_t{c.tok})) : 0u;
-  const uint32_t b = c.st + c.tok > R ? static_cast<uint32_t>(max(R, c.st) - c.st) : c.tok;
-  return {a, b, a > 0 && b <= a};
+  const ChunkEdges x = EdgesOf(c.st, c.tok, S, R);
+  return {x, x.a > 0 && x.b <= x.a};
 }
 
 // The task's fixed pieces for the attention (detail::SearchRunHeader): the sink and

@@ -50,6 +50,30 @@ struct AttendRunDesc {  // a piece of one span, for one KV head
 // entries s, s + S, s + 2S, ... A selected chunk's entry is its tokens outside the sink and
 // recent pieces (the search counts them likewise).
 inline constexpr uint32_t kTailPieceTokens = 16;
+
+#if defined(__CUDACC__)
+#define KVMEM_PLAN_HD __host__ __device__
+#else
+#define KVMEM_PLAN_HD
+#endif
+
+// A sealed chunk of `tokens` starting at token `start`, against the sinks [0, sink_tokens) and the
+// recent window [recent_from, ...): its sink part is [0, a), its recent part [b, tokens) (b =
+// tokens when it ends at or before recent_from). What a selected chunk adds to them is [a, b),
+// empty when b <= a (the search's fixed pieces and the attention's runs both use this).
+struct ChunkEdges {
+  uint32_t a, b;
+  KVMEM_PLAN_HD uint32_t selected() const { return b > a ? b - a : 0u; }
+};
+KVMEM_PLAN_HD inline ChunkEdges EdgesOf(uint64_t start, uint32_t tokens, uint64_t sink_tokens,
+                                        uint64_t recent_from) {
+  const uint64_t in_sink = start < sink_tokens ? sink_tokens - start : 0;
+  const uint32_t a = in_sink < tokens ? static_cast<uint32_t>(in_sink) : tokens;
+  const uint32_t b = start + tokens > recent_from
+                         ? static_cast<uint32_t>((recent_from > start ? recent_from : start) - start)
+                         : tokens;
+  return {a, b};
+}
 struct SearchRunHeader {
   const uint64_t* chunk_block;   // the task's chunk K/V block offsets (SearchTaskDesc)
   const uint32_t* chunk_tokens;  // its tree's chunk sizes and starts

@@ -522,4 +522,27 @@ TEST(SearchAttendPlan, UniformSplitsMatchTheItemsAndRunSourcesHaveTheirSection) 
   }
 }
 
+// detail::EdgesOf, which the search's fixed pieces and the attention's runs share: a chunk's sink
+// part, selected part and recent part cover it once, token by token as the sinks and the recent
+// window say.
+TEST(SearchAttendPlan, ChunkEdgesSplitEveryTokenOnce) {
+  auto rng = FreshRng();
+  for (int it = 0; it < 20000; ++it) {
+    const uint64_t start = rng() % 200, sinks = rng() % 64, recent_from = rng() % 260;
+    const uint32_t tokens = 1 + static_cast<uint32_t>(rng() % 40);
+    const detail::ChunkEdges e = detail::EdgesOf(start, tokens, sinks, recent_from);
+    ASSERT_LE(e.a, tokens);
+    ASSERT_LE(e.b, tokens);
+    uint32_t selected = 0;
+    for (uint32_t t = 0; t < tokens; ++t) {
+      const uint64_t pos = start + t;
+      const bool sink = t < e.a, recent = t >= e.b;
+      ASSERT_EQ(sink, pos < sinks) << start << " " << tokens << " " << sinks << " " << recent_from;
+      ASSERT_EQ(recent, pos >= recent_from) << start << " " << tokens << " " << recent_from;
+      selected += !sink && !recent ? 1u : 0u;
+    }
+    ASSERT_EQ(e.selected(), selected);
+  }
+}
+
 }  // namespace kvmem::kernels
