@@ -158,6 +158,9 @@ struct Smem {
   // their count and tokens, a status, and the chunks whose selected piece is not their counted
   // tokens with the difference; the writer's own per-warp sums.
   uint32_t fx_n, fx_tokens, fx_status, fx_ndiff;
+  // Chunks from here on lie wholly inside the recent window and above the sinks and skipped
+  // tokens: a selected one attends none of its counted tokens (not listed as a difference).
+  uint32_t fx_whole_from;
   uint32_t fx_diff_c[kMaxFixedDiffs];
   int32_t fx_diff_v[kMaxFixedDiffs];
   uint32_t fx_warp[kWarps], fx_warp_tok[kWarps];
@@ -556,12 +559,15 @@ __device__ __forceinline__ ChunkPieces PiecesOf(const EdgeChunk& c, uint64_t S, 
 // tail in pieces of kTailPieceTokens, resolved into `fixed`. Into `s0` (rank 0's state, this
 // block's own in a one-block search): their count and tokens, a status, and every edge chunk
 // whose selected piece differs from its counted tokens, with the difference (rank 0 adds those
-// of the selected ones to the selection's counted tokens for the attended tokens). The whole
+// of the selected ones to the selection's counted tokens for the attended tokens), except the
+// chunks wholly inside the recent window (from fx_whole_from on: rank 0 subtracts a selected
+// one's tokens itself, so a long window lists none of them). The whole
 // block; thread t holds chunk t (hd) and chunk num_chunks - 1 - t (bk) for t < lim. Sink
 // chunks are a prefix of the chunks and recent ones a suffix (ids follow token order); such a
 // region of lim chunks or more (with more chunks beyond it) is refused with
-// kSearchStatusTooManyRuns (the daemon then searches on the host), as are more than
-// kMaxRunsPerItem pieces or kMaxFixedDiffs differing chunks.
+// kSearchStatusTooManyRuns (the daemon then searches on the host), as are more pieces than the
+// task's splits have run slots (num_splits x kMaxRunsPerItem, from `fixed` on) or more than
+// kMaxFixedDiffs differing chunks.
 template <int D>
 __device__ void WriteFixedPieces(Smem& sm, Smem& s0, const SearchTaskDesc& task, uint32_t skip,
                                  uint32_t num_chunks, uint32_t lim, const EdgeChunk& hd,
@@ -578,7 +584,9 @@ __device__ void WriteFixedPieces(Smem& sm, Smem& s0, const SearchTaskDesc& task,
   // Differences: chunk tid below the edge; chunk cb when recent and not below it.
   const bool hp = static_cast<uint32_t>(tid) < n_s, hdf = static_cast<uint32_t>(tid) < n_e;
   const bool bp = static_cast<uint32_t>(tid) < n_r && cb >= n_s;
-  const bool bdf = static_cast<uint32_t>(tid) < n_r && cb >= n_e;
+  // Of the recent chunks only the first may start before R: the others (wholly recent) are not
+  // listed (rank 0 subtracts a selected one's tokens from whole_from on).
+  const bool bdf = static_cast<uint32_t>(tid) < n_r && cb >= n_e && bk.st < R;
   const ChunkPieces ph = PiecesOf(hd, S, R), pb = PiecesOf(bk, S, R);
   const int32_t dh = hdf ? static_cast<int32_t>(ph.selected()) -
                                static_cast<int32_t>(CountedTokens(hd.st, hd.tok, skip))
@@ -611,7 +619,8 @@ __device__ void WriteFixedPieces(Smem& sm, Smem& s0, const SearchTaskDesc& task,
   const uint32_t n_pieces = total & 0xffffu, n_diffs = total >> 16;
   const uint32_t tail = task.tail_len, n_tail = (tail + kTailPieceTokens - 1) / kTailPieceTokens;
   const uint32_t n_fixed = n_pieces + n_tail;
-  const bool failed = too_long || n_fixed > kMaxRunsPerItem || n_diffs > kMaxFixedDiffs;
+  const bool failed = too_long || n_fixed > max(task.num_splits, 1u) * kMaxRunsPerItem ||
+                      n_diffs > kMaxFixedDiffs;
   if (!failed) {
     uint32_t at = before & 0xffffu;
     auto put = [&](const EdgeChunk& c, uint32_t from, uint32_t to) {
@@ -649,6 +658,11 @@ __device__ void WriteFixedPieces(Smem& sm, Smem& s0, const SearchTaskDesc& task,
     s0.fx_tokens = failed ? 0 : tokens + tail;
     s0.fx_ndiff = failed ? 0 : n_diffs;
     s0.fx_status = failed ? kSearchStatusTooManyRuns : 0;
+  }
+  // Written by the thread holding the first recent chunk (which knows whether it starts before R).
+  if (static_cast<uint32_t>(tid) == (n_r > 0 ? n_r - 1 : 0u)) {
+    const uint32_t first_whole = n_r == 0 ? num_chunks : num_chunks - n_r + (bk.st < R ? 1u : 0u);
+    s0.fx_whole_from = failed ? num_chunks : max(first_whole, n_e);
   }
 }
 
@@ -1819,6 +1833,17 @@ __device__ __forceinline__ void TreeSearchBody(
     for (uint32_t k = lane; k < n_diffs; k += 32) {
       const uint32_t c = sm.fx_diff_c[k];
       if (c < kSearchMaxChunks && ((sm.bitmap[c >> 5] >> (c & 31)) & 1u)) extra += sm.fx_diff_v[k];
+    }
+    // The selected chunks wholly inside the recent window attend none of their (whole) counted
+    // tokens: the window's pieces hold them.
+    const uint32_t whole_from = ok ? min(sm.fx_whole_from, num_chunks) : num_chunks;
+    for (uint32_t w = whole_from / 32 + lane; w * 32 < num_chunks; w += 32) {
+      uint32_t bits = sm.bitmap[w];
+      if (w == whole_from / 32) bits &= ~0u << (whole_from & 31);
+      while (bits != 0) {
+        extra -= static_cast<int32_t>(tree.chunk_tokens[w * 32 + __ffs(bits) - 1]);
+        bits &= bits - 1;
+      }
     }
     extra = __reduce_add_sync(0xffffffffu, extra);
     if (lane == 0) {

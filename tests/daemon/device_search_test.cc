@@ -97,7 +97,9 @@ TEST(DeviceSearchTest, DeviceSearchMatchesHostSearchAcrossDecodeSteps) {
   ASSERT_TRUE((*dev_pool)->has_device_search());
   auto host_pool = CreateHostPool({512ull << 20, 1ull << 20});
   ASSERT_TRUE(host_pool.ok());
-  for (uint32_t recent : {0u, 40u}) {
+  // 4000 tokens: ~360 chunks wholly inside the window (session 20's kernel listed each and sent
+  // windows over ~250 chunks to the host search; di.device_search checks it does not now).
+  for (uint32_t recent : {0u, 40u, 4000u}) {
     SCOPED_TRACE("recent window " + std::to_string(recent));
     auto dev = NewSession(dev_pool->get(), recent);
     auto host = NewSession(host_pool->get(), recent);

@@ -424,6 +424,28 @@ TEST(TreeSearchCuda, InlineLaunchMatchesCpu) {
   }
 }
 
+// Recent windows of ~300 and ~450 chunks: more fixed pieces than one split's 256 run slots, and
+// more chunks wholly inside the window than the 256 listed differences (rank 0 subtracts a
+// selected one's tokens itself); session 20's kernel sent these heads to the host search.
+TEST(TreeSearchCuda, LongRecentWindowMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  std::vector<std::unique_ptr<Session>> keep;
+  Session* s = NewSession(&keep, 4, 4);
+  AddChunks(rng, s, 1500, /*insert=*/true);  // ~24K tokens
+  for (auto& t : s->trees) t.Maintain();
+  SetTail(rng, s, 37);
+  for (uint32_t cluster : {0u, 1u}) {
+    for (uint32_t window : {4800u, 7200u}) {
+      for (uint32_t budget : {256u, 2048u}) {
+        SCOPED_TRACE("cluster " + std::to_string(cluster) + " window " + std::to_string(window) +
+                     " budget " + std::to_string(budget));
+        CheckSessions(rng, {s}, {budget, 40, window, cluster});
+      }
+    }
+  }
+}
+
 TEST(TreeSearchCuda, FlatThenGrownTreesSyncIncrementally) {
   SKIP_WITHOUT_GPU();
   auto rng = FreshRng();
