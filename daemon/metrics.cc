@@ -156,6 +156,12 @@ const char* AttendPhaseName(AttendPhase p) {
     case AttendPhase::kMirrorUpload: return "mirror_upload";
     case AttendPhase::kSealCopies: return "seal_copies";
     case AttendPhase::kSealIndex: return "seal_index";
+    case AttendPhase::kRequestReceive: return "request_receive";
+    case AttendPhase::kRequestQueue: return "request_queue";
+    case AttendPhase::kRequestChecks: return "request_checks";
+    case AttendPhase::kSessionAttend: return "session_attend";
+    case AttendPhase::kRequestPack: return "request_pack";
+    case AttendPhase::kRequestReply: return "request_reply";
     case AttendPhase::kCount: break;
   }
   return "unknown";

@@ -83,6 +83,17 @@ enum class AttendPhase : uint8_t {
   // the index's catch-up (the chunks' keys summarised and inserted into the trees).
   kSealCopies,
   kSealIndex,
+  // The request around Session::Attend (the transport's and the service's share of
+  // kvmem_request_duration_seconds{op="Attend"}): arrival to payload complete (the receive or
+  // eager copy), to handler start (parse, executor queue), the service's checks before the
+  // session's Attend (session lookup, q's resolution and NaN/Inf check, buffers), the session's
+  // Attend whole, the reply's build after it, and handler end to the reply's send.
+  kRequestReceive,
+  kRequestQueue,
+  kRequestChecks,
+  kSessionAttend,
+  kRequestPack,
+  kRequestReply,
   kCount
 };
 inline constexpr int kNumAttendPhases = static_cast<int>(AttendPhase::kCount);
