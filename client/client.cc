@@ -212,7 +212,8 @@ Result<std::shared_ptr<CallState>> Client::Impl::Send(flatbuffers::FlatBufferBui
   call->deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options.request_timeout_ms);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  p.flags = UCP_AM_SEND_FLAG_REPLY;
+  p.flags = UCP_AM_SEND_FLAG_REPLY |
+            ucx::AmProtocolFlag(call->frame.header.size() + call->frame.data_bytes);
   p.cb.send = &Impl::OnSendDone;
   const void* buffer = nullptr;
   size_t count = 0;

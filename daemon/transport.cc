@@ -596,6 +596,12 @@ void UcxServer::RecordMetrics(const Inbound& in, const Reply& reply) {
     ph[static_cast<int>(AppendPhase::kHandle)].Observe(in.handled - in.started);
     ph[static_cast<int>(AppendPhase::kReply)].Observe(now - in.handled);
   }
+  if (in.op == static_cast<int>(w::Body::Attend) && in.handled != std::chrono::steady_clock::time_point{}) {
+    auto& ph = GlobalMetrics().attend_phase;
+    ph[static_cast<int>(AttendPhase::kRequestReceive)].Observe(in.received - in.arrival);
+    ph[static_cast<int>(AttendPhase::kRequestQueue)].Observe(in.started - in.received);
+    ph[static_cast<int>(AttendPhase::kRequestReply)].Observe(now - in.handled);
+  }
 }
 
 void UcxServer::OnSendDone(void* request, ucs_status_t status, void* user_data) {
@@ -611,7 +617,8 @@ void UcxServer::SendReply(Connection* conn, std::unique_ptr<Reply> reply) {
   ps->outstanding = &sends_outstanding_;
   sends_outstanding_++;
   ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = ucx::AmProtocolFlag(ps->frame.header.size() + ps->frame.data_bytes);
   p.cb.send = &UcxServer::OnSendDone;
   p.user_data = ps.get();
   const void* buffer = nullptr;

@@ -72,6 +72,21 @@ Result<size_t> MaxAmHeader(ucp_worker_h worker) {
   return static_cast<size_t>(attr.max_am_header);
 }
 
+size_t EagerMaxBytes() {
+  static const size_t bytes = [] {
+    const char* e = std::getenv("KVMEM_EAGER_MAX_BYTES");
+    if (e == nullptr || *e == '\0') return size_t{32} << 10;
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(e, &end, 10);
+    return end != nullptr && *end == '\0' ? static_cast<size_t>(v) : size_t{32} << 10;
+  }();
+  return bytes;
+}
+
+uint32_t AmProtocolFlag(size_t bytes) {
+  return bytes <= EagerMaxBytes() ? static_cast<uint32_t>(UCP_AM_SEND_FLAG_EAGER) : 0u;
+}
+
 Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_view what) {
   if (request == nullptr) return Status::OK();
   if (UCS_PTR_IS_ERR(request)) return FromUcs(UCS_PTR_STATUS(request), what);

@@ -51,6 +51,15 @@ Result<Worker> CreateWorker(ucp_context_h context, ucs_thread_mode_t thread_mode
 // The largest AM header this worker can send (ucp_worker_query).
 Result<size_t> MaxAmHeader(ucp_worker_h worker);
 
+// Active messages of at most this many bytes (header + data) are sent eagerly
+// (UCP_AM_SEND_FLAG_EAGER). UCX 1.13 would send an Attend's 8 KiB q, and its reply's out, by
+// rendezvous even over shared memory (RTS, the receiver's fetch, ATS: a round trip more than
+// the eager copy through the FIFO). Default 32 KiB; KVMEM_EAGER_MAX_BYTES overrides it (0:
+// UCX chooses the protocol for every size).
+size_t EagerMaxBytes();
+// The ucp_am_send_nbx flag for a message of `bytes`: UCP_AM_SEND_FLAG_EAGER or 0.
+uint32_t AmProtocolFlag(size_t bytes);
+
 // Waits for a request returned by a *_nbx call, progressing the worker. Releases it.
 Status WaitRequest(ucp_worker_h worker, ucs_status_ptr_t request, std::string_view what);
 
