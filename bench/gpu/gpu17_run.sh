@@ -34,28 +34,14 @@ if [[ ${TRACE:-0} == 1 ]]; then
     --contexts 131072 --batches 1 --budgets 2048 > "$OUT/trace.log" 2>&1
   echo "trace rc=$? ($(el)s)"
 fi
-python3 - "$OUT" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
-import glob, json, os, re, statistics, sys
-out, abs_ = sys.argv[1], sys.argv[2:]
-data = {}
-for p in sorted(glob.glob(f"{out}/ab_r*_*.json")):
-    i = int(re.search(r"_(\d+)\.json$", p).group(1))
-    for r in json.load(open(p))["results"]:
-        if r["method"] in ("kvmem_search", "kvmem_search_sparse", "kvmem_sparse_attn"):
-            data.setdefault((r["method"], r["context"], r["batch"], r["budget"]), {}).setdefault(i, []).append(r)
-print(f"{'method':20} {'ctx':>6} {'B':>2} {'bud':>4} " + " ".join(f"{a[-22:]:>24}" for a in abs_) + "  2nd-1st")
-for k in sorted(data):
-    cells = []
-    for i in range(len(abs_)):
-        rs = data[k].get(i, [])
-        us = "/".join(f"{r['us_per_layer']:.1f}" for r in rs)
-        agree = min((r.get("cpu_agreement", 1.0) for r in rs), default=0)
-        cells.append(f"{us:>17} a{agree:.3f}")
-    if len(abs_) >= 2 and all(data[k].get(i) for i in range(2)):
-        a = statistics.median(r["us_per_layer"] for r in data[k][0])
-        b = statistics.median(r["us_per_layer"] for r in data[k][1])
-        cells.append(f"{b - a:+6.2f}")
-    print(f"{k[0]:20} {k[1]:6d} {k[2]:2d} {k[3]:4d} " + " ".join(cells))
+python3 - "$OUT" "$(dirname "$0")" "${ABS[@]}" <<'PY' | tee "$OUT/ab.txt"
+import os, sys
+out, abs_ = sys.argv[1], sys.argv[3:]
+sys.path.insert(0, sys.argv[2])
+import ab_rows
+data = ab_rows.collect(out, abs_, ("kvmem_search", "kvmem_search_sparse", "kvmem_sparse_attn"))
+ab_rows.print_table(data, abs_, lambda rs: "/".join(f"{r['us_per_layer']:.1f}" for r in rs) +
+                    f" a{min(r.get('cpu_agreement', 1.0) for r in rs):.3f}", 24)
 for l in open(f"{out}/trace.log") if os.path.exists(f"{out}/trace.log") else []:
     if l.startswith("search trace"):
         print(l.strip()[:700])
