@@ -376,6 +376,13 @@ std::string RenderPrometheus(const MetricsSources& src) {
       "kvmem_messages_rejected_total", "counter",
       "Messages refused before reaching a handler (malformed, too large, overload, shutdown).");
   wr.Sample("kvmem_messages_rejected_total", "", ld(tc ? &tc->messages_rejected : nullptr));
+  wr.Family("kvmem_ucx_messages_received_total", "counter",
+            "Client messages received, by UCX protocol: eager (the data came with the message) or "
+            "rendezvous (kvmemd fetched it). Requests of <= 32 KiB are sent eager.");
+  wr.Sample("kvmem_ucx_messages_received_total", "protocol=\"eager\"",
+            ld(tc ? &tc->received_eager : nullptr));
+  wr.Sample("kvmem_ucx_messages_received_total", "protocol=\"rendezvous\"",
+            ld(tc ? &tc->received_rendezvous : nullptr));
   wr.Family("kvmem_bytes_in_total", "counter", "Bytes received from clients (headers + data).");
   wr.Sample("kvmem_bytes_in_total", "", ld(tc ? &tc->bytes_in : nullptr));
   wr.Family("kvmem_bytes_out_total", "counter", "Bytes sent to clients (headers + data).");

@@ -384,6 +384,7 @@ ucs_status_t UcxServer::OnRequestAm(void* arg, const void* header, size_t header
   if (conn->dead) return UCS_OK;  // departed (or closed for idleness): nobody to answer
   conn->last_active = std::chrono::steady_clock::now();
   self->counters_.bytes_in += header_length + length;
+  (rndv ? self->counters_.received_rendezvous : self->counters_.received_eager)++;
 
   // The request id, when the header verifies, so even refusals can be matched by the client.
   auto in = std::make_unique<Inbound>();

@@ -66,6 +66,8 @@ struct TransportCounters {
   std::atomic<uint64_t> connections_rejected{0};  // over max_connections
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
+  std::atomic<uint64_t> received_eager{0};       // messages whose data came with them
+  std::atomic<uint64_t> received_rendezvous{0};  // messages whose data kvmemd fetched
   std::atomic<uint64_t> requests_inflight{0};      // received, not yet answered
   std::atomic<uint64_t> endpoints{0};               // allocated: open + closing + left open
   std::atomic<uint64_t> endpoints_closed{0};        // closed and destroyed
