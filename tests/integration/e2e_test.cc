@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstring>
 #include <random>
-#include <sstream>
 #include <thread>
 
 #include "client/client.h"
@@ -242,16 +241,6 @@ TEST(E2E, IndexModeRetrieveAndAttend) {
 
 // --append-landing on: packed appends (several in flight) are received straight into their
 // chunk blocks over UCX's IOV receive; what is stored must be exactly what was sent.
-double Metric(uint16_t admin_port, const std::string& sample) {
-  const auto r = testing::HttpGet(admin_port, "/metrics");
-  std::istringstream in(r.body);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(sample + " ", 0) == 0) return std::stod(line.substr(sample.size() + 1));
-  }
-  return -1;
-}
-
 // An Attend of a Llama-3-8B-like layer (q: 32 x 128 bf16 = 8 KiB) travels eager, not by
 // rendezvous (an extra round trip; UCX 1.13 chose it for these sizes even over shared memory);
 // an AppendKV of 1 MiB still goes by rendezvous.
@@ -273,14 +262,14 @@ TEST(E2E, SmallRequestsAreEagerLargeOnesRendezvous) {
     ASSERT_TRUE(id.ok());
     const std::string eager = "kvmem_ucx_messages_received_total{protocol=\"eager\"}";
     const std::string rndv = "kvmem_ucx_messages_received_total{protocol=\"rendezvous\"}";
-    const double rndv0 = Metric(admin, rndv);
+    const double rndv0 = testing::MetricValue(admin, rndv);
     ASSERT_GE(rndv0, 0) << "no " << rndv << " in /metrics";
     auto keys = testing::RandomTensor(rng, dt, size_t{L} * HKV * T * D);
     auto values = testing::RandomTensor(rng, dt, size_t{L} * HKV * T * D);
     std::vector<uint8_t> bounds(T, 1);
     ASSERT_TRUE((*cl)->AppendKV(*id, TensorView{keys.data(), dt, {L, HKV, T, D}},
                                 TensorView{values.data(), dt, {L, HKV, T, D}}, bounds).ok());
-    const double rndv1 = Metric(admin, rndv), eager1 = Metric(admin, eager);
+    const double rndv1 = testing::MetricValue(admin, rndv), eager1 = testing::MetricValue(admin, eager);
     EXPECT_GE(rndv1, rndv0 + 1) << "a 1 MiB AppendKV should go by rendezvous";
     std::vector<uint16_t> q(size_t{HQ} * D);
     for (auto& x : q) x = FloatToBF16(std::normal_distribution<float>()(rng));
@@ -288,8 +277,8 @@ TEST(E2E, SmallRequestsAreEagerLargeOnesRendezvous) {
     req.q = TensorView{q.data(), dt, {HQ, D}};
     constexpr int kAttends = 20;
     for (int i = 0; i < kAttends; ++i) ASSERT_TRUE((*cl)->Attend(*id, req).ok());
-    EXPECT_EQ(Metric(admin, rndv), rndv1) << "an 8 KiB q went by rendezvous";
-    EXPECT_GE(Metric(admin, eager), eager1 + kAttends);
+    EXPECT_EQ(testing::MetricValue(admin, rndv), rndv1) << "an 8 KiB q went by rendezvous";
+    EXPECT_GE(testing::MetricValue(admin, eager), eager1 + kAttends);
     cl->reset();
     EXPECT_EQ(d.Stop(), 0);
   }

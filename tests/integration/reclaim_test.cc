@@ -29,13 +29,7 @@ namespace {
 
 // The value of an unlabelled metric, -1 when absent.
 double Metric(uint16_t admin_port, const std::string& name) {
-  const auto r = testing::HttpGet(admin_port, "/metrics");
-  std::istringstream in(r.body);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
-  }
-  return -1;
+  return testing::MetricValue(admin_port, name);
 }
 
 // Polls until `name` equals `want` or the deadline passes; returns the last value.

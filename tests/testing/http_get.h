@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <sstream>
 #include <string>
 
 namespace kvmem::testing {
@@ -46,6 +47,18 @@ inline HttpResponse HttpGet(uint16_t port, const std::string& path,
   r.status = std::atoi(raw.c_str() + sp + 1);
   r.body = raw.substr(hdr_end + 4);
   return r;
+}
+
+// The value of one sample of the admin endpoint's /metrics (`name` or `name{labels}` exactly as
+// written there); -1 when it is absent.
+inline double MetricValue(uint16_t admin_port, const std::string& sample) {
+  const auto r = HttpGet(admin_port, "/metrics");
+  std::istringstream in(r.body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(sample + " ", 0) == 0) return std::stod(line.substr(sample.size() + 1));
+  }
+  return -1;
 }
 
 }  // namespace kvmem::testing
