@@ -231,12 +231,7 @@ class DevicePool final : public KVPool {
   Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
-    auto t_mark = std::chrono::steady_clock::now();
-    auto phase = [&t_mark](AttendPhase p) {  // sub-phases of device_search_attend
-      const auto now = std::chrono::steady_clock::now();
-      GlobalMetrics().attend_phase[static_cast<int>(p)].Observe(now - t_mark);
-      t_mark = now;
-    };
+    AttendPhaseClock phases;  // sub-phases of device_search_attend
     kernels::cuda::SearchAttendProblem dev = req->problem;
     const kernels::AttendProblem& a = req->problem.attend;
     const size_t q_bytes = size_t{a.q_heads} * a.head_dim * DTypeSize(a.q_dtype);
@@ -306,7 +301,7 @@ class DevicePool final : public KVPool {
       std::memcpy(h_up + rows_room + q_room, plan.image.data(), plan.image.size());
     };
     if (!try_inline) stage();
-    phase(AttendPhase::kDevicePlan);
+    phases.Mark(AttendPhase::kDevicePlan);
     // KVMEM_DEVICE_TIMELINE=1: events around each stream operation (not with graphs).
     const bool timeline = Timeline() && !GraphSubmit() && EnsureEvents().ok();
     const auto t_enqueue = timeline ? std::chrono::steady_clock::now()
@@ -363,9 +358,9 @@ class DevicePool final : public KVPool {
     } else {
       KVMEM_RETURN_IF_ERROR(enqueue());
     }
-    phase(AttendPhase::kDeviceLaunch);
+    phases.Mark(AttendPhase::kDeviceLaunch);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "search attend"));
-    phase(AttendPhase::kDeviceWait);
+    phases.Mark(AttendPhase::kDeviceWait);
     if (timeline) ObserveTimeline(t_enqueue, mapped ? 2 : 3);
     if (mapped) {
       std::memcpy(a.out, mapped_, out_bytes);

@@ -152,6 +152,20 @@ struct DaemonMetrics {
 // The process-wide instance; the index and the transport bump it without plumbing.
 DaemonMetrics& GlobalMetrics();
 
+// Consecutive phases of one Attend: Mark(p) observes the time since the previous mark (or the
+// clock's start) into kvmem_attend_phase_seconds{phase=p}.
+class AttendPhaseClock {
+ public:
+  void Mark(AttendPhase p) {
+    const auto now = std::chrono::steady_clock::now();
+    GlobalMetrics().attend_phase[static_cast<int>(p)].Observe(now - t_);
+    t_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point t_ = std::chrono::steady_clock::now();
+};
+
 // What /metrics reads besides GlobalMetrics(). Pointers may be null (that family is omitted).
 struct MetricsSources {
   const Service* service = nullptr;

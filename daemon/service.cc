@@ -745,12 +745,7 @@ Status Service::AppendKV(const RequestContext& ctx, const w::Parsed& msg, const 
 Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestContext& ctx,
                                                                const w::Parsed& msg,
                                                                const w::Attend* req, Reply* r) {
-  auto t_mark = std::chrono::steady_clock::now();
-  auto phase = [&t_mark](AttendPhase ph) {
-    const auto now = std::chrono::steady_clock::now();
-    GlobalMetrics().attend_phase[static_cast<int>(ph)].Observe(now - t_mark);
-    t_mark = now;
-  };
+  AttendPhaseClock phases;
   KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(ctx.tenant, req->session_id()));
   std::lock_guard<std::mutex> lock(s->op_mu());
   const ModelProfile& p = s->profile();
@@ -799,9 +794,9 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   a.out = r->NewBuffer(out_elems * DTypeSize(a.out_dtype));
   if (req->return_lse()) a.lse = reinterpret_cast<float*>(r->NewBuffer(p.q_heads * sizeof(float)));
   AttendInfo info;
-  phase(AttendPhase::kRequestChecks);
+  phases.Mark(AttendPhase::kRequestChecks);
   KVMEM_RETURN_IF_ERROR(s->Attend(a, &info));
-  phase(AttendPhase::kSessionAttend);
+  phases.Mark(AttendPhase::kSessionAttend);
   GlobalMetrics().search_nodes_visited.fetch_add(info.nodes_visited, std::memory_order_relaxed);
 
   const uint64_t oshape[2] = {p.q_heads, p.head_dim};
@@ -824,7 +819,7 @@ Result<flatbuffers::Offset<w::AttendReply>> Service::AttendOne(const RequestCont
   b.add_tokens_attended(attended);
   if (!sel.IsNull()) b.add_selection(sel);
   const auto body = b.Finish();
-  phase(AttendPhase::kRequestPack);
+  phases.Mark(AttendPhase::kRequestPack);
   return body;
 }
 

@@ -858,12 +858,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   };
   // Rescoring's sub-phases of host_search (rescore_search, _logits, _select); the host pool's
   // logits are computed inside each head's search task and counted with rescore_search.
-  auto t_mark = std::chrono::steady_clock::now();
-  auto phase = [&t_mark](AttendPhase p) {
-    const auto now = std::chrono::steady_clock::now();
-    GlobalMetrics().attend_phase[static_cast<int>(p)].Observe(now - t_mark);
-    t_mark = now;
-  };
+  AttendPhaseClock phases;
   // Host rescoring may read keys from a colder tier (not safe to run concurrently): sequential then.
   if (rescore && !batched && stat_evicted_.load(std::memory_order_relaxed) != 0) {
     for (uint32_t h = 0; h < H; ++h) search(h);
@@ -871,10 +866,10 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
     ForEachHead(H, search);
   }
   for (uint32_t h = 0; h < H; ++h) KVMEM_RETURN_IF_ERROR(status[h]);
-  if (rescore) phase(AttendPhase::kRescoreSearch);
+  if (rescore) phases.Mark(AttendPhase::kRescoreSearch);
   if (batched) {
     KVMEM_RETURN_IF_ERROR(DeviceCandidateLogits(layer, qf, only, &cands));
-    phase(AttendPhase::kRescoreLogits);
+    phases.Mark(AttendPhase::kRescoreLogits);
   }
   auto finish = [&](uint32_t h) {
     if (only != nullptr && !(*only)[h]) return;
@@ -893,7 +888,7 @@ Status Session::SelectChunks(uint32_t layer, const std::vector<float>& qf, uint3
   };
   if (rescore) {
     ForEachHead(H, finish);
-    phase(AttendPhase::kRescoreSelect);
+    phases.Mark(AttendPhase::kRescoreSelect);
   } else {
     for (uint32_t h = 0; h < H; ++h) finish(h);
   }
