@@ -132,6 +132,21 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
   return r;
 }
 
+// Asks L2 to fetch the 16-byte units inside [p, p + bytes) (a hint: cp.async.bulk.prefetch, no
+// completion to wait for, no fault past what is asked), in kPiece pieces spread over `workers`
+// threads, `me` being this one. Only whole units inside the range are asked for.
+__device__ __forceinline__ void PrefetchL2(const void* p, size_t bytes, uint32_t me, uint32_t workers) {
+  constexpr size_t kPiece = 16 * 1024;
+  if (p == nullptr) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (a + 15) & ~uintptr_t{15}, hi = (a + bytes) & ~uintptr_t{15};
+  if (hi <= lo) return;
+  for (uintptr_t x = lo + size_t{me} * kPiece; x < hi; x += size_t{workers} * kPiece) {
+    const uint32_t n = static_cast<uint32_t>(hi - x < kPiece ? hi - x : kPiece);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(x), "r"(n) : "memory");
+  }
+}
+
 // 8 packed 16-bit elements to float.
 template <typename KV>
 __device__ __forceinline__ void Unpack8(const uint4& r, float* f);

@@ -93,6 +93,14 @@ constexpr uint32_t kFlatMaxNodes = 1024;
 // of them (their bitonic padding stays clear of the rest at the end of commit[]).
 constexpr uint32_t kSliceMin = 32, kSliceMax = 1024;
 constexpr uint32_t kSliceOff = 0xffffffffu;  // slice_slack: sort every commit at once
+// KVMEM_SEARCH_PREFETCH (default 1, 0 = off): after 2a, the ranks that wait for rank 0's control
+// ask L2 for the chunk arrays that the lookups of 4d and the attention's runs read (leaf order,
+// starts, sizes, radii, K/V blocks). H200, session 22 (bench/results/h200_session22_calls.txt):
+// search + sparse -0.4 to -0.5 us at 128K batch 1 and -0.9 to -1.1 at batch 8 (the attention's
+// runs find the chunks' sizes and blocks in L2), the search alone +0.5 to +1.1 us at batch 8
+// (call 2). Issued at the start instead it slowed the ranks' node rows (+2 us at 128K batch 8,
+// where one rank issued it all); every chunk row too (~2 MB per head at 128K) slowed rank 0's
+// chains and leaf pick by more than the rows it sped up (call 1).
 
 // TopBinsCut's shared-memory scratch.
 struct CutScratch {
@@ -176,10 +184,11 @@ constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 // gathered, 14 commits, 15-16 slice histogram, 17 slice cuts, 18 slice sorted (28 partition,
 // 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22 the fixed
 // pieces (a one-block search writes them here), 23 the attention's header and the results;
-// within 1: 24 state set up, 25 radii loads issued, 26 mean query stored, 27 its barrier.
+// within 1: 24 state set up, 25 radii loads issued, 26 mean query stored, 27 its barrier;
+// within 9 (thread 0's own): 31 its first leaves' pool slots, 32 their owners written.
 // (Until session 20 rank 0 also built the attention's run tables here, steps 22-27: ~7K cycles
 // at 128K batch 1; the attention's blocks build their own runs now.)
-constexpr int kTracePoints = 31;
+constexpr int kTracePoints = 33;
 __device__ int g_trace_prints = 0;
 
 // A slot from *counter for each lane where `pred` holds, in lane order, with one atomic per
@@ -671,7 +680,7 @@ __device__ __forceinline__ void TreeSearchBody(
     const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items, AttendRunDesc* runs,
     SearchRunHeader* headers, SearchTaskResult* results, uint32_t* selected, float* sel_scores,
     uint32_t max_selected, float* scratch, DType q_dtype, uint32_t first_round,
-    uint32_t slice_slack, const InlineSource& inl) {
+    uint32_t slice_slack, uint32_t prefetch, const InlineSource& inl) {
   extern __shared__ uint4 smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   cg::cluster_group cluster = cg::this_cluster();
@@ -707,8 +716,12 @@ __device__ __forceinline__ void TreeSearchBody(
       }
     });
   }
-  float radius0 = 0.f;
-  if (!kFlat && static_cast<uint32_t>(tid) < n_radii) radius0 = tree.nodes[my_lo + tid].radius;
+  // This rank's first node records whole (their radii for 2a; their links go to rank 0 with
+  // the scores), and the root's (rank 0).
+  FlatTreeNode rec0{}, root{};
+  if (!kFlat && static_cast<uint32_t>(tid) < n_radii) rec0 = tree.nodes[my_lo + tid];
+  if (!kFlat && rank == 0 && tid == 0 && tree.num_nodes > 0) root = tree.nodes[0];
+  const float radius0 = rec0.radius;
   // The flat search: this rank's positions [f_lo, f_lo + f_n) of leaf_chunks.
   constexpr int kFP = static_cast<int>(kFlatPerRank / kThreads);
   constexpr int kFN = static_cast<int>(kFlatMaxNodes / kThreads);
@@ -799,8 +812,9 @@ __device__ __forceinline__ void TreeSearchBody(
     for (uint32_t i = tid; i < kBitmapWords; i += kThreads) sm.bitmap[i] = 0;
   }
   KVMEM_TRACE(24);
-  // The flat search: every rank's histogram zeroed, and rank 0's global one; the other ranks
-  // touch rank 0's state only after the wait that pairs with this arrive.
+  // The flat search: every rank's histogram zeroed, and rank 0's global one. The other ranks
+  // touch rank 0's state (2a's scores and node links, the flat search's ranges) only after the
+  // wait that pairs with this arrive.
   uint32_t f_id[kFlat ? kFP : 1] = {};
   FlatTreeNode f_rec[kFlat ? kFN : 1] = {};
   if constexpr (kFlat) {
@@ -809,7 +823,9 @@ __device__ __forceinline__ void TreeSearchBody(
       if (rank == 0) sm.g_hist_tok[i] = sm.g_hist_chk[i] = 0;
     }
     __syncthreads();
-    ClusterArrive();
+  }
+  ClusterArrive();
+  if constexpr (kFlat) {
     // This rank's chunk ids and every node record, loading while the mean query forms.
     if (flat_fits) {
 #pragma unroll
@@ -871,7 +887,7 @@ __device__ __forceinline__ void TreeSearchBody(
   const bool search = sm.status == 0 && prm.budget_tokens > 0 && num_chunks > 0 && tree.num_nodes > 0;
   const float wn = __fmul_rn(prm.node_radius_weight, sm.mean_norm);
   const float wc = __fmul_rn(prm.chunk_radius_weight, sm.mean_norm);
-  if constexpr (kFlat) ClusterWait();  // pairs with the arrive after the set-up (all ranks)
+  ClusterWait();  // pairs with the arrive after the set-up (all ranks)
   float g_lo = 0.f, g_hi = 0.f;  // the flat search: every entry's bottleneck range
 
   if constexpr (kFlat) {
@@ -1040,7 +1056,21 @@ __device__ __forceinline__ void TreeSearchBody(
   if (search) {
     if constexpr (!kFlat) {
       // 2a. Every node's soft score (it does not depend on the parents): nodes [1, num_nodes)
-      // sliced over the ranks, the score parked in chains[n].x.
+      // sliced over the ranks. A tree of up to kMaxCand nodes: each rank puts its nodes' links
+      // and scores straight into rank 0's shared memory (the pool's arrays, free until the
+      // rounds; the score in cand_chain[n].x), where 2b extends the chains; a larger one: the
+      // score parked in chains[n].x.
+      const bool staged = tree.num_nodes <= kMaxCand;
+      if (staged) {
+        auto put = [&](uint32_t n, const FlatTreeNode& r) {
+          s0.commit[n] = r.parent;
+          s0.cand_id[n] = r.child_begin;
+          s0.cand_tok[n] = r.child_count;
+          s0.node_tokens[n] = r.tokens;
+        };
+        if (static_cast<uint32_t>(tid) < n_radii) put(my_lo + tid, rec0);
+        for (uint32_t t = tid + kThreads; t < my_hi - my_lo; t += kThreads) put(my_lo + t, tree.nodes[my_lo + t]);
+      }
       {
         for (uint32_t s0i = my_lo; s0i < my_hi; s0i += kMaxCand) {
           const uint32_t cnt = min(kMaxCand, my_hi - s0i);
@@ -1052,13 +1082,29 @@ __device__ __forceinline__ void TreeSearchBody(
                        [&](uint32_t i) { return tree.node_rows_bf16 + size_t{s0i + i} * D; },
                        [&](uint32_t i, float dot) {
                          const float sc = __fadd_rn(dot, __fmul_rn(wn, sm.cand_score[i]));
-                         chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
+                         if (staged) {
+                           s0.cand_chain[s0i + i].x = sc;
+                         } else {
+                           chains[s0i + i] = make_float4(sc, 0.f, 0.f, 0.f);
+                         }
                        });
         }
       }
       KVMEM_TRACE(2);
-      cluster.sync();  // every score is in the scratch
+      cluster.sync();  // every score is in rank 0 (or the scratch)
       KVMEM_TRACE(3);
+      // The chunk arrays into L2 (KVMEM_SEARCH_PREFETCH) by the ranks other than 0 (rank 0
+      // when alone), consecutive pieces on different ranks: each SM's bulk-copy unit issues its
+      // pieces one after another.
+      if (prefetch != 0 && (N == 1 || rank != 0)) {
+        const uint32_t me = N > 1 ? tid * (N - 1) + rank - 1 : tid;
+        const uint32_t workers = N > 1 ? (N - 1) * kThreads : kThreads;
+        PrefetchL2(tree.leaf_chunks, size_t{num_chunks} * 4, me, workers);
+        PrefetchL2(tree.chunk_start, size_t{num_chunks} * 8, me, workers);
+        PrefetchL2(tree.chunk_tokens, size_t{num_chunks} * 4, me, workers);
+        PrefetchL2(tree.chunk_radius, size_t{num_chunks} * 4, me, workers);
+        PrefetchL2(task.chunk_block, size_t{num_chunks} * 8, me, workers);  // the attention's
+      }
       stamp[1] = now();
       // 2b. Rank 0: chains level by level (parents first; global writes of this block are visible
       // to it after a barrier), and the leaves, unsorted: key = bottleneck (the root leaf of a
@@ -1082,25 +1128,12 @@ __device__ __forceinline__ void TreeSearchBody(
           sm.key_lo = 0xffffffffu;
           sm.key_hi = 0;
           chains[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-          const FlatTreeNode root = tree.nodes[0];
+          if (staged) sm.cand_chain[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
           if (root.child_count & kTreeLeafBit) add_leaf_at(atomicAdd(&sm.leaf_count, 1u), 0, root, INFINITY);
         }
-        // Up to kMaxCand nodes: every node's score and links staged in shared memory first (the
-        // pool's arrays, free until the rounds) in one pass of independent loads, so each level
-        // costs shared-memory reads instead of dependent global round trips.
-        const uint32_t NN = tree.num_nodes;
-        const bool staged = NN <= kMaxCand;
-        if (staged) {
-          for (uint32_t n = tid; n < NN; n += kThreads) {
-            const FlatTreeNode node = tree.nodes[n];
-            sm.cand_score[n] = n ? chains[n].x : 0.f;
-            sm.commit[n] = node.parent;
-            sm.cand_id[n] = node.child_begin;
-            sm.cand_tok[n] = node.child_count;
-            sm.node_tokens[n] = node.tokens;
-          }
-          if (tid == 0) sm.cand_chain[0] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
-        }
+        // Staged (2a): each level costs shared-memory reads instead of dependent global round
+        // trips. (Until session 22 rank 0 loaded the links and the scores here: ~2K cycles at
+        // 128K batch 1.)
         __syncthreads();
         KVMEM_TRACE(4);
         for (uint32_t l = 1; l < tree.num_levels; ++l) {
@@ -1111,7 +1144,7 @@ __device__ __forceinline__ void TreeSearchBody(
             float4 c{};
             if (n < le && staged) {
               node = FlatTreeNode{0.f, sm.commit[n], sm.cand_id[n], sm.cand_tok[n], sm.node_tokens[n]};
-              c = Extend(sm.cand_chain[node.parent], sm.cand_score[n]);
+              c = Extend(sm.cand_chain[node.parent], sm.cand_chain[n].x);
               sm.cand_chain[n] = c;
               chains[n] = c;
             } else if (n < le) {
@@ -1295,6 +1328,7 @@ __device__ __forceinline__ void TreeSearchBody(
             uint32_t warp_base = 0;
             if (lane == 0 && warp_total) warp_base = atomicAdd(&sm.new_count, warp_total);
             warp_base = __shfl_sync(0xffffffffu, warp_base, 0);
+            if (i0 == 0) KVMEM_TRACE(31);
             if (take) {
               const uint32_t first = P + warp_base + pre - cnt;
               tok_sum += sm.leaf_tokens[i];
@@ -1302,6 +1336,7 @@ __device__ __forceinline__ void TreeSearchBody(
               sm.leaf_tokens[i] = first;  // now: its pool base
               for (uint32_t q = 0; q < cnt; ++q) sm.cand_tok[first + q] = i;  // owner
             }
+            if (i0 == 0) KVMEM_TRACE(32);
           }
 #pragma unroll
           for (int off = 16; off > 0; off >>= 1) tok_sum += __shfl_xor_sync(0xffffffffu, tok_sum, off);
@@ -1869,10 +1904,11 @@ __device__ __forceinline__ void TreeSearchBody(
         printf("search trace (cycles since the previous point; first round), N=%u:", N);
         for (int k = 1; k < 24; ++k) printf(" %d:%lld", k, tr[k] && tr[k - 1] ? tr[k] - tr[k - 1] : -1ll);
         printf(" total %lld cycles, %llu ns; slice: commits %u entries %u sure %u; 17-18: %lld %lld %lld %lld;"
-               " 1: %lld %lld %lld %lld %lld\n",
+               " 1: %lld %lld %lld %lld %lld; 9: %lld %lld %lld\n",
                tr[23] - tr[0], (unsigned long long)since(stamp[0]), dbg[0], dbg[1], dbg[2],
                tr[28] - tr[17], tr[29] - tr[28], tr[30] - tr[29], tr[18] - tr[30], tr[24] - tr[0],
-               tr[25] - tr[24], tr[26] - tr[25], tr[27] - tr[26], tr[1] - tr[27]);
+               tr[25] - tr[24], tr[26] - tr[25], tr[27] - tr[26], tr[1] - tr[27], tr[31] - tr[8],
+               tr[32] - tr[31], tr[9] - tr[32]);
       }
       SearchTaskResult res{};
       res.status = status;
@@ -1909,10 +1945,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchKernel(const SearchTaskDesc* __restrict__ tasks, AttendItemDesc* items,
                      AttendRunDesc* runs, SearchRunHeader* headers, SearchTaskResult* results,
                      uint32_t* selected, float* sel_scores, uint32_t max_selected, float* scratch,
-                     DType q_dtype, uint32_t first_round, uint32_t slice_slack) {
+                     DType q_dtype, uint32_t first_round, uint32_t slice_slack,
+                     uint32_t prefetch) {
   TreeSearchBody<D, kTrace, false, kFlat>(tasks, items, runs, headers, results, selected,
                                           sel_scores, max_selected, scratch, q_dtype, first_round,
-                                          slice_slack, InlineSource{});
+                                          slice_slack, prefetch, InlineSource{});
 }
 
 // The parameters of an inline launch: data = [q | plan image at image_off].
@@ -1927,7 +1964,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     TreeSearchInlineKernel(AttendItemDesc* items, AttendRunDesc* runs, SearchRunHeader* headers,
                            SearchTaskResult* results, uint32_t* selected, float* sel_scores, uint32_t max_selected,
                            float* scratch, DType q_dtype, uint32_t first_round,
-                           uint32_t slice_slack, uint32_t* counters,
+                           uint32_t slice_slack, uint32_t prefetch, uint32_t* counters,
                            const __grid_constant__ InlineImage img) {
   const uint8_t* image = img.data + img.image_off;
   InlineSource inl;
@@ -1937,7 +1974,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   inl.counters = counters;
   TreeSearchBody<D, false, true, false>(
       reinterpret_cast<const SearchTaskDesc*>(image + img.tasks_off), items, runs, headers, results,
-      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, inl);
+      selected, sel_scores, max_selected, scratch, q_dtype, first_round, slice_slack, prefetch, inl);
 }
 
 // Sets the kernel's shared-memory limit and allows clusters of 16, once.
@@ -2036,6 +2073,12 @@ bool UseFlat(const SearchAttendPlan& plan, uint32_t cluster) {
   return mode > 0 || most <= kFlatAutoPerRank;
 }
 
+// KVMEM_SEARCH_PREFETCH=0 turns the chunk arrays' prefetch off, for A/B timing.
+uint32_t Prefetch() {
+  const char* e = std::getenv("KVMEM_SEARCH_PREFETCH");
+  return e != nullptr && std::string(e) == "0" ? 0u : 1u;
+}
+
 uint32_t FirstRound() {
   if (const char* e = std::getenv("KVMEM_SEARCH_FIRST_ROUND")) {
     const int v = std::atoi(e);
@@ -2093,7 +2136,8 @@ Status Launch(const SearchAttendPlan& plan, uint8_t* ws, SearchTaskResult* resul
       results ? results : reinterpret_cast<SearchTaskResult*>(ws + plan.results_off),
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
-      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack()));
+      reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
+      Prefetch()));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchKernel");
   return Status::OK();
 }
@@ -2120,7 +2164,7 @@ Status LaunchInline(const SearchAttendPlan& plan, uint8_t* ws, const void* q_hos
       reinterpret_cast<uint32_t*>(ws + plan.selected_off),
       reinterpret_cast<float*>(ws + plan.scores_off), plan.max_selected,
       reinterpret_cast<float*>(ws + plan.scratch_off), plan.q_dtype, FirstRound(), SliceSlack(),
-      reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
+      Prefetch(), reinterpret_cast<uint32_t*>(ws + plan.counters_off), img));
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("TreeSearchInlineKernel");
   return Status::OK();
 }

@@ -400,6 +400,36 @@ TEST(TreeSearchCuda, LargeTreesEveryClusterSizeMatchesCpu) {
   unsetenv("KVMEM_SEARCH_FLAT");
 }
 
+// Trees of more nodes than the search stages in shared memory (kSearchMaxCandidates): rank 0
+// extends the chains alone and the other ranks list the leaves from the scratch; the rounds
+// then go on as for a staged tree (leaves of ~2 chunks: ~3.5K leaves).
+TEST(TreeSearchCuda, TreesOverTheStagingLimitMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  auto rng = FreshRng();
+  std::vector<std::unique_ptr<Session>> keep;
+  index::ClusterTreeOptions o;
+  o.fine_cluster_chunks = 2;
+  o.max_fanout = 64;
+  Session* s = NewSession(&keep, 2, 4, o);
+  AddChunks(rng, s, 7000, /*insert=*/true);
+  for (auto& t : s->trees) t.Maintain();
+  SetTail(rng, s, 9);
+  for (auto& t : s->trees) {
+    uint32_t nodes = 0;
+    const auto st = t.Stats();
+    for (size_t l = 0; l + 1 < st.nodes_per_level.size(); ++l) nodes += st.nodes_per_level[l];
+    ASSERT_GT(nodes, kc::kSearchMaxCandidates);
+    ASSERT_LE(st.nodes_per_level.size() >= 2 ? st.nodes_per_level[st.nodes_per_level.size() - 2] : 0u,
+              kc::kSearchMaxLeaves);
+  }
+  ASSERT_EQ(setenv("KVMEM_SEARCH_FLAT", "off", 1), 0);
+  for (uint32_t cluster : {1u, 2u, 9u}) {
+    SCOPED_TRACE("cluster " + std::to_string(cluster));
+    for (uint32_t budget : {256u, 1024u}) CheckSessions(rng, {s}, {budget, 16, 0, cluster});
+  }
+  unsetenv("KVMEM_SEARCH_FLAT");
+}
+
 // q and the plan as the search kernel's parameters (kvmemd with KVMEM_DEVICE_INLINE=on): the same
 // selection, output and replay behaviour as an uploaded plan, from a workspace nothing was
 // uploaded to.
