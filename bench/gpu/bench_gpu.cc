@@ -271,7 +271,7 @@ nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int repl
   const kc::DenseAttendOptions opt;
   const size_t wsb = kc::DenseAttendWorkspaceBytes(view, opt);
   DeviceBuffer ws(wsb);
-  CK(cudaMemset(ws.p, 0, std::max<size_t>(wsb, 256)));
+  CK(cudaMemsetAsync(ws.p, 0, std::max<size_t>(wsb, 256), s));
   auto run = [&](int i) {
     DenseAttendView vi = view;
     vi.k = k[i % R]->p;
@@ -305,7 +305,7 @@ nlohmann::json BenchDense(cudaStream_t s, uint32_t ctx, uint32_t batch, int repl
       o.target_blocks = tb;
       const size_t wb = kc::DenseAttendWorkspaceBytes(view, o);
       DeviceBuffer w(wb);
-      CK(cudaMemset(w.p, 0, std::max<size_t>(wb, 256)));
+      CK(cudaMemsetAsync(w.p, 0, std::max<size_t>(wb, 256), s));
       const double t = TimeGraph(s, Launches(R), replays, [&](int i) {
         DenseAttendView vi = view;
         vi.k = k[i % R]->p;
@@ -492,7 +492,7 @@ std::vector<nlohmann::json> BenchSparse(cudaStream_t s, uint32_t ctx, uint32_t b
       wss.emplace_back(new DeviceBuffer(plans[r].workspace_bytes));
       SK(kc::UploadAttendPlan(plans[r], wss[r]->p, s));
     }
-    CK(cudaStreamSynchronize(s));
+    CK(cudaDeviceSynchronize());  // the queries' fill runs on the legacy stream, the graphs on `s`
     auto run = [&](int i) { SK(kc::LaunchAttend(plans[i % R], wss[i % R]->p, s)); };
     const double us = TimeGraph(s, Launches(R), replays, run);
     run(0);
@@ -725,10 +725,14 @@ std::vector<nlohmann::json> BenchSearch(cudaStream_t s, uint32_t ctx, uint32_t b
       const auto t1 = std::chrono::steady_clock::now();
       if (r == 0) plan_us = std::chrono::duration<double, std::micro>(t1 - t0).count();
       wss.emplace_back(new DeviceBuffer(plans[r].workspace_bytes));
-      CK(cudaMemset(wss[r]->p, 0, plans[r].workspace_bytes));
+      // On `s`, in order with the upload: a plain cudaMemset runs on the legacy stream, which
+      // the non-blocking `s` does not wait for, and could zero a plan image already uploaded.
+      CK(cudaMemsetAsync(wss[r]->p, 0, plans[r].workspace_bytes, s));
       SK(kc::UploadSearchAttendPlan(plans[r], wss[r]->p, s));
     }
-    CK(cudaStreamSynchronize(s));
+    // Every stream: the queries' cudaMemcpy from pageable memory may return before its copy
+    // lands, and the graphs below run on `s`.
+    CK(cudaDeviceSynchronize());
     const double us_search = TimeGraph(s, Launches(R), replays, [&](int i) {
       SK(kc::LaunchTreeSearch(plans[i % R], wss[i % R]->p, s));
     });
