@@ -74,7 +74,8 @@ class DevicePool final : public KVPool {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
     if (SyncCopies()) {
-      return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice), "copy in");
+      return Synchronous([&] { return cudaMemcpy(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice); },
+                         "copy in");
     }
     return Cuda(cudaMemcpyAsync(static_cast<uint8_t*>(base_) + dst, src, bytes, cudaMemcpyHostToDevice, stream_),
                 "copy in");
@@ -83,7 +84,8 @@ class DevicePool final : public KVPool {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
     if (SyncCopies()) {
-      return Cuda(cudaMemcpy(dst, static_cast<const uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToHost), "copy out");
+      return Synchronous([&] { return cudaMemcpy(dst, static_cast<const uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToHost); },
+                         "copy out");
     }
     // After every copy and launch enqueued before it.
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(dst, static_cast<const uint8_t*>(base_) + src, bytes,
@@ -127,11 +129,16 @@ class DevicePool final : public KVPool {
     // Overlapping moves (tail shifts) go through a bounce when the ranges overlap.
     if (dst < src + bytes && src < dst + bytes) {
       KVMEM_RETURN_IF_ERROR(Grow(&d_io_, &io_bytes_, bytes));
-      KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpy(d_io_, static_cast<uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToDevice), "copy within"));
-      return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, d_io_, bytes, cudaMemcpyDeviceToDevice), "copy within");
+      KVMEM_RETURN_IF_ERROR(Synchronous(
+          [&] { return cudaMemcpy(d_io_, static_cast<uint8_t*>(base_) + src, bytes, cudaMemcpyDeviceToDevice); },
+          "copy within"));
+      return Synchronous([&] { return cudaMemcpy(static_cast<uint8_t*>(base_) + dst, d_io_, bytes, cudaMemcpyDeviceToDevice); },
+                         "copy within");
     }
-    return Cuda(cudaMemcpy(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes,
-                           cudaMemcpyDeviceToDevice), "copy within");
+    return Synchronous([&] {
+      return cudaMemcpy(static_cast<uint8_t*>(base_) + dst, static_cast<uint8_t*>(base_) + src, bytes,
+                        cudaMemcpyDeviceToDevice);
+    }, "copy within");
   }
 
   // One upload ([segments | the host ops' rows] through pinned staging) and one CopySegments
@@ -469,6 +476,9 @@ class DevicePool final : public KVPool {
   // Shapes the CUDA kernel does not cover (fp32 K/V, head_dim other than 64/128, ...): copy the
   // attended rows to the host and run the CPU kernel. Correct, slow; for completeness only.
   Status AttendOnHost(kernels::AttendProblem* problems, uint32_t count) {
+    // The rows' copies below run on the legacy stream, which does not wait for the pool's
+    // (non-blocking) stream: the uploads enqueued there first.
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "attend on host"));
     for (uint32_t pi = 0; pi < count; ++pi) {
       kernels::AttendProblem& p = problems[pi];
       const uint64_t esize = DTypeSize(p.kv_dtype), D = p.head_dim, H = p.kv_heads;
@@ -544,6 +554,16 @@ class DevicePool final : public KVPool {
   static bool SyncCopies() {
     static const bool on = EnvIs("KVMEM_DEVICE_COPIES", "sync");
     return on;
+  }
+  // A legacy-stream cudaMemcpy made synchronous both ways (KVMEM_DEVICE_COPIES=sync): after all
+  // work on the pool's stream, which the legacy stream does not wait for (the stream is
+  // non-blocking), and finished before anything enqueued after it (from pageable memory
+  // cudaMemcpy may return before its DMA lands; device to device it returns at once).
+  template <typename Copy>
+  Status Synchronous(Copy copy, const char* what) {
+    KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), what));
+    KVMEM_RETURN_IF_ERROR(Cuda(copy(), what));
+    return Cuda(cudaStreamSynchronize(cudaStreamLegacy), what);
   }
 
   // KVMEM_DEVICE_SUBMIT=graph in kvmemd's environment: the device search's upload, two launches
