@@ -404,6 +404,9 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&out, sizeof(long long) * launches * kClusters));
   long long* clk = nullptr;
   CHECK(cudaMalloc(&clk, 16));
+  // The set-up above ran on the legacy stream (a pageable cudaMemcpy may return before its copy
+  // lands), the kernels below run on the non-blocking `s`.
+  CHECK(cudaDeviceSynchronize());
   ClockKernel<<<1, 1, 0, s>>>(clk);
   long long clk_h[2];
   CHECK(cudaMemcpyAsync(clk_h, clk, 16, cudaMemcpyDeviceToHost, s));
