@@ -178,12 +178,12 @@ struct Smem {
 // blocks (TreeSearchBody, 4).
 constexpr uint32_t kFirstRoundMinTokens = 24 * 1024;
 
-// KVMEM_SEARCH_TRACE points (SM cycles on rank 0, first round): 1 mean query, 2 node rows,
-// 3 cluster barrier, 4 chains set up (links staged in 2a), 5 chains + leaves, 6 round set-up,
-// 7 leaf histogram, 8 leaf cut, 9 leaf reservation, 10 cluster barrier, 11 chunk lookups, 12 chunk rows, 13 pool
-// gathered, 14 commits, 15-16 slice histogram, 17 slice cuts, 18 slice sorted (28 partition,
-// 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22 the fixed
-// pieces (a one-block search writes them here), 23 the attention's header and the results;
+// KVMEM_SEARCH_TRACE points (SM cycles on rank 0, first round): 1 mean query, 2 node rows, 3
+// cluster barrier, 4 chains set up (links staged in 2a), 5 chains + leaves, 6 round set-up, 7 leaf
+// histogram, 8 leaf cut, 9 leaf reservation, 10 cluster barrier, 11 chunk lookups, 12 chunk rows,
+// 13 pool gathered, 14 commits, 15-16 slice histogram, 17 slice cuts, 18 slice sorted (28
+// partition, 29 keys staged, 30 ranked), 19 slice set, 20 sure + scan, 21 round loop left, 22 the
+// fixed pieces (a one-block search writes them here), 23 the attention's header and the results;
 // within 1: 24 state set up, 25 radii loads issued, 26 mean query stored, 27 its barrier;
 // within 9 (thread 0's own): 31 its first leaves' pool slots, 32 their owners written.
 // (Until session 20 rank 0 also built the attention's run tables here, steps 22-27: ~7K cycles
