@@ -537,11 +537,15 @@ struct InlineSource {
 // histogram of every bottleneck instead of rounds of leaves; docs/architecture.md).
 
 // Split cluster barrier: arrive (release) now, wait (acquire) later, so that what lies between
-// overlaps the other blocks' arrival.
+// overlaps the other blocks' arrival. `.aligned` requires every thread of the warp to execute
+// the same barrier instruction; several call sites follow an `if (tid == 0)` block, so each
+// reconverges its warp first rather than relying on the compiler to have done so.
 __device__ __forceinline__ void ClusterArrive() {
+  __syncwarp();
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 }
 __device__ __forceinline__ void ClusterWait() {
+  __syncwarp();
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
