@@ -347,7 +347,10 @@ class DevicePool final : public KVPool {
     cudaGraphExec_t exec = nullptr;
     if (GraphSubmit()) {
       // Everything a replay depends on besides the bytes in the pinned staging (which the graph's
-      // copy reads when it runs): addresses, sizes, the plan's layout and launch shapes.
+      // copy reads when it runs): addresses, sizes, the plan's layout and launch shapes, and the
+      // kernel variants chosen when it was captured (the attention's copy path follows its split
+      // size, the flat search the trees' sizes: every variant computes the same, so a stale one
+      // would only be slower, or fall back to the host search past the flat search's limits).
       const GraphKey key{reinterpret_cast<uint64_t>(d_in), reinterpret_cast<uint64_t>(h_up),
                          reinterpret_cast<uint64_t>(h_down), up, down, q_room, sel_bytes,
                          plan.num_tasks, plan.num_items, plan.max_selected, plan.head_dim,
@@ -357,7 +360,8 @@ class DevicePool final : public KVPool {
                          plan.results_off, plan.selected_off, plan.scores_off, plan.scratch_off,
                          plan.partials_off, plan.cluster_size, plan.attend_cluster,
                          reinterpret_cast<uint64_t>(d_res), plan.run_source_off,
-                         plan.uniform_splits};
+                         plan.uniform_splits, plan.split_tokens,
+                         kernels::cuda::TreeSearchUsesFlat(plan) ? 1u : 0u};
       exec = GraphFor(key, enqueue);
     }
     if (exec != nullptr) {
@@ -633,7 +637,7 @@ class DevicePool final : public KVPool {
     mapped_bytes_ = bytes;
     return Status::OK();
   }
-  using GraphKey = std::array<uint64_t, 29>;
+  using GraphKey = std::array<uint64_t, 31>;
   // The instantiated graph for `key`, captured from `enqueue` on a miss; nullptr (and graphs
   // off for this pool) when capture or instantiation fails, so the caller enqueues directly.
   template <typename F>

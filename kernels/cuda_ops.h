@@ -394,5 +394,8 @@ Status LaunchTreeSearch(const SearchAttendPlan& plan, void* workspace, void* str
 Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream);
 // The cluster size LaunchTreeSearch uses for this plan (0 without a device).
 uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan);
+// Whether LaunchTreeSearch runs the flat search for this plan (KVMEM_SEARCH_FLAT and the trees'
+// sizes; false without a device): a launch captured in a CUDA graph keeps the variant it had.
+bool TreeSearchUsesFlat(const SearchAttendPlan& plan);
 
 }  // namespace kvmem::kernels::cuda

@@ -38,5 +38,6 @@ Status UploadSearchAttendPlan(const SearchAttendPlan&, void*, void*) { return No
 Status LaunchTreeSearch(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
 Status LaunchSearchAttend(const SearchAttendPlan&, void*, void*) { return NoCuda(); }
 uint32_t TreeSearchClusterSize(const SearchAttendPlan&) { return 0; }
+bool TreeSearchUsesFlat(const SearchAttendPlan&) { return false; }
 
 }  // namespace kvmem::kernels::cuda

@@ -2233,6 +2233,11 @@ uint32_t TreeSearchClusterSize(const SearchAttendPlan& plan) {
   return ClusterSize<128>(plan.num_tasks, plan.cluster_size);
 }
 
+bool TreeSearchUsesFlat(const SearchAttendPlan& plan) {
+  const uint32_t n = TreeSearchClusterSize(plan);
+  return n != 0 && UseFlat(plan, n);
+}
+
 Status LaunchSearchAttend(const SearchAttendPlan& plan, void* workspace, void* stream) {
   return LaunchSearchAttendTo(plan, workspace, nullptr, stream);
 }
