@@ -4,7 +4,10 @@
 # "default", "@X" for $G/b/bin/kvmem-bench-gpu-X, VAR=VALUE words) over CONTEXTS x BATCHES x
 # BUDGETS, then E2E_ROUNDS (3) interleaved rounds of kvmem-bench-e2e at E2E_CONTEXTS (131072) per
 # E2E_AB setting (';'-separated VAR=VALUE words for kvmemd's environment, or "default"), with the
-# daemon's Attend phases. Tables last; everything goes into $OUT/all.tgz.
+# daemon's Attend phases (the attend and decode rows). Tables last; everything goes into
+# $OUT/all.tgz. Session 24's first call (graph submission as the default?), for example:
+#   TESTS="e2e_test;KVMEM_DEVICE_SUBMIT=graph e2e_test;KVMEM_DEVICE_SUBMIT=graph device_search_test"
+#   ROUNDS=0 E2E_AB="default;KVMEM_DEVICE_SUBMIT=graph" E2E_ROUNDS=5 bash .gpu9/run.sh
 # Staged by scripts/stage_gpu_search.sh (STAGE=.gpu9 RUN_SCRIPT=bench/gpu/gpu17_run.sh ... integration).
 #   bash .gpu9/run.sh
 FINAL_OUT=${OUT:-/tmp/out}
@@ -53,13 +56,13 @@ rows = {}
 for p in sorted(glob.glob(f"{out}/e2e_*_r*.json")):
     i = int(re.search(r"e2e_(\d+)_r", p).group(1))
     for x in json.load(open(p))["results"]:
-        if x["method"] == "kvmem_e2e_attend":
-            rows.setdefault((x["context"], names[i]), []).append(x)
+        if x["method"] in ("kvmem_e2e_attend", "kvmem_e2e_decode"):
+            rows.setdefault((x["method"][10:], x["context"], names[i]), []).append(x)
 keys = ["request_receive", "request_queue", "request_checks", "session_attend", "request_pack",
         "request_reply", "catch_up", "device_sync", "device_search_attend", "device_plan",
         "device_launch", "device_wait", "seal"]
-for (ctx, v), xs in sorted(rows.items()):
-    print(f"e2e {ctx} {v}: " + " / ".join(f"{x['us_per_layer']:.1f}" for x in xs) +
+for (kind, ctx, v), xs in sorted(rows.items()):
+    print(f"e2e {kind} {ctx} {v}: " + " / ".join(f"{x['us_per_layer']:.1f}" for x in xs) +
           " us; daemon " + " / ".join(f"{x['daemon_request_us']:.1f}" for x in xs))
     ph = {k: statistics.mean(x["daemon_phase_us"].get(k, 0) for x in xs) for k in keys}
     print("   " + " ".join(f"{k}={ph[k]:.2f}" for k in keys))
