@@ -18,6 +18,7 @@
 namespace kvmem::testing {
 
 struct StressRun {
+  std::string command;
   int exit_status = -1;
   nlohmann::json report;  // empty when the tool wrote none
 };
@@ -29,6 +30,7 @@ inline StressRun RunStress(const std::string& args) {
   const std::string cmd = BinDir() + "/kvmem-stress --spawn " + args + " --json " +
                           json.string() + " > /dev/null 2>&1";
   StressRun run;
+  run.command = cmd;
   run.exit_status = std::system(cmd.c_str());
   std::ifstream in(json);
   if (in.good()) run.report = nlohmann::json::parse(in);
@@ -41,7 +43,7 @@ inline StressRun RunStress(const std::string& args) {
 // a daemon that closed every endpoint and exited 0 on SIGTERM.
 inline void ExpectNothingLost(const StressRun& run, uint64_t min_ops) {
   const nlohmann::json& j = run.report;
-  ASSERT_FALSE(j.is_null()) << "kvmem-stress wrote no report";
+  ASSERT_FALSE(j.is_null()) << "no report from: " << run.command;
   EXPECT_EQ(run.exit_status, 0) << j.dump(2);
   EXPECT_TRUE(j["unexpected_errors"].empty()) << j["unexpected_error_samples"].dump();
   EXPECT_TRUE(j["verify_ok"].get<bool>());
