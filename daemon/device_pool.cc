@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -40,7 +41,7 @@ size_t Room(size_t bytes) { return (bytes + 255) / 256 * 256; }
 class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
-    for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
     for (cudaEvent_t e : events_) {
       if (e) cudaEventDestroy(e);
     }
@@ -367,6 +368,7 @@ class DevicePool final : public KVPool {
     if (exec != nullptr) {
       KVMEM_RETURN_IF_ERROR(Cuda(cudaGraphLaunch(exec, stream_), "search attend graph"));
     } else {
+      GlobalMetrics().device_direct_submits++;
       KVMEM_RETURN_IF_ERROR(enqueue());
     }
     phases.Mark(AttendPhase::kDeviceLaunch);
@@ -570,17 +572,26 @@ class DevicePool final : public KVPool {
     return Cuda(cudaStreamSynchronize(cudaStreamLegacy), what);
   }
 
-  // KVMEM_DEVICE_SUBMIT=graph in kvmemd's environment: the device search's upload, two launches
-  // and copy back are captured once per layout into a CUDA graph (the attention's programmatic
-  // dependency becomes a programmatic edge) and replayed with one cudaGraphLaunch. Default
-  // (`copy` or unset): the four calls on the stream.
   // Whether kvmemd's environment sets `name` to `value` (the A/B switches below, read once).
   static bool EnvIs(const char* name, const char* value) {
     const char* e = std::getenv(name);
     return e != nullptr && std::strcmp(e, value) == 0;
   }
+  // The device search's upload, two launches and copy back are captured into a CUDA graph per
+  // layout (the attention's programmatic dependency becomes a programmatic edge) and replayed
+  // with one cudaGraphLaunch (GraphFor). The default since session 24 (at 128K batch 1 five
+  // interleaved e2e rounds gave 63.4-72.8 us, mean 66.1, against 68.6-71.0, mean 70.2, enqueued
+  // directly). KVMEM_DEVICE_SUBMIT=copy in kvmemd's environment enqueues the four calls on the
+  // stream instead; so do the two diagnostics that need them enqueued (KVMEM_DEVICE_TIMELINE=1,
+  // KVMEM_DEVICE_INLINE=on).
   static bool GraphSubmit() {
-    static const bool on = EnvIs("KVMEM_DEVICE_SUBMIT", "graph");
+    static const bool on = [] {
+      const char* e = std::getenv("KVMEM_DEVICE_SUBMIT");
+      if (e != nullptr && *e != 0 && std::strcmp(e, "graph") != 0 && std::strcmp(e, "copy") != 0) {
+        std::fprintf(stderr, "kvmem: KVMEM_DEVICE_SUBMIT=%s is neither graph nor copy; using graph\n", e);
+      }
+      return !EnvIs("KVMEM_DEVICE_SUBMIT", "copy") && !Timeline() && !InlineSubmit();
+    }();
     return on;
   }
   static bool Timeline() {
@@ -638,15 +649,34 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
   using GraphKey = std::array<uint64_t, 31>;
-  // The instantiated graph for `key`, captured from `enqueue` on a miss; nullptr (and graphs
-  // off for this pool) when capture or instantiation fails, so the caller enqueues directly.
+  static constexpr size_t kMaxGraphs = 16;      // instantiated graphs kept (least recent dropped)
+  static constexpr size_t kMaxSeenLayouts = 64;  // layouts seen once, awaiting a second use
+  // The instantiated graph for `key`: replayed when cached; captured from `enqueue` when the
+  // layout was seen once before; nullptr otherwise, so the caller enqueues directly. A layout
+  // used once, or one that changes every call, is never captured (capture and instantiation
+  // cost more than a replay saves). Capture or instantiation failing turns graphs off for this
+  // pool (nullptr from then on).
   template <typename F>
   cudaGraphExec_t GraphFor(const GraphKey& key, F&& enqueue) {
     if (graph_failed_) return nullptr;
-    if (auto it = graphs_.find(key); it != graphs_.end()) return it->second;
-    if (graphs_.size() >= 16) {  // layouts change rarely in a decode stream; bound the cache
-      for (auto& [k, e] : graphs_) cudaGraphExecDestroy(e);
-      graphs_.clear();
+    ++graph_tick_;
+    if (auto it = graphs_.find(key); it != graphs_.end()) {
+      it->second.last_used = graph_tick_;
+      GlobalMetrics().device_graph_replays++;
+      return it->second.exec;
+    }
+    if (graph_seen_.erase(key) == 0) {  // a first sighting: remember it, enqueue directly
+      if (graph_seen_.size() >= kMaxSeenLayouts) graph_seen_.clear();
+      graph_seen_.insert(key);
+      return nullptr;
+    }
+    if (graphs_.size() >= kMaxGraphs) {
+      auto lru = graphs_.begin();
+      for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
+        if (it->second.last_used < lru->second.last_used) lru = it;
+      }
+      cudaGraphExecDestroy(lru->second.exec);
+      graphs_.erase(lru);
     }
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
@@ -666,7 +696,8 @@ class DevicePool final : public KVPool {
                    st.ToString().c_str());
       return nullptr;
     }
-    graphs_.emplace(key, exec);
+    graphs_.emplace(key, CachedGraph{exec, graph_tick_});
+    GlobalMetrics().device_graph_captures++;
     return exec;
   }
 
@@ -717,7 +748,13 @@ class DevicePool final : public KVPool {
   uint8_t* pinned_ = nullptr;  // host staging of every upload and copy back
   size_t pinned_bytes_ = 0;
   kernels::cuda::AttendPlan attend_plan_;  // Attend's, kept for its image's capacity
-  std::map<GraphKey, cudaGraphExec_t> graphs_;  // KVMEM_DEVICE_SUBMIT=graph
+  struct CachedGraph {
+    cudaGraphExec_t exec = nullptr;
+    uint64_t last_used = 0;  // graph_tick_ at its last replay
+  };
+  std::map<GraphKey, CachedGraph> graphs_;  // GraphSubmit()
+  std::set<GraphKey> graph_seen_;           // layouts seen once (GraphFor)
+  uint64_t graph_tick_ = 0;
   bool graph_failed_ = false;
   uint8_t* mapped_ = nullptr;      // KVMEM_DEVICE_RESULTS=mapped: host view
   uint8_t* mapped_dev_ = nullptr;  // its device address

@@ -217,6 +217,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_bytes_out_total",
           "kvmem_config_reloads_total",
           "kvmem_idle_trims_total",
+          "kvmem_device_submits_total",
           "kvmem_store_memory_bytes"};
 }
 
@@ -395,6 +396,15 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_idle_trims_total", "counter",
             "Idle trims completed (retained memory released after idle_trim_seconds idle).");
   wr.Sample("kvmem_idle_trims_total", "", m.idle_trims.load(std::memory_order_relaxed));
+  wr.Family("kvmem_device_submits_total", "counter",
+            "Device searches (index-mode Attend on the GPU) by submission: replayed from a cached "
+            "CUDA graph, captured into a new graph, or enqueued directly.");
+  wr.Sample("kvmem_device_submits_total", "how=\"replayed\"",
+            m.device_graph_replays.load(std::memory_order_relaxed));
+  wr.Sample("kvmem_device_submits_total", "how=\"captured\"",
+            m.device_graph_captures.load(std::memory_order_relaxed));
+  wr.Sample("kvmem_device_submits_total", "how=\"direct\"",
+            m.device_direct_submits.load(std::memory_order_relaxed));
   wr.Family("kvmem_store_memory_bytes", "gauge",
             "Memory RocksDB holds: block cache in use, table readers (index/filter blocks), "
             "memtables.");

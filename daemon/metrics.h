@@ -145,6 +145,12 @@ struct DaemonMetrics {
   std::atomic<uint64_t> reloads_ok{0};
   std::atomic<uint64_t> reloads_failed{0};
   std::atomic<uint64_t> idle_trims{0};  // completed idle trims (daemon/main.cc)
+  // Device searches (index-mode Attend on the CUDA pool) by how they were submitted: replayed
+  // from a cached CUDA graph, captured into a new one (then replayed), or enqueued directly (a
+  // layout seen for the first time, or graphs off).
+  std::atomic<uint64_t> device_graph_replays{0};
+  std::atomic<uint64_t> device_graph_captures{0};
+  std::atomic<uint64_t> device_direct_submits{0};
 
   void RecordRequest(int op, std::chrono::nanoseconds latency_ns, int code);
 };

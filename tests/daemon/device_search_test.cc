@@ -5,9 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 
 #include "common/dtype.h"
+#include "daemon/metrics.h"
 #include "daemon/session.h"
 #include "testing/seed.h"
 
@@ -97,6 +100,9 @@ TEST(DeviceSearchTest, DeviceSearchMatchesHostSearchAcrossDecodeSteps) {
   ASSERT_TRUE((*dev_pool)->has_device_search());
   auto host_pool = CreateHostPool({512ull << 20, 1ull << 20});
   ASSERT_TRUE(host_pool.ok());
+  const DaemonMetrics& m = GlobalMetrics();
+  const uint64_t replays0 = m.device_graph_replays, captures0 = m.device_graph_captures,
+                 direct0 = m.device_direct_submits;
   // 4000 tokens: ~360 chunks wholly inside the window (session 20's kernel listed each and sent
   // windows over ~250 chunks to the host search; di.device_search checks it does not now).
   for (uint32_t recent : {0u, 40u, 4000u}) {
@@ -141,6 +147,27 @@ TEST(DeviceSearchTest, DeviceSearchMatchesHostSearchAcrossDecodeSteps) {
     }
     EXPECT_GT(dev->chunk_count(), 5000u / 24);
     EXPECT_GT(nonempty, 0u);
+  }
+  // Graph submission (the default; KVMEM_DEVICE_SUBMIT=copy turns it off): a layout's first use
+  // goes directly, its second is captured, later ones replay; the comparisons above checked the
+  // replays' results (new q and plan bytes through the captured upload).
+  const uint64_t replays = m.device_graph_replays - replays0,
+                 captures = m.device_graph_captures - captures0,
+                 direct = m.device_direct_submits - direct0;
+  std::printf("[ graphs   ] %llu replayed, %llu captured, %llu direct\n",
+              static_cast<unsigned long long>(replays), static_cast<unsigned long long>(captures),
+              static_cast<unsigned long long>(direct));
+  auto env_is = [](const char* name, const char* value) {
+    const char* e = std::getenv(name);
+    return e != nullptr && std::strcmp(e, value) == 0;
+  };
+  if (env_is("KVMEM_DEVICE_SUBMIT", "copy") || env_is("KVMEM_DEVICE_TIMELINE", "1") ||
+      env_is("KVMEM_DEVICE_INLINE", "on")) {
+    EXPECT_EQ(replays + captures, 0u);
+  } else {
+    EXPECT_GT(captures, 0u);
+    EXPECT_GT(replays, captures) << "layouts should repeat across decode steps";
+    EXPECT_GE(direct, captures) << "every captured layout was first submitted directly";
   }
 }
 
