@@ -53,6 +53,10 @@ Usage: kvmem-stress (--addr HOST:PORT [--pid PID] | --spawn) --clients C --sessi
   --disconnect-rate R     probability that an append / attend is sent asynchronously and the
                           client is destroyed with it in flight, then reconnected (default 0.01)
   --durable-fraction F    share of sessions created durable (default 0.5)
+  --index-fraction F      share of sessions created in index mode (default 0), with a budget
+                          over every token they can hold, so their Attends run the index search
+                          (on the GPU: the device search) and still equal dense attention, which
+                          the reference checks hold them to
   --max-session-tokens N  an owner drops and recreates a session past N tokens (default 2048)
   --warmup SECONDS        warm-up phase before the baseline RSS (default min(30, duration/10), >= 1)
   --reference-rate P      share of own-session Attends checked against the reference (default 0.05)
@@ -88,6 +92,7 @@ struct Args {
   double weights[kNumOps] = {50, 25, 15, 5, 5};
   double disconnect_rate = 0.01;
   double durable_fraction = 0.5;
+  double index_fraction = 0;
   uint64_t max_session_tokens = 2048;
   double reference_rate = 0.05;
   pid_t pid = 0;
@@ -103,6 +108,7 @@ struct Args {
 struct Slot {
   std::atomic<uint64_t> id{0};
   bool durable = false;
+  bool index = false;            // index mode (budget over every token it can hold)
   uint64_t seed = 0;             // synthetic stream seed of the current session
   uint64_t tokens = 0;           // exact token count as acknowledged / resynced
   uint32_t uncertain = 0;        // tokens of an append abandoned with the connection
@@ -117,7 +123,7 @@ struct ThreadStats {
   std::vector<std::string> unexpected_samples;  // first few messages
   uint64_t disconnects = 0, reconnects = 0, connect_failures = 0;
   uint64_t acked_tokens = 0, reference_checks = 0, reference_failures = 0;
-  uint64_t lost_tokens = 0, count_anomalies = 0, sessions_created = 0;
+  uint64_t lost_tokens = 0, count_anomalies = 0, sessions_created = 0, index_sessions_created = 0;
 };
 
 struct Shared {
@@ -139,10 +145,11 @@ void Unexpected(ThreadStats& st, const std::string& what, const Status& s) {
 
 client::Profile MakeProfile() { return client::Profile{kLayers, kQHeads, kKvHeads, kHeadDim, kDType, {}, {}, "stress"}; }
 
-// Dense attention of a session holding synthetic tokens [0, tokens) of stream `seed`, checked
-// against the double-precision reference. OK or a message naming the difference.
+// Attention of a session holding synthetic tokens [0, tokens) of stream `seed`, checked
+// against the double-precision dense reference: dense mode, or index mode with a budget that
+// selects every chunk. OK or a message naming the difference.
 Status CheckAgainstReference(client::Client& c, uint64_t id, uint64_t seed, uint64_t tokens,
-                             std::mt19937_64& rng) {
+                             bool index, std::mt19937_64& rng) {
   if (tokens == 0) return Status::OK();
   client::SyntheticStream stream(seed, kLayers, kKvHeads, kHeadDim, kDType);
   std::vector<uint8_t> k, v;
@@ -155,7 +162,7 @@ Status CheckAgainstReference(client::Client& c, uint64_t id, uint64_t seed, uint
   req.layer = layer;
   req.q = {q.data(), DType::kF32, {kQHeads, kHeadDim}};
   req.out_dtype = DType::kF32;
-  req.mode = client::Mode::kDense;
+  req.mode = index ? client::Mode::kIndex : client::Mode::kDense;
   auto r = c.Attend(id, req);
   if (!r.ok()) return r.status();
   std::vector<float> out(kQHeads * kHeadDim);
@@ -164,7 +171,7 @@ Status CheckAgainstReference(client::Client& c, uint64_t id, uint64_t seed, uint
                                                layer, q, kQHeads);
   const double err = testing::RelativeError(out, ref);
   if (!(err <= 1e-3)) {
-    return DataLoss("session " + std::to_string(id) + ": attention over " +
+    return DataLoss("session " + std::to_string(id) + (index ? " (index mode)" : "") + ": attention over " +
                     std::to_string(tokens) + " tokens differs from the reference (rel. error " +
                     std::to_string(err) + ")");
   }
@@ -228,19 +235,23 @@ class Worker {
   void CreateFresh(Slot& s) {
     s.seed = sh_->next_seed.fetch_add(1) * 1000003 + a_.seed;
     s.durable = std::uniform_real_distribution<double>(0, 1)(rng_) < a_.durable_fraction;
+    s.index = std::uniform_real_distribution<double>(0, 1)(rng_) < a_.index_fraction;
     s.tokens = 0;
     s.uncertain = 0;
     s.resync = false;
     s.tainted = false;
     client::SessionOptions so;
     so.durable = s.durable;
-    so.mode = client::Mode::kDense;
+    so.mode = s.index ? client::Mode::kIndex : client::Mode::kDense;
+    // An owner drops its session past max_session_tokens, after an append of at most kMaxAppend.
+    if (s.index) so.default_budget_tokens = static_cast<uint32_t>(a_.max_session_tokens + kMaxAppend);
     so.label = "stress";
     for (int attempt = 0; attempt < 3; ++attempt) {
       auto id = client_->CreateSession(MakeProfile(), so);
       if (id.ok()) {
         s.id = *id;
         st_.sessions_created++;
+        if (s.index) st_.index_sessions_created++;
         return;
       }
       if (id.status().code() != StatusCode::kAlreadyExists) {
@@ -300,7 +311,7 @@ class Worker {
 
   void Reference(Slot& s) {
     st_.reference_checks++;
-    const Status r = CheckAgainstReference(*client_, s.id, s.seed, s.tokens, rng_);
+    const Status r = CheckAgainstReference(*client_, s.id, s.seed, s.tokens, s.index, rng_);
     if (!r.ok()) {
       st_.reference_failures++;
       Unexpected(st_, "reference", r);
@@ -599,6 +610,7 @@ int Main(int argc, char** argv) {
     else if (k == "--warmup") { if (std::isnan(x = num(0, 1e6))) return Usage("bad --warmup"); a.warmup_s = x; }
     else if (k == "--disconnect-rate") { if (std::isnan(x = num(0, 1))) return Usage("bad --disconnect-rate"); a.disconnect_rate = x; }
     else if (k == "--durable-fraction") { if (std::isnan(x = num(0, 1))) return Usage("bad --durable-fraction"); a.durable_fraction = x; }
+    else if (k == "--index-fraction") { if (std::isnan(x = num(0, 1))) return Usage("bad --index-fraction"); a.index_fraction = x; }
     else if (k == "--reference-rate") { if (std::isnan(x = num(0, 1))) return Usage("bad --reference-rate"); a.reference_rate = x; }
     else if (k == "--max-session-tokens") { if (std::isnan(x = num(kMaxAppend, 1 << 24))) return Usage("bad --max-session-tokens"); a.max_session_tokens = static_cast<uint64_t>(x); }
     else if (k == "--pid") { if (std::isnan(x = num(1, 1 << 30))) return Usage("bad --pid"); a.pid = static_cast<pid_t>(x); }
@@ -682,6 +694,7 @@ int Main(int argc, char** argv) {
     all.lost_tokens += t.lost_tokens;
     all.count_anomalies += t.count_anomalies;
     all.sessions_created += t.sessions_created;
+    all.index_sessions_created += t.index_sessions_created;
   }
   nlohmann::json j;
   uint64_t ops = 0;
@@ -711,9 +724,16 @@ int Main(int argc, char** argv) {
   }
   std::string endpoints_note;
   int64_t endpoints_open = -1;
+  nlohmann::json device_submits = nlohmann::json::object();
   if (a.admin_port != 0) {
     auto m = testing::HttpGet(a.admin_port, "/metrics");
-    if (m.status == 200) endpoints_open = static_cast<int64_t>(MetricValue(m.body, "kvmem_ucx_endpoints_open"));
+    if (m.status == 200) {
+      endpoints_open = static_cast<int64_t>(MetricValue(m.body, "kvmem_ucx_endpoints_open"));
+      for (const char* how : {"replayed", "captured", "direct"}) {
+        device_submits[how] =
+            MetricValue(m.body, std::string("kvmem_device_submits_total{how=\"") + how + "\"}");
+      }
+    }
   }
   int daemon_exit = -2;
   if (daemon) daemon_exit = daemon->Stop(std::chrono::milliseconds(10000));
@@ -751,6 +771,7 @@ int Main(int argc, char** argv) {
   for (int o = 0; o < kNumOps; ++o) j["mix"][kOpNames[o]] = a.weights[o];
   j["disconnect_rate"] = a.disconnect_rate;
   j["durable_fraction"] = a.durable_fraction;
+  j["index_fraction"] = a.index_fraction;
   j["max_session_tokens"] = a.max_session_tokens;
   j["profile"] = {{"layers", kLayers}, {"q_heads", kQHeads}, {"kv_heads", kKvHeads},
                   {"head_dim", kHeadDim}, {"dtype", "bf16"}, {"append_tokens", "1..64"}};
@@ -769,6 +790,8 @@ int Main(int argc, char** argv) {
   j["reference_checks"] = all.reference_checks;
   j["reference_failures"] = all.reference_failures;
   j["sessions_created"] = all.sessions_created;
+  j["index_sessions_created"] = all.index_sessions_created;
+  j["daemon_device_submits"] = device_submits;  // device searches by submission (CUDA backend)
   j["daemon_endpoints_open_at_end"] = endpoints_open;
   j["daemon_pid"] = a.pid;
   if (daemon) j["daemon_exit_status"] = daemon_exit;

@@ -13,7 +13,7 @@ namespace {
 TEST(Stress, ShortMixedLoadWithDisconnectsLosesNothing) {
   const auto run = testing::RunStress(
       "--clients 4 --sessions 8 --duration 4 --warmup 1 --settle 1 --disconnect-rate 0.05"
-      " --reference-rate 0.1");
+      " --reference-rate 0.1 --index-fraction 0.25");
   testing::ExpectNothingLost(run, 100);
 }
 

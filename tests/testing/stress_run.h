@@ -39,8 +39,9 @@ inline StressRun RunStress(const std::string& args) {
 }
 
 // What any run must show: it ran every operation, disconnected clients with requests in
-// flight, lost no acknowledged token, met no unexpected error or reference mismatch, and left
-// a daemon that closed every endpoint and exited 0 on SIGTERM.
+// flight, lost no acknowledged token, met no unexpected error or reference mismatch (dense and
+// index-mode sessions alike), and left a daemon that closed every endpoint and exited 0 on
+// SIGTERM.
 inline void ExpectNothingLost(const StressRun& run, uint64_t min_ops) {
   const nlohmann::json& j = run.report;
   ASSERT_FALSE(j.is_null()) << "no report from: " << run.command;
@@ -60,6 +61,11 @@ inline void ExpectNothingLost(const StressRun& run, uint64_t min_ops) {
     EXPECT_TRUE(j["p99_us"].contains(op)) << op;
   }
   EXPECT_GT(j["rss_baseline_bytes"].get<uint64_t>(), 0u);
+  // Index-mode sessions (--index-fraction): some were created, and their reference checks (a
+  // budget over every token: equal to dense attention) are among those above.
+  if (j["index_fraction"].get<double>() > 0) {
+    EXPECT_GT(j["index_sessions_created"].get<uint64_t>(), 0u);
+  }
 }
 
 }  // namespace kvmem::testing
