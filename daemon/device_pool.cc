@@ -635,7 +635,10 @@ class DevicePool final : public KVPool {
   // Grow-only mapped pinned host memory the kernels write the device search's outputs into.
   Status GrowMapped(size_t need) {
     if (need <= mapped_bytes_) return Status::OK();
-    if (mapped_) cudaFreeHost(mapped_);
+    if (mapped_) {
+      DropGraphs();
+      cudaFreeHost(mapped_);
+    }
     mapped_ = mapped_dev_ = nullptr;
     mapped_bytes_ = 0;
     const size_t bytes = std::max<size_t>(need, 64 << 10);
@@ -700,12 +703,25 @@ class DevicePool final : public KVPool {
     GlobalMetrics().device_graph_captures++;
     return exec;
   }
+  // Before a buffer a graph may use (the pinned staging, the mapped results, the device
+  // scratch) is freed: every cached graph goes. A graph keeps the addresses it was captured
+  // with, and a later allocation can return the same address, so the key would match a graph
+  // whose copies refer to the freed allocation (the H200 crashed in cudaGraphLaunch so, under
+  // kvmem-stress, before graphs were dropped here). The buffers only grow, so this is rare.
+  void DropGraphs() {
+    for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    graphs_.clear();
+    graph_seen_.clear();
+  }
 
   // Grow-only pinned host staging (the uploads and copies back of every launch).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
     if (need <= pinned_bytes_) return Status::OK();
-    if (pinned_) cudaFreeHost(pinned_);
+    if (pinned_) {
+      DropGraphs();
+      cudaFreeHost(pinned_);
+    }
     pinned_ = nullptr;
     const size_t bytes = std::max(need, pinned_bytes_ * 2);
     void* p = nullptr;
@@ -721,6 +737,7 @@ class DevicePool final : public KVPool {
     if (*p) {
       // Enqueued copies and launches may still read the old buffer.
       KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "scratch grow"));
+      DropGraphs();
       cudaFree(*p);
     }
     *p = nullptr;
