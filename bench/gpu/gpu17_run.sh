@@ -5,9 +5,10 @@
 # BUDGETS, then E2E_ROUNDS (3) interleaved rounds of kvmem-bench-e2e at E2E_CONTEXTS (131072) per
 # E2E_AB setting (';'-separated VAR=VALUE words for kvmemd's environment, or "default"), with the
 # daemon's Attend phases (the attend and decode rows). Tables last; everything goes into
-# $OUT/all.tgz. Session 24's first call (graph submission as the default?), for example:
-#   TESTS="e2e_test;KVMEM_DEVICE_SUBMIT=graph e2e_test;KVMEM_DEVICE_SUBMIT=graph device_search_test"
-#   ROUNDS=0 E2E_AB="default;KVMEM_DEVICE_SUBMIT=graph" E2E_ROUNDS=5 bash .gpu9/run.sh
+# $OUT/all.tgz. Session 24's calls, for example (graph submission is the default since then;
+# KVMEM_DEVICE_SUBMIT=copy enqueues directly; extra test binaries copied into $G/b/bin by hand):
+#   TESTS="stress_test;KVMEM_DEVICE_SUBMIT=copy stress_test;device_search_test;e2e_test"
+#   AB="default;@base" ROUNDS=6 E2E_AB="default;KVMEM_DEVICE_SUBMIT=copy" E2E_ROUNDS=3 bash .gpu9/run.sh
 # Staged by scripts/stage_gpu_search.sh (STAGE=.gpu9 RUN_SCRIPT=bench/gpu/gpu17_run.sh ... integration).
 #   bash .gpu9/run.sh
 FINAL_OUT=${OUT:-/tmp/out}
