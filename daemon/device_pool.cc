@@ -16,12 +16,12 @@
 #include <map>
 #include <mutex>
 #include <optional>
-#include <set>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "common/units.h"
+#include "daemon/graph_cache.h"
 #include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
 #include "kernels/cuda/search_attend_to.h"
@@ -41,7 +41,7 @@ size_t Room(size_t bytes) { return (bytes + 255) / 256 * 256; }
 class DevicePool final : public KVPool {
  public:
   ~DevicePool() override {
-    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    graphs_.Clear();
     for (cudaEvent_t e : events_) {
       if (e) cudaEventDestroy(e);
     }
@@ -652,37 +652,23 @@ class DevicePool final : public KVPool {
     return Status::OK();
   }
   using GraphKey = std::array<uint64_t, 31>;
-  static constexpr size_t kMaxGraphs = 16;      // instantiated graphs kept (least recent dropped)
-  static constexpr size_t kMaxSeenLayouts = 64;  // layouts seen once, awaiting a second use
-  // The instantiated graph for `key`: replayed when cached; captured from `enqueue` when the
-  // layout was seen once before; nullptr otherwise, so the caller enqueues directly. A layout
-  // used once, or one that changes every call, is never captured (capture and instantiation
-  // cost more than a replay saves). Capture or instantiation failing turns graphs off for this
-  // pool (nullptr from then on).
+  // The instantiated graph for `key` (GraphCache's policy: replayed when cached, captured from
+  // `enqueue` on the layout's second sighting); nullptr when the caller should enqueue directly:
+  // a first sighting, or capture or instantiation failing, which turns graphs off for this pool.
   template <typename F>
   cudaGraphExec_t GraphFor(const GraphKey& key, F&& enqueue) {
     if (graph_failed_) return nullptr;
-    ++graph_tick_;
-    if (auto it = graphs_.find(key); it != graphs_.end()) {
-      it->second.last_used = graph_tick_;
-      GlobalMetrics().device_graph_replays++;
-      return it->second.exec;
-    }
-    if (graph_seen_.erase(key) == 0) {  // a first sighting: remember it, enqueue directly
-      if (graph_seen_.size() >= kMaxSeenLayouts) graph_seen_.clear();
-      graph_seen_.insert(key);
-      return nullptr;
-    }
-    if (graphs_.size() >= kMaxGraphs) {
-      auto lru = graphs_.begin();
-      for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
-        if (it->second.last_used < lru->second.last_used) lru = it;
-      }
-      cudaGraphExecDestroy(lru->second.exec);
-      graphs_.erase(lru);
+    cudaGraphExec_t exec = nullptr;
+    switch (graphs_.Find(key, &exec)) {
+      case Graphs::Action::kReplay:
+        GlobalMetrics().device_graph_replays++;
+        return exec;
+      case Graphs::Action::kDirect:
+        return nullptr;
+      case Graphs::Action::kCapture:
+        break;
     }
     cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
     Status st = Cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin capture");
     if (st.ok()) {
       Status enq = enqueue();
@@ -699,7 +685,7 @@ class DevicePool final : public KVPool {
                    st.ToString().c_str());
       return nullptr;
     }
-    graphs_.emplace(key, CachedGraph{exec, graph_tick_});
+    graphs_.Insert(key, exec);
     GlobalMetrics().device_graph_captures++;
     return exec;
   }
@@ -708,11 +694,7 @@ class DevicePool final : public KVPool {
   // with, and a later allocation can return the same address, so the key would match a graph
   // whose copies refer to the freed allocation (the H200 crashed in cudaGraphLaunch so, under
   // kvmem-stress, before graphs were dropped here). The buffers only grow, so this is rare.
-  void DropGraphs() {
-    for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g.exec);
-    graphs_.clear();
-    graph_seen_.clear();
-  }
+  void DropGraphs() { graphs_.Clear(); }
 
   // Grow-only pinned host staging (the uploads and copies back of every launch).
   Status GrowPinned(size_t need) {
@@ -765,13 +747,12 @@ class DevicePool final : public KVPool {
   uint8_t* pinned_ = nullptr;  // host staging of every upload and copy back
   size_t pinned_bytes_ = 0;
   kernels::cuda::AttendPlan attend_plan_;  // Attend's, kept for its image's capacity
-  struct CachedGraph {
-    cudaGraphExec_t exec = nullptr;
-    uint64_t last_used = 0;  // graph_tick_ at its last replay
+  struct DestroyExec {
+    void operator()(cudaGraphExec_t e) const { cudaGraphExecDestroy(e); }
   };
-  std::map<GraphKey, CachedGraph> graphs_;  // GraphSubmit()
-  std::set<GraphKey> graph_seen_;           // layouts seen once (GraphFor)
-  uint64_t graph_tick_ = 0;
+  // GraphSubmit(): 16 graphs kept, 64 layouts awaiting their second use.
+  using Graphs = GraphCache<GraphKey, cudaGraphExec_t, DestroyExec>;
+  Graphs graphs_{16, 64, DestroyExec{}};
   bool graph_failed_ = false;
   uint8_t* mapped_ = nullptr;      // KVMEM_DEVICE_RESULTS=mapped: host view
   uint8_t* mapped_dev_ = nullptr;  // its device address
