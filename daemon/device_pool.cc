@@ -584,13 +584,15 @@ class DevicePool final : public KVPool {
   // directly). KVMEM_DEVICE_SUBMIT=copy in kvmemd's environment enqueues the four calls on the
   // stream instead; so do the two diagnostics that need them enqueued (KVMEM_DEVICE_TIMELINE=1,
   // KVMEM_DEVICE_INLINE=on).
+  friend bool ::kvmem::DeviceGraphSubmit();
   static bool GraphSubmit() {
     static const bool on = [] {
       const char* e = std::getenv("KVMEM_DEVICE_SUBMIT");
-      if (e != nullptr && *e != 0 && std::strcmp(e, "graph") != 0 && std::strcmp(e, "copy") != 0) {
+      const bool copy = e != nullptr && std::strcmp(e, "copy") == 0;
+      if (e != nullptr && *e != 0 && !copy && std::strcmp(e, "graph") != 0) {
         std::fprintf(stderr, "kvmem: KVMEM_DEVICE_SUBMIT=%s is neither graph nor copy; using graph\n", e);
       }
-      return !EnvIs("KVMEM_DEVICE_SUBMIT", "copy") && !Timeline() && !InlineSubmit();
+      return !copy && !Timeline() && !InlineSubmit();
     }();
     return on;
   }
@@ -769,6 +771,8 @@ Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& o
   KVMEM_RETURN_IF_ERROR(pool->Init(o, device));
   return std::unique_ptr<KVPool>(std::move(pool));
 }
+
+bool DeviceGraphSubmit() { return DevicePool::GraphSubmit(); }
 
 int CudaDeviceCount() {
   int n = 0;

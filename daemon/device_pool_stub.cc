@@ -9,4 +9,6 @@ Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options&, 
 
 int CudaDeviceCount() { return 0; }
 
+bool DeviceGraphSubmit() { return false; }
+
 }  // namespace kvmem

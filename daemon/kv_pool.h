@@ -231,4 +231,9 @@ Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& o
 // Number of CUDA devices visible (0 without CUDA in the build).
 int CudaDeviceCount();
 
+// Whether device pools submit the device search as CUDA graph replays (kvmemd's environment,
+// read once: not with KVMEM_DEVICE_SUBMIT=copy, KVMEM_DEVICE_TIMELINE=1 or KVMEM_DEVICE_INLINE=on;
+// false without CUDA in the build).
+bool DeviceGraphSubmit();
+
 }  // namespace kvmem

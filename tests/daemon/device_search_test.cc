@@ -5,8 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <random>
 
 #include "common/dtype.h"
@@ -157,12 +155,7 @@ TEST(DeviceSearchTest, DeviceSearchMatchesHostSearchAcrossDecodeSteps) {
   std::printf("[ graphs   ] %llu replayed, %llu captured, %llu direct\n",
               static_cast<unsigned long long>(replays), static_cast<unsigned long long>(captures),
               static_cast<unsigned long long>(direct));
-  auto env_is = [](const char* name, const char* value) {
-    const char* e = std::getenv(name);
-    return e != nullptr && std::strcmp(e, value) == 0;
-  };
-  if (env_is("KVMEM_DEVICE_SUBMIT", "copy") || env_is("KVMEM_DEVICE_TIMELINE", "1") ||
-      env_is("KVMEM_DEVICE_INLINE", "on")) {
+  if (!DeviceGraphSubmit()) {
     EXPECT_EQ(replays + captures, 0u);
   } else {
     EXPECT_GT(captures, 0u);

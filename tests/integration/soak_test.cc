@@ -26,7 +26,7 @@ TEST(Soak, NinetySecondsOfMixedLoadLoseNothingAndLeakNothing) {
               run.report["rss_peak_bytes"].get<double>() / 1048576.0);
   // Both readings in the same state (sessions dropped, 1 s after kvmemd's idle trim): with a
   // 15 s settle the baseline was read before the trim (244 MiB against an end of 57 MiB, a
-  // growth of -76% that would hide any leak); 45 s leaves room (here: 35.3 and 38.0 MiB).
+  // growth of -76% that would hide any leak); 45 s leaves room (here: 30.6 and 33.8 MiB).
   EXPECT_TRUE(run.report["rss_readings_after_idle_trim"].get<bool>())
       << "an RSS reading was taken before kvmemd's idle trim; the comparison means nothing";
   EXPECT_LT(growth, 50.0) << "idle RSS grew by half over the post-warm-up baseline";
