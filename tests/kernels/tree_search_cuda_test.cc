@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <set>
@@ -148,6 +149,13 @@ struct RunConfig {
 
 // Runs the fused launch over `sessions` and checks selection and output of every head.
 void CheckSessions(std::mt19937_64& rng, std::vector<Session*> sessions, const RunConfig& cfg) {
+  // KVMEM_TEST_TRACE=1: each launch's configuration on stderr before it runs, so a launch that
+  // never returns shows which one it is (session 25 found a hang this way).
+  if (const char* e = std::getenv("KVMEM_TEST_TRACE"); e != nullptr && std::string(e) == "1") {
+    const char* flat = std::getenv("KVMEM_SEARCH_FLAT");
+    std::fprintf(stderr, "check: %zu sessions, budget %u, cluster %u, flat %s\n", sessions.size(),
+                 cfg.budget, cfg.cluster_size, flat ? flat : "auto");
+  }
   const uint32_t P = static_cast<uint32_t>(sessions.size());
   const uint32_t H = sessions[0]->H, G = sessions[0]->G, HQ = H * G;
   std::normal_distribution<float> nd(0.f, 1.f);
