@@ -49,6 +49,9 @@ Status DaemonConfig::Validate() const {
   if (progress != "event" && progress != "poll") {
     return InvalidArgument("progress must be event or poll, got '" + progress + "'");
   }
+  if (on_executor_stall != "report" && on_executor_stall != "exit") {
+    return InvalidArgument("on_executor_stall must be report or exit, got '" + on_executor_stall + "'");
+  }
   if (ucx_error_mode != "none" && ucx_error_mode != "peer") {
     return InvalidArgument("ucx_error_mode must be none or peer, got '" + ucx_error_mode + "'");
   }
@@ -145,6 +148,8 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "max_connections") s = u32(v, k, &c->max_connections);
     else if (k == "client_idle_timeout_seconds") s = u32(v, k, &c->client_idle_timeout_seconds);
     else if (k == "idle_trim_seconds") s = u32(v, k, &c->idle_trim_seconds);
+    else if (k == "executor_stall_seconds") s = u32(v, k, &c->executor_stall_seconds);
+    else if (k == "on_executor_stall") s = str(v, k, &c->on_executor_stall);
     else if (k == "malloc_arena_max") s = u32(v, k, &c->malloc_arena_max);
     else if (k == "store_block_cache") s = ReadBytes(v, "store_block_cache", &c->store_block_cache_bytes);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);

@@ -75,6 +75,14 @@ struct DaemonConfig {
   // in the WAL already; a flush frees them and shortens the next restart's replay) and the
   // allocator returns free heap to the system. 0 disables it. Default: 10.
   uint32_t idle_trim_seconds = 10;
+  // Stall watchdog: an executor thread running one task (a session operation) for longer than
+  // this many seconds is stuck: a wedged GPU kernel, a store call that never returns. kvmemd
+  // logs it once, counts it (kvmem_executor_stalls_total), and /readyz answers 503 until the
+  // task ends; with on_executor_stall "exit" it exits with status 70 instead, so systemd or
+  // Kubernetes restarts it (acknowledged writes are in the WAL; restart restores durable
+  // sessions). Checked once a second. 0 disables it. Default: 60.
+  uint32_t executor_stall_seconds = 60;
+  std::string on_executor_stall = "report";  // report | exit
   // glibc malloc arenas (mallopt M_ARENA_MAX), set once at startup before any thread starts.
   // glibc's default is 8 per core, one per thread until then; each non-main arena keeps the
   // top of its heap resident after load (malloc_trim, which idle trim calls, does not shrink

@@ -1,6 +1,15 @@
 #include "daemon/executor.h"
 
+#include <filesystem>
+
 namespace kvmem {
+namespace {
+
+int64_t SteadyNanos(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+}  // namespace
 
 ExecutorPool::ExecutorPool(uint32_t threads) {
   for (uint32_t i = 0; i < threads; ++i) {
@@ -37,8 +46,34 @@ void ExecutorPool::Loop(Worker* w) {
       task = std::move(w->queue.front());
       w->queue.pop_front();
     }
+    const int64_t start = SteadyNanos(std::chrono::steady_clock::now());
+    w->busy_since.store(start != 0 ? start : 1, std::memory_order_relaxed);
+    if (!fault_stall_flag_.empty()) {
+      std::error_code ec;
+      while (std::filesystem::exists(fault_stall_flag_, ec)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
     task();
+    w->busy_since.store(0, std::memory_order_relaxed);
   }
+}
+
+ExecutorPool::Busy ExecutorPool::Check(std::chrono::steady_clock::time_point now,
+                                       std::chrono::nanoseconds limit) const {
+  Busy b;
+  const int64_t t = SteadyNanos(now);
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    const int64_t since = workers_[i]->busy_since.load(std::memory_order_relaxed);
+    if (since == 0 || since > t) continue;
+    const std::chrono::nanoseconds running(t - since);
+    if (running > limit) ++b.stalled;
+    if (running > b.longest) {
+      b.longest = running;
+      b.thread = static_cast<int>(i);
+    }
+  }
+  return b;
 }
 
 void ExecutorPool::Shutdown() {

@@ -2,12 +2,15 @@
 // in order on one thread and different sessions run in parallel.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -24,17 +27,34 @@ class ExecutorPool {
   void Shutdown();
   uint32_t threads() const { return static_cast<uint32_t>(workers_.size()); }
 
+  // The threads running one task for longer than `limit` at `now` (a wedged GPU, a store call
+  // that never returns), for the daemon's stall watchdog; lock-free, any thread.
+  struct Busy {
+    uint32_t stalled = 0;                    // threads over the limit
+    std::chrono::nanoseconds longest{0};     // the longest-running task's time so far
+    int thread = -1;                         // its thread's index (-1: every thread idle)
+  };
+  Busy Check(std::chrono::steady_clock::time_point now, std::chrono::nanoseconds limit) const;
+
+  // Fault injection for tests (kvmemd --fault-stall-flag): while `path` exists, each thread
+  // holds its next task before running it (counted as running: what a stuck operation looks
+  // like). Set before the first Submit.
+  void SetFaultStallFlag(std::string path) { fault_stall_flag_ = std::move(path); }
+
  private:
   struct Worker {
     std::mutex mu;
     std::condition_variable cv;
     std::deque<std::function<void()>> queue;  // guarded by mu
     bool stop = false;                        // guarded by mu
+    // steady_clock nanoseconds when the running task started; 0 while idle.
+    std::atomic<int64_t> busy_since{0};
     std::thread thread;
   };
   void Loop(Worker* w);
 
   std::vector<std::unique_ptr<Worker>> workers_;
+  std::string fault_stall_flag_;
 };
 
 }  // namespace kvmem

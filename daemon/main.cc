@@ -7,8 +7,10 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <mutex>
@@ -23,6 +25,7 @@
 #include "daemon/config.h"
 #include "daemon/executor.h"
 #include "daemon/kv_pool.h"
+#include "daemon/metrics.h"
 #include "daemon/parallel.h"
 #include "daemon/reload.h"
 #include "daemon/sd_notify.h"
@@ -87,7 +90,7 @@ int main(int argc, char** argv) {
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--ucx-rndv-scheme", "--search-threads",
-                                  "--admin", "--sync-writes", "--fault-fail-writes-flag", "--append-landing"};
+                                  "--admin", "--sync-writes", "--fault-fail-writes-flag", "--fault-stall-flag", "--append-landing"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -162,12 +165,14 @@ int main(int argc, char** argv) {
   // Store options are read once (not reloadable).
   StoreOptions store_opts;
   bool append_landing = false;
+  std::string fault_stall_flag;
   for (const auto& [k, v] : flags.values) {
     if (k == "--append-landing") {
       if (v != "on" && v != "off") return Fail("--append-landing needs on or off");
       append_landing = v == "on";
     }
     if (k == "--fault-fail-writes-flag") store_opts.fail_writes_flag_file = v;
+    if (k == "--fault-stall-flag") fault_stall_flag = v;
     if (k == "--sync-writes") {
       if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
       store_opts.sync_writes = v == "true";
@@ -218,6 +223,7 @@ int main(int argc, char** argv) {
   // Durable sessions are back before the listener accepts anyone (and before /readyz says so).
   if (Status s = service.RestoreDurableSessions(); !s.ok()) return Fail(s.ToString());
   ExecutorPool executors(config.executors);
+  if (!fault_stall_flag.empty()) executors.SetFaultStallFlag(fault_stall_flag);
   TransportOptions topts;
   topts.listen = config.listen;
   topts.poll = config.progress == "poll";
@@ -264,7 +270,48 @@ int main(int argc, char** argv) {
   };
   arm_watchdog();
 
-  // Session lifetimes: TTL expiry once a second, on the control io_context.
+  // Stall watchdog (executor_stall_seconds): an executor thread running one task past the limit
+  // is stuck (a wedged GPU kernel, a store call that never returns); the systemd watchdog above
+  // would not see it, as the event loop still runs. Logged once per stall, counted, and
+  // /readyz answers 503 until the task ends; on_executor_stall "exit" exits with status 70 (the
+  // service manager restarts kvmemd, which restores durable sessions from the store).
+  bool stopping = false;
+  bool stalled = false;
+  auto check_stall = [&] {
+    if (config.executor_stall_seconds == 0) return;
+    const auto limit = std::chrono::seconds(config.executor_stall_seconds);
+    const auto now = std::chrono::steady_clock::now();
+    const ExecutorPool::Busy b = executors.Check(now, limit);
+    DaemonMetrics& m = GlobalMetrics();
+    m.executors_stalled.store(b.stalled, std::memory_order_relaxed);
+    m.executor_longest_task_us.store(
+        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(b.longest).count()),
+        std::memory_order_relaxed);
+    const double secs = std::chrono::duration<double>(b.longest).count();
+    if (b.stalled > 0 && !stalled) {
+      stalled = true;
+      m.executor_stalls++;
+      ready = false;
+      KVMEM_LOG_ERROR("stall: executor thread {} has run one task for {:.0f} s (executor_stall_seconds "
+                      "{}); {} thread(s) over the limit: an operation is stuck (a wedged GPU "
+                      "kernel, a store call that never returns); its sessions' requests wait "
+                      "behind it and /readyz answers 503",
+                      b.thread, secs, config.executor_stall_seconds, b.stalled);
+      if (config.on_executor_stall == "exit") {
+        KVMEM_LOG_ERROR("stall: on_executor_stall is exit: exiting with status 70 for the service "
+                        "manager to restart kvmemd (acknowledged writes are in the store's WAL)");
+        sd::Notify("STOPPING=1");
+        std::_Exit(70);
+      }
+    } else if (b.stalled == 0 && stalled) {
+      stalled = false;
+      if (!stopping) ready = true;
+      KVMEM_LOG_WARN("stall over: no executor task runs past {} s now; ready again",
+                     config.executor_stall_seconds);
+    }
+  };
+
+  // Session lifetimes: TTL expiry once a second, on the control io_context (with the stall check).
   boost::asio::steady_timer ttl_timer(io);
   std::function<void()> arm_ttl = [&] {
     ttl_timer.expires_after(std::chrono::seconds(1));
@@ -272,6 +319,7 @@ int main(int argc, char** argv) {
       if (e) return;
       const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch());
+      check_stall();  // first: an expiry could wait on a session the stuck task holds
       service.ExpireIdleSessions(static_cast<uint64_t>(now.count()));
       arm_ttl();
     });
@@ -342,7 +390,6 @@ int main(int argc, char** argv) {
   }
 
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
-  bool stopping = false;
   signals.async_wait([&](const boost::system::error_code& e, int sig) {
     if (e || stopping) return;
     stopping = true;

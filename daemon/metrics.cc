@@ -217,6 +217,9 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_bytes_out_total",
           "kvmem_config_reloads_total",
           "kvmem_idle_trims_total",
+          "kvmem_executor_stalls_total",
+          "kvmem_executors_stalled",
+          "kvmem_executor_longest_task_seconds",
           "kvmem_device_submits_total",
           "kvmem_store_memory_bytes"};
 }
@@ -396,6 +399,18 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_idle_trims_total", "counter",
             "Idle trims completed (retained memory released after idle_trim_seconds idle).");
   wr.Sample("kvmem_idle_trims_total", "", m.idle_trims.load(std::memory_order_relaxed));
+  wr.Family("kvmem_executor_stalls_total", "counter",
+            "Stalls begun: an executor thread ran one task past executor_stall_seconds (a wedged "
+            "GPU kernel, a store call that never returns).");
+  wr.Sample("kvmem_executor_stalls_total", "", m.executor_stalls.load(std::memory_order_relaxed));
+  wr.Family("kvmem_executors_stalled", "gauge",
+            "Executor threads running one task past executor_stall_seconds at the last check "
+            "(once a second); /readyz answers 503 while it is above 0.");
+  wr.Sample("kvmem_executors_stalled", "", m.executors_stalled.load(std::memory_order_relaxed));
+  wr.Family("kvmem_executor_longest_task_seconds", "gauge",
+            "The longest-running executor task's time so far at the last check (0: all idle).");
+  wr.SampleD("kvmem_executor_longest_task_seconds", "",
+             m.executor_longest_task_us.load(std::memory_order_relaxed) * 1e-6);
   wr.Family("kvmem_device_submits_total", "counter",
             "Device searches (index-mode Attend on the GPU) by submission: replayed from a cached "
             "CUDA graph, captured into a new graph, or enqueued directly.");

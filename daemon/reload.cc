@@ -31,6 +31,8 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.client_idle_timeout_seconds != current->client_idle_timeout_seconds,
         "client_idle_timeout_seconds");
   check(fresh.idle_trim_seconds != current->idle_trim_seconds, "idle_trim_seconds");
+  check(fresh.executor_stall_seconds != current->executor_stall_seconds, "executor_stall_seconds");
+  check(fresh.on_executor_stall != current->on_executor_stall, "on_executor_stall");
   check(fresh.malloc_arena_max != current->malloc_arena_max, "malloc_arena_max");
   check(fresh.store_block_cache_bytes != current->store_block_cache_bytes, "store_block_cache");
   check(fresh.max_inflight_per_endpoint != current->max_inflight_per_endpoint,

@@ -6,6 +6,7 @@
 
 #include <csignal>
 #include <fstream>
+#include <future>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -261,6 +262,71 @@ TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
   const std::string text = Kvmemctl("--addr " + addrs + " top --iterations 1", &rc);
   EXPECT_EQ(rc, 0);
   EXPECT_NE(text.find("TOK/S"), std::string::npos) << text;
+}
+
+// Polls `pred` every 50 ms for up to 10 s.
+template <typename Pred>
+bool Eventually(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return pred();
+}
+
+// A stuck executor (kvmemd --fault-stall-flag holds each executor thread's next task while the
+// file exists, as a wedged GPU kernel holds its thread): once a task has run past
+// executor_stall_seconds, /readyz answers 503 and the stall metrics say so; when it ends the
+// request is answered and kvmemd is ready again.
+TEST(Stall, ReadyzAndMetricsFollowAStuckExecutor) {
+  const uint16_t admin = FreePort();
+  const auto cfg = WriteConfig("stall", R"({"executor_stall_seconds": 1})");
+  const auto flag = std::filesystem::temp_directory_path() /
+                    ("kvmem-ops-stall-flag-" + std::to_string(::getpid()));
+  std::filesystem::remove(flag);
+  DaemonProcess d({"--config", cfg.string(), "--admin", "127.0.0.1:" + std::to_string(admin),
+                   "--fault-stall-flag", flag.string()});
+  ASSERT_TRUE(d.ready());
+  EXPECT_EQ(HttpGet(admin, "/readyz").status, 200);
+  auto c = client::Client::Connect(d.address());
+  ASSERT_TRUE(c.ok());
+  std::ofstream(flag) << "stuck";
+  auto created = std::async(std::launch::async, [&] { return (*c)->CreateSession(SmallProfile(), {}, 5); });
+  EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/readyz").status == 503; }));
+  const std::string m = HttpGet(admin, "/metrics").body;
+  EXPECT_NE(m.find("kvmem_executors_stalled 1"), std::string::npos) << m;
+  EXPECT_NE(m.find("kvmem_executor_stalls_total 1"), std::string::npos);
+  EXPECT_NE(m.find("kvmem_ready 0"), std::string::npos);
+  EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);  // alive: the event loop still answers
+  std::filesystem::remove(flag);
+  auto id = created.get();
+  EXPECT_TRUE(id.ok()) << id.status().ToString();
+  EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/readyz").status == 200; }));
+  const std::string after = HttpGet(admin, "/metrics").body;
+  EXPECT_NE(after.find("kvmem_executors_stalled 0"), std::string::npos);
+  EXPECT_NE(after.find("kvmem_executor_stalls_total 1"), std::string::npos);
+  EXPECT_EQ(d.Stop(), 0);
+  std::filesystem::remove(cfg);
+}
+
+// on_executor_stall "exit": kvmemd exits with status 70 for its service manager to restart it.
+TEST(Stall, ExitActionExitsWithStatus70) {
+  const auto cfg = WriteConfig("stall-exit", R"({"executor_stall_seconds": 1, "on_executor_stall": "exit"})");
+  const auto flag = std::filesystem::temp_directory_path() /
+                    ("kvmem-ops-stall-exit-flag-" + std::to_string(::getpid()));
+  std::ofstream(flag) << "stuck";
+  DaemonProcess d({"--config", cfg.string(), "--fault-stall-flag", flag.string()});
+  ASSERT_TRUE(d.ready());
+  client::ClientOptions o;
+  o.request_timeout_ms = 15000;
+  auto c = client::Client::Connect(d.address(), o);
+  ASSERT_TRUE(c.ok());
+  auto created = std::async(std::launch::async, [&] { return (*c)->CreateSession(SmallProfile(), {}, 6); });
+  EXPECT_EQ(d.WaitExit(std::chrono::seconds(10)), 70);
+  EXPECT_FALSE(created.get().ok());  // the daemon went away with the request
+  std::filesystem::remove(flag);
+  std::filesystem::remove(cfg);
 }
 
 // systemd's side of Type=notify: a datagram socket in NOTIFY_SOCKET, a watchdog interval.

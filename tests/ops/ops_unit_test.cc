@@ -2,9 +2,13 @@
 // it, admin/config validation, config includes, rendezvous placement.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -12,6 +16,7 @@
 
 #include "client/cluster.h"
 #include "daemon/config.h"
+#include "daemon/executor.h"
 #include "daemon/metrics.h"
 
 namespace kvmem {
@@ -231,6 +236,77 @@ TEST(Config, MallocArenasAndBlockCache) {
     EXPECT_EQ(LoadConfigFile((dir / "bad.json").string(), &b).code(), StatusCode::kInvalidArgument) << bad;
   }
   std::filesystem::remove_all(dir);
+}
+
+TEST(Config, ExecutorStallWatchdog) {
+  DaemonConfig d;
+  EXPECT_EQ(d.executor_stall_seconds, 60u);
+  EXPECT_EQ(d.on_executor_stall, "report");
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kvmem-cfg-stall-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "stall.json") << R"({"executor_stall_seconds": 5, "on_executor_stall": "exit"})";
+  DaemonConfig c;
+  Status s = LoadConfigFile((dir / "stall.json").string(), &c);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(c.executor_stall_seconds, 5u);
+  EXPECT_EQ(c.on_executor_stall, "exit");
+  EXPECT_TRUE(c.Validate().ok());
+  c.on_executor_stall = "abort";
+  s = c.Validate();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("on_executor_stall must be report or exit"), std::string::npos) << s.message();
+  std::filesystem::remove_all(dir);
+}
+
+// The stall watchdog's view of the executor threads: a task running past the limit is counted
+// (with its thread and time), an idle pool reports nothing, and a thread held by the fault flag
+// counts as running its task until the flag goes.
+TEST(Executor, CheckReportsTasksRunningPastTheLimit) {
+  ExecutorPool pool(2);
+  using std::chrono::milliseconds;
+  auto idle = pool.Check(std::chrono::steady_clock::now(), milliseconds(1));
+  EXPECT_EQ(idle.stalled, 0u);
+  EXPECT_EQ(idle.thread, -1);
+  EXPECT_EQ(idle.longest.count(), 0);
+  std::promise<void> started, release, done;
+  std::shared_future<void> go = release.get_future().share();
+  pool.Submit(1, [&] {
+    started.set_value();
+    go.wait();
+    done.set_value();
+  });
+  started.get_future().wait();
+  std::this_thread::sleep_for(milliseconds(120));
+  auto b = pool.Check(std::chrono::steady_clock::now(), milliseconds(100));
+  EXPECT_EQ(b.stalled, 1u);
+  EXPECT_GE(b.thread, 0);
+  EXPECT_GE(b.longest, milliseconds(120));
+  // Under the limit: running, not stalled.
+  b = pool.Check(std::chrono::steady_clock::now(), std::chrono::seconds(60));
+  EXPECT_EQ(b.stalled, 0u);
+  EXPECT_GE(b.longest, milliseconds(120));
+  release.set_value();
+  done.get_future().wait();
+  // The thread clears its mark right after the task returns.
+  for (int i = 0; i < 200 && pool.Check(std::chrono::steady_clock::now(), milliseconds(1)).thread != -1; ++i) {
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  EXPECT_EQ(pool.Check(std::chrono::steady_clock::now(), milliseconds(1)).thread, -1);
+
+  const auto flag = std::filesystem::temp_directory_path() / ("kvmem-stall-" + std::to_string(::getpid()));
+  std::ofstream(flag) << "x";
+  ExecutorPool held(1);
+  held.SetFaultStallFlag(flag.string());
+  std::atomic<bool> ran{false};
+  held.Submit(7, [&] { ran = true; });
+  std::this_thread::sleep_for(milliseconds(80));
+  EXPECT_FALSE(ran);
+  EXPECT_EQ(held.Check(std::chrono::steady_clock::now(), milliseconds(50)).stalled, 1u);
+  std::filesystem::remove(flag);
+  held.Shutdown();
+  EXPECT_TRUE(ran);
+  EXPECT_EQ(held.Check(std::chrono::steady_clock::now(), milliseconds(1)).thread, -1);
 }
 
 TEST(Config, ShippedConfigsLoad) {

@@ -156,6 +156,22 @@ class DaemonProcess {
     return -1;
   }
 
+  // Waits for kvmemd to exit on its own; its exit status (128 + signal when killed), or -1 if it
+  // still runs after `timeout`.
+  int WaitExit(std::chrono::milliseconds timeout) {
+    if (pid_ <= 0) return -1;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      int st = 0;
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return -1;
+  }
+
   bool ready() const { return ready_; }
   const std::string& address() const { return address_; }
   uint16_t port() const { return port_; }
