@@ -144,16 +144,7 @@ class DaemonProcess {
   int Stop(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000)) {
     if (pid_ <= 0) return -1;
     ::kill(pid_, SIGTERM);
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      int st = 0;
-      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return -1;
+    return WaitExit(timeout);
   }
 
   // Waits for kvmemd to exit on its own; its exit status (128 + signal when killed), or -1 if it
@@ -167,7 +158,7 @@ class DaemonProcess {
         pid_ = -1;
         return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     return -1;
   }
