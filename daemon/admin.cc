@@ -4,6 +4,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "common/dtype.h"
@@ -93,7 +94,11 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       r.set(http::field::allow, "GET, HEAD");
       return r;
     }
-    if (target == "/healthz") return Reply(http::status::ok, "ok\n");
+    if (target == "/healthz") {
+      if (server_->alive()) return Reply(http::status::ok, "ok\n");
+      return Reply(http::status::service_unavailable,
+                   fmt::format("event loop stalled: no tick for {:.0f} s\n", server_->LoopLagSeconds()));
+    }
     if (target == "/readyz") {
       return server_->ready() ? Reply(http::status::ok, "ready\n")
                               : Reply(http::status::service_unavailable, "not ready\n");
@@ -148,6 +153,19 @@ AdminServer::AdminServer(AdminOptions options, AdminSources sources)
 
 AdminServer::~AdminServer() { Stop(); }
 
+double AdminServer::LoopLagSeconds() const {
+  if (sources_.loop_tick_ns == nullptr) return 0;
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  const int64_t tick = sources_.loop_tick_ns->load(std::memory_order_relaxed);
+  return now > tick ? static_cast<double>(now - tick) * 1e-9 : 0.0;
+}
+
+bool AdminServer::alive() const {
+  return sources_.loop_stall_seconds == 0 || LoopLagSeconds() <= sources_.loop_stall_seconds;
+}
+
 bool AdminServer::ready() const {
   return sources_.ready && sources_.ready->load(std::memory_order_acquire);
 }
@@ -193,6 +211,7 @@ std::string AdminServer::MetricsText() const {
   m.version = sources_.version;
   m.started = sources_.started;
   m.ready = ready();
+  m.loop_lag_seconds = LoopLagSeconds();
   return RenderPrometheus(m);
 }
 

@@ -50,6 +50,11 @@ struct AdminSources {
   std::string version;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   const std::atomic<bool>* ready = nullptr;
+  // Liveness of the daemon's event loop (which progresses UCX and runs the timers): the
+  // steady_clock nanoseconds of its last one-second tick. /healthz answers 503 once it is
+  // older than loop_stall_seconds (0: never). Null: not tracked.
+  const std::atomic<int64_t>* loop_tick_ns = nullptr;
+  uint32_t loop_stall_seconds = 0;
 };
 
 class AdminServer {
@@ -62,6 +67,10 @@ class AdminServer {
   void Stop();
   uint16_t port() const { return port_; }
   bool ready() const;
+  // Seconds since the event loop's last tick (0 when not tracked).
+  double LoopLagSeconds() const;
+  // /healthz: alive unless the event loop has not ticked for loop_stall_seconds.
+  bool alive() const;
 
   // The response body of each endpoint (exposed for tests and benchmarks).
   std::string MetricsText() const;

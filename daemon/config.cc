@@ -150,6 +150,7 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "idle_trim_seconds") s = u32(v, k, &c->idle_trim_seconds);
     else if (k == "executor_stall_seconds") s = u32(v, k, &c->executor_stall_seconds);
     else if (k == "on_executor_stall") s = str(v, k, &c->on_executor_stall);
+    else if (k == "loop_stall_seconds") s = u32(v, k, &c->loop_stall_seconds);
     else if (k == "malloc_arena_max") s = u32(v, k, &c->malloc_arena_max);
     else if (k == "store_block_cache") s = ReadBytes(v, "store_block_cache", &c->store_block_cache_bytes);
     else if (k == "max_sessions_per_tenant") s = u32(v, k, &c->max_sessions_per_tenant);

@@ -83,6 +83,11 @@ struct DaemonConfig {
   // sessions). Checked once a second. 0 disables it. Default: 60.
   uint32_t executor_stall_seconds = 60;
   std::string on_executor_stall = "report";  // report | exit
+  // Liveness of the event loop (UCX progress, timers; it ticks once a second): /healthz answers
+  // 503 once it has not ticked for this many seconds, so a Kubernetes liveness probe restarts a
+  // kvmemd whose loop is wedged (systemd's watchdog, fed from the same loop, does so under
+  // systemd). 0 disables it. Default: 30.
+  uint32_t loop_stall_seconds = 30;
   // glibc malloc arenas (mallopt M_ARENA_MAX), set once at startup before any thread starts.
   // glibc's default is 8 per core, one per thread until then; each non-main arena keeps the
   // top of its heap resident after load (malloc_trim, which idle trim calls, does not shrink

@@ -90,7 +90,8 @@ int main(int argc, char** argv) {
   static const char* kValued[] = {"--listen",   "--data-dir",      "--config",     "--backend",
                                   "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--ucx-rndv-scheme", "--search-threads",
-                                  "--admin", "--sync-writes", "--fault-fail-writes-flag", "--fault-stall-flag", "--append-landing"};
+                                  "--admin", "--sync-writes", "--fault-fail-writes-flag", "--fault-stall-flag",
+                                  "--fault-loop-stall-flag", "--append-landing"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -165,7 +166,7 @@ int main(int argc, char** argv) {
   // Store options are read once (not reloadable).
   StoreOptions store_opts;
   bool append_landing = false;
-  std::string fault_stall_flag;
+  std::string fault_stall_flag, fault_loop_stall_flag;
   for (const auto& [k, v] : flags.values) {
     if (k == "--append-landing") {
       if (v != "on" && v != "off") return Fail("--append-landing needs on or off");
@@ -173,6 +174,7 @@ int main(int argc, char** argv) {
     }
     if (k == "--fault-fail-writes-flag") store_opts.fail_writes_flag_file = v;
     if (k == "--fault-stall-flag") fault_stall_flag = v;
+    if (k == "--fault-loop-stall-flag") fault_loop_stall_flag = v;
     if (k == "--sync-writes") {
       if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
       store_opts.sync_writes = v == "true";
@@ -240,6 +242,13 @@ int main(int argc, char** argv) {
   // --- Operations: admin HTTP, readiness, systemd notify + watchdog, SIGHUP reload ---
   const auto started = std::chrono::steady_clock::now();
   std::atomic<bool> ready{false};
+  // The event loop's last one-second tick (steady_clock ns), for /healthz (loop_stall_seconds).
+  auto steady_ns = [] {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  };
+  std::atomic<int64_t> loop_tick{steady_ns()};
   std::unique_ptr<AdminServer> admin;
   if (config.admin != "off") {
     AdminOptions aopts;
@@ -254,6 +263,8 @@ int main(int argc, char** argv) {
     src.version = "0.1.0";
     src.started = started;
     src.ready = &ready;
+    src.loop_tick_ns = &loop_tick;
+    src.loop_stall_seconds = config.loop_stall_seconds;
     admin = std::make_unique<AdminServer>(aopts, src);
     if (Status s = admin->Start(); !s.ok()) return Fail(s.ToString());
   }
@@ -317,6 +328,13 @@ int main(int argc, char** argv) {
     ttl_timer.expires_after(std::chrono::seconds(1));
     ttl_timer.async_wait([&](const boost::system::error_code& e) {
       if (e) return;
+      loop_tick.store(steady_ns(), std::memory_order_relaxed);
+      if (!fault_loop_stall_flag.empty()) {  // tests: a wedged event loop, while the file exists
+        std::error_code ec;
+        while (std::filesystem::exists(fault_loop_stall_flag, ec)) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+      }
       const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch());
       check_stall();  // first: an expiry could wait on a session the stuck task holds

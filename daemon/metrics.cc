@@ -220,6 +220,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_executor_stalls_total",
           "kvmem_executors_stalled",
           "kvmem_executor_longest_task_seconds",
+          "kvmem_event_loop_lag_seconds",
           "kvmem_device_submits_total",
           "kvmem_store_memory_bytes"};
 }
@@ -411,6 +412,10 @@ std::string RenderPrometheus(const MetricsSources& src) {
             "The longest-running executor task's time so far at the last check (0: all idle).");
   wr.SampleD("kvmem_executor_longest_task_seconds", "",
              m.executor_longest_task_us.load(std::memory_order_relaxed) * 1e-6);
+  wr.Family("kvmem_event_loop_lag_seconds", "gauge",
+            "Seconds since the event loop (UCX progress, timers) last ticked; it ticks once a "
+            "second, so above ~1 it is late, and /healthz answers 503 past loop_stall_seconds.");
+  wr.SampleD("kvmem_event_loop_lag_seconds", "", src.loop_lag_seconds);
   wr.Family("kvmem_device_submits_total", "counter",
             "Device searches (index-mode Attend on the GPU) by submission: replayed from a cached "
             "CUDA graph, captured into a new graph, or enqueued directly.");

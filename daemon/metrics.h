@@ -187,6 +187,7 @@ struct MetricsSources {
   std::string version;
   std::chrono::steady_clock::time_point started;
   bool ready = false;
+  double loop_lag_seconds = 0;  // since the event loop's last tick (AdminServer::LoopLagSeconds)
 };
 
 // Prometheus text exposition format 0.0.4.

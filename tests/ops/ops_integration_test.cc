@@ -310,6 +310,33 @@ TEST(Stall, ReadyzAndMetricsFollowAStuckExecutor) {
   std::filesystem::remove(cfg);
 }
 
+// A wedged event loop (--fault-loop-stall-flag holds its one-second tick while the file exists):
+// past loop_stall_seconds /healthz answers 503, so a Kubernetes liveness probe restarts kvmemd
+// (the admin endpoint runs on a thread of its own and would otherwise answer 200); once the loop
+// runs again /healthz answers 200.
+TEST(Stall, HealthzFailsWhileTheEventLoopIsStuck) {
+  const uint16_t admin = FreePort();
+  const auto cfg = WriteConfig("loop-stall", R"({"loop_stall_seconds": 2})");
+  const auto flag = std::filesystem::temp_directory_path() /
+                    ("kvmem-ops-loop-flag-" + std::to_string(::getpid()));
+  std::filesystem::remove(flag);
+  DaemonProcess d({"--config", cfg.string(), "--admin", "127.0.0.1:" + std::to_string(admin),
+                   "--fault-loop-stall-flag", flag.string()});
+  ASSERT_TRUE(d.ready());
+  EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);
+  const std::string m = HttpGet(admin, "/metrics").body;
+  const auto at = m.find("\nkvmem_event_loop_lag_seconds ");
+  ASSERT_NE(at, std::string::npos) << m;
+  EXPECT_LT(std::stod(m.substr(at + 30)), 2.0);
+  std::ofstream(flag) << "stuck";
+  EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/healthz").status == 503; }));
+  EXPECT_NE(HttpGet(admin, "/healthz").body.find("event loop stalled"), std::string::npos);
+  std::filesystem::remove(flag);
+  EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/healthz").status == 200; }));
+  EXPECT_EQ(d.Stop(), 0);
+  std::filesystem::remove(cfg);
+}
+
 // on_executor_stall "exit": kvmemd exits with status 70 for its service manager to restart it.
 TEST(Stall, ExitActionExitsWithStatus70) {
   const auto cfg = WriteConfig("stall-exit", R"({"executor_stall_seconds": 1, "on_executor_stall": "exit"})");

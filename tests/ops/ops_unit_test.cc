@@ -242,6 +242,7 @@ TEST(Config, ExecutorStallWatchdog) {
   DaemonConfig d;
   EXPECT_EQ(d.executor_stall_seconds, 60u);
   EXPECT_EQ(d.on_executor_stall, "report");
+  EXPECT_EQ(d.loop_stall_seconds, 30u);
   const auto dir =
       std::filesystem::temp_directory_path() / ("kvmem-cfg-stall-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
