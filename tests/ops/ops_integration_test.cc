@@ -264,6 +264,13 @@ TEST(Kvmemctl, StatusTopAndMergedListOverTwoDaemons) {
   EXPECT_NE(text.find("TOK/S"), std::string::npos) << text;
 }
 
+// A fault flag's path for this process, absent (the fault is off until the test creates it).
+std::filesystem::path FaultFlag(const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() / ("kvmem-ops-" + name + "-" + std::to_string(::getpid()));
+  std::filesystem::remove(p);
+  return p;
+}
+
 // Polls `pred` every 50 ms for up to 10 s.
 template <typename Pred>
 bool Eventually(Pred pred) {
@@ -282,9 +289,7 @@ bool Eventually(Pred pred) {
 TEST(Stall, ReadyzAndMetricsFollowAStuckExecutor) {
   const uint16_t admin = FreePort();
   const auto cfg = WriteConfig("stall", R"({"executor_stall_seconds": 1})");
-  const auto flag = std::filesystem::temp_directory_path() /
-                    ("kvmem-ops-stall-flag-" + std::to_string(::getpid()));
-  std::filesystem::remove(flag);
+  const auto flag = FaultFlag("stall-flag");
   DaemonProcess d({"--config", cfg.string(), "--admin", "127.0.0.1:" + std::to_string(admin),
                    "--fault-stall-flag", flag.string()});
   ASSERT_TRUE(d.ready());
@@ -317,9 +322,7 @@ TEST(Stall, ReadyzAndMetricsFollowAStuckExecutor) {
 TEST(Stall, HealthzFailsWhileTheEventLoopIsStuck) {
   const uint16_t admin = FreePort();
   const auto cfg = WriteConfig("loop-stall", R"({"loop_stall_seconds": 2})");
-  const auto flag = std::filesystem::temp_directory_path() /
-                    ("kvmem-ops-loop-flag-" + std::to_string(::getpid()));
-  std::filesystem::remove(flag);
+  const auto flag = FaultFlag("loop-flag");
   DaemonProcess d({"--config", cfg.string(), "--admin", "127.0.0.1:" + std::to_string(admin),
                    "--fault-loop-stall-flag", flag.string()});
   ASSERT_TRUE(d.ready());
@@ -340,8 +343,7 @@ TEST(Stall, HealthzFailsWhileTheEventLoopIsStuck) {
 // on_executor_stall "exit": kvmemd exits with status 70 for its service manager to restart it.
 TEST(Stall, ExitActionExitsWithStatus70) {
   const auto cfg = WriteConfig("stall-exit", R"({"executor_stall_seconds": 1, "on_executor_stall": "exit"})");
-  const auto flag = std::filesystem::temp_directory_path() /
-                    ("kvmem-ops-stall-exit-flag-" + std::to_string(::getpid()));
+  const auto flag = FaultFlag("stall-exit-flag");
   std::ofstream(flag) << "stuck";
   DaemonProcess d({"--config", cfg.string(), "--fault-stall-flag", flag.string()});
   ASSERT_TRUE(d.ready());
