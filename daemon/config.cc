@@ -52,6 +52,9 @@ Status DaemonConfig::Validate() const {
   if (on_executor_stall != "report" && on_executor_stall != "exit") {
     return InvalidArgument("on_executor_stall must be report or exit, got '" + on_executor_stall + "'");
   }
+  if (on_device_failure != "report" && on_device_failure != "exit") {
+    return InvalidArgument("on_device_failure must be report or exit, got '" + on_device_failure + "'");
+  }
   if (ucx_error_mode != "none" && ucx_error_mode != "peer") {
     return InvalidArgument("ucx_error_mode must be none or peer, got '" + ucx_error_mode + "'");
   }
@@ -150,6 +153,7 @@ Status LoadConfigFileAt(const std::string& path, DaemonConfig* c, int depth) {
     else if (k == "idle_trim_seconds") s = u32(v, k, &c->idle_trim_seconds);
     else if (k == "executor_stall_seconds") s = u32(v, k, &c->executor_stall_seconds);
     else if (k == "on_executor_stall") s = str(v, k, &c->on_executor_stall);
+    else if (k == "on_device_failure") s = str(v, k, &c->on_device_failure);
     else if (k == "loop_stall_seconds") s = u32(v, k, &c->loop_stall_seconds);
     else if (k == "malloc_arena_max") s = u32(v, k, &c->malloc_arena_max);
     else if (k == "store_block_cache") s = ReadBytes(v, "store_block_cache", &c->store_block_cache_bytes);

@@ -83,6 +83,11 @@ struct DaemonConfig {
   // sessions). Checked once a second. 0 disables it. Default: 60.
   uint32_t executor_stall_seconds = 60;
   std::string on_executor_stall = "report";  // report | exit
+  // A CUDA error that leaves the GPU context unusable (kvmem_device_failures_total; every later
+  // device operation fails the same way until the process restarts): "report" logs it and makes
+  // /readyz answer 503 for good; "exit" also exits with status 70 for the service manager to
+  // restart kvmemd. Default: "report".
+  std::string on_device_failure = "report";  // report | exit
   // Liveness of the event loop (UCX progress, timers; it ticks once a second): /healthz answers
   // 503 once it has not ticked for this many seconds, so a Kubernetes liveness probe restarts a
   // kvmemd whose loop is wedged (systemd's watchdog, fed from the same loop, does so under

@@ -30,8 +30,23 @@
 namespace kvmem {
 namespace {
 
+static_assert(cudaErrorECCUncorrectable == 214 && cudaErrorIllegalAddress == 700 &&
+                  cudaErrorLaunchTimeout == 702 && cudaErrorAssert == 710 &&
+                  cudaErrorHardwareStackError == 714 && cudaErrorIllegalInstruction == 715 &&
+                  cudaErrorMisalignedAddress == 716 && cudaErrorInvalidAddressSpace == 717 &&
+                  cudaErrorInvalidPc == 718 && cudaErrorLaunchFailure == 719,
+              "IsFatalCudaError (kv_pool.cc) lists these codes by value");
+
+// A CUDA error as a Status. One that leaves the context unusable (IsFatalCudaError) is counted
+// in kvmem_device_failures_total, which kvmemd's health check turns into not ready (or an exit,
+// on_device_failure), and says so: every later device operation fails the same way.
 Status Cuda(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return Status::OK();
+  if (IsFatalCudaError(static_cast<int>(e))) {
+    GlobalMetrics().device_failures++;
+    return Internal(std::string(what) + ": " + cudaGetErrorString(e) +
+                    " (the GPU context is unusable until kvmemd restarts)");
+  }
   return Internal(std::string(what) + ": " + cudaGetErrorString(e));
 }
 

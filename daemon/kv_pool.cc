@@ -375,4 +375,22 @@ Status KVPool::TokenLogits(const kernels::TokenLogitsView&) {
   return Unimplemented("device rescoring logits need the CUDA backend (pool: " + Describe() + ")");
 }
 
+bool IsFatalCudaError(int code) {
+  switch (code) {
+    case 214:  // cudaErrorECCUncorrectable
+    case 700:  // cudaErrorIllegalAddress
+    case 702:  // cudaErrorLaunchTimeout
+    case 710:  // cudaErrorAssert
+    case 714:  // cudaErrorHardwareStackError
+    case 715:  // cudaErrorIllegalInstruction
+    case 716:  // cudaErrorMisalignedAddress
+    case 717:  // cudaErrorInvalidAddressSpace
+    case 718:  // cudaErrorInvalidPc
+    case 719:  // cudaErrorLaunchFailure
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace kvmem

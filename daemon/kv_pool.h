@@ -236,4 +236,11 @@ int CudaDeviceCount();
 // false without CUDA in the build).
 bool DeviceGraphSubmit();
 
+// Whether a CUDA runtime error (a cudaError_t value) leaves the CUDA context unusable until the
+// process restarts, so that every later CUDA call fails too: an illegal address, instruction or
+// address space in a kernel, a misaligned address, a failed or timed-out launch, a device-side
+// assert, a hardware stack error, an uncorrectable ECC error. A device pool that sees one counts
+// it (kvmem_device_failures_total) and kvmemd stops reporting ready (on_device_failure).
+bool IsFatalCudaError(int code);
+
 }  // namespace kvmem

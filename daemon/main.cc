@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
                                   "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--ucx-rndv-scheme", "--search-threads",
                                   "--admin", "--sync-writes", "--fault-fail-writes-flag", "--fault-stall-flag",
-                                  "--fault-loop-stall-flag", "--append-landing"};
+                                  "--fault-loop-stall-flag", "--fault-device-failure-flag", "--append-landing"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
   // Store options are read once (not reloadable).
   StoreOptions store_opts;
   bool append_landing = false;
-  std::string fault_stall_flag, fault_loop_stall_flag;
+  std::string fault_stall_flag, fault_loop_stall_flag, fault_device_failure_flag;
   for (const auto& [k, v] : flags.values) {
     if (k == "--append-landing") {
       if (v != "on" && v != "off") return Fail("--append-landing needs on or off");
@@ -175,6 +175,7 @@ int main(int argc, char** argv) {
     if (k == "--fault-fail-writes-flag") store_opts.fail_writes_flag_file = v;
     if (k == "--fault-stall-flag") fault_stall_flag = v;
     if (k == "--fault-loop-stall-flag") fault_loop_stall_flag = v;
+    if (k == "--fault-device-failure-flag") fault_device_failure_flag = v;
     if (k == "--sync-writes") {
       if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
       store_opts.sync_writes = v == "true";
@@ -288,6 +289,30 @@ int main(int argc, char** argv) {
   // service manager restarts kvmemd, which restores durable sessions from the store).
   bool stopping = false;
   bool stalled = false;
+  // Device failure (on_device_failure): a CUDA error left the GPU context unusable
+  // (kvmem_device_failures_total, counted by the device pool); nothing in the process can
+  // recover it, so /readyz answers 503 from then on, or kvmemd exits with status 70.
+  // --fault-device-failure-flag (tests): the file's existence counts as one such error.
+  bool device_failed = false;
+  auto check_device = [&] {
+    DaemonMetrics& m = GlobalMetrics();
+    if (!fault_device_failure_flag.empty() && m.device_failures.load() == 0) {
+      std::error_code ec;
+      if (std::filesystem::exists(fault_device_failure_flag, ec)) m.device_failures++;
+    }
+    const uint64_t failures = m.device_failures.load(std::memory_order_relaxed);
+    if (failures == 0 || device_failed) return;
+    device_failed = true;
+    ready = false;
+    KVMEM_LOG_ERROR("device failure: a CUDA error left the GPU context unusable; every device "
+                    "operation fails until kvmemd restarts, and /readyz answers 503");
+    if (config.on_device_failure == "exit") {
+      KVMEM_LOG_ERROR("device failure: on_device_failure is exit: exiting with status 70 for the "
+                      "service manager to restart kvmemd (acknowledged writes are in the store's WAL)");
+      sd::Notify("STOPPING=1");
+      std::_Exit(70);
+    }
+  };
   auto check_stall = [&] {
     if (config.executor_stall_seconds == 0) return;
     const auto limit = std::chrono::seconds(config.executor_stall_seconds);
@@ -316,7 +341,7 @@ int main(int argc, char** argv) {
       }
     } else if (b.stalled == 0 && stalled) {
       stalled = false;
-      if (!stopping) ready = true;
+      if (!stopping && !device_failed) ready = true;
       KVMEM_LOG_WARN("stall over: no executor task runs past {} s now; ready again",
                      config.executor_stall_seconds);
     }
@@ -337,7 +362,8 @@ int main(int argc, char** argv) {
       }
       const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch());
-      check_stall();  // first: an expiry could wait on a session the stuck task holds
+      check_device();
+      check_stall();  // before the expiry, which could wait on a session the stuck task holds
       service.ExpireIdleSessions(static_cast<uint64_t>(now.count()));
       arm_ttl();
     });

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <type_traits>
 
 #include "daemon/chunk_store.h"
 #include "daemon/service.h"
@@ -93,6 +94,16 @@ class Writer {
       out_ += fmt::format("{} {}\n", name, v);
     else
       out_ += fmt::format("{}{{{}}} {}\n", name, labels, v);
+  }
+  // A family of one unlabeled sample.
+  template <typename T>
+  void Single(const char* name, const char* type, const char* help, T v) {
+    Family(name, type, help);
+    if constexpr (std::is_floating_point_v<T>) {
+      SampleD(name, "", v);
+    } else {
+      Sample(name, "", static_cast<uint64_t>(v));
+    }
   }
   std::string Take() { return std::move(out_); }
 
@@ -221,6 +232,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_executors_stalled",
           "kvmem_executor_longest_task_seconds",
           "kvmem_event_loop_lag_seconds",
+          "kvmem_device_failures_total",
           "kvmem_device_submits_total",
           "kvmem_store_memory_bytes"};
 }
@@ -400,22 +412,25 @@ std::string RenderPrometheus(const MetricsSources& src) {
   wr.Family("kvmem_idle_trims_total", "counter",
             "Idle trims completed (retained memory released after idle_trim_seconds idle).");
   wr.Sample("kvmem_idle_trims_total", "", m.idle_trims.load(std::memory_order_relaxed));
-  wr.Family("kvmem_executor_stalls_total", "counter",
+  wr.Single("kvmem_executor_stalls_total", "counter",
             "Stalls begun: an executor thread ran one task past executor_stall_seconds (a wedged "
-            "GPU kernel, a store call that never returns).");
-  wr.Sample("kvmem_executor_stalls_total", "", m.executor_stalls.load(std::memory_order_relaxed));
-  wr.Family("kvmem_executors_stalled", "gauge",
+            "GPU kernel, a store call that never returns).",
+            m.executor_stalls.load(std::memory_order_relaxed));
+  wr.Single("kvmem_executors_stalled", "gauge",
             "Executor threads running one task past executor_stall_seconds at the last check "
-            "(once a second); /readyz answers 503 while it is above 0.");
-  wr.Sample("kvmem_executors_stalled", "", m.executors_stalled.load(std::memory_order_relaxed));
-  wr.Family("kvmem_executor_longest_task_seconds", "gauge",
-            "The longest-running executor task's time so far at the last check (0: all idle).");
-  wr.SampleD("kvmem_executor_longest_task_seconds", "",
-             m.executor_longest_task_us.load(std::memory_order_relaxed) * 1e-6);
-  wr.Family("kvmem_event_loop_lag_seconds", "gauge",
+            "(once a second); /readyz answers 503 while it is above 0.",
+            m.executors_stalled.load(std::memory_order_relaxed));
+  wr.Single("kvmem_executor_longest_task_seconds", "gauge",
+            "The longest-running executor task's time so far at the last check (0: all idle).",
+            m.executor_longest_task_us.load(std::memory_order_relaxed) * 1e-6);
+  wr.Single("kvmem_event_loop_lag_seconds", "gauge",
             "Seconds since the event loop (UCX progress, timers) last ticked; it ticks once a "
-            "second, so above ~1 it is late, and /healthz answers 503 past loop_stall_seconds.");
-  wr.SampleD("kvmem_event_loop_lag_seconds", "", src.loop_lag_seconds);
+            "second, so above ~1 it is late, and /healthz answers 503 past loop_stall_seconds.",
+            src.loop_lag_seconds);
+  wr.Single("kvmem_device_failures_total", "counter",
+            "CUDA errors that left the GPU context unusable (illegal address, launch failure, "
+            "uncorrectable ECC, ...): every later device operation fails until kvmemd restarts.",
+            m.device_failures.load(std::memory_order_relaxed));
   wr.Family("kvmem_device_submits_total", "counter",
             "Device searches (index-mode Attend on the GPU) by submission: replayed from a cached "
             "CUDA graph, captured into a new graph, or enqueued directly.");

@@ -151,6 +151,8 @@ struct DaemonMetrics {
   std::atomic<uint64_t> executor_stalls{0};
   std::atomic<uint64_t> executors_stalled{0};
   std::atomic<uint64_t> executor_longest_task_us{0};
+  // CUDA errors that left the device pool's context unusable (IsFatalCudaError, kv_pool.h).
+  std::atomic<uint64_t> device_failures{0};
   // Device searches (index-mode Attend on the CUDA pool) by how they were submitted: replayed
   // from a cached CUDA graph, captured into a new one (then replayed), or enqueued directly (a
   // layout seen for the first time, or graphs off).

@@ -33,6 +33,7 @@ Status ApplyReload(const DaemonConfig& fresh, DaemonConfig* current, Service* se
   check(fresh.idle_trim_seconds != current->idle_trim_seconds, "idle_trim_seconds");
   check(fresh.executor_stall_seconds != current->executor_stall_seconds, "executor_stall_seconds");
   check(fresh.on_executor_stall != current->on_executor_stall, "on_executor_stall");
+  check(fresh.on_device_failure != current->on_device_failure, "on_device_failure");
   check(fresh.loop_stall_seconds != current->loop_stall_seconds, "loop_stall_seconds");
   check(fresh.malloc_arena_max != current->malloc_arena_max, "malloc_arena_max");
   check(fresh.store_block_cache_bytes != current->store_block_cache_bytes, "store_block_cache");

@@ -340,6 +340,34 @@ TEST(Stall, HealthzFailsWhileTheEventLoopIsStuck) {
   std::filesystem::remove(cfg);
 }
 
+// A CUDA error that leaves the GPU context unusable (--fault-device-failure-flag counts one, as the
+// device pool does for an illegal address or a launch failure): /readyz answers 503 from then on
+// and kvmem_device_failures_total says why; with on_device_failure "exit" kvmemd exits with 70.
+TEST(Stall, DeviceFailureMakesKvmemdUnreadyForGood) {
+  const uint16_t admin = FreePort();
+  const auto flag = FaultFlag("device-failure-flag");
+  DaemonProcess d({"--admin", "127.0.0.1:" + std::to_string(admin), "--fault-device-failure-flag",
+                   flag.string()});
+  ASSERT_TRUE(d.ready());
+  EXPECT_EQ(HttpGet(admin, "/readyz").status, 200);
+  std::ofstream(flag) << "xid";
+  EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/readyz").status == 503; }));
+  EXPECT_NE(HttpGet(admin, "/metrics").body.find("kvmem_device_failures_total 1"), std::string::npos);
+  std::filesystem::remove(flag);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_EQ(HttpGet(admin, "/readyz").status, 503);  // nothing in the process recovers it
+  EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);
+  EXPECT_EQ(d.Stop(), 0);
+
+  const auto cfg = WriteConfig("device-exit", R"({"on_device_failure": "exit"})");
+  DaemonProcess e({"--config", cfg.string(), "--fault-device-failure-flag", flag.string()});
+  ASSERT_TRUE(e.ready());
+  std::ofstream(flag) << "xid";
+  EXPECT_EQ(e.WaitExit(std::chrono::seconds(10)), 70);
+  std::filesystem::remove(flag);
+  std::filesystem::remove(cfg);
+}
+
 // on_executor_stall "exit": kvmemd exits with status 70 for its service manager to restart it.
 TEST(Stall, ExitActionExitsWithStatus70) {
   const auto cfg = WriteConfig("stall-exit", R"({"executor_stall_seconds": 1, "on_executor_stall": "exit"})");

@@ -17,6 +17,7 @@
 #include "client/cluster.h"
 #include "daemon/config.h"
 #include "daemon/executor.h"
+#include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
 
 namespace kvmem {
@@ -243,6 +244,7 @@ TEST(Config, ExecutorStallWatchdog) {
   EXPECT_EQ(d.executor_stall_seconds, 60u);
   EXPECT_EQ(d.on_executor_stall, "report");
   EXPECT_EQ(d.loop_stall_seconds, 30u);
+  EXPECT_EQ(d.on_device_failure, "report");
   const auto dir =
       std::filesystem::temp_directory_path() / ("kvmem-cfg-stall-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
@@ -257,6 +259,10 @@ TEST(Config, ExecutorStallWatchdog) {
   s = c.Validate();
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("on_executor_stall must be report or exit"), std::string::npos) << s.message();
+  c.on_executor_stall = "exit";
+  c.on_device_failure = "retry";
+  s = c.Validate();
+  EXPECT_NE(s.message().find("on_device_failure must be report or exit"), std::string::npos) << s.message();
   std::filesystem::remove_all(dir);
 }
 
@@ -308,6 +314,14 @@ TEST(Executor, CheckReportsTasksRunningPastTheLimit) {
   held.Shutdown();
   EXPECT_TRUE(ran);
   EXPECT_EQ(held.Check(std::chrono::steady_clock::now(), milliseconds(1)).thread, -1);
+}
+
+// The CUDA errors after which the context is unusable (every later call fails the same way),
+// by cudaError_t value; device_pool.cc checks the values against the CUDA headers.
+TEST(Device, FatalCudaErrorsAreTheStickyOnes) {
+  for (int code : {214, 700, 702, 710, 714, 715, 716, 717, 718, 719}) EXPECT_TRUE(IsFatalCudaError(code)) << code;
+  // Success, invalid value, out of memory, not ready, invalid device function: recoverable.
+  for (int code : {0, 1, 2, 600, 98}) EXPECT_FALSE(IsFatalCudaError(code)) << code;
 }
 
 TEST(Config, ShippedConfigsLoad) {
