@@ -269,6 +269,15 @@ std::string AdminServer::StatusJson() const {
                       {"ready", ready()},
                       {"sessions", sessions},
                       {"tiers", tiers}};
+  // Why /healthz or /readyz may fail besides startup and shutdown (docs/operations.md).
+  const DaemonMetrics& m = GlobalMetrics();
+  j["health"] = {{"alive", alive()},
+                 {"event_loop_lag_seconds", LoopLagSeconds()},
+                 {"executors_stalled", m.executors_stalled.load(std::memory_order_relaxed)},
+                 {"executor_longest_task_seconds",
+                  m.executor_longest_task_us.load(std::memory_order_relaxed) * 1e-6},
+                 {"executor_stalls", m.executor_stalls.load(std::memory_order_relaxed)},
+                 {"device_failures", m.device_failures.load(std::memory_order_relaxed)}};
   if (sources_.transport) {
     j["endpoints_open"] = sources_.transport->connections_open.load();
     j["endpoints_accepted"] = sources_.transport->connections_accepted.load();

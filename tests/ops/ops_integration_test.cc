@@ -303,6 +303,10 @@ TEST(Stall, ReadyzAndMetricsFollowAStuckExecutor) {
   EXPECT_NE(m.find("kvmem_executors_stalled 1"), std::string::npos) << m;
   EXPECT_NE(m.find("kvmem_executor_stalls_total 1"), std::string::npos);
   EXPECT_NE(m.find("kvmem_ready 0"), std::string::npos);
+  const auto health = nlohmann::json::parse(HttpGet(admin, "/v1/status").body)["health"];
+  EXPECT_EQ(health["executors_stalled"], 1);
+  EXPECT_GE(health["executor_longest_task_seconds"].get<double>(), 1.0);
+  EXPECT_EQ(health["alive"], true);
   EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);  // alive: the event loop still answers
   std::filesystem::remove(flag);
   auto id = created.get();
@@ -353,6 +357,7 @@ TEST(Stall, DeviceFailureMakesKvmemdUnreadyForGood) {
   std::ofstream(flag) << "xid";
   EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/readyz").status == 503; }));
   EXPECT_NE(HttpGet(admin, "/metrics").body.find("kvmem_device_failures_total 1"), std::string::npos);
+  EXPECT_EQ(nlohmann::json::parse(HttpGet(admin, "/v1/status").body)["health"]["device_failures"], 1);
   std::filesystem::remove(flag);
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   EXPECT_EQ(HttpGet(admin, "/readyz").status, 503);  // nothing in the process recovers it
