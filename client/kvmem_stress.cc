@@ -725,10 +725,13 @@ int Main(int argc, char** argv) {
   std::string endpoints_note;
   int64_t endpoints_open = -1;
   nlohmann::json device_submits = nlohmann::json::object();
+  int64_t executor_stalls = -1, device_failures = -1;
   if (a.admin_port != 0) {
     auto m = testing::HttpGet(a.admin_port, "/metrics");
     if (m.status == 200) {
       endpoints_open = static_cast<int64_t>(MetricValue(m.body, "kvmem_ucx_endpoints_open"));
+      executor_stalls = static_cast<int64_t>(MetricValue(m.body, "kvmem_executor_stalls_total"));
+      device_failures = static_cast<int64_t>(MetricValue(m.body, "kvmem_device_failures_total"));
       for (const char* how : {"replayed", "captured", "direct"}) {
         device_submits[how] =
             MetricValue(m.body, std::string("kvmem_device_submits_total{how=\"") + how + "\"}");
@@ -792,6 +795,10 @@ int Main(int argc, char** argv) {
   j["sessions_created"] = all.sessions_created;
   j["index_sessions_created"] = all.index_sessions_created;
   j["daemon_device_submits"] = device_submits;  // device searches by submission (CUDA backend)
+  // Operations that held an executor past executor_stall_seconds, and CUDA errors that left
+  // the GPU context unusable (-1: no admin endpoint to ask).
+  j["daemon_executor_stalls"] = executor_stalls;
+  j["daemon_device_failures"] = device_failures;
   j["daemon_endpoints_open_at_end"] = endpoints_open;
   j["daemon_pid"] = a.pid;
   if (daemon) j["daemon_exit_status"] = daemon_exit;

@@ -40,8 +40,8 @@ inline StressRun RunStress(const std::string& args) {
 
 // What any run must show: it ran every operation, disconnected clients with requests in
 // flight, lost no acknowledged token, met no unexpected error or reference mismatch (dense and
-// index-mode sessions alike), and left a daemon that closed every endpoint and exited 0 on
-// SIGTERM.
+// index-mode sessions alike), and left a daemon that closed every endpoint, saw no operation
+// stall (executor_stall_seconds) or device failure, and exited 0 on SIGTERM.
 inline void ExpectNothingLost(const StressRun& run, uint64_t min_ops) {
   const nlohmann::json& j = run.report;
   ASSERT_FALSE(j.is_null()) << "no report from: " << run.command;
@@ -52,6 +52,8 @@ inline void ExpectNothingLost(const StressRun& run, uint64_t min_ops) {
   EXPECT_EQ(j["reference_failures"], 0);
   EXPECT_EQ(j["daemon_exit_status"], 0);
   EXPECT_EQ(j["daemon_endpoints_open_at_end"], 0);
+  EXPECT_EQ(j["daemon_executor_stalls"], 0);  // no operation held a thread past the watchdog's limit
+  EXPECT_EQ(j["daemon_device_failures"], 0);
   EXPECT_GT(j["ops"].get<uint64_t>(), min_ops);
   EXPECT_GT(j["disconnects"].get<uint64_t>(), 0u);
   EXPECT_GT(j["reference_checks"].get<uint64_t>(), 0u);
