@@ -24,6 +24,7 @@
 #include "daemon/chunk_store.h"
 #include "daemon/config.h"
 #include "daemon/executor.h"
+#include "daemon/health.h"
 #include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
 #include "daemon/parallel.h"
@@ -243,13 +244,17 @@ int main(int argc, char** argv) {
   // --- Operations: admin HTTP, readiness, systemd notify + watchdog, SIGHUP reload ---
   const auto started = std::chrono::steady_clock::now();
   std::atomic<bool> ready{false};
-  // The event loop's last one-second tick (steady_clock ns), for /healthz (loop_stall_seconds).
-  auto steady_ns = [] {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  };
-  std::atomic<int64_t> loop_tick{steady_ns()};
+  // The one-second health checks (daemon/health.h): the loop's tick for /healthz, device
+  // failures, executor stalls; an exit action ends the process for its service manager.
+  HealthOptions hopts;
+  hopts.executor_stall_seconds = config.executor_stall_seconds;
+  hopts.exit_on_stall = config.on_executor_stall == "exit";
+  hopts.exit_on_device_failure = config.on_device_failure == "exit";
+  hopts.fault_device_failure_flag = fault_device_failure_flag;
+  HealthMonitor health(hopts, &executors, &ready, [](int status) {
+    sd::Notify("STOPPING=1");
+    std::_Exit(status);
+  });
   std::unique_ptr<AdminServer> admin;
   if (config.admin != "off") {
     AdminOptions aopts;
@@ -264,7 +269,7 @@ int main(int argc, char** argv) {
     src.version = "0.1.0";
     src.started = started;
     src.ready = &ready;
-    src.loop_tick_ns = &loop_tick;
+    src.loop_tick_ns = health.loop_tick_ns();
     src.loop_stall_seconds = config.loop_stall_seconds;
     admin = std::make_unique<AdminServer>(aopts, src);
     if (Status s = admin->Start(); !s.ok()) return Fail(s.ToString());
@@ -282,78 +287,14 @@ int main(int argc, char** argv) {
   };
   arm_watchdog();
 
-  // Stall watchdog (executor_stall_seconds): an executor thread running one task past the limit
-  // is stuck (a wedged GPU kernel, a store call that never returns); the systemd watchdog above
-  // would not see it, as the event loop still runs. Logged once per stall, counted, and
-  // /readyz answers 503 until the task ends; on_executor_stall "exit" exits with status 70 (the
-  // service manager restarts kvmemd, which restores durable sessions from the store).
-  bool stopping = false;
-  bool stalled = false;
-  // Device failure (on_device_failure): a CUDA error left the GPU context unusable
-  // (kvmem_device_failures_total, counted by the device pool); nothing in the process can
-  // recover it, so /readyz answers 503 from then on, or kvmemd exits with status 70.
-  // --fault-device-failure-flag (tests): the file's existence counts as one such error.
-  bool device_failed = false;
-  auto check_device = [&] {
-    DaemonMetrics& m = GlobalMetrics();
-    if (!fault_device_failure_flag.empty() && m.device_failures.load() == 0) {
-      std::error_code ec;
-      if (std::filesystem::exists(fault_device_failure_flag, ec)) m.device_failures++;
-    }
-    const uint64_t failures = m.device_failures.load(std::memory_order_relaxed);
-    if (failures == 0 || device_failed) return;
-    device_failed = true;
-    ready = false;
-    KVMEM_LOG_ERROR("device failure: a CUDA error left the GPU context unusable; every device "
-                    "operation fails until kvmemd restarts, and /readyz answers 503");
-    if (config.on_device_failure == "exit") {
-      KVMEM_LOG_ERROR("device failure: on_device_failure is exit: exiting with status 70 for the "
-                      "service manager to restart kvmemd (acknowledged writes are in the store's WAL)");
-      sd::Notify("STOPPING=1");
-      std::_Exit(70);
-    }
-  };
-  auto check_stall = [&] {
-    if (config.executor_stall_seconds == 0) return;
-    const auto limit = std::chrono::seconds(config.executor_stall_seconds);
-    const auto now = std::chrono::steady_clock::now();
-    const ExecutorPool::Busy b = executors.Check(now, limit);
-    DaemonMetrics& m = GlobalMetrics();
-    m.executors_stalled.store(b.stalled, std::memory_order_relaxed);
-    m.executor_longest_task_us.store(
-        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(b.longest).count()),
-        std::memory_order_relaxed);
-    const double secs = std::chrono::duration<double>(b.longest).count();
-    if (b.stalled > 0 && !stalled) {
-      stalled = true;
-      m.executor_stalls++;
-      ready = false;
-      KVMEM_LOG_ERROR("stall: executor thread {} has run one task for {:.0f} s (executor_stall_seconds "
-                      "{}); {} thread(s) over the limit: an operation is stuck (a wedged GPU "
-                      "kernel, a store call that never returns); its sessions' requests wait "
-                      "behind it and /readyz answers 503",
-                      b.thread, secs, config.executor_stall_seconds, b.stalled);
-      if (config.on_executor_stall == "exit") {
-        KVMEM_LOG_ERROR("stall: on_executor_stall is exit: exiting with status 70 for the service "
-                        "manager to restart kvmemd (acknowledged writes are in the store's WAL)");
-        sd::Notify("STOPPING=1");
-        std::_Exit(70);
-      }
-    } else if (b.stalled == 0 && stalled) {
-      stalled = false;
-      if (!stopping && !device_failed) ready = true;
-      KVMEM_LOG_WARN("stall over: no executor task runs past {} s now; ready again",
-                     config.executor_stall_seconds);
-    }
-  };
-
-  // Session lifetimes: TTL expiry once a second, on the control io_context (with the stall check).
+  // Once a second on the control io_context: the health checks, then session TTL expiry.
   boost::asio::steady_timer ttl_timer(io);
   std::function<void()> arm_ttl = [&] {
     ttl_timer.expires_after(std::chrono::seconds(1));
     ttl_timer.async_wait([&](const boost::system::error_code& e) {
       if (e) return;
-      loop_tick.store(steady_ns(), std::memory_order_relaxed);
+      // Before the expiry, which could wait on a session a stuck task holds.
+      health.Tick(std::chrono::steady_clock::now());
       if (!fault_loop_stall_flag.empty()) {  // tests: a wedged event loop, while the file exists
         std::error_code ec;
         while (std::filesystem::exists(fault_loop_stall_flag, ec)) {
@@ -362,8 +303,6 @@ int main(int argc, char** argv) {
       }
       const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch());
-      check_device();
-      check_stall();  // before the expiry, which could wait on a session the stuck task holds
       service.ExpireIdleSessions(static_cast<uint64_t>(now.count()));
       arm_ttl();
     });
@@ -434,9 +373,11 @@ int main(int argc, char** argv) {
   }
 
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+  bool stopping = false;
   signals.async_wait([&](const boost::system::error_code& e, int sig) {
     if (e || stopping) return;
     stopping = true;
+    health.SetStopping();
     ready = false;
     sd::Notify("STOPPING=1");
     KVMEM_LOG_INFO("signal {}: shutting down", sig);

@@ -9,6 +9,7 @@
 #include <future>
 #include <map>
 #include <thread>
+#include <vector>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -17,6 +18,7 @@
 #include "client/cluster.h"
 #include "daemon/config.h"
 #include "daemon/executor.h"
+#include "daemon/health.h"
 #include "daemon/kv_pool.h"
 #include "daemon/metrics.h"
 
@@ -314,6 +316,85 @@ TEST(Executor, CheckReportsTasksRunningPastTheLimit) {
   held.Shutdown();
   EXPECT_TRUE(ran);
   EXPECT_EQ(held.Check(std::chrono::steady_clock::now(), milliseconds(1)).thread, -1);
+}
+
+// The one-second health checks' decisions, with the clock passed in: a task past
+// executor_stall_seconds makes the daemon unready once (counted once) and ready again when it
+// ends; with the exit action the process is ended with status 70; a device failure (counted
+// from the monitor's start) makes it unready for good, or ends it.
+TEST(Health, StallsAndDeviceFailuresDecideReadiness) {
+  using std::chrono::milliseconds;
+  using std::chrono::seconds;
+  ExecutorPool pool(1);
+  std::atomic<bool> ready{true};
+  std::vector<int> exits;
+  HealthOptions o;
+  o.executor_stall_seconds = 1;
+  HealthMonitor h(o, &pool, &ready, [&](int status) { exits.push_back(status); });
+  const auto t0 = std::chrono::steady_clock::now();
+  h.Tick(t0);
+  EXPECT_TRUE(ready);
+  EXPECT_EQ(h.loop_tick_ns()->load(),
+            std::chrono::duration_cast<std::chrono::nanoseconds>(t0.time_since_epoch()).count());
+
+  std::promise<void> started, release;
+  std::shared_future<void> go = release.get_future().share();
+  pool.Submit(1, [&] {
+    started.set_value();
+    go.wait();
+  });
+  started.get_future().wait();
+  const uint64_t stalls0 = GlobalMetrics().executor_stalls.load();
+  const auto t1 = std::chrono::steady_clock::now();
+  h.Tick(t1 + milliseconds(500));  // running, under the limit
+  EXPECT_FALSE(h.stalled());
+  EXPECT_TRUE(ready);
+  h.Tick(t1 + seconds(2));
+  EXPECT_TRUE(h.stalled());
+  EXPECT_FALSE(ready);
+  EXPECT_EQ(GlobalMetrics().executor_stalls.load(), stalls0 + 1);
+  EXPECT_EQ(GlobalMetrics().executors_stalled.load(), 1u);
+  EXPECT_GE(GlobalMetrics().executor_longest_task_us.load(), 2'000'000u);
+  h.Tick(t1 + seconds(3));  // the same stall: counted once
+  EXPECT_EQ(GlobalMetrics().executor_stalls.load(), stalls0 + 1);
+  EXPECT_TRUE(exits.empty());
+
+  // The exit action, on a second monitor of the same pool.
+  HealthOptions ox = o;
+  ox.exit_on_stall = true;
+  std::atomic<bool> ready_x{true};
+  HealthMonitor hx(ox, &pool, &ready_x, [&](int status) { exits.push_back(status); });
+  hx.Tick(t1 + seconds(2));
+  EXPECT_EQ(exits, std::vector<int>{HealthMonitor::kExitStatus});
+
+  release.set_value();
+  for (int i = 0; i < 200 && pool.Check(std::chrono::steady_clock::now(), milliseconds(1)).thread != -1; ++i) {
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  h.Tick(std::chrono::steady_clock::now());
+  EXPECT_FALSE(h.stalled());
+  EXPECT_TRUE(ready);
+  EXPECT_EQ(GlobalMetrics().executors_stalled.load(), 0u);
+
+  // Device failures count from the monitor's start; the readiness they take does not come back.
+  exits.clear();
+  std::atomic<bool> ready_d{true};
+  HealthMonitor hd(HealthOptions{}, nullptr, &ready_d, [&](int status) { exits.push_back(status); });
+  hd.Tick(std::chrono::steady_clock::now());
+  EXPECT_TRUE(ready_d);
+  GlobalMetrics().device_failures++;
+  hd.Tick(std::chrono::steady_clock::now());
+  EXPECT_TRUE(hd.device_failed());
+  EXPECT_FALSE(ready_d);
+  EXPECT_TRUE(exits.empty());
+  HealthOptions od;
+  od.exit_on_device_failure = true;
+  HealthMonitor hdx(od, nullptr, &ready_d, [&](int status) { exits.push_back(status); });
+  hdx.Tick(std::chrono::steady_clock::now());  // the failure before its start is not its own
+  EXPECT_TRUE(exits.empty());
+  GlobalMetrics().device_failures++;
+  hdx.Tick(std::chrono::steady_clock::now());
+  EXPECT_EQ(exits, std::vector<int>{HealthMonitor::kExitStatus});
 }
 
 // The CUDA errors after which the context is unusable (every later call fails the same way),
