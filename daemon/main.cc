@@ -246,6 +246,10 @@ int main(int argc, char** argv) {
   std::atomic<bool> ready{false};
   // The one-second health checks (daemon/health.h): the loop's tick for /healthz, device
   // failures, executor stalls; an exit action ends the process for its service manager.
+  // (The monitor counts device failures from its construction on: one during startup ends it.)
+  if (GlobalMetrics().device_failures.load() > 0) {
+    return Fail("a CUDA error left the GPU context unusable during startup (restore); see the log");
+  }
   HealthOptions hopts;
   hopts.executor_stall_seconds = config.executor_stall_seconds;
   hopts.exit_on_stall = config.on_executor_stall == "exit";
