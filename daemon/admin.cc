@@ -9,6 +9,7 @@
 
 #include "common/dtype.h"
 #include "common/log.h"
+#include "daemon/health.h"
 #include "daemon/service.h"
 #include "daemon/transport.h"
 #include "wire/ucx.h"
@@ -155,11 +156,7 @@ AdminServer::~AdminServer() { Stop(); }
 
 double AdminServer::LoopLagSeconds() const {
   if (sources_.loop_tick_ns == nullptr) return 0;
-  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch())
-                          .count();
-  const int64_t tick = sources_.loop_tick_ns->load(std::memory_order_relaxed);
-  return now > tick ? static_cast<double>(now - tick) * 1e-9 : 0.0;
+  return SecondsSince(*sources_.loop_tick_ns, std::chrono::steady_clock::now());
 }
 
 bool AdminServer::alive() const {

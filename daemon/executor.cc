@@ -3,13 +3,12 @@
 #include <filesystem>
 
 namespace kvmem {
-namespace {
 
-int64_t SteadyNanos(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+void HoldWhileFileExists(const std::string& path) {
+  if (path.empty()) return;
+  std::error_code ec;
+  while (std::filesystem::exists(path, ec)) std::this_thread::sleep_for(std::chrono::milliseconds(10));
 }
-
-}  // namespace
 
 ExecutorPool::ExecutorPool(uint32_t threads) {
   for (uint32_t i = 0; i < threads; ++i) {
@@ -48,12 +47,7 @@ void ExecutorPool::Loop(Worker* w) {
     }
     const int64_t start = SteadyNanos(std::chrono::steady_clock::now());
     w->busy_since.store(start != 0 ? start : 1, std::memory_order_relaxed);
-    if (!fault_stall_flag_.empty()) {
-      std::error_code ec;
-      while (std::filesystem::exists(fault_stall_flag_, ec)) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
+    HoldWhileFileExists(fault_stall_flag_);
     task();
     w->busy_since.store(0, std::memory_order_relaxed);
   }

@@ -16,6 +16,16 @@
 
 namespace kvmem {
 
+// steady_clock time as nanoseconds since the clock's epoch: what ExecutorPool's threads publish
+// for their running task and the health monitor for the event loop's tick, in an atomic each.
+inline int64_t SteadyNanos(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+// Fault injection for tests: returns once `path` no longer exists (polling every 10 ms); at once
+// when `path` is empty.
+void HoldWhileFileExists(const std::string& path);
+
 class ExecutorPool {
  public:
   // threads == 0: Submit runs the task inline on the caller's thread.

@@ -7,13 +7,11 @@
 #include "daemon/metrics.h"
 
 namespace kvmem {
-namespace {
 
-int64_t SteadyNanos(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+double SecondsSince(const std::atomic<int64_t>& tick_ns, std::chrono::steady_clock::time_point now) {
+  const int64_t n = SteadyNanos(now), tick = tick_ns.load(std::memory_order_relaxed);
+  return n > tick ? static_cast<double>(n - tick) * 1e-9 : 0.0;
 }
-
-}  // namespace
 
 HealthMonitor::HealthMonitor(HealthOptions options, const ExecutorPool* executors,
                              std::atomic<bool>* ready, std::function<void(int)> exit_process)

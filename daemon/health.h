@@ -15,6 +15,10 @@
 
 namespace kvmem {
 
+// Seconds from a SteadyNanos stamp (such as HealthMonitor::loop_tick_ns) to `now`; 0 when the
+// stamp is later.
+double SecondsSince(const std::atomic<int64_t>& tick_ns, std::chrono::steady_clock::time_point now);
+
 struct HealthOptions {
   uint32_t executor_stall_seconds = 60;  // 0: no stall check
   bool exit_on_stall = false;            // on_executor_stall "exit"

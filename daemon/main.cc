@@ -299,12 +299,7 @@ int main(int argc, char** argv) {
       if (e) return;
       // Before the expiry, which could wait on a session a stuck task holds.
       health.Tick(std::chrono::steady_clock::now());
-      if (!fault_loop_stall_flag.empty()) {  // tests: a wedged event loop, while the file exists
-        std::error_code ec;
-        while (std::filesystem::exists(fault_loop_stall_flag, ec)) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        }
-      }
+      HoldWhileFileExists(fault_loop_stall_flag);  // tests: a wedged event loop
       const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch());
       service.ExpireIdleSessions(static_cast<uint64_t>(now.count()));

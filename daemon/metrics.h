@@ -145,7 +145,7 @@ struct DaemonMetrics {
   std::atomic<uint64_t> reloads_ok{0};
   std::atomic<uint64_t> reloads_failed{0};
   std::atomic<uint64_t> idle_trims{0};  // completed idle trims (daemon/main.cc)
-  // Stall watchdog (daemon/main.cc, once a second): episodes begun (some executor thread ran one
+  // Stall watchdog (daemon/health.cc, once a second): episodes begun (some executor thread ran one
   // task past executor_stall_seconds), threads over the limit now, and the longest-running
   // task's time so far at the last check (microseconds; 0 when every thread is idle).
   std::atomic<uint64_t> executor_stalls{0};

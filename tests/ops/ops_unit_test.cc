@@ -334,8 +334,8 @@ TEST(Health, StallsAndDeviceFailuresDecideReadiness) {
   const auto t0 = std::chrono::steady_clock::now();
   h.Tick(t0);
   EXPECT_TRUE(ready);
-  EXPECT_EQ(h.loop_tick_ns()->load(),
-            std::chrono::duration_cast<std::chrono::nanoseconds>(t0.time_since_epoch()).count());
+  EXPECT_EQ(h.loop_tick_ns()->load(), SteadyNanos(t0));
+  EXPECT_DOUBLE_EQ(SecondsSince(*h.loop_tick_ns(), t0 + milliseconds(1500)), 1.5);
 
   std::promise<void> started, release;
   std::shared_future<void> go = release.get_future().share();
