@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -68,8 +69,9 @@ class DevicePool final : public KVPool {
       if (p) cudaFree(p);
   }
 
-  Status Init(const SlabAllocator::Options& o, int device) {
+  Status Init(const SlabAllocator::Options& o, int device, std::string fault_trap_flag) {
     device_ = device;
+    fault_trap_flag_ = std::move(fault_trap_flag);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaSetDevice(device), "cudaSetDevice"));
     cudaDeviceProp prop{};
     KVMEM_RETURN_IF_ERROR(Cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
@@ -174,6 +176,7 @@ class DevicePool final : public KVPool {
     if (count == 0) return Status::OK();
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
+    KVMEM_RETURN_IF_ERROR(MaybeTrap());
     // Every q into one device buffer, outputs and lse back through another; q and the plan
     // image go up from pinned staging [q | image | out], so the copies are truly asynchronous
     // (the image of a 128K-token dense layer is ~1.7 MB).
@@ -217,7 +220,7 @@ class DevicePool final : public KVPool {
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_in, in_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
     KVMEM_RETURN_IF_ERROR(
         Cuda(cudaMemcpyAsync(d_ws_, h_image, image_bytes, cudaMemcpyHostToDevice, stream_), "stage the attention plan"));
-    KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchAttend(plan, d_ws_, stream_));
+    KVMEM_RETURN_IF_ERROR(Kernels(kernels::cuda::LaunchAttend(plan, d_ws_, stream_)));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_), "copy out"));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "attention"));
     for (uint32_t i = 0; i < count; ++i) {
@@ -234,7 +237,7 @@ class DevicePool final : public KVPool {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
     if (SyncCopies()) {
-      for (const TreeSync& t : syncs) KVMEM_RETURN_IF_ERROR(t.tree->Sync(*t.flat, stream_));
+      for (const TreeSync& t : syncs) KVMEM_RETURN_IF_ERROR(Kernels(t.tree->Sync(*t.flat, stream_)));
       return Status::OK();
     }
     Status st;
@@ -244,7 +247,7 @@ class DevicePool final : public KVPool {
     }
     // What was staged goes up even after a failure: the trees before it count it as uploaded.
     Status flushed = stager_.Flush(stream_);
-    return st.ok() ? flushed : st;
+    return Kernels(st.ok() ? flushed : st);
   }
 
   // One upload of q and the plan image (and a decode step's new K/V rows, which the search
@@ -254,6 +257,7 @@ class DevicePool final : public KVPool {
   Status SearchAttend(DeviceSearchRequest* req, DeviceSearchReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
+    KVMEM_RETURN_IF_ERROR(MaybeTrap());
     AttendPhaseClock phases;  // sub-phases of device_search_attend
     kernels::cuda::SearchAttendProblem dev = req->problem;
     const kernels::AttendProblem& a = req->problem.attend;
@@ -338,15 +342,15 @@ class DevicePool final : public KVPool {
       if (try_inline) {
         // q and the plan image as the search's kernel parameters: no upload on the stream.
         mark(1);
-        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendInline(plan, d_ws, a.q, q_bytes, d_q,
-                                                                      d_res, stream_, &launched));
+        KVMEM_RETURN_IF_ERROR(Kernels(kernels::cuda::LaunchSearchAttendInline(
+            plan, d_ws, a.q, q_bytes, d_q, d_res, stream_, &launched)));
       }
       if (!launched) {
         if (try_inline) stage();
         KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_up, h_up, up, cudaMemcpyHostToDevice, stream_),
                                    "stage q and the search plan"));
         mark(1);
-        KVMEM_RETURN_IF_ERROR(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, d_res, stream_));
+        KVMEM_RETURN_IF_ERROR(Kernels(kernels::cuda::LaunchSearchAttendTo(plan, d_ws, d_res, stream_)));
       }
       mark(2);
       if (mapped) return Status::OK();
@@ -434,7 +438,7 @@ class DevicePool final : public KVPool {
       dv.span_prefix = reinterpret_cast<const uint32_t*>(d[2]);
       dv.heads = reinterpret_cast<const uint32_t*>(d[3]);
       dv.scores = reinterpret_cast<float*>(out);
-      return kernels::cuda::PooledBlockScores(dv, stream_);
+      return Kernels(kernels::cuda::PooledBlockScores(dv, stream_));
     });
   }
 
@@ -454,7 +458,7 @@ class DevicePool final : public KVPool {
       dv.item_head = reinterpret_cast<const uint32_t*>(d[2]);
       dv.token_prefix = reinterpret_cast<const uint32_t*>(d[3]);
       dv.logits = reinterpret_cast<float*>(out);
-      return kernels::cuda::TokenLogits(dv, stream_);
+      return Kernels(kernels::cuda::TokenLogits(dv, stream_));
     });
   }
 
@@ -568,9 +572,9 @@ class DevicePool final : public KVPool {
       } else {
         stager_.AddDevice(base + op.dst, base + op.src_offset, op.bytes, overlapping);
       }
-      if (stager_.staged_bytes() >= kScatterGroupBytes) KVMEM_RETURN_IF_ERROR(stager_.Flush(stream_));
+      if (stager_.staged_bytes() >= kScatterGroupBytes) KVMEM_RETURN_IF_ERROR(Kernels(stager_.Flush(stream_)));
     }
-    return stager_.Flush(stream_);
+    return Kernels(stager_.Flush(stream_));
   }
   static bool SyncCopies() {
     static const bool on = EnvIs("KVMEM_DEVICE_COPIES", "sync");
@@ -714,6 +718,26 @@ class DevicePool final : public KVPool {
   void DropGraphs() { graphs_.Clear(); }
 
   // Grow-only pinned host staging (the uploads and copies back of every launch).
+  // A kernels-library call's Status, counted as Cuda() counts an error when it failed with the
+  // context unusable. The library's Status carries no cudaError_t; such an error is sticky, so
+  // the runtime's last error or a query of the stream (which does not wait) returns it again.
+  Status Kernels(Status s) {
+    if (s.ok()) return s;
+    cudaError_t e = cudaPeekAtLastError();
+    if (!IsFatalCudaError(static_cast<int>(e))) e = cudaStreamQuery(stream_);
+    if (!IsFatalCudaError(static_cast<int>(e))) return s;
+    GlobalMetrics().device_failures++;
+    return Internal(s.message() + " (the GPU context is unusable until kvmemd restarts)");
+  }
+
+  // kvmemd --fault-device-trap-flag: while the file exists, each device attention first launches
+  // a kernel that traps (a real fault: the context is unusable from then on), for tests on a GPU.
+  Status MaybeTrap() {
+    std::error_code ec;
+    if (fault_trap_flag_.empty() || !std::filesystem::exists(fault_trap_flag_, ec)) return Status::OK();
+    return Kernels(kernels::cuda::LaunchTrap(stream_));
+  }
+
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
     if (need <= pinned_bytes_) return Status::OK();
@@ -751,6 +775,7 @@ class DevicePool final : public KVPool {
 
   int device_ = 0;
   std::string name_;
+  std::string fault_trap_flag_;  // MaybeTrap
   cudaStream_t stream_ = nullptr;
   std::mutex mu_;
   void* d_io_ = nullptr;
@@ -780,10 +805,11 @@ class DevicePool final : public KVPool {
 
 }  // namespace
 
-Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& o, int device) {
+Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& o, int device,
+                                                 std::string fault_trap_flag) {
   if (CudaDeviceCount() <= device) return Unavailable("no CUDA device " + std::to_string(device) + " visible");
   auto pool = std::make_unique<DevicePool>();
-  KVMEM_RETURN_IF_ERROR(pool->Init(o, device));
+  KVMEM_RETURN_IF_ERROR(pool->Init(o, device, std::move(fault_trap_flag)));
   return std::unique_ptr<KVPool>(std::move(pool));
 }
 

@@ -3,7 +3,7 @@
 
 namespace kvmem {
 
-Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options&, int) {
+Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options&, int, std::string) {
   return Unavailable("this kvmemd was built without CUDA (KVMEM_WITH_CUDA=OFF or no nvcc)");
 }
 

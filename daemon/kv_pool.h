@@ -225,8 +225,11 @@ class KVPool {
 Result<std::unique_ptr<KVPool>> CreateHostPool(const SlabAllocator::Options& options);
 
 // Device memory pool on CUDA device `device`: the arena is one cudaMalloc taken at start.
-// UNAVAILABLE when the build has no CUDA or no GPU is visible.
-Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& options, int device);
+// UNAVAILABLE when the build has no CUDA or no GPU is visible. Tests (kvmemd
+// --fault-device-trap-flag): while the file `fault_trap_flag` exists, each device attention
+// first launches a kernel that traps, a real fault that leaves the CUDA context unusable.
+Result<std::unique_ptr<KVPool>> CreateDevicePool(const SlabAllocator::Options& options, int device,
+                                                 std::string fault_trap_flag = {});
 
 // Number of CUDA devices visible (0 without CUDA in the build).
 int CudaDeviceCount();

@@ -92,7 +92,8 @@ int main(int argc, char** argv) {
                                   "--log-level", "--progress",     "--executors",  "--device-memory", "--host-memory", "--restore",
                                   "--max-message", "--ucx-error-mode", "--ucx-rndv-scheme", "--search-threads",
                                   "--admin", "--sync-writes", "--fault-fail-writes-flag", "--fault-stall-flag",
-                                  "--fault-loop-stall-flag", "--fault-device-failure-flag", "--append-landing"};
+                                  "--fault-loop-stall-flag", "--fault-device-failure-flag", "--fault-device-trap-flag",
+                                  "--append-landing"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -167,7 +168,7 @@ int main(int argc, char** argv) {
   // Store options are read once (not reloadable).
   StoreOptions store_opts;
   bool append_landing = false;
-  std::string fault_stall_flag, fault_loop_stall_flag, fault_device_failure_flag;
+  std::string fault_stall_flag, fault_loop_stall_flag, fault_device_failure_flag, fault_device_trap_flag;
   for (const auto& [k, v] : flags.values) {
     if (k == "--append-landing") {
       if (v != "on" && v != "off") return Fail("--append-landing needs on or off");
@@ -177,6 +178,7 @@ int main(int argc, char** argv) {
     if (k == "--fault-stall-flag") fault_stall_flag = v;
     if (k == "--fault-loop-stall-flag") fault_loop_stall_flag = v;
     if (k == "--fault-device-failure-flag") fault_device_failure_flag = v;
+    if (k == "--fault-device-trap-flag") fault_device_trap_flag = v;
     if (k == "--sync-writes") {
       if (v != "true" && v != "false") return Fail("--sync-writes needs true or false");
       store_opts.sync_writes = v == "true";
@@ -202,7 +204,7 @@ int main(int argc, char** argv) {
   while (pool_opts.slab_bytes > (64u << 10) && pool_opts.slab_bytes * 512 > pool_opts.capacity_bytes) {
     pool_opts.slab_bytes /= 2;
   }
-  auto pool = backend == "cuda" ? CreateDevicePool(pool_opts, 0) : CreateHostPool(pool_opts);
+  auto pool = backend == "cuda" ? CreateDevicePool(pool_opts, 0, fault_device_trap_flag) : CreateHostPool(pool_opts);
   if (!pool.ok()) return Fail("backend " + backend + ": " + pool.status().ToString());
   backend = (*pool)->Describe();
   KVMEM_LOG_INFO("kvmemd 0.1.0: backend={} pool={} host tier={} data_dir={} tenants={}", backend,

@@ -205,6 +205,12 @@ struct CopySegment {
 // segment at a time, 16-byte words when the segment's addresses and size allow, bytes otherwise.
 Status CopySegments(const CopySegment* segments, uint32_t count, void* stream);
 
+// Fault injection for tests (kvmemd --fault-device-trap-flag): a one-thread kernel that executes
+// a trap instruction, which leaves the CUDA context unusable (a sticky error: cudaErrorLaunchFailure
+// or cudaErrorIllegalInstruction at the next synchronising call, and from every call after it), as
+// a faulting kernel does on a real GPU. Never called outside that fault.
+Status LaunchTrap(void* stream);
+
 // Many small uploads and device copies as one upload and one CopySegments launch. Add() copies
 // its host bytes into pinned staging at once (the source may be reused on return); Flush()
 // uploads [rows | segments] in one copy on `stream`, launches CopySegments and returns without

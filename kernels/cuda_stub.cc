@@ -24,6 +24,7 @@ Status TokenLogits(const TokenLogitsView&, void*) { return NoCuda(); }
 Status TopK(const TopKView&, void*) { return NoCuda(); }
 Status PooledBlockScores(const PooledBlockScoresView&, void*) { return NoCuda(); }
 Status CopySegments(const CopySegment*, uint32_t, void*) { return NoCuda(); }
+Status LaunchTrap(void*) { return NoCuda(); }
 CopyStager::~CopyStager() = default;
 Status CopyStager::Add(void*, const void*, size_t) { return NoCuda(); }
 void CopyStager::AddDevice(void*, const void*, size_t, bool) {}

@@ -50,6 +50,8 @@ __global__ void __launch_bounds__(kCopyThreads) CopySegmentsKernel(const CopySeg
   }
 }
 
+__global__ void TrapKernel() { __trap(); }
+
 }  // namespace
 
 Status CopySegments(const CopySegment* segments, uint32_t count, void* stream) {
@@ -57,6 +59,12 @@ Status CopySegments(const CopySegment* segments, uint32_t count, void* stream) {
   const uint32_t grid = count < 1024u ? count : 1024u;
   CopySegmentsKernel<<<grid, kCopyThreads, 0, static_cast<cudaStream_t>(stream)>>>(segments, count);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("CopySegments");
+  return Status::OK();
+}
+
+Status LaunchTrap(void* stream) {
+  TrapKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>();
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("LaunchTrap");
   return Status::OK();
 }
 

@@ -13,6 +13,8 @@
 #include <thread>
 
 #include "client/cluster.h"
+#include "common/dtype.h"
+#include "daemon/kv_pool.h"
 #include "daemon/sd_notify.h"
 #include "testing/daemon_process.h"
 #include "testing/http_get.h"
@@ -368,6 +370,71 @@ TEST(Stall, DeviceFailureMakesKvmemdUnreadyForGood) {
   DaemonProcess e({"--config", cfg.string(), "--fault-device-failure-flag", flag.string()});
   ASSERT_TRUE(e.ready());
   std::ofstream(flag) << "xid";
+  EXPECT_EQ(e.WaitExit(std::chrono::seconds(10)), 70);
+  std::filesystem::remove(flag);
+  std::filesystem::remove(cfg);
+}
+
+// The same with a real fault on a GPU: --fault-device-trap-flag makes the device pool launch a
+// kernel that traps before an attention, which leaves the CUDA context unusable. The request fails
+// saying so, every later one fails too, /readyz answers 503 for good and the failures are counted;
+// with on_device_failure "exit" kvmemd exits with 70. Skipped without a GPU.
+TEST(Stall, RealDeviceFaultOnTheGpu) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible: real device fault test skipped";
+  client::Profile p = SmallProfile();
+  p.head_dim = 128;
+  p.dtype = DType::kBF16;
+  const uint64_t T = 256;
+  std::vector<uint16_t> kv(static_cast<size_t>(p.layers) * p.kv_heads * T * p.head_dim);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = FloatToBF16(static_cast<float>(i % 17) / 17.0f - 0.5f);
+  const client::TensorView k{kv.data(), DType::kBF16, {p.layers, p.kv_heads, T, p.head_dim}};
+  std::vector<float> q(p.q_heads * p.head_dim, 0.125f);
+  client::AttendRequest req;
+  req.q = client::TensorView{q.data(), DType::kF32, {p.q_heads, p.head_dim}};
+  // A session with its KV on the device, and an attention that works before the fault.
+  auto attend_ready = [&](DaemonProcess& d) -> std::pair<std::unique_ptr<client::Client>, uint64_t> {
+    auto c = client::Client::Connect(d.address());
+    EXPECT_TRUE(c.ok());
+    if (!c.ok()) return {};
+    auto id = (*c)->CreateSession(p, {});
+    EXPECT_TRUE(id.ok()) << id.status().ToString();
+    EXPECT_TRUE((*c)->AppendKV(*id, k, k).ok());
+    auto r = (*c)->Attend(*id, req);
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return {std::move(*c), *id};
+  };
+  const uint16_t admin = FreePort();
+  const auto flag = FaultFlag("device-trap-flag");
+  DaemonProcess d({"--admin", "127.0.0.1:" + std::to_string(admin), "--backend", "cuda",
+                   "--fault-device-trap-flag", flag.string()});
+  ASSERT_TRUE(d.ready());
+  auto [c, id] = attend_ready(d);
+  ASSERT_TRUE(c != nullptr);
+  EXPECT_EQ(HttpGet(admin, "/readyz").status, 200);
+  std::ofstream(flag) << "trap";
+  auto failed = c->Attend(id, req);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_NE(failed.status().message().find("unusable"), std::string::npos) << failed.status().ToString();
+  std::filesystem::remove(flag);
+  auto again = c->Attend(id, req);  // no trap now: the context stays unusable
+  EXPECT_FALSE(again.ok());
+  EXPECT_TRUE(Eventually([&] { return HttpGet(admin, "/readyz").status == 503; }));
+  const std::string m = HttpGet(admin, "/metrics").body;
+  const std::string key = "\nkvmem_device_failures_total ";
+  const auto at = m.find(key);
+  ASSERT_NE(at, std::string::npos) << m;
+  EXPECT_GE(std::stoull(m.substr(at + key.size())), 2u) << "both attentions count";
+  EXPECT_EQ(HttpGet(admin, "/healthz").status, 200);
+  c.reset();
+  d.Stop();  // the exit status after a device fault is not the point here
+
+  const auto cfg = WriteConfig("device-trap-exit", R"({"on_device_failure": "exit"})");
+  DaemonProcess e({"--config", cfg.string(), "--backend", "cuda", "--fault-device-trap-flag", flag.string()});
+  ASSERT_TRUE(e.ready());
+  auto [c2, id2] = attend_ready(e);
+  ASSERT_TRUE(c2 != nullptr);
+  std::ofstream(flag) << "trap";
+  EXPECT_FALSE(c2->Attend(id2, req).ok());
   EXPECT_EQ(e.WaitExit(std::chrono::seconds(10)), 70);
   std::filesystem::remove(flag);
   std::filesystem::remove(cfg);
