@@ -177,6 +177,7 @@ class DevicePool final : public KVPool {
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
     KVMEM_RETURN_IF_ERROR(MaybeTrap());
+    AttendPhaseClock phases;  // sub-phases of host_attend, as of device_search_attend
     // Every q into one device buffer, outputs and lse back through another; q and the plan
     // image go up from pinned staging [q | image | out], so the copies are truly asynchronous
     // (the image of a 128K-token dense layer is ~1.7 MB).
@@ -217,12 +218,15 @@ class DevicePool final : public KVPool {
       std::memcpy(h_in + q_off[i], p.q, static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.q_dtype));
     }
     std::memcpy(h_image, plan.image.data(), image_bytes);
+    phases.Mark(AttendPhase::kDevicePlan);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_in, h_in, in_bytes, cudaMemcpyHostToDevice, stream_), "stage q"));
     KVMEM_RETURN_IF_ERROR(
         Cuda(cudaMemcpyAsync(d_ws_, h_image, image_bytes, cudaMemcpyHostToDevice, stream_), "stage the attention plan"));
     KVMEM_RETURN_IF_ERROR(Kernels(kernels::cuda::LaunchAttend(plan, d_ws_, stream_)));
     KVMEM_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_), "copy out"));
+    phases.Mark(AttendPhase::kDeviceLaunch);
     KVMEM_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "attention"));
+    phases.Mark(AttendPhase::kDeviceWait);
     for (uint32_t i = 0; i < count; ++i) {
       const auto& p = problems[i];
       std::memcpy(p.out, h_out + out_off[i], static_cast<size_t>(p.q_heads) * p.head_dim * DTypeSize(p.out_dtype));
