@@ -38,17 +38,20 @@ static_assert(cudaErrorECCUncorrectable == 214 && cudaErrorIllegalAddress == 700
                   cudaErrorInvalidPc == 718 && cudaErrorLaunchFailure == 719,
               "IsFatalCudaError (kv_pool.cc) lists these codes by value");
 
-// A CUDA error as a Status. One that leaves the context unusable (IsFatalCudaError) is counted
-// in kvmem_device_failures_total, which kvmemd's health check turns into not ready (or an exit,
-// on_device_failure), and says so: every later device operation fails the same way.
+// An error that left the context unusable: counted in kvmem_device_failures_total, which
+// kvmemd's health check turns into not ready (or an exit, on_device_failure), and said so, since
+// every later device operation fails the same way (Cuda(), DevicePool::Kernels()).
+Status ContextLost(const std::string& msg) {
+  GlobalMetrics().device_failures++;
+  return Internal(msg + " (the GPU context is unusable until kvmemd restarts)");
+}
+
+// A CUDA error as a Status; one that leaves the context unusable (IsFatalCudaError) through
+// ContextLost.
 Status Cuda(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return Status::OK();
-  if (IsFatalCudaError(static_cast<int>(e))) {
-    GlobalMetrics().device_failures++;
-    return Internal(std::string(what) + ": " + cudaGetErrorString(e) +
-                    " (the GPU context is unusable until kvmemd restarts)");
-  }
-  return Internal(std::string(what) + ": " + cudaGetErrorString(e));
+  const std::string msg = std::string(what) + ": " + cudaGetErrorString(e);
+  return IsFatalCudaError(static_cast<int>(e)) ? ContextLost(msg) : Internal(msg);
 }
 
 // Bytes rounded up to 256: every section of a staging buffer starts 256-byte aligned.
@@ -721,7 +724,6 @@ class DevicePool final : public KVPool {
   // kvmem-stress, before graphs were dropped here). The buffers only grow, so this is rare.
   void DropGraphs() { graphs_.Clear(); }
 
-  // Grow-only pinned host staging (the uploads and copies back of every launch).
   // A kernels-library call's Status, counted as Cuda() counts an error when it failed with the
   // context unusable. The library's Status carries no cudaError_t; such an error is sticky, so
   // the runtime's last error or a query of the stream (which does not wait) returns it again.
@@ -729,9 +731,7 @@ class DevicePool final : public KVPool {
     if (s.ok()) return s;
     cudaError_t e = cudaPeekAtLastError();
     if (!IsFatalCudaError(static_cast<int>(e))) e = cudaStreamQuery(stream_);
-    if (!IsFatalCudaError(static_cast<int>(e))) return s;
-    GlobalMetrics().device_failures++;
-    return Internal(s.message() + " (the GPU context is unusable until kvmemd restarts)");
+    return IsFatalCudaError(static_cast<int>(e)) ? ContextLost(s.message()) : s;
   }
 
   // kvmemd --fault-device-trap-flag: while the file exists, each device attention first launches
@@ -742,6 +742,7 @@ class DevicePool final : public KVPool {
     return Kernels(kernels::cuda::LaunchTrap(stream_));
   }
 
+  // Grow-only pinned host staging (the uploads and copies back of every launch).
   Status GrowPinned(size_t need) {
     need += 512;  // alignment slack between the up and down halves
     if (need <= pinned_bytes_) return Status::OK();
