@@ -23,6 +23,15 @@ bool SupportedShape(uint32_t head_dim, uint32_t group) {
          (group == 1 || group == 2 || group == 4 || group == 8);
 }
 
+// KVMEM_ATTN_SHARED_RUNS=off: every head its own runs, as before (A/B runs).
+bool SharedRunsEnv() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVMEM_ATTN_SHARED_RUNS");
+    return e == nullptr || std::string(e) != "off";
+  }();
+  return on;
+}
+
 }  // namespace
 
 uint32_t AttendClusterEnv() {
@@ -44,8 +53,8 @@ uint32_t AttendClusterSize(uint32_t option, uint64_t splits, uint32_t cap) {
   return c;
 }
 
-uint32_t AttendTaskClusterSize(uint32_t option, uint64_t resident, uint64_t tasks, uint32_t head_dim,
-                               uint32_t group, DType kv_dtype) {
+uint32_t AttendTaskClusterSize(uint32_t option, uint64_t resident, uint64_t tasks,
+                               uint32_t head_dim, uint32_t group, DType kv_dtype) {
   if (option == 0) option = AttendClusterEnv();
   if (option != kAttendClusterAuto) return option == 0 ? 1 : option;
   if (resident == 0 || tasks == 0) return 1;
@@ -96,17 +105,24 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
                          std::to_string(G));
   }
 
-  // Total tokens decide the split size: about target_blocks items overall.
+  // Total tokens decide the split size: about target_blocks items overall. Each task's tokens
+  // (a dense problem's heads attend the same spans: counted once).
   uint64_t total = 0, max_task = 0, min_task = ~uint64_t{0};
   uint32_t num_tasks = 0;
+  std::vector<uint64_t> tokens_of;  // per task, in task order
   for (uint32_t i = 0; i < count; ++i) {
     const AttendProblem& p = problems[i];
     num_tasks += p.kv_heads;
     for (uint32_t h = 0; h < p.kv_heads; ++h) {
-      uint32_t first, last;
-      HeadSpans(p, h, &first, &last);
       uint64_t task_tokens = 0;
-      for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
+      if (h > 0 && p.head_span_begin == nullptr) {
+        task_tokens = tokens_of.back();
+      } else {
+        uint32_t first, last;
+        HeadSpans(p, h, &first, &last);
+        for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
+      }
+      tokens_of.push_back(task_tokens);
       total += task_tokens;
       max_task = std::max(max_task, task_tokens);
       min_task = std::min(min_task, task_tokens);
@@ -143,6 +159,15 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
     C = AttendTaskClusterSize(options.cluster, resident, num_tasks, D, G, p0.kv_dtype);
   }
   uint64_t max_split = 0;  // with splits_per_task: the longest task split (reported)
+  // Head-shared runs: one problem whose heads all attend every span (a dense layer) cuts every
+  // head alike (the same tokens, so the same splits, in clusters or not): the same items and
+  // runs but for the head's offset (head x stride x D, per span). The plan then holds head 0's
+  // runs with that offset in AttendRunDesc::head_stride, the kernel adds task x head_stride,
+  // and the other heads' items point at head 0's runs: 1/H of the runs to plan, store and
+  // upload (a 128K-token dense layer, 8 KV heads: ~8K runs instead of ~65K, a ~0.2 MB image
+  // instead of 1.7 MB; planning was 60-80% of kvmemd's dense Attend on the H200, session 26).
+  const bool shared = count == 1 && p0.head_span_begin == nullptr && p0.kv_heads > 1 &&
+                      options.splits_per_task == 0 && SharedRunsEnv();
 
   // Two passes over the same walk of every task's spans: the first counts each item's runs (so
   // the layout, and with it every run's place, is known), the second writes the runs straight
@@ -156,12 +181,9 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   for (uint32_t i = 0; i < count; ++i) {
     const AttendProblem& p = problems[i];
     for (uint32_t h = 0; h < p.kv_heads; ++h) {
-      uint32_t first, last;
-      HeadSpans(p, h, &first, &last);
       uint64_t split = balanced_split;
       if (C > 1 || options.splits_per_task > 0) {
-        uint64_t task_tokens = 0;
-        for (uint32_t s = first; s < last; ++s) task_tokens += p.spans[s].end - p.spans[s].begin;
+        const uint64_t task_tokens = tokens_of[walks.size()];
         split = C > 1 ? std::max<uint64_t>(16, AlignUp((task_tokens + C - 1) / C, 16))
                       : std::max<uint64_t>(64, AlignUp((task_tokens + options.splits_per_task - 1) /
                                                            options.splits_per_task,
@@ -190,12 +212,13 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       const KVSpan& sp = p.spans[s];
       const uint64_t head_k = sp.offset + static_cast<uint64_t>(w.head) * sp.stride_tokens * D;
       const uint64_t v_shift = static_cast<uint64_t>(p.kv_heads) * sp.stride_tokens * D;
+      const uint32_t head_stride = sp.stride_tokens * D;
       for (uint32_t t = sp.begin; t < sp.end;) {
         if (cur_tokens == w.split || item_runs == kMaxRunsPerItem) close_item();
         const uint32_t take =
             static_cast<uint32_t>(std::min<uint64_t>(sp.end - t, w.split - cur_tokens));
         const uint64_t k = head_k + static_cast<uint64_t>(t) * D;
-        run(k, k + v_shift, take);
+        run(k, k + v_shift, take, head_stride);
         ++item_runs;
         cur_tokens += take;
         t += take;
@@ -228,19 +251,28 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
     const auto task = static_cast<uint32_t>(tasks.size());
     const auto first_item = static_cast<uint32_t>(items.size());
     uint32_t item_runs = 0;
-    td.num_splits = walk(
-        w, [&](uint64_t, uint64_t, uint32_t) { ++item_runs; },
-        [&](uint32_t tokens) {
-          AttendItemDesc d{};
-          d.task = task;
-          d.split = static_cast<uint32_t>(items.size()) - first_item;
-          d.run_begin = static_cast<uint32_t>(num_runs);
-          d.run_end = static_cast<uint32_t>(num_runs + item_runs);
-          d.tokens = tokens;
-          items.push_back(d);
-          num_runs += item_runs;
-          item_runs = 0;
-        });
+    if (shared && task > 0) {  // head 0's items (the first ones), for this head
+      td.num_splits = tasks[0].num_splits;
+      for (uint32_t sp = 0; sp < td.num_splits; ++sp) {
+        AttendItemDesc d = items[sp];
+        d.task = task;
+        items.push_back(d);
+      }
+    } else {
+      td.num_splits = walk(
+          w, [&](uint64_t, uint64_t, uint32_t, uint32_t) { ++item_runs; },
+          [&](uint32_t tokens) {
+            AttendItemDesc d{};
+            d.task = task;
+            d.split = static_cast<uint32_t>(items.size()) - first_item;
+            d.run_begin = static_cast<uint32_t>(num_runs);
+            d.run_end = static_cast<uint32_t>(num_runs + item_runs);
+            d.tokens = tokens;
+            items.push_back(d);
+            num_runs += item_runs;
+            item_runs = 0;
+          });
+    }
     td.partial_base = partial_slots;
     // One partial per cluster of splits (none when the task is one cluster).
     if (td.num_splits / C > 1) partial_slots += td.num_splits / C;
@@ -261,7 +293,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   // kernel then loads an item's first runs together with the item (AttendPlan::run_stride).
   uint32_t max_runs = 1;
   for (const AttendItemDesc& it : items) max_runs = std::max(max_runs, it.run_end - it.run_begin);
-  const bool strided = uint64_t{max_runs} * items.size() <= 2 * num_runs + 256;
+  const bool strided = !shared && uint64_t{max_runs} * items.size() <= 2 * num_runs + 256;
   if (strided) {
     for (size_t i = 0; i < items.size(); ++i) {
       AttendItemDesc& it = items[i];
@@ -313,11 +345,16 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   auto* runs = reinterpret_cast<AttendRunDesc*>(img + plan->runs_off);
   size_t item = 0;
   for (const TaskWalk& w : walks) {
+    if (shared && &w != &walks[0]) break;  // the other heads' items read head 0's runs
     uint32_t r = items[item].run_begin;
     walk(
-        w, [&](uint64_t k, uint64_t v, uint32_t len) { runs[r++] = AttendRunDesc{k, v, len, 0}; },
+        w,
+        [&](uint64_t k, uint64_t v, uint32_t len, uint32_t head_stride) {
+          runs[r++] = AttendRunDesc{k, v, len, shared ? head_stride : 0u};
+        },
         [&](uint32_t) {
-          const uint32_t slot_end = strided ? items[item].run_begin + max_runs : items[item].run_end;
+          const uint32_t slot_end =
+              strided ? items[item].run_begin + max_runs : items[item].run_end;
           std::fill(runs + r, runs + slot_end, AttendRunDesc{0, 0, 0, 0});
           if (++item < items.size()) r = items[item].run_begin;
         });

@@ -1185,8 +1185,9 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<D, G, kTC>())
     ntok = item.tokens;
     for (int i = threadIdx.x; i < nruns; i += kThreads) {
       const AttendRunDesc r = i < kThreads && pre ? first : runs[item.run_begin + i];
-      rt.k_off[i] = r.k_off;
-      rt.v_off[i] = r.v_off;
+      const uint64_t head = uint64_t{item.task} * r.head_stride;  // 0 but in head-shared runs
+      rt.k_off[i] = r.k_off + head;
+      rt.v_off[i] = r.v_off + head;
       rt.len[i] = r.len;
     }
   }

@@ -39,7 +39,10 @@ struct AttendRunDesc {  // a piece of one span, for one KV head
   uint64_t k_off;       // element offset of its first key row in the pool
   uint64_t v_off;       // element offset of its first value row
   uint32_t len;         // tokens
-  uint32_t pad;
+  // Head-shared runs (PlanAttend: a dense layer's heads read one run table): elements between
+  // consecutive KV heads' rows, so item task t reads k_off + t x head_stride (and v_off + the
+  // same); 0 otherwise.
+  uint32_t head_stride;
 };
 
 // What the tree search of LaunchSearchAttend leaves per task for the span attention, which

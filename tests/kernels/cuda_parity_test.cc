@@ -115,6 +115,9 @@ struct AttnCase {
   uint32_t hq, hkv, d;
   uint32_t problems;
   uint32_t min_split, max_split;  // small values force many splits and the merge path
+  // Every head attends the same spans (head_span_begin nullptr, a dense layer): one problem's
+  // heads then share one run table (PlanAttend's head-shared runs).
+  bool all_heads = false;
 };
 
 class SpanAttendParity : public ::testing::TestWithParam<AttnCase> {};
@@ -123,8 +126,8 @@ std::string AttnName(const ::testing::TestParamInfo<AttnCase>& i) {
   const AttnCase& c = i.param;
   return std::string(DTypeName(c.kv)) + "_q" + std::string(DTypeName(c.q)) + "_o" +
          std::string(DTypeName(c.out)) + "_H" + std::to_string(c.hq) + "x" + std::to_string(c.hkv) +
-         "_D" + std::to_string(c.d) + "_split" + std::to_string(c.min_split) + "_" +
-         std::to_string(i.index);
+         "_D" + std::to_string(c.d) + "_split" + std::to_string(c.min_split) +
+         (c.all_heads ? "_allheads_" : "_") + std::to_string(i.index);
 }
 
 TEST_P(SpanAttendParity, MatchesAttendCpu) {
@@ -184,6 +187,10 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
       }
     }
     h.head_begin.push_back(static_cast<uint32_t>(h.spans.size()));
+    if (c.all_heads) {  // every head all of the spans above: chunk-like, 1-token and long runs
+      h.head_begin.clear();
+      if (h.spans.empty()) h.spans.push_back({offs.back(), tail_cap, 0, tail_cap});
+    }
     h.q = RandomTensor(rng, c.q, static_cast<size_t>(c.hq) * D, 1.f);
   }
 
@@ -211,7 +218,7 @@ TEST_P(SpanAttendParity, MatchesAttendCpu) {
     p.scale = 1.f / std::sqrt(static_cast<float>(D));
     p.q_dtype = c.q;
     p.spans = hosts[pi].spans.data();
-    p.head_span_begin = hosts[pi].head_begin.data();
+    p.head_span_begin = c.all_heads ? nullptr : hosts[pi].head_begin.data();
     p.num_spans = static_cast<uint32_t>(hosts[pi].spans.size());
     p.out_dtype = c.out;
     AttendProblem d = p;
@@ -289,7 +296,13 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{DType::kF16, DType::kF16, DType::kF16, 16, 2, 128, 2, 32, 96},
                       AttnCase{DType::kBF16, DType::kF32, DType::kF32, 8, 8, 64, 3, 32, 128},
                       AttnCase{DType::kF16, DType::kF32, DType::kF32, 8, 4, 64, 2, 128, 4096},
-                      AttnCase{DType::kBF16, DType::kBF16, DType::kF32, 16, 2, 128, 5, 64, 256}),
+                      AttnCase{DType::kBF16, DType::kBF16, DType::kF32, 16, 2, 128, 5, 64, 256},
+                      AttnCase{DType::kBF16, DType::kBF16, DType::kBF16, 32, 8, 128, 1, 128, 4096,
+                               true},
+                      AttnCase{DType::kF16, DType::kF32, DType::kF32, 16, 2, 128, 1, 32, 96, true},
+                      AttnCase{DType::kBF16, DType::kF32, DType::kF32, 8, 8, 64, 1, 32, 128, true},
+                      AttnCase{DType::kF16, DType::kF16, DType::kF16, 32, 8, 128, 2, 64, 256,
+                               true}),
     AttnName);
 
 // ---- Dense attention --------------------------------------------------------------------------

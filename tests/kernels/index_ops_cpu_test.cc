@@ -387,6 +387,72 @@ TEST(AttendPlan, RetrievalHeadsGetProportionallyMoreSplits) {
 }
 
 
+// A dense layer (every head attends every span, one problem; in clusters of splits or not, as
+// on the H200): the heads share one run table (head 0's runs, each with its head stride), the
+// other heads' items point at head 0's runs, and run + task x head_stride walks every head's
+// rows in order, every token once.
+TEST(AttendPlan, DenseHeadsShareOneRunTable) {
+  const uint32_t hq = 32, hkv = 8, D = 128;
+  std::mt19937 rng(5);
+  alignas(16) static uint8_t fake[16];
+  std::vector<KVSpan> spans;
+  for (uint32_t c = 0; c < 2000; ++c) {
+    const uint32_t stride = c + 1 < 2000 ? 24 : 256;  // the last one a tail block
+    const uint32_t len = c + 1 < 2000 ? 8 + rng() % 17 : 100;
+    spans.push_back({(rng() % 1000000) * 8, stride, 0, len});
+  }
+  AttendProblem p{};
+  p.pool = p.q = p.out = fake;
+  p.kv_dtype = p.q_dtype = p.out_dtype = DType::kBF16;
+  p.q_heads = hq;
+  p.kv_heads = hkv;
+  p.head_dim = D;
+  p.scale = 1.f;
+  p.spans = spans.data();
+  p.num_spans = static_cast<uint32_t>(spans.size());
+  for (const uint32_t cluster : {1u, 4u}) {
+    SCOPED_TRACE("cluster " + std::to_string(cluster));
+    cuda::AttendPlanOptions options;
+    options.cluster = cluster;
+    cuda::AttendPlan plan;
+    ASSERT_TRUE(cuda::PlanAttend(&p, 1, options, &plan).ok());
+    ASSERT_EQ(plan.cluster_size, cluster);
+    const auto* items =
+        reinterpret_cast<const detail::AttendItemDesc*>(plan.image.data() + plan.items_off);
+    const auto* runs =
+        reinterpret_cast<const detail::AttendRunDesc*>(plan.image.data() + plan.runs_off);
+    ASSERT_EQ(plan.num_items % hkv, 0u);
+    const uint32_t per_head = plan.num_items / hkv;
+    uint64_t head0_runs = 0;
+    for (uint32_t i = 0; i < per_head; ++i) head0_runs += items[i].run_end - items[i].run_begin;
+    EXPECT_EQ(plan.num_runs, head0_runs);  // one head's runs, not hkv heads'
+    EXPECT_EQ(plan.run_stride, 0u);
+    for (uint32_t h = 0; h < hkv; ++h) {
+      std::vector<uint64_t> want, got;
+      for (const KVSpan& sp : spans) {
+        for (uint32_t t = sp.begin; t < sp.end; ++t)
+          want.push_back(sp.offset + (1ull * h * sp.stride_tokens + t) * D);
+      }
+      for (uint32_t i = h * per_head; i < (h + 1) * per_head; ++i) {
+        const detail::AttendItemDesc& it = items[i];
+        ASSERT_EQ(it.task, h);
+        ASSERT_EQ(it.run_begin, items[i - h * per_head].run_begin);
+        uint32_t tok = 0;
+        for (uint32_t r = it.run_begin; r < it.run_end; ++r) {
+          const uint64_t k = runs[r].k_off + uint64_t{it.task} * runs[r].head_stride;
+          const uint64_t v = runs[r].v_off + uint64_t{it.task} * runs[r].head_stride;
+          ASSERT_GT(runs[r].head_stride, 0u);
+          ASSERT_EQ(v - k, 1ull * hkv * runs[r].head_stride);
+          for (uint32_t t = 0; t < runs[r].len; ++t) got.push_back(k + 1ull * t * D);
+          tok += runs[r].len;
+        }
+        ASSERT_EQ(tok, it.tokens);
+      }
+      ASSERT_EQ(got, want) << "head " << h;
+    }
+  }
+}
+
 // PlanAttend keeps the capacity of the plan's image from call to call (the daemon plans every
 // Attend into one AttendPlan) and writes only what the layout holds, zeroing the rest: a plan
 // made over a used one, whose image is filled with garbage first, is byte for byte the fresh
