@@ -422,6 +422,13 @@ class Session {
     uint32_t tail_tokens = 0;
     uint32_t pending = 0;     // tokens appended to this layer beyond tokens_
     std::vector<kernels::KVSpan> chunk_spans;  // one per sealed chunk, in order
+    // MakeResident's op tick: every block of the layer was used then (a block's tick for
+    // eviction is the later of its own and this), so a dense Attend stamps the layer, not
+    // each of its blocks.
+    uint64_t used_tick = 0;
+    // A block of the layer may be out of the pool (set when one is evicted or restored on
+    // disk only; cleared when MakeResident finds or makes every block resident).
+    bool maybe_cold = false;
   };
 
   Session(uint64_t id, std::string tenant, ModelProfile profile, SessionOptions options,

@@ -315,6 +315,36 @@ TEST_F(TiersTest, PoolPressureEvictsLeastRecentlySelectedFirst) {
   EXPECT_EQ(o.out.size(), 3u);
 }
 
+// A dense Attend uses every block of its layer: the layer is stamped with the op's tick (not
+// each block), and eviction takes a block's tick as the later of its own and its layer's. Pool
+// pressure then evicts the session's other layers first; the stamped layer stays resident.
+TEST_F(TiersTest, ADenseAttendKeepsItsLayerRecent) {
+  MakePool(8ull << 20, 0, 0.95, 0.85);
+  std::mt19937_64 rng(4);
+  Session* a = New(12, SelectionMode::kDense);
+  ASSERT_TRUE(Append(a, rng, 3000).ok());  // 2.2 MiB, 0.73 MiB per layer
+  std::vector<float> q(4 * 32, 0.25f), out(q.size());
+  ASSERT_TRUE(a->Attend(F32Attend(1, q.data(), out.data(), SelectionMode::kDense), nullptr).ok());
+  Session* b = New(13);
+  for (int i = 0; i < 4; ++i) {
+    Status st = Append(b, rng, 2000);
+    ASSERT_TRUE(st.ok()) << "append " << i << ": " << st.ToString();
+  }
+  uint64_t on_disk[3] = {0, 0, 0};
+  for (uint32_t c = 0; c < a->chunk_count(); ++c)
+    for (uint32_t l = 0; l < 3; ++l) on_disk[l] += a->BlockTier(c, l) == Tier::kDisk;
+  EXPECT_GT(on_disk[0], 0u);
+  EXPECT_GT(on_disk[2], 0u);
+  EXPECT_EQ(on_disk[1], 0u);
+  // Its evicted blocks come back for the next dense Attend of a layer, which sees the same
+  // keys and values as a session that never left the pool would (checked in
+  // EvictionToHostAndDiskKeepsAttendIdentical); here: nothing of layer 0 is left out.
+  const uint64_t fetched = a->Stats().fetched_blocks;
+  ASSERT_TRUE(a->Attend(F32Attend(0, q.data(), out.data(), SelectionMode::kDense), nullptr).ok());
+  EXPECT_EQ(a->Stats().fetched_blocks - fetched, on_disk[0]);
+  for (uint32_t c = 0; c < a->chunk_count(); ++c) EXPECT_EQ(a->BlockTier(c, 0), Tier::kDevice);
+}
+
 TEST_F(TiersTest, ChunksSelectedOnALayerArePrefetchedForTheNext) {
   std::mt19937_64 rng(5);
   Session* s = New(20);
