@@ -25,12 +25,7 @@ export OUT=/tmp/w19
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 echo "compute-sanitizer: ${CS:-none}"
-pack() { tar -czf "$FINAL_OUT/logs.tgz" -C "$OUT" .; }
-echo "== tests ($(el)s)"
-if [[ -n ${TESTS:-} ]]; then
-  IFS=";" read -r -a SPECS <<< "$TESTS"
-  for spec in "${SPECS[@]}"; do parity "$spec"; pack; done
-fi
+run_tests
 echo "== sanitizer ($(el)s)"
 lib="LD_LIBRARY_PATH=$PWD/$G/b/lib"
 IFS=";" read -r -a STEPS <<< "${SAN:-}"

@@ -15,12 +15,7 @@ mkdir -p "$FINAL_OUT"
 export OUT=/tmp/w20
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-pack() { tar -czf "$FINAL_OUT/logs.tgz" -C "$OUT" .; }
-echo "== tests ($(el)s)"
-if [[ -n ${TESTS:-} ]]; then
-  IFS=";" read -r -a SPECS <<< "$TESTS"
-  for spec in "${SPECS[@]}"; do parity "$spec"; pack; done
-fi
+run_tests
 echo "== e2e A/B ($(el)s)"
 contexts=${CONTEXTS:-8192,32768,131072}
 for r in $(seq 1 "${ROUNDS:-2}"); do

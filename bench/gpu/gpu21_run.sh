@@ -16,12 +16,7 @@ mkdir -p "$FINAL_OUT"
 export OUT=/tmp/w21
 . "$(dirname "$0")/run_common.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-pack() { tar -czf "$FINAL_OUT/logs.tgz" -C "$OUT" .; }
-echo "== tests ($(el)s)"
-if [[ -n ${TESTS:-} ]]; then
-  IFS=";" read -r -a SPECS <<< "$TESTS"
-  for spec in "${SPECS[@]}"; do parity "$spec"; pack; done
-fi
+run_tests
 echo "== kernels A/B ($(el)s)"
 ABS=(default old)
 AB_TRACE=0 ab_rounds "${ROUNDS:-2}" --contexts 131072 --batches 1,8 --budgets 1024,2048

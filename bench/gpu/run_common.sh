@@ -30,6 +30,21 @@ parity() {
   done
 }
 
+# pack: everything under $OUT so far into $FINAL_OUT/logs.tgz (scripts that keep their logs
+# in a work folder and return one archive, since a device call brings back at most 8 files;
+# a call cut off by its limit still returns what was packed).
+pack() { tar -czf "${FINAL_OUT:?}/logs.tgz" -C "$OUT" .; }
+
+# run_tests: the ';'-separated parity specs of $TESTS (each as `parity` takes it), packing
+# after each.
+run_tests() {
+  echo "== tests ($(el)s)"
+  [[ -n ${TESTS:-} ]] || return 0
+  local specs spec
+  IFS=";" read -r -a specs <<< "$TESTS"
+  for spec in "${specs[@]}"; do parity "$spec"; pack; done
+}
+
 # ab_rounds ROUNDS BENCH_ARGS...: ROUNDS interleaved rounds of kvmem-bench-gpu BENCH_ARGS for each
 # setting in the array ABS ("default", or space-separated VAR=VALUE words for its environment, and
 # the word "old" for $G/b/bin/kvmem-bench-gpu-old, a bench of another commit copied there by hand,
