@@ -176,6 +176,20 @@ class DevicePool final : public KVPool {
   }
 
   Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* /*workers*/) override {
+    return AttendPlanned(problems, count, nullptr, 0);
+  }
+
+  // KVMEM_DENSE_PLAN=fresh in kvmemd's environment plans every dense Attend afresh (A/B runs).
+  Status AttendDense(kernels::AttendProblem* problem, ParallelPool* /*workers*/,
+                     kernels::cuda::DenseAttendPlanCache* kept, uint64_t key) override {
+    static const bool fresh = EnvIs("KVMEM_DENSE_PLAN", "fresh");
+    return AttendPlanned(problem, 1, fresh ? nullptr : kept, key);
+  }
+
+  // Attend, planned into the pool's own plan, or with `kept` (one dense problem) patched or
+  // planned into the caller's (PlanAttendDenseStep).
+  Status AttendPlanned(kernels::AttendProblem* problems, uint32_t count,
+                       kernels::cuda::DenseAttendPlanCache* kept, uint64_t key) {
     if (count == 0) return Status::OK();
     std::lock_guard<std::mutex> lock(mu_);
     cudaSetDevice(device_);
@@ -205,9 +219,16 @@ class DevicePool final : public KVPool {
       dev[i].out = d_out + out_off[i];
       dev[i].lse = reinterpret_cast<float*>(d_out + lse_off[i]);
     }
-    // A member plan: its image's capacity is reused from call to call.
-    kernels::cuda::AttendPlan& plan = attend_plan_;
-    Status planned = kernels::cuda::PlanAttend(dev.data(), count, {}, &plan);
+    // A member plan (its image's capacity reused from call to call), or the caller's kept one.
+    Status planned;
+    if (kept != nullptr) {
+      bool patched = false;
+      planned = kernels::cuda::PlanAttendDenseStep(dev[0], key, kept, &patched);
+      GlobalMetrics().dense_plans[patched ? 1 : 0]++;
+    } else {
+      planned = kernels::cuda::PlanAttend(dev.data(), count, {}, &attend_plan_);
+    }
+    const kernels::cuda::AttendPlan& plan = kept != nullptr ? kept->plan : attend_plan_;
     if (planned.code() == StatusCode::kUnimplemented) return AttendOnHost(problems, count);
     KVMEM_RETURN_IF_ERROR(planned);
     KVMEM_RETURN_IF_ERROR(Grow(&d_ws_, &ws_bytes_, plan.workspace_bytes));

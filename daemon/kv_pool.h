@@ -180,6 +180,14 @@ class KVPool {
   // out/lse back (`workers` unused). Problems in one call must share dtypes, head_dim and GQA
   // group.
   virtual Status Attend(kernels::AttendProblem* problems, uint32_t count, ParallelPool* workers) = 0;
+  // Attend for one dense problem (head_span_begin null) of a decode stream, with the plan its
+  // caller keeps for it from call to call and the caller's `key`, which changes whenever any
+  // span but the last may have: a device pool patches the kept plan when only the last span
+  // (the tail) grew since (kernels::cuda::PlanAttendDenseStep). The default is Attend.
+  virtual Status AttendDense(kernels::AttendProblem* problem, ParallelPool* workers,
+                             kernels::cuda::DenseAttendPlanCache* /*kept*/, uint64_t /*key*/) {
+    return Attend(problem, 1, workers);
+  }
 
   // The device search (CUDA pool only): SyncTrees brings device mirrors of cluster trees up
   // to date, each from its export (ClusterTree::ExportFlat from tree->chunks_held()), all of

@@ -234,6 +234,7 @@ std::vector<std::string> MetricFamilyNames() {
           "kvmem_event_loop_lag_seconds",
           "kvmem_device_failures_total",
           "kvmem_device_submits_total",
+          "kvmem_dense_plans_total",
           "kvmem_store_memory_bytes"};
 }
 
@@ -440,6 +441,13 @@ std::string RenderPrometheus(const MetricsSources& src) {
             m.device_graph_captures.load(std::memory_order_relaxed));
   wr.Sample("kvmem_device_submits_total", "how=\"direct\"",
             m.device_direct_submits.load(std::memory_order_relaxed));
+  wr.Family("kvmem_dense_plans_total", "counter",
+            "Dense attention plans on the GPU (dense mode, dense layers): planned afresh, or a "
+            "kept plan patched for the tokens appended to the tail since.");
+  wr.Sample("kvmem_dense_plans_total", "how=\"planned\"",
+            m.dense_plans[0].load(std::memory_order_relaxed));
+  wr.Sample("kvmem_dense_plans_total", "how=\"patched\"",
+            m.dense_plans[1].load(std::memory_order_relaxed));
   wr.Family("kvmem_store_memory_bytes", "gauge",
             "Memory RocksDB holds: block cache in use, table readers (index/filter blocks), "
             "memtables.");

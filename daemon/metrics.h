@@ -153,6 +153,9 @@ struct DaemonMetrics {
   std::atomic<uint64_t> executor_longest_task_us{0};
   // CUDA errors that left the device pool's context unusable (IsFatalCudaError, kv_pool.h).
   std::atomic<uint64_t> device_failures{0};
+  // Dense attention plans on the GPU (dense mode and dense layers): [0] planned afresh, [1] a
+  // kept plan patched for the token appended since (kernels::cuda::PlanAttendDenseStep).
+  std::atomic<uint64_t> dense_plans[2] = {};
   // Device searches (index-mode Attend on the CUDA pool) by how they were submitted: replayed
   // from a cached CUDA graph, captured into a new one (then replayed), or enqueued directly (a
   // layout seen for the first time, or graphs off).

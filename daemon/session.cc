@@ -420,6 +420,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     const uint64_t tail_k = layer.tail_block;
     const uint64_t tail_v = tail_k + uint64_t{H} * tail_capacity_ * row;
     for (const Chunk& c : fresh) layer.chunk_spans.push_back({ElemOffset(c.blocks[l].dev), c.tokens, 0, c.tokens});
+    ++layer.spans_key;
     const uint64_t rest = T + n - consumed;
     if (rest > tail_capacity_) return Internal("tail overflow while sealing");
     // The old rows that stay shift left (every head's K and V in one batch of moves), then the
@@ -1808,7 +1809,12 @@ Status Session::AttendOnHost(const AttendArgs& a, SelectionMode mode, bool hybri
   Status st = kernels::ValidateAttendProblem(p);
   if (st.ok()) {
     PhaseTimer t(AttendPhase::kHostAttend);
-    st = pool_->Attend(&p, 1, g_search_pool);  // the host pool spreads its heads
+    if (sparse || pool_->is_host()) {
+      st = pool_->Attend(&p, 1, g_search_pool);  // the host pool spreads its heads
+    } else {  // a device pool keeps the layer's dense plan from step to step
+      if (!layer.dense_plan) layer.dense_plan = std::make_unique<kernels::cuda::DenseAttendPlanCache>();
+      st = pool_->AttendDense(&p, g_search_pool, layer.dense_plan.get(), layer.spans_key);
+    }
   }
   if (!sparse) layer.chunk_spans.pop_back();  // the tail's span
   KVMEM_RETURN_IF_ERROR(st);
@@ -2108,6 +2114,7 @@ Status Session::RestoreChunks(std::span<const uint32_t> tokens,
       const uint64_t dev = c.blocks[l].dev;
       layers_[l].chunk_spans.push_back(
           {dev == kNotResident ? 0 : ElemOffset(dev), c.tokens, 0, c.tokens});
+      ++layers_[l].spans_key;
       if (dev == kNotResident) layers_[l].maybe_cold = true;
     }
     tokens_ += c.tokens;
@@ -2226,6 +2233,7 @@ Status Session::FetchBlock(uint32_t chunk, uint32_t layer, bool prefetch) {
   b.dev = off;
   b.tick = std::max(b.tick, op_tick_);
   layers_[layer].chunk_spans[chunk].offset = ElemOffset(off);
+  ++layers_[layer].spans_key;
   stat_bytes_ += pool_->allocator().ReservedBytes(bytes);
   (prefetch ? stat_prefetched_ : stat_fetched_)++;
   GlobalMetrics().fetch_backs[static_cast<int>(from)]++;
@@ -2299,6 +2307,7 @@ Status Session::FetchBlocks(uint32_t layer, std::span<const uint32_t> chunks) {
     b.dev = offsets[j];
     b.tick = std::max(b.tick, op_tick_);
     layers_[layer].chunk_spans[c].offset = ElemOffset(offsets[j]);
+    ++layers_[layer].spans_key;
     stat_disk_bytes_ -= bytes;
     stat_bytes_ += pool_->allocator().ReservedBytes(bytes);
     stat_fetched_++;

@@ -429,6 +429,11 @@ class Session {
     // A block of the layer may be out of the pool (set when one is evicted or restored on
     // disk only; cleared when MakeResident finds or makes every block resident).
     bool maybe_cold = false;
+    // Changes whenever chunk_spans does (a seal, a restore, a block fetched back to another
+    // place): the key of dense_plan, the plan a device pool keeps for this layer's dense
+    // Attends and patches while only the tail grows (KVPool::AttendDense).
+    uint64_t spans_key = 0;
+    std::unique_ptr<kernels::cuda::DenseAttendPlanCache> dense_plan;
   };
 
   Session(uint64_t id, std::string tenant, ModelProfile profile, SessionOptions options,

@@ -72,6 +72,52 @@ uint32_t AttendMinSplit(uint32_t option) {
   return option;
 }
 
+namespace {
+
+// The split size (tokens per split, before clusters) and the cluster size PlanAttend picks for
+// num_tasks tasks of `total` tokens, the longest max_task and the shortest min_task tokens.
+struct SplitChoice {
+  uint64_t split;
+  uint32_t cluster;
+};
+SplitChoice ChooseSplit(const AttendPlanOptions& options, uint64_t total, uint64_t max_task,
+                        uint64_t min_task, uint32_t num_tasks, uint32_t D, uint32_t G,
+                        DType kv_dtype) {
+  uint64_t target = options.target_blocks;
+  const uint64_t resident = target == 0 ? AttendResidentBlocks(D, G, kv_dtype) : 0;
+  if (target == 0) {
+    // One wave: the last split of each task may be short, so leave a block per task spare.
+    target = resident == 0 ? 528
+                           : std::max<uint64_t>(resident / 2,
+                                                resident - std::min<uint64_t>(resident, num_tasks));
+  }
+  uint64_t balanced_split = (total + target - 1) / target;
+  if (resident > 0 && num_tasks <= resident) {
+    // One wave of even splits: each task gets at most resident / tasks splits, sized by the
+    // longest task (H200, 64 tasks of ~2100 tokens: 4 x 576 = 256 blocks, 31.1 us, against
+    // 221 blocks of 704 tokens by the token total, 33.3 us; bench/results/h200_run12.json).
+    const uint64_t k = resident / num_tasks;
+    balanced_split = (max_task + k - 1) / k;
+  }
+  const uint32_t min_split = AttendMinSplit(options.min_split_tokens);
+  balanced_split = std::clamp<uint64_t>(balanced_split, min_split,
+                                        std::max(min_split, options.max_split_tokens));
+  balanced_split = AlignUp(balanced_split, min_split < 64 ? 16 : 64);
+  // Clusters: every task gets exactly C splits of equal tokens (AttendPlanOptions::cluster).
+  uint32_t C = 1;
+  if (options.cluster > 1 && options.cluster != kAttendClusterAuto) {
+    C = options.cluster;
+  } else if (options.cluster != 1 && options.target_blocks == 0 && options.splits_per_task == 0 &&
+             resident > 0 && num_tasks <= resident && 2 * min_task >= max_task) {
+    // Tasks of similar length only (a long task, e.g. a retrieval head attending the whole
+    // context beside sparse heads, needs more splits than the others: token-balanced splits).
+    C = AttendTaskClusterSize(options.cluster, resident, num_tasks, D, G, kv_dtype);
+  }
+  return {balanced_split, C};
+}
+
+}  // namespace
+
 Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPlanOptions& options,
                   AttendPlan* plan) {
   if (count == 0) return InvalidArgument("plan attend: no problems");
@@ -128,36 +174,10 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
       min_task = std::min(min_task, task_tokens);
     }
   }
-  uint64_t target = options.target_blocks;
-  const uint64_t resident = target == 0 ? AttendResidentBlocks(D, G, p0.kv_dtype) : 0;
-  if (target == 0) {
-    // One wave: the last split of each task may be short, so leave a block per task spare.
-    target = resident == 0 ? 528
-                           : std::max<uint64_t>(resident / 2,
-                                                resident - std::min<uint64_t>(resident, num_tasks));
-  }
-  uint64_t balanced_split = (total + target - 1) / target;
-  if (resident > 0 && num_tasks <= resident) {
-    // One wave of even splits: each task gets at most resident / tasks splits, sized by the
-    // longest task (H200, 64 tasks of ~2100 tokens: 4 x 576 = 256 blocks, 31.1 us, against
-    // 221 blocks of 704 tokens by the token total, 33.3 us; bench/results/h200_run12.json).
-    const uint64_t k = resident / num_tasks;
-    balanced_split = (max_task + k - 1) / k;
-  }
-  const uint32_t min_split = AttendMinSplit(options.min_split_tokens);
-  balanced_split = std::clamp<uint64_t>(balanced_split, min_split,
-                                        std::max(min_split, options.max_split_tokens));
-  balanced_split = AlignUp(balanced_split, min_split < 64 ? 16 : 64);
-  // Clusters: every task gets exactly C splits of equal tokens (AttendPlanOptions::cluster).
-  uint32_t C = 1;
-  if (options.cluster > 1 && options.cluster != kAttendClusterAuto) {
-    C = options.cluster;
-  } else if (options.cluster != 1 && options.target_blocks == 0 && options.splits_per_task == 0 &&
-             resident > 0 && num_tasks <= resident && 2 * min_task >= max_task) {
-    // Tasks of similar length only (a long task, e.g. a retrieval head attending the whole
-    // context beside sparse heads, needs more splits than the others: token-balanced splits).
-    C = AttendTaskClusterSize(options.cluster, resident, num_tasks, D, G, p0.kv_dtype);
-  }
+  const SplitChoice choice =
+      ChooseSplit(options, total, max_task, min_task, num_tasks, D, G, p0.kv_dtype);
+  const uint64_t balanced_split = choice.split;
+  const uint32_t C = choice.cluster;
   uint64_t max_split = 0;  // with splits_per_task: the longest task split (reported)
   // Head-shared runs: one problem whose heads all attend every span (a dense layer) cuts every
   // head alike (the same tokens, so the same splits, in clusters or not): the same items and
@@ -308,6 +328,7 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   plan->num_items = static_cast<uint32_t>(items.size());
   plan->num_runs = static_cast<uint32_t>(num_runs);
   plan->run_stride = strided ? max_runs : 0;
+  plan->head_shared_runs = shared;
   plan->split_tokens =
       static_cast<uint32_t>(options.splits_per_task > 0 || C > 1 ? max_split : balanced_split);
   plan->cluster_size = C;
@@ -362,6 +383,81 @@ Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPla
   const size_t runs_end = plan->runs_off + run_slots * sizeof(AttendRunDesc);
   std::memset(img + runs_end, 0, plan->counters_off - runs_end);
   std::memset(img + plan->counters_off, 0, image_bytes - plan->counters_off);
+  return Status::OK();
+}
+
+namespace {
+
+bool SameScalars(const AttendProblem& a, const AttendProblem& b) {
+  return a.pool == b.pool && a.kv_dtype == b.kv_dtype && a.q_heads == b.q_heads &&
+         a.kv_heads == b.kv_heads && a.head_dim == b.head_dim &&
+         std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0 && a.q == b.q &&
+         a.q_dtype == b.q_dtype && a.num_spans == b.num_spans && a.out == b.out &&
+         a.out_dtype == b.out_dtype && a.lse == b.lse && a.head_span_begin == nullptr &&
+         b.head_span_begin == nullptr;
+}
+
+// Patches cache->plan for `p`, whose last span has d > 0 more tokens than the planned one;
+// false (nothing changed) when the grown problem's plan would differ by more than that.
+bool GrowLastSpan(const AttendProblem& p, uint32_t d, DenseAttendPlanCache* cache) {
+  AttendPlan& plan = cache->plan;
+  const uint32_t H = p.kv_heads, D = p.head_dim;
+  if (!plan.head_shared_runs || plan.cluster_size != 1 || plan.run_stride != 0 ||
+      plan.num_items % H != 0 || plan.total_tokens % H != 0) {
+    return false;
+  }
+  // The same split size and no clusters for the grown token count.
+  const uint64_t task = plan.total_tokens / H + d;
+  const SplitChoice choice =
+      ChooseSplit(AttendPlanOptions{}, task * H, task, task, H, D, p.q_heads / H, p.kv_dtype);
+  if (choice.cluster != 1 || choice.split != plan.split_tokens) return false;
+  // Head 0's last split ends with the last span's run and has room for d more tokens (the
+  // walk would put them there; the other heads' items are copies of head 0's).
+  auto* items = reinterpret_cast<detail::AttendItemDesc*>(plan.image.data() + plan.items_off);
+  auto* runs = reinterpret_cast<detail::AttendRunDesc*>(plan.image.data() + plan.runs_off);
+  const uint32_t per_head = plan.num_items / H;
+  detail::AttendItemDesc& last_item = items[per_head - 1];
+  if (last_item.run_end == last_item.run_begin ||
+      uint64_t{last_item.tokens} + d > plan.split_tokens) {
+    return false;
+  }
+  detail::AttendRunDesc& run = runs[last_item.run_end - 1];
+  const KVSpan& sp = cache->last;
+  if (run.k_off + uint64_t{run.len} * D != sp.offset + uint64_t{sp.end} * D ||
+      run.head_stride != sp.stride_tokens * D) {
+    return false;
+  }
+  run.len += d;
+  for (uint32_t h = 0; h < H; ++h) items[h * per_head + per_head - 1].tokens += d;
+  plan.total_tokens += uint64_t{H} * d;
+  return true;
+}
+
+}  // namespace
+
+Status PlanAttendDenseStep(const AttendProblem& p, uint64_t key, DenseAttendPlanCache* cache,
+                           bool* patched) {
+  *patched = false;
+  if (cache->valid && key == cache->key && SameScalars(p, cache->planned) && p.num_spans > 0) {
+    const KVSpan& now = p.spans[p.num_spans - 1];
+    const KVSpan& was = cache->last;
+    if (now.offset == was.offset && now.stride_tokens == was.stride_tokens &&
+        now.begin == was.begin && now.end >= was.end && was.end > was.begin) {
+      const uint32_t d = now.end - was.end;
+      if (d == 0 || GrowLastSpan(p, d, cache)) {
+        cache->last = now;
+        *patched = true;
+        return Status::OK();
+      }
+    }
+  }
+  cache->valid = false;
+  KVMEM_RETURN_IF_ERROR(PlanAttend(&p, 1, AttendPlanOptions{}, &cache->plan));
+  cache->valid = true;
+  cache->key = key;
+  cache->planned = p;
+  cache->planned.spans = nullptr;
+  cache->last = p.num_spans > 0 ? p.spans[p.num_spans - 1] : KVSpan{};
   return Status::OK();
 }
 

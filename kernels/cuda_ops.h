@@ -138,6 +138,9 @@ struct AttendPlan {
   uint32_t cluster_size = 1;
   // Runs of item i start at run i * run_stride (0: anywhere, as the item says).
   uint32_t run_stride = 0;
+  // One problem whose heads all attend every span: the heads share head 0's runs (each run's
+  // head_stride set; PlanAttend).
+  bool head_shared_runs = false;
   // Byte offsets of the sections inside the workspace.
   size_t tasks_off = 0, items_off = 0, runs_off = 0, counters_off = 0, partials_off = 0;
   // The attention of LaunchSearchAttend: every block builds its split's runs from what the
@@ -156,6 +159,30 @@ struct AttendPlan {
 // nothing once it is large enough (kvmem-bench-attend-plan).
 Status PlanAttend(const AttendProblem* problems, uint32_t count, const AttendPlanOptions& options,
                   AttendPlan* plan);
+
+// A dense layer's plan kept from one decode step to the next (kvmemd keeps one per session and
+// layer). Between seals a step changes the layer's problem only by the token appended to its
+// last span (the tail), which grows the last split of every head by one token and leaves the
+// rest of the plan as it was; PlanAttendDenseStep then patches those few bytes instead of
+// planning ~8.8K runs again (a 128K layer).
+struct DenseAttendPlanCache {
+  AttendPlan plan;
+  bool valid = false;
+  uint64_t key = 0;       // the caller's stamp of every span but the last
+  AttendProblem planned{};  // what `plan` was planned for (its spans pointer not used)
+  KVSpan last{};          // its last span
+};
+
+// Plans `p` (one problem, head_span_begin null, the default AttendPlanOptions) into
+// cache->plan. When the cache holds a plan for the same `key` (the caller changes it whenever
+// any span but the last may have changed), the same scalars (pool, q, out, lse, dtypes, heads,
+// scale) and span count, and `p`'s last span is the kept one with d >= 0 more tokens at its
+// end, and PlanAttend would cut the grown problem into the same splits with the d tokens in
+// each head's last split, the kept plan is patched (each head's last split and the shared last
+// run grow by d) and *patched is set; else it plans afresh. Either way cache->plan is byte for
+// byte what PlanAttend makes for `p`.
+Status PlanAttendDenseStep(const AttendProblem& p, uint64_t key, DenseAttendPlanCache* cache,
+                           bool* patched);
 
 // One cudaMemcpyAsync of plan.image to `workspace` (host memory of the image stays owned by
 // the plan; keep the plan alive until the stream has passed the copy).

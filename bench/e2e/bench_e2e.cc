@@ -6,8 +6,9 @@
 //   kvmem-bench-e2e --json FILE [--contexts 8192,32768,131072] [--budget 2048] [--iters N]
 //                   [--host-search] [--config FILE] [--layers L]
 //
-// A third row per context, kvmem_e2e_decode, times decode steps: each Attend also appends the
-// token's K/V (the mean per step, with p50 / p90).
+// Two more rows per context, kvmem_e2e_decode and kvmem_e2e_decode_dense, time decode steps in
+// index and dense mode: each Attend also appends the token's K/V (the mean per step, with p50 /
+// p90).
 //
 // Where the time goes: the daemon's kvmem_attend_phase_seconds (admin /metrics) is read
 // before and after each timed loop; the rows carry the mean per phase (daemon_phase_us) and
@@ -292,19 +293,24 @@ int main(int argc, char** argv) {
     // the round trip then includes the append, and the step after a seal the chunk's copies,
     // the index insert and the device mirror's upload (Maintain runs after the previous reply).
     // us_per_layer is the mean over the steps (what a decode stream pays per token), with the
-    // median and the 90th percentile beside it.
-    {
+    // median and the 90th percentile beside it. kvmem_e2e_decode_dense: the same in dense mode
+    // (fewer steps above 32K, as the dense row).
+    for (auto mode : {kvmem::client::Mode::kIndex, kvmem::client::Mode::kDense}) {
+      const bool dense = mode == kvmem::client::Mode::kDense;
+      const char* method = dense ? "kvmem_e2e_decode_dense" : "kvmem_e2e_decode";
+      const int steps = dense && T > 32768 ? std::max(10, iters / 10) : iters;
       AttendRequest req;
       req.q = TensorView{q.data(), DType::kBF16, {HQ, D}};
-      req.mode = kvmem::client::Mode::kIndex;
+      req.mode = mode;
       req.budget_tokens = budget;
       std::vector<uint16_t> nk(HKV * D), nv(HKV * D);
       req.new_k = TensorView{nk.data(), DType::kBF16, {HKV, D}};
       req.new_v = TensorView{nv.data(), DType::kBF16, {HKV, D}};
       // With L layers a step is L Attends (layer 0 .. L-1, the same new row in each).
-      const Timed tm = timed_attends(*id, req, iters * static_cast<int>(layers), [&](int i) {
+      const uint64_t first = T + (dense ? static_cast<uint64_t>(iters) + 5 : 0);  // after the index steps
+      const Timed tm = timed_attends(*id, req, steps * static_cast<int>(layers), [&](int i) {
         req.layer = static_cast<uint32_t>(i) % layers;
-        const uint64_t t = T + static_cast<uint64_t>(i) / layers;
+        const uint64_t t = first + static_cast<uint64_t>(i) / layers;
         if (req.layer != 0) return;
         if (t % 512 == 0)
           for (auto& x : topic) x = n01(rng) * 1.5f;
@@ -323,12 +329,12 @@ int main(int argc, char** argv) {
       std::vector<double> sorted = us;
       std::sort(sorted.begin(), sorted.end());
       const double p90 = sorted[sorted.size() * 9 / 10];
-      out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", "kvmem_e2e_decode"},
+      out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", method},
                                 {"layers", layers}, {"us_per_layer", mean}, {"p50_us", Median(us)}, {"p90_us", p90},
                                 {"steps", us.size()}, {"tokens_attended_per_head", tm.attended},
                                 {"daemon_phase_us", tm.phases}, {"daemon_request_us", tm.req_us}});
       std::printf("%-8llu %-8u %-30s %10.1f %10u  p50 %.1f p90 %.1f  daemon %s  phases %s\n",
-                  static_cast<unsigned long long>(T), budget, "kvmem_e2e_decode", mean, tm.attended, Median(us), p90,
+                  static_cast<unsigned long long>(T), budget, method, mean, tm.attended, Median(us), p90,
                   tm.req_us.dump().c_str(), tm.phases.dump().c_str());
     }
     (void)cl.DropSession(*id);

@@ -120,6 +120,83 @@ INSTANTIATE_TEST_SUITE_P(
              (info.param.rndv == "auto" ? "" : "_" + info.param.rndv);
     });
 
+// Dense-mode decode steps through kvmemd: each Attend appends the step's token to every layer's
+// tail, seals a chunk every few steps, and must equal the reference over every token so far. On
+// the CUDA backend each layer keeps its plan from step to step and patches it for the appended
+// token (kvmem_dense_plans_total{how="patched"}); a seal plans afresh.
+TEST(E2E, DenseDecodeStepsMatchTheReference) {
+  const uint16_t admin = testing::FreePort();
+  DaemonProcess d({"--admin", "127.0.0.1:" + std::to_string(admin)});
+  ASSERT_TRUE(d.ready());
+  auto cl = Client::Connect(d.address());
+  ASSERT_TRUE(cl.ok()) << cl.status().ToString();
+  Client& client = **cl;
+  const uint32_t L = 2, HQ = 8, HKV = 2, D = 64;
+  const uint64_t T0 = 1000;
+  const int steps = 40;
+  const DType dt = DType::kBF16;
+  std::mt19937_64 rng = ::kvmem::testing::SeededRng();
+  auto id = client.CreateSession(Profile{L, HQ, HKV, D, dt, {}, {}, "e2e"});
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  // rows[layer][head]: every token's K (and V) row so far, in order.
+  const size_t row = size_t{D} * DTypeSize(dt);
+  std::vector<std::vector<std::vector<uint8_t>>> krows(L, std::vector<std::vector<uint8_t>>(HKV)),
+      vrows = krows;
+  const auto keys = testing::RandomTensor(rng, dt, size_t{L} * HKV * T0 * D);
+  const auto values = testing::RandomTensor(rng, dt, keys.size() / DTypeSize(dt));
+  for (uint32_t l = 0; l < L; ++l)
+    for (uint32_t h = 0; h < HKV; ++h) {
+      const size_t at = (size_t{l} * HKV + h) * T0 * row;
+      krows[l][h].assign(keys.begin() + at, keys.begin() + at + T0 * row);
+      vrows[l][h].assign(values.begin() + at, values.begin() + at + T0 * row);
+    }
+  std::vector<uint8_t> bounds(T0);
+  for (size_t i = 0; i < T0; ++i) bounds[i] = i % 11 == 10 ? 3 : 1;
+  ASSERT_TRUE(client.AppendKV(*id, TensorView{keys.data(), dt, {L, HKV, T0, D}},
+                              TensorView{values.data(), dt, {L, HKV, T0, D}}, bounds)
+                  .ok());
+  uint64_t T = T0;
+  for (int step = 0; step < steps; ++step) {
+    const auto nk = testing::RandomTensor(rng, dt, size_t{HKV} * D);
+    const auto nv = testing::RandomTensor(rng, dt, size_t{HKV} * D);
+    for (uint32_t l = 0; l < L; ++l) {
+      for (uint32_t h = 0; h < HKV; ++h) {
+        krows[l][h].insert(krows[l][h].end(), nk.begin() + h * row, nk.begin() + (h + 1) * row);
+        vrows[l][h].insert(vrows[l][h].end(), nv.begin() + h * row, nv.begin() + (h + 1) * row);
+      }
+      std::vector<float> q;
+      AttendRequest req = RandomAttend(rng, l, HQ, D, dt, &q);
+      req.mode = client::Mode::kDense;
+      req.new_k = TensorView{nk.data(), dt, {HKV, D}};
+      req.new_v = TensorView{nv.data(), dt, {HKV, D}};
+      req.boundary = (T + 1) % 11 == 10 ? 3 : 1;
+      auto r = client.Attend(*id, req);
+      ASSERT_TRUE(r.ok()) << "step " << step << " layer " << l << ": " << r.status().ToString();
+      ASSERT_EQ(r->tokens_attended[0], T + 1);
+      // The reference over this layer's rows, laid out [L = 1][HKV][T + 1][D].
+      std::vector<uint8_t> k, v;
+      for (uint32_t h = 0; h < HKV; ++h) {
+        k.insert(k.end(), krows[l][h].begin(), krows[l][h].end());
+        v.insert(v.end(), vrows[l][h].begin(), vrows[l][h].end());
+      }
+      std::vector<float> out(HQ * D);
+      ConvertToFloat(r->out.data(), r->out_dtype, out.size(), out.data());
+      const auto ref = testing::ReferenceAttention(k, v, dt, 1, HKV, T + 1, D, 0, q, HQ);
+      EXPECT_LT(testing::RelativeError(out, ref), testing::OutputTolerance(dt))
+          << "step " << step << " layer " << l;
+    }
+    ++T;
+  }
+  if (client.server().backend.rfind("cuda", 0) == 0) {
+    const double patched = testing::MetricValue(admin, "kvmem_dense_plans_total{how=\"patched\"}");
+    const double planned = testing::MetricValue(admin, "kvmem_dense_plans_total{how=\"planned\"}");
+    EXPECT_EQ(patched + planned, double{L} * steps);
+    EXPECT_GT(patched, planned) << "the kept plans were not patched";
+    EXPECT_GE(planned, double{L});  // at least each layer's first
+  }
+  EXPECT_EQ(d.Stop(), 0);
+}
+
 // Many threads share one client; each drives its own session through decode steps.
 TEST(E2E, ConcurrentClientsAndAsyncCalls) {
   DaemonProcess d({"--executors", "2"});

@@ -453,6 +453,86 @@ TEST(AttendPlan, DenseHeadsShareOneRunTable) {
   }
 }
 
+// Two plans alike, field by field and byte by byte.
+void ExpectSamePlan(const cuda::AttendPlan& a, const cuda::AttendPlan& b) {
+  EXPECT_EQ(a.image, b.image);
+  EXPECT_EQ(a.workspace_bytes, b.workspace_bytes);
+  EXPECT_EQ(a.num_tasks, b.num_tasks);
+  EXPECT_EQ(a.num_items, b.num_items);
+  EXPECT_EQ(a.num_runs, b.num_runs);
+  EXPECT_EQ(a.split_tokens, b.split_tokens);
+  EXPECT_EQ(a.total_tokens, b.total_tokens);
+  EXPECT_EQ(a.cluster_size, b.cluster_size);
+  EXPECT_EQ(a.run_stride, b.run_stride);
+  EXPECT_EQ(a.head_shared_runs, b.head_shared_runs);
+  EXPECT_EQ(a.items_off, b.items_off);
+  EXPECT_EQ(a.runs_off, b.runs_off);
+  EXPECT_EQ(a.counters_off, b.counters_off);
+}
+
+// A dense layer's decode stream: each step appends a token to the tail (the last span); every
+// ~15 steps a seal moves the tail's oldest tokens into a new chunk span (the caller's key
+// changes). PlanAttendDenseStep patches the kept plan on most steps and plans afresh on the
+// others, and its plan is always PlanAttend's for the step's problem, byte for byte.
+TEST(AttendPlan, DenseStepPatchesTheTailAndEqualsAFreshPlan) {
+  const uint32_t hq = 32, hkv = 8, D = 128, tail_cap = 256;
+  std::mt19937 rng(7);
+  alignas(16) static uint8_t fake[64];
+  std::vector<KVSpan> spans;
+  uint64_t at = 0;
+  for (uint32_t c = 0; c < 1500; ++c) {
+    const uint32_t len = 8 + rng() % 17;
+    spans.push_back({at, len, 0, len});
+    at += 2ull * hkv * len * D;
+  }
+  const uint64_t tail_off = at;
+  spans.push_back({tail_off, tail_cap, 0, 20});
+  AttendProblem p{};
+  p.pool = fake;
+  p.q = fake + 16;
+  p.out = fake + 32;
+  p.kv_dtype = p.q_dtype = p.out_dtype = DType::kBF16;
+  p.q_heads = hq;
+  p.kv_heads = hkv;
+  p.head_dim = D;
+  p.scale = 1.f / std::sqrt(128.f);
+  cuda::DenseAttendPlanCache cache;
+  uint64_t key = 1;
+  int patched_steps = 0, planned_steps = 0;
+  for (int step = 0; step < 400; ++step) {
+    KVSpan& tail = spans.back();
+    if (step % 15 == 14) {  // a seal: the tail's first tokens become a chunk
+      const uint32_t n = 8 + rng() % 8;
+      spans.insert(spans.end() - 1, {at, n, 0, n});
+      at += 2ull * hkv * n * D;
+      spans.back().end -= n;
+      ++key;
+    } else if (step % 97 == 96) {  // a fetched block moved: the caller's key changes
+      spans[rng() % 100].offset += 8;
+      ++key;
+    } else if (step == 200) {  // another output buffer: the scalars differ
+      p.out = fake + 48;
+    } else if (step > 0) {
+      ++tail.end;
+    }
+    p.spans = spans.data();
+    p.num_spans = static_cast<uint32_t>(spans.size());
+    bool patched = false;
+    ASSERT_TRUE(cuda::PlanAttendDenseStep(p, key, &cache, &patched).ok());
+    cuda::AttendPlan fresh;
+    ASSERT_TRUE(cuda::PlanAttend(&p, 1, {}, &fresh).ok());
+    SCOPED_TRACE("step " + std::to_string(step) + (patched ? " patched" : " planned"));
+    ExpectSamePlan(cache.plan, fresh);
+    if (::testing::Test::HasFailure()) return;
+    (patched ? patched_steps : planned_steps)++;
+    if (step % 15 == 14 || step % 97 == 96 || step == 200) {
+      EXPECT_FALSE(patched);
+    }
+  }
+  EXPECT_GT(patched_steps, 300);  // most steps
+  EXPECT_GE(planned_steps, 28);   // every seal, key change and scalar change, and the first
+}
+
 // PlanAttend keeps the capacity of the plan's image from call to call (the daemon plans every
 // Attend into one AttendPlan) and writes only what the layout holds, zeroing the rest: a plan
 // made over a used one, whose image is filled with garbage first, is byte for byte the fresh
