@@ -420,7 +420,7 @@ Status Session::SealAndStore(std::span<const uint32_t> sealed, uint32_t n, const
     const uint64_t tail_k = layer.tail_block;
     const uint64_t tail_v = tail_k + uint64_t{H} * tail_capacity_ * row;
     for (const Chunk& c : fresh) layer.chunk_spans.push_back({ElemOffset(c.blocks[l].dev), c.tokens, 0, c.tokens});
-    ++layer.spans_key;
+    if (!fresh.empty()) ++layer.spans_key;  // (every completed token comes here, most seal nothing)
     const uint64_t rest = T + n - consumed;
     if (rest > tail_capacity_) return Internal("tail overflow while sealing");
     // The old rows that stay shift left (every head's K and V in one batch of moves), then the

@@ -460,6 +460,47 @@ TEST(SessionIndex, ParallelSearchSelectsTheSameChunks) {
   }
 }
 
+// Dense decode on a device pool: each layer's plan is kept from step to step and patched for
+// the appended token (between seals), planned afresh after a seal or after its blocks were
+// evicted and fetched back to other places; the kept plan always equals a fresh plan of the
+// step's problem (the session changes its key whenever any chunk span may have changed).
+TEST(SessionDense, KeptPlansEqualFreshPlansAcrossDecodeSteps) {
+  auto pool = std::make_unique<testing::StagedPool>(256ull << 20);
+  pool->check_dense_plans = true;
+  TierOptions to;
+  to.host_memory_bytes = 64ull << 20;
+  TierContext tiers(pool.get(), to);
+  SessionOptions o;
+  o.mode = SelectionMode::kDense;
+  auto s = Session::Create(9, "t", {L, HQ, HKV, 64, DType::kBF16}, o, pool.get(), &tiers);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  Session& session = **s;
+  std::mt19937_64 rng = testing::SeededRng();
+  ASSERT_TRUE(testing::AppendRandom(&session, rng, 700).ok());
+  std::vector<float> q(HQ * 64), out(q.size());
+  std::normal_distribution<float> n01;
+  const uint32_t chunks0 = session.chunk_count();
+  for (int step = 0; step < 80; ++step) {
+    if (step == 40) {  // everything evictable to the host tier: the next Attends fetch it back
+      EvictResult r = session.EvictAll(Tier::kHost);
+      ASSERT_TRUE(r.last_error.ok()) << r.last_error.ToString();
+      ASSERT_GT(r.blocks, 0u);
+    }
+    const auto nk = testing::RandomTensor(rng, DType::kBF16, HKV * 64);
+    const auto nv = testing::RandomTensor(rng, DType::kBF16, HKV * 64);
+    for (uint32_t l = 0; l < L; ++l) {
+      for (auto& x : q) x = n01(rng);
+      AttendArgs a = testing::F32Attend(l, q.data(), out.data(), SelectionMode::kDense, nk.data(), nv.data());
+      a.boundary = static_cast<uint8_t>(rng() % 6);
+      ASSERT_TRUE(session.Attend(a, nullptr).ok()) << "step " << step << " layer " << l;
+    }
+  }
+  EXPECT_GT(session.chunk_count(), chunks0 + 2);  // seals happened
+  EXPECT_EQ(pool->stale_dense_plans, 0u);
+  EXPECT_EQ(pool->dense_patched + pool->dense_planned, 160u);
+  EXPECT_GT(pool->dense_patched, pool->dense_planned);
+}
+
 TEST(ParallelPoolTest, RunsEveryIterationOnceUnderConcurrentCallers) {
   ParallelPool pool(3);
   std::vector<std::thread> callers;

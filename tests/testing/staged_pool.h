@@ -61,7 +61,30 @@ class StagedPool final : public KVPool {
     kernels::TokenLogitsBlocked(tv);  // the host pool's function: selections compare bit for bit
     return Status::OK();
   }
+  // Dense Attends with a kept plan (the session's per-layer DenseAttendPlanCache): with
+  // check_dense_plans, the plan is kept as the CUDA pool keeps it (PlanAttendDenseStep, host
+  // code) and compared with a fresh PlanAttend of the same problem (a stale kept plan, e.g. a
+  // key the session failed to change, counts in stale_dense_plans); then the CPU reference.
+  Status AttendDense(kernels::AttendProblem* p, ParallelPool* workers,
+                     kernels::cuda::DenseAttendPlanCache* kept, uint64_t key) override {
+    if (check_dense_plans) {
+      kernels::AttendProblem d = *p;
+      d.pool = base_;
+      bool patched = false;
+      Status st = kernels::cuda::PlanAttendDenseStep(d, key, kept, &patched);
+      if (!st.ok()) return st;
+      kernels::cuda::AttendPlan fresh;
+      KVMEM_RETURN_IF_ERROR(kernels::cuda::PlanAttend(&d, 1, {}, &fresh));
+      if (fresh.image != kept->plan.image || fresh.total_tokens != kept->plan.total_tokens) {
+        ++stale_dense_plans;
+      }
+      ++(patched ? dense_patched : dense_planned);
+    }
+    return Attend(p, 1, workers);
+  }
   std::string Describe() const override { return "staged (test)"; }
+  bool check_dense_plans = false;
+  uint64_t dense_patched = 0, dense_planned = 0, stale_dense_plans = 0;
   uint64_t copies_out = 0;
   bool device_scan = false;
   uint64_t scans = 0;
