@@ -224,7 +224,7 @@ class DevicePool final : public KVPool {
     if (kept != nullptr) {
       bool patched = false;
       planned = kernels::cuda::PlanAttendDenseStep(dev[0], key, kept, &patched);
-      GlobalMetrics().dense_plans[patched ? 1 : 0]++;
+      if (planned.ok()) GlobalMetrics().dense_plans[patched ? 1 : 0]++;  // not shapes left to the host
     } else {
       planned = kernels::cuda::PlanAttend(dev.data(), count, {}, &attend_plan_);
     }
