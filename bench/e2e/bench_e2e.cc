@@ -177,7 +177,7 @@ int main(int argc, char** argv) {
     ping.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   out["ping_rtt_p50_us"] = Median(ping);
-  // n + 5 Attend calls (the first 5 warm up): the n timed round trips in us, the tokens KV head 0
+  // n + kWarmup Attend calls (the first kWarmup warm up): the n timed round trips in us, the tokens KV head 0
   // attended in the last, and the daemon's mean phase and request times over the timed ones.
   // `before(i)` may change the request first. `failed` when a call did.
   struct Timed {
@@ -186,11 +186,17 @@ int main(int argc, char** argv) {
     json phases, req_us;
     bool failed = false;
   };
+  constexpr int kWarmup = 5;
+  // Timed calls of a dense row: dense attention over more than 32K tokens is slow on the CPU
+  // backend, so a tenth of them there (at least 10).
+  auto timed_calls = [&](bool dense, uint64_t T) {
+    return dense && T > 32768 ? std::max(10, iters / 10) : iters;
+  };
   auto timed_attends = [&](uint64_t session, AttendRequest& req, int n,
                            const std::function<void(int)>& before) {
     Timed t;
     PhaseTotals ph0, rq0;
-    for (int i = 0; i < n + 5; ++i) {
+    for (int i = 0; i < n + kWarmup; ++i) {
       if (before) before(i);
       auto t0 = std::chrono::steady_clock::now();
       auto r = cl.Attend(session, req);
@@ -201,8 +207,8 @@ int main(int argc, char** argv) {
         return t;
       }
       t.attended = r->tokens_attended[0];
-      if (i >= 5) t.us.push_back(dt);
-      if (i == 4) {
+      if (i >= kWarmup) t.us.push_back(dt);
+      if (i == kWarmup - 1) {
         ph0 = ReadHistogram(admin_port, "kvmem_attend_phase_seconds", "phase");
         rq0 = ReadHistogram(admin_port, "kvmem_request_duration_seconds", "op");
       }
@@ -276,11 +282,11 @@ int main(int argc, char** argv) {
       req.q = TensorView{q.data(), DType::kBF16, {HQ, D}};
       req.mode = mode;
       req.budget_tokens = budget;
-      const int n_iter = mode == kvmem::client::Mode::kDense && T > 32768 ? std::max(10, iters / 10) : iters;
-      const Timed tm = timed_attends(*id, req, n_iter, nullptr);
+      const bool dense = mode == kvmem::client::Mode::kDense;
+      const Timed tm = timed_attends(*id, req, timed_calls(dense, T), nullptr);
       if (tm.failed) return 1;
-      std::string method = mode == kvmem::client::Mode::kIndex ? "kvmem_e2e_attend" : "kvmem_e2e_attend_dense";
-      if (host_search && mode == kvmem::client::Mode::kIndex) method += "_host_search";
+      std::string method = dense ? "kvmem_e2e_attend_dense" : "kvmem_e2e_attend";
+      if (host_search && !dense) method += "_host_search";
       out["results"].push_back({{"context", T}, {"batch", 1}, {"budget", budget}, {"method", method},
                                 {"us_per_layer", Median(tm.us)}, {"tokens_attended_per_head", tm.attended},
                                 {"daemon_phase_us", tm.phases}, {"daemon_request_us", tm.req_us}});
@@ -298,7 +304,7 @@ int main(int argc, char** argv) {
     for (auto mode : {kvmem::client::Mode::kIndex, kvmem::client::Mode::kDense}) {
       const bool dense = mode == kvmem::client::Mode::kDense;
       const char* method = dense ? "kvmem_e2e_decode_dense" : "kvmem_e2e_decode";
-      const int steps = dense && T > 32768 ? std::max(10, iters / 10) : iters;
+      const int steps = timed_calls(dense, T);
       AttendRequest req;
       req.q = TensorView{q.data(), DType::kBF16, {HQ, D}};
       req.mode = mode;
@@ -307,7 +313,7 @@ int main(int argc, char** argv) {
       req.new_k = TensorView{nk.data(), DType::kBF16, {HKV, D}};
       req.new_v = TensorView{nv.data(), DType::kBF16, {HKV, D}};
       // With L layers a step is L Attends (layer 0 .. L-1, the same new row in each).
-      const uint64_t first = T + (dense ? static_cast<uint64_t>(iters) + 5 : 0);  // after the index steps
+      const uint64_t first = T + (dense ? static_cast<uint64_t>(iters + kWarmup) : 0);  // after the index steps
       const Timed tm = timed_attends(*id, req, steps * static_cast<int>(layers), [&](int i) {
         req.layer = static_cast<uint32_t>(i) % layers;
         const uint64_t t = first + static_cast<uint64_t>(i) / layers;
